@@ -1,0 +1,2 @@
+//! tendril-operator: one reconciler per concern on a shared harness.
+pub mod runtime;

@@ -1,0 +1,88 @@
+//! `NodeNetwork`: one per Node, the object the node-scoped concerns write into.
+//!
+//! Several reconcilers share its spec, each owning its own fields with its own field
+//! manager (`tendril-nodes`: addresses; `tendril-ipam`: podCIDRs; `tendril-encryption`:
+//! encryption). Because several managers write the spec, its revision is
+//! `metadata.generation`; the agent reports the generation it realized in
+//! `status.realizedRevision`.
+
+use crate::common::{Condition, NodeAddress, conditions_schema};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "tendril.dev",
+    version = "v1alpha1",
+    kind = "NodeNetwork",
+    plural = "nodenetworks",
+    shortname = "nn",
+    category = "tendril",
+    status = "NodeNetworkStatus",
+    printcolumn = r#"{"name":"Internal IP","type":"string","jsonPath":".spec.addresses[?(@.type==\"InternalIP\")].address"}"#,
+    printcolumn = r#"{"name":"Pod CIDRs","type":"string","jsonPath":".spec.podCIDRs"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Realized","type":"integer","jsonPath":".status.realizedRevision"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetworkSpec {
+    /// The node's addresses, copied from `Node.status.addresses` (field manager `tendril-nodes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub addresses: Vec<NodeAddress>,
+    /// Pod CIDRs allocated to this node, at most one per IP family (field manager `tendril-ipam`).
+    #[serde(default, rename = "podCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 2),
+        extend("x-kubernetes-list-type" = "atomic"),
+        extend("x-kubernetes-validations" = [{"rule": "self.all(c, isCIDR(c))", "message": "every pod CIDR must be a CIDR such as 10.0.1.0/24"}])
+    )]
+    pub pod_cidrs: Vec<String>,
+    /// The `PodIPPool` the pod CIDRs come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip_pool: Option<String>,
+    /// Transparent encryption parameters of this node (field manager `tendril-encryption`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<NodeEncryption>,
+}
+
+/// How traffic to this node is encrypted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeEncryption {
+    /// `IPsec` or `WireGuard`.
+    #[schemars(extend("enum" = ["IPsec", "WireGuard"]))]
+    pub mode: String,
+    /// IPsec: the security parameter index currently in use (1–15, rotated on key change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 15))]
+    pub spi: Option<u8>,
+    /// IPsec: name of the `Secret` in the operator namespace holding the key for `spi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
+    /// WireGuard: this node's public key (base64), published by its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
+}
+
+/// Written by the node's agent (`tendril-agent`) and, for its own condition types, by the
+/// nodes concern.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNetworkStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the node's datapath realizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realized_revision: Option<i64>,
+    /// Version of the agent running on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Addresses the agent uses on the node (underlay, tunnel endpoint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub addresses: Vec<NodeAddress>,
+}

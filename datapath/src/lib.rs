@@ -1,0 +1,1 @@
+//! tendril-agent, tendril-cni and the eBPF datapath.

@@ -1,0 +1,23 @@
+# Shared settings for hack/ scripts. Source it; do not run it.
+# Everything expensive (Go and cargo builds, control-plane binaries) lives outside the
+# repository so a fresh clone on the same machine reuses it.
+
+TENDRIL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TENDRIL_CACHE="${TENDRIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tendril}"
+# Runtime state of the local cluster (pids, certificates, logs, kubeconfig).
+TENDRIL_RUN="${TENDRIL_RUN:-$TENDRIL_CACHE/run}"
+K8S_VERSION="1.36.3"
+ETCD_VERSION="3.6.8"
+KWOK_VERSION="0.8.0"
+K8S_BIN="$TENDRIL_CACHE/k8s-$K8S_VERSION/bin"
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TENDRIL_CACHE/target}"
+export GOMODCACHE="${GOMODCACHE:-$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")}"
+export GOCACHE="${GOCACHE:-$(go env GOCACHE 2>/dev/null || echo "$HOME/.cache/go-build")}"
+export PATH="$K8S_BIN:$HOME/.cargo/bin:/usr/local/go/bin:$HOME/go/bin:$PATH"
+
+log() { printf '\033[1;34m[tendril]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[tendril] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# Content hash of a list of files: the build stamp that decides whether to rebuild.
+files_hash() { cat "$@" | sha256sum | cut -c1-16; }
