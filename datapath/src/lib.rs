@@ -1,1 +1,3 @@
 //! tendril-agent, tendril-cni and the eBPF datapath.
+
+pub mod bpf;

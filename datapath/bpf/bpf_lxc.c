@@ -1,0 +1,97 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Hooks on the host side of each pod veth.
+ *
+ * from_container (tc ingress): everything a pod sends. Local destination →
+ * straight into that pod; destination behind a tunnel endpoint → VXLAN with
+ * the source identity as VNI; anything else → the host stack (native routing,
+ * the node itself, the outside world), counted by reason.
+ *
+ * to_container (tc egress): what the host stack routes into the pod (host
+ * traffic, native routing fallbacks), judged by ingress policy. */
+
+#include "lib/common.h"
+#include "lib/encap.h"
+#include "lib/endpoint.h"
+#include "lib/maps.h"
+#include "lib/metrics.h"
+#include "lib/policy.h"
+
+SEC("classifier")
+int from_container(struct __sk_buff *skb)
+{
+	struct endpoint_info *src_ep, *dst_ep;
+	struct ipcache_value *dst_info;
+	struct l4_info l4;
+	struct pkt4 pkt;
+	__u32 dst_identity;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP)) {
+		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
+		return TC_ACT_OK;
+	}
+	if (parse_ipv4(skb, &pkt) < 0)
+		return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+
+	/* Anti-spoofing: the source must be the endpoint behind this veth. */
+	src_ep = lookup_endpoint4(pkt.ip4->saddr);
+	if (!src_ep || src_ep->ifindex != skb->ifindex)
+		return drop(skb, DROP_INVALID_SOURCE, DIR_EGRESS);
+	parse_l4(&pkt, &l4);
+
+	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
+	if (dst_ep) {
+		if (policy_egress(src_ep, dst_ep->identity, &l4) != POLICY_ALLOW)
+			return drop(skb, DROP_POLICY, DIR_EGRESS);
+		return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4, DIR_EGRESS);
+	}
+
+	dst_info = lookup_ipcache4(pkt.ip4->daddr);
+	dst_identity = dst_info ? dst_info->identity : IDENTITY_WORLD;
+	if (policy_egress(src_ep, dst_identity, &l4) != POLICY_ALLOW)
+		return drop(skb, DROP_POLICY, DIR_EGRESS);
+
+	if (dst_info && dst_info->tunnel_endpoint) {
+		if (ipv4_dec_ttl(pkt.ip4) < 0)
+			return drop(skb, DROP_TTL_EXCEEDED, DIR_EGRESS);
+		return encap_and_redirect(skb, dst_info->tunnel_endpoint, src_ep->identity,
+					  DIR_EGRESS);
+	}
+
+	/* The host stack routes it; the mark tells later hooks who sent it. */
+	skb->mark = identity_to_mark(src_ep->identity);
+	if (!dst_info)
+		metrics_count(skb, REASON_TO_STACK_UNKNOWN, DIR_EGRESS);
+	else if (dst_info->flags & IPCACHE_F_LOCAL_NODE)
+		metrics_count(skb, REASON_TO_STACK_HOST, DIR_EGRESS);
+	else
+		metrics_count(skb, REASON_TO_STACK_NATIVE, DIR_EGRESS);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int to_container(struct __sk_buff *skb)
+{
+	struct endpoint_info *dst_ep;
+	struct l4_info l4;
+	struct pkt4 pkt;
+	__u32 src_identity;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &pkt) < 0)
+		return drop(skb, DROP_INVALID_PACKET, DIR_INGRESS);
+	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
+	if (!dst_ep)
+		return TC_ACT_OK;
+	parse_l4(&pkt, &l4);
+
+	src_identity = mark_to_identity(skb->mark);
+	if (src_identity == IDENTITY_UNKNOWN)
+		src_identity = resolve_identity4(pkt.ip4->saddr);
+	if (policy_ingress(dst_ep, src_identity, &l4) != POLICY_ALLOW)
+		return drop(skb, DROP_POLICY, DIR_INGRESS);
+	metrics_count(skb, REASON_DELIVER_VIA_STACK, DIR_INGRESS);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Per-reason, per-direction packet and byte counters. Reasons below 128 are
+ * forwarding outcomes, 128 and above are drops (Cilium's convention). The
+ * Rust mirror is `MetricReason` in datapath/src/bpf/maps.rs. */
+#pragma once
+
+#include "maps.h"
+
+enum metric_reason {
+	REASON_FORWARD_LOCAL = 1, /* redirected into a local pod */
+	REASON_FORWARD_TUNNEL = 2, /* encapsulated towards another node */
+	REASON_TO_STACK_UNKNOWN = 3, /* destination not in the ipcache */
+	REASON_TO_STACK_NATIVE = 4, /* known destination without tunnel: routed */
+	REASON_TO_STACK_NON_IPV4 = 5, /* ARP, IPv6, ...: left to the stack */
+	REASON_TO_STACK_HOST = 6, /* for the node itself */
+	REASON_DELIVER_VIA_STACK = 7, /* routed by the host stack into a pod */
+	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
+	DROP_INVALID_PACKET = 131,
+	DROP_TTL_EXCEEDED = 132,
+	DROP_POLICY = 133,
+	DROP_NO_TUNNEL_DEVICE = 134,
+	DROP_TUNNEL_KEY = 135, /* setting or reading the tunnel key failed */
+	DROP_IDENTITY_TOO_LARGE = 136, /* identity does not fit the 24-bit VNI */
+};
+
+static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	struct metrics_key key = { .reason = reason, .dir = dir };
+	struct metrics_value *value = bpf_map_lookup_elem(&metrics, &key);
+
+	if (value) {
+		/* Per-CPU value: no other writer, no atomics needed. */
+		value->packets += 1;
+		value->bytes += skb->len;
+		return;
+	}
+	struct metrics_value first = { .packets = 1, .bytes = skb->len };
+	/* If the map is full the count is lost; the agent watches map pressure. */
+	bpf_map_update_elem(&metrics, &key, &first, BPF_NOEXIST);
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	metrics_count(skb, reason, dir);
+	return TC_ACT_SHOT;
+}

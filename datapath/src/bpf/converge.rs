@@ -1,0 +1,550 @@
+//! Convergence of desired state into the pinned maps, by diff: read what the
+//! map holds, apply only the difference, delete what is stale — and delete
+//! only when the caller says its view is complete (`prune`), so a restarting
+//! agent never wipes valid state. Every entry that cannot be written is
+//! reported with a typed error; a full map is [`MapWriteError::Full`], never
+//! a silent drop.
+
+use std::{
+    collections::BTreeMap,
+    fmt, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use ipnet::IpNet;
+
+use super::maps::{
+    self, EndpointInfo, EndpointKey, IpcacheKey, IpcachePrefix, IpcacheValue, MetricReason,
+    MetricsKey, MetricsValue, NodeConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("opening pinned map {path}: {source}")]
+    Open { path: PathBuf, source: MapError },
+    #[error("reading map {map}: {source}")]
+    Read { map: &'static str, source: MapError },
+    #[error(transparent)]
+    Write(#[from] MapWriteError),
+}
+
+/// Why one entry could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MapWriteError {
+    #[error("map {map} is full ({max_entries} entries)")]
+    Full { map: &'static str, max_entries: u32 },
+    #[error("{op} on map {map}: {source}")]
+    Kernel {
+        map: &'static str,
+        op: Op,
+        source: MapError,
+    },
+}
+
+impl MapWriteError {
+    /// Short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Full { .. } => "full",
+            Self::Kernel { .. } => "error",
+        }
+    }
+}
+
+/// A map operation, as labelled in metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Add,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Add => "add",
+            Self::Update => "update",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry that did not converge.
+#[derive(Debug)]
+pub struct ConvergeFailure {
+    /// The entry's key, printed (an IP or a prefix).
+    pub key: String,
+    pub op: Op,
+    pub error: MapWriteError,
+}
+
+/// What one convergence did to one map.
+#[derive(Debug, Default)]
+pub struct ConvergeReport {
+    pub added: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    /// Stale entries left in place because `prune` was false.
+    pub stale_kept: usize,
+    pub failed: Vec<ConvergeFailure>,
+}
+
+impl ConvergeReport {
+    /// Whether the map now holds exactly what was asked (modulo stale entries
+    /// kept on purpose).
+    pub fn is_converged(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// Whether some entry failed because the map is full.
+    pub fn map_full(&self) -> bool {
+        self.failed
+            .iter()
+            .any(|f| matches!(f.error, MapWriteError::Full { .. }))
+    }
+}
+
+/// The difference between what a map holds and what it should hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Diff<K> {
+    pub add: Vec<K>,
+    pub update: Vec<K>,
+    pub stale: Vec<K>,
+    pub unchanged: usize,
+}
+
+/// Pure diff of two keyed states.
+pub fn diff<K: Ord + Clone, V: PartialEq>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> Diff<K> {
+    let mut out = Diff {
+        add: Vec::new(),
+        update: Vec::new(),
+        stale: Vec::new(),
+        unchanged: 0,
+    };
+    for (key, value) in desired {
+        match current.get(key) {
+            None => out.add.push(key.clone()),
+            Some(held) if held != value => out.update.push(key.clone()),
+            Some(_) => out.unchanged += 1,
+        }
+    }
+    out.stale = current
+        .keys()
+        .filter(|key| !desired.contains_key(key))
+        .cloned()
+        .collect();
+    out
+}
+
+/// Entries held in a map vs capacity, for the map pressure metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapPressure {
+    pub map: &'static str,
+    pub entries: u32,
+    pub max_entries: u32,
+}
+
+impl MapPressure {
+    pub fn ratio(&self) -> f64 {
+        f64::from(self.entries) / f64::from(self.max_entries.max(1))
+    }
+}
+
+/// Counters of one reason and direction, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricSample {
+    /// `None` for a reason this build does not know (a newer program).
+    pub reason: Option<MetricReason>,
+    pub raw_reason: u8,
+    pub direction: Option<maps::Direction>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The pinned maps of one node, typed.
+pub struct Dataplane {
+    dir: PathBuf,
+    endpoints: HashMap<MapData, EndpointKey, EndpointInfo>,
+    endpoints_max: u32,
+    ipcache: LpmTrie<MapData, IpcachePrefix, IpcacheValue>,
+    ipcache_max: u32,
+    metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+    node_config: Array<MapData, NodeConfig>,
+}
+
+impl fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_pin(dir: &Path, name: &str) -> Result<(MapData, u32), DataplaneError> {
+    let path = dir.join(name);
+    let open_err = |source| DataplaneError::Open {
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    let max_entries = data.info().map_err(open_err)?.max_entries();
+    Ok((data, max_entries))
+}
+
+fn write_error(map: &'static str, op: Op, max_entries: u32, source: MapError) -> MapWriteError {
+    if let MapError::SyscallError(e) = &source {
+        // Hash maps answer E2BIG when full, LPM tries ENOSPC.
+        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+            return MapWriteError::Full { map, max_entries };
+        }
+    }
+    MapWriteError::Kernel { map, op, source }
+}
+
+fn is_not_found(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(e) => e.io_error.kind() == io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// Applies a diff through `write`/`delete`: stale entries first (when
+/// pruning) so their slots are free for the additions.
+fn apply<K: Copy>(
+    diff: Diff<K>,
+    prune: bool,
+    show: impl Fn(&K) -> String,
+    mut write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
+    mut delete: impl FnMut(&K) -> Result<(), MapWriteError>,
+) -> ConvergeReport {
+    let mut report = ConvergeReport {
+        unchanged: diff.unchanged,
+        ..ConvergeReport::default()
+    };
+    if prune {
+        for key in &diff.stale {
+            match delete(key) {
+                Ok(()) => report.deleted += 1,
+                Err(error) => report.failed.push(ConvergeFailure {
+                    key: show(key),
+                    op: Op::Delete,
+                    error,
+                }),
+            }
+        }
+    } else {
+        report.stale_kept = diff.stale.len();
+    }
+    for (keys, op) in [(&diff.update, Op::Update), (&diff.add, Op::Add)] {
+        for key in keys {
+            match write(key, op) {
+                Ok(()) if op == Op::Add => report.added += 1,
+                Ok(()) => report.updated += 1,
+                Err(error) => report.failed.push(ConvergeFailure {
+                    key: show(key),
+                    op,
+                    error,
+                }),
+            }
+        }
+    }
+    report
+}
+
+impl Dataplane {
+    /// Opens the maps pinned in a node's directory (created by
+    /// [`super::Programs::load`]).
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        let (endpoints, endpoints_max) = open_pin(dir, maps::ENDPOINTS)?;
+        let (ipcache, ipcache_max) = open_pin(dir, maps::IPCACHE)?;
+        let (metrics, _) = open_pin(dir, maps::METRICS)?;
+        let (node_config, _) = open_pin(dir, maps::NODE_CONFIG)?;
+        let typed = |name: &str, source| DataplaneError::Open {
+            path: dir.join(name),
+            source,
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            endpoints: HashMap::try_from(Map::HashMap(endpoints))
+                .map_err(|e| typed(maps::ENDPOINTS, e))?,
+            endpoints_max,
+            ipcache: LpmTrie::try_from(Map::LpmTrie(ipcache))
+                .map_err(|e| typed(maps::IPCACHE, e))?,
+            ipcache_max,
+            metrics: PerCpuHashMap::try_from(Map::PerCpuHashMap(metrics))
+                .map_err(|e| typed(maps::METRICS, e))?,
+            node_config: Array::try_from(Map::Array(node_config))
+                .map_err(|e| typed(maps::NODE_CONFIG, e))?,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn endpoints_raw(&self) -> Result<BTreeMap<EndpointKey, EndpointInfo>, DataplaneError> {
+        self.endpoints
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::ENDPOINTS,
+                source,
+            })
+    }
+
+    fn ipcache_raw(&self) -> Result<BTreeMap<IpcacheKey, IpcacheValue>, DataplaneError> {
+        self.ipcache
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (IpcacheKey::from_lpm(&key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::IPCACHE,
+                source,
+            })
+    }
+
+    /// What the endpoints map holds, by pod IP.
+    pub fn endpoints(&self) -> Result<BTreeMap<IpAddr, EndpointInfo>, DataplaneError> {
+        Ok(self
+            .endpoints_raw()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.ip()?, v)))
+            .collect())
+    }
+
+    /// What the ipcache holds, by prefix.
+    pub fn ipcache(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, DataplaneError> {
+        Ok(self
+            .ipcache_raw()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_net()?, v)))
+            .collect())
+    }
+
+    /// Converges the endpoints map to `desired`. Stale entries are deleted
+    /// only when `prune` is set (the caller's caches are complete).
+    pub fn converge_endpoints(
+        &mut self,
+        desired: &BTreeMap<IpAddr, EndpointInfo>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let desired: BTreeMap<EndpointKey, EndpointInfo> = desired
+            .iter()
+            .map(|(ip, info)| (EndpointKey::new(*ip), *info))
+            .collect();
+        let current = self.endpoints_raw()?;
+        let max = self.endpoints_max;
+        let map = &mut self.endpoints;
+        let map_cell = std::cell::RefCell::new(map);
+        Ok(apply(
+            diff(&current, &desired),
+            prune,
+            |key| {
+                key.ip()
+                    .map_or_else(|| format!("{key:?}"), |ip| ip.to_string())
+            },
+            |key, op| {
+                map_cell
+                    .borrow_mut()
+                    .insert(key, desired[key], 0)
+                    .map_err(|e| write_error(maps::ENDPOINTS, op, max, e))
+            },
+            |key| match map_cell.borrow_mut().remove(key) {
+                Err(e) if !is_not_found(&e) => {
+                    Err(write_error(maps::ENDPOINTS, Op::Delete, max, e))
+                }
+                _ => Ok(()),
+            },
+        ))
+    }
+
+    /// Converges the ipcache to `desired` (prefixes → identity, tunnel
+    /// endpoint). Stale prefixes are deleted only when `prune` is set.
+    pub fn converge_ipcache(
+        &mut self,
+        desired: &BTreeMap<IpNet, IpcacheValue>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let desired: BTreeMap<IpcacheKey, IpcacheValue> = desired
+            .iter()
+            .map(|(net, value)| (IpcacheKey::from_net(net), *value))
+            .collect();
+        let current = self.ipcache_raw()?;
+        let max = self.ipcache_max;
+        let map_cell = std::cell::RefCell::new(&mut self.ipcache);
+        Ok(apply(
+            diff(&current, &desired),
+            prune,
+            |key| {
+                key.to_net()
+                    .map_or_else(|| format!("{key:?}"), |net| net.to_string())
+            },
+            |key, op| {
+                map_cell
+                    .borrow_mut()
+                    .insert(&key.to_lpm(), desired[key], 0)
+                    .map_err(|e| write_error(maps::IPCACHE, op, max, e))
+            },
+            |key| match map_cell.borrow_mut().remove(&key.to_lpm()) {
+                Err(e) if !is_not_found(&e) => Err(write_error(maps::IPCACHE, Op::Delete, max, e)),
+                _ => Ok(()),
+            },
+        ))
+    }
+
+    pub fn node_config(&self) -> Result<NodeConfig, DataplaneError> {
+        self.node_config
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Read {
+                map: maps::NODE_CONFIG,
+                source,
+            })
+    }
+
+    /// Writes the node's configuration (tunnel device, node address) if it differs.
+    pub fn set_node_config(&mut self, config: &NodeConfig) -> Result<bool, DataplaneError> {
+        if self.node_config()? == *config {
+            return Ok(false);
+        }
+        self.node_config
+            .set(0, config, 0)
+            .map_err(|e| write_error(maps::NODE_CONFIG, Op::Update, 1, e))?;
+        Ok(true)
+    }
+
+    /// Per-reason, per-direction counters summed over CPUs.
+    pub fn metrics(&self) -> Result<Vec<MetricSample>, DataplaneError> {
+        let mut samples = Vec::new();
+        for entry in self.metrics.iter() {
+            let (key, per_cpu) = entry.map_err(|source| DataplaneError::Read {
+                map: maps::METRICS,
+                source,
+            })?;
+            let (packets, bytes) = per_cpu.iter().fold((0u64, 0u64), |(p, b), v| {
+                (p.wrapping_add(v.packets), b.wrapping_add(v.bytes))
+            });
+            samples.push(MetricSample {
+                reason: MetricReason::from_raw(key.reason),
+                raw_reason: key.reason,
+                direction: maps::Direction::from_raw(key.dir),
+                packets,
+                bytes,
+            });
+        }
+        samples.sort_by_key(|s| (s.raw_reason, s.direction));
+        Ok(samples)
+    }
+
+    /// Packets counted for one reason and direction (0 if never seen).
+    pub fn metric_packets(
+        &self,
+        reason: MetricReason,
+        direction: maps::Direction,
+    ) -> Result<u64, DataplaneError> {
+        Ok(self
+            .metrics()?
+            .iter()
+            .filter(|s| s.reason == Some(reason) && s.direction == Some(direction))
+            .map(|s| s.packets)
+            .sum())
+    }
+
+    /// Fill level of the maps the agent writes.
+    pub fn pressure(&self) -> Result<[MapPressure; 2], DataplaneError> {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok([
+            MapPressure {
+                map: maps::ENDPOINTS,
+                entries: count(self.endpoints.keys().filter(Result::is_ok).count()),
+                max_entries: self.endpoints_max,
+            },
+            MapPressure {
+                map: maps::IPCACHE,
+                entries: count(self.ipcache.keys().filter(Result::is_ok).count()),
+                max_entries: self.ipcache_max,
+            },
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_sorts_keys_into_add_update_stale() {
+        let current = BTreeMap::from([(1, 'a'), (2, 'b'), (3, 'c')]);
+        let desired = BTreeMap::from([(2, 'b'), (3, 'x'), (4, 'd')]);
+        assert_eq!(
+            diff(&current, &desired),
+            Diff {
+                add: vec![4],
+                update: vec![3],
+                stale: vec![1],
+                unchanged: 1
+            }
+        );
+    }
+
+    #[test]
+    fn apply_prunes_only_when_asked_and_reports_failures() {
+        let d = || Diff {
+            add: vec![1, 2],
+            update: vec![3],
+            stale: vec![9],
+            unchanged: 0,
+        };
+        let mut deleted = Vec::new();
+        let report = apply(
+            d(),
+            false,
+            |k| k.to_string(),
+            |_, _| Ok(()),
+            |k| {
+                deleted.push(*k);
+                Ok(())
+            },
+        );
+        assert!(deleted.is_empty());
+        assert_eq!(
+            (
+                report.added,
+                report.updated,
+                report.deleted,
+                report.stale_kept
+            ),
+            (2, 1, 0, 1)
+        );
+
+        let report = apply(
+            d(),
+            true,
+            |k| k.to_string(),
+            |k, _| match k {
+                2 => Err(MapWriteError::Full {
+                    map: "m",
+                    max_entries: 2,
+                }),
+                _ => Ok(()),
+            },
+            |_| Ok(()),
+        );
+        assert_eq!((report.added, report.updated, report.deleted), (1, 1, 1));
+        assert!(report.map_full());
+        assert_eq!(report.failed[0].key, "2");
+        assert_eq!(report.failed[0].op, Op::Add);
+    }
+}

@@ -1,0 +1,482 @@
+//! Loading the programs, pinning the maps and attaching the tc hooks.
+//!
+//! Pin layout under a node's directory (default `/sys/fs/bpf/tendril/<node>`):
+//!
+//! ```text
+//! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
+//! <dir>/links/<ifname>.<hook>                       TCX links (e.g. lxc1a2b.from-container)
+//! ```
+//!
+//! Maps and links outlive the agent: the programs stay attached and keep
+//! forwarding while it is down, and a restarted agent reopens the same maps.
+//! Attaching again swaps the program in without a gap (the new link goes
+//! first in the TCX chain before the old one is released).
+
+use std::{
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{MapInfo, MapType},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::TcAttachOptions,
+    },
+};
+
+use super::maps;
+
+/// `bpf/bpf_lxc.c`: `from_container`, `to_container`.
+pub static BPF_LXC: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+/// `bpf/bpf_overlay.c`: `from_overlay`.
+pub static BPF_OVERLAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
+/// `bpf/bpf_host.c`: `from_netdev`.
+pub static BPF_HOST: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+
+/// Where bpffs is normally mounted.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const LINKS_DIR: &str = "links";
+
+/// The pin directory of a node: `<bpffs_root>/tendril/<node>`.
+pub fn node_pin_dir(bpffs_root: &Path, node: &str) -> PathBuf {
+    bpffs_root.join("tendril").join(node)
+}
+
+/// An attach point of a program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// tc ingress of a pod's host-side veth: what the pod sends.
+    FromContainer,
+    /// tc egress of a pod's host-side veth: what the host stack routes into the pod.
+    ToContainer,
+    /// tc ingress of the collect-metadata VXLAN device.
+    FromOverlay,
+    /// tc ingress of the node's uplink (native routing).
+    FromNetdev,
+}
+
+impl Hook {
+    pub const ALL: [Self; 4] = [
+        Self::FromContainer,
+        Self::ToContainer,
+        Self::FromOverlay,
+        Self::FromNetdev,
+    ];
+
+    /// The function name of the program in its object.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::FromContainer => "from_container",
+            Self::ToContainer => "to_container",
+            Self::FromOverlay => "from_overlay",
+            Self::FromNetdev => "from_netdev",
+        }
+    }
+
+    pub fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::ToContainer => TcAttachType::Egress,
+            Self::FromContainer | Self::FromOverlay | Self::FromNetdev => TcAttachType::Ingress,
+        }
+    }
+
+    /// The suffix of its link pins.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FromContainer => "from-container",
+            Self::ToContainer => "to-container",
+            Self::FromOverlay => "from-overlay",
+            Self::FromNetdev => "from-netdev",
+        }
+    }
+
+    fn from_str(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|hook| hook.as_str() == s)
+    }
+}
+
+/// Map capacities; the defaults are those compiled into the objects. A
+/// pinned map with another shape is refused ([`LoadError::IncompatiblePin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub ipcache: u32,
+    pub endpoints: u32,
+    pub metrics: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            ipcache: maps::IPCACHE_MAX_ENTRIES,
+            endpoints: maps::ENDPOINTS_MAX_ENTRIES,
+            metrics: maps::METRICS_MAX_ENTRIES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path} is not on a bpffs mount and cannot be mounted: {source}")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "pinned map {path} has another shape ({found}) than this build expects ({expected}); \
+         remove it to recreate (this interrupts traffic)"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("reading pinned map {path}: {source}")]
+    PinInfo {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("loading object {object}: {source}")]
+    Object {
+        object: &'static str,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("attaching {hook:?} to {ifname}: {source}")]
+    Attach {
+        hook: Hook,
+        ifname: String,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("link of {hook:?} on {ifname} is not a TCX link: {source}")]
+    NotTcx {
+        hook: Hook,
+        ifname: String,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("opening pinned link {path}: {source}")]
+    OpenPin {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("replacing link pin {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// The loaded programs of one node; maps live in its pin directory.
+pub struct Programs {
+    dir: PathBuf,
+    lxc: Ebpf,
+    overlay: Ebpf,
+    host: Ebpf,
+}
+
+impl std::fmt::Debug for Programs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Programs")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Programs {
+    /// Loads every program. Maps are created and pinned in `dir`, or reused
+    /// if already pinned there (after a restart).
+    pub fn load(dir: &Path, sizes: &MapSizes) -> Result<Self, LoadError> {
+        ensure_bpffs(dir)?;
+        for path in [dir.to_path_buf(), dir.join(LINKS_DIR)] {
+            std::fs::create_dir_all(&path).map_err(|source| LoadError::PinDir { path, source })?;
+        }
+        check_pinned_maps(dir, sizes)?;
+        let load = |object: &'static str, bytes: &[u8]| -> Result<Ebpf, LoadError> {
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(dir)
+                .map_max_entries(maps::IPCACHE, sizes.ipcache)
+                .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
+                .map_max_entries(maps::METRICS, sizes.metrics)
+                .load(bytes)
+                .map_err(|source| LoadError::Object {
+                    object,
+                    source: Box::new(source),
+                })?;
+            for hook in Hook::ALL {
+                let program = hook.program_name();
+                if ebpf.program(program).is_none() {
+                    continue;
+                }
+                let classifier: &mut SchedClassifier = ebpf
+                    .program_mut(program)
+                    .expect("program listed above")
+                    .try_into()
+                    .map_err(|source| LoadError::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                classifier.load().map_err(|source| LoadError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            }
+            Ok(ebpf)
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            lxc: load("bpf_lxc.o", BPF_LXC)?,
+            overlay: load("bpf_overlay.o", BPF_OVERLAY)?,
+            host: load("bpf_host.o", BPF_HOST)?,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The loaded program of a hook, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn classifier(&self, hook: Hook) -> &SchedClassifier {
+        let ebpf = match hook {
+            Hook::FromContainer | Hook::ToContainer => &self.lxc,
+            Hook::FromOverlay => &self.overlay,
+            Hook::FromNetdev => &self.host,
+        };
+        ebpf.program(hook.program_name())
+            .and_then(|program| <&SchedClassifier>::try_from(program).ok())
+            .expect("every hook's program is loaded by Programs::load")
+    }
+
+    fn classifier_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
+        let ebpf = match hook {
+            Hook::FromContainer | Hook::ToContainer => &mut self.lxc,
+            Hook::FromOverlay => &mut self.overlay,
+            Hook::FromNetdev => &mut self.host,
+        };
+        ebpf.program_mut(hook.program_name())
+            .and_then(|program| <&mut SchedClassifier>::try_from(program).ok())
+            .expect("every hook's program is loaded by Programs::load")
+    }
+
+    /// Attaches `hook` to `ifname` (in the calling thread's network
+    /// namespace) as a pinned TCX link that stays attached after this process
+    /// exits. An existing link of the same hook and interface is replaced
+    /// without a gap: the new program goes first in the chain, then the old
+    /// link is released.
+    pub fn attach(&mut self, hook: Hook, ifname: &str) -> Result<(), AttachError> {
+        let pin = link_pin_path(&self.dir, hook, ifname);
+        let old = match pin.exists() {
+            true => Some(
+                PinnedLink::from_pin(&pin).map_err(|source| AttachError::OpenPin {
+                    path: pin.clone(),
+                    source,
+                })?,
+            ),
+            false => None,
+        };
+        let program = self.classifier_mut(hook);
+        let attach_err = |source| AttachError::Attach {
+            hook,
+            ifname: ifname.to_string(),
+            source: Box::new(source),
+        };
+        let link_id = program
+            .attach_with_options(
+                ifname,
+                hook.attach_type(),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(attach_err)?;
+        let link = program.take_link(link_id).map_err(attach_err)?;
+        let link = FdLink::try_from(link).map_err(|source| AttachError::NotTcx {
+            hook,
+            ifname: ifname.to_string(),
+            source,
+        })?;
+        // Pin beside the old pin, then rename over it: at every instant one
+        // pinned link holds the hook.
+        let staging = pin.with_extension(format!("{}.new", hook.as_str()));
+        let _ = std::fs::remove_file(&staging);
+        let pinned = link.pin(&staging).map_err(|source| AttachError::Pin {
+            path: staging.clone(),
+            source,
+        })?;
+        std::fs::rename(&staging, &pin).map_err(|source| AttachError::Io {
+            path: pin.clone(),
+            source,
+        })?;
+        // Closing our fds: the new link lives on through its pin; the old one,
+        // whose pin was replaced, is released and detaches.
+        drop(pinned);
+        drop(old);
+        Ok(())
+    }
+}
+
+fn link_pin_path(dir: &Path, hook: Hook, ifname: &str) -> PathBuf {
+    dir.join(LINKS_DIR)
+        .join(format!("{ifname}.{}", hook.as_str()))
+}
+
+/// Detaches `hook` from `ifname` by removing its link pin. Returns whether
+/// a link was pinned.
+pub fn detach(dir: &Path, hook: Hook, ifname: &str) -> io::Result<bool> {
+    match std::fs::remove_file(link_pin_path(dir, hook, ifname)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every pinned link of a node: (interface name, hook).
+pub fn pinned_links(dir: &Path) -> io::Result<Vec<(String, Hook)>> {
+    let mut links = Vec::new();
+    let entries = match std::fs::read_dir(dir.join(LINKS_DIR)) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(links),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some((ifname, hook)) = name.to_str().and_then(|n| n.rsplit_once('.')) else {
+            continue;
+        };
+        if let Some(hook) = Hook::from_str(hook) {
+            links.push((ifname.to_string(), hook));
+        }
+    }
+    links.sort();
+    Ok(links)
+}
+
+/// Makes sure `dir` can live on bpffs: if no ancestor is on bpffs and `dir`
+/// is under [`BPFFS_ROOT`], mounts bpffs there.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let err = |source| LoadError::Bpffs {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if is_bpffs(existing).map_err(err)? {
+        return Ok(());
+    }
+    let root = Path::new(BPFFS_ROOT);
+    if !dir.starts_with(root) || is_bpffs(root).map_err(err)? {
+        return Err(err(io::Error::other("not on bpffs")));
+    }
+    std::fs::create_dir_all(root).map_err(err)?;
+    let target = CString::new(root.as_os_str().as_bytes()).expect("no NUL in BPFFS_ROOT");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid path and a buffer of the right type.
+    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded and filled the buffer.
+    let stat = unsafe { stat.assume_init() };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's type differs between targets"
+    )]
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// The shape a pinned map must have to be reused by this build.
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 4] {
+    use std::mem::size_of;
+    [
+        (
+            maps::IPCACHE,
+            MapType::LpmTrie,
+            size_of::<maps::IpcacheKey>(),
+            size_of::<maps::IpcacheValue>(),
+            sizes.ipcache,
+        ),
+        (
+            maps::ENDPOINTS,
+            MapType::Hash,
+            size_of::<maps::EndpointKey>(),
+            size_of::<maps::EndpointInfo>(),
+            sizes.endpoints,
+        ),
+        (
+            maps::METRICS,
+            MapType::PerCpuHash,
+            size_of::<maps::MetricsKey>(),
+            size_of::<maps::MetricsValue>(),
+            sizes.metrics,
+        ),
+        (
+            maps::NODE_CONFIG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<maps::NodeConfig>(),
+            1,
+        ),
+    ]
+}
+
+fn check_pinned_maps(dir: &Path, sizes: &MapSizes) -> Result<(), LoadError> {
+    for (name, map_type, key_size, value_size, max_entries) in expected_maps(sizes) {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::PinInfo {
+            path: path.clone(),
+            source,
+        })?;
+        let found_type = info.map_type().map_err(|source| LoadError::PinInfo {
+            path: path.clone(),
+            source,
+        })?;
+        let expected = format!("{map_type:?} key {key_size} value {value_size} max {max_entries}");
+        let found = format!(
+            "{found_type:?} key {} value {} max {}",
+            info.key_size(),
+            info.value_size(),
+            info.max_entries()
+        );
+        if expected != found {
+            return Err(LoadError::IncompatiblePin {
+                path,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! `#[repr(C)]` mirrors of every map key and value in `bpf/lib/maps.h`, and
+//! the reasons of `bpf/lib/metrics.h`. `tests/bpf_map_layout.rs` compares
+//! sizes and field offsets with the BTF of the compiled objects.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// Map names, which are also their pin file names in the node's bpffs directory.
+pub const IPCACHE: &str = "ipcache";
+pub const ENDPOINTS: &str = "endpoints";
+pub const METRICS: &str = "metrics";
+pub const NODE_CONFIG: &str = "node_config";
+
+/// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
+pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 8192;
+pub const METRICS_MAX_ENTRIES: u32 = 1024;
+
+/// `AF_INET` / `AF_INET6`, as the programs store them.
+pub const FAMILY_IPV4: u8 = 2;
+pub const FAMILY_IPV6: u8 = 10;
+
+/// Bits of an ipcache key always matched before the address: family + pad.
+pub const IPCACHE_STATIC_PREFIX: u32 = 32;
+
+/// `IPCACHE_F_LOCAL_NODE`: the address belongs to this node.
+pub const IPCACHE_F_LOCAL_NODE: u8 = 0x01;
+/// `NODE_F_TUNNEL`: the overlay is enabled on this node.
+pub const NODE_F_TUNNEL: u32 = 0x01;
+
+/// The 24 bits of the VXLAN VNI that carry the source identity.
+pub const IDENTITY_MAX_VNI: u32 = 0x00FF_FFFF;
+
+fn addr_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
+    let mut addr = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            (FAMILY_IPV4, addr)
+        }
+        IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
+    }
+}
+
+fn bytes_addr(family: u8, addr: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
+        FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
+        _ => None,
+    }
+}
+
+/// `struct ipcache_key`: the full LPM key as the kernel stores it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcacheKey {
+    /// Bits matched after this field: [`IPCACHE_STATIC_PREFIX`] + the address prefix.
+    pub prefixlen: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// The part of [`IpcacheKey`] after `prefixlen`: the data of aya's
+/// [`aya::maps::lpm_trie::Key`], which carries `prefixlen` itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpcachePrefix {
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl IpcacheKey {
+    /// The key of a prefix; host bits are cleared.
+    pub fn from_net(net: &IpNet) -> Self {
+        let net = net.trunc();
+        let (family, addr) = addr_bytes(net.network());
+        Self {
+            prefixlen: IPCACHE_STATIC_PREFIX + u32::from(net.prefix_len()),
+            family,
+            pad: [0; 3],
+            addr,
+        }
+    }
+
+    /// The prefix this key stands for, `None` for a malformed key.
+    pub fn to_net(&self) -> Option<IpNet> {
+        let prefix = u8::try_from(self.prefixlen.checked_sub(IPCACHE_STATIC_PREFIX)?).ok()?;
+        match bytes_addr(self.family, &self.addr)? {
+            IpAddr::V4(v4) => Ipv4Net::new(v4, prefix).ok().map(IpNet::V4),
+            IpAddr::V6(v6) => Ipv6Net::new(v6, prefix).ok().map(IpNet::V6),
+        }
+    }
+
+    pub fn to_lpm(self) -> aya::maps::lpm_trie::Key<IpcachePrefix> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            IpcachePrefix {
+                family: self.family,
+                pad: self.pad,
+                addr: self.addr,
+            },
+        )
+    }
+
+    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<IpcachePrefix>) -> Self {
+        let data = key.data();
+        Self {
+            prefixlen: key.prefix_len(),
+            family: data.family,
+            pad: data.pad,
+            addr: data.addr,
+        }
+    }
+}
+
+/// `struct ipcache_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// IPv4 underlay address of the node hosting the prefix, network order;
+    /// all zero when no tunnel is needed.
+    pub tunnel_endpoint: [u8; 4],
+    pub flags: u8,
+    pub encrypt_key: u8,
+    pub pad: u16,
+}
+
+impl IpcacheValue {
+    pub fn new(identity: u32, tunnel_endpoint: Option<Ipv4Addr>) -> Self {
+        Self {
+            identity,
+            tunnel_endpoint: tunnel_endpoint.map_or([0; 4], |ip| ip.octets()),
+            ..Self::default()
+        }
+    }
+
+    /// An address of this node itself (identity `host`, no tunnel).
+    pub fn local_node(identity: u32) -> Self {
+        Self {
+            flags: IPCACHE_F_LOCAL_NODE,
+            ..Self::new(identity, None)
+        }
+    }
+
+    pub fn tunnel_endpoint(&self) -> Option<Ipv4Addr> {
+        (self.tunnel_endpoint != [0; 4]).then(|| Ipv4Addr::from(self.tunnel_endpoint))
+    }
+}
+
+/// `struct endpoint_key`: a local pod address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+impl EndpointKey {
+    pub fn new(ip: IpAddr) -> Self {
+        let (family, addr) = addr_bytes(ip);
+        Self {
+            family,
+            pad: [0; 3],
+            addr,
+        }
+    }
+
+    pub fn ip(&self) -> Option<IpAddr> {
+        bytes_addr(self.family, &self.addr)
+    }
+}
+
+/// `struct endpoint_info`: how to deliver to a local pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointInfo {
+    /// Host-side veth ifindex (in the node's network namespace).
+    pub ifindex: u32,
+    pub identity: u32,
+    pub endpoint_id: u16,
+    pub flags: u16,
+    /// Pod-side MAC.
+    pub mac: [u8; 6],
+    /// Host-side veth MAC: the source MAC of packets delivered to the pod
+    /// (the pod's gateway neighbour entry must point at it).
+    pub node_mac: [u8; 6],
+}
+
+/// `struct metrics_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricsKey {
+    pub reason: u8,
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// `struct metrics_value`, one per CPU in the map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MetricsValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `struct node_config`, the single entry of `node_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// Ifindex of the collect-metadata VXLAN device; 0 when there is no overlay.
+    pub tunnel_ifindex: u32,
+    pub node_ipv4: [u8; 4],
+    pub flags: u32,
+    pub pad: u32,
+}
+
+// SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
+// pattern is valid and the padding is explicit, so no uninitialised bytes
+// reach the kernel.
+unsafe impl aya::Pod for IpcacheKey {}
+unsafe impl aya::Pod for IpcachePrefix {}
+unsafe impl aya::Pod for IpcacheValue {}
+unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for EndpointInfo {}
+unsafe impl aya::Pod for MetricsKey {}
+unsafe impl aya::Pod for MetricsValue {}
+unsafe impl aya::Pod for NodeConfig {}
+
+/// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress = 1,
+    Egress = 2,
+}
+
+impl Direction {
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Ingress),
+            2 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// `enum metric_reason` of metrics.h. Below 128: forwarding outcomes; from
+/// 128: drops.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MetricReason {
+    ForwardLocal = 1,
+    ForwardTunnel = 2,
+    ToStackUnknown = 3,
+    ToStackNative = 4,
+    ToStackNonIpv4 = 5,
+    ToStackHost = 6,
+    DeliverViaStack = 7,
+    DropInvalidSource = 130,
+    DropInvalidPacket = 131,
+    DropTtlExceeded = 132,
+    DropPolicy = 133,
+    DropNoTunnelDevice = 134,
+    DropTunnelKey = 135,
+    DropIdentityTooLarge = 136,
+}
+
+impl MetricReason {
+    pub const ALL: [Self; 14] = [
+        Self::ForwardLocal,
+        Self::ForwardTunnel,
+        Self::ToStackUnknown,
+        Self::ToStackNative,
+        Self::ToStackNonIpv4,
+        Self::ToStackHost,
+        Self::DeliverViaStack,
+        Self::DropInvalidSource,
+        Self::DropInvalidPacket,
+        Self::DropTtlExceeded,
+        Self::DropPolicy,
+        Self::DropNoTunnelDevice,
+        Self::DropTunnelKey,
+        Self::DropIdentityTooLarge,
+    ];
+
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| *reason as u8 == raw)
+    }
+
+    pub fn is_drop(self) -> bool {
+        self as u8 >= 128
+    }
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ForwardLocal => "forward_local",
+            Self::ForwardTunnel => "forward_tunnel",
+            Self::ToStackUnknown => "to_stack_unknown_destination",
+            Self::ToStackNative => "to_stack_native_routing",
+            Self::ToStackNonIpv4 => "to_stack_non_ipv4",
+            Self::ToStackHost => "to_stack_host",
+            Self::DeliverViaStack => "deliver_via_stack",
+            Self::DropInvalidSource => "invalid_source",
+            Self::DropInvalidPacket => "invalid_packet",
+            Self::DropTtlExceeded => "ttl_exceeded",
+            Self::DropPolicy => "policy_denied",
+            Self::DropNoTunnelDevice => "no_tunnel_device",
+            Self::DropTunnelKey => "tunnel_key",
+            Self::DropIdentityTooLarge => "identity_too_large",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipcache_key_round_trips_prefixes() {
+        for net in [
+            "10.1.2.0/24",
+            "10.1.2.3/32",
+            "0.0.0.0/0",
+            "fd00::/64",
+            "fd00::1/128",
+        ] {
+            let net: IpNet = net.parse().unwrap();
+            let key = IpcacheKey::from_net(&net);
+            assert_eq!(key.to_net(), Some(net));
+            assert_eq!(IpcacheKey::from_lpm(&key.to_lpm()), key);
+        }
+        let key = IpcacheKey::from_net(&"10.1.2.3/24".parse().unwrap());
+        assert_eq!(key.prefixlen, 56);
+        assert_eq!(&key.addr[..4], &[10, 1, 2, 0], "host bits cleared");
+    }
+
+    #[test]
+    fn endpoint_key_round_trips_addresses() {
+        for ip in ["10.0.0.7", "fd00::7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(EndpointKey::new(ip).ip(), Some(ip));
+        }
+    }
+
+    #[test]
+    fn metric_reasons_round_trip() {
+        for reason in MetricReason::ALL {
+            assert_eq!(MetricReason::from_raw(reason as u8), Some(reason));
+        }
+        assert!(MetricReason::DropPolicy.is_drop());
+        assert!(!MetricReason::ForwardTunnel.is_drop());
+    }
+
+    #[test]
+    fn lpm_key_has_the_kernel_layout() {
+        assert_eq!(
+            std::mem::size_of::<aya::maps::lpm_trie::Key<IpcachePrefix>>(),
+            std::mem::size_of::<IpcacheKey>()
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! The eBPF datapath: the C programs in `datapath/bpf/` (compiled by
+//! `build.rs`), their loader, typed mirrors of every map, and convergence of
+//! desired state into the maps by diff.
+//!
+//! - [`loader::Programs`] loads the objects, pins the maps in a node's bpffs
+//!   directory and attaches the tc hooks as pinned TCX links.
+//! - [`converge::Dataplane`] opens the pinned maps and converges them.
+//! - [`maps`] holds the `#[repr(C)]` key/value types.
+
+pub mod converge;
+pub mod loader;
+pub mod maps;
+
+pub use converge::{
+    ConvergeFailure, ConvergeReport, Dataplane, DataplaneError, MapPressure, MapWriteError,
+    MetricSample,
+};
+pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};

@@ -1,0 +1,162 @@
+//! Shared by the `bpf_*` integration tests: unique pin directories cleaned up
+//! on drop, crafted packets and `__sk_buff` contexts for `BPF_PROG_TEST_RUN`.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use tendril_datapath::bpf::{Dataplane, MapSizes, Programs, loader};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique node pin directory under /sys/fs/bpf/tendril, removed on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = loader::node_pin_dir(
+            Path::new(loader::BPFFS_ROOT),
+            &format!("test-{tag}-{}-{n}", std::process::id()),
+        );
+        loader::ensure_bpffs(&dir).expect("bpffs");
+        Self(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Programs and maps of a fresh node.
+pub struct Node {
+    pub programs: Programs,
+    pub dataplane: Dataplane,
+    pub dir: PinDir,
+}
+
+impl Node {
+    pub fn load(tag: &str, sizes: &MapSizes) -> Self {
+        let dir = PinDir::new(tag);
+        let programs = Programs::load(&dir.0, sizes).expect("load programs");
+        let dataplane = Dataplane::open(&dir.0).expect("open maps");
+        Self {
+            programs,
+            dataplane,
+            dir,
+        }
+    }
+}
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether the IPv4 header checksum of an Ethernet frame verifies.
+pub fn ipv4_checksum_ok(frame: &[u8]) -> bool {
+    checksum(&frame[14..34]) == 0
+}
+
+/// An Ethernet + IPv4 + UDP frame with a valid IP checksum.
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    dport: u16,
+) -> Vec<u8> {
+    let payload = b"tendril test payload";
+    let udp_len = 8 + payload.len();
+    let total_len = 20 + udp_len;
+    let mut f = Vec::with_capacity(14 + total_len);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ttl, 17, 0, 0];
+    ip[2..4].copy_from_slice(&(total_len as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A broadcast ARP request frame.
+pub fn arp_frame(src_mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[10, 0, 1, 10, 0, 0, 0, 0, 0, 0, 10, 0, 1, 1]);
+    f.resize(60, 0);
+    f
+}
+
+/// `struct __sk_buff` (192 bytes) with the fields test runs may set.
+pub fn skb_ctx(ifindex: u32, mark: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes()); // mark
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx
+}
+
+pub fn ctx_mark(ctx: &[u8; 192]) -> u32 {
+    u32::from_ne_bytes(ctx[8..12].try_into().unwrap())
+}
+
+/// Result of one `BPF_PROG_TEST_RUN`.
+pub struct Run {
+    pub ret: u32,
+    pub data: Vec<u8>,
+    pub ctx: [u8; 192],
+    pub duration: std::time::Duration,
+}
+
+/// Runs `program` on `frame` (on loopback unless `ifindex` > 1), `repeat` times.
+pub fn run(program: &SchedClassifier, frame: &[u8], ifindex: u32, mark: u32, repeat: u32) -> Run {
+    let ctx_in = skb_ctx(ifindex, mark);
+    let mut ctx_out = [0u8; 192];
+    let mut data_out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut data_out);
+    opts.ctx_in = Some(&ctx_in);
+    opts.ctx_out = Some(&mut ctx_out);
+    opts.repeat = repeat;
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    data_out.truncate(result.data_size_out as usize);
+    Run {
+        ret: result.return_value,
+        data: data_out,
+        ctx: ctx_out,
+        duration: result.duration,
+    }
+}
