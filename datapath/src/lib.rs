@@ -1,3 +1,5 @@
 //! tendril-agent, tendril-cni and the eBPF datapath.
 
 pub mod bpf;
+pub mod cni;
+pub mod ipam;
