@@ -18,7 +18,14 @@ pub const CATEGORY: &str = "tendril";
 /// Every CRD of the API, in a stable order (the manifest file order).
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
     use v1alpha1::*;
-    vec![NodeNetwork::crd()]
+    vec![
+        // intent
+        PodIPPool::crd(),
+        // desired state
+        NodeNetwork::crd(),
+        Endpoint::crd(),
+        Identity::crd(),
+    ]
 }
 
 /// The manifest file name of a CRD: `<plural>.yaml`.

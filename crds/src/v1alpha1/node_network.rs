@@ -57,7 +57,7 @@ pub struct NodeEncryption {
     pub mode: String,
     /// IPsec: the security parameter index currently in use (1–15, rotated on key change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 15))]
+    #[schemars(range(min = 1, max = 15), extend("format" = "int32"))]
     pub spi: Option<u8>,
     /// IPsec: name of the `Secret` in the operator namespace holding the key for `spi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
