@@ -1,1 +1,103 @@
-//! The test world.
+//! The test world: a real Kubernetes control plane (etcd, kube-apiserver,
+//! kube-controller-manager v1.36.3 built from Go modules by `hack/control-plane-build.sh`),
+//! shared by every test of a run, in the spirit of controller-runtime's envtest.
+//!
+//! # Writing a test
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use k8s_openapi::api::core::v1::ConfigMap;
+//! use tendril_e2e::{Process, TestEnv, wait_for};
+//!
+//! #[tokio::test]
+//! async fn example() -> anyhow::Result<()> {
+//!     let env = TestEnv::new().await?; // shared plane, CRDs established, fresh namespace
+//!     let name = env.unique_name("cm");
+//!     env.apply_yaml(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata: {{a: b}}"))
+//!         .await?;
+//!     let cms = env.api::<ConfigMap>();
+//!     wait_for(&cms, &name, |o: Option<&ConfigMap>| o.is_some(), Duration::from_secs(30)).await?;
+//!
+//!     // A workspace binary (cargo's target/debug), killed when `op` drops, also on panic.
+//!     let mut op = Process::builder("tendril-operator")
+//!         .arg("--kubeconfig").arg(env.kubeconfig())
+//!         .env("RUST_LOG", "info")
+//!         .spawn()?;
+//!     op.wait_for_log("started", Duration::from_secs(60)).await?;
+//!     Ok(())
+//! } // namespace deleted, operator stopped
+//! ```
+//!
+//! # API
+//!
+//! - [`TestEnv::new`]`()` on the shared plane, [`TestEnv::on`]`(plane)` on another:
+//!   [`client`](TestEnv::client), [`namespace`](TestEnv::namespace),
+//!   [`kubeconfig`](TestEnv::kubeconfig), [`plane`](TestEnv::plane),
+//!   [`api::<K>`](TestEnv::api) (namespaced, in the test namespace),
+//!   [`cluster_api::<K>`](TestEnv::cluster_api), [`unique_name`](TestEnv::unique_name),
+//!   [`apply_yaml`](TestEnv::apply_yaml) (test namespace by default),
+//!   [`delete_on_drop::<K>(name)`](TestEnv::delete_on_drop) for cluster-scoped objects
+//!   (Nodes, NodeNetworks, …), [`wait_for`](TestEnv::wait_for). Dropping the env deletes its
+//!   namespace and registered objects (best effort, no waiting).
+//! - [`ControlPlane::shared`]`()`: the shared plane in `~/.cache/tendril/test-run` (ports:
+//!   apiserver 26443, etcd 22379/22380, controller-manager 30257), never the developer's
+//!   `hack/up.sh` plane. [`ControlPlane::dedicated`]`(name)`: a plane of its own on free
+//!   ports, for fault tests, removed on drop; only dedicated planes accept
+//!   [`restart_apiserver`](ControlPlane::restart_apiserver),
+//!   [`restart_etcd`](ControlPlane::restart_etcd), [`restart`](ControlPlane::restart)`(Component)`,
+//!   [`stop_component`](ControlPlane::stop_component)`(Component)` and
+//!   [`start`](ControlPlane::start). Also [`client`](ControlPlane::client),
+//!   [`kubectl`](ControlPlane::kubectl)`(args)` (kubectl 1.36), [`kubeconfig`](ControlPlane::kubeconfig),
+//!   [`apiserver_url`](ControlPlane::apiserver_url), [`apiserver_port`](ControlPlane::apiserver_port),
+//!   [`etcd_port`](ControlPlane::etcd_port), [`advertise_address`](ControlPlane::advertise_address),
+//!   [`log_dir`](ControlPlane::log_dir), [`run_dir`](ControlPlane::run_dir).
+//! - [`wait_for`]`(&api, name, cond, timeout)`: waits on a watch (restarted on watch errors,
+//!   so it survives an apiserver restart) until `cond(Option<&K>)` holds; returns the object;
+//!   the timeout error shows the last state seen. [`wait_deleted`]. [`eventually`]`(timeout,
+//!   || async { … })` polls what cannot be watched (HTTP, metrics, kernel state).
+//! - [`apply_yaml`]`(&client, yaml, default_ns)` (multi-document, any kind via discovery) and
+//!   [`apply`]`(&api, &obj)`: server-side apply, field manager [`FIELD_MANAGER`], forced.
+//! - [`Process::builder`]`(program)` `.arg/.args/.env/.name/.current_dir/.spawn()`: a bare
+//!   name is a workspace binary in cargo's `target/debug` (build it first: `cargo build
+//!   --workspace --bins`, which `hack/test.sh` does), a path is used as is
+//!   ([`Process::which`] finds tools on `PATH`). [`pid`](Process::pid),
+//!   [`log`](Process::log), [`log_path`](Process::log_path), [`log_tail`](Process::log_tail),
+//!   [`wait_for_log`](Process::wait_for_log), [`is_running`](Process::is_running),
+//!   [`signal`](Process::signal), [`kill`](Process::kill) (SIGKILL, a crash),
+//!   [`stop`](Process::stop)`(grace)` (SIGTERM then SIGKILL). Drop stops it and, when the
+//!   test panics, prints its log tail.
+//! - [`http_get`]`(port, path)` and [`fetch_metrics`]`(port)` → [`Metrics`] with
+//!   [`value`](Metrics::value)`(name, &[(label, value)])`, [`sum`](Metrics::sum),
+//!   [`has`](Metrics::has), [`matching`](Metrics::matching) (OpenMetrics counters are
+//!   named `…_total`).
+//! - [`unique_name`]`(prefix)`: `{prefix}-{pid}-{n}-{rand4}`, a valid DNS label.
+//!
+//! # Facts about this control plane
+//!
+//! - Nothing schedules pods and there is no kubelet: set `spec.nodeName`, create the Node,
+//!   and write Pod status through the status subresource. The EndpointSlice controller
+//!   ignores pods on Nodes that do not exist. Running controllers: endpointslice,
+//!   endpointslice-mirroring, endpoints, namespace, garbage-collector, serviceaccount,
+//!   serviceaccount-token, root-ca-certificate-publisher, replicaset, deployment,
+//!   clusterrole-aggregation, pod-garbage-collector, service-cidr. No node-lifecycle
+//!   controller, so Nodes are never tainted or evicted.
+//! - Service CIDR 10.96.0.0/16; the apiserver advertises the machine's primary IPv4
+//!   address (see `hack/control-plane.sh`), but binds 127.0.0.1 only.
+//! - Cleanup after a killed run: control-plane processes are tracked by pid files in the
+//!   plane's run dir; [`Process`] children die with their test binary (`PDEATHSIG`) and are
+//!   also swept by pid file; e2e namespaces and dedicated planes of dead test binaries are
+//!   deleted when the next test binary starts.
+
+mod env;
+mod http;
+mod kube_util;
+mod plane;
+mod process;
+mod util;
+
+pub use env::TestEnv;
+pub use http::{Metrics, Sample, fetch_metrics, http_get};
+pub use kube_util::{FIELD_MANAGER, apply, apply_yaml, eventually, wait_deleted, wait_for};
+pub use plane::{Component, ControlPlane, E2E_LABEL, OWNER_LABEL, apply_crds};
+pub use process::{Process, ProcessBuilder, sweep_stale_processes};
+pub use util::{cache_dir, k8s_bin_dir, repo_root, target_bin_dir, unique_name};

@@ -1,0 +1,459 @@
+//! [`ControlPlane`]: etcd + kube-apiserver + kube-controller-manager run by
+//! `hack/control-plane.sh`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::conditions;
+use kube::{Client, Config};
+
+use crate::kube_util::{FIELD_MANAGER, wait_for};
+use crate::util::{cache_dir, k8s_bin_dir, owner_alive, owner_tag, repo_root};
+
+/// Label on every namespace a [`crate::TestEnv`] creates.
+pub const E2E_LABEL: &str = "tendril.dev/e2e";
+/// Label naming the test binary (`pid.starttime`) that owns an e2e namespace; namespaces of
+/// dead owners are deleted when the next test binary starts.
+pub const OWNER_LABEL: &str = "tendril.dev/e2e-owner";
+
+/// Fixed ports of the shared test plane (the developer's `hack/up.sh` plane uses
+/// 12379/16443/20257, so both run side by side).
+const SHARED_PORTS: Ports = Ports {
+    etcd: 22379,
+    etcd_peer: 22380,
+    apiserver: 26443,
+    kcm: 30257,
+};
+
+/// A control-plane component, for fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Etcd,
+    Apiserver,
+    ControllerManager,
+}
+
+impl Component {
+    fn arg(self) -> &'static str {
+        match self {
+            Component::Etcd => "etcd",
+            Component::Apiserver => "apiserver",
+            Component::ControllerManager => "controller-manager",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    etcd: u16,
+    etcd_peer: u16,
+    apiserver: u16,
+    kcm: u16,
+}
+
+/// A running control plane. [`ControlPlane::shared`] is the one every test of a run shares;
+/// [`ControlPlane::dedicated`] gives a fault test its own plane, stopped and deleted on drop.
+#[derive(Debug)]
+pub struct ControlPlane {
+    name: String,
+    run_dir: PathBuf,
+    settings: HashMap<String, String>,
+    dedicated: bool,
+}
+
+static SHARED: OnceLock<std::result::Result<Arc<ControlPlane>, String>> = OnceLock::new();
+
+impl ControlPlane {
+    /// The shared test plane in `~/.cache/tendril/test-run` (never the developer's
+    /// `~/.cache/tendril/run`), with the CRDs of `crds/manifests/` applied and established.
+    /// Started on first use by any test binary (a file lock in `control-plane.sh`
+    /// serializes parallel binaries; a healthy plane is reused, stale processes of a killed
+    /// run are stopped and restarted). Never stopped by the tests: the next run reuses it
+    /// (`TENDRIL_RUN=~/.cache/tendril/test-run hack/control-plane.sh stop` stops it).
+    /// Also deletes e2e namespaces and dedicated planes left behind by dead test binaries.
+    pub async fn shared() -> Result<Arc<ControlPlane>> {
+        let res = blocking(|| {
+            SHARED
+                .get_or_init(|| init_shared().map(Arc::new).map_err(|e| format!("{e:#}")))
+                .clone()
+        });
+        res.map_err(|e| anyhow!("shared control plane failed to start: {e}"))
+    }
+
+    /// A control plane of its own for a test that breaks things (restarts etcd or the
+    /// apiserver): own run dir `~/.cache/tendril/test-planes/{name}-{pid}.{start}`, own free
+    /// ports, CRDs applied. Stopped and deleted when the last `Arc` drops; a killed test
+    /// binary's planes are cleaned up by the next [`ControlPlane::shared`] or `dedicated`.
+    pub async fn dedicated(name: &str) -> Result<Arc<ControlPlane>> {
+        sweep_dedicated_planes();
+        let name = crate::unique_name(name);
+        let run_dir = cache_dir()
+            .join("test-planes")
+            .join(format!("{name}.{}", owner_tag()));
+        let mut last_err = None;
+        // Free ports are found by binding port 0; another process may grab one in between,
+        // so a start that fails on a busy port is retried with new ports.
+        for _ in 0..3 {
+            let ports = free_ports()?;
+            let plane = ControlPlane {
+                name: name.clone(),
+                run_dir: run_dir.clone(),
+                settings: HashMap::new(),
+                dedicated: true,
+            };
+            let rd = run_dir.clone();
+            match tokio::task::spawn_blocking(move || run_script(&rd, Some(ports), &["start"]))
+                .await?
+            {
+                Ok(()) => {
+                    let mut plane = plane;
+                    plane.settings = read_settings(&run_dir)?;
+                    let client = plane.client().await?;
+                    apply_crds(&client).await?;
+                    return Ok(Arc::new(plane));
+                }
+                Err(e) => {
+                    // Dropping `plane` stops whatever did start.
+                    drop(plane);
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("dedicated plane did not start")))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plane's state dir (`TENDRIL_RUN`): pki/, logs/, pids/, etcd/, kubeconfig.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Admin kubeconfig (client certificate in group system:masters).
+    pub fn kubeconfig(&self) -> PathBuf {
+        PathBuf::from(self.setting("KUBECONFIG"))
+    }
+
+    /// `https://127.0.0.1:PORT`
+    pub fn apiserver_url(&self) -> String {
+        self.setting("APISERVER_URL")
+    }
+
+    pub fn apiserver_port(&self) -> u16 {
+        self.setting("APISERVER_PORT").parse().unwrap_or(0)
+    }
+
+    pub fn etcd_port(&self) -> u16 {
+        self.setting("ETCD_PORT").parse().unwrap_or(0)
+    }
+
+    /// The non-loopback address the apiserver advertises (the `kubernetes` Service's endpoint).
+    pub fn advertise_address(&self) -> String {
+        self.setting("ADVERTISE_ADDRESS")
+    }
+
+    /// Directory of the component logs (`etcd.log`, `kube-apiserver.log`, …).
+    pub fn log_dir(&self) -> PathBuf {
+        self.run_dir.join("logs")
+    }
+
+    fn setting(&self, key: &str) -> String {
+        self.settings.get(key).cloned().unwrap_or_default()
+    }
+
+    /// A new admin client. Clients are bound to the tokio runtime that creates them, so each
+    /// test makes its own.
+    pub async fn client(&self) -> Result<Client> {
+        let kc = Kubeconfig::read_from(self.kubeconfig())?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// Runs kubectl 1.36 (built with the plane) with this plane's kubeconfig; returns stdout,
+    /// or an error carrying stderr.
+    pub async fn kubectl<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = tokio::process::Command::new(k8s_bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(&args)
+            .output()
+            .await
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {:?} failed ({}): {}",
+                args,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Restarts kube-apiserver and waits until the plane is ready again. Only on a
+    /// [`ControlPlane::dedicated`] plane (the shared one serves other tests).
+    pub async fn restart_apiserver(&self) -> Result<()> {
+        self.restart(Component::Apiserver).await
+    }
+
+    /// Restarts etcd (data kept) and waits until the plane is ready again. Dedicated planes only.
+    pub async fn restart_etcd(&self) -> Result<()> {
+        self.restart(Component::Etcd).await
+    }
+
+    /// Restarts one component and waits until the whole plane is ready. Dedicated planes only.
+    pub async fn restart(&self, c: Component) -> Result<()> {
+        self.fault_op(&["restart", c.arg()]).await
+    }
+
+    /// Stops one component and leaves it down (an outage); [`ControlPlane::start`] brings it
+    /// back. Dedicated planes only.
+    pub async fn stop_component(&self, c: Component) -> Result<()> {
+        self.fault_op(&["kill", c.arg()]).await
+    }
+
+    /// Starts whatever component is not running and waits until the plane is ready.
+    pub async fn start(&self) -> Result<()> {
+        self.fault_op(&["start"]).await
+    }
+
+    async fn fault_op(&self, args: &[&str]) -> Result<()> {
+        if !self.dedicated {
+            bail!(
+                "fault injection on the shared plane would break other tests; use ControlPlane::dedicated"
+            );
+        }
+        let rd = self.run_dir.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_script(&rd, None, &args)
+        })
+        .await?
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if self.dedicated
+            && let Err(e) = run_script(&self.run_dir, None, &["clean"])
+        {
+            eprintln!("stopping dedicated plane {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Runs `f`, which blocks for seconds, from any runtime flavour: inline on a current-thread
+/// runtime (each `#[tokio::test]` has its own), via `block_in_place` on a multi-thread one.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn run_script(run_dir: &Path, ports: Option<Ports>, args: &[&str]) -> Result<()> {
+    let script = repo_root().join("hack/control-plane.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).args(args).env("TENDRIL_RUN", run_dir);
+    // Settings come from the plane's own plane.env or from `ports`, never from a
+    // developer's environment meant for the local cluster.
+    for var in [
+        "TENDRIL_ETCD_PORT",
+        "TENDRIL_ETCD_PEER_PORT",
+        "TENDRIL_APISERVER_PORT",
+        "TENDRIL_KCM_PORT",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(p) = ports {
+        cmd.env("TENDRIL_ETCD_PORT", p.etcd.to_string())
+            .env("TENDRIL_ETCD_PEER_PORT", p.etcd_peer.to_string())
+            .env("TENDRIL_APISERVER_PORT", p.apiserver.to_string())
+            .env("TENDRIL_KCM_PORT", p.kcm.to_string());
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "control-plane.sh {} (TENDRIL_RUN={}) failed ({}):\n{}",
+            args.join(" "),
+            run_dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn read_settings(run_dir: &Path) -> Result<HashMap<String, String>> {
+    let path = run_dir.join("plane.env");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+fn free_ports() -> Result<Ports> {
+    let listeners: Vec<std::net::TcpListener> = (0..4)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    let p: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?;
+    Ok(Ports {
+        etcd: p[0],
+        etcd_peer: p[1],
+        apiserver: p[2],
+        kcm: p[3],
+    })
+}
+
+fn init_shared() -> Result<ControlPlane> {
+    crate::process::sweep_stale_processes();
+    sweep_dedicated_planes();
+    if !k8s_bin_dir().join("kube-apiserver").exists() {
+        bail!(
+            "control-plane binaries missing in {}: run hack/control-plane.sh build",
+            k8s_bin_dir().display()
+        );
+    }
+    let run_dir = cache_dir().join("test-run");
+    run_script(&run_dir, Some(SHARED_PORTS), &["start"])?;
+    let plane = ControlPlane {
+        name: "shared".into(),
+        settings: read_settings(&run_dir)?,
+        run_dir,
+        dedicated: false,
+    };
+    // Client work needs a runtime of its own: the caller's may be a current-thread runtime
+    // that this call is blocking.
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = plane.client().await?;
+                apply_crds(&client).await?;
+                delete_stale_namespaces(&client).await
+            })
+        })
+        .join()
+        .map_err(|_| anyhow!("CRD setup thread panicked"))?
+    })?;
+    Ok(plane)
+}
+
+/// Server-side applies every CRD manifest in `crds/manifests/` and waits until each is
+/// Established.
+pub async fn apply_crds(client: &Client) -> Result<()> {
+    let dir = repo_root().join("crds/manifests");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    entries.sort();
+    for path in entries {
+        let text = std::fs::read_to_string(&path)?;
+        let docs: Vec<CustomResourceDefinition> = serde_saphyr::from_multiple(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        for crd in docs {
+            let name = crd
+                .metadata
+                .name
+                .clone()
+                .ok_or_else(|| anyhow!("CRD without name in {}", path.display()))?;
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying CRD {name} from {}", path.display()))?;
+            names.push(name);
+        }
+    }
+    for name in names {
+        wait_for(
+            &api,
+            &name,
+            conditions::is_crd_established(),
+            Duration::from_secs(60),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Deletes e2e namespaces whose owning test binary is gone (a killed run).
+async fn delete_stale_namespaces(client: &Client) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let list = api.list(&ListParams::default().labels(E2E_LABEL)).await?;
+    for ns in list {
+        let owner = ns
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(OWNER_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        let terminating = ns.metadata.deletion_timestamp.is_some();
+        if !terminating && !owner_alive(&owner) {
+            let name = ns.metadata.name.unwrap_or_default();
+            let _ = api.delete(&name, &DeleteParams::background()).await;
+        }
+    }
+    Ok(())
+}
+
+/// Stops and deletes dedicated planes of dead test binaries. Once per binary.
+fn sweep_dedicated_planes() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(cache_dir().join("test-planes")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir_name = e.file_name().to_string_lossy().into_owned();
+            // {name}.{pid}.{start}: the owner tag is the last two dot-separated fields.
+            let mut parts = dir_name.rsplitn(3, '.');
+            let (Some(start), Some(pid)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if !owner_alive(&format!("{pid}.{start}")) {
+                let _ = run_script(&e.path(), None, &["clean"]);
+            }
+        }
+    });
+}

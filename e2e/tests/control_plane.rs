@@ -1,0 +1,301 @@
+//! The test control plane is a real one: the right version, kubectl works, CRDs install, the
+//! controller-manager's controllers run, and the fault-injection plane restarts cleanly.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodCondition,
+    PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::conditions;
+use tendril_e2e::{
+    Component, ControlPlane, FIELD_MANAGER, TestEnv, eventually, http_get, wait_deleted, wait_for,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn apiserver_reports_the_built_version() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let v = env.client().apiserver_version().await?;
+    assert_eq!(v.git_version, "v1.36.3");
+    assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "36"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn kubectl_works_against_the_plane() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let out = env
+        .plane()
+        .kubectl(["get", "namespace", env.namespace(), "-o", "name"])
+        .await?;
+    assert_eq!(out.trim(), format!("namespace/{}", env.namespace()));
+    let version = env.plane().kubectl(["version", "-o", "json"]).await?;
+    let v: serde_json::Value = serde_json::from_str(&version)?;
+    assert_eq!(v["serverVersion"]["gitVersion"], "v1.36.3");
+    assert_eq!(v["clientVersion"]["gitVersion"], "v1.36.3");
+    Ok(())
+}
+
+#[tokio::test]
+async fn crds_are_established_and_listed_in_the_tendril_category() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        env.cluster_api();
+    wait_for(
+        &crds,
+        "nodenetworks.tendril.dev",
+        conditions::is_crd_established(),
+        TIMEOUT,
+    )
+    .await?;
+    // `kubectl get tendril` resolves the category through discovery.
+    let out = env
+        .plane()
+        .kubectl(["get", "tendril", "-A", "-o", "name"])
+        .await?;
+    assert!(!out.contains("error"), "{out}");
+    let resources = env
+        .plane()
+        .kubectl(["api-resources", "--categories=tendril", "-o", "name"])
+        .await?;
+    assert!(
+        resources.lines().any(|l| l == "nodenetworks.tendril.dev"),
+        "{resources}"
+    );
+    Ok(())
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Nothing but the real endpointslice controller writes EndpointSlices here: a Service's slice
+/// listing a Ready pod's IP proves the controller-manager runs against this apiserver.
+#[tokio::test]
+async fn endpointslice_controller_publishes_ready_pods_of_a_service() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let client = env.client();
+
+    let node_name = env.unique_name("node");
+    env.delete_on_drop::<Node>(&node_name);
+    let nodes: Api<Node> = env.cluster_api();
+    nodes
+        .create(
+            &PostParams::default(),
+            &Node {
+                metadata: ObjectMeta {
+                    name: Some(node_name.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    nodes
+        .patch_status(
+            &node_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "v1", "kind": "Node",
+                "status": NodeStatus {
+                    addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: "10.250.0.1".into() }]),
+                    conditions: Some(vec![NodeCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]),
+                    ..Default::default()
+                }
+            })),
+        )
+        .await?;
+
+    let pods: Api<Pod> = env.api();
+    let pod_name = env.unique_name("web");
+    pods.create(
+        &PostParams::default(),
+        &Pod {
+            metadata: ObjectMeta {
+                name: Some(pod_name.clone()),
+                labels: labels(&[("app", "web")]),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node_name.clone()),
+                containers: vec![Container {
+                    name: "web".into(),
+                    image: Some("registry.invalid/web:1".into()),
+                    ports: Some(vec![ContainerPort {
+                        container_port: 8080,
+                        name: Some("http".into()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await?;
+    // What a kubelet would write.
+    pods.patch_status(
+        &pod_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "status": PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("10.244.1.7".into()),
+                pod_ips: Some(vec![PodIP { ip: "10.244.1.7".into() }]),
+                host_ip: Some("10.250.0.1".into()),
+                conditions: Some(vec![
+                    PodCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() },
+                    PodCondition { type_: "ContainersReady".into(), status: "True".into(), ..Default::default() },
+                ]),
+                ..Default::default()
+            }
+        })),
+    )
+    .await?;
+
+    let svc_name = env.unique_name("web");
+    let services: Api<Service> = env.api();
+    services
+        .create(
+            &PostParams::default(),
+            &Service {
+                metadata: ObjectMeta {
+                    name: Some(svc_name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(ServiceSpec {
+                    selector: labels(&[("app", "web")]),
+                    ports: Some(vec![ServicePort {
+                        name: Some("http".into()),
+                        port: 80,
+                        target_port: Some(IntOrString::String("http".into())),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let svc = services.get(&svc_name).await?;
+    let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+    assert!(cluster_ip.starts_with("10.96."), "ClusterIP {cluster_ip}");
+
+    // The slice is named {service}-{random}; watch the list through the service-name label.
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), env.namespace());
+    let selector = format!("kubernetes.io/service-name={svc_name}");
+    let slice = eventually(TIMEOUT, || {
+        let slices = slices.clone();
+        let selector = selector.clone();
+        async move {
+            let list = slices
+                .list(&ListParams::default().labels(&selector))
+                .await?;
+            list.items
+                .into_iter()
+                .find(|s| {
+                    s.endpoints.iter().any(|e| {
+                        e.addresses == ["10.244.1.7"]
+                            && e.conditions.as_ref().and_then(|c| c.ready) == Some(true)
+                    })
+                })
+                .context("no EndpointSlice with the ready pod yet")
+        }
+    })
+    .await?;
+    let ep = &slice.endpoints[0];
+    assert_eq!(ep.node_name.as_deref(), Some(node_name.as_str()));
+    assert_eq!(
+        ep.target_ref.as_ref().and_then(|r| r.name.as_deref()),
+        Some(pod_name.as_str())
+    );
+    let port = &slice.ports.as_ref().expect("ports")[0];
+    assert_eq!(
+        (port.name.as_deref(), port.port),
+        (Some("http"), Some(8080))
+    );
+    assert_eq!(
+        slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+            .map(String::as_str),
+        Some("endpointslice-controller.k8s.io")
+    );
+    Ok(())
+}
+
+/// The garbage collector and namespace controller run: a ConfigMap owned by another is
+/// collected with it.
+#[tokio::test]
+async fn garbage_collector_deletes_dependents() -> Result<()> {
+    let env = TestEnv::new().await?;
+    let owner = env.unique_name("owner");
+    let dependent = env.unique_name("dependent");
+    let applied = env
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {owner}\ndata:\n  a: b\n"
+        ))
+        .await?;
+    let uid = applied[0].metadata.uid.clone().expect("uid");
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {dependent}\n  ownerReferences:\n  - apiVersion: v1\n    kind: ConfigMap\n    name: {owner}\n    uid: {uid}\n"
+    ))
+    .await?;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = env.api();
+    cms.delete(&owner, &Default::default()).await?;
+    wait_deleted(&cms, &dependent, TIMEOUT).await?;
+    Ok(())
+}
+
+/// A dedicated plane survives an etcd restart and an apiserver restart with its data, and
+/// its outage is real while a component is down.
+#[tokio::test]
+async fn dedicated_plane_restarts_components_and_keeps_data() -> Result<()> {
+    let plane = ControlPlane::dedicated("faults").await?;
+    assert_ne!(plane.apiserver_port(), 26443);
+    let env = TestEnv::on(plane.clone()).await?;
+    let name = env.unique_name("survivor");
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  k: v\n"
+    ))
+    .await?;
+
+    plane.restart_etcd().await?;
+    plane.restart_apiserver().await?;
+    let client = plane.client().await?;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), env.namespace());
+    let cm = cms.get(&name).await?;
+    assert_eq!(cm.data.unwrap()["k"], "v");
+
+    plane.stop_component(Component::Apiserver).await?;
+    let refused = http_get(plane.apiserver_port(), "/readyz").await;
+    assert!(refused.is_err(), "apiserver still answering: {refused:?}");
+    plane.start().await?;
+    assert_eq!(
+        cms.get(&name).await?.data.unwrap()["k"],
+        "v",
+        "data after apiserver outage"
+    );
+
+    // The shared plane refuses fault injection.
+    let shared = ControlPlane::shared().await?;
+    assert!(shared.restart_apiserver().await.is_err());
+    Ok(())
+}
