@@ -14,6 +14,7 @@ packages=(
   prometheus # promtool and scrape tests
   gobgpd bird2 # BGP engine and independent peer
   util-linux # flock(1): serializes control-plane starts
+  buildah umoci busybox-static # daemonless image builds (hack/build-images.sh), agent image shell
 )
 
 missing=()

@@ -1,2 +1,3 @@
 //! tendril-operator: one reconciler per concern on a shared harness.
+pub mod nodes;
 pub mod runtime;

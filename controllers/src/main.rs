@@ -1,1 +1,96 @@
-fn main() {}
+//! `tendril-operator`: every cluster-wide concern, run while this replica holds the lease.
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::FutureExt;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tendril_controllers::nodes;
+use tendril_controllers::runtime::config::{self, OperatorArgs, OperatorConfig};
+use tendril_controllers::runtime::{
+    self, Concern, Context, Health, Metrics, leader, logging, server,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Every concern of the operator; adding one is one line.
+const CONCERNS: &[Concern<OperatorConfig>] = &[Concern {
+    name: nodes::NAME,
+    run: |ctx, _config| nodes::run(ctx).boxed(),
+}];
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = OperatorArgs::parse();
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tendril-operator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config::to_yaml(&config));
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.logging);
+    match run(args, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "tendril-operator failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: OperatorArgs, config: OperatorConfig) -> anyhow::Result<()> {
+    let shutdown = runtime::shutdown_on_signal();
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
+    let health = Health::default();
+    let (listener, addr) = server::bind(&config.http.bind_address)
+        .await
+        .with_context(|| format!("binding {}", config.http.bind_address))?;
+    info!(%addr, version = env!("CARGO_PKG_VERSION"), "serving /metrics, /healthz, /readyz");
+    // The server outlives the controllers so /metrics answers until the lease is released.
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        server_stop.clone(),
+    ));
+
+    let client = config::kube_client(args.kubeconfig.as_deref())
+        .await
+        .context("building the Kubernetes client")?;
+    let ctx = Context {
+        client,
+        metrics,
+        health,
+        backoff: config.backoff.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let identity = args
+        .leader_identity
+        .clone()
+        .unwrap_or_else(leader::default_identity);
+    let config = Arc::new(config);
+    leader::run_maybe_leader(
+        ctx.client.clone(),
+        &config.leader_election,
+        &identity,
+        &ctx.metrics,
+        &ctx.health,
+        shutdown.clone(),
+        |term| {
+            let ctx = ctx.with_shutdown(term);
+            let config = config.clone();
+            async move { runtime::run_concerns(CONCERNS, ctx, config).await }
+        },
+    )
+    .await;
+    server_stop.cancel();
+    server.await??;
+    info!("stopped");
+    Ok(())
+}

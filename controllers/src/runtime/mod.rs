@@ -1,1 +1,370 @@
-//! The reconciler harness.
+//! The reconciler harness: one run loop, backoff, metrics, leader election, health and
+//! configuration shared by every concern of `tendril-operator` and by `tendril-agent`.
+//!
+//! A concern is one module that declares its watches on a kube-runtime [`Controller`],
+//! implements [`Reconciler`] and hands both to [`run`]; the harness adds a tracing span per
+//! reconcile, the controller-runtime metrics, per-object jittered exponential backoff on
+//! errors (reset on success), readiness once the reflector store has synced, and stops the
+//! controller when `ctx.shutdown` fires (shutdown signal or lost leadership).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use k8s_openapi::api::core::v1::ConfigMap;
+//! use kube::{Api, runtime::{Controller, controller::Action, watcher}};
+//! use tendril_controllers::runtime::{self, Context, MetricLabel, Reconciler};
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! enum Error {
+//!     #[error("kube api: {0}")]
+//!     Kube(#[from] kube::Error),
+//! }
+//! impl MetricLabel for Error {
+//!     fn metric_label(&self) -> &'static str {
+//!         match self { Error::Kube(e) => runtime::kube_error_label(e) }
+//!     }
+//! }
+//!
+//! struct Example { ctx: Context }
+//!
+//! impl Reconciler for Example {
+//!     type Object = ConfigMap;
+//!     type Error = Error;
+//!     const NAME: &'static str = "example"; // field manager `tendril-example`
+//!     async fn reconcile(&self, cm: Arc<ConfigMap>) -> Result<Action, Error> {
+//!         let _ = (&self.ctx, cm);
+//!         Ok(Action::await_change())
+//!     }
+//! }
+//!
+//! async fn run(ctx: Context) -> anyhow::Result<()> {
+//!     let api = Api::<ConfigMap>::all(ctx.client.clone());
+//!     let controller = Controller::new(api, watcher::Config::default());
+//!     runtime::run(controller, Example { ctx: ctx.clone() }, &ctx).await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! In `tendril-operator` a concern is then one line of the `CONCERNS` list in `main.rs`:
+//! `Concern { name: "example", run: |ctx, _config| Box::pin(run(ctx)) }`.
+
+pub mod apply;
+pub mod backoff;
+pub mod conditions;
+pub mod config;
+pub mod leader;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+
+pub use apply::{apply, apply_body, apply_status, controller_owner_ref, field_manager};
+pub use backoff::{Backoff, BackoffTracker};
+pub use conditions::DesiredCondition;
+pub use metrics::{ControllerMetrics, Metrics, OPENMETRICS_CONTENT_TYPE};
+pub use server::Health;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+/// A short, stable label for the kind of an error, used as the `error` label of
+/// `controller_runtime_reconcile_errors_total`.
+pub trait MetricLabel {
+    fn metric_label(&self) -> &'static str;
+}
+
+/// The metric label of a kube client error: `conflict`, `throttled`, `server_error`,
+/// `not_found`, `invalid`, `forbidden`, `api_error` or `transport`.
+pub fn kube_error_label(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(s) => match s.code {
+            409 => "conflict",
+            429 => "throttled",
+            404 => "not_found",
+            403 | 401 => "forbidden",
+            400 | 422 => "invalid",
+            c if c >= 500 => "server_error",
+            _ => "api_error",
+        },
+        _ => "transport",
+    }
+}
+
+impl MetricLabel for kube::Error {
+    fn metric_label(&self) -> &'static str {
+        kube_error_label(self)
+    }
+}
+
+/// Whether retrying can fix `e` (409, 429, 5xx, timeouts, connection failures). The
+/// harness retries every error with backoff anyway; this is for deciding what to log loud.
+pub fn is_transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => matches!(s.code, 409 | 410 | 429) || s.code >= 500,
+        _ => true,
+    }
+}
+
+/// What every reconciler shares with the binary: the client, metrics, health, backoff
+/// curve and the cancellation token of the current run (shutdown, or end of leadership).
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+    pub backoff: Backoff,
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// The same context with another shutdown token (e.g. a leadership term).
+    pub fn with_shutdown(&self, shutdown: CancellationToken) -> Self {
+        Self {
+            shutdown,
+            ..self.clone()
+        }
+    }
+}
+
+/// One concern's reconcile function, with the types the harness needs.
+pub trait Reconciler: Send + Sync + 'static {
+    /// The object each reconcile is about (the controller's main resource).
+    type Object: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static;
+    type Error: std::error::Error + MetricLabel + Send + Sync + 'static;
+    /// The concern's name: the `controller` metric label; its field manager is
+    /// `tendril-<NAME>` ([`field_manager`]).
+    const NAME: &'static str;
+
+    /// Brings the world in line with `obj`; idempotent; the span carries the object.
+    fn reconcile(
+        &self,
+        obj: Arc<Self::Object>,
+    ) -> impl Future<Output = Result<Action, Self::Error>> + Send;
+}
+
+/// A concern of the operator: a name and how to run it until `ctx.shutdown`. It is
+/// restarted each time this replica becomes leader.
+pub struct Concern<C> {
+    pub name: &'static str,
+    pub run: fn(Context, Arc<C>) -> BoxFuture<'static, anyhow::Result<()>>,
+}
+
+/// Runs every concern until `ctx.shutdown`; a concern that ends early is logged and
+/// restarted with backoff (a concern never takes the process down).
+pub async fn run_concerns<C: Send + Sync + 'static>(
+    concerns: &[Concern<C>],
+    ctx: Context,
+    config: Arc<C>,
+) {
+    let tasks = concerns.iter().map(|concern| {
+        let ctx = ctx.clone();
+        let config = config.clone();
+        async move {
+            let mut failures = 0;
+            while !ctx.shutdown.is_cancelled() {
+                let res = (concern.run)(ctx.clone(), config.clone()).await;
+                if ctx.shutdown.is_cancelled() {
+                    break;
+                }
+                failures += 1;
+                let delay = ctx.backoff.delay(failures, &mut rand::rng());
+                match res {
+                    Ok(()) => warn!(concern = concern.name, retry_in = ?delay, "concern ended early; restarting"),
+                    Err(e) => error!(concern = concern.name, error = %e, retry_in = ?delay, "concern failed; restarting"),
+                }
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    });
+    futures::future::join_all(tasks).await;
+}
+
+/// The key of an object in logs and backoff: `namespace/name` or `name`.
+pub fn object_key<K: Resource>(obj: &K) -> String {
+    let meta = obj.meta();
+    let name = meta.name.as_deref().unwrap_or_default();
+    match &meta.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn ref_key<K: Resource>(r: &ObjectRef<K>) -> String {
+    match &r.namespace {
+        Some(ns) => format!("{ns}/{}", r.name),
+        None => r.name.clone(),
+    }
+}
+
+struct Harness<R: Reconciler> {
+    reconciler: R,
+    metrics: ControllerMetrics,
+    backoff: BackoffTracker,
+    in_flight: AtomicI64,
+}
+
+impl<R: Reconciler> Harness<R> {
+    fn update_depth(&self) {
+        let waiting = i64::try_from(self.backoff.waiting()).unwrap_or(i64::MAX);
+        self.metrics
+            .depth
+            .set(self.in_flight.load(Ordering::Relaxed) + waiting);
+    }
+}
+
+async fn reconcile_one<R: Reconciler>(
+    obj: Arc<R::Object>,
+    h: Arc<Harness<R>>,
+) -> Result<Action, R::Error> {
+    let key = object_key(obj.as_ref());
+    if let Some(due) = h.backoff.dequeued(&key) {
+        let now = Instant::now();
+        if now >= due {
+            h.metrics.queue_duration.observe((now - due).as_secs_f64());
+        }
+    }
+    h.in_flight.fetch_add(1, Ordering::Relaxed);
+    h.update_depth();
+    let span =
+        info_span!("reconcile", controller = R::NAME, kind = %R::Object::kind(&()), object = %key);
+    let mut timer = h.metrics.reconcile_started();
+    let result = h.reconciler.reconcile(obj).instrument(span.clone()).await;
+    match &result {
+        Ok(action) => {
+            h.backoff.reset(&key);
+            timer.set_result(if *action == Action::await_change() {
+                "success"
+            } else {
+                "requeue"
+            });
+            debug!(parent: &span, ?action, "reconciled");
+        }
+        Err(e) => {
+            h.metrics.error(e.metric_label());
+            warn!(parent: &span, error = %e, kind = e.metric_label(), "reconcile failed");
+        }
+    }
+    drop(timer);
+    h.in_flight.fetch_sub(1, Ordering::Relaxed);
+    h.update_depth();
+    result
+}
+
+fn error_policy<R: Reconciler>(obj: Arc<R::Object>, _err: &R::Error, h: Arc<Harness<R>>) -> Action {
+    let delay = h.backoff.failed(&object_key(obj.as_ref()));
+    h.metrics.retries.inc();
+    h.update_depth();
+    Action::requeue(delay)
+}
+
+/// Runs `controller` with `reconciler` until `ctx.shutdown` fires, then lets in-flight
+/// reconciles finish. Watch errors (API server down, 410 Gone) are retried with
+/// kube-runtime's backoff and counted in `tendril_watch_errors_total{controller}`; they
+/// never end the loop. The binary is not ready (`/readyz`) until the main store synced.
+pub async fn run<R: Reconciler>(controller: Controller<R::Object>, reconciler: R, ctx: &Context) {
+    let name = R::NAME;
+    let check = format!("controller/{name}");
+    ctx.health.register(&check);
+    let watch_errors = ctx.metrics.domain(
+        "tendril_watch_errors",
+        "Errors of the watches feeding a controller (retried with backoff)",
+        Family::<metrics::ControllerLabel, Counter>::default,
+    );
+    let watch_errors = watch_errors
+        .get_or_create(&metrics::ControllerLabel {
+            controller: name.to_string(),
+        })
+        .clone();
+    let store = controller.store();
+    let harness = Arc::new(Harness {
+        reconciler,
+        metrics: ctx.metrics.controller(name),
+        backoff: BackoffTracker::new(ctx.backoff.clone()),
+        in_flight: AtomicI64::new(0),
+    });
+    harness.update_depth();
+    let stop = ctx.shutdown.clone();
+    let ready = {
+        let health = ctx.health.clone();
+        let check = check.clone();
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                res = store.wait_until_ready() => if res.is_ok() {
+                    info!(controller = name, "caches synced");
+                    health.set_ready(&check, true);
+                },
+                _ = stop.cancelled() => {}
+            }
+        }
+    };
+    let h = harness.clone();
+    let stream = controller
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile_one::<R>, error_policy::<R>, harness)
+        .for_each(|res| {
+            match res {
+                Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::ObjectNotFound(r)) => {
+                    // Deleted while queued: nothing to do, forget its failures.
+                    h.backoff.reset(&ref_key(&r));
+                    h.update_depth();
+                    debug!(controller = name, object = %r, "object gone before reconcile");
+                }
+                Err(controller::Error::QueueError(e)) => {
+                    watch_errors.inc();
+                    warn!(controller = name, error = %e, "watch failed; retrying");
+                }
+                Err(e) => {
+                    watch_errors.inc();
+                    warn!(controller = name, error = %e, "controller error");
+                }
+            }
+            futures::future::ready(())
+        });
+    tokio::join!(ready, stream);
+    ctx.health.remove(&check);
+    info!(controller = name, "controller stopped");
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received, shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received, shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,199 @@
+//! `tendril-agent`'s settings (config/agent.yaml) and flags, here so the agent binary in
+//! `datapath/` loads them with the same harness. The datapath may append settings: add a
+//! field (with its default in `Default`), document it in config/agent.yaml, and, if it
+//! needs one, a flag in `AgentArgs` applied in `resolve`.
+
+use super::{ConfigError, HttpConfig, LogFormat, LoggingConfig, load_or_default};
+use crate::runtime::backoff::Backoff;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How pod traffic crosses nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// VXLAN between nodes; the source identity travels in the VNI.
+    #[default]
+    Overlay,
+    /// Routes to other nodes' pod CIDRs via their node addresses.
+    Native,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The Node this agent serves; usually set with --node-name / TENDRIL_NODE_NAME.
+    pub node_name: String,
+    /// Runtime state (allocations, sockets).
+    pub state_dir: PathBuf,
+    /// Unix socket the CNI plugin talks to.
+    pub cni_socket: PathBuf,
+    /// bpffs directory where this node's maps are pinned.
+    pub bpffs_root: PathBuf,
+    pub routing_mode: RoutingMode,
+    /// UDP port of the VXLAN overlay.
+    pub tunnel_port: u16,
+    /// MTU of pod interfaces.
+    pub mtu: u32,
+    pub http: HttpConfig,
+    pub logging: LoggingConfig,
+    /// Retry curve of failed reconciles.
+    pub backoff: Backoff,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            state_dir: PathBuf::from("/var/run/tendril"),
+            cni_socket: PathBuf::from("/var/run/tendril/cni.sock"),
+            bpffs_root: PathBuf::from("/sys/fs/bpf/tendril"),
+            routing_mode: RoutingMode::Overlay,
+            tunnel_port: 8472,
+            mtu: 1450,
+            http: HttpConfig {
+                bind_address: "0.0.0.0:9962".to_string(),
+            },
+            logging: LoggingConfig::default(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(ConfigError::Invalid(
+                "nodeName is required (--node-name or TENDRIL_NODE_NAME)".into(),
+            ));
+        }
+        if self.tunnel_port == 0 {
+            return Err(ConfigError::Invalid("tunnelPort must be > 0".into()));
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return Err(ConfigError::Invalid("mtu must be within 576..9000".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Command line of `tendril-agent` (flatten it into a larger parser if needed).
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "tendril-agent",
+    version,
+    about = "Tendril's node datapath reconciler"
+)]
+pub struct AgentArgs {
+    /// Configuration file (YAML); without it the compiled-in defaults apply.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Node this agent serves (nodeName).
+    #[arg(long, env = "TENDRIL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// stateDir.
+    #[arg(long, env = "TENDRIL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// cniSocket.
+    #[arg(long, env = "TENDRIL_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+    /// bpffsRoot.
+    #[arg(long, env = "TENDRIL_BPFFS_ROOT")]
+    pub bpffs_root: Option<PathBuf>,
+    /// routingMode.
+    #[arg(long, env = "TENDRIL_ROUTING_MODE", value_enum)]
+    pub routing_mode: Option<RoutingMode>,
+    /// tunnelPort.
+    #[arg(long, env = "TENDRIL_TUNNEL_PORT")]
+    pub tunnel_port: Option<u16>,
+    /// mtu.
+    #[arg(long, env = "TENDRIL_MTU")]
+    pub mtu: Option<u32>,
+    /// Address of /metrics, /healthz and /readyz (http.bindAddress).
+    #[arg(long, env = "TENDRIL_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+    /// Log format (logging.format).
+    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (logging.level); RUST_LOG wins over both.
+    #[arg(long, env = "TENDRIL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl AgentArgs {
+    /// The effective configuration without validation (for `--print-config`).
+    pub fn merged(&self) -> Result<AgentConfig, ConfigError> {
+        let mut cfg: AgentConfig = load_or_default(self.config.as_deref())?;
+        if let Some(v) = &self.node_name {
+            cfg.node_name = v.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            cfg.state_dir = v.clone();
+        }
+        if let Some(v) = &self.cni_socket {
+            cfg.cni_socket = v.clone();
+        }
+        if let Some(v) = &self.bpffs_root {
+            cfg.bpffs_root = v.clone();
+        }
+        if let Some(v) = self.routing_mode {
+            cfg.routing_mode = v;
+        }
+        if let Some(v) = self.tunnel_port {
+            cfg.tunnel_port = v;
+        }
+        if let Some(v) = self.mtu {
+            cfg.mtu = v;
+        }
+        if let Some(v) = &self.metrics_bind {
+            cfg.http.bind_address = v.clone();
+        }
+        if let Some(v) = self.log_format {
+            cfg.logging.format = v;
+        }
+        if let Some(v) = &self.log_level {
+            cfg.logging.level = v.clone();
+        }
+        Ok(cfg)
+    }
+
+    /// The effective, validated configuration: defaults, the file, then env and flags.
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let cfg = self.merged()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_defaults_and_node_name_is_required() {
+        let args = AgentArgs::try_parse_from(["tendril-agent"]).unwrap();
+        assert!(args.resolve().unwrap_err().to_string().contains("nodeName"));
+        let args = AgentArgs::try_parse_from([
+            "tendril-agent",
+            "--node-name",
+            "n1",
+            "--routing-mode",
+            "native",
+            "--bpffs-root",
+            "/sys/fs/bpf/t1",
+        ])
+        .unwrap();
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.node_name, "n1");
+        assert_eq!(cfg.routing_mode, RoutingMode::Native);
+        assert_eq!(cfg.bpffs_root, PathBuf::from("/sys/fs/bpf/t1"));
+        assert_eq!(cfg.tunnel_port, 8472);
+    }
+}

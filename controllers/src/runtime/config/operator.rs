@@ -1,0 +1,181 @@
+//! `tendril-operator`'s settings (config/operator.yaml) and flags.
+//!
+//! Concerns that need settings add a section here (a struct with
+//! `#[serde(rename_all = "camelCase", deny_unknown_fields, default)]`) and document it,
+//! with its defaults, in config/operator.yaml.
+
+use super::{ConfigError, HttpConfig, LogFormat, LoggingConfig, load_or_default};
+use crate::runtime::backoff::Backoff;
+use crate::runtime::leader::LeaderElectionConfig;
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OperatorConfig {
+    pub logging: LoggingConfig,
+    pub http: HttpConfig,
+    pub leader_election: LeaderElectionConfig,
+    /// Retry curve of failed reconciles.
+    pub backoff: Backoff,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            logging: LoggingConfig::default(),
+            http: HttpConfig {
+                bind_address: "0.0.0.0:9963".to_string(),
+            },
+            leader_election: LeaderElectionConfig::default(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+impl OperatorConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.leader_election
+            .validate()
+            .map_err(ConfigError::Invalid)?;
+        if self.backoff.base_millis == 0 || self.backoff.max_millis < self.backoff.base_millis {
+            return Err(ConfigError::Invalid(
+                "backoff: baseMillis must be > 0 and maxMillis >= baseMillis".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.backoff.jitter) {
+            return Err(ConfigError::Invalid(
+                "backoff: jitter must be within 0..1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Command line of `tendril-operator`. Each flag can also be set by the environment
+/// variable shown in `--help`; a flag beats its variable, which beats the file.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "tendril-operator",
+    version,
+    about = "Tendril's cluster-wide reconcilers"
+)]
+pub struct OperatorArgs {
+    /// Configuration file (YAML); without it the compiled-in defaults apply.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /readyz (http.bindAddress).
+    #[arg(long, env = "TENDRIL_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+    /// Run controllers only while holding the Lease (leaderElection.enabled).
+    #[arg(long, env = "TENDRIL_LEADER_ELECT", num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: Option<bool>,
+    /// Lease name (leaderElection.leaseName).
+    #[arg(long, env = "TENDRIL_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// Lease namespace, which must exist (leaderElection.leaseNamespace).
+    #[arg(long, env = "TENDRIL_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Lease duration in seconds (leaderElection.leaseDurationSeconds).
+    #[arg(long, env = "TENDRIL_LEASE_DURATION_SECONDS")]
+    pub lease_duration_seconds: Option<u64>,
+    /// Renew this many seconds before expiry (leaderElection.renewGraceSeconds).
+    #[arg(long, env = "TENDRIL_RENEW_GRACE_SECONDS")]
+    pub renew_grace_seconds: Option<u64>,
+    /// Leader election identity (default: hostname_pid).
+    #[arg(long, env = "TENDRIL_LEADER_IDENTITY")]
+    pub leader_identity: Option<String>,
+    /// Log format (logging.format).
+    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (logging.level); RUST_LOG wins over both.
+    #[arg(long, env = "TENDRIL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl OperatorArgs {
+    /// The effective configuration: defaults, then the file, then env and flags.
+    pub fn resolve(&self) -> Result<OperatorConfig, ConfigError> {
+        let mut cfg: OperatorConfig = load_or_default(self.config.as_deref())?;
+        let le = &mut cfg.leader_election;
+        if let Some(v) = &self.metrics_bind {
+            cfg.http.bind_address = v.clone();
+        }
+        if let Some(v) = self.leader_elect {
+            le.enabled = v;
+        }
+        if let Some(v) = &self.lease_name {
+            le.lease_name = v.clone();
+        }
+        if let Some(v) = &self.lease_namespace {
+            le.lease_namespace = v.clone();
+        }
+        if let Some(v) = self.lease_duration_seconds {
+            le.lease_duration_seconds = v;
+        }
+        if let Some(v) = self.renew_grace_seconds {
+            le.renew_grace_seconds = v;
+        }
+        if let Some(v) = self.log_format {
+            cfg.logging.format = v;
+        }
+        if let Some(v) = &self.log_level {
+            cfg.logging.level = v.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "http:\n  bindAddress: 10.0.0.1:1\nleaderElection:\n  leaseName: from-file\n  enabled: true").unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let args = OperatorArgs::try_parse_from([
+            "tendril-operator",
+            "--config",
+            &path,
+            "--metrics-bind",
+            "127.0.0.1:0",
+            "--leader-elect=false",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.http.bind_address, "127.0.0.1:0");
+        assert_eq!(cfg.leader_election.lease_name, "from-file");
+        assert!(!cfg.leader_election.enabled);
+        assert_eq!(cfg.logging.format, LogFormat::Json);
+
+        let bare = OperatorArgs::try_parse_from(["tendril-operator", "--leader-elect"]).unwrap();
+        assert_eq!(bare.leader_elect, Some(true));
+    }
+
+    #[test]
+    fn invalid_lease_timing_is_refused() {
+        let args = OperatorArgs::try_parse_from([
+            "tendril-operator",
+            "--lease-duration-seconds",
+            "5",
+            "--renew-grace-seconds",
+            "5",
+        ])
+        .unwrap();
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("renewGraceSeconds"), "{err}");
+    }
+}
