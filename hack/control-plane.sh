@@ -123,7 +123,7 @@ stray_pids() {
 stop_pid() {
   local pid=$1 i
   kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 200; i++)); do
+  for ((i = 0; i < 100; i++)); do
     kill -0 "$pid" 2>/dev/null || return 0
     sleep 0.1
   done

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# README command 2 (and what .ci/run runs): every check and every test, unit and integration.
+#
+#   prerequisites → control-plane build (cached) → cargo fmt --check → clippy -D warnings →
+#   CRD manifests up to date → cargo build of the binaries the e2e tests spawn →
+#   cargo test --workspace (the e2e tests start their own control plane in
+#   ~/.cache/tendril/test-run, never the hack/up.sh one)
+#
+# Every step runs even after an earlier one failed (one run shows every problem); the exit
+# status is non-zero if any failed. TENDRIL_TEST_THREADS (default 4: the integration tests
+# mostly wait on the apiserver) sets libtest's --test-threads. Extra arguments go to
+# `cargo test` (e.g. `hack/test.sh -p tendril-e2e`).
+set -uo pipefail
+source "$(dirname "$0")/lib/common.sh"
+cd "$TENDRIL_ROOT"
+
+if [[ ${CI:-} == true || ! -t 1 ]]; then
+  export CARGO_TERM_COLOR=never CARGO_TERM_PROGRESS_WHEN=never
+fi
+t0=$(date +%s)
+results=()
+failed=0
+
+step() {
+  local name=$1 s rc
+  shift
+  s=$(date +%s)
+  log "── $name"
+  "$@"
+  rc=$?
+  if ((rc == 0)); then
+    results+=("ok    $(printf '%5ss' $(($(date +%s) - s)))  $name")
+  else
+    results+=("FAIL  $(printf '%5ss' $(($(date +%s) - s)))  $name (exit $rc)")
+    failed=$((failed + 1))
+  fi
+  return $rc
+}
+
+summary() {
+  printf '\n%s\n' "──────── hack/test.sh summary ────────"
+  printf '%s\n' "${results[@]}"
+  local total=$(($(date +%s) - t0))
+  if ((failed)); then
+    printf 'FAILED: %d step(s) failed, total %dm%02ds\n' "$failed" $((total / 60)) $((total % 60))
+  else
+    printf 'PASSED: all %d steps, total %dm%02ds\n' "${#results[@]}" $((total / 60)) $((total % 60))
+  fi
+}
+
+# Without prerequisites and the control plane nothing else is meaningful.
+if ! step "prerequisites" bash hack/install-prereqs.sh ||
+  ! step "control-plane build" bash hack/control-plane.sh build; then
+  summary
+  exit 1
+fi
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
+step "CRD manifests up to date" cargo run -q -p tendril-crds --bin tendril-crdgen -- --check
+step "cargo build --bins" cargo build --workspace --bins
+step "cargo test" cargo test --workspace "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
+
+# The shared test plane is reused within a run; do not leave it running afterwards.
+TENDRIL_RUN="$TENDRIL_CACHE/test-run" bash hack/control-plane.sh stop >/dev/null 2>&1 || true
+
+summary
+((failed == 0))

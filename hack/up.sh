@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# README command 1: bring up the local Tendril cluster.
+#
+#   prerequisites (idempotent) → control-plane build (cached) → cargo build of the workspace
+#   binaries → etcd + kube-apiserver + kube-controller-manager on 127.0.0.1 → the CRDs
+#   (`kubectl apply --server-side -k crds/`) → tendril-operator in the background.
+#
+# Safe to run again: running components are kept, the operator is restarted only when its
+# binary was rebuilt. State, logs and pid files live in $TENDRIL_RUN (~/.cache/tendril/run);
+# `hack/down.sh` stops everything.
+#
+# Environment: TENDRIL_OPERATOR_METRICS_PORT (default 9963), and the control-plane settings
+# documented in hack/control-plane.sh (TENDRIL_APISERVER_PORT, …).
+set -euo pipefail
+source "$(dirname "$0")/lib/common.sh"
+cd "$TENDRIL_ROOT"
+
+t0=$(date +%s)
+metrics_port=${TENDRIL_OPERATOR_METRICS_PORT:-9963}
+logs="$TENDRIL_RUN/logs"
+pids="$TENDRIL_RUN/pids"
+
+bash hack/install-prereqs.sh
+bash hack/control-plane.sh build
+log "building the workspace binaries"
+cargo build --workspace --bins
+bash hack/control-plane.sh start
+KUBECONFIG=$(bash hack/control-plane.sh kubeconfig | tail -1)
+export KUBECONFIG
+
+log "applying CRDs"
+kubectl apply --server-side --field-manager=tendril-up -k crds/ >/dev/null
+mapfile -t crds < <(kubectl get crd -o name | grep '\.tendril\.dev$')
+if ((${#crds[@]})); then
+  kubectl wait --for=condition=Established --timeout=60s "${crds[@]}" >/dev/null
+fi
+# The operator's Lease lives here (config/operator.yaml: leaderElection.leaseNamespace).
+kubectl create namespace tendril-system --dry-run=client -o yaml |
+  kubectl apply --server-side --field-manager=tendril-up -f - >/dev/null
+
+# ---------------------------------------------------------------- operator
+operator_bin="$CARGO_TARGET_DIR/debug/tendril-operator"
+operator_pid() {
+  local f="$pids/tendril-operator.pid" pid
+  [[ -f $f ]] || return 0
+  pid=$(cat "$f")
+  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == tendril-operato* ]]; then echo "$pid"; else rm -f "$f"; fi
+}
+operator_status="not built (no $operator_bin)"
+if [[ -x $operator_bin ]]; then
+  pid=$(operator_pid)
+  if [[ -n $pid && $operator_bin -nt $pids/tendril-operator.pid ]]; then
+    log "operator binary rebuilt: restarting tendril-operator (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$pids/tendril-operator.pid"
+    pid=""
+  fi
+  if [[ -z $pid ]]; then
+    if [[ -n $(ss -Hltn "sport = :$metrics_port" 2>/dev/null) ]]; then
+      die "port $metrics_port is in use (set TENDRIL_OPERATOR_METRICS_PORT)"
+    fi
+    log "starting tendril-operator (log: $logs/operator.log)"
+    mkdir -p "$logs" "$pids"
+    printf '\n==== %s starting tendril-operator\n' "$(date -u +%FT%TZ)" >>"$logs/operator.log"
+    NO_COLOR=1 setsid "$operator_bin" --config config/operator.yaml --kubeconfig "$KUBECONFIG" \
+      --metrics-bind "127.0.0.1:$metrics_port" </dev/null >>"$logs/operator.log" 2>&1 &
+    echo $! >"$pids/tendril-operator.pid"
+    deadline=$((SECONDS + 60))
+    until [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics_port/healthz") == 200 ]]; do
+      if [[ -z $(operator_pid) ]]; then
+        tail -n 30 "$logs/operator.log" >&2
+        die "tendril-operator exited (log: $logs/operator.log)"
+      fi
+      ((SECONDS < deadline)) || die "tendril-operator not healthy after 60s (log: $logs/operator.log)"
+      sleep 0.2
+    done
+  fi
+  operator_status="running (pid $(operator_pid)), log $logs/operator.log"
+fi
+
+# ---------------------------------------------------------------- simulated nodes and agents
+# Later issues: create the simulated nodes (network namespaces on an underlay bridge), start
+# one tendril-agent per node and the demo pods here, recording every pid in $pids and every
+# namespace/link in $TENDRIL_RUN so hack/down.sh can remove them.
+# ---------------------------------------------------------------- end of simulated nodes
+
+cat <<EOF
+
+Tendril is up ($(($(date +%s) - t0))s).
+
+  export KUBECONFIG=$KUBECONFIG
+
+  operator:  $operator_status
+  metrics:   http://127.0.0.1:$metrics_port/metrics
+  apiserver: $(sed -n 's/^APISERVER_URL=//p' "$TENDRIL_RUN/plane.env") (logs in $logs)
+  kubectl:   export PATH=$K8S_BIN:\$PATH   (kubectl v$K8S_VERSION, matches the server)
+
+Try next:
+  kubectl get tendril
+  kubectl get nodenetworks
+  kubectl create -f - <<<'{"apiVersion":"v1","kind":"Node","metadata":{"name":"demo-node"}}'
+  kubectl get nodenetworks -w
+  curl -s http://127.0.0.1:$metrics_port/metrics | grep controller_runtime_reconcile_total
+
+Stop everything with hack/down.sh.
+EOF
