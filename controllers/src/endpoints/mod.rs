@@ -1,5 +1,222 @@
 //! Concern `endpoints`: Pod + Namespace → `Endpoint` (field manager `tendril-endpoints`).
 //!
-//! [`desired`] computes the `Endpoint` a pod should have (pure values).
+//! [`desired`] computes the `Endpoint` a pod should have (pure values). The reconciler
+//! attaches the identity of the pod's security labels through the shared
+//! [`IdentityAllocator`] — so a new pod gets its `Endpoint` with an identity in one pass —
+//! and applies the `Endpoint` with a controller owner reference to the Pod: the garbage
+//! collector deletes it with the Pod. When a pod stops qualifying (finished, lost its IPs)
+//! the reconciler deletes the `Endpoint` itself.
+//!
+//! This concern also runs the identities concern ([`crate::identities::run`]) in the same
+//! task, because both share one allocator: the operator's wiring registers it as one line.
 
 pub mod desired;
+
+use crate::identities::allocator::{AllocError, IdentityAllocator};
+use crate::identities::labels::LabelFilter;
+use crate::identities::{self, IdentitiesConfig};
+use crate::runtime::{self, MetricLabel, Reconciler};
+use desired::{Skip, desired_endpoint, endpoint_spec};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tendril_crds::v1alpha1::Endpoint;
+use tracing::{debug, info};
+
+/// The concern's name; its field manager is `tendril-endpoints`.
+pub const NAME: &str = "endpoints";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("allocating an identity: {0}")]
+    Identity(#[from] AllocError),
+    #[error("Pod has no name, namespace or uid")]
+    MissingMetadata,
+}
+
+impl MetricLabel for Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(e) => runtime::kube_error_label(e),
+            Error::Identity(e) => e.metric_label(),
+            Error::MissingMetadata => "missing_metadata",
+        }
+    }
+}
+
+struct Endpoints {
+    client: kube::Client,
+    namespaces: Store<Namespace>,
+    endpoints: Store<Endpoint>,
+    filter: LabelFilter,
+    allocator: IdentityAllocator,
+    writes: Counter,
+    deletes: Counter,
+}
+
+impl Endpoints {
+    async fn delete_endpoint(&self, current: &Endpoint) -> Result<(), Error> {
+        let ns = current.namespace().unwrap_or_default();
+        let api = Api::<Endpoint>::namespaced(self.client.clone(), &ns);
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: current.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&current.name_any(), &dp).await {
+            Ok(_) => {
+                self.deletes.inc();
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Reconciler for Endpoints {
+    type Object = Pod;
+    type Error = Error;
+    const NAME: &'static str = NAME;
+
+    async fn reconcile(&self, pod: Arc<Pod>) -> Result<Action, Error> {
+        let name = pod.meta().name.clone().ok_or(Error::MissingMetadata)?;
+        let ns = pod.meta().namespace.clone().ok_or(Error::MissingMetadata)?;
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.endpoints.wait_until_ready().await;
+        let namespace = self.namespaces.get(&ObjectRef::new(&ns));
+        let current = self
+            .endpoints
+            .get(&ObjectRef::new(&name).within(&ns))
+            // An Endpoint left by an earlier Pod of the same name is not ours to update.
+            .filter(|e| owned_by(e, &pod));
+        let desired = match desired_endpoint(&pod, namespace.as_deref(), &self.filter) {
+            Ok(d) => d,
+            Err(skip) => {
+                if let Some(current) = &current {
+                    self.delete_endpoint(current).await?;
+                    info!(reason = %skip, "Endpoint removed: pod no longer qualifies");
+                }
+                debug!(reason = %skip, "no Endpoint");
+                return Ok(match skip {
+                    s if s.is_transient() => Action::requeue(Duration::from_secs(2)),
+                    Skip::TooManyLabels(_) => Action::requeue(Duration::from_secs(300)),
+                    _ => Action::await_change(),
+                });
+            }
+        };
+        let identity = self.allocator.ensure(&desired.security_labels).await?;
+        let spec = endpoint_spec(desired, Some(identity), current.as_ref().map(|c| &c.spec));
+        if current.as_ref().is_some_and(|c| c.spec == spec) {
+            return Ok(Action::await_change());
+        }
+        let owner = runtime::controller_owner_ref(pod.as_ref()).ok_or(Error::MissingMetadata)?;
+        let body = runtime::apply_body::<Endpoint>(
+            &name,
+            Some(&ns),
+            json!({
+                "metadata": { "ownerReferences": [owner] },
+                "spec": spec,
+            }),
+        );
+        let api = Api::<Endpoint>::namespaced(self.client.clone(), &ns);
+        runtime::apply(&api, &runtime::field_manager(NAME), &body).await?;
+        self.writes.inc();
+        debug!(identity, revision = spec.revision, "Endpoint applied");
+        Ok(Action::await_change())
+    }
+}
+
+fn owned_by(endpoint: &Endpoint, pod: &Pod) -> bool {
+    let uid = pod.meta().uid.as_deref();
+    endpoint
+        .owner_references()
+        .iter()
+        .any(|o| o.kind == "Pod" && Some(o.uid.as_str()) == uid)
+}
+
+/// Runs the endpoints controller and, sharing its identity allocator, the identities
+/// controller, until `ctx.shutdown`.
+pub async fn run(ctx: runtime::Context, config: IdentitiesConfig) -> anyhow::Result<()> {
+    let allocator = IdentityAllocator::start(&ctx);
+    let identities = identities::run(ctx.clone(), config.clone(), allocator.clone());
+    let endpoints = run_endpoints(ctx, config, allocator);
+    let (a, b) = tokio::join!(identities, endpoints);
+    a.and(b)
+}
+
+async fn run_endpoints(
+    ctx: runtime::Context,
+    config: IdentitiesConfig,
+    allocator: IdentityAllocator,
+) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let (namespaces, ns_writer) = reflector::store();
+    let ns_events = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(ns_writer)
+    .applied_objects()
+    .boxed();
+    let (endpoints, ep_writer) = reflector::store();
+    let ep_events = watcher(
+        Api::<Endpoint>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(ep_writer)
+    .touched_objects()
+    .boxed();
+    let controller = Controller::new(Api::<Pod>::all(client.clone()), watcher::Config::default());
+    let pods = controller.store();
+    let pods_of_ns = pods.clone();
+    let controller = controller
+        // A namespace's labels are part of every identity in it.
+        .watches_stream(ns_events, move |ns: Namespace| {
+            let name = ns.name_any();
+            pods_of_ns
+                .state()
+                .iter()
+                .filter(|p| p.namespace().as_deref() == Some(name.as_str()))
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // An Endpoint edited or deleted by someone else is put back.
+        .watches_stream(ep_events, |ep: Endpoint| {
+            ep.namespace()
+                .map(|ns| ObjectRef::<Pod>::new(&ep.name_any()).within(&ns))
+        });
+    let reconciler = Endpoints {
+        client,
+        namespaces,
+        endpoints,
+        filter: LabelFilter::new(&config.label_filter),
+        allocator,
+        writes: ctx.metrics.domain(
+            "tendril_endpoint_writes",
+            "Endpoint objects applied by the endpoints concern",
+            Counter::default,
+        ),
+        deletes: ctx.metrics.domain(
+            "tendril_endpoint_deletes",
+            "Endpoint objects deleted because their pod stopped qualifying",
+            Counter::default,
+        ),
+    };
+    runtime::run(controller, reconciler, &ctx).await;
+    Ok(())
+}

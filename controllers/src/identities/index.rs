@@ -12,7 +12,7 @@
 //! under the numeric name is the lock, so correctness never depends on the choice.
 
 use super::labels::{SOURCE_RESERVED, SecurityLabels};
-use chrono::{DateTime, Utc};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -119,7 +119,7 @@ pub struct IdentityIndex {
     by_labels: HashMap<SecurityLabels, BTreeSet<i64>>,
     /// Ids whose `Identity` is being created by this process.
     pending: BTreeSet<i64>,
-    last_used: HashMap<i64, DateTime<Utc>>,
+    last_used: HashMap<i64, Timestamp>,
     /// Next candidate id.
     cursor: i64,
 }
@@ -230,14 +230,14 @@ impl IdentityIndex {
     }
 
     /// Records that an endpoint was just given `id`.
-    pub fn touch(&mut self, id: i64, now: DateTime<Utc>) {
+    pub fn touch(&mut self, id: i64, now: Timestamp) {
         let entry = self.last_used.entry(id).or_insert(now);
         if *entry < now {
             *entry = now;
         }
     }
 
-    pub fn last_used(&self, id: i64) -> Option<DateTime<Utc>> {
+    pub fn last_used(&self, id: i64) -> Option<Timestamp> {
         self.last_used.get(&id).copied()
     }
 
@@ -288,7 +288,7 @@ pub enum Verdict {
     /// look again after `recheck_after`.
     Keep {
         references: i64,
-        last_referenced: Option<DateTime<Utc>>,
+        last_referenced: Option<Timestamp>,
         recheck_after: Option<Duration>,
     },
     /// Unreferenced for the whole grace period: delete it.
@@ -301,9 +301,9 @@ pub enum Verdict {
 pub fn gc_verdict(
     id: i64,
     references: i64,
-    status_last_referenced: Option<DateTime<Utc>>,
-    last_used: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
+    status_last_referenced: Option<Timestamp>,
+    last_used: Option<Timestamp>,
+    now: Timestamp,
     grace: Duration,
 ) -> Verdict {
     if references > 0 || IdentityKind::of(id) == IdentityKind::Reserved {
@@ -317,18 +317,16 @@ pub fn gc_verdict(
     // allocation this process made later pushes the deadline out.
     let since = status_last_referenced
         .unwrap_or(now)
-        .max(last_used.unwrap_or(DateTime::<Utc>::MIN_UTC));
-    let grace_chrono = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
-    let deadline = since
-        .checked_add_signed(grace_chrono)
-        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        .max(last_used.unwrap_or(Timestamp::MIN));
+    let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+    let deadline = since.checked_add(grace).unwrap_or(Timestamp::MAX);
     if now >= deadline {
         Verdict::Collect
     } else {
         Verdict::Keep {
             references: 0,
             last_referenced: Some(since),
-            recheck_after: (deadline - now).to_std().ok(),
+            recheck_after: Duration::try_from(deadline.duration_since(now)).ok(),
         }
     }
 }
@@ -341,8 +339,8 @@ mod tests {
         SecurityLabels::from([("k8s:app".to_string(), app.to_string())])
     }
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
     }
 
     #[test]

@@ -1,0 +1,277 @@
+//! The shared identity allocator: the in-memory [`IdentityIndex`] kept in sync with the
+//! `Identity` objects by a watch, plus creation of new `Identity` objects.
+//!
+//! The endpoints concern calls [`IdentityAllocator::ensure`] so a new pod gets its identity
+//! in the same reconcile that writes its `Endpoint`; the identities concern uses the same
+//! index for garbage collection, so it never deletes an id this process just handed out.
+//!
+//! Creation under the numeric name is the lock: `create` of `Identity/<id>` succeeds for
+//! exactly one writer. On 409 AlreadyExists the allocator reads the winner: the same labels
+//! → adopt that id; other labels → record them and try the next id. Two replicas racing
+//! (e.g. across a leadership hand-over) therefore never give one id two label sets.
+
+use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved};
+use super::labels::SecurityLabels;
+use crate::runtime;
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tendril_crds::v1alpha1::{Identity, IdentitySpec};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Field manager of `Identity` objects.
+pub const MANAGER: &str = "tendril-identities";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    #[error(transparent)]
+    Exhausted(#[from] Exhausted),
+    #[error("creating an Identity: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the identity index is not synced yet")]
+    NotSynced,
+}
+
+impl runtime::MetricLabel for AllocError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            AllocError::Exhausted(_) => "identities_exhausted",
+            AllocError::Kube(e) => runtime::kube_error_label(e),
+            AllocError::NotSynced => "not_synced",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: String,
+}
+
+/// Handles to the allocator; cheap to clone.
+#[derive(Clone)]
+pub struct IdentityAllocator {
+    api: Api<Identity>,
+    index: Arc<Mutex<IdentityIndex>>,
+    /// Serializes creations in this process, so two reconciles needing the same new label
+    /// set do not create two ids for it.
+    create: Arc<tokio::sync::Mutex<()>>,
+    synced: watch::Receiver<bool>,
+    allocations: Counter,
+    identities: Family<TypeLabel, Gauge>,
+}
+
+impl std::fmt::Debug for IdentityAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityAllocator").finish_non_exhaustive()
+    }
+}
+
+/// The `Identity` object for an id and label set.
+pub fn identity_object(id: i64, labels: &SecurityLabels) -> Identity {
+    Identity::new(
+        &id.to_string(),
+        IdentitySpec {
+            id,
+            security_labels: labels.clone(),
+        },
+    )
+}
+
+impl IdentityAllocator {
+    /// Starts the watch that keeps the index in sync (until `ctx.shutdown`).
+    pub fn start(ctx: &runtime::Context) -> Self {
+        let api = Api::<Identity>::all(ctx.client.clone());
+        let (tx, synced) = watch::channel(false);
+        let allocator = IdentityAllocator {
+            api: api.clone(),
+            index: Arc::new(Mutex::new(IdentityIndex::new())),
+            create: Arc::new(tokio::sync::Mutex::new(())),
+            synced,
+            allocations: ctx.metrics.domain(
+                "tendril_identity_allocations",
+                "Cluster identities created by this operator",
+                Counter::default,
+            ),
+            identities: ctx.metrics.domain(
+                "tendril_identities",
+                "Identities known, by type (reserved, cluster)",
+                Family::<TypeLabel, Gauge>::default,
+            ),
+        };
+        tokio::spawn(sync_index(api, allocator.clone(), tx, ctx.shutdown.clone()));
+        allocator
+    }
+
+    pub fn index(&self) -> MutexGuard<'_, IdentityIndex> {
+        self.index.lock().expect("identity index lock")
+    }
+
+    /// Waits until the index holds the full list of identities.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    fn publish_counts(&self) {
+        let index = self.index();
+        for kind in [IdentityKind::Reserved, IdentityKind::Cluster] {
+            self.identities
+                .get_or_create(&TypeLabel {
+                    r#type: kind.as_str().to_string(),
+                })
+                .set(i64::try_from(index.count(kind)).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn lookup_and_touch(&self, labels: &SecurityLabels) -> Option<i64> {
+        let mut index = self.index();
+        let id = index.lookup(labels)?;
+        index.touch(id, Timestamp::now());
+        Some(id)
+    }
+
+    /// The id of `labels`, creating its `Identity` when none exists.
+    pub async fn ensure(&self, labels: &SecurityLabels) -> Result<i64, AllocError> {
+        if !self.is_synced() {
+            return Err(AllocError::NotSynced);
+        }
+        if let Some(id) = self.lookup_and_touch(labels) {
+            return Ok(id);
+        }
+        let _creating = self.create.lock().await;
+        loop {
+            if let Some(id) = self.lookup_and_touch(labels) {
+                return Ok(id);
+            }
+            let id = self.index().reserve_next()?;
+            let pp = PostParams {
+                field_manager: Some(MANAGER.to_string()),
+                ..Default::default()
+            };
+            match self.api.create(&pp, &identity_object(id, labels)).await {
+                Ok(_) => {
+                    {
+                        let mut index = self.index();
+                        index.apply(id, labels.clone());
+                        index.touch(id, Timestamp::now());
+                    }
+                    self.allocations.inc();
+                    self.publish_counts();
+                    debug!(id, "identity created");
+                    return Ok(id);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // Someone else holds the name: learn what it stands for.
+                    match self.api.get_opt(&id.to_string()).await {
+                        Ok(Some(existing)) => {
+                            let same = existing.spec.security_labels == *labels;
+                            self.index().apply(id, existing.spec.security_labels);
+                            if same {
+                                self.index().touch(id, Timestamp::now());
+                                return Ok(id);
+                            }
+                            debug!(
+                                id,
+                                "identity id taken by another label set; trying the next"
+                            );
+                        }
+                        Ok(None) => self.index().abandon(id),
+                        Err(e) => {
+                            self.index().abandon(id);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.index().abandon(id);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Creates the reserved identities' objects (1–8) where missing.
+    pub async fn ensure_reserved(&self) -> Result<(), kube::Error> {
+        let pp = PostParams {
+            field_manager: Some(MANAGER.to_string()),
+            ..Default::default()
+        };
+        for reserved in Reserved::ALL {
+            match self
+                .api
+                .create(&pp, &identity_object(reserved.id(), &reserved.labels()))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn id_and_labels(identity: &Identity) -> (i64, SecurityLabels) {
+    (identity.spec.id, identity.spec.security_labels.clone())
+}
+
+/// Mirrors every `Identity` into the index; `synced` turns true after the first full list.
+async fn sync_index(
+    api: Api<Identity>,
+    allocator: IdentityAllocator,
+    synced: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let mut stream = watcher(api).boxed();
+    let mut listing: Vec<(i64, SecurityLabels)> = Vec::new();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = stream.next() => e,
+        };
+        match event {
+            None => return,
+            Some(Err(e)) => warn!(error = %e, "identity watch failed; retrying"),
+            Some(Ok(Event::Init)) => listing.clear(),
+            Some(Ok(Event::InitApply(i))) => listing.push(id_and_labels(&i)),
+            Some(Ok(Event::InitDone)) => {
+                {
+                    let mut index = allocator.index();
+                    index.reset(listing.drain(..));
+                    if !*synced.borrow() {
+                        index.start_after_highest();
+                    }
+                }
+                allocator.publish_counts();
+                synced.send_replace(true);
+            }
+            Some(Ok(Event::Apply(i))) => {
+                let (id, labels) = id_and_labels(&i);
+                allocator.index().apply(id, labels);
+                allocator.publish_counts();
+            }
+            Some(Ok(Event::Delete(i))) => {
+                allocator.index().delete(i.spec.id);
+                allocator.publish_counts();
+            }
+        }
+    }
+}
+
+fn watcher(
+    api: Api<Identity>,
+) -> impl futures::Stream<Item = Result<Event<Identity>, watcher::Error>> {
+    watcher::watcher(api, watcher::Config::default()).default_backoff()
+}
