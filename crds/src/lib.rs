@@ -21,10 +21,20 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![
         // intent
         PodIPPool::crd(),
+        LoadBalancerIPPool::crd(),
+        NetworkPolicy::crd(),
+        ClusterNetworkPolicy::crd(),
+        BGPPeeringPolicy::crd(),
+        EgressGatewayPolicy::crd(),
+        EncryptionPolicy::crd(),
         // desired state
         NodeNetwork::crd(),
         Endpoint::crd(),
         Identity::crd(),
+        ResolvedPolicy::crd(),
+        LBService::crd(),
+        BGPNodeConfig::crd(),
+        EgressRoute::crd(),
     ]
 }
 
