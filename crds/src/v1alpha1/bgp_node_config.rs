@@ -57,6 +57,7 @@ pub struct NodeRouter {
         length(max = 15),
         extend("x-kubernetes-validations" = [{"rule": "isIP(self) && ip(self).family() == 4", "message": "routerID must be an IPv4 address"}])
     )]
+    #[serde(rename = "routerID")]
     pub router_id: String,
     /// Sessions to open.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

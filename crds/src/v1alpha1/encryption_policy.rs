@@ -114,5 +114,6 @@ pub struct EncryptionPolicyStatus {
     pub last_key_rotation: Option<Time>,
     /// IPsec: the SPI of the current key (1–15).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "currentSPI")]
     pub current_spi: Option<i32>,
 }

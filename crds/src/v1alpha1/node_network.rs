@@ -41,7 +41,7 @@ pub struct NodeNetworkSpec {
     )]
     pub pod_cidrs: Vec<String>,
     /// The `PodIPPool` the pod CIDRs come from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "podIPPool", skip_serializing_if = "Option::is_none")]
     pub pod_ip_pool: Option<String>,
     /// Transparent encryption parameters of this node (field manager `tendril-encryption`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
