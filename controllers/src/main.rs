@@ -5,19 +5,30 @@ use clap::Parser;
 use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tendril_controllers::nodes;
 use tendril_controllers::runtime::config::{self, OperatorArgs, OperatorConfig};
 use tendril_controllers::runtime::{
     self, Concern, Context, Health, Metrics, leader, logging, server,
 };
+use tendril_controllers::{endpoints, ipam, nodes};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 /// Every concern of the operator; adding one is one line.
-const CONCERNS: &[Concern<OperatorConfig>] = &[Concern {
-    name: nodes::NAME,
-    run: |ctx, _config| nodes::run(ctx).boxed(),
-}];
+const CONCERNS: &[Concern<OperatorConfig>] = &[
+    Concern {
+        name: nodes::NAME,
+        run: |ctx, _config| nodes::run(ctx).boxed(),
+    },
+    Concern {
+        name: ipam::NAME,
+        run: |ctx, config| ipam::run(ctx, config.ipam.clone()).boxed(),
+    },
+    // Runs the identities controller too: both share one identity allocator.
+    Concern {
+        name: endpoints::NAME,
+        run: |ctx, config| endpoints::run(ctx, config.identities.clone()).boxed(),
+    },
+];
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -19,6 +19,10 @@ pub struct OperatorConfig {
     pub leader_election: LeaderElectionConfig,
     /// Retry curve of failed reconciles.
     pub backoff: Backoff,
+    /// Pod CIDR pools (concern `ipam`).
+    pub ipam: crate::ipam::IpamConfig,
+    /// Security identities and the label filter (concerns `identities`, `endpoints`).
+    pub identities: crate::identities::IdentitiesConfig,
 }
 
 impl Default for OperatorConfig {
@@ -30,6 +34,8 @@ impl Default for OperatorConfig {
             },
             leader_election: LeaderElectionConfig::default(),
             backoff: Backoff::default(),
+            ipam: Default::default(),
+            identities: Default::default(),
         }
     }
 }
