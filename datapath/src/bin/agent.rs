@@ -1,1 +1,141 @@
-fn main() {}
+//! `tendril-agent`: the node datapath reconciler. This part allocates pod addresses from
+//! the node's pod CIDRs and serves them to `tendril-cni` on a unix socket.
+//!
+//! Two modes:
+//! - with Kubernetes (default): the pod CIDRs come from the node's `NodeNetwork`, the
+//!   allocations are reconciled with the node's `Endpoint`s and the agent reports in
+//!   `NodeNetwork.status`;
+//! - standalone (`--pod-cidr`, repeatable, one per family): no API server at all — the
+//!   agent serves the given CIDRs at once. For tests and for bringing a node up by hand.
+
+use anyhow::Context as _;
+use clap::Parser;
+use ipnet::IpNet;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tendril_controllers::runtime::config::{self, AgentArgs, AgentConfig};
+use tendril_controllers::runtime::{self, Health, Metrics, logging, server as http};
+use tendril_datapath::agent::metrics::AgentMetrics;
+use tendril_datapath::agent::node::{self, NodeSyncConfig};
+use tendril_datapath::agent::{Agent, host, server};
+use tendril_datapath::ipam::Ipam;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tendril-agent",
+    version,
+    about = "Tendril's node datapath reconciler"
+)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Standalone mode: serve this pod CIDR without Kubernetes (repeat for dual stack).
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pod_cidrs: Vec<IpNet>,
+    /// Release an allocation no live Endpoint uses only once it is this old (seconds).
+    #[arg(long, env = "TENDRIL_IPAM_LEAK_GRACE_SECONDS", default_value_t = 300)]
+    ipam_leak_grace_seconds: u64,
+    /// Reconcile allocations with Endpoints at least this often (seconds).
+    #[arg(long, env = "TENDRIL_IPAM_RESYNC_SECONDS", default_value_t = 60)]
+    ipam_resync_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.agent.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tendril-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.agent.print_config {
+        print!("{}", config::to_yaml(&config));
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.logging);
+    match run(cli, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "tendril-agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
+    let shutdown = runtime::shutdown_on_signal();
+    let ipam_dir = config.state_dir.join("ipam");
+    let (ipam, loaded) =
+        Ipam::open(&ipam_dir).with_context(|| format!("opening {}", ipam_dir.display()))?;
+    for path in &loaded.corrupt {
+        warn!(path = %path.display(), "unreadable allocation record set aside");
+    }
+    info!(allocations = ipam.allocations().count(), dir = %ipam_dir.display(), "allocations loaded");
+
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")));
+    let agent = Arc::new(Agent::new(
+        ipam,
+        config.mtu,
+        AgentMetrics::register(&metrics),
+    ));
+    let health = Health::default();
+
+    let (listener, addr) = http::bind(&config.http.bind_address)
+        .await
+        .with_context(|| format!("binding {}", config.http.bind_address))?;
+    info!(%addr, version = env!("CARGO_PKG_VERSION"), "serving /metrics, /healthz, /readyz");
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        http_stop.clone(),
+    ));
+
+    let socket = server::bind(&config.cni_socket)
+        .with_context(|| format!("binding {}", config.cni_socket.display()))?;
+    info!(path = %config.cni_socket.display(), "serving the CNI plugin");
+    let socket_task = tokio::spawn(server::serve(socket, agent.clone(), shutdown.clone()));
+
+    if cli.pod_cidrs.is_empty() {
+        let client = config::kube_client(cli.agent.kubeconfig.as_deref())
+            .await
+            .context("building the Kubernetes client")?;
+        let sync = NodeSyncConfig {
+            node_name: config.node_name.clone(),
+            leak_grace: Duration::from_secs(cli.ipam_leak_grace_seconds),
+            resync: Duration::from_secs(cli.ipam_resync_seconds.max(1)),
+        };
+        node::run(
+            client,
+            agent.clone(),
+            health.clone(),
+            sync,
+            shutdown.clone(),
+        )
+        .await;
+    } else {
+        agent.set_pod_cidrs(&cli.pod_cidrs).context("--pod-cidr")?;
+        let gateways = agent.gateways();
+        tokio::task::spawn_blocking(move || host::ensure_gateways(gateways))
+            .await?
+            .context("configuring the gateway device")?;
+        agent.set_ready(true);
+        info!(pod_cidrs = ?cli.pod_cidrs, "standalone mode: serving pod addresses");
+        shutdown.cancelled().await;
+    }
+
+    socket_task.await.ok();
+    if let Err(e) = std::fs::remove_file(&config.cni_socket) {
+        warn!(error = %e, "removing the CNI socket");
+    }
+    http_stop.cancel();
+    http_task.await.ok();
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! Keeps the agent in step with the cluster: its `NodeNetwork` (pod CIDRs) and the
+//! `Endpoint`s of its node (allocation reconcile), and reports `NodeNetwork.status`
+//! (the `Ready` condition, `agentVersion`, `addresses`) by server-side apply under the
+//! field manager `tendril-agent`. Conditions are a list-map keyed by `type`, so the
+//! nodes concern's own condition types are left alone.
+
+use super::{Agent, host};
+use crate::cni::link;
+use crate::ipam::LiveEndpoints;
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tendril_controllers::runtime::conditions::{self, DesiredCondition};
+use tendril_controllers::runtime::{Health, apply_body, apply_status};
+use tendril_crds::common::NodeAddress;
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub const FIELD_MANAGER: &str = "tendril-agent";
+/// The readiness check this module registers with the harness.
+pub const HEALTH_CHECK: &str = "node-network";
+
+#[derive(Clone, Debug)]
+pub struct NodeSyncConfig {
+    pub node_name: String,
+    /// An allocation without a live Endpoint is released only once it is this old, so an
+    /// ADD whose Endpoint does not exist yet keeps its address.
+    pub leak_grace: Duration,
+    /// How often allocations are reconciled with Endpoints even without a change.
+    pub resync: Duration,
+}
+
+/// What the agent wants `NodeNetwork.status` to say.
+#[derive(Clone, Debug, PartialEq)]
+struct Report {
+    ready: DesiredCondition,
+    addresses: Vec<NodeAddress>,
+}
+
+/// Runs until `shutdown`.
+pub async fn run(
+    client: Client,
+    agent: Arc<Agent>,
+    health: Health,
+    cfg: NodeSyncConfig,
+    shutdown: CancellationToken,
+) {
+    health.register(HEALTH_CHECK);
+    let changed = Arc::new(Notify::new());
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let endpoints: Api<Endpoint> = Api::all(client);
+
+    let (nn_store, nn_writer) = reflector::store();
+    let nn_changed = changed.clone();
+    let nn_watch = reflector::reflector(
+        nn_writer,
+        watcher(
+            networks.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name)),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(move |event| {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "NodeNetwork watch");
+        }
+        nn_changed.notify_one();
+        futures::future::ready(())
+    });
+
+    let (ep_store, ep_writer) = reflector::store();
+    let ep_watch = reflector::reflector(ep_writer, watcher(endpoints, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .map_err(|e| tracing::warn!(error = %e, "Endpoint watch"))
+        .for_each(|_| futures::future::ready(()));
+    let endpoints_synced = Arc::new(AtomicBool::new(false));
+    let synced_flag = endpoints_synced.clone();
+    let ep_ready_store = ep_store.clone();
+    let ep_changed = changed.clone();
+    let ep_ready = async move {
+        if ep_ready_store.wait_until_ready().await.is_ok() {
+            synced_flag.store(true, Ordering::SeqCst);
+            ep_changed.notify_one();
+        }
+    };
+
+    let sync_loop = async {
+        let mut last: Option<Report> = None;
+        loop {
+            let report = sync_once(
+                &agent,
+                &cfg,
+                &nn_store,
+                &ep_store,
+                endpoints_synced.load(Ordering::SeqCst),
+            )
+            .await;
+            health.set_ready(HEALTH_CHECK, agent.is_ready());
+            if let Some(report) = report
+                && last.as_ref() != Some(&report)
+            {
+                match write_status(&networks, &nn_store, &cfg.node_name, &report).await {
+                    Ok(()) => last = Some(report),
+                    Err(e) => tracing::warn!(error = %e, "writing NodeNetwork status"),
+                }
+            }
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(cfg.resync) => {}
+            }
+        }
+    };
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = nn_watch => {}
+        _ = ep_watch => {}
+        _ = async { ep_ready.await; std::future::pending::<()>().await } => {}
+        _ = sync_loop => {}
+    }
+    health.remove(HEALTH_CHECK);
+}
+
+fn parse_cidrs(raw: &[String]) -> Result<Vec<IpNet>, String> {
+    raw.iter()
+        .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c:?}: {e}")))
+        .collect()
+}
+
+/// One pass: pod CIDRs → allocator and gateway device, Endpoints → allocation reconcile.
+/// Returns the status to report, or `None` while the NodeNetwork does not exist.
+async fn sync_once(
+    agent: &Arc<Agent>,
+    cfg: &NodeSyncConfig,
+    nn_store: &Store<NodeNetwork>,
+    ep_store: &Store<Endpoint>,
+    endpoints_synced: bool,
+) -> Option<Report> {
+    let Some(network) = nn_store.get(&ObjectRef::new(&cfg.node_name)) else {
+        agent.set_ready(false);
+        return None;
+    };
+    let addresses = underlay_addresses(&network).await;
+    let not_ready = |reason: &str, message: String| {
+        agent.set_ready(false);
+        Some(Report {
+            ready: DesiredCondition::new(
+                tendril_crds::common::conditions::READY,
+                false,
+                reason,
+                message,
+            ),
+            addresses: addresses.clone(),
+        })
+    };
+    let cidrs = match parse_cidrs(&network.spec.pod_cidrs) {
+        Ok(cidrs) if cidrs.is_empty() => {
+            return not_ready(
+                "NoPodCIDR",
+                "waiting for the IP pools concern to assign pod CIDRs".into(),
+            );
+        }
+        Ok(cidrs) => cidrs,
+        Err(e) => return not_ready("InvalidPodCIDR", e),
+    };
+    if let Err(e) = agent.set_pod_cidrs(&cidrs) {
+        return not_ready("InvalidPodCIDR", e.to_string());
+    }
+    let gateways = agent.gateways();
+    match tokio::task::spawn_blocking(move || host::ensure_gateways(gateways)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return not_ready("HostSetupFailed", e.to_string()),
+        Err(e) => return not_ready("HostSetupFailed", e.to_string()),
+    }
+    if !endpoints_synced {
+        return not_ready("Reconciling", "waiting for the node's Endpoints".into());
+    }
+    let live = LiveEndpoints {
+        endpoints: ep_store
+            .state()
+            .iter()
+            .filter(|ep| ep.spec.node == cfg.node_name)
+            .map(|ep| {
+                let ips = ep
+                    .spec
+                    .ips
+                    .iter()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                    .collect();
+                (ep.namespace().unwrap_or_default(), ep.name_any(), ips)
+            })
+            .collect(),
+    };
+    let grace = cfg.leak_grace.as_secs();
+    let reconcile_agent = agent.clone();
+    match tokio::task::spawn_blocking(move || reconcile_agent.reconcile(&live, grace)).await {
+        Ok(Ok(report)) => {
+            for ip in &report.restored {
+                tracing::warn!(%ip, "restored the allocation of a live Endpoint that had no record");
+            }
+            for allocation in &report.released {
+                tracing::info!(container_id = %allocation.container_id, ips = ?allocation.ips, "released a leaked allocation");
+                agent.metrics.leaks_released.inc();
+            }
+        }
+        Ok(Err(e)) => return not_ready("ReconcileFailed", e.to_string()),
+        Err(e) => return not_ready("ReconcileFailed", e.to_string()),
+    }
+    agent.set_ready(true);
+    let cidr_list = cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Report {
+        ready: DesiredCondition::new(
+            tendril_crds::common::conditions::READY,
+            true,
+            "Ready",
+            format!("serving pod addresses from {cidr_list}"),
+        ),
+        addresses,
+    })
+}
+
+/// The node's `InternalIP`s (from the spec) that are configured on this host: the
+/// underlay addresses the agent actually uses.
+async fn underlay_addresses(network: &NodeNetwork) -> Vec<NodeAddress> {
+    let wanted: Vec<NodeAddress> = network
+        .spec
+        .addresses
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .cloned()
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let local = tokio::task::spawn_blocking(|| {
+        link::run_in(None, |handle| async move {
+            let messages: Vec<_> = handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| link::LinkError::Netlink {
+                    context: "listing addresses".into(),
+                    source,
+                })?;
+            Ok(messages
+                .into_iter()
+                .flat_map(|m| m.attributes)
+                .filter_map(|a| match a {
+                    rtnetlink::packet_route::address::AddressAttribute::Address(ip) => Some(ip),
+                    _ => None,
+                })
+                .collect::<HashSet<IpAddr>>())
+        })
+    })
+    .await;
+    match local {
+        Ok(Ok(local)) => wanted
+            .into_iter()
+            .filter(|a| a.address.parse().is_ok_and(|ip| local.contains(&ip)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn write_status(
+    api: &Api<NodeNetwork>,
+    store: &Store<NodeNetwork>,
+    node_name: &str,
+    report: &Report,
+) -> Result<(), kube::Error> {
+    let current = store.get(&ObjectRef::new(node_name));
+    let previous = current
+        .as_ref()
+        .and_then(|nn| nn.status.as_ref())
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let generation = current.as_ref().and_then(|nn| nn.metadata.generation);
+    let condition = conditions::merge(
+        conditions::find(&previous, &report.ready.type_),
+        &report.ready,
+        generation,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let body = apply_body::<NodeNetwork>(
+        node_name,
+        None,
+        json!({
+            "status": {
+                "conditions": [condition],
+                "agentVersion": env!("CARGO_PKG_VERSION"),
+                "addresses": report.addresses,
+            }
+        }),
+    );
+    apply_status(api, FIELD_MANAGER, &body).await.map(|_| ())
+}
