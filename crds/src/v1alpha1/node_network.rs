@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
     shortname = "nn",
     category = "tendril",
     status = "NodeNetworkStatus",
+    derive = "Default",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Internal IP","type":"string","jsonPath":".spec.addresses[?(@.type==\"InternalIP\")].address"}"#,
     printcolumn = r#"{"name":"Pod CIDRs","type":"string","jsonPath":".spec.podCIDRs"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     validation = Rule::new("self.metadata.name == string(self.spec.identity)").message("the name of a ResolvedPolicy must be its subject identity in decimal"),
     printcolumn = r#"{"name":"Identity","type":"integer","jsonPath":".spec.identity"}"#,
-    printcolumn = r#"{"name":"Ingress Deny Default","type":"boolean","jsonPath":".spec.defaultDeny.ingress"}"#,
-    printcolumn = r#"{"name":"Egress Deny Default","type":"boolean","jsonPath":".spec.defaultDeny.egress"}"#,
+    printcolumn = r#"{"name":"Default Deny Ingress","type":"boolean","jsonPath":".spec.defaultDeny.ingress"}"#,
+    printcolumn = r#"{"name":"Default Deny Egress","type":"boolean","jsonPath":".spec.defaultDeny.egress"}"#,
     printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
