@@ -1,0 +1,511 @@
+//! The RBAC of `deploy/kustomize/base` is real and least-privilege: on a control plane of
+//! its own (so no other test's operator or objects interfere), the rendered Namespace,
+//! ServiceAccounts, (Cluster)Roles and bindings are installed as they are, tokens are minted
+//! for the ServiceAccounts with the TokenRequest API, and
+//! - each ServiceAccount is asked, through SelfSubjectAccessReviews made with its own token,
+//!   what it may and may not do (the agent reads no Secret and writes no desired state;
+//!   only the operator writes desired state);
+//! - the agent's API calls (watch its NodeNetwork by field selector, list/watch Endpoints,
+//!   server-side apply of NodeNetwork status) succeed with its token, and a write it must
+//!   not make is refused with 403;
+//! - the real `tendril-operator` runs with a kubeconfig holding only its token: it takes the
+//!   Lease and reconciles a Node into a NodeNetwork, and logs no authorization failure.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Secret, ServiceAccount};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde_json::{Value, json};
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
+use tendril_e2e::{
+    ControlPlane, Process, TestEnv, apply_yaml, k8s_bin_dir, repo_root, target_bin_dir,
+    unique_name, wait_for,
+};
+
+const NAMESPACE: &str = "tendril-system";
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One access question: verb, group, resource (with `/subresource`), namespace, name.
+#[derive(Clone, Copy, Debug)]
+struct Access {
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    namespace: Option<&'static str>,
+    name: Option<&'static str>,
+}
+
+const fn cluster(verb: &'static str, group: &'static str, resource: &'static str) -> Access {
+    Access {
+        verb,
+        group,
+        resource,
+        namespace: None,
+        name: None,
+    }
+}
+
+const fn ns(
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    namespace: &'static str,
+) -> Access {
+    Access {
+        verb,
+        group,
+        resource,
+        namespace: Some(namespace),
+        name: None,
+    }
+}
+
+const fn named(mut a: Access, name: &'static str) -> Access {
+    a.name = Some(name);
+    a
+}
+
+/// The desired-state kinds (written only by the operator's reconcilers).
+const DESIRED_STATE: &[&str] = &[
+    "nodenetworks",
+    "endpoints",
+    "identities",
+    "resolvedpolicies",
+    "lbservices",
+    "bgpnodeconfigs",
+    "egressroutes",
+];
+
+/// Renders the base with the plane's kubectl and keeps the documents the test installs.
+async fn rendered_rbac() -> Result<String> {
+    let out = tokio::process::Command::new(k8s_bin_dir().join("kubectl"))
+        .arg("kustomize")
+        .arg(repo_root().join("deploy/kustomize/base"))
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout)?)?;
+    let keep = [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    let kept: Vec<String> = docs
+        .iter()
+        .filter(|d| keep.iter().any(|k| d["kind"] == *k))
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        kept.len() >= 9,
+        "expected namespace, 2 service accounts and their roles, got {}",
+        kept.len()
+    );
+    // JSON documents are YAML documents.
+    Ok(kept.join("\n---\n"))
+}
+
+/// A kubeconfig for `sa` in tendril-system: the plane's server and CA, a fresh token of the
+/// ServiceAccount (TokenRequest API), nothing else.
+async fn service_account_kubeconfig(
+    plane: &ControlPlane,
+    admin: &Client,
+    sa: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = api
+        .create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {sa}"))?
+        .status
+        .ok_or_else(|| anyhow!("TokenRequest for {sa} returned no status"))?
+        .token;
+    let admin_kc: Value = serde_saphyr::from_str(&std::fs::read_to_string(plane.kubeconfig())?)?;
+    let mut cluster = admin_kc["clusters"][0]["cluster"].clone();
+    cluster["server"] = json!(plane.apiserver_url());
+    let kc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "plane", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "plane", "user": sa}}],
+        "current-context": sa,
+    });
+    let path = dir.join(format!("{sa}.kubeconfig"));
+    std::fs::write(&path, serde_json::to_string_pretty(&kc)?)?;
+    Ok(path)
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<Client> {
+    let config = Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(kubeconfig)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Asks the apiserver, as the client's own identity, whether it may do `a`.
+async fn may(client: &Client, a: Access) -> Result<bool> {
+    let (resource, subresource) = match a.resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_string())),
+        None => (a.resource, None),
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(a.verb.into()),
+                group: Some(a.group.into()),
+                resource: Some(resource.into()),
+                subresource,
+                namespace: a.namespace.map(str::to_string),
+                name: a.name.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let answer = api.create(&PostParams::default(), &review).await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// Checks every question; collects all wrong answers before failing.
+async fn expect(who: &str, client: &Client, allowed: &[Access], denied: &[Access]) -> Result<()> {
+    let mut wrong = Vec::new();
+    for a in allowed {
+        if !may(client, *a).await? {
+            wrong.push(format!("{who} should be allowed {a:?}"));
+        }
+    }
+    for a in denied {
+        if may(client, *a).await? {
+            wrong.push(format!("{who} must not be allowed {a:?}"));
+        }
+    }
+    ensure!(wrong.is_empty(), "{}", wrong.join("\n"));
+    Ok(())
+}
+
+fn forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
+/// A scratch directory for kubeconfigs, removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test]
+async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> {
+    let plane = ControlPlane::dedicated("rbac").await?;
+    let env = TestEnv::on(plane.clone()).await?;
+    let admin = env.client();
+    apply_yaml(&admin, &rendered_rbac().await?, None).await?;
+    let scratch = Scratch(std::env::temp_dir().join(unique_name("rbac")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let agent_kc = service_account_kubeconfig(&plane, &admin, "tendril-agent", &scratch.0).await?;
+    let operator_kc =
+        service_account_kubeconfig(&plane, &admin, "tendril-operator", &scratch.0).await?;
+    let agent = client_from(&agent_kc).await?;
+    let operator = client_from(&operator_kc).await?;
+    // A ServiceAccount Tendril knows nothing of: what "everybody else" may do.
+    let other = {
+        let sa: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+        sa.create(
+            &PostParams::default(),
+            &ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some("bystander".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+        client_from(&service_account_kubeconfig(&plane, &admin, "bystander", &scratch.0).await?)
+            .await?
+    };
+
+    // The agent reads desired state and writes only NodeNetwork status.
+    let mut agent_denied = vec![
+        cluster("list", "", "secrets"),
+        cluster("watch", "", "secrets"),
+        ns("get", "", "secrets", NAMESPACE),
+        ns("list", "", "secrets", "kube-system"),
+        cluster("patch", "", "nodes"),
+        cluster("delete", "", "pods"),
+        cluster("patch", "tendril.dev", "endpoints/status"),
+        ns("create", "coordination.k8s.io", "leases", NAMESPACE),
+        cluster("escalate", "rbac.authorization.k8s.io", "clusterroles"),
+    ];
+    for kind in DESIRED_STATE {
+        for verb in ["create", "patch", "update", "delete", "deletecollection"] {
+            agent_denied.push(cluster(verb, "tendril.dev", kind));
+        }
+    }
+    expect(
+        "tendril-agent",
+        &agent,
+        &[
+            cluster("get", "tendril.dev", "nodenetworks"),
+            cluster("list", "tendril.dev", "nodenetworks"),
+            cluster("watch", "tendril.dev", "nodenetworks"),
+            cluster("patch", "tendril.dev", "nodenetworks/status"),
+            cluster("list", "tendril.dev", "endpoints"),
+            cluster("watch", "tendril.dev", "endpoints"),
+        ],
+        &agent_denied,
+    )
+    .await?;
+
+    // The operator writes desired state, reads the cluster's objects it derives it from,
+    // holds its Lease and nothing beyond.
+    expect(
+        "tendril-operator",
+        &operator,
+        &[
+            cluster("list", "", "nodes"),
+            cluster("watch", "", "nodes"),
+            cluster("update", "", "nodes/finalizers"),
+            cluster("list", "", "pods"),
+            cluster("watch", "", "pods"),
+            cluster("update", "", "pods/finalizers"),
+            cluster("watch", "", "namespaces"),
+            ns("create", "events.k8s.io", "events", "default"),
+            cluster("create", "tendril.dev", "nodenetworks"),
+            cluster("patch", "tendril.dev", "nodenetworks"),
+            cluster("watch", "tendril.dev", "nodenetworks"),
+            cluster("patch", "tendril.dev", "nodenetworks/status"),
+            ns("create", "tendril.dev", "endpoints", "default"),
+            ns("patch", "tendril.dev", "endpoints", "default"),
+            ns("delete", "tendril.dev", "endpoints", "default"),
+            cluster("create", "tendril.dev", "identities"),
+            cluster("delete", "tendril.dev", "identities"),
+            cluster("patch", "tendril.dev", "identities/status"),
+            cluster("watch", "tendril.dev", "podippools"),
+            cluster("patch", "tendril.dev", "podippools/status"),
+            ns("create", "coordination.k8s.io", "leases", NAMESPACE),
+            named(
+                ns("get", "coordination.k8s.io", "leases", NAMESPACE),
+                "tendril-operator",
+            ),
+            named(
+                ns("patch", "coordination.k8s.io", "leases", NAMESPACE),
+                "tendril-operator",
+            ),
+        ],
+        &[
+            cluster("list", "", "secrets"),
+            ns("get", "", "secrets", NAMESPACE),
+            cluster("patch", "", "nodes"),
+            cluster("delete", "", "nodes"),
+            cluster("delete", "", "pods"),
+            named(
+                ns("patch", "coordination.k8s.io", "leases", NAMESPACE),
+                "somebody-elses-lease",
+            ),
+            named(
+                ns("patch", "coordination.k8s.io", "leases", "kube-system"),
+                "tendril-operator",
+            ),
+            cluster("create", "rbac.authorization.k8s.io", "clusterrolebindings"),
+            cluster(
+                "delete",
+                "apiextensions.k8s.io",
+                "customresourcedefinitions",
+            ),
+        ],
+    )
+    .await?;
+
+    // Nobody else writes desired state or reads it.
+    let mut bystander_denied = vec![cluster("list", "", "secrets")];
+    for kind in DESIRED_STATE {
+        for verb in ["create", "patch", "update", "delete", "list"] {
+            bystander_denied.push(cluster(verb, "tendril.dev", kind));
+        }
+    }
+    bystander_denied.push(cluster("patch", "tendril.dev", "nodenetworks/status"));
+    expect("bystander", &other, &[], &bystander_denied).await?;
+
+    // Real calls with the tokens, not only reviews.
+    let secrets: Api<Secret> = Api::all(agent.clone());
+    let err = secrets
+        .list(&ListParams::default())
+        .await
+        .expect_err("agent listed Secrets");
+    ensure!(forbidden(&err), "listing Secrets as the agent: {err}");
+    let node_name = unique_name("rbac-node");
+    env.delete_on_drop::<Node>(&node_name);
+    env.delete_on_drop::<NodeNetwork>(&node_name);
+
+    run_operator_and_agent_calls(&env, &operator_kc, &agent, &node_name).await
+}
+
+/// The operator, with only its token, reconciles a Node into a NodeNetwork; then the
+/// agent's own calls against that NodeNetwork go through with the agent's token.
+async fn run_operator_and_agent_calls(
+    env: &TestEnv,
+    operator_kc: &Path,
+    agent: &Client,
+    node_name: &str,
+) -> Result<()> {
+    let binary = target_bin_dir().join("tendril-operator");
+    if !binary.exists() {
+        bail!(
+            "{} missing: cargo build -p tendril-controllers --bins",
+            binary.display()
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut op = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(operator_kc)
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--leader-elect=true")
+        .arg("--leader-identity")
+        .arg("rbac-test")
+        .env("RUST_LOG", "info")
+        .spawn()?;
+
+    let admin = env.client();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(node_name.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    nodes.create(&PostParams::default(), &node).await?;
+    let status = json!({"status": NodeStatus {
+        addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: "192.0.2.10".into() }]),
+        ..Default::default()
+    }});
+    nodes
+        .patch_status(node_name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+
+    let networks: Api<NodeNetwork> = Api::all(admin.clone());
+    let nn = wait_for(
+        &networks,
+        node_name,
+        |o: Option<&NodeNetwork>| {
+            o.is_some_and(|nn| nn.spec.addresses.iter().any(|a| a.address == "192.0.2.10"))
+        },
+        TIMEOUT,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "the operator as its ServiceAccount did not reconcile the Node; log:\n{}",
+            op.log_tail(40)
+        )
+    })?
+    .ok_or_else(|| anyhow!("NodeNetwork gone"))?;
+    let owner = nn.metadata.owner_references.unwrap_or_default();
+    ensure!(
+        owner
+            .iter()
+            .any(|o| o.kind == "Node" && o.name == node_name),
+        "owner reference to the Node: {owner:?}"
+    );
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NAMESPACE);
+    let lease = leases.get("tendril-operator").await?;
+    ensure!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref() == Some("rbac-test"),
+        "the operator holds its Lease"
+    );
+    ensure!(op.is_running(), "operator exited:\n{}", op.log_tail(40));
+    let log = op.log().to_lowercase();
+    ensure!(
+        !log.contains("forbidden") && !log.contains("403"),
+        "the operator hit an authorization failure:\n{}",
+        op.log_tail(60)
+    );
+
+    // The agent's calls (datapath/src/agent/node.rs): watch its NodeNetwork by field
+    // selector, list Endpoints, server-side apply its status; but not the spec.
+    let as_agent: Api<NodeNetwork> = Api::all(agent.clone());
+    let own = as_agent
+        .list(&ListParams::default().fields(&format!("metadata.name={node_name}")))
+        .await?;
+    ensure!(own.items.len() == 1, "the agent sees its NodeNetwork");
+    let endpoints: Api<Endpoint> = Api::all(agent.clone());
+    endpoints.list(&ListParams::default()).await?;
+    let status = json!({
+        "apiVersion": "tendril.dev/v1alpha1",
+        "kind": "NodeNetwork",
+        "metadata": {"name": node_name},
+        "status": {"agentVersion": "rbac-test"},
+    });
+    as_agent
+        .patch_status(
+            node_name,
+            &PatchParams::apply("tendril-agent").force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .context("the agent applies its NodeNetwork status")?;
+    let spec = json!({
+        "apiVersion": "tendril.dev/v1alpha1",
+        "kind": "NodeNetwork",
+        "metadata": {"name": node_name},
+        "spec": {"podCIDRs": ["10.244.9.0/24"]},
+    });
+    let err = as_agent
+        .patch(
+            node_name,
+            &PatchParams::apply("tendril-agent").force(),
+            &Patch::Apply(&spec),
+        )
+        .await
+        .expect_err("the agent wrote a NodeNetwork spec");
+    ensure!(
+        forbidden(&err),
+        "writing NodeNetwork spec as the agent: {err}"
+    );
+    let written = networks.get(node_name).await?;
+    ensure!(
+        written
+            .status
+            .as_ref()
+            .and_then(|s| s.agent_version.as_deref())
+            == Some("rbac-test"),
+        "the agent's status write landed"
+    );
+    op.stop(Duration::from_secs(10));
+    Ok(())
+}
