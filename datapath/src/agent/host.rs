@@ -11,14 +11,16 @@ use futures::TryStreamExt;
 use rtnetlink::LinkVeth;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use std::net::IpAddr;
+use std::path::Path;
 
 pub const HOST_DEVICE: &str = "tendril_host";
 /// The other end of the pair.
 pub const HOST_PEER: &str = "tendril_net";
 
-/// Makes `tendril_host` (and its peer) exist, be up and hold exactly `gateways`. Blocking.
-pub fn ensure_gateways(gateways: Vec<IpAddr>) -> Result<(), LinkError> {
-    link::run_in(None, move |handle| async move {
+/// Makes `tendril_host` (and its peer) exist, be up and hold exactly `gateways`, in
+/// `node_netns` (default: the agent's own namespace). Blocking.
+pub fn ensure_gateways(node_netns: Option<&Path>, gateways: Vec<IpAddr>) -> Result<(), LinkError> {
+    link::run_in(node_netns, move |handle| async move {
         let link = match link::link_by_name(&handle, HOST_DEVICE).await? {
             Some(link) => link,
             None => {

@@ -15,6 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub struct NodeSyncConfig {
     pub leak_grace: Duration,
     /// How often allocations are reconciled with Endpoints even without a change.
     pub resync: Duration,
+    /// The node's network namespace when the agent runs outside it (simulated nodes).
+    pub node_netns: Option<PathBuf>,
 }
 
 /// What the agent wants `NodeNetwork.status` to say.
@@ -151,7 +154,7 @@ async fn sync_once(
         agent.set_ready(false);
         return None;
     };
-    let addresses = underlay_addresses(&network).await;
+    let addresses = underlay_addresses(&network, cfg.node_netns.clone()).await;
     let not_ready = |reason: &str, message: String| {
         agent.set_ready(false);
         Some(Report {
@@ -177,8 +180,10 @@ async fn sync_once(
     if let Err(e) = agent.set_pod_cidrs(&cidrs) {
         return not_ready("InvalidPodCIDR", e.to_string());
     }
-    let gateways = agent.gateways();
-    match tokio::task::spawn_blocking(move || host::ensure_gateways(gateways)).await {
+    let (gateways, netns) = (agent.gateways(), cfg.node_netns.clone());
+    match tokio::task::spawn_blocking(move || host::ensure_gateways(netns.as_deref(), gateways))
+        .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return not_ready("HostSetupFailed", e.to_string()),
         Err(e) => return not_ready("HostSetupFailed", e.to_string()),
@@ -236,7 +241,7 @@ async fn sync_once(
 
 /// The node's `InternalIP`s (from the spec) that are configured on this host: the
 /// underlay addresses the agent actually uses.
-async fn underlay_addresses(network: &NodeNetwork) -> Vec<NodeAddress> {
+async fn underlay_addresses(network: &NodeNetwork, netns: Option<PathBuf>) -> Vec<NodeAddress> {
     let wanted: Vec<NodeAddress> = network
         .spec
         .addresses
@@ -247,8 +252,8 @@ async fn underlay_addresses(network: &NodeNetwork) -> Vec<NodeAddress> {
     if wanted.is_empty() {
         return Vec::new();
     }
-    let local = tokio::task::spawn_blocking(|| {
-        link::run_in(None, |handle| async move {
+    let local = tokio::task::spawn_blocking(move || {
+        link::run_in(netns.as_deref(), |handle| async move {
             let messages: Vec<_> = handle
                 .address()
                 .get()

@@ -38,6 +38,11 @@ struct Cli {
     /// Release an allocation no live Endpoint uses only once it is this old (seconds).
     #[arg(long, env = "TENDRIL_IPAM_LEAK_GRACE_SECONDS", default_value_t = 300)]
     ipam_leak_grace_seconds: u64,
+    /// The node's network namespace (a path such as /var/run/netns/node1) when the agent
+    /// runs outside it, as for simulated nodes: the process stays where it reaches the API
+    /// server and configures the node's namespace. Default: the agent's own namespace.
+    #[arg(long, env = "TENDRIL_NODE_NETNS", value_name = "PATH")]
+    node_netns: Option<std::path::PathBuf>,
     /// Reconcile allocations with Endpoints at least this often (seconds).
     #[arg(long, env = "TENDRIL_IPAM_RESYNC_SECONDS", default_value_t = 60)]
     ipam_resync_seconds: u64,
@@ -110,6 +115,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             node_name: config.node_name.clone(),
             leak_grace: Duration::from_secs(cli.ipam_leak_grace_seconds),
             resync: Duration::from_secs(cli.ipam_resync_seconds.max(1)),
+            node_netns: cli.node_netns.clone(),
         };
         node::run(
             client,
@@ -121,8 +127,8 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
         .await;
     } else {
         agent.set_pod_cidrs(&cli.pod_cidrs).context("--pod-cidr")?;
-        let gateways = agent.gateways();
-        tokio::task::spawn_blocking(move || host::ensure_gateways(gateways))
+        let (gateways, netns) = (agent.gateways(), cli.node_netns.clone());
+        tokio::task::spawn_blocking(move || host::ensure_gateways(netns.as_deref(), gateways))
             .await?
             .context("configuring the gateway device")?;
         agent.set_ready(true);
