@@ -23,8 +23,12 @@ const WAIT: Duration = Duration::from_secs(90);
 
 struct Netns(String);
 
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Netns {
-    fn new(name: String) -> Self {
+    fn new(prefix: &str) -> Self {
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("{prefix}{}-{n}", std::process::id());
         assert!(
             Command::new("ip")
                 .args(["netns", "add", &name])
@@ -67,10 +71,22 @@ fn free_port() -> u16 {
 }
 
 fn cni_add(node: &Netns, socket: &Path, container: &str, pod: &Netns) -> serde_json::Value {
+    let (ok, result) = cni(node, socket, "ADD", container, pod);
+    assert!(ok, "ADD failed: {result}");
+    result
+}
+
+fn cni(
+    node: &Netns,
+    socket: &Path,
+    command: &str,
+    container: &str,
+    pod: &Netns,
+) -> (bool, serde_json::Value) {
     let conf = json!({"cniVersion": "1.1.0", "name": "tendril", "type": "tendril-cni", "agentSocket": socket});
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node.0, PLUGIN])
-        .env("CNI_COMMAND", "ADD")
+        .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container)
         .env("CNI_NETNS", pod.path())
         .env("CNI_IFNAME", "eth0")
@@ -86,9 +102,37 @@ fn cni_add(node: &Netns, socket: &Path, container: &str, pod: &Netns) -> serde_j
         .write_all(conf.to_string().as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "ADD failed: {result}");
-    result
+    let result = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), result)
+}
+
+fn spawn_agent(
+    env: &TestEnv,
+    node_name: &str,
+    node: &Netns,
+    state: &Path,
+    port: u16,
+) -> Result<Process> {
+    Process::builder(AGENT)
+        .name(format!("tendril-agent-{node_name}"))
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .args(["--node-name", node_name])
+        .arg("--node-netns")
+        .arg(node.path())
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--cni-socket")
+        .arg(state.join("cni.sock"))
+        .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "--ipam-leak-grace-seconds",
+            "30",
+            "--ipam-resync-seconds",
+            "2",
+        ])
+        .env("RUST_LOG", "info")
+        .spawn()
 }
 
 fn ready_condition(nn: Option<&NodeNetwork>) -> Option<(String, String)> {
@@ -101,11 +145,11 @@ fn ready_condition(nn: Option<&NodeNetwork>) -> Option<(String, String)> {
 async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result<()> {
     let env = TestEnv::new().await?;
     let node_name = env.unique_name("agent-node");
-    let node = Netns::new(format!("tan{}", std::process::id()));
+    let node = Netns::new("tan");
     node.ip(&["link", "set", "lo", "up"]);
     node.ip(&["link", "add", "underlay0", "type", "bridge"]);
     node.ip(&["addr", "add", "10.99.7.1/24", "dev", "underlay0"]);
-    let pod = Netns::new(format!("tap{}", std::process::id()));
+    let pod = Netns::new("tap");
 
     // Before the agent starts: one stale record (its pod is gone) and one live Endpoint
     // whose record is missing (e.g. the state directory was lost).
@@ -136,26 +180,7 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
 
     let port = free_port();
     let socket = state.path().join("cni.sock");
-    let mut agent = Process::builder(AGENT)
-        .name("tendril-agent")
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .args(["--node-name", &node_name])
-        .arg("--node-netns")
-        .arg(node.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg("--cni-socket")
-        .arg(&socket)
-        .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
-        .args([
-            "--ipam-leak-grace-seconds",
-            "30",
-            "--ipam-resync-seconds",
-            "2",
-        ])
-        .env("RUST_LOG", "info")
-        .spawn()?;
+    let mut agent = spawn_agent(&env, &node_name, &node, state.path(), port)?;
 
     let nn = env
         .wait_for(
@@ -273,5 +298,81 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
         .context("agent did not exit")?;
     assert!(exit.success(), "SIGTERM: {exit:?}\n{}", agent.log_tail(20));
     assert!(!socket.exists());
+    Ok(())
+}
+
+/// Two simulated nodes, one agent each: every pod gets an address from its own node's
+/// CIDR, both NodeNetworks report Ready, and DEL gives every address back.
+#[tokio::test]
+async fn two_nodes_allocate_from_their_own_cidrs() -> Result<()> {
+    const PODS_PER_NODE: usize = 3;
+    let env = TestEnv::new().await?;
+    let networks = env.cluster_api::<NodeNetwork>();
+    let mut nodes = Vec::new();
+    for (i, cidr) in ["10.44.1.0/24", "10.44.2.0/24"].into_iter().enumerate() {
+        let name = env.unique_name(&format!("node{i}"));
+        env.delete_on_drop::<NodeNetwork>(&name);
+        env.apply_yaml(&format!(
+            "apiVersion: tendril.dev/v1alpha1\nkind: NodeNetwork\nmetadata: {{name: {name}}}\nspec: {{podCIDRs: [{cidr}]}}"
+        ))
+        .await?;
+        let netns = Netns::new("tan");
+        netns.ip(&["link", "set", "lo", "up"]);
+        let state = tempfile::tempdir()?;
+        let agent = spawn_agent(&env, &name, &netns, state.path(), free_port())?;
+        nodes.push((name, cidr.parse::<ipnet::IpNet>()?, netns, state, agent));
+    }
+    for (name, _, _, _, agent) in &nodes {
+        env.wait_for(
+            &networks,
+            name,
+            |nn: Option<&NodeNetwork>| ready_condition(nn).is_some_and(|(s, _)| s == "True"),
+            WAIT,
+        )
+        .await
+        .with_context(|| agent.log_tail(40))?;
+    }
+    let mut pods = Vec::new();
+    for (n, (_, cidr, netns, state, _)) in nodes.iter().enumerate() {
+        let socket = state.path().join("cni.sock");
+        for p in 0..PODS_PER_NODE {
+            let pod = Netns::new("tap");
+            let container = format!("n{n}p{p}");
+            let result = cni_add(netns, &socket, &container, &pod);
+            let ip: IpAddr = result["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()?;
+            assert!(cidr.contains(&ip), "{ip} is not from node {n}'s {cidr}");
+            assert_eq!(
+                result["ips"][0]["gateway"].as_str().unwrap(),
+                cidr.hosts().next().unwrap().to_string()
+            );
+            let gw = cidr.hosts().next().unwrap().to_string();
+            let ping = Command::new("ip")
+                .args(["netns", "exec", &pod.0, "ping", "-c1", "-W5", &gw])
+                .status()?;
+            assert!(ping.success(), "pod {container} cannot reach {gw}");
+            pods.push((n, container, pod));
+        }
+    }
+    for (n, container, pod) in &pods {
+        let (_, _, netns, state, _) = &nodes[*n];
+        let (ok, out) = cni(netns, &state.path().join("cni.sock"), "DEL", container, pod);
+        assert!(ok, "DEL {container}: {out}");
+    }
+    for (_, _, _, state, _) in &nodes {
+        match api::call(
+            &state.path().join("cni.sock"),
+            &Request::Status,
+            Duration::from_secs(10),
+        )? {
+            Response::Status(status) => assert_eq!(status.in_use, 0, "{status:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
     Ok(())
 }

@@ -608,17 +608,38 @@ fn fifty_concurrent_adds_get_distinct_addresses_and_leave_nothing() {
     let state = tempfile::tempdir().unwrap();
     let agent = Agent::start(&node, state.path(), &["10.42.7.0/24"]);
     let conf = conf(&agent, "1.1.0");
+    let mut latencies = Vec::new();
     let results: Vec<(i32, Value)> = std::thread::scope(|s| {
         let handles: Vec<_> = pods
             .iter()
             .enumerate()
             .map(|(i, pod)| {
                 let (node, conf) = (&node, &conf);
-                s.spawn(move || cni(node, "ADD", &format!("c{i}"), &pod.path(), "eth0", conf))
+                s.spawn(move || {
+                    let start = Instant::now();
+                    let out = cni(node, "ADD", &format!("c{i}"), &pod.path(), "eth0", conf);
+                    (out, start.elapsed())
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .map(|(out, took)| {
+        latencies.push(took);
+        out
+    })
+    .collect();
+    latencies.sort();
+    println!(
+        "{PODS} concurrent ADDs: p50 {:?}, p99 {:?}, max {:?} (process spawn + agent call + netlink)",
+        latencies[PODS / 2],
+        latencies[PODS * 99 / 100],
+        latencies[PODS - 1]
+    );
     let mut ips = HashSet::new();
     for (code, result) in &results {
         assert_eq!(*code, 0, "{result}");
