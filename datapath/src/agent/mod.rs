@@ -91,13 +91,21 @@ impl Agent {
         self.lock().pools().iter().map(|p| p.gateway()).collect()
     }
 
+    /// See [`Ipam::reconcile`]; a pod's sandbox counts as attached while the netns path
+    /// recorded at ADD still exists.
     pub fn reconcile(
         &self,
         live: &LiveEndpoints,
         grace: u64,
+        restore: bool,
     ) -> Result<ReconcileReport, IpamError> {
         let mut ipam = self.lock();
-        let report = ipam.reconcile(live, unix_now(), grace)?;
+        let attached = |a: &crate::ipam::Allocation| {
+            a.netns
+                .as_deref()
+                .is_some_and(|p| !p.is_empty() && std::path::Path::new(p).exists())
+        };
+        let report = ipam.reconcile(live, unix_now(), grace, restore, attached)?;
         self.observe(&ipam);
         Ok(report)
     }

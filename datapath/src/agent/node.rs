@@ -45,6 +45,10 @@ pub struct NodeSyncConfig {
 /// What the agent wants `NodeNetwork.status` to say.
 #[derive(Clone, Debug, PartialEq)]
 struct Report {
+    /// The object and generation it is about: a recreated or changed NodeNetwork gets its
+    /// status written again even if the condition reads the same.
+    uid: Option<String>,
+    generation: Option<i64>,
     ready: DesiredCondition,
     addresses: Vec<NodeAddress>,
 }
@@ -100,6 +104,9 @@ pub async fn run(
 
     let sync_loop = async {
         let mut last: Option<Report> = None;
+        // The first reconcile after start restores records of live Endpoints; see
+        // `Ipam::reconcile`.
+        let mut restore = true;
         loop {
             let report = sync_once(
                 &agent,
@@ -107,6 +114,7 @@ pub async fn run(
                 &nn_store,
                 &ep_store,
                 endpoints_synced.load(Ordering::SeqCst),
+                &mut restore,
             )
             .await;
             health.set_ready(HEALTH_CHECK, agent.is_ready());
@@ -149,6 +157,7 @@ async fn sync_once(
     nn_store: &Store<NodeNetwork>,
     ep_store: &Store<Endpoint>,
     endpoints_synced: bool,
+    restore: &mut bool,
 ) -> Option<Report> {
     let Some(network) = nn_store.get(&ObjectRef::new(&cfg.node_name)) else {
         agent.set_ready(false);
@@ -158,6 +167,8 @@ async fn sync_once(
     let not_ready = |reason: &str, message: String| {
         agent.set_ready(false);
         Some(Report {
+            uid: network.metadata.uid.clone(),
+            generation: network.metadata.generation,
             ready: DesiredCondition::new(
                 tendril_crds::common::conditions::READY,
                 false,
@@ -207,10 +218,12 @@ async fn sync_once(
             })
             .collect(),
     };
-    let grace = cfg.leak_grace.as_secs();
+    let (grace, first) = (cfg.leak_grace.as_secs(), *restore);
     let reconcile_agent = agent.clone();
-    match tokio::task::spawn_blocking(move || reconcile_agent.reconcile(&live, grace)).await {
+    match tokio::task::spawn_blocking(move || reconcile_agent.reconcile(&live, grace, first)).await
+    {
         Ok(Ok(report)) => {
+            *restore = false;
             for ip in &report.restored {
                 tracing::warn!(%ip, "restored the allocation of a live Endpoint that had no record");
             }
@@ -229,6 +242,8 @@ async fn sync_once(
         .collect::<Vec<_>>()
         .join(", ");
     Some(Report {
+        uid: network.metadata.uid.clone(),
+        generation: network.metadata.generation,
         ready: DesiredCondition::new(
             tendril_crds::common::conditions::READY,
             true,

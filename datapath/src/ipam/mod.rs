@@ -327,16 +327,25 @@ impl Ipam {
         Ok(released)
     }
 
-    /// Reconciles allocations with the node's live Endpoints: reserves addresses of live
-    /// Endpoints that have no record (restored), and releases allocations that no live
-    /// Endpoint uses and that are older than `grace` seconds (leaked: the pod is gone but
-    /// DEL never came). The grace window protects an ADD in flight, whose Endpoint does not
-    /// exist yet.
+    /// Reconciles allocations with the node's live Endpoints.
+    ///
+    /// With `restore` (the agent's first pass after start), addresses of live Endpoints
+    /// that have no record are reserved: the state directory was lost, and the pods using
+    /// them still run. Later passes do not restore, because an Endpoint outliving its
+    /// pod's DEL for a moment is normal and must not pin the address.
+    ///
+    /// An allocation is released as leaked (the pod is gone, DEL never came) only if no
+    /// live Endpoint uses it, it is older than `grace` seconds (an ADD in flight has no
+    /// Endpoint yet) and `attached` says its pod sandbox is gone (the agent checks that
+    /// the recorded netns no longer exists), so a slow or absent operator cannot make the
+    /// agent free addresses of running pods.
     pub fn reconcile(
         &mut self,
         live: &LiveEndpoints,
         now: u64,
         grace: u64,
+        restore: bool,
+        attached: impl Fn(&Allocation) -> bool,
     ) -> Result<ReconcileReport, IpamError> {
         let mut report = ReconcileReport::default();
         let live_ips: HashSet<IpAddr> = live
@@ -350,7 +359,7 @@ impl Ipam {
             .map(|(ns, name, _)| (ns.as_str(), name.as_str()))
             .collect();
 
-        for (namespace, name, ips) in &live.endpoints {
+        for (namespace, name, ips) in live.endpoints.iter().filter(|_| restore) {
             let missing: Vec<IpAddr> = ips
                 .iter()
                 .copied()
@@ -385,7 +394,9 @@ impl Ipam {
             .iter()
             .filter(|(_, a)| {
                 let pod_live = matches!((&a.pod_namespace, &a.pod_name), (Some(ns), Some(n)) if live_pods.contains(&(ns.as_str(), n.as_str())));
-                !pod_live && !a.ips.iter().any(|ip| live_ips.contains(ip)) && now.saturating_sub(a.allocated_at) >= grace
+                let address_live = a.ips.iter().any(|ip| live_ips.contains(ip));
+                let old_enough = now.saturating_sub(a.allocated_at) >= grace;
+                !pod_live && !address_live && old_enough && !attached(a)
             })
             .map(|(key, _)| key.clone())
             .collect();

@@ -191,7 +191,9 @@ fn reconcile_restores_live_and_releases_leaks_after_grace() {
             ),
         ],
     };
-    let report = ipam.reconcile(&endpoints, 100, 30).unwrap();
+    let report = ipam
+        .reconcile(&endpoints, 100, 30, true, |_| false)
+        .unwrap();
     assert_eq!(report.restored, vec![unknown]);
     assert_eq!(report.released, vec![leaked.clone()]);
     assert!(ipam.get(&att("live")).is_some());
@@ -210,9 +212,39 @@ fn reconcile_restores_live_and_releases_leaks_after_grace() {
     drop(ipam);
     let mut ipam = open(dir.path(), &["10.1.0.0/24"]);
     assert!(ipam.owner_of(unknown).is_some());
-    let report = ipam.reconcile(&LiveEndpoints::default(), 200, 30).unwrap();
-    assert_eq!(report.released.len(), 3);
+    // A pod whose sandbox still exists keeps its address even without an Endpoint.
+    let report = ipam
+        .reconcile(&LiveEndpoints::default(), 200, 30, false, |a| {
+            a.container_id == "adding"
+        })
+        .unwrap();
+    assert_eq!(report.released.len(), 2);
+    assert!(ipam.get(&att("adding")).is_some());
+    let report = ipam
+        .reconcile(&LiveEndpoints::default(), 200, 30, false, |_| false)
+        .unwrap();
+    assert_eq!(report.released.len(), 1);
     assert_eq!(ipam.in_use(), 0);
+}
+
+#[test]
+fn only_the_first_reconcile_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ipam = open(dir.path(), &["10.1.0.0/24"]);
+    let a = ipam.allocate(&att("a"), pod("ns", "web"), 0).unwrap();
+    // DEL came, the Endpoint is still in the cache for a moment.
+    ipam.release(&att("a")).unwrap();
+    let live = LiveEndpoints {
+        endpoints: vec![("ns".into(), "web".into(), a.ips.clone())],
+    };
+    let report = ipam.reconcile(&live, 10, 30, false, |_| false).unwrap();
+    assert!(report.restored.is_empty());
+    assert!(
+        ipam.owner_of(a.ips[0]).is_none(),
+        "a steady-state pass must not pin a released address"
+    );
+    let report = ipam.reconcile(&live, 10, 30, true, |_| false).unwrap();
+    assert_eq!(report.restored, a.ips);
 }
 
 #[derive(Clone, Debug)]
