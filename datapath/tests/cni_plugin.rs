@@ -842,4 +842,28 @@ fn cnitool_add_check_del() {
     assert_eq!(agent.status().in_use, 0);
     assert!(node.tendril_links().is_empty());
     assert!(!pod.links().contains("eth0"));
+
+    // STATUS through libcni, then GC: cnitool passes no valid attachment, so everything goes.
+    let status = tool("status");
+    assert!(
+        status.status.success(),
+        "cnitool status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let add = tool("add");
+    assert!(
+        add.status.success(),
+        "cnitool add: {}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    assert_eq!(agent.status().in_use, 1);
+    let gc = tool("gc");
+    assert!(
+        gc.status.success(),
+        "cnitool gc: {}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert_eq!(agent.status().in_use, 0);
+    assert!(node.tendril_links().is_empty());
+    assert!(!pod.links().contains("eth0"));
 }

@@ -84,3 +84,94 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>) -> io::Result<()> {
     write.write_all(&out).await?;
     write.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::metrics::AgentMetrics;
+    use crate::cni::api::{self, AllocateRequest};
+    use crate::ipam::Ipam;
+    use std::io::{BufRead, Write};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_requests_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ipam, _) = Ipam::open(&dir.path().join("ipam")).unwrap();
+        let agent = Arc::new(Agent::new(ipam, 1500, AgentMetrics::default()));
+        let socket = dir.path().join("sub/cni.sock");
+        let listener = bind(&socket).unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, agent.clone(), stop.clone()));
+
+        let path = socket.clone();
+        let call = move |request: Request| {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                api::call(&path, &request, Duration::from_secs(10)).unwrap()
+            })
+        };
+        let allocate = Request::Allocate(AllocateRequest {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/proc/self/ns/net".into(),
+            pod_namespace: None,
+            pod_name: None,
+        });
+        // Not ready: no pod CIDR yet.
+        let answer = call(allocate.clone()).await.unwrap();
+        assert!(
+            matches!(
+                answer,
+                Response::Error(ApiError {
+                    kind: ErrorKind::NotReady,
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        agent
+            .set_pod_cidrs(&["10.5.0.0/24".parse().unwrap()])
+            .unwrap();
+        agent.set_ready(true);
+        match call(allocate).await.unwrap() {
+            Response::Allocated(a) => {
+                assert_eq!(a.ips[0].address.to_string(), "10.5.0.2");
+                assert_eq!(a.ips[0].gateway.to_string(), "10.5.0.1");
+                assert_eq!(a.mtu, 1500);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let path = socket.clone();
+        let garbage = tokio::task::spawn_blocking(move || {
+            let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            stream.write_all(b"{\"op\":\"frobnicate\"}\n").unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(stream)
+                .read_line(&mut line)
+                .unwrap();
+            serde_json::from_str::<Response>(&line).unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                garbage,
+                Response::Error(ApiError {
+                    kind: ErrorKind::Invalid,
+                    ..
+                })
+            ),
+            "{garbage:?}"
+        );
+
+        // A second bind replaces a stale socket but refuses to clobber other files.
+        stop.cancel();
+        server.await.unwrap();
+        let not_a_socket = dir.path().join("file");
+        std::fs::write(&not_a_socket, b"x").unwrap();
+        assert!(bind(&not_a_socket).is_err());
+        assert!(bind(&socket).is_ok());
+    }
+}
