@@ -9,7 +9,10 @@
 //!   server-side apply of NodeNetwork status) succeed with its token, and a write it must
 //!   not make is refused with 403;
 //! - the real `tendril-operator` runs with a kubeconfig holding only its token: it takes the
-//!   Lease and reconciles a Node into a NodeNetwork, and logs no authorization failure.
+//!   Lease, reconciles a Node into a NodeNetwork and gives it a pod CIDR from a PodIPPool,
+//!   and logs no authorization failure;
+//! - the real `tendril-agent` runs with only its token and only the DaemonSet's
+//!   capabilities, configures a node network namespace and reports Ready.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,7 +28,7 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use serde_json::{Value, json};
-use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork, PodIPPool};
 use tendril_e2e::{
     ControlPlane, Process, TestEnv, apply_yaml, k8s_bin_dir, repo_root, target_bin_dir,
     unique_name, wait_for,
@@ -368,7 +371,7 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
     env.delete_on_drop::<Node>(&node_name);
     env.delete_on_drop::<NodeNetwork>(&node_name);
 
-    run_operator_and_agent_calls(&env, &operator_kc, &agent, &node_name).await
+    run_operator_and_agent_calls(&env, &operator_kc, &agent, &agent_kc, &node_name).await
 }
 
 /// The operator, with only its token, reconciles a Node into a NodeNetwork; then the
@@ -377,6 +380,7 @@ async fn run_operator_and_agent_calls(
     env: &TestEnv,
     operator_kc: &Path,
     agent: &Client,
+    agent_kc: &Path,
     node_name: &str,
 ) -> Result<()> {
     let binary = target_bin_dir().join("tendril-operator");
@@ -449,12 +453,6 @@ async fn run_operator_and_agent_calls(
         "the operator holds its Lease"
     );
     ensure!(op.is_running(), "operator exited:\n{}", op.log_tail(40));
-    let log = op.log().to_lowercase();
-    ensure!(
-        !log.contains("forbidden") && !log.contains("403"),
-        "the operator hit an authorization failure:\n{}",
-        op.log_tail(60)
-    );
 
     // The agent's calls (datapath/src/agent/node.rs): watch its NodeNetwork by field
     // selector, list Endpoints, server-side apply its status; but not the spec.
@@ -506,6 +504,193 @@ async fn run_operator_and_agent_calls(
             == Some("rbac-test"),
         "the agent's status write landed"
     );
+    run_agent(env, agent_kc, node_name).await?;
+    let log = op.log().to_lowercase();
+    ensure!(
+        !log.contains("forbidden") && !log.contains("403"),
+        "the operator hit an authorization failure:\n{}",
+        op.log_tail(60)
+    );
     op.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// A network namespace standing in for the node, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns> {
+        let name = unique_name("rbac-node");
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?;
+        ensure!(status.success(), "ip netns add {name}");
+        Ok(Netns(name))
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// The capabilities the rendered DaemonSet gives the agent container.
+async fn agent_capabilities() -> Result<Vec<String>> {
+    let out = tokio::process::Command::new(k8s_bin_dir().join("kubectl"))
+        .arg("kustomize")
+        .arg(repo_root().join("deploy/kustomize/base"))
+        .output()
+        .await?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout)?)?;
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "tendril-agent")
+        .ok_or_else(|| anyhow!("no agent DaemonSet rendered"))?;
+    let agent = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "agent"))
+        .ok_or_else(|| anyhow!("no agent container"))?;
+    ensure!(agent["securityContext"]["capabilities"]["drop"] == json!(["ALL"]));
+    Ok(agent["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str().map(|c| c.to_lowercase()))
+        .collect())
+}
+
+/// The real `tendril-agent` as its ServiceAccount and as the DaemonSet runs it: root with
+/// only the DaemonSet's capabilities (`setpriv` empties the bounding set but for them, so
+/// root's capabilities after exec are exactly those). It configures a network namespace
+/// this test creates (`--node-netns`) instead of the host's. It must become Ready: read
+/// its NodeNetwork (pod CIDRs from the operator's ipam, which also runs as its
+/// ServiceAccount), configure the gateway device in the node namespace, sync Endpoints and
+/// write NodeNetwork status, with neither a 403 nor an EPERM.
+async fn run_agent(env: &TestEnv, agent_kc: &Path, node_name: &str) -> Result<()> {
+    let binary = target_bin_dir().join("tendril-agent");
+    ensure!(
+        binary.exists(),
+        "{} missing: cargo build -p tendril-datapath --bins",
+        binary.display()
+    );
+    let admin = env.client();
+    // A user's pool: the operator's ipam gives the node a CIDR from it.
+    let pools: Api<PodIPPool> = Api::all(admin.clone());
+    let pool = unique_name("rbac-pool");
+    env.delete_on_drop::<PodIPPool>(&pool);
+    let body = json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "PodIPPool",
+        "metadata": {"name": pool},
+        "spec": {"ipv4": {"cidrs": ["10.213.0.0/24"], "maskSize": 26}},
+    });
+    pools
+        .patch(
+            &pool,
+            &PatchParams::apply("rbac-test").force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    let networks: Api<NodeNetwork> = Api::all(admin.clone());
+    wait_for(
+        &networks,
+        node_name,
+        |o: Option<&NodeNetwork>| o.is_some_and(|nn| !nn.spec.pod_cidrs.is_empty()),
+        TIMEOUT,
+    )
+    .await
+    .context("the operator's ipam (as its ServiceAccount) gave the node no pod CIDR")?;
+
+    let caps = agent_capabilities().await?;
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let node_ns = Netns::new()?;
+    let state = std::env::temp_dir().join(unique_name("rbac-agent"));
+    let _state_cleanup = Scratch(state.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut agent = Process::builder("/usr/bin/setpriv")
+        .name("tendril-agent-rbac")
+        .args(["--bounding-set", &bounding, "--inh-caps", "-all", "--"])
+        .arg(&binary)
+        .arg("--kubeconfig")
+        .arg(agent_kc)
+        .args(["--node-name", node_name])
+        .arg("--node-netns")
+        .arg(node_ns.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--cni-socket")
+        .arg(state.join("cni.sock"))
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .spawn()?;
+    let ready = |o: Option<&NodeNetwork>| {
+        o.and_then(|nn| nn.status.as_ref()).is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    };
+    let nn = wait_for(&networks, node_name, ready, TIMEOUT)
+        .await
+        .with_context(|| {
+            format!(
+                "the agent as its ServiceAccount never became Ready; log:\n{}",
+                agent.log_tail(40)
+            )
+        })?
+        .ok_or_else(|| anyhow!("NodeNetwork gone"))?;
+    let status = nn.status.unwrap_or_default();
+    ensure!(
+        status.agent_version.as_deref() == Some(env!("CARGO_PKG_VERSION")),
+        "agentVersion: {:?}",
+        status.agent_version
+    );
+    // The gateway device the agent configured inside the node namespace.
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &node_ns.0,
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "tendril_host",
+        ])
+        .output()?;
+    let addrs = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        addrs.contains("10.213.0."),
+        "gateway address on tendril_host in the node namespace: {addrs}"
+    );
+    ensure!(agent.is_running(), "agent exited:\n{}", agent.log_tail(40));
+    let log = agent.log().to_lowercase();
+    for failure in [
+        "forbidden",
+        "403",
+        "operation not permitted",
+        "permission denied",
+    ] {
+        ensure!(
+            !log.contains(failure),
+            "the agent hit {failure:?}:\n{}",
+            agent.log_tail(60)
+        );
+    }
+    agent.stop(Duration::from_secs(10));
     Ok(())
 }
