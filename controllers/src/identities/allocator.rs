@@ -21,6 +21,7 @@ use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tendril_crds::v1alpha1::{Identity, IdentitySpec};
 use tokio::sync::watch;
@@ -60,9 +61,9 @@ pub struct TypeLabel {
 pub struct IdentityAllocator {
     api: Api<Identity>,
     index: Arc<Mutex<IdentityIndex>>,
-    /// Serializes creations in this process, so two reconciles needing the same new label
-    /// set do not create two ids for it.
-    create: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per label set being created, so two reconciles needing the same new label
+    /// set do not create two ids for it, while different label sets are created in parallel.
+    creating: Arc<Mutex<HashMap<SecurityLabels, Arc<tokio::sync::Mutex<()>>>>>,
     synced: watch::Receiver<bool>,
     allocations: Counter,
     identities: Family<TypeLabel, Gauge>,
@@ -93,7 +94,7 @@ impl IdentityAllocator {
         let allocator = IdentityAllocator {
             api: api.clone(),
             index: Arc::new(Mutex::new(IdentityIndex::new())),
-            create: Arc::new(tokio::sync::Mutex::new(())),
+            creating: Arc::default(),
             synced,
             allocations: ctx.metrics.domain(
                 "tendril_identity_allocations",
@@ -150,7 +151,26 @@ impl IdentityAllocator {
         if let Some(id) = self.lookup_and_touch(labels) {
             return Ok(id);
         }
-        let _creating = self.create.lock().await;
+        let lock = self
+            .creating
+            .lock()
+            .expect("creating lock")
+            .entry(labels.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _creating = lock.lock().await;
+            self.create(labels).await
+        };
+        let mut creating = self.creating.lock().expect("creating lock");
+        // The last one out removes the entry (the map holds one reference, `lock` another).
+        if Arc::strong_count(&lock) <= 2 {
+            creating.remove(labels);
+        }
+        result
+    }
+
+    async fn create(&self, labels: &SecurityLabels) -> Result<i64, AllocError> {
         loop {
             if let Some(id) = self.lookup_and_touch(labels) {
                 return Ok(id);

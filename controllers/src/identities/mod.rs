@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use prometheus_client::metrics::counter::Counter;
@@ -186,15 +186,16 @@ pub async fn run(
     .reflect(writer)
     .touched_objects()
     .boxed();
-    let controller = Controller::new(api.clone(), watcher::Config::default()).watches_stream(
-        endpoint_events,
-        |endpoint: Endpoint| {
+    // Reference counts only need to settle: a burst of Endpoint changes for one identity
+    // becomes one reconcile (and at most one status write).
+    let controller = Controller::new(api.clone(), watcher::Config::default())
+        .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
+        .watches_stream(endpoint_events, |endpoint: Endpoint| {
             endpoint
                 .spec
                 .identity
                 .map(|id| ObjectRef::<Identity>::new(&id.to_string()))
-        },
-    );
+        });
     let reconciler = Identities {
         api,
         endpoints,
