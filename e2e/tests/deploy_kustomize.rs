@@ -610,6 +610,102 @@ impl Drop for TempDir {
     }
 }
 
+/// What each overlay sets (arguments, environment) is accepted by the real binaries and has
+/// the intended effect: each workload's container command line and literal environment are
+/// run with `--print-config` (the mounted config path mapped to `config/`, `fieldRef`
+/// variables given sample values), and the effective configuration is checked.
+#[tokio::test]
+async fn overlay_settings_are_accepted_by_the_binaries() -> Result<()> {
+    for name in ["base", "dev", "production", "monitoring"] {
+        let (_, docs) = render(name).await?;
+        let op = effective_config(
+            find(&docs, "Deployment", "tendril-operator")?,
+            "operator",
+            "tendril-operator",
+        )
+        .await?;
+        let agent = effective_config(
+            find(&docs, "DaemonSet", "tendril-agent")?,
+            "agent",
+            "tendril-agent",
+        )
+        .await?;
+        assert_eq!(
+            agent["nodeName"], "sample-node",
+            "{name}: the agent's node name comes from spec.nodeName"
+        );
+        assert_eq!(
+            agent["stateDir"], "/var/run/tendril",
+            "{name}: state dir is the hostPath mount"
+        );
+        assert_eq!(op["leaderElection"]["leaseNamespace"], NAMESPACE, "{name}");
+        match name {
+            "dev" => {
+                assert_eq!(
+                    op["leaderElection"]["enabled"], false,
+                    "dev: one replica, no election"
+                );
+                for c in [&op, &agent] {
+                    assert!(
+                        c["logging"]["level"]
+                            .as_str()
+                            .is_some_and(|l| l.contains("=debug")),
+                        "dev: {c}"
+                    );
+                }
+            }
+            "production" => {
+                assert_eq!(op["leaderElection"]["enabled"], true);
+                assert_eq!(op["logging"]["format"], "json");
+                assert_eq!(agent["logging"]["format"], "json");
+            }
+            _ => {
+                assert_eq!(op["leaderElection"]["enabled"], true, "{name}");
+                assert_eq!(op["logging"]["level"], "info", "{name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `binary --print-config` with the container's arguments and literal environment.
+async fn effective_config(workload: &Value, container_name: &str, binary: &str) -> Result<Value> {
+    let c = container(workload, "containers", container_name)?;
+    let config_dir = repo_root().join("config");
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|a| a.replace("/etc/tendril/", &format!("{}/", config_dir.display())))
+        .collect();
+    let mut cmd = Command::new(tendril_e2e::target_bin_dir().join(binary));
+    cmd.args(&args).arg("--print-config");
+    // Only what the manifest sets: no TENDRIL_* or RUST_LOG of the test's environment.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TENDRIL_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    for e in c["env"].as_array().into_iter().flatten() {
+        let key = e["name"].as_str().unwrap_or_default();
+        let value = match (
+            &e["value"],
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Value::String(v), _) => v.clone(),
+            (_, Some("spec.nodeName")) => "sample-node".into(),
+            (_, Some("metadata.name")) => "sample-pod".into(),
+            other => bail!("{binary}: env {key} has a source this test does not know: {other:?}"),
+        };
+        cmd.env(key, value);
+    }
+    let out = run(&mut cmd)
+        .await
+        .with_context(|| format!("{binary} {args:?}"))?;
+    serde_saphyr::from_str(&out).with_context(|| format!("parsing {binary} --print-config:\n{out}"))
+}
+
 /// `tendril-system` exists on the shared plane (namespaced objects cannot be dry-run into a
 /// namespace that does not). Created if missing and left in place: it is the install's
 /// namespace, other tests may use it at the same time, and it holds nothing of ours.
