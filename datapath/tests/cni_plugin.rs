@@ -466,6 +466,50 @@ fn malformed_input_leaves_nothing_behind() {
     assert_eq!(out["code"], 4, "{out}");
     assert!(out["details"].as_str().unwrap().contains("eth0"), "{out}");
 
+    // A host interface of the same name that belongs to another attachment (a hash
+    // collision) is never touched: ADD fails, DEL succeeds, the interface stays.
+    let foreign = host_veth_name("intruder", "eth0");
+    ok(Command::new("ip").args([
+        "-n", &node.name, "link", "add", &foreign, "type", "veth", "peer", "name", "fpeer",
+    ]));
+    ok(Command::new("ip").args([
+        "-n",
+        &node.name,
+        "link",
+        "set",
+        &foreign,
+        "alias",
+        "tendril:someone-else/eth0",
+    ]));
+    let fresh = Netns::new("tcnp");
+    let (code, out) = cni(
+        &node,
+        "ADD",
+        "intruder",
+        &fresh.path(),
+        "eth0",
+        &conf(&agent, "1.0.0"),
+    );
+    assert_eq!((code, out["code"].as_u64()), (1, Some(5)), "{out}");
+    assert!(
+        out["details"].as_str().unwrap().contains("someone-else"),
+        "{out}"
+    );
+    assert_eq!(
+        cni(
+            &node,
+            "DEL",
+            "intruder",
+            &fresh.path(),
+            "eth0",
+            &conf(&agent, "1.0.0")
+        )
+        .0,
+        0
+    );
+    assert_eq!(node.tendril_links(), vec![foreign.clone()]);
+    ok(Command::new("ip").args(["-n", &node.name, "link", "del", &foreign]));
+
     assert_eq!(agent.status().in_use, 0, "an address leaked");
     assert!(
         node.tendril_links().is_empty(),

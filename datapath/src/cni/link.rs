@@ -50,6 +50,8 @@ pub enum LinkError {
     },
     #[error("interface {0} already exists in the pod's network namespace")]
     Exists(String),
+    #[error("host interface {name} belongs to another attachment ({other})")]
+    Collision { name: String, other: String },
     #[error("{0}")]
     Missing(String),
     #[error("{0}")]
@@ -81,6 +83,25 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     format!("tdr{:011x}", hash & ((1 << 44) - 1))
 }
 
+/// The alias a host veth carries: which attachment it belongs to. Deletions check it, so
+/// even a collision of the 44-bit name hash can never make one pod's DEL or ADD remove
+/// another pod's interface.
+pub fn owner_tag(container_id: &str, ifname: &str) -> String {
+    format!("tendril:{container_id}/{ifname}")
+}
+
+/// The alias of `name` if it exists and belongs to another attachment than `owner`.
+async fn foreign_owner(
+    handle: &Handle,
+    name: &str,
+    owner: &str,
+) -> Result<Option<String>, LinkError> {
+    Ok(link_by_name(handle, name)
+        .await?
+        .and_then(|l| l.alias)
+        .filter(|alias| alias != owner))
+}
+
 /// One end of the pair as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -88,6 +109,8 @@ pub struct LinkInfo {
     pub index: u32,
     pub mac: [u8; 6],
     pub up: bool,
+    /// `IFLA_IFALIAS`: on host veths, the attachment owning it ([`owner_tag`]).
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -97,10 +120,12 @@ impl LinkInfo {
             index: message.header.index,
             mac: [0; 6],
             up: message.header.flags.contains(LinkFlags::Up),
+            alias: None,
         };
         for attribute in &message.attributes {
             match attribute {
                 LinkAttribute::IfName(name) => info.name = name.clone(),
+                LinkAttribute::IfAlias(alias) => info.alias = Some(alias.clone()),
                 LinkAttribute::Address(mac) if mac.len() == 6 => info.mac.copy_from_slice(mac),
                 _ => {}
             }
@@ -121,6 +146,8 @@ impl LinkInfo {
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub netns: PathBuf,
+    /// [`owner_tag`] of the attachment.
+    pub owner: String,
     pub ifname: String,
     pub host_name: String,
     pub ips: Vec<PodIp>,
@@ -246,19 +273,25 @@ pub fn setup(plan: &Plan) -> Result<Wired, LinkError> {
         source,
     })?;
     let result = setup_inner(plan, netns.as_raw_fd());
-    if result.is_err() {
-        let host_name = plan.host_name.clone();
+    if let Err(err) = &result
+        && !matches!(err, LinkError::Collision { .. })
+    {
         // Best effort: deleting the host end removes the pod end and every route on both.
-        let _ = run_in(None, move |handle| async move {
-            delete_link(&handle, &host_name).await
-        });
+        let _ = teardown(&plan.host_name, &plan.owner);
     }
     result
 }
 
 fn setup_inner(plan: &Plan, netns_fd: RawFd) -> Result<Wired, LinkError> {
     let (host_name, ifname, mtu) = (plan.host_name.clone(), plan.ifname.clone(), plan.mtu);
+    let owner = plan.owner.clone();
     let host = run_in(None, move |handle| async move {
+        if let Some(other) = foreign_owner(&handle, &host_name, &owner).await? {
+            return Err(LinkError::Collision {
+                name: host_name,
+                other,
+            });
+        }
         // A leftover from an earlier, interrupted ADD of the same attachment.
         delete_link(&handle, &host_name).await?;
         let peer = LinkMessageBuilder::<LinkUnspec>::new()
@@ -281,9 +314,23 @@ fn setup_inner(plan: &Plan, netns_fd: RawFd) -> Result<Wired, LinkError> {
                 ))(err));
             }
         }
-        link_by_name(&handle, &host_name)
+        let link = link_by_name(&handle, &host_name)
             .await?
-            .ok_or_else(|| LinkError::Missing(format!("{host_name} vanished after creation")))
+            .ok_or_else(|| LinkError::Missing(format!("{host_name} vanished after creation")))?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(link.index)
+                    .alias(owner.clone())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(LinkError::netlink(format!("tagging {host_name}")))?;
+        Ok(LinkInfo {
+            alias: Some(owner),
+            ..link
+        })
     })?;
 
     let (ifname, ips, host_mac) = (plan.ifname.clone(), plan.ips.clone(), host.mac);
@@ -358,10 +405,14 @@ fn setup_inner(plan: &Plan, netns_fd: RawFd) -> Result<Wired, LinkError> {
 }
 
 /// Removes the attachment's host veth (and with it the pod end and all routes through
-/// it). Returns whether it existed.
-pub fn teardown(host_name: &str) -> Result<bool, LinkError> {
-    let host_name = host_name.to_string();
+/// it). Returns whether it existed; a veth of that name owned by another attachment is
+/// left alone.
+pub fn teardown(host_name: &str, owner: &str) -> Result<bool, LinkError> {
+    let (host_name, owner) = (host_name.to_string(), owner.to_string());
     run_in(None, move |handle| async move {
+        if foreign_owner(&handle, &host_name, &owner).await?.is_some() {
+            return Ok(false);
+        }
         delete_link(&handle, &host_name).await
     })
 }
@@ -379,6 +430,10 @@ pub fn check(plan: &Plan) -> Result<Vec<String>, LinkError> {
         Some(link) if !link.up => {
             problems.push(format!("host interface {} is down", plan.host_name))
         }
+        Some(link) if link.alias.as_deref() != Some(plan.owner.as_str()) => problems.push(format!(
+            "host interface {} belongs to {:?}",
+            plan.host_name, link.alias
+        )),
         Some(_) => {}
     }
     let (ifname, ips) = (plan.ifname.clone(), plan.ips.clone());

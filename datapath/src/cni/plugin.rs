@@ -122,6 +122,7 @@ fn plan(env: &Env, addresses: &PodAddresses, mtu: u32) -> Plan {
         netns: PathBuf::from(&env.netns),
         ifname: env.ifname.clone(),
         host_name: link::host_veth_name(&env.container_id, &env.ifname),
+        owner: link::owner_tag(&env.container_id, &env.ifname),
         ips: addresses.ips.clone(),
         mtu,
     }
@@ -213,7 +214,10 @@ fn add(env: &Env, conf: &NetConf) -> Result<String, Failure> {
 fn del(env: &Env, conf: &NetConf) -> Result<(), Failure> {
     let attachment = attachment(env)?;
     // The host end goes whether or not the pod's netns still exists; its routes go with it.
-    let teardown = link::teardown(&link::host_veth_name(&env.container_id, &env.ifname));
+    let teardown = link::teardown(
+        &link::host_veth_name(&env.container_id, &env.ifname),
+        &link::owner_tag(&env.container_id, &env.ifname),
+    );
     release(conf, &attachment)?;
     teardown
         .map(|_| ())
@@ -326,10 +330,11 @@ fn gc(conf: &NetConf) -> Result<(), Failure> {
     };
     let mut failures = Vec::new();
     for attachment in released {
-        if let Err(e) = link::teardown(&link::host_veth_name(
-            &attachment.container_id,
-            &attachment.ifname,
-        )) {
+        let (id, ifname) = (&attachment.container_id, &attachment.ifname);
+        if let Err(e) = link::teardown(
+            &link::host_veth_name(id, ifname),
+            &link::owner_tag(id, ifname),
+        ) {
             failures.push(format!(
                 "{}/{}: {e}",
                 attachment.container_id, attachment.ifname
