@@ -28,6 +28,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+/// How long an allocation waits for the index's first full list before failing.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Field manager of `Identity` objects.
 pub const MANAGER: &str = "tendril-identities";
 
@@ -145,7 +148,12 @@ impl IdentityAllocator {
 
     /// The id of `labels`, creating its `Identity` when none exists.
     pub async fn ensure(&self, labels: &SecurityLabels) -> Result<i64, AllocError> {
-        if !self.is_synced() {
+        // At start, reconciles wait for the first full list rather than fail and back off.
+        if !self.is_synced()
+            && tokio::time::timeout(SYNC_WAIT, self.wait_synced())
+                .await
+                .is_err()
+        {
             return Err(AllocError::NotSynced);
         }
         if let Some(id) = self.lookup_and_touch(labels) {
