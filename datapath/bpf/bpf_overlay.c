@@ -1,8 +1,13 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
-/* from_overlay: tc ingress on the collect-metadata VXLAN device. The VNI is
- * the sender's security identity; a local destination gets the packet
- * straight into its pod, anything else (the node itself) goes to the stack
- * with the identity in skb->mark. */
+/* Hooks on the collect-metadata VXLAN device.
+ *
+ * from_overlay (tc ingress): the VNI is the sender's security identity; a
+ * local destination gets the packet straight into its pod, anything else
+ * (the node itself) goes to the stack with the identity in skb->mark.
+ *
+ * to_overlay (tc egress): packets the host stack routes into the device
+ * (the node's own traffic to remote pods) get their tunnel key from the
+ * ipcache; packets from_container already encapsulated pass untouched. */
 
 #include "lib/common.h"
 #include "lib/encap.h"
@@ -38,6 +43,39 @@ int from_overlay(struct __sk_buff *skb)
 	skb->mark = identity_to_mark((__u32)src_identity);
 	bpf_skb_change_type(skb, PACKET_HOST);
 	metrics_count(skb, REASON_TO_STACK_HOST, DIR_INGRESS);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int to_overlay(struct __sk_buff *skb)
+{
+	struct ipcache_value *dst_info;
+	struct bpf_tunnel_key key = {};
+	struct pkt4 pkt;
+	__u32 src_identity;
+
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0)
+		return TC_ACT_OK;
+	/* Nothing but IPv4 to pods crosses the overlay (yet); the VXLAN device
+	 * would discard it anyway for want of a tunnel key. */
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return drop(skb, DROP_UNSUPPORTED_L3, DIR_EGRESS);
+	if (parse_ipv4(skb, &pkt) < 0)
+		return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+	dst_info = lookup_ipcache4(pkt.ip4->daddr);
+	if (!dst_info || !dst_info->tunnel_endpoint)
+		return drop(skb, DROP_NO_TUNNEL_ENDPOINT, DIR_EGRESS);
+	src_identity = mark_to_identity(skb->mark);
+	if (src_identity == IDENTITY_UNKNOWN)
+		src_identity = IDENTITY_HOST;
+	key.tunnel_id = src_identity;
+	key.remote_ipv4 = bpf_ntohl(dst_info->tunnel_endpoint);
+	key.tunnel_ttl = 64;
+	if (src_identity > IDENTITY_MAX_VNI)
+		return drop(skb, DROP_IDENTITY_TOO_LARGE, DIR_EGRESS);
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+		return drop(skb, DROP_TUNNEL_KEY, DIR_EGRESS);
+	metrics_count(skb, REASON_FORWARD_TUNNEL, DIR_EGRESS);
 	return TC_ACT_OK;
 }
 

@@ -377,3 +377,42 @@ fn to_container_passes_stack_routed_packets_and_counts_them() {
         2
     );
 }
+
+#[test]
+fn to_overlay_sets_the_tunnel_key_of_the_nodes_own_traffic() {
+    let node = node();
+    let program = node.programs.classifier(Hook::ToOverlay);
+    let from_host = udp_frame(
+        [2, 0, 0, 0, 9, 9],
+        [2, 0, 0, 0, 9, 8],
+        NODE_IP,
+        REMOTE_POD,
+        64,
+        53,
+    );
+    let run_host = run(program, &from_host, LO, 0, 1);
+    assert_eq!(run_host.ret, TC_ACT_OK);
+    assert_eq!(
+        run_host.data, from_host,
+        "only metadata changes, not the packet"
+    );
+    assert_eq!(
+        count(&node, MetricReason::ForwardTunnel, Direction::Egress),
+        1
+    );
+
+    // Routed into the overlay without a tunnel endpoint: nowhere to send it.
+    let nowhere = udp_frame(
+        [2, 0, 0, 0, 9, 9],
+        [2, 0, 0, 0, 9, 8],
+        NODE_IP,
+        NATIVE_POD,
+        64,
+        53,
+    );
+    assert_eq!(run(program, &nowhere, LO, 0, 1).ret, TC_ACT_SHOT);
+    assert_eq!(
+        count(&node, MetricReason::DropNoTunnelEndpoint, Direction::Egress),
+        1
+    );
+}

@@ -21,6 +21,8 @@ enum metric_reason {
 	DROP_NO_TUNNEL_DEVICE = 134,
 	DROP_TUNNEL_KEY = 135, /* setting or reading the tunnel key failed */
 	DROP_IDENTITY_TOO_LARGE = 136, /* identity does not fit the 24-bit VNI */
+	DROP_NO_TUNNEL_ENDPOINT = 137, /* routed into the overlay, not behind a tunnel */
+	DROP_UNSUPPORTED_L3 = 138, /* e.g. IPv6 routed into the overlay */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
-//! <dir>/links/<ifname>.<hook>                       TCX links (e.g. lxc1a2b.from-container)
+//! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
+//!
+//! (bpffs refuses names with a dot; interface names cannot contain `:`.)
 //!
 //! Maps and links outlive the agent: the programs stay attached and keep
 //! forwarding while it is down, and a restarted agent reopens the same maps.
@@ -33,7 +35,7 @@ use super::maps;
 
 /// `bpf/bpf_lxc.c`: `from_container`, `to_container`.
 pub static BPF_LXC: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
-/// `bpf/bpf_overlay.c`: `from_overlay`.
+/// `bpf/bpf_overlay.c`: `from_overlay`, `to_overlay`.
 pub static BPF_OVERLAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
 /// `bpf/bpf_host.c`: `from_netdev`.
 pub static BPF_HOST: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
@@ -57,15 +59,18 @@ pub enum Hook {
     ToContainer,
     /// tc ingress of the collect-metadata VXLAN device.
     FromOverlay,
+    /// tc egress of the VXLAN device: tunnel key for the node's own traffic.
+    ToOverlay,
     /// tc ingress of the node's uplink (native routing).
     FromNetdev,
 }
 
 impl Hook {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::FromContainer,
         Self::ToContainer,
         Self::FromOverlay,
+        Self::ToOverlay,
         Self::FromNetdev,
     ];
 
@@ -75,13 +80,14 @@ impl Hook {
             Self::FromContainer => "from_container",
             Self::ToContainer => "to_container",
             Self::FromOverlay => "from_overlay",
+            Self::ToOverlay => "to_overlay",
             Self::FromNetdev => "from_netdev",
         }
     }
 
     pub fn attach_type(self) -> TcAttachType {
         match self {
-            Self::ToContainer => TcAttachType::Egress,
+            Self::ToContainer | Self::ToOverlay => TcAttachType::Egress,
             Self::FromContainer | Self::FromOverlay | Self::FromNetdev => TcAttachType::Ingress,
         }
     }
@@ -92,6 +98,7 @@ impl Hook {
             Self::FromContainer => "from-container",
             Self::ToContainer => "to-container",
             Self::FromOverlay => "from-overlay",
+            Self::ToOverlay => "to-overlay",
             Self::FromNetdev => "from-netdev",
         }
     }
@@ -252,7 +259,7 @@ impl Programs {
     pub fn classifier(&self, hook: Hook) -> &SchedClassifier {
         let ebpf = match hook {
             Hook::FromContainer | Hook::ToContainer => &self.lxc,
-            Hook::FromOverlay => &self.overlay,
+            Hook::FromOverlay | Hook::ToOverlay => &self.overlay,
             Hook::FromNetdev => &self.host,
         };
         ebpf.program(hook.program_name())
@@ -263,7 +270,7 @@ impl Programs {
     fn classifier_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
         let ebpf = match hook {
             Hook::FromContainer | Hook::ToContainer => &mut self.lxc,
-            Hook::FromOverlay => &mut self.overlay,
+            Hook::FromOverlay | Hook::ToOverlay => &mut self.overlay,
             Hook::FromNetdev => &mut self.host,
         };
         ebpf.program_mut(hook.program_name())
@@ -308,7 +315,9 @@ impl Programs {
         })?;
         // Pin beside the old pin, then rename over it: at every instant one
         // pinned link holds the hook.
-        let staging = pin.with_extension(format!("{}.new", hook.as_str()));
+        let mut staging = pin.clone().into_os_string();
+        staging.push(":new");
+        let staging = PathBuf::from(staging);
         let _ = std::fs::remove_file(&staging);
         let pinned = link.pin(&staging).map_err(|source| AttachError::Pin {
             path: staging.clone(),
@@ -328,7 +337,7 @@ impl Programs {
 
 fn link_pin_path(dir: &Path, hook: Hook, ifname: &str) -> PathBuf {
     dir.join(LINKS_DIR)
-        .join(format!("{ifname}.{}", hook.as_str()))
+        .join(format!("{}:{ifname}", hook.as_str()))
 }
 
 /// Detaches `hook` from `ifname` by removing its link pin. Returns whether
@@ -351,7 +360,7 @@ pub fn pinned_links(dir: &Path) -> io::Result<Vec<(String, Hook)>> {
     };
     for entry in entries {
         let name = entry?.file_name();
-        let Some((ifname, hook)) = name.to_str().and_then(|n| n.rsplit_once('.')) else {
+        let Some((hook, ifname)) = name.to_str().and_then(|n| n.split_once(':')) else {
             continue;
         };
         if let Some(hook) = Hook::from_str(hook) {

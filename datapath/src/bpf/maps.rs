@@ -277,10 +277,12 @@ pub enum MetricReason {
     DropNoTunnelDevice = 134,
     DropTunnelKey = 135,
     DropIdentityTooLarge = 136,
+    DropNoTunnelEndpoint = 137,
+    DropUnsupportedL3 = 138,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -295,6 +297,8 @@ impl MetricReason {
         Self::DropNoTunnelDevice,
         Self::DropTunnelKey,
         Self::DropIdentityTooLarge,
+        Self::DropNoTunnelEndpoint,
+        Self::DropUnsupportedL3,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -322,6 +326,8 @@ impl MetricReason {
             Self::DropNoTunnelDevice => "no_tunnel_device",
             Self::DropTunnelKey => "tunnel_key",
             Self::DropIdentityTooLarge => "identity_too_large",
+            Self::DropNoTunnelEndpoint => "no_tunnel_endpoint",
+            Self::DropUnsupportedL3 => "unsupported_l3",
         }
     }
 }

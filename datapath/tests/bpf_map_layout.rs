@@ -1,0 +1,119 @@
+//! The Rust mirrors in `src/bpf/maps.rs` have the layout of the C structs in
+//! `bpf/lib/maps.h`, read from the BTF of the compiled objects (`bpftool btf
+//! dump`), i.e. exactly what the programs were compiled against.
+
+use std::{collections::BTreeMap, mem::offset_of, process::Command};
+
+use serde_json::Value;
+use tendril_datapath::bpf::{
+    loader::{BPF_HOST, BPF_LXC, BPF_OVERLAY},
+    maps::*,
+};
+
+/// name → (size, [(member, byte offset)]) of every struct in an object's BTF.
+fn btf_structs(object: &[u8]) -> BTreeMap<String, (u64, Vec<(String, u64)>)> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), object).unwrap();
+    let out = Command::new("bpftool")
+        .args(["-j", "btf", "dump", "file"])
+        .arg(file.path())
+        .output()
+        .expect("bpftool (installed by hack/install-prereqs.sh)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let btf: Value = serde_json::from_slice(&out.stdout).unwrap();
+    btf["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["kind"] == "STRUCT" && t["name"].is_string())
+        .map(|t| {
+            let members = t["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap().to_string(),
+                        m["bits_offset"].as_u64().unwrap() / 8,
+                    )
+                })
+                .collect();
+            (
+                t["name"].as_str().unwrap().to_string(),
+                (t["size"].as_u64().unwrap(), members),
+            )
+        })
+        .collect()
+}
+
+macro_rules! layout {
+    ($c:literal, $t:ty, [$($field:ident),* $(,)?]) => {
+        (
+            $c,
+            std::mem::size_of::<$t>() as u64,
+            vec![$((stringify!($field).to_string(), offset_of!($t, $field) as u64)),*],
+        )
+    };
+}
+
+#[test]
+fn rust_mirrors_match_the_c_structs_in_every_object() {
+    let expected = [
+        layout!("ipcache_key", IpcacheKey, [prefixlen, family, pad, addr]),
+        layout!(
+            "ipcache_value",
+            IpcacheValue,
+            [identity, tunnel_endpoint, flags, encrypt_key, pad]
+        ),
+        layout!("endpoint_key", EndpointKey, [family, pad, addr]),
+        layout!(
+            "endpoint_info",
+            EndpointInfo,
+            [ifindex, identity, endpoint_id, flags, mac, node_mac]
+        ),
+        layout!("metrics_key", MetricsKey, [reason, dir, pad]),
+        layout!("metrics_value", MetricsValue, [packets, bytes]),
+        layout!(
+            "node_config",
+            NodeConfig,
+            [tunnel_ifindex, node_ipv4, flags, pad]
+        ),
+    ];
+    for (object_name, object) in [
+        ("bpf_lxc.o", BPF_LXC),
+        ("bpf_overlay.o", BPF_OVERLAY),
+        ("bpf_host.o", BPF_HOST),
+    ] {
+        let structs = btf_structs(object);
+        for (name, size, members) in &expected {
+            let (c_size, c_members) = structs
+                .get(*name)
+                .unwrap_or_else(|| panic!("struct {name} missing from the BTF of {object_name}"));
+            assert_eq!(c_size, size, "sizeof(struct {name}) in {object_name}");
+            assert_eq!(
+                c_members, members,
+                "members of struct {name} in {object_name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lpm_prefix_is_the_key_after_its_prefixlen() {
+    assert_eq!(
+        std::mem::size_of::<IpcachePrefix>() + 4,
+        std::mem::size_of::<IpcacheKey>()
+    );
+    assert_eq!(
+        offset_of!(IpcachePrefix, family) + 4,
+        offset_of!(IpcacheKey, family)
+    );
+    assert_eq!(
+        offset_of!(IpcachePrefix, addr) + 4,
+        offset_of!(IpcacheKey, addr)
+    );
+}
