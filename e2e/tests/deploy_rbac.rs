@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, Secret, ServiceAccount};
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -108,6 +108,8 @@ async fn rendered_rbac() -> Result<String> {
         "ClusterRoleBinding",
         "Role",
         "RoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ];
     let kept: Vec<String> = docs
         .iter()
@@ -129,12 +131,22 @@ async fn service_account_kubeconfig(
     plane: &ControlPlane,
     admin: &Client,
     sa: &str,
+    bound_pod: Option<&Pod>,
     dir: &Path,
 ) -> Result<PathBuf> {
     let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), NAMESPACE);
+    // Bound to a Pod, as the kubelet's projected tokens are: the token then names the Pod's
+    // node (user extra authentication.kubernetes.io/node-name).
+    let bound_object_ref = bound_pod.map(|p| BoundObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: p.metadata.name.clone(),
+        uid: p.metadata.uid.clone(),
+    });
     let request = TokenRequest {
         spec: TokenRequestSpec {
             expiration_seconds: Some(3600),
+            bound_object_ref,
             ..Default::default()
         },
         ..Default::default()
@@ -227,6 +239,22 @@ impl Drop for Scratch {
     }
 }
 
+/// An agent Pod of the DaemonSet's ServiceAccount, bound to `node` (nothing schedules or
+/// runs it here: it exists so a token can be bound to it).
+async fn agent_pod_on(admin: &Client, node: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("tendril-agent-{node}")},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "tendril-agent",
+            "hostNetwork": true,
+            "containers": [{"name": "agent", "image": "localhost/tendril/agent:dev"}],
+        },
+    }))?;
+    Ok(pods.create(&PostParams::default(), &pod).await?)
+}
+
 #[tokio::test]
 async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> {
     let plane = ControlPlane::dedicated("rbac").await?;
@@ -235,9 +263,19 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
     apply_yaml(&admin, &rendered_rbac().await?, None).await?;
     let scratch = Scratch(std::env::temp_dir().join(unique_name("rbac")));
     std::fs::create_dir_all(&scratch.0)?;
-    let agent_kc = service_account_kubeconfig(&plane, &admin, "tendril-agent", &scratch.0).await?;
+    // The agent's token is bound to an agent Pod on the test's node, like the DaemonSet's.
+    let node_name = unique_name("rbac-node");
+    let agent_pod = agent_pod_on(&admin, &node_name).await?;
+    let agent_kc = service_account_kubeconfig(
+        &plane,
+        &admin,
+        "tendril-agent",
+        Some(&agent_pod),
+        &scratch.0,
+    )
+    .await?;
     let operator_kc =
-        service_account_kubeconfig(&plane, &admin, "tendril-operator", &scratch.0).await?;
+        service_account_kubeconfig(&plane, &admin, "tendril-operator", None, &scratch.0).await?;
     let agent = client_from(&agent_kc).await?;
     let operator = client_from(&operator_kc).await?;
     // A ServiceAccount Tendril knows nothing of: what "everybody else" may do.
@@ -254,8 +292,10 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             },
         )
         .await?;
-        client_from(&service_account_kubeconfig(&plane, &admin, "bystander", &scratch.0).await?)
-            .await?
+        client_from(
+            &service_account_kubeconfig(&plane, &admin, "bystander", None, &scratch.0).await?,
+        )
+        .await?
     };
 
     // The agent reads desired state and writes only NodeNetwork status.
@@ -367,7 +407,6 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         .await
         .expect_err("agent listed Secrets");
     ensure!(forbidden(&err), "listing Secrets as the agent: {err}");
-    let node_name = unique_name("rbac-node");
     env.delete_on_drop::<Node>(&node_name);
     env.delete_on_drop::<NodeNetwork>(&node_name);
 
@@ -503,6 +542,49 @@ async fn run_operator_and_agent_calls(
             .and_then(|s| s.agent_version.as_deref())
             == Some("rbac-test"),
         "the agent's status write landed"
+    );
+
+    // Another node's NodeNetwork: RBAC lets the agent patch any NodeNetwork status, the
+    // admission policy (base/agent-admission.yaml) only its own node's.
+    let other = unique_name("rbac-other");
+    env.delete_on_drop::<Node>(&other);
+    env.delete_on_drop::<NodeNetwork>(&other);
+    nodes
+        .create(
+            &PostParams::default(),
+            &Node {
+                metadata: ObjectMeta {
+                    name: Some(other.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    wait_for(
+        &networks,
+        &other,
+        |o: Option<&NodeNetwork>| o.is_some(),
+        TIMEOUT,
+    )
+    .await?;
+    let foreign = json!({
+        "apiVersion": "tendril.dev/v1alpha1",
+        "kind": "NodeNetwork",
+        "metadata": {"name": other},
+        "status": {"agentVersion": "impostor"},
+    });
+    let err = as_agent
+        .patch_status(
+            &other,
+            &PatchParams::apply("tendril-agent").force(),
+            &Patch::Apply(&foreign),
+        )
+        .await
+        .expect_err("the agent wrote another node's NodeNetwork status");
+    ensure!(
+        forbidden(&err) && err.to_string().contains("only the NodeNetwork of the node"),
+        "another node's status as the agent: {err}"
     );
     run_agent(env, agent_kc, node_name).await?;
     let log = op.log().to_lowercase();
