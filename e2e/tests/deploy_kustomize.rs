@@ -301,6 +301,7 @@ async fn base_renders_what_the_design_promises() -> Result<()> {
         BTreeSet::from([
             "/sys/fs/bpf",
             "/var/run/tendril",
+            "/var/run/netns",
             "/opt/cni/bin",
             "/etc/cni/net.d"
         ])
