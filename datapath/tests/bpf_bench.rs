@@ -1,0 +1,159 @@
+//! Per-packet cost of each program via `BPF_PROG_TEST_RUN` with repeat,
+//! printed (run with `--nocapture`), never asserted: the machine is shared
+//! and noisy. Also with a small and a large ipcache, to show the LPM lookup
+//! stays flat. Verdicts are asserted so the numbers measure the right path.
+//!
+//! Test runs reuse one skb across repeats, so paths that decrement the TTL
+//! run at most 254 times per call: each figure is the mean over many calls
+//! of the kernel's own per-repeat average (syscall overhead excluded).
+
+mod bpf_support;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use bpf_support::*;
+use ipnet::IpNet;
+use tendril_datapath::bpf::{
+    Hook, MapSizes,
+    maps::{EndpointInfo, IpcacheValue, NODE_F_TUNNEL, NodeConfig},
+};
+
+const CALLS: u32 = 200;
+const REPEAT: u32 = 250;
+
+fn node(extra_prefixes: u32) -> Node {
+    let mut node = Node::load("bench", &MapSizes::default());
+    let ep = |ifindex, last: u8| EndpointInfo {
+        ifindex,
+        identity: 256 + u32::from(last),
+        endpoint_id: u16::from(last),
+        flags: 0,
+        mac: [2, 0, 0, 0, 0, last],
+        node_mac: [2, 0, 0, 0, 1, last],
+    };
+    let endpoints = BTreeMap::from([
+        (Ipv4Addr::new(10, 0, 1, 10).into(), ep(1, 10)),
+        (Ipv4Addr::new(10, 0, 1, 20).into(), ep(4242, 20)),
+    ]);
+    let mut ipcache: BTreeMap<IpNet, IpcacheValue> = BTreeMap::from([
+        (
+            "10.0.2.0/24".parse().unwrap(),
+            IpcacheValue::new(300, Some(Ipv4Addr::new(192, 168, 0, 2))),
+        ),
+        (
+            "192.168.0.1/32".parse().unwrap(),
+            IpcacheValue::local_node(1),
+        ),
+    ]);
+    for i in 0..extra_prefixes {
+        let [_, b, c, d] = (0x0B00_0000 + i * 4).to_be_bytes();
+        ipcache.insert(
+            format!("11.{b}.{c}.{d}/30").parse().unwrap(),
+            IpcacheValue::new(400, None),
+        );
+    }
+    assert!(
+        node.dataplane
+            .converge_endpoints(&endpoints, true)
+            .unwrap()
+            .is_converged()
+    );
+    assert!(
+        node.dataplane
+            .converge_ipcache(&ipcache, true)
+            .unwrap()
+            .is_converged()
+    );
+    node.dataplane
+        .set_node_config(&NodeConfig {
+            tunnel_ifindex: 77,
+            node_ipv4: [192, 168, 0, 1],
+            flags: NODE_F_TUNNEL,
+            pad: 0,
+        })
+        .unwrap();
+    node
+}
+
+/// Mean ns per packet. `to_overlay` leaves an skb that already carries a
+/// tunnel key (its cheap path on a repeat), so it runs once per call.
+fn measure(node: &Node, hook: Hook, frame: &[u8], expected: u32) -> f64 {
+    let program = node.programs.classifier(hook);
+    let (calls, repeat) = match hook {
+        Hook::ToOverlay => (CALLS * REPEAT / 10, 1),
+        _ => (CALLS, REPEAT),
+    };
+    let mut total_ns = 0u128;
+    for _ in 0..calls {
+        let run = run(program, frame, 1, 0, repeat);
+        assert_eq!(run.ret, expected, "{hook:?}");
+        total_ns += run.duration.as_nanos();
+    }
+    total_ns as f64 / f64::from(calls)
+}
+
+#[test]
+fn ns_per_packet_of_each_program() {
+    let pod_a = Ipv4Addr::new(10, 0, 1, 10);
+    let pod_b = Ipv4Addr::new(10, 0, 1, 20);
+    let remote = Ipv4Addr::new(10, 0, 2, 5);
+    let node_ip = Ipv4Addr::new(192, 168, 0, 1);
+    let mac_a = [2, 0, 0, 0, 0, 10];
+    let gw = [2, 0, 0, 0, 1, 10];
+    let cases = [
+        (
+            "from_container → local pod",
+            Hook::FromContainer,
+            udp_frame(mac_a, gw, pod_a, pod_b, 255, 53),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "from_container → tunnel",
+            Hook::FromContainer,
+            udp_frame(mac_a, gw, pod_a, remote, 255, 53),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "from_container → stack (unknown)",
+            Hook::FromContainer,
+            udp_frame(mac_a, gw, pod_a, Ipv4Addr::new(8, 8, 8, 8), 255, 53),
+            TC_ACT_OK,
+        ),
+        (
+            "to_container (via stack)",
+            Hook::ToContainer,
+            udp_frame(gw, mac_a, node_ip, pod_b, 255, 53),
+            TC_ACT_OK,
+        ),
+        (
+            "from_netdev → local pod",
+            Hook::FromNetdev,
+            udp_frame(gw, mac_a, remote, pod_b, 255, 53),
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "from_netdev → host",
+            Hook::FromNetdev,
+            udp_frame(gw, mac_a, remote, node_ip, 255, 53),
+            TC_ACT_OK,
+        ),
+        (
+            "to_overlay (host → remote pod)",
+            Hook::ToOverlay,
+            udp_frame(gw, mac_a, node_ip, remote, 255, 53),
+            TC_ACT_OK,
+        ),
+    ];
+    let small = node(0);
+    let large = node(10_000);
+    println!(
+        "{:<36} {:>14} {:>22}",
+        "program / path", "ns/pkt (2 pfx)", "ns/pkt (10,002 pfx)"
+    );
+    for (name, hook, frame, expected) in &cases {
+        let a = measure(&small, *hook, frame, *expected);
+        let b = measure(&large, *hook, frame, *expected);
+        println!("{name:<36} {a:>14.1} {b:>22.1}");
+    }
+    assert_eq!(large.dataplane.pressure().unwrap()[1].entries, 10_002);
+}
