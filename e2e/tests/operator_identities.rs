@@ -6,7 +6,8 @@
 //! `Endpoint`s with identities; same labels share an identity; a `pod-template-hash`
 //! difference does not make a new one; the reserved identities exist; references are
 //! counted; a finished pod loses its `Endpoint`; a deleted pod's `Endpoint` goes and its
-//! unreferenced identity is collected after the grace period. Then a measurement with 1,000
+//! unreferenced identity is collected after the grace period; an identity deleted by hand
+//! while in use is replaced. Then a measurement with 1,000
 //! pods (printed, not asserted): identity allocations per second and pod → `Endpoint`-with-
 //! identity latency p50/p99.
 
@@ -238,6 +239,33 @@ async fn pods_get_endpoints_with_shared_identities_and_gc() -> Result<()> {
         m.value("tendril_identities", &[("type", "reserved")]),
         Some(8.0)
     );
+
+    // An Identity deleted by hand while in use: its endpoint gets a new one.
+    identities
+        .delete(&web_id.to_string(), &DeleteParams::default())
+        .await?;
+    let web1 = wait_for(
+        &endpoints,
+        "web-1",
+        move |o: Option<&Endpoint>| {
+            o.and_then(|e| e.spec.identity)
+                .is_some_and(|id| id != web_id)
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("endpoint")?;
+    let new_id = web1.spec.identity.unwrap_or_default();
+    println!("web identity re-created as {new_id}");
+    assert_eq!(
+        identities
+            .get(&new_id.to_string())
+            .await?
+            .spec
+            .security_labels,
+        web1.spec.security_labels
+    );
+    assert_eq!(web1.spec.revision, 2);
 
     // Measurement: 1,000 pods over 250 label sets (250 new identities).
     measure(&env, &node_name).await?;

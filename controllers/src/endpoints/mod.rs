@@ -29,6 +29,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::v1alpha1::Endpoint;
+use tokio::sync::broadcast;
 use tracing::{debug, info};
 
 /// The concern's name; its field manager is `tendril-endpoints`.
@@ -139,6 +140,11 @@ impl Reconciler for Endpoints {
     }
 }
 
+fn pod_of(ep: Endpoint) -> Option<ObjectRef<Pod>> {
+    ep.namespace()
+        .map(|ns| ObjectRef::<Pod>::new(&ep.name_any()).within(&ns))
+}
+
 fn owned_by(endpoint: &Endpoint, pod: &Pod) -> bool {
     let uid = pod.meta().uid.as_deref();
     endpoint
@@ -181,6 +187,31 @@ async fn run_endpoints(
     .reflect(ep_writer)
     .touched_objects()
     .boxed();
+    // An Identity that disappears while endpoints use it (deleted by hand): those pods
+    // are reconciled again and get a new identity.
+    let ep_of_deleted_identities = {
+        let endpoints = endpoints.clone();
+        futures::stream::unfold(allocator.subscribe_deleted(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(id) => return Some((id, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .flat_map(move |id| {
+            futures::stream::iter(
+                endpoints
+                    .state()
+                    .into_iter()
+                    .filter(move |e: &Arc<Endpoint>| e.spec.identity == Some(id))
+                    .map(|e| Ok::<_, watcher::Error>(e.as_ref().clone()))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .boxed()
+    };
     let controller = Controller::new(Api::<Pod>::all(client.clone()), watcher::Config::default());
     let pods = controller.store();
     let pods_of_ns = pods.clone();
@@ -196,10 +227,8 @@ async fn run_endpoints(
                 .collect::<Vec<_>>()
         })
         // An Endpoint edited or deleted by someone else is put back.
-        .watches_stream(ep_events, |ep: Endpoint| {
-            ep.namespace()
-                .map(|ns| ObjectRef::<Pod>::new(&ep.name_any()).within(&ns))
-        });
+        .watches_stream(ep_events, pod_of)
+        .watches_stream(ep_of_deleted_identities, pod_of);
     let reconciler = Endpoints {
         client,
         namespaces,

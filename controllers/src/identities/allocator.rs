@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tendril_crds::v1alpha1::{Identity, IdentitySpec};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -68,6 +68,8 @@ pub struct IdentityAllocator {
     /// set do not create two ids for it, while different label sets are created in parallel.
     creating: Arc<Mutex<HashMap<SecurityLabels, Arc<tokio::sync::Mutex<()>>>>>,
     synced: watch::Receiver<bool>,
+    /// Ids whose `Identity` disappeared (after the index dropped them).
+    deleted: broadcast::Sender<i64>,
     allocations: Counter,
     identities: Family<TypeLabel, Gauge>,
 }
@@ -99,6 +101,7 @@ impl IdentityAllocator {
             index: Arc::new(Mutex::new(IdentityIndex::new())),
             creating: Arc::default(),
             synced,
+            deleted: broadcast::channel(1024).0,
             allocations: ctx.metrics.domain(
                 "tendril_identity_allocations",
                 "Cluster identities created by this operator",
@@ -122,6 +125,12 @@ impl IdentityAllocator {
     pub async fn wait_synced(&self) {
         let mut rx = self.synced.clone();
         let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Ids of `Identity` objects that disappeared, sent after the index dropped them: an
+    /// endpoint still using one gets a new identity on its next reconcile.
+    pub fn subscribe_deleted(&self) -> broadcast::Receiver<i64> {
+        self.deleted.subscribe()
     }
 
     pub fn is_synced(&self) -> bool {
@@ -275,12 +284,20 @@ async fn sync_index(
             Some(Ok(Event::Init)) => listing.clear(),
             Some(Ok(Event::InitApply(i))) => listing.push(id_and_labels(&i)),
             Some(Ok(Event::InitDone)) => {
-                {
+                let vanished: Vec<i64> = {
                     let mut index = allocator.index();
+                    let before: Vec<i64> = index.ids().collect();
                     index.reset(listing.drain(..));
                     if !*synced.borrow() {
                         index.start_after_highest();
                     }
+                    before
+                        .into_iter()
+                        .filter(|id| index.labels(*id).is_none())
+                        .collect()
+                };
+                for id in vanished {
+                    let _ = allocator.deleted.send(id);
                 }
                 allocator.publish_counts();
                 synced.send_replace(true);
@@ -292,6 +309,7 @@ async fn sync_index(
             }
             Some(Ok(Event::Delete(i))) => {
                 allocator.index().delete(i.spec.id);
+                let _ = allocator.deleted.send(i.spec.id);
                 allocator.publish_counts();
             }
         }
