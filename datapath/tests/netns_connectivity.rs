@@ -22,7 +22,7 @@ use std::{
 use bpf_support::PinDir;
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
-    Dataplane, Hook, MapSizes, Programs,
+    Dataplane, Hook, MapSizes, Programs, loader,
     maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NODE_F_TUNNEL, NodeConfig},
 };
 
@@ -759,6 +759,24 @@ fn reattaching_under_traffic_loses_no_packet() {
         "the programs forwarded the pings ({before} → {after})"
     );
     // One link per hook and interface remains pinned.
-    let links = tendril_datapath::bpf::loader::pinned_links(&cluster.pins[0].0).unwrap();
+    let links = loader::pinned_links(&cluster.pins[0].0).unwrap();
     assert_eq!(links.len(), 5, "{links:?}");
+
+    // A pod goes away: its veth is deleted, its link pins are garbage.
+    ip(&["-n", &cluster.node_ns[1], "link", "del", &b.host_if]);
+    let node1 = &cluster.node_ns[1];
+    let exists = |ifname: &str| {
+        exec(node1, &["ip", "link", "show", "dev", ifname])
+            .status
+            .success()
+    };
+    let removed = loader::prune_links(&cluster.pins[1].0, |ifname, _| exists(ifname)).unwrap();
+    assert_eq!(
+        removed,
+        vec![
+            ("lxc0".to_string(), Hook::FromContainer),
+            ("lxc0".to_string(), Hook::ToContainer)
+        ]
+    );
+    assert_eq!(loader::pinned_links(&cluster.pins[1].0).unwrap().len(), 3);
 }

@@ -371,8 +371,30 @@ pub fn pinned_links(dir: &Path) -> io::Result<Vec<(String, Hook)>> {
     Ok(links)
 }
 
-/// Makes sure `dir` can live on bpffs: if no ancestor is on bpffs and `dir`
-/// is under [`BPFFS_ROOT`], mounts bpffs there.
+/// Removes the link pins `keep` rejects (interfaces that are gone: their
+/// TCX links are already defunct, the pins only hold the memory). Returns
+/// what was removed.
+pub fn prune_links(
+    dir: &Path,
+    keep: impl Fn(&str, Hook) -> bool,
+) -> io::Result<Vec<(String, Hook)>> {
+    let mut removed = Vec::new();
+    for (ifname, hook) in pinned_links(dir)? {
+        if !keep(&ifname, hook) && detach(dir, hook, &ifname)? {
+            removed.push((ifname, hook));
+        }
+    }
+    Ok(removed)
+}
+
+/// Makes sure `dir` can live on bpffs: if no existing ancestor is on bpffs
+/// and `dir` is under [`BPFFS_ROOT`], mounts bpffs there.
+///
+/// Beware `ip netns exec`: it remounts `/sys` in a private mount namespace,
+/// so a process started that way sees no `/sys/fs/bpf` and would mount a
+/// fresh, empty bpffs instance that dies with it (pins lost on restart).
+/// Simulated nodes should enter their netns with `setns` only, or pin under a
+/// bpffs mounted outside `/sys` (see [`mount_bpffs`]) before the exec.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     let err = |source| LoadError::Bpffs {
         path: dir.to_path_buf(),
@@ -389,8 +411,16 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     if !dir.starts_with(root) || is_bpffs(root).map_err(err)? {
         return Err(err(io::Error::other("not on bpffs")));
     }
-    std::fs::create_dir_all(root).map_err(err)?;
-    let target = CString::new(root.as_os_str().as_bytes()).expect("no NUL in BPFFS_ROOT");
+    mount_bpffs(root).map_err(err)
+}
+
+/// Mounts a bpffs instance at `at` (created if missing) unless one is there.
+pub fn mount_bpffs(at: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(at)?;
+    if is_bpffs(at)? {
+        return Ok(());
+    }
+    let target = CString::new(at.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
@@ -402,12 +432,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         )
     };
     if rc != 0 {
-        return Err(err(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
-fn is_bpffs(path: &Path) -> io::Result<bool> {
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: valid path and a buffer of the right type.
