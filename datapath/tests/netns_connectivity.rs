@@ -720,7 +720,42 @@ fn reattaching_under_traffic_loses_no_packet() {
     let (a, b) = (&cluster.pods[0], &cluster.pods[1]);
     ping(&a.ns, b.ip);
     let before = cluster.count(0, MetricReason::ForwardTunnel, Direction::Egress);
+    // A TCP stream across the nodes, running through every re-attach.
+    let listener = in_netns(&b.ns, || TcpListener::bind((b.ip, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    let mut stream = in_netns(&a.ns, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(20)).unwrap()
+    });
+    let mut receiver = accept_within(&listener, Duration::from_secs(20));
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match receiver.read(&mut buf).expect("stream read") {
+                    0 => return total,
+                    n => {
+                        assert!(
+                            buf[..n].iter().all(|byte| *byte == 0x5a),
+                            "stream corrupted"
+                        );
+                        total += n as u64;
+                    }
+                }
+            }
+        });
+        let writer = scope.spawn(|| {
+            let chunk = [0x5au8; 4096];
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                stream.write_all(&chunk).expect("stream write");
+                sent += chunk.len() as u64;
+            }
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+            sent
+        });
+        let _stop = SetOnDrop(&stop);
         let pinger = scope.spawn(|| {
             exec(
                 &a.ns,
@@ -752,6 +787,12 @@ fn reattaching_under_traffic_loses_no_packet() {
             stdout.contains("300 packets transmitted, 300 received"),
             "{stdout}"
         );
+        stop.store(true, Ordering::Relaxed);
+        let sent = writer.join().unwrap();
+        let received = reader.join().unwrap();
+        println!("TCP stream during re-attach: {sent} bytes sent, {received} received");
+        assert_eq!(received, sent, "the connection survived intact");
+        assert!(sent > 0);
     });
     let after = cluster.count(0, MetricReason::ForwardTunnel, Direction::Egress);
     assert!(
