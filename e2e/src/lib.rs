@@ -93,6 +93,7 @@ mod http;
 mod kube_util;
 mod plane;
 mod process;
+pub mod sim;
 mod util;
 
 pub use env::TestEnv;
