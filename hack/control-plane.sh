@@ -120,6 +120,15 @@ stray_pids() {
   done
 }
 
+# A process of this run dir without a pid file would hold the ports: stop it first.
+stop_strays() {
+  local pid
+  for pid in $(stray_pids "$1"); do
+    log "stopping stray $1 (pid $pid) left by an earlier run"
+    stop_pid "$pid"
+  done
+}
+
 stop_pid() {
   local pid=$1 i
   kill -TERM "$pid" 2>/dev/null || return 0
@@ -139,10 +148,7 @@ stop_component() {
     stop_pid "$pid"
   fi
   rm -f "$pids/$name.pid"
-  for pid in $(stray_pids "$name"); do
-    log "stopping stray $name (pid $pid)"
-    stop_pid "$pid"
-  done
+  stop_strays "$name"
 }
 
 port_free() { [[ -z $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
@@ -155,7 +161,15 @@ spawn() {
   mkdir -p "$logs" "$pids"
   printf '\n==== %s starting %s\n' "$(date -u +%FT%TZ)" "$name" >>"$logs/$name.log"
   setsid "$K8S_BIN/$name" "$@" </dev/null >>"$logs/$name.log" 2>&1 9>&- &
-  echo $! >"$pids/$name.pid"
+  local pid=$! i
+  # Until setsid has exec'd the binary the pid names a `bash` or `setsid`; wait for the exec
+  # so every later check sees the component itself.
+  for ((i = 0; i < 100; i++)); do
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$K8S_BIN/$name" ]] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "$pid" >"$pids/$name.pid"
 }
 
 # wait_until DESCRIPTION TIMEOUT_S COMPONENT COMMAND...: polls COMMAND until it succeeds;
@@ -270,6 +284,7 @@ EOF
 
 start_etcd() {
   [[ -n $(running_pid etcd) ]] && return 0
+  stop_strays etcd
   port_free "$ETCD_PORT" || die "etcd port $ETCD_PORT is in use (set TENDRIL_ETCD_PORT)"
   port_free "$ETCD_PEER_PORT" || die "etcd peer port $ETCD_PEER_PORT is in use (set TENDRIL_ETCD_PEER_PORT)"
   log "starting etcd on 127.0.0.1:$ETCD_PORT"
@@ -287,6 +302,7 @@ start_etcd() {
 
 start_apiserver() {
   [[ -n $(running_pid kube-apiserver) ]] && return 0
+  stop_strays kube-apiserver
   port_free "$APISERVER_PORT" || die "kube-apiserver port $APISERVER_PORT is in use (set TENDRIL_APISERVER_PORT)"
   log "starting kube-apiserver on $APISERVER_URL (advertising $ADVERTISE_ADDRESS)"
   spawn kube-apiserver --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
@@ -303,6 +319,7 @@ start_apiserver() {
 
 start_kcm() {
   [[ -n $(running_pid kube-controller-manager) ]] && return 0
+  stop_strays kube-controller-manager
   port_free "$KCM_PORT" || die "kube-controller-manager port $KCM_PORT is in use (set TENDRIL_KCM_PORT)"
   log "starting kube-controller-manager"
   local kc="$TENDRIL_RUN/controller-manager.kubeconfig"

@@ -291,34 +291,38 @@ fn procs_dir() -> PathBuf {
 /// Runs once per test binary (the harness calls it on first use).
 pub fn sweep_stale_processes() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let Ok(entries) = std::fs::read_dir(procs_dir()) else {
-            return;
+    ONCE.call_once(|| sweep_dir(&procs_dir()));
+}
+
+/// Pid files are `{owner pid}.{owner start}-{child pid}.pid` holding `{child pid}.{child
+/// start}`: a file whose owner is gone names a child to kill, if that child still runs.
+fn sweep_dir(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(stem) = file.strip_suffix(".pid") else {
+            continue;
         };
-        for e in entries.flatten() {
-            let file = e.file_name().to_string_lossy().into_owned();
-            let Some(stem) = file.strip_suffix(".pid") else {
-                continue;
-            };
-            let Some((owner, _)) = stem.rsplit_once('-') else {
-                continue;
-            };
-            if owner_alive(owner) {
-                continue;
-            }
-            if let Ok(child) = std::fs::read_to_string(e.path())
-                && owner_alive(child.trim())
-                && let Some((pid, _)) = child.trim().split_once('.')
-                && let Ok(pid) = pid.parse::<i32>()
-            {
-                // SAFETY: kill(2) on the group of a process we verified by pid + start time.
-                unsafe {
-                    libc::kill(-pid, libc::SIGKILL);
-                }
-            }
-            let _ = std::fs::remove_file(e.path());
+        let Some((owner, _)) = stem.rsplit_once('-') else {
+            continue;
+        };
+        if owner_alive(owner) {
+            continue;
         }
-    });
+        if let Ok(child) = std::fs::read_to_string(e.path())
+            && owner_alive(child.trim())
+            && let Some((pid, _)) = child.trim().split_once('.')
+            && let Ok(pid) = pid.parse::<i32>()
+        {
+            // SAFETY: kill(2) on the group of a process we verified by pid + start time.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +364,57 @@ mod tests {
             .to_string();
         assert!(err.contains("exited"), "{err}");
         assert!(err.contains("dying"), "{err}");
+    }
+
+    /// A killed test binary's child is found by its pid file and killed; a live owner's is
+    /// left alone.
+    #[test]
+    fn sweep_kills_children_of_dead_owners_only() {
+        let dir = std::env::temp_dir().join(crate::unique_name("sweep"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Killed on drop, so a failing assertion leaves nothing behind.
+        struct Guard(Child);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let spawn = || {
+            Guard(
+                Command::new("sleep")
+                    .arg("600")
+                    .process_group(0)
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let (mut orphan_guard, mut owned_guard) = (spawn(), spawn());
+        let (orphan, owned) = (&mut orphan_guard.0, &mut owned_guard.0);
+        let tag = |pid: u32| format!("{pid}.{}", process_start_time(pid).unwrap());
+        // Owner pid 1 with a start time it never had: a dead owner.
+        std::fs::write(
+            dir.join(format!("1.1-{}.pid", orphan.id())),
+            tag(orphan.id()),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{}-{}.pid", owner_tag(), owned.id())),
+            tag(owned.id()),
+        )
+        .unwrap();
+        sweep_dir(&dir);
+        let status = orphan.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            owned.try_wait().unwrap().is_none(),
+            "live owner's child was killed"
+        );
+        assert!(!dir.join(format!("1.1-{}.pid", orphan.id())).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -299,3 +299,72 @@ async fn dedicated_plane_restarts_components_and_keeps_data() -> Result<()> {
     assert!(shared.restart_apiserver().await.is_err());
     Ok(())
 }
+
+fn pid_file(plane: &ControlPlane, component: &str) -> std::path::PathBuf {
+    plane
+        .run_dir()
+        .join("pids")
+        .join(format!("{component}.pid"))
+}
+
+fn read_pid(plane: &ControlPlane, component: &str) -> Result<i32> {
+    let path = pid_file(plane, component);
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .parse()?)
+}
+
+/// Exists and is not a zombie (a SIGKILLed daemon's parent may be slow to reap it).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// What a killed run leaves behind: a component that died (stale pid file) and one that runs
+/// without a pid file (a stray). `start` replaces the first and stops the stray before
+/// starting a fresh etcd on the same data.
+#[tokio::test]
+async fn start_recovers_from_dead_and_stray_components_of_a_killed_run() -> Result<()> {
+    let plane = ControlPlane::dedicated("stale").await?;
+    let env = TestEnv::on(plane.clone()).await?;
+    let name = env.unique_name("kept");
+    env.apply_yaml(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  k: v\n"
+    ))
+    .await?;
+
+    let apiserver = read_pid(&plane, "kube-apiserver")?;
+    // SAFETY: SIGKILL to the apiserver this plane's pid file names.
+    assert_eq!(unsafe { libc::kill(apiserver, libc::SIGKILL) }, 0);
+    let stray_etcd = read_pid(&plane, "etcd")?;
+    std::fs::remove_file(pid_file(&plane, "etcd"))?;
+
+    plane.start().await?;
+    // SIGKILL is asynchronous: wait until the old apiserver is gone.
+    eventually(TIMEOUT, || async {
+        if alive(apiserver) {
+            anyhow::bail!("old apiserver {apiserver} still exists")
+        }
+        Ok(())
+    })
+    .await?;
+    assert!(
+        !alive(stray_etcd),
+        "stray etcd {stray_etcd} was not stopped"
+    );
+    let new_etcd = read_pid(&plane, "etcd")?;
+    assert_ne!(new_etcd, stray_etcd);
+    assert!(alive(new_etcd));
+    assert_ne!(read_pid(&plane, "kube-apiserver")?, apiserver);
+
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(plane.client().await?, env.namespace());
+    assert_eq!(cms.get(&name).await?.data.unwrap()["k"], "v");
+    Ok(())
+}
