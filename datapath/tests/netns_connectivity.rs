@@ -821,3 +821,109 @@ fn reattaching_under_traffic_loses_no_packet() {
     );
     assert_eq!(loader::pinned_links(&cluster.pins[1].0).unwrap().len(), 3);
 }
+
+/// Runs `iperf3` from `client_ns` to a one-off server in `server_ns`; bits/s.
+fn iperf3(server_ns: &str, server_ip: Ipv4Addr, client_ns: &str) -> f64 {
+    let port = (5300 + COUNTER.fetch_add(1, Ordering::Relaxed) % 500).to_string();
+    let ip = server_ip.to_string();
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", &ip, "-p", &port,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 (installed by hack/install-prereqs.sh)");
+    // The server needs a moment to listen: retry the client, 100 × at most.
+    // (iperf3 3.12 exits 0 with an "error" in its JSON when refused.)
+    let mut result = None;
+    for _ in 0..100 {
+        let run = exec(
+            client_ns,
+            &["iperf3", "-c", &ip, "-p", &port, "-t", "3", "-J"],
+        );
+        let json: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or_default();
+        if let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() {
+            result = Some(bps);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    result.unwrap_or_else(|| panic!("iperf3 {client_ns} -> {ip} never completed"))
+}
+
+/// Mean round-trip time in ms over 100 pings.
+fn rtt_ms(ns: &str, dst: Ipv4Addr) -> f64 {
+    let out = exec(
+        ns,
+        &["ping", "-q", "-c", "100", "-i", "0.005", &dst.to_string()],
+    );
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // "rtt min/avg/max/mdev = 0.030/0.045/0.090/0.010 ms"
+    let stats = stdout
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .expect("ping summary");
+    stats
+        .split('=')
+        .nth(1)
+        .unwrap()
+        .trim()
+        .split('/')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Cross-node pod-to-pod throughput and latency through the overlay and
+/// through native routing, as ratios to a plain veth pair between two
+/// namespaces, measured side by side in one run. Printed, not asserted.
+#[test]
+fn throughput_and_latency_against_a_plain_veth() {
+    let tag = format!(
+        "{}{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let (left, right) = (
+        Netns::new(format!("tdvl-{tag}")),
+        Netns::new(format!("tdvr-{tag}")),
+    );
+    ip(&[
+        "-n", &left.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &right.0,
+    ]);
+    ip(&["-n", &left.0, "addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    ip(&["-n", &right.0, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    ip(&["-n", &left.0, "link", "set", "eth0", "up"]);
+    ip(&["-n", &right.0, "link", "set", "eth0", "up"]);
+    let right_ip = Ipv4Addr::new(10, 99, 0, 2);
+    ping(&left.0, right_ip);
+
+    let overlay = Cluster::build(Mode::Overlay, 2, 1);
+    let native = Cluster::build(Mode::Native, 2, 1);
+    for cluster in [&overlay, &native] {
+        ping(&cluster.pods[0].ns, cluster.pods[1].ip);
+    }
+    let veth_bps = iperf3(&right.0, right_ip, &left.0);
+    let veth_rtt = rtt_ms(&left.0, right_ip);
+    println!(
+        "plain veth: {:.2} Gbit/s, rtt {veth_rtt:.3} ms",
+        veth_bps / 1e9
+    );
+    for (name, cluster) in [("overlay (VXLAN)", &overlay), ("native routing", &native)] {
+        let (a, b) = (&cluster.pods[0], &cluster.pods[1]);
+        let bps = iperf3(&b.ns, b.ip, &a.ns);
+        let rtt = rtt_ms(&a.ns, b.ip);
+        println!(
+            "{name}: {:.2} Gbit/s ({:.2}× veth), rtt {rtt:.3} ms ({:.2}× veth)",
+            bps / 1e9,
+            bps / veth_bps,
+            rtt / veth_rtt
+        );
+        assert!(bps > 0.0);
+    }
+}
