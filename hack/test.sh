@@ -8,7 +8,8 @@
 #
 # Every step runs even after an earlier one failed (one run shows every problem); the exit
 # status is non-zero if any failed. TENDRIL_TEST_THREADS (default 4: the integration tests
-# mostly wait on the apiserver) sets libtest's --test-threads. Extra arguments go to
+# mostly wait on the apiserver) sets libtest's --test-threads. TENDRIL_TEST_RUN and
+# TENDRIL_TEST_PORT_BASE move the e2e tests' plane (see e2e/src/plane.rs). Extra arguments go to
 # `cargo test` (e.g. `hack/test.sh -p tendril-e2e`).
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
@@ -61,8 +62,14 @@ step "CRD manifests up to date" cargo run -q -p tendril-crds --bin tendril-crdge
 step "cargo build --bins" cargo build --workspace --bins
 step "cargo test" cargo test --workspace "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
 
-# The shared test plane is reused within a run; do not leave it running afterwards.
-TENDRIL_RUN="$TENDRIL_CACHE/test-run" bash hack/control-plane.sh stop >/dev/null 2>&1 || true
+# The e2e tests' shared plane: left running locally (the next run reuses it, and other test
+# runs may be using it), stopped in CI.
+test_run=${TENDRIL_TEST_RUN:-$TENDRIL_CACHE/test-run}
+if [[ ${CI:-} == true ]]; then
+  TENDRIL_RUN="$test_run" bash hack/control-plane.sh stop >/dev/null 2>&1 || true
+else
+  log "test control plane left running for the next run; stop it with: TENDRIL_RUN=$test_run hack/control-plane.sh stop"
+fi
 
 summary
 ((failed == 0))

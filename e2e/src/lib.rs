@@ -40,8 +40,8 @@
 //!   (Nodes, NodeNetworks, …), [`wait_for`](TestEnv::wait_for). Dropping the env deletes its
 //!   namespace and registered objects (best effort, no waiting).
 //! - [`ControlPlane::shared`]`()`: the shared plane in `~/.cache/tendril/test-run` (ports:
-//!   apiserver 26443, etcd 22379/22380, controller-manager 30257), never the developer's
-//!   `hack/up.sh` plane. [`ControlPlane::dedicated`]`(name)`: a plane of its own on free
+//!   apiserver 26443, etcd 22379/22380, controller-manager 30257; `TENDRIL_TEST_RUN` and
+//!   `TENDRIL_TEST_PORT_BASE` move it), never the developer's `hack/up.sh` plane. [`ControlPlane::dedicated`]`(name)`: a plane of its own on free
 //!   ports, for fault tests, removed on drop; only dedicated planes accept
 //!   [`restart_apiserver`](ControlPlane::restart_apiserver),
 //!   [`restart_etcd`](ControlPlane::restart_etcd), [`restart`](ControlPlane::restart)`(Component)`,

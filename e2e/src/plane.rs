@@ -73,7 +73,8 @@ static SHARED: OnceLock<std::result::Result<Arc<ControlPlane>, String>> = OnceLo
 
 impl ControlPlane {
     /// The shared test plane in `~/.cache/tendril/test-run` (never the developer's
-    /// `~/.cache/tendril/run`), with the CRDs of `crds/manifests/` applied and established.
+    /// `~/.cache/tendril/run`; `TENDRIL_TEST_RUN` and `TENDRIL_TEST_PORT_BASE` (etcd, etcd
+    /// peer, apiserver, controller-manager on BASE..BASE+3) override both), with the CRDs of `crds/manifests/` applied and established.
     /// Started on first use by any test binary (a file lock in `control-plane.sh`
     /// serializes parallel binaries; a healthy plane is reused, stale processes of a killed
     /// run are stopped and restarted). Never stopped by the tests: the next run reuses it
@@ -341,8 +342,25 @@ fn init_shared() -> Result<ControlPlane> {
             k8s_bin_dir().display()
         );
     }
-    let run_dir = cache_dir().join("test-run");
-    run_script(&run_dir, Some(SHARED_PORTS), &["start"])?;
+    // Overrides, for running a second suite (another checkout) beside this one.
+    let run_dir = std::env::var_os("TENDRIL_TEST_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("test-run"));
+    let ports = match std::env::var("TENDRIL_TEST_PORT_BASE") {
+        Ok(base) => {
+            let b: u16 = base
+                .parse()
+                .context("TENDRIL_TEST_PORT_BASE is not a port")?;
+            Ports {
+                etcd: b,
+                etcd_peer: b + 1,
+                apiserver: b + 2,
+                kcm: b + 3,
+            }
+        }
+        Err(_) => SHARED_PORTS,
+    };
+    run_script(&run_dir, Some(ports), &["start"])?;
     let plane = ControlPlane {
         name: "shared".into(),
         settings: read_settings(&run_dir)?,
