@@ -16,8 +16,14 @@ export GOMODCACHE="${GOMODCACHE:-$(go env GOMODCACHE 2>/dev/null || echo "$HOME/
 export GOCACHE="${GOCACHE:-$(go env GOCACHE 2>/dev/null || echo "$HOME/.cache/go-build")}"
 export PATH="$K8S_BIN:$HOME/.cargo/bin:/usr/local/go/bin:$HOME/go/bin:$PATH"
 
-log() { printf '\033[1;34m[tendril]\033[0m %s\n' "$*" >&2; }
-die() { printf '\033[1;31m[tendril] error:\033[0m %s\n' "$*" >&2; exit 1; }
+# Colour only on a terminal (CI logs stay plain).
+if [[ -t 2 && -z ${NO_COLOR:-} ]]; then
+  log() { printf '\033[1;34m[tendril]\033[0m %s\n' "$*" >&2; }
+  die() { printf '\033[1;31m[tendril] error:\033[0m %s\n' "$*" >&2; exit 1; }
+else
+  log() { printf '[tendril] %s\n' "$*" >&2; }
+  die() { printf '[tendril] error: %s\n' "$*" >&2; exit 1; }
+fi
 
 # Content hash of a list of files: the build stamp that decides whether to rebuild.
 files_hash() { cat "$@" | sha256sum | cut -c1-16; }
