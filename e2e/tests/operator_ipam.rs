@@ -126,7 +126,7 @@ async fn pod_ip_pools_assign_stable_node_cidrs() -> Result<()> {
     )?;
     let mut op = start_operator(&env, &config, port).await?;
 
-    let names: Vec<String> = (0..3).map(|i| env.unique_name(&format!("n{i}"))).collect();
+    let names: Vec<String> = (0..4).map(|i| env.unique_name(&format!("n{i}"))).collect();
     for n in &names {
         env.delete_on_drop::<Node>(n);
     }
@@ -295,6 +295,30 @@ async fn pod_ip_pools_assign_stable_node_cidrs() -> Result<()> {
         TIMEOUT,
     )
     .await?;
+    // Deleting the pool leaves every node its CIDRs; a new pool over the same space never
+    // hands those out again.
+    pools.delete("default", &Default::default()).await?;
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "apiVersion": "tendril.dev/v1alpha1", "kind": "PodIPPool",
+                "metadata": { "name": "second" },
+                "spec": {
+                    "ipv4": { "cidrs": ["10.100.0.0/23", "10.100.2.0/24"], "maskSize": 24 },
+                    "ipv6": { "cidrs": ["fd00:100::/62"], "maskSize": 64 },
+                },
+            }))?,
+        )
+        .await?;
+    nodes
+        .create(&PostParams::default(), &node(&names[3]))
+        .await?;
+    let d = wait_cidrs(&networks, &names[3], 2).await?;
+    println!("after pool re-creation: {} {d:?}", names[3]);
+    assert_eq!(d, vec!["10.100.2.0/24", "fd00:100:0:2::/64"]);
+    assert_eq!(networks.get(&names[1]).await?.spec.pod_cidrs, b);
+    assert_eq!(networks.get(&names[2]).await?.spec.pod_cidrs, a);
     op.stop(Duration::from_secs(10));
     let _ = std::fs::remove_file(&config);
     Ok(())

@@ -251,6 +251,20 @@ impl Ipam {
                 if !violations.is_empty() {
                     refusal = Some(("WouldReaddressPods", violations.join("; ")));
                 }
+                // Nodes whose pool was deleted keep their CIDRs: never hand those out.
+                let existing: BTreeSet<String> = all_pools.iter().map(|p| p.name_any()).collect();
+                for nn in networks.iter().filter(|n| {
+                    n.spec
+                        .pod_ip_pool
+                        .as_ref()
+                        .is_none_or(|p| !existing.contains(p))
+                }) {
+                    for c in parse_cidrs(nn) {
+                        if cfg.all_cidrs().any(|pc| pool::overlaps(pc, &c)) {
+                            p.reserve_foreign(&nn.name_any(), c);
+                        }
+                    }
+                }
                 info!(pool = %name, nodes = p.allocations().count(), "pool allocations restored");
                 state.insert(
                     name.clone(),

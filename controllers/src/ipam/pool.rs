@@ -317,7 +317,7 @@ impl Blocks {
     }
 
     /// First free block of `mask` bits inside `cidr`, skipping allocations.
-    fn first_free(&self, family: Family, cidr: &IpNet, mask: u8) -> Option<IpNet> {
+    fn first_free(&self, other: &Blocks, family: Family, cidr: &IpNet, mask: u8) -> Option<IpNet> {
         let (first, last) = span(cidr);
         let step_bits = u32::from(family.bits() - mask);
         let step = 1u128.checked_shl(step_bits).unwrap_or(0);
@@ -327,7 +327,10 @@ impl Blocks {
             if candidate_last > last {
                 return None;
             }
-            match self.overlapping(candidate, candidate_last) {
+            let in_the_way = self
+                .overlapping(candidate, candidate_last)
+                .or_else(|| other.overlapping(candidate, candidate_last));
+            match in_the_way {
                 None => return Some(from_int(family, candidate, mask)),
                 Some(block) => {
                     // Jump to the first aligned block after the one in the way.
@@ -366,6 +369,10 @@ pub struct Pool {
     config: PoolConfig,
     v4: Blocks,
     v6: Blocks,
+    /// Blocks held by nodes of no existing pool (their pool was deleted): never handed
+    /// out, but not this pool's allocations either.
+    foreign_v4: Blocks,
+    foreign_v6: Blocks,
     /// node → its blocks (at most one per family).
     nodes: BTreeMap<String, Vec<IpNet>>,
 }
@@ -376,6 +383,8 @@ impl Pool {
             config,
             v4: Blocks::default(),
             v6: Blocks::default(),
+            foreign_v4: Blocks::default(),
+            foreign_v6: Blocks::default(),
             nodes: BTreeMap::new(),
         }
     }
@@ -396,6 +405,30 @@ impl Pool {
         match family {
             Family::V4 => &mut self.v4,
             Family::V6 => &mut self.v6,
+        }
+    }
+
+    fn foreign(&self, family: Family) -> &Blocks {
+        match family {
+            Family::V4 => &self.foreign_v4,
+            Family::V6 => &self.foreign_v6,
+        }
+    }
+
+    /// Keeps `cidr`, held by `node` outside of any existing pool (its pool was deleted),
+    /// out of this pool's hands. Ignored when it overlaps what is already recorded.
+    pub fn reserve_foreign(&mut self, node: &str, cidr: IpNet) {
+        let cidr = cidr.trunc();
+        let family = Family::of(&cidr);
+        let (first, last) = span(&cidr);
+        if self.blocks(family).overlapping(first, last).is_some()
+            || self.foreign(family).overlapping(first, last).is_some()
+        {
+            return;
+        }
+        match family {
+            Family::V4 => self.foreign_v4.insert(cidr, node),
+            Family::V6 => self.foreign_v6.insert(cidr, node),
         }
     }
 
@@ -454,10 +487,11 @@ impl Pool {
                 continue;
             }
             let blocks = self.blocks(family);
+            let foreign = self.foreign(family);
             let found = cfg
                 .cidrs
                 .iter()
-                .find_map(|cidr| blocks.first_free(family, cidr, cfg.mask_size));
+                .find_map(|cidr| blocks.first_free(foreign, family, cidr, cfg.mask_size));
             match found {
                 Some(block) => new.push(block),
                 None => {
@@ -509,6 +543,7 @@ impl Pool {
                     .map(|c| {
                         blocks
                             .in_cidr(c)
+                            .chain(self.foreign(family).in_cidr(c))
                             .map(|b| blocks_covered(b, cfg.mask_size))
                             .fold(0u128, u128::saturating_add)
                     })
@@ -785,6 +820,19 @@ mod tests {
         let reasons = pool.violations(&pool.config().clone());
         assert_eq!(reasons.len(), 1, "{reasons:?}");
         assert!(reasons[0].contains("not /24 blocks"), "{reasons:?}");
+    }
+
+    #[test]
+    fn foreign_blocks_are_skipped_but_not_counted_as_allocations() {
+        let mut pool = Pool::new(v4(&["10.0.0.0/22"], 24));
+        pool.reserve_foreign("orphan", net("10.0.0.0/24"));
+        pool.reserve_foreign("orphan2", net("10.0.1.0/25"));
+        assert_eq!(pool.allocate("a").unwrap(), vec![net("10.0.2.0/24")]);
+        assert_eq!(pool.allocate("b").unwrap(), vec![net("10.0.3.0/24")]);
+        assert!(pool.allocate("c").is_err());
+        assert_eq!(pool.allocated_blocks(), 2);
+        assert_eq!(pool.available_nodes(), 0);
+        assert!(pool.violations(&pool.config().clone()).is_empty());
     }
 
     #[test]
