@@ -16,3 +16,14 @@ pub use converge::{
     MetricSample,
 };
 pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};
+
+#[cfg(test)]
+mod tests {
+    /// The agent keeps both in async tasks.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<super::Dataplane>();
+        send_sync::<super::Programs>();
+    }
+}
