@@ -25,8 +25,9 @@
 #   TENDRIL_ADVERTISE_ADDRESS: kube-apiserver refuses a loopback advertise address (it is
 #     written into the `kubernetes` Service's endpoints). Default: the machine's own primary
 #     IPv4 address (source of the default route, found by `ip route get`, a table lookup that
-#     sends nothing). The apiserver still binds only 127.0.0.1 and nothing dials the
-#     advertised address, so no traffic leaves the machine and no link is created.
+#     sends nothing), else its first global IPv4 address, else 198.51.100.1 (TEST-NET-2).
+#     The apiserver still binds only 127.0.0.1 and nothing dials the advertised address, so
+#     no traffic leaves the machine and no link is created.
 # Service CIDR 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1).
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
@@ -65,7 +66,9 @@ load_config() {
   if [[ -z $ADVERTISE_ADDRESS ]]; then
     ADVERTISE_ADDRESS=$(ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -1)
   fi
-  [[ -n $ADVERTISE_ADDRESS ]] || die "no non-loopback IPv4 address found; set TENDRIL_ADVERTISE_ADDRESS"
+  # No address at all (an isolated sandbox): a TEST-NET-2 address. The apiserver does not
+  # require it to be local; it is only published as the `kubernetes` endpoint.
+  ADVERTISE_ADDRESS=${ADVERTISE_ADDRESS:-198.51.100.1}
   APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
 }
 
