@@ -17,7 +17,7 @@ use tracing::{error, info};
 const CONCERNS: &[Concern<OperatorConfig>] = &[
     Concern {
         name: nodes::NAME,
-        run: |ctx, _config| nodes::run(ctx).boxed(),
+        run: |ctx, config| nodes::run(ctx, config.nodes.clone()).boxed(),
     },
     Concern {
         name: ipam::NAME,

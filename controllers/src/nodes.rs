@@ -24,6 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::Duration;
 use tendril_crds::common::NodeAddress;
 use tendril_crds::v1alpha1::NodeNetwork;
 
@@ -143,7 +144,24 @@ pub fn condition_update(
     ))
 }
 
+/// Settings of the nodes concern (`nodes` in operator.yaml).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// Every Node is reconciled at least this often, even without events.
+    pub resync_seconds: u64,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        Self {
+            resync_seconds: 3600,
+        }
+    }
+}
+
 struct Nodes {
+    resync: Duration,
     networks: Api<NodeNetwork>,
     nodes: Store<Node>,
     nodes_gauge: Gauge,
@@ -154,6 +172,10 @@ impl Reconciler for Nodes {
     type Object = Node;
     type Error = Error;
     const NAME: &'static str = NAME;
+
+    fn resync(&self) -> Option<Duration> {
+        Some(self.resync)
+    }
 
     async fn reconcile(&self, node: Arc<Node>) -> Result<Action, Error> {
         let manager = manager();
@@ -177,26 +199,45 @@ impl Reconciler for Nodes {
 }
 
 /// Runs the nodes controller until `ctx.shutdown`.
-pub async fn run(ctx: Context) -> anyhow::Result<()> {
+pub async fn run(ctx: Context, config: NodesConfig) -> anyhow::Result<()> {
     let nodes = Api::<Node>::all(ctx.client.clone());
     let networks = Api::<NodeNetwork>::all(ctx.client.clone());
     let controller = Controller::new(nodes, watcher::Config::default())
         .owns(networks.clone(), watcher::Config::default());
+    let nodes_gauge: Gauge = ctx.metrics.domain(
+        "tendril_nodes",
+        "Nodes seen by the nodes concern",
+        Gauge::default,
+    );
+    // Deletions never reach reconcile, so the gauge is also refreshed from the store.
+    let refresh = {
+        let store = controller.store();
+        let gauge = nodes_gauge.clone();
+        let stop = ctx.shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        gauge.set(i64::try_from(store.state().len()).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+        }
+    };
     let reconciler = Nodes {
+        resync: Duration::from_secs(config.resync_seconds.max(1)),
         networks,
         nodes: controller.store(),
-        nodes_gauge: ctx.metrics.domain(
-            "tendril_nodes",
-            "Nodes seen by the nodes concern",
-            Gauge::default,
-        ),
+        nodes_gauge,
         writes: ctx.metrics.domain(
             "tendril_node_network_condition_writes",
             "Status writes of the AddressesResolved condition",
             Counter::default,
         ),
     };
-    runtime::run(controller, reconciler, &ctx).await;
+    tokio::join!(runtime::run(controller, reconciler, &ctx), refresh);
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The work runs only while this process holds the lease. When the lease is lost the
 //! work's cancellation token fires and the controllers stop; on shutdown the lease is
-//! released so a standby takes over at once instead of after the lease duration.
+//! released (holder cleared). A standby checks the lease when the holder's lease would
+//! expire, so takeover happens within one lease duration after the leader stopped renewing.
 //! `leader_election_master_status{name}` is 1 while leading.
 //!
 //! The Lease namespace must exist: the operator does not create namespaces (the

@@ -163,6 +163,13 @@ pub trait Reconciler: Send + Sync + 'static {
         &self,
         obj: Arc<Self::Object>,
     ) -> impl Future<Output = Result<Action, Self::Error>> + Send;
+
+    /// Reconcile every object at least this often even without events (a level-triggered
+    /// safety net, like controller-runtime's SyncPeriod): a reconcile that returns
+    /// `Action::await_change()` is requeued after this long, still counted as `success`.
+    fn resync(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A concern of the operator: a name and how to run it until `ctx.shutdown`. It is
@@ -254,15 +261,18 @@ async fn reconcile_one<R: Reconciler>(
     let span =
         info_span!("reconcile", controller = R::NAME, kind = %R::Object::kind(&()), object = %key);
     let mut timer = h.metrics.reconcile_started();
-    let result = h.reconciler.reconcile(obj).instrument(span.clone()).await;
-    match &result {
+    let mut result = h.reconciler.reconcile(obj).instrument(span.clone()).await;
+    match &mut result {
         Ok(action) => {
             h.backoff.reset(&key);
-            timer.set_result(if *action == Action::await_change() {
-                "success"
+            if *action == Action::await_change() {
+                timer.set_result("success");
+                if let Some(resync) = h.reconciler.resync() {
+                    *action = Action::requeue(resync);
+                }
             } else {
-                "requeue"
-            });
+                timer.set_result("requeue");
+            }
             debug!(parent: &span, ?action, "reconciled");
         }
         Err(e) => {

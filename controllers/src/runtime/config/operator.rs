@@ -19,6 +19,8 @@ pub struct OperatorConfig {
     pub leader_election: LeaderElectionConfig,
     /// Retry curve of failed reconciles.
     pub backoff: Backoff,
+    /// Node -> NodeNetwork (concern `nodes`).
+    pub nodes: crate::nodes::NodesConfig,
     /// Pod CIDR pools (concern `ipam`).
     pub ipam: crate::ipam::IpamConfig,
     /// Security identities and the label filter (concerns `identities`, `endpoints`).
@@ -34,6 +36,7 @@ impl Default for OperatorConfig {
             },
             leader_election: LeaderElectionConfig::default(),
             backoff: Backoff::default(),
+            nodes: Default::default(),
             ipam: Default::default(),
             identities: Default::default(),
         }
