@@ -182,6 +182,13 @@ async fn pods_get_endpoints_with_shared_identities_and_gc() -> Result<()> {
         Some("blue")
     );
     assert!(!labels.keys().any(|k| k.contains("pod-template-hash")));
+    assert_eq!(
+        web1.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("tendril.dev/identity")),
+        Some(&web_id.to_string())
+    );
     let owner = &web1.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
         (owner.kind.as_str(), owner.name.as_str(), owner.controller),
@@ -266,6 +273,38 @@ async fn pods_get_endpoints_with_shared_identities_and_gc() -> Result<()> {
         web1.spec.security_labels
     );
     assert_eq!(web1.spec.revision, 2);
+
+    // A pod deleted and re-created under the same name: the Endpoint follows the new pod.
+    pods.delete("web-1", &DeleteParams::default().grace_period(0))
+        .await?;
+    wait_deleted(&pods, "web-1", TIMEOUT).await?;
+    let new_pod = pods
+        .create(
+            &PostParams::default(),
+            &pod("web-1", &node_name, &[("app", "web")]),
+        )
+        .await?;
+    set_running(&pods, "web-1", "10.1.0.21").await?;
+    let new_uid = new_pod.metadata.uid.clone().unwrap_or_default();
+    let web1 = wait_for(
+        &endpoints,
+        "web-1",
+        move |o: Option<&Endpoint>| {
+            o.is_some_and(|e| {
+                e.spec.ips == ["10.1.0.21"]
+                    && e.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .any(|r| r.uid == new_uid)
+            })
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("endpoint")?;
+    assert_eq!(web1.metadata.owner_references.map(|o| o.len()), Some(1));
+    assert_eq!(web1.spec.identity, Some(new_id));
 
     // Measurement: 1,000 pods over 250 label sets (250 new identities).
     measure(&env, &node_name).await?;

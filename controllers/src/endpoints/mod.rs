@@ -34,6 +34,9 @@ use tracing::{debug, info};
 
 /// The concern's name; its field manager is `tendril-endpoints`.
 pub const NAME: &str = "endpoints";
+/// Label on every `Endpoint`: its identity id, so users and garbage collection can select
+/// the endpoints of one identity (`kubectl get tep -A -l tendril.dev/identity=300`).
+pub const IDENTITY_LABEL: &str = "tendril.dev/identity";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,11 +101,13 @@ impl Reconciler for Endpoints {
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.endpoints.wait_until_ready().await;
         let namespace = self.namespaces.get(&ObjectRef::new(&ns));
-        let current = self
-            .endpoints
-            .get(&ObjectRef::new(&name).within(&ns))
-            // An Endpoint left by an earlier Pod of the same name is not ours to update.
-            .filter(|e| owned_by(e, &pod));
+        let mut current = self.endpoints.get(&ObjectRef::new(&name).within(&ns));
+        if let Some(stale) = current.take_if(|e| !owned_by(e, &pod)) {
+            // Left by an earlier Pod of the same name (the garbage collector has not removed
+            // it yet): applying over it would give it two controller owners.
+            self.delete_endpoint(&stale).await?;
+            info!("stale Endpoint of an earlier pod of the same name removed");
+        }
         let desired = match desired_endpoint(&pod, namespace.as_deref(), &self.filter) {
             Ok(d) => d,
             Err(skip) => {
@@ -120,7 +125,12 @@ impl Reconciler for Endpoints {
         };
         let identity = self.allocator.ensure(&desired.security_labels).await?;
         let spec = endpoint_spec(desired, Some(identity), current.as_ref().map(|c| &c.spec));
-        if current.as_ref().is_some_and(|c| c.spec == spec) {
+        let id_label = identity.to_string();
+        let labelled = |c: &Endpoint| c.labels().get(IDENTITY_LABEL) == Some(&id_label);
+        if current
+            .as_ref()
+            .is_some_and(|c| c.spec == spec && labelled(c))
+        {
             return Ok(Action::await_change());
         }
         let owner = runtime::controller_owner_ref(pod.as_ref()).ok_or(Error::MissingMetadata)?;
@@ -128,12 +138,20 @@ impl Reconciler for Endpoints {
             &name,
             Some(&ns),
             json!({
-                "metadata": { "ownerReferences": [owner] },
+                "metadata": {
+                    "ownerReferences": [owner],
+                    "labels": { IDENTITY_LABEL: id_label },
+                },
                 "spec": spec,
             }),
         );
         let api = Api::<Endpoint>::namespaced(self.client.clone(), &ns);
         runtime::apply(&api, &runtime::field_manager(NAME), &body).await?;
+        // Until the identities concern sees this Endpoint, the fresh use keeps the identity
+        // from being collected.
+        self.allocator
+            .index()
+            .touch(identity, k8s_openapi::jiff::Timestamp::now());
         self.writes.inc();
         debug!(identity, revision = spec.revision, "Endpoint applied");
         Ok(Action::await_change())

@@ -22,7 +22,7 @@ use index::{Verdict, gc_verdict};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -83,6 +83,7 @@ impl MetricLabel for Error {
 
 struct Identities {
     api: Api<Identity>,
+    all_endpoints: Api<Endpoint>,
     endpoints: Store<Endpoint>,
     allocator: IdentityAllocator,
     grace: Duration,
@@ -122,6 +123,20 @@ impl Reconciler for Identities {
             self.grace,
         ) {
             Verdict::Collect => {
+                // The store may lag behind a just-written Endpoint: ask the apiserver (a
+                // quorum read) whether any Endpoint still carries this identity.
+                let lp = ListParams::default()
+                    .labels(&format!("{}={id}", crate::endpoints::IDENTITY_LABEL))
+                    .limit(1);
+                if !self
+                    .all_endpoints
+                    .list_metadata(&lp)
+                    .await?
+                    .items
+                    .is_empty()
+                {
+                    return Ok(Action::requeue(Duration::from_secs(5)));
+                }
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: identity.uid(),
@@ -158,7 +173,14 @@ impl Reconciler for Identities {
                         None,
                         json!({ "status": fields }),
                     );
-                    runtime::apply_status(&self.api, allocator::MANAGER, &body).await?;
+                    match runtime::apply_status(&self.api, allocator::MANAGER, &body).await {
+                        Ok(_) => {}
+                        // Deleted meanwhile: nothing left to describe.
+                        Err(kube::Error::Api(s)) if s.code == 404 => {
+                            return Ok(Action::await_change());
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Ok(Action::requeue(recheck_after.unwrap_or(RESYNC).min(RESYNC)))
             }
@@ -198,6 +220,7 @@ pub async fn run(
         });
     let reconciler = Identities {
         api,
+        all_endpoints: Api::<Endpoint>::all(ctx.client.clone()),
         endpoints,
         allocator,
         grace: config.grace_period(),
