@@ -3,8 +3,10 @@
 //! and report on it (`NodeNetwork.status`, metrics).
 //!
 //! [`Agent`] is the shared state; [`server`] serves it to the plugin, [`node`] keeps it in
-//! step with the cluster, [`host`] owns the node-side gateway device.
+//! step with the cluster, [`host`] owns the node-side gateway device, [`datapath`]
+//! converges the kernel (eBPF maps and programs, routes, the VXLAN device).
 
+pub mod datapath;
 pub mod host;
 pub mod metrics;
 pub mod node;

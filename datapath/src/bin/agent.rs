@@ -1,5 +1,7 @@
-//! `tendril-agent`: the node datapath reconciler. This part allocates pod addresses from
-//! the node's pod CIDRs and serves them to `tendril-cni` on a unix socket.
+//! `tendril-agent`: the node datapath reconciler. It allocates pod addresses from the
+//! node's pod CIDRs and serves them to `tendril-cni` on a unix socket, and converges the
+//! node's kernel state (eBPF maps and programs, routes, VXLAN) to the cluster's desired
+//! state (`agent::datapath`).
 //!
 //! Two modes:
 //! - with Kubernetes (default): the pod CIDRs come from the node's `NodeNetwork`, the
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tendril_controllers::runtime::config::{self, AgentArgs, AgentConfig};
 use tendril_controllers::runtime::{self, Health, Metrics, logging, server as http};
+use tendril_datapath::agent::datapath::{self, DatapathConfig, metrics::DatapathMetrics};
 use tendril_datapath::agent::metrics::AgentMetrics;
 use tendril_datapath::agent::node::{self, NodeSyncConfig};
 use tendril_datapath::agent::{Agent, host, server};
@@ -117,14 +120,45 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             resync: Duration::from_secs(cli.ipam_resync_seconds.max(1)),
             node_netns: cli.node_netns.clone(),
         };
-        node::run(
+        let sizes = config.bpf_map_sizes;
+        let datapath_cfg = DatapathConfig {
+            node_name: config.node_name.clone(),
+            node_netns: cli.node_netns.clone(),
+            // Per node, so agents of simulated nodes sharing a bpffs root never share maps.
+            pin_dir: config.bpffs_root.join(&config.node_name),
+            routing_mode: config.routing_mode,
+            tunnel_device: config.tunnel_device.clone(),
+            tunnel_port: config.tunnel_port,
+            map_sizes: tendril_datapath::bpf::MapSizes {
+                ipcache: sizes.ipcache,
+                endpoints: sizes.endpoints,
+                metrics: sizes.metrics,
+            },
+            resync: Duration::from_secs(config.datapath_resync_seconds),
+            debounce: Duration::from_millis(config.datapath_debounce_millis),
+        };
+        let datapath_task = datapath::run(
+            client.clone(),
+            DatapathMetrics::register(&metrics),
+            health.clone(),
+            datapath_cfg,
+            shutdown.clone(),
+        );
+        let datapath_task = async {
+            if let Err(e) = datapath_task.await {
+                // Pods keep being served addresses; /readyz reports the datapath check as
+                // failing until a restart fixes what broke (e.g. no bpffs, no CAP_BPF).
+                error!(error = %e, "the datapath reconciler could not start");
+            }
+        };
+        let node_task = node::run(
             client,
             agent.clone(),
             health.clone(),
             sync,
             shutdown.clone(),
-        )
-        .await;
+        );
+        tokio::join!(datapath_task, node_task);
     } else {
         agent.set_pod_cidrs(&cli.pod_cidrs).context("--pod-cidr")?;
         let (gateways, netns) = (agent.gateways(), cli.node_netns.clone());

@@ -40,6 +40,33 @@ pub struct AgentConfig {
     pub logging: LoggingConfig,
     /// Retry curve of failed reconciles.
     pub backoff: Backoff,
+    /// Name of the collect-metadata VXLAN device (overlay mode).
+    pub tunnel_device: String,
+    /// The datapath converges at least this often even without a change (seconds).
+    pub datapath_resync_seconds: u64,
+    /// Changes arriving within this window are converged in one pass (milliseconds).
+    pub datapath_debounce_millis: u64,
+    /// Capacities of the BPF maps; a pinned map of another size is refused at start.
+    pub bpf_map_sizes: BpfMapSizes,
+}
+
+/// Entries each BPF map can hold (`bpfMapSizes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BpfMapSizes {
+    pub ipcache: u32,
+    pub endpoints: u32,
+    pub metrics: u32,
+}
+
+impl Default for BpfMapSizes {
+    fn default() -> Self {
+        Self {
+            ipcache: 131_072,
+            endpoints: 8192,
+            metrics: 1024,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -57,6 +84,10 @@ impl Default for AgentConfig {
             },
             logging: LoggingConfig::default(),
             backoff: Backoff::default(),
+            tunnel_device: "tendril_vxlan".to_string(),
+            datapath_resync_seconds: 30,
+            datapath_debounce_millis: 50,
+            bpf_map_sizes: BpfMapSizes::default(),
         }
     }
 }
@@ -73,6 +104,22 @@ impl AgentConfig {
         }
         if !(576..=9000).contains(&self.mtu) {
             return Err(ConfigError::Invalid("mtu must be within 576..9000".into()));
+        }
+        if self.tunnel_device.is_empty() || self.tunnel_device.len() > 15 {
+            return Err(ConfigError::Invalid(
+                "tunnelDevice must be 1 to 15 characters (an interface name)".into(),
+            ));
+        }
+        if self.datapath_resync_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "datapathResyncSeconds must be > 0".into(),
+            ));
+        }
+        let sizes = &self.bpf_map_sizes;
+        if sizes.ipcache == 0 || sizes.endpoints == 0 || sizes.metrics == 0 {
+            return Err(ConfigError::Invalid(
+                "bpfMapSizes: every size must be > 0".into(),
+            ));
         }
         Ok(())
     }

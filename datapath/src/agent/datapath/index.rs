@@ -1,0 +1,324 @@
+//! The desired datapath of one node, computed from the watched objects: a pure function of
+//! the `NodeNetwork`s and `Endpoint`s (values in, values out), so it is tested without a
+//! kernel or an API server. What cannot be realized yet (no identity allocated, no node
+//! address known) is listed as pending with the reason, never silently left out.
+
+use crate::bpf::maps::IpcacheValue;
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use tendril_controllers::runtime::config::RoutingMode;
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
+
+/// Reserved identities (DESIGN.md §4).
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_REMOTE_NODE: u32 = 6;
+
+/// `namespace/name` of an Endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for EndpointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A pod of this node the `endpoints` map must deliver to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub key: EndpointRef,
+    pub revision: i64,
+    pub ips: Vec<IpAddr>,
+    pub identity: u32,
+    /// The low 16 bits of the pod's first address: stable across restarts and unique
+    /// within a node's pod CIDR of /16 or smaller, without any allocation state.
+    pub endpoint_id: u16,
+}
+
+/// How the node reaches another node's pod CIDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteVia {
+    /// Into the VXLAN device, with the node's address as source (overlay).
+    Tunnel { src: Ipv4Addr },
+    /// Via the other node's underlay address (native routing).
+    Gateway(Ipv4Addr),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    /// This node's `NodeNetwork` generation, `None` while it does not exist.
+    pub generation: Option<i64>,
+    /// This node's underlay IPv4 address (its first `InternalIP`).
+    pub node_ip: Option<Ipv4Addr>,
+    pub local: Vec<LocalEndpoint>,
+    pub ipcache: BTreeMap<IpNet, IpcacheValue>,
+    pub routes: BTreeMap<IpNet, RouteVia>,
+    /// Endpoints of this node that cannot be realized yet, with the reason.
+    pub pending: Vec<(EndpointRef, String)>,
+}
+
+fn internal_ipv4(network: &NodeNetwork) -> Option<Ipv4Addr> {
+    network
+        .spec
+        .addresses
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+}
+
+fn endpoint_ref(ep: &Endpoint) -> EndpointRef {
+    EndpointRef {
+        namespace: ep.metadata.namespace.clone().unwrap_or_default(),
+        name: ep.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+fn endpoint_id(ip: IpAddr) -> u16 {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            u16::from_be_bytes([o[2], o[3]])
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            u16::from_be_bytes([o[14], o[15]])
+        }
+    }
+}
+
+/// The datapath `node` should have, given every `NodeNetwork` and `Endpoint`.
+pub fn desired<'a>(
+    node: &str,
+    mode: RoutingMode,
+    networks: impl IntoIterator<Item = &'a NodeNetwork>,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> Desired {
+    let mut out = Desired::default();
+    let mut node_ips: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+    let mut remote_cidrs: Vec<(IpNet, Ipv4Addr)> = Vec::new();
+    for network in networks {
+        let name = network.metadata.name.clone().unwrap_or_default();
+        let ip = internal_ipv4(network);
+        if name == node {
+            out.generation = network.metadata.generation;
+            out.node_ip = ip;
+        }
+        let Some(ip) = ip else { continue };
+        node_ips.insert(name.clone(), ip);
+        if name != node {
+            remote_cidrs.extend(
+                network
+                    .spec
+                    .pod_cidrs
+                    .iter()
+                    .filter_map(|c| c.parse::<IpNet>().ok())
+                    .filter(|c| matches!(c, IpNet::V4(_)))
+                    .map(|c| (c.trunc(), ip)),
+            );
+        }
+    }
+    for (name, ip) in &node_ips {
+        let value = if name == node {
+            IpcacheValue::local_node(IDENTITY_HOST)
+        } else {
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
+        };
+        out.ipcache.insert(IpNet::from(IpAddr::V4(*ip)), value);
+    }
+    for (cidr, remote) in remote_cidrs {
+        let via = match (mode, out.node_ip) {
+            (RoutingMode::Overlay, Some(src)) => RouteVia::Tunnel { src },
+            // Without our own address the overlay has no source; the route waits.
+            (RoutingMode::Overlay, None) => continue,
+            (RoutingMode::Native, _) => RouteVia::Gateway(remote),
+        };
+        out.routes.insert(cidr, via);
+    }
+
+    let mut local: Vec<LocalEndpoint> = Vec::new();
+    for ep in endpoints {
+        let key = endpoint_ref(ep);
+        let is_local = ep.spec.node == node;
+        let ips: Vec<IpAddr> = ep.spec.ips.iter().filter_map(|s| s.parse().ok()).collect();
+        let identity = ep.spec.identity.and_then(|id| u32::try_from(id).ok());
+        let Some(identity) = identity.filter(|id| *id > 0) else {
+            if is_local {
+                out.pending.push((key, "no identity allocated yet".into()));
+            }
+            continue;
+        };
+        if ips.is_empty() {
+            if is_local {
+                out.pending.push((key, "no addresses".into()));
+            }
+            continue;
+        }
+        let tunnel = match (is_local, mode) {
+            (true, _) | (false, RoutingMode::Native) => None,
+            (false, RoutingMode::Overlay) => match node_ips.get(&ep.spec.node) {
+                Some(ip) => Some(*ip),
+                // The pod's node has no known address yet: it is unreachable by tunnel.
+                None => continue,
+            },
+        };
+        for ip in &ips {
+            // Only IPv4 travels through the tunnel (the underlay is IPv4).
+            if tunnel.is_some() && ip.is_ipv6() {
+                continue;
+            }
+            out.ipcache
+                .insert(IpNet::from(*ip), IpcacheValue::new(identity, tunnel));
+        }
+        if is_local {
+            local.push(LocalEndpoint {
+                endpoint_id: endpoint_id(ips[0]),
+                key,
+                revision: ep.spec.revision,
+                ips,
+                identity,
+            });
+        }
+    }
+    local.sort_by(|a, b| a.key.cmp(&b.key));
+    out.local = local;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tendril_crds::common::NodeAddress;
+    use tendril_crds::v1alpha1::{EndpointSpec, NodeNetworkSpec};
+
+    fn network(name: &str, ip: &str, cidr: &str, generation: i64) -> NodeNetwork {
+        let mut nn = NodeNetwork::new(
+            name,
+            NodeNetworkSpec {
+                addresses: vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.into(),
+                }],
+                pod_cidrs: vec![cidr.into()],
+                ..Default::default()
+            },
+        );
+        nn.metadata.generation = Some(generation);
+        nn
+    }
+
+    fn endpoint(name: &str, node: &str, ip: &str, identity: Option<i64>) -> Endpoint {
+        let mut ep = Endpoint::new(
+            name,
+            EndpointSpec {
+                node: node.into(),
+                ips: vec![ip.into()],
+                identity,
+                revision: 3,
+                ..Default::default()
+            },
+        );
+        ep.metadata.namespace = Some("default".into());
+        ep
+    }
+
+    fn cluster() -> (Vec<NodeNetwork>, Vec<Endpoint>) {
+        (
+            vec![
+                network("a", "10.250.0.10", "10.200.0.0/24", 4),
+                network("b", "10.250.0.11", "10.200.1.0/24", 2),
+            ],
+            vec![
+                endpoint("pa", "a", "10.200.0.5", Some(300)),
+                endpoint("pb", "b", "10.200.1.7", Some(301)),
+                endpoint("pending", "a", "10.200.0.6", None),
+            ],
+        )
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn overlay_tunnels_remote_pods_and_routes_their_cidrs_into_the_device() {
+        let (nns, eps) = cluster();
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps);
+        assert_eq!(d.generation, Some(4));
+        assert_eq!(d.node_ip, Some(Ipv4Addr::new(10, 250, 0, 10)));
+        assert_eq!(
+            d.ipcache[&net("10.200.1.7/32")],
+            IpcacheValue::new(301, Some(Ipv4Addr::new(10, 250, 0, 11)))
+        );
+        assert_eq!(
+            d.ipcache[&net("10.200.0.5/32")],
+            IpcacheValue::new(300, None)
+        );
+        assert_eq!(
+            d.ipcache[&net("10.250.0.10/32")],
+            IpcacheValue::local_node(IDENTITY_HOST)
+        );
+        assert_eq!(
+            d.ipcache[&net("10.250.0.11/32")],
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
+        );
+        assert_eq!(
+            d.ipcache.len(),
+            4,
+            "the pod without identity is not in ipcache"
+        );
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([(
+                net("10.200.1.0/24"),
+                RouteVia::Tunnel {
+                    src: Ipv4Addr::new(10, 250, 0, 10)
+                }
+            )])
+        );
+        assert_eq!(d.local.len(), 1);
+        assert_eq!(d.local[0].key.name, "pa");
+        assert_eq!(d.local[0].revision, 3);
+        assert_eq!(d.local[0].endpoint_id, 5);
+        assert_eq!(d.pending.len(), 1);
+        assert_eq!(d.pending[0].0.name, "pending");
+    }
+
+    #[test]
+    fn native_routes_via_the_other_node_without_tunnel_endpoints() {
+        let (nns, eps) = cluster();
+        let d = desired("b", RoutingMode::Native, &nns, &eps);
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([(
+                net("10.200.0.0/24"),
+                RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 10))
+            )])
+        );
+        assert_eq!(
+            d.ipcache[&net("10.200.0.5/32")],
+            IpcacheValue::new(300, None)
+        );
+        assert_eq!(d.local.len(), 1);
+        assert_eq!(d.local[0].key.name, "pb");
+        assert!(
+            d.pending.is_empty(),
+            "pending is only about local endpoints"
+        );
+    }
+
+    #[test]
+    fn a_node_without_address_gets_no_tunnel_and_no_route() {
+        let (mut nns, eps) = cluster();
+        nns[1].spec.addresses.clear();
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps);
+        assert!(d.routes.is_empty());
+        assert!(!d.ipcache.contains_key(&net("10.200.1.7/32")));
+        let d = desired("b", RoutingMode::Overlay, &nns, &eps);
+        assert_eq!(d.node_ip, None);
+        assert!(d.routes.is_empty());
+    }
+}

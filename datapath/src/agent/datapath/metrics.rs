@@ -1,0 +1,130 @@
+//! The datapath's metrics, registered in the harness's registry.
+
+use crate::bpf::{ConvergeReport, MapPressure, MetricSample};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tendril_controllers::runtime::Metrics;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapOpLabels {
+    pub map: String,
+    pub operation: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+    pub direction: String,
+}
+
+/// (raw reason, raw direction) of a sample.
+type SampleKey = (u8, Option<u8>);
+
+#[derive(Clone, Debug)]
+pub struct DatapathMetrics {
+    /// `tendril_bpf_map_operations_total{map,operation,outcome}`.
+    pub map_operations: Family<MapOpLabels, Counter>,
+    /// `tendril_bpf_map_pressure{map}`: entries / capacity.
+    pub map_pressure: Family<MapLabel, Gauge<f64, AtomicU64>>,
+    /// `tendril_datapath_realize_seconds`: a change seen by a watch → the kernel converged.
+    pub realize_seconds: Histogram,
+    /// `tendril_datapath_packets_total{reason,direction}` / `…_drops_total`, from the
+    /// programs' per-reason `metrics` map.
+    pub packets: Family<ReasonLabels, Counter>,
+    pub drops: Family<ReasonLabels, Counter>,
+    /// Last absolute value read per (raw reason, raw direction): the map counts since it
+    /// was created (it survives restarts), the counters grow by the difference.
+    seen: Arc<Mutex<HashMap<SampleKey, u64>>>,
+}
+
+impl DatapathMetrics {
+    pub fn register(metrics: &Metrics) -> Self {
+        Self {
+            map_operations: metrics.domain(
+                "tendril_bpf_map_operations",
+                "BPF map writes by map, operation (add, update, delete) and outcome (success, full, error)",
+                Family::default,
+            ),
+            map_pressure: metrics.domain(
+                "tendril_bpf_map_pressure",
+                "Fill ratio of each BPF map (entries / max entries)",
+                Family::default,
+            ),
+            realize_seconds: metrics.domain(
+                "tendril_datapath_realize_seconds",
+                "Time from a change of the watched desired state to the kernel converged",
+                || Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            ),
+            packets: metrics.domain(
+                "tendril_datapath_packets",
+                "Packets the eBPF programs forwarded or passed on, by reason and direction",
+                Family::default,
+            ),
+            drops: metrics.domain(
+                "tendril_datapath_drops",
+                "Packets the eBPF programs dropped, by reason and direction",
+                Family::default,
+            ),
+            seen: Arc::default(),
+        }
+    }
+
+    pub fn observe_converge(&self, map: &str, report: &ConvergeReport) {
+        let count = |operation: &str, outcome: &str, n: usize| {
+            if n > 0 {
+                self.map_operations
+                    .get_or_create(&MapOpLabels {
+                        map: map.into(),
+                        operation: operation.into(),
+                        outcome: outcome.into(),
+                    })
+                    .inc_by(n as u64);
+            }
+        };
+        count("add", "success", report.added);
+        count("update", "success", report.updated);
+        count("delete", "success", report.deleted);
+        for failure in &report.failed {
+            count(failure.op.as_str(), failure.error.metric_label(), 1);
+        }
+    }
+
+    pub fn observe_pressure(&self, pressure: &[MapPressure]) {
+        for p in pressure {
+            self.map_pressure
+                .get_or_create(&MapLabel { map: p.map.into() })
+                .set(p.ratio());
+        }
+    }
+
+    pub fn observe_samples(&self, samples: &[MetricSample]) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for s in samples {
+            let key = (s.raw_reason, s.direction.map(|d| d as u8));
+            let last = seen.insert(key, s.packets).unwrap_or(0);
+            let delta = s.packets.saturating_sub(last);
+            let labels = ReasonLabels {
+                reason: s.reason.map_or_else(
+                    || format!("unknown_{}", s.raw_reason),
+                    |r| r.as_str().into(),
+                ),
+                direction: s.direction.map_or("unknown", |d| d.as_str()).into(),
+            };
+            let drop = s.reason.is_none_or(|r| r.is_drop());
+            let family = if drop { &self.drops } else { &self.packets };
+            family.get_or_create(&labels).inc_by(delta);
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! The node datapath reconciler: watches → index → diff against the kernel.
+//!
+//! - Watches: every `NodeNetwork` (remote pod CIDRs and node addresses → routes, ipcache),
+//!   every `Endpoint` (local ones → `endpoints` map and attached programs, all → ipcache)
+//!   and every `Identity` (watched for policy; a change triggers a pass). The reflector
+//!   stores are the index; [`index::desired`] turns a snapshot into the desired state.
+//! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
+//!   ip_forward, routes, host veths, programs), then the pinned maps by diff
+//!   ([`crate::bpf::Dataplane`]), then reports. Stale routes, map entries and link pins
+//!   are pruned only once every watch has completed its initial list, so a restarting
+//!   agent never removes what is still valid; maps and programs stay pinned and attached
+//!   while it is down, so traffic keeps flowing.
+//! - Passes run on every change (debounced), periodically (resync) and, after a failure,
+//!   with backoff. A full map is an error: `tendril_bpf_map_operations_total{outcome="full"}`,
+//!   `Realized=False` with reason `MapFull`, and an error log.
+//! - Status, by server-side apply under its own field manager `tendril-agent-datapath`
+//!   (the node sync owns the rest of `NodeNetwork.status` as `tendril-agent`):
+//!   `NodeNetwork.status.realizedRevision` (the generation realized) and condition
+//!   `Realized`; on each local `Endpoint`, `status.realizedRevision` (its `spec.revision`)
+//!   and `Realized` once its addresses are in the map and its veth has the programs.
+
+pub mod index;
+pub mod kernel;
+pub mod metrics;
+
+use crate::bpf::maps::{EndpointInfo, NODE_F_TUNNEL, NodeConfig};
+use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
+use futures::StreamExt;
+use index::{Desired, EndpointRef};
+use kernel::{Attacher, NetlinkOutcome, NetlinkPlan, TunnelPlan};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use metrics::DatapathMetrics;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tendril_controllers::runtime::conditions::{self, DesiredCondition, REALIZED};
+use tendril_controllers::runtime::config::RoutingMode;
+use tendril_controllers::runtime::{Health, apply_body, apply_status};
+use tendril_crds::v1alpha1::{Endpoint, Identity, NodeNetwork};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub const FIELD_MANAGER: &str = "tendril-agent-datapath";
+/// The readiness check this module registers with the harness.
+pub const HEALTH_CHECK: &str = "datapath";
+/// How often the programs' counters and the maps' fill are read into metrics.
+const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    pub node_name: String,
+    /// The node's network namespace when the agent runs outside it (simulated nodes).
+    pub node_netns: Option<PathBuf>,
+    /// The node's bpffs pin directory (maps, and `links/`).
+    pub pin_dir: PathBuf,
+    pub routing_mode: RoutingMode,
+    pub tunnel_device: String,
+    pub tunnel_port: u16,
+    pub map_sizes: MapSizes,
+    pub resync: Duration,
+    pub debounce: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF programs: {0}")]
+    Load(#[from] LoadError),
+    #[error("opening the pinned maps: {0}")]
+    Maps(#[from] DataplaneError),
+    #[error("loader task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What one pass achieved.
+#[derive(Clone, Debug, PartialEq)]
+struct NodeReport {
+    uid: Option<String>,
+    realized_revision: Option<i64>,
+    condition: DesiredCondition,
+}
+
+/// Loads the programs (reusing pinned maps and links), then reconciles until `shutdown`.
+pub async fn run(
+    client: Client,
+    metrics: DatapathMetrics,
+    health: Health,
+    cfg: DatapathConfig,
+    shutdown: CancellationToken,
+) -> Result<(), DatapathError> {
+    health.register(HEALTH_CHECK);
+    let (dir, sizes) = (cfg.pin_dir.clone(), cfg.map_sizes);
+    let (programs, dataplane) = tokio::task::spawn_blocking(move || {
+        let programs = Programs::load(&dir, &sizes)?;
+        let dataplane = Dataplane::open(&dir)?;
+        Ok::<_, DatapathError>((programs, dataplane))
+    })
+    .await??;
+    tracing::info!(pin_dir = %cfg.pin_dir.display(), mode = ?cfg.routing_mode, "eBPF programs loaded");
+
+    let changed = Arc::new(Notify::new());
+    let since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let touched = {
+        let (changed, since) = (changed.clone(), since.clone());
+        move || {
+            since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(Instant::now);
+            changed.notify_one();
+        }
+    };
+    let (nn_store, nn_watch) = watch::<NodeNetwork>(Api::all(client.clone()), touched.clone());
+    let (ep_store, ep_watch) = watch::<Endpoint>(Api::all(client.clone()), touched.clone());
+    let (id_store, id_watch) = watch::<Identity>(Api::all(client.clone()), touched);
+    let synced = Arc::new(AtomicBool::new(false));
+    let initial_lists = {
+        let (synced, changed) = (synced.clone(), changed.clone());
+        let (nn, ep, id) = (nn_store.clone(), ep_store.clone(), id_store.clone());
+        async move {
+            let all = futures::future::join3(
+                nn.wait_until_ready(),
+                ep.wait_until_ready(),
+                id.wait_until_ready(),
+            )
+            .await;
+            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() {
+                synced.store(true, Ordering::SeqCst);
+                changed.notify_one();
+            }
+            std::future::pending::<()>().await;
+        }
+    };
+
+    let mut reconciler = Reconciler {
+        client,
+        cfg,
+        metrics,
+        attacher: Arc::new(Mutex::new(Attacher::new(programs))),
+        dataplane: Arc::new(Mutex::new(dataplane)),
+        nn_store,
+        ep_store,
+        last_report: None,
+        last_realized: None,
+    };
+    let reconcile_loop = async {
+        let mut failures: u32 = 0;
+        let mut metrics_tick = tokio::time::interval(METRICS_INTERVAL);
+        loop {
+            let started = since.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let realized = reconciler.pass(synced.load(Ordering::SeqCst)).await;
+            health.set_ready(HEALTH_CHECK, realized);
+            match (realized, started) {
+                (true, Some(at)) => reconciler
+                    .metrics
+                    .realize_seconds
+                    .observe(at.elapsed().as_secs_f64()),
+                // Not converged: the change is still pending, keep its start.
+                (false, Some(at)) => {
+                    since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(at);
+                }
+                _ => {}
+            }
+            failures = if realized { 0 } else { failures + 1 };
+            let wait = if realized {
+                reconciler.cfg.resync
+            } else {
+                // Not converged (waiting for initial lists, or a failure): retry soon.
+                Duration::from_millis(200 * 2u64.pow(failures.min(7))).min(reconciler.cfg.resync)
+            };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => break,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = metrics_tick.tick() => reconciler.observe_maps().await,
+                }
+            }
+            // Coalesce a burst of changes into one pass.
+            tokio::time::sleep(reconciler.cfg.debounce).await;
+        }
+    };
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = nn_watch => {}
+        _ = ep_watch => {}
+        _ = id_watch => {}
+        _ = initial_lists => {}
+        _ = reconcile_loop => {}
+    }
+    health.remove(HEALTH_CHECK);
+    Ok(())
+}
+
+/// A reflector on `api` whose every event calls `touched`; objects that fail to
+/// deserialize end up as watch errors, logged, never stalling the others.
+fn watch<K>(
+    api: Api<K>,
+    touched: impl Fn() + Send + Clone + 'static,
+) -> (Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(_) => touched(),
+                Err(e) => tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch"),
+            }
+            futures::future::ready(())
+        });
+    (store, stream)
+}
+
+struct Reconciler {
+    client: Client,
+    cfg: DatapathConfig,
+    metrics: DatapathMetrics,
+    attacher: Arc<Mutex<Attacher>>,
+    dataplane: Arc<Mutex<Dataplane>>,
+    nn_store: Store<NodeNetwork>,
+    ep_store: Store<Endpoint>,
+    last_report: Option<NodeReport>,
+    /// The last generation realized (so a failing pass keeps reporting it).
+    last_realized: Option<i64>,
+}
+
+/// The maps' side of a pass.
+struct MapsOutcome {
+    endpoints: ConvergeReport,
+    ipcache: ConvergeReport,
+    node_config_error: Option<String>,
+}
+
+impl Reconciler {
+    /// One convergence; returns whether the kernel realizes the whole desired state
+    /// (which needs every initial list).
+    #[tracing::instrument(skip(self), fields(node = %self.cfg.node_name))]
+    async fn pass(&mut self, synced: bool) -> bool {
+        let networks = self.nn_store.state();
+        let endpoints = self.ep_store.state();
+        let desired = index::desired(
+            &self.cfg.node_name,
+            self.cfg.routing_mode,
+            networks.iter().map(AsRef::as_ref),
+            endpoints.iter().map(AsRef::as_ref),
+        );
+        let own = self.nn_store.get(&ObjectRef::new(&self.cfg.node_name));
+        if self.last_realized.is_none() {
+            self.last_realized = own
+                .as_ref()
+                .and_then(|nn| nn.status.as_ref())
+                .and_then(|s| s.realized_revision);
+        }
+
+        let plan = NetlinkPlan {
+            node_ip: desired.node_ip,
+            tunnel: (self.cfg.routing_mode == RoutingMode::Overlay).then_some(TunnelPlan {
+                port: self.cfg.tunnel_port,
+            }),
+            tunnel_device: self.cfg.tunnel_device.clone(),
+            routes: desired.routes.clone(),
+            local_ips: desired.local.iter().flat_map(|e| e.ips.clone()).collect(),
+            prune: synced,
+        };
+        let (netns, pin_dir, attacher) = (
+            self.cfg.node_netns.clone(),
+            self.cfg.pin_dir.clone(),
+            self.attacher.clone(),
+        );
+        let netlink =
+            tokio::task::spawn_blocking(move || kernel::converge(netns, pin_dir, plan, attacher))
+                .await;
+        let netlink = match netlink {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "netlink convergence failed");
+                self.report(own.as_deref(), false, "NetlinkFailed", e.to_string())
+                    .await;
+                return false;
+            }
+            Err(e) => {
+                self.report(own.as_deref(), false, "NetlinkFailed", e.to_string())
+                    .await;
+                return false;
+            }
+        };
+        for error in &netlink.errors {
+            tracing::warn!(%error, "datapath");
+        }
+        if netlink.routes_added + netlink.routes_deleted + netlink.links_pruned > 0 {
+            tracing::info!(
+                routes_added = netlink.routes_added,
+                routes_deleted = netlink.routes_deleted,
+                links_pruned = netlink.links_pruned,
+                "netlink converged"
+            );
+        }
+
+        let maps = match self.converge_maps(&desired, &netlink, synced).await {
+            Ok(maps) => maps,
+            Err(e) => {
+                tracing::warn!(error = %e, "map convergence failed");
+                self.report(own.as_deref(), false, "MapReadFailed", e).await;
+                return false;
+            }
+        };
+        self.observe_maps().await;
+
+        let failed_keys: BTreeSet<String> = maps
+            .endpoints
+            .failed
+            .iter()
+            .chain(&maps.ipcache.failed)
+            .map(|f| f.key.clone())
+            .collect();
+        let mut endpoint_states = Vec::new();
+        for ep in &desired.local {
+            let wired = ep.ips.iter().all(|ip| {
+                netlink
+                    .wiring
+                    .get(ip)
+                    .is_some_and(|w| netlink.attached.contains(&w.ifindex))
+            });
+            let failed = ep
+                .ips
+                .iter()
+                .any(|ip| failed_keys.contains(&ip.to_string()));
+            endpoint_states.push((ep.key.clone(), ep.revision, wired, failed));
+        }
+        self.write_endpoint_statuses(&endpoint_states).await;
+
+        let full = maps.endpoints.map_full() || maps.ipcache.map_full();
+        let (realized, reason, message) = if full {
+            for f in maps.endpoints.failed.iter().chain(&maps.ipcache.failed) {
+                tracing::error!(key = %f.key, op = %f.op, error = %f.error, "BPF map write failed");
+            }
+            (
+                false,
+                "MapFull",
+                "a BPF map is full (see tendril_bpf_map_pressure)".to_string(),
+            )
+        } else if !maps.endpoints.is_converged() || !maps.ipcache.is_converged() {
+            for f in maps.endpoints.failed.iter().chain(&maps.ipcache.failed) {
+                tracing::warn!(key = %f.key, op = %f.op, error = %f.error, "BPF map write failed");
+            }
+            (
+                false,
+                "MapWriteFailed",
+                format!("{} map writes failed", failed_keys.len()),
+            )
+        } else if let Some(e) = maps.node_config_error {
+            (false, "MapWriteFailed", e)
+        } else if !netlink.errors.is_empty() {
+            (false, "NetlinkFailed", netlink.errors.join("; "))
+        } else if !synced {
+            (
+                false,
+                "Syncing",
+                "waiting for the initial lists of every watch".into(),
+            )
+        } else if desired.generation.is_none() {
+            (
+                false,
+                "NoNodeNetwork",
+                "the node's NodeNetwork does not exist".into(),
+            )
+        } else {
+            let wired = endpoint_states.iter().filter(|s| s.2).count();
+            (
+                true,
+                "Realized",
+                format!(
+                    "{} ipcache entries, {} routes, {wired}/{} local endpoints wired ({} pending)",
+                    desired.ipcache.len(),
+                    desired.routes.len(),
+                    desired.local.len(),
+                    desired.pending.len()
+                ),
+            )
+        };
+        if realized {
+            self.last_realized = desired.generation;
+        }
+        self.report(own.as_deref(), realized, reason, message).await;
+        realized
+    }
+
+    async fn converge_maps(
+        &self,
+        desired: &Desired,
+        netlink: &NetlinkOutcome,
+        prune: bool,
+    ) -> Result<MapsOutcome, String> {
+        let mut endpoints: BTreeMap<IpAddr, EndpointInfo> = BTreeMap::new();
+        for ep in &desired.local {
+            for ip in &ep.ips {
+                // A pod whose veth is not wired yet is left out (pending), not guessed.
+                let Some(w) = netlink.wiring.get(ip) else {
+                    continue;
+                };
+                endpoints.insert(
+                    *ip,
+                    EndpointInfo {
+                        ifindex: w.ifindex,
+                        identity: ep.identity,
+                        endpoint_id: ep.endpoint_id,
+                        flags: 0,
+                        mac: w.pod_mac,
+                        node_mac: w.host_mac,
+                    },
+                );
+            }
+        }
+        let ipcache = desired.ipcache.clone();
+        let node_config = NodeConfig {
+            tunnel_ifindex: netlink.tunnel_ifindex.unwrap_or(0),
+            node_ipv4: desired.node_ip.map_or([0; 4], |ip| ip.octets()),
+            flags: if netlink.tunnel_ifindex.is_some() {
+                NODE_F_TUNNEL
+            } else {
+                0
+            },
+            pad: 0,
+        };
+        let dataplane = self.dataplane.clone();
+        let metrics = self.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
+            let endpoints = dp
+                .converge_endpoints(&endpoints, prune)
+                .map_err(|e| e.to_string())?;
+            metrics.observe_converge(crate::bpf::maps::ENDPOINTS, &endpoints);
+            let ipcache = dp
+                .converge_ipcache(&ipcache, prune)
+                .map_err(|e| e.to_string())?;
+            metrics.observe_converge(crate::bpf::maps::IPCACHE, &ipcache);
+            let node_config_error = dp
+                .set_node_config(&node_config)
+                .err()
+                .map(|e| e.to_string());
+            for (map, r) in [("endpoints", &endpoints), ("ipcache", &ipcache)] {
+                if r.added + r.updated + r.deleted > 0 {
+                    tracing::info!(
+                        map,
+                        added = r.added,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        stale_kept = r.stale_kept,
+                        "map converged"
+                    );
+                }
+            }
+            Ok(MapsOutcome {
+                endpoints,
+                ipcache,
+                node_config_error,
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Map fill and the programs' per-reason counters into metrics.
+    async fn observe_maps(&self) {
+        let (dataplane, metrics) = (self.dataplane.clone(), self.metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
+            match dp.pressure() {
+                Ok(p) => metrics.observe_pressure(&p),
+                Err(e) => tracing::warn!(error = %e, "reading map pressure"),
+            }
+            match dp.metrics() {
+                Ok(samples) => metrics.observe_samples(&samples),
+                Err(e) => tracing::warn!(error = %e, "reading the metrics map"),
+            }
+        })
+        .await;
+    }
+
+    /// `NodeNetwork.status.realizedRevision` and `Realized`, when they change.
+    async fn report(
+        &mut self,
+        own: Option<&NodeNetwork>,
+        realized: bool,
+        reason: &str,
+        message: String,
+    ) {
+        let Some(own) = own else { return };
+        let report = NodeReport {
+            uid: own.metadata.uid.clone(),
+            realized_revision: self.last_realized,
+            condition: DesiredCondition::new(REALIZED, realized, reason, message),
+        };
+        if self.last_report.as_ref() == Some(&report) {
+            return;
+        }
+        let previous = own
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let condition = conditions::merge(
+            conditions::find(&previous, REALIZED),
+            &report.condition,
+            own.metadata.generation,
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let mut status = json!({ "conditions": [condition] });
+        if let Some(revision) = report.realized_revision {
+            status["realizedRevision"] = json!(revision);
+        }
+        let body =
+            apply_body::<NodeNetwork>(&self.cfg.node_name, None, json!({ "status": status }));
+        let api: Api<NodeNetwork> = Api::all(self.client.clone());
+        match apply_status(&api, FIELD_MANAGER, &body).await {
+            Ok(_) => {
+                tracing::info!(realized, reason, revision = ?report.realized_revision, "NodeNetwork status");
+                self.last_report = Some(report);
+            }
+            Err(e) => tracing::warn!(error = %e, "writing NodeNetwork status"),
+        }
+    }
+
+    /// Writes `Endpoint.status` of local endpoints whose realized state differs from what
+    /// the object says: realized → `realizedRevision` + `Realized=True`; a failed map
+    /// write → `Realized=False` (the last realized revision is kept). Pending endpoints
+    /// (veth not there yet) are not written.
+    async fn write_endpoint_statuses(&self, states: &[(EndpointRef, i64, bool, bool)]) {
+        for (key, revision, wired, failed) in states {
+            let Some(current) = self
+                .ep_store
+                .get(&ObjectRef::new(&key.name).within(&key.namespace))
+            else {
+                continue;
+            };
+            let status = current.status.clone().unwrap_or_default();
+            let previous = conditions::find(&status.conditions, REALIZED);
+            let desired = if *failed {
+                DesiredCondition::new(REALIZED, false, "MapWriteFailed", "a BPF map write failed")
+            } else if *wired {
+                DesiredCondition::new(
+                    REALIZED,
+                    true,
+                    "Realized",
+                    format!(
+                        "revision {revision} is in the datapath of {}",
+                        self.cfg.node_name
+                    ),
+                )
+            } else {
+                continue;
+            };
+            let realized_revision = if desired.status {
+                Some(*revision)
+            } else {
+                status.realized_revision
+            };
+            let up_to_date = status.realized_revision == realized_revision
+                && previous.is_some_and(|c| {
+                    c.status
+                        == if desired.status {
+                            conditions::TRUE
+                        } else {
+                            conditions::FALSE
+                        }
+                        && c.reason == desired.reason
+                        && c.observed_generation == current.metadata.generation
+                });
+            if up_to_date {
+                continue;
+            }
+            let condition = conditions::merge(
+                previous,
+                &desired,
+                current.metadata.generation,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let mut fields = json!({ "conditions": [condition] });
+            if let Some(revision) = realized_revision {
+                fields["realizedRevision"] = json!(revision);
+            }
+            let body = apply_body::<Endpoint>(
+                &key.name,
+                Some(&key.namespace),
+                json!({ "status": fields }),
+            );
+            let api: Api<Endpoint> = Api::namespaced(self.client.clone(), &key.namespace);
+            match apply_status(&api, FIELD_MANAGER, &body).await {
+                Ok(_) => tracing::debug!(endpoint = %key, revision, "Endpoint realized"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
+            }
+        }
+    }
+}
