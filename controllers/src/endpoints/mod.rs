@@ -5,7 +5,8 @@
 //! [`IdentityAllocator`] — so a new pod gets its `Endpoint` with an identity in one pass —
 //! and applies the `Endpoint` with a controller owner reference to the Pod: the garbage
 //! collector deletes it with the Pod. When a pod stops qualifying (finished, lost its IPs)
-//! the reconciler deletes the `Endpoint` itself.
+//! the reconciler deletes the `Endpoint` itself. Every `Endpoint` carries the label
+//! `tendril.dev/identity=<id>`.
 //!
 //! This concern also runs the identities concern ([`crate::identities::run`]) in the same
 //! task, because both share one allocator: the operator's wiring registers it as one line.

@@ -15,7 +15,8 @@
 //!    `ipam.defaultPool` (`default`) if it exists, else the first by name.
 //!
 //! A node keeps its pool and CIDRs for its whole life, even if its labels change later
-//! (moving it would re-address its pods). The `NodeNetwork` itself is created by the nodes
+//! (moving it would re-address its pods). Deleting a pool does not take CIDRs away from its
+//! nodes either; a pool created later over the same space never hands those CIDRs out. The `NodeNetwork` itself is created by the nodes
 //! concern (with the Node as owner); IPAM only patches its own fields into an existing
 //! one, with the object's uid as a precondition, so it never creates an orphan.
 //!
