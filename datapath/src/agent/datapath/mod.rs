@@ -6,10 +6,10 @@
 //!   stores are the index; [`index::desired`] turns a snapshot into the desired state.
 //! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
 //!   ip_forward, routes, host veths, programs), then the pinned maps by diff
-//!   ([`crate::bpf::Dataplane`]), then reports. Stale routes, map entries and link pins
-//!   are pruned only once every watch has completed its initial list, so a restarting
-//!   agent never removes what is still valid; maps and programs stay pinned and attached
-//!   while it is down, so traffic keeps flowing.
+//!   ([`crate::bpf::Dataplane`]), then reports. Nothing is converged before every watch
+//!   has completed its initial list, so a restarting agent never removes (prunes) what is
+//!   still valid nor writes from a partial view; maps and programs stay pinned and
+//!   attached while it is down, so traffic keeps flowing.
 //! - Passes run on every change (debounced), periodically (resync) and, after a failure,
 //!   with backoff. A full map is an error: `tendril_bpf_map_operations_total{outcome="full"}`,
 //!   `Realized=False` with reason `MapFull`, and an error log.
@@ -147,6 +147,7 @@ pub async fn run(
         ep_store,
         last_report: None,
         last_realized: None,
+        announced: false,
     };
     let reconcile_loop = async {
         let mut failures: u32 = 0;
@@ -240,6 +241,7 @@ struct Reconciler {
     last_report: Option<NodeReport>,
     /// The last generation realized (so a failing pass keeps reporting it).
     last_realized: Option<i64>,
+    announced: bool,
 }
 
 /// The maps' side of a pass.
@@ -254,6 +256,12 @@ impl Reconciler {
     /// (which needs every initial list).
     #[tracing::instrument(skip(self), fields(node = %self.cfg.node_name))]
     async fn pass(&mut self, synced: bool) -> bool {
+        if !synced {
+            // A partial view (e.g. NodeNetworks listed, Endpoints not yet) would write a
+            // node config without the node's address, or nothing but stale-kept entries:
+            // the kernel keeps what the last run left until the view is complete.
+            return false;
+        }
         let networks = self.nn_store.state();
         let endpoints = self.ep_store.state();
         let desired = index::desired(
@@ -278,7 +286,7 @@ impl Reconciler {
             tunnel_device: self.cfg.tunnel_device.clone(),
             routes: desired.routes.clone(),
             local_ips: desired.local.iter().flat_map(|e| e.ips.clone()).collect(),
-            prune: synced,
+            prune: true,
         };
         let (netns, pin_dir, attacher) = (
             self.cfg.node_netns.clone(),
@@ -314,7 +322,7 @@ impl Reconciler {
             );
         }
 
-        let maps = match self.converge_maps(&desired, &netlink, synced).await {
+        let maps = match self.converge_maps(&desired, &netlink, true).await {
             Ok(maps) => maps,
             Err(e) => {
                 tracing::warn!(error = %e, "map convergence failed");
@@ -370,12 +378,6 @@ impl Reconciler {
             (false, "MapWriteFailed", e)
         } else if !netlink.errors.is_empty() {
             (false, "NetlinkFailed", netlink.errors.join("; "))
-        } else if !synced {
-            (
-                false,
-                "Syncing",
-                "waiting for the initial lists of every watch".into(),
-            )
         } else if desired.generation.is_none() {
             (
                 false,
@@ -383,21 +385,33 @@ impl Reconciler {
                 "the node's NodeNetwork does not exist".into(),
             )
         } else {
-            let wired = endpoint_states.iter().filter(|s| s.2).count();
+            // Counts stay out of the condition: it is rewritten only when it changes.
             (
                 true,
                 "Realized",
                 format!(
-                    "{} ipcache entries, {} routes, {wired}/{} local endpoints wired ({} pending)",
-                    desired.ipcache.len(),
-                    desired.routes.len(),
-                    desired.local.len(),
-                    desired.pending.len()
+                    "the kernel realizes generation {}",
+                    desired.generation.unwrap_or_default()
                 ),
             )
         };
+        let wired = endpoint_states.iter().filter(|s| s.2).count();
+        tracing::debug!(
+            ipcache = desired.ipcache.len(),
+            routes = desired.routes.len(),
+            wired,
+            local = desired.local.len(),
+            pending = desired.pending.len(),
+            realized,
+            "pass done"
+        );
         if realized {
             self.last_realized = desired.generation;
+            if !self.announced {
+                // Once per process: tests and operators wait for this after a restart.
+                tracing::info!(generation = ?desired.generation, "datapath realized");
+                self.announced = true;
+            }
         }
         self.report(own.as_deref(), realized, reason, message).await;
         realized
