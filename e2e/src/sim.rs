@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +43,15 @@ use crate::{Process, TestEnv, eventually, fetch_metrics, target_bin_dir, wait_fo
 
 /// CNI "try again later": the agent is unreachable or not ready yet.
 pub const CNI_TRY_AGAIN: u64 = 11;
+/// Every "try again later" answer any sandbox operation of this process has met, counted
+/// as it happens (a caller can watch it while the operations are still retrying).
+static TRY_AGAIN_ANSWERS: AtomicU64 = AtomicU64::new(0);
+
+/// See [`TRY_AGAIN_ANSWERS`].
+pub fn try_again_answers() -> u64 {
+    TRY_AGAIN_ANSWERS.load(Ordering::Relaxed)
+}
+
 /// Where `ip netns` keeps its namespaces.
 pub const NETNS_DIR: &str = "/var/run/netns";
 const WAIT: Duration = Duration::from_secs(120);
@@ -416,6 +426,7 @@ pub async fn teardown_sandbox(node: &NodeHandle, sandbox: &Sandbox) -> Result<u3
         }
         if outcome.code() == Some(CNI_TRY_AGAIN) {
             retries += 1;
+            TRY_AGAIN_ANSWERS.fetch_add(1, Ordering::Relaxed);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -451,6 +462,7 @@ pub async fn setup_sandbox(
         }
         if outcome.code() == Some(CNI_TRY_AGAIN) {
             retries += 1;
+            TRY_AGAIN_ANSWERS.fetch_add(1, Ordering::Relaxed);
         }
         retries += teardown_sandbox(node, &sandbox).await?;
         if Instant::now() >= deadline {
@@ -596,6 +608,12 @@ impl SimPod {
         Ok(sim)
     }
 
+    /// Leaves the sandbox in place when the guard goes (for a pod that must outlive this
+    /// process, as `tendril-sim` runs them).
+    pub fn keep(mut self) {
+        self.deleted = true;
+    }
+
     /// Runs `cmd` inside the pod's network namespace.
     pub async fn exec(&self, cmd: &[&str]) -> Result<std::process::Output> {
         Ok(tokio::process::Command::new("ip")
@@ -739,7 +757,14 @@ impl SimNode {
                 "--metrics-bind",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
-            .args(["--ipam-resync-seconds", "5"])
+            // Test-short: an address restored at start for an Endpoint whose pod is already
+            // gone (the garbage collector lags) is released after 10 s, not 5 minutes.
+            .args([
+                "--ipam-resync-seconds",
+                "5",
+                "--ipam-leak-grace-seconds",
+                "10",
+            ])
             .env("RUST_LOG", "info")
             .spawn()?;
         self.agent = Some(agent);
