@@ -95,4 +95,6 @@ for target in operator agent; do
     "$out/oci/index.json")
   log "$ref  $digest  user=$(jq -c .process.user "$bundle/config.json")  entrypoint=$entry"
 done
+# Blobs of images this run replaced.
+umoci gc --layout "$out/oci"
 log "images in $out (OCI layout oci/, docker archives *.tar)"
