@@ -444,6 +444,8 @@ pub async fn setup_sandbox(
 ) -> Result<(Sandbox, Vec<IpAddr>, u32)> {
     let netns = pod_netns(namespace, pod);
     ensure_netns(&netns).await?;
+    // Removes the namespace if this future fails or is dropped before a sandbox exists.
+    let mut guard = NetnsGuard(Some(netns.clone()));
     let deadline = Instant::now() + SANDBOX_RETRY_FOR;
     let mut retries = 0;
     let mut backoff = Duration::from_millis(50);
@@ -458,6 +460,7 @@ pub async fn setup_sandbox(
         let outcome = cni_exec(node, "ADD", &sandbox).await?;
         if outcome.success {
             let ips = result_ips(&outcome.output)?;
+            guard.0 = None;
             return Ok((sandbox, ips, retries));
         }
         if outcome.code() == Some(CNI_TRY_AGAIN) {
@@ -466,11 +469,48 @@ pub async fn setup_sandbox(
         }
         retries += teardown_sandbox(node, &sandbox).await?;
         if Instant::now() >= deadline {
-            delete_netns(&netns);
             bail!("ADD {namespace}/{pod}: {}", outcome.output);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Deletes the named namespace on drop unless disarmed (`.0 = None`).
+struct NetnsGuard(Option<String>);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            delete_netns(&name);
+        }
+    }
+}
+
+/// Deletes the namespaces test binaries that died without cleaning up left behind:
+/// `tdr-node{i}-{pid}-…`, `tdr-underlay-{pid}-…` and `tdrp_e2e-{pid}-…` whose pid is gone.
+pub fn sweep_stale_netns() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rest = if let Some(r) = name.strip_prefix("tdrp_e2e-") {
+            r
+        } else if let Some(r) = name.strip_prefix("tdr-underlay-") {
+            r
+        } else if let Some(r) = name.strip_prefix("tdr-node") {
+            // `{index}-{pid}-…`
+            r.split_once('-').map_or("", |(_, r)| r)
+        } else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            delete_netns(&name);
+        }
     }
 }
 
@@ -899,6 +939,7 @@ pub struct SimCluster {
 
 impl SimCluster {
     pub async fn start(env: &TestEnv, config: SimClusterConfig) -> Result<SimCluster> {
+        sweep_stale_netns();
         let client = env.client();
         let cluster = format!(
             "{}-{}",
