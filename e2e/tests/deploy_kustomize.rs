@@ -470,6 +470,8 @@ async fn monitoring_overlay_scrapes_both_binaries_and_alerts() -> Result<()> {
         "TendrilBPFMapPressure",
         "TendrilDropSpike",
         "TendrilUnrealizedRevisions",
+        "TendrilBPFMapWriteFailures",
+        "TendrilSlowRealize",
     ] {
         assert!(
             alerts.contains(wanted),
@@ -507,16 +509,11 @@ async fn monitoring_alerts_pass_promtool() -> Result<()> {
     Ok(())
 }
 
-/// Metrics the alerts use that the agent does not export yet: the datapath's map pressure
-/// (`Dataplane::pressure`, ratio per map), drop counters (`Dataplane::metrics`, per reason)
-/// and the count of objects whose realized revision lags the desired one. The agent must
-/// register them under exactly these names and labels (`map`; `reason`; `kind`); remove a
-/// name from here when it lands.
-const PENDING_METRICS: &[&str] = &[
-    "tendril_bpf_map_pressure",
-    "tendril_datapath_drops_total",
-    "tendril_agent_unrealized_revisions",
-];
+/// Metrics the alerts use that the agent does not export yet: the number of the node's
+/// objects (label `kind`: NodeNetwork, Endpoint) whose realized revision lags the desired
+/// one. The agent must register it under exactly this name; remove it from here when it
+/// lands.
+const PENDING_METRICS: &[&str] = &["tendril_agent_unrealized_revisions"];
 
 /// Every metric the alerts use is one the code registers (by its registered name; counters
 /// get `_total`, histograms `_bucket`/`_sum`/`_count`), except the datapath metrics listed in

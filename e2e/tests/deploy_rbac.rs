@@ -306,7 +306,6 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         ns("list", "", "secrets", "kube-system"),
         cluster("patch", "", "nodes"),
         cluster("delete", "", "pods"),
-        cluster("patch", "tendril.dev", "endpoints/status"),
         ns("create", "coordination.k8s.io", "leases", NAMESPACE),
         cluster("escalate", "rbac.authorization.k8s.io", "clusterroles"),
     ];
@@ -325,6 +324,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("patch", "tendril.dev", "nodenetworks/status"),
             cluster("list", "tendril.dev", "endpoints"),
             cluster("watch", "tendril.dev", "endpoints"),
+            cluster("patch", "tendril.dev", "endpoints/status"),
+            cluster("list", "tendril.dev", "identities"),
+            cluster("watch", "tendril.dev", "identities"),
         ],
         &agent_denied,
     )
@@ -586,6 +588,55 @@ async fn run_operator_and_agent_calls(
         forbidden(&err) && err.to_string().contains("only the NodeNetwork of the node"),
         "another node's status as the agent: {err}"
     );
+
+    // Endpoints: the operator (as its ServiceAccount) makes one per running Pod; the agent
+    // may write the status of those on its node only.
+    let own_ep = running_pod(env, "web-own", node_name, "10.213.0.5").await?;
+    let other_ep = running_pod(env, "web-other", &other, "10.213.1.5").await?;
+    let endpoints_admin: Api<Endpoint> = Api::namespaced(admin.clone(), env.namespace());
+    for name in [&own_ep, &other_ep] {
+        wait_for(
+            &endpoints_admin,
+            name,
+            |o: Option<&Endpoint>| o.is_some_and(|e| e.spec.identity.is_some()),
+            TIMEOUT,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "the operator made no Endpoint {name} with an identity; log:\n{}",
+                op.log_tail(40)
+            )
+        })?;
+    }
+    let endpoints_agent: Api<Endpoint> = Api::namespaced(agent.clone(), env.namespace());
+    let status_of = |name: &str| {
+        json!({
+            "apiVersion": "tendril.dev/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": name},
+            "status": {"realizedRevision": 1},
+        })
+    };
+    endpoints_agent
+        .patch_status(
+            &own_ep,
+            &PatchParams::apply("tendril-agent-rbac").force(),
+            &Patch::Apply(&status_of(&own_ep)),
+        )
+        .await
+        .context("the agent writes the status of an Endpoint on its node")?;
+    let err = endpoints_agent
+        .patch_status(
+            &other_ep,
+            &PatchParams::apply("tendril-agent-rbac").force(),
+            &Patch::Apply(&status_of(&other_ep)),
+        )
+        .await
+        .expect_err("the agent wrote the status of an Endpoint on another node");
+    ensure!(
+        forbidden(&err) && err.to_string().contains("only Endpoints on the node"),
+        "another node's Endpoint status as the agent: {err}"
+    );
     run_agent(env, agent_kc, node_name).await?;
     let log = op.log().to_lowercase();
     ensure!(
@@ -595,6 +646,21 @@ async fn run_operator_and_agent_calls(
     );
     op.stop(Duration::from_secs(10));
     Ok(())
+}
+
+/// A Pod on `node` with `ip`, its status written as a kubelet would; returns its name.
+async fn running_pod(env: &TestEnv, prefix: &str, node: &str, ip: &str) -> Result<String> {
+    let name = unique_name(prefix);
+    let pods: Api<Pod> = Api::namespaced(env.client(), env.namespace());
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": "web"}},
+        "spec": {"nodeName": node, "containers": [{"name": "web", "image": "web"}]},
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(name)
 }
 
 /// A network namespace standing in for the node, deleted on drop.
@@ -698,6 +764,8 @@ async fn run_agent(env: &TestEnv, agent_kc: &Path, node_name: &str) -> Result<()
             .join(",")
     );
     let node_ns = Netns::new()?;
+    // Pinned maps and links of this agent only, removed afterwards.
+    let pins = Scratch(PathBuf::from("/sys/fs/bpf").join(unique_name("tendril-rbac")));
     let state = std::env::temp_dir().join(unique_name("rbac-agent"));
     let _state_cleanup = Scratch(state.clone());
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -714,6 +782,8 @@ async fn run_agent(env: &TestEnv, agent_kc: &Path, node_name: &str) -> Result<()
         .arg(node_ns.path())
         .arg("--state-dir")
         .arg(&state)
+        .arg("--bpffs-root")
+        .arg(&pins.0)
         .arg("--cni-socket")
         .arg(state.join("cni.sock"))
         .arg("--metrics-bind")
