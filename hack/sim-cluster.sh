@@ -30,9 +30,16 @@ simdir="$TENDRIL_RUN/sim"
 bin="$CARGO_TARGET_DIR/debug"
 first_port=${TENDRIL_AGENT_METRICS_PORT:-9964}
 
-[[ -f $TENDRIL_RUN/kubeconfig ]] || die "no local control plane (run hack/up.sh)"
-KUBECONFIG=$(bash hack/control-plane.sh kubeconfig | tail -1)
-export KUBECONFIG TENDRIL_SIM_DIR="$simdir"
+# `down` also works without a control plane: it then removes only what lives on this machine.
+have_plane=false
+if [[ -f $TENDRIL_RUN/kubeconfig ]]; then
+  have_plane=true
+  KUBECONFIG=$(bash hack/control-plane.sh kubeconfig | tail -1)
+  export KUBECONFIG
+elif [[ ${1:-} != down ]]; then
+  die "no local control plane (run hack/up.sh)"
+fi
+export TENDRIL_SIM_DIR="$simdir"
 
 sim() { "$bin/tendril-sim" --cluster local "$@"; }
 
@@ -40,7 +47,13 @@ agent_pid() {
   local f="$pids/tendril-agent-$1.pid" pid
   [[ -f $f ]] || return 0
   pid=$(cat "$f")
-  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == tendril-agent* ]]; then echo "$pid"; else rm -f "$f"; fi
+  # A killed agent may linger as a zombie until its parent reaps it: that is not running.
+  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == tendril-agent* &&
+    $(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) != Z ]]; then
+    echo "$pid"
+  else
+    rm -f "$f"
+  fi
 }
 
 stop_agent() {
@@ -110,11 +123,11 @@ EOF
 }
 
 cmd_down() {
-  if [[ -x $bin/tendril-sim ]]; then
+  if $have_plane && [[ -x $bin/tendril-sim ]]; then
     sim pods-down | sed 's/^/  /' >&2 || log "some pods could not be deleted cleanly"
   fi
   for n in "${NODES[@]}"; do stop_agent "$n"; done
-  if [[ -x $bin/tendril-sim ]]; then
+  if $have_plane && [[ -x $bin/tendril-sim ]]; then
     sim nodes-down "${NODES[@]}" || log "Node objects not deleted (is the apiserver down?)"
   fi
   # Without the binary or the apiserver, still remove what lives in the kernel.

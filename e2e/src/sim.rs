@@ -620,6 +620,20 @@ impl SimPod {
             )
             .await
             .with_context(|| format!("creating Pod {namespace}/{name}"))?;
+        SimPod::start(client, node, &pod, created_at).await
+    }
+
+    /// Runs an existing Pod bound to `node`, as a kubelet does with a Pod it finds without
+    /// a sandbox: sandbox, CNI ADD, Running status.
+    pub async fn start(
+        client: &Client,
+        node: &NodeHandle,
+        pod: &Pod,
+        created_at: Instant,
+    ) -> Result<SimPod> {
+        let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let (namespace, name) = (namespace.as_str(), name.as_str());
+        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let uid = pod.uid().unwrap_or_default();
         let (sandbox, ips, retries) = setup_sandbox(node, namespace, name, &uid).await?;
         let added_at = Instant::now();

@@ -213,13 +213,22 @@ impl Sim {
         }
         let handle = self.handle(node)?;
         sim::ensure_namespace(&self.client, ns).await?;
-        if let Some(stale) = pods.get_opt(name).await? {
-            bail!(
-                "{ns}/{name} exists (uid {}) but was not started by tendril-sim; delete it first",
-                stale.uid().unwrap_or_default()
-            );
-        }
-        let pod = sim::SimPod::run(&self.client, &handle, ns, name, labels).await?;
+        let pod = match pods.get_opt(name).await? {
+            // Bound to this node but without a sandbox (e.g. `down` ran without an API
+            // server): a kubelet starts a sandbox for it.
+            Some(existing)
+                if existing.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                    && existing.metadata.deletion_timestamp.is_none() =>
+            {
+                sim::SimPod::start(&self.client, &handle, &existing, std::time::Instant::now())
+                    .await?
+            }
+            Some(other) => bail!(
+                "{ns}/{name} exists (uid {}) on another node or terminating; delete it first",
+                other.uid().unwrap_or_default()
+            ),
+            None => sim::SimPod::run(&self.client, &handle, ns, name, labels).await?,
+        };
         std::fs::create_dir_all(self.pods_dir())?;
         write_json(
             &file,
