@@ -26,7 +26,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// `rtm_protocol` of every route the agent owns (unassigned in iproute2's rt_protos).
@@ -68,7 +68,7 @@ pub struct NetlinkPlan {
     pub routes: BTreeMap<IpNet, RouteVia>,
     /// Addresses of local pods whose host veth is wanted.
     pub local_ips: Vec<IpAddr>,
-    /// Delete stale routes and pinned links of vanished interfaces.
+    /// Delete stale routes.
     pub prune: bool,
 }
 
@@ -89,12 +89,21 @@ pub struct Wiring {
 pub struct NetlinkOutcome {
     pub tunnel_ifindex: Option<u32>,
     pub wiring: BTreeMap<IpAddr, Wiring>,
-    /// Interfaces whose programs are attached (this pass or before).
-    pub attached: BTreeSet<u32>,
+    /// What the programs go on: (hook, interface name, ifindex).
+    pub hooks: Vec<(Hook, String, u32)>,
+    /// Interface names present after this pass (link pins of others are pruned).
+    pub present: BTreeSet<String>,
     pub routes_added: usize,
     pub routes_deleted: usize,
-    pub links_pruned: usize,
     /// Per-item failures: the pass went on with the rest.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct AttachOutcome {
+    /// Interfaces (ifindex) with every hook they need attached.
+    pub attached: BTreeSet<u32>,
+    pub links_pruned: usize,
     pub errors: Vec<String>,
 }
 
@@ -367,27 +376,61 @@ fn matches(route: &Route, via: RouteVia, tunnel_ifindex: Option<u32>) -> bool {
 }
 
 /// Converges the netlink state of `netns` (the agent's own namespace when `None`) to
-/// `plan` and attaches the programs. Blocking: call from a blocking task.
-pub fn converge(
-    netns: Option<PathBuf>,
-    pin_dir: PathBuf,
-    plan: NetlinkPlan,
-    attacher: Arc<Mutex<Attacher>>,
-) -> Result<NetlinkOutcome, KernelError> {
+/// `plan` and finds where the programs go. Blocking: call from a blocking task.
+pub fn converge(netns: Option<PathBuf>, plan: NetlinkPlan) -> Result<NetlinkOutcome, KernelError> {
     let result = link::run_in(netns.as_deref(), move |handle| async move {
-        converge_in(&handle, &pin_dir, &plan, &attacher)
+        converge_in(&handle, &plan)
             .await
             .map_err(|e| LinkError::Missing(e.to_string()))
     });
     result.map_err(KernelError::from)
 }
 
-async fn converge_in(
-    handle: &Handle,
-    pin_dir: &Path,
-    plan: &NetlinkPlan,
-    attacher: &Mutex<Attacher>,
-) -> Result<NetlinkOutcome, KernelError> {
+/// Attaches the programs to `hooks` (in `netns`) and, with `prune`, removes the link pins
+/// of interfaces not in `present` (their links are defunct; the pins only hold memory).
+/// Called after the maps are converged, so a pod's programs never run before its
+/// `endpoints` entry exists (its packets would be dropped as spoofed). Blocking.
+pub fn attach(
+    netns: Option<PathBuf>,
+    pin_dir: PathBuf,
+    hooks: Vec<(Hook, String, u32)>,
+    present: BTreeSet<String>,
+    prune: bool,
+    attacher: Arc<Mutex<Attacher>>,
+) -> Result<AttachOutcome, KernelError> {
+    let result = link::run_in(netns.as_deref(), move |_handle| async move {
+        let mut out = AttachOutcome::default();
+        let mut attacher = attacher.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = BTreeSet::new();
+        for (hook, ifname, index) in &hooks {
+            match attacher.ensure(*hook, ifname, *index) {
+                Ok(()) => {
+                    out.attached.insert(*index);
+                }
+                Err(e) => {
+                    failed.insert(*index);
+                    out.errors.push(e);
+                }
+            }
+        }
+        out.attached.retain(|index| !failed.contains(index));
+        if prune {
+            match loader::prune_links(&pin_dir, |ifname, _| present.contains(ifname)) {
+                Ok(removed) => {
+                    for (ifname, hook) in &removed {
+                        attacher.attached.remove(&(*hook, ifname.clone()));
+                    }
+                    out.links_pruned = removed.len();
+                }
+                Err(e) => out.errors.push(format!("pruning link pins: {e}")),
+            }
+        }
+        Ok(out)
+    });
+    result.map_err(KernelError::from)
+}
+
+async fn converge_in(handle: &Handle, plan: &NetlinkPlan) -> Result<NetlinkOutcome, KernelError> {
     let mut out = NetlinkOutcome::default();
     sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
 
@@ -490,50 +533,29 @@ async fn converge_in(
         );
     }
 
-    // Programs.
-    let mut attacher = attacher.lock().unwrap_or_else(|p| p.into_inner());
+    // Where the programs go.
     let veths: BTreeSet<u32> = out.wiring.values().map(|w| w.ifindex).collect();
     for index in veths {
         let name = &by_index[&index].name;
-        let both = [Hook::FromContainer, Hook::ToContainer]
-            .into_iter()
-            .map(|hook| attacher.ensure(hook, name, index))
-            .collect::<Result<Vec<()>, String>>();
-        match both {
-            Ok(_) => {
-                out.attached.insert(index);
-            }
-            Err(e) => out.errors.push(e),
+        for hook in [Hook::FromContainer, Hook::ToContainer] {
+            out.hooks.push((hook, name.clone(), index));
         }
     }
     if let Some(index) = out.tunnel_ifindex {
         for hook in [Hook::FromOverlay, Hook::ToOverlay] {
-            if let Err(e) = attacher.ensure(hook, &plan.tunnel_device, index) {
-                out.errors.push(e);
-            }
+            out.hooks.push((hook, plan.tunnel_device.clone(), index));
         }
     }
-    if let Some(uplink) = uplink
-        && let Err(e) = attacher.ensure(Hook::FromNetdev, &uplink.name, uplink.index)
-    {
-        out.errors.push(e);
+    if let Some(uplink) = uplink {
+        out.hooks
+            .push((Hook::FromNetdev, uplink.name.clone(), uplink.index));
     }
-    if plan.prune {
-        // Links of interfaces that are gone are defunct; their pins only hold memory.
-        let present: BTreeSet<&str> = all_links.iter().map(|l| l.name.as_str()).collect();
-        let tunnel_wanted = plan.tunnel.is_some();
-        let tunnel = plan.tunnel_device.as_str();
-        match loader::prune_links(pin_dir, |ifname, _| {
-            present.contains(ifname) && (tunnel_wanted || ifname != tunnel)
-        }) {
-            Ok(removed) => {
-                for (ifname, hook) in &removed {
-                    attacher.attached.remove(&(*hook, ifname.clone()));
-                }
-                out.links_pruned = removed.len();
-            }
-            Err(e) => out.errors.push(format!("pruning link pins: {e}")),
-        }
+    out.present = all_links.iter().map(|l| l.name.clone()).collect();
+    // Created (or removed) in this pass, after the listing.
+    if out.tunnel_ifindex.is_some() {
+        out.present.insert(plan.tunnel_device.clone());
+    } else {
+        out.present.remove(&plan.tunnel_device);
     }
     Ok(out)
 }

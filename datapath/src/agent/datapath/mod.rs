@@ -288,14 +288,8 @@ impl Reconciler {
             local_ips: desired.local.iter().flat_map(|e| e.ips.clone()).collect(),
             prune: true,
         };
-        let (netns, pin_dir, attacher) = (
-            self.cfg.node_netns.clone(),
-            self.cfg.pin_dir.clone(),
-            self.attacher.clone(),
-        );
-        let netlink =
-            tokio::task::spawn_blocking(move || kernel::converge(netns, pin_dir, plan, attacher))
-                .await;
+        let netns = self.cfg.node_netns.clone();
+        let netlink = tokio::task::spawn_blocking(move || kernel::converge(netns, plan)).await;
         let netlink = match netlink {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => {
@@ -313,12 +307,11 @@ impl Reconciler {
         for error in &netlink.errors {
             tracing::warn!(%error, "datapath");
         }
-        if netlink.routes_added + netlink.routes_deleted + netlink.links_pruned > 0 {
+        if netlink.routes_added + netlink.routes_deleted > 0 {
             tracing::info!(
                 routes_added = netlink.routes_added,
                 routes_deleted = netlink.routes_deleted,
-                links_pruned = netlink.links_pruned,
-                "netlink converged"
+                "routes converged"
             );
         }
 
@@ -331,6 +324,40 @@ impl Reconciler {
             }
         };
         self.observe_maps().await;
+
+        // Programs last: a pod's entry is in the map before its programs can see it.
+        let (netns, pin_dir, attacher) = (
+            self.cfg.node_netns.clone(),
+            self.cfg.pin_dir.clone(),
+            self.attacher.clone(),
+        );
+        let (hooks, present) = (netlink.hooks.clone(), netlink.present.clone());
+        let attached = tokio::task::spawn_blocking(move || {
+            kernel::attach(netns, pin_dir, hooks, present, true, attacher)
+        })
+        .await;
+        let attached = match attached {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                self.report(own.as_deref(), false, "AttachFailed", e.to_string())
+                    .await;
+                return false;
+            }
+            Err(e) => {
+                self.report(own.as_deref(), false, "AttachFailed", e.to_string())
+                    .await;
+                return false;
+            }
+        };
+        for error in &attached.errors {
+            tracing::warn!(%error, "attaching programs");
+        }
+        if attached.links_pruned > 0 {
+            tracing::info!(
+                links_pruned = attached.links_pruned,
+                "link pins of vanished interfaces removed"
+            );
+        }
 
         let failed_keys: BTreeSet<String> = maps
             .endpoints
@@ -345,7 +372,7 @@ impl Reconciler {
                 netlink
                     .wiring
                     .get(ip)
-                    .is_some_and(|w| netlink.attached.contains(&w.ifindex))
+                    .is_some_and(|w| attached.attached.contains(&w.ifindex))
             });
             let failed = ep
                 .ips
@@ -378,6 +405,8 @@ impl Reconciler {
             (false, "MapWriteFailed", e)
         } else if !netlink.errors.is_empty() {
             (false, "NetlinkFailed", netlink.errors.join("; "))
+        } else if !attached.errors.is_empty() {
+            (false, "AttachFailed", attached.errors.join("; "))
         } else if desired.generation.is_none() {
             (
                 false,
