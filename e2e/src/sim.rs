@@ -662,6 +662,30 @@ impl SimPod {
         Ok(sim)
     }
 
+    /// What the kubelet does when a pod's sandbox died: tear it down (CNI DEL), start a new
+    /// one (new container id, CNI ADD, so usually a new address) and write the new status.
+    pub async fn recreate_sandbox(&mut self, client: &Client, node: &NodeHandle) -> Result<()> {
+        self.retries += teardown_sandbox(node, &self.sandbox).await?;
+        delete_netns(&self.sandbox.netns);
+        let (sandbox, ips, retries) =
+            setup_sandbox(node, &self.namespace, &self.name, &self.uid).await?;
+        self.added_at = Instant::now();
+        self.sandbox = sandbox;
+        self.ips = ips;
+        self.retries += retries;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
+        write_running_status(
+            &pods,
+            &self.name,
+            &self.ips,
+            node.address,
+            &self.sandbox.container_id,
+        )
+        .await?;
+        self.running_at = Instant::now();
+        Ok(())
+    }
+
     /// Leaves the sandbox in place when the guard goes (for a pod that must outlive this
     /// process, as `tendril-sim` runs them).
     pub fn keep(mut self) {

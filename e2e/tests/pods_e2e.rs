@@ -7,7 +7,8 @@
 //! would. Checked: every pod's address is from its node's `NodeNetwork.spec.podCIDRs`;
 //! `Endpoint`s carry the pod IPs, node and identity; `Identity` objects carry the security
 //! labels; equal labels (whatever the pod-template-hash) share an identity, another
-//! namespace makes another; pods on one node ping each other; deleting a pod runs CNI DEL,
+//! namespace makes another; pods on one node ping each other; a recreated sandbox gets a
+//! new address and the `Endpoint` follows (next revision); deleting a pod runs CNI DEL,
 //! frees its address (agent metrics and state dir), removes its host route and `Endpoint`,
 //! and its now unreferenced identity is collected after the grace period. Needs root.
 
@@ -165,6 +166,34 @@ async fn pods_get_addresses_endpoints_and_identities() -> Result<()> {
         "client cannot ping web-a"
     );
     assert!(web_c.ping(web_c.ips[0]).await?, "web-c cannot ping itself");
+
+    // The kubelet recreates a dead sandbox: the old address is freed, the new one from the
+    // same node's CIDR, and the Endpoint follows (next revision, same identity).
+    let mut web_b = web_b;
+    let old_ip = web_b.ips[0];
+    let old_revision = endpoint_with_identity(&client, &web_b).await?.spec.revision;
+    web_b.recreate_sandbox(&client, n0.handle()).await?;
+    assert!(cidrs[0].contains(&web_b.ips[0]));
+    assert_ne!(
+        web_b.ips[0], old_ip,
+        "the new sandbox got the old address: the Endpoint check below would prove nothing"
+    );
+    let api: Api<Endpoint> = Api::namespaced(client.clone(), ns);
+    let new_ips = vec![web_b.ips[0].to_string()];
+    let ep = wait_for(
+        &api,
+        &web_b.name,
+        |o: Option<&Endpoint>| o.is_some_and(|e| e.spec.ips == new_ips),
+        TIMEOUT,
+    )
+    .await?
+    .context("Endpoint gone")?;
+    assert_eq!(ep.spec.revision, old_revision + 1);
+    assert_eq!(ep.spec.identity, Some(id(&web_a)));
+    assert!(
+        web_a.ping(web_b.ips[0]).await?,
+        "web-a cannot ping the new web-b"
+    );
 
     // Deleting a pod: CNI DEL frees the address and the host route, the Endpoint goes, and
     // the identity no one else uses is collected after the 3 s grace period.
