@@ -776,11 +776,11 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
     Ok(())
 }
 
-/// Starts `node`'s agent again as the sim does, with `--routing-mode native`.
-fn start_native_agent(env: &TestEnv, node: &mut SimNode) -> Result<Process> {
+/// Starts `node`'s agent again as the sim does, with `extra` arguments.
+fn respawn_agent(env: &TestEnv, node: &mut SimNode, extra: &[&str]) -> Result<Process> {
     node.kill_agent();
     Process::builder("tendril-agent")
-        .name(format!("tendril-agent-native-{}", node.name))
+        .name(format!("tendril-agent-custom-{}", node.name))
         .arg("--kubeconfig")
         .arg(env.kubeconfig())
         .args(["--node-name", &node.name])
@@ -796,9 +796,131 @@ fn start_native_agent(env: &TestEnv, node: &mut SimNode) -> Result<Process> {
             "--metrics-bind",
             &format!("127.0.0.1:{}", node.metrics_port),
         ])
-        .args(["--routing-mode", "native"])
+        .args(extra)
         .env("RUST_LOG", "info")
         .spawn()
+}
+
+fn start_native_agent(env: &TestEnv, node: &mut SimNode) -> Result<Process> {
+    respawn_agent(env, node, &["--routing-mode", "native"])
+}
+
+fn condition(nn: &NodeNetwork, type_: &str) -> Option<(String, String)> {
+    nn.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// A full map is an error, never a silent drop: with room for two endpoints, the third
+/// pod's entry fails (metric, NodeNetwork `Realized=False` `MapFull`, the Endpoint
+/// `Realized=False`); once a pod is gone, it fits and everything is realized again.
+#[tokio::test]
+async fn a_full_endpoints_map_is_reported() -> Result<()> {
+    let plane = ControlPlane::dedicated("datapath-full").await?;
+    let env = TestEnv::on(plane.clone()).await?;
+    let client = env.client();
+    let mut cluster = SimCluster::start(
+        &env,
+        SimClusterConfig {
+            nodes: 1,
+            ..SimClusterConfig::default()
+        },
+    )
+    .await?;
+    let node = &mut cluster.nodes[0];
+    node.kill_agent();
+    // The maps were pinned with the default size; a smaller one needs fresh pins.
+    std::fs::remove_dir_all(pin_dir(node))?;
+    let config = node.state_dir.join("agent-small-maps.yaml");
+    std::fs::write(&config, "bpfMapSizes:\n  endpoints: 2\n")?;
+    let config = config.display().to_string();
+    let mut agent = respawn_agent(&env, node, &["--config", &config])?;
+    agent.wait_for_log("datapath realized", TIMEOUT).await?;
+    let node = &cluster.nodes[0];
+
+    let ns = env.namespace().to_string();
+    let mut pods = Vec::new();
+    for p in 0..3 {
+        pods.push(
+            SimPod::run(
+                &client,
+                node.handle(),
+                &ns,
+                &format!("f{p}"),
+                &labels("full"),
+            )
+            .await?,
+        );
+    }
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let nn = wait_for(
+        &networks,
+        &node.name,
+        |o: Option<&NodeNetwork>| {
+            o.and_then(|nn| condition(nn, "Realized"))
+                .is_some_and(|(status, reason)| status == "False" && reason == "MapFull")
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("NodeNetwork gone")?;
+    println!(
+        "full map: NodeNetwork Realized={:?}",
+        condition(&nn, "Realized")
+    );
+    let port = node.metrics_port;
+    eventually(TIMEOUT, || async move {
+        let m = fetch_metrics(port).await?;
+        let full = m.sum(
+            "tendril_bpf_map_operations_total",
+            &[("map", "endpoints"), ("outcome", "full")],
+        );
+        ensure!(full >= 1.0, "no full outcome counted");
+        let pressure = m.value("tendril_bpf_map_pressure", &[("map", "endpoints")]);
+        ensure!(pressure == Some(1.0), "endpoints pressure {pressure:?}");
+        Ok(())
+    })
+    .await?;
+    // The two that fit are realized, the third says why it is not.
+    let (endpoints, _) = read_maps(node)?;
+    assert_eq!(endpoints.len(), 2);
+    let left_out = pods
+        .iter()
+        .find(|p| !endpoints.contains_key(&p.ips[0]))
+        .context("every pod in a map of two")?;
+    let api: Api<Endpoint> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        &api,
+        &left_out.name,
+        |o: Option<&Endpoint>| {
+            o.and_then(|e| e.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Realized" && c.status == "False")
+            })
+        },
+        TIMEOUT,
+    )
+    .await?;
+    for pod in pods.iter().filter(|p| p.name != left_out.name) {
+        wait_endpoint_realized(&client, pod).await?;
+    }
+
+    // Room again: the left-out pod gets in.
+    let left_out_name = left_out.name.clone();
+    let at = pods.iter().position(|p| p.name != left_out_name).unwrap();
+    pods.remove(at).delete(&client, node.handle()).await?;
+    let left_out = pods.iter().find(|p| p.name == left_out_name).unwrap();
+    wait_endpoint_realized(&client, left_out).await?;
+    wait_node_realized(&client, &node.name).await?;
+    let (endpoints, _) = read_maps(node)?;
+    assert!(endpoints.contains_key(&left_out.ips[0]));
+    println!("full map: recovered once a pod was deleted");
+    drop(agent);
+    Ok(())
 }
 
 #[tokio::test]
