@@ -581,3 +581,71 @@ async fn uplink_of<'a>(
         })
         .and_then(|m| by_index.get(&m.header.index).copied()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(message: RouteMessage) -> Route {
+        parse_route(message).expect("a main-table route")
+    }
+
+    #[test]
+    fn owned_routes_round_trip_and_match_their_intent() {
+        let dst: IpNet = "10.200.1.0/24".parse().unwrap();
+        let src = Ipv4Addr::new(10, 250, 0, 10);
+        let tunnel = RouteVia::Tunnel { src };
+        let mut message = route_message(&dst, tunnel, Some(7)).unwrap();
+        message.header.table = MAIN_TABLE;
+        let route = parsed(message);
+        assert!(route.ours, "carries the tendril protocol");
+        assert_eq!(route.dst, dst);
+        assert!(matches(&route, tunnel, Some(7)));
+        assert!(!matches(&route, tunnel, Some(8)), "tunnel device recreated");
+        assert!(!matches(
+            &route,
+            RouteVia::Tunnel {
+                src: Ipv4Addr::new(10, 250, 0, 11)
+            },
+            Some(7)
+        ));
+        assert!(!matches(
+            &route,
+            RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 11)),
+            Some(7)
+        ));
+
+        let via = RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 11));
+        let mut message = route_message(&dst, via, None).unwrap();
+        message.header.table = MAIN_TABLE;
+        let route = parsed(message);
+        assert!(matches(&route, via, None));
+        assert!(!matches(&route, tunnel, Some(7)));
+    }
+
+    #[test]
+    fn without_a_tunnel_device_there_is_no_overlay_route() {
+        let dst: IpNet = "10.200.1.0/24".parse().unwrap();
+        let tunnel = RouteVia::Tunnel {
+            src: Ipv4Addr::new(10, 250, 0, 10),
+        };
+        assert!(route_message(&dst, tunnel, None).is_none());
+        let v6: IpNet = "fd00::/64".parse().unwrap();
+        assert!(
+            route_message(&v6, tunnel, Some(3)).is_none(),
+            "IPv4 underlay only"
+        );
+    }
+
+    #[test]
+    fn routes_of_other_tables_and_protocols_are_not_ours() {
+        let dst: IpNet = "10.200.1.0/24".parse().unwrap();
+        let mut message =
+            route_message(&dst, RouteVia::Gateway(Ipv4Addr::LOCALHOST), None).unwrap();
+        message.header.table = 255;
+        assert!(parse_route(message.clone()).is_none(), "local table");
+        message.header.table = MAIN_TABLE;
+        message.header.protocol = RouteProtocol::Boot;
+        assert!(!parsed(message).ours);
+    }
+}
