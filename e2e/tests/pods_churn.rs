@@ -1,8 +1,8 @@
 //! Pod churn on two simulated nodes: the real operator, two real agents, the real plugin.
 //!
-//! Two phases of 500 pods each, created and deleted concurrently (16 kubelet operations
-//! at a time, about 64 pods alive, per-node CIDRs of 125 addresses so addresses are
-//! reused): the second phase SIGKILLs one agent half-way and restarts it (while it is
+//! Two phases, 1,000 then 500 pods, created and deleted concurrently (16 kubelet
+//! operations at a time, about 64 pods alive, per-node CIDRs of 125 addresses so addresses
+//! are reused): the second phase SIGKILLs one agent half-way and restarts it (while it is
 //! down the plugin answers "try again later", code 11, and the simulated kubelet retries).
 //! For each phase: no address is held by two pods at once (every pod's holding interval,
 //! from ADD's result to the start of its teardown, is recorded and checked for overlaps
@@ -29,7 +29,6 @@ use tendril_e2e::sim::{
 };
 use tendril_e2e::{ControlPlane, TestEnv, eventually};
 
-const PODS: usize = 500;
 const CONCURRENCY: usize = 16;
 const LIVE: usize = 64;
 const LABEL_SETS: usize = 25;
@@ -170,7 +169,13 @@ async fn delete_pod(
 
 /// Runs one phase in `env`'s namespace; `kill` SIGKILLs node 0's agent when half the pods
 /// have been created and restarts it once kubelet retries have met the dead agent 16 times.
-async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) -> Result<()> {
+async fn churn(
+    env: &TestEnv,
+    nodes: &mut [SimNode],
+    pods: usize,
+    kill: bool,
+    label: &str,
+) -> Result<()> {
     let client = env.client();
     let ns = env.namespace().to_string();
     let handles: Vec<NodeHandle> = nodes.iter().map(|n| n.handle().clone()).collect();
@@ -179,7 +184,7 @@ async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) ->
     let live: Mutex<Vec<SimPod>> = Mutex::default();
     let start = Instant::now();
 
-    let jobs = futures::stream::iter(0..PODS)
+    let jobs = futures::stream::iter(0..pods)
         .map(|i| {
             let (client, ns, handles, phase, live, watch) =
                 (&client, &ns, &handles, &phase, &live, &watch);
@@ -232,7 +237,7 @@ async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) ->
         }
         eventually(TIMEOUT, || async {
             ensure!(
-                phase.done.load(Ordering::Relaxed) >= PODS / 2,
+                phase.done.load(Ordering::Relaxed) >= pods / 2,
                 "not half-way yet"
             );
             Ok(())
@@ -276,7 +281,7 @@ async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) ->
 
     // No address held twice; none leaked.
     let holds = phase.holds.lock().unwrap().clone();
-    assert_eq!(holds.len(), PODS, "every pod was deleted once");
+    assert_eq!(holds.len(), pods, "every pod was deleted once");
     let reused = check_no_double_allocation(&holds)?;
     assert!(
         reused > 0,
@@ -318,11 +323,11 @@ async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) ->
     created_lat.sort();
     running_lat.sort();
     println!(
-        "BENCH churn {label}: {PODS} pods on {} nodes, {CONCURRENCY} concurrent, ~{LIVE} alive; created in {created:.1?}, \
+        "BENCH churn {label}: {pods} pods on {} nodes, {CONCURRENCY} concurrent, ~{LIVE} alive; created in {created:.1?}, \
          all deleted after {total:.1?} ({:.1} pods/s created+deleted), last Endpoint gone after {endpoints_gone:.1?}; {reused} address reuses checked, no overlap; \
          {} CNI try-again answers retried{}",
         nodes.len(),
-        PODS as f64 / total.as_secs_f64(),
+        pods as f64 / total.as_secs_f64(),
         phase.retries.load(Ordering::Relaxed),
         down.map(|d| format!(", agent down for {d:.1?}"))
             .unwrap_or_default(),
@@ -345,8 +350,7 @@ async fn churn(env: &TestEnv, nodes: &mut [SimNode], kill: bool, label: &str) ->
 }
 
 #[tokio::test]
-async fn churn_500_pods_without_double_allocation_or_leak_also_across_an_agent_crash() -> Result<()>
-{
+async fn churn_pods_without_double_allocation_or_leak_also_across_an_agent_crash() -> Result<()> {
     let plane = ControlPlane::dedicated("pods-churn").await?;
     let env = TestEnv::on(plane.clone()).await?;
     let mut cluster = SimCluster::start(
@@ -357,12 +361,13 @@ async fn churn_500_pods_without_double_allocation_or_leak_also_across_an_agent_c
         },
     )
     .await?;
-    churn(&env, &mut cluster.nodes, false, "steady").await?;
+    churn(&env, &mut cluster.nodes, 1000, false, "steady").await?;
 
     let env2 = TestEnv::on(plane.clone()).await?;
     churn(
         &env2,
         &mut cluster.nodes,
+        500,
         true,
         "agent SIGKILLed and restarted",
     )
