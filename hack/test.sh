@@ -2,7 +2,7 @@
 # README command 2 (and what .ci/run runs): every check and every test, unit and integration.
 #
 #   prerequisites → control-plane build (cached) → cargo fmt --check → clippy -D warnings →
-#   CRD manifests up to date → cargo build of the binaries the e2e tests spawn →
+#   cargo build of the binaries (the e2e tests spawn them) → CRD manifests up to date →
 #   cargo test --workspace (the e2e tests start their own control plane in
 #   ~/.cache/tendril/test-run, never the hack/up.sh one)
 #
@@ -58,9 +58,12 @@ fi
 
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
-step "CRD manifests up to date" cargo run -q -p tendril-crds --bin tendril-crdgen -- --check
 step "cargo build --bins" cargo build --workspace --bins
-step "cargo test" cargo test --workspace "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
+# The binary just built (`cargo run -p` would resolve features for one package and rebuild
+# every dependency).
+step "CRD manifests up to date" "$CARGO_TARGET_DIR/debug/tendril-crdgen" --check
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+step "cargo test" cargo test --workspace --no-fail-fast "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
 
 # The e2e tests' shared plane: left running locally (the next run reuses it, and other test
 # runs may be using it), stopped in CI.

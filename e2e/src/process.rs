@@ -82,7 +82,9 @@ impl ProcessBuilder {
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
+        // Logs go to a file: no ANSI colours (tracing-subscriber honours NO_COLOR).
+        cmd.env("NO_COLOR", "1")
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
