@@ -47,6 +47,8 @@ pub enum Error {
     Identity(#[from] AllocError),
     #[error("Pod has no name, namespace or uid")]
     MissingMetadata,
+    #[error(transparent)]
+    CacheNotReady(#[from] runtime::CacheNotReady),
 }
 
 impl MetricLabel for Error {
@@ -55,6 +57,7 @@ impl MetricLabel for Error {
             Error::Kube(e) => runtime::kube_error_label(e),
             Error::Identity(e) => e.metric_label(),
             Error::MissingMetadata => "missing_metadata",
+            Error::CacheNotReady(e) => e.metric_label(),
         }
     }
 }
@@ -99,8 +102,8 @@ impl Reconciler for Endpoints {
     async fn reconcile(&self, pod: Arc<Pod>) -> Result<Action, Error> {
         let name = pod.meta().name.clone().ok_or(Error::MissingMetadata)?;
         let ns = pod.meta().namespace.clone().ok_or(Error::MissingMetadata)?;
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.endpoints.wait_until_ready().await;
+        runtime::cache_ready(&self.namespaces, "namespaces").await?;
+        runtime::cache_ready(&self.endpoints, "endpoints").await?;
         let namespace = self.namespaces.get(&ObjectRef::new(&ns));
         let mut current = self.endpoints.get(&ObjectRef::new(&name).within(&ns));
         if let Some(stale) = current.take_if(|e| !owned_by(e, &pod)) {

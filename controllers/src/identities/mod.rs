@@ -71,12 +71,15 @@ const RESYNC: Duration = Duration::from_secs(60);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    CacheNotReady(#[from] runtime::CacheNotReady),
 }
 
 impl MetricLabel for Error {
     fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(e) => runtime::kube_error_label(e),
+            Error::CacheNotReady(e) => e.metric_label(),
         }
     }
 }
@@ -107,8 +110,13 @@ impl Reconciler for Identities {
 
     async fn reconcile(&self, identity: Arc<Identity>) -> Result<Action, Error> {
         // Counting references needs every Endpoint, and GC needs the index.
-        let _ = self.endpoints.wait_until_ready().await;
-        self.allocator.wait_synced().await;
+        runtime::cache_ready(&self.endpoints, "endpoints").await?;
+        if tokio::time::timeout(runtime::CACHE_WAIT, self.allocator.wait_synced())
+            .await
+            .is_err()
+        {
+            return Err(runtime::CacheNotReady("identities").into());
+        }
         let id = identity.spec.id;
         let references = self.references(id);
         let status = identity.status.clone().unwrap_or_default();

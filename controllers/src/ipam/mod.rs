@@ -84,12 +84,15 @@ const WAIT_RETRY: Duration = Duration::from_secs(30);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    CacheNotReady(#[from] runtime::CacheNotReady),
 }
 
 impl MetricLabel for Error {
     fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(e) => runtime::kube_error_label(e),
+            Error::CacheNotReady(e) => e.metric_label(),
         }
     }
 }
@@ -397,9 +400,9 @@ impl Reconciler for Ipam {
     async fn reconcile(&self, pool_obj: Arc<PodIPPool>) -> Result<Action, Error> {
         // Allocation needs the full view: restoring from a partial list could hand out a
         // block a node already holds.
-        let _ = self.pools.wait_until_ready().await;
-        let _ = self.networks.wait_until_ready().await;
-        let _ = self.nodes.wait_until_ready().await;
+        runtime::cache_ready(&self.pools, "podippools").await?;
+        runtime::cache_ready(&self.networks, "nodenetworks").await?;
+        runtime::cache_ready(&self.nodes, "nodes").await?;
         let name = pool_obj.name_any();
         let manager = runtime::field_manager(NAME);
         let out = self.plan(&pool_obj);

@@ -107,6 +107,39 @@ impl MetricLabel for kube::Error {
     }
 }
 
+/// A cache a reconcile needs has not completed its first list within [`CACHE_WAIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} cache has not completed its first list yet")]
+pub struct CacheNotReady(pub &'static str);
+
+impl MetricLabel for CacheNotReady {
+    fn metric_label(&self) -> &'static str {
+        "cache_not_ready"
+    }
+}
+
+/// How long a reconcile waits for a cache before failing (and retrying with backoff).
+pub const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits, bounded by [`CACHE_WAIT`], until `store` has completed its first list.
+///
+/// Never wait on a store unboundedly inside a reconcile: a store fed by one of the
+/// controller's own trigger streams (`watches_stream`) is not polled during graceful
+/// shutdown, so the reconcile — and with it the shutdown — would hang forever.
+pub async fn cache_ready<K>(
+    store: &kube::runtime::reflector::Store<K>,
+    what: &'static str,
+) -> Result<(), CacheNotReady>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    match tokio::time::timeout(CACHE_WAIT, store.wait_until_ready()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(CacheNotReady(what)),
+    }
+}
+
 /// Whether retrying can fix `e` (409, 429, 5xx, timeouts, connection failures). The
 /// harness retries every error with backoff anyway; this is for deciding what to log loud.
 pub fn is_transient(e: &kube::Error) -> bool {
