@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
     PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::conditions;
@@ -43,32 +44,52 @@ async fn kubectl_works_against_the_plane() -> Result<()> {
     Ok(())
 }
 
+/// Every manifest in crds/manifests is accepted (a non-structural schema would fail the
+/// apply), Established, and reachable through `kubectl get tendril`.
 #[tokio::test]
-async fn crds_are_established_and_listed_in_the_tendril_category() -> Result<()> {
+async fn every_crd_manifest_is_established_and_in_the_tendril_category() -> Result<()> {
     let env = TestEnv::new().await?;
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        env.cluster_api();
-    wait_for(
-        &crds,
-        "nodenetworks.tendril.dev",
-        conditions::is_crd_established(),
-        TIMEOUT,
-    )
-    .await?;
+    let crds: Api<CustomResourceDefinition> = env.cluster_api();
+    let dir = tendril_e2e::repo_root().join("crds/manifests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            continue;
+        }
+        let crd: CustomResourceDefinition =
+            serde_saphyr::from_str(&std::fs::read_to_string(&path)?)
+                .with_context(|| format!("parsing {}", path.display()))?;
+        names.push(crd.metadata.name.expect("CRD name"));
+    }
+    assert!(!names.is_empty(), "no CRD manifests in {}", dir.display());
+    for name in &names {
+        let crd = wait_for(&crds, name, conditions::is_crd_established(), TIMEOUT)
+            .await?
+            .expect("established CRD exists");
+        assert!(
+            crd.spec
+                .names
+                .categories
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|c| c == "tendril")),
+            "{name} is not in the tendril category"
+        );
+    }
     // `kubectl get tendril` resolves the category through discovery.
-    let out = env
-        .plane()
+    env.plane()
         .kubectl(["get", "tendril", "-A", "-o", "name"])
         .await?;
-    assert!(!out.contains("error"), "{out}");
     let resources = env
         .plane()
         .kubectl(["api-resources", "--categories=tendril", "-o", "name"])
         .await?;
-    assert!(
-        resources.lines().any(|l| l == "nodenetworks.tendril.dev"),
-        "{resources}"
-    );
+    for name in &names {
+        assert!(
+            resources.lines().any(|l| l == name),
+            "{name} missing from:\n{resources}"
+        );
+    }
     Ok(())
 }
 
