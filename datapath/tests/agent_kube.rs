@@ -106,14 +106,44 @@ fn cni(
     (out.status.success(), result)
 }
 
+/// The agent's own bpffs pin directory, removed (maps and link pins) when dropped, so
+/// test runs never leave pins under the default root.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent and its pin directory; fields drop in order: the process first.
+struct Agent {
+    process: Process,
+    _pins: PinDir,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
 fn spawn_agent(
     env: &TestEnv,
     node_name: &str,
     node: &Netns,
     state: &Path,
     port: u16,
-) -> Result<Process> {
-    Process::builder(AGENT)
+) -> Result<Agent> {
+    let pins = PinDir(std::path::PathBuf::from("/sys/fs/bpf/tendril-test").join(node_name));
+    let process = Process::builder(AGENT)
         .name(format!("tendril-agent-{node_name}"))
         .arg("--kubeconfig")
         .arg(env.kubeconfig())
@@ -122,6 +152,8 @@ fn spawn_agent(
         .arg(node.path())
         .arg("--state-dir")
         .arg(state)
+        .arg("--bpffs-root")
+        .arg(&pins.0)
         .arg("--cni-socket")
         .arg(state.join("cni.sock"))
         .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
@@ -132,7 +164,11 @@ fn spawn_agent(
             "2",
         ])
         .env("RUST_LOG", "info")
-        .spawn()
+        .spawn()?;
+    Ok(Agent {
+        process,
+        _pins: pins,
+    })
 }
 
 fn ready_condition(nn: Option<&NodeNetwork>) -> Option<(String, String)> {
@@ -279,8 +315,13 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
         metrics.value("tendril_agent_ip_leaks_released_total", &[]),
         Some(1.0)
     );
-    let (code, body) = http_get(port, "/readyz").await?;
-    assert_eq!(code, 200, "{body}");
+    // Ready once the datapath realized the node too (it converges right after IPAM).
+    eventually(WAIT, || async move {
+        let (code, body) = http_get(port, "/readyz").await?;
+        anyhow::ensure!(code == 200, "/readyz {code}: {body}");
+        Ok(())
+    })
+    .await?;
 
     // The pod CIDR is taken away: the agent stops serving and says why.
     env.apply_yaml(&format!("apiVersion: tendril.dev/v1alpha1\nkind: NodeNetwork\nmetadata: {{name: {node_name}}}\nspec: {{podCIDRs: []}}"))
