@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops everything hack/up.sh started (operator, later simulated nodes and agents) and the
+# Stops everything hack/up.sh started (simulated nodes, agents, demo pods, operator) and the
 # control plane, then deletes the cluster's state ($TENDRIL_RUN: certificates, etcd data,
 # logs), so the next hack/up.sh starts a fresh cluster. `--keep-state` keeps the state (the
 # next up.sh resumes the same cluster). Builds are kept.
@@ -25,8 +25,9 @@ stop_pidfile() {
 }
 
 # ---------------------------------------------------------------- simulated nodes and agents
-# Later issues: stop the agents (pid files in $pids) and delete the simulated nodes' network
-# namespaces, links and bpffs pins recorded by hack/up.sh here, before the control plane.
+# Pods first (CNI DEL needs the agents), then agents, namespaces and Node objects; works
+# without a control plane too (then only what lives on this machine is removed).
+bash hack/sim-cluster.sh down || true
 # ---------------------------------------------------------------- end of simulated nodes
 
 stop_pidfile tendril-operator tendril-operato

@@ -3,7 +3,8 @@
 #
 #   prerequisites (idempotent) → control-plane build (cached) → cargo build of the workspace
 #   binaries → etcd + kube-apiserver + kube-controller-manager on 127.0.0.1 → the CRDs
-#   (`kubectl apply --server-side -k crds/`) → tendril-operator in the background.
+#   (`kubectl apply --server-side -k crds/`) → tendril-operator in the background → two
+#   simulated nodes with one tendril-agent each and the demo pods (hack/sim-cluster.sh).
 #
 # Safe to run again: running components are kept, the operator is restarted only when its
 # binary was rebuilt. State, logs and pid files live in $TENDRIL_RUN (~/.cache/tendril/run);
@@ -81,9 +82,13 @@ if [[ -x $operator_bin ]]; then
 fi
 
 # ---------------------------------------------------------------- simulated nodes and agents
-# Later issues: create the simulated nodes (network namespaces on an underlay bridge), start
-# one tendril-agent per node and the demo pods here, recording every pid in $pids and every
-# namespace/link in $TENDRIL_RUN so hack/down.sh can remove them.
+# Two nodes (network namespaces on an underlay bridge), one tendril-agent each, the default
+# PodIPPool and the demo pods, wired by the real tendril-cni as a kubelet would.
+sim_status="not started (operator not built)"
+if [[ -x $operator_bin ]]; then
+  bash hack/sim-cluster.sh up
+  sim_status=$(bash hack/sim-cluster.sh status 2>&1 | sed 's/^/  /')
+fi
 # ---------------------------------------------------------------- end of simulated nodes
 
 cat <<EOF
@@ -93,15 +98,19 @@ Tendril is up ($(($(date +%s) - t0))s).
   export KUBECONFIG=$KUBECONFIG
 
   operator:  $operator_status
+  agents:    metrics on http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/metrics and the next port
   metrics:   http://127.0.0.1:$metrics_port/metrics
   apiserver: $(sed -n 's/^APISERVER_URL=//p' "$TENDRIL_RUN/plane.env") (logs in $logs)
   kubectl:   export PATH=$K8S_BIN:\$PATH   (kubectl v$K8S_VERSION, matches the server)
 
+Simulated nodes and demo pods:
+$sim_status
+
 Try next:
   kubectl get tendril
+  kubectl get pods,endpoints.tendril.dev -A -o wide
+  hack/pod-exec.sh demo/client -- ping -c1 <IP of demo/web-2, on the other node>
   kubectl get nodenetworks
-  kubectl create -f - <<<'{"apiVersion":"v1","kind":"Node","metadata":{"name":"demo-node"}}'
-  kubectl get nodenetworks -w
   curl -s http://127.0.0.1:$metrics_port/metrics | grep controller_runtime_reconcile_total
 
 Stop everything with hack/down.sh.

@@ -1,6 +1,6 @@
 //! tendril-agent, tendril-cni and the eBPF datapath.
 
-pub mod bpf;
 pub mod agent;
+pub mod bpf;
 pub mod cni;
 pub mod ipam;

@@ -10,13 +10,25 @@ fn main() {
     if check {
         args.remove(0);
     }
-    let dir = PathBuf::from(args.first().cloned().unwrap_or_else(|| "crds/manifests".into()));
+    let dir = PathBuf::from(
+        args.first()
+            .cloned()
+            .unwrap_or_else(|| "crds/manifests".into()),
+    );
     let crds = tendril_crds::all_crds();
     let mut files: Vec<(String, String)> = crds
         .iter()
-        .map(|crd| (tendril_crds::manifest_file_name(crd), tendril_crds::render_crd(crd)))
+        .map(|crd| {
+            (
+                tendril_crds::manifest_file_name(crd),
+                tendril_crds::render_crd(crd),
+            )
+        })
         .collect();
-    files.push(("kustomization.yaml".into(), tendril_crds::render_kustomization(&crds)));
+    files.push((
+        "kustomization.yaml".into(),
+        tendril_crds::render_kustomization(&crds),
+    ));
     let mut stale = Vec::new();
     for (name, body) in &files {
         let path = dir.join(name);
