@@ -46,4 +46,18 @@ if command -v rustup >/dev/null; then
 fi
 cargo fmt --version >/dev/null 2>&1 || die "cargo fmt is missing (rustup component add rustfmt)"
 cargo clippy --version >/dev/null 2>&1 || die "cargo clippy is missing (rustup component add clippy)"
+# Go-built test tools, pinned, into $TENDRIL_TOOLS (outside the repository, kept between runs).
+go_tools=(
+  github.com/containernetworking/cni/cnitool@v1.3.1 # CNI conformance of tendril-cni
+)
+for tool in "${go_tools[@]}"; do
+  bin="$TENDRIL_TOOLS/$(basename "${tool%@*}")"
+  stamp="$bin.version"
+  if [[ ! -x $bin || $(cat "$stamp" 2>/dev/null) != "$tool" ]]; then
+    log "installing $tool"
+    GOBIN="$TENDRIL_TOOLS" CGO_ENABLED=0 go install "$tool"
+    echo "$tool" >"$stamp"
+  fi
+done
+
 log "prerequisites ok: $(go version | cut -d' ' -f3), $(cargo --version | cut -d' ' -f1-2)"

@@ -825,16 +825,19 @@ fn agent_killed_mid_churn_never_double_allocates() {
 
 #[test]
 fn cnitool_add_check_del() {
-    let cnitool = ["/root/go/bin/cnitool", "/usr/local/bin/cnitool"]
-        .into_iter()
+    // hack/install-prereqs.sh installs the pinned cnitool into $TENDRIL_TOOLS.
+    let tools = std::env::var_os("TENDRIL_TOOLS")
         .map(PathBuf::from)
-        .find(|p| p.exists());
-    let Some(cnitool) = cnitool else {
-        eprintln!(
-            "SKIPPED: cnitool is not installed (go install github.com/containernetworking/cni/cnitool@latest)"
-        );
-        return;
-    };
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/tendril/tools/bin")
+        });
+    let cnitool = tools.join("cnitool");
+    assert!(
+        cnitool.exists(),
+        "{} is missing: run hack/install-prereqs.sh (it installs the pinned cnitool)",
+        cnitool.display()
+    );
     let node = Netns::new("tcnn");
     let pod = Netns::new("tcnp");
     let state = tempfile::tempdir().unwrap();

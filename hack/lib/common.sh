@@ -10,11 +10,13 @@ K8S_VERSION="1.36.3"
 ETCD_VERSION="3.6.8"
 KWOK_VERSION="0.8.0"
 K8S_BIN="$TENDRIL_CACHE/k8s-$K8S_VERSION/bin"
+# Go-built test tools (cnitool), installed by hack/install-prereqs.sh.
+export TENDRIL_TOOLS="$TENDRIL_CACHE/tools/bin"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TENDRIL_CACHE/target}"
 export GOMODCACHE="${GOMODCACHE:-$(go env GOMODCACHE 2>/dev/null || echo "$HOME/go/pkg/mod")}"
 export GOCACHE="${GOCACHE:-$(go env GOCACHE 2>/dev/null || echo "$HOME/.cache/go-build")}"
-export PATH="$K8S_BIN:$HOME/.cargo/bin:/usr/local/go/bin:$HOME/go/bin:$PATH"
+export PATH="$K8S_BIN:$TENDRIL_TOOLS:$HOME/.cargo/bin:/usr/local/go/bin:$HOME/go/bin:$PATH"
 
 # Colour only on a terminal (CI logs stay plain).
 if [[ -t 2 && -z ${NO_COLOR:-} ]]; then
