@@ -187,8 +187,10 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
     node.ip(&["addr", "add", "10.99.7.1/24", "dev", "underlay0"]);
     let pod = Netns::new("tap");
 
-    // Before the agent starts: one stale record (its pod is gone) and one live Endpoint
-    // whose record is missing (e.g. the state directory was lost).
+    // Before the agent starts: one stale record (its pod is gone), one live Endpoint whose
+    // record is missing (e.g. the state directory was lost) and whose sandbox is still
+    // wired (host veth + /32 route), and one Endpoint outliving its pod's DEL (nothing
+    // wired): only the live one is restored.
     let state = tempfile::tempdir()?;
     {
         let (mut ipam, _) = Ipam::open(&state.path().join("ipam"))?;
@@ -213,6 +215,24 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
          spec: {{node: {node_name}, ips: [10.43.7.77], revision: 1}}"
     ))
     .await?;
+    env.apply_yaml(&format!(
+        "apiVersion: tendril.dev/v1alpha1\nkind: Endpoint\nmetadata: {{name: departed}}\n\
+         spec: {{node: {node_name}, ips: [10.43.7.78], revision: 1}}"
+    ))
+    .await?;
+    node.ip(&[
+        "link",
+        "add",
+        "tdrlive0000001",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "livepeer",
+    ]);
+    node.ip(&["link", "set", "tdrlive0000001", "up"]);
+    node.ip(&["link", "set", "livepeer", "up"]);
+    node.ip(&["route", "add", "10.43.7.77/32", "dev", "tdrlive0000001"]);
 
     let port = free_port();
     let socket = state.path().join("cni.sock");
@@ -261,7 +281,7 @@ async fn agent_serves_its_node_network_and_reconciles_with_endpoints() -> Result
         "{managers:?}"
     );
 
-    // The stale record is gone, the live Endpoint's address is held.
+    // The stale record is gone, the live Endpoint's address is held, the departed one's not.
     let call = |request: Request| api::call(&socket, &request, Duration::from_secs(10));
     let status = match call(Request::Status)? {
         Response::Status(status) => status,

@@ -219,6 +219,26 @@ async fn sync_once(
             .collect(),
     };
     let (grace, first) = (cfg.leak_grace.as_secs(), *restore);
+    let mut live = live;
+    if first {
+        // Restore only what a pod sandbox still uses: an Endpoint can outlive its pod's
+        // DEL until the garbage collector removes it, and restoring its address then would
+        // pin it for the leak grace period.
+        let netns = cfg.node_netns.clone();
+        match tokio::task::spawn_blocking(move || {
+            crate::cni::link::wired_pod_addresses(netns.as_deref())
+        })
+        .await
+        {
+            Ok(Ok(wired)) => {
+                for (_, _, ips) in &mut live.endpoints {
+                    ips.retain(|ip| wired.contains(ip));
+                }
+            }
+            Ok(Err(e)) => return not_ready("ReconcileFailed", e.to_string()),
+            Err(e) => return not_ready("ReconcileFailed", e.to_string()),
+        }
+    }
     let reconcile_agent = agent.clone();
     match tokio::task::spawn_blocking(move || reconcile_agent.reconcile(&live, grace, first)).await
     {

@@ -72,6 +72,72 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// Prefix of every host-side pod interface this plugin creates.
+pub const HOST_VETH_PREFIX: &str = "tdr";
+
+/// Addresses that are wired to a pod right now in `node_netns`: the node's host route
+/// (`/32`, `/128`) to the address goes out through one of our host veths. ADD installs that
+/// route with the veth and DEL removes it with the veth, so this is what proves a pod
+/// sandbox still uses an address. Blocking.
+pub fn wired_pod_addresses(
+    node_netns: Option<&Path>,
+) -> Result<std::collections::HashSet<IpAddr>, LinkError> {
+    run_in(node_netns, |handle| async move {
+        let links: Vec<_> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(LinkError::netlink("listing links"))?;
+        let host_veths: std::collections::HashSet<u32> = links
+            .iter()
+            .map(LinkInfo::from_message)
+            .filter(|l| l.name.starts_with(HOST_VETH_PREFIX))
+            .map(|l| l.index)
+            .collect();
+        let mut wired = std::collections::HashSet::new();
+        for request in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<_> = handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(LinkError::netlink("listing routes"))?;
+            for route in routes {
+                let (mut dst, mut oif) = (None, None);
+                for attribute in &route.attributes {
+                    match attribute {
+                        RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
+                            dst = Some(IpAddr::V4(*v4));
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
+                            dst = Some(IpAddr::V6(*v6));
+                        }
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let host_route = |ip: &IpAddr| {
+                    let full = if ip.is_ipv4() { 32 } else { 128 };
+                    route.header.destination_prefix_length == full
+                };
+                if let (Some(ip), Some(oif)) = (dst, oif)
+                    && host_route(&ip)
+                    && host_veths.contains(&oif)
+                {
+                    wired.insert(ip);
+                }
+            }
+        }
+        Ok(wired)
+    })
+}
+
 /// The host-side interface name of an attachment: `tdr` + 11 hex digits of the FNV-1a
 /// hash of `containerID/ifname` (15 characters, the kernel's limit).
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
@@ -80,7 +146,7 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("tdr{:011x}", hash & ((1 << 44) - 1))
+    format!("{HOST_VETH_PREFIX}{:011x}", hash & ((1 << 44) - 1))
 }
 
 /// The alias a host veth carries: which attachment it belongs to. Deletions check it, so
