@@ -24,6 +24,11 @@ pub struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
     pub direction: String,
@@ -44,6 +49,9 @@ pub struct DatapathMetrics {
     /// programs' per-reason `metrics` map.
     pub packets: Family<ReasonLabels, Counter>,
     pub drops: Family<ReasonLabels, Counter>,
+    /// `tendril_agent_unrealized_revisions{kind}`: local objects (`Endpoint`, `NodeNetwork`)
+    /// whose current revision the node's datapath does not realize yet.
+    pub unrealized: Family<KindLabel, Gauge>,
     /// Last absolute value read per (raw reason, raw direction): the map counts since it
     /// was created (it survives restarts), the counters grow by the difference.
     seen: Arc<Mutex<HashMap<SampleKey, u64>>>,
@@ -77,8 +85,19 @@ impl DatapathMetrics {
                 "Packets the eBPF programs dropped, by reason and direction",
                 Family::default,
             ),
+            unrealized: metrics.domain(
+                "tendril_agent_unrealized_revisions",
+                "Local objects (by kind) whose current revision the datapath does not realize yet",
+                Family::default,
+            ),
             seen: Arc::default(),
         }
+    }
+
+    pub fn set_unrealized(&self, kind: &str, count: usize) {
+        self.unrealized
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn observe_converge(&self, map: &str, report: &ConvergeReport) {

@@ -547,6 +547,9 @@ impl Reconciler {
         message: String,
     ) {
         let Some(own) = own else { return };
+        let lagging = !realized || self.last_realized != own.metadata.generation;
+        self.metrics
+            .set_unrealized("NodeNetwork", usize::from(lagging));
         let report = NodeReport {
             uid: own.metadata.uid.clone(),
             realized_revision: self.last_realized,
@@ -587,6 +590,11 @@ impl Reconciler {
     /// write → `Realized=False` (the last realized revision is kept). Pending endpoints
     /// (veth not there yet) are not written.
     async fn write_endpoint_statuses(&self, states: &[(EndpointRef, i64, bool, bool)]) {
+        let unrealized = states
+            .iter()
+            .filter(|(_, _, wired, failed)| *failed || !*wired)
+            .count();
+        self.metrics.set_unrealized("Endpoint", unrealized);
         for (key, revision, wired, failed) in states {
             let Some(current) = self
                 .ep_store
