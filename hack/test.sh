@@ -59,6 +59,8 @@ fi
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --bins" cargo build --workspace --bins
+# The inner loop users develop with: `tilt ci` of the Tiltfile in local mode (own ports/run dir).
+step "tilt ci (local mode)" bash hack/tilt/ci.sh
 # The binary just built (`cargo run -p` would resolve features for one package and rebuild
 # every dependency).
 step "CRD manifests up to date" "$CARGO_TARGET_DIR/debug/tendril-crdgen" --check
