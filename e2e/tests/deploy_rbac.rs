@@ -640,12 +640,31 @@ async fn run_operator_and_agent_calls(
     run_agent(env, agent_kc, node_name).await?;
     let log = op.log().to_lowercase();
     ensure!(
-        !log.contains("forbidden") && !log.contains("403"),
+        !log.contains("forbidden") && !has_status_403(&log),
         "the operator hit an authorization failure:\n{}",
         op.log_tail(60)
     );
     op.stop(Duration::from_secs(10));
     Ok(())
+}
+
+/// Whether `log` mentions HTTP status 403 as a number of its own, not as digits inside a
+/// timestamp, port or path (`…12.574035Z` must not count).
+fn has_status_403(log: &str) -> bool {
+    log.match_indices("403").any(|(i, _)| {
+        let before = log[..i].chars().next_back();
+        let after = log[i + 3..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '.')
+            && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+#[test]
+fn status_403_is_found_as_a_number_only() {
+    assert!(has_status_403("error: api error 403 forbidden"));
+    assert!(has_status_403("{\"code\":403}"));
+    assert!(!has_status_403("2026-11-21T21:15:12.574035Z INFO ok"));
+    assert!(!has_status_403("addr=127.0.0.1:34030 pid 14030"));
 }
 
 /// A Pod on `node` with `ip`, its status written as a kubelet would; returns its name.
@@ -831,18 +850,18 @@ async fn run_agent(env: &TestEnv, agent_kc: &Path, node_name: &str) -> Result<()
     );
     ensure!(agent.is_running(), "agent exited:\n{}", agent.log_tail(40));
     let log = agent.log().to_lowercase();
-    for failure in [
-        "forbidden",
-        "403",
-        "operation not permitted",
-        "permission denied",
-    ] {
+    for failure in ["forbidden", "operation not permitted", "permission denied"] {
         ensure!(
             !log.contains(failure),
             "the agent hit {failure:?}:\n{}",
             agent.log_tail(60)
         );
     }
+    ensure!(
+        !has_status_403(&log),
+        "the agent hit a 403:\n{}",
+        agent.log_tail(60)
+    );
     agent.stop(Duration::from_secs(10));
     Ok(())
 }
