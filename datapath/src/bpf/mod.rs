@@ -10,6 +10,7 @@
 pub mod converge;
 pub mod loader;
 pub mod maps;
+pub mod policy;
 
 pub use converge::{
     ConvergeFailure, ConvergeReport, Dataplane, DataplaneError, MapPressure, MapWriteError,
