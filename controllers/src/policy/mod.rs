@@ -1,0 +1,3 @@
+//! Concern `policy`.
+pub mod resolve;
+pub mod selector;
