@@ -634,7 +634,9 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
             )
             .await;
             let one = singleton();
-            trigger_writer.apply_watcher_event(&watcher::Event::Apply(one.clone()));
+            // A complete "list" of one object (InitDone swaps the listed objects in).
+            trigger_writer.apply_watcher_event(&watcher::Event::Init);
+            trigger_writer.apply_watcher_event(&watcher::Event::InitApply(one.clone()));
             trigger_writer.apply_watcher_event(&watcher::Event::InitDone);
             Ok(one)
         }
