@@ -22,6 +22,7 @@
 pub mod index;
 pub mod kernel;
 pub mod metrics;
+pub mod policy;
 
 use crate::bpf::maps::{EndpointInfo, NODE_F_TUNNEL, NodeConfig};
 use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
