@@ -82,6 +82,44 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             NodeConfig,
             [tunnel_ifindex, node_ipv4, flags, pad]
         ),
+        layout!(
+            "policy_key",
+            PolicyKey,
+            [
+                prefixlen,
+                endpoint_id,
+                direction,
+                pad0,
+                peer_identity,
+                protocol,
+                pad1,
+                dport
+            ]
+        ),
+        layout!(
+            "policy_value",
+            PolicyValue,
+            [verdict, flags, pad, rule_cookie]
+        ),
+        layout!("policy_state", PolicyState, [revision, flags]),
+        layout!("policy_cidr_value", PolicyCidrValue, [identity, pad]),
+        layout!(
+            "ct_key",
+            CtKey,
+            [saddr, daddr, sport, dport, proto, dir, endpoint_id]
+        ),
+        layout!(
+            "ct_value",
+            CtValue,
+            [
+                created_ns,
+                last_seen_ns,
+                policy_revision,
+                flags,
+                pad,
+                packets
+            ]
+        ),
     ];
     for (object_name, object) in [
         ("bpf_lxc.o", BPF_LXC),
@@ -100,6 +138,22 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             );
         }
     }
+}
+
+#[test]
+fn policy_lpm_prefix_is_the_key_after_its_prefixlen() {
+    assert_eq!(
+        std::mem::size_of::<PolicyPrefix>() + 4,
+        std::mem::size_of::<PolicyKey>()
+    );
+    assert_eq!(
+        offset_of!(PolicyPrefix, peer_identity) + 4,
+        offset_of!(PolicyKey, peer_identity)
+    );
+    assert_eq!(
+        offset_of!(PolicyPrefix, dport) + 4,
+        offset_of!(PolicyKey, dport)
+    );
 }
 
 #[test]

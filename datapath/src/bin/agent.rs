@@ -133,6 +133,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
                 ipcache: sizes.ipcache,
                 endpoints: sizes.endpoints,
                 metrics: sizes.metrics,
+                ..Default::default()
             },
             resync: Duration::from_secs(config.datapath_resync_seconds),
             debounce: Duration::from_millis(config.datapath_debounce_millis),

@@ -72,6 +72,7 @@ pub enum Verdict {
 }
 
 /// `struct policy_state`: one per endpoint that has a ResolvedPolicy.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PolicyState {
     /// Low 32 bits of the ResolvedPolicy revision; conntrack entries judged under another
