@@ -120,6 +120,31 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
                 packets
             ]
         ),
+        // `type` and `match` are Rust keywords: the mirror names them `kind` and `matched`.
+        (
+            "policy_event",
+            std::mem::size_of::<RawPolicyEvent>() as u64,
+            [
+                ("ts_ns", offset_of!(RawPolicyEvent, ts_ns)),
+                ("type", offset_of!(RawPolicyEvent, kind)),
+                ("reason", offset_of!(RawPolicyEvent, reason)),
+                ("dir", offset_of!(RawPolicyEvent, dir)),
+                ("proto", offset_of!(RawPolicyEvent, proto)),
+                ("verdict", offset_of!(RawPolicyEvent, verdict)),
+                ("match", offset_of!(RawPolicyEvent, matched)),
+                ("endpoint_id", offset_of!(RawPolicyEvent, endpoint_id)),
+                ("src_identity", offset_of!(RawPolicyEvent, src_identity)),
+                ("dst_identity", offset_of!(RawPolicyEvent, dst_identity)),
+                ("saddr", offset_of!(RawPolicyEvent, saddr)),
+                ("daddr", offset_of!(RawPolicyEvent, daddr)),
+                ("sport", offset_of!(RawPolicyEvent, sport)),
+                ("dport", offset_of!(RawPolicyEvent, dport)),
+                ("ifindex", offset_of!(RawPolicyEvent, ifindex)),
+            ]
+            .into_iter()
+            .map(|(name, offset)| (name.to_string(), offset as u64))
+            .collect(),
+        ),
     ];
     for (object_name, object) in [
         ("bpf_lxc.o", BPF_LXC),

@@ -4,6 +4,7 @@
  * Rust mirror is `MetricReason` in datapath/src/bpf/maps.rs. */
 #pragma once
 
+#include "events.h"
 #include "maps.h"
 
 enum metric_reason {
@@ -44,8 +45,11 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __
 	bpf_map_update_elem(&metrics, &key, &first, BPF_NOEXIST);
 }
 
+/* Counts and reports a drop; returns the tc verdict. */
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	metrics_count(skb, reason, dir);
+	if (event_drop(skb, reason, dir) < 0)
+		metrics_count(skb, REASON_EVENT_LOST, dir);
 	return TC_ACT_SHOT;
 }
