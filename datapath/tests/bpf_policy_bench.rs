@@ -149,6 +149,9 @@ fn measure(
     total_ns as f64 / f64::from(CALLS)
 }
 
+/// A frame of the measured flow, by source port.
+type FrameFn = fn(u16) -> Vec<u8>;
+
 #[test]
 fn ns_per_packet_with_and_without_policy() {
     let nodes = [
@@ -156,7 +159,7 @@ fn ns_per_packet_with_and_without_policy() {
         ("10", node(Some(10))),
         ("10,000", node(Some(10_000))),
     ];
-    let paths: [(&str, Hook, fn(u16) -> Vec<u8>, u32); 3] = [
+    let paths: [(&str, Hook, FrameFn, u32); 3] = [
         (
             "from_container → local pod",
             Hook::FromContainer,
