@@ -6,8 +6,8 @@
 //!   `Identity` (a change triggers a pass). The reflector stores are the index;
 //!   [`index::desired`] and [`policy::translate`] turn a snapshot into the desired state.
 //! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
-//!   ip_forward, routes, host veths), then the policy maps (`policy_cidrs`, then `policy`
-//!   and `policy_state` in the order of [`Dataplane::converge_policy`]), so a pod's policy
+//!   ip_forward, routes, host veths), then the policy maps (`policy`, `policy_cidrs`,
+//!   `policy_state`, in the order of [`realize_policy`]), so a pod's policy
 //!   is in before its `endpoints` entry and its programs; then `endpoints`, `ipcache`,
 //!   `node_config` by diff ([`crate::bpf::Dataplane`]), then the programs, then reports.
 //!   Nothing is converged before every watch
@@ -141,24 +141,70 @@ pub struct PolicyRealization {
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches). Order: `policy_cidrs` (ids read back first, so they stay
-/// stable), then `policy` and `policy_state` as [`Dataplane::converge_policy`] orders them
-/// (new entries, then states, then stale entries), so a connection both revisions allow is
-/// never interrupted and a removed rule is never reopened. Blocking.
+/// it only with complete caches). Blocking.
+///
+/// The order keeps every packet judged by the old policy, the new one, or (for a new
+/// connection, briefly) their union, and never re-judges an established connection against
+/// anything but the complete new policy:
+/// 1. if new CIDR prefixes come, first every new entry (those of new CIDR ids are inert:
+///    no prefix maps to a new id yet) — [`Dataplane::converge_policy`] without pruning;
+/// 2. `policy_cidrs` (ids read back first, so they stay stable): new prefixes now map to
+///    ids whose entries are in; removed ones fall back to the prefixes containing them;
+/// 3. the entries, pruned, with [`policy::interim_states`] (new default-deny flags, old
+///    revisions): stale entries go before any revision changes;
+/// 4. the final states: the revision changes and conntrack re-judges established
+///    connections against exactly the new entries.
+///
+/// (Writing the revision before the stale entries are gone, as one `converge_policy` call
+/// does, lets a packet in between be re-judged against a stale allow, and its connection
+/// then stays open under the new revision.)
 pub fn realize_policy(
     dp: &mut Dataplane,
     subjects: &[policy::PolicySubject<'_>],
     cluster_ports: &policy::ClusterNamedPorts,
 ) -> Result<PolicyRealization, DataplaneError> {
-    let current = dp.policy_cidrs()?;
-    let wanted = policy::translate(subjects, cluster_ports, &current);
+    let current_cidrs = dp.policy_cidrs()?;
+    let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
+    let interim = policy::interim_states(&dp.policy_states()?, &wanted.states);
+    let mut report = ConvergeReport::default();
+    if wanted
+        .cidrs
+        .keys()
+        .any(|net| !current_cidrs.contains_key(net))
+    {
+        merge_report(
+            &mut report,
+            dp.converge_policy(&wanted.entries, &interim, false)?,
+        );
+    }
     let cidrs = dp.converge_policy_cidrs(&wanted.cidrs, true)?;
-    let policy = dp.converge_policy(&wanted.entries, &wanted.states, true)?;
+    merge_report(
+        &mut report,
+        dp.converge_policy(&wanted.entries, &interim, true)?,
+    );
+    if interim != wanted.states {
+        merge_report(
+            &mut report,
+            dp.converge_policy(&wanted.entries, &wanted.states, true)?,
+        );
+    }
     Ok(PolicyRealization {
         wanted,
         cidrs,
-        policy,
+        policy: report,
     })
+}
+
+/// Adds the work of `next` to `into`. Each call converges the whole desired state again
+/// (retrying what failed before), so `unchanged`, `stale_kept` and `failed` are the last
+/// call's.
+fn merge_report(into: &mut ConvergeReport, next: ConvergeReport) {
+    into.added += next.added;
+    into.updated += next.updated;
+    into.deleted += next.deleted;
+    into.unchanged = next.unchanged;
+    into.stale_kept = next.stale_kept;
+    into.failed = next.failed;
 }
 
 /// Loads the programs (reusing pinned maps and links), then reconciles until `shutdown`;
