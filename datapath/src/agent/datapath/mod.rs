@@ -101,6 +101,22 @@ impl Default for PolicyOptions {
 /// revision (RFC 3339, UTC).
 pub const POLICY_CHANGED_AT: &str = "tendril.dev/policy-changed-at";
 
+/// Seconds from the change behind `policy`'s revision ([`POLICY_CHANGED_AT`]) to `now`;
+/// `None` without a readable annotation. A clock skewed behind the operator's gives 0.
+pub fn implementation_delay(
+    policy: &ResolvedPolicy,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<f64> {
+    let at: k8s_openapi::jiff::Timestamp = policy
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(POLICY_CHANGED_AT)?
+        .parse()
+        .ok()?;
+    Some(now.duration_since(at).as_secs_f64().max(0.0))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF programs: {0}")]
@@ -818,14 +834,11 @@ impl Reconciler {
             if reported_before {
                 continue;
             }
-            let changed_at = outcome
+            if let Some(delay) = outcome
                 .used
                 .get(&ep.key)
-                .and_then(|p| p.metadata.annotations.as_ref())
-                .and_then(|a| a.get(POLICY_CHANGED_AT))
-                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-            if let Some(at) = changed_at {
-                let delay = now.duration_since(at).as_secs_f64().max(0.0);
+                .and_then(|p| implementation_delay(p, now))
+            {
                 self.metrics.policy_implementation_delay.observe(delay);
             }
         }
@@ -1059,5 +1072,35 @@ impl Reconciler {
                 Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tendril_crds::v1alpha1::ResolvedPolicySpec;
+
+    #[test]
+    fn implementation_delay_runs_from_the_annotation() {
+        let mut policy = ResolvedPolicy::new("300", ResolvedPolicySpec::default());
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:05.750000Z".parse().unwrap();
+        assert_eq!(implementation_delay(&policy, now), None);
+        policy.metadata.annotations = Some(
+            [(
+                POLICY_CHANGED_AT.to_string(),
+                "2026-01-02T03:04:05.250000Z".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(implementation_delay(&policy, now), Some(0.5));
+        let earlier: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:00Z".parse().unwrap();
+        assert_eq!(implementation_delay(&policy, earlier), Some(0.0));
+        policy
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(POLICY_CHANGED_AT.into(), "yesterday".into());
+        assert_eq!(implementation_delay(&policy, now), None);
     }
 }
