@@ -794,6 +794,17 @@ impl Reconciler {
         self.metrics
             .policy_endpoints
             .set(i64::try_from(outcome.endpoints).unwrap_or(i64::MAX));
+        // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
+        let unrealized = desired
+            .local
+            .iter()
+            .filter(|ep| {
+                self.rp_store
+                    .get(&ObjectRef::new(&ep.identity.to_string()))
+                    .is_some_and(|p| outcome.realized.get(&ep.key) != Some(&p.spec.revision))
+            })
+            .count();
+        self.metrics.set_unrealized("ResolvedPolicy", unrealized);
         if outcome.failures().next().is_none() {
             self.held_policies = used.clone();
         } else {
