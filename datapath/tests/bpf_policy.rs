@@ -801,6 +801,40 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
 }
 
 #[test]
+fn gc_removes_the_connections_of_vanished_endpoints() {
+    let mut node = node();
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, POD_B, 80, TCP_SYN)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        netdev_in(&node, &udp(NATIVE_POD, 1000, POD_B, 53)),
+        TC_ACT_REDIRECT
+    );
+    // A's egress entry, B's two ingress entries.
+    assert_eq!(node.dataplane.conntrack_entries().unwrap().len(), 3);
+    let now = monotonic_now_ns();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
+    let only_a = BTreeMap::from([(
+        POD_A.into(),
+        EndpointInfo {
+            ifindex: LO,
+            identity: ID_A,
+            endpoint_id: EP_A,
+            ..Default::default()
+        },
+    )]);
+    node.dataplane.converge_endpoints(&only_a, true).unwrap();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 2);
+    let left = node.dataplane.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.endpoint_id, EP_A);
+    let pressure = node.dataplane.pressure().unwrap();
+    let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
+    assert_eq!((ct.entries, ct.max_entries), (1, 262_144));
+}
+
+#[test]
 fn converge_policy_keeps_stale_entries_until_pruned() {
     let mut node = node();
     let keep = (l3(EP_A, EG, ID_B), Verdict::Allow);

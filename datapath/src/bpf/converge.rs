@@ -764,10 +764,11 @@ impl Dataplane {
 
     /// Removes the conntrack entries idle for longer than their timeout
     /// ([`super::policy::ct_timeout_ns`]) at `now_ns` (CLOCK_MONOTONIC, as
-    /// [`super::policy::monotonic_now_ns`] reads it). Returns how many were removed.
+    /// [`super::policy::monotonic_now_ns`] reads it), and those of endpoints no longer in
+    /// the endpoints map. Returns how many were removed.
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
         let mut expired = Vec::new();
-        let mut live = 0u32;
+        let mut live = Vec::new();
         for entry in self.conntrack.iter() {
             let (key, value) = match entry {
                 Ok(kv) => kv,
@@ -784,9 +785,20 @@ impl Dataplane {
             if idle > ct_timeout_ns(key.proto, value.flags) {
                 expired.push(key);
             } else {
-                live += 1;
+                live.push(key);
             }
         }
+        // Read after the entries: an endpoint an entry was created for is in this view
+        // unless it has been removed since.
+        let endpoint_ids: std::collections::BTreeSet<u16> = self
+            .endpoints_raw()?
+            .values()
+            .map(|info| info.endpoint_id)
+            .collect();
+        let (orphaned, live): (Vec<CtKey>, Vec<CtKey>) = live
+            .into_iter()
+            .partition(|key| !endpoint_ids.contains(&key.endpoint_id));
+        expired.extend(orphaned);
         let mut removed = 0;
         for key in &expired {
             match self.conntrack.remove(key) {
@@ -799,7 +811,7 @@ impl Dataplane {
                 }
             }
         }
-        self.conntrack_entries = Some(live);
+        self.conntrack_entries = Some(u32::try_from(live.len()).unwrap_or(u32::MAX));
         Ok(removed)
     }
 
