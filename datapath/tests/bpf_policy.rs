@@ -867,3 +867,47 @@ fn converge_policy_keeps_stale_entries_until_pruned() {
     let policy = pressure.iter().find(|p| p.map == "policy").unwrap();
     assert_eq!((policy.entries, policy.max_entries), (1, 65_536));
 }
+
+#[test]
+fn policy_and_cidrs_converge_together() {
+    let mut node = node();
+    let (block, except) = (LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG | 2);
+    let cidrs: BTreeMap<IpNet, u32> = BTreeMap::from([
+        ("10.0.0.0/8".parse().unwrap(), block),
+        ("10.0.3.0/24".parse().unwrap(), except),
+    ]);
+    let entries = BTreeMap::from([
+        (l3(EP_A, EG, 0), Verdict::Allow),
+        (l3(EP_A, EG, except), Verdict::Deny),
+    ]);
+    let states = BTreeMap::from([(EP_A, state(1, POLICY_F_DEFAULT_DENY_EGRESS))]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs, &entries, &states, true)
+        .unwrap();
+    assert_eq!((c.added, p.added), (2, 3));
+    let to_native = tcp(POD_A, 1000, NATIVE_POD, 80, TCP_SYN);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT, "the CIDR deny");
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 1001, WORLD, 80, TCP_SYN)),
+        TC_ACT_OK
+    );
+
+    // The deny and its prefix go; without pruning both stay.
+    let cidrs2 = BTreeMap::from([("10.0.0.0/8".parse().unwrap(), block)]);
+    let entries2 = BTreeMap::from([(l3(EP_A, EG, 0), Verdict::Allow)]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, false)
+        .unwrap();
+    assert_eq!((c.stale_kept, p.stale_kept), (1, 1));
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, true)
+        .unwrap();
+    assert_eq!((c.deleted, p.deleted), (1, 1));
+    assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs2);
+    assert_eq!(node.dataplane.policy().unwrap(), entries2);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_OK);
+}
