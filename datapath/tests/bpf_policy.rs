@@ -17,8 +17,8 @@ use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState,
     Verdict,
     maps::{
-        CT_F_AUDIT, CT_F_CLOSING, CT_F_SEEN_REPLY, Direction, EndpointInfo, IpcacheValue,
-        MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+        CT_F_AUDIT, CT_F_CLOSING, CT_F_FIN_FORWARD, CT_F_FIN_REPLY, CT_F_SEEN_REPLY, Direction,
+        EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
     },
     monotonic_now_ns,
     policy::{
@@ -769,20 +769,45 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
         TC_ACT_OK
     );
     assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD),
+        "half-closed: the other side may still send"
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40001, TCP_FIN | TCP_ACK), 2),
+        TC_ACT_OK
+    );
+    assert_eq!(
         out_of_a(&node, &tcp(POD_A, 40002, WORLD, 443, TCP_SYN)),
         TC_ACT_OK,
         "never answered"
     );
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40003, WORLD, 443, TCP_SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40003, TCP_RST), 2),
+        TC_ACT_OK
+    );
     assert_eq!(out_of_a(&node, &udp(POD_A, 5000, WORLD, 53)), TC_ACT_OK);
     assert_eq!(flags_of(&node, 40000), Some(CT_F_SEEN_REPLY));
-    assert_eq!(flags_of(&node, 40001), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
+    assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD | CT_F_FIN_REPLY | CT_F_CLOSING)
+    );
     assert_eq!(flags_of(&node, 40002), Some(0));
+    assert_eq!(flags_of(&node, 40003), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
 
     const S: u64 = 1_000_000_000;
     let now = monotonic_now_ns();
     assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
-    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 1);
-    assert_eq!(flags_of(&node, 40001), None, "closing: 10 s");
+    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 2);
+    assert_eq!(
+        (flags_of(&node, 40001), flags_of(&node, 40003)),
+        (None, None),
+        "closing: 10 s"
+    );
     assert_eq!(node.dataplane.conntrack_gc(now + 61 * S).unwrap(), 2);
     assert_eq!(
         (flags_of(&node, 40002), flags_of(&node, 5000)),
