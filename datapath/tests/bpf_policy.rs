@@ -17,8 +17,8 @@ use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState,
     Verdict,
     maps::{
-        CT_F_AUDIT, CT_F_CLOSING, CT_F_SEEN_REPLY, Direction, EndpointInfo, IpcacheValue,
-        MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+        CT_F_AUDIT, CT_F_CLOSING, CT_F_FIN_FORWARD, CT_F_FIN_REPLY, CT_F_SEEN_REPLY, Direction,
+        EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
     },
     monotonic_now_ns,
     policy::{
@@ -769,20 +769,45 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
         TC_ACT_OK
     );
     assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD),
+        "half-closed: the other side may still send"
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40001, TCP_FIN | TCP_ACK), 2),
+        TC_ACT_OK
+    );
+    assert_eq!(
         out_of_a(&node, &tcp(POD_A, 40002, WORLD, 443, TCP_SYN)),
         TC_ACT_OK,
         "never answered"
     );
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40003, WORLD, 443, TCP_SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40003, TCP_RST), 2),
+        TC_ACT_OK
+    );
     assert_eq!(out_of_a(&node, &udp(POD_A, 5000, WORLD, 53)), TC_ACT_OK);
     assert_eq!(flags_of(&node, 40000), Some(CT_F_SEEN_REPLY));
-    assert_eq!(flags_of(&node, 40001), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
+    assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD | CT_F_FIN_REPLY | CT_F_CLOSING)
+    );
     assert_eq!(flags_of(&node, 40002), Some(0));
+    assert_eq!(flags_of(&node, 40003), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
 
     const S: u64 = 1_000_000_000;
     let now = monotonic_now_ns();
     assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
-    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 1);
-    assert_eq!(flags_of(&node, 40001), None, "closing: 10 s");
+    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 2);
+    assert_eq!(
+        (flags_of(&node, 40001), flags_of(&node, 40003)),
+        (None, None),
+        "closing: 10 s"
+    );
     assert_eq!(node.dataplane.conntrack_gc(now + 61 * S).unwrap(), 2);
     assert_eq!(
         (flags_of(&node, 40002), flags_of(&node, 5000)),
@@ -798,6 +823,40 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
     let pressure = node.dataplane.pressure().unwrap();
     let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
     assert_eq!(ct.entries, 0);
+}
+
+#[test]
+fn gc_removes_the_connections_of_vanished_endpoints() {
+    let mut node = node();
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, POD_B, 80, TCP_SYN)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        netdev_in(&node, &udp(NATIVE_POD, 1000, POD_B, 53)),
+        TC_ACT_REDIRECT
+    );
+    // A's egress entry, B's two ingress entries.
+    assert_eq!(node.dataplane.conntrack_entries().unwrap().len(), 3);
+    let now = monotonic_now_ns();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
+    let only_a = BTreeMap::from([(
+        POD_A.into(),
+        EndpointInfo {
+            ifindex: LO,
+            identity: ID_A,
+            endpoint_id: EP_A,
+            ..Default::default()
+        },
+    )]);
+    node.dataplane.converge_endpoints(&only_a, true).unwrap();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 2);
+    let left = node.dataplane.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.endpoint_id, EP_A);
+    let pressure = node.dataplane.pressure().unwrap();
+    let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
+    assert_eq!((ct.entries, ct.max_entries), (1, 262_144));
 }
 
 #[test]
@@ -832,4 +891,48 @@ fn converge_policy_keeps_stale_entries_until_pruned() {
     let pressure = node.dataplane.pressure().unwrap();
     let policy = pressure.iter().find(|p| p.map == "policy").unwrap();
     assert_eq!((policy.entries, policy.max_entries), (1, 65_536));
+}
+
+#[test]
+fn policy_and_cidrs_converge_together() {
+    let mut node = node();
+    let (block, except) = (LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG | 2);
+    let cidrs: BTreeMap<IpNet, u32> = BTreeMap::from([
+        ("10.0.0.0/8".parse().unwrap(), block),
+        ("10.0.3.0/24".parse().unwrap(), except),
+    ]);
+    let entries = BTreeMap::from([
+        (l3(EP_A, EG, 0), Verdict::Allow),
+        (l3(EP_A, EG, except), Verdict::Deny),
+    ]);
+    let states = BTreeMap::from([(EP_A, state(1, POLICY_F_DEFAULT_DENY_EGRESS))]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs, &entries, &states, true)
+        .unwrap();
+    assert_eq!((c.added, p.added), (2, 3));
+    let to_native = tcp(POD_A, 1000, NATIVE_POD, 80, TCP_SYN);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT, "the CIDR deny");
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 1001, WORLD, 80, TCP_SYN)),
+        TC_ACT_OK
+    );
+
+    // The deny and its prefix go; without pruning both stay.
+    let cidrs2 = BTreeMap::from([("10.0.0.0/8".parse().unwrap(), block)]);
+    let entries2 = BTreeMap::from([(l3(EP_A, EG, 0), Verdict::Allow)]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, false)
+        .unwrap();
+    assert_eq!((c.stale_kept, p.stale_kept), (1, 1));
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, true)
+        .unwrap();
+    assert_eq!((c.deleted, p.deleted), (1, 1));
+    assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs2);
+    assert_eq!(node.dataplane.policy().unwrap(), entries2);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_OK);
 }

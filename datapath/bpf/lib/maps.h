@@ -136,8 +136,10 @@ struct ct_key {
 };
 
 #define CT_F_SEEN_REPLY 0x01
-#define CT_F_CLOSING 0x02
+#define CT_F_CLOSING 0x02 /* TCP: RST, or FIN in both directions */
 #define CT_F_AUDIT 0x04 /* admitted only because of audit mode */
+#define CT_F_FIN_FORWARD 0x08 /* TCP: FIN seen in the forward direction */
+#define CT_F_FIN_REPLY 0x10 /* TCP: FIN seen in the reply direction */
 struct ct_value {
 	__u64 created_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 last_seen_ns;

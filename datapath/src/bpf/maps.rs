@@ -50,8 +50,12 @@ pub const POLICY_VERDICT_DENY: u8 = 2;
 
 /// `CT_F_*` in `ct_value.flags`.
 pub const CT_F_SEEN_REPLY: u8 = 0x01;
+/// TCP: RST, or FIN in both directions.
 pub const CT_F_CLOSING: u8 = 0x02;
+/// Admitted only because of audit mode (judged again when audit mode is off).
 pub const CT_F_AUDIT: u8 = 0x04;
+pub const CT_F_FIN_FORWARD: u8 = 0x08;
+pub const CT_F_FIN_REPLY: u8 = 0x10;
 
 /// The 24 bits of the VXLAN VNI that carry the source identity.
 pub const IDENTITY_MAX_VNI: u32 = 0x00FF_FFFF;
