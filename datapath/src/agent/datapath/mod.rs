@@ -164,10 +164,12 @@ pub struct PolicyRealization {
 /// The order keeps every packet judged by the old policy, the new one, or (for a new
 /// connection, briefly) their union, and never re-judges an established connection against
 /// anything but the complete new policy:
-/// 1. if new CIDR prefixes come, first every new entry (those of new CIDR ids are inert:
+/// 1. if the CIDR prefixes change, first every new entry (those of new CIDR ids are inert:
 ///    no prefix maps to a new id yet) — [`Dataplane::converge_policy`] without pruning;
 /// 2. `policy_cidrs` (ids read back first, so they stay stable): new prefixes now map to
-///    ids whose entries are in; removed ones fall back to the prefixes containing them;
+///    ids whose entries are in; removed ones fall back to the prefixes containing them,
+///    whose new entries are in too (stale entries of a removed prefix's id are deleted
+///    only after no address maps to it any more);
 /// 3. the entries, pruned, with [`policy::interim_states`] (new default-deny flags, old
 ///    revisions): stale entries go before any revision changes;
 /// 4. the final states: the revision changes and conntrack re-judges established
@@ -197,11 +199,7 @@ pub fn realize_policy(
     }
     let interim = policy::interim_states(&dp.policy_states()?, &wanted.states);
     let mut report = ConvergeReport::default();
-    if wanted
-        .cidrs
-        .keys()
-        .any(|net| !current_cidrs.contains_key(net))
-    {
+    if wanted.cidrs != current_cidrs {
         merge_report(
             &mut report,
             dp.converge_policy(&wanted.entries, &interim, false)?,
