@@ -101,7 +101,7 @@ fn realize(
     subjects: &[PolicySubject<'_>],
     ports: &ClusterNamedPorts,
 ) -> PolicyRealization {
-    let r = realize_policy(dp, subjects, ports).expect("policy maps converge");
+    let r = realize_policy(dp, subjects, ports, None).expect("policy maps converge");
     assert!(r.cidrs.is_converged(), "{:?}", r.cidrs.failed);
     assert!(r.policy.is_converged(), "{:?}", r.policy.failed);
     r
@@ -208,6 +208,17 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     assert_eq!(again.wanted, first.wanted);
     assert_eq!(counts(&again.cidrs), (0, 0, 0));
     assert_eq!(counts(&again.policy), (0, 0, 0));
+    assert!(!again.skipped);
+    // The same translation as the last convergence: the maps are left alone.
+    let same = realize_policy(
+        &mut node.dataplane,
+        &subjects,
+        &cluster,
+        Some(&again.wanted),
+    )
+    .unwrap();
+    assert!(same.skipped);
+    assert_eq!(same.wanted, again.wanted);
 
     // Revision 4: the deny and the /16 are gone, ingress default deny off.
     let mut v4 = policy_v3();
@@ -228,7 +239,10 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
             named_ports: &ports8,
         },
     ];
-    let next = realize(&mut node.dataplane, &subjects, &cluster);
+    let unchanged = Some(&again.wanted);
+    let next = realize_policy(&mut node.dataplane, &subjects, &cluster, unchanged).unwrap();
+    assert!(!next.skipped, "a new translation is converged");
+    assert!(next.policy.is_converged() && next.cidrs.is_converged());
     assert_eq!(policy_map(&dir), next.wanted.entries);
     assert!(
         policy_map(&dir)
@@ -294,7 +308,7 @@ fn a_full_policy_map_is_reported_not_silently_dropped() {
         policy: Some(&spec),
         named_ports: &[],
     }];
-    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default()).unwrap();
+    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default(), None).unwrap();
     assert_eq!(
         r.wanted.entries.len(),
         3,
@@ -315,7 +329,7 @@ fn a_full_policy_map_is_reported_not_silently_dropped() {
         policy: Some(&spec),
         named_ports: &[],
     }];
-    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default()).unwrap();
+    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default(), None).unwrap();
     assert_eq!(r.wanted.entries.len(), 6);
     assert!(r.policy.map_full(), "{:?}", r.policy);
     assert!(!r.policy.is_converged());

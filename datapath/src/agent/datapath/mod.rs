@@ -154,6 +154,8 @@ pub struct PolicyRealization {
     pub wanted: policy::DesiredPolicy,
     pub cidrs: ConvergeReport,
     pub policy: ConvergeReport,
+    /// The translation equalled what the last convergence wrote: the maps were not read.
+    pub skipped: bool,
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
@@ -162,10 +164,12 @@ pub struct PolicyRealization {
 /// The order keeps every packet judged by the old policy, the new one, or (for a new
 /// connection, briefly) their union, and never re-judges an established connection against
 /// anything but the complete new policy:
-/// 1. if new CIDR prefixes come, first every new entry (those of new CIDR ids are inert:
+/// 1. if the CIDR prefixes change, first every new entry (those of new CIDR ids are inert:
 ///    no prefix maps to a new id yet) — [`Dataplane::converge_policy`] without pruning;
 /// 2. `policy_cidrs` (ids read back first, so they stay stable): new prefixes now map to
-///    ids whose entries are in; removed ones fall back to the prefixes containing them;
+///    ids whose entries are in; removed ones fall back to the prefixes containing them,
+///    whose new entries are in too (stale entries of a removed prefix's id are deleted
+///    only after no address maps to it any more);
 /// 3. the entries, pruned, with [`policy::interim_states`] (new default-deny flags, old
 ///    revisions): stale entries go before any revision changes;
 /// 4. the final states: the revision changes and conntrack re-judges established
@@ -174,20 +178,28 @@ pub struct PolicyRealization {
 /// (Writing the revision before the stale entries are gone, as one `converge_policy` call
 /// does, lets a packet in between be re-judged against a stale allow, and its connection
 /// then stays open under the new revision.)
+///
+/// With `last`, what a previous call converged without failure: an identical translation
+/// skips the maps (a pass triggered by an unrelated change costs no map reads).
 pub fn realize_policy(
     dp: &mut Dataplane,
     subjects: &[policy::PolicySubject<'_>],
     cluster_ports: &policy::ClusterNamedPorts,
+    last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
     let current_cidrs = dp.policy_cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
+    if last == Some(&wanted) {
+        return Ok(PolicyRealization {
+            wanted,
+            cidrs: ConvergeReport::default(),
+            policy: ConvergeReport::default(),
+            skipped: true,
+        });
+    }
     let interim = policy::interim_states(&dp.policy_states()?, &wanted.states);
     let mut report = ConvergeReport::default();
-    if wanted
-        .cidrs
-        .keys()
-        .any(|net| !current_cidrs.contains_key(net))
-    {
+    if wanted.cidrs != current_cidrs {
         merge_report(
             &mut report,
             dp.converge_policy(&wanted.entries, &interim, false)?,
@@ -208,6 +220,7 @@ pub fn realize_policy(
         wanted,
         cidrs,
         policy: report,
+        skipped: false,
     })
 }
 
@@ -319,6 +332,7 @@ pub async fn run(
         announced: false,
         held_policies: BTreeMap::new(),
         delay_observed: BTreeSet::new(),
+        policy_applied: None,
     };
     let reconcile_loop = async {
         let mut failures: u32 = 0;
@@ -423,6 +437,8 @@ struct Reconciler {
     held_policies: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
     /// (identity, revision) whose implementation delay was observed.
     delay_observed: BTreeSet<(u32, i64)>,
+    /// The policy translation last converged without failure, and when.
+    policy_applied: Option<(Arc<policy::DesiredPolicy>, Instant)>,
 }
 
 /// The policy side of a pass.
@@ -437,6 +453,8 @@ struct PolicyOutcome {
     used: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
     entries: usize,
     endpoints: usize,
+    /// What the maps now hold, when known (converged without failure, or unchanged).
+    applied: Option<Arc<policy::DesiredPolicy>>,
 }
 
 impl PolicyOutcome {
@@ -725,6 +743,12 @@ impl Reconciler {
             .collect();
         let (dataplane, metrics) = (self.dataplane.clone(), self.metrics.clone());
         let used_for_task = used.clone();
+        // Within a resync period, an unchanged translation is not converged again.
+        let last = self
+            .policy_applied
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < self.cfg.resync)
+            .map(|(applied, _)| applied.clone());
         let mut outcome = tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
             let policy_subjects: Vec<policy::PolicySubject<'_>> = subjects
@@ -739,7 +763,8 @@ impl Reconciler {
                 wanted,
                 cidrs,
                 policy: entries,
-            } = realize_policy(&mut dp, &policy_subjects, &cluster_ports)
+                skipped,
+            } = realize_policy(&mut dp, &policy_subjects, &cluster_ports, last.as_deref())
                 .map_err(|e| e.to_string())?;
             // Once per process: it is a property of the datapath, not news.
             static IPV6_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -749,8 +774,10 @@ impl Reconciler {
                     "IPv6 policy CIDRs are skipped: the datapath enforces IPv4 only"
                 );
             }
-            for problem in &wanted.problems {
-                tracing::warn!(%problem, "policy entry left out");
+            if !skipped {
+                for problem in &wanted.problems {
+                    tracing::warn!(%problem, "policy entry left out");
+                }
             }
             metrics.observe_converge(crate::bpf::maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(crate::bpf::maps::POLICY, &entries);
@@ -780,17 +807,36 @@ impl Reconciler {
                     }
                 }
             }
+            let (entries_len, endpoints) = (wanted.entries.len(), wanted.states.len());
+            let applied = if converged && !skipped {
+                Some(Arc::new(wanted))
+            } else if skipped {
+                last
+            } else {
+                None
+            };
             Ok::<_, String>(PolicyOutcome {
                 cidrs,
                 policy: entries,
                 realized,
                 used: BTreeMap::new(),
-                entries: wanted.entries.len(),
-                endpoints: wanted.states.len(),
+                entries: entries_len,
+                endpoints,
+                applied,
             })
         })
         .await
         .map_err(|e| e.to_string())??;
+        match outcome.applied.take() {
+            // Skipped: the clock of the last real convergence keeps running.
+            Some(applied)
+                if self
+                    .policy_applied
+                    .as_ref()
+                    .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
+            Some(applied) => self.policy_applied = Some((applied, Instant::now())),
+            None => self.policy_applied = None,
+        }
         self.metrics
             .policy_endpoints
             .set(i64::try_from(outcome.endpoints).unwrap_or(i64::MAX));
