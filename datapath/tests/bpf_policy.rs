@@ -626,7 +626,10 @@ fn audit_mode_passes_counts_and_reports_would_be_drops() {
         .collect();
     assert_eq!(audits.len(), 2);
     assert_eq!(audits[0].matched, PolicyMatch::L4);
+    assert_eq!(audits[0].reason, Some(MetricReason::DropPolicyDeny));
+    assert_eq!(audits[0].kind, EventKind::PolicyVerdict);
     assert_eq!(audits[1].matched, PolicyMatch::Default);
+    assert_eq!(audits[1].reason, Some(MetricReason::DropPolicy));
     assert_eq!(
         ct_flags(&node, NATIVE_POD, POD_B, IN).map(|(f, _)| f & CT_F_AUDIT),
         Some(CT_F_AUDIT)
@@ -673,6 +676,7 @@ fn events_carry_the_verdict_identities_and_tuple() {
     assert!(verdict.ts_ns >= before && verdict.ts_ns <= monotonic_now_ns());
     assert_eq!(verdict.kind, EventKind::PolicyVerdict);
     assert_eq!(verdict.verdict, Some(EventVerdict::Allow));
+    assert_eq!(verdict.reason, None);
     assert_eq!(verdict.matched, PolicyMatch::L4);
     assert_eq!(verdict.direction, Some(IN));
     assert_eq!(verdict.endpoint_id, EP_B);
