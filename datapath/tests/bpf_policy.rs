@@ -626,7 +626,10 @@ fn audit_mode_passes_counts_and_reports_would_be_drops() {
         .collect();
     assert_eq!(audits.len(), 2);
     assert_eq!(audits[0].matched, PolicyMatch::L4);
+    assert_eq!(audits[0].reason, Some(MetricReason::DropPolicyDeny));
+    assert_eq!(audits[0].kind, EventKind::PolicyVerdict);
     assert_eq!(audits[1].matched, PolicyMatch::Default);
+    assert_eq!(audits[1].reason, Some(MetricReason::DropPolicy));
     assert_eq!(
         ct_flags(&node, NATIVE_POD, POD_B, IN).map(|(f, _)| f & CT_F_AUDIT),
         Some(CT_F_AUDIT)
@@ -673,6 +676,7 @@ fn events_carry_the_verdict_identities_and_tuple() {
     assert!(verdict.ts_ns >= before && verdict.ts_ns <= monotonic_now_ns());
     assert_eq!(verdict.kind, EventKind::PolicyVerdict);
     assert_eq!(verdict.verdict, Some(EventVerdict::Allow));
+    assert_eq!(verdict.reason, None);
     assert_eq!(verdict.matched, PolicyMatch::L4);
     assert_eq!(verdict.direction, Some(IN));
     assert_eq!(verdict.endpoint_id, EP_B);
@@ -935,4 +939,32 @@ fn policy_and_cidrs_converge_together() {
     assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs2);
     assert_eq!(node.dataplane.policy().unwrap(), entries2);
     assert_eq!(out_of_a(&node, &to_native), TC_ACT_OK);
+}
+
+#[test]
+fn later_fragments_are_judged_with_the_ports_of_the_first() {
+    let mut node = node();
+    apply(
+        &mut node,
+        &[(rule(EP_B, IN, ID_NATIVE, PROTO_UDP, 53, 16), Verdict::Allow)],
+        &[(EP_B, state(1, POLICY_F_DEFAULT_DENY_INGRESS))],
+    );
+    let rest = |id| fragment(ipv4_frame(NATIVE_POD, POD_B, 17, &[0xAB; 24]), id, false, 2);
+    let first = fragment(udp(NATIVE_POD, 1000, POD_B, 53), 7, true, 0);
+    assert_eq!(netdev_in(&node, &first), TC_ACT_REDIRECT);
+    assert_eq!(
+        netdev_in(&node, &rest(7)),
+        TC_ACT_REDIRECT,
+        "port 53, established"
+    );
+    assert_eq!(
+        netdev_in(&node, &rest(8)),
+        TC_ACT_SHOT,
+        "first fragment never seen: no ports"
+    );
+    let denied = fragment(udp(NATIVE_POD, 1001, POD_B, 54), 9, true, 0);
+    assert_eq!(netdev_in(&node, &denied), TC_ACT_SHOT);
+    assert_eq!(netdev_in(&node, &rest(9)), TC_ACT_SHOT, "port 54");
+    assert_eq!(count(&node, MetricReason::ForwardLocal, IN), 2);
+    assert_eq!(count(&node, MetricReason::DropPolicy, IN), 3);
 }
