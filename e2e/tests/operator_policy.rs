@@ -6,7 +6,7 @@
 //! (revision 2, the others untouched); a change that alters no spec writes nothing; an
 //! invalid policy and an unsupported one get `Valid=False` with their reason and change no
 //! spec; deleting a policy empties the spec; deleting an identity deletes its
-//! `ResolvedPolicy`; the metrics report it all; a restarted operator writes no new revision.
+//! `ResolvedPolicy`; one deleted by hand comes back with a higher revision; the metrics report it all; a restarted operator writes no new revision.
 //!
 //! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
 
@@ -348,6 +348,18 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
         .await?;
     wait_deleted(&rps, &CLIENT.to_string(), TIMEOUT).await?;
 
+    // A ResolvedPolicy deleted by hand while its identity lives is put back, same content,
+    // and its revision does not go backwards.
+    let before = rps.get(&WEB.to_string()).await?;
+    rps.delete(&WEB.to_string(), &DeleteParams::default())
+        .await?;
+    let web = resolved(&rps, WEB, "put back", |s| s.revision == 3).await?;
+    ensure!(
+        rule_json(&web.spec) == rule_json(&before.spec) && web.metadata.uid != before.metadata.uid,
+        "put back differently: {:?}",
+        web.spec
+    );
+
     let m = eventually(TIMEOUT, || async {
         let m = fetch_metrics(port).await?;
         ensure!(
@@ -393,7 +405,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
     env.delete_on_drop::<ResolvedPolicy>(&CACHE.to_string());
     apply(&identities, &identity(CACHE, &ns, "cache")?).await?;
     resolved(&rps, CACHE, "new after restart", |s| s.revision == 1).await?;
-    for (id, revision) in [(WEB, 2), (DB, 3)] {
+    for (id, revision) in [(WEB, 3), (DB, 3)] {
         let rp = rps.get(&id.to_string()).await?;
         ensure!(
             rp.spec.revision == revision,
