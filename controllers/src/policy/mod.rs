@@ -21,7 +21,7 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use crate::runtime::{self, MetricLabel, Reconciler, conditions};
+use crate::runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::networking::v1 as k8s;
@@ -120,22 +120,7 @@ fn singleton() -> PolicyResolution {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    CacheNotReady(#[from] runtime::CacheNotReady),
-}
-
-impl MetricLabel for Error {
-    fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => runtime::kube_error_label(e),
-            Error::CacheNotReady(e) => e.metric_label(),
-        }
-    }
-}
+pub type Error = runtime::ApiError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
