@@ -1053,3 +1053,46 @@ fn later_fragments_are_judged_with_the_ports_of_the_first() {
     assert_eq!(count(&node, MetricReason::ForwardLocal, IN), 2);
     assert_eq!(count(&node, MetricReason::DropPolicy, IN), 3);
 }
+
+/// A TCP connection whose ingress rule goes away stops, and stays stopped: the server's
+/// next segment (no SYN, no state left) passes its own egress but starts no tracking, so
+/// the client's segments cannot come back in as "replies" of a new entry.
+#[test]
+fn a_denied_tcp_connection_is_not_revived_by_the_other_sides_segments() {
+    let mut node = node();
+    let http = (rule(EP_A, IN, ID_WORLD, PROTO_TCP, 80, 16), Verdict::Allow);
+    let deny_in = POLICY_F_DEFAULT_DENY_INGRESS;
+    apply(&mut node, &[http], &[(EP_A, state(1, deny_in))]);
+    let client_ack = tcp(WORLD, 50000, POD_A, 80, TCP_ACK);
+    let server_data = tcp(POD_A, 80, WORLD, 50000, TCP_ACK);
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 50000, POD_A, 80, TCP_SYN), ID_WORLD),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 80, WORLD, 50000, TCP_SYN | TCP_ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(stack_in(&node, &client_ack, ID_WORLD), TC_ACT_OK);
+
+    // Revision 2 drops the rule: the client's next segment is dropped, its entry removed.
+    apply(&mut node, &[], &[(EP_A, state(2, deny_in))]);
+    assert_eq!(stack_in(&node, &client_ack, ID_WORLD), TC_ACT_SHOT);
+    // The server keeps sending (A has no egress policy): it passes, untracked.
+    assert_eq!(out_of_a(&node, &server_data), TC_ACT_OK);
+    assert!(
+        !node
+            .dataplane
+            .conntrack_entries()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| k.proto == 6),
+        "no TCP state from a mid-stream segment"
+    );
+    assert_eq!(
+        stack_in(&node, &client_ack, ID_WORLD),
+        TC_ACT_SHOT,
+        "still denied"
+    );
+    assert_eq!(count(&node, MetricReason::DropPolicy, IN), 2);
+}

@@ -117,6 +117,18 @@ related:
 	return CT_RELATED;
 }
 
+/* Whether a packet without conntrack state may start tracking: anything but TCP, and
+ * TCP only with a bare SYN. A mid-stream TCP segment without state (its entry was
+ * removed because policy now denies it, or it predates the programs) is judged by
+ * policy on its own and never tracked: tracking it would let the other side's
+ * packets pass as replies of a connection policy denied. */
+static __always_inline int ct_starts_connection(const struct l4_info *l4)
+{
+	if (l4->proto != IPPROTO_TCP)
+		return 1;
+	return (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
 static __always_inline void ct_create(const struct ct_key *key, __u32 revision, __u8 flags,
 				      __u64 now)
 {

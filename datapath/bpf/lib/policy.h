@@ -192,7 +192,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 			entry->flags = ct_flags;
 		else
 			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
-	} else if (!l4->icmp_error) {
+	} else if (!l4->icmp_error && ct_starts_connection(l4)) {
 		ct_create(&key, revision, ct_flags, now);
 	}
 	/* reason: 0 for an allow; the drop reason audit mode waived. */
