@@ -94,6 +94,7 @@ mod kube_util;
 mod plane;
 mod process;
 pub mod sim;
+pub mod traffic;
 mod util;
 
 pub use env::TestEnv;
