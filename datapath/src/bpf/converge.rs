@@ -12,13 +12,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, RingBuf};
 use ipnet::IpNet;
 
 use super::maps::{
-    self, EndpointInfo, EndpointKey, IpcacheKey, IpcachePrefix, IpcacheValue, MetricReason,
-    MetricsKey, MetricsValue, NodeConfig,
+    self, CtKey, CtValue, EndpointInfo, EndpointKey, IpcacheKey, IpcachePrefix, IpcacheValue,
+    MetricReason, MetricsKey, MetricsValue, NodeConfig, PolicyCidrValue, PolicyKey, PolicyPrefix,
+    PolicyValue,
 };
+use super::policy::{PolicyEntry, PolicyState, Verdict, ct_timeout_ns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -173,6 +175,34 @@ pub struct MetricSample {
     pub bytes: u64,
 }
 
+/// A policy convergence, read and diffed, not yet applied.
+struct PolicyPlan {
+    desired: BTreeMap<PolicyKey, PolicyValue>,
+    writes: Vec<(PolicyKey, Op)>,
+    deletes: Vec<PolicyKey>,
+    state_writes: Vec<(u16, Op, PolicyState)>,
+    stale_states: Vec<u16>,
+    report: ConvergeReport,
+}
+
+struct CidrPlan {
+    desired: BTreeMap<IpcacheKey, PolicyCidrValue>,
+    diff: Diff<IpcacheKey>,
+    report: ConvergeReport,
+}
+
+fn show_policy_key(key: &PolicyKey) -> String {
+    match PolicyEntry::from_key(key) {
+        Some(e) => format!("{e:?}"),
+        None => format!("{key:?}"),
+    }
+}
+
+fn show_net_key(key: &IpcacheKey) -> String {
+    key.to_net()
+        .map_or_else(|| format!("{key:?}"), |net| net.to_string())
+}
+
 /// The pinned maps of one node, typed.
 pub struct Dataplane {
     dir: PathBuf,
@@ -182,6 +212,17 @@ pub struct Dataplane {
     ipcache_max: u32,
     metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
     node_config: Array<MapData, NodeConfig>,
+    policy: LpmTrie<MapData, PolicyPrefix, PolicyValue>,
+    policy_max: u32,
+    policy_state: HashMap<MapData, u16, PolicyState>,
+    policy_state_max: u32,
+    policy_cidrs: LpmTrie<MapData, IpcachePrefix, PolicyCidrValue>,
+    policy_cidrs_max: u32,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack_max: u32,
+    /// Entries left by the last [`Dataplane::conntrack_gc`] (counting an LRU of 256k
+    /// entries on every pressure reading would hold the map lock too long).
+    conntrack_entries: Option<u32>,
 }
 
 impl fmt::Debug for Dataplane {
@@ -264,6 +305,81 @@ fn apply<K: Copy>(
     report
 }
 
+/// Writes the additions and updates of `diff` into `report`.
+fn upsert<K: Copy>(
+    report: &mut ConvergeReport,
+    diff: &Diff<K>,
+    show: impl Fn(&K) -> String,
+    write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
+) {
+    let writes = diff
+        .update
+        .iter()
+        .map(|k| (*k, Op::Update))
+        .chain(diff.add.iter().map(|k| (*k, Op::Add)));
+    upsert_in_order(report, writes, show, write);
+}
+
+fn upsert_in_order<K>(
+    report: &mut ConvergeReport,
+    writes: impl IntoIterator<Item = (K, Op)>,
+    show: impl Fn(&K) -> String,
+    mut write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
+) {
+    for (key, op) in writes {
+        match write(&key, op) {
+            Ok(()) if op == Op::Add => report.added += 1,
+            Ok(()) => report.updated += 1,
+            Err(error) => report.failed.push(ConvergeFailure {
+                key: show(&key),
+                op,
+                error,
+            }),
+        }
+    }
+}
+
+/// The order of the policy map's writes and deletions: entries that deny go in before
+/// those that allow, and go out after them, so no single write opens something that a deny
+/// closes in both the old and the new policy (e.g. a new "allow any peer" next to a new
+/// "deny peer P").
+pub fn policy_write_order(
+    diff: &Diff<PolicyKey>,
+    current: &BTreeMap<PolicyKey, PolicyValue>,
+    desired: &BTreeMap<PolicyKey, PolicyValue>,
+) -> (Vec<(PolicyKey, Op)>, Vec<PolicyKey>) {
+    let denies =
+        |value: Option<&PolicyValue>| value.is_some_and(|v| v.verdict == maps::POLICY_VERDICT_DENY);
+    let mut writes: Vec<(PolicyKey, Op)> = diff
+        .update
+        .iter()
+        .map(|k| (*k, Op::Update))
+        .chain(diff.add.iter().map(|k| (*k, Op::Add)))
+        .collect();
+    writes.sort_by_key(|(k, _)| !denies(desired.get(k)));
+    let mut deletes = diff.stale.clone();
+    deletes.sort_by_key(|k| denies(current.get(k)));
+    (writes, deletes)
+}
+
+fn delete_all<K>(
+    report: &mut ConvergeReport,
+    keys: &[K],
+    show: impl Fn(&K) -> String,
+    mut delete: impl FnMut(&K) -> Result<(), MapWriteError>,
+) {
+    for key in keys {
+        match delete(key) {
+            Ok(()) => report.deleted += 1,
+            Err(error) => report.failed.push(ConvergeFailure {
+                key: show(key),
+                op: Op::Delete,
+                error,
+            }),
+        }
+    }
+}
+
 impl Dataplane {
     /// Opens the maps pinned in a node's directory (created by
     /// [`super::Programs::load`]).
@@ -272,6 +388,10 @@ impl Dataplane {
         let (ipcache, ipcache_max) = open_pin(dir, maps::IPCACHE)?;
         let (metrics, _) = open_pin(dir, maps::METRICS)?;
         let (node_config, _) = open_pin(dir, maps::NODE_CONFIG)?;
+        let (policy, policy_max) = open_pin(dir, maps::POLICY)?;
+        let (policy_state, policy_state_max) = open_pin(dir, maps::POLICY_STATE)?;
+        let (policy_cidrs, policy_cidrs_max) = open_pin(dir, maps::POLICY_CIDRS)?;
+        let (conntrack, conntrack_max) = open_pin(dir, maps::CONNTRACK)?;
         let typed = |name: &str, source| DataplaneError::Open {
             path: dir.join(name),
             source,
@@ -288,6 +408,18 @@ impl Dataplane {
                 .map_err(|e| typed(maps::METRICS, e))?,
             node_config: Array::try_from(Map::Array(node_config))
                 .map_err(|e| typed(maps::NODE_CONFIG, e))?,
+            policy: LpmTrie::try_from(Map::LpmTrie(policy)).map_err(|e| typed(maps::POLICY, e))?,
+            policy_max,
+            policy_state: HashMap::try_from(Map::HashMap(policy_state))
+                .map_err(|e| typed(maps::POLICY_STATE, e))?,
+            policy_state_max,
+            policy_cidrs: LpmTrie::try_from(Map::LpmTrie(policy_cidrs))
+                .map_err(|e| typed(maps::POLICY_CIDRS, e))?,
+            policy_cidrs_max,
+            conntrack: HashMap::try_from(Map::LruHashMap(conntrack))
+                .map_err(|e| typed(maps::CONNTRACK, e))?,
+            conntrack_max,
+            conntrack_entries: None,
         })
     }
 
@@ -462,10 +594,15 @@ impl Dataplane {
             .sum())
     }
 
-    /// Fill level of the maps the agent writes.
-    pub fn pressure(&self) -> Result<[MapPressure; 2], DataplaneError> {
+    /// Fill level of the maps the agent writes, and of `conntrack` (as counted by the last
+    /// [`Self::conntrack_gc`]; counted now if it never ran).
+    pub fn pressure(&self) -> Result<Vec<MapPressure>, DataplaneError> {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Ok([
+        let conntrack = match self.conntrack_entries {
+            Some(n) => n,
+            None => count(self.conntrack.keys().filter(Result::is_ok).count()),
+        };
+        Ok(vec![
             MapPressure {
                 map: maps::ENDPOINTS,
                 entries: count(self.endpoints.keys().filter(Result::is_ok).count()),
@@ -476,7 +613,360 @@ impl Dataplane {
                 entries: count(self.ipcache.keys().filter(Result::is_ok).count()),
                 max_entries: self.ipcache_max,
             },
+            MapPressure {
+                map: maps::POLICY,
+                entries: count(self.policy.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_max,
+            },
+            MapPressure {
+                map: maps::POLICY_STATE,
+                entries: count(self.policy_state.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_state_max,
+            },
+            MapPressure {
+                map: maps::POLICY_CIDRS,
+                entries: count(self.policy_cidrs.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_cidrs_max,
+            },
+            MapPressure {
+                map: maps::CONNTRACK,
+                entries: conntrack,
+                max_entries: self.conntrack_max,
+            },
         ])
+    }
+
+    fn policy_raw(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>, DataplaneError> {
+        self.policy
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (PolicyKey::from_lpm(&key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY,
+                source,
+            })
+    }
+
+    /// What the policy map holds. Keys this build would not write are left out.
+    pub fn policy(&self) -> Result<BTreeMap<PolicyEntry, Verdict>, DataplaneError> {
+        Ok(self
+            .policy_raw()?
+            .iter()
+            .filter_map(|(k, v)| Some((PolicyEntry::from_key(k)?, Verdict::from_value(v)?)))
+            .collect())
+    }
+
+    /// What the policy_state map holds, by endpoint id.
+    pub fn policy_states(&self) -> Result<BTreeMap<u16, PolicyState>, DataplaneError> {
+        self.policy_state
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY_STATE,
+                source,
+            })
+    }
+
+    /// Converges the policy of every local endpoint, ordered so that no packet sees a state
+    /// that neither the old nor the new policy allows, and nothing both allow closes:
+    /// 1. upsert new and changed entries, denies first (each LPM entry is replaced
+    ///    atomically);
+    /// 2. write `policy_state` (flags, revision): established connections are re-judged
+    ///    against the complete new entries from here on;
+    /// 3. delete stale entries, denies last (only if `prune`);
+    /// 4. delete the `policy_state` of endpoints absent from `states` (only if `prune`).
+    ///
+    /// `entries` are stored as given: run [`super::policy::propagate_denies`] first. Failures
+    /// (e.g. a full map) are reported per entry and the later steps still run, so the next
+    /// pass (after stale entries were freed) can converge. To change `policy_cidrs` in the
+    /// same pass, use [`Self::converge_policy_with_cidrs`].
+    pub fn converge_policy(
+        &mut self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let mut plan = self.plan_policy(entries, states)?;
+        self.policy_upserts(&mut plan);
+        if prune {
+            self.policy_prune(&mut plan);
+        } else {
+            plan.report.stale_kept = plan.deletes.len() + plan.stale_states.len();
+        }
+        Ok(plan.report)
+    }
+
+    /// [`Self::converge_policy`] and [`Self::converge_policy_cidrs`] in the one order that
+    /// keeps the guarantee of the former across CIDR changes: policy entries and states
+    /// upserted, then new and changed prefixes (an address moving to a new, longer prefix
+    /// finds that prefix's entries already there), then stale entries, then stale prefixes
+    /// (a removed deny's prefix goes away only after the deny itself). Returns the reports
+    /// of (`policy_cidrs`, `policy` + `policy_state`).
+    pub fn converge_policy_with_cidrs(
+        &mut self,
+        cidrs: &BTreeMap<IpNet, u32>,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<(ConvergeReport, ConvergeReport), DataplaneError> {
+        let mut policy = self.plan_policy(entries, states)?;
+        let mut cidr = self.plan_cidrs(cidrs)?;
+        self.policy_upserts(&mut policy);
+        self.cidr_upserts(&mut cidr);
+        if prune {
+            self.policy_prune(&mut policy);
+            self.cidr_prune(&mut cidr);
+        } else {
+            policy.report.stale_kept = policy.deletes.len() + policy.stale_states.len();
+            cidr.report.stale_kept = cidr.diff.stale.len();
+        }
+        Ok((cidr.report, policy.report))
+    }
+
+    fn plan_policy(
+        &self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+    ) -> Result<PolicyPlan, DataplaneError> {
+        let desired: BTreeMap<PolicyKey, PolicyValue> = entries
+            .iter()
+            .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
+            .collect();
+        let current = self.policy_raw()?;
+        let entries_diff = diff(&current, &desired);
+        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
+        let states_diff = diff(&self.policy_states()?, states);
+        Ok(PolicyPlan {
+            report: ConvergeReport {
+                unchanged: entries_diff.unchanged + states_diff.unchanged,
+                ..ConvergeReport::default()
+            },
+            desired,
+            writes,
+            deletes,
+            state_writes: states_diff
+                .update
+                .iter()
+                .map(|id| (*id, Op::Update))
+                .chain(states_diff.add.iter().map(|id| (*id, Op::Add)))
+                .map(|(id, op)| (id, op, states[&id]))
+                .collect(),
+            stale_states: states_diff.stale,
+        })
+    }
+
+    fn policy_upserts(&mut self, plan: &mut PolicyPlan) {
+        let (policy, max) = (&mut self.policy, self.policy_max);
+        let desired = &plan.desired;
+        upsert_in_order(
+            &mut plan.report,
+            plan.writes.iter().copied(),
+            show_policy_key,
+            |key, op| {
+                policy
+                    .insert(&key.to_lpm(), desired[key], 0)
+                    .map_err(|e| write_error(maps::POLICY, op, max, e))
+            },
+        );
+        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+        upsert_in_order(
+            &mut plan.report,
+            plan.state_writes
+                .iter()
+                .map(|(id, op, state)| ((*id, *state), *op)),
+            |(id, _)| format!("policy_state[{id}]"),
+            |(id, state), op| {
+                policy_state
+                    .insert(id, state, 0)
+                    .map_err(|e| write_error(maps::POLICY_STATE, op, max, e))
+            },
+        );
+    }
+
+    fn policy_prune(&mut self, plan: &mut PolicyPlan) {
+        let (policy, max) = (&mut self.policy, self.policy_max);
+        delete_all(
+            &mut plan.report,
+            &plan.deletes,
+            show_policy_key,
+            |key| match policy.remove(&key.to_lpm()) {
+                Err(e) if !is_not_found(&e) => Err(write_error(maps::POLICY, Op::Delete, max, e)),
+                _ => Ok(()),
+            },
+        );
+        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+        delete_all(
+            &mut plan.report,
+            &plan.stale_states,
+            |id| format!("policy_state[{id}]"),
+            |id| match policy_state.remove(id) {
+                Err(e) if !is_not_found(&e) => {
+                    Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
+                }
+                _ => Ok(()),
+            },
+        );
+    }
+
+    fn policy_cidrs_raw(&self) -> Result<BTreeMap<IpcacheKey, PolicyCidrValue>, DataplaneError> {
+        self.policy_cidrs
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (IpcacheKey::from_lpm(&key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY_CIDRS,
+                source,
+            })
+    }
+
+    /// The node-local CIDR identities in use (prefix → identity), so a restarted agent keeps
+    /// them stable.
+    pub fn policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, DataplaneError> {
+        Ok(self
+            .policy_cidrs_raw()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_net()?, v.identity)))
+            .collect())
+    }
+
+    /// Converges `policy_cidrs` (prefix → node-local CIDR identity). Additions and changes
+    /// first, then (only if `prune`) deletions. See [`Self::converge_policy_with_cidrs`] for
+    /// changing prefixes and policy together.
+    pub fn converge_policy_cidrs(
+        &mut self,
+        cidrs: &BTreeMap<IpNet, u32>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let mut plan = self.plan_cidrs(cidrs)?;
+        self.cidr_upserts(&mut plan);
+        if prune {
+            self.cidr_prune(&mut plan);
+        } else {
+            plan.report.stale_kept = plan.diff.stale.len();
+        }
+        Ok(plan.report)
+    }
+
+    fn plan_cidrs(&self, cidrs: &BTreeMap<IpNet, u32>) -> Result<CidrPlan, DataplaneError> {
+        let desired: BTreeMap<IpcacheKey, PolicyCidrValue> = cidrs
+            .iter()
+            .map(|(net, identity)| {
+                (
+                    IpcacheKey::from_net(net),
+                    PolicyCidrValue {
+                        identity: *identity,
+                        pad: 0,
+                    },
+                )
+            })
+            .collect();
+        let diff = diff(&self.policy_cidrs_raw()?, &desired);
+        Ok(CidrPlan {
+            report: ConvergeReport {
+                unchanged: diff.unchanged,
+                ..ConvergeReport::default()
+            },
+            desired,
+            diff,
+        })
+    }
+
+    fn cidr_upserts(&mut self, plan: &mut CidrPlan) {
+        let (map, max) = (&mut self.policy_cidrs, self.policy_cidrs_max);
+        let desired = &plan.desired;
+        upsert(&mut plan.report, &plan.diff, show_net_key, |key, op| {
+            map.insert(&key.to_lpm(), desired[key], 0)
+                .map_err(|e| write_error(maps::POLICY_CIDRS, op, max, e))
+        });
+    }
+
+    fn cidr_prune(&mut self, plan: &mut CidrPlan) {
+        let (map, max) = (&mut self.policy_cidrs, self.policy_cidrs_max);
+        delete_all(
+            &mut plan.report,
+            &plan.diff.stale,
+            show_net_key,
+            |key| match map.remove(&key.to_lpm()) {
+                Err(e) if !is_not_found(&e) => {
+                    Err(write_error(maps::POLICY_CIDRS, Op::Delete, max, e))
+                }
+                _ => Ok(()),
+            },
+        );
+    }
+
+    /// Every conntrack entry (for inspection and tests; the map may hold 256k entries).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, DataplaneError> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::CONNTRACK,
+                source,
+            })
+    }
+
+    /// Removes the conntrack entries idle for longer than their timeout
+    /// ([`super::policy::ct_timeout_ns`]) at `now_ns` (CLOCK_MONOTONIC, as
+    /// [`super::policy::monotonic_now_ns`] reads it), and those of endpoints no longer in
+    /// the endpoints map. Returns how many were removed.
+    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
+        let mut expired = Vec::new();
+        let mut live = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (key, value) = match entry {
+                Ok(kv) => kv,
+                // Evicted or deleted by the programs while iterating.
+                Err(e) if is_not_found(&e) => continue,
+                Err(source) => {
+                    return Err(DataplaneError::Read {
+                        map: maps::CONNTRACK,
+                        source,
+                    });
+                }
+            };
+            let idle = now_ns.saturating_sub(value.last_seen_ns);
+            if idle > ct_timeout_ns(key.proto, value.flags) {
+                expired.push(key);
+            } else {
+                live.push(key);
+            }
+        }
+        // Read after the entries: an endpoint an entry was created for is in this view
+        // unless it has been removed since.
+        let endpoint_ids: std::collections::BTreeSet<u16> = self
+            .endpoints_raw()?
+            .values()
+            .map(|info| info.endpoint_id)
+            .collect();
+        let (orphaned, live): (Vec<CtKey>, Vec<CtKey>) = live
+            .into_iter()
+            .partition(|key| !endpoint_ids.contains(&key.endpoint_id));
+        expired.extend(orphaned);
+        let mut removed = 0;
+        for key in &expired {
+            match self.conntrack.remove(key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(
+                        write_error(maps::CONNTRACK, Op::Delete, self.conntrack_max, e).into(),
+                    );
+                }
+            }
+        }
+        self.conntrack_entries = Some(u32::try_from(live.len()).unwrap_or(u32::MAX));
+        Ok(removed)
+    }
+
+    /// The `events` ring buffer (policy verdicts and drops; decode each record with
+    /// [`super::policy::PolicyEvent::from_bytes`]). One consumer at a time.
+    pub fn open_events(&self) -> Result<RingBuf<MapData>, DataplaneError> {
+        let (data, _) = open_pin(&self.dir, maps::EVENTS)?;
+        RingBuf::try_from(Map::RingBuf(data)).map_err(|source| DataplaneError::Open {
+            path: self.dir.join(maps::EVENTS),
+            source,
+        })
     }
 }
 
@@ -497,6 +987,42 @@ mod tests {
                 unchanged: 1
             }
         );
+    }
+
+    #[test]
+    fn policy_denies_are_written_first_and_deleted_last() {
+        use crate::bpf::{
+            maps::Direction,
+            policy::{PolicyEntry, Verdict},
+        };
+        let e = |peer| PolicyEntry {
+            endpoint_id: 1,
+            direction: Direction::Ingress,
+            peer,
+            protocol: 0,
+            port: 0,
+            port_prefix: 0,
+        };
+        let kv = |peer, verdict: Verdict| (e(peer).to_key(), verdict.to_value(&e(peer)));
+        let current = BTreeMap::from([
+            kv(1, Verdict::Deny),
+            kv(2, Verdict::Allow),
+            kv(5, Verdict::Allow),
+        ]);
+        let desired = BTreeMap::from([
+            kv(0, Verdict::Allow),
+            kv(3, Verdict::Deny),
+            kv(5, Verdict::Deny),
+        ]);
+        let d = diff(&current, &desired);
+        let (writes, deletes) = policy_write_order(&d, &current, &desired);
+        let peers: Vec<(u32, Op)> = writes
+            .iter()
+            .map(|(k, op)| (k.peer_identity, *op))
+            .collect();
+        assert_eq!(peers, vec![(5, Op::Update), (3, Op::Add), (0, Op::Add)]);
+        let peers: Vec<u32> = deletes.iter().map(|k| k.peer_identity).collect();
+        assert_eq!(peers, vec![2, 1]);
     }
 
     #[test]
