@@ -4,8 +4,10 @@
 //! labelled `role: bench, app: bench{k}`, so three subject identities, each with one
 //! endpoint on every node. One Kubernetes `NetworkPolicy` selects `role: bench`; a **rule**
 //! is one entry of its `spec.ingress`: one peer (`podSelector app: bench0`, one identity) ×
-//! one TCP port, i.e. one (peer identity, port) allow in each subject's `ResolvedPolicy` and
-//! one policy-map entry per subject endpoint (3 per node per rule).
+//! one TCP port (every other port from 20000 on, so no two rules merge into a range), i.e.
+//! one (peer identity, port) allow in each subject's `ResolvedPolicy` and one policy-map
+//! entry per subject endpoint (3 per node per rule). The table shows both counts, so a
+//! resolver that merged rules would show.
 //!
 //! For 10, 1,000 and 10,000 rules: the policy is switched to that size (printed as "first
 //! apply"), then changed repeatedly, each change sliding the port window by one (one rule
@@ -28,13 +30,14 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tendril_crds::v1alpha1::{Endpoint, ResolvedPolicy};
+use tendril_datapath::bpf::Dataplane;
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
 use tendril_e2e::{ControlPlane, FIELD_MANAGER, TestEnv, wait_for};
 
@@ -52,8 +55,9 @@ struct Seen {
     resolved: BTreeMap<i64, Vec<(Instant, i64, i64)>>,
     /// Endpoint name → (first seen, realized policy revision).
     realized: BTreeMap<String, Vec<(Instant, i64)>>,
-    /// Identity → latest `ResolvedPolicy` size as JSON (bytes) and status conditions.
-    resolved_info: BTreeMap<i64, (usize, String)>,
+    /// Identity → latest `ResolvedPolicy` size as JSON (bytes), ingress ports it lists and
+    /// status conditions.
+    resolved_info: BTreeMap<i64, (usize, usize, String)>,
     /// Endpoint name → latest status conditions.
     endpoint_info: BTreeMap<String, String>,
 }
@@ -141,8 +145,9 @@ fn spawn_watches(
                 .map(|st| conditions_text(&st.conditions))
                 .unwrap_or_default();
             let mut seen = s.lock().expect("seen lock");
+            let ports = rp.spec.ingress.iter().map(|r| r.ports.len()).sum();
             seen.resolved_info
-                .insert(rp.spec.identity, (size, conditions));
+                .insert(rp.spec.identity, (size, ports, conditions));
             if let Some(g) = generation {
                 let history = seen.resolved.entry(rp.spec.identity).or_default();
                 if history
@@ -187,9 +192,12 @@ fn spawn_watches(
     vec![resolved, realized]
 }
 
-/// The policy with `rules` rules over ports `[first, first + rules)`.
-fn policy(namespace: &str, first: u32, rules: u32) -> K8sNetworkPolicy {
-    let ingress: Vec<serde_json::Value> = (first..first + rules)
+/// The policy with `rules` rules, rule `i` on port `BASE_PORT + 2 * (offset + i)`: every
+/// other port, so the resolver cannot merge neighbouring rules into one port range (it
+/// does: 10,000 consecutive ports are one `port..endPort` entry and a dozen map entries).
+fn policy(namespace: &str, offset: u32, rules: u32) -> K8sNetworkPolicy {
+    let ingress: Vec<serde_json::Value> = (offset..offset + rules)
+        .map(|i| BASE_PORT + 2 * i)
         .map(|port| {
             serde_json::json!({
                 "from": [{"podSelector": {"matchLabels": {"app": "bench0"}}}],
@@ -224,9 +232,9 @@ struct Bench {
 
 impl Bench {
     /// Applies the policy and follows it until realized everywhere.
-    async fn change(&mut self, first: u32, rules: u32) -> Result<Sample> {
+    async fn change(&mut self, offset: u32, rules: u32) -> Result<Sample> {
         let api: Api<K8sNetworkPolicy> = Api::namespaced(self.client.clone(), &self.namespace);
-        let obj = policy(&self.namespace, first, rules);
+        let obj = policy(&self.namespace, offset, rules);
         let started = Instant::now();
         let applied = api
             .patch(
@@ -386,11 +394,13 @@ async fn propagation_10_1k_10k_rules() -> Result<()> {
     )?;
     writeln!(
         table,
-        "{:>6} {:>7} {:>10} {:>12} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10}",
+        "{:>6} {:>7} {:>10} {:>10} {:>8} {:>11} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>9} {:>9} | {:>10}",
         "rules",
         "changes",
         "NP bytes",
         "RP bytes",
+        "RP ports",
+        "map entries",
         "call p50",
         "p99",
         "oper p50",
@@ -402,23 +412,33 @@ async fn propagation_10_1k_10k_rules() -> Result<()> {
         "first apply"
     )?;
     for (rules, changes) in SIZES {
-        let first = bench.change(BASE_PORT, rules).await?;
+        let first = bench.change(0, rules).await?;
         let mut samples = Vec::new();
         for c in 1..=changes as u32 {
-            samples.push(bench.change(BASE_PORT + c, rules).await?);
+            samples.push(bench.change(c, rules).await?);
         }
-        let np_bytes = serde_json::to_vec(&policy(&ns, BASE_PORT, rules))?.len();
-        let rp_bytes = {
+        let np_bytes = serde_json::to_vec(&policy(&ns, 0, rules))?.len();
+        let (rp_bytes, rp_ports) = {
             let seen = bench.seen.lock().expect("seen lock");
             identities
                 .iter()
-                .filter_map(|id| seen.resolved_info.get(id).map(|(b, _)| *b))
+                .filter_map(|id| seen.resolved_info.get(id).map(|(b, p, _)| (*b, *p)))
                 .max()
-                .unwrap_or(0)
+                .unwrap_or_default()
         };
+        // Policy-map entries of node 0 (all its endpoints; the host allow included).
+        let node = &cluster.nodes[0];
+        let entries = Dataplane::open(&node.bpffs_root.join(&node.name))?
+            .policy()?
+            .len();
+        // Not about speed: a run where the rules did not arrive as rules measures nothing.
+        ensure!(
+            rp_ports >= rules as usize && entries >= 3 * rules as usize,
+            "{rules} rules became {rp_ports} ResolvedPolicy ports and {entries} map entries"
+        );
         writeln!(
             table,
-            "{rules:>6} {changes:>7} {np_bytes:>10} {rp_bytes:>12} | {} | {} | {} | {} | {:>10.1?}",
+            "{rules:>6} {changes:>7} {np_bytes:>10} {rp_bytes:>10} {rp_ports:>8} {entries:>11} | {} | {} | {} | {} | {:>10.1?}",
             p50_p99(samples.iter().map(|s| s.call).collect()),
             p50_p99(samples.iter().map(|s| s.operator).collect()),
             p50_p99(
