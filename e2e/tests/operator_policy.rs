@@ -6,7 +6,7 @@
 //! (revision 2, the others untouched); a change that alters no spec writes nothing; an
 //! invalid policy and an unsupported one get `Valid=False` with their reason and change no
 //! spec; deleting a policy empties the spec; deleting an identity deletes its
-//! `ResolvedPolicy`; the metrics report it all.
+//! `ResolvedPolicy`; one deleted by hand comes back with a higher revision; the metrics report it all; a restarted operator writes no new revision.
 //!
 //! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
 
@@ -348,6 +348,18 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
         .await?;
     wait_deleted(&rps, &CLIENT.to_string(), TIMEOUT).await?;
 
+    // A ResolvedPolicy deleted by hand while its identity lives is put back, same content,
+    // and its revision does not go backwards.
+    let before = rps.get(&WEB.to_string()).await?;
+    rps.delete(&WEB.to_string(), &DeleteParams::default())
+        .await?;
+    let web = resolved(&rps, WEB, "put back", |s| s.revision == 3).await?;
+    ensure!(
+        rule_json(&web.spec) == rule_json(&before.spec) && web.metadata.uid != before.metadata.uid,
+        "put back differently: {:?}",
+        web.spec
+    );
+
     let m = eventually(TIMEOUT, || async {
         let m = fetch_metrics(port).await?;
         ensure!(
@@ -374,6 +386,33 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
         m.sum("tendril_policy_resolve_seconds_count", &[]) >= 1.0,
         "resolve histogram"
     );
+    operator.stop(Duration::from_secs(10));
+
+    // A restarted operator rewrites nothing: revisions continue from the stored ones. A new
+    // identity proves its first resolve ran.
+    let port = free_port()?;
+    let mut operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info,tendril_controllers::policy=debug")
+        .spawn()?;
+    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    const CACHE: i64 = 1003;
+    env.delete_on_drop::<Identity>(&CACHE.to_string());
+    env.delete_on_drop::<ResolvedPolicy>(&CACHE.to_string());
+    apply(&identities, &identity(CACHE, &ns, "cache")?).await?;
+    resolved(&rps, CACHE, "new after restart", |s| s.revision == 1).await?;
+    for (id, revision) in [(WEB, 3), (DB, 3)] {
+        let rp = rps.get(&id.to_string()).await?;
+        ensure!(
+            rp.spec.revision == revision,
+            "identity {id}: revision {} after an operator restart, want {revision}",
+            rp.spec.revision
+        );
+    }
     operator.stop(Duration::from_secs(10));
     Ok(())
 }

@@ -21,9 +21,9 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use crate::runtime::{self, MetricLabel, Reconciler, conditions};
+use crate::runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::networking::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -120,22 +120,7 @@ fn singleton() -> PolicyResolution {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    CacheNotReady(#[from] runtime::CacheNotReady),
-}
-
-impl MetricLabel for Error {
-    fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => runtime::kube_error_label(e),
-            Error::CacheNotReady(e) => e.metric_label(),
-        }
-    }
-}
+pub type Error = runtime::ApiError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -281,14 +266,38 @@ impl ChangeClock {
     }
 }
 
+/// A spec this term wrote or saw deleted.
+struct Known {
+    spec: ResolvedPolicySpec,
+    /// The watch reported the object deleted (its identity may still live).
+    deleted: bool,
+}
+
+type Written = Arc<Mutex<HashMap<i64, Known>>>;
+
+/// Records `spec` for `id` unless a newer revision is known.
+fn remember(written: &Written, id: i64, spec: &ResolvedPolicySpec, deleted: bool) {
+    let mut w = written.lock().expect("written lock");
+    if w.get(&id).is_none_or(|k| k.spec.revision <= spec.revision) {
+        w.insert(
+            id,
+            Known {
+                spec: spec.clone(),
+                deleted,
+            },
+        );
+    }
+}
+
 struct Policy {
     client: kube::Client,
     stores: Stores,
     changes: ChangeClock,
     quiet: Duration,
     max_delay: Duration,
-    /// The last spec written per identity (the store may lag behind our own writes).
-    written: Mutex<HashMap<i64, ResolvedPolicySpec>>,
+    /// The last spec written per identity (the store may lag behind our own writes), or
+    /// deleted by someone else (put back with a higher revision).
+    written: Written,
     /// Invalid Kubernetes NetworkPolicies already reported with an Event, by
     /// (namespace, name, generation), so a resolve does not repeat them.
     reported: Mutex<HashSet<(String, String, Option<i64>)>>,
@@ -343,7 +352,8 @@ impl Policy {
                 .set(invalid as i64);
         }
 
-        let plan = plan::plan(&resolution, &self.current());
+        let (current, deleted) = self.current();
+        let plan = plan::plan(&resolution, &current, &deleted);
         debug!(
             identities = resolution.policies.len(),
             sources = resolution.sources.len(),
@@ -384,10 +394,7 @@ impl Policy {
                         "ResolvedPolicy written"
                     );
                     self.metrics.revisions.inc();
-                    self.written
-                        .lock()
-                        .expect("written lock")
-                        .insert(spec.identity, spec);
+                    remember(&self.written, spec.identity, &spec, false);
                 }
                 Err(e) => {
                     warn!(identity = spec.identity, error = %e, "writing the ResolvedPolicy failed");
@@ -410,8 +417,9 @@ impl Policy {
         }
     }
 
-    /// The latest spec known per identity: the store's, or ours if we wrote a newer one.
-    fn current(&self) -> BTreeMap<i64, ResolvedPolicySpec> {
+    /// The latest spec known per identity (the store's, or ours if we wrote a newer one),
+    /// and the last revision of those deleted by someone else.
+    fn current(&self) -> (BTreeMap<i64, ResolvedPolicySpec>, BTreeMap<i64, i64>) {
         let written = self.written.lock().expect("written lock");
         let mut current: BTreeMap<i64, ResolvedPolicySpec> = self
             .stores
@@ -423,15 +431,22 @@ impl Policy {
                 Some((id, rp.spec.clone()))
             })
             .collect();
-        for (id, spec) in written.iter() {
+        let mut deleted = BTreeMap::new();
+        for (id, known) in written.iter() {
+            if known.deleted {
+                if !current.contains_key(id) {
+                    deleted.insert(*id, known.spec.revision);
+                }
+                continue;
+            }
             match current.get(id) {
-                Some(seen) if seen.revision >= spec.revision => {}
+                Some(seen) if seen.revision >= known.spec.revision => {}
                 _ => {
-                    current.insert(*id, spec.clone());
+                    current.insert(*id, known.spec.clone());
                 }
             }
         }
-        current
+        (current, deleted)
     }
 
     async fn delete(&self, api: &Api<ResolvedPolicy>, id: i64) -> Result<(), kube::Error> {
@@ -666,6 +681,7 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         resolved,
     };
     let changes = ChangeClock::default();
+    let written = Written::default();
 
     // The singleton is handed to the controller once every store has its first list, so
     // the first resolve (and /readyz) waits for a complete view.
@@ -713,7 +729,24 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         // Our own writes come back here; a ResolvedPolicy edited or deleted by someone else
         // is put back. Neither is a policy change, so the clock is not started.
         .watches_stream(
-            reflect(Api::<ResolvedPolicy>::all(client.clone()), rp_writer),
+            {
+                let written = written.clone();
+                watcher(
+                    Api::<ResolvedPolicy>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .default_backoff()
+                .reflect(rp_writer)
+                .map_ok(move |event| {
+                    if let watcher::Event::Delete(rp) = &event
+                        && let Ok(id) = rp.name_any().parse::<i64>()
+                    {
+                        remember(&written, id, &rp.spec, true);
+                    }
+                    event
+                })
+                .touched_objects()
+            },
             on_change(&changes, false),
         );
     let reconciler = Policy {
@@ -722,7 +755,7 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         changes,
         quiet: Duration::from_millis(config.debounce_millis),
         max_delay: Duration::from_millis(config.max_delay_millis),
-        written: Mutex::default(),
+        written,
         reported: Mutex::default(),
         recorder: Recorder::new(
             client,

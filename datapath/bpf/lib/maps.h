@@ -178,6 +178,21 @@ struct policy_event {
 	__u32 ifindex;
 };
 
+/* ipv4_frags: LRU hash, the ports of fragmented datagrams, recorded from
+ * their first fragment for the ones that carry no transport header. */
+struct frag4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag4_ports {
+	__u16 sport; /* host order */
+	__u16 dport;
+};
+
 #define IPCACHE_MAX_ENTRIES 131072
 #define ENDPOINTS_MAX_ENTRIES 8192
 #define METRICS_MAX_ENTRIES 1024
@@ -186,6 +201,7 @@ struct policy_event {
 #define POLICY_CIDRS_MAX_ENTRIES 16384
 #define CONNTRACK_MAX_ENTRIES 262144
 #define EVENTS_RING_BYTES (256 * 1024)
+#define IPV4_FRAGS_MAX_ENTRIES 8192
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -259,6 +275,14 @@ struct {
 	__uint(max_entries, EVENTS_RING_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag4_key);
+	__type(value, struct frag4_ports);
+	__uint(max_entries, IPV4_FRAGS_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipv4_frags SEC(".maps");
 
 static __always_inline struct endpoint_info *lookup_endpoint4(__be32 ip4)
 {

@@ -6,7 +6,7 @@
 //! a silent drop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt, io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -180,9 +180,81 @@ struct PolicyPlan {
     desired: BTreeMap<PolicyKey, PolicyValue>,
     writes: Vec<(PolicyKey, Op)>,
     deletes: Vec<PolicyKey>,
-    state_writes: Vec<(u16, Op, PolicyState)>,
+    /// The states wanted, and those held before the convergence.
+    states: BTreeMap<u16, PolicyState>,
+    current_states: BTreeMap<u16, PolicyState>,
     stale_states: Vec<u16>,
+    /// Endpoints some entry of which failed to write: their revision stays.
+    incomplete: BTreeSet<u16>,
+    /// Some prefix failed to write: no revision changes.
+    cidrs_incomplete: bool,
+    /// Endpoints whose interim state was written (and counted).
+    interim_written: BTreeSet<u16>,
+    prune: bool,
     report: ConvergeReport,
+}
+
+/// One step of a policy convergence, in [`policy_steps`] order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStep {
+    UpsertEntries,
+    UpsertCidrs,
+    InterimStates,
+    DeleteEntries,
+    DeleteCidrs,
+    FinalStates,
+    DeleteStates,
+    /// Without `prune`: count what steps 4, 5 and 7 would delete as `stale_kept`.
+    KeepStale,
+}
+
+/// The order of [`Dataplane::converge_policy_with_cidrs`].
+pub fn policy_steps(prune: bool) -> Vec<PolicyStep> {
+    use PolicyStep::*;
+    if prune {
+        vec![
+            UpsertEntries,
+            UpsertCidrs,
+            InterimStates,
+            DeleteEntries,
+            DeleteCidrs,
+            FinalStates,
+            DeleteStates,
+        ]
+    } else {
+        vec![
+            UpsertEntries,
+            UpsertCidrs,
+            InterimStates,
+            FinalStates,
+            KeepStale,
+        ]
+    }
+}
+
+/// The states written while stale entries are still in: each endpoint's new default-deny
+/// flags under the revision its connections were judged under — its current one, or 0 (what
+/// conntrack stamps while an endpoint has no state) for an endpoint without a state. Only
+/// what differs from `current` is written.
+pub fn interim_state_writes(
+    current: &BTreeMap<u16, PolicyState>,
+    wanted: &BTreeMap<u16, PolicyState>,
+) -> Vec<(u16, Op, PolicyState)> {
+    wanted
+        .iter()
+        .filter_map(|(id, state)| {
+            let held = current.get(id);
+            let interim = PolicyState {
+                revision: held.map_or(0, |h| h.revision),
+                flags: state.flags,
+            };
+            match held {
+                Some(h) if *h == interim => None,
+                Some(_) => Some((*id, Op::Update, interim)),
+                None => Some((*id, Op::Add, interim)),
+            }
+        })
+        .collect()
 }
 
 struct CidrPlan {
@@ -667,41 +739,45 @@ impl Dataplane {
             })
     }
 
-    /// Converges the policy of every local endpoint, ordered so that no packet sees a state
-    /// that neither the old nor the new policy allows, and nothing both allow closes:
-    /// 1. upsert new and changed entries, denies first (each LPM entry is replaced
-    ///    atomically);
-    /// 2. write `policy_state` (flags, revision): established connections are re-judged
-    ///    against the complete new entries from here on;
-    /// 3. delete stale entries, denies last (only if `prune`);
-    /// 4. delete the `policy_state` of endpoints absent from `states` (only if `prune`).
-    ///
-    /// `entries` are stored as given: run [`super::policy::propagate_denies`] first. Failures
-    /// (e.g. a full map) are reported per entry and the later steps still run, so the next
-    /// pass (after stale entries were freed) can converge. To change `policy_cidrs` in the
-    /// same pass, use [`Self::converge_policy_with_cidrs`].
+    /// Converges the policy of every local endpoint (`policy` and `policy_state`; `policy_cidrs`
+    /// untouched). The order is that of [`Self::converge_policy_with_cidrs`].
     pub fn converge_policy(
         &mut self,
         entries: &BTreeMap<PolicyEntry, Verdict>,
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
     ) -> Result<ConvergeReport, DataplaneError> {
-        let mut plan = self.plan_policy(entries, states)?;
-        self.policy_upserts(&mut plan);
-        if prune {
-            self.policy_prune(&mut plan);
-        } else {
-            plan.report.stale_kept = plan.deletes.len() + plan.stale_states.len();
-        }
-        Ok(plan.report)
+        let (_, policy) = self.converge_ordered(None, entries, states, prune)?;
+        Ok(policy)
     }
 
-    /// [`Self::converge_policy`] and [`Self::converge_policy_cidrs`] in the one order that
-    /// keeps the guarantee of the former across CIDR changes: policy entries and states
-    /// upserted, then new and changed prefixes (an address moving to a new, longer prefix
-    /// finds that prefix's entries already there), then stale entries, then stale prefixes
-    /// (a removed deny's prefix goes away only after the deny itself). Returns the reports
-    /// of (`policy_cidrs`, `policy` + `policy_state`).
+    /// Converges `policy`, `policy_cidrs` and `policy_state` in the one order that keeps a
+    /// packet judged by the old policy, the new one or (a new connection, briefly) their
+    /// union, and re-judges established connections only against the complete new policy:
+    /// 1. upsert new and changed entries, denies first (each LPM entry is replaced
+    ///    atomically; entries of a new CIDR id are inert, no prefix maps to it yet);
+    /// 2. upsert new and changed prefixes (an address moving to a new, longer prefix finds
+    ///    that prefix's entries already there);
+    /// 3. interim states: the new default-deny flags under the OLD revision, so no
+    ///    established connection is re-judged while stale entries are still in. An endpoint
+    ///    without a state gets revision 0 — the revision conntrack stamps while an endpoint
+    ///    has no state, so its connections (if any) are not re-judged yet either;
+    /// 4. delete stale entries, denies last (only if `prune`);
+    /// 5. delete stale prefixes (only if `prune`): a removed deny's prefix goes only after
+    ///    the deny itself;
+    /// 6. final states: the revisions change and conntrack re-judges established
+    ///    connections against exactly the new entries;
+    /// 7. delete the states of endpoints absent from `states` (only if `prune`).
+    ///
+    /// Without `prune`, 4, 5 and 7 are skipped and what they would delete is reported as
+    /// `stale_kept`; then 6 skips the endpoints with stale entries kept (all of them while a
+    /// stale prefix is kept): their revision changes in the next pruning call. `entries` are stored as given: run [`super::policy::propagate_denies`]
+    /// first. Failures (e.g. a full map) are reported per entry and the later steps still
+    /// run (stale deletions free room for the next pass), except that the revision of an
+    /// endpoint is not bumped (6) while one of its entries failed to write, nor any
+    /// revision while a prefix failed to write: its established connections would be
+    /// re-judged against an incomplete policy. Returns the reports of (`policy_cidrs`,
+    /// `policy` + `policy_state`).
     pub fn converge_policy_with_cidrs(
         &mut self,
         cidrs: &BTreeMap<IpNet, u32>,
@@ -709,71 +785,158 @@ impl Dataplane {
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
     ) -> Result<(ConvergeReport, ConvergeReport), DataplaneError> {
-        let mut policy = self.plan_policy(entries, states)?;
-        let mut cidr = self.plan_cidrs(cidrs)?;
-        self.policy_upserts(&mut policy);
-        self.cidr_upserts(&mut cidr);
-        if prune {
-            self.policy_prune(&mut policy);
-            self.cidr_prune(&mut cidr);
-        } else {
-            policy.report.stale_kept = policy.deletes.len() + policy.stale_states.len();
-            cidr.report.stale_kept = cidr.diff.stale.len();
-        }
-        Ok((cidr.report, policy.report))
+        self.converge_ordered(Some(cidrs), entries, states, prune)
     }
 
-    fn plan_policy(
-        &self,
+    fn converge_ordered(
+        &mut self,
+        cidrs: Option<&BTreeMap<IpNet, u32>>,
         entries: &BTreeMap<PolicyEntry, Verdict>,
         states: &BTreeMap<u16, PolicyState>,
-    ) -> Result<PolicyPlan, DataplaneError> {
-        let desired: BTreeMap<PolicyKey, PolicyValue> = entries
-            .iter()
-            .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
-            .collect();
-        let current = self.policy_raw()?;
-        let entries_diff = diff(&current, &desired);
-        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
-        let states_diff = diff(&self.policy_states()?, states);
-        Ok(PolicyPlan {
-            report: ConvergeReport {
-                unchanged: entries_diff.unchanged + states_diff.unchanged,
-                ..ConvergeReport::default()
-            },
-            desired,
-            writes,
-            deletes,
-            state_writes: states_diff
-                .update
-                .iter()
-                .map(|id| (*id, Op::Update))
-                .chain(states_diff.add.iter().map(|id| (*id, Op::Add)))
-                .map(|(id, op)| (id, op, states[&id]))
-                .collect(),
-            stale_states: states_diff.stale,
-        })
+        prune: bool,
+    ) -> Result<(ConvergeReport, ConvergeReport), DataplaneError> {
+        let mut policy = self.plan_policy(entries, states, prune)?;
+        let mut cidr = cidrs.map(|c| self.plan_cidrs(c)).transpose()?;
+        for step in policy_steps(prune) {
+            self.apply_policy_step(step, &mut policy, cidr.as_mut());
+        }
+        let cidr_report = cidr.map(|c| c.report).unwrap_or_default();
+        Ok((cidr_report, policy.report))
     }
 
-    fn policy_upserts(&mut self, plan: &mut PolicyPlan) {
-        let (policy, max) = (&mut self.policy, self.policy_max);
-        let desired = &plan.desired;
-        upsert_in_order(
-            &mut plan.report,
-            plan.writes.iter().copied(),
-            show_policy_key,
-            |key, op| {
-                policy
-                    .insert(&key.to_lpm(), desired[key], 0)
-                    .map_err(|e| write_error(maps::POLICY, op, max, e))
-            },
-        );
+    fn apply_policy_step(
+        &mut self,
+        step: PolicyStep,
+        plan: &mut PolicyPlan,
+        cidr: Option<&mut CidrPlan>,
+    ) {
+        match step {
+            PolicyStep::UpsertEntries => {
+                let (policy, max) = (&mut self.policy, self.policy_max);
+                let desired = &plan.desired;
+                let failed_before = plan.report.failed.len();
+                let mut failed_eps = Vec::new();
+                upsert_in_order(
+                    &mut plan.report,
+                    plan.writes.iter().copied(),
+                    show_policy_key,
+                    |key, op| {
+                        policy.insert(&key.to_lpm(), desired[key], 0).map_err(|e| {
+                            failed_eps.push(key.endpoint_id);
+                            write_error(maps::POLICY, op, max, e)
+                        })
+                    },
+                );
+                debug_assert_eq!(plan.report.failed.len() - failed_before, failed_eps.len());
+                plan.incomplete.extend(failed_eps);
+            }
+            PolicyStep::UpsertCidrs => {
+                if let Some(cidr) = cidr {
+                    self.cidr_upserts(cidr);
+                    if !cidr.report.failed.is_empty() {
+                        plan.cidrs_incomplete = true;
+                    }
+                }
+            }
+            PolicyStep::InterimStates => {
+                let writes = interim_state_writes(&plan.current_states, &plan.states);
+                let failed_before = plan.report.failed.len();
+                self.write_states(&mut plan.report, writes.clone());
+                let failed: BTreeSet<String> = plan.report.failed[failed_before..]
+                    .iter()
+                    .map(|f| f.key.clone())
+                    .collect();
+                plan.interim_written = writes
+                    .iter()
+                    .map(|(id, _, _)| *id)
+                    .filter(|id| !failed.contains(&format!("policy_state[{id}]")))
+                    .collect();
+            }
+            PolicyStep::DeleteEntries => {
+                let (policy, max) = (&mut self.policy, self.policy_max);
+                delete_all(
+                    &mut plan.report,
+                    &plan.deletes,
+                    show_policy_key,
+                    |key| match policy.remove(&key.to_lpm()) {
+                        Err(e) if !is_not_found(&e) => {
+                            Err(write_error(maps::POLICY, Op::Delete, max, e))
+                        }
+                        _ => Ok(()),
+                    },
+                );
+            }
+            PolicyStep::DeleteCidrs => {
+                if let Some(cidr) = cidr {
+                    self.cidr_prune(cidr);
+                }
+            }
+            PolicyStep::FinalStates => {
+                // Kept stale entries (no `prune`) would take part in the re-judging: the
+                // revision of an endpoint that has any, or of every endpoint while a stale
+                // prefix is kept (it shadows the prefixes containing it), waits for a
+                // pruning pass.
+                if !plan.prune && cidr.is_some_and(|c| !c.diff.stale.is_empty()) {
+                    return;
+                }
+                let stale_eps: BTreeSet<u16> = if plan.prune {
+                    BTreeSet::new()
+                } else {
+                    plan.deletes.iter().map(|k| k.endpoint_id).collect()
+                };
+                let current = self.policy_states().unwrap_or_default();
+                let writes: Vec<(u16, Op, PolicyState)> = plan
+                    .states
+                    .iter()
+                    .filter(|(id, _)| {
+                        !plan.cidrs_incomplete
+                            && !plan.incomplete.contains(id)
+                            && !stale_eps.contains(id)
+                    })
+                    .filter_map(|(id, state)| match current.get(id) {
+                        Some(held) if held == state => None,
+                        Some(_) => Some((*id, Op::Update, *state)),
+                        None => Some((*id, Op::Add, *state)),
+                    })
+                    .collect();
+                // An endpoint whose interim state was written is counted once.
+                let (again, first): (Vec<_>, Vec<_>) = writes
+                    .into_iter()
+                    .partition(|(id, _, _)| plan.interim_written.contains(id));
+                self.write_states(&mut plan.report, first);
+                let mut scratch = ConvergeReport::default();
+                self.write_states(&mut scratch, again);
+                plan.report.failed.append(&mut scratch.failed);
+            }
+            PolicyStep::DeleteStates => {
+                let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+                delete_all(
+                    &mut plan.report,
+                    &plan.stale_states,
+                    |id| format!("policy_state[{id}]"),
+                    |id| match policy_state.remove(id) {
+                        Err(e) if !is_not_found(&e) => {
+                            Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
+                        }
+                        _ => Ok(()),
+                    },
+                );
+            }
+            PolicyStep::KeepStale => {
+                plan.report.stale_kept = plan.deletes.len() + plan.stale_states.len();
+                if let Some(cidr) = cidr {
+                    cidr.report.stale_kept = cidr.diff.stale.len();
+                }
+            }
+        }
+    }
+
+    /// Writes `policy_state` entries, each reported.
+    fn write_states(&mut self, report: &mut ConvergeReport, writes: Vec<(u16, Op, PolicyState)>) {
         let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
         upsert_in_order(
-            &mut plan.report,
-            plan.state_writes
-                .iter()
-                .map(|(id, op, state)| ((*id, *state), *op)),
+            report,
+            writes.into_iter().map(|(id, op, state)| ((id, state), op)),
             |(id, _)| format!("policy_state[{id}]"),
             |(id, state), op| {
                 policy_state
@@ -783,29 +946,37 @@ impl Dataplane {
         );
     }
 
-    fn policy_prune(&mut self, plan: &mut PolicyPlan) {
-        let (policy, max) = (&mut self.policy, self.policy_max);
-        delete_all(
-            &mut plan.report,
-            &plan.deletes,
-            show_policy_key,
-            |key| match policy.remove(&key.to_lpm()) {
-                Err(e) if !is_not_found(&e) => Err(write_error(maps::POLICY, Op::Delete, max, e)),
-                _ => Ok(()),
+    fn plan_policy(
+        &self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<PolicyPlan, DataplaneError> {
+        let desired: BTreeMap<PolicyKey, PolicyValue> = entries
+            .iter()
+            .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
+            .collect();
+        let current = self.policy_raw()?;
+        let entries_diff = diff(&current, &desired);
+        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
+        let current_states = self.policy_states()?;
+        let states_diff = diff(&current_states, states);
+        Ok(PolicyPlan {
+            report: ConvergeReport {
+                unchanged: entries_diff.unchanged + states_diff.unchanged,
+                ..ConvergeReport::default()
             },
-        );
-        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
-        delete_all(
-            &mut plan.report,
-            &plan.stale_states,
-            |id| format!("policy_state[{id}]"),
-            |id| match policy_state.remove(id) {
-                Err(e) if !is_not_found(&e) => {
-                    Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
-                }
-                _ => Ok(()),
-            },
-        );
+            desired,
+            writes,
+            deletes,
+            states: states.clone(),
+            current_states,
+            stale_states: states_diff.stale,
+            incomplete: BTreeSet::new(),
+            cidrs_incomplete: false,
+            interim_written: BTreeSet::new(),
+            prune,
+        })
     }
 
     fn policy_cidrs_raw(&self) -> Result<BTreeMap<IpcacheKey, PolicyCidrValue>, DataplaneError> {
@@ -1023,6 +1194,47 @@ mod tests {
         assert_eq!(peers, vec![(5, Op::Update), (3, Op::Add), (0, Op::Add)]);
         let peers: Vec<u32> = deletes.iter().map(|k| k.peer_identity).collect();
         assert_eq!(peers, vec![2, 1]);
+    }
+
+    #[test]
+    fn policy_steps_delete_only_after_every_upsert_and_bump_revisions_after_deletes() {
+        use PolicyStep::*;
+        assert_eq!(
+            policy_steps(true),
+            vec![
+                UpsertEntries,
+                UpsertCidrs,
+                InterimStates,
+                DeleteEntries,
+                DeleteCidrs,
+                FinalStates,
+                DeleteStates
+            ]
+        );
+        assert_eq!(
+            policy_steps(false),
+            vec![
+                UpsertEntries,
+                UpsertCidrs,
+                InterimStates,
+                FinalStates,
+                KeepStale
+            ]
+        );
+    }
+
+    #[test]
+    fn interim_states_keep_the_old_revision_or_0_and_take_the_new_flags() {
+        let st = |revision, flags| PolicyState { revision, flags };
+        let current = BTreeMap::from([(1, st(4, 3)), (2, st(9, 0)), (3, st(1, 1)), (5, st(7, 2))]);
+        let wanted = BTreeMap::from([(1, st(5, 1)), (2, st(9, 0)), (4, st(2, 2)), (5, st(8, 2))]);
+        assert_eq!(
+            interim_state_writes(&current, &wanted),
+            vec![(1, Op::Update, st(4, 1)), (4, Op::Add, st(0, 2))],
+            "2 unchanged; 3 vanishes later; 4 is new: revision 0, as conntrack stamps it \
+             without a state; 5 only changes its revision, in the final step"
+        );
+        assert!(interim_state_writes(&wanted, &wanted).is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub const POLICY_STATE: &str = "policy_state";
 pub const POLICY_CIDRS: &str = "policy_cidrs";
 pub const CONNTRACK: &str = "conntrack";
 pub const EVENTS: &str = "events";
+pub const IPV4_FRAGS: &str = "ipv4_frags";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
@@ -27,6 +28,8 @@ pub const POLICY_CIDRS_MAX_ENTRIES: u32 = 16_384;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Bytes of the `events` ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Fragmented datagrams whose ports are remembered (LRU; not configurable).
+pub const IPV4_FRAGS_MAX_ENTRIES: u32 = 8192;
 
 /// `AF_INET` / `AF_INET6`, as the programs store them.
 pub const FAMILY_IPV4: u8 = 2;
@@ -386,6 +389,26 @@ pub struct RawPolicyEvent {
     pub ifindex: u32,
 }
 
+/// `struct frag4_key`: one fragmented IPv4 datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frag4Key {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// IP identification, network order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct frag4_ports`: the ports its first fragment carried (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag4Ports {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -405,6 +428,8 @@ unsafe impl aya::Pod for PolicyCidrValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for RawPolicyEvent {}
+unsafe impl aya::Pod for Frag4Key {}
+unsafe impl aya::Pod for Frag4Ports {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]

@@ -159,25 +159,10 @@ pub struct PolicyRealization {
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches). Blocking.
-///
-/// The order keeps every packet judged by the old policy, the new one, or (for a new
-/// connection, briefly) their union, and never re-judges an established connection against
-/// anything but the complete new policy:
-/// 1. if the CIDR prefixes change, first every new entry (those of new CIDR ids are inert:
-///    no prefix maps to a new id yet) — [`Dataplane::converge_policy`] without pruning;
-/// 2. `policy_cidrs` (ids read back first, so they stay stable): new prefixes now map to
-///    ids whose entries are in; removed ones fall back to the prefixes containing them,
-///    whose new entries are in too (stale entries of a removed prefix's id are deleted
-///    only after no address maps to it any more);
-/// 3. the entries, pruned, with [`policy::interim_states`] (new default-deny flags, old
-///    revisions): stale entries go before any revision changes;
-/// 4. the final states: the revision changes and conntrack re-judges established
-///    connections against exactly the new entries.
-///
-/// (Writing the revision before the stale entries are gone, as one `converge_policy` call
-/// does, lets a packet in between be re-judged against a stale allow, and its connection
-/// then stays open under the new revision.)
+/// it only with complete caches), in one [`Dataplane::converge_policy_with_cidrs`]: it owns
+/// the order that keeps every packet judged by the old policy, the new one or (a new
+/// connection, briefly) their union, and re-judges established connections only against the
+/// complete new policy. Blocking.
 ///
 /// With `last`, what a previous call converged without failure: an identical translation
 /// skips the maps (a pass triggered by an unrelated change costs no map reads).
@@ -197,43 +182,14 @@ pub fn realize_policy(
             skipped: true,
         });
     }
-    let interim = policy::interim_states(&dp.policy_states()?, &wanted.states);
-    let mut report = ConvergeReport::default();
-    if wanted.cidrs != current_cidrs {
-        merge_report(
-            &mut report,
-            dp.converge_policy(&wanted.entries, &interim, false)?,
-        );
-    }
-    let cidrs = dp.converge_policy_cidrs(&wanted.cidrs, true)?;
-    merge_report(
-        &mut report,
-        dp.converge_policy(&wanted.entries, &interim, true)?,
-    );
-    if interim != wanted.states {
-        merge_report(
-            &mut report,
-            dp.converge_policy(&wanted.entries, &wanted.states, true)?,
-        );
-    }
+    let (cidrs, policy) =
+        dp.converge_policy_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
     Ok(PolicyRealization {
         wanted,
         cidrs,
-        policy: report,
+        policy,
         skipped: false,
     })
-}
-
-/// Adds the work of `next` to `into`. Each call converges the whole desired state again
-/// (retrying what failed before), so `unchanged`, `stale_kept` and `failed` are the last
-/// call's.
-fn merge_report(into: &mut ConvergeReport, next: ConvergeReport) {
-    into.added += next.added;
-    into.updated += next.updated;
-    into.deleted += next.deleted;
-    into.unchanged = next.unchanged;
-    into.stale_kept = next.stale_kept;
-    into.failed = next.failed;
 }
 
 /// Loads the programs (reusing pinned maps and links), then reconciles until `shutdown`;

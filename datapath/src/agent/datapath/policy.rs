@@ -368,30 +368,6 @@ pub fn translate(
     out
 }
 
-/// The states to write while stale entries are still being removed: each endpoint that
-/// already has a state keeps its revision (established connections are not re-judged yet,
-/// which would stamp them against a map still holding stale entries) but takes its new
-/// default-deny flags; an endpoint without a state gets its final one (it has no
-/// connections judged under another revision).
-pub fn interim_states(
-    current: &BTreeMap<u16, PolicyState>,
-    wanted: &BTreeMap<u16, PolicyState>,
-) -> BTreeMap<u16, PolicyState> {
-    wanted
-        .iter()
-        .map(|(id, state)| {
-            let interim = match current.get(id) {
-                Some(held) => PolicyState {
-                    revision: held.revision,
-                    flags: state.flags,
-                },
-                None => *state,
-            };
-            (*id, interim)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,19 +743,6 @@ mod tests {
             &first.cidrs,
         );
         assert_eq!(first, again);
-    }
-
-    #[test]
-    fn interim_states_keep_the_revision_and_take_the_new_flags() {
-        let st = |revision, flags| PolicyState { revision, flags };
-        let current = BTreeMap::from([(1, st(4, 3)), (2, st(9, 0)), (3, st(1, 1))]);
-        let wanted = BTreeMap::from([(1, st(5, 1)), (2, st(9, 0)), (4, st(2, 2))]);
-        assert_eq!(
-            interim_states(&current, &wanted),
-            BTreeMap::from([(1, st(4, 1)), (2, st(9, 0)), (4, st(2, 2))]),
-            "3 vanishes with the final states; 4 is new and gets its final state at once"
-        );
-        assert_eq!(interim_states(&wanted, &wanted), wanted);
     }
 
     #[test]
