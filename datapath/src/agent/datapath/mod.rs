@@ -2,8 +2,10 @@
 //!
 //! - Watches: every `NodeNetwork` (remote pod CIDRs and node addresses → routes, ipcache),
 //!   every `Endpoint` (local ones → `endpoints` map and attached programs, all → ipcache),
-//!   every `ResolvedPolicy` (the local endpoints' identities' ones → policy maps) and every
-//!   `Identity` (a change triggers a pass). The reflector stores are the index;
+//!   every `ResolvedPolicy` (the local endpoints' identities' ones → policy maps), every
+//!   `Identity` (a change triggers a pass) and the `kubernetes` Service's `EndpointSlice`
+//!   (the kube-apiserver's addresses → ipcache, [`watch_apiserver`]). The reflector stores
+//!   are the index;
 //!   [`index::desired`] and [`policy::translate`] turn a snapshot into the desired state.
 //! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
 //!   ip_forward, routes, host veths), then the policy maps (`policy`, `policy_cidrs`,
@@ -37,6 +39,7 @@ use crate::bpf::maps::{EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeCon
 use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
 use futures::StreamExt;
 use index::{Desired, EndpointRef};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kernel::{Attacher, NetlinkOutcome, NetlinkPlan, TunnelPlan};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -227,25 +230,35 @@ pub async fn run(
     let (nn_store, nn_watch) = watch::<NodeNetwork>(Api::all(client.clone()), touched.clone());
     let (ep_store, ep_watch) = watch::<Endpoint>(Api::all(client.clone()), touched.clone());
     let (id_store, id_watch) = watch::<Identity>(Api::all(client.clone()), touched.clone());
-    let (rp_store, rp_watch) = watch::<ResolvedPolicy>(Api::all(client.clone()), touched);
+    let (rp_store, rp_watch) = watch::<ResolvedPolicy>(Api::all(client.clone()), touched.clone());
+    let (as_store, as_forbidden, as_watch) = watch_apiserver(client.clone(), touched);
     let synced = Arc::new(AtomicBool::new(false));
     let initial_lists = {
         let (synced, changed) = (synced.clone(), changed.clone());
-        let (nn, ep, id, rp) = (
+        let (nn, ep, id, rp, apiserver) = (
             nn_store.clone(),
             ep_store.clone(),
             id_store.clone(),
             rp_store.clone(),
+            as_store.clone(),
         );
         async move {
-            let all = futures::future::join4(
+            // A forbidden list of the apiserver's slices does not hold the datapath back.
+            let apiserver = async {
+                tokio::select! {
+                    ready = apiserver.wait_until_ready() => ready.is_ok(),
+                    _ = as_forbidden.notified() => true,
+                }
+            };
+            let all = futures::future::join5(
                 nn.wait_until_ready(),
                 ep.wait_until_ready(),
                 id.wait_until_ready(),
                 rp.wait_until_ready(),
+                apiserver,
             )
             .await;
-            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
+            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() && all.4 {
                 synced.store(true, Ordering::SeqCst);
                 changed.notify_one();
             }
@@ -283,6 +296,7 @@ pub async fn run(
         nn_store,
         ep_store,
         rp_store,
+        as_store,
         last_report: None,
         last_realized: None,
         announced: false,
@@ -337,6 +351,7 @@ pub async fn run(
         _ = ep_watch => {}
         _ = id_watch => {}
         _ = rp_watch => {}
+        _ = as_watch => {}
         _ = initial_lists => {}
         _ = event_reader => {}
         _ = conntrack_gc => {}
@@ -374,6 +389,68 @@ where
     (store, stream)
 }
 
+/// The EndpointSlices of the `kubernetes` Service in `default`: the kube-apiserver's own
+/// addresses (entity `kube-apiserver`, identity 7, [`index::desired`]), watched like
+/// [`watch`]. Selected by name too (`metadata.name=kubernetes`, the slice the apiserver
+/// writes), so RBAC can grant exactly that name: kustomize's `namespace` would move a Role
+/// for `default` into Tendril's namespace.
+///
+/// Forbidden (403, RBAC without that rule) does not block the datapath: the returned
+/// `Notify` is notified, so the initial-list gate passes without these addresses (the
+/// entity then matches no address, as without this watch) and an error says what is
+/// missing; the watch keeps retrying with backoff and fills the store once it is allowed.
+fn watch_apiserver(
+    client: Client,
+    touched: impl Fn() + Send + Clone + 'static,
+) -> (
+    Store<EndpointSlice>,
+    Arc<Notify>,
+    impl std::future::Future<Output = ()>,
+) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let config = watcher::Config::default()
+        .labels("kubernetes.io/service-name=kubernetes")
+        .fields("metadata.name=kubernetes");
+    let forbidden = Arc::new(Notify::new());
+    let (store, writer) = reflector::store();
+    let stream = {
+        let forbidden = forbidden.clone();
+        let mut denied = false;
+        reflector::reflector(writer, watcher(api, config))
+            .default_backoff()
+            .for_each(move |event| {
+                match event {
+                    Ok(_) => {
+                        if std::mem::take(&mut denied) {
+                            tracing::info!("kube-apiserver EndpointSlices readable again");
+                        }
+                        touched();
+                    }
+                    Err(
+                        watcher::Error::InitialListFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchError(status),
+                    ) if status.is_forbidden() => {
+                        if !std::mem::replace(&mut denied, true) {
+                            tracing::error!(
+                                error = %status.message,
+                                "forbidden to list/watch EndpointSlice default/kubernetes: the \
+                                 entity kube-apiserver matches no address until the agent's \
+                                 ClusterRole allows it (deploy/kustomize/base/agent-rbac.yaml); \
+                                 retrying"
+                            );
+                            forbidden.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::warn!(kind = "EndpointSlice", error = %e, "watch"),
+                }
+                futures::future::ready(())
+            })
+    };
+    (store, forbidden, stream)
+}
+
 struct Reconciler {
     client: Client,
     cfg: DatapathConfig,
@@ -383,6 +460,8 @@ struct Reconciler {
     nn_store: Store<NodeNetwork>,
     ep_store: Store<Endpoint>,
     rp_store: Store<ResolvedPolicy>,
+    /// The kube-apiserver's EndpointSlices ([`watch_apiserver`]).
+    as_store: Store<EndpointSlice>,
     last_report: Option<NodeReport>,
     /// The last generation realized (so a failing pass keeps reporting it).
     last_realized: Option<i64>,
@@ -439,11 +518,13 @@ impl Reconciler {
         }
         let networks = self.nn_store.state();
         let endpoints = self.ep_store.state();
+        let apiserver = self.as_store.state();
         let desired = index::desired(
             &self.cfg.node_name,
             self.cfg.routing_mode,
             networks.iter().map(AsRef::as_ref),
             endpoints.iter().map(AsRef::as_ref),
+            apiserver.iter().map(AsRef::as_ref),
         );
         let own = self.nn_store.get(&ObjectRef::new(&self.cfg.node_name));
         if self.last_realized.is_none() {
