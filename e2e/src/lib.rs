@@ -91,6 +91,7 @@
 mod env;
 mod http;
 mod kube_util;
+pub mod netpol;
 mod plane;
 mod process;
 pub mod sim;
