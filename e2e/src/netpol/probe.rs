@@ -28,8 +28,8 @@ use crate::sim::netns_path;
 /// Timeouts of the first try and the two retries of a failing probe.
 pub const TRY_TIMEOUTS: [Duration; 3] = [
     Duration::from_millis(300),
-    Duration::from_millis(500),
-    Duration::from_millis(1000),
+    Duration::from_millis(300),
+    Duration::from_millis(400),
 ];
 
 const PAYLOAD: &[u8] = b"tendril-probe";
