@@ -3,4 +3,5 @@ pub mod endpoints;
 pub mod identities;
 pub mod ipam;
 pub mod nodes;
+pub mod policy;
 pub mod runtime;

@@ -9,7 +9,7 @@ use tendril_controllers::runtime::config::{self, OperatorArgs, OperatorConfig};
 use tendril_controllers::runtime::{
     self, Concern, Context, Health, Metrics, leader, logging, server,
 };
-use tendril_controllers::{endpoints, ipam, nodes};
+use tendril_controllers::{endpoints, ipam, nodes, policy};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -27,6 +27,10 @@ const CONCERNS: &[Concern<OperatorConfig>] = &[
     Concern {
         name: endpoints::NAME,
         run: |ctx, config| endpoints::run(ctx, config.identities.clone()).boxed(),
+    },
+    Concern {
+        name: policy::NAME,
+        run: |ctx, config| policy::run(ctx, config.policy.clone()).boxed(),
     },
 ];
 

@@ -24,7 +24,7 @@ int from_netdev(struct __sk_buff *skb)
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	if (!dst_ep)
 		return TC_ACT_OK;
-	parse_l4(&pkt, &l4);
+	parse_l4(skb, &pkt, &l4);
 	return deliver_local4(skb, &pkt, dst_ep, resolve_identity4(pkt.ip4->saddr), &l4,
 			      DIR_INGRESS);
 }

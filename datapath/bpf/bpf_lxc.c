@@ -36,19 +36,19 @@ int from_container(struct __sk_buff *skb)
 	src_ep = lookup_endpoint4(pkt.ip4->saddr);
 	if (!src_ep || src_ep->ifindex != skb->ifindex)
 		return drop(skb, DROP_INVALID_SOURCE, DIR_EGRESS);
-	parse_l4(&pkt, &l4);
+	parse_l4(skb, &pkt, &l4);
 
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	if (dst_ep) {
-		if (policy_egress(src_ep, dst_ep->identity, &l4) != POLICY_ALLOW)
-			return drop(skb, DROP_POLICY, DIR_EGRESS);
+		if (policy_egress(skb, src_ep, dst_ep->identity, &l4) != POLICY_ALLOW)
+			return TC_ACT_SHOT;
 		return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4, DIR_EGRESS);
 	}
 
 	dst_info = lookup_ipcache4(pkt.ip4->daddr);
 	dst_identity = dst_info ? dst_info->identity : IDENTITY_WORLD;
-	if (policy_egress(src_ep, dst_identity, &l4) != POLICY_ALLOW)
-		return drop(skb, DROP_POLICY, DIR_EGRESS);
+	if (policy_egress(skb, src_ep, dst_identity, &l4) != POLICY_ALLOW)
+		return TC_ACT_SHOT;
 
 	if (dst_info && dst_info->tunnel_endpoint) {
 		if (ipv4_dec_ttl(pkt.ip4) < 0)
@@ -83,13 +83,13 @@ int to_container(struct __sk_buff *skb)
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	if (!dst_ep)
 		return TC_ACT_OK;
-	parse_l4(&pkt, &l4);
+	parse_l4(skb, &pkt, &l4);
 
 	src_identity = mark_to_identity(skb->mark);
 	if (src_identity == IDENTITY_UNKNOWN)
 		src_identity = resolve_identity4(pkt.ip4->saddr);
-	if (policy_ingress(dst_ep, src_identity, &l4) != POLICY_ALLOW)
-		return drop(skb, DROP_POLICY, DIR_INGRESS);
+	if (policy_ingress(skb, dst_ep, src_identity, &l4) != POLICY_ALLOW)
+		return TC_ACT_SHOT;
 	metrics_count(skb, REASON_DELIVER_VIA_STACK, DIR_INGRESS);
 	return TC_ACT_OK;
 }

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* Hooks on the collect-metadata VXLAN device.
  *
- * from_overlay (tc ingress): the VNI is the sender's security identity; a
+ * from_overlay (tc ingress): the VNI is the sender's security identity (the
+ * sending node's host identity becomes remote-node); a
  * local destination gets the packet straight into its pod, anything else
  * (the node itself) goes to the stack with the identity in skb->mark.
  *
@@ -30,9 +31,12 @@ int from_overlay(struct __sk_buff *skb)
 	src_identity = tunnel_source_identity(skb);
 	if (src_identity < 0)
 		return drop(skb, DROP_TUNNEL_KEY, DIR_INGRESS);
+	/* The sending node's own traffic: "host" there is "remote-node" here. */
+	if (src_identity == IDENTITY_HOST)
+		src_identity = IDENTITY_REMOTE_NODE;
 	if (parse_ipv4(skb, &pkt) < 0)
 		return drop(skb, DROP_INVALID_PACKET, DIR_INGRESS);
-	parse_l4(&pkt, &l4);
+	parse_l4(skb, &pkt, &l4);
 
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	if (dst_ep)

@@ -82,6 +82,69 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             NodeConfig,
             [tunnel_ifindex, node_ipv4, flags, pad]
         ),
+        layout!(
+            "policy_key",
+            PolicyKey,
+            [
+                prefixlen,
+                endpoint_id,
+                direction,
+                pad0,
+                peer_identity,
+                protocol,
+                pad1,
+                dport
+            ]
+        ),
+        layout!(
+            "policy_value",
+            PolicyValue,
+            [verdict, flags, pad, rule_cookie]
+        ),
+        layout!("policy_state", PolicyState, [revision, flags]),
+        layout!("policy_cidr_value", PolicyCidrValue, [identity, pad]),
+        layout!(
+            "ct_key",
+            CtKey,
+            [saddr, daddr, sport, dport, proto, dir, endpoint_id]
+        ),
+        layout!(
+            "ct_value",
+            CtValue,
+            [
+                created_ns,
+                last_seen_ns,
+                policy_revision,
+                flags,
+                pad,
+                packets
+            ]
+        ),
+        // `type` and `match` are Rust keywords: the mirror names them `kind` and `matched`.
+        (
+            "policy_event",
+            std::mem::size_of::<RawPolicyEvent>() as u64,
+            [
+                ("ts_ns", offset_of!(RawPolicyEvent, ts_ns)),
+                ("type", offset_of!(RawPolicyEvent, kind)),
+                ("reason", offset_of!(RawPolicyEvent, reason)),
+                ("dir", offset_of!(RawPolicyEvent, dir)),
+                ("proto", offset_of!(RawPolicyEvent, proto)),
+                ("verdict", offset_of!(RawPolicyEvent, verdict)),
+                ("match", offset_of!(RawPolicyEvent, matched)),
+                ("endpoint_id", offset_of!(RawPolicyEvent, endpoint_id)),
+                ("src_identity", offset_of!(RawPolicyEvent, src_identity)),
+                ("dst_identity", offset_of!(RawPolicyEvent, dst_identity)),
+                ("saddr", offset_of!(RawPolicyEvent, saddr)),
+                ("daddr", offset_of!(RawPolicyEvent, daddr)),
+                ("sport", offset_of!(RawPolicyEvent, sport)),
+                ("dport", offset_of!(RawPolicyEvent, dport)),
+                ("ifindex", offset_of!(RawPolicyEvent, ifindex)),
+            ]
+            .into_iter()
+            .map(|(name, offset)| (name.to_string(), offset as u64))
+            .collect(),
+        ),
     ];
     for (object_name, object) in [
         ("bpf_lxc.o", BPF_LXC),
@@ -100,6 +163,22 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             );
         }
     }
+}
+
+#[test]
+fn policy_lpm_prefix_is_the_key_after_its_prefixlen() {
+    assert_eq!(
+        std::mem::size_of::<PolicyPrefix>() + 4,
+        std::mem::size_of::<PolicyKey>()
+    );
+    assert_eq!(
+        offset_of!(PolicyPrefix, peer_identity) + 4,
+        offset_of!(PolicyKey, peer_identity)
+    );
+    assert_eq!(
+        offset_of!(PolicyPrefix, dport) + 4,
+        offset_of!(PolicyKey, dport)
+    );
 }
 
 #[test]

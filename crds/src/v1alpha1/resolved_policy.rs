@@ -50,11 +50,11 @@ pub struct ResolvedPolicySpec {
     pub default_deny: ResolvedDefaultDeny,
     /// Entries for traffic into the subject.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4096), extend("x-kubernetes-list-type" = "atomic"))]
+    #[schemars(length(max = 16384), extend("x-kubernetes-list-type" = "atomic"))]
     pub ingress: Vec<ResolvedRule>,
     /// Entries for traffic out of the subject.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 4096), extend("x-kubernetes-list-type" = "atomic"))]
+    #[schemars(length(max = 16384), extend("x-kubernetes-list-type" = "atomic"))]
     pub egress: Vec<ResolvedRule>,
     /// The policies these entries come from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

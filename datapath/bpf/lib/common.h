@@ -55,11 +55,27 @@ static __always_inline __u32 mark_to_identity(__u32 mark)
 	return (mark >> 16) | ((mark & 0xFF) << 16);
 }
 
-/* Transport information the policy hook judges on (host byte order). */
+/* The tuple the policy hook and conntrack judge on. Ports in host order;
+ * ICMP echo request/reply carry the echo id in both ports. An ICMP error
+ * (destination unreachable, time exceeded, ...) is judged by the tuple of the
+ * packet it quotes, in `inner`. */
 struct l4_info {
-	__u8 proto;
+	__be32 saddr;
+	__be32 daddr;
 	__u16 sport;
 	__u16 dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 icmp_error;
+	__u8 pad;
+	struct {
+		__be32 saddr;
+		__be32 daddr;
+		__u16 sport;
+		__u16 dport;
+		__u8 proto;
+		__u8 pad[3];
+	} inner;
 };
 
 /* An IPv4 packet whose Ethernet and IP headers are in the linear area.
@@ -93,27 +109,89 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt4 *pkt)
 	return 0;
 }
 
-/* Ports of the first fragment of TCP/UDP; zero for anything else. */
-static __always_inline void parse_l4(const struct pkt4 *pkt, struct l4_info *l4)
+#ifndef IPPROTO_SCTP
+#define IPPROTO_SCTP 132
+#endif
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_SOURCE_QUENCH 4
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+static __always_inline int proto_has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* Ports (or the ICMP echo id) of the transport header at `off`. TCP, UDP
+ * and SCTP keep source and destination port in their first 4 bytes. */
+static __always_inline int load_ports(struct __sk_buff *skb, __u32 off, __u8 proto, __u16 *sport,
+				      __u16 *dport, __u8 *icmp_type)
+{
+	__u8 hdr[8];
+
+	if (proto_has_ports(proto)) {
+		if (bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
+			return -1;
+		*sport = ((__u16)hdr[0] << 8) | hdr[1];
+		*dport = ((__u16)hdr[2] << 8) | hdr[3];
+		return 0;
+	}
+	if (proto == IPPROTO_ICMP) {
+		if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
+			return -1;
+		*icmp_type = hdr[0];
+		if (hdr[0] == ICMP_ECHO || hdr[0] == ICMP_ECHOREPLY) {
+			*sport = ((__u16)hdr[4] << 8) | hdr[5];
+			*dport = *sport;
+		}
+	}
+	return 0;
+}
+
+/* Fills `l4` from the packet; transport headers are read with
+ * bpf_skb_load_bytes, so they need not be in the linear area. Non-first
+ * fragments carry no ports (zero). */
+static __always_inline void parse_l4(struct __sk_buff *skb, const struct pkt4 *pkt,
+				     struct l4_info *l4)
 {
 	struct iphdr *ip4 = pkt->ip4;
-	void *l4h = (void *)ip4 + ip4->ihl * 4;
+	__u32 off = sizeof(struct ethhdr) + ip4->ihl * 4;
+	__u8 icmp_type = 0xFF, inner_type = 0xFF;
+	struct iphdr inner;
 
+	__builtin_memset(l4, 0, sizeof(*l4));
+	l4->saddr = ip4->saddr;
+	l4->daddr = ip4->daddr;
 	l4->proto = ip4->protocol;
-	l4->sport = 0;
-	l4->dport = 0;
-	/* Non-first fragments carry no ports. */
 	if (ip4->frag_off & bpf_htons(0x1FFF))
 		return;
-	if (ip4->protocol == IPPROTO_TCP || ip4->protocol == IPPROTO_UDP) {
-		/* Source and destination ports sit at the same offsets in TCP and UDP. */
-		struct udphdr *uh = l4h;
-
-		if ((void *)(uh + 1) > pkt->data_end)
-			return;
-		l4->sport = bpf_ntohs(uh->source);
-		l4->dport = bpf_ntohs(uh->dest);
-	}
+	if (load_ports(skb, off, l4->proto, &l4->sport, &l4->dport, &icmp_type) < 0)
+		return;
+	if (l4->proto == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, off + 13, &l4->tcp_flags, 1);
+	if (l4->proto != IPPROTO_ICMP)
+		return;
+	if (icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_SOURCE_QUENCH &&
+	    icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETERPROB)
+		return;
+	/* The quoted packet: its IP header and the first 8 bytes after it. */
+	off += 8;
+	if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.version != 4 ||
+	    inner.ihl < 5)
+		return;
+	l4->icmp_error = 1;
+	l4->inner.saddr = inner.saddr;
+	l4->inner.daddr = inner.daddr;
+	l4->inner.proto = inner.protocol;
+	if (!(inner.frag_off & bpf_htons(0x1FFF)))
+		load_ports(skb, off + inner.ihl * 4, inner.protocol, &l4->inner.sport,
+			   &l4->inner.dport, &inner_type);
 }
 
 /* Decrements the TTL as a router does (ip_decrease_ttl), with the

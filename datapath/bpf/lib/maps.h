@@ -67,6 +67,8 @@ struct metrics_value {
 
 /* node_config: one entry (index 0) written by the agent. */
 #define NODE_F_TUNNEL 0x01
+/* Audit mode: would-be policy drops are counted, reported and passed. */
+#define NODE_F_POLICY_AUDIT 0x02
 struct node_config {
 	__u32 tunnel_ifindex; /* the collect-metadata VXLAN device */
 	__be32 node_ipv4;
@@ -74,13 +76,114 @@ struct node_config {
 	__u32 pad;
 };
 
-/* Reserved for issue 6: `policy` (per endpoint: peer identity, port,
- * protocol, direction → verdict), `conntrack`, and the event ring buffer.
- * Their structs go here; lib/policy.h is the only caller. */
+/* policy: LPM trie of every local endpoint's rules. Every field up to and
+ * including peer_identity is always matched (POLICY_STATIC_PREFIX bits after
+ * prefixlen); then protocol + pad1 when the entry names a protocol; then a
+ * prefix of the destination port (big-endian, so a port range is a set of
+ * aligned blocks). */
+#define POLICY_STATIC_PREFIX 64
+#define POLICY_PROTO_PREFIX (POLICY_STATIC_PREFIX + 16)
+#define POLICY_FULL_PREFIX (POLICY_PROTO_PREFIX + 16)
+struct policy_key {
+	__u32 prefixlen;
+	__u16 endpoint_id; /* host order, = endpoint_info.endpoint_id */
+	__u8 direction; /* DIR_INGRESS / DIR_EGRESS */
+	__u8 pad0;
+	__u32 peer_identity; /* host order; 0 = any peer; >= 1<<24 = node-local CIDR identity */
+	__u8 protocol; /* IPPROTO_*; only matched when prefixlen >= POLICY_PROTO_PREFIX */
+	__u8 pad1;
+	__be16 dport;
+};
+
+#define POLICY_VERDICT_ALLOW 1
+#define POLICY_VERDICT_DENY 2
+struct policy_value {
+	__u8 verdict;
+	__u8 flags;
+	__u16 pad;
+	__u32 rule_cookie;
+};
+
+/* policy_state: endpoint_id → how the endpoint's policy stands. No entry = no
+ * policy at all (everything allowed, still conntracked). */
+#define POLICY_F_DEFAULT_DENY_INGRESS 0x01
+#define POLICY_F_DEFAULT_DENY_EGRESS 0x02
+struct policy_state {
+	__u32 revision; /* low 32 bits of the ResolvedPolicy revision: the CT epoch */
+	__u32 flags;
+};
+
+/* policy_cidrs: LPM trie (key: struct ipcache_key) of every prefix some local
+ * endpoint's policy names → its node-local CIDR identity (1<<24 | n). */
+#define IDENTITY_LOCAL_FLAG (1U << 24)
+struct policy_cidr_value {
+	__u32 identity;
+	__u32 pad;
+};
+
+/* conntrack: LRU hash. dir = the enforcement point that created the entry
+ * (DIR_EGRESS at the sender's from-container, DIR_INGRESS at the receiver's
+ * delivery); endpoint_id = that endpoint. Ports in host order; ICMP echo uses
+ * the echo id as both ports. */
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 endpoint_id;
+};
+
+#define CT_F_SEEN_REPLY 0x01
+#define CT_F_CLOSING 0x02
+#define CT_F_AUDIT 0x04 /* admitted only because of audit mode */
+struct ct_value {
+	__u64 created_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 last_seen_ns;
+	__u32 policy_revision;
+	__u8 flags;
+	__u8 pad[3];
+	__u64 packets;
+};
+
+/* events: ring buffer of policy verdicts (new connections) and every drop. */
+#define EVENT_DROP 1
+#define EVENT_POLICY_VERDICT 2
+#define EVENT_VERDICT_ALLOW 1
+#define EVENT_VERDICT_DENY 2
+#define EVENT_VERDICT_AUDIT 3
+#define EVENT_MATCH_NONE 0 /* the endpoint has no policy */
+#define EVENT_MATCH_L3 1 /* a rule without ports */
+#define EVENT_MATCH_L4 2 /* a rule with protocol/ports */
+#define EVENT_MATCH_DEFAULT 3 /* no rule: the default of the direction */
+#define EVENT_MATCH_CONNTRACK 4 /* an established connection, re-judged */
+struct policy_event {
+	__u64 ts_ns;
+	__u8 type;
+	__u8 reason;
+	__u8 dir;
+	__u8 proto;
+	__u8 verdict;
+	__u8 match;
+	__u16 endpoint_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__be32 saddr;
+	__be32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u32 ifindex;
+};
 
 #define IPCACHE_MAX_ENTRIES 131072
 #define ENDPOINTS_MAX_ENTRIES 8192
 #define METRICS_MAX_ENTRIES 1024
+#define POLICY_MAX_ENTRIES 65536
+#define POLICY_STATE_MAX_ENTRIES 8192
+#define POLICY_CIDRS_MAX_ENTRIES 16384
+#define CONNTRACK_MAX_ENTRIES 262144
+#define EVENTS_RING_BYTES (256 * 1024)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -114,6 +217,46 @@ struct {
 	__uint(max_entries, 1);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(max_entries, POLICY_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u16);
+	__type(value, struct policy_state);
+	__uint(max_entries, POLICY_STATE_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct policy_cidr_value);
+	__uint(max_entries, POLICY_CIDRS_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, CONNTRACK_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
 
 static __always_inline struct endpoint_info *lookup_endpoint4(__be32 ip4)
 {

@@ -4,6 +4,7 @@
  * Rust mirror is `MetricReason` in datapath/src/bpf/maps.rs. */
 #pragma once
 
+#include "events.h"
 #include "maps.h"
 
 enum metric_reason {
@@ -14,15 +15,18 @@ enum metric_reason {
 	REASON_TO_STACK_NON_IPV4 = 5, /* ARP, IPv6, ...: left to the stack */
 	REASON_TO_STACK_HOST = 6, /* for the node itself */
 	REASON_DELIVER_VIA_STACK = 7, /* routed by the host stack into a pod */
+	REASON_POLICY_AUDIT = 8, /* policy would drop it; passed in audit mode */
+	REASON_EVENT_LOST = 9, /* the events ring buffer was full */
 	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
 	DROP_INVALID_PACKET = 131,
 	DROP_TTL_EXCEEDED = 132,
-	DROP_POLICY = 133,
+	DROP_POLICY = 133, /* default deny: no rule allows it */
 	DROP_NO_TUNNEL_DEVICE = 134,
 	DROP_TUNNEL_KEY = 135, /* setting or reading the tunnel key failed */
 	DROP_IDENTITY_TOO_LARGE = 136, /* identity does not fit the 24-bit VNI */
 	DROP_NO_TUNNEL_ENDPOINT = 137, /* routed into the overlay, not behind a tunnel */
 	DROP_UNSUPPORTED_L3 = 138, /* e.g. IPv6 routed into the overlay */
+	DROP_POLICY_DENY = 139, /* an explicit deny rule */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)
@@ -41,8 +45,11 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __
 	bpf_map_update_elem(&metrics, &key, &first, BPF_NOEXIST);
 }
 
+/* Counts and reports a drop; returns the tc verdict. */
 static __always_inline int drop(struct __sk_buff *skb, __u8 reason, __u8 dir)
 {
 	metrics_count(skb, reason, dir);
+	if (event_drop(skb, reason, dir) < 0)
+		metrics_count(skb, REASON_EVENT_LOST, dir);
 	return TC_ACT_SHOT;
 }

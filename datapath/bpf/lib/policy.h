@@ -1,30 +1,213 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
-/* The policy hook. Every path calls policy_egress() for traffic leaving a
- * local pod and policy_ingress() for traffic entering one, with the peer's
- * security identity and the L4 tuple. Issue 6 puts the `policy` and
- * `conntrack` lookups here; until then every flow is allowed, so the
- * programs' control flow does not change when enforcement arrives. */
+/* Policy enforcement. Every path calls policy_egress() for traffic leaving a
+ * local pod (at from-container) and policy_ingress() for traffic entering one
+ * (at delivery, or at to-container for what the stack routes), with the
+ * peer's security identity and the packet's tuple.
+ *
+ * Per packet: conntrack first. A reply or related ICMP error of a tracked
+ * connection, or a forward packet judged under the current policy revision,
+ * passes without a policy lookup. Otherwise (new connection, or stale
+ * revision) the policy decides: three LPM lookups in `policy` — the peer's
+ * identity, the node-local CIDR identity of the peer's address (from
+ * `policy_cidrs`), and 0 (any peer); any DENY wins, else any ALLOW allows,
+ * else the endpoint's default for the direction. An endpoint without a
+ * `policy_state` entry has no policy: everything passes (still tracked).
+ * In audit mode (NODE_F_POLICY_AUDIT) a would-be drop is counted as
+ * REASON_POLICY_AUDIT, reported with verdict audit, and passes. */
 #pragma once
 
+#include "conntrack.h"
+#include "events.h"
 #include "maps.h"
+#include "metrics.h"
 
+/* What policy_egress/policy_ingress return: pass, or a drop already counted
+ * and reported (the caller returns TC_ACT_SHOT). */
 #define POLICY_ALLOW 0
 #define POLICY_DENY 1
 
-static __always_inline int policy_egress(const struct endpoint_info *src_ep, __u32 dst_identity,
-					 const struct l4_info *l4)
+/* policy_value.flags: the entry names a protocol (an L4 rule). */
+#define POLICY_VALUE_F_L4 0x01
+
+struct policy_decision {
+	__u8 verdict; /* EVENT_VERDICT_* */
+	__u8 match; /* EVENT_MATCH_* */
+	__u8 reason; /* drop reason when denied */
+};
+
+/* One LPM lookup; returns the match kind of an entry found, 0 for none. */
+static __always_inline __u8 policy_lookup(struct policy_key *key, __u32 peer, __u8 *verdict)
 {
-	(void)src_ep;
-	(void)dst_identity;
-	(void)l4;
+	struct policy_value *value;
+
+	key->peer_identity = peer;
+	value = bpf_map_lookup_elem(&policy, key);
+	if (!value)
+		return 0;
+	*verdict = value->verdict;
+	return (value->flags & POLICY_VALUE_F_L4) ? EVENT_MATCH_L4 : EVENT_MATCH_L3;
+}
+
+static __always_inline void policy_decide(const struct policy_state *state, __u16 endpoint_id,
+					  __u8 dir, __u32 peer_identity, __be32 peer_addr,
+					  const struct l4_info *l4, struct policy_decision *d)
+{
+	struct policy_key key = {
+		.prefixlen = POLICY_FULL_PREFIX,
+		.endpoint_id = endpoint_id,
+		.direction = dir,
+		.protocol = l4->proto,
+	};
+	struct ipcache_key cidr_key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
+		.family = FAMILY_IPV4,
+	};
+	struct policy_cidr_value *cidr;
+	__u8 allow = 0, match, verdict = 0;
+	__u32 deny_flag;
+
+	if (!state) {
+		d->verdict = EVENT_VERDICT_ALLOW;
+		d->match = EVENT_MATCH_NONE;
+		return;
+	}
+	if (proto_has_ports(l4->proto))
+		key.dport = bpf_htons(l4->dport);
+
+	match = policy_lookup(&key, peer_identity, &verdict);
+	if (match) {
+		if (verdict == POLICY_VERDICT_DENY)
+			goto deny;
+		allow = match;
+	}
+	cidr_key.addr.ip4 = peer_addr;
+	cidr = bpf_map_lookup_elem(&policy_cidrs, &cidr_key);
+	if (cidr) {
+		match = policy_lookup(&key, cidr->identity, &verdict);
+		if (match) {
+			if (verdict == POLICY_VERDICT_DENY)
+				goto deny;
+			if (!allow)
+				allow = match;
+		}
+	}
+	match = policy_lookup(&key, IDENTITY_UNKNOWN, &verdict);
+	if (match) {
+		if (verdict == POLICY_VERDICT_DENY)
+			goto deny;
+		if (!allow)
+			allow = match;
+	}
+	if (allow) {
+		d->verdict = EVENT_VERDICT_ALLOW;
+		d->match = allow;
+		return;
+	}
+	deny_flag = dir == DIR_INGRESS ? POLICY_F_DEFAULT_DENY_INGRESS : POLICY_F_DEFAULT_DENY_EGRESS;
+	d->match = EVENT_MATCH_DEFAULT;
+	if (state->flags & deny_flag) {
+		d->verdict = EVENT_VERDICT_DENY;
+		d->reason = DROP_POLICY;
+	} else {
+		d->verdict = EVENT_VERDICT_ALLOW;
+	}
+	return;
+deny:
+	d->verdict = EVENT_VERDICT_DENY;
+	d->match = match;
+	d->reason = DROP_POLICY_DENY;
+}
+
+static __always_inline void policy_report(struct __sk_buff *skb, const struct l4_info *l4,
+					  const struct endpoint_info *ep, __u8 dir, __u32 peer,
+					  __u8 type, __u8 reason, const struct policy_decision *d,
+					  __u64 now)
+{
+	struct policy_event ev = {
+		.ts_ns = now,
+		.type = type,
+		.reason = reason,
+		.dir = dir,
+		.proto = l4->proto,
+		.verdict = d->verdict,
+		.match = d->match,
+		.endpoint_id = ep->endpoint_id,
+		.src_identity = dir == DIR_INGRESS ? peer : ep->identity,
+		.dst_identity = dir == DIR_INGRESS ? ep->identity : peer,
+		.saddr = l4->saddr,
+		.daddr = l4->daddr,
+		.sport = l4->sport,
+		.dport = l4->dport,
+		.ifindex = skb->ifindex,
+	};
+
+	if (event_output(&ev) < 0)
+		metrics_count(skb, REASON_EVENT_LOST, dir);
+}
+
+/* Judges the packet at the enforcement point (ep, dir); `peer` is the other
+ * side's identity. */
+static __always_inline int policy_enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
+					  __u8 dir, __u32 peer, const struct l4_info *l4)
+{
+	struct policy_decision d = {};
+	struct node_config *cfg = lookup_node_config();
+	int audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);
+	__u16 endpoint_id = ep->endpoint_id;
+	struct policy_state *state;
+	struct ct_value *entry;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 revision;
+	struct ct_key key;
+	__u8 ct_flags = 0;
+	int ct;
+
+	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
+	revision = state ? state->revision : 0;
+	__builtin_memset(&key, 0, sizeof(key));
+	ct = ct_lookup4(l4, dir, endpoint_id, revision, audit, now, &key, &entry);
+	if (ct == CT_ESTABLISHED || ct == CT_REPLY || ct == CT_RELATED)
+		return POLICY_ALLOW;
+
+	policy_decide(state, endpoint_id, dir, peer, dir == DIR_INGRESS ? l4->saddr : l4->daddr, l4,
+		      &d);
+	if (ct == CT_STALE)
+		d.match = EVENT_MATCH_CONNTRACK;
+	if (d.verdict == EVENT_VERDICT_DENY) {
+		if (!audit) {
+			if (ct == CT_STALE)
+				bpf_map_delete_elem(&conntrack, &key);
+			metrics_count(skb, d.reason, dir);
+			policy_report(skb, l4, ep, dir, peer, EVENT_DROP, d.reason, &d, now);
+			return POLICY_DENY;
+		}
+		d.verdict = EVENT_VERDICT_AUDIT;
+		ct_flags = CT_F_AUDIT;
+		metrics_count(skb, REASON_POLICY_AUDIT, dir);
+	}
+	if (ct == CT_STALE && entry) {
+		entry->policy_revision = revision;
+		/* A SYN reusing a closed tuple starts afresh. */
+		if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & TCP_FLAG_SYN))
+			entry->flags = ct_flags;
+		else
+			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
+	} else if (!l4->icmp_error) {
+		ct_create(&key, revision, ct_flags, now);
+	}
+	if (state)
+		policy_report(skb, l4, ep, dir, peer, EVENT_POLICY_VERDICT, 0, &d, now);
 	return POLICY_ALLOW;
 }
 
-static __always_inline int policy_ingress(const struct endpoint_info *dst_ep, __u32 src_identity,
-					  const struct l4_info *l4)
+static __always_inline int policy_egress(struct __sk_buff *skb, const struct endpoint_info *src_ep,
+					 __u32 dst_identity, const struct l4_info *l4)
 {
-	(void)dst_ep;
-	(void)src_identity;
-	(void)l4;
-	return POLICY_ALLOW;
+	return policy_enforce(skb, src_ep, DIR_EGRESS, dst_identity, l4);
+}
+
+static __always_inline int policy_ingress(struct __sk_buff *skb, const struct endpoint_info *dst_ep,
+					  __u32 src_identity, const struct l4_info *l4)
+{
+	return policy_enforce(skb, dst_ep, DIR_INGRESS, src_identity, l4);
 }

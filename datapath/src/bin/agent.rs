@@ -96,14 +96,17 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
     let (listener, addr) = http::bind(&config.http.bind_address)
         .await
         .with_context(|| format!("binding {}", config.http.bind_address))?;
-    info!(%addr, version = env!("CARGO_PKG_VERSION"), "serving /metrics, /healthz, /readyz");
+    info!(%addr, version = env!("CARGO_PKG_VERSION"), "serving /metrics, /healthz, /readyz, /flows");
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        http_stop.clone(),
-    ));
+    let flows = datapath::events::FlowLog::new(config.policy.events.recent_flows);
+    let app = http::router(metrics.clone(), health.clone())
+        .merge(datapath::events::router(flows.clone()));
+    let http_shutdown = http_stop.clone().cancelled_owned();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_shutdown)
+            .await
+    });
 
     let socket = server::bind(&config.cni_socket)
         .with_context(|| format!("binding {}", config.cni_socket.display()))?;
@@ -133,15 +136,26 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
                 ipcache: sizes.ipcache,
                 endpoints: sizes.endpoints,
                 metrics: sizes.metrics,
+                policy: sizes.policy,
+                policy_state: sizes.policy_state,
+                policy_cidrs: sizes.policy_cidrs,
+                conntrack: sizes.conntrack,
+                events: sizes.events_bytes,
             },
             resync: Duration::from_secs(config.datapath_resync_seconds),
             debounce: Duration::from_millis(config.datapath_debounce_millis),
+            policy: datapath::PolicyOptions {
+                audit_mode: config.policy.audit_mode,
+                conntrack_gc: Duration::from_secs(config.policy.conntrack_gc_seconds),
+                denied_log_per_second: config.policy.events.denied_log_per_second,
+            },
         };
         let datapath_task = datapath::run(
             client.clone(),
             DatapathMetrics::register(&metrics),
             health.clone(),
             datapath_cfg,
+            flows,
             shutdown.clone(),
         );
         let datapath_task = async {

@@ -12,13 +12,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, RingBuf};
 use ipnet::IpNet;
 
 use super::maps::{
-    self, EndpointInfo, EndpointKey, IpcacheKey, IpcachePrefix, IpcacheValue, MetricReason,
-    MetricsKey, MetricsValue, NodeConfig,
+    self, CtKey, CtValue, EndpointInfo, EndpointKey, IpcacheKey, IpcachePrefix, IpcacheValue,
+    MetricReason, MetricsKey, MetricsValue, NodeConfig, PolicyCidrValue, PolicyKey, PolicyPrefix,
+    PolicyValue,
 };
+use super::policy::{PolicyEntry, PolicyState, Verdict, ct_timeout_ns};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -182,6 +184,17 @@ pub struct Dataplane {
     ipcache_max: u32,
     metrics: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
     node_config: Array<MapData, NodeConfig>,
+    policy: LpmTrie<MapData, PolicyPrefix, PolicyValue>,
+    policy_max: u32,
+    policy_state: HashMap<MapData, u16, PolicyState>,
+    policy_state_max: u32,
+    policy_cidrs: LpmTrie<MapData, IpcachePrefix, PolicyCidrValue>,
+    policy_cidrs_max: u32,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack_max: u32,
+    /// Entries left by the last [`Dataplane::conntrack_gc`] (counting an LRU of 256k
+    /// entries on every pressure reading would hold the map lock too long).
+    conntrack_entries: Option<u32>,
 }
 
 impl fmt::Debug for Dataplane {
@@ -264,6 +277,46 @@ fn apply<K: Copy>(
     report
 }
 
+/// Writes the additions and updates of `diff` into `report`.
+fn upsert<K>(
+    report: &mut ConvergeReport,
+    diff: &Diff<K>,
+    show: impl Fn(&K) -> String,
+    mut write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
+) {
+    for (keys, op) in [(&diff.update, Op::Update), (&diff.add, Op::Add)] {
+        for key in keys {
+            match write(key, op) {
+                Ok(()) if op == Op::Add => report.added += 1,
+                Ok(()) => report.updated += 1,
+                Err(error) => report.failed.push(ConvergeFailure {
+                    key: show(key),
+                    op,
+                    error,
+                }),
+            }
+        }
+    }
+}
+
+fn delete_all<K>(
+    report: &mut ConvergeReport,
+    keys: &[K],
+    show: impl Fn(&K) -> String,
+    mut delete: impl FnMut(&K) -> Result<(), MapWriteError>,
+) {
+    for key in keys {
+        match delete(key) {
+            Ok(()) => report.deleted += 1,
+            Err(error) => report.failed.push(ConvergeFailure {
+                key: show(key),
+                op: Op::Delete,
+                error,
+            }),
+        }
+    }
+}
+
 impl Dataplane {
     /// Opens the maps pinned in a node's directory (created by
     /// [`super::Programs::load`]).
@@ -272,6 +325,10 @@ impl Dataplane {
         let (ipcache, ipcache_max) = open_pin(dir, maps::IPCACHE)?;
         let (metrics, _) = open_pin(dir, maps::METRICS)?;
         let (node_config, _) = open_pin(dir, maps::NODE_CONFIG)?;
+        let (policy, policy_max) = open_pin(dir, maps::POLICY)?;
+        let (policy_state, policy_state_max) = open_pin(dir, maps::POLICY_STATE)?;
+        let (policy_cidrs, policy_cidrs_max) = open_pin(dir, maps::POLICY_CIDRS)?;
+        let (conntrack, conntrack_max) = open_pin(dir, maps::CONNTRACK)?;
         let typed = |name: &str, source| DataplaneError::Open {
             path: dir.join(name),
             source,
@@ -288,6 +345,18 @@ impl Dataplane {
                 .map_err(|e| typed(maps::METRICS, e))?,
             node_config: Array::try_from(Map::Array(node_config))
                 .map_err(|e| typed(maps::NODE_CONFIG, e))?,
+            policy: LpmTrie::try_from(Map::LpmTrie(policy)).map_err(|e| typed(maps::POLICY, e))?,
+            policy_max,
+            policy_state: HashMap::try_from(Map::HashMap(policy_state))
+                .map_err(|e| typed(maps::POLICY_STATE, e))?,
+            policy_state_max,
+            policy_cidrs: LpmTrie::try_from(Map::LpmTrie(policy_cidrs))
+                .map_err(|e| typed(maps::POLICY_CIDRS, e))?,
+            policy_cidrs_max,
+            conntrack: HashMap::try_from(Map::LruHashMap(conntrack))
+                .map_err(|e| typed(maps::CONNTRACK, e))?,
+            conntrack_max,
+            conntrack_entries: None,
         })
     }
 
@@ -462,10 +531,15 @@ impl Dataplane {
             .sum())
     }
 
-    /// Fill level of the maps the agent writes.
-    pub fn pressure(&self) -> Result<[MapPressure; 2], DataplaneError> {
+    /// Fill level of the maps the agent writes, and of `conntrack` (as counted by the last
+    /// [`Self::conntrack_gc`]; counted now if it never ran).
+    pub fn pressure(&self) -> Result<Vec<MapPressure>, DataplaneError> {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Ok([
+        let conntrack = match self.conntrack_entries {
+            Some(n) => n,
+            None => count(self.conntrack.keys().filter(Result::is_ok).count()),
+        };
+        Ok(vec![
             MapPressure {
                 map: maps::ENDPOINTS,
                 entries: count(self.endpoints.keys().filter(Result::is_ok).count()),
@@ -476,7 +550,267 @@ impl Dataplane {
                 entries: count(self.ipcache.keys().filter(Result::is_ok).count()),
                 max_entries: self.ipcache_max,
             },
+            MapPressure {
+                map: maps::POLICY,
+                entries: count(self.policy.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_max,
+            },
+            MapPressure {
+                map: maps::POLICY_STATE,
+                entries: count(self.policy_state.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_state_max,
+            },
+            MapPressure {
+                map: maps::POLICY_CIDRS,
+                entries: count(self.policy_cidrs.keys().filter(Result::is_ok).count()),
+                max_entries: self.policy_cidrs_max,
+            },
+            MapPressure {
+                map: maps::CONNTRACK,
+                entries: conntrack,
+                max_entries: self.conntrack_max,
+            },
         ])
+    }
+
+    fn policy_raw(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>, DataplaneError> {
+        self.policy
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (PolicyKey::from_lpm(&key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY,
+                source,
+            })
+    }
+
+    /// What the policy map holds. Keys this build would not write are left out.
+    pub fn policy(&self) -> Result<BTreeMap<PolicyEntry, Verdict>, DataplaneError> {
+        Ok(self
+            .policy_raw()?
+            .iter()
+            .filter_map(|(k, v)| Some((PolicyEntry::from_key(k)?, Verdict::from_value(v)?)))
+            .collect())
+    }
+
+    /// What the policy_state map holds, by endpoint id.
+    pub fn policy_states(&self) -> Result<BTreeMap<u16, PolicyState>, DataplaneError> {
+        self.policy_state
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY_STATE,
+                source,
+            })
+    }
+
+    /// Converges the policy of every local endpoint, ordered so that no packet sees a state
+    /// that neither the old nor the new policy allows, and nothing both allow closes:
+    /// 1. upsert new and changed entries (each LPM entry is replaced atomically);
+    /// 2. write `policy_state` (flags, revision): established connections are re-judged
+    ///    against the complete new entries from here on;
+    /// 3. delete stale entries (only if `prune`);
+    /// 4. delete the `policy_state` of endpoints absent from `states` (only if `prune`).
+    ///
+    /// `entries` are stored as given: run [`super::policy::propagate_denies`] first. Failures
+    /// (e.g. a full map) are reported per entry and the later steps still run, so the next
+    /// pass (after stale entries were freed) can converge.
+    pub fn converge_policy(
+        &mut self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let desired: BTreeMap<PolicyKey, PolicyValue> = entries
+            .iter()
+            .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
+            .collect();
+        let entries_diff = diff(&self.policy_raw()?, &desired);
+        let states_diff = diff(&self.policy_states()?, states);
+        let mut report = ConvergeReport {
+            unchanged: entries_diff.unchanged + states_diff.unchanged,
+            ..ConvergeReport::default()
+        };
+        let show_key = |key: &PolicyKey| match PolicyEntry::from_key(key) {
+            Some(e) => format!("{e:?}"),
+            None => format!("{key:?}"),
+        };
+        let show_state = |id: &u16| format!("policy_state[{id}]");
+
+        // 1. Upserts.
+        let (policy, max) = (&mut self.policy, self.policy_max);
+        upsert(&mut report, &entries_diff, show_key, |key, op| {
+            policy
+                .insert(&key.to_lpm(), desired[key], 0)
+                .map_err(|e| write_error(maps::POLICY, op, max, e))
+        });
+        // 2. States.
+        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+        upsert(&mut report, &states_diff, show_state, |id, op| {
+            policy_state
+                .insert(id, states[id], 0)
+                .map_err(|e| write_error(maps::POLICY_STATE, op, max, e))
+        });
+        if !prune {
+            report.stale_kept = entries_diff.stale.len() + states_diff.stale.len();
+            return Ok(report);
+        }
+        // 3. Stale entries.
+        let (policy, max) = (&mut self.policy, self.policy_max);
+        delete_all(
+            &mut report,
+            &entries_diff.stale,
+            show_key,
+            |key| match policy.remove(&key.to_lpm()) {
+                Err(e) if !is_not_found(&e) => Err(write_error(maps::POLICY, Op::Delete, max, e)),
+                _ => Ok(()),
+            },
+        );
+        // 4. Vanished endpoints.
+        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+        delete_all(
+            &mut report,
+            &states_diff.stale,
+            show_state,
+            |id| match policy_state.remove(id) {
+                Err(e) if !is_not_found(&e) => {
+                    Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
+                }
+                _ => Ok(()),
+            },
+        );
+        Ok(report)
+    }
+
+    fn policy_cidrs_raw(&self) -> Result<BTreeMap<IpcacheKey, PolicyCidrValue>, DataplaneError> {
+        self.policy_cidrs
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (IpcacheKey::from_lpm(&key), value)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::POLICY_CIDRS,
+                source,
+            })
+    }
+
+    /// The node-local CIDR identities in use (prefix → identity), so a restarted agent keeps
+    /// them stable.
+    pub fn policy_cidrs(&self) -> Result<BTreeMap<IpNet, u32>, DataplaneError> {
+        Ok(self
+            .policy_cidrs_raw()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_net()?, v.identity)))
+            .collect())
+    }
+
+    /// Converges `policy_cidrs` (prefix → node-local CIDR identity). Additions and changes
+    /// first, then (only if `prune`) deletions.
+    pub fn converge_policy_cidrs(
+        &mut self,
+        cidrs: &BTreeMap<IpNet, u32>,
+        prune: bool,
+    ) -> Result<ConvergeReport, DataplaneError> {
+        let desired: BTreeMap<IpcacheKey, PolicyCidrValue> = cidrs
+            .iter()
+            .map(|(net, identity)| {
+                (
+                    IpcacheKey::from_net(net),
+                    PolicyCidrValue {
+                        identity: *identity,
+                        pad: 0,
+                    },
+                )
+            })
+            .collect();
+        let d = diff(&self.policy_cidrs_raw()?, &desired);
+        let mut report = ConvergeReport {
+            unchanged: d.unchanged,
+            ..ConvergeReport::default()
+        };
+        let show = |key: &IpcacheKey| {
+            key.to_net()
+                .map_or_else(|| format!("{key:?}"), |net| net.to_string())
+        };
+        let (map, max) = (&mut self.policy_cidrs, self.policy_cidrs_max);
+        upsert(&mut report, &d, show, |key, op| {
+            map.insert(&key.to_lpm(), desired[key], 0)
+                .map_err(|e| write_error(maps::POLICY_CIDRS, op, max, e))
+        });
+        if !prune {
+            report.stale_kept = d.stale.len();
+            return Ok(report);
+        }
+        delete_all(&mut report, &d.stale, show, |key| {
+            match map.remove(&key.to_lpm()) {
+                Err(e) if !is_not_found(&e) => {
+                    Err(write_error(maps::POLICY_CIDRS, Op::Delete, max, e))
+                }
+                _ => Ok(()),
+            }
+        });
+        Ok(report)
+    }
+
+    /// Every conntrack entry (for inspection and tests; the map may hold 256k entries).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, DataplaneError> {
+        self.conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Read {
+                map: maps::CONNTRACK,
+                source,
+            })
+    }
+
+    /// Removes the conntrack entries idle for longer than their timeout
+    /// ([`super::policy::ct_timeout_ns`]) at `now_ns` (CLOCK_MONOTONIC, as
+    /// [`super::policy::monotonic_now_ns`] reads it). Returns how many were removed.
+    pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
+        let mut expired = Vec::new();
+        let mut live = 0u32;
+        for entry in self.conntrack.iter() {
+            let (key, value) = match entry {
+                Ok(kv) => kv,
+                // Evicted or deleted by the programs while iterating.
+                Err(e) if is_not_found(&e) => continue,
+                Err(source) => {
+                    return Err(DataplaneError::Read {
+                        map: maps::CONNTRACK,
+                        source,
+                    });
+                }
+            };
+            let idle = now_ns.saturating_sub(value.last_seen_ns);
+            if idle > ct_timeout_ns(key.proto, value.flags) {
+                expired.push(key);
+            } else {
+                live += 1;
+            }
+        }
+        let mut removed = 0;
+        for key in &expired {
+            match self.conntrack.remove(key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(
+                        write_error(maps::CONNTRACK, Op::Delete, self.conntrack_max, e).into(),
+                    );
+                }
+            }
+        }
+        self.conntrack_entries = Some(live);
+        Ok(removed)
+    }
+
+    /// The `events` ring buffer (policy verdicts and drops; decode each record with
+    /// [`super::policy::PolicyEvent::from_bytes`]). One consumer at a time.
+    pub fn open_events(&self) -> Result<RingBuf<MapData>, DataplaneError> {
+        let (data, _) = open_pin(&self.dir, maps::EVENTS)?;
+        RingBuf::try_from(Map::RingBuf(data)).map_err(|source| DataplaneError::Open {
+            path: self.dir.join(maps::EVENTS),
+            source,
+        })
     }
 }
 

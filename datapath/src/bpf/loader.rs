@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
+//! <dir>/policy, policy_state, policy_cidrs,
+//!       conntrack, events                           policy maps (issue 6)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
 //!
@@ -115,6 +117,16 @@ pub struct MapSizes {
     pub ipcache: u32,
     pub endpoints: u32,
     pub metrics: u32,
+    /// Entries of the `policy` LPM trie (all local endpoints together).
+    pub policy: u32,
+    /// Endpoints with a policy.
+    pub policy_state: u32,
+    /// Distinct policy CIDR prefixes on the node.
+    pub policy_cidrs: u32,
+    /// Tracked connections (LRU: the least recently used is evicted when full).
+    pub conntrack: u32,
+    /// Bytes of the `events` ring buffer: a power of two and a multiple of the page size.
+    pub events: u32,
 }
 
 impl Default for MapSizes {
@@ -123,6 +135,11 @@ impl Default for MapSizes {
             ipcache: maps::IPCACHE_MAX_ENTRIES,
             endpoints: maps::ENDPOINTS_MAX_ENTRIES,
             metrics: maps::METRICS_MAX_ENTRIES,
+            policy: maps::POLICY_MAX_ENTRIES,
+            policy_state: maps::POLICY_STATE_MAX_ENTRIES,
+            policy_cidrs: maps::POLICY_CIDRS_MAX_ENTRIES,
+            conntrack: maps::CONNTRACK_MAX_ENTRIES,
+            events: maps::EVENTS_RING_BYTES,
         }
     }
 }
@@ -218,6 +235,11 @@ impl Programs {
                 .map_max_entries(maps::IPCACHE, sizes.ipcache)
                 .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
                 .map_max_entries(maps::METRICS, sizes.metrics)
+                .map_max_entries(maps::POLICY, sizes.policy)
+                .map_max_entries(maps::POLICY_STATE, sizes.policy_state)
+                .map_max_entries(maps::POLICY_CIDRS, sizes.policy_cidrs)
+                .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+                .map_max_entries(maps::EVENTS, sizes.events)
                 .load(bytes)
                 .map_err(|source| LoadError::Object {
                     object,
@@ -455,7 +477,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 4] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 9] {
     use std::mem::size_of;
     [
         (
@@ -486,6 +508,35 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             size_of::<maps::NodeConfig>(),
             1,
         ),
+        (
+            maps::POLICY,
+            MapType::LpmTrie,
+            size_of::<maps::PolicyKey>(),
+            size_of::<maps::PolicyValue>(),
+            sizes.policy,
+        ),
+        (
+            maps::POLICY_STATE,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<maps::PolicyState>(),
+            sizes.policy_state,
+        ),
+        (
+            maps::POLICY_CIDRS,
+            MapType::LpmTrie,
+            size_of::<maps::IpcacheKey>(),
+            size_of::<maps::PolicyCidrValue>(),
+            sizes.policy_cidrs,
+        ),
+        (
+            maps::CONNTRACK,
+            MapType::LruHash,
+            size_of::<maps::CtKey>(),
+            size_of::<maps::CtValue>(),
+            sizes.conntrack,
+        ),
+        (maps::EVENTS, MapType::RingBuf, 0, 0, sizes.events),
     ]
 }
 

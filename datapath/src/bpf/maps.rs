@@ -11,11 +11,22 @@ pub const IPCACHE: &str = "ipcache";
 pub const ENDPOINTS: &str = "endpoints";
 pub const METRICS: &str = "metrics";
 pub const NODE_CONFIG: &str = "node_config";
+pub const POLICY: &str = "policy";
+pub const POLICY_STATE: &str = "policy_state";
+pub const POLICY_CIDRS: &str = "policy_cidrs";
+pub const CONNTRACK: &str = "conntrack";
+pub const EVENTS: &str = "events";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 8192;
 pub const METRICS_MAX_ENTRIES: u32 = 1024;
+pub const POLICY_MAX_ENTRIES: u32 = 65_536;
+pub const POLICY_STATE_MAX_ENTRIES: u32 = 8192;
+pub const POLICY_CIDRS_MAX_ENTRIES: u32 = 16_384;
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+/// Bytes of the `events` ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// `AF_INET` / `AF_INET6`, as the programs store them.
 pub const FAMILY_IPV4: u8 = 2;
@@ -28,6 +39,19 @@ pub const IPCACHE_STATIC_PREFIX: u32 = 32;
 pub const IPCACHE_F_LOCAL_NODE: u8 = 0x01;
 /// `NODE_F_TUNNEL`: the overlay is enabled on this node.
 pub const NODE_F_TUNNEL: u32 = 0x01;
+/// `NODE_F_POLICY_AUDIT`: would-be policy drops are counted, reported and passed.
+pub const NODE_F_POLICY_AUDIT: u32 = 0x02;
+
+/// Bits of a policy key always matched: endpoint id, direction, pad, peer identity.
+pub const POLICY_STATIC_PREFIX: u32 = 64;
+/// `POLICY_VERDICT_*` in `policy_value.verdict`.
+pub const POLICY_VERDICT_ALLOW: u8 = 1;
+pub const POLICY_VERDICT_DENY: u8 = 2;
+
+/// `CT_F_*` in `ct_value.flags`.
+pub const CT_F_SEEN_REPLY: u8 = 0x01;
+pub const CT_F_CLOSING: u8 = 0x02;
+pub const CT_F_AUDIT: u8 = 0x04;
 
 /// The 24 bits of the VXLAN VNI that carry the source identity.
 pub const IDENTITY_MAX_VNI: u32 = 0x00FF_FFFF;
@@ -221,6 +245,143 @@ pub struct NodeConfig {
     pub pad: u32,
 }
 
+/// `struct policy_key`: the full LPM key of the `policy` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Bits matched after this field: [`POLICY_STATIC_PREFIX`], + 16 when a protocol is
+    /// named, + the port prefix.
+    pub prefixlen: u32,
+    pub endpoint_id: u16,
+    pub direction: u8,
+    pub pad0: u8,
+    pub peer_identity: u32,
+    pub protocol: u8,
+    pub pad1: u8,
+    /// Destination port, network order.
+    pub dport: [u8; 2],
+}
+
+/// The part of [`PolicyKey`] after `prefixlen` (the data of an aya LPM key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyPrefix {
+    pub endpoint_id: u16,
+    pub direction: u8,
+    pub pad0: u8,
+    pub peer_identity: u32,
+    pub protocol: u8,
+    pub pad1: u8,
+    pub dport: [u8; 2],
+}
+
+impl PolicyKey {
+    pub fn to_lpm(self) -> aya::maps::lpm_trie::Key<PolicyPrefix> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            PolicyPrefix {
+                endpoint_id: self.endpoint_id,
+                direction: self.direction,
+                pad0: self.pad0,
+                peer_identity: self.peer_identity,
+                protocol: self.protocol,
+                pad1: self.pad1,
+                dport: self.dport,
+            },
+        )
+    }
+
+    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyPrefix>) -> Self {
+        let d = key.data();
+        Self {
+            prefixlen: key.prefix_len(),
+            endpoint_id: d.endpoint_id,
+            direction: d.direction,
+            pad0: d.pad0,
+            peer_identity: d.peer_identity,
+            protocol: d.protocol,
+            pad1: d.pad1,
+            dport: d.dport,
+        }
+    }
+}
+
+/// `struct policy_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyValue {
+    /// `POLICY_VERDICT_*`.
+    pub verdict: u8,
+    pub flags: u8,
+    pub pad: u16,
+    pub rule_cookie: u32,
+}
+
+/// `struct policy_state` is [`super::policy::PolicyState`] (`#[repr(C)]`).
+pub use super::policy::PolicyState;
+
+/// `struct policy_cidr_value`: the node-local identity of a policy CIDR. Its key is an
+/// [`IpcacheKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyCidrValue {
+    pub identity: u32,
+    pub pad: u32,
+}
+
+/// `struct ct_key`: one direction of a connection at one enforcement point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CtKey {
+    /// Network order.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Host order; ICMP echo: the echo id in both.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// The enforcement point that created it (`Direction as u8`).
+    pub dir: u8,
+    pub endpoint_id: u16,
+}
+
+/// `struct ct_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at creation.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// The `policy_state.revision` the connection was last judged under.
+    pub policy_revision: u32,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub pad: [u8; 3],
+    pub packets: u64,
+}
+
+/// `struct policy_event` as the programs write it into the `events` ring buffer; decoded by
+/// [`super::policy::PolicyEvent::from_bytes`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RawPolicyEvent {
+    pub ts_ns: u64,
+    pub kind: u8,
+    pub reason: u8,
+    pub dir: u8,
+    pub proto: u8,
+    pub verdict: u8,
+    pub matched: u8,
+    pub endpoint_id: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -232,6 +393,14 @@ unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for MetricsKey {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for NodeConfig {}
+unsafe impl aya::Pod for PolicyKey {}
+unsafe impl aya::Pod for PolicyPrefix {}
+unsafe impl aya::Pod for PolicyValue {}
+unsafe impl aya::Pod for PolicyState {}
+unsafe impl aya::Pod for PolicyCidrValue {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for RawPolicyEvent {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]
@@ -270,6 +439,8 @@ pub enum MetricReason {
     ToStackNonIpv4 = 5,
     ToStackHost = 6,
     DeliverViaStack = 7,
+    PolicyAudit = 8,
+    EventLost = 9,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -279,10 +450,11 @@ pub enum MetricReason {
     DropIdentityTooLarge = 136,
     DropNoTunnelEndpoint = 137,
     DropUnsupportedL3 = 138,
+    DropPolicyDeny = 139,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 19] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -290,6 +462,8 @@ impl MetricReason {
         Self::ToStackNonIpv4,
         Self::ToStackHost,
         Self::DeliverViaStack,
+        Self::PolicyAudit,
+        Self::EventLost,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -299,6 +473,7 @@ impl MetricReason {
         Self::DropIdentityTooLarge,
         Self::DropNoTunnelEndpoint,
         Self::DropUnsupportedL3,
+        Self::DropPolicyDeny,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -319,10 +494,13 @@ impl MetricReason {
             Self::ToStackNonIpv4 => "to_stack_non_ipv4",
             Self::ToStackHost => "to_stack_host",
             Self::DeliverViaStack => "deliver_via_stack",
+            Self::PolicyAudit => "policy_audit",
+            Self::EventLost => "event_lost",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",
             Self::DropPolicy => "policy_denied",
+            Self::DropPolicyDeny => "policy_deny_rule",
             Self::DropNoTunnelDevice => "no_tunnel_device",
             Self::DropTunnelKey => "tunnel_key",
             Self::DropIdentityTooLarge => "identity_too_large",

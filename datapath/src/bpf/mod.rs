@@ -17,6 +17,10 @@ pub use converge::{
     MetricSample,
 };
 pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};
+pub use policy::{
+    EventKind, EventVerdict, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState, Verdict,
+    monotonic_now_ns, port_range_prefixes, propagate_denies,
+};
 
 #[cfg(test)]
 mod tests {

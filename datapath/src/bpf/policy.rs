@@ -5,7 +5,12 @@
 //! identity) always matched, then optionally the protocol, then a prefix of the destination
 //! port. A port range becomes several entries, one per aligned block ([`port_range_prefixes`]).
 
-use super::maps::Direction;
+use std::net::Ipv4Addr;
+
+use super::maps::{
+    Direction, MetricReason, POLICY_STATIC_PREFIX, POLICY_VERDICT_ALLOW, POLICY_VERDICT_DENY,
+    PolicyKey, PolicyValue, RawPolicyEvent,
+};
 
 /// Node-local identities of policy CIDRs have this bit set; they never leave the node.
 pub const LOCAL_IDENTITY_FLAG: u32 = 1 << 24;
@@ -55,6 +60,88 @@ impl PolicyEntry {
     }
 }
 
+/// `POLICY_VALUE_F_L4` in `policy_value.flags`: the entry names a protocol (reported as an
+/// L4 match in events).
+pub const POLICY_VALUE_F_L4: u8 = 0x01;
+
+impl PolicyEntry {
+    /// The map key: [`POLICY_STATIC_PREFIX`] bits, + 16 (protocol, pad) when a protocol is
+    /// named, + the port prefix. Port bits outside the prefix are cleared; an entry for any
+    /// protocol ignores `port`/`port_prefix`.
+    pub fn to_key(&self) -> PolicyKey {
+        let (prefix, protocol, port) = match self.protocol {
+            PROTO_ANY => (POLICY_STATIC_PREFIX, 0, 0),
+            proto => {
+                let bits = self.port_prefix.min(16);
+                (
+                    POLICY_STATIC_PREFIX + 16 + u32::from(bits),
+                    proto,
+                    self.port & port_mask(bits),
+                )
+            }
+        };
+        PolicyKey {
+            prefixlen: prefix,
+            endpoint_id: self.endpoint_id,
+            direction: self.direction as u8,
+            pad0: 0,
+            peer_identity: self.peer,
+            protocol,
+            pad1: 0,
+            dport: port.to_be_bytes(),
+        }
+    }
+
+    /// The entry a map key stands for; `None` for a key this build would not write.
+    pub fn from_key(key: &PolicyKey) -> Option<Self> {
+        let direction = Direction::from_raw(key.direction)?;
+        let (protocol, port, port_prefix) = match key.prefixlen.checked_sub(POLICY_STATIC_PREFIX)? {
+            0 => (PROTO_ANY, 0, 0),
+            bits @ 16..=32 => (
+                key.protocol,
+                u16::from_be_bytes(key.dport),
+                u8::try_from(bits - 16).ok()?,
+            ),
+            _ => return None,
+        };
+        Some(Self {
+            endpoint_id: key.endpoint_id,
+            direction,
+            peer: key.peer_identity,
+            protocol,
+            port,
+            port_prefix,
+        })
+    }
+}
+
+impl Verdict {
+    /// The map value of an entry with this verdict.
+    pub fn to_value(self, entry: &PolicyEntry) -> PolicyValue {
+        PolicyValue {
+            verdict: match self {
+                Self::Allow => POLICY_VERDICT_ALLOW,
+                Self::Deny => POLICY_VERDICT_DENY,
+            },
+            flags: if entry.protocol == PROTO_ANY {
+                0
+            } else {
+                POLICY_VALUE_F_L4
+            },
+            pad: 0,
+            rule_cookie: 0,
+        }
+    }
+
+    pub fn from_value(value: &PolicyValue) -> Option<Self> {
+        match value.verdict {
+            POLICY_VERDICT_ALLOW => Some(Self::Allow),
+            POLICY_VERDICT_DENY => Some(Self::Deny),
+            _ => None,
+        }
+    }
+}
+
 /// The port bits a prefix of `bits` leading bits keeps.
 pub fn port_mask(bits: u8) -> u16 {
     match bits {
@@ -72,6 +159,7 @@ pub enum Verdict {
 }
 
 /// `struct policy_state`: one per endpoint that has a ResolvedPolicy.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PolicyState {
     /// Low 32 bits of the ResolvedPolicy revision; conntrack entries judged under another
@@ -122,6 +210,178 @@ pub fn propagate_denies(entries: &mut std::collections::BTreeMap<PolicyEntry, Ve
             *verdict = Verdict::Deny;
         }
     }
+}
+
+/// `EVENT_*` in `policy_event.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A packet was dropped (any reason; policy drops carry verdict and match).
+    Drop,
+    /// The policy verdict of a new (or re-judged) connection that passed.
+    PolicyVerdict,
+}
+
+/// `EVENT_VERDICT_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventVerdict {
+    Allow,
+    Deny,
+    /// Denied by policy, passed because of audit mode.
+    Audit,
+}
+
+impl EventVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// `EVENT_MATCH_*`: what decided the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyMatch {
+    /// The endpoint has no policy (or the event is not about policy).
+    None,
+    /// A rule without ports.
+    L3,
+    /// A rule with protocol and ports.
+    L4,
+    /// No rule matched: the direction's default.
+    Default,
+    /// An established connection re-judged after a policy revision change.
+    Conntrack,
+}
+
+impl PolicyMatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::L3 => "l3",
+            Self::L4 => "l4",
+            Self::Default => "default",
+            Self::Conntrack => "conntrack",
+        }
+    }
+}
+
+/// One record of the `events` ring buffer, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub kind: EventKind,
+    /// The drop reason (`None` for a verdict event, or a reason this build does not know).
+    pub reason: Option<MetricReason>,
+    pub raw_reason: u8,
+    /// The enforcement direction (policy events) or the counting direction (other drops).
+    pub direction: Option<Direction>,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// `None` for drops that are not about policy.
+    pub verdict: Option<EventVerdict>,
+    pub matched: PolicyMatch,
+    /// The local endpoint judged (0 for drops that are not about policy).
+    pub endpoint_id: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    /// Host order; the ICMP echo id for ICMP echo.
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+}
+
+impl PolicyEvent {
+    /// Size of one record (`sizeof(struct policy_event)`).
+    pub const SIZE: usize = std::mem::size_of::<RawPolicyEvent>();
+
+    /// Decodes a ring buffer record; `None` if it is too short or of an unknown type.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < Self::SIZE {
+            return None;
+        }
+        // SAFETY: RawPolicyEvent is plain `#[repr(C)]` integers (every bit pattern valid)
+        // and `bytes` holds at least its size; read_unaligned copes with any alignment.
+        let raw: RawPolicyEvent =
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPolicyEvent>()) };
+        Self::from_raw(&raw)
+    }
+
+    pub fn from_raw(raw: &RawPolicyEvent) -> Option<Self> {
+        let kind = match raw.kind {
+            1 => EventKind::Drop,
+            2 => EventKind::PolicyVerdict,
+            _ => return None,
+        };
+        let verdict = match raw.verdict {
+            1 => Some(EventVerdict::Allow),
+            2 => Some(EventVerdict::Deny),
+            3 => Some(EventVerdict::Audit),
+            _ => None,
+        };
+        let matched = match raw.matched {
+            1 => PolicyMatch::L3,
+            2 => PolicyMatch::L4,
+            3 => PolicyMatch::Default,
+            4 => PolicyMatch::Conntrack,
+            _ => PolicyMatch::None,
+        };
+        Some(Self {
+            ts_ns: raw.ts_ns,
+            kind,
+            reason: MetricReason::from_raw(raw.reason),
+            raw_reason: raw.reason,
+            direction: Direction::from_raw(raw.dir),
+            protocol: raw.proto,
+            verdict,
+            matched,
+            endpoint_id: raw.endpoint_id,
+            src_identity: raw.src_identity,
+            dst_identity: raw.dst_identity,
+            saddr: Ipv4Addr::from(raw.saddr),
+            daddr: Ipv4Addr::from(raw.daddr),
+            sport: raw.sport,
+            dport: raw.dport,
+            ifindex: raw.ifindex,
+        })
+    }
+}
+
+/// Conntrack timeouts applied by [`super::Dataplane::conntrack_gc`], on the time since an
+/// entry was last seen.
+pub const CT_TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_TCP_UNREPLIED_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 60 * 1_000_000_000;
+
+/// How long an entry with these flags may stay idle.
+pub fn ct_timeout_ns(proto: u8, flags: u8) -> u64 {
+    use super::maps::{CT_F_CLOSING, CT_F_SEEN_REPLY};
+    if proto != PROTO_TCP {
+        CT_TIMEOUT_OTHER_NS
+    } else if flags & CT_F_CLOSING != 0 {
+        CT_TIMEOUT_TCP_CLOSING_NS
+    } else if flags & CT_F_SEEN_REPLY != 0 {
+        CT_TIMEOUT_TCP_ESTABLISHED_NS
+    } else {
+        CT_TIMEOUT_TCP_UNREPLIED_NS
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, for
+/// [`super::Dataplane::conntrack_gc`] and event timestamps.
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
@@ -192,5 +452,74 @@ mod tests {
         assert!(entry(5, PROTO_UDP, 53, 16).is_within(&entry(5, PROTO_ANY, 0, 0)));
         assert!(!entry(6, PROTO_UDP, 53, 16).is_within(&entry(5, PROTO_ANY, 0, 0)));
         assert!(!entry(5, PROTO_TCP, 0, 0).is_within(&entry(5, PROTO_TCP, 80, 16)));
+    }
+
+    #[test]
+    fn entries_round_trip_through_map_keys() {
+        for e in [
+            entry(300, PROTO_TCP, 80, 16),
+            entry(300, PROTO_UDP, 64, 10),
+            entry(0, PROTO_ANY, 0, 0),
+            entry(1 << 24 | 3, PROTO_SCTP, 0, 0),
+        ] {
+            let key = e.to_key();
+            assert_eq!(PolicyEntry::from_key(&key), Some(e));
+        }
+        let key = entry(300, PROTO_TCP, 80, 16).to_key();
+        assert_eq!((key.prefixlen, key.protocol, key.dport), (96, 6, [0, 80]));
+        let key = entry(300, PROTO_TCP, 0x1234, 8).to_key();
+        assert_eq!(
+            (key.prefixlen, key.dport),
+            (88, [0x12, 0]),
+            "host bits cleared"
+        );
+        assert_eq!(entry(300, PROTO_ANY, 80, 16).to_key().prefixlen, 64);
+    }
+
+    #[test]
+    fn events_decode_from_their_bytes() {
+        let raw = RawPolicyEvent {
+            ts_ns: 42,
+            kind: 1,
+            reason: 139,
+            dir: 1,
+            proto: 6,
+            verdict: 2,
+            matched: 2,
+            endpoint_id: 7,
+            src_identity: 300,
+            dst_identity: 256,
+            saddr: [10, 0, 0, 1],
+            daddr: [10, 0, 0, 2],
+            sport: 40000,
+            dport: 80,
+            ifindex: 9,
+        };
+        // SAFETY: reading the bytes of a plain repr(C) value without padding.
+        let bytes: [u8; PolicyEvent::SIZE] = unsafe { std::mem::transmute(raw) };
+        let ev = PolicyEvent::from_bytes(&bytes).unwrap();
+        assert_eq!(ev.kind, EventKind::Drop);
+        assert_eq!(ev.reason, Some(MetricReason::DropPolicyDeny));
+        assert_eq!(ev.direction, Some(Direction::Ingress));
+        assert_eq!(ev.verdict, Some(EventVerdict::Deny));
+        assert_eq!(ev.matched, PolicyMatch::L4);
+        assert_eq!(ev.saddr, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!((ev.sport, ev.dport, ev.endpoint_id), (40000, 80, 7));
+        assert!(PolicyEvent::from_bytes(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn conntrack_timeouts_follow_the_connection_state() {
+        use crate::bpf::maps::{CT_F_CLOSING, CT_F_SEEN_REPLY};
+        assert_eq!(
+            ct_timeout_ns(PROTO_TCP, CT_F_SEEN_REPLY),
+            6 * 3600 * 1_000_000_000
+        );
+        assert_eq!(
+            ct_timeout_ns(PROTO_TCP, CT_F_SEEN_REPLY | CT_F_CLOSING),
+            10_000_000_000
+        );
+        assert_eq!(ct_timeout_ns(PROTO_TCP, 0), 60_000_000_000);
+        assert_eq!(ct_timeout_ns(PROTO_UDP, CT_F_SEEN_REPLY), 60_000_000_000);
     }
 }

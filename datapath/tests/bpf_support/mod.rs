@@ -160,3 +160,77 @@ pub fn run(program: &SchedClassifier, frame: &[u8], ifindex: u32, mark: u32, rep
         duration: result.duration,
     }
 }
+
+/// An Ethernet + IPv4 frame around `l4` (protocol `proto`), valid IP checksum,
+/// TTL 64. Transport checksums are left zero: the programs never check them.
+pub fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(34 + l4.len());
+    f.extend_from_slice(&[2, 0, 0, 0, 1, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    f.extend_from_slice(&ipv4_header(src, dst, proto, l4.len()));
+    f.extend_from_slice(l4);
+    f
+}
+
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment (20-byte header, a few payload bytes) in a frame.
+pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = flags;
+    h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    h.extend_from_slice(b"data");
+    ipv4_frame(src, dst, 6, &h)
+}
+
+/// A UDP datagram in a frame.
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 8];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&12u16.to_be_bytes());
+    h.extend_from_slice(b"data");
+    ipv4_frame(src, dst, 17, &h)
+}
+
+/// An SCTP packet (common header only) in a frame.
+pub fn sctp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 12];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    ipv4_frame(src, dst, 132, &h)
+}
+
+/// An ICMP echo request (`reply` false) or reply with this id.
+pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, id: u16, reply: bool) -> Vec<u8> {
+    let mut h = vec![if reply { 0 } else { 8 }, 0, 0, 0];
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&1u16.to_be_bytes());
+    h.extend_from_slice(b"ping");
+    ipv4_frame(src, dst, 1, &h)
+}
+
+/// An ICMP destination unreachable (port unreachable) from `src` to `dst`, quoting the IP
+/// header and first 8 transport bytes of `quoted` (a frame).
+pub fn icmp_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let mut h = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&quoted[14..14 + 28]);
+    ipv4_frame(src, dst, 1, &h)
+}

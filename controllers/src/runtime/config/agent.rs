@@ -48,6 +48,49 @@ pub struct AgentConfig {
     pub datapath_debounce_millis: u64,
     /// Capacities of the BPF maps; a pinned map of another size is refused at start.
     pub bpf_map_sizes: BpfMapSizes,
+    /// Network policy enforcement (`policy`).
+    pub policy: PolicyConfig,
+}
+
+/// Network policy enforcement on the node (`policy`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Count and report would-be policy drops (verdict `audit`) and let the packets pass.
+    pub audit_mode: bool,
+    /// Expired conntrack entries are removed this often (seconds).
+    pub conntrack_gc_seconds: u64,
+    /// Policy verdict and drop events from the datapath.
+    pub events: PolicyEventsConfig,
+}
+
+/// What the agent keeps of the datapath's events (`policy.events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PolicyEventsConfig {
+    /// Recent flows kept in memory and served at `GET /flows` (0: none kept).
+    pub recent_flows: usize,
+    /// Denied flows logged at info level, at most this many per second (0: none).
+    pub denied_log_per_second: u32,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            audit_mode: false,
+            conntrack_gc_seconds: 30,
+            events: PolicyEventsConfig::default(),
+        }
+    }
+}
+
+impl Default for PolicyEventsConfig {
+    fn default() -> Self {
+        Self {
+            recent_flows: 4096,
+            denied_log_per_second: 10,
+        }
+    }
 }
 
 /// Entries each BPF map can hold (`bpfMapSizes`).
@@ -57,6 +100,16 @@ pub struct BpfMapSizes {
     pub ipcache: u32,
     pub endpoints: u32,
     pub metrics: u32,
+    /// Policy entries of all local endpoints together.
+    pub policy: u32,
+    /// Local endpoints with a policy.
+    pub policy_state: u32,
+    /// Distinct CIDR prefixes the local endpoints' policies name.
+    pub policy_cidrs: u32,
+    /// Tracked connections (least recently used evicted when full).
+    pub conntrack: u32,
+    /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
+    pub events_bytes: u32,
 }
 
 impl Default for BpfMapSizes {
@@ -65,6 +118,11 @@ impl Default for BpfMapSizes {
             ipcache: 131_072,
             endpoints: 8192,
             metrics: 1024,
+            policy: 65_536,
+            policy_state: 8192,
+            policy_cidrs: 16_384,
+            conntrack: 262_144,
+            events_bytes: 256 * 1024,
         }
     }
 }
@@ -88,6 +146,7 @@ impl Default for AgentConfig {
             datapath_resync_seconds: 30,
             datapath_debounce_millis: 50,
             bpf_map_sizes: BpfMapSizes::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -116,9 +175,29 @@ impl AgentConfig {
             ));
         }
         let sizes = &self.bpf_map_sizes;
-        if sizes.ipcache == 0 || sizes.endpoints == 0 || sizes.metrics == 0 {
+        let all = [
+            sizes.ipcache,
+            sizes.endpoints,
+            sizes.metrics,
+            sizes.policy,
+            sizes.policy_state,
+            sizes.policy_cidrs,
+            sizes.conntrack,
+            sizes.events_bytes,
+        ];
+        if all.contains(&0) {
             return Err(ConfigError::Invalid(
                 "bpfMapSizes: every size must be > 0".into(),
+            ));
+        }
+        if !sizes.events_bytes.is_power_of_two() || sizes.events_bytes < 4096 {
+            return Err(ConfigError::Invalid(
+                "bpfMapSizes.eventsBytes must be a power of two of at least 4096".into(),
+            ));
+        }
+        if self.policy.conntrack_gc_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "policy.conntrackGcSeconds must be > 0".into(),
             ));
         }
         Ok(())
@@ -169,6 +248,16 @@ pub struct AgentArgs {
     /// Log filter (logging.level); RUST_LOG wins over both.
     #[arg(long, env = "TENDRIL_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Policy audit mode (policy.auditMode): would-be drops are counted and reported, the
+    /// packets pass. `--policy-audit-mode` alone means true.
+    #[arg(
+        long,
+        env = "TENDRIL_POLICY_AUDIT_MODE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub policy_audit_mode: Option<bool>,
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -208,6 +297,9 @@ impl AgentArgs {
         if let Some(v) = &self.log_level {
             cfg.logging.level = v.clone();
         }
+        if let Some(v) = self.policy_audit_mode {
+            cfg.policy.audit_mode = v;
+        }
         Ok(cfg)
     }
 
@@ -242,5 +334,29 @@ mod tests {
         assert_eq!(cfg.routing_mode, RoutingMode::Native);
         assert_eq!(cfg.bpffs_root, PathBuf::from("/sys/fs/bpf/t1"));
         assert_eq!(cfg.tunnel_port, 8472);
+        assert!(!cfg.policy.audit_mode);
+    }
+
+    #[test]
+    fn audit_mode_flag_alone_or_with_a_value() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tendril-agent", "--node-name", "n1"];
+            argv.extend_from_slice(extra);
+            AgentArgs::try_parse_from(argv).unwrap().resolve().unwrap()
+        };
+        assert!(parse(&["--policy-audit-mode"]).policy.audit_mode);
+        assert!(parse(&["--policy-audit-mode=true"]).policy.audit_mode);
+        assert!(!parse(&["--policy-audit-mode=false"]).policy.audit_mode);
+        let mut bad = AgentConfig {
+            node_name: "n1".into(),
+            ..Default::default()
+        };
+        bad.bpf_map_sizes.events_bytes = 5000;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("eventsBytes")
+        );
     }
 }

@@ -25,6 +25,8 @@ pub struct OperatorConfig {
     pub ipam: crate::ipam::IpamConfig,
     /// Security identities and the label filter (concerns `identities`, `endpoints`).
     pub identities: crate::identities::IdentitiesConfig,
+    /// Network policy resolution (concern `policy`).
+    pub policy: crate::policy::PolicyConfig,
 }
 
 impl Default for OperatorConfig {
@@ -39,6 +41,7 @@ impl Default for OperatorConfig {
             nodes: Default::default(),
             ipam: Default::default(),
             identities: Default::default(),
+            policy: Default::default(),
         }
     }
 }

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use tendril_controllers::runtime::config::RoutingMode;
-use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
+use tendril_crds::v1alpha1::{Endpoint, NamedPort, NodeNetwork};
 
 /// Reserved identities (DESIGN.md §4).
 pub const IDENTITY_HOST: u32 = 1;
@@ -37,6 +37,8 @@ pub struct LocalEndpoint {
     /// The low 16 bits of the pod's first address: stable across restarts and unique
     /// within a node's pod CIDR of /16 or smaller, without any allocation state.
     pub endpoint_id: u16,
+    /// The pod's named container ports (ingress named ports of its policy resolve here).
+    pub named_ports: Vec<NamedPort>,
 }
 
 /// How the node reaches another node's pod CIDR.
@@ -180,6 +182,7 @@ pub fn desired<'a>(
                 revision: ep.spec.revision,
                 ips,
                 identity,
+                named_ports: ep.spec.named_ports.clone(),
             });
         }
     }

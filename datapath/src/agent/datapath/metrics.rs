@@ -34,6 +34,14 @@ pub struct ReasonLabels {
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub direction: String,
+    pub verdict: String,
+    /// Label `match`.
+    pub r#match: String,
+}
+
 /// (raw reason, raw direction) of a sample.
 type SampleKey = (u8, Option<u8>);
 
@@ -52,6 +60,17 @@ pub struct DatapathMetrics {
     /// `tendril_agent_unrealized_revisions{kind}`: local objects (`Endpoint`, `NodeNetwork`)
     /// whose current revision the node's datapath does not realize yet.
     pub unrealized: Family<KindLabel, Gauge>,
+    /// `tendril_policy_verdicts_total{direction,verdict,match}`: policy verdicts of new
+    /// connections, from the datapath's events.
+    pub policy_verdicts: Family<VerdictLabels, Counter>,
+    /// `tendril_policy_implementation_delay_seconds`: a `ResolvedPolicy` revision written
+    /// (its `tendril.dev/policy-changed-at`) → realized on this node; once per (identity,
+    /// revision).
+    pub policy_implementation_delay: Histogram,
+    /// `tendril_policy_endpoints`: local endpoints whose policy is in the maps.
+    pub policy_endpoints: Gauge,
+    /// `tendril_conntrack_gc_removed_total`: expired conntrack entries removed.
+    pub conntrack_gc_removed: Counter,
     /// Last absolute value read per (raw reason, raw direction): the map counts since it
     /// was created (it survives restarts), the counters grow by the difference.
     seen: Arc<Mutex<HashMap<SampleKey, u64>>>,
@@ -90,8 +109,38 @@ impl DatapathMetrics {
                 "Local objects (by kind) whose current revision the datapath does not realize yet",
                 Family::default,
             ),
+            policy_verdicts: metrics.domain(
+                "tendril_policy_verdicts",
+                "Policy verdicts of new connections by direction, verdict (allow, deny, audit) and match (none, l3, l4, default, conntrack)",
+                Family::default,
+            ),
+            policy_implementation_delay: metrics.domain(
+                "tendril_policy_implementation_delay_seconds",
+                "Time from a policy change seen by the operator to the resulting ResolvedPolicy revision realized on this node",
+                || Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            ),
+            policy_endpoints: metrics.domain(
+                "tendril_policy_endpoints",
+                "Local endpoints whose ResolvedPolicy is in the policy maps",
+                Gauge::default,
+            ),
+            conntrack_gc_removed: metrics.domain(
+                "tendril_conntrack_gc_removed",
+                "Expired conntrack entries removed by the agent's garbage collection",
+                Counter::default,
+            ),
             seen: Arc::default(),
         }
+    }
+
+    pub fn observe_verdict(&self, direction: &str, verdict: &str, matched: &str) {
+        self.policy_verdicts
+            .get_or_create(&VerdictLabels {
+                direction: direction.into(),
+                verdict: verdict.into(),
+                r#match: matched.into(),
+            })
+            .inc();
     }
 
     pub fn set_unrealized(&self, kind: &str, count: usize) {

@@ -1,12 +1,16 @@
 //! The node datapath reconciler: watches → index → diff against the kernel.
 //!
 //! - Watches: every `NodeNetwork` (remote pod CIDRs and node addresses → routes, ipcache),
-//!   every `Endpoint` (local ones → `endpoints` map and attached programs, all → ipcache)
-//!   and every `Identity` (watched for policy; a change triggers a pass). The reflector
-//!   stores are the index; [`index::desired`] turns a snapshot into the desired state.
+//!   every `Endpoint` (local ones → `endpoints` map and attached programs, all → ipcache),
+//!   every `ResolvedPolicy` (the local endpoints' identities' ones → policy maps) and every
+//!   `Identity` (a change triggers a pass). The reflector stores are the index;
+//!   [`index::desired`] and [`policy::translate`] turn a snapshot into the desired state.
 //! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
-//!   ip_forward, routes, host veths, programs), then the pinned maps by diff
-//!   ([`crate::bpf::Dataplane`]), then reports. Nothing is converged before every watch
+//!   ip_forward, routes, host veths), then the policy maps (`policy_cidrs`, then `policy`
+//!   and `policy_state` in the order of [`Dataplane::converge_policy`]), so a pod's policy
+//!   is in before its `endpoints` entry and its programs; then `endpoints`, `ipcache`,
+//!   `node_config` by diff ([`crate::bpf::Dataplane`]), then the programs, then reports.
+//!   Nothing is converged before every watch
 //!   has completed its initial list, so a restarting agent never removes (prunes) what is
 //!   still valid nor writes from a partial view; maps and programs stay pinned and
 //!   attached while it is down, so traffic keeps flowing.
@@ -17,13 +21,19 @@
 //!   (the node sync owns the rest of `NodeNetwork.status` as `tendril-agent`):
 //!   `NodeNetwork.status.realizedRevision` (the generation realized) and condition
 //!   `Realized`; on each local `Endpoint`, `status.realizedRevision` (its `spec.revision`)
-//!   and `Realized` once its addresses are in the map and its veth has the programs.
+//!   and `Realized` once its addresses are in the map and its veth has the programs, and
+//!   `status.realizedPolicyRevision`: the revision of its identity's `ResolvedPolicy`
+//!   whose entries are in the maps.
+//! - Beside the passes: the `events` ring buffer is read into metrics and the flow log
+//!   ([`events`]), and conntrack is garbage-collected periodically.
 
+pub mod events;
 pub mod index;
 pub mod kernel;
 pub mod metrics;
+pub mod policy;
 
-use crate::bpf::maps::{EndpointInfo, NODE_F_TUNNEL, NodeConfig};
+use crate::bpf::maps::{EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
 use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
 use futures::StreamExt;
 use index::{Desired, EndpointRef};
@@ -42,7 +52,7 @@ use std::time::{Duration, Instant};
 use tendril_controllers::runtime::conditions::{self, DesiredCondition, REALIZED};
 use tendril_controllers::runtime::config::RoutingMode;
 use tendril_controllers::runtime::{Health, apply_body, apply_status};
-use tendril_crds::v1alpha1::{Endpoint, Identity, NodeNetwork};
+use tendril_crds::v1alpha1::{Endpoint, Identity, NamedPort, NodeNetwork, ResolvedPolicy};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +75,31 @@ pub struct DatapathConfig {
     pub map_sizes: MapSizes,
     pub resync: Duration,
     pub debounce: Duration,
+    pub policy: PolicyOptions,
 }
+
+/// Network policy enforcement settings (`policy` in agent.yaml).
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    /// `NODE_F_POLICY_AUDIT`: would-be drops are reported and pass.
+    pub audit_mode: bool,
+    pub conntrack_gc: Duration,
+    pub denied_log_per_second: u32,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        Self {
+            audit_mode: false,
+            conntrack_gc: Duration::from_secs(30),
+            denied_log_per_second: 10,
+        }
+    }
+}
+
+/// The annotation of a `ResolvedPolicy` with when the operator saw the change behind its
+/// revision (RFC 3339, UTC).
+pub const POLICY_CHANGED_AT: &str = "tendril.dev/policy-changed-at";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -77,6 +111,19 @@ pub enum DatapathError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// A local endpoint's state after a pass, for its status.
+#[derive(Clone, Debug)]
+struct EndpointState {
+    key: EndpointRef,
+    revision: i64,
+    /// The `ResolvedPolicy` revision now in the maps for it.
+    policy_revision: Option<i64>,
+    /// Addresses in the map and programs on its veth.
+    wired: bool,
+    /// A map write for it failed.
+    failed: bool,
+}
+
 /// What one pass achieved.
 #[derive(Clone, Debug, PartialEq)]
 struct NodeReport {
@@ -85,12 +132,43 @@ struct NodeReport {
     condition: DesiredCondition,
 }
 
-/// Loads the programs (reusing pinned maps and links), then reconciles until `shutdown`.
+/// What [`realize_policy`] did.
+#[derive(Debug)]
+pub struct PolicyRealization {
+    pub wanted: policy::DesiredPolicy,
+    pub cidrs: ConvergeReport,
+    pub policy: ConvergeReport,
+}
+
+/// Translates the local endpoints' policies and converges the policy maps, pruning (call
+/// it only with complete caches). Order: `policy_cidrs` (ids read back first, so they stay
+/// stable), then `policy` and `policy_state` as [`Dataplane::converge_policy`] orders them
+/// (new entries, then states, then stale entries), so a connection both revisions allow is
+/// never interrupted and a removed rule is never reopened. Blocking.
+pub fn realize_policy(
+    dp: &mut Dataplane,
+    subjects: &[policy::PolicySubject<'_>],
+    cluster_ports: &policy::ClusterNamedPorts,
+) -> Result<PolicyRealization, DataplaneError> {
+    let current = dp.policy_cidrs()?;
+    let wanted = policy::translate(subjects, cluster_ports, &current);
+    let cidrs = dp.converge_policy_cidrs(&wanted.cidrs, true)?;
+    let policy = dp.converge_policy(&wanted.entries, &wanted.states, true)?;
+    Ok(PolicyRealization {
+        wanted,
+        cidrs,
+        policy,
+    })
+}
+
+/// Loads the programs (reusing pinned maps and links), then reconciles until `shutdown`;
+/// the datapath's flow events go to `flows`.
 pub async fn run(
     client: Client,
     metrics: DatapathMetrics,
     health: Health,
     cfg: DatapathConfig,
+    flows: events::FlowLog,
     shutdown: CancellationToken,
 ) -> Result<(), DatapathError> {
     health.register(HEALTH_CHECK);
@@ -117,19 +195,26 @@ pub async fn run(
     };
     let (nn_store, nn_watch) = watch::<NodeNetwork>(Api::all(client.clone()), touched.clone());
     let (ep_store, ep_watch) = watch::<Endpoint>(Api::all(client.clone()), touched.clone());
-    let (id_store, id_watch) = watch::<Identity>(Api::all(client.clone()), touched);
+    let (id_store, id_watch) = watch::<Identity>(Api::all(client.clone()), touched.clone());
+    let (rp_store, rp_watch) = watch::<ResolvedPolicy>(Api::all(client.clone()), touched);
     let synced = Arc::new(AtomicBool::new(false));
     let initial_lists = {
         let (synced, changed) = (synced.clone(), changed.clone());
-        let (nn, ep, id) = (nn_store.clone(), ep_store.clone(), id_store.clone());
+        let (nn, ep, id, rp) = (
+            nn_store.clone(),
+            ep_store.clone(),
+            id_store.clone(),
+            rp_store.clone(),
+        );
         async move {
-            let all = futures::future::join3(
+            let all = futures::future::join4(
                 nn.wait_until_ready(),
                 ep.wait_until_ready(),
                 id.wait_until_ready(),
+                rp.wait_until_ready(),
             )
             .await;
-            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() {
+            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
                 synced.store(true, Ordering::SeqCst);
                 changed.notify_one();
             }
@@ -137,17 +222,41 @@ pub async fn run(
         }
     };
 
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let event_reader = {
+        let reader = events::run(
+            dataplane.clone(),
+            metrics.clone(),
+            flows,
+            cfg.policy.denied_log_per_second,
+            shutdown.clone(),
+        );
+        // Without events the datapath still enforces: the reconciler goes on.
+        async move {
+            reader.await;
+            std::future::pending::<()>().await
+        }
+    };
+    let conntrack_gc = events::conntrack_gc(
+        dataplane.clone(),
+        metrics.clone(),
+        cfg.policy.conntrack_gc,
+        shutdown.clone(),
+    );
     let mut reconciler = Reconciler {
         client,
         cfg,
         metrics,
         attacher: Arc::new(Mutex::new(Attacher::new(programs))),
-        dataplane: Arc::new(Mutex::new(dataplane)),
+        dataplane,
         nn_store,
         ep_store,
+        rp_store,
         last_report: None,
         last_realized: None,
         announced: false,
+        held_policies: BTreeMap::new(),
+        delay_observed: BTreeSet::new(),
     };
     let reconcile_loop = async {
         let mut failures: u32 = 0;
@@ -195,7 +304,10 @@ pub async fn run(
         _ = nn_watch => {}
         _ = ep_watch => {}
         _ = id_watch => {}
+        _ = rp_watch => {}
         _ = initial_lists => {}
+        _ = event_reader => {}
+        _ = conntrack_gc => {}
         _ = reconcile_loop => {}
     }
     health.remove(HEALTH_CHECK);
@@ -238,10 +350,37 @@ struct Reconciler {
     dataplane: Arc<Mutex<Dataplane>>,
     nn_store: Store<NodeNetwork>,
     ep_store: Store<Endpoint>,
+    rp_store: Store<ResolvedPolicy>,
     last_report: Option<NodeReport>,
     /// The last generation realized (so a failing pass keeps reporting it).
     last_realized: Option<i64>,
     announced: bool,
+    /// The policy last realized per local endpoint: kept while the endpoint's (new)
+    /// identity has no `ResolvedPolicy` yet, so a realized endpoint never falls back to
+    /// no policy at all in between.
+    held_policies: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
+    /// (identity, revision) whose implementation delay was observed.
+    delay_observed: BTreeSet<(u32, i64)>,
+}
+
+/// The policy side of a pass.
+#[derive(Debug, Default)]
+struct PolicyOutcome {
+    cidrs: ConvergeReport,
+    policy: ConvergeReport,
+    /// Endpoint → the `ResolvedPolicy` revision of its identity now in the maps (only
+    /// when everything converged).
+    realized: BTreeMap<EndpointRef, i64>,
+    /// Endpoint → the policy used (its identity's, or the held one).
+    used: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
+    entries: usize,
+    endpoints: usize,
+}
+
+impl PolicyOutcome {
+    fn failures(&self) -> impl Iterator<Item = &crate::bpf::ConvergeFailure> {
+        self.cidrs.failed.iter().chain(&self.policy.failed)
+    }
 }
 
 /// The maps' side of a pass.
@@ -315,6 +454,17 @@ impl Reconciler {
             );
         }
 
+        // Policy before the endpoints map and the programs: a new pod is never reachable
+        // through the datapath before its policy is in.
+        let policy = match self.converge_policy(&desired).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy map convergence failed");
+                self.report(own.as_deref(), false, "MapReadFailed", e).await;
+                return false;
+            }
+        };
+
         let maps = match self.converge_maps(&desired, &netlink, true).await {
             Ok(maps) => maps,
             Err(e) => {
@@ -378,13 +528,32 @@ impl Reconciler {
                 .ips
                 .iter()
                 .any(|ip| failed_keys.contains(&ip.to_string()));
-            endpoint_states.push((ep.key.clone(), ep.revision, wired, failed));
+            endpoint_states.push(EndpointState {
+                key: ep.key.clone(),
+                revision: ep.revision,
+                policy_revision: policy.realized.get(&ep.key).copied(),
+                wired,
+                failed,
+            });
         }
+        // Before the statuses: it tells a revision realized by an earlier process (already
+        // reported) from one this pass realized.
+        self.observe_policy_delay(&desired, &policy);
         self.write_endpoint_statuses(&endpoint_states).await;
 
-        let full = maps.endpoints.map_full() || maps.ipcache.map_full();
+        let policy_failed = policy.failures().count();
+        let full = maps.endpoints.map_full()
+            || maps.ipcache.map_full()
+            || policy.cidrs.map_full()
+            || policy.policy.map_full();
         let (realized, reason, message) = if full {
-            for f in maps.endpoints.failed.iter().chain(&maps.ipcache.failed) {
+            for f in maps
+                .endpoints
+                .failed
+                .iter()
+                .chain(&maps.ipcache.failed)
+                .chain(policy.failures())
+            {
                 tracing::error!(key = %f.key, op = %f.op, error = %f.error, "BPF map write failed");
             }
             (
@@ -400,6 +569,15 @@ impl Reconciler {
                 false,
                 "MapWriteFailed",
                 format!("{} map writes failed", failed_keys.len()),
+            )
+        } else if policy_failed > 0 {
+            for f in policy.failures() {
+                tracing::warn!(key = %f.key, op = %f.op, error = %f.error, "policy map write failed");
+            }
+            (
+                false,
+                "MapWriteFailed",
+                format!("{policy_failed} policy map writes failed"),
             )
         } else if let Some(e) = maps.node_config_error {
             (false, "MapWriteFailed", e)
@@ -424,8 +602,10 @@ impl Reconciler {
                 ),
             )
         };
-        let wired = endpoint_states.iter().filter(|s| s.2).count();
+        let wired = endpoint_states.iter().filter(|s| s.wired).count();
         tracing::debug!(
+            policy_entries = policy.entries,
+            policy_endpoints = policy.endpoints,
             ipcache = desired.ipcache.len(),
             routes = desired.routes.len(),
             wired,
@@ -444,6 +624,167 @@ impl Reconciler {
         }
         self.report(own.as_deref(), realized, reason, message).await;
         realized
+    }
+
+    /// The policy each local endpoint gets: its identity's `ResolvedPolicy`, else the one
+    /// held from its last realization (its identity changed and the new one's policy is
+    /// not written yet), else none.
+    fn policies_of(&self, desired: &Desired) -> BTreeMap<EndpointRef, Arc<ResolvedPolicy>> {
+        let mut out = BTreeMap::new();
+        for ep in &desired.local {
+            let current = self.rp_store.get(&ObjectRef::new(&ep.identity.to_string()));
+            if let Some(policy) = current.or_else(|| self.held_policies.get(&ep.key).cloned()) {
+                out.insert(ep.key.clone(), policy);
+            }
+        }
+        out
+    }
+
+    /// Translates the local endpoints' policies and converges `policy_cidrs`, then `policy`
+    /// and `policy_state`.
+    async fn converge_policy(&mut self, desired: &Desired) -> Result<PolicyOutcome, String> {
+        let used = self.policies_of(desired);
+        // Egress named ports resolve against every endpoint of the cluster.
+        let all = self.ep_store.state();
+        let cluster_ports = policy::ClusterNamedPorts::from_endpoints(
+            all.iter().map(|e| e.spec.named_ports.as_slice()),
+        );
+        let subjects: Vec<(EndpointRef, u16, u32, Vec<NamedPort>)> = desired
+            .local
+            .iter()
+            .map(|ep| {
+                (
+                    ep.key.clone(),
+                    ep.endpoint_id,
+                    ep.identity,
+                    ep.named_ports.clone(),
+                )
+            })
+            .collect();
+        let (dataplane, metrics) = (self.dataplane.clone(), self.metrics.clone());
+        let used_for_task = used.clone();
+        let mut outcome = tokio::task::spawn_blocking(move || {
+            let mut dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
+            let policy_subjects: Vec<policy::PolicySubject<'_>> = subjects
+                .iter()
+                .map(|(key, endpoint_id, _, named_ports)| policy::PolicySubject {
+                    endpoint_id: *endpoint_id,
+                    policy: used_for_task.get(key).map(|p| &p.spec),
+                    named_ports,
+                })
+                .collect();
+            let PolicyRealization {
+                wanted,
+                cidrs,
+                policy: entries,
+            } = realize_policy(&mut dp, &policy_subjects, &cluster_ports)
+                .map_err(|e| e.to_string())?;
+            // Once per process: it is a property of the datapath, not news.
+            static IPV6_LOGGED: AtomicBool = AtomicBool::new(false);
+            if wanted.skipped_ipv6 > 0 && !IPV6_LOGGED.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    prefixes = wanted.skipped_ipv6,
+                    "IPv6 policy CIDRs are skipped: the datapath enforces IPv4 only"
+                );
+            }
+            for problem in &wanted.problems {
+                tracing::warn!(%problem, "policy entry left out");
+            }
+            metrics.observe_converge(crate::bpf::maps::POLICY_CIDRS, &cidrs);
+            metrics.observe_converge(crate::bpf::maps::POLICY, &entries);
+            for (map, r) in [("policy_cidrs", &cidrs), ("policy", &entries)] {
+                if r.added + r.updated + r.deleted > 0 {
+                    tracing::info!(
+                        map,
+                        added = r.added,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        "map converged"
+                    );
+                }
+            }
+            let converged = cidrs.is_converged() && entries.is_converged();
+            let mut realized = BTreeMap::new();
+            if converged {
+                for (key, endpoint_id, identity, _) in &subjects {
+                    let Some(policy) = used_for_task.get(key) else {
+                        continue;
+                    };
+                    // Reported only for the endpoint's own identity's policy.
+                    if i64::from(*identity) == policy.spec.identity
+                        && wanted.revisions.contains_key(endpoint_id)
+                    {
+                        realized.insert(key.clone(), policy.spec.revision);
+                    }
+                }
+            }
+            Ok::<_, String>(PolicyOutcome {
+                cidrs,
+                policy: entries,
+                realized,
+                used: BTreeMap::new(),
+                entries: wanted.entries.len(),
+                endpoints: wanted.states.len(),
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.metrics
+            .policy_endpoints
+            .set(i64::try_from(outcome.endpoints).unwrap_or(i64::MAX));
+        if outcome.failures().next().is_none() {
+            self.held_policies = used.clone();
+        } else {
+            // Keep what was held, add what is new: a failed pass proves nothing was removed.
+            for (key, policy) in &used {
+                self.held_policies.insert(key.clone(), policy.clone());
+            }
+            let local: BTreeSet<&EndpointRef> = desired.local.iter().map(|e| &e.key).collect();
+            self.held_policies.retain(|key, _| local.contains(key));
+        }
+        outcome.used = used;
+        Ok(outcome)
+    }
+
+    /// `tendril_policy_implementation_delay_seconds`, once per (identity, revision) newly
+    /// realized on this node. A revision some endpoint already reported before this process
+    /// started is not observed again (its delay is unknown, not the agent's uptime).
+    fn observe_policy_delay(&mut self, desired: &Desired, outcome: &PolicyOutcome) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut current = BTreeSet::new();
+        for ep in &desired.local {
+            let Some(revision) = outcome.realized.get(&ep.key).copied() else {
+                continue;
+            };
+            let id = (ep.identity, revision);
+            current.insert(id);
+            if !self.delay_observed.insert(id) {
+                continue;
+            }
+            let reported_before = desired.local.iter().any(|other| {
+                other.identity == ep.identity
+                    && self
+                        .ep_store
+                        .get(&ObjectRef::new(&other.key.name).within(&other.key.namespace))
+                        .and_then(|e| e.status.as_ref().and_then(|s| s.realized_policy_revision))
+                        == Some(revision)
+            });
+            if reported_before {
+                continue;
+            }
+            let changed_at = outcome
+                .used
+                .get(&ep.key)
+                .and_then(|p| p.metadata.annotations.as_ref())
+                .and_then(|a| a.get(POLICY_CHANGED_AT))
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+            if let Some(at) = changed_at {
+                let delay = now.duration_since(at).as_secs_f64().max(0.0);
+                self.metrics.policy_implementation_delay.observe(delay);
+            }
+        }
+        // Bounded by what is local now.
+        self.delay_observed.retain(|id| current.contains(id));
     }
 
     async fn converge_maps(
@@ -478,6 +819,10 @@ impl Reconciler {
             node_ipv4: desired.node_ip.map_or([0; 4], |ip| ip.octets()),
             flags: if netlink.tunnel_ifindex.is_some() {
                 NODE_F_TUNNEL
+            } else {
+                0
+            } | if self.cfg.policy.audit_mode {
+                NODE_F_POLICY_AUDIT
             } else {
                 0
             },
@@ -589,13 +934,12 @@ impl Reconciler {
     /// the object says: realized → `realizedRevision` + `Realized=True`; a failed map
     /// write → `Realized=False` (the last realized revision is kept). Pending endpoints
     /// (veth not there yet) are not written.
-    async fn write_endpoint_statuses(&self, states: &[(EndpointRef, i64, bool, bool)]) {
-        let unrealized = states
-            .iter()
-            .filter(|(_, _, wired, failed)| *failed || !*wired)
-            .count();
+    async fn write_endpoint_statuses(&self, states: &[EndpointState]) {
+        let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
         self.metrics.set_unrealized("Endpoint", unrealized);
-        for (key, revision, wired, failed) in states {
+        for state in states {
+            let (key, revision, wired, failed) =
+                (&state.key, &state.revision, &state.wired, &state.failed);
             let Some(current) = self
                 .ep_store
                 .get(&ObjectRef::new(&key.name).within(&key.namespace))
@@ -624,7 +968,13 @@ impl Reconciler {
             } else {
                 status.realized_revision
             };
+            // Written only when the policy's entries are in; otherwise the last one stays.
+            let realized_policy_revision = state
+                .policy_revision
+                .filter(|_| desired.status)
+                .or(status.realized_policy_revision);
             let up_to_date = status.realized_revision == realized_revision
+                && status.realized_policy_revision == realized_policy_revision
                 && previous.is_some_and(|c| {
                     c.status
                         == if desired.status {
@@ -647,6 +997,9 @@ impl Reconciler {
             let mut fields = json!({ "conditions": [condition] });
             if let Some(revision) = realized_revision {
                 fields["realizedRevision"] = json!(revision);
+            }
+            if let Some(revision) = realized_policy_revision {
+                fields["realizedPolicyRevision"] = json!(revision);
             }
             let body = apply_body::<Endpoint>(
                 &key.name,

@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* Connection tracking per enforcement point. An entry is created by the
+ * first allowed packet of a connection at one point (dir, endpoint): its
+ * forward tuple, keyed with that point's direction. At the same endpoint the
+ * replies travel the opposite direction, so a packet is a reply when its
+ * reversed tuple is known under the opposite direction. Entries carry the
+ * policy revision they were judged under: a forward packet under another
+ * revision is judged again (CT_STALE). Expiry is the agent's garbage
+ * collection (Dataplane::conntrack_gc) on last_seen_ns. */
+#pragma once
+
+#include "maps.h"
+
+#define CT_NEW 0
+#define CT_ESTABLISHED 1 /* forward packet, judged under the current revision */
+#define CT_REPLY 2
+#define CT_RELATED 3 /* ICMP error about a tracked connection */
+#define CT_STALE 4 /* forward packet judged under another revision (or audit) */
+
+/* last_seen_ns is written at most this often per entry: the shortest
+ * timeout the GC applies is 10 s. */
+#define CT_TOUCH_INTERVAL_NS 1000000000ULL
+
+static __always_inline __u8 dir_opposite(__u8 dir)
+{
+	return dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS;
+}
+
+static __always_inline void ct_key_fill(struct ct_key *key, __be32 saddr, __be32 daddr,
+					__u16 sport, __u16 dport, __u8 proto, __u8 dir,
+					__u16 endpoint_id)
+{
+	key->saddr = saddr;
+	key->daddr = daddr;
+	key->sport = sport;
+	key->dport = dport;
+	key->proto = proto;
+	key->dir = dir;
+	key->endpoint_id = endpoint_id;
+}
+
+static __always_inline void ct_touch(struct ct_value *entry, const struct l4_info *l4, __u64 now,
+				     int reply)
+{
+	__u8 flags = entry->flags;
+
+	if (reply)
+		flags |= CT_F_SEEN_REPLY;
+	if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		flags |= CT_F_CLOSING;
+	if (flags != entry->flags)
+		entry->flags = flags;
+	if (now - entry->last_seen_ns > CT_TOUCH_INTERVAL_NS)
+		entry->last_seen_ns = now;
+	entry->packets += 1;
+}
+
+/* Looks the packet up at the enforcement point (dir, endpoint_id). `fwd`
+ * receives the key a new entry of this packet would have; `entry` the
+ * forward entry of an established or stale connection. */
+static __always_inline int ct_lookup4(const struct l4_info *l4, __u8 dir, __u16 endpoint_id,
+				      __u32 revision, int audit, __u64 now, struct ct_key *fwd,
+				      struct ct_value **entry)
+{
+	__u8 opposite = dir_opposite(dir);
+	struct ct_value *found;
+	struct ct_key rev;
+
+	*entry = NULL;
+	__builtin_memset(&rev, 0, sizeof(rev));
+	if (l4->icmp_error) {
+		/* About a packet this endpoint sent (the quoted tuple is the
+		 * forward tuple of the opposite point) ... */
+		ct_key_fill(&rev, l4->inner.saddr, l4->inner.daddr, l4->inner.sport,
+			    l4->inner.dport, l4->inner.proto, opposite, endpoint_id);
+		found = bpf_map_lookup_elem(&conntrack, &rev);
+		if (found)
+			goto related;
+		/* ... or about a reply it sent on a connection judged here. */
+		ct_key_fill(&rev, l4->inner.daddr, l4->inner.saddr, l4->inner.dport,
+			    l4->inner.sport, l4->inner.proto, dir, endpoint_id);
+		found = bpf_map_lookup_elem(&conntrack, &rev);
+		if (found)
+			goto related;
+	}
+	ct_key_fill(fwd, l4->saddr, l4->daddr, l4->sport, l4->dport, l4->proto, dir, endpoint_id);
+	found = bpf_map_lookup_elem(&conntrack, fwd);
+	if (found) {
+		ct_touch(found, l4, now, 0);
+		*entry = found;
+		if (found->policy_revision != revision || ((found->flags & CT_F_AUDIT) && !audit))
+			return CT_STALE;
+		/* A new SYN on a closed tuple starts a new connection. */
+		if ((found->flags & CT_F_CLOSING) && l4->proto == IPPROTO_TCP &&
+		    (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+			return CT_STALE;
+		return CT_ESTABLISHED;
+	}
+	ct_key_fill(&rev, l4->daddr, l4->saddr, l4->dport, l4->sport, l4->proto, opposite,
+		    endpoint_id);
+	found = bpf_map_lookup_elem(&conntrack, &rev);
+	if (found) {
+		ct_touch(found, l4, now, 1);
+		return CT_REPLY;
+	}
+	return CT_NEW;
+related:
+	if (now - found->last_seen_ns > CT_TOUCH_INTERVAL_NS)
+		found->last_seen_ns = now;
+	return CT_RELATED;
+}
+
+static __always_inline void ct_create(const struct ct_key *key, __u32 revision, __u8 flags,
+				      __u64 now)
+{
+	struct ct_value value = {
+		.created_ns = now,
+		.last_seen_ns = now,
+		.policy_revision = revision,
+		.flags = flags,
+		.packets = 1,
+	};
+
+	/* An LRU map evicts the least recently used entry when full. */
+	bpf_map_update_elem(&conntrack, key, &value, BPF_ANY);
+}

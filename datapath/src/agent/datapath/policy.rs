@@ -1,0 +1,716 @@
+//! Translation of `ResolvedPolicy` objects into the node's policy maps: a pure function of
+//! the policies of the local endpoints' identities, the endpoints' named ports and the
+//! node's current CIDR identity allocation (POLICY_SPEC §1–§4).
+//!
+//! - Every local endpoint whose identity has a `ResolvedPolicy` gets a `policy_state`
+//!   (revision, default-deny flags) and its entries, keyed by its endpoint id. Endpoints
+//!   without one get nothing: no state means no policy (allow all).
+//! - CIDRs: every IPv4 prefix a local endpoint's policy names gets a node-local identity
+//!   `1<<24 | n`; ids already allocated (read back from the pinned map) are kept, so a
+//!   restart changes nothing. The datapath looks up the longest node prefix containing the
+//!   peer's address, so a rule naming prefix P applies to the ids of every node prefix
+//!   inside P. IPv6 prefixes are skipped (IPv4-only datapath).
+//! - Ports: protocol `ANY` with a port → TCP, UDP and SCTP; `ANY` port 0 → every protocol
+//!   and port; ranges → aligned LPM blocks; named ports resolve against the subject's own
+//!   named ports (ingress) or every endpoint's (egress); an unresolvable name yields no
+//!   entry (it matches nothing).
+//! - A key produced by several rules with different verdicts is `Deny`, then denies are
+//!   propagated into the allows they contain ([`propagate_denies`]).
+
+use crate::bpf::maps::Direction;
+use crate::bpf::policy::{
+    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyState, Verdict, port_range_prefixes,
+    propagate_denies,
+};
+use ipnet::{IpNet, Ipv4Net};
+use std::collections::{BTreeMap, BTreeSet};
+use tendril_crds::v1alpha1::{NamedPort, ResolvedPolicySpec, ResolvedPort, ResolvedRule};
+
+/// The largest `n` of a node-local CIDR identity `1<<24 | n`.
+const MAX_LOCAL_CIDR_INDEX: u32 = LOCAL_IDENTITY_FLAG - 1;
+
+/// One local endpoint as the policy translation sees it.
+#[derive(Clone, Debug)]
+pub struct PolicySubject<'a> {
+    pub endpoint_id: u16,
+    /// The policy to enforce for it (its identity's `ResolvedPolicy`), if any.
+    pub policy: Option<&'a ResolvedPolicySpec>,
+    /// The endpoint's own named ports (ingress named ports resolve against these).
+    pub named_ports: &'a [NamedPort],
+}
+
+/// (name, IP protocol) → ports, over every endpoint of the cluster (egress named ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterNamedPorts(BTreeMap<(String, u8), BTreeSet<u16>>);
+
+impl ClusterNamedPorts {
+    pub fn from_endpoints<'a>(ports: impl IntoIterator<Item = &'a [NamedPort]>) -> Self {
+        let mut out = Self::default();
+        for list in ports {
+            for p in list {
+                out.insert(p);
+            }
+        }
+        out
+    }
+
+    pub fn insert(&mut self, port: &NamedPort) {
+        let (Some(protocol), Ok(number)) =
+            (protocol_number(&port.protocol), u16::try_from(port.port))
+        else {
+            return;
+        };
+        if protocol == PROTO_ANY || number == 0 {
+            return;
+        }
+        self.0
+            .entry((port.name.clone(), protocol))
+            .or_default()
+            .insert(number);
+    }
+
+    fn ports(&self, name: &str, protocol: u8) -> impl Iterator<Item = u16> + '_ {
+        self.0
+            .get(&(name.to_string(), protocol))
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+}
+
+/// What the policy maps of the node should hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredPolicy {
+    pub entries: BTreeMap<PolicyEntry, Verdict>,
+    pub states: BTreeMap<u16, PolicyState>,
+    /// `policy_cidrs`: every IPv4 prefix named by a local endpoint's policy → its id.
+    pub cidrs: BTreeMap<IpNet, u32>,
+    /// Endpoint id → the `ResolvedPolicy` revision its entries and state realize.
+    pub revisions: BTreeMap<u16, i64>,
+    /// IPv6 prefixes left out (the datapath is IPv4-only).
+    pub skipped_ipv6: usize,
+    /// Things that could not be translated (unparseable CIDR, unknown protocol, …); the
+    /// rest of the policy is still in (each item narrows what is allowed, never widens).
+    pub problems: Vec<String>,
+}
+
+/// IANA protocol number of a `ResolvedPort.protocol`; `ANY` → [`PROTO_ANY`].
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name.to_ascii_uppercase().as_str() {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        "SCTP" => Some(PROTO_SCTP),
+        "ANY" | "" => Some(PROTO_ANY),
+        _ => None,
+    }
+}
+
+const ALL_PROTOCOLS: [u8; 3] = [PROTO_TCP, PROTO_UDP, PROTO_SCTP];
+
+/// (protocol, first port, prefix bits) blocks one `ResolvedPort` covers for an endpoint.
+fn port_blocks(
+    port: &ResolvedPort,
+    direction: Direction,
+    own: &[NamedPort],
+    cluster: &ClusterNamedPorts,
+    problems: &mut Vec<String>,
+) -> Vec<(u8, u16, u8)> {
+    let Some(protocol) = protocol_number(&port.protocol) else {
+        problems.push(format!("unknown protocol {:?}", port.protocol));
+        return Vec::new();
+    };
+    let protocols: &[u8] = if protocol == PROTO_ANY {
+        &ALL_PROTOCOLS
+    } else {
+        std::slice::from_ref(&protocol)
+    };
+    if let Some(name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+        let mut out = BTreeSet::new();
+        for &proto in protocols {
+            match direction {
+                Direction::Ingress => {
+                    for p in own {
+                        if p.name == name
+                            && protocol_number(&p.protocol) == Some(proto)
+                            && let Ok(number) = u16::try_from(p.port)
+                        {
+                            out.insert((proto, number, 16));
+                        }
+                    }
+                }
+                Direction::Egress => {
+                    out.extend(cluster.ports(name, proto).map(|n| (proto, n, 16)));
+                }
+            }
+        }
+        return out.into_iter().collect();
+    }
+    let (Ok(start), Ok(end)) = (
+        u16::try_from(port.port),
+        u16::try_from(port.end_port.unwrap_or(port.port)),
+    ) else {
+        problems.push(format!("port out of range: {port:?}"));
+        return Vec::new();
+    };
+    if start == 0 && port.end_port.is_none() {
+        // Port 0: every port of the protocol; ANY + 0 is every protocol.
+        return if protocol == PROTO_ANY {
+            vec![(PROTO_ANY, 0, 0)]
+        } else {
+            vec![(protocol, 0, 0)]
+        };
+    }
+    let blocks = port_range_prefixes(start, end);
+    protocols
+        .iter()
+        .flat_map(|&proto| blocks.iter().map(move |&(p, bits)| (proto, p, bits)))
+        .collect()
+}
+
+/// Node-local ids for `prefixes`: the ones `current` holds keep theirs; new ones take the
+/// lowest free index, never one `current` still holds (its entries may still be in the
+/// policy map until this pass prunes them).
+pub fn allocate_cidr_ids(
+    prefixes: &BTreeSet<Ipv4Net>,
+    current: &BTreeMap<IpNet, u32>,
+) -> (BTreeMap<IpNet, u32>, Vec<String>) {
+    let taken: BTreeSet<u32> = current.values().copied().collect();
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut next = 1u32;
+    for prefix in prefixes {
+        let net = IpNet::V4(*prefix);
+        if let Some(id) = current.get(&net) {
+            out.insert(net, *id);
+            continue;
+        }
+        while taken.contains(&(LOCAL_IDENTITY_FLAG | next)) {
+            next += 1;
+        }
+        if next > MAX_LOCAL_CIDR_INDEX {
+            problems.push(format!("no node-local CIDR identity left for {net}"));
+            continue;
+        }
+        out.insert(net, LOCAL_IDENTITY_FLAG | next);
+        next += 1;
+    }
+    (out, problems)
+}
+
+fn parse_v4(cidr: &str, skipped_ipv6: &mut usize, problems: &mut Vec<String>) -> Option<Ipv4Net> {
+    match cidr.parse::<IpNet>() {
+        Ok(IpNet::V4(net)) => Some(net.trunc()),
+        Ok(IpNet::V6(_)) => {
+            *skipped_ipv6 += 1;
+            None
+        }
+        Err(_) => {
+            problems.push(format!("unparseable CIDR {cidr:?}"));
+            None
+        }
+    }
+}
+
+fn rule_verdict(rule: &ResolvedRule, problems: &mut Vec<String>) -> Option<Verdict> {
+    match rule.verdict.as_str() {
+        "Allow" => Some(Verdict::Allow),
+        "Deny" => Some(Verdict::Deny),
+        other => {
+            problems.push(format!("unknown verdict {other:?}"));
+            None
+        }
+    }
+}
+
+fn rules(spec: &ResolvedPolicySpec) -> impl Iterator<Item = (Direction, &ResolvedRule)> {
+    spec.ingress
+        .iter()
+        .map(|r| (Direction::Ingress, r))
+        .chain(spec.egress.iter().map(|r| (Direction::Egress, r)))
+}
+
+/// The policy maps' desired content for `subjects` (see the module documentation).
+pub fn translate(
+    subjects: &[PolicySubject<'_>],
+    cluster_ports: &ClusterNamedPorts,
+    current_cidrs: &BTreeMap<IpNet, u32>,
+) -> DesiredPolicy {
+    let mut out = DesiredPolicy::default();
+    let with_policy: Vec<(&PolicySubject<'_>, &ResolvedPolicySpec)> = subjects
+        .iter()
+        .filter_map(|s| s.policy.map(|p| (s, p)))
+        .collect();
+
+    // Every prefix the local policies name, once per distinct policy.
+    let mut prefixes = BTreeSet::new();
+    let mut seen_policies = BTreeSet::new();
+    for (_, spec) in &with_policy {
+        if !seen_policies.insert((spec.identity, spec.revision)) {
+            continue;
+        }
+        for (_, rule) in rules(spec) {
+            for cidr in &rule.cidrs {
+                if let Some(net) = parse_v4(cidr, &mut out.skipped_ipv6, &mut out.problems) {
+                    prefixes.insert(net);
+                }
+            }
+        }
+    }
+    let (cidrs, problems) = allocate_cidr_ids(&prefixes, current_cidrs);
+    out.cidrs = cidrs;
+    out.problems.extend(problems);
+    let node_prefixes: Vec<(Ipv4Net, u32)> = out
+        .cidrs
+        .iter()
+        .filter_map(|(net, id)| match net {
+            IpNet::V4(v4) => Some((*v4, *id)),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    // Per rule prefix: the ids of every node prefix inside it.
+    let ids_within = |rule_prefix: &Ipv4Net| -> Vec<u32> {
+        node_prefixes
+            .iter()
+            .filter(|(p, _)| rule_prefix.contains(p))
+            .map(|(_, id)| *id)
+            .collect()
+    };
+
+    for (subject, spec) in with_policy {
+        let mut flags = 0;
+        if spec.default_deny.ingress {
+            flags |= POLICY_F_DEFAULT_DENY_INGRESS;
+        }
+        if spec.default_deny.egress {
+            flags |= POLICY_F_DEFAULT_DENY_EGRESS;
+        }
+        out.states.insert(
+            subject.endpoint_id,
+            PolicyState {
+                // The low 32 bits: the conntrack epoch only has to differ between revisions.
+                revision: (spec.revision as u64 & u64::from(u32::MAX)) as u32,
+                flags,
+            },
+        );
+        out.revisions.insert(subject.endpoint_id, spec.revision);
+        for (direction, rule) in rules(spec) {
+            let Some(verdict) = rule_verdict(rule, &mut out.problems) else {
+                continue;
+            };
+            let mut peers: BTreeSet<u32> = rule
+                .peers
+                .iter()
+                .filter_map(|p| u32::try_from(*p).ok())
+                .collect();
+            for cidr in &rule.cidrs {
+                // Problems were recorded while collecting prefixes.
+                let (mut v6, mut p) = (0, Vec::new());
+                if let Some(net) = parse_v4(cidr, &mut v6, &mut p) {
+                    peers.extend(ids_within(&net));
+                }
+            }
+            if peers.is_empty() {
+                // Only IPv6 or invalid peers: it matches nothing here (never "any").
+                continue;
+            }
+            let blocks: Vec<(u8, u16, u8)> = if rule.ports.is_empty() {
+                vec![(PROTO_ANY, 0, 0)]
+            } else {
+                let mut blocks = BTreeSet::new();
+                for port in &rule.ports {
+                    blocks.extend(port_blocks(
+                        port,
+                        direction,
+                        subject.named_ports,
+                        cluster_ports,
+                        &mut out.problems,
+                    ));
+                }
+                blocks.into_iter().collect()
+            };
+            for peer in peers {
+                for &(protocol, port, port_prefix) in &blocks {
+                    let key = PolicyEntry {
+                        endpoint_id: subject.endpoint_id,
+                        direction,
+                        peer,
+                        protocol,
+                        port,
+                        port_prefix,
+                    };
+                    out.entries
+                        .entry(key)
+                        .and_modify(|v| {
+                            if verdict == Verdict::Deny {
+                                *v = Verdict::Deny;
+                            }
+                        })
+                        .or_insert(verdict);
+                }
+            }
+        }
+    }
+    propagate_denies(&mut out.entries);
+    out.problems.sort();
+    out.problems.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tendril_crds::v1alpha1::ResolvedDefaultDeny;
+
+    fn rule(
+        verdict: &str,
+        peers: &[i64],
+        cidrs: &[&str],
+        ports: Vec<ResolvedPort>,
+    ) -> ResolvedRule {
+        ResolvedRule {
+            verdict: verdict.into(),
+            peers: peers.to_vec(),
+            cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            ports,
+        }
+    }
+
+    fn port(protocol: &str, port: i32, end_port: Option<i32>) -> ResolvedPort {
+        ResolvedPort {
+            port,
+            end_port,
+            name: None,
+            protocol: protocol.into(),
+        }
+    }
+
+    fn named(protocol: &str, name: &str) -> ResolvedPort {
+        ResolvedPort {
+            port: 0,
+            end_port: None,
+            name: Some(name.into()),
+            protocol: protocol.into(),
+        }
+    }
+
+    fn np(name: &str, port: i32, protocol: &str) -> NamedPort {
+        NamedPort {
+            name: name.into(),
+            port,
+            protocol: protocol.into(),
+        }
+    }
+
+    fn spec(
+        identity: i64,
+        revision: i64,
+        ingress: Vec<ResolvedRule>,
+        egress: Vec<ResolvedRule>,
+    ) -> ResolvedPolicySpec {
+        ResolvedPolicySpec {
+            identity,
+            revision,
+            default_deny: ResolvedDefaultDeny {
+                ingress: !ingress.is_empty(),
+                egress: !egress.is_empty(),
+            },
+            ingress,
+            egress,
+            sources: Vec::new(),
+        }
+    }
+
+    fn key(
+        ep: u16,
+        direction: Direction,
+        peer: u32,
+        protocol: u8,
+        port: u16,
+        bits: u8,
+    ) -> PolicyEntry {
+        PolicyEntry {
+            endpoint_id: ep,
+            direction,
+            peer,
+            protocol,
+            port,
+            port_prefix: bits,
+        }
+    }
+
+    fn subject<'a>(
+        id: u16,
+        policy: &'a ResolvedPolicySpec,
+        ports: &'a [NamedPort],
+    ) -> PolicySubject<'a> {
+        PolicySubject {
+            endpoint_id: id,
+            policy: Some(policy),
+            named_ports: ports,
+        }
+    }
+
+    use Direction::{Egress, Ingress};
+
+    #[test]
+    fn named_ports_resolve_against_the_subject_for_ingress_and_the_cluster_for_egress() {
+        let p = spec(
+            300,
+            1,
+            vec![rule("Allow", &[301], &[], vec![named("TCP", "http")])],
+            vec![rule("Allow", &[302], &[], vec![named("ANY", "dns")])],
+        );
+        let own = [np("http", 8080, "TCP"), np("dns", 5353, "UDP")];
+        let other_a = [np("http", 80, "TCP"), np("dns", 53, "UDP")];
+        let other_b = [
+            np("dns", 53, "TCP"),
+            np("dns", 1053, "UDP"),
+            np("http", 81, "UDP"),
+        ];
+        let cluster = ClusterNamedPorts::from_endpoints([&own[..], &other_a[..], &other_b[..]]);
+        let d = translate(&[subject(7, &p, &own)], &cluster, &BTreeMap::new());
+        let got: Vec<_> = d.entries.keys().copied().collect();
+        assert_eq!(
+            got,
+            vec![
+                // Ingress: only the subject's own "http"/TCP, not the cluster's 80.
+                key(7, Ingress, 301, PROTO_TCP, 8080, 16),
+                // Egress: every endpoint's "dns" of every protocol (ANY).
+                key(7, Egress, 302, PROTO_TCP, 53, 16),
+                key(7, Egress, 302, PROTO_UDP, 53, 16),
+                key(7, Egress, 302, PROTO_UDP, 1053, 16),
+                key(7, Egress, 302, PROTO_UDP, 5353, 16),
+            ]
+        );
+        assert!(d.entries.values().all(|v| *v == Verdict::Allow));
+
+        // An endpoint without the name gets no ingress entry (the rule matches nothing),
+        // yet its state is there: default deny holds.
+        let d = translate(&[subject(8, &p, &[])], &cluster, &BTreeMap::new());
+        assert!(d.entries.keys().all(|k| k.direction == Egress));
+        assert_eq!(
+            d.states[&8].flags,
+            POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS
+        );
+    }
+
+    #[test]
+    fn any_protocol_expands_and_any_port_zero_is_everything() {
+        let p = spec(
+            300,
+            1,
+            vec![
+                rule("Allow", &[301], &[], vec![port("ANY", 80, None)]),
+                rule("Allow", &[302], &[], vec![port("ANY", 0, None)]),
+                rule("Allow", &[303], &[], vec![port("UDP", 0, None)]),
+                rule("Allow", &[304], &[], vec![port("TCP", 80, Some(83))]),
+                rule("Allow", &[305], &[], vec![]),
+            ],
+            vec![],
+        );
+        let d = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        let got: BTreeSet<_> = d.entries.keys().copied().collect();
+        let want = BTreeSet::from([
+            key(1, Ingress, 301, PROTO_TCP, 80, 16),
+            key(1, Ingress, 301, PROTO_UDP, 80, 16),
+            key(1, Ingress, 301, PROTO_SCTP, 80, 16),
+            key(1, Ingress, 302, PROTO_ANY, 0, 0),
+            key(1, Ingress, 303, PROTO_UDP, 0, 0),
+            key(1, Ingress, 304, PROTO_TCP, 80, 14),
+            key(1, Ingress, 305, PROTO_ANY, 0, 0),
+        ]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn cidr_rules_cover_every_node_prefix_inside_them() {
+        let p = spec(
+            300,
+            1,
+            vec![],
+            vec![
+                rule("Allow", &[], &["10.0.0.0/8"], vec![port("TCP", 443, None)]),
+                rule("Deny", &[], &["10.1.0.0/16"], vec![]),
+                rule("Allow", &[], &["10.1.2.0/24", "fd00::/64"], vec![]),
+            ],
+        );
+        let d = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        let id = |c: &str| d.cidrs[&c.parse::<IpNet>().unwrap()];
+        assert_eq!(d.cidrs.len(), 3);
+        assert_eq!(d.skipped_ipv6, 1);
+        assert!(d.cidrs.values().all(|id| id & LOCAL_IDENTITY_FLAG != 0));
+        let (wide, mid, narrow) = (id("10.0.0.0/8"), id("10.1.0.0/16"), id("10.1.2.0/24"));
+        let v = |peer, proto, port, bits| {
+            d.entries
+                .get(&key(1, Egress, peer, proto, port, bits))
+                .copied()
+        };
+        // /8 allow applies to itself and to both narrower node prefixes.
+        assert_eq!(v(wide, PROTO_TCP, 443, 16), Some(Verdict::Allow));
+        // The /16 deny covers the /24 too and wins over both allows there.
+        assert_eq!(v(mid, PROTO_ANY, 0, 0), Some(Verdict::Deny));
+        assert_eq!(v(mid, PROTO_TCP, 443, 16), Some(Verdict::Deny));
+        assert_eq!(v(narrow, PROTO_ANY, 0, 0), Some(Verdict::Deny));
+        assert_eq!(v(narrow, PROTO_TCP, 443, 16), Some(Verdict::Deny));
+        // The /24 allow does not reach the wider prefixes.
+        assert_eq!(v(wide, PROTO_ANY, 0, 0), None);
+        assert_eq!(d.entries.len(), 5);
+    }
+
+    #[test]
+    fn deny_wins_over_allow_for_the_same_key_and_inside_it() {
+        let p = spec(
+            300,
+            1,
+            vec![
+                rule("Allow", &[0, 301], &[], vec![port("TCP", 80, None)]),
+                rule("Deny", &[301], &[], vec![port("TCP", 80, None)]),
+                rule("Deny", &[302], &[], vec![port("TCP", 0, None)]),
+                rule(
+                    "Allow",
+                    &[302],
+                    &[],
+                    vec![port("TCP", 80, Some(81)), port("UDP", 80, None)],
+                ),
+            ],
+            vec![],
+        );
+        let d = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        let v = |peer, proto, port, bits| d.entries[&key(1, Ingress, peer, proto, port, bits)];
+        assert_eq!(v(0, PROTO_TCP, 80, 16), Verdict::Allow);
+        assert_eq!(v(301, PROTO_TCP, 80, 16), Verdict::Deny);
+        assert_eq!(v(302, PROTO_TCP, 80, 15), Verdict::Deny, "propagated");
+        assert_eq!(v(302, PROTO_UDP, 80, 16), Verdict::Allow);
+    }
+
+    #[test]
+    fn state_carries_the_revision_and_default_deny_only_for_endpoints_with_a_policy() {
+        let mut p = spec(300, (7u64 << 32 | 5) as i64, vec![], vec![]);
+        p.default_deny.egress = true;
+        let subjects = [
+            subject(1, &p, &[]),
+            subject(2, &p, &[]),
+            PolicySubject {
+                endpoint_id: 3,
+                policy: None,
+                named_ports: &[],
+            },
+        ];
+        let d = translate(&subjects, &ClusterNamedPorts::default(), &BTreeMap::new());
+        assert_eq!(
+            d.states,
+            BTreeMap::from([
+                (
+                    1,
+                    PolicyState {
+                        revision: 5,
+                        flags: POLICY_F_DEFAULT_DENY_EGRESS
+                    }
+                ),
+                (
+                    2,
+                    PolicyState {
+                        revision: 5,
+                        flags: POLICY_F_DEFAULT_DENY_EGRESS
+                    }
+                ),
+            ])
+        );
+        assert_eq!(d.revisions[&1], p.revision);
+        assert!(d.entries.is_empty());
+        assert!(d.cidrs.is_empty());
+
+        // An empty ResolvedPolicy still gets a state (revision tracked, allow all).
+        let empty = spec(301, 1, vec![], vec![]);
+        let d = translate(
+            &[subject(4, &empty, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            d.states[&4],
+            PolicyState {
+                revision: 1,
+                flags: 0
+            }
+        );
+    }
+
+    #[test]
+    fn cidr_ids_are_stable_and_never_reuse_an_id_still_pinned() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let current = BTreeMap::from([
+            (IpNet::V4(net("192.168.0.0/16")), LOCAL_IDENTITY_FLAG | 2),
+            (IpNet::V4(net("172.16.0.0/12")), LOCAL_IDENTITY_FLAG | 1),
+        ]);
+        let wanted = BTreeSet::from([net("192.168.0.0/16"), net("10.0.0.0/8"), net("8.8.8.8/32")]);
+        let (ids, problems) = allocate_cidr_ids(&wanted, &current);
+        assert!(problems.is_empty());
+        assert_eq!(
+            ids[&IpNet::V4(net("192.168.0.0/16"))],
+            LOCAL_IDENTITY_FLAG | 2,
+            "kept"
+        );
+        // 1 is still pinned (172.16/12 is pruned in this pass): new ones take 3 and 4.
+        let new: BTreeSet<u32> = [net("10.0.0.0/8"), net("8.8.8.8/32")]
+            .iter()
+            .map(|n| ids[&IpNet::V4(*n)])
+            .collect();
+        assert_eq!(
+            new,
+            BTreeSet::from([LOCAL_IDENTITY_FLAG | 3, LOCAL_IDENTITY_FLAG | 4])
+        );
+        // The next pass (what was pinned is now `ids`) changes nothing.
+        assert_eq!(allocate_cidr_ids(&wanted, &ids).0, ids);
+
+        // Through translate: a restart reading back the map gets the same ids.
+        let p = spec(
+            300,
+            1,
+            vec![rule("Allow", &[], &["10.0.0.0/8", "1.2.3.4/32"], vec![])],
+            vec![],
+        );
+        let first = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        let again = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &first.cidrs,
+        );
+        assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_rule_whose_peers_are_all_ipv6_matches_nothing() {
+        let p = spec(
+            300,
+            1,
+            vec![rule("Allow", &[], &["fd00::/8"], vec![])],
+            vec![],
+        );
+        let d = translate(
+            &[subject(1, &p, &[])],
+            &ClusterNamedPorts::default(),
+            &BTreeMap::new(),
+        );
+        assert!(d.entries.is_empty(), "never widened to any peer");
+        assert_eq!(d.skipped_ipv6, 1);
+        assert_eq!(d.states[&1].flags, POLICY_F_DEFAULT_DENY_INGRESS);
+    }
+}
