@@ -735,6 +735,7 @@ async fn policy_truth_table() -> Result<()> {
 
     // Baseline: no policy, everything reaches everything.
     if let Err(e) = world.wait_policy(&none, realize_timeout(0)).await {
+        println!("baseline: {e:#}");
         failures.push(format!("baseline: {e:#}"));
         realize_failures += 1;
     }
@@ -796,7 +797,12 @@ async fn policy_truth_table() -> Result<()> {
             }
             Err(e) => {
                 realize_failures += 1;
-                failures.push(format!("{title}: {e:#}"));
+                let e = format!("{e:#}");
+                println!(
+                    "{title}: {}",
+                    e.lines().take(4).collect::<Vec<_>>().join(" | ")
+                );
+                failures.push(format!("{title}: {e}"));
                 "NOT realized".to_string()
             }
         };
