@@ -88,6 +88,8 @@ sim_status="not started (operator not built)"
 if [[ -x $operator_bin ]]; then
   bash hack/sim-cluster.sh up
   sim_status=$(bash hack/sim-cluster.sh status 2>&1 | sed 's/^/  /')
+  # The demo policy (namespace demo exists now): web takes traffic from demo's clients only.
+  kubectl apply --server-side -f hack/demo/policy.yaml >/dev/null
 fi
 # ---------------------------------------------------------------- end of simulated nodes
 
@@ -110,6 +112,9 @@ Try next:
   kubectl get tendril
   kubectl get pods,endpoints.tendril.dev -A -o wide
   hack/pod-exec.sh demo/client -- ping -c1 <IP of demo/web-2, on the other node>
+  hack/pod-exec.sh demo-2/client -- ping -c1 -W1 <IP of demo/web-1>   # denied (hack/demo/policy.yaml)
+  kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
+  curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   kubectl get nodenetworks
   curl -s http://127.0.0.1:$metrics_port/metrics | grep controller_runtime_reconcile_total
 

@@ -44,7 +44,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.print_config {
+    if args.common.print_config {
         print!("{}", config::to_yaml(&config));
         return ExitCode::SUCCESS;
     }
@@ -75,7 +75,7 @@ async fn run(args: OperatorArgs, config: OperatorConfig) -> anyhow::Result<()> {
         server_stop.clone(),
     ));
 
-    let client = config::kube_client(args.kubeconfig.as_deref())
+    let client = config::kube_client(args.common.kubeconfig.as_deref())
         .await
         .context("building the Kubernetes client")?;
     let ctx = Context {

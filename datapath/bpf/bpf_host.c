@@ -7,6 +7,7 @@
 
 #include "lib/common.h"
 #include "lib/endpoint.h"
+#include "lib/l4.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
 

@@ -13,6 +13,7 @@
 #include "lib/common.h"
 #include "lib/encap.h"
 #include "lib/endpoint.h"
+#include "lib/l4.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
 

@@ -101,7 +101,7 @@ fn realize(
     subjects: &[PolicySubject<'_>],
     ports: &ClusterNamedPorts,
 ) -> PolicyRealization {
-    let r = realize_policy(dp, subjects, ports).expect("policy maps converge");
+    let r = realize_policy(dp, subjects, ports, None).expect("policy maps converge");
     assert!(r.cidrs.is_converged(), "{:?}", r.cidrs.failed);
     assert!(r.policy.is_converged(), "{:?}", r.policy.failed);
     r
@@ -208,6 +208,17 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     assert_eq!(again.wanted, first.wanted);
     assert_eq!(counts(&again.cidrs), (0, 0, 0));
     assert_eq!(counts(&again.policy), (0, 0, 0));
+    assert!(!again.skipped);
+    // The same translation as the last convergence: the maps are left alone.
+    let same = realize_policy(
+        &mut node.dataplane,
+        &subjects,
+        &cluster,
+        Some(&again.wanted),
+    )
+    .unwrap();
+    assert!(same.skipped);
+    assert_eq!(same.wanted, again.wanted);
 
     // Revision 4: the deny and the /16 are gone, ingress default deny off.
     let mut v4 = policy_v3();
@@ -228,7 +239,10 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
             named_ports: &ports8,
         },
     ];
-    let next = realize(&mut node.dataplane, &subjects, &cluster);
+    let unchanged = Some(&again.wanted);
+    let next = realize_policy(&mut node.dataplane, &subjects, &cluster, unchanged).unwrap();
+    assert!(!next.skipped, "a new translation is converged");
+    assert!(next.policy.is_converged() && next.cidrs.is_converged());
     assert_eq!(policy_map(&dir), next.wanted.entries);
     assert!(
         policy_map(&dir)
@@ -294,7 +308,7 @@ fn a_full_policy_map_is_reported_not_silently_dropped() {
         policy: Some(&spec),
         named_ports: &[],
     }];
-    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default()).unwrap();
+    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default(), None).unwrap();
     assert_eq!(
         r.wanted.entries.len(),
         3,
@@ -315,9 +329,235 @@ fn a_full_policy_map_is_reported_not_silently_dropped() {
         policy: Some(&spec),
         named_ports: &[],
     }];
-    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default()).unwrap();
+    let r = realize_policy(&mut dp, &subjects, &ClusterNamedPorts::default(), None).unwrap();
     assert_eq!(r.wanted.entries.len(), 6);
     assert!(r.policy.map_full(), "{:?}", r.policy);
     assert!(!r.policy.is_converged());
     assert!(policy_map(&dir.0).len() <= 4);
+}
+
+mod enforcement {
+    //! What the agent writes, enforced by the real programs (`BPF_PROG_TEST_RUN`) and
+    //! reported through the events reader: a new revision re-judges an established
+    //! connection against exactly the new entries; audit mode lets would-be drops pass.
+
+    use super::*;
+    use bpf_support::{TC_ACT_REDIRECT, TC_ACT_SHOT, run, udp_frame};
+    use std::net::Ipv4Addr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    use tendril_controllers::runtime::Metrics;
+    use tendril_datapath::agent::datapath::events::{self, Flow, FlowLog};
+    use tendril_datapath::agent::datapath::metrics::{DatapathMetrics, VerdictLabels};
+    use tendril_datapath::bpf::Hook;
+    use tendril_datapath::bpf::maps::{
+        EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+    const POD_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
+    const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+    const NODE_MAC_A: [u8; 6] = [0x02, 0, 0, 0, 1, 0x0a];
+    const LO: u32 = 1;
+
+    fn node() -> Node {
+        let mut node = Node::load("agent-policy-enforce", &MapSizes::default());
+        let endpoint = |ifindex, identity, endpoint_id, last| EndpointInfo {
+            ifindex,
+            identity,
+            endpoint_id,
+            mac: [0x02, 0, 0, 0, 0, last],
+            node_mac: [0x02, 0, 0, 0, 1, last],
+            ..Default::default()
+        };
+        let endpoints = BTreeMap::from([
+            (POD_A.into(), endpoint(LO, 256, 1, 0x0a)),
+            (POD_B.into(), endpoint(4242, 257, 2, 0x0b)),
+        ]);
+        let ipcache = BTreeMap::from([
+            (
+                format!("{POD_A}/32").parse().unwrap(),
+                IpcacheValue::new(256, None),
+            ),
+            (
+                format!("{POD_B}/32").parse().unwrap(),
+                IpcacheValue::new(257, None),
+            ),
+        ]);
+        let dp = &mut node.dataplane;
+        assert!(
+            dp.converge_endpoints(&endpoints, true)
+                .unwrap()
+                .is_converged()
+        );
+        assert!(dp.converge_ipcache(&ipcache, true).unwrap().is_converged());
+        set_flags(dp, 0);
+        node
+    }
+
+    fn set_flags(dp: &mut Dataplane, flags: u32) {
+        dp.set_node_config(&NodeConfig {
+            tunnel_ifindex: 0,
+            node_ipv4: [192, 168, 0, 1],
+            flags,
+            pad: 0,
+        })
+        .unwrap();
+    }
+
+    /// Identity 256 may send UDP to 257 on `port` only.
+    fn egress_to_b(revision: i64, port: i32) -> ResolvedPolicySpec {
+        ResolvedPolicySpec {
+            identity: 256,
+            revision,
+            default_deny: ResolvedDefaultDeny {
+                ingress: false,
+                egress: true,
+            },
+            egress: vec![rule(
+                "Allow",
+                &[257],
+                &[],
+                vec![ResolvedPort {
+                    protocol: "UDP".into(),
+                    ..tcp(port)
+                }],
+            )],
+            ..Default::default()
+        }
+    }
+
+    fn send(node: &Node, dport: u16) -> u32 {
+        let frame = udp_frame(MAC_A, NODE_MAC_A, POD_A, POD_B, 64, dport);
+        run(
+            node.programs.classifier(Hook::FromContainer),
+            &frame,
+            LO,
+            0,
+            1,
+        )
+        .ret
+    }
+
+    fn flows_until(log: &FlowLog, done: impl Fn(&[Flow]) -> bool) -> Vec<Flow> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let flows = log.recent(None);
+            if done(&flows) {
+                return flows;
+            }
+            assert!(Instant::now() < deadline, "flows never arrived: {flows:#?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_new_revision_rejudges_established_connections_and_events_report_it() {
+        let mut node = node();
+        let dir = node.dir.0.clone();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let registry = Metrics::new("test");
+        let metrics = DatapathMetrics::register(&registry);
+        let log = FlowLog::new(64);
+        let stop = CancellationToken::new();
+        let reader = runtime.spawn(events::run(
+            Arc::new(Mutex::new(Dataplane::open(&dir).unwrap())),
+            metrics.clone(),
+            log.clone(),
+            10,
+            stop.clone(),
+        ));
+        let realize_for_a = |dp: &mut Dataplane, spec: &ResolvedPolicySpec| {
+            let subjects = [PolicySubject {
+                endpoint_id: 1,
+                policy: Some(spec),
+                named_ports: &[],
+            }];
+            realize(dp, &subjects, &ClusterNamedPorts::default());
+        };
+
+        // Revision 1: 53 allowed (a connection is established), 54 denied by default.
+        realize_for_a(&mut node.dataplane, &egress_to_b(1, 53));
+        assert_eq!(send(&node, 53), TC_ACT_REDIRECT);
+        assert_eq!(send(&node, 53), TC_ACT_REDIRECT, "established");
+        assert_eq!(send(&node, 54), TC_ACT_SHOT);
+        let drops = |node: &Node| {
+            node.dataplane
+                .metric_packets(MetricReason::DropPolicy, Direction::Egress)
+                .unwrap()
+        };
+        assert_eq!(drops(&node), 1);
+
+        // Revision 2 replaces 53 by 54: the established 53 flow stops at its next packet,
+        // 54 opens.
+        realize_for_a(&mut node.dataplane, &egress_to_b(2, 54));
+        assert_eq!(send(&node, 53), TC_ACT_SHOT, "re-judged under revision 2");
+        assert_eq!(send(&node, 54), TC_ACT_REDIRECT);
+        assert_eq!(drops(&node), 2);
+
+        // Audit mode: a would-be drop passes and is counted as audit.
+        set_flags(&mut node.dataplane, NODE_F_POLICY_AUDIT);
+        assert_eq!(send(&node, 55), TC_ACT_REDIRECT);
+        assert_eq!(
+            node.dataplane
+                .metric_packets(MetricReason::PolicyAudit, Direction::Egress)
+                .unwrap(),
+            1
+        );
+        assert_eq!(drops(&node), 2);
+
+        let flows = flows_until(&log, |f| f.iter().any(|f| f.verdict == "audit"));
+        let dest = |port: u16| format!("{POD_B}:{port}");
+        let find = |verdict: &str, port: u16| {
+            flows
+                .iter()
+                .filter(|f| f.verdict == verdict && f.destination == dest(port))
+                .collect::<Vec<_>>()
+        };
+        let allowed_53 = find("allow", 53);
+        assert_eq!(
+            allowed_53.len(),
+            1,
+            "one verdict per new connection: {flows:#?}"
+        );
+        assert_eq!(allowed_53[0].kind, "policy-verdict");
+        assert_eq!(allowed_53[0].matched, "l4");
+        assert_eq!(
+            (
+                allowed_53[0].source_identity,
+                allowed_53[0].destination_identity
+            ),
+            (256, 257)
+        );
+        let denied_53 = find("deny", 53);
+        assert_eq!(denied_53.len(), 1, "{flows:#?}");
+        assert_eq!(
+            (
+                denied_53[0].kind,
+                denied_53[0].matched,
+                denied_53[0].reason.as_str()
+            ),
+            ("drop", "conntrack", "policy_denied")
+        );
+        assert_eq!(find("deny", 54)[0].matched, "default");
+        assert_eq!(find("audit", 55)[0].direction, "egress");
+        let verdicts = |verdict: &str, matched: &str| {
+            metrics
+                .policy_verdicts
+                .get_or_create(&VerdictLabels {
+                    direction: "egress".into(),
+                    verdict: verdict.into(),
+                    r#match: matched.into(),
+                })
+                .get()
+        };
+        assert_eq!(verdicts("deny", "conntrack"), 1);
+        assert_eq!(verdicts("deny", "default"), 1);
+        assert!(verdicts("allow", "l4") >= 2);
+        assert!(registry.encode().contains("tendril_policy_verdicts_total"));
+
+        stop.cancel();
+        runtime.block_on(reader).unwrap();
+    }
 }

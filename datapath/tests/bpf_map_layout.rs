@@ -120,6 +120,8 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
                 packets
             ]
         ),
+        layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
+        layout!("frag4_ports", Frag4Ports, [sport, dport]),
         // `type` and `match` are Rust keywords: the mirror names them `kind` and `matched`.
         (
             "policy_event",

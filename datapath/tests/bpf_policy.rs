@@ -17,8 +17,8 @@ use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState,
     Verdict,
     maps::{
-        CT_F_AUDIT, CT_F_CLOSING, CT_F_SEEN_REPLY, Direction, EndpointInfo, IpcacheValue,
-        MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+        CT_F_AUDIT, CT_F_CLOSING, CT_F_FIN_FORWARD, CT_F_FIN_REPLY, CT_F_SEEN_REPLY, Direction,
+        EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
     },
     monotonic_now_ns,
     policy::{
@@ -626,7 +626,10 @@ fn audit_mode_passes_counts_and_reports_would_be_drops() {
         .collect();
     assert_eq!(audits.len(), 2);
     assert_eq!(audits[0].matched, PolicyMatch::L4);
+    assert_eq!(audits[0].reason, Some(MetricReason::DropPolicyDeny));
+    assert_eq!(audits[0].kind, EventKind::PolicyVerdict);
     assert_eq!(audits[1].matched, PolicyMatch::Default);
+    assert_eq!(audits[1].reason, Some(MetricReason::DropPolicy));
     assert_eq!(
         ct_flags(&node, NATIVE_POD, POD_B, IN).map(|(f, _)| f & CT_F_AUDIT),
         Some(CT_F_AUDIT)
@@ -673,6 +676,7 @@ fn events_carry_the_verdict_identities_and_tuple() {
     assert!(verdict.ts_ns >= before && verdict.ts_ns <= monotonic_now_ns());
     assert_eq!(verdict.kind, EventKind::PolicyVerdict);
     assert_eq!(verdict.verdict, Some(EventVerdict::Allow));
+    assert_eq!(verdict.reason, None);
     assert_eq!(verdict.matched, PolicyMatch::L4);
     assert_eq!(verdict.direction, Some(IN));
     assert_eq!(verdict.endpoint_id, EP_B);
@@ -769,20 +773,45 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
         TC_ACT_OK
     );
     assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD),
+        "half-closed: the other side may still send"
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40001, TCP_FIN | TCP_ACK), 2),
+        TC_ACT_OK
+    );
+    assert_eq!(
         out_of_a(&node, &tcp(POD_A, 40002, WORLD, 443, TCP_SYN)),
         TC_ACT_OK,
         "never answered"
     );
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40003, WORLD, 443, TCP_SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        stack_in(&node, &tcp(WORLD, 443, POD_A, 40003, TCP_RST), 2),
+        TC_ACT_OK
+    );
     assert_eq!(out_of_a(&node, &udp(POD_A, 5000, WORLD, 53)), TC_ACT_OK);
     assert_eq!(flags_of(&node, 40000), Some(CT_F_SEEN_REPLY));
-    assert_eq!(flags_of(&node, 40001), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
+    assert_eq!(
+        flags_of(&node, 40001),
+        Some(CT_F_SEEN_REPLY | CT_F_FIN_FORWARD | CT_F_FIN_REPLY | CT_F_CLOSING)
+    );
     assert_eq!(flags_of(&node, 40002), Some(0));
+    assert_eq!(flags_of(&node, 40003), Some(CT_F_SEEN_REPLY | CT_F_CLOSING));
 
     const S: u64 = 1_000_000_000;
     let now = monotonic_now_ns();
     assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
-    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 1);
-    assert_eq!(flags_of(&node, 40001), None, "closing: 10 s");
+    assert_eq!(node.dataplane.conntrack_gc(now + 11 * S).unwrap(), 2);
+    assert_eq!(
+        (flags_of(&node, 40001), flags_of(&node, 40003)),
+        (None, None),
+        "closing: 10 s"
+    );
     assert_eq!(node.dataplane.conntrack_gc(now + 61 * S).unwrap(), 2);
     assert_eq!(
         (flags_of(&node, 40002), flags_of(&node, 5000)),
@@ -798,6 +827,40 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
     let pressure = node.dataplane.pressure().unwrap();
     let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
     assert_eq!(ct.entries, 0);
+}
+
+#[test]
+fn gc_removes_the_connections_of_vanished_endpoints() {
+    let mut node = node();
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, POD_B, 80, TCP_SYN)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        netdev_in(&node, &udp(NATIVE_POD, 1000, POD_B, 53)),
+        TC_ACT_REDIRECT
+    );
+    // A's egress entry, B's two ingress entries.
+    assert_eq!(node.dataplane.conntrack_entries().unwrap().len(), 3);
+    let now = monotonic_now_ns();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
+    let only_a = BTreeMap::from([(
+        POD_A.into(),
+        EndpointInfo {
+            ifindex: LO,
+            identity: ID_A,
+            endpoint_id: EP_A,
+            ..Default::default()
+        },
+    )]);
+    node.dataplane.converge_endpoints(&only_a, true).unwrap();
+    assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 2);
+    let left = node.dataplane.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0.endpoint_id, EP_A);
+    let pressure = node.dataplane.pressure().unwrap();
+    let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
+    assert_eq!((ct.entries, ct.max_entries), (1, 262_144));
 }
 
 #[test]
@@ -821,15 +884,172 @@ fn converge_policy_keeps_stale_entries_until_pruned() {
         (1, 0, 2)
     );
     assert_eq!(node.dataplane.policy().unwrap().len(), 2);
-    assert_eq!(node.dataplane.policy_states().unwrap().len(), 2);
+    let held = node.dataplane.policy_states().unwrap();
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        held[&EP_A],
+        state(1, POLICY_F_DEFAULT_DENY_EGRESS),
+        "new flags; the revision waits for the stale entry to go"
+    );
     let report = node
         .dataplane
         .converge_policy(&entries, &states, true)
         .unwrap();
-    assert_eq!((report.deleted, report.unchanged), (2, 2));
+    assert_eq!(
+        (report.deleted, report.updated, report.unchanged),
+        (2, 1, 1)
+    );
     assert_eq!(node.dataplane.policy().unwrap(), entries);
     assert_eq!(node.dataplane.policy_states().unwrap(), states);
     let pressure = node.dataplane.pressure().unwrap();
     let policy = pressure.iter().find(|p| p.map == "policy").unwrap();
     assert_eq!((policy.entries, policy.max_entries), (1, 65_536));
+}
+
+/// The bug of writing the new revision before the stale entries are gone: a packet in
+/// between is re-judged against a stale allow, and its connection stays open under the new
+/// revision. A call without `prune` leaves exactly that in-between state in place, so it
+/// shows the order: the revision changes only once the stale entries are gone.
+#[test]
+fn one_convergence_re_judges_established_flows_against_only_the_new_entries() {
+    let mut node = node();
+    let https = (rule(EP_A, EG, ID_WORLD, PROTO_TCP, 443, 16), Verdict::Allow);
+    let dns = (rule(EP_A, EG, ID_WORLD, PROTO_UDP, 53, 16), Verdict::Allow);
+    let deny_eg = POLICY_F_DEFAULT_DENY_EGRESS;
+    apply(&mut node, &[https, dns], &[(EP_A, state(1, deny_eg))]);
+    let data = tcp(POD_A, 40000, WORLD, 443, TCP_ACK);
+    let dns_flow = udp(POD_A, 5000, WORLD, 53);
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, WORLD, 443, TCP_SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(out_of_a(&node, &dns_flow), TC_ACT_OK);
+
+    // Revision 2 drops DNS. Without pruning the stale DNS entry stays, and so does
+    // revision 1: the flows are not re-judged against it.
+    let entries = BTreeMap::from([https]);
+    let states = BTreeMap::from([(EP_A, state(2, deny_eg))]);
+    let report = node
+        .dataplane
+        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, false)
+        .unwrap()
+        .1;
+    assert_eq!(report.stale_kept, 1);
+    assert_eq!(node.dataplane.policy_states().unwrap()[&EP_A].revision, 1);
+    assert_eq!(out_of_a(&node, &dns_flow), TC_ACT_OK, "old policy, whole");
+    assert_eq!(out_of_a(&node, &data), TC_ACT_OK);
+
+    // One pruning call: the DNS flow is dropped at its next packet, HTTPS continues.
+    let (_, report) = node
+        .dataplane
+        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, true)
+        .unwrap();
+    assert!(report.is_converged());
+    assert_eq!((report.deleted, report.updated), (1, 1));
+    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+    assert_eq!(
+        out_of_a(&node, &dns_flow),
+        TC_ACT_SHOT,
+        "allowed only by revision 1"
+    );
+    assert_eq!(out_of_a(&node, &data), TC_ACT_OK, "allowed by both");
+    let revisions: Vec<(u8, u32)> = node
+        .dataplane
+        .conntrack_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.proto, v.policy_revision))
+        .collect();
+    assert_eq!(
+        revisions,
+        vec![(6, 2)],
+        "DNS entry removed, HTTPS re-judged"
+    );
+    assert_eq!(count(&node, MetricReason::DropPolicy, EG), 1);
+
+    // A new endpoint: its state is written once (interim revision 0, then its own).
+    let entries = BTreeMap::from([
+        https,
+        (rule(EP_B, EG, ID_WORLD, PROTO_UDP, 53, 16), Verdict::Allow),
+    ]);
+    let states = BTreeMap::from([(EP_A, state(2, deny_eg)), (EP_B, state(1, deny_eg))]);
+    let (_, report) = node
+        .dataplane
+        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, true)
+        .unwrap();
+    assert!(report.is_converged());
+    assert_eq!(report.added, 2, "one entry, one state (counted once)");
+    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+}
+
+#[test]
+fn policy_and_cidrs_converge_together() {
+    let mut node = node();
+    let (block, except) = (LOCAL_IDENTITY_FLAG | 1, LOCAL_IDENTITY_FLAG | 2);
+    let cidrs: BTreeMap<IpNet, u32> = BTreeMap::from([
+        ("10.0.0.0/8".parse().unwrap(), block),
+        ("10.0.3.0/24".parse().unwrap(), except),
+    ]);
+    let entries = BTreeMap::from([
+        (l3(EP_A, EG, 0), Verdict::Allow),
+        (l3(EP_A, EG, except), Verdict::Deny),
+    ]);
+    let states = BTreeMap::from([(EP_A, state(1, POLICY_F_DEFAULT_DENY_EGRESS))]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs, &entries, &states, true)
+        .unwrap();
+    assert_eq!((c.added, p.added), (2, 3));
+    let to_native = tcp(POD_A, 1000, NATIVE_POD, 80, TCP_SYN);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT, "the CIDR deny");
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 1001, WORLD, 80, TCP_SYN)),
+        TC_ACT_OK
+    );
+
+    // The deny and its prefix go; without pruning both stay.
+    let cidrs2 = BTreeMap::from([("10.0.0.0/8".parse().unwrap(), block)]);
+    let entries2 = BTreeMap::from([(l3(EP_A, EG, 0), Verdict::Allow)]);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, false)
+        .unwrap();
+    assert_eq!((c.stale_kept, p.stale_kept), (1, 1));
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT);
+    let (c, p) = node
+        .dataplane
+        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, true)
+        .unwrap();
+    assert_eq!((c.deleted, p.deleted), (1, 1));
+    assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs2);
+    assert_eq!(node.dataplane.policy().unwrap(), entries2);
+    assert_eq!(out_of_a(&node, &to_native), TC_ACT_OK);
+}
+
+#[test]
+fn later_fragments_are_judged_with_the_ports_of_the_first() {
+    let mut node = node();
+    apply(
+        &mut node,
+        &[(rule(EP_B, IN, ID_NATIVE, PROTO_UDP, 53, 16), Verdict::Allow)],
+        &[(EP_B, state(1, POLICY_F_DEFAULT_DENY_INGRESS))],
+    );
+    let rest = |id| fragment(ipv4_frame(NATIVE_POD, POD_B, 17, &[0xAB; 24]), id, false, 2);
+    let first = fragment(udp(NATIVE_POD, 1000, POD_B, 53), 7, true, 0);
+    assert_eq!(netdev_in(&node, &first), TC_ACT_REDIRECT);
+    assert_eq!(
+        netdev_in(&node, &rest(7)),
+        TC_ACT_REDIRECT,
+        "port 53, established"
+    );
+    assert_eq!(
+        netdev_in(&node, &rest(8)),
+        TC_ACT_SHOT,
+        "first fragment never seen: no ports"
+    );
+    let denied = fragment(udp(NATIVE_POD, 1001, POD_B, 54), 9, true, 0);
+    assert_eq!(netdev_in(&node, &denied), TC_ACT_SHOT);
+    assert_eq!(netdev_in(&node, &rest(9)), TC_ACT_SHOT, "port 54");
+    assert_eq!(count(&node, MetricReason::ForwardLocal, IN), 2);
+    assert_eq!(count(&node, MetricReason::DropPolicy, IN), 3);
 }

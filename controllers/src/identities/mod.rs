@@ -15,7 +15,7 @@ pub mod allocator;
 pub mod index;
 pub mod labels;
 
-use crate::runtime::{self, MetricLabel, Reconciler};
+use crate::runtime::{self, Reconciler};
 use allocator::IdentityAllocator;
 use futures::StreamExt;
 use index::{Verdict, gc_verdict};
@@ -67,22 +67,7 @@ impl IdentitiesConfig {
 /// event for it (an endpoint moving to another identity) is noticed.
 const RESYNC: Duration = Duration::from_secs(60);
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    CacheNotReady(#[from] runtime::CacheNotReady),
-}
-
-impl MetricLabel for Error {
-    fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => runtime::kube_error_label(e),
-            Error::CacheNotReady(e) => e.metric_label(),
-        }
-    }
-}
+pub type Error = runtime::ApiError;
 
 struct Identities {
     api: Api<Identity>,

@@ -30,7 +30,7 @@
 
 pub mod pool;
 
-use crate::runtime::{self, DesiredCondition, MetricLabel, Reconciler, conditions};
+use crate::runtime::{self, DesiredCondition, Reconciler, conditions};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
@@ -80,22 +80,7 @@ impl Default for IpamConfig {
 /// How long a node waiting for space is left before looking again (frees also trigger).
 const WAIT_RETRY: Duration = Duration::from_secs(30);
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    CacheNotReady(#[from] runtime::CacheNotReady),
-}
-
-impl MetricLabel for Error {
-    fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => runtime::kube_error_label(e),
-            Error::CacheNotReady(e) => e.metric_label(),
-        }
-    }
-}
+pub type Error = runtime::ApiError;
 
 /// Whether `selector` selects `labels`; an unparsable selector selects nothing.
 fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {

@@ -2,7 +2,7 @@
 //! `ClusterNetworkPolicy`, and `Identity` → one `ResolvedPolicy` per cluster identity.
 //!
 //! Shaped like linkerd2's policy controller: the watches only feed reflector stores and
-//! poke one singleton trigger; each (debounced) reconcile reads the stores whole, runs the
+//! poke one singleton trigger; each reconcile waits for a quiet moment (debounce), then reads the stores whole, runs the
 //! pure [`resolve::resolve`], and [`plan::plan`] decides which `ResolvedPolicy` objects to
 //! write. Nothing is written before every store has completed its first list, so a
 //! restarting operator never publishes a policy from a partial view.
@@ -21,14 +21,14 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use crate::runtime::{self, MetricLabel, Reconciler, conditions};
+use crate::runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::networking::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -67,12 +67,15 @@ const WRITE_CONCURRENCY: usize = 16;
 pub struct PolicyConfig {
     /// Quiet time after a change before resolving, so a burst of changes is one resolve.
     pub debounce_millis: u64,
+    /// A steady stream of changes is resolved at least this long after its first change.
+    pub max_delay_millis: u64,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             debounce_millis: 100,
+            max_delay_millis: 1000,
         }
     }
 }
@@ -117,22 +120,7 @@ fn singleton() -> PolicyResolution {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    CacheNotReady(#[from] runtime::CacheNotReady),
-}
-
-impl MetricLabel for Error {
-    fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(e) => runtime::kube_error_label(e),
-            Error::CacheNotReady(e) => e.metric_label(),
-        }
-    }
-}
+pub type Error = runtime::ApiError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -213,31 +201,91 @@ impl Stores {
     }
 }
 
-/// When the oldest change not yet resolved was observed.
+/// The changes not yet resolved: when the oldest was observed (wall clock, for the
+/// `policy-changed-at` annotation, and monotonic) and when the latest was.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Pending {
+    first_at: DateTime<Utc>,
+    first: Instant,
+    last: Instant,
+}
+
+/// Tracks [`Pending`] changes between the watches (which observe) and the reconcile
+/// (which waits for a quiet moment, then takes them).
 #[derive(Clone, Default)]
-struct ChangeClock(Arc<Mutex<Option<DateTime<Utc>>>>);
+struct ChangeClock(Arc<Mutex<Option<Pending>>>);
 
 impl ChangeClock {
     fn observe(&self) {
-        self.0
-            .lock()
-            .expect("clock lock")
-            .get_or_insert_with(Utc::now);
+        let now = Instant::now();
+        let mut p = self.0.lock().expect("clock lock");
+        match &mut *p {
+            Some(p) => p.last = now,
+            None => {
+                *p = Some(Pending {
+                    first_at: Utc::now(),
+                    first: now,
+                    last: now,
+                })
+            }
+        }
     }
 
-    /// The time of the oldest pending change (now if none), clearing it.
+    /// How long to wait before resolving: until `quiet` passed since the latest change,
+    /// but never more than `max` after the oldest (a steady stream of changes must not
+    /// postpone the resolve forever). `None`: resolve now.
+    fn wait(&self, now: Instant, quiet: Duration, max: Duration) -> Option<Duration> {
+        let p = (*self.0.lock().expect("clock lock"))?;
+        let due = (p.last + quiet).min(p.first + max);
+        (due > now).then(|| due - now)
+    }
+
+    /// The wall-clock time of the oldest pending change (now if none), clearing them.
     fn take(&self) -> DateTime<Utc> {
         self.0
             .lock()
             .expect("clock lock")
             .take()
-            .unwrap_or_else(Utc::now)
+            .map_or_else(Utc::now, |p| p.first_at)
     }
 
-    /// Puts back a change whose resolve failed, so its retry keeps the original time.
-    fn restore(&self, at: DateTime<Utc>) {
-        let mut t = self.0.lock().expect("clock lock");
-        *t = Some(t.map_or(at, |t| t.min(at)));
+    /// Puts back changes whose resolve failed, so the retry keeps their original time.
+    fn restore(&self, first_at: DateTime<Utc>) {
+        let now = Instant::now();
+        let mut p = self.0.lock().expect("clock lock");
+        match &mut *p {
+            Some(p) => p.first_at = p.first_at.min(first_at),
+            None => {
+                *p = Some(Pending {
+                    first_at,
+                    first: now,
+                    last: now,
+                })
+            }
+        }
+    }
+}
+
+/// A spec this term wrote or saw deleted.
+struct Known {
+    spec: ResolvedPolicySpec,
+    /// The watch reported the object deleted (its identity may still live).
+    deleted: bool,
+}
+
+type Written = Arc<Mutex<HashMap<i64, Known>>>;
+
+/// Records `spec` for `id` unless a newer revision is known.
+fn remember(written: &Written, id: i64, spec: &ResolvedPolicySpec, deleted: bool) {
+    let mut w = written.lock().expect("written lock");
+    if w.get(&id).is_none_or(|k| k.spec.revision <= spec.revision) {
+        w.insert(
+            id,
+            Known {
+                spec: spec.clone(),
+                deleted,
+            },
+        );
     }
 }
 
@@ -245,8 +293,11 @@ struct Policy {
     client: kube::Client,
     stores: Stores,
     changes: ChangeClock,
-    /// The last spec written per identity (the store may lag behind our own writes).
-    written: Mutex<HashMap<i64, ResolvedPolicySpec>>,
+    quiet: Duration,
+    max_delay: Duration,
+    /// The last spec written per identity (the store may lag behind our own writes), or
+    /// deleted by someone else (put back with a higher revision).
+    written: Written,
     /// Invalid Kubernetes NetworkPolicies already reported with an Event, by
     /// (namespace, name, generation), so a resolve does not repeat them.
     reported: Mutex<HashSet<(String, String, Option<i64>)>>,
@@ -262,6 +313,13 @@ impl Reconciler for Policy {
 
     async fn reconcile(&self, _: Arc<PolicyResolution>) -> Result<Action, Error> {
         self.stores.ready().await?;
+        // A burst of changes (kubectl apply -f dir/) becomes one resolve.
+        while let Some(wait) = self
+            .changes
+            .wait(Instant::now(), self.quiet, self.max_delay)
+        {
+            tokio::time::sleep(wait).await;
+        }
         let changed_at = self.changes.take();
         let result = self.resolve_and_write(changed_at).await;
         if result.is_err() {
@@ -294,7 +352,8 @@ impl Policy {
                 .set(invalid as i64);
         }
 
-        let plan = plan::plan(&resolution, &self.current());
+        let (current, deleted) = self.current();
+        let plan = plan::plan(&resolution, &current, &deleted);
         debug!(
             identities = resolution.policies.len(),
             sources = resolution.sources.len(),
@@ -335,10 +394,7 @@ impl Policy {
                         "ResolvedPolicy written"
                     );
                     self.metrics.revisions.inc();
-                    self.written
-                        .lock()
-                        .expect("written lock")
-                        .insert(spec.identity, spec);
+                    remember(&self.written, spec.identity, &spec, false);
                 }
                 Err(e) => {
                     warn!(identity = spec.identity, error = %e, "writing the ResolvedPolicy failed");
@@ -361,8 +417,9 @@ impl Policy {
         }
     }
 
-    /// The latest spec known per identity: the store's, or ours if we wrote a newer one.
-    fn current(&self) -> BTreeMap<i64, ResolvedPolicySpec> {
+    /// The latest spec known per identity (the store's, or ours if we wrote a newer one),
+    /// and the last revision of those deleted by someone else.
+    fn current(&self) -> (BTreeMap<i64, ResolvedPolicySpec>, BTreeMap<i64, i64>) {
         let written = self.written.lock().expect("written lock");
         let mut current: BTreeMap<i64, ResolvedPolicySpec> = self
             .stores
@@ -374,15 +431,22 @@ impl Policy {
                 Some((id, rp.spec.clone()))
             })
             .collect();
-        for (id, spec) in written.iter() {
+        let mut deleted = BTreeMap::new();
+        for (id, known) in written.iter() {
+            if known.deleted {
+                if !current.contains_key(id) {
+                    deleted.insert(*id, known.spec.revision);
+                }
+                continue;
+            }
             match current.get(id) {
-                Some(seen) if seen.revision >= spec.revision => {}
+                Some(seen) if seen.revision >= known.spec.revision => {}
                 _ => {
-                    current.insert(*id, spec.clone());
+                    current.insert(*id, known.spec.clone());
                 }
             }
         }
-        current
+        (current, deleted)
     }
 
     async fn delete(&self, api: &Api<ResolvedPolicy>, id: i64) -> Result<(), kube::Error> {
@@ -617,6 +681,7 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         resolved,
     };
     let changes = ChangeClock::default();
+    let written = Written::default();
 
     // The singleton is handed to the controller once every store has its first list, so
     // the first resolve (and /readyz) waits for a complete view.
@@ -634,16 +699,17 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
             )
             .await;
             let one = singleton();
-            trigger_writer.apply_watcher_event(&watcher::Event::Apply(one.clone()));
+            // A complete "list" of one object (InitDone swaps the listed objects in).
+            trigger_writer.apply_watcher_event(&watcher::Event::Init);
+            trigger_writer.apply_watcher_event(&watcher::Event::InitApply(one.clone()));
             trigger_writer.apply_watcher_event(&watcher::Event::InitDone);
             Ok(one)
         }
     };
     let trigger = futures::stream::once(first).chain(futures::stream::pending());
+    // No debounce in the scheduler (it would postpone the resolve for as long as changes
+    // keep coming); the reconcile waits for a quiet moment itself (ChangeClock::wait).
     let controller = Controller::for_stream(trigger, trigger_store)
-        .with_config(
-            controller::Config::default().debounce(Duration::from_millis(config.debounce_millis)),
-        )
         .watches_stream(
             reflect(Api::<k8s::NetworkPolicy>::all(client.clone()), k8s_writer),
             on_change(&changes, true),
@@ -663,14 +729,33 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         // Our own writes come back here; a ResolvedPolicy edited or deleted by someone else
         // is put back. Neither is a policy change, so the clock is not started.
         .watches_stream(
-            reflect(Api::<ResolvedPolicy>::all(client.clone()), rp_writer),
+            {
+                let written = written.clone();
+                watcher(
+                    Api::<ResolvedPolicy>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .default_backoff()
+                .reflect(rp_writer)
+                .map_ok(move |event| {
+                    if let watcher::Event::Delete(rp) = &event
+                        && let Ok(id) = rp.name_any().parse::<i64>()
+                    {
+                        remember(&written, id, &rp.spec, true);
+                    }
+                    event
+                })
+                .touched_objects()
+            },
             on_change(&changes, false),
         );
     let reconciler = Policy {
         client: client.clone(),
         stores,
         changes,
-        written: Mutex::default(),
+        quiet: Duration::from_millis(config.debounce_millis),
+        max_delay: Duration::from_millis(config.max_delay_millis),
+        written,
         reported: Mutex::default(),
         recorder: Recorder::new(
             client,
@@ -684,4 +769,49 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUIET: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_millis(1000);
+
+    #[test]
+    fn the_clock_waits_for_quiet_but_not_forever() {
+        let clock = ChangeClock::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            clock.wait(t0, QUIET, MAX),
+            None,
+            "nothing pending: resolve now"
+        );
+        clock.observe();
+        let p = clock.0.lock().unwrap().unwrap();
+        // Just after the change: wait out the quiet period.
+        assert_eq!(clock.wait(p.last, QUIET, MAX), Some(QUIET));
+        assert_eq!(clock.wait(p.last + QUIET, QUIET, MAX), None);
+        // Changes keep coming: the wait is capped at `MAX` after the first.
+        clock.0.lock().unwrap().as_mut().unwrap().last = p.first + Duration::from_millis(950);
+        assert_eq!(
+            clock.wait(p.first + Duration::from_millis(960), QUIET, MAX),
+            Some(Duration::from_millis(40))
+        );
+        assert_eq!(clock.wait(p.first + MAX, QUIET, MAX), None);
+    }
+
+    #[test]
+    fn the_clock_keeps_the_oldest_change_time() {
+        let clock = ChangeClock::default();
+        clock.observe();
+        let first = clock.0.lock().unwrap().unwrap().first_at;
+        clock.observe();
+        assert_eq!(clock.take(), first);
+        assert!(clock.0.lock().unwrap().is_none());
+        // A failed resolve puts its time back; a newer change does not move it.
+        clock.restore(first);
+        clock.observe();
+        assert_eq!(clock.take(), first);
+    }
 }

@@ -18,14 +18,20 @@ pub struct Plan {
 
 /// Compares the resolution with what exists (`current`: identity → the latest spec known,
 /// written by us or seen in the store). A spec equal but for the revision is left alone;
-/// a changed one gets the previous revision + 1; a new one starts at 1.
-pub fn plan(resolution: &Resolution, current: &BTreeMap<i64, ResolvedPolicySpec>) -> Plan {
+/// a changed one gets the previous revision + 1; a new one starts at 1, or after the
+/// revision in `deleted` (objects deleted by someone else while their identity lives:
+/// put back without the revision going backwards).
+pub fn plan(
+    resolution: &Resolution,
+    current: &BTreeMap<i64, ResolvedPolicySpec>,
+    deleted: &BTreeMap<i64, i64>,
+) -> Plan {
     let mut out = Plan::default();
     for (id, spec) in &resolution.policies {
         let revision = match current.get(id) {
             Some(prev) if same_content(prev, spec) => continue,
             Some(prev) => prev.revision + 1,
-            None => 1,
+            None => deleted.get(id).map_or(1, |r| r + 1),
         };
         out.apply.push(ResolvedPolicySpec {
             revision,
@@ -111,7 +117,11 @@ mod tests {
 
     #[test]
     fn new_specs_start_at_revision_one() {
-        let p = plan(&resolution(&[spec(256, 0, false)]), &BTreeMap::new());
+        let p = plan(
+            &resolution(&[spec(256, 0, false)]),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         assert_eq!(p.apply, vec![spec(256, 1, false)]);
         assert!(p.delete.is_empty());
     }
@@ -123,6 +133,7 @@ mod tests {
         let p = plan(
             &resolution(&[spec(256, 0, false), spec(257, 0, true)]),
             &current,
+            &BTreeMap::new(),
         );
         assert_eq!(p.apply, vec![spec(257, 8, true)]);
     }
@@ -131,9 +142,23 @@ mod tests {
     fn specs_of_vanished_identities_are_deleted() {
         let current: BTreeMap<_, _> =
             [(256, spec(256, 1, false)), (300, spec(300, 2, false))].into();
-        let p = plan(&resolution(&[spec(256, 0, false)]), &current);
+        let p = plan(
+            &resolution(&[spec(256, 0, false)]),
+            &current,
+            &BTreeMap::new(),
+        );
         assert!(p.apply.is_empty());
         assert_eq!(p.delete, vec![300]);
+    }
+
+    #[test]
+    fn a_spec_deleted_by_someone_else_comes_back_with_a_higher_revision() {
+        let p = plan(
+            &resolution(&[spec(256, 0, false)]),
+            &BTreeMap::new(),
+            &[(256, 5)].into(),
+        );
+        assert_eq!(p.apply, vec![spec(256, 6, false)]);
     }
 
     #[test]

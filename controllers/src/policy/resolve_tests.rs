@@ -485,6 +485,57 @@ fn invalid_k8s_policies_contribute_nothing() {
     }
 }
 
+#[test]
+fn k8s_explicit_empty_rule_lists_deny_everything_in_their_types() {
+    let res = resolve(
+        &world(),
+        &kube(vec![k8s_policy(
+            "y",
+            "lockdown",
+            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": []}),
+        )]),
+    );
+    let spec = &res.policies[&id("y", "c")];
+    assert!(spec.default_deny.ingress && spec.default_deny.egress);
+    assert_eq!(spec.ingress, vec![host_allow()]);
+    assert!(spec.egress.is_empty());
+}
+
+#[test]
+fn kinds_add_up_and_a_deny_stays_next_to_the_allow_it_beats() {
+    let res = resolve(
+        &world(),
+        &Sources {
+            kubernetes: vec![k8s_policy(
+                "x",
+                "allow-b",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+            )],
+            namespaced: vec![tnp(
+                "x",
+                "deny-b-80",
+                json!({"endpointSelector": {"matchLabels": {"pod": "a"}},
+                       "enableDefaultDeny": {"ingress": false},
+                       "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"pod": "b"}}],
+                                        "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}),
+            )],
+            ..Default::default()
+        },
+    );
+    let spec = &res.policies[&id("x", "a")];
+    assert!(spec.default_deny.ingress);
+    assert_eq!(
+        spec.ingress,
+        vec![
+            allow(&[HOST, id("x", "b")], &[]),
+            deny(&[id("x", "b")], &[tcp(80)])
+        ]
+    );
+    let kinds: Vec<_> = spec.sources.iter().map(|s| s.kind.as_str()).collect();
+    assert_eq!(kinds, [KIND_KUBERNETES, KIND_NAMESPACED]);
+}
+
 // --- Tendril NetworkPolicy / ClusterNetworkPolicy ------------------------------------------
 
 #[test]

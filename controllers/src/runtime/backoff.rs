@@ -34,6 +34,17 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Refuses a curve that cannot work, naming the keys of the `backoff` section.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.base_millis == 0 || self.max_millis < self.base_millis {
+            return Err("backoff: baseMillis must be > 0 and maxMillis >= baseMillis".into());
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err("backoff: jitter must be within 0..1".into());
+        }
+        Ok(())
+    }
+
     /// The un-jittered delay after `failures` consecutive failures (`failures >= 1`).
     pub fn ceiling(&self, failures: u32) -> Duration {
         let exp = failures.saturating_sub(1).min(62);

@@ -118,6 +118,25 @@ impl MetricLabel for CacheNotReady {
     }
 }
 
+/// The error of a concern whose reconcile only talks to the API and reads caches (most of
+/// them); a concern with failures of its own defines its own enum.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    CacheNotReady(#[from] CacheNotReady),
+}
+
+impl MetricLabel for ApiError {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            ApiError::Kube(e) => kube_error_label(e),
+            ApiError::CacheNotReady(e) => e.metric_label(),
+        }
+    }
+}
+
 /// How long a reconcile waits for a cache before failing (and retrying with backoff).
 pub const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -154,46 +154,6 @@ static __always_inline int load_ports(struct __sk_buff *skb, __u32 off, __u8 pro
 	return 0;
 }
 
-/* Fills `l4` from the packet; transport headers are read with
- * bpf_skb_load_bytes, so they need not be in the linear area. Non-first
- * fragments carry no ports (zero). */
-static __always_inline void parse_l4(struct __sk_buff *skb, const struct pkt4 *pkt,
-				     struct l4_info *l4)
-{
-	struct iphdr *ip4 = pkt->ip4;
-	__u32 off = sizeof(struct ethhdr) + ip4->ihl * 4;
-	__u8 icmp_type = 0xFF, inner_type = 0xFF;
-	struct iphdr inner;
-
-	__builtin_memset(l4, 0, sizeof(*l4));
-	l4->saddr = ip4->saddr;
-	l4->daddr = ip4->daddr;
-	l4->proto = ip4->protocol;
-	if (ip4->frag_off & bpf_htons(0x1FFF))
-		return;
-	if (load_ports(skb, off, l4->proto, &l4->sport, &l4->dport, &icmp_type) < 0)
-		return;
-	if (l4->proto == IPPROTO_TCP)
-		bpf_skb_load_bytes(skb, off + 13, &l4->tcp_flags, 1);
-	if (l4->proto != IPPROTO_ICMP)
-		return;
-	if (icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_SOURCE_QUENCH &&
-	    icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETERPROB)
-		return;
-	/* The quoted packet: its IP header and the first 8 bytes after it. */
-	off += 8;
-	if (bpf_skb_load_bytes(skb, off, &inner, sizeof(inner)) < 0 || inner.version != 4 ||
-	    inner.ihl < 5)
-		return;
-	l4->icmp_error = 1;
-	l4->inner.saddr = inner.saddr;
-	l4->inner.daddr = inner.daddr;
-	l4->inner.proto = inner.protocol;
-	if (!(inner.frag_off & bpf_htons(0x1FFF)))
-		load_ports(skb, off + inner.ihl * 4, inner.protocol, &l4->inner.sport,
-			   &l4->inner.dport, &inner_type);
-}
-
 /* Decrements the TTL as a router does (ip_decrease_ttl), with the
  * incremental checksum update of RFC 1624. Returns -1 when the TTL expires. */
 static __always_inline int ipv4_dec_ttl(struct iphdr *ip4)

@@ -46,8 +46,15 @@ static __always_inline void ct_touch(struct ct_value *entry, const struct l4_inf
 
 	if (reply)
 		flags |= CT_F_SEEN_REPLY;
-	if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
-		flags |= CT_F_CLOSING;
+	if (l4->proto == IPPROTO_TCP) {
+		/* A half-closed connection may still carry data the other way. */
+		if (l4->tcp_flags & TCP_FLAG_FIN)
+			flags |= reply ? CT_F_FIN_REPLY : CT_F_FIN_FORWARD;
+		if ((l4->tcp_flags & TCP_FLAG_RST) ||
+		    (flags & (CT_F_FIN_FORWARD | CT_F_FIN_REPLY)) ==
+			    (CT_F_FIN_FORWARD | CT_F_FIN_REPLY))
+			flags |= CT_F_CLOSING;
+	}
 	if (flags != entry->flags)
 		entry->flags = flags;
 	if (now - entry->last_seen_ns > CT_TOUCH_INTERVAL_NS)

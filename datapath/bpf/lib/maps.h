@@ -136,8 +136,10 @@ struct ct_key {
 };
 
 #define CT_F_SEEN_REPLY 0x01
-#define CT_F_CLOSING 0x02
+#define CT_F_CLOSING 0x02 /* TCP: RST, or FIN in both directions */
 #define CT_F_AUDIT 0x04 /* admitted only because of audit mode */
+#define CT_F_FIN_FORWARD 0x08 /* TCP: FIN seen in the forward direction */
+#define CT_F_FIN_REPLY 0x10 /* TCP: FIN seen in the reply direction */
 struct ct_value {
 	__u64 created_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
 	__u64 last_seen_ns;
@@ -176,6 +178,21 @@ struct policy_event {
 	__u32 ifindex;
 };
 
+/* ipv4_frags: LRU hash, the ports of fragmented datagrams, recorded from
+ * their first fragment for the ones that carry no transport header. */
+struct frag4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag4_ports {
+	__u16 sport; /* host order */
+	__u16 dport;
+};
+
 #define IPCACHE_MAX_ENTRIES 131072
 #define ENDPOINTS_MAX_ENTRIES 8192
 #define METRICS_MAX_ENTRIES 1024
@@ -184,6 +201,7 @@ struct policy_event {
 #define POLICY_CIDRS_MAX_ENTRIES 16384
 #define CONNTRACK_MAX_ENTRIES 262144
 #define EVENTS_RING_BYTES (256 * 1024)
+#define IPV4_FRAGS_MAX_ENTRIES 8192
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -257,6 +275,14 @@ struct {
 	__uint(max_entries, EVENTS_RING_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag4_key);
+	__type(value, struct frag4_ports);
+	__uint(max_entries, IPV4_FRAGS_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipv4_frags SEC(".maps");
 
 static __always_inline struct endpoint_info *lookup_endpoint4(__be32 ip4)
 {

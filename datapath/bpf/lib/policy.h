@@ -195,8 +195,9 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 	} else if (!l4->icmp_error) {
 		ct_create(&key, revision, ct_flags, now);
 	}
+	/* reason: 0 for an allow; the drop reason audit mode waived. */
 	if (state)
-		policy_report(skb, l4, ep, dir, peer, EVENT_POLICY_VERDICT, 0, &d, now);
+		policy_report(skb, l4, ep, dir, peer, EVENT_POLICY_VERDICT, d.reason, &d, now);
 	return POLICY_ALLOW;
 }
 

@@ -61,7 +61,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.agent.print_config {
+    if cli.agent.common.print_config {
         print!("{}", config::to_yaml(&config));
         return ExitCode::SUCCESS;
     }
@@ -114,7 +114,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
     let socket_task = tokio::spawn(server::serve(socket, agent.clone(), shutdown.clone()));
 
     if cli.pod_cidrs.is_empty() {
-        let client = config::kube_client(cli.agent.kubeconfig.as_deref())
+        let client = config::kube_client(cli.agent.common.kubeconfig.as_deref())
             .await
             .context("building the Kubernetes client")?;
         let sync = NodeSyncConfig {

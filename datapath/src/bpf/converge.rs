@@ -6,7 +6,7 @@
 //! a silent drop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt, io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -175,6 +175,106 @@ pub struct MetricSample {
     pub bytes: u64,
 }
 
+/// A policy convergence, read and diffed, not yet applied.
+struct PolicyPlan {
+    desired: BTreeMap<PolicyKey, PolicyValue>,
+    writes: Vec<(PolicyKey, Op)>,
+    deletes: Vec<PolicyKey>,
+    /// The states wanted, and those held before the convergence.
+    states: BTreeMap<u16, PolicyState>,
+    current_states: BTreeMap<u16, PolicyState>,
+    stale_states: Vec<u16>,
+    /// Endpoints some entry of which failed to write: their revision stays.
+    incomplete: BTreeSet<u16>,
+    /// Some prefix failed to write: no revision changes.
+    cidrs_incomplete: bool,
+    /// Endpoints whose interim state was written (and counted).
+    interim_written: BTreeSet<u16>,
+    prune: bool,
+    report: ConvergeReport,
+}
+
+/// One step of a policy convergence, in [`policy_steps`] order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyStep {
+    UpsertEntries,
+    UpsertCidrs,
+    InterimStates,
+    DeleteEntries,
+    DeleteCidrs,
+    FinalStates,
+    DeleteStates,
+    /// Without `prune`: count what steps 4, 5 and 7 would delete as `stale_kept`.
+    KeepStale,
+}
+
+/// The order of [`Dataplane::converge_policy_with_cidrs`].
+pub fn policy_steps(prune: bool) -> Vec<PolicyStep> {
+    use PolicyStep::*;
+    if prune {
+        vec![
+            UpsertEntries,
+            UpsertCidrs,
+            InterimStates,
+            DeleteEntries,
+            DeleteCidrs,
+            FinalStates,
+            DeleteStates,
+        ]
+    } else {
+        vec![
+            UpsertEntries,
+            UpsertCidrs,
+            InterimStates,
+            FinalStates,
+            KeepStale,
+        ]
+    }
+}
+
+/// The states written while stale entries are still in: each endpoint's new default-deny
+/// flags under the revision its connections were judged under — its current one, or 0 (what
+/// conntrack stamps while an endpoint has no state) for an endpoint without a state. Only
+/// what differs from `current` is written.
+pub fn interim_state_writes(
+    current: &BTreeMap<u16, PolicyState>,
+    wanted: &BTreeMap<u16, PolicyState>,
+) -> Vec<(u16, Op, PolicyState)> {
+    wanted
+        .iter()
+        .filter_map(|(id, state)| {
+            let held = current.get(id);
+            let interim = PolicyState {
+                revision: held.map_or(0, |h| h.revision),
+                flags: state.flags,
+            };
+            match held {
+                Some(h) if *h == interim => None,
+                Some(_) => Some((*id, Op::Update, interim)),
+                None => Some((*id, Op::Add, interim)),
+            }
+        })
+        .collect()
+}
+
+struct CidrPlan {
+    desired: BTreeMap<IpcacheKey, PolicyCidrValue>,
+    diff: Diff<IpcacheKey>,
+    report: ConvergeReport,
+}
+
+fn show_policy_key(key: &PolicyKey) -> String {
+    match PolicyEntry::from_key(key) {
+        Some(e) => format!("{e:?}"),
+        None => format!("{key:?}"),
+    }
+}
+
+fn show_net_key(key: &IpcacheKey) -> String {
+    key.to_net()
+        .map_or_else(|| format!("{key:?}"), |net| net.to_string())
+}
+
 /// The pinned maps of one node, typed.
 pub struct Dataplane {
     dir: PathBuf,
@@ -278,25 +378,60 @@ fn apply<K: Copy>(
 }
 
 /// Writes the additions and updates of `diff` into `report`.
-fn upsert<K>(
+fn upsert<K: Copy>(
     report: &mut ConvergeReport,
     diff: &Diff<K>,
     show: impl Fn(&K) -> String,
+    write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
+) {
+    let writes = diff
+        .update
+        .iter()
+        .map(|k| (*k, Op::Update))
+        .chain(diff.add.iter().map(|k| (*k, Op::Add)));
+    upsert_in_order(report, writes, show, write);
+}
+
+fn upsert_in_order<K>(
+    report: &mut ConvergeReport,
+    writes: impl IntoIterator<Item = (K, Op)>,
+    show: impl Fn(&K) -> String,
     mut write: impl FnMut(&K, Op) -> Result<(), MapWriteError>,
 ) {
-    for (keys, op) in [(&diff.update, Op::Update), (&diff.add, Op::Add)] {
-        for key in keys {
-            match write(key, op) {
-                Ok(()) if op == Op::Add => report.added += 1,
-                Ok(()) => report.updated += 1,
-                Err(error) => report.failed.push(ConvergeFailure {
-                    key: show(key),
-                    op,
-                    error,
-                }),
-            }
+    for (key, op) in writes {
+        match write(&key, op) {
+            Ok(()) if op == Op::Add => report.added += 1,
+            Ok(()) => report.updated += 1,
+            Err(error) => report.failed.push(ConvergeFailure {
+                key: show(&key),
+                op,
+                error,
+            }),
         }
     }
+}
+
+/// The order of the policy map's writes and deletions: entries that deny go in before
+/// those that allow, and go out after them, so no single write opens something that a deny
+/// closes in both the old and the new policy (e.g. a new "allow any peer" next to a new
+/// "deny peer P").
+pub fn policy_write_order(
+    diff: &Diff<PolicyKey>,
+    current: &BTreeMap<PolicyKey, PolicyValue>,
+    desired: &BTreeMap<PolicyKey, PolicyValue>,
+) -> (Vec<(PolicyKey, Op)>, Vec<PolicyKey>) {
+    let denies =
+        |value: Option<&PolicyValue>| value.is_some_and(|v| v.verdict == maps::POLICY_VERDICT_DENY);
+    let mut writes: Vec<(PolicyKey, Op)> = diff
+        .update
+        .iter()
+        .map(|k| (*k, Op::Update))
+        .chain(diff.add.iter().map(|k| (*k, Op::Add)))
+        .collect();
+    writes.sort_by_key(|(k, _)| !denies(desired.get(k)));
+    let mut deletes = diff.stale.clone();
+    deletes.sort_by_key(|k| denies(current.get(k)));
+    (writes, deletes)
 }
 
 fn delete_all<K>(
@@ -604,82 +739,244 @@ impl Dataplane {
             })
     }
 
-    /// Converges the policy of every local endpoint, ordered so that no packet sees a state
-    /// that neither the old nor the new policy allows, and nothing both allow closes:
-    /// 1. upsert new and changed entries (each LPM entry is replaced atomically);
-    /// 2. write `policy_state` (flags, revision): established connections are re-judged
-    ///    against the complete new entries from here on;
-    /// 3. delete stale entries (only if `prune`);
-    /// 4. delete the `policy_state` of endpoints absent from `states` (only if `prune`).
-    ///
-    /// `entries` are stored as given: run [`super::policy::propagate_denies`] first. Failures
-    /// (e.g. a full map) are reported per entry and the later steps still run, so the next
-    /// pass (after stale entries were freed) can converge.
+    /// Converges the policy of every local endpoint (`policy` and `policy_state`; `policy_cidrs`
+    /// untouched). The order is that of [`Self::converge_policy_with_cidrs`].
     pub fn converge_policy(
         &mut self,
         entries: &BTreeMap<PolicyEntry, Verdict>,
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
     ) -> Result<ConvergeReport, DataplaneError> {
+        let (_, policy) = self.converge_ordered(None, entries, states, prune)?;
+        Ok(policy)
+    }
+
+    /// Converges `policy`, `policy_cidrs` and `policy_state` in the one order that keeps a
+    /// packet judged by the old policy, the new one or (a new connection, briefly) their
+    /// union, and re-judges established connections only against the complete new policy:
+    /// 1. upsert new and changed entries, denies first (each LPM entry is replaced
+    ///    atomically; entries of a new CIDR id are inert, no prefix maps to it yet);
+    /// 2. upsert new and changed prefixes (an address moving to a new, longer prefix finds
+    ///    that prefix's entries already there);
+    /// 3. interim states: the new default-deny flags under the OLD revision, so no
+    ///    established connection is re-judged while stale entries are still in. An endpoint
+    ///    without a state gets revision 0 — the revision conntrack stamps while an endpoint
+    ///    has no state, so its connections (if any) are not re-judged yet either;
+    /// 4. delete stale entries, denies last (only if `prune`);
+    /// 5. delete stale prefixes (only if `prune`): a removed deny's prefix goes only after
+    ///    the deny itself;
+    /// 6. final states: the revisions change and conntrack re-judges established
+    ///    connections against exactly the new entries;
+    /// 7. delete the states of endpoints absent from `states` (only if `prune`).
+    ///
+    /// Without `prune`, 4, 5 and 7 are skipped and what they would delete is reported as
+    /// `stale_kept`; then 6 skips the endpoints with stale entries kept (all of them while a
+    /// stale prefix is kept): their revision changes in the next pruning call. `entries` are stored as given: run [`super::policy::propagate_denies`]
+    /// first. Failures (e.g. a full map) are reported per entry and the later steps still
+    /// run (stale deletions free room for the next pass), except that the revision of an
+    /// endpoint is not bumped (6) while one of its entries failed to write, nor any
+    /// revision while a prefix failed to write: its established connections would be
+    /// re-judged against an incomplete policy. Returns the reports of (`policy_cidrs`,
+    /// `policy` + `policy_state`).
+    pub fn converge_policy_with_cidrs(
+        &mut self,
+        cidrs: &BTreeMap<IpNet, u32>,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<(ConvergeReport, ConvergeReport), DataplaneError> {
+        self.converge_ordered(Some(cidrs), entries, states, prune)
+    }
+
+    fn converge_ordered(
+        &mut self,
+        cidrs: Option<&BTreeMap<IpNet, u32>>,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<(ConvergeReport, ConvergeReport), DataplaneError> {
+        let mut policy = self.plan_policy(entries, states, prune)?;
+        let mut cidr = cidrs.map(|c| self.plan_cidrs(c)).transpose()?;
+        for step in policy_steps(prune) {
+            self.apply_policy_step(step, &mut policy, cidr.as_mut());
+        }
+        let cidr_report = cidr.map(|c| c.report).unwrap_or_default();
+        Ok((cidr_report, policy.report))
+    }
+
+    fn apply_policy_step(
+        &mut self,
+        step: PolicyStep,
+        plan: &mut PolicyPlan,
+        cidr: Option<&mut CidrPlan>,
+    ) {
+        match step {
+            PolicyStep::UpsertEntries => {
+                let (policy, max) = (&mut self.policy, self.policy_max);
+                let desired = &plan.desired;
+                let failed_before = plan.report.failed.len();
+                let mut failed_eps = Vec::new();
+                upsert_in_order(
+                    &mut plan.report,
+                    plan.writes.iter().copied(),
+                    show_policy_key,
+                    |key, op| {
+                        policy.insert(&key.to_lpm(), desired[key], 0).map_err(|e| {
+                            failed_eps.push(key.endpoint_id);
+                            write_error(maps::POLICY, op, max, e)
+                        })
+                    },
+                );
+                debug_assert_eq!(plan.report.failed.len() - failed_before, failed_eps.len());
+                plan.incomplete.extend(failed_eps);
+            }
+            PolicyStep::UpsertCidrs => {
+                if let Some(cidr) = cidr {
+                    self.cidr_upserts(cidr);
+                    if !cidr.report.failed.is_empty() {
+                        plan.cidrs_incomplete = true;
+                    }
+                }
+            }
+            PolicyStep::InterimStates => {
+                let writes = interim_state_writes(&plan.current_states, &plan.states);
+                let failed_before = plan.report.failed.len();
+                self.write_states(&mut plan.report, writes.clone());
+                let failed: BTreeSet<String> = plan.report.failed[failed_before..]
+                    .iter()
+                    .map(|f| f.key.clone())
+                    .collect();
+                plan.interim_written = writes
+                    .iter()
+                    .map(|(id, _, _)| *id)
+                    .filter(|id| !failed.contains(&format!("policy_state[{id}]")))
+                    .collect();
+            }
+            PolicyStep::DeleteEntries => {
+                let (policy, max) = (&mut self.policy, self.policy_max);
+                delete_all(
+                    &mut plan.report,
+                    &plan.deletes,
+                    show_policy_key,
+                    |key| match policy.remove(&key.to_lpm()) {
+                        Err(e) if !is_not_found(&e) => {
+                            Err(write_error(maps::POLICY, Op::Delete, max, e))
+                        }
+                        _ => Ok(()),
+                    },
+                );
+            }
+            PolicyStep::DeleteCidrs => {
+                if let Some(cidr) = cidr {
+                    self.cidr_prune(cidr);
+                }
+            }
+            PolicyStep::FinalStates => {
+                // Kept stale entries (no `prune`) would take part in the re-judging: the
+                // revision of an endpoint that has any, or of every endpoint while a stale
+                // prefix is kept (it shadows the prefixes containing it), waits for a
+                // pruning pass.
+                if !plan.prune && cidr.is_some_and(|c| !c.diff.stale.is_empty()) {
+                    return;
+                }
+                let stale_eps: BTreeSet<u16> = if plan.prune {
+                    BTreeSet::new()
+                } else {
+                    plan.deletes.iter().map(|k| k.endpoint_id).collect()
+                };
+                let current = self.policy_states().unwrap_or_default();
+                let writes: Vec<(u16, Op, PolicyState)> = plan
+                    .states
+                    .iter()
+                    .filter(|(id, _)| {
+                        !plan.cidrs_incomplete
+                            && !plan.incomplete.contains(id)
+                            && !stale_eps.contains(id)
+                    })
+                    .filter_map(|(id, state)| match current.get(id) {
+                        Some(held) if held == state => None,
+                        Some(_) => Some((*id, Op::Update, *state)),
+                        None => Some((*id, Op::Add, *state)),
+                    })
+                    .collect();
+                // An endpoint whose interim state was written is counted once.
+                let (again, first): (Vec<_>, Vec<_>) = writes
+                    .into_iter()
+                    .partition(|(id, _, _)| plan.interim_written.contains(id));
+                self.write_states(&mut plan.report, first);
+                let mut scratch = ConvergeReport::default();
+                self.write_states(&mut scratch, again);
+                plan.report.failed.append(&mut scratch.failed);
+            }
+            PolicyStep::DeleteStates => {
+                let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+                delete_all(
+                    &mut plan.report,
+                    &plan.stale_states,
+                    |id| format!("policy_state[{id}]"),
+                    |id| match policy_state.remove(id) {
+                        Err(e) if !is_not_found(&e) => {
+                            Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
+                        }
+                        _ => Ok(()),
+                    },
+                );
+            }
+            PolicyStep::KeepStale => {
+                plan.report.stale_kept = plan.deletes.len() + plan.stale_states.len();
+                if let Some(cidr) = cidr {
+                    cidr.report.stale_kept = cidr.diff.stale.len();
+                }
+            }
+        }
+    }
+
+    /// Writes `policy_state` entries, each reported.
+    fn write_states(&mut self, report: &mut ConvergeReport, writes: Vec<(u16, Op, PolicyState)>) {
+        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
+        upsert_in_order(
+            report,
+            writes.into_iter().map(|(id, op, state)| ((id, state), op)),
+            |(id, _)| format!("policy_state[{id}]"),
+            |(id, state), op| {
+                policy_state
+                    .insert(id, state, 0)
+                    .map_err(|e| write_error(maps::POLICY_STATE, op, max, e))
+            },
+        );
+    }
+
+    fn plan_policy(
+        &self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        prune: bool,
+    ) -> Result<PolicyPlan, DataplaneError> {
         let desired: BTreeMap<PolicyKey, PolicyValue> = entries
             .iter()
             .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
             .collect();
-        let entries_diff = diff(&self.policy_raw()?, &desired);
-        let states_diff = diff(&self.policy_states()?, states);
-        let mut report = ConvergeReport {
-            unchanged: entries_diff.unchanged + states_diff.unchanged,
-            ..ConvergeReport::default()
-        };
-        let show_key = |key: &PolicyKey| match PolicyEntry::from_key(key) {
-            Some(e) => format!("{e:?}"),
-            None => format!("{key:?}"),
-        };
-        let show_state = |id: &u16| format!("policy_state[{id}]");
-
-        // 1. Upserts.
-        let (policy, max) = (&mut self.policy, self.policy_max);
-        upsert(&mut report, &entries_diff, show_key, |key, op| {
-            policy
-                .insert(&key.to_lpm(), desired[key], 0)
-                .map_err(|e| write_error(maps::POLICY, op, max, e))
-        });
-        // 2. States.
-        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
-        upsert(&mut report, &states_diff, show_state, |id, op| {
-            policy_state
-                .insert(id, states[id], 0)
-                .map_err(|e| write_error(maps::POLICY_STATE, op, max, e))
-        });
-        if !prune {
-            report.stale_kept = entries_diff.stale.len() + states_diff.stale.len();
-            return Ok(report);
-        }
-        // 3. Stale entries.
-        let (policy, max) = (&mut self.policy, self.policy_max);
-        delete_all(
-            &mut report,
-            &entries_diff.stale,
-            show_key,
-            |key| match policy.remove(&key.to_lpm()) {
-                Err(e) if !is_not_found(&e) => Err(write_error(maps::POLICY, Op::Delete, max, e)),
-                _ => Ok(()),
+        let current = self.policy_raw()?;
+        let entries_diff = diff(&current, &desired);
+        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
+        let current_states = self.policy_states()?;
+        let states_diff = diff(&current_states, states);
+        Ok(PolicyPlan {
+            report: ConvergeReport {
+                unchanged: entries_diff.unchanged + states_diff.unchanged,
+                ..ConvergeReport::default()
             },
-        );
-        // 4. Vanished endpoints.
-        let (policy_state, max) = (&mut self.policy_state, self.policy_state_max);
-        delete_all(
-            &mut report,
-            &states_diff.stale,
-            show_state,
-            |id| match policy_state.remove(id) {
-                Err(e) if !is_not_found(&e) => {
-                    Err(write_error(maps::POLICY_STATE, Op::Delete, max, e))
-                }
-                _ => Ok(()),
-            },
-        );
-        Ok(report)
+            desired,
+            writes,
+            deletes,
+            states: states.clone(),
+            current_states,
+            stale_states: states_diff.stale,
+            incomplete: BTreeSet::new(),
+            cidrs_incomplete: false,
+            interim_written: BTreeSet::new(),
+            prune,
+        })
     }
 
     fn policy_cidrs_raw(&self) -> Result<BTreeMap<IpcacheKey, PolicyCidrValue>, DataplaneError> {
@@ -704,12 +1001,24 @@ impl Dataplane {
     }
 
     /// Converges `policy_cidrs` (prefix → node-local CIDR identity). Additions and changes
-    /// first, then (only if `prune`) deletions.
+    /// first, then (only if `prune`) deletions. See [`Self::converge_policy_with_cidrs`] for
+    /// changing prefixes and policy together.
     pub fn converge_policy_cidrs(
         &mut self,
         cidrs: &BTreeMap<IpNet, u32>,
         prune: bool,
     ) -> Result<ConvergeReport, DataplaneError> {
+        let mut plan = self.plan_cidrs(cidrs)?;
+        self.cidr_upserts(&mut plan);
+        if prune {
+            self.cidr_prune(&mut plan);
+        } else {
+            plan.report.stale_kept = plan.diff.stale.len();
+        }
+        Ok(plan.report)
+    }
+
+    fn plan_cidrs(&self, cidrs: &BTreeMap<IpNet, u32>) -> Result<CidrPlan, DataplaneError> {
         let desired: BTreeMap<IpcacheKey, PolicyCidrValue> = cidrs
             .iter()
             .map(|(net, identity)| {
@@ -722,33 +1031,39 @@ impl Dataplane {
                 )
             })
             .collect();
-        let d = diff(&self.policy_cidrs_raw()?, &desired);
-        let mut report = ConvergeReport {
-            unchanged: d.unchanged,
-            ..ConvergeReport::default()
-        };
-        let show = |key: &IpcacheKey| {
-            key.to_net()
-                .map_or_else(|| format!("{key:?}"), |net| net.to_string())
-        };
+        let diff = diff(&self.policy_cidrs_raw()?, &desired);
+        Ok(CidrPlan {
+            report: ConvergeReport {
+                unchanged: diff.unchanged,
+                ..ConvergeReport::default()
+            },
+            desired,
+            diff,
+        })
+    }
+
+    fn cidr_upserts(&mut self, plan: &mut CidrPlan) {
         let (map, max) = (&mut self.policy_cidrs, self.policy_cidrs_max);
-        upsert(&mut report, &d, show, |key, op| {
+        let desired = &plan.desired;
+        upsert(&mut plan.report, &plan.diff, show_net_key, |key, op| {
             map.insert(&key.to_lpm(), desired[key], 0)
                 .map_err(|e| write_error(maps::POLICY_CIDRS, op, max, e))
         });
-        if !prune {
-            report.stale_kept = d.stale.len();
-            return Ok(report);
-        }
-        delete_all(&mut report, &d.stale, show, |key| {
-            match map.remove(&key.to_lpm()) {
+    }
+
+    fn cidr_prune(&mut self, plan: &mut CidrPlan) {
+        let (map, max) = (&mut self.policy_cidrs, self.policy_cidrs_max);
+        delete_all(
+            &mut plan.report,
+            &plan.diff.stale,
+            show_net_key,
+            |key| match map.remove(&key.to_lpm()) {
                 Err(e) if !is_not_found(&e) => {
                     Err(write_error(maps::POLICY_CIDRS, Op::Delete, max, e))
                 }
                 _ => Ok(()),
-            }
-        });
-        Ok(report)
+            },
+        );
     }
 
     /// Every conntrack entry (for inspection and tests; the map may hold 256k entries).
@@ -764,10 +1079,11 @@ impl Dataplane {
 
     /// Removes the conntrack entries idle for longer than their timeout
     /// ([`super::policy::ct_timeout_ns`]) at `now_ns` (CLOCK_MONOTONIC, as
-    /// [`super::policy::monotonic_now_ns`] reads it). Returns how many were removed.
+    /// [`super::policy::monotonic_now_ns`] reads it), and those of endpoints no longer in
+    /// the endpoints map. Returns how many were removed.
     pub fn conntrack_gc(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
         let mut expired = Vec::new();
-        let mut live = 0u32;
+        let mut live = Vec::new();
         for entry in self.conntrack.iter() {
             let (key, value) = match entry {
                 Ok(kv) => kv,
@@ -784,9 +1100,20 @@ impl Dataplane {
             if idle > ct_timeout_ns(key.proto, value.flags) {
                 expired.push(key);
             } else {
-                live += 1;
+                live.push(key);
             }
         }
+        // Read after the entries: an endpoint an entry was created for is in this view
+        // unless it has been removed since.
+        let endpoint_ids: std::collections::BTreeSet<u16> = self
+            .endpoints_raw()?
+            .values()
+            .map(|info| info.endpoint_id)
+            .collect();
+        let (orphaned, live): (Vec<CtKey>, Vec<CtKey>) = live
+            .into_iter()
+            .partition(|key| !endpoint_ids.contains(&key.endpoint_id));
+        expired.extend(orphaned);
         let mut removed = 0;
         for key in &expired {
             match self.conntrack.remove(key) {
@@ -799,7 +1126,7 @@ impl Dataplane {
                 }
             }
         }
-        self.conntrack_entries = Some(live);
+        self.conntrack_entries = Some(u32::try_from(live.len()).unwrap_or(u32::MAX));
         Ok(removed)
     }
 
@@ -831,6 +1158,83 @@ mod tests {
                 unchanged: 1
             }
         );
+    }
+
+    #[test]
+    fn policy_denies_are_written_first_and_deleted_last() {
+        use crate::bpf::{
+            maps::Direction,
+            policy::{PolicyEntry, Verdict},
+        };
+        let e = |peer| PolicyEntry {
+            endpoint_id: 1,
+            direction: Direction::Ingress,
+            peer,
+            protocol: 0,
+            port: 0,
+            port_prefix: 0,
+        };
+        let kv = |peer, verdict: Verdict| (e(peer).to_key(), verdict.to_value(&e(peer)));
+        let current = BTreeMap::from([
+            kv(1, Verdict::Deny),
+            kv(2, Verdict::Allow),
+            kv(5, Verdict::Allow),
+        ]);
+        let desired = BTreeMap::from([
+            kv(0, Verdict::Allow),
+            kv(3, Verdict::Deny),
+            kv(5, Verdict::Deny),
+        ]);
+        let d = diff(&current, &desired);
+        let (writes, deletes) = policy_write_order(&d, &current, &desired);
+        let peers: Vec<(u32, Op)> = writes
+            .iter()
+            .map(|(k, op)| (k.peer_identity, *op))
+            .collect();
+        assert_eq!(peers, vec![(5, Op::Update), (3, Op::Add), (0, Op::Add)]);
+        let peers: Vec<u32> = deletes.iter().map(|k| k.peer_identity).collect();
+        assert_eq!(peers, vec![2, 1]);
+    }
+
+    #[test]
+    fn policy_steps_delete_only_after_every_upsert_and_bump_revisions_after_deletes() {
+        use PolicyStep::*;
+        assert_eq!(
+            policy_steps(true),
+            vec![
+                UpsertEntries,
+                UpsertCidrs,
+                InterimStates,
+                DeleteEntries,
+                DeleteCidrs,
+                FinalStates,
+                DeleteStates
+            ]
+        );
+        assert_eq!(
+            policy_steps(false),
+            vec![
+                UpsertEntries,
+                UpsertCidrs,
+                InterimStates,
+                FinalStates,
+                KeepStale
+            ]
+        );
+    }
+
+    #[test]
+    fn interim_states_keep_the_old_revision_or_0_and_take_the_new_flags() {
+        let st = |revision, flags| PolicyState { revision, flags };
+        let current = BTreeMap::from([(1, st(4, 3)), (2, st(9, 0)), (3, st(1, 1)), (5, st(7, 2))]);
+        let wanted = BTreeMap::from([(1, st(5, 1)), (2, st(9, 0)), (4, st(2, 2)), (5, st(8, 2))]);
+        assert_eq!(
+            interim_state_writes(&current, &wanted),
+            vec![(1, Op::Update, st(4, 1)), (4, Op::Add, st(0, 2))],
+            "2 unchanged; 3 vanishes later; 4 is new: revision 0, as conntrack stamps it \
+             without a state; 5 only changes its revision, in the final step"
+        );
+        assert!(interim_state_writes(&wanted, &wanted).is_empty());
     }
 
     #[test]

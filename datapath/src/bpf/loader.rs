@@ -5,7 +5,7 @@
 //! ```text
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
 //! <dir>/policy, policy_state, policy_cidrs,
-//!       conntrack, events                           policy maps (issue 6)
+//!       conntrack, events, ipv4_frags               policy maps (issue 6)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
 //!
@@ -477,7 +477,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 9] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 10] {
     use std::mem::size_of;
     [
         (
@@ -537,6 +537,13 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             sizes.conntrack,
         ),
         (maps::EVENTS, MapType::RingBuf, 0, 0, sizes.events),
+        (
+            maps::IPV4_FRAGS,
+            MapType::LruHash,
+            size_of::<maps::Frag4Key>(),
+            size_of::<maps::Frag4Ports>(),
+            maps::IPV4_FRAGS_MAX_ENTRIES,
+        ),
     ]
 }
 

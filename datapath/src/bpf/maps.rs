@@ -16,6 +16,7 @@ pub const POLICY_STATE: &str = "policy_state";
 pub const POLICY_CIDRS: &str = "policy_cidrs";
 pub const CONNTRACK: &str = "conntrack";
 pub const EVENTS: &str = "events";
+pub const IPV4_FRAGS: &str = "ipv4_frags";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
@@ -27,6 +28,8 @@ pub const POLICY_CIDRS_MAX_ENTRIES: u32 = 16_384;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Bytes of the `events` ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Fragmented datagrams whose ports are remembered (LRU; not configurable).
+pub const IPV4_FRAGS_MAX_ENTRIES: u32 = 8192;
 
 /// `AF_INET` / `AF_INET6`, as the programs store them.
 pub const FAMILY_IPV4: u8 = 2;
@@ -50,8 +53,12 @@ pub const POLICY_VERDICT_DENY: u8 = 2;
 
 /// `CT_F_*` in `ct_value.flags`.
 pub const CT_F_SEEN_REPLY: u8 = 0x01;
+/// TCP: RST, or FIN in both directions.
 pub const CT_F_CLOSING: u8 = 0x02;
+/// Admitted only because of audit mode (judged again when audit mode is off).
 pub const CT_F_AUDIT: u8 = 0x04;
+pub const CT_F_FIN_FORWARD: u8 = 0x08;
+pub const CT_F_FIN_REPLY: u8 = 0x10;
 
 /// The 24 bits of the VXLAN VNI that carry the source identity.
 pub const IDENTITY_MAX_VNI: u32 = 0x00FF_FFFF;
@@ -382,6 +389,26 @@ pub struct RawPolicyEvent {
     pub ifindex: u32,
 }
 
+/// `struct frag4_key`: one fragmented IPv4 datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frag4Key {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// IP identification, network order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct frag4_ports`: the ports its first fragment carried (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag4Ports {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -401,6 +428,8 @@ unsafe impl aya::Pod for PolicyCidrValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for RawPolicyEvent {}
+unsafe impl aya::Pod for Frag4Key {}
+unsafe impl aya::Pod for Frag4Ports {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]

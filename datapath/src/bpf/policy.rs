@@ -273,7 +273,8 @@ pub struct PolicyEvent {
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     pub kind: EventKind,
-    /// The drop reason (`None` for a verdict event, or a reason this build does not know).
+    /// The drop reason; for an audit verdict the reason audit mode waived; `None` for an
+    /// allow (or a reason this build does not know).
     pub reason: Option<MetricReason>,
     pub raw_reason: u8,
     /// The enforcement direction (policy events) or the counting direction (other drops).

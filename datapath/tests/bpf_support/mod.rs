@@ -234,3 +234,15 @@ pub fn icmp_unreachable(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> 
     h.extend_from_slice(&quoted[14..14 + 28]);
     ipv4_frame(src, dst, 1, &h)
 }
+
+/// Makes `frame` an IPv4 fragment: identification `id`, more-fragments flag, offset in
+/// 8-byte units; the header checksum is recomputed.
+pub fn fragment(mut frame: Vec<u8>, id: u16, more: bool, offset: u16) -> Vec<u8> {
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    let flags_offset = if more { 0x2000 } else { 0 } | (offset & 0x1FFF);
+    frame[20..22].copy_from_slice(&flags_offset.to_be_bytes());
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
+    frame
+}

@@ -3,7 +3,7 @@
 //! field (with its default in `Default`), document it in config/agent.yaml, and, if it
 //! needs one, a flag in `AgentArgs` applied in `resolve`.
 
-use super::{ConfigError, HttpConfig, LogFormat, LoggingConfig, load_or_default};
+use super::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
 use crate::runtime::backoff::Backoff;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,7 @@ impl Default for AgentConfig {
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.backoff.validate().map_err(ConfigError::Invalid)?;
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid(
                 "nodeName is required (--node-name or TENDRIL_NODE_NAME)".into(),
@@ -212,12 +213,8 @@ impl AgentConfig {
     about = "Tendril's node datapath reconciler"
 )]
 pub struct AgentArgs {
-    /// Configuration file (YAML); without it the compiled-in defaults apply.
-    #[arg(long, env = "TENDRIL_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, then in-cluster).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// The Node this agent serves (nodeName).
     #[arg(long, env = "TENDRIL_NODE_NAME")]
     pub node_name: Option<String>,
@@ -239,15 +236,6 @@ pub struct AgentArgs {
     /// mtu.
     #[arg(long, env = "TENDRIL_MTU")]
     pub mtu: Option<u32>,
-    /// Address of /metrics, /healthz and /readyz (http.bindAddress).
-    #[arg(long, env = "TENDRIL_METRICS_BIND")]
-    pub metrics_bind: Option<String>,
-    /// Log format (logging.format).
-    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter (logging.level); RUST_LOG wins over both.
-    #[arg(long, env = "TENDRIL_LOG_LEVEL")]
-    pub log_level: Option<String>,
     /// Policy audit mode (policy.auditMode): would-be drops are counted and reported, the
     /// packets pass. `--policy-audit-mode` alone means true.
     #[arg(
@@ -258,15 +246,14 @@ pub struct AgentArgs {
         value_name = "BOOL"
     )]
     pub policy_audit_mode: Option<bool>,
-    /// Print the effective configuration as YAML and exit.
-    #[arg(long)]
-    pub print_config: bool,
 }
 
 impl AgentArgs {
     /// The effective configuration without validation (for `--print-config`).
     pub fn merged(&self) -> Result<AgentConfig, ConfigError> {
-        let mut cfg: AgentConfig = load_or_default(self.config.as_deref())?;
+        let mut cfg: AgentConfig = self
+            .common
+            .load(|c: &mut AgentConfig| (&mut c.http, &mut c.logging))?;
         if let Some(v) = &self.node_name {
             cfg.node_name = v.clone();
         }
@@ -288,15 +275,6 @@ impl AgentArgs {
         if let Some(v) = self.mtu {
             cfg.mtu = v;
         }
-        if let Some(v) = &self.metrics_bind {
-            cfg.http.bind_address = v.clone();
-        }
-        if let Some(v) = self.log_format {
-            cfg.logging.format = v;
-        }
-        if let Some(v) = &self.log_level {
-            cfg.logging.level = v.clone();
-        }
         if let Some(v) = self.policy_audit_mode {
             cfg.policy.audit_mode = v;
         }
@@ -314,6 +292,16 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_backoff_is_refused_like_the_operators() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, b"nodeName: n1\nbackoff:\n  baseMillis: 0\n").unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let args = AgentArgs::try_parse_from(["tendril-agent", "--config", &path]).unwrap();
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("baseMillis"), "{err}");
+    }
 
     #[test]
     fn flags_override_defaults_and_node_name_is_required() {

@@ -30,6 +30,50 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The flags every binary has; flattened into [`OperatorArgs`] and [`AgentArgs`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (YAML); without it the compiled-in defaults apply.
+    #[arg(long, env = "TENDRIL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, then in-cluster).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /readyz (http.bindAddress).
+    #[arg(long, env = "TENDRIL_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+    /// Log format (logging.format).
+    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (logging.level); RUST_LOG wins over both.
+    #[arg(long, env = "TENDRIL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl CommonArgs {
+    /// The config file (or the defaults) with the common flags applied over it.
+    pub fn load<C: DeserializeOwned + Default>(
+        &self,
+        sections: impl FnOnce(&mut C) -> (&mut HttpConfig, &mut LoggingConfig),
+    ) -> Result<C, ConfigError> {
+        let mut cfg: C = load_or_default(self.config.as_deref())?;
+        let (http, logging) = sections(&mut cfg);
+        if let Some(v) = &self.metrics_bind {
+            http.bind_address = v.clone();
+        }
+        if let Some(v) = self.log_format {
+            logging.format = v;
+        }
+        if let Some(v) = &self.log_level {
+            logging.level = v.clone();
+        }
+        Ok(cfg)
+    }
+}
+
 /// The HTTP port of a binary (`/metrics`, `/healthz`, `/readyz`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

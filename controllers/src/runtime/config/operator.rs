@@ -4,12 +4,11 @@
 //! `#[serde(rename_all = "camelCase", deny_unknown_fields, default)]`) and document it,
 //! with its defaults, in config/operator.yaml.
 
-use super::{ConfigError, HttpConfig, LogFormat, LoggingConfig, load_or_default};
+use super::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::leader::LeaderElectionConfig;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -51,16 +50,7 @@ impl OperatorConfig {
         self.leader_election
             .validate()
             .map_err(ConfigError::Invalid)?;
-        if self.backoff.base_millis == 0 || self.backoff.max_millis < self.backoff.base_millis {
-            return Err(ConfigError::Invalid(
-                "backoff: baseMillis must be > 0 and maxMillis >= baseMillis".into(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.backoff.jitter) {
-            return Err(ConfigError::Invalid(
-                "backoff: jitter must be within 0..1".into(),
-            ));
-        }
+        self.backoff.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
@@ -74,15 +64,8 @@ impl OperatorConfig {
     about = "Tendril's cluster-wide reconcilers"
 )]
 pub struct OperatorArgs {
-    /// Configuration file (YAML); without it the compiled-in defaults apply.
-    #[arg(long, env = "TENDRIL_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, then in-cluster).
-    #[arg(long)]
-    pub kubeconfig: Option<PathBuf>,
-    /// Address of /metrics, /healthz and /readyz (http.bindAddress).
-    #[arg(long, env = "TENDRIL_METRICS_BIND")]
-    pub metrics_bind: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Run controllers only while holding the Lease (leaderElection.enabled).
     #[arg(long, env = "TENDRIL_LEADER_ELECT", num_args = 0..=1, default_missing_value = "true")]
     pub leader_elect: Option<bool>,
@@ -101,25 +84,15 @@ pub struct OperatorArgs {
     /// Leader election identity (default: hostname_pid).
     #[arg(long, env = "TENDRIL_LEADER_IDENTITY")]
     pub leader_identity: Option<String>,
-    /// Log format (logging.format).
-    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter (logging.level); RUST_LOG wins over both.
-    #[arg(long, env = "TENDRIL_LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Print the effective configuration as YAML and exit.
-    #[arg(long)]
-    pub print_config: bool,
 }
 
 impl OperatorArgs {
     /// The effective configuration: defaults, then the file, then env and flags.
     pub fn resolve(&self) -> Result<OperatorConfig, ConfigError> {
-        let mut cfg: OperatorConfig = load_or_default(self.config.as_deref())?;
+        let mut cfg: OperatorConfig = self
+            .common
+            .load(|c: &mut OperatorConfig| (&mut c.http, &mut c.logging))?;
         let le = &mut cfg.leader_election;
-        if let Some(v) = &self.metrics_bind {
-            cfg.http.bind_address = v.clone();
-        }
         if let Some(v) = self.leader_elect {
             le.enabled = v;
         }
@@ -135,12 +108,6 @@ impl OperatorArgs {
         if let Some(v) = self.renew_grace_seconds {
             le.renew_grace_seconds = v;
         }
-        if let Some(v) = self.log_format {
-            cfg.logging.format = v;
-        }
-        if let Some(v) = &self.log_level {
-            cfg.logging.level = v.clone();
-        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -149,6 +116,7 @@ impl OperatorArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::config::LogFormat;
     use std::io::Write;
 
     #[test]

@@ -372,6 +372,36 @@ mod tests {
         assert_eq!(limit_of(None), None);
     }
 
+    #[tokio::test]
+    async fn flows_are_served_as_json() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let log = FlowLog::new(8);
+        for port in [80u16, 81] {
+            let mut flow = decode(&raw(EVENT_POLICY_VERDICT, 1, 0), |_| "t".into()).unwrap();
+            flow.destination = format!("10.0.0.2:{port}");
+            log.push(flow);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(axum::serve(listener, router(log)).into_future());
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /flows?limit=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        server.abort();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let flows: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(flows.as_array().unwrap().len(), 1);
+        assert_eq!(flows[0]["destination"], "10.0.0.2:81");
+        assert_eq!(flows[0]["match"], "l4");
+        assert_eq!(flows[0]["verdict"], "allow");
+        assert_eq!(flows[0]["sourceIdentity"], 300);
+    }
+
     #[test]
     fn the_rate_limit_resets_every_second() {
         let mut limit = RateLimit::new(2);

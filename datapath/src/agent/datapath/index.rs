@@ -1,10 +1,11 @@
 //! The desired datapath of one node, computed from the watched objects: a pure function of
-//! the `NodeNetwork`s and `Endpoint`s (values in, values out), so it is tested without a
-//! kernel or an API server. What cannot be realized yet (no identity allocated, no node
+//! the `NodeNetwork`s, `Endpoint`s and the kube-apiserver's `EndpointSlice`s (values in,
+//! values out), so it is tested without a kernel or an API server. What cannot be realized yet (no identity allocated, no node
 //! address known) is listed as pending with the reason, never silently left out.
 
 use crate::bpf::maps::IpcacheValue;
 use ipnet::IpNet;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use tendril_controllers::runtime::config::RoutingMode;
@@ -13,6 +14,8 @@ use tendril_crds::v1alpha1::{Endpoint, NamedPort, NodeNetwork};
 /// Reserved identities (DESIGN.md §4).
 pub const IDENTITY_HOST: u32 = 1;
 pub const IDENTITY_REMOTE_NODE: u32 = 6;
+/// The entity `kube-apiserver`: the addresses of the `kubernetes` Service's endpoints.
+pub const IDENTITY_KUBE_APISERVER: u32 = 7;
 
 /// `namespace/name` of an Endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,12 +95,36 @@ fn endpoint_id(ip: IpAddr) -> u16 {
     }
 }
 
-/// The datapath `node` should have, given every `NodeNetwork` and `Endpoint`.
+/// The ready IPv4 addresses of `slices` (an endpoint without `ready` condition is ready,
+/// as the API defines). IPv6 and FQDN addresses are left out: the datapath is IPv4-only.
+fn ready_ipv4s<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Vec<Ipv4Addr> {
+    slices
+        .into_iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .flat_map(|ep| &ep.addresses)
+        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .collect()
+}
+
+/// The datapath `node` should have, given every `NodeNetwork` and `Endpoint`, and the
+/// `kubernetes` Service's `EndpointSlice`s (namespace `default`).
+///
+/// Every ready address of the kube-apiserver gets [`IDENTITY_KUBE_APISERVER`] (a /32),
+/// unless a node or a pod already gives it an identity: an address has one identity, and a
+/// node address keeps `host` (1) on its own node and `remote-node` (6) elsewhere. So where
+/// the apiserver listens on node addresses (host network, the usual kubeadm setup), the
+/// entity `kube-apiserver` matches none of its traffic and policies must allow `host` and
+/// `remote-node` (which match every node, not only the apiserver's). Cilium instead merges
+/// the labels: a remote node running the apiserver gets identity 7 labelled both
+/// `kube-apiserver` and `remote-node`, and the local host identity gains the
+/// `kube-apiserver` label, so either entity matches there.
 pub fn desired<'a>(
     node: &str,
     mode: RoutingMode,
     networks: impl IntoIterator<Item = &'a NodeNetwork>,
     endpoints: impl IntoIterator<Item = &'a Endpoint>,
+    apiserver: impl IntoIterator<Item = &'a EndpointSlice>,
 ) -> Desired {
     let mut out = Desired::default();
     let mut node_ips: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
@@ -188,14 +215,50 @@ pub fn desired<'a>(
     }
     local.sort_by(|a, b| a.key.cmp(&b.key));
     out.local = local;
+    // Last: an address a node or a pod gave an identity above keeps it.
+    for ip in ready_ipv4s(apiserver) {
+        out.ipcache
+            .entry(IpNet::from(IpAddr::V4(ip)))
+            .or_insert(IpcacheValue::new(IDENTITY_KUBE_APISERVER, None));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions};
     use tendril_crds::common::NodeAddress;
     use tendril_crds::v1alpha1::{EndpointSpec, NodeNetworkSpec};
+
+    const NO_SLICES: &[EndpointSlice] = &[];
+
+    /// A slice of the `kubernetes` Service: one endpoint per (address, ready condition).
+    fn slice(address_type: &str, endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        EndpointSlice {
+            address_type: address_type.into(),
+            endpoints: endpoints
+                .iter()
+                .map(|(address, ready)| SliceEndpoint {
+                    addresses: vec![(*address).into()],
+                    conditions: ready.map(|ready| EndpointConditions {
+                        ready: Some(ready),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn with_identity(d: &Desired, identity: u32) -> Vec<IpNet> {
+        d.ipcache
+            .iter()
+            .filter(|(_, v)| v.identity == identity)
+            .map(|(net, _)| *net)
+            .collect()
+    }
 
     fn network(name: &str, ip: &str, cidr: &str, generation: i64) -> NodeNetwork {
         let mut nn = NodeNetwork::new(
@@ -249,7 +312,7 @@ mod tests {
     #[test]
     fn overlay_tunnels_remote_pods_and_routes_their_cidrs_into_the_device() {
         let (nns, eps) = cluster();
-        let d = desired("a", RoutingMode::Overlay, &nns, &eps);
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
         assert_eq!(d.generation, Some(4));
         assert_eq!(d.node_ip, Some(Ipv4Addr::new(10, 250, 0, 10)));
         assert_eq!(
@@ -293,7 +356,7 @@ mod tests {
     #[test]
     fn native_routes_via_the_other_node_without_tunnel_endpoints() {
         let (nns, eps) = cluster();
-        let d = desired("b", RoutingMode::Native, &nns, &eps);
+        let d = desired("b", RoutingMode::Native, &nns, &eps, NO_SLICES);
         assert_eq!(
             d.routes,
             BTreeMap::from([(
@@ -317,11 +380,85 @@ mod tests {
     fn a_node_without_address_gets_no_tunnel_and_no_route() {
         let (mut nns, eps) = cluster();
         nns[1].spec.addresses.clear();
-        let d = desired("a", RoutingMode::Overlay, &nns, &eps);
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
         assert!(d.routes.is_empty());
         assert!(!d.ipcache.contains_key(&net("10.200.1.7/32")));
-        let d = desired("b", RoutingMode::Overlay, &nns, &eps);
+        let d = desired("b", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
         assert_eq!(d.node_ip, None);
         assert!(d.routes.is_empty());
+    }
+
+    #[test]
+    fn ready_apiserver_addresses_get_the_kube_apiserver_identity() {
+        let (nns, eps) = cluster();
+        let slices = [
+            slice(
+                "IPv4",
+                &[
+                    ("192.0.2.10", Some(true)),
+                    // No conditions: ready, as the API defines.
+                    ("192.0.2.11", None),
+                    ("192.0.2.12", Some(false)),
+                ],
+            ),
+            slice("IPv6", &[("2001:db8::10", Some(true))]),
+            slice("FQDN", &[("api.example.com", Some(true))]),
+        ];
+        for mode in [RoutingMode::Overlay, RoutingMode::Native] {
+            let d = desired("a", mode, &nns, &eps, &slices);
+            assert_eq!(
+                with_identity(&d, IDENTITY_KUBE_APISERVER),
+                vec![net("192.0.2.10/32"), net("192.0.2.11/32")],
+                "{mode:?}: only ready IPv4 addresses"
+            );
+            assert_eq!(
+                d.ipcache[&net("192.0.2.10/32")],
+                IpcacheValue::new(IDENTITY_KUBE_APISERVER, None),
+                "{mode:?}: the host stack routes to it, never the tunnel"
+            );
+            assert_eq!(
+                d.ipcache.len(),
+                6,
+                "{mode:?}: 2 nodes, 2 pods, 2 apiservers"
+            );
+        }
+        let without = desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
+        assert!(
+            with_identity(&without, IDENTITY_KUBE_APISERVER).is_empty(),
+            "no slices (none listed, or not allowed to list them): no apiserver entries"
+        );
+    }
+
+    #[test]
+    fn node_and_pod_addresses_keep_their_identity_when_the_apiserver_uses_them() {
+        let (nns, eps) = cluster();
+        // The apiserver on both nodes' addresses (host network) and on a pod's.
+        let slices = [slice(
+            "IPv4",
+            &[
+                ("10.250.0.10", Some(true)),
+                ("10.250.0.11", Some(true)),
+                ("10.200.1.7", Some(true)),
+            ],
+        )];
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps, &slices);
+        assert_eq!(
+            d.ipcache[&net("10.250.0.10/32")],
+            IpcacheValue::local_node(IDENTITY_HOST)
+        );
+        assert_eq!(
+            d.ipcache[&net("10.250.0.11/32")],
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
+        );
+        assert_eq!(
+            d.ipcache[&net("10.200.1.7/32")],
+            IpcacheValue::new(301, Some(Ipv4Addr::new(10, 250, 0, 11)))
+        );
+        assert!(with_identity(&d, IDENTITY_KUBE_APISERVER).is_empty());
+        assert_eq!(
+            d,
+            desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES),
+            "nothing else changes either"
+        );
     }
 }

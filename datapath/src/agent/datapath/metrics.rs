@@ -57,8 +57,9 @@ pub struct DatapathMetrics {
     /// programs' per-reason `metrics` map.
     pub packets: Family<ReasonLabels, Counter>,
     pub drops: Family<ReasonLabels, Counter>,
-    /// `tendril_agent_unrealized_revisions{kind}`: local objects (`Endpoint`, `NodeNetwork`)
-    /// whose current revision the node's datapath does not realize yet.
+    /// `tendril_agent_unrealized_revisions{kind}`: local objects (`Endpoint`, `NodeNetwork`,
+    /// `ResolvedPolicy` of a local endpoint) whose current revision the node's datapath does
+    /// not realize yet.
     pub unrealized: Family<KindLabel, Gauge>,
     /// `tendril_policy_verdicts_total{direction,verdict,match}`: policy verdicts of new
     /// connections, from the datapath's events.

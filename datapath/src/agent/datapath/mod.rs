@@ -2,12 +2,14 @@
 //!
 //! - Watches: every `NodeNetwork` (remote pod CIDRs and node addresses → routes, ipcache),
 //!   every `Endpoint` (local ones → `endpoints` map and attached programs, all → ipcache),
-//!   every `ResolvedPolicy` (the local endpoints' identities' ones → policy maps) and every
-//!   `Identity` (a change triggers a pass). The reflector stores are the index;
+//!   every `ResolvedPolicy` (the local endpoints' identities' ones → policy maps), every
+//!   `Identity` (a change triggers a pass) and the `kubernetes` Service's `EndpointSlice`
+//!   (the kube-apiserver's addresses → ipcache, [`watch_apiserver`]). The reflector stores
+//!   are the index;
 //!   [`index::desired`] and [`policy::translate`] turn a snapshot into the desired state.
 //! - A pass ([`Reconciler::pass`]) converges netlink first ([`kernel`]: VXLAN device,
-//!   ip_forward, routes, host veths), then the policy maps (`policy_cidrs`, then `policy`
-//!   and `policy_state` in the order of [`Dataplane::converge_policy`]), so a pod's policy
+//!   ip_forward, routes, host veths), then the policy maps (`policy`, `policy_cidrs`,
+//!   `policy_state`, in the order of [`realize_policy`]), so a pod's policy
 //!   is in before its `endpoints` entry and its programs; then `endpoints`, `ipcache`,
 //!   `node_config` by diff ([`crate::bpf::Dataplane`]), then the programs, then reports.
 //!   Nothing is converged before every watch
@@ -37,6 +39,7 @@ use crate::bpf::maps::{EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeCon
 use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
 use futures::StreamExt;
 use index::{Desired, EndpointRef};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kernel::{Attacher, NetlinkOutcome, NetlinkPlan, TunnelPlan};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -101,6 +104,22 @@ impl Default for PolicyOptions {
 /// revision (RFC 3339, UTC).
 pub const POLICY_CHANGED_AT: &str = "tendril.dev/policy-changed-at";
 
+/// Seconds from the change behind `policy`'s revision ([`POLICY_CHANGED_AT`]) to `now`;
+/// `None` without a readable annotation. A clock skewed behind the operator's gives 0.
+pub fn implementation_delay(
+    policy: &ResolvedPolicy,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<f64> {
+    let at: k8s_openapi::jiff::Timestamp = policy
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(POLICY_CHANGED_AT)?
+        .parse()
+        .ok()?;
+    Some(now.duration_since(at).as_secs_f64().max(0.0))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("loading the eBPF programs: {0}")]
@@ -138,26 +157,41 @@ pub struct PolicyRealization {
     pub wanted: policy::DesiredPolicy,
     pub cidrs: ConvergeReport,
     pub policy: ConvergeReport,
+    /// The translation equalled what the last convergence wrote: the maps were not read.
+    pub skipped: bool,
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches). Order: `policy_cidrs` (ids read back first, so they stay
-/// stable), then `policy` and `policy_state` as [`Dataplane::converge_policy`] orders them
-/// (new entries, then states, then stale entries), so a connection both revisions allow is
-/// never interrupted and a removed rule is never reopened. Blocking.
+/// it only with complete caches), in one [`Dataplane::converge_policy_with_cidrs`]: it owns
+/// the order that keeps every packet judged by the old policy, the new one or (a new
+/// connection, briefly) their union, and re-judges established connections only against the
+/// complete new policy. Blocking.
+///
+/// With `last`, what a previous call converged without failure: an identical translation
+/// skips the maps (a pass triggered by an unrelated change costs no map reads).
 pub fn realize_policy(
     dp: &mut Dataplane,
     subjects: &[policy::PolicySubject<'_>],
     cluster_ports: &policy::ClusterNamedPorts,
+    last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
-    let current = dp.policy_cidrs()?;
-    let wanted = policy::translate(subjects, cluster_ports, &current);
-    let cidrs = dp.converge_policy_cidrs(&wanted.cidrs, true)?;
-    let policy = dp.converge_policy(&wanted.entries, &wanted.states, true)?;
+    let current_cidrs = dp.policy_cidrs()?;
+    let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
+    if last == Some(&wanted) {
+        return Ok(PolicyRealization {
+            wanted,
+            cidrs: ConvergeReport::default(),
+            policy: ConvergeReport::default(),
+            skipped: true,
+        });
+    }
+    let (cidrs, policy) =
+        dp.converge_policy_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
     Ok(PolicyRealization {
         wanted,
         cidrs,
         policy,
+        skipped: false,
     })
 }
 
@@ -196,25 +230,35 @@ pub async fn run(
     let (nn_store, nn_watch) = watch::<NodeNetwork>(Api::all(client.clone()), touched.clone());
     let (ep_store, ep_watch) = watch::<Endpoint>(Api::all(client.clone()), touched.clone());
     let (id_store, id_watch) = watch::<Identity>(Api::all(client.clone()), touched.clone());
-    let (rp_store, rp_watch) = watch::<ResolvedPolicy>(Api::all(client.clone()), touched);
+    let (rp_store, rp_watch) = watch::<ResolvedPolicy>(Api::all(client.clone()), touched.clone());
+    let (as_store, as_forbidden, as_watch) = watch_apiserver(client.clone(), touched);
     let synced = Arc::new(AtomicBool::new(false));
     let initial_lists = {
         let (synced, changed) = (synced.clone(), changed.clone());
-        let (nn, ep, id, rp) = (
+        let (nn, ep, id, rp, apiserver) = (
             nn_store.clone(),
             ep_store.clone(),
             id_store.clone(),
             rp_store.clone(),
+            as_store.clone(),
         );
         async move {
-            let all = futures::future::join4(
+            // A forbidden list of the apiserver's slices does not hold the datapath back.
+            let apiserver = async {
+                tokio::select! {
+                    ready = apiserver.wait_until_ready() => ready.is_ok(),
+                    _ = as_forbidden.notified() => true,
+                }
+            };
+            let all = futures::future::join5(
                 nn.wait_until_ready(),
                 ep.wait_until_ready(),
                 id.wait_until_ready(),
                 rp.wait_until_ready(),
+                apiserver,
             )
             .await;
-            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() {
+            if all.0.is_ok() && all.1.is_ok() && all.2.is_ok() && all.3.is_ok() && all.4 {
                 synced.store(true, Ordering::SeqCst);
                 changed.notify_one();
             }
@@ -252,11 +296,13 @@ pub async fn run(
         nn_store,
         ep_store,
         rp_store,
+        as_store,
         last_report: None,
         last_realized: None,
         announced: false,
         held_policies: BTreeMap::new(),
         delay_observed: BTreeSet::new(),
+        policy_applied: None,
     };
     let reconcile_loop = async {
         let mut failures: u32 = 0;
@@ -305,6 +351,7 @@ pub async fn run(
         _ = ep_watch => {}
         _ = id_watch => {}
         _ = rp_watch => {}
+        _ = as_watch => {}
         _ = initial_lists => {}
         _ = event_reader => {}
         _ = conntrack_gc => {}
@@ -342,6 +389,68 @@ where
     (store, stream)
 }
 
+/// The EndpointSlices of the `kubernetes` Service in `default`: the kube-apiserver's own
+/// addresses (entity `kube-apiserver`, identity 7, [`index::desired`]), watched like
+/// [`watch`]. Selected by name too (`metadata.name=kubernetes`, the slice the apiserver
+/// writes), so RBAC can grant exactly that name: kustomize's `namespace` would move a Role
+/// for `default` into Tendril's namespace.
+///
+/// Forbidden (403, RBAC without that rule) does not block the datapath: the returned
+/// `Notify` is notified, so the initial-list gate passes without these addresses (the
+/// entity then matches no address, as without this watch) and an error says what is
+/// missing; the watch keeps retrying with backoff and fills the store once it is allowed.
+fn watch_apiserver(
+    client: Client,
+    touched: impl Fn() + Send + Clone + 'static,
+) -> (
+    Store<EndpointSlice>,
+    Arc<Notify>,
+    impl std::future::Future<Output = ()>,
+) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let config = watcher::Config::default()
+        .labels("kubernetes.io/service-name=kubernetes")
+        .fields("metadata.name=kubernetes");
+    let forbidden = Arc::new(Notify::new());
+    let (store, writer) = reflector::store();
+    let stream = {
+        let forbidden = forbidden.clone();
+        let mut denied = false;
+        reflector::reflector(writer, watcher(api, config))
+            .default_backoff()
+            .for_each(move |event| {
+                match event {
+                    Ok(_) => {
+                        if std::mem::take(&mut denied) {
+                            tracing::info!("kube-apiserver EndpointSlices readable again");
+                        }
+                        touched();
+                    }
+                    Err(
+                        watcher::Error::InitialListFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchFailed(kube::Error::Api(status))
+                        | watcher::Error::WatchError(status),
+                    ) if status.is_forbidden() => {
+                        if !std::mem::replace(&mut denied, true) {
+                            tracing::error!(
+                                error = %status.message,
+                                "forbidden to list/watch EndpointSlice default/kubernetes: the \
+                                 entity kube-apiserver matches no address until the agent's \
+                                 ClusterRole allows it (deploy/kustomize/base/agent-rbac.yaml); \
+                                 retrying"
+                            );
+                            forbidden.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::warn!(kind = "EndpointSlice", error = %e, "watch"),
+                }
+                futures::future::ready(())
+            })
+    };
+    (store, forbidden, stream)
+}
+
 struct Reconciler {
     client: Client,
     cfg: DatapathConfig,
@@ -351,6 +460,8 @@ struct Reconciler {
     nn_store: Store<NodeNetwork>,
     ep_store: Store<Endpoint>,
     rp_store: Store<ResolvedPolicy>,
+    /// The kube-apiserver's EndpointSlices ([`watch_apiserver`]).
+    as_store: Store<EndpointSlice>,
     last_report: Option<NodeReport>,
     /// The last generation realized (so a failing pass keeps reporting it).
     last_realized: Option<i64>,
@@ -361,6 +472,8 @@ struct Reconciler {
     held_policies: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
     /// (identity, revision) whose implementation delay was observed.
     delay_observed: BTreeSet<(u32, i64)>,
+    /// The policy translation last converged without failure, and when.
+    policy_applied: Option<(Arc<policy::DesiredPolicy>, Instant)>,
 }
 
 /// The policy side of a pass.
@@ -375,6 +488,8 @@ struct PolicyOutcome {
     used: BTreeMap<EndpointRef, Arc<ResolvedPolicy>>,
     entries: usize,
     endpoints: usize,
+    /// What the maps now hold, when known (converged without failure, or unchanged).
+    applied: Option<Arc<policy::DesiredPolicy>>,
 }
 
 impl PolicyOutcome {
@@ -403,11 +518,13 @@ impl Reconciler {
         }
         let networks = self.nn_store.state();
         let endpoints = self.ep_store.state();
+        let apiserver = self.as_store.state();
         let desired = index::desired(
             &self.cfg.node_name,
             self.cfg.routing_mode,
             networks.iter().map(AsRef::as_ref),
             endpoints.iter().map(AsRef::as_ref),
+            apiserver.iter().map(AsRef::as_ref),
         );
         let own = self.nn_store.get(&ObjectRef::new(&self.cfg.node_name));
         if self.last_realized.is_none() {
@@ -663,6 +780,12 @@ impl Reconciler {
             .collect();
         let (dataplane, metrics) = (self.dataplane.clone(), self.metrics.clone());
         let used_for_task = used.clone();
+        // Within a resync period, an unchanged translation is not converged again.
+        let last = self
+            .policy_applied
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < self.cfg.resync)
+            .map(|(applied, _)| applied.clone());
         let mut outcome = tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
             let policy_subjects: Vec<policy::PolicySubject<'_>> = subjects
@@ -677,7 +800,8 @@ impl Reconciler {
                 wanted,
                 cidrs,
                 policy: entries,
-            } = realize_policy(&mut dp, &policy_subjects, &cluster_ports)
+                skipped,
+            } = realize_policy(&mut dp, &policy_subjects, &cluster_ports, last.as_deref())
                 .map_err(|e| e.to_string())?;
             // Once per process: it is a property of the datapath, not news.
             static IPV6_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -687,8 +811,10 @@ impl Reconciler {
                     "IPv6 policy CIDRs are skipped: the datapath enforces IPv4 only"
                 );
             }
-            for problem in &wanted.problems {
-                tracing::warn!(%problem, "policy entry left out");
+            if !skipped {
+                for problem in &wanted.problems {
+                    tracing::warn!(%problem, "policy entry left out");
+                }
             }
             metrics.observe_converge(crate::bpf::maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(crate::bpf::maps::POLICY, &entries);
@@ -718,20 +844,50 @@ impl Reconciler {
                     }
                 }
             }
+            let (entries_len, endpoints) = (wanted.entries.len(), wanted.states.len());
+            let applied = if converged && !skipped {
+                Some(Arc::new(wanted))
+            } else if skipped {
+                last
+            } else {
+                None
+            };
             Ok::<_, String>(PolicyOutcome {
                 cidrs,
                 policy: entries,
                 realized,
                 used: BTreeMap::new(),
-                entries: wanted.entries.len(),
-                endpoints: wanted.states.len(),
+                entries: entries_len,
+                endpoints,
+                applied,
             })
         })
         .await
         .map_err(|e| e.to_string())??;
+        match outcome.applied.take() {
+            // Skipped: the clock of the last real convergence keeps running.
+            Some(applied)
+                if self
+                    .policy_applied
+                    .as_ref()
+                    .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
+            Some(applied) => self.policy_applied = Some((applied, Instant::now())),
+            None => self.policy_applied = None,
+        }
         self.metrics
             .policy_endpoints
             .set(i64::try_from(outcome.endpoints).unwrap_or(i64::MAX));
+        // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
+        let unrealized = desired
+            .local
+            .iter()
+            .filter(|ep| {
+                self.rp_store
+                    .get(&ObjectRef::new(&ep.identity.to_string()))
+                    .is_some_and(|p| outcome.realized.get(&ep.key) != Some(&p.spec.revision))
+            })
+            .count();
+        self.metrics.set_unrealized("ResolvedPolicy", unrealized);
         if outcome.failures().next().is_none() {
             self.held_policies = used.clone();
         } else {
@@ -772,14 +928,11 @@ impl Reconciler {
             if reported_before {
                 continue;
             }
-            let changed_at = outcome
+            if let Some(delay) = outcome
                 .used
                 .get(&ep.key)
-                .and_then(|p| p.metadata.annotations.as_ref())
-                .and_then(|a| a.get(POLICY_CHANGED_AT))
-                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-            if let Some(at) = changed_at {
-                let delay = now.duration_since(at).as_secs_f64().max(0.0);
+                .and_then(|p| implementation_delay(p, now))
+            {
                 self.metrics.policy_implementation_delay.observe(delay);
             }
         }
@@ -1013,5 +1166,35 @@ impl Reconciler {
                 Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tendril_crds::v1alpha1::ResolvedPolicySpec;
+
+    #[test]
+    fn implementation_delay_runs_from_the_annotation() {
+        let mut policy = ResolvedPolicy::new("300", ResolvedPolicySpec::default());
+        let now: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:05.750000Z".parse().unwrap();
+        assert_eq!(implementation_delay(&policy, now), None);
+        policy.metadata.annotations = Some(
+            [(
+                POLICY_CHANGED_AT.to_string(),
+                "2026-01-02T03:04:05.250000Z".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(implementation_delay(&policy, now), Some(0.5));
+        let earlier: k8s_openapi::jiff::Timestamp = "2026-01-02T03:04:00Z".parse().unwrap();
+        assert_eq!(implementation_delay(&policy, earlier), Some(0.0));
+        policy
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(POLICY_CHANGED_AT.into(), "yesterday".into());
+        assert_eq!(implementation_delay(&policy, now), None);
     }
 }

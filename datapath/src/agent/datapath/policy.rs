@@ -260,21 +260,32 @@ pub fn translate(
     let (cidrs, problems) = allocate_cidr_ids(&prefixes, current_cidrs);
     out.cidrs = cidrs;
     out.problems.extend(problems);
-    let node_prefixes: Vec<(Ipv4Net, u32)> = out
+    // Node prefixes by (first address, length): those inside a rule prefix P are the ones
+    // starting within P's addresses with a length of at least P's — a range query.
+    let node_prefixes: BTreeMap<(u32, u8), u32> = out
         .cidrs
         .iter()
         .filter_map(|(net, id)| match net {
-            IpNet::V4(v4) => Some((*v4, *id)),
+            IpNet::V4(v4) => Some(((u32::from(v4.network()), v4.prefix_len()), *id)),
             IpNet::V6(_) => None,
         })
         .collect();
-    // Per rule prefix: the ids of every node prefix inside it.
-    let ids_within = |rule_prefix: &Ipv4Net| -> Vec<u32> {
-        node_prefixes
-            .iter()
-            .filter(|(p, _)| rule_prefix.contains(p))
-            .map(|(_, id)| *id)
-            .collect()
+    let mut within_cache: BTreeMap<Ipv4Net, Vec<u32>> = BTreeMap::new();
+    let mut ids_within = |rule_prefix: Ipv4Net| -> Vec<u32> {
+        within_cache
+            .entry(rule_prefix)
+            .or_insert_with(|| {
+                let (first, last) = (
+                    u32::from(rule_prefix.network()),
+                    u32::from(rule_prefix.broadcast()),
+                );
+                node_prefixes
+                    .range((first, 0)..=(last, 32))
+                    .filter(|((_, len), _)| *len >= rule_prefix.prefix_len())
+                    .map(|(_, id)| *id)
+                    .collect()
+            })
+            .clone()
     };
 
     for (subject, spec) in with_policy {
@@ -307,7 +318,7 @@ pub fn translate(
                 // Problems were recorded while collecting prefixes.
                 let (mut v6, mut p) = (0, Vec::new());
                 if let Some(net) = parse_v4(cidr, &mut v6, &mut p) {
-                    peers.extend(ids_within(&net));
+                    peers.extend(ids_within(net));
                 }
             }
             if peers.is_empty() {
@@ -564,6 +575,44 @@ mod tests {
         // The /24 allow does not reach the wider prefixes.
         assert_eq!(v(wide, PROTO_ANY, 0, 0), None);
         assert_eq!(d.entries.len(), 5);
+    }
+
+    proptest::proptest! {
+        /// The range query finds exactly the node prefixes a rule prefix contains.
+        #[test]
+        fn rule_prefixes_cover_exactly_the_node_prefixes_inside_them(
+            nets in proptest::collection::vec((proptest::prelude::any::<u32>(), 0u8..=32), 1..12),
+        ) {
+            let nets: Vec<Ipv4Net> = nets
+                .into_iter()
+                .map(|(a, l)| Ipv4Net::new(a.into(), l).unwrap().trunc())
+                .collect();
+            let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
+            let refs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+            let rules: Vec<ResolvedRule> = refs
+                .iter()
+                .map(|c| rule("Allow", &[], &[c], vec![port("TCP", 1, None)]))
+                .collect();
+            let p = spec(300, 1, rules, vec![]);
+            let d = translate(&[subject(1, &p, &[])], &ClusterNamedPorts::default(), &BTreeMap::new());
+            let peers: BTreeSet<u32> = d.entries.keys().map(|e| e.peer).collect();
+            // Every node prefix is inside itself, so each id has an entry...
+            proptest::prop_assert_eq!(peers.len(), d.cidrs.len());
+            // ...and a single rule's ids are exactly the node prefixes inside it.
+            for rule_net in &nets {
+                let one = spec(301, 1, vec![rule("Allow", &[], &[&rule_net.to_string()], vec![])], vec![]);
+                let both = [subject(1, &p, &[]), subject(2, &one, &[])];
+                let d = translate(&both, &ClusterNamedPorts::default(), &BTreeMap::new());
+                let got: BTreeSet<u32> = d.entries.keys().filter(|e| e.endpoint_id == 2).map(|e| e.peer).collect();
+                let want: BTreeSet<u32> = d
+                    .cidrs
+                    .iter()
+                    .filter(|(n, _)| match n { IpNet::V4(v4) => rule_net.contains(v4), IpNet::V6(_) => false })
+                    .map(|(_, id)| *id)
+                    .collect();
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
     }
 
     #[test]
