@@ -91,9 +91,11 @@
 mod env;
 mod http;
 mod kube_util;
+pub mod netpol;
 mod plane;
 mod process;
 pub mod sim;
+pub mod traffic;
 mod util;
 
 pub use env::TestEnv;
