@@ -316,6 +316,18 @@ fn open_pin(dir: &Path, name: &str) -> Result<(MapData, u32), DataplaneError> {
     Ok((data, max_entries))
 }
 
+/// Every entry `entries` yields, keys converted by `key`, or the read error naming `map`.
+fn read_all<K, K2, V, C: FromIterator<(K2, V)>>(
+    map: &'static str,
+    entries: impl Iterator<Item = Result<(K, V), MapError>>,
+    key: impl Fn(K) -> K2,
+) -> Result<C, DataplaneError> {
+    entries
+        .map(|entry| entry.map(|(k, v)| (key(k), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| DataplaneError::Read { map, source })
+}
+
 fn write_error(map: &'static str, op: Op, max_entries: u32, source: MapError) -> MapWriteError {
     if let MapError::SyscallError(e) = &source {
         // Hash maps answer E2BIG when full, LPM tries ENOSPC.
@@ -500,24 +512,13 @@ impl Dataplane {
     }
 
     fn endpoints_raw(&self) -> Result<BTreeMap<EndpointKey, EndpointInfo>, DataplaneError> {
-        self.endpoints
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::ENDPOINTS,
-                source,
-            })
+        read_all(maps::ENDPOINTS, self.endpoints.iter(), |k| k)
     }
 
     fn ipcache_raw(&self) -> Result<BTreeMap<IpcacheKey, IpcacheValue>, DataplaneError> {
-        self.ipcache
-            .iter()
-            .map(|entry| entry.map(|(key, value)| (IpcacheKey::from_lpm(&key), value)))
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::IPCACHE,
-                source,
-            })
+        read_all(maps::IPCACHE, self.ipcache.iter(), |k| {
+            IpcacheKey::from_lpm(&k)
+        })
     }
 
     /// What the endpoints map holds, by pod IP.
@@ -709,14 +710,9 @@ impl Dataplane {
     }
 
     fn policy_raw(&self) -> Result<BTreeMap<PolicyKey, PolicyValue>, DataplaneError> {
-        self.policy
-            .iter()
-            .map(|entry| entry.map(|(key, value)| (PolicyKey::from_lpm(&key), value)))
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::POLICY,
-                source,
-            })
+        read_all(maps::POLICY, self.policy.iter(), |k| {
+            PolicyKey::from_lpm(&k)
+        })
     }
 
     /// What the policy map holds. Keys this build would not write are left out.
@@ -730,13 +726,7 @@ impl Dataplane {
 
     /// What the policy_state map holds, by endpoint id.
     pub fn policy_states(&self) -> Result<BTreeMap<u16, PolicyState>, DataplaneError> {
-        self.policy_state
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::POLICY_STATE,
-                source,
-            })
+        read_all(maps::POLICY_STATE, self.policy_state.iter(), |k| k)
     }
 
     /// Converges the policy of every local endpoint (`policy` and `policy_state`; `policy_cidrs`
@@ -980,14 +970,9 @@ impl Dataplane {
     }
 
     fn policy_cidrs_raw(&self) -> Result<BTreeMap<IpcacheKey, PolicyCidrValue>, DataplaneError> {
-        self.policy_cidrs
-            .iter()
-            .map(|entry| entry.map(|(key, value)| (IpcacheKey::from_lpm(&key), value)))
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::POLICY_CIDRS,
-                source,
-            })
+        read_all(maps::POLICY_CIDRS, self.policy_cidrs.iter(), |k| {
+            IpcacheKey::from_lpm(&k)
+        })
     }
 
     /// The node-local CIDR identities in use (prefix → identity), so a restarted agent keeps
@@ -1068,13 +1053,7 @@ impl Dataplane {
 
     /// Every conntrack entry (for inspection and tests; the map may hold 256k entries).
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, DataplaneError> {
-        self.conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Read {
-                map: maps::CONNTRACK,
-                source,
-            })
+        read_all(maps::CONNTRACK, self.conntrack.iter(), |k| k)
     }
 
     /// Removes the conntrack entries idle for longer than their timeout
