@@ -36,7 +36,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use kube::{Client, ResourceExt};
 use rand::Rng;
 use serde_json::json;
-use tendril_crds::v1alpha1::NodeNetwork;
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tokio::io::AsyncWriteExt;
 
 use crate::{Process, TestEnv, eventually, fetch_metrics, target_bin_dir, wait_for};
@@ -602,7 +602,38 @@ pub struct SimPod {
     deleted: bool,
 }
 
+/// Whether `conditions` hold `Realized=True`, as the agent writes it on Endpoints and
+/// NodeNetworks.
+pub fn is_realized(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == "Realized" && c.status == "True")
+}
+
 impl SimPod {
+    /// Waits until the pod's agent reports its Endpoint (identity included) realized.
+    pub async fn wait_realized(&self, client: &Client, timeout: Duration) -> Result<Endpoint> {
+        let api: Api<Endpoint> = Api::namespaced(client.clone(), &self.namespace);
+        wait_for(
+            &api,
+            &self.name,
+            |o: Option<&Endpoint>| {
+                o.is_some_and(|ep| {
+                    ep.spec.identity.is_some()
+                        && ep.status.as_ref().is_some_and(|s| {
+                            s.realized_revision == Some(ep.spec.revision)
+                                && is_realized(&s.conditions)
+                        })
+                })
+            },
+            timeout,
+        )
+        .await
+        .with_context(|| format!("Endpoint {}/{} never realized", self.namespace, self.name))?
+        .context("Endpoint gone")
+    }
     /// Creates the Pod on `node` and runs it: sandbox, CNI ADD, Running status.
     pub async fn run(
         client: &Client,

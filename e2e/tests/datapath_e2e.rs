@@ -35,7 +35,7 @@ use kube::api::Api;
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tendril_datapath::bpf::Dataplane;
 use tendril_datapath::bpf::maps::{EndpointInfo, IpcacheValue};
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod, netns_path};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod, is_realized, netns_path};
 use tendril_e2e::{
     ControlPlane, Process, TestEnv, eventually, fetch_metrics, http_get, wait_deleted, wait_for,
 };
@@ -229,14 +229,6 @@ async fn mesh(pods: &[&SimPod]) -> Result<Vec<String>> {
     Ok(failures)
 }
 
-fn realized_condition(
-    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == "Realized" && c.status == "True")
-}
-
 /// Waits until the node's agent reports the current NodeNetwork generation realized.
 async fn wait_node_realized(client: &Client, node: &str) -> Result<NodeNetwork> {
     let api: Api<NodeNetwork> = Api::all(client.clone());
@@ -248,7 +240,7 @@ async fn wait_node_realized(client: &Client, node: &str) -> Result<NodeNetwork> 
                 nn.status.as_ref().is_some_and(|s| {
                     s.realized_revision.is_some()
                         && s.realized_revision == nn.metadata.generation
-                        && realized_condition(&s.conditions)
+                        && is_realized(&s.conditions)
                 })
             })
         },
@@ -257,28 +249,6 @@ async fn wait_node_realized(client: &Client, node: &str) -> Result<NodeNetwork> 
     .await
     .with_context(|| format!("NodeNetwork {node} never realized"))?
     .context("NodeNetwork gone")
-}
-
-/// Waits until the pod's agent reports its Endpoint's revision realized.
-async fn wait_endpoint_realized(client: &Client, pod: &SimPod) -> Result<Endpoint> {
-    let api: Api<Endpoint> = Api::namespaced(client.clone(), &pod.namespace);
-    wait_for(
-        &api,
-        &pod.name,
-        |o: Option<&Endpoint>| {
-            o.is_some_and(|ep| {
-                ep.spec.identity.is_some()
-                    && ep.status.as_ref().is_some_and(|s| {
-                        s.realized_revision == Some(ep.spec.revision)
-                            && realized_condition(&s.conditions)
-                    })
-            })
-        },
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("Endpoint {}/{} never realized", pod.namespace, pod.name))?
-    .context("Endpoint gone")
 }
 
 fn pin_dir(node: &SimNode) -> PathBuf {
@@ -473,7 +443,7 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
         }
     }
     for pod in &pods {
-        wait_endpoint_realized(&client, pod).await?;
+        pod.wait_realized(&client, TIMEOUT).await?;
     }
     println!(
         "9 pods created and realized on 3 nodes in {:.2?}",
@@ -580,7 +550,7 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
         ensure!(created.elapsed() < TIMEOUT, "late pod never reachable");
     }
     let reachable = created.elapsed();
-    wait_endpoint_realized(&client, &late).await?;
+    late.wait_realized(&client, TIMEOUT).await?;
     println!(
         "late pod: created -> CNI ADD done {:.2?}, -> reachable cross-node {reachable:.2?}, -> Endpoint realized {:.2?}",
         late.added_at - late.created_at,
@@ -710,8 +680,8 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
     cluster.nodes[2].start_agent()?;
     let added = added.await??;
     wait_agent_converged(&mut cluster.nodes[2]).await?;
-    wait_endpoint_realized(&client, &added).await?;
-    wait_endpoint_realized(&client, &remote_new).await?;
+    added.wait_realized(&client, TIMEOUT).await?;
+    remote_new.wait_realized(&client, TIMEOUT).await?;
     let node = &cluster.nodes[2];
     let (endpoints, ipcache) = eventually(TIMEOUT, || async move {
         let (endpoints, ipcache) = read_maps(node)?;
@@ -906,7 +876,7 @@ async fn a_full_endpoints_map_is_reported() -> Result<()> {
     )
     .await?;
     for pod in pods.iter().filter(|p| p.name != left_out.name) {
-        wait_endpoint_realized(&client, pod).await?;
+        pod.wait_realized(&client, TIMEOUT).await?;
     }
 
     // Room again: the left-out pod gets in.
@@ -914,7 +884,7 @@ async fn a_full_endpoints_map_is_reported() -> Result<()> {
     let at = pods.iter().position(|p| p.name != left_out_name).unwrap();
     pods.remove(at).delete(&client, node.handle()).await?;
     let left_out = pods.iter().find(|p| p.name == left_out_name).unwrap();
-    wait_endpoint_realized(&client, left_out).await?;
+    left_out.wait_realized(&client, TIMEOUT).await?;
     wait_node_realized(&client, &node.name).await?;
     let (endpoints, _) = read_maps(node)?;
     assert!(endpoints.contains_key(&left_out.ips[0]));
@@ -955,7 +925,7 @@ async fn native_routing_two_nodes_two_pods_each() -> Result<()> {
         }
     }
     for pod in &pods {
-        wait_endpoint_realized(&client, pod).await?;
+        pod.wait_realized(&client, TIMEOUT).await?;
     }
     let _echoes: Vec<Echo> = pods.iter().map(Echo::start).collect::<Result<_>>()?;
     let refs: Vec<&SimPod> = pods.iter().collect();

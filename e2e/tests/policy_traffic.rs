@@ -32,7 +32,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy as K8sNetworkPolicy;
 use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
 use tendril_crds::v1alpha1::{Endpoint, NetworkPolicy, ResolvedPolicy};
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod, is_realized};
 use tendril_e2e::traffic::{EchoServer, FlowStats, Prober, Protocol, TcpFlow, UdpFlow};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, http_get, wait_for};
 
@@ -92,7 +92,7 @@ impl World {
             out.insert(name.to_string(), pod);
         }
         for pod in out.values() {
-            wait_endpoint_realized(&client, pod).await?;
+            pod.wait_realized(&client, TIMEOUT).await?;
         }
         Ok(World {
             env,
@@ -165,36 +165,6 @@ impl NamedProber {
     }
 }
 
-fn realized_condition(
-    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) -> bool {
-    conditions
-        .iter()
-        .any(|c| c.type_ == "Realized" && c.status == "True")
-}
-
-/// Waits until the pod's agent reports its Endpoint (identity included) realized.
-async fn wait_endpoint_realized(client: &Client, pod: &SimPod) -> Result<Endpoint> {
-    let api: Api<Endpoint> = Api::namespaced(client.clone(), &pod.namespace);
-    wait_for(
-        &api,
-        &pod.name,
-        |o: Option<&Endpoint>| {
-            o.is_some_and(|ep| {
-                ep.spec.identity.is_some()
-                    && ep.status.as_ref().is_some_and(|s| {
-                        s.realized_revision == Some(ep.spec.revision)
-                            && realized_condition(&s.conditions)
-                    })
-            })
-        },
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("Endpoint {}/{} never realized", pod.namespace, pod.name))?
-    .context("Endpoint gone")
-}
-
 /// What a `ResolvedPolicy` must say about one source policy after a change.
 #[derive(Clone, Debug)]
 enum SourceState {
@@ -225,7 +195,7 @@ async fn wait_realized(
     let mut revisions = BTreeMap::new();
     let mut identities = Vec::new();
     for pod in subjects {
-        let ep = wait_endpoint_realized(client, pod).await?;
+        let ep = pod.wait_realized(client, TIMEOUT).await?;
         let identity = ep.spec.identity.context("no identity")?;
         identities.push((pod, identity));
         if revisions.contains_key(&identity) {
@@ -924,7 +894,7 @@ async fn enforcement_holds_across_agent_restarts() -> Result<()> {
                 |o: Option<&Endpoint>| {
                     o.and_then(|ep| ep.status.as_ref()).is_some_and(|s| {
                         s.realized_policy_revision.is_some_and(|r| r >= want)
-                            && realized_condition(&s.conditions)
+                            && is_realized(&s.conditions)
                     })
                 },
                 TIMEOUT,
