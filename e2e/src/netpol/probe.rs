@@ -13,17 +13,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 use tokio::sync::watch;
 
 use super::model::Protocol;
-use crate::sim::netns_path;
+use crate::traffic::spawn_in_netns;
 
 /// Timeouts of the first try and the two retries of a failing probe.
 pub const TRY_TIMEOUTS: [Duration; 3] = [
@@ -33,32 +31,6 @@ pub const TRY_TIMEOUTS: [Duration; 3] = [
 ];
 
 const PAYLOAD: &[u8] = b"tendril-probe";
-
-/// Runs `f` on a new thread inside network namespace `netns` (a name under /var/run/netns),
-/// with a current-thread runtime; only that thread changes namespace.
-fn in_netns<T, F, Fut>(netns: &str, f: F) -> std::thread::JoinHandle<Result<T>>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T>>,
-{
-    let path: PathBuf = netns_path(netns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
-        // SAFETY: a valid netns descriptor; setns changes only this thread's namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(f())
-    })
-}
 
 /// Whether this kernel has SCTP (`socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP)` works).
 pub fn sctp_supported() -> bool {
@@ -86,7 +58,7 @@ impl Servers {
         let (stop, mut stopped) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let ports = ports.to_vec();
-        let thread = in_netns(netns, move || async move {
+        let thread = spawn_in_netns(netns, move || async move {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
             let bound: Result<()> = async {
@@ -341,7 +313,7 @@ pub async fn probe_all(endpoints: &[Endpoint], keys: &[PortProto]) -> Result<(Ta
     let mut handles = Vec::new();
     for src in endpoints {
         let (targets, keys) = (targets.clone(), keys.clone());
-        handles.push(in_netns(&src.netns, move || async move {
+        handles.push(spawn_in_netns(&src.netns, move || async move {
             // (to, key) → outcome
             let mut results: BTreeMap<(usize, PortProto), Outcome> = BTreeMap::new();
             let mut pending: Vec<(usize, PortProto)> = (0..targets.len())
