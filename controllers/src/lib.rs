@@ -1,7 +1,7 @@
-//! tendril-operator: one reconciler per concern on a shared harness.
+//! tendril-operator: one reconciler per concern on the shared harness of `tendril-runtime`.
+pub mod config;
 pub mod endpoints;
 pub mod identities;
 pub mod ipam;
 pub mod nodes;
 pub mod policy;
-pub mod runtime;

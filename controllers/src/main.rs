@@ -5,9 +5,10 @@ use clap::Parser;
 use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
-use tendril_controllers::runtime::config::{self, OperatorArgs, OperatorConfig};
-use tendril_controllers::runtime::{
-    self, Concern, Context, Health, Metrics, leader, logging, server,
+use tendril_controllers::config::{OperatorArgs, OperatorConfig};
+use tendril_runtime::config;
+use tendril_runtime::{
+    self as runtime, Concern, Context, Health, Metrics, leader, logging, server,
 };
 use tendril_controllers::{endpoints, ipam, nodes, policy};
 use tokio_util::sync::CancellationToken;

@@ -11,7 +11,7 @@
 //! The `NodeNetwork` is watched as owned: deleting or editing it triggers a reconcile of
 //! its Node, which restores it.
 
-use crate::runtime::{self, Context, DesiredCondition, MetricLabel, Reconciler, conditions};
+use tendril_runtime::{self, Context, DesiredCondition, MetricLabel, Reconciler, conditions};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;

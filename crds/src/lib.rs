@@ -5,6 +5,7 @@
 //! (`tendril-crdgen` writes it; a test fails on drift).
 
 pub mod common;
+pub mod facts;
 pub mod v1alpha1;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

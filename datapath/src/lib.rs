@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod bpf;
 pub mod cni;
+pub mod config;
 pub mod ipam;

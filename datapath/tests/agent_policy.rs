@@ -346,7 +346,7 @@ mod enforcement {
     use std::net::Ipv4Addr;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
-    use tendril_controllers::runtime::Metrics;
+    use tendril_runtime::Metrics;
     use tendril_datapath::agent::datapath::events::{self, Flow, FlowLog};
     use tendril_datapath::agent::datapath::metrics::{DatapathMetrics, VerdictLabels};
     use tendril_datapath::bpf::Hook;

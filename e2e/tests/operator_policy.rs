@@ -23,7 +23,7 @@ use tendril_e2e::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-const CHANGED_AT: &str = "tendril.dev/policy-changed-at";
+use tendril_crds::facts::annotations::POLICY_CHANGED_AT as CHANGED_AT;
 
 /// Identities of the test: web and db in the test namespace, client in another one.
 const WEB: i64 = 1000;

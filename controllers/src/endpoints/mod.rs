@@ -16,7 +16,7 @@ pub mod desired;
 use crate::identities::allocator::{AllocError, IdentityAllocator};
 use crate::identities::labels::LabelFilter;
 use crate::identities::{self, IdentitiesConfig};
-use crate::runtime::{self, MetricLabel, Reconciler};
+use tendril_runtime::{self, MetricLabel, Reconciler};
 use desired::{Skip, desired_endpoint, endpoint_spec};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -37,7 +37,7 @@ use tracing::{debug, info};
 pub const NAME: &str = "endpoints";
 /// Label on every `Endpoint`: its identity id, so users and garbage collection can select
 /// the endpoints of one identity (`kubectl get tep -A -l tendril.dev/identity=300`).
-pub const IDENTITY_LABEL: &str = "tendril.dev/identity";
+pub use tendril_crds::facts::labels::IDENTITY as IDENTITY_LABEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

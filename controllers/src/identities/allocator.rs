@@ -12,7 +12,7 @@
 
 use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved};
 use super::labels::SecurityLabels;
-use crate::runtime;
+use tendril_runtime;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
@@ -248,7 +248,7 @@ impl IdentityAllocator {
         for reserved in Reserved::ALL {
             match self
                 .api
-                .create(&pp, &identity_object(reserved.id(), &reserved.labels()))
+                .create(&pp, &identity_object(reserved.id(), &reserved_labels(reserved)))
                 .await
             {
                 Ok(_) => {}

@@ -16,63 +16,14 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-/// The unknown identity (no identity known for a source).
-pub const UNKNOWN: i64 = 0;
-/// First cluster identity.
-pub const CLUSTER_MIN: i64 = 256;
-/// Last cluster identity.
-pub const CLUSTER_MAX: i64 = 65535;
+pub use tendril_crds::facts::{
+    CLUSTER_IDENTITY_MAX as CLUSTER_MAX, CLUSTER_IDENTITY_MIN as CLUSTER_MIN,
+    IDENTITY_UNKNOWN as UNKNOWN, Reserved,
+};
 
-/// The reserved identities, with Cilium's numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Reserved {
-    Host = 1,
-    World = 2,
-    Unmanaged = 3,
-    Health = 4,
-    Init = 5,
-    RemoteNode = 6,
-    KubeApiserver = 7,
-    Ingress = 8,
-}
-
-impl Reserved {
-    pub const ALL: [Reserved; 8] = [
-        Reserved::Host,
-        Reserved::World,
-        Reserved::Unmanaged,
-        Reserved::Health,
-        Reserved::Init,
-        Reserved::RemoteNode,
-        Reserved::KubeApiserver,
-        Reserved::Ingress,
-    ];
-
-    pub fn id(self) -> i64 {
-        self as i64
-    }
-
-    pub fn from_id(id: i64) -> Option<Reserved> {
-        Reserved::ALL.into_iter().find(|r| r.id() == id)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Reserved::Host => "host",
-            Reserved::World => "world",
-            Reserved::Unmanaged => "unmanaged",
-            Reserved::Health => "health",
-            Reserved::Init => "init",
-            Reserved::RemoteNode => "remote-node",
-            Reserved::KubeApiserver => "kube-apiserver",
-            Reserved::Ingress => "ingress",
-        }
-    }
-
-    /// `{"reserved:<name>": ""}`.
-    pub fn labels(self) -> SecurityLabels {
-        SecurityLabels::from([(format!("{SOURCE_RESERVED}{}", self.name()), String::new())])
-    }
+/// `{"reserved:<name>": ""}`: the security labels of a reserved identity.
+pub fn reserved_labels(r: Reserved) -> SecurityLabels {
+    SecurityLabels::from([(format!("{SOURCE_RESERVED}{}", r.name()), String::new())])
 }
 
 /// What kind of id a number is (the `type` label of `tendril_identities`).
@@ -360,7 +311,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            Reserved::World.labels(),
+            reserved_labels(Reserved::World),
             SecurityLabels::from([("reserved:world".into(), String::new())])
         );
         assert_eq!(IdentityKind::of(UNKNOWN), IdentityKind::Invalid);

@@ -26,16 +26,10 @@ pub type SecurityLabels = BTreeMap<String, String>;
 
 /// Source prefix of labels coming from Kubernetes objects.
 pub const SOURCE_K8S: &str = "k8s:";
-/// Source prefix of the reserved identities' labels.
-pub const SOURCE_RESERVED: &str = "reserved:";
-/// The pod's namespace name.
-pub const POD_NAMESPACE: &str = "k8s:io.kubernetes.pod.namespace";
-/// The pod's service account.
-pub const POD_SERVICE_ACCOUNT: &str = "k8s:io.kubernetes.pod.serviceaccount";
-/// Prefix of the namespace's (filtered) labels.
-pub const NAMESPACE_LABELS_PREFIX: &str = "k8s:io.tendril.k8s.namespace.labels.";
-/// The label the apiserver puts on every namespace (its name); always kept.
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+pub use tendril_crds::facts::labels::{
+    NAMESPACE_LABELS_PREFIX, NAMESPACE_NAME_LABEL, POD_NAMESPACE, POD_SERVICE_ACCOUNT,
+    SOURCE_RESERVED,
+};
 /// The most labels an `Endpoint`/`Identity` may carry (the CRDs' `maxProperties`).
 pub const MAX_SECURITY_LABELS: usize = 64;
 

@@ -15,7 +15,7 @@ pub mod allocator;
 pub mod index;
 pub mod labels;
 
-use crate::runtime::{self, Reconciler};
+use tendril_runtime::{self, Reconciler};
 use allocator::IdentityAllocator;
 use futures::StreamExt;
 use index::{Verdict, gc_verdict};

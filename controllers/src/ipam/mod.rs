@@ -30,7 +30,7 @@
 
 pub mod pool;
 
-use crate::runtime::{self, DesiredCondition, Reconciler, conditions};
+use tendril_runtime::{self, DesiredCondition, Reconciler, conditions};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;

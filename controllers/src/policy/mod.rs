@@ -21,7 +21,7 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use crate::runtime::{self, Reconciler, conditions};
+use tendril_runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::networking::v1 as k8s;
@@ -56,7 +56,7 @@ pub const NAME: &str = "policy";
 
 /// Annotation on a `ResolvedPolicy`: when the operator observed the change that produced
 /// its revision (RFC 3339, microseconds, UTC). The agent's implementation delay starts here.
-pub const CHANGED_AT_ANNOTATION: &str = "tendril.dev/policy-changed-at";
+pub use tendril_crds::facts::annotations::POLICY_CHANGED_AT as CHANGED_AT_ANNOTATION;
 
 /// `ResolvedPolicy` writes in flight at once.
 const WRITE_CONCURRENCY: usize = 16;

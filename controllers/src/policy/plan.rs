@@ -3,7 +3,7 @@
 //! should carry.
 
 use super::resolve::{Invalid, MIN_CLUSTER_IDENTITY, RESOLVED, Resolution};
-use crate::runtime::conditions::{DesiredCondition, VALID};
+use tendril_runtime::conditions::{DesiredCondition, VALID};
 use std::collections::BTreeMap;
 use tendril_crds::v1alpha1::ResolvedPolicySpec;
 

@@ -26,18 +26,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tendril_crds::v1alpha1::{
     ClusterNetworkPolicy, EgressRule, IngressRule, NetworkPolicy, NetworkPolicySpec, PolicySource,
-    PortRule, ResolvedDefaultDeny, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
+    PolicySourceKind, PortRule, Protocol, ResolvedDefaultDeny, ResolvedPolicySpec, ResolvedPort,
+    ResolvedRule, Verdict,
 };
 
 /// Security labels of one identity, as in `Identity.spec.securityLabels`.
 pub type Labels = BTreeMap<String, String>;
 
 /// `PolicySource.kind` of a Tendril `NetworkPolicy`.
-pub const KIND_NAMESPACED: &str = "NetworkPolicy";
+pub const KIND_NAMESPACED: PolicySourceKind = PolicySourceKind::NetworkPolicy;
 /// `PolicySource.kind` of a `ClusterNetworkPolicy`.
-pub const KIND_CLUSTER: &str = "ClusterNetworkPolicy";
+pub const KIND_CLUSTER: PolicySourceKind = PolicySourceKind::ClusterNetworkPolicy;
 /// `PolicySource.kind` of a `networking.k8s.io/v1` `NetworkPolicy`.
-pub const KIND_KUBERNETES: &str = "KubernetesNetworkPolicy";
+pub const KIND_KUBERNETES: PolicySourceKind = PolicySourceKind::KubernetesNetworkPolicy;
 
 /// Reasons of `Valid=False`.
 pub const INVALID_CIDR: &str = "InvalidCIDR";
@@ -47,16 +48,14 @@ pub const UNSUPPORTED: &str = "Unsupported";
 /// Reason of `Valid=True`.
 pub const RESOLVED: &str = "Resolved";
 
-/// Verdict strings of `ResolvedRule.verdict`.
-pub const ALLOW: &str = "Allow";
-pub const DENY: &str = "Deny";
+/// Verdicts of `ResolvedRule.verdict`.
+pub const ALLOW: Verdict = Verdict::Allow;
+pub const DENY: Verdict = Verdict::Deny;
 
-/// The lowest cluster identity; below are the reserved ones.
-pub const MIN_CLUSTER_IDENTITY: i64 = 256;
+use tendril_crds::facts::{ENTITY_ALL, ENTITY_CLUSTER, Reserved};
+pub use tendril_crds::facts::{ANY_PEER, CLUSTER_IDENTITY_MIN as MIN_CLUSTER_IDENTITY};
 /// Reserved identity of the node itself (always allowed in: kubelet probes).
-pub const HOST: i64 = 1;
-/// Peer `0`: any peer, any address.
-pub const ANY_PEER: i64 = 0;
+pub const HOST: i64 = Reserved::Host.id();
 
 /// Every policy the resolver reads.
 #[derive(Default, Clone, Debug)]
@@ -166,17 +165,21 @@ pub fn resolve(identities: &BTreeMap<i64, Labels>, sources: &Sources) -> Resolut
     }
 }
 
-fn source_of<K: kube::Resource>(kind: &str, namespace: Option<String>, obj: &K) -> PolicySource {
+fn source_of<K: kube::Resource>(
+    kind: PolicySourceKind,
+    namespace: Option<String>,
+    obj: &K,
+) -> PolicySource {
     PolicySource {
-        kind: kind.to_string(),
+        kind,
         namespace,
         name: obj.meta().name.clone().unwrap_or_default(),
         generation: obj.meta().generation,
     }
 }
 
-fn source_key(s: &PolicySource) -> (&str, Option<&str>, &str) {
-    (&s.kind, s.namespace.as_deref(), &s.name)
+fn source_key(s: &PolicySource) -> (PolicySourceKind, Option<&str>, &str) {
+    (s.kind, s.namespace.as_deref(), &s.name)
 }
 
 /// One valid policy, translated: its subjects and what it says about them.
@@ -216,40 +219,8 @@ fn combine<'a>(policies: impl Iterator<Item = &'a Compiled>) -> ResolvedPolicySp
 // ---------------------------------------------------------------------------------------
 // Rules, ports and their canonical form.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Verdict {
-    Allow,
-    Deny,
-}
-
-/// Ordered as the protocol names sort.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Protocol {
-    Sctp,
-    Tcp,
-    Udp,
-}
-
-const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Sctp, Protocol::Tcp, Protocol::Udp];
-
-impl Protocol {
-    fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Sctp => "SCTP",
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "SCTP" => Some(Protocol::Sctp),
-            "TCP" => Some(Protocol::Tcp),
-            "UDP" => Some(Protocol::Udp),
-            _ => None,
-        }
-    }
-}
+/// Every concrete protocol; a resolved port is always one of these, never `ANY`.
+const ALL_PROTOCOLS: &[Protocol] = Protocol::Any.expand();
 
 /// A port range of one protocol, or a named port. `start == 0` without a name is every
 /// port of the protocol.
@@ -289,7 +260,7 @@ impl Port {
             port: i32::from(self.start),
             end_port: (self.end > self.start).then_some(i32::from(self.end)),
             name: self.name,
-            protocol: self.protocol.as_str().to_string(),
+            protocol: self.protocol,
         }
     }
 }
@@ -373,11 +344,7 @@ impl Rule {
 
     fn into_api(self) -> ResolvedRule {
         ResolvedRule {
-            verdict: match self.verdict {
-                Verdict::Allow => ALLOW,
-                Verdict::Deny => DENY,
-            }
-            .to_string(),
+            verdict: self.verdict,
             peers: self.peers,
             cidrs: self.cidrs.iter().map(ToString::to_string).collect(),
             ports: self.ports.into_iter().map(Port::into_api).collect(),
@@ -693,7 +660,8 @@ fn kubernetes_ports(
     for (i, p) in ports.iter().enumerate() {
         let at = format!("{what}[{i}]");
         let proto = p.protocol.as_deref().unwrap_or("TCP");
-        let protocol = Protocol::parse(proto).ok_or_else(|| {
+        // Kubernetes has no `ANY`.
+        let protocol = Protocol::parse(proto).filter(|p| *p != Protocol::Any).ok_or_else(|| {
             Invalid::new(
                 INVALID_PORT,
                 format!("{at}: protocol {proto:?} is not TCP, UDP or SCTP"),
@@ -794,18 +762,16 @@ fn is_port_name(s: &str) -> bool {
 /// An entity's peer identities (`cluster` → every cluster identity plus the reserved ones
 /// inside the cluster).
 fn entity(name: &str, index: &IdentityIndex) -> Option<Vec<i64>> {
+    if let Some(r) = Reserved::from_name(name) {
+        return Some(vec![r.id()]);
+    }
     Some(match name {
-        "all" => vec![ANY_PEER],
-        "host" => vec![HOST],
-        "world" => vec![2],
-        "unmanaged" => vec![3],
-        "health" => vec![4],
-        "init" => vec![5],
-        "remote-node" => vec![6],
-        "kube-apiserver" => vec![7],
-        "ingress" => vec![8],
-        "cluster" => [1, 3, 4, 5, 6, 7, 8]
+        ENTITY_ALL => vec![ANY_PEER],
+        // Every reserved identity but world.
+        ENTITY_CLUSTER => Reserved::ALL
             .into_iter()
+            .filter(|r| *r != Reserved::World)
+            .map(Reserved::id)
             .chain(index.all().iter().copied())
             .collect(),
         _ => return None,
@@ -919,16 +885,18 @@ fn tendril(
                 for (k, p) in pr.ports.iter().enumerate() {
                     let at = format!("{at}.toPorts[{j}].ports[{k}]");
                     let protocols: &[Protocol] = match p.protocol.as_str() {
-                        "ANY" | "" => &ALL_PROTOCOLS,
-                        "TCP" => &[Protocol::Tcp],
-                        "UDP" => &[Protocol::Udp],
-                        "SCTP" => &[Protocol::Sctp],
-                        other => {
-                            return Err(Invalid::new(
-                                INVALID_PORT,
-                                format!("{at}: protocol {other:?} is not TCP, UDP, SCTP or ANY"),
-                            ));
-                        }
+                        "" => ALL_PROTOCOLS,
+                        other => match Protocol::parse(other) {
+                            Some(protocol) => protocol.expand(),
+                            None => {
+                                return Err(Invalid::new(
+                                    INVALID_PORT,
+                                    format!(
+                                        "{at}: protocol {other:?} is not TCP, UDP, SCTP or ANY"
+                                    ),
+                                ));
+                            }
+                        },
                     };
                     let entries = port_entries(protocols, Some(&p.port), p.end_port, &at, true)?;
                     // ANY with every port: every port of every protocol.

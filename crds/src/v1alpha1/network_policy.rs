@@ -113,19 +113,7 @@ pub struct DefaultDeny {
     pub egress: Option<bool>,
 }
 
-/// The entities a rule can name, as in Cilium.
-pub const ENTITIES: [&str; 10] = [
-    "host",
-    "remote-node",
-    "world",
-    "cluster",
-    "kube-apiserver",
-    "all",
-    "health",
-    "init",
-    "ingress",
-    "unmanaged",
-];
+pub use crate::facts::ENTITIES;
 
 /// Traffic into the subjects. Peer fields are alternatives (a packet matches if any peer
 /// matches); `toPorts` narrows all of them. A rule without peers matches every peer.

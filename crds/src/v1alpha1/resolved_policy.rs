@@ -76,9 +76,7 @@ pub struct ResolvedDefaultDeny {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResolvedRule {
-    /// `Allow` or `Deny`.
-    #[schemars(extend("enum" = ["Allow", "Deny"]))]
-    pub verdict: String,
+    pub verdict: Verdict,
     /// Peer identities (`0` = any peer).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(range(min = 0, max = 65535)), extend("x-kubernetes-list-type" = "atomic"))]
@@ -110,19 +108,108 @@ pub struct ResolvedPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 15))]
     pub name: Option<String>,
-    /// `TCP`, `UDP`, `SCTP` or `ANY`.
-    #[schemars(extend("enum" = ["TCP", "UDP", "SCTP", "ANY"]))]
-    pub protocol: String,
+    pub protocol: Protocol,
+}
+
+/// What a rule does with the traffic it matches. `Allow` or `Deny`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum Verdict {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "Allow",
+            Verdict::Deny => "Deny",
+        }
+    }
+}
+
+/// The protocol of a port: `TCP`, `UDP`, `SCTP` or `ANY` (all three). Variants are in the
+/// order their names sort, which the resolver's canonical form relies on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Any,
+    Sctp,
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The protocols a port of this protocol covers.
+    pub const fn expand(self) -> &'static [Protocol] {
+        match self {
+            Protocol::Any => &[Protocol::Sctp, Protocol::Tcp, Protocol::Udp],
+            Protocol::Sctp => &[Protocol::Sctp],
+            Protocol::Tcp => &[Protocol::Tcp],
+            Protocol::Udp => &[Protocol::Udp],
+        }
+    }
+
+    /// The IANA protocol number (`None` for `ANY`).
+    pub const fn number(self) -> Option<u8> {
+        match self {
+            Protocol::Any => None,
+            Protocol::Sctp => Some(132),
+            Protocol::Tcp => Some(6),
+            Protocol::Udp => Some(17),
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Any => "ANY",
+            Protocol::Sctp => "SCTP",
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    /// Parses a protocol name as written in policies (`TCP`, `UDP`, `SCTP`, `ANY`).
+    pub fn parse(name: &str) -> Option<Protocol> {
+        [Protocol::Any, Protocol::Sctp, Protocol::Tcp, Protocol::Udp]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
+}
+
+/// The kind of policy a `ResolvedPolicy` entry came from: `NetworkPolicy` (tendril.dev),
+/// `ClusterNetworkPolicy` or `KubernetesNetworkPolicy` (networking.k8s.io). Variants are in
+/// the order their names sort.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum PolicySourceKind {
+    ClusterNetworkPolicy,
+    KubernetesNetworkPolicy,
+    #[default]
+    NetworkPolicy,
+}
+
+impl PolicySourceKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PolicySourceKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            PolicySourceKind::KubernetesNetworkPolicy => "KubernetesNetworkPolicy",
+            PolicySourceKind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicySourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A policy that contributed entries.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySource {
-    /// `NetworkPolicy` (tendril.dev), `ClusterNetworkPolicy` or `KubernetesNetworkPolicy`
-    /// (networking.k8s.io).
-    #[schemars(extend("enum" = ["NetworkPolicy", "ClusterNetworkPolicy", "KubernetesNetworkPolicy"]))]
-    pub kind: String,
+    pub kind: PolicySourceKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,

@@ -7,10 +7,12 @@
 //! converges the kernel (eBPF maps and programs, routes, the VXLAN device).
 
 pub mod datapath;
+pub mod driver;
 pub mod host;
 pub mod metrics;
 pub mod node;
 pub mod server;
+pub mod view;
 
 use crate::cni::api::{
     AgentStatus, AllocateRequest, ApiError, AttachmentRef, ErrorKind, GcRequest, PodAddresses,

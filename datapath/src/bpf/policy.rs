@@ -13,7 +13,7 @@ use super::maps::{
 };
 
 /// Node-local identities of policy CIDRs have this bit set; they never leave the node.
-pub const LOCAL_IDENTITY_FLAG: u32 = 1 << 24;
+pub use tendril_crds::facts::LOCAL_IDENTITY_FLAG;
 
 /// `POLICY_F_DEFAULT_DENY_INGRESS` / `_EGRESS` in `policy_state.flags`.
 pub const POLICY_F_DEFAULT_DENY_INGRESS: u32 = 0x01;
@@ -213,24 +213,40 @@ pub fn propagate_denies(entries: &mut std::collections::BTreeMap<PolicyEntry, Ve
 }
 
 /// `EVENT_*` in `policy_event.type`.
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// A packet was dropped (any reason; policy drops carry verdict and match).
-    Drop,
+    Drop = 1,
     /// The policy verdict of a new (or re-judged) connection that passed.
-    PolicyVerdict,
+    PolicyVerdict = 2,
+}
+
+impl EventKind {
+    pub const ALL: [Self; 2] = [Self::Drop, Self::PolicyVerdict];
+
+    pub fn from_raw(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u8 == code)
+    }
 }
 
 /// `EVENT_VERDICT_*`.
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventVerdict {
-    Allow,
-    Deny,
+    Allow = 1,
+    Deny = 2,
     /// Denied by policy, passed because of audit mode.
-    Audit,
+    Audit = 3,
 }
 
 impl EventVerdict {
+    pub const ALL: [Self; 3] = [Self::Allow, Self::Deny, Self::Audit];
+
+    pub fn from_raw(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| *v as u8 == code)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Allow => "allow",
@@ -241,21 +257,32 @@ impl EventVerdict {
 }
 
 /// `EVENT_MATCH_*`: what decided the verdict.
+#[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PolicyMatch {
     /// The endpoint has no policy (or the event is not about policy).
-    None,
+    None = 0,
     /// A rule without ports.
-    L3,
+    L3 = 1,
     /// A rule with protocol and ports.
-    L4,
+    L4 = 2,
     /// No rule matched: the direction's default.
-    Default,
+    Default = 3,
     /// An established connection re-judged after a policy revision change.
-    Conntrack,
+    Conntrack = 4,
 }
 
 impl PolicyMatch {
+    pub const ALL: [Self; 5] = [Self::None, Self::L3, Self::L4, Self::Default, Self::Conntrack];
+
+    /// An unknown code reads as `None`.
+    pub fn from_raw(code: u8) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|m| *m as u8 == code)
+            .unwrap_or(Self::None)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -313,24 +340,9 @@ impl PolicyEvent {
     }
 
     pub fn from_raw(raw: &RawPolicyEvent) -> Option<Self> {
-        let kind = match raw.kind {
-            1 => EventKind::Drop,
-            2 => EventKind::PolicyVerdict,
-            _ => return None,
-        };
-        let verdict = match raw.verdict {
-            1 => Some(EventVerdict::Allow),
-            2 => Some(EventVerdict::Deny),
-            3 => Some(EventVerdict::Audit),
-            _ => None,
-        };
-        let matched = match raw.matched {
-            1 => PolicyMatch::L3,
-            2 => PolicyMatch::L4,
-            3 => PolicyMatch::Default,
-            4 => PolicyMatch::Conntrack,
-            _ => PolicyMatch::None,
-        };
+        let kind = EventKind::from_raw(raw.kind)?;
+        let verdict = EventVerdict::from_raw(raw.verdict);
+        let matched = PolicyMatch::from_raw(raw.matched);
         Some(Self {
             ts_ns: raw.ts_ns,
             kind,

@@ -8,14 +8,15 @@ use ipnet::IpNet;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use tendril_controllers::runtime::config::RoutingMode;
+use crate::config::RoutingMode;
 use tendril_crds::v1alpha1::{Endpoint, NamedPort, NodeNetwork};
 
-/// Reserved identities (DESIGN.md §4).
-pub const IDENTITY_HOST: u32 = 1;
-pub const IDENTITY_REMOTE_NODE: u32 = 6;
+use tendril_crds::facts::Reserved;
+
+pub const IDENTITY_HOST: u32 = Reserved::Host.id32();
+pub const IDENTITY_REMOTE_NODE: u32 = Reserved::RemoteNode.id32();
 /// The entity `kube-apiserver`: the addresses of the `kubernetes` Service's endpoints.
-pub const IDENTITY_KUBE_APISERVER: u32 = 7;
+pub const IDENTITY_KUBE_APISERVER: u32 = Reserved::KubeApiserver.id32();
 
 /// `namespace/name` of an Endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -52,9 +52,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tendril_controllers::runtime::conditions::{self, DesiredCondition, REALIZED};
-use tendril_controllers::runtime::config::RoutingMode;
-use tendril_controllers::runtime::{Health, apply_body, apply_status};
+use tendril_runtime::conditions::{self, DesiredCondition, REALIZED};
+use crate::config::RoutingMode;
+use tendril_runtime::{Health, apply_body, apply_status};
 use tendril_crds::v1alpha1::{Endpoint, Identity, NamedPort, NodeNetwork, ResolvedPolicy};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -102,7 +102,7 @@ impl Default for PolicyOptions {
 
 /// The annotation of a `ResolvedPolicy` with when the operator saw the change behind its
 /// revision (RFC 3339, UTC).
-pub const POLICY_CHANGED_AT: &str = "tendril.dev/policy-changed-at";
+pub use tendril_crds::facts::annotations::POLICY_CHANGED_AT;
 
 /// Seconds from the change behind `policy`'s revision ([`POLICY_CHANGED_AT`]) to `now`;
 /// `None` without a readable annotation. A clock skewed behind the operator's gives 0.

@@ -25,7 +25,9 @@ use crate::bpf::policy::{
 };
 use ipnet::{IpNet, Ipv4Net};
 use std::collections::{BTreeMap, BTreeSet};
-use tendril_crds::v1alpha1::{NamedPort, ResolvedPolicySpec, ResolvedPort, ResolvedRule};
+use tendril_crds::v1alpha1::{
+    self as api, NamedPort, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
+};
 
 /// The largest `n` of a node-local CIDR identity `1<<24 | n`.
 const MAX_LOCAL_CIDR_INDEX: u32 = LOCAL_IDENTITY_FLAG - 1;
@@ -96,6 +98,12 @@ pub struct DesiredPolicy {
 }
 
 /// IANA protocol number of a `ResolvedPort.protocol`; `ANY` → [`PROTO_ANY`].
+fn resolved_protocol_number(protocol: api::Protocol) -> u8 {
+    protocol.number().unwrap_or(PROTO_ANY)
+}
+
+/// IANA protocol number of a named port's protocol (`NamedPort.protocol`, as in the pod
+/// spec); `ANY` or empty → [`PROTO_ANY`].
 pub fn protocol_number(name: &str) -> Option<u8> {
     match name.to_ascii_uppercase().as_str() {
         "TCP" => Some(PROTO_TCP),
@@ -116,10 +124,7 @@ fn port_blocks(
     cluster: &ClusterNamedPorts,
     problems: &mut Vec<String>,
 ) -> Vec<(u8, u16, u8)> {
-    let Some(protocol) = protocol_number(&port.protocol) else {
-        problems.push(format!("unknown protocol {:?}", port.protocol));
-        return Vec::new();
-    };
+    let protocol = resolved_protocol_number(port.protocol);
     let protocols: &[u8] = if protocol == PROTO_ANY {
         &ALL_PROTOCOLS
     } else {
@@ -212,14 +217,10 @@ fn parse_v4(cidr: &str, skipped_ipv6: &mut usize, problems: &mut Vec<String>) ->
     }
 }
 
-fn rule_verdict(rule: &ResolvedRule, problems: &mut Vec<String>) -> Option<Verdict> {
-    match rule.verdict.as_str() {
-        "Allow" => Some(Verdict::Allow),
-        "Deny" => Some(Verdict::Deny),
-        other => {
-            problems.push(format!("unknown verdict {other:?}"));
-            None
-        }
+fn rule_verdict(rule: &ResolvedRule) -> Verdict {
+    match rule.verdict {
+        api::Verdict::Allow => Verdict::Allow,
+        api::Verdict::Deny => Verdict::Deny,
     }
 }
 
@@ -306,9 +307,7 @@ pub fn translate(
         );
         out.revisions.insert(subject.endpoint_id, spec.revision);
         for (direction, rule) in rules(spec) {
-            let Some(verdict) = rule_verdict(rule, &mut out.problems) else {
-                continue;
-            };
+            let verdict = rule_verdict(rule);
             let mut peers: BTreeSet<u32> = rule
                 .peers
                 .iter()

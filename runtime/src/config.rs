@@ -5,14 +5,11 @@
 //! the key, where it is, and the file. `config/operator.yaml` and `config/agent.yaml`
 //! spell out every setting with its default; a test checks they equal the defaults here.
 //! `--print-config` prints the effective configuration and exits.
+//!
+//! Each binary owns its settings type (`tendril_controllers::config::OperatorConfig`,
+//! `tendril_datapath::config::AgentConfig`); this module holds what loading them shares.
 
-mod agent;
-mod operator;
-
-pub use agent::{AgentArgs, AgentConfig, RoutingMode};
-pub use operator::{OperatorArgs, OperatorConfig};
-
-pub use super::logging::{LogFormat, LoggingConfig};
+pub use crate::logging::{LogFormat, LoggingConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -154,61 +151,65 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Clie
     Ok(kube::Client::try_from(config)?)
 }
 
+/// Checks that the committed file at `path`, parsed without defaults, spells out exactly the
+/// compiled-in defaults of `T` (every setting, each with its default value). Both binaries
+/// test their `config/*.yaml` with it.
+pub fn check_file_is_defaults<T>(path: &Path) -> Result<(), String>
+where
+    T: Serialize + DeserializeOwned + Default + PartialEq + std::fmt::Debug,
+{
+    let name = path.display();
+    let parsed: T = load_file(path).map_err(|e| e.to_string())?;
+    if parsed != T::default() {
+        return Err(format!(
+            "{name} differs from the compiled-in defaults:\n{parsed:#?}\nvs\n{:#?}",
+            T::default()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let raw: serde_json::Value = serde_saphyr::from_str(&text).map_err(|e| e.to_string())?;
+    let defaults = serde_json::to_value(T::default()).map_err(|e| e.to_string())?;
+    if raw != defaults {
+        return Err(format!(
+            "{name} must list every setting with its default:\n{raw:#}\nvs\n{defaults:#}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn committed(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../config")
-            .join(name)
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+    struct Sample {
+        tunnel_port: u16,
+        http: HttpConfig,
+        logging: LoggingConfig,
     }
 
-    /// The committed file, parsed without defaults, must spell out exactly the defaults.
-    fn assert_file_is_defaults<
-        T: Serialize + DeserializeOwned + Default + PartialEq + std::fmt::Debug,
-    >(
-        name: &str,
-    ) {
-        let path = committed(name);
-        let parsed: T = load_file(&path).unwrap();
-        assert_eq!(
-            parsed,
-            T::default(),
-            "{name} differs from the compiled-in defaults"
-        );
-        let text = std::fs::read_to_string(&path).unwrap();
-        let raw: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
-        let defaults = serde_json::to_value(T::default()).unwrap();
-        assert_eq!(
-            raw, defaults,
-            "{name} must list every setting with its default"
-        );
-    }
-
-    #[test]
-    fn committed_operator_yaml_equals_defaults() {
-        assert_file_is_defaults::<OperatorConfig>("operator.yaml");
-    }
-
-    #[test]
-    fn committed_agent_yaml_equals_defaults() {
-        assert_file_is_defaults::<AgentConfig>("agent.yaml");
+    impl Default for Sample {
+        fn default() -> Self {
+            Self {
+                tunnel_port: 8472,
+                http: HttpConfig {
+                    bind_address: "0.0.0.0:1".into(),
+                },
+                logging: LoggingConfig::default(),
+            }
+        }
     }
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let err = from_yaml::<OperatorConfig>(
-            "leaderElection:\n  leaseNmae: x\n",
-            Path::new("/etc/op.yaml"),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = from_yaml::<Sample>("http:\n  bindAdress: x\n", Path::new("/etc/op.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/etc/op.yaml"), "{err}");
-        assert!(err.contains("leaseNmae"), "{err}");
-        assert!(err.contains("leaderElection"), "{err}");
-
-        let err = from_yaml::<AgentConfig>("bogus: 1\n", Path::new("a.yaml"))
+        assert!(err.contains("bindAdress"), "{err}");
+        assert!(err.contains("http"), "{err}");
+        let err = from_yaml::<Sample>("bogus: 1\n", Path::new("a.yaml"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("a.yaml") && err.contains("bogus"), "{err}");
@@ -216,43 +217,36 @@ mod tests {
 
     #[test]
     fn mistyped_value_names_key_and_file() {
-        let err = from_yaml::<AgentConfig>("tunnelPort: lots\n", Path::new("agent.yaml"))
+        let err = from_yaml::<Sample>("tunnelPort: lots\n", Path::new("agent.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("agent.yaml") && err.contains("tunnelPort"),
-            "{err}"
-        );
-        let err =
-            from_yaml::<AgentConfig>("routingMode: carrier-pigeon\n", Path::new("agent.yaml"))
-                .unwrap_err()
-                .to_string();
-        assert!(
-            err.contains("routingMode") && err.contains("carrier-pigeon"),
-            "{err}"
-        );
+        assert!(err.contains("agent.yaml") && err.contains("tunnelPort"), "{err}");
     }
 
     #[test]
     fn partial_file_keeps_other_defaults_and_empty_file_is_defaults() {
-        let cfg: OperatorConfig =
-            from_yaml("http:\n  bindAddress: 127.0.0.1:1\n", Path::new("x")).unwrap();
+        let cfg: Sample = from_yaml("http:\n  bindAddress: 127.0.0.1:1\n", Path::new("x")).unwrap();
         assert_eq!(cfg.http.bind_address, "127.0.0.1:1");
-        assert_eq!(
-            cfg.leader_election,
-            OperatorConfig::default().leader_election
-        );
-        let empty: AgentConfig = from_yaml("# nothing\n\n", Path::new("x")).unwrap();
-        assert_eq!(empty, AgentConfig::default());
+        assert_eq!(cfg.tunnel_port, 8472);
+        let empty: Sample = from_yaml("# nothing\n\n", Path::new("x")).unwrap();
+        assert_eq!(empty, Sample::default());
     }
 
     #[test]
     fn yaml_round_trips() {
-        let cfg = AgentConfig::default();
-        let back: AgentConfig = from_yaml(&to_yaml(&cfg), Path::new("x")).unwrap();
+        let cfg = Sample::default();
+        let back: Sample = from_yaml(&to_yaml(&cfg), Path::new("x")).unwrap();
         assert_eq!(back, cfg);
-        let cfg = OperatorConfig::default();
-        let back: OperatorConfig = from_yaml(&to_yaml(&cfg), Path::new("x")).unwrap();
-        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn a_file_missing_a_default_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(&path, "tunnelPort: 8472\n").unwrap();
+        let err = check_file_is_defaults::<Sample>(&path).unwrap_err();
+        assert!(err.contains("every setting"), "{err}");
+        std::fs::write(&path, to_yaml(&Sample::default())).unwrap();
+        check_file_is_defaults::<Sample>(&path).unwrap();
     }
 }

@@ -4,9 +4,9 @@
 //! `#[serde(rename_all = "camelCase", deny_unknown_fields, default)]`) and document it,
 //! with its defaults, in config/operator.yaml.
 
-use super::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
-use crate::runtime::backoff::Backoff;
-use crate::runtime::leader::LeaderElectionConfig;
+use tendril_runtime::backoff::Backoff;
+use tendril_runtime::config::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
+use tendril_runtime::leader::LeaderElectionConfig;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -116,8 +116,34 @@ impl OperatorArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::config::LogFormat;
     use std::io::Write;
+    use tendril_runtime::config::{LogFormat, check_file_is_defaults, from_yaml, to_yaml};
+
+    #[test]
+    fn committed_operator_yaml_equals_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/operator.yaml");
+        check_file_is_defaults::<OperatorConfig>(&path).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_names_key_section_and_file() {
+        let err = from_yaml::<OperatorConfig>(
+            "leaderElection:\n  leaseNmae: x\n",
+            std::path::Path::new("/etc/op.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("/etc/op.yaml"), "{err}");
+        assert!(err.contains("leaseNmae"), "{err}");
+        assert!(err.contains("leaderElection"), "{err}");
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let cfg = OperatorConfig::default();
+        let back: OperatorConfig = from_yaml(&to_yaml(&cfg), std::path::Path::new("x")).unwrap();
+        assert_eq!(back, cfg);
+    }
 
     #[test]
     fn flags_override_the_file() {

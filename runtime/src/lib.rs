@@ -1,5 +1,7 @@
-//! The reconciler harness: one run loop, backoff, metrics, leader election, health and
-//! configuration shared by every concern of `tendril-operator` and by `tendril-agent`.
+//! `tendril-runtime`: the plumbing `tendril-operator` and `tendril-agent` share — the
+//! reconciler harness (one run loop, backoff, metrics), server-side apply, conditions,
+//! leader election, health, configuration loading and logging. It depends on `tendril-crds`
+//! only, so the agent links none of the operator's concerns.
 //!
 //! A concern is one module that declares its watches on a kube-runtime [`Controller`],
 //! implements [`Reconciler`] and hands both to [`run`]; the harness adds a tracing span per
@@ -11,7 +13,7 @@
 //! use std::sync::Arc;
 //! use k8s_openapi::api::core::v1::ConfigMap;
 //! use kube::{Api, runtime::{Controller, controller::Action, watcher}};
-//! use tendril_controllers::runtime::{self, Context, MetricLabel, Reconciler};
+//! use tendril_runtime::{self as runtime, Context, MetricLabel, Reconciler};
 //!
 //! #[derive(Debug, thiserror::Error)]
 //! enum Error {
@@ -49,6 +51,7 @@
 
 pub mod apply;
 pub mod backoff;
+pub mod caches;
 pub mod conditions;
 pub mod config;
 pub mod leader;
@@ -58,6 +61,7 @@ pub mod server;
 
 pub use apply::{apply, apply_body, apply_status, controller_owner_ref, field_manager};
 pub use backoff::{Backoff, BackoffTracker};
+pub use caches::{Cache, Caches};
 pub use conditions::DesiredCondition;
 pub use metrics::{ControllerMetrics, Metrics, OPENMETRICS_CONTENT_TYPE};
 pub use server::Health;

@@ -1,10 +1,9 @@
-//! `tendril-agent`'s settings (config/agent.yaml) and flags, here so the agent binary in
-//! `datapath/` loads them with the same harness. The datapath may append settings: add a
-//! field (with its default in `Default`), document it in config/agent.yaml, and, if it
-//! needs one, a flag in `AgentArgs` applied in `resolve`.
+//! `tendril-agent`'s settings (config/agent.yaml) and flags, loaded with the runtime's config
+//! plumbing. A new setting: a field (with its default in `Default`), documented in
+//! config/agent.yaml, and, if it needs one, a flag in `AgentArgs` applied in `resolve`.
 
-use super::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
-use crate::runtime::backoff::Backoff;
+use tendril_runtime::backoff::Backoff;
+use tendril_runtime::config::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -292,6 +291,30 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use tendril_runtime::config::{check_file_is_defaults, from_yaml, to_yaml};
+
+    #[test]
+    fn committed_agent_yaml_equals_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/agent.yaml");
+        check_file_is_defaults::<AgentConfig>(&path).unwrap();
+    }
+
+    #[test]
+    fn mistyped_values_name_the_key_and_file() {
+        let err = from_yaml::<AgentConfig>("tunnelPort: lots\n", Path::new("agent.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.yaml") && err.contains("tunnelPort"), "{err}");
+        let err = from_yaml::<AgentConfig>("routingMode: carrier-pigeon\n", Path::new("agent.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routingMode") && err.contains("carrier-pigeon"), "{err}");
+        let empty: AgentConfig = from_yaml("# nothing\n\n", Path::new("x")).unwrap();
+        assert_eq!(empty, AgentConfig::default());
+        let back: AgentConfig = from_yaml(&to_yaml(&empty), Path::new("x")).unwrap();
+        assert_eq!(back, empty);
+    }
 
     #[test]
     fn a_bad_backoff_is_refused_like_the_operators() {

@@ -1,0 +1,189 @@
+//! The loop every agent reconciler runs: a pass, then wait for a change (debounced), the
+//! resync period, or — after a failed pass — the configured `backoff` (agent.yaml), the same
+//! jittered exponential curve the operator's harness uses.
+
+use super::view::Wake;
+use std::future::Future;
+use std::time::Duration;
+use tendril_runtime::Backoff;
+
+/// What a pass achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassOutcome {
+    /// The node realizes everything it was asked to.
+    Converged,
+    /// Nothing to do until something else happens (initial lists incomplete, the pod
+    /// CIDRs not assigned yet): wait for a change or the resync, no backoff.
+    Waiting,
+    /// Something failed: retry with backoff.
+    Failed,
+}
+
+/// When a loop runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopTiming {
+    /// At least this often even without a change.
+    pub resync: Duration,
+    /// Changes arriving within this window after the first are handled in one pass.
+    pub debounce: Duration,
+    /// Retry curve after failed passes.
+    pub backoff: Backoff,
+}
+
+impl LoopTiming {
+    /// How long to wait after a pass with this outcome and `failures` consecutive failures
+    /// (counting it); never longer than the resync period.
+    pub fn wait_after(&self, outcome: PassOutcome, failures: u32) -> Duration {
+        match outcome {
+            PassOutcome::Converged | PassOutcome::Waiting => self.resync,
+            PassOutcome::Failed => self
+                .backoff
+                .delay(failures, &mut rand::rng())
+                .min(self.resync),
+        }
+    }
+}
+
+/// Runs `pass` forever: after a change of `wake` (plus the debounce), the resync period, or
+/// a failure's backoff. `realized(delay)` is called after each converged pass that realized
+/// a change, with the time since that change arrived. Cancel by dropping the future.
+pub async fn drive<P, F>(wake: &Wake, timing: &LoopTiming, mut pass: P, mut realized: impl FnMut(Duration))
+where
+    P: FnMut() -> F,
+    F: Future<Output = PassOutcome>,
+{
+    let mut failures: u32 = 0;
+    loop {
+        let started = wake.take_since();
+        let outcome = pass().await;
+        match outcome {
+            PassOutcome::Converged => {
+                failures = 0;
+                if let Some(at) = started {
+                    realized(at.elapsed());
+                }
+            }
+            PassOutcome::Waiting => wake.keep_since(started),
+            PassOutcome::Failed => {
+                failures = failures.saturating_add(1);
+                wake.keep_since(started);
+            }
+        }
+        let wait = timing.wait_after(outcome, failures);
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        // Coalesce a burst of changes into one pass.
+        tokio::time::sleep(timing.debounce).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
+
+    /// The instants at which the first `n` passes of an always-failing loop start.
+    async fn failing_pass_starts(backoff: Backoff, n: usize) -> Vec<Duration> {
+        let timing = LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::ZERO,
+            backoff,
+        };
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let wake = Wake::default();
+        let recorded = starts.clone();
+        let run = drive(
+            &wake,
+            &timing,
+            move || {
+                recorded.lock().unwrap().push(t0.elapsed());
+                async { PassOutcome::Failed }
+            },
+            |_| {},
+        );
+        tokio::select! {
+            _ = run => unreachable!(),
+            _ = async {
+                while starts.lock().unwrap().len() < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            } => {}
+        }
+        let out = starts.lock().unwrap().clone();
+        out
+    }
+
+    fn gaps(starts: &[Duration]) -> Vec<u64> {
+        starts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_configured_backoff_sets_the_retry_schedule() {
+        let fast = Backoff {
+            base_millis: 100,
+            max_millis: 800,
+            jitter: 0.0,
+        };
+        let slow = Backoff {
+            base_millis: 1000,
+            max_millis: 3000,
+            jitter: 0.0,
+        };
+        // base · 2^(n-1), capped at max (paused time: exact up to the 1 ms poll).
+        let fast_gaps = gaps(&failing_pass_starts(fast, 6).await);
+        assert_eq!(
+            fast_gaps.iter().map(|g| g / 10 * 10).collect::<Vec<_>>(),
+            [100, 200, 400, 800, 800],
+            "{fast_gaps:?}"
+        );
+        let slow_gaps = gaps(&failing_pass_starts(slow, 5).await);
+        assert_eq!(
+            slow_gaps.iter().map(|g| g / 10 * 10).collect::<Vec<_>>(),
+            [1000, 2000, 3000, 3000],
+            "{slow_gaps:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_wakes_the_loop_and_a_success_reports_its_delay() {
+        let timing = LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(50),
+            backoff: Backoff::default(),
+        };
+        let wake = Wake::default();
+        let passes = Arc::new(Mutex::new(0u32));
+        let delays = Arc::new(Mutex::new(Vec::new()));
+        let (p, d) = (passes.clone(), delays.clone());
+        let run = drive(
+            &wake,
+            &timing,
+            move || {
+                *p.lock().unwrap() += 1;
+                async { PassOutcome::Converged }
+            },
+            move |delay| d.lock().unwrap().push(delay),
+        );
+        let check = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(*passes.lock().unwrap(), 1, "one pass, then it waits");
+            wake.touch();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(*passes.lock().unwrap(), 2, "a change wakes it");
+            let delays = delays.lock().unwrap().clone();
+            assert_eq!(delays.len(), 1);
+            assert!(delays[0] >= Duration::from_millis(50), "{delays:?}");
+        };
+        tokio::select! {
+            _ = run => unreachable!(),
+            _ = check => {}
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The agent's view of the cluster: one cache per kind for the whole process (shared by the
+//! node sync and the node pass, from [`tendril_runtime::Caches`]), the gate that opens once
+//! every initial list completed, and the wake-ups that turn cache changes into passes.
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::watcher;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tendril_crds::v1alpha1::{Endpoint, Identity, NodeNetwork, ResolvedPolicy};
+use tendril_runtime::caches::{Cache, Cached, Caches};
+use tokio::sync::{Notify, broadcast};
+
+/// Every object the agent reads, each kind watched once.
+#[derive(Clone)]
+pub struct ClusterView {
+    pub node_networks: Cache<NodeNetwork>,
+    pub endpoints: Cache<Endpoint>,
+    pub identities: Cache<Identity>,
+    pub resolved_policies: Cache<ResolvedPolicy>,
+    /// The EndpointSlices of the `kubernetes` Service: the kube-apiserver's own addresses
+    /// (entity `kube-apiserver`).
+    pub apiserver: Cache<EndpointSlice>,
+}
+
+/// Scope of the apiserver cache: the slice the apiserver itself writes.
+pub const APISERVER_SCOPE: &str = "default/kubernetes";
+
+impl ClusterView {
+    pub fn new(caches: &Caches) -> Self {
+        // Selected by name too (`metadata.name=kubernetes`), so RBAC can grant exactly that
+        // name: kustomize's `namespace` would move a Role for `default` into Tendril's
+        // namespace.
+        let apiserver = caches.scoped(
+            APISERVER_SCOPE,
+            Api::namespaced(caches.client().clone(), "default"),
+            watcher::Config::default()
+                .labels("kubernetes.io/service-name=kubernetes")
+                .fields("metadata.name=kubernetes"),
+        );
+        let view = Self {
+            node_networks: caches.all(),
+            endpoints: caches.all(),
+            identities: caches.all(),
+            resolved_policies: caches.all(),
+            apiserver,
+        };
+        view.report_apiserver_forbidden();
+        view
+    }
+
+    /// Resolves once every cache completed its first list. The apiserver's slices count as
+    /// listed while reading them is forbidden (RBAC without that rule): the entity
+    /// `kube-apiserver` then matches no address, and the node is not held back for it.
+    pub async fn synced(&self) {
+        let apiserver = async {
+            let mut forbidden = self.apiserver.forbidden();
+            tokio::select! {
+                _ = self.apiserver.store().wait_until_ready() => {}
+                _ = forbidden.wait_for(Option::is_some) => {}
+            }
+        };
+        let _ = tokio::join!(
+            self.node_networks.store().wait_until_ready(),
+            self.endpoints.store().wait_until_ready(),
+            self.identities.store().wait_until_ready(),
+            self.resolved_policies.store().wait_until_ready(),
+            apiserver,
+        );
+    }
+
+    /// Wakes `wake` on every change of any kind.
+    pub fn wake_on_any_change(&self, wake: &Wake) {
+        wake_on(&self.node_networks, wake, |_| true);
+        wake_on(&self.endpoints, wake, |_| true);
+        wake_on(&self.identities, wake, |_| true);
+        wake_on(&self.resolved_policies, wake, |_| true);
+        wake_on(&self.apiserver, wake, |_| true);
+    }
+
+    fn report_apiserver_forbidden(&self) {
+        let mut forbidden = self.apiserver.forbidden();
+        tokio::spawn(async move {
+            while forbidden.changed().await.is_ok() {
+                let message = forbidden.borrow_and_update().clone();
+                match message {
+                    Some(message) => tracing::error!(
+                        error = %message,
+                        "forbidden to list/watch EndpointSlice default/kubernetes: the entity \
+                         kube-apiserver matches no address until the agent's ClusterRole \
+                         allows it (deploy/kustomize/base/agent-rbac.yaml); retrying"
+                    ),
+                    None => tracing::info!("kube-apiserver EndpointSlices readable again"),
+                }
+            }
+        });
+    }
+}
+
+/// Wakes `wake` on each change of `cache` that `relevant` accepts (and after a lag).
+pub fn wake_on<K: Cached>(cache: &Cache<K>, wake: &Wake, relevant: impl Fn(&K) -> bool + Send + 'static) {
+    let mut changes = cache.subscribe();
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        loop {
+            match changes.recv().await {
+                Ok(obj) if relevant(&obj) => wake.touch(),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => wake.touch(),
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+}
+
+/// What wakes one loop: a notification plus when the oldest change not yet realized
+/// arrived (for `tendril_datapath_realize_seconds`).
+#[derive(Clone, Debug, Default)]
+pub struct Wake {
+    inner: Arc<WakeInner>,
+}
+
+#[derive(Debug, Default)]
+struct WakeInner {
+    notify: Notify,
+    since: Mutex<Option<Instant>>,
+}
+
+impl Wake {
+    /// Something changed: wake the loop (now or after its pass).
+    pub fn touch(&self) {
+        self.inner
+            .since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Instant::now);
+        self.inner.notify.notify_one();
+    }
+
+    pub(crate) async fn notified(&self) {
+        self.inner.notify.notified().await;
+    }
+
+    /// When the oldest pending change arrived, clearing it (a pass starts).
+    pub(crate) fn take_since(&self) -> Option<Instant> {
+        self.inner
+            .since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The pass did not realize the change that arrived at `at`: it is still pending.
+    pub(crate) fn keep_since(&self, at: Option<Instant>) {
+        if let Some(at) = at {
+            let mut since = self.inner.since.lock().unwrap_or_else(|p| p.into_inner());
+            *since = Some(since.map_or(at, |s| s.min(at)));
+        }
+    }
+}
