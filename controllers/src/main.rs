@@ -6,32 +6,39 @@ use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
+use tendril_controllers::{Term, endpoints, identities, ipam, nodes, policy};
 use tendril_runtime::config;
 use tendril_runtime::{
-    self as runtime, Concern, Context, Health, Metrics, leader, logging, server,
+    self as runtime, Caches, Concern, Context, Health, Metrics, leader, logging, server,
 };
-use tendril_controllers::{endpoints, ipam, nodes, policy};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 /// Every concern of the operator; adding one is one line.
-const CONCERNS: &[Concern<OperatorConfig>] = &[
+const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: nodes::NAME,
-        run: |ctx, config| nodes::run(ctx, config.nodes.clone()).boxed(),
+        run: |ctx, term| nodes::run(ctx, term.config.nodes.clone()).boxed(),
     },
     Concern {
         name: ipam::NAME,
-        run: |ctx, config| ipam::run(ctx, config.ipam.clone()).boxed(),
+        run: |ctx, term| ipam::run(ctx, term.config.ipam.clone()).boxed(),
     },
-    // Runs the identities controller too: both share one identity allocator.
+    Concern {
+        name: identities::NAME,
+        run: |ctx, term| {
+            identities::run(ctx, term.config.identities.clone(), term.identities.clone()).boxed()
+        },
+    },
     Concern {
         name: endpoints::NAME,
-        run: |ctx, config| endpoints::run(ctx, config.identities.clone()).boxed(),
+        run: |ctx, term| {
+            endpoints::run(ctx, term.config.identities.clone(), term.identities.clone()).boxed()
+        },
     },
     Concern {
         name: policy::NAME,
-        run: |ctx, config| policy::run(ctx, config.policy.clone()).boxed(),
+        run: |ctx, term| policy::run(ctx, term.config.policy.clone()).boxed(),
     },
 ];
 
@@ -79,8 +86,12 @@ async fn run(args: OperatorArgs, config: OperatorConfig) -> anyhow::Result<()> {
     let client = config::kube_client(args.common.kubeconfig.as_deref())
         .await
         .context("building the Kubernetes client")?;
+    // One watch per kind for the whole process: the caches outlive every leadership term,
+    // so a new term starts from complete stores.
+    let caches = Caches::new(client.clone(), &metrics);
     let ctx = Context {
         client,
+        caches,
         metrics,
         health,
         backoff: config.backoff.clone(),
@@ -100,8 +111,8 @@ async fn run(args: OperatorArgs, config: OperatorConfig) -> anyhow::Result<()> {
         shutdown.clone(),
         |term| {
             let ctx = ctx.with_shutdown(term);
-            let config = config.clone();
-            async move { runtime::run_concerns(CONCERNS, ctx, config).await }
+            let term = Arc::new(Term::start(&ctx, config.clone()));
+            async move { runtime::run_concerns(CONCERNS, ctx, term).await }
         },
     )
     .await;

@@ -11,14 +11,12 @@
 //! The `NodeNetwork` is watched as owned: deleting or editing it triggers a reconcile of
 //! its Node, which restores it.
 
-use tendril_runtime::{self, Context, DesiredCondition, MetricLabel, Reconciler, conditions};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,6 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::common::NodeAddress;
 use tendril_crds::v1alpha1::NodeNetwork;
+use tendril_runtime::{
+    self as runtime, Context, DesiredCondition, MetricLabel, Reconciler, conditions,
+};
 
 /// The concern's name; its field manager is `tendril-nodes`.
 pub const NAME: &str = "nodes";
@@ -200,10 +201,10 @@ impl Reconciler for Nodes {
 
 /// Runs the nodes controller until `ctx.shutdown`.
 pub async fn run(ctx: Context, config: NodesConfig) -> anyhow::Result<()> {
-    let nodes = Api::<Node>::all(ctx.client.clone());
-    let networks = Api::<NodeNetwork>::all(ctx.client.clone());
-    let controller = Controller::new(nodes, watcher::Config::default())
-        .owns(networks.clone(), watcher::Config::default());
+    let nodes = ctx.caches.all::<Node>();
+    let networks = ctx.caches.all::<NodeNetwork>();
+    let controller =
+        Controller::for_stream(nodes.trigger(), nodes.store()).owns_stream(networks.trigger());
     let nodes_gauge: Gauge = ctx.metrics.domain(
         "tendril_nodes",
         "Nodes seen by the nodes concern",
@@ -228,7 +229,7 @@ pub async fn run(ctx: Context, config: NodesConfig) -> anyhow::Result<()> {
     };
     let reconciler = Nodes {
         resync: Duration::from_secs(config.resync_seconds.max(1)),
-        networks,
+        networks: Api::all(ctx.client.clone()),
         nodes: controller.store(),
         nodes_gauge,
         writes: ctx.metrics.domain(

@@ -11,13 +11,15 @@
 //!
 //! Consumers: [`Cache::store`] (the reflector store, ready once the first list completed),
 //! [`Cache::subscribe`] (every object applied or deleted from now on, and every object
-//! again after each relist — for "something changed" wake-ups), and [`Cache::trigger`]
-//! (the store's objects, then every change: the input of a kube-runtime `Controller`, via
-//! `Controller::for_stream` / `watches_stream`). `tendril_cache_watches{kind,scope}` counts
-//! the watches started, so a test can prove there is exactly one per kind.
+//! again after each relist — for "something changed" wake-ups), [`Cache::changes`] (the
+//! same as a stream of typed [`Change`]s, starting from the store: for a consumer that keeps
+//! an index of its own), and [`Cache::trigger`] / [`Cache::applied`] (the store's objects,
+//! then every change: the input of a kube-runtime `Controller`, via `Controller::for_stream`,
+//! `owns_stream` or `watches_stream`). `tendril_cache_watches{group,kind,scope}` counts the
+//! watches started, so a test can prove there is exactly one per kind.
 
 use crate::metrics::Metrics;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -35,15 +37,93 @@ use tokio::sync::{broadcast, watch};
 /// Changes buffered per subscriber before it lags (and gets the whole store again).
 const CHANGE_BUFFER: usize = 4096;
 
+/// `group` tells kinds of the same name apart (`NetworkPolicy` of `networking.k8s.io` and of
+/// `tendril.dev`); it is empty for the core group.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchLabels {
+    group: String,
     kind: String,
     scope: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
+struct KindLabels {
+    group: String,
     kind: String,
+}
+
+impl KindLabels {
+    fn of<K: Cached>() -> Self {
+        Self {
+            group: K::group(&()).to_string(),
+            kind: K::kind(&()).to_string(),
+        }
+    }
+}
+
+/// What happened to a cache.
+pub enum Change<K> {
+    /// The object was created or changed (or is in the store when the change stream began,
+    /// or after a relist).
+    Applied(Arc<K>),
+    /// The object was deleted; in its last known state.
+    Deleted(Arc<K>),
+    /// The store now holds a complete list: anything a consumer knows that it lacks is
+    /// gone (a relist may hide deletions the watch missed). Every object follows as
+    /// `Applied`.
+    Listed,
+}
+
+impl<K> Change<K> {
+    /// The object applied or deleted; `None` for [`Change::Listed`].
+    pub fn object(&self) -> Option<&Arc<K>> {
+        match self {
+            Change::Applied(obj) | Change::Deleted(obj) => Some(obj),
+            Change::Listed => None,
+        }
+    }
+}
+
+impl<K> Clone for Change<K> {
+    fn clone(&self) -> Self {
+        match self {
+            Change::Applied(obj) => Change::Applied(obj.clone()),
+            Change::Deleted(obj) => Change::Deleted(obj.clone()),
+            Change::Listed => Change::Listed,
+        }
+    }
+}
+
+impl<K: Resource> Debug for Change<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |obj: &Arc<K>| obj.meta().name.clone().unwrap_or_default();
+        match self {
+            Change::Applied(obj) => write!(f, "Applied({})", name(obj)),
+            Change::Deleted(obj) => write!(f, "Deleted({})", name(obj)),
+            Change::Listed => f.write_str("Listed"),
+        }
+    }
+}
+
+/// A subscription to a cache's changes (see [`Cache::subscribe`]).
+pub struct Subscription<K> {
+    rx: broadcast::Receiver<Change<K>>,
+}
+
+impl<K: Cached> Subscription<K> {
+    /// The next object applied or deleted.
+    pub async fn recv(&mut self) -> Result<Arc<K>, broadcast::error::RecvError> {
+        loop {
+            if let Some(obj) = self.rx.recv().await?.object() {
+                return Ok(obj.clone());
+            }
+        }
+    }
+
+    /// The next change.
+    pub async fn recv_change(&mut self) -> Result<Change<K>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
 }
 
 /// The kinds a cache can hold.
@@ -63,7 +143,7 @@ pub struct Caches {
     client: Client,
     entries: Arc<Mutex<HashMap<(String, String), Box<dyn Any + Send + Sync>>>>,
     watches: Family<WatchLabels, Gauge>,
-    errors: Family<KindLabel, Counter>,
+    errors: Family<KindLabels, Counter>,
 }
 
 impl std::fmt::Debug for Caches {
@@ -82,7 +162,7 @@ impl Caches {
             entries: Arc::default(),
             watches: metrics.domain(
                 "tendril_cache_watches",
-                "Watches this process started, per kind and scope (one per kind is the design)",
+                "Watches this process started, per group, kind and scope (one per kind is the design)",
                 Family::default,
             ),
             errors: metrics.domain(
@@ -107,7 +187,10 @@ impl Caches {
     /// The objects of `api` that `config` selects, shared under `scope` (a name unique among
     /// the scoped caches of `K`, e.g. `default/kubernetes`).
     pub fn scoped<K: Cached>(&self, scope: &str, api: Api<K>, config: watcher::Config) -> Cache<K> {
-        assert_ne!(scope, SCOPE_ALL, "scope {SCOPE_ALL:?} is the cluster-wide cache");
+        assert_ne!(
+            scope, SCOPE_ALL,
+            "scope {SCOPE_ALL:?} is the cluster-wide cache"
+        );
         self.get_or_start(scope, || (api, config))
     }
 
@@ -116,8 +199,11 @@ impl Caches {
         scope: &str,
         watch: impl FnOnce() -> (Api<K>, watcher::Config),
     ) -> Cache<K> {
-        let kind = K::kind(&()).to_string();
-        let key = (format!("{}/{kind}", K::api_version(&())), scope.to_string());
+        let labels = KindLabels::of::<K>();
+        let key = (
+            format!("{}/{}", K::api_version(&()), labels.kind),
+            scope.to_string(),
+        );
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = entries.get(&key) {
             return existing
@@ -126,10 +212,11 @@ impl Caches {
                 .clone();
         }
         let (api, config) = watch();
-        let cache = Cache::start(api, config, self.errors.get_or_create(&KindLabel { kind: kind.clone() }).clone());
+        let cache = Cache::start(api, config, self.errors.get_or_create(&labels).clone());
         self.watches
             .get_or_create(&WatchLabels {
-                kind,
+                group: labels.group,
+                kind: labels.kind,
                 scope: scope.to_string(),
             })
             .inc();
@@ -141,7 +228,7 @@ impl Caches {
 /// One shared watch: its store and its changes.
 pub struct Cache<K: Cached> {
     store: Store<K>,
-    changes: broadcast::Sender<Arc<K>>,
+    changes: broadcast::Sender<Change<K>>,
     /// The last attempt to list or watch was refused (403); cleared by the next success.
     forbidden: watch::Sender<Option<String>>,
 }
@@ -160,59 +247,60 @@ impl<K: Cached> Cache<K> {
     /// Starts the watch on the current tokio runtime; it runs until the process ends.
     fn start(api: Api<K>, config: watcher::Config, errors: Counter) -> Self {
         let (store, writer) = reflector::store();
-        let (changes, _) = broadcast::channel(CHANGE_BUFFER);
-        let cache = Self {
-            store,
-            changes,
-            forbidden: watch::Sender::new(None),
-        };
-        let (reader, tx, forbidden) = (
-            cache.store.clone(),
-            cache.changes.clone(),
-            cache.forbidden.clone(),
-        );
-        let kind = K::kind(&()).to_string();
+        let cache = Self::from_store(store);
+        let publisher = cache.clone();
         let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
         tokio::spawn(stream.for_each(move |event| {
-            if event.is_ok() {
-                forbidden.send_if_modified(|f| f.take().is_some());
+            if event.is_err() {
+                errors.inc();
             }
-            match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                    // No subscriber is not an error.
-                    let _ = tx.send(Arc::new(obj));
-                }
-                // After every (re)list, every object again: a relist may hide deletions
-                // and changes the watch missed.
-                Ok(watcher::Event::InitDone) => {
-                    for obj in reader.state() {
-                        let _ = tx.send(obj);
-                    }
-                }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Err(e) => {
-                    errors.inc();
-                    if let Some(message) = forbidden_message(&e) {
-                        forbidden.send_if_modified(|f| {
-                            let first = f.is_none();
-                            *f = Some(message);
-                            first
-                        });
-                    } else {
-                        tracing::warn!(kind, error = %e, "watch failed; retrying");
-                    }
-                }
-            }
+            publisher.publish(event);
             futures::future::ready(())
         }));
         cache
+    }
+
+    /// Tells the subscribers about `event`, already applied to the store.
+    fn publish(&self, event: Result<watcher::Event<K>, watcher::Error>) {
+        if event.is_ok() {
+            self.forbidden.send_if_modified(|f| f.take().is_some());
+        }
+        // No subscriber is not an error.
+        match event {
+            Ok(watcher::Event::Apply(obj)) => {
+                let _ = self.changes.send(Change::Applied(Arc::new(obj)));
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                let _ = self.changes.send(Change::Deleted(Arc::new(obj)));
+            }
+            // After every (re)list, every object again: a relist may hide deletions and
+            // changes the watch missed.
+            Ok(watcher::Event::InitDone) => {
+                let _ = self.changes.send(Change::Listed);
+                for obj in self.store.state() {
+                    let _ = self.changes.send(Change::Applied(obj));
+                }
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(e) => {
+                if let Some(message) = forbidden_message(&e) {
+                    self.forbidden.send_if_modified(|f| {
+                        let first = f.is_none();
+                        *f = Some(message);
+                        first
+                    });
+                } else {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
+                }
+            }
+        }
     }
 
     /// Builds a cache over a hand-fed store (tests, and replaying a fixed world).
     pub fn from_store(store: Store<K>) -> Self {
         Self {
             store,
-            changes: broadcast::channel(1).0,
+            changes: broadcast::channel(CHANGE_BUFFER).0,
             forbidden: watch::Sender::new(None),
         }
     }
@@ -231,40 +319,76 @@ impl<K: Cached> Cache<K> {
     /// every object again after each relist. A subscriber that falls more than
     /// `CHANGE_BUFFER` changes behind gets `RecvError::Lagged`: treat it as "everything
     /// may have changed".
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<K>> {
-        self.changes.subscribe()
+    pub fn subscribe(&self) -> Subscription<K> {
+        Subscription {
+            rx: self.changes.subscribe(),
+        }
     }
 
-    /// The objects in the store now, then every change; after a lag, the whole store again.
-    /// Feed it to `Controller::for_stream` or `watches_stream` with [`Cache::store`].
-    pub fn trigger(&self) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+    /// Every change as a stream: when the store has completed a list, first
+    /// [`Change::Listed`] and its objects; then each change as it happens. A consumer that
+    /// falls behind gets `Listed` and the whole store again instead of the changes it
+    /// missed, so an index kept from this stream never drifts from the store.
+    pub fn changes(&self) -> impl Stream<Item = Change<K>> + Send + 'static + use<K> {
         struct State<K: Cached> {
-            rx: broadcast::Receiver<Arc<K>>,
+            rx: broadcast::Receiver<Change<K>>,
             store: Store<K>,
-            pending: VecDeque<Arc<K>>,
+            pending: VecDeque<Change<K>>,
         }
-        let rx = self.subscribe();
+        let rx = self.changes.subscribe();
         let state = State {
             rx,
-            pending: self.store.state().into(),
+            pending: snapshot(&self.store),
             store: self.store.clone(),
         };
         futures::stream::unfold(state, |mut s| async move {
             loop {
-                if let Some(obj) = s.pending.pop_front() {
-                    return Some((Ok(K::clone(&obj)), s));
+                if let Some(change) = s.pending.pop_front() {
+                    return Some((change, s));
                 }
                 match s.rx.recv().await {
-                    Ok(obj) => return Some((Ok(K::clone(&obj)), s)),
+                    Ok(change) => return Some((change, s)),
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(kind = %K::kind(&()), missed, "trigger lagged; replaying the store");
-                        s.pending = s.store.state().into();
+                        tracing::debug!(kind = %K::kind(&()), missed, "change stream lagged; replaying the store");
+                        s.pending = snapshot(&s.store);
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
         })
     }
+
+    /// The objects in the store now, then every object applied or deleted; after a lag,
+    /// the whole store again. Feed it to `Controller::for_stream` (with [`Cache::store`]),
+    /// `owns_stream` or `watches_stream` (as `touched_objects` of a private watch would).
+    pub fn trigger(
+        &self,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K> {
+        self.changes()
+            .filter_map(|change| futures::future::ready(change.object().map(|o| Ok(K::clone(o)))))
+    }
+
+    /// Like [`Cache::trigger`] without deletions (as `applied_objects` of a private watch).
+    pub fn applied(
+        &self,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K> {
+        self.changes().filter_map(|change| {
+            futures::future::ready(match change {
+                Change::Applied(obj) => Some(Ok(K::clone(&obj))),
+                Change::Deleted(_) | Change::Listed => None,
+            })
+        })
+    }
+}
+
+/// `Listed` and every object of `store`, when it has completed a list; nothing before.
+fn snapshot<K: Cached>(store: &Store<K>) -> VecDeque<Change<K>> {
+    if !matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        return VecDeque::new();
+    }
+    std::iter::once(Change::Listed)
+        .chain(store.state().into_iter().map(Change::Applied))
+        .collect()
 }
 
 /// The apiserver's message when `e` is a 403.
@@ -279,5 +403,175 @@ fn forbidden_message(e: &watcher::Error) -> Option<String> {
             Some(status.message.clone())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::api::networking::v1 as k8s;
+    use kube::api::ObjectMeta;
+    use tendril_crds::v1alpha1::NetworkPolicy;
+
+    fn cm(name: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// A hand-fed cache: `feed` applies an event to the store, then publishes it, as the
+    /// watch task does.
+    fn fed() -> (Cache<ConfigMap>, impl FnMut(watcher::Event<ConfigMap>)) {
+        let (store, mut writer) = reflector::store();
+        let cache = Cache::from_store(store);
+        let publisher = cache.clone();
+        (cache, move |event| {
+            writer.apply_watcher_event(&event);
+            publisher.publish(Ok(event));
+        })
+    }
+
+    fn listed(names: &[&str]) -> Vec<watcher::Event<ConfigMap>> {
+        std::iter::once(watcher::Event::Init)
+            .chain(names.iter().map(|n| watcher::Event::InitApply(cm(n))))
+            .chain([watcher::Event::InitDone])
+            .collect()
+    }
+
+    fn describe(change: &Change<ConfigMap>) -> String {
+        format!("{change:?}")
+    }
+
+    async fn next_n<S: Stream<Item = Change<ConfigMap>> + Unpin>(
+        s: &mut S,
+        n: usize,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(describe(&s.next().await.expect("stream open")));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn changes_start_from_a_listed_store_then_follow_the_watch() {
+        let (cache, mut feed) = fed();
+        // Before the first list: nothing to replay; the list itself arrives as Listed + objects.
+        let mut early = Box::pin(cache.changes());
+        listed(&["a", "b"]).into_iter().for_each(&mut feed);
+        let mut got = next_n(&mut early, 3).await;
+        got[1..].sort();
+        assert_eq!(got, ["Listed", "Applied(a)", "Applied(b)"]);
+
+        // After it: the store first, then the changes, typed.
+        let mut late = Box::pin(cache.changes());
+        feed(watcher::Event::Apply(cm("c")));
+        feed(watcher::Event::Delete(cm("a")));
+        let mut got = next_n(&mut late, 3).await;
+        got[1..].sort();
+        assert_eq!(got, ["Listed", "Applied(a)", "Applied(b)"]);
+        assert_eq!(next_n(&mut late, 2).await, ["Applied(c)", "Deleted(a)"]);
+        assert_eq!(
+            next_n(&mut early, 2).await,
+            ["Applied(c)", "Deleted(a)"],
+            "every consumer sees every change"
+        );
+
+        // A relist that hides a deletion says Listed: the consumer drops what the store lacks.
+        listed(&["b"]).into_iter().for_each(&mut feed);
+        assert_eq!(next_n(&mut late, 2).await, ["Listed", "Applied(b)"]);
+    }
+
+    #[tokio::test]
+    async fn trigger_and_subscribe_carry_objects_and_applied_drops_deletions() {
+        let (cache, mut feed) = fed();
+        listed(&["a"]).into_iter().for_each(&mut feed);
+        let mut trigger = Box::pin(cache.trigger());
+        let mut applied = Box::pin(cache.applied());
+        let mut sub = cache.subscribe();
+        feed(watcher::Event::Delete(cm("a")));
+        feed(watcher::Event::Apply(cm("b")));
+        let name = |o: &ConfigMap| o.metadata.name.clone().unwrap();
+        let mut names = Vec::new();
+        for _ in 0..3 {
+            names.push(name(&trigger.next().await.unwrap().unwrap()));
+        }
+        assert_eq!(
+            names,
+            ["a", "a", "b"],
+            "the store's a, its deletion, then b"
+        );
+        let mut names = Vec::new();
+        for _ in 0..2 {
+            names.push(name(&applied.next().await.unwrap().unwrap()));
+        }
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(name(&sub.recv().await.unwrap()), "a");
+        assert_eq!(name(&sub.recv().await.unwrap()), "b");
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_lags_gets_the_whole_store_again() {
+        let (cache, mut feed) = fed();
+        listed(&["a"]).into_iter().for_each(&mut feed);
+        let mut changes = Box::pin(cache.changes());
+        assert_eq!(next_n(&mut changes, 2).await, ["Listed", "Applied(a)"]);
+        for i in 0..=CHANGE_BUFFER {
+            feed(watcher::Event::Apply(cm(&format!("x{i}"))));
+        }
+        assert_eq!(next_n(&mut changes, 1).await, ["Listed"]);
+        let rest = next_n(&mut changes, CHANGE_BUFFER + 2).await;
+        assert!(
+            rest.iter().all(|c| c.starts_with("Applied(")),
+            "{:?}",
+            &rest[..3]
+        );
+    }
+
+    #[tokio::test]
+    async fn one_watch_per_kind_and_scope_whoever_asks() {
+        // Nothing listens there: the watches fail and retry, which is all this test needs.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let metrics = Metrics::new("test");
+        let caches = Caches::new(client.clone(), &metrics);
+        let a = caches.all::<ConfigMap>();
+        let b = caches.clone().all::<ConfigMap>();
+        caches.all::<k8s::NetworkPolicy>();
+        caches.all::<NetworkPolicy>();
+        caches.scoped::<ConfigMap>(
+            "ns/x",
+            Api::namespaced(client.clone(), "ns"),
+            watcher::Config::default(),
+        );
+        caches.scoped::<ConfigMap>(
+            "ns/x",
+            Api::namespaced(client, "ns"),
+            watcher::Config::default(),
+        );
+        // Both handles share one store.
+        let (store, _) = (a.store(), b.store());
+        assert_eq!(store.state().len(), 0);
+        let text = metrics.encode();
+        let mut watches: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tendril_cache_watches{"))
+            .collect();
+        watches.sort();
+        assert_eq!(
+            watches,
+            [
+                r#"tendril_cache_watches{group="",kind="ConfigMap",scope="all"} 1"#,
+                r#"tendril_cache_watches{group="",kind="ConfigMap",scope="ns/x"} 1"#,
+                r#"tendril_cache_watches{group="networking.k8s.io",kind="NetworkPolicy",scope="all"} 1"#,
+                r#"tendril_cache_watches{group="tendril.dev",kind="NetworkPolicy",scope="all"} 1"#,
+            ]
+        );
     }
 }

@@ -3,16 +3,20 @@
 //! leader election, health, configuration loading and logging. It depends on `tendril-crds`
 //! only, so the agent links none of the operator's concerns.
 //!
-//! A concern is one module that declares its watches on a kube-runtime [`Controller`],
-//! implements [`Reconciler`] and hands both to [`run`]; the harness adds a tracing span per
-//! reconcile, the controller-runtime metrics, per-object jittered exponential backoff on
-//! errors (reset on success), readiness once the reflector store has synced, and stops the
-//! controller when `ctx.shutdown` fires (shutdown signal or lost leadership).
+//! A concern is one module that builds a kube-runtime [`Controller`] on the process's
+//! shared caches ([`Caches`]: one watch per kind per process, handed to every concern that
+//! needs it), implements [`Reconciler`] and hands both to [`run`]; the harness adds a
+//! tracing span per reconcile, the controller-runtime metrics, per-object jittered
+//! exponential backoff on errors (reset on success), readiness once the main store has
+//! synced, and stops the controller when `ctx.shutdown` fires (shutdown signal or lost
+//! leadership). A concern that derives one whole state from everything it watches (policy)
+//! reconciles a [`singleton`], waits for a quiet moment with a [`debounce::ChangeClock`]
+//! and numbers what it writes with [`revisions`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use k8s_openapi::api::core::v1::ConfigMap;
-//! use kube::{Api, runtime::{Controller, controller::Action, watcher}};
+//! use kube::runtime::{Controller, controller::Action};
 //! use tendril_runtime::{self as runtime, Context, MetricLabel, Reconciler};
 //!
 //! #[derive(Debug, thiserror::Error)]
@@ -39,25 +43,28 @@
 //! }
 //!
 //! async fn run(ctx: Context) -> anyhow::Result<()> {
-//!     let api = Api::<ConfigMap>::all(ctx.client.clone());
-//!     let controller = Controller::new(api, watcher::Config::default());
+//!     let config_maps = ctx.caches.all::<ConfigMap>();
+//!     let controller = Controller::for_stream(config_maps.trigger(), config_maps.store());
 //!     runtime::run(controller, Example { ctx: ctx.clone() }, &ctx).await;
 //!     Ok(())
 //! }
 //! ```
 //!
 //! In `tendril-operator` a concern is then one line of the `CONCERNS` list in `main.rs`:
-//! `Concern { name: "example", run: |ctx, _config| Box::pin(run(ctx)) }`.
+//! `Concern { name: "example", run: |ctx, _term| Box::pin(run(ctx)) }`.
 
 pub mod apply;
 pub mod backoff;
 pub mod caches;
 pub mod conditions;
 pub mod config;
+pub mod debounce;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod revisions;
 pub mod server;
+pub mod singleton;
 
 pub use apply::{apply, apply_body, apply_status, controller_owner_ref, field_manager};
 pub use backoff::{Backoff, BackoffTracker};
@@ -172,11 +179,13 @@ pub fn is_transient(e: &kube::Error) -> bool {
     }
 }
 
-/// What every reconciler shares with the binary: the client, metrics, health, backoff
-/// curve and the cancellation token of the current run (shutdown, or end of leadership).
+/// What every reconciler shares with the binary: the client, the process's caches (one
+/// watch per kind, outliving every leadership term), metrics, health, backoff curve and
+/// the cancellation token of the current run (shutdown, or end of leadership).
 #[derive(Clone)]
 pub struct Context {
     pub client: Client,
+    pub caches: Caches,
     pub metrics: Arc<Metrics>,
     pub health: Health,
     pub backoff: Backoff,
@@ -228,7 +237,8 @@ pub trait Reconciler: Send + Sync + 'static {
     }
 }
 
-/// A concern of the operator: a name and how to run it until `ctx.shutdown`. It is
+/// A concern of the operator: a name and how to run it until `ctx.shutdown`, given what
+/// the concerns of one leadership term share (`C`: configuration, shared allocators). It is
 /// restarted each time this replica becomes leader.
 pub struct Concern<C> {
     pub name: &'static str,

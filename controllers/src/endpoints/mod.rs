@@ -8,28 +8,28 @@
 //! the reconciler deletes the `Endpoint` itself. Every `Endpoint` carries the label
 //! `tendril.dev/identity=<id>`.
 //!
-//! This concern also runs the identities concern ([`crate::identities::run`]) in the same
-//! task, because both share one allocator: the operator's wiring registers it as one line.
+//! The allocator is shared with the identities concern for a leadership term (see
+//! [`crate::Term`]), so garbage collection never deletes an id this process just handed out.
 
 pub mod desired;
 
+use crate::identities::IdentitiesConfig;
 use crate::identities::allocator::{AllocError, IdentityAllocator};
 use crate::identities::labels::LabelFilter;
-use crate::identities::{self, IdentitiesConfig};
-use tendril_runtime::{self, MetricLabel, Reconciler};
 use desired::{Skip, desired_endpoint, endpoint_spec};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::v1alpha1::Endpoint;
+use tendril_runtime::{self as runtime, MetricLabel, Reconciler};
 use tokio::sync::broadcast;
 use tracing::{debug, info};
 
@@ -175,44 +175,21 @@ fn owned_by(endpoint: &Endpoint, pod: &Pod) -> bool {
         .any(|o| o.kind == "Pod" && Some(o.uid.as_str()) == uid)
 }
 
-/// Runs the endpoints controller and, sharing its identity allocator, the identities
-/// controller, until `ctx.shutdown`.
-pub async fn run(ctx: runtime::Context, config: IdentitiesConfig) -> anyhow::Result<()> {
-    let allocator = IdentityAllocator::start(&ctx);
-    let identities = identities::run(ctx.clone(), config.clone(), allocator.clone());
-    let endpoints = run_endpoints(ctx, config, allocator);
-    let (a, b) = tokio::join!(identities, endpoints);
-    a.and(b)
-}
-
-async fn run_endpoints(
+/// Runs the endpoints controller until `ctx.shutdown`, allocating identities through
+/// `allocator` (shared with the identities concern).
+pub async fn run(
     ctx: runtime::Context,
     config: IdentitiesConfig,
     allocator: IdentityAllocator,
 ) -> anyhow::Result<()> {
     let client = ctx.client.clone();
-    let (namespaces, ns_writer) = reflector::store();
-    let ns_events = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(ns_writer)
-    .applied_objects()
-    .boxed();
-    let (endpoints, ep_writer) = reflector::store();
-    let ep_events = watcher(
-        Api::<Endpoint>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(ep_writer)
-    .touched_objects()
-    .boxed();
+    let pods = ctx.caches.all::<Pod>();
+    let namespaces = ctx.caches.all::<Namespace>();
+    let endpoints = ctx.caches.all::<Endpoint>();
     // An Identity that disappears while endpoints use it (deleted by hand): those pods
     // are reconciled again and get a new identity.
     let ep_of_deleted_identities = {
-        let endpoints = endpoints.clone();
+        let endpoints = endpoints.store();
         futures::stream::unfold(allocator.subscribe_deleted(), |mut rx| async move {
             loop {
                 match rx.recv().await {
@@ -234,12 +211,10 @@ async fn run_endpoints(
         })
         .boxed()
     };
-    let controller = Controller::new(Api::<Pod>::all(client.clone()), watcher::Config::default());
-    let pods = controller.store();
-    let pods_of_ns = pods.clone();
-    let controller = controller
+    let pods_of_ns = pods.store();
+    let controller = Controller::for_stream(pods.trigger(), pods.store())
         // A namespace's labels are part of every identity in it.
-        .watches_stream(ns_events, move |ns: Namespace| {
+        .watches_stream(namespaces.applied(), move |ns: Namespace| {
             let name = ns.name_any();
             pods_of_ns
                 .state()
@@ -249,12 +224,12 @@ async fn run_endpoints(
                 .collect::<Vec<_>>()
         })
         // An Endpoint edited or deleted by someone else is put back.
-        .watches_stream(ep_events, pod_of)
+        .watches_stream(endpoints.trigger(), pod_of)
         .watches_stream(ep_of_deleted_identities, pod_of);
     let reconciler = Endpoints {
         client,
-        namespaces,
-        endpoints,
+        namespaces: namespaces.store(),
+        endpoints: endpoints.store(),
         filter: LabelFilter::new(&config.label_filter),
         allocator,
         writes: ctx.metrics.domain(

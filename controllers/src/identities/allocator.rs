@@ -1,5 +1,6 @@
 //! The shared identity allocator: the in-memory [`IdentityIndex`] kept in sync with the
-//! `Identity` objects by a watch, plus creation of new `Identity` objects.
+//! `Identity` objects by the process's `Identity` cache, plus creation of new `Identity`
+//! objects.
 //!
 //! The endpoints concern calls [`IdentityAllocator::ensure`] so a new pod gets its identity
 //! in the same reconcile that writes its `Endpoint`; the identities concern uses the same
@@ -10,23 +11,24 @@
 //! → adopt that id; other labels → record them and try the next id. Two replicas racing
 //! (e.g. across a leadership hand-over) therefore never give one id two label sets.
 
-use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved};
+use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved, reserved_labels};
 use super::labels::SecurityLabels;
-use tendril_runtime;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tendril_crds::v1alpha1::{Identity, IdentitySpec};
+use tendril_runtime::{
+    self as runtime,
+    caches::{Cache, Change},
+};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// How long an allocation waits for the index's first full list before failing.
 const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -92,7 +94,7 @@ pub fn identity_object(id: i64, labels: &SecurityLabels) -> Identity {
 }
 
 impl IdentityAllocator {
-    /// Starts the watch that keeps the index in sync (until `ctx.shutdown`).
+    /// Starts keeping the index in sync with the `Identity` cache (until `ctx.shutdown`).
     pub fn start(ctx: &runtime::Context) -> Self {
         let api = Api::<Identity>::all(ctx.client.clone());
         let (tx, synced) = watch::channel(false);
@@ -113,7 +115,13 @@ impl IdentityAllocator {
                 Family::<TypeLabel, Gauge>::default,
             ),
         };
-        tokio::spawn(sync_index(api, allocator.clone(), tx, ctx.shutdown.clone()));
+        let identities = ctx.caches.all::<Identity>();
+        tokio::spawn(sync_index(
+            identities,
+            allocator.clone(),
+            tx,
+            ctx.shutdown.clone(),
+        ));
         allocator
     }
 
@@ -248,7 +256,10 @@ impl IdentityAllocator {
         for reserved in Reserved::ALL {
             match self
                 .api
-                .create(&pp, &identity_object(reserved.id(), &reserved_labels(reserved)))
+                .create(
+                    &pp,
+                    &identity_object(reserved.id(), &reserved_labels(reserved)),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -264,30 +275,28 @@ fn id_and_labels(identity: &Identity) -> (i64, SecurityLabels) {
     (identity.spec.id, identity.spec.security_labels.clone())
 }
 
-/// Mirrors every `Identity` into the index; `synced` turns true after the first full list.
+/// Mirrors every `Identity` of the cache into the index; `synced` turns true after the
+/// first complete list.
 async fn sync_index(
-    api: Api<Identity>,
+    cache: Cache<Identity>,
     allocator: IdentityAllocator,
     synced: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
-    let mut stream = watcher(api).boxed();
-    let mut listing: Vec<(i64, SecurityLabels)> = Vec::new();
+    let store = cache.store();
+    let mut changes = Box::pin(cache.changes());
     loop {
-        let event = tokio::select! {
+        let change = tokio::select! {
             _ = stop.cancelled() => return,
-            e = stream.next() => e,
+            c = changes.next() => c,
         };
-        match event {
+        match change {
             None => return,
-            Some(Err(e)) => warn!(error = %e, "identity watch failed; retrying"),
-            Some(Ok(Event::Init)) => listing.clear(),
-            Some(Ok(Event::InitApply(i))) => listing.push(id_and_labels(&i)),
-            Some(Ok(Event::InitDone)) => {
+            Some(Change::Listed) => {
                 let vanished: Vec<i64> = {
                     let mut index = allocator.index();
                     let before: Vec<i64> = index.ids().collect();
-                    index.reset(listing.drain(..));
+                    index.reset(store.state().iter().map(|i| id_and_labels(i)));
                     if !*synced.borrow() {
                         index.start_after_highest();
                     }
@@ -302,22 +311,16 @@ async fn sync_index(
                 allocator.publish_counts();
                 synced.send_replace(true);
             }
-            Some(Ok(Event::Apply(i))) => {
+            Some(Change::Applied(i)) => {
                 let (id, labels) = id_and_labels(&i);
                 allocator.index().apply(id, labels);
                 allocator.publish_counts();
             }
-            Some(Ok(Event::Delete(i))) => {
+            Some(Change::Deleted(i)) => {
                 allocator.index().delete(i.spec.id);
                 let _ = allocator.deleted.send(i.spec.id);
                 allocator.publish_counts();
             }
         }
     }
-}
-
-fn watcher(
-    api: Api<Identity>,
-) -> impl futures::Stream<Item = Result<Event<Identity>, watcher::Error>> {
-    watcher::watcher(api, watcher::Config::default()).default_backoff()
 }

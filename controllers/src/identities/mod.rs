@@ -15,23 +15,21 @@ pub mod allocator;
 pub mod index;
 pub mod labels;
 
-use tendril_runtime::{self, Reconciler};
 use allocator::IdentityAllocator;
-use futures::StreamExt;
 use index::{Verdict, gc_verdict};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::v1alpha1::{Endpoint, Identity};
+use tendril_runtime::{self as runtime, Reconciler};
 use tracing::info;
 
 /// The concern's name; its field manager is `tendril-identities`.
@@ -182,7 +180,7 @@ impl Reconciler for Identities {
 }
 
 /// Runs the identities controller (status and garbage collection) until `ctx.shutdown`.
-/// The allocator is shared with the endpoints concern.
+/// The allocator is shared with the endpoints concern for the leadership term.
 pub async fn run(
     ctx: runtime::Context,
     config: IdentitiesConfig,
@@ -192,20 +190,13 @@ pub async fn run(
         tracing::warn!(error = %e, "creating the reserved identities failed; continuing");
     }
     let api = Api::<Identity>::all(ctx.client.clone());
-    let (endpoints, writer) = reflector::store();
-    let endpoint_events = watcher(
-        Api::<Endpoint>::all(ctx.client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .touched_objects()
-    .boxed();
+    let identities = ctx.caches.all::<Identity>();
+    let endpoints = ctx.caches.all::<Endpoint>();
     // Reference counts only need to settle: a burst of Endpoint changes for one identity
     // becomes one reconcile (and at most one status write).
-    let controller = Controller::new(api.clone(), watcher::Config::default())
+    let controller = Controller::for_stream(identities.trigger(), identities.store())
         .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
-        .watches_stream(endpoint_events, |endpoint: Endpoint| {
+        .watches_stream(endpoints.trigger(), |endpoint: Endpoint| {
             endpoint
                 .spec
                 .identity
@@ -214,7 +205,7 @@ pub async fn run(
     let reconciler = Identities {
         api,
         all_endpoints: Api::<Endpoint>::all(ctx.client.clone()),
-        endpoints,
+        endpoints: endpoints.store(),
         allocator,
         grace: config.grace_period(),
         gc: ctx.metrics.domain(

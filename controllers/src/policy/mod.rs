@@ -1,11 +1,13 @@
 //! Concern `policy`: `networking.k8s.io/v1` NetworkPolicy, Tendril `NetworkPolicy` and
 //! `ClusterNetworkPolicy`, and `Identity` → one `ResolvedPolicy` per cluster identity.
 //!
-//! Shaped like linkerd2's policy controller: the watches only feed reflector stores and
-//! poke one singleton trigger; each reconcile waits for a quiet moment (debounce), then reads the stores whole, runs the
-//! pure [`resolve::resolve`], and [`plan::plan`] decides which `ResolvedPolicy` objects to
-//! write. Nothing is written before every store has completed its first list, so a
-//! restarting operator never publishes a policy from a partial view.
+//! Shaped like linkerd2's policy controller: the process's shared caches feed the stores and
+//! every change pokes one [`singleton`](runtime::singleton); each reconcile waits for a
+//! quiet moment ([`ChangeClock`]), then reads the stores whole, runs the pure
+//! [`resolve::resolve`], and [`plan::plan`] decides which `ResolvedPolicy` objects to write
+//! (numbered by [`runtime::revisions`]). Nothing is written before every store has
+//! completed its first list, so a restarting operator never publishes a policy from a
+//! partial view.
 //!
 //! Writes: server-side apply (field manager `tendril-policy`) of the `ResolvedPolicy`
 //! objects whose spec changed, with `revision` = previous + 1 (1 for a new one) and the
@@ -21,17 +23,14 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use tendril_runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::networking::v1 as k8s;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Preconditions};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -41,7 +40,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use resolve::{Invalid, KIND_CLUSTER, KIND_KUBERNETES, KIND_NAMESPACED, Resolution, Sources};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,6 +47,11 @@ use tendril_crds::v1alpha1::{
     ClusterNetworkPolicy, Identity, NetworkPolicy, PolicySource, PolicyStatus, ResolvedPolicy,
     ResolvedPolicySpec,
 };
+use tendril_runtime::caches::{Cache, Change};
+use tendril_runtime::debounce::ChangeClock;
+use tendril_runtime::revisions::Revisions;
+use tendril_runtime::singleton::{self, Singleton};
+use tendril_runtime::{self as runtime, Reconciler, conditions};
 use tracing::{debug, info, warn};
 
 /// The concern's name; its field manager is `tendril-policy`.
@@ -77,46 +80,6 @@ impl Default for PolicyConfig {
             debounce_millis: 100,
             max_delay_millis: 1000,
         }
-    }
-}
-
-/// The key of the one global resolve: every watch triggers this object, so changes queue
-/// (and debounce) as one reconcile. It lives only in a local store, never in the API.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PolicyResolution {
-    pub metadata: ObjectMeta,
-}
-
-impl Resource for PolicyResolution {
-    type DynamicType = ();
-    type Scope = kube::core::ClusterResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "PolicyResolution".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "tendril.dev".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1alpha1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "policyresolutions".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-fn singleton() -> PolicyResolution {
-    PolicyResolution {
-        metadata: ObjectMeta {
-            name: Some("all".into()),
-            ..Default::default()
-        },
     }
 }
 
@@ -172,6 +135,19 @@ struct Stores {
 }
 
 impl Stores {
+    /// Resolves once every store has completed its first list (or its cache is gone, i.e.
+    /// the process is stopping).
+    async fn listed(self) {
+        let _ = futures::future::join5(
+            self.kubernetes.wait_until_ready(),
+            self.namespaced.wait_until_ready(),
+            self.cluster.wait_until_ready(),
+            self.identities.wait_until_ready(),
+            self.resolved.wait_until_ready(),
+        )
+        .await;
+    }
+
     async fn ready(&self) -> Result<(), runtime::CacheNotReady> {
         runtime::cache_ready(&self.kubernetes, "networking.k8s.io networkpolicies").await?;
         runtime::cache_ready(&self.namespaced, "networkpolicies").await?;
@@ -201,103 +177,13 @@ impl Stores {
     }
 }
 
-/// The changes not yet resolved: when the oldest was observed (wall clock, for the
-/// `policy-changed-at` annotation, and monotonic) and when the latest was.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Pending {
-    first_at: DateTime<Utc>,
-    first: Instant,
-    last: Instant,
-}
-
-/// Tracks [`Pending`] changes between the watches (which observe) and the reconcile
-/// (which waits for a quiet moment, then takes them).
-#[derive(Clone, Default)]
-struct ChangeClock(Arc<Mutex<Option<Pending>>>);
-
-impl ChangeClock {
-    fn observe(&self) {
-        let now = Instant::now();
-        let mut p = self.0.lock().expect("clock lock");
-        match &mut *p {
-            Some(p) => p.last = now,
-            None => {
-                *p = Some(Pending {
-                    first_at: Utc::now(),
-                    first: now,
-                    last: now,
-                })
-            }
-        }
-    }
-
-    /// How long to wait before resolving: until `quiet` passed since the latest change,
-    /// but never more than `max` after the oldest (a steady stream of changes must not
-    /// postpone the resolve forever). `None`: resolve now.
-    fn wait(&self, now: Instant, quiet: Duration, max: Duration) -> Option<Duration> {
-        let p = (*self.0.lock().expect("clock lock"))?;
-        let due = (p.last + quiet).min(p.first + max);
-        (due > now).then(|| due - now)
-    }
-
-    /// The wall-clock time of the oldest pending change (now if none), clearing them.
-    fn take(&self) -> DateTime<Utc> {
-        self.0
-            .lock()
-            .expect("clock lock")
-            .take()
-            .map_or_else(Utc::now, |p| p.first_at)
-    }
-
-    /// Puts back changes whose resolve failed, so the retry keeps their original time.
-    fn restore(&self, first_at: DateTime<Utc>) {
-        let now = Instant::now();
-        let mut p = self.0.lock().expect("clock lock");
-        match &mut *p {
-            Some(p) => p.first_at = p.first_at.min(first_at),
-            None => {
-                *p = Some(Pending {
-                    first_at,
-                    first: now,
-                    last: now,
-                })
-            }
-        }
-    }
-}
-
-/// A spec this term wrote or saw deleted.
-struct Known {
-    spec: ResolvedPolicySpec,
-    /// The watch reported the object deleted (its identity may still live).
-    deleted: bool,
-}
-
-type Written = Arc<Mutex<HashMap<i64, Known>>>;
-
-/// Records `spec` for `id` unless a newer revision is known.
-fn remember(written: &Written, id: i64, spec: &ResolvedPolicySpec, deleted: bool) {
-    let mut w = written.lock().expect("written lock");
-    if w.get(&id).is_none_or(|k| k.spec.revision <= spec.revision) {
-        w.insert(
-            id,
-            Known {
-                spec: spec.clone(),
-                deleted,
-            },
-        );
-    }
-}
-
 struct Policy {
     client: kube::Client,
     stores: Stores,
     changes: ChangeClock,
-    quiet: Duration,
-    max_delay: Duration,
     /// The last spec written per identity (the store may lag behind our own writes), or
     /// deleted by someone else (put back with a higher revision).
-    written: Written,
+    written: Revisions<i64, ResolvedPolicySpec>,
     /// Invalid Kubernetes NetworkPolicies already reported with an Event, by
     /// (namespace, name, generation), so a resolve does not repeat them.
     reported: Mutex<HashSet<(String, String, Option<i64>)>>,
@@ -307,19 +193,14 @@ struct Policy {
 }
 
 impl Reconciler for Policy {
-    type Object = PolicyResolution;
+    type Object = Singleton;
     type Error = Error;
     const NAME: &'static str = NAME;
 
-    async fn reconcile(&self, _: Arc<PolicyResolution>) -> Result<Action, Error> {
+    async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
         self.stores.ready().await?;
         // A burst of changes (kubectl apply -f dir/) becomes one resolve.
-        while let Some(wait) = self
-            .changes
-            .wait(Instant::now(), self.quiet, self.max_delay)
-        {
-            tokio::time::sleep(wait).await;
-        }
+        self.changes.settled().await;
         let changed_at = self.changes.take();
         let result = self.resolve_and_write(changed_at).await;
         if result.is_err() {
@@ -394,7 +275,7 @@ impl Policy {
                         "ResolvedPolicy written"
                     );
                     self.metrics.revisions.inc();
-                    remember(&self.written, spec.identity, &spec, false);
+                    self.written.wrote(spec.identity, &spec);
                 }
                 Err(e) => {
                     warn!(identity = spec.identity, error = %e, "writing the ResolvedPolicy failed");
@@ -420,38 +301,16 @@ impl Policy {
     /// The latest spec known per identity (the store's, or ours if we wrote a newer one),
     /// and the last revision of those deleted by someone else.
     fn current(&self) -> (BTreeMap<i64, ResolvedPolicySpec>, BTreeMap<i64, i64>) {
-        let written = self.written.lock().expect("written lock");
-        let mut current: BTreeMap<i64, ResolvedPolicySpec> = self
-            .stores
-            .resolved
-            .state()
-            .iter()
-            .filter_map(|rp| {
-                let id = rp.name_any().parse::<i64>().ok()?;
-                Some((id, rp.spec.clone()))
-            })
-            .collect();
-        let mut deleted = BTreeMap::new();
-        for (id, known) in written.iter() {
-            if known.deleted {
-                if !current.contains_key(id) {
-                    deleted.insert(*id, known.spec.revision);
-                }
-                continue;
-            }
-            match current.get(id) {
-                Some(seen) if seen.revision >= known.spec.revision => {}
-                _ => {
-                    current.insert(*id, known.spec.clone());
-                }
-            }
-        }
-        (current, deleted)
+        let stored = self.stores.resolved.state();
+        self.written.current(stored.iter().filter_map(|rp| {
+            let id = rp.name_any().parse::<i64>().ok()?;
+            Some((id, rp.spec.clone()))
+        }))
     }
 
     async fn delete(&self, api: &Api<ResolvedPolicy>, id: i64) -> Result<(), kube::Error> {
         let name = id.to_string();
-        self.written.lock().expect("written lock").remove(&id);
+        self.written.forget(&id);
         let uid = self
             .stores
             .resolved
@@ -629,132 +488,89 @@ impl Policy {
     }
 }
 
-/// A reflector on `api` feeding `writer`, its changes as a trigger stream.
-fn reflect<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects()
+/// The caches the policy concern reads.
+struct Caches {
+    kubernetes: Cache<k8s::NetworkPolicy>,
+    namespaced: Cache<NetworkPolicy>,
+    cluster: Cache<ClusterNetworkPolicy>,
+    identities: Cache<Identity>,
+    resolved: Cache<ResolvedPolicy>,
 }
 
-/// The trigger mapper of a watch: every change means "resolve everything"; `observed`
-/// changes (intent, identities) also start the change clock.
-fn on_change<K>(
-    changes: &ChangeClock,
-    observed: bool,
-) -> impl Fn(K) -> Option<ObjectRef<PolicyResolution>> + Send + Sync + 'static {
-    let changes = changes.clone();
-    let all = ObjectRef::from_obj(&singleton());
-    move |_| {
-        if observed {
-            changes.observe();
+impl Caches {
+    fn new(caches: &runtime::Caches) -> Self {
+        Self {
+            kubernetes: caches.all(),
+            namespaced: caches.all(),
+            cluster: caches.all(),
+            identities: caches.all(),
+            resolved: caches.all(),
         }
-        Some(all.clone())
     }
+
+    fn stores(&self) -> Stores {
+        Stores {
+            kubernetes: self.kubernetes.store(),
+            namespaced: self.namespaced.store(),
+            cluster: self.cluster.store(),
+            identities: self.identities.store(),
+            resolved: self.resolved.store(),
+        }
+    }
+}
+
+/// The `ResolvedPolicy` objects applied or deleted; a deletion (by someone else: ours are
+/// forgotten first) is recorded in `written` before the resolve it triggers.
+fn resolved_changes(
+    cache: &Cache<ResolvedPolicy>,
+    written: Revisions<i64, ResolvedPolicySpec>,
+) -> impl futures::Stream<Item = Result<ResolvedPolicy, kube::runtime::watcher::Error>> + Send + use<>
+{
+    cache.changes().filter_map(move |change| {
+        if let Change::Deleted(rp) = &change
+            && let Ok(id) = rp.name_any().parse::<i64>()
+        {
+            written.deleted(id, &rp.spec);
+        }
+        futures::future::ready(change.object().map(|rp| Ok(ResolvedPolicy::clone(rp))))
+    })
 }
 
 /// Runs the policy controller until `ctx.shutdown`.
 pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<()> {
     let client = ctx.client.clone();
-    let (kubernetes, k8s_writer) = reflector::store();
-    let (namespaced, ns_writer) = reflector::store();
-    let (cluster, cl_writer) = reflector::store();
-    let (identities, id_writer) = reflector::store();
-    let (resolved, rp_writer) = reflector::store();
-    let stores = Stores {
-        kubernetes,
-        namespaced,
-        cluster,
-        identities,
-        resolved,
-    };
-    let changes = ChangeClock::default();
-    let written = Written::default();
+    let caches = Caches::new(&ctx.caches);
+    let stores = caches.stores();
+    let changes = ChangeClock::new(
+        Duration::from_millis(config.debounce_millis),
+        Duration::from_millis(config.max_delay_millis),
+    );
+    let written = Revisions::default();
+    // A change of intent (a policy) or of identities: starts the clock.
+    fn observed<K>(
+        clock: &ChangeClock,
+    ) -> impl Fn(K) -> Option<ObjectRef<Singleton>> + Send + Sync + 'static + use<K> {
+        singleton::on_change(NAME, Some(clock))
+    }
 
-    // The singleton is handed to the controller once every store has its first list, so
-    // the first resolve (and /readyz) waits for a complete view.
-    let (trigger_store, mut trigger_writer) = reflector::store::<PolicyResolution>();
-    let first = {
-        let stores = stores.clone();
-        async move {
-            // Each only fails when its writer is dropped, i.e. the controller is stopping.
-            let _ = futures::future::join5(
-                stores.kubernetes.wait_until_ready(),
-                stores.namespaced.wait_until_ready(),
-                stores.cluster.wait_until_ready(),
-                stores.identities.wait_until_ready(),
-                stores.resolved.wait_until_ready(),
-            )
-            .await;
-            let one = singleton();
-            // A complete "list" of one object (InitDone swaps the listed objects in).
-            trigger_writer.apply_watcher_event(&watcher::Event::Init);
-            trigger_writer.apply_watcher_event(&watcher::Event::InitApply(one.clone()));
-            trigger_writer.apply_watcher_event(&watcher::Event::InitDone);
-            Ok(one)
-        }
-    };
-    let trigger = futures::stream::once(first).chain(futures::stream::pending());
-    // No debounce in the scheduler (it would postpone the resolve for as long as changes
-    // keep coming); the reconcile waits for a quiet moment itself (ChangeClock::wait).
-    let controller = Controller::for_stream(trigger, trigger_store)
-        .watches_stream(
-            reflect(Api::<k8s::NetworkPolicy>::all(client.clone()), k8s_writer),
-            on_change(&changes, true),
-        )
-        .watches_stream(
-            reflect(Api::<NetworkPolicy>::all(client.clone()), ns_writer),
-            on_change(&changes, true),
-        )
-        .watches_stream(
-            reflect(Api::<ClusterNetworkPolicy>::all(client.clone()), cl_writer),
-            on_change(&changes, true),
-        )
-        .watches_stream(
-            reflect(Api::<Identity>::all(client.clone()), id_writer),
-            on_change(&changes, true),
-        )
+    // The first resolve (and /readyz) waits for a complete view. No debounce in the
+    // scheduler (it would postpone the resolve for as long as changes keep coming); the
+    // reconcile waits for a quiet moment itself (ChangeClock::settled).
+    let controller = singleton::controller(NAME, stores.clone().listed())
+        .watches_stream(caches.kubernetes.trigger(), observed(&changes))
+        .watches_stream(caches.namespaced.trigger(), observed(&changes))
+        .watches_stream(caches.cluster.trigger(), observed(&changes))
+        .watches_stream(caches.identities.trigger(), observed(&changes))
         // Our own writes come back here; a ResolvedPolicy edited or deleted by someone else
         // is put back. Neither is a policy change, so the clock is not started.
         .watches_stream(
-            {
-                let written = written.clone();
-                watcher(
-                    Api::<ResolvedPolicy>::all(client.clone()),
-                    watcher::Config::default(),
-                )
-                .default_backoff()
-                .reflect(rp_writer)
-                .map_ok(move |event| {
-                    if let watcher::Event::Delete(rp) = &event
-                        && let Ok(id) = rp.name_any().parse::<i64>()
-                    {
-                        remember(&written, id, &rp.spec, true);
-                    }
-                    event
-                })
-                .touched_objects()
-            },
-            on_change(&changes, false),
+            resolved_changes(&caches.resolved, written.clone()),
+            singleton::on_change(NAME, None),
         );
     let reconciler = Policy {
         client: client.clone(),
         stores,
         changes,
-        quiet: Duration::from_millis(config.debounce_millis),
-        max_delay: Duration::from_millis(config.max_delay_millis),
         written,
         reported: Mutex::default(),
         recorder: Recorder::new(
@@ -769,49 +585,4 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const QUIET: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_millis(1000);
-
-    #[test]
-    fn the_clock_waits_for_quiet_but_not_forever() {
-        let clock = ChangeClock::default();
-        let t0 = Instant::now();
-        assert_eq!(
-            clock.wait(t0, QUIET, MAX),
-            None,
-            "nothing pending: resolve now"
-        );
-        clock.observe();
-        let p = clock.0.lock().unwrap().unwrap();
-        // Just after the change: wait out the quiet period.
-        assert_eq!(clock.wait(p.last, QUIET, MAX), Some(QUIET));
-        assert_eq!(clock.wait(p.last + QUIET, QUIET, MAX), None);
-        // Changes keep coming: the wait is capped at `MAX` after the first.
-        clock.0.lock().unwrap().as_mut().unwrap().last = p.first + Duration::from_millis(950);
-        assert_eq!(
-            clock.wait(p.first + Duration::from_millis(960), QUIET, MAX),
-            Some(Duration::from_millis(40))
-        );
-        assert_eq!(clock.wait(p.first + MAX, QUIET, MAX), None);
-    }
-
-    #[test]
-    fn the_clock_keeps_the_oldest_change_time() {
-        let clock = ChangeClock::default();
-        clock.observe();
-        let first = clock.0.lock().unwrap().unwrap().first_at;
-        clock.observe();
-        assert_eq!(clock.take(), first);
-        assert!(clock.0.lock().unwrap().is_none());
-        // A failed resolve puts its time back; a newer change does not move it.
-        clock.restore(first);
-        clock.observe();
-        assert_eq!(clock.take(), first);
-    }
 }

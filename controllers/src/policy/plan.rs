@@ -1,11 +1,12 @@
 //! What a resolve means for the API, as pure values: which `ResolvedPolicy` objects to
-//! write (numbered with their next revision) or delete, and the status each Tendril policy
-//! should carry.
+//! write (numbered with their next revision by [`revisions::plan`]) or delete, and the
+//! status each Tendril policy should carry.
 
 use super::resolve::{Invalid, MIN_CLUSTER_IDENTITY, RESOLVED, Resolution};
-use tendril_runtime::conditions::{DesiredCondition, VALID};
 use std::collections::BTreeMap;
 use tendril_crds::v1alpha1::ResolvedPolicySpec;
+use tendril_runtime::conditions::{DesiredCondition, VALID};
+use tendril_runtime::revisions;
 
 /// The writes one resolve needs.
 #[derive(Debug, Default, PartialEq)]
@@ -20,39 +21,20 @@ pub struct Plan {
 /// written by us or seen in the store). A spec equal but for the revision is left alone;
 /// a changed one gets the previous revision + 1; a new one starts at 1, or after the
 /// revision in `deleted` (objects deleted by someone else while their identity lives:
-/// put back without the revision going backwards).
+/// put back without the revision going backwards). Only cluster identities' objects are
+/// ever deleted.
 pub fn plan(
     resolution: &Resolution,
     current: &BTreeMap<i64, ResolvedPolicySpec>,
     deleted: &BTreeMap<i64, i64>,
 ) -> Plan {
-    let mut out = Plan::default();
-    for (id, spec) in &resolution.policies {
-        let revision = match current.get(id) {
-            Some(prev) if same_content(prev, spec) => continue,
-            Some(prev) => prev.revision + 1,
-            None => deleted.get(id).map_or(1, |r| r + 1),
-        };
-        out.apply.push(ResolvedPolicySpec {
-            revision,
-            ..spec.clone()
-        });
+    let plan = revisions::plan(&resolution.policies, current, deleted, |id| {
+        *id >= MIN_CLUSTER_IDENTITY
+    });
+    Plan {
+        apply: plan.apply.into_iter().map(|(_, spec)| spec).collect(),
+        delete: plan.delete,
     }
-    out.delete = current
-        .keys()
-        .copied()
-        .filter(|id| *id >= MIN_CLUSTER_IDENTITY && !resolution.policies.contains_key(id))
-        .collect();
-    out
-}
-
-/// Equal but for the revision.
-pub fn same_content(a: &ResolvedPolicySpec, b: &ResolvedPolicySpec) -> bool {
-    a.identity == b.identity
-        && a.default_deny == b.default_deny
-        && a.ingress == b.ingress
-        && a.egress == b.egress
-        && a.sources == b.sources
 }
 
 /// The `Valid` condition and `selectedIdentities` of a Tendril policy.
