@@ -137,11 +137,14 @@ impl<K> Cached for K where
 {
 }
 
+/// (api version/kind, scope) → the `Cache<K>` of that kind, type-erased.
+type Entries = HashMap<(String, String), Box<dyn Any + Send + Sync>>;
+
 /// The process's registry of caches (cheap to clone; clones share it).
 #[derive(Clone)]
 pub struct Caches {
     client: Client,
-    entries: Arc<Mutex<HashMap<(String, String), Box<dyn Any + Send + Sync>>>>,
+    entries: Arc<Mutex<Entries>>,
     watches: Family<WatchLabels, Gauge>,
     errors: Family<KindLabels, Counter>,
 }

@@ -229,7 +229,9 @@ impl Policy {
                 .count();
             self.metrics
                 .invalid_sources
-                .get_or_create(&KindLabel { kind: kind.into() })
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str().into(),
+                })
                 .set(invalid as i64);
         }
 
@@ -356,7 +358,7 @@ impl Policy {
             .collect();
         let mut first_error = None;
         for (source, outcome) in &resolution.sources {
-            let res = match source.kind.as_str() {
+            let res = match source.kind {
                 KIND_NAMESPACED => {
                     let key = (
                         source.namespace.clone().unwrap_or_default(),

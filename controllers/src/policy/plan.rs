@@ -79,7 +79,7 @@ mod tests {
             },
             ingress: if deny_in {
                 vec![ResolvedRule {
-                    verdict: "Allow".into(),
+                    verdict: tendril_crds::v1alpha1::Verdict::Allow,
                     peers: vec![1],
                     ..Default::default()
                 }]
