@@ -1,0 +1,261 @@
+//! The resolver: every policy and every identity in, one `ResolvedPolicySpec` per cluster
+//! identity out. Pure: values in, values out; the reconciler numbers revisions and writes.
+//!
+//! Semantics (POLICY_SPEC §1): Kubernetes `NetworkPolicy` exactly as upstream (policyTypes
+//! defaulting, isolation of the selected pods only, additive allows, ipBlock with except,
+//! named ports kept by name, endPort); Tendril `NetworkPolicy`/`ClusterNetworkPolicy` as
+//! Cilium (endpoint selectors scoped to the namespace, entities, CIDR sets, deny rules that
+//! win, per-direction default deny). An invalid policy contributes nothing at all.
+//!
+//! Selectors choose among the cluster identities (id ≥ 256) of the input; reserved
+//! identities are reached through entities (`host`, `world`, …).
+//!
+//! The output is canonical, so equal inputs give equal specs whatever their order: rules
+//! with the same verdict and ports are merged into one (peers and CIDRs united), then
+//! rules with the same verdict, peers and CIDRs (ports united), until nothing merges;
+//! peers, CIDRs (aggregated) and ports (ranges coalesced) are sorted, duplicates dropped.
+//!
+//! Split along its seams: `kubernetes` and `tendril` translate one policy each into its
+//! subjects and rules; `ports` and `cidr` parse and normalize what a rule matches;
+//! `canonical` merges rule lists into the canonical form; this module combines the rules
+//! of every policy that selects an identity into its spec.
+
+mod canonical;
+mod cidr;
+mod kubernetes;
+mod ports;
+mod tendril;
+
+use crate::identities::labels::NAMESPACE_LABELS_PREFIX;
+use crate::policy::selector::{IdentityIndex, Selector};
+use canonical::{Rule, canonical};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use kubernetes::kubernetes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tendril::tendril;
+use tendril_crds::v1alpha1::{
+    ClusterNetworkPolicy, NetworkPolicy, NetworkPolicySpec, PolicySource, PolicySourceKind,
+    ResolvedDefaultDeny, ResolvedPolicySpec, Verdict,
+};
+
+/// Security labels of one identity, as in `Identity.spec.securityLabels`.
+pub type Labels = BTreeMap<String, String>;
+
+/// `PolicySource.kind` of a Tendril `NetworkPolicy`.
+pub const KIND_NAMESPACED: PolicySourceKind = PolicySourceKind::NetworkPolicy;
+/// `PolicySource.kind` of a `ClusterNetworkPolicy`.
+pub const KIND_CLUSTER: PolicySourceKind = PolicySourceKind::ClusterNetworkPolicy;
+/// `PolicySource.kind` of a `networking.k8s.io/v1` `NetworkPolicy`.
+pub const KIND_KUBERNETES: PolicySourceKind = PolicySourceKind::KubernetesNetworkPolicy;
+
+/// Reasons of `Valid=False`.
+pub const INVALID_CIDR: &str = "InvalidCIDR";
+pub const INVALID_PORT: &str = "InvalidPort";
+pub const INVALID_SELECTOR: &str = "InvalidSelector";
+pub const UNSUPPORTED: &str = "Unsupported";
+/// Reason of `Valid=True`.
+pub const RESOLVED: &str = "Resolved";
+
+/// Verdicts of `ResolvedRule.verdict`.
+pub const ALLOW: Verdict = Verdict::Allow;
+pub const DENY: Verdict = Verdict::Deny;
+
+use tendril_crds::facts::Reserved;
+pub use tendril_crds::facts::{ANY_PEER, CLUSTER_IDENTITY_MIN as MIN_CLUSTER_IDENTITY};
+/// Reserved identity of the node itself (always allowed in: kubelet probes).
+pub const HOST: i64 = Reserved::Host.id();
+
+/// Every policy the resolver reads.
+#[derive(Default, Clone, Debug)]
+pub struct Sources {
+    pub kubernetes: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    pub namespaced: Vec<NetworkPolicy>,
+    pub cluster: Vec<ClusterNetworkPolicy>,
+}
+
+/// The outcome of one resolve.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    /// Every identity >= 256 in the input → its spec (revision 0; the reconciler numbers it).
+    pub policies: BTreeMap<i64, ResolvedPolicySpec>,
+    /// Per source policy: Ok(selected identity count) or the reason it was left out.
+    /// Sorted by kind, namespace and name.
+    pub sources: Vec<(PolicySource, Result<usize, Invalid>)>,
+}
+
+/// Why a policy was left out: a `Valid=False` reason and a message for its author.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+/// Resolves every policy against every identity.
+pub fn resolve(identities: &BTreeMap<i64, Labels>, sources: &Sources) -> Resolution {
+    let mut index = IdentityIndex::new(identities, MIN_CLUSTER_IDENTITY);
+    let mut compiled: Vec<Compiled> = Vec::new();
+    let mut outcomes: Vec<(PolicySource, Result<usize, Invalid>)> = Vec::new();
+    let mut record = |source: PolicySource, result: Result<Compiled, Invalid>| match result {
+        Ok(c) => {
+            outcomes.push((source, Ok(c.subjects.len())));
+            compiled.push(c);
+        }
+        Err(e) => outcomes.push((source, Err(e))),
+    };
+    for np in &sources.kubernetes {
+        let source = source_of(KIND_KUBERNETES, np.namespace(), np);
+        let result = kubernetes(np, &mut index, source.clone());
+        record(source, result);
+    }
+    for np in &sources.namespaced {
+        let source = source_of(KIND_NAMESPACED, np.namespace(), np);
+        let ns = np.namespace().unwrap_or_else(|| "default".to_string());
+        let result = tendril(&np.spec, Some(&ns), &mut index, source.clone());
+        record(source, result);
+    }
+    for np in &sources.cluster {
+        let source = source_of(KIND_CLUSTER, None, np);
+        // Both kinds share one spec shape (see crds/src/v1alpha1/network_policy.rs).
+        let spec = NetworkPolicySpec {
+            description: np.spec.description.clone(),
+            endpoint_selector: np.spec.endpoint_selector.clone(),
+            node_selector: np.spec.node_selector.clone(),
+            ingress: np.spec.ingress.clone(),
+            ingress_deny: np.spec.ingress_deny.clone(),
+            egress: np.spec.egress.clone(),
+            egress_deny: np.spec.egress_deny.clone(),
+            enable_default_deny: np.spec.enable_default_deny.clone(),
+        };
+        let result = tendril(&spec, None, &mut index, source.clone());
+        record(source, result);
+    }
+    outcomes.sort_by(|a, b| source_key(&a.0).cmp(&source_key(&b.0)));
+
+    // Which policies select each identity; identities selected by the same policies get
+    // the same spec, computed once.
+    let mut selecting: BTreeMap<i64, Vec<u32>> =
+        index.all().iter().map(|&id| (id, Vec::new())).collect();
+    for (i, c) in compiled.iter().enumerate() {
+        for id in c.subjects.iter() {
+            if let Some(list) = selecting.get_mut(id) {
+                list.push(i as u32);
+            }
+        }
+    }
+    let mut memo: HashMap<&[u32], Arc<ResolvedPolicySpec>> = HashMap::new();
+    let mut policies = BTreeMap::new();
+    for (id, list) in &selecting {
+        let shared = memo
+            .entry(list.as_slice())
+            .or_insert_with(|| Arc::new(combine(list.iter().map(|&i| &compiled[i as usize]))));
+        let mut spec = ResolvedPolicySpec::clone(shared);
+        spec.identity = *id;
+        policies.insert(*id, spec);
+    }
+    Resolution {
+        policies,
+        sources: outcomes,
+    }
+}
+
+fn source_of<K: kube::Resource>(
+    kind: PolicySourceKind,
+    namespace: Option<String>,
+    obj: &K,
+) -> PolicySource {
+    PolicySource {
+        kind,
+        namespace,
+        name: obj.meta().name.clone().unwrap_or_default(),
+        generation: obj.meta().generation,
+    }
+}
+
+fn source_key(s: &PolicySource) -> (PolicySourceKind, Option<&str>, &str) {
+    (s.kind, s.namespace.as_deref(), &s.name)
+}
+
+/// One valid policy, translated: its subjects and what it says about them.
+struct Compiled {
+    source: PolicySource,
+    subjects: Arc<[i64]>,
+    default_deny: ResolvedDefaultDeny,
+    ingress: Vec<Rule>,
+    egress: Vec<Rule>,
+}
+
+/// The spec of a subject selected by exactly `policies`.
+fn combine<'a>(policies: impl Iterator<Item = &'a Compiled>) -> ResolvedPolicySpec {
+    let mut spec = ResolvedPolicySpec::default();
+    let mut ingress = Vec::new();
+    let mut egress = Vec::new();
+    for c in policies {
+        spec.default_deny.ingress |= c.default_deny.ingress;
+        spec.default_deny.egress |= c.default_deny.egress;
+        ingress.extend(c.ingress.iter().cloned());
+        egress.extend(c.egress.iter().cloned());
+        spec.sources.push(c.source.clone());
+    }
+    if spec.default_deny.ingress {
+        // The node's own traffic (kubelet probes) is always allowed in, like Cilium's
+        // allow-localhost; an explicit deny of `host` still wins in the datapath.
+        ingress.push(Rule::any_port(Verdict::Allow, vec![HOST], vec![]));
+    }
+    spec.ingress = canonical(ingress).into_iter().map(Rule::into_api).collect();
+    spec.egress = canonical(egress).into_iter().map(Rule::into_api).collect();
+    spec.sources
+        .sort_by(|a, b| source_key(a).cmp(&source_key(b)));
+    spec.sources.dedup();
+    spec
+}
+
+// ---------------------------------------------------------------------------------------
+// Label keys.
+
+/// A Kubernetes pod label key as an identity label key.
+fn pod_key(key: &str) -> String {
+    format!("k8s:{key}")
+}
+
+/// A Kubernetes namespace label key as an identity label key.
+fn namespace_key(key: &str) -> String {
+    format!("{NAMESPACE_LABELS_PREFIX}{key}")
+}
+
+/// A Tendril selector key: `app` and `any:app` mean `k8s:app`; `<source>:key` is literal.
+fn tendril_key(key: &str) -> String {
+    match key.split_once(':') {
+        None => pod_key(key),
+        Some(("any", rest)) => pod_key(rest),
+        Some(_) => key.to_string(),
+    }
+}
+
+fn compile_selector(
+    selector: &LabelSelector,
+    what: &str,
+    key: impl Fn(&str) -> String,
+) -> Result<Selector, Invalid> {
+    Selector::compile(selector, key)
+        .map_err(|m| Invalid::new(INVALID_SELECTOR, format!("{what}: {m}")))
+}
+
+#[cfg(test)]
+mod tests;
