@@ -20,6 +20,7 @@
 
 use crate::metrics::Metrics;
 use futures::{FutureExt, Stream, StreamExt};
+use kube::core::Status;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -72,16 +73,46 @@ pub enum Change<K> {
     /// gone (a relist may hide deletions the watch missed). Every object follows as
     /// `Applied`.
     Listed,
+    /// The watch failed (it retries with backoff); nothing changed. Trigger streams carry
+    /// it to their controllers, which count it in `tendril_watch_errors_total{controller}`.
+    Failed(Arc<watcher::Error>),
 }
 
 impl<K> Change<K> {
-    /// The object applied or deleted; `None` for [`Change::Listed`].
+    /// The object applied or deleted; `None` for [`Change::Listed`] and [`Change::Failed`].
     pub fn object(&self) -> Option<&Arc<K>> {
         match self {
             Change::Applied(obj) | Change::Deleted(obj) => Some(obj),
-            Change::Listed => None,
+            Change::Listed | Change::Failed(_) => None,
         }
     }
+
+    /// The item of a controller's trigger stream: the object applied (or deleted, with
+    /// `deletions`), or the watch's failure; `None` for anything else.
+    pub fn into_trigger(self, deletions: bool) -> Option<Result<K, watcher::Error>>
+    where
+        K: Clone,
+    {
+        match self {
+            Change::Applied(obj) => Some(Ok(K::clone(&obj))),
+            Change::Deleted(obj) if deletions => Some(Ok(K::clone(&obj))),
+            Change::Deleted(_) | Change::Listed => None,
+            Change::Failed(e) => Some(Err(failure(&e))),
+        }
+    }
+}
+
+/// An owned copy of a watch error, for each controller it is handed to (the error types
+/// are not `Clone`): the apiserver's status when there is one, else the message.
+fn failure(e: &watcher::Error) -> watcher::Error {
+    let status = match e {
+        watcher::Error::WatchError(status) => Status::clone(status),
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Status::clone(status),
+        other => Status::failure(&other.to_string(), "WatchFailed"),
+    };
+    watcher::Error::WatchError(Box::new(status))
 }
 
 impl<K> Clone for Change<K> {
@@ -90,6 +121,7 @@ impl<K> Clone for Change<K> {
             Change::Applied(obj) => Change::Applied(obj.clone()),
             Change::Deleted(obj) => Change::Deleted(obj.clone()),
             Change::Listed => Change::Listed,
+            Change::Failed(e) => Change::Failed(e.clone()),
         }
     }
 }
@@ -101,6 +133,7 @@ impl<K: Resource> Debug for Change<K> {
             Change::Applied(obj) => write!(f, "Applied({})", name(obj)),
             Change::Deleted(obj) => write!(f, "Deleted({})", name(obj)),
             Change::Listed => f.write_str("Listed"),
+            Change::Failed(e) => write!(f, "Failed({e})"),
         }
     }
 }
@@ -295,6 +328,7 @@ impl<K: Cached> Cache<K> {
                 } else {
                     tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying");
                 }
+                let _ = self.changes.send(Change::Failed(Arc::new(e)));
             }
         }
     }
@@ -361,26 +395,24 @@ impl<K: Cached> Cache<K> {
         })
     }
 
-    /// The objects in the store now, then every object applied or deleted; after a lag,
-    /// the whole store again. Feed it to `Controller::for_stream` (with [`Cache::store`]),
-    /// `owns_stream` or `watches_stream` (as `touched_objects` of a private watch would).
+    /// The objects in the store now, then every object applied or deleted, and every
+    /// failure of the watch (so the controller counts it, as with a watch of its own);
+    /// after a lag, the whole store again. Feed it to `Controller::for_stream` (with
+    /// [`Cache::store`]), `owns_stream` or `watches_stream` (as `touched_objects` of a
+    /// private watch would).
     pub fn trigger(
         &self,
     ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K> {
         self.changes()
-            .filter_map(|change| futures::future::ready(change.object().map(|o| Ok(K::clone(o)))))
+            .filter_map(|change| futures::future::ready(change.into_trigger(true)))
     }
 
     /// Like [`Cache::trigger`] without deletions (as `applied_objects` of a private watch).
     pub fn applied(
         &self,
     ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K> {
-        self.changes().filter_map(|change| {
-            futures::future::ready(match change {
-                Change::Applied(obj) => Some(Ok(K::clone(&obj))),
-                Change::Deleted(_) | Change::Listed => None,
-            })
-        })
+        self.changes()
+            .filter_map(|change| futures::future::ready(change.into_trigger(false)))
     }
 }
 
@@ -517,6 +549,38 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!(name(&sub.recv().await.unwrap()), "a");
         assert_eq!(name(&sub.recv().await.unwrap()), "b");
+    }
+
+    #[tokio::test]
+    async fn a_failed_watch_reaches_every_controller_but_no_subscriber() {
+        let (cache, mut feed) = fed();
+        listed(&[]).into_iter().for_each(&mut feed);
+        type Trigger = std::pin::Pin<Box<dyn Stream<Item = Result<ConfigMap, watcher::Error>>>>;
+        let mut trigger: Trigger = Box::pin(cache.trigger());
+        let mut applied: Trigger = Box::pin(cache.applied());
+        let mut sub = cache.subscribe();
+        let status = Status::failure("etcdserver: leader changed", "InternalError").with_code(500);
+        cache.publish(Err(watcher::Error::WatchError(Box::new(status.clone()))));
+        cache.publish(Err(watcher::Error::NoResourceVersion));
+        feed(watcher::Event::Apply(cm("a")));
+        for stream in [&mut trigger, &mut applied] {
+            match stream.next().await.unwrap() {
+                Err(watcher::Error::WatchError(s)) => assert_eq!(*s, status),
+                other => panic!("{other:?}"),
+            }
+            match stream.next().await.unwrap() {
+                Err(watcher::Error::WatchError(s)) => {
+                    assert_eq!(s.reason, "WatchFailed");
+                    assert!(s.message.contains("resourceVersion"), "{}", s.message);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(stream.next().await.unwrap().is_ok());
+        }
+        assert_eq!(
+            sub.recv().await.unwrap().metadata.name.as_deref(),
+            Some("a")
+        );
     }
 
     #[tokio::test]

@@ -321,6 +321,8 @@ async fn sync_index(
                 let _ = allocator.deleted.send(i.spec.id);
                 allocator.publish_counts();
             }
+            // The cache logs and counts it, and retries.
+            Some(Change::Failed(_)) => {}
         }
     }
 }

@@ -534,7 +534,7 @@ fn resolved_changes(
         {
             written.deleted(id, &rp.spec);
         }
-        futures::future::ready(change.object().map(|rp| Ok(ResolvedPolicy::clone(rp))))
+        futures::future::ready(change.into_trigger(true))
     })
 }
 
