@@ -45,7 +45,7 @@ pub mod routing;
 use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use super::view::{ClusterView, Wake};
 use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
-use crate::config::RoutingMode;
+use crate::config::{PolicyEnforcementConfig, RoutingMode};
 use futures::future::BoxFuture;
 use index::Desired;
 use kernel::{AttachOutcome, Attacher, NetlinkOutcome};
@@ -179,26 +179,8 @@ pub struct PassConfig {
     pub tunnel_port: u16,
     pub map_sizes: MapSizes,
     pub timing: LoopTiming,
-    pub policy: PolicyOptions,
-}
-
-/// Network policy enforcement settings (`policy` in agent.yaml).
-#[derive(Clone, Debug)]
-pub struct PolicyOptions {
-    /// `NODE_F_POLICY_AUDIT`: would-be drops are reported and pass.
-    pub audit_mode: bool,
-    pub conntrack_gc: Duration,
-    pub denied_log_per_second: u32,
-}
-
-impl Default for PolicyOptions {
-    fn default() -> Self {
-        Self {
-            audit_mode: false,
-            conntrack_gc: Duration::from_secs(30),
-            denied_log_per_second: 10,
-        }
-    }
+    /// `policy` in agent.yaml.
+    pub policy: PolicyEnforcementConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +233,7 @@ pub async fn run(
             dataplane.clone(),
             metrics.clone(),
             flows,
-            cfg.policy.denied_log_per_second,
+            cfg.policy.events.denied_log_per_second,
             shutdown.clone(),
         );
         // Without events the datapath still enforces: the passes go on.
@@ -263,7 +245,7 @@ pub async fn run(
     let conntrack_gc = events::conntrack_gc(
         dataplane.clone(),
         metrics.clone(),
-        cfg.policy.conntrack_gc,
+        Duration::from_secs(cfg.policy.conntrack_gc_seconds),
         shutdown.clone(),
     );
     let timing = cfg.timing.clone();
