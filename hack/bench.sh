@@ -6,6 +6,7 @@
 #   hack/bench.sh bpf        # per-packet cost of every program (BPF_PROG_TEST_RUN)
 #   hack/bench.sh policy     # per-packet cost of policy enforcement at 0/10/10k rules
 #   hack/bench.sh propagation  # policy applied → enforced on every node, 10/1k/10k rules
+#   hack/bench.sh memory     # agent and operator RSS per remote endpoint
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
 cd "$TENDRIL_ROOT"
@@ -25,7 +26,8 @@ case $which in
   all | bpf) run "bpf programs (ns/packet)" cargo test -p tendril-datapath --test bpf_bench ;;&
   all | policy) run "policy per packet (ns/packet)" cargo test -p tendril-datapath --test bpf_policy_bench ;;&
   all | propagation) run "policy propagation" cargo test -p tendril-e2e --test policy_propagation ;;&
-  all | bpf | policy | propagation) ;;
-  *) die "unknown benchmark $which (bpf, policy, propagation or all)" ;;
+  all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&
+  all | bpf | policy | propagation | memory) ;;
+  *) die "unknown benchmark $which (bpf, policy, propagation, memory or all)" ;;
 esac
 exit $rc
