@@ -35,8 +35,12 @@ pub mod kernel;
 pub mod metrics;
 pub mod policy;
 
-use crate::bpf::maps::{EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
-use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
+use crate::bpf::maps::{
+    EndpointInfo, EndpointKey, IpcacheKey, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+};
+use crate::bpf::{
+    Dataplane, DataplaneError, Failure, LoadError, MapSizes, PolicyItem, Programs, Report,
+};
 use futures::StreamExt;
 use index::{Desired, EndpointRef};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -155,17 +159,17 @@ struct NodeReport {
 #[derive(Debug)]
 pub struct PolicyRealization {
     pub wanted: policy::DesiredPolicy,
-    pub cidrs: ConvergeReport,
-    pub policy: ConvergeReport,
+    pub cidrs: Report<IpcacheKey>,
+    pub policy: Report<PolicyItem>,
     /// The translation equalled what the last convergence wrote: the maps were not read.
     pub skipped: bool,
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches), in one [`Dataplane::converge_policy_with_cidrs`]: it owns
-/// the order that keeps every packet judged by the old policy, the new one or (a new
-/// connection, briefly) their union, and re-judges established connections only against the
-/// complete new policy. Blocking.
+/// it only with complete caches), in one [`crate::bpf::maps::PolicyMaps::converge_with_cidrs`]:
+/// it owns the order that keeps every packet judged by the old policy, the new one or (a
+/// new connection, briefly) their union, and re-judges established connections only
+/// against the complete new policy. Blocking.
 ///
 /// With `last`, what a previous call converged without failure: an identical translation
 /// skips the maps (a pass triggered by an unrelated change costs no map reads).
@@ -175,18 +179,19 @@ pub fn realize_policy(
     cluster_ports: &policy::ClusterNamedPorts,
     last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
-    let current_cidrs = dp.policy_cidrs()?;
+    let current_cidrs = dp.policy.cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
     if last == Some(&wanted) {
         return Ok(PolicyRealization {
             wanted,
-            cidrs: ConvergeReport::default(),
-            policy: ConvergeReport::default(),
+            cidrs: Report::default(),
+            policy: Report::default(),
             skipped: true,
         });
     }
     let (cidrs, policy) =
-        dp.converge_policy_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
+        dp.policy
+            .converge_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
     Ok(PolicyRealization {
         wanted,
         cidrs,
@@ -479,8 +484,8 @@ struct Reconciler {
 /// The policy side of a pass.
 #[derive(Debug, Default)]
 struct PolicyOutcome {
-    cidrs: ConvergeReport,
-    policy: ConvergeReport,
+    cidrs: Report<IpcacheKey>,
+    policy: Report<PolicyItem>,
     /// Endpoint → the `ResolvedPolicy` revision of its identity now in the maps (only
     /// when everything converged).
     realized: BTreeMap<EndpointRef, i64>,
@@ -493,15 +498,15 @@ struct PolicyOutcome {
 }
 
 impl PolicyOutcome {
-    fn failures(&self) -> impl Iterator<Item = &crate::bpf::ConvergeFailure> {
-        self.cidrs.failed.iter().chain(&self.policy.failed)
+    fn failures(&self) -> impl Iterator<Item = &Failure<dyn std::fmt::Display>> {
+        self.cidrs.failures().chain(self.policy.failures())
     }
 }
 
 /// The maps' side of a pass.
 struct MapsOutcome {
-    endpoints: ConvergeReport,
-    ipcache: ConvergeReport,
+    endpoints: Report<EndpointKey>,
+    ipcache: Report<IpcacheKey>,
     node_config_error: Option<String>,
 }
 
@@ -626,12 +631,11 @@ impl Reconciler {
             );
         }
 
-        let failed_keys: BTreeSet<String> = maps
+        let failed_ips: BTreeSet<IpAddr> = maps
             .endpoints
             .failed
             .iter()
-            .chain(&maps.ipcache.failed)
-            .map(|f| f.key.clone())
+            .filter_map(|f| f.key.ip())
             .collect();
         let mut endpoint_states = Vec::new();
         for ep in &desired.local {
@@ -641,10 +645,7 @@ impl Reconciler {
                     .get(ip)
                     .is_some_and(|w| attached.attached.contains(&w.ifindex))
             });
-            let failed = ep
-                .ips
-                .iter()
-                .any(|ip| failed_keys.contains(&ip.to_string()));
+            let failed = ep.ips.iter().any(|ip| failed_ips.contains(ip));
             endpoint_states.push(EndpointState {
                 key: ep.key.clone(),
                 revision: ep.revision,
@@ -666,9 +667,8 @@ impl Reconciler {
         let (realized, reason, message) = if full {
             for f in maps
                 .endpoints
-                .failed
-                .iter()
-                .chain(&maps.ipcache.failed)
+                .failures()
+                .chain(maps.ipcache.failures())
                 .chain(policy.failures())
             {
                 tracing::error!(key = %f.key, op = %f.op, error = %f.error, "BPF map write failed");
@@ -679,13 +679,16 @@ impl Reconciler {
                 "a BPF map is full (see tendril_bpf_map_pressure)".to_string(),
             )
         } else if !maps.endpoints.is_converged() || !maps.ipcache.is_converged() {
-            for f in maps.endpoints.failed.iter().chain(&maps.ipcache.failed) {
+            for f in maps.endpoints.failures().chain(maps.ipcache.failures()) {
                 tracing::warn!(key = %f.key, op = %f.op, error = %f.error, "BPF map write failed");
             }
             (
                 false,
                 "MapWriteFailed",
-                format!("{} map writes failed", failed_keys.len()),
+                format!(
+                    "{} map writes failed",
+                    maps.endpoints.failed.len() + maps.ipcache.failed.len()
+                ),
             )
         } else if policy_failed > 0 {
             for f in policy.failures() {
@@ -818,7 +821,10 @@ impl Reconciler {
             }
             metrics.observe_converge(crate::bpf::maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(crate::bpf::maps::POLICY, &entries);
-            for (map, r) in [("policy_cidrs", &cidrs), ("policy", &entries)] {
+            for (map, r) in [
+                ("policy_cidrs", cidrs.counts()),
+                ("policy", entries.counts()),
+            ] {
                 if r.added + r.updated + r.deleted > 0 {
                     tracing::info!(
                         map,
@@ -986,18 +992,24 @@ impl Reconciler {
         tokio::task::spawn_blocking(move || {
             let mut dp = dataplane.lock().unwrap_or_else(|p| p.into_inner());
             let endpoints = dp
-                .converge_endpoints(&endpoints, prune)
+                .endpoints
+                .converge(&endpoints, prune)
                 .map_err(|e| e.to_string())?;
             metrics.observe_converge(crate::bpf::maps::ENDPOINTS, &endpoints);
             let ipcache = dp
-                .converge_ipcache(&ipcache, prune)
+                .ipcache
+                .converge(&ipcache, prune)
                 .map_err(|e| e.to_string())?;
             metrics.observe_converge(crate::bpf::maps::IPCACHE, &ipcache);
             let node_config_error = dp
-                .set_node_config(&node_config)
+                .node_config
+                .set(&node_config)
                 .err()
                 .map(|e| e.to_string());
-            for (map, r) in [("endpoints", &endpoints), ("ipcache", &ipcache)] {
+            for (map, r) in [
+                ("endpoints", endpoints.counts()),
+                ("ipcache", ipcache.counts()),
+            ] {
                 if r.added + r.updated + r.deleted > 0 {
                     tracing::info!(
                         map,
@@ -1028,7 +1040,7 @@ impl Reconciler {
                 Ok(p) => metrics.observe_pressure(&p),
                 Err(e) => tracing::warn!(error = %e, "reading map pressure"),
             }
-            match dp.metrics() {
+            match dp.metrics.samples() {
                 Ok(samples) => metrics.observe_samples(&samples),
                 Err(e) => tracing::warn!(error = %e, "reading the metrics map"),
             }

@@ -324,8 +324,8 @@ pub struct PolicyValue {
     pub rule_cookie: u32,
 }
 
-/// `struct policy_state` is [`super::policy::PolicyState`] (`#[repr(C)]`).
-pub use super::policy::PolicyState;
+/// `struct policy_state` is [`crate::bpf::policy::PolicyState`] (`#[repr(C)]`).
+pub use crate::bpf::policy::PolicyState;
 
 /// `struct policy_cidr_value`: the node-local identity of a policy CIDR. Its key is an
 /// [`IpcacheKey`].
@@ -368,7 +368,7 @@ pub struct CtValue {
 }
 
 /// `struct policy_event` as the programs write it into the `events` ring buffer; decoded by
-/// [`super::policy::PolicyEvent::from_bytes`].
+/// [`crate::bpf::policy::PolicyEvent::from_bytes`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RawPolicyEvent {

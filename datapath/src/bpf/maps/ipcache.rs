@@ -1,0 +1,61 @@
+//! `ipcache`: IP prefix → security identity and tunnel endpoint (LPM trie). Its key type
+//! also keys `policy_cidrs`.
+
+use std::{collections::BTreeMap, fmt};
+
+use aya::{
+    Pod,
+    maps::{LpmTrie, MapData, lpm_trie},
+};
+use ipnet::IpNet;
+
+use super::{
+    layout::{IpcacheKey, IpcachePrefix, IpcacheValue},
+    pinned::{DataplaneError, LpmKey, MapKey, PinnedMap},
+};
+
+/// The `ipcache` map.
+pub type Ipcache = PinnedMap<IpcacheKey, IpcacheValue>;
+
+impl LpmKey for IpcacheKey {
+    type Prefix = IpcachePrefix;
+
+    fn to_lpm(self) -> lpm_trie::Key<IpcachePrefix> {
+        IpcacheKey::to_lpm(self)
+    }
+
+    fn from_lpm(key: &lpm_trie::Key<IpcachePrefix>) -> Self {
+        IpcacheKey::from_lpm(key)
+    }
+}
+
+impl MapKey for IpcacheKey {
+    type Backend<V: Pod> = LpmTrie<MapData, IpcachePrefix, V>;
+}
+
+impl From<IpNet> for IpcacheKey {
+    fn from(net: IpNet) -> Self {
+        Self::from_net(&net)
+    }
+}
+
+/// The prefix (a malformed key as stored).
+impl fmt::Display for IpcacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_net() {
+            Some(net) => net.fmt(f),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
+
+impl Ipcache {
+    /// What the ipcache holds, by prefix.
+    pub fn by_prefix(&self) -> Result<BTreeMap<IpNet, IpcacheValue>, DataplaneError> {
+        Ok(self
+            .read()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_net()?, v)))
+            .collect())
+    }
+}
