@@ -13,7 +13,6 @@ use super::maps::{
 };
 
 /// The pinned maps of one node, typed.
-#[derive(Debug)]
 pub struct Dataplane {
     dir: PathBuf,
     pub endpoints: Endpoints,
@@ -22,6 +21,14 @@ pub struct Dataplane {
     pub node_config: NodeConfigMap,
     pub metrics: Metrics,
     pub conntrack: Conntrack,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dataplane {

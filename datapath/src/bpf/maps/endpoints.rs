@@ -6,7 +6,7 @@ use aya::{Pod, maps::MapData};
 
 use super::{
     layout::{EndpointInfo, EndpointKey},
-    pinned::{DataplaneError, MapKey, PinnedMap},
+    pinned::{DataplaneError, MapKey, PinnedMap, show_key},
 };
 
 /// The `endpoints` map.
@@ -25,10 +25,7 @@ impl From<IpAddr> for EndpointKey {
 /// The pod IP (a malformed key as stored).
 impl fmt::Display for EndpointKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ip() {
-            Some(ip) => ip.fmt(f),
-            None => write!(f, "{self:?}"),
-        }
+        show_key(f, self.ip(), self)
     }
 }
 

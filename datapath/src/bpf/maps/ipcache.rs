@@ -5,29 +5,17 @@ use std::{collections::BTreeMap, fmt};
 
 use aya::{
     Pod,
-    maps::{LpmTrie, MapData, lpm_trie},
+    maps::{LpmTrie, MapData},
 };
 use ipnet::IpNet;
 
 use super::{
     layout::{IpcacheKey, IpcachePrefix, IpcacheValue},
-    pinned::{DataplaneError, LpmKey, MapKey, PinnedMap},
+    pinned::{DataplaneError, MapKey, PinnedMap, show_key},
 };
 
 /// The `ipcache` map.
 pub type Ipcache = PinnedMap<IpcacheKey, IpcacheValue>;
-
-impl LpmKey for IpcacheKey {
-    type Prefix = IpcachePrefix;
-
-    fn to_lpm(self) -> lpm_trie::Key<IpcachePrefix> {
-        IpcacheKey::to_lpm(self)
-    }
-
-    fn from_lpm(key: &lpm_trie::Key<IpcachePrefix>) -> Self {
-        IpcacheKey::from_lpm(key)
-    }
-}
 
 impl MapKey for IpcacheKey {
     type Backend<V: Pod> = LpmTrie<MapData, IpcachePrefix, V>;
@@ -42,10 +30,7 @@ impl From<IpNet> for IpcacheKey {
 /// The prefix (a malformed key as stored).
 impl fmt::Display for IpcacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.to_net() {
-            Some(net) => net.fmt(f),
-            None => write!(f, "{self:?}"),
-        }
+        show_key(f, self.to_net(), self)
     }
 }
 

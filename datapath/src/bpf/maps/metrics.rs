@@ -26,12 +26,6 @@ pub struct Metrics {
     map: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
 }
 
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
-    }
-}
-
 impl Metrics {
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
         let (data, _) = open_pin(dir, layout::METRICS)?;

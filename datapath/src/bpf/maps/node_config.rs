@@ -16,12 +16,6 @@ pub struct NodeConfigMap {
     map: Array<MapData, NodeConfig>,
 }
 
-impl std::fmt::Debug for NodeConfigMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeConfigMap").finish_non_exhaustive()
-    }
-}
-
 impl NodeConfigMap {
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
         let (data, _) = open_pin(dir, layout::NODE_CONFIG)?;

@@ -111,6 +111,19 @@ pub(crate) fn open_pin(dir: &Path, name: &str) -> Result<(MapData, u32), Datapla
     Ok((data, max_entries))
 }
 
+/// Shows a key as what it stands for (`decoded`), or as stored when it does not decode
+/// (written by another build, or malformed).
+pub(crate) fn show_key(
+    f: &mut fmt::Formatter<'_>,
+    decoded: Option<impl fmt::Display>,
+    raw: &impl fmt::Debug,
+) -> fmt::Result {
+    match decoded {
+        Some(decoded) => write!(f, "{decoded}"),
+        None => write!(f, "{raw:?}"),
+    }
+}
+
 /// Whether a lookup or deletion failed only because the key is not there.
 pub(crate) fn is_not_found(error: &MapError) -> bool {
     match error {

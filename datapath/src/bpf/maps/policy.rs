@@ -11,29 +11,17 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, MapData, lpm_trie},
+    maps::{HashMap, LpmTrie, MapData},
 };
 use ipnet::IpNet;
 
 use super::{
     layout::{self, IpcacheKey, PolicyCidrValue, PolicyKey, PolicyPrefix, PolicyValue},
-    pinned::{DataplaneError, LpmKey, MapKey, MapPressure, PinnedMap},
+    pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, show_key},
     policy_order::{PolicyStep, interim_state_writes, policy_steps, policy_write_order},
     report::{Diff, Failure, Op, Report, diff},
 };
 use crate::bpf::policy::{PolicyEntry, PolicyState, Verdict};
-
-impl LpmKey for PolicyKey {
-    type Prefix = PolicyPrefix;
-
-    fn to_lpm(self) -> lpm_trie::Key<PolicyPrefix> {
-        PolicyKey::to_lpm(self)
-    }
-
-    fn from_lpm(key: &lpm_trie::Key<PolicyPrefix>) -> Self {
-        PolicyKey::from_lpm(key)
-    }
-}
 
 impl MapKey for PolicyKey {
     type Backend<V: Pod> = LpmTrie<MapData, PolicyPrefix, V>;
@@ -42,10 +30,11 @@ impl MapKey for PolicyKey {
 /// The entry it stands for (a key this build would not write as stored).
 impl fmt::Display for PolicyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match PolicyEntry::from_key(self) {
-            Some(entry) => write!(f, "{entry:?}"),
-            None => write!(f, "{self:?}"),
-        }
+        show_key(
+            f,
+            PolicyEntry::from_key(self).map(|e| format!("{e:?}")),
+            self,
+        )
     }
 }
 
