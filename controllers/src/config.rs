@@ -4,11 +4,11 @@
 //! `#[serde(rename_all = "camelCase", deny_unknown_fields, default)]`) and document it,
 //! with its defaults, in config/operator.yaml.
 
+use clap::Parser;
+use serde::{Deserialize, Serialize};
 use tendril_runtime::backoff::Backoff;
 use tendril_runtime::config::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
 use tendril_runtime::leader::LeaderElectionConfig;
-use clap::Parser;
-use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

@@ -6,11 +6,11 @@ use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
+use tendril_controllers::{endpoints, ipam, nodes, policy};
 use tendril_runtime::config;
 use tendril_runtime::{
     self as runtime, Concern, Context, Health, Metrics, leader, logging, server,
 };
-use tendril_controllers::{endpoints, ipam, nodes, policy};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 

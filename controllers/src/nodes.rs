@@ -11,7 +11,6 @@
 //! The `NodeNetwork` is watched as owned: deleting or editing it triggers a reconcile of
 //! its Node, which restores it.
 
-use tendril_runtime::{self, Context, DesiredCondition, MetricLabel, Reconciler, conditions};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -27,6 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::common::NodeAddress;
 use tendril_crds::v1alpha1::NodeNetwork;
+use tendril_runtime::{
+    self as runtime, Context, DesiredCondition, MetricLabel, Reconciler, conditions,
+};
 
 /// The concern's name; its field manager is `tendril-nodes`.
 pub const NAME: &str = "nodes";

@@ -2,11 +2,14 @@
 //! plumbing. A new setting: a field (with its default in `Default`), documented in
 //! config/agent.yaml, and, if it needs one, a flag in `AgentArgs` applied in `resolve`.
 
-use tendril_runtime::backoff::Backoff;
-use tendril_runtime::config::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
+use crate::agent::driver::LoopTiming;
+use crate::bpf::MapSizes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::time::Duration;
+use tendril_runtime::backoff::Backoff;
+use tendril_runtime::config::{CommonArgs, ConfigError, HttpConfig, LoggingConfig};
 
 /// How pod traffic crosses nodes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -46,7 +49,7 @@ pub struct AgentConfig {
     /// Changes arriving within this window are converged in one pass (milliseconds).
     pub datapath_debounce_millis: u64,
     /// Capacities of the BPF maps; a pinned map of another size is refused at start.
-    pub bpf_map_sizes: BpfMapSizes,
+    pub bpf_map_sizes: MapSizes,
     /// Network policy enforcement (`policy`).
     pub policy: PolicyConfig,
 }
@@ -92,40 +95,6 @@ impl Default for PolicyEventsConfig {
     }
 }
 
-/// Entries each BPF map can hold (`bpfMapSizes`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct BpfMapSizes {
-    pub ipcache: u32,
-    pub endpoints: u32,
-    pub metrics: u32,
-    /// Policy entries of all local endpoints together.
-    pub policy: u32,
-    /// Local endpoints with a policy.
-    pub policy_state: u32,
-    /// Distinct CIDR prefixes the local endpoints' policies name.
-    pub policy_cidrs: u32,
-    /// Tracked connections (least recently used evicted when full).
-    pub conntrack: u32,
-    /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
-    pub events_bytes: u32,
-}
-
-impl Default for BpfMapSizes {
-    fn default() -> Self {
-        Self {
-            ipcache: 131_072,
-            endpoints: 8192,
-            metrics: 1024,
-            policy: 65_536,
-            policy_state: 8192,
-            policy_cidrs: 16_384,
-            conntrack: 262_144,
-            events_bytes: 256 * 1024,
-        }
-    }
-}
-
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
@@ -144,13 +113,23 @@ impl Default for AgentConfig {
             tunnel_device: "tendril_vxlan".to_string(),
             datapath_resync_seconds: 30,
             datapath_debounce_millis: 50,
-            bpf_map_sizes: BpfMapSizes::default(),
+            bpf_map_sizes: MapSizes::default(),
             policy: PolicyConfig::default(),
         }
     }
 }
 
 impl AgentConfig {
+    /// When the node pass runs: `datapathResyncSeconds`, `datapathDebounceMillis`, and the
+    /// `backoff` curve after a failed pass.
+    pub fn pass_timing(&self) -> LoopTiming {
+        LoopTiming {
+            resync: Duration::from_secs(self.datapath_resync_seconds),
+            debounce: Duration::from_millis(self.datapath_debounce_millis),
+            backoff: self.backoff.clone(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.backoff.validate().map_err(ConfigError::Invalid)?;
         if self.node_name.is_empty() {
@@ -183,14 +162,14 @@ impl AgentConfig {
             sizes.policy_state,
             sizes.policy_cidrs,
             sizes.conntrack,
-            sizes.events_bytes,
+            sizes.events,
         ];
         if all.contains(&0) {
             return Err(ConfigError::Invalid(
                 "bpfMapSizes: every size must be > 0".into(),
             ));
         }
-        if !sizes.events_bytes.is_power_of_two() || sizes.events_bytes < 4096 {
+        if !sizes.events.is_power_of_two() || sizes.events < 4096 {
             return Err(ConfigError::Invalid(
                 "bpfMapSizes.eventsBytes must be a power of two of at least 4096".into(),
             ));
@@ -305,11 +284,18 @@ mod tests {
         let err = from_yaml::<AgentConfig>("tunnelPort: lots\n", Path::new("agent.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("agent.yaml") && err.contains("tunnelPort"), "{err}");
-        let err = from_yaml::<AgentConfig>("routingMode: carrier-pigeon\n", Path::new("agent.yaml"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("routingMode") && err.contains("carrier-pigeon"), "{err}");
+        assert!(
+            err.contains("agent.yaml") && err.contains("tunnelPort"),
+            "{err}"
+        );
+        let err =
+            from_yaml::<AgentConfig>("routingMode: carrier-pigeon\n", Path::new("agent.yaml"))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("routingMode") && err.contains("carrier-pigeon"),
+            "{err}"
+        );
         let empty: AgentConfig = from_yaml("# nothing\n\n", Path::new("x")).unwrap();
         assert_eq!(empty, AgentConfig::default());
         let back: AgentConfig = from_yaml(&to_yaml(&empty), Path::new("x")).unwrap();
@@ -349,6 +335,29 @@ mod tests {
     }
 
     #[test]
+    fn the_backoff_section_sets_the_pass_retry_curve() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"nodeName: n1\nbackoff:\n  baseMillis: 40\n  maxMillis: 900\n  jitter: 0\n",
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap().to_string();
+        let cfg = AgentArgs::try_parse_from(["tendril-agent", "--config", &path])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let timing = cfg.pass_timing();
+        assert_eq!(timing.backoff.base_millis, 40);
+        assert_eq!(timing.backoff.max_millis, 900);
+        use crate::agent::driver::PassOutcome::Failed;
+        let waits: Vec<u128> = (1..=6)
+            .map(|n| timing.wait_after(Failed, n).as_millis())
+            .collect();
+        assert_eq!(waits, [40, 80, 160, 320, 640, 900]);
+    }
+
+    #[test]
     fn audit_mode_flag_alone_or_with_a_value() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["tendril-agent", "--node-name", "n1"];
@@ -362,7 +371,7 @@ mod tests {
             node_name: "n1".into(),
             ..Default::default()
         };
-        bad.bpf_map_sizes.events_bytes = 5000;
+        bad.bpf_map_sizes.events = 5000;
         assert!(
             bad.validate()
                 .unwrap_err()

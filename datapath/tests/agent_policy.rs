@@ -13,8 +13,8 @@ use std::path::Path;
 use tendril_crds::v1alpha1::{
     NamedPort, ResolvedDefaultDeny, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
 };
-use tendril_datapath::agent::datapath::policy::{ClusterNamedPorts, PolicySubject};
-use tendril_datapath::agent::datapath::{PolicyRealization, realize_policy};
+use tendril_datapath::agent::pass::policy::{ClusterNamedPorts, PolicySubject};
+use tendril_datapath::agent::pass::{PolicyRealization, realize_policy};
 use tendril_datapath::bpf::maps::Direction;
 use tendril_datapath::bpf::policy::{
     LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY,
@@ -40,7 +40,7 @@ fn state_map(dir: &Path) -> BTreeMap<u16, PolicyState> {
 
 fn rule(verdict: &str, peers: &[i64], cidrs: &[&str], ports: Vec<ResolvedPort>) -> ResolvedRule {
     ResolvedRule {
-        verdict: verdict.into(),
+        verdict: verdict.parse().unwrap(),
         peers: peers.to_vec(),
         cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
         ports,
@@ -52,7 +52,7 @@ fn tcp(port: i32) -> ResolvedPort {
         port,
         end_port: None,
         name: None,
-        protocol: "TCP".into(),
+        protocol: "TCP".parse().unwrap(),
     }
 }
 
@@ -61,7 +61,7 @@ fn named_tcp(name: &str) -> ResolvedPort {
         port: 0,
         end_port: None,
         name: Some(name.into()),
-        protocol: "TCP".into(),
+        protocol: "TCP".parse().unwrap(),
     }
 }
 
@@ -69,7 +69,7 @@ fn http(port: i32) -> Vec<NamedPort> {
     vec![NamedPort {
         name: "http".into(),
         port,
-        protocol: "TCP".into(),
+        protocol: "TCP".parse().unwrap(),
     }]
 }
 
@@ -348,13 +348,13 @@ mod enforcement {
     use std::net::Ipv4Addr;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
-    use tendril_runtime::Metrics;
-    use tendril_datapath::agent::datapath::events::{self, Flow, FlowLog};
-    use tendril_datapath::agent::datapath::metrics::{DatapathMetrics, VerdictLabels};
+    use tendril_datapath::agent::pass::events::{self, Flow, FlowLog};
+    use tendril_datapath::agent::pass::metrics::{DatapathMetrics, VerdictLabels};
     use tendril_datapath::bpf::Hook;
     use tendril_datapath::bpf::maps::{
         EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig,
     };
+    use tendril_runtime::Metrics;
     use tokio_util::sync::CancellationToken;
 
     const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
@@ -424,7 +424,7 @@ mod enforcement {
                 &[257],
                 &[],
                 vec![ResolvedPort {
-                    protocol: "UDP".into(),
+                    protocol: "UDP".parse().unwrap(),
                     ..tcp(port)
                 }],
             )],
@@ -553,7 +553,7 @@ mod enforcement {
                 .policy_verdicts
                 .get_or_create(&VerdictLabels {
                     direction: "egress".into(),
-                    verdict: verdict.into(),
+                    verdict: verdict.parse().unwrap(),
                     r#match: matched.into(),
                 })
                 .get()

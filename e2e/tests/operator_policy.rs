@@ -178,7 +178,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
     );
     ensure!(
         db.spec.sources.len() == 1
-            && db.spec.sources[0].kind == "KubernetesNetworkPolicy"
+            && db.spec.sources[0].kind.as_str() == "KubernetesNetworkPolicy"
             && db.spec.sources[0].name == "db-from-web"
             && db.spec.sources[0].namespace.as_deref() == Some(ns.as_str())
             && db.spec.sources[0].generation == Some(1),

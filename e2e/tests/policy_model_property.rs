@@ -7,7 +7,7 @@
 //! switches; now and then an invalid one). The production side is the real chain:
 //! identities from the pods' security labels (POLICY_SPEC §1), then
 //! `tendril_controllers::policy::resolve::resolve`, then the agent's translation
-//! (`tendril_datapath::agent::datapath::policy::translate`) into policy map entries,
+//! (`tendril_datapath::agent::pass::policy::translate`) into policy map entries,
 //! evaluated by a small LPM-style lookup that mirrors POLICY_SPEC §4 (longest match per
 //! {peer identity, CIDR identity of the peer address, any}; a deny wins; else the
 //! endpoint's default). For every (subject, peer, direction, port, protocol) the verdict
@@ -23,7 +23,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use tendril_controllers::policy::resolve::{Labels as IdLabels, Sources, resolve};
 use tendril_crds::v1alpha1::{NamedPort as CrdNamedPort, ResolvedPolicySpec};
-use tendril_datapath::agent::datapath::policy::{
+use tendril_datapath::agent::pass::policy::{
     ClusterNamedPorts, DesiredPolicy, PolicySubject, translate,
 };
 use tendril_datapath::bpf::maps::Direction as BpfDirection;
@@ -600,7 +600,7 @@ fn compare(w: &World) -> Vec<String> {
         .filter(|(_, r)| r.is_err())
         .filter_map(|(s, _)| {
             Some(SourceRef {
-                kind: kind_of(&s.kind)?,
+                kind: kind_of(s.kind.as_str())?,
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
             })
@@ -664,7 +664,7 @@ fn compare(w: &World) -> Vec<String> {
             .iter()
             .filter_map(|s| {
                 Some(SourceRef {
-                    kind: kind_of(&s.kind)?,
+                    kind: kind_of(s.kind.as_str())?,
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
                 })

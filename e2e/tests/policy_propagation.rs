@@ -133,7 +133,7 @@ fn spawn_watches(
                 .sources
                 .iter()
                 .find(|src| {
-                    src.kind == "KubernetesNetworkPolicy"
+                    src.kind == tendril_crds::v1alpha1::PolicySourceKind::KubernetesNetworkPolicy
                         && src.name == POLICY
                         && src.namespace.as_deref() == Some(&ns)
                 })

@@ -204,7 +204,7 @@ async fn wait_realized(
         let state = state.clone();
         let matches = move |rp: &ResolvedPolicy| {
             let mine = rp.spec.sources.iter().find(|s| {
-                s.kind == source.kind
+                s.kind.as_str() == source.kind
                     && s.name == source.name
                     && s.namespace.as_deref() == Some(&source.namespace)
             });

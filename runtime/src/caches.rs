@@ -57,11 +57,14 @@ impl<K> Cached for K where
 {
 }
 
+/// (api version/kind, scope) → the `Cache<K>` of that kind, type-erased.
+type Entries = HashMap<(String, String), Box<dyn Any + Send + Sync>>;
+
 /// The process's registry of caches (cheap to clone; clones share it).
 #[derive(Clone)]
 pub struct Caches {
     client: Client,
-    entries: Arc<Mutex<HashMap<(String, String), Box<dyn Any + Send + Sync>>>>,
+    entries: Arc<Mutex<Entries>>,
     watches: Family<WatchLabels, Gauge>,
     errors: Family<KindLabel, Counter>,
 }
@@ -107,7 +110,10 @@ impl Caches {
     /// The objects of `api` that `config` selects, shared under `scope` (a name unique among
     /// the scoped caches of `K`, e.g. `default/kubernetes`).
     pub fn scoped<K: Cached>(&self, scope: &str, api: Api<K>, config: watcher::Config) -> Cache<K> {
-        assert_ne!(scope, SCOPE_ALL, "scope {SCOPE_ALL:?} is the cluster-wide cache");
+        assert_ne!(
+            scope, SCOPE_ALL,
+            "scope {SCOPE_ALL:?} is the cluster-wide cache"
+        );
         self.get_or_start(scope, || (api, config))
     }
 
@@ -126,7 +132,13 @@ impl Caches {
                 .clone();
         }
         let (api, config) = watch();
-        let cache = Cache::start(api, config, self.errors.get_or_create(&KindLabel { kind: kind.clone() }).clone());
+        let cache = Cache::start(
+            api,
+            config,
+            self.errors
+                .get_or_create(&KindLabel { kind: kind.clone() })
+                .clone(),
+        );
         self.watches
             .get_or_create(&WatchLabels {
                 kind,

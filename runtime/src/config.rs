@@ -220,7 +220,10 @@ mod tests {
         let err = from_yaml::<Sample>("tunnelPort: lots\n", Path::new("agent.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("agent.yaml") && err.contains("tunnelPort"), "{err}");
+        assert!(
+            err.contains("agent.yaml") && err.contains("tunnelPort"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod desired;
 use crate::identities::allocator::{AllocError, IdentityAllocator};
 use crate::identities::labels::LabelFilter;
 use crate::identities::{self, IdentitiesConfig};
-use tendril_runtime::{self, MetricLabel, Reconciler};
 use desired::{Skip, desired_endpoint, endpoint_spec};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -30,6 +29,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::v1alpha1::Endpoint;
+use tendril_runtime::{self as runtime, MetricLabel, Reconciler};
 use tokio::sync::broadcast;
 use tracing::{debug, info};
 

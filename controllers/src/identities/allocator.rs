@@ -10,9 +10,8 @@
 //! → adopt that id; other labels → record them and try the next id. Two replicas racing
 //! (e.g. across a leadership hand-over) therefore never give one id two label sets.
 
-use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved};
+use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved, reserved_labels};
 use super::labels::SecurityLabels;
-use tendril_runtime;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
@@ -24,6 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tendril_crds::v1alpha1::{Identity, IdentitySpec};
+use tendril_runtime as runtime;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -248,7 +248,10 @@ impl IdentityAllocator {
         for reserved in Reserved::ALL {
             match self
                 .api
-                .create(&pp, &identity_object(reserved.id(), &reserved_labels(reserved)))
+                .create(
+                    &pp,
+                    &identity_object(reserved.id(), &reserved_labels(reserved)),
+                )
                 .await
             {
                 Ok(_) => {}

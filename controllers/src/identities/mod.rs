@@ -15,7 +15,6 @@ pub mod allocator;
 pub mod index;
 pub mod labels;
 
-use tendril_runtime::{self, Reconciler};
 use allocator::IdentityAllocator;
 use futures::StreamExt;
 use index::{Verdict, gc_verdict};
@@ -32,6 +31,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tendril_crds::v1alpha1::{Endpoint, Identity};
+use tendril_runtime::{self as runtime, Reconciler};
 use tracing::info;
 
 /// The concern's name; its field manager is `tendril-identities`.

@@ -30,7 +30,6 @@
 
 pub mod pool;
 
-use tendril_runtime::{self, DesiredCondition, Reconciler, conditions};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
@@ -55,6 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tendril_crds::common::conditions::{READY, VALID};
 use tendril_crds::v1alpha1::{NodeNetwork, PodIPPool};
+use tendril_runtime::{self as runtime, DesiredCondition, Reconciler, conditions};
 use tracing::{info, warn};
 
 /// The concern's name; its field manager is `tendril-ipam`.

@@ -21,7 +21,6 @@ pub mod plan;
 pub mod resolve;
 pub mod selector;
 
-use tendril_runtime::{self, Reconciler, conditions};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::networking::v1 as k8s;
@@ -49,6 +48,7 @@ use tendril_crds::v1alpha1::{
     ClusterNetworkPolicy, Identity, NetworkPolicy, PolicySource, PolicyStatus, ResolvedPolicy,
     ResolvedPolicySpec,
 };
+use tendril_runtime::{self as runtime, Reconciler, conditions};
 use tracing::{debug, info, warn};
 
 /// The concern's name; its field manager is `tendril-policy`.
@@ -348,7 +348,9 @@ impl Policy {
                 .count();
             self.metrics
                 .invalid_sources
-                .get_or_create(&KindLabel { kind: kind.into() })
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str().into(),
+                })
                 .set(invalid as i64);
         }
 
@@ -497,7 +499,7 @@ impl Policy {
             .collect();
         let mut first_error = None;
         for (source, outcome) in &resolution.sources {
-            let res = match source.kind.as_str() {
+            let res = match source.kind {
                 KIND_NAMESPACED => {
                     let key = (
                         source.namespace.clone().unwrap_or_default(),

@@ -3,9 +3,9 @@
 //! should carry.
 
 use super::resolve::{Invalid, MIN_CLUSTER_IDENTITY, RESOLVED, Resolution};
-use tendril_runtime::conditions::{DesiredCondition, VALID};
 use std::collections::BTreeMap;
 use tendril_crds::v1alpha1::ResolvedPolicySpec;
+use tendril_runtime::conditions::{DesiredCondition, VALID};
 
 /// The writes one resolve needs.
 #[derive(Debug, Default, PartialEq)]
@@ -97,7 +97,7 @@ mod tests {
             },
             ingress: if deny_in {
                 vec![ResolvedRule {
-                    verdict: "Allow".into(),
+                    verdict: tendril_crds::v1alpha1::Verdict::Allow,
                     peers: vec![1],
                     ..Default::default()
                 }]

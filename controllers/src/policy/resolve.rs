@@ -52,8 +52,8 @@ pub const RESOLVED: &str = "Resolved";
 pub const ALLOW: Verdict = Verdict::Allow;
 pub const DENY: Verdict = Verdict::Deny;
 
-use tendril_crds::facts::{ENTITY_ALL, ENTITY_CLUSTER, Reserved};
 pub use tendril_crds::facts::{ANY_PEER, CLUSTER_IDENTITY_MIN as MIN_CLUSTER_IDENTITY};
+use tendril_crds::facts::{ENTITY_ALL, ENTITY_CLUSTER, Reserved};
 /// Reserved identity of the node itself (always allowed in: kubelet probes).
 pub const HOST: i64 = Reserved::Host.id();
 
@@ -661,12 +661,14 @@ fn kubernetes_ports(
         let at = format!("{what}[{i}]");
         let proto = p.protocol.as_deref().unwrap_or("TCP");
         // Kubernetes has no `ANY`.
-        let protocol = Protocol::parse(proto).filter(|p| *p != Protocol::Any).ok_or_else(|| {
-            Invalid::new(
-                INVALID_PORT,
-                format!("{at}: protocol {proto:?} is not TCP, UDP or SCTP"),
-            )
-        })?;
+        let protocol = Protocol::parse(proto)
+            .filter(|p| *p != Protocol::Any)
+            .ok_or_else(|| {
+                Invalid::new(
+                    INVALID_PORT,
+                    format!("{at}: protocol {proto:?} is not TCP, UDP or SCTP"),
+                )
+            })?;
         let port = match &p.port {
             None => None,
             Some(IntOrString::Int(n)) => Some(n.to_string()),

@@ -97,9 +97,9 @@ fn cluster(policies: Vec<ClusterNetworkPolicy>) -> Sources {
     }
 }
 
-fn rule(verdict: &str, peers: &[i64], cidrs: &[&str], ports: &[ResolvedPort]) -> ResolvedRule {
+fn rule(verdict: Verdict, peers: &[i64], cidrs: &[&str], ports: &[ResolvedPort]) -> ResolvedRule {
     ResolvedRule {
-        verdict: verdict.to_string(),
+        verdict,
         peers: peers.to_vec(),
         cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
         ports: ports.to_vec(),
@@ -123,7 +123,7 @@ fn port(protocol: &str, port: i32) -> ResolvedPort {
         port,
         end_port: None,
         name: None,
-        protocol: protocol.to_string(),
+        protocol: Protocol::parse(protocol).unwrap(),
     }
 }
 
@@ -532,7 +532,7 @@ fn kinds_add_up_and_a_deny_stays_next_to_the_allow_it_beats() {
             deny(&[id("x", "b")], &[tcp(80)])
         ]
     );
-    let kinds: Vec<_> = spec.sources.iter().map(|s| s.kind.as_str()).collect();
+    let kinds: Vec<_> = spec.sources.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, [KIND_KUBERNETES, KIND_NAMESPACED]);
 }
 
@@ -990,14 +990,7 @@ fn outcomes_are_sorted_with_selected_counts() {
     let got: Vec<_> = res
         .sources
         .iter()
-        .map(|(s, r)| {
-            (
-                s.kind.as_str(),
-                s.name.as_str(),
-                s.generation,
-                r.clone().unwrap(),
-            )
-        })
+        .map(|(s, r)| (s.kind, s.name.as_str(), s.generation, r.clone().unwrap()))
         .collect();
     assert_eq!(
         got,
@@ -1270,7 +1263,7 @@ mod properties {
                 .ports
                 .iter()
                 .map(|p| Port {
-                    protocol: Protocol::parse(&p.protocol).unwrap(),
+                    protocol: p.protocol,
                     name: p.name.clone(),
                     start: p.port as u16,
                     end: p.end_port.unwrap_or(p.port) as u16,
@@ -1327,7 +1320,7 @@ mod properties {
             for spec in res.policies.values() {
                 check_canonical(&spec.ingress)?;
                 check_canonical(&spec.egress)?;
-                prop_assert!(spec.ingress.iter().chain(&spec.egress).all(|r| r.ports.iter().all(|p| p.protocol != "ANY")));
+                prop_assert!(spec.ingress.iter().chain(&spec.egress).all(|r| r.ports.iter().all(|p| p.protocol != Protocol::Any)));
                 // Default deny in ingress ⇔ the host (or anyone) is allowed in on every port.
                 let host_in = spec.ingress.iter().any(|r| {
                     r.verdict == ALLOW && r.ports.is_empty() && (r.peers.contains(&HOST) || r.peers == [ANY_PEER])

@@ -112,7 +112,20 @@ pub struct ResolvedPort {
 }
 
 /// What a rule does with the traffic it matches. `Allow` or `Deny`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
 pub enum Verdict {
     #[default]
     Allow,
@@ -128,9 +141,33 @@ impl Verdict {
     }
 }
 
+impl std::str::FromStr for Verdict {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Verdict::Allow, Verdict::Deny]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown verdict {s:?} (Allow or Deny)"))
+    }
+}
+
 /// The protocol of a port: `TCP`, `UDP`, `SCTP` or `ANY` (all three). Variants are in the
 /// order their names sort, which the resolver's canonical form relies on.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Any,
@@ -178,10 +215,31 @@ impl Protocol {
     }
 }
 
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Protocol::parse(s).ok_or_else(|| format!("unknown protocol {s:?} (TCP, UDP, SCTP or ANY)"))
+    }
+}
+
 /// The kind of policy a `ResolvedPolicy` entry came from: `NetworkPolicy` (tendril.dev),
 /// `ClusterNetworkPolicy` or `KubernetesNetworkPolicy` (networking.k8s.io). Variants are in
 /// the order their names sort.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
 pub enum PolicySourceKind {
     ClusterNetworkPolicy,
     KubernetesNetworkPolicy,

@@ -44,23 +44,26 @@ impl LoopTiming {
     }
 }
 
-/// Runs `pass` forever: after a change of `wake` (plus the debounce), the resync period, or
-/// a failure's backoff. `realized(delay)` is called after each converged pass that realized
-/// a change, with the time since that change arrived. Cancel by dropping the future.
-pub async fn drive<P, F>(wake: &Wake, timing: &LoopTiming, mut pass: P, mut realized: impl FnMut(Duration))
-where
-    P: FnMut() -> F,
-    F: Future<Output = PassOutcome>,
-{
+/// A reconciler of the agent: one pass converges everything it owns.
+pub trait NodeLoop: Send {
+    fn pass(&mut self) -> impl Future<Output = PassOutcome> + Send;
+
+    /// A converged pass realized changes that arrived `delay` ago.
+    fn realized(&mut self, _delay: Duration) {}
+}
+
+/// Runs `node`'s passes forever: after a change of `wake` (plus the debounce), the resync
+/// period, or a failure's backoff. Cancel by dropping the future.
+pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
     let mut failures: u32 = 0;
     loop {
         let started = wake.take_since();
-        let outcome = pass().await;
+        let outcome = node.pass().await;
         match outcome {
             PassOutcome::Converged => {
                 failures = 0;
                 if let Some(at) = started {
-                    realized(at.elapsed());
+                    node.realized(at.elapsed());
                 }
             }
             PassOutcome::Waiting => wake.keep_since(started),
@@ -85,6 +88,36 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::time::Instant;
 
+    /// Records when each pass starts and returns a fixed outcome.
+    struct Scripted {
+        outcome: PassOutcome,
+        t0: Instant,
+        starts: Arc<Mutex<Vec<Duration>>>,
+        delays: Arc<Mutex<Vec<Duration>>>,
+    }
+
+    impl Scripted {
+        fn new(outcome: PassOutcome) -> Self {
+            Self {
+                outcome,
+                t0: Instant::now(),
+                starts: Arc::default(),
+                delays: Arc::default(),
+            }
+        }
+    }
+
+    impl NodeLoop for Scripted {
+        async fn pass(&mut self) -> PassOutcome {
+            self.starts.lock().unwrap().push(self.t0.elapsed());
+            self.outcome
+        }
+
+        fn realized(&mut self, delay: Duration) {
+            self.delays.lock().unwrap().push(delay);
+        }
+    }
+
     /// The instants at which the first `n` passes of an always-failing loop start.
     async fn failing_pass_starts(backoff: Backoff, n: usize) -> Vec<Duration> {
         let timing = LoopTiming {
@@ -92,19 +125,10 @@ mod tests {
             debounce: Duration::ZERO,
             backoff,
         };
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let t0 = Instant::now();
+        let mut node = Scripted::new(PassOutcome::Failed);
+        let starts = node.starts.clone();
         let wake = Wake::default();
-        let recorded = starts.clone();
-        let run = drive(
-            &wake,
-            &timing,
-            move || {
-                recorded.lock().unwrap().push(t0.elapsed());
-                async { PassOutcome::Failed }
-            },
-            |_| {},
-        );
+        let run = drive(&wake, &timing, &mut node);
         tokio::select! {
             _ = run => unreachable!(),
             _ = async {
@@ -113,8 +137,7 @@ mod tests {
                 }
             } => {}
         }
-        let out = starts.lock().unwrap().clone();
-        out
+        starts.lock().unwrap().clone()
     }
 
     fn gaps(starts: &[Duration]) -> Vec<u64> {
@@ -159,24 +182,15 @@ mod tests {
             backoff: Backoff::default(),
         };
         let wake = Wake::default();
-        let passes = Arc::new(Mutex::new(0u32));
-        let delays = Arc::new(Mutex::new(Vec::new()));
-        let (p, d) = (passes.clone(), delays.clone());
-        let run = drive(
-            &wake,
-            &timing,
-            move || {
-                *p.lock().unwrap() += 1;
-                async { PassOutcome::Converged }
-            },
-            move |delay| d.lock().unwrap().push(delay),
-        );
+        let mut node = Scripted::new(PassOutcome::Converged);
+        let (starts, delays) = (node.starts.clone(), node.delays.clone());
+        let run = drive(&wake, &timing, &mut node);
         let check = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(*passes.lock().unwrap(), 1, "one pass, then it waits");
+            assert_eq!(starts.lock().unwrap().len(), 1, "one pass, then it waits");
             wake.touch();
             tokio::time::sleep(Duration::from_secs(1)).await;
-            assert_eq!(*passes.lock().unwrap(), 2, "a change wakes it");
+            assert_eq!(starts.lock().unwrap().len(), 2, "a change wakes it");
             let delays = delays.lock().unwrap().clone();
             assert_eq!(delays.len(), 1);
             assert!(delays[0] >= Duration::from_millis(50), "{delays:?}");

@@ -6,11 +6,11 @@
 //! step with the cluster, [`host`] owns the node-side gateway device, [`datapath`]
 //! converges the kernel (eBPF maps and programs, routes, the VXLAN device).
 
-pub mod datapath;
 pub mod driver;
 pub mod host;
 pub mod metrics;
 pub mod node;
+pub mod pass;
 pub mod server;
 pub mod view;
 

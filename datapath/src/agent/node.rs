@@ -4,13 +4,14 @@
 //! field manager `tendril-agent`. Conditions are a list-map keyed by `type`, so the
 //! nodes concern's own condition types are left alone.
 
+use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
+use super::view::{ClusterView, Wake, wake_on};
 use super::{Agent, host};
 use crate::cni::link;
 use crate::ipam::LiveEndpoints;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ipnet::IpNet;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use std::collections::HashSet;
@@ -19,11 +20,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tendril_crds::common::NodeAddress;
+use tendril_crds::v1alpha1::NodeNetwork;
 use tendril_runtime::conditions::{self, DesiredCondition};
 use tendril_runtime::{Health, apply_body, apply_status};
-use tendril_crds::common::NodeAddress;
-use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub const FIELD_MANAGER: &str = "tendril-agent";
@@ -36,8 +36,6 @@ pub struct NodeSyncConfig {
     /// An allocation without a live Endpoint is released only once it is this old, so an
     /// ADD whose Endpoint does not exist yet keeps its address.
     pub leak_grace: Duration,
-    /// How often allocations are reconciled with Endpoints even without a change.
-    pub resync: Duration,
     /// The node's network namespace when the agent runs outside it (simulated nodes).
     pub node_netns: Option<PathBuf>,
 }
@@ -53,92 +51,100 @@ struct Report {
     addresses: Vec<NodeAddress>,
 }
 
-/// Runs until `shutdown`.
+/// The node sync's loop state.
+struct NodeSync<'a> {
+    client: Client,
+    agent: &'a Arc<Agent>,
+    cfg: &'a NodeSyncConfig,
+    view: &'a ClusterView,
+    health: &'a Health,
+    endpoints_synced: Arc<AtomicBool>,
+    /// The first reconcile after start restores records of live Endpoints; see
+    /// `Ipam::reconcile`.
+    restore: bool,
+    last: Option<Report>,
+}
+
+impl NodeLoop for NodeSync<'_> {
+    async fn pass(&mut self) -> PassOutcome {
+        let (report, outcome) = sync_once(
+            self.agent,
+            self.cfg,
+            self.view,
+            self.endpoints_synced.load(Ordering::SeqCst),
+            &mut self.restore,
+        )
+        .await;
+        self.health.set_ready(HEALTH_CHECK, self.agent.is_ready());
+        if let Some(report) = report
+            && self.last.as_ref() != Some(&report)
+        {
+            let api: Api<NodeNetwork> = Api::all(self.client.clone());
+            match write_status(
+                &api,
+                &self.view.node_networks.store(),
+                &self.cfg.node_name,
+                &report,
+            )
+            .await
+            {
+                Ok(()) => self.last = Some(report),
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing NodeNetwork status");
+                    return PassOutcome::Failed;
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Runs until `shutdown`: on every change of this node's `NodeNetwork`, once the node's
+/// Endpoints are listed, every `timing.resync`, and after a failure with `timing.backoff`.
 pub async fn run(
     client: Client,
+    view: ClusterView,
     agent: Arc<Agent>,
     health: Health,
     cfg: NodeSyncConfig,
+    timing: LoopTiming,
     shutdown: CancellationToken,
 ) {
     health.register(HEALTH_CHECK);
-    let changed = Arc::new(Notify::new());
-    let networks: Api<NodeNetwork> = Api::all(client.clone());
-    let endpoints: Api<Endpoint> = Api::all(client);
-
-    let (nn_store, nn_writer) = reflector::store();
-    let nn_changed = changed.clone();
-    let nn_watch = reflector::reflector(
-        nn_writer,
-        watcher(
-            networks.clone(),
-            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name)),
-        ),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(move |event| {
-        if let Err(e) = event {
-            tracing::warn!(error = %e, "NodeNetwork watch");
-        }
-        nn_changed.notify_one();
-        futures::future::ready(())
+    let wake = Wake::default();
+    let own = cfg.node_name.clone();
+    wake_on(&view.node_networks, &wake, move |nn| {
+        nn.metadata.name.as_deref() == Some(own.as_str())
     });
-
-    let (ep_store, ep_writer) = reflector::store();
-    let ep_watch = reflector::reflector(ep_writer, watcher(endpoints, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects()
-        .map_err(|e| tracing::warn!(error = %e, "Endpoint watch"))
-        .for_each(|_| futures::future::ready(()));
     let endpoints_synced = Arc::new(AtomicBool::new(false));
-    let synced_flag = endpoints_synced.clone();
-    let ep_ready_store = ep_store.clone();
-    let ep_changed = changed.clone();
-    let ep_ready = async move {
-        if ep_ready_store.wait_until_ready().await.is_ok() {
-            synced_flag.store(true, Ordering::SeqCst);
-            ep_changed.notify_one();
+    let ep_ready = {
+        let (store, synced, wake) = (
+            view.endpoints.store(),
+            endpoints_synced.clone(),
+            wake.clone(),
+        );
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                synced.store(true, Ordering::SeqCst);
+                wake.touch();
+            }
+            std::future::pending::<()>().await
         }
     };
-
-    let sync_loop = async {
-        let mut last: Option<Report> = None;
-        // The first reconcile after start restores records of live Endpoints; see
-        // `Ipam::reconcile`.
-        let mut restore = true;
-        loop {
-            let report = sync_once(
-                &agent,
-                &cfg,
-                &nn_store,
-                &ep_store,
-                endpoints_synced.load(Ordering::SeqCst),
-                &mut restore,
-            )
-            .await;
-            health.set_ready(HEALTH_CHECK, agent.is_ready());
-            if let Some(report) = report
-                && last.as_ref() != Some(&report)
-            {
-                match write_status(&networks, &nn_store, &cfg.node_name, &report).await {
-                    Ok(()) => last = Some(report),
-                    Err(e) => tracing::warn!(error = %e, "writing NodeNetwork status"),
-                }
-            }
-            tokio::select! {
-                _ = changed.notified() => {}
-                _ = tokio::time::sleep(cfg.resync) => {}
-            }
-        }
+    let mut sync = NodeSync {
+        client,
+        agent: &agent,
+        cfg: &cfg,
+        view: &view,
+        health: &health,
+        endpoints_synced,
+        restore: true,
+        last: None,
     };
-
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        _ = nn_watch => {}
-        _ = ep_watch => {}
-        _ = async { ep_ready.await; std::future::pending::<()>().await } => {}
-        _ = sync_loop => {}
+        _ = ep_ready => {}
+        _ = driver::drive(&wake, &timing, &mut sync) => {}
     }
     health.remove(HEALTH_CHECK);
 }
@@ -150,23 +156,32 @@ fn parse_cidrs(raw: &[String]) -> Result<Vec<IpNet>, String> {
 }
 
 /// One pass: pod CIDRs → allocator and gateway device, Endpoints → allocation reconcile.
-/// Returns the status to report, or `None` while the NodeNetwork does not exist.
+/// Returns the status to report (`None` while the NodeNetwork does not exist) and whether
+/// the pass converged, waits for something else, or failed.
 async fn sync_once(
     agent: &Arc<Agent>,
     cfg: &NodeSyncConfig,
-    nn_store: &Store<NodeNetwork>,
-    ep_store: &Store<Endpoint>,
+    view: &ClusterView,
     endpoints_synced: bool,
     restore: &mut bool,
-) -> Option<Report> {
-    let Some(network) = nn_store.get(&ObjectRef::new(&cfg.node_name)) else {
+) -> (Option<Report>, PassOutcome) {
+    let Some(network) = view
+        .node_networks
+        .store()
+        .get(&ObjectRef::new(&cfg.node_name))
+    else {
         agent.set_ready(false);
-        return None;
+        return (None, PassOutcome::Waiting);
     };
     let addresses = underlay_addresses(&network, cfg.node_netns.clone()).await;
     let not_ready = |reason: &str, message: String| {
         agent.set_ready(false);
-        Some(Report {
+        // Waiting on another concern (pod CIDRs) or the first list is not a failure.
+        let outcome = match reason {
+            "NoPodCIDR" | "Reconciling" => PassOutcome::Waiting,
+            _ => PassOutcome::Failed,
+        };
+        let report = Some(Report {
             uid: network.metadata.uid.clone(),
             generation: network.metadata.generation,
             ready: DesiredCondition::new(
@@ -176,7 +191,8 @@ async fn sync_once(
                 message,
             ),
             addresses: addresses.clone(),
-        })
+        });
+        (report, outcome)
     };
     let cidrs = match parse_cidrs(&network.spec.pod_cidrs) {
         Ok(cidrs) if cidrs.is_empty() => {
@@ -203,7 +219,9 @@ async fn sync_once(
         return not_ready("Reconciling", "waiting for the node's Endpoints".into());
     }
     let live = LiveEndpoints {
-        endpoints: ep_store
+        endpoints: view
+            .endpoints
+            .store()
             .state()
             .iter()
             .filter(|ep| ep.spec.node == cfg.node_name)
@@ -261,7 +279,7 @@ async fn sync_once(
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    Some(Report {
+    let report = Report {
         uid: network.metadata.uid.clone(),
         generation: network.metadata.generation,
         ready: DesiredCondition::new(
@@ -271,7 +289,8 @@ async fn sync_once(
             format!("serving pod addresses from {cidr_list}"),
         ),
         addresses,
-    })
+    };
+    (Some(report), PassOutcome::Converged)
 }
 
 /// The node's `InternalIP`s (from the spec) that are configured on this host: the

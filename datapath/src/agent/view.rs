@@ -6,10 +6,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 use tendril_crds::v1alpha1::{Endpoint, Identity, NodeNetwork, ResolvedPolicy};
 use tendril_runtime::caches::{Cache, Cached, Caches};
 use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 
 /// Every object the agent reads, each kind watched once.
 #[derive(Clone)]
@@ -53,18 +53,25 @@ impl ClusterView {
     /// listed while reading them is forbidden (RBAC without that rule): the entity
     /// `kube-apiserver` then matches no address, and the node is not held back for it.
     pub async fn synced(&self) {
+        let (nn, ep, id, rp, slices) = (
+            self.node_networks.store(),
+            self.endpoints.store(),
+            self.identities.store(),
+            self.resolved_policies.store(),
+            self.apiserver.store(),
+        );
         let apiserver = async {
             let mut forbidden = self.apiserver.forbidden();
             tokio::select! {
-                _ = self.apiserver.store().wait_until_ready() => {}
+                _ = slices.wait_until_ready() => {}
                 _ = forbidden.wait_for(Option::is_some) => {}
             }
         };
         let _ = tokio::join!(
-            self.node_networks.store().wait_until_ready(),
-            self.endpoints.store().wait_until_ready(),
-            self.identities.store().wait_until_ready(),
-            self.resolved_policies.store().wait_until_ready(),
+            nn.wait_until_ready(),
+            ep.wait_until_ready(),
+            id.wait_until_ready(),
+            rp.wait_until_ready(),
             apiserver,
         );
     }
@@ -98,7 +105,11 @@ impl ClusterView {
 }
 
 /// Wakes `wake` on each change of `cache` that `relevant` accepts (and after a lag).
-pub fn wake_on<K: Cached>(cache: &Cache<K>, wake: &Wake, relevant: impl Fn(&K) -> bool + Send + 'static) {
+pub fn wake_on<K: Cached>(
+    cache: &Cache<K>,
+    wake: &Wake,
+    relevant: impl Fn(&K) -> bool + Send + 'static,
+) {
     let mut changes = cache.subscribe();
     let wake = wake.clone();
     tokio::spawn(async move {

@@ -1,7 +1,7 @@
 //! `tendril-agent`: the node datapath reconciler. It allocates pod addresses from the
 //! node's pod CIDRs and serves them to `tendril-cni` on a unix socket, and converges the
 //! node's kernel state (eBPF maps and programs, routes, VXLAN) to the cluster's desired
-//! state (`agent::datapath`).
+//! state (`agent::pass`).
 //!
 //! Two modes:
 //! - with Kubernetes (default): the pod CIDRs come from the node's `NodeNetwork`, the
@@ -16,14 +16,16 @@ use ipnet::IpNet;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tendril_datapath::config::{AgentArgs, AgentConfig};
-use tendril_runtime::config;
-use tendril_runtime::{self as runtime, Health, Metrics, logging, server as http};
-use tendril_datapath::agent::datapath::{self, DatapathConfig, metrics::DatapathMetrics};
+use tendril_datapath::agent::driver::LoopTiming;
 use tendril_datapath::agent::metrics::AgentMetrics;
 use tendril_datapath::agent::node::{self, NodeSyncConfig};
+use tendril_datapath::agent::pass::{self, PassConfig, metrics::DatapathMetrics};
+use tendril_datapath::agent::view::ClusterView;
 use tendril_datapath::agent::{Agent, host, server};
+use tendril_datapath::config::{AgentArgs, AgentConfig};
 use tendril_datapath::ipam::Ipam;
+use tendril_runtime::config;
+use tendril_runtime::{self as runtime, Caches, Health, Metrics, logging, server as http};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -99,9 +101,9 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.http.bind_address))?;
     info!(%addr, version = env!("CARGO_PKG_VERSION"), "serving /metrics, /healthz, /readyz, /flows");
     let http_stop = CancellationToken::new();
-    let flows = datapath::events::FlowLog::new(config.policy.events.recent_flows);
-    let app = http::router(metrics.clone(), health.clone())
-        .merge(datapath::events::router(flows.clone()));
+    let flows = pass::events::FlowLog::new(config.policy.events.recent_flows);
+    let app =
+        http::router(metrics.clone(), health.clone()).merge(pass::events::router(flows.clone()));
     let http_shutdown = http_stop.clone().cancelled_owned();
     let http_task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -118,14 +120,20 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
         let client = config::kube_client(cli.agent.common.kubeconfig.as_deref())
             .await
             .context("building the Kubernetes client")?;
+        // One watch per kind for the whole process, shared by the node sync and the passes.
+        let caches = Caches::new(client.clone(), &metrics);
+        let view = ClusterView::new(&caches);
         let sync = NodeSyncConfig {
             node_name: config.node_name.clone(),
             leak_grace: Duration::from_secs(cli.ipam_leak_grace_seconds),
-            resync: Duration::from_secs(cli.ipam_resync_seconds.max(1)),
             node_netns: cli.node_netns.clone(),
         };
-        let sizes = config.bpf_map_sizes;
-        let datapath_cfg = DatapathConfig {
+        let sync_timing = LoopTiming {
+            resync: Duration::from_secs(cli.ipam_resync_seconds.max(1)),
+            debounce: Duration::ZERO,
+            backoff: config.backoff.clone(),
+        };
+        let pass_cfg = PassConfig {
             node_name: config.node_name.clone(),
             node_netns: cli.node_netns.clone(),
             // Per node, so agents of simulated nodes sharing a bpffs root never share maps.
@@ -133,29 +141,20 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             routing_mode: config.routing_mode,
             tunnel_device: config.tunnel_device.clone(),
             tunnel_port: config.tunnel_port,
-            map_sizes: tendril_datapath::bpf::MapSizes {
-                ipcache: sizes.ipcache,
-                endpoints: sizes.endpoints,
-                metrics: sizes.metrics,
-                policy: sizes.policy,
-                policy_state: sizes.policy_state,
-                policy_cidrs: sizes.policy_cidrs,
-                conntrack: sizes.conntrack,
-                events: sizes.events_bytes,
-            },
-            resync: Duration::from_secs(config.datapath_resync_seconds),
-            debounce: Duration::from_millis(config.datapath_debounce_millis),
-            policy: datapath::PolicyOptions {
+            map_sizes: config.bpf_map_sizes,
+            timing: config.pass_timing(),
+            policy: pass::PolicyOptions {
                 audit_mode: config.policy.audit_mode,
                 conntrack_gc: Duration::from_secs(config.policy.conntrack_gc_seconds),
                 denied_log_per_second: config.policy.events.denied_log_per_second,
             },
         };
-        let datapath_task = datapath::run(
+        let datapath_task = pass::run(
             client.clone(),
+            view.clone(),
             DatapathMetrics::register(&metrics),
             health.clone(),
-            datapath_cfg,
+            pass_cfg,
             flows,
             shutdown.clone(),
         );
@@ -168,9 +167,11 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
         };
         let node_task = node::run(
             client,
+            view,
             agent.clone(),
             health.clone(),
             sync,
+            sync_timing,
             shutdown.clone(),
         );
         tokio::join!(datapath_task, node_task);

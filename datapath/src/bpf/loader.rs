@@ -112,7 +112,9 @@ impl Hook {
 
 /// Map capacities; the defaults are those compiled into the objects. A
 /// pinned map with another shape is refused ([`LoadError::IncompatiblePin`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Also the `bpfMapSizes` section of config/agent.yaml.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MapSizes {
     pub ipcache: u32,
     pub endpoints: u32,
@@ -126,6 +128,7 @@ pub struct MapSizes {
     /// Tracked connections (LRU: the least recently used is evicted when full).
     pub conntrack: u32,
     /// Bytes of the `events` ring buffer: a power of two and a multiple of the page size.
+    #[serde(rename = "eventsBytes")]
     pub events: u32,
 }
 

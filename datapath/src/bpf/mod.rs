@@ -16,8 +16,8 @@ pub mod policy;
 pub use dataplane::Dataplane;
 pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};
 pub use maps::{
-    Counts, DataplaneError, Failure, MapPressure, MapWriteError, MetricSample, Op, PolicyItem,
-    Report,
+    AnyKey, Counts, DataplaneError, Failure, MapPressure, MapWriteError, MetricSample, Op,
+    PolicyItem, Report,
 };
 pub use policy::{
     EventKind, EventVerdict, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState, Verdict,

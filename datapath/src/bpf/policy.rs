@@ -273,7 +273,13 @@ pub enum PolicyMatch {
 }
 
 impl PolicyMatch {
-    pub const ALL: [Self; 5] = [Self::None, Self::L3, Self::L4, Self::Default, Self::Conntrack];
+    pub const ALL: [Self; 5] = [
+        Self::None,
+        Self::L3,
+        Self::L4,
+        Self::Default,
+        Self::Conntrack,
+    ];
 
     /// An unknown code reads as `None`.
     pub fn from_raw(code: u8) -> Self {

@@ -14,6 +14,11 @@ use crate::bpf::policy::ct_timeout_ns;
 
 impl MapKey for CtKey {
     type Backend<V: Pod> = aya::maps::HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
 }
 
 impl fmt::Display for CtKey {

@@ -14,10 +14,9 @@ pub type Endpoints = PinnedMap<EndpointKey, EndpointInfo>;
 
 impl MapKey for EndpointKey {
     type Backend<V: Pod> = aya::maps::HashMap<MapData, Self, V>;
-}
+    type Desired = IpAddr;
 
-impl From<IpAddr> for EndpointKey {
-    fn from(ip: IpAddr) -> Self {
+    fn from_desired(ip: IpAddr) -> Self {
         Self::new(ip)
     }
 }

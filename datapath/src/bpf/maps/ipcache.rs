@@ -19,10 +19,9 @@ pub type Ipcache = PinnedMap<IpcacheKey, IpcacheValue>;
 
 impl MapKey for IpcacheKey {
     type Backend<V: Pod> = LpmTrie<MapData, IpcachePrefix, V>;
-}
+    type Desired = IpNet;
 
-impl From<IpNet> for IpcacheKey {
-    fn from(net: IpNet) -> Self {
+    fn from_desired(net: IpNet) -> Self {
         Self::from_net(&net)
     }
 }

@@ -10,6 +10,7 @@
 //!   [`Metrics`], [`NodeConfigMap`]. The `events` ring buffer is opened by
 //!   [`crate::bpf::Dataplane::open_events`].
 
+mod any_key;
 mod conntrack;
 mod endpoints;
 mod ipcache;
@@ -21,6 +22,7 @@ mod policy;
 mod policy_order;
 mod report;
 
+pub use any_key::AnyKey;
 pub use conntrack::Conntrack;
 pub use endpoints::Endpoints;
 pub use ipcache::Ipcache;

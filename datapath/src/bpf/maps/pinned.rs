@@ -52,6 +52,10 @@ pub trait Backend<K, V>: TryFrom<Map, Error = MapError> {
 pub trait MapKey: Pod + Ord + fmt::Debug + fmt::Display {
     /// An `aya::maps::HashMap` (also for LRU hashes) or an [`LpmTrie`] (see [`LpmKey`]).
     type Backend<V: Pod>: Backend<Self, V>;
+    /// What callers key the desired state by: an IP for `endpoints`, a prefix for
+    /// `ipcache`, the key itself where nothing reads better.
+    type Desired: Ord + Copy;
+    fn from_desired(key: Self::Desired) -> Self;
 }
 
 /// A full LPM trie key (`prefixlen` first, as the kernel stores it) and its split form
@@ -246,12 +250,15 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
         }
     }
 
-    /// What the map holds vs `desired`, with `desired` in kernel keys.
-    pub fn diff<Q: Copy + Into<K>>(
+    /// `desired` in kernel keys, and how the map differs from it.
+    pub fn diff(
         &self,
-        desired: &BTreeMap<Q, V>,
+        desired: &BTreeMap<K::Desired, V>,
     ) -> Result<(BTreeMap<K, V>, Diff<K>), DataplaneError> {
-        let desired: BTreeMap<K, V> = desired.iter().map(|(q, v)| ((*q).into(), *v)).collect();
+        let desired: BTreeMap<K, V> = desired
+            .iter()
+            .map(|(key, value)| (K::from_desired(*key), *value))
+            .collect();
         let diff = diff(&self.read()?, &desired);
         Ok((desired, diff))
     }
@@ -260,9 +267,9 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
     /// slots are free for the additions), and only when `prune` is set (the caller's view
     /// is complete); then updates, then additions. Every entry that cannot be written is
     /// in the report's `failed`, a full map as [`MapWriteError::Full`].
-    pub fn converge<Q: Copy + Into<K>>(
+    pub fn converge(
         &mut self,
-        desired: &BTreeMap<Q, V>,
+        desired: &BTreeMap<K::Desired, V>,
         prune: bool,
     ) -> Result<Report<K>, DataplaneError> {
         let (desired, diff) = self.diff(desired)?;
@@ -346,6 +353,11 @@ mod tests {
 
     impl MapKey for Key {
         type Backend<V: Pod> = Memory<V>;
+        type Desired = Self;
+
+        fn from_desired(key: Self) -> Self {
+            key
+        }
     }
 
     fn map(held: &[(u32, u8)], capacity: usize) -> PinnedMap<Key, u8> {

@@ -25,6 +25,11 @@ use crate::bpf::policy::{PolicyEntry, PolicyState, Verdict};
 
 impl MapKey for PolicyKey {
     type Backend<V: Pod> = LpmTrie<MapData, PolicyPrefix, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
 }
 
 /// The entry it stands for (a key this build would not write as stored).
@@ -41,6 +46,11 @@ impl fmt::Display for PolicyKey {
 /// An endpoint id, the key of `policy_state`.
 impl MapKey for u16 {
     type Backend<V: Pod> = HashMap<MapData, u16, V>;
+    type Desired = Self;
+
+    fn from_desired(id: u16) -> Self {
+        id
+    }
 }
 
 /// A key of the policy report: an entry of `policy` or the state of an endpoint.

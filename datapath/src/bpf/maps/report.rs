@@ -64,14 +64,13 @@ impl MapWriteError {
     }
 }
 
-/// One entry that did not converge. `key` comes last so that a `&Failure<K>` coerces to a
-/// `&Failure<dyn Display>` (see [`Report::failures`]).
+/// One entry that did not converge.
 #[derive(Debug)]
-pub struct Failure<K: ?Sized> {
-    pub op: Op,
-    pub error: MapWriteError,
+pub struct Failure<K> {
     /// The entry's key, typed (`Display` shows it as an IP, a prefix, a policy entry...).
     pub key: K,
+    pub op: Op,
+    pub error: MapWriteError,
 }
 
 /// What one convergence did to one map (or to the maps written in one order).
@@ -139,13 +138,25 @@ impl<K> Report<K> {
         }
     }
 
-    /// Every failure, its key shown through `Display`: failures of maps with different key
-    /// types chain into one iterator (for logs).
-    pub fn failures(&self) -> impl Iterator<Item = &Failure<dyn fmt::Display>>
-    where
-        K: fmt::Display + 'static,
-    {
-        self.failed.iter().map(|f| f as &Failure<dyn fmt::Display>)
+    /// The same report with its keys converted (e.g. into [`super::AnyKey`], to list the
+    /// reports of several maps together).
+    pub fn map_keys<J>(self, key: impl Fn(K) -> J) -> Report<J> {
+        Report {
+            added: self.added,
+            updated: self.updated,
+            deleted: self.deleted,
+            unchanged: self.unchanged,
+            stale_kept: self.stale_kept,
+            failed: self
+                .failed
+                .into_iter()
+                .map(|f| Failure {
+                    op: f.op,
+                    error: f.error,
+                    key: key(f.key),
+                })
+                .collect(),
+        }
     }
 
     /// The counts alone, whatever the key type (for logs and metrics).
@@ -273,14 +284,7 @@ mod tests {
             }
         );
 
-        // Reports of different key types chain for logs.
-        let mut other: Report<String> = Report::default();
-        other.record("x".into(), Op::Delete, Err(full()));
-        let shown: Vec<String> = report
-            .failures()
-            .chain(other.failures())
-            .map(|f| format!("{} {}", f.key, f.op))
-            .collect();
-        assert_eq!(shown, ["7 add", "x delete"]);
+        let report = report.map_keys(u32::from);
+        assert_eq!((report.failed[0].key, report.unchanged), (7u32, 4));
     }
 }

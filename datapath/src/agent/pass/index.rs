@@ -4,11 +4,11 @@
 //! address known) is listed as pending with the reason, never silently left out.
 
 use crate::bpf::maps::IpcacheValue;
+use crate::config::RoutingMode;
 use ipnet::IpNet;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use crate::config::RoutingMode;
 use tendril_crds::v1alpha1::{Endpoint, NamedPort, NodeNetwork};
 
 use tendril_crds::facts::Reserved;

@@ -379,7 +379,7 @@ mod tests {
         ports: Vec<ResolvedPort>,
     ) -> ResolvedRule {
         ResolvedRule {
-            verdict: verdict.into(),
+            verdict: verdict.parse().unwrap(),
             peers: peers.to_vec(),
             cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             ports,
@@ -391,7 +391,7 @@ mod tests {
             port,
             end_port,
             name: None,
-            protocol: protocol.into(),
+            protocol: protocol.parse().unwrap(),
         }
     }
 
@@ -400,7 +400,7 @@ mod tests {
             port: 0,
             end_port: None,
             name: Some(name.into()),
-            protocol: protocol.into(),
+            protocol: protocol.parse().unwrap(),
         }
     }
 

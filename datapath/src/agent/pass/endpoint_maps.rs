@@ -1,0 +1,112 @@
+//! Step `endpoint maps`: `endpoints` (local pod address → veth, MAC, identity, endpoint
+//! id), `ipcache` (every address and prefix the node knows → identity and tunnel endpoint)
+//! and `node_config` (tunnel device, node address, flags), converged by diff and pruned
+//! (the pass runs only with complete caches).
+
+use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure};
+use crate::bpf::AnyKey;
+use crate::bpf::maps::{self, EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub struct EndpointMaps;
+
+/// What the endpoint maps should hold, from the desired state and the routing step's
+/// wiring. A pod whose veth is not wired yet is left out (pending), not guessed.
+fn desired_endpoints(pass: &Pass) -> BTreeMap<IpAddr, EndpointInfo> {
+    let mut endpoints = BTreeMap::new();
+    for ep in &pass.desired.local {
+        for ip in &ep.ips {
+            let Some(w) = pass.netlink.wiring.get(ip) else {
+                continue;
+            };
+            endpoints.insert(
+                *ip,
+                EndpointInfo {
+                    ifindex: w.ifindex,
+                    identity: ep.identity,
+                    endpoint_id: ep.endpoint_id,
+                    flags: 0,
+                    mac: w.pod_mac,
+                    node_mac: w.host_mac,
+                },
+            );
+        }
+    }
+    endpoints
+}
+
+fn desired_node_config(pass: &Pass, audit_mode: bool) -> NodeConfig {
+    let tunnel = pass.netlink.tunnel_ifindex;
+    NodeConfig {
+        tunnel_ifindex: tunnel.unwrap_or(0),
+        node_ipv4: pass.desired.node_ip.map_or([0; 4], |ip| ip.octets()),
+        flags: if tunnel.is_some() { NODE_F_TUNNEL } else { 0 }
+            | if audit_mode { NODE_F_POLICY_AUDIT } else { 0 },
+        pad: 0,
+    }
+}
+
+impl Step for EndpointMaps {
+    fn name(&self) -> &'static str {
+        "endpoint maps"
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        node: &'a NodeContext,
+        pass: &'a mut Pass,
+    ) -> BoxFuture<'a, Result<(), StepFailure>> {
+        async move {
+            let endpoints = desired_endpoints(pass);
+            let ipcache = pass.desired.ipcache.clone();
+            let node_config = desired_node_config(pass, node.cfg.policy.audit_mode);
+            let metrics = node.metrics.clone();
+            let (endpoints, ipcache, node_config_error) = node
+                .with_dataplane(move |dp| {
+                    let endpoints = dp.endpoints.converge(&endpoints, true)?;
+                    metrics.observe_converge(maps::ENDPOINTS, &endpoints);
+                    let ipcache = dp.ipcache.converge(&ipcache, true)?;
+                    metrics.observe_converge(maps::IPCACHE, &ipcache);
+                    let node_config_error = dp
+                        .node_config
+                        .set(&node_config)
+                        .err()
+                        .map(|e| e.to_string());
+                    Ok::<_, crate::bpf::DataplaneError>((endpoints, ipcache, node_config_error))
+                })
+                .await?
+                .map_err(|e| StepFailure::new("MapReadFailed", e))?;
+            for (map, r) in [
+                (maps::ENDPOINTS, endpoints.counts()),
+                (maps::IPCACHE, ipcache.counts()),
+            ] {
+                if r.added + r.updated + r.deleted > 0 {
+                    tracing::info!(
+                        map,
+                        added = r.added,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        stale_kept = r.stale_kept,
+                        "map converged"
+                    );
+                }
+            }
+            pass.maps.push(MapOutcome {
+                map: maps::ENDPOINTS,
+                group: MapGroup::Forwarding,
+                report: endpoints.map_keys(AnyKey::from),
+            });
+            pass.maps.push(MapOutcome {
+                map: maps::IPCACHE,
+                group: MapGroup::Forwarding,
+                report: ipcache.map_keys(AnyKey::from),
+            });
+            pass.node_config_error = node_config_error;
+            Ok(())
+        }
+        .boxed()
+    }
+}
