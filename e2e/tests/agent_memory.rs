@@ -123,7 +123,7 @@ async fn agent_rss_per_remote_endpoint() -> Result<()> {
         eventually(TIMEOUT, || {
             let dir = dir.clone();
             async move {
-                let ipcache = Dataplane::open(&dir)?.ipcache()?;
+                let ipcache = Dataplane::open(&dir)?.ipcache.by_prefix()?;
                 let present = (0..n)
                     .filter(|i| ipcache.contains_key(&IpNet::from(IpAddr::V4(address(*i)))))
                     .count();

@@ -262,7 +262,7 @@ type Maps = (
 
 fn read_maps(node: &SimNode) -> Result<Maps> {
     let dp = Dataplane::open(&pin_dir(node))?;
-    Ok((dp.endpoints()?, dp.ipcache()?))
+    Ok((dp.endpoints.by_ip()?, dp.ipcache.by_prefix()?))
 }
 
 /// The programs' per-reason counters of every node, for failure messages.
@@ -271,7 +271,7 @@ fn counters(nodes: &[SimNode]) -> String {
         .iter()
         .map(|node| {
             let samples = Dataplane::open(&pin_dir(node))
-                .and_then(|dp| dp.metrics())
+                .and_then(|dp| dp.metrics.samples())
                 .map(|samples| {
                     samples
                         .iter()

@@ -4,6 +4,7 @@
 //! (the pass runs only with complete caches).
 
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure};
+use crate::bpf::AnyKey;
 use crate::bpf::maps::{self, EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -65,19 +66,23 @@ impl Step for EndpointMaps {
             let metrics = node.metrics.clone();
             let (endpoints, ipcache, node_config_error) = node
                 .with_dataplane(move |dp| {
-                    let endpoints = dp.converge_endpoints(&endpoints, true)?;
+                    let endpoints = dp.endpoints.converge(&endpoints, true)?;
                     metrics.observe_converge(maps::ENDPOINTS, &endpoints);
-                    let ipcache = dp.converge_ipcache(&ipcache, true)?;
+                    let ipcache = dp.ipcache.converge(&ipcache, true)?;
                     metrics.observe_converge(maps::IPCACHE, &ipcache);
                     let node_config_error = dp
-                        .set_node_config(&node_config)
+                        .node_config
+                        .set(&node_config)
                         .err()
                         .map(|e| e.to_string());
                     Ok::<_, crate::bpf::DataplaneError>((endpoints, ipcache, node_config_error))
                 })
                 .await?
                 .map_err(|e| StepFailure::new("MapReadFailed", e))?;
-            for (map, r) in [(maps::ENDPOINTS, &endpoints), (maps::IPCACHE, &ipcache)] {
+            for (map, r) in [
+                (maps::ENDPOINTS, endpoints.counts()),
+                (maps::IPCACHE, ipcache.counts()),
+            ] {
                 if r.added + r.updated + r.deleted > 0 {
                     tracing::info!(
                         map,
@@ -92,12 +97,12 @@ impl Step for EndpointMaps {
             pass.maps.push(MapOutcome {
                 map: maps::ENDPOINTS,
                 group: MapGroup::Forwarding,
-                report: endpoints,
+                report: endpoints.map_keys(AnyKey::from),
             });
             pass.maps.push(MapOutcome {
                 map: maps::IPCACHE,
                 group: MapGroup::Forwarding,
-                report: ipcache,
+                report: ipcache.map_keys(AnyKey::from),
             });
             pass.node_config_error = node_config_error;
             Ok(())

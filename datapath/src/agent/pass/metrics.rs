@@ -1,6 +1,6 @@
 //! The datapath's metrics, registered in the harness's registry.
 
-use crate::bpf::{ConvergeReport, MapPressure, MetricSample};
+use crate::bpf::{MapPressure, MetricSample, Report};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -150,7 +150,7 @@ impl DatapathMetrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    pub fn observe_converge(&self, map: &str, report: &ConvergeReport) {
+    pub fn observe_converge<K>(&self, map: &str, report: &Report<K>) {
         let count = |operation: &str, outcome: &str, n: usize| {
             if n > 0 {
                 self.map_operations

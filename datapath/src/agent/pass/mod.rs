@@ -44,7 +44,7 @@ pub mod routing;
 
 use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use super::view::{ClusterView, Wake};
-use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
+use crate::bpf::{AnyKey, Dataplane, DataplaneError, LoadError, MapSizes, Programs, Report};
 use crate::config::{PolicyEnforcementConfig, RoutingMode};
 use futures::future::BoxFuture;
 use index::Desired;
@@ -122,7 +122,7 @@ pub enum MapGroup {
 pub struct MapOutcome {
     pub map: &'static str,
     pub group: MapGroup,
-    pub report: ConvergeReport,
+    pub report: Report<AnyKey>,
 }
 
 /// What one pass knows: the desired state, then what each step did.

@@ -6,8 +6,8 @@
 
 use super::index::{Desired, EndpointRef};
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure, policy};
-use crate::bpf::maps;
-use crate::bpf::{ConvergeReport, Dataplane, DataplaneError};
+use crate::bpf::maps::{self, IpcacheKey};
+use crate::bpf::{AnyKey, Dataplane, DataplaneError, PolicyItem, Report};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use kube::runtime::reflector::ObjectRef;
@@ -38,17 +38,17 @@ pub fn implementation_delay(
 #[derive(Debug)]
 pub struct PolicyRealization {
     pub wanted: policy::DesiredPolicy,
-    pub cidrs: ConvergeReport,
-    pub policy: ConvergeReport,
+    pub cidrs: Report<IpcacheKey>,
+    pub policy: Report<PolicyItem>,
     /// The translation equalled what the last convergence wrote: the maps were not read.
     pub skipped: bool,
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches), in one [`Dataplane::converge_policy_with_cidrs`]: it owns
-/// the order that keeps every packet judged by the old policy, the new one or (a new
-/// connection, briefly) their union, and re-judges established connections only against the
-/// complete new policy. Blocking.
+/// it only with complete caches), in one [`maps::PolicyMaps::converge_with_cidrs`]: it
+/// owns the order that keeps every packet judged by the old policy, the new one or (a new
+/// connection, briefly) their union, and re-judges established connections only against
+/// the complete new policy. Blocking.
 ///
 /// With `last`, what a previous call converged without failure: an identical translation
 /// skips the maps (a pass triggered by an unrelated change costs no map reads).
@@ -58,18 +58,19 @@ pub fn realize_policy(
     cluster_ports: &policy::ClusterNamedPorts,
     last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
-    let current_cidrs = dp.policy_cidrs()?;
+    let current_cidrs = dp.policy.cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
     if last == Some(&wanted) {
         return Ok(PolicyRealization {
             wanted,
-            cidrs: ConvergeReport::default(),
-            policy: ConvergeReport::default(),
+            cidrs: Report::default(),
+            policy: Report::default(),
             skipped: true,
         });
     }
     let (cidrs, policy) =
-        dp.converge_policy_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
+        dp.policy
+            .converge_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
     Ok(PolicyRealization {
         wanted,
         cidrs,
@@ -93,8 +94,8 @@ pub struct PolicyMaps {
 
 /// What the blocking half of the step produced.
 struct Converged {
-    cidrs: ConvergeReport,
-    policy: ConvergeReport,
+    cidrs: Report<IpcacheKey>,
+    policy: Report<PolicyItem>,
     realized: BTreeMap<EndpointRef, i64>,
     endpoints: usize,
     applied: Option<Arc<policy::DesiredPolicy>>,
@@ -158,12 +159,12 @@ impl Step for PolicyMaps {
             pass.maps.push(MapOutcome {
                 map: maps::POLICY_CIDRS,
                 group: MapGroup::Policy,
-                report: converged.cidrs,
+                report: converged.cidrs.map_keys(AnyKey::from),
             });
             pass.maps.push(MapOutcome {
                 map: maps::POLICY,
                 group: MapGroup::Policy,
-                report: converged.policy,
+                report: converged.policy.map_keys(AnyKey::from),
             });
             Ok(())
         }
@@ -254,7 +255,10 @@ impl PolicyMaps {
             }
             metrics.observe_converge(maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(maps::POLICY, &entries);
-            for (map, r) in [(maps::POLICY_CIDRS, &cidrs), (maps::POLICY, &entries)] {
+            for (map, r) in [
+                (maps::POLICY_CIDRS, cidrs.counts()),
+                (maps::POLICY, entries.counts()),
+            ] {
                 if r.added + r.updated + r.deleted > 0 {
                     tracing::info!(
                         map,
