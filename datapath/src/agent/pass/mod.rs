@@ -52,6 +52,7 @@ use kernel::{AttachOutcome, Attacher, NetlinkOutcome};
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 use metrics::DatapathMetrics;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +70,7 @@ pub const HEALTH_CHECK: &str = "datapath";
 const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The steps of a pass, in order. Each sees what the earlier ones did ([`Pass`]).
-pub fn steps() -> Vec<Box<dyn Step>> {
+pub fn steps() -> Vec<Box<dyn AnyStep>> {
     vec![
         Box::new(routing::Routing),
         // Before the endpoint maps: a new pod is never reachable before its policy is in.
@@ -84,6 +85,18 @@ pub fn steps() -> Vec<Box<dyn Step>> {
 /// from `pass`, converges its part of the kernel, and records the outcome in `pass`.
 /// An `Err` ends the pass: nothing after it runs and the node reports the failure.
 pub trait Step: Send {
+    /// For logs.
+    const NAME: &'static str;
+
+    fn run(
+        &mut self,
+        node: &NodeContext,
+        pass: &mut Pass,
+    ) -> impl Future<Output = Result<(), StepFailure>> + Send;
+}
+
+/// A [`Step`] behind a pointer, so the pass can hold a list of different steps.
+pub trait AnyStep: Send {
     fn name(&self) -> &'static str;
 
     fn run<'a>(
@@ -91,6 +104,20 @@ pub trait Step: Send {
         node: &'a NodeContext,
         pass: &'a mut Pass,
     ) -> BoxFuture<'a, Result<(), StepFailure>>;
+}
+
+impl<S: Step> AnyStep for S {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        node: &'a NodeContext,
+        pass: &'a mut Pass,
+    ) -> BoxFuture<'a, Result<(), StepFailure>> {
+        Box::pin(Step::run(self, node, pass))
+    }
 }
 
 /// A step that could not run at all: the `Realized=False` reason and message.
@@ -286,7 +313,7 @@ pub async fn run(
 /// The node's passes: the steps, run in order over one snapshot of the view.
 struct NodePass<'a> {
     node: &'a NodeContext,
-    steps: Vec<Box<dyn Step>>,
+    steps: Vec<Box<dyn AnyStep>>,
     /// Every initial list completed.
     synced: Arc<AtomicBool>,
     health: Health,

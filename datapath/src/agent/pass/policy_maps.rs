@@ -8,8 +8,6 @@ use super::index::{Desired, EndpointRef};
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure, policy};
 use crate::bpf::maps::{self, IpcacheKey};
 use crate::bpf::{AnyKey, Dataplane, DataplaneError, PolicyItem, Report};
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -102,73 +100,63 @@ struct Converged {
 }
 
 impl Step for PolicyMaps {
-    fn name(&self) -> &'static str {
-        "policy maps"
-    }
+    const NAME: &'static str = "policy maps";
 
-    fn run<'a>(
-        &'a mut self,
-        node: &'a NodeContext,
-        pass: &'a mut Pass,
-    ) -> BoxFuture<'a, Result<(), StepFailure>> {
-        async move {
-            let used = self.policies_of(node, &pass.desired);
-            let converged = self.converge(node, &pass.desired, &used).await?;
-            let failed = !converged.cidrs.is_converged() || !converged.policy.is_converged();
-            match converged.applied.clone() {
-                // Skipped: the clock of the last real convergence keeps running.
-                Some(applied)
-                    if self
-                        .applied
-                        .as_ref()
-                        .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
-                Some(applied) => self.applied = Some((applied, Instant::now())),
-                None => self.applied = None,
-            }
-            node.metrics
-                .policy_endpoints
-                .set(i64::try_from(converged.endpoints).unwrap_or(i64::MAX));
-            // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
-            let policies = node.view.resolved_policies.store();
-            let unrealized = pass
-                .desired
-                .local
-                .iter()
-                .filter(|ep| {
-                    policies
-                        .get(&ObjectRef::new(&ep.identity.to_string()))
-                        .is_some_and(|p| converged.realized.get(&ep.key) != Some(&p.spec.revision))
-                })
-                .count();
-            node.metrics.set_unrealized("ResolvedPolicy", unrealized);
-            if failed {
-                // Keep what was held, add what is new: a failed pass proves nothing was removed.
-                for (key, policy) in &used {
-                    self.held.insert(key.clone(), policy.clone());
-                }
-                let local: BTreeSet<&EndpointRef> =
-                    pass.desired.local.iter().map(|e| &e.key).collect();
-                self.held.retain(|key, _| local.contains(key));
-            } else {
-                self.held = used.clone();
-            }
-            // Before the statuses are written: it tells a revision realized by an earlier
-            // process (already reported) from one this pass realized.
-            self.observe_delay(node, &pass.desired, &converged.realized, &used);
-            pass.policy_realized = converged.realized;
-            pass.maps.push(MapOutcome {
-                map: maps::POLICY_CIDRS,
-                group: MapGroup::Policy,
-                report: converged.cidrs.map_keys(AnyKey::from),
-            });
-            pass.maps.push(MapOutcome {
-                map: maps::POLICY,
-                group: MapGroup::Policy,
-                report: converged.policy.map_keys(AnyKey::from),
-            });
-            Ok(())
+    async fn run(&mut self, node: &NodeContext, pass: &mut Pass) -> Result<(), StepFailure> {
+        let used = self.policies_of(node, &pass.desired);
+        let converged = self.converge(node, &pass.desired, &used).await?;
+        let failed = !converged.cidrs.is_converged() || !converged.policy.is_converged();
+        match converged.applied.clone() {
+            // Skipped: the clock of the last real convergence keeps running.
+            Some(applied)
+                if self
+                    .applied
+                    .as_ref()
+                    .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
+            Some(applied) => self.applied = Some((applied, Instant::now())),
+            None => self.applied = None,
         }
-        .boxed()
+        node.metrics
+            .policy_endpoints
+            .set(i64::try_from(converged.endpoints).unwrap_or(i64::MAX));
+        // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
+        let policies = node.view.resolved_policies.store();
+        let unrealized = pass
+            .desired
+            .local
+            .iter()
+            .filter(|ep| {
+                policies
+                    .get(&ObjectRef::new(&ep.identity.to_string()))
+                    .is_some_and(|p| converged.realized.get(&ep.key) != Some(&p.spec.revision))
+            })
+            .count();
+        node.metrics.set_unrealized("ResolvedPolicy", unrealized);
+        if failed {
+            // Keep what was held, add what is new: a failed pass proves nothing was removed.
+            for (key, policy) in &used {
+                self.held.insert(key.clone(), policy.clone());
+            }
+            let local: BTreeSet<&EndpointRef> = pass.desired.local.iter().map(|e| &e.key).collect();
+            self.held.retain(|key, _| local.contains(key));
+        } else {
+            self.held = used.clone();
+        }
+        // Before the statuses are written: it tells a revision realized by an earlier
+        // process (already reported) from one this pass realized.
+        self.observe_delay(node, &pass.desired, &converged.realized, &used);
+        pass.policy_realized = converged.realized;
+        pass.maps.push(MapOutcome {
+            map: maps::POLICY_CIDRS,
+            group: MapGroup::Policy,
+            report: converged.cidrs.map_keys(AnyKey::from),
+        });
+        pass.maps.push(MapOutcome {
+            map: maps::POLICY,
+            group: MapGroup::Policy,
+            report: converged.policy.map_keys(AnyKey::from),
+        });
+        Ok(())
     }
 }
 
