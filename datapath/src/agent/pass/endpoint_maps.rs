@@ -70,21 +70,6 @@ impl Step for EndpointMaps {
             })
             .await?
             .map_err(|e| StepFailure::new("MapReadFailed", e))?;
-        for (map, r) in [
-            (maps::ENDPOINTS, endpoints.counts()),
-            (maps::IPCACHE, ipcache.counts()),
-        ] {
-            if r.added + r.updated + r.deleted > 0 {
-                tracing::info!(
-                    map,
-                    added = r.added,
-                    updated = r.updated,
-                    deleted = r.deleted,
-                    stale_kept = r.stale_kept,
-                    "map converged"
-                );
-            }
-        }
         pass.maps.push(MapOutcome {
             map: maps::ENDPOINTS,
             group: MapGroup::Forwarding,

@@ -243,20 +243,6 @@ impl PolicyMaps {
             }
             metrics.observe_converge(maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(maps::POLICY, &entries);
-            for (map, r) in [
-                (maps::POLICY_CIDRS, cidrs.counts()),
-                (maps::POLICY, entries.counts()),
-            ] {
-                if r.added + r.updated + r.deleted > 0 {
-                    tracing::info!(
-                        map,
-                        added = r.added,
-                        updated = r.updated,
-                        deleted = r.deleted,
-                        "map converged"
-                    );
-                }
-            }
             let converged = cidrs.is_converged() && entries.is_converged();
             let mut realized = BTreeMap::new();
             if converged {
