@@ -431,10 +431,12 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
     };
     world.every_pod_reaches_every_pod().await?;
     world.maps_match_the_cluster().await?;
-    let late = world.a_late_pod_becomes_reachable().await?;
+    let (late, late_echo) = world.a_late_pod_becomes_reachable().await?;
     world.a_deleted_pod_is_gone_everywhere().await?;
     world.agent_restarts_disturb_no_traffic().await?;
-    world.an_agent_down_while_pods_change_converges(late).await
+    world
+        .an_agent_down_while_pods_change_converges(late, late_echo)
+        .await
 }
 
 /// The overlay scenario's world: three nodes, their pods and echo servers.
@@ -558,7 +560,7 @@ impl Overlay {
     }
 
     /// A pod added later becomes reachable from every node.
-    async fn a_late_pod_becomes_reachable(&self) -> Result<SimPod> {
+    async fn a_late_pod_becomes_reachable(&self) -> Result<(SimPod, Echo)> {
         let (client, ns, cluster, pods) = (&self.client, &self.ns, &self.cluster, &self.pods);
         let created = Instant::now();
         let late = SimPod::run(
@@ -587,9 +589,10 @@ impl Overlay {
             late.added_at - late.created_at,
             created.elapsed()
         );
+        let late_echo = Echo::start(&late)?;
         tcp_check(&pods[3], late_ip).await?;
         udp_check(&pods[4], late_ip).await?;
-        Ok(late)
+        Ok((late, late_echo))
     }
 
     /// A deleted pod stops answering; its entries are gone everywhere.
@@ -680,8 +683,11 @@ impl Overlay {
 
     /// Agent of node 2 down while a pod is added there and one is removed (and a remote
     /// pod added): it converges after restart, stale entries pruned, live ones untouched.
-    async fn an_agent_down_while_pods_change_converges(mut self, late: SimPod) -> Result<()> {
-        let _late_echo = Echo::start(&late)?;
+    async fn an_agent_down_while_pods_change_converges(
+        mut self,
+        late: SimPod,
+        _late_echo: Echo,
+    ) -> Result<()> {
         let (client, ns, cluster, pods, echoes) = (
             &self.client,
             &self.ns,
