@@ -41,9 +41,9 @@ fn rss(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// The `i`-th remote endpoint's address: 10.200.0.0/16, outside every pool of the test.
+/// The `i`-th remote endpoint's address: 10.201.0.0/16, outside the test's pod pool (10.200.0.0/16).
 fn address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 200, (i / 250) as u8, (i % 250) as u8 + 1)
+    Ipv4Addr::new(10, 201, (i / 250) as u8, (i % 250) as u8 + 1)
 }
 
 fn remote_endpoint(i: usize) -> Endpoint {
