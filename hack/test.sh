@@ -58,7 +58,20 @@ fi
 
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
+# The benchmarks are `test = false` targets (hack/bench.sh runs them): --all-targets skips
+# them, so they are linted (and so compiled) by name, or they would rot unseen.
+step "benchmarks compile (clippy)" cargo clippy -p tendril-datapath -p tendril-e2e \
+  --test bpf_bench --test bpf_policy_bench --test policy_propagation --test agent_memory -- -D warnings
 step "cargo build --bins" cargo build --workspace --bins
+# The agent must not link the operator's concerns (DESIGN: controllers compute, the datapath
+# converges; both share only tendril-runtime and tendril-crds).
+datapath_links_no_operator() {
+  if cargo tree -p tendril-datapath -e normal,build --prefix none | grep -q '^tendril-controllers '; then
+    echo "tendril-datapath depends on tendril-controllers (cargo tree -p tendril-datapath -i tendril-controllers)" >&2
+    return 1
+  fi
+}
+step "tendril-datapath does not link tendril-controllers" datapath_links_no_operator
 # The inner loop users develop with: `tilt ci` of the Tiltfile in local mode (own ports/run dir).
 step "tilt ci (local mode)" bash hack/tilt/ci.sh
 # The binary just built (`cargo run -p` would resolve features for one package and rebuild

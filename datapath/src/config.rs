@@ -51,13 +51,13 @@ pub struct AgentConfig {
     /// Capacities of the BPF maps; a pinned map of another size is refused at start.
     pub bpf_map_sizes: MapSizes,
     /// Network policy enforcement (`policy`).
-    pub policy: PolicyConfig,
+    pub policy: PolicyEnforcementConfig,
 }
 
 /// Network policy enforcement on the node (`policy`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct PolicyConfig {
+pub struct PolicyEnforcementConfig {
     /// Count and report would-be policy drops (verdict `audit`) and let the packets pass.
     pub audit_mode: bool,
     /// Expired conntrack entries are removed this often (seconds).
@@ -76,7 +76,7 @@ pub struct PolicyEventsConfig {
     pub denied_log_per_second: u32,
 }
 
-impl Default for PolicyConfig {
+impl Default for PolicyEnforcementConfig {
     fn default() -> Self {
         Self {
             audit_mode: false,
@@ -114,7 +114,7 @@ impl Default for AgentConfig {
             datapath_resync_seconds: 30,
             datapath_debounce_millis: 50,
             bpf_map_sizes: MapSizes::default(),
-            policy: PolicyConfig::default(),
+            policy: PolicyEnforcementConfig::default(),
         }
     }
 }

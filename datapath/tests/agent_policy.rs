@@ -25,14 +25,16 @@ use tendril_datapath::bpf::{Dataplane, MapSizes};
 fn policy_map(dir: &Path) -> BTreeMap<PolicyEntry, Verdict> {
     Dataplane::open(dir)
         .unwrap()
-        .policy()
+        .policy
+        .entries()
         .expect("reading policy")
 }
 
 fn state_map(dir: &Path) -> BTreeMap<u16, PolicyState> {
     Dataplane::open(dir)
         .unwrap()
-        .policy_states()
+        .policy
+        .states()
         .expect("reading policy_state")
 }
 
@@ -107,7 +109,7 @@ fn realize(
     r
 }
 
-fn counts(r: &tendril_datapath::bpf::ConvergeReport) -> (usize, usize, usize) {
+fn counts<K>(r: &tendril_datapath::bpf::Report<K>) -> (usize, usize, usize) {
     (r.added, r.updated, r.deleted)
 }
 
@@ -187,7 +189,7 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     );
     // CIDRs: two node-local ids; the /8 rule covers both, so endpoint 7 has egress
     // entries for both ids.
-    let cidrs = node.dataplane.policy_cidrs().unwrap();
+    let cidrs = node.dataplane.policy.cidrs().unwrap();
     assert_eq!(cidrs, first.wanted.cidrs);
     assert_eq!(cidrs.len(), 2);
     assert!(cidrs.values().all(|id| id & LOCAL_IDENTITY_FLAG != 0));
@@ -261,7 +263,7 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     );
     let slash8: IpNet = "10.0.0.0/8".parse().unwrap();
     assert_eq!(
-        node.dataplane.policy_cidrs().unwrap(),
+        node.dataplane.policy.cidrs().unwrap(),
         BTreeMap::from([(slash8, cidrs[&slash8])]),
         "the remaining prefix keeps its id"
     );
@@ -387,23 +389,25 @@ mod enforcement {
         ]);
         let dp = &mut node.dataplane;
         assert!(
-            dp.converge_endpoints(&endpoints, true)
+            dp.endpoints
+                .converge(&endpoints, true)
                 .unwrap()
                 .is_converged()
         );
-        assert!(dp.converge_ipcache(&ipcache, true).unwrap().is_converged());
+        assert!(dp.ipcache.converge(&ipcache, true).unwrap().is_converged());
         set_flags(dp, 0);
         node
     }
 
     fn set_flags(dp: &mut Dataplane, flags: u32) {
-        dp.set_node_config(&NodeConfig {
-            tunnel_ifindex: 0,
-            node_ipv4: [192, 168, 0, 1],
-            flags,
-            pad: 0,
-        })
-        .unwrap();
+        dp.node_config
+            .set(&NodeConfig {
+                tunnel_ifindex: 0,
+                node_ipv4: [192, 168, 0, 1],
+                flags,
+                pad: 0,
+            })
+            .unwrap();
     }
 
     /// Identity 256 may send UDP to 257 on `port` only.
@@ -484,7 +488,8 @@ mod enforcement {
         assert_eq!(send(&node, 54), TC_ACT_SHOT);
         let drops = |node: &Node| {
             node.dataplane
-                .metric_packets(MetricReason::DropPolicy, Direction::Egress)
+                .metrics
+                .packets(MetricReason::DropPolicy, Direction::Egress)
                 .unwrap()
         };
         assert_eq!(drops(&node), 1);
@@ -501,7 +506,8 @@ mod enforcement {
         assert_eq!(send(&node, 55), TC_ACT_REDIRECT);
         assert_eq!(
             node.dataplane
-                .metric_packets(MetricReason::PolicyAudit, Direction::Egress)
+                .metrics
+                .packets(MetricReason::PolicyAudit, Direction::Egress)
                 .unwrap(),
             1
         );

@@ -54,18 +54,21 @@ fn node(extra_prefixes: u32) -> Node {
     }
     assert!(
         node.dataplane
-            .converge_endpoints(&endpoints, true)
+            .endpoints
+            .converge(&endpoints, true)
             .unwrap()
             .is_converged()
     );
     assert!(
         node.dataplane
-            .converge_ipcache(&ipcache, true)
+            .ipcache
+            .converge(&ipcache, true)
             .unwrap()
             .is_converged()
     );
     node.dataplane
-        .set_node_config(&NodeConfig {
+        .node_config
+        .set(&NodeConfig {
             tunnel_ifindex: 77,
             node_ipv4: [192, 168, 0, 1],
             flags: NODE_F_TUNNEL,

@@ -37,7 +37,7 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
     let dp = &mut node.dataplane;
     let desired: BTreeMap<_, _> = (1..=5).map(ep).collect();
 
-    let report = dp.converge_endpoints(&desired, false).unwrap();
+    let report = dp.endpoints.converge(&desired, false).unwrap();
     assert_eq!(
         (
             report.added,
@@ -47,10 +47,10 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
         ),
         (5, 0, 0, 0)
     );
-    assert_eq!(dp.endpoints().unwrap(), desired);
+    assert_eq!(dp.endpoints.by_ip().unwrap(), desired);
 
     // Same desired state: nothing to do.
-    let report = dp.converge_endpoints(&desired, true).unwrap();
+    let report = dp.endpoints.converge(&desired, true).unwrap();
     assert_eq!(
         (
             report.added,
@@ -66,7 +66,7 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
     next.get_mut(&ep(2).0).unwrap().identity = 999;
     next.remove(&ep(3).0);
     next.extend([ep(6)]);
-    let report = dp.converge_endpoints(&next, false).unwrap();
+    let report = dp.endpoints.converge(&next, false).unwrap();
     assert_eq!(
         (
             report.added,
@@ -77,7 +77,7 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
         ),
         (1, 1, 0, 1, 3)
     );
-    let held = dp.endpoints().unwrap();
+    let held = dp.endpoints.by_ip().unwrap();
     assert_eq!(held.len(), 6);
     assert_eq!(
         held[&ep(3).0],
@@ -86,7 +86,7 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
     );
     assert_eq!(held[&ep(2).0].identity, 999);
 
-    let report = dp.converge_endpoints(&next, true).unwrap();
+    let report = dp.endpoints.converge(&next, true).unwrap();
     assert_eq!(
         (
             report.added,
@@ -96,7 +96,7 @@ fn endpoints_converge_by_diff_and_prune_only_when_asked() {
         ),
         (0, 0, 1, 5)
     );
-    assert_eq!(dp.endpoints().unwrap(), next);
+    assert_eq!(dp.endpoints.by_ip().unwrap(), next);
     assert_eq!(dp.pressure().unwrap()[0].entries, 5);
 }
 
@@ -117,16 +117,16 @@ fn ipcache_converges_prefixes() {
         (net("192.168.0.1/32"), IpcacheValue::local_node(1)),
         (net("fd00:1::/64"), IpcacheValue::new(302, None)),
     ]);
-    let report = dp.converge_ipcache(&desired, true).unwrap();
+    let report = dp.ipcache.converge(&desired, true).unwrap();
     assert_eq!(report.added, 4);
-    assert_eq!(dp.ipcache().unwrap(), desired);
+    assert_eq!(dp.ipcache.by_prefix().unwrap(), desired);
 
     desired.remove(&net("10.0.3.7/32"));
     desired.insert(
         net("10.0.2.0/24"),
         IpcacheValue::new(300, Some(Ipv4Addr::new(192, 168, 0, 9))),
     );
-    let report = dp.converge_ipcache(&desired, true).unwrap();
+    let report = dp.ipcache.converge(&desired, true).unwrap();
     assert_eq!(
         (
             report.added,
@@ -136,9 +136,9 @@ fn ipcache_converges_prefixes() {
         ),
         (0, 1, 1, 2)
     );
-    assert_eq!(dp.ipcache().unwrap(), desired);
+    assert_eq!(dp.ipcache.by_prefix().unwrap(), desired);
     assert_eq!(
-        dp.ipcache().unwrap()[&net("10.0.2.0/24")].tunnel_endpoint(),
+        dp.ipcache.by_prefix().unwrap()[&net("10.0.2.0/24")].tunnel_endpoint(),
         Some(Ipv4Addr::new(192, 168, 0, 9))
     );
 }
@@ -153,7 +153,7 @@ fn a_full_map_is_a_typed_error_and_the_rest_still_converges() {
     let mut node = Node::load("full", &sizes);
     let dp = &mut node.dataplane;
     let desired: BTreeMap<_, _> = (1..=6).map(ep).collect();
-    let report = dp.converge_endpoints(&desired, true).unwrap();
+    let report = dp.endpoints.converge(&desired, true).unwrap();
     assert_eq!(report.added, 4);
     assert_eq!(report.failed.len(), 2);
     assert!(report.map_full());
@@ -175,9 +175,9 @@ fn a_full_map_is_a_typed_error_and_the_rest_still_converges() {
 
     // Pruning frees slots before adding: a new desired set of the same size fits.
     let next: BTreeMap<_, _> = (3..=6).map(ep).collect();
-    let report = dp.converge_endpoints(&next, true).unwrap();
+    let report = dp.endpoints.converge(&next, true).unwrap();
     assert!(report.is_converged(), "{report:?}");
-    assert_eq!(dp.endpoints().unwrap(), next);
+    assert_eq!(dp.endpoints.by_ip().unwrap(), next);
 
     let prefixes: BTreeMap<IpNet, _> = (1..=4)
         .map(|i| {
@@ -187,7 +187,7 @@ fn a_full_map_is_a_typed_error_and_the_rest_still_converges() {
             )
         })
         .collect();
-    let report = dp.converge_ipcache(&prefixes, true).unwrap();
+    let report = dp.ipcache.converge(&prefixes, true).unwrap();
     assert_eq!(report.added, 3);
     assert!(matches!(
         report.failed[0].error,
@@ -208,19 +208,19 @@ fn pinned_maps_survive_the_loader_and_are_reopened() {
     {
         let _programs = Programs::load(&dir.0, &MapSizes::default()).unwrap();
         let mut dp = Dataplane::open(&dir.0).unwrap();
-        dp.converge_endpoints(&desired, true).unwrap();
-        assert!(dp.set_node_config(&config).unwrap());
+        dp.endpoints.converge(&desired, true).unwrap();
+        assert!(dp.node_config.set(&config).unwrap());
     }
     // A new process would do exactly this: load again, reopen, find the state.
     let _programs = Programs::load(&dir.0, &MapSizes::default()).unwrap();
     let mut dp = Dataplane::open(&dir.0).unwrap();
-    assert_eq!(dp.endpoints().unwrap(), desired);
-    assert_eq!(dp.node_config().unwrap(), config);
+    assert_eq!(dp.endpoints.by_ip().unwrap(), desired);
+    assert_eq!(dp.node_config.get().unwrap(), config);
     assert!(
-        !dp.set_node_config(&config).unwrap(),
+        !dp.node_config.set(&config).unwrap(),
         "unchanged config is not rewritten"
     );
-    let report = dp.converge_endpoints(&desired, true).unwrap();
+    let report = dp.endpoints.converge(&desired, true).unwrap();
     assert_eq!(report.unchanged, 3);
 
     // A build expecting another shape refuses the pins instead of misreading them.

@@ -1,4 +1,4 @@
-//! The Rust mirrors in `src/bpf/maps.rs` have the layout of the C structs in
+//! The Rust mirrors in `src/bpf/maps/layout.rs` have the layout of the C structs in
 //! `bpf/lib/maps.h`, read from the BTF of the compiled objects (`bpftool btf
 //! dump`), i.e. exactly what the programs were compiled against.
 

@@ -125,7 +125,7 @@ fn overlay_host_identity_is_judged_as_remote_node() {
             ..Default::default()
         },
     )]);
-    node.dataplane.converge_endpoints(&endpoints, true).unwrap();
+    node.dataplane.endpoints.converge(&endpoints, true).unwrap();
     // Remote nodes may reach B, the (local) host may not, nor anyone else.
     let entries = BTreeMap::from([(l3(6), Verdict::Allow), (l3(1), Verdict::Deny)]);
     let states = BTreeMap::from([(
@@ -137,7 +137,8 @@ fn overlay_host_identity_is_judged_as_remote_node() {
     )]);
     assert!(
         node.dataplane
-            .converge_policy(&entries, &states, true)
+            .policy
+            .converge(&entries, &states, true)
             .unwrap()
             .is_converged()
     );
@@ -178,7 +179,8 @@ fn overlay_host_identity_is_judged_as_remote_node() {
     assert_eq!(from_pod.src_identity, 300, "other identities unchanged");
     assert_eq!(
         node.dataplane
-            .metric_packets(MetricReason::DropPolicyDeny, Direction::Ingress)
+            .metrics
+            .packets(MetricReason::DropPolicyDeny, Direction::Ingress)
             .unwrap(),
         0,
         "identity 1's deny never applied"

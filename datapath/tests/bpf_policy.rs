@@ -81,13 +81,15 @@ fn node() -> Node {
     ]);
     assert!(
         node.dataplane
-            .converge_endpoints(&endpoints, true)
+            .endpoints
+            .converge(&endpoints, true)
             .unwrap()
             .is_converged()
     );
     assert!(
         node.dataplane
-            .converge_ipcache(&ipcache, true)
+            .ipcache
+            .converge(&ipcache, true)
             .unwrap()
             .is_converged()
     );
@@ -97,7 +99,8 @@ fn node() -> Node {
 
 fn set_flags(node: &mut Node, flags: u32) {
     node.dataplane
-        .set_node_config(&NodeConfig {
+        .node_config
+        .set(&NodeConfig {
             tunnel_ifindex: 77,
             node_ipv4: NODE_IP.octets(),
             flags,
@@ -140,11 +143,12 @@ fn apply(node: &mut Node, entries: &[(PolicyEntry, Verdict)], states: &[(u16, Po
     let states: BTreeMap<_, _> = states.iter().copied().collect();
     let report = node
         .dataplane
-        .converge_policy(&entries, &states, true)
+        .policy
+        .converge(&entries, &states, true)
         .unwrap();
     assert!(report.is_converged(), "{report:?}");
-    assert_eq!(node.dataplane.policy().unwrap(), entries);
-    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+    assert_eq!(node.dataplane.policy.entries().unwrap(), entries);
+    assert_eq!(node.dataplane.policy.states().unwrap(), states);
 }
 
 fn mark(identity: u32) -> u32 {
@@ -181,7 +185,7 @@ fn netdev_in(node: &Node, frame: &[u8]) -> u32 {
 }
 
 fn count(node: &Node, reason: MetricReason, dir: Direction) -> u64 {
-    node.dataplane.metric_packets(reason, dir).unwrap()
+    node.dataplane.metrics.packets(reason, dir).unwrap()
 }
 
 fn events(node: &Node) -> Vec<PolicyEvent> {
@@ -195,7 +199,8 @@ fn events(node: &Node) -> Vec<PolicyEvent> {
 
 fn ct_flags(node: &Node, src: Ipv4Addr, dst: Ipv4Addr, dir: Direction) -> Option<(u8, u32)> {
     node.dataplane
-        .conntrack_entries()
+        .conntrack
+        .entries()
         .unwrap()
         .into_iter()
         .find(|(k, _)| k.saddr == src.octets() && k.daddr == dst.octets() && k.dir == dir as u8)
@@ -270,7 +275,8 @@ fn deny_wins_over_allow_within_and_across_the_three_lookups() {
     let mut node = node();
     let cidr_remote = LOCAL_IDENTITY_FLAG | 1;
     node.dataplane
-        .converge_policy_cidrs(
+        .policy
+        .converge_cidrs(
             &BTreeMap::from([("10.0.2.0/24".parse().unwrap(), cidr_remote)]),
             true,
         )
@@ -368,9 +374,9 @@ fn cidr_identities_with_an_except_carved_out_by_a_longer_prefix() {
         ("10.0.0.0/8".parse().unwrap(), block),
         ("10.0.2.0/24".parse().unwrap(), except),
     ]);
-    let report = node.dataplane.converge_policy_cidrs(&cidrs, true).unwrap();
+    let report = node.dataplane.policy.converge_cidrs(&cidrs, true).unwrap();
     assert_eq!((report.added, report.failed.len()), (2, 0));
-    assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs);
+    assert_eq!(node.dataplane.policy.cidrs().unwrap(), cidrs);
     apply(
         &mut node,
         &[(l3(EP_A, EG, block), Verdict::Allow)],
@@ -401,7 +407,8 @@ fn cidr_identities_with_an_except_carved_out_by_a_longer_prefix() {
     let block_only = BTreeMap::from([("10.0.0.0/8".parse().unwrap(), block)]);
     let report = node
         .dataplane
-        .converge_policy_cidrs(&block_only, true)
+        .policy
+        .converge_cidrs(&block_only, true)
         .unwrap();
     assert_eq!(report.deleted, 1);
     assert_eq!(
@@ -526,7 +533,7 @@ fn same_node_traffic_is_judged_at_egress_and_at_ingress_and_replies_pass_both() 
             },
         ),
     ]);
-    node.dataplane.converge_endpoints(&swapped, true).unwrap();
+    node.dataplane.endpoints.converge(&swapped, true).unwrap();
     let from_b = |frame: &[u8]| out_of_a(&node, frame);
     assert_eq!(
         from_b(&tcp(POD_B, 80, POD_A, 40000, TCP_SYN | TCP_ACK)),
@@ -563,7 +570,8 @@ fn a_revision_change_re_judges_established_connections() {
     );
     let tcp_entry = node
         .dataplane
-        .conntrack_entries()
+        .conntrack
+        .entries()
         .unwrap()
         .into_iter()
         .find(|(k, _)| k.proto == 6 && k.dir == EG as u8)
@@ -573,7 +581,8 @@ fn a_revision_change_re_judges_established_connections() {
     assert!(
         !node
             .dataplane
-            .conntrack_entries()
+            .conntrack
+            .entries()
             .unwrap()
             .iter()
             .any(|(k, _)| k.proto == 17),
@@ -722,7 +731,7 @@ fn a_full_ring_buffer_counts_lost_events() {
             ..Default::default()
         },
     )]);
-    node.dataplane.converge_endpoints(&endpoints, true).unwrap();
+    node.dataplane.endpoints.converge(&endpoints, true).unwrap();
     apply(
         &mut node,
         &[],
@@ -742,7 +751,8 @@ fn a_full_ring_buffer_counts_lost_events() {
 /// Flags of the conntrack entry whose source port is `sport`.
 fn flags_of(node: &Node, sport: u16) -> Option<u8> {
     node.dataplane
-        .conntrack_entries()
+        .conntrack
+        .entries()
         .unwrap()
         .into_iter()
         .find(|(k, _)| k.sport == sport)
@@ -823,7 +833,7 @@ fn tcp_fin_marks_closing_and_gc_applies_the_timeouts() {
         node.dataplane.conntrack_gc(now + 6 * 3600 * S + S).unwrap(),
         1
     );
-    assert!(node.dataplane.conntrack_entries().unwrap().is_empty());
+    assert!(node.dataplane.conntrack.entries().unwrap().is_empty());
     let pressure = node.dataplane.pressure().unwrap();
     let ct = pressure.iter().find(|p| p.map == "conntrack").unwrap();
     assert_eq!(ct.entries, 0);
@@ -841,7 +851,7 @@ fn gc_removes_the_connections_of_vanished_endpoints() {
         TC_ACT_REDIRECT
     );
     // A's egress entry, B's two ingress entries.
-    assert_eq!(node.dataplane.conntrack_entries().unwrap().len(), 3);
+    assert_eq!(node.dataplane.conntrack.entries().unwrap().len(), 3);
     let now = monotonic_now_ns();
     assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 0);
     let only_a = BTreeMap::from([(
@@ -853,9 +863,9 @@ fn gc_removes_the_connections_of_vanished_endpoints() {
             ..Default::default()
         },
     )]);
-    node.dataplane.converge_endpoints(&only_a, true).unwrap();
+    node.dataplane.endpoints.converge(&only_a, true).unwrap();
     assert_eq!(node.dataplane.conntrack_gc(now).unwrap(), 2);
-    let left = node.dataplane.conntrack_entries().unwrap();
+    let left = node.dataplane.conntrack.entries().unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].0.endpoint_id, EP_A);
     let pressure = node.dataplane.pressure().unwrap();
@@ -877,14 +887,15 @@ fn converge_policy_keeps_stale_entries_until_pruned() {
     let states = BTreeMap::from([(EP_A, state(2, POLICY_F_DEFAULT_DENY_EGRESS))]);
     let report = node
         .dataplane
-        .converge_policy(&entries, &states, false)
+        .policy
+        .converge(&entries, &states, false)
         .unwrap();
     assert_eq!(
         (report.updated, report.deleted, report.stale_kept),
         (1, 0, 2)
     );
-    assert_eq!(node.dataplane.policy().unwrap().len(), 2);
-    let held = node.dataplane.policy_states().unwrap();
+    assert_eq!(node.dataplane.policy.entries().unwrap().len(), 2);
+    let held = node.dataplane.policy.states().unwrap();
     assert_eq!(held.len(), 2);
     assert_eq!(
         held[&EP_A],
@@ -893,14 +904,15 @@ fn converge_policy_keeps_stale_entries_until_pruned() {
     );
     let report = node
         .dataplane
-        .converge_policy(&entries, &states, true)
+        .policy
+        .converge(&entries, &states, true)
         .unwrap();
     assert_eq!(
         (report.deleted, report.updated, report.unchanged),
         (2, 1, 1)
     );
-    assert_eq!(node.dataplane.policy().unwrap(), entries);
-    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+    assert_eq!(node.dataplane.policy.entries().unwrap(), entries);
+    assert_eq!(node.dataplane.policy.states().unwrap(), states);
     let pressure = node.dataplane.pressure().unwrap();
     let policy = pressure.iter().find(|p| p.map == "policy").unwrap();
     assert_eq!((policy.entries, policy.max_entries), (1, 65_536));
@@ -931,22 +943,24 @@ fn one_convergence_re_judges_established_flows_against_only_the_new_entries() {
     let states = BTreeMap::from([(EP_A, state(2, deny_eg))]);
     let report = node
         .dataplane
-        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, false)
+        .policy
+        .converge_with_cidrs(&BTreeMap::new(), &entries, &states, false)
         .unwrap()
         .1;
     assert_eq!(report.stale_kept, 1);
-    assert_eq!(node.dataplane.policy_states().unwrap()[&EP_A].revision, 1);
+    assert_eq!(node.dataplane.policy.states().unwrap()[&EP_A].revision, 1);
     assert_eq!(out_of_a(&node, &dns_flow), TC_ACT_OK, "old policy, whole");
     assert_eq!(out_of_a(&node, &data), TC_ACT_OK);
 
     // One pruning call: the DNS flow is dropped at its next packet, HTTPS continues.
     let (_, report) = node
         .dataplane
-        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, true)
+        .policy
+        .converge_with_cidrs(&BTreeMap::new(), &entries, &states, true)
         .unwrap();
     assert!(report.is_converged());
     assert_eq!((report.deleted, report.updated), (1, 1));
-    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+    assert_eq!(node.dataplane.policy.states().unwrap(), states);
     assert_eq!(
         out_of_a(&node, &dns_flow),
         TC_ACT_SHOT,
@@ -955,7 +969,8 @@ fn one_convergence_re_judges_established_flows_against_only_the_new_entries() {
     assert_eq!(out_of_a(&node, &data), TC_ACT_OK, "allowed by both");
     let revisions: Vec<(u8, u32)> = node
         .dataplane
-        .conntrack_entries()
+        .conntrack
+        .entries()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.proto, v.policy_revision))
@@ -975,11 +990,12 @@ fn one_convergence_re_judges_established_flows_against_only_the_new_entries() {
     let states = BTreeMap::from([(EP_A, state(2, deny_eg)), (EP_B, state(1, deny_eg))]);
     let (_, report) = node
         .dataplane
-        .converge_policy_with_cidrs(&BTreeMap::new(), &entries, &states, true)
+        .policy
+        .converge_with_cidrs(&BTreeMap::new(), &entries, &states, true)
         .unwrap();
     assert!(report.is_converged());
     assert_eq!(report.added, 2, "one entry, one state (counted once)");
-    assert_eq!(node.dataplane.policy_states().unwrap(), states);
+    assert_eq!(node.dataplane.policy.states().unwrap(), states);
 }
 
 #[test]
@@ -997,7 +1013,8 @@ fn policy_and_cidrs_converge_together() {
     let states = BTreeMap::from([(EP_A, state(1, POLICY_F_DEFAULT_DENY_EGRESS))]);
     let (c, p) = node
         .dataplane
-        .converge_policy_with_cidrs(&cidrs, &entries, &states, true)
+        .policy
+        .converge_with_cidrs(&cidrs, &entries, &states, true)
         .unwrap();
     assert_eq!((c.added, p.added), (2, 3));
     let to_native = tcp(POD_A, 1000, NATIVE_POD, 80, TCP_SYN);
@@ -1012,17 +1029,19 @@ fn policy_and_cidrs_converge_together() {
     let entries2 = BTreeMap::from([(l3(EP_A, EG, 0), Verdict::Allow)]);
     let (c, p) = node
         .dataplane
-        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, false)
+        .policy
+        .converge_with_cidrs(&cidrs2, &entries2, &states, false)
         .unwrap();
     assert_eq!((c.stale_kept, p.stale_kept), (1, 1));
     assert_eq!(out_of_a(&node, &to_native), TC_ACT_SHOT);
     let (c, p) = node
         .dataplane
-        .converge_policy_with_cidrs(&cidrs2, &entries2, &states, true)
+        .policy
+        .converge_with_cidrs(&cidrs2, &entries2, &states, true)
         .unwrap();
     assert_eq!((c.deleted, p.deleted), (1, 1));
-    assert_eq!(node.dataplane.policy_cidrs().unwrap(), cidrs2);
-    assert_eq!(node.dataplane.policy().unwrap(), entries2);
+    assert_eq!(node.dataplane.policy.cidrs().unwrap(), cidrs2);
+    assert_eq!(node.dataplane.policy.entries().unwrap(), entries2);
     assert_eq!(out_of_a(&node, &to_native), TC_ACT_OK);
 }
 
@@ -1083,7 +1102,8 @@ fn a_denied_tcp_connection_is_not_revived_by_the_other_sides_segments() {
     assert!(
         !node
             .dataplane
-            .conntrack_entries()
+            .conntrack
+            .entries()
             .unwrap()
             .iter()
             .any(|(k, _)| k.proto == 6),

@@ -52,10 +52,11 @@ fn node(rules: Option<u32>) -> Node {
         "10.0.3.0/24".parse().unwrap(),
         IpcacheValue::new(ID_NATIVE, None),
     )]);
-    node.dataplane.converge_endpoints(&endpoints, true).unwrap();
-    node.dataplane.converge_ipcache(&ipcache, true).unwrap();
+    node.dataplane.endpoints.converge(&endpoints, true).unwrap();
+    node.dataplane.ipcache.converge(&ipcache, true).unwrap();
     node.dataplane
-        .set_node_config(&NodeConfig {
+        .node_config
+        .set(&NodeConfig {
             tunnel_ifindex: 77,
             node_ipv4: [192, 168, 0, 1],
             flags: NODE_F_TUNNEL,
@@ -110,10 +111,14 @@ fn node(rules: Option<u32>) -> Node {
     ]);
     let report = node
         .dataplane
-        .converge_policy(&entries, &states, true)
+        .policy
+        .converge(&entries, &states, true)
         .unwrap();
     assert!(report.is_converged());
-    assert_eq!(node.dataplane.policy().unwrap().len(), rules as usize);
+    assert_eq!(
+        node.dataplane.policy.entries().unwrap().len(),
+        rules as usize
+    );
     node
 }
 
@@ -196,7 +201,7 @@ fn ns_per_packet_with_and_without_policy() {
             let new = measure(node, hook, frame, mark, Some(base), 1);
             let batched = measure(node, hook, frame, mark, Some(base + CALLS), 1000);
             let established = measure(node, hook, frame, mark, None, 1);
-            let ct = node.dataplane.conntrack_entries().unwrap().len();
+            let ct = node.dataplane.conntrack.entries().unwrap().len();
             println!(
                 "{name:<28} {rules:>10} {new:>10.1} {batched:>10.1} {established:>12.1} {ct:>12}"
             );

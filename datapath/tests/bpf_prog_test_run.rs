@@ -80,18 +80,21 @@ fn node() -> Node {
     ]);
     assert!(
         node.dataplane
-            .converge_endpoints(&endpoints, true)
+            .endpoints
+            .converge(&endpoints, true)
             .unwrap()
             .is_converged()
     );
     assert!(
         node.dataplane
-            .converge_ipcache(&ipcache, true)
+            .ipcache
+            .converge(&ipcache, true)
             .unwrap()
             .is_converged()
     );
     node.dataplane
-        .set_node_config(&NodeConfig {
+        .node_config
+        .set(&NodeConfig {
             tunnel_ifindex: TUNNEL_IFINDEX,
             node_ipv4: NODE_IP.octets(),
             flags: NODE_F_TUNNEL,
@@ -102,7 +105,7 @@ fn node() -> Node {
 }
 
 fn count(node: &Node, reason: MetricReason, dir: Direction) -> u64 {
-    node.dataplane.metric_packets(reason, dir).unwrap()
+    node.dataplane.metrics.packets(reason, dir).unwrap()
 }
 
 fn from_a(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
@@ -162,7 +165,8 @@ fn remote_destination_is_encapsulated_towards_its_node() {
 fn remote_destination_without_tunnel_device_is_dropped_and_counted() {
     let mut node = node();
     node.dataplane
-        .set_node_config(&NodeConfig::default())
+        .node_config
+        .set(&NodeConfig::default())
         .unwrap();
     let run = run(
         node.programs.classifier(Hook::FromContainer),
@@ -341,7 +345,8 @@ fn from_netdev_delivers_native_routed_packets_to_local_pods() {
     );
     let total: u64 = node
         .dataplane
-        .metrics()
+        .metrics
+        .samples()
         .unwrap()
         .iter()
         .map(|s| s.packets)

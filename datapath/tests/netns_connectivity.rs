@@ -410,11 +410,12 @@ impl Cluster {
             ipcache.insert(net, value);
         }
         assert!(
-            dp.converge_endpoints(&endpoints, true)
+            dp.endpoints
+                .converge(&endpoints, true)
                 .unwrap()
                 .is_converged()
         );
-        assert!(dp.converge_ipcache(&ipcache, true).unwrap().is_converged());
+        assert!(dp.ipcache.converge(&ipcache, true).unwrap().is_converged());
         let config = match self.mode {
             Mode::Overlay => NodeConfig {
                 tunnel_ifindex: link_info(ns, "tvx").0,
@@ -427,7 +428,7 @@ impl Cluster {
                 ..NodeConfig::default()
             },
         };
-        dp.set_node_config(&config).unwrap();
+        dp.node_config.set(&config).unwrap();
         if self.mode == Mode::Overlay {
             // The node's own traffic to remote pods is routed into the overlay.
             for other in (0..self.node_ns.len()).filter(|o| *o != n) {
@@ -452,12 +453,13 @@ impl Cluster {
     }
 
     fn count(&self, n: usize, reason: MetricReason, dir: Direction) -> u64 {
-        self.dataplane(n).metric_packets(reason, dir).unwrap()
+        self.dataplane(n).metrics.packets(reason, dir).unwrap()
     }
 
     fn drops(&self, n: usize) -> Vec<(MetricReason, u64)> {
         self.dataplane(n)
-            .metrics()
+            .metrics
+            .samples()
             .unwrap()
             .into_iter()
             .filter(|s| s.reason.is_none_or(MetricReason::is_drop))

@@ -262,7 +262,7 @@ type Maps = (
 
 fn read_maps(node: &SimNode) -> Result<Maps> {
     let dp = Dataplane::open(&pin_dir(node))?;
-    Ok((dp.endpoints()?, dp.ipcache()?))
+    Ok((dp.endpoints.by_ip()?, dp.ipcache.by_prefix()?))
 }
 
 /// The programs' per-reason counters of every node, for failure messages.
@@ -271,7 +271,7 @@ fn counters(nodes: &[SimNode]) -> String {
         .iter()
         .map(|node| {
             let samples = Dataplane::open(&pin_dir(node))
-                .and_then(|dp| dp.metrics())
+                .and_then(|dp| dp.metrics.samples())
                 .map(|samples| {
                     samples
                         .iter()
@@ -411,7 +411,7 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
     let plane = ControlPlane::dedicated("datapath-e2e").await?;
     let env = TestEnv::on(plane.clone()).await?;
     let client = env.client();
-    let mut cluster = SimCluster::start(
+    let cluster = SimCluster::start(
         &env,
         SimClusterConfig {
             nodes: 3,
@@ -422,328 +422,389 @@ async fn overlay_three_nodes_three_pods_each() -> Result<()> {
     for node in &cluster.nodes {
         wait_node_realized(&client, &node.name).await?;
     }
+    let mut world = Overlay {
+        ns: env.namespace().to_string(),
+        client,
+        cluster,
+        pods: Vec::new(),
+        echoes: Vec::new(),
+    };
+    world.every_pod_reaches_every_pod().await?;
+    world.maps_match_the_cluster().await?;
+    let (late, late_echo) = world.a_late_pod_becomes_reachable().await?;
+    world.a_deleted_pod_is_gone_everywhere().await?;
+    world.agent_restarts_disturb_no_traffic().await?;
+    world
+        .an_agent_down_while_pods_change_converges(late, late_echo)
+        .await
+}
 
-    // Three pods per node, all realized, echo servers up.
-    let ns = env.namespace().to_string();
-    let started = Instant::now();
-    let mut pods = Vec::new();
-    for (n, node) in cluster.nodes.iter().enumerate() {
-        for p in 0..3 {
-            let name = format!("p{n}{p}");
-            pods.push(
-                SimPod::run(
-                    &client,
-                    node.handle(),
-                    &ns,
-                    &name,
-                    &labels(&format!("app{p}")),
+/// The overlay scenario's world: three nodes, their pods and echo servers.
+struct Overlay {
+    client: Client,
+    ns: String,
+    cluster: SimCluster,
+    pods: Vec<SimPod>,
+    echoes: Vec<Echo>,
+}
+
+impl Overlay {
+    /// Three pods per node, all realized, echo servers up, every pair connected.
+    async fn every_pod_reaches_every_pod(&mut self) -> Result<()> {
+        let (client, ns) = (&self.client, &self.ns);
+        let started = Instant::now();
+        for (n, node) in self.cluster.nodes.iter().enumerate() {
+            for p in 0..3 {
+                let name = format!("p{n}{p}");
+                self.pods.push(
+                    SimPod::run(
+                        client,
+                        node.handle(),
+                        ns,
+                        &name,
+                        &labels(&format!("app{p}")),
+                    )
+                    .await?,
+                );
+            }
+        }
+        for pod in &self.pods {
+            pod.wait_realized(client, TIMEOUT).await?;
+        }
+        println!(
+            "9 pods created and realized on 3 nodes in {:.2?}",
+            started.elapsed()
+        );
+        for pod in &self.pods {
+            self.echoes.push(Echo::start(pod)?);
+        }
+        let refs: Vec<&SimPod> = self.pods.iter().collect();
+        let failures = mesh(&refs).await?;
+        assert!(
+            failures.is_empty(),
+            "{}\n{}",
+            failures.join("\n"),
+            counters(&self.cluster.nodes)
+        );
+        Ok(())
+    }
+
+    /// The maps say what the cluster says; cross-node packets went through the tunnel.
+    async fn maps_match_the_cluster(&self) -> Result<()> {
+        let (cluster, pods) = (&self.cluster, &self.pods);
+        for (n, node) in cluster.nodes.iter().enumerate() {
+            let (endpoints, ipcache) = read_maps(node)?;
+            let local: Vec<IpAddr> = pods
+                .iter()
+                .filter(|p| p.node == node.name)
+                .map(|p| p.ips[0])
+                .collect();
+            assert_eq!(
+                endpoints.keys().copied().collect::<Vec<_>>(),
+                {
+                    let mut l = local.clone();
+                    l.sort();
+                    l
+                },
+                "endpoints map of node {n}"
+            );
+            for pod in pods {
+                let entry = ipcache
+                    .get(&IpNet::from(pod.ips[0]))
+                    .with_context(|| format!("{} missing from node {n}'s ipcache", pod.ips[0]))?;
+                let remote = cluster.nodes.iter().find(|x| x.name == pod.node).unwrap();
+                let expected_tunnel = (pod.node != node.name).then_some(remote.address);
+                assert_eq!(
+                    entry.tunnel_endpoint(),
+                    expected_tunnel,
+                    "{} on node {n}",
+                    pod.ips[0]
+                );
+            }
+            let node_ref = node;
+            eventually(TIMEOUT, || async move {
+                let tunnelled = metric_sum(
+                    node_ref,
+                    "tendril_datapath_packets_total",
+                    &[("reason", "forward_tunnel")],
                 )
-                .await?,
+                .await?;
+                ensure!(tunnelled > 0.0, "no forward_tunnel packets counted yet");
+                Ok(())
+            })
+            .await?;
+            let m = fetch_metrics(node.metrics_port).await?;
+            ensure!(
+                m.value("tendril_bpf_map_pressure", &[("map", "ipcache")])
+                    .unwrap_or(0.0)
+                    > 0.0,
+                "map pressure not reported"
+            );
+            ensure!(
+                m.sum("tendril_datapath_realize_seconds_count", &[]) > 0.0,
+                "realize latency not observed"
+            );
+            ensure!(
+                m.sum(
+                    "tendril_bpf_map_operations_total",
+                    &[
+                        ("map", "endpoints"),
+                        ("operation", "add"),
+                        ("outcome", "success")
+                    ]
+                ) >= 3.0,
+                "map operations not counted"
             );
         }
+        Ok(())
     }
-    for pod in &pods {
-        pod.wait_realized(&client, TIMEOUT).await?;
-    }
-    println!(
-        "9 pods created and realized on 3 nodes in {:.2?}",
-        started.elapsed()
-    );
-    let mut echoes = Vec::new();
-    for pod in &pods {
-        echoes.push(Echo::start(pod)?);
-    }
-    let refs: Vec<&SimPod> = pods.iter().collect();
-    let failures = mesh(&refs).await?;
-    assert!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        counters(&cluster.nodes)
-    );
 
-    // The maps say what the cluster says; cross-node packets went through the tunnel.
-    for (n, node) in cluster.nodes.iter().enumerate() {
-        let (endpoints, ipcache) = read_maps(node)?;
-        let local: Vec<IpAddr> = pods
-            .iter()
-            .filter(|p| p.node == node.name)
-            .map(|p| p.ips[0])
-            .collect();
-        assert_eq!(
-            endpoints.keys().copied().collect::<Vec<_>>(),
-            {
-                let mut l = local.clone();
-                l.sort();
-                l
-            },
-            "endpoints map of node {n}"
+    /// A pod added later becomes reachable from every node.
+    async fn a_late_pod_becomes_reachable(&self) -> Result<(SimPod, Echo)> {
+        let (client, ns, cluster, pods) = (&self.client, &self.ns, &self.cluster, &self.pods);
+        let created = Instant::now();
+        let late = SimPod::run(
+            client,
+            cluster.nodes[2].handle(),
+            ns,
+            "late",
+            &labels("late"),
+        )
+        .await?;
+        let late_ip = late.ips[0];
+        let prober = &pods[0];
+        loop {
+            let out = prober
+                .exec(&["ping", "-c1", "-W0.1", "-n", &late_ip.to_string()])
+                .await?;
+            if out.status.success() {
+                break;
+            }
+            ensure!(created.elapsed() < TIMEOUT, "late pod never reachable");
+        }
+        let reachable = created.elapsed();
+        late.wait_realized(client, TIMEOUT).await?;
+        println!(
+            "late pod: created -> CNI ADD done {:.2?}, -> reachable cross-node {reachable:.2?}, -> Endpoint realized {:.2?}",
+            late.added_at - late.created_at,
+            created.elapsed()
         );
-        for pod in &pods {
-            let entry = ipcache
-                .get(&IpNet::from(pod.ips[0]))
-                .with_context(|| format!("{} missing from node {n}'s ipcache", pod.ips[0]))?;
-            let remote = cluster.nodes.iter().find(|x| x.name == pod.node).unwrap();
-            let expected_tunnel = (pod.node != node.name).then_some(remote.address);
+        let late_echo = Echo::start(&late)?;
+        tcp_check(&pods[3], late_ip).await?;
+        udp_check(&pods[4], late_ip).await?;
+        Ok((late, late_echo))
+    }
+
+    /// A deleted pod stops answering; its entries are gone everywhere.
+    async fn a_deleted_pod_is_gone_everywhere(&mut self) -> Result<()> {
+        let (client, ns, cluster, pods, echoes) = (
+            &self.client,
+            &self.ns,
+            &self.cluster,
+            &mut self.pods,
+            &mut self.echoes,
+        );
+        let at = pods.iter().position(|p| p.name == "p11").unwrap();
+        let victim = pods.remove(at);
+        echoes.remove(at);
+        let (victim_ip, victim_name) = (victim.ips[0], victim.name.clone());
+        victim.delete(client, cluster.nodes[1].handle()).await?;
+        wait_deleted(
+            &Api::<Endpoint>::namespaced(client.clone(), ns),
+            &victim_name,
+            TIMEOUT,
+        )
+        .await?;
+        for node in &cluster.nodes {
+            eventually(TIMEOUT, || async move {
+                let (endpoints, ipcache) = read_maps(node)?;
+                ensure!(
+                    !endpoints.contains_key(&victim_ip),
+                    "{victim_ip} still in endpoints of {}",
+                    node.name
+                );
+                ensure!(
+                    !ipcache.contains_key(&IpNet::from(victim_ip)),
+                    "{victim_ip} still in ipcache of {}",
+                    node.name
+                );
+                Ok(())
+            })
+            .await?;
+        }
+        ensure!(
+            !pods[0].ping(victim_ip).await?,
+            "deleted pod {victim_ip} still answers"
+        );
+        println!("deleted pod {victim_ip}: gone from every node's maps, no answer");
+        Ok(())
+    }
+
+    /// Restart without disruption: each agent killed and restarted under a cross-node ping
+    /// and a TCP stream (node 0 -> node 1, node 1 -> node 2).
+    async fn agent_restarts_disturb_no_traffic(&mut self) -> Result<()> {
+        let (client, cluster, pods) = (&self.client, &mut self.cluster, &self.pods);
+        let ping = Pinger::start(&pods[0], pods[3].ips[0])?;
+        let stream = Stream::start(&pods[3], pods[6].ips[0]);
+        let mut down_round_trips = Vec::new();
+        for i in 0..cluster.nodes.len() {
+            let node = &mut cluster.nodes[i];
+            node.kill_agent();
+            // Traffic flows while the agent is down: the stream makes progress (a poll on
+            // its counter, not a sleep).
+            let at_kill = stream.round_trips();
+            eventually(TIMEOUT, || async {
+                let done = stream.round_trips() - at_kill;
+                ensure!(done >= 25, "{done} round trips since the kill");
+                Ok(())
+            })
+            .await?;
+            down_round_trips.push(stream.round_trips() - at_kill);
+            node.start_agent()?;
+            wait_agent_converged(node).await?;
+            let name = node.name.clone();
+            wait_node_realized(client, &name).await?;
+        }
+        println!("TCP round trips while each agent was down: {down_round_trips:?}");
+        let (sent, received) = ping.finish().await?;
+        let round_trips = stream.finish()?;
+        println!(
+            "restarts of 3 agents: ping {sent} sent, {received} received, {} lost; TCP stream {round_trips} round trips, connection intact",
+            sent - received
+        );
+        assert!(
+            sent > 0 && sent == received,
+            "lost {} of {sent} pings across agent restarts",
+            sent - received
+        );
+        assert!(round_trips > 0);
+        Ok(())
+    }
+
+    /// Agent of node 2 down while a pod is added there and one is removed (and a remote
+    /// pod added): it converges after restart, stale entries pruned, live ones untouched.
+    async fn an_agent_down_while_pods_change_converges(
+        mut self,
+        late: SimPod,
+        _late_echo: Echo,
+    ) -> Result<()> {
+        let (client, ns, cluster, pods, echoes) = (
+            &self.client,
+            &self.ns,
+            &mut self.cluster,
+            &mut self.pods,
+            &mut self.echoes,
+        );
+        let node2 = cluster.nodes[2].name.clone();
+        let (before_endpoints, _) = read_maps(&cluster.nodes[2])?;
+        cluster.nodes[2].kill_agent();
+        let remote_new = SimPod::run(
+            client,
+            cluster.nodes[0].handle(),
+            ns,
+            "while-down-remote",
+            &labels("wd"),
+        )
+        .await?;
+        let handle2 = cluster.nodes[2].handle().clone();
+        let added = {
+            let (client, ns, handle) = (client.clone(), ns.clone(), handle2.clone());
+            tokio::spawn(async move {
+                SimPod::run(&client, &handle, &ns, "while-down", &labels("wd")).await
+            })
+        };
+        let at = pods.iter().position(|p| p.name == "p21").unwrap();
+        let removed_pod = pods.remove(at);
+        echoes.remove(at);
+        let removed_ip = removed_pod.ips[0];
+        // Force-deleted while its node's agent is down (the kubelet tears the sandbox down
+        // later): the Endpoint goes, the restarted agent only sees it missing from its list.
+        let pod_api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+        pod_api
+            .delete("p21", &kube::api::DeleteParams::default().grace_period(0))
+            .await?;
+        let endpoints_api: Api<Endpoint> = Api::namespaced(client.clone(), ns);
+        wait_deleted(&endpoints_api, "p21", TIMEOUT).await?;
+        // The remote pod's Endpoint (identity and all) is complete while the agent is down.
+        let remote_ep = Api::<Endpoint>::namespaced(client.clone(), ns);
+        wait_for(
+            &remote_ep,
+            &remote_new.name,
+            |o: Option<&Endpoint>| o.is_some_and(|e| e.spec.identity.is_some()),
+            TIMEOUT,
+        )
+        .await?;
+        ensure!(
+            cluster.nodes[2].agent().is_none(),
+            "the agent must still be down"
+        );
+        cluster.nodes[2].start_agent()?;
+        let added = added.await??;
+        wait_agent_converged(&mut cluster.nodes[2]).await?;
+        added.wait_realized(client, TIMEOUT).await?;
+        remote_new.wait_realized(client, TIMEOUT).await?;
+        let node = &cluster.nodes[2];
+        let (endpoints, ipcache) = eventually(TIMEOUT, || async move {
+            let (endpoints, ipcache) = read_maps(node)?;
+            ensure!(
+                !endpoints.contains_key(&removed_ip),
+                "stale {removed_ip} still in endpoints"
+            );
+            ensure!(
+                !ipcache.contains_key(&IpNet::from(removed_ip)),
+                "stale {removed_ip} still in ipcache"
+            );
+            Ok((endpoints, ipcache))
+        })
+        .await?;
+        ensure!(
+            endpoints.contains_key(&added.ips[0]),
+            "new local pod missing from endpoints"
+        );
+        ensure!(
+            ipcache.contains_key(&IpNet::from(remote_new.ips[0])),
+            "new remote pod missing from ipcache"
+        );
+        for pod in pods.iter().filter(|p| p.node == node2) {
             assert_eq!(
-                entry.tunnel_endpoint(),
-                expected_tunnel,
-                "{} on node {n}",
+                endpoints.get(&pod.ips[0]),
+                before_endpoints.get(&pod.ips[0]),
+                "live endpoint {} changed across the restart",
                 pod.ips[0]
             );
         }
-        let node_ref = node;
-        eventually(TIMEOUT, || async move {
-            let tunnelled = metric_sum(
-                node_ref,
-                "tendril_datapath_packets_total",
-                &[("reason", "forward_tunnel")],
-            )
-            .await?;
-            ensure!(tunnelled > 0.0, "no forward_tunnel packets counted yet");
-            Ok(())
-        })
-        .await?;
         let m = fetch_metrics(node.metrics_port).await?;
-        ensure!(
-            m.value("tendril_bpf_map_pressure", &[("map", "ipcache")])
-                .unwrap_or(0.0)
-                > 0.0,
-            "map pressure not reported"
-        );
-        ensure!(
-            m.sum("tendril_datapath_realize_seconds_count", &[]) > 0.0,
-            "realize latency not observed"
-        );
-        ensure!(
+        let ops = |op: &str| {
             m.sum(
                 "tendril_bpf_map_operations_total",
-                &[
-                    ("map", "endpoints"),
-                    ("operation", "add"),
-                    ("outcome", "success")
-                ]
-            ) >= 3.0,
-            "map operations not counted"
+                &[("map", "endpoints"), ("operation", op)],
+            )
+        };
+        println!(
+            "agent down while pods changed: after restart endpoints map add={} update={} delete={}",
+            ops("add") + 0.0,
+            ops("update") + 0.0,
+            ops("delete") + 0.0
         );
-    }
-
-    // A pod added later becomes reachable from every node.
-    let created = Instant::now();
-    let late = SimPod::run(
-        &client,
-        cluster.nodes[2].handle(),
-        &ns,
-        "late",
-        &labels("late"),
-    )
-    .await?;
-    let late_ip = late.ips[0];
-    let prober = &pods[0];
-    loop {
-        let out = prober
-            .exec(&["ping", "-c1", "-W0.1", "-n", &late_ip.to_string()])
-            .await?;
-        if out.status.success() {
-            break;
-        }
-        ensure!(created.elapsed() < TIMEOUT, "late pod never reachable");
-    }
-    let reachable = created.elapsed();
-    late.wait_realized(&client, TIMEOUT).await?;
-    println!(
-        "late pod: created -> CNI ADD done {:.2?}, -> reachable cross-node {reachable:.2?}, -> Endpoint realized {:.2?}",
-        late.added_at - late.created_at,
-        created.elapsed()
-    );
-    let _late_echo = Echo::start(&late)?;
-    tcp_check(&pods[3], late_ip).await?;
-    udp_check(&pods[4], late_ip).await?;
-
-    // A deleted pod stops answering; its entries are gone everywhere.
-    let at = pods.iter().position(|p| p.name == "p11").unwrap();
-    let victim = pods.remove(at);
-    echoes.remove(at);
-    let (victim_ip, victim_name) = (victim.ips[0], victim.name.clone());
-    victim.delete(&client, cluster.nodes[1].handle()).await?;
-    wait_deleted(
-        &Api::<Endpoint>::namespaced(client.clone(), &ns),
-        &victim_name,
-        TIMEOUT,
-    )
-    .await?;
-    for node in &cluster.nodes {
-        eventually(TIMEOUT, || async move {
-            let (endpoints, ipcache) = read_maps(node)?;
-            ensure!(
-                !endpoints.contains_key(&victim_ip),
-                "{victim_ip} still in endpoints of {}",
-                node.name
-            );
-            ensure!(
-                !ipcache.contains_key(&IpNet::from(victim_ip)),
-                "{victim_ip} still in ipcache of {}",
-                node.name
-            );
-            Ok(())
-        })
-        .await?;
-    }
-    ensure!(
-        !pods[0].ping(victim_ip).await?,
-        "deleted pod {victim_ip} still answers"
-    );
-    println!("deleted pod {victim_ip}: gone from every node's maps, no answer");
-
-    // Restart without disruption: each agent killed and restarted under a cross-node ping
-    // and a TCP stream (node 0 -> node 1, node 1 -> node 2).
-    let ping = Pinger::start(&pods[0], pods[3].ips[0])?;
-    let stream = Stream::start(&pods[3], pods[6].ips[0]);
-    let mut down_round_trips = Vec::new();
-    for i in 0..cluster.nodes.len() {
-        let node = &mut cluster.nodes[i];
-        node.kill_agent();
-        // Traffic flows while the agent is down: the stream makes progress (a poll on
-        // its counter, not a sleep).
-        let at_kill = stream.round_trips();
-        eventually(TIMEOUT, || async {
-            let done = stream.round_trips() - at_kill;
-            ensure!(done >= 25, "{done} round trips since the kill");
-            Ok(())
-        })
-        .await?;
-        down_round_trips.push(stream.round_trips() - at_kill);
-        node.start_agent()?;
-        wait_agent_converged(node).await?;
-        let name = node.name.clone();
-        wait_node_realized(&client, &name).await?;
-    }
-    println!("TCP round trips while each agent was down: {down_round_trips:?}");
-    let (sent, received) = ping.finish().await?;
-    let round_trips = stream.finish()?;
-    println!(
-        "restarts of 3 agents: ping {sent} sent, {received} received, {} lost; TCP stream {round_trips} round trips, connection intact",
-        sent - received
-    );
-    assert!(
-        sent > 0 && sent == received,
-        "lost {} of {sent} pings across agent restarts",
-        sent - received
-    );
-    assert!(round_trips > 0);
-
-    // Agent of node 2 down while a pod is added there and one is removed (and a remote
-    // pod added): it converges after restart, stale entries pruned, live ones untouched.
-    let node2 = cluster.nodes[2].name.clone();
-    let (before_endpoints, _) = read_maps(&cluster.nodes[2])?;
-    cluster.nodes[2].kill_agent();
-    let remote_new = SimPod::run(
-        &client,
-        cluster.nodes[0].handle(),
-        &ns,
-        "while-down-remote",
-        &labels("wd"),
-    )
-    .await?;
-    let handle2 = cluster.nodes[2].handle().clone();
-    let added = {
-        let (client, ns, handle) = (client.clone(), ns.clone(), handle2.clone());
-        tokio::spawn(async move {
-            SimPod::run(&client, &handle, &ns, "while-down", &labels("wd")).await
-        })
-    };
-    let at = pods.iter().position(|p| p.name == "p21").unwrap();
-    let removed_pod = pods.remove(at);
-    echoes.remove(at);
-    let removed_ip = removed_pod.ips[0];
-    // Force-deleted while its node's agent is down (the kubelet tears the sandbox down
-    // later): the Endpoint goes, the restarted agent only sees it missing from its list.
-    let pod_api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
-    pod_api
-        .delete("p21", &kube::api::DeleteParams::default().grace_period(0))
-        .await?;
-    let endpoints_api: Api<Endpoint> = Api::namespaced(client.clone(), &ns);
-    wait_deleted(&endpoints_api, "p21", TIMEOUT).await?;
-    // The remote pod's Endpoint (identity and all) is complete while the agent is down.
-    let remote_ep = Api::<Endpoint>::namespaced(client.clone(), &ns);
-    wait_for(
-        &remote_ep,
-        &remote_new.name,
-        |o: Option<&Endpoint>| o.is_some_and(|e| e.spec.identity.is_some()),
-        TIMEOUT,
-    )
-    .await?;
-    ensure!(
-        cluster.nodes[2].agent().is_none(),
-        "the agent must still be down"
-    );
-    cluster.nodes[2].start_agent()?;
-    let added = added.await??;
-    wait_agent_converged(&mut cluster.nodes[2]).await?;
-    added.wait_realized(&client, TIMEOUT).await?;
-    remote_new.wait_realized(&client, TIMEOUT).await?;
-    let node = &cluster.nodes[2];
-    let (endpoints, ipcache) = eventually(TIMEOUT, || async move {
-        let (endpoints, ipcache) = read_maps(node)?;
-        ensure!(
-            !endpoints.contains_key(&removed_ip),
-            "stale {removed_ip} still in endpoints"
-        );
-        ensure!(
-            !ipcache.contains_key(&IpNet::from(removed_ip)),
-            "stale {removed_ip} still in ipcache"
-        );
-        Ok((endpoints, ipcache))
-    })
-    .await?;
-    ensure!(
-        endpoints.contains_key(&added.ips[0]),
-        "new local pod missing from endpoints"
-    );
-    ensure!(
-        ipcache.contains_key(&IpNet::from(remote_new.ips[0])),
-        "new remote pod missing from ipcache"
-    );
-    for pod in pods.iter().filter(|p| p.node == node2) {
         assert_eq!(
-            endpoints.get(&pod.ips[0]),
-            before_endpoints.get(&pod.ips[0]),
-            "live endpoint {} changed across the restart",
-            pod.ips[0]
+            (ops("add"), ops("update"), ops("delete")),
+            (1.0, 0.0, 1.0),
+            "only the new and the removed pod's entries change"
         );
+        removed_pod.delete(client, &handle2).await?;
+        let _echo = Echo::start(&added)?;
+        let remote_echo = Echo::start(&remote_new)?;
+        let survivors: Vec<&SimPod> = pods.iter().chain([&added, &remote_new, &late]).collect();
+        let failures = mesh(&survivors).await?;
+        assert!(
+            failures.is_empty(),
+            "{}\n{}",
+            failures.join("\n"),
+            counters(&cluster.nodes)
+        );
+        drop(remote_echo);
+        Ok(())
     }
-    let m = fetch_metrics(node.metrics_port).await?;
-    let ops = |op: &str| {
-        m.sum(
-            "tendril_bpf_map_operations_total",
-            &[("map", "endpoints"), ("operation", op)],
-        )
-    };
-    println!(
-        "agent down while pods changed: after restart endpoints map add={} update={} delete={}",
-        ops("add") + 0.0,
-        ops("update") + 0.0,
-        ops("delete") + 0.0
-    );
-    assert_eq!(
-        (ops("add"), ops("update"), ops("delete")),
-        (1.0, 0.0, 1.0),
-        "only the new and the removed pod's entries change"
-    );
-    removed_pod.delete(&client, &handle2).await?;
-    let _echo = Echo::start(&added)?;
-    let remote_echo = Echo::start(&remote_new)?;
-    let survivors: Vec<&SimPod> = pods.iter().chain([&added, &remote_new, &late]).collect();
-    let failures = mesh(&survivors).await?;
-    assert!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        counters(&cluster.nodes)
-    );
-    drop(remote_echo);
-    drop(echoes);
-    Ok(())
 }
 
 /// Starts `node`'s agent again as the sim does, with `extra` arguments.

@@ -770,7 +770,7 @@ fn conntrack_of(node: &SimNode, ip: IpAddr) -> Result<String> {
     };
     let dp = tendril_datapath::bpf::Dataplane::open(&node.bpffs_root.join(&node.name))?;
     let mut out = String::new();
-    for (k, v) in dp.conntrack_entries()? {
+    for (k, v) in dp.conntrack.entries()? {
         if k.saddr == v4.octets() || k.daddr == v4.octets() {
             writeln!(out, "  {k:?} -> {v:?}")?;
         }

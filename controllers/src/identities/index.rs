@@ -234,7 +234,7 @@ pub fn count_references(
 
 /// What the identities concern does with one `Identity`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum GcDecision {
     /// Keep it; its status should read `references` and `last_referenced`. When unused,
     /// look again after `recheck_after`.
     Keep {
@@ -249,16 +249,16 @@ pub enum Verdict {
 /// Decides whether an identity stays, from its references (endpoints using it now), the
 /// `status.lastReferenced` it carries, the last time this process handed it out, the
 /// current time and the grace period. Reserved identities always stay.
-pub fn gc_verdict(
+pub fn gc_decision(
     id: i64,
     references: i64,
     status_last_referenced: Option<Timestamp>,
     last_used: Option<Timestamp>,
     now: Timestamp,
     grace: Duration,
-) -> Verdict {
+) -> GcDecision {
     if references > 0 || IdentityKind::of(id) == IdentityKind::Reserved {
-        return Verdict::Keep {
+        return GcDecision::Keep {
             references,
             last_referenced: None,
             recheck_after: None,
@@ -272,9 +272,9 @@ pub fn gc_verdict(
     let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
     let deadline = since.checked_add(grace).unwrap_or(Timestamp::MAX);
     if now >= deadline {
-        Verdict::Collect
+        GcDecision::Collect
     } else {
-        Verdict::Keep {
+        GcDecision::Keep {
             references: 0,
             last_referenced: Some(since),
             recheck_after: Duration::try_from(deadline.duration_since(now)).ok(),
@@ -375,8 +375,8 @@ mod tests {
         let grace = Duration::from_secs(60);
         // Referenced: kept, lastReferenced cleared.
         assert_eq!(
-            gc_verdict(300, 2, Some(t(0)), None, t(1000), grace),
-            Verdict::Keep {
+            gc_decision(300, 2, Some(t(0)), None, t(1000), grace),
+            GcDecision::Keep {
                 references: 2,
                 last_referenced: None,
                 recheck_after: None
@@ -384,8 +384,8 @@ mod tests {
         );
         // Just became unreferenced: the clock starts now.
         assert_eq!(
-            gc_verdict(300, 0, None, None, t(10), grace),
-            Verdict::Keep {
+            gc_decision(300, 0, None, None, t(10), grace),
+            GcDecision::Keep {
                 references: 0,
                 last_referenced: Some(t(10)),
                 recheck_after: Some(grace)
@@ -393,8 +393,8 @@ mod tests {
         );
         // Within the grace period: kept, with the time left.
         assert_eq!(
-            gc_verdict(300, 0, Some(t(10)), None, t(40), grace),
-            Verdict::Keep {
+            gc_decision(300, 0, Some(t(10)), None, t(40), grace),
+            GcDecision::Keep {
                 references: 0,
                 last_referenced: Some(t(10)),
                 recheck_after: Some(Duration::from_secs(30))
@@ -402,13 +402,13 @@ mod tests {
         );
         // Past it: collected.
         assert_eq!(
-            gc_verdict(300, 0, Some(t(10)), None, t(70), grace),
-            Verdict::Collect
+            gc_decision(300, 0, Some(t(10)), None, t(70), grace),
+            GcDecision::Collect
         );
         // An allocation by this process pushes the deadline out.
         assert_eq!(
-            gc_verdict(300, 0, Some(t(10)), Some(t(50)), t(70), grace),
-            Verdict::Keep {
+            gc_decision(300, 0, Some(t(10)), Some(t(50)), t(70), grace),
+            GcDecision::Keep {
                 references: 0,
                 last_referenced: Some(t(50)),
                 recheck_after: Some(Duration::from_secs(40))
@@ -416,8 +416,8 @@ mod tests {
         );
         // Reserved identities are never collected.
         assert!(matches!(
-            gc_verdict(2, 0, Some(t(0)), None, t(100_000), grace),
-            Verdict::Keep { .. }
+            gc_decision(2, 0, Some(t(0)), None, t(100_000), grace),
+            GcDecision::Keep { .. }
         ));
     }
 

@@ -16,7 +16,7 @@ pub mod index;
 pub mod labels;
 
 use allocator::IdentityAllocator;
-use index::{Verdict, gc_verdict};
+use index::{GcDecision, gc_decision};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -105,7 +105,7 @@ impl Reconciler for Identities {
         let status = identity.status.clone().unwrap_or_default();
         let last_used = self.allocator.index().last_used(id);
         let now = Timestamp::now();
-        match gc_verdict(
+        match gc_decision(
             id,
             references,
             status.last_referenced.as_ref().map(|t| t.0),
@@ -113,7 +113,7 @@ impl Reconciler for Identities {
             now,
             self.grace,
         ) {
-            Verdict::Collect => {
+            GcDecision::Collect => {
                 // The store may lag behind a just-written Endpoint: ask the apiserver (a
                 // quorum read) whether any Endpoint still carries this identity.
                 let lp = ListParams::default()
@@ -147,7 +147,7 @@ impl Reconciler for Identities {
                 }
                 Ok(Action::await_change())
             }
-            Verdict::Keep {
+            GcDecision::Keep {
                 references,
                 last_referenced,
                 recheck_after,

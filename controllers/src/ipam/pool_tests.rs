@@ -1,5 +1,4 @@
-//! The allocator on plain values: named cases, then properties (no overlap, no leak).
-
+//! Tests of `pool`, in a file of their own.
 use super::*;
 use proptest::prelude::*;
 

@@ -1,10 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* Every map's key and value, defined once. The Rust mirrors live in
- * datapath/src/bpf/maps.rs; tests/bpf_map_layout.rs compares both through the
- * BTF of the compiled objects. Change a struct here only together with its
- * mirror. All maps are pinned by name in the node's bpffs directory, so the
- * three objects (lxc, overlay, host) share them and an agent restart reopens
- * them. */
+ * datapath/src/bpf/maps/layout.rs; tests/bpf_map_layout.rs compares both
+ * through the BTF of the compiled objects. Change a struct here only together
+ * with its mirror. All maps are pinned by name in the node's bpffs directory,
+ * so the three objects (lxc, overlay, host) share them and an agent restart
+ * reopens them. */
 #pragma once
 
 #include "common.h"

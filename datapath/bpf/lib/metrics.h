@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* Per-reason, per-direction packet and byte counters. Reasons below 128 are
  * forwarding outcomes, 128 and above are drops (Cilium's convention). The
- * Rust mirror is `MetricReason` in datapath/src/bpf/maps.rs. */
+ * Rust mirror is `MetricReason` in datapath/src/bpf/maps/layout.rs. */
 #pragma once
 
 #include "events.h"

@@ -143,11 +143,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             tunnel_port: config.tunnel_port,
             map_sizes: config.bpf_map_sizes,
             timing: config.pass_timing(),
-            policy: pass::PolicyOptions {
-                audit_mode: config.policy.audit_mode,
-                conntrack_gc: Duration::from_secs(config.policy.conntrack_gc_seconds),
-                denied_log_per_second: config.policy.events.denied_log_per_second,
-            },
+            policy: config.policy.clone(),
         };
         let datapath_task = pass::run(
             client.clone(),

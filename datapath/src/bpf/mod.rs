@@ -4,19 +4,21 @@
 //!
 //! - [`loader::Programs`] loads the objects, pins the maps in a node's bpffs
 //!   directory and attaches the tc hooks as pinned TCX links.
-//! - [`converge::Dataplane`] opens the pinned maps and converges them.
-//! - [`maps`] holds the `#[repr(C)]` key/value types.
+//! - [`Dataplane`] opens the pinned maps: a struct of typed maps.
+//! - [`maps`]: the `#[repr(C)]` key/value types, the generic [`maps::PinnedMap`] and one
+//!   module per map.
 
-pub mod converge;
+pub mod dataplane;
 pub mod loader;
 pub mod maps;
 pub mod policy;
 
-pub use converge::{
-    ConvergeFailure, ConvergeReport, Dataplane, DataplaneError, MapPressure, MapWriteError,
-    MetricSample,
-};
+pub use dataplane::Dataplane;
 pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};
+pub use maps::{
+    AnyKey, Counts, DataplaneError, Failure, MapPressure, MapWriteError, MetricSample, Op,
+    PolicyItem, Report,
+};
 pub use policy::{
     EventKind, EventVerdict, PolicyEntry, PolicyEvent, PolicyMatch, PolicyState, Verdict,
     monotonic_now_ns, port_range_prefixes, propagate_denies,

@@ -4,9 +4,8 @@
 //! (the pass runs only with complete caches).
 
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure};
+use crate::bpf::AnyKey;
 use crate::bpf::maps::{self, EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -49,59 +48,39 @@ fn desired_node_config(pass: &Pass, audit_mode: bool) -> NodeConfig {
 }
 
 impl Step for EndpointMaps {
-    fn name(&self) -> &'static str {
-        "endpoint maps"
-    }
+    const NAME: &'static str = "endpoint maps";
 
-    fn run<'a>(
-        &'a mut self,
-        node: &'a NodeContext,
-        pass: &'a mut Pass,
-    ) -> BoxFuture<'a, Result<(), StepFailure>> {
-        async move {
-            let endpoints = desired_endpoints(pass);
-            let ipcache = pass.desired.ipcache.clone();
-            let node_config = desired_node_config(pass, node.cfg.policy.audit_mode);
-            let metrics = node.metrics.clone();
-            let (endpoints, ipcache, node_config_error) = node
-                .with_dataplane(move |dp| {
-                    let endpoints = dp.converge_endpoints(&endpoints, true)?;
-                    metrics.observe_converge(maps::ENDPOINTS, &endpoints);
-                    let ipcache = dp.converge_ipcache(&ipcache, true)?;
-                    metrics.observe_converge(maps::IPCACHE, &ipcache);
-                    let node_config_error = dp
-                        .set_node_config(&node_config)
-                        .err()
-                        .map(|e| e.to_string());
-                    Ok::<_, crate::bpf::DataplaneError>((endpoints, ipcache, node_config_error))
-                })
-                .await?
-                .map_err(|e| StepFailure::new("MapReadFailed", e))?;
-            for (map, r) in [(maps::ENDPOINTS, &endpoints), (maps::IPCACHE, &ipcache)] {
-                if r.added + r.updated + r.deleted > 0 {
-                    tracing::info!(
-                        map,
-                        added = r.added,
-                        updated = r.updated,
-                        deleted = r.deleted,
-                        stale_kept = r.stale_kept,
-                        "map converged"
-                    );
-                }
-            }
-            pass.maps.push(MapOutcome {
-                map: maps::ENDPOINTS,
-                group: MapGroup::Forwarding,
-                report: endpoints,
-            });
-            pass.maps.push(MapOutcome {
-                map: maps::IPCACHE,
-                group: MapGroup::Forwarding,
-                report: ipcache,
-            });
-            pass.node_config_error = node_config_error;
-            Ok(())
-        }
-        .boxed()
+    async fn run(&mut self, node: &NodeContext, pass: &mut Pass) -> Result<(), StepFailure> {
+        let endpoints = desired_endpoints(pass);
+        let ipcache = pass.desired.ipcache.clone();
+        let node_config = desired_node_config(pass, node.cfg.policy.audit_mode);
+        let metrics = node.metrics.clone();
+        let (endpoints, ipcache, node_config_error) = node
+            .with_dataplane(move |dp| {
+                let endpoints = dp.endpoints.converge(&endpoints, true)?;
+                metrics.observe_converge(maps::ENDPOINTS, &endpoints);
+                let ipcache = dp.ipcache.converge(&ipcache, true)?;
+                metrics.observe_converge(maps::IPCACHE, &ipcache);
+                let node_config_error = dp
+                    .node_config
+                    .set(&node_config)
+                    .err()
+                    .map(|e| e.to_string());
+                Ok::<_, crate::bpf::DataplaneError>((endpoints, ipcache, node_config_error))
+            })
+            .await?
+            .map_err(|e| StepFailure::new("MapReadFailed", e))?;
+        pass.maps.push(MapOutcome {
+            map: maps::ENDPOINTS,
+            group: MapGroup::Forwarding,
+            report: endpoints.map_keys(AnyKey::from),
+        });
+        pass.maps.push(MapOutcome {
+            map: maps::IPCACHE,
+            group: MapGroup::Forwarding,
+            report: ipcache.map_keys(AnyKey::from),
+        });
+        pass.node_config_error = node_config_error;
+        Ok(())
     }
 }

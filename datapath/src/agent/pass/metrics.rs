@@ -1,6 +1,6 @@
 //! The datapath's metrics, registered in the harness's registry.
 
-use crate::bpf::{ConvergeReport, MapPressure, MetricSample};
+use crate::bpf::{MapPressure, MetricSample, Report};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -150,7 +150,19 @@ impl DatapathMetrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    pub fn observe_converge(&self, map: &str, report: &ConvergeReport) {
+    /// Counts a convergence of `map` in `tendril_bpf_map_operations_total` and logs it when
+    /// it changed anything.
+    pub fn observe_converge<K>(&self, map: &str, report: &Report<K>) {
+        if report.added + report.updated + report.deleted > 0 {
+            tracing::info!(
+                map,
+                added = report.added,
+                updated = report.updated,
+                deleted = report.deleted,
+                stale_kept = report.stale_kept,
+                "map converged"
+            );
+        }
         let count = |operation: &str, outcome: &str, n: usize| {
             if n > 0 {
                 self.map_operations

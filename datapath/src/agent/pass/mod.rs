@@ -44,14 +44,15 @@ pub mod routing;
 
 use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use super::view::{ClusterView, Wake};
-use crate::bpf::{ConvergeReport, Dataplane, DataplaneError, LoadError, MapSizes, Programs};
-use crate::config::RoutingMode;
+use crate::bpf::{AnyKey, Dataplane, DataplaneError, LoadError, MapSizes, Programs, Report};
+use crate::config::{PolicyEnforcementConfig, RoutingMode};
 use futures::future::BoxFuture;
 use index::Desired;
 use kernel::{AttachOutcome, Attacher, NetlinkOutcome};
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
 use metrics::DatapathMetrics;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -69,7 +70,7 @@ pub const HEALTH_CHECK: &str = "datapath";
 const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The steps of a pass, in order. Each sees what the earlier ones did ([`Pass`]).
-pub fn steps() -> Vec<Box<dyn Step>> {
+pub fn steps() -> Vec<Box<dyn AnyStep>> {
     vec![
         Box::new(routing::Routing),
         // Before the endpoint maps: a new pod is never reachable before its policy is in.
@@ -84,6 +85,18 @@ pub fn steps() -> Vec<Box<dyn Step>> {
 /// from `pass`, converges its part of the kernel, and records the outcome in `pass`.
 /// An `Err` ends the pass: nothing after it runs and the node reports the failure.
 pub trait Step: Send {
+    /// For logs.
+    const NAME: &'static str;
+
+    fn run(
+        &mut self,
+        node: &NodeContext,
+        pass: &mut Pass,
+    ) -> impl Future<Output = Result<(), StepFailure>> + Send;
+}
+
+/// A [`Step`] behind a pointer, so the pass can hold a list of different steps.
+pub trait AnyStep: Send {
     fn name(&self) -> &'static str;
 
     fn run<'a>(
@@ -91,6 +104,20 @@ pub trait Step: Send {
         node: &'a NodeContext,
         pass: &'a mut Pass,
     ) -> BoxFuture<'a, Result<(), StepFailure>>;
+}
+
+impl<S: Step> AnyStep for S {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn run<'a>(
+        &'a mut self,
+        node: &'a NodeContext,
+        pass: &'a mut Pass,
+    ) -> BoxFuture<'a, Result<(), StepFailure>> {
+        Box::pin(Step::run(self, node, pass))
+    }
 }
 
 /// A step that could not run at all: the `Realized=False` reason and message.
@@ -122,7 +149,7 @@ pub enum MapGroup {
 pub struct MapOutcome {
     pub map: &'static str,
     pub group: MapGroup,
-    pub report: ConvergeReport,
+    pub report: Report<AnyKey>,
 }
 
 /// What one pass knows: the desired state, then what each step did.
@@ -179,26 +206,8 @@ pub struct PassConfig {
     pub tunnel_port: u16,
     pub map_sizes: MapSizes,
     pub timing: LoopTiming,
-    pub policy: PolicyOptions,
-}
-
-/// Network policy enforcement settings (`policy` in agent.yaml).
-#[derive(Clone, Debug)]
-pub struct PolicyOptions {
-    /// `NODE_F_POLICY_AUDIT`: would-be drops are reported and pass.
-    pub audit_mode: bool,
-    pub conntrack_gc: Duration,
-    pub denied_log_per_second: u32,
-}
-
-impl Default for PolicyOptions {
-    fn default() -> Self {
-        Self {
-            audit_mode: false,
-            conntrack_gc: Duration::from_secs(30),
-            denied_log_per_second: 10,
-        }
-    }
+    /// `policy` in agent.yaml.
+    pub policy: PolicyEnforcementConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +260,7 @@ pub async fn run(
             dataplane.clone(),
             metrics.clone(),
             flows,
-            cfg.policy.denied_log_per_second,
+            cfg.policy.events.denied_log_per_second,
             shutdown.clone(),
         );
         // Without events the datapath still enforces: the passes go on.
@@ -263,7 +272,7 @@ pub async fn run(
     let conntrack_gc = events::conntrack_gc(
         dataplane.clone(),
         metrics.clone(),
-        cfg.policy.conntrack_gc,
+        Duration::from_secs(cfg.policy.conntrack_gc_seconds),
         shutdown.clone(),
     );
     let timing = cfg.timing.clone();
@@ -304,7 +313,7 @@ pub async fn run(
 /// The node's passes: the steps, run in order over one snapshot of the view.
 struct NodePass<'a> {
     node: &'a NodeContext,
-    steps: Vec<Box<dyn Step>>,
+    steps: Vec<Box<dyn AnyStep>>,
     /// Every initial list completed.
     synced: Arc<AtomicBool>,
     health: Health,

@@ -6,10 +6,8 @@
 
 use super::index::{Desired, EndpointRef};
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure, policy};
-use crate::bpf::maps;
-use crate::bpf::{ConvergeReport, Dataplane, DataplaneError};
-use futures::FutureExt;
-use futures::future::BoxFuture;
+use crate::bpf::maps::{self, IpcacheKey};
+use crate::bpf::{AnyKey, Dataplane, DataplaneError, PolicyItem, Report};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -38,17 +36,17 @@ pub fn implementation_delay(
 #[derive(Debug)]
 pub struct PolicyRealization {
     pub wanted: policy::DesiredPolicy,
-    pub cidrs: ConvergeReport,
-    pub policy: ConvergeReport,
+    pub cidrs: Report<IpcacheKey>,
+    pub policy: Report<PolicyItem>,
     /// The translation equalled what the last convergence wrote: the maps were not read.
     pub skipped: bool,
 }
 
 /// Translates the local endpoints' policies and converges the policy maps, pruning (call
-/// it only with complete caches), in one [`Dataplane::converge_policy_with_cidrs`]: it owns
-/// the order that keeps every packet judged by the old policy, the new one or (a new
-/// connection, briefly) their union, and re-judges established connections only against the
-/// complete new policy. Blocking.
+/// it only with complete caches), in one [`maps::PolicyMaps::converge_with_cidrs`]: it
+/// owns the order that keeps every packet judged by the old policy, the new one or (a new
+/// connection, briefly) their union, and re-judges established connections only against
+/// the complete new policy. Blocking.
 ///
 /// With `last`, what a previous call converged without failure: an identical translation
 /// skips the maps (a pass triggered by an unrelated change costs no map reads).
@@ -58,18 +56,19 @@ pub fn realize_policy(
     cluster_ports: &policy::ClusterNamedPorts,
     last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
-    let current_cidrs = dp.policy_cidrs()?;
+    let current_cidrs = dp.policy.cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
     if last == Some(&wanted) {
         return Ok(PolicyRealization {
             wanted,
-            cidrs: ConvergeReport::default(),
-            policy: ConvergeReport::default(),
+            cidrs: Report::default(),
+            policy: Report::default(),
             skipped: true,
         });
     }
     let (cidrs, policy) =
-        dp.converge_policy_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
+        dp.policy
+            .converge_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
     Ok(PolicyRealization {
         wanted,
         cidrs,
@@ -93,81 +92,71 @@ pub struct PolicyMaps {
 
 /// What the blocking half of the step produced.
 struct Converged {
-    cidrs: ConvergeReport,
-    policy: ConvergeReport,
+    cidrs: Report<IpcacheKey>,
+    policy: Report<PolicyItem>,
     realized: BTreeMap<EndpointRef, i64>,
     endpoints: usize,
     applied: Option<Arc<policy::DesiredPolicy>>,
 }
 
 impl Step for PolicyMaps {
-    fn name(&self) -> &'static str {
-        "policy maps"
-    }
+    const NAME: &'static str = "policy maps";
 
-    fn run<'a>(
-        &'a mut self,
-        node: &'a NodeContext,
-        pass: &'a mut Pass,
-    ) -> BoxFuture<'a, Result<(), StepFailure>> {
-        async move {
-            let used = self.policies_of(node, &pass.desired);
-            let converged = self.converge(node, &pass.desired, &used).await?;
-            let failed = !converged.cidrs.is_converged() || !converged.policy.is_converged();
-            match converged.applied.clone() {
-                // Skipped: the clock of the last real convergence keeps running.
-                Some(applied)
-                    if self
-                        .applied
-                        .as_ref()
-                        .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
-                Some(applied) => self.applied = Some((applied, Instant::now())),
-                None => self.applied = None,
-            }
-            node.metrics
-                .policy_endpoints
-                .set(i64::try_from(converged.endpoints).unwrap_or(i64::MAX));
-            // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
-            let policies = node.view.resolved_policies.store();
-            let unrealized = pass
-                .desired
-                .local
-                .iter()
-                .filter(|ep| {
-                    policies
-                        .get(&ObjectRef::new(&ep.identity.to_string()))
-                        .is_some_and(|p| converged.realized.get(&ep.key) != Some(&p.spec.revision))
-                })
-                .count();
-            node.metrics.set_unrealized("ResolvedPolicy", unrealized);
-            if failed {
-                // Keep what was held, add what is new: a failed pass proves nothing was removed.
-                for (key, policy) in &used {
-                    self.held.insert(key.clone(), policy.clone());
-                }
-                let local: BTreeSet<&EndpointRef> =
-                    pass.desired.local.iter().map(|e| &e.key).collect();
-                self.held.retain(|key, _| local.contains(key));
-            } else {
-                self.held = used.clone();
-            }
-            // Before the statuses are written: it tells a revision realized by an earlier
-            // process (already reported) from one this pass realized.
-            self.observe_delay(node, &pass.desired, &converged.realized, &used);
-            pass.policy_realized = converged.realized;
-            pass.maps.push(MapOutcome {
-                map: maps::POLICY_CIDRS,
-                group: MapGroup::Policy,
-                report: converged.cidrs,
-            });
-            pass.maps.push(MapOutcome {
-                map: maps::POLICY,
-                group: MapGroup::Policy,
-                report: converged.policy,
-            });
-            Ok(())
+    async fn run(&mut self, node: &NodeContext, pass: &mut Pass) -> Result<(), StepFailure> {
+        let used = self.policies_of(node, &pass.desired);
+        let converged = self.converge(node, &pass.desired, &used).await?;
+        let failed = !converged.cidrs.is_converged() || !converged.policy.is_converged();
+        match converged.applied.clone() {
+            // Skipped: the clock of the last real convergence keeps running.
+            Some(applied)
+                if self
+                    .applied
+                    .as_ref()
+                    .is_some_and(|(a, _)| Arc::ptr_eq(a, &applied)) => {}
+            Some(applied) => self.applied = Some((applied, Instant::now())),
+            None => self.applied = None,
         }
-        .boxed()
+        node.metrics
+            .policy_endpoints
+            .set(i64::try_from(converged.endpoints).unwrap_or(i64::MAX));
+        // Local endpoints whose identity's current ResolvedPolicy revision is not in yet.
+        let policies = node.view.resolved_policies.store();
+        let unrealized = pass
+            .desired
+            .local
+            .iter()
+            .filter(|ep| {
+                policies
+                    .get(&ObjectRef::new(&ep.identity.to_string()))
+                    .is_some_and(|p| converged.realized.get(&ep.key) != Some(&p.spec.revision))
+            })
+            .count();
+        node.metrics.set_unrealized("ResolvedPolicy", unrealized);
+        if failed {
+            // Keep what was held, add what is new: a failed pass proves nothing was removed.
+            for (key, policy) in &used {
+                self.held.insert(key.clone(), policy.clone());
+            }
+            let local: BTreeSet<&EndpointRef> = pass.desired.local.iter().map(|e| &e.key).collect();
+            self.held.retain(|key, _| local.contains(key));
+        } else {
+            self.held = used.clone();
+        }
+        // Before the statuses are written: it tells a revision realized by an earlier
+        // process (already reported) from one this pass realized.
+        self.observe_delay(node, &pass.desired, &converged.realized, &used);
+        pass.policy_realized = converged.realized;
+        pass.maps.push(MapOutcome {
+            map: maps::POLICY_CIDRS,
+            group: MapGroup::Policy,
+            report: converged.cidrs.map_keys(AnyKey::from),
+        });
+        pass.maps.push(MapOutcome {
+            map: maps::POLICY,
+            group: MapGroup::Policy,
+            report: converged.policy.map_keys(AnyKey::from),
+        });
+        Ok(())
     }
 }
 
@@ -254,17 +243,6 @@ impl PolicyMaps {
             }
             metrics.observe_converge(maps::POLICY_CIDRS, &cidrs);
             metrics.observe_converge(maps::POLICY, &entries);
-            for (map, r) in [(maps::POLICY_CIDRS, &cidrs), (maps::POLICY, &entries)] {
-                if r.added + r.updated + r.deleted > 0 {
-                    tracing::info!(
-                        map,
-                        added = r.added,
-                        updated = r.updated,
-                        deleted = r.deleted,
-                        "map converged"
-                    );
-                }
-            }
             let converged = cidrs.is_converged() && entries.is_converged();
             let mut realized = BTreeMap::new();
             if converged {

@@ -5,46 +5,35 @@
 
 use super::kernel;
 use super::{NodeContext, Pass, Step, StepFailure};
-use futures::FutureExt;
-use futures::future::BoxFuture;
 
 pub struct AttachPrograms;
 
 impl Step for AttachPrograms {
-    fn name(&self) -> &'static str {
-        "programs"
-    }
+    const NAME: &'static str = "programs";
 
-    fn run<'a>(
-        &'a mut self,
-        node: &'a NodeContext,
-        pass: &'a mut Pass,
-    ) -> BoxFuture<'a, Result<(), StepFailure>> {
-        async move {
-            let (netns, pin_dir, attacher) = (
-                node.cfg.node_netns.clone(),
-                node.cfg.pin_dir.clone(),
-                node.attacher.clone(),
-            );
-            let (hooks, present) = (pass.netlink.hooks.clone(), pass.netlink.present.clone());
-            let outcome = tokio::task::spawn_blocking(move || {
-                kernel::attach(netns, pin_dir, hooks, present, true, attacher)
-            })
-            .await
-            .map_err(|e| StepFailure::new("AttachFailed", e))?
-            .map_err(|e| StepFailure::new("AttachFailed", e))?;
-            for error in &outcome.errors {
-                tracing::warn!(%error, "attaching programs");
-            }
-            if outcome.links_pruned > 0 {
-                tracing::info!(
-                    links_pruned = outcome.links_pruned,
-                    "link pins of vanished interfaces removed"
-                );
-            }
-            pass.attached = outcome;
-            Ok(())
+    async fn run(&mut self, node: &NodeContext, pass: &mut Pass) -> Result<(), StepFailure> {
+        let (netns, pin_dir, attacher) = (
+            node.cfg.node_netns.clone(),
+            node.cfg.pin_dir.clone(),
+            node.attacher.clone(),
+        );
+        let (hooks, present) = (pass.netlink.hooks.clone(), pass.netlink.present.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            kernel::attach(netns, pin_dir, hooks, present, true, attacher)
+        })
+        .await
+        .map_err(|e| StepFailure::new("AttachFailed", e))?
+        .map_err(|e| StepFailure::new("AttachFailed", e))?;
+        for error in &outcome.errors {
+            tracing::warn!(%error, "attaching programs");
         }
-        .boxed()
+        if outcome.links_pruned > 0 {
+            tracing::info!(
+                links_pruned = outcome.links_pruned,
+                "link pins of vanished interfaces removed"
+            );
+        }
+        pass.attached = outcome;
+        Ok(())
     }
 }

@@ -6,10 +6,12 @@
 
 use super::index::EndpointRef;
 use super::{FIELD_MANAGER, MapGroup, NodeContext, Pass, StepFailure};
+use crate::bpf::AnyKey;
 use kube::Api;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tendril_runtime::conditions::{self, DesiredCondition, REALIZED};
 use tendril_runtime::{apply_body, apply_status};
@@ -38,9 +40,7 @@ pub fn realized_condition(pass: &Pass, failure: Option<&StepFailure>) -> Desired
             "a BPF map is full (see tendril_bpf_map_pressure)".to_string(),
         );
     }
-    let forwarding: BTreeSet<&str> = failed(MapGroup::Forwarding)
-        .map(|f| f.key.as_str())
-        .collect();
+    let forwarding: BTreeSet<&AnyKey> = failed(MapGroup::Forwarding).map(|f| &f.key).collect();
     if !forwarding.is_empty() {
         return condition(
             false,
@@ -203,12 +203,15 @@ pub struct EndpointState {
 
 /// Every local endpoint's state after a complete pass.
 pub fn endpoint_states(pass: &Pass) -> Vec<EndpointState> {
-    let failed_keys: BTreeSet<&str> = pass
+    let failed_ips: BTreeSet<IpAddr> = pass
         .maps
         .iter()
         .filter(|m| m.group == MapGroup::Forwarding)
         .flat_map(|m| &m.report.failed)
-        .map(|f| f.key.as_str())
+        .filter_map(|f| match f.key {
+            AnyKey::Endpoint(key) => key.ip(),
+            _ => None,
+        })
         .collect();
     pass.desired
         .local
@@ -223,10 +226,7 @@ pub fn endpoint_states(pass: &Pass) -> Vec<EndpointState> {
                     .get(ip)
                     .is_some_and(|w| pass.attached.attached.contains(&w.ifindex))
             }),
-            failed: ep
-                .ips
-                .iter()
-                .any(|ip| failed_keys.contains(ip.to_string().as_str())),
+            failed: ep.ips.iter().any(|ip| failed_ips.contains(ip)),
         })
         .collect()
 }
@@ -321,7 +321,7 @@ pub async fn observe_maps(node: &NodeContext) {
                 Ok(p) => metrics.observe_pressure(&p),
                 Err(e) => tracing::warn!(error = %e, "reading map pressure"),
             }
-            match dp.metrics() {
+            match dp.metrics.samples() {
                 Ok(samples) => metrics.observe_samples(&samples),
                 Err(e) => tracing::warn!(error = %e, "reading the metrics map"),
             }
@@ -333,11 +333,12 @@ pub async fn observe_maps(node: &NodeContext) {
 mod tests {
     use super::*;
     use crate::agent::pass::MapOutcome;
-    use crate::bpf::converge::{ConvergeFailure, ConvergeReport, MapWriteError, Op};
+    use crate::bpf::maps::{EndpointKey, PolicyItem};
+    use crate::bpf::{Failure, MapWriteError, Op, Report};
 
-    fn failure(key: &str, full: bool) -> ConvergeFailure {
-        ConvergeFailure {
-            key: key.to_string(),
+    fn failure(key: AnyKey, full: bool) -> Failure<AnyKey> {
+        Failure {
+            key,
             op: Op::Add,
             error: if full {
                 MapWriteError::Full {
@@ -354,13 +355,13 @@ mod tests {
         }
     }
 
-    fn with_map(pass: &mut Pass, group: MapGroup, failed: Vec<ConvergeFailure>) {
+    fn with_map(pass: &mut Pass, group: MapGroup, failed: Vec<Failure<AnyKey>>) {
         pass.maps.push(MapOutcome {
             map: "m",
             group,
-            report: ConvergeReport {
+            report: Report {
                 failed,
-                ..ConvergeReport::default()
+                ..Report::default()
             },
         });
     }
@@ -390,17 +391,27 @@ mod tests {
         assert_eq!(reason(&pass, None), (false, "NetlinkFailed".into()));
         pass.node_config_error = Some("node_config".into());
         assert_eq!(reason(&pass, None), (false, "MapWriteFailed".into()));
-        with_map(&mut pass, MapGroup::Policy, vec![failure("p", false)]);
+        let policy_state = |id| AnyKey::Policy(PolicyItem::State(id));
+        with_map(
+            &mut pass,
+            MapGroup::Policy,
+            vec![failure(policy_state(1), false)],
+        );
         let c = realized_condition(&pass, None);
         assert_eq!(c.message, "1 policy map writes failed");
+        let pod = AnyKey::Endpoint(EndpointKey::new("10.0.0.1".parse().unwrap()));
         with_map(
             &mut pass,
             MapGroup::Forwarding,
-            vec![failure("10.0.0.1", false), failure("10.0.0.1", false)],
+            vec![failure(pod, false), failure(pod, false)],
         );
         let c = realized_condition(&pass, None);
         assert_eq!(c.message, "1 map writes failed", "distinct keys");
-        with_map(&mut pass, MapGroup::Policy, vec![failure("q", true)]);
+        with_map(
+            &mut pass,
+            MapGroup::Policy,
+            vec![failure(policy_state(2), true)],
+        );
         assert_eq!(reason(&pass, None), (false, "MapFull".into()));
         let step = StepFailure::new("NetlinkFailed", "no netns");
         let c = realized_condition(&pass, Some(&step));

@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use super::LpmKey;
+
 /// Map names, which are also their pin file names in the node's bpffs directory.
 pub const IPCACHE: &str = "ipcache";
 pub const ENDPOINTS: &str = "endpoints";
@@ -126,8 +128,12 @@ impl IpcacheKey {
             IpAddr::V6(v6) => Ipv6Net::new(v6, prefix).ok().map(IpNet::V6),
         }
     }
+}
 
-    pub fn to_lpm(self) -> aya::maps::lpm_trie::Key<IpcachePrefix> {
+impl LpmKey for IpcacheKey {
+    type Prefix = IpcachePrefix;
+
+    fn to_lpm(self) -> aya::maps::lpm_trie::Key<IpcachePrefix> {
         aya::maps::lpm_trie::Key::new(
             self.prefixlen,
             IpcachePrefix {
@@ -138,7 +144,7 @@ impl IpcacheKey {
         )
     }
 
-    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<IpcachePrefix>) -> Self {
+    fn from_lpm(key: &aya::maps::lpm_trie::Key<IpcachePrefix>) -> Self {
         let data = key.data();
         Self {
             prefixlen: key.prefix_len(),
@@ -282,8 +288,10 @@ pub struct PolicyPrefix {
     pub dport: [u8; 2],
 }
 
-impl PolicyKey {
-    pub fn to_lpm(self) -> aya::maps::lpm_trie::Key<PolicyPrefix> {
+impl LpmKey for PolicyKey {
+    type Prefix = PolicyPrefix;
+
+    fn to_lpm(self) -> aya::maps::lpm_trie::Key<PolicyPrefix> {
         aya::maps::lpm_trie::Key::new(
             self.prefixlen,
             PolicyPrefix {
@@ -298,7 +306,7 @@ impl PolicyKey {
         )
     }
 
-    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyPrefix>) -> Self {
+    fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyPrefix>) -> Self {
         let d = key.data();
         Self {
             prefixlen: key.prefix_len(),
@@ -324,8 +332,8 @@ pub struct PolicyValue {
     pub rule_cookie: u32,
 }
 
-/// `struct policy_state` is [`super::policy::PolicyState`] (`#[repr(C)]`).
-pub use super::policy::PolicyState;
+/// `struct policy_state` is [`crate::bpf::policy::PolicyState`] (`#[repr(C)]`).
+pub use crate::bpf::policy::PolicyState;
 
 /// `struct policy_cidr_value`: the node-local identity of a policy CIDR. Its key is an
 /// [`IpcacheKey`].
@@ -368,7 +376,7 @@ pub struct CtValue {
 }
 
 /// `struct policy_event` as the programs write it into the `events` ring buffer; decoded by
-/// [`super::policy::PolicyEvent::from_bytes`].
+/// [`crate::bpf::policy::PolicyEvent::from_bytes`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RawPolicyEvent {

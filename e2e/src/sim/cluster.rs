@@ -1,0 +1,98 @@
+//! [`SimCluster`]: an underlay with several simulated nodes, for tests and `tendril-sim`.
+
+use super::*;
+
+/// Settings of a [`SimCluster`].
+#[derive(Clone, Debug)]
+pub struct SimClusterConfig {
+    pub nodes: u8,
+    /// The default PodIPPool's IPv4 CIDR and per-node mask size.
+    pub pool_cidr: String,
+    pub mask_size: u8,
+    /// `identities.gcGracePeriodSeconds` of the operator.
+    pub identity_grace_seconds: u64,
+}
+
+impl Default for SimClusterConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pool_cidr: "10.200.0.0/16".into(),
+            mask_size: 24,
+            identity_grace_seconds: 900,
+        }
+    }
+}
+
+/// N simulated nodes with their agents, the operator (a [`Process`]) and a default
+/// `PodIPPool`, on `env`'s plane. The operator's ipam concern writes every NodeNetwork of
+/// the plane, so give a cluster a [`crate::ControlPlane::dedicated`] plane.
+pub struct SimCluster {
+    // Field order is drop order: nodes (agents, namespaces) before the underlay.
+    pub nodes: Vec<SimNode>,
+    pub operator: Process,
+    pub operator_port: u16,
+    pub underlay: Underlay,
+    config_path: PathBuf,
+}
+
+impl SimCluster {
+    pub async fn start(env: &TestEnv, config: SimClusterConfig) -> Result<SimCluster> {
+        sweep_stale_netns();
+        let client = env.client();
+        let cluster = format!(
+            "{}-{}",
+            std::process::id(),
+            rand::rng().random_range(0..9999)
+        );
+        let underlay = Underlay::new(&cluster).await?;
+        let pool = format!(
+            "apiVersion: tendril.dev/v1alpha1\nkind: PodIPPool\nmetadata: {{name: default}}\n\
+             spec: {{ipv4: {{cidrs: [\"{}\"], maskSize: {}}}}}",
+            config.pool_cidr, config.mask_size
+        );
+        env.apply_yaml(&pool).await?;
+        env.delete_on_drop::<tendril_crds::v1alpha1::PodIPPool>("default");
+        let config_path =
+            std::env::temp_dir().join(format!("{}.yaml", env.unique_name("sim-operator")));
+        std::fs::write(
+            &config_path,
+            format!(
+                "identities:\n  gcGracePeriodSeconds: {}\n",
+                config.identity_grace_seconds
+            ),
+        )?;
+        let operator_port = free_port()?;
+        let mut operator = Process::builder("tendril-operator")
+            .arg("--kubeconfig")
+            .arg(env.kubeconfig())
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--leader-elect=false")
+            .arg("--metrics-bind")
+            .arg(format!("127.0.0.1:{operator_port}"))
+            .env("RUST_LOG", "info")
+            .spawn()?;
+        operator.wait_for_log("caches synced", WAIT).await?;
+        let mut nodes = Vec::new();
+        for i in 0..config.nodes {
+            nodes.push(SimNode::start(env, &cluster, 0, i).await?);
+        }
+        for node in &nodes {
+            node.wait_ready(&client).await?;
+        }
+        Ok(SimCluster {
+            nodes,
+            operator,
+            operator_port,
+            underlay,
+            config_path,
+        })
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}

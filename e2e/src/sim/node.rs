@@ -1,0 +1,173 @@
+//! [`SimNode`]: a simulated node — its namespace on the underlay, its `Node` object and its
+//! `tendril-agent` process.
+
+use super::*;
+
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A simulated node of a test: namespace on the underlay, Node object, one agent.
+/// Dropping it stops the agent and removes the namespace, state and pin directories.
+pub struct SimNode {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub netns: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub metrics_port: u16,
+    kubeconfig: PathBuf,
+    agent: Option<Process>,
+    handle: NodeHandle,
+}
+
+impl SimNode {
+    /// Brings node `index` up on `cluster`'s underlay (which must exist, see
+    /// [`ensure_underlay`]) and starts its agent. The Node object is deleted with `env`.
+    pub async fn start(env: &TestEnv, cluster: &str, subnet: u8, index: u8) -> Result<SimNode> {
+        let name = env.unique_name(&format!("node{index}"));
+        let address = node_address(subnet, index);
+        let state_dir = std::env::temp_dir().join(format!("tendril-sim-{name}"));
+        let bpffs_root = PathBuf::from("/sys/fs/bpf/tendril-sim").join(&name);
+        let socket = state_dir.join("cni.sock");
+        let mut node = SimNode {
+            netns: node_netns(&name),
+            address,
+            state_dir,
+            socket: socket.clone(),
+            bpffs_root,
+            metrics_port: free_port()?,
+            kubeconfig: env.kubeconfig(),
+            agent: None,
+            handle: NodeHandle {
+                name: name.clone(),
+                address,
+                netns: node_netns(&name),
+                conflist: conflist(&socket),
+                cni_bin_dir: target_bin_dir(),
+            },
+            name,
+        };
+        // From here on Drop cleans up whatever was made.
+        std::fs::create_dir_all(&node.state_dir)?;
+        std::fs::write(
+            node.state_dir.join("10-tendril.conflist"),
+            serde_json::to_vec_pretty(&node.handle.conflist)?,
+        )?;
+        ensure_node_netns(cluster, &node.name, index, address).await?;
+        env.delete_on_drop::<Node>(&node.name);
+        env.delete_on_drop::<NodeNetwork>(&node.name);
+        ensure_node_object(&env.client(), &node.name, address, &BTreeMap::new()).await?;
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    /// What pods need of this node.
+    pub fn handle(&self) -> &NodeHandle {
+        &self.handle
+    }
+
+    /// Starts the agent (again), with the same state directory, socket and metrics port.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let agent = Process::builder("tendril-agent")
+            .name(format!("tendril-agent-{}", self.name))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["--node-name", &self.name])
+            .arg("--node-netns")
+            .arg(netns_path(&self.netns))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--cni-socket")
+            .arg(&self.socket)
+            .arg("--bpffs-root")
+            .arg(&self.bpffs_root)
+            .args([
+                "--metrics-bind",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            // Test-short: an address restored at start for an Endpoint whose pod is already
+            // gone (the garbage collector lags) is released after 10 s, not 5 minutes.
+            .args([
+                "--ipam-resync-seconds",
+                "5",
+                "--ipam-leak-grace-seconds",
+                "10",
+            ])
+            .env("RUST_LOG", "info")
+            .spawn()?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// The running agent, if any.
+    pub fn agent(&mut self) -> Option<&mut Process> {
+        self.agent.as_mut()
+    }
+
+    /// SIGKILL, as a crash: no cleanup of the socket or anything else.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// Waits until the agent reports Ready in the node's NodeNetwork.
+    pub async fn wait_ready(&self, client: &Client) -> Result<NodeNetwork> {
+        wait_node_network_ready(client, &self.name, WAIT)
+            .await
+            .with_context(|| {
+                self.agent
+                    .as_ref()
+                    .map(|a| a.log_tail(30))
+                    .unwrap_or_default()
+            })
+    }
+
+    /// `tendril_agent_ips_in_use` from the agent's metrics.
+    pub async fn ips_in_use(&self) -> Result<f64> {
+        fetch_metrics(self.metrics_port)
+            .await?
+            .value("tendril_agent_ips_in_use", &[])
+            .context("tendril_agent_ips_in_use missing")
+    }
+
+    /// Waits until the agent's metrics say `n` addresses are in use.
+    pub async fn wait_ips_in_use(&self, n: f64) -> Result<()> {
+        eventually(WAIT, || async move {
+            let v = self.ips_in_use().await?;
+            anyhow::ensure!(v == n, "{v} addresses in use, waiting for {n}");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Allocation records on disk (`{state}/ipam/*.json`).
+    pub fn allocation_records(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.state_dir.join("ipam");
+        let mut out = Vec::new();
+        if dir.exists() {
+            for e in std::fs::read_dir(&dir)? {
+                let p = e?.path();
+                if p.extension().is_some_and(|x| x == "json") {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.stop(Duration::from_secs(10));
+        }
+        delete_netns(&self.netns);
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let _ = std::fs::remove_dir_all(&self.bpffs_root);
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The benchmarks, apart from the suite: each prints its figures (ratios against a baseline
+# measured in the same run) and asserts nothing about speed. Needs root (BPF, netns).
+#
+#   hack/bench.sh            # all
+#   hack/bench.sh bpf        # per-packet cost of every program (BPF_PROG_TEST_RUN)
+#   hack/bench.sh policy     # per-packet cost of policy enforcement at 0/10/10k rules
+#   hack/bench.sh propagation  # policy applied → enforced on every node, 10/1k/10k rules
+#   hack/bench.sh memory     # agent and operator RSS per remote endpoint
+set -uo pipefail
+source "$(dirname "$0")/lib/common.sh"
+cd "$TENDRIL_ROOT"
+
+bash hack/install-prereqs.sh >/dev/null
+bash hack/control-plane.sh build >/dev/null
+cargo build --workspace --bins >/dev/null || die "cargo build failed"
+
+which=${1:-all}
+rc=0
+run() {
+  log "── benchmark $1"
+  shift
+  "$@" -- --nocapture --test-threads=1 || rc=1
+}
+case $which in
+  all | bpf) run "bpf programs (ns/packet)" cargo test -p tendril-datapath --test bpf_bench ;;&
+  all | policy) run "policy per packet (ns/packet)" cargo test -p tendril-datapath --test bpf_policy_bench ;;&
+  all | propagation) run "policy propagation" cargo test -p tendril-e2e --test policy_propagation ;;&
+  all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&
+  all | bpf | policy | propagation | memory) ;;
+  *) die "unknown benchmark $which (bpf, policy, propagation, memory or all)" ;;
+esac
+exit $rc
