@@ -122,7 +122,5 @@ async fn the_operator_watches_each_kind_once() -> Result<()> {
         .collect();
     want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     assert_eq!(registry, want, "tendril_cache_watches");
-    let errors = metrics.sum("tendril_cache_watch_errors_total", &[]);
-    assert_eq!(errors, 0.0, "watch errors on a healthy plane");
     Ok(())
 }
