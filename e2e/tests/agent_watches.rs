@@ -1,7 +1,7 @@
 //! One watch per kind per process, for the agent: counted by the apiserver itself
 //! (`apiserver_longrunning_requests{verb="WATCH"}`) on a plane of its own where the agent is
 //! the only client of Tendril's kinds, and by the agent's registry
-//! (`tendril_cache_watches{kind,scope}`).
+//! (`tendril_cache_watches{group,kind,scope}`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,11 +74,16 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         let plane = &plane;
         async move {
             let w = apiserver_watches(plane, "tendril.dev").await?;
-            ensure!(
-                w.get("endpoints").copied().unwrap_or(0.0) >= 1.0
-                    && w.get("resolvedpolicies").copied().unwrap_or(0.0) >= 1.0,
-                "watches not open yet: {w:?}"
-            );
+            // Watches open one by one after the agent starts: wait for all four.
+            let opened = [
+                "endpoints",
+                "identities",
+                "nodenetworks",
+                "resolvedpolicies",
+            ]
+            .iter()
+            .all(|r| w.get(*r).copied().unwrap_or(0.0) >= 1.0);
+            ensure!(opened, "watches not all open yet: {w:?}");
             Ok(w)
         }
     })
