@@ -28,6 +28,9 @@
 #     sends nothing), else its first global IPv4 address, else 198.51.100.1 (TEST-NET-2).
 #     The apiserver still binds only 127.0.0.1 and nothing dials the advertised address, so
 #     no traffic leaves the machine and no link is created.
+#   TENDRIL_ETCD_EXTRA_ARGS, TENDRIL_APISERVER_EXTRA_ARGS, TENDRIL_KCM_EXTRA_ARGS: more flags
+#     for that component (split on spaces; not saved in plane.env), e.g. --feature-gates=…;
+#     the e2e tests break a start on purpose with a flag that does not exist.
 # Service CIDR 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1).
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
@@ -371,7 +374,7 @@ start_etcd() {
     --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster="tendril=http://127.0.0.1:$ETCD_PEER_PORT" \
     --unsafe-no-fsync --log-level=warn --quota-backend-bytes=4294967296 \
-    --auto-compaction-mode=periodic --auto-compaction-retention=5m
+    --auto-compaction-mode=periodic --auto-compaction-retention=5m ${TENDRIL_ETCD_EXTRA_ARGS:-}
 }
 
 start_apiserver() {
@@ -388,7 +391,8 @@ start_apiserver() {
     --api-audiences=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
-    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false --v=1
+    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false --v=1 \
+    ${TENDRIL_APISERVER_EXTRA_ARGS:-}
 }
 
 start_kcm() {
@@ -403,7 +407,7 @@ start_kcm() {
     --controllers="$CONTROLLERS" --use-service-account-credentials=true \
     --root-ca-file="$pki/ca.crt" --service-account-private-key-file="$pki/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" --cluster-name=tendril \
-    --leader-elect=false --profiling=false --v=1
+    --leader-elect=false --profiling=false --v=1 ${TENDRIL_KCM_EXTRA_ARGS:-}
 }
 
 wait_ready() {
