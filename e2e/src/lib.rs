@@ -42,7 +42,10 @@
 //! - [`ControlPlane::shared`]`()`: the shared plane in `~/.cache/tendril/test-run` (ports:
 //!   apiserver 26443, etcd 22379/22380, controller-manager 30257; `TENDRIL_TEST_RUN` and
 //!   `TENDRIL_TEST_PORT_BASE` move it), never the developer's `hack/up.sh` plane. [`ControlPlane::dedicated`]`(name)`: a plane of its own on free
-//!   ports, for fault tests, removed on drop; only dedicated planes accept
+//!   ports (below the kernel's ephemeral range), for fault tests, removed on drop (its logs
+//!   kept, see below); [`ControlPlane::dedicated_with_env`] passes environment to
+//!   `hack/control-plane.sh` and [`ControlPlane::start_attempts`] tells whether a start had to
+//!   be repeated because another plane took a port; only dedicated planes accept
 //!   [`restart_apiserver`](ControlPlane::restart_apiserver),
 //!   [`restart_etcd`](ControlPlane::restart_etcd), [`restart`](ControlPlane::restart)`(Component)`,
 //!   [`stop_component`](ControlPlane::stop_component)`(Component)` and
