@@ -28,6 +28,9 @@
 #     sends nothing), else its first global IPv4 address, else 198.51.100.1 (TEST-NET-2).
 #     The apiserver still binds only 127.0.0.1 and nothing dials the advertised address, so
 #     no traffic leaves the machine and no link is created.
+#   TENDRIL_ETCD_EXTRA_ARGS, TENDRIL_APISERVER_EXTRA_ARGS, TENDRIL_KCM_EXTRA_ARGS: more flags
+#     for that component (split on spaces; not saved in plane.env), e.g. --feature-gates=…;
+#     the e2e tests break a start on purpose with a flag that does not exist.
 # Service CIDR 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1).
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
@@ -98,18 +101,49 @@ config_matches() {
 
 # ---------------------------------------------------------------- processes
 
-# pid of a running component of this run dir, or nothing. A pid file whose process is gone,
-# or was reused by an unrelated program, is stale and removed.
+# pid of a running component of this run dir, or nothing. A component is known by its pid
+# and that process's start time (pids/NAME.pid and pids/NAME.start, written at spawn): the
+# pair names the process from its fork on, before and after it execs the binary, and never a
+# later process that reuses the pid. A pid file without a start file (written by an older
+# version of this script) is checked by command name and run dir instead. A pid file whose
+# process is gone (or a zombie not yet reaped) is stale and removed; why is appended to
+# logs/pid-checks.log.
 running_pid() {
-  local name=$1 f="$pids/$1.pid" pid
+  local name=$1 f="$pids/$1.pid" pid start
   [[ -f $f ]] || return 0
   pid=$(cat "$f")
-  if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TENDRIL_RUN/" &&
+  if [[ -f $pids/$name.start ]]; then
+    start=$(cat "$pids/$name.start")
+    if [[ -n $pid && -n $start && $(proc_field "$pid" 20) == "$start" && $(proc_field "$pid" 1) != [ZX] ]]; then
+      echo "$pid"
+      return 0
+    fi
+  elif [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TENDRIL_RUN/" &&
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${name:0:15}" ]]; then
     echo "$pid"
-  else
-    rm -f "$f"
+    return 0
   fi
+  printf '%s: pid file named %s (%s) at %s: not running\n' "$name" "${pid:-nothing}" \
+    "$(describe_pid "$pid")" "$(date -u +%T.%N)" >>"$logs/pid-checks.log" 2>/dev/null || true
+  rm -f "$f" "$pids/$name.start"
+}
+
+# proc_field PID N: field N of /proc/PID/stat counted after the command name (1 is the
+# state, 20 the start time in clock ticks since boot); nothing when the process is gone.
+proc_field() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  stat=${stat##*) }
+  cut -d' ' -f"$2" <<<"$stat"
+}
+
+# What /proc says about a pid: state, comm, exe, start time (or that it is gone).
+describe_pid() {
+  local pid=$1
+  [[ -n $pid && -e /proc/$pid/stat ]] || { echo "no such process"; return 0; }
+  printf 'state %s, comm %s, exe %s, started at tick %s' "$(proc_field "$pid" 1)" \
+    "$(cat "/proc/$pid/comm" 2>/dev/null)" "$(readlink "/proc/$pid/exe" 2>/dev/null)" \
+    "$(proc_field "$pid" 20)"
 }
 
 # Processes of this run dir that have no pid file (e.g. a start killed between spawn and
@@ -150,29 +184,68 @@ stop_component() {
     log "stopping $name (pid $pid)"
     stop_pid "$pid"
   fi
-  rm -f "$pids/$name.pid"
+  rm -f "$pids/$name.pid" "$pids/$name.start"
   stop_strays "$name"
 }
 
 port_free() { [[ -z $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
 
+# check_port WHAT PORT VARIABLE: dies when something listens on PORT. A port inside the
+# kernel's ephemeral range (ip_local_port_range) may be taken at any moment as the local port
+# of some outgoing connection, which makes the component's bind fail although nothing
+# listens: warned about (the defaults, and the e2e harness's ports, are below that range).
+check_port() {
+  local what=$1 port=$2 var=$3 lo hi
+  port_free "$port" || die "$what port $port is in use (set $var)"
+  read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || return 0
+  if ((port >= lo && port <= hi)); then
+    log "warning: $what port $port is in the ephemeral port range $lo-$hi: an outgoing connection may hold it (set $var below $lo)"
+  fi
+  return 0
+}
+
 # Runs a component detached (own session, stdin/stdout/stderr away from the caller, the lock
 # fd closed) so neither a terminal's Ctrl-C nor a test binary that exits takes it down.
+# `setsid` execs the binary in the same process (a background job of a non-interactive shell
+# is no process-group leader, so setsid need not fork): $! is the component from the fork on.
+# Until the exec, which on a loaded machine may take seconds, that process is a bash or a
+# setsid; its start time, recorded here, identifies it throughout (see running_pid), so a
+# component still starting is never taken for one that exited.
+declare -A spawned=()
 spawn() {
   local name=$1
   shift
   mkdir -p "$logs" "$pids"
   printf '\n==== %s starting %s\n' "$(date -u +%FT%TZ)" "$name" >>"$logs/$name.log"
   setsid "$K8S_BIN/$name" "$@" </dev/null >>"$logs/$name.log" 2>&1 9>&- &
-  local pid=$! i
-  # Until setsid has exec'd the binary the pid names a `bash` or `setsid`; wait for the exec
-  # so every later check sees the component itself.
-  for ((i = 0; i < 100; i++)); do
-    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$K8S_BIN/$name" ]] && break
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.05
-  done
+  local pid=$!
+  spawned[$name]=$pid
+  proc_field "$pid" 20 >"$pids/$name.start"
   echo "$pid" >"$pids/$name.pid"
+  printf '%s: spawned pid %s (%s) at %s\n' "$name" "$pid" "$(describe_pid "$pid")" \
+    "$(date -u +%T.%N)" >>"$logs/pid-checks.log"
+}
+
+# Why COMPONENT, spawned by this shell, is gone: its exit status (bash keeps those of its
+# background jobs), the kernel's word if it killed it (OOM), and who holds a port it could
+# not bind.
+exit_cause() {
+  local comp=$1 pid=${spawned[$1]:-} st=0 port
+  [[ -n $pid ]] || { echo "not started by this command"; return 0; }
+  wait "$pid" 2>/dev/null || st=$?
+  if ((st == 127)); then
+    echo "pid $pid, exit status unknown"
+  elif ((st > 128)); then
+    echo "pid $pid killed by signal $((st - 128)) ($(kill -l $((st - 128)) 2>/dev/null))"
+  else
+    echo "pid $pid exited with status $st"
+  fi
+  dmesg 2>/dev/null | grep -E "Killed process $pid |oom.*pid=$pid[, ]" | tail -n 3 || true
+  for port in $(grep -o '127\.0\.0\.1:[0-9]*: bind: address already in use' "$logs/$comp.log" 2>/dev/null |
+    tail -n 1 | sed 's/127\.0\.0\.1:\([0-9]*\).*/\1/'); do
+    echo "sockets on port $port (a client's ephemeral port blocks a listener too):"
+    ss -Htanp "sport = :$port" 2>/dev/null | head -n 5
+  done
 }
 
 # wait_until DESCRIPTION TIMEOUT_S COMPONENT COMMAND...: polls COMMAND until it succeeds;
@@ -184,11 +257,12 @@ wait_until() {
   until "$@" >/dev/null 2>&1; do
     if [[ -n $comp && -z $(running_pid "$comp") ]]; then
       tail -n 30 "$logs/$comp.log" >&2 || true
+      exit_cause "$comp" >&2
       die "$comp exited while waiting for $what (log: $logs/$comp.log)"
     fi
     ((SECONDS < deadline)) || {
       tail -n 30 "$logs/$comp.log" >&2 || true
-      die "timed out after ${timeout}s waiting for $what"
+      die "timed out after ${timeout}s waiting for $what (log: $logs/$comp.log)"
     }
     sleep 0.2
   done
@@ -288,8 +362,8 @@ EOF
 start_etcd() {
   [[ -n $(running_pid etcd) ]] && return 0
   stop_strays etcd
-  port_free "$ETCD_PORT" || die "etcd port $ETCD_PORT is in use (set TENDRIL_ETCD_PORT)"
-  port_free "$ETCD_PEER_PORT" || die "etcd peer port $ETCD_PEER_PORT is in use (set TENDRIL_ETCD_PEER_PORT)"
+  check_port etcd "$ETCD_PORT" TENDRIL_ETCD_PORT
+  check_port "etcd peer" "$ETCD_PEER_PORT" TENDRIL_ETCD_PEER_PORT
   log "starting etcd on 127.0.0.1:$ETCD_PORT"
   # --unsafe-no-fsync: the data is disposable and fsync on a shared CI disk is the slowest
   # part of every write.
@@ -300,13 +374,13 @@ start_etcd() {
     --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster="tendril=http://127.0.0.1:$ETCD_PEER_PORT" \
     --unsafe-no-fsync --log-level=warn --quota-backend-bytes=4294967296 \
-    --auto-compaction-mode=periodic --auto-compaction-retention=5m
+    --auto-compaction-mode=periodic --auto-compaction-retention=5m ${TENDRIL_ETCD_EXTRA_ARGS:-}
 }
 
 start_apiserver() {
   [[ -n $(running_pid kube-apiserver) ]] && return 0
   stop_strays kube-apiserver
-  port_free "$APISERVER_PORT" || die "kube-apiserver port $APISERVER_PORT is in use (set TENDRIL_APISERVER_PORT)"
+  check_port kube-apiserver "$APISERVER_PORT" TENDRIL_APISERVER_PORT
   log "starting kube-apiserver on $APISERVER_URL (advertising $ADVERTISE_ADDRESS)"
   spawn kube-apiserver --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --bind-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
@@ -317,13 +391,14 @@ start_apiserver() {
     --api-audiences=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
-    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false --v=1
+    --authorization-mode=Node,RBAC --allow-privileged=true --profiling=false --v=1 \
+    ${TENDRIL_APISERVER_EXTRA_ARGS:-}
 }
 
 start_kcm() {
   [[ -n $(running_pid kube-controller-manager) ]] && return 0
   stop_strays kube-controller-manager
-  port_free "$KCM_PORT" || die "kube-controller-manager port $KCM_PORT is in use (set TENDRIL_KCM_PORT)"
+  check_port kube-controller-manager "$KCM_PORT" TENDRIL_KCM_PORT
   log "starting kube-controller-manager"
   local kc="$TENDRIL_RUN/controller-manager.kubeconfig"
   # No --authentication-kubeconfig: its /healthz is always allowed and nothing scrapes it.
@@ -332,7 +407,7 @@ start_kcm() {
     --controllers="$CONTROLLERS" --use-service-account-credentials=true \
     --root-ca-file="$pki/ca.crt" --service-account-private-key-file="$pki/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" --cluster-name=tendril \
-    --leader-elect=false --profiling=false --v=1
+    --leader-elect=false --profiling=false --v=1 ${TENDRIL_KCM_EXTRA_ARGS:-}
 }
 
 wait_ready() {

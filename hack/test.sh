@@ -2,15 +2,26 @@
 # README command 2 (and what .ci/run runs): every check and every test, unit and integration.
 #
 #   prerequisites → control-plane build (cached) → cargo fmt --check → clippy -D warnings →
-#   cargo build of the binaries (the e2e tests spawn them) → CRD manifests up to date →
+#   cargo build of the binaries (the e2e tests spawn them) → [the hack/up.sh cluster, when
+#   TENDRIL_TEST_BESIDE_LOCAL_CLUSTER=1] → tilt ci → CRD manifests up to date →
 #   cargo test --workspace (the e2e tests start their own control plane in
-#   ~/.cache/tendril/test-run, never the hack/up.sh one)
+#   ~/.cache/tendril/test-run, never the hack/up.sh one) → [hack/down.sh]
 #
 # Every step runs even after an earlier one failed (one run shows every problem); the exit
 # status is non-zero if any failed. TENDRIL_TEST_THREADS (default 4: the integration tests
 # mostly wait on the apiserver) sets libtest's --test-threads. TENDRIL_TEST_RUN and
 # TENDRIL_TEST_PORT_BASE move the e2e tests' plane (see e2e/src/plane.rs). Extra arguments go to
 # `cargo test` (e.g. `hack/test.sh -p tendril-e2e`).
+#
+# Logs: each step's output, and what it kept of the processes it started, is in
+# $TENDRIL_TEST_LOGS/STEP/ (~/.cache/tendril/test-logs, e.g. `tilt-ci-local-mode/`); each e2e
+# test's in $TENDRIL_TEST_LOGS/BINARY.TEST/ (e2e/src/util.rs). A step that passes, and a test
+# that passes, leaves nothing there; the summary prints the directories of what failed.
+#
+# TENDRIL_TEST_BESIDE_LOCAL_CLUSTER=1 (what .ci/run sets): the suite runs with the local
+# cluster of `hack/up.sh` up beside it, as on a developer's machine: brought up after the
+# build (a step of its own: a failing hack/up.sh fails the run), taken down at the end with
+# hack/down.sh unless it was already up before.
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
 cd "$TENDRIL_ROOT"
@@ -21,21 +32,64 @@ fi
 t0=$(date +%s)
 results=()
 failed=0
+steps=0
 
+# A step's log directory: its name, lowercased, non-alphanumerics as `-`.
+step_dir() {
+  local slug
+  slug=$(tr '[:upper:]' '[:lower:]' <<<"$1" | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s/-$//')
+  echo "$TENDRIL_TEST_LOGS/$slug"
+}
+
+# step NAME COMMAND...: runs COMMAND with its output also in STEP_DIR/output.log and
+# TENDRIL_STEP_LOGS=STEP_DIR (where hack/tilt/ci.sh keeps its logs). Passed: the directory is
+# removed; failed: it stays and the summary names it.
 step() {
-  local name=$1 s rc
+  local name=$1 s rc dir
   shift
   s=$(date +%s)
+  dir=$(step_dir "$name")
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  touch "$dir/.started"
   log "── $name"
-  "$@"
-  rc=$?
+  TENDRIL_STEP_LOGS=$dir "$@" 2>&1 | tee "$dir/output.log"
+  rc=${PIPESTATUS[0]}
+  steps=$((steps + 1))
   if ((rc == 0)); then
+    rm -rf "$dir"
     results+=("ok    $(printf '%5ss' $(($(date +%s) - s)))  $name")
   else
     results+=("FAIL  $(printf '%5ss' $(($(date +%s) - s)))  $name (exit $rc)")
+    results+=("        logs: $dir")
     failed=$((failed + 1))
   fi
   return $rc
+}
+
+# After `cargo test`: removes the log directories of the tests that passed (named in its
+# output as `test NAME ... ok` under `Running … (…/deps/BINARY-HASH)`); the summary lists the
+# directories left by this run's failed tests, and the shared plane's logs are copied next
+# to the step's output.
+after_cargo_test() {
+  local rc=$1 dir out bin="" line d
+  dir=$(step_dir "cargo test")
+  out="$dir/output.log"
+  [[ -f $out ]] || return 0
+  while IFS= read -r line; do
+    if [[ $line =~ Running\ .*/deps/([A-Za-z0-9_]+)-[0-9a-f]+\)$ ]]; then
+      bin=${BASH_REMATCH[1]}
+    elif [[ -n $bin && $line =~ ^test\ (.+)\ \.\.\.\ ok$ ]]; then
+      d="$TENDRIL_TEST_LOGS/$bin.${BASH_REMATCH[1]//::/.}"
+      [[ -d $d ]] && rm -rf "$d"
+    fi
+  done <"$out"
+  if ((rc != 0)); then
+    keep_plane_logs "$test_run" "$dir/shared-plane"
+    while IFS= read -r d; do
+      results+=("        logs: $d")
+    done < <(find "$TENDRIL_TEST_LOGS" -mindepth 1 -maxdepth 1 -type d -name '*.*' -newer "$dir/.started" | sort)
+  fi
 }
 
 summary() {
@@ -45,7 +99,7 @@ summary() {
   if ((failed)); then
     printf 'FAILED: %d step(s) failed, total %dm%02ds\n' "$failed" $((total / 60)) $((total % 60))
   else
-    printf 'PASSED: all %d steps, total %dm%02ds\n' "${#results[@]}" $((total / 60)) $((total % 60))
+    printf 'PASSED: all %d steps, total %dm%02ds\n' "$steps" $((total / 60)) $((total % 60))
   fi
 }
 
@@ -72,17 +126,40 @@ datapath_links_no_operator() {
   fi
 }
 step "tendril-datapath does not link tendril-controllers" datapath_links_no_operator
+# The local cluster beside the suite (README command 1, left up as a developer leaves it).
+local_cluster=false
+if [[ ${TENDRIL_TEST_BESIDE_LOCAL_CLUSTER:-} == 1 ]]; then
+  if bash hack/control-plane.sh status >/dev/null 2>&1; then
+    log "the local cluster is already up: the suite runs beside it and leaves it up"
+  else
+    local_cluster=true
+  fi
+  # Taken down also when the run is interrupted.
+  $local_cluster && trap 'bash hack/down.sh >/dev/null 2>&1' EXIT
+  step "local cluster up (hack/up.sh)" bash hack/up.sh ||
+    keep_plane_logs "$TENDRIL_RUN" "$(step_dir "local cluster up (hack/up.sh)")/local-cluster"
+fi
 # The inner loop users develop with: `tilt ci` of the Tiltfile in local mode (own ports/run dir).
 step "tilt ci (local mode)" bash hack/tilt/ci.sh
 # The binary just built (`cargo run -p` would resolve features for one package and rebuild
 # every dependency).
 step "CRD manifests up to date" "$CARGO_TARGET_DIR/debug/tendril-crdgen" --check
+test_run=${TENDRIL_TEST_RUN:-$TENDRIL_CACHE/test-run}
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 step "cargo test" cargo test --workspace --no-fail-fast "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
+after_cargo_test $?
+if $local_cluster; then
+  # What the cluster beside a failing suite logged (operator, agents, control plane).
+  if ((failed)); then
+    keep_plane_logs "$TENDRIL_RUN" "$TENDRIL_TEST_LOGS/local-cluster"
+    results+=("        local cluster's logs: $TENDRIL_TEST_LOGS/local-cluster")
+  fi
+  step "local cluster down (hack/down.sh)" bash hack/down.sh
+  trap - EXIT
+fi
 
 # The e2e tests' shared plane: left running locally (the next run reuses it, and other test
 # runs may be using it), stopped in CI.
-test_run=${TENDRIL_TEST_RUN:-$TENDRIL_CACHE/test-run}
 if [[ ${CI:-} == true ]]; then
   TENDRIL_RUN="$test_run" bash hack/control-plane.sh stop >/dev/null 2>&1 || true
 else

@@ -42,7 +42,10 @@
 //! - [`ControlPlane::shared`]`()`: the shared plane in `~/.cache/tendril/test-run` (ports:
 //!   apiserver 26443, etcd 22379/22380, controller-manager 30257; `TENDRIL_TEST_RUN` and
 //!   `TENDRIL_TEST_PORT_BASE` move it), never the developer's `hack/up.sh` plane. [`ControlPlane::dedicated`]`(name)`: a plane of its own on free
-//!   ports, for fault tests, removed on drop; only dedicated planes accept
+//!   ports (below the kernel's ephemeral range), for fault tests, removed on drop (its logs
+//!   kept, see below); [`ControlPlane::dedicated_with_env`] passes environment to
+//!   `hack/control-plane.sh` and [`ControlPlane::start_attempts`] tells whether a start had to
+//!   be repeated because another plane took a port; only dedicated planes accept
 //!   [`restart_apiserver`](ControlPlane::restart_apiserver),
 //!   [`restart_etcd`](ControlPlane::restart_etcd), [`restart`](ControlPlane::restart)`(Component)`,
 //!   [`stop_component`](ControlPlane::stop_component)`(Component)` and
@@ -71,6 +74,13 @@
 //!   [`has`](Metrics::has), [`matching`](Metrics::matching) (OpenMetrics counters are
 //!   named `…_total`).
 //! - [`unique_name`]`(prefix)`: `{prefix}-{pid}-{n}-{rand4}`, a valid DNS label.
+//! - Logs that explain a failure: [`test_log_dir`]`()` is the running test's directory,
+//!   `~/.cache/tendril/test-logs/{binary}.{test}/` (`$TENDRIL_TEST_LOGS` moves the root,
+//!   [`test_logs_root`]): the logs of its [`Process`]es and, copied before the plane is
+//!   deleted, the component logs of its dedicated planes (`plane-{name}/`). A rerun of the
+//!   test replaces it; `hack/test.sh` removes the directories of tests that passed and prints
+//!   those of tests that failed. The shared plane's logs stay in its run dir
+//!   (`~/.cache/tendril/test-run/logs`).
 //!
 //! # Facts about this control plane
 //!
@@ -103,4 +113,6 @@ pub use http::{Metrics, Sample, fetch_metrics, http_get};
 pub use kube_util::{FIELD_MANAGER, apply, apply_yaml, eventually, wait_deleted, wait_for};
 pub use plane::{Component, ControlPlane, E2E_LABEL, OWNER_LABEL, apply_crds};
 pub use process::{Process, ProcessBuilder, sweep_stale_processes};
-pub use util::{cache_dir, k8s_bin_dir, repo_root, target_bin_dir, unique_name};
+pub use util::{
+    cache_dir, k8s_bin_dir, repo_root, target_bin_dir, test_log_dir, test_logs_root, unique_name,
+};

@@ -14,6 +14,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::conditions;
 use kube::{Client, Config};
+use rand::Rng;
 
 use crate::kube_util::{FIELD_MANAGER, wait_for};
 use crate::util::{cache_dir, k8s_bin_dir, owner_alive, owner_tag, repo_root};
@@ -67,6 +68,13 @@ pub struct ControlPlane {
     run_dir: PathBuf,
     settings: HashMap<String, String>,
     dedicated: bool,
+    /// Dedicated planes: where the component logs are copied before the run dir goes (in the
+    /// test's log directory, [`crate::test_log_dir`]).
+    keep_logs: Option<PathBuf>,
+    /// Extra environment of every `control-plane.sh` command on this plane.
+    script_env: Vec<(String, String)>,
+    /// Starts it took (1 unless a port was taken by another process in between).
+    start_attempts: u32,
 }
 
 static SHARED: OnceLock<std::result::Result<Arc<ControlPlane>, String>> = OnceLock::new();
@@ -91,27 +99,52 @@ impl ControlPlane {
 
     /// A control plane of its own for a test that breaks things (restarts etcd or the
     /// apiserver): own run dir `~/.cache/tendril/test-planes/{name}-{pid}.{start}`, own free
-    /// ports, CRDs applied. Stopped and deleted when the last `Arc` drops; a killed test
-    /// binary's planes are cleaned up by the next [`ControlPlane::shared`] or `dedicated`.
+    /// ports (below the ephemeral port range, see `plane_ports`), CRDs
+    /// applied. Stopped and deleted when the last `Arc` drops,
+    /// after its component logs are copied to `plane-{name}/` in the test's log directory
+    /// ([`crate::test_log_dir`]); a killed test binary's planes are cleaned up by the next
+    /// [`ControlPlane::shared`] or `dedicated`.
     pub async fn dedicated(name: &str) -> Result<Arc<ControlPlane>> {
+        ControlPlane::dedicated_with_env(name, &[]).await
+    }
+
+    /// [`ControlPlane::dedicated`] with more environment for every `hack/control-plane.sh`
+    /// command on the plane, e.g. `TENDRIL_APISERVER_EXTRA_ARGS` or a `PATH`.
+    ///
+    /// A start that fails because one of its ports was taken in between (another plane
+    /// starting at the same moment picked it too) is tried again on new ports, at most three
+    /// times ([`ControlPlane::start_attempts`]); any other failure is the error, with the
+    /// directory its logs are kept in.
+    pub async fn dedicated_with_env(name: &str, env: &[(&str, &str)]) -> Result<Arc<ControlPlane>> {
         sweep_dedicated_planes();
         let name = crate::unique_name(name);
         let run_dir = cache_dir()
             .join("test-planes")
             .join(format!("{name}.{}", owner_tag()));
+        let test_logs = crate::test_log_dir();
+        let script_env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut last_err = None;
-        // Free ports are found by binding port 0; another process may grab one in between,
-        // so a start that fails on a busy port is retried with new ports.
-        for _ in 0..3 {
-            let ports = free_ports()?;
+        for attempt in 1..=3 {
+            let ports = plane_ports()?;
+            let keep = test_logs.join(if attempt == 1 {
+                format!("plane-{name}")
+            } else {
+                format!("plane-{name}-attempt{attempt}")
+            });
             let plane = ControlPlane {
                 name: name.clone(),
                 run_dir: run_dir.clone(),
                 settings: HashMap::new(),
                 dedicated: true,
+                keep_logs: Some(keep.clone()),
+                script_env: script_env.clone(),
+                start_attempts: attempt,
             };
-            let rd = run_dir.clone();
-            match tokio::task::spawn_blocking(move || run_script(&rd, Some(ports), &["start"]))
+            let (rd, se) = (run_dir.clone(), script_env.clone());
+            match tokio::task::spawn_blocking(move || run_script(&rd, Some(ports), &se, &["start"]))
                 .await?
             {
                 Ok(()) => {
@@ -122,13 +155,32 @@ impl ControlPlane {
                     return Ok(Arc::new(plane));
                 }
                 Err(e) => {
-                    // Dropping `plane` stops whatever did start.
+                    // Dropping `plane` keeps its logs and stops whatever did start.
                     drop(plane);
+                    let port_taken = format!("{e:#}").contains(" is in use (set TENDRIL_")
+                        || format!("{e:#}").contains("bind: address already in use");
+                    eprintln!(
+                        "dedicated plane {name} did not start (attempt {attempt}{}); its logs are kept in {}",
+                        if port_taken { ", a port was taken" } else { "" },
+                        keep.display()
+                    );
+                    let e = e.context(format!(
+                        "dedicated plane {name} did not start; logs kept in {}",
+                        keep.display()
+                    ));
+                    if !port_taken {
+                        return Err(e);
+                    }
                     last_err = Some(e);
                 }
             }
         }
         Err(last_err.unwrap_or_else(|| anyhow!("dedicated plane did not start")))
+    }
+
+    /// How many starts a dedicated plane took (see [`ControlPlane::dedicated_with_env`]).
+    pub fn start_attempts(&self) -> u32 {
+        self.start_attempts
     }
 
     pub fn name(&self) -> &str {
@@ -242,19 +294,38 @@ impl ControlPlane {
         }
         let rd = self.run_dir.clone();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env = self.script_env.clone();
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run_script(&rd, None, &args)
+            run_script(&rd, None, &env, &args)
         })
         .await?
     }
 }
 
 impl Drop for ControlPlane {
+    /// A dedicated plane: its logs are copied to the test's log directory, then it is stopped
+    /// and its run dir deleted.
     fn drop(&mut self) {
-        if self.dedicated
-            && let Err(e) = run_script(&self.run_dir, None, &["clean"])
-        {
+        if !self.dedicated {
+            return;
+        }
+        if let Some(keep) = &self.keep_logs {
+            match crate::util::copy_files(&self.log_dir(), keep) {
+                Ok(_) if std::thread::panicking() => eprintln!(
+                    "---- dedicated plane {}: component logs kept in {} ----",
+                    self.name,
+                    keep.display()
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!(
+                    "keeping the logs of dedicated plane {} in {}: {e}",
+                    self.name,
+                    keep.display()
+                ),
+            }
+        }
+        if let Err(e) = run_script(&self.run_dir, None, &self.script_env, &["clean"]) {
             eprintln!("stopping dedicated plane {}: {e:#}", self.name);
         }
     }
@@ -271,7 +342,12 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-fn run_script(run_dir: &Path, ports: Option<Ports>, args: &[&str]) -> Result<()> {
+fn run_script(
+    run_dir: &Path,
+    ports: Option<Ports>,
+    env: &[(String, String)],
+    args: &[&str],
+) -> Result<()> {
     let script = repo_root().join("hack/control-plane.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script).args(args).env("TENDRIL_RUN", run_dir);
@@ -285,6 +361,7 @@ fn run_script(run_dir: &Path, ports: Option<Ports>, args: &[&str]) -> Result<()>
     ] {
         cmd.env_remove(var);
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(p) = ports {
         cmd.env("TENDRIL_ETCD_PORT", p.etcd.to_string())
             .env("TENDRIL_ETCD_PEER_PORT", p.etcd_peer.to_string())
@@ -317,20 +394,59 @@ fn read_settings(run_dir: &Path) -> Result<HashMap<String, String>> {
         .collect())
 }
 
-fn free_ports() -> Result<Ports> {
-    let listeners: Vec<std::net::TcpListener> = (0..4)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    let p: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?;
-    Ok(Ports {
-        etcd: p[0],
-        etcd_peer: p[1],
-        apiserver: p[2],
-        kcm: p[3],
-    })
+/// Four free ports for a dedicated plane, picked at random just below the kernel's ephemeral
+/// port range (`net.ipv4.ip_local_port_range`, 32768-60999 by default: 32000-32767).
+///
+/// Never inside that range: a port there can be taken at any moment as the local port of some
+/// outgoing connection (every `curl`, `kubectl` and client of the other planes opens some),
+/// and a connection's local port (established or in TIME_WAIT) makes a listener's bind fail
+/// with "address already in use", SO_REUSEADDR or not, although nothing listens there. A
+/// plane binds its ports seconds after they are picked (etcd first, the controller-manager
+/// once the apiserver is ready), and its restarts bind them again: ports found by binding
+/// port 0, as before, came from that range and lost that race now and then on a busy machine.
+/// Below it, only listeners compete: the other planes' fixed ports are lower (see
+/// `hack/control-plane.sh`, `hack/tilt/ci.sh`), and a dedicated plane starting at the same
+/// moment that picked the same port makes the start fail with "is in use", which
+/// [`ControlPlane::dedicated_with_env`] tries again with new ports.
+fn plane_ports() -> Result<Ports> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const WINDOW: u16 = 768;
+    if low <= 10_000 + WINDOW {
+        // An unusual range (nearly every port ephemeral): the kernel's choice, as before.
+        let listeners: Vec<std::net::TcpListener> = (0..4)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let p: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<_>>()?;
+        return Ok(Ports {
+            etcd: p[0],
+            etcd_peer: p[1],
+            apiserver: p[2],
+            kcm: p[3],
+        });
+    }
+    let mut rng = rand::rng();
+    let mut picked: Vec<u16> = Vec::new();
+    for _ in 0..1000 {
+        let p = rng.random_range(low - WINDOW..low);
+        if !picked.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            picked.push(p);
+            if picked.len() == 4 {
+                return Ok(Ports {
+                    etcd: picked[0],
+                    etcd_peer: picked[1],
+                    apiserver: picked[2],
+                    kcm: picked[3],
+                });
+            }
+        }
+    }
+    bail!("no four free ports in {}-{}", low - WINDOW, low - 1)
 }
 
 fn init_shared() -> Result<ControlPlane> {
@@ -360,12 +476,17 @@ fn init_shared() -> Result<ControlPlane> {
         }
         Err(_) => SHARED_PORTS,
     };
-    run_script(&run_dir, Some(ports), &["start"])?;
+    // The shared plane's run dir is never deleted by the tests: its logs stay there.
+    run_script(&run_dir, Some(ports), &[], &["start"])
+        .with_context(|| format!("its logs: {}", run_dir.join("logs").display()))?;
     let plane = ControlPlane {
         name: "shared".into(),
         settings: read_settings(&run_dir)?,
         run_dir,
         dedicated: false,
+        keep_logs: None,
+        script_env: Vec::new(),
+        start_attempts: 1,
     };
     // Client work needs a runtime of its own: the caller's may be a current-thread runtime
     // that this call is blocking.
@@ -470,7 +591,7 @@ fn sweep_dedicated_planes() {
                 continue;
             };
             if !owner_alive(&format!("{pid}.{start}")) {
-                let _ = run_script(&e.path(), None, &["clean"]);
+                let _ = run_script(&e.path(), None, &[], &["clean"]);
             }
         }
     });

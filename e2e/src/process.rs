@@ -1,7 +1,9 @@
 //! [`Process`]: a child process (operator, agent, …) owned by a test.
 //!
-//! - The log (stdout and stderr) goes to `~/.cache/tendril/test-logs/{name}-{pid}-{n}-….log`;
-//!   when a test panics, the guard prints the log's tail to the test's stderr.
+//! - The log (stdout and stderr) goes to the test's log directory,
+//!   `~/.cache/tendril/test-logs/{binary}.{test}/{name}-{pid}-{n}-….log` (see
+//!   [`crate::test_log_dir`]), where it stays after the process stops; when a test
+//!   panics, the guard prints the log's path and tail to the test's stderr.
 //! - Dropping the guard, also while unwinding a panic, stops the process group: SIGTERM,
 //!   then SIGKILL after 10 s.
 //! - A killed test binary cannot run destructors, so the child also gets

@@ -1,6 +1,7 @@
 //! Paths, unique names and process liveness shared by the harness modules.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::Rng;
@@ -48,9 +49,78 @@ pub fn target_bin_dir() -> PathBuf {
     target.join("debug")
 }
 
-/// Where [`crate::Process`] logs go: `~/.cache/tendril/test-logs`.
+/// Where the logs that explain a failure are kept: `$TENDRIL_TEST_LOGS`, else
+/// `~/.cache/tendril/test-logs` (as `hack/lib/common.sh`). Nothing of the harness deletes
+/// what is there except a rerun of the same test replacing its own directory.
+pub fn test_logs_root() -> PathBuf {
+    std::env::var_os("TENDRIL_TEST_LOGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("test-logs"))
+}
+
+/// The log directory of the running test, `{root}/{binary}.{test}` (e.g.
+/// `control_plane.dedicated_plane_restarts_components_and_keeps_data`; `::` in a test path
+/// becomes `.`): logs of the [`crate::Process`]es it spawns and of its
+/// [`crate::ControlPlane::dedicated`] planes. The test is found by the name of the current
+/// thread, which libtest gives the test (a `#[tokio::test]` body runs on it); elsewhere (a
+/// tokio worker, a binary's `main`) it is that thread's name. Emptied on first use by this
+/// process, so a rerun of a test replaces that test's logs of the last run and nothing else.
+/// `hack/test.sh` removes the directories of the tests that passed.
 pub fn test_log_dir() -> PathBuf {
-    cache_dir().join("test-logs")
+    static SEEN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unnamed").replace("::", ".");
+    let dir = test_logs_root().join(format!("{}.{}", binary_name(), sanitize(&test)));
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.contains(&dir) {
+        let _ = std::fs::remove_dir_all(&dir);
+        seen.push(dir.clone());
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// The running executable's name without cargo's `-HASH` suffix (`control_plane`).
+fn binary_name() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "unknown".into());
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() >= 8 && hash.chars().all(|c| c.is_ascii_hexdigit()) => {
+            name.to_string()
+        }
+        _ => stem,
+    }
+}
+
+/// A file-name-safe version of `s`: letters, digits, `_`, `-` and `.` kept, the rest `_`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Copies the files of `from` (not recursively) into `to`, creating it; returns how many
+/// were copied. For keeping a plane's logs before its run dir is deleted.
+pub fn copy_files(from: &Path, to: &Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(to)?;
+    let mut n = 0;
+    for e in std::fs::read_dir(from)?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -134,6 +204,20 @@ mod tests {
         let long = unique_name(&"x".repeat(100));
         assert!(long.len() <= 63, "{long}");
         assert!(unique_name("--").starts_with("x-"));
+    }
+
+    /// libtest names the thread after the test: that is the directory, under the binary.
+    #[test]
+    fn test_log_dir_is_named_after_the_binary_and_the_test() {
+        let dir = test_log_dir();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            name,
+            "tendril_e2e.util.tests.test_log_dir_is_named_after_the_binary_and_the_test"
+        );
+        assert!(dir.is_dir());
+        assert_eq!(dir.parent(), Some(test_logs_root().as_path()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

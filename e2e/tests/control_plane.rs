@@ -389,3 +389,169 @@ async fn start_recovers_from_dead_and_stray_components_of_a_killed_run() -> Resu
     assert_eq!(cms.get(&name).await?.data.unwrap()["k"], "v");
     Ok(())
 }
+
+/// Keeps every core busy (one spinning thread per CPU, at normal priority) until dropped.
+struct BusyLoops {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl BusyLoops {
+    fn start() -> BusyLoops {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                    x
+                })
+            })
+            .collect();
+        BusyLoops { stop, threads }
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A directory holding a `setsid` that sleeps `delay_s` before it execs the real one: with
+/// it first on `PATH`, every component of a plane takes that long from fork to exec, as on a
+/// machine thrashing under load.
+fn slow_setsid(delay_s: u32) -> Result<std::path::PathBuf> {
+    let real = tendril_e2e::Process::which("setsid");
+    anyhow::ensure!(real.is_absolute(), "no setsid on PATH");
+    let dir = std::env::temp_dir().join(tendril_e2e::unique_name("slow-setsid"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("setsid");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n# fork-to-exec delay of a loaded machine\nsleep {delay_s}\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+/// Planes start on a loaded machine, at their first attempt: two at the same moment while a
+/// busy loop runs on every core (under `.ci/run` the `hack/up.sh` cluster runs beside them
+/// too), and a third whose components take 8 s from fork to exec. That third one is the
+/// failure seen when `tilt ci` ran beside the local cluster: `control-plane.sh` waited at most
+/// ~5 s for the exec, then took the process, still a `setsid`, for one that had exited
+/// ("kube-apiserver exited while waiting for kube-apiserver /readyz", a log holding only the
+/// header line). Components are now known by pid and start time from the fork on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planes_start_at_the_first_attempt_on_a_loaded_machine() -> Result<()> {
+    let slow = slow_setsid(8)?;
+    let path = format!(
+        "{}:{}",
+        slow.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let slow_env = [("PATH", path.as_str())];
+    let started = std::time::Instant::now();
+    let load = BusyLoops::start();
+    let (a, b, c) = tokio::join!(
+        ControlPlane::dedicated("loaded-a"),
+        ControlPlane::dedicated("loaded-b"),
+        ControlPlane::dedicated_with_env("slow-exec", &slow_env),
+    );
+    drop(load);
+    let _ = std::fs::remove_dir_all(&slow);
+    let planes = [a?, b?, c?];
+    println!(
+        "three planes up in {:.1}s on a loaded machine",
+        started.elapsed().as_secs_f64()
+    );
+    for plane in &planes {
+        assert_eq!(
+            plane.start_attempts(),
+            1,
+            "plane {} needed a second start",
+            plane.name()
+        );
+        let v = plane.client().await?.apiserver_version().await?;
+        assert_eq!(v.git_version, "v1.36.3");
+        // Each component was spawned once and none was ever taken for gone.
+        let checks = std::fs::read_to_string(plane.log_dir().join("pid-checks.log"))?;
+        for c in ["etcd", "kube-apiserver", "kube-controller-manager"] {
+            assert_eq!(
+                checks
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{c}: spawned")))
+                    .count(),
+                1,
+                "{}:\n{checks}",
+                plane.name()
+            );
+        }
+        assert!(
+            !checks.contains("not running"),
+            "{}:\n{checks}",
+            plane.name()
+        );
+    }
+    // The slow plane's components really were still a `setsid` when they were spawned.
+    let slow_checks = std::fs::read_to_string(planes[2].log_dir().join("pid-checks.log"))?;
+    assert!(
+        slow_checks.contains("comm setsid"),
+        "the delay did not apply:\n{slow_checks}"
+    );
+    Ok(())
+}
+
+/// A start that fails (here: kube-apiserver refuses a flag that does not exist) is not
+/// retried, and its error says where its logs are kept; they hold the component's own words.
+#[tokio::test]
+async fn a_failed_start_keeps_its_logs_and_says_where() -> Result<()> {
+    let err = ControlPlane::dedicated_with_env(
+        "broken",
+        &[("TENDRIL_APISERVER_EXTRA_ARGS", "--no-such-flag")],
+    )
+    .await
+    .expect_err("kube-apiserver started with a flag that does not exist");
+    let msg = format!("{err:#}");
+    println!("{msg}");
+    assert!(
+        msg.contains("kube-apiserver exited while waiting for kube-apiserver /readyz"),
+        "{msg}"
+    );
+    assert!(msg.contains("exited with status 1"), "{msg}");
+    let kept = msg
+        .split("logs kept in ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .map(std::path::PathBuf::from)
+        .with_context(|| format!("no kept-logs path in: {msg}"))?;
+    assert!(
+        kept.starts_with(tendril_e2e::test_log_dir()),
+        "{} is not in the test's log directory",
+        kept.display()
+    );
+    let log = std::fs::read_to_string(kept.join("kube-apiserver.log"))?;
+    assert!(log.contains("unknown flag: --no-such-flag"), "{log}");
+    assert!(kept.join("etcd.log").exists());
+    assert!(kept.join("pid-checks.log").exists());
+    // Not retried: no second attempt's logs.
+    let attempts = std::fs::read_dir(tendril_e2e::test_log_dir())?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("-attempt"))
+        .count();
+    assert_eq!(attempts, 0, "a failed start was retried");
+    Ok(())
+}

@@ -10,6 +10,9 @@ K8S_VERSION="1.36.3"
 ETCD_VERSION="3.6.8"
 KWOK_VERSION="0.8.0"
 K8S_BIN="$TENDRIL_CACHE/k8s-$K8S_VERSION/bin"
+# Logs that explain a failed test-suite step or e2e test are kept here, one directory per
+# step (`tilt-ci`, `cargo-test`, …) or per test (`BINARY/TEST`); cleanup never deletes them.
+export TENDRIL_TEST_LOGS="${TENDRIL_TEST_LOGS:-$TENDRIL_CACHE/test-logs}"
 # Go-built test tools (cnitool), installed by hack/install-prereqs.sh.
 export TENDRIL_TOOLS="$TENDRIL_CACHE/tools/bin"
 
@@ -29,3 +32,29 @@ fi
 
 # Content hash of a list of files: the build stamp that decides whether to rebuild.
 files_hash() { cat "$@" | sha256sum | cut -c1-16; }
+
+# snapshot_machine DIR: what else ran on the machine when something failed (processes,
+# listening sockets, memory, load, the kernel's OOM and kill messages), next to kept logs.
+snapshot_machine() {
+  local dir=$1
+  mkdir -p "$dir"
+  {
+    echo "# $(date -u +%FT%TZ) load: $(cat /proc/loadavg)"
+    free -m
+    echo
+    ps -eo pid,ppid,pgid,sid,stat,ni,etimes,rss,comm,args --sort=pid 2>/dev/null
+  } >"$dir/processes.txt" 2>&1 || true
+  ss -Htanp >"$dir/sockets.txt" 2>&1 || true
+  dmesg 2>/dev/null | tail -n 200 >"$dir/dmesg.txt" || true
+}
+
+# keep_plane_logs RUN_DIR DEST: a control plane's component logs (etcd, kube-apiserver,
+# kube-controller-manager, the pid checks) and settings, copied before the run dir goes.
+keep_plane_logs() {
+  local run=$1 dest=$2
+  [[ -d $run ]] || return 0
+  mkdir -p "$dest"
+  [[ -d $run/logs ]] && cp -a "$run/logs/." "$dest/" 2>/dev/null
+  [[ -f $run/plane.env ]] && cp -a "$run/plane.env" "$dest/" 2>/dev/null
+  return 0
+}

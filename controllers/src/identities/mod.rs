@@ -153,7 +153,13 @@ impl Reconciler for Identities {
                 recheck_after,
             } => {
                 let last_referenced = last_referenced.map(Time);
-                if status.references != references || status.last_referenced != last_referenced {
+                // Also when there is no status yet: a reserved identity nothing references
+                // would otherwise never get `references: 0`, and its REFERENCES column
+                // would stay empty.
+                if identity.status.is_none()
+                    || status.references != references
+                    || status.last_referenced != last_referenced
+                {
                     // An absent lastReferenced is left out: SSA then drops the field we owned.
                     let mut fields = json!({ "references": references });
                     if let Some(t) = &last_referenced {

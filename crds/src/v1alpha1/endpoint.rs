@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name":"Identity","type":"integer","jsonPath":".spec.identity"}"#,
     printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#,
     printcolumn = r#"{"name":"Realized","type":"integer","jsonPath":".status.realizedRevision"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","description":"The Realized condition: the node's datapath realizes the endpoint","jsonPath":".status.conditions[?(@.type==\"Realized\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -152,8 +152,8 @@ impl std::str::FromStr for Verdict {
     }
 }
 
-/// The protocol of a port: `TCP`, `UDP`, `SCTP` or `ANY` (all three). Variants are in the
-/// order their names sort, which the resolver's canonical form relies on.
+/// The protocol of a port: `TCP`, `UDP`, `SCTP` or `ANY` (all three).
+// Variants in the order their names sort: the resolver's canonical form relies on it.
 #[derive(
     Serialize,
     Deserialize,
@@ -224,8 +224,8 @@ impl std::str::FromStr for Protocol {
 }
 
 /// The kind of policy a `ResolvedPolicy` entry came from: `NetworkPolicy` (tendril.dev),
-/// `ClusterNetworkPolicy` or `KubernetesNetworkPolicy` (networking.k8s.io). Variants are in
-/// the order their names sort.
+/// `ClusterNetworkPolicy` or `KubernetesNetworkPolicy` (networking.k8s.io).
+// Variants in the order their names sort, as the sources are sorted.
 #[derive(
     Serialize,
     Deserialize,
