@@ -516,7 +516,7 @@ async fn alerts_use_only_metrics_the_code_exports() -> Result<()> {
     let (_, docs) = render("monitoring").await?;
     let rule = find(&docs, "PrometheusRule", "tendril")?;
     let mut sources = String::new();
-    for dir in ["controllers/src", "datapath/src"] {
+    for dir in ["runtime/src", "controllers/src", "datapath/src"] {
         collect_sources(&repo_root().join(dir), &mut sources)?;
     }
     let mut missing = Vec::new();

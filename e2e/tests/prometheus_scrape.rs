@@ -301,7 +301,7 @@ fn source_registered_families() -> Result<String> {
         Some((&s[..end], &s[end + 1..]))
     }
     let mut files = Vec::new();
-    for dir in ["controllers/src", "datapath/src"] {
+    for dir in ["runtime/src", "controllers/src", "datapath/src"] {
         rust_files(&repo_root().join(dir), &mut files)?;
     }
     let mut out = String::new();
