@@ -101,66 +101,32 @@ config_matches() {
 
 # ---------------------------------------------------------------- processes
 
-# pid of a running component of this run dir, or nothing. A component is known by its pid
-# and that process's start time (pids/NAME.pid and pids/NAME.start, written at spawn): the
-# pair names the process from its fork on, before and after it execs the binary, and never a
-# later process that reuses the pid. A pid file without a start file (written by an older
-# version of this script) is checked by command name and run dir instead. A pid file whose
-# process is gone (or a zombie not yet reaped) is stale and removed; why is appended to
-# logs/pid-checks.log.
+# pid of a running component of this run dir, or nothing: see pidfile_pid in
+# hack/lib/common.sh (pid and start time, written at spawn). A pid file without a start file
+# (an older plane) is checked by command name and run dir. A stale pid file is removed; why
+# is appended to logs/pid-checks.log.
 running_pid() {
-  local name=$1 f="$pids/$1.pid" pid start
+  local name=$1 f="$pids/$1.pid" pid
   [[ -f $f ]] || return 0
   pid=$(cat "$f")
-  if [[ -f $pids/$name.start ]]; then
-    start=$(cat "$pids/$name.start")
-    if [[ -n $pid && -n $start && $(proc_field "$pid" 20) == "$start" && $(proc_field "$pid" 1) != [ZX] ]]; then
+  if [[ -f $pids/$name.start ]] ||
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$TENDRIL_RUN/"; then
+    if [[ -n $(pidfile_pid "$f" "$name") ]]; then
       echo "$pid"
       return 0
     fi
-  elif [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TENDRIL_RUN/" &&
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${name:0:15}" ]]; then
-    echo "$pid"
-    return 0
   fi
   printf '%s: pid file named %s (%s) at %s: not running\n' "$name" "${pid:-nothing}" \
     "$(describe_pid "$pid")" "$(date -u +%T.%N)" >>"$logs/pid-checks.log" 2>/dev/null || true
   rm -f "$f" "$pids/$name.start"
 }
 
-# proc_field PID N: field N of /proc/PID/stat counted after the command name (1 is the
-# state, 20 the start time in clock ticks since boot); nothing when the process is gone.
-proc_field() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-  stat=${stat##*) }
-  cut -d' ' -f"$2" <<<"$stat"
-}
-
-# What /proc says about a pid: state, comm, exe, start time (or that it is gone).
-describe_pid() {
-  local pid=$1
-  [[ -n $pid && -e /proc/$pid/stat ]] || { echo "no such process"; return 0; }
-  printf 'state %s, comm %s, exe %s, started at tick %s' "$(proc_field "$pid" 1)" \
-    "$(cat "/proc/$pid/comm" 2>/dev/null)" "$(readlink "/proc/$pid/exe" 2>/dev/null)" \
-    "$(proc_field "$pid" 20)"
-}
-
-# Processes of this run dir that have no pid file (e.g. a start killed between spawn and
-# writing the pid file). Matched by the run dir in their command line, never by name alone.
-stray_pids() {
-  local name=$1 pid
-  for pid in $(pgrep -x -- "${name:0:15}" || true); do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$TENDRIL_RUN/"; then
-      echo "$pid"
-    fi
-  done
-}
-
-# A process of this run dir without a pid file would hold the ports: stop it first.
+# A process of this run dir without a pid file (e.g. a start killed between spawn and
+# writing the pid file) would hold the ports: stop it first. Found by the run dir in its
+# command line, never by name alone (stray_pids, hack/lib/common.sh).
 stop_strays() {
   local pid
-  for pid in $(stray_pids "$1"); do
+  for pid in $(stray_pids "$1" "$TENDRIL_RUN/"); do
     log "stopping stray $1 (pid $pid) left by an earlier run"
     stop_pid "$pid"
   done
@@ -204,25 +170,18 @@ check_port() {
   return 0
 }
 
-# Runs a component detached (own session, stdin/stdout/stderr away from the caller, the lock
-# fd closed) so neither a terminal's Ctrl-C nor a test binary that exits takes it down.
-# `setsid` execs the binary in the same process (a background job of a non-interactive shell
-# is no process-group leader, so setsid need not fork): $! is the component from the fork on.
-# Until the exec, which on a loaded machine may take seconds, that process is a bash or a
-# setsid; its start time, recorded here, identifies it throughout (see running_pid), so a
-# component still starting is never taken for one that exited.
+# Runs a component detached (spawn_detached in hack/lib/common.sh: own session, away from
+# the caller's terminal and lock, known by pid and start time from the fork on, so one still
+# starting is never taken for one that exited).
 declare -A spawned=()
 spawn() {
   local name=$1
   shift
   mkdir -p "$logs" "$pids"
   printf '\n==== %s starting %s\n' "$(date -u +%FT%TZ)" "$name" >>"$logs/$name.log"
-  setsid "$K8S_BIN/$name" "$@" </dev/null >>"$logs/$name.log" 2>&1 9>&- &
-  local pid=$!
-  spawned[$name]=$pid
-  proc_field "$pid" 20 >"$pids/$name.start"
-  echo "$pid" >"$pids/$name.pid"
-  printf '%s: spawned pid %s (%s) at %s\n' "$name" "$pid" "$(describe_pid "$pid")" \
+  spawn_detached "$pids/$name.pid" "$logs/$name.log" "$K8S_BIN/$name" "$@"
+  spawned[$name]=$SPAWNED_PID
+  printf '%s: spawned pid %s (%s) at %s\n' "$name" "$SPAWNED_PID" "$(describe_pid "$SPAWNED_PID")" \
     "$(date -u +%T.%N)" >>"$logs/pid-checks.log"
 }
 
@@ -230,17 +189,9 @@ spawn() {
 # background jobs), the kernel's word if it killed it (OOM), and who holds a port it could
 # not bind.
 exit_cause() {
-  local comp=$1 pid=${spawned[$1]:-} st=0 port
+  local comp=$1 pid=${spawned[$1]:-} port
   [[ -n $pid ]] || { echo "not started by this command"; return 0; }
-  wait "$pid" 2>/dev/null || st=$?
-  if ((st == 127)); then
-    echo "pid $pid, exit status unknown"
-  elif ((st > 128)); then
-    echo "pid $pid killed by signal $((st - 128)) ($(kill -l $((st - 128)) 2>/dev/null))"
-  else
-    echo "pid $pid exited with status $st"
-  fi
-  dmesg 2>/dev/null | grep -E "Killed process $pid |oom.*pid=$pid[, ]" | tail -n 3 || true
+  exit_status "$pid"
   for port in $(grep -o '127\.0\.0\.1:[0-9]*: bind: address already in use' "$logs/$comp.log" 2>/dev/null |
     tail -n 1 | sed 's/127\.0\.0\.1:\([0-9]*\).*/\1/'); do
     echo "sockets on port $port (a client's ephemeral port blocks a listener too):"

@@ -11,17 +11,21 @@ keep=false
 [[ ${1:-} == --keep-state ]] && keep=true
 pids="$TENDRIL_RUN/pids"
 
+# stop_pidfile NAME: the process pids/NAME.pid names (pidfile_pid, hack/lib/common.sh), and
+# any process of that name of this run dir without a pid file (a stray: a start that was
+# interrupted, or a pid file an older liveness check removed while it was still starting).
 stop_pidfile() {
-  local name=$1 comm=$2 f="$pids/$1.pid" pid i
-  [[ -f $f ]] || return 0
-  pid=$(cat "$f")
-  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm"* ]]; then
+  local name=$1 pid
+  pid=$(pidfile_pid "$pids/$name.pid" "$name")
+  if [[ -n $pid ]]; then
     log "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
+    stop_process "$pid"
   fi
-  rm -f "$f"
+  rm -f "$pids/$name.pid" "$pids/$name.start"
+  for pid in $(stray_pids "$name" "$TENDRIL_RUN/"); do
+    log "stopping stray $name (pid $pid)"
+    stop_process "$pid"
+  done
 }
 
 # ---------------------------------------------------------------- simulated nodes and agents
@@ -30,7 +34,7 @@ stop_pidfile() {
 bash hack/sim-cluster.sh down || true
 # ---------------------------------------------------------------- end of simulated nodes
 
-stop_pidfile tendril-operator tendril-operato
+stop_pidfile tendril-operator
 
 if $keep; then
   bash hack/control-plane.sh stop

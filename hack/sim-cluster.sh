@@ -43,28 +43,17 @@ export TENDRIL_SIM_DIR="$simdir"
 
 sim() { "$bin/tendril-sim" --cluster local "$@"; }
 
-agent_pid() {
-  local f="$pids/tendril-agent-$1.pid" pid
-  [[ -f $f ]] || return 0
-  pid=$(cat "$f")
-  # A killed agent may linger as a zombie until its parent reaps it: that is not running.
-  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == tendril-agent* &&
-    $(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) != Z ]]; then
-    echo "$pid"
-  else
-    rm -f "$f"
-  fi
-}
+# By pid and start time (pidfile_pid, hack/lib/common.sh): an agent still starting is never
+# taken for one that exited; a killed agent lingering as a zombie is not running.
+agent_pid() { pidfile_pid "$pids/tendril-agent-$1.pid" tendril-agent; }
 
 stop_agent() {
   local node=$1 pid i
   pid=$(agent_pid "$node")
   [[ -n $pid ]] || return 0
   log "stopping tendril-agent for $node (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$pids/tendril-agent-$node.pid"
+  stop_process "$pid"
+  rm -f "$pids/tendril-agent-$node.pid" "$pids/tendril-agent-$node.start"
 }
 
 start_agent() {
@@ -82,12 +71,12 @@ start_agent() {
   log "starting tendril-agent for $node (metrics :$port, log: $logs/agent-$node.log)"
   mkdir -p "$logs" "$pids" "$simdir/$node"
   printf '\n==== %s starting tendril-agent\n' "$(date -u +%FT%TZ)" >>"$logs/agent-$node.log"
-  NO_COLOR=1 setsid "$bin/tendril-agent" --config config/agent.yaml --kubeconfig "$KUBECONFIG" \
+  spawn_detached "$pids/tendril-agent-$node.pid" "$logs/agent-$node.log" env NO_COLOR=1 \
+    "$bin/tendril-agent" --config config/agent.yaml --kubeconfig "$KUBECONFIG" \
     --node-name "$node" --node-netns "/var/run/netns/tdr-$node" \
     --state-dir "$simdir/$node" --cni-socket "$simdir/$node/cni.sock" \
     --bpffs-root "/sys/fs/bpf/tendril-sim/$node" \
-    --metrics-bind "127.0.0.1:$port" </dev/null >>"$logs/agent-$node.log" 2>&1 &
-  echo $! >"$pids/tendril-agent-$node.pid"
+    --metrics-bind "127.0.0.1:$port"
 }
 
 cmd_up() {
@@ -127,6 +116,13 @@ cmd_down() {
     sim pods-down | sed 's/^/  /' >&2 || log "some pods could not be deleted cleanly"
   fi
   for n in "${NODES[@]}"; do stop_agent "$n"; done
+  # Agents of this cluster without a pid file (a start interrupted, or a pid file an older
+  # liveness check removed while the agent was still starting): by their state dir.
+  local pid
+  for pid in $(stray_pids tendril-agent "$simdir/"); do
+    log "stopping stray tendril-agent (pid $pid)"
+    stop_process "$pid"
+  done
   if $have_plane && [[ -x $bin/tendril-sim ]]; then
     sim nodes-down "${NODES[@]}" || log "Node objects not deleted (is the apiserver down?)"
   fi

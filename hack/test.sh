@@ -88,7 +88,7 @@ after_cargo_test() {
     keep_plane_logs "$test_run" "$dir/shared-plane"
     while IFS= read -r d; do
       results+=("        logs: $d")
-    done < <(find "$TENDRIL_TEST_LOGS" -mindepth 1 -maxdepth 1 -type d -name '*.*' -newer "$dir/.started" | sort)
+    done < <(find "$TENDRIL_TEST_LOGS" -mindepth 1 -maxdepth 1 -type d -name '*.*' ! -name '*.prev' -newer "$dir/.started" | sort)
   fi
 }
 

@@ -41,21 +41,16 @@ kubectl create namespace tendril-system --dry-run=client -o yaml |
 
 # ---------------------------------------------------------------- operator
 operator_bin="$CARGO_TARGET_DIR/debug/tendril-operator"
-operator_pid() {
-  local f="$pids/tendril-operator.pid" pid
-  [[ -f $f ]] || return 0
-  pid=$(cat "$f")
-  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == tendril-operato* ]]; then echo "$pid"; else rm -f "$f"; fi
-}
+# By pid and start time (pidfile_pid, hack/lib/common.sh): an operator still starting is
+# never taken for one that exited.
+operator_pid() { pidfile_pid "$pids/tendril-operator.pid" tendril-operator; }
 operator_status="not built (no $operator_bin)"
 if [[ -x $operator_bin ]]; then
   pid=$(operator_pid)
   if [[ -n $pid && $operator_bin -nt $pids/tendril-operator.pid ]]; then
     log "operator binary rebuilt: restarting tendril-operator (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$pids/tendril-operator.pid"
+    stop_process "$pid"
+    rm -f "$pids/tendril-operator.pid" "$pids/tendril-operator.start"
     pid=""
   fi
   if [[ -z $pid ]]; then
@@ -65,13 +60,15 @@ if [[ -x $operator_bin ]]; then
     log "starting tendril-operator (log: $logs/operator.log)"
     mkdir -p "$logs" "$pids"
     printf '\n==== %s starting tendril-operator\n' "$(date -u +%FT%TZ)" >>"$logs/operator.log"
-    NO_COLOR=1 setsid "$operator_bin" --config config/operator.yaml --kubeconfig "$KUBECONFIG" \
-      --metrics-bind "127.0.0.1:$metrics_port" </dev/null >>"$logs/operator.log" 2>&1 &
-    echo $! >"$pids/tendril-operator.pid"
+    spawn_detached "$pids/tendril-operator.pid" "$logs/operator.log" env NO_COLOR=1 \
+      "$operator_bin" --config config/operator.yaml --kubeconfig "$KUBECONFIG" \
+      --metrics-bind "127.0.0.1:$metrics_port"
+    pid=$SPAWNED_PID
     deadline=$((SECONDS + 60))
     until [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$metrics_port/healthz") == 200 ]]; do
       if [[ -z $(operator_pid) ]]; then
         tail -n 30 "$logs/operator.log" >&2
+        exit_status "$pid" >&2
         die "tendril-operator exited (log: $logs/operator.log)"
       fi
       ((SECONDS < deadline)) || die "tendril-operator not healthy after 60s (log: $logs/operator.log)"

@@ -78,7 +78,7 @@
 //!   `~/.cache/tendril/test-logs/{binary}.{test}/` (`$TENDRIL_TEST_LOGS` moves the root,
 //!   [`test_logs_root`]): the logs of its [`Process`]es and, copied before the plane is
 //!   deleted, the component logs of its dedicated planes (`plane-{name}/`). A rerun of the
-//!   test replaces it; `hack/test.sh` removes the directories of tests that passed and prints
+//!   test moves it to `….prev` first; `hack/test.sh` removes the directories of tests that passed and prints
 //!   those of tests that failed. The shared plane's logs stay in its run dir
 //!   (`~/.cache/tendril/test-run/logs`).
 //!

@@ -2,6 +2,7 @@
 //! `hack/control-plane.sh`.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -75,6 +76,8 @@ pub struct ControlPlane {
     script_env: Vec<(String, String)>,
     /// Starts it took (1 unless a port was taken by another process in between).
     start_attempts: u32,
+    /// Dedicated planes: the reservation of their ports, released on drop.
+    _ports: Option<PortBlock>,
 }
 
 static SHARED: OnceLock<std::result::Result<Arc<ControlPlane>, String>> = OnceLock::new();
@@ -111,10 +114,10 @@ impl ControlPlane {
     /// [`ControlPlane::dedicated`] with more environment for every `hack/control-plane.sh`
     /// command on the plane, e.g. `TENDRIL_APISERVER_EXTRA_ARGS` or a `PATH`.
     ///
-    /// A start that fails because one of its ports was taken in between (another plane
-    /// starting at the same moment picked it too) is tried again on new ports, at most three
-    /// times ([`ControlPlane::start_attempts`]); any other failure is the error, with the
-    /// directory its logs are kept in.
+    /// A start that fails because one of its ports was taken in between (by a process other
+    /// than a dedicated plane: those reserve theirs) is tried again on new ports, at most
+    /// three times ([`ControlPlane::start_attempts`]); any other failure is the error, with
+    /// the directory its logs are kept in.
     pub async fn dedicated_with_env(name: &str, env: &[(&str, &str)]) -> Result<Arc<ControlPlane>> {
         sweep_dedicated_planes();
         let name = crate::unique_name(name);
@@ -128,7 +131,8 @@ impl ControlPlane {
             .collect();
         let mut last_err = None;
         for attempt in 1..=3 {
-            let ports = plane_ports()?;
+            let block = plane_ports()?;
+            let ports = block.ports;
             let keep = test_logs.join(if attempt == 1 {
                 format!("plane-{name}")
             } else {
@@ -142,6 +146,7 @@ impl ControlPlane {
                 keep_logs: Some(keep.clone()),
                 script_env: script_env.clone(),
                 start_attempts: attempt,
+                _ports: Some(block),
             };
             let (rd, se) = (run_dir.clone(), script_env.clone());
             match tokio::task::spawn_blocking(move || run_script(&rd, Some(ports), &se, &["start"]))
@@ -160,8 +165,7 @@ impl ControlPlane {
                     let port_taken = format!("{e:#}").contains(" is in use (set TENDRIL_")
                         || format!("{e:#}").contains("bind: address already in use");
                     eprintln!(
-                        "dedicated plane {name} did not start (attempt {attempt}{}); its logs are kept in {}",
-                        if port_taken { ", a port was taken" } else { "" },
+                        "dedicated plane {name} did not start (attempt {attempt}); its logs are kept in {}:\n{e:#}",
                         keep.display()
                     );
                     let e = e.context(format!(
@@ -394,8 +398,18 @@ fn read_settings(run_dir: &Path) -> Result<HashMap<String, String>> {
         .collect())
 }
 
-/// Four free ports for a dedicated plane, picked at random just below the kernel's ephemeral
-/// port range (`net.ipv4.ip_local_port_range`, 32768-60999 by default: 32000-32767).
+/// The ports of a dedicated plane, and the lock that reserves them while the plane lives.
+#[derive(Debug)]
+struct PortBlock {
+    ports: Ports,
+    /// `flock`ed `~/.cache/tendril/test-ports/FIRST.lock`; the kernel releases it when the
+    /// file is closed, also when the test binary is killed. `None`: ports from the kernel.
+    _lock: Option<std::fs::File>,
+}
+
+/// Four free ports for a dedicated plane, a block of four just below the kernel's ephemeral
+/// port range (`net.ipv4.ip_local_port_range`, 32768-60999 by default: blocks in
+/// 32000-32767), reserved for the plane's life by a lock file.
 ///
 /// Never inside that range: a port there can be taken at any moment as the local port of some
 /// outgoing connection (every `curl`, `kubectl` and client of the other planes opens some),
@@ -404,17 +418,17 @@ fn read_settings(run_dir: &Path) -> Result<HashMap<String, String>> {
 /// plane binds its ports seconds after they are picked (etcd first, the controller-manager
 /// once the apiserver is ready), and its restarts bind them again: ports found by binding
 /// port 0, as before, came from that range and lost that race now and then on a busy machine.
-/// Below it, only listeners compete: the other planes' fixed ports are lower (see
-/// `hack/control-plane.sh`, `hack/tilt/ci.sh`), and a dedicated plane starting at the same
-/// moment that picked the same port makes the start fail with "is in use", which
-/// [`ControlPlane::dedicated_with_env`] tries again with new ports.
-fn plane_ports() -> Result<Ports> {
+/// Below it only listeners compete: the other planes' fixed ports are lower (see
+/// `hack/control-plane.sh`, `hack/tilt/ci.sh`), dedicated planes of every test binary on the
+/// machine take distinct blocks (the lock, which also covers the seconds before a port is
+/// bound), and a block one of whose ports something else listens on is skipped.
+fn plane_ports() -> Result<PortBlock> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    const WINDOW: u16 = 768;
-    if low <= 10_000 + WINDOW {
+    const BLOCKS: u16 = 192;
+    if low <= 10_000 + 4 * BLOCKS {
         // An unusual range (nearly every port ephemeral): the kernel's choice, as before.
         let listeners: Vec<std::net::TcpListener> = (0..4)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
@@ -423,30 +437,54 @@ fn plane_ports() -> Result<Ports> {
             .iter()
             .map(|l| l.local_addr().map(|a| a.port()))
             .collect::<std::io::Result<_>>()?;
-        return Ok(Ports {
-            etcd: p[0],
-            etcd_peer: p[1],
-            apiserver: p[2],
-            kcm: p[3],
+        return Ok(PortBlock {
+            ports: Ports {
+                etcd: p[0],
+                etcd_peer: p[1],
+                apiserver: p[2],
+                kcm: p[3],
+            },
+            _lock: None,
         });
     }
-    let mut rng = rand::rng();
-    let mut picked: Vec<u16> = Vec::new();
-    for _ in 0..1000 {
-        let p = rng.random_range(low - WINDOW..low);
-        if !picked.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            picked.push(p);
-            if picked.len() == 4 {
-                return Ok(Ports {
-                    etcd: picked[0],
-                    etcd_peer: picked[1],
-                    apiserver: picked[2],
-                    kcm: picked[3],
-                });
-            }
+    let base = low - 4 * BLOCKS;
+    let dir = cache_dir().join("test-ports");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let first_block = rand::rng().random_range(0..BLOCKS);
+    for i in 0..BLOCKS {
+        let first = base + 4 * ((first_block + i) % BLOCKS);
+        let path = dir.join(format!("{first}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock(2) on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // another plane's
+        }
+        let ports: Vec<u16> = (first..first + 4).collect();
+        if ports
+            .iter()
+            .all(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return Ok(PortBlock {
+                ports: Ports {
+                    etcd: ports[0],
+                    etcd_peer: ports[1],
+                    apiserver: ports[2],
+                    kcm: ports[3],
+                },
+                _lock: Some(file),
+            });
         }
     }
-    bail!("no four free ports in {}-{}", low - WINDOW, low - 1)
+    bail!(
+        "no free block of four ports in {base}-{} (locks in {})",
+        low - 1,
+        dir.display()
+    )
 }
 
 fn init_shared() -> Result<ControlPlane> {
@@ -487,6 +525,7 @@ fn init_shared() -> Result<ControlPlane> {
         keep_logs: None,
         script_env: Vec::new(),
         start_attempts: 1,
+        _ports: None,
     };
     // Client work needs a runtime of its own: the caller's may be a current-thread runtime
     // that this call is blocking.

@@ -63,8 +63,9 @@ pub fn test_logs_root() -> PathBuf {
 /// becomes `.`): logs of the [`crate::Process`]es it spawns and of its
 /// [`crate::ControlPlane::dedicated`] planes. The test is found by the name of the current
 /// thread, which libtest gives the test (a `#[tokio::test]` body runs on it); elsewhere (a
-/// tokio worker, a binary's `main`) it is that thread's name. Emptied on first use by this
-/// process, so a rerun of a test replaces that test's logs of the last run and nothing else.
+/// tokio worker, a binary's `main`) it is that thread's name. On first use by this process
+/// the directory of the test's previous run, if any, becomes `{binary}.{test}.prev` (the one
+/// before that is dropped), so a rerun never takes the logs of the failure it reruns.
 /// `hack/test.sh` removes the directories of the tests that passed.
 pub fn test_log_dir() -> PathBuf {
     static SEEN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -73,7 +74,12 @@ pub fn test_log_dir() -> PathBuf {
     let dir = test_logs_root().join(format!("{}.{}", binary_name(), sanitize(&test)));
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     if !seen.contains(&dir) {
-        let _ = std::fs::remove_dir_all(&dir);
+        if dir.exists() {
+            let mut prev = dir.clone().into_os_string();
+            prev.push(".prev");
+            let _ = std::fs::remove_dir_all(&prev);
+            let _ = std::fs::rename(&dir, &prev);
+        }
         seen.push(dir.clone());
     }
     let _ = std::fs::create_dir_all(&dir);
@@ -218,6 +224,7 @@ mod tests {
         assert!(dir.is_dir());
         assert_eq!(dir.parent(), Some(test_logs_root().as_path()));
         std::fs::remove_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(format!("{}.prev", dir.display()));
     }
 
     #[test]

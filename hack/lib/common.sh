@@ -58,3 +58,107 @@ keep_plane_logs() {
   [[ -f $run/plane.env ]] && cp -a "$run/plane.env" "$dest/" 2>/dev/null
   return 0
 }
+
+# ---------------------------------------------------------------- detached processes
+# A process these scripts start in the background (control-plane components, the operator,
+# the agents) is known by its pid and that process's start time: PIDFILE and, next to it,
+# the same name ending in .start. The pair names the process from its fork on, before and
+# after it execs its binary (which on a loaded machine may take a while), and never a later
+# process that reuses the pid. Checking the command name instead took a process that had not
+# exec'd yet (still a bash or a setsid) for one that had exited, and left it running unseen.
+
+# proc_field PID N: field N of /proc/PID/stat counted after the command name (1 is the
+# state, 20 the start time in clock ticks since boot); nothing when the process is gone.
+proc_field() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  stat=${stat##*) }
+  cut -d' ' -f"$2" <<<"$stat"
+}
+
+# describe_pid PID: what /proc says about it (state, comm, exe, start time), or that it is gone.
+describe_pid() {
+  local pid=$1
+  [[ -n $pid && -e /proc/$pid/stat ]] || { echo "no such process"; return 0; }
+  printf 'state %s, comm %s, exe %s, started at tick %s' "$(proc_field "$pid" 1)" \
+    "$(cat "/proc/$pid/comm" 2>/dev/null)" "$(readlink "/proc/$pid/exe" 2>/dev/null)" \
+    "$(proc_field "$pid" 20)"
+}
+
+# spawn_detached PIDFILE LOG COMMAND...: runs COMMAND in a session of its own (neither a
+# terminal's Ctrl-C nor the caller's exit reaches it), stdin from /dev/null, output appended
+# to LOG, fd 9 (the callers' lock) closed; writes PIDFILE and its .start file. setsid execs
+# COMMAND in the same process, so $! is COMMAND from the fork on: job control is turned off
+# first, since a background job leading its own process group would make setsid fork (and $!
+# a setsid that exits at once). Sets SPAWNED_PID.
+spawn_detached() {
+  local pidfile=$1 logfile=$2
+  shift 2
+  set +m
+  setsid "$@" </dev/null >>"$logfile" 2>&1 9>&- &
+  SPAWNED_PID=$!
+  proc_field "$SPAWNED_PID" 20 >"${pidfile%.pid}.start"
+  echo "$SPAWNED_PID" >"$pidfile"
+}
+
+# pidfile_pid PIDFILE [COMM]: the pid PIDFILE names while that process runs, else nothing,
+# and a stale PIDFILE (process gone, or a zombie not yet reaped) is removed. A pid file
+# without a .start file (written by an older version of these scripts) is checked against
+# COMM, the command name (its first 15 characters, as the kernel keeps it).
+pidfile_pid() {
+  local pidfile=$1 comm=${2:-} pid start
+  [[ -f $pidfile ]] || return 0
+  pid=$(cat "$pidfile")
+  if [[ -f ${pidfile%.pid}.start ]]; then
+    start=$(cat "${pidfile%.pid}.start")
+    if [[ -n $pid && -n $start && $(proc_field "$pid" 20) == "$start" &&
+      $(proc_field "$pid" 1) != [ZX] ]]; then
+      echo "$pid"
+      return 0
+    fi
+  elif [[ -n $pid && -n $comm && $(cat "/proc/$pid/comm" 2>/dev/null) == "${comm:0:15}" &&
+    $(proc_field "$pid" 1) != [ZX] ]]; then
+    echo "$pid"
+    return 0
+  fi
+  rm -f "$pidfile" "${pidfile%.pid}.start"
+}
+
+# exit_status PID: how a background job of this shell ended (bash keeps their statuses),
+# and the kernel's word if it killed it (the OOM killer).
+exit_status() {
+  local pid=$1 st=0
+  wait "$pid" 2>/dev/null || st=$?
+  if ((st == 127)); then
+    echo "pid $pid, exit status unknown"
+  elif ((st > 128)); then
+    echo "pid $pid killed by signal $((st - 128)) ($(kill -l $((st - 128)) 2>/dev/null))"
+  else
+    echo "pid $pid exited with status $st"
+  fi
+  dmesg 2>/dev/null | grep -E "Killed process $pid |oom.*pid=$pid[, ]" | tail -n 3 || true
+}
+
+# stray_pids COMM PATTERN: processes named COMM (first 15 characters) whose command line
+# contains PATTERN (a run dir: never by name alone).
+stray_pids() {
+  local comm=$1 pattern=$2 pid
+  for pid in $(pgrep -x -- "${comm:0:15}" || true); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$pattern"; then
+      echo "$pid"
+    fi
+  done
+}
+
+# stop_process PID [GRACE_S]: SIGTERM, SIGKILL after GRACE_S (15) seconds; returns once it
+# is gone.
+stop_process() {
+  local pid=$1 grace=${2:-15} i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < grace * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
