@@ -6,11 +6,12 @@
 //! enum. A constant renamed or removed on the C side fails the compile, a changed value
 //! fails the comparison.
 
+mod bpf_support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::Value;
 use tendril_crds::facts::{LOCAL_IDENTITY_FLAG, Reserved};
 use tendril_datapath::bpf::maps::*;
 use tendril_datapath::bpf::policy::{
@@ -88,20 +89,7 @@ fn expected() -> Vec<(&'static str, u64)> {
 
 /// Every enumerator of every named enum in the BTF of `object`: enum → (name → value).
 fn btf_enums(object: &Path) -> BTreeMap<String, BTreeMap<String, u64>> {
-    let out = Command::new("bpftool")
-        .args(["-j", "btf", "dump", "file"])
-        .arg(object)
-        .output()
-        .expect("bpftool (installed by hack/install-prereqs.sh)");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let btf: Value = serde_json::from_slice(&out.stdout).unwrap();
-    btf["types"]
-        .as_array()
-        .unwrap()
+    bpf_support::btf_types(object)
         .iter()
         .filter(|t| (t["kind"] == "ENUM" || t["kind"] == "ENUM64") && t["name"].is_string())
         .map(|t| {

@@ -2,9 +2,10 @@
 //! `bpf/lib/maps.h`, read from the BTF of the compiled objects (`bpftool btf
 //! dump`), i.e. exactly what the programs were compiled against.
 
-use std::{collections::BTreeMap, mem::offset_of, process::Command};
+mod bpf_support;
 
-use serde_json::Value;
+use std::{collections::BTreeMap, mem::offset_of};
+
 use tendril_datapath::bpf::{
     loader::{BPF_HOST, BPF_LXC, BPF_OVERLAY},
     maps::*,
@@ -14,20 +15,7 @@ use tendril_datapath::bpf::{
 fn btf_structs(object: &[u8]) -> BTreeMap<String, (u64, Vec<(String, u64)>)> {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), object).unwrap();
-    let out = Command::new("bpftool")
-        .args(["-j", "btf", "dump", "file"])
-        .arg(file.path())
-        .output()
-        .expect("bpftool (installed by hack/install-prereqs.sh)");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let btf: Value = serde_json::from_slice(&out.stdout).unwrap();
-    btf["types"]
-        .as_array()
-        .unwrap()
+    bpf_support::btf_types(file.path())
         .iter()
         .filter(|t| t["kind"] == "STRUCT" && t["name"].is_string())
         .map(|t| {

@@ -246,3 +246,19 @@ pub fn fragment(mut frame: Vec<u8>, id: u16, more: bool, offset: u16) -> Vec<u8>
     frame[24..26].copy_from_slice(&sum.to_be_bytes());
     frame
 }
+
+/// The BTF of the object file at `object`, as `bpftool -j btf dump file` prints it.
+pub fn btf_types(object: &Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "btf", "dump", "file"])
+        .arg(object)
+        .output()
+        .expect("bpftool (installed by hack/install-prereqs.sh)");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let btf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    btf["types"].as_array().cloned().unwrap_or_default()
+}
