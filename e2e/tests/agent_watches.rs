@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use tendril_e2e::sim::{SimNode, ensure_underlay};
+use tendril_e2e::sim::{SimNode, Underlay};
 use tendril_e2e::{ControlPlane, Metrics, TestEnv, eventually, fetch_metrics};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,7 +31,8 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
     let plane = ControlPlane::dedicated("agent-watches").await?;
     let env = TestEnv::on(plane.clone()).await?;
     let cluster = env.unique_name("aw");
-    ensure_underlay(&cluster).await?;
+    // Removed on drop, also when the test fails.
+    let underlay = Underlay::new(&cluster).await?;
     let node = SimNode::start(&env, &cluster, 1, 0).await?;
 
     // The agent's registry: one watch per kind (and the apiserver's own slice).
@@ -104,5 +105,6 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
     );
     println!("apiserver WATCH requests of the agent per tendril.dev resource: {open:?}");
     drop(node);
+    drop(underlay);
     Ok(())
 }
