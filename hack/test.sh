@@ -42,8 +42,9 @@ step_dir() {
 }
 
 # step NAME COMMAND...: runs COMMAND with its output also in STEP_DIR/output.log and
-# TENDRIL_STEP_LOGS=STEP_DIR (where hack/tilt/ci.sh keeps its logs). Passed: the directory is
-# removed; failed: it stays and the summary names it.
+# TENDRIL_STEP_LOGS=STEP_DIR (where hack/tilt/ci.sh keeps its logs). Then STEP_AFTER, if set
+# (STEP_AFTER=fn step …), runs as `fn RC STEP_DIR`. Passed: the directory is removed; failed:
+# it stays and the summary names it.
 step() {
   local name=$1 s rc dir
   shift
@@ -56,26 +57,28 @@ step() {
   TENDRIL_STEP_LOGS=$dir "$@" 2>&1 | tee "$dir/output.log"
   rc=${PIPESTATUS[0]}
   steps=$((steps + 1))
+  local after=()
+  if [[ -n ${STEP_AFTER:-} ]]; then
+    mapfile -t after < <("$STEP_AFTER" "$rc" "$dir")
+  fi
   if ((rc == 0)); then
     rm -rf "$dir"
     results+=("ok    $(printf '%5ss' $(($(date +%s) - s)))  $name")
   else
     results+=("FAIL  $(printf '%5ss' $(($(date +%s) - s)))  $name (exit $rc)")
-    results+=("        logs: $dir")
+    results+=("        logs: $dir" "${after[@]}")
     failed=$((failed + 1))
   fi
   return $rc
 }
 
-# After `cargo test`: removes the log directories of the tests that passed (named in its
-# output as `test NAME ... ok` under `Running … (…/deps/BINARY-HASH)`); the summary lists the
-# directories left by this run's failed tests, and the shared plane's logs are copied next
-# to the step's output.
+# After `cargo test` (its STEP_AFTER): removes the log directories of the tests that passed
+# (named in the output as `test NAME ... ok` under `Running … (…/deps/BINARY-HASH)`); on
+# failure copies the shared plane's logs next to the output and prints, for the summary, the
+# directories this run's failed tests left.
 after_cargo_test() {
-  local rc=$1 dir out bin="" line d
-  dir=$(step_dir "cargo test")
-  out="$dir/output.log"
-  [[ -f $out ]] || return 0
+  local rc=$1 dir=$2 bin="" line d
+  [[ -f $dir/output.log ]] || return 0
   while IFS= read -r line; do
     if [[ $line =~ Running\ .*/deps/([A-Za-z0-9_]+)-[0-9a-f]+\)$ ]]; then
       bin=${BASH_REMATCH[1]}
@@ -83,12 +86,11 @@ after_cargo_test() {
       d="$TENDRIL_TEST_LOGS/$bin.${BASH_REMATCH[1]//::/.}"
       [[ -d $d ]] && rm -rf "$d"
     fi
-  done <"$out"
+  done <"$dir/output.log"
   if ((rc != 0)); then
     keep_plane_logs "$test_run" "$dir/shared-plane"
-    while IFS= read -r d; do
-      results+=("        logs: $d")
-    done < <(find "$TENDRIL_TEST_LOGS" -mindepth 1 -maxdepth 1 -type d -name '*.*' ! -name '*.prev' -newer "$dir/.started" | sort)
+    find "$TENDRIL_TEST_LOGS" -mindepth 1 -maxdepth 1 -type d -name '*.*' ! -name '*.prev' \
+      -newer "$dir/.started" | sort | sed 's/^/        logs: /'
   fi
 }
 
@@ -146,8 +148,8 @@ step "tilt ci (local mode)" bash hack/tilt/ci.sh
 step "CRD manifests up to date" "$CARGO_TARGET_DIR/debug/tendril-crdgen" --check
 test_run=${TENDRIL_TEST_RUN:-$TENDRIL_CACHE/test-run}
 # --no-fail-fast: one failing test binary must not hide the results of the others.
-step "cargo test" cargo test --workspace --no-fail-fast "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
-after_cargo_test $?
+STEP_AFTER=after_cargo_test step "cargo test" \
+  cargo test --workspace --no-fail-fast "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
 if $local_cluster; then
   # What the cluster beside a failing suite logged (operator, agents, control plane).
   if ((failed)); then
