@@ -113,6 +113,13 @@ pub mod annotations {
     /// this revision (RFC 3339, microseconds, UTC); the agent's implementation-delay
     /// histogram starts there.
     pub const POLICY_CHANGED_AT: &str = "tendril.dev/policy-changed-at";
+    /// On an `LBService`: when the change that produced this revision happened (the
+    /// EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`, else when the
+    /// services concern observed it); the agent's network-programming-duration histogram
+    /// starts there, as kube-proxy's does.
+    pub const SERVICE_CHANGED_AT: &str = "tendril.dev/service-changed-at";
+    /// On a `Service`: `Random` or `Maglev` backend selection for this service.
+    pub const SERVICE_LB_ALGORITHM: &str = "service.tendril.dev/lb-algorithm";
 }
 
 #[cfg(test)]

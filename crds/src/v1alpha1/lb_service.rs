@@ -4,6 +4,17 @@
 //! Written by the services concern (field manager `tendril-services`) from the Service, its
 //! EndpointSlices and the Nodes; read by every agent, which programs `lb_services`,
 //! `lb_backends` and `lb_revnat`. A frontend's backends are those with the same `portName`.
+//!
+//! Revisions are one cluster-wide sequence: the services concern gives each change the next
+//! number and writes LBServices in that order, so an agent that has seen revision N has seen
+//! every revision below it. Each agent reports the highest revision its maps realize in
+//! `NodeNetwork.status.realizedServicesRevision`; `status.realizedRevision` is set once every
+//! node reports at least `spec.revision`.
+//!
+//! Backend states follow KEP-1669: `active` backends (ready) take new connections;
+//! `terminating` backends (serving but terminating) take new connections only when a scope
+//! (all backends, or the node's local ones for a `Local` policy) has no `active` backend left;
+//! backends that are not serving are not listed. Established connections are never moved.
 
 use crate::common::{Condition, conditions_schema};
 use kube::CustomResource;
@@ -61,6 +72,16 @@ pub struct LBServiceSpec {
         extend("x-kubernetes-validations" = [{"rule": "self.all(c, isCIDR(c))", "message": "every loadBalancerSourceRanges entry must be a CIDR such as 203.0.113.0/24"}])
     )]
     pub load_balancer_source_ranges: Vec<String>,
+    /// For `externalTrafficPolicy: Local` NodePort/LoadBalancer services: the node port where
+    /// each node answers health checks with its local endpoint count (as kube-proxy does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub health_check_node_port: Option<i32>,
+    /// Backend selection: `Random` or `Maglev` (consistent hashing); absent means the agent's
+    /// configured default. From the Service annotation `service.tendril.dev/lb-algorithm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Random", "Maglev"]))]
+    pub algorithm: Option<String>,
 }
 
 fn cluster_policy() -> String {

@@ -80,6 +80,10 @@ pub struct NodeNetworkStatus {
     /// The `metadata.generation` the node's datapath realizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realized_revision: Option<i64>,
+    /// The highest `LBService` `spec.revision` whose service (and every lower revision) the
+    /// node's maps realize; see `LBService`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realized_services_revision: Option<i64>,
     /// Version of the agent running on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
