@@ -1,0 +1,300 @@
+//! Health-check node ports for `externalTrafficPolicy: Local` services, answered as kube-proxy
+//! answers them, so an external load balancer sends traffic only to nodes with a local backend:
+//! any path, `200` when the node has local endpoints and its datapath is healthy, else `503`;
+//! headers `Content-Type: application/json`, `X-Content-Type-Options: nosniff` and
+//! `X-Load-Balancing-Endpoint-Weight: <local endpoints>`; a JSON body with the service's
+//! namespace and name, `localEndpoints` and `serviceProxyHealthy`.
+//!
+//! One listener per port on every address of the node (the agent runs in the node's network
+//! namespace). [`HealthCheckServers::converge`] opens and closes listeners to match the
+//! desired ports and updates counts in place, so a count change never closes a socket.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const ENDPOINT_WEIGHT: HeaderName = HeaderName::from_static("x-load-balancing-endpoint-weight");
+
+/// What one health-check port reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub namespace: String,
+    pub name: String,
+    /// Ready backends of the service on this node.
+    pub local_endpoints: u32,
+}
+
+/// A port that could not be opened (e.g. something else listens on it).
+#[derive(Debug, thiserror::Error)]
+#[error("health-check node port {port} for {namespace}/{name}: {source}")]
+pub struct BindError {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    pub source: std::io::Error,
+}
+
+struct Listener {
+    health: Arc<RwLock<ServiceHealth>>,
+    stop: CancellationToken,
+}
+
+/// The open health-check listeners of the node.
+pub struct HealthCheckServers {
+    bind: Ipv4Addr,
+    listeners: BTreeMap<u16, Listener>,
+    /// Whether the node's service datapath is healthy (`serviceProxyHealthy`).
+    proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+    shutdown: CancellationToken,
+}
+
+impl HealthCheckServers {
+    /// Listeners bind `bind` (0.0.0.0: every node address); they stop with `shutdown`.
+    pub fn new(
+        bind: Ipv4Addr,
+        proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            bind,
+            listeners: BTreeMap::new(),
+            proxy_healthy,
+            shutdown,
+        }
+    }
+
+    /// The ports open now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// Opens, updates and closes listeners so exactly `desired` is served. Ports that cannot
+    /// be opened are returned (and retried on the next call); the others are served.
+    pub async fn converge(&mut self, desired: &BTreeMap<u16, ServiceHealth>) -> Vec<BindError> {
+        self.listeners.retain(|port, listener| {
+            let keep = desired.contains_key(port);
+            if !keep {
+                listener.stop.cancel();
+            }
+            keep
+        });
+        let mut errors = Vec::new();
+        for (&port, health) in desired {
+            if let Some(listener) = self.listeners.get(&port) {
+                let mut current = listener.health.write().expect("health-check lock");
+                if *current != *health {
+                    *current = health.clone();
+                }
+                continue;
+            }
+            match TcpListener::bind(SocketAddr::from((self.bind, port))).await {
+                Ok(socket) => {
+                    let shared = Arc::new(RwLock::new(health.clone()));
+                    let stop = self.shutdown.child_token();
+                    let app = Router::new().fallback(answer).with_state(Answer {
+                        health: shared.clone(),
+                        proxy_healthy: self.proxy_healthy.clone(),
+                    });
+                    let until = stop.clone();
+                    tokio::spawn(async move {
+                        let serve = axum::serve(socket, app)
+                            .with_graceful_shutdown(async move { until.cancelled().await });
+                        if let Err(e) = serve.await {
+                            tracing::warn!(port, error = %e, "health-check node port stopped");
+                        }
+                    });
+                    self.listeners.insert(
+                        port,
+                        Listener {
+                            health: shared,
+                            stop,
+                        },
+                    );
+                }
+                Err(source) => errors.push(BindError {
+                    port,
+                    namespace: health.namespace.clone(),
+                    name: health.name.clone(),
+                    source,
+                }),
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for HealthCheckServers {
+    fn drop(&mut self) {
+        for listener in self.listeners.values() {
+            listener.stop.cancel();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Answer {
+    health: Arc<RwLock<ServiceHealth>>,
+    proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+async fn answer(State(answer): State<Answer>) -> impl IntoResponse {
+    let health = answer.health.read().expect("health-check lock").clone();
+    let proxy_healthy = (answer.proxy_healthy)();
+    let status = if health.local_endpoints > 0 && proxy_healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "service": {"namespace": health.namespace, "name": health.name},
+        "localEndpoints": health.local_endpoints,
+        "serviceProxyHealthy": proxy_healthy,
+    });
+    (
+        status,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+            (ENDPOINT_WEIGHT, HeaderValue::from(health.local_endpoints)),
+        ],
+        body.to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(port: u16) -> (u16, String, String) {
+        let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head[9..12].parse().unwrap();
+        (status, head.to_ascii_lowercase(), body.to_string())
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn health(n: u32) -> ServiceHealth {
+        ServiceHealth {
+            namespace: "shop".into(),
+            name: "web".into(),
+            local_endpoints: n,
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_like_kube_proxy_and_follows_counts_and_ports() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let flag = healthy.clone();
+        let mut servers = HealthCheckServers::new(
+            Ipv4Addr::LOCALHOST,
+            Arc::new(move || flag.load(Ordering::Relaxed)),
+            CancellationToken::new(),
+        );
+        let port = free_port();
+        let errors = servers.converge(&BTreeMap::from([(port, health(2))])).await;
+        assert!(errors.is_empty());
+
+        let (status, head, body) = get(port).await;
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        assert!(
+            head.contains("x-load-balancing-endpoint-weight: 2"),
+            "{head}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["service"]["namespace"], "shop");
+        assert_eq!(json["service"]["name"], "web");
+        assert_eq!(json["localEndpoints"], 2);
+        assert_eq!(json["serviceProxyHealthy"], true);
+
+        // No local endpoint: 503, same socket.
+        assert!(
+            servers
+                .converge(&BTreeMap::from([(port, health(0))]))
+                .await
+                .is_empty()
+        );
+        let (status, _, body) = get(port).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("\"localEndpoints\":0"), "{body}");
+
+        // An unhealthy datapath answers 503 even with local endpoints.
+        assert!(
+            servers
+                .converge(&BTreeMap::from([(port, health(1))]))
+                .await
+                .is_empty()
+        );
+        healthy.store(false, Ordering::Relaxed);
+        assert_eq!(get(port).await.0, 503);
+
+        // Gone from the desired set: the port closes.
+        assert!(servers.converge(&BTreeMap::new()).await.is_empty());
+        assert!(servers.ports().is_empty());
+        let mut closed = false;
+        for _ in 0..50 {
+            if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(closed, "port {port} still accepts after its service left");
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_reported_and_the_others_are_served() {
+        let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let free = free_port();
+        let mut servers = HealthCheckServers::new(
+            Ipv4Addr::LOCALHOST,
+            Arc::new(|| true),
+            CancellationToken::new(),
+        );
+        let errors = servers
+            .converge(&BTreeMap::from([
+                (taken_port, health(1)),
+                (free, health(1)),
+            ]))
+            .await;
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].port, taken_port);
+        assert!(errors[0].to_string().contains("shop/web"), "{}", errors[0]);
+        assert_eq!(servers.ports(), vec![free]);
+        assert_eq!(get(free).await.0, 200);
+    }
+}
