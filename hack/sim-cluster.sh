@@ -109,9 +109,39 @@ EOF
   fi
   log "demo pods (namespaces demo, demo-2)"
   sim demo-up "${NODES[@]}" | sed 's/^/  /' >&2
+  start_web_servers
+}
+
+# The demo web pods answer HTTP on 8080 with their name (what the demo Services balance).
+web_server_pidfile() { echo "$pids/web-$1.pid"; }
+
+start_web_servers() {
+  local pod node ip netns slug
+  mkdir -p "$simdir/web"
+  while read -r pod node ip netns; do
+    [[ ${pod#*/} == web-* ]] || continue
+    slug=${pod/\//_}
+    [[ -z $(pidfile_pid "$(web_server_pidfile "$slug")" socat) ]] || continue
+    printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n%s\n' "$pod on $node" \
+      >"$simdir/web/$slug.http"
+    spawn_detached "$(web_server_pidfile "$slug")" "$logs/web-$slug.log" \
+      ip netns exec "$netns" socat TCP-LISTEN:8080,fork,reuseaddr "EXEC:cat $simdir/web/$slug.http"
+  done < <(sim pods)
+}
+
+stop_web_servers() {
+  local f pid
+  for f in "$pids"/web-*.pid; do
+    [[ -e $f ]] || continue
+    pid=$(pidfile_pid "$f" socat)
+    [[ -z $pid ]] || stop_process "$pid" 5
+    rm -f "$f" "${f%.pid}.start"
+  done
+  for pid in $(stray_pids socat "$simdir/web/"); do stop_process "$pid" 5; done
 }
 
 cmd_down() {
+  stop_web_servers
   if $have_plane && [[ -x $bin/tendril-sim ]]; then
     sim pods-down | sed 's/^/  /' >&2 || log "some pods could not be deleted cleanly"
   fi
@@ -156,6 +186,7 @@ cmd_status() {
   if [[ -x $bin/tendril-sim ]]; then
     echo "pods (NAMESPACE/NAME NODE IP NETNS):"
     sim pods | sed 's/^/  /'
+    echo "web servers (HTTP :8080): $(ls "$pids"/web-*.pid 2>/dev/null | wc -l) running"
   fi
   return $ok
 }

@@ -87,6 +87,8 @@ if [[ -x $operator_bin ]]; then
   sim_status=$(bash hack/sim-cluster.sh status 2>&1 | sed 's/^/  /')
   # The demo policy (namespace demo exists now): web takes traffic from demo's clients only.
   kubectl apply --server-side -f hack/demo/policy.yaml >/dev/null
+  # The demo Services: web behind a ClusterIP and NodePort 30080 (no kube-proxy).
+  kubectl apply --server-side -f hack/demo/services.yaml >/dev/null
 fi
 # ---------------------------------------------------------------- end of simulated nodes
 
@@ -110,6 +112,9 @@ Try next:
   kubectl get pods,endpoints.tendril.dev -A -o wide
   hack/pod-exec.sh demo/client -- ping -c1 <IP of demo/web-2, on the other node>
   hack/pod-exec.sh demo-2/client -- ping -c1 -W1 <IP of demo/web-1>   # denied (hack/demo/policy.yaml)
+  kubectl get svc,lbservices -n demo                                  # Services → LBServices
+  hack/pod-exec.sh demo/client -- curl -s http://\$(kubectl get svc -n demo web -o jsonpath='{.spec.clusterIP}')/
+  ip netns exec tdr-underlay-local curl -s http://10.250.0.10:30080/   # NodePort from the underlay
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   kubectl get nodenetworks
