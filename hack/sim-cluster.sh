@@ -98,6 +98,8 @@ EOF
   fi
   log "simulated nodes: ${NODES[*]}"
   sim nodes-up "${NODES[@]}" >/dev/null
+  # The underlay namespace doubles as a client outside the cluster (NodePort, LB IPs).
+  ip -n tdr-underlay-local addr replace 10.250.0.1/24 dev br0
   local i
   for i in "${!NODES[@]}"; do
     start_agent "${NODES[$i]}" $((first_port + i))

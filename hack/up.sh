@@ -114,7 +114,7 @@ Try next:
   hack/pod-exec.sh demo-2/client -- ping -c1 -W1 <IP of demo/web-1>   # denied (hack/demo/policy.yaml)
   kubectl get svc,lbservices -n demo                                  # Services → LBServices
   hack/pod-exec.sh demo/client -- curl -s http://\$(kubectl get svc -n demo web -o jsonpath='{.spec.clusterIP}')/
-  ip netns exec tdr-underlay-local curl -s http://10.250.0.10:30080/   # NodePort from the underlay
+  ip netns exec tdr-underlay-local curl -s http://10.250.0.10:30080/   # NodePort, from outside (10.250.0.1)
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   kubectl get nodenetworks
