@@ -5,3 +5,4 @@ pub mod bpf;
 pub mod cni;
 pub mod config;
 pub mod ipam;
+pub mod services;

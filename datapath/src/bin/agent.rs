@@ -144,6 +144,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             map_sizes: config.bpf_map_sizes,
             timing: config.pass_timing(),
             policy: config.policy.clone(),
+            services: config.services.clone(),
         };
         let datapath_task = pass::run(
             client.clone(),
@@ -152,6 +153,10 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             health.clone(),
             pass_cfg,
             flows,
+            {
+                let agent = agent.clone();
+                Arc::new(move || agent.pod_netns_paths())
+            },
             shutdown.clone(),
         );
         let datapath_task = async {

@@ -41,11 +41,12 @@ pub mod policy_maps;
 pub mod programs;
 pub mod report;
 pub mod routing;
+pub mod services;
 
 use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use super::view::{ClusterView, Wake};
 use crate::bpf::{AnyKey, Dataplane, DataplaneError, LoadError, MapSizes, Programs, Report};
-use crate::config::{PolicyEnforcementConfig, RoutingMode};
+use crate::config::{PolicyEnforcementConfig, RoutingMode, ServicesConfig};
 use futures::future::BoxFuture;
 use index::Desired;
 use kernel::{AttachOutcome, Attacher, NetlinkOutcome};
@@ -76,6 +77,9 @@ pub fn steps() -> Vec<Box<dyn AnyStep>> {
         // Before the endpoint maps: a new pod is never reachable before its policy is in.
         Box::new(policy_maps::PolicyMaps::default()),
         Box::new(endpoint_maps::EndpointMaps),
+        // After the endpoint maps (the socket LB reads the ipcache for NodePorts on node
+        // addresses); the Maglev table builder plugs in here once merged.
+        Box::new(services::Services::new(None)),
         // Last: a pod's entry is in the maps before its programs can see it.
         Box::new(programs::AttachPrograms),
     ]
@@ -142,6 +146,7 @@ impl StepFailure {
 pub enum MapGroup {
     Forwarding,
     Policy,
+    Services,
 }
 
 /// One map a step converged.
@@ -166,6 +171,8 @@ pub struct Pass {
     pub node_config_error: Option<String>,
     /// Local endpoint → the `ResolvedPolicy` revision of its identity now in the maps.
     pub policy_realized: std::collections::BTreeMap<index::EndpointRef, i64>,
+    /// Set by the services step.
+    pub services: services::ServicesOutcome,
 }
 
 /// What every step of this node's passes shares.
@@ -176,7 +183,12 @@ pub struct NodeContext {
     pub view: ClusterView,
     pub dataplane: Arc<Mutex<Dataplane>>,
     pub attacher: Arc<Mutex<Attacher>>,
+    /// The network namespaces of the node's pods (recorded by the CNI plugin's ADD).
+    pub pod_netns: PodNetns,
 }
+
+/// Where the pass learns the node's pods' network namespace paths.
+pub type PodNetns = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
 
 impl NodeContext {
     /// Runs `f` on the dataplane in a blocking task (map syscalls block).
@@ -208,6 +220,8 @@ pub struct PassConfig {
     pub timing: LoopTiming,
     /// `policy` in agent.yaml.
     pub policy: PolicyEnforcementConfig,
+    /// `services` in agent.yaml.
+    pub services: ServicesConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +243,7 @@ pub async fn run(
     health: Health,
     cfg: PassConfig,
     flows: events::FlowLog,
+    pod_netns: PodNetns,
     shutdown: CancellationToken,
 ) -> Result<(), PassError> {
     health.register(HEALTH_CHECK);
@@ -283,6 +298,7 @@ pub async fn run(
         view,
         dataplane,
         attacher: Arc::new(Mutex::new(Attacher::new(programs))),
+        pod_netns,
     };
     let map_sampler = async {
         let mut tick = tokio::time::interval(METRICS_INTERVAL);
