@@ -252,7 +252,7 @@ pub enum LoadError {
 pub enum AttachError {
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
-    #[error("attaching {hook:?} to cgroup {path}: {source}")]
+    #[error("attaching {hook:?} to cgroup {path}: {source} ({})", error_chain(source))]
     AttachCgroup {
         hook: SockHook,
         path: PathBuf,
@@ -505,8 +505,10 @@ impl Programs {
                 path: cgroup.to_path_buf(),
                 source: Box::new(source),
             };
+            // A bpf_link on a cgroup always allows several programs; the flags must be 0
+            // (the Single mode), BPF_F_ALLOW_MULTI is refused with EINVAL.
             let link_id = program
-                .attach(&file, CgroupAttachMode::AllowMultiple)
+                .attach(&file, CgroupAttachMode::Single)
                 .map_err(attach_err)?;
             let link = program.take_link(link_id).map_err(attach_err)?;
             let link =
@@ -551,6 +553,17 @@ pub fn detach_socket_lb(dir: &Path) -> io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The sources below an error (aya's syscall errors keep the errno there).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push(e.to_string());
+        source = e.source();
+    }
+    out.join(": ")
 }
 
 fn link_pin_path(dir: &Path, hook: Hook, ifname: &str) -> PathBuf {
