@@ -25,10 +25,6 @@
 #include "lib/lb.h"
 #include "lib/maps.h"
 
-/* lb_netns values. */
-#define NETNS_NODE 1 /* the node's own namespace (host network) */
-#define NETNS_POD 2
-
 /* What a translation attempt concluded. */
 #define XLATE_NONE 0 /* not a service: the socket goes where it was sent */
 #define XLATE_DONE 1

@@ -16,7 +16,9 @@
 //! - ClientIP affinity keeps one client on one backend;
 //! - established connections survive a backend removal (and new ones never go to the
 //!   removed backend once realized) and an agent restart (SIGKILL) under traffic;
-//! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services.
+//! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services;
+//! - policy is judged on the backend after translation: an egress policy allowing only
+//!   web-a passes a service backed by web-a and drops one backed by web-b.
 //!
 //! Needs root.
 
@@ -94,7 +96,11 @@ impl Steady {
     /// Still connected: running, and echoing after `since` echoes.
     async fn wait_more_than(&mut self, since: u64) -> Result<()> {
         eventually(Duration::from_secs(10), || async {
-            ensure!(self.echoes() > since + 3, "{} echoes, waiting", self.echoes());
+            ensure!(
+                self.echoes() > since + 3,
+                "{} echoes, waiting",
+                self.echoes()
+            );
             Ok(())
         })
         .await?;
@@ -125,7 +131,8 @@ fn backend(ip: IpAddr, node: &str) -> serde_json::Value {
 }
 
 fn frontend(type_: &str, address: Option<&str>, port: u16) -> serde_json::Value {
-    let mut f = serde_json::json!({ "name": "echo", "type": type_, "port": port, "protocol": "TCP" });
+    let mut f =
+        serde_json::json!({ "name": "echo", "type": type_, "port": port, "protocol": "TCP" });
     if let Some(a) = address {
         f["address"] = a.into();
     }
@@ -197,8 +204,14 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     let ns = env.namespace().to_string();
     let mut pods = BTreeMap::new();
     for (name, node) in [("web-a", 0usize), ("web-b", 1), ("client", 0)] {
-        let pod = SimPod::run(&client, cluster.nodes[node].handle(), &ns, name, &labels(name))
-            .await?;
+        let pod = SimPod::run(
+            &client,
+            cluster.nodes[node].handle(),
+            &ns,
+            name,
+            &labels(name),
+        )
+        .await?;
         pod.wait_realized(&client, TIMEOUT).await?;
         pods.insert(name, pod);
     }
@@ -212,7 +225,10 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         pods,
         cluster,
     };
-    let (node0, node1) = (world.cluster.nodes[0].name.clone(), world.cluster.nodes[1].name.clone());
+    let (node0, node1) = (
+        world.cluster.nodes[0].name.clone(),
+        world.cluster.nodes[1].name.clone(),
+    );
     let (a, b, me) = (world.ip("web-a"), world.ip("web-b"), world.ip("client"));
 
     // Revision 1: a ClusterIP + NodePort service over both backends, one without backends,
@@ -312,7 +328,10 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     // Affinity: one client, one backend.
     let before = world.accepted(me);
     for _ in 0..10 {
-        ensure!(connect(client, AFFINITY_IP, 80).await?, "affinity service refused");
+        ensure!(
+            connect(client, AFFINITY_IP, 80).await?,
+            "affinity service refused"
+        );
     }
     let after = world.accepted(me);
     let (da, db) = (after.0 - before.0, after.1 - before.1);
@@ -370,7 +389,9 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         "ClusterIP while the agent is down"
     );
     world.cluster.nodes[0].start_agent()?;
-    world.cluster.nodes[0].wait_ready(&world.env.client()).await?;
+    world.cluster.nodes[0]
+        .wait_ready(&world.env.client())
+        .await?;
     world
         .apply(lb_service(
             "echo",
@@ -401,5 +422,51 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         after.1 - before.1
     );
     drop(steady);
+
+    // Policy is judged on the backend: an egress policy of `client` that allows only
+    // web-a lets connections through a service whose backend is web-a and drops those
+    // translated to web-b (the service addresses appear in no policy).
+    let ns = world.env.namespace().to_string();
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: only-web-a, namespace: {ns}}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  policyTypes: [Egress]\n\
+             \x20 egress:\n  - to: [{{podSelector: {{matchLabels: {{app: web-a}}}}}}]\n\
+             \x20   ports: [{{protocol: TCP, port: {PORT}}}]\n"
+        ))
+        .await?;
+    for (name, revision, ip, target, node_name) in [
+        ("to-a", 6, "10.96.77.20", a, &node0),
+        ("to-b", 7, "10.96.77.21", b, &node1),
+    ] {
+        world
+            .apply(lb_service(
+                name,
+                revision,
+                serde_json::json!({
+                    "frontends": [frontend("ClusterIP", Some(ip), 80)],
+                    "backends": [backend(target, node_name)],
+                }),
+            ))
+            .await?;
+    }
+    world.wait_realized(7).await?;
+    let client = &world.pods["client"];
+    eventually(TIMEOUT, || async {
+        let script = "exec 3<>/dev/tcp/10.96.77.21/80";
+        let denied = !client
+            .exec(&["timeout", "3", "bash", "-c", script])
+            .await?
+            .status
+            .success();
+        ensure!(denied, "web-b is still reachable through its service");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        connect(client, "10.96.77.20", 80).await?,
+        "web-a must stay reachable through its service"
+    );
     Ok(())
 }

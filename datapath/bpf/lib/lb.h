@@ -119,6 +119,10 @@ struct lb_sock_revnat_value {
 	__u16 rev_nat_index;
 };
 
+/* lb_netns values. */
+#define NETNS_NODE 1 /* the node's own namespace (host network) */
+#define NETNS_POD 2
+
 #define LB_SERVICES_MAX_ENTRIES 65536
 #define LB_BACKENDS_MAX_ENTRIES 65536
 #define LB_REVNAT_MAX_ENTRIES 65536

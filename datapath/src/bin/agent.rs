@@ -152,10 +152,12 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             DatapathMetrics::register(&metrics),
             health.clone(),
             pass_cfg,
-            flows,
-            {
-                let agent = agent.clone();
-                Arc::new(move || agent.pod_netns_paths())
+            pass::AgentLinks {
+                flows,
+                pod_netns: {
+                    let agent = agent.clone();
+                    Arc::new(move || agent.pod_netns_paths())
+                },
             },
             shutdown.clone(),
         );

@@ -252,7 +252,10 @@ pub enum LoadError {
 pub enum AttachError {
     #[error("opening cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
-    #[error("attaching {hook:?} to cgroup {path}: {source} ({})", error_chain(source))]
+    #[error(
+        "attaching {hook:?} to cgroup {path}: {source} ({})",
+        error_chain(source)
+    )]
     AttachCgroup {
         hook: SockHook,
         path: PathBuf,

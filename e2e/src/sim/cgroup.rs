@@ -37,7 +37,10 @@ pub fn create_node_cgroup(node: &str) -> Result<Option<PathBuf>> {
 pub fn remove_node_cgroup(dir: &Path) {
     for _ in 0..50 {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         for pid in &pids {
             // SAFETY: kill(2) on a pid read from our own cgroup.
             unsafe { libc::kill(*pid, libc::SIGKILL) };
@@ -78,7 +81,9 @@ pub fn place_in_cgroup(cmd: &mut tokio::process::Command, cgroup: Option<&Path>)
 /// Removes the node cgroups of test binaries that died without cleaning up
 /// (`node{i}-{pid}-…` whose pid is gone).
 pub fn sweep_stale_cgroups() {
-    let Some(root) = sim_cgroup_root() else { return };
+    let Some(root) = sim_cgroup_root() else {
+        return;
+    };
     let Ok(entries) = std::fs::read_dir(&root) else {
         return;
     };

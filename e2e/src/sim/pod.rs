@@ -167,7 +167,9 @@ impl SimPod {
     /// `ip netns exec <sandbox> cmd…`, placed in the node's cgroup before it execs.
     fn command(&self, cmd: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new("ip");
-        command.args(["netns", "exec", &self.sandbox.netns]).args(cmd);
+        command
+            .args(["netns", "exec", &self.sandbox.netns])
+            .args(cmd);
         place_in_cgroup(&mut command, self.cgroup.as_deref());
         command
     }

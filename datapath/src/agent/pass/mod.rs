@@ -190,6 +190,13 @@ pub struct NodeContext {
 /// Where the pass learns the node's pods' network namespace paths.
 pub type PodNetns = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
 
+/// What the pass shares with the rest of the agent: the flow log it feeds (`/flows`) and
+/// the pods' network namespaces the CNI server recorded (socket LB).
+pub struct AgentLinks {
+    pub flows: events::FlowLog,
+    pub pod_netns: PodNetns,
+}
+
 impl NodeContext {
     /// Runs `f` on the dataplane in a blocking task (map syscalls block).
     pub async fn with_dataplane<T: Send + 'static>(
@@ -242,10 +249,10 @@ pub async fn run(
     metrics: DatapathMetrics,
     health: Health,
     cfg: PassConfig,
-    flows: events::FlowLog,
-    pod_netns: PodNetns,
+    agent: AgentLinks,
     shutdown: CancellationToken,
 ) -> Result<(), PassError> {
+    let AgentLinks { flows, pod_netns } = agent;
     health.register(HEALTH_CHECK);
     let (dir, sizes) = (cfg.pin_dir.clone(), cfg.map_sizes);
     let (programs, dataplane) = tokio::task::spawn_blocking(move || {
