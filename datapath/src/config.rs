@@ -241,6 +241,7 @@ impl AgentConfig {
             sizes.lb_maglev,
             sizes.lb_netns,
             sizes.lb_sock_revnat,
+            sizes.lb_nat,
             sizes.ipcache,
             sizes.endpoints,
             sizes.metrics,

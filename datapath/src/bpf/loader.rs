@@ -7,7 +7,8 @@
 //! <dir>/policy, policy_state, policy_cidrs,
 //!       conntrack, events, ipv4_frags               policy maps (issue 6)
 //! <dir>/lb_services, lb_backends, lb_revnat, lb_affinity, lb_source_ranges,
-//!       lb_maglev, lb_netns, lb_sock_revnat, lb_config   services maps (issue 12)
+//!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
+//!       lb_config                                   services maps (issue 12)
 //! <dir>/links/socklb-<hook>                         socket-LB cgroup links (connect4, …)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
@@ -191,6 +192,8 @@ pub struct MapSizes {
     pub lb_netns: u32,
     /// Translated sockets remembered for recvmsg/getpeername (LRU).
     pub lb_sock_revnat: u32,
+    /// Connections translated by the tc service path, two entries each (LRU).
+    pub lb_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -212,6 +215,7 @@ impl Default for MapSizes {
             lb_maglev: maps::LB_MAGLEV_MAX_ENTRIES,
             lb_netns: maps::LB_NETNS_MAX_ENTRIES,
             lb_sock_revnat: maps::LB_SOCK_REVNAT_MAX_ENTRIES,
+            lb_nat: maps::LB_NAT_MAX_ENTRIES,
         }
     }
 }
@@ -337,6 +341,7 @@ impl Programs {
                 .map_max_entries(maps::LB_MAGLEV, sizes.lb_maglev)
                 .map_max_entries(maps::LB_NETNS, sizes.lb_netns)
                 .map_max_entries(maps::LB_SOCK_REVNAT, sizes.lb_sock_revnat)
+                .map_max_entries(maps::LB_NAT, sizes.lb_nat)
                 .load(bytes)
                 .map_err(|source| LoadError::Object {
                     object,
@@ -689,7 +694,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 19] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 20] {
     use std::mem::size_of;
     [
         (
@@ -811,6 +816,13 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             size_of::<maps::LbSockRevnatKey>(),
             size_of::<maps::LbSockRevnatValue>(),
             sizes.lb_sock_revnat,
+        ),
+        (
+            maps::LB_NAT,
+            MapType::LruHash,
+            size_of::<maps::Lb4NatKey>(),
+            size_of::<maps::Lb4NatEntry>(),
+            sizes.lb_nat,
         ),
         (
             maps::LB_CONFIG,

@@ -29,6 +29,7 @@ pub const LB_MAGLEV: &str = "lb_maglev";
 pub const LB_NETNS: &str = "lb_netns";
 pub const LB_SOCK_REVNAT: &str = "lb_sock_revnat";
 pub const LB_CONFIG: &str = "lb_config";
+pub const LB_NAT: &str = "lb_nat";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
@@ -50,6 +51,12 @@ pub const LB_SOURCE_RANGES_MAX_ENTRIES: u32 = 4096;
 pub const LB_MAGLEV_MAX_ENTRIES: u32 = 65_536;
 pub const LB_NETNS_MAX_ENTRIES: u32 = 8192;
 pub const LB_SOCK_REVNAT_MAX_ENTRIES: u32 = 131_072;
+pub const LB_NAT_MAX_ENTRIES: u32 = 262_144;
+/// `LB_NAT_*`: the direction of an `lb_nat` entry, and its flags.
+pub const LB_NAT_FORWARD: u8 = 1;
+pub const LB_NAT_REPLY: u8 = 2;
+pub const LB_NAT_F_SNAT: u8 = 0x01;
+pub const LB_NAT_F_NORTH_SOUTH: u8 = 0x02;
 
 /// `LB_SCOPE_*`: the lookup scope of a service entry.
 pub const LB_SCOPE_EXTERNAL: u8 = 0;
@@ -609,6 +616,34 @@ pub struct LbConfig {
     pub hash_seed: u32,
 }
 
+/// `struct lb4_nat_key`: a tuple as a packet carries it (ports network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4NatKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    /// `LB_NAT_FORWARD` / `LB_NAT_REPLY`.
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// `struct lb4_nat_entry`: what a packet of that tuple is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4NatEntry {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub backend_id: u32,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub pad: u8,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -642,6 +677,8 @@ unsafe impl aya::Pod for LbMaglevKey {}
 unsafe impl aya::Pod for LbSockRevnatKey {}
 unsafe impl aya::Pod for LbSockRevnatValue {}
 unsafe impl aya::Pod for LbConfig {}
+unsafe impl aya::Pod for Lb4NatKey {}
+unsafe impl aya::Pod for Lb4NatEntry {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]
@@ -682,6 +719,8 @@ pub enum MetricReason {
     DeliverViaStack = 7,
     PolicyAudit = 8,
     EventLost = 9,
+    LbTranslated = 10,
+    LbRejected = 11,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -692,10 +731,14 @@ pub enum MetricReason {
     DropNoTunnelEndpoint = 137,
     DropUnsupportedL3 = 138,
     DropPolicyDeny = 139,
+    DropLbNoBackend = 140,
+    DropLbSourceRange = 141,
+    DropLbNoRoute = 142,
+    DropLbNat = 143,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 25] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -705,6 +748,8 @@ impl MetricReason {
         Self::DeliverViaStack,
         Self::PolicyAudit,
         Self::EventLost,
+        Self::LbTranslated,
+        Self::LbRejected,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -715,6 +760,10 @@ impl MetricReason {
         Self::DropNoTunnelEndpoint,
         Self::DropUnsupportedL3,
         Self::DropPolicyDeny,
+        Self::DropLbNoBackend,
+        Self::DropLbSourceRange,
+        Self::DropLbNoRoute,
+        Self::DropLbNat,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -737,6 +786,12 @@ impl MetricReason {
             Self::DeliverViaStack => "deliver_via_stack",
             Self::PolicyAudit => "policy_audit",
             Self::EventLost => "event_lost",
+            Self::LbTranslated => "service_translated",
+            Self::LbRejected => "service_rejected",
+            Self::DropLbNoBackend => "service_no_backend",
+            Self::DropLbSourceRange => "service_source_range",
+            Self::DropLbNoRoute => "service_no_route",
+            Self::DropLbNat => "service_nat",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",

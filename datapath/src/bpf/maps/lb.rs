@@ -13,8 +13,9 @@ use aya::{
 
 use super::{
     layout::{
-        self, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, Lb4SrcRangeKey, Lb4SrcRangePrefix,
-        LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey, LbSockRevnatKey, LbSockRevnatValue,
+        self, Lb4Backend, Lb4Key, Lb4NatEntry, Lb4NatKey, Lb4ReverseNat, Lb4Service,
+        Lb4SrcRangeKey, Lb4SrcRangePrefix, LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey,
+        LbSockRevnatKey, LbSockRevnatValue,
     },
     pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, open_pin},
     report::{MapWriteError, Op, Report},
@@ -123,6 +124,30 @@ impl fmt::Display for LbAffinityKey {
     }
 }
 
+impl MapKey for Lb4NatKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb4NatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "nat {} {}:{} -> {}:{} proto {}",
+            self.dir,
+            Ipv4Addr::from(self.saddr),
+            u16::from_be_bytes(self.sport),
+            Ipv4Addr::from(self.daddr),
+            u16::from_be_bytes(self.dport),
+            self.proto
+        )
+    }
+}
+
 impl MapKey for LbSockRevnatKey {
     type Backend<V: Pod> = HashMap<MapData, Self, V>;
     type Desired = Self;
@@ -189,6 +214,7 @@ pub struct LbMaps {
     netns: PinnedMap<u64, u8>,
     affinity: PinnedMap<LbAffinityKey, LbAffinityValue>,
     sock_revnat: PinnedMap<LbSockRevnatKey, LbSockRevnatValue>,
+    nat: PinnedMap<Lb4NatKey, Lb4NatEntry>,
     config: Array<MapData, LbConfig>,
 }
 
@@ -215,13 +241,14 @@ impl LbMaps {
             netns: PinnedMap::open(dir, layout::LB_NETNS)?,
             affinity: PinnedMap::open(dir, layout::LB_AFFINITY)?,
             sock_revnat: PinnedMap::open(dir, layout::LB_SOCK_REVNAT)?,
+            nat: PinnedMap::open(dir, layout::LB_NAT)?,
             config,
         })
     }
 
     /// Fill of every services map (`lb_sock_revnat` and `lb_affinity` are LRU: full is
     /// normal there, the oldest records go).
-    pub fn pressure(&self) -> [MapPressure; 8] {
+    pub fn pressure(&self) -> [MapPressure; 9] {
         [
             self.services.pressure(),
             self.backends.pressure(),
@@ -231,6 +258,7 @@ impl LbMaps {
             self.netns.pressure(),
             self.affinity.pressure(),
             self.sock_revnat.pressure(),
+            self.nat.pressure(),
         ]
     }
 
@@ -248,6 +276,11 @@ impl LbMaps {
     /// Every service entry (for inspection and tests).
     pub fn services(&self) -> Result<BTreeMap<Lb4Key, Lb4Service>, DataplaneError> {
         self.services.read()
+    }
+
+    /// The tc path's translated connections (for inspection and tests).
+    pub fn nat(&self) -> Result<BTreeMap<Lb4NatKey, Lb4NatEntry>, DataplaneError> {
+        self.nat.read()
     }
 
     /// The affinity records (for inspection and tests).
