@@ -385,7 +385,9 @@ static __always_inline int lb4_redirect_fib(struct __sk_buff *skb, __u8 dir)
 	fib.ipv4_src = pkt.ip4->saddr;
 	fib.ipv4_dst = pkt.ip4->daddr;
 	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	/* As if forwarded from the device it came in on (the output mode would take
+	 * that device for the output interface). */
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return drop(skb, DROP_LB_NO_ROUTE, dir);
 	metrics_count(skb, REASON_LB_TRANSLATED, dir);
