@@ -85,6 +85,14 @@ int from_container(struct __sk_buff *skb)
 			return lb4_redirect_fib(skb, DIR_EGRESS);
 		if (parse_ipv4(skb, &pkt) < 0)
 			return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+		/* A hairpin answer (to the frontend the pod itself was reached
+		 * from) goes back into the pod. */
+		if ((reply - 1) & LB_NAT_F_HAIRPIN) {
+			dst_ep = lookup_endpoint4(pkt.ip4->daddr);
+			if (dst_ep)
+				return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4,
+						      DIR_EGRESS);
+		}
 	}
 
 	if (dst_info && dst_info->tunnel_endpoint) {

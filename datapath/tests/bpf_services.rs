@@ -450,3 +450,30 @@ fn a_pod_reaching_a_cluster_ip_outside_the_socket_lb_is_translated_in_from_conta
     );
     assert_checksums(&run3.data);
 }
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_sees_the_frontend_as_its_peer() {
+    let mut node = node();
+    program(
+        &mut node,
+        &[service(
+            "web",
+            vec![frontend("ClusterIP", Some(CLUSTER_IP), 80, "TCP")],
+            vec![backend(POD_A, NODE)],
+        )],
+    );
+    let run1 = run_from(
+        &node,
+        Hook::FromContainer,
+        &syn(POD_A, 40000, CLUSTER_IP, 80),
+        LO,
+    );
+    assert_eq!(run1.ret, TC_ACT_REDIRECT, "back into pod A");
+    assert_eq!(tuple(&run1.data), (CLUSTER_IP, 40000, POD_A, 8080));
+    assert_checksums(&run1.data);
+    let answer = with_l4_checksum(tcp(POD_A, 8080, CLUSTER_IP, 40000, TCP_SYN | TCP_ACK));
+    let run2 = run_from(&node, Hook::FromContainer, &answer, LO);
+    assert_eq!(run2.ret, TC_ACT_REDIRECT, "back into pod A");
+    assert_eq!(tuple(&run2.data), (CLUSTER_IP, 80, POD_A, 40000));
+    assert_checksums(&run2.data);
+}

@@ -12,6 +12,7 @@
 //! - a LoadBalancer IP (routed to node 0 by the client) and an externalIP reach the
 //!   backends; `loadBalancerSourceRanges` that exclude the client refuse it;
 //! - a NodePort without backends refuses the connection (TCP RST);
+//! - hairpin: a pod process outside the socket LB reaches itself through its service;
 //! - a pod process outside the socket LB (no cgroup) reaches a ClusterIP through
 //!   `from_container`'s translation, and its established connection survives the agent's
 //!   restart.
@@ -33,6 +34,7 @@ const LB_IP: &str = "198.51.100.80";
 const RANGED_LB_IP: &str = "198.51.100.81";
 const EXTERNAL_IP: &str = "198.51.100.82";
 const OUTSIDE: &str = "10.250.0.200";
+const SELF_IP: &str = "10.96.78.10";
 
 /// A host outside the cluster: a namespace on the underlay bridge, removed on drop.
 struct Outside {
@@ -142,7 +144,17 @@ async fn tc_path_serves_clients_outside_the_node() -> Result<()> {
             }),
         ))
         .await?;
-    world.wait_realized(4).await?;
+    world
+        .apply(lb_service(
+            "self",
+            5,
+            serde_json::json!({
+                "frontends": [frontend("ClusterIP", Some(SELF_IP), 80)],
+                "backends": [backend(a, &node0)],
+            }),
+        ))
+        .await?;
+    world.wait_realized(5).await?;
 
     // ETP Cluster on node 0: both backends; the remote one behind SNAT.
     for _ in 0..20 {
@@ -213,6 +225,12 @@ async fn tc_path_serves_clients_outside_the_node() -> Result<()> {
         "10 connections from the pod, accepted {:?} → {after:?}",
         before
     );
+    // Hairpin: web-a, outside the socket LB, reaches itself through its service.
+    let web_a = world.pods["web-a"].sandbox.netns.clone();
+    ensure!(
+        connect_from_netns(&web_a, SELF_IP, 80).await?,
+        "hairpin (tc path) refused"
+    );
     // Its established connection survives the agent's restart.
     let mut steady = Steady::start_in_netns(&client, LB_IP, 80)?;
     steady.wait_more_than(0).await?;
@@ -226,11 +244,11 @@ async fn tc_path_serves_clients_outside_the_node() -> Result<()> {
     world
         .apply(lb_service(
             "empty",
-            5,
+            6,
             serde_json::json!({ "frontends": [frontend("NodePort", None, EMPTY_PORT)] }),
         ))
         .await?;
-    world.wait_realized(5).await?;
+    world.wait_realized(6).await?;
     let n = steady.echoes();
     steady.wait_more_than(n).await?;
     Ok(())

@@ -17,6 +17,7 @@
 //! - established connections survive a backend removal (and new ones never go to the
 //!   removed backend once realized) and an agent restart (SIGKILL) under traffic;
 //! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services;
+//! - hairpin: a backend reaches itself through its service;
 //! - policy is judged on the backend after translation: an egress policy allowing only
 //!   web-a passes a service backed by web-a and drops one backed by web-b.
 //!
@@ -275,6 +276,11 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     ensure!(
         connect(client, "10.96.77.20", 80).await?,
         "web-a must stay reachable through its service"
+    );
+    // Hairpin: web-a reaches itself through its service.
+    ensure!(
+        connect(&world.pods["web-a"], "10.96.77.20", 80).await?,
+        "hairpin through the socket LB"
     );
     Ok(())
 }

@@ -14,7 +14,9 @@
  *
  * North-south to a remote backend (externalTrafficPolicy=Cluster) is SNATed to
  * the node's address so the reply comes back through this node; a local
- * backend (and every Local-policy backend) sees the client's address. */
+ * backend (and every Local-policy backend) sees the client's address. A pod
+ * reaching itself through a service (hairpin) sees the frontend address as
+ * the source of its own connection. */
 #pragma once
 
 #include "common.h"
@@ -29,6 +31,7 @@
 /* lb4_nat_entry.flags */
 #define LB_NAT_F_SNAT 0x01 /* the source was rewritten to the node's address */
 #define LB_NAT_F_NORTH_SOUTH 0x02 /* from outside the node: replies leave by the FIB */
+#define LB_NAT_F_HAIRPIN 0x04 /* a pod reaching itself: its source became the frontend */
 
 /* Ports in network order. */
 struct lb4_nat_key {
@@ -314,6 +317,12 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 	fwd.dport = backend->port;
 	fwd.backend_id = backend_id;
 	fwd.rev_nat_index = svc->rev_nat_index;
+	if (!north_south && backend->address == t.saddr) {
+		/* Hairpin: the pod would drop a packet from its own address (a
+		 * martian); it sees the frontend as the peer instead. */
+		fwd.saddr = t.daddr;
+		fwd.flags |= LB_NAT_F_HAIRPIN;
+	}
 	if (north_south) {
 		fwd.flags |= LB_NAT_F_NORTH_SOUTH;
 		/* Replies of a remote backend must come back here to be reversed. */
