@@ -34,6 +34,12 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("SVC_F_LOCAL_ONLY", SVC_F_LOCAL_ONLY.into()),
         ("BE_F_LOCAL", BE_F_LOCAL.into()),
         ("NETNS_NODE", NETNS_NODE.into()),
+        ("LB_NAT_FORWARD", LB_NAT_FORWARD.into()),
+        ("LB_NAT_REPLY", LB_NAT_REPLY.into()),
+        ("LB_NAT_F_SNAT", LB_NAT_F_SNAT.into()),
+        ("LB_NAT_F_NORTH_SOUTH", LB_NAT_F_NORTH_SOUTH.into()),
+        ("LB_NAT_F_HAIRPIN", LB_NAT_F_HAIRPIN.into()),
+        ("LB_NAT_MAX_ENTRIES", LB_NAT_MAX_ENTRIES.into()),
         ("NETNS_POD", NETNS_POD.into()),
         (
             "LB_SRC_RANGE_STATIC_PREFIX",
@@ -180,7 +186,7 @@ fn c_constants_equal_the_rust_values() {
     let expected = expected();
     let mut source = String::from(
         "#include \"lib/common.h\"\n#include \"lib/maps.h\"\n#include \"lib/metrics.h\"\n\
-         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n\n\
+         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n\n\
          enum tendril_constants {\n",
     );
     for (name, _) in &expected {

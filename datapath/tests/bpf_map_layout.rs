@@ -214,9 +214,40 @@ fn lb_mirrors_match_the_c_structs() {
         ),
         layout!("lb_config", LbConfig, [maglev_table_size, hash_seed]),
     ];
-    for (object_name, object) in [("bpf_sock.o", BPF_SOCK)] {
+    // The tc path's NAT entries (lib/lb_nat.h), in the tc objects.
+    let nat = [
+        layout!(
+            "lb4_nat_key",
+            Lb4NatKey,
+            [saddr, daddr, sport, dport, proto, dir, pad]
+        ),
+        layout!(
+            "lb4_nat_entry",
+            Lb4NatEntry,
+            [
+                saddr,
+                daddr,
+                sport,
+                dport,
+                backend_id,
+                rev_nat_index,
+                flags,
+                pad
+            ]
+        ),
+    ];
+    let tc = [
+        ("bpf_lxc.o", BPF_LXC),
+        ("bpf_overlay.o", BPF_OVERLAY),
+        ("bpf_host.o", BPF_HOST),
+    ];
+    let all = [("bpf_sock.o", BPF_SOCK, &expected[..])]
+        .into_iter()
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &expected[..])))
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &nat[..])));
+    for (object_name, object, expected) in all {
         let structs = btf_structs(object);
-        for (name, size, members) in &expected {
+        for (name, size, members) in expected {
             let (c_size, c_members) = structs
                 .get(*name)
                 .unwrap_or_else(|| panic!("struct {name} missing from the BTF of {object_name}"));

@@ -57,6 +57,7 @@ pub const LB_NAT_FORWARD: u8 = 1;
 pub const LB_NAT_REPLY: u8 = 2;
 pub const LB_NAT_F_SNAT: u8 = 0x01;
 pub const LB_NAT_F_NORTH_SOUTH: u8 = 0x02;
+pub const LB_NAT_F_HAIRPIN: u8 = 0x04;
 
 /// `LB_SCOPE_*`: the lookup scope of a service entry.
 pub const LB_SCOPE_EXTERNAL: u8 = 0;
