@@ -78,7 +78,11 @@ fn service(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>) -> LBSe
 /// Pods A and B behind loopback (test runs need a device that exists), a remote pod CIDR
 /// behind a tunnel.
 fn node() -> Node {
-    let mut node = Node::load("svc", &MapSizes::default());
+    node_with(&MapSizes::default())
+}
+
+fn node_with(sizes: &MapSizes) -> Node {
+    let mut node = Node::load("svc", sizes);
     let endpoints = BTreeMap::from([
         (
             POD_A.into(),
@@ -476,4 +480,86 @@ fn a_pod_reaching_itself_through_its_service_sees_the_frontend_as_its_peer() {
     assert_eq!(run2.ret, TC_ACT_REDIRECT, "back into pod A");
     assert_eq!(tuple(&run2.data), (CLUSTER_IP, 80, POD_A, 40000));
     assert_checksums(&run2.data);
+}
+
+#[test]
+fn a_full_services_map_is_reported_and_never_half_programs_a_service() {
+    let sizes = MapSizes {
+        lb_services: 3,
+        ..MapSizes::default()
+    };
+    let mut node = node_with(&sizes);
+    let with = |backends: Vec<Backend>| {
+        service(
+            "web",
+            vec![frontend("LoadBalancer", Some(LB_IP), 80, "TCP")],
+            backends,
+        )
+    };
+    let program_capped = |node: &mut Node, svc: LBService| {
+        let held_backends = node
+            .dataplane
+            .lb
+            .backends()
+            .unwrap()
+            .iter()
+            .map(|(id, b)| (b.into(), *id))
+            .collect();
+        let held_frontends = node
+            .dataplane
+            .lb
+            .revnat()
+            .unwrap()
+            .iter()
+            .map(|(i, r)| (r.into(), *i))
+            .collect();
+        let desired = lb_state(
+            [&svc],
+            &NodeServices {
+                node_name: NODE,
+                node_addresses: &[NODE_IP],
+                default_algorithm: LbAlgorithm::Random,
+                maglev_table_size: 16381,
+                hash_seed: 1,
+                maglev: None,
+                held_backends: &held_backends,
+                held_frontends: &held_frontends,
+            },
+        );
+        node.dataplane.lb.converge(&desired.state, true).unwrap()
+    };
+    // One backend: the service and its slot (2 of 3 entries).
+    assert!(program_capped(&mut node, with(vec![backend(POD_A, NODE)])).is_converged());
+    // Three backends need 4 entries: the third slot does not fit.
+    let report = program_capped(
+        &mut node,
+        with(vec![
+            backend(POD_A, NODE),
+            backend(POD_B, NODE),
+            backend(REMOTE_POD, "n2"),
+        ]),
+    );
+    assert!(report.map_full() && !report.is_converged(), "{report:?}");
+    // The service keeps counting only slots that exist (its update was held back).
+    let held = node.dataplane.lb.services().unwrap();
+    for (key, svc) in held.iter().filter(|(k, _)| k.backend_slot == 0) {
+        assert_eq!(svc.count, 1, "{key}");
+        for slot in 1..=svc.count {
+            assert!(held.contains_key(&tendril_datapath::bpf::maps::Lb4Key {
+                backend_slot: slot,
+                ..*key
+            }));
+        }
+    }
+    // And it still serves: every new connection lands on a backend.
+    for port in 40000..40020 {
+        let run = run_from(&node, Hook::FromNetdev, &syn(CLIENT, port, LB_IP, 80), LO);
+        let drops: Vec<(MetricReason, u64)> = MetricReason::ALL
+            .into_iter()
+            .map(|r| (r, count(&node, r, Direction::Ingress)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(run.ret, TC_ACT_REDIRECT, "{drops:?}");
+        assert!([POD_A, POD_B].contains(&tuple(&run.data).2));
+    }
 }

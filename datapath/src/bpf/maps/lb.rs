@@ -246,9 +246,11 @@ impl LbMaps {
         })
     }
 
-    /// Fill of every services map (`lb_sock_revnat` and `lb_affinity` are LRU: full is
-    /// normal there, the oldest records go).
-    pub fn pressure(&self) -> [MapPressure; 9] {
+    /// Fill of the services maps the agent writes. The LRU maps the programs fill
+    /// (`lb_affinity`, `lb_sock_revnat`, `lb_nat`) are left out: full is normal there (the
+    /// oldest records go), and counting up to 262,144 keys every few seconds would hold
+    /// their locks for long (as for `conntrack`).
+    pub fn pressure(&self) -> [MapPressure; 6] {
         [
             self.services.pressure(),
             self.backends.pressure(),
@@ -256,9 +258,6 @@ impl LbMaps {
             self.source_ranges.pressure(),
             self.maglev.pressure(),
             self.netns.pressure(),
-            self.affinity.pressure(),
-            self.sock_revnat.pressure(),
-            self.nat.pressure(),
         ]
     }
 
@@ -276,6 +275,13 @@ impl LbMaps {
     /// Every service entry (for inspection and tests).
     pub fn services(&self) -> Result<BTreeMap<Lb4Key, Lb4Service>, DataplaneError> {
         self.services.read()
+    }
+
+    /// The sockets the socket LB translated (for inspection and tests).
+    pub fn sock_revnat(
+        &self,
+    ) -> Result<BTreeMap<LbSockRevnatKey, LbSockRevnatValue>, DataplaneError> {
+        self.sock_revnat.read()
     }
 
     /// The tc path's translated connections (for inspection and tests).
@@ -348,11 +354,26 @@ impl LbMaps {
             .upsert(&mut report, &ranges_diff, &ranges, LbItem::SourceRange);
         self.maglev
             .upsert(&mut report, &maglev_diff, &maglev, LbItem::Maglev);
-        // Backend slots before the services that count them.
+        // Backend slots before the services that count them; a service some of whose
+        // slots could not be written keeps its previous entry (or none), never a count
+        // that points at missing slots.
         let (slots, masters): (Vec<_>, Vec<_>) = services_diff
             .writes()
             .partition(|(key, _)| key.backend_slot > 0);
-        for (key, op) in slots.into_iter().chain(masters) {
+        let mut incomplete = std::collections::BTreeSet::new();
+        for (key, op) in slots {
+            let result = self.services.put(&key, &services[&key], op);
+            if !report.record(LbItem::Service(key), op, result) {
+                incomplete.insert(Lb4Key {
+                    backend_slot: 0,
+                    ..key
+                });
+            }
+        }
+        for (key, op) in masters {
+            if incomplete.contains(&key) {
+                continue;
+            }
             let result = self.services.put(&key, &services[&key], op);
             report.record(LbItem::Service(key), op, result);
         }
