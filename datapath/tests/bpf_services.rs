@@ -563,3 +563,105 @@ fn a_full_services_map_is_reported_and_never_half_programs_a_service() {
         assert!([POD_A, POD_B].contains(&tuple(&run.data).2));
     }
 }
+
+#[test]
+fn policy_judges_the_backend_after_translation() {
+    use tendril_crds::v1alpha1::{
+        ResolvedDefaultDeny, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
+    };
+    use tendril_datapath::agent::pass::policy::{ClusterNamedPorts, PolicySubject};
+    use tendril_datapath::agent::pass::realize_policy;
+
+    let mut node = node();
+    let to_b = Ipv4Addr::new(10, 96, 0, 20);
+    program(
+        &mut node,
+        &[
+            service(
+                "web-a",
+                vec![frontend("ClusterIP", Some(CLUSTER_IP), 80, "TCP")],
+                vec![backend(POD_A, NODE)],
+            ),
+            service(
+                "web-b",
+                vec![frontend("ClusterIP", Some(to_b), 80, "TCP")],
+                vec![backend(POD_B, NODE)],
+            ),
+        ],
+    );
+    // A third pod (endpoint 3) may send only to pod A's identity (256), TCP 8080; the
+    // service addresses appear in no rule.
+    let client = Ipv4Addr::new(10, 0, 1, 30);
+    let mut endpoints = node.dataplane.endpoints.by_ip().unwrap();
+    endpoints.insert(
+        client.into(),
+        EndpointInfo {
+            ifindex: LO,
+            identity: 258,
+            endpoint_id: 3,
+            mac: [2, 0, 0, 0, 0, 0xc],
+            node_mac: [2, 0, 0, 0, 1, 0xc],
+            ..Default::default()
+        },
+    );
+    assert!(
+        node.dataplane
+            .endpoints
+            .converge(&endpoints, true)
+            .unwrap()
+            .is_converged()
+    );
+    let spec = ResolvedPolicySpec {
+        identity: 258,
+        revision: 1,
+        default_deny: ResolvedDefaultDeny {
+            ingress: false,
+            egress: true,
+        },
+        egress: vec![ResolvedRule {
+            verdict: "Allow".parse().unwrap(),
+            peers: vec![256],
+            cidrs: vec![],
+            ports: vec![ResolvedPort {
+                port: 8080,
+                end_port: None,
+                name: None,
+                protocol: "TCP".parse().unwrap(),
+            }],
+        }],
+        ..Default::default()
+    };
+    let subjects = [PolicySubject {
+        endpoint_id: 3,
+        policy: Some(&spec),
+        named_ports: &[],
+    }];
+    let r = realize_policy(
+        &mut node.dataplane,
+        &subjects,
+        &ClusterNamedPorts::default(),
+        None,
+    )
+    .unwrap();
+    assert!(r.policy.is_converged());
+
+    let allowed = run_from(
+        &node,
+        Hook::FromContainer,
+        &syn(client, 40000, CLUSTER_IP, 80),
+        LO,
+    );
+    assert_eq!(
+        allowed.ret, TC_ACT_REDIRECT,
+        "to pod A through its ClusterIP"
+    );
+    assert_eq!(tuple(&allowed.data), (client, 40000, POD_A, 8080));
+    let denied = run_from(
+        &node,
+        Hook::FromContainer,
+        &syn(client, 40001, to_b, 80),
+        LO,
+    );
+    assert_eq!(denied.ret, TC_ACT_SHOT, "pod B's identity is not allowed");
+    assert_eq!(count(&node, MetricReason::DropPolicy, Direction::Egress), 1);
+}

@@ -9,7 +9,8 @@
 //! merged yet; when it is, these objects have no Service behind them, see the report), and
 //! every change is followed until each node reports `realizedServicesRevision` >= its
 //! revision. Checked:
-//! - pod → ClusterIP reaches both the same-node and the other-node backend;
+//! - pod → ClusterIP reaches both the same-node and the other-node backend, over TCP and
+//!   UDP;
 //! - node → ClusterIP (a process of the node's host network) is translated too;
 //! - a service without backends refuses the connect (ECONNREFUSED), a NodePort answers on
 //!   the node's address and on loopback from the node;
@@ -30,6 +31,8 @@ use kube::api::Api;
 use services_common::*;
 use tendril_crds::v1alpha1::NodeNetwork;
 use tendril_e2e::{eventually, fetch_metrics};
+
+const UDP_IP: &str = "10.96.77.13";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn socket_lb_translates_service_connections() -> Result<()> {
@@ -106,6 +109,36 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         "30 connects spread over both backends: web-a {to_a}, web-b {to_b}"
     );
 
+    // UDP: the same frontend over UDP reaches both backends (connected sockets, connect4).
+    world
+        .apply(lb_service(
+            "echo-udp",
+            4,
+            serde_json::json!({
+                "frontends": [{ "name": "echo", "type": "ClusterIP", "address": UDP_IP, "port": 53, "protocol": "UDP" }],
+                "backends": [
+                    { "portName": "echo", "address": a.to_string(), "port": PORT, "protocol": "UDP", "nodeName": node0 },
+                    { "portName": "echo", "address": b.to_string(), "port": PORT, "protocol": "UDP", "nodeName": node1 },
+                ],
+            }),
+        ))
+        .await?;
+    world.wait_realized(4).await?;
+    for _ in 0..20 {
+        ensure!(
+            udp_exchange(client, UDP_IP, 53).await?,
+            "UDP ClusterIP: no echo"
+        );
+    }
+    let (udp_a, udp_b) = (
+        world.servers["web-a"].udp_received(me),
+        world.servers["web-b"].udp_received(me),
+    );
+    ensure!(
+        udp_a + udp_b == 20 && udp_a > 0 && udp_b > 0,
+        "20 UDP exchanges spread over both backends: web-a {udp_a}, web-b {udp_b}"
+    );
+
     // Node → ClusterIP and NodePort (node address and loopback), from node 0's host network.
     let node = &world.cluster.nodes[0];
     for target in [
@@ -161,14 +194,14 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     world
         .apply(lb_service(
             "echo",
-            4,
+            5,
             serde_json::json!({
                 "frontends": [frontend("ClusterIP", Some(CLUSTER_IP), 80), frontend("NodePort", None, NODE_PORT)],
                 "backends": [backend(a, &node0)],
             }),
         ))
         .await?;
-    world.wait_realized(4).await?;
+    world.wait_realized(5).await?;
     let before = world.accepted(me);
     for _ in 0..20 {
         ensure!(connect(client, CLUSTER_IP, 80).await?, "ClusterIP refused");
@@ -204,14 +237,14 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     world
         .apply(lb_service(
             "echo",
-            5,
+            6,
             serde_json::json!({
                 "frontends": [frontend("ClusterIP", Some(CLUSTER_IP), 80), frontend("NodePort", None, NODE_PORT)],
                 "backends": [backend(a, &node0), backend(b, &node1)],
             }),
         ))
         .await?;
-    world.wait_realized(5).await?;
+    world.wait_realized(6).await?;
     let echoes: Vec<u64> = steady.iter().map(Steady::echoes).collect();
     for (s, n) in steady.iter_mut().zip(&echoes) {
         s.wait_more_than(*n).await?;
@@ -246,8 +279,8 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         ))
         .await?;
     for (name, revision, ip, target, node_name) in [
-        ("to-a", 6, "10.96.77.20", a, &node0),
-        ("to-b", 7, "10.96.77.21", b, &node1),
+        ("to-a", 7, "10.96.77.20", a, &node0),
+        ("to-b", 8, "10.96.77.21", b, &node1),
     ] {
         world
             .apply(lb_service(
@@ -260,7 +293,7 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
             ))
             .await?;
     }
-    world.wait_realized(7).await?;
+    world.wait_realized(8).await?;
     let client = &world.pods["client"];
     eventually(TIMEOUT, || async {
         let script = "exec 3<>/dev/tcp/10.96.77.21/80";

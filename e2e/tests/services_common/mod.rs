@@ -48,6 +48,21 @@ pub async fn connect(pod: &SimPod, ip: &str, port: u16) -> Result<bool> {
     anyhow::bail!("connect to {ip}:{port}: {:?} {stderr}", out.status)
 }
 
+/// One UDP exchange over a connected socket (connect4 translates it) from `pod`: a
+/// datagram sent and its echo received.
+pub async fn udp_exchange(pod: &SimPod, ip: &str, port: u16) -> Result<bool> {
+    // `head` reads the datagram whole (bash's `read` takes one byte, and UDP drops the rest).
+    let script = format!(
+        "exec 3<>/dev/udp/{ip}/{port} || exit 3; echo hello >&3; \
+         line=$(timeout 3 head -n1 <&3); [ \"$line\" = hello ]"
+    );
+    Ok(pod
+        .exec(&["timeout", "10", "bash", "-c", &script])
+        .await?
+        .status
+        .success())
+}
+
 /// A long-lived connection: one line echoed every 200 ms; counts the echoes.
 pub struct Steady {
     child: tokio::process::Child,
