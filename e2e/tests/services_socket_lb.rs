@@ -17,7 +17,8 @@
 //! - ClientIP affinity keeps one client on one backend;
 //! - established connections survive a backend removal (and new ones never go to the
 //!   removed backend once realized) and an agent restart (SIGKILL) under traffic;
-//! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services;
+//! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services and
+//!   observe their network programming duration (from `tendril.dev/service-changed-at`);
 //! - hairpin: a backend reaches itself through its service;
 //! - policy is judged on the backend after translation: an egress policy allowing only
 //!   web-a passes a service backed by web-a and drops one backed by web-b.
@@ -90,6 +91,17 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         ensure!(
             metrics.value("tendril_services_socket_lb_enabled", &[]) == Some(1.0),
             "socket LB metric"
+        );
+        let programming = metrics
+            .value(
+                "tendril_services_network_programming_duration_seconds_count",
+                &[],
+            )
+            .unwrap_or(0.0);
+        ensure!(
+            programming >= 3.0,
+            "{}: network programming observed {programming} times",
+            node.name
         );
         ensure!(
             metrics.value("tendril_services_programmed", &[]) == Some(3.0),

@@ -137,13 +137,21 @@ impl Steady {
     }
 }
 
+/// An LBService body; `tendril.dev/service-changed-at` is now, as the services concern
+/// stamps it (the agents' network-programming histogram starts there).
 pub fn lb_service(name: &str, revision: i64, spec: serde_json::Value) -> serde_json::Value {
     let mut spec = spec;
     spec["revision"] = revision.into();
     serde_json::json!({
         "apiVersion": "tendril.dev/v1alpha1",
         "kind": "LBService",
-        "metadata": { "name": name },
+        "metadata": {
+            "name": name,
+            "annotations": {
+                tendril_crds::facts::annotations::SERVICE_CHANGED_AT:
+                    k8s_openapi::jiff::Timestamp::now().to_string(),
+            },
+        },
         "spec": spec,
     })
 }
