@@ -10,7 +10,7 @@
 //! every change is followed until each node reports `realizedServicesRevision` >= its
 //! revision. Checked:
 //! - pod → ClusterIP reaches both the same-node and the other-node backend, over TCP and
-//!   UDP;
+//!   UDP (connected, and unconnected with the answers shown from the frontend);
 //! - node → ClusterIP (a process of the node's host network) is translated too;
 //! - a service without backends refuses the connect (ECONNREFUSED), a NodePort answers on
 //!   the node's address and on loopback from the node;
@@ -150,6 +150,14 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         udp_a + udp_b == 20 && udp_a > 0 && udp_b > 0,
         "20 UDP exchanges spread over both backends: web-a {udp_a}, web-b {udp_b}"
     );
+
+    // Unconnected UDP: each datagram translated, the answers shown from the frontend.
+    for _ in 0..5 {
+        ensure!(
+            udp_sendto_exchange(client, UDP_IP, 53).await?,
+            "unconnected UDP: no answer from the frontend address"
+        );
+    }
 
     // Node → ClusterIP and NodePort (node address and loopback), from node 0's host network.
     let node = &world.cluster.nodes[0];

@@ -63,6 +63,15 @@ pub async fn udp_exchange(pod: &SimPod, ip: &str, port: u16) -> Result<bool> {
         .success())
 }
 
+/// One UDP exchange over an unconnected socket (sendmsg4 translates the datagram,
+/// recvmsg4 shows the answer as coming from the frontend): `socat UDP-SENDTO` accepts
+/// answers from the address it sent to only.
+pub async fn udp_sendto_exchange(pod: &SimPod, ip: &str, port: u16) -> Result<bool> {
+    let script = format!("echo hello | timeout 5 socat -T3 - UDP-SENDTO:{ip}:{port}");
+    let out = pod.exec(&["bash", "-c", &script]).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "hello")
+}
+
 /// A long-lived connection: one line echoed every 200 ms; counts the echoes.
 pub struct Steady {
     child: tokio::process::Child,
