@@ -43,6 +43,8 @@ static __always_inline int from_netdev_service(struct __sk_buff *skb, struct pkt
 		return lb4_reject(skb, l4, DIR_INGRESS);
 	case LB_DENIED:
 		return drop(skb, DROP_LB_SOURCE_RANGE, DIR_INGRESS);
+	case LB_NO_LOCAL_BACKEND:
+		return drop(skb, DROP_LB_NO_BACKEND, DIR_INGRESS);
 	case LB_TRANSLATED:
 		break;
 	default:

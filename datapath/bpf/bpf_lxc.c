@@ -47,18 +47,19 @@ int from_container(struct __sk_buff *skb)
 
 	reply = lb4_is_reply(&l4);
 	if (!reply) {
-		switch (lb4_forward(skb, &l4, 0, 0)) {
-		case LB_PASS:
-			break;
-		case LB_TRANSLATED:
+		int lb = lb4_forward(skb, &l4, 0, 0);
+
+		if (lb == LB_NO_BACKEND)
+			return lb4_reject(skb, &l4, DIR_EGRESS);
+		/* One drop site: clang would otherwise keep a pointer into the
+		 * context across the branches, which the verifier refuses. */
+		if (lb != LB_PASS && lb != LB_TRANSLATED)
+			return drop(skb, lb == LB_NO_LOCAL_BACKEND ? DROP_LB_NO_BACKEND : DROP_LB_NAT,
+				    DIR_EGRESS);
+		if (lb == LB_TRANSLATED) {
 			if (parse_ipv4(skb, &pkt) < 0)
 				return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
 			parse_l4(skb, &pkt, &l4);
-			break;
-		case LB_NO_BACKEND:
-			return lb4_reject(skb, &l4, DIR_EGRESS);
-		default:
-			return drop(skb, DROP_LB_NAT, DIR_EGRESS);
 		}
 	}
 

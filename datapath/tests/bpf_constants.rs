@@ -32,6 +32,7 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("SVC_F_SOURCE_RANGES", SVC_F_SOURCE_RANGES.into()),
         ("SVC_F_MAGLEV", SVC_F_MAGLEV.into()),
         ("SVC_F_LOCAL_ONLY", SVC_F_LOCAL_ONLY.into()),
+        ("SVC_F_DROP_EMPTY", SVC_F_DROP_EMPTY.into()),
         ("BE_F_LOCAL", BE_F_LOCAL.into()),
         ("NETNS_NODE", NETNS_NODE.into()),
         ("LB_NAT_FORWARD", LB_NAT_FORWARD.into()),

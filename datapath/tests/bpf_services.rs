@@ -372,9 +372,8 @@ fn a_service_without_backends_rejects_with_rst_and_port_unreachable() {
             frontend("NodePort", None, NODE_PORT, "TCP"),
             frontend("NodePort", None, NODE_PORT, "UDP"),
         ],
-        vec![backend(REMOTE_POD, "n2")],
+        vec![],
     );
-    // Local policy and no local backend: the external scope is empty.
     svc.spec.external_traffic_policy = "Local".into();
     program(&mut node, &[svc]);
 
@@ -401,6 +400,33 @@ fn a_service_without_backends_rejects_with_rst_and_port_unreachable() {
     assert_eq!(
         count(&node, MetricReason::LbRejected, Direction::Ingress),
         2
+    );
+}
+
+#[test]
+fn a_local_policy_without_a_local_backend_drops_as_kube_proxy_does() {
+    let mut node = node();
+    let mut svc = service(
+        "web",
+        vec![frontend("NodePort", None, NODE_PORT, "TCP")],
+        vec![backend(REMOTE_POD, "n2")],
+    );
+    svc.spec.external_traffic_policy = "Local".into();
+    program(&mut node, &[svc]);
+    let run = run_from(
+        &node,
+        Hook::FromNetdev,
+        &syn(CLIENT, 40000, NODE_IP, NODE_PORT),
+        LO,
+    );
+    assert_eq!(run.ret, TC_ACT_SHOT);
+    assert_eq!(
+        count(&node, MetricReason::DropLbNoBackend, Direction::Ingress),
+        1
+    );
+    assert_eq!(
+        count(&node, MetricReason::LbRejected, Direction::Ingress),
+        0
     );
 }
 

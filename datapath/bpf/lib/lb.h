@@ -38,6 +38,10 @@
 #define SVC_F_SOURCE_RANGES 0x10 /* loadBalancerSourceRanges apply */
 #define SVC_F_MAGLEV 0x20 /* Maglev selection (lb_maglev), else random */
 #define SVC_F_LOCAL_ONLY 0x40 /* the scope's backends are local only (a Local policy) */
+/* An empty scope whose service has backends on other nodes (a Local policy):
+ * packets are dropped, not rejected, as kube-proxy does ("has no local
+ * endpoints"). */
+#define SVC_F_DROP_EMPTY 0x80
 
 struct lb4_key {
 	__be32 address; /* 0 for the wildcard NodePort entry */

@@ -276,6 +276,7 @@ static __always_inline int lb4_nat_create(const struct lb4_tuple *t,
 #define LB_NO_BACKEND 2 /* a service without backends: reject */
 #define LB_DENIED 3 /* loadBalancerSourceRanges refuse the client */
 #define LB_ERROR 4
+#define LB_NO_LOCAL_BACKEND 5 /* a Local policy, backends only elsewhere: drop */
 
 /* Forward translation of a packet to a frontend. `north_south`: it came from
  * outside the node (external scope, source ranges, SNAT for remote backends);
@@ -307,7 +308,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 	if (north_south && !lb4_source_allowed(svc, t.saddr))
 		return LB_DENIED;
 	if (!svc->count)
-		return LB_NO_BACKEND;
+		return (svc->flags & SVC_F_DROP_EMPTY) ? LB_NO_LOCAL_BACKEND : LB_NO_BACKEND;
 	backend = lb4_pick(&svc_key, svc, &t, &backend_id);
 	if (!backend)
 		return LB_NO_BACKEND;

@@ -24,8 +24,8 @@ use super::ids;
 use crate::bpf::maps::{
     BE_F_LOCAL, LB_SCOPE_EXTERNAL, LB_SCOPE_INTERNAL, LB_SRC_RANGE_STATIC_PREFIX, Lb4Backend,
     Lb4Key, Lb4ReverseNat, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, LbState, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_MAGLEV, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
-    SVC_F_TWO_SCOPES,
+    SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_MAGLEV, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
 };
 use crate::config::LbAlgorithm;
 
@@ -163,6 +163,8 @@ struct PlannedFrontend<'a> {
     external: Vec<(&'a Backend, BackendAddr)>,
     internal: Option<Vec<(&'a Backend, BackendAddr)>>,
     external_local_only: bool,
+    /// The frontend has a serving backend on some node.
+    serving_anywhere: bool,
 }
 
 fn service_name(svc: &LBService) -> String {
@@ -326,6 +328,7 @@ fn plan_service<'a>(
                 external: external.clone(),
                 internal: internal.clone(),
                 external_local_only,
+                serving_anywhere: !scope_backends(&candidates, node.node_name, false).is_empty(),
             });
         }
     }
@@ -452,6 +455,11 @@ pub fn lb_state<'a>(
             }
             if local_only {
                 flags |= SVC_F_LOCAL_ONLY;
+                // kube-proxy drops what a Local policy leaves without a backend here, and
+                // rejects only a service without any serving backend.
+                if ids.is_empty() && p.serving_anywhere {
+                    flags |= SVC_F_DROP_EMPTY;
+                }
             }
             if maglev {
                 match node.maglev {
@@ -749,11 +757,19 @@ mod tests {
         let (count, flags, _) = scope(&out.state, vip, 80, LB_SCOPE_INTERNAL).unwrap();
         assert_eq!((count, flags), (2, SVC_F_EXTERNAL));
 
-        // No local backend: the external scope rejects, in-cluster clients still reach n2.
+        // No local backend: the external scope drops (kube-proxy's "has no local
+        // endpoints"), in-cluster clients still reach n2.
         svc.spec.backends.remove(0);
-        let out = state_of(&[svc]);
-        assert_eq!(scope(&out.state, vip, 80, LB_SCOPE_EXTERNAL).unwrap().0, 0);
+        let out = state_of(&[svc.clone()]);
+        let (count, flags, _) = scope(&out.state, vip, 80, LB_SCOPE_EXTERNAL).unwrap();
+        assert_eq!(count, 0);
+        assert_eq!(flags & SVC_F_DROP_EMPTY, SVC_F_DROP_EMPTY);
         assert_eq!(scope(&out.state, vip, 80, LB_SCOPE_INTERNAL).unwrap().0, 1);
+        // No backend anywhere: rejected, not dropped.
+        svc.spec.backends.clear();
+        let out = state_of(&[svc]);
+        let (count, flags, _) = scope(&out.state, vip, 80, LB_SCOPE_EXTERNAL).unwrap();
+        assert_eq!((count, flags & SVC_F_DROP_EMPTY), (0, 0));
     }
 
     #[test]

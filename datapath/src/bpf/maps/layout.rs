@@ -70,6 +70,8 @@ pub const SVC_F_AFFINITY: u8 = 0x08;
 pub const SVC_F_SOURCE_RANGES: u8 = 0x10;
 pub const SVC_F_MAGLEV: u8 = 0x20;
 pub const SVC_F_LOCAL_ONLY: u8 = 0x40;
+/// An empty scope of a service with backends elsewhere (a Local policy): drop, not reject.
+pub const SVC_F_DROP_EMPTY: u8 = 0x80;
 /// `BE_F_LOCAL` in `lb4_backend.flags`: the backend runs on this node.
 pub const BE_F_LOCAL: u8 = 0x01;
 /// Bits of an `lb4_src_range_key` always matched: rev-nat index + pad.
