@@ -3,7 +3,7 @@
 # measured in the same run) and asserts nothing about speed. Needs root (BPF, netns).
 #
 #   hack/bench.sh            # all
-#   hack/bench.sh bpf        # per-packet cost of every program (BPF_PROG_TEST_RUN)
+#   hack/bench.sh bpf        # per-packet cost of every program and of the service path (BPF_PROG_TEST_RUN)
 #   hack/bench.sh policy     # per-packet cost of policy enforcement at 0/10/10k rules
 #   hack/bench.sh propagation  # policy applied → enforced on every node, 10/1k/10k rules
 #   hack/bench.sh memory     # agent and operator RSS per remote endpoint
@@ -24,6 +24,7 @@ run() {
 }
 case $which in
   all | bpf) run "bpf programs (ns/packet)" cargo test -p tendril-datapath --test bpf_bench ;;&
+  all | bpf) run "service path (ns/packet)" cargo test -p tendril-datapath --test bpf_services_bench ;;&
   all | policy) run "policy per packet (ns/packet)" cargo test -p tendril-datapath --test bpf_policy_bench ;;&
   all | propagation) run "policy propagation" cargo test -p tendril-e2e --test policy_propagation ;;&
   all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&

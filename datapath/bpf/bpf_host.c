@@ -2,14 +2,64 @@
 /* from_netdev: tc ingress on the node's uplink. In native-routing mode
  * packets for local pods arrive here unencapsulated; they are delivered
  * straight into the pod, the sender's identity taken from the ipcache.
+ *
+ * Services from outside the node (lib/lb_nat.h): a packet to a NodePort on a
+ * node address, a LoadBalancer IP or an externalIP is translated to a backend
+ * (loadBalancerSourceRanges checked, a service without backends rejected with
+ * RST / ICMP port unreachable), delivered into a local backend with the
+ * client's address, or SNATed to the node's address and sent to a remote one;
+ * the answers of SNATed connections are reversed here and sent back out.
+ *
  * Everything else (the node's own traffic, VXLAN UDP) goes to the stack
- * untouched and uncounted, so the node's traffic costs one lookup. */
+ * untouched and uncounted. */
 
 #include "lib/common.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
+#include "lib/lb_nat.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
+
+/* A service packet from outside: translated, rejected, or left to the stack. */
+static __always_inline int from_netdev_service(struct __sk_buff *skb, struct pkt4 *pkt,
+					       struct l4_info *l4)
+{
+	struct node_config *cfg = lookup_node_config();
+	struct endpoint_info *dst_ep;
+	struct l4_info translated;
+	__be32 client;
+	int rc;
+
+	rc = lb4_reverse(skb, l4);
+	if (rc < 0)
+		return drop(skb, DROP_LB_NAT, DIR_INGRESS);
+	if (rc > 0)
+		return lb4_redirect_fib(skb, DIR_INGRESS);
+	rc = lb4_forward(skb, l4, 1, cfg ? cfg->node_ipv4 : 0);
+	switch (rc) {
+	case LB_PASS:
+		return TC_ACT_OK;
+	case LB_NO_BACKEND:
+		return lb4_reject(skb, l4, DIR_INGRESS);
+	case LB_DENIED:
+		return drop(skb, DROP_LB_SOURCE_RANGE, DIR_INGRESS);
+	case LB_NO_LOCAL_BACKEND:
+		return drop(skb, DROP_LB_NO_BACKEND, DIR_INGRESS);
+	case LB_TRANSLATED:
+		break;
+	default:
+		return drop(skb, DROP_LB_NAT, DIR_INGRESS);
+	}
+	if (parse_ipv4(skb, pkt) < 0)
+		return drop(skb, DROP_INVALID_PACKET, DIR_INGRESS);
+	dst_ep = lookup_endpoint4(pkt->ip4->daddr);
+	if (!dst_ep)
+		return lb4_to_remote(skb, IDENTITY_HOST, DIR_INGRESS);
+	client = pkt->ip4->saddr;
+	parse_l4(skb, pkt, &translated);
+	return deliver_local4(skb, pkt, dst_ep, resolve_identity4(client), &translated,
+			      DIR_INGRESS);
+}
 
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
@@ -23,9 +73,9 @@ int from_netdev(struct __sk_buff *skb)
 	if (parse_ipv4(skb, &pkt) < 0)
 		return TC_ACT_OK;
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
-	if (!dst_ep)
-		return TC_ACT_OK;
 	parse_l4(skb, &pkt, &l4);
+	if (!dst_ep)
+		return from_netdev_service(skb, &pkt, &l4);
 	return deliver_local4(skb, &pkt, dst_ep, resolve_identity4(pkt.ip4->saddr), &l4,
 			      DIR_INGRESS);
 }

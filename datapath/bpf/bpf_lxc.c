@@ -1,7 +1,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* Hooks on the host side of each pod veth.
  *
- * from_container (tc ingress): everything a pod sends. Local destination →
+ * from_container (tc ingress): everything a pod sends. A packet to a service
+ * frontend the socket LB did not translate (a process outside its cgroup) is
+ * translated here (lib/lb_nat.h; policy then judges the backend); answers of
+ * translated connections are judged as sent, then get the frontend back as
+ * their source (those of north-south ones leave by the FIB). Local destination →
  * straight into that pod; destination behind a tunnel endpoint → VXLAN with
  * the source identity as VNI; anything else → the host stack (native routing,
  * the node itself, the outside world), counted by reason.
@@ -13,6 +17,7 @@
 #include "lib/encap.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
+#include "lib/lb_nat.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/policy.h"
@@ -25,6 +30,7 @@ int from_container(struct __sk_buff *skb)
 	struct l4_info l4;
 	struct pkt4 pkt;
 	__u32 dst_identity;
+	int reply;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
@@ -39,10 +45,33 @@ int from_container(struct __sk_buff *skb)
 		return drop(skb, DROP_INVALID_SOURCE, DIR_EGRESS);
 	parse_l4(skb, &pkt, &l4);
 
+	reply = lb4_is_reply(&l4);
+	if (!reply) {
+		int lb = lb4_forward(skb, &l4, 0, 0);
+
+		if (lb == LB_NO_BACKEND)
+			return lb4_reject(skb, &l4, DIR_EGRESS);
+		/* One drop site: clang would otherwise keep a pointer into the
+		 * context across the branches, which the verifier refuses. */
+		if (lb != LB_PASS && lb != LB_TRANSLATED)
+			return drop(skb, lb == LB_NO_LOCAL_BACKEND ? DROP_LB_NO_BACKEND : DROP_LB_NAT,
+				    DIR_EGRESS);
+		if (lb == LB_TRANSLATED) {
+			if (parse_ipv4(skb, &pkt) < 0)
+				return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+			parse_l4(skb, &pkt, &l4);
+		}
+	}
+
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	if (dst_ep) {
 		if (policy_egress(skb, src_ep, dst_ep->identity, &l4) != POLICY_ALLOW)
 			return TC_ACT_SHOT;
+		if (reply) {
+			/* Policy at delivery judges the answer as sent, too. */
+			if (lb4_reverse(skb, &l4) < 0 || parse_ipv4(skb, &pkt) < 0)
+				return drop(skb, DROP_LB_NAT, DIR_EGRESS);
+		}
 		return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4, DIR_EGRESS);
 	}
 
@@ -50,6 +79,22 @@ int from_container(struct __sk_buff *skb)
 	dst_identity = dst_info ? dst_info->identity : IDENTITY_WORLD;
 	if (policy_egress(skb, src_ep, dst_identity, &l4) != POLICY_ALLOW)
 		return TC_ACT_SHOT;
+	if (reply) {
+		if (lb4_reverse(skb, &l4) < 0)
+			return drop(skb, DROP_LB_NAT, DIR_EGRESS);
+		if ((reply - 1) & LB_NAT_F_NORTH_SOUTH)
+			return lb4_redirect_fib(skb, DIR_EGRESS);
+		if (parse_ipv4(skb, &pkt) < 0)
+			return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+		/* A hairpin answer (to the frontend the pod itself was reached
+		 * from) goes back into the pod. */
+		if ((reply - 1) & LB_NAT_F_HAIRPIN) {
+			dst_ep = lookup_endpoint4(pkt.ip4->daddr);
+			if (dst_ep)
+				return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4,
+						      DIR_EGRESS);
+		}
+	}
 
 	if (dst_info && dst_info->tunnel_endpoint) {
 		if (ipv4_dec_ttl(pkt.ip4) < 0)

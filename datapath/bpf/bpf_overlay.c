@@ -4,7 +4,9 @@
  * from_overlay (tc ingress): the VNI is the sender's security identity (the
  * sending node's host identity becomes remote-node); a
  * local destination gets the packet straight into its pod, anything else
- * (the node itself) goes to the stack with the identity in skb->mark.
+ * (the node itself) goes to the stack with the identity in skb->mark. Answers
+ * of a local pod's translated service connections get the frontend back as
+ * their source (lib/lb_nat.h).
  *
  * to_overlay (tc egress): packets the host stack routes into the device
  * (the node's own traffic to remote pods) get their tunnel key from the
@@ -14,6 +16,7 @@
 #include "lib/encap.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
+#include "lib/lb_nat.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
 
@@ -40,8 +43,14 @@ int from_overlay(struct __sk_buff *skb)
 	parse_l4(skb, &pkt, &l4);
 
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
-	if (dst_ep)
+	if (dst_ep) {
+		/* A remote backend's answer to a pod's translated connection: the
+		 * frontend becomes its source again; policy judges it as sent. */
+		if (lb4_is_reply(&l4) &&
+		    (lb4_reverse(skb, &l4) < 0 || parse_ipv4(skb, &pkt) < 0))
+			return drop(skb, DROP_LB_NAT, DIR_INGRESS);
 		return deliver_local4(skb, &pkt, dst_ep, (__u32)src_identity, &l4, DIR_INGRESS);
+	}
 
 	/* The inner destination MAC is not the VXLAN device's; claim the packet
 	 * for this host so the stack does not discard it as PACKET_OTHERHOST. */

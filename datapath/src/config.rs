@@ -52,6 +52,68 @@ pub struct AgentConfig {
     pub bpf_map_sizes: MapSizes,
     /// Network policy enforcement (`policy`).
     pub policy: PolicyEnforcementConfig,
+    /// Services: the kube-proxy replacement (`services`).
+    pub services: ServicesConfig,
+}
+
+/// Backend selection for new connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LbAlgorithm {
+    /// Uniformly at random over the backends taking new connections.
+    #[default]
+    Random,
+    /// Maglev consistent hashing: a backend set change moves as few flows as possible.
+    Maglev,
+}
+
+/// Services on the node (`services`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// Program the LBServices into the datapath at all.
+    pub enabled: bool,
+    /// Default backend selection of a service whose LBService names none.
+    pub algorithm: LbAlgorithm,
+    /// Maglev lookup table size M: a prime; ~100 × the largest backend count keeps
+    /// reassignment on a backend change within ~1%.
+    pub maglev_table_size: u32,
+    /// Seed of the flow hash; the same on every agent so every node picks alike.
+    pub hash_seed: u32,
+    /// Socket-level load balancing (`services.socketLB`).
+    #[serde(rename = "socketLB")]
+    pub socket_lb: SocketLbConfig,
+}
+
+/// Socket-level load balancing (`services.socketLB`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SocketLbConfig {
+    /// Translate service connections at connect() for the node's and its pods' processes.
+    pub enabled: bool,
+    /// The cgroup v2 directory the hooks attach to (every process below it is covered);
+    /// empty: the root of the cgroup2 mount, found in /proc/self/mounts.
+    pub cgroup_path: PathBuf,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            algorithm: LbAlgorithm::Random,
+            maglev_table_size: 16381,
+            hash_seed: 0x7e4d_1e5d,
+            socket_lb: SocketLbConfig::default(),
+        }
+    }
+}
+
+impl Default for SocketLbConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup_path: PathBuf::new(),
+        }
+    }
 }
 
 /// Network policy enforcement on the node (`policy`).
@@ -115,6 +177,7 @@ impl Default for AgentConfig {
             datapath_debounce_millis: 50,
             bpf_map_sizes: MapSizes::default(),
             policy: PolicyEnforcementConfig::default(),
+            services: ServicesConfig::default(),
         }
     }
 }
@@ -155,6 +218,15 @@ impl AgentConfig {
         }
         let sizes = &self.bpf_map_sizes;
         let all = [
+            sizes.lb_services,
+            sizes.lb_backends,
+            sizes.lb_revnat,
+            sizes.lb_affinity,
+            sizes.lb_source_ranges,
+            sizes.lb_maglev,
+            sizes.lb_netns,
+            sizes.lb_sock_revnat,
+            sizes.lb_nat,
             sizes.ipcache,
             sizes.endpoints,
             sizes.metrics,
@@ -174,6 +246,8 @@ impl AgentConfig {
                 "bpfMapSizes.eventsBytes must be a power of two of at least 4096".into(),
             ));
         }
+        crate::services::maglev::check_table_size(self.services.maglev_table_size)
+            .map_err(|e| ConfigError::Invalid(format!("services.maglevTableSize: {e}")))?;
         if self.policy.conntrack_gc_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "policy.conntrackGcSeconds must be > 0".into(),
@@ -224,6 +298,9 @@ pub struct AgentArgs {
         value_name = "BOOL"
     )]
     pub policy_audit_mode: Option<bool>,
+    /// services.socketLB.cgroupPath: the cgroup v2 directory the socket-LB hooks attach to.
+    #[arg(long, env = "TENDRIL_SOCKET_LB_CGROUP_PATH")]
+    pub socket_lb_cgroup_path: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -255,6 +332,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.policy_audit_mode {
             cfg.policy.audit_mode = v;
+        }
+        if let Some(v) = &self.socket_lb_cgroup_path {
+            cfg.services.socket_lb.cgroup_path = v.clone();
         }
         Ok(cfg)
     }
@@ -377,6 +457,34 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("eventsBytes")
+        );
+    }
+
+    #[test]
+    fn maglev_table_size_must_be_prime() {
+        use crate::services::maglev::is_prime;
+        assert!(is_prime(16381) && is_prime(65521) && is_prime(2));
+        assert!(!is_prime(16384) && !is_prime(1) && !is_prime(0) && !is_prime(16383));
+        let mut cfg = AgentConfig {
+            node_name: "n1".into(),
+            ..AgentConfig::default()
+        };
+        cfg.validate().unwrap();
+        cfg.services.maglev_table_size = 16384;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("maglevTableSize") && err.contains("16384"),
+            "{err}"
+        );
+        let parsed: AgentConfig = from_yaml(
+            "services:\n  algorithm: Maglev\n  socketLB:\n    cgroupPath: /sys/fs/cgroup/x\n",
+            Path::new("agent.yaml"),
+        )
+        .unwrap();
+        assert_eq!(parsed.services.algorithm, LbAlgorithm::Maglev);
+        assert_eq!(
+            parsed.services.socket_lb.cgroup_path,
+            PathBuf::from("/sys/fs/cgroup/x")
         );
     }
 }

@@ -23,6 +23,43 @@ use tendril_datapath::bpf::policy::{
 fn expected() -> Vec<(&'static str, u64)> {
     let mut out: Vec<(&'static str, u64)> = vec![
         ("FAMILY_IPV4", FAMILY_IPV4.into()),
+        ("LB_SCOPE_EXTERNAL", LB_SCOPE_EXTERNAL.into()),
+        ("LB_SCOPE_INTERNAL", LB_SCOPE_INTERNAL.into()),
+        ("SVC_F_NODEPORT", SVC_F_NODEPORT.into()),
+        ("SVC_F_EXTERNAL", SVC_F_EXTERNAL.into()),
+        ("SVC_F_TWO_SCOPES", SVC_F_TWO_SCOPES.into()),
+        ("SVC_F_AFFINITY", SVC_F_AFFINITY.into()),
+        ("SVC_F_SOURCE_RANGES", SVC_F_SOURCE_RANGES.into()),
+        ("SVC_F_MAGLEV", SVC_F_MAGLEV.into()),
+        ("SVC_F_LOCAL_ONLY", SVC_F_LOCAL_ONLY.into()),
+        ("SVC_F_DROP_EMPTY", SVC_F_DROP_EMPTY.into()),
+        ("BE_F_LOCAL", BE_F_LOCAL.into()),
+        ("NETNS_NODE", NETNS_NODE.into()),
+        ("LB_NAT_FORWARD", LB_NAT_FORWARD.into()),
+        ("LB_NAT_REPLY", LB_NAT_REPLY.into()),
+        ("LB_NAT_F_SNAT", LB_NAT_F_SNAT.into()),
+        ("LB_NAT_F_NORTH_SOUTH", LB_NAT_F_NORTH_SOUTH.into()),
+        ("LB_NAT_F_HAIRPIN", LB_NAT_F_HAIRPIN.into()),
+        ("LB_NAT_MAX_ENTRIES", LB_NAT_MAX_ENTRIES.into()),
+        ("NETNS_POD", NETNS_POD.into()),
+        (
+            "LB_SRC_RANGE_STATIC_PREFIX",
+            LB_SRC_RANGE_STATIC_PREFIX.into(),
+        ),
+        ("LB_SERVICES_MAX_ENTRIES", LB_SERVICES_MAX_ENTRIES.into()),
+        ("LB_BACKENDS_MAX_ENTRIES", LB_BACKENDS_MAX_ENTRIES.into()),
+        ("LB_REVNAT_MAX_ENTRIES", LB_REVNAT_MAX_ENTRIES.into()),
+        ("LB_AFFINITY_MAX_ENTRIES", LB_AFFINITY_MAX_ENTRIES.into()),
+        (
+            "LB_SOURCE_RANGES_MAX_ENTRIES",
+            LB_SOURCE_RANGES_MAX_ENTRIES.into(),
+        ),
+        ("LB_MAGLEV_MAX_ENTRIES", LB_MAGLEV_MAX_ENTRIES.into()),
+        ("LB_NETNS_MAX_ENTRIES", LB_NETNS_MAX_ENTRIES.into()),
+        (
+            "LB_SOCK_REVNAT_MAX_ENTRIES",
+            LB_SOCK_REVNAT_MAX_ENTRIES.into(),
+        ),
         ("FAMILY_IPV6", FAMILY_IPV6.into()),
         ("IDENTITY_UNKNOWN", 0),
         ("IDENTITY_MAX_VNI", IDENTITY_MAX_VNI.into()),
@@ -150,7 +187,7 @@ fn c_constants_equal_the_rust_values() {
     let expected = expected();
     let mut source = String::from(
         "#include \"lib/common.h\"\n#include \"lib/maps.h\"\n#include \"lib/metrics.h\"\n\
-         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n\n\
+         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n\n\
          enum tendril_constants {\n",
     );
     for (name, _) in &expected {

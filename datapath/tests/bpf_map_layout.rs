@@ -7,7 +7,7 @@ mod bpf_support;
 use std::{collections::BTreeMap, mem::offset_of};
 
 use tendril_datapath::bpf::{
-    loader::{BPF_HOST, BPF_LXC, BPF_OVERLAY},
+    loader::{BPF_HOST, BPF_LXC, BPF_OVERLAY, BPF_SOCK},
     maps::*,
 };
 
@@ -153,6 +153,115 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             );
         }
     }
+}
+
+/// The services maps of `bpf/lib/lb.h`, in every object that includes it.
+#[test]
+fn lb_mirrors_match_the_c_structs() {
+    let expected = [
+        layout!(
+            "lb4_key",
+            Lb4Key,
+            [address, dport, backend_slot, proto, scope, pad]
+        ),
+        layout!(
+            "lb4_service",
+            Lb4Service,
+            [
+                backend_id,
+                count,
+                rev_nat_index,
+                affinity_timeout,
+                flags,
+                pad
+            ]
+        ),
+        layout!("lb4_backend", Lb4Backend, [address, port, proto, flags]),
+        layout!(
+            "lb4_reverse_nat",
+            Lb4ReverseNat,
+            [address, port, proto, pad]
+        ),
+        layout!(
+            "lb_affinity_key",
+            LbAffinityKey,
+            [client, rev_nat_index, kind, pad]
+        ),
+        layout!(
+            "lb_affinity_value",
+            LbAffinityValue,
+            [last_used_ns, backend_id, pad]
+        ),
+        layout!(
+            "lb4_src_range_key",
+            Lb4SrcRangeKey,
+            [prefixlen, rev_nat_index, pad, address]
+        ),
+        layout!(
+            "lb_maglev_key",
+            LbMaglevKey,
+            [rev_nat_index, scope, pad, slot]
+        ),
+        layout!(
+            "lb_sock_revnat_key",
+            LbSockRevnatKey,
+            [cookie, address, port, pad]
+        ),
+        layout!(
+            "lb_sock_revnat_value",
+            LbSockRevnatValue,
+            [address, port, rev_nat_index]
+        ),
+        layout!("lb_config", LbConfig, [maglev_table_size, hash_seed]),
+    ];
+    // The tc path's NAT entries (lib/lb_nat.h), in the tc objects.
+    let nat = [
+        layout!(
+            "lb4_nat_key",
+            Lb4NatKey,
+            [saddr, daddr, sport, dport, proto, dir, pad]
+        ),
+        layout!(
+            "lb4_nat_entry",
+            Lb4NatEntry,
+            [
+                saddr,
+                daddr,
+                sport,
+                dport,
+                backend_id,
+                rev_nat_index,
+                flags,
+                pad
+            ]
+        ),
+    ];
+    let tc = [
+        ("bpf_lxc.o", BPF_LXC),
+        ("bpf_overlay.o", BPF_OVERLAY),
+        ("bpf_host.o", BPF_HOST),
+    ];
+    let all = [("bpf_sock.o", BPF_SOCK, &expected[..])]
+        .into_iter()
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &expected[..])))
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &nat[..])));
+    for (object_name, object, expected) in all {
+        let structs = btf_structs(object);
+        for (name, size, members) in expected {
+            let (c_size, c_members) = structs
+                .get(*name)
+                .unwrap_or_else(|| panic!("struct {name} missing from the BTF of {object_name}"));
+            assert_eq!(c_size, size, "sizeof(struct {name}) in {object_name}");
+            assert_eq!(
+                c_members, members,
+                "members of struct {name} in {object_name}"
+            );
+        }
+    }
+    assert_eq!(
+        std::mem::size_of::<aya::maps::lpm_trie::Key<Lb4SrcRangePrefix>>(),
+        std::mem::size_of::<Lb4SrcRangeKey>()
+    );
 }
 
 #[test]

@@ -17,6 +17,8 @@ enum metric_reason {
 	REASON_DELIVER_VIA_STACK = 7, /* routed by the host stack into a pod */
 	REASON_POLICY_AUDIT = 8, /* policy would drop it; passed in audit mode */
 	REASON_EVENT_LOST = 9, /* the events ring buffer was full */
+	REASON_LB_TRANSLATED = 10, /* a service packet translated and sent on by the FIB */
+	REASON_LB_REJECTED = 11, /* a service without backends answered with RST/ICMP */
 	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
 	DROP_INVALID_PACKET = 131,
 	DROP_TTL_EXCEEDED = 132,
@@ -27,6 +29,10 @@ enum metric_reason {
 	DROP_NO_TUNNEL_ENDPOINT = 137, /* routed into the overlay, not behind a tunnel */
 	DROP_UNSUPPORTED_L3 = 138, /* e.g. IPv6 routed into the overlay */
 	DROP_POLICY_DENY = 139, /* an explicit deny rule */
+	DROP_LB_NO_BACKEND = 140, /* a service without backends (not rejectable) */
+	DROP_LB_SOURCE_RANGE = 141, /* loadBalancerSourceRanges refuse the client */
+	DROP_LB_NO_ROUTE = 142, /* no route for a translated packet */
+	DROP_LB_NAT = 143, /* a NAT rewrite or entry failed */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)

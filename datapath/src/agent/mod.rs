@@ -114,6 +114,20 @@ impl Agent {
         Ok(report)
     }
 
+    /// The network namespaces of the node's pods, as the CNI plugin recorded them at ADD.
+    pub fn pod_netns_paths(&self) -> Vec<std::path::PathBuf> {
+        let mut paths: Vec<std::path::PathBuf> = self
+            .lock()
+            .allocations()
+            .filter_map(|a| a.netns.as_deref())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
     pub fn status(&self) -> AgentStatus {
         let ipam = self.lock();
         let ready = self.is_ready();

@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher;
 use std::sync::{Arc, Mutex};
-use tendril_crds::v1alpha1::{Endpoint, Identity, NodeNetwork, ResolvedPolicy};
+use tendril_crds::v1alpha1::{Endpoint, Identity, LBService, NodeNetwork, ResolvedPolicy};
 use tendril_runtime::caches::{Cache, Cached, Caches};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
@@ -21,6 +21,8 @@ pub struct ClusterView {
     /// The EndpointSlices of the `kubernetes` Service: the kube-apiserver's own addresses
     /// (entity `kube-apiserver`).
     pub apiserver: Cache<EndpointSlice>,
+    /// Every `LBService` (all namespaces): the node's services.
+    pub lb_services: Cache<LBService>,
 }
 
 /// Scope of the apiserver cache: the slice the apiserver itself writes.
@@ -44,6 +46,7 @@ impl ClusterView {
             identities: caches.all(),
             resolved_policies: caches.all(),
             apiserver,
+            lb_services: caches.all(),
         };
         view.report_apiserver_forbidden();
         view
@@ -53,12 +56,13 @@ impl ClusterView {
     /// listed while reading them is forbidden (RBAC without that rule): the entity
     /// `kube-apiserver` then matches no address, and the node is not held back for it.
     pub async fn synced(&self) {
-        let (nn, ep, id, rp, slices) = (
+        let (nn, ep, id, rp, slices, lbs) = (
             self.node_networks.store(),
             self.endpoints.store(),
             self.identities.store(),
             self.resolved_policies.store(),
             self.apiserver.store(),
+            self.lb_services.store(),
         );
         let apiserver = async {
             let mut forbidden = self.apiserver.forbidden();
@@ -72,6 +76,7 @@ impl ClusterView {
             ep.wait_until_ready(),
             id.wait_until_ready(),
             rp.wait_until_ready(),
+            lbs.wait_until_ready(),
             apiserver,
         );
     }
@@ -83,6 +88,7 @@ impl ClusterView {
         wake_on(&self.identities, wake, |_| true);
         wake_on(&self.resolved_policies, wake, |_| true);
         wake_on(&self.apiserver, wake, |_| true);
+        wake_on(&self.lb_services, wake, |_| true);
     }
 
     fn report_apiserver_forbidden(&self) {

@@ -144,6 +144,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             map_sizes: config.bpf_map_sizes,
             timing: config.pass_timing(),
             policy: config.policy.clone(),
+            services: config.services.clone(),
         };
         let datapath_task = pass::run(
             client.clone(),
@@ -151,7 +152,13 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             DatapathMetrics::register(&metrics),
             health.clone(),
             pass_cfg,
-            flows,
+            pass::AgentLinks {
+                flows,
+                pod_netns: {
+                    let agent = agent.clone();
+                    Arc::new(move || agent.pod_netns_paths())
+                },
+            },
             shutdown.clone(),
         );
         let datapath_task = async {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Map, MapData, RingBuf};
 
 use super::maps::{
-    self, Conntrack, DataplaneError, Endpoints, Ipcache, MapPressure, Metrics, NodeConfigMap,
-    PinnedMap, PolicyMaps, open_pin,
+    self, Conntrack, DataplaneError, Endpoints, Ipcache, LbMaps, MapPressure, Metrics,
+    NodeConfigMap, PinnedMap, PolicyMaps, open_pin,
 };
 
 /// The pinned maps of one node, typed.
@@ -21,6 +21,8 @@ pub struct Dataplane {
     pub node_config: NodeConfigMap,
     pub metrics: Metrics,
     pub conntrack: Conntrack,
+    /// The services maps (`lb_*`).
+    pub lb: LbMaps,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -43,6 +45,7 @@ impl Dataplane {
             node_config: NodeConfigMap::open(dir)?,
             metrics: Metrics::open(dir)?,
             conntrack: Conntrack::open(dir)?,
+            lb: LbMaps::open(dir)?,
         })
     }
 
@@ -56,6 +59,7 @@ impl Dataplane {
         let mut pressure = vec![self.endpoints.pressure(), self.ipcache.pressure()];
         pressure.extend(self.policy.pressure());
         pressure.push(self.conntrack.pressure());
+        pressure.extend(self.lb.pressure());
         Ok(pressure)
     }
 

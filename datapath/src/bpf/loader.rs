@@ -6,6 +6,10 @@
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
 //! <dir>/policy, policy_state, policy_cidrs,
 //!       conntrack, events, ipv4_frags               policy maps (issue 6)
+//! <dir>/lb_services, lb_backends, lb_revnat, lb_affinity, lb_source_ranges,
+//!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
+//!       lb_config                                   services maps (issue 12)
+//! <dir>/links/socklb-<hook>                         socket-LB cgroup links (connect4, …)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
 //!
@@ -27,7 +31,7 @@ use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     maps::{MapInfo, MapType},
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::TcAttachOptions,
     },
@@ -41,6 +45,9 @@ pub static BPF_LXC: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bp
 pub static BPF_OVERLAY: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_overlay.o"));
 /// `bpf/bpf_host.c`: `from_netdev`.
 pub static BPF_HOST: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+
+/// `bpf/bpf_sock.c`: the socket-LB cgroup hooks.
+pub static BPF_SOCK: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
 
 /// Where bpffs is normally mounted.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -110,6 +117,45 @@ impl Hook {
     }
 }
 
+/// A socket-LB hook of `bpf_sock.c` (cgroup `sock_addr` programs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SockHook {
+    Connect4,
+    Sendmsg4,
+    Recvmsg4,
+    Getpeername4,
+}
+
+impl SockHook {
+    pub const ALL: [Self; 4] = [
+        Self::Connect4,
+        Self::Sendmsg4,
+        Self::Recvmsg4,
+        Self::Getpeername4,
+    ];
+
+    /// The function name of the program in `bpf_sock.o`.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "sock_connect4",
+            Self::Sendmsg4 => "sock_sendmsg4",
+            Self::Recvmsg4 => "sock_recvmsg4",
+            Self::Getpeername4 => "sock_getpeername4",
+        }
+    }
+
+    /// Its link pin under `links/` (no `:`, so [`pinned_links`] never takes it for a tc
+    /// link).
+    fn pin_name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "socklb-connect4",
+            Self::Sendmsg4 => "socklb-sendmsg4",
+            Self::Recvmsg4 => "socklb-recvmsg4",
+            Self::Getpeername4 => "socklb-getpeername4",
+        }
+    }
+}
+
 /// Map capacities; the defaults are those compiled into the objects. A
 /// pinned map with another shape is refused ([`LoadError::IncompatiblePin`]).
 /// Also the `bpfMapSizes` section of config/agent.yaml.
@@ -130,6 +176,24 @@ pub struct MapSizes {
     /// Bytes of the `events` ring buffer: a power of two and a multiple of the page size.
     #[serde(rename = "eventsBytes")]
     pub events: u32,
+    /// Service entries: per frontend and scope, one for the service plus one per backend.
+    pub lb_services: u32,
+    /// Distinct backends (address, port, protocol) of all services.
+    pub lb_backends: u32,
+    /// Frontends (reverse translation).
+    pub lb_revnat: u32,
+    /// Client-IP affinity records (LRU).
+    pub lb_affinity: u32,
+    /// loadBalancerSourceRanges prefixes of all services.
+    pub lb_source_ranges: u32,
+    /// Maglev table slots of all Maglev services (table size × scopes each).
+    pub lb_maglev: u32,
+    /// Network namespaces (the node's and its pods') whose sockets are translated.
+    pub lb_netns: u32,
+    /// Translated sockets remembered for recvmsg/getpeername (LRU).
+    pub lb_sock_revnat: u32,
+    /// Connections translated by the tc service path, two entries each (LRU).
+    pub lb_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -143,6 +207,15 @@ impl Default for MapSizes {
             policy_cidrs: maps::POLICY_CIDRS_MAX_ENTRIES,
             conntrack: maps::CONNTRACK_MAX_ENTRIES,
             events: maps::EVENTS_RING_BYTES,
+            lb_services: maps::LB_SERVICES_MAX_ENTRIES,
+            lb_backends: maps::LB_BACKENDS_MAX_ENTRIES,
+            lb_revnat: maps::LB_REVNAT_MAX_ENTRIES,
+            lb_affinity: maps::LB_AFFINITY_MAX_ENTRIES,
+            lb_source_ranges: maps::LB_SOURCE_RANGES_MAX_ENTRIES,
+            lb_maglev: maps::LB_MAGLEV_MAX_ENTRIES,
+            lb_netns: maps::LB_NETNS_MAX_ENTRIES,
+            lb_sock_revnat: maps::LB_SOCK_REVNAT_MAX_ENTRIES,
+            lb_nat: maps::LB_NAT_MAX_ENTRIES,
         }
     }
 }
@@ -181,6 +254,22 @@ pub enum LoadError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error(
+        "attaching {hook:?} to cgroup {path}: {source} ({})",
+        error_chain(source)
+    )]
+    AttachCgroup {
+        hook: SockHook,
+        path: PathBuf,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("link of {hook:?} is not a bpf_link: {source}")]
+    NotFdLink {
+        hook: SockHook,
+        source: aya::programs::links::LinkError,
+    },
     #[error("attaching {hook:?} to {ifname}: {source}")]
     Attach {
         hook: Hook,
@@ -213,6 +302,7 @@ pub struct Programs {
     lxc: Ebpf,
     overlay: Ebpf,
     host: Ebpf,
+    sock: Ebpf,
 }
 
 impl std::fmt::Debug for Programs {
@@ -243,11 +333,38 @@ impl Programs {
                 .map_max_entries(maps::POLICY_CIDRS, sizes.policy_cidrs)
                 .map_max_entries(maps::CONNTRACK, sizes.conntrack)
                 .map_max_entries(maps::EVENTS, sizes.events)
+                .map_max_entries(maps::LB_SERVICES, sizes.lb_services)
+                .map_max_entries(maps::LB_BACKENDS, sizes.lb_backends)
+                .map_max_entries(maps::LB_REVNAT, sizes.lb_revnat)
+                .map_max_entries(maps::LB_AFFINITY, sizes.lb_affinity)
+                .map_max_entries(maps::LB_SOURCE_RANGES, sizes.lb_source_ranges)
+                .map_max_entries(maps::LB_MAGLEV, sizes.lb_maglev)
+                .map_max_entries(maps::LB_NETNS, sizes.lb_netns)
+                .map_max_entries(maps::LB_SOCK_REVNAT, sizes.lb_sock_revnat)
+                .map_max_entries(maps::LB_NAT, sizes.lb_nat)
                 .load(bytes)
                 .map_err(|source| LoadError::Object {
                     object,
                     source: Box::new(source),
                 })?;
+            for hook in SockHook::ALL {
+                let program = hook.program_name();
+                if ebpf.program(program).is_none() {
+                    continue;
+                }
+                let sock: &mut CgroupSockAddr = ebpf
+                    .program_mut(program)
+                    .expect("program listed above")
+                    .try_into()
+                    .map_err(|source| LoadError::Program {
+                        program,
+                        source: Box::new(source),
+                    })?;
+                sock.load().map_err(|source| LoadError::Program {
+                    program,
+                    source: Box::new(source),
+                })?;
+            }
             for hook in Hook::ALL {
                 let program = hook.program_name();
                 if ebpf.program(program).is_none() {
@@ -273,6 +390,7 @@ impl Programs {
             lxc: load("bpf_lxc.o", BPF_LXC)?,
             overlay: load("bpf_overlay.o", BPF_OVERLAY)?,
             host: load("bpf_host.o", BPF_HOST)?,
+            sock: load("bpf_sock.o", BPF_SOCK)?,
         })
     }
 
@@ -358,6 +476,102 @@ impl Programs {
         drop(old);
         Ok(())
     }
+}
+
+impl Programs {
+    /// Attaches the socket-LB hooks to the cgroup v2 directory `cgroup` as pinned links that
+    /// stay attached after this process exits (every process in the subtree is then
+    /// translated; the programs themselves skip sockets of other nodes' network
+    /// namespaces). An existing link of a hook is replaced without a gap, as in
+    /// [`Self::attach`]: both run for an instant, and the second finds the first's backend
+    /// address, which is no frontend.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<(), AttachError> {
+        let file = std::fs::File::open(cgroup).map_err(|source| AttachError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for hook in SockHook::ALL {
+            let pin = self.dir.join(LINKS_DIR).join(hook.pin_name());
+            let old = match pin.exists() {
+                true => {
+                    Some(
+                        PinnedLink::from_pin(&pin).map_err(|source| AttachError::OpenPin {
+                            path: pin.clone(),
+                            source,
+                        })?,
+                    )
+                }
+                false => None,
+            };
+            let program: &mut CgroupSockAddr = self
+                .sock
+                .program_mut(hook.program_name())
+                .and_then(|p| p.try_into().ok())
+                .expect("every socket hook's program is loaded by Programs::load");
+            let attach_err = |source| AttachError::AttachCgroup {
+                hook,
+                path: cgroup.to_path_buf(),
+                source: Box::new(source),
+            };
+            // A bpf_link on a cgroup always allows several programs; the flags must be 0
+            // (the Single mode), BPF_F_ALLOW_MULTI is refused with EINVAL.
+            let link_id = program
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = program.take_link(link_id).map_err(attach_err)?;
+            let link =
+                FdLink::try_from(link).map_err(|source| AttachError::NotFdLink { hook, source })?;
+            let staging = self
+                .dir
+                .join(LINKS_DIR)
+                .join(format!("{}:new", hook.pin_name()));
+            let _ = std::fs::remove_file(&staging);
+            let pinned = link.pin(&staging).map_err(|source| AttachError::Pin {
+                path: staging.clone(),
+                source,
+            })?;
+            std::fs::rename(&staging, &pin).map_err(|source| AttachError::Io {
+                path: pin.clone(),
+                source,
+            })?;
+            drop(pinned);
+            drop(old);
+        }
+        Ok(())
+    }
+
+    /// The loaded program of a socket hook.
+    pub fn sock_program(&self, hook: SockHook) -> &CgroupSockAddr {
+        self.sock
+            .program(hook.program_name())
+            .and_then(|program| <&CgroupSockAddr>::try_from(program).ok())
+            .expect("every socket hook's program is loaded by Programs::load")
+    }
+}
+
+/// Detaches the socket-LB hooks of a node (removes their link pins). Returns how many were
+/// attached.
+pub fn detach_socket_lb(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for hook in SockHook::ALL {
+        match std::fs::remove_file(dir.join(LINKS_DIR).join(hook.pin_name())) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// The sources below an error (aya's syscall errors keep the errno there).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push(e.to_string());
+        source = e.source();
+    }
+    out.join(": ")
 }
 
 fn link_pin_path(dir: &Path, hook: Hook, ifname: &str) -> PathBuf {
@@ -480,7 +694,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 10] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 20] {
     use std::mem::size_of;
     [
         (
@@ -546,6 +760,76 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             size_of::<maps::Frag4Key>(),
             size_of::<maps::Frag4Ports>(),
             maps::IPV4_FRAGS_MAX_ENTRIES,
+        ),
+        (
+            maps::LB_SERVICES,
+            MapType::Hash,
+            size_of::<maps::Lb4Key>(),
+            size_of::<maps::Lb4Service>(),
+            sizes.lb_services,
+        ),
+        (
+            maps::LB_BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<maps::Lb4Backend>(),
+            sizes.lb_backends,
+        ),
+        (
+            maps::LB_REVNAT,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<maps::Lb4ReverseNat>(),
+            sizes.lb_revnat,
+        ),
+        (
+            maps::LB_AFFINITY,
+            MapType::LruHash,
+            size_of::<maps::LbAffinityKey>(),
+            size_of::<maps::LbAffinityValue>(),
+            sizes.lb_affinity,
+        ),
+        (
+            maps::LB_SOURCE_RANGES,
+            MapType::LpmTrie,
+            size_of::<maps::Lb4SrcRangeKey>(),
+            size_of::<u8>(),
+            sizes.lb_source_ranges,
+        ),
+        (
+            maps::LB_MAGLEV,
+            MapType::Hash,
+            size_of::<maps::LbMaglevKey>(),
+            size_of::<u32>(),
+            sizes.lb_maglev,
+        ),
+        (
+            maps::LB_NETNS,
+            MapType::Hash,
+            size_of::<u64>(),
+            size_of::<u8>(),
+            sizes.lb_netns,
+        ),
+        (
+            maps::LB_SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<maps::LbSockRevnatKey>(),
+            size_of::<maps::LbSockRevnatValue>(),
+            sizes.lb_sock_revnat,
+        ),
+        (
+            maps::LB_NAT,
+            MapType::LruHash,
+            size_of::<maps::Lb4NatKey>(),
+            size_of::<maps::Lb4NatEntry>(),
+            sizes.lb_nat,
+        ),
+        (
+            maps::LB_CONFIG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<maps::LbConfig>(),
+            1,
         ),
     ]
 }

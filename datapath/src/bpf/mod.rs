@@ -14,7 +14,9 @@ pub mod maps;
 pub mod policy;
 
 pub use dataplane::Dataplane;
-pub use loader::{AttachError, Hook, LoadError, MapSizes, Programs, node_pin_dir};
+pub use loader::{
+    AttachError, Hook, LoadError, MapSizes, Programs, SockHook, detach_socket_lb, node_pin_dir,
+};
 pub use maps::{
     AnyKey, Counts, DataplaneError, Failure, MapPressure, MapWriteError, MetricSample, Op,
     PolicyItem, Report,

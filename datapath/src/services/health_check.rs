@@ -13,9 +13,12 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use tendril_crds::v1alpha1::LBService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +31,62 @@ pub struct ServiceHealth {
     pub name: String,
     /// Ready backends of the service on this node.
     pub local_endpoints: u32,
+}
+
+/// The health-check ports this node serves: every LBService with a `healthCheckNodePort` and
+/// `externalTrafficPolicy: Local`, counting its distinct `active` backends on `node` (a
+/// terminating backend does not make a node healthy, as with kube-proxy). Ports are unique
+/// (the apiserver allocates them); should two services name one, the first in name order wins.
+pub fn desired_health_checks<'a>(
+    services: impl IntoIterator<Item = &'a LBService>,
+    node: &str,
+) -> BTreeMap<u16, ServiceHealth> {
+    let mut services: Vec<&LBService> = services.into_iter().collect();
+    services.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    let mut out = BTreeMap::new();
+    for svc in services {
+        let spec = &svc.spec;
+        let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        if spec.external_traffic_policy != "Local" || port == 0 {
+            continue;
+        }
+        let local: BTreeSet<&str> = spec
+            .backends
+            .iter()
+            .filter(|b| b.state == "active" && b.node_name.as_deref() == Some(node))
+            .map(|b| b.address.as_str())
+            .collect();
+        out.entry(port).or_insert_with(|| ServiceHealth {
+            namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+            name: svc.metadata.name.clone().unwrap_or_default(),
+            local_endpoints: u32::try_from(local.len()).unwrap_or(u32::MAX),
+        });
+    }
+    out
+}
+
+/// A listening socket on `addr` created in the network namespace `netns` (the node's, when
+/// the agent runs outside it), ready for tokio.
+fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let file = netns.map(std::fs::File::open).transpose()?;
+    let listener = std::thread::spawn(move || {
+        if let Some(file) = &file {
+            // SAFETY: setns on a descriptor we own; it changes only this thread's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        std::net::TcpListener::bind(addr)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("bind thread panicked"))??;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// A port that could not be opened (e.g. something else listens on it).
@@ -48,6 +107,8 @@ struct Listener {
 /// The open health-check listeners of the node.
 pub struct HealthCheckServers {
     bind: Ipv4Addr,
+    /// The node's network namespace (`None`: the agent's own).
+    netns: Option<PathBuf>,
     listeners: BTreeMap<u16, Listener>,
     /// Whether the node's service datapath is healthy (`serviceProxyHealthy`).
     proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -55,14 +116,17 @@ pub struct HealthCheckServers {
 }
 
 impl HealthCheckServers {
-    /// Listeners bind `bind` (0.0.0.0: every node address); they stop with `shutdown`.
+    /// Listeners bind `bind` (0.0.0.0: every node address) in `netns`; they stop with
+    /// `shutdown` or when this is dropped.
     pub fn new(
         bind: Ipv4Addr,
+        netns: Option<PathBuf>,
         proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             bind,
+            netns,
             listeners: BTreeMap::new(),
             proxy_healthy,
             shutdown,
@@ -93,7 +157,13 @@ impl HealthCheckServers {
                 }
                 continue;
             }
-            match TcpListener::bind(SocketAddr::from((self.bind, port))).await {
+            let addr = SocketAddr::from((self.bind, port));
+            let netns = self.netns.clone();
+            let bound = tokio::task::spawn_blocking(move || bind_in(netns.as_deref(), addr))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .and_then(TcpListener::from_std);
+            match bound {
                 Ok(socket) => {
                     let shared = Arc::new(RwLock::new(health.clone()));
                     let stop = self.shutdown.child_token();
@@ -210,12 +280,67 @@ mod tests {
         }
     }
 
+    fn lb_service(
+        name: &str,
+        etp: &str,
+        port: Option<i32>,
+        backends: &[(&str, &str, &str)],
+    ) -> LBService {
+        let mut svc = LBService::new(name, Default::default());
+        svc.metadata.namespace = Some("shop".into());
+        svc.spec.external_traffic_policy = etp.into();
+        svc.spec.health_check_node_port = port;
+        svc.spec.backends = backends
+            .iter()
+            .map(|(address, node, state)| tendril_crds::v1alpha1::Backend {
+                address: (*address).into(),
+                port: 8080,
+                protocol: "TCP".into(),
+                weight: 1,
+                node_name: Some((*node).into()),
+                state: (*state).into(),
+                ..Default::default()
+            })
+            .collect();
+        svc
+    }
+
+    #[test]
+    fn health_checks_count_this_nodes_ready_backends_of_local_services() {
+        let web = lb_service(
+            "web",
+            "Local",
+            Some(31000),
+            &[
+                ("10.0.1.5", "n1", "active"),
+                // Another port of the same pod: one endpoint.
+                ("10.0.1.5", "n1", "active"),
+                ("10.0.1.6", "n1", "terminating"),
+                ("10.0.2.5", "n2", "active"),
+            ],
+        );
+        let empty_here = lb_service("api", "Local", Some(31001), &[("10.0.2.7", "n2", "active")]);
+        let cluster = lb_service(
+            "db",
+            "Cluster",
+            Some(31002),
+            &[("10.0.1.9", "n1", "active")],
+        );
+        let none = lb_service("cache", "Local", None, &[("10.0.1.8", "n1", "active")]);
+        let got = desired_health_checks([&web, &empty_here, &cluster, &none], "n1");
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![31000, 31001]);
+        assert_eq!(got[&31000].local_endpoints, 1);
+        assert_eq!(got[&31000].name, "web");
+        assert_eq!(got[&31001].local_endpoints, 0, "served, answering 503");
+    }
+
     #[tokio::test]
     async fn answers_like_kube_proxy_and_follows_counts_and_ports() {
         let healthy = Arc::new(AtomicBool::new(true));
         let flag = healthy.clone();
         let mut servers = HealthCheckServers::new(
             Ipv4Addr::LOCALHOST,
+            None,
             Arc::new(move || flag.load(Ordering::Relaxed)),
             CancellationToken::new(),
         );
@@ -282,6 +407,7 @@ mod tests {
         let free = free_port();
         let mut servers = HealthCheckServers::new(
             Ipv4Addr::LOCALHOST,
+            None,
             Arc::new(|| true),
             CancellationToken::new(),
         );

@@ -133,6 +133,17 @@ pub fn maglev_table(
     Ok(table)
 }
 
+/// The services step's hook ([`super::desired::MaglevTable`]): backends as (id, weight, hash
+/// key). A table that cannot be built (more backends than slots) is empty: the service then
+/// selects at random, never fails a connection; the step counts it in `maglev_without_table`.
+pub fn lookup_table(backends: &[(u32, u32, &[u8])], m: u32, seed: u32) -> Vec<u32> {
+    let input: Vec<MaglevBackend<'_>> = backends
+        .iter()
+        .map(|&(id, weight, key)| MaglevBackend { id, weight, key })
+        .collect();
+    maglev_table(&input, m, seed).unwrap_or_default()
+}
+
 /// 64-bit FNV-1a of `seed`, `salt` and `key`, finished with the SplitMix64 mixer: stable
 /// across Rust versions and machines (unlike `std`'s hashers), which every agent relies on.
 fn hash64(key: &[u8], seed: u32, salt: u64) -> u64 {

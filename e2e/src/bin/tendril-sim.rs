@@ -140,6 +140,9 @@ impl Sim {
             netns: state.netns,
             conflist,
             cni_bin_dir: self.bin_dir.clone(),
+            // The local cluster's agents attach the socket LB to the cgroup2 root
+            // (config/agent.yaml): every process is covered, the netns check separates nodes.
+            cgroup: None,
         })
     }
 

@@ -39,6 +39,7 @@ pub struct SimCluster {
 impl SimCluster {
     pub async fn start(env: &TestEnv, config: SimClusterConfig) -> Result<SimCluster> {
         sweep_stale_netns();
+        sweep_stale_cgroups();
         let client = env.client();
         let cluster = format!(
             "{}-{}",

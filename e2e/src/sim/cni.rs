@@ -27,6 +27,10 @@ pub struct NodeHandle {
     pub conflist: serde_json::Value,
     /// Directory holding `tendril-cni` (CNI_PATH).
     pub cni_bin_dir: PathBuf,
+    /// The node's cgroup (socket LB): processes in the node's and its pods' namespaces run
+    /// there. `None`: not placed (the agent's socket LB then covers them only if attached
+    /// higher up).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl NodeHandle {

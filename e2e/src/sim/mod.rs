@@ -19,6 +19,10 @@
 //!   container id, is tried after a short backoff. "Try again later" (code 11, the agent
 //!   is down or not ready) is counted in [`SimPod::retries`].
 //!
+//! - **Socket LB**: each node has a cgroup v2 subtree (`<cgroup2>/tendril-sim/<node>`) its
+//!   agent attaches the socket-LB hooks to; [`SimPod::exec`], [`SimPod::spawn`] and
+//!   [`SimNode::exec`] place their processes there before exec ([`place_in_cgroup`]).
+//!
 //! Test guards ([`SimNode`], [`SimPod`], [`SimCluster`]) clean up on drop, also on panic;
 //! the free functions are what the `tendril-sim` binary (used by `hack/sim-cluster.sh`)
 //! builds on.
@@ -58,6 +62,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// How long a kubelet-like caller keeps retrying one sandbox operation.
 const SANDBOX_RETRY_FOR: Duration = Duration::from_secs(180);
 
+mod cgroup;
 mod cluster;
 mod cni;
 mod kubelet;
@@ -65,6 +70,7 @@ mod netns;
 mod node;
 mod pod;
 
+pub use cgroup::*;
 pub use cluster::*;
 pub use cni::*;
 pub use kubelet::*;

@@ -19,6 +19,8 @@ pub struct SimNode {
     pub socket: PathBuf,
     pub bpffs_root: PathBuf,
     pub metrics_port: u16,
+    /// The node's cgroup v2 subtree (socket LB), removed on drop.
+    pub cgroup: Option<PathBuf>,
     kubeconfig: PathBuf,
     agent: Option<Process>,
     handle: NodeHandle,
@@ -33,7 +35,9 @@ impl SimNode {
         let state_dir = std::env::temp_dir().join(format!("tendril-sim-{name}"));
         let bpffs_root = PathBuf::from("/sys/fs/bpf/tendril-sim").join(&name);
         let socket = state_dir.join("cni.sock");
+        let cgroup = create_node_cgroup(&name)?;
         let mut node = SimNode {
+            cgroup: cgroup.clone(),
             netns: node_netns(&name),
             address,
             state_dir,
@@ -48,6 +52,7 @@ impl SimNode {
                 netns: node_netns(&name),
                 conflist: conflist(&socket),
                 cni_bin_dir: target_bin_dir(),
+                cgroup,
             },
             name,
         };
@@ -72,7 +77,11 @@ impl SimNode {
 
     /// Starts the agent (again), with the same state directory, socket and metrics port.
     pub fn start_agent(&mut self) -> Result<()> {
-        let agent = Process::builder("tendril-agent")
+        let mut agent = Process::builder("tendril-agent");
+        if let Some(cgroup) = &self.cgroup {
+            agent = agent.arg("--socket-lb-cgroup-path").arg(cgroup);
+        }
+        let agent = agent
             .name(format!("tendril-agent-{}", self.name))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
@@ -101,6 +110,18 @@ impl SimNode {
             .spawn()?;
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// Runs `cmd` inside the node's network namespace (and cgroup), as a process of the
+    /// node's host network would.
+    pub async fn exec(&self, cmd: &[&str]) -> Result<std::process::Output> {
+        let mut command = tokio::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &self.netns])
+            .args(cmd)
+            .stdin(Stdio::null());
+        place_in_cgroup(&mut command, self.cgroup.as_deref());
+        Ok(command.output().await?)
     }
 
     /// The running agent, if any.
@@ -165,6 +186,9 @@ impl Drop for SimNode {
     fn drop(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             agent.stop(Duration::from_secs(10));
+        }
+        if let Some(cgroup) = &self.cgroup {
+            remove_node_cgroup(cgroup);
         }
         delete_netns(&self.netns);
         let _ = std::fs::remove_dir_all(&self.state_dir);

@@ -12,6 +12,8 @@ pub struct SimPod {
     pub node: String,
     pub sandbox: Sandbox,
     pub ips: Vec<IpAddr>,
+    /// The node's cgroup, where the pod's processes run (socket LB).
+    pub cgroup: Option<PathBuf>,
     /// "Try again later" answers from the plugin while setting the pod up.
     pub retries: u32,
     /// When the Pod object was created (before the API call).
@@ -96,6 +98,7 @@ impl SimPod {
             node: node.name.clone(),
             sandbox,
             ips,
+            cgroup: node.cgroup.clone(),
             retries,
             created_at,
             added_at,
@@ -146,12 +149,29 @@ impl SimPod {
 
     /// Runs `cmd` inside the pod's network namespace.
     pub async fn exec(&self, cmd: &[&str]) -> Result<std::process::Output> {
-        Ok(tokio::process::Command::new("ip")
-            .args(["netns", "exec", &self.sandbox.netns])
-            .args(cmd)
+        Ok(self.command(cmd).stdin(Stdio::null()).output().await?)
+    }
+
+    /// Starts `cmd` inside the pod's network namespace (and its node's cgroup) with piped
+    /// stdout, killed on drop.
+    pub fn spawn(&self, cmd: &[&str]) -> Result<tokio::process::Child> {
+        Ok(self
+            .command(cmd)
             .stdin(Stdio::null())
-            .output()
-            .await?)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?)
+    }
+
+    /// `ip netns exec <sandbox> cmd…`, placed in the node's cgroup before it execs.
+    fn command(&self, cmd: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new("ip");
+        command
+            .args(["netns", "exec", &self.sandbox.netns])
+            .args(cmd);
+        place_in_cgroup(&mut command, self.cgroup.as_deref());
+        command
     }
 
     /// Whether one ICMP echo to `ip` is answered within 5 s.

@@ -29,6 +29,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
     pub direction: String,
@@ -72,6 +77,21 @@ pub struct DatapathMetrics {
     pub policy_endpoints: Gauge,
     /// `tendril_conntrack_gc_removed_total`: expired conntrack entries removed.
     pub conntrack_gc_removed: Counter,
+    /// `tendril_services_programmed`: LBServices with a frontend in the maps.
+    pub services_programmed: Gauge,
+    /// `tendril_services_frontends_programmed`: frontends (address, port, protocol) in the maps.
+    pub services_frontends: Gauge,
+    /// `tendril_services_backends_programmed`: distinct backends in the maps.
+    pub services_backends: Gauge,
+    /// `tendril_services_sync_duration_seconds`: one services step (desired state + maps).
+    pub services_sync_seconds: Histogram,
+    /// `tendril_services_network_programming_duration_seconds`: an LBService change (its
+    /// `tendril.dev/service-changed-at`) → realized on this node, as kube-proxy defines it.
+    pub services_programming_seconds: Histogram,
+    /// `tendril_services_skipped{reason}`: frontends/backends the node cannot program now.
+    pub services_skipped: Family<ReasonLabel, Gauge>,
+    /// `tendril_services_socket_lb_enabled`: 1 when the socket-LB hooks are attached.
+    pub socket_lb_enabled: Gauge,
     /// Last absolute value read per (raw reason, raw direction): the map counts since it
     /// was created (it survives restarts), the counters grow by the difference.
     seen: Arc<Mutex<HashMap<SampleKey, u64>>>,
@@ -129,6 +149,41 @@ impl DatapathMetrics {
                 "tendril_conntrack_gc_removed",
                 "Expired conntrack entries removed by the agent's garbage collection",
                 Counter::default,
+            ),
+            services_programmed: metrics.domain(
+                "tendril_services_programmed",
+                "LBServices with at least one frontend in the node's services maps",
+                Gauge::default,
+            ),
+            services_frontends: metrics.domain(
+                "tendril_services_frontends_programmed",
+                "Service frontends (address, port, protocol) in the node's services maps",
+                Gauge::default,
+            ),
+            services_backends: metrics.domain(
+                "tendril_services_backends_programmed",
+                "Distinct service backends in the node's services maps",
+                Gauge::default,
+            ),
+            services_sync_seconds: metrics.domain(
+                "tendril_services_sync_duration_seconds",
+                "Duration of one services step: desired state computed and the services maps converged",
+                || Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            ),
+            services_programming_seconds: metrics.domain(
+                "tendril_services_network_programming_duration_seconds",
+                "Time from a Service change seen by the operator (tendril.dev/service-changed-at) to the LBService realized on this node",
+                || Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            ),
+            services_skipped: metrics.domain(
+                "tendril_services_skipped",
+                "Service frontends, backends or ranges this node does not program, by reason (sctp, ipv6, invalid, conflict, ids_exhausted)",
+                Family::default,
+            ),
+            socket_lb_enabled: metrics.domain(
+                "tendril_services_socket_lb_enabled",
+                "1 when the socket-level load-balancing hooks are attached on this node, else 0",
+                Gauge::default,
             ),
             seen: Arc::default(),
         }

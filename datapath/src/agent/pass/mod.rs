@@ -41,11 +41,12 @@ pub mod policy_maps;
 pub mod programs;
 pub mod report;
 pub mod routing;
+pub mod services;
 
 use super::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use super::view::{ClusterView, Wake};
 use crate::bpf::{AnyKey, Dataplane, DataplaneError, LoadError, MapSizes, Programs, Report};
-use crate::config::{PolicyEnforcementConfig, RoutingMode};
+use crate::config::{PolicyEnforcementConfig, RoutingMode, ServicesConfig};
 use futures::future::BoxFuture;
 use index::Desired;
 use kernel::{AttachOutcome, Attacher, NetlinkOutcome};
@@ -76,6 +77,11 @@ pub fn steps() -> Vec<Box<dyn AnyStep>> {
         // Before the endpoint maps: a new pod is never reachable before its policy is in.
         Box::new(policy_maps::PolicyMaps::default()),
         Box::new(endpoint_maps::EndpointMaps),
+        // After the endpoint maps (the socket LB reads the ipcache for NodePorts on node
+        // addresses); the Maglev table builder plugs in here once merged.
+        Box::new(services::Services::new(Some(
+            crate::services::maglev::lookup_table,
+        ))),
         // Last: a pod's entry is in the maps before its programs can see it.
         Box::new(programs::AttachPrograms),
     ]
@@ -142,6 +148,7 @@ impl StepFailure {
 pub enum MapGroup {
     Forwarding,
     Policy,
+    Services,
 }
 
 /// One map a step converged.
@@ -166,6 +173,8 @@ pub struct Pass {
     pub node_config_error: Option<String>,
     /// Local endpoint → the `ResolvedPolicy` revision of its identity now in the maps.
     pub policy_realized: std::collections::BTreeMap<index::EndpointRef, i64>,
+    /// Set by the services step.
+    pub services: services::ServicesOutcome,
 }
 
 /// What every step of this node's passes shares.
@@ -176,6 +185,18 @@ pub struct NodeContext {
     pub view: ClusterView,
     pub dataplane: Arc<Mutex<Dataplane>>,
     pub attacher: Arc<Mutex<Attacher>>,
+    /// The network namespaces of the node's pods (recorded by the CNI plugin's ADD).
+    pub pod_netns: PodNetns,
+}
+
+/// Where the pass learns the node's pods' network namespace paths.
+pub type PodNetns = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
+/// What the pass shares with the rest of the agent: the flow log it feeds (`/flows`) and
+/// the pods' network namespaces the CNI server recorded (socket LB).
+pub struct AgentLinks {
+    pub flows: events::FlowLog,
+    pub pod_netns: PodNetns,
 }
 
 impl NodeContext {
@@ -208,6 +229,8 @@ pub struct PassConfig {
     pub timing: LoopTiming,
     /// `policy` in agent.yaml.
     pub policy: PolicyEnforcementConfig,
+    /// `services` in agent.yaml.
+    pub services: ServicesConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,9 +251,10 @@ pub async fn run(
     metrics: DatapathMetrics,
     health: Health,
     cfg: PassConfig,
-    flows: events::FlowLog,
+    agent: AgentLinks,
     shutdown: CancellationToken,
 ) -> Result<(), PassError> {
+    let AgentLinks { flows, pod_netns } = agent;
     health.register(HEALTH_CHECK);
     let (dir, sizes) = (cfg.pin_dir.clone(), cfg.map_sizes);
     let (programs, dataplane) = tokio::task::spawn_blocking(move || {
@@ -283,6 +307,7 @@ pub async fn run(
         view,
         dataplane,
         attacher: Arc::new(Mutex::new(Attacher::new(programs))),
+        pod_netns,
     };
     let map_sampler = async {
         let mut tick = tokio::time::interval(METRICS_INTERVAL);

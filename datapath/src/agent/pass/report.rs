@@ -56,6 +56,14 @@ pub fn realized_condition(pass: &Pass, failure: Option<&StepFailure>) -> Desired
             format!("{policy} policy map writes failed"),
         );
     }
+    let services = failed(MapGroup::Services).count();
+    if services > 0 {
+        return condition(
+            false,
+            "MapWriteFailed",
+            format!("{services} services map writes failed"),
+        );
+    }
     if let Some(e) = &pass.node_config_error {
         return condition(false, "MapWriteFailed", e.clone());
     }
@@ -99,7 +107,35 @@ fn log_map_failures(pass: &Pass) {
 struct NodeReport {
     uid: Option<String>,
     realized_revision: Option<i64>,
+    realized_services_revision: Option<i64>,
     condition: DesiredCondition,
+    socket_lb: Option<DesiredCondition>,
+}
+
+/// The node's `SocketLB` condition: whether service connections of the node's and its pods'
+/// processes are translated at connect.
+pub const SOCKET_LB: &str = "SocketLB";
+
+pub fn socket_lb_condition(state: &super::services::SocketLb) -> DesiredCondition {
+    use super::services::SocketLb;
+    match state {
+        SocketLb::Attached(cgroup) => DesiredCondition::new(
+            SOCKET_LB,
+            true,
+            "Attached",
+            format!(
+                "connect4/sendmsg4/recvmsg4/getpeername4 attached to cgroup {}",
+                cgroup.display()
+            ),
+        ),
+        SocketLb::Disabled => DesiredCondition::new(
+            SOCKET_LB,
+            false,
+            "Disabled",
+            "services.socketLB.enabled is false",
+        ),
+        SocketLb::Failed(error) => DesiredCondition::new(SOCKET_LB, false, "AttachFailed", error),
+    }
 }
 
 /// The node status writer, with what it remembers between passes.
@@ -108,6 +144,9 @@ pub struct Reporter {
     last_report: Option<NodeReport>,
     /// The last generation realized (so a failing pass keeps reporting it).
     last_realized: Option<i64>,
+    /// The highest LBService revision realized (monotonic; kept by failing passes).
+    last_services: Option<i64>,
+    last_socket_lb: Option<DesiredCondition>,
     announced: bool,
 }
 
@@ -125,6 +164,18 @@ impl Reporter {
             self.last_realized = own
                 .and_then(|nn| nn.status.as_ref())
                 .and_then(|s| s.realized_revision);
+        }
+        // Always written once known: under server-side apply a field this manager stops
+        // sending would be removed.
+        let reported_services = own
+            .and_then(|nn| nn.status.as_ref())
+            .and_then(|s| s.realized_services_revision);
+        self.last_services = self
+            .last_services
+            .max(reported_services)
+            .max(pass.services.realized_revision);
+        if let Some(state) = &pass.services.socket_lb {
+            self.last_socket_lb = Some(socket_lb_condition(state));
         }
         let condition = realized_condition(pass, failure.as_ref());
         let realized = condition.status;
@@ -154,7 +205,9 @@ impl Reporter {
         let report = NodeReport {
             uid: own.metadata.uid.clone(),
             realized_revision: self.last_realized,
+            realized_services_revision: self.last_services,
             condition,
+            socket_lb: self.last_socket_lb.clone(),
         };
         if self.last_report.as_ref() == Some(&report) {
             return realized;
@@ -170,9 +223,21 @@ impl Reporter {
             own.metadata.generation,
             k8s_openapi::jiff::Timestamp::now(),
         );
-        let mut status = json!({ "conditions": [merged] });
+        let mut conditions = vec![merged];
+        if let Some(socket_lb) = &report.socket_lb {
+            conditions.push(conditions::merge(
+                conditions::find(&previous, SOCKET_LB),
+                socket_lb,
+                own.metadata.generation,
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        }
+        let mut status = json!({ "conditions": conditions });
         if let Some(revision) = report.realized_revision {
             status["realizedRevision"] = json!(revision);
+        }
+        if let Some(revision) = report.realized_services_revision {
+            status["realizedServicesRevision"] = json!(revision);
         }
         let body =
             apply_body::<NodeNetwork>(&node.cfg.node_name, None, json!({ "status": status }));

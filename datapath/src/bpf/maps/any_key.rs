@@ -5,15 +5,18 @@ use std::fmt;
 
 use super::{
     layout::{EndpointKey, IpcacheKey},
+    lb::LbItem,
     policy::PolicyItem,
 };
 
-/// A key of `endpoints`, of `ipcache` or `policy_cidrs` (a prefix), or of the policy maps.
+/// A key of `endpoints`, of `ipcache` or `policy_cidrs` (a prefix), of the policy maps or
+/// of the services maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AnyKey {
     Endpoint(EndpointKey),
     Prefix(IpcacheKey),
     Policy(PolicyItem),
+    Lb(LbItem),
 }
 
 impl From<EndpointKey> for AnyKey {
@@ -34,12 +37,19 @@ impl From<PolicyItem> for AnyKey {
     }
 }
 
+impl From<LbItem> for AnyKey {
+    fn from(key: LbItem) -> Self {
+        Self::Lb(key)
+    }
+}
+
 impl fmt::Display for AnyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Endpoint(key) => key.fmt(f),
             Self::Prefix(key) => key.fmt(f),
             Self::Policy(key) => key.fmt(f),
+            Self::Lb(key) => key.fmt(f),
         }
     }
 }

@@ -19,6 +19,17 @@ pub const POLICY_CIDRS: &str = "policy_cidrs";
 pub const CONNTRACK: &str = "conntrack";
 pub const EVENTS: &str = "events";
 pub const IPV4_FRAGS: &str = "ipv4_frags";
+/// The services maps of `bpf/lib/lb.h`.
+pub const LB_SERVICES: &str = "lb_services";
+pub const LB_BACKENDS: &str = "lb_backends";
+pub const LB_REVNAT: &str = "lb_revnat";
+pub const LB_AFFINITY: &str = "lb_affinity";
+pub const LB_SOURCE_RANGES: &str = "lb_source_ranges";
+pub const LB_MAGLEV: &str = "lb_maglev";
+pub const LB_NETNS: &str = "lb_netns";
+pub const LB_SOCK_REVNAT: &str = "lb_sock_revnat";
+pub const LB_CONFIG: &str = "lb_config";
+pub const LB_NAT: &str = "lb_nat";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
@@ -32,6 +43,42 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Fragmented datagrams whose ports are remembered (LRU; not configurable).
 pub const IPV4_FRAGS_MAX_ENTRIES: u32 = 8192;
+pub const LB_SERVICES_MAX_ENTRIES: u32 = 65_536;
+pub const LB_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+pub const LB_REVNAT_MAX_ENTRIES: u32 = 65_536;
+pub const LB_AFFINITY_MAX_ENTRIES: u32 = 65_536;
+pub const LB_SOURCE_RANGES_MAX_ENTRIES: u32 = 4096;
+pub const LB_MAGLEV_MAX_ENTRIES: u32 = 65_536;
+pub const LB_NETNS_MAX_ENTRIES: u32 = 8192;
+pub const LB_SOCK_REVNAT_MAX_ENTRIES: u32 = 131_072;
+pub const LB_NAT_MAX_ENTRIES: u32 = 262_144;
+/// `LB_NAT_*`: the direction of an `lb_nat` entry, and its flags.
+pub const LB_NAT_FORWARD: u8 = 1;
+pub const LB_NAT_REPLY: u8 = 2;
+pub const LB_NAT_F_SNAT: u8 = 0x01;
+pub const LB_NAT_F_NORTH_SOUTH: u8 = 0x02;
+pub const LB_NAT_F_HAIRPIN: u8 = 0x04;
+
+/// `LB_SCOPE_*`: the lookup scope of a service entry.
+pub const LB_SCOPE_EXTERNAL: u8 = 0;
+pub const LB_SCOPE_INTERNAL: u8 = 1;
+/// `SVC_F_*` in `lb4_service.flags`.
+pub const SVC_F_NODEPORT: u8 = 0x01;
+pub const SVC_F_EXTERNAL: u8 = 0x02;
+pub const SVC_F_TWO_SCOPES: u8 = 0x04;
+pub const SVC_F_AFFINITY: u8 = 0x08;
+pub const SVC_F_SOURCE_RANGES: u8 = 0x10;
+pub const SVC_F_MAGLEV: u8 = 0x20;
+pub const SVC_F_LOCAL_ONLY: u8 = 0x40;
+/// An empty scope of a service with backends elsewhere (a Local policy): drop, not reject.
+pub const SVC_F_DROP_EMPTY: u8 = 0x80;
+/// `BE_F_LOCAL` in `lb4_backend.flags`: the backend runs on this node.
+pub const BE_F_LOCAL: u8 = 0x01;
+/// Bits of an `lb4_src_range_key` always matched: rev-nat index + pad.
+pub const LB_SRC_RANGE_STATIC_PREFIX: u32 = 32;
+/// `lb_netns` values: the node's own network namespace, or a pod's.
+pub const NETNS_NODE: u8 = 1;
+pub const NETNS_POD: u8 = 2;
 
 /// `AF_INET` / `AF_INET6`, as the programs store them.
 pub const FAMILY_IPV4: u8 = 2;
@@ -417,6 +464,189 @@ pub struct Frag4Ports {
     pub dport: u16,
 }
 
+/// `struct lb4_key`: a frontend (address 0: a NodePort's wildcard entry) in one scope;
+/// `backend_slot` 0 is the service, 1..=count its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4Key {
+    /// Network order.
+    pub address: [u8; 4],
+    /// Network order.
+    pub dport: [u8; 2],
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+
+/// `struct lb4_service`: slot 0 (the service) or a backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Service {
+    /// Slots ≥ 1: the backend id.
+    pub backend_id: u32,
+    /// Slot 0: backends taking new connections (0: the service rejects).
+    pub count: u16,
+    pub rev_nat_index: u16,
+    /// Seconds of client-IP affinity.
+    pub affinity_timeout: u32,
+    /// `SVC_F_*`.
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct lb4_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4Backend {
+    /// Network order.
+    pub address: [u8; 4],
+    /// Network order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    /// `BE_F_*`.
+    pub flags: u8,
+}
+
+/// `struct lb4_reverse_nat`: the frontend of a rev-nat index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4ReverseNat {
+    pub address: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct lb_affinity_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LbAffinityKey {
+    pub client: u64,
+    pub rev_nat_index: u16,
+    pub kind: u8,
+    pub pad: [u8; 5],
+}
+
+/// `struct lb_affinity_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbAffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
+}
+
+/// `struct lb4_src_range_key`: the full LPM key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4SrcRangeKey {
+    pub prefixlen: u32,
+    pub rev_nat_index: u16,
+    pub pad: u16,
+    pub address: [u8; 4],
+}
+
+/// The part of [`Lb4SrcRangeKey`] after `prefixlen` (the data of an aya LPM key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4SrcRangePrefix {
+    pub rev_nat_index: u16,
+    pub pad: u16,
+    pub address: [u8; 4],
+}
+
+impl LpmKey for Lb4SrcRangeKey {
+    type Prefix = Lb4SrcRangePrefix;
+
+    fn to_lpm(self) -> aya::maps::lpm_trie::Key<Lb4SrcRangePrefix> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            Lb4SrcRangePrefix {
+                rev_nat_index: self.rev_nat_index,
+                pad: self.pad,
+                address: self.address,
+            },
+        )
+    }
+
+    fn from_lpm(key: &aya::maps::lpm_trie::Key<Lb4SrcRangePrefix>) -> Self {
+        let d = key.data();
+        Self {
+            prefixlen: key.prefix_len(),
+            rev_nat_index: d.rev_nat_index,
+            pad: d.pad,
+            address: d.address,
+        }
+    }
+}
+
+/// `struct lb_maglev_key`: one slot of a service's Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LbMaglevKey {
+    pub rev_nat_index: u16,
+    pub scope: u8,
+    pub pad: u8,
+    pub slot: u32,
+}
+
+/// `struct lb_sock_revnat_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LbSockRevnatKey {
+    pub cookie: u64,
+    pub address: [u8; 4],
+    pub port: [u8; 2],
+    pub pad: u16,
+}
+
+/// `struct lb_sock_revnat_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbSockRevnatValue {
+    pub address: [u8; 4],
+    pub port: [u8; 2],
+    pub rev_nat_index: u16,
+}
+
+/// `struct lb_config`, the single entry of `lb_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbConfig {
+    /// Maglev table size M (prime).
+    pub maglev_table_size: u32,
+    pub hash_seed: u32,
+}
+
+/// `struct lb4_nat_key`: a tuple as a packet carries it (ports network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Lb4NatKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    /// `LB_NAT_FORWARD` / `LB_NAT_REPLY`.
+    pub dir: u8,
+    pub pad: u16,
+}
+
+/// `struct lb4_nat_entry`: what a packet of that tuple is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4NatEntry {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub backend_id: u32,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub pad: u8,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -438,6 +668,20 @@ unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for RawPolicyEvent {}
 unsafe impl aya::Pod for Frag4Key {}
 unsafe impl aya::Pod for Frag4Ports {}
+unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for Lb4Backend {}
+unsafe impl aya::Pod for Lb4ReverseNat {}
+unsafe impl aya::Pod for LbAffinityKey {}
+unsafe impl aya::Pod for LbAffinityValue {}
+unsafe impl aya::Pod for Lb4SrcRangeKey {}
+unsafe impl aya::Pod for Lb4SrcRangePrefix {}
+unsafe impl aya::Pod for LbMaglevKey {}
+unsafe impl aya::Pod for LbSockRevnatKey {}
+unsafe impl aya::Pod for LbSockRevnatValue {}
+unsafe impl aya::Pod for LbConfig {}
+unsafe impl aya::Pod for Lb4NatKey {}
+unsafe impl aya::Pod for Lb4NatEntry {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]
@@ -478,6 +722,8 @@ pub enum MetricReason {
     DeliverViaStack = 7,
     PolicyAudit = 8,
     EventLost = 9,
+    LbTranslated = 10,
+    LbRejected = 11,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -488,10 +734,14 @@ pub enum MetricReason {
     DropNoTunnelEndpoint = 137,
     DropUnsupportedL3 = 138,
     DropPolicyDeny = 139,
+    DropLbNoBackend = 140,
+    DropLbSourceRange = 141,
+    DropLbNoRoute = 142,
+    DropLbNat = 143,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 25] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -501,6 +751,8 @@ impl MetricReason {
         Self::DeliverViaStack,
         Self::PolicyAudit,
         Self::EventLost,
+        Self::LbTranslated,
+        Self::LbRejected,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -511,6 +763,10 @@ impl MetricReason {
         Self::DropNoTunnelEndpoint,
         Self::DropUnsupportedL3,
         Self::DropPolicyDeny,
+        Self::DropLbNoBackend,
+        Self::DropLbSourceRange,
+        Self::DropLbNoRoute,
+        Self::DropLbNat,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -533,6 +789,12 @@ impl MetricReason {
             Self::DeliverViaStack => "deliver_via_stack",
             Self::PolicyAudit => "policy_audit",
             Self::EventLost => "event_lost",
+            Self::LbTranslated => "service_translated",
+            Self::LbRejected => "service_rejected",
+            Self::DropLbNoBackend => "service_no_backend",
+            Self::DropLbSourceRange => "service_source_range",
+            Self::DropLbNoRoute => "service_no_route",
+            Self::DropLbNat => "service_nat",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",

@@ -7,7 +7,7 @@
 //!   `converge(desired, prune) -> Report<K>`; [`Report`] and [`Diff`] are its pure half.
 //! - One module per map: [`Endpoints`], [`Ipcache`], [`PolicyMaps`] (`policy`,
 //!   `policy_state` and `policy_cidrs`, which are written in one order), [`Conntrack`],
-//!   [`Metrics`], [`NodeConfigMap`]. The `events` ring buffer is opened by
+//!   [`Metrics`], [`NodeConfigMap`], [`LbMaps`] (the services maps of `bpf/lib/lb.h`). The `events` ring buffer is opened by
 //!   [`crate::bpf::Dataplane::open_events`].
 
 mod any_key;
@@ -15,6 +15,7 @@ mod conntrack;
 mod endpoints;
 mod ipcache;
 mod layout;
+mod lb;
 mod metrics;
 mod node_config;
 mod pinned;
@@ -27,6 +28,7 @@ pub use conntrack::Conntrack;
 pub use endpoints::Endpoints;
 pub use ipcache::Ipcache;
 pub use layout::*;
+pub use lb::{LbItem, LbMaps, LbState};
 pub use metrics::{MetricSample, Metrics};
 pub use node_config::NodeConfigMap;
 pub(crate) use pinned::open_pin;

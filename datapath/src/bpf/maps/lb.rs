@@ -1,0 +1,404 @@
+//! The services maps (`bpf/lib/lb.h`): `lb_services`, `lb_backends`, `lb_revnat`,
+//! `lb_source_ranges`, `lb_maglev` (written together, in one order: [`LbMaps::converge`]),
+//! `lb_netns` (the network namespaces whose sockets the socket LB translates) and
+//! `lb_config`. `lb_affinity` and `lb_sock_revnat` are LRU maps the programs fill; the agent
+//! only counts them.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
+
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, Map, MapData},
+};
+
+use super::{
+    layout::{
+        self, Lb4Backend, Lb4Key, Lb4NatEntry, Lb4NatKey, Lb4ReverseNat, Lb4Service,
+        Lb4SrcRangeKey, Lb4SrcRangePrefix, LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey,
+        LbSockRevnatKey, LbSockRevnatValue,
+    },
+    pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, open_pin},
+    report::{MapWriteError, Op, Report},
+};
+
+impl MapKey for Lb4Key {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb4Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {}:{}/{} scope {} slot {}",
+            Ipv4Addr::from(self.address),
+            u16::from_be_bytes(self.dport),
+            self.proto,
+            self.scope,
+            self.backend_slot
+        )
+    }
+}
+
+/// A backend id, the key of `lb_backends` (and a Maglev table's value).
+impl MapKey for u32 {
+    type Backend<V: Pod> = HashMap<MapData, u32, V>;
+    type Desired = Self;
+
+    fn from_desired(id: u32) -> Self {
+        id
+    }
+}
+
+/// A netns cookie, the key of `lb_netns`.
+impl MapKey for u64 {
+    type Backend<V: Pod> = HashMap<MapData, u64, V>;
+    type Desired = Self;
+
+    fn from_desired(cookie: u64) -> Self {
+        cookie
+    }
+}
+
+impl MapKey for Lb4SrcRangeKey {
+    type Backend<V: Pod> = LpmTrie<MapData, Lb4SrcRangePrefix, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb4SrcRangeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "source range {}/{} of rev-nat {}",
+            Ipv4Addr::from(self.address),
+            self.prefixlen
+                .saturating_sub(layout::LB_SRC_RANGE_STATIC_PREFIX),
+            self.rev_nat_index
+        )
+    }
+}
+
+impl MapKey for LbMaglevKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for LbMaglevKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "maglev rev-nat {} scope {} slot {}",
+            self.rev_nat_index, self.scope, self.slot
+        )
+    }
+}
+
+impl MapKey for LbAffinityKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for LbAffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "affinity client {:#x} kind {} rev-nat {}",
+            self.client, self.kind, self.rev_nat_index
+        )
+    }
+}
+
+impl MapKey for Lb4NatKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb4NatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "nat {} {}:{} -> {}:{} proto {}",
+            self.dir,
+            Ipv4Addr::from(self.saddr),
+            u16::from_be_bytes(self.sport),
+            Ipv4Addr::from(self.daddr),
+            u16::from_be_bytes(self.dport),
+            self.proto
+        )
+    }
+}
+
+impl MapKey for LbSockRevnatKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for LbSockRevnatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "socket {} backend {}:{}",
+            self.cookie,
+            Ipv4Addr::from(self.address),
+            u16::from_be_bytes(self.port)
+        )
+    }
+}
+
+/// A key of the services report: an entry of one of the maps [`LbMaps`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LbItem {
+    Service(Lb4Key),
+    Backend(u32),
+    RevNat(u16),
+    SourceRange(Lb4SrcRangeKey),
+    Maglev(LbMaglevKey),
+    Netns(u64),
+}
+
+impl fmt::Display for LbItem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Service(key) => key.fmt(f),
+            Self::Backend(id) => write!(f, "backend {id}"),
+            Self::RevNat(index) => write!(f, "rev-nat {index}"),
+            Self::SourceRange(key) => key.fmt(f),
+            Self::Maglev(key) => key.fmt(f),
+            Self::Netns(cookie) => write!(f, "netns cookie {cookie}"),
+        }
+    }
+}
+
+/// What the services maps should hold (computed by the agent's services step).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbState {
+    /// Slot 0 (the service) and slots 1..=count (its backend ids) of every frontend × scope.
+    pub services: BTreeMap<Lb4Key, Lb4Service>,
+    pub backends: BTreeMap<u32, Lb4Backend>,
+    pub revnat: BTreeMap<u16, Lb4ReverseNat>,
+    pub source_ranges: BTreeMap<Lb4SrcRangeKey, u8>,
+    pub maglev: BTreeMap<LbMaglevKey, u32>,
+}
+
+/// The services maps the agent writes, and the two LRU maps the programs fill.
+pub struct LbMaps {
+    services: PinnedMap<Lb4Key, Lb4Service>,
+    backends: PinnedMap<u32, Lb4Backend>,
+    revnat: PinnedMap<u16, Lb4ReverseNat>,
+    source_ranges: PinnedMap<Lb4SrcRangeKey, u8>,
+    maglev: PinnedMap<LbMaglevKey, u32>,
+    netns: PinnedMap<u64, u8>,
+    affinity: PinnedMap<LbAffinityKey, LbAffinityValue>,
+    sock_revnat: PinnedMap<LbSockRevnatKey, LbSockRevnatValue>,
+    nat: PinnedMap<Lb4NatKey, Lb4NatEntry>,
+    config: Array<MapData, LbConfig>,
+}
+
+impl fmt::Debug for LbMaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LbMaps").finish_non_exhaustive()
+    }
+}
+
+impl LbMaps {
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        let (config, _) = open_pin(dir, layout::LB_CONFIG)?;
+        let config =
+            Array::try_from(Map::Array(config)).map_err(|source| DataplaneError::Open {
+                path: dir.join(layout::LB_CONFIG),
+                source,
+            })?;
+        Ok(Self {
+            services: PinnedMap::open(dir, layout::LB_SERVICES)?,
+            backends: PinnedMap::open(dir, layout::LB_BACKENDS)?,
+            revnat: PinnedMap::open(dir, layout::LB_REVNAT)?,
+            source_ranges: PinnedMap::open(dir, layout::LB_SOURCE_RANGES)?,
+            maglev: PinnedMap::open(dir, layout::LB_MAGLEV)?,
+            netns: PinnedMap::open(dir, layout::LB_NETNS)?,
+            affinity: PinnedMap::open(dir, layout::LB_AFFINITY)?,
+            sock_revnat: PinnedMap::open(dir, layout::LB_SOCK_REVNAT)?,
+            nat: PinnedMap::open(dir, layout::LB_NAT)?,
+            config,
+        })
+    }
+
+    /// Fill of the services maps the agent writes. The LRU maps the programs fill
+    /// (`lb_affinity`, `lb_sock_revnat`, `lb_nat`) are left out: full is normal there (the
+    /// oldest records go), and counting up to 262,144 keys every few seconds would hold
+    /// their locks for long (as for `conntrack`).
+    pub fn pressure(&self) -> [MapPressure; 6] {
+        [
+            self.services.pressure(),
+            self.backends.pressure(),
+            self.revnat.pressure(),
+            self.source_ranges.pressure(),
+            self.maglev.pressure(),
+            self.netns.pressure(),
+        ]
+    }
+
+    /// The backends the map holds: after a restart, the ids established connections (and
+    /// affinity entries) refer to, which the agent keeps for the same backends.
+    pub fn backends(&self) -> Result<BTreeMap<u32, Lb4Backend>, DataplaneError> {
+        self.backends.read()
+    }
+
+    /// The rev-nat indexes the map holds, kept for the same frontends across restarts.
+    pub fn revnat(&self) -> Result<BTreeMap<u16, Lb4ReverseNat>, DataplaneError> {
+        self.revnat.read()
+    }
+
+    /// Every service entry (for inspection and tests).
+    pub fn services(&self) -> Result<BTreeMap<Lb4Key, Lb4Service>, DataplaneError> {
+        self.services.read()
+    }
+
+    /// The sockets the socket LB translated (for inspection and tests).
+    pub fn sock_revnat(
+        &self,
+    ) -> Result<BTreeMap<LbSockRevnatKey, LbSockRevnatValue>, DataplaneError> {
+        self.sock_revnat.read()
+    }
+
+    /// The tc path's translated connections (for inspection and tests).
+    pub fn nat(&self) -> Result<BTreeMap<Lb4NatKey, Lb4NatEntry>, DataplaneError> {
+        self.nat.read()
+    }
+
+    /// The affinity records (for inspection and tests).
+    pub fn affinity(&self) -> Result<BTreeMap<LbAffinityKey, LbAffinityValue>, DataplaneError> {
+        self.affinity.read()
+    }
+
+    pub fn config(&self) -> Result<LbConfig, DataplaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Read {
+                map: layout::LB_CONFIG,
+                source,
+            })
+    }
+
+    /// Writes `lb_config` if it differs. Returns whether it was written.
+    pub fn set_config(&mut self, config: &LbConfig) -> Result<bool, DataplaneError> {
+        if self.config()? == *config {
+            return Ok(false);
+        }
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| MapWriteError::new(layout::LB_CONFIG, Op::Update, 1, e))?;
+        Ok(true)
+    }
+
+    /// Converges `lb_netns` to `cookies` (netns cookie → `NETNS_NODE`/`NETNS_POD`).
+    pub fn converge_netns(
+        &mut self,
+        cookies: &BTreeMap<u64, u8>,
+        prune: bool,
+    ) -> Result<Report<LbItem>, DataplaneError> {
+        Ok(self.netns.converge(cookies, prune)?.map_keys(LbItem::Netns))
+    }
+
+    /// Converges the services maps to `desired` in the order that never lets a program
+    /// see a service entry whose backends or rev-nat entry are missing, nor a count larger
+    /// than the slots written: rev-nat, backends, source ranges and Maglev tables are
+    /// added first; then backend slots, then the services themselves (their counts); then
+    /// stale entries go in the opposite order (services and slots, Maglev and source
+    /// ranges, backends, rev-nat). Stale entries are deleted only with `prune`.
+    pub fn converge(
+        &mut self,
+        desired: &LbState,
+        prune: bool,
+    ) -> Result<Report<LbItem>, DataplaneError> {
+        let mut report = Report::default();
+        let (revnat, revnat_diff) = self.revnat.diff(&desired.revnat)?;
+        let (backends, backends_diff) = self.backends.diff(&desired.backends)?;
+        let (ranges, ranges_diff) = self.source_ranges.diff(&desired.source_ranges)?;
+        let (maglev, maglev_diff) = self.maglev.diff(&desired.maglev)?;
+        let (services, services_diff) = self.services.diff(&desired.services)?;
+        report.unchanged = revnat_diff.unchanged
+            + backends_diff.unchanged
+            + ranges_diff.unchanged
+            + maglev_diff.unchanged
+            + services_diff.unchanged;
+
+        self.revnat
+            .upsert(&mut report, &revnat_diff, &revnat, LbItem::RevNat);
+        self.backends
+            .upsert(&mut report, &backends_diff, &backends, LbItem::Backend);
+        self.source_ranges
+            .upsert(&mut report, &ranges_diff, &ranges, LbItem::SourceRange);
+        self.maglev
+            .upsert(&mut report, &maglev_diff, &maglev, LbItem::Maglev);
+        // Backend slots before the services that count them; a service some of whose
+        // slots could not be written keeps its previous entry (or none), never a count
+        // that points at missing slots.
+        let (slots, masters): (Vec<_>, Vec<_>) = services_diff
+            .writes()
+            .partition(|(key, _)| key.backend_slot > 0);
+        let mut incomplete = std::collections::BTreeSet::new();
+        for (key, op) in slots {
+            let result = self.services.put(&key, &services[&key], op);
+            if !report.record(LbItem::Service(key), op, result) {
+                incomplete.insert(Lb4Key {
+                    backend_slot: 0,
+                    ..key
+                });
+            }
+        }
+        for (key, op) in masters {
+            if incomplete.contains(&key) {
+                continue;
+            }
+            let result = self.services.put(&key, &services[&key], op);
+            report.record(LbItem::Service(key), op, result);
+        }
+
+        if !prune {
+            report.stale_kept = services_diff.stale.len()
+                + maglev_diff.stale.len()
+                + ranges_diff.stale.len()
+                + backends_diff.stale.len()
+                + revnat_diff.stale.len();
+            return Ok(report);
+        }
+        // Services (slot 0) before their stale slots.
+        let mut stale_services = services_diff.stale.clone();
+        stale_services.sort_by_key(|key| key.backend_slot);
+        self.services
+            .delete_all(&mut report, &stale_services, LbItem::Service);
+        self.maglev
+            .delete_all(&mut report, &maglev_diff.stale, LbItem::Maglev);
+        self.source_ranges
+            .delete_all(&mut report, &ranges_diff.stale, LbItem::SourceRange);
+        self.backends
+            .delete_all(&mut report, &backends_diff.stale, LbItem::Backend);
+        self.revnat
+            .delete_all(&mut report, &revnat_diff.stale, LbItem::RevNat);
+        Ok(report)
+    }
+}
