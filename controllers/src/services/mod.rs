@@ -371,6 +371,7 @@ impl Shared {
         let cell = self
             .sequence
             .get_or_try_init(|| async {
+                let started = Instant::now();
                 let lbs = list_all(&Api::<LBService>::all(self.client.clone())).await?;
                 let nns = list_all(&Api::<NodeNetwork>::all(self.client.clone())).await?;
                 let seq = Sequence::start(
@@ -385,6 +386,7 @@ impl Shared {
                     after = seq.last(),
                     lbservices = lbs.len(),
                     nodes = nns.len(),
+                    list_ms = started.elapsed().as_millis() as u64,
                     "revision sequence started"
                 );
                 self.metrics.revision.set(seq.last());
@@ -726,8 +728,8 @@ async fn sweep_orphans(
 ) {
     let listed = async {
         let _ = futures::future::join(
-            shared.stores.services.wait_until_ready(),
-            shared.stores.lbservices.wait_until_ready(),
+            runtime::store_ready(&shared.stores.services),
+            runtime::store_ready(&shared.stores.lbservices),
         )
         .await;
     };
