@@ -145,7 +145,8 @@ mod tests {
     #[test]
     fn changed_at_prefers_a_newer_slice_trigger_then_the_observation() {
         let now = t("2026-01-01T00:10:00Z");
-        let observed = Some(t("2026-01-01T00:09:00Z"));
+        let seen = t("2026-01-01T00:09:00Z");
+        let observed = Some(seen);
         let prev = Some(t("2026-01-01T00:05:00Z"));
         // A slice changed after the previous write: its newest trigger time.
         assert_eq!(
@@ -164,7 +165,7 @@ mod tests {
         // Only older triggers (the Service itself changed): the observation.
         assert_eq!(
             changed_at(prev, [t("2026-01-01T00:04:00Z")], observed, now),
-            observed.unwrap()
+            seen
         );
         // Nothing observed (e.g. put back after a deletion): now.
         assert_eq!(changed_at(prev, [], None, now), now);
