@@ -169,14 +169,19 @@ impl<Key: Ord + Clone, S: Revisioned> Revisions<Key, S> {
     /// The latest spec known for one `key`: `stored` (the store's), or ours when we wrote a
     /// newer one; `None` when the store has none and ours was seen deleted since (or we
     /// never wrote one). The one-key form of [`Revisions::current`], for a concern that
-    /// reconciles object by object.
+    /// reconciles object by object. What the store has caught up with is forgotten, so the
+    /// memory holds only the writes still in flight.
     pub fn latest(&self, key: &Key, stored: Option<S>) -> Option<S> {
-        let known = self.lock();
+        let mut known = self.lock();
         match (known.get(key), stored) {
             (Some(k), Some(s)) if !k.deleted && k.spec.revision() > s.revision() => {
                 Some(k.spec.clone())
             }
             (Some(k), None) if !k.deleted => Some(k.spec.clone()),
+            (Some(k), Some(s)) if !k.deleted => {
+                known.remove(key);
+                Some(s)
+            }
             (_, stored) => stored,
         }
     }
@@ -311,7 +316,10 @@ mod tests {
             revisions.latest(&1, Some(Spec("new", 4))),
             Some(Spec("new", 4))
         );
-        revisions.deleted(1, &Spec("ours", 3));
+        // The store caught up: forgotten, the store's is the latest from now on.
+        assert_eq!(revisions.latest(&1, None), None);
+        revisions.wrote(1, &Spec("ours", 5));
+        revisions.deleted(1, &Spec("ours", 5));
         assert_eq!(revisions.latest(&1, None), None, "deleted by someone else");
     }
 }

@@ -331,6 +331,8 @@ struct Shared {
     observed: Mutex<HashMap<Key, DateTime<Utc>>>,
     /// The invalid-input message last reported with an Event, per Service.
     reported: Mutex<HashMap<Key, String>>,
+    /// The slices' trigger times at the last write (or no-op) of each Service this term.
+    triggers: Mutex<HashMap<Key, sequence::Triggers>>,
     recorder: Recorder,
     metrics: Metrics,
     manager: String,
@@ -356,6 +358,21 @@ impl Shared {
         let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         let e = observed.entry(key).or_insert(at);
         *e = (*e).min(at);
+    }
+
+    fn triggers_seen(&self, key: &Key) -> Option<sequence::Triggers> {
+        self.triggers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn seen_triggers(&self, key: &Key, triggers: sequence::Triggers) {
+        self.triggers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), triggers);
     }
 
     fn zone_of(&self, node: &str) -> Option<String> {
@@ -429,9 +446,18 @@ impl Shared {
             .written
             .latest(key, stored.as_ref().map(|lb| lb.spec.clone()));
         let backends = t.spec.backends.len();
+        let triggers: sequence::Triggers = slices
+            .iter()
+            .filter_map(|s| {
+                let t = s.annotations().get(TRIGGER_TIME_ANNOTATION)?;
+                Some((s.name_any(), t.clone()))
+            })
+            .collect();
         if let Some(current) = current.as_ref()
             && !sequence::changed(&t.spec, Some(current))
         {
+            // A slice change that changed nothing is not the trigger of a later write.
+            self.seen_triggers(key, triggers);
             let generation = match self.board.get(key) {
                 Some(e) if e.revision == current.revision && e.generation.is_some() => e.generation,
                 _ => stored
@@ -456,17 +482,13 @@ impl Shared {
             .as_ref()
             .and_then(|lb| lb.annotations().get(SERVICE_CHANGED_AT).cloned())
             .and_then(|a| parse_time(&a));
-        let triggers: Vec<DateTime<Utc>> = slices
-            .iter()
-            .filter_map(|s| s.annotations().get(TRIGGER_TIME_ANNOTATION))
-            .filter_map(|a| parse_time(a))
-            .collect();
         let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
         let mut seq = self.sequence().await?;
         let Some(spec) = seq.number(&t.spec, current.as_ref()) else {
             return Ok(Action::await_change());
         };
-        let at = sequence::changed_at(previous_at, triggers, observed, Utc::now());
+        let seen = self.triggers_seen(key);
+        let at = sequence::changed_at(previous_at, &triggers, seen.as_ref(), observed, Utc::now());
         let body = runtime::apply_body::<LBService>(
             &key.1,
             Some(&key.0),
@@ -486,9 +508,15 @@ impl Shared {
         self.metrics.revision.set(seq.last());
         drop(seq);
         let written = result?;
+        self.seen_triggers(key, triggers);
         self.written.wrote(key.clone(), &spec);
         self.metrics.writes.inc();
-        debug!(revision = spec.revision, backends, "LBService written");
+        debug!(
+            revision = spec.revision,
+            backends,
+            changed = %what_changed(current.as_ref(), &spec),
+            "LBService written"
+        );
         self.board.set(
             key.clone(),
             Entry {
@@ -505,6 +533,10 @@ impl Shared {
     async fn remove(&self, key: &Key, stored: Option<&LBService>, why: &str) -> Result<(), Error> {
         self.board.remove(key);
         self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.triggers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
@@ -679,6 +711,37 @@ impl Shared {
     }
 }
 
+/// Which parts of the spec a write changes, for the log: `new`, or e.g. `backends`.
+fn what_changed(current: Option<&LBServiceSpec>, new: &LBServiceSpec) -> String {
+    let Some(c) = current else {
+        return "new".into();
+    };
+    let parts = [
+        ("frontends", c.frontends != new.frontends),
+        ("backends", c.backends != new.backends),
+        (
+            "sessionAffinity",
+            c.session_affinity != new.session_affinity,
+        ),
+        (
+            "trafficPolicies",
+            c.external_traffic_policy != new.external_traffic_policy
+                || c.internal_traffic_policy != new.internal_traffic_policy,
+        ),
+        (
+            "loadBalancerSourceRanges",
+            c.load_balancer_source_ranges != new.load_balancer_source_ranges,
+        ),
+        (
+            "healthCheckNodePort",
+            c.health_check_node_port != new.health_check_node_port,
+        ),
+        ("algorithm", c.algorithm != new.algorithm),
+    ];
+    let changed: Vec<&str> = parts.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
+    changed.join(",")
+}
+
 /// Every object of `api`, in pages, from a consistent read.
 async fn list_all<K>(api: &Api<K>) -> Result<Vec<K>, kube::Error>
 where
@@ -788,6 +851,8 @@ async fn write_statuses(
         } else {
             Duration::from_secs(3600)
         };
+        // (A closed channel — the process is ending — also returns at once; the stop
+        // token ends the loop.)
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = shared.board.wake.notified() => {}
@@ -849,6 +914,7 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
         board: Board::default(),
         observed: Mutex::default(),
         reported: Mutex::default(),
+        triggers: Mutex::default(),
         recorder: Recorder::new(
             client,
             Reporter {
@@ -878,21 +944,43 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
         let store = slices.store();
         slices.changes().filter_map(move |change| {
             shared.slice_index.apply(&change, &store);
-            if let Some(key) = change.object().and_then(|s| service_of(s)) {
+            // Only for a Service that exists: its reconcile takes the time (a slice of a
+            // deleted Service would leave it behind).
+            if let Some(key) = change.object().and_then(|s| service_of(s))
+                && shared.stores.services.get(&service_ref(&key)).is_some()
+            {
                 shared.observe(key);
             }
             futures::future::ready(change.into_trigger(true))
         })
     };
-    // Our own writes come back here (no-ops); an LBService deleted by someone else is
-    // remembered as deleted, so the reconcile puts it back with a new revision.
+    // An LBService edited by someone else is put back; one deleted by someone else is
+    // remembered as deleted, so the reconcile puts it back with a new revision. Our own
+    // writes come back too: the spec at the revision and generation the reconcile recorded,
+    // and every status write, change nothing and trigger nothing (at 10k services a status
+    // pass would otherwise be 10k no-op reconciles).
     let lb_changes = {
         let shared = shared.clone();
         lbservices.changes().filter_map(move |change| {
-            if let Change::Deleted(lb) = &change
-                && let Some(key) = key_of(lb.as_ref())
-            {
-                shared.written.deleted(key, &lb.spec);
+            match &change {
+                Change::Deleted(lb) => {
+                    if let Some(key) = key_of(lb.as_ref()) {
+                        shared.written.deleted(key, &lb.spec);
+                    }
+                }
+                Change::Applied(lb) => {
+                    let ours = key_of(lb.as_ref())
+                        .and_then(|key| shared.board.get(&key))
+                        .is_some_and(|e| {
+                            e.revision == lb.spec.revision
+                                && e.generation.is_some()
+                                && e.generation == lb.metadata.generation
+                        });
+                    if ours {
+                        return futures::future::ready(None);
+                    }
+                }
+                Change::Listed | Change::Failed(_) => {}
             }
             futures::future::ready(change.into_trigger(true))
         })

@@ -12,6 +12,7 @@
 //! (no object carries the missing number).
 
 use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
 use tendril_crds::v1alpha1::LBServiceSpec;
 use tendril_runtime::revisions::Revisioned;
 
@@ -58,20 +59,36 @@ pub fn changed(desired: &LBServiceSpec, current: Option<&LBServiceSpec>) -> bool
     current.is_none_or(|c| !c.same_content(desired))
 }
 
-/// The `SERVICE_CHANGED_AT` of a write: the newest `last-change-trigger-time` of the
-/// service's EndpointSlices when one is newer than the previous write's (the EndpointSlice
-/// controller's change is the trigger, and kube-proxy's network programming duration
-/// starts there too), else when the concern observed the change, else now.
+/// The `last-change-trigger-time` annotations of a service's EndpointSlices, by slice name.
+pub type Triggers = BTreeMap<String, String>;
+
+/// The `SERVICE_CHANGED_AT` of a write: the oldest `last-change-trigger-time` among the
+/// service's EndpointSlices whose trigger time changed since the last write (the
+/// EndpointSlice controller's change is the trigger, and kube-proxy's network programming
+/// duration starts there too); else when the concern observed the change; else now.
+///
+/// `seen` are the slices' trigger times at the last write (or no-op) of this term; without
+/// them (the first change after a restart) a trigger counts when it is later than
+/// `previous`, the annotation of the last write. Trigger times have whole seconds, so a
+/// comparison with `previous` alone would miss a slice change in the same second as an
+/// observed change.
 pub fn changed_at(
     previous: Option<DateTime<Utc>>,
-    slice_triggers: impl IntoIterator<Item = DateTime<Utc>>,
+    triggers: &Triggers,
+    seen: Option<&Triggers>,
     observed: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> DateTime<Utc> {
-    slice_triggers
-        .into_iter()
-        .filter(|t| previous.is_none_or(|p| *t > p))
-        .max()
+    triggers
+        .iter()
+        .filter(|(slice, t)| match seen {
+            Some(seen) => seen.get(*slice) != Some(*t),
+            None => true,
+        })
+        .filter_map(|(_, t)| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| seen.is_some() || previous.is_none_or(|p| *t > p))
+        .min()
         .or(observed)
         .unwrap_or(now)
 }
@@ -142,36 +159,51 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn triggers(entries: &[(&str, &str)]) -> Triggers {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
     #[test]
-    fn changed_at_prefers_a_newer_slice_trigger_then_the_observation() {
+    fn changed_at_takes_the_slices_whose_trigger_changed_then_the_observation() {
         let now = t("2026-01-01T00:10:00Z");
-        let seen = t("2026-01-01T00:09:00Z");
-        let observed = Some(seen);
-        let prev = Some(t("2026-01-01T00:05:00Z"));
-        // A slice changed after the previous write: its newest trigger time.
+        let seen_at = t("2026-01-01T00:09:00.500Z");
+        let observed = Some(seen_at);
+        let prev = Some(t("2026-01-01T00:09:00.200Z"));
+        let before = triggers(&[("a", "2026-01-01T00:04:00Z"), ("b", "2026-01-01T00:05:00Z")]);
+        // Slice b changed in the same second as the previous (observed) write: its trigger
+        // time is still the one.
+        let after = triggers(&[("a", "2026-01-01T00:04:00Z"), ("b", "2026-01-01T00:09:00Z")]);
         assert_eq!(
-            changed_at(
-                prev,
-                [
-                    t("2026-01-01T00:04:00Z"),
-                    t("2026-01-01T00:08:30Z"),
-                    t("2026-01-01T00:08:00Z")
-                ],
-                observed,
-                now
-            ),
-            t("2026-01-01T00:08:30Z")
+            changed_at(prev, &after, Some(&before), observed, now),
+            t("2026-01-01T00:09:00Z")
         );
-        // Only older triggers (the Service itself changed): the observation.
+        // Two slices changed: the oldest change.
+        let both = triggers(&[("a", "2026-01-01T00:08:00Z"), ("b", "2026-01-01T00:09:00Z")]);
         assert_eq!(
-            changed_at(prev, [t("2026-01-01T00:04:00Z")], observed, now),
-            seen
+            changed_at(prev, &both, Some(&before), observed, now),
+            t("2026-01-01T00:08:00Z")
+        );
+        // No slice changed (the Service did): the observation.
+        assert_eq!(
+            changed_at(prev, &before, Some(&before), observed, now),
+            seen_at
         );
         // Nothing observed (e.g. put back after a deletion): now.
-        assert_eq!(changed_at(prev, [], None, now), now);
-        // A first write takes any trigger.
+        assert_eq!(changed_at(prev, &before, Some(&before), None, now), now);
+        // After a restart (nothing seen): triggers later than the previous write count.
+        assert_eq!(changed_at(prev, &before, None, observed, now), seen_at);
+        let late = triggers(&[("a", "2026-01-01T00:09:30Z")]);
         assert_eq!(
-            changed_at(None, [t("2026-01-01T00:01:00Z")], observed, now),
+            changed_at(prev, &late, None, observed, now),
+            t("2026-01-01T00:09:30Z")
+        );
+        // A first write takes any trigger; garbage is ignored.
+        let odd = triggers(&[("a", "2026-01-01T00:01:00Z"), ("b", "yesterday")]);
+        assert_eq!(
+            changed_at(None, &odd, None, observed, now),
             t("2026-01-01T00:01:00Z")
         );
     }
