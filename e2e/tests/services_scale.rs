@@ -14,7 +14,10 @@
 //! - steady state: 20 times, one endpoint of one slice becomes not ready → its LBService
 //!   carries a higher revision (seen on a watch started after the patch returned): p50 and
 //!   max;
-//! - operator RSS with N LBServices.
+//! - operator RSS with N LBServices;
+//! - restart: a new operator process → every Service reconciled
+//!   (`controller_runtime_reconcile_total{controller="services"}`), and it fails the run if
+//!   any LBService was rewritten (a reshuffle).
 //!
 //! Prints a table; asserts nothing about speed. `TENDRIL_SERVICES_SCALE=1000,10000` picks
 //! the sizes. Not part of the suite: `hack/bench.sh services`.
@@ -107,6 +110,7 @@ struct Figures {
     steady_p50_ms: f64,
     steady_max_ms: f64,
     rss_mib: f64,
+    restart_s: f64,
 }
 
 async fn run_size(n: usize) -> Result<Figures> {
@@ -244,6 +248,35 @@ async fn run_size(n: usize) -> Result<Figures> {
     samples.sort_by(f64::total_cmp);
     let rss_mib = rss_kib(operator.pid()).unwrap_or(0) as f64 / 1024.0;
     operator.stop(Duration::from_secs(10));
+
+    // Restart: every Service reconciled again, nothing rewritten.
+    let port = free_port()?;
+    let started = Instant::now();
+    let mut operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .spawn()?;
+    let m = eventually(TIMEOUT, || async {
+        let m = fetch_metrics(port).await?;
+        let done = m.sum(
+            "controller_runtime_reconcile_total",
+            &[("controller", "services")],
+        );
+        ensure!(done >= want, "{done}/{want} Services reconciled");
+        Ok(m)
+    })
+    .await?;
+    let restart_s = started.elapsed().as_secs_f64();
+    let restart_writes = metric(&m, "tendril_services_writes_total");
+    ensure!(
+        restart_writes == 0.0,
+        "{restart_writes} LBServices rewritten after a restart"
+    );
+    operator.stop(Duration::from_secs(10));
     Ok(Figures {
         n,
         translate_us,
@@ -255,6 +288,7 @@ async fn run_size(n: usize) -> Result<Figures> {
         steady_p50_ms: samples[samples.len() / 2],
         steady_max_ms: samples[samples.len() - 1],
         rss_mib,
+        restart_s,
     })
 }
 
@@ -275,7 +309,7 @@ async fn services_operator_at_scale() -> Result<()> {
         rows.push(f);
     }
     println!(
-        "\n{:>8} {:>12} {:>10} {:>12} {:>14} {:>11} {:>13} {:>10} {:>10} {:>8}",
+        "\n{:>8} {:>12} {:>10} {:>12} {:>14} {:>11} {:>13} {:>10} {:>10} {:>8} {:>10}",
         "services",
         "translate µs",
         "create s",
@@ -285,11 +319,12 @@ async fn services_operator_at_scale() -> Result<()> {
         "status writes",
         "change p50",
         "change max",
-        "RSS MiB"
+        "RSS MiB",
+        "restart s"
     );
     for f in &rows {
         println!(
-            "{:>8} {:>12.1} {:>10.1} {:>12.1} {:>14.1} {:>11.1} {:>13.0} {:>8.0}ms {:>8.0}ms {:>8.0}",
+            "{:>8} {:>12.1} {:>10.1} {:>12.1} {:>14.1} {:>11.1} {:>13.0} {:>8.0}ms {:>8.0}ms {:>8.0} {:>10.1}",
             f.n,
             f.translate_us,
             f.create_s,
@@ -299,7 +334,8 @@ async fn services_operator_at_scale() -> Result<()> {
             f.status_writes,
             f.steady_p50_ms,
             f.steady_max_ms,
-            f.rss_mib
+            f.rss_mib,
+            f.restart_s
         );
     }
     Ok(())
