@@ -26,6 +26,8 @@ pub struct OperatorConfig {
     pub identities: crate::identities::IdentitiesConfig,
     /// Network policy resolution (concern `policy`).
     pub policy: crate::policy::PolicyConfig,
+    /// Services → LBServices, the kube-proxy replacement's desired state (concern `services`).
+    pub services: crate::services::ServicesConfig,
 }
 
 impl Default for OperatorConfig {
@@ -41,6 +43,7 @@ impl Default for OperatorConfig {
             ipam: Default::default(),
             identities: Default::default(),
             policy: Default::default(),
+            services: Default::default(),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod identities;
 pub mod ipam;
 pub mod nodes;
 pub mod policy;
+pub mod services;
 
 use config::OperatorConfig;
 use identities::allocator::IdentityAllocator;

@@ -6,7 +6,7 @@ use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
-use tendril_controllers::{Term, endpoints, identities, ipam, nodes, policy};
+use tendril_controllers::{Term, endpoints, identities, ipam, nodes, policy, services};
 use tendril_runtime::config;
 use tendril_runtime::{
     self as runtime, Caches, Concern, Context, Health, Metrics, leader, logging, server,
@@ -39,6 +39,10 @@ const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: policy::NAME,
         run: |ctx, term| policy::run(ctx, term.config.policy.clone()).boxed(),
+    },
+    Concern {
+        name: services::NAME,
+        run: |ctx, term| services::run(ctx, term.config.services.clone()).boxed(),
     },
 ];
 

@@ -32,6 +32,9 @@ const READ: &[(&str, &str, &str)] = &[
     ),
     ("tendril.dev", "resolvedpolicies", "ResolvedPolicy"),
     ("tendril.dev", "podippools", "PodIPPool"),
+    ("", "services", "Service"),
+    ("discovery.k8s.io", "endpointslices", "EndpointSlice"),
+    ("tendril.dev", "lbservices", "LBService"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {

@@ -4,8 +4,8 @@
 //! `tendril-agent` each); one pod per node; and every example of `crds/examples` applied
 //! (namespaced ones in the test's namespace, the `PodIPPool` under another name than the
 //! cluster's own `default`), except the kinds only the system writes — `NodeNetwork`,
-//! `Endpoint`, `Identity`, `ResolvedPolicy` — whose live objects are the operator's and the
-//! agents'. Then, through the apiserver's Table API (what `kubectl get -o wide` prints, every
+//! `Endpoint`, `Identity`, `ResolvedPolicy`, `LBService` (one without a Service is deleted
+//! as an orphan) — whose live objects are the operator's and the agents'. Then, through the apiserver's Table API (what `kubectl get -o wide` prints, every
 //! column whatever its priority), every cell of every object of every CRD must hold a value,
 //! once the system has acted. Cells that are legitimately empty are listed in [`KNOWN_EMPTY`]
 //! with the reason (mostly concerns whose reconciler does not exist yet); those must be empty,
@@ -25,7 +25,13 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const GROUP: &str = "tendril.dev";
 
 /// Kinds only the system writes: their examples are not applied, their live objects checked.
-const SYSTEM_WRITTEN: &[&str] = &["NodeNetwork", "Endpoint", "Identity", "ResolvedPolicy"];
+const SYSTEM_WRITTEN: &[&str] = &[
+    "NodeNetwork",
+    "Endpoint",
+    "Identity",
+    "ResolvedPolicy",
+    "LBService",
+];
 
 /// A column that is legitimately empty, on every object of the kind or on one by name.
 struct KnownEmpty {
@@ -39,8 +45,7 @@ const NO_BGP: &str =
     "no BGP reconciler or speaker yet: nothing selects nodes, validates peerings or opens sessions";
 const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
-const NO_LB: &str =
-    "no services reconciler or load-balancer datapath yet: nothing realizes an LBService";
+const NO_LB: &str = "no load-balancer datapath yet: no agent reports realizedServicesRevision, so no LBService (the `kubernetes` Service's, written by the services concern) is realized";
 const NO_LB_IPAM: &str = "no load-balancer IPAM reconciler yet";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[

@@ -16,7 +16,8 @@
 //! an index of its own), and [`Cache::trigger`] / [`Cache::applied`] (the store's objects,
 //! then every change: the input of a kube-runtime `Controller`, via `Controller::for_stream`,
 //! `owns_stream` or `watches_stream`). `tendril_cache_watches{group,kind,scope}` counts the
-//! watches started, so a test can prove there is exactly one per kind.
+//! watches started, so a test can prove there is exactly one per kind. Cached objects carry
+//! no `metadata.managedFields` (read an object from the API to see them).
 
 use crate::metrics::Metrics;
 use futures::{FutureExt, Stream, StreamExt};
@@ -285,7 +286,12 @@ impl<K: Cached> Cache<K> {
         let (store, writer) = reflector::store();
         let cache = Self::from_store(store);
         let publisher = cache.clone();
-        let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+        // managedFields are dropped: no consumer of a cache reads them, and they are often
+        // the largest part of an object written by several managers (an LBService, a
+        // NodeNetwork), so at 10k objects they dominate the process's memory.
+        let watch =
+            watcher(api, config).modify(|obj| kube::ResourceExt::managed_fields_mut(obj).clear());
+        let stream = reflector::reflector(writer, watch).default_backoff();
         tokio::spawn(stream.for_each(move |event| {
             if event.is_err() {
                 errors.inc();

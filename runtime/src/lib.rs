@@ -164,9 +164,32 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    match tokio::time::timeout(CACHE_WAIT, store.wait_until_ready()).await {
-        Ok(Ok(())) => Ok(()),
+    match tokio::time::timeout(CACHE_WAIT, store_ready(store)).await {
+        Ok(true) => Ok(()),
         _ => Err(CacheNotReady(what)),
+    }
+}
+
+/// How often [`store_ready`] looks at a store again.
+const READY_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Resolves once `store` has completed its first list: `true`, or `false` when its writer
+/// is gone first. Use it instead of `Store::wait_until_ready` wherever several tasks may
+/// wait on one store (every store of the shared [`Caches`]): kube-runtime's ready signal is
+/// a oneshot receiver that keeps the waker of the last task that polled it, so of several
+/// concurrent waiters only the last is woken, and the others sleep until something else
+/// polls them (a reconcile's [`CACHE_WAIT`] timeout: a five-second stall at every start).
+/// This waiter looks again every few milliseconds instead of relying on that wakeup.
+pub async fn store_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            Ok(res) => return res.is_ok(),
+            Err(_) => continue,
+        }
     }
 }
 
@@ -392,7 +415,7 @@ pub async fn run<R: Reconciler>(controller: Controller<R::Object>, reconciler: R
         let stop = stop.clone();
         async move {
             tokio::select! {
-                res = store.wait_until_ready() => if res.is_ok() {
+                ready = store_ready(&store) => if ready {
                     info!(controller = name, "caches synced");
                     health.set_ready(&check, true);
                 },
@@ -443,4 +466,37 @@ pub fn shutdown_on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+
+    /// Several tasks waiting on one store all see it become ready (kube-runtime's own
+    /// `wait_until_ready` wakes only the last of them).
+    #[tokio::test]
+    async fn every_concurrent_waiter_sees_the_store_ready() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store_ready(&store).await })
+            })
+            .collect();
+        // Let every waiter register before the list completes.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let all = futures::future::join_all(waiters);
+        // Bounded well below CACHE_WAIT: a waiter left asleep would stall until then.
+        let done = tokio::time::timeout(std::time::Duration::from_secs(2), all)
+            .await
+            .expect("a waiter was never woken");
+        assert!(done.into_iter().all(|r| r.expect("waiter task")));
+        assert!(cache_ready(&store, "configmaps").await.is_ok());
+    }
 }

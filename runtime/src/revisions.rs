@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tendril_crds::v1alpha1::ResolvedPolicySpec;
+use tendril_crds::v1alpha1::{LBServiceSpec, ResolvedPolicySpec};
 
 /// A spec with a revision.
 pub trait Revisioned: Clone {
@@ -33,6 +33,37 @@ impl Revisioned for ResolvedPolicySpec {
             && self.ingress == other.ingress
             && self.egress == other.egress
             && self.sources == other.sources
+    }
+}
+
+impl Revisioned for LBServiceSpec {
+    fn revision(&self) -> i64 {
+        self.revision
+    }
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+    fn same_content(&self, other: &Self) -> bool {
+        // Destructured, so a new field cannot be forgotten here.
+        let LBServiceSpec {
+            revision: _,
+            frontends,
+            backends,
+            session_affinity,
+            external_traffic_policy,
+            internal_traffic_policy,
+            load_balancer_source_ranges,
+            health_check_node_port,
+            algorithm,
+        } = self;
+        *frontends == other.frontends
+            && *backends == other.backends
+            && *session_affinity == other.session_affinity
+            && *external_traffic_policy == other.external_traffic_policy
+            && *internal_traffic_policy == other.internal_traffic_policy
+            && *load_balancer_source_ranges == other.load_balancer_source_ranges
+            && *health_check_node_port == other.health_check_node_port
+            && *algorithm == other.algorithm
     }
 }
 
@@ -133,6 +164,26 @@ impl<Key: Ord + Clone, S: Revisioned> Revisions<Key, S> {
     /// We are deleting the object ourselves: nothing to remember.
     pub fn forget(&self, key: &Key) {
         self.lock().remove(key);
+    }
+
+    /// The latest spec known for one `key`: `stored` (the store's), or ours when we wrote a
+    /// newer one; `None` when the store has none and ours was seen deleted since (or we
+    /// never wrote one). The one-key form of [`Revisions::current`], for a concern that
+    /// reconciles object by object. What the store has caught up with is forgotten, so the
+    /// memory holds only the writes still in flight.
+    pub fn latest(&self, key: &Key, stored: Option<S>) -> Option<S> {
+        let mut known = self.lock();
+        match (known.get(key), stored) {
+            (Some(k), Some(s)) if !k.deleted && k.spec.revision() > s.revision() => {
+                Some(k.spec.clone())
+            }
+            (Some(k), None) if !k.deleted => Some(k.spec.clone()),
+            (Some(k), Some(s)) if !k.deleted => {
+                known.remove(key);
+                Some(s)
+            }
+            (_, stored) => stored,
+        }
     }
 
     /// The latest spec per key (the store's, or ours when we wrote a newer one), and the
@@ -244,5 +295,31 @@ mod tests {
         // Deleting it ourselves forgets it.
         revisions.forget(&1);
         assert_eq!(revisions.current([]), (BTreeMap::new(), BTreeMap::new()));
+    }
+
+    #[test]
+    fn latest_of_one_key_prefers_the_newer_and_forgets_the_deleted() {
+        let revisions = Revisions::default();
+        assert_eq!(revisions.latest(&1, None), None);
+        assert_eq!(revisions.latest(&1, Some(Spec("s", 2))), Some(Spec("s", 2)));
+        revisions.wrote(1, &Spec("ours", 3));
+        assert_eq!(
+            revisions.latest(&1, None),
+            Some(Spec("ours", 3)),
+            "store lags"
+        );
+        assert_eq!(
+            revisions.latest(&1, Some(Spec("old", 2))),
+            Some(Spec("ours", 3))
+        );
+        assert_eq!(
+            revisions.latest(&1, Some(Spec("new", 4))),
+            Some(Spec("new", 4))
+        );
+        // The store caught up: forgotten, the store's is the latest from now on.
+        assert_eq!(revisions.latest(&1, None), None);
+        revisions.wrote(1, &Spec("ours", 5));
+        revisions.deleted(1, &Spec("ours", 5));
+        assert_eq!(revisions.latest(&1, None), None, "deleted by someone else");
     }
 }

@@ -138,12 +138,14 @@ impl Stores {
     /// Resolves once every store has completed its first list (or its cache is gone, i.e.
     /// the process is stopping).
     async fn listed(self) {
+        // runtime::store_ready: these stores are shared, and kube-runtime wakes only one of
+        // several tasks waiting on a store.
         let _ = futures::future::join5(
-            self.kubernetes.wait_until_ready(),
-            self.namespaced.wait_until_ready(),
-            self.cluster.wait_until_ready(),
-            self.identities.wait_until_ready(),
-            self.resolved.wait_until_ready(),
+            runtime::store_ready(&self.kubernetes),
+            runtime::store_ready(&self.namespaced),
+            runtime::store_ready(&self.cluster),
+            runtime::store_ready(&self.identities),
+            runtime::store_ready(&self.resolved),
         )
         .await;
     }

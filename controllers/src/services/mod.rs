@@ -1,0 +1,1046 @@
+//! Concern `services`: Service + EndpointSlices (+ Node zones) → one `LBService` per
+//! Service (same namespace and name, controller owner reference to the Service), field
+//! manager `tendril-services`.
+//!
+//! Shaped like linkerd2's policy controller: [`translate`] turns a Service and its slices
+//! into an `LBServiceSpec` (pure values, unit-tested without Kubernetes), [`sequence`]
+//! numbers the writes with the cluster-wide revision sequence, [`status`] computes the
+//! status from the nodes' reports; this module is the thin plumbing around them:
+//!
+//! - a per-Service controller on the process's shared caches: a change of the Service, of
+//!   one of its EndpointSlices (found through an index by `kubernetes.io/service-name`,
+//!   kept in step with the trigger stream), of the zone label of a Node its endpoints run
+//!   on, or of its `LBService` (edited or deleted by someone else: put back) reconciles it;
+//! - the reconcile translates, and writes only when the spec changed: it takes the
+//!   sequence (one lock: numbers are assigned and applied in order), numbers the spec and
+//!   applies it with the annotation `tendril.dev/service-changed-at`; a skipped Service
+//!   (headless, ExternalName, another class or proxy) has its `LBService` deleted;
+//! - a status writer: on changes of the `NodeNetwork`s (the agents' reports) or of what the
+//!   reconciles recorded, it recomputes every status in memory (O(services · log nodes))
+//!   and writes only those whose `Valid`, `Realized` or `realizedRevision` changed;
+//! - an orphan sweeper, once Services and LBServices have both been listed: an `LBService`
+//!   whose Service is gone is deleted (the garbage collector would too, through the owner
+//!   reference, where one runs).
+//!
+//! Invalid input (SCTP ports, a bad algorithm annotation, too many entries) is served as
+//! far as it can be, with `Valid=False` on the `LBService` and a Warning Event on the
+//! Service.
+//!
+//! Metrics: `tendril_services_lbservices`, `tendril_services_backends`,
+//! `tendril_services_invalid`, `tendril_services_revision`,
+//! `tendril_services_writes_total`, `tendril_services_deletes_total`,
+//! `tendril_services_status_writes_total`, `tendril_services_translate_seconds`.
+
+pub mod sequence;
+pub mod status;
+pub mod translate;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use sequence::Sequence;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use status::{DesiredStatus, NodeReports};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tendril_crds::facts::annotations::SERVICE_CHANGED_AT;
+use tendril_crds::v1alpha1::{LBService, LBServiceSpec, NodeNetwork};
+use tendril_runtime::caches::{Cache, Change};
+use tendril_runtime::revisions::Revisions;
+use tendril_runtime::{self as runtime, DesiredCondition, MetricLabel, Reconciler, conditions};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use translate::{SERVICE_NAME_LABEL, ZONE_LABEL};
+
+/// The concern's name; its field manager is `tendril-services`.
+pub const NAME: &str = "services";
+/// The EndpointSlice controller's annotation: when the change it reflects happened.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Status writes in flight at once.
+const STATUS_CONCURRENCY: usize = 16;
+/// Page size of the lists that start a term's revision sequence.
+const LIST_PAGE: u32 = 500;
+
+/// `services` in config/operator.yaml.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// The `spec.loadBalancerClass` Tendril implements; services of another class are left
+    /// to their implementation (no `LBService`), those without a class are Tendril's.
+    pub load_balancer_class: String,
+    /// Changes of the nodes' reports within this long are one pass of status writes.
+    pub status_batch_millis: u64,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            load_balancer_class: "tendril.dev/lb".into(),
+            status_batch_millis: 100,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    CacheNotReady(#[from] runtime::CacheNotReady),
+    #[error("Service has no name, namespace or uid")]
+    MissingMetadata,
+}
+
+impl MetricLabel for Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(e) => runtime::kube_error_label(e),
+            Error::CacheNotReady(e) => e.metric_label(),
+            Error::MissingMetadata => "missing_metadata",
+        }
+    }
+}
+
+/// (namespace, name) of a Service and its `LBService`.
+type Key = (String, String);
+
+fn key_of<K: Resource>(obj: &K) -> Option<Key> {
+    Some((obj.meta().namespace.clone()?, obj.meta().name.clone()?))
+}
+
+fn service_ref(key: &Key) -> ObjectRef<Service> {
+    ObjectRef::new(&key.1).within(&key.0)
+}
+
+/// The Service an EndpointSlice belongs to.
+fn service_of(slice: &EndpointSlice) -> Option<Key> {
+    Some((
+        slice.metadata.namespace.clone()?,
+        slice.labels().get(SERVICE_NAME_LABEL)?.clone(),
+    ))
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+struct Metrics {
+    lbservices: Gauge,
+    backends: Gauge,
+    invalid: Gauge,
+    revision: Gauge,
+    writes: Counter,
+    deletes: Counter,
+    status_writes: Counter,
+    translate_seconds: Histogram,
+}
+
+impl Metrics {
+    fn new(m: &runtime::Metrics) -> Self {
+        Self {
+            lbservices: m.domain(
+                "tendril_services_lbservices",
+                "LBServices the services concern keeps (one per served Service)",
+                Gauge::default,
+            ),
+            backends: m.domain(
+                "tendril_services_backends",
+                "Backends in all LBServices",
+                Gauge::default,
+            ),
+            invalid: m.domain(
+                "tendril_services_invalid",
+                "LBServices with Valid=False (served in part)",
+                Gauge::default,
+            ),
+            revision: m.domain(
+                "tendril_services_revision",
+                "The last number of the cluster-wide LBService revision sequence",
+                Gauge::default,
+            ),
+            writes: m.domain(
+                "tendril_services_writes",
+                "LBService specs written (each with a new revision)",
+                Counter::default,
+            ),
+            deletes: m.domain(
+                "tendril_services_deletes",
+                "LBServices deleted (Service gone or no longer served)",
+                Counter::default,
+            ),
+            status_writes: m.domain(
+                "tendril_services_status_writes",
+                "LBService status writes",
+                Counter::default,
+            ),
+            translate_seconds: m.domain(
+                "tendril_services_translate_seconds",
+                "Time to translate one Service and its EndpointSlices",
+                || Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
+            ),
+        }
+    }
+}
+
+/// Which EndpointSlices belong to which Service, by name; the slices themselves are read
+/// from the store. Updated from the same change stream that triggers the reconciles, so a
+/// reconcile never misses the slice that triggered it.
+#[derive(Clone, Default)]
+struct SliceIndex(Arc<Mutex<HashMap<Key, BTreeSet<String>>>>);
+
+impl SliceIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, BTreeSet<String>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply(&self, change: &Change<EndpointSlice>, store: &Store<EndpointSlice>) {
+        let mut index = self.lock();
+        match change {
+            Change::Applied(slice) => {
+                if let Some(key) = service_of(slice) {
+                    index.entry(key).or_default().insert(slice.name_any());
+                }
+            }
+            Change::Deleted(slice) => {
+                if let Some(key) = service_of(slice)
+                    && let Some(names) = index.get_mut(&key)
+                {
+                    names.remove(&slice.name_any());
+                    if names.is_empty() {
+                        index.remove(&key);
+                    }
+                }
+            }
+            // A relist: the store is complete; rebuild from it (what the stream replays
+            // next is already in).
+            Change::Listed => {
+                index.clear();
+                for slice in store.state() {
+                    if let Some(key) = service_of(&slice) {
+                        index.entry(key).or_default().insert(slice.name_any());
+                    }
+                }
+            }
+            Change::Failed(_) => {}
+        }
+    }
+
+    fn slices(&self, key: &Key, store: &Store<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
+        let names: Vec<String> = self
+            .lock()
+            .get(key)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|n| store.get(&ObjectRef::new(n).within(&key.0)))
+            .filter(|s| service_of(s).as_ref() == Some(key))
+            .collect()
+    }
+}
+
+/// What the reconciles recorded per served Service, for the status writer.
+#[derive(Clone, Debug, PartialEq)]
+struct Entry {
+    valid: DesiredCondition,
+    revision: i64,
+    generation: Option<i64>,
+    backends: usize,
+}
+
+#[derive(Default)]
+struct Board {
+    entries: Mutex<HashMap<Key, Entry>>,
+    wake: Notify,
+}
+
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, key: Key, entry: Entry) {
+        let changed = self.lock().insert(key, entry.clone()) != Some(entry);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<Entry> {
+        self.lock().get(key).cloned()
+    }
+
+    fn remove(&self, key: &Key) {
+        if self.lock().remove(key).is_some() {
+            self.wake.notify_one();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    lbservices: Store<LBService>,
+    nodes: Store<Node>,
+    networks: Store<NodeNetwork>,
+}
+
+impl Stores {
+    async fn ready(&self) -> Result<(), runtime::CacheNotReady> {
+        runtime::cache_ready(&self.services, "services").await?;
+        runtime::cache_ready(&self.slices, "endpointslices").await?;
+        runtime::cache_ready(&self.lbservices, "lbservices").await?;
+        runtime::cache_ready(&self.nodes, "nodes").await?;
+        runtime::cache_ready(&self.networks, "nodenetworks").await?;
+        Ok(())
+    }
+
+    fn lbservice(&self, key: &Key) -> Option<Arc<LBService>> {
+        self.lbservices.get(&ObjectRef::new(&key.1).within(&key.0))
+    }
+}
+
+/// Everything the reconciles, the status writer and the sweeper share for one term.
+struct Shared {
+    client: kube::Client,
+    config: ServicesConfig,
+    stores: Stores,
+    slice_index: SliceIndex,
+    /// Started on first use in a term, from a fresh list of LBServices and NodeNetworks.
+    sequence: tokio::sync::OnceCell<tokio::sync::Mutex<Sequence>>,
+    /// The specs written this term (the store lags behind them) and those seen deleted.
+    written: Revisions<Key, LBServiceSpec>,
+    board: Board,
+    /// When a change of each Service was first observed and not yet handled.
+    observed: Mutex<HashMap<Key, DateTime<Utc>>>,
+    /// The invalid-input message last reported with an Event, per Service.
+    reported: Mutex<HashMap<Key, String>>,
+    /// The slices' trigger times at the last write (or no-op) of each Service this term.
+    triggers: Mutex<HashMap<Key, sequence::Triggers>>,
+    recorder: Recorder,
+    metrics: Metrics,
+    manager: String,
+}
+
+impl Shared {
+    fn observe(&self, key: Key) {
+        self.observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(Utc::now);
+    }
+
+    fn take_observed(&self, key: &Key) -> Option<DateTime<Utc>> {
+        self.observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+    }
+
+    fn restore_observed(&self, key: Key, at: DateTime<Utc>) {
+        let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let e = observed.entry(key).or_insert(at);
+        *e = (*e).min(at);
+    }
+
+    fn triggers_seen(&self, key: &Key) -> Option<sequence::Triggers> {
+        self.triggers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn seen_triggers(&self, key: &Key, triggers: sequence::Triggers) {
+        self.triggers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), triggers);
+    }
+
+    fn zone_of(&self, node: &str) -> Option<String> {
+        self.stores
+            .nodes
+            .get(&ObjectRef::new(node))
+            .and_then(|n| n.labels().get(ZONE_LABEL).cloned())
+    }
+
+    /// The term's sequence, held until the guard drops: numbers are handed out and
+    /// applied one at a time.
+    async fn sequence(&self) -> Result<tokio::sync::MutexGuard<'_, Sequence>, Error> {
+        let cell = self
+            .sequence
+            .get_or_try_init(|| async {
+                let started = Instant::now();
+                let lbs = list_all(&Api::<LBService>::all(self.client.clone())).await?;
+                let nns = list_all(&Api::<NodeNetwork>::all(self.client.clone())).await?;
+                let seq = Sequence::start(
+                    lbs.iter().map(|lb| lb.spec.revision),
+                    nns.iter().filter_map(|nn| {
+                        nn.status
+                            .as_ref()
+                            .and_then(|s| s.realized_services_revision)
+                    }),
+                );
+                info!(
+                    after = seq.last(),
+                    lbservices = lbs.len(),
+                    nodes = nns.len(),
+                    list_ms = started.elapsed().as_millis() as u64,
+                    "revision sequence started"
+                );
+                self.metrics.revision.set(seq.last());
+                Ok::<_, Error>(tokio::sync::Mutex::new(seq))
+            })
+            .await?;
+        Ok(cell.lock().await)
+    }
+
+    async fn reconcile_service(
+        &self,
+        svc: &Service,
+        key: &Key,
+        observed: Option<DateTime<Utc>>,
+    ) -> Result<Action, Error> {
+        let slices = self.slice_index.slices(key, &self.stores.slices);
+        let started = Instant::now();
+        let translated = translate::translate(
+            svc,
+            slices.iter().map(|s| s.as_ref()),
+            |node| self.zone_of(node),
+            &self.config.load_balancer_class,
+        );
+        self.metrics
+            .translate_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let stored = self.stores.lbservice(key);
+        let t = match translated {
+            Ok(t) => t,
+            Err(skip) => {
+                self.remove(key, stored.as_deref(), &skip.to_string())
+                    .await?;
+                debug!(reason = %skip, "not served");
+                return Ok(Action::await_change());
+            }
+        };
+        let valid = status::valid(&t.problems);
+        self.report_invalid(svc, key, &valid).await;
+        let current = self
+            .written
+            .latest(key, stored.as_ref().map(|lb| lb.spec.clone()));
+        let backends = t.spec.backends.len();
+        let triggers: sequence::Triggers = slices
+            .iter()
+            .filter_map(|s| {
+                let t = s.annotations().get(TRIGGER_TIME_ANNOTATION)?;
+                Some((s.name_any(), t.clone()))
+            })
+            .collect();
+        if let Some(current) = current.as_ref()
+            && !sequence::changed(&t.spec, Some(current))
+        {
+            // A slice change that changed nothing is not the trigger of a later write.
+            self.seen_triggers(key, triggers);
+            let generation = match self.board.get(key) {
+                Some(e) if e.revision == current.revision && e.generation.is_some() => e.generation,
+                _ => stored
+                    .as_ref()
+                    .filter(|lb| lb.spec.revision == current.revision)
+                    .and_then(|lb| lb.metadata.generation),
+            };
+            self.board.set(
+                key.clone(),
+                Entry {
+                    valid,
+                    revision: current.revision,
+                    generation,
+                    backends,
+                },
+            );
+            return Ok(Action::await_change());
+        }
+
+        let owner = runtime::controller_owner_ref(svc).ok_or(Error::MissingMetadata)?;
+        let previous_at = stored
+            .as_ref()
+            .and_then(|lb| lb.annotations().get(SERVICE_CHANGED_AT).cloned())
+            .and_then(|a| parse_time(&a));
+        let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
+        let mut seq = self.sequence().await?;
+        let Some(spec) = seq.number(&t.spec, current.as_ref()) else {
+            return Ok(Action::await_change());
+        };
+        let seen = self.triggers_seen(key);
+        let at = sequence::changed_at(previous_at, &triggers, seen.as_ref(), observed, Utc::now());
+        let body = runtime::apply_body::<LBService>(
+            &key.1,
+            Some(&key.0),
+            json!({
+                "metadata": {
+                    "ownerReferences": [owner],
+                    "annotations": {
+                        SERVICE_CHANGED_AT: at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                    },
+                },
+                "spec": spec,
+            }),
+        );
+        // Applied while holding the sequence: the next number is not handed out before
+        // this one is committed (or failed, leaving a gap nobody carries).
+        let result = runtime::apply(&api, &self.manager, &body).await;
+        self.metrics.revision.set(seq.last());
+        drop(seq);
+        let written = result?;
+        self.seen_triggers(key, triggers);
+        self.written.wrote(key.clone(), &spec);
+        self.metrics.writes.inc();
+        debug!(
+            revision = spec.revision,
+            backends,
+            changed = %what_changed(current.as_ref(), &spec),
+            "LBService written"
+        );
+        self.board.set(
+            key.clone(),
+            Entry {
+                valid,
+                revision: spec.revision,
+                generation: written.metadata.generation,
+                backends,
+            },
+        );
+        Ok(Action::await_change())
+    }
+
+    /// The Service is not (or no longer) served: its `LBService` goes.
+    async fn remove(&self, key: &Key, stored: Option<&LBService>, why: &str) -> Result<(), Error> {
+        self.board.remove(key);
+        self.reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.triggers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.written.forget(key);
+        let Some(lb) = stored else {
+            return Ok(());
+        };
+        let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lb.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&key.1, &dp).await {
+            Ok(_) => {
+                self.metrics.deletes.inc();
+                info!(namespace = %key.0, service = %key.1, reason = why, "LBService deleted");
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A Warning Event on the Service when its translation found problems it did not
+    /// report yet.
+    async fn report_invalid(&self, svc: &Service, key: &Key, valid: &DesiredCondition) {
+        {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            if valid.status {
+                reported.remove(key);
+                return;
+            }
+            if reported.get(key) == Some(&valid.message) {
+                return;
+            }
+            reported.insert(key.clone(), valid.message.clone());
+        }
+        warn!(namespace = %key.0, service = %key.1, reason = %valid.reason, message = %valid.message, "Service served in part");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: valid.reason.clone(),
+            note: Some(valid.message.clone()),
+            action: "TranslateService".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
+            warn!(error = %e, "publishing the invalid-service Event failed");
+        }
+    }
+
+    /// Deletes the `LBService` of `key` when its Service is gone.
+    async fn sweep(&self, key: &Key) {
+        if self.stores.services.get(&service_ref(key)).is_some() {
+            return;
+        }
+        let Some(lb) = self.stores.lbservice(key) else {
+            return;
+        };
+        if let Err(e) = self.remove(key, Some(&lb), "Service gone").await {
+            warn!(namespace = %key.0, service = %key.1, error = %e, "deleting an orphaned LBService failed");
+        }
+    }
+
+    /// One pass of the status writer: every status whose truth changed is written.
+    /// `written` is what this term wrote (the store lags behind it).
+    async fn write_statuses(
+        &self,
+        written: &mut HashMap<Key, (DesiredStatus, Option<i64>)>,
+    ) -> Result<(), kube::Error> {
+        let nodes = NodeReports::new(self.stores.networks.state().iter().map(|nn| {
+            nn.status
+                .as_ref()
+                .and_then(|s| s.realized_services_revision)
+        }));
+        let entries: Vec<(Key, Entry)> = self
+            .board
+            .lock()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        self.metrics.lbservices.set(entries.len() as i64);
+        self.metrics
+            .backends
+            .set(entries.iter().map(|(_, e)| e.backends as i64).sum());
+        self.metrics
+            .invalid
+            .set(entries.iter().filter(|(_, e)| !e.valid.status).count() as i64);
+        let keys: BTreeSet<&Key> = entries.iter().map(|(k, _)| k).collect();
+        written.retain(|k, _| keys.contains(k));
+
+        let mut todo = Vec::new();
+        for (key, e) in &entries {
+            let stored = self.stores.lbservice(key);
+            let stored_status = stored.as_ref().and_then(|lb| lb.status.as_ref());
+            let previous = match written.get(key) {
+                Some((d, _)) => d.realized_revision,
+                None => stored_status.and_then(|s| s.realized_revision),
+            };
+            let d = status::desired(&e.valid, e.revision, &nodes, previous);
+            let want = (d, e.generation);
+            if written.get(key) == Some(&want) {
+                continue;
+            }
+            if status::is_current(stored_status, &want.0, e.generation) {
+                written.insert(key.clone(), want);
+                continue;
+            }
+            let previous_conditions = stored_status
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default();
+            todo.push((key.clone(), want, previous_conditions));
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+        debug!(
+            writes = todo.len(),
+            nodes = nodes.nodes(),
+            "writing LBService statuses"
+        );
+        let results = futures::stream::iter(todo)
+            .map(|(key, want, previous)| async move {
+                let now = Timestamp::now();
+                let (d, generation) = &want;
+                let conds: Vec<_> = [&d.valid, &d.realized]
+                    .into_iter()
+                    .map(|c| {
+                        conditions::merge(
+                            conditions::find(&previous, &c.type_),
+                            c,
+                            *generation,
+                            now,
+                        )
+                    })
+                    .collect();
+                let body = runtime::apply_body::<LBService>(
+                    &key.1,
+                    Some(&key.0),
+                    json!({"status": {
+                        "conditions": conds,
+                        "realizedRevision": d.realized_revision,
+                    }}),
+                );
+                let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
+                let res = runtime::apply_status(&api, &self.manager, &body).await;
+                (key, want, res)
+            })
+            .buffer_unordered(STATUS_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut first_error = None;
+        for (key, want, res) in results {
+            match res {
+                Ok(_) => {
+                    self.metrics.status_writes.inc();
+                    written.insert(key, want);
+                }
+                // Deleted meanwhile: nothing to describe.
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    written.remove(&key);
+                }
+                Err(e) => {
+                    warn!(namespace = %key.0, service = %key.1, error = %e, "writing the LBService status failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Which parts of the spec a write changes, for the log: `new`, or e.g. `backends`.
+fn what_changed(current: Option<&LBServiceSpec>, new: &LBServiceSpec) -> String {
+    let Some(c) = current else {
+        return "new".into();
+    };
+    let parts = [
+        ("frontends", c.frontends != new.frontends),
+        ("backends", c.backends != new.backends),
+        (
+            "sessionAffinity",
+            c.session_affinity != new.session_affinity,
+        ),
+        (
+            "trafficPolicies",
+            c.external_traffic_policy != new.external_traffic_policy
+                || c.internal_traffic_policy != new.internal_traffic_policy,
+        ),
+        (
+            "loadBalancerSourceRanges",
+            c.load_balancer_source_ranges != new.load_balancer_source_ranges,
+        ),
+        (
+            "healthCheckNodePort",
+            c.health_check_node_port != new.health_check_node_port,
+        ),
+        ("algorithm", c.algorithm != new.algorithm),
+    ];
+    let changed: Vec<&str> = parts.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
+    changed.join(",")
+}
+
+/// Every object of `api`, in pages, from a consistent read.
+async fn list_all<K>(api: &Api<K>) -> Result<Vec<K>, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut out = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        out.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(out),
+        }
+    }
+}
+
+struct Services(Arc<Shared>);
+
+impl Reconciler for Services {
+    type Object = Service;
+    type Error = Error;
+    const NAME: &'static str = NAME;
+
+    async fn reconcile(&self, svc: Arc<Service>) -> Result<Action, Error> {
+        let s = &self.0;
+        s.stores.ready().await?;
+        let key = key_of(svc.as_ref()).ok_or(Error::MissingMetadata)?;
+        let observed = s.take_observed(&key);
+        let result = s.reconcile_service(&svc, &key, observed).await;
+        if result.is_err()
+            && let Some(at) = observed
+        {
+            s.restore_observed(key, at);
+        }
+        result
+    }
+}
+
+/// Deletes the LBServices whose Service is gone, once both kinds have been listed, then
+/// on every deletion of a Service or appearance of an LBService.
+async fn sweep_orphans(
+    shared: Arc<Shared>,
+    services: Cache<Service>,
+    lbservices: Cache<LBService>,
+    stop: CancellationToken,
+) {
+    let listed = async {
+        let _ = futures::future::join(
+            runtime::store_ready(&shared.stores.services),
+            runtime::store_ready(&shared.stores.lbservices),
+        )
+        .await;
+    };
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = listed => {}
+    }
+    let mut services = Box::pin(services.changes());
+    let mut lbservices = Box::pin(lbservices.changes());
+    loop {
+        let key = tokio::select! {
+            _ = stop.cancelled() => return,
+            change = services.next() => match change {
+                Some(Change::Deleted(svc)) => key_of(svc.as_ref()),
+                // A relist may hide deletions: every LBService is looked at again.
+                Some(Change::Listed) => {
+                    for lb in shared.stores.lbservices.state() {
+                        if let Some(key) = key_of(lb.as_ref()) {
+                            shared.sweep(&key).await;
+                        }
+                    }
+                    None
+                }
+                Some(_) => None,
+                None => return,
+            },
+            change = lbservices.next() => match change {
+                Some(Change::Applied(lb)) => key_of(lb.as_ref()),
+                Some(_) => None,
+                None => return,
+            },
+        };
+        if let Some(key) = key {
+            shared.sweep(&key).await;
+        }
+    }
+}
+
+/// Writes the statuses whose truth changed, on every change of the nodes' reports, of the
+/// LBServices or of what the reconciles recorded; a failed pass is retried with backoff.
+async fn write_statuses(
+    shared: Arc<Shared>,
+    networks: Cache<NodeNetwork>,
+    lbservices: Cache<LBService>,
+    backoff: runtime::Backoff,
+    stop: CancellationToken,
+) {
+    let batch = Duration::from_millis(shared.config.status_batch_millis);
+    let mut network_changes = networks.subscribe();
+    let mut lb_changes = lbservices.subscribe();
+    let mut written = HashMap::new();
+    let mut failures = 0u32;
+    loop {
+        let retry = if failures > 0 {
+            backoff.delay(failures, &mut rand::rng())
+        } else {
+            Duration::from_secs(3600)
+        };
+        // (A closed channel — the process is ending — also returns at once; the stop
+        // token ends the loop.)
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = shared.board.wake.notified() => {}
+            _ = network_changes.recv_change() => {}
+            _ = lb_changes.recv_change() => {}
+            _ = tokio::time::sleep(retry) => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(batch) => {}
+        }
+        // Everything that arrived meanwhile is handled by this one pass.
+        while network_changes.recv_change().now_or_never().is_some() {}
+        while lb_changes.recv_change().now_or_never().is_some() {}
+        if shared
+            .stores
+            .networks
+            .wait_until_ready()
+            .now_or_never()
+            .is_none()
+            || shared
+                .stores
+                .lbservices
+                .wait_until_ready()
+                .now_or_never()
+                .is_none()
+        {
+            continue;
+        }
+        match shared.write_statuses(&mut written).await {
+            Ok(()) => failures = 0,
+            Err(_) => failures += 1,
+        }
+    }
+}
+
+/// Runs the services concern until `ctx.shutdown`.
+pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let services = ctx.caches.all::<Service>();
+    let slices = ctx.caches.all::<EndpointSlice>();
+    let lbservices = ctx.caches.all::<LBService>();
+    let nodes = ctx.caches.all::<Node>();
+    let networks = ctx.caches.all::<NodeNetwork>();
+    let stores = Stores {
+        services: services.store(),
+        slices: slices.store(),
+        lbservices: lbservices.store(),
+        nodes: nodes.store(),
+        networks: networks.store(),
+    };
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        config,
+        stores,
+        slice_index: SliceIndex::default(),
+        sequence: tokio::sync::OnceCell::new(),
+        written: Revisions::default(),
+        board: Board::default(),
+        observed: Mutex::default(),
+        reported: Mutex::default(),
+        triggers: Mutex::default(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "tendril-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: Metrics::new(&ctx.metrics),
+        manager: runtime::field_manager(NAME),
+    });
+
+    // A change of the Service itself.
+    let service_changes = {
+        let shared = shared.clone();
+        services.changes().filter_map(move |change| {
+            if let Change::Applied(svc) = &change
+                && let Some(key) = key_of(svc.as_ref())
+            {
+                shared.observe(key);
+            }
+            futures::future::ready(change.into_trigger(true))
+        })
+    };
+    // A change of one of its EndpointSlices: the index first, then the trigger.
+    let slice_changes = {
+        let shared = shared.clone();
+        let store = slices.store();
+        slices.changes().filter_map(move |change| {
+            shared.slice_index.apply(&change, &store);
+            // Only for a Service that exists: its reconcile takes the time (a slice of a
+            // deleted Service would leave it behind).
+            if let Some(key) = change.object().and_then(|s| service_of(s))
+                && shared.stores.services.get(&service_ref(&key)).is_some()
+            {
+                shared.observe(key);
+            }
+            futures::future::ready(change.into_trigger(true))
+        })
+    };
+    // An LBService edited by someone else is put back; one deleted by someone else is
+    // remembered as deleted, so the reconcile puts it back with a new revision. Our own
+    // writes come back too: the spec at the revision and generation the reconcile recorded,
+    // and every status write, change nothing and trigger nothing (at 10k services a status
+    // pass would otherwise be 10k no-op reconciles).
+    let lb_changes = {
+        let shared = shared.clone();
+        lbservices.changes().filter_map(move |change| {
+            match &change {
+                Change::Deleted(lb) => {
+                    if let Some(key) = key_of(lb.as_ref()) {
+                        shared.written.deleted(key, &lb.spec);
+                    }
+                }
+                Change::Applied(lb) => {
+                    let ours = key_of(lb.as_ref())
+                        .and_then(|key| shared.board.get(&key))
+                        .is_some_and(|e| {
+                            e.revision == lb.spec.revision
+                                && e.generation.is_some()
+                                && e.generation == lb.metadata.generation
+                        });
+                    if ours {
+                        return futures::future::ready(None);
+                    }
+                }
+                Change::Listed | Change::Failed(_) => {}
+            }
+            futures::future::ready(change.into_trigger(true))
+        })
+    };
+    // A Node whose zone label changed: the services with endpoints on it (rare; node
+    // status heartbeats change no zone and cost one map lookup).
+    let zones: Arc<Mutex<HashMap<String, Option<String>>>> = Arc::default();
+    let services_on_node = {
+        let slices = slices.store();
+        move |node: Node| {
+            let name = node.name_any();
+            let zone = node.labels().get(ZONE_LABEL).cloned();
+            let previous = zones
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), zone.clone());
+            if previous.is_none() || previous == Some(zone) {
+                return Vec::new();
+            }
+            let keys: BTreeSet<Key> = slices
+                .state()
+                .iter()
+                .filter(|s| {
+                    s.endpoints
+                        .iter()
+                        .any(|e| e.node_name.as_deref() == Some(name.as_str()))
+                })
+                .filter_map(|s| service_of(s))
+                .collect();
+            keys.iter().map(service_ref).collect::<Vec<_>>()
+        }
+    };
+
+    let controller = Controller::for_stream(service_changes, services.store())
+        .watches_stream(slice_changes, |slice: EndpointSlice| {
+            service_of(&slice).map(|k| service_ref(&k))
+        })
+        .watches_stream(lb_changes, |lb: LBService| {
+            key_of(&lb).map(|k| service_ref(&k))
+        })
+        .watches_stream(nodes.applied(), services_on_node);
+
+    let stop = ctx.shutdown.clone();
+    let sweeper = sweep_orphans(
+        shared.clone(),
+        services.clone(),
+        lbservices.clone(),
+        stop.clone(),
+    );
+    let statuses = write_statuses(
+        shared.clone(),
+        networks,
+        lbservices,
+        ctx.backoff.clone(),
+        stop,
+    );
+    tokio::join!(
+        runtime::run(controller, Services(shared), &ctx),
+        sweeper,
+        statuses
+    );
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! The cluster-wide revision sequence of `LBService`s (see the `LBService` module doc).
+//!
+//! One counter for every service: each change gets the next number and the writes are
+//! committed in that order (the concern holds the sequence while it applies), so an agent
+//! that has seen revision N has seen every lower one, and reporting one number per node
+//! (`NodeNetwork.status.realizedServicesRevision`) says which services it realizes.
+//!
+//! Each leadership term starts above every revision any `LBService` carries and every
+//! revision any node reports as realized: an `LBService` deleted since still counts
+//! through the nodes' reports, so a number is never handed out twice. A change that leaves
+//! the spec as it is consumes no number; a write that fails leaves a gap, which is harmless
+//! (no object carries the missing number).
+
+use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+use tendril_crds::v1alpha1::LBServiceSpec;
+use tendril_runtime::revisions::Revisioned;
+
+/// The sequence of one leadership term.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    last: i64,
+}
+
+impl Sequence {
+    /// Starts above every `LBService` revision and every node's realized revision.
+    pub fn start(
+        revisions: impl IntoIterator<Item = i64>,
+        realized: impl IntoIterator<Item = i64>,
+    ) -> Self {
+        let last = revisions.into_iter().chain(realized).max().unwrap_or(0);
+        Self { last: last.max(0) }
+    }
+
+    /// The last number handed out (or the start).
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
+    /// `desired` numbered with the next revision when its content differs from `current`
+    /// (the latest spec written, if any); `None` (and no number used) when it does not.
+    pub fn number(
+        &mut self,
+        desired: &LBServiceSpec,
+        current: Option<&LBServiceSpec>,
+    ) -> Option<LBServiceSpec> {
+        if current.is_some_and(|c| c.same_content(desired)) {
+            return None;
+        }
+        self.last += 1;
+        let mut spec = desired.clone();
+        spec.revision = self.last;
+        Some(spec)
+    }
+}
+
+/// Whether `desired` differs from `current` but for the revision (a write is needed).
+pub fn changed(desired: &LBServiceSpec, current: Option<&LBServiceSpec>) -> bool {
+    current.is_none_or(|c| !c.same_content(desired))
+}
+
+/// The `last-change-trigger-time` annotations of a service's EndpointSlices, by slice name.
+pub type Triggers = BTreeMap<String, String>;
+
+/// The `SERVICE_CHANGED_AT` of a write: the oldest `last-change-trigger-time` among the
+/// service's EndpointSlices whose trigger time changed since the last write (the
+/// EndpointSlice controller's change is the trigger, and kube-proxy's network programming
+/// duration starts there too); else when the concern observed the change; else now.
+///
+/// `seen` are the slices' trigger times at the last write (or no-op) of this term; without
+/// them (the first change after a restart) a trigger counts when it is later than
+/// `previous`, the annotation of the last write. Trigger times have whole seconds, so a
+/// comparison with `previous` alone would miss a slice change in the same second as an
+/// observed change.
+pub fn changed_at(
+    previous: Option<DateTime<Utc>>,
+    triggers: &Triggers,
+    seen: Option<&Triggers>,
+    observed: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    triggers
+        .iter()
+        .filter(|(slice, t)| match seen {
+            Some(seen) => seen.get(*slice) != Some(*t),
+            None => true,
+        })
+        .filter_map(|(_, t)| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| seen.is_some() || previous.is_none_or(|p| *t > p))
+        .min()
+        .or(observed)
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tendril_crds::v1alpha1::Frontend;
+
+    fn spec(port: i32) -> LBServiceSpec {
+        LBServiceSpec {
+            frontends: vec![Frontend {
+                name: "http".into(),
+                type_: "ClusterIP".into(),
+                address: Some("10.96.0.1".into()),
+                port,
+                protocol: "TCP".into(),
+            }],
+            external_traffic_policy: "Cluster".into(),
+            internal_traffic_policy: "Cluster".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_term_starts_above_every_stored_and_every_realized_revision() {
+        assert_eq!(Sequence::start([], []).last(), 0);
+        assert_eq!(Sequence::start([3, 9, 4], [7]).last(), 9);
+        // The service with revision 12 was deleted; a node still reports it realized.
+        assert_eq!(Sequence::start([3, 9], [12, 5]).last(), 12);
+        let mut seq = Sequence::start([3, 9], [12]);
+        assert_eq!(seq.number(&spec(80), None).unwrap().revision, 13);
+    }
+
+    #[test]
+    fn changes_take_consecutive_numbers_and_no_op_takes_none() {
+        let mut seq = Sequence::start([5], []);
+        let a = seq.number(&spec(80), None).unwrap();
+        assert_eq!(a.revision, 6);
+        // Same content (whatever revision it carries): nothing to write, no number used.
+        assert_eq!(seq.number(&spec(80), Some(&a)), None);
+        assert!(!changed(&spec(80), Some(&a)));
+        assert_eq!(seq.last(), 6);
+        let b = seq.number(&spec(81), Some(&a)).unwrap();
+        assert_eq!(b.revision, 7);
+        assert!(changed(&spec(81), None));
+        // Another service shares the sequence.
+        assert_eq!(seq.number(&spec(90), None).unwrap().revision, 8);
+    }
+
+    #[test]
+    fn restart_numbers_continue_without_reshuffle() {
+        // Term 1 writes three services.
+        let mut term1 = Sequence::start([], []);
+        let written: Vec<LBServiceSpec> = [80, 81, 82]
+            .into_iter()
+            .map(|p| term1.number(&spec(p), None).unwrap())
+            .collect();
+        // Term 2 sees the same desired specs: nothing is rewritten; a new change continues.
+        let mut term2 = Sequence::start(written.iter().map(|s| s.revision), [2]);
+        for (p, w) in [80, 81, 82].into_iter().zip(&written) {
+            assert_eq!(term2.number(&spec(p), Some(w)), None);
+        }
+        assert_eq!(term2.number(&spec(83), None).unwrap().revision, 4);
+    }
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn triggers(entries: &[(&str, &str)]) -> Triggers {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn changed_at_takes_the_slices_whose_trigger_changed_then_the_observation() {
+        let now = t("2026-01-01T00:10:00Z");
+        let seen_at = t("2026-01-01T00:09:00.500Z");
+        let observed = Some(seen_at);
+        let prev = Some(t("2026-01-01T00:09:00.200Z"));
+        let before = triggers(&[("a", "2026-01-01T00:04:00Z"), ("b", "2026-01-01T00:05:00Z")]);
+        // Slice b changed in the same second as the previous (observed) write: its trigger
+        // time is still the one.
+        let after = triggers(&[("a", "2026-01-01T00:04:00Z"), ("b", "2026-01-01T00:09:00Z")]);
+        assert_eq!(
+            changed_at(prev, &after, Some(&before), observed, now),
+            t("2026-01-01T00:09:00Z")
+        );
+        // Two slices changed: the oldest change.
+        let both = triggers(&[("a", "2026-01-01T00:08:00Z"), ("b", "2026-01-01T00:09:00Z")]);
+        assert_eq!(
+            changed_at(prev, &both, Some(&before), observed, now),
+            t("2026-01-01T00:08:00Z")
+        );
+        // No slice changed (the Service did): the observation.
+        assert_eq!(
+            changed_at(prev, &before, Some(&before), observed, now),
+            seen_at
+        );
+        // Nothing observed (e.g. put back after a deletion): now.
+        assert_eq!(changed_at(prev, &before, Some(&before), None, now), now);
+        // After a restart (nothing seen): triggers later than the previous write count.
+        assert_eq!(changed_at(prev, &before, None, observed, now), seen_at);
+        let late = triggers(&[("a", "2026-01-01T00:09:30Z")]);
+        assert_eq!(
+            changed_at(prev, &late, None, observed, now),
+            t("2026-01-01T00:09:30Z")
+        );
+        // A first write takes any trigger; garbage is ignored.
+        let odd = triggers(&[("a", "2026-01-01T00:01:00Z"), ("b", "yesterday")]);
+        assert_eq!(
+            changed_at(None, &odd, None, observed, now),
+            t("2026-01-01T00:01:00Z")
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! Service + EndpointSlices (+ Node zones) → `LBServiceSpec`: pure values, no Kubernetes.
+//!
+//! What is served, and why:
+//! - `ExternalName` services are DNS only; headless ones (`clusterIP: None`) have no virtual
+//!   IP; services labelled `service.kubernetes.io/service-proxy-name` belong to another proxy
+//!   (kube-proxy skips them too); services of a `loadBalancerClass` that is not Tendril's
+//!   belong to another implementation. None of them get an `LBService`.
+//! - Frontends, per Service port in order: each IPv4 ClusterIP, the NodePort (no address:
+//!   every node address), each IPv4 `status.loadBalancer.ingress[].ip` of a LoadBalancer
+//!   service (not those with `ipMode: Proxy`: the load balancer delivers that traffic to the
+//!   node itself, as kube-proxy assumes since KEP-1860), each IPv4 externalIP.
+//! - IPv6: the types carry any IP, but the datapath is IPv4 only today, so IPv6 frontends,
+//!   backends and source ranges are left out (an IPv6-only service is skipped) without
+//!   making the service invalid.
+//! - SCTP ports are not served (the datapath handles TCP and UDP): `Valid=False`,
+//!   `Unsupported`, naming each such port; the TCP and UDP ports of the service still are.
+//! - Backends from every EndpointSlice of the service, matched to frontends by port name and
+//!   protocol; conditions as KEP-1669/1672 and kube-proxy read them (ready and serving
+//!   default to true, terminating to false): ready → `active`; serving and terminating →
+//!   `terminating`; anything else is not listed. An address:port in several slices (while
+//!   the EndpointSlice controller moves endpoints between slices) is listed once, the
+//!   `active` copy winning. The zone comes from the endpoint, else from its Node's
+//!   `topology.kubernetes.io/zone` label.
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use tendril_crds::facts::annotations::SERVICE_LB_ALGORITHM;
+use tendril_crds::v1alpha1::{Backend, ClientIpAffinity, Frontend, LBServiceSpec, SessionAffinity};
+
+/// The label kube-proxy honours: a service with it belongs to the proxy it names.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The Node label with its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// Frontend types (`Frontend.type`).
+pub const CLUSTER_IP: &str = "ClusterIP";
+pub const NODE_PORT: &str = "NodePort";
+pub const LOAD_BALANCER: &str = "LoadBalancer";
+pub const EXTERNAL_IP: &str = "ExternalIP";
+/// Backend states (`Backend.state`).
+pub const ACTIVE: &str = "active";
+pub const TERMINATING: &str = "terminating";
+/// Backend selection algorithms the annotation may name.
+pub const ALGORITHMS: [&str; 2] = ["Random", "Maglev"];
+
+/// The limits of `LBServiceSpec` (its CRD schema).
+pub const MAX_FRONTENDS: usize = 1024;
+pub const MAX_BACKENDS: usize = 16384;
+
+/// Condition reasons of `Valid=False`.
+pub const REASON_UNSUPPORTED: &str = "Unsupported";
+pub const REASON_INVALID_ANNOTATION: &str = "InvalidAnnotation";
+pub const REASON_TOO_MANY: &str = "TooManyEntries";
+
+/// Why a Service gets no `LBService`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Skip {
+    ExternalName,
+    Headless,
+    /// `spec.loadBalancerClass` names another implementation.
+    ForeignClass(String),
+    /// `service.kubernetes.io/service-proxy-name` names another proxy.
+    OtherProxy(String),
+    /// No IPv4 ClusterIP (IPv6-only): not served until the datapath does IPv6.
+    NoIpv4,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::ExternalName => f.write_str("ExternalName service (left to DNS)"),
+            Skip::Headless => f.write_str("headless service (clusterIP None)"),
+            Skip::ForeignClass(c) => write!(f, "loadBalancerClass {c:?} is not Tendril's"),
+            Skip::OtherProxy(p) => write!(f, "{SERVICE_PROXY_NAME_LABEL}={p:?}"),
+            Skip::NoIpv4 => f.write_str("no IPv4 ClusterIP (IPv6 is not served yet)"),
+        }
+    }
+}
+
+/// Something in the input Tendril does not serve as asked: `Valid=False` with `reason`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The translation of one served Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Translation {
+    /// Revision 0: the revision sequence numbers it when it is written.
+    pub spec: LBServiceSpec,
+    /// Empty: valid.
+    pub problems: Vec<Problem>,
+}
+
+/// Whether a service of `class` (absent: the default implementation) is Tendril's, whose
+/// class is `ours`.
+pub fn is_our_class(class: Option<&str>, ours: &str) -> bool {
+    class.is_none_or(|c| c.is_empty() || c == ours)
+}
+
+fn ipv4(ip: &str) -> Option<String> {
+    match ip.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => Some(v4.to_string()),
+        // IPv6 and garbage alike: not an IPv4 frontend or backend.
+        _ => None,
+    }
+}
+
+fn protocol(p: Option<&String>) -> String {
+    p.cloned().unwrap_or_else(|| "TCP".into())
+}
+
+/// The `LBServiceSpec` of `svc` (revision 0) from its EndpointSlices, or why it has none.
+/// `zone_of(node)` is the zone label of a Node, for endpoints that carry none.
+pub fn translate<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    zone_of: impl Fn(&str) -> Option<String>,
+    our_class: &str,
+) -> Result<Translation, Skip> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
+        return Err(Skip::ExternalName);
+    }
+    if let Some(proxy) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Err(Skip::OtherProxy(proxy.clone()));
+    }
+    if !is_our_class(spec.load_balancer_class.as_deref(), our_class) {
+        return Err(Skip::ForeignClass(
+            spec.load_balancer_class.clone().unwrap_or_default(),
+        ));
+    }
+    let cluster_ips: Vec<String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.clone().into_iter().collect(),
+    };
+    if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| ip == "None") {
+        return Err(Skip::Headless);
+    }
+    let cluster_v4: Vec<String> = cluster_ips.iter().filter_map(|ip| ipv4(ip)).collect();
+    if cluster_v4.is_empty() {
+        return Err(Skip::NoIpv4);
+    }
+
+    let mut problems = Vec::new();
+    let ports = spec.ports.clone().unwrap_or_default();
+    let mut frontends = Vec::new();
+    // (port name, protocol) of every served Service port.
+    let mut served: BTreeSet<(String, String)> = BTreeSet::new();
+    let lb_ips: Vec<String> = if type_ == "LoadBalancer" {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref().and_then(ipv4))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let external_ips: Vec<String> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ipv4(ip))
+        .collect();
+    for port in &ports {
+        let name = port.name.clone().unwrap_or_default();
+        let proto = protocol(port.protocol.as_ref());
+        if proto != "TCP" && proto != "UDP" {
+            let label = if name.is_empty() {
+                format!("{}/{proto}", port.port)
+            } else {
+                format!("{name:?} ({}/{proto})", port.port)
+            };
+            problems.push(Problem {
+                reason: REASON_UNSUPPORTED,
+                message: format!(
+                    "port {label}: {proto} is not supported by the datapath and is not served; the TCP and UDP ports are"
+                ),
+            });
+            continue;
+        }
+        served.insert((name.clone(), proto.clone()));
+        let frontend = |type_: &str, address: Option<String>, port: i32| Frontend {
+            name: name.clone(),
+            type_: type_.into(),
+            address,
+            port,
+            protocol: proto.clone(),
+        };
+        for ip in &cluster_v4 {
+            frontends.push(frontend(CLUSTER_IP, Some(ip.clone()), port.port));
+        }
+        if let Some(node_port) = port.node_port.filter(|p| *p > 0)
+            && matches!(type_, "NodePort" | "LoadBalancer")
+        {
+            frontends.push(frontend(NODE_PORT, None, node_port));
+        }
+        for ip in &lb_ips {
+            frontends.push(frontend(LOAD_BALANCER, Some(ip.clone()), port.port));
+        }
+        for ip in &external_ips {
+            frontends.push(frontend(EXTERNAL_IP, Some(ip.clone()), port.port));
+        }
+    }
+    if frontends.len() > MAX_FRONTENDS {
+        problems.push(Problem {
+            reason: REASON_TOO_MANY,
+            message: format!(
+                "{} frontends, at most {MAX_FRONTENDS} are served",
+                frontends.len()
+            ),
+        });
+        frontends.truncate(MAX_FRONTENDS);
+    }
+
+    let mut backends = backends(slices, &served, &zone_of);
+    if backends.len() > MAX_BACKENDS {
+        problems.push(Problem {
+            reason: REASON_TOO_MANY,
+            message: format!(
+                "{} backends, at most {MAX_BACKENDS} are served",
+                backends.len()
+            ),
+        });
+        backends.truncate(MAX_BACKENDS);
+    }
+
+    let session_affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(10800);
+        SessionAffinity {
+            client_ip: Some(ClientIpAffinity {
+                timeout_seconds: timeout,
+            }),
+        }
+    });
+    let policy = |p: &Option<String>| match p.as_deref() {
+        Some("Local") => "Local".to_string(),
+        _ => "Cluster".to_string(),
+    };
+    let algorithm = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVICE_LB_ALGORITHM))
+    {
+        None => None,
+        Some(a) if ALGORITHMS.contains(&a.as_str()) => Some(a.clone()),
+        Some(a) => {
+            problems.push(Problem {
+                reason: REASON_INVALID_ANNOTATION,
+                message: format!(
+                    "annotation {SERVICE_LB_ALGORITHM}={a:?} is not one of {}; the agent's default algorithm is used",
+                    ALGORITHMS.join(", ")
+                ),
+            });
+            None
+        }
+    };
+    let load_balancer_source_ranges = if type_ == "LoadBalancer" {
+        source_ranges(spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]))
+    } else {
+        Vec::new()
+    };
+    Ok(Translation {
+        spec: LBServiceSpec {
+            revision: 0,
+            frontends,
+            backends,
+            session_affinity,
+            external_traffic_policy: policy(&spec.external_traffic_policy),
+            internal_traffic_policy: policy(&spec.internal_traffic_policy),
+            load_balancer_source_ranges,
+            health_check_node_port: spec.health_check_node_port.filter(|p| *p > 0),
+            algorithm,
+        },
+        problems,
+    })
+}
+
+/// IPv4 CIDRs of `ranges`, canonical (`10.0.0.7/8` → `10.0.0.0/8`), sorted, once each.
+fn source_ranges(ranges: &[String]) -> Vec<String> {
+    let mut out: Vec<IpNet> = ranges
+        .iter()
+        .filter_map(|r| r.trim().parse::<IpNet>().ok())
+        .filter(|n| matches!(n, IpNet::V4(_)))
+        .map(|n| n.trunc())
+        .collect();
+    out.sort();
+    out.dedup();
+    out.into_iter().map(|n| n.to_string()).collect()
+}
+
+/// The backends of `slices` for the served (port name, protocol) pairs, sorted and
+/// deduplicated.
+fn backends<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    served: &BTreeSet<(String, String)>,
+    zone_of: &impl Fn(&str) -> Option<String>,
+) -> Vec<Backend> {
+    // (port name, address, port, protocol) → backend.
+    let mut out: BTreeMap<(String, String, i32, String), Backend> = BTreeMap::new();
+    for slice in slices {
+        // IPv6 and FQDN slices: not served yet (see the module doc).
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let ports: Vec<(String, i32, String)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                let proto = protocol(p.protocol.as_ref());
+                let port = p.port.filter(|p| (1..=65535).contains(p))?;
+                served
+                    .contains(&(name.clone(), proto.clone()))
+                    .then_some((name, port, proto))
+            })
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        for ep in &slice.endpoints {
+            let c = ep.conditions.clone().unwrap_or_default();
+            let ready = c.ready.unwrap_or(true);
+            let serving = c.serving.unwrap_or(true);
+            let terminating = c.terminating.unwrap_or(false);
+            let state = if ready {
+                ACTIVE
+            } else if serving && terminating {
+                TERMINATING
+            } else {
+                continue;
+            };
+            let zone = ep
+                .zone
+                .clone()
+                .or_else(|| ep.node_name.as_deref().and_then(zone_of));
+            for address in ep.addresses.iter().filter_map(|a| ipv4(a)) {
+                for (name, port, proto) in &ports {
+                    let key = (name.clone(), address.clone(), *port, proto.clone());
+                    let backend = Backend {
+                        port_name: name.clone(),
+                        address: address.clone(),
+                        port: *port,
+                        protocol: proto.clone(),
+                        weight: 1,
+                        node_name: ep.node_name.clone(),
+                        zone: zone.clone(),
+                        state: state.into(),
+                    };
+                    match out.get(&key) {
+                        Some(existing) if existing.state == ACTIVE => {}
+                        _ => {
+                            out.insert(key, backend);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+#[cfg(test)]
+#[path = "translate_tests.rs"]
+mod tests;
