@@ -553,8 +553,8 @@ async fn services_translate_into_lbservices() -> Result<()> {
     })
     .await?;
 
-    // Not served: headless, ExternalName, another loadBalancerClass. A barrier (a new
-    // served service written after them) shows they were handled.
+    // Not served: headless, ExternalName. A barrier (a new served service written after
+    // them) shows they were handled. Another loadBalancerClass is served, as by kube-proxy.
     for (name, spec) in [
         (
             "headless",
@@ -585,12 +585,22 @@ async fn services_translate_into_lbservices() -> Result<()> {
     )
     .await?;
     lbs(&lbsvc, "barrier", "written", |_| true).await?;
-    for name in ["headless", "dns", "foreign"] {
+    for name in ["headless", "dns"] {
         ensure!(
             lbsvc.get_opt(name).await?.is_none(),
             "{name} got an LBService"
         );
     }
+    lbs(
+        &lbsvc,
+        "foreign",
+        "served whatever its loadBalancerClass",
+        |lb| {
+            lb.spec.frontends.iter().any(|f| f.type_ == "ClusterIP")
+                && lb.spec.frontends.iter().any(|f| f.type_ == "NodePort")
+        },
+    )
+    .await?;
     // Handed to another proxy: its LBService goes.
     services
         .patch(
@@ -601,12 +611,24 @@ async fn services_translate_into_lbservices() -> Result<()> {
         .await?;
     wait_deleted(&lbsvc, "api", TIMEOUT).await?;
 
-    // An orphan (no Service) is deleted; so is the LBService of a deleted Service.
+    // An orphan (owned by a Service that is gone) is deleted; so is the LBService of a
+    // deleted Service. One written by hand (no Service owner) is the user's and stays.
     apply(
         &lbsvc,
         &typed(
             json!({"apiVersion": "tendril.dev/v1alpha1", "kind": "LBService",
-                      "metadata": {"name": "orphan", "namespace": ns},
+                      "metadata": {"name": "orphan", "namespace": ns,
+                                   "ownerReferences": [{"apiVersion": "v1", "kind": "Service",
+                                                        "name": "orphan", "uid": "00000000-0000-0000-0000-000000000001"}]},
+                      "spec": {"revision": 1}}),
+        )?,
+    )
+    .await?;
+    apply(
+        &lbsvc,
+        &typed(
+            json!({"apiVersion": "tendril.dev/v1alpha1", "kind": "LBService",
+                      "metadata": {"name": "by-hand", "namespace": ns},
                       "spec": {"revision": 1}}),
         )?,
     )
@@ -614,6 +636,11 @@ async fn services_translate_into_lbservices() -> Result<()> {
     wait_deleted(&lbsvc, "orphan", TIMEOUT).await?;
     services.delete("barrier", &DeleteParams::default()).await?;
     wait_deleted(&lbsvc, "barrier", TIMEOUT).await?;
+    ensure!(
+        lbsvc.get_opt("by-hand").await?.is_some(),
+        "the sweeper deleted an LBService written by hand"
+    );
+    lbsvc.delete("by-hand", &DeleteParams::default()).await?;
 
     // Deleted by hand: put back, same content, a higher revision.
     let before = lbsvc.get("edge").await?;

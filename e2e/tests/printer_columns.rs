@@ -4,8 +4,7 @@
 //! `tendril-agent` each); one pod per node; and every example of `crds/examples` applied
 //! (namespaced ones in the test's namespace, the `PodIPPool` under another name than the
 //! cluster's own `default`), except the kinds only the system writes — `NodeNetwork`,
-//! `Endpoint`, `Identity`, `ResolvedPolicy`, `LBService` (one without a Service is deleted
-//! as an orphan) — whose live objects are the operator's and the agents'. Then, through the apiserver's Table API (what `kubectl get -o wide` prints, every
+//! `Endpoint`, `Identity`, `ResolvedPolicy`, `LBService` — whose live objects are the operator's and the agents'. Then, through the apiserver's Table API (what `kubectl get -o wide` prints, every
 //! column whatever its priority), every cell of every object of every CRD must hold a value,
 //! once the system has acted. Cells that are legitimately empty are listed in [`KNOWN_EMPTY`]
 //! with the reason (mostly concerns whose reconciler does not exist yet); those must be empty,
@@ -45,7 +44,6 @@ const NO_BGP: &str =
     "no BGP reconciler or speaker yet: nothing selects nodes, validates peerings or opens sessions";
 const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
-const NO_LB: &str = "no load-balancer datapath yet: no agent reports realizedServicesRevision, so no LBService (the `kubernetes` Service's, written by the services concern) is realized";
 const NO_LB_IPAM: &str = "no load-balancer IPAM reconciler yet";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[
@@ -108,12 +106,6 @@ const KNOWN_EMPTY: &[KnownEmpty] = &[
         column: "Ready",
         object: None,
         why: NO_ENCRYPTION,
-    },
-    KnownEmpty {
-        kind: "LBService",
-        column: "Realized",
-        object: None,
-        why: NO_LB,
     },
     KnownEmpty {
         kind: "LoadBalancerIPPool",

@@ -18,7 +18,8 @@
 //! - a status writer: on changes of the `NodeNetwork`s (the agents' reports) or of what the
 //!   reconciles recorded, it recomputes every status in memory (O(services · log nodes))
 //!   and writes only those whose `Valid`, `Realized` or `realizedRevision` changed;
-//! - an orphan sweeper, once Services and LBServices have both been listed: an `LBService`
+//! - an orphan sweeper, once Services and LBServices have both been listed (only LBServices
+//!   owned by a Service; one written by hand is the user's and is programmed as written): an `LBService`
 //!   whose Service is gone is deleted (the garbage collector would too, through the owner
 //!   reference, where one runs).
 //!
@@ -78,9 +79,6 @@ const LIST_PAGE: u32 = 500;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ServicesConfig {
-    /// The `spec.loadBalancerClass` Tendril implements; services of another class are left
-    /// to their implementation (no `LBService`), those without a class are Tendril's.
-    pub load_balancer_class: String,
     /// Changes of the nodes' reports within this long are one pass of status writes.
     pub status_batch_millis: u64,
 }
@@ -88,7 +86,6 @@ pub struct ServicesConfig {
 impl Default for ServicesConfig {
     fn default() -> Self {
         Self {
-            load_balancer_class: "tendril.dev/lb".into(),
             status_batch_millis: 100,
         }
     }
@@ -119,6 +116,15 @@ type Key = (String, String);
 
 fn key_of<K: Resource>(obj: &K) -> Option<Key> {
     Some((obj.meta().namespace.clone()?, obj.meta().name.clone()?))
+}
+
+/// Whether `lb` is owned by a Service (written by this concern).
+fn owned_by_service(lb: &LBService) -> bool {
+    lb.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Service" && o.api_version == "v1")
 }
 
 fn service_ref(key: &Key) -> ObjectRef<Service> {
@@ -382,6 +388,18 @@ impl Shared {
             .and_then(|n| n.labels().get(ZONE_LABEL).cloned())
     }
 
+    /// Keeps the term's sequence above a revision seen on an LBService (one written by
+    /// hand may carry any number; agents report the highest they realize).
+    async fn observe_revision(&self, revision: i64) {
+        if let Some(seq) = self.sequence.get() {
+            let mut seq = seq.lock().await;
+            if revision > seq.last() {
+                seq.observe(revision);
+                self.metrics.revision.set(seq.last());
+            }
+        }
+    }
+
     /// The term's sequence, held until the guard drops: numbers are handed out and
     /// applied one at a time.
     async fn sequence(&self) -> Result<tokio::sync::MutexGuard<'_, Sequence>, Error> {
@@ -421,12 +439,9 @@ impl Shared {
     ) -> Result<Action, Error> {
         let slices = self.slice_index.slices(key, &self.stores.slices);
         let started = Instant::now();
-        let translated = translate::translate(
-            svc,
-            slices.iter().map(|s| s.as_ref()),
-            |node| self.zone_of(node),
-            &self.config.load_balancer_class,
-        );
+        let translated = translate::translate(svc, slices.iter().map(|s| s.as_ref()), |node| {
+            self.zone_of(node)
+        });
         self.metrics
             .translate_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -598,6 +613,11 @@ impl Shared {
         let Some(lb) = self.stores.lbservice(key) else {
             return;
         };
+        // Only what this concern wrote (owned by a Service): an LBService written by hand,
+        // without a Service, is the user's and is programmed as it is.
+        if !owned_by_service(&lb) {
+            return;
+        }
         if let Err(e) = self.remove(key, Some(&lb), "Service gone").await {
             warn!(namespace = %key.0, service = %key.1, error = %e, "deleting an orphaned LBService failed");
         }
@@ -820,7 +840,10 @@ async fn sweep_orphans(
                 None => return,
             },
             change = lbservices.next() => match change {
-                Some(Change::Applied(lb)) => key_of(lb.as_ref()),
+                Some(Change::Applied(lb)) => {
+                    shared.observe_revision(lb.spec.revision).await;
+                    key_of(lb.as_ref())
+                }
                 Some(_) => None,
                 None => return,
             },

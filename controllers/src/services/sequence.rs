@@ -32,6 +32,11 @@ impl Sequence {
         Self { last: last.max(0) }
     }
 
+    /// Continues above `revision` (an LBService written by someone else carries it).
+    pub fn observe(&mut self, revision: i64) {
+        self.last = self.last.max(revision);
+    }
+
     /// The last number handed out (or the start).
     pub fn last(&self) -> i64 {
         self.last

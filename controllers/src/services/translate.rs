@@ -3,8 +3,10 @@
 //! What is served, and why:
 //! - `ExternalName` services are DNS only; headless ones (`clusterIP: None`) have no virtual
 //!   IP; services labelled `service.kubernetes.io/service-proxy-name` belong to another proxy
-//!   (kube-proxy skips them too); services of a `loadBalancerClass` that is not Tendril's
-//!   belong to another implementation. None of them get an `LBService`.
+//!   (kube-proxy skips them too). None of them get an `LBService`. A `loadBalancerClass`
+//!   names who provisions the load balancer, not who proxies: like kube-proxy, every class
+//!   is served (ClusterIP, NodePort, externalIPs and whatever ingress IPs its implementation
+//!   writes into the status).
 //! - Frontends, per Service port in order: each IPv4 ClusterIP, the NodePort (no address:
 //!   every node address), each IPv4 `status.loadBalancer.ingress[].ip` of a LoadBalancer
 //!   service (not those with `ipMode: Proxy`: the load balancer delivers that traffic to the
@@ -62,8 +64,6 @@ pub const REASON_TOO_MANY: &str = "TooManyEntries";
 pub enum Skip {
     ExternalName,
     Headless,
-    /// `spec.loadBalancerClass` names another implementation.
-    ForeignClass(String),
     /// `service.kubernetes.io/service-proxy-name` names another proxy.
     OtherProxy(String),
     /// No IPv4 ClusterIP (IPv6-only): not served until the datapath does IPv6.
@@ -75,7 +75,6 @@ impl std::fmt::Display for Skip {
         match self {
             Skip::ExternalName => f.write_str("ExternalName service (left to DNS)"),
             Skip::Headless => f.write_str("headless service (clusterIP None)"),
-            Skip::ForeignClass(c) => write!(f, "loadBalancerClass {c:?} is not Tendril's"),
             Skip::OtherProxy(p) => write!(f, "{SERVICE_PROXY_NAME_LABEL}={p:?}"),
             Skip::NoIpv4 => f.write_str("no IPv4 ClusterIP (IPv6 is not served yet)"),
         }
@@ -98,12 +97,6 @@ pub struct Translation {
     pub problems: Vec<Problem>,
 }
 
-/// Whether a service of `class` (absent: the default implementation) is Tendril's, whose
-/// class is `ours`.
-pub fn is_our_class(class: Option<&str>, ours: &str) -> bool {
-    class.is_none_or(|c| c.is_empty() || c == ours)
-}
-
 fn ipv4(ip: &str) -> Option<String> {
     match ip.trim().parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) => Some(v4.to_string()),
@@ -122,7 +115,6 @@ pub fn translate<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     zone_of: impl Fn(&str) -> Option<String>,
-    our_class: &str,
 ) -> Result<Translation, Skip> {
     let spec = svc.spec.clone().unwrap_or_default();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -136,11 +128,6 @@ pub fn translate<'a>(
         .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
     {
         return Err(Skip::OtherProxy(proxy.clone()));
-    }
-    if !is_our_class(spec.load_balancer_class.as_deref(), our_class) {
-        return Err(Skip::ForeignClass(
-            spec.load_balancer_class.clone().unwrap_or_default(),
-        ));
     }
     let cluster_ips: Vec<String> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.clone(),

@@ -7,8 +7,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
-const OURS: &str = "tendril.dev/lb";
-
 fn service(spec: Value) -> Service {
     service_with(json!({}), spec, json!({}))
 }
@@ -75,7 +73,7 @@ fn no_zone(_: &str) -> Option<String> {
 }
 
 fn run(svc: &Service, slices: &[EndpointSlice]) -> Result<Translation, Skip> {
-    translate(svc, slices, no_zone, OURS)
+    translate(svc, slices, no_zone)
 }
 
 /// (type, address, port, protocol, name) of each frontend.
@@ -275,13 +273,9 @@ fn headless_external_name_foreign_class_and_other_proxy_are_skipped() {
 
     let mut spec = cluster_ip();
     spec["type"] = json!("LoadBalancer");
+    // Every loadBalancerClass is proxied, as kube-proxy does: the class names who
+    // provisions the load balancer.
     spec["loadBalancerClass"] = json!("example.com/other");
-    assert_eq!(
-        run(&service(spec.clone()), &[]),
-        Err(Skip::ForeignClass("example.com/other".into()))
-    );
-    // Ours, or none: served.
-    spec["loadBalancerClass"] = json!(OURS);
     assert!(run(&service(spec.clone()), &[]).is_ok());
     spec.as_object_mut().unwrap().remove("loadBalancerClass");
     assert!(run(&service(spec), &[]).is_ok());
@@ -550,7 +544,7 @@ fn zone_from_the_endpoint_else_from_its_node() {
         ],
     );
     let zones = |node: &str| (node == "n2").then(|| "zone-b".to_string());
-    let t = translate(&svc, [&s], zones, OURS).unwrap();
+    let t = translate(&svc, [&s], zones).unwrap();
     let got: Vec<Option<String>> = t.spec.backends.iter().map(|b| b.zone.clone()).collect();
     assert_eq!(
         got,
@@ -573,12 +567,4 @@ fn too_many_backends_is_invalid_and_truncated() {
     let t = run(&svc, &[http_slice("s1", endpoints)]).unwrap();
     assert_eq!(t.spec.backends.len(), MAX_BACKENDS);
     assert_eq!(t.problems[0].reason, REASON_TOO_MANY);
-}
-
-#[test]
-fn our_class() {
-    assert!(is_our_class(None, OURS));
-    assert!(is_our_class(Some(""), OURS));
-    assert!(is_our_class(Some(OURS), OURS));
-    assert!(!is_our_class(Some("x"), OURS));
 }

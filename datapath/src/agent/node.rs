@@ -124,7 +124,7 @@ pub async fn run(
             wake.clone(),
         );
         async move {
-            if store.wait_until_ready().await.is_ok() {
+            if tendril_runtime::store_ready(&store).await {
                 synced.store(true, Ordering::SeqCst);
                 wake.touch();
             }

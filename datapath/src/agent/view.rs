@@ -67,16 +67,16 @@ impl ClusterView {
         let apiserver = async {
             let mut forbidden = self.apiserver.forbidden();
             tokio::select! {
-                _ = slices.wait_until_ready() => {}
+                _ = tendril_runtime::store_ready(&slices) => {}
                 _ = forbidden.wait_for(Option::is_some) => {}
             }
         };
         let _ = tokio::join!(
-            nn.wait_until_ready(),
-            ep.wait_until_ready(),
-            id.wait_until_ready(),
-            rp.wait_until_ready(),
-            lbs.wait_until_ready(),
+            tendril_runtime::store_ready(&nn),
+            tendril_runtime::store_ready(&ep),
+            tendril_runtime::store_ready(&id),
+            tendril_runtime::store_ready(&rp),
+            tendril_runtime::store_ready(&lbs),
             apiserver,
         );
     }
