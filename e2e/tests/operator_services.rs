@@ -679,10 +679,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
             revision.is_some_and(|r| r >= max_revision as f64),
             "tendril_services_revision {revision:?} < {max_revision}"
         );
-        // web, edge, odd here and default/kubernetes.
+        // web, edge, odd, foreign here and default/kubernetes.
         let count = m.value("tendril_services_lbservices", &[]);
         ensure!(
-            count == Some(4.0),
+            count == Some(5.0),
             "tendril_services_lbservices {count:?} ({served:?})"
         );
         ensure!(

@@ -1,6 +1,9 @@
 //! Helpers shared by the services_* tests: a two-node cluster with echo-server backends
 //! `web-a` (node 0) and `web-b` (node 1) and a `client` pod on node 0, LBServices written
-//! directly (server-side apply; the operator's services concern is not merged yet), waits on
+//! directly (server-side apply, no Service behind them: the services concern leaves a
+//! hand-written LBService alone and the agents program it as written, so each test controls
+//! states and flags exactly; the Service → LBService path is operator_services' and
+//! services_conformance's), waits on
 //! `NodeNetwork.status.realizedServicesRevision`, and connections made by bash's /dev/tcp
 //! from processes in a pod's or node's namespace (and its node's cgroup).
 
