@@ -104,6 +104,7 @@ mod kube_util;
 pub mod netpol;
 mod plane;
 mod process;
+pub mod services;
 pub mod sim;
 pub mod traffic;
 mod util;
