@@ -12,12 +12,12 @@
 //! Needs root.
 
 use anyhow::{Result, bail, ensure};
+use tendril_e2e::services::World;
 use tendril_e2e::services::kube_proxy::{KubeProxyWorld, ProxyMode};
 use tendril_e2e::services::matrix::{
     self, CaseKey, Frontend, NO_ENDPOINTS, Outcome, Results, service_cases,
 };
 use tendril_e2e::services::tendril::TendrilWorld;
-use tendril_e2e::services::World;
 use tendril_e2e::{ControlPlane, TestEnv};
 
 fn mode() -> ProxyMode {
@@ -75,14 +75,23 @@ fn documented_behaviour(r: &Results) -> Vec<String> {
             // externalTrafficPolicy: Local: a node without local endpoints drops external
             // traffic to NodePorts and LB IPs (the health check steers load balancers away).
             if c.etp_local && c.placement == matrix::Placement::Node0 {
-                for f in [Frontend::NodePort, Frontend::LoadBalancer, Frontend::ExternalIp] {
-                    expect(key(name, f, "ext@n1", udp), "no answer", &Outcome::is_timeout);
+                for f in [
+                    Frontend::NodePort,
+                    Frontend::LoadBalancer,
+                    Frontend::ExternalIp,
+                ] {
+                    expect(
+                        key(name, f, "ext@n1", udp),
+                        "no answer",
+                        &Outcome::is_timeout,
+                    );
                 }
             }
             // externalTrafficPolicy: Local preserves the client's address and uses only
             // the local endpoints; Cluster masquerades and uses all of them.
             if !c.affinity && c.placement == matrix::Placement::Spread {
-                let (backends, source): (std::collections::BTreeSet<String>, &str) = if c.etp_local {
+                let (backends, source): (std::collections::BTreeSet<String>, &str) = if c.etp_local
+                {
                     (set(&["b0", "b1"]), "client")
                 } else {
                     (set(&["b0", "b1", "b2"]), "n0")
@@ -90,12 +99,21 @@ fn documented_behaviour(r: &Results) -> Vec<String> {
                 expect(
                     key(name, Frontend::LoadBalancer, "ext@n0", udp),
                     &format!("{backends:?} seeing {source}"),
-                    &|o| o.all_answered() && o.backends == backends && o.sources.contains(source) && o.sources.len() == 1,
+                    &|o| {
+                        o.all_answered()
+                            && o.backends == backends
+                            && o.sources.contains(source)
+                            && o.sources.len() == 1
+                    },
                 );
             }
             // internalTrafficPolicy: Local: only node-local endpoints; none → dropped.
             if c.itp_local && c.placement == matrix::Placement::Node0 {
-                expect(key(name, Frontend::ClusterIp, "pod@n1", udp), "no answer", &Outcome::is_timeout);
+                expect(
+                    key(name, Frontend::ClusterIp, "pod@n1", udp),
+                    "no answer",
+                    &Outcome::is_timeout,
+                );
             }
             if !c.affinity {
                 let want: std::collections::BTreeSet<String> = match (c.itp_local, c.placement) {
@@ -111,17 +129,33 @@ fn documented_behaviour(r: &Results) -> Vec<String> {
             }
         }
         // sessionAffinity: ClientIP: every connection of one client to one backend.
-        for (k, o) in r.iter().filter(|(k, _)| k.service.ends_with("-aff") && k.udp == udp) {
+        for (k, o) in r
+            .iter()
+            .filter(|(k, _)| k.service.ends_with("-aff") && k.udp == udp)
+        {
             if !o.backends.is_empty() && o.backends.len() != 1 {
                 affinity.push(format!("{k}: ClientIP affinity, yet answered by {o}"));
             }
         }
         // No endpoints: rejected, not dropped.
-        expect(key(NO_ENDPOINTS, Frontend::ClusterIp, "pod@n0", udp), "rejected", &Outcome::is_rejected);
-        expect(key(NO_ENDPOINTS, Frontend::NodePort, "ext@n0", udp), "rejected", &Outcome::is_rejected);
+        expect(
+            key(NO_ENDPOINTS, Frontend::ClusterIp, "pod@n0", udp),
+            "rejected",
+            &Outcome::is_rejected,
+        );
+        expect(
+            key(NO_ENDPOINTS, Frontend::NodePort, "ext@n0", udp),
+            "rejected",
+            &Outcome::is_rejected,
+        );
         // Hairpin: a backend reaches itself through its own service.
         expect(
-            key(&service_cases()[0].name, Frontend::ClusterIp, "hairpin(b0)", udp),
+            key(
+                &service_cases()[0].name,
+                Frontend::ClusterIp,
+                "hairpin(b0)",
+                udp,
+            ),
             "b0 among the answers",
             &|o| o.all_answered() && o.backends.contains("b0"),
         );

@@ -8,7 +8,9 @@
 //!   time; prints the connect latencies in microseconds as a JSON list. A failed connect
 //!   fails the run (a latency figure never hides an error).
 //!
-//! `--cgroup DIR` (both): moves this process into that cgroup v2 directory before any
+//! - `wait --to ADDR`: connects until one is answered; prints when (µs since the epoch).
+//!
+//! `--cgroup DIR` (all): moves this process into that cgroup v2 directory before any
 //! socket is opened.
 
 use std::collections::BTreeMap;
@@ -40,6 +42,14 @@ enum Cmd {
         to: Vec<SocketAddr>,
         #[arg(long, default_value_t = 1000)]
         count: u32,
+    },
+    /// TCP connects (each given 10 ms) to one address until one is answered; prints when
+    /// (microseconds since the Unix epoch). Fails after `--timeout-ms`.
+    Wait {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
     },
 }
 
@@ -92,6 +102,28 @@ async fn main() -> Result<()> {
                 out.push(elapsed.as_micros() as u64);
             }
             println!("{}", serde_json::to_string(&out)?);
+        }
+        Cmd::Wait { to, timeout_ms } => {
+            let start = Instant::now();
+            loop {
+                let attempt = tokio::time::timeout(
+                    Duration::from_millis(10),
+                    tokio::net::TcpStream::connect(to),
+                )
+                .await;
+                if let Ok(Ok(_)) = attempt {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                    println!("{}", now.as_micros());
+                    break;
+                }
+                if start.elapsed() > Duration::from_millis(timeout_ms) {
+                    bail!("{to} not answering after {timeout_ms} ms");
+                }
+                if let Ok(Err(_)) = attempt {
+                    // Refused or unreachable at once: do not spin.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
         }
     }
     Ok(())

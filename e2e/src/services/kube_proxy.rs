@@ -156,32 +156,49 @@ impl KubeProxyWorld {
         }
         let api_port = env.plane().apiserver_port();
         for i in 0..nodes {
-            let node = &world.nodes[i];
-            world
-                .forwarders
-                .push(ApiForwarder::start(&node.netns, api_port)?);
-            let proxy = Process::builder(Process::which("ip"))
-                .name(format!("kube-proxy-{}-{}", mode.as_str(), node.name))
-                .args(["netns", "exec", &node.netns])
-                .arg(k8s_bin_dir().join("kube-proxy"))
-                .arg("--kubeconfig")
-                .arg(env.kubeconfig())
-                .args(["--hostname-override", &node.name])
-                .args(["--proxy-mode", mode.as_str()])
-                .args(["--detect-local-mode", "ClusterCIDR"])
-                .args(["--cluster-cidr", CLUSTER_CIDR])
-                .args(["--conntrack-max-per-core", "0"])
-                .args(["--nodeport-addresses", "primary"])
-                .args(["--metrics-bind-address", &format!("127.0.0.1:{METRICS_PORT}")])
-                .args(["--healthz-bind-address", &format!("0.0.0.0:{HEALTHZ_PORT}")])
-                .args(["--v", "2"])
-                .spawn()?;
+            let forwarder = ApiForwarder::start(&world.nodes[i].netns, api_port)?;
+            world.forwarders.push(forwarder);
+            let proxy = world.spawn_proxy(i, env)?;
             world.proxies.push(proxy);
         }
         for i in 0..nodes {
             world.wait_synced(i, Duration::from_secs(120)).await?;
         }
         Ok(world)
+    }
+
+    fn spawn_proxy(&self, i: usize, env: &TestEnv) -> Result<Process> {
+        let node = &self.nodes[i];
+        let mode = self.mode;
+        Process::builder(Process::which("ip"))
+            .name(format!("kube-proxy-{}-{}", mode.as_str(), node.name))
+            .args(["netns", "exec", &node.netns])
+            .arg(k8s_bin_dir().join("kube-proxy"))
+            .arg("--kubeconfig")
+            .arg(env.kubeconfig())
+            .args(["--hostname-override", &node.name])
+            .args(["--proxy-mode", mode.as_str()])
+            .args(["--detect-local-mode", "ClusterCIDR"])
+            .args(["--cluster-cidr", CLUSTER_CIDR])
+            .args(["--conntrack-max-per-core", "0"])
+            .args(["--nodeport-addresses", "primary"])
+            .args([
+                "--metrics-bind-address",
+                &format!("127.0.0.1:{METRICS_PORT}"),
+            ])
+            .args(["--healthz-bind-address", &format!("0.0.0.0:{HEALTHZ_PORT}")])
+            .args(["--v", "2"])
+            .spawn()
+    }
+
+    /// Stops node `i`'s kube-proxy, removes every rule it wrote (`nft flush ruleset`: the
+    /// machine's `iptables` is the nf_tables variant, so this covers both modes) and starts
+    /// a new one: what follows is the programming of every service from nothing.
+    pub async fn restart_proxy_from_scratch(&mut self, i: usize, env: &TestEnv) -> Result<()> {
+        self.proxies[i].stop(Duration::from_secs(10));
+        super::netns_exec(&self.nodes[i].netns, &["nft", "flush", "ruleset"]).await?;
+        self.proxies[i] = self.spawn_proxy(i, env)?;
+        Ok(())
     }
 
     /// Waits until node `i`'s kube-proxy has synced its rules at least once.
@@ -234,21 +251,56 @@ impl KubeProxyWorld {
         let host_if = format!("vp{k}");
         self.netns.add(&netns).await?;
         ip(&[
-            "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if,
-            "netns", &node_ns,
+            "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &host_if, "netns",
+            &node_ns,
         ])
         .await?;
-        ip(&["-n", &netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"]).await?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])
+        .await?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
-        ip(&["-n", &node_ns, "addr", "add", &format!("{gateway}/32"), "dev", &host_if]).await?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "addr",
+            "add",
+            &format!("{gateway}/32"),
+            "dev",
+            &host_if,
+        ])
+        .await?;
         ip(&["-n", &node_ns, "link", "set", &host_if, "up"]).await?;
-        ip(&["-n", &node_ns, "route", "replace", &format!("{pod_ip}/32"), "dev", &host_if])
-            .await?;
-        ip(&["-n", &netns, "route", "add", &gateway, "dev", "eth0", "scope", "link"]).await?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &gateway, "dev", "eth0"]).await?;
-        pods.create(&PostParams::default(), &pod_object(name, &node_name, labels)?)
-            .await
-            .with_context(|| format!("creating Pod {name}"))?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "replace",
+            &format!("{pod_ip}/32"),
+            "dev",
+            &host_if,
+        ])
+        .await?;
+        ip(&[
+            "-n", &netns, "route", "add", &gateway, "dev", "eth0", "scope", "link",
+        ])
+        .await?;
+        ip(&[
+            "-n", &netns, "route", "add", "default", "via", &gateway, "dev", "eth0",
+        ])
+        .await?;
+        pods.create(
+            &PostParams::default(),
+            &pod_object(name, &node_name, labels)?,
+        )
+        .await
+        .with_context(|| format!("creating Pod {name}"))?;
         write_running_status(
             &pods,
             name,
@@ -387,7 +439,11 @@ fn bind_in_netns(netns: &str, port: u16) -> Result<std::net::TcpListener> {
         // SAFETY: a valid netns descriptor; setns changes only this thread's namespace, and
         // the thread ends right after.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         let l = std::net::TcpListener::bind(("127.0.0.1", port))?;
         l.set_nonblocking(true)?;
@@ -425,7 +481,10 @@ impl World for KubeProxyWorld {
         self.nodes[i].address
     }
     fn pod_spot(&self, pod: &str) -> Spot {
-        Spot::new(format!("pod@n{}", self.pods[pod].node), &self.pods[pod].netns)
+        Spot::new(
+            format!("pod@n{}", self.pods[pod].node),
+            &self.pods[pod].netns,
+        )
     }
     fn host_spot(&self, i: usize) -> Spot {
         Spot::new(format!("host@n{i}"), &self.nodes[i].netns)
@@ -437,8 +496,16 @@ impl World for KubeProxyWorld {
         let mut out: Vec<(String, String)> = (0..self.nodes.len())
             .map(|i| (format!("n{i}"), self.nodes[i].netns.clone()))
             .collect();
-        out.extend(self.pods.values().map(|p| (p.name.clone(), p.netns.clone())));
-        out.extend(self.externals.iter().map(|(n, (ns, _))| (n.clone(), ns.clone())));
+        out.extend(
+            self.pods
+                .values()
+                .map(|p| (p.name.clone(), p.netns.clone())),
+        );
+        out.extend(
+            self.externals
+                .iter()
+                .map(|(n, (ns, _))| (n.clone(), ns.clone())),
+        );
         out
     }
     async fn wait_programmed(&self) -> Result<()> {

@@ -23,8 +23,10 @@
 //! Each case makes [`ATTEMPTS`] new connections (TCP) or new sockets (UDP) one after the
 //! other and records which backends answered, the source address each backend saw (named:
 //! `client` for the client's own address, `n0`/`n1` for an address of a node, a pod name),
-//! and how many were refused (RST, ICMP unreachable) or got no answer. With 3 backends and
-//! random selection, 24 attempts miss one backend with probability ~2e-4 per case.
+//! and how many were refused (RST, ICMP unreachable), got no answer, or could not even be
+//! sent (EPERM: the client's own node dropped it on the way out, as netfilter in OUTPUT or
+//! a socket hook does). With 3 backends and random selection, 24 attempts miss one backend
+//! with probability ~2e-4 per case.
 //!
 //! Two things are chance, not behaviour, and are normalized: which eligible backend a
 //! ClientIP-affinity client sticks to (recorded as `one@n{node}`, the node it runs on),
@@ -256,6 +258,8 @@ pub struct Outcome {
     pub sources: BTreeSet<String>,
     pub refused: bool,
     pub timeout: bool,
+    /// Sending was refused on the client's own node (EPERM).
+    pub denied: bool,
     /// The first error that was neither a refusal nor a timeout.
     pub error: Option<String>,
 }
@@ -263,15 +267,27 @@ pub struct Outcome {
 impl Outcome {
     /// Only refusals.
     pub fn is_rejected(&self) -> bool {
-        self.backends.is_empty() && self.refused && !self.timeout && self.error.is_none()
+        self.backends.is_empty()
+            && self.refused
+            && !self.timeout
+            && !self.denied
+            && self.error.is_none()
     }
     /// Only timeouts.
     pub fn is_timeout(&self) -> bool {
-        self.backends.is_empty() && !self.refused && self.timeout && self.error.is_none()
+        self.backends.is_empty()
+            && !self.refused
+            && self.timeout
+            && !self.denied
+            && self.error.is_none()
     }
     /// Every attempt answered.
     pub fn all_answered(&self) -> bool {
-        !self.backends.is_empty() && !self.refused && !self.timeout && self.error.is_none()
+        !self.backends.is_empty()
+            && !self.refused
+            && !self.timeout
+            && !self.denied
+            && self.error.is_none()
     }
 }
 
@@ -288,6 +304,9 @@ impl std::fmt::Display for Outcome {
         }
         if self.timeout {
             parts.push("timeout".into());
+        }
+        if self.denied {
+            parts.push("denied (EPERM)".into());
         }
         if let Some(e) = &self.error {
             parts.push(format!("error: {e}"));
@@ -352,7 +371,10 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     .await?;
     wait_ready_endpoints(&slices, SENTINEL, 3).await?;
     if let Err(e) = world.wait_programmed().await {
-        println!("{}: not reported programmed ({e:#}); probing anyway", world.name());
+        println!(
+            "{}: not reported programmed ({e:#}); probing anyway",
+            world.name()
+        );
     }
     let sentinel = services.get(SENTINEL).await?;
     let sentinel_ip = cluster_ip(&sentinel)?;
@@ -408,7 +430,8 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
         (world.host_spot(0), 0),
         (world.host_spot(1), 1),
     ];
-    let outside: Vec<(Spot, usize)> = vec![(world.external_spot(0), 0), (world.external_spot(1), 1)];
+    let outside: Vec<(Spot, usize)> =
+        vec![(world.external_spot(0), 0), (world.external_spot(1), 1)];
     let mut names: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
     names.push(NO_ENDPOINTS.into());
     for (group, name) in names.iter().enumerate() {
@@ -465,7 +488,10 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     let mut own: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
     for (spot, _) in per_spot.values() {
         let addrs = super::netns_addresses(&spot.netns).await?;
-        own.insert(spot.name.clone(), addrs.into_iter().map(IpAddr::from).collect());
+        own.insert(
+            spot.name.clone(),
+            addrs.into_iter().map(IpAddr::from).collect(),
+        );
     }
 
     let runs = per_spot.values().map(|(spot, reqs)| async move {
@@ -487,7 +513,10 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
             if affinity && backends.len() == 1 {
                 // Which of the eligible backends a client sticks to is chance; where it
                 // runs is not (traffic policies).
-                let node = BACKENDS.iter().find(|(b, _, _)| backends.contains(*b)).map_or(9, |b| b.1);
+                let node = BACKENDS
+                    .iter()
+                    .find(|(b, _, _)| backends.contains(*b))
+                    .map_or(9, |b| b.1);
                 backends = BTreeSet::from([format!("one@n{node}")]);
             }
             // The kernel rate-limits ICMP errors per destination: of many quick attempts
@@ -509,6 +538,7 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
                     .collect(),
                 refused: r.refused > 0,
                 timeout: r.timeouts > 0 && !rejected,
+                denied: r.denied > 0,
                 error: r.first_error.clone(),
             };
             results.insert(key, outcome);
@@ -517,7 +547,11 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     Ok(results)
 }
 
-async fn wait_ready_endpoints(slices: &Api<EndpointSlice>, service: &str, want: usize) -> Result<()> {
+async fn wait_ready_endpoints(
+    slices: &Api<EndpointSlice>,
+    service: &str,
+    want: usize,
+) -> Result<()> {
     let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     eventually(Duration::from_secs(90), || {
         let lp = lp.clone();
@@ -568,7 +602,11 @@ pub fn table(names: &[&str], worlds: &[&Results]) -> String {
         keys.extend(r.keys());
     }
     let mut out = String::new();
-    let _ = write!(out, "{:<16} {:<10} {:<12} {:<4}", "service", "frontend", "client", "");
+    let _ = write!(
+        out,
+        "{:<16} {:<10} {:<12} {:<4}",
+        "service", "frontend", "client", ""
+    );
     for n in names {
         let _ = write!(out, " | {n:<34}");
     }
@@ -584,7 +622,10 @@ pub fn table(names: &[&str], worlds: &[&Results]) -> String {
         );
         let cells: Vec<String> = worlds
             .iter()
-            .map(|r| r.get(k).map_or("(not run)".to_string(), ToString::to_string))
+            .map(|r| {
+                r.get(k)
+                    .map_or("(not run)".to_string(), ToString::to_string)
+            })
             .collect();
         for c in &cells {
             let _ = write!(out, " | {c:<34}");

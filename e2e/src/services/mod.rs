@@ -121,7 +121,16 @@ pub async fn add_external_client(
     set.add(name).await?;
     join_bridge(underlay_ns, name, &format!("kx{index}"), address).await?;
     for range in [LB_RANGE, EXTERNAL_IP_RANGE] {
-        ip(&["-n", name, "route", "replace", range, "via", &via.to_string()]).await?;
+        ip(&[
+            "-n",
+            name,
+            "route",
+            "replace",
+            range,
+            "via",
+            &via.to_string(),
+        ])
+        .await?;
     }
     Ok(address)
 }
@@ -180,7 +189,10 @@ pub async fn netns_exec(ns: &str, cmd: &[&str]) -> Result<String> {
 pub async fn netns_http_get(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
     let path = path.to_string();
     let handle =
-        crate::traffic::spawn_in_netns(ns, move || async move { crate::http_get(port, &path).await });
+        crate::traffic::spawn_in_netns(
+            ns,
+            move || async move { crate::http_get(port, &path).await },
+        );
     tokio::task::spawn_blocking(move || {
         handle
             .join()

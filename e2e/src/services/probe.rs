@@ -54,6 +54,9 @@ pub struct ProbeResult {
     pub refused: u32,
     /// No answer within the attempt's timeout.
     pub timeouts: u32,
+    /// The local stack refused to send (EPERM: a firewall or a socket hook on the client's
+    /// own node dropped the packet before it left).
+    pub denied: u32,
     /// Anything else (no route before sending, a malformed answer…), with the first message.
     pub errors: u32,
     pub first_error: Option<String>,
@@ -65,6 +68,7 @@ enum Attempt {
     Answer(String, IpAddr),
     Refused,
     Timeout,
+    Denied,
     Error(String),
 }
 
@@ -75,6 +79,7 @@ fn classify(e: &std::io::Error) -> Attempt {
             Attempt::Refused
         }
         TimedOut => Attempt::Timeout,
+        PermissionDenied => Attempt::Denied,
         _ => Attempt::Error(e.to_string()),
     }
 }
@@ -82,7 +87,10 @@ fn classify(e: &std::io::Error) -> Attempt {
 fn parse_answer(bytes: &[u8]) -> Attempt {
     let text = String::from_utf8_lossy(bytes);
     let mut words = text.split_whitespace();
-    match (words.next(), words.next().and_then(|w| w.parse::<IpAddr>().ok())) {
+    match (
+        words.next(),
+        words.next().and_then(|w| w.parse::<IpAddr>().ok()),
+    ) {
         (Some(name), Some(ip)) => Attempt::Answer(name.to_string(), ip),
         _ => Attempt::Error(format!("malformed answer {text:?}")),
     }
@@ -145,12 +153,20 @@ pub async fn run_request(req: &ProbeRequest) -> ProbeResult {
                 silent += 1;
                 out.timeouts += 1;
             }
+            Attempt::Denied => {
+                silent = 0;
+                out.denied += 1;
+            }
             Attempt::Error(e) => {
                 out.errors += 1;
                 out.first_error.get_or_insert(e);
             }
         }
-        if out.answers.is_empty() && out.refused == 0 && silent >= req.give_up_after {
+        if out.answers.is_empty()
+            && out.refused == 0
+            && out.denied == 0
+            && silent >= req.give_up_after
+        {
             break;
         }
     }
@@ -177,7 +193,9 @@ pub async fn run_probe_process(spot: &Spot, requests: &[ProbeRequest]) -> Result
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().context("spawning tendril-svc-probe (build the e2e bins)")?;
+    let mut child = cmd
+        .spawn()
+        .context("spawning tendril-svc-probe (build the e2e bins)")?;
     let mut stdin = child.stdin.take().context("probe stdin")?;
     stdin.write_all(&serde_json::to_vec(requests)?).await?;
     drop(stdin);
@@ -221,6 +239,28 @@ pub async fn run_latency_process(
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// When (since the Unix epoch) a TCP connect from `spot` to `to` was first answered,
+/// through `tendril-svc-probe wait` (a new connect every 10 ms until then).
+pub async fn run_wait_process(spot: &Spot, to: SocketAddr, timeout: Duration) -> Result<Duration> {
+    let mut cmd = probe_command(spot);
+    cmd.arg("wait")
+        .arg("--to")
+        .arg(to.to_string())
+        .arg("--timeout-ms")
+        .arg(timeout.as_millis().to_string());
+    let out = cmd.output().await?;
+    if !out.status.success() {
+        bail!(
+            "wait in {}: {}: {}",
+            spot.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let micros: u64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(Duration::from_micros(micros))
 }
 
 /// The protocol of a probe, for tables.

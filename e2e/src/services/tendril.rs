@@ -13,7 +13,9 @@ use anyhow::{Result, bail};
 use kube::api::{Api, ListParams};
 use tendril_crds::v1alpha1::{LBService, NodeNetwork};
 
-use super::{NetnsSet, Spot, World, add_external_client, add_node_default_route, matrix, netns_prefix};
+use super::{
+    NetnsSet, Spot, World, add_external_client, add_node_default_route, matrix, netns_prefix,
+};
 use crate::TestEnv;
 use crate::sim::{SimCluster, SimClusterConfig, SimPod};
 
