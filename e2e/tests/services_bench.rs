@@ -95,9 +95,12 @@ struct Hist {
     buckets: Vec<(f64, f64)>,
 }
 
-fn hist(m: &Metrics, name: &str) -> Hist {
+/// kube-proxy labels its figures by IP family; the bench's services are IPv4.
+const V4: &[(&str, &str)] = &[("ip_family", "IPv4")];
+
+fn hist(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> Hist {
     let mut buckets: Vec<(f64, f64)> = m
-        .matching(&format!("{name}_bucket"), &[])
+        .matching(&format!("{name}_bucket"), labels)
         .filter_map(|s| {
             let le = s.labels.get("le")?;
             let le = if le == "+Inf" {
@@ -110,8 +113,8 @@ fn hist(m: &Metrics, name: &str) -> Hist {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     Hist {
-        count: m.sum(&format!("{name}_count"), &[]),
-        sum: m.sum(&format!("{name}_sum"), &[]),
+        count: m.sum(&format!("{name}_count"), labels),
+        sum: m.sum(&format!("{name}_sum"), labels),
         buckets,
     }
 }
@@ -143,6 +146,7 @@ impl Hist {
 
 const SYNC: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
 const NETPROG: &str = "kubeproxy_network_programming_duration_seconds";
+const FULL_SYNC: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
 const TENDRIL_NETPROG: &str = "tendril_services_network_programming_duration_seconds";
 
 fn service_object(name: &str) -> Result<Service> {
@@ -154,7 +158,7 @@ fn service_object(name: &str) -> Result<Service> {
 }
 
 fn slice_object(name: &str, backends: &[Ipv4Addr], node: &str) -> Result<EndpointSlice> {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     Ok(serde_json::from_value(json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {
@@ -288,8 +292,8 @@ async fn kube_proxy_target(mode: ProxyMode) -> Result<Figures> {
     bench.grow(0, 1).await?;
     bench.answered_at("s0").await?;
     let (p50, p99) = bench.latency().await?;
-    f.put(30, "connect p50 ms @1", p50);
-    f.put(31, "connect p99 ms @1", p99);
+    f.put(30, "connect p50 ms @ 1", p50);
+    f.put(31, "connect p99 ms @ 1", p99);
     let mut have = 1;
     for size in sizes() {
         let m0 = world.metrics(0).await?;
@@ -303,22 +307,22 @@ async fn kube_proxy_target(mode: ProxyMode) -> Result<Figures> {
         let k = size / 1000;
         f.put(
             1,
-            format!("grow {k}k: apply s"),
+            format!("grow {k:>2}k: apply s"),
             (applied - start).as_secs_f64(),
         );
         f.put(
             2,
-            format!("grow {k}k: apply→realized s"),
+            format!("grow {k:>2}k: apply→realized s"),
             (at.saturating_sub(start)).as_secs_f64(),
         );
-        if let Some((n, mean, p99)) = hist(&m1, SYNC).since(&hist(&m0, SYNC)) {
-            f.put(3, format!("grow {k}k: syncs"), n);
-            f.put(4, format!("grow {k}k: sync mean s"), mean);
-            f.put(5, format!("grow {k}k: sync p99≤ s"), p99);
+        if let Some((n, mean, p99)) = hist(&m1, SYNC, V4).since(&hist(&m0, SYNC, V4)) {
+            f.put(3, format!("grow {k:>2}k: syncs"), n);
+            f.put(4, format!("grow {k:>2}k: sync mean s"), mean);
+            f.put(5, format!("grow {k:>2}k: sync p99≤ s"), p99);
         }
-        if let Some((_, mean, p99)) = hist(&m1, NETPROG).since(&hist(&m0, NETPROG)) {
-            f.put(6, format!("grow {k}k: netprog mean s"), mean);
-            f.put(7, format!("grow {k}k: netprog p99≤ s"), p99);
+        if let Some((_, mean, p99)) = hist(&m1, NETPROG, V4).since(&hist(&m0, NETPROG, V4)) {
+            f.put(6, format!("grow {k:>2}k: netprog mean s"), mean);
+            f.put(7, format!("grow {k:>2}k: netprog p99≤ s"), p99);
         }
         // From scratch: a restarted kube-proxy on a flushed node.
         let t = Instant::now();
@@ -328,22 +332,18 @@ async fn kube_proxy_target(mode: ProxyMode) -> Result<Figures> {
         let m = world.metrics(0).await?;
         f.put(
             10,
-            format!("scratch {k}k: start→synced s"),
+            format!("scratch {k:>2}k: start→synced s"),
             took.as_secs_f64(),
         );
-        let h = hist(&m, SYNC);
+        let h = hist(&m, FULL_SYNC, V4);
         if h.count > 0.0 {
-            f.put(
-                11,
-                format!("scratch {k}k: first syncs mean s"),
-                h.sum / h.count,
-            );
+            f.put(11, format!("scratch {k:>2}k: full sync s"), h.sum / h.count);
         }
         bench.answered_at(&last).await?;
         if size == 1_000 || size == 10_000 {
             let (p50, p99) = bench.latency().await?;
-            f.put(30, format!("connect p50 ms @{k}k"), p50);
-            f.put(31, format!("connect p99 ms @{k}k"), p99);
+            f.put(30, format!("connect p50 ms @{k:>2}k"), p50);
+            f.put(31, format!("connect p99 ms @{k:>2}k"), p99);
         }
         if size == 10_000 {
             let mut packet = Vec::new();
@@ -363,7 +363,9 @@ async fn kube_proxy_target(mode: ProxyMode) -> Result<Figures> {
                 let mut seen = None;
                 for _ in 0..100 {
                     let m1 = world.metrics(0).await?;
-                    if let Some((_, mean, _)) = hist(&m1, NETPROG).since(&hist(&m0, NETPROG)) {
+                    if let Some((_, mean, _)) =
+                        hist(&m1, NETPROG, V4).since(&hist(&m0, NETPROG, V4))
+                    {
                         seen = Some(mean * 1000.0);
                         break;
                     }
@@ -447,8 +449,8 @@ async fn tendril_target() -> Result<Figures> {
     }
     bench.answered_at("s0").await?;
     let (p50, p99) = bench.latency().await?;
-    f.put(30, "connect p50 ms @1", p50);
-    f.put(31, "connect p99 ms @1", p99);
+    f.put(30, "connect p50 ms @ 1", p50);
+    f.put(31, "connect p99 ms @ 1", p99);
     let port = cluster.nodes[0].metrics_port;
     let mut have = 1;
     for size in sizes() {
@@ -461,23 +463,24 @@ async fn tendril_target() -> Result<Figures> {
         have = size;
         let m1 = fetch_metrics(port).await?;
         let k = size / 1000;
-        f.put(1, format!("grow {k}k: apply s"), applied.as_secs_f64());
+        f.put(1, format!("grow {k:>2}k: apply s"), applied.as_secs_f64());
         f.put(
             2,
-            format!("grow {k}k: apply→realized s"),
+            format!("grow {k:>2}k: apply→realized s"),
             realized.as_secs_f64(),
         );
         for (order, name) in sync_metric_names(&m1) {
-            if let Some((n, mean, p99)) = hist(&m1, &name).since(&hist(&m0, &name)) {
-                f.put(order, format!("grow {k}k: syncs"), n);
-                f.put(order + 1, format!("grow {k}k: sync mean s"), mean);
-                f.put(order + 2, format!("grow {k}k: sync p99≤ s"), p99);
+            if let Some((n, mean, p99)) = hist(&m1, &name, &[]).since(&hist(&m0, &name, &[])) {
+                f.put(order, format!("grow {k:>2}k: syncs"), n);
+                f.put(order + 1, format!("grow {k:>2}k: sync mean s"), mean);
+                f.put(order + 2, format!("grow {k:>2}k: sync p99≤ s"), p99);
             }
         }
-        if let Some((_, mean, p99)) = hist(&m1, TENDRIL_NETPROG).since(&hist(&m0, TENDRIL_NETPROG))
+        if let Some((_, mean, p99)) =
+            hist(&m1, TENDRIL_NETPROG, &[]).since(&hist(&m0, TENDRIL_NETPROG, &[]))
         {
-            f.put(6, format!("grow {k}k: netprog mean s"), mean);
-            f.put(7, format!("grow {k}k: netprog p99≤ s"), p99);
+            f.put(6, format!("grow {k:>2}k: netprog mean s"), mean);
+            f.put(7, format!("grow {k:>2}k: netprog p99≤ s"), p99);
         }
         // From scratch: a fresh node joins and programs every service.
         let t = Instant::now();
@@ -486,14 +489,14 @@ async fn tendril_target() -> Result<Figures> {
         wait_services_realized(&client, &ns, REALIZE_TIMEOUT).await?;
         f.put(
             10,
-            format!("scratch {k}k: start→synced s"),
+            format!("scratch {k:>2}k: start→synced s"),
             t.elapsed().as_secs_f64(),
         );
         drop(fresh);
         if size == 1_000 || size == 10_000 {
             let (p50, p99) = bench.latency().await?;
-            f.put(30, format!("connect p50 ms @{k}k"), p50);
-            f.put(31, format!("connect p99 ms @{k}k"), p99);
+            f.put(30, format!("connect p50 ms @{k:>2}k"), p50);
+            f.put(31, format!("connect p99 ms @{k:>2}k"), p99);
         }
         if size == 10_000 {
             let lbs: Api<LBService> = bench.env.api();
@@ -519,7 +522,7 @@ async fn tendril_target() -> Result<Figures> {
                 realized.push(start.elapsed().as_secs_f64() * 1000.0);
                 let m1 = fetch_metrics(port).await?;
                 if let Some((_, mean, _)) =
-                    hist(&m1, TENDRIL_NETPROG).since(&hist(&m0, TENDRIL_NETPROG))
+                    hist(&m1, TENDRIL_NETPROG, &[]).since(&hist(&m0, TENDRIL_NETPROG, &[]))
                 {
                     metric.push(mean * 1000.0);
                 }
