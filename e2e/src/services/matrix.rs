@@ -29,8 +29,8 @@
 //! with probability ~2e-4 per case.
 //!
 //! Two things are chance, not behaviour, and are normalized: which eligible backend a
-//! ClientIP-affinity client sticks to (recorded as `one@n{node}`, the node it runs on),
-//! and unanswered attempts among refused ones (the kernel rate-limits ICMP errors per
+//! ClientIP-affinity client sticks to (recorded as `one∈{…}`: one backend, one of those
+//! the same service without affinity answered the same client with), and unanswered attempts among refused ones (the kernel rate-limits ICMP errors per
 //! destination, so of many quick attempts to a rejecting frontend some see nothing:
 //! refusals without any answer are `rejected`).
 
@@ -370,7 +370,8 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     )
     .await?;
     wait_ready_endpoints(&slices, SENTINEL, 3).await?;
-    if let Err(e) = world.wait_programmed().await {
+    let programmed = world.wait_programmed().await;
+    if let Err(e) = &programmed {
         println!(
             "{}: not reported programmed ({e:#}); probing anyway",
             world.name()
@@ -378,7 +379,13 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     }
     let sentinel = services.get(SENTINEL).await?;
     let sentinel_ip = cluster_ip(&sentinel)?;
-    for (pod, _) in CLIENT_PODS {
+    // A world that said it is not programmed is not waited for a second time.
+    let sentinel_spots = if programmed.is_ok() {
+        &CLIENT_PODS[..]
+    } else {
+        &[]
+    };
+    for (pod, _) in sentinel_spots {
         let spot = world.pod_spot(pod);
         let answered = eventually(Duration::from_secs(90), || {
             let spot = spot.clone();
@@ -508,17 +515,7 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
     for spot_results in futures::future::join_all(runs).await {
         for (key, r) in spot_results? {
             let mine = &own[&key.spot];
-            let affinity = cases.iter().any(|c| c.name == key.service && c.affinity);
-            let mut backends: BTreeSet<String> = r.answers.keys().cloned().collect();
-            if affinity && backends.len() == 1 {
-                // Which of the eligible backends a client sticks to is chance; where it
-                // runs is not (traffic policies).
-                let node = BACKENDS
-                    .iter()
-                    .find(|(b, _, _)| backends.contains(*b))
-                    .map_or(9, |b| b.1);
-                backends = BTreeSet::from([format!("one@n{node}")]);
-            }
+            let backends: BTreeSet<String> = r.answers.keys().cloned().collect();
             // The kernel rate-limits ICMP errors per destination: of many quick attempts
             // to a rejecting frontend, some see nothing. Rejected is rejected.
             let rejected = backends.is_empty() && r.refused > 0;
@@ -542,6 +539,26 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
                 error: r.first_error.clone(),
             };
             results.insert(key, outcome);
+        }
+    }
+    // Which eligible backend a ClientIP-affinity client sticks to is chance. What is not:
+    // one backend, and one of those the same service without affinity (its `-rnd` twin,
+    // same placement and policies) answered from the same client.
+    let twins = results.clone();
+    for (k, o) in results.iter_mut() {
+        let Some(base) = k.service.strip_suffix("-aff") else {
+            continue;
+        };
+        let twin = CaseKey {
+            service: format!("{base}-rnd"),
+            ..k.clone()
+        };
+        if let Some(t) = twins.get(&twin)
+            && o.backends.len() == 1
+            && o.backends.is_subset(&t.backends)
+        {
+            let set: Vec<&str> = t.backends.iter().map(String::as_str).collect();
+            o.backends = BTreeSet::from([format!("one∈{{{}}}", set.join(","))]);
         }
     }
     Ok(results)
