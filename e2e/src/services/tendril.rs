@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -100,10 +101,15 @@ impl World for TendrilWorld {
             .iter()
             .position(|n| n.name == p.node)
             .unwrap_or(0);
-        Spot::new(format!("pod@n{node}"), &p.sandbox.netns)
+        let mut spot = Spot::new(format!("pod@n{node}"), &p.sandbox.netns);
+        spot.cgroup = node_cgroup(&p.node);
+        spot
     }
     fn host_spot(&self, i: usize) -> Spot {
-        Spot::new(format!("host@n{i}"), &self.cluster.nodes[i].netns)
+        let node = &self.cluster.nodes[i];
+        let mut spot = Spot::new(format!("host@n{i}"), &node.netns);
+        spot.cgroup = node_cgroup(&node.name);
+        spot
     }
     fn external_spot(&self, i: usize) -> Spot {
         Spot::new(format!("ext@n{i}"), &self.external_ns[i])
@@ -134,6 +140,20 @@ impl World for TendrilWorld {
             .await
             .map(|_| ())
     }
+}
+
+/// The node's cgroup v2 directory, `<cgroup2 mount>/tendril-sim/<node>`, if the simulation
+/// made one: socket-level load balancing hooks cgroups, so a client process of the node or
+/// its pods must run there (the probe joins it before opening a socket). Without one (no
+/// socket LB in the sim) clients run where the test runs.
+fn node_cgroup(node: &str) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mount = mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+    })?;
+    let dir = mount.join("tendril-sim").join(node);
+    dir.is_dir().then_some(dir)
 }
 
 /// Waits until every node's `NodeNetwork.status.realizedServicesRevision` is at least the
