@@ -30,9 +30,19 @@
 //!
 //! Two things are chance, not behaviour, and are normalized: which eligible backend a
 //! ClientIP-affinity client sticks to (recorded as `one∈{…}`: one backend, one of those
-//! the same service without affinity answered the same client with), and unanswered attempts among refused ones (the kernel rate-limits ICMP errors per
-//! destination, so of many quick attempts to a rejecting frontend some see nothing:
-//! refusals without any answer are `rejected`).
+//! the same service without affinity answered the same client with), and unanswered
+//! attempts among refused ones (the kernel rate-limits ICMP errors per destination, so of
+//! many quick attempts to a rejecting frontend some see nothing: refusals without any
+//! answer are `rejected`).
+//!
+//! What the reference (kube-proxy, either mode: both agree on every case) does, in short:
+//! ClusterIP honours `internalTrafficPolicy` from pods and nodes alike (none local: pods
+//! time out, a node's own UDP gets EPERM); NodePort, LB IP and externalIP from outside
+//! honour `externalTrafficPolicy` (Local: the local backends, the client's address kept, a
+//! node without one drops; Cluster: every backend, the source masqueraded to the entry
+//! node), while pods and nodes reach every backend through them whatever the policy (a
+//! pod's address masqueraded to its node under Cluster, kept under Local); a service without endpoints is rejected (a node's own UDP gets EPERM); hairpin
+//! works, the backend seeing its node as the source when it reaches itself.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
