@@ -26,6 +26,8 @@
 //! 3. **Connect latency**: 2000 TCP connect + close from `c0` to 16 ClusterIPs in turn, at
 //!    1, 1k and 10k services; p50 and p99.
 //!
+//! `TENDRIL_SVC_BENCH_TARGETS=nftables,tendril` runs only those targets.
+//!
 //! Prints one table with the ratios (Tendril ÷ iptables, Tendril ÷ nftables, nftables ÷
 //! iptables). Tendril's column is left out, saying why, when its services datapath is not
 //! there (no LBService realized on the node within a minute of the first service); no
@@ -37,17 +39,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
-use tendril_crds::v1alpha1::LBService;
+use tendril_crds::v1alpha1::{LBService, NodeNetwork};
 use tendril_e2e::services::Spot;
 use tendril_e2e::services::kube_proxy::{KubeProxyWorld, ProxyMode};
 use tendril_e2e::services::probe::{NameEcho, run_latency_process, run_wait_process};
-use tendril_e2e::services::tendril::wait_services_realized;
+use tendril_e2e::services::tendril::{wait_revision_realized, wait_services_realized};
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod};
-use tendril_e2e::{ControlPlane, Metrics, TestEnv, fetch_metrics};
+use tendril_e2e::{ControlPlane, Metrics, TestEnv, fetch_metrics, wait_deleted};
 
 const BACKEND_PORT: u16 = 8080;
 const SERVICE_PORT: u16 = 80;
@@ -55,6 +57,17 @@ const CHANGES: usize = 20;
 const CONNECTS: u32 = 2000;
 const IN_FLIGHT: usize = 16;
 const REALIZE_TIMEOUT: Duration = Duration::from_secs(600);
+/// iptables mode at 30k services needs minutes for its first full sync.
+const SCRATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// `TENDRIL_SVC_BENCH_TARGETS` (comma-separated; default all three).
+fn targets() -> Vec<String> {
+    std::env::var("TENDRIL_SVC_BENCH_TARGETS")
+        .unwrap_or_else(|_| "iptables,nftables,tendril".into())
+        .split(',')
+        .map(|t| t.trim().to_string())
+        .collect()
+}
 
 fn sizes() -> Vec<usize> {
     let mut s = vec![1_000, 10_000];
@@ -327,7 +340,7 @@ async fn kube_proxy_target(mode: ProxyMode) -> Result<Figures> {
         // From scratch: a restarted kube-proxy on a flushed node.
         let t = Instant::now();
         world.restart_proxy_from_scratch(0, &bench.env).await?;
-        world.wait_synced(0, REALIZE_TIMEOUT).await?;
+        world.wait_synced(0, SCRATCH_TIMEOUT).await?;
         let took = t.elapsed();
         let m = world.metrics(0).await?;
         f.put(
@@ -492,7 +505,14 @@ async fn tendril_target() -> Result<Figures> {
             format!("scratch {k:>2}k: start→synced s"),
             t.elapsed().as_secs_f64(),
         );
+        // Gone with its objects, or the next waits would wait for it.
+        let fresh_name = fresh.name.clone();
         drop(fresh);
+        let nodes: Api<Node> = Api::all(client.clone());
+        let networks: Api<NodeNetwork> = Api::all(client.clone());
+        let _ = nodes.delete(&fresh_name, &DeleteParams::default()).await;
+        let _ = networks.delete(&fresh_name, &DeleteParams::default()).await;
+        wait_deleted(&networks, &fresh_name, REALIZE_TIMEOUT).await?;
         if size == 1_000 || size == 10_000 {
             let (p50, p99) = bench.latency().await?;
             f.put(30, format!("connect p50 ms @{k:>2}k"), p50);
@@ -513,14 +533,15 @@ async fn tendril_target() -> Result<Figures> {
                     create_service(&svcs, &slices, &name, &bench.backends, &bench.node).await?;
                 bench.services.insert(n, ip);
                 let revision = async {
-                    tendril_e2e::wait_for(
+                    let lb = tendril_e2e::wait_for(
                         &lbs,
                         &name,
                         |o: Option<&LBService>| o.is_some(),
                         REALIZE_TIMEOUT,
                     )
-                    .await?;
-                    wait_services_realized(&client, &ns, REALIZE_TIMEOUT).await?;
+                    .await?
+                    .context("LBService gone")?;
+                    wait_revision_realized(&client, lb.spec.revision, REALIZE_TIMEOUT).await?;
                     Ok::<_, anyhow::Error>(since_epoch())
                 };
                 let (at, rev_at) = tokio::join!(bench.answered_at(&name), revision);
@@ -634,22 +655,28 @@ fn table(cols: &[(&str, &Figures)]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn services_bench() -> Result<()> {
-    let iptables = kube_proxy_target(ProxyMode::Iptables).await?;
-    println!(
-        "── kube-proxy iptables\n{}",
-        table(&[("iptables", &iptables)])
-    );
-    let nftables = kube_proxy_target(ProxyMode::Nftables).await?;
-    println!(
-        "── kube-proxy nftables\n{}",
-        table(&[("nftables", &nftables)])
-    );
-    let tendril = tendril_target().await?;
-    let mut cols = vec![("iptables", &iptables), ("nftables", &nftables)];
-    match &tendril.skipped {
-        Some(why) => println!("tendril column skipped: {why}"),
-        None => cols.push(("tendril", &tendril)),
+    let chosen = targets();
+    let mut figures: Vec<(&str, Figures)> = Vec::new();
+    for target in ["iptables", "nftables", "tendril"] {
+        if !chosen.iter().any(|t| t == target) {
+            continue;
+        }
+        let f = match target {
+            "iptables" => kube_proxy_target(ProxyMode::Iptables).await?,
+            "nftables" => kube_proxy_target(ProxyMode::Nftables).await?,
+            _ => tendril_target().await?,
+        };
+        match &f.skipped {
+            Some(why) => println!("{target} column skipped: {why}"),
+            None => println!("── {target}\n{}", table(&[(target, &f)])),
+        }
+        figures.push((target, f));
     }
+    let cols: Vec<(&str, &Figures)> = figures
+        .iter()
+        .filter(|(_, f)| f.skipped.is_none())
+        .map(|(n, f)| (*n, f))
+        .collect();
     println!(
         "── services benchmark (seconds or milliseconds as named; p99≤ is a histogram bucket bound)\n{}",
         table(&cols)

@@ -157,8 +157,10 @@ fn node_cgroup(node: &str) -> Option<PathBuf> {
 }
 
 /// Waits until every node's `NodeNetwork.status.realizedServicesRevision` is at least the
-/// highest `spec.revision` of the LBServices in `namespace` (one per Service there);
-/// returns that revision. Fails with what was seen when it does not happen in `timeout`.
+/// highest `spec.revision` of the LBServices in `namespace` once there is one per Service
+/// there; returns that revision. Fails with what was seen when it does not happen in
+/// `timeout`. Counting is by metadata-only lists every 500 ms (cheap at 10k objects); the
+/// revision wait polls only the NodeNetworks.
 pub async fn wait_services_realized(
     client: &kube::Client,
     namespace: &str,
@@ -167,13 +169,44 @@ pub async fn wait_services_realized(
     let lbs: Api<LBService> = Api::namespaced(client.clone(), namespace);
     let services: Api<k8s_openapi::api::core::v1::Service> =
         Api::namespaced(client.clone(), namespace);
+    let start = std::time::Instant::now();
+    let lp = ListParams::default();
+    loop {
+        let want = services.list_metadata(&lp).await?.items.len();
+        let have = lbs.list_metadata(&lp).await?.items.len();
+        if want > 0 && have >= want {
+            break;
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "services not realized within {timeout:?}: {have} LBServices for {want} Services"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let max = lbs
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .map(|l| l.spec.revision)
+        .max()
+        .unwrap_or(0);
+    wait_revision_realized(client, max, timeout.saturating_sub(start.elapsed())).await?;
+    Ok(max)
+}
+
+/// Waits until every node's `NodeNetwork.status.realizedServicesRevision` is at least
+/// `revision` (revisions are one cluster-wide sequence, so that node realizes every
+/// LBService change up to it).
+pub async fn wait_revision_realized(
+    client: &kube::Client,
+    revision: i64,
+    timeout: Duration,
+) -> Result<()> {
     let networks: Api<NodeNetwork> = Api::all(client.clone());
     let start = std::time::Instant::now();
-    let mut seen = String::new();
-    while start.elapsed() < timeout {
-        let want = services.list(&ListParams::default()).await?.items.len();
-        let list = lbs.list(&ListParams::default()).await?.items;
-        let max = list.iter().map(|l| l.spec.revision).max();
+    loop {
         let realized: Vec<(String, Option<i64>)> = networks
             .list(&ListParams::default())
             .await?
@@ -186,18 +219,19 @@ pub async fn wait_services_realized(
                 )
             })
             .collect();
-        seen = format!(
-            "{} LBServices for {want} Services, max revision {max:?}; nodes realize {realized:?}",
-            list.len()
-        );
-        if let Some(max) = max
-            && list.len() >= want
-            && !realized.is_empty()
-            && realized.iter().all(|(_, r)| r.is_some_and(|r| r >= max))
+        if !realized.is_empty()
+            && realized
+                .iter()
+                .all(|(_, r)| r.is_some_and(|r| r >= revision))
         {
-            return Ok(max);
+            return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if start.elapsed() > timeout {
+            bail!(
+                "LBService revision {revision} not realized on every node within {timeout:?}: \
+                 nodes realize {realized:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bail!("services not realized within {timeout:?}: {seen}")
 }
