@@ -7,7 +7,11 @@
 #   hack/bench.sh policy     # per-packet cost of policy enforcement at 0/10/10k rules
 #   hack/bench.sh propagation  # policy applied → enforced on every node, 10/1k/10k rules
 #   hack/bench.sh memory     # agent and operator RSS per remote endpoint
-#   hack/bench.sh services   # the services concern at 1k/10k Services (write, realize, change)
+#   hack/bench.sh services   # service LB vs kube-proxy iptables/nftables: programming at
+#                            # 1k/10k services (30k: TENDRIL_SVC_BENCH_30K=1), one change at
+#                            # 10k, connect latency at 1/1k/10k
+#   hack/bench.sh services-operator  # the services concern at 1k/10k Services (write,
+#                            # realize, change, restart, operator RSS)
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
 cd "$TENDRIL_ROOT"
@@ -29,8 +33,9 @@ case $which in
   all | policy) run "policy per packet (ns/packet)" cargo test -p tendril-datapath --test bpf_policy_bench ;;&
   all | propagation) run "policy propagation" cargo test -p tendril-e2e --test policy_propagation ;;&
   all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&
-  all | services) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
-  all | bpf | policy | propagation | memory | services) ;;
-  *) die "unknown benchmark $which (bpf, policy, propagation, memory, services or all)" ;;
+  all | services) run "services vs kube-proxy" cargo test -p tendril-e2e --test services_bench ;;&
+  all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
+  all | bpf | policy | propagation | memory | services | services-operator) ;;
+  *) die "unknown benchmark $which (bpf, policy, propagation, memory, services, services-operator or all)" ;;
 esac
 exit $rc

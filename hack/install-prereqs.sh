@@ -15,6 +15,7 @@ packages=(
   gobgpd bird2 # BGP engine and independent peer
   util-linux # flock(1): serializes control-plane starts
   buildah umoci busybox-static # daemonless image builds (hack/build-images.sh), agent image shell
+  nftables # nft(8): kube-proxy's nftables mode, the reference of the services conformance matrix
 )
 
 missing=()

@@ -82,6 +82,10 @@
 //!   those of tests that failed. The shared plane's logs stay in its run dir
 //!   (`~/.cache/tendril/test-run/logs`).
 //!
+//! - Worlds beyond Tendril's own: [`services`] runs one services conformance matrix against
+//!   a real `kube-proxy` per simulated node (no Tendril; `kp-…` namespaces) and against the
+//!   simulated Tendril cluster; `tendril-svc-probe` is its client process.
+//!
 //! # Facts about this control plane
 //!
 //! - Nothing schedules pods and there is no kubelet: set `spec.nodeName`, create the Node,
@@ -104,6 +108,7 @@ mod kube_util;
 pub mod netpol;
 mod plane;
 mod process;
+pub mod services;
 pub mod sim;
 pub mod traffic;
 mod util;

@@ -83,12 +83,47 @@ pub(crate) fn link_exists_in(netns: &str, link: &str) -> bool {
 /// The underlay: its namespace with bridge `br0` up. Idempotent.
 pub async fn ensure_underlay(cluster: &str) -> Result<String> {
     let ns = underlay_netns(cluster);
-    ensure_netns(&ns).await?;
-    if !link_exists_in(&ns, "br0") {
-        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]).await?;
-    }
-    ip(&["-n", &ns, "link", "set", "br0", "up"]).await?;
+    ensure_bridge_netns(&ns).await?;
     Ok(ns)
+}
+
+/// A namespace `ns` holding bridge `br0`, up. Idempotent.
+pub async fn ensure_bridge_netns(ns: &str) -> Result<()> {
+    ensure_netns(ns).await?;
+    if !link_exists_in(ns, "br0") {
+        ip(&["-n", ns, "link", "add", "br0", "type", "bridge"]).await?;
+    }
+    ip(&["-n", ns, "link", "set", "br0", "up"]).await?;
+    Ok(())
+}
+
+/// Joins namespace `ns` to the bridge `br0` of namespace `bridge_ns`: `eth0` in `ns` with
+/// `address/24`, its peer `peer` on the bridge. Idempotent.
+pub async fn join_bridge(bridge_ns: &str, ns: &str, peer: &str, address: Ipv4Addr) -> Result<()> {
+    if !link_exists_in(ns, "eth0") {
+        if link_exists_in(bridge_ns, peer) {
+            // A leftover of a previous member with this name.
+            ip(&["-n", bridge_ns, "link", "del", peer]).await?;
+        }
+        ip(&[
+            "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", peer, "netns",
+            bridge_ns,
+        ])
+        .await?;
+        ip(&["-n", bridge_ns, "link", "set", peer, "master", "br0", "up"]).await?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ])
+        .await?;
+    }
+    ip(&["-n", ns, "link", "set", "eth0", "up"]).await?;
+    Ok(())
 }
 
 /// Node `index` (0-based) of underlay subnet `subnet`: `10.250.{subnet}.{index + 10}`.
@@ -119,30 +154,7 @@ pub async fn ensure_node_netns(
         "net.ipv4.ip_forward=1",
     ])
     .await?;
-    let peer = format!("n{index}");
-    if !link_exists_in(&ns, "eth0") {
-        if link_exists_in(&underlay, &peer) {
-            // A leftover of a previous node with this index.
-            ip(&["-n", &underlay, "link", "del", &peer]).await?;
-        }
-        ip(&[
-            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
-            &underlay,
-        ])
-        .await?;
-        ip(&["-n", &underlay, "link", "set", &peer, "master", "br0", "up"]).await?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{address}/24"),
-            "dev",
-            "eth0",
-        ])
-        .await?;
-    }
-    ip(&["-n", &ns, "link", "set", "eth0", "up"]).await?;
+    join_bridge(&underlay, &ns, &format!("n{index}"), address).await?;
     Ok(ns)
 }
 
