@@ -152,11 +152,14 @@ fn dst(frame: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
 }
 
+/// One measured case: name, hook, packet, expected verdict, check of the packet after.
+type Case<'a> = (&'a str, Hook, Vec<u8>, u32, &'a dyn Fn(&[u8]));
+
 #[test]
 fn ns_per_packet_of_the_service_path() {
     let to_backend = |f: &[u8]| assert!([POD_A, POD_B].contains(&dst(f)), "{}", dst(f));
     let untouched = |_: &[u8]| {};
-    let cases: Vec<(&str, Hook, Vec<u8>, u32, &dyn Fn(&[u8]))> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "from_netdev → pod (no service)",
             Hook::FromNetdev,
