@@ -90,7 +90,7 @@ fn translate_only(n: usize) -> Result<f64> {
     let started = Instant::now();
     let mut backends = 0;
     for (svc, sl) in services.iter().zip(&slices) {
-        let t = translate::translate(svc, [sl], |_| None, "tendril.dev/lb")
+        let t = translate::translate(svc, [sl], |_| None)
             .map_err(|s| anyhow::anyhow!("skipped: {s}"))?;
         backends += t.spec.backends.len();
     }
