@@ -10,24 +10,19 @@
 //!
 //! - `wait --to ADDR`: connects until one is answered; prints when (µs since the epoch).
 //!
-//! `--cgroup DIR` (all): moves this process into that cgroup v2 directory before any
-//! socket is opened.
+//! Its cgroup is set by who starts it (`services::probe`), before `ip netns exec`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use tendril_e2e::services::probe::{ProbeRequest, run_request};
 
 #[derive(Parser)]
 #[command(name = "tendril-svc-probe", about = "Service frontend probes")]
 struct Cli {
-    /// cgroup v2 directory to join first.
-    #[arg(long, global = true)]
-    cgroup: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -56,10 +51,6 @@ enum Cmd {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(dir) = &cli.cgroup {
-        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    }
     match cli.command {
         Cmd::Probe => {
             let mut input = Vec::new();

@@ -173,14 +173,14 @@ pub async fn run_request(req: &ProbeRequest) -> ProbeResult {
     out
 }
 
-/// `ip netns exec NS tendril-svc-probe [--cgroup DIR]`: the probe started in `spot`.
+/// `ip netns exec NS tendril-svc-probe`: the probe started in `spot`, in its cgroup. The
+/// cgroup is joined before `ip netns exec` runs: that remounts /sys in a mount namespace of
+/// its own, where the cgroup2 mount under /sys/fs/cgroup is no longer visible.
 fn probe_command(spot: &Spot) -> Command {
     let probe = crate::target_bin_dir().join("tendril-svc-probe");
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &spot.netns]).arg(probe);
-    if let Some(cg) = &spot.cgroup {
-        cmd.arg("--cgroup").arg(cg);
-    }
+    crate::sim::place_in_cgroup(&mut cmd, spot.cgroup.as_deref());
     cmd.kill_on_drop(true);
     cmd
 }

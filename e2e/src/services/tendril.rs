@@ -147,12 +147,7 @@ impl World for TendrilWorld {
 /// its pods must run there (the probe joins it before opening a socket). Without one (no
 /// socket LB in the sim) clients run where the test runs.
 fn node_cgroup(node: &str) -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let mount = mounts.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-    })?;
-    let dir = mount.join("tendril-sim").join(node);
+    let dir = crate::sim::sim_cgroup_root()?.join(node);
     dir.is_dir().then_some(dir)
 }
 
