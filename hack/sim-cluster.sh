@@ -119,15 +119,14 @@ web_server_pidfile() { echo "$pids/web-$1.pid"; }
 
 start_web_servers() {
   local pod node ip netns slug
-  mkdir -p "$simdir/web"
   while read -r pod node ip netns; do
     [[ ${pod#*/} == web-* ]] || continue
     slug=${pod/\//_}
-    [[ -z $(pidfile_pid "$(web_server_pidfile "$slug")" socat) ]] || continue
-    printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n%s\n' "$pod on $node" \
-      >"$simdir/web/$slug.http"
+    [[ -z $(pidfile_pid "$(web_server_pidfile "$slug")" python3) ]] || continue
+    mkdir -p "$simdir/web/$slug"
+    echo "$pod on $node" >"$simdir/web/$slug/index.html"
     spawn_detached "$(web_server_pidfile "$slug")" "$logs/web-$slug.log" \
-      ip netns exec "$netns" socat TCP-LISTEN:8080,fork,reuseaddr "EXEC:cat $simdir/web/$slug.http"
+      ip netns exec "$netns" python3 -m http.server 8080 --directory "$simdir/web/$slug"
   done < <(sim pods)
 }
 
@@ -135,11 +134,11 @@ stop_web_servers() {
   local f pid
   for f in "$pids"/web-*.pid; do
     [[ -e $f ]] || continue
-    pid=$(pidfile_pid "$f" socat)
+    pid=$(pidfile_pid "$f" python3)
     [[ -z $pid ]] || stop_process "$pid" 5
     rm -f "$f" "${f%.pid}.start"
   done
-  for pid in $(stray_pids socat "$simdir/web/"); do stop_process "$pid" 5; done
+  for pid in $(stray_pids python3 "$simdir/web/"); do stop_process "$pid" 5; done
 }
 
 cmd_down() {
