@@ -303,7 +303,7 @@ fn node_port_to_a_remote_backend_is_snated_and_its_answer_reversed() {
     assert_eq!(run1.ret, TC_ACT_REDIRECT, "into the tunnel");
     let (src, sport, dst, dport) = tuple(&run1.data);
     assert_eq!((src, dst, dport), (NODE_IP, REMOTE_POD, 8080));
-    assert!((32768..61000).contains(&sport), "SNAT port {sport}");
+    assert!((61000..=65535).contains(&sport), "SNAT port {sport}");
     assert_checksums(&run1.data);
     assert_eq!(
         count(&node, MetricReason::ForwardTunnel, Direction::Ingress),

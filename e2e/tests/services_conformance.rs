@@ -3,7 +3,10 @@
 //! affinity × client location, TCP and UDP, plus a service without endpoints and hairpin —
 //! run with real packets against kube-proxy (nftables mode) on plain routed nodes, and
 //! against Tendril's simulated cluster with no kube-proxy. The two must agree: the test
-//! prints both columns and every disagreement, and fails on any.
+//! prints both columns and every difference, and fails on any but the few deliberate ones
+//! ([`matrix::Deliberate`]: Tendril keeps the client's address where kube-proxy
+//! masquerades, and refuses at connect where kube-proxy drops or answers EPERM), which it
+//! lists with their reason.
 //!
 //! Before comparing, the reference itself is checked against kube-proxy's documented
 //! behaviour (so a broken harness cannot make both sides agree on nonsense).
@@ -183,7 +186,16 @@ async fn tendril_agrees_with_kube_proxy() -> Result<()> {
         "{}",
         matrix::table(&[&ref_name, &world.name()], &[&expected, &actual])
     );
-    let disagreements = matrix::disagreements(&ref_name, &expected, &world.name(), &actual);
+    let comparison = matrix::compare(&ref_name, &expected, &world.name(), &actual);
+    for (deliberate, cases) in &comparison.deliberate {
+        println!(
+            "deliberate difference in {} cases: {}\n  {}",
+            cases.len(),
+            deliberate.reason(),
+            cases.join("\n  ")
+        );
+    }
+    let disagreements = comparison.disagreements;
     ensure!(
         disagreements.is_empty(),
         "{} of {} cases disagree:\n{}",

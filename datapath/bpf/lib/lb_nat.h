@@ -56,9 +56,13 @@ struct lb4_nat_entry {
 };
 
 #define LB_NAT_MAX_ENTRIES 262144
-/* SNAT source ports of north-south connections to remote backends. */
-#define LB_SNAT_PORT_MIN 32768
-#define LB_SNAT_PORT_RANGE 28232 /* up to 60999, as ip_local_port_range */
+/* SNAT source ports of north-south connections to remote backends: 61000-65535,
+ * above Linux's default ephemeral range (ip_local_port_range 32768-60999). In that
+ * range a node's own socket towards a backend could hold the same 4-tuple as an
+ * SNATed connection, and its answers would be reverse-NATed away from it (the
+ * services conformance matrix caught it). */
+#define LB_SNAT_PORT_MIN 61000
+#define LB_SNAT_PORT_RANGE 4536
 #define LB_SNAT_PORT_TRIES 8
 
 struct {

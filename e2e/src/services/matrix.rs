@@ -667,17 +667,133 @@ pub fn table(names: &[&str], worlds: &[&Results]) -> String {
 
 /// Every case where `b` differs from the reference `a` (also cases only one of them ran).
 pub fn disagreements(a_name: &str, a: &Results, b_name: &str, b: &Results) -> Vec<String> {
+    compare(a_name, a, b_name, b).disagreements
+}
+
+/// Where Tendril differs from kube-proxy on purpose. Each is narrow: anything else that
+/// differs is a disagreement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Deliberate {
+    /// kube-proxy masquerades (the backend sees a node) where Tendril keeps the client's
+    /// address: north-south to a local backend under `externalTrafficPolicy: Cluster`
+    /// (only a remote backend needs the SNAT for the reply to come back), in-cluster
+    /// clients of NodePorts, LB IPs and externalIPs (the socket LB connects them straight to
+    /// the backend), hairpin. The backends are the same; where kube-proxy keeps the client's
+    /// address (`Local`), Tendril must too.
+    KeepsClientAddress,
+    /// kube-proxy's nftables rules refuse a node's own UDP send with EPERM; Tendril's socket
+    /// LB refuses the connect with ECONNREFUSED. Both refuse at once.
+    RefusesAtConnect,
+    /// `internalTrafficPolicy: Local` on a node without a local backend: kube-proxy drops
+    /// (the client waits for its timeout), Tendril's socket LB refuses the connect at once.
+    ItpLocalRefusedNotDropped,
+}
+
+impl Deliberate {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::KeepsClientAddress => {
+                "the backend sees the client's address where kube-proxy masquerades to the node \
+                 (same backends; Cilium behaves alike)"
+            }
+            Self::RefusesAtConnect => {
+                "refused at once: ECONNREFUSED at connect (socket LB) where kube-proxy's nftables \
+                 answers a node's own UDP send with EPERM"
+            }
+            Self::ItpLocalRefusedNotDropped => {
+                "internalTrafficPolicy Local without a local backend: the connect is refused at \
+                 once where kube-proxy drops and the client times out"
+            }
+        }
+    }
+}
+
+/// The comparison of a world against the reference.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    /// Differences that fail the test.
+    pub disagreements: Vec<String>,
+    /// Deliberate differences, with the cases they cover.
+    pub deliberate: BTreeMap<Deliberate, Vec<String>>,
+}
+
+/// Compares `b` with the reference `a`, sorting every difference into deliberate ones
+/// ([`Deliberate`]) and disagreements.
+pub fn compare(a_name: &str, a: &Results, b_name: &str, b: &Results) -> Comparison {
+    let cases: BTreeMap<String, ServiceCase> = service_cases()
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    let mut out = Comparison::default();
     let keys: BTreeSet<&CaseKey> = a.keys().chain(b.keys()).collect();
-    keys.into_iter()
-        .filter_map(|k| match (a.get(k), b.get(k)) {
-            (Some(x), Some(y)) if x == y => None,
-            (x, y) => Some(format!(
-                "{k}: {a_name}: {} / {b_name}: {}",
-                x.map_or("(not run)".into(), ToString::to_string),
-                y.map_or("(not run)".into(), ToString::to_string)
-            )),
-        })
-        .collect()
+    for k in keys {
+        let (x, y) = (a.get(k), b.get(k));
+        if let (Some(x), Some(y)) = (x, y) {
+            if x == y {
+                continue;
+            }
+            if let Some(d) = deliberate(cases.get(&k.service), k, x, y) {
+                out.deliberate
+                    .entry(d)
+                    .or_default()
+                    .push(format!("{k}: {x} / {y}"));
+                continue;
+            }
+        }
+        out.disagreements.push(format!(
+            "{k}: {a_name}: {} / {b_name}: {}",
+            x.map_or("(not run)".into(), ToString::to_string),
+            y.map_or("(not run)".into(), ToString::to_string)
+        ));
+    }
+    out
+}
+
+/// Whether `tendril` differs from `reference` only in one of the [`Deliberate`] ways.
+fn deliberate(
+    case: Option<&ServiceCase>,
+    key: &CaseKey,
+    reference: &Outcome,
+    tendril: &Outcome,
+) -> Option<Deliberate> {
+    let is_node = |owner: &String| {
+        owner.len() > 1 && owner.starts_with('n') && owner[1..].chars().all(|c| c.is_ascii_digit())
+    };
+    let same_but_sources = Outcome {
+        sources: reference.sources.clone(),
+        ..tendril.clone()
+    } == *reference;
+    if same_but_sources {
+        let client = "client".to_string();
+        let only_client_added = tendril
+            .sources
+            .iter()
+            .all(|s| reference.sources.contains(s) || *s == client);
+        let only_nodes_dropped = reference
+            .sources
+            .iter()
+            .filter(|s| !tendril.sources.contains(*s))
+            .all(is_node);
+        if only_client_added && only_nodes_dropped && tendril.sources.contains(&client) {
+            return Some(Deliberate::KeepsClientAddress);
+        }
+        return None;
+    }
+    let denied_only = reference.backends.is_empty()
+        && reference.denied
+        && !reference.refused
+        && reference.error.is_none();
+    if tendril.is_rejected() && denied_only && !reference.timeout {
+        return Some(Deliberate::RefusesAtConnect);
+    }
+    let itp_local_without_local_backend = case.is_some_and(|c| c.itp_local)
+        && key.frontend == Frontend::ClusterIp
+        && !key.spot.starts_with("ext")
+        && (reference.is_timeout() || denied_only);
+    if tendril.is_rejected() && itp_local_without_local_backend {
+        return Some(Deliberate::ItpLocalRefusedNotDropped);
+    }
+    None
 }
 
 /// Fails unless `results` holds every case of the matrix (a world that skipped a case
