@@ -41,6 +41,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         ("Endpoint", "all"),
         ("Identity", "all"),
         ("ResolvedPolicy", "all"),
+        ("LBService", "all"),
         ("EndpointSlice", "default/kubernetes"),
     ];
     let port = node.metrics_port;
@@ -75,10 +76,11 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         let plane = &plane;
         async move {
             let w = apiserver_watches(plane, "tendril.dev").await?;
-            // Watches open one by one after the agent starts: wait for all four.
+            // Watches open one by one after the agent starts: wait for all five.
             let opened = [
                 "endpoints",
                 "identities",
+                "lbservices",
                 "nodenetworks",
                 "resolvedpolicies",
             ]
@@ -92,6 +94,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
     let expected: BTreeMap<String, f64> = [
         "endpoints",
         "identities",
+        "lbservices",
         "nodenetworks",
         "resolvedpolicies",
     ]
