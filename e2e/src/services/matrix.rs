@@ -66,7 +66,12 @@ pub const ATTEMPTS: u32 = 24;
 pub const BACKEND_PORT: u16 = 8080;
 /// Service port (TCP and UDP).
 pub const SERVICE_PORT: u16 = 80;
-const ATTEMPT_TIMEOUT_MS: u64 = 1000;
+/// One attempt is one connection as an application makes it: TCP retransmits a lost SYN
+/// after 1 s and the UDP probe resends every 0.5 s, both within this. The matrix compares
+/// who answers, not latency: a first packet lost under load (seen on the loaded suite
+/// machine on the way to remote backends, ~1% of connects; open question in issue 12's
+/// note) must not read as a policy difference.
+const ATTEMPT_TIMEOUT_MS: u64 = 3000;
 /// A case stops after this many unanswered attempts in a row when nothing answered yet.
 const GIVE_UP_AFTER: u32 = 3;
 

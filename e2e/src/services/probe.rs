@@ -96,6 +96,9 @@ fn parse_answer(bytes: &[u8]) -> Attempt {
     }
 }
 
+/// How long a UDP attempt waits for an answer before it sends again.
+const UDP_RESEND: Duration = Duration::from_millis(500);
+
 async fn attempt(udp: bool, to: SocketAddr, timeout: Duration) -> Attempt {
     let run = async {
         if udp {
@@ -106,13 +109,17 @@ async fn attempt(udp: bool, to: SocketAddr, timeout: Duration) -> Attempt {
             if let Err(e) = socket.connect(to).await {
                 return classify(&e);
             }
-            if let Err(e) = socket.send(b"who\n").await {
-                return classify(&e);
-            }
+            // Resent every 0.5 s, as a UDP client retries, until an answer or the timeout.
             let mut buf = [0u8; 256];
-            match socket.recv(&mut buf).await {
-                Ok(n) => parse_answer(&buf[..n]),
-                Err(e) => classify(&e),
+            loop {
+                if let Err(e) = socket.send(b"who\n").await {
+                    return classify(&e);
+                }
+                match tokio::time::timeout(UDP_RESEND, socket.recv(&mut buf)).await {
+                    Ok(Ok(n)) => return parse_answer(&buf[..n]),
+                    Ok(Err(e)) => return classify(&e),
+                    Err(_) => continue,
+                }
             }
         } else {
             let mut stream = match tokio::net::TcpStream::connect(to).await {
