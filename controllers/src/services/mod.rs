@@ -32,12 +32,15 @@
 //! `tendril_services_writes_total`, `tendril_services_deletes_total`,
 //! `tendril_services_status_writes_total`, `tendril_services_translate_seconds`.
 
+pub mod index;
+mod metrics;
 pub mod sequence;
 pub mod status;
 pub mod translate;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{FutureExt, StreamExt};
+use index::{Board, Entry, SliceIndex};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
@@ -46,9 +49,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use metrics::Metrics;
 use sequence::Sequence;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -61,7 +62,6 @@ use tendril_crds::v1alpha1::{LBService, LBServiceSpec, NodeNetwork};
 use tendril_runtime::caches::{Cache, Change};
 use tendril_runtime::revisions::Revisions;
 use tendril_runtime::{self as runtime, DesiredCondition, MetricLabel, Reconciler, conditions};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use translate::{SERVICE_NAME_LABEL, ZONE_LABEL};
@@ -143,159 +143,6 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|t| t.with_timezone(&Utc))
-}
-
-struct Metrics {
-    lbservices: Gauge,
-    backends: Gauge,
-    invalid: Gauge,
-    revision: Gauge,
-    writes: Counter,
-    deletes: Counter,
-    status_writes: Counter,
-    translate_seconds: Histogram,
-}
-
-impl Metrics {
-    fn new(m: &runtime::Metrics) -> Self {
-        Self {
-            lbservices: m.domain(
-                "tendril_services_lbservices",
-                "LBServices the services concern keeps (one per served Service)",
-                Gauge::default,
-            ),
-            backends: m.domain(
-                "tendril_services_backends",
-                "Backends in all LBServices",
-                Gauge::default,
-            ),
-            invalid: m.domain(
-                "tendril_services_invalid",
-                "LBServices with Valid=False (served in part)",
-                Gauge::default,
-            ),
-            revision: m.domain(
-                "tendril_services_revision",
-                "The last number of the cluster-wide LBService revision sequence",
-                Gauge::default,
-            ),
-            writes: m.domain(
-                "tendril_services_writes",
-                "LBService specs written (each with a new revision)",
-                Counter::default,
-            ),
-            deletes: m.domain(
-                "tendril_services_deletes",
-                "LBServices deleted (Service gone or no longer served)",
-                Counter::default,
-            ),
-            status_writes: m.domain(
-                "tendril_services_status_writes",
-                "LBService status writes",
-                Counter::default,
-            ),
-            translate_seconds: m.domain(
-                "tendril_services_translate_seconds",
-                "Time to translate one Service and its EndpointSlices",
-                || Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
-            ),
-        }
-    }
-}
-
-/// Which EndpointSlices belong to which Service, by name; the slices themselves are read
-/// from the store. Updated from the same change stream that triggers the reconciles, so a
-/// reconcile never misses the slice that triggered it.
-#[derive(Clone, Default)]
-struct SliceIndex(Arc<Mutex<HashMap<Key, BTreeSet<String>>>>);
-
-impl SliceIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, BTreeSet<String>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn apply(&self, change: &Change<EndpointSlice>, store: &Store<EndpointSlice>) {
-        let mut index = self.lock();
-        match change {
-            Change::Applied(slice) => {
-                if let Some(key) = service_of(slice) {
-                    index.entry(key).or_default().insert(slice.name_any());
-                }
-            }
-            Change::Deleted(slice) => {
-                if let Some(key) = service_of(slice)
-                    && let Some(names) = index.get_mut(&key)
-                {
-                    names.remove(&slice.name_any());
-                    if names.is_empty() {
-                        index.remove(&key);
-                    }
-                }
-            }
-            // A relist: the store is complete; rebuild from it (what the stream replays
-            // next is already in).
-            Change::Listed => {
-                index.clear();
-                for slice in store.state() {
-                    if let Some(key) = service_of(&slice) {
-                        index.entry(key).or_default().insert(slice.name_any());
-                    }
-                }
-            }
-            Change::Failed(_) => {}
-        }
-    }
-
-    fn slices(&self, key: &Key, store: &Store<EndpointSlice>) -> Vec<Arc<EndpointSlice>> {
-        let names: Vec<String> = self
-            .lock()
-            .get(key)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default();
-        names
-            .iter()
-            .filter_map(|n| store.get(&ObjectRef::new(n).within(&key.0)))
-            .filter(|s| service_of(s).as_ref() == Some(key))
-            .collect()
-    }
-}
-
-/// What the reconciles recorded per served Service, for the status writer.
-#[derive(Clone, Debug, PartialEq)]
-struct Entry {
-    valid: DesiredCondition,
-    revision: i64,
-    generation: Option<i64>,
-    backends: usize,
-}
-
-#[derive(Default)]
-struct Board {
-    entries: Mutex<HashMap<Key, Entry>>,
-    wake: Notify,
-}
-
-impl Board {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set(&self, key: Key, entry: Entry) {
-        let changed = self.lock().insert(key, entry.clone()) != Some(entry);
-        if changed {
-            self.wake.notify_one();
-        }
-    }
-
-    fn get(&self, key: &Key) -> Option<Entry> {
-        self.lock().get(key).cloned()
-    }
-
-    fn remove(&self, key: &Key) {
-        if self.lock().remove(key).is_some() {
-            self.wake.notify_one();
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -529,7 +376,7 @@ impl Shared {
         debug!(
             revision = spec.revision,
             backends,
-            changed = %what_changed(current.as_ref(), &spec),
+            changed = %sequence::what_changed(current.as_ref(), &spec),
             "LBService written"
         );
         self.board.set(
@@ -729,37 +576,6 @@ impl Shared {
         }
         first_error.map_or(Ok(()), Err)
     }
-}
-
-/// Which parts of the spec a write changes, for the log: `new`, or e.g. `backends`.
-fn what_changed(current: Option<&LBServiceSpec>, new: &LBServiceSpec) -> String {
-    let Some(c) = current else {
-        return "new".into();
-    };
-    let parts = [
-        ("frontends", c.frontends != new.frontends),
-        ("backends", c.backends != new.backends),
-        (
-            "sessionAffinity",
-            c.session_affinity != new.session_affinity,
-        ),
-        (
-            "trafficPolicies",
-            c.external_traffic_policy != new.external_traffic_policy
-                || c.internal_traffic_policy != new.internal_traffic_policy,
-        ),
-        (
-            "loadBalancerSourceRanges",
-            c.load_balancer_source_ranges != new.load_balancer_source_ranges,
-        ),
-        (
-            "healthCheckNodePort",
-            c.health_check_node_port != new.health_check_node_port,
-        ),
-        ("algorithm", c.algorithm != new.algorithm),
-    ];
-    let changed: Vec<&str> = parts.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
-    changed.join(",")
 }
 
 /// Every object of `api`, in pages, from a consistent read.

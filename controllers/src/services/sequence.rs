@@ -98,6 +98,37 @@ pub fn changed_at(
         .unwrap_or(now)
 }
 
+/// Which parts of the spec a write changes, for the log: `new`, or e.g. `backends`.
+pub fn what_changed(current: Option<&LBServiceSpec>, new: &LBServiceSpec) -> String {
+    let Some(c) = current else {
+        return "new".into();
+    };
+    let parts = [
+        ("frontends", c.frontends != new.frontends),
+        ("backends", c.backends != new.backends),
+        (
+            "sessionAffinity",
+            c.session_affinity != new.session_affinity,
+        ),
+        (
+            "trafficPolicies",
+            c.external_traffic_policy != new.external_traffic_policy
+                || c.internal_traffic_policy != new.internal_traffic_policy,
+        ),
+        (
+            "loadBalancerSourceRanges",
+            c.load_balancer_source_ranges != new.load_balancer_source_ranges,
+        ),
+        (
+            "healthCheckNodePort",
+            c.health_check_node_port != new.health_check_node_port,
+        ),
+        ("algorithm", c.algorithm != new.algorithm),
+    ];
+    let changed: Vec<&str> = parts.iter().filter(|(_, d)| *d).map(|(n, _)| *n).collect();
+    changed.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
