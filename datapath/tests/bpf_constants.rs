@@ -40,6 +40,10 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("LB_NAT_F_SNAT", LB_NAT_F_SNAT.into()),
         ("LB_NAT_F_NORTH_SOUTH", LB_NAT_F_NORTH_SOUTH.into()),
         ("LB_NAT_F_HAIRPIN", LB_NAT_F_HAIRPIN.into()),
+        ("LB_NAT_F_CLOSING", LB_NAT_F_CLOSING.into()),
+        ("LB_NAT_IDLE_CLOSED_S", LB_NAT_IDLE_CLOSED_S.into()),
+        ("LB_NAT_IDLE_TCP_S", LB_NAT_IDLE_TCP_S.into()),
+        ("LB_NAT_IDLE_UDP_S", LB_NAT_IDLE_UDP_S.into()),
         ("LB_NAT_MAX_ENTRIES", LB_NAT_MAX_ENTRIES.into()),
         ("NETNS_POD", NETNS_POD.into()),
         (

@@ -232,7 +232,8 @@ fn lb_mirrors_match_the_c_structs() {
                 backend_id,
                 rev_nat_index,
                 flags,
-                pad
+                pad,
+                last_seen
             ]
         ),
     ];

@@ -32,6 +32,9 @@
 #define LB_NAT_F_SNAT 0x01 /* the source was rewritten to the node's address */
 #define LB_NAT_F_NORTH_SOUTH 0x02 /* from outside the node: replies leave by the FIB */
 #define LB_NAT_F_HAIRPIN 0x04 /* a pod reaching itself: its source became the frontend */
+/* A FIN or RST passed either way: a SYN on this tuple is a new connection (any
+ * other SYN is a retransmission and keeps its backend). */
+#define LB_NAT_F_CLOSING 0x08
 
 /* Ports in network order. */
 struct lb4_nat_key {
@@ -53,6 +56,7 @@ struct lb4_nat_entry {
 	__u16 rev_nat_index;
 	__u8 flags;
 	__u8 pad;
+	__u32 last_seen; /* seconds of CLOCK_MONOTONIC, when a packet last used it */
 };
 
 #define LB_NAT_MAX_ENTRIES 262144
@@ -64,6 +68,14 @@ struct lb4_nat_entry {
 #define LB_SNAT_PORT_MIN 61000
 #define LB_SNAT_PORT_RANGE 4536
 #define LB_SNAT_PORT_TRIES 8
+/* Idle seconds after which a connection's SNAT port may serve another one: a
+ * closed TCP connection after the backend's TIME_WAIT (60 s on Linux), an open
+ * one after Cilium's TCP connection lifetime (6 h), UDP after 60 s. Nothing else
+ * reclaims them: lb_nat is an LRU, and without this ports would be reused only
+ * when the map is full. */
+#define LB_NAT_IDLE_CLOSED_S 60
+#define LB_NAT_IDLE_TCP_S 21600
+#define LB_NAT_IDLE_UDP_S 60
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -104,6 +116,55 @@ static __always_inline void lb4_nat_key_fill(struct lb4_nat_key *key, __be32 sad
 	key->proto = proto;
 	key->dir = dir;
 	key->pad = 0;
+}
+
+static __always_inline __u32 lb_now_s(void)
+{
+	return bpf_ktime_get_ns() / 1000000000ULL;
+}
+
+/* The key of the other direction's entry of the connection `e` belongs to: an
+ * entry says what its packets become, which is the tuple the other side sends
+ * with, reversed. */
+static __always_inline void lb4_nat_peer_key(struct lb4_nat_key *key, const struct lb4_nat_entry *e,
+					     __u8 proto, __u8 dir)
+{
+	lb4_nat_key_fill(key, e->daddr, e->saddr, e->dport, e->sport, proto,
+			 dir == LB_NAT_FORWARD ? LB_NAT_REPLY : LB_NAT_FORWARD);
+}
+
+/* A packet used entry `e` (of direction `dir`): its idle time restarts (written at
+ * most once a second), and a FIN or RST marks both directions closing. */
+static __always_inline void lb4_nat_touch(struct lb4_nat_entry *e, const struct l4_info *l4,
+					  __u8 dir)
+{
+	__u32 now = lb_now_s();
+
+	if (e->last_seen != now)
+		e->last_seen = now;
+	if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) &&
+	    !(e->flags & LB_NAT_F_CLOSING)) {
+		struct lb4_nat_entry *peer;
+		struct lb4_nat_key key;
+
+		e->flags |= LB_NAT_F_CLOSING;
+		lb4_nat_peer_key(&key, e, l4->proto, dir);
+		peer = bpf_map_lookup_elem(&lb_nat, &key);
+		if (peer)
+			peer->flags |= LB_NAT_F_CLOSING;
+	}
+}
+
+/* Whether entry `e` has been idle long enough to give its SNAT port away. */
+static __always_inline int lb4_nat_idle(const struct lb4_nat_entry *e, __u8 proto, __u32 now)
+{
+	__u32 idle = now - e->last_seen;
+
+	if (proto != IPPROTO_TCP)
+		return idle >= LB_NAT_IDLE_UDP_S;
+	if (e->flags & LB_NAT_F_CLOSING)
+		return idle >= LB_NAT_IDLE_CLOSED_S;
+	return idle >= LB_NAT_IDLE_TCP_S;
 }
 
 /* Rewrites the IPv4 addresses and ports of the packet from `from` to `to`,
@@ -230,22 +291,45 @@ static __always_inline struct lb4_backend *lb4_pick(const struct lb4_key *key,
 	return backend;
 }
 
-/* A free SNAT source port on `node` towards the backend, from a hash of the
- * client's tuple; 0 when none of the tries is free. */
-static __always_inline __be16 lb4_snat_port(const struct lb4_tuple *t, __be32 node,
-					    const struct lb4_backend *backend)
+/* A SNAT source port on `node` towards the backend, from a hash of the client's
+ * tuple: one no connection holds, one this very tuple held before (a new
+ * connection on it), or one whose connection has been idle long enough
+ * (lb4_nat_idle; its forward entry is removed, so a late packet of it starts
+ * afresh instead of being sent with another connection's port). 0 when none of
+ * the tries is free. */
+static __always_inline __be16 lb4_snat_port(struct __sk_buff *skb, const struct lb4_tuple *t,
+					    __be32 node, const struct lb4_backend *backend)
 {
-	struct lb4_nat_key reply;
 	__u32 hash = lb_hash3(t->saddr, ((__u32)t->sport << 16) | t->dport, t->daddr, 0);
+	__u32 now = lb_now_s();
 	int i;
 
 	for (i = 0; i < LB_SNAT_PORT_TRIES; i++) {
 		__be16 port = bpf_htons(LB_SNAT_PORT_MIN + (hash + i * 7919) % LB_SNAT_PORT_RANGE);
+		struct lb4_nat_entry *held, *holder;
+		struct lb4_nat_key reply, forward;
 
 		lb4_nat_key_fill(&reply, backend->address, node, backend->port, port, t->proto,
 				 LB_NAT_REPLY);
-		if (!bpf_map_lookup_elem(&lb_nat, &reply))
+		held = bpf_map_lookup_elem(&lb_nat, &reply);
+		if (!held)
 			return port;
+		if (held->daddr == t->saddr && held->dport == t->sport && held->saddr == t->daddr &&
+		    held->sport == t->dport)
+			return port;
+		if (!lb4_nat_idle(held, t->proto, now))
+			continue;
+		lb4_nat_peer_key(&forward, held, t->proto, LB_NAT_REPLY);
+		holder = bpf_map_lookup_elem(&lb_nat, &forward);
+		if (holder && holder->saddr == node && holder->sport == port &&
+		    holder->daddr == backend->address && holder->dport == backend->port) {
+			if (!lb4_nat_idle(holder, t->proto, now))
+				continue;
+			bpf_map_delete_elem(&lb_nat, &forward);
+		}
+		/* SNAT happens to packets from outside, at the uplink's ingress. */
+		metrics_count(skb, REASON_LB_SNAT_PORT_REUSED, DIR_INGRESS);
+		return port;
 	}
 	return 0;
 }
@@ -263,6 +347,7 @@ static __always_inline int lb4_nat_create(const struct lb4_tuple *t,
 		.backend_id = fwd->backend_id,
 		.rev_nat_index = fwd->rev_nat_index,
 		.flags = fwd->flags,
+		.last_seen = fwd->last_seen,
 	};
 	struct lb4_nat_key key;
 
@@ -300,11 +385,16 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 		return LB_PASS;
 	lb4_nat_key_fill(&key, t.saddr, t.daddr, t.sport, t.dport, t.proto, LB_NAT_FORWARD);
 	known = bpf_map_lookup_elem(&lb_nat, &key);
-	if (known) {
-		/* A new TCP connection on an old tuple is judged afresh below. */
-		if (t.proto != IPPROTO_TCP ||
-		    (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
-			return lb4_rewrite(skb, &t, known) < 0 ? LB_ERROR : LB_TRANSLATED;
+	/* A SYN on a closed tuple is a new connection, judged afresh below; any
+	 * other packet (a retransmitted SYN too) keeps its backend while it exists:
+	 * a retransmission sent elsewhere would meet the first backend's SYN-ACK
+	 * with another backend's RST. */
+	if (known && (t.proto != IPPROTO_TCP ||
+		      (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN ||
+		      (!(known->flags & LB_NAT_F_CLOSING) &&
+		       bpf_map_lookup_elem(&lb_backends, &known->backend_id)))) {
+		lb4_nat_touch(known, l4, LB_NAT_FORWARD);
+		return lb4_rewrite(skb, &t, known) < 0 ? LB_ERROR : LB_TRANSLATED;
 	}
 	svc = lb4_service_of(&t, !north_south, &svc_key);
 	if (!svc)
@@ -322,6 +412,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 	fwd.dport = backend->port;
 	fwd.backend_id = backend_id;
 	fwd.rev_nat_index = svc->rev_nat_index;
+	fwd.last_seen = lb_now_s();
 	if (!north_south && backend->address == t.saddr) {
 		/* Hairpin: the pod would drop a packet from its own address (a
 		 * martian); it sees the frontend as the peer instead. */
@@ -332,7 +423,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 		fwd.flags |= LB_NAT_F_NORTH_SOUTH;
 		/* Replies of a remote backend must come back here to be reversed. */
 		if (!(backend->flags & BE_F_LOCAL) && node_ip) {
-			__be16 port = lb4_snat_port(&t, node_ip, backend);
+			__be16 port = lb4_snat_port(skb, &t, node_ip, backend);
 
 			if (!port)
 				return LB_ERROR;
@@ -375,6 +466,7 @@ static __always_inline int lb4_reverse(struct __sk_buff *skb, const struct l4_in
 	rev = bpf_map_lookup_elem(&lb_nat, &key);
 	if (!rev)
 		return 0;
+	lb4_nat_touch(rev, l4, LB_NAT_REPLY);
 	if (lb4_rewrite(skb, &t, rev) < 0)
 		return -1;
 	return rev->flags + 1;

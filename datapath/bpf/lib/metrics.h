@@ -19,6 +19,7 @@ enum metric_reason {
 	REASON_EVENT_LOST = 9, /* the events ring buffer was full */
 	REASON_LB_TRANSLATED = 10, /* a service packet translated and sent on by the FIB */
 	REASON_LB_REJECTED = 11, /* a service without backends answered with RST/ICMP */
+	REASON_LB_SNAT_PORT_REUSED = 12, /* an idle connection's SNAT port given to a new one */
 	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
 	DROP_INVALID_PACKET = 131,
 	DROP_TTL_EXCEEDED = 132,

@@ -58,6 +58,11 @@ pub const LB_NAT_REPLY: u8 = 2;
 pub const LB_NAT_F_SNAT: u8 = 0x01;
 pub const LB_NAT_F_NORTH_SOUTH: u8 = 0x02;
 pub const LB_NAT_F_HAIRPIN: u8 = 0x04;
+pub const LB_NAT_F_CLOSING: u8 = 0x08;
+/// Idle seconds after which an `lb_nat` connection's SNAT port may serve another.
+pub const LB_NAT_IDLE_CLOSED_S: u32 = 60;
+pub const LB_NAT_IDLE_TCP_S: u32 = 21_600;
+pub const LB_NAT_IDLE_UDP_S: u32 = 60;
 
 /// `LB_SCOPE_*`: the lookup scope of a service entry.
 pub const LB_SCOPE_EXTERNAL: u8 = 0;
@@ -645,6 +650,8 @@ pub struct Lb4NatEntry {
     pub rev_nat_index: u16,
     pub flags: u8,
     pub pad: u8,
+    /// Seconds of CLOCK_MONOTONIC when a packet last used the entry.
+    pub last_seen: u32,
 }
 
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
@@ -724,6 +731,7 @@ pub enum MetricReason {
     EventLost = 9,
     LbTranslated = 10,
     LbRejected = 11,
+    LbSnatPortReused = 12,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -741,7 +749,7 @@ pub enum MetricReason {
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -753,6 +761,7 @@ impl MetricReason {
         Self::EventLost,
         Self::LbTranslated,
         Self::LbRejected,
+        Self::LbSnatPortReused,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -791,6 +800,7 @@ impl MetricReason {
             Self::EventLost => "event_lost",
             Self::LbTranslated => "service_translated",
             Self::LbRejected => "service_rejected",
+            Self::LbSnatPortReused => "service_snat_port_reused",
             Self::DropLbNoBackend => "service_no_backend",
             Self::DropLbSourceRange => "service_source_range",
             Self::DropLbNoRoute => "service_no_route",
