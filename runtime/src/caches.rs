@@ -451,8 +451,7 @@ fn forbidden_message(e: &watcher::Error) -> Option<String> {
 /// The retry curve of the shared watches: client-go's (0.8 s doubling, jittered) capped at
 /// 10 s instead of 30 s, and reset by any event rather than after 120 s without errors. After
 /// an apiserver or etcd restart the first answers are 410 Expired; with the default curve,
-/// grown during the outage, the relist that follows waited up to 30 s more (the operator
-/// took > 60 s to see changes again in operator_faults under load).
+/// grown during the outage, the relist that follows could wait 30 s more.
 fn watch_backoff() -> watcher::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(800))
@@ -461,6 +460,26 @@ fn watch_backoff() -> watcher::ExponentialBackoff {
         .with_jitter()
         .without_max_times()
         .into()
+}
+
+/// The trigger backoff of every controller on these caches: none. The caches' watches
+/// already retry with [`watch_backoff`] and forward each failure to every subscriber (so
+/// each controller counts it); kube-runtime's default trigger backoff (0.8 s doubling to
+/// 30 s) then slept after every forwarded failure *before the next trigger*, so after an
+/// outage a controller worked through its backlog of failures for a minute or more before
+/// it saw the change that followed them.
+pub struct NoTriggerDelay;
+
+impl Iterator for NoTriggerDelay {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoTriggerDelay {
+    fn reset(&mut self) {}
 }
 
 #[cfg(test)]

@@ -425,6 +425,7 @@ pub async fn run<R: Reconciler>(controller: Controller<R::Object>, reconciler: R
     };
     let h = harness.clone();
     let stream = controller
+        .trigger_backoff(caches::NoTriggerDelay)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile_one::<R>, error_policy::<R>, harness)
         .for_each(|res| {
