@@ -29,6 +29,8 @@
 //! `tendril_bgp_reconcile_errors_total{error}`, `tendril_bgp_compute_seconds`.
 
 pub mod desired;
+#[cfg(test)]
+mod desired_tests;
 pub mod index;
 mod metrics;
 
