@@ -234,8 +234,16 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
     let n1 = env.unique_name("bgp-n1");
     let n2 = env.unique_name("bgp-n2");
     let n3 = env.unique_name("bgp-n3");
-    for (i, (name, rack)) in [(&n1, "r1"), (&n2, "r1"), (&n3, "r2")].into_iter().enumerate() {
-        create_node(&env, name, &[("InternalIP", &format!("172.18.0.{}", i + 2))]).await?;
+    for (i, (name, rack)) in [(&n1, "r1"), (&n2, "r1"), (&n3, "r2")]
+        .into_iter()
+        .enumerate()
+    {
+        create_node(
+            &env,
+            name,
+            &[("InternalIP", &format!("172.18.0.{}", i + 2))],
+        )
+        .await?;
         env.delete_on_drop::<NodeNetwork>(name);
         env.delete_on_drop::<BGPNodeConfig>(name);
         nodes
@@ -301,7 +309,11 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
             },
         })
     };
-    apply(&policies, &typed::<BGPPeeringPolicy>(policy_body(&policy_name, 64513))?).await?;
+    apply(
+        &policies,
+        &typed::<BGPPeeringPolicy>(policy_body(&policy_name, 64513))?,
+    )
+    .await?;
 
     // Exactly these configs: n1 without the Local service's LB IP, n2 with it, n3 none.
     let web_key = format!("{ns}/web");
@@ -311,7 +323,11 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
         "172.18.0.2",
         vec![
             pod_cidr_ad("10.244.1.0/24"),
-            service_ad("198.51.100.10/32", AdvertisementSource::LoadBalancerIP, &web_key),
+            service_ad(
+                "198.51.100.10/32",
+                AdvertisementSource::LoadBalancerIP,
+                &web_key,
+            ),
             service_ad("203.0.113.10/32", AdvertisementSource::ExternalIP, &web_key),
         ],
     );
@@ -320,20 +336,32 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
         "172.18.0.3",
         vec![
             pod_cidr_ad("10.244.2.0/24"),
-            service_ad("198.51.100.10/32", AdvertisementSource::LoadBalancerIP, &web_key),
-            service_ad("198.51.100.20/32", AdvertisementSource::LoadBalancerIP, &local_key),
+            service_ad(
+                "198.51.100.10/32",
+                AdvertisementSource::LoadBalancerIP,
+                &web_key,
+            ),
+            service_ad(
+                "198.51.100.20/32",
+                AdvertisementSource::LoadBalancerIP,
+                &local_key,
+            ),
             service_ad("203.0.113.10/32", AdvertisementSource::ExternalIP, &web_key),
         ],
     );
     let c1 = {
         let want = want_n1.clone();
-        config(&configs, &n1, "the n1 config", move |c| without_revision(&c.spec) == want)
-            .await?
+        config(&configs, &n1, "the n1 config", move |c| {
+            without_revision(&c.spec) == want
+        })
+        .await?
     };
     let c2 = {
         let want = want_n2.clone();
-        config(&configs, &n2, "the n2 config", move |c| without_revision(&c.spec) == want)
-            .await?
+        config(&configs, &n2, "the n2 config", move |c| {
+            without_revision(&c.spec) == want
+        })
+        .await?
     };
     for c in [&c1, &c2] {
         ensure!(c.spec.revision >= 1, "revision {}", c.spec.revision);
@@ -395,7 +423,10 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
     apply(&slices, &slice(&ns, "local", &[(&n1, true), (&n3, false)])?).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = configs.get(&n2).await?.spec.revision;
-    ensure!(before == c2b.spec.revision, "n2 rewritten by a no-op: {before}");
+    ensure!(
+        before == c2b.spec.revision,
+        "n2 rewritten by a no-op: {before}"
+    );
     let n1_revision = configs.get(&n1).await?.spec.revision;
     ensure!(
         n1_revision == c1b.spec.revision,
@@ -466,7 +497,11 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
     let c1 = configs.get(&n1).await?;
     let other = env.unique_name("rack1-other");
     env.delete_on_drop::<BGPPeeringPolicy>(&other);
-    apply(&policies, &typed::<BGPPeeringPolicy>(policy_body(&other, 65099))?).await?;
+    apply(
+        &policies,
+        &typed::<BGPPeeringPolicy>(policy_body(&other, 65099))?,
+    )
+    .await?;
     for name in [&policy_name, &other] {
         policy_status(&policies, name, "Valid=False Conflict", |p| {
             valid(p).is_some_and(|(s, r, m)| {
@@ -482,8 +517,7 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
             list.items.iter().any(|e| {
                 e.type_.as_deref() == Some("Warning")
                     && e.reason.as_deref() == Some("Conflict")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                        == Some(other.as_str())
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(other.as_str())
             }),
             "no Conflict Event on policy {other}"
         );
@@ -513,7 +547,10 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
     // Deleted by hand: back, with a higher revision.
     configs.delete(&n1, &DeleteParams::default()).await?;
     let revision = c1.spec.revision;
-    let back = config(&configs, &n1, "put back", move |c| c.spec.revision > revision).await?;
+    let back = config(&configs, &n1, "put back", move |c| {
+        c.spec.revision > revision
+    })
+    .await?;
     ensure!(
         without_revision(&back.spec) == without_revision(&c1.spec),
         "put back differently: {:?}",

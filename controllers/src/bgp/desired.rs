@@ -28,8 +28,8 @@ use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use tendril_crds::v1alpha1::{
-    AdvertisementSource, AdvertisementType, BGPAdvertisement, BGPNeighbor, BGPNodeConfigSpec,
-    BGPPeeringPolicySpec, BGP_ROUTER_ID_ANNOTATION, Communities, NodeNetwork, NodeRouter,
+    AdvertisementSource, AdvertisementType, BGP_ROUTER_ID_ANNOTATION, BGPAdvertisement,
+    BGPNeighbor, BGPNodeConfigSpec, BGPPeeringPolicySpec, Communities, NodeNetwork, NodeRouter,
     ServiceAddress,
 };
 use tendril_runtime::DesiredCondition;
@@ -194,6 +194,11 @@ pub fn parse_large(s: &str) -> Option<(u32, u32, u32)> {
     parts.next().is_none().then_some(out)
 }
 
+/// Standard communities (ASN, value), in numeric order.
+type Standard = BTreeSet<(u16, u16)>;
+/// Large communities (ASN, value, value), in numeric order.
+type Large = BTreeSet<(u32, u32, u32)>;
+
 /// One advertisement of a policy, compiled.
 #[derive(Clone, Debug)]
 struct Compiled {
@@ -226,7 +231,7 @@ fn compile_selector(what: &str, selector: &LabelSelector) -> Result<Selector, St
 fn compile_communities(
     where_: &str,
     communities: Option<&Communities>,
-) -> Result<(BTreeSet<(u16, u16)>, BTreeSet<(u32, u32, u32)>), String> {
+) -> Result<(Standard, Large), String> {
     let Some(c) = communities else {
         return Ok(Default::default());
     };
@@ -258,7 +263,9 @@ fn compile_advertisement(where_: &str, ad: &BGPAdvertisement) -> Result<Compiled
     let selector = match (ad.advertisement_type, &ad.selector) {
         (AdvertisementType::Service, Some(s)) => Some(compile_selector(where_, s)?),
         (AdvertisementType::Service, None) => {
-            return Err(format!("{where_}: a Service advertisement needs a selector"));
+            return Err(format!(
+                "{where_}: a Service advertisement needs a selector"
+            ));
         }
         (AdvertisementType::PodCIDR, _) => None,
     };
@@ -383,10 +390,9 @@ fn advertises_from(svc: &ServiceInput, kind: ServiceAddress, node: &str) -> bool
 
 fn service_addresses(svc: &ServiceInput, kind: ServiceAddress) -> (&[IpAddr], AdvertisementSource) {
     match kind {
-        ServiceAddress::LoadBalancerIP => (
-            &svc.load_balancer_ips,
-            AdvertisementSource::LoadBalancerIP,
-        ),
+        ServiceAddress::LoadBalancerIP => {
+            (&svc.load_balancer_ips, AdvertisementSource::LoadBalancerIP)
+        }
         ServiceAddress::ExternalIP => (&svc.external_ips, AdvertisementSource::ExternalIP),
         ServiceAddress::ClusterIP => (&svc.cluster_ips, AdvertisementSource::ClusterIP),
     }
@@ -436,11 +442,7 @@ fn advertisements_of(
             prefix: prefix.to_string(),
             source: b.source.unwrap_or_default(),
             services: b.services.into_iter().collect(),
-            communities: b
-                .standard
-                .iter()
-                .map(|(a, v)| format!("{a}:{v}"))
-                .collect(),
+            communities: b.standard.iter().map(|(a, v)| format!("{a}:{v}")).collect(),
             large_communities: b
                 .large
                 .iter()
@@ -604,12 +606,9 @@ pub fn desired(
     for p in sorted {
         let n = selected.get(&p.name).copied().unwrap_or(0);
         let valid = match problems.get(&p.name) {
-            None => DesiredCondition::new(
-                VALID,
-                true,
-                REASON_SELECTED,
-                format!("selects {n} node(s)"),
-            ),
+            None => {
+                DesiredCondition::new(VALID, true, REASON_SELECTED, format!("selects {n} node(s)"))
+            }
             Some(list) => {
                 let mut message: Vec<String> = list
                     .iter()

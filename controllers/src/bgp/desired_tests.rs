@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use tendril_crds::v1alpha1::{
     Advertisement, AdvertisementSource, AdvertisementType, BGP_ROUTER_ID_ANNOTATION,
-    BGPAdvertisement, BGPNeighbor, BGPPeeringPolicySpec, Communities, NodeNetwork,
-    NodeNetworkSpec, ServiceAddress, VirtualRouter,
+    BGPAdvertisement, BGPNeighbor, BGPPeeringPolicySpec, Communities, NodeNetwork, NodeNetworkSpec,
+    ServiceAddress, VirtualRouter,
 };
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -132,7 +132,11 @@ fn lb_router() -> VirtualRouter {
 
 #[test]
 fn nodes_are_selected_by_the_node_selector_and_unselected_nodes_get_no_config() {
-    let nodes = [node("n1", "r1", 1), node("n2", "r2", 2), node("n3", "r1", 3)];
+    let nodes = [
+        node("n1", "r1", 1),
+        node("n2", "r2", 2),
+        node("n3", "r1", 3),
+    ];
     let mut r = router(64512, vec![neighbor("192.0.2.1", 64513)]);
     r.export_pod_cidr = true;
     let d = desired(&[policy("rack1", Some("r1"), vec![r.clone()])], &nodes, &[]);
@@ -187,7 +191,11 @@ fn router_id_is_the_annotation_else_the_first_ipv4_internal_ip() {
     n.metadata.annotations = Some(labels(&[(BGP_ROUTER_ID_ANNOTATION, "10.1.1.1")]));
     assert_eq!(router_id(&n), Ok(Ipv4Addr::new(10, 1, 1, 1)));
     n.metadata.annotations = Some(labels(&[(BGP_ROUTER_ID_ANNOTATION, "fd00::9")]));
-    assert!(router_id(&n).unwrap_err().contains("is not an IPv4 address"));
+    assert!(
+        router_id(&n)
+            .unwrap_err()
+            .contains("is not an IPv4 address")
+    );
     n.metadata.annotations = None;
     n.status.as_mut().unwrap().addresses.as_mut().unwrap().pop();
     assert!(
@@ -260,14 +268,36 @@ fn service_addresses_are_host_prefixes_of_the_selected_services_only() {
     assert_eq!(
         d.configs["n1"].routers[0].advertisements,
         vec![
-            ad("10.96.0.10/32", AdvertisementSource::ClusterIP, &["default/web"]),
-            ad("198.51.100.7/32", AdvertisementSource::LoadBalancerIP, &["default/web"]),
-            ad("203.0.113.5/32", AdvertisementSource::ExternalIP, &["default/web"]),
-            ad("2001:db8::7/128", AdvertisementSource::LoadBalancerIP, &["default/web"]),
+            ad(
+                "10.96.0.10/32",
+                AdvertisementSource::ClusterIP,
+                &["default/web"]
+            ),
+            ad(
+                "198.51.100.7/32",
+                AdvertisementSource::LoadBalancerIP,
+                &["default/web"]
+            ),
+            ad(
+                "203.0.113.5/32",
+                AdvertisementSource::ExternalIP,
+                &["default/web"]
+            ),
+            ad(
+                "2001:db8::7/128",
+                AdvertisementSource::LoadBalancerIP,
+                &["default/web"]
+            ),
         ]
     );
-    assert_eq!(count_by_source(&d.configs)[&AdvertisementSource::LoadBalancerIP], 2);
-    assert_eq!(count_by_source(&d.configs)[&AdvertisementSource::PodCIDR], 0);
+    assert_eq!(
+        count_by_source(&d.configs)[&AdvertisementSource::LoadBalancerIP],
+        2
+    );
+    assert_eq!(
+        count_by_source(&d.configs)[&AdvertisementSource::PodCIDR],
+        0
+    );
 }
 
 #[test]
@@ -275,7 +305,11 @@ fn only_the_addresses_asked_for_are_advertised() {
     let mut web = svc("default/web", &["198.51.100.7"]);
     web.external_ips = vec!["203.0.113.5".parse().unwrap()];
     web.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
-    let d = desired(&[policy("p", None, vec![lb_router()])], &[node("n1", "r1", 1)], &[web]);
+    let d = desired(
+        &[policy("p", None, vec![lb_router()])],
+        &[node("n1", "r1", 1)],
+        &[web],
+    );
     assert_eq!(prefixes(&d, "n1"), ["198.51.100.7/32"]);
 }
 
@@ -286,7 +320,11 @@ fn service_selector_shorthand_advertises_load_balancer_and_external_ips() {
     let mut web = svc("default/web", &["198.51.100.7"]);
     web.external_ips = vec!["203.0.113.5".parse().unwrap()];
     web.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
-    let d = desired(&[policy("p", None, vec![r])], &[node("n1", "r1", 1)], &[web]);
+    let d = desired(
+        &[policy("p", None, vec![r])],
+        &[node("n1", "r1", 1)],
+        &[web],
+    );
     assert_eq!(prefixes(&d, "n1"), ["198.51.100.7/32", "203.0.113.5/32"]);
 }
 
@@ -327,13 +365,20 @@ fn local_external_traffic_is_advertised_only_by_nodes_with_a_ready_backend() {
     );
     // No ready backend anywhere: advertised nowhere.
     local.ready_nodes.clear();
-    let d = desired(&[policy("p", None, vec![r.clone()])], &nodes, &[local.clone()]);
+    let d = desired(
+        &[policy("p", None, vec![r.clone()])],
+        &nodes,
+        &[local.clone()],
+    );
     assert_eq!(prefixes(&d, "n2"), ["10.96.0.9/32"]);
     // internalTrafficPolicy Local: the cluster IP too.
     local.internal_local = true;
     local.ready_nodes = ["n1".to_string()].into();
     let d = desired(&[policy("p", None, vec![r])], &nodes, &[local]);
-    assert_eq!(prefixes(&d, "n1"), ["10.96.0.9/32", "198.51.100.9/32", "203.0.113.9/32"]);
+    assert_eq!(
+        prefixes(&d, "n1"),
+        ["10.96.0.9/32", "198.51.100.9/32", "203.0.113.9/32"]
+    );
     assert!(d.configs["n2"].routers[0].advertisements.is_empty());
 }
 
@@ -369,7 +414,10 @@ fn service_input_reads_what_bgp_advertises() {
     s.metadata.namespace = Some("default".into());
     let input = service_input(&s).unwrap();
     assert_eq!(input.key, "default/web");
-    assert_eq!(input.load_balancer_ips, vec!["198.51.100.1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        input.load_balancer_ips,
+        vec!["198.51.100.1".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(input.external_ips.len(), 1, "garbage is skipped");
     assert_eq!(input.cluster_ips.len(), 2);
     assert!(input.external_local && !input.internal_local);
@@ -409,7 +457,11 @@ fn a_prefix_of_several_sources_and_services_is_advertised_once() {
     let a = svc("default/a", &["198.51.100.7"]);
     let mut b = svc("default/b", &[]);
     b.external_ips = vec!["198.51.100.7".parse().unwrap()];
-    let d = desired(&[policy("p", None, vec![r])], &[node("n1", "r1", 1)], &[b, a]);
+    let d = desired(
+        &[policy("p", None, vec![r])],
+        &[node("n1", "r1", 1)],
+        &[b, a],
+    );
     assert_eq!(
         d.configs["n1"].routers[0].advertisements,
         vec![ad(
@@ -435,7 +487,10 @@ fn standard_and_large_communities_parse_only_in_range() {
 fn policies_with_the_same_local_asn_merge_their_routers() {
     let mut a = router(64512, vec![neighbor("192.0.2.1", 64513)]);
     a.export_pod_cidr = true;
-    let mut b = router(64512, vec![neighbor("192.0.2.1", 64513), neighbor("192.0.2.2", 64514)]);
+    let mut b = router(
+        64512,
+        vec![neighbor("192.0.2.1", 64513), neighbor("192.0.2.2", 64514)],
+    );
     b.advertisements = vec![services_ad(
         &[ServiceAddress::LoadBalancerIP],
         select(&[("announce", "bgp")]),
@@ -537,14 +592,26 @@ fn an_invalid_policy_holds_the_nodes_it_selects() {
             values: None,
         }]),
     });
-    let good = policy("good", None, vec![router(64600, vec![neighbor("192.0.2.9", 1)])]);
+    let good = policy(
+        "good",
+        None,
+        vec![router(64600, vec![neighbor("192.0.2.9", 1)])],
+    );
     let d = desired(&[p, good], &[node("n1", "r1", 1), node("n2", "r2", 2)], &[]);
     assert_eq!(d.held, BTreeSet::from(["n1".to_string()]));
     assert_eq!(d.configs.keys().collect::<Vec<_>>(), ["n2"]);
     let v = &d.policies["bad"].valid;
     assert_eq!(v.reason, REASON_INVALID);
-    assert!(v.message.contains("router 64512: advertisements[0]"), "{}", v.message);
-    assert!(v.message.contains("unknown operator \"Near\""), "{}", v.message);
+    assert!(
+        v.message.contains("router 64512: advertisements[0]"),
+        "{}",
+        v.message
+    );
+    assert!(
+        v.message.contains("unknown operator \"Near\""),
+        "{}",
+        v.message
+    );
     assert_eq!(d.policies["bad"].selected_nodes, 1);
     assert!(d.policies["good"].valid.status);
 }
@@ -553,7 +620,10 @@ fn an_invalid_policy_holds_the_nodes_it_selects() {
 fn the_result_does_not_depend_on_input_order() {
     let mut r = lb_router();
     r.export_pod_cidr = true;
-    let policies = [policy("a", None, vec![r.clone()]), policy("b", None, vec![r])];
+    let policies = [
+        policy("a", None, vec![r.clone()]),
+        policy("b", None, vec![r]),
+    ];
     let nodes = [node("n1", "r1", 1), node("n2", "r1", 2)];
     let services = [
         svc("default/a", &["198.51.100.1"]),

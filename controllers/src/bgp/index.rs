@@ -31,12 +31,7 @@ pub fn ready_nodes_of(slice: &EndpointSlice) -> BTreeSet<String> {
     slice
         .endpoints
         .iter()
-        .filter(|e| {
-            e.conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true)
-        })
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
         .filter_map(|e| e.node_name.clone())
         .collect()
 }
@@ -45,10 +40,20 @@ pub fn ready_nodes_of(slice: &EndpointSlice) -> BTreeSet<String> {
 /// stream that triggers the recompute, so a recompute never misses the slice that
 /// triggered it.
 #[derive(Clone, Default)]
-pub struct ReadyNodes(Arc<Mutex<HashMap<ServiceKey, BTreeMap<String, BTreeSet<String>>>>>);
+pub struct ReadyNodes(Arc<Mutex<HashMap<ServiceKey, SliceNodes>>>);
+
+/// The ready nodes of one Service, per EndpointSlice name.
+type SliceNodes = BTreeMap<String, BTreeSet<String>>;
+
+/// What the concern reads of a Node: labels, the router-id annotation, the addresses.
+pub type NodeFacts = (
+    BTreeMap<String, String>,
+    Option<String>,
+    Vec<(String, String)>,
+);
 
 impl ReadyNodes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceKey, BTreeMap<String, BTreeSet<String>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceKey, SliceNodes>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -104,7 +109,7 @@ impl ReadyNodes {
     }
 }
 
-fn union(slices: Option<&BTreeMap<String, BTreeSet<String>>>) -> BTreeSet<String> {
+fn union(slices: Option<&SliceNodes>) -> BTreeSet<String> {
     slices
         .into_iter()
         .flat_map(|s| s.values())
@@ -113,8 +118,8 @@ fn union(slices: Option<&BTreeMap<String, BTreeSet<String>>>) -> BTreeSet<String
         .collect()
 }
 
-/// What the concern reads of a Node: labels, the router-id annotation, the addresses.
-pub fn node_facts(node: &Node) -> (BTreeMap<String, String>, Option<String>, Vec<(String, String)>) {
+/// The [`NodeFacts`] of `node`.
+pub fn node_facts(node: &Node) -> NodeFacts {
     let addresses = node
         .status
         .as_ref()
@@ -196,7 +201,11 @@ mod tests {
     fn ready_nodes_follow_slices_and_report_only_real_changes() {
         let (store, _writer) = reflector::store::<EndpointSlice>();
         let index = ReadyNodes::default();
-        let a = slice("web-a", "web", &[("n1", Some(true)), ("n2", Some(false)), ("n3", None)]);
+        let a = slice(
+            "web-a",
+            "web",
+            &[("n1", Some(true)), ("n2", Some(false)), ("n3", None)],
+        );
         assert!(index.apply(&Change::Applied(a), &store));
         // Not ready is no backend; unset readiness counts as ready.
         assert_eq!(index.nodes("default/web"), nodes(&["n1", "n3"]));
@@ -206,7 +215,11 @@ mod tests {
         assert!(!index.apply(&Change::Applied(b.clone()), &store));
         assert_eq!(index.nodes("default/web"), nodes(&["n1", "n2", "n3"]));
         // A slice change that moves only a non-ready endpoint: nothing for BGP.
-        let a2 = slice("web-a", "web", &[("n1", Some(true)), ("n3", None), ("n4", Some(false))]);
+        let a2 = slice(
+            "web-a",
+            "web",
+            &[("n1", Some(true)), ("n3", None), ("n4", Some(false))],
+        );
         assert!(!index.apply(&Change::Applied(a2), &store));
         assert!(index.apply(&Change::Deleted(b), &store));
         assert_eq!(index.nodes("default/web"), nodes(&["n1", "n3"]));
@@ -220,8 +233,7 @@ mod tests {
 
     #[test]
     fn seen_reports_changes_of_what_matters_only() {
-        let seen: Seen<(BTreeMap<String, String>, Option<String>, Vec<(String, String)>)> =
-            Seen::default();
+        let seen: Seen<NodeFacts> = Seen::default();
         let mut node = Node {
             spec: Some(NodeSpec::default()),
             ..Default::default()

@@ -229,11 +229,9 @@ impl Bgp {
         self.set_metrics(&want);
 
         let stored = self.stores.configs.state();
-        let (current, deleted) = self.written.current(
-            stored
-                .iter()
-                .map(|c| (c.name_any(), c.spec.clone())),
-        );
+        let (current, deleted) = self
+            .written
+            .current(stored.iter().map(|c| (c.name_any(), c.spec.clone())));
         let owned: HashMap<String, bool> = stored
             .iter()
             .map(|c| (c.name_any(), owned_by_node(c)))
@@ -320,12 +318,9 @@ impl Bgp {
     fn set_metrics(&self, want: &Desired) {
         self.metrics.node_configs.set(want.configs.len() as i64);
         self.metrics.held_nodes.set(want.held.len() as i64);
-        self.metrics.invalid_policies.set(
-            want.policies
-                .values()
-                .filter(|p| !p.valid.status)
-                .count() as i64,
-        );
+        self.metrics
+            .invalid_policies
+            .set(want.policies.values().filter(|p| !p.valid.status).count() as i64);
         for (source, n) in desired::count_by_source(&want.configs) {
             self.metrics
                 .advertisements
@@ -412,16 +407,18 @@ impl Bgp {
     async fn report_problems(&self, want: &Desired) {
         let new: Vec<(String, String, String)> = {
             let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            reported.retain(|name, _| {
-                want.policies
-                    .get(name)
-                    .is_some_and(|o| !o.valid.status)
-            });
+            reported.retain(|name, _| want.policies.get(name).is_some_and(|o| !o.valid.status));
             want.policies
                 .iter()
                 .filter(|(_, o)| !o.valid.status)
                 .filter(|(name, o)| reported.get(*name) != Some(&o.valid.message))
-                .map(|(name, o)| (name.clone(), o.valid.reason.clone(), o.valid.message.clone()))
+                .map(|(name, o)| {
+                    (
+                        name.clone(),
+                        o.valid.reason.clone(),
+                        o.valid.message.clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
                 .into_iter()
                 .inspect(|(name, _, message)| {
@@ -460,7 +457,11 @@ where
         .changes()
         .filter_map(move |change| {
             let keep = matches!(change, Change::Failed(_)) || matters(&change);
-            futures::future::ready(if keep { change.into_trigger(true) } else { None })
+            futures::future::ready(if keep {
+                change.into_trigger(true)
+            } else {
+                None
+            })
         })
         .boxed()
 }
