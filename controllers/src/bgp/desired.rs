@@ -9,7 +9,9 @@
 //!   ASN, timers, password, …) in two routers or by two policies is a conflict. A node with
 //!   a conflict — or selected by a policy with an error, or without a router id — is *held*:
 //!   its `BGPNodeConfig` is neither written nor deleted (it keeps running what it had, never
-//!   a half-merged config), and every policy involved gets `Valid=False`.
+//!   a half-merged config), and every policy involved gets `Valid=False`. So is a node whose
+//!   merged config would exceed what the `BGPNodeConfig` schema admits (16 routers, 64
+//!   neighbors or 4096 prefixes per router).
 //! - Router id: the Node's `bgp.tendril.dev/router-id` annotation, else its first IPv4
 //!   InternalIP.
 //! - Prefixes: the node's pod CIDRs (`NodeNetwork.spec.podCIDRs`); LoadBalancer ingress IPs
@@ -40,6 +42,12 @@ pub const REASON_SELECTED: &str = "Selected";
 pub const REASON_CONFLICT: &str = "Conflict";
 pub const REASON_INVALID: &str = "InvalidSpec";
 pub const REASON_NO_ROUTER_ID: &str = "NoRouterID";
+pub const REASON_TOO_LARGE: &str = "TooLarge";
+
+/// The limits of the `BGPNodeConfig` schema.
+pub const MAX_ROUTERS: usize = 16;
+pub const MAX_NEIGHBORS: usize = 64;
+pub const MAX_ADVERTISEMENTS: usize = 4096;
 
 /// At most this many problems are named in a condition message (the rest are counted).
 const MESSAGE_PROBLEMS: usize = 3;
@@ -584,7 +592,7 @@ pub fn desired(
                 continue;
             }
         };
-        let routers = routers
+        let routers: Vec<NodeRouter> = routers
             .into_iter()
             .map(|(asn, b)| NodeRouter {
                 local_asn: asn,
@@ -593,6 +601,45 @@ pub fn desired(
                 advertisements: advertisements_of(node, &b.advertisements, services),
             })
             .collect();
+        // What the BGPNodeConfig schema admits: a config the apiserver refuses would be
+        // retried forever; the node keeps its last one and the policies say why.
+        let too_big = if routers.len() > MAX_ROUTERS {
+            Some(format!(
+                "node {}: {} routers (local ASNs), at most {MAX_ROUTERS}",
+                node.name,
+                routers.len()
+            ))
+        } else {
+            routers.iter().find_map(|r| {
+                if r.neighbors.len() > MAX_NEIGHBORS {
+                    Some(format!(
+                        "node {}: router {} has {} neighbors, at most {MAX_NEIGHBORS}",
+                        node.name,
+                        r.local_asn,
+                        r.neighbors.len()
+                    ))
+                } else if r.advertisements.len() > MAX_ADVERTISEMENTS {
+                    Some(format!(
+                        "node {}: router {} would advertise {} prefixes, at most {MAX_ADVERTISEMENTS}",
+                        node.name,
+                        r.local_asn,
+                        r.advertisements.len()
+                    ))
+                } else {
+                    None
+                }
+            })
+        };
+        if let Some(message) = too_big {
+            for p in &mine {
+                problems
+                    .entry(p.name.clone())
+                    .or_default()
+                    .push((REASON_TOO_LARGE, message.clone()));
+            }
+            out.held.insert(node.name.clone());
+            continue;
+        }
         out.configs.insert(
             node.name.clone(),
             BGPNodeConfigSpec {

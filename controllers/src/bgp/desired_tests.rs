@@ -638,3 +638,87 @@ fn the_result_does_not_depend_on_input_order() {
     s.reverse();
     assert_eq!(desired(&p, &n, &s), forward);
 }
+
+#[test]
+fn a_config_larger_than_the_schema_admits_holds_the_node() {
+    let mut r = lb_router();
+    r.export_pod_cidr = true;
+    let many: Vec<ServiceInput> = (0..MAX_ADVERTISEMENTS)
+        .map(|i| {
+            svc(
+                &format!("default/s{i}"),
+                &[&format!(
+                    "198.{}.{}.{}",
+                    18 + i / 65536,
+                    (i / 256) % 256,
+                    i % 256
+                )],
+            )
+        })
+        .collect();
+    let d = desired(&[policy("p", None, vec![r])], &[node("n1", "r1", 1)], &many);
+    assert!(d.configs.is_empty());
+    assert_eq!(d.held.len(), 1);
+    let v = &d.policies["p"].valid;
+    assert_eq!(v.reason, REASON_TOO_LARGE);
+    assert!(
+        v.message
+            .starts_with("node n1: router 64512 would advertise 4097 prefixes, at most 4096"),
+        "{}",
+        v.message
+    );
+    // One fewer fits.
+    let d = desired(
+        &[policy("p", None, vec![lb_router()])],
+        &[node("n1", "r1", 1)],
+        &many,
+    );
+    assert_eq!(
+        d.configs["n1"].routers[0].advertisements.len(),
+        MAX_ADVERTISEMENTS
+    );
+}
+
+/// Prints the cost of one full computation at a size a rack-scale cluster reaches (a
+/// figure, not an assertion); checks only the size of the result.
+#[test]
+fn full_computation_cost_at_200_nodes_and_1000_services() {
+    let mut r = lb_router();
+    r.export_pod_cidr = true;
+    let nodes: Vec<NodeInput> = (0..200)
+        .map(|i| NodeInput {
+            name: format!("n{i}"),
+            labels: labels(&[("rack", "r1")]),
+            router_id: Ok(Ipv4Addr::new(10, 0, (i / 256) as u8, (i % 256) as u8)),
+            pod_cidrs: vec![
+                format!("10.{}.{}.0/24", 100 + i / 256, i % 256)
+                    .parse()
+                    .unwrap(),
+            ],
+        })
+        .collect();
+    let services: Vec<ServiceInput> = (0..1000)
+        .map(|i| {
+            let mut s = svc(
+                &format!("default/s{i}"),
+                &[&format!("198.51.{}.{}", i / 256, i % 256)],
+            );
+            // Every tenth is Local, with backends on ten nodes.
+            if i % 10 == 0 {
+                s.external_local = true;
+                s.ready_nodes = (0..10).map(|n| format!("n{}", (i + n) % 200)).collect();
+            }
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let d = desired(&[policy("p", None, vec![r])], &nodes, &services);
+    let took = started.elapsed();
+    let ads: i64 = count_by_source(&d.configs).values().sum();
+    println!(
+        "bgp desired: 200 nodes x 1000 services -> {ads} advertisements in {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+    // Per node: its pod CIDR, the 900 Cluster LB IPs, the Local ones it has backends of.
+    assert_eq!(ads, 200 * (1 + 900) + 100 * 10);
+}

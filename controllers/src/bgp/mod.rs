@@ -42,7 +42,7 @@ use index::{ReadyNodes, Seen};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -341,22 +341,11 @@ impl Bgp {
         else {
             return Ok(());
         };
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(uid),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match api.delete(node, &dp).await {
-            Ok(_) => {
-                self.metrics.deletes.inc();
-                info!(node, "no policy selects the node; BGPNodeConfig deleted");
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-            Err(e) => Err(e),
+        if runtime::delete_exact(api, node, &uid).await? {
+            self.metrics.deletes.inc();
+            info!(node, "no policy selects the node; BGPNodeConfig deleted");
         }
+        Ok(())
     }
 
     /// `status` of every policy whose `Valid`, `observedGeneration` or `selectedNodes`
