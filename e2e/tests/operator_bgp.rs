@@ -11,7 +11,7 @@
 //! change reaches the configs (timed: p50 printed); a deleted Service is withdrawn; a node
 //! losing its label loses its config; a conflicting second policy gives `Valid=False`
 //! (Conflict) on both and an Event and leaves the configs as they were; a config deleted by
-//! hand comes back with a higher revision.
+//! hand comes back with a higher revision; a restarted operator rewrites nothing.
 //!
 //! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
 
@@ -571,6 +571,23 @@ async fn bgp_policies_translate_into_node_configs() -> Result<()> {
     ensure!(
         metrics.sum("tendril_bgp_node_config_writes_total", &[]) >= 1.0,
         "no writes counted"
+    );
+    operator.stop(Duration::from_secs(10));
+
+    // A restarted operator rewrites nothing: the next change is exactly one revision up.
+    let revision = configs.get(&n1).await?.spec.revision;
+    let mut operator = start_operator(&env, free_port()?)?;
+    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    set_ingress(&services, "local", &["198.51.100.22"]).await?;
+    let after = config(&configs, &n1, "the change after a restart", |c| {
+        prefixes(c).contains(&"198.51.100.22/32".to_string())
+    })
+    .await?;
+    ensure!(
+        after.spec.revision == revision + 1,
+        "revision {} after a restart and one change, want {}",
+        after.spec.revision,
+        revision + 1
     );
     operator.stop(Duration::from_secs(10));
     Ok(())

@@ -29,6 +29,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use tendril_crds::v1alpha1::{
     AdvertisementSource, AdvertisementType, BGP_ROUTER_ID_ANNOTATION, BGPAdvertisement,
     BGPNeighbor, BGPNodeConfigSpec, BGPPeeringPolicySpec, Communities, NodeNetwork, NodeRouter,
@@ -213,6 +214,8 @@ struct Compiled {
     kind: AdvertisementType,
     addresses: BTreeSet<ServiceAddress>,
     selector: Option<Selector>,
+    /// The indexes of the Services the selector selects (matched once, not per node).
+    selected: Arc<[usize]>,
     standard: BTreeSet<(u16, u16)>,
     large: BTreeSet<(u32, u32, u32)>,
 }
@@ -281,6 +284,7 @@ fn compile_advertisement(where_: &str, ad: &BGPAdvertisement) -> Result<Compiled
         kind: ad.advertisement_type,
         addresses: ad.addresses.iter().copied().collect(),
         selector,
+        selected: Arc::new([]),
         standard,
         large,
     })
@@ -323,6 +327,7 @@ fn compile_policy(p: &PolicyInput) -> Result<CompiledPolicy, String> {
                 kind: AdvertisementType::PodCIDR,
                 addresses: BTreeSet::new(),
                 selector: None,
+                selected: Arc::new([]),
                 standard: BTreeSet::new(),
                 large: BTreeSet::new(),
             });
@@ -335,6 +340,7 @@ fn compile_policy(p: &PolicyInput) -> Result<CompiledPolicy, String> {
                     &format!("router {asn}: serviceSelector"),
                     s,
                 )?),
+                selected: Arc::new([]),
                 standard: BTreeSet::new(),
                 large: BTreeSet::new(),
             });
@@ -356,6 +362,24 @@ fn compile_policy(p: &PolicyInput) -> Result<CompiledPolicy, String> {
         node_selector,
         routers,
     })
+}
+
+/// Matches every Service advertisement of `policy` against `services`, once.
+fn select_services(policy: &mut CompiledPolicy, services: &[ServiceInput]) {
+    for ad in policy
+        .routers
+        .iter_mut()
+        .flat_map(|r| &mut r.advertisements)
+    {
+        if let Some(selector) = &ad.selector {
+            ad.selected = services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| selector.matches(&s.labels))
+                .map(|(i, _)| i)
+                .collect();
+        }
+    }
 }
 
 /// A prefix being assembled.
@@ -423,10 +447,7 @@ fn advertisements_of(
                 }
             }
             AdvertisementType::Service => {
-                let Some(selector) = &ad.selector else {
-                    continue;
-                };
-                for svc in services.iter().filter(|s| selector.matches(&s.labels)) {
+                for svc in ad.selected.iter().map(|i| &services[*i]) {
                     for kind in &ad.addresses {
                         if !advertises_from(svc, *kind, &node.name) {
                             continue;
@@ -530,7 +551,10 @@ pub fn desired(
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     for p in &sorted {
         match compile_policy(p) {
-            Ok(c) => compiled.push(c),
+            Ok(mut c) => {
+                select_services(&mut c, services);
+                compiled.push(c);
+            }
             Err(e) => {
                 problems
                     .entry(p.name.clone())
