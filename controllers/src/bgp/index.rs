@@ -40,7 +40,15 @@ pub fn ready_nodes_of(slice: &EndpointSlice) -> BTreeSet<String> {
 /// stream that triggers the recompute, so a recompute never misses the slice that
 /// triggered it.
 #[derive(Clone, Default)]
-pub struct ReadyNodes(Arc<Mutex<HashMap<ServiceKey, SliceNodes>>>);
+pub struct ReadyNodes(Arc<Mutex<Index>>);
+
+#[derive(Default)]
+struct Index {
+    services: HashMap<ServiceKey, SliceNodes>,
+    /// A relist changed the index: the next change triggers a recompute whatever it is (a
+    /// relist is no trigger itself, and may hide deletions).
+    relisted: bool,
+}
 
 /// The ready nodes of one Service, per EndpointSlice name.
 type SliceNodes = BTreeMap<String, BTreeSet<String>>;
@@ -53,59 +61,65 @@ pub type NodeFacts = (
 );
 
 impl ReadyNodes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServiceKey, SliceNodes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes in a change; whether the ready nodes of some Service changed (a slice change
     /// that moves no node's readiness is not worth a recompute).
     pub fn apply(&self, change: &Change<EndpointSlice>, store: &Store<EndpointSlice>) -> bool {
-        let mut index = self.lock();
-        match change {
+        let mut guard = self.lock();
+        let Index { services, relisted } = &mut *guard;
+        let changed = match change {
             Change::Applied(slice) => {
                 let Some(key) = service_of(slice) else {
-                    return false;
+                    return std::mem::take(relisted);
                 };
-                let before = union(index.get(&key));
-                index
+                let before = union(services.get(&key));
+                services
                     .entry(key.clone())
                     .or_default()
                     .insert(slice.name_any(), ready_nodes_of(slice));
-                before != union(index.get(&key))
+                before != union(services.get(&key))
             }
             Change::Deleted(slice) => {
                 let Some(key) = service_of(slice) else {
-                    return false;
+                    return std::mem::take(relisted);
                 };
-                let before = union(index.get(&key));
-                if let Some(slices) = index.get_mut(&key) {
+                let before = union(services.get(&key));
+                if let Some(slices) = services.get_mut(&key) {
                     slices.remove(&slice.name_any());
                     if slices.is_empty() {
-                        index.remove(&key);
+                        services.remove(&key);
                     }
                 }
-                before != union(index.get(&key))
+                before != union(services.get(&key))
             }
             // A relist: the store is complete; rebuild from it.
             Change::Listed => {
-                index.clear();
+                let mut rebuilt: HashMap<ServiceKey, SliceNodes> = HashMap::new();
                 for slice in store.state() {
                     if let Some(key) = service_of(&slice) {
-                        index
+                        rebuilt
                             .entry(key)
                             .or_default()
                             .insert(slice.name_any(), ready_nodes_of(&slice));
                     }
                 }
-                true
+                if rebuilt != *services {
+                    *services = rebuilt;
+                    *relisted = true;
+                }
+                return false;
             }
-            Change::Failed(_) => false,
-        }
+            Change::Failed(_) => return false,
+        };
+        changed | std::mem::take(relisted)
     }
 
     /// The nodes with a ready backend of the Service `key`.
     pub fn nodes(&self, key: &str) -> BTreeSet<String> {
-        union(self.lock().get(key))
+        union(self.lock().services.get(key))
     }
 }
 
@@ -161,7 +175,12 @@ impl<V: PartialEq> Seen<V> {
                 seen.remove(&tendril_runtime::object_key(obj.as_ref()));
                 true
             }
-            Change::Listed => true,
+            // A relist may hide deletions: forget everything, so every object replayed
+            // next counts as new and the recompute reads the complete store.
+            Change::Listed => {
+                seen.clear();
+                true
+            }
             Change::Failed(_) => false,
         }
     }
@@ -232,6 +251,30 @@ mod tests {
     }
 
     #[test]
+    fn a_relist_that_changed_the_index_triggers_the_next_change() {
+        let (store, mut writer) = reflector::store::<EndpointSlice>();
+        let index = ReadyNodes::default();
+        let a = slice("web-a", "web", &[("n1", Some(true))]);
+        let b = slice("web-b", "web", &[("n2", Some(true))]);
+        assert!(index.apply(&Change::Applied(a.clone()), &store));
+        assert!(index.apply(&Change::Applied(b), &store));
+        // The watch missed the deletion of web-b; the relist shows only web-a.
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitApply(
+            EndpointSlice::clone(&a),
+        ));
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+        assert!(
+            !index.apply(&Change::Listed, &store),
+            "a relist is no trigger"
+        );
+        assert_eq!(index.nodes("default/web"), nodes(&["n1"]));
+        // The replayed web-a changes nothing itself, but carries the relist's change.
+        assert!(index.apply(&Change::Applied(a.clone()), &store));
+        assert!(!index.apply(&Change::Applied(a), &store));
+    }
+
+    #[test]
     fn seen_reports_changes_of_what_matters_only() {
         let seen: Seen<NodeFacts> = Seen::default();
         let mut node = Node {
@@ -250,6 +293,10 @@ mod tests {
             Some([(BGP_ROUTER_ID_ANNOTATION.to_string(), "10.0.0.9".to_string())].into());
         assert!(seen.changed(&Change::Applied(arc(&node)), node_facts));
         assert!(seen.changed(&Change::Deleted(arc(&node)), node_facts));
+        assert!(seen.changed(&Change::Applied(arc(&node)), node_facts));
+        // After a relist every replayed object counts again (deletions may be hidden).
+        assert!(!seen.changed(&Change::Applied(arc(&node)), node_facts));
+        assert!(seen.changed(&Change::<Node>::Listed, node_facts));
         assert!(seen.changed(&Change::Applied(arc(&node)), node_facts));
     }
 }
