@@ -722,3 +722,197 @@ fn full_computation_cost_at_200_nodes_and_1000_services() {
     // Per node: its pod CIDR, the 900 Cluster LB IPs, the Local ones it has backends of.
     assert_eq!(ads, 200 * (1 + 900) + 100 * 10);
 }
+
+/// A random world: nodes in two racks, Services with random addresses, traffic policies,
+/// labels and ready nodes; one policy per rack (or for all) with random advertisements.
+fn world() -> impl Strategy<Value = (Vec<PolicyInput>, Vec<NodeInput>, Vec<ServiceInput>)> {
+    let nodes = proptest::collection::vec(0..2u8, 1..6).prop_map(|racks| {
+        racks
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| node(&format!("n{i}"), &format!("r{r}"), i as u8 + 1))
+            .collect::<Vec<_>>()
+    });
+    let service = (
+        proptest::collection::vec(0..4u8, 0..3),
+        proptest::collection::vec(0..4u8, 0..2),
+        proptest::collection::vec(0..4u8, 0..2),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::btree_set(0..6usize, 0..4),
+    );
+    let services = proptest::collection::vec(service, 0..6).prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(
+                |(i, (lb, ext, cip, announce, etp, itp, ready))| ServiceInput {
+                    key: format!("default/s{i}"),
+                    labels: labels(&[("announce", if announce { "bgp" } else { "no" })]),
+                    // Few distinct addresses, so services share some.
+                    load_balancer_ips: lb
+                        .iter()
+                        .map(|x| format!("198.51.100.{x}").parse().unwrap())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                    external_ips: ext
+                        .iter()
+                        .map(|x| format!("198.51.100.{x}").parse().unwrap())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                    cluster_ips: cip
+                        .iter()
+                        .map(|x| format!("10.96.0.{x}").parse().unwrap())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
+                    external_local: etp,
+                    internal_local: itp,
+                    ready_nodes: ready.into_iter().map(|n| format!("n{n}")).collect(),
+                },
+            )
+            .collect::<Vec<_>>()
+    });
+    let address = prop_oneof![
+        Just(ServiceAddress::LoadBalancerIP),
+        Just(ServiceAddress::ExternalIP),
+        Just(ServiceAddress::ClusterIP),
+    ];
+    let one_policy = (
+        prop_oneof![Just(None), Just(Some("r0")), Just(Some("r1"))],
+        any::<bool>(),
+        proptest::collection::btree_set(address, 0..4),
+        0..3u16,
+    );
+    let policies = proptest::collection::vec(one_policy, 1..4).prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (rack, pod_cidr, addresses, community))| {
+                // Each policy its own peer: no conflicts here (they have their own tests).
+                let mut r = router(64512, vec![neighbor(&format!("192.0.2.{}", i + 1), 64513)]);
+                r.export_pod_cidr = pod_cidr;
+                if !addresses.is_empty() {
+                    let mut ad = services_ad(
+                        &addresses.into_iter().collect::<Vec<_>>(),
+                        select(&[("announce", "bgp")]),
+                    );
+                    ad.communities = Some(Communities {
+                        standard: vec![format!("65000:{community}")],
+                        large: vec![],
+                    });
+                    r.advertisements = vec![ad];
+                }
+                policy(&format!("p{i}"), rack, vec![r])
+            })
+            .collect::<Vec<_>>()
+    });
+    (policies, nodes, services)
+}
+
+/// The independent model: which (node, prefix) pairs must be advertised, and with which
+/// communities, written from the rules' statement and nothing of the implementation.
+fn model(
+    policies: &[PolicyInput],
+    nodes: &[NodeInput],
+    services: &[ServiceInput],
+) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    for p in policies {
+        let rack = p
+            .spec
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|l| l.get("rack").cloned());
+        for n in nodes {
+            if rack
+                .as_ref()
+                .is_some_and(|r| n.labels.get("rack") != Some(r))
+            {
+                continue;
+            }
+            let r = &p.spec.virtual_routers[0];
+            if r.export_pod_cidr {
+                for c in &n.pod_cidrs {
+                    out.entry((n.name.clone(), c.to_string())).or_default();
+                }
+            }
+            for ad in &r.advertisements {
+                let communities: Vec<String> = ad
+                    .communities
+                    .iter()
+                    .flat_map(|c| c.standard.clone())
+                    .collect();
+                for s in services {
+                    if s.labels.get("announce").map(String::as_str) != Some("bgp") {
+                        continue;
+                    }
+                    for a in &ad.addresses {
+                        let (ips, local) = match a {
+                            ServiceAddress::LoadBalancerIP => {
+                                (&s.load_balancer_ips, s.external_local)
+                            }
+                            ServiceAddress::ExternalIP => (&s.external_ips, s.external_local),
+                            ServiceAddress::ClusterIP => (&s.cluster_ips, s.internal_local),
+                        };
+                        if local && !s.ready_nodes.contains(&n.name) {
+                            continue;
+                        }
+                        for ip in ips {
+                            let prefix = if ip.is_ipv4() {
+                                format!("{ip}/32")
+                            } else {
+                                format!("{ip}/128")
+                            };
+                            out.entry((n.name.clone(), prefix))
+                                .or_default()
+                                .extend(communities.iter().cloned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    /// Against the model: exactly the pairs it names, each with the union of its
+    /// communities, once per node; every selected node has a config, no other does.
+    #[test]
+    fn prefixes_match_the_model((policies, nodes, services) in world()) {
+        let d = desired(&policies, &nodes, &services);
+        prop_assert!(d.held.is_empty());
+        let mut got: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        for (name, spec) in &d.configs {
+            prop_assert_eq!(spec.routers.len(), 1);
+            for a in &spec.routers[0].advertisements {
+                let previous = got.insert(
+                    (name.clone(), a.prefix.clone()),
+                    a.communities.iter().cloned().collect(),
+                );
+                prop_assert!(previous.is_none(), "{} twice on {}", a.prefix, name);
+            }
+        }
+        let want = model(&policies, &nodes, &services);
+        prop_assert_eq!(&got, &want);
+        let selected: BTreeSet<&str> = nodes
+            .iter()
+            .filter(|n| {
+                policies.iter().any(|p| {
+                    p.spec.node_selector.as_ref().is_none_or(|s| {
+                        s.match_labels.as_ref().and_then(|l| l.get("rack")) == n.labels.get("rack")
+                    })
+                })
+            })
+            .map(|n| n.name.as_str())
+            .collect();
+        prop_assert_eq!(d.configs.keys().map(String::as_str).collect::<BTreeSet<_>>(), selected);
+    }
+}
