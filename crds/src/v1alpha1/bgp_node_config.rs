@@ -75,7 +75,7 @@ pub struct NodeRouter {
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["peerAddress"])
     )]
     pub neighbors: Vec<BGPNeighbor>,
-    /// Prefixes to advertise to every neighbor of this router, sorted by address.
+    /// Prefixes to advertise to every neighbor of this router, sorted by prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 4096),
