@@ -28,6 +28,8 @@ pub struct OperatorConfig {
     pub policy: crate::policy::PolicyConfig,
     /// Services → LBServices, the kube-proxy replacement's desired state (concern `services`).
     pub services: crate::services::ServicesConfig,
+    /// BGPPeeringPolicy → BGPNodeConfig per node (concern `bgp`).
+    pub bgp: crate::bgp::BgpConfig,
 }
 
 impl Default for OperatorConfig {
@@ -44,6 +46,7 @@ impl Default for OperatorConfig {
             identities: Default::default(),
             policy: Default::default(),
             services: Default::default(),
+            bgp: Default::default(),
         }
     }
 }

@@ -1,4 +1,5 @@
 //! tendril-operator: one reconciler per concern on the shared harness of `tendril-runtime`.
+pub mod bgp;
 pub mod config;
 pub mod endpoints;
 pub mod identities;

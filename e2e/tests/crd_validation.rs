@@ -444,7 +444,9 @@ fn cases() -> Vec<Case> {
                     json!(9),
                 )
             },
-            expected: &["keepAliveTimeSeconds must be less than holdTimeSeconds"],
+            expected: &[
+                "holdTimeSeconds must be 0 (no keepalives) or at least 3 × keepAliveTimeSeconds",
+            ],
         },
         Case {
             name: "bgp: default hold time against a long keepalive",
@@ -457,7 +459,9 @@ fn cases() -> Vec<Case> {
                     json!(120),
                 );
             },
-            expected: &["keepAliveTimeSeconds must be less than holdTimeSeconds"],
+            expected: &[
+                "holdTimeSeconds must be 0 (no keepalives) or at least 3 × keepAliveTimeSeconds",
+            ],
         },
         Case {
             name: "bgp: peer address is a subnet",
@@ -470,6 +474,66 @@ fn cases() -> Vec<Case> {
                 )
             },
             expected: &["peerAddress must be an IP address or a /32 (/128) CIDR"],
+        },
+        Case {
+            name: "bgp: hold time 2",
+            kind: "BGPPeeringPolicy",
+            edit: |v| {
+                set(
+                    v,
+                    "/spec/virtualRouters/0/neighbors/0/holdTimeSeconds",
+                    json!(2),
+                )
+            },
+            expected: &["holdTimeSeconds must be 0 or at least 3"],
+        },
+        Case {
+            name: "bgp: standard community value above 65535",
+            kind: "BGPPeeringPolicy",
+            edit: |v| {
+                set(
+                    v,
+                    "/spec/virtualRouters/0/advertisements/0/communities/standard",
+                    json!(["65000:70000"]),
+                )
+            },
+            expected: &["standard communities are written ASN:value, both 0-65535"],
+        },
+        Case {
+            name: "bgp: large community with two parts",
+            kind: "BGPPeeringPolicy",
+            edit: |v| {
+                set(
+                    v,
+                    "/spec/virtualRouters/0/advertisements/0/communities/large",
+                    json!(["65000:1"]),
+                )
+            },
+            expected: &["large communities are written ASN:value:value"],
+        },
+        Case {
+            name: "bgp: Service advertisement without addresses",
+            kind: "BGPPeeringPolicy",
+            edit: |v| remove(v, "/spec/virtualRouters/0/advertisements/0/addresses"),
+            expected: &["a Service advertisement needs addresses"],
+        },
+        Case {
+            name: "bgp: Service advertisement without selector",
+            kind: "BGPPeeringPolicy",
+            edit: |v| remove(v, "/spec/virtualRouters/0/advertisements/0/selector"),
+            expected: &["a Service advertisement needs a selector ({} selects every Service)"],
+        },
+        Case {
+            name: "bgp: PodCIDR advertisement with a selector",
+            kind: "BGPPeeringPolicy",
+            edit: |v| {
+                set(
+                    v,
+                    "/spec/virtualRouters/0/advertisements/1/selector",
+                    json!({}),
+                )
+            },
+            expected: &["a PodCIDR advertisement takes no addresses or selector"],
         },
         // EgressGatewayPolicy
         Case {
@@ -644,6 +708,18 @@ fn cases() -> Vec<Case> {
                 )
             },
             expected: &["prefix must be a CIDR"],
+        },
+        Case {
+            name: "bgp node config: bad community",
+            kind: "BGPNodeConfig",
+            edit: |v| {
+                set(
+                    v,
+                    "/spec/routers/0/advertisements/1/communities",
+                    json!(["no-export"]),
+                )
+            },
+            expected: &["communities[0]", "should match"],
         },
         // EgressRoute
         Case {

@@ -371,6 +371,14 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             ns("patch", "tendril.dev", "lbservices", "default"),
             ns("delete", "tendril.dev", "lbservices", "default"),
             ns("patch", "tendril.dev", "lbservices/status", "default"),
+            cluster("list", "tendril.dev", "bgppeeringpolicies"),
+            cluster("watch", "tendril.dev", "bgppeeringpolicies"),
+            cluster("patch", "tendril.dev", "bgppeeringpolicies/status"),
+            cluster("list", "tendril.dev", "bgpnodeconfigs"),
+            cluster("watch", "tendril.dev", "bgpnodeconfigs"),
+            cluster("create", "tendril.dev", "bgpnodeconfigs"),
+            cluster("patch", "tendril.dev", "bgpnodeconfigs"),
+            cluster("delete", "tendril.dev", "bgpnodeconfigs"),
             ns("create", "coordination.k8s.io", "leases", NAMESPACE),
             named(
                 ns("get", "coordination.k8s.io", "leases", NAMESPACE),
@@ -390,6 +398,7 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("patch", "", "services"),
             cluster("patch", "", "services/status"),
             cluster("create", "discovery.k8s.io", "endpointslices"),
+            cluster("patch", "tendril.dev", "bgppeeringpolicies"),
             named(
                 ns("patch", "coordination.k8s.io", "leases", NAMESPACE),
                 "somebody-elses-lease",

@@ -35,6 +35,8 @@ const READ: &[(&str, &str, &str)] = &[
     ("", "services", "Service"),
     ("discovery.k8s.io", "endpointslices", "EndpointSlice"),
     ("tendril.dev", "lbservices", "LBService"),
+    ("tendril.dev", "bgppeeringpolicies", "BGPPeeringPolicy"),
+    ("tendril.dev", "bgpnodeconfigs", "BGPNodeConfig"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {

@@ -40,8 +40,7 @@ struct KnownEmpty {
     why: &'static str,
 }
 
-const NO_BGP: &str =
-    "no BGP reconciler or speaker yet: nothing selects nodes, validates peerings or opens sessions";
+const NO_BGP: &str = "no BGP speaker on the nodes yet: nothing opens sessions or reports them";
 const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
 const NO_LB_IPAM: &str = "no load-balancer IPAM reconciler yet";
@@ -56,18 +55,6 @@ const KNOWN_EMPTY: &[KnownEmpty] = &[
     KnownEmpty {
         kind: "BGPNodeConfig",
         column: "Established",
-        object: None,
-        why: NO_BGP,
-    },
-    KnownEmpty {
-        kind: "BGPPeeringPolicy",
-        column: "Nodes",
-        object: None,
-        why: NO_BGP,
-    },
-    KnownEmpty {
-        kind: "BGPPeeringPolicy",
-        column: "Valid",
         object: None,
         why: NO_BGP,
     },

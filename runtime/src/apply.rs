@@ -4,7 +4,7 @@
 //! and the agent can share one object (`NodeNetwork`) without read-modify-write races.
 //! A patch body names exactly the owned fields: any field left out is released.
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -92,6 +92,27 @@ where
         .to_string();
     api.patch_status(&name, &force_params(manager), &Patch::Apply(body))
         .await
+}
+
+/// Deletes the object `name` only if it is still the one with `uid` (not one recreated
+/// under the same name meanwhile): `true` when deleted, `false` when it was already gone
+/// or replaced (404, 409).
+pub async fn delete_exact<K>(api: &Api<K>, name: &str, uid: &str) -> Result<bool, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The managers that own any field of `obj` (from `metadata.managedFields`).

@@ -66,7 +66,9 @@ pub mod revisions;
 pub mod server;
 pub mod singleton;
 
-pub use apply::{apply, apply_body, apply_status, controller_owner_ref, field_manager};
+pub use apply::{
+    apply, apply_body, apply_status, controller_owner_ref, delete_exact, field_manager,
+};
 pub use backoff::{Backoff, BackoffTracker};
 pub use caches::{Cache, Caches};
 pub use conditions::DesiredCondition;

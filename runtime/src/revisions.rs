@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tendril_crds::v1alpha1::{LBServiceSpec, ResolvedPolicySpec};
+use tendril_crds::v1alpha1::{BGPNodeConfigSpec, LBServiceSpec, ResolvedPolicySpec};
 
 /// A spec with a revision.
 pub trait Revisioned: Clone {
@@ -64,6 +64,24 @@ impl Revisioned for LBServiceSpec {
             && *load_balancer_source_ranges == other.load_balancer_source_ranges
             && *health_check_node_port == other.health_check_node_port
             && *algorithm == other.algorithm
+    }
+}
+
+impl Revisioned for BGPNodeConfigSpec {
+    fn revision(&self) -> i64 {
+        self.revision
+    }
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+    fn same_content(&self, other: &Self) -> bool {
+        // Destructured, so a new field cannot be forgotten here.
+        let BGPNodeConfigSpec {
+            revision: _,
+            node_name,
+            routers,
+        } = self;
+        *node_name == other.node_name && *routers == other.routers
     }
 }
 

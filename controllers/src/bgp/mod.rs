@@ -1,0 +1,553 @@
+//! Concern `bgp`: `BGPPeeringPolicy` + `Node` + `NodeNetwork` + `Service` + `EndpointSlice`
+//! → one `BGPNodeConfig` per selected node (same name as the Node, controller owner
+//! reference to it), field manager `tendril-bgp`; the node's agent drives its BGP daemon
+//! from it.
+//!
+//! Shaped like the policy concern: every relevant change pokes one
+//! [`singleton`](runtime::singleton); the reconcile waits for a quiet moment
+//! ([`ChangeClock`]), reads the stores whole, runs the pure [`desired::desired`] and
+//! [`runtime::revisions::plan`] decides which configs to write (revision = previous + 1
+//! when the content changed, never otherwise) and which to delete (those owned by a Node
+//! that no policy selects any more). Nodes that are *held* (conflicting policies, an
+//! invalid policy, no router id) are neither written nor deleted. Nothing is written before
+//! every store has completed its first list.
+//!
+//! What triggers a recompute is filtered in [`index`]: a Node only when its labels,
+//! router-id annotation or addresses change (not on heartbeats), a NodeNetwork only when
+//! its pod CIDRs change (not on the agents' status writes), a Service only when what BGP
+//! reads of it changes, an EndpointSlice only when the set of nodes with a ready backend of
+//! its Service changes, a BGPNodeConfig when its generation changes or it is deleted (by
+//! someone else: put back with a higher revision).
+//!
+//! Writes: the configs (annotation `tendril.dev/bgp-changed-at`: when the change was
+//! observed), the policies' `status` (`Valid`, `observedGeneration`, `selectedNodes`) when
+//! it changed, and a Warning Event on a policy for each new problem.
+//!
+//! Metrics: `tendril_bgp_node_configs`, `tendril_bgp_held_nodes`,
+//! `tendril_bgp_invalid_policies`, `tendril_bgp_advertisements{source}`,
+//! `tendril_bgp_node_config_writes_total`, `tendril_bgp_node_config_deletes_total`,
+//! `tendril_bgp_reconcile_errors_total{error}`, `tendril_bgp_compute_seconds`.
+
+pub mod desired;
+#[cfg(test)]
+mod desired_tests;
+pub mod index;
+mod metrics;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use desired::{Desired, NodeInput, PolicyInput, ServiceInput};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use index::{ReadyNodes, Seen};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use metrics::{ErrorLabel, Metrics, SourceLabel};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tendril_crds::v1alpha1::{
+    BGP_CHANGED_AT_ANNOTATION, BGPNodeConfig, BGPNodeConfigSpec, BGPPeeringPolicy, NodeNetwork,
+};
+use tendril_runtime::caches::{Cache, Change};
+use tendril_runtime::debounce::ChangeClock;
+use tendril_runtime::revisions::{self, Revisions};
+use tendril_runtime::singleton::{self, Singleton};
+use tendril_runtime::{self as runtime, MetricLabel, Reconciler, conditions};
+use tracing::{debug, info, warn};
+
+/// The concern's name; its field manager is `tendril-bgp`.
+pub const NAME: &str = "bgp";
+
+/// `BGPNodeConfig` writes in flight at once.
+const WRITE_CONCURRENCY: usize = 16;
+
+/// `bgp` in config/operator.yaml.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BgpConfig {
+    /// Quiet time after a change before every node's configuration is computed again.
+    pub debounce_millis: u64,
+    /// A steady stream of changes is computed at least this long after its first change.
+    pub max_delay_millis: u64,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            debounce_millis: 50,
+            max_delay_millis: 500,
+        }
+    }
+}
+
+pub type Error = runtime::ApiError;
+
+/// The stores the computation reads.
+#[derive(Clone)]
+struct Stores {
+    policies: Store<BGPPeeringPolicy>,
+    nodes: Store<Node>,
+    networks: Store<NodeNetwork>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    configs: Store<BGPNodeConfig>,
+}
+
+impl Stores {
+    /// Resolves once every store has completed its first list (or the process is stopping).
+    async fn listed(self) {
+        let _ = futures::future::join3(
+            futures::future::join(
+                runtime::store_ready(&self.policies),
+                runtime::store_ready(&self.nodes),
+            ),
+            futures::future::join(
+                runtime::store_ready(&self.networks),
+                runtime::store_ready(&self.services),
+            ),
+            futures::future::join(
+                runtime::store_ready(&self.slices),
+                runtime::store_ready(&self.configs),
+            ),
+        )
+        .await;
+    }
+
+    async fn ready(&self) -> Result<(), runtime::CacheNotReady> {
+        runtime::cache_ready(&self.policies, "bgppeeringpolicies").await?;
+        runtime::cache_ready(&self.nodes, "nodes").await?;
+        runtime::cache_ready(&self.networks, "nodenetworks").await?;
+        runtime::cache_ready(&self.services, "services").await?;
+        runtime::cache_ready(&self.slices, "endpointslices").await?;
+        runtime::cache_ready(&self.configs, "bgpnodeconfigs").await?;
+        Ok(())
+    }
+}
+
+/// Whether `config` was written by this concern (owned by its Node); one written by hand
+/// is the user's and is never deleted.
+fn owned_by_node(config: &BGPNodeConfig) -> bool {
+    config
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node" && o.api_version == "v1")
+}
+
+struct Bgp {
+    client: kube::Client,
+    stores: Stores,
+    ready_nodes: ReadyNodes,
+    changes: ChangeClock,
+    /// The last spec written per node (the store lags behind our own writes), or deleted
+    /// by someone else (put back with a higher revision).
+    written: Revisions<String, BGPNodeConfigSpec>,
+    /// The problem message last reported with an Event, per policy.
+    reported: Mutex<HashMap<String, String>>,
+    recorder: Recorder,
+    metrics: Metrics,
+    manager: String,
+}
+
+impl Reconciler for Bgp {
+    type Object = Singleton;
+    type Error = Error;
+    const NAME: &'static str = NAME;
+
+    async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
+        self.stores.ready().await?;
+        self.changes.settled().await;
+        let changed_at = self.changes.take();
+        let result = self.compute_and_write(changed_at).await;
+        if let Err(e) = &result {
+            self.changes.restore(changed_at);
+            self.metrics
+                .reconcile_errors
+                .get_or_create(&ErrorLabel {
+                    error: e.metric_label().to_string(),
+                })
+                .inc();
+        }
+        result
+    }
+}
+
+impl Bgp {
+    fn inputs(&self) -> (Vec<PolicyInput>, Vec<NodeInput>, Vec<ServiceInput>) {
+        let policies = self
+            .stores
+            .policies
+            .state()
+            .iter()
+            .map(|p| PolicyInput {
+                name: p.name_any(),
+                generation: p.metadata.generation,
+                spec: p.spec.clone(),
+            })
+            .collect();
+        let nodes = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .map(|n| {
+                let network = self.stores.networks.get(&ObjectRef::new(&n.name_any()));
+                desired::node_input(n, network.as_deref())
+            })
+            .collect();
+        let services = self
+            .stores
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| desired::service_input(s))
+            .map(|mut s| {
+                if s.external_local || s.internal_local {
+                    s.ready_nodes = self.ready_nodes.nodes(&s.key);
+                }
+                s
+            })
+            .collect();
+        (policies, nodes, services)
+    }
+
+    async fn compute_and_write(&self, changed_at: DateTime<Utc>) -> Result<Action, Error> {
+        let (policies, nodes, services) = self.inputs();
+        let started = Instant::now();
+        let want = desired::desired(&policies, &nodes, &services);
+        let took = started.elapsed();
+        self.metrics.compute_seconds.observe(took.as_secs_f64());
+        self.set_metrics(&want);
+
+        let stored = self.stores.configs.state();
+        let (current, deleted) = self
+            .written
+            .current(stored.iter().map(|c| (c.name_any(), c.spec.clone())));
+        let owned: HashMap<String, bool> = stored
+            .iter()
+            .map(|c| (c.name_any(), owned_by_node(c)))
+            .collect();
+        let plan = revisions::plan(&want.configs, &current, &deleted, |node| {
+            !want.held.contains(node) && owned.get(node).copied().unwrap_or(false)
+        });
+        debug!(
+            policies = policies.len(),
+            nodes = nodes.len(),
+            services = services.len(),
+            configs = want.configs.len(),
+            held = want.held.len(),
+            writes = plan.apply.len(),
+            deletes = plan.delete.len(),
+            compute_ms = took.as_secs_f64() * 1e3,
+            "computed"
+        );
+
+        let mut first_error = None;
+        let changed_at = changed_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        let api = Api::<BGPNodeConfig>::all(self.client.clone());
+        let writes = futures::stream::iter(plan.apply)
+            .map(|(node, spec)| {
+                let api = api.clone();
+                let changed_at = changed_at.clone();
+                let owner = self
+                    .stores
+                    .nodes
+                    .get(&ObjectRef::new(&node))
+                    .and_then(|n| runtime::controller_owner_ref(n.as_ref()));
+                async move {
+                    let Some(owner) = owner else {
+                        // The Node went away since the inputs were read: the next pass
+                        // (its deletion triggers one) drops it.
+                        return (node, spec, Ok(()));
+                    };
+                    let body = runtime::apply_body::<BGPNodeConfig>(
+                        &node,
+                        None,
+                        json!({
+                            "metadata": {
+                                "ownerReferences": [owner],
+                                "annotations": {BGP_CHANGED_AT_ANNOTATION: changed_at},
+                            },
+                            "spec": spec,
+                        }),
+                    );
+                    let res = runtime::apply(&api, &self.manager, &body).await.map(|_| ());
+                    (node, spec, res)
+                }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (node, spec, res) in writes {
+            match res {
+                Ok(()) => {
+                    debug!(node = %node, revision = spec.revision, "BGPNodeConfig written");
+                    self.metrics.writes.inc();
+                    self.written.wrote(node, &spec);
+                }
+                Err(e) => {
+                    warn!(node = %node, error = %e, "writing the BGPNodeConfig failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for node in plan.delete {
+            if let Err(e) = self.delete(&api, &node).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.write_statuses(&want).await {
+            first_error.get_or_insert(e);
+        }
+        self.report_problems(&want).await;
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(Action::await_change()),
+        }
+    }
+
+    fn set_metrics(&self, want: &Desired) {
+        self.metrics.node_configs.set(want.configs.len() as i64);
+        self.metrics.held_nodes.set(want.held.len() as i64);
+        self.metrics
+            .invalid_policies
+            .set(want.policies.values().filter(|p| !p.valid.status).count() as i64);
+        for (source, n) in desired::count_by_source(&want.configs) {
+            self.metrics
+                .advertisements
+                .get_or_create(&SourceLabel {
+                    source: source.as_str().to_string(),
+                })
+                .set(n);
+        }
+    }
+
+    async fn delete(&self, api: &Api<BGPNodeConfig>, node: &str) -> Result<(), kube::Error> {
+        self.written.forget(&node.to_string());
+        let Some(uid) = self
+            .stores
+            .configs
+            .get(&ObjectRef::new(node))
+            .and_then(|c| c.uid())
+        else {
+            return Ok(());
+        };
+        if runtime::delete_exact(api, node, &uid).await? {
+            self.metrics.deletes.inc();
+            info!(node, "no policy selects the node; BGPNodeConfig deleted");
+        }
+        Ok(())
+    }
+
+    /// `status` of every policy whose `Valid`, `observedGeneration` or `selectedNodes`
+    /// changed.
+    async fn write_statuses(&self, want: &Desired) -> Result<(), kube::Error> {
+        let api = Api::<BGPPeeringPolicy>::all(self.client.clone());
+        let mut first_error = None;
+        for (name, outcome) in &want.policies {
+            let Some(policy) = self.stores.policies.get(&ObjectRef::new(name)) else {
+                continue;
+            };
+            let empty = Default::default();
+            let status = policy.status.as_ref().unwrap_or(&empty);
+            if conditions::is_current(&status.conditions, &outcome.valid, outcome.generation)
+                && status.observed_generation == outcome.generation
+                && status.selected_nodes == Some(outcome.selected_nodes)
+            {
+                continue;
+            }
+            let condition = conditions::merge(
+                conditions::find(&status.conditions, conditions::VALID),
+                &outcome.valid,
+                outcome.generation,
+                Timestamp::now(),
+            );
+            let body = runtime::apply_body::<BGPPeeringPolicy>(
+                name,
+                None,
+                json!({"status": {
+                    "conditions": [condition],
+                    "observedGeneration": outcome.generation,
+                    "selectedNodes": outcome.selected_nodes,
+                }}),
+            );
+            match runtime::apply_status(&api, &self.manager, &body).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    warn!(policy = %name, error = %e, "writing the policy status failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A Warning Event on each policy with a new problem (conflict, invalid, no router id).
+    async fn report_problems(&self, want: &Desired) {
+        let new: Vec<(String, String, String)> = {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            reported.retain(|name, _| want.policies.get(name).is_some_and(|o| !o.valid.status));
+            want.policies
+                .iter()
+                .filter(|(_, o)| !o.valid.status)
+                .filter(|(name, o)| reported.get(*name) != Some(&o.valid.message))
+                .map(|(name, o)| {
+                    (
+                        name.clone(),
+                        o.valid.reason.clone(),
+                        o.valid.message.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .inspect(|(name, _, message)| {
+                    reported.insert(name.clone(), message.clone());
+                })
+                .collect()
+        };
+        for (name, reason, message) in new {
+            let Some(policy) = self.stores.policies.get(&ObjectRef::new(&name)) else {
+                continue;
+            };
+            warn!(policy = %name, reason, message, "BGP policy not applied in full");
+            let event = Event {
+                type_: EventType::Warning,
+                reason,
+                note: Some(message),
+                action: "ComputeBGPNodeConfigs".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+                warn!(error = %e, "publishing the BGP policy Event failed");
+            }
+        }
+    }
+}
+
+/// The trigger stream of `cache`: the changes `matters` says yes to (and watch failures).
+fn filtered<K>(
+    cache: &Cache<K>,
+    mut matters: impl FnMut(&Change<K>) -> bool + Send + 'static,
+) -> BoxStream<'static, Result<K, kube::runtime::watcher::Error>>
+where
+    K: runtime::caches::Cached,
+{
+    cache
+        .changes()
+        .filter_map(move |change| {
+            let keep = matches!(change, Change::Failed(_)) || matters(&change);
+            futures::future::ready(if keep {
+                change.into_trigger(true)
+            } else {
+                None
+            })
+        })
+        .boxed()
+}
+
+/// The trigger mapper of a change of intent: starts the clock.
+fn observed<K>(
+    clock: &ChangeClock,
+) -> impl Fn(K) -> Option<ObjectRef<Singleton>> + Send + Sync + 'static + use<K> {
+    singleton::on_change(NAME, Some(clock))
+}
+
+/// Runs the BGP concern until `ctx.shutdown`.
+pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let policies = ctx.caches.all::<BGPPeeringPolicy>();
+    let nodes = ctx.caches.all::<Node>();
+    let networks = ctx.caches.all::<NodeNetwork>();
+    let services = ctx.caches.all::<Service>();
+    let slices = ctx.caches.all::<EndpointSlice>();
+    let configs = ctx.caches.all::<BGPNodeConfig>();
+    let stores = Stores {
+        policies: policies.store(),
+        nodes: nodes.store(),
+        networks: networks.store(),
+        services: services.store(),
+        slices: slices.store(),
+        configs: configs.store(),
+    };
+    let changes = ChangeClock::new(
+        Duration::from_millis(config.debounce_millis),
+        Duration::from_millis(config.max_delay_millis),
+    );
+    let written: Revisions<String, BGPNodeConfigSpec> = Revisions::default();
+    let ready_nodes = ReadyNodes::default();
+
+    let policy_changes = {
+        let seen = Seen::default();
+        filtered(&policies, move |c| {
+            seen.changed(c, |p: &BGPPeeringPolicy| p.metadata.generation)
+        })
+    };
+    let node_changes = {
+        let seen = Seen::default();
+        filtered(&nodes, move |c| seen.changed(c, index::node_facts))
+    };
+    let network_changes = {
+        let seen = Seen::default();
+        filtered(&networks, move |c| {
+            seen.changed(c, |nn: &NodeNetwork| nn.spec.pod_cidrs.clone())
+        })
+    };
+    let service_changes = {
+        let seen = Seen::default();
+        filtered(&services, move |c| seen.changed(c, desired::service_input))
+    };
+    let slice_changes = {
+        let index = ready_nodes.clone();
+        let store = slices.store();
+        filtered(&slices, move |c| index.apply(c, &store))
+    };
+    // Our own writes come back here; a config edited or deleted by someone else is put
+    // back. Neither is a change of intent, so the clock is not started.
+    let config_changes = {
+        let seen = Seen::default();
+        let written = written.clone();
+        filtered(&configs, move |c| {
+            if let Change::Deleted(config) = c {
+                written.deleted(config.name_any(), &config.spec);
+            }
+            seen.changed(c, |bc: &BGPNodeConfig| bc.metadata.generation)
+        })
+    };
+
+    let controller = singleton::controller(NAME, stores.clone().listed())
+        .watches_stream(policy_changes, observed(&changes))
+        .watches_stream(node_changes, observed(&changes))
+        .watches_stream(network_changes, observed(&changes))
+        .watches_stream(service_changes, observed(&changes))
+        .watches_stream(slice_changes, observed(&changes))
+        .watches_stream(config_changes, singleton::on_change(NAME, None));
+    let reconciler = Bgp {
+        client: client.clone(),
+        stores,
+        ready_nodes,
+        changes,
+        written,
+        reported: Mutex::default(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "tendril-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: Metrics::new(&ctx.metrics),
+        manager: runtime::field_manager(NAME),
+    };
+    runtime::run(controller, reconciler, &ctx).await;
+    Ok(())
+}
