@@ -5,7 +5,9 @@
 //! node's `ipcache`). RSS of both processes is read from `/proc/<pid>/status` before, and
 //! after the agent's `ipcache` map holds all N (so its caches hold them too); the figure is
 //! the difference over N, printed for N = 1,000 and 4,000 (the growth between them is the
-//! per-endpoint cost without start-up effects). Asserts nothing about memory.
+//! per-endpoint cost without start-up effects). The same for services: N LBServices (a
+//! ClusterIP with two remote backends each) realized by the node. Asserts nothing about
+//! memory.
 //! Run with `hack/bench.sh memory`; needs root.
 
 use std::collections::BTreeMap;
@@ -16,7 +18,8 @@ use anyhow::{Context, Result, ensure};
 use futures::StreamExt;
 use ipnet::IpNet;
 use kube::api::{Api, PostParams};
-use tendril_crds::v1alpha1::{Endpoint, EndpointSpec};
+use serde_json::json;
+use tendril_crds::v1alpha1::{Endpoint, EndpointSpec, LBService, NodeNetwork};
 use tendril_datapath::bpf::Dataplane;
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, ensure_node_object};
 use tendril_e2e::{ControlPlane, TestEnv, eventually};
@@ -67,10 +70,61 @@ fn remote_endpoint(i: usize) -> Endpoint {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn agent_rss_per_remote_endpoint() -> Result<()> {
-    // A plane of its own: the extra Node must not reach other tests' agents.
-    let plane = ControlPlane::dedicated("agent-memory").await?;
+/// RSS of the agent and the operator after each size of `sizes`: objects `0..n` created
+/// (16 in flight) by `create`, then `realized(n)` waited for, then 3 s for allocator caches
+/// to settle the same way at every size.
+async fn rss_by_size<C, CF, R, RF>(
+    sizes: &[usize],
+    pids: (u32, u32),
+    create: C,
+    realized: R,
+) -> Result<Vec<(usize, u64, u64)>>
+where
+    C: Fn(usize) -> CF,
+    CF: std::future::Future<Output = Result<()>>,
+    R: Fn(usize) -> RF,
+    RF: std::future::Future<Output = Result<()>>,
+{
+    let mut created = 0;
+    let mut rows = Vec::new();
+    for &n in sizes {
+        futures::stream::iter(created..n)
+            .map(&create)
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        created = n;
+        eventually(TIMEOUT, || realized(n)).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rows.push((n, rss(pids.0)?, rss(pids.1)?));
+    }
+    Ok(rows)
+}
+
+/// The table of [`rss_by_size`]'s rows, each size's cost per object over the previous size.
+fn print_rss_table(what: &str, baseline: (u64, u64), rows: &[(usize, u64, u64)]) {
+    println!("| {what}s | agent RSS | agent bytes/{what} | operator RSS | operator bytes/{what} |");
+    println!("|---|---|---|---|---|");
+    let mut previous = (0usize, baseline.0, baseline.1);
+    for (n, agent, operator) in rows {
+        let dn = (*n - previous.0) as f64;
+        println!(
+            "| {n} | {:.1} MiB | {:.0} | {:.1} MiB | {:.0} |",
+            *agent as f64 / 1048576.0,
+            (*agent as f64 - previous.1 as f64) / dn,
+            *operator as f64 / 1048576.0,
+            (*operator as f64 - previous.2 as f64) / dn,
+        );
+        previous = (*n, *agent, *operator);
+    }
+}
+
+/// A dedicated plane (the extra Node must not reach other tests' agents), the remote Node,
+/// one simulated node; idle RSS of (agent, operator) once its caches synced.
+async fn one_node(plane: &str) -> Result<(TestEnv, SimCluster, (u32, u32), (u64, u64))> {
+    let plane = ControlPlane::dedicated(plane).await?;
     let env = TestEnv::on(plane.clone()).await?;
     let client = env.client();
     ensure_node_object(
@@ -89,39 +143,39 @@ async fn agent_rss_per_remote_endpoint() -> Result<()> {
     )
     .await?;
     cluster.nodes[0].wait_ready(&client).await?;
-    let pin_dir = cluster.nodes[0].bpffs_root.join(&cluster.nodes[0].name);
-    let agent_pid = cluster.nodes[0].agent().context("agent")?.pid();
-    let operator_pid = cluster.operator.pid();
-    let api: Api<Endpoint> = Api::namespaced(client.clone(), env.namespace());
-
+    let pids = (
+        cluster.nodes[0].agent().context("agent")?.pid(),
+        cluster.operator.pid(),
+    );
     // Idle first: caches synced, maps written.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (agent0, operator0) = (rss(agent_pid)?, rss(operator_pid)?);
+    let baseline = (rss(pids.0)?, rss(pids.1)?);
     println!(
         "baseline: agent RSS {:.1} MiB, operator RSS {:.1} MiB",
-        agent0 as f64 / 1048576.0,
-        operator0 as f64 / 1048576.0
+        baseline.0 as f64 / 1048576.0,
+        baseline.1 as f64 / 1048576.0
     );
-    let mut created = 0;
-    let mut rows = Vec::new();
-    for n in SIZES {
-        futures::stream::iter(created..n)
-            .map(|i| {
-                let api = api.clone();
-                async move {
-                    api.create(&PostParams::default(), &remote_endpoint(i))
-                        .await
-                }
-            })
-            .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        created = n;
-        let dir = pin_dir.clone();
-        eventually(TIMEOUT, || {
-            let dir = dir.clone();
+    Ok((env, cluster, pids, baseline))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_rss_per_remote_endpoint() -> Result<()> {
+    let (env, cluster, pids, baseline) = one_node("agent-memory").await?;
+    let pin_dir = cluster.nodes[0].bpffs_root.join(&cluster.nodes[0].name);
+    let api: Api<Endpoint> = Api::namespaced(env.client(), env.namespace());
+    let rows = rss_by_size(
+        &SIZES,
+        pids,
+        |i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &remote_endpoint(i))
+                    .await?;
+                Ok(())
+            }
+        },
+        |n| {
+            let dir = pin_dir.clone();
             async move {
                 let ipcache = Dataplane::open(&dir)?.ipcache.by_prefix()?;
                 let present = (0..n)
@@ -133,28 +187,75 @@ async fn agent_rss_per_remote_endpoint() -> Result<()> {
                 );
                 Ok(())
             }
+        },
+    )
+    .await?;
+    print_rss_table("endpoint", baseline, &rows);
+    drop(cluster);
+    Ok(())
+}
+
+/// The `i`-th service: ClusterIP 10.96.128.0/17 + i, port 80, two backends on the remote
+/// node (its own two: each service's backends are entries of their own).
+fn remote_service(i: usize) -> LBService {
+    let cluster_ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 128, 0)) + i as u32);
+    let backend = |j: usize| {
+        json!({
+            "portName": "web", "address": address(2 * i + j).to_string(), "port": 8080,
+            "protocol": "TCP", "nodeName": REMOTE_NODE,
         })
-        .await?;
-        // Let allocator caches settle the same way at every size.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let (agent, operator) = (rss(agent_pid)?, rss(operator_pid)?);
-        rows.push((n, agent, operator));
-    }
-    println!(
-        "| endpoints | agent RSS | agent bytes/endpoint | operator RSS | operator bytes/endpoint |"
-    );
-    println!("|---|---|---|---|---|");
-    let mut previous = (0usize, agent0, operator0);
-    for (n, agent, operator) in &rows {
-        let dn = (*n - previous.0) as f64;
-        println!(
-            "| {n} | {:.1} MiB | {:.0} | {:.1} MiB | {:.0} |",
-            *agent as f64 / 1048576.0,
-            (*agent as f64 - previous.1 as f64) / dn,
-            *operator as f64 / 1048576.0,
-            (*operator as f64 - previous.2 as f64) / dn,
-        );
-        previous = (*n, *agent, *operator);
-    }
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1",
+        "kind": "LBService",
+        "metadata": { "name": format!("svc-{i}") },
+        "spec": {
+            "revision": i + 1,
+            "frontends": [{ "name": "web", "type": "ClusterIP", "address": cluster_ip.to_string(), "port": 80, "protocol": "TCP" }],
+            "backends": [backend(0), backend(1)],
+        },
+    }))
+    .expect("an LBService")
+}
+
+/// The agent's memory per service: hand-written LBServices (as the services concern writes
+/// them; it leaves hand-written ones alone), each a ClusterIP with two backends, until the
+/// node realizes the highest revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_rss_per_service() -> Result<()> {
+    let (env, cluster, pids, baseline) = one_node("agent-memory-services").await?;
+    let node = cluster.nodes[0].name.clone();
+    let api: Api<LBService> = Api::namespaced(env.client(), env.namespace());
+    let networks: Api<NodeNetwork> = Api::all(env.client());
+    let rows = rss_by_size(
+        &SIZES,
+        pids,
+        |i| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &remote_service(i))
+                    .await?;
+                Ok(())
+            }
+        },
+        |n| {
+            let (networks, node) = (networks.clone(), node.clone());
+            async move {
+                let realized = networks
+                    .get(&node)
+                    .await?
+                    .status
+                    .and_then(|s| s.realized_services_revision);
+                ensure!(
+                    realized >= Some(n as i64),
+                    "services revision {realized:?} realized, waiting for {n}"
+                );
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    print_rss_table("service", baseline, &rows);
+    drop(cluster);
     Ok(())
 }

@@ -17,6 +17,8 @@
 //! - ClientIP affinity keeps one client on one backend;
 //! - established connections survive a backend removal (and new ones never go to the
 //!   removed backend once realized) and an agent restart (SIGKILL) under traffic;
+//! - an operator restart (SIGKILL) under traffic to a real Service it translated: nothing
+//!   drops, nothing is rewritten, the next change is programmed;
 //! - `NodeNetwork` reports `SocketLB=True` and the agent's metrics count the services and
 //!   observe their network programming duration (from `tendril.dev/service-changed-at`);
 //! - hairpin: a backend reaches itself through its service;
@@ -27,10 +29,13 @@
 
 mod services_common;
 
-use anyhow::{Result, ensure};
-use kube::api::Api;
+use std::net::IpAddr;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, ListParams};
 use services_common::*;
-use tendril_crds::v1alpha1::NodeNetwork;
+use tendril_crds::v1alpha1::{LBService, NodeNetwork};
 use tendril_e2e::{eventually, fetch_metrics};
 
 const UDP_IP: &str = "10.96.77.13";
@@ -286,6 +291,136 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
     );
     drop(steady);
 
+    // The operator killed (SIGKILL) and restarted under live traffic to a Service it
+    // translated (a real Service and EndpointSlice): connections keep echoing and new ones
+    // connect while it is down; the new process rewrites nothing (same generation and
+    // revision, no LBService write counted), and programs the next change.
+    let ns = world.env.namespace().to_string();
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: restart, namespace: {ns}}}\n\
+             spec: {{ports: [{{port: 80, targetPort: {PORT}, protocol: TCP}}]}}\n"
+        ))
+        .await?;
+    let slice = |endpoints: &[(IpAddr, &str)]| {
+        let endpoints: String = endpoints
+            .iter()
+            .map(|(ip, node)| {
+                format!(
+                    "- {{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: {node}}}\n"
+                )
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: restart-1, namespace: {ns}, labels: {{kubernetes.io/service-name: restart}}}}\n\
+             addressType: IPv4\nports: [{{name: \"\", protocol: TCP, port: {PORT}}}]\nendpoints:\n{endpoints}"
+        )
+    };
+    world
+        .env
+        .apply_yaml(&slice(&[(a, &node0), (b, &node1)]))
+        .await?;
+    let lbs: Api<LBService> = Api::namespaced(world.env.client(), &ns);
+    let translated = |backends: usize| {
+        let lbs = lbs.clone();
+        async move {
+            eventually(TIMEOUT, || async {
+                let lb = lbs.get_opt("restart").await?.context("no LBService yet")?;
+                ensure!(
+                    lb.spec.backends.len() == backends,
+                    "{} backends, waiting for {backends}",
+                    lb.spec.backends.len()
+                );
+                Ok(lb)
+            })
+            .await
+        }
+    };
+    let before = translated(2).await?;
+    world.wait_realized(before.spec.revision).await?;
+    let services: Api<Service> = Api::namespaced(world.env.client(), &ns);
+    let restart_ip = services
+        .get("restart")
+        .await?
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no clusterIP")?;
+    let client = &world.pods["client"];
+    let mut steady = vec![
+        Steady::start(client, &restart_ip, 80)?,
+        Steady::start(client, &restart_ip, 80)?,
+    ];
+    for s in &mut steady {
+        s.wait_more_than(0).await?;
+    }
+    world.cluster.kill_operator();
+    let echoes: Vec<u64> = steady.iter().map(Steady::echoes).collect();
+    for (s, n) in steady.iter_mut().zip(&echoes) {
+        s.wait_more_than(*n).await?;
+    }
+    for _ in 0..10 {
+        ensure!(
+            connect(&world.pods["client"], &restart_ip, 80).await?,
+            "a Service while the operator is down"
+        );
+    }
+    world.cluster.start_operator().await?;
+    let every_service = services_in_cluster(&world).await?;
+    let m = eventually(TIMEOUT, || async {
+        let m = fetch_metrics(world.cluster.operator_port).await?;
+        let done = m.sum(
+            "controller_runtime_reconcile_total",
+            &[("controller", "services")],
+        );
+        ensure!(
+            done >= every_service,
+            "{done}/{every_service} Services reconciled by the new operator"
+        );
+        Ok(m)
+    })
+    .await?;
+    ensure!(
+        m.value("tendril_services_writes_total", &[]) == Some(0.0),
+        "the restarted operator rewrote LBServices: {:?} writes",
+        m.value("tendril_services_writes_total", &[])
+    );
+    let after = lbs.get("restart").await?;
+    ensure!(
+        (after.metadata.generation, after.spec.revision)
+            == (before.metadata.generation, before.spec.revision),
+        "LBService rewritten by the restart: generation/revision {:?}/{} -> {:?}/{}",
+        before.metadata.generation,
+        before.spec.revision,
+        after.metadata.generation,
+        after.spec.revision
+    );
+    let echoes: Vec<u64> = steady.iter().map(Steady::echoes).collect();
+    for (s, n) in steady.iter_mut().zip(&echoes) {
+        s.wait_more_than(*n).await?;
+    }
+    // The next change: web-b leaves the Service; new connections only reach web-a.
+    world.env.apply_yaml(&slice(&[(a, &node0)])).await?;
+    let changed = translated(1).await?;
+    ensure!(changed.spec.revision > before.spec.revision);
+    world.wait_realized(changed.spec.revision).await?;
+    let before = world.accepted(me);
+    for _ in 0..10 {
+        ensure!(
+            connect(&world.pods["client"], &restart_ip, 80).await?,
+            "the Service after the operator's restart"
+        );
+    }
+    let after = world.accepted(me);
+    ensure!(
+        after == (before.0 + 10, before.1),
+        "after web-b left: web-a +{}, web-b +{}",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    drop(steady);
+
     // Policy is judged on the backend: an egress policy of `client` that allows only
     // web-a lets connections through a service whose backend is web-a and drops those
     // translated to web-b (the service addresses appear in no policy).
@@ -337,4 +472,10 @@ async fn socket_lb_translates_service_connections() -> Result<()> {
         "hairpin through the socket LB"
     );
     Ok(())
+}
+
+/// How many Services the plane holds (each one a reconcile of a new operator's first pass).
+async fn services_in_cluster(world: &World) -> Result<f64> {
+    let all: Api<Service> = Api::all(world.env.client());
+    Ok(all.list(&ListParams::default()).await?.items.len() as f64)
 }

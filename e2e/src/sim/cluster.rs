@@ -34,6 +34,7 @@ pub struct SimCluster {
     pub operator_port: u16,
     pub underlay: Underlay,
     config_path: PathBuf,
+    kubeconfig: PathBuf,
 }
 
 impl SimCluster {
@@ -64,17 +65,8 @@ impl SimCluster {
             ),
         )?;
         let operator_port = free_port()?;
-        let mut operator = Process::builder("tendril-operator")
-            .arg("--kubeconfig")
-            .arg(env.kubeconfig())
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--leader-elect=false")
-            .arg("--metrics-bind")
-            .arg(format!("127.0.0.1:{operator_port}"))
-            .env("RUST_LOG", "info")
-            .spawn()?;
-        operator.wait_for_log("caches synced", WAIT).await?;
+        let kubeconfig = env.kubeconfig();
+        let operator = start_operator(&kubeconfig, &config_path, operator_port).await?;
         let mut nodes = Vec::new();
         for i in 0..config.nodes {
             nodes.push(SimNode::start(env, &cluster, 0, i).await?);
@@ -88,8 +80,37 @@ impl SimCluster {
             operator_port,
             underlay,
             config_path,
+            kubeconfig,
         })
     }
+
+    /// Kills the operator (SIGKILL: no graceful shutdown, as a crash or an evicted pod).
+    pub fn kill_operator(&mut self) {
+        self.operator.kill();
+    }
+
+    /// Starts a new operator process (same configuration and metrics port) and waits
+    /// until its caches synced.
+    pub async fn start_operator(&mut self) -> Result<()> {
+        self.operator =
+            start_operator(&self.kubeconfig, &self.config_path, self.operator_port).await?;
+        Ok(())
+    }
+}
+
+async fn start_operator(kubeconfig: &Path, config: &Path, metrics_port: u16) -> Result<Process> {
+    let mut operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--config")
+        .arg(config)
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "info")
+        .spawn()?;
+    operator.wait_for_log("caches synced", WAIT).await?;
+    Ok(operator)
 }
 
 impl Drop for SimCluster {
