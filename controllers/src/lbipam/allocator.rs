@@ -111,7 +111,7 @@ impl Range {
         (to_num(self.last) - to_num(self.first)).saturating_add(1)
     }
 
-    fn overlaps(&self, other: &Range) -> bool {
+    pub fn overlaps(&self, other: &Range) -> bool {
         self.family() == other.family()
             && to_num(self.first) <= to_num(other.last)
             && to_num(other.first) <= to_num(self.last)

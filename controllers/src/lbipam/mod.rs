@@ -1,1 +1,2 @@
 pub mod allocator;
+pub mod plan;
