@@ -6,7 +6,7 @@ use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
-use tendril_controllers::{Term, endpoints, identities, ipam, nodes, policy, services};
+use tendril_controllers::{Term, endpoints, identities, ipam, lbipam, nodes, policy, services};
 use tendril_runtime::config;
 use tendril_runtime::{
     self as runtime, Caches, Concern, Context, Health, Metrics, leader, logging, server,
@@ -43,6 +43,10 @@ const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: services::NAME,
         run: |ctx, term| services::run(ctx, term.config.services.clone()).boxed(),
+    },
+    Concern {
+        name: lbipam::NAME,
+        run: |ctx, _term| lbipam::run(ctx).boxed(),
     },
 ];
 

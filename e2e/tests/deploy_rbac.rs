@@ -371,6 +371,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             ns("patch", "tendril.dev", "lbservices", "default"),
             ns("delete", "tendril.dev", "lbservices", "default"),
             ns("patch", "tendril.dev", "lbservices/status", "default"),
+            cluster("patch", "", "services/status"),
+            cluster("watch", "tendril.dev", "loadbalancerippools"),
+            cluster("patch", "tendril.dev", "loadbalancerippools/status"),
             ns("create", "coordination.k8s.io", "leases", NAMESPACE),
             named(
                 ns("get", "coordination.k8s.io", "leases", NAMESPACE),
@@ -388,7 +391,6 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("delete", "", "nodes"),
             cluster("delete", "", "pods"),
             cluster("patch", "", "services"),
-            cluster("patch", "", "services/status"),
             cluster("create", "discovery.k8s.io", "endpointslices"),
             named(
                 ns("patch", "coordination.k8s.io", "leases", NAMESPACE),
