@@ -100,10 +100,15 @@ async fn wait_svc(
     what: &str,
     cond: impl Fn(&Service) -> bool + Send + 'static,
 ) -> Result<Service> {
-    wait_for(api, name, move |o: Option<&Service>| o.is_some_and(&cond), TIMEOUT)
-        .await
-        .with_context(|| format!("Service {name}: {what}"))?
-        .context("present")
+    wait_for(
+        api,
+        name,
+        move |o: Option<&Service>| o.is_some_and(&cond),
+        TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("Service {name}: {what}"))?
+    .context("present")
 }
 
 async fn wait_pool(
@@ -166,10 +171,7 @@ fn watch_first_address(api: Api<Service>) -> Arc<Mutex<HashMap<String, Instant>>
                 && !ips(&svc).is_empty()
             {
                 let name = svc.metadata.name.clone().unwrap_or_default();
-                out.lock()
-                    .unwrap()
-                    .entry(name)
-                    .or_insert_with(Instant::now);
+                out.lock().unwrap().entry(name).or_insert_with(Instant::now);
             }
         }
     });
@@ -200,18 +202,29 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     };
     let pp = PostParams::default();
     pools
-        .create(&pp, &pool(&main, "main", json!([{"cidr": "198.51.100.0/24"}]))?)
-        .await?;
-    pools
         .create(
             &pp,
-            &pool(&tiny, "tiny", json!([{"start": "203.0.113.10", "stop": "203.0.113.11"}]))?,
+            &pool(&main, "main", json!([{"cidr": "198.51.100.0/24"}]))?,
         )
         .await?;
     pools
         .create(
             &pp,
-            &pool(&broken, "broken", json!([{"start": "192.0.2.9", "stop": "192.0.2.1"}]))?,
+            &pool(
+                &tiny,
+                "tiny",
+                json!([{"start": "203.0.113.10", "stop": "203.0.113.11"}]),
+            )?,
+        )
+        .await?;
+    pools
+        .create(
+            &pp,
+            &pool(
+                &broken,
+                "broken",
+                json!([{"start": "192.0.2.9", "stop": "192.0.2.1"}]),
+            )?,
         )
         .await?;
 
@@ -258,14 +271,26 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     services
         .create(
             &pp,
-            &service(&ns, "fixed", "main", json!({IPS_ANNOTATION: "198.51.100.200"}), tcp(80))?,
+            &service(
+                &ns,
+                "fixed",
+                "main",
+                json!({IPS_ANNOTATION: "198.51.100.200"}),
+                tcp(80),
+            )?,
         )
         .await?;
     ensure!(wait_ip(&services, "fixed").await? == "198.51.100.200");
     services
         .create(
             &pp,
-            &service(&ns, "thief", "main", json!({IPS_ANNOTATION: "198.51.100.200"}), tcp(443))?,
+            &service(
+                &ns,
+                "thief",
+                "main",
+                json!({IPS_ANNOTATION: "198.51.100.200"}),
+                tcp(443),
+            )?,
         )
         .await?;
     let thief = wait_svc(&services, "thief", "refused", |s| {
@@ -304,7 +329,13 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     services
         .create(
             &pp,
-            &service(&ns, "share-b", "main", key.clone(), json!([{"port": 53, "protocol": "UDP"}]))?,
+            &service(
+                &ns,
+                "share-b",
+                "main",
+                key.clone(),
+                json!([{"port": 53, "protocol": "UDP"}]),
+            )?,
         )
         .await?;
     let b = wait_ip(&services, "share-b").await?;
@@ -336,7 +367,9 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     warning_event(&events, "small-3", "PoolExhausted").await?;
     let p = wait_pool(&pools, &tiny, "Exhausted", |p| {
         pool_condition(p, "Exhausted").is_some_and(|c| c.0 == "True")
-            && p.status.as_ref().is_some_and(|s| s.used_ips == 2 && s.available_ips == 0)
+            && p.status
+                .as_ref()
+                .is_some_and(|s| s.used_ips == 2 && s.available_ips == 0)
     })
     .await?;
     ensure!(
@@ -356,14 +389,20 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
             "ips_available of tiny"
         );
         ensure!(
-            m.value("tendril_lbipam_conflicts_total", &[("reason", "PoolExhausted")])
-                .unwrap_or(0.0)
+            m.value(
+                "tendril_lbipam_conflicts_total",
+                &[("reason", "PoolExhausted")]
+            )
+            .unwrap_or(0.0)
                 >= 1.0,
             "conflicts_total PoolExhausted"
         );
         ensure!(
-            m.value("tendril_lbipam_allocations_total", &[("pool", main.as_str())])
-                .unwrap_or(0.0)
+            m.value(
+                "tendril_lbipam_allocations_total",
+                &[("pool", main.as_str())]
+            )
+            .unwrap_or(0.0)
                 >= 4.0,
             "allocations_total of main"
         );
@@ -423,7 +462,10 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     );
     warning_event(&default_events, &broken, "InvalidBlocks").await?;
     pools
-        .create(&pp, &pool(&younger, "main", json!([{"cidr": "198.51.100.0/28"}]))?)
+        .create(
+            &pp,
+            &pool(&younger, "main", json!([{"cidr": "198.51.100.0/28"}]))?,
+        )
         .await?;
     let p = wait_pool(&pools, &younger, "Conflicting", |p| {
         pool_condition(p, "Conflicting").is_some_and(|c| c.0 == "True")
@@ -443,14 +485,20 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     }
     eventually(TIMEOUT, || async {
         let seen = seen.lock().unwrap();
-        let missing = created.iter().filter(|(n, _)| !seen.contains_key(n)).count();
+        let missing = created
+            .iter()
+            .filter(|(n, _)| !seen.contains_key(n))
+            .count();
         ensure!(missing == 0, "{missing} Services without an address");
         Ok(())
     })
     .await?;
     let mut latencies: Vec<Duration> = {
         let seen = seen.lock().unwrap();
-        created.iter().map(|(n, t)| seen[n].duration_since(*t)).collect()
+        created
+            .iter()
+            .map(|(n, t)| seen[n].duration_since(*t))
+            .collect()
     };
     latencies.sort();
     println!(
@@ -476,7 +524,12 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
         })
     };
     eventually(TIMEOUT, || async {
-        let n = seen.lock().unwrap().keys().filter(|k| k.starts_with("rs-")).count();
+        let n = seen
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("rs-"))
+            .count();
         ensure!(n >= 5, "{n} rs- Services with an address");
         Ok(())
     })

@@ -35,11 +35,7 @@ const READ: &[(&str, &str, &str)] = &[
     ("", "services", "Service"),
     ("discovery.k8s.io", "endpointslices", "EndpointSlice"),
     ("tendril.dev", "lbservices", "LBService"),
-    (
-        "tendril.dev",
-        "loadbalancerippools",
-        "LoadBalancerIPPool",
-    ),
+    ("tendril.dev", "loadbalancerippools", "LoadBalancerIPPool"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {

@@ -398,8 +398,7 @@ impl Allocator {
         let previous = std::mem::take(self);
         for (key, ips) in &previous.held {
             if !by_key.contains_key(key) {
-                out.released
-                    .extend(ips.iter().map(|ip| (key.clone(), *ip)));
+                out.released.extend(ips.iter().map(|ip| (key.clone(), *ip)));
             }
         }
         for svc in &services {
@@ -413,7 +412,9 @@ impl Allocator {
                 } else {
                     svc.requested.contains(&ip)
                 };
-                let in_pool = pools.iter().any(|p| p.contains(ip) && p.selects(&svc.labels));
+                let in_pool = pools
+                    .iter()
+                    .any(|p| p.contains(ip) && p.selects(&svc.labels));
                 let shareable = self
                     .holders(ip)
                     .iter()
@@ -518,11 +519,7 @@ impl Allocator {
         }
 
         for p in &pools {
-            let used = self
-                .holders
-                .keys()
-                .filter(|ip| p.contains(**ip))
-                .count();
+            let used = self.holders.keys().filter(|ip| p.contains(**ip)).count();
             if let Some(o) = out.pools.get_mut(&p.name) {
                 o.used = used as u128;
             }
@@ -543,9 +540,7 @@ impl Allocator {
                 Some(o) if o.can_share(svc) => return None,
                 Some(o) if o.key.0 != svc.key.0 => "another namespace",
                 Some(o) if o.sharing.is_none() || svc.sharing.is_none() => "no sharing key",
-                Some(o) if o.sharing != svc.sharing => {
-                    "different sharing key or traffic policy"
-                }
+                Some(o) if o.sharing != svc.sharing => "different sharing key or traffic policy",
                 Some(_) => "their ports overlap",
                 None => "held",
             };
@@ -584,7 +579,11 @@ impl Allocator {
             let family = r.family();
             let (first, last) = (to_num(r.first), to_num(r.last));
             let mut candidate = first;
-            for ip in self.holders.range(r.first..=r.last).map(|(ip, _)| to_num(*ip)) {
+            for ip in self
+                .holders
+                .range(r.first..=r.last)
+                .map(|(ip, _)| to_num(*ip))
+            {
                 if ip != candidate {
                     break;
                 }

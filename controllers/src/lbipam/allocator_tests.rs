@@ -69,7 +69,10 @@ fn cidr_ranges_leave_out_network_and_broadcast_unless_asked() {
     let p2p: IpNet = "198.51.100.4/31".parse().unwrap();
     assert_eq!(Range::of_cidr(p2p, false).size(), 2);
     let v6: IpNet = "2001:db8::/126".parse().unwrap();
-    assert_eq!(Range::of_cidr(v6, false), range("2001:db8::1", "2001:db8::2"));
+    assert_eq!(
+        Range::of_cidr(v6, false),
+        range("2001:db8::1", "2001:db8::2")
+    );
     assert!(Range::new(ip("10.0.0.9"), ip("10.0.0.1")).is_none());
     assert!(Range::new(ip("10.0.0.1"), ip("::1")).is_none());
 }
@@ -199,9 +202,7 @@ fn dual_stack_takes_one_address_per_family() {
     let out = a.plan(&pools[..1], std::slice::from_ref(&s));
     assert_eq!(
         out.services[&s.key].problems,
-        [Problem::NoPool {
-            family: Family::V6
-        }]
+        [Problem::NoPool { family: Family::V6 }]
     );
 }
 
@@ -225,9 +226,7 @@ fn disabled_and_conflicting_pools_keep_but_do_not_give() {
     assert_eq!(ips_of(&out, "ns", "a"), [ip("10.0.0.1")], "kept");
     assert_eq!(
         out.services[&key("ns", "b")].problems,
-        [Problem::NoPool {
-            family: Family::V4
-        }]
+        [Problem::NoPool { family: Family::V4 }]
     );
     // The pool gone: its addresses are released.
     let out = a.plan(&[], &[svc("ns", "a", 1)]);
@@ -368,7 +367,11 @@ fn addr(v6: bool, i: u8) -> IpAddr {
     }
 }
 
-fn apply(op: &Op, pools: &mut BTreeMap<usize, Pool>, services: &mut BTreeMap<usize, ServiceRequest>) {
+fn apply(
+    op: &Op,
+    pools: &mut BTreeMap<usize, Pool>,
+    services: &mut BTreeMap<usize, ServiceRequest>,
+) {
     match op {
         Op::Service {
             n,
@@ -396,7 +399,10 @@ fn apply(op: &Op, pools: &mut BTreeMap<usize, Pool>, services: &mut BTreeMap<usi
                 key: format!("k{k}"),
                 local_selector: None,
             });
-            s.ports = ports.iter().map(|p| ("TCP".to_string(), i32::from(*p))).collect();
+            s.ports = ports
+                .iter()
+                .map(|p| ("TCP".to_string(), i32::from(*p)))
+                .collect();
             services.insert(*n, s);
         }
         Op::DeleteService(n) => {
@@ -447,12 +453,19 @@ fn check(
     pools: &[Pool],
     services: &[ServiceRequest],
 ) -> Result<(), TestCaseError> {
-    let by_key: BTreeMap<&ServiceKey, &ServiceRequest> = services.iter().map(|s| (&s.key, s)).collect();
+    let by_key: BTreeMap<&ServiceKey, &ServiceRequest> =
+        services.iter().map(|s| (&s.key, s)).collect();
     // The outcome is the allocator's memory, for exactly the services of the world.
     prop_assert_eq!(out.services.len(), services.len());
     let mut holders: BTreeMap<IpAddr, Vec<&ServiceKey>> = BTreeMap::new();
     for (k, o) in &out.services {
-        let held: Vec<IpAddr> = alloc.assignment().get(k).into_iter().flatten().copied().collect();
+        let held: Vec<IpAddr> = alloc
+            .assignment()
+            .get(k)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
         let mut sorted = o.ips.clone();
         sorted.sort();
         prop_assert_eq!(&sorted, &held);
@@ -460,20 +473,33 @@ fn check(
             holders.entry(*ip).or_default().push(k);
         }
     }
-    prop_assert!(alloc.assignment().keys().all(|k| by_key.contains_key(k)), "a gone service holds an address");
+    prop_assert!(
+        alloc.assignment().keys().all(|k| by_key.contains_key(k)),
+        "a gone service holds an address"
+    );
     for (ip, hs) in &holders {
         // Never one address to two services that cannot share it.
         for (i, a) in hs.iter().enumerate() {
             for b in &hs[i + 1..] {
-                prop_assert!(by_key[a].can_share(by_key[b]), "{} held by {:?} and {:?}", ip, a, b);
+                prop_assert!(
+                    by_key[a].can_share(by_key[b]),
+                    "{} held by {:?} and {:?}",
+                    ip,
+                    a,
+                    b
+                );
             }
         }
         // Every address lies in a pool that selects each holder.
         for h in hs {
             let s = by_key[h];
             prop_assert!(
-                pools.iter().any(|p| p.contains(*ip) && p.selects(&s.labels)),
-                "{} of {:?} is in no pool selecting it", ip, h
+                pools
+                    .iter()
+                    .any(|p| p.contains(*ip) && p.selects(&s.labels)),
+                "{} of {:?} is in no pool selecting it",
+                ip,
+                h
             );
         }
     }
@@ -483,20 +509,35 @@ fn check(
             // One address per wanted family, nothing else.
             for f in [Family::V4, Family::V6] {
                 let n = o.ips.iter().filter(|ip| family_of(**ip) == f).count();
-                prop_assert!(n <= usize::from(s.families.contains(&f)), "{:?}: {} {} addresses", s.key, n, f);
+                prop_assert!(
+                    n <= usize::from(s.families.contains(&f)),
+                    "{:?}: {} {} addresses",
+                    s.key,
+                    n,
+                    f
+                );
             }
         } else {
             prop_assert!(o.ips.iter().all(|ip| s.requested.contains(ip)));
         }
         for p in &o.problems {
-            if let Problem::Exhausted { family, pools: names } = p {
+            if let Problem::Exhausted {
+                family,
+                pools: names,
+            } = p
+            {
                 // Exhausted only when every address of those pools' blocks is taken.
                 for name in names {
                     let pool = pools.iter().find(|x| &x.name == name).unwrap();
                     for r in pool.ranges.iter().filter(|r| r.family() == *family) {
                         for n in to_num(r.first)..=to_num(r.last) {
                             let a = from_num(*family, n);
-                            prop_assert!(holders.contains_key(&a), "{} free in exhausted {}", a, name);
+                            prop_assert!(
+                                holders.contains_key(&a),
+                                "{} free in exhausted {}",
+                                a,
+                                name
+                            );
                         }
                     }
                 }

@@ -122,7 +122,10 @@ fn restore(services: &[Arc<Service>]) -> Allocator {
         restored += ips.len();
         allocator.restore(&plan::key_of(svc), ips);
     }
-    info!(addresses = restored, "LoadBalancer addresses restored from Service status");
+    info!(
+        addresses = restored,
+        "LoadBalancer addresses restored from Service status"
+    );
     allocator
 }
 
@@ -142,10 +145,7 @@ impl Lbipam {
         }
         let unsatisfied = out.services.values().filter(|o| !o.satisfied()).count();
         self.metrics.unsatisfied.set(unsatisfied as i64);
-        let mut metered = self
-            .metered_pools
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut metered = self.metered_pools.lock().unwrap_or_else(|p| p.into_inner());
         for (name, o) in &out.pools {
             let label = PoolLabel { pool: name.clone() };
             let status = plan::pool_status(o);
@@ -259,7 +259,8 @@ impl Lbipam {
             }
             fields["status"] = status;
         }
-        let body = runtime::apply_body::<Service>(&svc.name_any(), svc.namespace().as_deref(), fields);
+        let body =
+            runtime::apply_body::<Service>(&svc.name_any(), svc.namespace().as_deref(), fields);
         runtime::apply_status(&api, &self.manager, &body).await?;
         self.metrics.status_writes.inc();
         Ok(())
@@ -310,7 +311,9 @@ impl Lbipam {
         let api: Api<LoadBalancerIPPool> = Api::all(self.client.clone());
         for pool in pools {
             let name = pool.name_any();
-            let Some(o) = out.pools.get(&name) else { continue };
+            let Some(o) = out.pools.get(&name) else {
+                continue;
+            };
             let desired = plan::pool_status(o);
             let generation = pool.meta().generation;
             let status = pool.status.clone().unwrap_or_default();
@@ -328,7 +331,14 @@ impl Lbipam {
             let conds: Vec<_> = desired
                 .conditions
                 .iter()
-                .map(|d| conditions::merge(conditions::find(&status.conditions, &d.type_), d, generation, now))
+                .map(|d| {
+                    conditions::merge(
+                        conditions::find(&status.conditions, &d.type_),
+                        d,
+                        generation,
+                        now,
+                    )
+                })
                 .collect();
             let body = runtime::apply_body::<LoadBalancerIPPool>(
                 &name,

@@ -68,7 +68,9 @@ pub fn pool_of(p: &LoadBalancerIPPool) -> Pool {
         };
         match range {
             Ok(r) => match ranges.iter().find(|o| o.overlaps(&r)) {
-                Some(o) => problems.push(format!("block {i} ({r}) overlaps block {o} of this pool")),
+                Some(o) => {
+                    problems.push(format!("block {i} ({r}) overlaps block {o} of this pool"))
+                }
                 None => ranges.push(r),
             },
             Err(e) => problems.push(e),
@@ -255,7 +257,11 @@ pub struct DesiredService {
 impl DesiredService {
     /// Whether `svc`'s status already says this (the write can be skipped).
     pub fn is_current(&self, svc: &Service) -> bool {
-        let status = if self.condition.status { "True" } else { "False" };
+        let status = if self.condition.status {
+            "True"
+        } else {
+            "False"
+        };
         ingress_ips(svc) == self.ips
             && svc
                 .status

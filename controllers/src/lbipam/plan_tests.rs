@@ -59,23 +59,45 @@ fn pools_parse_blocks_and_report_unusable_ones() {
     assert_eq!(status.conditions[1].reason, "Invalid");
     assert_eq!(status.available, 12);
 
-    let all = pool_of(&pool(json!({"blocks": [{"cidr": "198.51.100.0/30"}], "allowFirstLastIPs": true})));
+    let all = pool_of(&pool(
+        json!({"blocks": [{"cidr": "198.51.100.0/30"}], "allowFirstLastIPs": true}),
+    ));
     assert_eq!(all.size(), 4);
     let selected = pool_of(&pool(json!({"blocks": [{"cidr": "198.51.100.0/30"}],
         "serviceSelector": {"matchLabels": {"color": "red"}}})));
     let (req, _) = request_of(&service("a", json!({}), json!({})));
     assert!(selected.selects(&req.labels));
-    let ok = pool_status(&PoolOutcome { size: 2, used: 1, ..Default::default() });
-    assert!(ok.conditions.iter().all(|c| c.status == (c.type_ == READY || c.type_ == VALID)));
+    let ok = pool_status(&PoolOutcome {
+        size: 2,
+        used: 1,
+        ..Default::default()
+    });
+    assert!(
+        ok.conditions
+            .iter()
+            .all(|c| c.status == (c.type_ == READY || c.type_ == VALID))
+    );
     assert_eq!((ok.used, ok.available), (1, 1));
 }
 
 #[test]
 fn which_services_get_addresses() {
     assert!(wants_addresses(&service("a", json!({}), json!({}))));
-    assert!(wants_addresses(&service("a", json!({}), json!({"loadBalancerClass": LOAD_BALANCER_CLASS}))));
-    assert!(!wants_addresses(&service("a", json!({}), json!({"loadBalancerClass": "example.com/other"}))));
-    assert!(!wants_addresses(&service("a", json!({}), json!({"type": "ClusterIP"}))));
+    assert!(wants_addresses(&service(
+        "a",
+        json!({}),
+        json!({"loadBalancerClass": LOAD_BALANCER_CLASS})
+    )));
+    assert!(!wants_addresses(&service(
+        "a",
+        json!({}),
+        json!({"loadBalancerClass": "example.com/other"})
+    )));
+    assert!(!wants_addresses(&service(
+        "a",
+        json!({}),
+        json!({"type": "ClusterIP"})
+    )));
 }
 
 #[test]
@@ -103,14 +125,21 @@ fn requests_read_the_spec_and_annotations() {
     let (req, invalid) = request_of(&service("b", json!({IPS_ANNOTATION: "nope"}), json!({})));
     assert!(req.families.is_empty() && req.requested.is_empty());
     let cond = service_condition(&ServiceOutcome::default(), &invalid);
-    assert_eq!((cond.status, cond.reason.as_str()), (false, REASON_INVALID_REQUEST));
+    assert_eq!(
+        (cond.status, cond.reason.as_str()),
+        (false, REASON_INVALID_REQUEST)
+    );
     assert!(cond.message.contains("\"nope\""), "{}", cond.message);
 }
 
 #[test]
 fn service_status_and_whether_it_is_current() {
     let p = pool_of(&pool(json!({"blocks": [{"cidr": "198.51.100.0/30"}]})));
-    let services = [service("a", json!({}), json!({})), service("b", json!({}), json!({})), service("c", json!({}), json!({}))];
+    let services = [
+        service("a", json!({}), json!({})),
+        service("b", json!({}), json!({})),
+        service("c", json!({}), json!({})),
+    ];
     let requests: Vec<ServiceRequest> = services.iter().map(|s| request_of(s).0).collect();
     let out = Allocator::new().plan(&[p], &requests);
     let no_invalid = Default::default();
@@ -118,17 +147,23 @@ fn service_status_and_whether_it_is_current() {
     assert_eq!(desired[0].1.ips, [ip("198.51.100.1")]);
     assert_eq!(desired[0].1.condition.message, "assigned 198.51.100.1");
     assert!(desired[0].1.condition.status);
-    assert!(matches!(out.services[desired[2].0].problems[..], [Problem::Exhausted { .. }]));
+    assert!(matches!(
+        out.services[desired[2].0].problems[..],
+        [Problem::Exhausted { .. }]
+    ));
     assert_eq!(desired[2].1.condition.reason, "PoolExhausted");
 
     let mut svc = services[0].clone();
     assert!(!desired[0].1.is_current(&svc));
-    svc.status = Some(serde_json::from_value(json!({
-        "loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP"}]},
-        "conditions": [{"type": REQUEST_SATISFIED, "status": "True", "reason": REASON_SATISFIED,
-                        "message": "assigned 198.51.100.1", "observedGeneration": 1,
-                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-    })).unwrap());
+    svc.status = Some(
+        serde_json::from_value(json!({
+            "loadBalancer": {"ingress": [{"ip": "198.51.100.1", "ipMode": "VIP"}]},
+            "conditions": [{"type": REQUEST_SATISFIED, "status": "True", "reason": REASON_SATISFIED,
+                            "message": "assigned 198.51.100.1", "observedGeneration": 1,
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }))
+        .unwrap(),
+    );
     assert!(desired[0].1.is_current(&svc));
     assert!(has_our_condition(&svc));
     assert_eq!(ingress_ips(&svc), [ip("198.51.100.1")]);
