@@ -9,7 +9,10 @@
 //! caches show.
 //!
 //! Served: Services of type LoadBalancer whose `spec.loadBalancerClass` is unset or
-//! `tendril.dev/lb`; another class is left alone entirely. A Service that stops being
+//! `tendril.dev/lb`; another class is left alone entirely, and so is every Service while no
+//! pool exists (dormant, as Cilium's LB IPAM: whatever else writes LoadBalancer addresses
+//! keeps doing so). A served Service's ingress is the concern's: addresses someone else
+//! wrote there are replaced by the pool's. A Service that stops being
 //! served (deleted, another type or class) gives its addresses back; the concern then
 //! removes the fields it wrote (ingress and condition) from the status.
 //!
@@ -143,7 +146,10 @@ impl Lbipam {
             info!(service = %format!("{}/{}", key.0, key.1), %ip, "LoadBalancer address released");
             self.metrics.releases.inc();
         }
-        let unsatisfied = out.services.values().filter(|o| !o.satisfied()).count();
+        let unsatisfied = match out.pools.is_empty() {
+            true => 0, // dormant
+            false => out.services.values().filter(|o| !o.satisfied()).count(),
+        };
         self.metrics.unsatisfied.set(unsatisfied as i64);
         let mut metered = self.metered_pools.lock().unwrap_or_else(|p| p.into_inner());
         for (name, o) in &out.pools {
@@ -178,9 +184,16 @@ impl Lbipam {
         let by_key: BTreeMap<ServiceKey, &Arc<Service>> =
             services.iter().map(|s| (plan::key_of(s), s)).collect();
         let mut writes: Vec<(Arc<Service>, Option<DesiredService>)> = Vec::new();
+        // Without any pool LB IPAM is dormant (as Cilium's): it leaves LoadBalancer
+        // Services to whatever else writes their status, and only takes back its own.
+        let dormant = out.pools.is_empty();
         for (key, desired) in plan::desired_services(out, invalid) {
             let Some(svc) = by_key.get(key) else { continue };
-            if !desired.is_current(svc) {
+            if dormant {
+                if plan::has_our_condition(svc) {
+                    writes.push(((*svc).clone(), None));
+                }
+            } else if !desired.is_current(svc) {
                 writes.push(((*svc).clone(), Some(desired)));
             }
         }
@@ -400,7 +413,14 @@ pub async fn run(ctx: runtime::Context) -> anyhow::Result<()> {
         }
     };
     let controller = singleton::controller(NAME, ready)
-        .watches_stream(services.trigger(), singleton::on_change(NAME, None))
+        // Only LoadBalancer Services (and those whose status it wrote) concern LB IPAM: a
+        // cluster's churn of ClusterIP Services wakes nothing.
+        .watches_stream(
+            services.trigger().filter(|item| {
+                futures::future::ready(item.as_ref().map_or(true, plan::is_relevant))
+            }),
+            singleton::on_change(NAME, None),
+        )
         .watches_stream(pools.trigger(), singleton::on_change(NAME, None));
     let reconciler = Lbipam {
         client: client.clone(),

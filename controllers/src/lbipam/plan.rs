@@ -108,6 +108,13 @@ pub fn wants_addresses(svc: &Service) -> bool {
         && svc.metadata.deletion_timestamp.is_none()
 }
 
+/// Whether a change of `svc` can matter to LB IPAM: it is (or was, in a deletion's last
+/// state) of type LoadBalancer, or its status still carries what the concern wrote.
+pub fn is_relevant(svc: &Service) -> bool {
+    svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
+        || has_our_condition(svc)
+}
+
 pub fn key_of(svc: &Service) -> ServiceKey {
     (svc.namespace().unwrap_or_default(), svc.name_any())
 }
