@@ -290,6 +290,32 @@ fn a_rebuild_from_status_restores_every_address_even_out_of_order() {
     assert_eq!(ips_of(&out, "ns", "c"), [ip("10.0.0.1")]);
 }
 
+/// Prints what a plan costs at scale (a figure, not an assertion): 10,000 Services in one
+/// /16, first allocated from nothing, then a steady-state pass that changes nothing.
+/// `cargo test -p tendril-controllers --release lbipam_plan_cost -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn lbipam_plan_cost() {
+    let pools = [pool(
+        "big",
+        1,
+        vec![Range::of_cidr("10.100.0.0/16".parse().unwrap(), false)],
+    )];
+    let services: Vec<ServiceRequest> = (0..10_000)
+        .map(|i| svc(&format!("ns{}", i % 50), &format!("s{i}"), i))
+        .collect();
+    let mut a = Allocator::new();
+    let t = std::time::Instant::now();
+    let out = a.plan(&pools, &services);
+    let first = t.elapsed();
+    assert_eq!(out.assigned.len(), 10_000);
+    let t = std::time::Instant::now();
+    let out = a.plan(&pools, &services);
+    let steady = t.elapsed();
+    assert!(out.assigned.is_empty());
+    println!("10,000 services: first plan {first:?}, steady-state plan {steady:?}");
+}
+
 // ---- property test: random worlds, an independent check of every invariant ----
 
 #[derive(Clone, Debug)]
@@ -558,7 +584,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
     /// Under random creates, changes and deletes of services and pools: no address is held
     /// by two services that cannot share it, every address lies in a pool that selects its
-    /// holder, exhaustion only when full, counts add up; planning twice changes nothing;
+    /// holder, exhaustion only when full, counts add up; creating or deleting a service
+    /// moves no other service's address; planning twice changes nothing;
     /// and a new allocator rebuilt from the services' addresses (their status) plans to
     /// the same assignment.
     #[test]
@@ -567,11 +594,31 @@ proptest! {
         let mut services = BTreeMap::new();
         let mut alloc = Allocator::new();
         for op in &ops {
+            // Creating or deleting one service never moves another's addresses.
+            let bystanders_keep = match op {
+                Op::DeleteService(_) => true,
+                Op::Service { n, .. } => !services.contains_key(n),
+                _ => false,
+            };
+            let touched = match op {
+                Op::DeleteService(n) | Op::Service { n, .. } => Some(format!("s{n}")),
+                _ => None,
+            };
+            let before = alloc.assignment().clone();
             apply(op, &mut pools, &mut services);
             let p: Vec<Pool> = pools.values().cloned().collect();
             let s: Vec<ServiceRequest> = services.values().cloned().collect();
             let out = alloc.plan(&p, &s);
             check(&out, &alloc, &p, &s)?;
+            if bystanders_keep {
+                for (k, ips) in &before {
+                    if Some(&k.1) == touched.as_ref() {
+                        continue;
+                    }
+                    let now = alloc.assignment().get(k).cloned().unwrap_or_default();
+                    prop_assert!(ips.is_subset(&now), "{:?} had {:?}, now {:?}", k, ips, now);
+                }
+            }
 
             let again = alloc.clone().plan(&p, &s);
             prop_assert_eq!(&again.services, &out.services, "a second plan changed something");
