@@ -430,6 +430,7 @@ impl Allocator {
 
         // 2. Assign what is missing, oldest Service first.
         let mut lowest_free = BTreeMap::new();
+        let mut all_problems = Vec::with_capacity(services.len());
         for svc in &services {
             let mut problems = Vec::new();
             if !svc.requested.is_empty() {
@@ -507,6 +508,18 @@ impl Allocator {
                 }
                 problems.extend(family_problems);
             }
+            all_problems.push(problems);
+        }
+        for (svc, mut problems) in services.iter().zip(all_problems) {
+            // Who holds a refused address is told as of the end of the plan (the oldest
+            // holder that cannot share), so the next plan over the same world says the same.
+            for p in &mut problems {
+                if let Problem::Taken { ip, holder, why } = p
+                    && let Some((h, w)) = self.collision(*ip, svc, &by_key)
+                {
+                    (*holder, *why) = (h, w);
+                }
+            }
             let mut ips: Vec<IpAddr> = self
                 .held
                 .get(&svc.key)
@@ -541,7 +554,10 @@ impl Allocator {
         svc: &ServiceRequest,
         by_key: &BTreeMap<&ServiceKey, &ServiceRequest>,
     ) -> Option<(ServiceKey, &'static str)> {
-        self.holders(ip).iter().find_map(|h| {
+        // The oldest such holder, whatever order the holders were recorded in.
+        let mut holders: Vec<&ServiceKey> = self.holders(ip).iter().collect();
+        holders.sort_by_key(|h| (by_key.get(h).and_then(|o| o.created), *h));
+        holders.into_iter().find_map(|h| {
             let why = match by_key.get(h) {
                 Some(o) if o.can_share(svc) => return None,
                 Some(o) if o.key.0 != svc.key.0 => "another namespace",

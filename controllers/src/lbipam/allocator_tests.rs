@@ -581,7 +581,7 @@ fn check(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
     /// Under random creates, changes and deletes of services and pools: no address is held
     /// by two services that cannot share it, every address lies in a pool that selects its
     /// holder, exhaustion only when full, counts add up; creating or deleting a service
