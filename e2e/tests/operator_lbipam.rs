@@ -17,9 +17,16 @@
 //! address it had written, and finishes the rest; finally, an independent check that no
 //! address is held by two Services that may not share it.
 //!
+//! A second test runs the whole path on a simulated two-node cluster (operator, agents,
+//! pods wired by tendril-cni): an address from a pool reaches the backend from a client
+//! outside the cluster that routes the pool to node 0 (as BGP will announce it), with the
+//! time from Service creation to address, to realized on every node, to first connection.
+//! It needs root.
+//!
 //! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
 
 mod operator_common;
+mod services_common;
 
 use anyhow::{Context as _, Result, ensure};
 use futures::StreamExt;
@@ -29,11 +36,14 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use operator_common::{TIMEOUT, free_port};
 use serde_json::{Value, json};
+use services_common::{World, connect_from_netns};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tendril_crds::facts::lbipam::{IPS_ANNOTATION, REQUEST_SATISFIED, SHARING_KEY_ANNOTATION};
+use tendril_crds::v1alpha1::NodeNetwork;
 use tendril_crds::v1alpha1::{LBService, LoadBalancerIPPool};
+use tendril_e2e::services::{LB_RANGE, NetnsSet, add_external_client, netns_prefix};
 use tendril_e2e::{ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_for};
 
 fn start_operator(env: &TestEnv, port: u16) -> Result<Process> {
@@ -613,5 +623,126 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
         all.iter().filter(|s| !ips(s).is_empty()).count()
     );
     operator.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// The whole path: pool → Service address → LBService frontend → every agent's maps → a
+/// connection from outside the cluster to the address reaches the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_assigned_address_carries_traffic_from_outside() -> Result<()> {
+    let world = World::start("lbipam-path").await?;
+    let env = &world.env;
+    let client = env.client();
+    let ns = env.namespace().to_string();
+    let services: Api<Service> = env.api();
+    let lbsvc: Api<LBService> = env.api();
+    let pools: Api<LoadBalancerIPPool> = Api::all(client.clone());
+    let nns: Api<NodeNetwork> = Api::all(client.clone());
+
+    // A pool inside the range the outside client routes via node 0.
+    let pool = env.unique_name("lbipp-path");
+    env.delete_on_drop::<LoadBalancerIPPool>(&pool);
+    ensure!(LB_RANGE == "10.252.0.0/16");
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "tendril.dev/v1alpha1", "kind": "LoadBalancerIPPool",
+                "metadata": {"name": pool},
+                "spec": {"blocks": [{"cidr": "10.252.9.0/28"}]},
+            }))?,
+        )
+        .await?;
+    let mut externals = NetnsSet::default();
+    let outside = format!("{}-lb", netns_prefix());
+    add_external_client(
+        &mut externals,
+        &world.cluster.underlay.netns,
+        &outside,
+        0,
+        world.cluster.nodes[0].address,
+    )
+    .await?;
+
+    let started = Instant::now();
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": ns},
+        "spec": {"type": "LoadBalancer", "selector": {"app": "web-a"},
+                 "ports": [{"name": "echo", "port": 80, "targetPort": 8080}]},
+    }))?;
+    services.create(&PostParams::default(), &svc).await?;
+    let address = wait_ip(&services, "echo").await?;
+    let to_address = started.elapsed();
+    ensure!(address == "10.252.9.1", "echo got {address}");
+    let wanted = address.clone();
+    let lb = wait_for(
+        &lbsvc,
+        "echo",
+        move |o: Option<&LBService>| {
+            o.is_some_and(|lb| {
+                !lb.spec.backends.is_empty()
+                    && lb.spec.frontends.iter().any(|f| {
+                        f.type_ == "LoadBalancer" && f.address.as_deref() == Some(wanted.as_str())
+                    })
+            })
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("LBService echo")?;
+    let revision = lb.spec.revision;
+    for node in &world.cluster.nodes {
+        let name = node.name.clone();
+        wait_for(
+            &nns,
+            &name,
+            move |o: Option<&NodeNetwork>| {
+                o.and_then(|nn| nn.status.as_ref())
+                    .and_then(|s| s.realized_services_revision)
+                    .is_some_and(|r| r >= revision)
+            },
+            TIMEOUT,
+        )
+        .await
+        .with_context(|| format!("{name} realizes revision {revision}"))?;
+    }
+    let to_realized = started.elapsed();
+    ensure!(
+        connect_from_netns(&outside, &address, 80).await?,
+        "{address}:80 refused from outside"
+    );
+    let to_connection = started.elapsed();
+    let from_outside: std::net::IpAddr = "10.250.0.100".parse()?;
+    ensure!(
+        world.accepted(from_outside).0 >= 1,
+        "web-a saw no connection from the outside client"
+    );
+    println!(
+        "Service creation → address in status {:.0} ms → realized on every node {:.0} ms → first connection from outside {:.0} ms",
+        to_address.as_secs_f64() * 1e3,
+        to_realized.as_secs_f64() * 1e3,
+        to_connection.as_secs_f64() * 1e3,
+    );
+
+    // Released: the address goes, and with it the frontend.
+    services
+        .patch(
+            "echo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"type": "ClusterIP"}})),
+        )
+        .await?;
+    wait_for(
+        &lbsvc,
+        "echo",
+        |o: Option<&LBService>| {
+            o.is_some_and(|lb| lb.spec.frontends.iter().all(|f| f.type_ != "LoadBalancer"))
+        },
+        TIMEOUT,
+    )
+    .await
+    .context("the LoadBalancer frontend goes with the address")?;
+    drop(externals);
     Ok(())
 }
