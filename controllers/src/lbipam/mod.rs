@@ -40,7 +40,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use metrics::{Metrics, PoolLabel, ReasonLabel};
@@ -51,13 +51,15 @@ use std::sync::{Arc, Mutex};
 use tendril_crds::facts::lbipam::REQUEST_SATISFIED;
 use tendril_crds::v1alpha1::LoadBalancerIPPool;
 use tendril_runtime::singleton::{self, Singleton};
-use tendril_runtime::{self as runtime, DesiredCondition, Reconciler, conditions};
+use tendril_runtime::{self as runtime, DesiredCondition, Reconciler, conditions, events};
 use tracing::{debug, info, warn};
 
 /// The concern's name; its field manager is `tendril-lbipam`.
 pub const NAME: &str = "lbipam";
 /// Status writes in flight at once.
 const WRITE_CONCURRENCY: usize = 16;
+/// The `action` of the concern's Events.
+const EVENT_ACTION: &str = "AllocateLoadBalancerIP";
 
 pub type Error = runtime::ApiError;
 
@@ -302,16 +304,14 @@ impl Lbipam {
             })
             .inc();
         warn!(service = %runtime::object_key(svc), reason = %desired.reason, message = %desired.message, "LoadBalancer address request not satisfied");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: desired.reason.clone(),
-            note: Some(desired.message.clone()),
-            action: "AllocateLoadBalancerIP".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
-            warn!(error = %e, "publishing the Service Event failed");
-        }
+        events::publish_warning(
+            &self.recorder,
+            &svc.object_ref(&()),
+            &desired.reason,
+            &desired.message,
+            EVENT_ACTION,
+        )
+        .await;
     }
 
     /// Writes each pool's conditions and counts where they changed, with a Warning Event
@@ -383,16 +383,14 @@ impl Lbipam {
                 });
                 if bad && news {
                     warn!(pool = %name, condition = %d.type_, message = %d.message, "LoadBalancerIPPool problem");
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: d.reason.clone(),
-                        note: Some(d.message.clone()),
-                        action: "AllocateLoadBalancerIP".into(),
-                        secondary: None,
-                    };
-                    if let Err(e) = self.recorder.publish(&event, &pool.object_ref(&())).await {
-                        warn!(error = %e, "publishing the pool Event failed");
-                    }
+                    events::publish_warning(
+                        &self.recorder,
+                        &pool.object_ref(&()),
+                        &d.reason,
+                        &d.message,
+                        EVENT_ACTION,
+                    )
+                    .await;
                 }
             }
         }
@@ -428,13 +426,7 @@ pub async fn run(ctx: runtime::Context) -> anyhow::Result<()> {
         pools: pools.store(),
         allocator: Mutex::new(None),
         metered_pools: Mutex::default(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "tendril-operator".into(),
-                instance: None,
-            },
-        ),
+        recorder: events::recorder(client, "tendril-operator"),
         metrics: Metrics::new(&ctx.metrics),
         manager: runtime::field_manager(NAME),
     };
