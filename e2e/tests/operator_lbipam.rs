@@ -10,7 +10,8 @@
 //! Services with disjoint ports on one address and a third with a colliding port on
 //! another; a small pool runs out (condition, pool `Exhausted`, Event, metrics) and the
 //! waiting Service gets the address freed by a deletion; a Service turned ClusterIP gives
-//! its address back (status cleared) and another class is left alone; an invalid pool
+//! its address back (status cleared) and another class is left alone; an address written
+//! by someone else on a served Service no pool selects is taken away (`NoPool`); an invalid pool
 //! (start after stop) is `Valid=False` and an overlapping younger pool `Conflicting`; the
 //! time from Service creation to address in status over 50 Services (printed); the
 //! operator killed in the middle of allocating 30 Services and restarted keeps every
@@ -104,21 +105,39 @@ fn pool_condition(p: &LoadBalancerIPPool, type_: &str) -> Option<(String, String
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Waits until object `name` exists and satisfies `cond` (what: for the error).
+async fn wait_until<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&K) -> bool + Send + 'static,
+) -> Result<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    wait_for(
+        api,
+        name,
+        move |o: Option<&K>| o.is_some_and(&cond),
+        TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("{} {name}: {what}", K::kind(&())))?
+    .context("present")
+}
+
 async fn wait_svc(
     api: &Api<Service>,
     name: &str,
     what: &str,
     cond: impl Fn(&Service) -> bool + Send + 'static,
 ) -> Result<Service> {
-    wait_for(
-        api,
-        name,
-        move |o: Option<&Service>| o.is_some_and(&cond),
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("Service {name}: {what}"))?
-    .context("present")
+    wait_until(api, name, what, cond).await
 }
 
 async fn wait_pool(
@@ -127,15 +146,7 @@ async fn wait_pool(
     what: &str,
     cond: impl Fn(&LoadBalancerIPPool) -> bool + Send + 'static,
 ) -> Result<LoadBalancerIPPool> {
-    wait_for(
-        api,
-        name,
-        move |o: Option<&LoadBalancerIPPool>| o.is_some_and(&cond),
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("pool {name}: {what}"))?
-    .context("present")
+    wait_until(api, name, what, cond).await
 }
 
 async fn wait_ip(api: &Api<Service>, name: &str) -> Result<String> {
@@ -459,6 +470,28 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
         "another class was touched: {:?}",
         foreign.status
     );
+
+    // A served Service's ingress is LB IPAM's: an address someone else wrote there goes
+    // when no pool selects the Service, which is told why.
+    services
+        .create(&pp, &service(&ns, "handmade", "none", json!({}), tcp(80))?)
+        .await?;
+    services
+        .patch_status(
+            "handmade",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.99"}]}}}),
+            ),
+        )
+        .await?;
+    wait_svc(
+        &services,
+        "handmade",
+        "taken over: NoPool, no address",
+        |s| ips(s).is_empty() && satisfied(s).is_some_and(|c| c.0 == "False" && c.1 == "NoPool"),
+    )
+    .await?;
 
     // Pools the concern refuses: start after stop; overlapping an older pool.
     let p = wait_pool(&pools, &broken, "Valid=False", |p| {
