@@ -177,13 +177,21 @@ impl Pool {
     }
 }
 
-/// Who may share an address with whom: Services of one namespace whose `Sharing` is equal
-/// and whose ports are disjoint.
+/// Who may share an address with whom: Services with the same key and traffic policy whose
+/// ports are disjoint, in one namespace or in two that each lets the other in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sharing {
     pub key: String,
     /// `externalTrafficPolicy: Local` with this pod selector (`None`: `Cluster`).
     pub local_selector: Option<Labels>,
+    /// Other namespaces whose Services may share with this one (`*`: any).
+    pub cross_namespace: BTreeSet<String>,
+}
+
+impl Sharing {
+    fn lets_in(&self, namespace: &str) -> bool {
+        self.cross_namespace.contains("*") || self.cross_namespace.contains(namespace)
+    }
 }
 
 /// A Service that wants LoadBalancer addresses from Tendril.
@@ -213,10 +221,13 @@ impl ServiceRequest {
 
     /// Whether `self` and `other` may hold one address.
     pub fn can_share(&self, other: &ServiceRequest) -> bool {
-        self.key.0 == other.key.0
-            && self.sharing.is_some()
-            && self.sharing == other.sharing
+        let (Some(a), Some(b)) = (&self.sharing, &other.sharing) else {
+            return false;
+        };
+        a.key == b.key
+            && a.local_selector == b.local_selector
             && self.ports.is_disjoint(&other.ports)
+            && (self.key.0 == other.key.0 || (a.lets_in(&other.key.0) && b.lets_in(&self.key.0)))
     }
 }
 
@@ -430,85 +441,109 @@ impl Allocator {
 
         // 2. Assign what is missing, oldest Service first.
         let mut lowest_free = BTreeMap::new();
-        let mut all_problems = Vec::with_capacity(services.len());
-        for svc in &services {
-            let mut problems = Vec::new();
-            if !svc.requested.is_empty() {
-                for &ip in &svc.requested {
-                    if self.held.get(&svc.key).is_some_and(|h| h.contains(&ip)) {
-                        continue;
-                    }
-                    let Some(pool) = allocating
-                        .iter()
-                        .find(|p| p.contains(ip) && p.selects(&svc.labels))
-                    else {
-                        problems.push(Problem::NotInPool { ip });
-                        continue;
-                    };
-                    match self.collision(ip, svc, &by_key) {
-                        Some((holder, why)) => problems.push(Problem::Taken { ip, holder, why }),
-                        None => {
-                            self.hold(&svc.key, ip);
-                            out.assigned.push((svc.key.clone(), ip, pool.name.clone()));
-                        }
-                    }
-                }
-            } else {
-                let mut family_problems = Vec::new();
-                for &family in &svc.families {
-                    let has = self
-                        .held
-                        .get(&svc.key)
-                        .is_some_and(|h| h.iter().any(|ip| family_of(*ip) == family));
-                    if has {
-                        continue;
-                    }
-                    let eligible: Vec<&Pool> = allocating
-                        .iter()
-                        .copied()
-                        .filter(|p| {
-                            p.selects(&svc.labels) && p.ranges.iter().any(|r| r.family() == family)
-                        })
-                        .collect();
-                    if eligible.is_empty() {
-                        family_problems.push(Problem::NoPool { family });
-                        continue;
-                    }
-                    if let Some((ip, pool)) = self.shared_address(svc, family, &pools, &by_key) {
-                        self.hold(&svc.key, ip);
-                        out.assigned.push((svc.key.clone(), ip, pool));
-                        continue;
-                    }
-                    match eligible
-                        .iter()
-                        .find_map(|p| self.first_free(p, &mut lowest_free).map(|ip| (ip, p)))
-                    {
-                        Some((ip, pool)) => {
-                            self.hold(&svc.key, ip);
-                            out.assigned.push((svc.key.clone(), ip, pool.name.clone()));
-                        }
-                        None => {
-                            for p in &eligible {
-                                if let Some(o) = out.pools.get_mut(&p.name) {
-                                    o.waiting += 1;
-                                }
-                            }
-                            family_problems.push(Problem::Exhausted {
-                                family,
-                                pools: eligible.iter().map(|p| p.name.clone()).collect(),
-                            });
-                        }
-                    }
-                }
-                // PreferDualStack: a family no pool serves is no problem once another has
-                // an address.
-                let got_one = self.held.get(&svc.key).is_some_and(|h| !h.is_empty());
-                if !svc.require_all_families && got_one {
-                    family_problems.retain(|p| !matches!(p, Problem::NoPool { .. }));
-                }
-                problems.extend(family_problems);
+        let mut all_problems;
+        loop {
+            all_problems = Vec::with_capacity(services.len());
+            for o in out.pools.values_mut() {
+                o.waiting = 0;
             }
-            all_problems.push(problems);
+            let assigned_before = out.assigned.len();
+            for svc in &services {
+                let mut problems = Vec::new();
+                if !svc.requested.is_empty() {
+                    for &ip in &svc.requested {
+                        if self.held.get(&svc.key).is_some_and(|h| h.contains(&ip)) {
+                            continue;
+                        }
+                        let Some(pool) = allocating
+                            .iter()
+                            .find(|p| p.contains(ip) && p.selects(&svc.labels))
+                        else {
+                            problems.push(Problem::NotInPool { ip });
+                            continue;
+                        };
+                        match self.collision(ip, svc, &by_key) {
+                            Some((holder, why)) => {
+                                problems.push(Problem::Taken { ip, holder, why })
+                            }
+                            None => {
+                                self.hold(&svc.key, ip);
+                                out.assigned.push((svc.key.clone(), ip, pool.name.clone()));
+                            }
+                        }
+                    }
+                } else {
+                    let mut family_problems = Vec::new();
+                    for &family in &svc.families {
+                        let has = self
+                            .held
+                            .get(&svc.key)
+                            .is_some_and(|h| h.iter().any(|ip| family_of(*ip) == family));
+                        if has {
+                            continue;
+                        }
+                        let eligible: Vec<&Pool> = allocating
+                            .iter()
+                            .copied()
+                            .filter(|p| {
+                                p.selects(&svc.labels)
+                                    && p.ranges.iter().any(|r| r.family() == family)
+                            })
+                            .collect();
+                        if eligible.is_empty() {
+                            family_problems.push(Problem::NoPool { family });
+                            continue;
+                        }
+                        if let Some((ip, pool)) = self.shared_address(svc, family, &pools, &by_key)
+                        {
+                            self.hold(&svc.key, ip);
+                            out.assigned.push((svc.key.clone(), ip, pool));
+                            continue;
+                        }
+                        match eligible
+                            .iter()
+                            .find_map(|p| self.first_free(p, &mut lowest_free).map(|ip| (ip, p)))
+                        {
+                            Some((ip, pool)) => {
+                                self.hold(&svc.key, ip);
+                                out.assigned.push((svc.key.clone(), ip, pool.name.clone()));
+                            }
+                            None => {
+                                for p in &eligible {
+                                    if let Some(o) = out.pools.get_mut(&p.name) {
+                                        o.waiting += 1;
+                                    }
+                                }
+                                family_problems.push(Problem::Exhausted {
+                                    family,
+                                    pools: eligible.iter().map(|p| p.name.clone()).collect(),
+                                });
+                            }
+                        }
+                    }
+                    // PreferDualStack: a family no pool serves is no problem once another has
+                    // an address.
+                    let got_one = self.held.get(&svc.key).is_some_and(|h| !h.is_empty());
+                    if !svc.require_all_families && got_one {
+                        family_problems.retain(|p| !matches!(p, Problem::NoPool { .. }));
+                    }
+                    problems.extend(family_problems);
+                }
+                all_problems.push(problems);
+            }
+            // A Service that shares may find, later in the plan, an address a younger member
+            // of its group has just taken: round again while that can happen (nothing is freed
+            // while assigning, so this ends), so the next plan over the same world says the same.
+            let shared_news = out.assigned[assigned_before..]
+                .iter()
+                .any(|(k, _, _)| by_key.get(k).is_some_and(|s| s.sharing.is_some()));
+            let sharer_waits = services
+                .iter()
+                .zip(&all_problems)
+                .any(|(s, p)| s.sharing.is_some() && !p.is_empty());
+            if !(shared_news && sharer_waits) {
+                break;
+            }
         }
         for (svc, mut problems) in services.iter().zip(all_problems) {
             // Who holds a refused address is told as of the end of the plan (the oldest
@@ -560,10 +595,15 @@ impl Allocator {
         holders.into_iter().find_map(|h| {
             let why = match by_key.get(h) {
                 Some(o) if o.can_share(svc) => return None,
-                Some(o) if o.key.0 != svc.key.0 => "another namespace",
                 Some(o) if o.sharing.is_none() || svc.sharing.is_none() => "no sharing key",
-                Some(o) if o.sharing != svc.sharing => "different sharing key or traffic policy",
-                Some(_) => "their ports overlap",
+                Some(o)
+                    if o.sharing.as_ref().map(|s| (&s.key, &s.local_selector))
+                        != svc.sharing.as_ref().map(|s| (&s.key, &s.local_selector)) =>
+                {
+                    "different sharing key or traffic policy"
+                }
+                Some(o) if !o.ports.is_disjoint(&svc.ports) => "their ports overlap",
+                Some(_) => "another namespace, not let in by both",
                 None => "held",
             };
             Some((h.clone(), why))

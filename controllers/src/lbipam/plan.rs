@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use tendril_crds::common::conditions::{READY, VALID};
 use tendril_crds::facts::lbipam::{
-    IPS_ANNOTATION, LOAD_BALANCER_CLASS, REQUEST_SATISFIED, SHARING_KEY_ANNOTATION,
+    IPS_ANNOTATION, LOAD_BALANCER_CLASS, REQUEST_SATISFIED, SHARING_CROSS_NAMESPACE_ANNOTATION,
+    SHARING_KEY_ANNOTATION,
 };
 use tendril_crds::v1alpha1::LoadBalancerIPPool;
 use tendril_runtime::DesiredCondition;
@@ -171,6 +172,15 @@ pub fn request_of(svc: &Service) -> (ServiceRequest, Vec<String>) {
             key: k.to_string(),
             local_selector: (spec.external_traffic_policy.as_deref() == Some("Local"))
                 .then(|| spec.selector.clone().unwrap_or_default()),
+            cross_namespace: svc
+                .annotations()
+                .get(SHARING_CROSS_NAMESPACE_ANNOTATION)
+                .into_iter()
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect(),
         });
     let ports: BTreeSet<(String, i32)> = spec
         .ports

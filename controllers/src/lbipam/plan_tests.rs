@@ -104,7 +104,8 @@ fn which_services_get_addresses() {
 fn requests_read_the_spec_and_annotations() {
     let svc = service(
         "a",
-        json!({IPS_ANNOTATION: "198.51.100.7, 2001:db8::7,,", SHARING_KEY_ANNOTATION: " k "}),
+        json!({IPS_ANNOTATION: "198.51.100.7, 2001:db8::7,,", SHARING_KEY_ANNOTATION: " k ",
+               SHARING_CROSS_NAMESPACE_ANNOTATION: "a, b"}),
         json!({"loadBalancerIP": "198.51.100.7", "ipFamilies": ["IPv6", "IPv4"],
                "ipFamilyPolicy": "PreferDualStack", "externalTrafficPolicy": "Local",
                "selector": {"app": "web"},
@@ -117,6 +118,10 @@ fn requests_read_the_spec_and_annotations() {
     assert!(!req.require_all_families);
     let sharing = req.sharing.clone().unwrap();
     assert_eq!(sharing.key, "k");
+    assert_eq!(
+        sharing.cross_namespace,
+        ["a".to_string(), "b".to_string()].into()
+    );
     assert_eq!(sharing.local_selector.unwrap()["app"], "web");
     assert_eq!(req.ports.len(), 2);
     assert_eq!(req.labels[NAMESPACE_LABEL], "ns");
