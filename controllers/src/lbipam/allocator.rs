@@ -16,10 +16,13 @@
 //!    already holds when their ports do not collide, else the lowest free address of the
 //!    oldest enabled pool that selects it. What cannot be done is a [`Problem`].
 //!
-//! Two Services can hold one address only when they are in one namespace, carry the same
-//! sharing key and the same traffic policy (for `Local`, the same pod selector: the
-//! address is announced only where their common backends run) and use disjoint ports.
-//! The oldest holder wins a collision, so nothing is ever re-shuffled for a newcomer.
+//! Two Services can hold one address only when they carry the same sharing key and the
+//! same traffic policy (for `Local`, the same pod selector: the address is announced only
+//! where their common backends run), use disjoint ports, and are in one namespace or in two
+//! that each lets the other in. The oldest holder wins a collision, so nothing is ever
+//! re-shuffled for a newcomer. A sharer may find its group's address only after a younger
+//! member took it, so the assign phase goes round again until nothing new can be shared:
+//! the outcome is a fixpoint, and planning the same world again changes nothing.
 //!
 //! Holdings are keyed by address, not by pool, so overlapping pools can never hand one
 //! address to two Services that cannot share it. Of two overlapping pools the younger is
