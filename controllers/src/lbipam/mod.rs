@@ -118,7 +118,8 @@ impl Reconciler for Lbipam {
     }
 }
 
-/// The holdings the served Services' status shows, oldest Service first.
+/// The holdings the served Services' status shows (in any order: a plan takes Services
+/// oldest first and settles any collision among them).
 fn restore(services: &[Arc<Service>]) -> Allocator {
     let mut allocator = Allocator::new();
     let mut restored = 0;
