@@ -89,6 +89,8 @@ if [[ -x $operator_bin ]]; then
   kubectl apply --server-side -f hack/demo/policy.yaml >/dev/null
   # The demo Services: web behind a ClusterIP and NodePort 30080 (no kube-proxy).
   kubectl apply --server-side -f hack/demo/services.yaml >/dev/null
+  # LB IPAM: a LoadBalancerIPPool and a LoadBalancer Service that gets an EXTERNAL-IP from it.
+  kubectl apply --server-side -f hack/demo/lbipam.yaml >/dev/null
 fi
 # ---------------------------------------------------------------- end of simulated nodes
 
@@ -115,6 +117,7 @@ Try next:
   kubectl get svc,lbservices -n demo                                  # Services → LBServices
   hack/pod-exec.sh demo/client -- curl -s http://\$(kubectl get svc -n demo web -o jsonpath='{.spec.clusterIP}')/
   ip netns exec tdr-underlay-local curl -s http://10.250.0.10:30080/   # NodePort, from outside (10.250.0.1)
+  kubectl get svc -n demo web-lb; kubectl get lbipp                   # EXTERNAL-IP from LB IPAM (hack/demo/lbipam.yaml)
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   kubectl get nodenetworks

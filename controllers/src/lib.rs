@@ -4,6 +4,7 @@ pub mod config;
 pub mod endpoints;
 pub mod identities;
 pub mod ipam;
+pub mod lbipam;
 pub mod nodes;
 pub mod policy;
 pub mod services;

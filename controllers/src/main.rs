@@ -6,7 +6,9 @@ use futures::FutureExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
-use tendril_controllers::{Term, bgp, endpoints, identities, ipam, nodes, policy, services};
+use tendril_controllers::{
+    Term, bgp, endpoints, identities, ipam, lbipam, nodes, policy, services,
+};
 use tendril_runtime::config;
 use tendril_runtime::{
     self as runtime, Caches, Concern, Context, Health, Metrics, leader, logging, server,
@@ -47,6 +49,10 @@ const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: bgp::NAME,
         run: |ctx, term| bgp::run(ctx, term.config.bgp.clone()).boxed(),
+    },
+    Concern {
+        name: lbipam::NAME,
+        run: |ctx, _term| lbipam::run(ctx).boxed(),
     },
 ];
 

@@ -122,6 +122,25 @@ pub mod annotations {
     pub const SERVICE_LB_ALGORITHM: &str = "service.tendril.dev/lb-algorithm";
 }
 
+/// LoadBalancer IP addresses (concern `lbipam`): what users write on a Service and what
+/// the concern writes back.
+pub mod lbipam {
+    /// The `spec.loadBalancerClass` Tendril serves; a Service without a class is served too.
+    pub const LOAD_BALANCER_CLASS: &str = "tendril.dev/lb";
+    /// Annotation on a Service: the addresses it wants, comma-separated (as Cilium's
+    /// `lbipam.cilium.io/ips`); `spec.loadBalancerIP` is honoured as well.
+    pub const IPS_ANNOTATION: &str = "lbipam.tendril.dev/ips";
+    /// Annotation on a Service: Services with the same key share an address when their
+    /// ports do not collide (within one namespace, unless both let the other's in).
+    pub const SHARING_KEY_ANNOTATION: &str = "lbipam.tendril.dev/sharing-key";
+    /// Annotation on a Service with a sharing key: other namespaces (comma-separated, `*`
+    /// for any) whose Services may share its address; both sides must let the other in.
+    pub const SHARING_CROSS_NAMESPACE_ANNOTATION: &str =
+        "lbipam.tendril.dev/sharing-cross-namespace";
+    /// The condition the concern keeps in `Service.status.conditions`.
+    pub const REQUEST_SATISFIED: &str = "tendril.dev/IPAMRequestSatisfied";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

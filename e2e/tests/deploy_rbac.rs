@@ -379,6 +379,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("create", "tendril.dev", "bgpnodeconfigs"),
             cluster("patch", "tendril.dev", "bgpnodeconfigs"),
             cluster("delete", "tendril.dev", "bgpnodeconfigs"),
+            cluster("patch", "", "services/status"),
+            cluster("watch", "tendril.dev", "loadbalancerippools"),
+            cluster("patch", "tendril.dev", "loadbalancerippools/status"),
             ns("create", "coordination.k8s.io", "leases", NAMESPACE),
             named(
                 ns("get", "coordination.k8s.io", "leases", NAMESPACE),
@@ -396,7 +399,6 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("delete", "", "nodes"),
             cluster("delete", "", "pods"),
             cluster("patch", "", "services"),
-            cluster("patch", "", "services/status"),
             cluster("create", "discovery.k8s.io", "endpointslices"),
             cluster("patch", "tendril.dev", "bgppeeringpolicies"),
             named(

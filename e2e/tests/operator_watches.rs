@@ -37,6 +37,7 @@ const READ: &[(&str, &str, &str)] = &[
     ("tendril.dev", "lbservices", "LBService"),
     ("tendril.dev", "bgppeeringpolicies", "BGPPeeringPolicy"),
     ("tendril.dev", "bgpnodeconfigs", "BGPNodeConfig"),
+    ("tendril.dev", "loadbalancerippools", "LoadBalancerIPPool"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {

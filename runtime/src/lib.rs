@@ -59,6 +59,7 @@ pub mod caches;
 pub mod conditions;
 pub mod config;
 pub mod debounce;
+pub mod events;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
