@@ -453,7 +453,7 @@ async fn tendril_target() -> Result<Figures> {
     };
     let mut f = Figures::default();
     bench.grow(0, 1).await?;
-    if let Err(e) = wait_services_realized(&client, &ns, Duration::from_secs(60)).await {
+    if let Err(e) = wait_services_realized(&client, &ns, Some(2), Duration::from_secs(60)).await {
         f.skipped = Some(format!(
             "Tendril's services datapath is not present (no LBService realized on the node \
              within 60 s of the first service: {e:#})"
@@ -471,7 +471,7 @@ async fn tendril_target() -> Result<Figures> {
         let start = Instant::now();
         bench.grow(have, size).await?;
         let applied = start.elapsed();
-        wait_services_realized(&client, &ns, REALIZE_TIMEOUT).await?;
+        wait_services_realized(&client, &ns, Some(2), REALIZE_TIMEOUT).await?;
         let realized = start.elapsed();
         have = size;
         let m1 = fetch_metrics(port).await?;
@@ -499,7 +499,7 @@ async fn tendril_target() -> Result<Figures> {
         let t = Instant::now();
         let fresh = SimNode::start(&bench.env, &cluster.underlay.cluster, 0, 1).await?;
         fresh.wait_ready(&client).await?;
-        wait_services_realized(&client, &ns, REALIZE_TIMEOUT).await?;
+        wait_services_realized(&client, &ns, Some(2), REALIZE_TIMEOUT).await?;
         f.put(
             10,
             format!("scratch {k:>2}k: start→synced s"),

@@ -136,7 +136,7 @@ impl World for TendrilWorld {
         out
     }
     async fn wait_programmed(&self) -> Result<()> {
-        wait_services_realized(&self.client, &self.namespace, PROGRAMMED_TIMEOUT)
+        wait_services_realized(&self.client, &self.namespace, None, PROGRAMMED_TIMEOUT)
             .await
             .map(|_| ())
     }
@@ -153,12 +153,13 @@ fn node_cgroup(node: &str) -> Option<PathBuf> {
 
 /// Waits until every node's `NodeNetwork.status.realizedServicesRevision` is at least the
 /// highest `spec.revision` of the LBServices in `namespace` once there is one per Service
-/// there; returns that revision. Fails with what was seen when it does not happen in
+/// there (with `backends_each`, one carrying that many backends); returns that revision. Fails with what was seen when it does not happen in
 /// `timeout`. Counting is by metadata-only lists every 500 ms (cheap at 10k objects); the
 /// revision wait polls only the NodeNetworks.
 pub async fn wait_services_realized(
     client: &kube::Client,
     namespace: &str,
+    backends_each: Option<usize>,
     timeout: Duration,
 ) -> Result<i64> {
     let lbs: Api<LBService> = Api::namespaced(client.clone(), namespace);
@@ -168,7 +169,18 @@ pub async fn wait_services_realized(
     let lp = ListParams::default();
     loop {
         let want = services.list_metadata(&lp).await?.items.len();
-        let have = lbs.list_metadata(&lp).await?.items.len();
+        // With `backends_each`, an LBService counts once it carries them: the operator
+        // writes a Service's LBService before its EndpointSlice arrives, without backends.
+        let mut have = lbs.list_metadata(&lp).await?.items.len();
+        if let Some(n) = backends_each.filter(|_| want > 0 && have >= want) {
+            have = lbs
+                .list(&lp)
+                .await?
+                .items
+                .iter()
+                .filter(|l| l.spec.backends.len() == n)
+                .count();
+        }
         if want > 0 && have >= want {
             break;
         }
