@@ -105,6 +105,7 @@
 mod env;
 mod http;
 mod kube_util;
+pub mod bgp;
 pub mod netpol;
 mod plane;
 mod process;
