@@ -300,7 +300,9 @@ impl AgentConfig {
                 "bgp.statusIntervalSeconds must be > 0".into(),
             ));
         }
-        if self.bgp.restart_min_millis == 0 || self.bgp.restart_max_millis < self.bgp.restart_min_millis {
+        if self.bgp.restart_min_millis == 0
+            || self.bgp.restart_max_millis < self.bgp.restart_min_millis
+        {
             return Err(ConfigError::Invalid(
                 "bgp: restartMinMillis must be > 0 and restartMaxMillis >= restartMinMillis".into(),
             ));

@@ -141,13 +141,18 @@ impl BirdRouter {
     /// Prefix → next hops of the BGP routes in BIRD's table (`birdc show route all`).
     pub async fn routes(&self) -> Result<BTreeMap<Ipv4Net, BTreeSet<Ipv4Addr>>> {
         Ok(parse_routes(
-            &self.birdc(&["show", "route", "all", "protocol", "node*"]).await?,
+            &self
+                .birdc(&["show", "route", "all", "protocol", "node*"])
+                .await?,
         ))
     }
 
     /// The BIRD log so far (for failure messages).
     pub fn log_tail(&self, n: usize) -> String {
-        self.bird.as_ref().map(|b| b.log_tail(n)).unwrap_or_default()
+        self.bird
+            .as_ref()
+            .map(|b| b.log_tail(n))
+            .unwrap_or_default()
     }
 }
 

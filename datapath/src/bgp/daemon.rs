@@ -41,7 +41,9 @@ pub struct DaemonConfig {
 pub enum DaemonState {
     Stopped,
     /// Running, its API socket open; `epoch` counts the starts of this process.
-    Running { epoch: u64 },
+    Running {
+        epoch: u64,
+    },
 }
 
 /// A daemon running stays up this long before its next exit counts as a new failure
@@ -75,7 +77,8 @@ impl Daemon {
 
     /// Whether the node runs a speaker now.
     pub fn want(&self, running: bool) {
-        self.wanted.send_if_modified(|w| std::mem::replace(w, running) != running);
+        self.wanted
+            .send_if_modified(|w| std::mem::replace(w, running) != running);
     }
 
     pub fn state(&self) -> DaemonState {
@@ -219,9 +222,9 @@ async fn start(cfg: &DaemonConfig) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|e| {
-        std::io::Error::new(e.kind(), format!("{}: {e}", cfg.gobgpd.display()))
-    })?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", cfg.gobgpd.display())))?;
     drop(netns);
     forward_logs(&mut child);
     let deadline = Instant::now() + SOCKET_TIMEOUT;

@@ -113,11 +113,26 @@ pub fn desired(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> 
         })?;
         // The network address: 10.0.0.1/24 is advertised as 10.0.0.0/24, as BGP carries it.
         let prefix = prefix.trunc();
+        let mut communities = advertisement
+            .communities
+            .iter()
+            .map(|c| standard_community(c))
+            .collect::<Result<Vec<u32>, Invalid>>()?;
+        communities.sort_unstable();
+        communities.dedup();
+        let mut large_communities = advertisement
+            .large_communities
+            .iter()
+            .map(|c| large_community(c))
+            .collect::<Result<Vec<_>, Invalid>>()?;
+        large_communities.sort_unstable();
+        large_communities.dedup();
         paths.insert(
             prefix,
             PathSpec {
                 prefix,
-                ..PathSpec::default()
+                communities,
+                large_communities,
             },
         );
     }
@@ -127,6 +142,30 @@ pub fn desired(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> 
         peers,
         paths,
     }))
+}
+
+/// `65000:100` → `65000 << 16 | 100` (RFC 1997's encoding, as GoBGP carries it).
+pub fn standard_community(value: &str) -> Result<u32, Invalid> {
+    let parts: Option<Vec<u16>> = value.split(':').map(|p| p.parse().ok()).collect();
+    match parts.as_deref() {
+        Some(&[asn, local]) => Ok(u32::from(asn) << 16 | u32::from(local)),
+        _ => Err(Invalid::new(
+            "InvalidSpec",
+            format!("community {value:?} is not ASN:value (both 0-65535)"),
+        )),
+    }
+}
+
+/// `65000:1:2` → (65000, 1, 2).
+pub fn large_community(value: &str) -> Result<(u32, u32, u32), Invalid> {
+    let parts: Option<Vec<u32>> = value.split(':').map(|p| p.parse().ok()).collect();
+    match parts.as_deref() {
+        Some(&[global, local1, local2]) => Ok((global, local1, local2)),
+        _ => Err(Invalid::new(
+            "InvalidSpec",
+            format!("large community {value:?} is not ASN:value:value (each 0-4294967295)"),
+        )),
+    }
 }
 
 fn asn(value: i64, field: &str) -> Result<u32, Invalid> {
@@ -146,6 +185,18 @@ pub fn peer_address(value: &str) -> Option<IpAddr> {
 }
 
 fn peer(neighbor: &BGPNeighbor) -> Result<PeerSpec, Invalid> {
+    if let Some(secret) = &neighbor.auth_secret_ref {
+        // The agent reads no Secrets (its RBAC), and a session opened without the password
+        // would fail at the peer with nothing said here.
+        return Err(Invalid::new(
+            "PasswordUnsupported",
+            format!(
+                "peer {} asks for a TCP MD5 password (Secret {secret}): the agent does not \
+                 configure passwords yet",
+                neighbor.peer_address
+            ),
+        ));
+    }
     let address = peer_address(&neighbor.peer_address).ok_or_else(|| {
         Invalid::new(
             "InvalidSpec",
@@ -231,7 +282,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tendril_crds::v1alpha1::{Advertisement, GracefulRestart, NodeRouter};
+    use tendril_crds::v1alpha1::{Advertisement, AdvertisementSource, GracefulRestart, NodeRouter};
 
     fn neighbor(address: &str, asn: i64) -> BGPNeighbor {
         BGPNeighbor {
@@ -267,8 +318,8 @@ mod tests {
                 .iter()
                 .map(|p| Advertisement {
                     prefix: p.to_string(),
-                    source: "Service".into(),
-                    service: None,
+                    source: AdvertisementSource::LoadBalancerIP,
+                    ..Advertisement::default()
                 })
                 .collect(),
         }
@@ -310,9 +361,37 @@ mod tests {
     }
 
     #[test]
+    fn communities_are_encoded_as_gobgp_carries_them() {
+        let mut r = router(64512, vec![], &["198.51.100.7/32"]);
+        r.advertisements[0].communities = vec!["65000:100".into(), "1:2".into()];
+        r.advertisements[0].large_communities = vec!["4200000000:1:2".into()];
+        let d = desired(&spec(vec![r])).unwrap().unwrap();
+        let path = &d.paths[&net("198.51.100.7/32")];
+        assert_eq!(path.communities, [0x0001_0002, 65000 << 16 | 100]);
+        assert_eq!(path.large_communities, [(4_200_000_000, 1, 2)]);
+        assert_eq!(
+            standard_community("65536:1").unwrap_err().reason,
+            "InvalidSpec"
+        );
+        assert!(large_community("1:2").is_err());
+    }
+
+    #[test]
+    fn a_password_is_refused_clearly() {
+        let mut n = neighbor("10.250.0.1", 65000);
+        n.auth_secret_ref = Some("bgp-auth".into());
+        let err = desired(&spec(vec![router(64512, vec![n], &[])])).unwrap_err();
+        assert_eq!(err.reason, "PasswordUnsupported");
+        assert!(err.message.contains("bgp-auth"), "{}", err.message);
+    }
+
+    #[test]
     fn several_routers_are_refused_with_their_asns() {
-        let err = desired(&spec(vec![router(64512, vec![], &[]), router(64513, vec![], &[])]))
-            .unwrap_err();
+        let err = desired(&spec(vec![
+            router(64512, vec![], &[]),
+            router(64513, vec![], &[]),
+        ]))
+        .unwrap_err();
         assert_eq!(err.reason, "MultipleRouters");
         assert!(err.message.contains("64512, 64513"), "{}", err.message);
     }

@@ -362,7 +362,9 @@ impl BgpNode {
             m.session_established
                 .get_or_create(&labels)
                 .set(i64::from(s.state == "Established"));
-            m.prefixes_advertised.get_or_create(&labels).set(s.advertised);
+            m.prefixes_advertised
+                .get_or_create(&labels)
+                .set(s.advertised);
             m.prefixes_received.get_or_create(&labels).set(s.received);
             series.insert(labels);
         }
@@ -396,7 +398,13 @@ impl BgpNode {
         // Compared without the condition's timestamp: unchanged → no write.
         let key = (
             config.metadata.uid.clone(),
-            json!([status, report.condition.reason, report.condition.status, report.condition.message, config.metadata.generation]),
+            json!([
+                status,
+                report.condition.reason,
+                report.condition.status,
+                report.condition.message,
+                config.metadata.generation
+            ]),
         );
         if self.last_status.as_ref() == Some(&key) {
             return;
@@ -407,7 +415,8 @@ impl BgpNode {
             config.metadata.generation,
             k8s_openapi::jiff::Timestamp::now(),
         )]);
-        let body = apply_body::<BGPNodeConfig>(&self.cfg.node_name, None, json!({ "status": status }));
+        let body =
+            apply_body::<BGPNodeConfig>(&self.cfg.node_name, None, json!({ "status": status }));
         let api: Api<BGPNodeConfig> = Api::all(self.client.clone());
         match apply_status(&api, FIELD_MANAGER, &body).await {
             Ok(_) => {
@@ -436,4 +445,3 @@ fn idle_sessions(desired: &DesiredBgp) -> Vec<SessionStatus> {
         })
         .collect()
 }
-

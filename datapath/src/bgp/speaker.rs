@@ -59,15 +59,15 @@ pub fn api_peer(peer: &PeerSpec, restarting: bool) -> apipb::Peer {
             remote_port: u32::from(peer.port),
             ..Default::default()
         }),
-        graceful_restart: peer
-            .graceful_restart_seconds
-            .map(|restart_time| apipb::GracefulRestart {
+        graceful_restart: peer.graceful_restart_seconds.map(|restart_time| {
+            apipb::GracefulRestart {
                 enabled: true,
                 restart_time,
                 deferral_time: DEFERRAL_SECONDS,
                 local_restarting: restarting,
                 ..Default::default()
-            }),
+            }
+        }),
         afi_safis: vec![apipb::AfiSafi {
             mp_graceful_restart: graceful.then(|| apipb::MpGracefulRestart {
                 config: Some(apipb::MpGracefulRestartConfig { enabled: true }),
@@ -135,11 +135,13 @@ pub fn api_path(path: &PathSpec) -> apipb::Path {
                 communities: path
                     .large_communities
                     .iter()
-                    .map(|&(global_admin, local_data1, local_data2)| apipb::LargeCommunity {
-                        global_admin,
-                        local_data1,
-                        local_data2,
-                    })
+                    .map(
+                        |&(global_admin, local_data1, local_data2)| apipb::LargeCommunity {
+                            global_admin,
+                            local_data1,
+                            local_data2,
+                        },
+                    )
                     .collect(),
             },
         ));
