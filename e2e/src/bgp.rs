@@ -142,7 +142,7 @@ impl BirdRouter {
     pub async fn routes(&self) -> Result<BTreeMap<Ipv4Net, BTreeSet<Ipv4Addr>>> {
         Ok(parse_routes(
             &self
-                .birdc(&["show", "route", "all", "protocol", "node*"])
+                .birdc(&["show", "route", "all", "where", "source", "=", "RTS_BGP"])
                 .await?,
         ))
     }

@@ -97,9 +97,30 @@ fn node_config(
     })
 }
 
+/// `gobgp ARGS…` against a node's gobgpd (its API socket in the agent's state directory):
+/// what the daemon itself says, for failure messages.
+async fn gobgp(state_dir: &std::path::Path, args: &[&str]) -> String {
+    let socket = state_dir.join("bgp").join("gobgpd.sock");
+    match tokio::process::Command::new("gobgp")
+        .arg("--target")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .output()
+        .await
+    {
+        Ok(out) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => format!("gobgp: {e}"),
+    }
+}
+
 /// A node's BGP state as the test drives it.
 struct NodeBgp {
     name: String,
+    state_dir: std::path::PathBuf,
     address: Ipv4Addr,
     pod_cidr: Ipv4Net,
     prefixes: Vec<(Ipv4Net, &'static str)>,
@@ -312,6 +333,7 @@ async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
         }
         nodes.push(NodeBgp {
             name: name.clone(),
+            state_dir: world.cluster.nodes[i].state_dir.clone(),
             address: addresses[i],
             pod_cidr,
             prefixes,
@@ -343,13 +365,20 @@ async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
         eventually(WAIT, || async {
             let s = configs.get(&node.name).await?.status.unwrap_or_default();
             let session = s.sessions.first().cloned().unwrap_or_default();
-            ensure!(
-                session.received == 1 && session.advertised == 1 + node.prefixes.len() as i64,
-                "{}: received {} (the router offers {OFFERED_PREFIX}), advertised {}",
-                node.name,
-                session.received,
-                session.advertised
-            );
+            if session.received != 1 || session.advertised != 1 + node.prefixes.len() as i64 {
+                bail!(
+                    "{}: received {} (the router offers {OFFERED_PREFIX}), advertised {}; \
+                     gobgpd's adj-out:\n{}",
+                    node.name,
+                    session.received,
+                    session.advertised,
+                    gobgp(
+                        &node.state_dir,
+                        &["neighbor", &ROUTER_IP.to_string(), "adj-out"]
+                    )
+                    .await
+                );
+            }
             Ok(())
         })
         .await?;

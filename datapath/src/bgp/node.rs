@@ -338,6 +338,13 @@ impl BgpNode {
             .iter()
             .filter_map(|p| speaker::session_status(p, desired.speaker.asn))
             .collect();
+        for session in &mut sessions {
+            session.advertised = if session.state == "Established" {
+                speaker::advertised_to(api, &session.peer_address).await?
+            } else {
+                0
+            };
+        }
         sessions.sort_by(|a, b| a.peer_address.cmp(&b.peer_address));
         Ok(sessions)
     }

@@ -269,12 +269,12 @@ pub async fn stop(client: &mut Client) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Every peer, with the prefixes advertised to it.
+/// Every peer (its prefixes advertised are counted by [`advertised_to`]).
 pub async fn peers(client: &mut Client) -> Result<Vec<apipb::Peer>, ApiError> {
     let mut stream = client
         .list_peer(apipb::ListPeerRequest {
             address: String::new(),
-            enable_advertised: true,
+            enable_advertised: false,
         })
         .await
         .map_err(call("ListPeer"))?
@@ -311,6 +311,32 @@ pub async fn delete_peer(client: &mut Client, address: IpAddr) -> Result<(), Api
         .await
         .map_err(call("DeletePeer"))?;
     Ok(())
+}
+
+/// Prefixes in the Adj-RIB-Out of the peer at `address`: what it was sent (ListPeer's own
+/// `advertised` count is not that: it counted one more than the Adj-RIB-Out held).
+pub async fn advertised_to(client: &mut Client, address: &str) -> Result<i64, ApiError> {
+    let family = if address.contains(':') {
+        api::ipv6_unicast()
+    } else {
+        api::ipv4_unicast()
+    };
+    let mut stream = client
+        .list_path(apipb::ListPathRequest {
+            table_type: apipb::TableType::AdjOut as i32,
+            name: address.to_string(),
+            family: Some(family),
+        })
+        .await
+        .map_err(call("ListPath"))?
+        .into_inner();
+    let mut count = 0i64;
+    while let Some(item) = stream.next().await {
+        if item.map_err(call("ListPath"))?.destination.is_some() {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// The paths this speaker originates, both families.
