@@ -232,10 +232,10 @@ pub fn parse_routes(text: &str) -> BTreeMap<Ipv4Net, BTreeSet<Ipv4Addr>> {
             continue;
         }
         let trimmed = line.trim_start();
-        if let (Some(prefix), Some(rest)) = (current, trimmed.strip_prefix("via ")) {
-            if let Some(hop) = rest.split_whitespace().next().and_then(|h| h.parse().ok()) {
-                out.entry(prefix).or_default().insert(hop);
-            }
+        if let (Some(prefix), Some(rest)) = (current, trimmed.strip_prefix("via "))
+            && let Some(hop) = rest.split_whitespace().next().and_then(|h| h.parse().ok())
+        {
+            out.entry(prefix).or_default().insert(hop);
         }
     }
     out

@@ -1,10 +1,9 @@
 //! The GoBGP gRPC client (`proto/gobgp.proto`, compiled by build.rs) and the conversions
 //! between Tendril's paths and GoBGP's `google.protobuf.Any`-wrapped NLRI and attributes.
 
-#![allow(clippy::all, clippy::pedantic, missing_docs)]
-
 /// The generated messages and client of package `apipb`.
 pub mod apipb {
+    #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("apipb");
 }
 

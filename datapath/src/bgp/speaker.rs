@@ -69,7 +69,7 @@ pub fn api_peer(peer: &PeerSpec, restarting: bool) -> apipb::Peer {
             }
         }),
         afi_safis: vec![apipb::AfiSafi {
-            mp_graceful_restart: graceful.then(|| apipb::MpGracefulRestart {
+            mp_graceful_restart: graceful.then_some(apipb::MpGracefulRestart {
                 config: Some(apipb::MpGracefulRestartConfig { enabled: true }),
             }),
             config: Some(apipb::AfiSafiConfig {
