@@ -147,6 +147,20 @@ impl BirdRouter {
         ))
     }
 
+    /// BIRD's whole log so far.
+    pub fn log(&self) -> String {
+        self.bird.as_ref().map(|b| b.log()).unwrap_or_default()
+    }
+
+    /// Whether BIRD is helping `protocol`'s neighbor through a graceful restart (it keeps
+    /// the neighbor's routes, stale, until its End-of-RIB or the restart time).
+    pub async fn graceful_restart_active(&self, protocol: &str) -> Result<bool> {
+        Ok(self
+            .birdc(&["show", "protocols", "all", protocol])
+            .await?
+            .contains("Neighbor graceful restart active"))
+    }
+
     /// The BIRD log so far (for failure messages).
     pub fn log_tail(&self, n: usize) -> String {
         self.bird
@@ -175,6 +189,8 @@ pub fn bird_config(
 ) -> String {
     let mut conf = format!(
         "log stderr all;\n\
+         # Sessions' state changes and events (graceful restart) into the log.\n\
+         debug protocols {{ states, events }};\n\
          router id {address};\n\
          protocol device {{ scan time 10; }}\n\
          protocol static offered {{\n  ipv4;\n  route {OFFERED_PREFIX} blackhole;\n}}\n\
