@@ -22,6 +22,15 @@
 //!   withdrawn once the hold time expires; back, they return;
 //! - node 0's BGPNodeConfig deleted: gobgpd stops with a Cease, BIRD withdraws at once.
 //!
+//! A second scenario drives the same world from intent: a `BGPPeeringPolicy` and
+//! LoadBalancer `Service`s (their ingress written as LB IPAM would), through the operator's
+//! BGP and services concerns to the agents and BIRD: pod CIDRs, a Cluster Service's LB IP
+//! via both nodes, a Local one via the node with its backend only, the client reaching
+//! both, the time from a Service's new LB IP to the route at BIRD, and the withdrawal when
+//! a Service is deleted.
+//!
+//! The two scenarios run one after the other (each measures timings).
+//!
 //! Needs root, `gobgpd` and `bird2` (hack/install-prereqs.sh).
 
 mod services_common;
@@ -32,9 +41,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use services_common::*;
-use tendril_crds::v1alpha1::{BGPNodeConfig, NodeNetwork};
+use tendril_crds::v1alpha1::{BGPNodeConfig, BGPPeeringPolicy, NodeNetwork};
 use tendril_e2e::bgp::{BirdRouter, Client, OFFERED_PREFIX, RouterPeer, RouterTimers};
 use tendril_e2e::sim::ip;
 use tendril_e2e::{eventually, fetch_metrics};
@@ -252,22 +262,16 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
-    let mut world = World::start("bgp-router").await?;
-    let client = world.env.client();
-    let configs: Api<BGPNodeConfig> = Api::all(client.clone());
-    let networks: Api<NodeNetwork> = Api::all(client.clone());
-    let (node0, node1) = (world.node_name(0), world.node_name(1));
-    for name in [&node0, &node1] {
-        world.env.delete_on_drop::<BGPNodeConfig>(name);
-    }
+/// One scenario at a time: each starts a cluster and measures timings.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The router on `world`'s underlay peering with both nodes, and a client behind it that
+/// both nodes route back to.
+async fn router_and_client(world: &World) -> Result<(BirdRouter, Client)> {
     let addresses = [
         world.cluster.nodes[0].address,
         world.cluster.nodes[1].address,
     ];
-    let (addr0, addr1) = (addresses[0], addresses[1]);
-
     let router = BirdRouter::start(
         &world.cluster.underlay.netns,
         &format!("tdrb-{}", std::process::id()),
@@ -276,12 +280,12 @@ async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
         &[
             RouterPeer {
                 name: "node0".into(),
-                address: addr0,
+                address: addresses[0],
                 asn: NODE_ASN,
             },
             RouterPeer {
                 name: "node1".into(),
-                address: addr1,
+                address: addresses[1],
                 asn: NODE_ASN,
             },
         ],
@@ -305,6 +309,180 @@ async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
         ])
         .await?;
     }
+    Ok((router, outside))
+}
+
+/// The IPv4 pod CIDR of `node`.
+async fn pod_cidr(networks: &Api<NodeNetwork>, node: &str) -> Result<Ipv4Net> {
+    networks
+        .get(node)
+        .await?
+        .spec
+        .pod_cidrs
+        .iter()
+        .find_map(|c| c.parse().ok())
+        .context("no IPv4 pod CIDR")
+}
+
+/// Writes `status.loadBalancer.ingress` as LB IPAM would.
+async fn set_ingress(services: &Api<Service>, name: &str, ip: &str) -> Result<()> {
+    services
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
+            ),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bird_learns_service_addresses_from_a_peering_policy() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let world = World::start("bgp-policy").await?;
+    let client = world.env.client();
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let configs: Api<BGPNodeConfig> = Api::all(client.clone());
+    let services: Api<Service> = Api::namespaced(client.clone(), world.env.namespace());
+    let (addr0, addr1) = (
+        world.cluster.nodes[0].address,
+        world.cluster.nodes[1].address,
+    );
+    let (router, outside) = router_and_client(&world).await?;
+    let (cidr0, cidr1) = (
+        pod_cidr(&networks, &world.node_name(0)).await?,
+        pod_cidr(&networks, &world.node_name(1)).await?,
+    );
+
+    // web-a (node 0) behind a Cluster Service, web-b (node 1) behind a Local one.
+    for (name, app, policy) in [
+        ("lb-cluster", "web-a", "Cluster"),
+        ("lb-local", "web-b", "Local"),
+    ] {
+        world
+            .env
+            .apply_yaml(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, labels: {{announce: bgp}}}}\n\
+                 spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n  selector: {{app: {app}}}\n\
+                 \x20 ports: [{{name: echo, port: 80, targetPort: {PORT}, protocol: TCP}}]\n"
+            ))
+            .await?;
+    }
+    set_ingress(&services, "lb-cluster", CLUSTER_LB_IP).await?;
+    set_ingress(&services, "lb-local", LOCAL_LB_IP).await?;
+    let policy = world.env.unique_name("rack");
+    world.env.delete_on_drop::<BGPPeeringPolicy>(&policy);
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: tendril.dev/v1alpha1\nkind: BGPPeeringPolicy\nmetadata: {{name: {policy}}}\n\
+             spec:\n  virtualRouters:\n  - localASN: {NODE_ASN}\n    exportPodCIDR: true\n\
+             \x20   serviceSelector: {{matchLabels: {{announce: bgp}}}}\n\
+             \x20   neighbors:\n    - peerAddress: {ROUTER_IP}/32\n      peerASN: {ROUTER_ASN}\n\
+             \x20     holdTimeSeconds: {HOLD}\n      keepAliveTimeSeconds: {KEEPALIVE}\n\
+             \x20     connectRetryTimeSeconds: 1\n\
+             \x20     gracefulRestart: {{enabled: true, restartTimeSeconds: {RESTART_TIME}}}\n"
+        ))
+        .await?;
+
+    wait_established(&router, &["node0", "node1"]).await?;
+    wait_routes(&router, "policy: pod CIDRs and LB IPs", WAIT, |r| {
+        via(r, &cidr0) == BTreeSet::from([addr0])
+            && via(r, &cidr1) == BTreeSet::from([addr1])
+            && via(r, &host(CLUSTER_LB_IP)) == BTreeSet::from([addr0, addr1])
+            && via(r, &host(LOCAL_LB_IP)) == BTreeSet::from([addr1])
+    })
+    .await?;
+    println!("policy: BIRD:\n{}", router.birdc(&["show", "route"]).await?);
+    for node in 0..2 {
+        let name = world.node_name(node);
+        eventually(WAIT, || async {
+            let c = configs.get(&name).await?;
+            let realized = c.status.as_ref().and_then(|s| s.realized_revision);
+            ensure!(
+                realized == Some(c.spec.revision),
+                "{name}: realized {realized:?} of revision {}",
+                c.spec.revision
+            );
+            Ok(())
+        })
+        .await?;
+    }
+
+    // The client behind the router reaches both Services.
+    for ip in [CLUSTER_LB_IP, LOCAL_LB_IP] {
+        for _ in 0..5 {
+            ensure!(
+                eventually(Duration::from_secs(30), || connect_from_netns(
+                    &outside.netns,
+                    ip,
+                    80
+                ))
+                .await?,
+                "{ip} refused"
+            );
+        }
+    }
+
+    // A Service's new LB IP → the route at BIRD (through the operator and the agents).
+    let mut delays = Vec::new();
+    let mut current = CLUSTER_LB_IP.to_string();
+    for i in 0..LATENCY_SAMPLES {
+        let next = format!("198.51.100.{}", 50 + i);
+        let t = Instant::now();
+        set_ingress(&services, "lb-cluster", &next).await?;
+        let (old, new) = (host(&current), host(&next));
+        wait_routes(&router, "moved LB IP", WAIT, |r| {
+            via(r, &new) == BTreeSet::from([addr0, addr1]) && !r.contains_key(&old)
+        })
+        .await?;
+        delays.push(t.elapsed());
+        current = next;
+    }
+    println!(
+        "policy: Service LB IP changed → new route via both nodes and the old one withdrawn at BIRD ({LATENCY_SAMPLES} samples): p50 {:?} max {:?}",
+        percentile(&delays, 0.5),
+        percentile(&delays, 1.0)
+    );
+
+    // The Local Service deleted: withdrawn.
+    let t = Instant::now();
+    services
+        .delete("lb-local", &DeleteParams::default())
+        .await?;
+    wait_routes(&router, "deleted Service withdrawn", WAIT, |r| {
+        !r.contains_key(&host(LOCAL_LB_IP))
+    })
+    .await?;
+    println!(
+        "policy: Service deleted → its LB IP withdrawn at BIRD after {:?}",
+        t.elapsed()
+    );
+    drop(outside);
+    drop(router);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let mut world = World::start("bgp-router").await?;
+    let client = world.env.client();
+    let configs: Api<BGPNodeConfig> = Api::all(client.clone());
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let (node0, node1) = (world.node_name(0), world.node_name(1));
+    for name in [&node0, &node1] {
+        world.env.delete_on_drop::<BGPNodeConfig>(name);
+    }
+    let addresses = [
+        world.cluster.nodes[0].address,
+        world.cluster.nodes[1].address,
+    ];
+    let (addr0, addr1) = (addresses[0], addresses[1]);
+
+    let (router, outside) = router_and_client(&world).await?;
 
     // The services behind the LB IPs (the services datapath serves LB IPs arriving at a node).
     let (a, b) = (world.ip("web-a"), world.ip("web-b"));
@@ -333,13 +511,7 @@ async fn bird_learns_and_forgets_what_the_nodes_advertise() -> Result<()> {
 
     let mut nodes = Vec::new();
     for (i, name) in [&node0, &node1].into_iter().enumerate() {
-        let nn = networks.get(name).await?;
-        let pod_cidr: Ipv4Net = nn
-            .spec
-            .pod_cidrs
-            .iter()
-            .find_map(|c| c.parse().ok())
-            .context("no IPv4 pod CIDR")?;
+        let pod_cidr = pod_cidr(&networks, name).await?;
         let mut prefixes = vec![(host(CLUSTER_LB_IP), "LoadBalancerIP")];
         if i == 0 {
             prefixes.push((host(LOCAL_LB_IP), "LoadBalancerIP"));
