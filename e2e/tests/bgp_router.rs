@@ -22,12 +22,13 @@
 //!   withdrawn once the hold time expires; back, they return;
 //! - node 0's BGPNodeConfig deleted: gobgpd stops with a Cease, BIRD withdraws at once.
 //!
-//! A second scenario drives the same world from intent: a `BGPPeeringPolicy` and
-//! LoadBalancer `Service`s (their ingress written as LB IPAM would), through the operator's
-//! BGP and services concerns to the agents and BIRD: pod CIDRs, a Cluster Service's LB IP
-//! via both nodes, a Local one via the node with its backend only, the client reaching
-//! both, the time from a Service's new LB IP to the route at BIRD, and the withdrawal when
-//! a Service is deleted.
+//! A second scenario drives the same world from intent: a `LoadBalancerIPPool`, a
+//! `BGPPeeringPolicy` and LoadBalancer `Service`s, through the operator's LB IPAM, BGP and
+//! services concerns to the agents and BIRD: pod CIDRs, a Cluster Service's LB IP via both
+//! nodes, a Local one via the node with its backend only, the client reaching both; for new
+//! Services the time to the LB IP in status, to the route at BIRD and to the first answered
+//! connection from the client; the withdrawal when the pool shrinks and when a Service is
+//! deleted.
 //!
 //! The two scenarios run one after the other (each measures timings).
 //!
@@ -44,7 +45,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use services_common::*;
-use tendril_crds::v1alpha1::{BGPNodeConfig, BGPPeeringPolicy, NodeNetwork};
+use tendril_crds::v1alpha1::{BGPNodeConfig, BGPPeeringPolicy, LoadBalancerIPPool, NodeNetwork};
 use tendril_e2e::bgp::{BirdRouter, Client, OFFERED_PREFIX, RouterPeer, RouterTimers};
 use tendril_e2e::sim::ip;
 use tendril_e2e::{eventually, fetch_metrics};
@@ -340,18 +341,63 @@ async fn answered_quickly(netns: &str, ip: &str, port: u16) -> Result<bool> {
     Ok(out.status.success())
 }
 
-/// Writes `status.loadBalancer.ingress` as LB IPAM would.
-async fn set_ingress(services: &Api<Service>, name: &str, ip: &str) -> Result<()> {
-    services
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}),
-            ),
-        )
+/// LB IPAM's pool in the policy scenario.
+const POOL: &str = "198.51.100.0/26";
+
+/// A LoadBalancer Service `name` (label `announce: bgp`) for the pods `app`, asking LB IPAM
+/// for `ip` (annotation `lbipam.tendril.dev/ips`) or for any address of the pool.
+async fn apply_service(
+    world: &World,
+    name: &str,
+    app: &str,
+    traffic_policy: &str,
+    ip: Option<&str>,
+) -> Result<()> {
+    let annotations = ip
+        .map(|ip| {
+            format!(
+                "annotations: {{\"{}\": \"{ip}\"}}, ",
+                tendril_crds::facts::lbipam::IPS_ANNOTATION
+            )
+        })
+        .unwrap_or_default();
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, {annotations}labels: {{announce: bgp}}}}\n\
+             spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {traffic_policy}\n  selector: {{app: {app}}}\n\
+             \x20 ports: [{{name: echo, port: 80, targetPort: {PORT}, protocol: TCP}}]\n"
+        ))
         .await?;
     Ok(())
+}
+
+/// Until LB IPAM wrote an address into the Service's status: that address.
+async fn wait_ingress(services: &Api<Service>, name: &str) -> Result<String> {
+    wait_ingress_in(services, name, "0.0.0.0/0").await
+}
+
+/// Until the Service's status holds an address of `block`: that address.
+async fn wait_ingress_in(services: &Api<Service>, name: &str, block: &str) -> Result<String> {
+    let block: Ipv4Net = block.parse()?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let svc = services.get_status(name).await?;
+        let ip = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .and_then(|i| i.into_iter().find_map(|i| i.ip))
+            .filter(|ip| ip.parse().is_ok_and(|a: Ipv4Addr| block.contains(&a)));
+        if let Some(ip) = ip {
+            return Ok(ip);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{name}: no LB IP of {block} in status"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -377,17 +423,27 @@ async fn bird_learns_service_addresses_from_a_peering_policy() -> Result<()> {
         ("lb-cluster", "web-a", "Cluster"),
         ("lb-local", "web-b", "Local"),
     ] {
-        world
-            .env
-            .apply_yaml(&format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, labels: {{announce: bgp}}}}\n\
-                 spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n  selector: {{app: {app}}}\n\
-                 \x20 ports: [{{name: echo, port: 80, targetPort: {PORT}, protocol: TCP}}]\n"
-            ))
-            .await?;
+        let ip = if name == "lb-cluster" {
+            CLUSTER_LB_IP
+        } else {
+            LOCAL_LB_IP
+        };
+        apply_service(&world, name, app, policy, Some(ip)).await?;
     }
-    set_ingress(&services, "lb-cluster", CLUSTER_LB_IP).await?;
-    set_ingress(&services, "lb-local", LOCAL_LB_IP).await?;
+    // LB IPAM (the operator's lbipam concern) hands out the addresses from this pool.
+    let pool = world.env.unique_name("pool");
+    world.env.delete_on_drop::<LoadBalancerIPPool>(&pool);
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: tendril.dev/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {{name: {pool}}}\n\
+             spec:\n  blocks: [{{cidr: {POOL}}}]\n  serviceSelector: {{matchLabels: {{announce: bgp}}}}\n"
+        ))
+        .await?;
+    for (name, ip) in [("lb-cluster", CLUSTER_LB_IP), ("lb-local", LOCAL_LB_IP)] {
+        let got = wait_ingress(&services, name).await?;
+        ensure!(got == ip, "{name}: LB IPAM gave {got}, it asked for {ip}");
+    }
     let policy = world.env.unique_name("rack");
     world.env.delete_on_drop::<BGPPeeringPolicy>(&policy);
     world
@@ -442,53 +498,73 @@ async fn bird_learns_service_addresses_from_a_peering_policy() -> Result<()> {
         }
     }
 
-    // A Service's new LB IP → the route at BIRD (through the operator and the agents).
-    let mut delays = Vec::new();
-    let mut current = CLUSTER_LB_IP.to_string();
-    for i in 0..LATENCY_SAMPLES {
-        let next = format!("198.51.100.{}", 50 + i);
+    // A new Service → its LB IP in status (LB IPAM) → the route at BIRD via both nodes
+    // (BGP concern, agents, gobgpd) → the first connection of the client behind the router
+    // answered by a backend (services concern and datapath too).
+    let (mut to_status, mut to_route, mut to_connect) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..5u8 {
+        let name = format!("lb-new-{i}");
         let t = Instant::now();
-        set_ingress(&services, "lb-cluster", &next).await?;
-        let (old, new) = (host(&current), host(&next));
-        wait_routes(&router, "moved LB IP", WAIT, |r| {
-            via(r, &new) == BTreeSet::from([addr0, addr1]) && !r.contains_key(&old)
+        apply_service(&world, &name, "web-a", "Cluster", None).await?;
+        let ip = wait_ingress(&services, &name).await?;
+        to_status.push(t.elapsed());
+        let prefix = host(&ip);
+        wait_routes(&router, "new Service's LB IP", WAIT, |r| {
+            via(r, &prefix) == BTreeSet::from([addr0, addr1])
         })
         .await?;
-        delays.push(t.elapsed());
-        current = next;
-    }
-    println!(
-        "policy: Service LB IP changed → new route via both nodes and the old one withdrawn at BIRD ({LATENCY_SAMPLES} samples): p50 {:?} max {:?}",
-        percentile(&delays, 0.5),
-        percentile(&delays, 1.0)
-    );
-
-    // A Service's new LB IP → the first connection of the client through the router that a
-    // backend answers (the route at BIRD and the node's services datapath both in place).
-    let mut connects = Vec::new();
-    for i in 0..5u8 {
-        let next = format!("198.51.100.{}", 70 + i);
-        let t = Instant::now();
-        set_ingress(&services, "lb-cluster", &next).await?;
-        while !answered_quickly(&outside.netns, &next, 80).await? {
-            ensure!(t.elapsed() < WAIT, "the client never reached {next}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        to_route.push(t.elapsed());
+        while !answered_quickly(&outside.netns, &ip, 80).await? {
+            ensure!(t.elapsed() < WAIT, "the client never reached {ip}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        connects.push(t.elapsed());
+        to_connect.push(t.elapsed());
     }
+    let p50 = |v: &[Duration]| percentile(v, 0.5);
     println!(
-        "policy: Service LB IP changed → first answered connection from the client behind the router (5 samples, 300 ms attempts): p50 {:?} max {:?}",
-        percentile(&connects, 0.5),
-        percentile(&connects, 1.0)
+        "policy: Service created → LB IP in status p50 {:?} (max {:?}) → route at BIRD via both nodes p50 {:?} (max {:?}) → first answered connection from the client p50 {:?} (max {:?}; 300 ms attempts), 5 Services",
+        p50(&to_status),
+        percentile(&to_status, 1.0),
+        p50(&to_route),
+        percentile(&to_route, 1.0),
+        p50(&to_connect),
+        percentile(&to_connect, 1.0)
     );
 
-    // The Local Service deleted: withdrawn.
+    // The pool shrinks away from the Services' addresses: LB IPAM takes them back (the two
+    // that asked for one get none), BIRD withdraws them.
+    let t = Instant::now();
+    world
+        .env
+        .apply_yaml(&format!(
+            "apiVersion: tendril.dev/v1alpha1\nkind: LoadBalancerIPPool\nmetadata: {{name: {pool}}}\n\
+             spec:\n  blocks: [{{cidr: 198.51.100.128/26}}]\n  serviceSelector: {{matchLabels: {{announce: bgp}}}}\n"
+        ))
+        .await?;
+    wait_routes(
+        &router,
+        "address outside the shrunk pool withdrawn",
+        WAIT,
+        |r| !r.contains_key(&host(CLUSTER_LB_IP)),
+    )
+    .await?;
+    println!(
+        "policy: pool shrunk → the address it no longer holds withdrawn at BIRD after {:?}",
+        t.elapsed()
+    );
+
+    // A Service deleted: its address (one of the shrunk pool's, advertised) withdrawn.
+    let moved = host(&wait_ingress_in(&services, "lb-new-0", "198.51.100.128/26").await?);
+    wait_routes(&router, "moved address advertised", WAIT, |r| {
+        via(r, &moved) == BTreeSet::from([addr0, addr1])
+    })
+    .await?;
     let t = Instant::now();
     services
-        .delete("lb-local", &DeleteParams::default())
+        .delete("lb-new-0", &DeleteParams::default())
         .await?;
     wait_routes(&router, "deleted Service withdrawn", WAIT, |r| {
-        !r.contains_key(&host(LOCAL_LB_IP))
+        !r.contains_key(&moved)
     })
     .await?;
     println!(
