@@ -1,5 +1,7 @@
 //! Compiles the eBPF programs in `bpf/*.c` with clang into `OUT_DIR`, where
-//! `src/bpf/loader.rs` embeds them with `aya::include_bytes_aligned!`.
+//! `src/bpf/loader.rs` embeds them with `aya::include_bytes_aligned!`; and the part of
+//! GoBGP's gRPC API the agent uses (`proto/gobgp.proto`) into Rust with protox (a protobuf
+//! compiler in Rust: no `protoc` needed) and tonic, for `src/bgp/api.rs`.
 
 use std::{
     env,
@@ -32,6 +34,20 @@ fn main() {
         println!("cargo:rerun-if-changed={}", source.display());
         compile(&clang, &bpf_dir, source, &out_dir);
     }
+    compile_gobgp_api(&manifest_dir.join("proto"));
+}
+
+/// `proto/gobgp.proto` → `OUT_DIR/apipb.rs` (a client only).
+fn compile_gobgp_api(proto_dir: &Path) {
+    let proto = proto_dir.join("gobgp.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    let descriptors = protox::compile([&proto], [proto_dir])
+        .unwrap_or_else(|e| panic!("compiling {}: {e}", proto.display()));
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        .compile_fds(descriptors)
+        .unwrap_or_else(|e| panic!("generating the GoBGP client: {e}"));
 }
 
 fn compile(clang: &str, bpf_dir: &Path, source: &Path, out_dir: &Path) {

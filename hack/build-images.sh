@@ -48,9 +48,12 @@ mkdir -p "$ctx/bin" "$ctx/runtime/etc/ssl/certs" "$ctx/runtime/tmp"
 for b in "${binaries[@]}"; do
   install -m 0755 "$target_dir/$b" "$ctx/bin/$b"
 done
+# The agent's BGP daemon (bgp.gobgpdPath: gobgpd, looked up in PATH): Debian's gobgpd.
+gobgpd=$(command -v gobgpd) || die "gobgpd not found (apt-get install gobgpd; hack/install-prereqs.sh)"
+install -m 0755 "$gobgpd" "$ctx/bin/gobgpd"
 # The runtime: every shared object the binaries load, at the path the loader finds it
 # (ldd prints the program interpreter by its PT_INTERP path, /lib64/ld-linux-x86-64.so.2).
-for lib in $(ldd "${binaries[@]/#/$target_dir/}" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | sort -u); do
+for lib in $(ldd "${binaries[@]/#/$target_dir/}" "$gobgpd" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' | sort -u); do
   mkdir -p "$ctx/runtime$(dirname "$lib")"
   cp -L "$lib" "$ctx/runtime$lib"
 done
@@ -89,6 +92,7 @@ for target in operator agent; do
   if [[ $target == agent ]]; then
     chroot "$bundle/rootfs" /bin/busybox test -x /usr/bin/tendril-cni || die "$ref: tendril-cni missing"
     chroot "$bundle/rootfs" /bin/busybox true || die "$ref: busybox does not run"
+    chroot "$bundle/rootfs" /usr/bin/gobgpd --version >/dev/null || die "$ref: gobgpd does not run"
   fi
   digest=$(jq -r --arg n "tendril-$target-$tag" \
     '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $n) | .digest' \

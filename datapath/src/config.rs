@@ -54,6 +54,43 @@ pub struct AgentConfig {
     pub policy: PolicyEnforcementConfig,
     /// Services: the kube-proxy replacement (`services`).
     pub services: ServicesConfig,
+    /// BGP: the node's gobgpd (`bgp`).
+    pub bgp: BgpConfig,
+}
+
+/// The node's BGP speaker (`bgp`): gobgpd, driven by the agent from the node's
+/// `BGPNodeConfig`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BgpConfig {
+    /// Watch the node's BGPNodeConfig and run gobgpd when it has a router.
+    pub enabled: bool,
+    /// The gobgpd binary (a path, or a name looked up in PATH).
+    pub gobgpd_path: PathBuf,
+    /// gobgpd's gRPC API socket (unix); empty: `{stateDir}/bgp/gobgpd.sock`.
+    pub api_socket: PathBuf,
+    /// gobgpd's BGP listen port in the node's namespace; -1: it only connects to its peers.
+    pub listen_port: i32,
+    /// Session state and prefix counts are read into the status this often (seconds).
+    pub status_interval_seconds: u64,
+    /// First delay before gobgpd is restarted after it exits (milliseconds); doubles up to
+    /// `restartMaxMillis` while it keeps exiting.
+    pub restart_min_millis: u64,
+    pub restart_max_millis: u64,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            gobgpd_path: PathBuf::from("gobgpd"),
+            api_socket: PathBuf::new(),
+            listen_port: -1,
+            status_interval_seconds: 5,
+            restart_min_millis: 500,
+            restart_max_millis: 30_000,
+        }
+    }
 }
 
 /// Backend selection for new connections.
@@ -178,11 +215,21 @@ impl Default for AgentConfig {
             bpf_map_sizes: MapSizes::default(),
             policy: PolicyEnforcementConfig::default(),
             services: ServicesConfig::default(),
+            bgp: BgpConfig::default(),
         }
     }
 }
 
 impl AgentConfig {
+    /// gobgpd's API socket: `bgp.apiSocket`, or `{stateDir}/bgp/gobgpd.sock`.
+    pub fn bgp_api_socket(&self) -> PathBuf {
+        if self.bgp.api_socket.as_os_str().is_empty() {
+            crate::bgp::daemon::socket_path(&self.state_dir)
+        } else {
+            self.bgp.api_socket.clone()
+        }
+    }
+
     /// When the node pass runs: `datapathResyncSeconds`, `datapathDebounceMillis`, and the
     /// `backoff` curve after a failed pass.
     pub fn pass_timing(&self) -> LoopTiming {
@@ -248,6 +295,23 @@ impl AgentConfig {
         }
         crate::services::maglev::check_table_size(self.services.maglev_table_size)
             .map_err(|e| ConfigError::Invalid(format!("services.maglevTableSize: {e}")))?;
+        if self.bgp.status_interval_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "bgp.statusIntervalSeconds must be > 0".into(),
+            ));
+        }
+        if self.bgp.restart_min_millis == 0
+            || self.bgp.restart_max_millis < self.bgp.restart_min_millis
+        {
+            return Err(ConfigError::Invalid(
+                "bgp: restartMinMillis must be > 0 and restartMaxMillis >= restartMinMillis".into(),
+            ));
+        }
+        if !(-1..=65535).contains(&self.bgp.listen_port) || self.bgp.listen_port == 0 {
+            return Err(ConfigError::Invalid(
+                "bgp.listenPort must be -1 (do not listen) or a port 1..65535".into(),
+            ));
+        }
         if self.policy.conntrack_gc_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "policy.conntrackGcSeconds must be > 0".into(),

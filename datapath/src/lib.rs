@@ -1,6 +1,7 @@
 //! tendril-agent, tendril-cni and the eBPF datapath.
 
 pub mod agent;
+pub mod bgp;
 pub mod bpf;
 pub mod cni;
 pub mod config;

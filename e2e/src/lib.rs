@@ -102,6 +102,7 @@
 //!   also swept by pid file; e2e namespaces and dedicated planes of dead test binaries are
 //!   deleted when the next test binary starts.
 
+pub mod bgp;
 mod env;
 mod http;
 mod kube_util;

@@ -42,6 +42,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         ("Identity", "all"),
         ("ResolvedPolicy", "all"),
         ("LBService", "all"),
+        ("BGPNodeConfig", "own-node"),
         ("EndpointSlice", "default/kubernetes"),
     ];
     let port = node.metrics_port;
@@ -76,8 +77,9 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         let plane = &plane;
         async move {
             let w = apiserver_watches(plane, "tendril.dev").await?;
-            // Watches open one by one after the agent starts: wait for all five.
+            // Watches open one by one after the agent starts: wait for all six.
             let opened = [
+                "bgpnodeconfigs",
                 "endpoints",
                 "identities",
                 "lbservices",
@@ -92,6 +94,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
     })
     .await?;
     let expected: BTreeMap<String, f64> = [
+        "bgpnodeconfigs",
         "endpoints",
         "identities",
         "lbservices",

@@ -329,6 +329,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("watch", "tendril.dev", "identities"),
             cluster("list", "tendril.dev", "lbservices"),
             cluster("watch", "tendril.dev", "lbservices"),
+            cluster("get", "tendril.dev", "bgpnodeconfigs"),
+            cluster("watch", "tendril.dev", "bgpnodeconfigs"),
+            cluster("patch", "tendril.dev", "bgpnodeconfigs/status"),
         ],
         &agent_denied,
     )

@@ -40,24 +40,11 @@ struct KnownEmpty {
     why: &'static str,
 }
 
-const NO_BGP: &str = "no BGP speaker on the nodes yet: nothing opens sessions or reports them";
 const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
 const NO_LB_IPAM: &str = "no load-balancer IPAM reconciler yet";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[
-    KnownEmpty {
-        kind: "BGPNodeConfig",
-        column: "Realized",
-        object: None,
-        why: NO_BGP,
-    },
-    KnownEmpty {
-        kind: "BGPNodeConfig",
-        column: "Established",
-        object: None,
-        why: NO_BGP,
-    },
     KnownEmpty {
         kind: "EgressGatewayPolicy",
         column: "Gateway",
@@ -206,8 +193,10 @@ fn show(cell: &serde_json::Value) -> String {
 
 /// Every example of `crds/examples` but the system-written kinds, made to fit this test:
 /// namespaced objects in `namespace`, the example pool renamed so that it does not replace
-/// the simulated cluster's `default` pool.
-fn examples(namespace: &str) -> Result<Vec<serde_json::Value>> {
+/// the simulated cluster's `default` pool, the example `BGPNodeConfig` made the one of
+/// `node` (its agent runs gobgpd and reports; its peer has no route from the node, and no
+/// password: the agent configures none).
+fn examples(namespace: &str, node: &tendril_e2e::sim::SimNode) -> Result<Vec<serde_json::Value>> {
     let dir = repo_root().join("crds/examples");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)?
         .flatten()
@@ -230,6 +219,18 @@ fn examples(namespace: &str) -> Result<Vec<serde_json::Value>> {
             }
             if kind == "PodIPPool" {
                 doc["metadata"]["name"] = "example-dual-stack".into();
+            }
+            if kind == "BGPNodeConfig" {
+                doc["metadata"]["name"] = node.name.clone().into();
+                doc["spec"]["nodeName"] = node.name.clone().into();
+                for router in doc["spec"]["routers"].as_array_mut().into_iter().flatten() {
+                    router["routerID"] = node.address.to_string().into();
+                    for neighbor in router["neighbors"].as_array_mut().into_iter().flatten() {
+                        if let Some(n) = neighbor.as_object_mut() {
+                            n.remove("authSecretRef");
+                        }
+                    }
+                }
             }
             out.push(doc);
         }
@@ -256,7 +257,8 @@ async fn every_printer_column_shows_a_value_on_live_objects() -> Result<()> {
     }
 
     // The user's: every example.
-    let examples = examples(ns)?;
+    let examples = examples(ns, n0)?;
+    env.delete_on_drop::<tendril_crds::v1alpha1::BGPNodeConfig>(&n0.name);
     for doc in &examples {
         env.apply_yaml(&serde_json::to_string(doc)?)
             .await

@@ -7,6 +7,7 @@
 
 use super::bgp_peering_policy::BGPNeighbor;
 use crate::common::{Condition, conditions_schema};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -198,7 +199,7 @@ pub struct BGPNodeConfigStatus {
 }
 
 /// The state of one BGP session.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionStatus {
     #[serde(rename = "localASN")]
@@ -215,4 +216,7 @@ pub struct SessionStatus {
     /// Prefixes received from the peer.
     #[serde(default)]
     pub received: i64,
+    /// When the session last became `Established` (absent in any other state): its uptime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_since: Option<Time>,
 }

@@ -22,6 +22,7 @@ use tendril_datapath::agent::node::{self, NodeSyncConfig};
 use tendril_datapath::agent::pass::{self, PassConfig, metrics::DatapathMetrics};
 use tendril_datapath::agent::view::ClusterView;
 use tendril_datapath::agent::{Agent, host, server};
+use tendril_datapath::bgp;
 use tendril_datapath::config::{AgentArgs, AgentConfig};
 use tendril_datapath::ipam::Ipam;
 use tendril_runtime::config;
@@ -168,6 +169,37 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
                 error!(error = %e, "the datapath reconciler could not start");
             }
         };
+        let bgp_client = client.clone();
+        let bgp_task = async {
+            if !config.bgp.enabled {
+                return;
+            }
+            let bgp = &config.bgp;
+            let cfg = bgp::node::BgpNodeConfig {
+                node_name: config.node_name.clone(),
+                daemon: bgp::daemon::DaemonConfig {
+                    gobgpd: bgp.gobgpd_path.clone(),
+                    socket: config.bgp_api_socket(),
+                    netns: cli.node_netns.clone(),
+                    restart_min: Duration::from_millis(bgp.restart_min_millis),
+                    restart_max: Duration::from_millis(bgp.restart_max_millis),
+                },
+                listen_port: bgp.listen_port,
+                timing: LoopTiming {
+                    resync: Duration::from_secs(bgp.status_interval_seconds),
+                    debounce: Duration::from_millis(config.datapath_debounce_millis),
+                    backoff: config.backoff.clone(),
+                },
+            };
+            bgp::node::run(
+                bgp_client,
+                bgp::node::node_config_cache(&caches, &config.node_name),
+                cfg,
+                bgp::metrics::BgpMetrics::register(&metrics),
+                shutdown.clone(),
+            )
+            .await;
+        };
         let node_task = node::run(
             client,
             view,
@@ -177,7 +209,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             sync_timing,
             shutdown.clone(),
         );
-        tokio::join!(datapath_task, node_task);
+        tokio::join!(datapath_task, node_task, bgp_task);
     } else {
         agent.set_pod_cidrs(&cli.pod_cidrs).context("--pod-cidr")?;
         let (gateways, netns) = (agent.gateways(), cli.node_netns.clone());
