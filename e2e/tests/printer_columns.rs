@@ -42,7 +42,6 @@ struct KnownEmpty {
 
 const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
-const NO_LB_IPAM: &str = "no load-balancer IPAM reconciler yet";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[
     KnownEmpty {
@@ -80,24 +79,6 @@ const KNOWN_EMPTY: &[KnownEmpty] = &[
         column: "Ready",
         object: None,
         why: NO_ENCRYPTION,
-    },
-    KnownEmpty {
-        kind: "LoadBalancerIPPool",
-        column: "Used",
-        object: None,
-        why: NO_LB_IPAM,
-    },
-    KnownEmpty {
-        kind: "LoadBalancerIPPool",
-        column: "Available",
-        object: None,
-        why: NO_LB_IPAM,
-    },
-    KnownEmpty {
-        kind: "LoadBalancerIPPool",
-        column: "Ready",
-        object: None,
-        why: NO_LB_IPAM,
     },
     KnownEmpty {
         kind: "PodIPPool",
