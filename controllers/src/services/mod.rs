@@ -81,12 +81,16 @@ const LIST_PAGE: u32 = 500;
 pub struct ServicesConfig {
     /// Changes of the nodes' reports within this long are one pass of status writes.
     pub status_batch_millis: u64,
+    /// A new Service without EndpointSlices waits for them at most this long (from its
+    /// creation) before its LBService is written.
+    pub slice_wait_millis: u64,
 }
 
 impl Default for ServicesConfig {
     fn default() -> Self {
         Self {
             status_batch_millis: 100,
+            slice_wait_millis: 1000,
         }
     }
 }
@@ -307,6 +311,20 @@ impl Shared {
         let current = self
             .written
             .latest(key, stored.as_ref().map(|lb| lb.spec.clone()));
+        if current.is_none()
+            && slices.is_empty()
+            && let Some(wait) = sequence::slice_wait(
+                svc.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.as_millisecond()),
+                Timestamp::now().as_millisecond(),
+                Duration::from_millis(self.config.slice_wait_millis),
+            )
+        {
+            debug!(?wait, "new Service: waiting for its EndpointSlices");
+            return Ok(Action::requeue(wait));
+        }
         let backends = t.spec.backends.len();
         let triggers: sequence::Triggers = slices
             .iter()
