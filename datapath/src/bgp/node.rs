@@ -557,3 +557,56 @@ fn idle_sessions(desired: &DesiredBgp) -> Vec<SessionStatus> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+    use kube::runtime::reflector;
+
+    fn secret(name: &str, data: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("tendril-bgp-secrets".into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_password_is_the_password_key_of_its_secret() {
+        let (store, mut writer) = reflector::store::<Secret>();
+        let too_long = [b'x'; MAX_PASSWORD_BYTES + 1];
+        for s in [
+            secret("tor-1", &[("password", b"s3cret"), ("other", b"x")]),
+            secret("no-key", &[("pass", b"s3cret")]),
+            secret("empty", &[("password", b"")]),
+            secret("binary", &[("password", &[0xff, 0xfe])]),
+            secret("long", &[("password", &too_long)]),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let read = |listed, name| read_password(&store, listed, "tendril-bgp-secrets", name);
+        assert_eq!(read(true, "tor-1"), Ok(Password::new("s3cret")));
+        assert_eq!(read(true, "no-key"), Err(PasswordMissing::Key));
+        for unusable in ["empty", "binary", "long"] {
+            assert_eq!(read(true, unusable), Err(PasswordMissing::Unusable));
+        }
+        assert_eq!(read(true, "gone"), Err(PasswordMissing::Secret));
+        // Before the first list, a missing Secret may only be late.
+        assert_eq!(read(false, "gone"), Err(PasswordMissing::NotListed));
+        // Only the configured namespace is read.
+        assert_eq!(
+            read_password(&store, true, "default", "tor-1"),
+            Err(PasswordMissing::Secret)
+        );
+    }
+}
