@@ -77,6 +77,9 @@ pub struct BgpConfig {
     /// `restartMaxMillis` while it keeps exiting.
     pub restart_min_millis: u64,
     pub restart_max_millis: u64,
+    /// The namespace of the Secrets that neighbors' `authSecretRef`s name (key `password`):
+    /// the only namespace whose Secrets the agent reads.
+    pub secrets_namespace: String,
 }
 
 impl Default for BgpConfig {
@@ -89,6 +92,7 @@ impl Default for BgpConfig {
             status_interval_seconds: 5,
             restart_min_millis: 500,
             restart_max_millis: 30_000,
+            secrets_namespace: "tendril-bgp-secrets".into(),
         }
     }
 }
@@ -305,6 +309,11 @@ impl AgentConfig {
         {
             return Err(ConfigError::Invalid(
                 "bgp: restartMinMillis must be > 0 and restartMaxMillis >= restartMinMillis".into(),
+            ));
+        }
+        if self.bgp.secrets_namespace.is_empty() {
+            return Err(ConfigError::Invalid(
+                "bgp.secretsNamespace must name a namespace".into(),
             ));
         }
         if !(-1..=65535).contains(&self.bgp.listen_port) || self.bgp.listen_port == 0 {

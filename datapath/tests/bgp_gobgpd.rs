@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tendril_datapath::agent::view::Wake;
 use tendril_datapath::bgp::daemon::{Daemon, DaemonConfig, DaemonState};
-use tendril_datapath::bgp::desired::{PathSpec, PeerSpec, Speaker};
+use tendril_datapath::bgp::desired::{Password, PathSpec, PeerSpec, Speaker};
 use tendril_datapath::bgp::metrics::BgpMetrics;
 use tendril_datapath::bgp::{api, speaker};
 use tendril_runtime::Metrics;
@@ -68,7 +68,8 @@ async fn gobgpd_is_supervised_and_configured_through_its_api() -> Result<()> {
     speaker::start(&mut client, &me, -1).await?;
     ensure!(speaker::global(&mut client).await? == Some(me.clone()));
 
-    // A peer (it never comes up: nobody listens there) and two paths.
+    // A peer (it never comes up: nobody listens there), with a TCP MD5 password gobgpd
+    // takes, and two paths.
     let peer = PeerSpec {
         address: "192.0.2.1".parse()?,
         peer_asn: 65000,
@@ -78,6 +79,7 @@ async fn gobgpd_is_supervised_and_configured_through_its_api() -> Result<()> {
         hold_time_seconds: 9,
         keepalive_seconds: 3,
         graceful_restart_seconds: Some(60),
+        password: Some(Password::new("s3cret")),
     };
     speaker::add_peer(&mut client, &peer, true).await?;
     let peers = speaker::peers(&mut client).await?;

@@ -35,6 +35,8 @@ pub struct RouterPeer {
     pub name: String,
     pub address: Ipv4Addr,
     pub asn: u32,
+    /// TCP MD5 password of the session (BIRD's `password`), or none.
+    pub password: Option<String>,
 }
 
 /// The router: its namespace and its BIRD, removed/stopped on drop.
@@ -210,8 +212,14 @@ pub fn bird_config(
         keepalive = timers.keepalive_seconds,
     );
     for peer in peers {
+        // Test passwords are plain words: no quoting needed.
+        let password = peer
+            .password
+            .as_ref()
+            .map(|p| format!(" password \"{p}\";"))
+            .unwrap_or_default();
         conf.push_str(&format!(
-            "protocol bgp {} from tendril_node {{ neighbor {} as {}; }}\n",
+            "protocol bgp {} from tendril_node {{ neighbor {} as {};{password} }}\n",
             peer.name, peer.address, peer.asn
         ));
     }
@@ -335,6 +343,38 @@ impl Drop for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_password_is_rendered_in_its_protocol() {
+        let peer = |name: &str, password: Option<&str>| RouterPeer {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 250, 0, 10),
+            asn: 64512,
+            password: password.map(String::from),
+        };
+        let timers = RouterTimers {
+            hold_seconds: 9,
+            keepalive_seconds: 3,
+        };
+        let conf = bird_config(
+            Ipv4Addr::new(10, 250, 0, 1),
+            65000,
+            &[peer("node0", Some("s3cret")), peer("node1", None)],
+            &timers,
+        );
+        assert!(
+            conf.contains(
+                "protocol bgp node0 from tendril_node { neighbor 10.250.0.10 as 64512; password \"s3cret\"; }"
+            ),
+            "{conf}"
+        );
+        assert!(
+            conf.contains(
+                "protocol bgp node1 from tendril_node { neighbor 10.250.0.10 as 64512; }"
+            ),
+            "{conf}"
+        );
+    }
 
     #[test]
     fn birdc_output_is_read() {

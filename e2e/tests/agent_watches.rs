@@ -44,6 +44,8 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         ("LBService", "all"),
         ("BGPNodeConfig", "own-node"),
         ("EndpointSlice", "default/kubernetes"),
+        // The BGP peers' passwords: the Secrets of bgp.secretsNamespace only.
+        ("Secret", "tendril-bgp-secrets"),
     ];
     let port = node.metrics_port;
     let registry: Metrics = eventually(TIMEOUT, || async move {

@@ -17,6 +17,20 @@ use tendril_e2e::{TestEnv, k8s_bin_dir, repo_root};
 use tokio::process::Command;
 
 const NAMESPACE: &str = "tendril-system";
+/// The namespace of the BGP peers' password Secrets, where only the agent's Role for
+/// them and its binding live (deploy/kustomize/base/bgp-secrets.yaml).
+const BGP_SECRETS_NAMESPACE: &str = "tendril-bgp-secrets";
+const BGP_SECRETS_ROLE: &str = "tendril-agent-bgp-secrets";
+
+/// The namespace `d` must land in: tendril-system, but for the agent's BGP secrets Role.
+fn expected_namespace(d: &Value) -> &'static str {
+    let kind = d["kind"].as_str().unwrap_or_default();
+    if matches!(kind, "Role" | "RoleBinding") && d["metadata"]["name"] == BGP_SECRETS_ROLE {
+        BGP_SECRETS_NAMESPACE
+    } else {
+        NAMESPACE
+    }
+}
 /// The Prometheus Operator release whose CRDs validate the monitoring overlay.
 const PROMETHEUS_OPERATOR: &str = "github.com/prometheus-operator/prometheus-operator@v0.85.0";
 
@@ -78,7 +92,8 @@ async fn render(name: &str) -> Result<(String, Vec<Value>)> {
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(&yaml).with_context(|| format!("parsing rendered {name}"))?;
     ensure!(!docs.is_empty(), "{name} renders nothing");
-    // Every namespaced object, the overlay's own included, lands in tendril-system.
+    // Every namespaced object, the overlay's own included, lands in tendril-system (the
+    // agent's Role for the BGP password Secrets in their namespace).
     for d in &docs {
         let kind = d["kind"].as_str().unwrap_or_default();
         let cluster_scoped = matches!(
@@ -90,9 +105,10 @@ async fn render(name: &str) -> Result<(String, Vec<Value>)> {
                 | "PriorityClass"
         );
         if !cluster_scoped {
+            let expected = expected_namespace(d);
             ensure!(
-                d["metadata"]["namespace"] == NAMESPACE,
-                "{name}: {kind}/{} is not in {NAMESPACE}",
+                d["metadata"]["namespace"] == expected,
+                "{name}: {kind}/{} is not in {expected}",
                 d["metadata"]["name"]
             );
         }
@@ -149,7 +165,7 @@ fn crd_names_in_repo() -> Result<BTreeSet<String>> {
 async fn base_renders_what_the_design_promises() -> Result<()> {
     let (_, docs) = render("base").await?;
 
-    // Every namespaced object lands in tendril-system.
+    // Every namespaced object lands in tendril-system (but the BGP secrets Role).
     for d in &docs {
         let kind = d["kind"].as_str().unwrap_or_default();
         let cluster_scoped = matches!(
@@ -158,13 +174,15 @@ async fn base_renders_what_the_design_promises() -> Result<()> {
         );
         if !cluster_scoped {
             assert_eq!(
-                d["metadata"]["namespace"], NAMESPACE,
+                d["metadata"]["namespace"],
+                expected_namespace(d),
                 "{kind}/{} namespace",
                 d["metadata"]["name"]
             );
         }
     }
     find(&docs, "Namespace", NAMESPACE)?;
+    find(&docs, "Namespace", BGP_SECRETS_NAMESPACE)?;
     assert_eq!(
         names_of(&docs, "CustomResourceDefinition"),
         crd_names_in_repo()?,
@@ -699,20 +717,24 @@ async fn effective_config(workload: &Value, container_name: &str, binary: &str) 
 /// `tendril-system` exists on the shared plane (namespaced objects cannot be dry-run into a
 /// namespace that does not). Created if missing and left in place: it is the install's
 /// namespace, other tests may use it at the same time, and it holds nothing of ours.
+/// The same for tendril-bgp-secrets (the agent's Role there).
 async fn ensure_install_namespace(env: &TestEnv) -> Result<()> {
     let api: Api<Namespace> = env.cluster_api();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NAMESPACE.into()),
+    for name in [NAMESPACE, BGP_SECRETS_NAMESPACE] {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
             ..Default::default()
-        },
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &ns).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+        };
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
 }
 
 /// `kubectl apply --server-side --dry-run=server` of the rendered overlay with kubectl 1.36;

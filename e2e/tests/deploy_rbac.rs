@@ -3,7 +3,8 @@
 //! ServiceAccounts, (Cluster)Roles and bindings are installed as they are, tokens are minted
 //! for the ServiceAccounts with the TokenRequest API, and
 //! - each ServiceAccount is asked, through SelfSubjectAccessReviews made with its own token,
-//!   what it may and may not do (the agent reads no Secret and writes no desired state;
+//!   what it may and may not do (the agent reads Secrets only in `tendril-bgp-secrets`,
+//!   the BGP peers' passwords, and writes no desired state;
 //!   only the operator writes desired state);
 //! - the agent's API calls (watch its NodeNetwork by field selector, list/watch Endpoints,
 //!   server-side apply of NodeNetwork status) succeed with its token, and a write it must
@@ -35,6 +36,8 @@ use tendril_e2e::{
 };
 
 const NAMESPACE: &str = "tendril-system";
+/// The namespace of the BGP peers' password Secrets (deploy/kustomize/base/bgp-secrets.yaml).
+const BGP_SECRETS_NAMESPACE: &str = "tendril-bgp-secrets";
 const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One access question: verb, group, resource (with `/subresource`), namespace, name.
@@ -304,6 +307,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         cluster("watch", "", "secrets"),
         ns("get", "", "secrets", NAMESPACE),
         ns("list", "", "secrets", "kube-system"),
+        ns("create", "", "secrets", BGP_SECRETS_NAMESPACE),
+        ns("patch", "", "secrets", BGP_SECRETS_NAMESPACE),
+        ns("delete", "", "secrets", BGP_SECRETS_NAMESPACE),
         cluster("patch", "", "nodes"),
         cluster("delete", "", "pods"),
         ns("create", "coordination.k8s.io", "leases", NAMESPACE),
@@ -332,6 +338,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("get", "tendril.dev", "bgpnodeconfigs"),
             cluster("watch", "tendril.dev", "bgpnodeconfigs"),
             cluster("patch", "tendril.dev", "bgpnodeconfigs/status"),
+            ns("get", "", "secrets", BGP_SECRETS_NAMESPACE),
+            ns("list", "", "secrets", BGP_SECRETS_NAMESPACE),
+            ns("watch", "", "secrets", BGP_SECRETS_NAMESPACE),
         ],
         &agent_denied,
     )
@@ -439,6 +448,11 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         .await
         .expect_err("agent listed Secrets");
     ensure!(forbidden(&err), "listing Secrets as the agent: {err}");
+    // ...but it lists the BGP passwords' namespace (datapath/src/bgp/node.rs).
+    Api::<Secret>::namespaced(agent.clone(), BGP_SECRETS_NAMESPACE)
+        .list(&ListParams::default())
+        .await
+        .context("the agent lists the Secrets of tendril-bgp-secrets")?;
     env.delete_on_drop::<Node>(&node_name);
     env.delete_on_drop::<NodeNetwork>(&node_name);
 

@@ -27,7 +27,55 @@ pub struct PeerSpec {
     pub keepalive_seconds: u64,
     /// Graceful restart (RFC 4724) with this restart time, or off.
     pub graceful_restart_seconds: Option<u32>,
+    /// TCP MD5 signature (RFC 2385) with this password, or none.
+    pub password: Option<Password>,
 }
+
+/// A peer's TCP MD5 password. Its `Debug` does not show it: it never reaches a log line,
+/// an Event, a metric or a status.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The password itself, for gobgpd's `PeerConf.auth_password` only.
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// Why the password of an `authSecretRef` cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasswordMissing {
+    /// No Secret of that name in the secrets namespace.
+    Secret,
+    /// The Secret has no key `password`.
+    Key,
+    /// The key holds nothing, bytes that are not UTF-8, or more than the kernel's
+    /// [`MAX_PASSWORD_BYTES`].
+    Unusable,
+    /// The namespace's Secrets are not listed (yet): the agent's Role there is missing, or
+    /// the apiserver has not answered.
+    NotListed,
+}
+
+/// The longest TCP MD5 key Linux takes (`TCP_MD5SIG_MAXKEYLEN`).
+pub const MAX_PASSWORD_BYTES: usize = 80;
+
+/// The key of a password Secret that holds the password.
+pub const PASSWORD_KEY: &str = "password";
+
+/// The `Realized=False` reason while a peer's password cannot be read.
+pub const PASSWORD_SECRET_MISSING: &str = "PasswordSecretMissing";
 
 /// One path the node originates.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,6 +94,18 @@ pub struct DesiredBgp {
     pub speaker: Speaker,
     pub peers: BTreeMap<IpAddr, PeerSpec>,
     pub paths: BTreeMap<IpNet, PathSpec>,
+    /// Peers whose password cannot be read, with why (naming the Secret, never a value):
+    /// not opened, and a session gobgpd already holds is left as it is (its Secret may be
+    /// being replaced), until the Secret is there.
+    pub held_back: BTreeMap<IpAddr, HeldBack>,
+}
+
+/// A peer that is not opened while its password cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBack {
+    pub peer_asn: u32,
+    /// Why, naming the Secret (never a value).
+    pub problem: String,
 }
 
 /// Why a `BGPNodeConfig` cannot be realized: the `Realized=False` reason and message.
@@ -66,11 +126,16 @@ impl Invalid {
 }
 
 /// The speaker a spec asks for; `Ok(None)` for a spec without routers (nothing to run).
+/// `password` reads the password of an `authSecretRef` (a Secret of `secrets_namespace`).
 ///
 /// One gobgpd per node holds one global ASN and one RIB that every peer is offered, so a
 /// node runs one router: a spec with several is refused as a whole (advertising one
 /// router's prefixes to another's peers would be wrong, silently).
-pub fn desired(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> {
+pub fn desired(
+    spec: &BGPNodeConfigSpec,
+    secrets_namespace: &str,
+    password: impl Fn(&str) -> Result<Password, PasswordMissing>,
+) -> Result<Option<DesiredBgp>, Invalid> {
     let router = match spec.routers.as_slice() {
         [] => return Ok(None),
         [router] => router,
@@ -94,14 +159,46 @@ pub fn desired(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> 
         )
     })?;
     let mut peers = BTreeMap::new();
+    let mut held_back = BTreeMap::new();
     for neighbor in &router.neighbors {
-        let peer = peer(neighbor)?;
-        if peers.insert(peer.address, peer).is_some() {
+        let mut peer = peer(neighbor)?;
+        if peers.contains_key(&peer.address) || held_back.contains_key(&peer.address) {
             return Err(Invalid::new(
                 "InvalidSpec",
                 format!("peer {} is listed twice", neighbor.peer_address),
             ));
         }
+        if let Some(secret) = &neighbor.auth_secret_ref {
+            match password(secret) {
+                Ok(p) => peer.password = Some(p),
+                Err(missing) => {
+                    let why = match missing {
+                        PasswordMissing::Secret => "does not exist",
+                        PasswordMissing::Key => "has no key \"password\"",
+                        PasswordMissing::Unusable => {
+                            "holds an empty, non-UTF-8 or longer than 80 bytes \"password\""
+                        }
+                        PasswordMissing::NotListed => {
+                            "cannot be read: the agent has not listed that namespace's Secrets \
+                             (its Role there, deploy/kustomize/base/bgp-secrets.yaml, missing?)"
+                        }
+                    };
+                    let problem = format!(
+                        "peer {}: its password Secret {secrets_namespace}/{secret} {why}",
+                        peer.address
+                    );
+                    held_back.insert(
+                        peer.address,
+                        HeldBack {
+                            peer_asn: peer.peer_asn,
+                            problem,
+                        },
+                    );
+                    continue;
+                }
+            }
+        }
+        peers.insert(peer.address, peer);
     }
     let mut paths = BTreeMap::new();
     for advertisement in &router.advertisements {
@@ -141,6 +238,7 @@ pub fn desired(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> 
         speaker: Speaker { asn, router_id },
         peers,
         paths,
+        held_back,
     }))
 }
 
@@ -184,19 +282,8 @@ pub fn peer_address(value: &str) -> Option<IpAddr> {
     host.parse().ok()
 }
 
+/// The peer without its password (`desired` reads it).
 fn peer(neighbor: &BGPNeighbor) -> Result<PeerSpec, Invalid> {
-    if let Some(secret) = &neighbor.auth_secret_ref {
-        // The agent reads no Secrets (its RBAC), and a session opened without the password
-        // would fail at the peer with nothing said here.
-        return Err(Invalid::new(
-            "PasswordUnsupported",
-            format!(
-                "peer {} asks for a TCP MD5 password (Secret {secret}): the agent does not \
-                 configure passwords yet",
-                neighbor.peer_address
-            ),
-        ));
-    }
     let address = peer_address(&neighbor.peer_address).ok_or_else(|| {
         Invalid::new(
             "InvalidSpec",
@@ -220,6 +307,7 @@ fn peer(neighbor: &BGPNeighbor) -> Result<PeerSpec, Invalid> {
             .as_ref()
             .filter(|gr| gr.enabled)
             .map(|gr| u32::try_from(gr.restart_time_seconds).unwrap_or(120)),
+        password: None,
     })
 }
 
@@ -246,7 +334,7 @@ impl Plan {
 /// The difference between `desired` and what gobgpd holds: `held_peers` (ListPeer), of
 /// which `applied` are the settings this agent gave it (a peer the daemon holds without a
 /// record was not set by this process: it is replaced), and `held_paths` (ListPath, the
-/// paths it originates).
+/// paths it originates). Held-back peers are neither opened nor closed.
 pub fn plan(
     desired: &DesiredBgp,
     held_peers: &BTreeSet<IpAddr>,
@@ -263,7 +351,7 @@ pub fn plan(
     }
     plan.delete_peers = held_peers
         .iter()
-        .filter(|a| !desired.peers.contains_key(a))
+        .filter(|a| !desired.peers.contains_key(a) && !desired.held_back.contains_key(a))
         .copied()
         .collect();
     for (prefix, path) in &desired.paths {
@@ -325,18 +413,25 @@ mod tests {
         }
     }
 
+    /// `desired` for specs that name no Secret.
+    fn without_secrets(spec: &BGPNodeConfigSpec) -> Result<Option<DesiredBgp>, Invalid> {
+        desired(spec, "tendril-bgp-secrets", |name| {
+            panic!("no Secret is read here, but {name} was")
+        })
+    }
+
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
     #[test]
     fn a_spec_without_routers_runs_no_speaker() {
-        assert_eq!(desired(&spec(vec![])), Ok(None));
+        assert_eq!(without_secrets(&spec(vec![])), Ok(None));
     }
 
     #[test]
     fn one_router_becomes_the_speaker_its_peers_and_paths() {
-        let d = desired(&spec(vec![router(
+        let d = without_secrets(&spec(vec![router(
             64512,
             vec![neighbor("10.250.0.1/32", 65000)],
             &["10.200.1.0/24", "198.51.100.7/32", "10.200.1.9/24"],
@@ -365,7 +460,7 @@ mod tests {
         let mut r = router(64512, vec![], &["198.51.100.7/32"]);
         r.advertisements[0].communities = vec!["65000:100".into(), "1:2".into()];
         r.advertisements[0].large_communities = vec!["4200000000:1:2".into()];
-        let d = desired(&spec(vec![r])).unwrap().unwrap();
+        let d = without_secrets(&spec(vec![r])).unwrap().unwrap();
         let path = &d.paths[&net("198.51.100.7/32")];
         assert_eq!(path.communities, [0x0001_0002, 65000 << 16 | 100]);
         assert_eq!(path.large_communities, [(4_200_000_000, 1, 2)]);
@@ -377,17 +472,106 @@ mod tests {
     }
 
     #[test]
-    fn a_password_is_refused_clearly() {
+    fn a_password_is_read_from_its_secret_and_never_printed() {
         let mut n = neighbor("10.250.0.1", 65000);
-        n.auth_secret_ref = Some("bgp-auth".into());
-        let err = desired(&spec(vec![router(64512, vec![n], &[])])).unwrap_err();
-        assert_eq!(err.reason, "PasswordUnsupported");
-        assert!(err.message.contains("bgp-auth"), "{}", err.message);
+        n.auth_secret_ref = Some("tor-1".into());
+        let d = desired(
+            &spec(vec![router(64512, vec![n], &[])]),
+            "tendril-bgp-secrets",
+            |name| {
+                assert_eq!(name, "tor-1");
+                Ok(Password::new("s3cret"))
+            },
+        )
+        .unwrap()
+        .unwrap();
+        let peer = &d.peers[&"10.250.0.1".parse::<IpAddr>().unwrap()];
+        assert_eq!(peer.password.as_ref().map(Password::reveal), Some("s3cret"));
+        assert!(d.held_back.is_empty());
+        let printed = format!("{peer:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+    }
+
+    #[test]
+    fn a_peer_whose_password_cannot_be_read_is_held_back_alone() {
+        let mut missing = neighbor("10.250.0.1", 65000);
+        missing.auth_secret_ref = Some("gone".into());
+        let mut keyless = neighbor("10.250.0.2", 65000);
+        keyless.auth_secret_ref = Some("no-key".into());
+        let plain = neighbor("10.250.0.3", 65000);
+        let d = desired(
+            &spec(vec![router(64512, vec![missing, keyless, plain], &[])]),
+            "tendril-bgp-secrets",
+            |name| match name {
+                "gone" => Err(PasswordMissing::Secret),
+                _ => Err(PasswordMissing::Key),
+            },
+        )
+        .unwrap()
+        .unwrap();
+        let a1: IpAddr = "10.250.0.1".parse().unwrap();
+        let a2: IpAddr = "10.250.0.2".parse().unwrap();
+        let a3: IpAddr = "10.250.0.3".parse().unwrap();
+        // The peer without a password is opened; the other two are named with their Secret.
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), [a3]);
+        assert_eq!(
+            d.held_back[&a1].problem,
+            "peer 10.250.0.1: its password Secret tendril-bgp-secrets/gone does not exist"
+        );
+        assert!(
+            d.held_back[&a2]
+                .problem
+                .contains("tendril-bgp-secrets/no-key has no key \"password\""),
+            "{}",
+            d.held_back[&a2].problem
+        );
+        // A held-back session gobgpd already holds is neither replaced nor closed.
+        let p = plan(
+            &d,
+            &[a1, a3].into(),
+            &BTreeMap::from([(a3, d.peers[&a3].clone())]),
+            &BTreeMap::new(),
+        );
+        assert!(p.is_empty(), "{p:?}");
+        // A neighbor listed twice is refused even when one of them is held back.
+        let mut twice = neighbor("10.250.0.1", 65000);
+        twice.auth_secret_ref = Some("gone".into());
+        let err = desired(
+            &spec(vec![router(
+                64512,
+                vec![twice, neighbor("10.250.0.1", 65000)],
+                &[],
+            )]),
+            "tendril-bgp-secrets",
+            |_| Err(PasswordMissing::Secret),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn a_changed_password_replaces_the_session() {
+        let mut n = neighbor("10.250.0.1", 65000);
+        n.auth_secret_ref = Some("tor-1".into());
+        let with = |password: &'static str| {
+            desired(
+                &spec(vec![router(64512, vec![n.clone()], &[])]),
+                "tendril-bgp-secrets",
+                move |_| Ok(Password::new(password)),
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (old, new) = (with("old"), with("new"));
+        let a1: IpAddr = "10.250.0.1".parse().unwrap();
+        let p = plan(&new, &[a1].into(), &old.peers, &BTreeMap::new());
+        assert_eq!(p.replace_peers, [new.peers[&a1].clone()]);
+        assert!(plan(&new, &[a1].into(), &new.peers, &BTreeMap::new()).is_empty());
     }
 
     #[test]
     fn several_routers_are_refused_with_their_asns() {
-        let err = desired(&spec(vec![
+        let err = without_secrets(&spec(vec![
             router(64512, vec![], &[]),
             router(64513, vec![], &[]),
         ]))
@@ -398,7 +582,7 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_named() {
-        let err = desired(&spec(vec![router(
+        let err = without_secrets(&spec(vec![router(
             64512,
             vec![neighbor("10.250.0.1/24", 65000)],
             &[],
@@ -412,7 +596,7 @@ mod tests {
 
     #[test]
     fn the_plan_is_the_difference() {
-        let d = desired(&spec(vec![router(
+        let d = without_secrets(&spec(vec![router(
             64512,
             vec![neighbor("10.250.0.1", 65000), neighbor("10.250.0.2", 65000)],
             &["10.200.1.0/24", "198.51.100.7/32"],

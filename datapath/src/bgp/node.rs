@@ -17,17 +17,23 @@
 //! R and F bits) so routers that kept the node's routes keep them until its End-of-RIB.
 
 use super::daemon::{Daemon, DaemonConfig, DaemonState};
-use super::desired::{self, DesiredBgp, PeerSpec};
+use super::desired::{
+    self, DesiredBgp, MAX_PASSWORD_BYTES, PASSWORD_KEY, PASSWORD_SECRET_MISSING, Password,
+    PasswordMissing, PeerSpec,
+};
 use super::metrics::{BgpMetrics, PeerLabels, STATES, StateLabel};
 use super::speaker::{self, ApiError};
 use crate::agent::driver::{self, LoopTiming, NodeLoop, PassOutcome};
 use crate::agent::view::{Wake, wake_on};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tendril_crds::v1alpha1::{BGPNodeConfig, SessionStatus};
 use tendril_runtime::caches::{Cache, Caches};
@@ -49,6 +55,41 @@ pub fn node_config_cache(caches: &Caches, node_name: &str) -> Cache<BGPNodeConfi
     )
 }
 
+/// The agent's cache of the Secrets of `namespace` (`bgp.secretsNamespace`): the peers'
+/// passwords. Its scope is the namespace: the only one whose Secrets the agent reads.
+pub fn secrets_cache(caches: &Caches, namespace: &str) -> Cache<Secret> {
+    caches.scoped(
+        namespace,
+        Api::namespaced(caches.client().clone(), namespace),
+        watcher::Config::default(),
+    )
+}
+
+/// The password of Secret `namespace/name` (key `password`), from the cache.
+fn read_password(
+    secrets: &Store<Secret>,
+    listed: bool,
+    namespace: &str,
+    name: &str,
+) -> Result<Password, PasswordMissing> {
+    let Some(secret) = secrets.get(&ObjectRef::new(name).within(namespace)) else {
+        return Err(if listed {
+            PasswordMissing::Secret
+        } else {
+            PasswordMissing::NotListed
+        });
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(PASSWORD_KEY))
+        .ok_or(PasswordMissing::Key)?;
+    match std::str::from_utf8(&bytes.0) {
+        Ok(p) if !p.is_empty() && p.len() <= MAX_PASSWORD_BYTES => Ok(Password::new(p)),
+        _ => Err(PasswordMissing::Unusable),
+    }
+}
+
 /// What the loop needs to know.
 #[derive(Clone, Debug)]
 pub struct BgpNodeConfig {
@@ -56,6 +97,8 @@ pub struct BgpNodeConfig {
     pub daemon: DaemonConfig,
     /// gobgpd's BGP listen port; -1: it only connects out.
     pub listen_port: i32,
+    /// Where the peers' password Secrets are (`bgp.secretsNamespace`).
+    pub secrets_namespace: String,
     pub timing: LoopTiming,
 }
 
@@ -63,12 +106,24 @@ pub struct BgpNodeConfig {
 pub async fn run(
     client: kube::Client,
     configs: Cache<BGPNodeConfig>,
+    secrets: Cache<Secret>,
     cfg: BgpNodeConfig,
     metrics: BgpMetrics,
     shutdown: CancellationToken,
 ) {
     let wake = Wake::default();
     wake_on(&configs, &wake, |_| true);
+    // A created, changed or deleted password reaches gobgpd on the next pass.
+    wake_on(&secrets, &wake, |_| true);
+    let secrets_listed = Arc::new(AtomicBool::new(false));
+    {
+        let (store, listed, wake) = (secrets.store(), secrets_listed.clone(), wake.clone());
+        tokio::spawn(async move {
+            tendril_runtime::store_ready(&store).await;
+            listed.store(true, Ordering::Relaxed);
+            wake.touch();
+        });
+    }
     let daemon = Daemon::spawn(
         cfg.daemon.clone(),
         metrics.clone(),
@@ -92,6 +147,8 @@ pub async fn run(
     let mut node = BgpNode {
         client,
         configs,
+        secrets: secrets.store(),
+        secrets_listed,
         cfg,
         metrics,
         daemon,
@@ -112,6 +169,9 @@ pub async fn run(
 struct BgpNode {
     client: kube::Client,
     configs: Cache<BGPNodeConfig>,
+    secrets: Store<Secret>,
+    /// The Secrets' store has been listed once (until then a missing one may only be late).
+    secrets_listed: Arc<AtomicBool>,
     cfg: BgpNodeConfig,
     metrics: BgpMetrics,
     daemon: Daemon,
@@ -163,7 +223,11 @@ impl NodeLoop for BgpNode {
 impl BgpNode {
     async fn converge(&mut self, config: &BGPNodeConfig) -> (PassOutcome, Report) {
         let previous = config.status.as_ref().and_then(|s| s.realized_revision);
-        let desired = match desired::desired(&config.spec) {
+        let listed = self.secrets_listed.load(Ordering::Relaxed);
+        let namespace = &self.cfg.secrets_namespace;
+        let desired = match desired::desired(&config.spec, namespace, |name| {
+            read_password(&self.secrets, listed, namespace, name)
+        }) {
             Ok(Some(desired)) => desired,
             Ok(None) => {
                 self.daemon.want(false);
@@ -221,6 +285,47 @@ impl BgpNode {
             self.configured = false;
         }
         match self.apply(&desired).await {
+            Ok(mut sessions) if !desired.held_back.is_empty() => {
+                let problems: Vec<&str> = desired
+                    .held_back
+                    .values()
+                    .map(|h| h.problem.as_str())
+                    .collect();
+                tracing::warn!(problems = ?problems, "BGP peers held back: their password cannot be read");
+                // A held-back peer gobgpd does not hold is reported as a session that is down.
+                for (address, held) in &desired.held_back {
+                    let address = address.to_string();
+                    if !sessions.iter().any(|s| s.peer_address == address) {
+                        sessions.push(SessionStatus {
+                            local_asn: i64::from(desired.speaker.asn),
+                            peer_address: address,
+                            peer_asn: i64::from(held.peer_asn),
+                            state: "Idle".into(),
+                            advertised: 0,
+                            received: 0,
+                            established_since: None,
+                        });
+                    }
+                }
+                sessions.sort_by(|a, b| a.peer_address.cmp(&b.peer_address));
+                let report = Report {
+                    condition: DesiredCondition::new(
+                        REALIZED,
+                        false,
+                        PASSWORD_SECRET_MISSING,
+                        format!(
+                            "{}; the other {} peers and {} paths are configured",
+                            problems.join("; "),
+                            desired.peers.len(),
+                            desired.paths.len()
+                        ),
+                    ),
+                    realized_revision: previous,
+                    sessions,
+                };
+                // The Secret's arrival wakes the loop.
+                (PassOutcome::Converged, report)
+            }
             Ok(sessions) => {
                 let report = Report {
                     condition: DesiredCondition::new(
@@ -451,4 +556,57 @@ fn idle_sessions(desired: &DesiredBgp) -> Vec<SessionStatus> {
             established_since: None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use kube::api::ObjectMeta;
+    use kube::runtime::reflector;
+
+    fn secret(name: &str, data: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("tendril-bgp-secrets".into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_password_is_the_password_key_of_its_secret() {
+        let (store, mut writer) = reflector::store::<Secret>();
+        let too_long = [b'x'; MAX_PASSWORD_BYTES + 1];
+        for s in [
+            secret("tor-1", &[("password", b"s3cret"), ("other", b"x")]),
+            secret("no-key", &[("pass", b"s3cret")]),
+            secret("empty", &[("password", b"")]),
+            secret("binary", &[("password", &[0xff, 0xfe])]),
+            secret("long", &[("password", &too_long)]),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let read = |listed, name| read_password(&store, listed, "tendril-bgp-secrets", name);
+        assert_eq!(read(true, "tor-1"), Ok(Password::new("s3cret")));
+        assert_eq!(read(true, "no-key"), Err(PasswordMissing::Key));
+        for unusable in ["empty", "binary", "long"] {
+            assert_eq!(read(true, unusable), Err(PasswordMissing::Unusable));
+        }
+        assert_eq!(read(true, "gone"), Err(PasswordMissing::Secret));
+        // Before the first list, a missing Secret may only be late.
+        assert_eq!(read(false, "gone"), Err(PasswordMissing::NotListed));
+        // Only the configured namespace is read.
+        assert_eq!(
+            read_password(&store, true, "default", "tor-1"),
+            Err(PasswordMissing::Secret)
+        );
+    }
 }

@@ -40,6 +40,12 @@ pub fn api_peer(peer: &PeerSpec, restarting: bool) -> apipb::Peer {
             neighbor_address: peer.address.to_string(),
             peer_asn: peer.peer_asn,
             description: "tendril".into(),
+            // gobgpd sets TCP_MD5SIG for the peer on its connecting and listening sockets.
+            auth_password: peer
+                .password
+                .as_ref()
+                .map(|p| p.reveal().to_string())
+                .unwrap_or_default(),
             ..Default::default()
         }),
         ebgp_multihop: (peer.multihop_ttl > 1).then(|| apipb::EbgpMultihop {
@@ -394,6 +400,7 @@ pub async fn delete_path(client: &mut Client, path: &PathSpec) -> Result<(), Api
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bgp::desired::Password;
 
     fn path(prefix: &str) -> PathSpec {
         PathSpec {
@@ -457,8 +464,18 @@ mod tests {
             hold_time_seconds: 9,
             keepalive_seconds: 3,
             graceful_restart_seconds: Some(30),
+            password: None,
         };
         let peer = api_peer(&spec, true);
+        assert_eq!(peer.conf.as_ref().unwrap().auth_password, "");
+        let signed = api_peer(
+            &PeerSpec {
+                password: Some(Password::new("s3cret")),
+                ..spec.clone()
+            },
+            false,
+        );
+        assert_eq!(signed.conf.unwrap().auth_password, "s3cret");
         let gr = peer.graceful_restart.unwrap();
         assert!(gr.enabled && gr.local_restarting);
         assert_eq!(gr.restart_time, 30);

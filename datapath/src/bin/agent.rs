@@ -185,6 +185,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
                     restart_max: Duration::from_millis(bgp.restart_max_millis),
                 },
                 listen_port: bgp.listen_port,
+                secrets_namespace: bgp.secrets_namespace.clone(),
                 timing: LoopTiming {
                     resync: Duration::from_secs(bgp.status_interval_seconds),
                     debounce: Duration::from_millis(config.datapath_debounce_millis),
@@ -194,6 +195,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             bgp::node::run(
                 bgp_client,
                 bgp::node::node_config_cache(&caches, &config.node_name),
+                bgp::node::secrets_cache(&caches, &bgp.secrets_namespace),
                 cfg,
                 bgp::metrics::BgpMetrics::register(&metrics),
                 shutdown.clone(),
