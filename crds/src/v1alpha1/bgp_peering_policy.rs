@@ -208,7 +208,9 @@ pub struct BGPNeighbor {
     /// Graceful restart, so an agent restart does not withdraw routes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graceful_restart: Option<GracefulRestart>,
-    /// Name of a `Secret` (in the operator namespace) whose `password` key holds the TCP MD5 password.
+    /// Name of a `Secret` in the agents' BGP secrets namespace (`tendril-bgp-secrets`,
+    /// `bgp.secretsNamespace` in config/agent.yaml) whose `password` key holds the TCP MD5
+    /// password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub auth_secret_ref: Option<String>,
