@@ -333,7 +333,13 @@ fn source_registered_families() -> Result<String> {
                 .split(':')
                 .next()
                 .filter(|_| before.contains(':'))
-                .map(|f| f.trim().trim_start_matches("pub ").trim().to_string());
+                .map(|f| {
+                    ["pub(super) ", "pub(crate) ", "pub "]
+                        .iter()
+                        .fold(f.trim(), |f, vis| f.trim_start_matches(vis))
+                        .trim()
+                        .to_string()
+                });
             let from_field = args
                 .split(['.', '(', ')', ',', ' ', '\n'])
                 .collect::<Vec<_>>()
@@ -343,7 +349,11 @@ fn source_registered_families() -> Result<String> {
             let declared = |field: &str| {
                 src.lines()
                     .map(str::trim)
-                    .map(|l| l.trim_start_matches("pub "))
+                    .map(|l| {
+                        ["pub(super) ", "pub(crate) ", "pub "]
+                            .iter()
+                            .fold(l, |l, vis| l.trim_start_matches(vis))
+                    })
                     .find(|l| l.starts_with(&format!("{field}:")) && !l.contains("domain("))
                     .and_then(type_keyword)
             };
