@@ -32,11 +32,14 @@
 //! `tendril_services_writes_total`, `tendril_services_deletes_total`,
 //! `tendril_services_status_writes_total`, `tendril_services_translate_seconds`.
 
+mod config;
 pub mod index;
 mod metrics;
 pub mod sequence;
 pub mod status;
 pub mod translate;
+
+pub use config::ServicesConfig;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::{FutureExt, StreamExt};
@@ -51,7 +54,6 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use metrics::Metrics;
 use sequence::Sequence;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use status::{DesiredStatus, NodeReports};
 use std::collections::{BTreeSet, HashMap};
@@ -74,26 +76,6 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 const STATUS_CONCURRENCY: usize = 16;
 /// Page size of the lists that start a term's revision sequence.
 const LIST_PAGE: u32 = 500;
-
-/// `services` in config/operator.yaml.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-pub struct ServicesConfig {
-    /// Changes of the nodes' reports within this long are one pass of status writes.
-    pub status_batch_millis: u64,
-    /// A new Service without EndpointSlices waits for them at most this long (from its
-    /// creation) before its LBService is written.
-    pub slice_wait_millis: u64,
-}
-
-impl Default for ServicesConfig {
-    fn default() -> Self {
-        Self {
-            status_batch_millis: 100,
-            slice_wait_millis: 1000,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

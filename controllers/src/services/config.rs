@@ -1,0 +1,23 @@
+//! `services` in config/operator.yaml.
+
+use serde::{Deserialize, Serialize};
+
+/// The `services` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// Changes of the nodes' reports within this long are one pass of status writes.
+    pub status_batch_millis: u64,
+    /// A new Service without EndpointSlices waits for them at most this long (from its
+    /// creation) before its LBService is written.
+    pub slice_wait_millis: u64,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            status_batch_millis: 100,
+            slice_wait_millis: 1000,
+        }
+    }
+}
