@@ -736,11 +736,12 @@ async fn services_translate_into_lbservices() -> Result<()> {
     )
     .await?;
     let after = lbs(&lbsvc, "after", "written after restart", |_| true).await?;
+    // Above, not exactly one above: other tests on the shared plane write Services too, and
+    // a new Service waits up to `services.sliceWaitMillis` for its slices meanwhile.
     ensure!(
-        after.spec.revision == realized_max + 1,
-        "first revision after restart {}, want {}",
+        after.spec.revision > realized_max,
+        "first revision after restart {}, want above {realized_max}",
         after.spec.revision,
-        realized_max + 1
     );
     // The test's own services (their inputs did not change; the apiserver may still be
     // settling its own `kubernetes` EndpointSlice, which is then rightly rewritten).
