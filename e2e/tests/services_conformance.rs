@@ -182,10 +182,12 @@ async fn tendril_agrees_with_kube_proxy() -> Result<()> {
     let env = TestEnv::on(plane).await?;
     let world = TendrilWorld::conformance(&env).await?;
     let actual = matrix::run(&world).await?;
+    let diagnostics = lossy_diagnostics(&world).await;
     println!(
         "{}",
         matrix::table(&[&ref_name, &world.name()], &[&expected, &actual])
     );
+    println!("{diagnostics}");
     let comparison = matrix::compare(&ref_name, &expected, &world.name(), &actual);
     for (deliberate, cases) in &comparison.deliberate {
         println!(
@@ -198,10 +200,85 @@ async fn tendril_agrees_with_kube_proxy() -> Result<()> {
     let disagreements = comparison.disagreements;
     ensure!(
         disagreements.is_empty(),
-        "{} of {} cases disagree:\n{}",
+        "{} of {} cases disagree:\n{}\n\n{diagnostics}",
         disagreements.len(),
         expected.len(),
         disagreements.join("\n")
     );
     Ok(())
+}
+
+/// Where packets went missing, for a disagreement that is a lost attempt: each agent's
+/// non-zero datapath drop counters and the kernel's TCP/UDP trouble counters in every
+/// backend and outside client (TIME_WAIT collisions, PAWS rejects, listen overflows,
+/// retransmitted SYNs).
+async fn lossy_diagnostics(world: &TendrilWorld) -> String {
+    let mut out = vec!["datapath drops:".to_string()];
+    for node in &world.cluster.nodes {
+        match tendril_e2e::fetch_metrics(node.metrics_port).await {
+            Ok(m) => out.extend(
+                m.matching("tendril_datapath_drops_total", &[])
+                    .filter(|s| s.value > 0.0)
+                    .map(|s| format!("  {} {:?} {}", node.name, s.labels, s.value)),
+            ),
+            Err(e) => out.push(format!("  {}: metrics unavailable: {e:#}", node.name)),
+        }
+        // Which packets, from the flow log: the first few of each drop reason.
+        if let Ok((200, body)) = tendril_e2e::http_get(node.metrics_port, "/flows").await {
+            let flows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+            let mut shown: std::collections::BTreeMap<String, usize> = Default::default();
+            for f in flows.iter().filter(|f| f["kind"] == "drop") {
+                let reason = f["reason"].as_str().unwrap_or("").to_string();
+                let n = shown.entry(reason.clone()).or_default();
+                *n += 1;
+                if *n <= 5 {
+                    out.push(format!(
+                        "    {reason} {} {} {} → {}",
+                        f["direction"], f["protocol"], f["source"], f["destination"]
+                    ));
+                }
+            }
+        }
+    }
+    out.push("kernel counters (nstat):".into());
+    let spots = matrix::BACKENDS
+        .iter()
+        .map(|(b, _, _)| (b.to_string(), world.pod_spot(b).netns))
+        .chain((0..2).map(|i| (format!("x{i}"), world.external_spot(i).netns)))
+        .chain(
+            world
+                .cluster
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("n{i}"), n.netns.clone())),
+        );
+    for (name, netns) in spots {
+        match tendril_e2e::services::netns_exec(&netns, &["nstat", "-asz"]).await {
+            Ok(text) => {
+                let trouble: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        [
+                            "TimeWait",
+                            "PAWS",
+                            "ListenOverflows",
+                            "ListenDrops",
+                            "SynRetrans",
+                            "Resets",
+                            "RcvbufErrors",
+                            "NoPorts",
+                            "InErrs",
+                        ]
+                        .iter()
+                        .any(|k| l.contains(k))
+                    })
+                    .filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v != "0"))
+                    .collect();
+                out.push(format!("  {name}: {}", trouble.join("; ")));
+            }
+            Err(e) => out.push(format!("  {name}: nstat failed: {e:#}")),
+        }
+    }
+    out.join("\n")
 }

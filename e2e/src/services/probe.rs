@@ -126,10 +126,20 @@ async fn attempt(udp: bool, to: SocketAddr, timeout: Duration) -> Attempt {
                 Ok(s) => s,
                 Err(e) => return classify(&e),
             };
+            // One line, then this side closes first (see NameEcho).
             let mut buf = Vec::with_capacity(128);
-            match stream.read_to_end(&mut buf).await {
-                Ok(_) => parse_answer(&buf),
-                Err(e) => classify(&e),
+            let mut chunk = [0u8; 128];
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) => return parse_answer(&buf),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        if buf.contains(&b'\n') {
+                            return parse_answer(&buf);
+                        }
+                    }
+                    Err(e) => return classify(&e),
+                }
             }
         }
     };
@@ -277,6 +287,13 @@ pub fn proto_name(udp: bool) -> &'static str {
 
 /// A backend's server: TCP and UDP on `port` in `netns`, answering `{name} {peer ip}` once
 /// per connection or datagram. Stopped on drop.
+///
+/// The client closes a TCP connection first (after the line, or at once), as HTTP clients
+/// do, so TIME_WAIT stays with the client. Were it the server's, every backend would keep
+/// one for each outside client's tuple, and a client port reused towards another frontend
+/// of the same backend (the source is preserved; each frontend is another destination to
+/// the client's port choice) meets it: a PAWS-rejected SYN, a retransmission a second
+/// later, now and then an attempt past its timeout.
 pub struct NameEcho {
     stop: watch::Sender<bool>,
     handle: Option<JoinHandle<Result<()>>>,
@@ -327,7 +344,15 @@ impl NameEcho {
                                 let line = format!("{name} {}\n", from.ip());
                                 tokio::spawn(async move {
                                     let _ = stream.write_all(line.as_bytes()).await;
-                                    let _ = stream.shutdown().await;
+                                    let mut rest = [0u8; 64];
+                                    let eof = async {
+                                        while let Ok(n) = stream.read(&mut rest).await {
+                                            if n == 0 {
+                                                break;
+                                            }
+                                        }
+                                    };
+                                    let _ = tokio::time::timeout(Duration::from_secs(10), eof).await;
                                 });
                             },
                         }
