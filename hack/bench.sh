@@ -12,20 +12,34 @@
 #                            # 10k, connect latency at 1/1k/10k
 #   hack/bench.sh services-operator  # the services concern at 1k/10k Services (write,
 #                            # realize, change, restart, operator RSS)
+#   hack/bench.sh lbipam     # LB IPAM planning of 10k Services in one /16
+#
+# Built and run with the release profile (what a user runs, and what kube-proxy, the
+# baseline of `services`, is); TENDRIL_BENCH_PROFILE=dev measures the debug build instead.
 set -uo pipefail
 source "$(dirname "$0")/lib/common.sh"
 cd "$TENDRIL_ROOT"
 
 bash hack/install-prereqs.sh >/dev/null
 bash hack/control-plane.sh build >/dev/null
-cargo build --workspace --bins >/dev/null || die "cargo build failed"
+profile=${TENDRIL_BENCH_PROFILE:-release}
+case $profile in
+  release) profile_flag=(--release) ;;
+  dev) profile_flag=() ;;
+  *) die "TENDRIL_BENCH_PROFILE is release or dev, not $profile" ;;
+esac
+log "building the $profile profile (the first release build takes a while)"
+# The e2e harness takes the binaries of the profile its test was built with.
+cargo build "${profile_flag[@]}" --workspace --bins >/dev/null || die "cargo build failed"
 
 which=${1:-all}
 rc=0
 run() {
   log "── benchmark $1"
   shift
-  "$@" -- --nocapture --test-threads=1 || rc=1
+  local cmd=("$1" "$2" "${profile_flag[@]}")
+  shift 2
+  "${cmd[@]}" "$@" -- --nocapture --test-threads=1 --include-ignored || rc=1
 }
 case $which in
   all | bpf) run "bpf programs (ns/packet)" cargo test -p tendril-datapath --test bpf_bench ;;&
@@ -35,7 +49,8 @@ case $which in
   all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&
   all | services) run "services vs kube-proxy" cargo test -p tendril-e2e --test services_bench ;;&
   all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
-  all | bpf | policy | propagation | memory | services | services-operator) ;;
-  *) die "unknown benchmark $which (bpf, policy, propagation, memory, services, services-operator or all)" ;;
+  all | lbipam) run "LB IPAM planning" cargo test -p tendril-controllers --lib lbipam_plan_cost ;;&
+  all | bpf | policy | propagation | memory | services | services-operator | lbipam) ;;
+  *) die "unknown benchmark $which (bpf, policy, propagation, memory, services, services-operator, lbipam or all)" ;;
 esac
 exit $rc

@@ -321,7 +321,7 @@ fn a_rebuild_from_status_restores_every_address_even_out_of_order() {
 
 /// Prints what a plan costs at scale (a figure, not an assertion): 10,000 Services in one
 /// /16, first allocated from nothing, then a steady-state pass that changes nothing.
-/// `cargo test -p tendril-controllers --release lbipam_plan_cost -- --ignored --nocapture`
+/// `hack/bench.sh lbipam` runs it (release build).
 #[test]
 #[ignore]
 fn lbipam_plan_cost() {
