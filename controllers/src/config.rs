@@ -57,6 +57,7 @@ impl OperatorConfig {
             .validate()
             .map_err(ConfigError::Invalid)?;
         self.backoff.validate().map_err(ConfigError::Invalid)?;
+        self.services.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

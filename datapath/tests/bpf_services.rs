@@ -64,6 +64,7 @@ fn service(name: &str, frontends: Vec<Frontend>, backends: Vec<Backend>) -> LBSe
         name,
         LBServiceSpec {
             revision: 1,
+            committed_revision: None,
             frontends,
             backends,
             external_traffic_policy: "Cluster".into(),

@@ -36,6 +36,7 @@ fn service(i: u32) -> LBService {
         &format!("svc-{i}"),
         LBServiceSpec {
             revision: 1,
+            committed_revision: None,
             frontends: vec![
                 Frontend {
                     name: "web".into(),

@@ -656,6 +656,79 @@ async fn services_translate_into_lbservices() -> Result<()> {
         edge.spec
     );
 
+    // A burst: 24 Services at once are written several at a time, so revisions commit out
+    // of order; once they drain, the highest committedRevision is the highest revision
+    // (one number per node still says what is realized).
+    futures::future::try_join_all((0..24).map(|i| {
+        let services = services.clone();
+        let ns = ns.clone();
+        async move {
+            apply(
+                &services,
+                &typed(json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": format!("burst-{i}"), "namespace": ns},
+                    "spec": {"selector": {"app": format!("burst-{i}")}, "ports": [{"port": 80}]},
+                }))?,
+            )
+            .await
+        }
+    }))
+    .await?;
+    eventually(TIMEOUT, || async {
+        let items = lbsvc.list(&ListParams::default()).await?.items;
+        let burst = items
+            .iter()
+            .filter(|lb| {
+                lb.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("burst-"))
+            })
+            .count();
+        ensure!(burst == 24, "{burst}/24 burst LBServices written");
+        let highest = items.iter().map(|lb| lb.spec.revision).max();
+        let committed = items
+            .iter()
+            .map(|lb| lb.spec.committed_revision.unwrap_or(lb.spec.revision))
+            .max();
+        ensure!(
+            committed == highest,
+            "highest committedRevision {committed:?}, highest revision {highest:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    // How many drains needed a second write depends on how the writes overlapped.
+    let m = fetch_metrics(port).await?;
+    println!(
+        "burst of 24: {} settled revision(s) published",
+        m.value("tendril_services_settled_publishes_total", &[])
+            .unwrap_or(0.0)
+    );
+    for i in 0..24 {
+        services
+            .delete(&format!("burst-{i}"), &DeleteParams::default())
+            .await?;
+    }
+    eventually(TIMEOUT, || async {
+        let left = lbsvc
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|lb| {
+                lb.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("burst-"))
+            })
+            .count();
+        ensure!(left == 0, "{left} burst LBServices left");
+        Ok(())
+    })
+    .await?;
+
     // Metrics.
     let max_revision = all_lbs
         .list(&ListParams::default())

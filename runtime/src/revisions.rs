@@ -47,6 +47,7 @@ impl Revisioned for LBServiceSpec {
         // Destructured, so a new field cannot be forgotten here.
         let LBServiceSpec {
             revision: _,
+            committed_revision: _,
             frontends,
             backends,
             session_affinity,

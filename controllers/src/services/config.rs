@@ -11,6 +11,8 @@ pub struct ServicesConfig {
     /// A new Service without EndpointSlices waits for them at most this long (from its
     /// creation) before its LBService is written.
     pub slice_wait_millis: u64,
+    /// LBService writes applied at once (at least 1).
+    pub writes_in_flight: u32,
 }
 
 impl Default for ServicesConfig {
@@ -18,6 +20,16 @@ impl Default for ServicesConfig {
         Self {
             status_batch_millis: 100,
             slice_wait_millis: 1000,
+            writes_in_flight: 16,
         }
+    }
+}
+
+impl ServicesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.writes_in_flight == 0 {
+            return Err("services.writesInFlight must be at least 1".into());
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,7 @@ pub(super) struct Metrics {
     pub(super) invalid: Gauge,
     pub(super) revision: Gauge,
     pub(super) writes: Counter,
+    pub(super) publishes: Counter,
     pub(super) deletes: Counter,
     pub(super) status_writes: Counter,
     pub(super) translate_seconds: Histogram,
@@ -42,6 +43,11 @@ impl Metrics {
             writes: m.domain(
                 "tendril_services_writes",
                 "LBService specs written (each with a new revision)",
+                Counter::default,
+            ),
+            publishes: m.domain(
+                "tendril_services_settled_publishes",
+                "LBServices written again to carry the settled revision when writes drained",
                 Counter::default,
             ),
             deletes: m.domain(

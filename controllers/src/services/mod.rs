@@ -163,6 +163,8 @@ struct Shared {
     slice_index: SliceIndex,
     /// Started on first use in a term, from a fresh list of LBServices and NodeNetworks.
     sequence: tokio::sync::OnceCell<tokio::sync::Mutex<Sequence>>,
+    /// LBService writes in flight (`services.writesInFlight`).
+    write_slots: tokio::sync::Semaphore,
     /// The specs written this term (the store lags behind them) and those seen deleted.
     written: Revisions<Key, LBServiceSpec>,
     board: Board,
@@ -233,8 +235,40 @@ impl Shared {
         }
     }
 
-    /// The term's sequence, held until the guard drops: numbers are handed out and
-    /// applied one at a time.
+    /// A drained sequence's settled revision could not be written: the next drain tries.
+    async fn unpublish(&self, committed: i64) {
+        if let Some(seq) = self.sequence.get() {
+            seq.lock().await.unpublish(committed);
+        }
+    }
+
+    /// Applies `body` (the write just made) again with `committedRevision` set to
+    /// `committed`, the settled revision of a drained sequence, so agents learn that every
+    /// revision up to it committed. Returns what the API now holds (`written` when this
+    /// failed; the next drain tries again).
+    async fn publish(
+        &self,
+        api: &Api<LBService>,
+        mut body: serde_json::Value,
+        committed: i64,
+        written: LBService,
+    ) -> LBService {
+        body["spec"]["committedRevision"] = json!(committed);
+        match runtime::apply(api, &self.manager, &body).await {
+            Ok(published) => {
+                self.metrics.publishes.inc();
+                debug!(committed, "settled revision published");
+                published
+            }
+            Err(e) => {
+                warn!(committed, error = %e, "publishing the settled revision failed");
+                self.unpublish(committed).await;
+                written
+            }
+        }
+    }
+
+    /// The term's sequence (numbers, what is in flight), locked until the guard drops.
     async fn sequence(&self) -> Result<tokio::sync::MutexGuard<'_, Sequence>, Error> {
         let cell = self
             .sequence
@@ -242,14 +276,53 @@ impl Shared {
                 let started = Instant::now();
                 let lbs = list_all(&Api::<LBService>::all(self.client.clone())).await?;
                 let nns = list_all(&Api::<NodeNetwork>::all(self.client.clone())).await?;
-                let seq = Sequence::start(
+                let mut seq = Sequence::start(
                     lbs.iter().map(|lb| lb.spec.revision),
                     nns.iter().filter_map(|nn| {
                         nn.status
                             .as_ref()
                             .and_then(|s| s.realized_services_revision)
                     }),
+                    lbs.iter()
+                        .map(|lb| lb.spec.committed_revision.unwrap_or(lb.spec.revision))
+                        .max()
+                        .unwrap_or(0),
                 );
+                // The last term ended with writes in flight: the latest LBService says
+                // that everything up to it committed (it has, or it failed).
+                if let Some(committed) = seq.tail()
+                    && let Some(latest) = lbs
+                        .iter()
+                        .filter(|lb| owned_by_service(lb))
+                        .max_by_key(|lb| lb.spec.revision)
+                    && let Some(ns) = latest.namespace()
+                {
+                    let mut spec = latest.spec.clone();
+                    spec.committed_revision = Some(committed);
+                    // Everything this concern owns in it, or the apply would drop it.
+                    let body = runtime::apply_body::<LBService>(
+                        &latest.name_any(),
+                        Some(&ns),
+                        json!({
+                            "metadata": {
+                                "ownerReferences": latest.owner_references(),
+                                "annotations": latest
+                                    .annotations()
+                                    .get(SERVICE_CHANGED_AT)
+                                    .map(|at| json!({ SERVICE_CHANGED_AT: at }))
+                                    .unwrap_or_else(|| json!({})),
+                            },
+                            "spec": spec,
+                        }),
+                    );
+                    let api = Api::<LBService>::namespaced(self.client.clone(), &ns);
+                    match runtime::apply(&api, &self.manager, &body).await {
+                        Ok(_) => {
+                            self.metrics.publishes.inc();
+                        }
+                        Err(e) => warn!(committed, error = %e, "publishing the last term's settled revision failed (the next write's drain will)"),
+                    }
+                }
                 info!(
                     after = seq.last(),
                     lbservices = lbs.len(),
@@ -345,10 +418,15 @@ impl Shared {
             .and_then(|lb| lb.annotations().get(SERVICE_CHANGED_AT).cloned())
             .and_then(|a| parse_time(&a));
         let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
+        // A slot first: a number taken while waiting for one would hold the settled
+        // revision back for every write behind it.
+        let _slot = self.write_slots.acquire().await.ok();
         let mut seq = self.sequence().await?;
         let Some(spec) = seq.number(&t.spec, current.as_ref()) else {
             return Ok(Action::await_change());
         };
+        self.metrics.revision.set(seq.last());
+        drop(seq);
         let seen = self.triggers_seen(key);
         let at = sequence::changed_at(previous_at, &triggers, seen.as_ref(), observed, Utc::now());
         let body = runtime::apply_body::<LBService>(
@@ -364,12 +442,18 @@ impl Shared {
                 "spec": spec,
             }),
         );
-        // Applied while holding the sequence: the next number is not handed out before
-        // this one is committed (or failed, leaving a gap nobody carries).
         let result = runtime::apply(&api, &self.manager, &body).await;
-        self.metrics.revision.set(seq.last());
-        drop(seq);
-        let written = result?;
+        let publish = self.sequence().await?.finish(spec.revision);
+        let written = match (result, publish) {
+            (Ok(written), Some(committed)) => self.publish(&api, body, committed, written).await,
+            (Ok(written), None) => written,
+            (Err(e), publish) => {
+                if let Some(committed) = publish {
+                    self.unpublish(committed).await;
+                }
+                return Err(e.into());
+            }
+        };
         self.seen_triggers(key, triggers);
         self.written.wrote(key.clone(), &spec);
         self.metrics.writes.inc();
@@ -743,12 +827,14 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
         nodes: nodes.store(),
         networks: networks.store(),
     };
+    let write_slots = config.writes_in_flight.max(1) as usize;
     let shared = Arc::new(Shared {
         client: client.clone(),
         config,
         stores,
         slice_index: SliceIndex::default(),
         sequence: tokio::sync::OnceCell::new(),
+        write_slots: tokio::sync::Semaphore::new(write_slots),
         written: Revisions::default(),
         board: Board::default(),
         observed: Mutex::default(),
@@ -862,6 +948,16 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
         })
         .watches_stream(nodes.applied(), services_on_node);
 
+    // The sequence starts now rather than at the first write: a term after one that ended
+    // with writes in flight publishes their settled revision even if nothing changes.
+    let starter = {
+        let shared = shared.clone();
+        async move {
+            if let Err(e) = shared.sequence().await {
+                warn!(error = %e, "starting the revision sequence failed (retried at the first write)");
+            }
+        }
+    };
     let stop = ctx.shutdown.clone();
     let sweeper = sweep_orphans(
         shared.clone(),
@@ -878,6 +974,7 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
     );
     tokio::join!(
         runtime::run(controller, Services(shared), &ctx),
+        starter,
         sweeper,
         statuses
     );

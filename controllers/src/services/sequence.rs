@@ -1,9 +1,15 @@
 //! The cluster-wide revision sequence of `LBService`s (see the `LBService` module doc).
 //!
-//! One counter for every service: each change gets the next number and the writes are
-//! committed in that order (the concern holds the sequence while it applies), so an agent
-//! that has seen revision N has seen every lower one, and reporting one number per node
-//! (`NodeNetwork.status.realizedServicesRevision`) says which services it realizes.
+//! One counter for every service: each change gets the next number. Up to
+//! `services.writesInFlight` writes are applied at once, so they can commit out of order;
+//! each write carries `committedRevision`: its own revision when it is alone in flight,
+//! else the highest revision up to which every write had finished (committed, or failed and
+//! carried by nobody) when it was sent. An agent that has seen a spec has therefore seen
+//! every revision up to its `committedRevision`, and reporting one number per node
+//! (`NodeNetwork.status.realizedServicesRevision`) still says which services it realizes.
+//! When overlapping writes drain, the last one to finish is written again with the final
+//! `committedRevision` ([`Sequence::finish`] says when), so a burst's tail is reported
+//! realized too; a lone change costs one write, as before.
 //!
 //! Each leadership term starts above every revision any `LBService` carries and every
 //! revision any node reports as realized: an `LBService` deleted since still counts
@@ -12,7 +18,7 @@
 //! (no object carries the missing number).
 
 use chrono::{DateTime, Utc};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tendril_crds::v1alpha1::LBServiceSpec;
 use tendril_runtime::revisions::Revisioned;
 
@@ -20,16 +26,40 @@ use tendril_runtime::revisions::Revisioned;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sequence {
     last: i64,
+    /// Numbers handed out whose write has not finished.
+    in_flight: BTreeSet<i64>,
+    /// The highest `committedRevision` a write carries (sent or being sent).
+    published: i64,
+    /// See [`Sequence::tail`].
+    tail: Option<i64>,
 }
 
 impl Sequence {
     /// Starts above every `LBService` revision and every node's realized revision.
+    /// `published` is the highest `committedRevision` the stored LBServices carry (their
+    /// `revision` where they carry none): below the highest stored revision, a term that
+    /// ended with writes in flight left a tail unreported, which [`Sequence::tail`] gives.
     pub fn start(
         revisions: impl IntoIterator<Item = i64>,
         realized: impl IntoIterator<Item = i64>,
+        published: i64,
     ) -> Self {
-        let last = revisions.into_iter().chain(realized).max().unwrap_or(0);
-        Self { last: last.max(0) }
+        let stored = revisions.into_iter().max().unwrap_or(0).max(0);
+        let last = realized.into_iter().fold(stored, i64::max);
+        Self {
+            last,
+            in_flight: BTreeSet::new(),
+            // Revisions only nodes report belong to deleted LBServices: nothing to carry.
+            published: last,
+            tail: (stored > published).then_some(stored),
+        }
+    }
+
+    /// Once per term: the highest stored revision when a write must carry it as
+    /// `committedRevision` (on the LBService that has it) because the last term did not.
+    /// Should that write fail, the next drain publishes a settled revision above it.
+    pub fn tail(&mut self) -> Option<i64> {
+        self.tail.take()
     }
 
     /// Continues above `revision` (an LBService written by someone else carries it).
@@ -42,8 +72,15 @@ impl Sequence {
         self.last
     }
 
-    /// `desired` numbered with the next revision when its content differs from `current`
-    /// (the latest spec written, if any); `None` (and no number used) when it does not.
+    /// Every revision up to this one has finished.
+    pub fn settled(&self) -> i64 {
+        self.in_flight.first().map_or(self.last, |first| first - 1)
+    }
+
+    /// `desired` numbered with the next revision, and the `committedRevision` it carries,
+    /// when its content differs from `current` (the latest spec written, if any); `None`
+    /// (and no number used) when it does not. The number is in flight until
+    /// [`Sequence::finish`].
     pub fn number(
         &mut self,
         desired: &LBServiceSpec,
@@ -52,10 +89,48 @@ impl Sequence {
         if current.is_some_and(|c| c.same_content(desired)) {
             return None;
         }
+        // Alone in flight, a write completes the sequence itself: whoever sees it has seen
+        // everything before it and it. Beside others, it carries what had settled.
+        let committed = if self.in_flight.is_empty() {
+            self.last + 1
+        } else {
+            self.settled()
+        };
         self.last += 1;
+        self.in_flight.insert(self.last);
+        self.published = self.published.max(committed);
         let mut spec = desired.clone();
         spec.revision = self.last;
+        spec.committed_revision = Some(committed);
         Some(spec)
+    }
+
+    /// The write of `revision` finished (committed or failed). When it was the last in
+    /// flight and no write carries the settled revision yet, returns it: the caller writes
+    /// it (on the object it just wrote) and calls [`Sequence::unpublish`] if it could not.
+    pub fn finish(&mut self, revision: i64) -> Option<i64> {
+        self.in_flight.remove(&revision);
+        if self.in_flight.is_empty() {
+            self.unpublished()
+        } else {
+            None
+        }
+    }
+
+    /// The settled revision when no write carries it yet; it counts as carried from now.
+    pub fn unpublished(&mut self) -> Option<i64> {
+        let settled = self.settled();
+        (settled > self.published).then(|| {
+            self.published = settled;
+            settled
+        })
+    }
+
+    /// `committed` could not be written: the next drain tries again.
+    pub fn unpublish(&mut self, committed: i64) {
+        if self.published == committed {
+            self.published = self.settled().min(committed - 1);
+        }
     }
 }
 
@@ -167,17 +242,17 @@ mod tests {
 
     #[test]
     fn a_term_starts_above_every_stored_and_every_realized_revision() {
-        assert_eq!(Sequence::start([], []).last(), 0);
-        assert_eq!(Sequence::start([3, 9, 4], [7]).last(), 9);
+        assert_eq!(Sequence::start([], [], 0).last(), 0);
+        assert_eq!(Sequence::start([3, 9, 4], [7], 9).last(), 9);
         // The service with revision 12 was deleted; a node still reports it realized.
-        assert_eq!(Sequence::start([3, 9], [12, 5]).last(), 12);
-        let mut seq = Sequence::start([3, 9], [12]);
+        assert_eq!(Sequence::start([3, 9], [12, 5], 9).last(), 12);
+        let mut seq = Sequence::start([3, 9], [12], 9);
         assert_eq!(seq.number(&spec(80), None).unwrap().revision, 13);
     }
 
     #[test]
     fn changes_take_consecutive_numbers_and_no_op_takes_none() {
-        let mut seq = Sequence::start([5], []);
+        let mut seq = Sequence::start([5], [], 5);
         let a = seq.number(&spec(80), None).unwrap();
         assert_eq!(a.revision, 6);
         // Same content (whatever revision it carries): nothing to write, no number used.
@@ -192,15 +267,81 @@ mod tests {
     }
 
     #[test]
+    fn writes_in_flight_carry_what_had_committed_and_the_drain_publishes_the_rest() {
+        let mut seq = Sequence::start([10], [], 10);
+        // Alone in flight: a write carries its own revision, and needs no second write.
+        let a = seq.number(&spec(79), None).unwrap();
+        assert_eq!((a.revision, a.committed_revision), (11, Some(11)));
+        assert_eq!(seq.finish(11), None);
+        // Three at once: the first is alone when sent; the others carry what had settled.
+        let b = seq.number(&spec(80), None).unwrap();
+        let c = seq.number(&spec(81), None).unwrap();
+        let d = seq.number(&spec(82), None).unwrap();
+        assert_eq!((b.revision, c.revision, d.revision), (12, 13, 14));
+        assert_eq!(
+            [
+                b.committed_revision,
+                c.committed_revision,
+                d.committed_revision
+            ],
+            [Some(12), Some(11), Some(11)]
+        );
+        // 13 commits first: 12 is still in flight, nothing settles past 11.
+        assert_eq!(seq.finish(13), None);
+        assert_eq!(seq.settled(), 11);
+        // 12 commits: 12 and 13 settled; a write sent now carries 13, not 14.
+        assert_eq!(seq.finish(12), None);
+        let e = seq.number(&spec(83), None).unwrap();
+        assert_eq!((e.revision, e.committed_revision), (15, Some(13)));
+        // 15 then 14 finish: the last one out publishes 15, once.
+        assert_eq!(seq.finish(15), None);
+        assert_eq!(seq.finish(14), Some(15));
+        assert_eq!(seq.unpublished(), None);
+    }
+
+    #[test]
+    fn a_publication_that_failed_is_retried_and_a_failed_write_is_a_gap() {
+        let mut seq = Sequence::start([], [], 0);
+        let a = seq.number(&spec(80), None).unwrap();
+        let b = seq.number(&spec(81), None).unwrap();
+        assert_eq!(seq.finish(a.revision), None);
+        assert_eq!(seq.finish(b.revision), Some(2));
+        seq.unpublish(2);
+        assert_eq!(seq.unpublished(), Some(2));
+        // A failed write finishes too: nobody carries 4, and 4 settles with it.
+        let c = seq.number(&spec(82), None).unwrap();
+        let d = seq.number(&spec(83), None).unwrap();
+        assert_eq!(seq.finish(d.revision), None);
+        assert_eq!(seq.finish(c.revision), Some(4));
+    }
+
+    #[test]
+    fn a_term_after_one_that_ended_in_flight_has_a_tail_to_publish() {
+        // Stored: revisions 4 and 5, the latest carrying 3 (4 and 5 went out together).
+        let mut seq = Sequence::start([4, 5], [3], 3);
+        assert_eq!(seq.tail(), Some(5));
+        assert_eq!(seq.tail(), None);
+        assert_eq!(seq.unpublished(), None);
+        // Fully published: nothing to do, even below what nodes report (12 was deleted).
+        let mut seq = Sequence::start([4, 5], [12], 5);
+        assert_eq!(seq.tail(), None);
+        assert_eq!(seq.unpublished(), None);
+        // The next write continues above 12.
+        let a = seq.number(&spec(80), None).unwrap();
+        assert_eq!((a.revision, a.committed_revision), (13, Some(13)));
+        assert_eq!(seq.finish(13), None);
+    }
+
+    #[test]
     fn restart_numbers_continue_without_reshuffle() {
         // Term 1 writes three services.
-        let mut term1 = Sequence::start([], []);
+        let mut term1 = Sequence::start([], [], 0);
         let written: Vec<LBServiceSpec> = [80, 81, 82]
             .into_iter()
             .map(|p| term1.number(&spec(p), None).unwrap())
             .collect();
         // Term 2 sees the same desired specs: nothing is rewritten; a new change continues.
-        let mut term2 = Sequence::start(written.iter().map(|s| s.revision), [2]);
+        let mut term2 = Sequence::start(written.iter().map(|s| s.revision), [2], 3);
         for (p, w) in [80, 81, 82].into_iter().zip(&written) {
             assert_eq!(term2.number(&spec(p), Some(w)), None);
         }

@@ -272,6 +272,7 @@ pub fn translate<'a>(
     Ok(Translation {
         spec: LBServiceSpec {
             revision: 0,
+            committed_revision: None,
             frontends,
             backends,
             session_affinity,

@@ -6,10 +6,14 @@
 //! `lb_backends` and `lb_revnat`. A frontend's backends are those with the same `portName`.
 //!
 //! Revisions are one cluster-wide sequence: the services concern gives each change the next
-//! number and writes LBServices in that order, so an agent that has seen revision N has seen
-//! every revision below it. Each agent reports the highest revision its maps realize in
-//! `NodeNetwork.status.realizedServicesRevision`; `status.realizedRevision` is set once every
-//! node reports at least `spec.revision`.
+//! number. It writes several LBServices at once, so revisions can commit out of order; each
+//! spec carries `committedRevision`, a revision up to which every write had committed before
+//! this one was sent (or its own, when it was sent alone), so an agent that has seen a spec
+//! has seen every revision up to its `committedRevision` (the watch delivers in commit order). When its writes drain, the
+//! concern re-writes the last one with the final `committedRevision`. Each agent reports the
+//! highest `committedRevision` its maps realize (a spec without one counts as its
+//! `revision`: written one at a time) in `NodeNetwork.status.realizedServicesRevision`;
+//! `status.realizedRevision` is set once every node reports at least `spec.revision`.
 //!
 //! Backend states follow KEP-1669: `active` backends (ready) take new connections;
 //! `terminating` backends (serving but terminating) take new connections only when a scope
@@ -44,6 +48,12 @@ pub struct LBServiceSpec {
     /// Increases on every change of this spec.
     #[schemars(range(min = 0))]
     pub revision: i64,
+    /// Whoever has seen this spec has seen every LBService revision up to this one (they
+    /// had committed when it was written, or it is this spec's own): writes go out several
+    /// at a time and can commit out of order. Absent means `revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub committed_revision: Option<i64>,
     /// Addresses and ports clients connect to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024), extend("x-kubernetes-list-type" = "atomic"))]

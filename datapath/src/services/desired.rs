@@ -135,7 +135,10 @@ pub struct DesiredServices {
     pub frontends: usize,
     /// LBServices with at least one frontend programmed.
     pub services: usize,
-    /// The highest `spec.revision` among the LBServices this state realizes.
+    /// The highest revision this state is known to realize with every revision below it:
+    /// the highest `spec.committedRevision` of the LBServices (a spec without one counts as
+    /// its `revision`). Writes in flight together commit out of order; a spec's own
+    /// revision says nothing of the ones below it that are still on their way.
     pub revision: Option<i64>,
     pub skipped: Vec<Skipped>,
     /// Maglev services left to random selection (no table builder).
@@ -371,7 +374,8 @@ pub fn lb_state<'a>(
     let mut planned: Vec<PlannedFrontend<'_>> = Vec::new();
     let mut claimed: BTreeSet<FrontendAddr> = BTreeSet::new();
     for svc in &services {
-        out.revision = out.revision.max(Some(svc.spec.revision));
+        let complete = svc.spec.committed_revision.unwrap_or(svc.spec.revision);
+        out.revision = out.revision.max(Some(complete.min(svc.spec.revision)));
         for p in plan_service(svc, node, &mut out.skipped) {
             if claimed.insert(p.frontend) {
                 planned.push(p);

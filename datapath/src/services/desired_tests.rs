@@ -36,6 +36,7 @@ fn service(
         name,
         LBServiceSpec {
             revision,
+            committed_revision: None,
             frontends,
             backends,
             external_traffic_policy: "Cluster".into(),
@@ -397,4 +398,30 @@ fn maglev_services_get_a_table_when_the_builder_is_there() {
     assert_eq!(ids, out.state.backends.keys().copied().collect());
     let (_, flags, _) = scope(&out.state, ip("10.96.0.10"), 80, LB_SCOPE_EXTERNAL).unwrap();
     assert_eq!(flags, SVC_F_MAGLEV);
+}
+
+#[test]
+fn the_realized_revision_is_the_highest_committed_one_not_the_highest_seen() {
+    let with = |name: &str, revision: i64, committed: Option<i64>, port: i32| {
+        let mut svc = service(
+            name,
+            revision,
+            vec![frontend("ClusterIP", Some("10.96.0.10"), port)],
+            vec![backend("10.200.0.5", NODE, "active")],
+        );
+        svc.spec.committed_revision = committed;
+        svc
+    };
+    // 12 and 13 went out together while 11 was in flight: seeing them says only that
+    // everything up to 10 committed.
+    let out = state_of(&[with("a", 12, Some(10), 80), with("b", 13, Some(10), 81)]);
+    assert_eq!(out.revision, Some(10));
+    // The drain's re-write of 13 carries 13: everything up to it is here.
+    let out = state_of(&[with("a", 12, Some(10), 80), with("b", 13, Some(13), 81)]);
+    assert_eq!(out.revision, Some(13));
+    // Without committedRevision (written one at a time) a spec's own revision counts.
+    let out = state_of(&[with("a", 12, Some(10), 80), with("c", 7, None, 82)]);
+    assert_eq!(out.revision, Some(10));
+    let out = state_of(&[with("c", 7, None, 82)]);
+    assert_eq!(out.revision, Some(7));
 }
