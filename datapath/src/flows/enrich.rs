@@ -1,0 +1,415 @@
+//! A decoded datapath event → a Hubble `flow.Flow`, with both sides named from what the
+//! node knows: the `Endpoint`s (pod name, namespace, security labels, identity) and the
+//! `Identity`s (labels of peers that are not pods: reserved identities, remote ones).
+//! Pure: the caller passes the wall-clock time and the [`Directory`].
+
+use super::proto::flow::{
+    self, CiliumEventType, DropReason, Emitter, Endpoint, FlowType, IpVersion, Layer4,
+    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, layer4,
+};
+use crate::bpf::maps::{Direction, MetricReason};
+use crate::bpf::policy::{EventKind, EventVerdict, PolicyEvent, PolicyMatch};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use tendril_crds::facts::Reserved;
+use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity};
+
+/// Cilium's monitor message types (`flow.CiliumEventType.type`), which `hubble observe
+/// --type drop|policy-verdict` select.
+pub const MESSAGE_TYPE_DROP: i32 = 1;
+pub const MESSAGE_TYPE_POLICY_VERDICT: i32 = 5;
+
+/// Cilium's policy match types (`flow.Flow.policy_match_type`).
+const POLICY_MATCH_L3_ONLY: u32 = 1;
+const POLICY_MATCH_L3_L4: u32 = 2;
+
+/// What the node knows about one pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub pod_name: String,
+    pub identity: u32,
+    /// `source:key=value`, sorted.
+    pub labels: Vec<String>,
+}
+
+/// IP → pod and identity → labels, rebuilt from the caches when they change.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    pods: HashMap<IpAddr, Arc<PodInfo>>,
+    identities: HashMap<u32, Arc<Vec<String>>>,
+}
+
+/// `source:key=value` (a label with an empty value, such as `reserved:world`, as its key).
+fn label_strings<'a>(labels: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<String> {
+    let mut out: Vec<String> = labels
+        .map(|(k, v)| {
+            if v.is_empty() {
+                k.clone()
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+impl Directory {
+    pub fn build<'a>(
+        endpoints: impl IntoIterator<Item = &'a EndpointObject>,
+        identities: impl IntoIterator<Item = &'a Identity>,
+    ) -> Self {
+        let mut dir = Directory::default();
+        for ep in endpoints {
+            let info = Arc::new(PodInfo {
+                namespace: ep.metadata.namespace.clone().unwrap_or_default(),
+                pod_name: ep.metadata.name.clone().unwrap_or_default(),
+                identity: ep
+                    .spec
+                    .identity
+                    .and_then(|id| u32::try_from(id).ok())
+                    .unwrap_or(0),
+                labels: label_strings(ep.spec.security_labels.iter()),
+            });
+            for ip in &ep.spec.ips {
+                if let Ok(ip) = ip.parse() {
+                    dir.pods.insert(ip, info.clone());
+                }
+            }
+        }
+        for id in identities {
+            if let Ok(n) = u32::try_from(id.spec.id) {
+                dir.identities
+                    .insert(n, Arc::new(label_strings(id.spec.security_labels.iter())));
+            }
+        }
+        dir
+    }
+
+    /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
+    /// address is a known pod's, the identity's labels otherwise.
+    pub fn endpoint(&self, ip: Ipv4Addr, identity: u32, endpoint_id: u32) -> Endpoint {
+        if let Some(pod) = self.pods.get(&IpAddr::V4(ip)) {
+            return Endpoint {
+                id: endpoint_id,
+                identity: if identity == 0 {
+                    pod.identity
+                } else {
+                    identity
+                },
+                namespace: pod.namespace.clone(),
+                labels: pod.labels.clone(),
+                pod_name: pod.pod_name.clone(),
+                ..Endpoint::default()
+            };
+        }
+        let labels = self
+            .identities
+            .get(&identity)
+            .map(|l| l.as_ref().clone())
+            .or_else(|| {
+                Reserved::ALL
+                    .into_iter()
+                    .find(|r| r.id32() == identity)
+                    .map(|r| vec![format!("reserved:{}", r.name())])
+            })
+            .unwrap_or_default();
+        Endpoint {
+            id: endpoint_id,
+            identity,
+            labels,
+            ..Endpoint::default()
+        }
+    }
+}
+
+/// Tendril's drop reason → Hubble's (`flow.DropReason`).
+pub fn drop_reason(reason: MetricReason) -> DropReason {
+    match reason {
+        MetricReason::DropInvalidSource => DropReason::InvalidSourceIp,
+        MetricReason::DropInvalidPacket => DropReason::InvalidPacketDropped,
+        MetricReason::DropTtlExceeded => DropReason::TtlExceeded,
+        MetricReason::DropPolicy => DropReason::PolicyDenied,
+        MetricReason::DropPolicyDeny => DropReason::PolicyDeny,
+        MetricReason::DropNoTunnelDevice | MetricReason::DropNoTunnelEndpoint => {
+            DropReason::NoTunnelOrEncapsulationEndpoint
+        }
+        MetricReason::DropTunnelKey => DropReason::ErrorRetrievingTunnelKey,
+        MetricReason::DropIdentityTooLarge => DropReason::InvalidIdentity,
+        MetricReason::DropUnsupportedL3 => DropReason::UnsupportedL3Protocol,
+        MetricReason::DropLbNoBackend => DropReason::ServiceBackendNotFound,
+        MetricReason::DropLbSourceRange => DropReason::DeniedByLbSrcRangeCheck,
+        MetricReason::DropLbNoRoute => DropReason::FibLookupFailed,
+        MetricReason::DropLbNat => DropReason::NoMappingForNatMasquerade,
+        _ => DropReason::Unknown,
+    }
+}
+
+fn l4(event: &PolicyEvent) -> Option<Layer4> {
+    let (sport, dport) = (u32::from(event.sport), u32::from(event.dport));
+    let protocol = match event.protocol {
+        // The event carries no TCP flags (struct policy_event has no field for them).
+        6 => layer4::Protocol::Tcp(flow::Tcp {
+            source_port: sport,
+            destination_port: dport,
+            flags: None,
+        }),
+        17 => layer4::Protocol::Udp(flow::Udp {
+            source_port: sport,
+            destination_port: dport,
+        }),
+        132 => layer4::Protocol::Sctp(flow::Sctp {
+            source_port: sport,
+            destination_port: dport,
+        }),
+        1 => layer4::Protocol::IcmPv4(flow::IcmPv4::default()),
+        _ => return None,
+    };
+    Some(Layer4 {
+        protocol: Some(protocol),
+    })
+}
+
+/// One event as a Hubble flow. `time` is the event's wall-clock time, `uuid` its id.
+pub fn flow_of(
+    event: &PolicyEvent,
+    directory: &Directory,
+    node_name: &str,
+    time: prost_types::Timestamp,
+    uuid: String,
+) -> flow::Flow {
+    let is_policy = event.verdict.is_some();
+    let verdict = match (event.kind, event.verdict) {
+        (_, Some(EventVerdict::Audit)) => Verdict::Audit,
+        (EventKind::Drop, _) => Verdict::Dropped,
+        (EventKind::PolicyVerdict, Some(EventVerdict::Deny)) => Verdict::Dropped,
+        (EventKind::PolicyVerdict, _) => Verdict::Forwarded,
+    };
+    let reason = match (event.kind, verdict) {
+        (EventKind::Drop, _) | (_, Verdict::Dropped) => {
+            event.reason.map_or(DropReason::Unknown, drop_reason)
+        }
+        _ => DropReason::Unknown,
+    };
+    let direction = match event.direction {
+        Some(Direction::Ingress) => TrafficDirection::Ingress,
+        Some(Direction::Egress) => TrafficDirection::Egress,
+        _ => TrafficDirection::Unknown,
+    };
+    // The judged endpoint is the destination of ingress and the source of egress.
+    let local_id = u32::from(event.endpoint_id);
+    let (src_id, dst_id) = match direction {
+        TrafficDirection::Ingress => (0, local_id),
+        TrafficDirection::Egress => (local_id, 0),
+        TrafficDirection::Unknown => (0, 0),
+    };
+    let point = match (is_policy, direction) {
+        (true, TrafficDirection::Ingress) => TraceObservationPoint::ToEndpoint,
+        (true, TrafficDirection::Egress) => TraceObservationPoint::FromEndpoint,
+        _ => TraceObservationPoint::UnknownPoint,
+    };
+    let event_type = match event.kind {
+        EventKind::Drop => CiliumEventType {
+            r#type: MESSAGE_TYPE_DROP,
+            sub_type: i32::from(event.raw_reason),
+        },
+        EventKind::PolicyVerdict => CiliumEventType {
+            r#type: MESSAGE_TYPE_POLICY_VERDICT,
+            sub_type: 0,
+        },
+    };
+    let policy_match_type = match event.matched {
+        PolicyMatch::L3 => POLICY_MATCH_L3_ONLY,
+        PolicyMatch::L4 => POLICY_MATCH_L3_L4,
+        _ => 0,
+    };
+    flow::Flow {
+        time: Some(time),
+        uuid,
+        emitter: Some(Emitter {
+            name: "Tendril".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        verdict: verdict as i32,
+        drop_reason: if reason == DropReason::Unknown {
+            0
+        } else {
+            reason as u32
+        },
+        drop_reason_desc: reason as i32,
+        ip: Some(flow::Ip {
+            source: event.saddr.to_string(),
+            destination: event.daddr.to_string(),
+            ip_version: IpVersion::IPv4 as i32,
+            ..flow::Ip::default()
+        }),
+        l4: l4(event),
+        source: Some(directory.endpoint(event.saddr, event.src_identity, src_id)),
+        destination: Some(directory.endpoint(event.daddr, event.dst_identity, dst_id)),
+        r#type: FlowType::L3L4 as i32,
+        node_name: node_name.to_string(),
+        event_type: Some(event_type),
+        traffic_direction: direction as i32,
+        policy_match_type,
+        trace_observation_point: point as i32,
+        // Policy events are about the first packet of a connection (or one re-judged by
+        // conntrack): never a reply. Other drops do not say.
+        is_reply: is_policy.then_some(false),
+        interface: (event.ifindex != 0).then(|| NetworkInterface {
+            index: event.ifindex,
+            name: String::new(),
+        }),
+        ..flow::Flow::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tendril_crds::v1alpha1::{EndpointSpec, IdentitySpec};
+
+    fn event(
+        kind: EventKind,
+        verdict: Option<EventVerdict>,
+        reason: Option<MetricReason>,
+    ) -> PolicyEvent {
+        PolicyEvent {
+            ts_ns: 1,
+            kind,
+            reason,
+            raw_reason: reason.map_or(0, |r| r as u8),
+            direction: Some(Direction::Ingress),
+            protocol: 6,
+            verdict,
+            matched: PolicyMatch::L4,
+            endpoint_id: 7,
+            src_identity: 300,
+            dst_identity: 301,
+            saddr: Ipv4Addr::new(10, 0, 0, 1),
+            daddr: Ipv4Addr::new(10, 0, 1, 2),
+            sport: 40000,
+            dport: 80,
+            ifindex: 9,
+        }
+    }
+
+    fn directory() -> Directory {
+        let mut ep = EndpointObject::new(
+            "web-1",
+            EndpointSpec {
+                node: "n1".into(),
+                ips: vec!["10.0.1.2".into()],
+                security_labels: BTreeMap::from([
+                    ("k8s:app".into(), "web".into()),
+                    ("k8s:io.kubernetes.pod.namespace".into(), "demo".into()),
+                ]),
+                identity: Some(301),
+                ..EndpointSpec::default()
+            },
+        );
+        ep.metadata.namespace = Some("demo".into());
+        let id = Identity::new(
+            "300",
+            IdentitySpec {
+                id: 300,
+                security_labels: BTreeMap::from([("k8s:app".into(), "client".into())]),
+            },
+        );
+        Directory::build([&ep], [&id])
+    }
+
+    #[test]
+    fn a_denied_ingress_names_both_sides_and_the_reason() {
+        let ev = event(
+            EventKind::Drop,
+            Some(EventVerdict::Deny),
+            Some(MetricReason::DropPolicyDeny),
+        );
+        let flow = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert_eq!(flow.verdict, Verdict::Dropped as i32);
+        assert_eq!(flow.drop_reason_desc, DropReason::PolicyDeny as i32);
+        assert_eq!(flow.drop_reason, 181);
+        assert_eq!(flow.traffic_direction, TrafficDirection::Ingress as i32);
+        assert_eq!(
+            flow.trace_observation_point,
+            TraceObservationPoint::ToEndpoint as i32
+        );
+        assert_eq!(flow.event_type.unwrap().r#type, MESSAGE_TYPE_DROP);
+        assert_eq!(flow.is_reply, Some(false));
+        let dst = flow.destination.unwrap();
+        assert_eq!(
+            (dst.namespace.as_str(), dst.pod_name.as_str()),
+            ("demo", "web-1")
+        );
+        assert_eq!((dst.id, dst.identity), (7, 301));
+        assert_eq!(
+            dst.labels,
+            vec!["k8s:app=web", "k8s:io.kubernetes.pod.namespace=demo"]
+        );
+        // Not a known pod: named by its identity's labels.
+        let src = flow.source.unwrap();
+        assert_eq!((src.pod_name.as_str(), src.identity, src.id), ("", 300, 0));
+        assert_eq!(src.labels, vec!["k8s:app=client"]);
+        let Some(layer4::Protocol::Tcp(tcp)) = flow.l4.unwrap().protocol else {
+            panic!("not TCP")
+        };
+        assert_eq!((tcp.source_port, tcp.destination_port), (40000, 80));
+        assert_eq!(flow.node_name, "n1");
+    }
+
+    #[test]
+    fn verdicts_and_reserved_identities() {
+        let mut ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        ev.src_identity = Reserved::World.id32();
+        ev.saddr = Ipv4Addr::new(192, 0, 2, 1);
+        let flow = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert_eq!(flow.verdict, Verdict::Forwarded as i32);
+        assert_eq!(flow.drop_reason_desc, DropReason::Unknown as i32);
+        assert_eq!(flow.event_type.unwrap().r#type, MESSAGE_TYPE_POLICY_VERDICT);
+        assert_eq!(flow.source.unwrap().labels, vec!["reserved:world"]);
+        ev.verdict = Some(EventVerdict::Audit);
+        let audit = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert_eq!(audit.verdict, Verdict::Audit as i32);
+        // A drop outside policy: no verdict, no direction claim about replies.
+        let mut other = event(EventKind::Drop, None, Some(MetricReason::DropInvalidPacket));
+        other.protocol = 17;
+        let flow = flow_of(
+            &other,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert_eq!(flow.verdict, Verdict::Dropped as i32);
+        assert_eq!(
+            flow.drop_reason_desc,
+            DropReason::InvalidPacketDropped as i32
+        );
+        assert_eq!(flow.is_reply, None);
+        assert!(matches!(
+            flow.l4.unwrap().protocol,
+            Some(layer4::Protocol::Udp(_))
+        ));
+    }
+}
