@@ -1,0 +1,287 @@
+//! Issue 16: the real `hubble` CLI reads Tendril's flows.
+//!
+//! One dedicated plane, two simulated nodes (real operator, agents, CNI), `tendril-relay`
+//! over both agents' Observer APIs, and the `hubble` CLI built from its Go module by
+//! hack/hubble/build.sh (cached in ~/.cache/tendril/tools/bin; the test does not build it).
+//! Pods: `web` (node 1, TCP echo on 8080) behind a Kubernetes NetworkPolicy that admits TCP
+//! 8080 from `app=client` pods of its own namespace only; `client` and `intruder` (node 0)
+//! in the same namespace, and `client` in a second namespace. Real traffic: client → web
+//! (allowed), intruder → web and other/client → web (denied by the policy), client pings
+//! web (ICMP: denied too).
+//!
+//! Checked through the relay with the CLI: `hubble status` is healthy with both nodes
+//! connected; `hubble observe -o json` with `--pod`, `--namespace`, `--verdict DROPPED`,
+//! `--port`, `--last N`, `--protocol` returns exactly the flows that match (each checked
+//! field by field) and the denied connections show verdict DROPPED, drop reason
+//! POLICY_DENIED, direction INGRESS, both pods named. Needs root.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
+use tendril_e2e::traffic::EchoServer;
+use tendril_e2e::{ControlPlane, Process, TestEnv, eventually};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const PORT: u16 = 8080;
+
+fn hubble_bin() -> Result<PathBuf> {
+    let path = std::env::var_os("TENDRIL_HUBBLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tendril_e2e::cache_dir().join("tools/bin/hubble"));
+    ensure!(
+        path.exists(),
+        "{} is missing: build it once with hack/hubble/build.sh (hack/test.sh does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn labels(app: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app".to_string(), app.to_string())])
+}
+
+/// Runs the hubble CLI against `server`; its stdout.
+async fn hubble(server: &str, args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(hubble_bin()?)
+        .args(args)
+        .args(["--server", server, "--timeout", "10s"])
+        .env("HUBBLE_CONFIG", "/dev/null")
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "hubble {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// `hubble observe -o json ARGS`: the flows (other answers such as node status skipped).
+async fn observe(server: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let mut all = vec!["observe", "-o", "json"];
+    all.extend_from_slice(args);
+    let out = hubble(server, &all).await?;
+    let mut flows = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        if let Some(flow) = v.get("flow") {
+            flows.push(flow.clone());
+        }
+    }
+    Ok(flows)
+}
+
+fn s<'a>(flow: &'a Value, path: &[&str]) -> &'a str {
+    let mut v = flow;
+    for key in path {
+        v = &v[*key];
+    }
+    v.as_str().unwrap_or("")
+}
+
+fn ports(flow: &Value) -> (u64, u64) {
+    let tcp = &flow["l4"]["TCP"];
+    (
+        tcp["source_port"].as_u64().unwrap_or(0),
+        tcp["destination_port"].as_u64().unwrap_or(0),
+    )
+}
+
+fn describe(flow: &Value) -> String {
+    format!(
+        "{}/{} -> {}/{} {} {} {:?}",
+        s(flow, &["source", "namespace"]),
+        s(flow, &["source", "pod_name"]),
+        s(flow, &["destination", "namespace"]),
+        s(flow, &["destination", "pod_name"]),
+        s(flow, &["verdict"]),
+        s(flow, &["drop_reason_desc"]),
+        ports(flow)
+    )
+}
+
+/// A TCP connect from `pod` to `ip:PORT`: whether it was accepted within a second.
+async fn connect(pod: &SimPod, ip: IpAddr) -> Result<bool> {
+    let out = pod
+        .exec(&["nc", "-z", "-w", "1", &ip.to_string(), &PORT.to_string()])
+        .await?;
+    Ok(out.status.success())
+}
+
+#[tokio::test]
+async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
+    let plane = ControlPlane::dedicated("flows-hubble").await?;
+    let env = TestEnv::on(plane.clone()).await?;
+    let other = TestEnv::on(plane.clone()).await?;
+    let client = env.client();
+    let cluster = SimCluster::start(&env, SimClusterConfig::default()).await?;
+    let (ns, other_ns) = (env.namespace().to_string(), other.namespace().to_string());
+    let (n0, n1) = (cluster.nodes[0].handle(), cluster.nodes[1].handle());
+    let web = SimPod::run(&client, n1, &ns, "web", &labels("web")).await?;
+    let allowed = SimPod::run(&client, n0, &ns, "client", &labels("client")).await?;
+    let intruder = SimPod::run(&client, n0, &ns, "intruder", &labels("intruder")).await?;
+    let outsider = SimPod::run(&client, n0, &other_ns, "client", &labels("client")).await?;
+    for pod in [&web, &allowed, &intruder, &outsider] {
+        pod.wait_realized(&client, TIMEOUT).await?;
+    }
+    let _echo = EchoServer::start(&web.sandbox.netns, PORT)?;
+    let web_ip = web.ips[0];
+
+    env.apply_yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: web-from-clients, namespace: {ns}}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n  \
+         ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    \
+         ports: [{{protocol: TCP, port: {PORT}}}]\n"
+    ))
+    .await?;
+    // Enforced once the intruder is refused while the client still gets through.
+    eventually(TIMEOUT, || async {
+        ensure!(connect(&allowed, web_ip).await?, "client refused");
+        ensure!(!connect(&intruder, web_ip).await?, "intruder still admitted");
+        Ok(())
+    })
+    .await?;
+    for _ in 0..3 {
+        ensure!(connect(&allowed, web_ip).await?, "client refused");
+        ensure!(!connect(&intruder, web_ip).await?, "intruder admitted");
+        ensure!(!connect(&outsider, web_ip).await?, "other namespace admitted");
+    }
+    ensure!(!allowed.ping(web_ip).await?, "ping is not admitted by the policy");
+
+    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let server = format!("127.0.0.1:{relay_port}");
+    let mut relay = Process::builder("tendril-relay")
+        .arg("--listen")
+        .arg(&server);
+    for node in &cluster.nodes {
+        relay = relay
+            .arg("--peer")
+            .arg(format!("127.0.0.1:{}", node.observer_port));
+    }
+    let _relay = relay.env("RUST_LOG", "info").spawn()?;
+
+    // hubble status: healthy, both nodes connected, flows seen.
+    let status = eventually(TIMEOUT, || async {
+        let out = hubble(&server, &["status"]).await?;
+        ensure!(out.contains("Healthcheck (via"), "{out}");
+        ensure!(out.contains("Connected Nodes: 2/2"), "{out}");
+        Ok(out)
+    })
+    .await?;
+    println!("hubble status:\n{status}");
+
+    // The denied flows reached the relay: wait for them before checking filters.
+    let pod_web = format!("{ns}/web");
+    let dropped = eventually(TIMEOUT, || async {
+        let flows = observe(&server, &["--last", "1000", "--verdict", "DROPPED"]).await?;
+        let from = |who: &str, pod: &str| {
+            flows.iter().any(|f| {
+                s(f, &["source", "namespace"]) == who
+                    && s(f, &["source", "pod_name"]) == pod
+                    && ports(f).1 == u64::from(PORT)
+            })
+        };
+        ensure!(from(&ns, "intruder") && from(&other_ns, "client"), "not yet: {flows:?}");
+        Ok(flows)
+    })
+    .await?;
+    for f in &dropped {
+        ensure!(s(f, &["verdict"]) == "DROPPED", "--verdict DROPPED gave {}", describe(f));
+    }
+    let denied: Vec<&Value> = dropped
+        .iter()
+        .filter(|f| s(f, &["source", "pod_name"]) == "intruder")
+        .collect();
+    for f in &denied {
+        ensure!(
+            s(f, &["drop_reason_desc"]) == "POLICY_DENIED"
+                && s(f, &["traffic_direction"]) == "INGRESS"
+                && s(f, &["destination", "pod_name"]) == "web"
+                && s(f, &["destination", "namespace"]) == ns
+                && s(f, &["node_name"]) == cluster.nodes[1].name
+                && s(f, &["IP", "destination"]) == web_ip.to_string()
+                && f["source"]["labels"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|l| l == "k8s:app=intruder")),
+            "a denied connection: {f}"
+        );
+    }
+    println!("dropped by the policy: {}", describe(denied[0]));
+
+    // --pod NS/web: every flow has web on one side; allowed and denied ones are there.
+    let flows = observe(&server, &["--last", "1000", "--pod", &pod_web]).await?;
+    ensure!(
+        flows.iter().all(|f| (s(f, &["source", "pod_name"]) == "web"
+            && s(f, &["source", "namespace"]) == ns)
+            || (s(f, &["destination", "pod_name"]) == "web"
+                && s(f, &["destination", "namespace"]) == ns)),
+        "--pod {pod_web}: {:?}",
+        flows.iter().map(describe).collect::<Vec<_>>()
+    );
+    ensure!(
+        flows.iter().any(|f| s(f, &["verdict"]) == "FORWARDED"
+            && s(f, &["source", "pod_name"]) == "client"
+            && s(f, &["source", "namespace"]) == ns),
+        "--pod {pod_web} lacks the allowed connection: {:?}",
+        flows.iter().map(describe).collect::<Vec<_>>()
+    );
+    ensure!(flows.iter().any(|f| s(f, &["verdict"]) == "DROPPED"));
+
+    // --namespace OTHER: only flows with that namespace on one side.
+    let flows = observe(&server, &["--last", "1000", "--namespace", &other_ns]).await?;
+    ensure!(!flows.is_empty(), "--namespace {other_ns}: nothing");
+    ensure!(
+        flows.iter().all(|f| s(f, &["source", "namespace"]) == other_ns
+            || s(f, &["destination", "namespace"]) == other_ns),
+        "--namespace {other_ns}: {:?}",
+        flows.iter().map(describe).collect::<Vec<_>>()
+    );
+
+    // --port 8080: the TCP flows on that port, never the pings.
+    let flows = observe(&server, &["--last", "1000", "--port", "8080"]).await?;
+    ensure!(!flows.is_empty(), "--port 8080: nothing");
+    ensure!(
+        flows.iter().all(|f| ports(f).0 == 8080 || ports(f).1 == 8080),
+        "--port 8080: {:?}",
+        flows.iter().map(describe).collect::<Vec<_>>()
+    );
+    let icmp = observe(&server, &["--last", "1000", "--protocol", "icmp"]).await?;
+    ensure!(!icmp.is_empty(), "the denied ping is a flow too");
+    ensure!(icmp.iter().all(|f| f["l4"].get("ICMPv4").is_some()), "--protocol icmp: {icmp:?}");
+
+    // --last N: exactly N, the newest, in time order.
+    let all = observe(&server, &["--last", "1000"]).await?;
+    ensure!(all.len() > 3, "only {} flows", all.len());
+    let last3 = observe(&server, &["--last", "3"]).await?;
+    ensure!(last3.len() == 3, "--last 3 gave {}", last3.len());
+    let times: Vec<&str> = all.iter().map(|f| s(f, &["time"])).collect();
+    ensure!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "flows of both nodes come in time order"
+    );
+    ensure!(
+        last3.iter().map(|f| s(f, &["uuid"])).collect::<Vec<_>>()
+            == all[all.len() - 3..].iter().map(|f| s(f, &["uuid"])).collect::<Vec<_>>(),
+        "--last 3 is not the newest three"
+    );
+    // Both nodes' flows are merged by the relay.
+    let nodes: std::collections::BTreeSet<&str> = all.iter().map(|f| s(f, &["node_name"])).collect();
+    ensure!(nodes.len() == 2, "flows from nodes {nodes:?}");
+
+    // The agent itself speaks the same API.
+    let direct = format!("127.0.0.1:{}", cluster.nodes[1].observer_port);
+    let flows = observe(&direct, &["--last", "5", "--verdict", "DROPPED"]).await?;
+    ensure!(!flows.is_empty() && flows.len() <= 5, "agent: {} flows", flows.len());
+    if flows.iter().any(|f| s(f, &["node_name"]) != cluster.nodes[1].name) {
+        bail!("the agent of node 1 answered with another node's flows");
+    }
+    drop(other);
+    Ok(())
+}
