@@ -275,6 +275,57 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     let nodes: std::collections::BTreeSet<&str> = all.iter().map(|f| s(f, &["node_name"])).collect();
     ensure!(nodes.len() == 2, "flows from nodes {nodes:?}");
 
+    // The default (compact) output a person reads: one line per flow, with the verdict.
+    let compact = hubble(&server, &["observe", "--last", "4", "--verdict", "DROPPED"]).await?;
+    println!("hubble observe --last 4 --verdict DROPPED:\n{compact}");
+    ensure!(
+        compact.lines().filter(|l| l.contains("DROPPED")).count() == 4,
+        "compact output: {compact}"
+    );
+
+    // --follow: a new denied connection shows up while the CLI follows.
+    let mut follower = tokio::process::Command::new(hubble_bin()?)
+        .args(["observe", "--follow", "-o", "json", "--pod", &format!("{ns}/intruder")])
+        .args(["--server", &server])
+        .env("HUBBLE_CONFIG", "/dev/null")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        follower.stdout.take().context("stdout")?,
+    ));
+    let seen_before: std::collections::BTreeSet<String> =
+        all.iter().map(|f| s(f, &["uuid"]).to_string()).collect();
+    let followed = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            tokio::select! {
+                line = lines.next_line() => {
+                    let line = line?.context("hubble observe --follow ended")?;
+                    let v: Value = serde_json::from_str(&line)?;
+                    let Some(flow) = v.get("flow") else { continue };
+                    // The intruder's connection passes its own egress (FORWARDED on node 0)
+                    // and is dropped at web's ingress (node 1): wait for the drop.
+                    if !seen_before.contains(s(flow, &["uuid"]))
+                        && s(flow, &["verdict"]) == "DROPPED"
+                    {
+                        return anyhow::Ok(flow.clone());
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    ensure!(!connect(&intruder, web_ip).await?, "intruder admitted");
+                }
+            }
+        }
+    })
+    .await
+    .context("no new flow while following")??;
+    ensure!(
+        s(&followed, &["source", "pod_name"]) == "intruder" && s(&followed, &["verdict"]) == "DROPPED",
+        "followed: {followed}"
+    );
+    drop(follower);
+
     // The agent itself speaks the same API.
     let direct = format!("127.0.0.1:{}", cluster.nodes[1].observer_port);
     let flows = observe(&direct, &["--last", "5", "--verdict", "DROPPED"]).await?;
