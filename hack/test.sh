@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2 (and what .ci/run runs): every check and every test, unit and integration.
 #
-#   prerequisites → control-plane build (cached) → cargo fmt --check → clippy -D warnings →
+#   prerequisites → control-plane build (cached) → hubble CLI build (cached, for the flows
+#   e2e test) → cargo fmt --check → clippy -D warnings →
 #   cargo build of the binaries (the e2e tests spawn them) → [the hack/up.sh cluster, when
 #   TENDRIL_TEST_BESIDE_LOCAL_CLUSTER=1] → tilt ci → CRD manifests up to date →
 #   cargo test --workspace (the e2e tests start their own control plane in
@@ -107,7 +108,8 @@ summary() {
 
 # Without prerequisites and the control plane nothing else is meaningful.
 if ! step "prerequisites" bash hack/install-prereqs.sh ||
-  ! step "control-plane build" bash hack/control-plane.sh build; then
+  ! step "control-plane build" bash hack/control-plane.sh build ||
+  ! step "hubble CLI build" bash hack/hubble/build.sh; then
   summary
   exit 1
 fi

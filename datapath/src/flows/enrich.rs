@@ -211,9 +211,14 @@ pub fn flow_of(
         _ => TraceObservationPoint::UnknownPoint,
     };
     let event_type = match event.kind {
+        // The sub type of a drop is its reason in Cilium's numbering (what the CLI prints).
         EventKind::Drop => CiliumEventType {
             r#type: MESSAGE_TYPE_DROP,
-            sub_type: i32::from(event.raw_reason),
+            sub_type: if reason == DropReason::Unknown {
+                i32::from(event.raw_reason)
+            } else {
+                reason as i32
+            },
         },
         EventKind::PolicyVerdict => CiliumEventType {
             r#type: MESSAGE_TYPE_POLICY_VERDICT,
@@ -343,7 +348,8 @@ mod tests {
             flow.trace_observation_point,
             TraceObservationPoint::ToEndpoint as i32
         );
-        assert_eq!(flow.event_type.unwrap().r#type, MESSAGE_TYPE_DROP);
+        let event_type = flow.event_type.unwrap();
+        assert_eq!((event_type.r#type, event_type.sub_type), (MESSAGE_TYPE_DROP, 181));
         assert_eq!(flow.is_reply, Some(false));
         let dst = flow.destination.unwrap();
         assert_eq!(
