@@ -336,3 +336,62 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     drop(other);
     Ok(())
 }
+
+/// The kustomize base deploys the relay in front of the agents' Observer APIs: the agent
+/// Service's port is the one config/agent.yaml binds, the relay finds the agents through
+/// it, answers gRPC health probes, and has no access to the Kubernetes API at all.
+#[tokio::test]
+async fn kustomize_base_deploys_the_relay_without_api_access() -> Result<()> {
+    let out = tokio::process::Command::new(tendril_e2e::k8s_bin_dir().join("kubectl"))
+        .arg("kustomize")
+        .arg(tendril_e2e::repo_root().join("deploy/kustomize/base"))
+        .output()
+        .await?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<Value> = serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout)?)?;
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .with_context(|| format!("no {kind}/{name}"))
+    };
+    let agent_config: Value = serde_saphyr::from_str(&std::fs::read_to_string(
+        tendril_e2e::repo_root().join("config/agent.yaml"),
+    )?)?;
+    let bind = agent_config["flows"]["observer"]["bindAddress"]
+        .as_str()
+        .unwrap_or_default();
+    let observer_port: u64 = bind.rsplit_once(':').context("bindAddress")?.1.parse()?;
+    let svc = find("Service", "tendril-agent-observer")?;
+    ensure!(svc["spec"]["clusterIP"] == "None", "headless: one address per agent");
+    ensure!(svc["spec"]["ports"][0]["port"] == observer_port);
+    let ds = find("DaemonSet", "tendril-agent")?;
+    let agent_ports = &ds["spec"]["template"]["spec"]["containers"][0]["ports"];
+    ensure!(
+        agent_ports
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "observer" && p["containerPort"] == observer_port)),
+        "agent ports: {agent_ports}"
+    );
+    let relay = find("Deployment", "tendril-relay")?;
+    let pod = &relay["spec"]["template"]["spec"];
+    ensure!(pod["serviceAccountName"] == "tendril-relay");
+    ensure!(pod["automountServiceAccountToken"] == false);
+    ensure!(pod["securityContext"]["runAsNonRoot"] == true);
+    let c = &pod["containers"][0];
+    ensure!(c["command"][0] == "/usr/bin/tendril-relay");
+    let args: Vec<&str> = c["args"].as_array().context("args")?.iter().filter_map(Value::as_str).collect();
+    ensure!(
+        args.contains(&format!("--peer-service=tendril-agent-observer.$(POD_NAMESPACE).svc:{observer_port}").as_str()),
+        "relay args: {args:?}"
+    );
+    ensure!(c["readinessProbe"]["grpc"]["port"] == 4245 && c["securityContext"]["readOnlyRootFilesystem"] == true);
+    ensure!(find("Service", "tendril-relay")?["spec"]["ports"][0]["port"] == 4245);
+    ensure!(find("ServiceAccount", "tendril-relay")?["automountServiceAccountToken"] == false);
+    for d in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
+        ensure!(
+            !d["subjects"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "tendril-relay")),
+            "the relay is bound to a role: {d}"
+        );
+    }
+    Ok(())
+}
