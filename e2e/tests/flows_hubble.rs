@@ -144,18 +144,29 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     // Enforced once the intruder is refused while the client still gets through.
     eventually(TIMEOUT, || async {
         ensure!(connect(&allowed, web_ip).await?, "client refused");
-        ensure!(!connect(&intruder, web_ip).await?, "intruder still admitted");
+        ensure!(
+            !connect(&intruder, web_ip).await?,
+            "intruder still admitted"
+        );
         Ok(())
     })
     .await?;
     for _ in 0..3 {
         ensure!(connect(&allowed, web_ip).await?, "client refused");
         ensure!(!connect(&intruder, web_ip).await?, "intruder admitted");
-        ensure!(!connect(&outsider, web_ip).await?, "other namespace admitted");
+        ensure!(
+            !connect(&outsider, web_ip).await?,
+            "other namespace admitted"
+        );
     }
-    ensure!(!allowed.ping(web_ip).await?, "ping is not admitted by the policy");
+    ensure!(
+        !allowed.ping(web_ip).await?,
+        "ping is not admitted by the policy"
+    );
 
-    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let relay_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let server = format!("127.0.0.1:{relay_port}");
     let mut relay = Process::builder("tendril-relay")
         .arg("--listen")
@@ -188,12 +199,19 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
                     && ports(f).1 == u64::from(PORT)
             })
         };
-        ensure!(from(&ns, "intruder") && from(&other_ns, "client"), "not yet: {flows:?}");
+        ensure!(
+            from(&ns, "intruder") && from(&other_ns, "client"),
+            "not yet: {flows:?}"
+        );
         Ok(flows)
     })
     .await?;
     for f in &dropped {
-        ensure!(s(f, &["verdict"]) == "DROPPED", "--verdict DROPPED gave {}", describe(f));
+        ensure!(
+            s(f, &["verdict"]) == "DROPPED",
+            "--verdict DROPPED gave {}",
+            describe(f)
+        );
     }
     let denied: Vec<&Value> = dropped
         .iter()
@@ -238,8 +256,10 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     let flows = observe(&server, &["--last", "1000", "--namespace", &other_ns]).await?;
     ensure!(!flows.is_empty(), "--namespace {other_ns}: nothing");
     ensure!(
-        flows.iter().all(|f| s(f, &["source", "namespace"]) == other_ns
-            || s(f, &["destination", "namespace"]) == other_ns),
+        flows
+            .iter()
+            .all(|f| s(f, &["source", "namespace"]) == other_ns
+                || s(f, &["destination", "namespace"]) == other_ns),
         "--namespace {other_ns}: {:?}",
         flows.iter().map(describe).collect::<Vec<_>>()
     );
@@ -248,13 +268,18 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     let flows = observe(&server, &["--last", "1000", "--port", "8080"]).await?;
     ensure!(!flows.is_empty(), "--port 8080: nothing");
     ensure!(
-        flows.iter().all(|f| ports(f).0 == 8080 || ports(f).1 == 8080),
+        flows
+            .iter()
+            .all(|f| ports(f).0 == 8080 || ports(f).1 == 8080),
         "--port 8080: {:?}",
         flows.iter().map(describe).collect::<Vec<_>>()
     );
     let icmp = observe(&server, &["--last", "1000", "--protocol", "icmp"]).await?;
     ensure!(!icmp.is_empty(), "the denied ping is a flow too");
-    ensure!(icmp.iter().all(|f| f["l4"].get("ICMPv4").is_some()), "--protocol icmp: {icmp:?}");
+    ensure!(
+        icmp.iter().all(|f| f["l4"].get("ICMPv4").is_some()),
+        "--protocol icmp: {icmp:?}"
+    );
 
     // --last N: exactly N, the newest, in time order.
     let all = observe(&server, &["--last", "1000"]).await?;
@@ -268,11 +293,15 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     );
     ensure!(
         last3.iter().map(|f| s(f, &["uuid"])).collect::<Vec<_>>()
-            == all[all.len() - 3..].iter().map(|f| s(f, &["uuid"])).collect::<Vec<_>>(),
+            == all[all.len() - 3..]
+                .iter()
+                .map(|f| s(f, &["uuid"]))
+                .collect::<Vec<_>>(),
         "--last 3 is not the newest three"
     );
     // Both nodes' flows are merged by the relay.
-    let nodes: std::collections::BTreeSet<&str> = all.iter().map(|f| s(f, &["node_name"])).collect();
+    let nodes: std::collections::BTreeSet<&str> =
+        all.iter().map(|f| s(f, &["node_name"])).collect();
     ensure!(nodes.len() == 2, "flows from nodes {nodes:?}");
 
     // The default (compact) output a person reads: one line per flow, with the verdict.
@@ -285,7 +314,14 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
 
     // --follow: a new denied connection shows up while the CLI follows.
     let mut follower = tokio::process::Command::new(hubble_bin()?)
-        .args(["observe", "--follow", "-o", "json", "--pod", &format!("{ns}/intruder")])
+        .args([
+            "observe",
+            "--follow",
+            "-o",
+            "json",
+            "--pod",
+            &format!("{ns}/intruder"),
+        ])
         .args(["--server", &server])
         .env("HUBBLE_CONFIG", "/dev/null")
         .stdout(std::process::Stdio::piped())
@@ -321,7 +357,8 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     .await
     .context("no new flow while following")??;
     ensure!(
-        s(&followed, &["source", "pod_name"]) == "intruder" && s(&followed, &["verdict"]) == "DROPPED",
+        s(&followed, &["source", "pod_name"]) == "intruder"
+            && s(&followed, &["verdict"]) == "DROPPED",
         "followed: {followed}"
     );
     drop(follower);
@@ -329,8 +366,15 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     // The agent itself speaks the same API.
     let direct = format!("127.0.0.1:{}", cluster.nodes[1].observer_port);
     let flows = observe(&direct, &["--last", "5", "--verdict", "DROPPED"]).await?;
-    ensure!(!flows.is_empty() && flows.len() <= 5, "agent: {} flows", flows.len());
-    if flows.iter().any(|f| s(f, &["node_name"]) != cluster.nodes[1].name) {
+    ensure!(
+        !flows.is_empty() && flows.len() <= 5,
+        "agent: {} flows",
+        flows.len()
+    );
+    if flows
+        .iter()
+        .any(|f| s(f, &["node_name"]) != cluster.nodes[1].name)
+    {
         bail!("the agent of node 1 answered with another node's flows");
     }
     drop(other);
@@ -347,7 +391,11 @@ async fn kustomize_base_deploys_the_relay_without_api_access() -> Result<()> {
         .arg(tendril_e2e::repo_root().join("deploy/kustomize/base"))
         .output()
         .await?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let docs: Vec<Value> = serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout)?)?;
     let find = |kind: &str, name: &str| {
         docs.iter()
@@ -362,14 +410,17 @@ async fn kustomize_base_deploys_the_relay_without_api_access() -> Result<()> {
         .unwrap_or_default();
     let observer_port: u64 = bind.rsplit_once(':').context("bindAddress")?.1.parse()?;
     let svc = find("Service", "tendril-agent-observer")?;
-    ensure!(svc["spec"]["clusterIP"] == "None", "headless: one address per agent");
+    ensure!(
+        svc["spec"]["clusterIP"] == "None",
+        "headless: one address per agent"
+    );
     ensure!(svc["spec"]["ports"][0]["port"] == observer_port);
     let ds = find("DaemonSet", "tendril-agent")?;
     let agent_ports = &ds["spec"]["template"]["spec"]["containers"][0]["ports"];
     ensure!(
-        agent_ports
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == "observer" && p["containerPort"] == observer_port)),
+        agent_ports.as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["name"] == "observer" && p["containerPort"] == observer_port)),
         "agent ports: {agent_ports}"
     );
     let relay = find("Deployment", "tendril-relay")?;
@@ -379,17 +430,33 @@ async fn kustomize_base_deploys_the_relay_without_api_access() -> Result<()> {
     ensure!(pod["securityContext"]["runAsNonRoot"] == true);
     let c = &pod["containers"][0];
     ensure!(c["command"][0] == "/usr/bin/tendril-relay");
-    let args: Vec<&str> = c["args"].as_array().context("args")?.iter().filter_map(Value::as_str).collect();
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     ensure!(
-        args.contains(&format!("--peer-service=tendril-agent-observer.$(POD_NAMESPACE).svc:{observer_port}").as_str()),
+        args.contains(
+            &format!("--peer-service=tendril-agent-observer.$(POD_NAMESPACE).svc:{observer_port}")
+                .as_str()
+        ),
         "relay args: {args:?}"
     );
-    ensure!(c["readinessProbe"]["grpc"]["port"] == 4245 && c["securityContext"]["readOnlyRootFilesystem"] == true);
+    ensure!(
+        c["readinessProbe"]["grpc"]["port"] == 4245
+            && c["securityContext"]["readOnlyRootFilesystem"] == true
+    );
     ensure!(find("Service", "tendril-relay")?["spec"]["ports"][0]["port"] == 4245);
     ensure!(find("ServiceAccount", "tendril-relay")?["automountServiceAccountToken"] == false);
-    for d in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding")
+    {
         ensure!(
-            !d["subjects"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "tendril-relay")),
+            !d["subjects"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "tendril-relay")),
             "the relay is bound to a role: {d}"
         );
     }

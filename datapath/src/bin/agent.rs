@@ -269,15 +269,23 @@ async fn start_flows(
             .context("flows.observer.bindAddress")?;
         let observer =
             flows::observer::AgentObserver::new(ring, config.node_name.clone(), flow_metrics);
-        let (bound, server) = flows::observer::serve(addr, observer, shutdown)
-            .await
-            .with_context(|| format!("binding the Observer API on {addr}"))?;
-        info!(%bound, "serving Hubble's Observer API");
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                error!(error = %e, "the Observer API stopped");
+        // Flows are for people: an address in use costs the API, never the datapath.
+        match flows::observer::serve(addr, observer, shutdown).await {
+            Ok((bound, server)) => {
+                info!(%bound, "serving Hubble's Observer API");
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "the Observer API stopped");
+                    }
+                });
             }
-        });
+            Err(e) => error!(
+                error = %e,
+                %addr,
+                "the Observer API is not served: binding failed (flows.observer.bindAddress, \
+                 --observer-bind); flows are still recorded"
+            ),
+        }
     }
     Ok(Some(sink))
 }

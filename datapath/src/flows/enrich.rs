@@ -349,7 +349,10 @@ mod tests {
             TraceObservationPoint::ToEndpoint as i32
         );
         let event_type = flow.event_type.unwrap();
-        assert_eq!((event_type.r#type, event_type.sub_type), (MESSAGE_TYPE_DROP, 181));
+        assert_eq!(
+            (event_type.r#type, event_type.sub_type),
+            (MESSAGE_TYPE_DROP, 181)
+        );
         assert_eq!(flow.is_reply, Some(false));
         let dst = flow.destination.unwrap();
         assert_eq!(
