@@ -87,7 +87,7 @@ fn directory() -> Directory {
 }
 
 fn event(n: u64) -> PolicyEvent {
-    let drop = n % 10 == 0;
+    let drop = n.is_multiple_of(10);
     PolicyEvent {
         ts_ns: monotonic_now_ns(),
         kind: if drop {
@@ -162,7 +162,7 @@ async fn flow_pipeline_under_synthetic_load() {
                     Some(ResponseTypes::Flow(_)) => {
                         flows += 1;
                         received[0].fetch_add(1, Ordering::Relaxed);
-                        if flows % 100 == 0 {
+                        if flows.is_multiple_of(100) {
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }

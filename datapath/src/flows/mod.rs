@@ -16,7 +16,7 @@
 //!   `hubble.server.Observer`.
 //! - [`relay`]: the same API over every agent: GetFlows merged in time order, ServerStatus
 //!   summed, GetNodes (binary `tendril-relay`).
-//! - [`metrics`]: `tendril_flows_*`.
+//! - [`metrics`]: the `tendril_flows_*` metrics.
 //!
 //! The wire contract is in `proto/hubble/*.proto`, written from Hubble's published API
 //! reference (field numbers as documented).
