@@ -251,6 +251,24 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
         flows.iter().map(describe).collect::<Vec<_>>()
     );
     ensure!(flows.iter().any(|f| s(f, &["verdict"]) == "DROPPED"));
+    // The allowed connection at web's ingress names the policy that admitted it (the
+    // newest: the first ones may predate the policy).
+    let admitted = flows
+        .iter()
+        .rev()
+        .find(|f| {
+            s(f, &["verdict"]) == "FORWARDED"
+                && s(f, &["traffic_direction"]) == "INGRESS"
+                && s(f, &["source", "pod_name"]) == "client"
+                && s(f, &["source", "namespace"]) == ns
+        })
+        .context("no allowed flow at web's ingress")?;
+    ensure!(
+        admitted["ingress_allowed_by"][0]["name"] == "web-from-clients"
+            && admitted["ingress_allowed_by"][0]["namespace"] == ns.as_str()
+            && admitted["policy_match_type"] == 2,
+        "ingress_allowed_by: {admitted}"
+    );
 
     // --namespace OTHER: only flows with that namespace on one side.
     let flows = observe(&server, &["--last", "1000", "--namespace", &other_ns]).await?;

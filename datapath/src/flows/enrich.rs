@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use tendril_crds::facts::Reserved;
-use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity};
+use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity, ResolvedPolicy};
 
 /// Cilium's monitor message types (`flow.CiliumEventType.type`), which `hubble observe
 /// --type drop|policy-verdict` select.
@@ -34,11 +34,13 @@ pub struct PodInfo {
     pub labels: Vec<String>,
 }
 
-/// IP → pod and identity → labels, rebuilt from the caches when they change.
+/// IP → pod, identity → labels, and identity → the one policy that decides its traffic
+/// (when exactly one does), rebuilt from the caches when they change.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     pods: HashMap<IpAddr, Arc<PodInfo>>,
     identities: HashMap<u32, Arc<Vec<String>>>,
+    sole_policy: HashMap<u32, flow::Policy>,
 }
 
 /// `source:key=value` (a label with an empty value, such as `reserved:world`, as its key).
@@ -57,6 +59,40 @@ fn label_strings<'a>(labels: impl Iterator<Item = (&'a String, &'a String)>) -> 
 }
 
 impl Directory {
+    /// The sole policy of each identity whose `ResolvedPolicy` comes from exactly one
+    /// source: then a rule's verdict is that policy's. (The resolved entries do not say
+    /// which source each came from, so with several sources no policy is named.)
+    pub fn with_policies<'a>(
+        mut self,
+        policies: impl IntoIterator<Item = &'a ResolvedPolicy>,
+    ) -> Self {
+        for rp in policies {
+            if let ([source], Ok(id)) =
+                (rp.spec.sources.as_slice(), u32::try_from(rp.spec.identity))
+            {
+                self.sole_policy.insert(
+                    id,
+                    flow::Policy {
+                        name: source.name.clone(),
+                        namespace: source.namespace.clone().unwrap_or_default(),
+                        kind: source.kind.as_str().into(),
+                        revision: source
+                            .generation
+                            .and_then(|g| u64::try_from(g).ok())
+                            .unwrap_or(0),
+                        labels: Vec::new(),
+                    },
+                );
+            }
+        }
+        self
+    }
+
+    /// The one policy deciding `identity`'s traffic, if exactly one does.
+    pub fn sole_policy(&self, identity: u32) -> Option<&flow::Policy> {
+        self.sole_policy.get(&identity)
+    }
+
     pub fn build<'a>(
         endpoints: impl IntoIterator<Item = &'a EndpointObject>,
         identities: impl IntoIterator<Item = &'a Identity>,
@@ -230,6 +266,29 @@ pub fn flow_of(
         PolicyMatch::L4 => POLICY_MATCH_L3_L4,
         _ => 0,
     };
+    // The policy whose rule decided (an allow rule, or a deny rule: POLICY_DENY), when the
+    // judged endpoint's identity has exactly one. A default deny is no rule's doing.
+    let subject = match direction {
+        TrafficDirection::Ingress => event.dst_identity,
+        _ => event.src_identity,
+    };
+    let by_rule = matches!(event.matched, PolicyMatch::L3 | PolicyMatch::L4);
+    let decided_by: Vec<flow::Policy> = directory
+        .sole_policy(subject)
+        .filter(|_| is_policy && by_rule)
+        .cloned()
+        .into_iter()
+        .collect();
+    let denied = verdict == Verdict::Dropped || event.verdict == Some(EventVerdict::Audit);
+    let (mut ingress_allowed_by, mut ingress_denied_by) = (Vec::new(), Vec::new());
+    let (mut egress_allowed_by, mut egress_denied_by) = (Vec::new(), Vec::new());
+    match (direction, denied) {
+        (TrafficDirection::Ingress, false) => ingress_allowed_by = decided_by,
+        (TrafficDirection::Ingress, true) => ingress_denied_by = decided_by,
+        (TrafficDirection::Egress, false) => egress_allowed_by = decided_by,
+        (TrafficDirection::Egress, true) => egress_denied_by = decided_by,
+        _ => {}
+    }
     flow::Flow {
         time: Some(time),
         uuid,
@@ -266,6 +325,10 @@ pub fn flow_of(
             index: event.ifindex,
             name: String::new(),
         }),
+        ingress_allowed_by,
+        ingress_denied_by,
+        egress_allowed_by,
+        egress_denied_by,
         ..flow::Flow::default()
     }
 }
@@ -274,7 +337,9 @@ pub fn flow_of(
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use tendril_crds::v1alpha1::{EndpointSpec, IdentitySpec};
+    use tendril_crds::v1alpha1::{
+        EndpointSpec, IdentitySpec, PolicySource, PolicySourceKind, ResolvedPolicySpec,
+    };
 
     fn event(
         kind: EventKind,
@@ -323,7 +388,67 @@ mod tests {
                 security_labels: BTreeMap::from([("k8s:app".into(), "client".into())]),
             },
         );
-        Directory::build([&ep], [&id])
+        let policy = |identity: i64, names: &[&str]| {
+            ResolvedPolicy::new(
+                &identity.to_string(),
+                ResolvedPolicySpec {
+                    identity,
+                    sources: names
+                        .iter()
+                        .map(|n| PolicySource {
+                            kind: PolicySourceKind::KubernetesNetworkPolicy,
+                            namespace: Some("demo".into()),
+                            name: n.to_string(),
+                            generation: Some(3),
+                        })
+                        .collect(),
+                    ..ResolvedPolicySpec::default()
+                },
+            )
+        };
+        // web (301) has one policy; the client (300) has two, so none is named for it.
+        let policies = [policy(301, &["web-from-clients"]), policy(300, &["a", "b"])];
+        Directory::build([&ep], [&id]).with_policies(policies.iter())
+    }
+
+    #[test]
+    fn the_deciding_policy_is_named_when_only_one_can_be() {
+        let mut ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        let flow = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert_eq!(flow.ingress_allowed_by.len(), 1);
+        assert_eq!(flow.ingress_allowed_by[0].name, "web-from-clients");
+        assert_eq!(flow.ingress_allowed_by[0].kind, "KubernetesNetworkPolicy");
+        assert_eq!(flow.ingress_allowed_by[0].revision, 3);
+        // A default deny is no rule's doing.
+        ev.kind = EventKind::Drop;
+        ev.verdict = Some(EventVerdict::Deny);
+        ev.matched = PolicyMatch::Default;
+        ev.reason = Some(MetricReason::DropPolicy);
+        let flow = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert!(flow.ingress_denied_by.is_empty() && flow.ingress_allowed_by.is_empty());
+        // A deny rule at the client's egress: two policies, none named.
+        ev.direction = Some(Direction::Egress);
+        ev.matched = PolicyMatch::L4;
+        let flow = flow_of(
+            &ev,
+            &directory(),
+            "n1",
+            prost_types::Timestamp::default(),
+            "u".into(),
+        );
+        assert!(flow.egress_denied_by.is_empty());
     }
 
     #[test]

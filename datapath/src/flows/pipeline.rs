@@ -79,21 +79,26 @@ impl DirectoryHandle {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(dir);
     }
 
-    /// Rebuilds from the agent's Endpoint and Identity caches on every change (at most
-    /// every 200 ms) until `shutdown`.
+    /// Rebuilds from the agent's Endpoint, Identity and ResolvedPolicy caches on every
+    /// change (at most every 200 ms) until `shutdown`.
     pub async fn follow(self, view: ClusterView, shutdown: CancellationToken) {
         let wake = Wake::default();
         wake_on(&view.endpoints, &wake, |_| true);
         wake_on(&view.identities, &wake, |_| true);
+        wake_on(&view.resolved_policies, &wake, |_| true);
         loop {
-            let (endpoints, identities) = (
+            let (endpoints, identities, policies) = (
                 view.endpoints.store().state(),
                 view.identities.store().state(),
+                view.resolved_policies.store().state(),
             );
-            self.set(Directory::build(
-                endpoints.iter().map(|e| e.as_ref()),
-                identities.iter().map(|i| i.as_ref()),
-            ));
+            self.set(
+                Directory::build(
+                    endpoints.iter().map(|e| e.as_ref()),
+                    identities.iter().map(|i| i.as_ref()),
+                )
+                .with_policies(policies.iter().map(|p| p.as_ref())),
+            );
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = wake.notified() => {}
