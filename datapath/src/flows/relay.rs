@@ -3,9 +3,10 @@
 //!
 //! - Peers: fixed addresses (`--peer`) and/or a DNS name resolved on every request (the
 //!   agents' headless Service in a cluster: one address per agent).
-//! - GetFlows: the request goes to every peer. Without `follow`, every peer's answer is
-//!   collected, merged in time order and cut to `number` (the first or last). With
-//!   `follow`, answers pass through a short re-ordering window and go out in time order.
+//! - GetFlows: the request goes to every peer. The history (every peer's answer without
+//!   `follow`) is merged in time order and cut to `number` (the first or last); with
+//!   `follow`, each peer is then asked for what came after the newest flow it gave, and
+//!   those answers pass through a short re-ordering window and go out in time order.
 //!   A peer that cannot be reached is reported as a `NodeStatusEvent` (NODE_UNAVAILABLE).
 //! - ServerStatus: the peers' figures summed, with connected/unavailable node counts.
 //! - GetNodes: one entry per peer, named by the peer itself.
@@ -86,7 +87,11 @@ fn time_of(resp: &GetFlowsResponse) -> i128 {
 }
 
 /// Streams one peer's answer to `request` into `tx` (its failure as a node status event).
-async fn pump(addr: String, request: GetFlowsRequest, tx: mpsc::Sender<GetFlowsResponse>) {
+async fn pump(
+    addr: String,
+    request: GetFlowsRequest,
+    tx: mpsc::Sender<(String, GetFlowsResponse)>,
+) {
     let stream = async {
         let mut c = client(&addr).await?;
         tokio::time::timeout(PEER_TIMEOUT, c.get_flows(request))
@@ -96,22 +101,125 @@ async fn pump(addr: String, request: GetFlowsRequest, tx: mpsc::Sender<GetFlowsR
     let mut stream = match stream.await {
         Ok(s) => s.into_inner(),
         Err(e) => {
-            let _ = tx.send(unavailable(&addr, &e)).await;
+            let _ = tx.send((addr.clone(), unavailable(&addr, &e))).await;
             return;
         }
     };
     loop {
         match stream.message().await {
             Ok(Some(resp)) => {
-                if tx.send(resp).await.is_err() {
+                if tx.send((addr.clone(), resp)).await.is_err() {
                     return;
                 }
             }
             Ok(None) => return,
             Err(e) => {
-                let _ = tx.send(unavailable(&addr, &e)).await;
+                let _ = tx.send((addr.clone(), unavailable(&addr, &e))).await;
                 return;
             }
+        }
+    }
+}
+
+/// Answers one GetFlows for the cluster into `tx`. First the history: every peer's answer
+/// without `follow`, merged in time order and cut to `number`, so `--last N` is the newest
+/// N of the cluster. Then, when following, every peer is asked for what came after the
+/// newest flow it already gave (or after the request started), and the answers go out in
+/// time order through a short re-ordering window.
+async fn relay_flows(
+    addrs: Vec<String>,
+    request: GetFlowsRequest,
+    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+) {
+    let started = super::timestamp(std::time::SystemTime::now());
+    let wants_history = !(request.follow && request.number == 0 && request.since.is_none());
+    let mut newest: BTreeMap<String, prost_types::Timestamp> = BTreeMap::new();
+    if wants_history {
+        let (peer_tx, mut peer_rx) = mpsc::channel(1024);
+        let history = GetFlowsRequest {
+            follow: false,
+            ..request.clone()
+        };
+        for addr in &addrs {
+            tokio::spawn(pump(addr.clone(), history.clone(), peer_tx.clone()));
+        }
+        drop(peer_tx);
+        let mut all = Vec::new();
+        while let Some((addr, resp)) = peer_rx.recv().await {
+            if let (Some(ResponseTypes::Flow(_)), Some(t)) = (&resp.response_types, resp.time) {
+                let slot = newest.entry(addr).or_insert(t);
+                if timestamp_nanos(&t) > timestamp_nanos(slot) {
+                    *slot = t;
+                }
+            }
+            all.push(resp);
+        }
+        for resp in merge_history(all, request.number, request.first) {
+            if tx.send(Ok(resp)).await.is_err() {
+                return;
+            }
+        }
+    }
+    if !request.follow {
+        return;
+    }
+    let (peer_tx, mut peer_rx) = mpsc::channel(1024);
+    for addr in &addrs {
+        let since = match newest.get(addr) {
+            // Strictly after the newest flow this peer already gave.
+            Some(t) if t.nanos >= 999_999_999 => prost_types::Timestamp {
+                seconds: t.seconds + 1,
+                nanos: 0,
+            },
+            Some(t) => prost_types::Timestamp {
+                seconds: t.seconds,
+                nanos: t.nanos + 1,
+            },
+            None => request.since.unwrap_or(started),
+        };
+        let follow = GetFlowsRequest {
+            number: 0,
+            first: false,
+            since: Some(since),
+            ..request.clone()
+        };
+        tokio::spawn(pump(addr.clone(), follow, peer_tx.clone()));
+    }
+    drop(peer_tx);
+    // (time, arrival) → answer; flushed once older than the window.
+    let mut pending: BTreeMap<(i128, u64), (Instant, GetFlowsResponse)> = BTreeMap::new();
+    let mut arrival = 0u64;
+    let mut tick = tokio::time::interval(REORDER_WINDOW / 3);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return,
+            resp = peer_rx.recv(), if open => match resp {
+                Some((_, resp)) => {
+                    arrival += 1;
+                    pending.insert((time_of(&resp), arrival), (Instant::now(), resp));
+                }
+                None => open = false,
+            },
+            _ = tick.tick() => {}
+        }
+        // Out in time order: everything up to the newest entry that has waited out the
+        // window.
+        let ripe = pending
+            .iter()
+            .filter(|(_, (at, _))| !open || at.elapsed() >= REORDER_WINDOW)
+            .map(|(k, _)| *k)
+            .max();
+        if let Some(ripe) = ripe {
+            let rest = pending.split_off(&(ripe.0, ripe.1 + 1));
+            for (_, (_, resp)) in std::mem::replace(&mut pending, rest) {
+                if tx.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !open && pending.is_empty() {
+            return;
         }
     }
 }
@@ -181,65 +289,8 @@ impl Observer for Relay {
         // Checked here too, so a bad filter is one clear error, not one per peer.
         super::observer::Query::from_request(&request)?;
         let addrs = self.peers.resolve().await;
-        let (peer_tx, mut peer_rx) = mpsc::channel::<GetFlowsResponse>(1024);
-        for addr in addrs {
-            tokio::spawn(pump(addr, request.clone(), peer_tx.clone()));
-        }
-        drop(peer_tx);
         let (tx, rx) = mpsc::channel(256);
-        if !request.follow {
-            tokio::spawn(async move {
-                let mut all = Vec::new();
-                while let Some(resp) = peer_rx.recv().await {
-                    all.push(resp);
-                }
-                for resp in merge_history(all, request.number, request.first) {
-                    if tx.send(Ok(resp)).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                // (time, arrival) → answer; flushed once older than the window.
-                let mut pending: BTreeMap<(i128, u64), (Instant, GetFlowsResponse)> =
-                    BTreeMap::new();
-                let mut arrival = 0u64;
-                let mut tick = tokio::time::interval(REORDER_WINDOW / 3);
-                let mut open = true;
-                loop {
-                    tokio::select! {
-                        _ = tx.closed() => return,
-                        resp = peer_rx.recv(), if open => match resp {
-                            Some(resp) => {
-                                arrival += 1;
-                                pending.insert((time_of(&resp), arrival), (Instant::now(), resp));
-                            }
-                            None => open = false,
-                        },
-                        _ = tick.tick() => {}
-                    }
-                    // Out in time order: everything up to the newest entry that has waited
-                    // out the window.
-                    let ripe = pending
-                        .iter()
-                        .filter(|(_, (at, _))| !open || at.elapsed() >= REORDER_WINDOW)
-                        .map(|(k, _)| *k)
-                        .max();
-                    if let Some(ripe) = ripe {
-                        let rest = pending.split_off(&(ripe.0, ripe.1 + 1));
-                        for (_, (_, resp)) in std::mem::replace(&mut pending, rest) {
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    if !open && pending.is_empty() {
-                        return;
-                    }
-                }
-            });
-        }
+        tokio::spawn(relay_flows(addrs, request, tx));
         Ok(Response::new(stream_of(rx)))
     }
 
