@@ -7,13 +7,16 @@
 //! 8080 from `app=client` pods of its own namespace only; `client` and `intruder` (node 0)
 //! in the same namespace, and `client` in a second namespace. Real traffic: client → web
 //! (allowed), intruder → web and other/client → web (denied by the policy), client pings
-//! web (ICMP: denied too).
+//! web (ICMP: denied too), web pings the client (allowed: traffic not to web).
 //!
 //! Checked through the relay with the CLI: `hubble status` is healthy with both nodes
 //! connected; `hubble observe -o json` with `--pod`, `--namespace`, `--verdict DROPPED`,
-//! `--port`, `--last N`, `--protocol` returns exactly the flows that match (each checked
-//! field by field) and the denied connections show verdict DROPPED, drop reason
-//! POLICY_DENIED, direction INGRESS, both pods named. Needs root.
+//! `--port`, `--protocol`, `--to-label`/`--from-label`, `--from-identity`, `--ip`,
+//! `--traffic-direction`, `--node-name`, `--type`, `--drop-reason-desc`, `--reply` and
+//! `--last N` returns exactly the flows that match (each checked field by field, and each
+//! filter against flows it must leave out); the denied connections show verdict DROPPED,
+//! drop reason POLICY_DENIED, direction INGRESS, both pods named; the admitted one names
+//! the policy; `--follow` delivers a new drop; the compact output prints it. Needs root.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -163,6 +166,8 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
         !allowed.ping(web_ip).await?,
         "ping is not admitted by the policy"
     );
+    // Traffic that is not to web (web has no egress policy, the client none at all).
+    ensure!(web.ping(allowed.ips[0]).await?, "web pings the client");
 
     let relay_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -297,6 +302,86 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     ensure!(
         icmp.iter().all(|f| f["l4"].get("ICMPv4").is_some()),
         "--protocol icmp: {icmp:?}"
+    );
+
+    // The other filters of the brief, each through the CLI: every flow matches, some do,
+    // and some of all flows do not (else the check would prove nothing).
+    let intruder_id = denied[0]["source"]["identity"]
+        .as_u64()
+        .context("identity")?
+        .to_string();
+    let intruder_ip = intruder.ips[0].to_string();
+    let node1 = cluster.nodes[1].name.clone();
+    let has_label = |f: &Value, side: &str, label: &str| {
+        f[side]["labels"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l == label))
+    };
+    type Check<'a> = (Vec<&'a str>, Box<dyn Fn(&Value) -> bool + 'a>);
+    let checks: Vec<Check> = vec![
+        (
+            vec!["--to-label", "app=web"],
+            Box::new(|f| has_label(f, "destination", "k8s:app=web")),
+        ),
+        (
+            vec!["--from-label", "k8s:app=intruder"],
+            Box::new(|f| has_label(f, "source", "k8s:app=intruder")),
+        ),
+        (
+            vec!["--from-identity", &intruder_id],
+            Box::new(|f| f["source"]["identity"].to_string() == intruder_id),
+        ),
+        (
+            vec!["--ip", &intruder_ip],
+            Box::new(|f| {
+                s(f, &["IP", "source"]) == intruder_ip
+                    || s(f, &["IP", "destination"]) == intruder_ip
+            }),
+        ),
+        (
+            vec!["--traffic-direction", "egress"],
+            Box::new(|f| s(f, &["traffic_direction"]) == "EGRESS"),
+        ),
+        (
+            vec!["--node-name", &node1],
+            Box::new(|f| s(f, &["node_name"]) == node1),
+        ),
+        (
+            vec!["--type", "policy-verdict"],
+            Box::new(|f| f["event_type"]["type"] == 5),
+        ),
+        (
+            vec!["--type", "drop"],
+            Box::new(|f| f["event_type"]["type"] == 1 && s(f, &["verdict"]) == "DROPPED"),
+        ),
+        (
+            vec!["--drop-reason-desc", "POLICY_DENIED"],
+            Box::new(|f| s(f, &["drop_reason_desc"]) == "POLICY_DENIED"),
+        ),
+        (
+            vec!["--protocol", "tcp"],
+            Box::new(|f| f["l4"].get("TCP").is_some()),
+        ),
+    ];
+    let everything = observe(&server, &["--last", "1000"]).await?;
+    for (args, matches) in &checks {
+        ensure!(
+            everything.iter().any(|f| !matches(f)),
+            "{args:?}: every flow matches anyway, the check proves nothing"
+        );
+        let mut all_args = vec!["--last", "1000"];
+        all_args.extend(args.iter().copied());
+        let flows = observe(&server, &all_args).await?;
+        ensure!(!flows.is_empty(), "{args:?}: no flow");
+        if let Some(bad) = flows.iter().find(|f| !matches(f)) {
+            bail!("{args:?} gave a flow that does not match: {bad}");
+        }
+    }
+    ensure!(
+        observe(&server, &["--last", "1000", "--reply"])
+            .await?
+            .is_empty(),
+        "--reply: no flow here is a reply (policy events are first packets)"
     );
 
     // --last N: exactly N, the newest, in time order.
