@@ -306,10 +306,10 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
 
     // The other filters of the brief, each through the CLI: every flow matches, some do,
     // and some of all flows do not (else the check would prove nothing).
-    let intruder_id = denied[0]["source"]["identity"]
+    let intruder_identity = denied[0]["source"]["identity"]
         .as_u64()
-        .context("identity")?
-        .to_string();
+        .context("identity")?;
+    let intruder_id = intruder_identity.to_string();
     let intruder_ip = intruder.ips[0].to_string();
     let node1 = cluster.nodes[1].name.clone();
     let has_label = |f: &Value, side: &str, label: &str| {
@@ -329,7 +329,7 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
         ),
         (
             vec!["--from-identity", &intruder_id],
-            Box::new(|f| f["source"]["identity"].to_string() == intruder_id),
+            Box::new(|f| f["source"]["identity"] == intruder_identity),
         ),
         (
             vec!["--ip", &intruder_ip],
