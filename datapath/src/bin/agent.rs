@@ -248,7 +248,8 @@ async fn start_flows(
     if !cfg.enabled {
         return Ok(None);
     }
-    let flow_metrics = flows::metrics::FlowMetrics::register(metrics);
+    let flow_metrics = flows::metrics::FlowMetrics::register(metrics)
+        .with_namespace_context(cfg.metrics.namespace_context);
     let ring = flows::ring::FlowRing::new(cfg.ring_size);
     let (sink, queue) = flows::pipeline::queue(cfg.queue_size, flow_metrics.clone());
     let directory = flows::pipeline::DirectoryHandle::default();

@@ -15,6 +15,10 @@ pub struct ProcessedLabels {
     pub subtype: String,
     /// `FORWARDED`, `DROPPED`, `AUDIT`.
     pub verdict: String,
+    /// The endpoints' namespaces with `flows.metrics.namespaceContext`, else empty (an
+    /// empty label is no label to Prometheus).
+    pub source_namespace: String,
+    pub destination_namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +26,9 @@ pub struct DropLabels {
     /// Hubble's drop reason name (`POLICY_DENY`, `POLICY_DENIED`, …).
     pub reason: String,
     pub protocol: String,
+    /// As in [`ProcessedLabels`].
+    pub source_namespace: String,
+    pub destination_namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +49,9 @@ pub struct FlowMetrics {
     pub ring_flows: Gauge,
     /// `tendril_flows_observer_clients`: GetFlows calls being served.
     pub observer_clients: Gauge,
+    /// Label flows with their namespaces (`flows.metrics.namespaceContext`): one series per
+    /// namespace pair and verdict, so off by default.
+    pub namespace_context: bool,
 }
 
 impl FlowMetrics {
@@ -72,6 +82,7 @@ impl FlowMetrics {
                 "GetFlows calls the node's Observer API is serving",
                 Gauge::default,
             ),
+            namespace_context: false,
         }
     }
 
@@ -83,6 +94,13 @@ impl FlowMetrics {
             lost: Family::default(),
             ring_flows: Gauge::default(),
             observer_clients: Gauge::default(),
+            namespace_context: false,
         }
+    }
+
+    /// With (or without) the namespace labels.
+    pub fn with_namespace_context(mut self, on: bool) -> Self {
+        self.namespace_context = on;
+        self
     }
 }

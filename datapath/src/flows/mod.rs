@@ -64,6 +64,17 @@ pub struct FlowsConfig {
     pub queue_size: usize,
     /// The Observer gRPC API (plaintext).
     pub observer: ObserverConfig,
+    /// `tendril_flows_*` metrics.
+    pub metrics: FlowMetricsConfig,
+}
+
+/// `flows.metrics` in agent.yaml.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FlowMetricsConfig {
+    /// Label `tendril_flows_processed_total` and `tendril_flows_drops_total` with the
+    /// source and destination namespaces (one series per namespace pair: cardinality).
+    pub namespace_context: bool,
 }
 
 /// `flows.observer` in agent.yaml.
@@ -81,6 +92,7 @@ impl Default for FlowsConfig {
             ring_size: 16_384,
             queue_size: 4096,
             observer: ObserverConfig::default(),
+            metrics: FlowMetricsConfig::default(),
         }
     }
 }

@@ -134,6 +134,15 @@ fn wall_time(ts_ns: u64, now_wall: SystemTime, now_mono_ns: u64) -> SystemTime {
 
 /// Accounts one flow in the metrics.
 fn count(metrics: &FlowMetrics, event: &PolicyEvent, flow: &super::proto::flow::Flow) {
+    let namespace = |ep: &Option<super::proto::flow::Endpoint>| {
+        if metrics.namespace_context {
+            ep.as_ref().map(|e| e.namespace.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let (source_namespace, destination_namespace) =
+        (namespace(&flow.source), namespace(&flow.destination));
     let verdict = Verdict::try_from(flow.verdict).unwrap_or(Verdict::Unknown);
     metrics
         .processed
@@ -144,6 +153,8 @@ fn count(metrics: &FlowMetrics, event: &PolicyEvent, flow: &super::proto::flow::
                 EventKind::PolicyVerdict => "policy-verdict".into(),
             },
             verdict: verdict.as_str_name().into(),
+            source_namespace: source_namespace.clone(),
+            destination_namespace: destination_namespace.clone(),
         })
         .inc();
     if verdict == Verdict::Dropped {
@@ -162,6 +173,8 @@ fn count(metrics: &FlowMetrics, event: &PolicyEvent, flow: &super::proto::flow::
                     .as_str_name()
                     .into(),
                 protocol: protocol.into(),
+                source_namespace,
+                destination_namespace,
             })
             .inc();
     }
@@ -238,6 +251,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn namespace_labels_only_with_the_context_option() {
+        use super::super::proto::flow::Endpoint;
+        let flow = |ns: &str| super::super::proto::flow::Flow {
+            verdict: Verdict::Dropped as i32,
+            drop_reason_desc: DropReason::PolicyDenied as i32,
+            source: Some(Endpoint {
+                namespace: ns.into(),
+                ..Endpoint::default()
+            }),
+            destination: Some(Endpoint {
+                namespace: "web".into(),
+                ..Endpoint::default()
+            }),
+            ..super::super::proto::flow::Flow::default()
+        };
+        let drops = |m: &FlowMetrics, src: &str, dst: &str| {
+            m.drops
+                .get_or_create(&DropLabels {
+                    reason: "POLICY_DENIED".into(),
+                    protocol: String::new(),
+                    source_namespace: src.into(),
+                    destination_namespace: dst.into(),
+                })
+                .get()
+        };
+        let off = FlowMetrics::unregistered();
+        count(&off, &event(1), &flow("a"));
+        count(&off, &event(2), &flow("b"));
+        assert_eq!(drops(&off, "", ""), 2, "one series without the context");
+        let on = FlowMetrics::unregistered().with_namespace_context(true);
+        count(&on, &event(1), &flow("a"));
+        count(&on, &event(2), &flow("b"));
+        assert_eq!((drops(&on, "a", "web"), drops(&on, "b", "web")), (1, 1));
+    }
+
     #[tokio::test]
     async fn a_full_queue_loses_and_counts_and_the_ring_reports_it() {
         let metrics = FlowMetrics::unregistered();
@@ -278,6 +327,8 @@ mod tests {
             r#type: "L3_L4".into(),
             subtype: "policy-verdict".into(),
             verdict: "FORWARDED".into(),
+            source_namespace: String::new(),
+            destination_namespace: String::new(),
         });
         assert_eq!(processed.get(), 2);
     }
