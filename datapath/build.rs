@@ -1,7 +1,9 @@
 //! Compiles the eBPF programs in `bpf/*.c` with clang into `OUT_DIR`, where
 //! `src/bpf/loader.rs` embeds them with `aya::include_bytes_aligned!`; and the part of
 //! GoBGP's gRPC API the agent uses (`proto/gobgp.proto`) into Rust with protox (a protobuf
-//! compiler in Rust: no `protoc` needed) and tonic, for `src/bgp/api.rs`.
+//! compiler in Rust: no `protoc` needed) and tonic, for `src/bgp/api.rs`; and Hubble's
+//! Observer API with the gRPC health service (`proto/hubble/*.proto`,
+//! `proto/grpc_health.proto`), client and server, for `src/flows`.
 
 use std::{
     env,
@@ -35,6 +37,30 @@ fn main() {
         compile(&clang, &bpf_dir, source, &out_dir);
     }
     compile_gobgp_api(&manifest_dir.join("proto"));
+    compile_observer_api(&manifest_dir.join("proto"));
+}
+
+/// `proto/hubble/{flow,relay,observer}.proto` and `proto/grpc_health.proto` →
+/// `OUT_DIR/{flow,relay,observer,grpc.health.v1}.rs` (servers and clients: the agent serves,
+/// the relay serves and calls).
+fn compile_observer_api(proto_dir: &Path) {
+    let files = [
+        proto_dir.join("hubble/flow.proto"),
+        proto_dir.join("hubble/relay.proto"),
+        proto_dir.join("hubble/observer.proto"),
+        proto_dir.join("grpc_health.proto"),
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let descriptors = protox::compile(&files, [proto_dir])
+        .unwrap_or_else(|e| panic!("compiling the Observer API: {e}"));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .build_transport(false)
+        .compile_fds(descriptors)
+        .unwrap_or_else(|e| panic!("generating the Observer API: {e}"));
 }
 
 /// `proto/gobgp.proto` → `OUT_DIR/apipb.rs` (a client only).

@@ -5,6 +5,7 @@
 #   hack/bench.sh            # all
 #   hack/bench.sh bpf        # per-packet cost of every program and of the service path (BPF_PROG_TEST_RUN)
 #   hack/bench.sh policy     # per-packet cost of policy enforcement at 0/10/10k rules
+#   hack/bench.sh flows      # the flow pipeline at 100k events/s with a slow GetFlows follower
 #   hack/bench.sh propagation  # policy applied → enforced on every node, 10/1k/10k rules
 #   hack/bench.sh memory     # agent and operator RSS per remote endpoint
 #   hack/bench.sh services   # service LB vs kube-proxy iptables/nftables: programming at
@@ -45,12 +46,13 @@ case $which in
   all | bpf) run "bpf programs (ns/packet)" cargo test -p tendril-datapath --test bpf_bench ;;&
   all | bpf) run "service path (ns/packet)" cargo test -p tendril-datapath --test bpf_services_bench ;;&
   all | policy) run "policy per packet (ns/packet)" cargo test -p tendril-datapath --test bpf_policy_bench ;;&
+  all | flows) run "flow pipeline at 100k events/s" cargo test -p tendril-datapath --test flows_bench ;;&
   all | propagation) run "policy propagation" cargo test -p tendril-e2e --test policy_propagation ;;&
   all | memory) run "memory per endpoint" cargo test -p tendril-e2e --test agent_memory ;;&
   all | services) run "services vs kube-proxy" cargo test -p tendril-e2e --test services_bench ;;&
   all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
   all | lbipam) run "LB IPAM planning" cargo test -p tendril-controllers --lib lbipam_plan_cost ;;&
-  all | bpf | policy | propagation | memory | services | services-operator | lbipam) ;;
-  *) die "unknown benchmark $which (bpf, policy, propagation, memory, services, services-operator, lbipam or all)" ;;
+  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam) ;;
+  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam or all)" ;;
 esac
 exit $rc

@@ -34,6 +34,7 @@ stop_pidfile() {
 bash hack/sim-cluster.sh down || true
 # ---------------------------------------------------------------- end of simulated nodes
 
+stop_pidfile tendril-relay
 stop_pidfile tendril-operator
 
 if $keep; then

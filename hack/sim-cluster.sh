@@ -18,7 +18,9 @@
 # workspace binaries (cargo build --workspace --bins), root. Logs in $TENDRIL_RUN/logs,
 # pid files in $TENDRIL_RUN/pids, node and pod state in $TENDRIL_RUN/sim.
 # Environment: TENDRIL_AGENT_METRICS_PORT (first agent's metrics port, default 9964; the
-# next node uses the next port).
+# next node uses the next port), TENDRIL_AGENT_OBSERVER_PORT (first agent's Observer API
+# port for Hubble flows, default 4250, the next node the next port; hack/up.sh puts
+# tendril-relay in front of them on 4245).
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
 cd "$TENDRIL_ROOT"
@@ -29,6 +31,7 @@ pids="$TENDRIL_RUN/pids"
 simdir="$TENDRIL_RUN/sim"
 bin="$CARGO_TARGET_DIR/debug"
 first_port=${TENDRIL_AGENT_METRICS_PORT:-9964}
+first_observer_port=${TENDRIL_AGENT_OBSERVER_PORT:-4250}
 
 # `down` also works without a control plane: it then removes only what lives on this machine.
 have_plane=false
@@ -57,7 +60,7 @@ stop_agent() {
 }
 
 start_agent() {
-  local node=$1 port=$2 pid
+  local node=$1 port=$2 observer_port=$3 pid
   pid=$(agent_pid "$node")
   if [[ -n $pid && $bin/tendril-agent -nt $pids/tendril-agent-$node.pid ]]; then
     log "agent binary rebuilt: restarting the agent of $node"
@@ -76,7 +79,7 @@ start_agent() {
     --node-name "$node" --node-netns "/var/run/netns/tdr-$node" \
     --state-dir "$simdir/$node" --cni-socket "$simdir/$node/cni.sock" \
     --bpffs-root "/sys/fs/bpf/tendril-sim/$node" \
-    --metrics-bind "127.0.0.1:$port"
+    --metrics-bind "127.0.0.1:$port" --observer-bind "127.0.0.1:$observer_port"
 }
 
 cmd_up() {
@@ -102,7 +105,7 @@ EOF
   ip -n tdr-underlay-local addr replace 10.250.0.1/24 dev br0
   local i
   for i in "${!NODES[@]}"; do
-    start_agent "${NODES[$i]}" $((first_port + i))
+    start_agent "${NODES[$i]}" $((first_port + i)) $((first_observer_port + i))
   done
   log "waiting for the agents (NodeNetwork Ready; needs tendril-operator for the pod CIDRs)"
   if ! sim wait-ready --timeout-seconds 120 "${NODES[@]}" >/dev/null; then
@@ -178,7 +181,7 @@ cmd_status() {
     n=${NODES[$i]}
     pid=$(agent_pid "$n")
     if [[ -n $pid ]]; then
-      echo "node $n: agent running (pid $pid, metrics 127.0.0.1:$((first_port + i))), netns tdr-$n"
+      echo "node $n: agent running (pid $pid, metrics 127.0.0.1:$((first_port + i)), flows 127.0.0.1:$((first_observer_port + i))), netns tdr-$n"
     else
       echo "node $n: agent NOT running"
       ok=1

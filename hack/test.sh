@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2 (and what .ci/run runs): every check and every test, unit and integration.
 #
-#   prerequisites → control-plane build (cached) → cargo fmt --check → clippy -D warnings →
+#   prerequisites → control-plane build (cached) → hubble CLI build (cached, for the flows
+#   e2e test) → cargo fmt --check → clippy -D warnings →
 #   cargo build of the binaries (the e2e tests spawn them) → [the hack/up.sh cluster, when
 #   TENDRIL_TEST_BESIDE_LOCAL_CLUSTER=1] → tilt ci → CRD manifests up to date →
 #   cargo test --workspace (the e2e tests start their own control plane in
@@ -111,6 +112,9 @@ if ! step "prerequisites" bash hack/install-prereqs.sh ||
   summary
   exit 1
 fi
+# The real hubble CLI, which the flows e2e test drives (cached: built once). Without it only
+# that test fails, naming this step.
+step "hubble CLI build" bash hack/hubble/build.sh
 
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
@@ -118,7 +122,7 @@ step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D war
 # them, so they are linted (and so compiled) by name, or they would rot unseen.
 step "benchmarks compile (clippy)" cargo clippy -p tendril-datapath -p tendril-e2e \
   --test bpf_bench --test bpf_policy_bench --test policy_propagation --test agent_memory \
-  --test services_bench --test services_scale --test bpf_services_bench -- -D warnings
+  --test services_bench --test services_scale --test bpf_services_bench --test flows_bench -- -D warnings
 step "cargo build --bins" cargo build --workspace --bins
 # The agent must not link the operator's concerns (DESIGN: controllers compute, the datapath
 # converges; both share only tendril-runtime and tendril-crds).

@@ -94,6 +94,36 @@ if [[ -x $operator_bin ]]; then
 fi
 # ---------------------------------------------------------------- end of simulated nodes
 
+# ---------------------------------------------------------------- flows: tendril-relay
+# Hubble's Observer API for the whole local cluster on Hubble relay's address, so `hubble
+# status` and `hubble observe` work with no flags (the agents serve theirs on
+# TENDRIL_AGENT_OBSERVER_PORT and the next port, hack/sim-cluster.sh).
+relay_bin="$CARGO_TARGET_DIR/debug/tendril-relay"
+relay_addr="127.0.0.1:${TENDRIL_RELAY_PORT:-4245}"
+relay_pid() { pidfile_pid "$pids/tendril-relay.pid" tendril-relay; }
+relay_status="not started (operator not built)"
+if [[ -x $operator_bin && -x $relay_bin ]]; then
+  pid=$(relay_pid)
+  if [[ -n $pid && $relay_bin -nt $pids/tendril-relay.pid ]]; then
+    log "relay binary rebuilt: restarting tendril-relay (pid $pid)"
+    stop_process "$pid"
+    rm -f "$pids/tendril-relay.pid" "$pids/tendril-relay.start"
+    pid=""
+  fi
+  if [[ -z $pid ]]; then
+    if [[ -n $(ss -Hltn "sport = :${relay_addr##*:}" 2>/dev/null) ]]; then
+      die "port ${relay_addr##*:} is in use (set TENDRIL_RELAY_PORT)"
+    fi
+    first_observer=${TENDRIL_AGENT_OBSERVER_PORT:-4250}
+    log "starting tendril-relay on $relay_addr (log: $logs/relay.log)"
+    printf '\n==== %s starting tendril-relay\n' "$(date -u +%FT%TZ)" >>"$logs/relay.log"
+    spawn_detached "$pids/tendril-relay.pid" "$logs/relay.log" env NO_COLOR=1 "$relay_bin" \
+      --listen "$relay_addr" --peer "127.0.0.1:$first_observer" \
+      --peer "127.0.0.1:$((first_observer + 1))"
+  fi
+  relay_status="running (pid $(relay_pid)) on $relay_addr, log $logs/relay.log"
+fi
+
 cat <<EOF
 
 Tendril is up ($(($(date +%s) - t0))s).
@@ -103,6 +133,7 @@ Tendril is up ($(($(date +%s) - t0))s).
   operator:  $operator_status
   agents:    metrics on http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/metrics and the next port
   metrics:   http://127.0.0.1:$metrics_port/metrics
+  flows:     tendril-relay $relay_status
   apiserver: $(sed -n 's/^APISERVER_URL=//p' "$TENDRIL_RUN/plane.env") (logs in $logs)
   kubectl:   export PATH=$K8S_BIN:\$PATH   (kubectl v$K8S_VERSION, matches the server)
 
@@ -120,6 +151,7 @@ Try next:
   kubectl get svc -n demo web-lb; kubectl get lbipp                   # EXTERNAL-IP from LB IPAM (hack/demo/lbipam.yaml)
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
+  $TENDRIL_TOOLS/hubble observe --last 20                # the same flows through Hubble's API (tendril-relay)
   kubectl get nodenetworks
   curl -s http://127.0.0.1:$metrics_port/metrics | grep controller_runtime_reconcile_total
 

@@ -56,6 +56,8 @@ pub struct AgentConfig {
     pub services: ServicesConfig,
     /// BGP: the node's gobgpd (`bgp`).
     pub bgp: BgpConfig,
+    /// Hubble-compatible flows and the Observer API (`flows`).
+    pub flows: crate::flows::FlowsConfig,
 }
 
 /// The node's BGP speaker (`bgp`): gobgpd, driven by the agent from the node's
@@ -220,6 +222,7 @@ impl Default for AgentConfig {
             policy: PolicyEnforcementConfig::default(),
             services: ServicesConfig::default(),
             bgp: BgpConfig::default(),
+            flows: crate::flows::FlowsConfig::default(),
         }
     }
 }
@@ -321,6 +324,7 @@ impl AgentConfig {
                 "bgp.listenPort must be -1 (do not listen) or a port 1..65535".into(),
             ));
         }
+        self.flows.validate().map_err(ConfigError::Invalid)?;
         if self.policy.conntrack_gc_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "policy.conntrackGcSeconds must be > 0".into(),
@@ -374,6 +378,9 @@ pub struct AgentArgs {
     /// services.socketLB.cgroupPath: the cgroup v2 directory the socket-LB hooks attach to.
     #[arg(long, env = "TENDRIL_SOCKET_LB_CGROUP_PATH")]
     pub socket_lb_cgroup_path: Option<PathBuf>,
+    /// flows.observer.bindAddress: host:port of the Observer gRPC API (empty: off).
+    #[arg(long, env = "TENDRIL_OBSERVER_BIND")]
+    pub observer_bind: Option<String>,
 }
 
 impl AgentArgs {
@@ -408,6 +415,9 @@ impl AgentArgs {
         }
         if let Some(v) = &self.socket_lb_cgroup_path {
             cfg.services.socket_lb.cgroup_path = v.clone();
+        }
+        if let Some(v) = &self.observer_bind {
+            cfg.flows.observer.bind_address = v.clone();
         }
         Ok(cfg)
     }

@@ -5,5 +5,6 @@ pub mod bgp;
 pub mod bpf;
 pub mod cni;
 pub mod config;
+pub mod flows;
 pub mod ipam;
 pub mod services;

@@ -465,10 +465,23 @@ mod enforcement {
         let metrics = DatapathMetrics::register(&registry);
         let log = FlowLog::new(64);
         let stop = CancellationToken::new();
+        // The same events also become Hubble flows (crate::flows), in a ring of their own.
+        let flow_metrics = tendril_datapath::flows::metrics::FlowMetrics::unregistered();
+        let (sink, queue) = tendril_datapath::flows::pipeline::queue(64, flow_metrics.clone());
+        let ring = tendril_datapath::flows::ring::FlowRing::new(64);
+        runtime.spawn(tendril_datapath::flows::pipeline::enrich(
+            queue,
+            ring.clone(),
+            Default::default(),
+            "node-a".into(),
+            flow_metrics,
+            stop.clone(),
+        ));
         let reader = runtime.spawn(events::run(
             Arc::new(Mutex::new(Dataplane::open(&dir).unwrap())),
             metrics.clone(),
             log.clone(),
+            Some(sink),
             10,
             stop.clone(),
         ));
@@ -562,6 +575,53 @@ mod enforcement {
         assert_eq!(verdicts("deny", "default"), 1);
         assert!(verdicts("allow", "l4") >= 2);
         assert!(registry.encode().contains("tendril_policy_verdicts_total"));
+
+        // The Hubble flows of the same packets: the re-judged 53 and the default-denied 54
+        // DROPPED with Hubble's POLICY_DENIED at egress, the audited 55 AUDIT.
+        use tendril_datapath::flows::proto::flow::{DropReason, TrafficDirection, Verdict, layer4};
+        use tendril_datapath::flows::ring::Entry;
+        let hubble = |verdict: Verdict, port: u32| {
+            ring.snapshot()
+                .0
+                .into_iter()
+                .filter_map(|e| match e {
+                    Entry::Flow(f) => Some(f),
+                    Entry::Lost(_) => None,
+                })
+                .filter(|f| {
+                    f.verdict == verdict as i32
+                        && matches!(
+                            f.l4.as_ref().and_then(|l| l.protocol.as_ref()),
+                            Some(layer4::Protocol::Udp(u)) if u.destination_port == port
+                        )
+                })
+                .count()
+        };
+        for (verdict, port) in [
+            (Verdict::Dropped, 53),
+            (Verdict::Dropped, 54),
+            (Verdict::Audit, 55),
+        ] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while hubble(verdict, port) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "no Hubble flow {verdict:?} to port {port}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let (entries, _) = ring.snapshot();
+        let Some(Entry::Flow(dropped)) = entries
+            .iter()
+            .find(|e| matches!(e, Entry::Flow(f) if f.verdict == Verdict::Dropped as i32))
+        else {
+            panic!("no dropped flow")
+        };
+        assert_eq!(dropped.drop_reason_desc, DropReason::PolicyDenied as i32);
+        assert_eq!(dropped.traffic_direction, TrafficDirection::Egress as i32);
+        assert_eq!(dropped.node_name, "node-a");
+        assert_eq!(dropped.source.as_ref().unwrap().identity, 256);
 
         stop.cancel();
         runtime.block_on(reader).unwrap();

@@ -24,6 +24,7 @@ use tendril_datapath::agent::view::ClusterView;
 use tendril_datapath::agent::{Agent, host, server};
 use tendril_datapath::bgp;
 use tendril_datapath::config::{AgentArgs, AgentConfig};
+use tendril_datapath::flows;
 use tendril_datapath::ipam::Ipam;
 use tendril_runtime::config;
 use tendril_runtime::{self as runtime, Caches, Health, Metrics, logging, server as http};
@@ -147,6 +148,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             policy: config.policy.clone(),
             services: config.services.clone(),
         };
+        let hubble = start_flows(&config, &view, &metrics, shutdown.clone()).await?;
         let datapath_task = pass::run(
             client.clone(),
             view.clone(),
@@ -155,6 +157,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             pass_cfg,
             pass::AgentLinks {
                 flows,
+                hubble,
                 pod_netns: {
                     let agent = agent.clone();
                     Arc::new(move || agent.pod_netns_paths())
@@ -231,4 +234,59 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
     http_task.await.ok();
     info!("stopped");
     Ok(())
+}
+
+/// Hubble-compatible flows (`flows` in agent.yaml): the ring, the enricher fed by the
+/// datapath's event reader, and the Observer gRPC API. Returns the reader's sink.
+async fn start_flows(
+    config: &AgentConfig,
+    view: &ClusterView,
+    metrics: &Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<flows::pipeline::FlowSink>> {
+    let cfg = &config.flows;
+    if !cfg.enabled {
+        return Ok(None);
+    }
+    let flow_metrics = flows::metrics::FlowMetrics::register(metrics)
+        .with_namespace_context(cfg.metrics.namespace_context);
+    let ring = flows::ring::FlowRing::new(cfg.ring_size);
+    let (sink, queue) = flows::pipeline::queue(cfg.queue_size, flow_metrics.clone());
+    let directory = flows::pipeline::DirectoryHandle::default();
+    tokio::spawn(directory.clone().follow(view.clone(), shutdown.clone()));
+    tokio::spawn(flows::pipeline::enrich(
+        queue,
+        ring.clone(),
+        directory,
+        config.node_name.clone(),
+        flow_metrics.clone(),
+        shutdown.clone(),
+    ));
+    if !cfg.observer.bind_address.is_empty() {
+        let addr: std::net::SocketAddr = cfg
+            .observer
+            .bind_address
+            .parse()
+            .context("flows.observer.bindAddress")?;
+        let observer =
+            flows::observer::AgentObserver::new(ring, config.node_name.clone(), flow_metrics);
+        // Flows are for people: an address in use costs the API, never the datapath.
+        match flows::observer::serve(addr, observer, shutdown).await {
+            Ok((bound, server)) => {
+                info!(%bound, "serving Hubble's Observer API");
+                tokio::spawn(async move {
+                    if let Err(e) = server.await {
+                        error!(error = %e, "the Observer API stopped");
+                    }
+                });
+            }
+            Err(e) => error!(
+                error = %e,
+                %addr,
+                "the Observer API is not served: binding failed (flows.observer.bindAddress, \
+                 --observer-bind); flows are still recorded"
+            ),
+        }
+    }
+    Ok(Some(sink))
 }

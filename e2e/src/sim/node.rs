@@ -19,6 +19,8 @@ pub struct SimNode {
     pub socket: PathBuf,
     pub bpffs_root: PathBuf,
     pub metrics_port: u16,
+    /// The agent's Observer API (Hubble flows) on 127.0.0.1.
+    pub observer_port: u16,
     /// The node's cgroup v2 subtree (socket LB), removed on drop.
     pub cgroup: Option<PathBuf>,
     kubeconfig: PathBuf,
@@ -44,6 +46,7 @@ impl SimNode {
             socket: socket.clone(),
             bpffs_root,
             metrics_port: free_port()?,
+            observer_port: free_port()?,
             kubeconfig: env.kubeconfig(),
             agent: None,
             handle: NodeHandle {
@@ -97,6 +100,10 @@ impl SimNode {
             .args([
                 "--metrics-bind",
                 &format!("127.0.0.1:{}", self.metrics_port),
+            ])
+            .args([
+                "--observer-bind",
+                &format!("127.0.0.1:{}", self.observer_port),
             ])
             // Test-short: an address restored at start for an Endpoint whose pod is already
             // gone (the garbage collector lags) is released after 10 s, not 5 minutes.

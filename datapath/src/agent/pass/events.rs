@@ -222,6 +222,7 @@ pub async fn run(
     dataplane: Arc<Mutex<Dataplane>>,
     metrics: DatapathMetrics,
     log: FlowLog,
+    hubble: Option<crate::flows::pipeline::FlowSink>,
     denied_log_per_second: u32,
     shutdown: CancellationToken,
 ) {
@@ -256,6 +257,12 @@ pub async fn run(
         };
         let ring_buf = guard.get_inner_mut();
         while let Some(item) = ring_buf.next() {
+            // Hubble flows (crate::flows): queued without waiting, enriched elsewhere.
+            if let Some(sink) = &hubble
+                && let Some(event) = PolicyEvent::from_bytes(&item)
+            {
+                sink.offer(event);
+            }
             if let Some(flow) = decode(&item, wall_clock) {
                 record(flow, &metrics, &log, &mut limit);
             }

@@ -196,6 +196,8 @@ pub type PodNetns = Arc<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
 /// the pods' network namespaces the CNI server recorded (socket LB).
 pub struct AgentLinks {
     pub flows: events::FlowLog,
+    /// Where datapath events go to become Hubble flows (`crate::flows`), if enabled.
+    pub hubble: Option<crate::flows::pipeline::FlowSink>,
     pub pod_netns: PodNetns,
 }
 
@@ -254,7 +256,11 @@ pub async fn run(
     agent: AgentLinks,
     shutdown: CancellationToken,
 ) -> Result<(), PassError> {
-    let AgentLinks { flows, pod_netns } = agent;
+    let AgentLinks {
+        flows,
+        hubble,
+        pod_netns,
+    } = agent;
     health.register(HEALTH_CHECK);
     let (dir, sizes) = (cfg.pin_dir.clone(), cfg.map_sizes);
     let (programs, dataplane) = tokio::task::spawn_blocking(move || {
@@ -284,6 +290,7 @@ pub async fn run(
             dataplane.clone(),
             metrics.clone(),
             flows,
+            hubble,
             cfg.policy.events.denied_log_per_second,
             shutdown.clone(),
         );
