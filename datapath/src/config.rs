@@ -46,7 +46,8 @@ pub struct AgentConfig {
     pub tunnel_device: String,
     /// The datapath converges at least this often even without a change (seconds).
     pub datapath_resync_seconds: u64,
-    /// Changes arriving within this window are converged in one pass (milliseconds).
+    /// Passes start at least this far apart (milliseconds): the first change after a quiet
+    /// time is converged at once, the changes arriving within the window in one next pass.
     pub datapath_debounce_millis: u64,
     /// Capacities of the BPF maps; a pinned map of another size is refused at start.
     pub bpf_map_sizes: MapSizes,
