@@ -167,7 +167,11 @@ impl Resolver {
 
     /// Resolves `identities` and `sources` (then read [`Self::resolution`]), reusing what
     /// the previous call computed wherever its inputs did not change.
-    pub fn resolve(&mut self, identities: &BTreeMap<i64, Labels>, sources: &Sources) -> ResolveWork {
+    pub fn resolve(
+        &mut self,
+        identities: &BTreeMap<i64, Labels>,
+        sources: &Sources,
+    ) -> ResolveWork {
         let mut work = ResolveWork::default();
         let identities_changed = *identities != self.identities;
         // Identities whose spec may differ from the last resolution's.
@@ -187,7 +191,10 @@ impl Resolver {
                         input: Input,
                         source: PolicySource,
                         index: &mut IdentityIndex,
-                        translate: &dyn Fn(&mut IdentityIndex, PolicySource) -> Result<Compiled, Invalid>| {
+                        translate: &dyn Fn(
+            &mut IdentityIndex,
+            PolicySource,
+        ) -> Result<Compiled, Invalid>| {
             let old = previous.remove(&key);
             let reusable = old
                 .as_ref()
@@ -202,9 +209,7 @@ impl Resolver {
                         source,
                         result,
                     };
-                    let same = old
-                        .as_ref()
-                        .is_some_and(|o| o.result == fresh.result);
+                    let same = old.as_ref().is_some_and(|o| o.result == fresh.result);
                     if !same {
                         affected.extend(fresh.subjects());
                         if let Some(o) = &old {
@@ -305,7 +310,10 @@ impl Resolver {
             .map(|t| {
                 (
                     t.source.clone(),
-                    t.result.as_ref().map(|c| c.subjects.len()).map_err(Clone::clone),
+                    t.result
+                        .as_ref()
+                        .map(|c| c.subjects.len())
+                        .map_err(Clone::clone),
                 )
             })
             .collect();
