@@ -117,11 +117,23 @@ pub fn resolve(identities: &BTreeMap<i64, Labels>, sources: &Sources) -> Resolut
 /// `(kind, namespace, name)`: a source's place in `Resolution::sources`.
 type SourceKey = (PolicySourceKind, Option<String>, String);
 
-/// What a source's translation depends on besides the identities.
+/// What a source's translation depends on besides the identities: its resourceVersion
+/// when it has one (objects from the API: no need to copy and compare a 10,000-rule spec),
+/// else the spec itself.
 #[derive(Clone, Debug, PartialEq)]
 enum Input {
+    Version(String),
     Kubernetes(Option<k8s_openapi::api::networking::v1::NetworkPolicySpec>),
     Tendril(NetworkPolicySpec),
+}
+
+impl Input {
+    fn of<K: kube::Resource>(obj: &K, spec: impl FnOnce() -> Input) -> Input {
+        match &obj.meta().resource_version {
+            Some(v) => Input::Version(v.clone()),
+            None => spec(),
+        }
+    }
 }
 
 /// One source as last translated.
@@ -225,7 +237,7 @@ impl Resolver {
             let source = source_of(KIND_KUBERNETES, np.namespace(), np);
             step(
                 key_of(&source),
-                Input::Kubernetes(np.spec.clone()),
+                Input::of(np, || Input::Kubernetes(np.spec.clone())),
                 source,
                 &mut index,
                 &|index, source| kubernetes(np, index, source),
@@ -236,7 +248,7 @@ impl Resolver {
             let ns = np.namespace().unwrap_or_else(|| "default".to_string());
             step(
                 key_of(&source),
-                Input::Tendril(np.spec.clone()),
+                Input::of(np, || Input::Tendril(np.spec.clone())),
                 source,
                 &mut index,
                 &|index, source| tendril(&np.spec, Some(&ns), index, source),
@@ -245,7 +257,7 @@ impl Resolver {
         for np in &sources.cluster {
             let source = source_of(KIND_CLUSTER, None, np);
             // Both kinds share one spec shape (see crds/src/v1alpha1/network_policy.rs).
-            let spec = NetworkPolicySpec {
+            let spec = || NetworkPolicySpec {
                 description: np.spec.description.clone(),
                 endpoint_selector: np.spec.endpoint_selector.clone(),
                 node_selector: np.spec.node_selector.clone(),
@@ -257,10 +269,10 @@ impl Resolver {
             };
             step(
                 key_of(&source),
-                Input::Tendril(spec.clone()),
+                Input::of(np, || Input::Tendril(spec())),
                 source,
                 &mut index,
-                &|index, source| tendril(&spec, None, index, source),
+                &|index, source| tendril(&spec(), None, index, source),
             );
         }
         // Sources gone: their subjects lose them.
