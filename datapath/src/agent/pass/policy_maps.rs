@@ -56,6 +56,10 @@ pub fn realize_policy(
     cluster_ports: &policy::ClusterNamedPorts,
     last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
+    if last.is_none() {
+        // First pass, after a failure, or the periodic resync: read the maps back.
+        dp.policy.forget_known();
+    }
     let current_cidrs = dp.policy.cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
     if last == Some(&wanted) {

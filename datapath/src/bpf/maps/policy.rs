@@ -83,6 +83,11 @@ pub struct PolicyMaps {
     /// A revision changed and the epoch was not bumped yet (its write failed): retried by
     /// every convergence until it succeeds.
     epoch_pending: bool,
+    /// What `policy` holds after the last convergence that wrote everything and pruned
+    /// (nothing else writes it): the next convergence diffs against this instead of reading
+    /// the map back, so a change costs its delta, not a read of every entry. Forgotten on
+    /// any failure and by [`Self::forget_known`] (the agent's periodic resync).
+    known_entries: Option<BTreeMap<PolicyKey, PolicyValue>>,
 }
 
 impl std::fmt::Debug for PolicyMaps {
@@ -92,6 +97,10 @@ impl std::fmt::Debug for PolicyMaps {
             .field("states", &self.states)
             .field("cidrs", &self.cidrs)
             .field("epoch_pending", &self.epoch_pending)
+            .field(
+                "known_entries",
+                &self.known_entries.as_ref().map(BTreeMap::len),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -139,7 +148,13 @@ impl PolicyMaps {
             // A restarted agent does not know whether its predecessor bumped the epoch
             // after its last revision change: bump once.
             epoch_pending: true,
+            known_entries: None,
         })
+    }
+
+    /// The next convergence reads `policy` back instead of trusting what it last wrote.
+    pub fn forget_known(&mut self) {
+        self.known_entries = None;
     }
 
     /// The `policy_config` entry.
@@ -310,6 +325,10 @@ impl PolicyMaps {
         // After every revision write (step 6, 7): a connection stamped with the new epoch
         // was compared with the new revision.
         self.epoch_pending |= policy.revisions_changed;
+        let complete = prune
+            && policy.report.failed.is_empty()
+            && cidr.as_ref().is_none_or(|c| c.report.failed.is_empty());
+        self.known_entries = complete.then(|| std::mem::take(&mut policy.desired));
         self.bump_epoch()?;
         let cidr_report = cidr.map(|c| c.report).unwrap_or_default();
         Ok((cidr_report, policy.report))
@@ -430,9 +449,16 @@ impl PolicyMaps {
             .iter()
             .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
             .collect();
-        let current = self.entries.read()?;
-        let entries_diff = diff(&current, &desired);
-        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
+        let read;
+        let current = match &self.known_entries {
+            Some(known) => known,
+            None => {
+                read = self.entries.read()?;
+                &read
+            }
+        };
+        let entries_diff = diff(current, &desired);
+        let (writes, deletes) = policy_write_order(&entries_diff, current, &desired);
         let current_states = self.states.read()?;
         let states_diff = diff(&current_states, states);
         Ok(EntriesPlan {
