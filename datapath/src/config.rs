@@ -264,7 +264,7 @@ impl Default for AgentConfig {
             backoff: Backoff::default(),
             tunnel_device: "tendril_vxlan".to_string(),
             datapath_resync_seconds: 30,
-            datapath_debounce_millis: 50,
+            datapath_debounce_millis: 10,
             bpf_map_sizes: MapSizes::default(),
             policy: PolicyEnforcementConfig::default(),
             services: ServicesConfig::default(),
