@@ -46,7 +46,8 @@ pub struct AgentConfig {
     pub tunnel_device: String,
     /// The datapath converges at least this often even without a change (seconds).
     pub datapath_resync_seconds: u64,
-    /// Changes arriving within this window are converged in one pass (milliseconds).
+    /// Passes start at least this far apart (milliseconds): the first change after a quiet
+    /// time is converged at once, the changes arriving within the window in one next pass.
     pub datapath_debounce_millis: u64,
     /// Capacities of the BPF maps; a pinned map of another size is refused at start.
     pub bpf_map_sizes: MapSizes,
@@ -169,6 +170,53 @@ pub struct PolicyEnforcementConfig {
     pub conntrack_gc_seconds: u64,
     /// Policy verdict and drop events from the datapath.
     pub events: PolicyEventsConfig,
+    /// Which allow verdicts the datapath reports (drops always are).
+    pub allow_events: AllowEventsConfig,
+}
+
+/// Which allow verdicts of new connections reach the events ring (`policy.allowEvents`),
+/// like Hubble's monitor aggregation. Drops and audit verdicts are always reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AllowEventsConfig {
+    pub mode: AllowEventsMode,
+    /// `aggregate`: at most one allow verdict per flow this often (seconds).
+    pub interval_seconds: u64,
+}
+
+/// `policy.allowEvents.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AllowEventsMode {
+    /// The first connection of a flow (endpoint, direction, peer identity, protocol,
+    /// destination port), then at most one per interval.
+    Aggregate,
+    /// Every new connection (the ring buffer on every new connection's path).
+    All,
+    /// None: only drops and audit verdicts.
+    DropsOnly,
+}
+
+impl AllowEventsConfig {
+    /// `policy_config.event_mode` and `event_interval_ns`.
+    pub fn datapath(&self) -> (u32, u64) {
+        use crate::bpf::maps::{POLICY_EVENTS_AGGREGATE, POLICY_EVENTS_ALL, POLICY_EVENTS_DROPS};
+        let mode = match self.mode {
+            AllowEventsMode::Aggregate => POLICY_EVENTS_AGGREGATE,
+            AllowEventsMode::All => POLICY_EVENTS_ALL,
+            AllowEventsMode::DropsOnly => POLICY_EVENTS_DROPS,
+        };
+        (mode, self.interval_seconds.saturating_mul(1_000_000_000))
+    }
+}
+
+impl Default for AllowEventsConfig {
+    fn default() -> Self {
+        Self {
+            mode: AllowEventsMode::Aggregate,
+            interval_seconds: 5,
+        }
+    }
 }
 
 /// What the agent keeps of the datapath's events (`policy.events`).
@@ -187,6 +235,7 @@ impl Default for PolicyEnforcementConfig {
             audit_mode: false,
             conntrack_gc_seconds: 30,
             events: PolicyEventsConfig::default(),
+            allow_events: AllowEventsConfig::default(),
         }
     }
 }
@@ -217,7 +266,7 @@ impl Default for AgentConfig {
             backoff: Backoff::default(),
             tunnel_device: "tendril_vxlan".to_string(),
             datapath_resync_seconds: 30,
-            datapath_debounce_millis: 50,
+            datapath_debounce_millis: 10,
             bpf_map_sizes: MapSizes::default(),
             policy: PolicyEnforcementConfig::default(),
             services: ServicesConfig::default(),

@@ -111,6 +111,10 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("CONNTRACK_MAX_ENTRIES", CONNTRACK_MAX_ENTRIES.into()),
         ("EVENTS_RING_BYTES", EVENTS_RING_BYTES.into()),
         ("IPV4_FRAGS_MAX_ENTRIES", IPV4_FRAGS_MAX_ENTRIES.into()),
+        ("POLICY_FLOWS_MAX_ENTRIES", POLICY_FLOWS_MAX_ENTRIES.into()),
+        ("POLICY_EVENTS_AGGREGATE", POLICY_EVENTS_AGGREGATE.into()),
+        ("POLICY_EVENTS_ALL", POLICY_EVENTS_ALL.into()),
+        ("POLICY_EVENTS_DROPS", POLICY_EVENTS_DROPS.into()),
     ];
     for r in Reserved::ALL {
         let name = match r {

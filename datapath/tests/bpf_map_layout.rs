@@ -105,8 +105,20 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
                 policy_revision,
                 flags,
                 pad,
-                packets
+                packets,
+                policy_epoch,
+                pad2
             ]
+        ),
+        layout!(
+            "policy_config",
+            PolicyConfig,
+            [epoch, event_mode, event_interval_ns]
+        ),
+        layout!(
+            "policy_flow_key",
+            PolicyFlowKey,
+            [peer_identity, endpoint_id, dport, dir, proto, verdict, pad]
         ),
         layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
         layout!("frag4_ports", Frag4Ports, [sport, dport]),

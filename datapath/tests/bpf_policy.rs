@@ -716,6 +716,141 @@ fn events_carry_the_verdict_identities_and_tuple() {
 }
 
 #[test]
+fn allow_verdicts_are_aggregated_per_flow_and_drops_always_reported() {
+    use tendril_datapath::bpf::maps::{
+        POLICY_EVENTS_AGGREGATE, POLICY_EVENTS_ALL, POLICY_EVENTS_DROPS,
+    };
+    let mut node = node();
+    apply(
+        &mut node,
+        &[(rule(EP_B, IN, ID_NATIVE, PROTO_TCP, 80, 16), Verdict::Allow)],
+        &[(EP_B, state(1, POLICY_F_DEFAULT_DENY_INGRESS))],
+    );
+    let syn = |sport| tcp(NATIVE_POD, sport, POD_B, 80, TCP_SYN);
+    let denied = |sport| udp(NATIVE_POD, sport, POD_B, 81);
+    let kinds = |node: &Node| {
+        events(node)
+            .into_iter()
+            .map(|e| (e.kind, e.sport))
+            .collect::<Vec<_>>()
+    };
+    let (verdict, drop) = (EventKind::PolicyVerdict, EventKind::Drop);
+
+    // Aggregate (a minute): the flow's first connection only; every drop.
+    node.dataplane
+        .policy
+        .set_event_settings(POLICY_EVENTS_AGGREGATE, 60_000_000_000)
+        .unwrap();
+    for sport in 1000..1003 {
+        assert_eq!(netdev_in(&node, &syn(sport)), TC_ACT_REDIRECT);
+        assert_eq!(netdev_in(&node, &denied(sport)), TC_ACT_SHOT);
+    }
+    assert_eq!(
+        kinds(&node),
+        [(verdict, 1000), (drop, 1000), (drop, 1001), (drop, 1002)]
+    );
+    // Another port is another flow.
+    apply(
+        &mut node,
+        &[
+            (rule(EP_B, IN, ID_NATIVE, PROTO_TCP, 80, 16), Verdict::Allow),
+            (
+                rule(EP_B, IN, ID_NATIVE, PROTO_TCP, 8080, 16),
+                Verdict::Allow,
+            ),
+        ],
+        &[(EP_B, state(2, POLICY_F_DEFAULT_DENY_INGRESS))],
+    );
+    assert_eq!(
+        netdev_in(&node, &tcp(NATIVE_POD, 1003, POD_B, 8080, TCP_SYN)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(netdev_in(&node, &syn(1004)), TC_ACT_REDIRECT);
+    assert_eq!(kinds(&node), [(verdict, 1003)]);
+
+    // All: every new connection.
+    node.dataplane
+        .policy
+        .set_event_settings(POLICY_EVENTS_ALL, 0)
+        .unwrap();
+    assert_eq!(netdev_in(&node, &syn(1005)), TC_ACT_REDIRECT);
+    assert_eq!(netdev_in(&node, &syn(1006)), TC_ACT_REDIRECT);
+    assert_eq!(kinds(&node), [(verdict, 1005), (verdict, 1006)]);
+
+    // Drops only: no allow verdict, still the drops.
+    node.dataplane
+        .policy
+        .set_event_settings(POLICY_EVENTS_DROPS, 0)
+        .unwrap();
+    assert_eq!(
+        netdev_in(&node, &tcp(NATIVE_POD, 1007, POD_B, 8080, TCP_SYN)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(netdev_in(&node, &denied(1007)), TC_ACT_SHOT);
+    assert_eq!(kinds(&node), [(drop, 1007)]);
+    // The epoch is the policy step's, never touched by the event settings.
+    let config = node.dataplane.policy.config().unwrap();
+    assert_eq!(config.event_mode, POLICY_EVENTS_DROPS);
+    assert!(config.epoch >= 2, "{config:?}");
+}
+
+#[test]
+fn established_connections_skip_policy_state_until_the_epoch_moves() {
+    let mut node = node();
+    let https = (rule(EP_A, EG, ID_WORLD, PROTO_TCP, 443, 16), Verdict::Allow);
+    let deny_eg = POLICY_F_DEFAULT_DENY_EGRESS;
+    apply(&mut node, &[https], &[(EP_A, state(1, deny_eg))]);
+    let epoch = node.dataplane.policy.config().unwrap().epoch;
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, WORLD, 443, TCP_SYN)),
+        TC_ACT_OK
+    );
+    let stamp = |node: &Node| {
+        let (_, v) = node
+            .dataplane
+            .conntrack
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.dir == EG as u8)
+            .unwrap();
+        (v.policy_revision, v.policy_epoch)
+    };
+    assert_eq!(stamp(&node), (1, epoch));
+    // Entries change, the revision does not: no new epoch, nothing re-judged.
+    apply(&mut node, &[], &[(EP_A, state(1, deny_eg))]);
+    assert_eq!(node.dataplane.policy.config().unwrap().epoch, epoch);
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, WORLD, 443, TCP_ACK)),
+        TC_ACT_OK
+    );
+    // Another endpoint's revision moves the epoch: the connection's revision is compared
+    // once (unchanged: it passes and is stamped with the new epoch).
+    apply(
+        &mut node,
+        &[],
+        &[(EP_A, state(1, deny_eg)), (EP_B, state(7, 0))],
+    );
+    let moved = node.dataplane.policy.config().unwrap().epoch;
+    assert_ne!(moved, epoch);
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, WORLD, 443, TCP_ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(stamp(&node), (1, moved));
+    // Its own revision moves: re-judged against the (now empty) policy and dropped.
+    apply(
+        &mut node,
+        &[],
+        &[(EP_A, state(2, deny_eg)), (EP_B, state(7, 0))],
+    );
+    assert_eq!(
+        out_of_a(&node, &tcp(POD_A, 40000, WORLD, 443, TCP_ACK)),
+        TC_ACT_SHOT
+    );
+}
+
+#[test]
 fn a_full_ring_buffer_counts_lost_events() {
     let sizes = MapSizes {
         events: 4096,

@@ -2,10 +2,14 @@
 //! `ClusterNetworkPolicy`, and `Identity` → one `ResolvedPolicy` per cluster identity.
 //!
 //! Shaped like linkerd2's policy controller: the process's shared caches feed the stores and
-//! every change pokes one [`singleton`](runtime::singleton); each reconcile waits for a
-//! quiet moment ([`ChangeClock`]), then reads the stores whole, runs the pure
-//! [`resolve::resolve`], and [`plan::plan`] decides which `ResolvedPolicy` objects to write
-//! (numbered by [`runtime::revisions`]). Nothing is written before every store has
+//! every change pokes one [`singleton`](runtime::singleton). The reconcile starts at once
+//! on the first change (leading edge, no quiet period); changes arriving while it runs are
+//! coalesced by the controller into the one reconcile that follows (the [`ChangeClock`]
+//! only keeps the time of the oldest for the annotation). It reads the stores whole and
+//! runs the incremental [`resolve::Resolver`] (only the sources that changed are
+//! translated again and only the identities they can affect are combined again), and
+//! [`plan::plan`] decides which `ResolvedPolicy` objects to write (numbered by
+//! [`runtime::revisions`]). Nothing is written before every store has
 //! completed its first list, so a restarting operator never publishes a policy from a
 //! partial view.
 //!
@@ -61,24 +65,19 @@ pub const NAME: &str = "policy";
 /// its revision (RFC 3339, microseconds, UTC). The agent's implementation delay starts here.
 pub use tendril_crds::facts::annotations::POLICY_CHANGED_AT as CHANGED_AT_ANNOTATION;
 
-/// `ResolvedPolicy` writes in flight at once.
-const WRITE_CONCURRENCY: usize = 16;
-
 /// `policy` in config/operator.yaml.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// Quiet time after a change before resolving, so a burst of changes is one resolve.
-    pub debounce_millis: u64,
-    /// A steady stream of changes is resolved at least this long after its first change.
-    pub max_delay_millis: u64,
+    /// `ResolvedPolicy` writes in flight at once (a change of a policy selecting many
+    /// identities writes one object per identity).
+    pub write_concurrency: usize,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
-            debounce_millis: 100,
-            max_delay_millis: 1000,
+            write_concurrency: 16,
         }
     }
 }
@@ -183,6 +182,8 @@ struct Policy {
     client: kube::Client,
     stores: Stores,
     changes: ChangeClock,
+    resolver: Mutex<resolve::Resolver>,
+    write_concurrency: usize,
     /// The last spec written per identity (the store may lag behind our own writes), or
     /// deleted by someone else (put back with a higher revision).
     written: Revisions<i64, ResolvedPolicySpec>,
@@ -201,8 +202,8 @@ impl Reconciler for Policy {
 
     async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
         self.stores.ready().await?;
-        // A burst of changes (kubectl apply -f dir/) becomes one resolve.
-        self.changes.settled().await;
+        // No waiting: changes arriving from here on are handled by the next reconcile,
+        // which the controller runs once after this one however many there were.
         let changed_at = self.changes.take();
         let result = self.resolve_and_write(changed_at).await;
         if result.is_err() {
@@ -217,12 +218,23 @@ impl Policy {
         let identities = self.stores.identities();
         let sources = self.stores.sources();
         let started = Instant::now();
-        let resolution = resolve::resolve(&identities, &sources);
+        let (current, deleted) = self.current();
+        // The resolution stays in the resolver (its memory for the next change); what is
+        // written and reported is taken out of it.
+        let (resolution, plan, work, resolved_policies) = {
+            let mut resolver = self.resolver.lock().unwrap_or_else(|p| p.into_inner());
+            let work = resolver.resolve(&identities, &sources);
+            let full = resolver.resolution();
+            let plan = plan::plan(full, &current, &deleted);
+            let resolution = Resolution {
+                policies: BTreeMap::new(),
+                sources: full.sources.clone(),
+            };
+            (resolution, plan, work, full.policies.len())
+        };
         let took = started.elapsed();
         self.metrics.resolve_seconds.observe(took.as_secs_f64());
-        self.metrics
-            .resolved_policies
-            .set(resolution.policies.len() as i64);
+        self.metrics.resolved_policies.set(resolved_policies as i64);
         for kind in [KIND_KUBERNETES, KIND_NAMESPACED, KIND_CLUSTER] {
             let invalid = resolution
                 .sources
@@ -237,11 +249,11 @@ impl Policy {
                 .set(invalid as i64);
         }
 
-        let (current, deleted) = self.current();
-        let plan = plan::plan(&resolution, &current, &deleted);
         debug!(
-            identities = resolution.policies.len(),
+            identities = resolved_policies,
             sources = resolution.sources.len(),
+            translated = work.translated,
+            combined = work.combined,
             writes = plan.apply.len(),
             deletes = plan.delete.len(),
             resolve_ms = took.as_secs_f64() * 1e3,
@@ -267,7 +279,7 @@ impl Policy {
                     (spec, res)
                 }
             })
-            .buffer_unordered(WRITE_CONCURRENCY)
+            .buffer_unordered(self.write_concurrency.max(1))
             .collect::<Vec<_>>()
             .await;
         for (spec, res) in writes {
@@ -545,10 +557,9 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
     let client = ctx.client.clone();
     let caches = Caches::new(&ctx.caches);
     let stores = caches.stores();
-    let changes = ChangeClock::new(
-        Duration::from_millis(config.debounce_millis),
-        Duration::from_millis(config.max_delay_millis),
-    );
+    // Never waits (no quiet period, no cap): it only remembers when the oldest change not
+    // yet handled was observed.
+    let changes = ChangeClock::new(Duration::ZERO, Duration::ZERO);
     let written = Revisions::default();
     // A change of intent (a policy) or of identities: starts the clock.
     fn observed<K>(
@@ -557,9 +568,9 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         singleton::on_change(NAME, Some(clock))
     }
 
-    // The first resolve (and /readyz) waits for a complete view. No debounce in the
-    // scheduler (it would postpone the resolve for as long as changes keep coming); the
-    // reconcile waits for a quiet moment itself (ChangeClock::settled).
+    // The first resolve (and /readyz) waits for a complete view. No debounce anywhere:
+    // the controller runs one reconcile per object at a time and folds the triggers that
+    // arrive meanwhile into the next one (leading edge, then coalescing).
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(caches.kubernetes.trigger(), observed(&changes))
         .watches_stream(caches.namespaced.trigger(), observed(&changes))
@@ -575,6 +586,8 @@ pub async fn run(ctx: runtime::Context, config: PolicyConfig) -> anyhow::Result<
         client: client.clone(),
         stores,
         changes,
+        resolver: Mutex::default(),
+        write_concurrency: config.write_concurrency,
         written,
         reported: Mutex::default(),
         recorder: Recorder::new(

@@ -5,7 +5,9 @@
  * replies travel the opposite direction, so a packet is a reply when its
  * reversed tuple is known under the opposite direction. Entries carry the
  * policy revision they were judged under: a forward packet under another
- * revision is judged again (CT_STALE). Expiry is the agent's garbage
+ * revision is judged again (CT_STALE). The revision is only compared when the
+ * node's policy epoch moved since the entry was stamped (CT_CHECK), so an
+ * established packet costs one conntrack lookup and no policy lookup. Expiry is the agent's garbage
  * collection (Dataplane::conntrack_gc) on last_seen_ns. */
 #pragma once
 
@@ -16,6 +18,7 @@
 #define CT_REPLY 2
 #define CT_RELATED 3 /* ICMP error about a tracked connection */
 #define CT_STALE 4 /* forward packet judged under another revision (or audit) */
+#define CT_CHECK 5 /* forward packet stamped with an older epoch: compare its revision */
 
 /* last_seen_ns is written at most this often per entry: the shortest
  * timeout the GC applies is 10 s. */
@@ -66,7 +69,7 @@ static __always_inline void ct_touch(struct ct_value *entry, const struct l4_inf
  * receives the key a new entry of this packet would have; `entry` the
  * forward entry of an established or stale connection. */
 static __always_inline int ct_lookup4(const struct l4_info *l4, __u8 dir, __u16 endpoint_id,
-				      __u32 revision, int audit, __u64 now, struct ct_key *fwd,
+				      __u32 epoch, int audit, __u64 now, struct ct_key *fwd,
 				      struct ct_value **entry)
 {
 	__u8 opposite = dir_opposite(dir);
@@ -95,13 +98,17 @@ static __always_inline int ct_lookup4(const struct l4_info *l4, __u8 dir, __u16 
 	if (found) {
 		ct_touch(found, l4, now, 0);
 		*entry = found;
-		if (found->policy_revision != revision || ((found->flags & CT_F_AUDIT) && !audit))
+		if ((found->flags & CT_F_AUDIT) && !audit)
 			return CT_STALE;
 		/* A new SYN on a closed tuple starts a new connection. */
 		if ((found->flags & CT_F_CLOSING) && l4->proto == IPPROTO_TCP &&
 		    (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 			return CT_STALE;
-		return CT_ESTABLISHED;
+		/* No revision changed since the entry was judged (or last
+		 * checked): established without looking at policy_state. */
+		if (found->policy_epoch == epoch)
+			return CT_ESTABLISHED;
+		return CT_CHECK;
 	}
 	ct_key_fill(&rev, l4->daddr, l4->saddr, l4->dport, l4->sport, l4->proto, opposite,
 		    endpoint_id);
@@ -129,13 +136,14 @@ static __always_inline int ct_starts_connection(const struct l4_info *l4)
 	return (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-static __always_inline void ct_create(const struct ct_key *key, __u32 revision, __u8 flags,
-				      __u64 now)
+static __always_inline void ct_create(const struct ct_key *key, __u32 revision, __u32 epoch,
+				      __u8 flags, __u64 now)
 {
 	struct ct_value value = {
 		.created_ns = now,
 		.last_seen_ns = now,
 		.policy_revision = revision,
+		.policy_epoch = epoch,
 		.flags = flags,
 		.packets = 1,
 	};

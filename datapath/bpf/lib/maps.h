@@ -147,6 +147,37 @@ struct ct_value {
 	__u8 flags;
 	__u8 pad[3];
 	__u64 packets;
+	/* policy_config.epoch when the entry was last known to match the
+	 * endpoint's revision: while it still equals the current epoch, no
+	 * policy_state lookup is needed (see policy_enforce). */
+	__u32 policy_epoch;
+	__u32 pad2;
+};
+
+/* policy_config: one entry (index 0) written by the agent's policy step.
+ * epoch: bumped after every change of a policy_state revision, so an
+ * established connection stamped with the current epoch needs no policy
+ * lookup at all. event_mode / event_interval_ns: which allow verdicts reach
+ * the events ring (drops and audit verdicts always do). */
+#define POLICY_EVENTS_AGGREGATE 0 /* first packet of a flow, then at most every interval */
+#define POLICY_EVENTS_ALL 1 /* every new connection */
+#define POLICY_EVENTS_DROPS 2 /* no allow verdicts */
+struct policy_config {
+	__u32 epoch;
+	__u32 event_mode;
+	__u64 event_interval_ns;
+};
+
+/* policy_flows: LRU hash, the last allow verdict reported per flow (an
+ * aggregate of connections: the source port is not part of it). */
+struct policy_flow_key {
+	__u32 peer_identity;
+	__u16 endpoint_id;
+	__u16 dport; /* host order */
+	__u8 dir;
+	__u8 proto;
+	__u8 verdict;
+	__u8 pad;
 };
 
 /* events: ring buffer of policy verdicts (new connections) and every drop. */
@@ -202,6 +233,7 @@ struct frag4_ports {
 #define CONNTRACK_MAX_ENTRIES 262144
 #define EVENTS_RING_BYTES (256 * 1024)
 #define IPV4_FRAGS_MAX_ENTRIES 8192
+#define POLICY_FLOWS_MAX_ENTRIES 65536
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -275,6 +307,22 @@ struct {
 	__uint(max_entries, EVENTS_RING_BYTES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct policy_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct policy_flow_key);
+	__type(value, __u64);
+	__uint(max_entries, POLICY_FLOWS_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_flows SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -5,15 +5,22 @@
  * peer's security identity and the packet's tuple.
  *
  * Per packet: conntrack first. A reply or related ICMP error of a tracked
- * connection, or a forward packet judged under the current policy revision,
- * passes without a policy lookup. Otherwise (new connection, or stale
+ * connection, or a forward packet stamped with the current policy epoch
+ * (policy_config), passes without any policy lookup; one stamped with an older
+ * epoch is compared with its endpoint's revision (policy_state) once, then
+ * stamped again. Otherwise (new connection, or stale
  * revision) the policy decides: three LPM lookups in `policy` — the peer's
  * identity, the node-local CIDR identity of the peer's address (from
  * `policy_cidrs`), and 0 (any peer); any DENY wins, else any ALLOW allows,
  * else the endpoint's default for the direction. An endpoint without a
  * `policy_state` entry has no policy: everything passes (still tracked).
  * In audit mode (NODE_F_POLICY_AUDIT) a would-be drop is counted as
- * REASON_POLICY_AUDIT, reported with verdict audit, and passes. */
+ * REASON_POLICY_AUDIT, reported with verdict audit, and passes.
+ *
+ * Events: drops and audit verdicts are always reported; allow verdicts as
+ * policy_config.event_mode says (by default aggregated per flow: the first
+ * connection of (endpoint, direction, peer, protocol, port), then at most one
+ * per event_interval_ns), so the ring buffer is off the new-connection path. */
 #pragma once
 
 #include "conntrack.h"
@@ -118,6 +125,43 @@ deny:
 	d->reason = DROP_POLICY_DENY;
 }
 
+static __always_inline struct policy_config *lookup_policy_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&policy_config, &zero);
+}
+
+/* Whether an allow verdict is reported (aggregation, see the top). */
+static __always_inline int policy_allow_reported(const struct policy_config *pcfg,
+						 const struct endpoint_info *ep, __u8 dir,
+						 __u32 peer, const struct l4_info *l4,
+						 __u8 verdict, __u64 now)
+{
+	struct policy_flow_key key = {
+		.peer_identity = peer,
+		.endpoint_id = ep->endpoint_id,
+		.dport = l4->dport,
+		.dir = dir,
+		.proto = l4->proto,
+		.verdict = verdict,
+	};
+	__u64 *last;
+
+	if (!pcfg || pcfg->event_mode == POLICY_EVENTS_ALL)
+		return 1;
+	if (pcfg->event_mode == POLICY_EVENTS_DROPS)
+		return 0;
+	last = bpf_map_lookup_elem(&policy_flows, &key);
+	if (last && now - *last < pcfg->event_interval_ns)
+		return 0;
+	if (last)
+		*last = now;
+	else
+		bpf_map_update_elem(&policy_flows, &key, &now, BPF_ANY);
+	return 1;
+}
+
 static __always_inline void policy_report(struct __sk_buff *skb, const struct l4_info *l4,
 					  const struct endpoint_info *ep, __u8 dir, __u32 peer,
 					  __u8 type, __u8 reason, const struct policy_decision *d,
@@ -152,6 +196,11 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 {
 	struct policy_decision d = {};
 	struct node_config *cfg = lookup_node_config();
+	/* Read before policy_state: the agent bumps the epoch after the revisions,
+	 * so an entry is never stamped with an epoch newer than the revision it
+	 * was compared with. */
+	struct policy_config *pcfg = lookup_policy_config();
+	__u32 epoch = pcfg ? pcfg->epoch : 0;
 	int audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);
 	__u16 endpoint_id = ep->endpoint_id;
 	struct policy_state *state;
@@ -162,12 +211,20 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 	__u8 ct_flags = 0;
 	int ct;
 
-	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
-	revision = state ? state->revision : 0;
 	__builtin_memset(&key, 0, sizeof(key));
-	ct = ct_lookup4(l4, dir, endpoint_id, revision, audit, now, &key, &entry);
+	ct = ct_lookup4(l4, dir, endpoint_id, epoch, audit, now, &key, &entry);
 	if (ct == CT_ESTABLISHED || ct == CT_REPLY || ct == CT_RELATED)
 		return POLICY_ALLOW;
+
+	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
+	revision = state ? state->revision : 0;
+	if (ct == CT_CHECK) {
+		if (entry && entry->policy_revision == revision) {
+			entry->policy_epoch = epoch;
+			return POLICY_ALLOW;
+		}
+		ct = CT_STALE;
+	}
 
 	policy_decide(state, endpoint_id, dir, peer, dir == DIR_INGRESS ? l4->saddr : l4->daddr, l4,
 		      &d);
@@ -187,16 +244,18 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 	}
 	if (ct == CT_STALE && entry) {
 		entry->policy_revision = revision;
+		entry->policy_epoch = epoch;
 		/* A SYN reusing a closed tuple starts afresh. */
 		if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & TCP_FLAG_SYN))
 			entry->flags = ct_flags;
 		else
 			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
 	} else if (!l4->icmp_error && ct_starts_connection(l4)) {
-		ct_create(&key, revision, ct_flags, now);
+		ct_create(&key, revision, epoch, ct_flags, now);
 	}
 	/* reason: 0 for an allow; the drop reason audit mode waived. */
-	if (state)
+	if (state && (d.verdict == EVENT_VERDICT_AUDIT ||
+		      policy_allow_reported(pcfg, ep, dir, peer, l4, d.verdict, now)))
 		policy_report(skb, l4, ep, dir, peer, EVENT_POLICY_VERDICT, d.reason, &d, now);
 	return POLICY_ALLOW;
 }

@@ -1,4 +1,6 @@
-//! The loop every agent reconciler runs: a pass, then wait for a change (debounced), the
+//! The loop every agent reconciler runs: a pass, then wait for a change (leading edge: the
+//! first change after a quiet time starts a pass at once; passes start at least `debounce`
+//! apart, so the changes of a burst arriving meanwhile are coalesced into the next), the
 //! resync period, or — after a failed pass — the configured `backoff` (agent.yaml), the same
 //! jittered exponential curve the operator's harness uses.
 
@@ -24,7 +26,8 @@ pub enum PassOutcome {
 pub struct LoopTiming {
     /// At least this often even without a change.
     pub resync: Duration,
-    /// Changes arriving within this window after the first are handled in one pass.
+    /// Passes start at least this far apart; the first change after a quiet time is
+    /// handled at once, those arriving within the window are handled together by the next.
     pub debounce: Duration,
     /// Retry curve after failed passes.
     pub backoff: Backoff,
@@ -52,11 +55,16 @@ pub trait NodeLoop: Send {
     fn realized(&mut self, _delay: Duration) {}
 }
 
-/// Runs `node`'s passes forever: after a change of `wake` (plus the debounce), the resync
+/// Runs `node`'s passes forever: after a change of `wake` (no sooner than `debounce` after
+/// the previous pass started), the resync
 /// period, or a failure's backoff. Cancel by dropping the future.
 pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
     let mut failures: u32 = 0;
     loop {
+        let pass_started = tokio::time::Instant::now();
+        // This pass handles every change so far: a wakeup they left pending would only
+        // cause an empty pass (a change from now on leaves a new one).
+        let _ = futures::FutureExt::now_or_never(wake.notified());
         let started = wake.take_since();
         let outcome = node.pass().await;
         match outcome {
@@ -77,8 +85,9 @@ pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
-        // Coalesce a burst of changes into one pass.
-        tokio::time::sleep(timing.debounce).await;
+        // Within a burst, the changes arriving meanwhile are coalesced into one pass; after
+        // a quiet time this does not wait at all.
+        tokio::time::sleep_until(pass_started + timing.debounce).await;
     }
 }
 
@@ -191,9 +200,20 @@ mod tests {
             wake.touch();
             tokio::time::sleep(Duration::from_secs(1)).await;
             assert_eq!(starts.lock().unwrap().len(), 2, "a change wakes it");
-            let delays = delays.lock().unwrap().clone();
-            assert_eq!(delays.len(), 1);
-            assert!(delays[0] >= Duration::from_millis(50), "{delays:?}");
+            // Leading edge: after a quiet second the change is handled at once…
+            let first = delays.lock().unwrap().clone();
+            assert_eq!(first.len(), 1);
+            assert!(first[0] < Duration::from_millis(5), "{first:?}");
+            // …and a burst right after a pass is coalesced into one pass, no sooner than
+            // the debounce after the previous one started.
+            wake.touch();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            wake.touch();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            wake.touch();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let all = starts.lock().unwrap().clone();
+            assert_eq!(all.len(), 4, "{all:?}");
         };
         tokio::select! {
             _ = run => unreachable!(),

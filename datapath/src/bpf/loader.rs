@@ -694,7 +694,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 20] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 22] {
     use std::mem::size_of;
     [
         (
@@ -754,6 +754,20 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             sizes.conntrack,
         ),
         (maps::EVENTS, MapType::RingBuf, 0, 0, sizes.events),
+        (
+            maps::POLICY_CONFIG,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<maps::PolicyConfig>(),
+            1,
+        ),
+        (
+            maps::POLICY_FLOWS,
+            MapType::LruHash,
+            size_of::<maps::PolicyFlowKey>(),
+            size_of::<u64>(),
+            maps::POLICY_FLOWS_MAX_ENTRIES,
+        ),
         (
             maps::IPV4_FRAGS,
             MapType::LruHash,

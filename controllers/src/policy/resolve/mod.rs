@@ -32,7 +32,7 @@ use canonical::{Rule, canonical};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kubernetes::kubernetes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tendril::tendril;
 use tendril_crds::v1alpha1::{
@@ -76,7 +76,7 @@ pub struct Sources {
 }
 
 /// The outcome of one resolve.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resolution {
     /// Every identity >= 256 in the input → its spec (revision 0; the reconciler numbers it).
     pub policies: BTreeMap<i64, ResolvedPolicySpec>,
@@ -107,72 +107,235 @@ impl std::fmt::Display for Invalid {
     }
 }
 
-/// Resolves every policy against every identity.
+/// Resolves every policy against every identity, from scratch.
 pub fn resolve(identities: &BTreeMap<i64, Labels>, sources: &Sources) -> Resolution {
-    let mut index = IdentityIndex::new(identities, MIN_CLUSTER_IDENTITY);
-    let mut compiled: Vec<Compiled> = Vec::new();
-    let mut outcomes: Vec<(PolicySource, Result<usize, Invalid>)> = Vec::new();
-    let mut record = |source: PolicySource, result: Result<Compiled, Invalid>| match result {
-        Ok(c) => {
-            outcomes.push((source, Ok(c.subjects.len())));
-            compiled.push(c);
-        }
-        Err(e) => outcomes.push((source, Err(e))),
-    };
-    for np in &sources.kubernetes {
-        let source = source_of(KIND_KUBERNETES, np.namespace(), np);
-        let result = kubernetes(np, &mut index, source.clone());
-        record(source, result);
-    }
-    for np in &sources.namespaced {
-        let source = source_of(KIND_NAMESPACED, np.namespace(), np);
-        let ns = np.namespace().unwrap_or_else(|| "default".to_string());
-        let result = tendril(&np.spec, Some(&ns), &mut index, source.clone());
-        record(source, result);
-    }
-    for np in &sources.cluster {
-        let source = source_of(KIND_CLUSTER, None, np);
-        // Both kinds share one spec shape (see crds/src/v1alpha1/network_policy.rs).
-        let spec = NetworkPolicySpec {
-            description: np.spec.description.clone(),
-            endpoint_selector: np.spec.endpoint_selector.clone(),
-            node_selector: np.spec.node_selector.clone(),
-            ingress: np.spec.ingress.clone(),
-            ingress_deny: np.spec.ingress_deny.clone(),
-            egress: np.spec.egress.clone(),
-            egress_deny: np.spec.egress_deny.clone(),
-            enable_default_deny: np.spec.enable_default_deny.clone(),
-        };
-        let result = tendril(&spec, None, &mut index, source.clone());
-        record(source, result);
-    }
-    outcomes.sort_by(|a, b| source_key(&a.0).cmp(&source_key(&b.0)));
+    let mut resolver = Resolver::default();
+    resolver.resolve(identities, sources);
+    resolver.last
+}
 
-    // Which policies select each identity; identities selected by the same policies get
-    // the same spec, computed once.
-    let mut selecting: BTreeMap<i64, Vec<u32>> =
-        index.all().iter().map(|&id| (id, Vec::new())).collect();
-    for (i, c) in compiled.iter().enumerate() {
-        for id in c.subjects.iter() {
-            if let Some(list) = selecting.get_mut(id) {
-                list.push(i as u32);
+/// `(kind, namespace, name)`: a source's place in `Resolution::sources`.
+type SourceKey = (PolicySourceKind, Option<String>, String);
+
+/// What a source's translation depends on besides the identities: its resourceVersion
+/// when it has one (objects from the API: no need to copy and compare a 10,000-rule spec),
+/// else the spec itself.
+#[derive(Clone, Debug, PartialEq)]
+enum Input {
+    Version(String),
+    Kubernetes(Option<k8s_openapi::api::networking::v1::NetworkPolicySpec>),
+    Tendril(NetworkPolicySpec),
+}
+
+impl Input {
+    fn of<K: kube::Resource>(obj: &K, spec: impl FnOnce() -> Input) -> Input {
+        match &obj.meta().resource_version {
+            Some(v) => Input::Version(v.clone()),
+            None => spec(),
+        }
+    }
+}
+
+/// One source as last translated.
+struct Translated {
+    input: Input,
+    source: PolicySource,
+    result: Result<Arc<Compiled>, Invalid>,
+}
+
+impl Translated {
+    fn subjects(&self) -> &[i64] {
+        self.result.as_ref().map_or(&[], |c| &c.subjects)
+    }
+}
+
+/// What one resolve had to redo, for logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResolveWork {
+    /// Sources translated again (the others' translations reused).
+    pub translated: usize,
+    /// Identities whose spec was combined again (the others' reused).
+    pub combined: usize,
+}
+
+/// The resolver with memory: keeps every source's translation and the last resolution, so
+/// a change re-translates only the sources that changed (every source when the identities
+/// changed: any selector may choose differently) and re-combines only the identities whose
+/// spec can differ: the subjects, before and after, of every source whose translation
+/// changed, and the identities that appeared or whose labels changed. Equal to
+/// [`resolve`] on the same input (a property test checks it over sequences of changes).
+#[derive(Default)]
+pub struct Resolver {
+    identities: BTreeMap<i64, Labels>,
+    translated: BTreeMap<SourceKey, Translated>,
+    last: Resolution,
+}
+
+impl Resolver {
+    /// The resolution of `identities` and `sources`.
+    pub fn resolution(&self) -> &Resolution {
+        &self.last
+    }
+
+    /// Resolves `identities` and `sources` (then read [`Self::resolution`]), reusing what
+    /// the previous call computed wherever its inputs did not change.
+    pub fn resolve(
+        &mut self,
+        identities: &BTreeMap<i64, Labels>,
+        sources: &Sources,
+    ) -> ResolveWork {
+        let mut work = ResolveWork::default();
+        let identities_changed = *identities != self.identities;
+        // Identities whose spec may differ from the last resolution's.
+        let mut affected: BTreeSet<i64> = BTreeSet::new();
+        if identities_changed {
+            for (id, labels) in identities.range(MIN_CLUSTER_IDENTITY..) {
+                if self.identities.get(id) != Some(labels) {
+                    affected.insert(*id);
+                }
+            }
+            self.identities = identities.clone();
+        }
+        let mut index = IdentityIndex::new(identities, MIN_CLUSTER_IDENTITY);
+        let mut previous = std::mem::take(&mut self.translated);
+        let mut next: BTreeMap<SourceKey, Translated> = BTreeMap::new();
+        let mut step = |key: SourceKey,
+                        input: Input,
+                        source: PolicySource,
+                        index: &mut IdentityIndex,
+                        translate: &dyn Fn(
+            &mut IdentityIndex,
+            PolicySource,
+        ) -> Result<Compiled, Invalid>| {
+            let old = previous.remove(&key);
+            let reusable = old
+                .as_ref()
+                .is_some_and(|o| !identities_changed && o.input == input && o.source == source);
+            let translated = match old {
+                Some(old) if reusable => old,
+                old => {
+                    work.translated += 1;
+                    let result = translate(index, source.clone()).map(Arc::new);
+                    let fresh = Translated {
+                        input,
+                        source,
+                        result,
+                    };
+                    let same = old.as_ref().is_some_and(|o| o.result == fresh.result);
+                    if !same {
+                        affected.extend(fresh.subjects());
+                        if let Some(o) = &old {
+                            affected.extend(o.subjects());
+                        }
+                    }
+                    fresh
+                }
+            };
+            next.insert(key, translated);
+        };
+        for np in &sources.kubernetes {
+            let source = source_of(KIND_KUBERNETES, np.namespace(), np);
+            step(
+                key_of(&source),
+                Input::of(np, || Input::Kubernetes(np.spec.clone())),
+                source,
+                &mut index,
+                &|index, source| kubernetes(np, index, source),
+            );
+        }
+        for np in &sources.namespaced {
+            let source = source_of(KIND_NAMESPACED, np.namespace(), np);
+            let ns = np.namespace().unwrap_or_else(|| "default".to_string());
+            step(
+                key_of(&source),
+                Input::of(np, || Input::Tendril(np.spec.clone())),
+                source,
+                &mut index,
+                &|index, source| tendril(&np.spec, Some(&ns), index, source),
+            );
+        }
+        for np in &sources.cluster {
+            let source = source_of(KIND_CLUSTER, None, np);
+            // Both kinds share one spec shape (see crds/src/v1alpha1/network_policy.rs).
+            let spec = || NetworkPolicySpec {
+                description: np.spec.description.clone(),
+                endpoint_selector: np.spec.endpoint_selector.clone(),
+                node_selector: np.spec.node_selector.clone(),
+                ingress: np.spec.ingress.clone(),
+                ingress_deny: np.spec.ingress_deny.clone(),
+                egress: np.spec.egress.clone(),
+                egress_deny: np.spec.egress_deny.clone(),
+                enable_default_deny: np.spec.enable_default_deny.clone(),
+            };
+            step(
+                key_of(&source),
+                Input::of(np, || Input::Tendril(spec())),
+                source,
+                &mut index,
+                &|index, source| tendril(&spec(), None, index, source),
+            );
+        }
+        // Sources gone: their subjects lose them.
+        for gone in previous.values() {
+            affected.extend(gone.subjects());
+        }
+        self.translated = next;
+
+        // Which sources select each affected identity (in key order; the combination does
+        // not depend on it); identities selected by the same sources get the same spec,
+        // computed once.
+        let compiled: Vec<&Arc<Compiled>> = self
+            .translated
+            .values()
+            .filter_map(|t| t.result.as_ref().ok())
+            .collect();
+        let mut selecting: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for &id in index.all() {
+            if affected.contains(&id) || !self.last.policies.contains_key(&id) {
+                selecting.insert(id, Vec::new());
             }
         }
+        if !selecting.is_empty() {
+            for (i, c) in compiled.iter().enumerate() {
+                for id in c.subjects.iter() {
+                    if let Some(list) = selecting.get_mut(id) {
+                        list.push(i as u32);
+                    }
+                }
+            }
+        }
+        let mut memo: HashMap<&[u32], Arc<ResolvedPolicySpec>> = HashMap::new();
+        let mut policies = std::mem::take(&mut self.last.policies);
+        policies.retain(|id, _| identities.contains_key(id) && *id >= MIN_CLUSTER_IDENTITY);
+        for (id, list) in &selecting {
+            work.combined += 1;
+            let shared = memo.entry(list.as_slice()).or_insert_with(|| {
+                Arc::new(combine(list.iter().map(|&i| compiled[i as usize].as_ref())))
+            });
+            let mut spec = ResolvedPolicySpec::clone(shared);
+            spec.identity = *id;
+            policies.insert(*id, spec);
+        }
+        let sources = self
+            .translated
+            .values()
+            .map(|t| {
+                (
+                    t.source.clone(),
+                    t.result
+                        .as_ref()
+                        .map(|c| c.subjects.len())
+                        .map_err(Clone::clone),
+                )
+            })
+            .collect();
+        self.last = Resolution { policies, sources };
+        work
     }
-    let mut memo: HashMap<&[u32], Arc<ResolvedPolicySpec>> = HashMap::new();
-    let mut policies = BTreeMap::new();
-    for (id, list) in &selecting {
-        let shared = memo
-            .entry(list.as_slice())
-            .or_insert_with(|| Arc::new(combine(list.iter().map(|&i| &compiled[i as usize]))));
-        let mut spec = ResolvedPolicySpec::clone(shared);
-        spec.identity = *id;
-        policies.insert(*id, spec);
-    }
-    Resolution {
-        policies,
-        sources: outcomes,
-    }
+}
+
+fn key_of(s: &PolicySource) -> SourceKey {
+    (s.kind, s.namespace.clone(), s.name.clone())
 }
 
 fn source_of<K: kube::Resource>(
@@ -193,6 +356,7 @@ fn source_key(s: &PolicySource) -> (PolicySourceKind, Option<&str>, &str) {
 }
 
 /// One valid policy, translated: its subjects and what it says about them.
+#[derive(Debug, PartialEq)]
 struct Compiled {
     source: PolicySource,
     subjects: Arc<[i64]>,

@@ -56,6 +56,10 @@ pub fn realize_policy(
     cluster_ports: &policy::ClusterNamedPorts,
     last: Option<&policy::DesiredPolicy>,
 ) -> Result<PolicyRealization, DataplaneError> {
+    if last.is_none() {
+        // First pass, after a failure, or the periodic resync: read the maps back.
+        dp.policy.forget_known();
+    }
     let current_cidrs = dp.policy.cidrs()?;
     let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
     if last == Some(&wanted) {
@@ -206,6 +210,7 @@ impl PolicyMaps {
             .collect();
         let metrics = node.metrics.clone();
         let used = used.clone();
+        let (event_mode, event_interval_ns) = node.cfg.policy.allow_events.datapath();
         // Within a resync period, an unchanged translation is not converged again.
         let last = self
             .applied
@@ -228,6 +233,9 @@ impl PolicyMaps {
                 skipped,
             } = realize_policy(dp, &policy_subjects, &cluster_ports, last.as_deref())
                 .map_err(|e| StepFailure::new("MapReadFailed", e))?;
+            dp.policy
+                .set_event_settings(event_mode, event_interval_ns)
+                .map_err(|e| StepFailure::new("MapWriteFailed", e))?;
             // Once per process: it is a property of the datapath, not news.
             static IPV6_LOGGED: AtomicBool = AtomicBool::new(false);
             if wanted.skipped_ipv6 > 0 && !IPV6_LOGGED.swap(true, Ordering::Relaxed) {

@@ -19,6 +19,8 @@ pub const POLICY_CIDRS: &str = "policy_cidrs";
 pub const CONNTRACK: &str = "conntrack";
 pub const EVENTS: &str = "events";
 pub const IPV4_FRAGS: &str = "ipv4_frags";
+pub const POLICY_CONFIG: &str = "policy_config";
+pub const POLICY_FLOWS: &str = "policy_flows";
 /// The services maps of `bpf/lib/lb.h`.
 pub const LB_SERVICES: &str = "lb_services";
 pub const LB_BACKENDS: &str = "lb_backends";
@@ -43,6 +45,12 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Fragmented datagrams whose ports are remembered (LRU; not configurable).
 pub const IPV4_FRAGS_MAX_ENTRIES: u32 = 8192;
+/// Flows whose last reported allow verdict is remembered (LRU; not configurable).
+pub const POLICY_FLOWS_MAX_ENTRIES: u32 = 65_536;
+/// `policy_config.event_mode` (`POLICY_EVENTS_*`).
+pub const POLICY_EVENTS_AGGREGATE: u32 = 0;
+pub const POLICY_EVENTS_ALL: u32 = 1;
+pub const POLICY_EVENTS_DROPS: u32 = 2;
 pub const LB_SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const LB_BACKENDS_MAX_ENTRIES: u32 = 65_536;
 pub const LB_REVNAT_MAX_ENTRIES: u32 = 65_536;
@@ -425,6 +433,34 @@ pub struct CtValue {
     pub flags: u8,
     pub pad: [u8; 3],
     pub packets: u64,
+    /// The `policy_config.epoch` at which `policy_revision` was last known current.
+    pub policy_epoch: u32,
+    pub pad2: u32,
+}
+
+/// `struct policy_config`, the single entry of `policy_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyConfig {
+    /// Bumped after every change of a `policy_state` revision.
+    pub epoch: u32,
+    /// `POLICY_EVENTS_*`: which allow verdicts are reported.
+    pub event_mode: u32,
+    /// Aggregation: at most one allow verdict per flow this often.
+    pub event_interval_ns: u64,
+}
+
+/// `struct policy_flow_key`: one flow of the event aggregation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyFlowKey {
+    pub peer_identity: u32,
+    pub endpoint_id: u16,
+    pub dport: u16,
+    pub dir: u8,
+    pub proto: u8,
+    pub verdict: u8,
+    pub pad: u8,
 }
 
 /// `struct policy_event` as the programs write it into the `events` ring buffer; decoded by
@@ -672,6 +708,8 @@ unsafe impl aya::Pod for PolicyState {}
 unsafe impl aya::Pod for PolicyCidrValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for PolicyConfig {}
+unsafe impl aya::Pod for PolicyFlowKey {}
 unsafe impl aya::Pod for RawPolicyEvent {}
 unsafe impl aya::Pod for Frag4Key {}
 unsafe impl aya::Pod for Frag4Ports {}

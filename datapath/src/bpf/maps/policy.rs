@@ -11,15 +11,18 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, LpmTrie, MapData},
+    maps::{Array, HashMap, LpmTrie, Map, MapData},
 };
 use ipnet::IpNet;
 
 use super::{
-    layout::{self, IpcacheKey, PolicyCidrValue, PolicyKey, PolicyPrefix, PolicyValue},
+    layout::{
+        self, IpcacheKey, PolicyCidrValue, PolicyConfig, PolicyKey, PolicyPrefix, PolicyValue,
+    },
+    pinned::open_pin,
     pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, show_key},
     policy_order::{PolicyStep, interim_state_writes, policy_steps, policy_write_order},
-    report::{Diff, Failure, Op, Report, diff},
+    report::{Diff, Failure, MapWriteError, Op, Report, diff},
 };
 use crate::bpf::policy::{PolicyEntry, PolicyState, Verdict};
 
@@ -69,12 +72,37 @@ impl fmt::Display for PolicyItem {
     }
 }
 
-/// `policy`, `policy_state` and `policy_cidrs`.
-#[derive(Debug)]
+/// `policy`, `policy_state`, `policy_cidrs` and `policy_config`.
 pub struct PolicyMaps {
     entries: PinnedMap<PolicyKey, PolicyValue>,
     states: PinnedMap<u16, PolicyState>,
     cidrs: PinnedMap<IpcacheKey, PolicyCidrValue>,
+    /// `policy_config`: the epoch (bumped after revisions change, so the programs compare
+    /// an established connection's revision only then) and the event settings.
+    config: Array<MapData, PolicyConfig>,
+    /// A revision changed and the epoch was not bumped yet (its write failed): retried by
+    /// every convergence until it succeeds.
+    epoch_pending: bool,
+    /// What `policy` holds after the last convergence that wrote everything and pruned
+    /// (nothing else writes it): the next convergence diffs against this instead of reading
+    /// the map back, so a change costs its delta, not a read of every entry. Forgotten on
+    /// any failure and by [`Self::forget_known`] (the agent's periodic resync).
+    known_entries: Option<BTreeMap<PolicyKey, PolicyValue>>,
+}
+
+impl std::fmt::Debug for PolicyMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyMaps")
+            .field("entries", &self.entries)
+            .field("states", &self.states)
+            .field("cidrs", &self.cidrs)
+            .field("epoch_pending", &self.epoch_pending)
+            .field(
+                "known_entries",
+                &self.known_entries.as_ref().map(BTreeMap::len),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// A policy convergence, read and diffed, not yet applied.
@@ -92,6 +120,8 @@ struct EntriesPlan {
     cidrs_incomplete: bool,
     /// Endpoints whose interim state was written (and counted).
     interim_written: BTreeSet<u16>,
+    /// Some endpoint's revision changed (or its state went): the epoch must move.
+    revisions_changed: bool,
     prune: bool,
     report: Report<PolicyItem>,
 }
@@ -108,7 +138,72 @@ impl PolicyMaps {
             entries: PinnedMap::open(dir, layout::POLICY)?,
             states: PinnedMap::open(dir, layout::POLICY_STATE)?,
             cidrs: PinnedMap::open(dir, layout::POLICY_CIDRS)?,
+            config: {
+                let (data, _) = open_pin(dir, layout::POLICY_CONFIG)?;
+                Array::try_from(Map::Array(data)).map_err(|source| DataplaneError::Open {
+                    path: dir.join(layout::POLICY_CONFIG),
+                    source,
+                })?
+            },
+            // A restarted agent does not know whether its predecessor bumped the epoch
+            // after its last revision change: bump once.
+            epoch_pending: true,
+            known_entries: None,
         })
+    }
+
+    /// The next convergence reads `policy` back instead of trusting what it last wrote.
+    pub fn forget_known(&mut self) {
+        self.known_entries = None;
+    }
+
+    /// The `policy_config` entry.
+    pub fn config(&self) -> Result<PolicyConfig, DataplaneError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Read {
+                map: layout::POLICY_CONFIG,
+                source,
+            })
+    }
+
+    /// Sets which allow verdicts are reported (`POLICY_EVENTS_*`) and the aggregation
+    /// interval, keeping the epoch. Returns whether it was written.
+    pub fn set_event_settings(
+        &mut self,
+        mode: u32,
+        interval_ns: u64,
+    ) -> Result<bool, DataplaneError> {
+        let held = self.config()?;
+        let wanted = PolicyConfig {
+            event_mode: mode,
+            event_interval_ns: interval_ns,
+            ..held
+        };
+        if held == wanted {
+            return Ok(false);
+        }
+        self.write_config(&wanted)?;
+        Ok(true)
+    }
+
+    fn write_config(&mut self, config: &PolicyConfig) -> Result<(), DataplaneError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| MapWriteError::new(layout::POLICY_CONFIG, Op::Update, 1, e).into())
+    }
+
+    /// Moves the epoch if a revision changed since it last moved: only after it do the
+    /// programs compare established connections' revisions again.
+    fn bump_epoch(&mut self) -> Result<(), DataplaneError> {
+        if !self.epoch_pending {
+            return Ok(());
+        }
+        let mut config = self.config()?;
+        config.epoch = config.epoch.wrapping_add(1);
+        self.write_config(&config)?;
+        self.epoch_pending = false;
+        Ok(())
     }
 
     /// Fill levels of `policy`, `policy_state`, `policy_cidrs`.
@@ -227,6 +322,14 @@ impl PolicyMaps {
         for step in policy_steps(prune) {
             self.apply_step(step, &mut policy, cidr.as_mut());
         }
+        // After every revision write (step 6, 7): a connection stamped with the new epoch
+        // was compared with the new revision.
+        self.epoch_pending |= policy.revisions_changed;
+        let complete = prune
+            && policy.report.failed.is_empty()
+            && cidr.as_ref().is_none_or(|c| c.report.failed.is_empty());
+        self.known_entries = complete.then(|| std::mem::take(&mut policy.desired));
+        self.bump_epoch()?;
         let cidr_report = cidr.map(|c| c.report).unwrap_or_default();
         Ok((cidr_report, policy.report))
     }
@@ -275,6 +378,7 @@ impl PolicyMaps {
             }
             PolicyStep::FinalStates => self.final_states(plan, cidr.as_deref()),
             PolicyStep::DeleteStates => {
+                plan.revisions_changed |= !plan.stale_states.is_empty();
                 self.states
                     .delete_all(&mut plan.report, &plan.stale_states, PolicyItem::State);
             }
@@ -314,6 +418,10 @@ impl PolicyMaps {
                 None => Some((*id, Op::Add, *state)),
             })
             .collect();
+        // Revision 0 is what conntrack stamps while an endpoint has no state.
+        plan.revisions_changed |= writes.iter().any(|(id, _, state)| {
+            current.get(id).map_or(0, |held| held.revision) != state.revision
+        });
         // An endpoint whose interim state was written is counted once: first the others,
         // then those, whose failures alone are reported.
         let (again, first): (Vec<_>, Vec<_>) = writes
@@ -341,9 +449,16 @@ impl PolicyMaps {
             .iter()
             .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
             .collect();
-        let current = self.entries.read()?;
-        let entries_diff = diff(&current, &desired);
-        let (writes, deletes) = policy_write_order(&entries_diff, &current, &desired);
+        let read;
+        let current = match &self.known_entries {
+            Some(known) => known,
+            None => {
+                read = self.entries.read()?;
+                &read
+            }
+        };
+        let entries_diff = diff(current, &desired);
+        let (writes, deletes) = policy_write_order(&entries_diff, current, &desired);
         let current_states = self.states.read()?;
         let states_diff = diff(&current_states, states);
         Ok(EntriesPlan {
@@ -354,6 +469,7 @@ impl PolicyMaps {
             states: states.clone(),
             current_states,
             stale_states: states_diff.stale,
+            revisions_changed: false,
             incomplete: BTreeSet::new(),
             cidrs_incomplete: false,
             interim_written: BTreeSet::new(),

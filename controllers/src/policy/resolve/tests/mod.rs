@@ -366,3 +366,37 @@ fn resolve_scale_figures() {
         assert!(entries > 0);
     }
 }
+
+#[test]
+fn the_resolver_retranslates_an_api_object_only_when_its_resource_version_moves() {
+    let ids = world();
+    let with_version = |port: i32, version: &str| {
+        let mut np = k8s_policy(
+            "x",
+            "web",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}]}),
+        );
+        np.metadata.resource_version = Some(version.into());
+        kube(vec![np])
+    };
+    let mut resolver = Resolver::default();
+    let first = resolver.resolve(&ids, &with_version(80, "1"));
+    assert_eq!(first.translated, 1);
+    assert_eq!(
+        resolver.resolve(&ids, &with_version(80, "1")),
+        ResolveWork::default()
+    );
+    let changed = resolver.resolve(&ids, &with_version(81, "2"));
+    assert_eq!(
+        changed,
+        ResolveWork {
+            translated: 1,
+            combined: 1
+        },
+        "only x/a is selected"
+    );
+    assert_eq!(
+        resolver.resolution(),
+        &resolve(&ids, &with_version(81, "2"))
+    );
+}

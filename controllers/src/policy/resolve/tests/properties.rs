@@ -283,3 +283,48 @@ proptest! {
         prop_assert!(after.sources.iter().any(|(s, r)| s.name == "broken" && r.as_ref().is_err_and(|e| e.reason == INVALID_CIDR)));
     }
 }
+
+/// Sources of `a` and `b` mixed by `pick` (per position: from `b` when set), so a sequence
+/// of worlds changes some sources and keeps others.
+fn mixed(a: &Sources, b: &Sources, pick: &[bool]) -> Sources {
+    fn mix<T: Clone>(a: &[T], b: &[T], pick: &[bool]) -> Vec<T> {
+        (0..a.len().max(b.len()))
+            .filter_map(|i| {
+                let from_b = pick.get(i % pick.len().max(1)).copied().unwrap_or(false);
+                if from_b { b.get(i) } else { a.get(i) }.cloned()
+            })
+            .collect()
+    }
+    Sources {
+        kubernetes: mix(&a.kubernetes, &b.kubernetes, pick),
+        namespaced: mix(&a.namespaced, &b.namespaced, &pick[1..]),
+        cluster: mix(&a.cluster, &b.cluster, &pick[2..]),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The incremental resolver, fed a sequence of worlds (sources and identities changing
+    /// a few at a time), gives exactly what a resolve from scratch gives for each.
+    #[test]
+    fn the_incremental_resolver_equals_a_full_resolve(
+        ids_a in identities(),
+        ids_b in identities(),
+        a in sources(true),
+        b in sources(true),
+        picks in prop::collection::vec(prop::collection::vec(any::<bool>(), 4), 1..6),
+    ) {
+        let mut resolver = Resolver::default();
+        for (step, pick) in picks.iter().enumerate() {
+            let ids = if pick[3] { &ids_b } else { &ids_a };
+            let sources = mixed(&a, &b, pick);
+            let work = resolver.resolve(ids, &sources);
+            prop_assert_eq!(resolver.resolution(), &resolve(ids, &sources), "step {}", step);
+            // Nothing changed: nothing is redone.
+            let again = resolver.resolve(ids, &sources);
+            prop_assert_eq!(again, ResolveWork::default(), "step {} redid {:?} before", step, work);
+            prop_assert_eq!(resolver.resolution(), &resolve(ids, &sources));
+        }
+    }
+}
