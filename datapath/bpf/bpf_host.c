@@ -14,6 +14,7 @@
  * untouched and uncounted. */
 
 #include "lib/common.h"
+#include "lib/egress.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
 #include "lib/lb_nat.h"
@@ -74,8 +75,14 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	parse_l4(skb, &pkt, &l4);
-	if (!dst_ep)
+	if (!dst_ep) {
+		/* The answer of a pod's connection SNATed here (lib/egress.h). */
+		int rc = egress4_reply(skb, &pkt, &l4);
+
+		if (rc != EGRESS_PASS)
+			return rc;
 		return from_netdev_service(skb, &pkt, &l4);
+	}
 	return deliver_local4(skb, &pkt, dst_ep, resolve_identity4(pkt.ip4->saddr), &l4,
 			      DIR_INGRESS);
 }

@@ -394,6 +394,15 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("patch", "", "services/status"),
             cluster("watch", "tendril.dev", "loadbalancerippools"),
             cluster("patch", "tendril.dev", "loadbalancerippools/status"),
+            cluster("list", "tendril.dev", "egressgatewaypolicies"),
+            cluster("watch", "tendril.dev", "egressgatewaypolicies"),
+            cluster("patch", "tendril.dev", "egressgatewaypolicies/status"),
+            cluster("update", "tendril.dev", "egressgatewaypolicies/finalizers"),
+            cluster("list", "tendril.dev", "egressroutes"),
+            cluster("watch", "tendril.dev", "egressroutes"),
+            cluster("create", "tendril.dev", "egressroutes"),
+            cluster("patch", "tendril.dev", "egressroutes"),
+            cluster("delete", "tendril.dev", "egressroutes"),
             ns("create", "coordination.k8s.io", "leases", NAMESPACE),
             named(
                 ns("get", "coordination.k8s.io", "leases", NAMESPACE),
@@ -413,6 +422,7 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("patch", "", "services"),
             cluster("create", "discovery.k8s.io", "endpointslices"),
             cluster("patch", "tendril.dev", "bgppeeringpolicies"),
+            cluster("patch", "tendril.dev", "egressgatewaypolicies"),
             named(
                 ns("patch", "coordination.k8s.io", "leases", NAMESPACE),
                 "somebody-elses-lease",
