@@ -62,8 +62,9 @@ static __always_inline int from_netdev_service(struct __sk_buff *skb, struct pkt
 			      DIR_INGRESS);
 }
 
-SEC("classifier")
-int from_netdev(struct __sk_buff *skb)
+/* Everything but egress gateway answers; a subprogram, so its stack and
+ * egress4_reply's are not added up. */
+static __noinline int from_netdev_ipv4(struct __sk_buff *skb)
 {
 	struct endpoint_info *dst_ep;
 	struct l4_info l4;
@@ -75,16 +76,21 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);
 	parse_l4(skb, &pkt, &l4);
-	if (!dst_ep) {
-		/* The answer of a pod's connection SNATed here (lib/egress.h). */
-		int rc = egress4_reply(skb, &pkt, &l4);
-
-		if (rc != EGRESS_PASS)
-			return rc;
+	if (!dst_ep)
 		return from_netdev_service(skb, &pkt, &l4);
-	}
 	return deliver_local4(skb, &pkt, dst_ep, resolve_identity4(pkt.ip4->saddr), &l4,
 			      DIR_INGRESS);
+}
+
+SEC("classifier")
+int from_netdev(struct __sk_buff *skb)
+{
+	/* The answer of a pod's connection SNATed here (lib/egress.h). */
+	int rc = egress4_reply(skb);
+
+	if (rc != EGRESS_PASS)
+		return rc;
+	return from_netdev_ipv4(skb);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

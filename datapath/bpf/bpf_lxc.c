@@ -102,10 +102,14 @@ int from_container(struct __sk_buff *skb)
 	/* Egress gateways (lib/egress.h), once policy has judged: a service
 	 * connection (translated, or the answer of one) never leaves through one. */
 	if (!reply && !translated) {
-		int egress = egress4_from_pod(skb, &pkt, &l4, src_ep->identity);
+		int egress = egress4_from_pod(skb, &l4, src_ep->identity);
 
 		if (egress != EGRESS_PASS)
 			return egress;
+		/* The subprogram may have moved packet data (it did not here: parsing
+		 * the same packet again cannot fail). */
+		if (parse_ipv4(skb, &pkt) < 0)
+			return TC_ACT_SHOT;
 	}
 
 	if (dst_info && dst_info->tunnel_endpoint) {

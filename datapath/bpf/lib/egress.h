@@ -12,11 +12,12 @@
  * egress_exempt (every node's pod CIDRs and addresses, the service CIDRs),
  * whatever the route says.
  *
- * Gateway node (from_overlay, and from_container for its own pods): the
- * connection is SNATed to the egress IP with a port from egress_nat (its own
+ * Gateway node (from_overlay; its own pods' traffic reaches it there too,
+ * tunnelled to its own address): the connection is SNATed to the egress IP with a port from egress_nat (its own
  * LRU NAT table, same layout and helpers as lb_nat) and sent out by the FIB.
  * The answers, at the uplink (from_netdev), are reverse-translated and
- * delivered to the pod, locally or back through the overlay. */
+ * tunnelled to the pod's node, which delivers them (policy judges them as the
+ * answers of the pod's own connection). */
 #pragma once
 
 #include "common.h"
@@ -162,22 +163,30 @@ static __always_inline int egress4_is_gateway(const struct egress_value *v)
 	return cfg && cfg->node_ipv4 && cfg->node_ipv4 == v->gateway_ip;
 }
 
-/* from_container, after egress policy: steers a local pod's packet to its
- * gateway (or SNATs it here when this node is the gateway). */
-static __always_inline int egress4_from_pod(struct __sk_buff *skb, struct pkt4 *pkt,
-					    const struct l4_info *l4, __u32 src_identity)
+/* The entry points below are BPF subprograms (not inlined): their drop sites
+ * stay out of the big tc programs, where clang would otherwise keep a pointer
+ * into the context across branches, which the verifier refuses. They change
+ * packet data: a caller re-parses after EGRESS_PASS. */
+
+/* from_container, after egress policy: tunnels a local pod's packet to its
+ * gateway. A gateway's own pods go through the overlay too, to its own
+ * address: the SNAT then happens in one place (from_overlay), and this
+ * program's stack stays within the limit. */
+static __noinline __attribute__((unused)) int
+egress4_from_pod(struct __sk_buff *skb, const struct l4_info *l4, __u32 src_identity)
 {
 	struct egress_value *v = egress4_lookup(l4->saddr, l4->daddr);
+	struct pkt4 pkt;
 	__be32 gateway;
 
 	if (!v)
 		return EGRESS_PASS;
 	if (!v->gateway_ip)
 		return drop(skb, DROP_EGRESS_NO_GATEWAY, DIR_EGRESS);
-	if (egress4_is_gateway(v))
-		return egress4_snat(skb, l4, v->egress_ip, DIR_EGRESS);
 	gateway = v->gateway_ip;
-	if (ipv4_dec_ttl(pkt->ip4) < 0)
+	if (parse_ipv4(skb, &pkt) < 0)
+		return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+	if (ipv4_dec_ttl(pkt.ip4) < 0)
 		return drop(skb, DROP_TTL_EXCEEDED, DIR_EGRESS);
 	metrics_count(skb, REASON_EGRESS_REDIRECT, DIR_EGRESS);
 	return encap_and_redirect(skb, gateway, src_identity, DIR_EGRESS);
@@ -185,7 +194,7 @@ static __always_inline int egress4_from_pod(struct __sk_buff *skb, struct pkt4 *
 
 /* from_overlay, for a packet not addressed to a local pod: SNATs it when this
  * node is the gateway of its route. */
-static __always_inline int egress4_from_overlay(struct __sk_buff *skb, const struct l4_info *l4)
+static __noinline __attribute__((unused)) int egress4_from_overlay(struct __sk_buff *skb, const struct l4_info *l4)
 {
 	struct egress_value *v = egress4_lookup(l4->saddr, l4->daddr);
 
@@ -195,18 +204,24 @@ static __always_inline int egress4_from_overlay(struct __sk_buff *skb, const str
 }
 
 /* from_netdev: an answer to an egress connection gets the pod's address and
- * port back and goes to the pod: into it when it is local, else back through
- * the overlay. */
-static __always_inline int egress4_reply(struct __sk_buff *skb, struct pkt4 *pkt,
-					 const struct l4_info *l4)
+ * port back and goes to the pod's node through the overlay (this node's own
+ * pods too, to its own address: delivery and ingress policy happen in one
+ * place, from_overlay, and this program's stack stays within the limit). */
+static __noinline __attribute__((unused)) int egress4_reply(struct __sk_buff *skb)
 {
-	struct endpoint_info *dst_ep;
+	struct ipcache_value *info;
 	struct lb4_nat_entry *rev;
-	struct l4_info translated;
+	struct node_config *cfg;
 	struct lb4_nat_key key;
+	struct l4_info l4_buf;
+	struct l4_info *l4 = &l4_buf;
 	struct lb4_tuple t;
-	__be32 peer;
+	struct pkt4 pkt;
+	__be32 node;
 
+	if (skb->protocol != bpf_htons(ETH_P_IP) || parse_ipv4(skb, &pkt) < 0)
+		return EGRESS_PASS;
+	parse_l4(skb, &pkt, l4);
 	if (lb4_tuple_of(l4, &t) < 0)
 		return EGRESS_PASS;
 	lb4_nat_key_fill(&key, t.saddr, t.daddr, t.sport, t.dport, t.proto, LB_NAT_REPLY);
@@ -214,13 +229,16 @@ static __always_inline int egress4_reply(struct __sk_buff *skb, struct pkt4 *pkt
 	if (!rev)
 		return EGRESS_PASS;
 	nat4_touch(&egress_nat, rev, l4, LB_NAT_REPLY);
-	if (lb4_rewrite(skb, &t, rev) < 0 || parse_ipv4(skb, pkt) < 0)
+	if (lb4_rewrite(skb, &t, rev) < 0 || parse_ipv4(skb, &pkt) < 0)
 		return drop(skb, DROP_EGRESS_SNAT, DIR_INGRESS);
-	dst_ep = lookup_endpoint4(pkt->ip4->daddr);
-	if (!dst_ep)
-		return lb4_to_remote(skb, IDENTITY_WORLD, DIR_INGRESS);
-	peer = pkt->ip4->saddr;
-	parse_l4(skb, pkt, &translated);
-	return deliver_local4(skb, pkt, dst_ep, resolve_identity4(peer), &translated,
-			      DIR_INGRESS);
+	if (ipv4_dec_ttl(pkt.ip4) < 0)
+		return drop(skb, DROP_TTL_EXCEEDED, DIR_INGRESS);
+	info = lookup_ipcache4(pkt.ip4->daddr);
+	cfg = lookup_node_config();
+	node = info ? info->tunnel_endpoint : 0;
+	if (!node && info && cfg)
+		node = cfg->node_ipv4;
+	if (!node)
+		return drop(skb, DROP_NO_TUNNEL_ENDPOINT, DIR_INGRESS);
+	return encap_and_redirect(skb, node, IDENTITY_WORLD, DIR_INGRESS);
 }
