@@ -335,6 +335,8 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("watch", "tendril.dev", "identities"),
             cluster("list", "tendril.dev", "lbservices"),
             cluster("watch", "tendril.dev", "lbservices"),
+            cluster("list", "tendril.dev", "egressroutes"),
+            cluster("watch", "tendril.dev", "egressroutes"),
             cluster("get", "tendril.dev", "bgpnodeconfigs"),
             cluster("watch", "tendril.dev", "bgpnodeconfigs"),
             cluster("patch", "tendril.dev", "bgpnodeconfigs/status"),

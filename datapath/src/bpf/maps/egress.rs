@@ -14,7 +14,7 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{
-    layout::{self, EgressKey, EgressPrefix, EgressValue, IpcacheKey, Lb4NatKey, Lb4NatEntry},
+    layout::{self, EgressKey, EgressPrefix, EgressValue, IpcacheKey, Lb4NatEntry, Lb4NatKey},
     pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, show_key},
     report::Report,
 };
