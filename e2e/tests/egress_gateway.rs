@@ -1,0 +1,401 @@
+//! Issue 14, end to end: egress gateways on a simulated three-node cluster (operator,
+//! agents, pods wired by tendril-cni), real TCP connections.
+//!
+//! Node 0 is a worker; nodes 1 and 2 carry the gateway label. An "external" namespace on
+//! the underlay bridge holds 203.0.113.10 and 203.0.113.200 and runs an echo server that
+//! counts accepted connections by source address; only the gateway candidates route
+//! 203.0.113.0/24 to it, so the worker's pods reach it only through a gateway. The
+//! EgressGatewayPolicy selects `app=client` pods, destinations 203.0.113.0/24 minus
+//! 203.0.113.128/25, egress IP 10.250.0.240. Checked:
+//! - a selected pod on the worker, and one on each gateway candidate (the gateway's own
+//!   pods too), are seen with the egress IP, never with their own address;
+//! - an unselected pod on the worker is not (no route: its connection fails), nor is a
+//!   selected pod's connection to the excluded 203.0.113.200;
+//! - the egress IP sits on the gateway's uplink only; the agents count the packets they
+//!   steered and SNATed;
+//! - failover: while a client on the worker opens a connection every 100 ms, the gateway
+//!   is marked NotReady and its uplink goes down; new connections leave through the other
+//!   gateway, the time without a successful connection is printed, and no connection is
+//!   ever seen with a pod address.
+//!
+//! Needs root. Run `cargo build -p tendril-controllers -p tendril-datapath --bins` first.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, delete_netns, ensure_netns, ip};
+use tendril_e2e::traffic::EchoServer;
+use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const PORT: u16 = 8080;
+const SERVER: &str = "203.0.113.10";
+const EXCLUDED_SERVER: &str = "203.0.113.200";
+const OUTSIDE: &str = "10.250.0.200";
+const EGRESS_IP: &str = "10.250.0.240";
+
+/// A host outside the cluster on the underlay bridge, removed on drop.
+struct Outside {
+    netns: String,
+}
+
+impl Outside {
+    async fn start(underlay: &str) -> Result<Outside> {
+        let netns = format!("tdrx-egress-{}", std::process::id());
+        let guard = Outside {
+            netns: netns.clone(),
+        };
+        ensure_netns(&netns).await?;
+        let peer = format!("xe{}", std::process::id() % 100_000);
+        ip(&[
+            "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
+            underlay,
+        ])
+        .await?;
+        ip(&["-n", underlay, "link", "set", &peer, "master", "br0", "up"]).await?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{OUTSIDE}/24"),
+            "dev",
+            "eth0",
+        ])
+        .await?;
+        for server in [SERVER, EXCLUDED_SERVER] {
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{server}/32"),
+                "dev",
+                "lo",
+            ])
+            .await?;
+        }
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
+        Ok(guard)
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        delete_netns(&self.netns);
+    }
+}
+
+/// One TCP connection with a line echoed, from `pod`, within 3 s: whether it worked.
+async fn connects(pod: &SimPod, to: &str) -> Result<bool> {
+    let script = format!(
+        "exec 3<>/dev/tcp/{to}/{PORT} || exit 3; echo hello >&3; read -t 2 line <&3 && [ \"$line\" = hello ]"
+    );
+    let out = pod.exec(&["timeout", "3", "bash", "-c", &script]).await?;
+    Ok(out.status.success())
+}
+
+fn labels(app: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app".to_string(), app.to_string())])
+}
+
+async fn set_gateway_label(nodes: &Api<Node>, node: &str, value: Option<&str>) -> Result<()> {
+    nodes
+        .patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"egress-gateway": value}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn set_not_ready(nodes: &Api<Node>, node: &str) -> Result<()> {
+    nodes
+        .patch_status(
+            node,
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False",
+                "reason": "NodeDown", "lastHeartbeatTime": "2026-01-01T00:00:01Z",
+                "lastTransitionTime": "2026-01-01T00:00:01Z"}]}}),
+            ),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The IPv4 addresses on `dev` in namespace `netns`.
+async fn addresses(netns: &str, dev: &str) -> Result<Vec<String>> {
+    let out = ip(&["-n", netns, "-4", "-o", "addr", "show", "dev", dev]).await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .map(|a| a.split('/').next().unwrap_or_default().to_string())
+        .collect())
+}
+
+async fn agent_counter(port: u16, reason: &str) -> Result<f64> {
+    let m = fetch_metrics(port).await?;
+    Ok(m.sum("tendril_datapath_packets_total", &[("reason", reason)]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<()> {
+    let plane = ControlPlane::dedicated("egress-gateway").await?;
+    let env = TestEnv::on(plane).await?;
+    let client = env.client();
+    let ns = env.namespace().to_string();
+    let cluster = SimCluster::start(
+        &env,
+        SimClusterConfig {
+            nodes: 3,
+            ..SimClusterConfig::default()
+        },
+    )
+    .await?;
+    let outside = Outside::start(&cluster.underlay.netns).await?;
+    let server = EchoServer::start(&outside.netns, PORT)?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let gw_label = env.unique_name("gw");
+    for (i, node) in cluster.nodes.iter().enumerate().skip(1) {
+        set_gateway_label(&nodes, &names[i], Some(&gw_label)).await?;
+        // Only the gateway candidates reach the outside network.
+        ip(&[
+            "-n",
+            &node.netns,
+            "route",
+            "replace",
+            "203.0.113.0/24",
+            "via",
+            OUTSIDE,
+        ])
+        .await?;
+    }
+
+    let mut pods: BTreeMap<&str, SimPod> = BTreeMap::new();
+    for (name, node, app) in [
+        ("client-0", 0usize, "client"),
+        ("client-1", 1, "client"),
+        ("client-2", 2, "client"),
+        ("other-0", 0, "other"),
+    ] {
+        let pod = SimPod::run(
+            &client,
+            cluster.nodes[node].handle(),
+            &ns,
+            name,
+            &labels(app),
+        )
+        .await?;
+        pod.wait_realized(&client, TIMEOUT).await?;
+        pods.insert(name, pod);
+    }
+    let pod_ips: Vec<IpAddr> = pods.values().flat_map(|p| p.ips.clone()).collect();
+
+    let policies: Api<EgressGatewayPolicy> = Api::all(client.clone());
+    let routes: Api<EgressRoute> = Api::all(client.clone());
+    let name = env.unique_name("egp");
+    env.delete_on_drop::<EgressGatewayPolicy>(&name);
+    let policy: EgressGatewayPolicy = serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "EgressGatewayPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "selectors": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+            "destinationCIDRs": ["203.0.113.0/24"],
+            "excludedCIDRs": ["203.0.113.128/25"],
+            "egressGateway": {"nodeSelector": {"matchLabels": {"egress-gateway": gw_label}},
+                              "egressIP": EGRESS_IP},
+        },
+    }))?;
+    let applied_at = Instant::now();
+    policies.create(&PostParams::default(), &policy).await?;
+    let route = wait_for(
+        &routes,
+        &name,
+        |o: Option<&EgressRoute>| {
+            o.is_some_and(|r| r.spec.source_ips.len() == 3 && r.spec.gateway_node.is_some())
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("route")?;
+    let gateway = route.spec.gateway_node.clone().unwrap();
+    let gw_index = names
+        .iter()
+        .position(|n| *n == gateway)
+        .context("gateway node")?;
+    let standby = if gw_index == 1 { 2 } else { 1 };
+    println!("gateway {gateway} (node {gw_index}), standby node {standby}");
+
+    // The first connection through the gateway: policy applied → programmed everywhere.
+    let client0 = &pods["client-0"];
+    eventually(TIMEOUT, || async {
+        ensure!(
+            connects(client0, SERVER).await?,
+            "client-0 cannot reach {SERVER} yet"
+        );
+        Ok(())
+    })
+    .await?;
+    println!(
+        "policy applied -> first connection through the gateway: {:?}",
+        applied_at.elapsed()
+    );
+    let egress_ip: IpAddr = EGRESS_IP.parse()?;
+    for pod in ["client-0", "client-1", "client-2"] {
+        let before = server.tcp_accepted(egress_ip);
+        ensure!(connects(&pods[pod], SERVER).await?, "{pod} did not connect");
+        ensure!(
+            server.tcp_accepted(egress_ip) == before + 1,
+            "{pod}'s connection not seen from the egress IP"
+        );
+    }
+    // Not selected, or an excluded destination: never through the gateway.
+    let before = server.tcp_accepted(egress_ip);
+    ensure!(
+        !connects(&pods["other-0"], SERVER).await?,
+        "other-0 reached the outside"
+    );
+    ensure!(
+        !connects(client0, EXCLUDED_SERVER).await?,
+        "client-0 reached the excluded destination"
+    );
+    ensure!(
+        server.tcp_accepted(egress_ip) == before,
+        "egress IP used for unselected traffic"
+    );
+
+    // The egress IP is on the gateway's uplink only.
+    ensure!(
+        addresses(&cluster.nodes[gw_index].netns, "eth0")
+            .await?
+            .contains(&EGRESS_IP.to_string()),
+        "egress IP not on the gateway's eth0"
+    );
+    for i in [0, standby] {
+        ensure!(
+            !addresses(&cluster.nodes[i].netns, "eth0")
+                .await?
+                .contains(&EGRESS_IP.to_string()),
+            "egress IP on node {i}"
+        );
+    }
+    let redirected = agent_counter(cluster.nodes[0].metrics_port, "egress_redirect").await?;
+    let snat = agent_counter(cluster.nodes[gw_index].metrics_port, "egress_snat").await?;
+    println!("worker packets redirected: {redirected}; gateway packets SNATed: {snat}");
+    ensure!(redirected > 0.0 && snat > 0.0);
+    let gw_metrics = fetch_metrics(cluster.nodes[gw_index].metrics_port).await?;
+    ensure!(gw_metrics.value("tendril_egress_gateway_routes", &[]) == Some(1.0));
+    println!(
+        "gateway SNAT table entries: {:?}",
+        gw_metrics.value("tendril_egress_nat_entries", &[])
+    );
+
+    // Failover under a client loop.
+    // (when the connection started, whether it worked)
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, bool)>();
+    let loop_pod = client0.sandbox.netns.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let script = format!(
+                    "exec 3<>/dev/tcp/{SERVER}/{PORT} || exit 3; echo hello >&3; read -t 1 line <&3 && [ \"$line\" = hello ]"
+                );
+                let started = Instant::now();
+                let ok = tokio::process::Command::new("ip")
+                    .args([
+                        "netns", "exec", &loop_pod, "timeout", "2", "bash", "-c", &script,
+                    ])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .is_ok_and(|o| o.status.success());
+                let _ = tx.send((started, ok));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed_at = Instant::now();
+    set_not_ready(&nodes, &gateway).await?;
+    ip(&[
+        "-n",
+        &cluster.nodes[gw_index].netns,
+        "link",
+        "set",
+        "eth0",
+        "down",
+    ])
+    .await?;
+    let new_gateway = names[standby].clone();
+    let switched = wait_for(
+        &routes,
+        &name,
+        move |o: Option<&EgressRoute>| {
+            o.is_some_and(|r| r.spec.gateway_node.as_deref() == Some(new_gateway.as_str()))
+        },
+        TIMEOUT,
+    )
+    .await?;
+    ensure!(switched.is_some());
+    println!(
+        "failover: route moved to {} after {:?}",
+        names[standby],
+        failed_at.elapsed()
+    );
+    // Until a connection started after the failure succeeds (through the standby).
+    let mut outcomes = Vec::new();
+    let recovered = tokio::time::timeout(TIMEOUT, async {
+        while let Some((at, ok)) = rx.recv().await {
+            outcomes.push((at, ok));
+            if ok && at > failed_at {
+                return Some(at);
+            }
+        }
+        None
+    })
+    .await
+    .context("no connection succeeded after the failover")?
+    .context("client loop ended")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    looper.await?;
+    while let Ok(o) = rx.try_recv() {
+        outcomes.push(o);
+    }
+    let failures = outcomes
+        .iter()
+        .filter(|(at, ok)| *at > failed_at && !ok)
+        .count();
+    println!(
+        "failover: the first connection that succeeded started {:?} after the gateway failed ({failures} connections failed meanwhile)",
+        recovered - failed_at
+    );
+    ensure!(
+        addresses(&cluster.nodes[standby].netns, "eth0")
+            .await?
+            .contains(&EGRESS_IP.to_string()),
+        "egress IP not on the new gateway"
+    );
+    for ip in &pod_ips {
+        ensure!(
+            server.tcp_accepted(*ip) == 0,
+            "a connection was seen from pod address {ip}"
+        );
+    }
+    let snat = agent_counter(cluster.nodes[standby].metrics_port, "egress_snat").await?;
+    ensure!(snat > 0.0, "the new gateway SNATed nothing");
+    drop(server);
+    drop(outside);
+    Ok(())
+}
