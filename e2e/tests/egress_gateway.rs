@@ -288,10 +288,21 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
             "egress IP on node {i}"
         );
     }
-    let redirected = agent_counter(cluster.nodes[0].metrics_port, "egress_redirect").await?;
-    let snat = agent_counter(cluster.nodes[gw_index].metrics_port, "egress_snat").await?;
+    let (worker_port, gw_port) = (
+        cluster.nodes[0].metrics_port,
+        cluster.nodes[gw_index].metrics_port,
+    );
+    let (redirected, snat) = eventually(Duration::from_secs(15), || async move {
+        let redirected = agent_counter(worker_port, "egress_redirect").await?;
+        let snat = agent_counter(gw_port, "egress_snat").await?;
+        ensure!(
+            redirected > 0.0 && snat > 0.0,
+            "redirected {redirected}, SNATed {snat}"
+        );
+        Ok((redirected, snat))
+    })
+    .await?;
     println!("worker packets redirected: {redirected}; gateway packets SNATed: {snat}");
-    ensure!(redirected > 0.0 && snat > 0.0);
     let gw_metrics = fetch_metrics(cluster.nodes[gw_index].metrics_port).await?;
     ensure!(gw_metrics.value("tendril_egress_gateway_routes", &[]) == Some(1.0));
     println!(
@@ -300,8 +311,8 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
     );
 
     // Failover under a client loop.
-    // (when the connection started, whether it worked)
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, bool)>();
+    // (when the connection started, when it ended, whether it worked)
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Instant, bool)>();
     let loop_pod = client0.sandbox.netns.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let looper = {
@@ -320,7 +331,7 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
                     .output()
                     .await
                     .is_ok_and(|o| o.status.success());
-                let _ = tx.send((started, ok));
+                let _ = tx.send((started, Instant::now(), ok));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -356,10 +367,10 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
     // Until a connection started after the failure succeeds (through the standby).
     let mut outcomes = Vec::new();
     let recovered = tokio::time::timeout(TIMEOUT, async {
-        while let Some((at, ok)) = rx.recv().await {
-            outcomes.push((at, ok));
-            if ok && at > failed_at {
-                return Some(at);
+        while let Some((started, ended, ok)) = rx.recv().await {
+            outcomes.push((started, ended, ok));
+            if ok && started > failed_at {
+                return Some((started, ended));
             }
         }
         None
@@ -375,11 +386,18 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
     }
     let failures = outcomes
         .iter()
-        .filter(|(at, ok)| *at > failed_at && !ok)
+        .filter(|(started, _, ok)| *started > failed_at && !ok)
         .count();
+    let last_before = outcomes
+        .iter()
+        .filter(|(started, _, ok)| *ok && *started < failed_at)
+        .map(|(_, ended, _)| *ended)
+        .max();
     println!(
-        "failover: the first connection that succeeded started {:?} after the gateway failed ({failures} connections failed meanwhile)",
-        recovered - failed_at
+        "failover: the first connection started after the failure began {:?} after it and completed {:?} after it ({failures} connections started meanwhile failed; the last one started before completed {:?} after the failure)",
+        recovered.0 - failed_at,
+        recovered.1 - failed_at,
+        last_before.map(|e| e.saturating_duration_since(failed_at)),
     );
     ensure!(
         addresses(&cluster.nodes[standby].netns, "eth0")
@@ -393,8 +411,14 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
             "a connection was seen from pod address {ip}"
         );
     }
-    let snat = agent_counter(cluster.nodes[standby].metrics_port, "egress_snat").await?;
-    ensure!(snat > 0.0, "the new gateway SNATed nothing");
+    // The agents read the programs' counters every 5 s.
+    let standby_port = cluster.nodes[standby].metrics_port;
+    eventually(Duration::from_secs(15), || async move {
+        let snat = agent_counter(standby_port, "egress_snat").await?;
+        ensure!(snat > 0.0, "the new gateway SNATed nothing");
+        Ok(())
+    })
+    .await?;
     drop(server);
     drop(outside);
     Ok(())
