@@ -13,6 +13,7 @@
 //!   selected pod's connection to the excluded 203.0.113.200;
 //! - the egress IP sits on the gateway's uplink only; the agents count the packets they
 //!   steered and SNATed;
+//! - the gateway's agent restarts under an established connection, which keeps flowing;
 //! - failover: while a client on the worker opens a connection every 100 ms, the gateway
 //!   is marked NotReady and its uplink goes down; new connections leave through the other
 //!   gateway, the time without a successful connection is printed, and no connection is
@@ -21,7 +22,7 @@
 //! Needs root. Run `cargo build -p tendril-controllers -p tendril-datapath --bins` first.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -30,7 +31,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, delete_netns, ensure_netns, ip};
-use tendril_e2e::traffic::EchoServer;
+use tendril_e2e::traffic::{EchoServer, TcpFlow};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -152,7 +153,7 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
     let env = TestEnv::on(plane).await?;
     let client = env.client();
     let ns = env.namespace().to_string();
-    let cluster = SimCluster::start(
+    let mut cluster = SimCluster::start(
         &env,
         SimClusterConfig {
             nodes: 3,
@@ -308,6 +309,39 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
     println!(
         "gateway SNAT table entries: {:?}",
         gw_metrics.value("tendril_egress_nat_entries", &[])
+    );
+
+    // The gateway's agent restarts under an established connection: it keeps flowing
+    // (maps, the SNAT table and the egress IP stay while the agent is away, and the new
+    // agent converges to the same state).
+    let flow = TcpFlow::start(
+        &client0.sandbox.netns,
+        SocketAddr::new(SERVER.parse()?, PORT),
+        Duration::from_millis(50),
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[gw_index].kill_agent();
+    let restarted_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[gw_index].start_agent()?;
+    cluster.nodes[gw_index].wait_ready(&client).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Messages sent in the last moments are still on their way: out of the window.
+    let window_end = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = flow.finish()?;
+    let stats = log.stats(restarted_at, window_end, Duration::from_millis(500));
+    println!("gateway agent restart under an established connection: {stats:?}");
+    ensure!(
+        stats.lost == 0 && stats.echoed > 10 && log.error().is_none(),
+        "the connection through the gateway did not survive its agent's restart: {stats:?} {:?}",
+        log.error()
+    );
+    ensure!(
+        addresses(&cluster.nodes[gw_index].netns, "eth0")
+            .await?
+            .contains(&EGRESS_IP.to_string()),
+        "the restarted agent dropped the egress IP"
     );
 
     // Failover under a client loop.
