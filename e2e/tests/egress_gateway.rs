@@ -11,6 +11,8 @@
 //!   pods too), are seen with the egress IP, never with their own address;
 //! - an unselected pod on the worker is not (no route: its connection fails), nor is a
 //!   selected pod's connection to the excluded 203.0.113.200;
+//! - egress policy is judged before the redirect: a deny-all egress NetworkPolicy on the
+//!   clients stops them at their node (a policy drop there), nothing gets out;
 //! - the egress IP sits on the gateway's uplink only; the agents count the packets they
 //!   steered and SNATed;
 //! - the gateway's agent restarts under an established connection, which keeps flowing;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
@@ -273,6 +276,64 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
         server.tcp_accepted(egress_ip) == before,
         "egress IP used for unselected traffic"
     );
+
+    // Egress policy is judged before the redirect: a NetworkPolicy denying the clients'
+    // egress stops them at their own node (counted as a policy drop there), and nothing
+    // reaches the outside through the gateway.
+    let netpols: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let deny: NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "clients-no-egress"},
+        "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"]},
+    }))?;
+    let worker_port = cluster.nodes[0].metrics_port;
+    let policy_drops = |port: u16| async move {
+        Ok::<_, anyhow::Error>(fetch_metrics(port).await?.sum(
+            "tendril_datapath_drops_total",
+            &[("reason", "policy_denied")],
+        ))
+    };
+    let drops_before = policy_drops(worker_port).await?;
+    netpols.create(&PostParams::default(), &deny).await?;
+    let before = server.tcp_accepted(egress_ip);
+    eventually(TIMEOUT, || async {
+        ensure!(!connects(client0, SERVER).await?, "client-0 still connects");
+        Ok(())
+    })
+    .await?;
+    let denied_at = server.tcp_accepted(egress_ip);
+    ensure!(
+        !connects(client0, SERVER).await?,
+        "client-0 connected under a deny-all egress policy"
+    );
+    ensure!(
+        server.tcp_accepted(egress_ip) == denied_at,
+        "a denied connection reached the outside"
+    );
+    eventually(Duration::from_secs(15), || async {
+        let drops = policy_drops(worker_port).await?;
+        ensure!(
+            drops > drops_before,
+            "no policy drop counted on the worker ({drops})"
+        );
+        Ok(())
+    })
+    .await?;
+    println!(
+        "deny-all egress policy: connections stopped at the source ({} got through while it was being programmed)",
+        denied_at - before
+    );
+    netpols
+        .delete("clients-no-egress", &Default::default())
+        .await?;
+    eventually(TIMEOUT, || async {
+        ensure!(
+            connects(client0, SERVER).await?,
+            "client-0 cannot connect again"
+        );
+        Ok(())
+    })
+    .await?;
 
     // The egress IP is on the gateway's uplink only.
     ensure!(
