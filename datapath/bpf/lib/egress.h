@@ -74,8 +74,11 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } egress_exempt SEC(".maps");
 
+/* A plain hash, not an LRU: a full table must refuse new connections (counted
+ * as egress_snat_failed, reported by the agent), never evict live ones. The
+ * agent removes idle connections (lb4_nat_idle's timeouts). */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb4_nat_key);
 	__type(value, struct lb4_nat_entry);
 	__uint(max_entries, EGRESS_NAT_MAX_ENTRIES);

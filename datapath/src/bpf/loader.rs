@@ -196,7 +196,8 @@ pub struct MapSizes {
     pub lb_nat: u32,
     /// Egress gateway entries: (local or gatewayed source pod × destination/excluded prefix).
     pub egress_policy: u32,
-    /// Connections SNATed by this node as an egress gateway, two entries each (LRU).
+    /// Connections SNATed by this node as an egress gateway, two entries each (a full table
+    /// refuses new connections; idle ones are removed by the agent).
     pub egress_nat: u32,
 }
 
@@ -855,7 +856,7 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
         ),
         (
             maps::EGRESS_NAT,
-            MapType::LruHash,
+            MapType::Hash,
             size_of::<maps::Lb4NatKey>(),
             size_of::<maps::Lb4NatEntry>(),
             sizes.egress_nat,

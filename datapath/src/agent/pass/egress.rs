@@ -87,6 +87,101 @@ impl EgressMetrics {
     }
 }
 
+/// Seconds of CLOCK_MONOTONIC: the programs' clock (`bpf_ktime_get_ns`).
+fn monotonic_seconds() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u32::try_from(ts.tv_sec).unwrap_or(u32::MAX)
+}
+
+/// The periodic side of the SNAT table (every few seconds, beside the map sampling):
+/// removes idle connections, and reports SNAT failures (a full table, or no free port)
+/// with a log and a Warning Event `EgressSNATFailed` on the node's NodeNetwork whenever
+/// their count grew.
+#[derive(Default)]
+pub struct NatWatch {
+    /// `egress_snat_failed` packets counted so far (`None` before the first sample: what an
+    /// earlier process saw is not news).
+    failures: Option<u64>,
+    recorder: Option<kube::runtime::events::Recorder>,
+}
+
+impl NatWatch {
+    pub async fn observe(&mut self, node: &NodeContext) {
+        let now = monotonic_seconds();
+        let sampled = node
+            .with_dataplane(move |dp| {
+                let removed = dp.egress.gc_nat(now)?;
+                let failures: u64 = dp
+                    .metrics
+                    .samples()?
+                    .iter()
+                    .filter(|s| s.reason == Some(maps::MetricReason::DropEgressSnat))
+                    .map(|s| s.packets)
+                    .sum();
+                let pressure = dp.egress.nat_pressure();
+                Ok::<_, crate::bpf::DataplaneError>((removed, failures, pressure))
+            })
+            .await;
+        let (removed, failures, pressure) = match sampled {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "egress SNAT table upkeep failed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message, "egress SNAT table upkeep failed");
+                return;
+            }
+        };
+        if removed > 0 {
+            tracing::debug!(removed, "idle egress SNAT connections removed");
+        }
+        node.metrics.egress.observe_pressure(&[pressure]);
+        let before = self.failures.replace(failures);
+        let Some(before) = before.filter(|b| failures > *b) else {
+            return;
+        };
+        let note = format!(
+            "{} packets of new egress gateway connections could not be SNATed: egress_nat holds {}/{} entries (two per connection) or no port was free; raise bpfMapSizes.egressNat",
+            failures - before,
+            pressure.entries,
+            pressure.max_entries
+        );
+        tracing::error!(%note, "egress SNAT failures");
+        let own = node
+            .view
+            .node_networks
+            .store()
+            .get(&kube::runtime::reflector::ObjectRef::new(
+                &node.cfg.node_name,
+            ));
+        let Some(own) = own else { return };
+        let recorder = self.recorder.get_or_insert_with(|| {
+            kube::runtime::events::Recorder::new(
+                node.client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "tendril-agent".into(),
+                    instance: Some(node.cfg.node_name.clone()),
+                },
+            )
+        });
+        use kube::Resource;
+        tendril_runtime::events::publish_warning(
+            recorder,
+            &own.object_ref(&()),
+            "EgressSNATFailed",
+            &note,
+            "SNATEgress",
+        )
+        .await;
+    }
+}
+
 /// One route as the step reads it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteInput {

@@ -315,9 +315,11 @@ pub async fn run(
     };
     let map_sampler = async {
         let mut tick = tokio::time::interval(METRICS_INTERVAL);
+        let mut egress_nat = egress::NatWatch::default();
         loop {
             tick.tick().await;
             report::observe_maps(&node).await;
+            egress_nat.observe(&node).await;
         }
     };
     let mut passes = NodePass {
