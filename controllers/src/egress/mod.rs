@@ -569,3 +569,45 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(conditions: serde_json::Value, addresses: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n", "labels": {"egress": "yes"}},
+            "status": {"conditions": conditions, "addresses": addresses},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn node_input_reads_ready_labels_and_the_ipv4_internal_ip_first() {
+        let n = node(
+            json!([{"type": "Ready", "status": "True"}]),
+            json!([
+                {"type": "ExternalIP", "address": "192.0.2.1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "InternalIP", "address": "10.0.0.1"},
+            ]),
+        );
+        let i = node_input(&n);
+        assert!(i.ready);
+        assert_eq!(i.address, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(i.labels.get("egress").map(String::as_str), Some("yes"));
+        for conditions in [
+            json!([{"type": "Ready", "status": "False"}]),
+            json!([{"type": "Ready", "status": "Unknown"}]),
+            json!([]),
+        ] {
+            assert!(!node_input(&node(conditions, json!([]))).ready);
+        }
+        let external_only = node(
+            json!([{"type": "Ready", "status": "True"}]),
+            json!([{"type": "ExternalIP", "address": "192.0.2.1"}]),
+        );
+        assert_eq!(node_input(&external_only).address, None);
+    }
+}
