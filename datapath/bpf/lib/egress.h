@@ -89,26 +89,34 @@ struct {
  * other value is the tc verdict. */
 #define EGRESS_PASS -1
 
-/* The route for `saddr` → `daddr`, NULL when none applies (no route, an
- * excluded prefix, a cluster-internal destination). */
-static __always_inline struct egress_value *egress4_lookup(__be32 saddr, __be32 daddr)
+/* Whether `daddr` is outside the cluster: not known to the ipcache with an
+ * identity other than world, and in none of the egress_exempt prefixes. */
+static __always_inline int egress4_is_external(__be32 daddr)
 {
 	struct ipcache_key exempt = {
 		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
 		.family = FAMILY_IPV4,
 	};
+	struct ipcache_value *known = lookup_ipcache4(daddr);
+
+	if (known && known->identity != IDENTITY_WORLD)
+		return 0;
+	exempt.addr.ip4 = daddr;
+	return !bpf_map_lookup_elem(&egress_exempt, &exempt);
+}
+
+/* The route for `saddr` → `daddr`, NULL when none applies (no route, an
+ * excluded prefix, a cluster-internal destination). */
+static __always_inline struct egress_value *egress4_lookup(__be32 saddr, __be32 daddr)
+{
 	struct egress_key key = {
 		.prefixlen = EGRESS_STATIC_PREFIX + 32,
 		.saddr = saddr,
 		.daddr = daddr,
 	};
-	struct ipcache_value *known = lookup_ipcache4(daddr);
 	struct egress_value *v;
 
-	if (known && known->identity != IDENTITY_WORLD)
-		return NULL;
-	exempt.addr.ip4 = daddr;
-	if (bpf_map_lookup_elem(&egress_exempt, &exempt))
+	if (!egress4_is_external(daddr))
 		return NULL;
 	v = bpf_map_lookup_elem(&egress_policy, &key);
 	if (!v || (v->flags & EGRESS_F_EXCLUDED))
@@ -196,14 +204,19 @@ egress4_from_pod(struct __sk_buff *skb, const struct l4_info *l4, __u32 src_iden
 }
 
 /* from_overlay, for a packet not addressed to a local pod: SNATs it when this
- * node is the gateway of its route. */
+ * node is the gateway of its route. Nothing else crosses the overlay towards
+ * the outside, so a packet for outside the cluster this node is not (or no
+ * longer) the gateway of is dropped: a source node still steering to a former
+ * gateway must not make it send the pod's address out. */
 static __noinline __attribute__((unused)) int egress4_from_overlay(struct __sk_buff *skb, const struct l4_info *l4)
 {
 	struct egress_value *v = egress4_lookup(l4->saddr, l4->daddr);
 
-	if (!v || !egress4_is_gateway(v))
-		return EGRESS_PASS;
-	return egress4_snat(skb, l4, v->egress_ip, DIR_INGRESS);
+	if (v && egress4_is_gateway(v))
+		return egress4_snat(skb, l4, v->egress_ip, DIR_INGRESS);
+	if (egress4_is_external(l4->daddr))
+		return drop(skb, DROP_EGRESS_NOT_GATEWAY, DIR_INGRESS);
+	return EGRESS_PASS;
 }
 
 /* from_netdev: an answer to an egress connection gets the pod's address and

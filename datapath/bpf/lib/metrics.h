@@ -40,6 +40,7 @@ enum metric_reason {
 	DROP_EGRESS_NO_GATEWAY = 144, /* an egress policy matches, no gateway node is eligible */
 	DROP_EGRESS_SNAT = 145, /* egress SNAT failed: no free port, or the rewrite failed */
 	DROP_EGRESS_UNSUPPORTED = 146, /* egress gateway traffic other than TCP/UDP */
+	DROP_EGRESS_NOT_GATEWAY = 147, /* tunnelled for outside, this node is not its gateway */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)

@@ -843,10 +843,11 @@ pub enum MetricReason {
     DropEgressNoGateway = 144,
     DropEgressSnat = 145,
     DropEgressUnsupported = 146,
+    DropEgressNotGateway = 147,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 32] = [
+    pub const ALL: [Self; 33] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -879,6 +880,7 @@ impl MetricReason {
         Self::DropEgressNoGateway,
         Self::DropEgressSnat,
         Self::DropEgressUnsupported,
+        Self::DropEgressNotGateway,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -914,6 +916,7 @@ impl MetricReason {
             Self::DropEgressNoGateway => "egress_no_gateway",
             Self::DropEgressSnat => "egress_snat_failed",
             Self::DropEgressUnsupported => "egress_unsupported_protocol",
+            Self::DropEgressNotGateway => "egress_not_gateway",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",
