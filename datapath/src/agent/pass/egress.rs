@@ -21,8 +21,8 @@
 //!   node's address.
 //!
 //! Metrics: `tendril_egress_policy_entries`, `tendril_egress_gateway_routes` (routes this node
-//! is the gateway of), `tendril_egress_gateway_changes_total` (routes whose gateway changed,
-//! as this node saw it), `tendril_egress_nat_entries` (the SNAT table's occupancy, sampled
+//! is the gateway of), `tendril_egress_programmed_gateway_changes_total` (routes whose
+//! gateway changed, as this node programmed them), `tendril_egress_nat_entries` (the SNAT table's occupancy, sampled
 //! with the other maps); packets steered, SNATed and dropped are in
 //! `tendril_datapath_packets_total` / `tendril_datapath_drops_total` with the `egress_*`
 //! reasons.
@@ -67,7 +67,7 @@ impl EgressMetrics {
                 Gauge::default,
             ),
             gateway_changes: metrics.domain(
-                "tendril_egress_gateway_changes",
+                "tendril_egress_programmed_gateway_changes",
                 "EgressRoutes whose gateway node changed, as this node programmed them",
                 Counter::default,
             ),
