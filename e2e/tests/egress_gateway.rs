@@ -33,7 +33,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, delete_netns, ensure_netns, ip};
+use tendril_e2e::services::{NetnsSet, netns_prefix, sweep_stale};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, ip, join_bridge};
 use tendril_e2e::traffic::{EchoServer, TcpFlow};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
 
@@ -44,56 +45,28 @@ const EXCLUDED_SERVER: &str = "203.0.113.200";
 const OUTSIDE: &str = "10.250.0.200";
 const EGRESS_IP: &str = "10.250.0.240";
 
-/// A host outside the cluster on the underlay bridge, removed on drop.
-struct Outside {
-    netns: String,
-}
-
-impl Outside {
-    async fn start(underlay: &str) -> Result<Outside> {
-        let netns = format!("tdrx-egress-{}", std::process::id());
-        let guard = Outside {
-            netns: netns.clone(),
-        };
-        ensure_netns(&netns).await?;
-        let peer = format!("xe{}", std::process::id() % 100_000);
-        ip(&[
-            "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
-            underlay,
-        ])
-        .await?;
-        ip(&["-n", underlay, "link", "set", &peer, "master", "br0", "up"]).await?;
+/// A host outside the cluster on the underlay bridge (`kp-…`, removed on drop, swept after
+/// a killed run) holding the server addresses.
+async fn outside(underlay: &str) -> Result<(NetnsSet, String)> {
+    sweep_stale();
+    let mut set = NetnsSet::default();
+    let netns = format!("{}-outside", netns_prefix());
+    set.add(&netns).await?;
+    let peer = format!("xe{}", std::process::id() % 100_000);
+    join_bridge(underlay, &netns, &peer, OUTSIDE.parse()?).await?;
+    for server in [SERVER, EXCLUDED_SERVER] {
         ip(&[
             "-n",
             &netns,
             "addr",
             "add",
-            &format!("{OUTSIDE}/24"),
+            &format!("{server}/32"),
             "dev",
-            "eth0",
+            "lo",
         ])
         .await?;
-        for server in [SERVER, EXCLUDED_SERVER] {
-            ip(&[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{server}/32"),
-                "dev",
-                "lo",
-            ])
-            .await?;
-        }
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
-        Ok(guard)
     }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        delete_netns(&self.netns);
-    }
+    Ok((set, netns))
 }
 
 /// One TCP connection with a line echoed, from `pod`, within 3 s: whether it worked.
@@ -164,8 +137,8 @@ async fn selected_pods_leave_through_the_gateway_with_the_egress_ip() -> Result<
         },
     )
     .await?;
-    let outside = Outside::start(&cluster.underlay.netns).await?;
-    let server = EchoServer::start(&outside.netns, PORT)?;
+    let (outside, outside_netns) = outside(&cluster.underlay.netns).await?;
+    let server = EchoServer::start(&outside_netns, PORT)?;
     let nodes: Api<Node> = Api::all(client.clone());
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let gw_label = env.unique_name("gw");

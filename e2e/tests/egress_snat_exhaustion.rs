@@ -20,7 +20,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, delete_netns, ensure_netns, ip};
+use tendril_e2e::services::{NetnsSet, netns_prefix, sweep_stale};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod, ip, join_bridge};
 use tendril_e2e::traffic::{EchoServer, TcpFlow};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
 
@@ -30,54 +31,28 @@ const SERVER: &str = "203.0.113.10";
 const OUTSIDE: &str = "10.250.0.201";
 const EGRESS_IP: &str = "10.250.0.241";
 
-/// A host outside the cluster on the underlay bridge, removed on drop.
-struct Outside {
-    netns: String,
-}
-
-impl Outside {
-    async fn start(underlay: &str) -> Result<Outside> {
-        let netns = format!("tdrx-snat-{}", std::process::id());
-        let guard = Outside {
-            netns: netns.clone(),
-        };
-        ensure_netns(&netns).await?;
-        let peer = format!("xs{}", std::process::id() % 100_000);
-        ip(&[
-            "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns",
-            underlay,
-        ])
-        .await?;
-        ip(&["-n", underlay, "link", "set", &peer, "master", "br0", "up"]).await?;
+/// A host outside the cluster on the underlay bridge (`kp-…`, removed on drop, swept after
+/// a killed run) holding the server addresses.
+async fn outside(underlay: &str) -> Result<(NetnsSet, String)> {
+    sweep_stale();
+    let mut set = NetnsSet::default();
+    let netns = format!("{}-outside", netns_prefix());
+    set.add(&netns).await?;
+    let peer = format!("xs{}", std::process::id() % 100_000);
+    join_bridge(underlay, &netns, &peer, OUTSIDE.parse()?).await?;
+    for server in [SERVER] {
         ip(&[
             "-n",
             &netns,
             "addr",
             "add",
-            &format!("{OUTSIDE}/24"),
-            "dev",
-            "eth0",
-        ])
-        .await?;
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{SERVER}/32"),
+            &format!("{server}/32"),
             "dev",
             "lo",
         ])
         .await?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"]).await?;
-        Ok(guard)
     }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        delete_netns(&self.netns);
-    }
+    Ok((set, netns))
 }
 
 /// Removes the agent configuration file on drop.
@@ -105,8 +80,8 @@ async fn a_full_snat_table_refuses_new_connections_loudly() -> Result<()> {
     let client = env.client();
     let ns = env.namespace().to_string();
     let cluster = SimCluster::start(&env, SimClusterConfig::default()).await?;
-    let outside = Outside::start(&cluster.underlay.netns).await?;
-    let _server = EchoServer::start(&outside.netns, PORT)?;
+    let (outside, outside_netns) = outside(&cluster.underlay.netns).await?;
+    let _server = EchoServer::start(&outside_netns, PORT)?;
     let gateway = cluster.nodes[1].name.clone();
     let nodes: Api<Node> = Api::all(client.clone());
     let label = env.unique_name("gw");

@@ -22,18 +22,16 @@
 
 mod operator_common;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use operator_common::{TIMEOUT, free_port};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use operator_common::{TIMEOUT, free_port, wait_until, warning_event};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute};
-use tendril_e2e::{
-    ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_deleted, wait_for,
-};
+use tendril_e2e::{ControlPlane, Process, TestEnv, fetch_metrics, wait_deleted};
 
 fn start_operator(env: &TestEnv, port: u16) -> Result<Process> {
     Process::builder("tendril-operator")
@@ -145,61 +143,6 @@ fn condition(p: &EgressGatewayPolicy, type_: &str) -> Option<(String, String, St
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-async fn wait_route(
-    api: &Api<EgressRoute>,
-    name: &str,
-    what: &str,
-    cond: impl Fn(&EgressRoute) -> bool + Send + 'static,
-) -> Result<EgressRoute> {
-    wait_for(
-        api,
-        name,
-        move |o: Option<&EgressRoute>| o.is_some_and(&cond),
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("EgressRoute {name}: {what}"))?
-    .context("present")
-}
-
-async fn wait_policy(
-    api: &Api<EgressGatewayPolicy>,
-    name: &str,
-    what: &str,
-    cond: impl Fn(&EgressGatewayPolicy) -> bool + Send + 'static,
-) -> Result<EgressGatewayPolicy> {
-    wait_for(
-        api,
-        name,
-        move |o: Option<&EgressGatewayPolicy>| o.is_some_and(&cond),
-        TIMEOUT,
-    )
-    .await
-    .with_context(|| format!("EgressGatewayPolicy {name}: {what}"))?
-    .context("present")
-}
-
-async fn warning_event(events: &Api<Event>, regarding: &str, reason: &str) -> Result<String> {
-    let (regarding, reason) = (regarding.to_string(), reason.to_string());
-    eventually(TIMEOUT, || {
-        let (events, regarding, reason) = (events.clone(), regarding.clone(), reason.clone());
-        async move {
-            let list = events.list(&ListParams::default()).await?;
-            list.items
-                .iter()
-                .find(|e| {
-                    e.type_.as_deref() == Some("Warning")
-                        && e.reason.as_deref() == Some(reason.as_str())
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                            == Some(regarding.as_str())
-                })
-                .map(|e| e.note.clone().unwrap_or_default())
-                .with_context(|| format!("no Warning Event {reason} about {regarding}"))
-        }
-    })
-    .await
-}
-
 fn gateway(r: &EgressRoute) -> Option<String> {
     r.spec.gateway_node.clone()
 }
@@ -244,7 +187,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
             &policy(&name, &team, &gw_label, json!({}))?,
         )
         .await?;
-    let route = wait_route(&routes, &name, "client-1 and a gateway", |r| {
+    let route = wait_until(&routes, &name, "client-1 and a gateway", |r| {
         r.spec.source_ips == ["10.244.3.11"] && r.spec.gateway_node.is_some()
     })
     .await?;
@@ -280,7 +223,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
         "route not owned by its policy"
     );
     let want_first = first.clone();
-    let p = wait_policy(&policies, &name, "Ready and gatewayNode", move |p| {
+    let p = wait_until(&policies, &name, "Ready and gatewayNode", move |p| {
         condition(p, "Ready").is_some_and(|c| c.0 == "True" && c.1 == "GatewaySelected")
             && p.status.as_ref().and_then(|s| s.gateway_node.clone()) == Some(want_first.clone())
     })
@@ -290,13 +233,13 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
 
     // Pods join and leave.
     pod(&pods, "client-2", &gw_a, "client", "10.244.1.21").await?;
-    wait_route(&routes, &name, "client-2 joins", |r| {
+    wait_until(&routes, &name, "client-2 joins", |r| {
         r.spec.source_ips == ["10.244.1.21", "10.244.3.11"]
     })
     .await?;
     pods.delete("client-1", &DeleteParams::default().grace_period(0))
         .await?;
-    wait_route(&routes, &name, "client-1 leaves", |r| {
+    wait_until(&routes, &name, "client-1 leaves", |r| {
         r.spec.source_ips == ["10.244.1.21"]
     })
     .await?;
@@ -305,7 +248,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
     let started = Instant::now();
     set_ready(&nodes, &first, false).await?;
     let want_other = other.clone();
-    let route = wait_route(&routes, &name, "failover to the other gateway", move |r| {
+    let route = wait_until(&routes, &name, "failover to the other gateway", move |r| {
         gateway(r) == Some(want_other.clone())
     })
     .await?;
@@ -313,7 +256,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
         "failover {first} -> {other} (NodeNotReady): route rewritten after {:?}",
         started.elapsed()
     );
-    let p = wait_policy(&policies, &name, "FailedOver", |p| {
+    let p = wait_until(&policies, &name, "FailedOver", |p| {
         condition(p, "Ready").is_some_and(|c| c.1 == "FailedOver")
     })
     .await?;
@@ -338,7 +281,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
     let revision = route.spec.revision;
     // Poke a recompute that must not move the gateway: another pod joins.
     pod(&pods, "client-3", &worker, "client", "10.244.3.13").await?;
-    let route = wait_route(&routes, &name, "client-3 joins", |r| {
+    let route = wait_until(&routes, &name, "client-3 joins", |r| {
         r.spec.source_ips.len() == 2
     })
     .await?;
@@ -356,11 +299,11 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
     // The gateway loses its label: back to the first.
     label_node(&nodes, &other, None).await?;
     let want_first = first.clone();
-    wait_route(&routes, &name, "failover on unlabel", move |r| {
+    wait_until(&routes, &name, "failover on unlabel", move |r| {
         gateway(r) == Some(want_first.clone())
     })
     .await?;
-    let p = wait_policy(&policies, &name, "FailedOver NodeNotSelected", |p| {
+    let p = wait_until(&policies, &name, "FailedOver NodeNotSelected", |p| {
         condition(p, "Ready")
             .is_some_and(|c| c.1 == "FailedOver" && c.2.contains("NodeNotSelected"))
     })
@@ -369,13 +312,13 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
 
     // No node eligible: still steered, no gateway, Ready=False.
     set_ready(&nodes, &first, false).await?;
-    let route = wait_route(&routes, &name, "no gateway", |r| gateway(r).is_none()).await?;
+    let route = wait_until(&routes, &name, "no gateway", |r| gateway(r).is_none()).await?;
     ensure!(
         route.spec.source_ips.len() == 2 && route.spec.gateway_ip.is_none(),
         "{:?}",
         route.spec
     );
-    wait_policy(&policies, &name, "NoGatewayNode", |p| {
+    wait_until(&policies, &name, "NoGatewayNode", |p| {
         condition(p, "Ready").is_some_and(|c| c.0 == "False" && c.1 == "NoGatewayNode")
     })
     .await?;
@@ -383,7 +326,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
     set_ready(&nodes, &first, true).await?;
     label_node(&nodes, &other, Some(&gw_label)).await?;
     let want_first = first.clone();
-    wait_route(&routes, &name, "gateway again", move |r| {
+    wait_until(&routes, &name, "gateway again", move |r| {
         gateway(r) == Some(want_first.clone())
     })
     .await?;
@@ -401,7 +344,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
             .await?;
     }
     for s in &spread {
-        let r = wait_route(&routes, s, "a gateway", |r| gateway(r).is_some()).await?;
+        let r = wait_until(&routes, s, "a gateway", |r| gateway(r).is_some()).await?;
         *per_node.entry(gateway(&r).unwrap()).or_default() += 1;
     }
     println!("12 policies over 2 gateways: {per_node:?}");
@@ -415,7 +358,7 @@ async fn egress_policies_become_routes_with_failover() -> Result<()> {
         json!({"matchExpressions": [{"key": "egress-gateway", "operator": "Sideways"}]}),
     )?;
     policies.create(&PostParams::default(), &bad_policy).await?;
-    let p = wait_policy(&policies, &bad, "Valid=False", |p| {
+    let p = wait_until(&policies, &bad, "Valid=False", |p| {
         condition(p, "Valid").is_some_and(|c| c.0 == "False")
     })
     .await?;
