@@ -30,6 +30,8 @@ pub struct OperatorConfig {
     pub services: crate::services::ServicesConfig,
     /// BGPPeeringPolicy → BGPNodeConfig per node (concern `bgp`).
     pub bgp: crate::bgp::BgpConfig,
+    /// EgressGatewayPolicy -> EgressRoute per policy (concern `egress`).
+    pub egress: crate::egress::EgressConfig,
 }
 
 impl Default for OperatorConfig {
@@ -47,6 +49,7 @@ impl Default for OperatorConfig {
             policy: Default::default(),
             services: Default::default(),
             bgp: Default::default(),
+            egress: Default::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! tendril-operator: one reconciler per concern on the shared harness of `tendril-runtime`.
 pub mod bgp;
 pub mod config;
+pub mod egress;
 pub mod endpoints;
 pub mod identities;
 pub mod ipam;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
 use tendril_controllers::{
-    Term, bgp, endpoints, identities, ipam, lbipam, nodes, policy, services,
+    Term, bgp, egress, endpoints, identities, ipam, lbipam, nodes, policy, services,
 };
 use tendril_runtime::config;
 use tendril_runtime::{
@@ -53,6 +53,10 @@ const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: lbipam::NAME,
         run: |ctx, _term| lbipam::run(ctx).boxed(),
+    },
+    Concern {
+        name: egress::NAME,
+        run: |ctx, term| egress::run(ctx, term.config.egress.clone()).boxed(),
     },
 ];
 

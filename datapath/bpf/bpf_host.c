@@ -14,6 +14,7 @@
  * untouched and uncounted. */
 
 #include "lib/common.h"
+#include "lib/egress.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
 #include "lib/lb_nat.h"
@@ -61,8 +62,9 @@ static __always_inline int from_netdev_service(struct __sk_buff *skb, struct pkt
 			      DIR_INGRESS);
 }
 
-SEC("classifier")
-int from_netdev(struct __sk_buff *skb)
+/* Everything but egress gateway answers; a subprogram, so its stack and
+ * egress4_reply's are not added up. */
+static __noinline int from_netdev_ipv4(struct __sk_buff *skb)
 {
 	struct endpoint_info *dst_ep;
 	struct l4_info l4;
@@ -78,6 +80,17 @@ int from_netdev(struct __sk_buff *skb)
 		return from_netdev_service(skb, &pkt, &l4);
 	return deliver_local4(skb, &pkt, dst_ep, resolve_identity4(pkt.ip4->saddr), &l4,
 			      DIR_INGRESS);
+}
+
+SEC("classifier")
+int from_netdev(struct __sk_buff *skb)
+{
+	/* The answer of a pod's connection SNATed here (lib/egress.h). */
+	int rc = egress4_reply(skb);
+
+	if (rc != EGRESS_PASS)
+		return rc;
+	return from_netdev_ipv4(skb);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

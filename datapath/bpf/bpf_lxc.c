@@ -14,6 +14,7 @@
  * traffic, native routing fallbacks), judged by ingress policy. */
 
 #include "lib/common.h"
+#include "lib/egress.h"
 #include "lib/encap.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
@@ -30,6 +31,7 @@ int from_container(struct __sk_buff *skb)
 	struct l4_info l4;
 	struct pkt4 pkt;
 	__u32 dst_identity;
+	int translated = 0;
 	int reply;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
@@ -57,6 +59,7 @@ int from_container(struct __sk_buff *skb)
 			return drop(skb, lb == LB_NO_LOCAL_BACKEND ? DROP_LB_NO_BACKEND : DROP_LB_NAT,
 				    DIR_EGRESS);
 		if (lb == LB_TRANSLATED) {
+			translated = 1;
 			if (parse_ipv4(skb, &pkt) < 0)
 				return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
 			parse_l4(skb, &pkt, &l4);
@@ -94,6 +97,19 @@ int from_container(struct __sk_buff *skb)
 				return deliver_local4(skb, &pkt, dst_ep, src_ep->identity, &l4,
 						      DIR_EGRESS);
 		}
+	}
+
+	/* Egress gateways (lib/egress.h), once policy has judged: a service
+	 * connection (translated, or the answer of one) never leaves through one. */
+	if (!reply && !translated) {
+		int egress = egress4_from_pod(skb, &l4, src_ep->identity);
+
+		if (egress != EGRESS_PASS)
+			return egress;
+		/* The subprogram may have moved packet data (it did not here: parsing
+		 * the same packet again cannot fail). */
+		if (parse_ipv4(skb, &pkt) < 0)
+			return TC_ACT_SHOT;
 	}
 
 	if (dst_info && dst_info->tunnel_endpoint) {

@@ -13,6 +13,7 @@
  * ipcache; packets from_container already encapsulated pass untouched. */
 
 #include "lib/common.h"
+#include "lib/egress.h"
 #include "lib/encap.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
@@ -27,6 +28,7 @@ int from_overlay(struct __sk_buff *skb)
 	struct l4_info l4;
 	struct pkt4 pkt;
 	long src_identity;
+	int rc;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_INGRESS);
@@ -51,6 +53,11 @@ int from_overlay(struct __sk_buff *skb)
 			return drop(skb, DROP_LB_NAT, DIR_INGRESS);
 		return deliver_local4(skb, &pkt, dst_ep, (__u32)src_identity, &l4, DIR_INGRESS);
 	}
+
+	/* A pod's traffic this node is the egress gateway for (lib/egress.h). */
+	rc = egress4_from_overlay(skb, &l4);
+	if (rc != EGRESS_PASS)
+		return rc;
 
 	/* The inner destination MAC is not the VXLAN device's; claim the packet
 	 * for this host so the stack does not discard it as PACKET_OTHERHOST. */

@@ -45,6 +45,19 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("LB_NAT_IDLE_TCP_S", LB_NAT_IDLE_TCP_S.into()),
         ("LB_NAT_IDLE_UDP_S", LB_NAT_IDLE_UDP_S.into()),
         ("LB_NAT_MAX_ENTRIES", LB_NAT_MAX_ENTRIES.into()),
+        (
+            "EGRESS_POLICY_MAX_ENTRIES",
+            EGRESS_POLICY_MAX_ENTRIES.into(),
+        ),
+        (
+            "EGRESS_EXEMPT_MAX_ENTRIES",
+            EGRESS_EXEMPT_MAX_ENTRIES.into(),
+        ),
+        ("EGRESS_NAT_MAX_ENTRIES", EGRESS_NAT_MAX_ENTRIES.into()),
+        ("EGRESS_STATIC_PREFIX", EGRESS_STATIC_PREFIX.into()),
+        ("EGRESS_F_EXCLUDED", EGRESS_F_EXCLUDED.into()),
+        ("EGRESS_SNAT_PORT_MIN", EGRESS_SNAT_PORT_MIN.into()),
+        ("EGRESS_SNAT_PORT_RANGE", EGRESS_SNAT_PORT_RANGE.into()),
         ("NETNS_POD", NETNS_POD.into()),
         (
             "LB_SRC_RANGE_STATIC_PREFIX",
@@ -195,7 +208,7 @@ fn c_constants_equal_the_rust_values() {
     let expected = expected();
     let mut source = String::from(
         "#include \"lib/common.h\"\n#include \"lib/maps.h\"\n#include \"lib/metrics.h\"\n\
-         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n\n\
+         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n#include \"lib/egress.h\"\n\n\
          enum tendril_constants {\n",
     );
     for (name, _) in &expected {

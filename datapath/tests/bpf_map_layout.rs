@@ -249,6 +249,15 @@ fn lb_mirrors_match_the_c_structs() {
             ]
         ),
     ];
+    // The egress gateway maps (lib/egress.h).
+    let egress = [
+        layout!("egress_key", EgressKey, [prefixlen, saddr, daddr]),
+        layout!(
+            "egress_value",
+            EgressValue,
+            [gateway_ip, egress_ip, flags, pad]
+        ),
+    ];
     let tc = [
         ("bpf_lxc.o", BPF_LXC),
         ("bpf_overlay.o", BPF_OVERLAY),
@@ -257,7 +266,8 @@ fn lb_mirrors_match_the_c_structs() {
     let all = [("bpf_sock.o", BPF_SOCK, &expected[..])]
         .into_iter()
         .chain(tc.iter().map(|(n, o)| (*n, *o, &expected[..])))
-        .chain(tc.iter().map(|(n, o)| (*n, *o, &nat[..])));
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &nat[..])))
+        .chain(tc.iter().map(|(n, o)| (*n, *o, &egress[..])));
     for (object_name, object, expected) in all {
         let structs = btf_structs(object);
         for (name, size, members) in expected {

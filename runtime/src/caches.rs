@@ -414,6 +414,24 @@ impl<K: Cached> Cache<K> {
             .filter_map(|change| futures::future::ready(change.into_trigger(true)))
     }
 
+    /// Like [`Cache::trigger`], but only the changes `matters` says yes to (watch failures
+    /// always pass), so a concern wakes on what it reads of an object, not on every write.
+    pub fn trigger_when(
+        &self,
+        mut matters: impl FnMut(&Change<K>) -> bool + Send + 'static,
+    ) -> futures::stream::BoxStream<'static, Result<K, watcher::Error>> {
+        self.changes()
+            .filter_map(move |change| {
+                let keep = matches!(change, Change::Failed(_)) || matters(&change);
+                futures::future::ready(if keep {
+                    change.into_trigger(true)
+                } else {
+                    None
+                })
+            })
+            .boxed()
+    }
+
     /// Like [`Cache::trigger`] without deletions (as `applied_objects` of a private watch).
     pub fn applied(
         &self,

@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tendril_crds::v1alpha1::{BGPNodeConfigSpec, LBServiceSpec, ResolvedPolicySpec};
+use tendril_crds::v1alpha1::{
+    BGPNodeConfigSpec, EgressRouteSpec, LBServiceSpec, ResolvedPolicySpec,
+};
 
 /// A spec with a revision.
 pub trait Revisioned: Clone {
@@ -83,6 +85,35 @@ impl Revisioned for BGPNodeConfigSpec {
             routers,
         } = self;
         *node_name == other.node_name && *routers == other.routers
+    }
+}
+
+impl Revisioned for EgressRouteSpec {
+    fn revision(&self) -> i64 {
+        self.revision
+    }
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+    }
+    fn same_content(&self, other: &Self) -> bool {
+        // Destructured, so a new field cannot be forgotten here.
+        let EgressRouteSpec {
+            revision: _,
+            source_ips,
+            destination_cidrs,
+            excluded_cidrs,
+            gateway_node,
+            gateway_ip,
+            egress_ip,
+            interface,
+        } = self;
+        *source_ips == other.source_ips
+            && *destination_cidrs == other.destination_cidrs
+            && *excluded_cidrs == other.excluded_cidrs
+            && *gateway_node == other.gateway_node
+            && *gateway_ip == other.gateway_ip
+            && *egress_ip == other.egress_ip
+            && *interface == other.interface
     }
 }
 

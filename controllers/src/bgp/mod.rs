@@ -37,7 +37,6 @@ mod metrics;
 use chrono::{DateTime, SecondsFormat, Utc};
 use desired::{Desired, NodeInput, PolicyInput, ServiceInput};
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use index::{ReadyNodes, Seen};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -56,7 +55,7 @@ use std::time::{Duration, Instant};
 use tendril_crds::v1alpha1::{
     BGP_CHANGED_AT_ANNOTATION, BGPNodeConfig, BGPNodeConfigSpec, BGPPeeringPolicy, NodeNetwork,
 };
-use tendril_runtime::caches::{Cache, Change};
+use tendril_runtime::caches::Change;
 use tendril_runtime::debounce::ChangeClock;
 use tendril_runtime::revisions::{self, Revisions};
 use tendril_runtime::singleton::{self, Singleton};
@@ -434,27 +433,6 @@ impl Bgp {
     }
 }
 
-/// The trigger stream of `cache`: the changes `matters` says yes to (and watch failures).
-fn filtered<K>(
-    cache: &Cache<K>,
-    mut matters: impl FnMut(&Change<K>) -> bool + Send + 'static,
-) -> BoxStream<'static, Result<K, kube::runtime::watcher::Error>>
-where
-    K: runtime::caches::Cached,
-{
-    cache
-        .changes()
-        .filter_map(move |change| {
-            let keep = matches!(change, Change::Failed(_)) || matters(&change);
-            futures::future::ready(if keep {
-                change.into_trigger(true)
-            } else {
-                None
-            })
-        })
-        .boxed()
-}
-
 /// The trigger mapper of a change of intent: starts the clock.
 fn observed<K>(
     clock: &ChangeClock,
@@ -488,35 +466,33 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
 
     let policy_changes = {
         let seen = Seen::default();
-        filtered(&policies, move |c| {
-            seen.changed(c, |p: &BGPPeeringPolicy| p.metadata.generation)
-        })
+        policies
+            .trigger_when(move |c| seen.changed(c, |p: &BGPPeeringPolicy| p.metadata.generation))
     };
     let node_changes = {
         let seen = Seen::default();
-        filtered(&nodes, move |c| seen.changed(c, index::node_facts))
+        nodes.trigger_when(move |c| seen.changed(c, index::node_facts))
     };
     let network_changes = {
         let seen = Seen::default();
-        filtered(&networks, move |c| {
-            seen.changed(c, |nn: &NodeNetwork| nn.spec.pod_cidrs.clone())
-        })
+        networks
+            .trigger_when(move |c| seen.changed(c, |nn: &NodeNetwork| nn.spec.pod_cidrs.clone()))
     };
     let service_changes = {
         let seen = Seen::default();
-        filtered(&services, move |c| seen.changed(c, desired::service_input))
+        services.trigger_when(move |c| seen.changed(c, desired::service_input))
     };
     let slice_changes = {
         let index = ready_nodes.clone();
         let store = slices.store();
-        filtered(&slices, move |c| index.apply(c, &store))
+        slices.trigger_when(move |c| index.apply(c, &store))
     };
     // Our own writes come back here; a config edited or deleted by someone else is put
     // back. Neither is a change of intent, so the clock is not started.
     let config_changes = {
         let seen = Seen::default();
         let written = written.clone();
-        filtered(&configs, move |c| {
+        configs.trigger_when(move |c| {
             if let Change::Deleted(config) = c {
                 written.deleted(config.name_any(), &config.spec);
             }

@@ -133,10 +133,12 @@ static __always_inline void lb4_nat_peer_key(struct lb4_nat_key *key, const stru
 			 dir == LB_NAT_FORWARD ? LB_NAT_REPLY : LB_NAT_FORWARD);
 }
 
-/* A packet used entry `e` (of direction `dir`): its idle time restarts (written at
- * most once a second), and a FIN or RST marks both directions closing. */
-static __always_inline void lb4_nat_touch(struct lb4_nat_entry *e, const struct l4_info *l4,
-					  __u8 dir)
+/* A packet used entry `e` (of direction `dir`) of NAT map `nat` (lb_nat, or
+ * egress_nat of lib/egress.h, which shares the layout): its idle time restarts
+ * (written at most once a second), and a FIN or RST marks both directions
+ * closing. */
+static __always_inline void nat4_touch(void *nat, struct lb4_nat_entry *e,
+				       const struct l4_info *l4, __u8 dir)
 {
 	__u32 now = lb_now_s();
 
@@ -149,10 +151,16 @@ static __always_inline void lb4_nat_touch(struct lb4_nat_entry *e, const struct 
 
 		e->flags |= LB_NAT_F_CLOSING;
 		lb4_nat_peer_key(&key, e, l4->proto, dir);
-		peer = bpf_map_lookup_elem(&lb_nat, &key);
+		peer = bpf_map_lookup_elem(nat, &key);
 		if (peer)
 			peer->flags |= LB_NAT_F_CLOSING;
 	}
+}
+
+static __always_inline void lb4_nat_touch(struct lb4_nat_entry *e, const struct l4_info *l4,
+					  __u8 dir)
+{
+	nat4_touch(&lb_nat, e, l4, dir);
 }
 
 /* Whether entry `e` has been idle long enough to give its SNAT port away. */
@@ -291,27 +299,29 @@ static __always_inline struct lb4_backend *lb4_pick(const struct lb4_key *key,
 	return backend;
 }
 
-/* A SNAT source port on `node` towards the backend, from a hash of the client's
- * tuple: one no connection holds, one this very tuple held before (a new
- * connection on it), or one whose connection has been idle long enough
- * (lb4_nat_idle; its forward entry is removed, so a late packet of it starts
- * afresh instead of being sent with another connection's port). 0 when none of
+/* A SNAT source port on `snat_addr` towards `peer`:`peer_port` in NAT map `nat`,
+ * from a hash of the client's tuple, among `range` ports from `min`: one no
+ * connection holds, one this very tuple held before (a new connection on it),
+ * or one whose connection has been idle long enough (lb4_nat_idle; its forward
+ * entry is removed, so a late packet of it starts afresh instead of being sent
+ * with another connection's port; counted as `reused_reason`). 0 when none of
  * the tries is free. */
-static __always_inline __be16 lb4_snat_port(struct __sk_buff *skb, const struct lb4_tuple *t,
-					    __be32 node, const struct lb4_backend *backend)
+static __always_inline __be16 nat4_snat_port(void *nat, struct __sk_buff *skb,
+					     const struct lb4_tuple *t, __be32 snat_addr,
+					     __be32 peer, __be16 peer_port, __u32 min, __u32 range,
+					     __u8 reused_reason, __u8 dir)
 {
 	__u32 hash = lb_hash3(t->saddr, ((__u32)t->sport << 16) | t->dport, t->daddr, 0);
 	__u32 now = lb_now_s();
 	int i;
 
 	for (i = 0; i < LB_SNAT_PORT_TRIES; i++) {
-		__be16 port = bpf_htons(LB_SNAT_PORT_MIN + (hash + i * 7919) % LB_SNAT_PORT_RANGE);
+		__be16 port = bpf_htons(min + (hash + i * 7919) % range);
 		struct lb4_nat_entry *held, *holder;
 		struct lb4_nat_key reply, forward;
 
-		lb4_nat_key_fill(&reply, backend->address, node, backend->port, port, t->proto,
-				 LB_NAT_REPLY);
-		held = bpf_map_lookup_elem(&lb_nat, &reply);
+		lb4_nat_key_fill(&reply, peer, snat_addr, peer_port, port, t->proto, LB_NAT_REPLY);
+		held = bpf_map_lookup_elem(nat, &reply);
 		if (!held)
 			return port;
 		if (held->daddr == t->saddr && held->dport == t->sport && held->saddr == t->daddr &&
@@ -320,24 +330,33 @@ static __always_inline __be16 lb4_snat_port(struct __sk_buff *skb, const struct 
 		if (!lb4_nat_idle(held, t->proto, now))
 			continue;
 		lb4_nat_peer_key(&forward, held, t->proto, LB_NAT_REPLY);
-		holder = bpf_map_lookup_elem(&lb_nat, &forward);
-		if (holder && holder->saddr == node && holder->sport == port &&
-		    holder->daddr == backend->address && holder->dport == backend->port) {
+		holder = bpf_map_lookup_elem(nat, &forward);
+		if (holder && holder->saddr == snat_addr && holder->sport == port &&
+		    holder->daddr == peer && holder->dport == peer_port) {
 			if (!lb4_nat_idle(holder, t->proto, now))
 				continue;
-			bpf_map_delete_elem(&lb_nat, &forward);
+			bpf_map_delete_elem(nat, &forward);
 		}
-		/* SNAT happens to packets from outside, at the uplink's ingress. */
-		metrics_count(skb, REASON_LB_SNAT_PORT_REUSED, DIR_INGRESS);
+		metrics_count(skb, reused_reason, dir);
 		return port;
 	}
 	return 0;
 }
 
-/* Records both directions of a new translated connection: `t` (as sent) →
- * `fwd`; the backend's answer → back to what the client expects. */
-static __always_inline int lb4_nat_create(const struct lb4_tuple *t,
-					  const struct lb4_nat_entry *fwd)
+/* The SNAT port of a north-south connection to a remote backend (SNAT happens
+ * to packets from outside, at the uplink's ingress). */
+static __always_inline __be16 lb4_snat_port(struct __sk_buff *skb, const struct lb4_tuple *t,
+					    __be32 node, const struct lb4_backend *backend)
+{
+	return nat4_snat_port(&lb_nat, skb, t, node, backend->address, backend->port,
+			      LB_SNAT_PORT_MIN, LB_SNAT_PORT_RANGE, REASON_LB_SNAT_PORT_REUSED,
+			      DIR_INGRESS);
+}
+
+/* Records both directions of a new translated connection in NAT map `nat`:
+ * `t` (as sent) → `fwd`; the peer's answer → back to what the client expects. */
+static __always_inline int nat4_create(void *nat, const struct lb4_tuple *t,
+				       const struct lb4_nat_entry *fwd)
 {
 	struct lb4_nat_entry rev = {
 		.saddr = t->daddr,
@@ -353,10 +372,16 @@ static __always_inline int lb4_nat_create(const struct lb4_tuple *t,
 
 	lb4_nat_key_fill(&key, fwd->daddr, fwd->saddr, fwd->dport, fwd->sport, t->proto,
 			 LB_NAT_REPLY);
-	if (bpf_map_update_elem(&lb_nat, &key, &rev, BPF_ANY) < 0)
+	if (bpf_map_update_elem(nat, &key, &rev, BPF_ANY) < 0)
 		return -1;
 	lb4_nat_key_fill(&key, t->saddr, t->daddr, t->sport, t->dport, t->proto, LB_NAT_FORWARD);
-	return bpf_map_update_elem(&lb_nat, &key, fwd, BPF_ANY);
+	return bpf_map_update_elem(nat, &key, fwd, BPF_ANY);
+}
+
+static __always_inline int lb4_nat_create(const struct lb4_tuple *t,
+					  const struct lb4_nat_entry *fwd)
+{
+	return nat4_create(&lb_nat, t, fwd);
 }
 
 /* What lb4_forward decided. */

@@ -20,6 +20,9 @@ enum metric_reason {
 	REASON_LB_TRANSLATED = 10, /* a service packet translated and sent on by the FIB */
 	REASON_LB_REJECTED = 11, /* a service without backends answered with RST/ICMP */
 	REASON_LB_SNAT_PORT_REUSED = 12, /* an idle connection's SNAT port given to a new one */
+	REASON_EGRESS_REDIRECT = 13, /* egress gateway: tunnelled to the gateway node */
+	REASON_EGRESS_SNAT = 14, /* egress gateway: SNATed to the egress IP and sent out */
+	REASON_EGRESS_SNAT_PORT_REUSED = 15, /* an idle egress connection's port given away */
 	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
 	DROP_INVALID_PACKET = 131,
 	DROP_TTL_EXCEEDED = 132,
@@ -34,6 +37,10 @@ enum metric_reason {
 	DROP_LB_SOURCE_RANGE = 141, /* loadBalancerSourceRanges refuse the client */
 	DROP_LB_NO_ROUTE = 142, /* no route for a translated packet */
 	DROP_LB_NAT = 143, /* a NAT rewrite or entry failed */
+	DROP_EGRESS_NO_GATEWAY = 144, /* an egress policy matches, no gateway node is eligible */
+	DROP_EGRESS_SNAT = 145, /* egress SNAT failed: no free port, or the rewrite failed */
+	DROP_EGRESS_UNSUPPORTED = 146, /* egress gateway traffic other than TCP/UDP */
+	DROP_EGRESS_NOT_GATEWAY = 147, /* tunnelled for outside, this node is not its gateway */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)

@@ -6,7 +6,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::watcher;
 use std::sync::{Arc, Mutex};
-use tendril_crds::v1alpha1::{Endpoint, Identity, LBService, NodeNetwork, ResolvedPolicy};
+use tendril_crds::v1alpha1::{
+    EgressRoute, Endpoint, Identity, LBService, NodeNetwork, ResolvedPolicy,
+};
 use tendril_runtime::caches::{Cache, Cached, Caches};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
@@ -23,6 +25,8 @@ pub struct ClusterView {
     pub apiserver: Cache<EndpointSlice>,
     /// Every `LBService` (all namespaces): the node's services.
     pub lb_services: Cache<LBService>,
+    /// Every `EgressRoute`: the egress gateway steering and SNAT of the node.
+    pub egress_routes: Cache<EgressRoute>,
 }
 
 /// Scope of the apiserver cache: the slice the apiserver itself writes.
@@ -47,6 +51,7 @@ impl ClusterView {
             resolved_policies: caches.all(),
             apiserver,
             lb_services: caches.all(),
+            egress_routes: caches.all(),
         };
         view.report_apiserver_forbidden();
         view
@@ -56,13 +61,14 @@ impl ClusterView {
     /// listed while reading them is forbidden (RBAC without that rule): the entity
     /// `kube-apiserver` then matches no address, and the node is not held back for it.
     pub async fn synced(&self) {
-        let (nn, ep, id, rp, slices, lbs) = (
+        let (nn, ep, id, rp, slices, lbs, egress) = (
             self.node_networks.store(),
             self.endpoints.store(),
             self.identities.store(),
             self.resolved_policies.store(),
             self.apiserver.store(),
             self.lb_services.store(),
+            self.egress_routes.store(),
         );
         let apiserver = async {
             let mut forbidden = self.apiserver.forbidden();
@@ -77,6 +83,7 @@ impl ClusterView {
             tendril_runtime::store_ready(&id),
             tendril_runtime::store_ready(&rp),
             tendril_runtime::store_ready(&lbs),
+            tendril_runtime::store_ready(&egress),
             apiserver,
         );
     }
@@ -89,6 +96,7 @@ impl ClusterView {
         wake_on(&self.resolved_policies, wake, |_| true);
         wake_on(&self.apiserver, wake, |_| true);
         wake_on(&self.lb_services, wake, |_| true);
+        wake_on(&self.egress_routes, wake, |_| true);
     }
 
     fn report_apiserver_forbidden(&self) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Map, MapData, RingBuf};
 
 use super::maps::{
-    self, Conntrack, DataplaneError, Endpoints, Ipcache, LbMaps, MapPressure, Metrics,
+    self, Conntrack, DataplaneError, EgressMaps, Endpoints, Ipcache, LbMaps, MapPressure, Metrics,
     NodeConfigMap, PinnedMap, PolicyMaps, open_pin,
 };
 
@@ -23,6 +23,8 @@ pub struct Dataplane {
     pub conntrack: Conntrack,
     /// The services maps (`lb_*`).
     pub lb: LbMaps,
+    /// The egress gateway maps (`egress_*`).
+    pub egress: EgressMaps,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -46,6 +48,7 @@ impl Dataplane {
             metrics: Metrics::open(dir)?,
             conntrack: Conntrack::open(dir)?,
             lb: LbMaps::open(dir)?,
+            egress: EgressMaps::open(dir)?,
         })
     }
 
@@ -60,6 +63,9 @@ impl Dataplane {
         pressure.extend(self.policy.pressure());
         pressure.push(self.conntrack.pressure());
         pressure.extend(self.lb.pressure());
+        pressure.extend(self.egress.pressure());
+        // The gateway's SNAT table: its occupancy is what port exhaustion shows as.
+        pressure.push(self.egress.nat_pressure());
         Ok(pressure)
     }
 

@@ -194,6 +194,11 @@ pub struct MapSizes {
     pub lb_sock_revnat: u32,
     /// Connections translated by the tc service path, two entries each (LRU).
     pub lb_nat: u32,
+    /// Egress gateway entries: (local or gatewayed source pod × destination/excluded prefix).
+    pub egress_policy: u32,
+    /// Connections SNATed by this node as an egress gateway, two entries each (a full table
+    /// refuses new connections; idle ones are removed by the agent).
+    pub egress_nat: u32,
 }
 
 impl Default for MapSizes {
@@ -216,6 +221,8 @@ impl Default for MapSizes {
             lb_netns: maps::LB_NETNS_MAX_ENTRIES,
             lb_sock_revnat: maps::LB_SOCK_REVNAT_MAX_ENTRIES,
             lb_nat: maps::LB_NAT_MAX_ENTRIES,
+            egress_policy: maps::EGRESS_POLICY_MAX_ENTRIES,
+            egress_nat: maps::EGRESS_NAT_MAX_ENTRIES,
         }
     }
 }
@@ -342,6 +349,8 @@ impl Programs {
                 .map_max_entries(maps::LB_NETNS, sizes.lb_netns)
                 .map_max_entries(maps::LB_SOCK_REVNAT, sizes.lb_sock_revnat)
                 .map_max_entries(maps::LB_NAT, sizes.lb_nat)
+                .map_max_entries(maps::EGRESS_POLICY, sizes.egress_policy)
+                .map_max_entries(maps::EGRESS_NAT, sizes.egress_nat)
                 .load(bytes)
                 .map_err(|source| LoadError::Object {
                     object,
@@ -694,7 +703,7 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
 }
 
 /// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 22] {
+fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 25] {
     use std::mem::size_of;
     [
         (
@@ -844,6 +853,27 @@ fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32
             size_of::<u32>(),
             size_of::<maps::LbConfig>(),
             1,
+        ),
+        (
+            maps::EGRESS_POLICY,
+            MapType::LpmTrie,
+            size_of::<maps::EgressKey>(),
+            size_of::<maps::EgressValue>(),
+            sizes.egress_policy,
+        ),
+        (
+            maps::EGRESS_EXEMPT,
+            MapType::LpmTrie,
+            size_of::<maps::IpcacheKey>(),
+            size_of::<u32>(),
+            maps::EGRESS_EXEMPT_MAX_ENTRIES,
+        ),
+        (
+            maps::EGRESS_NAT,
+            MapType::Hash,
+            size_of::<maps::Lb4NatKey>(),
+            size_of::<maps::Lb4NatEntry>(),
+            sizes.egress_nat,
         ),
     ]
 }

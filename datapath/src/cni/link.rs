@@ -281,6 +281,22 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo
     }
 }
 
+/// A link by index, `None` when there is none.
+pub async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkInfo>, LinkError> {
+    match handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(message) => Ok(message.as_ref().map(LinkInfo::from_message)),
+        Err(err) if matches!(errno(&err), Some(ENODEV | ENOENT)) => Ok(None),
+        Err(err) => Err(LinkError::netlink(format!("looking up link {index}"))(err)),
+    }
+}
+
 /// Deletes a link by name; returns whether it existed.
 pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, LinkError> {
     let Some(link) = link_by_name(handle, name).await? else {

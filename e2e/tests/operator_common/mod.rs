@@ -157,3 +157,55 @@ pub async fn lease_holder(env: &TestEnv, lease: &str) -> Result<Option<String>> 
         .and_then(|s| s.holder_identity)
         .filter(|h| !h.is_empty()))
 }
+
+/// Waits until object `name` exists and satisfies `cond` (`what`: for the error).
+pub async fn wait_until<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    cond: impl Fn(&K) -> bool + Send + 'static,
+) -> Result<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
+{
+    tendril_e2e::wait_for(
+        api,
+        name,
+        move |o: Option<&K>| o.is_some_and(&cond),
+        TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("{} {name}: {what}", K::kind(&())))?
+    .context("present")
+}
+
+/// The note of a Warning Event `reason` about the object named `regarding`, once one exists.
+pub async fn warning_event(
+    events: &Api<k8s_openapi::api::events::v1::Event>,
+    regarding: &str,
+    reason: &str,
+) -> Result<String> {
+    let (regarding, reason) = (regarding.to_string(), reason.to_string());
+    eventually(TIMEOUT, || {
+        let (events, regarding, reason) = (events.clone(), regarding.clone(), reason.clone());
+        async move {
+            let list = events.list(&kube::api::ListParams::default()).await?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.type_.as_deref() == Some("Warning")
+                        && e.reason.as_deref() == Some(reason.as_str())
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some(regarding.as_str())
+                })
+                .map(|e| e.note.clone().unwrap_or_default())
+                .with_context(|| format!("no Warning Event {reason} about {regarding}"))
+        }
+    })
+    .await
+}

@@ -92,6 +92,8 @@ pub struct DatapathMetrics {
     pub services_skipped: Family<ReasonLabel, Gauge>,
     /// `tendril_services_socket_lb_enabled`: 1 when the socket-LB hooks are attached.
     pub socket_lb_enabled: Gauge,
+    /// The egress step's (`tendril_egress_*`).
+    pub egress: super::egress::EgressMetrics,
     /// Last absolute value read per (raw reason, raw direction): the map counts since it
     /// was created (it survives restarts), the counters grow by the difference.
     seen: Arc<Mutex<HashMap<SampleKey, u64>>>,
@@ -185,6 +187,7 @@ impl DatapathMetrics {
                 "1 when the socket-level load-balancing hooks are attached on this node, else 0",
                 Gauge::default,
             ),
+            egress: super::egress::EgressMetrics::register(metrics),
             seen: Arc::default(),
         }
     }

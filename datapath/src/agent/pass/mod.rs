@@ -31,6 +31,7 @@
 //!
 //! A new concern on the node is one module implementing [`Step`] and one line in [`steps`].
 
+pub mod egress;
 pub mod endpoint_maps;
 pub mod events;
 pub mod index;
@@ -82,6 +83,9 @@ pub fn steps() -> Vec<Box<dyn AnyStep>> {
         Box::new(services::Services::new(Some(
             crate::services::maglev::lookup_table,
         ))),
+        // After the endpoint maps and services: the egress maps read the node's address
+        // and exempt every service frontend.
+        Box::new(egress::Egress::default()),
         // Last: a pod's entry is in the maps before its programs can see it.
         Box::new(programs::AttachPrograms),
     ]
@@ -318,9 +322,11 @@ pub async fn run(
     };
     let map_sampler = async {
         let mut tick = tokio::time::interval(METRICS_INTERVAL);
+        let mut egress_nat = egress::NatWatch::default();
         loop {
             tick.tick().await;
             report::observe_maps(&node).await;
+            egress_nat.observe(&node).await;
         }
     };
     let mut passes = NodePass {

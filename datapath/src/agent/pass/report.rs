@@ -383,7 +383,10 @@ pub async fn observe_maps(node: &NodeContext) {
     let _ = node
         .with_dataplane(move |dp| {
             match dp.pressure() {
-                Ok(p) => metrics.observe_pressure(&p),
+                Ok(p) => {
+                    metrics.observe_pressure(&p);
+                    metrics.egress.observe_pressure(&p);
+                }
                 Err(e) => tracing::warn!(error = %e, "reading map pressure"),
             }
             match dp.metrics.samples() {

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::{
-    layout::{EndpointKey, IpcacheKey},
+    layout::{EgressKey, EndpointKey, IpcacheKey},
     lb::LbItem,
     policy::PolicyItem,
 };
@@ -17,6 +17,7 @@ pub enum AnyKey {
     Prefix(IpcacheKey),
     Policy(PolicyItem),
     Lb(LbItem),
+    Egress(EgressKey),
 }
 
 impl From<EndpointKey> for AnyKey {
@@ -43,6 +44,12 @@ impl From<LbItem> for AnyKey {
     }
 }
 
+impl From<EgressKey> for AnyKey {
+    fn from(key: EgressKey) -> Self {
+        Self::Egress(key)
+    }
+}
+
 impl fmt::Display for AnyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -50,6 +57,7 @@ impl fmt::Display for AnyKey {
             Self::Prefix(key) => key.fmt(f),
             Self::Policy(key) => key.fmt(f),
             Self::Lb(key) => key.fmt(f),
+            Self::Egress(key) => key.fmt(f),
         }
     }
 }

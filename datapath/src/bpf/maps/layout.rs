@@ -32,6 +32,10 @@ pub const LB_NETNS: &str = "lb_netns";
 pub const LB_SOCK_REVNAT: &str = "lb_sock_revnat";
 pub const LB_CONFIG: &str = "lb_config";
 pub const LB_NAT: &str = "lb_nat";
+/// The egress gateway maps of `bpf/lib/egress.h`.
+pub const EGRESS_POLICY: &str = "egress_policy";
+pub const EGRESS_EXEMPT: &str = "egress_exempt";
+pub const EGRESS_NAT: &str = "egress_nat";
 
 /// Default capacities, as compiled into the objects (`*_MAX_ENTRIES` in maps.h).
 pub const IPCACHE_MAX_ENTRIES: u32 = 131_072;
@@ -60,6 +64,16 @@ pub const LB_MAGLEV_MAX_ENTRIES: u32 = 65_536;
 pub const LB_NETNS_MAX_ENTRIES: u32 = 8192;
 pub const LB_SOCK_REVNAT_MAX_ENTRIES: u32 = 131_072;
 pub const LB_NAT_MAX_ENTRIES: u32 = 262_144;
+pub const EGRESS_POLICY_MAX_ENTRIES: u32 = 16_384;
+pub const EGRESS_EXEMPT_MAX_ENTRIES: u32 = 4096;
+pub const EGRESS_NAT_MAX_ENTRIES: u32 = 65_536;
+/// Bits of an `egress_policy` key always matched (the source address).
+pub const EGRESS_STATIC_PREFIX: u32 = 32;
+/// `EGRESS_F_EXCLUDED` in `egress_value.flags`: an excludedCIDRs prefix.
+pub const EGRESS_F_EXCLUDED: u32 = 0x01;
+/// Egress SNAT source ports (`EGRESS_SNAT_PORT_MIN`, `EGRESS_SNAT_PORT_RANGE`).
+pub const EGRESS_SNAT_PORT_MIN: u16 = 10_000;
+pub const EGRESS_SNAT_PORT_RANGE: u16 = 22_768;
 /// `LB_NAT_*`: the direction of an `lb_nat` entry, and its flags.
 pub const LB_NAT_FORWARD: u8 = 1;
 pub const LB_NAT_REPLY: u8 = 2;
@@ -690,6 +704,80 @@ pub struct Lb4NatEntry {
     pub last_seen: u32,
 }
 
+/// `struct egress_key`: source pod address (always matched) + destination prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgressKey {
+    /// [`EGRESS_STATIC_PREFIX`] + the destination prefix length.
+    pub prefixlen: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// The part of [`EgressKey`] after `prefixlen`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EgressPrefix {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+impl EgressKey {
+    /// The key of `source` → `destination` (host bits cleared).
+    pub fn new(source: Ipv4Addr, destination: Ipv4Net) -> Self {
+        let destination = destination.trunc();
+        Self {
+            prefixlen: EGRESS_STATIC_PREFIX + u32::from(destination.prefix_len()),
+            saddr: source.octets(),
+            daddr: destination.network().octets(),
+        }
+    }
+
+    /// Source and destination prefix, `None` for a malformed key.
+    pub fn to_parts(&self) -> Option<(Ipv4Addr, Ipv4Net)> {
+        let prefix = u8::try_from(self.prefixlen.checked_sub(EGRESS_STATIC_PREFIX)?).ok()?;
+        Some((
+            Ipv4Addr::from(self.saddr),
+            Ipv4Net::new(Ipv4Addr::from(self.daddr), prefix).ok()?,
+        ))
+    }
+}
+
+impl LpmKey for EgressKey {
+    type Prefix = EgressPrefix;
+
+    fn to_lpm(self) -> aya::maps::lpm_trie::Key<EgressPrefix> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            EgressPrefix {
+                saddr: self.saddr,
+                daddr: self.daddr,
+            },
+        )
+    }
+
+    fn from_lpm(key: &aya::maps::lpm_trie::Key<EgressPrefix>) -> Self {
+        let data = key.data();
+        Self {
+            prefixlen: key.prefix_len(),
+            saddr: data.saddr,
+            daddr: data.daddr,
+        }
+    }
+}
+
+/// `struct egress_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EgressValue {
+    /// The gateway node's underlay address; all zero: no gateway (the traffic is dropped).
+    pub gateway_ip: [u8; 4],
+    /// The source address the gateway SNATs to.
+    pub egress_ip: [u8; 4],
+    pub flags: u32,
+    pub pad: u32,
+}
+
 // SAFETY: plain `#[repr(C)]` data of integers and byte arrays; every bit
 // pattern is valid and the padding is explicit, so no uninitialised bytes
 // reach the kernel.
@@ -727,6 +815,9 @@ unsafe impl aya::Pod for LbSockRevnatValue {}
 unsafe impl aya::Pod for LbConfig {}
 unsafe impl aya::Pod for Lb4NatKey {}
 unsafe impl aya::Pod for Lb4NatEntry {}
+unsafe impl aya::Pod for EgressKey {}
+unsafe impl aya::Pod for EgressPrefix {}
+unsafe impl aya::Pod for EgressValue {}
 
 /// Direction of a counted packet, seen from the pod (`DIR_*` in common.h).
 #[repr(u8)]
@@ -770,6 +861,9 @@ pub enum MetricReason {
     LbTranslated = 10,
     LbRejected = 11,
     LbSnatPortReused = 12,
+    EgressRedirect = 13,
+    EgressSnat = 14,
+    EgressSnatPortReused = 15,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -784,10 +878,14 @@ pub enum MetricReason {
     DropLbSourceRange = 141,
     DropLbNoRoute = 142,
     DropLbNat = 143,
+    DropEgressNoGateway = 144,
+    DropEgressSnat = 145,
+    DropEgressUnsupported = 146,
+    DropEgressNotGateway = 147,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 33] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -800,6 +898,9 @@ impl MetricReason {
         Self::LbTranslated,
         Self::LbRejected,
         Self::LbSnatPortReused,
+        Self::EgressRedirect,
+        Self::EgressSnat,
+        Self::EgressSnatPortReused,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -814,6 +915,10 @@ impl MetricReason {
         Self::DropLbSourceRange,
         Self::DropLbNoRoute,
         Self::DropLbNat,
+        Self::DropEgressNoGateway,
+        Self::DropEgressSnat,
+        Self::DropEgressUnsupported,
+        Self::DropEgressNotGateway,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -843,6 +948,13 @@ impl MetricReason {
             Self::DropLbSourceRange => "service_source_range",
             Self::DropLbNoRoute => "service_no_route",
             Self::DropLbNat => "service_nat",
+            Self::EgressRedirect => "egress_redirect",
+            Self::EgressSnat => "egress_snat",
+            Self::EgressSnatPortReused => "egress_snat_port_reused",
+            Self::DropEgressNoGateway => "egress_no_gateway",
+            Self::DropEgressSnat => "egress_snat_failed",
+            Self::DropEgressUnsupported => "egress_unsupported_protocol",
+            Self::DropEgressNotGateway => "egress_not_gateway",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",

@@ -7,11 +7,12 @@
 //!   `converge(desired, prune) -> Report<K>`; [`Report`] and [`Diff`] are its pure half.
 //! - One module per map: [`Endpoints`], [`Ipcache`], [`PolicyMaps`] (`policy`,
 //!   `policy_state` and `policy_cidrs`, which are written in one order), [`Conntrack`],
-//!   [`Metrics`], [`NodeConfigMap`], [`LbMaps`] (the services maps of `bpf/lib/lb.h`). The `events` ring buffer is opened by
+//!   [`Metrics`], [`NodeConfigMap`], [`LbMaps`] (the services maps of `bpf/lib/lb.h`), [`EgressMaps`] (`bpf/lib/egress.h`). The `events` ring buffer is opened by
 //!   [`crate::bpf::Dataplane::open_events`].
 
 mod any_key;
 mod conntrack;
+mod egress;
 mod endpoints;
 mod ipcache;
 mod layout;
@@ -25,6 +26,7 @@ mod report;
 
 pub use any_key::AnyKey;
 pub use conntrack::Conntrack;
+pub use egress::EgressMaps;
 pub use endpoints::Endpoints;
 pub use ipcache::Ipcache;
 pub use layout::*;

@@ -1,0 +1,613 @@
+//! Concern `egress`: `EgressGatewayPolicy` + `Endpoint` + `Node` → one `EgressRoute` per
+//! policy (same name, controller owner reference to the policy), field manager
+//! `tendril-egress`: the pod addresses the policy selects, its destinations (minus
+//! `excludedCIDRs`), the gateway node with its address, and the egress IP or interface.
+//! Every agent steers matching traffic of its local pods to the gateway; the gateway's
+//! agent SNATs it to the egress IP.
+//!
+//! Shaped like the bgp concern: every relevant change pokes one
+//! [`singleton`](runtime::singleton); the reconcile waits for a quiet moment
+//! ([`ChangeClock`]), reads the stores whole, runs the pure [`plan::plan`], and
+//! [`runtime::revisions::plan`] decides which routes to write (revision + 1 when the
+//! content changed) and which to delete (those whose policy is gone). An invalid policy's
+//! route is held: neither written nor deleted. Nothing is written before every store has
+//! completed its first list.
+//!
+//! Gateway choice and failover are in [`plan`]: a policy stays on its gateway while that
+//! node is Ready, selected and addressed; when it is not, the eligible node with the
+//! highest rendezvous score for the policy takes over. A failover shows as the policy's
+//! `Ready` condition (reason `FailedOver`, message `gateway a -> b (NodeNotReady)`), a
+//! Warning Event `GatewayFailover` and `tendril_egress_gateway_changes_total{reason}`.
+//!
+//! Writes: the routes, and the policies' status (`Valid`, `Ready`, `observedGeneration`,
+//! `gatewayNode`) when it changed.
+//!
+//! Metrics: `tendril_egress_routes`, `tendril_egress_policies_without_gateway`,
+//! `tendril_egress_invalid_policies`, `tendril_egress_source_ips`,
+//! `tendril_egress_gateway_changes_total{reason}`, `tendril_egress_route_writes_total`,
+//! `tendril_egress_route_deletes_total`.
+
+mod metrics;
+pub mod plan;
+#[cfg(test)]
+mod plan_tests;
+
+use crate::bgp::index::Seen;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use metrics::{Metrics, ReasonLabel};
+use plan::{EndpointInput, NodeInput, Plan, PolicyInput};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tendril_crds::common::conditions::{READY, VALID};
+use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute, EgressRouteSpec, Endpoint};
+use tendril_runtime::caches::Change;
+use tendril_runtime::debounce::ChangeClock;
+use tendril_runtime::revisions::{self, Revisions};
+use tendril_runtime::singleton::{self, Singleton};
+use tendril_runtime::{self as runtime, DesiredCondition, Reconciler, conditions, events};
+use tracing::{debug, info, warn};
+
+/// The concern's name; its field manager is `tendril-egress`.
+pub const NAME: &str = "egress";
+/// Route writes in flight at once.
+const WRITE_CONCURRENCY: usize = 16;
+/// The `action` of the concern's Events.
+const EVENT_ACTION: &str = "ChooseEgressGateway";
+
+/// `egress` in config/operator.yaml.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Quiet time after a change before the routes are computed again.
+    pub debounce_millis: u64,
+    /// A steady stream of changes is computed at least this long after its first change.
+    pub max_delay_millis: u64,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            debounce_millis: 50,
+            max_delay_millis: 500,
+        }
+    }
+}
+
+pub type Error = runtime::ApiError;
+
+#[derive(Clone)]
+struct Stores {
+    policies: Store<EgressGatewayPolicy>,
+    endpoints: Store<Endpoint>,
+    nodes: Store<Node>,
+    routes: Store<EgressRoute>,
+}
+
+impl Stores {
+    async fn listed(self) {
+        let _ = futures::future::join4(
+            runtime::store_ready(&self.policies),
+            runtime::store_ready(&self.endpoints),
+            runtime::store_ready(&self.nodes),
+            runtime::store_ready(&self.routes),
+        )
+        .await;
+    }
+
+    async fn ready(&self) -> Result<(), runtime::CacheNotReady> {
+        runtime::cache_ready(&self.policies, "egressgatewaypolicies").await?;
+        runtime::cache_ready(&self.endpoints, "endpoints").await?;
+        runtime::cache_ready(&self.nodes, "nodes").await?;
+        runtime::cache_ready(&self.routes, "egressroutes").await?;
+        Ok(())
+    }
+}
+
+/// What the plan reads of a Node: labels, Ready, the address other nodes tunnel to.
+pub fn node_input(node: &Node) -> NodeInput {
+    let status = node.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let mut internal: Vec<IpAddr> = status
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    internal.sort_by_key(|a| !a.is_ipv4());
+    NodeInput {
+        name: node.name_any(),
+        labels: node.labels().clone(),
+        ready,
+        address: internal.first().copied(),
+    }
+}
+
+fn endpoint_input(ep: &Endpoint) -> EndpointInput {
+    EndpointInput {
+        labels: ep.spec.security_labels.clone(),
+        ips: ep
+            .spec
+            .ips
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
+    }
+}
+
+/// Whether `route` was written by this concern (owned by its policy).
+fn owned_by_policy(route: &EgressRoute) -> bool {
+    route
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "EgressGatewayPolicy")
+}
+
+struct Egress {
+    client: kube::Client,
+    stores: Stores,
+    changes: ChangeClock,
+    written: Revisions<String, EgressRouteSpec>,
+    /// The problem message last reported with an Event, per invalid policy.
+    reported: Mutex<HashMap<String, String>>,
+    recorder: Recorder,
+    metrics: Metrics,
+    manager: String,
+}
+
+impl Reconciler for Egress {
+    type Object = Singleton;
+    type Error = Error;
+    const NAME: &'static str = NAME;
+
+    async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
+        self.stores.ready().await?;
+        self.changes.settled().await;
+        let changed_at = self.changes.take();
+        let result = self.compute_and_write().await;
+        if result.is_err() {
+            self.changes.restore(changed_at);
+        }
+        result
+    }
+}
+
+impl Egress {
+    fn inputs(&self) -> (Vec<PolicyInput>, Vec<NodeInput>, Vec<EndpointInput>) {
+        let policies = self
+            .stores
+            .policies
+            .state()
+            .iter()
+            .map(|p| {
+                let name = p.name_any();
+                let stored = self
+                    .stores
+                    .routes
+                    .get(&ObjectRef::new(&name))
+                    .map(|r| r.spec.clone());
+                let current = self.written.latest(&name, stored);
+                let previous_ready = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| conditions::find(&s.conditions, READY))
+                    .map(|c| {
+                        DesiredCondition::new(
+                            READY,
+                            c.status == conditions::TRUE,
+                            &c.reason,
+                            c.message.clone(),
+                        )
+                    });
+                PolicyInput {
+                    name,
+                    generation: p.metadata.generation,
+                    spec: p.spec.clone(),
+                    current_gateway: current.and_then(|r| r.gateway_node),
+                    previous_ready,
+                }
+            })
+            .collect();
+        let nodes = self
+            .stores
+            .nodes
+            .state()
+            .iter()
+            .map(|n| node_input(n))
+            .collect();
+        let endpoints = self
+            .stores
+            .endpoints
+            .state()
+            .iter()
+            .map(|e| endpoint_input(e))
+            .collect();
+        (policies, nodes, endpoints)
+    }
+
+    async fn compute_and_write(&self) -> Result<Action, Error> {
+        let (policies, nodes, endpoints) = self.inputs();
+        let want = plan::plan(&policies, &nodes, &endpoints);
+        self.set_metrics(&want);
+
+        let stored = self.stores.routes.state();
+        let (current, deleted) = self
+            .written
+            .current(stored.iter().map(|r| (r.name_any(), r.spec.clone())));
+        let owned: HashMap<String, bool> = stored
+            .iter()
+            .map(|r| (r.name_any(), owned_by_policy(r)))
+            .collect();
+        let held = want.held();
+        let writes = revisions::plan(&want.routes, &current, &deleted, |name| {
+            !held.contains(name) && owned.get(name).copied().unwrap_or(false)
+        });
+        debug!(
+            policies = policies.len(),
+            nodes = nodes.len(),
+            endpoints = endpoints.len(),
+            writes = writes.apply.len(),
+            deletes = writes.delete.len(),
+            "computed"
+        );
+
+        let mut first_error = None;
+        let mut carried = BTreeSet::new();
+        let api = Api::<EgressRoute>::all(self.client.clone());
+        let results = futures::stream::iter(writes.apply)
+            .map(|(name, spec)| {
+                let api = api.clone();
+                let owner = self
+                    .stores
+                    .policies
+                    .get(&ObjectRef::new(&name))
+                    .and_then(|p| runtime::controller_owner_ref(p.as_ref()));
+                async move {
+                    let Some(owner) = owner else {
+                        // The policy went away since the inputs were read.
+                        return (name, spec, Ok(()));
+                    };
+                    let body = runtime::apply_body::<EgressRoute>(
+                        &name,
+                        None,
+                        json!({"metadata": {"ownerReferences": [owner]}, "spec": spec}),
+                    );
+                    let res = runtime::apply(&api, &self.manager, &body).await.map(|_| ());
+                    (name, spec, res)
+                }
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (name, spec, res) in results {
+            match res {
+                Ok(()) => {
+                    debug!(route = %name, revision = spec.revision, "EgressRoute written");
+                    self.metrics.route_writes.inc();
+                    self.written.wrote(name.clone(), &spec);
+                    carried.insert(name);
+                }
+                Err(e) => {
+                    warn!(route = %name, error = %e, "writing the EgressRoute failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        for name in writes.delete {
+            if let Err(e) = self.delete(&api, &name).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        // Reported once the route carries it, so a failed write is not counted twice.
+        self.report_changes(&want, &carried).await;
+        if let Err(e) = self.write_statuses(&want).await {
+            first_error.get_or_insert(e);
+        }
+        self.report_problems(&want).await;
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(Action::await_change()),
+        }
+    }
+
+    fn set_metrics(&self, want: &Plan) {
+        self.metrics.routes.set(want.routes.len() as i64);
+        self.metrics.without_gateway.set(
+            want.routes
+                .values()
+                .filter(|r| r.gateway_node.is_none())
+                .count() as i64,
+        );
+        self.metrics.invalid_policies.set(want.held().len() as i64);
+        self.metrics.source_ips.set(
+            want.routes
+                .values()
+                .map(|r| r.source_ips.len() as i64)
+                .sum(),
+        );
+    }
+
+    async fn delete(&self, api: &Api<EgressRoute>, name: &str) -> Result<(), kube::Error> {
+        self.written.forget(&name.to_string());
+        let Some(uid) = self
+            .stores
+            .routes
+            .get(&ObjectRef::new(name))
+            .and_then(|r| r.uid())
+        else {
+            return Ok(());
+        };
+        if runtime::delete_exact(api, name, &uid).await? {
+            self.metrics.route_deletes.inc();
+            info!(route = name, "policy gone; EgressRoute deleted");
+        }
+        Ok(())
+    }
+
+    /// Logs, counts and publishes each gateway change the routes now carry.
+    async fn report_changes(&self, want: &Plan, carried: &BTreeSet<String>) {
+        for (name, outcome) in &want.policies {
+            let Some(change) = &outcome.change else {
+                continue;
+            };
+            if !carried.contains(name) {
+                continue;
+            }
+            self.metrics
+                .gateway_changes
+                .get_or_create(&ReasonLabel {
+                    reason: change.reason.as_str().to_string(),
+                })
+                .inc();
+            let message = change.message();
+            if !change.reason.is_failover() {
+                info!(policy = %name, %message, "egress gateway assigned");
+                continue;
+            }
+            warn!(policy = %name, %message, "egress gateway failover");
+            if let Some(policy) = self.stores.policies.get(&ObjectRef::new(name)) {
+                events::publish_warning(
+                    &self.recorder,
+                    &policy.object_ref(&()),
+                    "GatewayFailover",
+                    &message,
+                    EVENT_ACTION,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// `status` of every policy whose conditions, `observedGeneration` or `gatewayNode`
+    /// changed.
+    async fn write_statuses(&self, want: &Plan) -> Result<(), kube::Error> {
+        let api = Api::<EgressGatewayPolicy>::all(self.client.clone());
+        let mut first_error = None;
+        for (name, outcome) in &want.policies {
+            let Some(policy) = self.stores.policies.get(&ObjectRef::new(name)) else {
+                continue;
+            };
+            let empty = Default::default();
+            let status = policy.status.as_ref().unwrap_or(&empty);
+            let desired: Vec<&DesiredCondition> = std::iter::once(&outcome.valid)
+                .chain(outcome.ready.as_ref())
+                .collect();
+            let current = desired
+                .iter()
+                .all(|d| conditions::is_current(&status.conditions, d, outcome.generation))
+                && status.observed_generation == outcome.generation
+                && status.gateway_node == outcome.gateway;
+            if current {
+                continue;
+            }
+            let now = Timestamp::now();
+            let mut conds: BTreeMap<&str, _> = BTreeMap::new();
+            // Keep Ready as it was while the policy is invalid (its route is held).
+            if let Some(prev) = conditions::find(&status.conditions, READY) {
+                conds.insert(READY, serde_json::to_value(prev).unwrap_or_default());
+            }
+            for d in desired {
+                let merged = conditions::merge(
+                    conditions::find(&status.conditions, &d.type_),
+                    d,
+                    outcome.generation,
+                    now,
+                );
+                conds.insert(
+                    if d.type_ == VALID { VALID } else { READY },
+                    serde_json::to_value(merged).unwrap_or_default(),
+                );
+            }
+            let body = runtime::apply_body::<EgressGatewayPolicy>(
+                name,
+                None,
+                json!({"status": {
+                    "conditions": conds.into_values().collect::<Vec<_>>(),
+                    "observedGeneration": outcome.generation,
+                    "gatewayNode": outcome.gateway,
+                }}),
+            );
+            match runtime::apply_status(&api, &self.manager, &body).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    warn!(policy = %name, error = %e, "writing the policy status failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A Warning Event on each policy with a new problem (invalid, or no gateway).
+    async fn report_problems(&self, want: &Plan) {
+        let problems: BTreeMap<&String, &DesiredCondition> = want
+            .policies
+            .iter()
+            .filter_map(|(name, o)| match &o.ready {
+                _ if !o.valid.status => Some((name, &o.valid)),
+                Some(r) if !r.status => Some((name, r)),
+                _ => None,
+            })
+            .collect();
+        let new: Vec<(String, String, String)> = {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            reported.retain(|name, _| problems.contains_key(name));
+            let mut new = Vec::new();
+            for (name, c) in &problems {
+                if reported.get(*name) != Some(&c.message) {
+                    reported.insert((*name).clone(), c.message.clone());
+                    new.push(((*name).clone(), c.reason.clone(), c.message.clone()));
+                }
+            }
+            new
+        };
+        for (name, reason, message) in new {
+            let Some(policy) = self.stores.policies.get(&ObjectRef::new(&name)) else {
+                continue;
+            };
+            warn!(policy = %name, reason, message, "egress policy not served");
+            events::publish_warning(
+                &self.recorder,
+                &policy.object_ref(&()),
+                &reason,
+                &message,
+                EVENT_ACTION,
+            )
+            .await;
+        }
+    }
+}
+
+/// Runs the egress concern until `ctx.shutdown`.
+pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<()> {
+    let client = ctx.client.clone();
+    let policies = ctx.caches.all::<EgressGatewayPolicy>();
+    let endpoints = ctx.caches.all::<Endpoint>();
+    let nodes = ctx.caches.all::<Node>();
+    let routes = ctx.caches.all::<EgressRoute>();
+    let stores = Stores {
+        policies: policies.store(),
+        endpoints: endpoints.store(),
+        nodes: nodes.store(),
+        routes: routes.store(),
+    };
+    let changes = ChangeClock::new(
+        Duration::from_millis(config.debounce_millis),
+        Duration::from_millis(config.max_delay_millis),
+    );
+    let written: Revisions<String, EgressRouteSpec> = Revisions::default();
+
+    let policy_changes = {
+        let seen = Seen::default();
+        policies
+            .trigger_when(move |c| seen.changed(c, |p: &EgressGatewayPolicy| p.metadata.generation))
+    };
+    // Heartbeats change neither labels, readiness nor addresses: they wake nothing.
+    let node_changes = {
+        let seen = Seen::default();
+        nodes.trigger_when(move |c| {
+            seen.changed(c, |n: &Node| {
+                let i = node_input(n);
+                (i.labels, i.ready, i.address)
+            })
+        })
+    };
+    // The agents' status writes change neither labels nor addresses.
+    let endpoint_changes = {
+        let seen = Seen::default();
+        endpoints.trigger_when(move |c| {
+            seen.changed(c, |e: &Endpoint| {
+                (e.spec.security_labels.clone(), e.spec.ips.clone())
+            })
+        })
+    };
+    // Our own writes come back here; a route edited or deleted by someone else is put back.
+    let route_changes = {
+        let seen = Seen::default();
+        let written = written.clone();
+        routes.trigger_when(move |c| {
+            if let Change::Deleted(route) = c {
+                written.deleted(route.name_any(), &route.spec);
+            }
+            seen.changed(c, |r: &EgressRoute| r.metadata.generation)
+        })
+    };
+
+    let controller = singleton::controller(NAME, stores.clone().listed())
+        .watches_stream(policy_changes, singleton::on_change(NAME, Some(&changes)))
+        .watches_stream(node_changes, singleton::on_change(NAME, Some(&changes)))
+        .watches_stream(endpoint_changes, singleton::on_change(NAME, Some(&changes)))
+        .watches_stream(route_changes, singleton::on_change(NAME, None));
+    let reconciler = Egress {
+        client: client.clone(),
+        stores,
+        changes,
+        written,
+        reported: Mutex::default(),
+        recorder: events::recorder(client, "tendril-operator"),
+        metrics: Metrics::new(&ctx.metrics),
+        manager: runtime::field_manager(NAME),
+    };
+    runtime::run(controller, reconciler, &ctx).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(conditions: serde_json::Value, addresses: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n", "labels": {"egress": "yes"}},
+            "status": {"conditions": conditions, "addresses": addresses},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn node_input_reads_ready_labels_and_the_ipv4_internal_ip_first() {
+        let n = node(
+            json!([{"type": "Ready", "status": "True"}]),
+            json!([
+                {"type": "ExternalIP", "address": "192.0.2.1"},
+                {"type": "InternalIP", "address": "fd00::1"},
+                {"type": "InternalIP", "address": "10.0.0.1"},
+            ]),
+        );
+        let i = node_input(&n);
+        assert!(i.ready);
+        assert_eq!(i.address, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(i.labels.get("egress").map(String::as_str), Some("yes"));
+        for conditions in [
+            json!([{"type": "Ready", "status": "False"}]),
+            json!([{"type": "Ready", "status": "Unknown"}]),
+            json!([]),
+        ] {
+            assert!(!node_input(&node(conditions, json!([]))).ready);
+        }
+        let external_only = node(
+            json!([{"type": "Ready", "status": "True"}]),
+            json!([{"type": "ExternalIP", "address": "192.0.2.1"}]),
+        );
+        assert_eq!(node_input(&external_only).address, None);
+    }
+}
