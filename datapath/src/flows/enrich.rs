@@ -178,7 +178,13 @@ pub fn drop_reason(reason: MetricReason) -> DropReason {
         MetricReason::DropLbNoBackend => DropReason::ServiceBackendNotFound,
         MetricReason::DropLbSourceRange => DropReason::DeniedByLbSrcRangeCheck,
         MetricReason::DropLbNoRoute => DropReason::FibLookupFailed,
-        MetricReason::DropLbNat => DropReason::NoMappingForNatMasquerade,
+        MetricReason::DropLbNat | MetricReason::DropEgressSnat => {
+            DropReason::NoMappingForNatMasquerade
+        }
+        MetricReason::DropEgressUnsupported => DropReason::UnsupportedProtocolForNatMasquerade,
+        MetricReason::DropEgressNoGateway | MetricReason::DropEgressNotGateway => {
+            DropReason::NoEgressGateway
+        }
         _ => DropReason::Unknown,
     }
 }
