@@ -11,7 +11,7 @@
 # $TENDRIL_TEST_LOGS/tilt-ci (~/.cache/tendril/test-logs/tilt-ci), and the path is printed.
 #
 # Environment: TENDRIL_TILT_CI_TIMEOUT (default 20m), TENDRIL_TILT_CI_PORT_BASE (default
-# 31000: ports base+1 … base+10), TENDRIL_TILT_CI_RUN (run directory, default
+# 31000: ports base+1 … base+14), TENDRIL_TILT_CI_RUN (run directory, default
 # ~/.cache/tendril/tilt-ci-run) and TENDRIL_TILT_CI_NAME (default tiltci: the simulated
 # cluster, its nodes NAME-node-1/2 and the pods' network namespaces): a second checkout
 # running beside this one sets its own of each, or waits (runs on one run dir take turns,
@@ -42,6 +42,7 @@ export TENDRIL_ETCD_PORT=$((base + 1)) TENDRIL_ETCD_PEER_PORT=$((base + 2))
 export TENDRIL_APISERVER_PORT=$((base + 3)) TENDRIL_KCM_PORT=$((base + 4))
 export TENDRIL_OPERATOR_METRICS_PORT=$((base + 5)) TENDRIL_AGENT_METRICS_PORT=$((base + 6))
 export TENDRIL_PROMETHEUS_PORT=$((base + 9))
+export TENDRIL_AGENT_OBSERVER_PORT=$((base + 11)) TENDRIL_RELAY_PORT=$((base + 14))
 name=${TENDRIL_TILT_CI_NAME:-tiltci}
 export TENDRIL_SIM_CLUSTER=$name TENDRIL_SIM_NODES="$name-node-1 $name-node-2"
 if [[ $name == tiltci ]]; then
