@@ -42,6 +42,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         ("Identity", "all"),
         ("ResolvedPolicy", "all"),
         ("LBService", "all"),
+        ("EgressRoute", "all"),
         ("BGPNodeConfig", "own-node"),
         ("EndpointSlice", "default/kubernetes"),
         // The BGP peers' passwords: the Secrets of bgp.secretsNamespace only.
@@ -79,9 +80,10 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         let plane = &plane;
         async move {
             let w = apiserver_watches(plane, "tendril.dev").await?;
-            // Watches open one by one after the agent starts: wait for all six.
+            // Watches open one by one after the agent starts: wait for all seven.
             let opened = [
                 "bgpnodeconfigs",
+                "egressroutes",
                 "endpoints",
                 "identities",
                 "lbservices",
@@ -97,6 +99,7 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
     .await?;
     let expected: BTreeMap<String, f64> = [
         "bgpnodeconfigs",
+        "egressroutes",
         "endpoints",
         "identities",
         "lbservices",

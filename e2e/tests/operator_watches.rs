@@ -38,6 +38,12 @@ const READ: &[(&str, &str, &str)] = &[
     ("tendril.dev", "bgppeeringpolicies", "BGPPeeringPolicy"),
     ("tendril.dev", "bgpnodeconfigs", "BGPNodeConfig"),
     ("tendril.dev", "loadbalancerippools", "LoadBalancerIPPool"),
+    (
+        "tendril.dev",
+        "egressgatewaypolicies",
+        "EgressGatewayPolicy",
+    ),
+    ("tendril.dev", "egressroutes", "EgressRoute"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, repo_root};
 
@@ -40,22 +40,10 @@ struct KnownEmpty {
     why: &'static str,
 }
 
-const NO_EGRESS: &str = "no egress-gateway reconciler or datapath yet";
+const NO_EGRESS: &str = "agents do not report the EgressRoutes they realize yet";
 const NO_ENCRYPTION: &str = "no encryption reconciler yet";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[
-    KnownEmpty {
-        kind: "EgressGatewayPolicy",
-        column: "Gateway",
-        object: None,
-        why: NO_EGRESS,
-    },
-    KnownEmpty {
-        kind: "EgressGatewayPolicy",
-        column: "Ready",
-        object: None,
-        why: NO_EGRESS,
-    },
     KnownEmpty {
         kind: "EgressRoute",
         column: "Realized",
@@ -237,7 +225,15 @@ async fn every_printer_column_shows_a_value_on_live_objects() -> Result<()> {
         pod.wait_realized(&client, TIMEOUT).await?;
     }
 
-    // The user's: every example.
+    // The user's: every example. Node 0 is the example egress policy's gateway.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            &n0.name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"egress-gateway": "true"}}})),
+        )
+        .await?;
     let examples = examples(ns, n0)?;
     env.delete_on_drop::<tendril_crds::v1alpha1::BGPNodeConfig>(&n0.name);
     for doc in &examples {

@@ -19,8 +19,12 @@
 //!   (`controller_runtime_reconcile_total{controller="services"}`), and it fails the run if
 //!   any LBService was rewritten (a reshuffle).
 //!
+//! Each size runs once per `services.writesInFlight` of `TENDRIL_SERVICES_SCALE_WRITES`
+//! (default `1,16`: one write at a time, the baseline, and the default pipeline), and the
+//! table gives the cold start as a ratio to the baseline of the same size.
+//!
 //! Prints a table; asserts nothing about speed. `TENDRIL_SERVICES_SCALE=1000,10000` picks
-//! the sizes. Not part of the suite: `hack/bench.sh services`.
+//! the sizes. Not part of the suite: `hack/bench.sh services-operator`.
 
 use std::time::{Duration, Instant};
 
@@ -99,8 +103,18 @@ fn translate_only(n: usize) -> Result<f64> {
     Ok(took.as_secs_f64() * 1e6 / n as f64)
 }
 
+/// A file removed on drop (the operator's config of one run).
+struct ScratchFile(std::path::PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 struct Figures {
     n: usize,
+    writes_in_flight: u32,
     translate_us: f64,
     create_s: f64,
     cold_s: f64,
@@ -113,9 +127,17 @@ struct Figures {
     restart_s: f64,
 }
 
-async fn run_size(n: usize) -> Result<Figures> {
+async fn run_size(n: usize, writes_in_flight: u32) -> Result<Figures> {
     let translate_us = translate_only(n)?;
-    let plane = ControlPlane::dedicated(&format!("svc-scale-{n}")).await?;
+    let plane = ControlPlane::dedicated(&format!("svc-scale-{n}-{writes_in_flight}")).await?;
+    let config = ScratchFile(std::env::temp_dir().join(format!(
+        "tendril-scale-operator-{}-{n}-{writes_in_flight}.yaml",
+        std::process::id()
+    )));
+    std::fs::write(
+        &config.0,
+        format!("services:\n  writesInFlight: {writes_in_flight}\n"),
+    )?;
     let env = TestEnv::on(plane.clone()).await?;
     let client = env.client();
     let ns = env.namespace().to_string();
@@ -156,6 +178,8 @@ async fn run_size(n: usize) -> Result<Figures> {
     let port = free_port()?;
     let started = Instant::now();
     let mut operator = Process::builder("tendril-operator")
+        .arg("--config")
+        .arg(&config.0)
         .arg("--kubeconfig")
         .arg(env.kubeconfig())
         .arg("--leader-elect=false")
@@ -253,6 +277,8 @@ async fn run_size(n: usize) -> Result<Figures> {
     let port = free_port()?;
     let started = Instant::now();
     let mut operator = Process::builder("tendril-operator")
+        .arg("--config")
+        .arg(&config.0)
         .arg("--kubeconfig")
         .arg(env.kubeconfig())
         .arg("--leader-elect=false")
@@ -279,6 +305,7 @@ async fn run_size(n: usize) -> Result<Figures> {
     operator.stop(Duration::from_secs(10));
     Ok(Figures {
         n,
+        writes_in_flight,
         translate_us,
         create_s,
         cold_s,
@@ -299,21 +326,38 @@ async fn services_operator_at_scale() -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
+    let writes: Vec<u32> = std::env::var("TENDRIL_SERVICES_SCALE_WRITES")
+        .unwrap_or_else(|_| "1,16".into())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     for n in sizes {
-        let f = run_size(n).await?;
-        eprintln!(
-            "services={} done: cold {:.1}s, realize {:.1}s",
-            f.n, f.cold_s, f.realize_s
-        );
-        rows.push(f);
+        for &w in &writes {
+            let f = run_size(n, w).await?;
+            eprintln!(
+                "services={} in flight={w} done: cold {:.1}s, realize {:.1}s",
+                f.n, f.cold_s, f.realize_s
+            );
+            rows.push(f);
+        }
     }
+    // The cold start against one write at a time, same size (the first row of each size
+    // when `1` is not measured).
+    let baseline = |n: usize| {
+        rows.iter()
+            .filter(|f| f.n == n)
+            .min_by_key(|f| f.writes_in_flight)
+            .map_or(f64::NAN, |f| f.cold_s)
+    };
     println!(
-        "\n{:>8} {:>12} {:>10} {:>12} {:>14} {:>11} {:>13} {:>10} {:>10} {:>8} {:>10}",
+        "\n{:>8} {:>9} {:>12} {:>10} {:>12} {:>8} {:>14} {:>11} {:>13} {:>10} {:>10} {:>8} {:>10}",
         "services",
+        "in flight",
         "translate µs",
         "create s",
         "cold start s",
+        "× base",
         "op translate µs",
         "realize s",
         "status writes",
@@ -324,11 +368,13 @@ async fn services_operator_at_scale() -> Result<()> {
     );
     for f in &rows {
         println!(
-            "{:>8} {:>12.1} {:>10.1} {:>12.1} {:>14.1} {:>11.1} {:>13.0} {:>8.0}ms {:>8.0}ms {:>8.0} {:>10.1}",
+            "{:>8} {:>9} {:>12.1} {:>10.1} {:>12.1} {:>8.2} {:>14.1} {:>11.1} {:>13.0} {:>8.0}ms {:>8.0}ms {:>8.0} {:>10.1}",
             f.n,
+            f.writes_in_flight,
             f.translate_us,
             f.create_s,
             f.cold_s,
+            f.cold_s / baseline(f.n),
             f.operator_translate_us,
             f.realize_s,
             f.status_writes,

@@ -151,6 +151,19 @@ fn endpoint_input(ep: &Endpoint) -> EndpointInput {
 }
 
 /// Whether `route` was written by this concern (owned by its policy).
+/// Whether someone but `manager` holds fields of the route's spec (it was written by hand,
+/// or edited). Server-side apply cannot unset a field another manager owns, so such a
+/// route would differ from what the concern writes forever: it is replaced instead.
+fn spec_held_by_others(route: &EgressRoute, manager: &str) -> bool {
+    route.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() != Some(manager)
+            && m.subresource.as_deref().is_none_or(str::is_empty)
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.get("f:spec").is_some())
+    })
+}
+
 fn owned_by_policy(route: &EgressRoute) -> bool {
     route
         .metadata
@@ -279,11 +292,25 @@ impl Egress {
                     .policies
                     .get(&ObjectRef::new(&name))
                     .and_then(|p| runtime::controller_owner_ref(p.as_ref()));
+                let foreign = self
+                    .stores
+                    .routes
+                    .get(&ObjectRef::new(&name))
+                    .filter(|r| !owned_by_policy(r) || spec_held_by_others(r, &self.manager))
+                    .and_then(|r| r.uid());
                 async move {
                     let Some(owner) = owner else {
                         // The policy went away since the inputs were read.
                         return (name, spec, Ok(()));
                     };
+                    if let Some(uid) = foreign {
+                        // Written or edited by someone else: replaced, not merged into.
+                        warn!(route = %name, "EgressRoute written by someone else: replacing it");
+                        self.written.forget(&name);
+                        if let Err(e) = runtime::delete_exact(&api, &name, &uid).await {
+                            return (name, spec, Err(e));
+                        }
+                    }
                     let body = runtime::apply_body::<EgressRoute>(
                         &name,
                         None,
