@@ -150,7 +150,6 @@ fn endpoint_input(ep: &Endpoint) -> EndpointInput {
     }
 }
 
-/// Whether `route` was written by this concern (owned by its policy).
 /// Whether someone but `manager` holds fields of the route's spec (it was written by hand,
 /// or edited). Server-side apply cannot unset a field another manager owns, so such a
 /// route would differ from what the concern writes forever: it is replaced instead.
@@ -164,6 +163,7 @@ fn spec_held_by_others(route: &EgressRoute, manager: &str) -> bool {
     })
 }
 
+/// Whether `route` was written by this concern (owned by its policy).
 fn owned_by_policy(route: &EgressRoute) -> bool {
     route
         .metadata
