@@ -58,6 +58,14 @@ enum Command {
         /// addresses for `tendril_bpf_map_pressure`; 0 skips it.
         #[arg(long, default_value_t = 9962)]
         agent_metrics_port: u16,
+        /// `NODE=HOST:PORT`: where that node's agent serves /metrics (instead of the node's
+        /// addresses); repeatable.
+        #[arg(long, value_parser = node_address)]
+        agent_metrics: Vec<(String, String)>,
+        /// `HOST:PORT` of the operator's health port: its /readyz decides readiness when the
+        /// operator runs without leader election (no Lease).
+        #[arg(long)]
+        operator_health: Option<String>,
     },
     /// Endpoints (one per pod).
     #[command(subcommand, alias = "ep")]
@@ -199,6 +207,8 @@ async fn run(cli: Cli) -> Result<i32> {
             lease_namespace,
             lease_name,
             agent_metrics_port,
+            agent_metrics,
+            operator_health,
         } => {
             let client = client(&cli).await?;
             let st = status::collect(
@@ -207,7 +217,11 @@ async fn run(cli: Cli) -> Result<i32> {
                     namespace: lease_namespace,
                     name: lease_name,
                 },
-                Some(*agent_metrics_port).filter(|p| *p != 0),
+                &status::Probes {
+                    operator_health: operator_health.clone(),
+                    agent_metrics_port: Some(*agent_metrics_port).filter(|p| *p != 0),
+                    agent_metrics: agent_metrics.iter().cloned().collect(),
+                },
             )
             .await?;
             match output {
@@ -367,6 +381,15 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+    }
+}
+
+fn node_address(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((node, addr)) if !node.is_empty() && !addr.is_empty() => {
+            Ok((node.to_string(), addr.to_string()))
+        }
+        _ => Err(format!("{s:?}: expected NODE=HOST:PORT")),
     }
 }
 

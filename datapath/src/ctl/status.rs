@@ -28,9 +28,13 @@ pub struct Status {
 pub struct OperatorStatus {
     pub lease: String,
     pub leader: Option<String>,
-    /// The leader renewed the Lease within its duration.
+    /// The leader renewed the Lease within its duration, or (without leader election) the
+    /// operator's /readyz answered 200.
     pub ready: bool,
     pub renewed_seconds_ago: Option<i64>,
+    /// /readyz of `--operator-health`, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readyz: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -86,11 +90,22 @@ pub struct LeaseRef<'a> {
     pub name: &'a str,
 }
 
+/// Where `status` looks beyond the API objects.
+#[derive(Clone, Debug, Default)]
+pub struct Probes {
+    /// `host:port` of the operator's health port (`/readyz`).
+    pub operator_health: Option<String>,
+    /// The agents' metrics port, read at each node's addresses.
+    pub agent_metrics_port: Option<u16>,
+    /// node → `host:port` of its agent's metrics, instead of the node's addresses.
+    pub agent_metrics: BTreeMap<String, String>,
+}
+
 /// Reads every object `status` shows and finds the problems.
 pub async fn collect(
     client: &Client,
     lease: LeaseRef<'_>,
-    metrics_port: Option<u16>,
+    probes: &Probes,
 ) -> anyhow::Result<Status> {
     let mut status = Status::default();
     let leases: Api<Lease> = Api::namespaced(client.clone(), lease.namespace);
@@ -109,9 +124,25 @@ pub async fn collect(
         }
         None => {}
     }
-    if !status.operator.ready {
+    if let Some(addr) = &probes.operator_health {
+        let readyz = tokio::time::timeout(Duration::from_secs(2), http_get(addr, "/readyz"))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|(code, _)| code == 200);
+        status.operator.readyz = Some(readyz);
+        status.operator.ready |= readyz;
+        if !readyz {
+            status
+                .problems
+                .push(format!("the operator's /readyz at {addr} is not ready"));
+        }
+    } else if !status.operator.ready {
         status.problems.push(match &status.operator.leader {
-            None => format!("no operator holds the Lease {}", status.operator.lease),
+            None => format!(
+                "no operator holds the Lease {} (without leader election, pass --operator-health)",
+                status.operator.lease
+            ),
             Some(h) => format!("the operator leader {h} stopped renewing its Lease"),
         });
     }
@@ -148,10 +179,26 @@ pub async fn collect(
                 agent.reason.as_deref().unwrap_or("")
             ));
         }
-        if let Some(port) = metrics_port {
-            let addresses = st.addresses.iter().chain(&n.spec.addresses);
-            for addr in addresses {
-                if let Some(p) = map_pressure(&addr.address, port).await {
+        let targets: Vec<String> =
+            match (probes.agent_metrics.get(&name), probes.agent_metrics_port) {
+                (Some(addr), _) => vec![addr.clone()],
+                (None, Some(port)) => st
+                    .addresses
+                    .iter()
+                    .chain(&n.spec.addresses)
+                    .map(|a| {
+                        if a.address.contains(':') {
+                            format!("[{}]:{port}", a.address)
+                        } else {
+                            format!("{}:{port}", a.address)
+                        }
+                    })
+                    .collect(),
+                (None, None) => Vec::new(),
+            };
+        {
+            for addr in targets {
+                if let Some(p) = map_pressure(&addr).await {
                     for (map, value) in &p {
                         if *value >= 0.9 {
                             status
@@ -208,21 +255,16 @@ pub async fn collect(
 }
 
 /// `tendril_bpf_map_pressure{map=...}` from an agent's /metrics, if it answers in time.
-async fn map_pressure(host: &str, port: u16) -> Option<BTreeMap<String, f64>> {
-    let addr = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let body = tokio::time::timeout(Duration::from_secs(1), http_get(&addr, "/metrics"))
+async fn map_pressure(addr: &str) -> Option<BTreeMap<String, f64>> {
+    let (code, body) = tokio::time::timeout(Duration::from_secs(1), http_get(addr, "/metrics"))
         .await
         .ok()?
         .ok()?;
-    Some(parse_map_pressure(&body))
+    (code == 200).then(|| parse_map_pressure(&body))
 }
 
-/// A plain HTTP/1.0 GET (the agent's metrics port speaks HTTP/1.1 without TLS).
-pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+/// A plain HTTP/1.0 GET (the health/metrics ports speak HTTP without TLS): status, body.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
@@ -232,10 +274,16 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    Ok(response
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// The `tendril_bpf_map_pressure` samples of an OpenMetrics body, by map.

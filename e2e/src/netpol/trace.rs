@@ -58,8 +58,12 @@ pub async fn trace_table(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let traces: Vec<Value> = serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("tendrilctl's JSON: {}", String::from_utf8_lossy(&output.stdout)))?;
+    let traces: Vec<Value> = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "tendrilctl's JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })?;
     let mut verdicts: HashMap<(String, String, String), bool> = HashMap::new();
     for t in &traces {
         let field = |k: &str| t[k].as_str().unwrap_or_default().to_string();
