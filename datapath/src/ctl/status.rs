@@ -110,19 +110,16 @@ pub async fn collect(
     let mut status = Status::default();
     let leases: Api<Lease> = Api::namespaced(client.clone(), lease.namespace);
     status.operator.lease = format!("{}/{}", lease.namespace, lease.name);
-    match leases.get_opt(lease.name).await? {
-        Some(l) => {
-            let spec = l.spec.unwrap_or_default();
-            status.operator.leader = spec.holder_identity.filter(|h| !h.is_empty());
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-            status.operator.renewed_seconds_ago = spec.renew_time.map(|t| age_seconds(&t.0));
-            status.operator.ready = status.operator.leader.is_some()
-                && status
-                    .operator
-                    .renewed_seconds_ago
-                    .is_some_and(|age| age <= duration);
-        }
-        None => {}
+    if let Some(l) = leases.get_opt(lease.name).await? {
+        let spec = l.spec.unwrap_or_default();
+        status.operator.leader = spec.holder_identity.filter(|h| !h.is_empty());
+        let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+        status.operator.renewed_seconds_ago = spec.renew_time.map(|t| age_seconds(&t.0));
+        status.operator.ready = status.operator.leader.is_some()
+            && status
+                .operator
+                .renewed_seconds_ago
+                .is_some_and(|age| age <= duration);
     }
     if let Some(addr) = &probes.operator_health {
         let readyz = tokio::time::timeout(Duration::from_secs(2), http_get(addr, "/readyz"))
@@ -196,19 +193,18 @@ pub async fn collect(
                     .collect(),
                 (None, None) => Vec::new(),
             };
-        {
-            for addr in targets {
-                if let Some(p) = map_pressure(&addr).await {
-                    for (map, value) in &p {
-                        if *value >= 0.9 {
-                            status
-                                .problems
-                                .push(format!("node {name}: map {map} {:.0}% full", value * 100.0));
-                        }
+        // The first address that answers.
+        for addr in targets {
+            if let Some(p) = map_pressure(&addr).await {
+                for (map, value) in &p {
+                    if *value >= 0.9 {
+                        status
+                            .problems
+                            .push(format!("node {name}: map {map} {:.0}% full", value * 100.0));
                     }
-                    agent.map_pressure = Some(p);
-                    break;
                 }
+                agent.map_pressure = Some(p);
+                break;
             }
         }
         status.agents.push(agent);
