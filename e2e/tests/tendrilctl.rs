@@ -2,7 +2,8 @@
 //! real agents, two pods): `status` (agents Realized, map pressure from the agents' metrics,
 //! operator readiness), its exit code turning 1 when a node has no agent realizing it,
 //! `endpoint list|get`, `identity list|get`, `-o json|yaml`, `observe` from an agent's
-//! Observer API with filters, and exit code 2 for bad usage or an unreachable server.
+//! Observer API with filters, `bpf` dumps of a node's pinned maps, and exit code 2 for bad
+//! usage or an unreachable server.
 //! `policy trace` is proven on the whole policy truth table (tests/policy_truth_table.rs).
 //! Needs root; build the binaries first (`cargo build --workspace --bins`).
 
@@ -240,6 +241,74 @@ async fn tendrilctl_shows_the_cluster() -> Result<()> {
     );
     let run = tendrilctl(&env, &["observe", "--server", &observer, "--last", "5"]).await?;
     assert!(run.code == 0 && run.stdout.contains("->"), "{}", run.stdout);
+
+    // bpf: node 0's pinned maps through the agent's typed readers.
+    let root = n0.bpffs_root.to_string_lossy().into_owned();
+    let bpf = |map: &'static str| {
+        let (root, node) = (root.clone(), n0.name.clone());
+        let env = &env;
+        async move {
+            let run = tendrilctl(
+                env,
+                &[
+                    "bpf",
+                    map,
+                    "--bpffs-root",
+                    &root,
+                    "--node",
+                    &node,
+                    "-o",
+                    "json",
+                ],
+            )
+            .await?;
+            ensure!(
+                run.code == 0,
+                "bpf {map}: exit {}: {}",
+                run.code,
+                run.stderr
+            );
+            json_of(&run)
+        }
+    };
+    let web_ip = web.ips[0].to_string();
+    let endpoints = bpf("endpoints").await?;
+    let row = endpoints
+        .as_array()
+        .context("rows")?
+        .iter()
+        .find(|r| r["ip"] == web_ip.as_str())
+        .with_context(|| format!("web's {web_ip} in {endpoints}"))?;
+    assert_eq!(row["identity"], id, "{row}");
+    let ipcache = bpf("ipcache").await?;
+    assert!(
+        ipcache.to_string().contains(&format!("{db_ip}/32")),
+        "{ipcache}"
+    );
+    let states = bpf("policy-state").await?;
+    assert!(!states.as_array().context("rows")?.is_empty(), "{states}");
+    for map in ["policy", "policy-cidrs", "conntrack", "metrics"] {
+        bpf(map).await?;
+    }
+    let run = tendrilctl(
+        &env,
+        &[
+            "bpf",
+            "endpoints",
+            "--bpffs-root",
+            &root,
+            "--node",
+            &n0.name,
+        ],
+    )
+    .await?;
+    assert!(
+        run.code == 0 && run.stdout.contains(&web_ip),
+        "{}",
+        run.stdout
+    );
+    let run = tendrilctl(&env, &["bpf", "endpoints", "--bpffs-root", "/nonexistent"]).await?;
+    assert_eq!(run.code, 2);
 
     // Usage and connection errors: exit 2.
     let run = tendrilctl(&env, &["policy", "trace", "--from", "x/a"]).await?;

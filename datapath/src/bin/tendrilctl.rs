@@ -103,6 +103,21 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// A pinned BPF map of this node in readable form (run on the node, as root).
+    Bpf {
+        map: tendril_datapath::ctl::bpf::MapName,
+        /// The agent's `bpffsRoot` (agent.yaml; `--bpffs-root`, TENDRIL_BPFFS_ROOT).
+        #[arg(
+            long,
+            env = "TENDRIL_BPFFS_ROOT",
+            default_value = "/sys/fs/bpf/tendril"
+        )]
+        bpffs_root: PathBuf,
+        /// The node whose maps to read (the agent pins them in `<bpffs-root>/<node>`);
+        /// default: the only node pinned there.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Shell completions: `tendrilctl completion bash > /etc/bash_completion.d/tendrilctl`.
     Completion { shell: clap_complete::Shell },
 }
@@ -327,6 +342,38 @@ async fn run(cli: Cli) -> Result<i32> {
                 .collect::<Result<_>>()?;
             let client = client(&cli).await?;
             policy_trace(client, output, from, to, &packets).await
+        }
+        Command::Bpf {
+            map,
+            bpffs_root,
+            node,
+        } => {
+            let base = bpffs_root.as_path();
+            let node = match node {
+                Some(n) => n.clone(),
+                None => {
+                    let nodes: Vec<String> = std::fs::read_dir(base)
+                        .with_context(|| format!("reading {} (the node's bpffs)", base.display()))?
+                        .filter_map(|e| e.ok())
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
+                    match nodes.as_slice() {
+                        [one] => one.clone(),
+                        [] => bail!("no node's maps under {}", base.display()),
+                        many => bail!(
+                            "several nodes under {}: pass --node ({})",
+                            base.display(),
+                            many.join(", ")
+                        ),
+                    }
+                }
+            };
+            let dir = bpffs_root.join(&node);
+            let dump = tendril_datapath::ctl::bpf::dump(&dir, *map)
+                .with_context(|| format!("reading the maps in {}", dir.display()))?;
+            emit(output, &dump.rows, || dump.table.clone())?;
+            Ok(exit::OK)
         }
         Command::Observe {
             server,

@@ -3,6 +3,7 @@
 //! Pure parts live here with their tests ([`trace`], [`table`], [`status`]'s summary); the
 //! binary (`src/bin/tendrilctl.rs`) only parses arguments, fetches objects and prints.
 
+pub mod bpf;
 pub mod observe;
 pub mod status;
 pub mod table;
