@@ -179,6 +179,76 @@ async fn tendrilctl_shows_the_cluster() -> Result<()> {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("ALLOWED") && !run.stdout.contains("DENIED"));
 
+    // A Kubernetes NetworkPolicy lets web reach db on TCP 81 only: the trace names the
+    // rule and the policy for 81, the default deny for 80, and exits 1 on a denial.
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "db-from-web", "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                              "ports": [{"port": 81, "protocol": "TCP"}]}]},
+    }))?;
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &np)
+        .await?;
+    let (from, to) = (format!("{ns}/web"), format!("{ns}/db"));
+    let denied = eventually(TIMEOUT, || async {
+        let run = tendrilctl(
+            &env,
+            &[
+                "policy", "trace", "--from", &from, "--to", &to, "--port", "80/TCP",
+            ],
+        )
+        .await?;
+        ensure!(
+            run.code == 1,
+            "exit {}: {}{}",
+            run.code,
+            run.stdout,
+            run.stderr
+        );
+        Ok(run.stdout)
+    })
+    .await?;
+    println!("{denied}");
+    assert!(
+        denied.contains("DENIED") && denied.contains("ingress is in default deny"),
+        "{denied}"
+    );
+    let run = tendrilctl(
+        &env,
+        &[
+            "policy", "trace", "--from", &from, "--to", &to, "--port", "81/TCP",
+        ],
+    )
+    .await?;
+    println!("{}", run.stdout);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains(&format!("]: allow peers [identity {id}] ports [81/TCP]"))
+            && run
+                .stdout
+                .contains(&format!("KubernetesNetworkPolicy {ns}/db-from-web")),
+        "{}",
+        run.stdout
+    );
+    let json = json_of(
+        &tendrilctl(
+            &env,
+            &[
+                "policy", "trace", "--from", &from, "--to", &to, "--port", "81/TCP", "-o", "json",
+            ],
+        )
+        .await?,
+    )?;
+    assert_eq!(
+        json[0]["ingress"]["rules"][0]["rule"]["peers"],
+        json!([id]),
+        "{json}"
+    );
+    assert_eq!(json[0]["ingress"]["entry"]["on"], "peerIdentity", "{json}");
+
     // observe: a ping from web to db is a flow on web's node; filters narrow.
     let db_ip = db.ips[0];
     let observer = format!("127.0.0.1:{}", n0.observer_port);

@@ -541,6 +541,19 @@ async fn policy_trace(
         }
         t
     })?;
+    // One packet: the whole explanation under the table.
+    if let (Output::Table, [t]) = (output, traces.as_slice()) {
+        println!();
+        if t.loopback {
+            println!("the same pod: loopback, never judged by policy");
+        }
+        if let Some(v) = &t.egress {
+            println!("{}", v.explain(Direction::Egress, &t.from).join("\n"));
+        }
+        if let Some(v) = &t.ingress {
+            println!("{}", v.explain(Direction::Ingress, &t.to).join("\n"));
+        }
+    }
     Ok(if traces.iter().all(|t| t.allowed) {
         exit::OK
     } else {

@@ -190,6 +190,109 @@ impl DirectionVerdict {
     }
 }
 
+fn describe_rule(rule: &ResolvedRule) -> String {
+    let verdict = match rule.verdict {
+        tendril_crds::v1alpha1::Verdict::Allow => "allow",
+        tendril_crds::v1alpha1::Verdict::Deny => "deny",
+    };
+    let mut peers: Vec<String> = rule
+        .peers
+        .iter()
+        .map(|p| {
+            if *p == 0 {
+                "any".into()
+            } else {
+                format!("identity {p}")
+            }
+        })
+        .collect();
+    peers.extend(rule.cidrs.iter().cloned());
+    let ports: Vec<String> = rule
+        .ports
+        .iter()
+        .map(|p| {
+            let proto = format!("{:?}", p.protocol).to_ascii_uppercase();
+            match (&p.name, p.end_port) {
+                (Some(name), _) if !name.is_empty() => format!("{name}/{proto}"),
+                (_, Some(end)) => format!("{}-{end}/{proto}", p.port),
+                _ if p.port == 0 => format!("all/{proto}"),
+                _ => format!("{}/{proto}", p.port),
+            }
+        })
+        .collect();
+    format!(
+        "{verdict} peers [{}] ports [{}]",
+        peers.join(", "),
+        if ports.is_empty() {
+            "all".to_string()
+        } else {
+            ports.join(", ")
+        }
+    )
+}
+
+impl DirectionVerdict {
+    /// The full explanation, one item per line, for a single trace.
+    pub fn explain(&self, direction: Direction, at: &str) -> Vec<String> {
+        let dir = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        let mut out = vec![format!(
+            "{dir} at {at}: {}",
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        )];
+        match &self.resolved_policy {
+            None => out.push("  no ResolvedPolicy for its identity: nothing enforced".into()),
+            Some(rp) => {
+                let sources: Vec<String> = self
+                    .sources
+                    .iter()
+                    .map(|s| match &s.namespace {
+                        Some(ns) => format!("{} {ns}/{}", s.kind.as_str(), s.name),
+                        None => format!("{} {}", s.kind.as_str(), s.name),
+                    })
+                    .collect();
+                out.push(format!(
+                    "  ResolvedPolicy {rp}, from: {}",
+                    if sources.is_empty() {
+                        "-".to_string()
+                    } else {
+                        sources.join(", ")
+                    }
+                ));
+            }
+        }
+        match self.because {
+            Because::NoPolicy => {}
+            Because::DefaultDeny => {
+                out.push(format!("  no entry matches; {dir} is in default deny"));
+            }
+            Because::DefaultAllow => {
+                out.push(format!("  no entry matches; {dir} is not in default deny"));
+            }
+            Because::Rule => {
+                if let Some(e) = &self.entry {
+                    let on = match e.on {
+                        MatchedOn::PeerIdentity => "the peer's identity",
+                        MatchedOn::PeerCidr => "the CIDR identity of the peer's address",
+                        MatchedOn::AnyPeer => "any peer",
+                    };
+                    out.push(format!("  entry: {} for {on} (peer {})", e.key, e.peer));
+                }
+                for r in &self.rules {
+                    out.push(format!(
+                        "  rule {dir}[{}]: {}",
+                        r.index,
+                        describe_rule(&r.rule)
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The decision of `policy_decide` on translated entries: (allowed, because, entry).
 fn decide(
     desired: &DesiredPolicy,
@@ -552,6 +655,12 @@ mod tests {
         assert_eq!(v.entry.as_ref().unwrap().on, MatchedOn::PeerIdentity);
         assert_eq!(v.entry.as_ref().unwrap().key, "81/UDP");
         assert_eq!(v.summary(Direction::Ingress), "allow (rp/300 ingress[1])");
+        let lines = v.explain(Direction::Ingress, "x/b");
+        assert_eq!(lines[0], "ingress at x/b: ALLOWED");
+        assert!(
+            lines.contains(&"  rule ingress[1]: allow peers [identity 302] ports [81/UDP]".into()),
+            "{lines:?}"
+        );
         let v = at_ingress(&p, 302, "10.0.0.2", "81/TCP");
         assert_eq!((v.allowed, v.because), (false, Because::DefaultDeny));
     }
