@@ -16,6 +16,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, target_bin_dir};
+use tokio::io::AsyncBufReadExt;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -379,6 +380,67 @@ async fn tendrilctl_shows_the_cluster() -> Result<()> {
     );
     let run = tendrilctl(&env, &["bpf", "endpoints", "--bpffs-root", "/nonexistent"]).await?;
     assert_eq!(run.code, 2);
+
+    // --follow: a new ping shows up while following.
+    let mut follow = tokio::process::Command::new(target_bin_dir().join("tendrilctl"))
+        .args([
+            "observe",
+            "--server",
+            &observer,
+            "--follow",
+            "--pod",
+            &format!("{ns}/web"),
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().context("stdout")?).lines();
+    let followed = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            web.ping(db_ip).await?;
+            // Allow verdicts are reported once per flow and interval: ping until one arrives.
+            if let Ok(Some(line)) =
+                tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await?
+            {
+                return anyhow::Ok(line);
+            }
+        }
+    })
+    .await
+    .context("no flow while following")??;
+    follow.kill().await?;
+    let flow: Value = serde_json::from_str(&followed)?;
+    assert_eq!(flow["flow"]["source"]["pod_name"], "web", "{flow}");
+
+    // As a kubectl plugin: `kubectl-tendril` on PATH.
+    let plugin_dir = std::env::temp_dir().join(env.unique_name("kubectl-plugin"));
+    std::fs::create_dir_all(&plugin_dir)?;
+    std::os::unix::fs::symlink(
+        target_bin_dir().join("tendrilctl"),
+        plugin_dir.join("kubectl-tendril"),
+    )?;
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new(tendril_e2e::k8s_bin_dir().join("kubectl"))
+        .args(["tendril", "identity", "get", &id.to_string(), "-o", "json"])
+        .env("PATH", path)
+        .env("KUBECONFIG", env.kubeconfig())
+        .output()
+        .await;
+    let _ = std::fs::remove_dir_all(&plugin_dir);
+    let out = out?;
+    assert!(
+        out.status.success(),
+        "kubectl tendril: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via_kubectl: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(via_kubectl["spec"]["id"], id);
 
     // Usage and connection errors: exit 2.
     let run = tendrilctl(&env, &["policy", "trace", "--from", "x/a"]).await?;

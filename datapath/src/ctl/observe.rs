@@ -123,8 +123,18 @@ fn ports(f: &Flow) -> (Option<u32>, Option<u32>, String, Vec<&'static str>) {
             "SCTP".into(),
             vec![],
         ),
-        Some(Protocol::IcmPv4(i)) => (None, None, format!("ICMPv4 type {}", i.r#type), vec![]),
-        Some(Protocol::IcmPv6(i)) => (None, None, format!("ICMPv6 type {}", i.r#type), vec![]),
+        Some(Protocol::IcmPv4(i)) => (
+            None,
+            None,
+            format!("ICMPv4 type {} code {}", i.r#type, i.code),
+            vec![],
+        ),
+        Some(Protocol::IcmPv6(i)) => (
+            None,
+            None,
+            format!("ICMPv6 type {} code {}", i.r#type, i.code),
+            vec![],
+        ),
         None => (None, None, String::new(), vec![]),
     }
 }
@@ -183,7 +193,12 @@ pub fn to_json(f: &Flow) -> Value {
     let (sport, dport, proto, flags) = ports(f);
     let l4 = match proto.as_str() {
         "" => Value::Null,
-        p if p.starts_with("ICMP") => json!({ p.split(' ').next().unwrap_or(p): {} }),
+        p if p.starts_with("ICMP") => {
+            // "ICMPv4 type T code C" → {"ICMPv4": {"type": T, "code": C}}
+            let words: Vec<&str> = p.split(' ').collect();
+            let num = |i: usize| words.get(i).and_then(|w| w.parse::<u32>().ok());
+            json!({ words[0]: {"type": num(2), "code": num(4)} })
+        }
         p => json!({ p: {"source_port": sport, "destination_port": dport,
                          "flags": flags.iter().map(|f| (f.to_string(), Value::Bool(true))).collect::<serde_json::Map<_, _>>()} }),
     };
