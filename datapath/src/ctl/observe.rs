@@ -190,17 +190,19 @@ fn endpoint_json(e: Option<&flow::Endpoint>) -> Value {
 
 /// A flow as JSON, with the field names of hubble's `-o json`.
 pub fn to_json(f: &Flow) -> Value {
-    let (sport, dport, proto, flags) = ports(f);
-    let l4 = match proto.as_str() {
-        "" => Value::Null,
-        p if p.starts_with("ICMP") => {
-            // "ICMPv4 type T code C" → {"ICMPv4": {"type": T, "code": C}}
-            let words: Vec<&str> = p.split(' ').collect();
-            let num = |i: usize| words.get(i).and_then(|w| w.parse::<u32>().ok());
-            json!({ words[0]: {"type": num(2), "code": num(4)} })
-        }
-        p => json!({ p: {"source_port": sport, "destination_port": dport,
-                         "flags": flags.iter().map(|f| (f.to_string(), Value::Bool(true))).collect::<serde_json::Map<_, _>>()} }),
+    let (_, _, _, flags) = ports(f);
+    use flow::layer4::Protocol;
+    let ports_json = |sport: u32, dport: u32| {
+        json!({"source_port": sport, "destination_port": dport,
+               "flags": flags.iter().map(|f| (f.to_string(), Value::Bool(true))).collect::<serde_json::Map<_, _>>()})
+    };
+    let l4 = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(Protocol::Tcp(t)) => json!({"TCP": ports_json(t.source_port, t.destination_port)}),
+        Some(Protocol::Udp(u)) => json!({"UDP": ports_json(u.source_port, u.destination_port)}),
+        Some(Protocol::Sctp(p)) => json!({"SCTP": ports_json(p.source_port, p.destination_port)}),
+        Some(Protocol::IcmPv4(i)) => json!({"ICMPv4": {"type": i.r#type, "code": i.code}}),
+        Some(Protocol::IcmPv6(i)) => json!({"ICMPv6": {"type": i.r#type, "code": i.code}}),
+        None => Value::Null,
     };
     json!({
         "flow": {
@@ -228,6 +230,45 @@ pub fn to_json(f: &Flow) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flows_print_like_hubble() {
+        let f = Flow {
+            verdict: flow::Verdict::Dropped as i32,
+            drop_reason_desc: flow::DropReason::PolicyDenied as i32,
+            node_name: "n1".into(),
+            ip: Some(flow::Ip {
+                source: "10.0.0.1".into(),
+                destination: "10.0.0.2".into(),
+                ..Default::default()
+            }),
+            l4: Some(flow::Layer4 {
+                protocol: Some(flow::layer4::Protocol::Tcp(flow::Tcp {
+                    source_port: 40000,
+                    destination_port: 80,
+                    flags: Some(flow::TcpFlags {
+                        syn: true,
+                        ..Default::default()
+                    }),
+                })),
+            }),
+            source: Some(flow::Endpoint {
+                namespace: "x".into(),
+                pod_name: "a".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            line(&f),
+            "- n1: x/a:40000 -> 10.0.0.2:80 TCP DROPPED (POLICY_DENIED) (SYN)"
+        );
+        let j = to_json(&f);
+        assert_eq!(j["flow"]["l4"]["TCP"]["destination_port"], 80);
+        assert_eq!(j["flow"]["l4"]["TCP"]["flags"]["SYN"], true);
+        assert_eq!(j["flow"]["verdict"], "DROPPED");
+        assert_eq!(j["flow"]["source"]["pod_name"], "a");
+    }
 
     #[test]
     fn filters_become_an_or_of_sides() {
