@@ -48,6 +48,9 @@ pub struct AgentStatus {
     pub realized_revision: Option<i64>,
     pub realized_services_revision: Option<i64>,
     pub agent_version: Option<String>,
+    /// The node's encryption mode (NodeNetwork `spec.encryption.mode`), when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
     /// `tendril_bpf_map_pressure` per map (entries / capacity), when the agent's /metrics
     /// answered.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +166,7 @@ pub async fn collect(
             realized_revision: st.realized_revision,
             realized_services_revision: st.realized_services_revision,
             agent_version: st.agent_version.clone(),
+            encryption: n.spec.encryption.as_ref().map(|e| e.mode.clone()),
             map_pressure: None,
         };
         if agent.realized.as_deref() != Some("True") {
@@ -319,7 +323,15 @@ impl Status {
                 .unwrap_or_default()
         ));
         let mut t = Table::new(&[
-            "NODE", "READY", "REALIZED", "GEN", "REVISION", "SERVICES", "AGENT", "MAPS",
+            "NODE",
+            "READY",
+            "REALIZED",
+            "GEN",
+            "REVISION",
+            "SERVICES",
+            "AGENT",
+            "ENCRYPTION",
+            "MAPS",
         ]);
         for a in &self.agents {
             let maps = a.map_pressure.as_ref().map_or("-".to_string(), |m| {
@@ -340,6 +352,7 @@ impl Status {
                 opt(&a.realized_revision),
                 opt(&a.realized_services_revision),
                 opt(&a.agent_version),
+                opt(&a.encryption),
                 maps,
             ]);
         }
