@@ -227,7 +227,7 @@ async fn tendrilctl_shows_the_cluster() -> Result<()> {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout
-            .contains(&format!("]: allow peers [identity {id}] ports [81/TCP]"))
+            .contains(&format!("]: allow peers [{id}] ports [81/TCP]"))
             && run
                 .stdout
                 .contains(&format!("KubernetesNetworkPolicy {ns}/db-from-web")),

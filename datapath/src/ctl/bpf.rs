@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
+use super::identity_name;
 use super::table::Table;
 use super::trace::protocol_name;
 use crate::bpf::maps::{
@@ -13,8 +14,7 @@ use crate::bpf::maps::{
     PinnedMap, PolicyMaps,
 };
 use crate::bpf::policy::{
-    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY,
-    Verdict, port_mask,
+    POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY, Verdict, port_mask,
 };
 
 /// The maps `bpf` can dump.
@@ -56,16 +56,6 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn identity(id: u32) -> String {
-    if id == 0 {
-        "any".into()
-    } else if id & LOCAL_IDENTITY_FLAG != 0 {
-        format!("cidr:{}", id & !LOCAL_IDENTITY_FLAG)
-    } else {
-        id.to_string()
-    }
-}
-
 /// Reads `map` from the pin directory `dir` (`<bpffs>/tendril/<node>`).
 pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
     let (header, rows): (&[&str], Vec<(Vec<String>, Value)>) = match map {
@@ -79,7 +69,7 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
                         vec![
                             ip.to_string(),
                             e.endpoint_id.to_string(),
-                            e.identity.to_string(),
+                            identity_name(e.identity),
                             e.ifindex.to_string(),
                             mac(e.mac),
                             mac(e.node_mac),
@@ -104,7 +94,7 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
                     (
                         vec![
                             net.to_string(),
-                            v.identity.to_string(),
+                            identity_name(v.identity),
                             tunnel.clone().unwrap_or_else(|| "-".into()),
                             v.encrypt_key.to_string(),
                         ],
@@ -143,7 +133,7 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
                                 vec![
                                     e.endpoint_id.to_string(),
                                     direction(e.direction).into(),
-                                    identity(e.peer),
+                                    identity_name(e.peer),
                                     ports.clone(),
                                     verdict.into(),
                                 ],
@@ -190,7 +180,7 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
                         .into_iter()
                         .map(|(net, id)| {
                             (
-                                vec![net.to_string(), identity(id)],
+                                vec![net.to_string(), identity_name(id)],
                                 json!({"prefix": net.to_string(), "identity": id}),
                             )
                         })
@@ -281,4 +271,19 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
         rows: json_rows,
         table,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::policy::LOCAL_IDENTITY_FLAG;
+
+    #[test]
+    fn identities_read_as_their_kind() {
+        assert_eq!(identity_name(0), "any");
+        assert_eq!(identity_name(2), "reserved:world");
+        assert_eq!(identity_name(6), "reserved:remote-node");
+        assert_eq!(identity_name(300), "300");
+        assert_eq!(identity_name(LOCAL_IDENTITY_FLAG | 3), "cidr:3");
+    }
 }

@@ -21,6 +21,19 @@ pub mod exit {
     pub const ERROR: i32 = 2;
 }
 
+/// `any`, `cidr:N` (node-local CIDR identity), `reserved:world`, or the number.
+pub fn identity_name(id: u32) -> String {
+    if id == 0 {
+        "any".into()
+    } else if id & crate::bpf::policy::LOCAL_IDENTITY_FLAG != 0 {
+        format!("cidr:{}", id & !crate::bpf::policy::LOCAL_IDENTITY_FLAG)
+    } else if let Some(r) = tendril_crds::facts::Reserved::from_id(i64::from(id)) {
+        format!("reserved:{}", r.name())
+    } else {
+        id.to_string()
+    }
+}
+
 /// `-o`: how results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Output {

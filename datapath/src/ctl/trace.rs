@@ -198,13 +198,7 @@ fn describe_rule(rule: &ResolvedRule) -> String {
     let mut peers: Vec<String> = rule
         .peers
         .iter()
-        .map(|p| {
-            if *p == 0 {
-                "any".into()
-            } else {
-                format!("identity {p}")
-            }
-        })
+        .map(|p| u32::try_from(*p).map_or_else(|_| p.to_string(), super::identity_name))
         .collect();
     peers.extend(rule.cidrs.iter().cloned());
     let ports: Vec<String> = rule
@@ -278,7 +272,11 @@ impl DirectionVerdict {
                         MatchedOn::PeerCidr => "the CIDR identity of the peer's address",
                         MatchedOn::AnyPeer => "any peer",
                     };
-                    out.push(format!("  entry: {} for {on} (peer {})", e.key, e.peer));
+                    out.push(format!(
+                        "  entry: {} for {on} (peer {})",
+                        e.key,
+                        super::identity_name(e.peer)
+                    ));
                 }
                 for r in &self.rules {
                     out.push(format!(
@@ -658,7 +656,7 @@ mod tests {
         let lines = v.explain(Direction::Ingress, "x/b");
         assert_eq!(lines[0], "ingress at x/b: ALLOWED");
         assert!(
-            lines.contains(&"  rule ingress[1]: allow peers [identity 302] ports [81/UDP]".into()),
+            lines.contains(&"  rule ingress[1]: allow peers [302] ports [81/UDP]".into()),
             "{lines:?}"
         );
         let v = at_ingress(&p, 302, "10.0.0.2", "81/TCP");
