@@ -34,32 +34,20 @@ pub fn request(f: &Filters) -> Result<GetFlowsRequest, String> {
     base.protocol = f.protocols.iter().map(|p| p.to_ascii_lowercase()).collect();
     let mut pods: Vec<String> = f.pods.clone();
     pods.extend(f.namespaces.iter().map(|n| format!("{n}/")));
+    let ports: Vec<String> = f.ports.iter().map(u16::to_string).collect();
     let mut filters = vec![base];
-    if !pods.is_empty() {
-        filters = filters
-            .into_iter()
-            .flat_map(|b| {
-                let mut src = b.clone();
-                src.source_pod = pods.clone();
-                let mut dst = b;
-                dst.destination_pod = pods.clone();
-                [src, dst]
-            })
-            .collect();
-    }
-    if !f.ports.is_empty() {
-        let ports: Vec<String> = f.ports.iter().map(u16::to_string).collect();
-        filters = filters
-            .into_iter()
-            .flat_map(|b| {
-                let mut src = b.clone();
-                src.source_port = ports.clone();
-                let mut dst = b;
-                dst.destination_port = ports.clone();
-                [src, dst]
-            })
-            .collect();
-    }
+    either_side(
+        &mut filters,
+        &pods,
+        |f| &mut f.source_pod,
+        |f| &mut f.destination_pod,
+    );
+    either_side(
+        &mut filters,
+        &ports,
+        |f| &mut f.source_port,
+        |f| &mut f.destination_port,
+    );
     let unfiltered = filters.len() == 1 && filters[0] == FlowFilter::default();
     Ok(GetFlowsRequest {
         number: f.last.unwrap_or(if f.follow { 0 } else { 20 }),
@@ -67,6 +55,29 @@ pub fn request(f: &Filters) -> Result<GetFlowsRequest, String> {
         whitelist: if unfiltered { Vec::new() } else { filters },
         ..Default::default()
     })
+}
+
+/// Each filter becomes two when `values` is set: one matching them on the source side, one
+/// on the destination side (hubble's `--pod`, `--namespace`, `--port`).
+fn either_side(
+    filters: &mut Vec<FlowFilter>,
+    values: &[String],
+    source: fn(&mut FlowFilter) -> &mut Vec<String>,
+    destination: fn(&mut FlowFilter) -> &mut Vec<String>,
+) {
+    if values.is_empty() {
+        return;
+    }
+    *filters = std::mem::take(filters)
+        .into_iter()
+        .flat_map(|base| {
+            let mut src = base.clone();
+            *source(&mut src) = values.to_vec();
+            let mut dst = base;
+            *destination(&mut dst) = values.to_vec();
+            [src, dst]
+        })
+        .collect();
 }
 
 fn endpoint_name(ep: Option<&flow::Endpoint>, ip: &str, port: Option<u32>) -> String {
