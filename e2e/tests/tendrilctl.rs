@@ -358,7 +358,15 @@ async fn tendrilctl_shows_the_cluster() -> Result<()> {
     );
     let states = bpf("policy-state").await?;
     assert!(!states.as_array().context("rows")?.is_empty(), "{states}");
-    for map in ["policy", "policy-cidrs", "conntrack", "metrics"] {
+    for map in [
+        "policy",
+        "policy-cidrs",
+        "conntrack",
+        "metrics",
+        "lb-services",
+        "lb-backends",
+        "egress-policy",
+    ] {
         bpf(map).await?;
     }
     let run = tendrilctl(

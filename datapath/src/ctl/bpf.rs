@@ -10,8 +10,8 @@ use super::identity_name;
 use super::table::Table;
 use super::trace::protocol_name;
 use crate::bpf::maps::{
-    self as maps, CT_F_CLOSING, CT_F_SEEN_REPLY, Conntrack, Direction, Endpoints, Ipcache, Metrics,
-    PinnedMap, PolicyMaps,
+    self as maps, CT_F_CLOSING, CT_F_SEEN_REPLY, Conntrack, Direction, EgressMaps, Endpoints,
+    Ipcache, LbMaps, Metrics, PinnedMap, PolicyMaps,
 };
 use crate::bpf::policy::{
     POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY, Verdict, port_mask,
@@ -34,6 +34,12 @@ pub enum MapName {
     Conntrack,
     /// Packet/byte counters by reason and direction.
     Metrics,
+    /// Service frontends: slot 0 is the service, slots ≥ 1 its backends.
+    LbServices,
+    /// Backend id → address.
+    LbBackends,
+    /// (pod source, destination prefix) → egress gateway and egress IP.
+    EgressPolicy,
 }
 
 /// A dump: one JSON object per entry and the same as a table.
@@ -259,6 +265,91 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
                 })
                 .collect();
             (&["REASON", "DIRECTION", "PACKETS", "BYTES"], rows)
+        }
+        MapName::LbServices => {
+            let m = LbMaps::open(dir)?;
+            let rows = m
+                .services()?
+                .into_iter()
+                .map(|(k, v)| {
+                    let frontend = format!(
+                        "{}:{}/{}",
+                        Ipv4Addr::from(k.address),
+                        u16::from_be_bytes(k.dport),
+                        protocol_name(k.proto)
+                    );
+                    (
+                        vec![
+                            frontend.clone(),
+                            k.scope.to_string(),
+                            k.backend_slot.to_string(),
+                            v.backend_id.to_string(),
+                            v.count.to_string(),
+                            v.rev_nat_index.to_string(),
+                            v.flags.to_string(),
+                        ],
+                        json!({"frontend": frontend, "scope": k.scope, "slot": k.backend_slot,
+                               "backendId": v.backend_id, "count": v.count,
+                               "revNatIndex": v.rev_nat_index, "affinityTimeout": v.affinity_timeout,
+                               "flags": v.flags}),
+                    )
+                })
+                .collect();
+            (
+                &[
+                    "FRONTEND", "SCOPE", "SLOT", "BACKEND", "COUNT", "REVNAT", "FLAGS",
+                ],
+                rows,
+            )
+        }
+        MapName::LbBackends => {
+            let m = LbMaps::open(dir)?;
+            let rows = m
+                .backends()?
+                .into_iter()
+                .map(|(id, b)| {
+                    let address = format!(
+                        "{}:{}/{}",
+                        Ipv4Addr::from(b.address),
+                        u16::from_be_bytes(b.port),
+                        protocol_name(b.proto)
+                    );
+                    (
+                        vec![id.to_string(), address.clone(), b.flags.to_string()],
+                        json!({"id": id, "address": address, "flags": b.flags}),
+                    )
+                })
+                .collect();
+            (&["ID", "ADDRESS", "FLAGS"], rows)
+        }
+        MapName::EgressPolicy => {
+            let m = EgressMaps::open(dir)?;
+            let rows = m
+                .policy()?
+                .into_iter()
+                .map(|(k, v)| {
+                    let (source, destination) = k
+                        .to_parts()
+                        .map_or(("?".to_string(), "?".to_string()), |(s, d)| {
+                            (s.to_string(), d.to_string())
+                        });
+                    let (gateway, egress_ip) = (
+                        Ipv4Addr::from(v.gateway_ip).to_string(),
+                        Ipv4Addr::from(v.egress_ip).to_string(),
+                    );
+                    (
+                        vec![
+                            source.clone(),
+                            destination.clone(),
+                            gateway.clone(),
+                            egress_ip.clone(),
+                        ],
+                        json!({"source": source, "destination": destination,
+                               "gateway": gateway, "egressIp": egress_ip, "flags": v.flags}),
+                    )
+                })
+                .collect();
+            (&["SOURCE", "DESTINATION", "GATEWAY", "EGRESS IP"], rows)
         }
     };
     let mut table = Table::new(header);
