@@ -505,6 +505,7 @@ async fn policy_trace(
                 .find_map(|ip| ip.parse::<Ipv4Addr>().ok()),
             named_ports: &ep.spec.named_ports,
             policy: policies.get(&identity),
+            realized_policy_revision: ep.status.as_ref().and_then(|s| s.realized_policy_revision),
         })
     };
     let sources: Vec<TraceEndpoint<'_>> = from.iter().map(&resolve).collect::<Result<_>>()?;
@@ -552,6 +553,13 @@ async fn policy_trace(
         }
         if let Some(v) = &t.ingress {
             println!("{}", v.explain(Direction::Ingress, &t.to).join("\n"));
+        }
+    }
+    if output == Output::Table {
+        let warnings: std::collections::BTreeSet<&String> =
+            traces.iter().flat_map(|t| &t.warnings).collect();
+        for w in warnings {
+            eprintln!("warning: {w}");
         }
     }
     Ok(if traces.iter().all(|t| t.allowed) {

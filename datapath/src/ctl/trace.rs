@@ -479,6 +479,9 @@ pub struct Trace {
     /// At the destination's ingress (peer: the source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ingress: Option<DirectionVerdict>,
+    /// Why the datapath may answer differently right now (a revision not yet realized).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One endpoint as the trace needs it.
@@ -490,6 +493,24 @@ pub struct TraceEndpoint<'a> {
     pub ip: Option<Ipv4Addr>,
     pub named_ports: &'a [NamedPort],
     pub policy: Option<&'a ResolvedPolicySpec>,
+    /// The ResolvedPolicy revision the node's datapath enforces for it (Endpoint status).
+    pub realized_policy_revision: Option<i64>,
+}
+
+impl TraceEndpoint<'_> {
+    /// Set when the datapath does not enforce the current ResolvedPolicy yet.
+    fn pending(&self) -> Option<String> {
+        let policy = self.policy?;
+        (self.realized_policy_revision != Some(policy.revision)).then(|| {
+            format!(
+                "{} enforces ResolvedPolicy revision {}, not yet {}: its node may still judge by the older one",
+                self.name,
+                self.realized_policy_revision
+                    .map_or("none".to_string(), |r| r.to_string()),
+                policy.revision
+            )
+        })
+    }
 }
 
 /// Traces `packet` from `from` to `to` (both directions).
@@ -508,6 +529,7 @@ pub fn trace(
             loopback: true,
             egress: None,
             ingress: None,
+            warnings: Vec::new(),
         };
     }
     let egress = judge(
@@ -540,6 +562,10 @@ pub fn trace(
         loopback: false,
         egress: Some(egress),
         ingress: Some(ingress),
+        warnings: [from.pending(), to.pending()]
+            .into_iter()
+            .flatten()
+            .collect(),
     }
 }
 
@@ -722,6 +748,7 @@ mod tests {
             ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
             named_ports: &[],
             policy: None,
+            realized_policy_revision: None,
         };
         let b = TraceEndpoint {
             name: "x/b".into(),
@@ -729,6 +756,7 @@ mod tests {
             ip: Some(Ipv4Addr::new(10, 0, 0, 2)),
             named_ports: &[],
             policy: Some(&denying),
+            realized_policy_revision: Some(3),
         };
         let packet = Packet::parse("80/TCP").unwrap();
         let t = trace(&a, &b, &ClusterNamedPorts::default(), packet);
@@ -736,5 +764,8 @@ mod tests {
         assert!(t.egress.as_ref().unwrap().allowed);
         assert!(trace(&b, &a, &ClusterNamedPorts::default(), packet).allowed);
         assert!(trace(&b, &b, &ClusterNamedPorts::default(), packet).loopback);
+        // b's node enforces revision 3 of a policy now at 4.
+        assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+        assert!(t.warnings[0].contains("x/b enforces ResolvedPolicy revision 3, not yet 4"));
     }
 }

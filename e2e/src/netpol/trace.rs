@@ -65,6 +65,11 @@ pub async fn trace_table(
         )
     })?;
     let mut verdicts: HashMap<(String, String, String), bool> = HashMap::new();
+    // Called once the world realized every policy: no trace may doubt what the nodes enforce.
+    let warnings: Vec<&Value> = traces.iter().filter_map(|t| t.get("warnings")).collect();
+    if !warnings.is_empty() {
+        bail!("tendrilctl warns of unrealized policies: {warnings:?}");
+    }
     for t in &traces {
         let field = |k: &str| t[k].as_str().unwrap_or_default().to_string();
         let allowed = t["allowed"]
