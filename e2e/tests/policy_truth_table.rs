@@ -823,14 +823,16 @@ async fn policy_truth_table() -> Result<()> {
         let (observed, stats) = probe::probe_all(&endpoints, &keys).await?;
         probes += stats.probes;
         // The same question to `tendrilctl policy trace`, answered from the objects alone.
+        let trace_started = Instant::now();
         match trace_table(&world, &env.kubeconfig(), &keys).await {
             Ok((trace, code)) => {
+                let trace_took = trace_started.elapsed();
                 traced += trace.len();
                 let trace_diffs = expected.differences(&trace);
                 let any_denied = trace.cells.values().flatten().flatten().any(|c| !*c);
                 println!(
                     "{title}: tendrilctl policy trace: {} of {} verdicts differ from the model, \
-                     {} from the packets; exit {code}",
+                     {} from the packets; exit {code}; {trace_took:.0?}",
                     trace_diffs.len(),
                     trace.len(),
                     observed.differences(&trace).len()
