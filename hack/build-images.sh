@@ -26,7 +26,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 out="$TENDRIL_CACHE/images"
-binaries=(tendril-operator tendril-agent tendril-cni tendril-relay)
+binaries=(tendril-operator tendril-agent tendril-cni tendril-relay tendrilctl)
 for tool in cargo ldd; do command -v "$tool" >/dev/null || die "$tool not found"; done
 [[ -n $context_only ]] || for tool in buildah umoci; do
   command -v "$tool" >/dev/null || die "$tool not found (apt-get install buildah umoci busybox-static)"
@@ -37,7 +37,7 @@ done
 log "building ${binaries[*]} (cargo profile $profile)"
 (cd "$TENDRIL_ROOT" && cargo build --profile "$profile" --locked \
   -p tendril-controllers -p tendril-datapath \
-  --bin tendril-operator --bin tendril-agent --bin tendril-cni --bin tendril-relay)
+  --bin tendril-operator --bin tendril-agent --bin tendril-cni --bin tendril-relay --bin tendrilctl)
 target_dir="$CARGO_TARGET_DIR/$([[ $profile == dev ]] && echo debug || echo "$profile")"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tendril-images.XXXXXX")

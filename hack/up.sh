@@ -152,6 +152,12 @@ Try next:
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   $TENDRIL_TOOLS/hubble observe --last 20                # the same flows through Hubble's API (tendril-relay)
+  $CARGO_TARGET_DIR/debug/tendrilctl status --operator-health 127.0.0.1:$metrics_port \
+    --agent-metrics tendril-node-1=127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964} \
+    --agent-metrics tendril-node-2=127.0.0.1:$((${TENDRIL_AGENT_METRICS_PORT:-9964} + 1))
+  $CARGO_TARGET_DIR/debug/tendrilctl policy trace --from demo-2/client --to demo/web-1 --port 8080/TCP
+  $CARGO_TARGET_DIR/debug/tendrilctl observe --verdict DROPPED --last 10
+  ln -sf $CARGO_TARGET_DIR/debug/tendrilctl ~/.local/bin/kubectl-tendril   # then: kubectl tendril status
   kubectl get nodenetworks
   curl -s http://127.0.0.1:$metrics_port/metrics | grep controller_runtime_reconcile_total
 

@@ -5,6 +5,7 @@ pub mod bgp;
 pub mod bpf;
 pub mod cni;
 pub mod config;
+pub mod ctl;
 pub mod flows;
 pub mod ipam;
 pub mod services;

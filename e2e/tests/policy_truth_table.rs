@@ -9,6 +9,10 @@
 //! (`tendril_e2e::netpol::model`; a pod always reaches itself over loopback), delete the
 //! policies and wait for realization again. Every mismatch of every case is collected and
 //! reported at the end, with the upstream-style tables (rows = from, cols = to).
+//! `tendrilctl policy trace` (issue 16) runs on every case too, once for all pairs and ports,
+//! and must give the model's verdict everywhere (so the packets' as well); its exit code
+//! must say whether anything is denied. Build the binaries first
+//! (`cargo build --workspace --bins`).
 //! `TENDRIL_NETPOL_CASES=3,7,cluster` runs only the cases with those numbers or names
 //! containing those words (the baseline always runs). Needs root.
 
@@ -20,6 +24,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use tendril_e2e::netpol::model::{Model, SourceRef};
 use tendril_e2e::netpol::probe::{self, Table};
+use tendril_e2e::netpol::trace::trace_table;
 use tendril_e2e::netpol::world::{PolicyObject, World, policies, port_name};
 use tendril_e2e::{ControlPlane, TestEnv};
 
@@ -735,6 +740,7 @@ async fn policy_truth_table() -> Result<()> {
     let mut failures: Vec<String> = Vec::new();
     let mut realize_failures = 0usize;
     let mut probes = 0usize;
+    let mut traced = 0usize;
 
     // Baseline: no policy, everything reaches everything.
     if let Err(e) = world.wait_policy(&none, realize_timeout(0)).await {
@@ -816,6 +822,36 @@ async fn policy_truth_table() -> Result<()> {
         };
         let (observed, stats) = probe::probe_all(&endpoints, &keys).await?;
         probes += stats.probes;
+        // The same question to `tendrilctl policy trace`, answered from the objects alone.
+        let trace_started = Instant::now();
+        match trace_table(&world, &env.kubeconfig(), &keys).await {
+            Ok((trace, code)) => {
+                let trace_took = trace_started.elapsed();
+                traced += trace.len();
+                let trace_diffs = expected.differences(&trace);
+                let any_denied = trace.cells.values().flatten().flatten().any(|c| !*c);
+                println!(
+                    "{title}: tendrilctl policy trace: {} of {} verdicts differ from the model, \
+                     {} from the packets; exit {code}; {trace_took:.0?}",
+                    trace_diffs.len(),
+                    trace.len(),
+                    observed.differences(&trace).len()
+                );
+                if !trace_diffs.is_empty() {
+                    failures.push(format!(
+                        "{title}: tendrilctl policy trace differs from the model \
+                         (rows = from, cols = to; expected = model, observed = trace):\n{}",
+                        expected.render_mismatch(&trace)
+                    ));
+                }
+                if code != i32::from(any_denied) {
+                    failures.push(format!(
+                        "{title}: tendrilctl policy trace exited {code} with denied={any_denied}"
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{title}: tendrilctl policy trace: {e:#}")),
+        }
         let diffs = expected.differences(&observed);
         let denied = expected
             .cells
@@ -868,7 +904,8 @@ async fn policy_truth_table() -> Result<()> {
         println!("  case took {:.1?}", case_started.elapsed());
     }
     println!(
-        "truth table: {ran} of {} cases, {probes} probes, {} failures, {:.1?} in all",
+        "truth table: {ran} of {} cases, {probes} probes, {traced} traced verdicts, {} failures, \
+         {:.1?} in all",
         cases.len(),
         failures.len(),
         started.elapsed()

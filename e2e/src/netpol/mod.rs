@@ -8,4 +8,5 @@
 
 pub mod model;
 pub mod probe;
+pub mod trace;
 pub mod world;
