@@ -180,12 +180,25 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Stops the watch task when the test ends (before the plane goes away under it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Records, on a watch of the namespace's Services, when each first showed an address.
-fn watch_first_address(api: Api<Service>) -> Arc<Mutex<HashMap<String, Instant>>> {
+/// The watch backs off on errors: without it, a watch whose apiserver stopped retries in
+/// a loop that never yields, and the test's runtime can never shut down.
+fn watch_first_address(api: Api<Service>) -> (Arc<Mutex<HashMap<String, Instant>>>, AbortOnDrop) {
     let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let out = seen.clone();
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).applied_objects();
+    let task = tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             if let Ok(svc) = item
@@ -196,7 +209,7 @@ fn watch_first_address(api: Api<Service>) -> Arc<Mutex<HashMap<String, Instant>>
             }
         }
     });
-    seen
+    (seen, AbortOnDrop(task))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,7 +531,7 @@ async fn load_balancer_services_get_addresses_from_pools() -> Result<()> {
     ensure!(message.contains(&main), "younger: {message}");
 
     // Time from creation to address in status, 50 Services created one after the other.
-    let seen = watch_first_address(services.clone());
+    let (seen, _watch) = watch_first_address(services.clone());
     let mut created = Vec::new();
     for i in 0..50 {
         let name = format!("lat-{i}");

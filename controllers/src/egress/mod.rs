@@ -180,6 +180,9 @@ struct Egress {
     written: Revisions<String, EgressRouteSpec>,
     /// The problem message last reported with an Event, per invalid policy.
     reported: Mutex<HashMap<String, String>>,
+    /// The `Ready` condition last written per policy: the store lags behind the status
+    /// writes, and a `FailedOver` read back from it would overwrite a newer one.
+    written_ready: Mutex<HashMap<String, DesiredCondition>>,
     recorder: Recorder,
     metrics: Metrics,
     manager: String,
@@ -217,18 +220,25 @@ impl Egress {
                     .get(&ObjectRef::new(&name))
                     .map(|r| r.spec.clone());
                 let current = self.written.latest(&name, stored);
-                let previous_ready = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| conditions::find(&s.conditions, READY))
-                    .map(|c| {
-                        DesiredCondition::new(
-                            READY,
-                            c.status == conditions::TRUE,
-                            &c.reason,
-                            c.message.clone(),
-                        )
-                    });
+                let written_ready = self
+                    .written_ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&name)
+                    .cloned();
+                let previous_ready = written_ready.or_else(|| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| conditions::find(&s.conditions, READY))
+                        .map(|c| {
+                            DesiredCondition::new(
+                                READY,
+                                c.status == conditions::TRUE,
+                                &c.reason,
+                                c.message.clone(),
+                            )
+                        })
+                });
                 PolicyInput {
                     name,
                     generation: p.metadata.generation,
@@ -426,6 +436,10 @@ impl Egress {
     /// changed.
     async fn write_statuses(&self, want: &Plan) -> Result<(), kube::Error> {
         let api = Api::<EgressGatewayPolicy>::all(self.client.clone());
+        self.written_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| want.policies.contains_key(name));
         let mut first_error = None;
         for (name, outcome) in &want.policies {
             let Some(policy) = self.stores.policies.get(&ObjectRef::new(name)) else {
@@ -472,7 +486,14 @@ impl Egress {
                 }}),
             );
             match runtime::apply_status(&api, &self.manager, &body).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(ready) = &outcome.ready {
+                        self.written_ready
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(name.clone(), ready.clone());
+                    }
+                }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
                     warn!(policy = %name, error = %e, "writing the policy status failed");
@@ -589,6 +610,7 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
         changes,
         written,
         reported: Mutex::default(),
+        written_ready: Mutex::default(),
         recorder: events::recorder(client, "tendril-operator"),
         metrics: Metrics::new(&ctx.metrics),
         manager: runtime::field_manager(NAME),
