@@ -31,7 +31,7 @@ use kube::{Client, Config};
 use serde_json::{Value, json};
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork, PodIPPool};
 use tendril_e2e::{
-    ControlPlane, Process, TestEnv, apply_yaml, k8s_bin_dir, repo_root, target_bin_dir,
+    ControlPlane, Process, TestEnv, apply_yaml, eventually, k8s_bin_dir, repo_root, target_bin_dir,
     unique_name, wait_for,
 };
 
@@ -632,14 +632,22 @@ async fn run_operator_and_agent_calls(
         "metadata": {"name": other},
         "status": {"agentVersion": "impostor"},
     });
-    let err = as_agent
-        .patch_status(
-            &other,
-            &PatchParams::apply("tendril-agent").force(),
-            &Patch::Apply(&foreign),
-        )
-        .await
-        .expect_err("the agent wrote another node's NodeNetwork status");
+    // The apiserver loads an admission policy asynchronously after it is applied (and
+    // later still on a loaded machine): the first refusal is waited for, bounded.
+    let err = eventually(TIMEOUT, || async {
+        match as_agent
+            .patch_status(
+                &other,
+                &PatchParams::apply("tendril-agent").force(),
+                &Patch::Apply(&foreign),
+            )
+            .await
+        {
+            Ok(_) => bail!("the agent wrote another node's NodeNetwork status"),
+            Err(e) => Ok(e),
+        }
+    })
+    .await?;
     ensure!(
         forbidden(&err) && err.to_string().contains("only the NodeNetwork of the node"),
         "another node's status as the agent: {err}"

@@ -985,6 +985,12 @@ async fn prometheus_scrapes_operator_and_agents_and_dashboard_metrics_exist() ->
                 || name.starts_with("tendril_agent_ip_leaks")
                 // Per BGP peer: this cluster has no BGP router (bgp_router.rs reads them).
                 || name.starts_with("tendril_bgp_prefixes")
+                // Per reason of a gateway change: this cluster has no egress policy
+                // (operator_egress reads them).
+                || name.starts_with("tendril_egress_gateway_changes")
+                // Per source of a lost flow: only an overloaded pipeline loses any
+                // (flows_bench reads them).
+                || name.starts_with("tendril_flows_lost")
                 || name.starts_with("workqueue_retries"),
             "{name} has no series although this cluster should have made one"
         );
