@@ -405,17 +405,24 @@ pub async fn run<W: World>(world: &W) -> Result<Results> {
         let answered = eventually(Duration::from_secs(90), || {
             let spot = spot.clone();
             async move {
+                // Every backend answers, the remote one too: the node knows where each
+                // pod lives (an answer from a local backend alone proves nothing of the
+                // tunnel to the other node, and the probes would meet its absence).
                 let req = ProbeRequest {
                     id: 0,
                     group: 0,
                     udp: false,
                     to: SocketAddr::new(sentinel_ip.into(), SERVICE_PORT),
-                    count: 1,
+                    count: 24,
                     timeout_ms: 500,
                     give_up_after: 1,
                 };
                 let r = run_probe_process(&spot, &[req]).await?;
-                anyhow::ensure!(!r[0].answers.is_empty(), "sentinel: {:?}", r[0]);
+                anyhow::ensure!(
+                    r[0].answers.len() == BACKENDS.len(),
+                    "sentinel: not every backend answered: {:?}",
+                    r[0]
+                );
                 Ok(())
             }
         })
