@@ -6,8 +6,9 @@ use std::path::Path;
 use aya::maps::{Map, MapData, PerCpuHashMap};
 
 use super::{
-    layout::{self, Direction, MetricReason, MetricsKey, MetricsValue},
+    layout::{self, MetricsKey, MetricsValue},
     pinned::{DataplaneError, open_pin},
+    reason::{Direction, MetricReason},
 };
 
 /// Counters of one reason and direction, summed over CPUs.

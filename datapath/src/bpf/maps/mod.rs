@@ -22,6 +22,7 @@ mod node_config;
 mod pinned;
 mod policy;
 mod policy_order;
+mod reason;
 mod report;
 
 pub use any_key::AnyKey;
@@ -37,4 +38,5 @@ pub(crate) use pinned::open_pin;
 pub use pinned::{Backend, DataplaneError, LpmKey, MapKey, MapPressure, PinnedMap};
 pub use policy::{PolicyItem, PolicyMaps};
 pub use policy_order::{PolicyStep, interim_state_writes, policy_steps, policy_write_order};
+pub use reason::*;
 pub use report::{Counts, Diff, Failure, MapWriteError, Op, Report, diff};
