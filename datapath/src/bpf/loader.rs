@@ -29,7 +29,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::{MapInfo, MapType},
+    maps::MapInfo,
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -38,6 +38,9 @@ use aya::{
 };
 
 use super::maps;
+
+mod expected_maps;
+use expected_maps::expected_maps;
 
 /// `bpf/bpf_lxc.c`: `from_container`, `to_container`.
 pub static BPF_LXC: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
@@ -700,182 +703,6 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
         reason = "f_type's type differs between targets"
     )]
     Ok(stat.f_type as i64 == BPF_FS_MAGIC)
-}
-
-/// The shape a pinned map must have to be reused by this build.
-fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 25] {
-    use std::mem::size_of;
-    [
-        (
-            maps::IPCACHE,
-            MapType::LpmTrie,
-            size_of::<maps::IpcacheKey>(),
-            size_of::<maps::IpcacheValue>(),
-            sizes.ipcache,
-        ),
-        (
-            maps::ENDPOINTS,
-            MapType::Hash,
-            size_of::<maps::EndpointKey>(),
-            size_of::<maps::EndpointInfo>(),
-            sizes.endpoints,
-        ),
-        (
-            maps::METRICS,
-            MapType::PerCpuHash,
-            size_of::<maps::MetricsKey>(),
-            size_of::<maps::MetricsValue>(),
-            sizes.metrics,
-        ),
-        (
-            maps::NODE_CONFIG,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<maps::NodeConfig>(),
-            1,
-        ),
-        (
-            maps::POLICY,
-            MapType::LpmTrie,
-            size_of::<maps::PolicyKey>(),
-            size_of::<maps::PolicyValue>(),
-            sizes.policy,
-        ),
-        (
-            maps::POLICY_STATE,
-            MapType::Hash,
-            size_of::<u16>(),
-            size_of::<maps::PolicyState>(),
-            sizes.policy_state,
-        ),
-        (
-            maps::POLICY_CIDRS,
-            MapType::LpmTrie,
-            size_of::<maps::IpcacheKey>(),
-            size_of::<maps::PolicyCidrValue>(),
-            sizes.policy_cidrs,
-        ),
-        (
-            maps::CONNTRACK,
-            MapType::LruHash,
-            size_of::<maps::CtKey>(),
-            size_of::<maps::CtValue>(),
-            sizes.conntrack,
-        ),
-        (maps::EVENTS, MapType::RingBuf, 0, 0, sizes.events),
-        (
-            maps::POLICY_CONFIG,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<maps::PolicyConfig>(),
-            1,
-        ),
-        (
-            maps::POLICY_FLOWS,
-            MapType::LruHash,
-            size_of::<maps::PolicyFlowKey>(),
-            size_of::<u64>(),
-            maps::POLICY_FLOWS_MAX_ENTRIES,
-        ),
-        (
-            maps::IPV4_FRAGS,
-            MapType::LruHash,
-            size_of::<maps::Frag4Key>(),
-            size_of::<maps::Frag4Ports>(),
-            maps::IPV4_FRAGS_MAX_ENTRIES,
-        ),
-        (
-            maps::LB_SERVICES,
-            MapType::Hash,
-            size_of::<maps::Lb4Key>(),
-            size_of::<maps::Lb4Service>(),
-            sizes.lb_services,
-        ),
-        (
-            maps::LB_BACKENDS,
-            MapType::Hash,
-            size_of::<u32>(),
-            size_of::<maps::Lb4Backend>(),
-            sizes.lb_backends,
-        ),
-        (
-            maps::LB_REVNAT,
-            MapType::Hash,
-            size_of::<u16>(),
-            size_of::<maps::Lb4ReverseNat>(),
-            sizes.lb_revnat,
-        ),
-        (
-            maps::LB_AFFINITY,
-            MapType::LruHash,
-            size_of::<maps::LbAffinityKey>(),
-            size_of::<maps::LbAffinityValue>(),
-            sizes.lb_affinity,
-        ),
-        (
-            maps::LB_SOURCE_RANGES,
-            MapType::LpmTrie,
-            size_of::<maps::Lb4SrcRangeKey>(),
-            size_of::<u8>(),
-            sizes.lb_source_ranges,
-        ),
-        (
-            maps::LB_MAGLEV,
-            MapType::Hash,
-            size_of::<maps::LbMaglevKey>(),
-            size_of::<u32>(),
-            sizes.lb_maglev,
-        ),
-        (
-            maps::LB_NETNS,
-            MapType::Hash,
-            size_of::<u64>(),
-            size_of::<u8>(),
-            sizes.lb_netns,
-        ),
-        (
-            maps::LB_SOCK_REVNAT,
-            MapType::LruHash,
-            size_of::<maps::LbSockRevnatKey>(),
-            size_of::<maps::LbSockRevnatValue>(),
-            sizes.lb_sock_revnat,
-        ),
-        (
-            maps::LB_NAT,
-            MapType::LruHash,
-            size_of::<maps::Lb4NatKey>(),
-            size_of::<maps::Lb4NatEntry>(),
-            sizes.lb_nat,
-        ),
-        (
-            maps::LB_CONFIG,
-            MapType::Array,
-            size_of::<u32>(),
-            size_of::<maps::LbConfig>(),
-            1,
-        ),
-        (
-            maps::EGRESS_POLICY,
-            MapType::LpmTrie,
-            size_of::<maps::EgressKey>(),
-            size_of::<maps::EgressValue>(),
-            sizes.egress_policy,
-        ),
-        (
-            maps::EGRESS_EXEMPT,
-            MapType::LpmTrie,
-            size_of::<maps::IpcacheKey>(),
-            size_of::<u32>(),
-            maps::EGRESS_EXEMPT_MAX_ENTRIES,
-        ),
-        (
-            maps::EGRESS_NAT,
-            MapType::Hash,
-            size_of::<maps::Lb4NatKey>(),
-            size_of::<maps::Lb4NatEntry>(),
-            sizes.egress_nat,
-        ),
-    ]
 }
 
 fn check_pinned_maps(dir: &Path, sizes: &MapSizes) -> Result<(), LoadError> {
