@@ -14,7 +14,8 @@
  *
  * North-south to a remote backend (externalTrafficPolicy=Cluster) is SNATed to
  * the node's address so the reply comes back through this node; a local
- * backend (and every Local-policy backend) sees the client's address. A pod
+ * backend (and every Local-policy backend) sees the client's address, with
+ * its port remapped only when another connection holds that tuple. A pod
  * reaching itself through a service (hairpin) sees the frontend address as
  * the source of its own connection. */
 #pragma once
@@ -353,6 +354,28 @@ static __always_inline __be16 lb4_snat_port(struct __sk_buff *skb, const struct 
 			      DIR_INGRESS);
 }
 
+/* Whether a live connection of another frontend already answers with the tuple
+ * `fwd` would give this one at the backend: the same client address and port
+ * sent to two frontends of one backend (a client's kernel picks its ephemeral
+ * port per destination, so that happens) would be one connection to the
+ * backend, and the second one's SYN would meet the first's socket. */
+static __always_inline int lb4_reply_clash(const struct lb4_tuple *t,
+					   const struct lb4_nat_entry *fwd)
+{
+	struct lb4_nat_entry *held;
+	struct lb4_nat_key reply;
+
+	lb4_nat_key_fill(&reply, fwd->daddr, fwd->saddr, fwd->dport, fwd->sport, t->proto,
+			 LB_NAT_REPLY);
+	held = bpf_map_lookup_elem(&lb_nat, &reply);
+	if (!held)
+		return 0;
+	if (held->daddr == t->saddr && held->dport == t->sport && held->saddr == t->daddr &&
+	    held->sport == t->dport)
+		return 0;
+	return !lb4_nat_idle(held, t->proto, lb_now_s());
+}
+
 /* Records both directions of a new translated connection in NAT map `nat`:
  * `t` (as sent) → `fwd`; the peer's answer → back to what the client expects. */
 static __always_inline int nat4_create(void *nat, const struct lb4_tuple *t,
@@ -456,6 +479,19 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 			fwd.sport = port;
 			fwd.flags |= LB_NAT_F_SNAT;
 		}
+	}
+	/* The client's address is kept; its port is remapped on a clash, as
+	 * netfilter's NAT does for a tuple already in use. */
+	if (!(fwd.flags & LB_NAT_F_SNAT) && lb4_reply_clash(&t, &fwd)) {
+		__u8 dir = north_south ? DIR_INGRESS : DIR_EGRESS;
+		__be16 port = nat4_snat_port(&lb_nat, skb, &t, fwd.saddr, backend->address,
+					     backend->port, LB_SNAT_PORT_MIN, LB_SNAT_PORT_RANGE,
+					     REASON_LB_SNAT_PORT_REUSED, dir);
+
+		if (!port)
+			return LB_ERROR;
+		fwd.sport = port;
+		metrics_count(skb, REASON_LB_CLIENT_PORT_REMAPPED, dir);
 	}
 	if (lb4_nat_create(&t, &fwd) < 0)
 		return LB_ERROR;

@@ -23,6 +23,7 @@ enum metric_reason {
 	REASON_EGRESS_REDIRECT = 13, /* egress gateway: tunnelled to the gateway node */
 	REASON_EGRESS_SNAT = 14, /* egress gateway: SNATed to the egress IP and sent out */
 	REASON_EGRESS_SNAT_PORT_REUSED = 15, /* an idle egress connection's port given away */
+	REASON_LB_CLIENT_PORT_REMAPPED = 16, /* a kept client address, its port taken: remapped */
 	DROP_INVALID_SOURCE = 130, /* source IP not the endpoint's on that veth */
 	DROP_INVALID_PACKET = 131,
 	DROP_TTL_EXCEEDED = 132,

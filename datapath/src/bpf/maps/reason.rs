@@ -46,6 +46,7 @@ pub enum MetricReason {
     EgressRedirect = 13,
     EgressSnat = 14,
     EgressSnatPortReused = 15,
+    LbClientPortRemapped = 16,
     DropInvalidSource = 130,
     DropInvalidPacket = 131,
     DropTtlExceeded = 132,
@@ -67,7 +68,7 @@ pub enum MetricReason {
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 33] = [
+    pub const ALL: [Self; 34] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -83,6 +84,7 @@ impl MetricReason {
         Self::EgressRedirect,
         Self::EgressSnat,
         Self::EgressSnatPortReused,
+        Self::LbClientPortRemapped,
         Self::DropInvalidSource,
         Self::DropInvalidPacket,
         Self::DropTtlExceeded,
@@ -126,6 +128,7 @@ impl MetricReason {
             Self::LbTranslated => "service_translated",
             Self::LbRejected => "service_rejected",
             Self::LbSnatPortReused => "service_snat_port_reused",
+            Self::LbClientPortRemapped => "service_client_port_remapped",
             Self::DropLbNoBackend => "service_no_backend",
             Self::DropLbSourceRange => "service_source_range",
             Self::DropLbNoRoute => "service_no_route",
