@@ -213,14 +213,28 @@ async fn tendril_agrees_with_kube_proxy() -> Result<()> {
 /// backend and outside client (TIME_WAIT collisions, PAWS rejects, listen overflows,
 /// retransmitted SYNs).
 async fn lossy_diagnostics(world: &TendrilWorld) -> String {
-    let mut out = vec!["datapath drops:".to_string()];
+    let mut out = vec!["datapath drops and NAT port findings:".to_string()];
     for node in &world.cluster.nodes {
         match tendril_e2e::fetch_metrics(node.metrics_port).await {
-            Ok(m) => out.extend(
-                m.matching("tendril_datapath_drops_total", &[])
-                    .filter(|s| s.value > 0.0)
-                    .map(|s| format!("  {} {:?} {}", node.name, s.labels, s.value)),
-            ),
+            Ok(m) => {
+                out.extend(
+                    m.matching("tendril_datapath_drops_total", &[])
+                        .filter(|s| s.value > 0.0)
+                        .map(|s| format!("  {} {:?} {}", node.name, s.labels, s.value)),
+                );
+                // Ports the NAT had to find: clashes of kept client addresses, reused SNAT.
+                out.extend(
+                    m.matching("tendril_datapath_packets_total", &[])
+                        .filter(|s| {
+                            s.value > 0.0
+                                && s.labels.values().any(|v| {
+                                    v == "service_client_port_remapped"
+                                        || v == "service_snat_port_reused"
+                                })
+                        })
+                        .map(|s| format!("  {} {:?} {}", node.name, s.labels, s.value)),
+                );
+            }
             Err(e) => out.push(format!("  {}: metrics unavailable: {e:#}", node.name)),
         }
         // Which packets, from the flow log: the first few of each drop reason.

@@ -432,12 +432,59 @@ impl<K: Cached> Cache<K> {
             .boxed()
     }
 
+    /// Like [`Cache::trigger_when`], waking only when `value` (the part of an object the
+    /// concern reads) changed, an object was deleted, or the cache relisted.
+    pub fn trigger_on<V: PartialEq + Send + 'static>(
+        &self,
+        value: impl Fn(&K) -> V + Send + 'static,
+    ) -> futures::stream::BoxStream<'static, Result<K, watcher::Error>> {
+        let seen = Seen::default();
+        self.trigger_when(move |c| seen.changed(c, &value))
+    }
+
     /// Like [`Cache::trigger`] without deletions (as `applied_objects` of a private watch).
     pub fn applied(
         &self,
     ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K> {
         self.changes()
             .filter_map(|change| futures::future::ready(change.into_trigger(false)))
+    }
+}
+
+/// The part of each object a consumer reads, as last seen, so a change stream can tell a
+/// change that matters from a write that touched something else (a heartbeat, a status).
+pub struct Seen<V>(Mutex<HashMap<String, V>>);
+
+impl<V> Default for Seen<V> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<V: PartialEq> Seen<V> {
+    /// Takes in `change` with `value` the part that matters; whether it changed.
+    pub fn changed<K: Resource>(&self, change: &Change<K>, value: impl Fn(&K) -> V) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match change {
+            Change::Applied(obj) => {
+                let name = crate::object_key(obj.as_ref());
+                let v = value(obj);
+                let changed = seen.get(&name) != Some(&v);
+                seen.insert(name, v);
+                changed
+            }
+            Change::Deleted(obj) => {
+                seen.remove(&crate::object_key(obj.as_ref()));
+                true
+            }
+            // A relist may hide deletions: forget everything, so every object replayed
+            // next counts as new and the recompute reads the complete store.
+            Change::Listed => {
+                seen.clear();
+                true
+            }
+            Change::Failed(_) => false,
+        }
     }
 }
 

@@ -63,6 +63,7 @@ pub mod events;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod owned;
 pub mod revisions;
 pub mod server;
 pub mod singleton;

@@ -1,7 +1,8 @@
 //! The concern's in-memory state beside the caches: which nodes have a ready backend of
 //! each Service ([`ReadyNodes`], from the EndpointSlices), and which changes of Nodes,
-//! NodeNetworks and BGPNodeConfigs matter ([`Seen`]): node heartbeats and the agents' status
-//! writes change nothing the concern computes from, and must not cost a recompute each.
+//! NodeNetworks and BGPNodeConfigs matter ([`node_facts`], for the runtime's `Seen`): node
+//! heartbeats and the agents' status writes change nothing the concern computes from, and
+//! must not cost a recompute each.
 
 use crate::services::translate::SERVICE_NAME_LABEL;
 use k8s_openapi::api::core::v1::Node;
@@ -149,43 +150,6 @@ pub fn node_facts(node: &Node) -> NodeFacts {
     )
 }
 
-/// The last value seen of what matters of each object, by namespace and name: a change is worth a
-/// recompute only when that value changed (or the object came or went).
-pub struct Seen<V>(Mutex<HashMap<String, V>>);
-
-impl<V> Default for Seen<V> {
-    fn default() -> Self {
-        Self(Mutex::default())
-    }
-}
-
-impl<V: PartialEq> Seen<V> {
-    /// Takes in `change` with `value` the part that matters; whether it changed.
-    pub fn changed<K: kube::Resource>(&self, change: &Change<K>, value: impl Fn(&K) -> V) -> bool {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match change {
-            Change::Applied(obj) => {
-                let name = tendril_runtime::object_key(obj.as_ref());
-                let v = value(obj);
-                let changed = seen.get(&name) != Some(&v);
-                seen.insert(name, v);
-                changed
-            }
-            Change::Deleted(obj) => {
-                seen.remove(&tendril_runtime::object_key(obj.as_ref()));
-                true
-            }
-            // A relist may hide deletions: forget everything, so every object replayed
-            // next counts as new and the recompute reads the complete store.
-            Change::Listed => {
-                seen.clear();
-                true
-            }
-            Change::Failed(_) => false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +240,7 @@ mod tests {
 
     #[test]
     fn seen_reports_changes_of_what_matters_only() {
+        use tendril_runtime::caches::Seen;
         let seen: Seen<NodeFacts> = Seen::default();
         let mut node = Node {
             spec: Some(NodeSpec::default()),

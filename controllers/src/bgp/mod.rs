@@ -36,28 +36,26 @@ mod metrics;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use desired::{Desired, NodeInput, PolicyInput, ServiceInput};
-use futures::StreamExt;
-use index::{ReadyNodes, Seen};
+use index::ReadyNodes;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
 use metrics::{ErrorLabel, Metrics, SourceLabel};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tendril_crds::v1alpha1::{
     BGP_CHANGED_AT_ANNOTATION, BGPNodeConfig, BGPNodeConfigSpec, BGPPeeringPolicy, NodeNetwork,
 };
-use tendril_runtime::caches::Change;
 use tendril_runtime::debounce::ChangeClock;
-use tendril_runtime::revisions::{self, Revisions};
+use tendril_runtime::events::{self, ProblemLog};
+use tendril_runtime::owned::OwnedObjects;
 use tendril_runtime::singleton::{self, Singleton};
 use tendril_runtime::{self as runtime, MetricLabel, Reconciler, conditions};
 use tracing::{debug, info, warn};
@@ -147,11 +145,10 @@ struct Bgp {
     stores: Stores,
     ready_nodes: ReadyNodes,
     changes: ChangeClock,
-    /// The last spec written per node (the store lags behind our own writes), or deleted
-    /// by someone else (put back with a higher revision).
-    written: Revisions<String, BGPNodeConfigSpec>,
-    /// The problem message last reported with an Event, per policy.
-    reported: Mutex<HashMap<String, String>>,
+    /// The `BGPNodeConfig`s, one per node.
+    configs: OwnedObjects<BGPNodeConfig, BGPNodeConfigSpec>,
+    /// The problem last reported with an Event, per policy.
+    problems: ProblemLog<String>,
     recorder: Recorder,
     metrics: Metrics,
     manager: String,
@@ -227,16 +224,8 @@ impl Bgp {
         self.metrics.compute_seconds.observe(took.as_secs_f64());
         self.set_metrics(&want);
 
-        let stored = self.stores.configs.state();
-        let (current, deleted) = self
-            .written
-            .current(stored.iter().map(|c| (c.name_any(), c.spec.clone())));
-        let owned: HashMap<String, bool> = stored
-            .iter()
-            .map(|c| (c.name_any(), owned_by_node(c)))
-            .collect();
-        let plan = revisions::plan(&want.configs, &current, &deleted, |node| {
-            !want.held.contains(node) && owned.get(node).copied().unwrap_or(false)
+        let plan = self.configs.plan(&want.configs, |node, stored| {
+            !want.held.contains(node) && stored.is_some_and(owned_by_node)
         });
         debug!(
             policies = policies.len(),
@@ -250,11 +239,11 @@ impl Bgp {
             "computed"
         );
 
-        let mut first_error = None;
         let changed_at = changed_at.to_rfc3339_opts(SecondsFormat::Micros, true);
         let api = Api::<BGPNodeConfig>::all(self.client.clone());
-        let writes = futures::stream::iter(plan.apply)
-            .map(|(node, spec)| {
+        let applied = self
+            .configs
+            .apply_all(plan.apply, WRITE_CONCURRENCY, |node, spec| {
                 let api = api.clone();
                 let changed_at = changed_at.clone();
                 let owner = self
@@ -266,7 +255,7 @@ impl Bgp {
                     let Some(owner) = owner else {
                         // The Node went away since the inputs were read: the next pass
                         // (its deletion triggers one) drops it.
-                        return (node, spec, Ok(()));
+                        return (node, spec, Ok(false));
                     };
                     let body = runtime::apply_body::<BGPNodeConfig>(
                         &node,
@@ -279,29 +268,25 @@ impl Bgp {
                             "spec": spec,
                         }),
                     );
-                    let res = runtime::apply(&api, &self.manager, &body).await.map(|_| ());
+                    let res = runtime::apply(&api, &self.manager, &body)
+                        .await
+                        .map(|_| true);
                     (node, spec, res)
                 }
             })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .collect::<Vec<_>>()
             .await;
-        for (node, spec, res) in writes {
-            match res {
-                Ok(()) => {
-                    debug!(node = %node, revision = spec.revision, "BGPNodeConfig written");
-                    self.metrics.writes.inc();
-                    self.written.wrote(node, &spec);
+        self.metrics.writes.inc_by(applied.written.len() as u64);
+        let mut first_error = applied.first_error;
+        for node in plan.delete {
+            match self.configs.delete(&api, &node).await {
+                Ok(true) => {
+                    self.metrics.deletes.inc();
+                    info!(node, "no policy selects the node; BGPNodeConfig deleted");
                 }
+                Ok(false) => {}
                 Err(e) => {
-                    warn!(node = %node, error = %e, "writing the BGPNodeConfig failed");
                     first_error.get_or_insert(e);
                 }
-            }
-        }
-        for node in plan.delete {
-            if let Err(e) = self.delete(&api, &node).await {
-                first_error.get_or_insert(e);
             }
         }
         if let Err(e) = self.write_statuses(&want).await {
@@ -328,23 +313,6 @@ impl Bgp {
                 })
                 .set(n);
         }
-    }
-
-    async fn delete(&self, api: &Api<BGPNodeConfig>, node: &str) -> Result<(), kube::Error> {
-        self.written.forget(&node.to_string());
-        let Some(uid) = self
-            .stores
-            .configs
-            .get(&ObjectRef::new(node))
-            .and_then(|c| c.uid())
-        else {
-            return Ok(());
-        };
-        if runtime::delete_exact(api, node, &uid).await? {
-            self.metrics.deletes.inc();
-            info!(node, "no policy selects the node; BGPNodeConfig deleted");
-        }
-        Ok(())
     }
 
     /// `status` of every policy whose `Valid`, `observedGeneration` or `selectedNodes`
@@ -393,43 +361,19 @@ impl Bgp {
 
     /// A Warning Event on each policy with a new problem (conflict, invalid, no router id).
     async fn report_problems(&self, want: &Desired) {
-        let new: Vec<(String, String, String)> = {
-            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            reported.retain(|name, _| want.policies.get(name).is_some_and(|o| !o.valid.status));
-            want.policies
-                .iter()
-                .filter(|(_, o)| !o.valid.status)
-                .filter(|(name, o)| reported.get(*name) != Some(&o.valid.message))
-                .map(|(name, o)| {
-                    (
-                        name.clone(),
-                        o.valid.reason.clone(),
-                        o.valid.message.clone(),
-                    )
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .inspect(|(name, _, message)| {
-                    reported.insert(name.clone(), message.clone());
-                })
-                .collect()
-        };
-        for (name, reason, message) in new {
-            let Some(policy) = self.stores.policies.get(&ObjectRef::new(&name)) else {
-                continue;
-            };
-            warn!(policy = %name, reason, message, "BGP policy not applied in full");
-            let event = Event {
-                type_: EventType::Warning,
-                reason,
-                note: Some(message),
-                action: "ComputeBGPNodeConfigs".into(),
-                secondary: None,
-            };
-            if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
-                warn!(error = %e, "publishing the BGP policy Event failed");
-            }
-        }
+        let problems = want
+            .policies
+            .iter()
+            .filter(|(_, o)| !o.valid.status)
+            .map(|(name, o)| (name.clone(), o.valid.clone()));
+        events::warn_each(
+            &self.recorder,
+            &self.stores.policies,
+            self.problems.fresh(problems),
+            "ComputeBGPNodeConfigs",
+            "BGP policy not applied in full",
+        )
+        .await;
     }
 }
 
@@ -461,27 +405,13 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
         Duration::from_millis(config.debounce_millis),
         Duration::from_millis(config.max_delay_millis),
     );
-    let written: Revisions<String, BGPNodeConfigSpec> = Revisions::default();
+    let owned = OwnedObjects::new("BGPNodeConfig", &configs, |c: &BGPNodeConfig| &c.spec);
     let ready_nodes = ReadyNodes::default();
 
-    let policy_changes = {
-        let seen = Seen::default();
-        policies
-            .trigger_when(move |c| seen.changed(c, |p: &BGPPeeringPolicy| p.metadata.generation))
-    };
-    let node_changes = {
-        let seen = Seen::default();
-        nodes.trigger_when(move |c| seen.changed(c, index::node_facts))
-    };
-    let network_changes = {
-        let seen = Seen::default();
-        networks
-            .trigger_when(move |c| seen.changed(c, |nn: &NodeNetwork| nn.spec.pod_cidrs.clone()))
-    };
-    let service_changes = {
-        let seen = Seen::default();
-        services.trigger_when(move |c| seen.changed(c, desired::service_input))
-    };
+    let policy_changes = policies.trigger_on(|p: &BGPPeeringPolicy| p.metadata.generation);
+    let node_changes = nodes.trigger_on(index::node_facts);
+    let network_changes = networks.trigger_on(|nn: &NodeNetwork| nn.spec.pod_cidrs.clone());
+    let service_changes = services.trigger_on(desired::service_input);
     let slice_changes = {
         let index = ready_nodes.clone();
         let store = slices.store();
@@ -489,16 +419,7 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
     };
     // Our own writes come back here; a config edited or deleted by someone else is put
     // back. Neither is a change of intent, so the clock is not started.
-    let config_changes = {
-        let seen = Seen::default();
-        let written = written.clone();
-        configs.trigger_when(move |c| {
-            if let Change::Deleted(config) = c {
-                written.deleted(config.name_any(), &config.spec);
-            }
-            seen.changed(c, |bc: &BGPNodeConfig| bc.metadata.generation)
-        })
-    };
+    let config_changes = owned.trigger(&configs);
 
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, observed(&changes))
@@ -512,15 +433,9 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
         stores,
         ready_nodes,
         changes,
-        written,
-        reported: Mutex::default(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "tendril-operator".into(),
-                instance: None,
-            },
-        ),
+        configs: owned,
+        problems: ProblemLog::default(),
+        recorder: events::recorder(client, "tendril-operator"),
         metrics: Metrics::new(&ctx.metrics),
         manager: runtime::field_manager(NAME),
     };

@@ -32,8 +32,6 @@ pub mod plan;
 #[cfg(test)]
 mod plan_tests;
 
-use crate::bgp::index::Seen;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
@@ -51,9 +49,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tendril_crds::common::conditions::{READY, VALID};
 use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute, EgressRouteSpec, Endpoint};
-use tendril_runtime::caches::Change;
 use tendril_runtime::debounce::ChangeClock;
-use tendril_runtime::revisions::{self, Revisions};
+use tendril_runtime::events::ProblemLog;
+use tendril_runtime::owned::OwnedObjects;
 use tendril_runtime::singleton::{self, Singleton};
 use tendril_runtime::{self as runtime, DesiredCondition, Reconciler, conditions, events};
 use tracing::{debug, info, warn};
@@ -177,9 +175,10 @@ struct Egress {
     client: kube::Client,
     stores: Stores,
     changes: ChangeClock,
-    written: Revisions<String, EgressRouteSpec>,
-    /// The problem message last reported with an Event, per invalid policy.
-    reported: Mutex<HashMap<String, String>>,
+    /// The `EgressRoute`s, one per policy.
+    routes: OwnedObjects<EgressRoute, EgressRouteSpec>,
+    /// The problem last reported with an Event, per policy.
+    problems: ProblemLog<String>,
     /// The `Ready` condition last written per policy: the store lags behind the status
     /// writes, and a `FailedOver` read back from it would overwrite a newer one.
     written_ready: Mutex<HashMap<String, DesiredCondition>>,
@@ -214,12 +213,7 @@ impl Egress {
             .iter()
             .map(|p| {
                 let name = p.name_any();
-                let stored = self
-                    .stores
-                    .routes
-                    .get(&ObjectRef::new(&name))
-                    .map(|r| r.spec.clone());
-                let current = self.written.latest(&name, stored);
+                let current = self.routes.latest(&name);
                 let written_ready = self
                     .written_ready
                     .lock()
@@ -270,17 +264,9 @@ impl Egress {
         let want = plan::plan(&policies, &nodes, &endpoints);
         self.set_metrics(&want);
 
-        let stored = self.stores.routes.state();
-        let (current, deleted) = self
-            .written
-            .current(stored.iter().map(|r| (r.name_any(), r.spec.clone())));
-        let owned: HashMap<String, bool> = stored
-            .iter()
-            .map(|r| (r.name_any(), owned_by_policy(r)))
-            .collect();
         let held = want.held();
-        let writes = revisions::plan(&want.routes, &current, &deleted, |name| {
-            !held.contains(name) && owned.get(name).copied().unwrap_or(false)
+        let writes = self.routes.plan(&want.routes, |name, stored| {
+            !held.contains(name) && stored.is_some_and(owned_by_policy)
         });
         debug!(
             policies = policies.len(),
@@ -291,11 +277,10 @@ impl Egress {
             "computed"
         );
 
-        let mut first_error = None;
-        let mut carried = BTreeSet::new();
         let api = Api::<EgressRoute>::all(self.client.clone());
-        let results = futures::stream::iter(writes.apply)
-            .map(|(name, spec)| {
+        let applied = self
+            .routes
+            .apply_all(writes.apply, WRITE_CONCURRENCY, |name, spec| {
                 let api = api.clone();
                 let owner = self
                     .stores
@@ -311,12 +296,12 @@ impl Egress {
                 async move {
                     let Some(owner) = owner else {
                         // The policy went away since the inputs were read.
-                        return (name, spec, Ok(()));
+                        return (name, spec, Ok(false));
                     };
                     if let Some(uid) = foreign {
                         // Written or edited by someone else: replaced, not merged into.
                         warn!(route = %name, "EgressRoute written by someone else: replacing it");
-                        self.written.forget(&name);
+                        self.routes.forget(&name);
                         if let Err(e) = runtime::delete_exact(&api, &name, &uid).await {
                             return (name, spec, Err(e));
                         }
@@ -326,30 +311,28 @@ impl Egress {
                         None,
                         json!({"metadata": {"ownerReferences": [owner]}, "spec": spec}),
                     );
-                    let res = runtime::apply(&api, &self.manager, &body).await.map(|_| ());
+                    let res = runtime::apply(&api, &self.manager, &body)
+                        .await
+                        .map(|_| true);
                     (name, spec, res)
                 }
             })
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .collect::<Vec<_>>()
             .await;
-        for (name, spec, res) in results {
-            match res {
-                Ok(()) => {
-                    debug!(route = %name, revision = spec.revision, "EgressRoute written");
-                    self.metrics.route_writes.inc();
-                    self.written.wrote(name.clone(), &spec);
-                    carried.insert(name);
+        self.metrics
+            .route_writes
+            .inc_by(applied.written.len() as u64);
+        let carried: BTreeSet<String> = applied.written.into_iter().map(|(n, _)| n).collect();
+        let mut first_error = applied.first_error;
+        for name in writes.delete {
+            match self.routes.delete(&api, &name).await {
+                Ok(true) => {
+                    self.metrics.route_deletes.inc();
+                    info!(route = name, "policy gone; EgressRoute deleted");
                 }
+                Ok(false) => {}
                 Err(e) => {
-                    warn!(route = %name, error = %e, "writing the EgressRoute failed");
                     first_error.get_or_insert(e);
                 }
-            }
-        }
-        for name in writes.delete {
-            if let Err(e) = self.delete(&api, &name).await {
-                first_error.get_or_insert(e);
             }
         }
         // Reported once the route carries it, so a failed write is not counted twice.
@@ -379,23 +362,6 @@ impl Egress {
                 .map(|r| r.source_ips.len() as i64)
                 .sum(),
         );
-    }
-
-    async fn delete(&self, api: &Api<EgressRoute>, name: &str) -> Result<(), kube::Error> {
-        self.written.forget(&name.to_string());
-        let Some(uid) = self
-            .stores
-            .routes
-            .get(&ObjectRef::new(name))
-            .and_then(|r| r.uid())
-        else {
-            return Ok(());
-        };
-        if runtime::delete_exact(api, name, &uid).await? {
-            self.metrics.route_deletes.inc();
-            info!(route = name, "policy gone; EgressRoute deleted");
-        }
-        Ok(())
     }
 
     /// Logs, counts and publishes each gateway change the routes now carry.
@@ -506,41 +472,19 @@ impl Egress {
 
     /// A Warning Event on each policy with a new problem (invalid, or no gateway).
     async fn report_problems(&self, want: &Plan) {
-        let problems: BTreeMap<&String, &DesiredCondition> = want
-            .policies
-            .iter()
-            .filter_map(|(name, o)| match &o.ready {
-                _ if !o.valid.status => Some((name, &o.valid)),
-                Some(r) if !r.status => Some((name, r)),
-                _ => None,
-            })
-            .collect();
-        let new: Vec<(String, String, String)> = {
-            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            reported.retain(|name, _| problems.contains_key(name));
-            let mut new = Vec::new();
-            for (name, c) in &problems {
-                if reported.get(*name) != Some(&c.message) {
-                    reported.insert((*name).clone(), c.message.clone());
-                    new.push(((*name).clone(), c.reason.clone(), c.message.clone()));
-                }
-            }
-            new
-        };
-        for (name, reason, message) in new {
-            let Some(policy) = self.stores.policies.get(&ObjectRef::new(&name)) else {
-                continue;
-            };
-            warn!(policy = %name, reason, message, "egress policy not served");
-            events::publish_warning(
-                &self.recorder,
-                &policy.object_ref(&()),
-                &reason,
-                &message,
-                EVENT_ACTION,
-            )
-            .await;
-        }
+        let problems = want.policies.iter().filter_map(|(name, o)| match &o.ready {
+            _ if !o.valid.status => Some((name.clone(), o.valid.clone())),
+            Some(r) if !r.status => Some((name.clone(), r.clone())),
+            _ => None,
+        });
+        events::warn_each(
+            &self.recorder,
+            &self.stores.policies,
+            self.problems.fresh(problems),
+            EVENT_ACTION,
+            "egress policy not served",
+        )
+        .await;
     }
 }
 
@@ -561,43 +505,19 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
         Duration::from_millis(config.debounce_millis),
         Duration::from_millis(config.max_delay_millis),
     );
-    let written: Revisions<String, EgressRouteSpec> = Revisions::default();
+    let owned = OwnedObjects::new("EgressRoute", &routes, |r: &EgressRoute| &r.spec);
 
-    let policy_changes = {
-        let seen = Seen::default();
-        policies
-            .trigger_when(move |c| seen.changed(c, |p: &EgressGatewayPolicy| p.metadata.generation))
-    };
+    let policy_changes = policies.trigger_on(|p: &EgressGatewayPolicy| p.metadata.generation);
     // Heartbeats change neither labels, readiness nor addresses: they wake nothing.
-    let node_changes = {
-        let seen = Seen::default();
-        nodes.trigger_when(move |c| {
-            seen.changed(c, |n: &Node| {
-                let i = node_input(n);
-                (i.labels, i.ready, i.address)
-            })
-        })
-    };
+    let node_changes = nodes.trigger_on(|n: &Node| {
+        let i = node_input(n);
+        (i.labels, i.ready, i.address)
+    });
     // The agents' status writes change neither labels nor addresses.
-    let endpoint_changes = {
-        let seen = Seen::default();
-        endpoints.trigger_when(move |c| {
-            seen.changed(c, |e: &Endpoint| {
-                (e.spec.security_labels.clone(), e.spec.ips.clone())
-            })
-        })
-    };
+    let endpoint_changes =
+        endpoints.trigger_on(|e: &Endpoint| (e.spec.security_labels.clone(), e.spec.ips.clone()));
     // Our own writes come back here; a route edited or deleted by someone else is put back.
-    let route_changes = {
-        let seen = Seen::default();
-        let written = written.clone();
-        routes.trigger_when(move |c| {
-            if let Change::Deleted(route) = c {
-                written.deleted(route.name_any(), &route.spec);
-            }
-            seen.changed(c, |r: &EgressRoute| r.metadata.generation)
-        })
-    };
+    let route_changes = owned.trigger(&routes);
 
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, singleton::on_change(NAME, Some(&changes)))
@@ -608,8 +528,8 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
         client: client.clone(),
         stores,
         changes,
-        written,
-        reported: Mutex::default(),
+        routes: owned,
+        problems: ProblemLog::default(),
         written_ready: Mutex::default(),
         recorder: events::recorder(client, "tendril-operator"),
         metrics: Metrics::new(&ctx.metrics),

@@ -50,7 +50,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use metrics::Metrics;
@@ -63,6 +63,7 @@ use std::time::{Duration, Instant};
 use tendril_crds::facts::annotations::SERVICE_CHANGED_AT;
 use tendril_crds::v1alpha1::{LBService, LBServiceSpec, NodeNetwork};
 use tendril_runtime::caches::{Cache, Change};
+use tendril_runtime::events::{self, ProblemLog};
 use tendril_runtime::revisions::Revisions;
 use tendril_runtime::{self as runtime, DesiredCondition, MetricLabel, Reconciler, conditions};
 use tokio_util::sync::CancellationToken;
@@ -171,8 +172,8 @@ struct Shared {
     board: Board,
     /// When a change of each Service was first observed and not yet handled.
     observed: Mutex<HashMap<Key, DateTime<Utc>>>,
-    /// The invalid-input message last reported with an Event, per Service.
-    reported: Mutex<HashMap<Key, String>>,
+    /// The invalid-input problem last reported with an Event, per Service.
+    problems: ProblemLog<Key>,
     /// The slices' trigger times at the last write (or no-op) of each Service this term.
     triggers: Mutex<HashMap<Key, sequence::Triggers>>,
     recorder: Recorder,
@@ -377,10 +378,7 @@ impl Shared {
     /// The Service is not (or no longer) served: its `LBService` goes.
     async fn remove(&self, key: &Key, stored: Option<&LBService>, why: &str) -> Result<(), Error> {
         self.board.remove(key);
-        self.reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.problems.clear(key);
         self.triggers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -411,28 +409,22 @@ impl Shared {
     /// A Warning Event on the Service when its translation found problems it did not
     /// report yet.
     async fn report_invalid(&self, svc: &Service, key: &Key, valid: &DesiredCondition) {
-        {
-            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-            if valid.status {
-                reported.remove(key);
-                return;
-            }
-            if reported.get(key) == Some(&valid.message) {
-                return;
-            }
-            reported.insert(key.clone(), valid.message.clone());
+        if valid.status {
+            self.problems.clear(key);
+            return;
+        }
+        if !self.problems.is_new(key, &valid.message) {
+            return;
         }
         warn!(namespace = %key.0, service = %key.1, reason = %valid.reason, message = %valid.message, "Service served in part");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: valid.reason.clone(),
-            note: Some(valid.message.clone()),
-            action: "TranslateService".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &svc.object_ref(&())).await {
-            warn!(error = %e, "publishing the invalid-service Event failed");
-        }
+        events::publish_warning(
+            &self.recorder,
+            &svc.object_ref(&()),
+            &valid.reason,
+            &valid.message,
+            "TranslateService",
+        )
+        .await;
     }
 
     /// Deletes the `LBService` of `key` when its Service is gone.
@@ -737,15 +729,9 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
         written: Revisions::default(),
         board: Board::default(),
         observed: Mutex::default(),
-        reported: Mutex::default(),
+        problems: ProblemLog::default(),
         triggers: Mutex::default(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "tendril-operator".into(),
-                instance: None,
-            },
-        ),
+        recorder: events::recorder(client, "tendril-operator"),
         metrics: Metrics::new(&ctx.metrics),
         manager: runtime::field_manager(NAME),
     });
