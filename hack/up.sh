@@ -100,6 +100,7 @@ fi
 # TENDRIL_AGENT_OBSERVER_PORT and the next port, hack/sim-cluster.sh).
 relay_bin="$CARGO_TARGET_DIR/debug/tendril-relay"
 relay_addr="127.0.0.1:${TENDRIL_RELAY_PORT:-4245}"
+map_addr="127.0.0.1:${TENDRIL_SERVICE_MAP_PORT:-12000}"
 relay_pid() { pidfile_pid "$pids/tendril-relay.pid" tendril-relay; }
 relay_status="not started (operator not built)"
 if [[ -x $operator_bin && -x $relay_bin ]]; then
@@ -114,14 +115,17 @@ if [[ -x $operator_bin && -x $relay_bin ]]; then
     if [[ -n $(ss -Hltn "sport = :${relay_addr##*:}" 2>/dev/null) ]]; then
       die "port ${relay_addr##*:} is in use (set TENDRIL_RELAY_PORT)"
     fi
+    if [[ -n $(ss -Hltn "sport = :${map_addr##*:}" 2>/dev/null) ]]; then
+      die "port ${map_addr##*:} is in use (set TENDRIL_SERVICE_MAP_PORT)"
+    fi
     first_observer=${TENDRIL_AGENT_OBSERVER_PORT:-4250}
     log "starting tendril-relay on $relay_addr (log: $logs/relay.log)"
     printf '\n==== %s starting tendril-relay\n' "$(date -u +%FT%TZ)" >>"$logs/relay.log"
     spawn_detached "$pids/tendril-relay.pid" "$logs/relay.log" env NO_COLOR=1 "$relay_bin" \
-      --listen "$relay_addr" --peer "127.0.0.1:$first_observer" \
+      --listen "$relay_addr" --ui-listen "$map_addr" --peer "127.0.0.1:$first_observer" \
       --peer "127.0.0.1:$((first_observer + 1))"
   fi
-  relay_status="running (pid $(relay_pid)) on $relay_addr, log $logs/relay.log"
+  relay_status="running (pid $(relay_pid)) on $relay_addr, service map http://$map_addr/, log $logs/relay.log"
 fi
 
 cat <<EOF
@@ -152,6 +156,7 @@ Try next:
   kubectl get networkpolicies.tendril.dev,resolvedpolicies -A
   curl -s http://127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964}/flows      # recent policy verdicts and drops
   $TENDRIL_TOOLS/hubble observe --last 20                # the same flows through Hubble's API (tendril-relay)
+  xdg-open http://$map_addr/                       # the live service map (workloads and their flows, from tendril-relay)
   $CARGO_TARGET_DIR/debug/tendrilctl status --operator-health 127.0.0.1:$metrics_port \
     --agent-metrics tendril-node-1=127.0.0.1:${TENDRIL_AGENT_METRICS_PORT:-9964} \
     --agent-metrics tendril-node-2=127.0.0.1:$((${TENDRIL_AGENT_METRICS_PORT:-9964} + 1))

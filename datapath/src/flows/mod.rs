@@ -28,6 +28,7 @@ pub mod observer;
 pub mod pipeline;
 pub mod relay;
 pub mod ring;
+pub mod servicemap;
 
 use serde::{Deserialize, Serialize};
 

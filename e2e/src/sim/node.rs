@@ -3,7 +3,8 @@
 
 use super::*;
 
-pub(crate) fn free_port() -> Result<u16> {
+/// A port free on 127.0.0.1 now (the kernel's choice), for a process a test starts.
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
