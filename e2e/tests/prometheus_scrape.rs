@@ -991,6 +991,9 @@ async fn prometheus_scrapes_operator_and_agents_and_dashboard_metrics_exist() ->
                 // Per source of a lost flow: only an overloaded pipeline loses any
                 // (flows_bench reads them).
                 || name.starts_with("tendril_flows_lost")
+                // Per reason of a dropped flow, like tendril_datapath_drops: only when the
+                // datapath dropped something during the scrape window.
+                || name.starts_with("tendril_flows_drops")
                 || name.starts_with("workqueue_retries"),
             "{name} has no series although this cluster should have made one"
         );
