@@ -262,3 +262,55 @@ pub fn btf_types(object: &Path) -> Vec<serde_json::Value> {
     let btf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     btf["types"].as_array().cloned().unwrap_or_default()
 }
+
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An Ethernet + IPv6 frame around `l4` (next header `proto`) with hop limit
+/// `hop_limit`. Checksums are left zero: the programs never check them.
+pub fn ipv6_frame(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    hop_limit: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(54 + l4.len());
+    f.extend_from_slice(&[2, 0, 0, 0, 1, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    f.push(proto);
+    f.push(hop_limit);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A UDP datagram over IPv6 with 16 bytes of payload.
+pub fn udp6(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&24u16.to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(&[0xAB; 16]);
+    ipv6_frame(src, dst, IPPROTO_UDP, 64, &l4)
+}
+
+/// An ICMPv6 message (type, code 0, 4 bytes of body, 16 of data) with `hop_limit`.
+pub fn icmp6(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    icmp_type: u8,
+    hop_limit: u8,
+) -> Vec<u8> {
+    let mut l4 = vec![icmp_type, 0, 0, 0, 0x12, 0x34, 0, 1];
+    l4.extend_from_slice(&[0; 16]);
+    ipv6_frame(src, dst, IPPROTO_ICMPV6, hop_limit, &l4)
+}
+
+const IPPROTO_UDP: u8 = 17;

@@ -64,10 +64,12 @@ pub enum MetricReason {
     DropEgressSnat = 145,
     DropEgressUnsupported = 146,
     DropEgressNotGateway = 147,
+    /// IPv6 to or from an endpoint with policy, while the node enforces none for IPv6.
+    DropIpv6PolicyNotEnforced = 148,
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 33] = [
+    pub const ALL: [Self; 34] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
@@ -101,6 +103,7 @@ impl MetricReason {
         Self::DropEgressSnat,
         Self::DropEgressUnsupported,
         Self::DropEgressNotGateway,
+        Self::DropIpv6PolicyNotEnforced,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -137,6 +140,7 @@ impl MetricReason {
             Self::DropEgressSnat => "egress_snat_failed",
             Self::DropEgressUnsupported => "egress_unsupported_protocol",
             Self::DropEgressNotGateway => "egress_not_gateway",
+            Self::DropIpv6PolicyNotEnforced => "ipv6_policy_not_enforced",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",
