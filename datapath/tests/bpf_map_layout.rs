@@ -172,7 +172,11 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
     let (c_size, c_members) = structs
         .get(name)
         .expect("struct policy_event6 in the BTF of bpf_lxc.o");
-    assert_eq!((c_size, c_members), (&size, &members), "struct policy_event6");
+    assert_eq!(
+        (c_size, c_members),
+        (&size, &members),
+        "struct policy_event6"
+    );
 }
 
 /// The services maps of `bpf/lib/lb.h`, in every object that includes it.

@@ -693,7 +693,10 @@ fn events_carry_the_verdict_identities_and_tuple() {
         (verdict.src_identity, verdict.dst_identity),
         (ID_NATIVE, ID_B)
     );
-    assert_eq!((verdict.saddr, verdict.daddr), (NATIVE_POD.into(), POD_B.into()));
+    assert_eq!(
+        (verdict.saddr, verdict.daddr),
+        (NATIVE_POD.into(), POD_B.into())
+    );
     assert_eq!(
         (verdict.protocol, verdict.sport, verdict.dport),
         (6, 1000, 80)

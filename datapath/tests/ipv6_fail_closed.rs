@@ -142,10 +142,7 @@ fn ipv6_from_an_endpoint_with_policy_is_dropped_and_reported() {
     let node = node(true);
     let frame = udp6(ip(POD_A), 40000, ip(POD_B), 53);
     assert_eq!(out_of_a(&node, &frame), TC_ACT_SHOT);
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG),
-        1
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
     assert_eq!(count(&node, MetricReason::ToStackNonIpv4, EG), 0);
     let evs = events(&node);
     assert_eq!(evs.len(), 1, "{evs:?}");
@@ -154,10 +151,7 @@ fn ipv6_from_an_endpoint_with_policy_is_dropped_and_reported() {
     assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
     assert_eq!(ev.verdict, Some(EventVerdict::Deny));
     assert_eq!(ev.direction, Some(EG));
-    assert_eq!(
-        (ev.saddr, ev.daddr),
-        (ip(POD_A).into(), ip(POD_B).into())
-    );
+    assert_eq!((ev.saddr, ev.daddr), (ip(POD_A).into(), ip(POD_B).into()));
     assert_eq!((ev.protocol, ev.sport, ev.dport), (17, 40000, 53));
     assert_eq!(
         (ev.endpoint_id, ev.src_identity, ev.dst_identity),
@@ -175,10 +169,7 @@ fn ipv6_from_an_endpoint_with_policy_is_dropped_and_reported() {
         out_of_a(&node, &icmp6(ip(POD_A), ip(REMOTE), ECHO_REQUEST, 64)),
         TC_ACT_SHOT
     );
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG),
-        3
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 3);
 }
 
 #[test]
@@ -186,10 +177,7 @@ fn ipv6_to_an_endpoint_with_policy_is_dropped_and_reported() {
     let node = node(true);
     let frame = udp6(ip(POD_B), 40000, ip(POD_A), 8080);
     assert_eq!(into_pod(&node, &frame), TC_ACT_SHOT);
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN),
-        1
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN), 1);
     assert_eq!(count(&node, MetricReason::DeliverViaStack, IN), 0);
     let ev = events(&node).pop().unwrap();
     assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
@@ -202,10 +190,7 @@ fn ipv6_to_an_endpoint_with_policy_is_dropped_and_reported() {
     // A destination that is no endpoint address (link-local) cannot be judged: dropped.
     let link_local = udp6(ip("fe80::1"), 40000, ip("fe80::2"), 8080);
     assert_eq!(into_pod(&node, &link_local), TC_ACT_SHOT);
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN),
-        2
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN), 2);
 }
 
 #[test]
@@ -214,7 +199,11 @@ fn ipv6_neighbour_discovery_and_mld_pass_with_the_hop_limits_they_require() {
     let ns_to_gateway = icmp6(ip(POD_A), ip("ff02::1:ff00:1"), ND_NEIGHBOUR_SOLICIT, 255);
     assert_eq!(out_of_a(&node, &ns_to_gateway), TC_ACT_OK);
     let rs = icmp6(ip("fe80::a"), ip("ff02::2"), ND_ROUTER_SOLICIT, 255);
-    assert_eq!(out_of_a(&node, &rs), TC_ACT_OK, "from the link-local address");
+    assert_eq!(
+        out_of_a(&node, &rs),
+        TC_ACT_OK,
+        "from the link-local address"
+    );
     let ns_from_host = icmp6(ip("fe80::1"), ip(POD_A), ND_NEIGHBOUR_SOLICIT, 255);
     assert_eq!(into_pod(&node, &ns_from_host), TC_ACT_OK);
     // MLD behind its hop-by-hop router alert, hop limit 1.
@@ -225,10 +214,7 @@ fn ipv6_neighbour_discovery_and_mld_pass_with_the_hop_limits_they_require() {
     // Routed traffic cannot pose as neighbour discovery.
     let routed_ns = icmp6(ip(POD_A), ip(REMOTE), ND_NEIGHBOUR_SOLICIT, 64);
     assert_eq!(out_of_a(&node, &routed_ns), TC_ACT_SHOT);
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG),
-        1
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
     assert!(
         events(&node).len() == 1,
         "link control is not reported as a drop"
@@ -286,10 +272,7 @@ fn ipv6_audit_mode_passes_counts_and_reports_what_it_would_drop() {
     );
     assert_eq!(count(&node, MetricReason::PolicyAudit, EG), 1);
     assert_eq!(count(&node, MetricReason::PolicyAudit, IN), 1);
-    assert_eq!(
-        count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG),
-        0
-    );
+    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 0);
     let evs = events(&node);
     assert_eq!(evs.len(), 2);
     assert!(evs.iter().all(|e| e.kind == EventKind::PolicyVerdict

@@ -553,7 +553,8 @@ mod tests {
             daddr6: "fd00::3".parse::<Ipv6Addr>().unwrap().octets(),
         };
         // SAFETY: reading the bytes of a plain repr(C) value without padding.
-        let bytes: [u8; std::mem::size_of::<RawPolicyEvent6>()] = unsafe { std::mem::transmute(raw) };
+        let bytes: [u8; std::mem::size_of::<RawPolicyEvent6>()] =
+            unsafe { std::mem::transmute(raw) };
         let ev = PolicyEvent::from_bytes(&bytes).unwrap();
         assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
         assert_eq!(ev.saddr, "fd00::2".parse::<IpAddr>().unwrap());

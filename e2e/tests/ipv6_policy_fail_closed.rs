@@ -1,0 +1,141 @@
+//! Issue 18, first part: a node that does not enforce IPv6 policy drops IPv6 to a
+//! policy-selected pod instead of letting it through (bpf/lib/ipv6.h).
+//!
+//! One simulated node (real operator, agent, CNI) with a dual-stack pool, pods `srv` and
+//! `client`. Before any policy, IPv6 between them works (the path is live). Then a
+//! NetworkPolicy selects `srv` and allows ingress from `client`: IPv4 from `client` still
+//! passes, IPv6 from `client` is dropped every time (never allowed), counted as
+//! `ipv6_policy_not_enforced`, and NodeNetwork says `IPv6Policy=False` (`FailClosed`).
+//! Needs root.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use kube::api::Api;
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork, ResolvedPolicy};
+use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
+use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn labels(app: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app".to_string(), app.to_string())])
+}
+
+fn family(pod: &SimPod, v6: bool) -> IpAddr {
+    *pod.ips
+        .iter()
+        .find(|ip| ip.is_ipv6() == v6)
+        .expect("a dual-stack pod")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> {
+    let plane = ControlPlane::dedicated("ipv6-fail-closed").await?;
+    let env = TestEnv::on(plane).await?;
+    let client = env.client();
+    let cluster = SimCluster::start(
+        &env,
+        SimClusterConfig {
+            nodes: 1,
+            pool_ipv6: Some(("fd00:200::/104".into(), 112)),
+            ..SimClusterConfig::default()
+        },
+    )
+    .await?;
+    let node = &cluster.nodes[0];
+    let ns = env.namespace().to_string();
+    let srv = SimPod::run(&client, node.handle(), &ns, "srv", &labels("srv")).await?;
+    let cli = SimPod::run(&client, node.handle(), &ns, "client", &labels("client")).await?;
+    let srv_ep = srv.wait_realized(&client, TIMEOUT).await?;
+    cli.wait_realized(&client, TIMEOUT).await?;
+    let (srv4, srv6) = (family(&srv, false), family(&srv, true));
+
+    // No policy yet: IPv6 works, so a later failure is the policy's doing.
+    eventually(TIMEOUT, || async {
+        ensure!(
+            cli.ping(srv6).await?,
+            "no IPv6 echo from {srv6} before any policy"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(cli.ping(srv4).await?, "no IPv4 echo before any policy");
+
+    env.apply_yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: srv-from-client, namespace: {ns}}}\n\
+         spec:\n  podSelector: {{matchLabels: {{app: srv}}}}\n  policyTypes: [Ingress]\n  \
+         ingress:\n  - from:\n    - podSelector: {{matchLabels: {{app: client}}}}\n"
+    ))
+    .await?;
+    // Until the node has the policy in its maps for srv.
+    let identity = srv_ep.spec.identity.context("srv has no identity")?;
+    let policies: Api<ResolvedPolicy> = Api::all(client.clone());
+    let rp = wait_for(
+        &policies,
+        &identity.to_string(),
+        |o: Option<&ResolvedPolicy>| o.is_some_and(|rp| !rp.spec.sources.is_empty()),
+        TIMEOUT,
+    )
+    .await?
+    .context("ResolvedPolicy gone")?;
+    let endpoints: Api<Endpoint> = Api::namespaced(client.clone(), &ns);
+    wait_for(
+        &endpoints,
+        "srv",
+        |o: Option<&Endpoint>| {
+            o.and_then(|ep| ep.status.as_ref())
+                .and_then(|s| s.realized_policy_revision)
+                .is_some_and(|r| r >= rp.spec.revision)
+        },
+        TIMEOUT,
+    )
+    .await?;
+
+    // IPv4 from client is allowed by the policy; IPv6 is dropped, every time.
+    ensure!(cli.ping(srv4).await?, "the policy allows client over IPv4");
+    for attempt in 0..5 {
+        ensure!(
+            !cli.ping(srv6).await?,
+            "IPv6 reached the policy-selected pod (attempt {attempt}): not failed closed"
+        );
+    }
+    let udp = cli
+        .exec(&[
+            "sh",
+            "-c",
+            &format!("echo x | timeout 2 nc -u -w1 {srv6} 7007; true"),
+        ])
+        .await?;
+    ensure!(udp.status.success(), "sending UDP: {udp:?}");
+
+    let metrics = fetch_metrics(node.metrics_port).await?;
+    let dropped = metrics.sum(
+        "tendril_datapath_drops_total",
+        &[("reason", "ipv6_policy_not_enforced")],
+    );
+    ensure!(
+        dropped >= 5.0,
+        "expected at least 5 IPv6 drops counted, got {dropped}"
+    );
+
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let nn = networks.get(&node.name).await?;
+    let condition = nn
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "IPv6Policy"))
+        .cloned()
+        .context("no IPv6Policy condition on the NodeNetwork")?;
+    ensure!(
+        condition.status == "False" && condition.reason == "FailClosed",
+        "IPv6Policy condition {condition:?}"
+    );
+    drop(cli);
+    drop(srv);
+    drop(cluster);
+    Ok(())
+}
