@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use tendril_datapath::bpf::{
     Hook, MapSizes, PolicyState,
     maps::{EndpointInfo, IpcacheValue, NODE_F_TUNNEL, NodeConfig},
+    policy::POLICY_F_SELECTED,
 };
 
 const CALLS: u32 = 200;
@@ -94,7 +95,7 @@ fn node(extra_prefixes: u32) -> Node {
         30,
         PolicyState {
             revision: 1,
-            flags: 0,
+            flags: POLICY_F_SELECTED,
         },
     )]);
     assert!(

@@ -13,6 +13,7 @@ use bpf_support::*;
 use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEvent, PolicyState,
     maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig},
+    policy::{POLICY_F_DEFAULT_DENY_INGRESS, POLICY_F_SELECTED},
 };
 
 const POD_A: &str = "fd00:10::a";
@@ -36,8 +37,13 @@ fn ip(s: &str) -> Ipv6Addr {
 }
 
 /// Pods A (behind loopback) and B (behind 4242) with their IPv6 addresses, as the agent
-/// writes them; A has policy (a `policy_state` entry) when `a_has_policy`.
+/// writes them; A selected by a policy when `a_has_policy`.
 fn node(a_has_policy: bool) -> Node {
+    node_with_state(a_has_policy.then_some(POLICY_F_SELECTED | POLICY_F_DEFAULT_DENY_INGRESS))
+}
+
+/// As [`node`], A's `policy_state` flags given (`None`: no entry).
+fn node_with_state(a_flags: Option<u32>) -> Node {
     let mut node = Node::load("v6", &MapSizes::default());
     let ep = |ifindex, identity, endpoint_id, last: u8| EndpointInfo {
         ifindex,
@@ -76,14 +82,8 @@ fn node(a_has_policy: bool) -> Node {
             .is_converged()
     );
     set_flags(&mut node, 0);
-    if a_has_policy {
-        let states = BTreeMap::from([(
-            EP_A,
-            PolicyState {
-                revision: 1,
-                flags: 0,
-            },
-        )]);
+    if let Some(flags) = a_flags {
+        let states = BTreeMap::from([(EP_A, PolicyState { revision: 1, flags })]);
         assert!(
             node.dataplane
                 .policy
@@ -223,18 +223,24 @@ fn ipv6_neighbour_discovery_and_mld_pass_with_the_hop_limits_they_require() {
 
 #[test]
 fn ipv6_of_an_endpoint_without_policy_passes() {
-    let node = node(false);
+    // No state at all, and the state of an empty ResolvedPolicy (no policy selects A).
+    for node in [node(false), node_with_state(Some(0))] {
+        ipv6_passes_both_ways(&node);
+    }
+}
+
+fn ipv6_passes_both_ways(node: &Node) {
     assert_eq!(
-        out_of_a(&node, &udp6(ip(POD_A), 40000, ip(POD_B), 53)),
+        out_of_a(node, &udp6(ip(POD_A), 40000, ip(POD_B), 53)),
         TC_ACT_OK
     );
-    assert_eq!(count(&node, MetricReason::ToStackNonIpv4, EG), 1);
+    assert_eq!(count(node, MetricReason::ToStackNonIpv4, EG), 1);
     assert_eq!(
-        into_pod(&node, &udp6(ip(POD_B), 40000, ip(POD_A), 53)),
+        into_pod(node, &udp6(ip(POD_B), 40000, ip(POD_A), 53)),
         TC_ACT_OK
     );
-    assert_eq!(count(&node, MetricReason::DeliverViaStack, IN), 1);
-    assert!(events(&node).is_empty());
+    assert_eq!(count(node, MetricReason::DeliverViaStack, IN), 1);
+    assert!(events(node).is_empty());
 }
 
 #[test]

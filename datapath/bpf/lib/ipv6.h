@@ -8,7 +8,7 @@
  * - anything else leaving a pod (from_container6) must carry the address of
  *   the endpoint behind that veth (anti-spoofing, as for IPv4), and anything
  *   entering one (to_container6) must be for a known endpoint address;
- * - IPv6 of an endpoint that has policy (a policy_state entry) is dropped as
+ * - IPv6 of an endpoint some policy selects (POLICY_F_SELECTED) is dropped as
  *   DROP_IPV6_POLICY_NOT_ENFORCED, counted and reported (audit mode: counted as
  *   REASON_POLICY_AUDIT, reported with verdict audit, passed); an endpoint
  *   without policy allows everything anyway, so its IPv6 passes.
@@ -130,10 +130,12 @@ static __always_inline int ipv6_fail_closed(struct __sk_buff *skb, struct policy
 					    const struct endpoint_info *ep, __u32 peer, __u8 dir)
 {
 	__u16 endpoint_id = ep->endpoint_id;
+	struct policy_state *state;
 	struct node_config *cfg;
 	__u8 audit;
 
-	if (!bpf_map_lookup_elem(&policy_state, &endpoint_id))
+	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
+	if (!state || !(state->flags & POLICY_F_SELECTED))
 		return TC_ACT_OK;
 	cfg = lookup_node_config();
 	audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);

@@ -108,6 +108,10 @@ struct policy_value {
  * policy at all (everything allowed, still conntracked). */
 #define POLICY_F_DEFAULT_DENY_INGRESS 0x01
 #define POLICY_F_DEFAULT_DENY_EGRESS 0x02
+/* Some policy selects the endpoint (sources, rules or a default deny): an
+ * empty ResolvedPolicy still has a state, but selects nothing. IPv6 of a
+ * selected endpoint fails closed (lib/ipv6.h). */
+#define POLICY_F_SELECTED 0x04
 struct policy_state {
 	__u32 revision; /* low 32 bits of the ResolvedPolicy revision: the CT epoch */
 	__u32 flags;

@@ -18,6 +18,9 @@ pub use tendril_crds::facts::LOCAL_IDENTITY_FLAG;
 /// `POLICY_F_DEFAULT_DENY_INGRESS` / `_EGRESS` in `policy_state.flags`.
 pub const POLICY_F_DEFAULT_DENY_INGRESS: u32 = 0x01;
 pub const POLICY_F_DEFAULT_DENY_EGRESS: u32 = 0x02;
+/// `POLICY_F_SELECTED`: some policy selects the endpoint (sources, rules or a default deny);
+/// its IPv6 fails closed while the node enforces no IPv6 policy.
+pub const POLICY_F_SELECTED: u32 = 0x04;
 
 /// IP protocol numbers a rule can name (0 = any protocol).
 pub const PROTO_ANY: u8 = 0;
