@@ -4,8 +4,10 @@
 //! One simulated node (real operator, agent, CNI) with a dual-stack pool, pods `srv` and
 //! `client`. Before any policy, IPv6 from the node to `srv` works (the path is live). Then
 //! a NetworkPolicy selects `srv` and allows ingress from `client`: IPv4 from `client` still
-//! passes, IPv6 to `srv` is dropped every time (never allowed), counted as
-//! `ipv6_policy_not_enforced`, and NodeNetwork says `IPv6Policy=False` (`FailClosed`).
+//! passes, IPv6 to and from `srv` is dropped every time (never allowed), counted as
+//! `ipv6_policy_not_enforced` and reported as dropped flows with the IPv6 addresses, while
+//! `client` (selected by no policy) keeps its IPv6; NodeNetwork says `IPv6Policy=False`
+//! (`FailClosed`).
 //! Needs root.
 
 use std::collections::BTreeMap;
@@ -71,6 +73,24 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
     })
     .await?;
     ensure!(cli.ping(srv4).await?, "no IPv4 echo before any policy");
+    // The node's IPv6 gateway address (the first of its IPv6 pod CIDR), for srv → node.
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let gateway6 = networks
+        .get(&node.name)
+        .await?
+        .spec
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+        .find_map(|c| match c {
+            ipnet::IpNet::V6(v6) => Some(IpAddr::V6((u128::from(v6.network()) + 1).into())),
+            ipnet::IpNet::V4(_) => None,
+        })
+        .context("the node has no IPv6 pod CIDR")?;
+    ensure!(
+        srv.ping(gateway6).await?,
+        "srv cannot reach the node's {gateway6} before any policy"
+    );
 
     env.apply_yaml(&format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
@@ -112,17 +132,64 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
         );
     }
 
+    // Out of the selected pod too; the pod no policy selects keeps its IPv6.
+    for attempt in 0..3 {
+        ensure!(
+            !srv.ping(gateway6).await?,
+            "IPv6 left the policy-selected pod (attempt {attempt}): not failed closed"
+        );
+    }
+    ensure!(
+        cli.ping(gateway6).await?,
+        "the pod no policy selects lost its IPv6"
+    );
+
+    // Reported as dropped flows, with their IPv6 addresses and the pod named.
+    let observer = format!("127.0.0.1:{}", node.observer_port);
+    let out = tokio::process::Command::new(tendril_e2e::target_bin_dir().join("tendrilctl"))
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .args(["observe", "--server", &observer, "--verdict", "DROPPED"])
+        .args(["--last", "500", "-o", "json"])
+        .output()
+        .await
+        .context("running tendrilctl (build it: cargo build --workspace --bins)")?;
+    ensure!(out.status.success(), "tendrilctl observe: {out:?}");
+    let flows: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let dropped_flow = |src: IpAddr, dst: IpAddr, direction: &str| {
+        flows.iter().map(|f| &f["flow"]).find(|f| {
+            f["IP"]["source"] == src.to_string()
+                && f["IP"]["destination"] == dst.to_string()
+                && f["traffic_direction"] == direction
+        })
+    };
+    let into_srv = dropped_flow(gateway6, srv6, "INGRESS")
+        .with_context(|| format!("no dropped flow {gateway6} → {srv6} in {flows:?}"))?;
+    ensure!(
+        into_srv["destination"]["pod_name"] == "srv"
+            && into_srv["drop_reason_desc"] == "POLICY_DENIED",
+        "flow {into_srv}"
+    );
+    let out_of_srv = dropped_flow(srv6, gateway6, "EGRESS")
+        .with_context(|| format!("no dropped flow {srv6} → {gateway6} in {flows:?}"))?;
+    ensure!(
+        out_of_srv["source"]["pod_name"] == "srv",
+        "flow {out_of_srv}"
+    );
+
     let metrics = fetch_metrics(node.metrics_port).await?;
     let dropped = metrics.sum(
         "tendril_datapath_drops_total",
         &[("reason", "ipv6_policy_not_enforced")],
     );
     ensure!(
-        dropped >= 5.0,
-        "expected at least 5 IPv6 drops counted, got {dropped}"
+        dropped >= 8.0,
+        "expected at least 8 IPv6 drops counted, got {dropped}"
     );
 
-    let networks: Api<NodeNetwork> = Api::all(client.clone());
     let nn = networks.get(&node.name).await?;
     let condition = nn
         .status
