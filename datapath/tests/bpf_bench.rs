@@ -91,20 +91,13 @@ fn node(extra_prefixes: u32) -> Node {
             pad: 0,
         })
         .unwrap();
-    let states = BTreeMap::from([(
+    node.set_policy_states(&BTreeMap::from([(
         30,
         PolicyState {
             revision: 1,
             flags: POLICY_F_SELECTED,
         },
-    )]);
-    assert!(
-        node.dataplane
-            .policy
-            .converge(&BTreeMap::new(), &states, true)
-            .unwrap()
-            .is_converged()
-    );
+    )]));
     node
 }
 

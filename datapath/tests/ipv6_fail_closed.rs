@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use bpf_support::*;
 use tendril_datapath::bpf::{
-    EventKind, EventVerdict, Hook, MapSizes, PolicyEvent, PolicyState,
-    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig},
+    EventKind, EventVerdict, Hook, MapSizes, PolicyState,
+    maps::{Direction, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig},
     policy::{POLICY_F_DEFAULT_DENY_INGRESS, POLICY_F_SELECTED},
 };
 
@@ -45,17 +45,9 @@ fn node(a_has_policy: bool) -> Node {
 /// As [`node`], A's `policy_state` flags given (`None`: no entry).
 fn node_with_state(a_flags: Option<u32>) -> Node {
     let mut node = Node::load("v6", &MapSizes::default());
-    let ep = |ifindex, identity, endpoint_id, last: u8| EndpointInfo {
-        ifindex,
-        identity,
-        endpoint_id,
-        flags: 0,
-        mac: [2, 0, 0, 0, 0, last],
-        node_mac: [2, 0, 0, 0, 1, last],
-    };
     let endpoints = BTreeMap::from([
-        (ip(POD_A).into(), ep(LO, ID_A, EP_A, 10)),
-        (ip(POD_B).into(), ep(4242, ID_B, EP_B, 20)),
+        (ip(POD_A).into(), endpoint_info(LO, ID_A, EP_A, 10)),
+        (ip(POD_B).into(), endpoint_info(4242, ID_B, EP_B, 20)),
     ]);
     let ipcache = BTreeMap::from([
         (
@@ -67,30 +59,14 @@ fn node_with_state(a_flags: Option<u32>) -> Node {
             IpcacheValue::new(ID_B, None),
         ),
     ]);
-    assert!(
-        node.dataplane
-            .endpoints
-            .converge(&endpoints, true)
-            .unwrap()
-            .is_converged()
-    );
-    assert!(
-        node.dataplane
-            .ipcache
-            .converge(&ipcache, true)
-            .unwrap()
-            .is_converged()
-    );
+    node.set_endpoints(&endpoints);
+    node.set_ipcache(&ipcache);
     set_flags(&mut node, 0);
     if let Some(flags) = a_flags {
-        let states = BTreeMap::from([(EP_A, PolicyState { revision: 1, flags })]);
-        assert!(
-            node.dataplane
-                .policy
-                .converge(&BTreeMap::new(), &states, true)
-                .unwrap()
-                .is_converged()
-        );
+        node.set_policy_states(&BTreeMap::from([(
+            EP_A,
+            PolicyState { revision: 1, flags },
+        )]));
     }
     node
 }
@@ -109,32 +85,12 @@ fn set_flags(node: &mut Node, flags: u32) {
 
 /// `from_container` of pod A.
 fn out_of_a(node: &Node, frame: &[u8]) -> u32 {
-    run(
-        node.programs.classifier(Hook::FromContainer),
-        frame,
-        LO,
-        0,
-        1,
-    )
-    .ret
+    node.verdict(Hook::FromContainer, frame, 0)
 }
 
-/// `to_container` of the pod behind loopback, the sender's identity in the mark (0: none).
+/// `to_container` of the pod behind loopback, no identity in the mark.
 fn into_pod(node: &Node, frame: &[u8]) -> u32 {
-    run(node.programs.classifier(Hook::ToContainer), frame, LO, 0, 1).ret
-}
-
-fn count(node: &Node, reason: MetricReason, dir: Direction) -> u64 {
-    node.dataplane.metrics.packets(reason, dir).unwrap()
-}
-
-fn events(node: &Node) -> Vec<PolicyEvent> {
-    let mut ring = node.dataplane.open_events().unwrap();
-    let mut out = Vec::new();
-    while let Some(item) = ring.next() {
-        out.push(PolicyEvent::from_bytes(&item).expect("a well-formed event"));
-    }
-    out
+    node.verdict(Hook::ToContainer, frame, 0)
 }
 
 #[test]
@@ -142,9 +98,9 @@ fn ipv6_from_an_endpoint_with_policy_is_dropped_and_reported() {
     let node = node(true);
     let frame = udp6(ip(POD_A), 40000, ip(POD_B), 53);
     assert_eq!(out_of_a(&node, &frame), TC_ACT_SHOT);
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
-    assert_eq!(count(&node, MetricReason::ToStackNonIpv4, EG), 0);
-    let evs = events(&node);
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
+    assert_eq!(node.count(MetricReason::ToStackNonIpv4, EG), 0);
+    let evs = node.events();
     assert_eq!(evs.len(), 1, "{evs:?}");
     let ev = &evs[0];
     assert_eq!(ev.kind, EventKind::Drop);
@@ -163,13 +119,13 @@ fn ipv6_from_an_endpoint_with_policy_is_dropped_and_reported() {
     hop_by_hop.extend_from_slice(&udp6(ip(POD_A), 40000, ip(REMOTE), 53)[54..]);
     let behind_options = ipv6_frame(ip(POD_A), ip(REMOTE), IPPROTO_HOPOPTS, 64, &hop_by_hop);
     assert_eq!(out_of_a(&node, &behind_options), TC_ACT_SHOT);
-    let ev = events(&node).pop().unwrap();
+    let ev = node.events().pop().unwrap();
     assert_eq!((ev.protocol, ev.dport, ev.dst_identity), (17, 53, 2));
     assert_eq!(
         out_of_a(&node, &icmp6(ip(POD_A), ip(REMOTE), ECHO_REQUEST, 64)),
         TC_ACT_SHOT
     );
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 3);
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, EG), 3);
 }
 
 #[test]
@@ -177,9 +133,9 @@ fn ipv6_to_an_endpoint_with_policy_is_dropped_and_reported() {
     let node = node(true);
     let frame = udp6(ip(POD_B), 40000, ip(POD_A), 8080);
     assert_eq!(into_pod(&node, &frame), TC_ACT_SHOT);
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN), 1);
-    assert_eq!(count(&node, MetricReason::DeliverViaStack, IN), 0);
-    let ev = events(&node).pop().unwrap();
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, IN), 1);
+    assert_eq!(node.count(MetricReason::DeliverViaStack, IN), 0);
+    let ev = node.events().pop().unwrap();
     assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
     assert_eq!(ev.direction, Some(IN));
     assert_eq!(
@@ -190,7 +146,7 @@ fn ipv6_to_an_endpoint_with_policy_is_dropped_and_reported() {
     // A destination that is no endpoint address (link-local) cannot be judged: dropped.
     let link_local = udp6(ip("fe80::1"), 40000, ip("fe80::2"), 8080);
     assert_eq!(into_pod(&node, &link_local), TC_ACT_SHOT);
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, IN), 2);
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, IN), 2);
 }
 
 #[test]
@@ -214,9 +170,9 @@ fn ipv6_neighbour_discovery_and_mld_pass_with_the_hop_limits_they_require() {
     // Routed traffic cannot pose as neighbour discovery.
     let routed_ns = icmp6(ip(POD_A), ip(REMOTE), ND_NEIGHBOUR_SOLICIT, 64);
     assert_eq!(out_of_a(&node, &routed_ns), TC_ACT_SHOT);
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, EG), 1);
     assert!(
-        events(&node).len() == 1,
+        node.events().len() == 1,
         "link control is not reported as a drop"
     );
 }
@@ -234,13 +190,13 @@ fn ipv6_passes_both_ways(node: &Node) {
         out_of_a(node, &udp6(ip(POD_A), 40000, ip(POD_B), 53)),
         TC_ACT_OK
     );
-    assert_eq!(count(node, MetricReason::ToStackNonIpv4, EG), 1);
+    assert_eq!(node.count(MetricReason::ToStackNonIpv4, EG), 1);
     assert_eq!(
         into_pod(node, &udp6(ip(POD_B), 40000, ip(POD_A), 53)),
         TC_ACT_OK
     );
-    assert_eq!(count(node, MetricReason::DeliverViaStack, IN), 1);
-    assert!(events(node).is_empty());
+    assert_eq!(node.count(MetricReason::DeliverViaStack, IN), 1);
+    assert!(node.events().is_empty());
 }
 
 #[test]
@@ -254,8 +210,8 @@ fn ipv6_with_a_spoofed_source_is_dropped_as_for_ipv4() {
             "{src}"
         );
     }
-    assert_eq!(count(&node, MetricReason::DropInvalidSource, EG), 3);
-    let ev = events(&node).pop().unwrap();
+    assert_eq!(node.count(MetricReason::DropInvalidSource, EG), 3);
+    let ev = node.events().pop().unwrap();
     assert_eq!(ev.reason, Some(MetricReason::DropInvalidSource));
     assert_eq!(
         (ev.saddr, ev.daddr, ev.protocol),
@@ -276,10 +232,10 @@ fn ipv6_audit_mode_passes_counts_and_reports_what_it_would_drop() {
         into_pod(&node, &udp6(ip(POD_B), 40000, ip(POD_A), 53)),
         TC_ACT_OK
     );
-    assert_eq!(count(&node, MetricReason::PolicyAudit, EG), 1);
-    assert_eq!(count(&node, MetricReason::PolicyAudit, IN), 1);
-    assert_eq!(count(&node, MetricReason::DropIpv6PolicyNotEnforced, EG), 0);
-    let evs = events(&node);
+    assert_eq!(node.count(MetricReason::PolicyAudit, EG), 1);
+    assert_eq!(node.count(MetricReason::PolicyAudit, IN), 1);
+    assert_eq!(node.count(MetricReason::DropIpv6PolicyNotEnforced, EG), 0);
+    let evs = node.events();
     assert_eq!(evs.len(), 2);
     assert!(evs.iter().all(|e| e.kind == EventKind::PolicyVerdict
         && e.verdict == Some(EventVerdict::Audit)

@@ -3,13 +3,30 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use tendril_datapath::bpf::{Dataplane, MapSizes, Programs, loader};
+use ipnet::IpNet;
+use tendril_datapath::bpf::{
+    Dataplane, Hook, MapSizes, PolicyEvent, PolicyState, Programs, loader,
+    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason},
+};
+
+/// An endpoint entry with MACs derived from `last` (pod 02:..:00:last, node 02:..:01:last).
+pub fn endpoint_info(ifindex: u32, identity: u32, endpoint_id: u16, last: u8) -> EndpointInfo {
+    EndpointInfo {
+        ifindex,
+        identity,
+        endpoint_id,
+        flags: 0,
+        mac: [2, 0, 0, 0, 0, last],
+        node_mac: [2, 0, 0, 0, 1, last],
+    }
+}
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -46,6 +63,48 @@ pub struct Node {
 }
 
 impl Node {
+    /// Writes `endpoints` (pruning the rest); panics unless it converged.
+    pub fn set_endpoints(&mut self, endpoints: &BTreeMap<IpAddr, EndpointInfo>) {
+        let report = self.dataplane.endpoints.converge(endpoints, true).unwrap();
+        assert!(report.is_converged(), "endpoints: {report:?}");
+    }
+
+    /// Writes `ipcache` (pruning the rest); panics unless it converged.
+    pub fn set_ipcache(&mut self, ipcache: &BTreeMap<IpNet, IpcacheValue>) {
+        let report = self.dataplane.ipcache.converge(ipcache, true).unwrap();
+        assert!(report.is_converged(), "ipcache: {report:?}");
+    }
+
+    /// Writes `policy_state` alone (no policy entries); panics unless it converged.
+    pub fn set_policy_states(&mut self, states: &BTreeMap<u16, PolicyState>) {
+        let report = self
+            .dataplane
+            .policy
+            .converge(&BTreeMap::new(), states, true)
+            .unwrap();
+        assert!(report.is_converged(), "policy states: {report:?}");
+    }
+
+    /// The verdict of `hook` on `frame`, run once on loopback (ifindex 1) with `mark`.
+    pub fn verdict(&self, hook: Hook, frame: &[u8], mark: u32) -> u32 {
+        run(self.programs.classifier(hook), frame, 1, mark, 1).ret
+    }
+
+    /// Packets counted for (reason, direction).
+    pub fn count(&self, reason: MetricReason, dir: Direction) -> u64 {
+        self.dataplane.metrics.packets(reason, dir).unwrap()
+    }
+
+    /// Every event waiting in the ring buffer, decoded.
+    pub fn events(&self) -> Vec<PolicyEvent> {
+        let mut ring = self.dataplane.open_events().unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(PolicyEvent::from_bytes(&item).expect("a well-formed event"));
+        }
+        out
+    }
+
     pub fn load(tag: &str, sizes: &MapSizes) -> Self {
         let dir = PinDir::new(tag);
         let programs = Programs::load(&dir.0, sizes).expect("load programs");
