@@ -11,12 +11,16 @@
  * the node itself, the outside world), counted by reason.
  *
  * to_container (tc egress): what the host stack routes into the pod (host
- * traffic, native routing fallbacks), judged by ingress policy. */
+ * traffic, native routing fallbacks), judged by ingress policy.
+ *
+ * IPv6 in both directions: lib/ipv6.h (dropped for endpoints with policy until
+ * the node enforces IPv6 policy). */
 
 #include "lib/common.h"
 #include "lib/egress.h"
 #include "lib/encap.h"
 #include "lib/endpoint.h"
+#include "lib/ipv6.h"
 #include "lib/l4.h"
 #include "lib/lb_nat.h"
 #include "lib/maps.h"
@@ -35,6 +39,12 @@ int from_container(struct __sk_buff *skb)
 	int reply;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
+		/* IPv6: fail closed for endpoints with policy (lib/ipv6.h). */
+		if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+			int rc = from_container6(skb);
+
+			return rc < 0 ? drop(skb, -rc, DIR_EGRESS) : rc;
+		}
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
 		return TC_ACT_OK;
 	}
@@ -138,8 +148,14 @@ int to_container(struct __sk_buff *skb)
 	struct pkt4 pkt;
 	__u32 src_identity;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (skb->protocol != bpf_htons(ETH_P_IP)) {
+		if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+			int rc = to_container6(skb);
+
+			return rc < 0 ? drop(skb, -rc, DIR_INGRESS) : rc;
+		}
 		return TC_ACT_OK;
+	}
 	if (parse_ipv4(skb, &pkt) < 0)
 		return drop(skb, DROP_INVALID_PACKET, DIR_INGRESS);
 	dst_ep = lookup_endpoint4(pkt.ip4->daddr);

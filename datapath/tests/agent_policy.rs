@@ -17,8 +17,8 @@ use tendril_datapath::agent::pass::policy::{ClusterNamedPorts, PolicySubject};
 use tendril_datapath::agent::pass::{PolicyRealization, realize_policy};
 use tendril_datapath::bpf::maps::Direction;
 use tendril_datapath::bpf::policy::{
-    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY,
-    PROTO_TCP, PolicyEntry, PolicyState, Verdict,
+    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
+    POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PolicyEntry, PolicyState, Verdict,
 };
 use tendril_datapath::bpf::{Dataplane, MapSizes};
 
@@ -147,7 +147,7 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     );
     // The report counts the entries and the two states.
     assert_eq!(first.policy.added, held.len() + 2);
-    let both = POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS;
+    let both = POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED;
     assert_eq!(
         state_map(&dir),
         BTreeMap::from([
@@ -257,7 +257,7 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
             7,
             PolicyState {
                 revision: 4,
-                flags: POLICY_F_DEFAULT_DENY_EGRESS
+                flags: POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED
             }
         )])
     );

@@ -16,7 +16,7 @@ use tendril_crds::facts::{LOCAL_IDENTITY_FLAG, Reserved};
 use tendril_datapath::bpf::maps::*;
 use tendril_datapath::bpf::policy::{
     EventKind, EventVerdict, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
-    POLICY_VALUE_F_L4, PROTO_SCTP, PolicyMatch,
+    POLICY_F_SELECTED, POLICY_VALUE_F_L4, PROTO_SCTP, PolicyMatch,
 };
 
 /// (C macro, the value Rust uses for it).
@@ -99,6 +99,7 @@ fn expected() -> Vec<(&'static str, u64)> {
             "POLICY_F_DEFAULT_DENY_EGRESS",
             POLICY_F_DEFAULT_DENY_EGRESS.into(),
         ),
+        ("POLICY_F_SELECTED", POLICY_F_SELECTED.into()),
         ("POLICY_VALUE_F_L4", POLICY_VALUE_F_L4.into()),
         ("CT_F_SEEN_REPLY", CT_F_SEEN_REPLY.into()),
         ("CT_F_CLOSING", CT_F_CLOSING.into()),

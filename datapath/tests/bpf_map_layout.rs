@@ -165,6 +165,18 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             );
         }
     }
+    // IPv6 events come from the pods' hooks (lib/ipv6.h) only; the other objects write
+    // theirs straight into the ring and carry no BTF of the struct.
+    let (name, size, members) = layout!("policy_event6", RawPolicyEvent6, [base, saddr6, daddr6]);
+    let structs = btf_structs(BPF_LXC);
+    let (c_size, c_members) = structs
+        .get(name)
+        .expect("struct policy_event6 in the BTF of bpf_lxc.o");
+    assert_eq!(
+        (c_size, c_members),
+        (&size, &members),
+        "struct policy_event6"
+    );
 }
 
 /// The services maps of `bpf/lib/lb.h`, in every object that includes it.

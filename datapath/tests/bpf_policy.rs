@@ -169,14 +169,7 @@ fn stack_in(node: &Node, frame: &[u8], src_identity: u32) -> u32 {
 
 /// `from_container` of pod A.
 fn out_of_a(node: &Node, frame: &[u8]) -> u32 {
-    run(
-        node.programs.classifier(Hook::FromContainer),
-        frame,
-        LO,
-        0,
-        1,
-    )
-    .ret
+    node.verdict(Hook::FromContainer, frame, 0)
 }
 
 /// `from_netdev`: native-routed delivery into a local pod.
@@ -185,16 +178,11 @@ fn netdev_in(node: &Node, frame: &[u8]) -> u32 {
 }
 
 fn count(node: &Node, reason: MetricReason, dir: Direction) -> u64 {
-    node.dataplane.metrics.packets(reason, dir).unwrap()
+    node.count(reason, dir)
 }
 
 fn events(node: &Node) -> Vec<PolicyEvent> {
-    let mut ring = node.dataplane.open_events().unwrap();
-    let mut out = Vec::new();
-    while let Some(item) = ring.next() {
-        out.push(PolicyEvent::from_bytes(&item).expect("a well-formed event"));
-    }
-    out
+    node.events()
 }
 
 fn ct_flags(node: &Node, src: Ipv4Addr, dst: Ipv4Addr, dir: Direction) -> Option<(u8, u32)> {
@@ -693,7 +681,10 @@ fn events_carry_the_verdict_identities_and_tuple() {
         (verdict.src_identity, verdict.dst_identity),
         (ID_NATIVE, ID_B)
     );
-    assert_eq!((verdict.saddr, verdict.daddr), (NATIVE_POD, POD_B));
+    assert_eq!(
+        (verdict.saddr, verdict.daddr),
+        (NATIVE_POD.into(), POD_B.into())
+    );
     assert_eq!(
         (verdict.protocol, verdict.sport, verdict.dport),
         (6, 1000, 80)

@@ -108,6 +108,10 @@ struct policy_value {
  * policy at all (everything allowed, still conntracked). */
 #define POLICY_F_DEFAULT_DENY_INGRESS 0x01
 #define POLICY_F_DEFAULT_DENY_EGRESS 0x02
+/* Some policy selects the endpoint (sources, rules or a default deny): an
+ * empty ResolvedPolicy still has a state, but selects nothing. IPv6 of a
+ * selected endpoint fails closed (lib/ipv6.h). */
+#define POLICY_F_SELECTED 0x04
 struct policy_state {
 	__u32 revision; /* low 32 bits of the ResolvedPolicy revision: the CT epoch */
 	__u32 flags;
@@ -207,6 +211,14 @@ struct policy_event {
 	__u16 sport;
 	__u16 dport;
 	__u32 ifindex;
+};
+
+/* An event about IPv6: saddr/daddr of `base` are zero, the addresses follow.
+ * The agent tells the two apart by the record's length. */
+struct policy_event6 {
+	struct policy_event base;
+	__u8 saddr6[16];
+	__u8 daddr6[16];
 };
 
 /* ipv4_frags: LRU hash, the ports of fragmented datagrams, recorded from
@@ -340,6 +352,14 @@ static __always_inline struct endpoint_info *lookup_endpoint4(__be32 ip4)
 	return bpf_map_lookup_elem(&endpoints, &key);
 }
 
+static __always_inline struct endpoint_info *lookup_endpoint6(const __u8 *ip6)
+{
+	struct endpoint_key key = { .family = FAMILY_IPV6 };
+
+	__builtin_memcpy(key.addr.ip6, ip6, 16);
+	return bpf_map_lookup_elem(&endpoints, &key);
+}
+
 static __always_inline struct ipcache_value *lookup_ipcache4(__be32 ip4)
 {
 	struct ipcache_key key = {
@@ -348,6 +368,17 @@ static __always_inline struct ipcache_value *lookup_ipcache4(__be32 ip4)
 	};
 
 	key.addr.ip4 = ip4;
+	return bpf_map_lookup_elem(&ipcache, &key);
+}
+
+static __always_inline struct ipcache_value *lookup_ipcache6(const __u8 *ip6)
+{
+	struct ipcache_key key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 128,
+		.family = FAMILY_IPV6,
+	};
+
+	__builtin_memcpy(key.addr.ip6, ip6, 16);
 	return bpf_map_lookup_elem(&ipcache, &key);
 }
 

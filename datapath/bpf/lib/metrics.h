@@ -42,6 +42,7 @@ enum metric_reason {
 	DROP_EGRESS_SNAT = 145, /* egress SNAT failed: no free port, or the rewrite failed */
 	DROP_EGRESS_UNSUPPORTED = 146, /* egress gateway traffic other than TCP/UDP */
 	DROP_EGRESS_NOT_GATEWAY = 147, /* tunnelled for outside, this node is not its gateway */
+	DROP_IPV6_POLICY_NOT_ENFORCED = 148, /* IPv6 of a policy-selected endpoint (lib/ipv6.h) */
 };
 
 static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u8 dir)

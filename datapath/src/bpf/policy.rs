@@ -5,11 +5,11 @@
 //! identity) always matched, then optionally the protocol, then a prefix of the destination
 //! port. A port range becomes several entries, one per aligned block ([`port_range_prefixes`]).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::maps::{
     Direction, MetricReason, POLICY_STATIC_PREFIX, POLICY_VERDICT_ALLOW, POLICY_VERDICT_DENY,
-    PolicyKey, PolicyValue, RawPolicyEvent,
+    PolicyKey, PolicyValue, RawPolicyEvent, RawPolicyEvent6,
 };
 
 /// Node-local identities of policy CIDRs have this bit set; they never leave the node.
@@ -18,6 +18,9 @@ pub use tendril_crds::facts::LOCAL_IDENTITY_FLAG;
 /// `POLICY_F_DEFAULT_DENY_INGRESS` / `_EGRESS` in `policy_state.flags`.
 pub const POLICY_F_DEFAULT_DENY_INGRESS: u32 = 0x01;
 pub const POLICY_F_DEFAULT_DENY_EGRESS: u32 = 0x02;
+/// `POLICY_F_SELECTED`: some policy selects the endpoint (sources, rules or a default deny);
+/// its IPv6 fails closed while the node enforces no IPv6 policy.
+pub const POLICY_F_SELECTED: u32 = 0x04;
 
 /// IP protocol numbers a rule can name (0 = any protocol).
 pub const PROTO_ANY: u8 = 0;
@@ -321,8 +324,8 @@ pub struct PolicyEvent {
     pub endpoint_id: u16,
     pub src_identity: u32,
     pub dst_identity: u32,
-    pub saddr: Ipv4Addr,
-    pub daddr: Ipv4Addr,
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
     /// Host order; the ICMP echo id for ICMP echo.
     pub sport: u16,
     pub dport: u16,
@@ -333,13 +336,24 @@ impl PolicyEvent {
     /// Size of one record (`sizeof(struct policy_event)`).
     pub const SIZE: usize = std::mem::size_of::<RawPolicyEvent>();
 
-    /// Decodes a ring buffer record; `None` if it is too short or of an unknown type.
+    /// Decodes a ring buffer record; `None` if it is too short or of an unknown type. A
+    /// record of `struct policy_event6`'s length is about IPv6.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() >= std::mem::size_of::<RawPolicyEvent6>() {
+            // SAFETY: RawPolicyEvent6 is plain `#[repr(C)]` integers (every bit pattern
+            // valid) and `bytes` holds at least its size; read_unaligned copes with any
+            // alignment.
+            let raw: RawPolicyEvent6 =
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPolicyEvent6>()) };
+            let mut event = Self::from_raw(&raw.base)?;
+            event.saddr = IpAddr::V6(Ipv6Addr::from(raw.saddr6));
+            event.daddr = IpAddr::V6(Ipv6Addr::from(raw.daddr6));
+            return Some(event);
+        }
         if bytes.len() < Self::SIZE {
             return None;
         }
-        // SAFETY: RawPolicyEvent is plain `#[repr(C)]` integers (every bit pattern valid)
-        // and `bytes` holds at least its size; read_unaligned copes with any alignment.
+        // SAFETY: as above, for RawPolicyEvent.
         let raw: RawPolicyEvent =
             unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RawPolicyEvent>()) };
         Self::from_raw(&raw)
@@ -361,8 +375,8 @@ impl PolicyEvent {
             endpoint_id: raw.endpoint_id,
             src_identity: raw.src_identity,
             dst_identity: raw.dst_identity,
-            saddr: Ipv4Addr::from(raw.saddr),
-            daddr: Ipv4Addr::from(raw.daddr),
+            saddr: IpAddr::V4(Ipv4Addr::from(raw.saddr)),
+            daddr: IpAddr::V4(Ipv4Addr::from(raw.daddr)),
             sport: raw.sport,
             dport: raw.dport,
             ifindex: raw.ifindex,
@@ -522,9 +536,35 @@ mod tests {
         assert_eq!(ev.direction, Some(Direction::Ingress));
         assert_eq!(ev.verdict, Some(EventVerdict::Deny));
         assert_eq!(ev.matched, PolicyMatch::L4);
-        assert_eq!(ev.saddr, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(ev.saddr, IpAddr::from([10, 0, 0, 1]));
         assert_eq!((ev.sport, ev.dport, ev.endpoint_id), (40000, 80, 7));
         assert!(PolicyEvent::from_bytes(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn ipv6_events_decode_by_their_length() {
+        let raw = RawPolicyEvent6 {
+            base: RawPolicyEvent {
+                kind: 1,
+                reason: MetricReason::DropIpv6PolicyNotEnforced as u8,
+                dir: 2,
+                proto: 58,
+                verdict: 2,
+                ..RawPolicyEvent::default()
+            },
+            saddr6: "fd00::2".parse::<Ipv6Addr>().unwrap().octets(),
+            daddr6: "fd00::3".parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        // SAFETY: reading the bytes of a plain repr(C) value without padding.
+        let bytes: [u8; std::mem::size_of::<RawPolicyEvent6>()] =
+            unsafe { std::mem::transmute(raw) };
+        let ev = PolicyEvent::from_bytes(&bytes).unwrap();
+        assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
+        assert_eq!(ev.saddr, "fd00::2".parse::<IpAddr>().unwrap());
+        assert_eq!(ev.daddr, "fd00::3".parse::<IpAddr>().unwrap());
+        // The IPv4 length still decodes as IPv4.
+        let v4 = PolicyEvent::from_bytes(&bytes[..PolicyEvent::SIZE]).unwrap();
+        assert!(v4.saddr.is_ipv4());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use super::proto::flow::{
 use crate::bpf::maps::{Direction, MetricReason};
 use crate::bpf::policy::{EventKind, EventVerdict, PolicyEvent, PolicyMatch};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tendril_crds::facts::Reserved;
 use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity, ResolvedPolicy};
@@ -126,8 +126,8 @@ impl Directory {
 
     /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
     /// address is a known pod's, the identity's labels otherwise.
-    pub fn endpoint(&self, ip: Ipv4Addr, identity: u32, endpoint_id: u32) -> Endpoint {
-        if let Some(pod) = self.pods.get(&IpAddr::V4(ip)) {
+    pub fn endpoint(&self, ip: IpAddr, identity: u32, endpoint_id: u32) -> Endpoint {
+        if let Some(pod) = self.pods.get(&ip) {
             return Endpoint {
                 id: endpoint_id,
                 identity: if identity == 0 {
@@ -167,7 +167,10 @@ pub fn drop_reason(reason: MetricReason) -> DropReason {
         MetricReason::DropInvalidSource => DropReason::InvalidSourceIp,
         MetricReason::DropInvalidPacket => DropReason::InvalidPacketDropped,
         MetricReason::DropTtlExceeded => DropReason::TtlExceeded,
-        MetricReason::DropPolicy => DropReason::PolicyDenied,
+        // IPv6 of an endpoint with policy, which the node cannot judge yet: a policy drop.
+        MetricReason::DropPolicy | MetricReason::DropIpv6PolicyNotEnforced => {
+            DropReason::PolicyDenied
+        }
         MetricReason::DropPolicyDeny => DropReason::PolicyDeny,
         MetricReason::DropNoTunnelDevice | MetricReason::DropNoTunnelEndpoint => {
             DropReason::NoTunnelOrEncapsulationEndpoint
@@ -207,6 +210,7 @@ fn l4(event: &PolicyEvent) -> Option<Layer4> {
             destination_port: dport,
         }),
         1 => layer4::Protocol::IcmPv4(flow::IcmPv4::default()),
+        58 => layer4::Protocol::IcmPv6(flow::IcmPv6::default()),
         _ => return None,
     };
     Some(Layer4 {
@@ -312,7 +316,11 @@ pub fn flow_of(
         ip: Some(flow::Ip {
             source: event.saddr.to_string(),
             destination: event.daddr.to_string(),
-            ip_version: IpVersion::IPv4 as i32,
+            ip_version: if event.saddr.is_ipv6() {
+                IpVersion::IPv6
+            } else {
+                IpVersion::IPv4
+            } as i32,
             ..flow::Ip::default()
         }),
         l4: l4(event),
@@ -364,8 +372,8 @@ mod tests {
             endpoint_id: 7,
             src_identity: 300,
             dst_identity: 301,
-            saddr: Ipv4Addr::new(10, 0, 0, 1),
-            daddr: Ipv4Addr::new(10, 0, 1, 2),
+            saddr: IpAddr::from([10, 0, 0, 1]),
+            daddr: IpAddr::from([10, 0, 1, 2]),
             sport: 40000,
             dport: 80,
             ifindex: 9,
@@ -510,7 +518,7 @@ mod tests {
     fn verdicts_and_reserved_identities() {
         let mut ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
         ev.src_identity = Reserved::World.id32();
-        ev.saddr = Ipv4Addr::new(192, 0, 2, 1);
+        ev.saddr = IpAddr::from([192, 0, 2, 1]);
         let flow = flow_of(
             &ev,
             &directory(),

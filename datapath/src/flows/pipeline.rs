@@ -228,7 +228,7 @@ mod tests {
     use super::*;
     use crate::bpf::maps::Direction;
     use crate::bpf::policy::{EventVerdict, PolicyMatch};
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     fn event(n: u16) -> PolicyEvent {
         PolicyEvent {
@@ -243,8 +243,8 @@ mod tests {
             endpoint_id: 1,
             src_identity: 256,
             dst_identity: 257,
-            saddr: Ipv4Addr::new(10, 0, 0, 1),
-            daddr: Ipv4Addr::new(10, 0, 0, 2),
+            saddr: IpAddr::from([10, 0, 0, 1]),
+            daddr: IpAddr::from([10, 0, 0, 2]),
             sport: n,
             dport: 53,
             ifindex: 3,

@@ -3,13 +3,30 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use tendril_datapath::bpf::{Dataplane, MapSizes, Programs, loader};
+use ipnet::IpNet;
+use tendril_datapath::bpf::{
+    Dataplane, Hook, MapSizes, PolicyEvent, PolicyState, Programs, loader,
+    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason},
+};
+
+/// An endpoint entry with MACs derived from `last` (pod 02:..:00:last, node 02:..:01:last).
+pub fn endpoint_info(ifindex: u32, identity: u32, endpoint_id: u16, last: u8) -> EndpointInfo {
+    EndpointInfo {
+        ifindex,
+        identity,
+        endpoint_id,
+        flags: 0,
+        mac: [2, 0, 0, 0, 0, last],
+        node_mac: [2, 0, 0, 0, 1, last],
+    }
+}
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -46,6 +63,48 @@ pub struct Node {
 }
 
 impl Node {
+    /// Writes `endpoints` (pruning the rest); panics unless it converged.
+    pub fn set_endpoints(&mut self, endpoints: &BTreeMap<IpAddr, EndpointInfo>) {
+        let report = self.dataplane.endpoints.converge(endpoints, true).unwrap();
+        assert!(report.is_converged(), "endpoints: {report:?}");
+    }
+
+    /// Writes `ipcache` (pruning the rest); panics unless it converged.
+    pub fn set_ipcache(&mut self, ipcache: &BTreeMap<IpNet, IpcacheValue>) {
+        let report = self.dataplane.ipcache.converge(ipcache, true).unwrap();
+        assert!(report.is_converged(), "ipcache: {report:?}");
+    }
+
+    /// Writes `policy_state` alone (no policy entries); panics unless it converged.
+    pub fn set_policy_states(&mut self, states: &BTreeMap<u16, PolicyState>) {
+        let report = self
+            .dataplane
+            .policy
+            .converge(&BTreeMap::new(), states, true)
+            .unwrap();
+        assert!(report.is_converged(), "policy states: {report:?}");
+    }
+
+    /// The verdict of `hook` on `frame`, run once on loopback (ifindex 1) with `mark`.
+    pub fn verdict(&self, hook: Hook, frame: &[u8], mark: u32) -> u32 {
+        run(self.programs.classifier(hook), frame, 1, mark, 1).ret
+    }
+
+    /// Packets counted for (reason, direction).
+    pub fn count(&self, reason: MetricReason, dir: Direction) -> u64 {
+        self.dataplane.metrics.packets(reason, dir).unwrap()
+    }
+
+    /// Every event waiting in the ring buffer, decoded.
+    pub fn events(&self) -> Vec<PolicyEvent> {
+        let mut ring = self.dataplane.open_events().unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(PolicyEvent::from_bytes(&item).expect("a well-formed event"));
+        }
+        out
+    }
+
     pub fn load(tag: &str, sizes: &MapSizes) -> Self {
         let dir = PinDir::new(tag);
         let programs = Programs::load(&dir.0, sizes).expect("load programs");
@@ -262,3 +321,55 @@ pub fn btf_types(object: &Path) -> Vec<serde_json::Value> {
     let btf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     btf["types"].as_array().cloned().unwrap_or_default()
 }
+
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An Ethernet + IPv6 frame around `l4` (next header `proto`) with hop limit
+/// `hop_limit`. Checksums are left zero: the programs never check them.
+pub fn ipv6_frame(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    hop_limit: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(54 + l4.len());
+    f.extend_from_slice(&[2, 0, 0, 0, 1, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    f.push(proto);
+    f.push(hop_limit);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A UDP datagram over IPv6 with 16 bytes of payload.
+pub fn udp6(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&24u16.to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(&[0xAB; 16]);
+    ipv6_frame(src, dst, IPPROTO_UDP, 64, &l4)
+}
+
+/// An ICMPv6 message (type, code 0, 4 bytes of body, 16 of data) with `hop_limit`.
+pub fn icmp6(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    icmp_type: u8,
+    hop_limit: u8,
+) -> Vec<u8> {
+    let mut l4 = vec![icmp_type, 0, 0, 0, 0x12, 0x34, 0, 1];
+    l4.extend_from_slice(&[0; 16]);
+    ipv6_frame(src, dst, IPPROTO_ICMPV6, hop_limit, &l4)
+}
+
+const IPPROTO_UDP: u8 = 17;

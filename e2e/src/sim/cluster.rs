@@ -9,6 +9,8 @@ pub struct SimClusterConfig {
     /// The default PodIPPool's IPv4 CIDR and per-node mask size.
     pub pool_cidr: String,
     pub mask_size: u8,
+    /// An IPv6 CIDR and per-node mask size for the pool too: dual-stack pods.
+    pub pool_ipv6: Option<(String, u8)>,
     /// `identities.gcGracePeriodSeconds` of the operator.
     pub identity_grace_seconds: u64,
 }
@@ -19,6 +21,7 @@ impl Default for SimClusterConfig {
             nodes: 2,
             pool_cidr: "10.200.0.0/16".into(),
             mask_size: 24,
+            pool_ipv6: None,
             identity_grace_seconds: 900,
         }
     }
@@ -50,8 +53,14 @@ impl SimCluster {
         let underlay = Underlay::new(&cluster).await?;
         let pool = format!(
             "apiVersion: tendril.dev/v1alpha1\nkind: PodIPPool\nmetadata: {{name: default}}\n\
-             spec: {{ipv4: {{cidrs: [\"{}\"], maskSize: {}}}}}",
-            config.pool_cidr, config.mask_size
+             spec: {{ipv4: {{cidrs: [\"{}\"], maskSize: {}}}{}}}",
+            config.pool_cidr,
+            config.mask_size,
+            config
+                .pool_ipv6
+                .as_ref()
+                .map(|(cidr, mask)| format!(", ipv6: {{cidrs: [\"{cidr}\"], maskSize: {mask}}}"))
+                .unwrap_or_default()
         );
         env.apply_yaml(&pool).await?;
         env.delete_on_drop::<tendril_crds::v1alpha1::PodIPPool>("default");

@@ -12,7 +12,7 @@ use crate::bpf::maps::Direction;
 use crate::bpf::policy::{EventKind, EventVerdict, PolicyEvent, monotonic_now_ns};
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
@@ -49,13 +49,14 @@ fn protocol_name(raw: u8) -> String {
         6 => "TCP".into(),
         17 => "UDP".into(),
         132 => "SCTP".into(),
+        58 => "ICMPv6".into(),
         other => other.to_string(),
     }
 }
 
-fn address(ip: Ipv4Addr, port: u16, proto: u8) -> String {
+fn address(ip: IpAddr, port: u16, proto: u8) -> String {
     if matches!(proto, 6 | 17 | 132) {
-        format!("{ip}:{port}")
+        SocketAddr::new(ip, port).to_string()
     } else {
         ip.to_string()
     }

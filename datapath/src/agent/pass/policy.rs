@@ -19,9 +19,9 @@
 
 use crate::bpf::maps::Direction;
 use crate::bpf::policy::{
-    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyState, Verdict, port_range_prefixes,
-    propagate_denies,
+    LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
+    POLICY_F_SELECTED, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyState,
+    Verdict, port_range_prefixes, propagate_denies,
 };
 use ipnet::{IpNet, Ipv4Net};
 use std::collections::{BTreeMap, BTreeSet};
@@ -224,6 +224,17 @@ fn rule_verdict(rule: &ResolvedRule) -> Verdict {
     }
 }
 
+/// Whether some policy selects the endpoint: the ResolvedPolicy every identity has is
+/// empty (no source, rule or default deny) until one does. The datapath drops the IPv6 of
+/// selected endpoints while it enforces no IPv6 policy (bpf/lib/ipv6.h).
+fn is_selected(spec: &ResolvedPolicySpec) -> bool {
+    !spec.sources.is_empty()
+        || !spec.ingress.is_empty()
+        || !spec.egress.is_empty()
+        || spec.default_deny.ingress
+        || spec.default_deny.egress
+}
+
 fn rules(spec: &ResolvedPolicySpec) -> impl Iterator<Item = (Direction, &ResolvedRule)> {
     spec.ingress
         .iter()
@@ -296,6 +307,9 @@ pub fn translate(
         }
         if spec.default_deny.egress {
             flags |= POLICY_F_DEFAULT_DENY_EGRESS;
+        }
+        if is_selected(spec) {
+            flags |= POLICY_F_SELECTED;
         }
         out.states.insert(
             subject.endpoint_id,
@@ -501,7 +515,7 @@ mod tests {
         assert!(d.entries.keys().all(|k| k.direction == Egress));
         assert_eq!(
             d.states[&8].flags,
-            POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS
+            POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED
         );
     }
 
@@ -665,14 +679,14 @@ mod tests {
                     1,
                     PolicyState {
                         revision: 5,
-                        flags: POLICY_F_DEFAULT_DENY_EGRESS
+                        flags: POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED
                     }
                 ),
                 (
                     2,
                     PolicyState {
                         revision: 5,
-                        flags: POLICY_F_DEFAULT_DENY_EGRESS
+                        flags: POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED
                     }
                 ),
             ])
@@ -681,7 +695,8 @@ mod tests {
         assert!(d.entries.is_empty());
         assert!(d.cidrs.is_empty());
 
-        // An empty ResolvedPolicy still gets a state (revision tracked, allow all).
+        // An empty ResolvedPolicy still gets a state (revision tracked, allow all), but
+        // selects nothing (its IPv6 is not failed closed).
         let empty = spec(301, 1, vec![], vec![]);
         let d = translate(
             &[subject(4, &empty, &[])],
@@ -759,6 +774,9 @@ mod tests {
         );
         assert!(d.entries.is_empty(), "never widened to any peer");
         assert_eq!(d.skipped_ipv6, 1);
-        assert_eq!(d.states[&1].flags, POLICY_F_DEFAULT_DENY_INGRESS);
+        assert_eq!(
+            d.states[&1].flags,
+            POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_SELECTED
+        );
     }
 }

@@ -138,6 +138,23 @@ pub fn socket_lb_condition(state: &super::services::SocketLb) -> DesiredConditio
     }
 }
 
+/// The node's `IPv6Policy` condition: whether this node's datapath judges IPv6 by policy.
+pub const IPV6_POLICY: &str = "IPv6Policy";
+
+/// Not yet: the programs fail closed instead (bpf/lib/ipv6.h), IPv6 to and from endpoints
+/// with policy is dropped, and this condition says so, so nobody mistakes a node that drops
+/// IPv6 for one that polices it.
+pub fn ipv6_policy_condition() -> DesiredCondition {
+    DesiredCondition::new(
+        IPV6_POLICY,
+        false,
+        "FailClosed",
+        "this node does not enforce IPv6 policy yet: IPv6 to and from endpoints selected by \
+         a policy is dropped (drop reason ipv6_policy_not_enforced); neighbour discovery \
+         passes, endpoints without policy keep their IPv6",
+    )
+}
+
 /// The node status writer, with what it remembers between passes.
 #[derive(Debug, Default)]
 pub struct Reporter {
@@ -232,6 +249,12 @@ impl Reporter {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         }
+        conditions.push(conditions::merge(
+            conditions::find(&previous, IPV6_POLICY),
+            &ipv6_policy_condition(),
+            own.metadata.generation,
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
         let mut status = json!({ "conditions": conditions });
         if let Some(revision) = report.realized_revision {
             status["realizedRevision"] = json!(revision);

@@ -499,6 +499,16 @@ pub struct RawPolicyEvent {
     pub ifindex: u32,
 }
 
+/// `struct policy_event6`: an event about IPv6 (`base.saddr`/`daddr` are zero). Told
+/// apart from [`RawPolicyEvent`] by the record's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RawPolicyEvent6 {
+    pub base: RawPolicyEvent,
+    pub saddr6: [u8; 16],
+    pub daddr6: [u8; 16],
+}
+
 /// `struct frag4_key`: one fragmented IPv4 datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -799,6 +809,7 @@ unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for PolicyConfig {}
 unsafe impl aya::Pod for PolicyFlowKey {}
 unsafe impl aya::Pod for RawPolicyEvent {}
+unsafe impl aya::Pod for RawPolicyEvent6 {}
 unsafe impl aya::Pod for Frag4Key {}
 unsafe impl aya::Pod for Frag4Ports {}
 unsafe impl aya::Pod for Lb4Key {}

@@ -65,6 +65,8 @@ pub enum MetricReason {
     DropEgressSnat = 145,
     DropEgressUnsupported = 146,
     DropEgressNotGateway = 147,
+    /// IPv6 to or from an endpoint with policy, while the node enforces none for IPv6.
+    DropIpv6PolicyNotEnforced = 148,
 }
 
 impl MetricReason {
@@ -103,6 +105,7 @@ impl MetricReason {
         Self::DropEgressSnat,
         Self::DropEgressUnsupported,
         Self::DropEgressNotGateway,
+        Self::DropIpv6PolicyNotEnforced,
     ];
 
     pub fn from_raw(raw: u8) -> Option<Self> {
@@ -140,6 +143,7 @@ impl MetricReason {
             Self::DropEgressSnat => "egress_snat_failed",
             Self::DropEgressUnsupported => "egress_unsupported_protocol",
             Self::DropEgressNotGateway => "egress_not_gateway",
+            Self::DropIpv6PolicyNotEnforced => "ipv6_policy_not_enforced",
             Self::DropInvalidSource => "invalid_source",
             Self::DropInvalidPacket => "invalid_packet",
             Self::DropTtlExceeded => "ttl_exceeded",
