@@ -70,7 +70,7 @@ pub enum MetricReason {
 }
 
 impl MetricReason {
-    pub const ALL: [Self; 34] = [
+    pub const ALL: [Self; 35] = [
         Self::ForwardLocal,
         Self::ForwardTunnel,
         Self::ToStackUnknown,
