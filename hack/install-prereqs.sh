@@ -16,6 +16,7 @@ packages=(
   util-linux # flock(1): serializes control-plane starts
   buildah umoci busybox-static # daemonless image builds (hack/build-images.sh), agent image shell
   nftables # nft(8): kube-proxy's nftables mode, the reference of the services conformance matrix
+  wireguard-tools wireguard-go # wg(8) against the agent's WireGuard device; an independent peer
 )
 
 missing=()
