@@ -282,10 +282,14 @@ impl EncryptionNode {
         };
         let netns = self.node_netns.clone();
         match tokio::task::spawn_blocking(move || routes::converge(netns, plan)).await {
-            Ok(Ok(o)) if o.changed > 0 => {
-                tracing::info!(changes = o.changed, "encryption routes converged")
+            Ok(Ok(o)) => {
+                if o.changed > 0 {
+                    tracing::info!(changes = o.changed, "encryption routes converged");
+                }
+                if let Some(p) = o.rp_filter_problem {
+                    problem = problem.or(Some(p));
+                }
             }
-            Ok(Ok(_)) => {}
             Ok(Err(e)) => problem = problem.or(Some(format!("routes: {e}"))),
             Err(e) => problem = problem.or(Some(format!("routes: {e}"))),
         }

@@ -1,14 +1,17 @@
 //! Steering into the WireGuard device, with policy routing only (no BPF):
 //!
-//! - rule `priority P lookup <podTable>`: the pod CIDRs of every peer → the device. Pod
-//!   traffic the host stack routes (native routing; host-originated traffic to remote
-//!   pods in both modes) is encrypted. The local pod CIDR is not in the table: node-local
-//!   traffic stays direct.
-//! - rule `priority P+1 ipproto udp dport <tunnelPort> lookup <tunnelTable>` (overlay
-//!   mode): each peer's node address → the device. The BPF programs redirect pod packets
-//!   into the VXLAN device, whose outer UDP packets the kernel routes by this rule: the
-//!   whole VXLAN packet (identity in the VNI included) travels inside WireGuard. The
-//!   device's own UDP packets (another port) never match, so they are not looped back.
+//! - native routing: rule `priority P lookup <podTable>`: the pod CIDRs of every peer →
+//!   the device, so pod traffic the host stack routes to another node is encrypted (and
+//!   the answers, arriving on the device, pass the reverse-path check). The local pod
+//!   CIDR is not in the table: node-local traffic stays direct.
+//! - overlay: rule `priority P+1 ipproto udp dport <tunnelPort> lookup <tunnelTable>`:
+//!   each peer's node address → the device. The BPF programs redirect pod packets into
+//!   the VXLAN device (and the host's own traffic to remote pods is routed there too),
+//!   whose outer UDP packets the kernel routes by this rule: the whole VXLAN packet
+//!   (identity in the VNI included) travels inside WireGuard. The device's own UDP
+//!   packets (another port) never match, so they are not looped back. No pod CIDR is
+//!   steered in this mode: the decapsulated packets arrive on the VXLAN device, and a
+//!   pod route through WireGuard would fail their reverse-path check.
 //! - strict mode: every selected peer also has a `blackhole` route of higher metric in
 //!   both tables, so while its key is unknown, or the device is gone (agent restarting),
 //!   its traffic is dropped rather than sent in clear.
@@ -71,6 +74,8 @@ pub struct SteeringPlan {
 #[derive(Debug, Default)]
 pub struct SteeringOutcome {
     pub changed: usize,
+    /// Set when the node's reverse-path filter would drop the decrypted packets.
+    pub rp_filter_problem: Option<String>,
 }
 
 /// Rules and routes for `peers` (pod CIDRs and node address of each; whether its key is
@@ -88,18 +93,18 @@ pub fn plan_routes(
     if peers.is_empty() {
         return (rules, routes);
     }
-    rules.insert(EncRule {
-        priority,
-        table: pod_table,
-        udp_dport: None,
-    });
-    if let Some(port) = tunnel_port {
-        rules.insert(EncRule {
+    match tunnel_port {
+        None => rules.insert(EncRule {
+            priority,
+            table: pod_table,
+            udp_dport: None,
+        }),
+        Some(port) => rules.insert(EncRule {
             priority: priority + 1,
             table: tunnel_table,
             udp_dport: Some(port),
-        });
-    }
+        }),
+    };
     for (cidrs, address, keyed) in peers {
         let mut add = |table, dst| {
             if *keyed {
@@ -117,11 +122,10 @@ pub fn plan_routes(
                 });
             }
         };
-        for c in cidrs {
-            add(pod_table, *c);
-        }
-        if let (Some(_), Some(a)) = (tunnel_port, address) {
-            add(tunnel_table, Ipv4Net::from(*a));
+        match (tunnel_port, address) {
+            (None, _) => cidrs.iter().for_each(|c| add(pod_table, *c)),
+            (Some(_), Some(a)) => add(tunnel_table, Ipv4Net::from(*a)),
+            (Some(_), None) => {}
         }
     }
     (rules, routes)
@@ -207,13 +211,23 @@ fn nl(context: &str) -> impl FnOnce(rtnetlink::Error) -> LinkError + '_ {
     }
 }
 
-/// Brings the device up (with `plan.mtu`, loose reverse-path filtering: the decrypted
-/// overlay packets come from a node address whose route is the uplink), then converges
-/// the rules and routes.
+/// Brings the device up (with `plan.mtu`, without reverse-path filtering), then converges
+/// the rules and routes. Returns also why decrypted packets would be dropped, if they
+/// would (`net.ipv4.conf.all.rp_filter` not 0).
 pub fn converge(netns: Option<PathBuf>, plan: SteeringPlan) -> Result<SteeringOutcome, LinkError> {
     link::run_in(netns.as_deref(), move |handle| async move {
         let ifindex = device_up(&handle, &plan).await?;
         let mut outcome = SteeringOutcome::default();
+        if ifindex.is_some() {
+            let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+                .unwrap_or_default();
+            if all.trim() != "0" && !all.is_empty() {
+                outcome.rp_filter_problem = Some(format!(
+                    "net.ipv4.conf.all.rp_filter is {} on the node: decrypted packets are dropped (set it to 0)",
+                    all.trim()
+                ));
+            }
+        }
         converge_rules(&handle, &plan, &mut outcome).await?;
         converge_routes(&handle, &plan, ifindex, &mut outcome).await?;
         Ok(outcome)
@@ -258,12 +272,16 @@ async fn device_up(handle: &Handle, plan: &SteeringPlan) -> Result<Option<u32>, 
             .await
             .map_err(nl("bringing the WireGuard device up"))?;
     }
+    // No reverse-path filtering on the device: the decrypted overlay packets come from a
+    // node address whose route is the uplink, and the device has no address of its own,
+    // so even the loose check drops them. The effective value is the larger of the
+    // device's and `all`'s: `all` must be 0 too (checked in `rp_filter_problem`).
     let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", plan.interface);
     if std::fs::read_to_string(&rp)
-        .map(|v| v.trim() != "2")
+        .map(|v| v.trim() != "0")
         .unwrap_or(false)
     {
-        std::fs::write(&rp, "2")?;
+        std::fs::write(&rp, "0")?;
     }
     Ok(Some(index))
 }
@@ -387,37 +405,52 @@ mod tests {
                 false,
             ),
         ];
+        // Overlay: the peers' node addresses for the VXLAN packets, no pod CIDR.
         let (rules, routes) = plan_routes(100, 101, 90, Some(8472), true, &peers);
-        assert_eq!(rules.len(), 2);
-        assert!(rules.contains(&EncRule {
-            priority: 91,
-            table: 101,
-            udp_dport: Some(8472)
-        }));
+        assert_eq!(
+            rules.into_iter().collect::<Vec<_>>(),
+            [EncRule {
+                priority: 91,
+                table: 101,
+                udp_dport: Some(8472)
+            }]
+        );
         let device: Vec<_> = routes
             .iter()
             .filter(|r| r.via == Via::Device)
             .map(|r| (r.table, r.dst))
             .collect();
-        assert_eq!(
-            device,
-            [(100, net("10.200.2.0/24")), (101, net("10.0.0.2/32"))]
-        );
-        // The unkeyed peer: blackholes only, in both tables.
-        assert!(routes.contains(&EncRoute {
-            table: 100,
-            dst: net("10.200.3.0/24"),
-            via: Via::Blackhole
-        }));
+        assert_eq!(device, [(101, net("10.0.0.2/32"))]);
+        // The unkeyed peer: a blackhole only.
         assert!(routes.contains(&EncRoute {
             table: 101,
             dst: net("10.0.0.3/32"),
             via: Via::Blackhole
         }));
-        // Not strict, native routing: no blackholes, no tunnel rule.
-        let (rules, routes) = plan_routes(100, 101, 90, None, false, &peers);
-        assert_eq!(rules.len(), 1);
-        assert_eq!(routes.len(), 1);
+        assert!(routes.iter().all(|r| r.table == 101));
+        // Native routing: the pod CIDRs; strict adds the blackholes.
+        let (rules, routes) = plan_routes(100, 101, 90, None, true, &peers);
+        assert_eq!(
+            rules.into_iter().collect::<Vec<_>>(),
+            [EncRule {
+                priority: 90,
+                table: 100,
+                udp_dport: None
+            }]
+        );
+        assert!(routes.contains(&EncRoute {
+            table: 100,
+            dst: net("10.200.2.0/24"),
+            via: Via::Device
+        }));
+        assert!(routes.contains(&EncRoute {
+            table: 100,
+            dst: net("10.200.3.0/24"),
+            via: Via::Blackhole
+        }));
+        assert_eq!(routes.len(), 3);
+        let (_, routes) = plan_routes(100, 101, 90, None, false, &peers);
+        assert_eq!(routes.len(), 1, "not strict: no blackholes");
         // No peers: nothing at all (a deselected node keeps no rule).
         assert_eq!(
             plan_routes(100, 101, 90, Some(8472), true, &[]),

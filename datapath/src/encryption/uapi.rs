@@ -20,7 +20,7 @@ pub struct Peer {
     /// Sorted CIDRs.
     pub allowed_ips: Vec<String>,
     pub keepalive: u16,
-    /// Seconds since the epoch of the last handshake (0: none yet). Not configuration.
+    /// Non-zero once a handshake happened. Not configuration.
     pub last_handshake: u64,
 }
 
@@ -81,7 +81,11 @@ pub fn parse(lines: &[String]) -> DeviceState {
             ("endpoint", Some((_, p))) => p.endpoint = Some(v.to_string()),
             ("allowed_ip", Some((_, p))) => p.allowed_ips.push(v.to_string()),
             ("persistent_keepalive_interval", Some((_, p))) => p.keepalive = v.parse().unwrap_or(0),
-            ("last_handshake_time_sec", Some((_, p))) => p.last_handshake = v.parse().unwrap_or(0),
+            // The kernel writes the time of the handshake, boringtun the seconds since it:
+            // either way the line means a handshake happened.
+            ("last_handshake_time_sec", Some((_, p))) => {
+                p.last_handshake = v.parse::<u64>().unwrap_or(0).max(1)
+            }
             _ => {}
         }
     }
