@@ -8,32 +8,26 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `tcpdump -i br0` in the underlay namespace writing a pcap file; stopped (SIGTERM, then
-/// waited for) by [`Capture::finish`] or on drop, the file removed on drop.
+/// `tcpdump -i <interface>` in a namespace (the underlay's `br0`, or a node's uplink
+/// `eth0`) writing a pcap file; stopped (SIGTERM, then waited for) by [`Capture::finish`]
+/// or on drop, the file removed on drop.
 pub struct Capture {
     child: Option<Child>,
     pub path: PathBuf,
 }
 
 impl Capture {
-    pub fn start(underlay_netns: &str) -> Result<Capture> {
+    pub fn start(netns: &str, interface: &str) -> Result<Capture> {
         let path = std::env::temp_dir().join(format!(
             "tendril-enc-{}-{}.pcap",
             std::process::id(),
             rand::random::<u32>()
         ));
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                underlay_netns,
-                "tcpdump",
-                "-i",
-                "br0",
-                "-U",
-                "-n",
-            ])
-            .args(["-s", "0", "-w"])
+            .args(["netns", "exec", netns, "tcpdump", "-i", interface, "-n"])
+            // Packet-buffered output and no wait in the kernel's ring: otherwise the
+            // packets of the last second before SIGTERM never reach the file.
+            .args(["-U", "--immediate-mode", "-s", "0", "-w"])
             .arg(&path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -82,6 +76,8 @@ impl Drop for Capture {
 /// What crossed the underlay between two node addresses.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// Every packet captured.
+    pub packets: u64,
     /// IPv4 packets between node addresses.
     pub between_nodes: u64,
     /// Of those: UDP to or from the WireGuard port, or a later fragment of a UDP packet.
@@ -114,6 +110,7 @@ pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> 
             break;
         };
         at += 16 + len;
+        seen.packets += 1;
         if !marker.is_empty() && packet.windows(marker.len()).any(|w| w == marker) {
             seen.marker += 1;
         }

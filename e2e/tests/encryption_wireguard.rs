@@ -145,7 +145,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         Ok(())
     })
     .await?;
-    let capture = Capture::start(&underlay)?;
+    let capture = Capture::start(&underlay, "br0")?;
     ensure!(
         marker_round_trips(&pod, server_ip).await?,
         "clear round trip"
@@ -242,7 +242,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         Ok(())
     })
     .await?;
-    let capture = Capture::start(&underlay)?;
+    let capture = Capture::start(&underlay, "br0")?;
     for _ in 0..3 {
         ensure!(
             marker_round_trips(&pod, server_ip).await?,
