@@ -14,6 +14,8 @@
 #   hack/bench.sh services-operator  # the services concern at 1k/10k Services (write,
 #                            # realize, change, restart, operator RSS)
 #   hack/bench.sh lbipam     # LB IPAM planning of 10k Services in one /16
+#   hack/bench.sh encryption # pod to pod across nodes, clear vs WireGuard: throughput, CPU
+#                            # per Gbit, latency p50/p99
 #
 # Built and run with the release profile (what a user runs, and what kube-proxy, the
 # baseline of `services`, is); TENDRIL_BENCH_PROFILE=dev measures the debug build instead.
@@ -52,7 +54,8 @@ case $which in
   all | services) run "services vs kube-proxy" cargo test -p tendril-e2e --test services_bench ;;&
   all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
   all | lbipam) run "LB IPAM planning" cargo test -p tendril-controllers --lib lbipam_plan_cost ;;&
-  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam) ;;
-  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam or all)" ;;
+  all | encryption) run "encryption: clear vs WireGuard" cargo test -p tendril-e2e --test encryption_bench ;;&
+  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam | encryption) ;;
+  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam, encryption or all)" ;;
 esac
 exit $rc

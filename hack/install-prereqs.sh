@@ -17,6 +17,7 @@ packages=(
   buildah umoci busybox-static # daemonless image builds (hack/build-images.sh), agent image shell
   nftables # nft(8): kube-proxy's nftables mode, the reference of the services conformance matrix
   chromium # headless browser that loads the relay's service map page in its test
+  wireguard-tools wireguard-go # wg(8) against the agent's WireGuard device; an independent peer
 )
 
 missing=()

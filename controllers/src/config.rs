@@ -32,6 +32,8 @@ pub struct OperatorConfig {
     pub bgp: crate::bgp::BgpConfig,
     /// EgressGatewayPolicy -> EgressRoute per policy (concern `egress`).
     pub egress: crate::egress::EgressConfig,
+    /// EncryptionPolicy -> NodeNetwork.spec.encryption per node (concern `encryption`).
+    pub encryption: crate::encryption::EncryptionConfig,
 }
 
 impl Default for OperatorConfig {
@@ -50,6 +52,7 @@ impl Default for OperatorConfig {
             services: Default::default(),
             bgp: Default::default(),
             egress: Default::default(),
+            encryption: Default::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 pub mod bgp;
 pub mod config;
 pub mod egress;
+pub mod encryption;
 pub mod endpoints;
 pub mod identities;
 pub mod ipam;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tendril_controllers::config::{OperatorArgs, OperatorConfig};
 use tendril_controllers::{
-    Term, bgp, egress, endpoints, identities, ipam, lbipam, nodes, policy, services,
+    Term, bgp, egress, encryption, endpoints, identities, ipam, lbipam, nodes, policy, services,
 };
 use tendril_runtime::config;
 use tendril_runtime::{
@@ -57,6 +57,10 @@ const CONCERNS: &[Concern<Term>] = &[
     Concern {
         name: egress::NAME,
         run: |ctx, term| egress::run(ctx, term.config.egress.clone()).boxed(),
+    },
+    Concern {
+        name: encryption::NAME,
+        run: |ctx, term| encryption::run(ctx, term.config.encryption.clone()).boxed(),
     },
 ];
 

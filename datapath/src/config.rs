@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub bgp: BgpConfig,
     /// Hubble-compatible flows and the Observer API (`flows`).
     pub flows: crate::flows::FlowsConfig,
+    /// Transparent encryption: WireGuard device, steering (`encryption`).
+    pub encryption: crate::encryption::EncryptionAgentConfig,
 }
 
 /// The node's BGP speaker (`bgp`): gobgpd, driven by the agent from the node's
@@ -272,6 +274,7 @@ impl Default for AgentConfig {
             services: ServicesConfig::default(),
             bgp: BgpConfig::default(),
             flows: crate::flows::FlowsConfig::default(),
+            encryption: crate::encryption::EncryptionAgentConfig::default(),
         }
     }
 }
@@ -298,6 +301,7 @@ impl AgentConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.backoff.validate().map_err(ConfigError::Invalid)?;
+        self.encryption.validate().map_err(ConfigError::Invalid)?;
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid(
                 "nodeName is required (--node-name or TENDRIL_NODE_NAME)".into(),
@@ -430,6 +434,12 @@ pub struct AgentArgs {
     /// flows.observer.bindAddress: host:port of the Observer gRPC API (empty: off).
     #[arg(long, env = "TENDRIL_OBSERVER_BIND")]
     pub observer_bind: Option<String>,
+    /// encryption.interface: name of the WireGuard interface.
+    #[arg(long, env = "TENDRIL_WIREGUARD_INTERFACE")]
+    pub wireguard_interface: Option<String>,
+    /// encryption.wireguardImplementation.
+    #[arg(long, env = "TENDRIL_WIREGUARD_IMPLEMENTATION", value_enum)]
+    pub wireguard_implementation: Option<crate::encryption::WireGuardImplementation>,
 }
 
 impl AgentArgs {
@@ -467,6 +477,12 @@ impl AgentArgs {
         }
         if let Some(v) = &self.observer_bind {
             cfg.flows.observer.bind_address = v.clone();
+        }
+        if let Some(v) = &self.wireguard_interface {
+            cfg.encryption.interface = v.clone();
+        }
+        if let Some(v) = self.wireguard_implementation {
+            cfg.encryption.wireguard_implementation = v;
         }
         Ok(cfg)
     }

@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cni;
 pub mod config;
 pub mod ctl;
+pub mod encryption;
 pub mod flows;
 pub mod ipam;
 pub mod services;

@@ -103,6 +103,7 @@
 //!   deleted when the next test binary starts.
 
 pub mod bgp;
+pub mod encryption;
 mod env;
 mod http;
 mod kube_util;

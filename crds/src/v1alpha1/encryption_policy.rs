@@ -116,4 +116,28 @@ pub struct EncryptionPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "currentSPI")]
     pub current_spi: Option<i32>,
+    /// WireGuard: the key generation nodes must be at (bumped every rotation interval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<i64>,
+    /// The `tendril.dev/rotation-request` annotation value last served (a new value
+    /// rotates the keys at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_request: Option<String>,
+    /// Per selected node: whether it encrypts to every peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub nodes: Vec<EncryptionNodeState>,
+}
+
+/// One selected node's readiness.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionNodeState {
+    pub name: String,
+    pub ready: bool,
+    /// `Ready`, `NoKey` (no public key published yet), `KeyOutdated`, `Unsupported`,
+    /// `NoAddress`, `NotRealized`.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }

@@ -50,13 +50,17 @@ pub struct NodeNetworkSpec {
     pub encryption: Option<NodeEncryption>,
 }
 
-/// How traffic to this node is encrypted.
+/// How traffic to and from this node is encrypted (field manager `tendril-encryption`, from
+/// the `EncryptionPolicy` that selects the node).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeEncryption {
     /// `IPsec` or `WireGuard`.
     #[schemars(extend("enum" = ["IPsec", "WireGuard"]))]
     pub mode: String,
+    /// The `EncryptionPolicy` that selects this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// IPsec: the security parameter index currently in use (1–15, rotated on key change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 15), extend("format" = "int32"))]
@@ -64,9 +68,79 @@ pub struct NodeEncryption {
     /// IPsec: name of the `Secret` in the operator namespace holding the key for `spi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
-    /// WireGuard: this node's public key (base64), published by its agent.
+    /// WireGuard: this node's public key (base64) as its agent published it in
+    /// `status.encryption.publicKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_public_key: Option<String>,
+    /// Key generation the node's keys must be at: the agent makes a new key pair when the
+    /// one it has is of an older generation (rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<i64>,
+    /// WireGuard: UDP port of every selected node's device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<i32>,
+    /// WireGuard: keepalive towards the peers (seconds, 0 off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive_seconds: Option<i32>,
+    /// The other selected nodes: traffic to their pods is encrypted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub peers: Vec<EncryptionPeer>,
+}
+
+/// A node traffic is encrypted to.
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionPeer {
+    /// The peer's node name.
+    pub node: String,
+    /// The peer's underlay address (the encrypted packets' destination).
+    pub address: String,
+    /// Inner destinations sent to (and accepted from) this peer: its pod CIDRs and its
+    /// node address (the overlay's outer packets).
+    #[serde(default, rename = "allowedIPs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
+    pub allowed_ips: Vec<String>,
+    /// WireGuard: the peer's public key (base64); absent until its agent published one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// What the node's agent can do and has done for encryption (field manager
+/// `tendril-agent-encryption`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeEncryptionStatus {
+    /// WireGuard implementation in use: `kernel` (netlink) or `userspace` (embedded
+    /// device), chosen at start from what the kernel has unless configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_implementation: Option<String>,
+    /// Whether the kernel can do IPsec (ESP), probed at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec_supported: Option<bool>,
+    /// Why IPsec cannot be used on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipsec_unsupported_reason: Option<String>,
+    /// WireGuard: this node's public key (base64). The private key never leaves the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Generation of the key pair in use (see `spec.encryption.keyEpoch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<i64>,
+    /// When the key pair in use was made (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_created: Option<String>,
+    /// Peers configured with a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<i32>,
+    /// Whether the node encrypts to every peer of its spec.
+    #[serde(default)]
+    pub ready: bool,
+    /// Why not, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Written by the node's agent (`tendril-agent`) and, for its own condition types, by the
@@ -91,4 +165,7 @@ pub struct NodeNetworkStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
     pub addresses: Vec<NodeAddress>,
+    /// Encryption capabilities and state of the node's agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<NodeEncryptionStatus>,
 }

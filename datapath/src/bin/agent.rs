@@ -205,6 +205,17 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             )
             .await;
         };
+        let encryption_task = tendril_datapath::encryption::node::EncryptionNode {
+            client: client.clone(),
+            node_name: config.node_name.clone(),
+            node_netns: cli.node_netns.clone(),
+            state_dir: config.state_dir.clone(),
+            routing_mode: config.routing_mode,
+            tunnel_port: config.tunnel_port,
+            config: config.encryption.clone(),
+            metrics: tendril_datapath::encryption::node::EncryptionMetrics::register(&metrics),
+        }
+        .run(view.node_networks.clone(), shutdown.clone());
         let node_task = node::run(
             client,
             view,
@@ -214,7 +225,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             sync_timing,
             shutdown.clone(),
         );
-        tokio::join!(datapath_task, node_task, bgp_task);
+        tokio::join!(datapath_task, node_task, bgp_task, encryption_task);
     } else {
         agent.set_pod_cidrs(&cli.pod_cidrs).context("--pod-cidr")?;
         let (gateways, netns) = (agent.gateways(), cli.node_netns.clone());

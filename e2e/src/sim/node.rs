@@ -114,10 +114,21 @@ impl SimNode {
                 "--ipam-leak-grace-seconds",
                 "10",
             ])
+            // One WireGuard interface name per node: the configuration socket
+            // (/var/run/wireguard/<name>.sock) is shared by every namespace.
+            .env("TENDRIL_WIREGUARD_INTERFACE", self.wireguard_interface())
             .env("RUST_LOG", "info")
             .spawn()?;
         self.agent = Some(agent);
         Ok(())
+    }
+
+    /// The node's WireGuard interface (unique on the machine, see `start_agent`).
+    pub fn wireguard_interface(&self) -> String {
+        let hash = self.name.bytes().fold(0x811c9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x01000193)
+        });
+        format!("twg{hash:08x}")
     }
 
     /// Runs `cmd` inside the node's network namespace (and cgroup), as a process of the
@@ -199,6 +210,10 @@ impl Drop for SimNode {
             remove_node_cgroup(cgroup);
         }
         delete_netns(&self.netns);
+        let _ = std::fs::remove_file(format!(
+            "/var/run/wireguard/{}.sock",
+            self.wireguard_interface()
+        ));
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_dir_all(&self.bpffs_root);
     }

@@ -1,0 +1,390 @@
+//! The encryption concern's pure planning: `EncryptionPolicy`s and the nodes (labels,
+//! address, pod CIDRs, what their agents published) → each node's
+//! `NodeNetwork.spec.encryption` and each policy's status. Values in, values out.
+//!
+//! A node is selected by at most one policy: when several select it, the oldest policy
+//! (then the first by name) has it, and the others say so in their `Ready` condition.
+//! Peers are every other selected node of the same policy with an address; a peer whose
+//! agent has not published a public key yet is listed without one (its agent holds its
+//! traffic back instead of sending it in clear, see the agent's strict mode).
+//!
+//! Rotation: the policy's key generation (`status.keyEpoch`) goes up when
+//! `keyRotationIntervalSeconds` has passed since the last rotation, or when the annotation
+//! [`ROTATION_REQUEST`] takes a new value; every selected node's agent then makes a new
+//! key pair and publishes its public key.
+
+use crate::policy::selector::Selector;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use tendril_crds::v1alpha1::{
+    EncryptionNodeState, EncryptionPeer, EncryptionPolicySpec, NodeEncryption, NodeEncryptionStatus,
+};
+use tendril_runtime::DesiredCondition;
+use tendril_runtime::conditions::{READY, VALID};
+
+/// Annotation on an `EncryptionPolicy`: a new value rotates the keys now.
+pub const ROTATION_REQUEST: &str = "tendril.dev/rotation-request";
+pub const WIREGUARD: &str = "WireGuard";
+pub const IPSEC: &str = "IPsec";
+const DEFAULT_LISTEN_PORT: i32 = 51871;
+
+/// What the plan reads of a policy.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyInput {
+    pub name: String,
+    pub generation: Option<i64>,
+    /// Seconds since the epoch of its creation (older policies win a node).
+    pub created: i64,
+    pub spec: EncryptionPolicySpec,
+    /// `status.keyEpoch` and when it was last raised (seconds since the epoch).
+    pub key_epoch: Option<i64>,
+    pub last_rotation: Option<i64>,
+    /// The [`ROTATION_REQUEST`] annotation, and the value already served.
+    pub rotation_request: Option<String>,
+    pub served_request: Option<String>,
+}
+
+/// What the plan reads of a node (its `Node` labels, its `NodeNetwork`).
+#[derive(Clone, Debug, Default)]
+pub struct NodeInput {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The node's first InternalIP (IPv4 first).
+    pub address: Option<IpAddr>,
+    pub pod_cidrs: Vec<String>,
+    /// `NodeNetwork.status.encryption`, as its agent wrote it.
+    pub reported: Option<NodeEncryptionStatus>,
+}
+
+/// One policy's outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyOutcome {
+    pub generation: Option<i64>,
+    pub valid: DesiredCondition,
+    /// `None` while the policy is invalid (the nodes keep what they had).
+    pub ready: Option<DesiredCondition>,
+    pub encrypted_nodes: i64,
+    pub nodes: Vec<EncryptionNodeState>,
+    pub key_epoch: i64,
+    /// When the key generation was last raised (seconds since the epoch), if ever.
+    pub last_rotation: Option<i64>,
+    pub served_request: Option<String>,
+    /// Seconds until the next scheduled rotation.
+    pub next_rotation_in: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Every node's `spec.encryption` (`None`: not selected, the field is removed). Nodes
+    /// of an invalid policy are left out: they keep what they had.
+    pub nodes: BTreeMap<String, Option<NodeEncryption>>,
+    pub policies: BTreeMap<String, PolicyOutcome>,
+}
+
+fn validate(spec: &EncryptionPolicySpec) -> Result<Selector, String> {
+    if spec.mode != WIREGUARD && spec.mode != IPSEC {
+        return Err(format!(
+            "mode {:?} is neither WireGuard nor IPsec",
+            spec.mode
+        ));
+    }
+    if spec.key_rotation_interval_seconds < 60 {
+        return Err(format!(
+            "keyRotationIntervalSeconds {} is below 60",
+            spec.key_rotation_interval_seconds
+        ));
+    }
+    if let Some(w) = &spec.wireguard
+        && !(1..=65535).contains(&w.listen_port)
+    {
+        return Err(format!(
+            "wireguard.listenPort {} is not a port (1-65535)",
+            w.listen_port
+        ));
+    }
+    let everything = Default::default();
+    Selector::compile(
+        spec.node_selector.as_ref().unwrap_or(&everything),
+        str::to_string,
+    )
+    .map_err(|e| format!("nodeSelector: {e}"))
+}
+
+/// The allowed IPs of a peer: its pod CIDRs (native routing) and its own address (the
+/// overlay's outer packets), canonical and sorted.
+fn allowed_ips(node: &NodeInput) -> Vec<String> {
+    let mut out: Vec<String> = node
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse::<ipnet::IpNet>().ok())
+        .map(|n| n.trunc().to_string())
+        .collect();
+    if let Some(a) = node.address {
+        out.push(ipnet::IpNet::from(a).to_string());
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The key generation after this reconcile, when it was raised, and the request served.
+fn rotation(p: &PolicyInput, now: i64) -> (i64, Option<i64>, Option<String>, i64) {
+    let interval = p.spec.key_rotation_interval_seconds.max(60);
+    let mut epoch = p.key_epoch.unwrap_or(1);
+    let mut last = p.last_rotation;
+    let since = last.unwrap_or(p.created);
+    let mut served = p.served_request.clone();
+    let requested = p.rotation_request.is_some() && p.rotation_request != p.served_request;
+    if p.key_epoch.is_some() && (requested || now - since >= interval) {
+        epoch += 1;
+        last = Some(now);
+    }
+    if requested {
+        served = p.rotation_request.clone();
+    }
+    let next_in = interval - (now - last.unwrap_or(p.created)).max(0);
+    (epoch, last, served, next_in.max(1))
+}
+
+/// Whether a node realizes the policy, and why not.
+fn node_state(policy: &PolicyInput, node: &NodeInput, epoch: i64) -> EncryptionNodeState {
+    let state = |ready, reason: &str, message: Option<String>| EncryptionNodeState {
+        name: node.name.clone(),
+        ready,
+        reason: reason.into(),
+        message,
+    };
+    if node.address.is_none() {
+        return state(
+            false,
+            "NoAddress",
+            Some("the node has no InternalIP".into()),
+        );
+    }
+    let Some(r) = &node.reported else {
+        return state(
+            false,
+            "NotReported",
+            Some("its agent reported nothing yet".into()),
+        );
+    };
+    if policy.spec.mode == IPSEC {
+        if r.ipsec_supported != Some(true) {
+            let why = r
+                .ipsec_unsupported_reason
+                .clone()
+                .unwrap_or_else(|| "the kernel cannot do ESP".into());
+            return state(false, "Unsupported", Some(why));
+        }
+        return state(
+            false,
+            "Unsupported",
+            Some("IPsec key distribution is not implemented by this operator".into()),
+        );
+    }
+    if r.public_key.is_none() {
+        return state(false, "NoKey", Some("no public key published yet".into()));
+    }
+    if r.key_epoch.unwrap_or(0) < epoch {
+        return state(
+            false,
+            "KeyOutdated",
+            Some(format!(
+                "key generation {} of {epoch}",
+                r.key_epoch.unwrap_or(0)
+            )),
+        );
+    }
+    if !r.ready {
+        return state(false, "NotRealized", r.message.clone());
+    }
+    state(true, "Ready", None)
+}
+
+/// Everything the concern writes, for the time `now` (seconds since the epoch).
+pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
+    let mut out = Plan::default();
+    let mut order: Vec<&PolicyInput> = policies.iter().collect();
+    order.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    // node → the policy that has it (the first valid one in `order` that selects it).
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut invalid: BTreeMap<&str, String> = BTreeMap::new();
+    let mut selected: BTreeMap<&str, Vec<&NodeInput>> = BTreeMap::new();
+    let mut lost: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for p in &order {
+        let selector = match validate(&p.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                invalid.insert(&p.name, e);
+                continue;
+            }
+        };
+        for n in nodes.iter().filter(|n| selector.matches(&n.labels)) {
+            match owner.get(n.name.as_str()) {
+                Some(first) => lost.entry(&p.name).or_default().push((&n.name, first)),
+                None => {
+                    owner.insert(&n.name, &p.name);
+                    selected.entry(&p.name).or_default().push(n);
+                }
+            }
+        }
+    }
+    // A node of an invalid policy keeps what it has: it is neither written nor cleared,
+    // unless a valid policy has it now.
+    if invalid.is_empty() {
+        for n in nodes
+            .iter()
+            .filter(|n| !owner.contains_key(n.name.as_str()))
+        {
+            out.nodes.insert(n.name.clone(), None);
+        }
+    }
+    for p in &order {
+        if let Some(message) = invalid.get(p.name.as_str()) {
+            out.policies.insert(
+                p.name.clone(),
+                PolicyOutcome {
+                    generation: p.generation,
+                    valid: DesiredCondition::new(VALID, false, "InvalidSpec", message.clone()),
+                    ready: None,
+                    encrypted_nodes: 0,
+                    nodes: Vec::new(),
+                    key_epoch: p.key_epoch.unwrap_or(1),
+                    last_rotation: p.last_rotation,
+                    served_request: p.served_request.clone(),
+                    next_rotation_in: None,
+                },
+            );
+            continue;
+        }
+        let (epoch, last_rotation, served_request, next_in) = rotation(p, now);
+        let members = selected.get(p.name.as_str()).cloned().unwrap_or_default();
+        let wireguard = p.spec.wireguard.clone().unwrap_or_default();
+        let listen_port = if p.spec.wireguard.is_some() {
+            wireguard.listen_port
+        } else {
+            DEFAULT_LISTEN_PORT
+        };
+        for n in &members {
+            let peers = members
+                .iter()
+                .filter(|m| m.name != n.name)
+                .filter_map(|m| {
+                    Some(EncryptionPeer {
+                        node: m.name.clone(),
+                        address: m.address?.to_string(),
+                        allowed_ips: allowed_ips(m),
+                        public_key: (p.spec.mode == WIREGUARD)
+                            .then(|| m.reported.as_ref()?.public_key.clone())
+                            .flatten(),
+                    })
+                })
+                .collect();
+            let wg = p.spec.mode == WIREGUARD;
+            out.nodes.insert(
+                n.name.clone(),
+                Some(NodeEncryption {
+                    mode: p.spec.mode.clone(),
+                    policy: Some(p.name.clone()),
+                    wireguard_public_key: wg
+                        .then(|| n.reported.as_ref()?.public_key.clone())
+                        .flatten(),
+                    key_epoch: Some(epoch),
+                    listen_port: wg.then_some(listen_port),
+                    persistent_keepalive_seconds: wg
+                        .then_some(wireguard.persistent_keepalive_seconds),
+                    peers,
+                    ..Default::default()
+                }),
+            );
+        }
+        let states: Vec<EncryptionNodeState> =
+            members.iter().map(|n| node_state(p, n, epoch)).collect();
+        let encrypted = states.iter().filter(|s| s.ready).count() as i64;
+        let ready = ready_condition(&p.spec.mode, &states, lost.get(p.name.as_str()));
+        out.policies.insert(
+            p.name.clone(),
+            PolicyOutcome {
+                generation: p.generation,
+                valid: DesiredCondition::new(VALID, true, "Valid", String::new()),
+                ready: Some(ready),
+                encrypted_nodes: encrypted,
+                nodes: states,
+                key_epoch: epoch,
+                last_rotation,
+                served_request,
+                next_rotation_in: Some(next_in),
+            },
+        );
+    }
+    out
+}
+
+/// `Ready`: every selected node encrypts; otherwise the first reason that applies, with
+/// the nodes it applies to (`Unsupported` first: it never resolves by waiting).
+fn ready_condition(
+    mode: &str,
+    states: &[EncryptionNodeState],
+    lost: Option<&Vec<(&str, &str)>>,
+) -> DesiredCondition {
+    let not_ready: Vec<&EncryptionNodeState> = states.iter().filter(|s| !s.ready).collect();
+    let unsupported: Vec<String> = not_ready
+        .iter()
+        .filter(|s| s.reason == "Unsupported")
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s.name,
+                s.message.as_deref().unwrap_or("unsupported")
+            )
+        })
+        .collect();
+    if !unsupported.is_empty() {
+        return DesiredCondition::new(
+            READY,
+            false,
+            "Unsupported",
+            format!("{mode} cannot be used on {}", unsupported.join("; ")),
+        );
+    }
+    if let Some(first) = not_ready.first() {
+        let names: Vec<&str> = not_ready.iter().map(|s| s.name.as_str()).collect();
+        return DesiredCondition::new(
+            READY,
+            false,
+            "NodesNotReady",
+            format!(
+                "{} of {} nodes not encrypting ({}); {}: {}",
+                not_ready.len(),
+                states.len(),
+                names.join(", "),
+                first.name,
+                first.message.as_deref().unwrap_or(&first.reason)
+            ),
+        );
+    }
+    if let Some(lost) = lost.filter(|l| !l.is_empty()) {
+        let taken: Vec<String> = lost
+            .iter()
+            .map(|(node, by)| format!("{node} (by {by})"))
+            .collect();
+        return DesiredCondition::new(
+            READY,
+            false,
+            "NodesTaken",
+            format!(
+                "selected nodes belong to older policies: {}",
+                taken.join(", ")
+            ),
+        );
+    }
+    if states.is_empty() {
+        return DesiredCondition::new(READY, false, "NoNodes", "the policy selects no node");
+    }
+    DesiredCondition::new(
+        READY,
+        true,
+        "Encrypted",
+        format!("{} nodes encrypt their pod traffic", states.len()),
+    )
+}

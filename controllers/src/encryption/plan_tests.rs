@@ -1,0 +1,188 @@
+use super::plan::*;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use std::collections::BTreeMap;
+use tendril_crds::v1alpha1::{EncryptionPolicySpec, NodeEncryptionStatus, WireGuardSettings};
+
+const NOW: i64 = 1_000_000;
+
+fn policy(name: &str, selector: Option<(&str, &str)>) -> PolicyInput {
+    PolicyInput {
+        name: name.into(),
+        generation: Some(1),
+        created: NOW - 10,
+        spec: EncryptionPolicySpec {
+            mode: WIREGUARD.into(),
+            node_selector: selector.map(|(k, v)| LabelSelector {
+                match_labels: Some(BTreeMap::from([(k.into(), v.into())])),
+                ..Default::default()
+            }),
+            key_rotation_interval_seconds: 3600,
+            wireguard: Some(WireGuardSettings {
+                persistent_keepalive_seconds: 0,
+                listen_port: 51871,
+            }),
+            ..Default::default()
+        },
+        key_epoch: Some(1),
+        last_rotation: None,
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, i: u8, key: Option<&str>) -> NodeInput {
+    NodeInput {
+        name: name.into(),
+        labels: BTreeMap::from([("enc".into(), "yes".into())]),
+        address: Some(format!("10.0.0.{i}").parse().unwrap()),
+        pod_cidrs: vec![format!("10.200.{i}.0/24")],
+        reported: Some(NodeEncryptionStatus {
+            wireguard_implementation: Some("userspace".into()),
+            public_key: key.map(str::to_string),
+            key_epoch: key.map(|_| 1),
+            ready: key.is_some(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[test]
+fn every_selected_node_gets_the_others_as_peers_with_pod_cidrs_and_address() {
+    let nodes = [
+        node("a", 1, Some("KA")),
+        node("b", 2, Some("KB")),
+        node("c", 3, None),
+    ];
+    let plan = plan(&[policy("p", None)], &nodes, NOW);
+    let a = plan.nodes["a"].as_ref().unwrap();
+    assert_eq!(a.mode, WIREGUARD);
+    assert_eq!(a.wireguard_public_key.as_deref(), Some("KA"));
+    assert_eq!(a.listen_port, Some(51871));
+    let peers: Vec<_> = a.peers.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(peers, ["b", "c"]);
+    assert_eq!(a.peers[0].address, "10.0.0.2");
+    assert_eq!(a.peers[0].allowed_ips, ["10.0.0.2/32", "10.200.2.0/24"]);
+    assert_eq!(a.peers[0].public_key.as_deref(), Some("KB"));
+    // c has not published a key yet: listed without one (its traffic is held back).
+    assert_eq!(a.peers[1].public_key, None);
+    let outcome = &plan.policies["p"];
+    assert_eq!(outcome.encrypted_nodes, 2);
+    let ready = outcome.ready.as_ref().unwrap();
+    assert!(!ready.status);
+    assert_eq!(ready.reason, "NodesNotReady");
+    assert!(
+        ready.message.contains("c: no public key"),
+        "{}",
+        ready.message
+    );
+}
+
+#[test]
+fn unselected_nodes_lose_their_encryption_and_are_no_ones_peer() {
+    let mut b = node("b", 2, Some("KB"));
+    b.labels.clear();
+    let nodes = [node("a", 1, Some("KA")), b, node("c", 3, Some("KC"))];
+    let plan = plan(&[policy("p", Some(("enc", "yes")))], &nodes, NOW);
+    assert_eq!(plan.nodes["b"], None);
+    let a = plan.nodes["a"].as_ref().unwrap();
+    assert!(a.peers.iter().all(|p| p.node != "b"));
+    let ready = plan.policies["p"].ready.clone().unwrap();
+    assert!(ready.status, "{ready:?}");
+    assert_eq!(plan.policies["p"].encrypted_nodes, 2);
+}
+
+#[test]
+fn an_invalid_selector_is_valid_false_and_nodes_are_held() {
+    let mut p = policy("p", None);
+    p.spec.node_selector = Some(LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "enc".into(),
+            operator: "Sometimes".into(),
+            values: None,
+        }]),
+        ..Default::default()
+    });
+    let plan = plan(&[p], &[node("a", 1, Some("KA"))], NOW);
+    let outcome = &plan.policies["p"];
+    assert!(!outcome.valid.status);
+    assert_eq!(outcome.valid.reason, "InvalidSpec");
+    assert!(
+        outcome.valid.message.contains("nodeSelector"),
+        "{}",
+        outcome.valid.message
+    );
+    assert!(outcome.ready.is_none());
+    assert!(
+        plan.nodes.is_empty(),
+        "nodes keep what they had: {:?}",
+        plan.nodes
+    );
+}
+
+#[test]
+fn the_oldest_policy_has_a_node_selected_twice() {
+    let old = policy("old", None);
+    let mut new = policy("new", None);
+    new.created = NOW - 1;
+    let plan = plan(&[new, old], &[node("a", 1, Some("KA"))], NOW);
+    assert_eq!(
+        plan.nodes["a"].as_ref().unwrap().policy.as_deref(),
+        Some("old")
+    );
+    let ready = plan.policies["new"].ready.clone().unwrap();
+    assert_eq!(ready.reason, "NodesTaken");
+    assert!(ready.message.contains("a (by old)"), "{}", ready.message);
+}
+
+#[test]
+fn ipsec_on_a_kernel_without_esp_is_unsupported_with_the_nodes_reason() {
+    let mut p = policy("p", None);
+    p.spec.mode = IPSEC.into();
+    p.spec.wireguard = None;
+    let mut a = node("a", 1, Some("KA"));
+    a.reported.as_mut().unwrap().ipsec_supported = Some(false);
+    a.reported.as_mut().unwrap().ipsec_unsupported_reason =
+        Some("installing an ESP SA: Protocol not supported".into());
+    let plan = plan(&[p], &[a], NOW);
+    let ready = plan.policies["p"].ready.clone().unwrap();
+    assert!(!ready.status);
+    assert_eq!(ready.reason, "Unsupported");
+    assert!(
+        ready.message.contains("a: installing an ESP SA"),
+        "{}",
+        ready.message
+    );
+    let spec = plan.nodes["a"].as_ref().unwrap();
+    assert_eq!(spec.mode, IPSEC);
+    assert_eq!(spec.wireguard_public_key, None);
+}
+
+#[test]
+fn keys_rotate_when_the_interval_elapsed_or_on_request_once() {
+    let mut p = policy("p", None);
+    let nodes = [node("a", 1, Some("KA"))];
+    // Not yet due: generation 1, next rotation in the rest of the interval.
+    let o = &plan(&[p.clone()], &nodes, NOW).policies["p"];
+    assert_eq!(o.key_epoch, 1);
+    assert_eq!(o.next_rotation_in, Some(3600 - 10));
+    // Due.
+    let o = plan(&[p.clone()], &nodes, NOW + 3600).policies["p"].clone();
+    assert_eq!(o.key_epoch, 2);
+    assert_eq!(o.last_rotation, Some(NOW + 3600));
+    // The node still has generation 1: not ready until it made a new key pair.
+    assert_eq!(o.nodes[0].reason, "KeyOutdated");
+    // Requested: once per annotation value.
+    p.rotation_request = Some("r1".into());
+    let o = plan(&[p.clone()], &nodes, NOW).policies["p"].clone();
+    assert_eq!((o.key_epoch, o.served_request.as_deref()), (2, Some("r1")));
+    p.served_request = Some("r1".into());
+    assert_eq!(plan(&[p], &nodes, NOW).policies["p"].key_epoch, 1);
+}
+
+#[test]
+fn a_new_policy_starts_at_generation_one() {
+    let mut p = policy("p", None);
+    p.key_epoch = None;
+    let plan = plan(&[p], &[node("a", 1, Some("KA"))], NOW);
+    assert_eq!(plan.policies["p"].key_epoch, 1);
+    assert_eq!(plan.nodes["a"].as_ref().unwrap().key_epoch, Some(1));
+}

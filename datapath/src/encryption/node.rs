@@ -1,0 +1,399 @@
+//! The node's encryption loop: converges the device, its peers and the steering rules to
+//! `NodeNetwork.spec.encryption`, and publishes `status.encryption` (field manager
+//! [`FIELD_MANAGER`]). Runs on every change of the node's `NodeNetwork` and every
+//! `resyncSeconds` (which also restarts a device that stopped).
+
+use super::probe::Capabilities;
+use super::routes::{self, SteeringPlan};
+use super::uapi::{self, DeviceState, Peer};
+use super::{EncryptionAgentConfig, WireGuardImplementation, device, keys};
+use crate::agent::view::{Wake, wake_on};
+use crate::config::RoutingMode;
+use ipnet::{IpNet, Ipv4Net};
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::json;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tendril_crds::v1alpha1::{NodeEncryption, NodeEncryptionStatus, NodeNetwork};
+use tendril_runtime::caches::Cache;
+use tendril_runtime::{Metrics, apply_body, apply_status};
+use tokio_util::sync::CancellationToken;
+
+pub const FIELD_MANAGER: &str = "tendril-agent-encryption";
+const USERSPACE: &str = "userspace";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImplementationLabel {
+    implementation: String,
+}
+
+/// The agent's encryption metrics.
+#[derive(Clone)]
+pub struct EncryptionMetrics {
+    implementation: Family<ImplementationLabel, Gauge>,
+    peers: Gauge,
+    held_peers: Gauge,
+    rotations: Counter,
+    handshakes: Gauge,
+}
+
+impl EncryptionMetrics {
+    pub fn register(m: &Metrics) -> Self {
+        Self {
+            implementation: m.domain(
+                "tendril_encryption_wireguard_implementation",
+                "The WireGuard implementation in use (1 for kernel or userspace)",
+                Family::default,
+            ),
+            peers: m.domain(
+                "tendril_encryption_peers",
+                "WireGuard peers configured with a key",
+                Gauge::default,
+            ),
+            held_peers: m.domain(
+                "tendril_encryption_held_peers",
+                "Selected peers whose traffic is dropped (strict mode) because it cannot be encrypted yet",
+                Gauge::default,
+            ),
+            rotations: m.domain(
+                "tendril_encryption_key_rotations",
+                "Key pairs made for a new key generation",
+                Counter::default,
+            ),
+            handshakes: m.domain(
+                "tendril_encryption_peers_with_handshake",
+                "WireGuard peers with a completed handshake",
+                Gauge::default,
+            ),
+        }
+    }
+}
+
+/// What the loop needs of the agent.
+pub struct EncryptionNode {
+    pub client: kube::Client,
+    pub node_name: String,
+    pub node_netns: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub routing_mode: RoutingMode,
+    pub tunnel_port: u16,
+    pub config: EncryptionAgentConfig,
+    pub metrics: EncryptionMetrics,
+}
+
+/// The implementation to use, or why none can be.
+pub fn choose(
+    wanted: WireGuardImplementation,
+    caps: &Capabilities,
+) -> Result<&'static str, String> {
+    match wanted {
+        WireGuardImplementation::Userspace | WireGuardImplementation::Auto => Ok(USERSPACE),
+        WireGuardImplementation::Kernel => Err(match &caps.kernel_wireguard {
+            Err(e) => format!("kernel WireGuard asked for, but the kernel has none ({e})"),
+            Ok(()) => "kernel WireGuard asked for, but this agent cannot drive it yet".into(),
+        }),
+    }
+}
+
+/// One selected peer as this node uses it.
+struct PeerPlan {
+    key: Option<[u8; 32]>,
+    endpoint: Option<String>,
+    allowed_ips: Vec<String>,
+    cidrs: Vec<Ipv4Net>,
+    address: Option<Ipv4Addr>,
+}
+
+fn peer_plans(spec: &NodeEncryption) -> Vec<PeerPlan> {
+    let port = spec.listen_port.unwrap_or(51871) as u16;
+    spec.peers
+        .iter()
+        .map(|p| {
+            let address: Option<IpAddr> = p.address.parse().ok();
+            let mut allowed: Vec<IpNet> = p
+                .allowed_ips
+                .iter()
+                .filter_map(|c| c.parse::<IpNet>().ok())
+                .map(|n| n.trunc())
+                .collect();
+            allowed.sort();
+            PeerPlan {
+                key: p.public_key.as_deref().and_then(keys::unbase64),
+                endpoint: address.map(|a| SocketAddr::new(a, port).to_string()),
+                allowed_ips: allowed.iter().map(|n| n.to_string()).collect(),
+                cidrs: allowed
+                    .iter()
+                    .filter_map(|n| match n {
+                        IpNet::V4(v4) if Some(IpAddr::V4(v4.addr())) != address => Some(*v4),
+                        _ => None,
+                    })
+                    .collect(),
+                address: match address {
+                    Some(IpAddr::V4(a)) => Some(a),
+                    _ => None,
+                },
+            }
+        })
+        .collect()
+}
+
+fn node_ipv4(nn: &NodeNetwork) -> Option<Ipv4Addr> {
+    nn.spec
+        .addresses
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+impl EncryptionNode {
+    /// Probes, then converges until `shutdown`.
+    pub async fn run(self, networks: Cache<NodeNetwork>, shutdown: CancellationToken) {
+        let caps = tokio::task::spawn_blocking(super::probe::probe)
+            .await
+            .unwrap_or_else(|_| Capabilities {
+                kernel_wireguard: Err("probe failed".into()),
+                esp: Err("probe failed".into()),
+            });
+        let implementation = choose(self.config.wireguard_implementation, &caps);
+        tracing::info!(
+            kernel_wireguard = ?caps.kernel_wireguard,
+            esp = ?caps.esp,
+            implementation = ?implementation,
+            "encryption capabilities probed"
+        );
+        if let Ok(i) = &implementation {
+            self.metrics
+                .implementation
+                .get_or_create(&ImplementationLabel {
+                    implementation: i.to_string(),
+                })
+                .set(1);
+        }
+        let wake = Wake::default();
+        let name = self.node_name.clone();
+        wake_on(&networks, &wake, move |nn: &NodeNetwork| {
+            kube::ResourceExt::name_any(nn) == name
+        });
+        let store = networks.store();
+        tendril_runtime::store_ready(&store).await;
+        let mut last: Option<NodeEncryptionStatus> = None;
+        let resync = Duration::from_secs(self.config.resync_seconds.max(1));
+        loop {
+            let nn = store.get(&ObjectRef::new(&self.node_name));
+            let status = match &nn {
+                Some(nn) => self.converge(nn, &caps, &implementation).await,
+                None => None,
+            };
+            if let (Some(nn), Some(status)) = (&nn, status)
+                && last.as_ref() != Some(&status)
+            {
+                match self.publish(nn, &status).await {
+                    Ok(()) => last = Some(status),
+                    Err(e) => tracing::warn!(error = %e, "publishing the encryption status"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(resync) => {}
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        nn: &NodeNetwork,
+        status: &NodeEncryptionStatus,
+    ) -> Result<(), kube::Error> {
+        let api = Api::<NodeNetwork>::all(self.client.clone());
+        let mut body = apply_body::<NodeNetwork>(
+            &kube::ResourceExt::name_any(nn),
+            None,
+            json!({"status": {"encryption": status}}),
+        );
+        body["metadata"]["uid"] = json!(kube::ResourceExt::uid(nn));
+        apply_status(&api, FIELD_MANAGER, &body).await.map(|_| ())
+    }
+
+    /// Converges the node to its spec; the status to publish.
+    async fn converge(
+        &self,
+        nn: &NodeNetwork,
+        caps: &Capabilities,
+        implementation: &Result<&'static str, String>,
+    ) -> Option<NodeEncryptionStatus> {
+        let mut status = NodeEncryptionStatus {
+            wireguard_implementation: implementation.as_ref().ok().map(|i| i.to_string()),
+            ipsec_supported: Some(caps.esp.is_ok()),
+            ipsec_unsupported_reason: caps.esp.clone().err(),
+            ..Default::default()
+        };
+        let spec = nn.spec.encryption.clone();
+        let peers = spec.as_ref().map(peer_plans).unwrap_or_default();
+        let wireguard = spec.as_ref().filter(|s| s.mode == "WireGuard");
+        // Peers whose traffic goes through the device; strict mode blackholes the rest.
+        let mut keyed: Vec<bool> = vec![false; peers.len()];
+        let mut problem: Option<String> = None;
+        match (wireguard, implementation) {
+            (Some(spec), Ok(_)) => match self.converge_device(spec, &peers, &mut status).await {
+                Ok(k) => keyed = k,
+                Err(e) => problem = Some(e),
+            },
+            (Some(_), Err(e)) => problem = Some(e.clone()),
+            (None, _) => {
+                if let Some(s) = &spec {
+                    problem = Some(match &caps.esp {
+                        Err(e) => format!("IPsec unsupported on this node: {e}"),
+                        Ok(()) => "IPsec is not built into this agent yet".into(),
+                    });
+                    let _ = s;
+                } else if device::running(&self.config.interface) {
+                    // Deselected: no peer keeps a session.
+                    let _ = self.configure(&DeviceState::default(), true);
+                }
+            }
+        }
+        let steering: Vec<_> = peers
+            .iter()
+            .zip(&keyed)
+            .map(|(p, k)| (p.cidrs.clone(), p.address, *k))
+            .collect();
+        let (rules, routes) = routes::plan_routes(
+            self.config.pod_route_table,
+            self.config.tunnel_route_table,
+            self.config.rule_priority,
+            (self.routing_mode == RoutingMode::Overlay).then_some(self.tunnel_port),
+            self.config.strict_mode && spec.is_some(),
+            &steering,
+        );
+        let plan = SteeringPlan {
+            interface: self.config.interface.clone(),
+            mtu: self.config.mtu,
+            node_ip: node_ipv4(nn),
+            tables: [self.config.pod_route_table, self.config.tunnel_route_table],
+            rules,
+            routes,
+        };
+        let netns = self.node_netns.clone();
+        match tokio::task::spawn_blocking(move || routes::converge(netns, plan)).await {
+            Ok(Ok(o)) => {
+                if o.changed > 0 {
+                    tracing::info!(changes = o.changed, "encryption routes converged");
+                }
+                if let Some(p) = o.rp_filter_problem {
+                    problem = problem.or(Some(p));
+                }
+            }
+            Ok(Err(e)) => problem = problem.or(Some(format!("routes: {e}"))),
+            Err(e) => problem = problem.or(Some(format!("routes: {e}"))),
+        }
+        let held = if self.config.strict_mode && spec.is_some() {
+            keyed.iter().filter(|k| !**k).count()
+        } else {
+            0
+        };
+        self.metrics.held_peers.set(held as i64);
+        self.metrics
+            .peers
+            .set(keyed.iter().filter(|k| **k).count() as i64);
+        if problem.is_none() && held > 0 {
+            problem = Some(format!(
+                "{held} peers have no public key yet (their traffic is held back)"
+            ));
+        }
+        status.peers = spec
+            .as_ref()
+            .map(|_| keyed.iter().filter(|k| **k).count() as i32);
+        status.ready = spec.is_some() && problem.is_none();
+        status.message = problem;
+        Some(status)
+    }
+
+    /// The key pair, the device and its peers. Which peers are configured.
+    async fn converge_device(
+        &self,
+        spec: &NodeEncryption,
+        peers: &[PeerPlan],
+        status: &mut NodeEncryptionStatus,
+    ) -> Result<Vec<bool>, String> {
+        let path = keys::key_file(&self.state_dir);
+        let epoch = spec.key_epoch.unwrap_or(1);
+        let (pair, new) =
+            keys::current(&path, epoch).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        if new {
+            self.metrics.rotations.inc();
+            tracing::info!(epoch, public_key = %pair.public_base64(), "new WireGuard key pair");
+        }
+        status.public_key = Some(pair.public_base64());
+        status.key_epoch = Some(pair.epoch);
+        status.key_created = Some(pair.created.clone());
+        let interface = self.config.interface.clone();
+        if !device::running(&interface) {
+            let (netns, threads, name) = (
+                self.node_netns.clone(),
+                self.config.device_threads,
+                interface.clone(),
+            );
+            tokio::task::spawn_blocking(move || device::start(netns.as_deref(), &name, threads))
+                .await
+                .map_err(|e| e.to_string())??;
+            tracing::info!(%interface, "userspace WireGuard device started");
+        }
+        let mut want = DeviceState {
+            private_key: Some(pair.private()),
+            listen_port: spec.listen_port.unwrap_or(51871) as u16,
+            ..Default::default()
+        };
+        let keepalive = spec
+            .persistent_keepalive_seconds
+            .unwrap_or(0)
+            .clamp(0, 65535) as u16;
+        let mut keyed = Vec::new();
+        for p in peers {
+            match p.key {
+                Some(key) if key != pair.public() => {
+                    want.peers.insert(
+                        key,
+                        Peer {
+                            endpoint: p.endpoint.clone(),
+                            allowed_ips: p.allowed_ips.clone(),
+                            keepalive,
+                            last_handshake: 0,
+                        },
+                    );
+                    keyed.push(true);
+                }
+                _ => keyed.push(false),
+            }
+        }
+        let handshakes = self.configure(&want, false)?;
+        self.metrics.handshakes.set(handshakes as i64);
+        Ok(keyed)
+    }
+
+    /// Sets what differs from `want` on the device; the peers with a handshake.
+    fn configure(&self, want: &DeviceState, keep_key: bool) -> Result<usize, String> {
+        let interface = &self.config.interface;
+        let current = uapi::get(interface).map_err(|e| format!("reading {interface}: {e}"))?;
+        let mut want = want.clone();
+        if keep_key {
+            want.private_key = current.private_key;
+            want.listen_port = current.listen_port;
+        }
+        if let Some(request) = uapi::set_request(&current, &want) {
+            uapi::set(interface, &request).map_err(|e| format!("configuring {interface}: {e}"))?;
+            tracing::info!(%interface, peers = want.peers.len(), "WireGuard device configured");
+        }
+        Ok(current
+            .peers
+            .values()
+            .filter(|p| p.last_handshake > 0)
+            .count())
+    }
+}

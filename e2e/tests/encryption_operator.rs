@@ -1,0 +1,240 @@
+//! The encryption concern on a real apiserver, through `tendril-operator` (no agents: the
+//! test writes `NodeNetwork.status.encryption` as agents do, under its own field manager).
+//!
+//! Three Nodes (InternalIPs, pod CIDRs from a PodIPPool); `a` and `b` carry the label the
+//! policy selects. Checked in order: each selected node's `spec.encryption` lists the
+//! other with its address, pod CIDR + address as allowed IPs and published key; the
+//! unselected node gets nothing; the policy is `Ready` with 2 encrypted nodes and per-node
+//! states. A rotation request raises the key generation in every spec and the nodes are
+//! `KeyOutdated` until their agents publish keys of it. `b` loses its label: it leaves
+//! `a`'s peers and loses its `encryption`. A selector with an unknown operator is
+//! `Valid=False` (`InvalidSpec`) naming the field.
+//!
+//! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
+
+mod operator_common;
+
+use anyhow::{Result, ensure};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use operator_common::{free_port, wait_until};
+use serde_json::json;
+use tendril_crds::v1alpha1::{EncryptionPolicy, NodeNetwork};
+use tendril_e2e::{ControlPlane, Process, TestEnv};
+
+fn condition(p: &EncryptionPolicy, type_: &str) -> Option<(String, String, String)> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// What an agent publishes: its key of generation `epoch`, ready.
+async fn publish(networks: &Api<NodeNetwork>, node: &str, key: &str, epoch: i64) -> Result<()> {
+    networks
+        .patch_status(
+            node,
+            &PatchParams::apply("test-agent-encryption").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "tendril.dev/v1alpha1", "kind": "NodeNetwork",
+                "metadata": {"name": node},
+                "status": {"encryption": {
+                    "wireguardImplementation": "userspace", "ipsecSupported": false,
+                    "ipsecUnsupportedReason": "no ESP", "publicKey": key,
+                    "keyEpoch": epoch, "ready": true}},
+            })),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
+    let plane = ControlPlane::dedicated("encryption-operator").await?;
+    let env = TestEnv::on(plane).await?;
+    let client = env.client();
+    env.apply_yaml(
+        "apiVersion: tendril.dev/v1alpha1\nkind: PodIPPool\nmetadata: {name: default}\n\
+         spec: {ipv4: {cidrs: [\"10.210.0.0/16\"], maskSize: 24}}",
+    )
+    .await?;
+    env.delete_on_drop::<tendril_crds::v1alpha1::PodIPPool>("default");
+    let _operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{}", free_port()?))
+        .env("RUST_LOG", "info,tendril_controllers::encryption=debug")
+        .spawn()?;
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    let label = env.unique_name("enc");
+    let names: Vec<String> = ["a", "b", "c"].iter().map(|n| env.unique_name(n)).collect();
+    for (i, name) in names.iter().enumerate() {
+        env.delete_on_drop::<Node>(name);
+        env.delete_on_drop::<NodeNetwork>(name);
+        let labels = if i < 2 {
+            json!({"encrypt": label})
+        } else {
+            json!({})
+        };
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+        }))?;
+        nodes.create(&PostParams::default(), &node).await?;
+        nodes
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"addresses": [
+                    {"type": "InternalIP", "address": format!("10.251.0.{}", 10 + i)}]}})),
+            )
+            .await?;
+        let nn = wait_until(
+            &networks,
+            name,
+            "addresses and pod CIDR",
+            |nn: &NodeNetwork| !nn.spec.addresses.is_empty() && !nn.spec.pod_cidrs.is_empty(),
+        )
+        .await?;
+        publish(&networks, name, &format!("key-{i}-gen1"), 1).await?;
+        ensure!(nn.spec.encryption.is_none());
+    }
+
+    let policies: Api<EncryptionPolicy> = Api::all(client.clone());
+    let name = env.unique_name("wg");
+    env.delete_on_drop::<EncryptionPolicy>(&name);
+    let policy: EncryptionPolicy = serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
+        "metadata": {"name": name},
+        "spec": {"mode": "WireGuard", "nodeSelector": {"matchLabels": {"encrypt": label}}},
+    }))?;
+    policies.create(&PostParams::default(), &policy).await?;
+    let b_cidr = networks.get(&names[1]).await?.spec.pod_cidrs[0].clone();
+    let a = wait_until(&networks, &names[0], "peer b", |nn: &NodeNetwork| {
+        nn.spec
+            .encryption
+            .as_ref()
+            .is_some_and(|e| !e.peers.is_empty())
+    })
+    .await?;
+    let enc = a.spec.encryption.clone().unwrap();
+    ensure!(
+        enc.mode == "WireGuard" && enc.key_epoch == Some(1),
+        "{enc:?}"
+    );
+    ensure!(
+        enc.wireguard_public_key.as_deref() == Some("key-0-gen1"),
+        "{enc:?}"
+    );
+    ensure!(enc.listen_port == Some(51871), "{enc:?}");
+    let peer = &enc.peers[0];
+    ensure!(
+        peer.node == names[1] && peer.address == "10.251.0.11",
+        "{peer:?}"
+    );
+    ensure!(peer.public_key.as_deref() == Some("key-1-gen1"), "{peer:?}");
+    let mut want = vec![b_cidr.clone(), "10.251.0.11/32".to_string()];
+    want.sort();
+    ensure!(peer.allowed_ips == want, "{peer:?}");
+    ensure!(
+        networks.get(&names[2]).await?.spec.encryption.is_none(),
+        "c is not selected"
+    );
+    let p = wait_until(
+        &policies,
+        &name,
+        "Ready, 2 nodes",
+        |p: &EncryptionPolicy| {
+            condition(p, "Ready").is_some_and(|c| c.0 == "True")
+                && p.status.as_ref().and_then(|s| s.encrypted_nodes) == Some(2)
+        },
+    )
+    .await?;
+    let status = p.status.unwrap();
+    ensure!(
+        status.key_epoch == Some(1) && status.nodes.len() == 2,
+        "{status:?}"
+    );
+
+    // Rotation: generation 2 everywhere; not ready until the agents publish it.
+    policies
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"tendril.dev/rotation-request": "now"}}}),
+            ),
+        )
+        .await?;
+    let p = wait_until(&policies, &name, "KeyOutdated", |p: &EncryptionPolicy| {
+        p.status.as_ref().is_some_and(|s| {
+            s.key_epoch == Some(2) && s.nodes.iter().all(|n| n.reason == "KeyOutdated")
+        })
+    })
+    .await?;
+    ensure!(p.status.unwrap().last_key_rotation.is_some());
+    wait_until(&networks, &names[0], "generation 2", |nn: &NodeNetwork| {
+        nn.spec.encryption.as_ref().and_then(|e| e.key_epoch) == Some(2)
+    })
+    .await?;
+    for (i, node) in names.iter().take(2).enumerate() {
+        publish(&networks, node, &format!("key-{i}-gen2"), 2).await?;
+    }
+    wait_until(&networks, &names[0], "b's new key", |nn: &NodeNetwork| {
+        nn.spec.encryption.as_ref().is_some_and(|e| {
+            e.peers.first().and_then(|p| p.public_key.as_deref()) == Some("key-1-gen2")
+        })
+    })
+    .await?;
+    wait_until(&policies, &name, "Ready again", |p: &EncryptionPolicy| {
+        condition(p, "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+
+    // b deselected: out of a's peers, its own encryption removed.
+    nodes
+        .patch(
+            &names[1],
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"encrypt": null}}})),
+        )
+        .await?;
+    wait_until(&networks, &names[0], "no peers", |nn: &NodeNetwork| {
+        nn.spec
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.peers.is_empty())
+    })
+    .await?;
+    wait_until(&networks, &names[1], "no encryption", |nn: &NodeNetwork| {
+        nn.spec.encryption.is_none()
+    })
+    .await?;
+
+    // Bad input.
+    let bad = env.unique_name("bad");
+    env.delete_on_drop::<EncryptionPolicy>(&bad);
+    let policy: EncryptionPolicy = serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
+        "metadata": {"name": bad},
+        "spec": {"mode": "WireGuard", "nodeSelector": {"matchExpressions": [
+            {"key": "encrypt", "operator": "Sometimes"}]}},
+    }))?;
+    policies.create(&PostParams::default(), &policy).await?;
+    let p = wait_until(&policies, &bad, "Valid=False", |p: &EncryptionPolicy| {
+        condition(p, "Valid").is_some_and(|c| c.0 == "False")
+    })
+    .await?;
+    let (_, reason, message) = condition(&p, "Valid").unwrap();
+    println!("invalid policy: {reason}: {message}");
+    ensure!(
+        reason == "InvalidSpec" && message.contains("nodeSelector"),
+        "{message}"
+    );
+    Ok(())
+}
