@@ -26,7 +26,6 @@ pub mod plan;
 #[cfg(test)]
 mod plan_tests;
 
-use crate::bgp::index::Seen;
 use crate::egress::node_input;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -341,34 +340,21 @@ pub async fn run(ctx: runtime::Context, config: EncryptionConfig) -> anyhow::Res
         Duration::from_millis(config.debounce_millis),
         Duration::from_millis(config.max_delay_millis),
     );
-    let policy_changes = {
-        let seen = Seen::default();
-        policies.trigger_when(move |c| {
-            seen.changed(c, |p: &EncryptionPolicy| {
-                (
-                    p.metadata.generation,
-                    p.annotations().get(plan::ROTATION_REQUEST).cloned(),
-                )
-            })
-        })
-    };
-    let node_changes = {
-        let seen = Seen::default();
-        nodes.trigger_when(move |c| seen.changed(c, |n: &Node| n.labels().clone()))
-    };
+    let policy_changes = policies.trigger_on(|p: &EncryptionPolicy| {
+        (
+            p.metadata.generation,
+            p.annotations().get(plan::ROTATION_REQUEST).cloned(),
+        )
+    });
+    let node_changes = nodes.trigger_on(|n: &Node| n.labels().clone());
     // Addresses, pod CIDRs, what the agent published, and our own writes coming back (a
     // field edited by someone else is put back).
-    let network_changes = {
-        let seen = Seen::default();
-        networks.trigger_when(move |c| {
-            seen.changed(c, |nn: &NodeNetwork| {
-                (
-                    nn.spec.clone(),
-                    nn.status.as_ref().and_then(|s| s.encryption.clone()),
-                )
-            })
-        })
-    };
+    let network_changes = networks.trigger_on(|nn: &NodeNetwork| {
+        (
+            nn.spec.clone(),
+            nn.status.as_ref().and_then(|s| s.encryption.clone()),
+        )
+    });
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, singleton::on_change(NAME, Some(&changes)))
         .watches_stream(node_changes, singleton::on_change(NAME, Some(&changes)))
