@@ -14,6 +14,8 @@
 #   hack/bench.sh services-operator  # the services concern at 1k/10k Services (write,
 #                            # realize, change, restart, operator RSS)
 #   hack/bench.sh lbipam     # LB IPAM planning of 10k Services in one /16
+#   hack/bench.sh scale [FRACTIONS]  # the operator at 1k nodes/100k pods/10k services/1k
+#                            # NetworkPolicies × FRACTIONS (default 0.1,0.3) with kwok; churn
 #
 # Built and run with the release profile (what a user runs, and what kube-proxy, the
 # baseline of `services`, is); TENDRIL_BENCH_PROFILE=dev measures the debug build instead.
@@ -52,7 +54,9 @@ case $which in
   all | services) run "services vs kube-proxy" cargo test -p tendril-e2e --test services_bench ;;&
   all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
   all | lbipam) run "LB IPAM planning" cargo test -p tendril-controllers --lib lbipam_plan_cost ;;&
-  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam) ;;
-  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam or all)" ;;
+  all | scale) TENDRIL_SCALE_FRACTIONS=${2:-${TENDRIL_SCALE_FRACTIONS:-0.1,0.3}} \
+    run "operator at scale (kwok)" cargo test -p tendril-e2e --test scale ;;&
+  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam | scale) ;;
+  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam, scale or all)" ;;
 esac
 exit $rc

@@ -1,0 +1,1082 @@
+//! Issue 17 benchmark: the operator at cluster scale, on a dedicated real control plane
+//! with kwok faking the nodes and the kubelets.
+//!
+//! Full size is 1,000 nodes, 100,000 pods in 1,000 namespaces, 10,000 Services and 1,000
+//! NetworkPolicies; `TENDRIL_SCALE_FRACTIONS` (default `0.1`, e.g. `0.1,0.3`) picks the
+//! fractions of it to run, each on a fresh plane. Per fraction:
+//! - kwok (built by `hack/control-plane-build.sh`) manages the Nodes labelled
+//!   `type=kwok`: the Stages below make each Node Ready with the InternalIP of an
+//!   annotation, and each Pod Running with an IP from its Node's `spec.podCIDR` (one /24
+//!   per node), and finish deletions as a kubelet would;
+//! - the operator runs as in production (the profile of this test, release under
+//!   `hack/bench.sh scale`), leader election off, `identities.gcGracePeriodSeconds: 30`;
+//! - the harness creates Nodes, Namespaces (with a `team` label), then Pods at
+//!   `TENDRIL_SCALE_RATE` creates/s (default 100): 100 per namespace, 5 apps per namespace
+//!   (so 5% of pods are distinct identities), each pod labelled `app`, `tier`, `version`
+//!   and a `pod-template-hash` (filtered out of identities, as in Deployments), then 10
+//!   Services per namespace (selecting the apps) and 1 NetworkPolicy per namespace;
+//! - it waits until every pod has an `Endpoint` with an identity (the create phase), then
+//!   replaces 10% of the pods per minute for `TENDRIL_SCALE_CHURN_SECS` (default 120): each
+//!   replacement deletes the oldest pod and creates one of the same app (the churn phase);
+//! - GC probe: 20 pods with label sets of their own are created, get their identities,
+//!   and are deleted; the time from the deletion until the last of those `Identity` objects
+//!   is gone, less the grace period, is the GC lag.
+//!
+//! Measured: operator RSS (end and peak) and CPU (cores, from /proc) per phase; reconcile
+//! time per concern (`controller_runtime_reconcile_time_seconds`, mean and p99 from the
+//! buckets) and the highest `workqueue_depth` seen; pod created → its `Endpoint` carries an
+//! identity (p50/p99, seen on a watch of all Endpoints; includes kwok's status write);
+//! identity allocations per second while the pods are created; ResolvedPolicy count and
+//! bytes (JSON as listed); apiserver writes (`apiserver_request_total` from the
+//! apiserver's own /metrics, verbs POST/PUT/PATCH/DELETE/APPLY) per pod created during the
+//! churn, split into Tendril's objects (group tendril.dev) and everything else.
+//!
+//! Prints a table per fraction and, with more than one, the ratio of each figure between
+//! the largest and the smallest, as markdown. Asserts nothing about speed. Not part of the
+//! suite: `hack/bench.sh scale [FRACTIONS]`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tendril_crds::v1alpha1::{Endpoint, Identity, ResolvedPolicy};
+use tendril_e2e::{ControlPlane, Metrics, Process, fetch_metrics, k8s_bin_dir};
+
+const FULL_NODES: usize = 1_000;
+const FULL_PODS: usize = 100_000;
+const PODS_PER_NAMESPACE: usize = 100;
+const APPS_PER_NAMESPACE: usize = 5;
+const SERVICES_PER_NAMESPACE: usize = 10;
+const POLICIES_PER_NAMESPACE: usize = 1;
+const CONCURRENCY: usize = 64;
+const GC_PROBE_PODS: usize = 20;
+const GC_GRACE_SECS: u64 = 30;
+const NODE_LABEL: (&str, &str) = ("type", "kwok");
+const IP_ANNOTATION: &str = "scale.tendril.dev/internal-ip";
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// kwok's configuration: the Stages that play kubelet. Written for this harness from
+/// kwok's Stage API (kwok.x-k8s.io/v1alpha1); the templates use kwok's functions `Now`,
+/// `Quote`, `NodeIPWith`-style helpers (`PodIPsWith`, `NodeIPsWith`).
+const KWOK_CONFIG: &str = r#"
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  podPlayStageParallelism: 16
+  nodePlayStageParallelism: 4
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: scale-node-ready
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Node
+  selector:
+    matchExpressions:
+    - key: '.status.phase'
+      operator: 'NotIn'
+      values: ['Running']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - type: Ready
+        status: "True"
+        reason: KubeletReady
+        message: kwok
+        lastHeartbeatTime: {{ $now | Quote }}
+        lastTransitionTime: {{ $now | Quote }}
+      addresses:
+      - type: InternalIP
+        address: {{ index .metadata.annotations "scale.tendril.dev/internal-ip" | Quote }}
+      - type: Hostname
+        address: {{ .metadata.name | Quote }}
+      allocatable: {cpu: 1k, memory: 1Ti, pods: 1M}
+      capacity: {cpu: 1k, memory: 1Ti, pods: 1M}
+      phase: Running
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: scale-pod-running
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values: ['Pending']
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      conditions:
+      - {type: Initialized, status: "True", lastTransitionTime: {{ $now | Quote }}}
+      - {type: Ready, status: "True", lastTransitionTime: {{ $now | Quote }}}
+      - {type: ContainersReady, status: "True", lastTransitionTime: {{ $now | Quote }}}
+      containerStatuses:
+      {{ range .spec.containers }}
+      - image: {{ .image | Quote }}
+        name: {{ .name | Quote }}
+        ready: true
+        restartCount: 0
+        state:
+          running:
+            startedAt: {{ $now | Quote }}
+      {{ end }}
+      {{ with NodeIPsWith .spec.nodeName }}
+      hostIP: {{ index . 0 | Quote }}
+      {{ end }}
+      {{ with PodIPsWith .spec.nodeName false .metadata.uid .metadata.name .metadata.namespace }}
+      podIP: {{ index . 0 | Quote }}
+      podIPs:
+      {{ range . }}
+      - ip: {{ . | Quote }}
+      {{ end }}
+      {{ end }}
+      phase: Running
+      startTime: {{ $now | Quote }}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: scale-pod-delete
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'Exists'
+  next:
+    delete: true
+"#;
+
+/// The sizes of one run.
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    fraction: f64,
+    nodes: usize,
+    namespaces: usize,
+    pods: usize,
+    services: usize,
+    policies: usize,
+}
+
+impl Size {
+    fn of(fraction: f64) -> Size {
+        let nodes = ((FULL_NODES as f64 * fraction).round() as usize).max(1);
+        let pods = ((FULL_PODS as f64 * fraction).round() as usize).max(PODS_PER_NAMESPACE);
+        let namespaces = pods.div_ceil(PODS_PER_NAMESPACE);
+        Size {
+            fraction,
+            nodes,
+            namespaces,
+            pods: namespaces * PODS_PER_NAMESPACE,
+            services: namespaces * SERVICES_PER_NAMESPACE,
+            policies: namespaces * POLICIES_PER_NAMESPACE,
+        }
+    }
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(key) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{key}={v}: {e}")),
+        Err(_) => Ok(default),
+    }
+}
+
+// ------------------------------------------------------------------ objects
+
+fn node(i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("kwok-{i}"),
+                     "labels": {NODE_LABEL.0: NODE_LABEL.1},
+                     "annotations": {IP_ANNOTATION: format!("172.20.{}.{}", i / 250, i % 250 + 1)}},
+        // One /24 per node, out of 10.128.0.0/9 (clear of the service CIDR 10.96.0.0/16).
+        "spec": {"podCIDR": format!("10.{}.{}.0/24", 128 + i / 256, i % 256)}})
+}
+
+fn namespace_name(n: usize) -> String {
+    format!("scale-{n}")
+}
+
+fn namespace(n: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": namespace_name(n), "labels": {"team": format!("team-{}", n % 20)}}})
+}
+
+/// A pod of app `app` in namespace `n`; `serial` makes the name unique over the churn.
+fn pod(n: usize, app: usize, serial: usize, node: usize) -> Value {
+    let tier = ["web", "api", "db"][app % 3];
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("app{app}-{serial}"), "namespace": namespace_name(n),
+            "labels": {"app": format!("app{app}"), "tier": tier,
+                       "version": "v1", "pod-template-hash": format!("{:x}", serial * 7919 % 65536)}},
+        "spec": {"nodeName": format!("kwok-{node}"),
+                 "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
+                                 "ports": [{"name": "http", "containerPort": 8080}]}]}})
+}
+
+fn service(n: usize, s: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc{s}"), "namespace": namespace_name(n)},
+        "spec": {"selector": {"app": format!("app{}", s % APPS_PER_NAMESPACE)},
+                 "ports": [{"name": "http", "port": 80 + s as i32, "targetPort": "http"}]}})
+}
+
+/// app0 accepts app1 on 8080 and the team's other namespaces on 8080.
+fn policy(n: usize, p: usize) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": format!("np{p}"), "namespace": namespace_name(n)},
+        "spec": {"podSelector": {"matchLabels": {"app": format!("app{p}")}},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [
+                     {"podSelector": {"matchLabels": {"app": format!("app{}", p + 1)}}},
+                     {"namespaceSelector": {"matchLabels": {"team": format!("team-{}", n % 20)}},
+                      "podSelector": {"matchLabels": {"tier": "web"}}}],
+                     "ports": [{"protocol": "TCP", "port": 8080}]}]}})
+}
+
+/// Creates `objects` through `api_of`, at most `rate` per second (0: as fast as
+/// `CONCURRENCY` requests in flight allow); calls `created` with each index as it is sent.
+async fn create_paced<K, F>(
+    objects: Vec<Value>,
+    rate: f64,
+    api_of: F,
+    created: impl Fn(usize) + Clone,
+) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    F: Fn(&Value) -> Api<K>,
+{
+    let start = tokio::time::Instant::now();
+    futures::stream::iter(objects.into_iter().enumerate())
+        .map(|(i, obj)| {
+            let api = api_of(&obj);
+            let created = created.clone();
+            async move {
+                if rate > 0.0 {
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate))
+                        .await;
+                }
+                created(i);
+                let obj: K = serde_json::from_value(obj)?;
+                match api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                    Err(e) => Err(anyhow::Error::from(e)),
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ measuring
+
+/// CPU time (user + system) of a process, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// VmRSS and VmHWM (peak) of a process, MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Writes (POST, PUT, PATCH, DELETE, APPLY) the apiserver served, by (group, resource).
+async fn apiserver_writes(plane: &ControlPlane) -> Result<BTreeMap<(String, String), f64>> {
+    let text = plane.kubectl(["get", "--raw", "/metrics"]).await?;
+    let m = Metrics::parse(&text);
+    let mut out = BTreeMap::new();
+    for s in m.matching("apiserver_request_total", &[]) {
+        let verb = s.labels.get("verb").map(String::as_str).unwrap_or("");
+        if !matches!(verb, "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY") {
+            continue;
+        }
+        let group = s.labels.get("group").cloned().unwrap_or_default();
+        let mut resource = s.labels.get("resource").cloned().unwrap_or_default();
+        if let Some(sub) = s.labels.get("subresource").filter(|v| !v.is_empty()) {
+            resource = format!("{resource}/{sub}");
+        }
+        *out.entry((group, resource)).or_default() += s.value;
+    }
+    Ok(out)
+}
+
+fn writes_delta(
+    before: &BTreeMap<(String, String), f64>,
+    after: &BTreeMap<(String, String), f64>,
+) -> BTreeMap<(String, String), f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+/// Per concern: reconciles, mean and p99 reconcile time (s) between two scrapes.
+fn reconcile_times(before: &Metrics, after: &Metrics) -> BTreeMap<String, (f64, f64, f64)> {
+    let name = "controller_runtime_reconcile_time_seconds";
+    let mut out = BTreeMap::new();
+    let controllers: Vec<String> = after
+        .matching(&format!("{name}_count"), &[])
+        .filter_map(|s| s.labels.get("controller").cloned())
+        .collect();
+    for c in controllers {
+        let l = [("controller", c.as_str())];
+        let d = |m: &str| after.sum(m, &l) - before.sum(m, &l);
+        let count = d(&format!("{name}_count"));
+        if count <= 0.0 {
+            continue;
+        }
+        let mean = d(&format!("{name}_sum")) / count;
+        // p99 from the cumulative buckets' deltas: the first bound holding 99%.
+        let mut buckets: Vec<(f64, f64)> = after
+            .matching(&format!("{name}_bucket"), &l)
+            .filter_map(|s| {
+                let le = s.labels.get("le")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                let prev = before
+                    .matching(&format!("{name}_bucket"), &l)
+                    .find(|p| p.labels.get("le") == Some(le))
+                    .map_or(0.0, |p| p.value);
+                Some((bound, s.value - prev))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let p99 = buckets
+            .iter()
+            .find(|(_, n)| *n >= 0.99 * count)
+            .map_or(f64::NAN, |(b, _)| *b);
+        out.insert(c, (count, mean, p99));
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// When each pod was sent, and when its `Endpoint` first carried an identity.
+#[derive(Default)]
+struct Latencies {
+    created: HashMap<String, Instant>,
+    endpoint: HashMap<String, Instant>,
+}
+
+impl Latencies {
+    /// p50, p99, max (s) and how many of `keys` have no Endpoint yet.
+    fn of(&self, keys: &[String]) -> (f64, f64, f64, usize) {
+        let mut v = Vec::new();
+        let mut missing = 0;
+        for k in keys {
+            match (self.created.get(k), self.endpoint.get(k)) {
+                (Some(c), Some(e)) => v.push(e.saturating_duration_since(*c).as_secs_f64()),
+                _ => missing += 1,
+            }
+        }
+        v.sort_by(f64::total_cmp);
+        (
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            v.last().copied().unwrap_or(f64::NAN),
+            missing,
+        )
+    }
+}
+
+/// Records the first time each Endpoint is seen with an identity.
+async fn watch_endpoints(api: Api<Endpoint>, lat: Arc<Mutex<Latencies>>) {
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    while let Some(ev) = stream.next().await {
+        let ep = match ev {
+            Ok(watcher::Event::Apply(ep) | watcher::Event::InitApply(ep)) => ep,
+            _ => continue,
+        };
+        if ep.spec.identity.is_none() {
+            continue;
+        }
+        let key = format!(
+            "{}/{}",
+            ep.metadata.namespace.as_deref().unwrap_or(""),
+            ep.metadata.name.as_deref().unwrap_or("")
+        );
+        lat.lock()
+            .unwrap()
+            .endpoint
+            .entry(key)
+            .or_insert_with(Instant::now);
+    }
+}
+
+/// Samples the operator's RSS and its highest workqueue depth every second.
+#[derive(Default, Clone, Copy)]
+struct Peaks {
+    queue_depth: f64,
+}
+
+async fn sample_peaks(port: u16, peaks: Arc<Mutex<Peaks>>) {
+    loop {
+        if let Ok(m) = fetch_metrics(port).await {
+            let depth = m
+                .matching("workqueue_depth", &[])
+                .map(|s| s.value)
+                .fold(0.0, f64::max);
+            let mut p = peaks.lock().unwrap();
+            p.queue_depth = p.queue_depth.max(depth);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Aborts a task on drop.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A file removed on drop.
+struct ScratchFile(std::path::PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[derive(Default, Debug)]
+struct Phase {
+    secs: f64,
+    cpu_cores: f64,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+    queue_depth_peak: f64,
+    ep_p50: f64,
+    ep_p99: f64,
+    ep_max: f64,
+    reconciles: BTreeMap<String, (f64, f64, f64)>,
+    writes: BTreeMap<(String, String), f64>,
+}
+
+#[derive(Default, Debug)]
+struct Figures {
+    size: Option<Size>,
+    create: Phase,
+    churn: Phase,
+    churn_pods: usize,
+    identities: usize,
+    identity_alloc_per_s: f64,
+    resolved_policies: usize,
+    resolved_policy_bytes: usize,
+    gc_lag_s: f64,
+}
+
+struct PhaseStart {
+    at: Instant,
+    cpu: f64,
+    metrics: Metrics,
+    writes: BTreeMap<(String, String), f64>,
+}
+
+async fn phase_start(
+    plane: &ControlPlane,
+    pid: u32,
+    port: u16,
+    peaks: &Arc<Mutex<Peaks>>,
+) -> Result<PhaseStart> {
+    *peaks.lock().unwrap() = Peaks::default();
+    Ok(PhaseStart {
+        at: Instant::now(),
+        cpu: cpu_seconds(pid),
+        metrics: fetch_metrics(port).await?,
+        writes: apiserver_writes(plane).await?,
+    })
+}
+
+async fn phase_end(
+    start: PhaseStart,
+    plane: &ControlPlane,
+    pid: u32,
+    port: u16,
+    peaks: &Arc<Mutex<Peaks>>,
+    lat: &Arc<Mutex<Latencies>>,
+    pods: &[String],
+) -> Result<Phase> {
+    let secs = start.at.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - start.cpu;
+    let metrics = fetch_metrics(port).await?;
+    let (rss, peak) = rss_mib(pid);
+    let (ep_p50, ep_p99, ep_max, _) = lat.lock().unwrap().of(pods);
+    // Read before the awaits below: a guard in the struct literal would live across them.
+    let queue_depth_peak = peaks.lock().unwrap().queue_depth;
+    let writes = writes_delta(&start.writes, &apiserver_writes(plane).await?);
+    Ok(Phase {
+        secs,
+        cpu_cores: cpu / secs,
+        rss_mib: rss,
+        peak_rss_mib: peak,
+        queue_depth_peak,
+        ep_p50,
+        ep_p99,
+        ep_max,
+        reconciles: reconcile_times(&start.metrics, &metrics),
+        writes,
+    })
+}
+
+/// Waits until every pod in `keys` has an Endpoint with an identity.
+async fn settle(lat: &Arc<Mutex<Latencies>>, keys: &[String]) -> Result<()> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let missing = lat.lock().unwrap().of(keys).3;
+        if missing == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{missing} pods still without an Endpoint with identity");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
+    let tag = format!("scale-{}", (size.fraction * 100.0).round());
+    let plane = ControlPlane::dedicated(&tag).await?;
+    let client = plane.client().await?;
+
+    let kwok_config = ScratchFile(std::env::temp_dir().join(format!(
+        "tendril-{tag}-kwok-{}.yaml",
+        std::process::id()
+    )));
+    std::fs::write(&kwok_config.0, KWOK_CONFIG)?;
+    let _kwok = Process::builder(k8s_bin_dir().join("kwok"))
+        .name("kwok")
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig())
+        .arg("--config")
+        .arg(&kwok_config.0)
+        .arg(format!(
+            "--manage-nodes-with-label-selector={}={}",
+            NODE_LABEL.0, NODE_LABEL.1
+        ))
+        // No Lease heartbeats: kubelets' renewals are not what is measured here.
+        .arg("--node-lease-duration-seconds=0")
+        .arg("--v=WARN")
+        .spawn()?;
+
+    let op_config = ScratchFile(std::env::temp_dir().join(format!(
+        "tendril-{tag}-operator-{}.yaml",
+        std::process::id()
+    )));
+    std::fs::write(
+        &op_config.0,
+        format!("identities:\n  gcGracePeriodSeconds: {GC_GRACE_SECS}\n"),
+    )?;
+    let port = free_port()?;
+    let operator = Process::builder("tendril-operator")
+        .arg("--config")
+        .arg(&op_config.0)
+        .arg("--kubeconfig")
+        .arg(plane.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let pid = operator.pid();
+    tendril_e2e::eventually(Duration::from_secs(120), || fetch_metrics(port)).await?;
+
+    let lat = Arc::new(Mutex::new(Latencies::default()));
+    let _watch = AbortOnDrop(tokio::spawn(watch_endpoints(
+        Api::all(client.clone()),
+        lat.clone(),
+    )));
+    let peaks = Arc::new(Mutex::new(Peaks::default()));
+    let _sampler = AbortOnDrop(tokio::spawn(sample_peaks(port, peaks.clone())));
+
+    // ---- create
+    let start = phase_start(&plane, pid, port, &peaks).await?;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    create_paced(
+        (0..size.nodes).map(node).collect(),
+        0.0,
+        |_| nodes_api.clone(),
+        |_| {},
+    )
+    .await
+    .context("creating nodes")?;
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    create_paced(
+        (0..size.namespaces).map(namespace).collect(),
+        0.0,
+        |_| ns_api.clone(),
+        |_| {},
+    )
+    .await
+    .context("creating namespaces")?;
+    // The ServiceAccount admission plugin rejects pods until their namespace's `default`
+    // ServiceAccount exists (the controller-manager creates them).
+    let sas: Api<ServiceAccount> = Api::all(client.clone());
+    tendril_e2e::eventually(Duration::from_secs(300), || async {
+        let n = sas
+            .list_metadata(&ListParams::default().fields("metadata.name=default"))
+            .await?
+            .items
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref().is_some_and(|n| n.starts_with("scale-")))
+            .count();
+        ensure!(n >= size.namespaces, "{n}/{} default ServiceAccounts", size.namespaces);
+        Ok(())
+    })
+    .await?;
+    let mut live: VecDeque<(usize, usize, String)> = VecDeque::new();
+    let mut objects = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..size.pods {
+        let n = i / PODS_PER_NAMESPACE;
+        let app = i % APPS_PER_NAMESPACE;
+        let obj = pod(n, app, i, i % size.nodes);
+        let key = format!(
+            "{}/{}",
+            namespace_name(n),
+            obj["metadata"]["name"].as_str().unwrap()
+        );
+        live.push_back((n, app, key.clone()));
+        keys.push(key);
+        objects.push(obj);
+    }
+    let created_at = |lat: Arc<Mutex<Latencies>>, keys: Arc<Vec<String>>| {
+        move |i: usize| {
+            lat.lock()
+                .unwrap()
+                .created
+                .insert(keys[i].clone(), Instant::now());
+        }
+    };
+    let pods_api = |obj: &Value| -> Api<Pod> {
+        Api::namespaced(
+            client.clone(),
+            obj["metadata"]["namespace"].as_str().unwrap_or("default"),
+        )
+    };
+    let shared_keys = Arc::new(keys.clone());
+    let alloc_start_metrics = fetch_metrics(port).await?;
+    let alloc_started = Instant::now();
+    create_paced(
+        objects,
+        rate,
+        pods_api,
+        created_at(lat.clone(), shared_keys),
+    )
+    .await
+    .context("creating pods")?;
+    let svc_objects: Vec<Value> = (0..size.namespaces)
+        .flat_map(|n| (0..SERVICES_PER_NAMESPACE).map(move |s| service(n, s)))
+        .collect();
+    create_paced(
+        svc_objects,
+        rate,
+        |o| {
+            Api::<Service>::namespaced(
+                client.clone(),
+                o["metadata"]["namespace"].as_str().unwrap(),
+            )
+        },
+        |_| {},
+    )
+    .await
+    .context("creating services")?;
+    let np_objects: Vec<Value> = (0..size.namespaces)
+        .flat_map(|n| (0..POLICIES_PER_NAMESPACE).map(move |p| policy(n, p)))
+        .collect();
+    create_paced(
+        np_objects,
+        rate,
+        |o| {
+            Api::<NetworkPolicy>::namespaced(
+                client.clone(),
+                o["metadata"]["namespace"].as_str().unwrap(),
+            )
+        },
+        |_| {},
+    )
+    .await
+    .context("creating network policies")?;
+    settle(&lat, &keys).await?;
+    let alloc_m = fetch_metrics(port).await?;
+    let allocated = alloc_m.sum("tendril_identity_allocations_total", &[])
+        - alloc_start_metrics.sum("tendril_identity_allocations_total", &[]);
+    // Identities are allocated as the pods come: the rate over the pod-creation phase is
+    // bounded by the creation rate (a pod's first label set comes with its first pod).
+    let identity_alloc_per_s = allocated / alloc_started.elapsed().as_secs_f64();
+    let create = phase_end(start, &plane, pid, port, &peaks, &lat, &keys).await?;
+    eprintln!(
+        "{tag}: create phase done in {:.0}s ({} pods)",
+        create.secs, size.pods
+    );
+
+    // ---- churn: 10% of the pods per minute
+    let churn_rate = size.pods as f64 * 0.10 / 60.0;
+    let churn_n = (churn_rate * churn_secs as f64).round() as usize;
+    let start = phase_start(&plane, pid, port, &peaks).await?;
+    let mut replacements = Vec::new();
+    let mut churn_keys = Vec::new();
+    let mut deletions = Vec::new();
+    for k in 0..churn_n {
+        let (n, app, old) = live.pop_front().context("no pod left to churn")?;
+        let serial = size.pods + k;
+        let obj = pod(n, app, serial, serial % size.nodes);
+        let key = format!(
+            "{}/{}",
+            namespace_name(n),
+            obj["metadata"]["name"].as_str().unwrap()
+        );
+        live.push_back((n, app, key.clone()));
+        churn_keys.push(key);
+        deletions.push(old);
+        replacements.push(obj);
+    }
+    let deleter = {
+        let client = client.clone();
+        async move {
+            let t0 = tokio::time::Instant::now();
+            futures::stream::iter(deletions.into_iter().enumerate())
+                .map(|(i, key)| {
+                    let client = client.clone();
+                    async move {
+                        tokio::time::sleep_until(
+                            t0 + Duration::from_secs_f64(i as f64 / churn_rate),
+                        )
+                        .await;
+                        let (ns, name) = key.split_once('/').unwrap();
+                        match Api::<Pod>::namespaced(client, ns)
+                            .delete(name, &DeleteParams::default())
+                            .await
+                        {
+                            Ok(_) => Ok(()),
+                            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                            Err(e) => Err(anyhow::Error::from(e)),
+                        }
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await
+        }
+    };
+    let creator = create_paced(
+        replacements,
+        churn_rate,
+        pods_api,
+        created_at(lat.clone(), Arc::new(churn_keys.clone())),
+    );
+    let (d, c) = tokio::join!(deleter, creator);
+    d.context("churn: deleting pods")?;
+    c.context("churn: creating pods")?;
+    settle(&lat, &churn_keys).await?;
+    let churn = phase_end(start, &plane, pid, port, &peaks, &lat, &churn_keys).await?;
+    eprintln!(
+        "{tag}: churn phase done in {:.0}s ({churn_n} pods replaced)",
+        churn.secs
+    );
+
+    // ---- what the policy concern wrote
+    let rps: Api<ResolvedPolicy> = Api::all(client.clone());
+    let list = rps.list(&ListParams::default()).await?;
+    let resolved_policy_bytes = list
+        .items
+        .iter()
+        .map(|r| serde_json::to_vec(r).map_or(0, |v| v.len()))
+        .sum();
+    let identities: Api<Identity> = Api::all(client.clone());
+    let identity_count = identities.list_metadata(&ListParams::default()).await?.items.len();
+
+    // ---- GC probe: label sets of their own, used once, then gone
+    let probe_ns = namespace_name(0);
+    let probe_pods: Vec<Value> = (0..GC_PROBE_PODS)
+        .map(|k| {
+            let mut p = pod(0, 0, 10_000_000 + k, k % size.nodes);
+            p["metadata"]["name"] = format!("gc-probe-{k}").into();
+            p["metadata"]["labels"]["app"] = format!("gc-probe-{k}").into();
+            p
+        })
+        .collect();
+    let probe_keys: Vec<String> = (0..GC_PROBE_PODS)
+        .map(|k| format!("{probe_ns}/gc-probe-{k}"))
+        .collect();
+    create_paced(
+        probe_pods,
+        0.0,
+        pods_api,
+        created_at(lat.clone(), Arc::new(probe_keys.clone())),
+    )
+    .await?;
+    settle(&lat, &probe_keys).await?;
+    let eps: Api<Endpoint> = Api::namespaced(client.clone(), &probe_ns);
+    let mut probe_ids = Vec::new();
+    for k in 0..GC_PROBE_PODS {
+        if let Some(id) = eps.get(&format!("gc-probe-{k}")).await?.spec.identity {
+            probe_ids.push(id);
+        }
+    }
+    let probe_api: Api<Pod> = Api::namespaced(client.clone(), &probe_ns);
+    for k in 0..GC_PROBE_PODS {
+        probe_api
+            .delete(&format!("gc-probe-{k}"), &DeleteParams::default())
+            .await?;
+    }
+    let deleted_at = Instant::now();
+    let gc_deadline = deleted_at + Duration::from_secs(GC_GRACE_SECS + 600);
+    loop {
+        let mut left = 0;
+        for id in &probe_ids {
+            if identities.get_opt(&id.to_string()).await?.is_some() {
+                left += 1;
+            }
+        }
+        if left == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < gc_deadline,
+            "{left} probe identities not collected"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gc_lag_s = deleted_at.elapsed().as_secs_f64() - GC_GRACE_SECS as f64;
+
+    Ok(Figures {
+        size: Some(size),
+        create,
+        churn,
+        churn_pods: churn_n,
+        identities: identity_count,
+        identity_alloc_per_s,
+        resolved_policies: list.items.len(),
+        resolved_policy_bytes,
+        gc_lag_s,
+    })
+}
+
+// ------------------------------------------------------------------ report
+
+/// Tendril's writes (group tendril.dev) and all writes, per pod created in the phase.
+fn writes_per_pod(p: &Phase, pods: usize) -> (f64, f64) {
+    let tendril: f64 = p
+        .writes
+        .iter()
+        .filter(|((g, _), _)| g == "tendril.dev")
+        .map(|(_, v)| v)
+        .sum();
+    let all: f64 = p.writes.values().sum();
+    (tendril / pods as f64, all / pods as f64)
+}
+
+fn rows(f: &Figures) -> Vec<(String, f64, String)> {
+    let (t_w, all_w) = writes_per_pod(&f.churn, f.churn_pods);
+    let mut r = vec![
+        ("operator RSS after create (MiB)".into(), f.create.rss_mib, "< 300 at 100%".into()),
+        ("operator peak RSS (MiB)".into(), f.churn.peak_rss_mib, String::new()),
+        ("operator RSS after churn (MiB)".into(), f.churn.rss_mib, String::new()),
+        ("operator CPU while creating (cores)".into(), f.create.cpu_cores, String::new()),
+        ("operator CPU during churn (cores)".into(), f.churn.cpu_cores, "< 1".into()),
+        ("create phase (s)".into(), f.create.secs, String::new()),
+        ("pod → Endpoint+identity p50, create (s)".into(), f.create.ep_p50, String::new()),
+        ("pod → Endpoint+identity p99, create (s)".into(), f.create.ep_p99, String::new()),
+        ("pod → Endpoint+identity p50, churn (s)".into(), f.churn.ep_p50, String::new()),
+        ("pod → Endpoint+identity p99, churn (s)".into(), f.churn.ep_p99, "< 2".into()),
+        ("pod → Endpoint+identity max, churn (s)".into(), f.churn.ep_max, String::new()),
+        ("identities".into(), f.identities as f64, String::new()),
+        ("identity allocations/s (paced by pod creation)".into(), f.identity_alloc_per_s, "≥ 1000 capacity".into()),
+        ("identity GC lag beyond grace (s)".into(), f.gc_lag_s, String::new()),
+        ("ResolvedPolicies".into(), f.resolved_policies as f64, String::new()),
+        ("ResolvedPolicy bytes (KiB)".into(), f.resolved_policy_bytes as f64 / 1024.0, String::new()),
+        ("Tendril apiserver writes per churned pod".into(), t_w, "≤ 3".into()),
+        ("all apiserver writes per churned pod".into(), all_w, String::new()),
+        ("peak workqueue depth, create".into(), f.create.queue_depth_peak, String::new()),
+        ("peak workqueue depth, churn".into(), f.churn.queue_depth_peak, String::new()),
+    ];
+    for (phase, p) in [("create", &f.create), ("churn", &f.churn)] {
+        for (c, (count, mean, p99)) in &p.reconciles {
+            r.push((format!("{c} reconciles, {phase}"), *count, String::new()));
+            r.push((format!("{c} reconcile mean ms, {phase}"), mean * 1e3, String::new()));
+            r.push((format!("{c} reconcile p99 ≤ ms, {phase}"), p99 * 1e3, String::new()));
+        }
+    }
+    r
+}
+
+fn print_report(figures: &[Figures], rate: f64, churn_secs: u64) {
+    let sizes: Vec<Size> = figures.iter().filter_map(|f| f.size).collect();
+    println!("\n### Scale run: {} pods/s creation, {churn_secs}s churn at 10%/min\n", rate);
+    println!("| size | nodes | namespaces | pods | services | NetworkPolicies |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for s in &sizes {
+        println!(
+            "| {:.0}% | {} | {} | {} | {} | {} |",
+            s.fraction * 100.0,
+            s.nodes,
+            s.namespaces,
+            s.pods,
+            s.services,
+            s.policies
+        );
+    }
+    let tables: Vec<Vec<(String, f64, String)>> = figures.iter().map(rows).collect();
+    let mut header = "| figure |".to_string();
+    let mut rule = "|---|".to_string();
+    for s in &sizes {
+        header += &format!(" {:.0}% |", s.fraction * 100.0);
+        rule += "---:|";
+    }
+    if sizes.len() > 1 {
+        header += " ratio last/first | size ratio |";
+        rule += "---:|---:|";
+    }
+    header += " goal |";
+    rule += "---|";
+    println!("\n{header}\n{rule}");
+    let size_ratio = sizes.last().map_or(1.0, |l| l.pods as f64) / sizes[0].pods as f64;
+    // Rows keyed by name (a concern may show up in one size only).
+    let mut names: Vec<String> = Vec::new();
+    for t in &tables {
+        for (n, _, _) in t {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+    }
+    for name in names {
+        let vals: Vec<Option<(f64, String)>> = tables
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .find(|(n, _, _)| *n == name)
+                    .map(|(_, v, g)| (*v, g.clone()))
+            })
+            .collect();
+        let goal = vals
+            .iter()
+            .flatten()
+            .map(|(_, g)| g.clone())
+            .next()
+            .unwrap_or_default();
+        let mut line = format!("| {name} |");
+        for v in &vals {
+            match v {
+                Some((v, _)) if v.abs() >= 100.0 => line += &format!(" {v:.0} |"),
+                Some((v, _)) => line += &format!(" {v:.3} |"),
+                None => line += " – |",
+            }
+        }
+        if sizes.len() > 1 {
+            match (vals.first().cloned().flatten(), vals.last().cloned().flatten()) {
+                (Some((a, _)), Some((b, _))) if a != 0.0 => {
+                    line += &format!(" {:.2} | {size_ratio:.1} |", b / a)
+                }
+                _ => line += " – | – |",
+            }
+        }
+        line += &format!(" {goal} |");
+        println!("{line}");
+    }
+    for f in figures {
+        let s = f.size.unwrap();
+        println!(
+            "\napiserver writes by resource during the churn at {:.0}% ({} pods replaced):\n",
+            s.fraction * 100.0,
+            f.churn_pods
+        );
+        println!("| group | resource | writes | per churned pod |\n|---|---|---:|---:|");
+        for ((g, r), v) in &f.churn.writes {
+            println!(
+                "| {} | {r} | {v:.0} | {:.2} |",
+                if g.is_empty() { "core" } else { g },
+                v / f.churn_pods as f64
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_at_scale() -> Result<()> {
+    let fractions: Vec<f64> = std::env::var("TENDRIL_SCALE_FRACTIONS")
+        .unwrap_or_else(|_| "0.1".into())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("TENDRIL_SCALE_FRACTIONS: comma-separated fractions of full size, e.g. 0.1,0.3")?;
+    let rate: f64 = env_or("TENDRIL_SCALE_RATE", 100.0)?;
+    let churn_secs: u64 = env_or("TENDRIL_SCALE_CHURN_SECS", 120)?;
+    let mut figures = Vec::new();
+    for f in fractions {
+        ensure!(f > 0.0 && f <= 1.0, "fraction {f} is not in (0, 1]");
+        let fig = run_size(Size::of(f), rate, churn_secs).await?;
+        // Each size's table as soon as it is measured (a later size may not finish).
+        print_report(std::slice::from_ref(&fig), rate, churn_secs);
+        figures.push(fig);
+    }
+    if figures.len() > 1 {
+        print_report(&figures, rate, churn_secs);
+    }
+    Ok(())
+}
