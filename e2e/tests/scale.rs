@@ -18,9 +18,12 @@
 //! - it waits until every pod has an `Endpoint` with an identity (the create phase), then
 //!   replaces 10% of the pods per minute for `TENDRIL_SCALE_CHURN_SECS` (default 120): each
 //!   replacement deletes the oldest pod and creates one of the same app (the churn phase);
-//! - GC probe: 20 pods with label sets of their own are created, get their identities,
-//!   and are deleted; the time from the deletion until the last of those `Identity` objects
-//!   is gone, less the grace period, is the GC lag.
+//! - allocation burst and GC probe: 1,000 pods with label sets of their own are created as
+//!   fast as the apiserver takes them; new identities per second is 1,000 over the time from
+//!   the first create to the last of their `Endpoint`s with identity (bounded by pod
+//!   creation and kwok, so a lower bound of the allocator's rate). Then they are deleted;
+//!   the time from the deletion until the last of those `Identity` objects is gone, less
+//!   the grace period, is the GC lag.
 //!
 //! Measured: operator RSS (end and peak) and CPU (cores, from /proc) per phase; reconcile
 //! time per concern (`controller_runtime_reconcile_time_seconds`, mean and p99 from the
@@ -56,7 +59,8 @@ const APPS_PER_NAMESPACE: usize = 5;
 const SERVICES_PER_NAMESPACE: usize = 10;
 const POLICIES_PER_NAMESPACE: usize = 1;
 const CONCURRENCY: usize = 64;
-const GC_PROBE_PODS: usize = 20;
+/// Pods with label sets of their own, created at once: allocation burst and GC probe.
+const GC_PROBE_PODS: usize = 1_000;
 const GC_GRACE_SECS: u64 = 30;
 const NODE_LABEL: (&str, &str) = ("type", "kwok");
 const IP_ANNOTATION: &str = "scale.tendril.dev/internal-ip";
@@ -525,6 +529,7 @@ struct Figures {
     churn_pods: usize,
     identities: usize,
     identity_alloc_per_s: f64,
+    burst_alloc_per_s: f64,
     resolved_policies: usize,
     resolved_policy_bytes: usize,
     gc_lag_s: f64,
@@ -863,6 +868,7 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
     let probe_keys: Vec<String> = (0..GC_PROBE_PODS)
         .map(|k| format!("{probe_ns}/gc-probe-{k}"))
         .collect();
+    let burst_started = Instant::now();
     create_paced(
         probe_pods,
         0.0,
@@ -871,28 +877,50 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
     )
     .await?;
     settle(&lat, &probe_keys).await?;
+    let burst_done = {
+        let lat = lat.lock().unwrap();
+        probe_keys
+            .iter()
+            .filter_map(|k| lat.endpoint.get(k).copied())
+            .max()
+            .unwrap_or_else(Instant::now)
+    };
+    let burst_alloc_per_s =
+        GC_PROBE_PODS as f64 / burst_done.duration_since(burst_started).as_secs_f64();
     let eps: Api<Endpoint> = Api::namespaced(client.clone(), &probe_ns);
-    let mut probe_ids = Vec::new();
-    for k in 0..GC_PROBE_PODS {
-        if let Some(id) = eps.get(&format!("gc-probe-{k}")).await?.spec.identity {
-            probe_ids.push(id);
-        }
-    }
+    let probe_ids: Vec<i64> = eps
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|e| e.metadata.name.as_deref().is_some_and(|n| n.starts_with("gc-probe-")))
+        .filter_map(|e| e.spec.identity)
+        .collect();
     let probe_api: Api<Pod> = Api::namespaced(client.clone(), &probe_ns);
-    for k in 0..GC_PROBE_PODS {
-        probe_api
-            .delete(&format!("gc-probe-{k}"), &DeleteParams::default())
-            .await?;
-    }
+    futures::stream::iter(0..GC_PROBE_PODS)
+        .map(|k| {
+            let api = probe_api.clone();
+            async move {
+                api.delete(&format!("gc-probe-{k}"), &DeleteParams::default())
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
     let deleted_at = Instant::now();
     let gc_deadline = deleted_at + Duration::from_secs(GC_GRACE_SECS + 600);
+    let probe_ids: std::collections::HashSet<i64> = probe_ids.into_iter().collect();
     loop {
-        let mut left = 0;
-        for id in &probe_ids {
-            if identities.get_opt(&id.to_string()).await?.is_some() {
-                left += 1;
-            }
-        }
+        let left = identities
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|i| i.metadata.name.as_deref()?.parse::<i64>().ok())
+            .filter(|id| probe_ids.contains(id))
+            .count();
         if left == 0 {
             break;
         }
@@ -911,6 +939,7 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
         churn_pods: churn_n,
         identities: identity_count,
         identity_alloc_per_s,
+        burst_alloc_per_s,
         resolved_policies: list.items.len(),
         resolved_policy_bytes,
         gc_lag_s,
@@ -946,7 +975,8 @@ fn rows(f: &Figures) -> Vec<(String, f64, String)> {
         ("pod → Endpoint+identity p99, churn (s)".into(), f.churn.ep_p99, "< 2".into()),
         ("pod → Endpoint+identity max, churn (s)".into(), f.churn.ep_max, String::new()),
         ("identities".into(), f.identities as f64, String::new()),
-        ("identity allocations/s (paced by pod creation)".into(), f.identity_alloc_per_s, "≥ 1000 capacity".into()),
+        ("identity allocations/s while pods are created (paced)".into(), f.identity_alloc_per_s, String::new()),
+        ("new label sets/s, burst of 1,000 (pod create → Endpoint)".into(), f.burst_alloc_per_s, "≥ 1000".into()),
         ("identity GC lag beyond grace (s)".into(), f.gc_lag_s, String::new()),
         ("ResolvedPolicies".into(), f.resolved_policies as f64, String::new()),
         ("ResolvedPolicy bytes (KiB)".into(), f.resolved_policy_bytes as f64 / 1024.0, String::new()),
