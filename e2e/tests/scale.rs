@@ -608,10 +608,9 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
     let plane = ControlPlane::dedicated(&tag).await?;
     let client = plane.client().await?;
 
-    let kwok_config = ScratchFile(std::env::temp_dir().join(format!(
-        "tendril-{tag}-kwok-{}.yaml",
-        std::process::id()
-    )));
+    let kwok_config = ScratchFile(
+        std::env::temp_dir().join(format!("tendril-{tag}-kwok-{}.yaml", std::process::id())),
+    );
     std::fs::write(&kwok_config.0, KWOK_CONFIG)?;
     let _kwok = Process::builder(k8s_bin_dir().join("kwok"))
         .name("kwok")
@@ -687,9 +686,18 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
             .await?
             .items
             .iter()
-            .filter(|s| s.metadata.namespace.as_deref().is_some_and(|n| n.starts_with("scale-")))
+            .filter(|s| {
+                s.metadata
+                    .namespace
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("scale-"))
+            })
             .count();
-        ensure!(n >= size.namespaces, "{n}/{} default ServiceAccounts", size.namespaces);
+        ensure!(
+            n >= size.namespaces,
+            "{n}/{} default ServiceAccounts",
+            size.namespaces
+        );
         Ok(())
     })
     .await?;
@@ -741,10 +749,7 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
         svc_objects,
         rate,
         |o| {
-            Api::<Service>::namespaced(
-                client.clone(),
-                o["metadata"]["namespace"].as_str().unwrap(),
-            )
+            Api::<Service>::namespaced(client.clone(), o["metadata"]["namespace"].as_str().unwrap())
         },
         |_| {},
     )
@@ -853,7 +858,11 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
         .map(|r| serde_json::to_vec(r).map_or(0, |v| v.len()))
         .sum();
     let identities: Api<Identity> = Api::all(client.clone());
-    let identity_count = identities.list_metadata(&ListParams::default()).await?.items.len();
+    let identity_count = identities
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
 
     // ---- GC probe: label sets of their own, used once, then gone
     let probe_ns = namespace_name(0);
@@ -893,7 +902,12 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
         .await?
         .items
         .iter()
-        .filter(|e| e.metadata.name.as_deref().is_some_and(|n| n.starts_with("gc-probe-")))
+        .filter(|e| {
+            e.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("gc-probe-"))
+        })
         .filter_map(|e| e.spec.identity)
         .collect();
     let probe_api: Api<Pod> = Api::namespaced(client.clone(), &probe_ns);
@@ -963,33 +977,117 @@ fn writes_per_pod(p: &Phase, pods: usize) -> (f64, f64) {
 fn rows(f: &Figures) -> Vec<(String, f64, String)> {
     let (t_w, all_w) = writes_per_pod(&f.churn, f.churn_pods);
     let mut r = vec![
-        ("operator RSS after create (MiB)".into(), f.create.rss_mib, "< 300 at 100%".into()),
-        ("operator peak RSS (MiB)".into(), f.churn.peak_rss_mib, String::new()),
-        ("operator RSS after churn (MiB)".into(), f.churn.rss_mib, String::new()),
-        ("operator CPU while creating (cores)".into(), f.create.cpu_cores, String::new()),
-        ("operator CPU during churn (cores)".into(), f.churn.cpu_cores, "< 1".into()),
+        (
+            "operator RSS after create (MiB)".into(),
+            f.create.rss_mib,
+            "< 300 at 100%".into(),
+        ),
+        (
+            "operator peak RSS (MiB)".into(),
+            f.churn.peak_rss_mib,
+            String::new(),
+        ),
+        (
+            "operator RSS after churn (MiB)".into(),
+            f.churn.rss_mib,
+            String::new(),
+        ),
+        (
+            "operator CPU while creating (cores)".into(),
+            f.create.cpu_cores,
+            String::new(),
+        ),
+        (
+            "operator CPU during churn (cores)".into(),
+            f.churn.cpu_cores,
+            "< 1".into(),
+        ),
         ("create phase (s)".into(), f.create.secs, String::new()),
-        ("pod → Endpoint+identity p50, create (s)".into(), f.create.ep_p50, String::new()),
-        ("pod → Endpoint+identity p99, create (s)".into(), f.create.ep_p99, String::new()),
-        ("pod → Endpoint+identity p50, churn (s)".into(), f.churn.ep_p50, String::new()),
-        ("pod → Endpoint+identity p99, churn (s)".into(), f.churn.ep_p99, "< 2".into()),
-        ("pod → Endpoint+identity max, churn (s)".into(), f.churn.ep_max, String::new()),
+        (
+            "pod → Endpoint+identity p50, create (s)".into(),
+            f.create.ep_p50,
+            String::new(),
+        ),
+        (
+            "pod → Endpoint+identity p99, create (s)".into(),
+            f.create.ep_p99,
+            String::new(),
+        ),
+        (
+            "pod → Endpoint+identity p50, churn (s)".into(),
+            f.churn.ep_p50,
+            String::new(),
+        ),
+        (
+            "pod → Endpoint+identity p99, churn (s)".into(),
+            f.churn.ep_p99,
+            "< 2".into(),
+        ),
+        (
+            "pod → Endpoint+identity max, churn (s)".into(),
+            f.churn.ep_max,
+            String::new(),
+        ),
         ("identities".into(), f.identities as f64, String::new()),
-        ("identity allocations/s while pods are created (paced)".into(), f.identity_alloc_per_s, String::new()),
-        ("new label sets/s, burst of 1,000 (pod create → Endpoint)".into(), f.burst_alloc_per_s, "≥ 1000".into()),
-        ("identity GC lag beyond grace (s)".into(), f.gc_lag_s, String::new()),
-        ("ResolvedPolicies".into(), f.resolved_policies as f64, String::new()),
-        ("ResolvedPolicy bytes (KiB)".into(), f.resolved_policy_bytes as f64 / 1024.0, String::new()),
-        ("Tendril apiserver writes per churned pod".into(), t_w, "≤ 3".into()),
-        ("all apiserver writes per churned pod".into(), all_w, String::new()),
-        ("peak workqueue depth, create".into(), f.create.queue_depth_peak, String::new()),
-        ("peak workqueue depth, churn".into(), f.churn.queue_depth_peak, String::new()),
+        (
+            "identity allocations/s while pods are created (paced)".into(),
+            f.identity_alloc_per_s,
+            String::new(),
+        ),
+        (
+            "new label sets/s, burst of 1,000 (pod create → Endpoint)".into(),
+            f.burst_alloc_per_s,
+            "≥ 1000".into(),
+        ),
+        (
+            "identity GC lag beyond grace (s)".into(),
+            f.gc_lag_s,
+            String::new(),
+        ),
+        (
+            "ResolvedPolicies".into(),
+            f.resolved_policies as f64,
+            String::new(),
+        ),
+        (
+            "ResolvedPolicy bytes (KiB)".into(),
+            f.resolved_policy_bytes as f64 / 1024.0,
+            String::new(),
+        ),
+        (
+            "Tendril apiserver writes per churned pod".into(),
+            t_w,
+            "≤ 3".into(),
+        ),
+        (
+            "all apiserver writes per churned pod".into(),
+            all_w,
+            String::new(),
+        ),
+        (
+            "peak workqueue depth, create".into(),
+            f.create.queue_depth_peak,
+            String::new(),
+        ),
+        (
+            "peak workqueue depth, churn".into(),
+            f.churn.queue_depth_peak,
+            String::new(),
+        ),
     ];
     for (phase, p) in [("create", &f.create), ("churn", &f.churn)] {
         for (c, (count, mean, p99)) in &p.reconciles {
             r.push((format!("{c} reconciles, {phase}"), *count, String::new()));
-            r.push((format!("{c} reconcile mean ms, {phase}"), mean * 1e3, String::new()));
-            r.push((format!("{c} reconcile p99 ≤ ms, {phase}"), p99 * 1e3, String::new()));
+            r.push((
+                format!("{c} reconcile mean ms, {phase}"),
+                mean * 1e3,
+                String::new(),
+            ));
+            r.push((
+                format!("{c} reconcile p99 ≤ ms, {phase}"),
+                p99 * 1e3,
+                String::new(),
+            ));
         }
     }
     r
@@ -997,7 +1095,10 @@ fn rows(f: &Figures) -> Vec<(String, f64, String)> {
 
 fn print_report(figures: &[Figures], rate: f64, churn_secs: u64) {
     let sizes: Vec<Size> = figures.iter().filter_map(|f| f.size).collect();
-    println!("\n### Scale run: {} pods/s creation, {churn_secs}s churn at 10%/min\n", rate);
+    println!(
+        "\n### Scale run: {} pods/s creation, {churn_secs}s churn at 10%/min\n",
+        rate
+    );
     println!("| size | nodes | namespaces | pods | services | NetworkPolicies |");
     println!("|---|---:|---:|---:|---:|---:|");
     for s in &sizes {
@@ -1059,7 +1160,10 @@ fn print_report(figures: &[Figures], rate: f64, churn_secs: u64) {
             }
         }
         if sizes.len() > 1 {
-            match (vals.first().cloned().flatten(), vals.last().cloned().flatten()) {
+            match (
+                vals.first().cloned().flatten(),
+                vals.last().cloned().flatten(),
+            ) {
                 (Some((a, _)), Some((b, _))) if a != 0.0 => {
                     line += &format!(" {:.2} | {size_ratio:.1} |", b / a)
                 }

@@ -9,9 +9,9 @@
 //! - the 9th and 10th: `Exhausted`;
 //! - an 11th: no identity — its reconciles fail with `identities_exhausted`;
 //! - churn, 6 rounds: the oldest pod is deleted; once its Endpoint is gone, the waiting pod
-//!   gets the id identity garbage collection frees within the bound (1 s debounce + grace
-//!   + 1 s retry cap, asserted ≤ 20 s here on a shared machine); then a new label set
-//!   waits in its place.
+//!   gets the id identity garbage collection frees within the bound (1 s debounce, the
+//!   grace period and the 1 s retry cap; asserted ≤ 20 s here on a shared machine); then a
+//!   new label set waits in its place.
 //!
 //! The time each reclaim took is printed.
 
@@ -196,7 +196,11 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
     }
     ids.sort();
     ids.dedup();
-    assert_eq!(ids, (256..266).collect::<Vec<i64>>(), "every id of the range, once");
+    assert_eq!(
+        ids,
+        (256..266).collect::<Vec<i64>>(),
+        "every id of the range, once"
+    );
     let (status, _) = space_condition(&identities, "Exhausted").await?;
     assert_eq!(status, "False");
     space_metrics(port, 10).await?;
@@ -207,7 +211,10 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
         let m = fetch_metrics(port).await?;
         let failed = m.sum(
             "controller_runtime_reconcile_errors_total",
-            &[("controller", "endpoints"), ("error", "identities_exhausted")],
+            &[
+                ("controller", "endpoints"),
+                ("error", "identities_exhausted"),
+            ],
         );
         ensure!(failed > 0.0, "no identities_exhausted error yet");
         Ok(())

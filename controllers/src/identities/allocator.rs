@@ -175,7 +175,8 @@ impl IdentityAllocator {
             .set(i64::try_from(space.used).unwrap_or(i64::MAX));
         self.space_size
             .set(i64::try_from(space.capacity).unwrap_or(i64::MAX));
-        self.space.send_if_modified(|s| std::mem::replace(s, space) != space);
+        self.space
+            .send_if_modified(|s| std::mem::replace(s, space) != space);
         for kind in [IdentityKind::Reserved, IdentityKind::Cluster] {
             self.identities
                 .get_or_create(&TypeLabel {

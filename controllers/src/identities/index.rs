@@ -400,7 +400,13 @@ mod tests {
     fn a_capped_range_is_exhausted_at_its_max_and_reports_its_use() {
         let max = CLUSTER_MIN + 2;
         let mut index = IdentityIndex::with_max(max);
-        assert_eq!(index.space(), Space { used: 0, capacity: 3 });
+        assert_eq!(
+            index.space(),
+            Space {
+                used: 0,
+                capacity: 3
+            }
+        );
         // An id above the cap (left by an earlier, larger setting) is neither counted nor
         // a reason to move the cursor past the cap.
         index.apply(CLUSTER_MAX, labels("old"));
@@ -410,7 +416,13 @@ mod tests {
         index.apply(CLUSTER_MIN, labels("a"));
         assert_eq!(index.reserve_next(), Ok(CLUSTER_MIN + 1));
         assert_eq!(index.reserve_next(), Ok(max));
-        assert_eq!(index.space(), Space { used: 3, capacity: 3 });
+        assert_eq!(
+            index.space(),
+            Space {
+                used: 3,
+                capacity: 3
+            }
+        );
         assert_eq!(index.reserve_next(), Err(Exhausted));
         // A collected id is handed out again.
         index.abandon(CLUSTER_MIN + 1);

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tendril_crds::v1alpha1::{Endpoint, Identity};
 use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
+use tendril_crds::v1alpha1::{Endpoint, Identity};
 use tendril_runtime::conditions::{self, DesiredCondition};
 use tendril_runtime::{self as runtime, Reconciler};
 use tokio_util::sync::CancellationToken;
@@ -375,7 +375,11 @@ mod tests {
         assert!(!c(8).status);
         assert_eq!(c(8).reason, "NearlyExhausted");
         assert!(c(8).message.contains("8 of 10"), "{}", c(8).message);
-        assert!(c(8).message.contains("clusterIdMax 265"), "{}", c(8).message);
+        assert!(
+            c(8).message.contains("clusterIdMax 265"),
+            "{}",
+            c(8).message
+        );
         assert_eq!(c(10).reason, "Exhausted");
         assert_eq!(c(11).reason, "Exhausted");
     }
