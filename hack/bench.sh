@@ -16,6 +16,8 @@
 #   hack/bench.sh lbipam     # LB IPAM planning of 10k Services in one /16
 #   hack/bench.sh encryption # pod to pod across nodes, clear vs WireGuard: throughput, CPU
 #                            # per Gbit, latency p50/p99
+#   hack/bench.sh scale [FRACTIONS]  # the operator at 1k nodes/100k pods/10k services/1k
+#                            # NetworkPolicies × FRACTIONS (default 0.1,0.3) with kwok; churn
 #
 # Built and run with the release profile (what a user runs, and what kube-proxy, the
 # baseline of `services`, is); TENDRIL_BENCH_PROFILE=dev measures the debug build instead.
@@ -55,7 +57,9 @@ case $which in
   all | services-operator) run "services concern at scale" cargo test -p tendril-e2e --test services_scale ;;&
   all | lbipam) run "LB IPAM planning" cargo test -p tendril-controllers --lib lbipam_plan_cost ;;&
   all | encryption) run "encryption: clear vs WireGuard" cargo test -p tendril-e2e --test encryption_bench ;;&
-  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam | encryption) ;;
-  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam, encryption or all)" ;;
+  all | scale) TENDRIL_SCALE_FRACTIONS=${2:-${TENDRIL_SCALE_FRACTIONS:-0.1,0.3}} \
+    run "operator at scale (kwok)" cargo test -p tendril-e2e --test scale ;;&
+  all | bpf | policy | flows | propagation | memory | services | services-operator | lbipam | encryption | scale) ;;
+  *) die "unknown benchmark $which (bpf, policy, flows, propagation, memory, services, services-operator, lbipam, encryption, scale or all)" ;;
 esac
 exit $rc

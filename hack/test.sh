@@ -122,7 +122,8 @@ step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D war
 # them, so they are linted (and so compiled) by name, or they would rot unseen.
 step "benchmarks compile (clippy)" cargo clippy -p tendril-datapath -p tendril-e2e \
   --test bpf_bench --test bpf_policy_bench --test policy_propagation --test agent_memory \
-  --test services_bench --test services_scale --test bpf_services_bench --test flows_bench -- -D warnings
+  --test services_bench --test services_scale --test bpf_services_bench --test flows_bench \
+  --test encryption_bench --test scale -- -D warnings
 step "cargo build --bins" cargo build --workspace --bins
 # The agent must not link the operator's concerns (DESIGN: controllers compute, the datapath
 # converges; both share only tendril-runtime and tendril-crds).

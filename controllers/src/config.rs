@@ -63,6 +63,7 @@ impl OperatorConfig {
             .validate()
             .map_err(ConfigError::Invalid)?;
         self.backoff.validate().map_err(ConfigError::Invalid)?;
+        self.identities.validate().map_err(ConfigError::Invalid)?;
         self.services.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }

@@ -30,8 +30,8 @@ impl Term {
     /// The shared state of the term whose context is `ctx` (ends with `ctx.shutdown`).
     pub fn start(ctx: &Context, config: Arc<OperatorConfig>) -> Self {
         Self {
+            identities: IdentityAllocator::start(ctx, config.identities.cluster_id_max),
             config,
-            identities: IdentityAllocator::start(ctx),
         }
     }
 }

@@ -11,7 +11,7 @@
 //! → adopt that id; other labels → record them and try the next id. Two replicas racing
 //! (e.g. across a leadership hand-over) therefore never give one id two label sets.
 
-use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved, reserved_labels};
+use super::index::{Exhausted, IdentityIndex, IdentityKind, Reserved, Space, reserved_labels};
 use super::labels::SecurityLabels;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
@@ -74,6 +74,10 @@ pub struct IdentityAllocator {
     deleted: broadcast::Sender<i64>,
     allocations: Counter,
     identities: Family<TypeLabel, Gauge>,
+    space_used: Gauge,
+    space_size: Gauge,
+    /// The space in use, for the identities concern's `IdentitySpaceAvailable` condition.
+    space: watch::Sender<Space>,
 }
 
 impl std::fmt::Debug for IdentityAllocator {
@@ -94,13 +98,16 @@ pub fn identity_object(id: i64, labels: &SecurityLabels) -> Identity {
 }
 
 impl IdentityAllocator {
-    /// Starts keeping the index in sync with the `Identity` cache (until `ctx.shutdown`).
-    pub fn start(ctx: &runtime::Context) -> Self {
+    /// Starts keeping the index in sync with the `Identity` cache (until `ctx.shutdown`);
+    /// new cluster ids go up to `cluster_id_max` (`identities.clusterIdMax`).
+    pub fn start(ctx: &runtime::Context, cluster_id_max: i64) -> Self {
         let api = Api::<Identity>::all(ctx.client.clone());
         let (tx, synced) = watch::channel(false);
+        let index = IdentityIndex::with_max(cluster_id_max);
+        let space = watch::channel(index.space()).0;
         let allocator = IdentityAllocator {
             api: api.clone(),
-            index: Arc::new(Mutex::new(IdentityIndex::new())),
+            index: Arc::new(Mutex::new(index)),
             creating: Arc::default(),
             synced,
             deleted: broadcast::channel(1024).0,
@@ -114,6 +121,17 @@ impl IdentityAllocator {
                 "Identities known, by type (reserved, cluster)",
                 Family::<TypeLabel, Gauge>::default,
             ),
+            space_used: ctx.metrics.domain(
+                "tendril_identity_space_used",
+                "Cluster identity ids in use (or being created) out of tendril_identity_space_size",
+                Gauge::default,
+            ),
+            space_size: ctx.metrics.domain(
+                "tendril_identity_space_size",
+                "Cluster identity ids the operator may hand out (256 to identities.clusterIdMax)",
+                Gauge::default,
+            ),
+            space,
         };
         let identities = ctx.caches.all::<Identity>();
         tokio::spawn(sync_index(
@@ -145,8 +163,20 @@ impl IdentityAllocator {
         *self.synced.borrow()
     }
 
+    /// The identity space in use, updated on every change of the index.
+    pub fn subscribe_space(&self) -> watch::Receiver<Space> {
+        self.space.subscribe()
+    }
+
     fn publish_counts(&self) {
         let index = self.index();
+        let space = index.space();
+        self.space_used
+            .set(i64::try_from(space.used).unwrap_or(i64::MAX));
+        self.space_size
+            .set(i64::try_from(space.capacity).unwrap_or(i64::MAX));
+        self.space
+            .send_if_modified(|s| std::mem::replace(s, space) != space);
         for kind in [IdentityKind::Reserved, IdentityKind::Cluster] {
             self.identities
                 .get_or_create(&TypeLabel {

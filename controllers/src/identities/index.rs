@@ -10,6 +10,10 @@
 //! and collide on the `Identity` name; the loser learns the winner's labels from the 409 and
 //! takes the next id — one extra round trip, and no ids scattered over the space. Creation
 //! under the numeric name is the lock, so correctness never depends on the choice.
+//!
+//! The operator may hand out fewer ids than the whole cluster range
+//! (`identities.clusterIdMax`): [`IdentityIndex::with_max`] caps the range, and
+//! [`IdentityIndex::space`] says how much of it is in use.
 
 use super::labels::{SOURCE_RESERVED, SecurityLabels};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -55,10 +59,21 @@ impl IdentityKind {
     }
 }
 
-/// Every cluster id is taken.
+/// Every cluster id the operator may hand out is taken.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("identity space exhausted: all {} cluster identities ({CLUSTER_MIN}-{CLUSTER_MAX}) are in use", CLUSTER_MAX - CLUSTER_MIN + 1)]
+#[error(
+    "identity space exhausted: every cluster identity id from {CLUSTER_MIN} to identities.clusterIdMax is in use; ids come back as unused identities are collected"
+)]
 pub struct Exhausted;
+
+/// How much of the cluster id range the operator hands out is in use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Ids in the range that an `Identity` holds or a creation has reserved.
+    pub used: u64,
+    /// Ids in the range.
+    pub capacity: u64,
+}
 
 /// The identities known to this process: id ↔ labels, ids being created, and when each id
 /// was last handed to an endpoint (so garbage collection never races an allocation).
@@ -73,6 +88,8 @@ pub struct IdentityIndex {
     last_used: HashMap<i64, Timestamp>,
     /// Next candidate id.
     cursor: i64,
+    /// The highest cluster id handed out (`identities.clusterIdMax`).
+    max: i64,
 }
 
 impl Default for IdentityIndex {
@@ -83,6 +100,7 @@ impl Default for IdentityIndex {
             pending: BTreeSet::new(),
             last_used: HashMap::new(),
             cursor: CLUSTER_MIN,
+            max: CLUSTER_MAX,
         }
     }
 }
@@ -90,6 +108,30 @@ impl Default for IdentityIndex {
 impl IdentityIndex {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index that hands out cluster ids from [`CLUSTER_MIN`] to `max` only (clamped to
+    /// the cluster range).
+    pub fn with_max(max: i64) -> Self {
+        IdentityIndex {
+            max: max.clamp(CLUSTER_MIN, CLUSTER_MAX),
+            ..Self::default()
+        }
+    }
+
+    /// Ids in use and ids available in the range this index hands out.
+    pub fn space(&self) -> Space {
+        let in_range = |id: &i64| (CLUSTER_MIN..=self.max).contains(id);
+        let known = self.by_id.range(CLUSTER_MIN..=self.max).count();
+        let pending = self
+            .pending
+            .iter()
+            .filter(|id| in_range(id) && !self.by_id.contains_key(id))
+            .count();
+        Space {
+            used: (known + pending) as u64,
+            capacity: (self.max - CLUSTER_MIN + 1) as u64,
+        }
     }
 
     /// An `Identity` exists (seen on a watch, created, or met on a 409).
@@ -125,10 +167,10 @@ impl IdentityIndex {
     pub fn start_after_highest(&mut self) {
         let highest = self
             .by_id
-            .range(CLUSTER_MIN..=CLUSTER_MAX)
+            .range(CLUSTER_MIN..=self.max)
             .next_back()
             .map(|(id, _)| *id);
-        self.cursor = highest.map_or(CLUSTER_MIN, wrap_next);
+        self.cursor = highest.map_or(CLUSTER_MIN, |id| self.wrap_next(id));
     }
 
     fn unlink(&mut self, id: i64, labels: &SecurityLabels) {
@@ -162,15 +204,15 @@ impl IdentityIndex {
     /// Picks the next free cluster id and marks it pending; the caller creates the
     /// `Identity` and then calls [`IdentityIndex::apply`] or [`IdentityIndex::abandon`].
     pub fn reserve_next(&mut self) -> Result<i64, Exhausted> {
-        let span = CLUSTER_MAX - CLUSTER_MIN + 1;
+        let span = self.max - CLUSTER_MIN + 1;
         let mut candidate = self.cursor;
         for _ in 0..span {
             if !self.by_id.contains_key(&candidate) && !self.pending.contains(&candidate) {
                 self.pending.insert(candidate);
-                self.cursor = wrap_next(candidate);
+                self.cursor = self.wrap_next(candidate);
                 return Ok(candidate);
             }
-            candidate = wrap_next(candidate);
+            candidate = self.wrap_next(candidate);
         }
         Err(Exhausted)
     }
@@ -211,13 +253,14 @@ impl IdentityIndex {
     pub fn ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.by_id.keys().copied()
     }
-}
 
-fn wrap_next(id: i64) -> i64 {
-    if !(CLUSTER_MIN..CLUSTER_MAX).contains(&id) {
-        CLUSTER_MIN
-    } else {
-        id + 1
+    /// The id after `id` in the range handed out, wrapping around.
+    fn wrap_next(&self, id: i64) -> i64 {
+        if !(CLUSTER_MIN..self.max).contains(&id) {
+            CLUSTER_MIN
+        } else {
+            id + 1
+        }
     }
 }
 
@@ -351,6 +394,40 @@ mod tests {
         index.delete(1000);
         assert_eq!(index.reserve_next(), Ok(1000));
         assert_eq!(index.reserve_next(), Err(Exhausted));
+    }
+
+    #[test]
+    fn a_capped_range_is_exhausted_at_its_max_and_reports_its_use() {
+        let max = CLUSTER_MIN + 2;
+        let mut index = IdentityIndex::with_max(max);
+        assert_eq!(
+            index.space(),
+            Space {
+                used: 0,
+                capacity: 3
+            }
+        );
+        // An id above the cap (left by an earlier, larger setting) is neither counted nor
+        // a reason to move the cursor past the cap.
+        index.apply(CLUSTER_MAX, labels("old"));
+        index.start_after_highest();
+        assert_eq!(index.reserve_next(), Ok(CLUSTER_MIN));
+        assert_eq!(index.space().used, 1);
+        index.apply(CLUSTER_MIN, labels("a"));
+        assert_eq!(index.reserve_next(), Ok(CLUSTER_MIN + 1));
+        assert_eq!(index.reserve_next(), Ok(max));
+        assert_eq!(
+            index.space(),
+            Space {
+                used: 3,
+                capacity: 3
+            }
+        );
+        assert_eq!(index.reserve_next(), Err(Exhausted));
+        // A collected id is handed out again.
+        index.abandon(CLUSTER_MIN + 1);
+        assert_eq!(index.reserve_next(), Ok(CLUSTER_MIN + 1));
+        assert_eq!(IdentityIndex::with_max(1_000_000).space().capacity, 65280);
     }
 
     #[test]

@@ -8,15 +8,23 @@
 //! `status.references`/`status.lastReferenced` of every `Identity` from the `Endpoint`s that
 //! use it, and deletes one unreferenced for `identities.gcGracePeriodSeconds`.
 //!
+//! The operator hands out cluster ids from 256 to `identities.clusterIdMax`. How much of
+//! that space is in use is the condition `IdentitySpaceAvailable` on `Identity/1` (the
+//! reserved `host` identity, the first `kubectl get identities` lists): `True`/`Available`,
+//! then `False`/`NearlyExhausted` from `identities.spaceWarningPercent`, `False`/`Exhausted`
+//! when every id is taken (new label sets then wait until garbage collection frees ids:
+//! their pods' reconciles fail with `identities_exhausted` and retry with backoff). It is
+//! written only when the reason changes, never per allocation.
+//!
 //! Metrics: `tendril_identities{type}` (reserved, cluster), `tendril_identity_allocations_total`,
-//! `tendril_identity_gc_total`.
+//! `tendril_identity_gc_total`, `tendril_identity_space_used`, `tendril_identity_space_size`.
 
 pub mod allocator;
 pub mod index;
 pub mod labels;
 
 use allocator::IdentityAllocator;
-use index::{GcDecision, gc_decision};
+use index::{GcDecision, Space, gc_decision};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -28,9 +36,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
 use tendril_crds::v1alpha1::{Endpoint, Identity};
+use tendril_runtime::conditions::{self, DesiredCondition};
 use tendril_runtime::{self as runtime, Reconciler};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 /// The concern's name; its field manager is `tendril-identities`.
 pub const NAME: &str = "identities";
@@ -44,6 +55,11 @@ pub struct IdentitiesConfig {
     pub gc_grace_period_seconds: u64,
     /// Which pod and namespace labels count for identities.
     pub label_filter: labels::LabelFilterConfig,
+    /// The highest cluster identity id handed out (256..=65535).
+    pub cluster_id_max: i64,
+    /// `IdentitySpaceAvailable` turns False (`NearlyExhausted`) when this percentage of the
+    /// ids is in use.
+    pub space_warning_percent: u8,
 }
 
 impl Default for IdentitiesConfig {
@@ -51,6 +67,8 @@ impl Default for IdentitiesConfig {
         Self {
             gc_grace_period_seconds: 15 * 60,
             label_filter: labels::LabelFilterConfig::default(),
+            cluster_id_max: CLUSTER_IDENTITY_MAX,
+            space_warning_percent: 90,
         }
     }
 }
@@ -59,6 +77,121 @@ impl IdentitiesConfig {
     pub fn grace_period(&self) -> Duration {
         Duration::from_secs(self.gc_grace_period_seconds)
     }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(CLUSTER_IDENTITY_MIN..=CLUSTER_IDENTITY_MAX).contains(&self.cluster_id_max) {
+            return Err(format!(
+                "identities.clusterIdMax must be a cluster identity id ({CLUSTER_IDENTITY_MIN}-{CLUSTER_IDENTITY_MAX}), not {}",
+                self.cluster_id_max
+            ));
+        }
+        if !(1..=100).contains(&self.space_warning_percent) {
+            return Err(format!(
+                "identities.spaceWarningPercent must be 1-100, not {}",
+                self.space_warning_percent
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Condition on `Identity/1` saying how much of the identity space is in use.
+pub const SPACE_CONDITION: &str = "IdentitySpaceAvailable";
+/// Field manager of that condition (the status fields of the reconciler below are
+/// `tendril-identities`'; two managers so neither apply drops the other's fields).
+const SPACE_MANAGER: &str = "tendril-identity-space";
+/// A failed condition write is tried again after this long.
+const SPACE_RETRY: Duration = Duration::from_secs(5);
+
+/// The `IdentitySpaceAvailable` condition for `space` in use.
+pub fn space_condition(space: Space, warning_percent: u8) -> DesiredCondition {
+    let Space { used, capacity } = space;
+    let of = format!(
+        "{used} of {capacity} cluster identity ids in use (identities.clusterIdMax {})",
+        CLUSTER_IDENTITY_MIN + capacity as i64 - 1
+    );
+    if used >= capacity {
+        DesiredCondition::new(
+            SPACE_CONDITION,
+            false,
+            "Exhausted",
+            format!(
+                "{of}: pods with a new label set get no identity until unused identities are collected (identities.gcGracePeriodSeconds); raise clusterIdMax or drop labels from identities (identities.labelFilter)"
+            ),
+        )
+    } else if used * 100 >= capacity * u64::from(warning_percent) {
+        DesiredCondition::new(
+            SPACE_CONDITION,
+            false,
+            "NearlyExhausted",
+            format!(
+                "{of}, at least identities.spaceWarningPercent ({warning_percent}%); raise clusterIdMax or drop labels from identities (identities.labelFilter)"
+            ),
+        )
+    } else {
+        DesiredCondition::new(SPACE_CONDITION, true, "Available", of)
+    }
+}
+
+/// Writes `IdentitySpaceAvailable` on `Identity/1` whenever its reason changes.
+async fn report_space(
+    api: Api<Identity>,
+    allocator: IdentityAllocator,
+    warning_percent: u8,
+    stop: CancellationToken,
+) {
+    let mut space = allocator.subscribe_space();
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = allocator.wait_synced() => {}
+    }
+    let host = Reserved::Host.id().to_string();
+    let mut written: Option<String> = None;
+    loop {
+        let desired = space_condition(*space.borrow_and_update(), warning_percent);
+        if written.as_deref() != Some(desired.reason.as_str()) {
+            match write_space_condition(&api, &host, &desired).await {
+                Ok(()) => written = Some(desired.reason.clone()),
+                Err(e) => {
+                    warn!(error = %e, "writing the {SPACE_CONDITION} condition failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(SPACE_RETRY) => continue,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = space.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn write_space_condition(
+    api: &Api<Identity>,
+    name: &str,
+    desired: &DesiredCondition,
+) -> Result<(), kube::Error> {
+    let current = api.get(name).await?;
+    let previous = current
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, SPACE_CONDITION));
+    let condition = conditions::merge(
+        previous,
+        desired,
+        current.metadata.generation,
+        Timestamp::now(),
+    );
+    let body = runtime::apply_body::<Identity>(
+        name,
+        None,
+        json!({ "status": { "conditions": [condition] } }),
+    );
+    runtime::apply_status(api, SPACE_MANAGER, &body).await?;
+    info!(reason = %desired.reason, message = %desired.message, "{SPACE_CONDITION}");
+    Ok(())
 }
 
 /// Even a referenced identity is looked at this often, so a reference dropped without an
@@ -196,6 +329,12 @@ pub async fn run(
         tracing::warn!(error = %e, "creating the reserved identities failed; continuing");
     }
     let api = Api::<Identity>::all(ctx.client.clone());
+    tokio::spawn(report_space(
+        api.clone(),
+        allocator.clone(),
+        config.space_warning_percent,
+        ctx.shutdown.clone(),
+    ));
     let identities = ctx.caches.all::<Identity>();
     let endpoints = ctx.caches.all::<Endpoint>();
     // Reference counts only need to settle: a burst of Endpoint changes for one identity
@@ -222,4 +361,42 @@ pub async fn run(
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn space_condition_warns_before_exhaustion() {
+        let c = |used| space_condition(Space { used, capacity: 10 }, 80);
+        assert!(c(7).status);
+        assert_eq!(c(7).reason, "Available");
+        assert!(!c(8).status);
+        assert_eq!(c(8).reason, "NearlyExhausted");
+        assert!(c(8).message.contains("8 of 10"), "{}", c(8).message);
+        assert!(
+            c(8).message.contains("clusterIdMax 265"),
+            "{}",
+            c(8).message
+        );
+        assert_eq!(c(10).reason, "Exhausted");
+        assert_eq!(c(11).reason, "Exhausted");
+    }
+
+    #[test]
+    fn config_bounds() {
+        let ok = IdentitiesConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let low = IdentitiesConfig {
+            cluster_id_max: 255,
+            ..Default::default()
+        };
+        assert!(low.validate().unwrap_err().contains("clusterIdMax"));
+        let pct = IdentitiesConfig {
+            space_warning_percent: 0,
+            ..Default::default()
+        };
+        assert!(pct.validate().unwrap_err().contains("spaceWarningPercent"));
+    }
 }
