@@ -198,9 +198,15 @@ async fn pods_get_endpoints_with_shared_identities_and_gc() -> Result<()> {
     // The Identity objects: named by number, labels as on the Endpoint; reserved ones too.
     let web_identity = identities.get(&web_id.to_string()).await?;
     assert_eq!(web_identity.spec.security_labels, web1.spec.security_labels);
-    for reserved in 1..=8 {
-        identities.get(&reserved.to_string()).await?;
-    }
+    // Created by the identities concern as it starts, beside the endpoints concern that
+    // allocated web's: waited for, not raced.
+    eventually(TIMEOUT, || async {
+        for reserved in 1..=8 {
+            identities.get(&reserved.to_string()).await?;
+        }
+        Ok(())
+    })
+    .await?;
     assert_eq!(
         identities.get("2").await?.spec.security_labels,
         BTreeMap::from([("reserved:world".to_string(), String::new())])
