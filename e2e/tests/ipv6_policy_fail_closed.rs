@@ -159,8 +159,10 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
+    // The newest of each: the first drops may come before the agent's caches name the pod
+    // (a flow is enriched once, when it happens).
     let dropped_flow = |src: IpAddr, dst: IpAddr, direction: &str| {
-        flows.iter().map(|f| &f["flow"]).find(|f| {
+        flows.iter().rev().map(|f| &f["flow"]).find(|f| {
             f["IP"]["source"] == src.to_string()
                 && f["IP"]["destination"] == dst.to_string()
                 && f["traffic_direction"] == direction

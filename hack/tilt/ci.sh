@@ -43,6 +43,7 @@ export TENDRIL_APISERVER_PORT=$((base + 3)) TENDRIL_KCM_PORT=$((base + 4))
 export TENDRIL_OPERATOR_METRICS_PORT=$((base + 5)) TENDRIL_AGENT_METRICS_PORT=$((base + 6))
 export TENDRIL_PROMETHEUS_PORT=$((base + 9))
 export TENDRIL_AGENT_OBSERVER_PORT=$((base + 11)) TENDRIL_RELAY_PORT=$((base + 14))
+export TENDRIL_SERVICE_MAP_PORT=$((base + 15))
 name=${TENDRIL_TILT_CI_NAME:-tiltci}
 export TENDRIL_SIM_CLUSTER=$name TENDRIL_SIM_NODES="$name-node-1 $name-node-2"
 if [[ $name == tiltci ]]; then
