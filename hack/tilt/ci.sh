@@ -11,7 +11,7 @@
 # $TENDRIL_TEST_LOGS/tilt-ci (~/.cache/tendril/test-logs/tilt-ci), and the path is printed.
 #
 # Environment: TENDRIL_TILT_CI_TIMEOUT (default 20m), TENDRIL_TILT_CI_PORT_BASE (default
-# 31000: ports base+1 … base+14), TENDRIL_TILT_CI_RUN (run directory, default
+# 31000: ports base+1 … base+15), TENDRIL_TILT_CI_RUN (run directory, default
 # ~/.cache/tendril/tilt-ci-run) and TENDRIL_TILT_CI_NAME (default tiltci: the simulated
 # cluster, its nodes NAME-node-1/2 and the pods' network namespaces): a second checkout
 # running beside this one sets its own of each, or waits (runs on one run dir take turns,
