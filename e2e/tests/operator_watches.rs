@@ -44,6 +44,7 @@ const READ: &[(&str, &str, &str)] = &[
         "EgressGatewayPolicy",
     ),
     ("tendril.dev", "egressroutes", "EgressRoute"),
+    ("tendril.dev", "encryptionpolicies", "EncryptionPolicy"),
 ];
 
 async fn apiserver_watches(plane: &ControlPlane) -> Result<Watches> {
