@@ -41,7 +41,8 @@ struct KnownEmpty {
 }
 
 const NO_EGRESS: &str = "agents do not report the EgressRoutes they realize yet";
-const NO_ENCRYPTION: &str = "no encryption reconciler yet";
+const NO_ROTATION: &str =
+    "a policy that has not rotated its keys yet has no last rotation (the example rotates daily)";
 
 const KNOWN_EMPTY: &[KnownEmpty] = &[
     KnownEmpty {
@@ -52,21 +53,9 @@ const KNOWN_EMPTY: &[KnownEmpty] = &[
     },
     KnownEmpty {
         kind: "EncryptionPolicy",
-        column: "Nodes",
-        object: None,
-        why: NO_ENCRYPTION,
-    },
-    KnownEmpty {
-        kind: "EncryptionPolicy",
         column: "Last Rotation",
         object: None,
-        why: NO_ENCRYPTION,
-    },
-    KnownEmpty {
-        kind: "EncryptionPolicy",
-        column: "Ready",
-        object: None,
-        why: NO_ENCRYPTION,
+        why: NO_ROTATION,
     },
     KnownEmpty {
         kind: "PodIPPool",

@@ -49,7 +49,7 @@ impl EncryptionMetrics {
             implementation: m.domain(
                 "tendril_encryption_wireguard_implementation",
                 "The WireGuard implementation in use (1 for kernel or userspace)",
-                Family::default,
+                Family::<ImplementationLabel, Gauge>::default,
             ),
             peers: m.domain(
                 "tendril_encryption_peers",
