@@ -80,6 +80,21 @@ impl ChangeClock {
         self.lock().take().map_or_else(Utc::now, |p| p.first_at)
     }
 
+    /// Handles the pending changes: `handle` gets the time of the oldest (they are cleared);
+    /// when it fails they are put back, so the retry keeps that time. A concern that
+    /// debounces calls [`ChangeClock::settled`] first.
+    pub async fn handle<T, E, Fut>(&self, handle: impl FnOnce(DateTime<Utc>) -> Fut) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let changed_at = self.take();
+        let result = handle(changed_at).await;
+        if result.is_err() {
+            self.restore(changed_at);
+        }
+        result
+    }
+
     /// Puts back changes whose handling failed, so the retry keeps their original time.
     pub fn restore(&self, first_at: DateTime<Utc>) {
         let now = Instant::now();

@@ -162,10 +162,11 @@ impl Reconciler for Bgp {
     async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
         self.stores.ready().await?;
         self.changes.settled().await;
-        let changed_at = self.changes.take();
-        let result = self.compute_and_write(changed_at).await;
+        let result = self
+            .changes
+            .handle(|changed_at| self.compute_and_write(changed_at))
+            .await;
         if let Err(e) = &result {
-            self.changes.restore(changed_at);
             self.metrics
                 .reconcile_errors
                 .get_or_create(&ErrorLabel {

@@ -195,12 +195,7 @@ impl Reconciler for Egress {
     async fn reconcile(&self, _: Arc<Singleton>) -> Result<Action, Error> {
         self.stores.ready().await?;
         self.changes.settled().await;
-        let changed_at = self.changes.take();
-        let result = self.compute_and_write().await;
-        if result.is_err() {
-            self.changes.restore(changed_at);
-        }
-        result
+        self.changes.handle(|_| self.compute_and_write()).await
     }
 }
 

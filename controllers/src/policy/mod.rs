@@ -204,12 +204,9 @@ impl Reconciler for Policy {
         self.stores.ready().await?;
         // No waiting: changes arriving from here on are handled by the next reconcile,
         // which the controller runs once after this one however many there were.
-        let changed_at = self.changes.take();
-        let result = self.resolve_and_write(changed_at).await;
-        if result.is_err() {
-            self.changes.restore(changed_at);
-        }
-        result
+        self.changes
+            .handle(|changed_at| self.resolve_and_write(changed_at))
+            .await
     }
 }
 
