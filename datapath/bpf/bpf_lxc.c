@@ -13,8 +13,10 @@
  * to_container (tc egress): what the host stack routes into the pod (host
  * traffic, native routing fallbacks), judged by ingress policy.
  *
- * IPv6 in both directions: lib/ipv6.h (dropped for endpoints with policy until
- * the node enforces IPv6 policy). */
+ * IPv6 in both directions: lib/ipv6.h, in programs of their own reached by a
+ * tail call (`ipv6_calls`): the IPv4 hook's stack leaves a subprogram too little
+ * room, a tail call starts with a fresh one. A missing entry (never while the
+ * agent's pins exist) drops: fail closed. */
 
 #include "lib/common.h"
 #include "lib/egress.h"
@@ -26,6 +28,33 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/policy.h"
+
+/* The IPv6 programs (filled by the loader, pinned so they outlive an agent). */
+#define IPV6_CALL_FROM_CONTAINER 0
+#define IPV6_CALL_TO_CONTAINER 1
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 2);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipv6_calls SEC(".maps");
+
+SEC("classifier")
+int from_container_ipv6(struct __sk_buff *skb)
+{
+	int rc = from_container6(skb);
+
+	return rc < 0 ? drop(skb, -rc, DIR_EGRESS) : rc;
+}
+
+SEC("classifier")
+int to_container_ipv6(struct __sk_buff *skb)
+{
+	int rc = to_container6(skb);
+
+	return rc < 0 ? drop(skb, -rc, DIR_INGRESS) : rc;
+}
 
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
@@ -39,11 +68,10 @@ int from_container(struct __sk_buff *skb)
 	int reply;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
-		/* IPv6: fail closed for endpoints with policy (lib/ipv6.h). */
+		/* IPv6: lib/ipv6.h, in from_container_ipv6. */
 		if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-			int rc = from_container6(skb);
-
-			return rc < 0 ? drop(skb, -rc, DIR_EGRESS) : rc;
+			bpf_tail_call(skb, &ipv6_calls, IPV6_CALL_FROM_CONTAINER);
+			return drop(skb, DROP_IPV6_POLICY_NOT_ENFORCED, DIR_EGRESS);
 		}
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
 		return TC_ACT_OK;
@@ -150,9 +178,8 @@ int to_container(struct __sk_buff *skb)
 
 	if (skb->protocol != bpf_htons(ETH_P_IP)) {
 		if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-			int rc = to_container6(skb);
-
-			return rc < 0 ? drop(skb, -rc, DIR_INGRESS) : rc;
+			bpf_tail_call(skb, &ipv6_calls, IPV6_CALL_TO_CONTAINER);
+			return drop(skb, DROP_IPV6_POLICY_NOT_ENFORCED, DIR_INGRESS);
 		}
 		return TC_ACT_OK;
 	}

@@ -168,6 +168,9 @@ impl Default for SocketLbConfig {
 pub struct PolicyEnforcementConfig {
     /// Count and report would-be policy drops (verdict `audit`) and let the packets pass.
     pub audit_mode: bool,
+    /// Judge IPv6 by policy as IPv4 is; false: IPv6 to and from policy-selected endpoints
+    /// is dropped (fail closed), endpoints without policy keep theirs.
+    pub ipv6: bool,
     /// Expired conntrack entries are removed this often (seconds).
     pub conntrack_gc_seconds: u64,
     /// Policy verdict and drop events from the datapath.
@@ -235,6 +238,7 @@ impl Default for PolicyEnforcementConfig {
     fn default() -> Self {
         Self {
             audit_mode: false,
+            ipv6: true,
             conntrack_gc_seconds: 30,
             events: PolicyEventsConfig::default(),
             allow_events: AllowEventsConfig::default(),
@@ -428,6 +432,9 @@ pub struct AgentArgs {
         value_name = "BOOL"
     )]
     pub policy_audit_mode: Option<bool>,
+    /// policy.ipv6: judge IPv6 by policy (false: fail closed for policy-selected endpoints).
+    #[arg(long, env = "TENDRIL_POLICY_IPV6", value_name = "BOOL")]
+    pub policy_ipv6: Option<bool>,
     /// services.socketLB.cgroupPath: the cgroup v2 directory the socket-LB hooks attach to.
     #[arg(long, env = "TENDRIL_SOCKET_LB_CGROUP_PATH")]
     pub socket_lb_cgroup_path: Option<PathBuf>,
@@ -471,6 +478,9 @@ impl AgentArgs {
         }
         if let Some(v) = self.policy_audit_mode {
             cfg.policy.audit_mode = v;
+        }
+        if let Some(v) = self.policy_ipv6 {
+            cfg.policy.ipv6 = v;
         }
         if let Some(v) = &self.socket_lb_cgroup_path {
             cfg.services.socket_lb.cgroup_path = v.clone();

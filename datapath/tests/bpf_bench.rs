@@ -9,7 +9,9 @@
 //!
 //! IPv6 rows: the fail-closed paths of bpf/lib/ipv6.h (an endpoint without policy passes,
 //! one with policy is dropped and reported; the events ring fills and further events
-//! count as lost, as on a node under such traffic).
+//! count as lost, as on a node under such traffic), and the policy paths of a node that
+//! judges IPv6 by policy (an established flow of a selected endpoint: one `conntrack6`
+//! lookup), next to IPv4's.
 
 mod bpf_support;
 
@@ -22,7 +24,7 @@ use bpf_support::*;
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
     Hook, MapSizes, PolicyState,
-    maps::{EndpointInfo, IpcacheValue, NODE_F_TUNNEL, NodeConfig},
+    maps::{EndpointInfo, IpcacheValue, NODE_F_IPV6_POLICY, NODE_F_TUNNEL, NodeConfig},
     policy::POLICY_F_SELECTED,
 };
 
@@ -32,7 +34,8 @@ const POD_B6: &str = "fd00:10::b";
 const POD_C6: &str = "fd00:10::c";
 const REPEAT: u32 = 250;
 
-fn node(extra_prefixes: u32) -> Node {
+/// `ipv6_policy`: the node judges IPv6 by policy (NODE_F_IPV6_POLICY), else fails closed.
+fn node(extra_prefixes: u32, ipv6_policy: bool) -> Node {
     let mut node = Node::load("bench", &MapSizes::default());
     let ep = |ifindex, last: u8| EndpointInfo {
         ifindex,
@@ -87,7 +90,7 @@ fn node(extra_prefixes: u32) -> Node {
         .set(&NodeConfig {
             tunnel_ifindex: 77,
             node_ipv4: [192, 168, 0, 1],
-            flags: NODE_F_TUNNEL,
+            flags: NODE_F_TUNNEL | if ipv6_policy { NODE_F_IPV6_POLICY } else { 0 },
             pad: 0,
         })
         .unwrap();
@@ -130,83 +133,116 @@ fn ns_per_packet_of_each_program() {
     let node_ip = Ipv4Addr::new(192, 168, 0, 1);
     let mac_a = [2, 0, 0, 0, 0, 10];
     let gw = [2, 0, 0, 0, 1, 10];
+    // (name, hook, frame, verdict, on a node that judges IPv6 by policy)
     let cases = [
         (
             "from_container → local pod",
             Hook::FromContainer,
             udp_frame(mac_a, gw, pod_a, pod_b, 255, 53),
             TC_ACT_REDIRECT,
+            false,
         ),
         (
             "from_container → tunnel",
             Hook::FromContainer,
             udp_frame(mac_a, gw, pod_a, remote, 255, 53),
             TC_ACT_REDIRECT,
+            false,
         ),
         (
             "from_container → stack (unknown)",
             Hook::FromContainer,
             udp_frame(mac_a, gw, pod_a, Ipv4Addr::new(8, 8, 8, 8), 255, 53),
             TC_ACT_OK,
+            false,
         ),
         (
             "to_container (via stack)",
             Hook::ToContainer,
             udp_frame(gw, mac_a, node_ip, pod_b, 255, 53),
             TC_ACT_OK,
+            false,
         ),
         (
             "from_netdev → local pod",
             Hook::FromNetdev,
             udp_frame(gw, mac_a, remote, pod_b, 255, 53),
             TC_ACT_REDIRECT,
+            false,
         ),
         (
             "from_netdev → host",
             Hook::FromNetdev,
             udp_frame(gw, mac_a, remote, node_ip, 255, 53),
             TC_ACT_OK,
+            false,
         ),
         (
             "IPv6 from_container → stack",
             Hook::FromContainer,
             udp6(v6(POD_A6), 40000, v6(POD_B6), 53),
             TC_ACT_OK,
+            false,
         ),
         (
             "IPv6 from_container fail closed",
             Hook::FromContainer,
             udp6(v6(POD_C6), 40000, v6(POD_B6), 53),
             TC_ACT_SHOT,
+            false,
         ),
         (
             "IPv6 to_container (via stack)",
             Hook::ToContainer,
             udp6(v6(POD_A6), 40000, v6(POD_B6), 53),
             TC_ACT_OK,
+            false,
         ),
         (
             "IPv6 to_container fail closed",
             Hook::ToContainer,
             udp6(v6(POD_A6), 40000, v6(POD_C6), 53),
             TC_ACT_SHOT,
+            false,
+        ),
+        (
+            "IPv6 from_container → stack (policy)",
+            Hook::FromContainer,
+            udp6(v6(POD_C6), 40000, v6(POD_B6), 53),
+            TC_ACT_OK,
+            true,
+        ),
+        (
+            "IPv6 to_container (policy)",
+            Hook::ToContainer,
+            udp6(v6(POD_A6), 40000, v6(POD_C6), 53),
+            TC_ACT_OK,
+            true,
         ),
         (
             "to_overlay (host → remote pod)",
             Hook::ToOverlay,
             udp_frame(gw, mac_a, node_ip, remote, 255, 53),
             TC_ACT_OK,
+            false,
         ),
     ];
-    let small = node(0);
-    let large = node(10_000);
+    let small = node(0, false);
+    let large = node(10_000, false);
+    let small6 = node(0, true);
+    let large6 = node(10_000, true);
     println!(
         "{:<36} {:>14} {:>22}",
         "program / path", "ns/pkt (2 pfx)", "ns/pkt (10,002 pfx)"
     );
-    for (name, hook, frame, expected) in &cases {
-        let a = measure(&small, *hook, frame, *expected);
-        let b = measure(&large, *hook, frame, *expected);
+    for (name, hook, frame, expected, ipv6_policy) in &cases {
+        let (small, large) = if *ipv6_policy {
+            (&small6, &large6)
+        } else {
+            (&small, &large)
+        };
+        let a = measure(small, *hook, frame, *expected);
+        let b = measure(large, *hook, frame, *expected);
         println!("{name:<36} {a:>14.1} {b:>22.1}");
     }
     assert_eq!(large.dataplane.pressure().unwrap()[1].entries, 10_002);

@@ -88,6 +88,7 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("IPCACHE_F_LOCAL_NODE", IPCACHE_F_LOCAL_NODE.into()),
         ("NODE_F_TUNNEL", NODE_F_TUNNEL.into()),
         ("NODE_F_POLICY_AUDIT", NODE_F_POLICY_AUDIT.into()),
+        ("NODE_F_IPV6_POLICY", NODE_F_IPV6_POLICY.into()),
         ("POLICY_STATIC_PREFIX", POLICY_STATIC_PREFIX.into()),
         ("POLICY_VERDICT_ALLOW", POLICY_VERDICT_ALLOW.into()),
         ("POLICY_VERDICT_DENY", POLICY_VERDICT_DENY.into()),

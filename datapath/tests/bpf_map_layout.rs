@@ -97,6 +97,11 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             [saddr, daddr, sport, dport, proto, dir, endpoint_id]
         ),
         layout!(
+            "ct6_key",
+            Ct6Key,
+            [saddr, daddr, sport, dport, proto, dir, endpoint_id]
+        ),
+        layout!(
             "ct_value",
             CtValue,
             [

@@ -42,18 +42,19 @@ static __always_inline void ct_key_fill(struct ct_key *key, __be32 saddr, __be32
 	key->endpoint_id = endpoint_id;
 }
 
-static __always_inline void ct_touch(struct ct_value *entry, const struct l4_info *l4, __u64 now,
+/* Both families: `proto` and `tcp_flags` of the packet. */
+static __always_inline void ct_touch(struct ct_value *entry, __u8 proto, __u8 tcp_flags, __u64 now,
 				     int reply)
 {
 	__u8 flags = entry->flags;
 
 	if (reply)
 		flags |= CT_F_SEEN_REPLY;
-	if (l4->proto == IPPROTO_TCP) {
+	if (proto == IPPROTO_TCP) {
 		/* A half-closed connection may still carry data the other way. */
-		if (l4->tcp_flags & TCP_FLAG_FIN)
+		if (tcp_flags & TCP_FLAG_FIN)
 			flags |= reply ? CT_F_FIN_REPLY : CT_F_FIN_FORWARD;
-		if ((l4->tcp_flags & TCP_FLAG_RST) ||
+		if ((tcp_flags & TCP_FLAG_RST) ||
 		    (flags & (CT_F_FIN_FORWARD | CT_F_FIN_REPLY)) ==
 			    (CT_F_FIN_FORWARD | CT_F_FIN_REPLY))
 			flags |= CT_F_CLOSING;
@@ -63,6 +64,23 @@ static __always_inline void ct_touch(struct ct_value *entry, const struct l4_inf
 	if (now - entry->last_seen_ns > CT_TOUCH_INTERVAL_NS)
 		entry->last_seen_ns = now;
 	entry->packets += 1;
+}
+
+/* The state of a forward packet whose entry was found (both families). */
+static __always_inline int ct_forward_state(const struct ct_value *found, __u8 proto,
+					    __u8 tcp_flags, __u32 epoch, int audit)
+{
+	if ((found->flags & CT_F_AUDIT) && !audit)
+		return CT_STALE;
+	/* A new SYN on a closed tuple starts a new connection. */
+	if ((found->flags & CT_F_CLOSING) && proto == IPPROTO_TCP &&
+	    (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return CT_STALE;
+	/* No revision changed since the entry was judged (or last checked):
+	 * established without looking at policy_state. */
+	if (found->policy_epoch == epoch)
+		return CT_ESTABLISHED;
+	return CT_CHECK;
 }
 
 /* Looks the packet up at the enforcement point (dir, endpoint_id). `fwd`
@@ -96,25 +114,15 @@ static __always_inline int ct_lookup4(const struct l4_info *l4, __u8 dir, __u16 
 	ct_key_fill(fwd, l4->saddr, l4->daddr, l4->sport, l4->dport, l4->proto, dir, endpoint_id);
 	found = bpf_map_lookup_elem(&conntrack, fwd);
 	if (found) {
-		ct_touch(found, l4, now, 0);
+		ct_touch(found, l4->proto, l4->tcp_flags, now, 0);
 		*entry = found;
-		if ((found->flags & CT_F_AUDIT) && !audit)
-			return CT_STALE;
-		/* A new SYN on a closed tuple starts a new connection. */
-		if ((found->flags & CT_F_CLOSING) && l4->proto == IPPROTO_TCP &&
-		    (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
-			return CT_STALE;
-		/* No revision changed since the entry was judged (or last
-		 * checked): established without looking at policy_state. */
-		if (found->policy_epoch == epoch)
-			return CT_ESTABLISHED;
-		return CT_CHECK;
+		return ct_forward_state(found, l4->proto, l4->tcp_flags, epoch, audit);
 	}
 	ct_key_fill(&rev, l4->daddr, l4->saddr, l4->dport, l4->sport, l4->proto, opposite,
 		    endpoint_id);
 	found = bpf_map_lookup_elem(&conntrack, &rev);
 	if (found) {
-		ct_touch(found, l4, now, 1);
+		ct_touch(found, l4->proto, l4->tcp_flags, now, 1);
 		return CT_REPLY;
 	}
 	return CT_NEW;
@@ -129,15 +137,16 @@ related:
  * removed because policy now denies it, or it predates the programs) is judged by
  * policy on its own and never tracked: tracking it would let the other side's
  * packets pass as replies of a connection policy denied. */
-static __always_inline int ct_starts_connection(const struct l4_info *l4)
+static __always_inline int ct_starts_connection(__u8 proto, __u8 tcp_flags)
 {
-	if (l4->proto != IPPROTO_TCP)
+	if (proto != IPPROTO_TCP)
 		return 1;
-	return (l4->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	return (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-static __always_inline void ct_create(const struct ct_key *key, __u32 revision, __u32 epoch,
-				      __u8 flags, __u64 now)
+/* `map`: conntrack (struct ct_key) or conntrack6 (struct ct6_key). */
+static __always_inline void ct_create(void *map, const void *key, __u32 revision, __u32 epoch,
+					 __u8 flags, __u64 now)
 {
 	struct ct_value value = {
 		.created_ns = now,
@@ -149,5 +158,5 @@ static __always_inline void ct_create(const struct ct_key *key, __u32 revision, 
 	};
 
 	/* An LRU map evicts the least recently used entry when full. */
-	bpf_map_update_elem(&conntrack, key, &value, BPF_ANY);
+	bpf_map_update_elem(map, key, &value, BPF_ANY);
 }

@@ -1,27 +1,45 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
-/* IPv6 at a pod's veth while the node does not enforce IPv6 policy: fail
- * closed. The IPv4 programs judge every packet against policy; IPv6 has no
- * policy lookups yet, so instead of letting it pass unjudged:
+/* IPv6 at a pod's veth: judged by the same policy as IPv4.
  *
- * - neighbour discovery and MLD (link-local control: RS/RA/NS/NA/redirect with
- *   hop limit 255, MLD with hop limit 1) always pass, so links work;
- * - anything else leaving a pod (from_container6) must carry the address of
+ * - Neighbour discovery and MLD (link-local control: RS/RA/NS/NA/redirect with
+ *   hop limit 255, MLD with hop limit 1) always pass, so links work; so do the
+ *   ICMPv6 errors RFC 4890 §4.3.1 says must not be dropped (destination
+ *   unreachable, packet too big, time exceeded code 0, parameter problem
+ *   codes 1 and 2), so path MTU discovery and errors work.
+ * - Anything else leaving a pod (from_container6) must carry the address of
  *   the endpoint behind that veth (anti-spoofing, as for IPv4), and anything
- *   entering one (to_container6) must be for a known endpoint address;
- * - IPv6 of an endpoint some policy selects (POLICY_F_SELECTED) is dropped as
- *   DROP_IPV6_POLICY_NOT_ENFORCED, counted and reported (audit mode: counted as
- *   REASON_POLICY_AUDIT, reported with verdict audit, passed); an endpoint
+ *   entering one (to_container6) must be for a known endpoint address.
+ * - With NODE_F_IPV6_POLICY (the agent's policy maps hold IPv6): conntrack in
+ *   `conntrack6` (an established flow costs one lookup, replies and related
+ *   errors pass), then the same `policy` lookups as IPv4 (identity, protocol,
+ *   port, direction: policy_decide_key) with the IPv6 prefixes of
+ *   `policy_cidrs`. Packets leave for the host stack with the sender's
+ *   identity in the mark, as IPv4 routed through the stack does; the stack
+ *   routes them (also into local pods, whose to_container6 judges ingress).
+ * - Without it (a node whose IPv6 policy is not ready): fail closed. IPv6 of
+ *   an endpoint some policy selects (POLICY_F_SELECTED) is dropped as
+ *   DROP_IPV6_POLICY_NOT_ENFORCED, counted and reported (audit mode: counted
+ *   as REASON_POLICY_AUDIT, reported with verdict audit, passed); an endpoint
  *   without policy allows everything anyway, so its IPv6 passes.
  *
- * The agent reports this in NodeNetwork status (condition IPv6Policy). Only
- * the non-IPv4 branches of bpf_lxc.c call in here: the IPv4 path is untouched. */
+ * The agent reports which in NodeNetwork status (condition IPv6Policy). Only
+ * bpf_lxc.c's IPv6 programs (reached by tail call from the pods' hooks) call in
+ * here; the large state lives in a per-CPU scratch map. The IPv4 path is
+ * untouched. Not yet: the ports of non-first
+ * fragments (judged with port 0). */
 #pragma once
 
 #include "common.h"
+#include "conntrack.h"
 #include "events.h"
 #include "maps.h"
 #include "metrics.h"
+#include "policy.h"
 
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
 #define ICMPV6_MLD_QUERY 130
@@ -34,33 +52,97 @@
 #define IPV6_MAX_EXTHDRS 4
 #define IPV6_FRAG_OFFSET_MASK 0xFFF8
 
-/* What the fail-closed check needs of an IPv6 packet besides what its event
- * carries (addresses, protocol, ports: parsed straight into the event, so the
- * subprogram's stack, which adds to the IPv4 hook's in the verifier's count,
- * holds one copy). */
-struct pkt6_meta {
+/* The tuple IPv6 is judged on: struct l4_info with 128-bit addresses. */
+struct l4_info6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* host order; the echo id for ICMPv6 echo */
+	__u16 dport;
+	__u8 proto; /* the upper layer after extension headers */
+	__u8 tcp_flags;
+	__u8 icmp_error; /* an ICMPv6 error quoting `inner` */
+	__u8 icmp_type; /* 0xFF: not ICMPv6 */
+	__u8 icmp_code;
 	__u8 hop_limit;
-	__u8 icmp_type;
+	__u16 pad;
+	struct {
+		__u8 saddr[16];
+		__u8 daddr[16];
+		__u16 sport;
+		__u16 dport;
+		__u8 proto;
+		__u8 pad[3];
+	} inner;
 };
 
-/* Returns 0 when `skb` holds an IPv6 header after Ethernet; fills the
- * addresses, protocol (the upper layer after extension headers) and ports
- * (host order; the echo id for ICMPv6 echo) of `ev`. */
-static __always_inline int parse_ipv6(struct __sk_buff *skb, struct policy_event6 *ev,
-				      struct pkt6_meta *meta)
+/* Everything an IPv6 hook keeps while judging one packet: in a per-CPU map,
+ * not on the stack (see the top). */
+struct ipv6_scratch {
+	struct l4_info6 l4;
+	struct ct6_key fwd;
+	struct ct6_key rev;
+	struct policy_event6 ev;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ipv6_scratch);
+	__uint(max_entries, 1);
+} ipv6_scratch SEC(".maps");
+
+static __always_inline struct ipv6_scratch *ipv6_scratch_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&ipv6_scratch, &zero);
+}
+
+/* Ports of the transport header at `off` (TCP, UDP and SCTP keep both in
+ * their first 4 bytes; ICMPv6 echo: the id as both); the ICMPv6 type/code. */
+static __always_inline int load_ports6(struct __sk_buff *skb, __u32 off, __u8 proto, __u16 *sport,
+				       __u16 *dport, __u8 *icmp_type, __u8 *icmp_code)
+{
+	__u8 hdr[8];
+
+	if (proto_has_ports(proto)) {
+		if (bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
+			return -1;
+		*sport = ((__u16)hdr[0] << 8) | hdr[1];
+		*dport = ((__u16)hdr[2] << 8) | hdr[3];
+	} else if (proto == IPPROTO_ICMPV6) {
+		if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
+			return -1;
+		*icmp_type = hdr[0];
+		*icmp_code = hdr[1];
+		if (hdr[0] == ICMPV6_ECHO_REQUEST || hdr[0] == ICMPV6_ECHO_REPLY) {
+			*sport = ((__u16)hdr[4] << 8) | hdr[5];
+			*dport = *sport;
+		}
+	}
+	return 0;
+}
+
+static __always_inline int icmp6_is_error(__u8 type)
+{
+	return type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB;
+}
+
+/* Returns 0 when `skb` holds an IPv6 header after Ethernet; fills `l4`. */
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct l4_info6 *l4)
 {
 	__u32 off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
 	__u8 hdr[8];
 	__u8 next;
 	int i;
 
-	__builtin_memset(ev, 0, sizeof(*ev));
-	meta->icmp_type = 0xFF;
-	/* Version .. hop limit, then both addresses (contiguous in header and event). */
+	__builtin_memset(l4, 0, sizeof(*l4));
+	l4->icmp_type = 0xFF;
+	/* Version .. hop limit, then both addresses (contiguous in header and l4). */
 	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), hdr, 8) < 0 || (hdr[0] >> 4) != 6 ||
-	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + 8, ev->saddr6, 32) < 0)
+	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + 8, l4->saddr, 32) < 0)
 		return -1;
-	meta->hop_limit = hdr[7];
+	l4->hop_limit = hdr[7];
 	next = hdr[6];
 #pragma unroll
 	for (i = 0; i < IPV6_MAX_EXTHDRS; i++) {
@@ -78,41 +160,69 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct policy_event
 		off += 8;
 		/* A later fragment has no transport header. */
 		if ((((__u16)hdr[2] << 8) | hdr[3]) & IPV6_FRAG_OFFSET_MASK) {
-			ev->base.proto = next;
+			l4->proto = next;
 			return 0;
 		}
 	}
-	ev->base.proto = next;
-	if (proto_has_ports(next)) {
-		if (bpf_skb_load_bytes(skb, off, hdr, 4) < 0)
-			return 0;
-		ev->base.sport = ((__u16)hdr[0] << 8) | hdr[1];
-		ev->base.dport = ((__u16)hdr[2] << 8) | hdr[3];
-	} else if (next == IPPROTO_ICMPV6) {
-		if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
-			return 0;
-		meta->icmp_type = hdr[0];
-		if (hdr[0] == ICMPV6_ECHO_REQUEST || hdr[0] == ICMPV6_ECHO_REPLY) {
-			ev->base.sport = ((__u16)hdr[4] << 8) | hdr[5];
-			ev->base.dport = ev->base.sport;
-		}
-	}
+	l4->proto = next;
+	if (load_ports6(skb, off, next, &l4->sport, &l4->dport, &l4->icmp_type, &l4->icmp_code) < 0)
+		return 0;
+	if (next == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, off + 13, &l4->tcp_flags, 1);
+	if (next != IPPROTO_ICMPV6 || !icmp6_is_error(l4->icmp_type))
+		return 0;
+	/* The quoted packet: its IPv6 header, then (without extension headers)
+	 * the first bytes of its transport header. */
+	off += 8;
+	if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0 || (hdr[0] >> 4) != 6 ||
+	    bpf_skb_load_bytes(skb, off + 8, l4->inner.saddr, 32) < 0)
+		return 0;
+	l4->icmp_error = 1;
+	l4->inner.proto = hdr[6];
+	load_ports6(skb, off + sizeof(struct ipv6hdr), hdr[6], &l4->inner.sport, &l4->inner.dport,
+		    &hdr[0], &hdr[1]);
 	return 0;
 }
 
 /* Neighbour discovery and MLD: what a link needs to work. The hop limits are
  * the ones their receivers require (RFC 4861 §6.1, RFC 3810 §5), so routed
  * traffic cannot pose as either. */
-static __always_inline int ipv6_is_link_control(__u8 proto, const struct pkt6_meta *meta)
+static __always_inline int ipv6_is_link_control(const struct l4_info6 *l4)
 {
-	if (proto != IPPROTO_ICMPV6)
+	if (l4->proto != IPPROTO_ICMPV6)
 		return 0;
-	if (meta->icmp_type >= ICMPV6_ROUTER_SOLICIT && meta->icmp_type <= ICMPV6_NDISC_REDIRECT)
-		return meta->hop_limit == 255;
-	if ((meta->icmp_type >= ICMPV6_MLD_QUERY && meta->icmp_type <= ICMPV6_MLD_DONE) ||
-	    meta->icmp_type == ICMPV6_MLD2_REPORT)
-		return meta->hop_limit == 1;
+	if (l4->icmp_type >= ICMPV6_ROUTER_SOLICIT && l4->icmp_type <= ICMPV6_NDISC_REDIRECT)
+		return l4->hop_limit == 255;
+	if ((l4->icmp_type >= ICMPV6_MLD_QUERY && l4->icmp_type <= ICMPV6_MLD_DONE) ||
+	    l4->icmp_type == ICMPV6_MLD2_REPORT)
+		return l4->hop_limit == 1;
 	return 0;
+}
+
+/* The ICMPv6 errors a firewall must not drop (RFC 4890 §4.3.1): path MTU
+ * discovery and error reporting depend on them. */
+static __always_inline int ipv6_is_must_pass_error(const struct l4_info6 *l4)
+{
+	if (l4->proto != IPPROTO_ICMPV6)
+		return 0;
+	switch (l4->icmp_type) {
+	case ICMPV6_DEST_UNREACH:
+	case ICMPV6_PKT_TOOBIG:
+		return 1;
+	case ICMPV6_TIME_EXCEED:
+		return l4->icmp_code == 0;
+	case ICMPV6_PARAMPROB:
+		return l4->icmp_code == 1 || l4->icmp_code == 2;
+	}
+	return 0;
+}
+
+/* Whether the node judges IPv6 by policy (NODE_F_IPV6_POLICY). */
+static __always_inline int ipv6_policy_enforced(void)
+{
+	struct node_config *cfg = lookup_node_config();
+
+	return cfg && (cfg->flags & NODE_F_IPV6_POLICY);
 }
 
 /* The identity of an IPv6 address seen from this node (world if unknown). */
@@ -123,10 +233,37 @@ static __always_inline __u32 resolve_identity6(const __u8 *ip6)
 	return info ? info->identity : IDENTITY_WORLD;
 }
 
-/* The verdict for IPv6 of local endpoint `ep` at enforcement point `dir`:
- * TC_ACT_OK when it has no policy (or in audit mode), else TC_ACT_SHOT, the
- * verdict reported with the event `ev` parse_ipv6 filled. */
-static __always_inline int ipv6_fail_closed(struct __sk_buff *skb, struct policy_event6 *ev,
+/* The event of the packet in `s->l4` at (ep, dir), in `s->ev`, sent. */
+static __always_inline void ipv6_report(struct __sk_buff *skb, struct ipv6_scratch *s,
+					const struct endpoint_info *ep, __u8 dir, __u32 peer,
+					__u8 type, __u8 reason, __u8 verdict, __u8 match, __u64 now)
+{
+	struct policy_event6 *ev = &s->ev;
+
+	__builtin_memset(ev, 0, sizeof(*ev));
+	__builtin_memcpy(ev->saddr6, s->l4.saddr, 16);
+	__builtin_memcpy(ev->daddr6, s->l4.daddr, 16);
+	ev->base.ts_ns = now;
+	ev->base.type = type;
+	ev->base.reason = reason;
+	ev->base.dir = dir;
+	ev->base.proto = s->l4.proto;
+	ev->base.verdict = verdict;
+	ev->base.match = match;
+	ev->base.endpoint_id = ep->endpoint_id;
+	ev->base.src_identity = dir == DIR_INGRESS ? peer : ep->identity;
+	ev->base.dst_identity = dir == DIR_INGRESS ? ep->identity : peer;
+	ev->base.sport = s->l4.sport;
+	ev->base.dport = s->l4.dport;
+	ev->base.ifindex = skb->ifindex;
+	if (event_output6(ev) < 0)
+		metrics_count(skb, REASON_EVENT_LOST, dir);
+}
+
+/* The verdict for IPv6 of local endpoint `ep` at enforcement point `dir` on a
+ * node that does not enforce IPv6 policy: TC_ACT_OK when it has no policy (or
+ * in audit mode), else TC_ACT_SHOT, reported. */
+static __always_inline int ipv6_fail_closed(struct __sk_buff *skb, struct ipv6_scratch *s,
 					    const struct endpoint_info *ep, __u32 peer, __u8 dir)
 {
 	__u16 endpoint_id = ep->endpoint_id;
@@ -139,18 +276,10 @@ static __always_inline int ipv6_fail_closed(struct __sk_buff *skb, struct policy
 		return TC_ACT_OK;
 	cfg = lookup_node_config();
 	audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);
-	ev->base.ts_ns = bpf_ktime_get_ns();
-	ev->base.type = audit ? EVENT_POLICY_VERDICT : EVENT_DROP;
-	ev->base.reason = DROP_IPV6_POLICY_NOT_ENFORCED;
-	ev->base.dir = dir;
-	ev->base.verdict = audit ? EVENT_VERDICT_AUDIT : EVENT_VERDICT_DENY;
-	ev->base.match = EVENT_MATCH_DEFAULT;
-	ev->base.endpoint_id = endpoint_id;
-	ev->base.src_identity = dir == DIR_INGRESS ? peer : ep->identity;
-	ev->base.dst_identity = dir == DIR_INGRESS ? ep->identity : peer;
-	ev->base.ifindex = skb->ifindex;
-	if (event_output6(ev) < 0)
-		metrics_count(skb, REASON_EVENT_LOST, dir);
+	ipv6_report(skb, s, ep, dir, peer, audit ? EVENT_POLICY_VERDICT : EVENT_DROP,
+		    DROP_IPV6_POLICY_NOT_ENFORCED,
+		    audit ? EVENT_VERDICT_AUDIT : EVENT_VERDICT_DENY, EVENT_MATCH_DEFAULT,
+		    bpf_ktime_get_ns());
 	if (audit) {
 		metrics_count(skb, REASON_POLICY_AUDIT, dir);
 		return TC_ACT_OK;
@@ -159,29 +288,188 @@ static __always_inline int ipv6_fail_closed(struct __sk_buff *skb, struct policy
 	return TC_ACT_SHOT;
 }
 
+static __always_inline void ct6_key_fill(struct ct6_key *key, const __u8 *saddr,
+					 const __u8 *daddr, __u16 sport, __u16 dport, __u8 proto,
+					 __u8 dir, __u16 endpoint_id)
+{
+	__builtin_memcpy(key->saddr, saddr, 16);
+	__builtin_memcpy(key->daddr, daddr, 16);
+	key->sport = sport;
+	key->dport = dport;
+	key->proto = proto;
+	key->dir = dir;
+	key->endpoint_id = endpoint_id;
+}
+
+/* ct_lookup4 for IPv6 (lib/conntrack.h): `s->fwd` receives the key a new
+ * entry of this packet would have. */
+static __always_inline int ct_lookup6(struct ipv6_scratch *s, __u8 dir, __u16 endpoint_id,
+				      __u32 epoch, int audit, __u64 now, struct ct_value **entry)
+{
+	const struct l4_info6 *l4 = &s->l4;
+	__u8 opposite = dir_opposite(dir);
+	struct ct_value *found;
+
+	*entry = NULL;
+	if (l4->icmp_error) {
+		/* About a packet this endpoint sent, or a reply it sent. */
+		ct6_key_fill(&s->rev, l4->inner.saddr, l4->inner.daddr, l4->inner.sport,
+			     l4->inner.dport, l4->inner.proto, opposite, endpoint_id);
+		found = bpf_map_lookup_elem(&conntrack6, &s->rev);
+		if (found)
+			goto related;
+		ct6_key_fill(&s->rev, l4->inner.daddr, l4->inner.saddr, l4->inner.dport,
+			     l4->inner.sport, l4->inner.proto, dir, endpoint_id);
+		found = bpf_map_lookup_elem(&conntrack6, &s->rev);
+		if (found)
+			goto related;
+	}
+	ct6_key_fill(&s->fwd, l4->saddr, l4->daddr, l4->sport, l4->dport, l4->proto, dir,
+		     endpoint_id);
+	found = bpf_map_lookup_elem(&conntrack6, &s->fwd);
+	if (found) {
+		ct_touch(found, l4->proto, l4->tcp_flags, now, 0);
+		*entry = found;
+		return ct_forward_state(found, l4->proto, l4->tcp_flags, epoch, audit);
+	}
+	ct6_key_fill(&s->rev, l4->daddr, l4->saddr, l4->dport, l4->sport, l4->proto, opposite,
+		     endpoint_id);
+	found = bpf_map_lookup_elem(&conntrack6, &s->rev);
+	if (found) {
+		ct_touch(found, l4->proto, l4->tcp_flags, now, 1);
+		return CT_REPLY;
+	}
+	return CT_NEW;
+related:
+	if (now - found->last_seen_ns > CT_TOUCH_INTERVAL_NS)
+		found->last_seen_ns = now;
+	return CT_RELATED;
+}
+
+/* policy_enforce (lib/policy.h) for the IPv6 packet in `s->l4`. */
+static __always_inline int policy_enforce6(struct __sk_buff *skb, struct ipv6_scratch *s,
+					   const struct endpoint_info *ep, __u8 dir, __u32 peer)
+{
+	struct policy_decision d = {};
+	struct node_config *cfg = lookup_node_config();
+	/* Read before policy_state, as policy_enforce does. */
+	struct policy_config *pcfg = lookup_policy_config();
+	__u32 epoch = pcfg ? pcfg->epoch : 0;
+	int audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);
+	__u16 endpoint_id = ep->endpoint_id;
+	const struct l4_info6 *l4 = &s->l4;
+	struct ipcache_key cidr_key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 128,
+		.family = FAMILY_IPV6,
+	};
+	struct policy_state *state;
+	struct ct_value *entry;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 revision;
+	__u8 ct_flags = 0;
+	int ct;
+
+	ct = ct_lookup6(s, dir, endpoint_id, epoch, audit, now, &entry);
+	if (ct == CT_ESTABLISHED || ct == CT_REPLY || ct == CT_RELATED)
+		return POLICY_ALLOW;
+
+	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
+	revision = state ? state->revision : 0;
+	if (ct == CT_CHECK) {
+		if (entry && entry->policy_revision == revision) {
+			entry->policy_epoch = epoch;
+			return POLICY_ALLOW;
+		}
+		ct = CT_STALE;
+	}
+
+	__builtin_memcpy(cidr_key.addr.ip6, dir == DIR_INGRESS ? l4->saddr : l4->daddr, 16);
+	policy_decide_key(state, endpoint_id, dir, peer, &cidr_key, l4->proto, l4->dport, &d);
+	if (ct == CT_STALE)
+		d.match = EVENT_MATCH_CONNTRACK;
+	if (d.verdict == EVENT_VERDICT_DENY) {
+		if (!audit) {
+			if (ct == CT_STALE)
+				bpf_map_delete_elem(&conntrack6, &s->fwd);
+			metrics_count(skb, d.reason, dir);
+			ipv6_report(skb, s, ep, dir, peer, EVENT_DROP, d.reason, d.verdict, d.match,
+				    now);
+			return POLICY_DENY;
+		}
+		d.verdict = EVENT_VERDICT_AUDIT;
+		ct_flags = CT_F_AUDIT;
+		metrics_count(skb, REASON_POLICY_AUDIT, dir);
+	}
+	if (ct == CT_STALE && entry) {
+		entry->policy_revision = revision;
+		entry->policy_epoch = epoch;
+		/* A SYN reusing a closed tuple starts afresh. */
+		if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & TCP_FLAG_SYN))
+			entry->flags = ct_flags;
+		else
+			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
+	} else if (!l4->icmp_error && ct_starts_connection(l4->proto, l4->tcp_flags)) {
+		ct_create(&conntrack6, &s->fwd, revision, epoch, ct_flags, now);
+	}
+	if (state && (d.verdict == EVENT_VERDICT_AUDIT ||
+		      policy_allow_reported(pcfg, ep, dir, peer, l4->proto, l4->dport, d.verdict,
+					    now)))
+		ipv6_report(skb, s, ep, dir, peer, EVENT_POLICY_VERDICT, d.reason, d.verdict,
+			    d.match, now);
+	return POLICY_ALLOW;
+}
+
+/* Judges the IPv6 packet in `s` at (ep, dir): by policy when the node
+ * enforces IPv6 policy, else fail closed. A tc verdict. */
+static __always_inline int ipv6_judge(struct __sk_buff *skb, struct ipv6_scratch *s,
+				      const struct endpoint_info *ep, __u32 peer, __u8 dir)
+{
+	if (!ipv6_policy_enforced())
+		return ipv6_fail_closed(skb, s, ep, peer, dir);
+	return policy_enforce6(skb, s, ep, dir, peer) == POLICY_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
 /* from_container's IPv6: a tc verdict, or -reason for a drop the caller
- * reports (drop() from here would stack its event on top of this frame). A
- * subprogram, so the IPv4 path's code and stack stay as they are. */
+ * reports. */
 static __noinline int from_container6(struct __sk_buff *skb)
 {
+	struct ipv6_scratch *s = ipv6_scratch_get();
+	struct ipcache_value *dst_info;
 	struct endpoint_info *src_ep;
-	struct policy_event6 ev;
-	struct pkt6_meta meta;
+	__u32 dst_identity;
 	int rc;
 
-	if (parse_ipv6(skb, &ev, &meta) < 0)
+	if (!s)
 		return -DROP_INVALID_PACKET;
-	if (ipv6_is_link_control(ev.base.proto, &meta)) {
+	if (parse_ipv6(skb, &s->l4) < 0)
+		return -DROP_INVALID_PACKET;
+	if (ipv6_is_link_control(&s->l4)) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
 		return TC_ACT_OK;
 	}
-	src_ep = lookup_endpoint6(ev.saddr6);
+	src_ep = lookup_endpoint6(s->l4.saddr);
 	if (!src_ep || src_ep->ifindex != skb->ifindex)
 		return -DROP_INVALID_SOURCE;
-	rc = ipv6_fail_closed(skb, &ev, src_ep, resolve_identity6(ev.daddr6), DIR_EGRESS);
-	if (rc == TC_ACT_OK)
+	dst_info = lookup_ipcache6(s->l4.daddr);
+	dst_identity = dst_info ? dst_info->identity : IDENTITY_WORLD;
+	if (!ipv6_is_must_pass_error(&s->l4)) {
+		rc = ipv6_judge(skb, s, src_ep, dst_identity, DIR_EGRESS);
+		if (rc != TC_ACT_OK)
+			return rc;
+	}
+	if (!ipv6_policy_enforced()) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
-	return rc;
+		return TC_ACT_OK;
+	}
+	/* The host stack routes it; the mark tells to_container6 who sent it. */
+	skb->mark = identity_to_mark(src_ep->identity);
+	if (!dst_info)
+		metrics_count(skb, REASON_TO_STACK_UNKNOWN, DIR_EGRESS);
+	else if (dst_info->flags & IPCACHE_F_LOCAL_NODE)
+		metrics_count(skb, REASON_TO_STACK_HOST, DIR_EGRESS);
+	else
+		metrics_count(skb, REASON_TO_STACK_NATIVE, DIR_EGRESS);
+	return TC_ACT_OK;
 }
 
 /* to_container's IPv6, returning as from_container6 does. A destination that
@@ -189,24 +477,28 @@ static __noinline int from_container6(struct __sk_buff *skb)
  * matched to its endpoint's policy: dropped, as IPv6 the node cannot judge. */
 static __noinline int to_container6(struct __sk_buff *skb)
 {
+	struct ipv6_scratch *s = ipv6_scratch_get();
 	struct endpoint_info *dst_ep;
-	struct policy_event6 ev;
-	struct pkt6_meta meta;
 	__u32 src_identity;
 	int rc;
 
-	if (parse_ipv6(skb, &ev, &meta) < 0)
+	if (!s)
 		return -DROP_INVALID_PACKET;
-	if (ipv6_is_link_control(ev.base.proto, &meta))
+	if (parse_ipv6(skb, &s->l4) < 0)
+		return -DROP_INVALID_PACKET;
+	if (ipv6_is_link_control(&s->l4))
 		return TC_ACT_OK;
-	dst_ep = lookup_endpoint6(ev.daddr6);
+	dst_ep = lookup_endpoint6(s->l4.daddr);
 	if (!dst_ep)
 		return -DROP_IPV6_POLICY_NOT_ENFORCED;
-	src_identity = mark_to_identity(skb->mark);
-	if (src_identity == IDENTITY_UNKNOWN)
-		src_identity = resolve_identity6(ev.saddr6);
-	rc = ipv6_fail_closed(skb, &ev, dst_ep, src_identity, DIR_INGRESS);
-	if (rc == TC_ACT_OK)
-		metrics_count(skb, REASON_DELIVER_VIA_STACK, DIR_INGRESS);
-	return rc;
+	if (!ipv6_is_must_pass_error(&s->l4)) {
+		src_identity = mark_to_identity(skb->mark);
+		if (src_identity == IDENTITY_UNKNOWN)
+			src_identity = resolve_identity6(s->l4.saddr);
+		rc = ipv6_judge(skb, s, dst_ep, src_identity, DIR_INGRESS);
+		if (rc != TC_ACT_OK)
+			return rc;
+	}
+	metrics_count(skb, REASON_DELIVER_VIA_STACK, DIR_INGRESS);
+	return TC_ACT_OK;
 }

@@ -69,6 +69,10 @@ struct metrics_value {
 #define NODE_F_TUNNEL 0x01
 /* Audit mode: would-be policy drops are counted, reported and passed. */
 #define NODE_F_POLICY_AUDIT 0x02
+/* IPv6 is judged by policy and conntrack (lib/ipv6.h); unset, IPv6 of
+ * policy-selected endpoints fails closed. The agent sets it with the policy
+ * maps holding both families' entries. */
+#define NODE_F_IPV6_POLICY 0x04
 struct node_config {
 	__u32 tunnel_ifindex; /* the collect-metadata VXLAN device */
 	__be32 node_ipv4;
@@ -118,7 +122,8 @@ struct policy_state {
 };
 
 /* policy_cidrs: LPM trie (key: struct ipcache_key) of every prefix some local
- * endpoint's policy names → its node-local CIDR identity (1<<24 | n). */
+ * endpoint's policy names → its node-local CIDR identity (1<<24 | n); IPv4
+ * and IPv6 prefixes apart by the key's family. */
 #define IDENTITY_LOCAL_FLAG (1U << 24)
 struct policy_cidr_value {
 	__u32 identity;
@@ -132,6 +137,17 @@ struct policy_cidr_value {
 struct ct_key {
 	__be32 saddr;
 	__be32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 endpoint_id;
+};
+
+/* conntrack6: the IPv6 twin of `conntrack` (same value, same rules). */
+struct ct6_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
 	__u16 sport;
 	__u16 dport;
 	__u8 proto;
@@ -313,6 +329,14 @@ struct {
 	__uint(max_entries, CONNTRACK_MAX_ENTRIES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct6_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, CONNTRACK_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

@@ -55,19 +55,18 @@ static __always_inline __u8 policy_lookup(struct policy_key *key, __u32 peer, __
 	return (value->flags & POLICY_VALUE_F_L4) ? EVENT_MATCH_L4 : EVENT_MATCH_L3;
 }
 
-static __always_inline void policy_decide(const struct policy_state *state, __u16 endpoint_id,
-					  __u8 dir, __u32 peer_identity, __be32 peer_addr,
-					  const struct l4_info *l4, struct policy_decision *d)
+/* Both families: `cidr_key` holds the peer's address (the policy_cidrs key
+ * of its family), `proto` and `dport` (host order) the packet's. */
+static __always_inline void policy_decide_key(const struct policy_state *state, __u16 endpoint_id,
+					      __u8 dir, __u32 peer_identity,
+					      const struct ipcache_key *cidr_key, __u8 proto,
+					      __u16 dport, struct policy_decision *d)
 {
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX,
 		.endpoint_id = endpoint_id,
 		.direction = dir,
-		.protocol = l4->proto,
-	};
-	struct ipcache_key cidr_key = {
-		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
-		.family = FAMILY_IPV4,
+		.protocol = proto,
 	};
 	struct policy_cidr_value *cidr;
 	__u8 allow = 0, match, verdict = 0;
@@ -78,8 +77,8 @@ static __always_inline void policy_decide(const struct policy_state *state, __u1
 		d->match = EVENT_MATCH_NONE;
 		return;
 	}
-	if (proto_has_ports(l4->proto))
-		key.dport = bpf_htons(l4->dport);
+	if (proto_has_ports(proto))
+		key.dport = bpf_htons(dport);
 
 	match = policy_lookup(&key, peer_identity, &verdict);
 	if (match) {
@@ -87,8 +86,7 @@ static __always_inline void policy_decide(const struct policy_state *state, __u1
 			goto deny;
 		allow = match;
 	}
-	cidr_key.addr.ip4 = peer_addr;
-	cidr = bpf_map_lookup_elem(&policy_cidrs, &cidr_key);
+	cidr = bpf_map_lookup_elem(&policy_cidrs, cidr_key);
 	if (cidr) {
 		match = policy_lookup(&key, cidr->identity, &verdict);
 		if (match) {
@@ -125,6 +123,20 @@ deny:
 	d->reason = DROP_POLICY_DENY;
 }
 
+static __always_inline void policy_decide(const struct policy_state *state, __u16 endpoint_id,
+					  __u8 dir, __u32 peer_identity, __be32 peer_addr,
+					  const struct l4_info *l4, struct policy_decision *d)
+{
+	struct ipcache_key cidr_key = {
+		.prefixlen = IPCACHE_STATIC_PREFIX + 32,
+		.family = FAMILY_IPV4,
+	};
+
+	cidr_key.addr.ip4 = peer_addr;
+	policy_decide_key(state, endpoint_id, dir, peer_identity, &cidr_key, l4->proto, l4->dport,
+			  d);
+}
+
 static __always_inline struct policy_config *lookup_policy_config(void)
 {
 	__u32 zero = 0;
@@ -135,15 +147,15 @@ static __always_inline struct policy_config *lookup_policy_config(void)
 /* Whether an allow verdict is reported (aggregation, see the top). */
 static __always_inline int policy_allow_reported(const struct policy_config *pcfg,
 						 const struct endpoint_info *ep, __u8 dir,
-						 __u32 peer, const struct l4_info *l4,
+						 __u32 peer, __u8 proto, __u16 dport,
 						 __u8 verdict, __u64 now)
 {
 	struct policy_flow_key key = {
 		.peer_identity = peer,
 		.endpoint_id = ep->endpoint_id,
-		.dport = l4->dport,
+		.dport = dport,
 		.dir = dir,
-		.proto = l4->proto,
+		.proto = proto,
 		.verdict = verdict,
 	};
 	__u64 *last;
@@ -250,12 +262,13 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 			entry->flags = ct_flags;
 		else
 			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
-	} else if (!l4->icmp_error && ct_starts_connection(l4)) {
-		ct_create(&key, revision, epoch, ct_flags, now);
+	} else if (!l4->icmp_error && ct_starts_connection(l4->proto, l4->tcp_flags)) {
+		ct_create(&conntrack, &key, revision, epoch, ct_flags, now);
 	}
 	/* reason: 0 for an allow; the drop reason audit mode waived. */
 	if (state && (d.verdict == EVENT_VERDICT_AUDIT ||
-		      policy_allow_reported(pcfg, ep, dir, peer, l4, d.verdict, now)))
+		      policy_allow_reported(pcfg, ep, dir, peer, l4->proto, l4->dport, d.verdict,
+					    now)))
 		policy_report(skb, l4, ep, dir, peer, EVENT_POLICY_VERDICT, d.reason, &d, now);
 	return POLICY_ALLOW;
 }

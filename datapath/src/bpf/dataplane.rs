@@ -61,7 +61,7 @@ impl Dataplane {
     pub fn pressure(&self) -> Result<Vec<MapPressure>, DataplaneError> {
         let mut pressure = vec![self.endpoints.pressure(), self.ipcache.pressure()];
         pressure.extend(self.policy.pressure());
-        pressure.push(self.conntrack.pressure());
+        pressure.extend(self.conntrack.pressure());
         pressure.extend(self.lb.pressure());
         pressure.extend(self.egress.pressure());
         // The gateway's SNAT table: its occupancy is what port exhaustion shows as.

@@ -5,7 +5,7 @@
 //! ```text
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
 //! <dir>/policy, policy_state, policy_cidrs,
-//!       conntrack, events, ipv4_frags               policy maps (issue 6)
+//!       conntrack, conntrack6, events, ipv4_frags   policy maps (issues 6, 18)
 //! <dir>/lb_services, lb_backends, lb_revnat, lb_affinity, lb_source_ranges,
 //!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
 //!       lb_config                                   services maps (issue 12)
@@ -29,7 +29,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
-    maps::MapInfo,
+    maps::{MapInfo, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -174,7 +174,8 @@ pub struct MapSizes {
     pub policy_state: u32,
     /// Distinct policy CIDR prefixes on the node.
     pub policy_cidrs: u32,
-    /// Tracked connections (LRU: the least recently used is evicted when full).
+    /// Tracked connections per family, `conntrack` and `conntrack6` (LRU: the least
+    /// recently used is evicted when full).
     pub conntrack: u32,
     /// Bytes of the `events` ring buffer: a power of two and a multiple of the page size.
     #[serde(rename = "eventsBytes")]
@@ -260,6 +261,60 @@ pub enum LoadError {
         program: &'static str,
         source: Box<aya::programs::ProgramError>,
     },
+    #[error("tail call {program} into {map}: {source}")]
+    TailCall {
+        program: &'static str,
+        map: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+/// Programs reached by tail call, not attached: (prog array, index, program). bpf_lxc.c's
+/// IPv6 paths run in programs of their own (a fresh stack); the prog array is pinned, so
+/// the attached hooks keep reaching them while the agent is down.
+const TAIL_CALLS: [(&str, u32, &str); 2] = [
+    ("ipv6_calls", 0, "from_container_ipv6"),
+    ("ipv6_calls", 1, "to_container_ipv6"),
+];
+
+/// Loads the tail-called programs of `ebpf` and puts them into their prog arrays.
+fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    for (map, index, program) in TAIL_CALLS {
+        if ebpf.program(program).is_none() {
+            continue;
+        }
+        let classifier: &mut SchedClassifier = ebpf
+            .program_mut(program)
+            .expect("program listed above")
+            .try_into()
+            .map_err(|source| LoadError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        classifier.load().map_err(|source| LoadError::Program {
+            program,
+            source: Box::new(source),
+        })?;
+        let fd = classifier
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|source| LoadError::Program {
+                program,
+                source: Box::new(source),
+            })?;
+        let tail_call = |source| LoadError::TailCall {
+            program,
+            map,
+            source: Box::new(source),
+        };
+        let data = ebpf
+            .map_mut(map)
+            .ok_or_else(|| tail_call(aya::maps::MapError::InvalidName { name: map.into() }))?;
+        ProgramArray::try_from(data)
+            .and_then(|mut array| array.set(index, &fd, 0))
+            .map_err(tail_call)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +397,7 @@ impl Programs {
                 .map_max_entries(maps::POLICY_STATE, sizes.policy_state)
                 .map_max_entries(maps::POLICY_CIDRS, sizes.policy_cidrs)
                 .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+                .map_max_entries(maps::CONNTRACK6, sizes.conntrack)
                 .map_max_entries(maps::EVENTS, sizes.events)
                 .map_max_entries(maps::LB_SERVICES, sizes.lb_services)
                 .map_max_entries(maps::LB_BACKENDS, sizes.lb_backends)
@@ -395,6 +451,7 @@ impl Programs {
                     source: Box::new(source),
                 })?;
             }
+            load_tail_calls(&mut ebpf)?;
             Ok(ebpf)
         };
         Ok(Self {

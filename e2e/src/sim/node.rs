@@ -25,6 +25,7 @@ pub struct SimNode {
     /// The node's cgroup v2 subtree (socket LB), removed on drop.
     pub cgroup: Option<PathBuf>,
     kubeconfig: PathBuf,
+    agent_args: Vec<String>,
     agent: Option<Process>,
     handle: NodeHandle,
 }
@@ -33,6 +34,17 @@ impl SimNode {
     /// Brings node `index` up on `cluster`'s underlay (which must exist, see
     /// [`ensure_underlay`]) and starts its agent. The Node object is deleted with `env`.
     pub async fn start(env: &TestEnv, cluster: &str, subnet: u8, index: u8) -> Result<SimNode> {
+        Self::start_with(env, cluster, subnet, index, &[]).await
+    }
+
+    /// [`Self::start`], the agent started with `agent_args` too (every start).
+    pub async fn start_with(
+        env: &TestEnv,
+        cluster: &str,
+        subnet: u8,
+        index: u8,
+        agent_args: &[String],
+    ) -> Result<SimNode> {
         let name = env.unique_name(&format!("node{index}"));
         let address = node_address(subnet, index);
         let state_dir = std::env::temp_dir().join(format!("tendril-sim-{name}"));
@@ -49,6 +61,7 @@ impl SimNode {
             metrics_port: free_port()?,
             observer_port: free_port()?,
             kubeconfig: env.kubeconfig(),
+            agent_args: agent_args.to_vec(),
             agent: None,
             handle: NodeHandle {
                 name: name.clone(),
@@ -117,6 +130,7 @@ impl SimNode {
             // One WireGuard interface name per node: the configuration socket
             // (/var/run/wireguard/<name>.sock) is shared by every namespace.
             .env("TENDRIL_WIREGUARD_INTERFACE", self.wireguard_interface())
+            .args(&self.agent_args)
             .env("RUST_LOG", "info")
             .spawn()?;
         self.agent = Some(agent);

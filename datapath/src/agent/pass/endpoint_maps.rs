@@ -5,7 +5,10 @@
 
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure};
 use crate::bpf::AnyKey;
-use crate::bpf::maps::{self, EndpointInfo, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig};
+use crate::bpf::maps::{
+    self, EndpointInfo, NODE_F_IPV6_POLICY, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+};
+use crate::config::PolicyEnforcementConfig;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -36,13 +39,14 @@ fn desired_endpoints(pass: &Pass) -> BTreeMap<IpAddr, EndpointInfo> {
     endpoints
 }
 
-fn desired_node_config(pass: &Pass, audit_mode: bool) -> NodeConfig {
+fn desired_node_config(pass: &Pass, policy: &PolicyEnforcementConfig) -> NodeConfig {
     let tunnel = pass.netlink.tunnel_ifindex;
     NodeConfig {
         tunnel_ifindex: tunnel.unwrap_or(0),
         node_ipv4: pass.desired.node_ip.map_or([0; 4], |ip| ip.octets()),
         flags: if tunnel.is_some() { NODE_F_TUNNEL } else { 0 }
-            | if audit_mode { NODE_F_POLICY_AUDIT } else { 0 },
+            | if policy.audit_mode { NODE_F_POLICY_AUDIT } else { 0 }
+            | if policy.ipv6 { NODE_F_IPV6_POLICY } else { 0 },
         pad: 0,
     }
 }
@@ -53,7 +57,7 @@ impl Step for EndpointMaps {
     async fn run(&mut self, node: &NodeContext, pass: &mut Pass) -> Result<(), StepFailure> {
         let endpoints = desired_endpoints(pass);
         let ipcache = pass.desired.ipcache.clone();
-        let node_config = desired_node_config(pass, node.cfg.policy.audit_mode);
+        let node_config = desired_node_config(pass, &node.cfg.policy);
         let metrics = node.metrics.clone();
         let (endpoints, ipcache, node_config_error) = node
             .with_dataplane(move |dp| {

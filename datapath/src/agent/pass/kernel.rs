@@ -1,5 +1,5 @@
 //! The netlink half of a convergence pass, run on a thread inside the node's network
-//! namespace (see `cni::link::run_in`): the VXLAN device, IPv4 forwarding, routes to the
+//! namespace (see `cni::link::run_in`): the VXLAN device, IPv4 and IPv6 forwarding, routes to the
 //! other nodes' pod CIDRs, the host veths of local pods, and the programs attached to all
 //! of them.
 //!
@@ -433,6 +433,13 @@ pub fn attach(
 async fn converge_in(handle: &Handle, plan: &NetlinkPlan) -> Result<NetlinkOutcome, KernelError> {
     let mut out = NetlinkOutcome::default();
     sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+    // IPv6 pods are routed through the stack too (their /128 routes point at the veths the
+    // plugin made; bpf/lib/ipv6.h judges them at both veths). A kernel without IPv6 has no
+    // such file and no IPv6 pods.
+    const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+    if std::path::Path::new(IPV6_FORWARDING).exists() {
+        sysctl(IPV6_FORWARDING, "1")?;
+    }
 
     let all_links = links(handle).await?;
     let by_name: HashMap<&str, &Link> = all_links.iter().map(|l| (l.name.as_str(), l)).collect();

@@ -5,11 +5,11 @@
 //! - Every local endpoint whose identity has a `ResolvedPolicy` gets a `policy_state`
 //!   (revision, default-deny flags) and its entries, keyed by its endpoint id. Endpoints
 //!   without one get nothing: no state means no policy (allow all).
-//! - CIDRs: every IPv4 prefix a local endpoint's policy names gets a node-local identity
-//!   `1<<24 | n`; ids already allocated (read back from the pinned map) are kept, so a
-//!   restart changes nothing. The datapath looks up the longest node prefix containing the
-//!   peer's address, so a rule naming prefix P applies to the ids of every node prefix
-//!   inside P. IPv6 prefixes are skipped (IPv4-only datapath).
+//! - CIDRs: every IPv4 and IPv6 prefix a local endpoint's policy names gets a node-local
+//!   identity `1<<24 | n`; ids already allocated (read back from the pinned map) are kept, so
+//!   a restart changes nothing. The datapath looks up the longest node prefix of the peer's
+//!   family containing the peer's address, so a rule naming prefix P applies to the ids of
+//!   every node prefix inside P (never to a prefix of the other family).
 //! - Ports: protocol `ANY` with a port → TCP, UDP and SCTP; `ANY` port 0 → every protocol
 //!   and port; ranges → aligned LPM blocks; named ports resolve against the subject's own
 //!   named ports (ingress) or every endpoint's (egress); an unresolvable name yields no
@@ -23,7 +23,7 @@ use crate::bpf::policy::{
     POLICY_F_SELECTED, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyState,
     Verdict, port_range_prefixes, propagate_denies,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use tendril_crds::v1alpha1::{
     self as api, NamedPort, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
@@ -86,12 +86,11 @@ impl ClusterNamedPorts {
 pub struct DesiredPolicy {
     pub entries: BTreeMap<PolicyEntry, Verdict>,
     pub states: BTreeMap<u16, PolicyState>,
-    /// `policy_cidrs`: every IPv4 prefix named by a local endpoint's policy → its id.
+    /// `policy_cidrs`: every prefix (both families) named by a local endpoint's policy →
+    /// its id.
     pub cidrs: BTreeMap<IpNet, u32>,
     /// Endpoint id → the `ResolvedPolicy` revision its entries and state realize.
     pub revisions: BTreeMap<u16, i64>,
-    /// IPv6 prefixes left out (the datapath is IPv4-only).
-    pub skipped_ipv6: usize,
     /// Things that could not be translated (unparseable CIDR, unknown protocol, …); the
     /// rest of the policy is still in (each item narrows what is allowed, never widens).
     pub problems: Vec<String>,
@@ -177,7 +176,7 @@ fn port_blocks(
 /// lowest free index, never one `current` still holds (its entries may still be in the
 /// policy map until this pass prunes them).
 pub fn allocate_cidr_ids(
-    prefixes: &BTreeSet<Ipv4Net>,
+    prefixes: &BTreeSet<IpNet>,
     current: &BTreeMap<IpNet, u32>,
 ) -> (BTreeMap<IpNet, u32>, Vec<String>) {
     let taken: BTreeSet<u32> = current.values().copied().collect();
@@ -185,7 +184,7 @@ pub fn allocate_cidr_ids(
     let mut problems = Vec::new();
     let mut next = 1u32;
     for prefix in prefixes {
-        let net = IpNet::V4(*prefix);
+        let net = *prefix;
         if let Some(id) = current.get(&net) {
             out.insert(net, *id);
             continue;
@@ -203,17 +202,31 @@ pub fn allocate_cidr_ids(
     (out, problems)
 }
 
-fn parse_v4(cidr: &str, skipped_ipv6: &mut usize, problems: &mut Vec<String>) -> Option<Ipv4Net> {
+fn parse_net(cidr: &str, problems: &mut Vec<String>) -> Option<IpNet> {
     match cidr.parse::<IpNet>() {
-        Ok(IpNet::V4(net)) => Some(net.trunc()),
-        Ok(IpNet::V6(_)) => {
-            *skipped_ipv6 += 1;
-            None
-        }
+        Ok(net) => Some(net.trunc()),
         Err(_) => {
             problems.push(format!("unparseable CIDR {cidr:?}"));
             None
         }
+    }
+}
+
+/// A prefix as (family, first address, length), both families in one ordered space: the
+/// prefixes inside P are those from P's first to P's last address with a length of at
+/// least P's.
+fn prefix_span(net: &IpNet) -> ((bool, u128), (bool, u128), u8) {
+    match net {
+        IpNet::V4(v4) => (
+            (false, u128::from(u32::from(v4.network()))),
+            (false, u128::from(u32::from(v4.broadcast()))),
+            v4.prefix_len(),
+        ),
+        IpNet::V6(v6) => (
+            (true, u128::from(v6.network())),
+            (true, u128::from(v6.broadcast())),
+            v6.prefix_len(),
+        ),
     }
 }
 
@@ -263,7 +276,7 @@ pub fn translate(
         }
         for (_, rule) in rules(spec) {
             for cidr in &rule.cidrs {
-                if let Some(net) = parse_v4(cidr, &mut out.skipped_ipv6, &mut out.problems) {
+                if let Some(net) = parse_net(cidr, &mut out.problems) {
                     prefixes.insert(net);
                 }
             }
@@ -272,28 +285,25 @@ pub fn translate(
     let (cidrs, problems) = allocate_cidr_ids(&prefixes, current_cidrs);
     out.cidrs = cidrs;
     out.problems.extend(problems);
-    // Node prefixes by (first address, length): those inside a rule prefix P are the ones
-    // starting within P's addresses with a length of at least P's — a range query.
-    let node_prefixes: BTreeMap<(u32, u8), u32> = out
+    // Node prefixes by (family, first address, length): those inside a rule prefix P are
+    // the ones starting within P's addresses with a length of at least P's — a range query.
+    let node_prefixes: BTreeMap<((bool, u128), u8), u32> = out
         .cidrs
         .iter()
-        .filter_map(|(net, id)| match net {
-            IpNet::V4(v4) => Some(((u32::from(v4.network()), v4.prefix_len()), *id)),
-            IpNet::V6(_) => None,
+        .map(|(net, id)| {
+            let (first, _, len) = prefix_span(net);
+            ((first, len), *id)
         })
         .collect();
-    let mut within_cache: BTreeMap<Ipv4Net, Vec<u32>> = BTreeMap::new();
-    let mut ids_within = |rule_prefix: Ipv4Net| -> Vec<u32> {
+    let mut within_cache: BTreeMap<IpNet, Vec<u32>> = BTreeMap::new();
+    let mut ids_within = |rule_prefix: IpNet| -> Vec<u32> {
         within_cache
             .entry(rule_prefix)
             .or_insert_with(|| {
-                let (first, last) = (
-                    u32::from(rule_prefix.network()),
-                    u32::from(rule_prefix.broadcast()),
-                );
+                let (first, last, len) = prefix_span(&rule_prefix);
                 node_prefixes
-                    .range((first, 0)..=(last, 32))
-                    .filter(|((_, len), _)| *len >= rule_prefix.prefix_len())
+                    .range((first, 0)..=(last, 128))
+                    .filter(|((_, l), _)| *l >= len)
                     .map(|(_, id)| *id)
                     .collect()
             })
@@ -329,13 +339,12 @@ pub fn translate(
                 .collect();
             for cidr in &rule.cidrs {
                 // Problems were recorded while collecting prefixes.
-                let (mut v6, mut p) = (0, Vec::new());
-                if let Some(net) = parse_v4(cidr, &mut v6, &mut p) {
+                if let Some(net) = parse_net(cidr, &mut Vec::new()) {
                     peers.extend(ids_within(net));
                 }
             }
             if peers.is_empty() {
-                // Only IPv6 or invalid peers: it matches nothing here (never "any").
+                // Only invalid peers: it matches nothing here (never "any").
                 continue;
             }
             let blocks: Vec<(u8, u16, u8)> = if rule.ports.is_empty() {
@@ -569,8 +578,7 @@ mod tests {
             &BTreeMap::new(),
         );
         let id = |c: &str| d.cidrs[&c.parse::<IpNet>().unwrap()];
-        assert_eq!(d.cidrs.len(), 3);
-        assert_eq!(d.skipped_ipv6, 1);
+        assert_eq!(d.cidrs.len(), 4);
         assert!(d.cidrs.values().all(|id| id & LOCAL_IDENTITY_FLAG != 0));
         let (wide, mid, narrow) = (id("10.0.0.0/8"), id("10.1.0.0/16"), id("10.1.2.0/24"));
         let v = |peer, proto, port, bits| {
@@ -587,19 +595,32 @@ mod tests {
         assert_eq!(v(narrow, PROTO_TCP, 443, 16), Some(Verdict::Deny));
         // The /24 allow does not reach the wider prefixes.
         assert_eq!(v(wide, PROTO_ANY, 0, 0), None);
-        assert_eq!(d.entries.len(), 5);
+        // The IPv6 prefix is a node prefix of its own, which no IPv4 rule covers.
+        assert_eq!(v(id("fd00::/64"), PROTO_ANY, 0, 0), Some(Verdict::Allow));
+        assert_eq!(v(id("fd00::/64"), PROTO_TCP, 443, 16), None);
+        assert_eq!(d.entries.len(), 6);
+    }
+
+    /// IPv4 prefixes anywhere, IPv6 prefixes within a few /16s so they nest often.
+    fn any_prefix() -> impl proptest::strategy::Strategy<Value = IpNet> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new(a.into(), l).unwrap().trunc())),
+            (0u128..3, any::<u128>(), 0u8..=128).prop_map(|(top, low, l)| {
+                let addr = (top << 112) | (0xfd00 << 112) | (low >> 16);
+                IpNet::V6(ipnet::Ipv6Net::new(addr.into(), l).unwrap().trunc())
+            }),
+        ]
     }
 
     proptest::proptest! {
-        /// The range query finds exactly the node prefixes a rule prefix contains.
+        /// The range query finds exactly the node prefixes a rule prefix contains, in both
+        /// families and never across them.
         #[test]
         fn rule_prefixes_cover_exactly_the_node_prefixes_inside_them(
-            nets in proptest::collection::vec((proptest::prelude::any::<u32>(), 0u8..=32), 1..12),
+            nets in proptest::collection::vec(any_prefix(), 1..12),
         ) {
-            let nets: Vec<Ipv4Net> = nets
-                .into_iter()
-                .map(|(a, l)| Ipv4Net::new(a.into(), l).unwrap().trunc())
-                .collect();
             let cidrs: Vec<String> = nets.iter().map(ToString::to_string).collect();
             let refs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
             let rules: Vec<ResolvedRule> = refs
@@ -620,7 +641,7 @@ mod tests {
                 let want: BTreeSet<u32> = d
                     .cidrs
                     .iter()
-                    .filter(|(n, _)| match n { IpNet::V4(v4) => rule_net.contains(v4), IpNet::V6(_) => false })
+                    .filter(|(n, _)| rule_net.contains(*n))
                     .map(|(_, id)| *id)
                     .collect();
                 proptest::prop_assert_eq!(got, want);
@@ -714,12 +735,14 @@ mod tests {
 
     #[test]
     fn cidr_ids_are_stable_and_never_reuse_an_id_still_pinned() {
-        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let net = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
         let current = BTreeMap::from([
             (IpNet::V4(net("192.168.0.0/16")), LOCAL_IDENTITY_FLAG | 2),
             (IpNet::V4(net("172.16.0.0/12")), LOCAL_IDENTITY_FLAG | 1),
         ]);
-        let wanted = BTreeSet::from([net("192.168.0.0/16"), net("10.0.0.0/8"), net("8.8.8.8/32")]);
+        let wanted = BTreeSet::from(
+            [net("192.168.0.0/16"), net("10.0.0.0/8"), net("8.8.8.8/32")].map(IpNet::V4),
+        );
         let (ids, problems) = allocate_cidr_ids(&wanted, &current);
         assert!(problems.is_empty());
         assert_eq!(
@@ -760,7 +783,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rule_whose_peers_are_all_ipv6_matches_nothing() {
+    fn a_rule_whose_peers_are_all_ipv6_matches_those_prefixes_only() {
         let p = spec(
             300,
             1,
@@ -772,8 +795,12 @@ mod tests {
             &ClusterNamedPorts::default(),
             &BTreeMap::new(),
         );
-        assert!(d.entries.is_empty(), "never widened to any peer");
-        assert_eq!(d.skipped_ipv6, 1);
+        let id = d.cidrs[&"fd00::/8".parse::<IpNet>().unwrap()];
+        assert_eq!(
+            d.entries.keys().map(|e| e.peer).collect::<Vec<_>>(),
+            [id],
+            "never widened to any peer"
+        );
         assert_eq!(
             d.states[&1].flags,
             POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_SELECTED

@@ -11,7 +11,6 @@ use crate::bpf::{AnyKey, Dataplane, DataplaneError, PolicyItem, Report};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tendril_crds::facts::annotations::POLICY_CHANGED_AT;
 use tendril_crds::v1alpha1::{NamedPort, ResolvedPolicy};
@@ -236,14 +235,6 @@ impl PolicyMaps {
             dp.policy
                 .set_event_settings(event_mode, event_interval_ns)
                 .map_err(|e| StepFailure::new("MapWriteFailed", e))?;
-            // Once per process: it is a property of the datapath, not news.
-            static IPV6_LOGGED: AtomicBool = AtomicBool::new(false);
-            if wanted.skipped_ipv6 > 0 && !IPV6_LOGGED.swap(true, Ordering::Relaxed) {
-                tracing::info!(
-                    prefixes = wanted.skipped_ipv6,
-                    "IPv6 policy CIDRs are skipped: the datapath enforces IPv4 only"
-                );
-            }
             if !skipped {
                 for problem in &wanted.problems {
                     tracing::warn!(%problem, "policy entry left out");

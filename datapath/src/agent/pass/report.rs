@@ -141,17 +141,26 @@ pub fn socket_lb_condition(state: &super::services::SocketLb) -> DesiredConditio
 /// The node's `IPv6Policy` condition: whether this node's datapath judges IPv6 by policy.
 pub const IPV6_POLICY: &str = "IPv6Policy";
 
-/// Not yet: the programs fail closed instead (bpf/lib/ipv6.h), IPv6 to and from endpoints
-/// with policy is dropped, and this condition says so, so nobody mistakes a node that drops
-/// IPv6 for one that polices it.
-pub fn ipv6_policy_condition() -> DesiredCondition {
+/// True when `policy.ipv6` is on (bpf/lib/ipv6.h judges IPv6 as IPv4); otherwise the
+/// programs fail closed, IPv6 to and from endpoints with policy is dropped, and this
+/// condition says so, so nobody mistakes a node that drops IPv6 for one that polices it.
+pub fn ipv6_policy_condition(enforced: bool) -> DesiredCondition {
+    if enforced {
+        return DesiredCondition::new(
+            IPV6_POLICY,
+            true,
+            "Enforced",
+            "IPv6 is judged by the same policy as IPv4 (identities, IPv6 CIDRs, conntrack); \
+             neighbour discovery and the ICMPv6 errors of RFC 4890 always pass",
+        );
+    }
     DesiredCondition::new(
         IPV6_POLICY,
         false,
         "FailClosed",
-        "this node does not enforce IPv6 policy yet: IPv6 to and from endpoints selected by \
-         a policy is dropped (drop reason ipv6_policy_not_enforced); neighbour discovery \
-         passes, endpoints without policy keep their IPv6",
+        "policy.ipv6 is false: IPv6 to and from endpoints selected by a policy is dropped \
+         (drop reason ipv6_policy_not_enforced); neighbour discovery passes, endpoints \
+         without policy keep their IPv6",
     )
 }
 
@@ -251,7 +260,7 @@ impl Reporter {
         }
         conditions.push(conditions::merge(
             conditions::find(&previous, IPV6_POLICY),
-            &ipv6_policy_condition(),
+            &ipv6_policy_condition(node.cfg.policy.ipv6),
             own.metadata.generation,
             k8s_openapi::jiff::Timestamp::now(),
         ));

@@ -5,7 +5,7 @@ use crate::bpf::maps;
 use aya::maps::MapType;
 
 /// The shape a pinned map must have to be reused by this build.
-pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 25] {
+pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 26] {
     use std::mem::size_of;
     [
         (
@@ -61,6 +61,13 @@ pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize,
             maps::CONNTRACK,
             MapType::LruHash,
             size_of::<maps::CtKey>(),
+            size_of::<maps::CtValue>(),
+            sizes.conntrack,
+        ),
+        (
+            maps::CONNTRACK6,
+            MapType::LruHash,
+            size_of::<maps::Ct6Key>(),
             size_of::<maps::CtValue>(),
             sizes.conntrack,
         ),

@@ -17,6 +17,7 @@ pub const POLICY: &str = "policy";
 pub const POLICY_STATE: &str = "policy_state";
 pub const POLICY_CIDRS: &str = "policy_cidrs";
 pub const CONNTRACK: &str = "conntrack";
+pub const CONNTRACK6: &str = "conntrack6";
 pub const EVENTS: &str = "events";
 pub const IPV4_FRAGS: &str = "ipv4_frags";
 pub const POLICY_CONFIG: &str = "policy_config";
@@ -120,6 +121,9 @@ pub const IPCACHE_F_LOCAL_NODE: u8 = 0x01;
 pub const NODE_F_TUNNEL: u32 = 0x01;
 /// `NODE_F_POLICY_AUDIT`: would-be policy drops are counted, reported and passed.
 pub const NODE_F_POLICY_AUDIT: u32 = 0x02;
+/// `NODE_F_IPV6_POLICY`: IPv6 is judged by policy and conntrack; unset, IPv6 of
+/// policy-selected endpoints fails closed (bpf/lib/ipv6.h).
+pub const NODE_F_IPV6_POLICY: u32 = 0x04;
 
 /// Bits of a policy key always matched: endpoint id, direction, pad, peer identity.
 pub const POLICY_STATIC_PREFIX: u32 = 64;
@@ -426,6 +430,22 @@ pub struct CtKey {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
     /// Host order; ICMP echo: the echo id in both.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// The enforcement point that created it (`Direction as u8`).
+    pub dir: u8,
+    pub endpoint_id: u16,
+}
+
+/// `struct ct6_key`: [`CtKey`] of an IPv6 connection (map `conntrack6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Ct6Key {
+    /// Network order.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host order; ICMPv6 echo: the echo id in both.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -805,6 +825,7 @@ unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for PolicyState {}
 unsafe impl aya::Pod for PolicyCidrValue {}
 unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for Ct6Key {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for PolicyConfig {}
 unsafe impl aya::Pod for PolicyFlowKey {}
