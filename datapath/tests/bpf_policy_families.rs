@@ -470,3 +470,64 @@ fn ipv6_conntrack_entries_mirror_ipv4s() {
     // One connection, one entry (egress of A), in its family's map only.
     assert_eq!(counts, [(1, 0), (0, 1)]);
 }
+
+/// An ICMPv6 error (type, code) quoting a UDP datagram A sent to `quoted_dst`.
+fn icmp6_error(from: Ipv6Addr, to: Ipv6Addr, ty: u8, code: u8, quoted_dst: Ipv6Addr) -> Vec<u8> {
+    let quoted = ipv6_frame(to, quoted_dst, 17, 64, &[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+    let mut l4 = vec![ty, code, 0, 0, 0, 0, 0x05, 0x00];
+    l4.extend_from_slice(&quoted[14..]);
+    ipv6_frame(from, to, IPPROTO_ICMPV6, 64, &l4)
+}
+
+#[test]
+fn icmpv6_neighbour_discovery_and_the_errors_rfc_4890_keeps_pass_a_default_deny() {
+    let case = Case {
+        name: "default deny both ways",
+        entries: vec![],
+        a_flags: Some(DENY_IN | DENY_EG),
+        packets: vec![],
+    };
+    let node = node_for(&case, Family::V6);
+    let a = match Family::V6.addr(Peer::A) {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => unreachable!(),
+    };
+    let outside = match Family::V6.addr(Peer::Outside) {
+        IpAddr::V6(o) => o,
+        IpAddr::V4(_) => unreachable!(),
+    };
+    let router: Ipv6Addr = "fe80::1".parse().unwrap();
+    let into_a = |frame: &[u8]| node.verdict(Hook::ToContainer, frame, 0);
+    let out_of_a = |frame: &[u8]| node.verdict(Hook::FromContainer, frame, 0);
+    // Destination unreachable, packet too big, time exceeded (hop limit), parameter
+    // problem (unknown next header): never dropped, tracked or not.
+    for (ty, code) in [(1, 4), (2, 0), (3, 0), (4, 1), (4, 2)] {
+        assert_eq!(
+            into_a(&icmp6_error(router, a, ty, code, outside)),
+            TC_ACT_OK,
+            "ICMPv6 error type {ty} code {code}"
+        );
+    }
+    // Other errors and informational messages are judged: denied here.
+    for (ty, code) in [(3, 1), (4, 0)] {
+        assert_eq!(
+            into_a(&icmp6_error(router, a, ty, code, outside)),
+            TC_ACT_SHOT,
+            "ICMPv6 error type {ty} code {code}"
+        );
+    }
+    assert_eq!(into_a(&icmp6(outside, a, 128, 64)), TC_ACT_SHOT, "echo");
+    // Neighbour discovery passes with hop limit 255 only, both ways.
+    assert_eq!(into_a(&icmp6(router, a, 135, 255)), TC_ACT_OK, "NS in");
+    assert_eq!(out_of_a(&icmp6(a, router, 136, 255)), TC_ACT_OK, "NA out");
+    assert_eq!(out_of_a(&icmp6(a, router, 133, 255)), TC_ACT_OK, "RS out");
+    assert_eq!(into_a(&icmp6(outside, a, 135, 64)), TC_ACT_SHOT, "routed NS");
+    // Packet too big out of A (A's own error about a packet it got) passes too.
+    assert_eq!(
+        out_of_a(&icmp6_error(a, outside, 2, 0, router)),
+        TC_ACT_OK,
+        "packet too big out"
+    );
+    let policy_drops = node.count(MetricReason::DropPolicy, IN);
+    assert_eq!(policy_drops, 4, "each judged packet counted once");
+}

@@ -1,5 +1,7 @@
 //! Issue 18, first part: a node that does not enforce IPv6 policy drops IPv6 to a
-//! policy-selected pod instead of letting it through (bpf/lib/ipv6.h).
+//! policy-selected pod instead of letting it through (bpf/lib/ipv6.h). Nodes enforce IPv6
+//! policy by default (tests/ipv6_policy_enforced.rs); this one runs its agent with
+//! `--policy-ipv6 false`, the state of a node whose IPv6 policy is not ready.
 //!
 //! One simulated node (real operator, agent, CNI) with a dual-stack pool, pods `srv` and
 //! `client`. Before any policy, IPv6 from the node to `srv` works (the path is live). Then
@@ -43,6 +45,7 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
         SimClusterConfig {
             nodes: 1,
             pool_ipv6: Some(("fd00:200::/104".into(), 112)),
+            agent_args: vec!["--policy-ipv6".into(), "false".into()],
             ..SimClusterConfig::default()
         },
     )
@@ -56,8 +59,6 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
     let (srv4, srv6) = (family(&srv, false), family(&srv, true));
 
     // No policy yet: IPv6 from the node works, so a later failure is the policy's doing.
-    // (From the node: the agent turns on IPv4 forwarding only, so pod-to-pod IPv6 through
-    // the node's stack is not routed yet.)
     let node_ping6 = || async {
         let out = node
             .exec(&["ping", "-6", "-c1", "-W3", "-n", &srv6.to_string()])
