@@ -122,19 +122,11 @@ struct Packet {
 }
 
 fn out_to(peer: Peer, l4: L4) -> Packet {
-    Packet {
-        dir: EG,
-        peer,
-        l4,
-    }
+    Packet { dir: EG, peer, l4 }
 }
 
 fn in_from(peer: Peer, l4: L4) -> Packet {
-    Packet {
-        dir: IN,
-        peer,
-        l4,
-    }
+    Packet { dir: IN, peer, l4 }
 }
 
 fn frame(family: Family, src: IpAddr, dst: IpAddr, l4: L4) -> Vec<u8> {
@@ -415,7 +407,8 @@ fn run_table(family: Family) -> Vec<String> {
         let counted = [IN, EG]
             .iter()
             .map(|d| {
-                node.count(MetricReason::DropPolicy, *d) + node.count(MetricReason::DropPolicyDeny, *d)
+                node.count(MetricReason::DropPolicy, *d)
+                    + node.count(MetricReason::DropPolicyDeny, *d)
             })
             .sum::<u64>();
         if counted != denied {
@@ -521,7 +514,11 @@ fn icmpv6_neighbour_discovery_and_the_errors_rfc_4890_keeps_pass_a_default_deny(
     assert_eq!(into_a(&icmp6(router, a, 135, 255)), TC_ACT_OK, "NS in");
     assert_eq!(out_of_a(&icmp6(a, router, 136, 255)), TC_ACT_OK, "NA out");
     assert_eq!(out_of_a(&icmp6(a, router, 133, 255)), TC_ACT_OK, "RS out");
-    assert_eq!(into_a(&icmp6(outside, a, 135, 64)), TC_ACT_SHOT, "routed NS");
+    assert_eq!(
+        into_a(&icmp6(outside, a, 135, 64)),
+        TC_ACT_SHOT,
+        "routed NS"
+    );
     // Packet too big out of A (A's own error about a packet it got) passes too.
     assert_eq!(
         out_of_a(&icmp6_error(a, outside, 2, 0, router)),

@@ -140,8 +140,14 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
     .await?;
 
     // The policy decides for IPv6 as for IPv4.
-    ensure!(tcp6(&cli, srv6).await?, "the policy allows client TCP over IPv6");
-    ensure!(udp6(&cli, srv6).await?, "the policy allows client UDP over IPv6");
+    ensure!(
+        tcp6(&cli, srv6).await?,
+        "the policy allows client TCP over IPv6"
+    );
+    ensure!(
+        udp6(&cli, srv6).await?,
+        "the policy allows client UDP over IPv6"
+    );
     for attempt in 0..3 {
         ensure!(
             !tcp6(&intruder, srv6).await?,
@@ -184,13 +190,13 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
         found.with_context(|| format!("no dropped flow {intruder6} → {srv6} in {flows:?}"))
     })
     .await?;
-    ensure!(
-        flows["drop_reason_desc"] == "POLICY_DENIED",
-        "flow {flows}"
-    );
+    ensure!(flows["drop_reason_desc"] == "POLICY_DENIED", "flow {flows}");
 
     let metrics = fetch_metrics(node.metrics_port).await?;
-    let dropped = metrics.sum("tendril_datapath_drops_total", &[("reason", "policy_denied")]);
+    let dropped = metrics.sum(
+        "tendril_datapath_drops_total",
+        &[("reason", "policy_denied")],
+    );
     ensure!(
         dropped >= 6.0,
         "expected at least 6 IPv6 policy drops counted, got {dropped}"
@@ -199,7 +205,10 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
         "tendril_datapath_drops_total",
         &[("reason", "ipv6_policy_not_enforced")],
     );
-    ensure!(fail_closed == 0.0, "{fail_closed} fail-closed drops on an enforcing node");
+    ensure!(
+        fail_closed == 0.0,
+        "{fail_closed} fail-closed drops on an enforcing node"
+    );
 
     let networks: Api<NodeNetwork> = Api::all(client.clone());
     let nn = networks.get(&node.name).await?;

@@ -45,7 +45,11 @@ fn desired_node_config(pass: &Pass, policy: &PolicyEnforcementConfig) -> NodeCon
         tunnel_ifindex: tunnel.unwrap_or(0),
         node_ipv4: pass.desired.node_ip.map_or([0; 4], |ip| ip.octets()),
         flags: if tunnel.is_some() { NODE_F_TUNNEL } else { 0 }
-            | if policy.audit_mode { NODE_F_POLICY_AUDIT } else { 0 }
+            | if policy.audit_mode {
+                NODE_F_POLICY_AUDIT
+            } else {
+                0
+            }
             | if policy.ipv6 { NODE_F_IPV6_POLICY } else { 0 },
         pad: 0,
     }
