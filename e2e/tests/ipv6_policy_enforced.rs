@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kube::api::Api;
-use tendril_crds::v1alpha1::{Endpoint, NodeNetwork, ResolvedPolicy};
+use tendril_crds::v1alpha1::NodeNetwork;
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
-use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics, wait_for};
+use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const TCP_PORT: u16 = 8080;
@@ -116,28 +116,7 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
          ports:\n    - {{protocol: TCP, port: {TCP_PORT}}}\n    - {{protocol: UDP, port: {UDP_PORT}}}\n"
     ))
     .await?;
-    let identity = srv_ep.spec.identity.context("srv has no identity")?;
-    let policies: Api<ResolvedPolicy> = Api::all(client.clone());
-    let rp = wait_for(
-        &policies,
-        &identity.to_string(),
-        |o: Option<&ResolvedPolicy>| o.is_some_and(|rp| !rp.spec.sources.is_empty()),
-        TIMEOUT,
-    )
-    .await?
-    .context("ResolvedPolicy gone")?;
-    let endpoints: Api<Endpoint> = Api::namespaced(client.clone(), &ns);
-    wait_for(
-        &endpoints,
-        "srv",
-        |o: Option<&Endpoint>| {
-            o.and_then(|ep| ep.status.as_ref())
-                .and_then(|s| s.realized_policy_revision)
-                .is_some_and(|r| r >= rp.spec.revision)
-        },
-        TIMEOUT,
-    )
-    .await?;
+    srv.wait_policy_realized(&client, &srv_ep, TIMEOUT).await?;
 
     // The policy decides for IPv6 as for IPv4.
     ensure!(
@@ -166,21 +145,8 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
     ensure!(srv.ping(cli6).await?, "srv's own ICMPv6 echo got no reply");
 
     // Reported as dropped flows, with their IPv6 addresses and the pod named.
-    let observer = format!("127.0.0.1:{}", node.observer_port);
     let flows = eventually(Duration::from_secs(30), || async {
-        let out = tokio::process::Command::new(tendril_e2e::target_bin_dir().join("tendrilctl"))
-            .arg("--kubeconfig")
-            .arg(env.kubeconfig())
-            .args(["observe", "--server", &observer, "--verdict", "DROPPED"])
-            .args(["--last", "500", "-o", "json"])
-            .output()
-            .await
-            .context("running tendrilctl (build it: cargo build --workspace --bins)")?;
-        ensure!(out.status.success(), "tendrilctl observe: {out:?}");
-        let flows: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?;
+        let flows = node.dropped_flows().await?;
         let found = flows.iter().rev().map(|f| f["flow"].clone()).find(|f| {
             f["IP"]["source"] == intruder6.to_string()
                 && f["IP"]["destination"] == srv6.to_string()

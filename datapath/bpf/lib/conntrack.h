@@ -83,6 +83,28 @@ static __always_inline int ct_forward_state(const struct ct_value *found, __u8 p
 	return CT_CHECK;
 }
 
+/* An ICMP error about the connection of `found`. */
+static __always_inline int ct_related(struct ct_value *found, __u64 now)
+{
+	if (now - found->last_seen_ns > CT_TOUCH_INTERVAL_NS)
+		found->last_seen_ns = now;
+	return CT_RELATED;
+}
+
+/* The entry of a connection judged again (CT_STALE) and admitted: stamped
+ * with the revision and epoch it was judged under, `ct_flags` its audit state. */
+static __always_inline void ct_restamp(struct ct_value *entry, __u32 revision, __u32 epoch,
+				       __u8 proto, __u8 tcp_flags, __u8 ct_flags)
+{
+	entry->policy_revision = revision;
+	entry->policy_epoch = epoch;
+	/* A SYN reusing a closed tuple starts afresh. */
+	if (proto == IPPROTO_TCP && (tcp_flags & TCP_FLAG_SYN))
+		entry->flags = ct_flags;
+	else
+		entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
+}
+
 /* Looks the packet up at the enforcement point (dir, endpoint_id). `fwd`
  * receives the key a new entry of this packet would have; `entry` the
  * forward entry of an established or stale connection. */
@@ -127,9 +149,7 @@ static __always_inline int ct_lookup4(const struct l4_info *l4, __u8 dir, __u16 
 	}
 	return CT_NEW;
 related:
-	if (now - found->last_seen_ns > CT_TOUCH_INTERVAL_NS)
-		found->last_seen_ns = now;
-	return CT_RELATED;
+	return ct_related(found, now);
 }
 
 /* Whether a packet without conntrack state may start tracking: anything but TCP, and

@@ -341,9 +341,7 @@ static __always_inline int ct_lookup6(struct ipv6_scratch *s, __u8 dir, __u16 en
 	}
 	return CT_NEW;
 related:
-	if (now - found->last_seen_ns > CT_TOUCH_INTERVAL_NS)
-		found->last_seen_ns = now;
-	return CT_RELATED;
+	return ct_related(found, now);
 }
 
 /* policy_enforce (lib/policy.h) for the IPv6 packet in `s->l4`. */
@@ -401,13 +399,7 @@ static __always_inline int policy_enforce6(struct __sk_buff *skb, struct ipv6_sc
 		metrics_count(skb, REASON_POLICY_AUDIT, dir);
 	}
 	if (ct == CT_STALE && entry) {
-		entry->policy_revision = revision;
-		entry->policy_epoch = epoch;
-		/* A SYN reusing a closed tuple starts afresh. */
-		if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & TCP_FLAG_SYN))
-			entry->flags = ct_flags;
-		else
-			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
+		ct_restamp(entry, revision, epoch, l4->proto, l4->tcp_flags, ct_flags);
 	} else if (!l4->icmp_error && ct_starts_connection(l4->proto, l4->tcp_flags)) {
 		ct_create(&conntrack6, &s->fwd, revision, epoch, ct_flags, now);
 	}

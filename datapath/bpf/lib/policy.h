@@ -255,13 +255,7 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 		metrics_count(skb, REASON_POLICY_AUDIT, dir);
 	}
 	if (ct == CT_STALE && entry) {
-		entry->policy_revision = revision;
-		entry->policy_epoch = epoch;
-		/* A SYN reusing a closed tuple starts afresh. */
-		if (l4->proto == IPPROTO_TCP && (l4->tcp_flags & TCP_FLAG_SYN))
-			entry->flags = ct_flags;
-		else
-			entry->flags = (entry->flags & ~CT_F_AUDIT) | ct_flags;
+		ct_restamp(entry, revision, epoch, l4->proto, l4->tcp_flags, ct_flags);
 	} else if (!l4->icmp_error && ct_starts_connection(l4->proto, l4->tcp_flags)) {
 		ct_create(&conntrack, &key, revision, epoch, ct_flags, now);
 	}

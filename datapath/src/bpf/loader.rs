@@ -277,24 +277,29 @@ const TAIL_CALLS: [(&str, u32, &str); 2] = [
     ("ipv6_calls", 1, "to_container_ipv6"),
 ];
 
+/// Loads the classifier `program` of `ebpf`; `None` when the object has no such program.
+fn load_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<Option<&'a mut SchedClassifier>, LoadError> {
+    let Some(found) = ebpf.program_mut(program) else {
+        return Ok(None);
+    };
+    let error = |source| LoadError::Program {
+        program,
+        source: Box::new(source),
+    };
+    let classifier: &mut SchedClassifier = found.try_into().map_err(error)?;
+    classifier.load().map_err(error)?;
+    Ok(Some(classifier))
+}
+
 /// Loads the tail-called programs of `ebpf` and puts them into their prog arrays.
 fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     for (map, index, program) in TAIL_CALLS {
-        if ebpf.program(program).is_none() {
+        let Some(classifier) = load_classifier(ebpf, program)? else {
             continue;
-        }
-        let classifier: &mut SchedClassifier = ebpf
-            .program_mut(program)
-            .expect("program listed above")
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program,
-                source: Box::new(source),
-            })?;
-        classifier.load().map_err(|source| LoadError::Program {
-            program,
-            source: Box::new(source),
-        })?;
+        };
         let fd = classifier
             .fd()
             .and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -434,22 +439,7 @@ impl Programs {
                 })?;
             }
             for hook in Hook::ALL {
-                let program = hook.program_name();
-                if ebpf.program(program).is_none() {
-                    continue;
-                }
-                let classifier: &mut SchedClassifier = ebpf
-                    .program_mut(program)
-                    .expect("program listed above")
-                    .try_into()
-                    .map_err(|source| LoadError::Program {
-                        program,
-                        source: Box::new(source),
-                    })?;
-                classifier.load().map_err(|source| LoadError::Program {
-                    program,
-                    source: Box::new(source),
-                })?;
+                load_classifier(&mut ebpf, hook.program_name())?;
             }
             load_tail_calls(&mut ebpf)?;
             Ok(ebpf)

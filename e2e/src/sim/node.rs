@@ -137,6 +137,25 @@ impl SimNode {
         Ok(())
     }
 
+    /// The newest flows the agent dropped (at most 500), as `tendrilctl observe -o json`
+    /// prints them (one Hubble `GetFlowsResponse` each).
+    pub async fn dropped_flows(&self) -> Result<Vec<serde_json::Value>> {
+        let observer = format!("127.0.0.1:{}", self.observer_port);
+        let out = tokio::process::Command::new(target_bin_dir().join("tendrilctl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["observe", "--server", &observer, "--verdict", "DROPPED"])
+            .args(["--last", "500", "-o", "json"])
+            .output()
+            .await
+            .context("running tendrilctl (build it: cargo build --workspace --bins)")?;
+        anyhow::ensure!(out.status.success(), "tendrilctl observe: {out:?}");
+        String::from_utf8(out.stdout)?
+            .lines()
+            .map(|line| Ok(serde_json::from_str(line)?))
+            .collect()
+    }
+
     /// The node's WireGuard interface (unique on the machine, see `start_agent`).
     pub fn wireguard_interface(&self) -> String {
         let hash = self.name.bytes().fold(0x811c9dc5u32, |h, b| {

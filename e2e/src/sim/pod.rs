@@ -57,6 +57,41 @@ impl SimPod {
         .with_context(|| format!("Endpoint {}/{} never realized", self.namespace, self.name))?
         .context("Endpoint gone")
     }
+
+    /// Waits until some policy selects the pod (its identity's ResolvedPolicy has a source)
+    /// and its node has realized that policy for it (`realizedPolicyRevision`).
+    pub async fn wait_policy_realized(
+        &self,
+        client: &Client,
+        endpoint: &Endpoint,
+        timeout: Duration,
+    ) -> Result<()> {
+        let identity = endpoint.spec.identity.context("the pod has no identity")?;
+        let policies: Api<tendril_crds::v1alpha1::ResolvedPolicy> = Api::all(client.clone());
+        let rp = wait_for(
+            &policies,
+            &identity.to_string(),
+            |o: Option<&tendril_crds::v1alpha1::ResolvedPolicy>| {
+                o.is_some_and(|rp| !rp.spec.sources.is_empty())
+            },
+            timeout,
+        )
+        .await?
+        .context("ResolvedPolicy gone")?;
+        let endpoints: Api<Endpoint> = Api::namespaced(client.clone(), &self.namespace);
+        wait_for(
+            &endpoints,
+            &self.name,
+            |o: Option<&Endpoint>| {
+                o.and_then(|ep| ep.status.as_ref())
+                    .and_then(|s| s.realized_policy_revision)
+                    .is_some_and(|r| r >= rp.spec.revision)
+            },
+            timeout,
+        )
+        .await?;
+        Ok(())
+    }
     /// Creates the Pod on `node` and runs it: sandbox, CNI ADD, Running status.
     pub async fn run(
         client: &Client,
