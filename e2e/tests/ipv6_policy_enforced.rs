@@ -7,7 +7,8 @@
 //! UDP 5353: over IPv6 `client` still connects on both, `intruder` is dropped on both and
 //! the drop is a dropped flow with the IPv6 addresses (`tendrilctl observe`), ICMPv6 echo to
 //! `srv` (no port rule allows it) is dropped while `srv`'s own echo out gets its replies
-//! back (conntrack), and NodeNetwork says `IPv6Policy=True` (`Enforced`).
+//! back (conntrack), the node's own IPv6 (the host, like kubelet probes) still gets in, and
+//! NodeNetwork says `IPv6Policy=True` (`Enforced`).
 //! Overlay and native routing across nodes are not covered here (pod-to-pod within a
 //! node). Needs root.
 
@@ -140,6 +141,14 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
     ensure!(
         !cli.ping(srv6).await?,
         "ICMPv6 echo into srv passed: no rule allows it"
+    );
+    // The node's own IPv6 (kubelet probes) is the host, which is always allowed in.
+    let node_ping6 = node
+        .exec(&["ping", "-6", "-c1", "-W3", "-n", &srv6.to_string()])
+        .await?;
+    ensure!(
+        node_ping6.status.success(),
+        "the node's IPv6 echo to srv was dropped: {node_ping6:?}"
     );
     // srv's egress is not restricted: its echo out and the replies (conntrack) pass.
     ensure!(srv.ping(cli6).await?, "srv's own ICMPv6 echo got no reply");

@@ -136,6 +136,18 @@ pub fn desired<'a>(
         if name == node {
             out.generation = network.metadata.generation;
             out.node_ip = ip;
+            // The node's IPv6 gateways (first address of each IPv6 pod CIDR, on
+            // tendril_host) are what the node's own IPv6 to its pods leaves from: the host,
+            // as the node address is for IPv4.
+            for cidr in &network.spec.pod_cidrs {
+                if let Ok(IpNet::V6(v6)) = cidr.parse::<IpNet>() {
+                    let gateway = std::net::Ipv6Addr::from(u128::from(v6.network()) + 1);
+                    out.ipcache.insert(
+                        IpNet::from(IpAddr::V6(gateway)),
+                        IpcacheValue::local_node(IDENTITY_HOST),
+                    );
+                }
+            }
         }
         let Some(ip) = ip else { continue };
         node_ips.insert(name.clone(), ip);
@@ -308,6 +320,22 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_nodes_own_ipv6_gateways_are_the_host() {
+        let (mut nns, eps) = cluster();
+        nns[0].spec.pod_cidrs.push("fd00:200::/112".into());
+        nns[1].spec.pod_cidrs.push("fd00:200::1:0/112".into());
+        let d = desired("a", RoutingMode::Native, &nns, &eps, NO_SLICES);
+        assert_eq!(
+            d.ipcache[&net("fd00:200::1/128")],
+            IpcacheValue::local_node(IDENTITY_HOST)
+        );
+        assert!(
+            !d.ipcache.contains_key(&net("fd00:200::1:1/128")),
+            "another node's gateway is not this host"
+        );
     }
 
     #[test]
