@@ -7,7 +7,7 @@
 //! its `Endpoint` until it is gone: its containers still send and receive.
 
 use crate::identities::labels::{LabelFilter, MAX_SECURITY_LABELS, SecurityLabels};
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
@@ -117,6 +117,47 @@ pub fn named_ports(pod: &Pod) -> Vec<NamedPort> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The Pod cut down to what this concern reads ([`desired_endpoint`], the owner and
+/// deletion metadata): the operator's Pod cache holds every pod of the cluster, and a real
+/// pod's env, volumes, probes, resources, tolerations, annotations and container statuses
+/// are most of its size. `managedFields` are dropped for every cache already.
+pub fn trim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.take() {
+        let ports_only = |c: Container| Container {
+            name: c.name,
+            ports: c.ports,
+            restart_policy: c.restart_policy,
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let trimmed = PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            service_account_name: spec.service_account_name,
+            service_account: spec.service_account,
+            containers: spec.containers.into_iter().map(ports_only).collect(),
+            // Only sidecars (restartable init containers) have ports that serve.
+            init_containers: spec.init_containers.map(|cs| {
+                cs.into_iter()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                    .map(ports_only)
+                    .collect()
+            }),
+            ..Default::default()
+        };
+        pod.spec = Some(trimmed);
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..Default::default()
+        });
+    }
 }
 
 /// The `Endpoint` content a pod should have, or why it has none.
@@ -315,6 +356,70 @@ mod tests {
                 "k8s:io.kubernetes.pod.serviceaccount",
                 "k8s:io.tendril.k8s.namespace.labels.kubernetes.io/metadata.name",
             ]
+        );
+    }
+
+    /// A pod as a Deployment makes it: env, volumes, probes, resources, a sidecar and a
+    /// plain init container, annotations, conditions and container statuses.
+    fn full_pod() -> Pod {
+        let json = serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u1",
+                "labels": {"app": "web", "pod-template-hash": "abc"},
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "x".repeat(400)},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web-abc", "uid": "rs1", "controller": true}]},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                "containers": [{"name": "main", "image": "registry.example/web:1.2.3",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "env": (0..30).map(|i| serde_json::json!({"name": format!("VAR_{i}"), "value": "v".repeat(40)})).collect::<Vec<_>>(),
+                    "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "initContainers": [
+                    {"name": "migrate", "image": "registry.example/migrate:1"},
+                    {"name": "proxy", "image": "registry.example/proxy:1", "restartPolicy": "Always",
+                        "ports": [{"name": "metrics", "containerPort": 9090}]}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]},
+            "status": {"phase": "Running", "podIP": "10.0.1.5", "podIPs": [{"ip": "10.0.1.5"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0,
+                    "image": "registry.example/web:1.2.3", "imageID": "sha256:0123", "containerID": "containerd://0123"}]}
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_trimmed_pod_yields_the_same_endpoint_and_keeps_its_owner() {
+        let f = LabelFilter::default();
+        let ns = namespace();
+        for original in [pod(), full_pod()] {
+            let mut trimmed = original.clone();
+            trim_pod(&mut trimmed);
+            assert_eq!(
+                desired_endpoint(&trimmed, Some(&ns), &f),
+                desired_endpoint(&original, Some(&ns), &f)
+            );
+            assert_eq!(named_ports(&trimmed), named_ports(&original));
+            assert_eq!(
+                trimmed.metadata.owner_references,
+                original.metadata.owner_references
+            );
+            assert_eq!(trimmed.metadata.uid, original.metadata.uid);
+        }
+        let mut trimmed = full_pod();
+        trim_pod(&mut trimmed);
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(
+            size(&trimmed) * 4 < size(&full_pod()),
+            "{} of {} bytes left",
+            size(&trimmed),
+            size(&full_pod())
+        );
+        assert_eq!(
+            named_ports(&trimmed).len(),
+            2,
+            "main's http and the sidecar's metrics"
         );
     }
 
