@@ -215,10 +215,7 @@ impl Scene {
         let echoed: usize = String::from_utf8_lossy(&echoed.stdout).trim().parse()?;
         ensure!(echoed == bulk, "bulk TCP echo: {echoed} of {bulk} bytes");
         let seen = capture.finish(&self.node_ips(), b"")?;
-        ensure!(
-            seen.fragments == 0,
-            "fragments on the underlay: {seen:?}"
-        );
+        ensure!(seen.fragments == 0, "fragments on the underlay: {seen:?}");
         ensure!(seen.vxlan == 0 && seen.other.is_empty(), "{seen:?}");
         ensure!(
             seen.largest <= device_mtu + WIREGUARD_IPV4_OVERHEAD,

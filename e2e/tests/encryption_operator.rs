@@ -194,12 +194,17 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
     })
     .await?;
     ensure!(p.status.unwrap().last_key_rotation.is_some());
-    wait_until(&networks, &names[0], "next generation 2", |nn: &NodeNetwork| {
-        nn.spec
-            .encryption
-            .as_ref()
-            .is_some_and(|e| e.key_epoch == Some(1) && e.next_key_epoch == Some(2))
-    })
+    wait_until(
+        &networks,
+        &names[0],
+        "next generation 2",
+        |nn: &NodeNetwork| {
+            nn.spec
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.key_epoch == Some(1) && e.next_key_epoch == Some(2))
+        },
+    )
     .await?;
     // The agents publish their next keys: each peer list carries them beside the current.
     for (i, node) in names.iter().take(2).enumerate() {

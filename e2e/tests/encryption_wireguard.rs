@@ -36,9 +36,7 @@ use anyhow::{Context, Result, ensure};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EncryptionPolicy, NodeNetwork};
-use tendril_e2e::encryption::{
-    PORT, Routing, Scene, TIMEOUT, ensure_sealed, policy_ready,
-};
+use tendril_e2e::encryption::{PORT, Routing, Scene, TIMEOUT, ensure_sealed, policy_ready};
 use tendril_e2e::sim::SimNode;
 use tendril_e2e::traffic::{TcpFlow, UdpFlow};
 use tendril_e2e::{eventually, wait_for};
@@ -243,7 +241,11 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let late = Duration::from_millis(500);
     let tcp_stats = tcp_log.stats(started, end, late);
     let udp_rotations = udp_log.stats(started, rotated, late);
-    let mut windows = vec![("before the rotations".to_string(), started, rotation_starts[0])];
+    let mut windows = vec![(
+        "before the rotations".to_string(),
+        started,
+        rotation_starts[0],
+    )];
     for (i, at) in rotation_starts.iter().enumerate() {
         let until = rotation_starts.get(i + 1).copied().unwrap_or(rotated);
         windows.push((format!("rotation {}", i + 1), *at, until));
@@ -315,7 +317,10 @@ async fn native_routing_pod_traffic_crosses_the_underlay_only_encrypted() -> Res
     );
     let applied = Instant::now();
     scene.encrypt().await?;
-    println!("native: policy applied -> encrypted round trip: {:?}", applied.elapsed());
+    println!(
+        "native: policy applied -> encrypted round trip: {:?}",
+        applied.elapsed()
+    );
     let sealed = scene.capture_round_trips(3).await?;
     println!("native, encrypted: {sealed:?}");
     ensure_sealed(&sealed, 6)?;

@@ -208,9 +208,9 @@ fn key_of(node: &NodeInput, epoch: i64, in_use: bool) -> Option<String> {
 /// Whether a node can switch to generation `n`: it uses it already, or its standby device
 /// holds every peer's key of it.
 fn prepared(node: &NodeInput, n: i64) -> bool {
-    node.reported.as_ref().is_some_and(|r| {
-        r.key_epoch.unwrap_or(0) >= n || r.prepared_key_epoch.unwrap_or(0) >= n
-    })
+    node.reported
+        .as_ref()
+        .is_some_and(|r| r.key_epoch.unwrap_or(0) >= n || r.prepared_key_epoch.unwrap_or(0) >= n)
 }
 
 /// Whether a node realizes the policy, and why not.
@@ -358,9 +358,7 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                         address: m.address?.to_string(),
                         allowed_ips: allowed_ips(m),
                         public_key: wg.then(|| key_of(m, epoch, true)).flatten(),
-                        next_public_key: wg
-                            .then(|| key_of(m, rot.next?, false))
-                            .flatten(),
+                        next_public_key: wg.then(|| key_of(m, rot.next?, false)).flatten(),
                     })
                 })
                 .collect();

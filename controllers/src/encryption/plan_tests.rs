@@ -168,7 +168,10 @@ fn keys_rotate_when_the_interval_elapsed_or_on_request_once() {
     let o = plan(&[p.clone()], &nodes, NOW + 3600).policies["p"].clone();
     assert_eq!((o.key_epoch, o.next_key_epoch), (1, Some(2)));
     assert_eq!(o.last_rotation, Some(NOW + 3600));
-    assert_eq!(o.next_rotation_in, None, "nothing scheduled while under way");
+    assert_eq!(
+        o.next_rotation_in, None,
+        "nothing scheduled while under way"
+    );
     assert_eq!(o.nodes[0].reason, "Ready");
     // Requested: once per annotation value.
     p.rotation_request = Some("r1".into());
@@ -210,7 +213,10 @@ fn a_rotation_switches_only_once_every_node_knows_every_next_key() {
         r.next_key_epoch = Some(2);
     });
     reported(&mut nodes[0], |r| r.prepared_key_epoch = Some(2));
-    assert_eq!(plan(&[p.clone()], &nodes, NOW + 2).policies["p"].key_epoch, 1);
+    assert_eq!(
+        plan(&[p.clone()], &nodes, NOW + 2).policies["p"].key_epoch,
+        1
+    );
     // Both prepared: switch. The peers' keys of generation 2 are their next ones until
     // their agents report the switch.
     reported(&mut nodes[1], |r| r.prepared_key_epoch = Some(2));

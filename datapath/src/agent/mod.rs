@@ -183,7 +183,11 @@ impl Agent {
         let cap = self.mtu_cap.load(Ordering::Relaxed);
         PodAddresses {
             ips,
-            mtu: if cap == 0 { self.mtu } else { self.mtu.min(cap) },
+            mtu: if cap == 0 {
+                self.mtu
+            } else {
+                self.mtu.min(cap)
+            },
         }
     }
 

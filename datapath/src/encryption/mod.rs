@@ -13,9 +13,17 @@
 //!   only the public key published), configures the device through the standard
 //!   configuration protocol ([`uapi`], what `wg` speaks) with one peer per other selected
 //!   node, and steers cross-node traffic into it with policy routing ([`routes`]).
+//! - Rotation is two-phase and lossless: the next generation's pair is made and its
+//!   device (odd and even generations alternate between two devices and two ports) is
+//!   configured with every peer's next key while traffic still uses the current one; the
+//!   routes switch once the operator says every node is prepared (see [`node`]).
+//! - MTU: the devices get the uplink's MTU minus [`routes::WIREGUARD_OVERHEAD`], and new
+//!   pods an MTU whose packets (with VXLAN in the overlay) fit through unfragmented.
 //! - IPsec: where the kernel lacks ESP the node reports it (the policy says `Unsupported`
 //!   with this node's reason); strict mode holds the peers' traffic back instead of
-//!   sending it in clear.
+//!   sending it in clear. [`xfrm`] builds the XFRM messages of the IPsec mode and its
+//!   rotation, and [`wg_netlink`] the kernel WireGuard's `WG_CMD_SET_DEVICE` (both over
+//!   [`nlmsg`], unit-tested to the byte): neither is sent on a kernel without the feature.
 
 pub mod device;
 pub mod keys;

@@ -122,7 +122,11 @@ mod tests {
         assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 40);
         assert_eq!(u32::from_ne_bytes(b[8..12].try_into().unwrap()), 7, "seq");
         assert_eq!(&b[16..20], &[1, 2, 3, 0]);
-        assert_eq!(u16::from_ne_bytes([b[20], b[21]]), 5, "nla_len without padding");
+        assert_eq!(
+            u16::from_ne_bytes([b[20], b[21]]),
+            5,
+            "nla_len without padding"
+        );
         assert_eq!(&b[24..28], &[9, 0, 0, 0][..4]);
         assert_eq!(u16::from_ne_bytes([b[28], b[29]]), 12, "nest length");
         assert_eq!(u16::from_ne_bytes([b[30], b[31]]), 2 | NLA_F_NESTED);

@@ -1,7 +1,20 @@
-//! The node's encryption loop: converges the device, its peers and the steering rules to
-//! `NodeNetwork.spec.encryption`, and publishes `status.encryption` (field manager
+//! The node's encryption loop: converges the devices, their peers and the steering rules
+//! to `NodeNetwork.spec.encryption`, and publishes `status.encryption` (field manager
 //! [`FIELD_MANAGER`]). Runs on every change of the node's `NodeNetwork` and every
 //! `resyncSeconds` (which also restarts a device that stopped).
+//!
+//! Key rotation without a lost packet. Changing a WireGuard device's private key drops all
+//! its sessions, and a handshake from a static key the responder does not know is ignored,
+//! so the generations alternate between two devices (`device_of`, [`port_of`]):
+//! - prepare (`spec.nextKeyEpoch` set): the next pair is made and the standby device gets
+//!   it with every peer's next key (`peers[].nextPublicKey`) and endpoint port; once every
+//!   peer is there, `status.preparedKeyEpoch` says so. Traffic still uses the other device.
+//! - switch (`spec.keyEpoch` raised by the operator when every node is prepared): the
+//!   prepared device is the one in use, its configuration unchanged; the routes are
+//!   replaced in place to point at it. Its first packet to a peer starts a handshake the
+//!   peer's prepared device accepts; peers still on the old generation keep reaching this
+//!   node's old device, which keeps its peers for `rotationGraceSeconds`, after which its
+//!   peers are removed and its key overwritten.
 
 use super::probe::Capabilities;
 use super::routes::{self, SteeringPlan};
@@ -277,10 +290,7 @@ impl EncryptionNode {
         loop {
             let nn = store.get(&ObjectRef::new(&self.node_name));
             let status = match &nn {
-                Some(nn) => {
-                    self.converge(nn, &caps, &implementation, &mut switch)
-                        .await
-                }
+                Some(nn) => self.converge(nn, &caps, &implementation, &mut switch).await,
                 None => None,
             };
             if let (Some(nn), Some(status)) = (&nn, status)
@@ -462,8 +472,12 @@ impl EncryptionNode {
         status: &mut NodeEncryptionStatus,
         switch: &mut SwitchClock,
     ) -> Result<(Vec<bool>, Devices), String> {
-        let ring = keys::converge(&self.state_dir, spec.key_epoch.unwrap_or(1), spec.next_key_epoch)
-            .map_err(|e| format!("key files under {}: {e}", self.state_dir.display()))?;
+        let ring = keys::converge(
+            &self.state_dir,
+            spec.key_epoch.unwrap_or(1),
+            spec.next_key_epoch,
+        )
+        .map_err(|e| format!("key files under {}: {e}", self.state_dir.display()))?;
         if ring.made > 0 {
             self.metrics.rotations.inc_by(ring.made as u64);
             tracing::info!(
@@ -553,5 +567,69 @@ impl EncryptionNode {
             .values()
             .filter(|p| p.last_handshake > 0)
             .count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_alternate_between_two_devices_and_ports() {
+        let config = EncryptionAgentConfig::default();
+        assert_eq!(config.device_of(1), "tendril_wg0");
+        assert_eq!(config.device_of(2), "tendril_wg0b");
+        assert_eq!(config.device_of(3), "tendril_wg0");
+        assert_eq!(port_of(51871, 1), 51871);
+        assert_eq!(port_of(51871, 2), 51872);
+        assert_eq!(port_of(51871, 5), 51871);
+        assert_eq!(port_of(65535, 2), 65534, "no port 0");
+    }
+
+    #[test]
+    fn a_pod_packet_fits_the_device_with_its_encapsulation() {
+        // 1500-byte uplink → device 1420; overlay adds VXLAN's 50.
+        assert_eq!(pod_mtu(1420, true), 1370);
+        assert_eq!(pod_mtu(1420, false), 1420);
+    }
+
+    #[test]
+    fn a_device_is_configured_with_the_peers_keys_of_its_generation() {
+        let pair = keys::KeyPair::generate(2).unwrap();
+        let plan = |key: Option<[u8; 32]>| PeerPlan {
+            key: Some([1; 32]),
+            next_key: key,
+            allowed_ips: vec!["10.200.2.0/24".into()],
+            cidrs: Vec::new(),
+            address: Some(Ipv4Addr::new(10, 0, 0, 2)),
+        };
+        let peers = [plan(Some([2; 32])), plan(None), plan(Some(pair.public()))];
+        let (want, keyed) = device_state(&pair, 51872, peers.iter().map(|p| (p, p.next_key)), 0);
+        assert_eq!(
+            keyed,
+            [true, false, false],
+            "no key, or our own: not a peer"
+        );
+        assert_eq!(want.listen_port, 51872);
+        assert_eq!(want.private_key, Some(pair.private()));
+        let peer = &want.peers[&[2; 32]];
+        assert_eq!(
+            peer.endpoint.as_deref(),
+            Some("10.0.0.2:51872"),
+            "the peer's device of the same generation"
+        );
+    }
+
+    #[test]
+    fn the_old_device_is_kept_for_the_grace_period_after_a_switch() {
+        let mut clock = SwitchClock::default();
+        clock.observe(1);
+        assert!(
+            !clock.within(Duration::from_secs(30)),
+            "a start is no switch"
+        );
+        clock.observe(2);
+        assert!(clock.within(Duration::from_secs(30)));
+        assert!(!clock.within(Duration::ZERO));
     }
 }

@@ -275,9 +275,9 @@ async fn uplink_mtu(handle: &Handle, node_ip: Option<Ipv4Addr>) -> u32 {
     let Some(index) = addresses
         .iter()
         .find(|a| {
-            a.attributes
-                .iter()
-                .any(|x| matches!(x, AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == ip))
+            a.attributes.iter().any(
+                |x| matches!(x, AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == ip),
+            )
         })
         .map(|a| a.header.index)
     else {

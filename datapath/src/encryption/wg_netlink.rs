@@ -179,7 +179,13 @@ mod tests {
         assert_eq!(u16_at(sin, 0), 2);
         assert_eq!(&sin[2..4], &51872u16.to_be_bytes(), "port in network order");
         assert_eq!(&sin[4..8], &[10, 0, 0, 2]);
-        assert_eq!(peer[3], (WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, &25u16.to_ne_bytes()[..]));
+        assert_eq!(
+            peer[3],
+            (
+                WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                &25u16.to_ne_bytes()[..]
+            )
+        );
         assert_eq!(peer[4].0, WGPEER_A_ALLOWEDIPS | NLA_F_NESTED);
         let ips = attrs(peer[4].1);
         assert_eq!(ips.len(), 2);

@@ -207,8 +207,14 @@ pub struct PeerLink {
 pub enum Step {
     AddSa(Sa),
     /// Adds, or with `update` replaces, a policy.
-    SetPolicy { policy: Policy, update: bool },
-    DeleteSa { dst: Ipv4Addr, spi: u32 },
+    SetPolicy {
+        policy: Policy,
+        update: bool,
+    },
+    DeleteSa {
+        dst: Ipv4Addr,
+        spi: u32,
+    },
 }
 
 impl Step {
@@ -369,11 +375,18 @@ mod tests {
         assert_eq!(&info[72..76], &[0, 0, 0, 3], "id.spi, network order");
         assert_eq!(info[76], 50, "id.proto = ESP");
         assert_eq!(&info[80..84], &[10, 0, 0, 1], "saddr");
-        assert!(info[96..128].iter().all(|b| *b == 0xff), "no byte/packet limits");
+        assert!(
+            info[96..128].iter().all(|b| *b == 0xff),
+            "no byte/packet limits"
+        );
         assert!(info[128..160].iter().all(|b| *b == 0), "no expiry");
         assert_eq!(u32_at(info, 208), 3, "reqid = SPI");
         assert_eq!(u16_at(info, 212), 2, "family");
-        assert_eq!((info[214], info[215]), (1, 32), "tunnel mode, replay window");
+        assert_eq!(
+            (info[214], info[215]),
+            (1, 32),
+            "tunnel mode, replay window"
+        );
         let attr = &msg[16 + 224..];
         assert_eq!(u16_at(attr, 0), 4 + 72 + 36);
         assert_eq!(u16_at(attr, 2), XFRMA_ALG_AEAD);
@@ -472,7 +485,10 @@ mod tests {
         let Step::AddSa(inbound) = &now[1] else {
             panic!("{now:?}")
         };
-        assert_eq!((inbound.src, inbound.dst, inbound.key.as_slice()), (l.peer, l.local, &[4u8; 20][..]));
+        assert_eq!(
+            (inbound.src, inbound.dst, inbound.key.as_slice()),
+            (l.peer, l.local, &[4u8; 20][..])
+        );
         let Step::SetPolicy { policy: p, update } = &now[2] else {
             panic!("{now:?}")
         };
@@ -482,8 +498,14 @@ mod tests {
         assert_eq!(
             later,
             [
-                Step::DeleteSa { dst: l.peer, spi: 1 },
-                Step::DeleteSa { dst: l.local, spi: 1 }
+                Step::DeleteSa {
+                    dst: l.peer,
+                    spi: 1
+                },
+                Step::DeleteSa {
+                    dst: l.local,
+                    spi: 1
+                }
             ]
         );
         assert_eq!(u16_at(&later[0].message(8), 4), XFRM_MSG_DELSA);
