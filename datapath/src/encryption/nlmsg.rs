@@ -108,6 +108,18 @@ pub fn ack(reply: &[u8]) -> Result<i32, String> {
     ]))
 }
 
+/// Reading native-endian fields of a message in tests.
+#[cfg(test)]
+pub(crate) mod test_bytes {
+    pub fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_ne_bytes([b[at], b[at + 1]])
+    }
+
+    pub fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,15 +108,8 @@ pub fn set_device(family: u16, interface: &str, want: &DeviceState, seq: u32) ->
 mod tests {
     use super::*;
     use crate::encryption::nlmsg::NLA_F_NESTED;
+    use crate::encryption::nlmsg::test_bytes::{u16_at, u32_at};
     use crate::encryption::uapi::Peer;
-
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_ne_bytes([b[at], b[at + 1]])
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
-    }
 
     /// (type, value) of the attributes in `b`, nested ones with the NESTED flag kept.
     fn attrs(b: &[u8]) -> Vec<(u16, &[u8])> {

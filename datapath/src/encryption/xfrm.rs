@@ -334,14 +334,7 @@ pub fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn u16_at(b: &[u8], at: usize) -> u16 {
-        u16::from_ne_bytes([b[at], b[at + 1]])
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
-    }
+    use crate::encryption::nlmsg::test_bytes::{u16_at, u32_at};
 
     fn link() -> PeerLink {
         PeerLink {
