@@ -13,6 +13,8 @@ pub struct SimClusterConfig {
     pub pool_ipv6: Option<(String, u8)>,
     /// `identities.gcGracePeriodSeconds` of the operator.
     pub identity_grace_seconds: u64,
+    /// More arguments of every agent (e.g. `--routing-mode native`).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for SimClusterConfig {
@@ -23,6 +25,7 @@ impl Default for SimClusterConfig {
             mask_size: 24,
             pool_ipv6: None,
             identity_grace_seconds: 900,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -78,7 +81,7 @@ impl SimCluster {
         let operator = start_operator(&kubeconfig, &config_path, operator_port).await?;
         let mut nodes = Vec::new();
         for i in 0..config.nodes {
-            nodes.push(SimNode::start(env, &cluster, 0, i).await?);
+            nodes.push(SimNode::start_with(env, &cluster, 0, i, &config.agent_args).await?);
         }
         for node in &nodes {
             node.wait_ready(&client).await?;

@@ -26,6 +26,8 @@ pub struct SimNode {
     pub cgroup: Option<PathBuf>,
     kubeconfig: PathBuf,
     agent: Option<Process>,
+    /// More arguments of the agent, every time it starts.
+    agent_args: Vec<String>,
     handle: NodeHandle,
 }
 
@@ -33,6 +35,17 @@ impl SimNode {
     /// Brings node `index` up on `cluster`'s underlay (which must exist, see
     /// [`ensure_underlay`]) and starts its agent. The Node object is deleted with `env`.
     pub async fn start(env: &TestEnv, cluster: &str, subnet: u8, index: u8) -> Result<SimNode> {
+        Self::start_with(env, cluster, subnet, index, &[]).await
+    }
+
+    /// [`SimNode::start`] with more arguments of the agent.
+    pub async fn start_with(
+        env: &TestEnv,
+        cluster: &str,
+        subnet: u8,
+        index: u8,
+        agent_args: &[String],
+    ) -> Result<SimNode> {
         let name = env.unique_name(&format!("node{index}"));
         let address = node_address(subnet, index);
         let state_dir = std::env::temp_dir().join(format!("tendril-sim-{name}"));
@@ -50,6 +63,7 @@ impl SimNode {
             observer_port: free_port()?,
             kubeconfig: env.kubeconfig(),
             agent: None,
+            agent_args: agent_args.to_vec(),
             handle: NodeHandle {
                 name: name.clone(),
                 address,
@@ -117,6 +131,7 @@ impl SimNode {
             // One WireGuard interface name per node: the configuration socket
             // (/var/run/wireguard/<name>.sock) is shared by every namespace.
             .env("TENDRIL_WIREGUARD_INTERFACE", self.wireguard_interface())
+            .args(&self.agent_args)
             .env("RUST_LOG", "info")
             .spawn()?;
         self.agent = Some(agent);
@@ -210,10 +225,13 @@ impl Drop for SimNode {
             remove_node_cgroup(cgroup);
         }
         delete_netns(&self.netns);
-        let _ = std::fs::remove_file(format!(
-            "/var/run/wireguard/{}.sock",
-            self.wireguard_interface()
-        ));
+        // Both devices of a key rotation (odd and even generations).
+        for suffix in ["", "b"] {
+            let _ = std::fs::remove_file(format!(
+                "/var/run/wireguard/{}{suffix}.sock",
+                self.wireguard_interface()
+            ));
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_dir_all(&self.bpffs_root);
     }
