@@ -5,14 +5,17 @@
 
 use super::proto::flow::{
     self, CiliumEventType, DropReason, Emitter, Endpoint, FlowType, IpVersion, Layer4,
-    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, layer4,
+    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, Workload, layer4,
 };
 use crate::bpf::maps::{Direction, MetricReason};
-use crate::bpf::policy::{EventKind, EventVerdict, PolicyEvent, PolicyMatch};
+use crate::bpf::policy::{
+    EventKind, EventVerdict, PolicyEvent, PolicyMatch, TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN,
+    TCP_PSH, TCP_RST, TCP_SYN, TCP_URG,
+};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use tendril_crds::facts::Reserved;
+use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
 use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity, ResolvedPolicy};
 
 /// Cilium's monitor message types (`flow.CiliumEventType.type`), which `hubble observe
@@ -32,6 +35,8 @@ pub struct PodInfo {
     pub identity: u32,
     /// `source:key=value`, sorted.
     pub labels: Vec<String>,
+    /// The pod's workload (Hubble's `workloads`), from the Endpoint's `spec.workload`.
+    pub workloads: Vec<Workload>,
 }
 
 /// IP → pod, identity → labels, and identity → the one policy that decides its traffic
@@ -108,6 +113,15 @@ impl Directory {
                     .and_then(|id| u32::try_from(id).ok())
                     .unwrap_or(0),
                 labels: label_strings(ep.spec.security_labels.iter()),
+                workloads: ep
+                    .spec
+                    .workload
+                    .iter()
+                    .map(|w| Workload {
+                        name: w.name.clone(),
+                        kind: w.kind.clone(),
+                    })
+                    .collect(),
             });
             for ip in &ep.spec.ips {
                 if let Ok(ip) = ip.parse() {
@@ -124,6 +138,20 @@ impl Directory {
         dir
     }
 
+    /// Whether `event` names a pod this directory does not know yet: a side with a cluster
+    /// identity (only pods have those) whose address is no known pod's. The Endpoint is on
+    /// its way (the agent learns it a moment after the pod starts sending), so the flow is
+    /// worth holding briefly ([`super::pipeline`]).
+    pub fn lacks_pod_of(&self, event: &PolicyEvent) -> bool {
+        let cluster = CLUSTER_IDENTITY_MIN..=CLUSTER_IDENTITY_MAX;
+        [
+            (event.saddr, event.src_identity),
+            (event.daddr, event.dst_identity),
+        ]
+        .into_iter()
+        .any(|(ip, id)| cluster.contains(&i64::from(id)) && !self.pods.contains_key(&ip))
+    }
+
     /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
     /// address is a known pod's, the identity's labels otherwise.
     pub fn endpoint(&self, ip: IpAddr, identity: u32, endpoint_id: u32) -> Endpoint {
@@ -138,6 +166,7 @@ impl Directory {
                 namespace: pod.namespace.clone(),
                 labels: pod.labels.clone(),
                 pod_name: pod.pod_name.clone(),
+                workloads: pod.workloads.clone(),
                 ..Endpoint::default()
             };
         }
@@ -192,14 +221,31 @@ pub fn drop_reason(reason: MetricReason) -> DropReason {
     }
 }
 
+/// The TCP header's flags byte as Hubble's `TCPFlags`.
+pub fn tcp_flags(bits: u8) -> flow::TcpFlags {
+    let set = |bit: u8| bits & bit != 0;
+    flow::TcpFlags {
+        fin: set(TCP_FIN),
+        syn: set(TCP_SYN),
+        rst: set(TCP_RST),
+        psh: set(TCP_PSH),
+        ack: set(TCP_ACK),
+        urg: set(TCP_URG),
+        ece: set(TCP_ECE),
+        cwr: set(TCP_CWR),
+        ns: false,
+    }
+}
+
 fn l4(event: &PolicyEvent) -> Option<Layer4> {
     let (sport, dport) = (u32::from(event.sport), u32::from(event.dport));
+    let icmp = (u32::from(event.icmp_type), u32::from(event.icmp_code));
     let protocol = match event.protocol {
-        // The event carries no TCP flags (struct policy_event has no field for them).
+        // A later fragment (no transport header) or a packet too short has none.
         6 => layer4::Protocol::Tcp(flow::Tcp {
             source_port: sport,
             destination_port: dport,
-            flags: None,
+            flags: (event.tcp_flags != 0).then(|| tcp_flags(event.tcp_flags)),
         }),
         17 => layer4::Protocol::Udp(flow::Udp {
             source_port: sport,
@@ -209,8 +255,14 @@ fn l4(event: &PolicyEvent) -> Option<Layer4> {
             source_port: sport,
             destination_port: dport,
         }),
-        1 => layer4::Protocol::IcmPv4(flow::IcmPv4::default()),
-        58 => layer4::Protocol::IcmPv6(flow::IcmPv6::default()),
+        1 => layer4::Protocol::IcmPv4(flow::IcmPv4 {
+            r#type: icmp.0,
+            code: icmp.1,
+        }),
+        58 => layer4::Protocol::IcmPv6(flow::IcmPv6 {
+            r#type: icmp.0,
+            code: icmp.1,
+        }),
         _ => return None,
     };
     Some(Layer4 {
@@ -377,6 +429,9 @@ mod tests {
             sport: 40000,
             dport: 80,
             ifindex: 9,
+            tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 
