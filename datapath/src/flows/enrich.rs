@@ -139,17 +139,20 @@ impl Directory {
     }
 
     /// Whether `event` names a pod this directory does not know yet: a side with a cluster
-    /// identity (only pods have those) whose address is no known pod's. The Endpoint is on
-    /// its way (the agent learns it a moment after the pod starts sending), so the flow is
-    /// worth holding briefly ([`super::pipeline`]).
+    /// identity (only pods have those) whose address is no known pod's, or the sender of a
+    /// packet dropped because the datapath did not know its source (a pod sending before
+    /// its Endpoint reached the node). The Endpoint is on its way, so the flow is worth
+    /// holding briefly ([`super::pipeline`]).
     pub fn lacks_pod_of(&self, event: &PolicyEvent) -> bool {
         let cluster = CLUSTER_IDENTITY_MIN..=CLUSTER_IDENTITY_MAX;
+        let unknown = |ip: &IpAddr| !self.pods.contains_key(ip);
         [
             (event.saddr, event.src_identity),
             (event.daddr, event.dst_identity),
         ]
-        .into_iter()
-        .any(|(ip, id)| cluster.contains(&i64::from(id)) && !self.pods.contains_key(&ip))
+        .iter()
+        .any(|(ip, id)| cluster.contains(&i64::from(*id)) && unknown(ip))
+            || (event.reason == Some(MetricReason::DropInvalidSource) && unknown(&event.saddr))
     }
 
     /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
@@ -404,7 +407,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use tendril_crds::v1alpha1::{
-        EndpointSpec, IdentitySpec, PolicySource, PolicySourceKind, ResolvedPolicySpec,
+        EndpointSpec, EndpointWorkload, IdentitySpec, PolicySource, PolicySourceKind, ResolvedPolicySpec,
     };
 
     fn event(
@@ -446,6 +449,10 @@ mod tests {
                     ("k8s:io.kubernetes.pod.namespace".into(), "demo".into()),
                 ]),
                 identity: Some(301),
+                workload: Some(EndpointWorkload {
+                    kind: "Deployment".into(),
+                    name: "web".into(),
+                }),
                 ..EndpointSpec::default()
             },
         );
@@ -614,5 +621,72 @@ mod tests {
             flow.l4.unwrap().protocol,
             Some(layer4::Protocol::Udp(_))
         ));
+    }
+
+    #[test]
+    fn flows_of_pods_not_known_yet_are_told_apart() {
+        let dir = directory();
+        // Client (identity 300) is no pod this node knows; web (10.0.1.2) is.
+        let ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        assert!(dir.lacks_pod_of(&ev), "a cluster identity at an unknown address");
+        let mut known = ev;
+        known.saddr = IpAddr::from([10, 0, 1, 2]);
+        assert!(!dir.lacks_pod_of(&known));
+        let mut world = ev;
+        world.src_identity = Reserved::World.id32();
+        assert!(!dir.lacks_pod_of(&world), "the world never becomes a pod");
+        let mut cidr = ev;
+        cidr.src_identity = tendril_crds::facts::LOCAL_IDENTITY_FLAG | 5;
+        assert!(!dir.lacks_pod_of(&cidr), "nor does a CIDR");
+        // A sender the datapath did not know yet (no identity in the event).
+        let mut spoofed = event(EventKind::Drop, None, Some(MetricReason::DropInvalidSource));
+        spoofed.src_identity = 0;
+        spoofed.dst_identity = 0;
+        assert!(dir.lacks_pod_of(&spoofed));
+        spoofed.reason = Some(MetricReason::DropTtlExceeded);
+        assert!(!dir.lacks_pod_of(&spoofed));
+    }
+
+    #[test]
+    fn tcp_flags_icmp_and_workloads_reach_the_flow() {
+        let mut ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        ev.tcp_flags = crate::bpf::policy::TCP_SYN | crate::bpf::policy::TCP_ECE;
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        let Some(layer4::Protocol::Tcp(tcp)) = flow.l4.unwrap().protocol else {
+            panic!("not TCP")
+        };
+        let flags = tcp.flags.unwrap();
+        assert!(flags.syn && flags.ece);
+        assert!(!(flags.ack || flags.fin || flags.rst || flags.psh || flags.urg || flags.cwr));
+        // No flags known (a later fragment): none claimed.
+        ev.tcp_flags = 0;
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        let Some(layer4::Protocol::Tcp(tcp)) = flow.l4.unwrap().protocol else {
+            panic!("not TCP")
+        };
+        assert_eq!(tcp.flags, None);
+        ev.protocol = 1;
+        (ev.icmp_type, ev.icmp_code) = (3, 13);
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        assert_eq!(
+            flow.l4.unwrap().protocol,
+            Some(layer4::Protocol::IcmPv4(flow::IcmPv4 { r#type: 3, code: 13 }))
+        );
+        ev.protocol = 58;
+        (ev.icmp_type, ev.icmp_code) = (128, 0);
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        assert_eq!(
+            flow.l4.unwrap().protocol,
+            Some(layer4::Protocol::IcmPv6(flow::IcmPv6 { r#type: 128, code: 0 }))
+        );
+        // web-1 runs for Deployment web.
+        let dst = flow.destination.unwrap();
+        assert_eq!(
+            dst.workloads,
+            vec![Workload {
+                name: "web".into(),
+                kind: "Deployment".into()
+            }]
+        );
     }
 }
