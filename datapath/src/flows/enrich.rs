@@ -44,6 +44,8 @@ pub struct PodInfo {
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     pods: HashMap<IpAddr, Arc<PodInfo>>,
+    /// Every node's pod CIDRs: an address in one (past its gateway) is a pod's.
+    pod_cidrs: Vec<ipnet::IpNet>,
     identities: HashMap<u32, Arc<Vec<String>>>,
     sole_policy: HashMap<u32, flow::Policy>,
 }
@@ -138,21 +140,41 @@ impl Directory {
         dir
     }
 
-    /// Whether `event` names a pod this directory does not know yet: a side with a cluster
-    /// identity (only pods have those) whose address is no known pod's, or the sender of a
-    /// packet dropped because the datapath did not know its source (a pod sending before
-    /// its Endpoint reached the node). The Endpoint is on its way, so the flow is worth
-    /// holding briefly ([`super::pipeline`]).
+    /// The pod CIDRs of every node (`NodeNetwork` `spec.podCIDRs`; unparsable ones skipped).
+    pub fn with_pod_cidrs<'a>(mut self, cidrs: impl IntoIterator<Item = &'a String>) -> Self {
+        self.pod_cidrs = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
+        self
+    }
+
+    /// Whether `ip` is in a pod CIDR past the network address and the node's gateway (its
+    /// first address): where pods get their addresses.
+    fn in_pod_range(&self, ip: &IpAddr) -> bool {
+        let offset = |net: IpAddr, ip: &IpAddr| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(a.to_bits() - n.to_bits()),
+            (IpAddr::V6(n), IpAddr::V6(a)) => a.to_bits() - n.to_bits(),
+            _ => 0,
+        };
+        self.pod_cidrs
+            .iter()
+            .any(|c| c.contains(ip) && offset(c.network(), ip) >= 2)
+    }
+
+    /// Whether `event` names a pod this directory does not know yet: a side whose address
+    /// is no known pod's but has a cluster identity (only pods have those) or lies where
+    /// pods get their addresses (the datapath may not know the pod yet either: a drop of
+    /// an unknown source, a remote pod seen as its node). Its Endpoint is on its way, so
+    /// the flow is worth holding briefly ([`super::pipeline`]).
     pub fn lacks_pod_of(&self, event: &PolicyEvent) -> bool {
         let cluster = CLUSTER_IDENTITY_MIN..=CLUSTER_IDENTITY_MAX;
-        let unknown = |ip: &IpAddr| !self.pods.contains_key(ip);
         [
             (event.saddr, event.src_identity),
             (event.daddr, event.dst_identity),
         ]
         .iter()
-        .any(|(ip, id)| cluster.contains(&i64::from(*id)) && unknown(ip))
-            || (event.reason == Some(MetricReason::DropInvalidSource) && unknown(&event.saddr))
+        .any(|(ip, id)| {
+            !self.pods.contains_key(ip)
+                && (cluster.contains(&i64::from(*id)) || self.in_pod_range(ip))
+        })
     }
 
     /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
@@ -638,13 +660,26 @@ mod tests {
         let mut cidr = ev;
         cidr.src_identity = tendril_crds::facts::LOCAL_IDENTITY_FLAG | 5;
         assert!(!dir.lacks_pod_of(&cidr), "nor does a CIDR");
-        // A sender the datapath did not know yet (no identity in the event).
-        let mut spoofed = event(EventKind::Drop, None, Some(MetricReason::DropInvalidSource));
-        spoofed.src_identity = 0;
-        spoofed.dst_identity = 0;
-        assert!(dir.lacks_pod_of(&spoofed));
-        spoofed.reason = Some(MetricReason::DropTtlExceeded);
-        assert!(!dir.lacks_pod_of(&spoofed));
+        // Addresses where pods get theirs, whatever identity the datapath gave them (it
+        // may not know the pod yet either): not the network address nor the gateway.
+        let dir = directory().with_pod_cidrs(&["10.0.0.0/24".to_string(), "bad".to_string()]);
+        let mut remote = world;
+        remote.saddr = IpAddr::from([10, 0, 0, 5]);
+        remote.src_identity = Reserved::RemoteNode.id32();
+        assert!(dir.lacks_pod_of(&remote), "10.0.0.5 is in 10.0.0.0/24");
+        for gateway_or_network in [[10, 0, 0, 1], [10, 0, 0, 0]] {
+            remote.saddr = IpAddr::from(gateway_or_network);
+            assert!(
+                !directory()
+                    .with_pod_cidrs(&["10.0.0.0/24".to_string()])
+                    .in_pod_range(&remote.saddr)
+            );
+        }
+        remote.saddr = IpAddr::from([10, 0, 0, 7]);
+        remote.src_identity = 0;
+        assert!(dir.lacks_pod_of(&remote), "no identity at all");
+        remote.saddr = IpAddr::from([192, 0, 2, 7]);
+        assert!(!dir.lacks_pod_of(&remote), "outside every pod CIDR");
     }
 
     #[test]

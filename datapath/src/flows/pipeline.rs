@@ -104,25 +104,28 @@ impl DirectoryHandle {
         self.0.subscribe()
     }
 
-    /// Rebuilds from the agent's Endpoint, Identity and ResolvedPolicy caches on every
-    /// change (at most every 200 ms) until `shutdown`.
+    /// Rebuilds from the agent's Endpoint, Identity, ResolvedPolicy and NodeNetwork caches
+    /// on every change (at most every 200 ms) until `shutdown`.
     pub async fn follow(self, view: ClusterView, shutdown: CancellationToken) {
         let wake = Wake::default();
         wake_on(&view.endpoints, &wake, |_| true);
         wake_on(&view.identities, &wake, |_| true);
         wake_on(&view.resolved_policies, &wake, |_| true);
+        wake_on(&view.node_networks, &wake, |_| true);
         loop {
-            let (endpoints, identities, policies) = (
+            let (endpoints, identities, policies, nodes) = (
                 view.endpoints.store().state(),
                 view.identities.store().state(),
                 view.resolved_policies.store().state(),
+                view.node_networks.store().state(),
             );
             self.set(
                 Directory::build(
                     endpoints.iter().map(|e| e.as_ref()),
                     identities.iter().map(|i| i.as_ref()),
                 )
-                .with_policies(policies.iter().map(|p| p.as_ref())),
+                .with_policies(policies.iter().map(|p| p.as_ref()))
+                .with_pod_cidrs(nodes.iter().flat_map(|n| n.spec.pod_cidrs.iter())),
             );
             tokio::select! {
                 _ = shutdown.cancelled() => return,
