@@ -159,7 +159,10 @@ fn ipv4_events_carry_tcp_flags_and_icmp_type_and_code() {
         TC_ACT_SHOT
     );
     let ev = only_event(&node);
-    assert_eq!((ev.protocol, ev.icmp_type, ev.icmp_code), (1, ICMP_ECHO_REQUEST, 0));
+    assert_eq!(
+        (ev.protocol, ev.icmp_type, ev.icmp_code),
+        (1, ICMP_ECHO_REQUEST, 0)
+    );
     assert_eq!(ev.tcp_flags, 0);
     // A destination unreachable (port unreachable: type 3, code 3) about nothing tracked.
     let quoted = udp(POD_B, 53, NATIVE_POD, 4000);

@@ -31,9 +31,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use serde_json::Value;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
+use serde_json::Value;
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
 use tendril_e2e::traffic::EchoServer;
 use tendril_e2e::{ControlPlane, Process, TestEnv, eventually};
@@ -192,7 +192,9 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let api_pod = eventually(TIMEOUT, || async {
-        let list = pods.list(&ListParams::default().labels("workload=api")).await?;
+        let list = pods
+            .list(&ListParams::default().labels("workload=api"))
+            .await?;
         list.items
             .into_iter()
             .next()
@@ -281,10 +283,15 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
 
     // TCP flags and ICMP type: the connections are SYNs, the denied ping an echo request.
     ensure!(
-        dropped.iter().any(|f| f["l4"]["TCP"]["flags"]["SYN"] == true
-            && s(f, &["source", "pod_name"]) == "intruder"),
+        dropped
+            .iter()
+            .any(|f| f["l4"]["TCP"]["flags"]["SYN"] == true
+                && s(f, &["source", "pod_name"]) == "intruder"),
         "no denied SYN among {:?}",
-        dropped.iter().map(|f| f["l4"].to_string()).collect::<Vec<_>>()
+        dropped
+            .iter()
+            .map(|f| f["l4"].to_string())
+            .collect::<Vec<_>>()
     );
     let pings = observe(&server, &["--last", "1000", "--protocol", "icmp"]).await?;
     let echo = pings
@@ -328,8 +335,11 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
         api_flows.len(),
         describe(&api_flows[0])
     );
-    let flows = observe(&server, &["--last", "1000", "--pod", &format!("{ns}/{}", api.name)])
-        .await?;
+    let flows = observe(
+        &server,
+        &["--last", "1000", "--pod", &format!("{ns}/{}", api.name)],
+    )
+    .await?;
     ensure!(
         flows.len() == api_flows.len(),
         "--pod finds the new pod's flows: {} of {}",

@@ -461,7 +461,11 @@ mod tests {
         let p = pod_owned_by(vec![owned_by("ReplicaSet", "web-5d8f", Some(true))]);
         assert_eq!(workload(&p), of("ReplicaSet", "web-5d8f"));
         let mut p = pod_owned_by(vec![owned_by("ReplicaSet", "web-abc", Some(true))]);
-        p.metadata.labels.as_mut().unwrap().remove("pod-template-hash");
+        p.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("pod-template-hash");
         assert_eq!(workload(&p), of("ReplicaSet", "web-abc"));
         // Exactly the hash as the name leaves no Deployment name.
         let p = pod_owned_by(vec![owned_by("ReplicaSet", "-abc", Some(true))]);

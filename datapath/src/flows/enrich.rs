@@ -9,8 +9,8 @@ use super::proto::flow::{
 };
 use crate::bpf::maps::{Direction, MetricReason};
 use crate::bpf::policy::{
-    EventKind, EventVerdict, PolicyEvent, PolicyMatch, TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN,
-    TCP_PSH, TCP_RST, TCP_SYN, TCP_URG,
+    EventKind, EventVerdict, PolicyEvent, PolicyMatch, TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH,
+    TCP_RST, TCP_SYN, TCP_URG,
 };
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -429,7 +429,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use tendril_crds::v1alpha1::{
-        EndpointSpec, EndpointWorkload, IdentitySpec, PolicySource, PolicySourceKind, ResolvedPolicySpec,
+        EndpointSpec, EndpointWorkload, IdentitySpec, PolicySource, PolicySourceKind,
+        ResolvedPolicySpec,
     };
 
     fn event(
@@ -650,7 +651,10 @@ mod tests {
         let dir = directory();
         // Client (identity 300) is no pod this node knows; web (10.0.1.2) is.
         let ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
-        assert!(dir.lacks_pod_of(&ev), "a cluster identity at an unknown address");
+        assert!(
+            dir.lacks_pod_of(&ev),
+            "a cluster identity at an unknown address"
+        );
         let mut known = ev;
         known.saddr = IpAddr::from([10, 0, 1, 2]);
         assert!(!dir.lacks_pod_of(&known));
@@ -705,14 +709,20 @@ mod tests {
         let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
         assert_eq!(
             flow.l4.unwrap().protocol,
-            Some(layer4::Protocol::IcmPv4(flow::IcmPv4 { r#type: 3, code: 13 }))
+            Some(layer4::Protocol::IcmPv4(flow::IcmPv4 {
+                r#type: 3,
+                code: 13
+            }))
         );
         ev.protocol = 58;
         (ev.icmp_type, ev.icmp_code) = (128, 0);
         let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
         assert_eq!(
             flow.l4.unwrap().protocol,
-            Some(layer4::Protocol::IcmPv6(flow::IcmPv6 { r#type: 128, code: 0 }))
+            Some(layer4::Protocol::IcmPv6(flow::IcmPv6 {
+                r#type: 128,
+                code: 0
+            }))
         );
         // web-1 runs for Deployment web.
         let dst = flow.destination.unwrap();

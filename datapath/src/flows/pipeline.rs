@@ -450,7 +450,10 @@ mod tests {
         sink.offer(event(1));
         sink.offer(from_world);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(flows(&ring).is_empty(), "the new pod's flow waits, the next behind it");
+        assert!(
+            flows(&ring).is_empty(),
+            "the new pod's flow waits, the next behind it"
+        );
         let pod = |name: &str, ip: &str, identity: i64| {
             let mut ep = EndpointObject::new(
                 name,
@@ -507,6 +510,10 @@ mod tests {
         assert_eq!(ring.counts().0, 5, "the 5 oldest went out past the bound");
         drop(sink);
         task.await.unwrap();
-        assert_eq!(ring.counts().0, HOLD_MAX as u64 + 5, "the rest when the queue closes");
+        assert_eq!(
+            ring.counts().0,
+            HOLD_MAX as u64 + 5,
+            "the rest when the queue closes"
+        );
     }
 }
