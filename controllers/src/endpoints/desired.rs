@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
-use tendril_crds::v1alpha1::{EndpointSpec, NamedPort};
+use tendril_crds::v1alpha1::{EndpointSpec, EndpointWorkload, NamedPort};
 
 /// Why a pod has no `Endpoint`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +56,7 @@ pub struct DesiredEndpoint {
     pub security_labels: SecurityLabels,
     pub named_ports: Vec<NamedPort>,
     pub service_account: String,
+    pub workload: Option<EndpointWorkload>,
 }
 
 /// The pod's IPs, at most one per family, primary first; unparsable entries are skipped.
@@ -160,6 +161,56 @@ pub fn trim_pod(pod: &mut Pod) {
     }
 }
 
+/// The workload that runs `pod`, from its controller owner reference (the first owner when
+/// none is marked controller), as Cilium and Hubble derive it: a ReplicaSet named
+/// `<name>-<pod-template-hash>` (the pod carries that label) is Deployment `<name>`; a Job
+/// named `<name>-<8 to 10 digits>` (the scheduled time a CronJob appends) is CronJob
+/// `<name>`; any other owner is its own workload. `None` for a pod without owners.
+pub fn workload(pod: &Pod) -> Option<EndpointWorkload> {
+    let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    let owner = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first())
+        .filter(|o| !o.kind.is_empty() && !o.name.is_empty())?;
+    let hash = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+        .filter(|h| !h.is_empty());
+    let of = |kind: &str, name: &str| {
+        Some(EndpointWorkload {
+            kind: kind.into(),
+            name: name.into(),
+        })
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            if let Some(deployment) = hash.and_then(|h| {
+                owner
+                    .name
+                    .strip_suffix(h.as_str())
+                    .and_then(|n| n.strip_suffix('-'))
+                    .filter(|n| !n.is_empty())
+            }) {
+                return of("Deployment", deployment);
+            }
+        }
+        "Job" => {
+            if let Some((cron_job, time)) = owner.name.rsplit_once('-')
+                && !cron_job.is_empty()
+                && (8..=10).contains(&time.len())
+                && time.bytes().all(|b| b.is_ascii_digit())
+            {
+                return of("CronJob", cron_job);
+            }
+        }
+        _ => {}
+    }
+    of(&owner.kind, &owner.name)
+}
+
 /// The `Endpoint` content a pod should have, or why it has none.
 pub fn desired_endpoint(
     pod: &Pod,
@@ -208,6 +259,7 @@ pub fn desired_endpoint(
         security_labels,
         named_ports: named_ports(pod),
         service_account,
+        workload: workload(pod),
     })
 }
 
@@ -225,6 +277,7 @@ pub fn endpoint_spec(
         identity,
         named_ports: desired.named_ports,
         service_account: desired.service_account,
+        workload: desired.workload,
         revision: 0,
     };
     spec.revision = match current {
@@ -244,6 +297,7 @@ pub fn endpoint_spec(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerPort, PodIP, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::api::ObjectMeta;
     use std::collections::BTreeMap;
 
@@ -401,10 +455,7 @@ mod tests {
                 desired_endpoint(&original, Some(&ns), &f)
             );
             assert_eq!(named_ports(&trimmed), named_ports(&original));
-            assert_eq!(
-                trimmed.metadata.owner_references,
-                original.metadata.owner_references
-            );
+            assert_eq!(workload(&trimmed), workload(&original));
             assert_eq!(trimmed.metadata.uid, original.metadata.uid);
         }
         let mut trimmed = full_pod();
@@ -475,6 +526,77 @@ mod tests {
             },
         ]);
         assert_eq!(pod_ips(&p), vec!["fd00::9", "10.0.0.9"]);
+    }
+
+    fn owned_by(kind: &str, name: &str, controller: Option<bool>) -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            controller,
+            ..Default::default()
+        }
+    }
+
+    fn pod_owned_by(owners: Vec<OwnerReference>) -> Pod {
+        let mut p = pod();
+        p.metadata.owner_references = Some(owners);
+        p
+    }
+
+    fn of(kind: &str, name: &str) -> Option<EndpointWorkload> {
+        Some(EndpointWorkload {
+            kind: kind.into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn the_workload_of_a_deployment_pod_is_the_deployment() {
+        // The test pod carries pod-template-hash=abc.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "web-abc", Some(true))]);
+        assert_eq!(workload(&p), of("Deployment", "web"));
+        let got = desired_endpoint(&p, Some(&namespace()), &LabelFilter::default()).unwrap();
+        assert_eq!(got.workload, of("Deployment", "web"));
+        // A ReplicaSet whose name does not end in the pod's hash is its own workload.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "web-5d8f", Some(true))]);
+        assert_eq!(workload(&p), of("ReplicaSet", "web-5d8f"));
+        let mut p = pod_owned_by(vec![owned_by("ReplicaSet", "web-abc", Some(true))]);
+        p.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("pod-template-hash");
+        assert_eq!(workload(&p), of("ReplicaSet", "web-abc"));
+        // Exactly the hash as the name leaves no Deployment name.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "-abc", Some(true))]);
+        assert_eq!(workload(&p), of("ReplicaSet", "-abc"));
+    }
+
+    #[test]
+    fn other_owners_and_none() {
+        let p = pod_owned_by(vec![owned_by("StatefulSet", "db", Some(true))]);
+        assert_eq!(workload(&p), of("StatefulSet", "db"));
+        let p = pod_owned_by(vec![owned_by("DaemonSet", "agent", Some(true))]);
+        assert_eq!(workload(&p), of("DaemonSet", "agent"));
+        // A Job a CronJob made: <cronjob>-<scheduled minutes>.
+        let p = pod_owned_by(vec![owned_by("Job", "backup-29012345", Some(true))]);
+        assert_eq!(workload(&p), of("CronJob", "backup"));
+        let p = pod_owned_by(vec![owned_by("Job", "migrate-v2", Some(true))]);
+        assert_eq!(workload(&p), of("Job", "migrate-v2"));
+        let p = pod_owned_by(vec![owned_by("Job", "once-1234", Some(true))]);
+        assert_eq!(workload(&p), of("Job", "once-1234"), "too few digits");
+        // The controller owner wins over others; without one, the first owner.
+        let p = pod_owned_by(vec![
+            owned_by("ConfigMap", "x", None),
+            owned_by("StatefulSet", "db", Some(true)),
+        ]);
+        assert_eq!(workload(&p), of("StatefulSet", "db"));
+        let p = pod_owned_by(vec![owned_by("Rollout", "canary", None)]);
+        assert_eq!(workload(&p), of("Rollout", "canary"));
+        assert_eq!(workload(&pod()), None);
+        assert_eq!(workload(&pod_owned_by(Vec::new())), None);
     }
 
     #[test]

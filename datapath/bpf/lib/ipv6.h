@@ -88,10 +88,14 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct policy_event
 			return 0;
 		ev->base.sport = ((__u16)hdr[0] << 8) | hdr[1];
 		ev->base.dport = ((__u16)hdr[2] << 8) | hdr[3];
+		if (next == IPPROTO_TCP)
+			bpf_skb_load_bytes(skb, off + 13, &ev->base.tcp_flags, 1);
 	} else if (next == IPPROTO_ICMPV6) {
 		if (bpf_skb_load_bytes(skb, off, hdr, 8) < 0)
 			return 0;
 		meta->icmp_type = hdr[0];
+		ev->base.icmp_type = hdr[0];
+		ev->base.icmp_code = hdr[1];
 		if (hdr[0] == ICMPV6_ECHO_REQUEST || hdr[0] == ICMPV6_ECHO_REPLY) {
 			ev->base.sport = ((__u16)hdr[4] << 8) | hdr[5];
 			ev->base.dport = ev->base.sport;
