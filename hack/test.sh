@@ -5,14 +5,16 @@
 #   e2e test) → cargo fmt --check → clippy -D warnings →
 #   cargo build of the binaries (the e2e tests spawn them) → [the hack/up.sh cluster, when
 #   TENDRIL_TEST_BESIDE_LOCAL_CLUSTER=1] → tilt ci → CRD manifests up to date →
-#   cargo test --workspace (the e2e tests start their own control plane in
-#   ~/.cache/tendril/test-run, never the hack/up.sh one) → [hack/down.sh]
+#   cargo test --workspace, its binaries run concurrently (the e2e tests start their own
+#   control plane in ~/.cache/tendril/test-run, never the hack/up.sh one) → [hack/down.sh]
 #
 # Every step runs even after an earlier one failed (one run shows every problem); the exit
-# status is non-zero if any failed. TENDRIL_TEST_THREADS (default 4: the integration tests
-# mostly wait on the apiserver) sets libtest's --test-threads. TENDRIL_TEST_RUN and
+# status is non-zero if any failed. TENDRIL_TEST_JOBS (default 3) test binaries run at once
+# (e2e/src/bin/tendril-test-runner.rs), TENDRIL_TEST_THREADS (default 4: the integration tests
+# mostly wait on the apiserver) sets libtest's --test-threads in each. TENDRIL_TEST_RUN and
 # TENDRIL_TEST_PORT_BASE move the e2e tests' plane (see e2e/src/plane.rs). Extra arguments go to
-# `cargo test` (e.g. `hack/test.sh -p tendril-e2e`).
+# `cargo test --no-run` (e.g. `hack/test.sh -p tendril-e2e --test pods_e2e`), and after `--`
+# to every test binary (e.g. a test name filter).
 #
 # Logs: each step's output, and what it kept of the processes it started, is in
 # $TENDRIL_TEST_LOGS/STEP/ (~/.cache/tendril/test-logs, e.g. `tilt-ci-local-mode/`); each e2e
@@ -153,9 +155,12 @@ step "tilt ci (local mode)" bash hack/tilt/ci.sh
 # every dependency).
 step "CRD manifests up to date" "$CARGO_TARGET_DIR/debug/tendril-crdgen" --check
 test_run=${TENDRIL_TEST_RUN:-$TENDRIL_CACHE/test-run}
-# --no-fail-fast: one failing test binary must not hide the results of the others.
+# `cargo test`, with the test binaries run TENDRIL_TEST_JOBS at a time, longest first
+# (e2e/src/suite.rs says why), each binary's output printed whole as it ends, and no fail-fast.
 STEP_AFTER=after_cargo_test step "cargo test" \
-  cargo test --workspace --no-fail-fast "$@" -- --test-threads="${TENDRIL_TEST_THREADS:-4}"
+  "$CARGO_TARGET_DIR/debug/tendril-test-runner" --jobs "${TENDRIL_TEST_JOBS:-3}" \
+  --test-threads "${TENDRIL_TEST_THREADS:-4}" --seed-durations hack/test-durations \
+  --durations "$TENDRIL_CACHE/test-durations" "$@"
 if $local_cluster; then
   # What the cluster beside a failing suite logged (operator, agents, control plane).
   if ((failed)); then

@@ -147,6 +147,10 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
                 ("sport", offset_of!(RawPolicyEvent, sport)),
                 ("dport", offset_of!(RawPolicyEvent, dport)),
                 ("ifindex", offset_of!(RawPolicyEvent, ifindex)),
+                ("tcp_flags", offset_of!(RawPolicyEvent, tcp_flags)),
+                ("icmp_type", offset_of!(RawPolicyEvent, icmp_type)),
+                ("icmp_code", offset_of!(RawPolicyEvent, icmp_code)),
+                ("pad", offset_of!(RawPolicyEvent, pad)),
             ]
             .into_iter()
             .map(|(name, offset)| (name.to_string(), offset as u64))

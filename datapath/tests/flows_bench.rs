@@ -113,6 +113,9 @@ fn event(n: u64) -> PolicyEvent {
         sport: (n % 60000) as u16 + 1024,
         dport: 8080,
         ifindex: 4,
+        tcp_flags: 0x02,
+        icmp_type: 0,
+        icmp_code: 0,
     }
 }
 

@@ -1,12 +1,296 @@
-//! Helpers of the encryption scenarios: an underlay capture (`tcpdump` on the underlay
-//! bridge, stopped on drop) and its analysis, which reads the pcap file itself: what
-//! crossed between nodes, whether any of it was clear text.
+//! Helpers of the encryption scenarios: the shared [`Scene`] (two simulated nodes, a
+//! client and an echo server pod, a WireGuard policy), an underlay capture (`tcpdump` on
+//! the underlay bridge, stopped on drop) and its analysis, which reads the pcap file
+//! itself: what crossed between nodes, whether any of it was clear text or fragmented.
 
-use anyhow::{Context, Result, bail};
-use std::net::Ipv4Addr;
+use crate::sim::{SimCluster, SimClusterConfig, SimPod};
+use crate::traffic::EchoServer;
+use crate::{ControlPlane, TestEnv, eventually, wait_for};
+use anyhow::{Context, Result, bail, ensure};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tendril_crds::v1alpha1::{EncryptionPolicy, NodeNetwork};
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+/// The echo server's TCP and UDP port.
+pub const PORT: u16 = 8080;
+pub const MARKER: &str = "TENDRIL-CLEARTEXT-MARKER-7f3a";
+
+/// How the scene's agents route between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    Overlay,
+    Native,
+}
+
+/// Two simulated nodes on a dedicated plane, a server pod (TCP and UDP echo on [`PORT`])
+/// on node 1 and a client pod on node 0, connected in clear (checked at start).
+pub struct Scene {
+    // Field order is drop order: the echo server and pods before the cluster and plane.
+    _echo: EchoServer,
+    pub client: SimPod,
+    pub server: SimPod,
+    pub server_ip: IpAddr,
+    pub cluster: SimCluster,
+    pub env: TestEnv,
+    pub routing: Routing,
+}
+
+pub fn labels(app: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("app".to_string(), app.to_string())])
+}
+
+impl Scene {
+    pub async fn start(plane: &str, routing: Routing) -> Result<Scene> {
+        let env = TestEnv::on(ControlPlane::dedicated(plane).await?).await?;
+        let client = env.client();
+        let ns = env.namespace().to_string();
+        let agent_args = match routing {
+            Routing::Overlay => Vec::new(),
+            Routing::Native => vec!["--routing-mode".into(), "native".into()],
+        };
+        let cluster = SimCluster::start(
+            &env,
+            SimClusterConfig {
+                agent_args,
+                ..SimClusterConfig::default()
+            },
+        )
+        .await?;
+        let server = SimPod::run(
+            &client,
+            cluster.nodes[1].handle(),
+            &ns,
+            "server",
+            &labels("server"),
+        )
+        .await?;
+        let pod = SimPod::run(
+            &client,
+            cluster.nodes[0].handle(),
+            &ns,
+            "client",
+            &labels("client"),
+        )
+        .await?;
+        server.wait_realized(&client, TIMEOUT).await?;
+        pod.wait_realized(&client, TIMEOUT).await?;
+        let echo = EchoServer::start(&server.sandbox.netns, PORT)?;
+        let server_ip = server.ips[0];
+        let scene = Scene {
+            _echo: echo,
+            client: pod,
+            server,
+            server_ip,
+            cluster,
+            env,
+            routing,
+        };
+        eventually(TIMEOUT, || async {
+            ensure!(
+                marker_round_trips(&scene.client, scene.server_ip).await?,
+                "no round trip yet"
+            );
+            Ok(())
+        })
+        .await?;
+        Ok(scene)
+    }
+
+    pub fn node_ips(&self) -> Vec<Ipv4Addr> {
+        self.cluster.nodes.iter().map(|n| n.address).collect()
+    }
+
+    /// Captures on the underlay while the client does `rounds` marker round trips (each
+    /// must work).
+    pub async fn capture_round_trips(&self, rounds: usize) -> Result<Seen> {
+        let capture = Capture::start(&self.cluster.underlay.netns, "br0")?;
+        for _ in 0..rounds {
+            ensure!(
+                marker_round_trips(&self.client, self.server_ip).await?,
+                "marker round trip"
+            );
+        }
+        capture.finish(&self.node_ips(), MARKER.as_bytes())
+    }
+
+    /// Creates a WireGuard policy selecting every node (on [`WIREGUARD_PORT`]) and waits
+    /// until it is Ready with both nodes encrypting; its name.
+    pub async fn encrypt(&self) -> Result<String> {
+        let policies: Api<EncryptionPolicy> = Api::all(self.env.client());
+        let name = self.env.unique_name("wg");
+        self.env.delete_on_drop::<EncryptionPolicy>(&name);
+        let policy: EncryptionPolicy = serde_json::from_value(json!({
+            "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
+            "metadata": {"name": name},
+            "spec": {"mode": "WireGuard", "keyRotationIntervalSeconds": 86400,
+                     "wireguard": {"listenPort": WIREGUARD_PORT}},
+        }))?;
+        policies.create(&PostParams::default(), &policy).await?;
+        policy_ready(&policies, &name, 2).await?;
+        eventually(TIMEOUT, || async {
+            ensure!(
+                marker_round_trips(&self.client, self.server_ip).await?,
+                "no encrypted round trip yet"
+            );
+            Ok(())
+        })
+        .await?;
+        Ok(name)
+    }
+
+    /// Pod MTU: a pod made on node 0 while encryption is on gets the MTU the agent
+    /// published; a DF ping of exactly that size reaches the server, one byte more fails
+    /// locally ("message too long"), and a bulk TCP echo crosses: the capture meanwhile
+    /// sees WireGuard only and no IP fragment between the nodes. Returns the pod MTU and
+    /// what the capture saw.
+    pub async fn check_mtu(&self) -> Result<(u32, Seen)> {
+        let client = self.env.client();
+        let networks: Api<NodeNetwork> = Api::all(client.clone());
+        let node = &self.cluster.nodes[0];
+        let published = networks
+            .get(&node.name)
+            .await?
+            .status
+            .and_then(|s| s.encryption)
+            .context("status.encryption")?;
+        let pod_mtu = published.pod_mtu.context("podMtu published")? as u32;
+        let device_mtu = published.mtu.context("mtu published")? as u32;
+        let big = SimPod::run(
+            &client,
+            node.handle(),
+            self.env.namespace(),
+            "big",
+            &labels("big"),
+        )
+        .await?;
+        big.wait_realized(&client, TIMEOUT).await?;
+        let out = big.exec(&["cat", "/sys/class/net/eth0/mtu"]).await?;
+        let mtu: u32 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+        ensure!(
+            mtu == pod_mtu,
+            "the new pod's MTU {mtu} is not the published {pod_mtu}"
+        );
+        let to = self.server_ip.to_string();
+        let capture = Capture::start(&self.cluster.underlay.netns, "br0")?;
+        // ICMP payload = MTU - IPv4 20 - ICMP 8.
+        let ping = |size: u32| {
+            let (to, big) = (to.clone(), &big);
+            async move {
+                let size = size.to_string();
+                big.exec(&["ping", "-M", "do", "-c", "1", "-W", "3", "-s", &size, &to])
+                    .await
+            }
+        };
+        let ok = ping(mtu - 28).await?;
+        ensure!(
+            ok.status.success(),
+            "DF ping of {mtu} bytes: {}{}",
+            String::from_utf8_lossy(&ok.stdout),
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let too_big = ping(mtu - 27).await?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&too_big.stdout),
+            String::from_utf8_lossy(&too_big.stderr)
+        );
+        ensure!(
+            !too_big.status.success() && said.contains("message too long"),
+            "a DF ping one byte over the MTU must fail locally: {said}"
+        );
+        let bulk = 262_144;
+        let echoed = big
+            .exec(&[
+                "bash",
+                "-c",
+                &format!("head -c {bulk} /dev/urandom | socat -t 3 - TCP:{to}:{PORT} | wc -c"),
+            ])
+            .await?;
+        let echoed: usize = String::from_utf8_lossy(&echoed.stdout).trim().parse()?;
+        ensure!(echoed == bulk, "bulk TCP echo: {echoed} of {bulk} bytes");
+        let seen = capture.finish(&self.node_ips(), b"")?;
+        ensure!(seen.fragments == 0, "fragments on the underlay: {seen:?}");
+        ensure!(seen.vxlan == 0 && seen.other.is_empty(), "{seen:?}");
+        ensure!(
+            seen.largest <= device_mtu + WIREGUARD_IPV4_OVERHEAD,
+            "a packet larger than the device MTU plus WireGuard: {seen:?}"
+        );
+        big.delete(&client, node.handle()).await?;
+        Ok((mtu, seen))
+    }
+}
+
+/// What WireGuard adds on an IPv4 underlay (IPv4 20, UDP 8, WireGuard 32).
+pub const WIREGUARD_IPV4_OVERHEAD: u32 = 60;
+
+/// TCP (one line echoed) and UDP (one datagram echoed, through socat: bash reads a UDP
+/// socket a byte per datagram) carrying the marker, from `pod` to `to`; whether both round
+/// trips worked.
+pub async fn marker_round_trips(pod: &SimPod, to: IpAddr) -> Result<bool> {
+    let script = format!(
+        "exec 3<>/dev/tcp/{to}/{PORT} || exit 3; echo {MARKER}-tcp >&3; \
+         read -t 2 line <&3 && [ \"$line\" = {MARKER}-tcp ] || exit 4; \
+         [ \"$(echo {MARKER}-udp | socat -t 2 - UDP:{to}:{PORT})\" = {MARKER}-udp ]"
+    );
+    let out = pod.exec(&["timeout", "5", "bash", "-c", &script]).await?;
+    if !out.status.success() {
+        eprintln!(
+            "marker round trip to {to}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.status.success())
+}
+
+/// Waits until policy `name` is Ready with `nodes` encrypted nodes.
+pub async fn policy_ready(
+    api: &Api<EncryptionPolicy>,
+    name: &str,
+    nodes: i64,
+) -> Result<EncryptionPolicy> {
+    wait_for(
+        api,
+        name,
+        |o: Option<&EncryptionPolicy>| {
+            o.and_then(|p| p.status.as_ref()).is_some_and(|s| {
+                s.encrypted_nodes == Some(nodes)
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        },
+        TIMEOUT,
+    )
+    .await?
+    .context("policy gone")
+}
+
+/// Checks that `seen` is sealed traffic: WireGuard only between the nodes (at least
+/// `min_wireguard` packets), no VXLAN, no marker, nothing else on the underlay.
+pub fn ensure_sealed(seen: &Seen, min_wireguard: u64) -> Result<()> {
+    ensure!(seen.marker == 0, "marker seen on the underlay: {seen:?}");
+    ensure!(seen.vxlan == 0, "VXLAN in clear on the underlay: {seen:?}");
+    ensure!(
+        seen.other.is_empty(),
+        "other traffic between the nodes: {seen:?}"
+    );
+    ensure!(
+        seen.not_between_nodes == 0,
+        "IPv4 on the underlay not between node addresses (pods in clear): {seen:?}"
+    );
+    ensure!(
+        seen.wireguard >= min_wireguard,
+        "the round trips went as WireGuard: {seen:?}"
+    );
+    Ok(())
+}
 
 /// `tcpdump -i <interface>` in a namespace (the underlay's `br0`, or a node's uplink
 /// `eth0`) writing a pcap file; stopped (SIGTERM, then waited for) by [`Capture::finish`]
@@ -80,7 +364,8 @@ pub struct Seen {
     pub packets: u64,
     /// IPv4 packets between node addresses.
     pub between_nodes: u64,
-    /// Of those: UDP to or from the WireGuard port, or a later fragment of a UDP packet.
+    /// Of those: UDP to or from a WireGuard port (the policy's, or the next one used by
+    /// even key generations), or a later fragment of a UDP packet.
     pub wireguard: u64,
     /// Of those: VXLAN (clear overlay).
     pub vxlan: u64,
@@ -88,10 +373,22 @@ pub struct Seen {
     pub other: Vec<String>,
     /// Packets whose bytes contain the marker.
     pub marker: u64,
+    /// IPv4 packets between nodes that are fragments (more-fragments flag or an offset).
+    pub fragments: u64,
+    /// The largest IPv4 packet between nodes (total length).
+    pub largest: u32,
+    /// IPv4 packets on the underlay not between two node addresses (native routing in
+    /// clear: pod to pod).
+    pub not_between_nodes: u64,
 }
 
 pub const WIREGUARD_PORT: u16 = 51871;
 const VXLAN_PORT: u16 = 8472;
+
+/// The two ports of a rotation's devices (odd and even key generations).
+fn is_wireguard(port: u16) -> bool {
+    port == WIREGUARD_PORT || port == WIREGUARD_PORT + 1
+}
 
 /// Reads a pcap (Ethernet, microsecond or nanosecond, little endian) file.
 pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> {
@@ -122,10 +419,21 @@ pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> 
         let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
         if !(nodes.contains(&src) && nodes.contains(&dst)) {
+            seen.not_between_nodes += 1;
+            if seen.other.len() < 20 && !nodes.contains(&src) && !nodes.contains(&dst) {
+                seen.other.push(format!("{src} -> {dst} proto {}", ip[9]));
+            }
             continue;
         }
         seen.between_nodes += 1;
-        let fragment_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
+        seen.largest = seen
+            .largest
+            .max(u32::from(u16::from_be_bytes([ip[2], ip[3]])));
+        let flags_offset = u16::from_be_bytes([ip[6], ip[7]]);
+        if flags_offset & 0x3fff != 0 {
+            seen.fragments += 1;
+        }
+        let fragment_offset = flags_offset & 0x1fff;
         let proto = ip[9];
         if proto == 17 && fragment_offset > 0 {
             seen.wireguard += 1;
@@ -138,7 +446,7 @@ pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> 
             )
         });
         match (proto, ports) {
-            (17, Some((s, d))) if s == WIREGUARD_PORT || d == WIREGUARD_PORT => seen.wireguard += 1,
+            (17, Some((s, d))) if is_wireguard(s) || is_wireguard(d) => seen.wireguard += 1,
             (17, Some((_, VXLAN_PORT))) => seen.vxlan += 1,
             (p, ports) if seen.other.len() < 20 => seen
                 .other

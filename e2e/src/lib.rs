@@ -112,6 +112,7 @@ mod plane;
 mod process;
 pub mod services;
 pub mod sim;
+pub mod suite;
 pub mod traffic;
 mod util;
 

@@ -5,8 +5,9 @@
 //! policy selects. Checked in order: each selected node's `spec.encryption` lists the
 //! other with its address, pod CIDR + address as allowed IPs and published key; the
 //! unselected node gets nothing; the policy is `Ready` with 2 encrypted nodes and per-node
-//! states. A rotation request raises the key generation in every spec and the nodes are
-//! `KeyOutdated` until their agents publish keys of it. `b` loses its label: it leaves
+//! states. A rotation request first asks every node to prepare the next generation (the
+//! peers' next keys listed beside the current ones), switches only once both nodes report
+//! it prepared, and the nodes are `KeyOutdated` until their agents report the switch. `b` loses its label: it leaves
 //! `a`'s peers and loses its `encryption`. A selector with an unknown operator is
 //! `Valid=False` (`InvalidSpec`) naming the field.
 //!
@@ -33,6 +34,24 @@ fn condition(p: &EncryptionPolicy, type_: &str) -> Option<(String, String, Strin
 
 /// What an agent publishes: its key of generation `epoch`, ready.
 async fn publish(networks: &Api<NodeNetwork>, node: &str, key: &str, epoch: i64) -> Result<()> {
+    publish_with(networks, node, key, epoch, json!({})).await
+}
+
+/// As [`publish`], with more fields of `status.encryption` (a rotation's next key).
+async fn publish_with(
+    networks: &Api<NodeNetwork>,
+    node: &str,
+    key: &str,
+    epoch: i64,
+    more: serde_json::Value,
+) -> Result<()> {
+    let mut encryption = json!({
+        "wireguardImplementation": "userspace", "ipsecSupported": false,
+        "ipsecUnsupportedReason": "no ESP", "publicKey": key,
+        "keyEpoch": epoch, "ready": true});
+    if let (Some(e), Some(m)) = (encryption.as_object_mut(), more.as_object()) {
+        e.extend(m.clone());
+    }
     networks
         .patch_status(
             node,
@@ -40,10 +59,7 @@ async fn publish(networks: &Api<NodeNetwork>, node: &str, key: &str, epoch: i64)
             &Patch::Apply(json!({
                 "apiVersion": "tendril.dev/v1alpha1", "kind": "NodeNetwork",
                 "metadata": {"name": node},
-                "status": {"encryption": {
-                    "wireguardImplementation": "userspace", "ipsecSupported": false,
-                    "ipsecUnsupportedReason": "no ESP", "publicKey": key,
-                    "keyEpoch": epoch, "ready": true}},
+                "status": {"encryption": encryption},
             })),
         )
         .await?;
@@ -161,7 +177,7 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
         "{status:?}"
     );
 
-    // Rotation: generation 2 everywhere; not ready until the agents publish it.
+    // Rotation, phase 1: generation 2 is prepared while 1 stays in use (still Ready).
     policies
         .patch(
             &name,
@@ -171,26 +187,89 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
             ),
         )
         .await?;
-    let p = wait_until(&policies, &name, "KeyOutdated", |p: &EncryptionPolicy| {
-        p.status.as_ref().is_some_and(|s| {
-            s.key_epoch == Some(2) && s.nodes.iter().all(|n| n.reason == "KeyOutdated")
-        })
+    let p = wait_until(&policies, &name, "preparing 2", |p: &EncryptionPolicy| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.key_epoch == Some(1) && s.next_key_epoch == Some(2))
     })
     .await?;
     ensure!(p.status.unwrap().last_key_rotation.is_some());
-    wait_until(&networks, &names[0], "generation 2", |nn: &NodeNetwork| {
-        nn.spec.encryption.as_ref().and_then(|e| e.key_epoch) == Some(2)
+    wait_until(
+        &networks,
+        &names[0],
+        "next generation 2",
+        |nn: &NodeNetwork| {
+            nn.spec
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.key_epoch == Some(1) && e.next_key_epoch == Some(2))
+        },
+    )
+    .await?;
+    // The agents publish their next keys: each peer list carries them beside the current.
+    for (i, node) in names.iter().take(2).enumerate() {
+        publish_with(
+            &networks,
+            node,
+            &format!("key-{i}-gen1"),
+            1,
+            json!({"nextPublicKey": format!("key-{i}-gen2"), "nextKeyEpoch": 2}),
+        )
+        .await?;
+    }
+    let a = wait_until(&networks, &names[0], "b's next key", |nn: &NodeNetwork| {
+        nn.spec.encryption.as_ref().is_some_and(|e| {
+            e.peers.first().and_then(|p| p.next_public_key.as_deref()) == Some("key-1-gen2")
+        })
+    })
+    .await?;
+    let peer = &a.spec.encryption.unwrap().peers[0];
+    ensure!(peer.public_key.as_deref() == Some("key-1-gen1"), "{peer:?}");
+    // Only a prepared: no switch yet.
+    publish_with(
+        &networks,
+        &names[0],
+        "key-0-gen1",
+        1,
+        json!({"nextPublicKey": "key-0-gen2", "nextKeyEpoch": 2, "preparedKeyEpoch": 2}),
+    )
+    .await?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let p = policies.get(&name).await?;
+    ensure!(
+        p.status.as_ref().and_then(|s| s.key_epoch) == Some(1),
+        "switched before b was prepared: {:?}",
+        p.status
+    );
+    // Phase 2: b prepared too → generation 2 in use, peers given the keys of it; the
+    // nodes are KeyOutdated until their agents report the switch.
+    publish_with(
+        &networks,
+        &names[1],
+        "key-1-gen1",
+        1,
+        json!({"nextPublicKey": "key-1-gen2", "nextKeyEpoch": 2, "preparedKeyEpoch": 2}),
+    )
+    .await?;
+    wait_until(&policies, &name, "switched", |p: &EncryptionPolicy| {
+        p.status.as_ref().is_some_and(|s| {
+            s.key_epoch == Some(2)
+                && s.next_key_epoch.is_none()
+                && s.nodes.iter().all(|n| n.reason == "KeyOutdated")
+        })
+    })
+    .await?;
+    wait_until(&networks, &names[0], "b's key of 2", |nn: &NodeNetwork| {
+        nn.spec.encryption.as_ref().is_some_and(|e| {
+            e.key_epoch == Some(2)
+                && e.next_key_epoch.is_none()
+                && e.peers.first().and_then(|p| p.public_key.as_deref()) == Some("key-1-gen2")
+        })
     })
     .await?;
     for (i, node) in names.iter().take(2).enumerate() {
         publish(&networks, node, &format!("key-{i}-gen2"), 2).await?;
     }
-    wait_until(&networks, &names[0], "b's new key", |nn: &NodeNetwork| {
-        nn.spec.encryption.as_ref().is_some_and(|e| {
-            e.peers.first().and_then(|p| p.public_key.as_deref()) == Some("key-1-gen2")
-        })
-    })
-    .await?;
     wait_until(&policies, &name, "Ready again", |p: &EncryptionPolicy| {
         condition(p, "Ready").is_some_and(|c| c.0 == "True")
     })

@@ -1,27 +1,34 @@
 //! Issue 15, end to end: transparent WireGuard encryption between two simulated nodes
-//! (operator, agents, pods wired by tendril-cni, overlay routing), on a kernel without
-//! WireGuard or ESP: the agents run the embedded userspace device.
+//! (operator, agents, pods wired by tendril-cni), on a kernel without WireGuard or ESP: the
+//! agents run the embedded userspace device. Both routing modes share one scene
+//! ([`tendril_e2e::encryption::Scene`]).
 //!
-//! Checked:
+//! Overlay, checked:
 //! - baseline: before any policy, a marker sent pod to pod over TCP and UDP is seen in
 //!   clear on the underlay (the capture would catch it);
 //! - an `EncryptionPolicy` selecting both nodes becomes Ready with 2 encrypted nodes; each
 //!   NodeNetwork reports the userspace implementation, a public key, IPsec unsupported with
 //!   the kernel's reason; the private key file is 0600 and is not in the API;
-//! - the same marker traffic then crosses the underlay only as UDP to the WireGuard port:
+//! - the same marker traffic then crosses the underlay only as UDP to the WireGuard ports:
 //!   zero VXLAN packets, zero occurrences of the marker, nothing else between the nodes;
+//! - MTU: a pod made while encryption is on gets the published pod MTU; a DF ping of that
+//!   size crosses, one byte more is refused locally; a bulk TCP echo crosses with no IP
+//!   fragment on the underlay;
 //! - `wg show` in the node's namespace lists the peer (the other node's key) with a
 //!   handshake: the agent speaks the standard configuration protocol;
-//! - three key rotations (the policy's rotation-request annotation) under a TCP stream and
-//!   a UDP echo loop: the TCP connection survives every one (no reset, every message
-//!   echoed), UDP loss and the longest silence are printed;
+//! - three two-phase key rotations (the policy's rotation-request annotation) under a TCP
+//!   stream and a 20 ms UDP echo loop: no TCP message and no UDP datagram lost; the
+//!   figures per rotation are printed;
 //! - the agent restarts under traffic: same key, the connection keeps flowing;
 //! - an IPsec policy on this kernel: Ready=False, reason Unsupported, naming the nodes.
 //!
+//! Native routing (`--routing-mode native`): in clear the pods' packets cross the underlay
+//! between pod addresses; encrypted, only WireGuard between node addresses, zero markers,
+//! and the MTU check as above.
+//!
 //! Needs root. Run `cargo build -p tendril-controllers -p tendril-datapath --bins` first.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -29,64 +36,10 @@ use anyhow::{Context, Result, ensure};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tendril_crds::v1alpha1::{EncryptionPolicy, NodeNetwork};
-use tendril_e2e::encryption::{Capture, WIREGUARD_PORT};
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimNode, SimPod};
-use tendril_e2e::traffic::{EchoServer, TcpFlow, UdpFlow};
-use tendril_e2e::{ControlPlane, TestEnv, eventually, wait_for};
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-const PORT: u16 = 8080;
-const MARKER: &str = "TENDRIL-CLEARTEXT-MARKER-7f3a";
-
-/// TCP (one line echoed) and UDP (one datagram echoed, through socat: bash reads a UDP
-/// socket a byte per datagram) carrying the marker, from `pod` to `to`; whether both round
-/// trips worked.
-async fn marker_round_trips(pod: &SimPod, to: IpAddr) -> Result<bool> {
-    let script = format!(
-        "exec 3<>/dev/tcp/{to}/{PORT} || exit 3; echo {MARKER}-tcp >&3; \
-         read -t 2 line <&3 && [ \"$line\" = {MARKER}-tcp ] || exit 4; \
-         [ \"$(echo {MARKER}-udp | socat -t 2 - UDP:{to}:{PORT})\" = {MARKER}-udp ]"
-    );
-    let out = pod.exec(&["timeout", "5", "bash", "-c", &script]).await?;
-    if !out.status.success() {
-        eprintln!(
-            "marker round trip to {to}: {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out.status.success())
-}
-
-fn labels(app: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("app".to_string(), app.to_string())])
-}
-
-fn node_ips(cluster: &SimCluster) -> Vec<Ipv4Addr> {
-    cluster.nodes.iter().map(|n| n.address).collect()
-}
-
-async fn policy_ready(
-    api: &Api<EncryptionPolicy>,
-    name: &str,
-    nodes: i64,
-) -> Result<EncryptionPolicy> {
-    wait_for(
-        api,
-        name,
-        |o: Option<&EncryptionPolicy>| {
-            o.and_then(|p| p.status.as_ref()).is_some_and(|s| {
-                s.encrypted_nodes == Some(nodes)
-                    && s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        },
-        TIMEOUT,
-    )
-    .await?
-    .context("policy gone")
-}
+use tendril_e2e::encryption::{PORT, Routing, Scene, TIMEOUT, ensure_sealed, policy_ready};
+use tendril_e2e::sim::SimNode;
+use tendril_e2e::traffic::{TcpFlow, UdpFlow};
+use tendril_e2e::{eventually, wait_for};
 
 async fn wg_show(node: &SimNode) -> Result<String> {
     let out = node
@@ -107,50 +60,12 @@ fn public_key(nn: &NodeNetwork) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Result<()> {
-    let plane = ControlPlane::dedicated("encryption-wireguard").await?;
-    let env = TestEnv::on(plane).await?;
-    let client = env.client();
-    let ns = env.namespace().to_string();
-    let mut cluster = SimCluster::start(&env, SimClusterConfig::default()).await?;
-    let underlay = cluster.underlay.netns.clone();
-    let nodes = node_ips(&cluster);
-
-    let server = SimPod::run(
-        &client,
-        cluster.nodes[1].handle(),
-        &ns,
-        "server",
-        &labels("server"),
-    )
-    .await?;
-    let pod = SimPod::run(
-        &client,
-        cluster.nodes[0].handle(),
-        &ns,
-        "client",
-        &labels("client"),
-    )
-    .await?;
-    server.wait_realized(&client, TIMEOUT).await?;
-    pod.wait_realized(&client, TIMEOUT).await?;
-    let _echo = EchoServer::start(&server.sandbox.netns, PORT)?;
-    let server_ip = server.ips[0];
+    let mut scene = Scene::start("encryption-wireguard", Routing::Overlay).await?;
+    let client = scene.env.client();
+    let (pod, server_ip) = (&scene.client, scene.server_ip);
 
     // Baseline: in clear, the capture sees the marker.
-    eventually(TIMEOUT, || async {
-        ensure!(
-            marker_round_trips(&pod, server_ip).await?,
-            "no round trip yet"
-        );
-        Ok(())
-    })
-    .await?;
-    let capture = Capture::start(&underlay, "br0")?;
-    ensure!(
-        marker_round_trips(&pod, server_ip).await?,
-        "clear round trip"
-    );
-    let clear = capture.finish(&nodes, MARKER.as_bytes())?;
+    let clear = scene.capture_round_trips(1).await?;
     println!("clear text baseline: {clear:?}");
     ensure!(
         clear.marker >= 2,
@@ -163,16 +78,8 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
 
     // Encrypt.
     let policies: Api<EncryptionPolicy> = Api::all(client.clone());
-    let name = env.unique_name("wg");
-    env.delete_on_drop::<EncryptionPolicy>(&name);
-    let policy: EncryptionPolicy = serde_json::from_value(json!({
-        "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
-        "metadata": {"name": name},
-        "spec": {"mode": "WireGuard", "keyRotationIntervalSeconds": 86400,
-                 "wireguard": {"listenPort": WIREGUARD_PORT}},
-    }))?;
     let applied = Instant::now();
-    policies.create(&PostParams::default(), &policy).await?;
+    let name = scene.encrypt().await?;
     let ready = policy_ready(&policies, &name, 2).await?;
     println!(
         "policy applied -> Ready on both nodes: {:?}",
@@ -180,10 +87,9 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     );
     let status = ready.status.clone().unwrap_or_default();
     ensure!(status.nodes.iter().all(|n| n.ready), "{:?}", status.nodes);
-
     let networks: Api<NodeNetwork> = Api::all(client.clone());
     let mut keys = Vec::new();
-    for node in &cluster.nodes {
+    for node in &scene.cluster.nodes {
         let nn = networks.get(&node.name).await?;
         let enc = nn
             .status
@@ -224,7 +130,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         );
         keys.push(key);
     }
-    let metrics = tendril_e2e::fetch_metrics(cluster.nodes[0].metrics_port).await?;
+    let metrics = tendril_e2e::fetch_metrics(scene.cluster.nodes[0].metrics_port).await?;
     ensure!(
         metrics.sum(
             "tendril_encryption_wireguard_implementation",
@@ -234,42 +140,19 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     );
 
     // Encrypted: only WireGuard between the nodes, never the marker.
-    eventually(TIMEOUT, || async {
-        ensure!(
-            marker_round_trips(&pod, server_ip).await?,
-            "no encrypted round trip yet"
-        );
-        Ok(())
-    })
-    .await?;
-    let capture = Capture::start(&underlay, "br0")?;
-    for _ in 0..3 {
-        ensure!(
-            marker_round_trips(&pod, server_ip).await?,
-            "encrypted round trip"
-        );
-    }
-    let sealed = capture.finish(&nodes, MARKER.as_bytes())?;
+    let sealed = scene.capture_round_trips(3).await?;
     println!("encrypted: {sealed:?}");
-    ensure!(
-        sealed.marker == 0,
-        "marker seen on the underlay: {sealed:?}"
-    );
-    ensure!(
-        sealed.vxlan == 0,
-        "VXLAN in clear on the underlay: {sealed:?}"
-    );
-    ensure!(
-        sealed.other.is_empty(),
-        "other traffic between the nodes: {sealed:?}"
-    );
-    ensure!(
-        sealed.wireguard >= 6,
-        "the round trips went as WireGuard: {sealed:?}"
+    ensure_sealed(&sealed, 6)?;
+
+    // MTU: a full-size packet of a pod made now crosses without fragmentation.
+    let (pod_mtu, seen) = scene.check_mtu().await?;
+    println!(
+        "MTU: pod {pod_mtu}; DF ping of {pod_mtu} ok, {} refused; bulk TCP: {seen:?}",
+        pod_mtu + 1
     );
 
     // `wg show` against the agent's device.
-    let show = wg_show(&cluster.nodes[0]).await?;
+    let show = wg_show(&scene.cluster.nodes[0]).await?;
     println!("wg show on node 0:\n{show}");
     ensure!(
         show.contains(&format!("peer: {}", keys[1])),
@@ -284,8 +167,10 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut previous = keys.clone();
+    let mut rotation_starts = Vec::new();
     for round in 1..=3 {
         let at = Instant::now();
+        rotation_starts.push(at);
         policies
             .patch(
                 &name,
@@ -311,7 +196,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         )
         .await?;
         let mut now = Vec::new();
-        for node in &cluster.nodes {
+        for node in &scene.cluster.nodes {
             now.push(public_key(&networks.get(&node.name).await?).context("key")?);
         }
         ensure!(
@@ -328,11 +213,11 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
 
     // Agent restart under traffic: the key and the flows survive.
     let rotated = Instant::now();
-    let before = public_key(&networks.get(&cluster.nodes[0].name).await?);
-    cluster.nodes[0].kill_agent();
+    let before = public_key(&networks.get(&scene.cluster.nodes[0].name).await?);
+    scene.cluster.nodes[0].kill_agent();
     let killed = Instant::now();
-    cluster.nodes[0].start_agent()?;
-    cluster.nodes[0].wait_ready(&client).await?;
+    scene.cluster.nodes[0].start_agent()?;
+    scene.cluster.nodes[0].wait_ready(&client).await?;
     eventually(TIMEOUT, || async {
         ensure!(
             tcp.log().echoes_after(killed + Duration::from_secs(1)) > 0,
@@ -345,7 +230,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         "agent restart: TCP flowing again {:?} after the kill",
         killed.elapsed()
     );
-    let after = public_key(&networks.get(&cluster.nodes[0].name).await?);
+    let after = public_key(&networks.get(&scene.cluster.nodes[0].name).await?);
     ensure!(before == after, "the restart kept the key");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let end = Instant::now();
@@ -355,10 +240,19 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let udp_log = udp.finish()?;
     let late = Duration::from_millis(500);
     let tcp_stats = tcp_log.stats(started, end, late);
-    for (what, from, to) in [
-        ("3 rotations", started, rotated),
-        ("agent restart", rotated, end),
-    ] {
+    let udp_rotations = udp_log.stats(started, rotated, late);
+    let mut windows = vec![(
+        "before the rotations".to_string(),
+        started,
+        rotation_starts[0],
+    )];
+    for (i, at) in rotation_starts.iter().enumerate() {
+        let until = rotation_starts.get(i + 1).copied().unwrap_or(rotated);
+        windows.push((format!("rotation {}", i + 1), *at, until));
+    }
+    windows.push(("3 rotations".into(), started, rotated));
+    windows.push(("agent restart".into(), rotated, end));
+    for (what, from, to) in windows {
         println!(
             "{what}: TCP {} | UDP {}",
             tcp_log.stats(from, to, late),
@@ -367,11 +261,16 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     }
     println!("TCP retransmits over both: {tcp_retransmits}");
     ensure!(tcp_stats.lost == 0, "TCP messages not echoed: {tcp_stats}");
+    // Two-phase rotation: every node knows every next key before anyone switches.
+    ensure!(
+        udp_rotations.lost == 0,
+        "UDP datagrams lost across the rotations: {udp_rotations}"
+    );
 
     // IPsec on this kernel: Unsupported, with each node's reason.
     policies.delete(&name, &Default::default()).await?;
-    let ipsec = env.unique_name("ipsec");
-    env.delete_on_drop::<EncryptionPolicy>(&ipsec);
+    let ipsec = scene.env.unique_name("ipsec");
+    scene.env.delete_on_drop::<EncryptionPolicy>(&ipsec);
     let policy: EncryptionPolicy = serde_json::from_value(json!({
         "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
         "metadata": {"name": ipsec},
@@ -401,8 +300,34 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         .unwrap();
     println!("IPsec: {}: {}", cond.reason, cond.message);
     ensure!(cond.status == "False");
-    for node in &cluster.nodes {
+    for node in &scene.cluster.nodes {
         ensure!(cond.message.contains(&node.name), "{}", cond.message);
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn native_routing_pod_traffic_crosses_the_underlay_only_encrypted() -> Result<()> {
+    let scene = Scene::start("encryption-native", Routing::Native).await?;
+    let clear = scene.capture_round_trips(1).await?;
+    println!("native, clear text baseline: {clear:?}");
+    ensure!(
+        clear.marker >= 2 && clear.vxlan == 0 && clear.not_between_nodes > 0,
+        "native routing in clear: pod to pod on the underlay, the marker visible: {clear:?}"
+    );
+    let applied = Instant::now();
+    scene.encrypt().await?;
+    println!(
+        "native: policy applied -> encrypted round trip: {:?}",
+        applied.elapsed()
+    );
+    let sealed = scene.capture_round_trips(3).await?;
+    println!("native, encrypted: {sealed:?}");
+    ensure_sealed(&sealed, 6)?;
+    let (pod_mtu, seen) = scene.check_mtu().await?;
+    println!(
+        "native MTU: pod {pod_mtu}; DF ping of {pod_mtu} ok, {} refused; bulk TCP: {seen:?}",
+        pod_mtu + 1
+    );
     Ok(())
 }

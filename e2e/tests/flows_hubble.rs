@@ -17,6 +17,13 @@
 //! filter against flows it must leave out); the denied connections show verdict DROPPED,
 //! drop reason POLICY_DENIED, direction INGRESS, both pods named; the admitted one names
 //! the policy; `--follow` delivers a new drop; the compact output prints it. Needs root.
+//!
+//! L4 details and workloads: the connections' flows carry `l4.TCP.flags.SYN`, the denied
+//! ping `l4.ICMPv4.type` 8. A pod of a real Deployment `api` (app=client; the
+//! controller-manager makes its ReplicaSet and Pod, the simulated kubelet runs it) connects
+//! to web the moment it runs: every one of its flows, the very first included, names the
+//! pod and its workload, Deployment `api` (the flow waits for the agent to learn the new
+//! Endpoint instead of going out unnamed).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -24,6 +31,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use serde_json::Value;
 use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
 use tendril_e2e::traffic::EchoServer;
@@ -169,6 +178,40 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
     // Traffic that is not to web (web has no egress policy, the client none at all).
     ensure!(web.ping(allowed.ips[0]).await?, "web pings the client");
 
+    // A brand-new pod of Deployment `api` connects to web the moment it runs, before the
+    // agents have learned its Endpoint.
+    env.apply_yaml(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\n\
+         metadata: {{name: api, namespace: {ns}}}\n\
+         spec:\n  replicas: 1\n  selector: {{matchLabels: {{app: client, workload: api}}}}\n  \
+         template:\n    metadata: {{labels: {{app: client, workload: api}}}}\n    \
+         spec:\n      nodeName: {}\n      containers:\n      \
+         - {{name: main, image: registry.k8s.io/pause:3.10}}\n",
+        cluster.nodes[0].name
+    ))
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let api_pod = eventually(TIMEOUT, || async {
+        let list = pods
+            .list(&ListParams::default().labels("workload=api"))
+            .await?;
+        list.items
+            .into_iter()
+            .next()
+            .context("the ReplicaSet has not made the pod yet")
+    })
+    .await?;
+    let api = SimPod::start(&client, n0, &api_pod, std::time::Instant::now()).await?;
+    eventually(TIMEOUT, || async {
+        ensure!(connect(&api, web_ip).await?, "api refused");
+        Ok(())
+    })
+    .await?;
+    println!(
+        "new pod {}/{} ({}) got through to web",
+        api.namespace, api.name, api.ips[0]
+    );
+
     let relay_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -237,6 +280,72 @@ async fn hubble_cli_observes_and_filters_tendril_flows() -> Result<()> {
         );
     }
     println!("dropped by the policy: {}", describe(denied[0]));
+
+    // TCP flags and ICMP type: the connections are SYNs, the denied ping an echo request.
+    ensure!(
+        dropped
+            .iter()
+            .any(|f| f["l4"]["TCP"]["flags"]["SYN"] == true
+                && s(f, &["source", "pod_name"]) == "intruder"),
+        "no denied SYN among {:?}",
+        dropped
+            .iter()
+            .map(|f| f["l4"].to_string())
+            .collect::<Vec<_>>()
+    );
+    let pings = observe(&server, &["--last", "1000", "--protocol", "icmp"]).await?;
+    let echo = pings
+        .iter()
+        .find(|f| s(f, &["source", "pod_name"]) == "client" && s(f, &["verdict"]) == "DROPPED")
+        .context("the denied ping")?;
+    ensure!(
+        echo["l4"]["ICMPv4"]["type"] == 8,
+        "the denied ping is an echo request: {echo}"
+    );
+    println!("a denied SYN and the denied echo request: {}", echo["l4"]);
+
+    // The new pod: every flow, the very first included, names it and its Deployment.
+    let api_ip = api.ips[0].to_string();
+    let api_flows = eventually(TIMEOUT, || async {
+        let flows = observe(&server, &["--last", "1000", "--ip", &api_ip]).await?;
+        ensure!(
+            flows.iter().any(|f| s(f, &["verdict"]) == "FORWARDED"),
+            "not yet: {flows:?}"
+        );
+        Ok(flows)
+    })
+    .await?;
+    for f in &api_flows {
+        let side = if s(f, &["IP", "source"]) == api_ip {
+            "source"
+        } else {
+            "destination"
+        };
+        ensure!(
+            s(f, &[side, "pod_name"]) == api.name
+                && s(f, &[side, "namespace"]) == ns
+                && f[side]["workloads"][0]["name"] == "api"
+                && f[side]["workloads"][0]["kind"] == "Deployment",
+            "a flow of the new pod without its names: {f}"
+        );
+    }
+    println!(
+        "the new pod's first flow ({} of {}): {}",
+        s(&api_flows[0], &["time"]),
+        api_flows.len(),
+        describe(&api_flows[0])
+    );
+    let flows = observe(
+        &server,
+        &["--last", "1000", "--pod", &format!("{ns}/{}", api.name)],
+    )
+    .await?;
+    ensure!(
+        flows.len() == api_flows.len(),
+        "--pod finds the new pod's flows: {} of {}",
+        flows.len(),
+        api_flows.len()
+    );
 
     // --pod NS/web: every flow has web on one side; allowed and denied ones are there.
     let flows = observe(&server, &["--last", "1000", "--pod", &pod_web]).await?;

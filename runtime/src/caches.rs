@@ -173,7 +173,8 @@ impl<K> Cached for K where
 }
 
 /// (api version/kind, scope) → the `Cache<K>` of that kind, type-erased.
-type Entries = HashMap<(String, String), Box<dyn Any + Send + Sync>>;
+/// With each, the address of the function that trims its objects, if any.
+type Entries = HashMap<(String, String), (Box<dyn Any + Send + Sync>, Option<usize>)>;
 
 /// The process's registry of caches (cheap to clone; clones share it).
 #[derive(Clone)]
@@ -217,7 +218,19 @@ impl Caches {
 
     /// Every object of kind `K`, cluster-wide.
     pub fn all<K: Cached>(&self) -> Cache<K> {
-        self.get_or_start(SCOPE_ALL, || {
+        self.get_or_start(SCOPE_ALL, None, || {
+            (Api::all(self.client.clone()), watcher::Config::default())
+        })
+    }
+
+    /// [`Caches::all`], each object cut down by `trim` as it arrives, before the store and
+    /// the change stream hold it: for a kind whose objects are large and of which the
+    /// operator reads little (a Pod's volumes, env, probes and container statuses are most
+    /// of it). The kind's one cache is then trimmed for everyone, so every user must ask
+    /// through the same `trim`; asking for it untrimmed, or trimmed otherwise, panics (a
+    /// bug every test that starts the operator finds).
+    pub fn all_trimmed<K: Cached>(&self, trim: fn(&mut K)) -> Cache<K> {
+        self.get_or_start(SCOPE_ALL, Some(trim), || {
             (Api::all(self.client.clone()), watcher::Config::default())
         })
     }
@@ -229,12 +242,13 @@ impl Caches {
             scope, SCOPE_ALL,
             "scope {SCOPE_ALL:?} is the cluster-wide cache"
         );
-        self.get_or_start(scope, || (api, config))
+        self.get_or_start(scope, None, || (api, config))
     }
 
     fn get_or_start<K: Cached>(
         &self,
         scope: &str,
+        trim: Option<fn(&mut K)>,
         watch: impl FnOnce() -> (Api<K>, watcher::Config),
     ) -> Cache<K> {
         let labels = KindLabels::of::<K>();
@@ -243,14 +257,24 @@ impl Caches {
             scope.to_string(),
         );
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = entries.get(&key) {
+        let trim_id = trim.map(|f| f as usize);
+        if let Some((existing, existing_trim)) = entries.get(&key) {
+            assert!(
+                *existing_trim == trim_id,
+                "the cache of {key:?} is shared: every user must trim it the same way"
+            );
             return existing
                 .downcast_ref::<Cache<K>>()
                 .expect("a cache key names one type")
                 .clone();
         }
         let (api, config) = watch();
-        let cache = Cache::start(api, config, self.errors.get_or_create(&labels).clone());
+        let cache = Cache::start(
+            api,
+            config,
+            trim,
+            self.errors.get_or_create(&labels).clone(),
+        );
         self.watches
             .get_or_create(&WatchLabels {
                 group: labels.group,
@@ -258,7 +282,7 @@ impl Caches {
                 scope: scope.to_string(),
             })
             .inc();
-        entries.insert(key, Box::new(cache.clone()));
+        entries.insert(key, (Box::new(cache.clone()), trim_id));
         cache
     }
 }
@@ -283,15 +307,24 @@ impl<K: Cached> Clone for Cache<K> {
 
 impl<K: Cached> Cache<K> {
     /// Starts the watch on the current tokio runtime; it runs until the process ends.
-    fn start(api: Api<K>, config: watcher::Config, errors: Counter) -> Self {
+    fn start(
+        api: Api<K>,
+        config: watcher::Config,
+        trim: Option<fn(&mut K)>,
+        errors: Counter,
+    ) -> Self {
         let (store, writer) = reflector::store();
         let cache = Self::from_store(store);
         let publisher = cache.clone();
         // managedFields are dropped: no consumer of a cache reads them, and they are often
         // the largest part of an object written by several managers (an LBService, a
         // NodeNetwork), so at 10k objects they dominate the process's memory.
-        let watch =
-            watcher(api, config).modify(|obj| kube::ResourceExt::managed_fields_mut(obj).clear());
+        let watch = watcher(api, config).modify(move |obj| {
+            kube::ResourceExt::managed_fields_mut(obj).clear();
+            if let Some(trim) = trim {
+                trim(obj);
+            }
+        });
         let stream = reflector::reflector(writer, watch).backoff(watch_backoff());
         tokio::spawn(stream.for_each(move |event| {
             if event.is_err() {

@@ -111,6 +111,36 @@ pub fn on_change<K>(
     }
 }
 
+/// [`on_change`] only while `relevant` says yes: for the inputs a concern reads only on
+/// behalf of its policies (pods, Services, Nodes), which wake nothing while there is no
+/// policy. The change that creates the first policy triggers a recompute that reads every
+/// cache whole, so nothing gated away is missed.
+pub fn on_change_while<K, F>(
+    name: &str,
+    clock: Option<&ChangeClock>,
+    relevant: F,
+) -> impl Fn(K) -> Option<ObjectRef<Singleton>> + Send + Sync + 'static + use<K, F>
+where
+    F: Fn() -> bool + Send + Sync + 'static,
+{
+    let on_change = on_change::<K>(name, clock);
+    move |k| if relevant() { on_change(k) } else { None }
+}
+
+/// [`on_change_while`] there is at least one object in `policies`.
+pub fn on_change_while_any<K, P>(
+    name: &str,
+    clock: Option<&ChangeClock>,
+    policies: &reflector::Store<P>,
+) -> impl Fn(K) -> Option<ObjectRef<Singleton>> + Send + Sync + 'static + use<K, P>
+where
+    P: Resource + Clone + Send + Sync + 'static,
+    P::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let policies = policies.clone();
+    on_change_while(name, clock, move || !policies.state().is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +154,21 @@ mod tests {
         assert_eq!(silent(1), Some(ObjectRef::new("policy")));
         assert!(clock.wait(std::time::Instant::now()).is_none());
         assert_eq!(observed(1), Some(ObjectRef::new("policy")));
+        assert!(clock.wait(std::time::Instant::now()).is_some());
+    }
+
+    #[test]
+    fn a_gated_change_wakes_nothing_and_starts_no_clock() {
+        let clock = ChangeClock::new(Duration::from_secs(60), Duration::from_secs(60));
+        let policies = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = policies.clone();
+        let mapper = on_change_while::<u8, _>("egress", Some(&clock), move || {
+            gate.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        assert_eq!(mapper(1), None);
+        assert!(clock.wait(std::time::Instant::now()).is_none());
+        policies.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(mapper(1), Some(ObjectRef::new("egress")));
         assert!(clock.wait(std::time::Instant::now()).is_some());
     }
 }

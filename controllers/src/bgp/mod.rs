@@ -422,12 +422,25 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
     // back. Neither is a change of intent, so the clock is not started.
     let config_changes = owned.trigger(&configs);
 
+    // Without a policy, nodes, Services and slices change nothing this concern writes.
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, observed(&changes))
-        .watches_stream(node_changes, observed(&changes))
-        .watches_stream(network_changes, observed(&changes))
-        .watches_stream(service_changes, observed(&changes))
-        .watches_stream(slice_changes, observed(&changes))
+        .watches_stream(
+            node_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
+        .watches_stream(
+            network_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
+        .watches_stream(
+            service_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
+        .watches_stream(
+            slice_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
         .watches_stream(config_changes, singleton::on_change(NAME, None));
     let reconciler = Bgp {
         client: client.clone(),

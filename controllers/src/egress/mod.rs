@@ -514,10 +514,17 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
     // Our own writes come back here; a route edited or deleted by someone else is put back.
     let route_changes = owned.trigger(&routes);
 
+    // Without a policy, pods and nodes change nothing this concern writes.
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, singleton::on_change(NAME, Some(&changes)))
-        .watches_stream(node_changes, singleton::on_change(NAME, Some(&changes)))
-        .watches_stream(endpoint_changes, singleton::on_change(NAME, Some(&changes)))
+        .watches_stream(
+            node_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
+        .watches_stream(
+            endpoint_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
         .watches_stream(route_changes, singleton::on_change(NAME, None));
     let reconciler = Egress {
         client: client.clone(),

@@ -115,6 +115,7 @@ fn policy_input(p: &EncryptionPolicy) -> PolicyInput {
             .unwrap_or(0),
         spec: p.spec.clone(),
         key_epoch: status.key_epoch,
+        next_key_epoch: status.next_key_epoch,
         last_rotation: status.last_key_rotation.as_ref().map(seconds),
         rotation_request: p.annotations().get(plan::ROTATION_REQUEST).cloned(),
         served_request: status.rotation_request,
@@ -253,6 +254,7 @@ impl Encryption {
             };
             let status = policy.status.clone().unwrap_or_default();
             let rotated = status.key_epoch.is_some_and(|e| e < outcome.key_epoch);
+            let started = outcome.next_key_epoch.is_some() && status.next_key_epoch.is_none();
             let last_rotation = outcome
                 .last_rotation
                 .and_then(|s| Timestamp::from_second(s).ok())
@@ -266,6 +268,7 @@ impl Encryption {
                 && status.observed_generation == outcome.generation
                 && status.encrypted_nodes == Some(outcome.encrypted_nodes)
                 && status.key_epoch == Some(outcome.key_epoch)
+                && status.next_key_epoch == outcome.next_key_epoch
                 && status.nodes == outcome.nodes
                 && status.rotation_request == outcome.served_request
                 && status.last_key_rotation.as_ref().map(seconds) == outcome.last_rotation;
@@ -297,6 +300,7 @@ impl Encryption {
                     "observedGeneration": outcome.generation,
                     "encryptedNodes": outcome.encrypted_nodes,
                     "keyEpoch": outcome.key_epoch,
+                    "nextKeyEpoch": outcome.next_key_epoch,
                     "lastKeyRotation": last_rotation,
                     "rotationRequest": outcome.served_request,
                     "nodes": outcome.nodes,
@@ -304,9 +308,12 @@ impl Encryption {
             );
             match runtime::apply_status(&api, &self.manager, &body).await {
                 Ok(_) => {
+                    if started {
+                        info!(policy = %name, epoch = ?outcome.next_key_epoch, "key rotation started: preparing");
+                    }
                     if rotated {
                         self.metrics.rotations.inc();
-                        info!(policy = %name, epoch = outcome.key_epoch, "key rotation started");
+                        info!(policy = %name, epoch = outcome.key_epoch, "key rotation switched");
                     }
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}

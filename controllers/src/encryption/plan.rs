@@ -8,10 +8,16 @@
 //! agent has not published a public key yet is listed without one (its agent holds its
 //! traffic back instead of sending it in clear, see the agent's strict mode).
 //!
-//! Rotation: the policy's key generation (`status.keyEpoch`) goes up when
-//! `keyRotationIntervalSeconds` has passed since the last rotation, or when the annotation
-//! [`ROTATION_REQUEST`] takes a new value; every selected node's agent then makes a new
-//! key pair and publishes its public key.
+//! Rotation, in two phases so that no packet is lost: when `keyRotationIntervalSeconds` has
+//! passed since the last rotation, or the annotation [`ROTATION_REQUEST`] takes a new value,
+//! the policy's `status.nextKeyEpoch` is set to `keyEpoch + 1` (prepare): every selected
+//! node's agent makes its next key pair, publishes the public key as `nextPublicKey`, and
+//! configures its standby device with the peers' next keys (listed as `nextPublicKey` in
+//! its spec) while it still sends with the current ones. Once every selected node reports
+//! that generation prepared (`preparedKeyEpoch`), `keyEpoch` becomes it (switch): each
+//! agent moves its traffic to the standby device, whose peers already know its key, and
+//! keeps the old device answering for a grace period. A rotation asked for while one is
+//! under way starts when it completes.
 
 use crate::policy::selector::Selector;
 use std::collections::BTreeMap;
@@ -36,8 +42,10 @@ pub struct PolicyInput {
     /// Seconds since the epoch of its creation (older policies win a node).
     pub created: i64,
     pub spec: EncryptionPolicySpec,
-    /// `status.keyEpoch` and when it was last raised (seconds since the epoch).
+    /// `status.keyEpoch` and `status.nextKeyEpoch` (a rotation under way), and when the
+    /// last rotation started (seconds since the epoch).
     pub key_epoch: Option<i64>,
+    pub next_key_epoch: Option<i64>,
     pub last_rotation: Option<i64>,
     /// The [`ROTATION_REQUEST`] annotation, and the value already served.
     pub rotation_request: Option<String>,
@@ -66,7 +74,9 @@ pub struct PolicyOutcome {
     pub encrypted_nodes: i64,
     pub nodes: Vec<EncryptionNodeState>,
     pub key_epoch: i64,
-    /// When the key generation was last raised (seconds since the epoch), if ever.
+    /// The generation being prepared while a rotation is under way.
+    pub next_key_epoch: Option<i64>,
+    /// When the last rotation started (seconds since the epoch), if ever.
     pub last_rotation: Option<i64>,
     pub served_request: Option<String>,
     /// Seconds until the next scheduled rotation.
@@ -127,23 +137,80 @@ fn allowed_ips(node: &NodeInput) -> Vec<String> {
     out
 }
 
-/// The key generation after this reconcile, when it was raised, and the request served.
-fn rotation(p: &PolicyInput, now: i64) -> (i64, Option<i64>, Option<String>, i64) {
+/// Where a policy's rotation stands after this reconcile.
+#[derive(Clone, Debug, PartialEq)]
+struct Rotation {
+    /// The generation in use, and the one being prepared.
+    active: i64,
+    next: Option<i64>,
+    last: Option<i64>,
+    served: Option<String>,
+    /// Seconds until the next scheduled rotation (while none is under way).
+    next_in: Option<i64>,
+}
+
+/// Completes the rotation under way when every member has prepared its generation
+/// (`prepared(n)`), and starts one when it is due and every member uses the generation in
+/// use (`settled(active)`: the standby devices are free again).
+fn rotation(
+    p: &PolicyInput,
+    now: i64,
+    prepared: impl Fn(i64) -> bool,
+    settled: impl Fn(i64) -> bool,
+) -> Rotation {
     let interval = p.spec.key_rotation_interval_seconds.max(60);
-    let mut epoch = p.key_epoch.unwrap_or(1);
-    let mut last = p.last_rotation;
-    let since = last.unwrap_or(p.created);
-    let mut served = p.served_request.clone();
-    let requested = p.rotation_request.is_some() && p.rotation_request != p.served_request;
-    if p.key_epoch.is_some() && (requested || now - since >= interval) {
-        epoch += 1;
-        last = Some(now);
+    let mut r = Rotation {
+        active: p.key_epoch.unwrap_or(1),
+        next: p.next_key_epoch.filter(|n| Some(*n) > p.key_epoch),
+        last: p.last_rotation,
+        served: p.served_request.clone(),
+        next_in: None,
+    };
+    if let Some(n) = r.next
+        && prepared(n)
+    {
+        r.active = n;
+        r.next = None;
     }
-    if requested {
-        served = p.rotation_request.clone();
+    if r.next.is_none() {
+        let since = r.last.unwrap_or(p.created);
+        let requested = p.rotation_request.is_some() && p.rotation_request != p.served_request;
+        let due = requested || now - since >= interval;
+        if p.key_epoch.is_some() && due && settled(r.active) {
+            r.next = Some(r.active + 1);
+            r.last = Some(now);
+            if requested {
+                r.served = p.rotation_request.clone();
+            }
+        } else if !due {
+            r.next_in = Some((interval - (now - since).max(0)).max(1));
+        }
     }
-    let next_in = interval - (now - last.unwrap_or(p.created)).max(0);
-    (epoch, last, served, next_in.max(1))
+    r
+}
+
+/// The public key a node published for generation `epoch`: the one in use or the next
+/// one. For the generation in use, an agent still on an older key gives that one (its
+/// peers keep reaching it while it catches up).
+fn key_of(node: &NodeInput, epoch: i64, in_use: bool) -> Option<String> {
+    let r = node.reported.as_ref()?;
+    if r.key_epoch == Some(epoch) {
+        r.public_key.clone()
+    } else if r.next_key_epoch == Some(epoch) {
+        r.next_public_key.clone()
+    } else if in_use && r.key_epoch.unwrap_or(0) < epoch {
+        r.public_key.clone()
+    } else {
+        None
+    }
+}
+
+/// Whether a node can switch to generation `n`: it uses it already, or its standby device
+/// holds every peer's key of it.
+fn prepared(node: &NodeInput, n: i64) -> bool {
+    node.reported
+        .as_ref()
+        .is_some_and(|r| r.key_epoch.unwrap_or(0) >= n || r.prepared_key_epoch.unwrap_or(0) >= n)
 }
 
 /// Whether a node realizes the policy, and why not.
@@ -250,6 +317,7 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                     encrypted_nodes: 0,
                     nodes: Vec::new(),
                     key_epoch: p.key_epoch.unwrap_or(1),
+                    next_key_epoch: p.next_key_epoch,
                     last_rotation: p.last_rotation,
                     served_request: p.served_request.clone(),
                     next_rotation_in: None,
@@ -257,8 +325,23 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             );
             continue;
         }
-        let (epoch, last_rotation, served_request, next_in) = rotation(p, now);
         let members = selected.get(p.name.as_str()).cloned().unwrap_or_default();
+        let wg = p.spec.mode == WIREGUARD;
+        // IPsec keys are not distributed by this operator yet: no generation to prepare.
+        let addressed = || members.iter().filter(|m| m.address.is_some());
+        let rot = rotation(
+            p,
+            now,
+            |n| !wg || addressed().all(|m| prepared(m, n)),
+            |a| {
+                !wg || addressed().all(|m| {
+                    m.reported
+                        .as_ref()
+                        .is_some_and(|r| r.key_epoch.unwrap_or(0) >= a)
+                })
+            },
+        );
+        let epoch = rot.active;
         let wireguard = p.spec.wireguard.clone().unwrap_or_default();
         let listen_port = if p.spec.wireguard.is_some() {
             wireguard.listen_port
@@ -274,22 +357,19 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                         node: m.name.clone(),
                         address: m.address?.to_string(),
                         allowed_ips: allowed_ips(m),
-                        public_key: (p.spec.mode == WIREGUARD)
-                            .then(|| m.reported.as_ref()?.public_key.clone())
-                            .flatten(),
+                        public_key: wg.then(|| key_of(m, epoch, true)).flatten(),
+                        next_public_key: wg.then(|| key_of(m, rot.next?, false)).flatten(),
                     })
                 })
                 .collect();
-            let wg = p.spec.mode == WIREGUARD;
             out.nodes.insert(
                 n.name.clone(),
                 Some(NodeEncryption {
                     mode: p.spec.mode.clone(),
                     policy: Some(p.name.clone()),
-                    wireguard_public_key: wg
-                        .then(|| n.reported.as_ref()?.public_key.clone())
-                        .flatten(),
+                    wireguard_public_key: wg.then(|| key_of(n, epoch, true)).flatten(),
                     key_epoch: Some(epoch),
+                    next_key_epoch: rot.next.filter(|_| wg),
                     listen_port: wg.then_some(listen_port),
                     persistent_keepalive_seconds: wg
                         .then_some(wireguard.persistent_keepalive_seconds),
@@ -311,9 +391,10 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                 encrypted_nodes: encrypted,
                 nodes: states,
                 key_epoch: epoch,
-                last_rotation,
-                served_request,
-                next_rotation_in: Some(next_in),
+                next_key_epoch: rot.next,
+                last_rotation: rot.last,
+                served_request: rot.served,
+                next_rotation_in: rot.next_in,
             },
         );
     }

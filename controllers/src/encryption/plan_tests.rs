@@ -162,20 +162,88 @@ fn keys_rotate_when_the_interval_elapsed_or_on_request_once() {
     let nodes = [node("a", 1, Some("KA"))];
     // Not yet due: generation 1, next rotation in the rest of the interval.
     let o = &plan(&[p.clone()], &nodes, NOW).policies["p"];
-    assert_eq!(o.key_epoch, 1);
+    assert_eq!((o.key_epoch, o.next_key_epoch), (1, None));
     assert_eq!(o.next_rotation_in, Some(3600 - 10));
-    // Due.
+    // Due: generation 2 is prepared, 1 stays in use (the node is ready on it).
     let o = plan(&[p.clone()], &nodes, NOW + 3600).policies["p"].clone();
-    assert_eq!(o.key_epoch, 2);
+    assert_eq!((o.key_epoch, o.next_key_epoch), (1, Some(2)));
     assert_eq!(o.last_rotation, Some(NOW + 3600));
-    // The node still has generation 1: not ready until it made a new key pair.
-    assert_eq!(o.nodes[0].reason, "KeyOutdated");
+    assert_eq!(
+        o.next_rotation_in, None,
+        "nothing scheduled while under way"
+    );
+    assert_eq!(o.nodes[0].reason, "Ready");
     // Requested: once per annotation value.
     p.rotation_request = Some("r1".into());
     let o = plan(&[p.clone()], &nodes, NOW).policies["p"].clone();
-    assert_eq!((o.key_epoch, o.served_request.as_deref()), (2, Some("r1")));
+    assert_eq!(
+        (o.key_epoch, o.next_key_epoch, o.served_request.as_deref()),
+        (1, Some(2), Some("r1"))
+    );
     p.served_request = Some("r1".into());
-    assert_eq!(plan(&[p], &nodes, NOW).policies["p"].key_epoch, 1);
+    assert_eq!(plan(&[p], &nodes, NOW).policies["p"].next_key_epoch, None);
+}
+
+fn reported(n: &mut NodeInput, f: impl FnOnce(&mut NodeEncryptionStatus)) {
+    f(n.reported.as_mut().unwrap())
+}
+
+#[test]
+fn a_rotation_switches_only_once_every_node_knows_every_next_key() {
+    let mut p = policy("p", None);
+    p.next_key_epoch = Some(2);
+    p.last_rotation = Some(NOW);
+    let mut nodes = [node("a", 1, Some("KA")), node("b", 2, Some("KB"))];
+    // a made its next pair; b has not yet.
+    reported(&mut nodes[0], |r| {
+        r.next_public_key = Some("KA2".into());
+        r.next_key_epoch = Some(2);
+    });
+    let out = plan(&[p.clone()], &nodes, NOW + 1);
+    let b = out.nodes["b"].as_ref().unwrap();
+    assert_eq!((b.key_epoch, b.next_key_epoch), (Some(1), Some(2)));
+    assert_eq!(b.peers[0].public_key.as_deref(), Some("KA"), "still in use");
+    assert_eq!(b.peers[0].next_public_key.as_deref(), Some("KA2"));
+    let a = out.nodes["a"].as_ref().unwrap();
+    assert_eq!(a.peers[0].next_public_key, None, "b published none yet");
+    assert_eq!(out.policies["p"].key_epoch, 1);
+    // Both published, only a prepared (it has b's next key on its standby device): wait.
+    reported(&mut nodes[1], |r| {
+        r.next_public_key = Some("KB2".into());
+        r.next_key_epoch = Some(2);
+    });
+    reported(&mut nodes[0], |r| r.prepared_key_epoch = Some(2));
+    assert_eq!(
+        plan(&[p.clone()], &nodes, NOW + 2).policies["p"].key_epoch,
+        1
+    );
+    // Both prepared: switch. The peers' keys of generation 2 are their next ones until
+    // their agents report the switch.
+    reported(&mut nodes[1], |r| r.prepared_key_epoch = Some(2));
+    let out = plan(&[p.clone()], &nodes, NOW + 3);
+    let o = &out.policies["p"];
+    assert_eq!((o.key_epoch, o.next_key_epoch), (2, None));
+    let a = out.nodes["a"].as_ref().unwrap();
+    assert_eq!((a.key_epoch, a.next_key_epoch), (Some(2), None));
+    assert_eq!(a.peers[0].public_key.as_deref(), Some("KB2"));
+    assert_eq!(a.wireguard_public_key.as_deref(), Some("KA2"));
+    assert_eq!(o.nodes[0].reason, "KeyOutdated", "a has not switched yet");
+    // A request arriving while a rotation is under way waits for it, and for every node
+    // to use the new generation (their standby devices are the old ones).
+    p.rotation_request = Some("r2".into());
+    let o = &plan(&[p.clone()], &nodes, NOW + 4).policies["p"];
+    assert_eq!((o.key_epoch, o.next_key_epoch), (2, None));
+    assert_eq!(o.served_request, None);
+    for n in &mut nodes {
+        reported(n, |r| {
+            r.key_epoch = Some(2);
+            r.public_key = r.next_public_key.take();
+            r.next_key_epoch = None;
+        });
+    }
+    let o = &plan(&[p], &nodes, NOW + 5).policies["p"];
+    assert_eq!((o.key_epoch, o.next_key_epoch), (2, Some(3)));
+    assert_eq!(o.served_request.as_deref(), Some("r2"));
 }
 
 #[test]

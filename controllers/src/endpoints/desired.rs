@@ -7,11 +7,11 @@
 //! its `Endpoint` until it is gone: its containers still send and receive.
 
 use crate::identities::labels::{LabelFilter, MAX_SECURITY_LABELS, SecurityLabels};
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
-use tendril_crds::v1alpha1::{EndpointSpec, NamedPort};
+use tendril_crds::v1alpha1::{EndpointSpec, EndpointWorkload, NamedPort};
 
 /// Why a pod has no `Endpoint`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +56,7 @@ pub struct DesiredEndpoint {
     pub security_labels: SecurityLabels,
     pub named_ports: Vec<NamedPort>,
     pub service_account: String,
+    pub workload: Option<EndpointWorkload>,
 }
 
 /// The pod's IPs, at most one per family, primary first; unparsable entries are skipped.
@@ -119,6 +120,97 @@ pub fn named_ports(pod: &Pod) -> Vec<NamedPort> {
     out
 }
 
+/// The Pod cut down to what this concern reads ([`desired_endpoint`], the owner and
+/// deletion metadata): the operator's Pod cache holds every pod of the cluster, and a real
+/// pod's env, volumes, probes, resources, tolerations, annotations and container statuses
+/// are most of its size. `managedFields` are dropped for every cache already.
+pub fn trim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.take() {
+        let ports_only = |c: Container| Container {
+            name: c.name,
+            ports: c.ports,
+            restart_policy: c.restart_policy,
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let trimmed = PodSpec {
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            service_account_name: spec.service_account_name,
+            service_account: spec.service_account,
+            containers: spec.containers.into_iter().map(ports_only).collect(),
+            // Only sidecars (restartable init containers) have ports that serve.
+            init_containers: spec.init_containers.map(|cs| {
+                cs.into_iter()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                    .map(ports_only)
+                    .collect()
+            }),
+            ..Default::default()
+        };
+        pod.spec = Some(trimmed);
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..Default::default()
+        });
+    }
+}
+
+/// The workload that runs `pod`, from its controller owner reference (the first owner when
+/// none is marked controller), as Cilium and Hubble derive it: a ReplicaSet named
+/// `<name>-<pod-template-hash>` (the pod carries that label) is Deployment `<name>`; a Job
+/// named `<name>-<8 to 10 digits>` (the scheduled time a CronJob appends) is CronJob
+/// `<name>`; any other owner is its own workload. `None` for a pod without owners.
+pub fn workload(pod: &Pod) -> Option<EndpointWorkload> {
+    let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    let owner = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first())
+        .filter(|o| !o.kind.is_empty() && !o.name.is_empty())?;
+    let hash = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+        .filter(|h| !h.is_empty());
+    let of = |kind: &str, name: &str| {
+        Some(EndpointWorkload {
+            kind: kind.into(),
+            name: name.into(),
+        })
+    };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            if let Some(deployment) = hash.and_then(|h| {
+                owner
+                    .name
+                    .strip_suffix(h.as_str())
+                    .and_then(|n| n.strip_suffix('-'))
+                    .filter(|n| !n.is_empty())
+            }) {
+                return of("Deployment", deployment);
+            }
+        }
+        "Job" => {
+            if let Some((cron_job, time)) = owner.name.rsplit_once('-')
+                && !cron_job.is_empty()
+                && (8..=10).contains(&time.len())
+                && time.bytes().all(|b| b.is_ascii_digit())
+            {
+                return of("CronJob", cron_job);
+            }
+        }
+        _ => {}
+    }
+    of(&owner.kind, &owner.name)
+}
+
 /// The `Endpoint` content a pod should have, or why it has none.
 pub fn desired_endpoint(
     pod: &Pod,
@@ -167,6 +259,7 @@ pub fn desired_endpoint(
         security_labels,
         named_ports: named_ports(pod),
         service_account,
+        workload: workload(pod),
     })
 }
 
@@ -184,6 +277,7 @@ pub fn endpoint_spec(
         identity,
         named_ports: desired.named_ports,
         service_account: desired.service_account,
+        workload: desired.workload,
         revision: 0,
     };
     spec.revision = match current {
@@ -203,6 +297,7 @@ pub fn endpoint_spec(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ContainerPort, PodIP, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::api::ObjectMeta;
     use std::collections::BTreeMap;
 
@@ -318,6 +413,67 @@ mod tests {
         );
     }
 
+    /// A pod as a Deployment makes it: env, volumes, probes, resources, a sidecar and a
+    /// plain init container, annotations, conditions and container statuses.
+    fn full_pod() -> Pod {
+        let json = serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "u1",
+                "labels": {"app": "web", "pod-template-hash": "abc"},
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "x".repeat(400)},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web-abc", "uid": "rs1", "controller": true}]},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                "containers": [{"name": "main", "image": "registry.example/web:1.2.3",
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "env": (0..30).map(|i| serde_json::json!({"name": format!("VAR_{i}"), "value": "v".repeat(40)})).collect::<Vec<_>>(),
+                    "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "initContainers": [
+                    {"name": "migrate", "image": "registry.example/migrate:1"},
+                    {"name": "proxy", "image": "registry.example/proxy:1", "restartPolicy": "Always",
+                        "ports": [{"name": "metrics", "containerPort": 9090}]}],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]},
+            "status": {"phase": "Running", "podIP": "10.0.1.5", "podIPs": [{"ip": "10.0.1.5"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "main", "ready": true, "restartCount": 0,
+                    "image": "registry.example/web:1.2.3", "imageID": "sha256:0123", "containerID": "containerd://0123"}]}
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_trimmed_pod_yields_the_same_endpoint_and_keeps_its_owner() {
+        let f = LabelFilter::default();
+        let ns = namespace();
+        for original in [pod(), full_pod()] {
+            let mut trimmed = original.clone();
+            trim_pod(&mut trimmed);
+            assert_eq!(
+                desired_endpoint(&trimmed, Some(&ns), &f),
+                desired_endpoint(&original, Some(&ns), &f)
+            );
+            assert_eq!(named_ports(&trimmed), named_ports(&original));
+            assert_eq!(workload(&trimmed), workload(&original));
+            assert_eq!(trimmed.metadata.uid, original.metadata.uid);
+        }
+        let mut trimmed = full_pod();
+        trim_pod(&mut trimmed);
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(
+            size(&trimmed) * 4 < size(&full_pod()),
+            "{} of {} bytes left",
+            size(&trimmed),
+            size(&full_pod())
+        );
+        assert_eq!(
+            named_ports(&trimmed).len(),
+            2,
+            "main's http and the sidecar's metrics"
+        );
+    }
+
     #[test]
     fn pods_that_do_not_qualify() {
         let f = LabelFilter::default();
@@ -370,6 +526,77 @@ mod tests {
             },
         ]);
         assert_eq!(pod_ips(&p), vec!["fd00::9", "10.0.0.9"]);
+    }
+
+    fn owned_by(kind: &str, name: &str, controller: Option<bool>) -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            controller,
+            ..Default::default()
+        }
+    }
+
+    fn pod_owned_by(owners: Vec<OwnerReference>) -> Pod {
+        let mut p = pod();
+        p.metadata.owner_references = Some(owners);
+        p
+    }
+
+    fn of(kind: &str, name: &str) -> Option<EndpointWorkload> {
+        Some(EndpointWorkload {
+            kind: kind.into(),
+            name: name.into(),
+        })
+    }
+
+    #[test]
+    fn the_workload_of_a_deployment_pod_is_the_deployment() {
+        // The test pod carries pod-template-hash=abc.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "web-abc", Some(true))]);
+        assert_eq!(workload(&p), of("Deployment", "web"));
+        let got = desired_endpoint(&p, Some(&namespace()), &LabelFilter::default()).unwrap();
+        assert_eq!(got.workload, of("Deployment", "web"));
+        // A ReplicaSet whose name does not end in the pod's hash is its own workload.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "web-5d8f", Some(true))]);
+        assert_eq!(workload(&p), of("ReplicaSet", "web-5d8f"));
+        let mut p = pod_owned_by(vec![owned_by("ReplicaSet", "web-abc", Some(true))]);
+        p.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("pod-template-hash");
+        assert_eq!(workload(&p), of("ReplicaSet", "web-abc"));
+        // Exactly the hash as the name leaves no Deployment name.
+        let p = pod_owned_by(vec![owned_by("ReplicaSet", "-abc", Some(true))]);
+        assert_eq!(workload(&p), of("ReplicaSet", "-abc"));
+    }
+
+    #[test]
+    fn other_owners_and_none() {
+        let p = pod_owned_by(vec![owned_by("StatefulSet", "db", Some(true))]);
+        assert_eq!(workload(&p), of("StatefulSet", "db"));
+        let p = pod_owned_by(vec![owned_by("DaemonSet", "agent", Some(true))]);
+        assert_eq!(workload(&p), of("DaemonSet", "agent"));
+        // A Job a CronJob made: <cronjob>-<scheduled minutes>.
+        let p = pod_owned_by(vec![owned_by("Job", "backup-29012345", Some(true))]);
+        assert_eq!(workload(&p), of("CronJob", "backup"));
+        let p = pod_owned_by(vec![owned_by("Job", "migrate-v2", Some(true))]);
+        assert_eq!(workload(&p), of("Job", "migrate-v2"));
+        let p = pod_owned_by(vec![owned_by("Job", "once-1234", Some(true))]);
+        assert_eq!(workload(&p), of("Job", "once-1234"), "too few digits");
+        // The controller owner wins over others; without one, the first owner.
+        let p = pod_owned_by(vec![
+            owned_by("ConfigMap", "x", None),
+            owned_by("StatefulSet", "db", Some(true)),
+        ]);
+        assert_eq!(workload(&p), of("StatefulSet", "db"));
+        let p = pod_owned_by(vec![owned_by("Rollout", "canary", None)]);
+        assert_eq!(workload(&p), of("Rollout", "canary"));
+        assert_eq!(workload(&pod()), None);
+        assert_eq!(workload(&pod_owned_by(Vec::new())), None);
     }
 
     #[test]

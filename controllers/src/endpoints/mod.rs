@@ -183,7 +183,7 @@ pub async fn run(
     allocator: IdentityAllocator,
 ) -> anyhow::Result<()> {
     let client = ctx.client.clone();
-    let pods = ctx.caches.all::<Pod>();
+    let pods = ctx.caches.all_trimmed::<Pod>(desired::trim_pod);
     let namespaces = ctx.caches.all::<Namespace>();
     let endpoints = ctx.caches.all::<Endpoint>();
     // An Identity that disappears while endpoints use it (deleted by hand): those pods

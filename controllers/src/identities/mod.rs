@@ -22,6 +22,7 @@
 pub mod allocator;
 pub mod index;
 pub mod labels;
+pub mod references;
 
 use allocator::IdentityAllocator;
 use index::{GcDecision, Space, gc_decision};
@@ -32,12 +33,14 @@ use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus_client::metrics::counter::Counter;
+use references::References;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
 use tendril_crds::v1alpha1::{Endpoint, Identity};
+use tendril_runtime::caches::Change;
 use tendril_runtime::conditions::{self, DesiredCondition};
 use tendril_runtime::{self as runtime, Reconciler};
 use tokio_util::sync::CancellationToken;
@@ -204,6 +207,7 @@ struct Identities {
     api: Api<Identity>,
     all_endpoints: Api<Endpoint>,
     endpoints: Store<Endpoint>,
+    references: Arc<Mutex<References>>,
     allocator: IdentityAllocator,
     grace: Duration,
     gc: Counter,
@@ -211,11 +215,7 @@ struct Identities {
 
 impl Identities {
     fn references(&self, id: i64) -> i64 {
-        self.endpoints
-            .state()
-            .iter()
-            .filter(|e| e.spec.identity == Some(id))
-            .count() as i64
+        lock(&self.references).count(id)
     }
 }
 
@@ -337,20 +337,57 @@ pub async fn run(
     ));
     let identities = ctx.caches.all::<Identity>();
     let endpoints = ctx.caches.all::<Endpoint>();
-    // Reference counts only need to settle: a burst of Endpoint changes for one identity
-    // becomes one reconcile (and at most one status write).
+    // The reference counts, kept from the change stream before it triggers: a change that
+    // moves no reference wakes nothing; one that moves an endpoint between identities
+    // wakes both. Counts only need to settle: a burst of changes for one identity becomes
+    // one reconcile (and at most one status write).
+    let references = Arc::new(Mutex::new(References::default()));
+    let moved = Arc::new(Mutex::new(std::collections::HashMap::<String, i64>::new()));
+    let endpoint_changes = {
+        let (references, moved, store) = (references.clone(), moved.clone(), endpoints.store());
+        endpoints.trigger_when(move |change| {
+            let mut references = lock(&references);
+            match change {
+                Change::Applied(e) => {
+                    let key = runtime::object_key(e.as_ref());
+                    let counted = references.identity_of(&key) != e.spec.identity;
+                    if let Some(previous) = references.set(&key, e.spec.identity) {
+                        lock(&moved).insert(key, previous);
+                    }
+                    counted
+                }
+                Change::Deleted(e) => references
+                    .remove(&runtime::object_key(e.as_ref()))
+                    .is_some(),
+                Change::Listed => {
+                    references.reset(
+                        store
+                            .state()
+                            .iter()
+                            .map(|e| (runtime::object_key(e.as_ref()), e.spec.identity)),
+                    );
+                    false
+                }
+                Change::Failed(_) => false,
+            }
+        })
+    };
     let controller = Controller::for_stream(identities.trigger(), identities.store())
         .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
-        .watches_stream(endpoints.trigger(), |endpoint: Endpoint| {
+        .watches_stream(endpoint_changes, move |endpoint: Endpoint| {
+            let moved_from = lock(&moved).remove(&runtime::object_key(&endpoint));
             endpoint
                 .spec
                 .identity
+                .into_iter()
+                .chain(moved_from)
                 .map(|id| ObjectRef::<Identity>::new(&id.to_string()))
         });
     let reconciler = Identities {
         api,
         all_endpoints: Api::<Endpoint>::all(ctx.client.clone()),
         endpoints: endpoints.store(),
+        references,
         allocator,
         grace: config.grace_period(),
         gc: ctx.metrics.domain(
@@ -361,6 +398,10 @@ pub async fn run(
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -116,9 +116,13 @@ pub struct EncryptionPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(rename = "currentSPI")]
     pub current_spi: Option<i32>,
-    /// WireGuard: the key generation nodes must be at (bumped every rotation interval).
+    /// WireGuard: the key generation nodes use (raised when a rotation completes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_epoch: Option<i64>,
+    /// WireGuard, while a rotation is under way: the generation every selected node
+    /// prepares (next key pair made and known to every peer) before they all switch to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key_epoch: Option<i64>,
     /// The `tendril.dev/rotation-request` annotation value last served (a new value
     /// rotates the keys at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -66,9 +66,26 @@ pub struct EndpointSpec {
     /// The pod's service account.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service_account: String,
+    /// The workload that runs the pod, from its controller owner: a Deployment for a pod of
+    /// a ReplicaSet the Deployment made, a CronJob for one of a Job a CronJob made, else the
+    /// owner itself (StatefulSet, DaemonSet, Job, ...). Absent for a pod without one. Flows
+    /// name it (Hubble's `workloads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<EndpointWorkload>,
     /// Increases on every change of this spec; the agent reports the one it realizes.
     #[schemars(range(min = 0))]
     pub revision: i64,
+}
+
+/// The workload of a pod: kind and name, e.g. `Deployment` `web`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointWorkload {
+    /// The owner's kind, e.g. `Deployment`, `StatefulSet`, `DaemonSet`, `CronJob`, `Job`.
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// A named container port.

@@ -76,6 +76,13 @@ pub struct NodeEncryption {
     /// one it has is of an older generation (rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_epoch: Option<i64>,
+    /// During a rotation, the generation being prepared (keyEpoch + 1): the agent makes its
+    /// next key pair, publishes `status.encryption.nextPublicKey`, and configures its
+    /// standby device with the peers' next keys while still sending with the current ones.
+    /// Once every selected node is prepared, `keyEpoch` becomes this generation and the
+    /// agents switch (WireGuard: lossless, see the agent's `encryption::node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key_epoch: Option<i64>,
     /// WireGuard: UDP port of every selected node's device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_port: Option<i32>,
@@ -103,9 +110,14 @@ pub struct EncryptionPeer {
     #[serde(default, rename = "allowedIPs", skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
     pub allowed_ips: Vec<String>,
-    /// WireGuard: the peer's public key (base64); absent until its agent published one.
+    /// WireGuard: the peer's public key (base64) of generation `keyEpoch`; absent until its
+    /// agent published one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// WireGuard, during a rotation: the peer's public key of generation `nextKeyEpoch`,
+    /// once its agent published it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
 }
 
 /// What the node's agent can do and has done for encryption (field manager
@@ -132,6 +144,23 @@ pub struct NodeEncryptionStatus {
     /// When the key pair in use was made (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_created: Option<String>,
+    /// During a rotation: the public key of the next generation (made, not used yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
+    /// Generation of `nextPublicKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key_epoch: Option<i64>,
+    /// The next generation this node is ready to switch to: its standby device holds the
+    /// next key of every peer, so it accepts their handshakes with either key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared_key_epoch: Option<i64>,
+    /// MTU of the WireGuard device (the uplink's minus 80 unless configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<i32>,
+    /// MTU given to pods made while encryption is on: their packets (in the overlay, with
+    /// the VXLAN header) fit the device unfragmented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_mtu: Option<i32>,
     /// Peers configured with a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<i32>,

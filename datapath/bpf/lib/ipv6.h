@@ -256,6 +256,11 @@ static __always_inline void ipv6_report(struct __sk_buff *skb, struct ipv6_scrat
 	ev->base.sport = s->l4.sport;
 	ev->base.dport = s->l4.dport;
 	ev->base.ifindex = skb->ifindex;
+	ev->base.tcp_flags = s->l4.tcp_flags;
+	if (s->l4.proto == IPPROTO_ICMPV6) {
+		ev->base.icmp_type = s->l4.icmp_type;
+		ev->base.icmp_code = s->l4.icmp_code;
+	}
 	if (event_output6(ev) < 0)
 		metrics_count(skb, REASON_EVENT_LOST, dir);
 }

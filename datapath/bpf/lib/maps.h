@@ -227,6 +227,10 @@ struct policy_event {
 	__u16 sport;
 	__u16 dport;
 	__u32 ifindex;
+	__u8 tcp_flags; /* TCP: the header's flags byte (FIN 0x01 .. CWR 0x80) */
+	__u8 icmp_type; /* ICMP/ICMPv6: the packet's type and code */
+	__u8 icmp_code;
+	__u8 pad[5];
 };
 
 /* An event about IPv6: saddr/daddr of `base` are zero, the addresses follow.

@@ -195,8 +195,11 @@ static __always_inline void policy_report(struct __sk_buff *skb, const struct l4
 		.sport = l4->sport,
 		.dport = l4->dport,
 		.ifindex = skb->ifindex,
+		.tcp_flags = l4->proto == IPPROTO_TCP ? l4->tcp_flags : 0,
 	};
 
+	if (l4->proto == IPPROTO_ICMP)
+		event_icmp4(skb, &ev);
 	if (event_output(&ev) < 0)
 		metrics_count(skb, REASON_EVENT_LOST, dir);
 }

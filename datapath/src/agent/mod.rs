@@ -22,8 +22,8 @@ use crate::ipam::{Attachment, Ipam, IpamError, LiveEndpoints, Owner, ReconcileRe
 use ipnet::IpNet;
 use metrics::AgentMetrics;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The agent's shared state. All methods are synchronous (they may fsync): call them from
@@ -35,6 +35,9 @@ pub struct Agent {
     /// reconciled with the node's Endpoints: until then ADD gets "try again later".
     ready: AtomicBool,
     mtu: u32,
+    /// A lower MTU for new pods while something on the node needs room (0: none), set by
+    /// the encryption loop while WireGuard is on.
+    mtu_cap: Arc<AtomicU32>,
     metrics: AgentMetrics,
 }
 
@@ -50,10 +53,16 @@ impl Agent {
             ipam: Mutex::new(ipam),
             ready: AtomicBool::new(false),
             mtu,
+            mtu_cap: Arc::default(),
             metrics,
         };
         agent.observe(&agent.lock());
         agent
+    }
+
+    /// The cap on new pods' MTU (see the field), for whoever sets it.
+    pub fn mtu_cap(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.mtu_cap)
     }
 
     fn lock(&self) -> MutexGuard<'_, Ipam> {
@@ -171,7 +180,15 @@ impl Agent {
                 })
             })
             .collect();
-        PodAddresses { ips, mtu: self.mtu }
+        let cap = self.mtu_cap.load(Ordering::Relaxed);
+        PodAddresses {
+            ips,
+            mtu: if cap == 0 {
+                self.mtu
+            } else {
+                self.mtu.min(cap)
+            },
+        }
     }
 
     fn allocate(&self, req: AllocateRequest) -> Result<Response, ApiError> {

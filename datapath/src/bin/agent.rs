@@ -213,6 +213,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             routing_mode: config.routing_mode,
             tunnel_port: config.tunnel_port,
             config: config.encryption.clone(),
+            pod_mtu_cap: agent.mtu_cap(),
             metrics: tendril_datapath::encryption::node::EncryptionMetrics::register(&metrics),
         }
         .run(view.node_networks.clone(), shutdown.clone());

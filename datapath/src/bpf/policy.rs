@@ -330,7 +330,22 @@ pub struct PolicyEvent {
     pub sport: u16,
     pub dport: u16,
     pub ifindex: u32,
+    /// TCP: the flags byte of the packet's header ([`TCP_FIN`] ..); 0 otherwise.
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6: the packet's type and code; 0 otherwise.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
 }
+
+/// The bits of [`PolicyEvent::tcp_flags`] (the TCP header's flags byte).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
+pub const TCP_ECE: u8 = 0x40;
+pub const TCP_CWR: u8 = 0x80;
 
 impl PolicyEvent {
     /// Size of one record (`sizeof(struct policy_event)`).
@@ -380,6 +395,9 @@ impl PolicyEvent {
             sport: raw.sport,
             dport: raw.dport,
             ifindex: raw.ifindex,
+            tcp_flags: raw.tcp_flags,
+            icmp_type: raw.icmp_type,
+            icmp_code: raw.icmp_code,
         })
     }
 }
@@ -527,6 +545,8 @@ mod tests {
             sport: 40000,
             dport: 80,
             ifindex: 9,
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..RawPolicyEvent::default()
         };
         // SAFETY: reading the bytes of a plain repr(C) value without padding.
         let bytes: [u8; PolicyEvent::SIZE] = unsafe { std::mem::transmute(raw) };
@@ -538,6 +558,7 @@ mod tests {
         assert_eq!(ev.matched, PolicyMatch::L4);
         assert_eq!(ev.saddr, IpAddr::from([10, 0, 0, 1]));
         assert_eq!((ev.sport, ev.dport, ev.endpoint_id), (40000, 80, 7));
+        assert_eq!(ev.tcp_flags, 0x12);
         assert!(PolicyEvent::from_bytes(&bytes[..10]).is_none());
     }
 
@@ -550,6 +571,7 @@ mod tests {
                 dir: 2,
                 proto: 58,
                 verdict: 2,
+                icmp_type: 128,
                 ..RawPolicyEvent::default()
             },
             saddr6: "fd00::2".parse::<Ipv6Addr>().unwrap().octets(),
@@ -562,6 +584,7 @@ mod tests {
         assert_eq!(ev.reason, Some(MetricReason::DropIpv6PolicyNotEnforced));
         assert_eq!(ev.saddr, "fd00::2".parse::<IpAddr>().unwrap());
         assert_eq!(ev.daddr, "fd00::3".parse::<IpAddr>().unwrap());
+        assert_eq!((ev.icmp_type, ev.icmp_code), (128, 0));
         // The IPv4 length still decodes as IPv4.
         let v4 = PolicyEvent::from_bytes(&bytes[..PolicyEvent::SIZE]).unwrap();
         assert!(v4.saddr.is_ipv4());

@@ -109,6 +109,9 @@ fn ports(f: &Flow) -> (Option<u32>, Option<u32>, String, Vec<&'static str>) {
                     (fl.fin, "FIN"),
                     (fl.rst, "RST"),
                     (fl.psh, "PSH"),
+                    (fl.urg, "URG"),
+                    (fl.ece, "ECE"),
+                    (fl.cwr, "CWR"),
                 ]
                 .into_iter()
                 .filter(|(on, _)| *on)

@@ -127,6 +127,11 @@ pub fn key_file(state_dir: &Path) -> PathBuf {
     state_dir.join("wireguard").join("private-key.json")
 }
 
+/// The pair of the generation being prepared during a rotation.
+pub fn next_key_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("wireguard").join("next-private-key.json")
+}
+
 /// The stored pair, if any and readable.
 pub fn load(path: &Path) -> Option<KeyPair> {
     let pair: KeyPair = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
@@ -149,17 +154,57 @@ pub fn store(path: &Path, pair: &KeyPair) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The pair to use for generation `epoch`: the stored one unless it is older (then a new
-/// one, stored before it is used). Whether it is new.
-pub fn current(path: &Path, epoch: i64) -> std::io::Result<(KeyPair, bool)> {
-    if let Some(pair) = load(path)
-        && pair.epoch >= epoch
-    {
-        return Ok((pair, false));
+/// The pairs of a node: the one in use and, during a rotation, the next one.
+#[derive(Debug)]
+pub struct KeyRing {
+    pub active: KeyPair,
+    pub next: Option<KeyPair>,
+    /// Pairs made by this call (rotations).
+    pub made: usize,
+}
+
+/// The pairs for generation `active` and, during a rotation, `next` (kept under
+/// `state_dir`): the stored pair in use unless it is older; the stored next pair becomes
+/// the one in use when `active` reaches its generation (the switch); a new pair is made
+/// and stored before it is used when none fits.
+pub fn converge(state_dir: &Path, active: i64, next: Option<i64>) -> std::io::Result<KeyRing> {
+    let (active_path, next_path) = (key_file(state_dir), next_key_file(state_dir));
+    let mut stored_next = load(&next_path);
+    let mut made = 0;
+    let active = match load(&active_path) {
+        Some(pair) if pair.epoch >= active => pair,
+        _ => match stored_next.take().filter(|p| p.epoch >= active) {
+            Some(pair) => {
+                store(&active_path, &pair)?;
+                pair
+            }
+            None => {
+                made += 1;
+                let pair = KeyPair::generate(active)?;
+                store(&active_path, &pair)?;
+                pair
+            }
+        },
+    };
+    let next = match next.filter(|n| *n > active.epoch) {
+        Some(n) => Some(match stored_next.filter(|p| p.epoch >= n) {
+            Some(pair) => pair,
+            None => {
+                made += 1;
+                let pair = KeyPair::generate(n)?;
+                store(&next_path, &pair)?;
+                pair
+            }
+        }),
+        None => None,
+    };
+    if next.is_none() {
+        match std::fs::remove_file(&next_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
-    let pair = KeyPair::generate(epoch)?;
-    store(path, &pair)?;
-    Ok((pair, true))
+    Ok(KeyRing { active, next, made })
 }
 
 #[cfg(test)]
@@ -183,17 +228,39 @@ mod tests {
     #[test]
     fn the_pair_is_kept_0600_and_replaced_only_for_a_newer_generation() {
         let dir = tempfile::tempdir().unwrap();
-        let path = key_file(dir.path());
-        let (first, new) = current(&path, 1).unwrap();
-        assert!(new);
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let first = converge(dir.path(), 1, None).unwrap();
+        assert_eq!((first.made, first.next.is_none()), (1, true));
+        let mode = std::fs::metadata(key_file(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
-        let (again, new) = current(&path, 1).unwrap();
-        assert!(!new, "a restart keeps the key");
-        assert_eq!(again.public(), first.public());
-        let (rotated, new) = current(&path, 2).unwrap();
-        assert!(new);
-        assert_ne!(rotated.public(), first.public());
-        assert_eq!(rotated.epoch, 2);
+        let again = converge(dir.path(), 1, None).unwrap();
+        assert_eq!(again.made, 0, "a restart keeps the key");
+        assert_eq!(again.active.public(), first.active.public());
+        // Prepare: a next pair beside the one in use, kept across calls.
+        let prepared = converge(dir.path(), 1, Some(2)).unwrap();
+        assert_eq!(prepared.made, 1);
+        assert_eq!(prepared.active.public(), first.active.public());
+        let next = prepared.next.unwrap();
+        assert_eq!(next.epoch, 2);
+        let mode = std::fs::metadata(next_key_file(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = converge(dir.path(), 1, Some(2)).unwrap();
+        assert_eq!(again.next.unwrap().public(), next.public());
+        // Switch: the prepared pair becomes the one in use, no new pair.
+        let switched = converge(dir.path(), 2, None).unwrap();
+        assert_eq!(switched.made, 0);
+        assert_eq!(switched.active.public(), next.public());
+        assert!(!next_key_file(dir.path()).exists());
+        // A node that missed the preparation makes its pair for the generation.
+        let caught_up = converge(dir.path(), 4, None).unwrap();
+        assert_eq!((caught_up.made, caught_up.active.epoch), (1, 4));
+        assert_ne!(caught_up.active.public(), next.public());
     }
 }

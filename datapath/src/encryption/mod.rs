@@ -13,16 +13,27 @@
 //!   only the public key published), configures the device through the standard
 //!   configuration protocol ([`uapi`], what `wg` speaks) with one peer per other selected
 //!   node, and steers cross-node traffic into it with policy routing ([`routes`]).
+//! - Rotation is two-phase and lossless: the next generation's pair is made and its
+//!   device (odd and even generations alternate between two devices and two ports) is
+//!   configured with every peer's next key while traffic still uses the current one; the
+//!   routes switch once the operator says every node is prepared (see [`node`]).
+//! - MTU: the devices get the uplink's MTU minus [`routes::WIREGUARD_OVERHEAD`], and new
+//!   pods an MTU whose packets (with VXLAN in the overlay) fit through unfragmented.
 //! - IPsec: where the kernel lacks ESP the node reports it (the policy says `Unsupported`
 //!   with this node's reason); strict mode holds the peers' traffic back instead of
-//!   sending it in clear.
+//!   sending it in clear. [`xfrm`] builds the XFRM messages of the IPsec mode and its
+//!   rotation, and [`wg_netlink`] the kernel WireGuard's `WG_CMD_SET_DEVICE` (both over
+//!   [`nlmsg`], unit-tested to the byte): neither is sent on a kernel without the feature.
 
 pub mod device;
 pub mod keys;
+pub mod nlmsg;
 pub mod node;
 pub mod probe;
 pub mod routes;
 pub mod uapi;
+pub mod wg_netlink;
+pub mod xfrm;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +58,8 @@ pub struct EncryptionAgentConfig {
     pub wireguard_implementation: WireGuardImplementation,
     /// Name of the WireGuard interface (and of its socket under /var/run/wireguard/).
     pub interface: String,
-    /// MTU of the WireGuard interface.
+    /// MTU of the WireGuard interfaces; 0: the uplink's minus 80 (see
+    /// [`routes::WIREGUARD_OVERHEAD`]).
     pub mtu: u32,
     /// Routing table of the peers' pod CIDRs through the device.
     pub pod_route_table: u32,
@@ -62,6 +74,9 @@ pub struct EncryptionAgentConfig {
     pub device_threads: usize,
     /// The node's encryption is converged at least this often (seconds).
     pub resync_seconds: u64,
+    /// After a key switch, the old generation's device keeps its peers this long (seconds)
+    /// for peers that switch later, then forgets them and its key.
+    pub rotation_grace_seconds: u64,
 }
 
 impl Default for EncryptionAgentConfig {
@@ -69,22 +84,34 @@ impl Default for EncryptionAgentConfig {
         Self {
             wireguard_implementation: WireGuardImplementation::Auto,
             interface: "tendril_wg0".into(),
-            mtu: 1500,
+            mtu: 0,
             pod_route_table: 2004,
             tunnel_route_table: 2005,
             rule_priority: 90,
             strict_mode: true,
             device_threads: 2,
             resync_seconds: 10,
+            rotation_grace_seconds: 30,
         }
     }
 }
 
 impl EncryptionAgentConfig {
+    /// The device of key generation `epoch`: odd generations use `interface`, even ones
+    /// `interface` + `b`, so a rotation prepares the next generation on the device that is
+    /// not in use and switches between two running devices.
+    pub fn device_of(&self, epoch: i64) -> String {
+        if epoch % 2 == 0 {
+            format!("{}b", self.interface)
+        } else {
+            self.interface.clone()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
-        if self.interface.is_empty() || self.interface.len() > 15 {
+        if self.interface.is_empty() || self.interface.len() > 14 {
             return Err(format!(
-                "encryption.interface {:?} must be 1 to 15 characters",
+                "encryption.interface {:?} must be 1 to 14 characters (the second device adds a b)",
                 self.interface
             ));
         }

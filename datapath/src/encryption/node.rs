@@ -1,7 +1,20 @@
-//! The node's encryption loop: converges the device, its peers and the steering rules to
-//! `NodeNetwork.spec.encryption`, and publishes `status.encryption` (field manager
+//! The node's encryption loop: converges the devices, their peers and the steering rules
+//! to `NodeNetwork.spec.encryption`, and publishes `status.encryption` (field manager
 //! [`FIELD_MANAGER`]). Runs on every change of the node's `NodeNetwork` and every
 //! `resyncSeconds` (which also restarts a device that stopped).
+//!
+//! Key rotation without a lost packet. Changing a WireGuard device's private key drops all
+//! its sessions, and a handshake from a static key the responder does not know is ignored,
+//! so the generations alternate between two devices (`device_of`, [`port_of`]):
+//! - prepare (`spec.nextKeyEpoch` set): the next pair is made and the standby device gets
+//!   it with every peer's next key (`peers[].nextPublicKey`) and endpoint port; once every
+//!   peer is there, `status.preparedKeyEpoch` says so. Traffic still uses the other device.
+//! - switch (`spec.keyEpoch` raised by the operator when every node is prepared): the
+//!   prepared device is the one in use, its configuration unchanged; the routes are
+//!   replaced in place to point at it. Its first packet to a peer starts a handshake the
+//!   peer's prepared device accepts; peers still on the old generation keep reaching this
+//!   node's old device, which keeps its peers for `rotationGraceSeconds`, after which its
+//!   peers are removed and its key overwritten.
 
 use super::probe::Capabilities;
 use super::routes::{self, SteeringPlan};
@@ -19,7 +32,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 use tendril_crds::v1alpha1::{NodeEncryption, NodeEncryptionStatus, NodeNetwork};
 use tendril_runtime::caches::Cache;
 use tendril_runtime::{Metrics, apply_body, apply_status};
@@ -84,7 +99,22 @@ pub struct EncryptionNode {
     pub routing_mode: RoutingMode,
     pub tunnel_port: u16,
     pub config: EncryptionAgentConfig,
+    /// The MTU new pods get is capped while WireGuard is on (see [`pod_mtu`]).
+    pub pod_mtu_cap: Arc<AtomicU32>,
     pub metrics: EncryptionMetrics,
+}
+
+/// Bytes the overlay adds (outer IPv4 20, UDP 8, VXLAN 8, inner Ethernet 14).
+const VXLAN_OVERHEAD: u32 = 50;
+
+/// The largest pod MTU whose packets cross the WireGuard device of MTU `device_mtu`
+/// unfragmented: in the overlay a whole VXLAN packet goes through the device.
+pub fn pod_mtu(device_mtu: u32, overlay: bool) -> u32 {
+    if overlay {
+        device_mtu - VXLAN_OVERHEAD
+    } else {
+        device_mtu
+    }
 }
 
 /// The implementation to use, or why none can be.
@@ -104,14 +134,13 @@ pub fn choose(
 /// One selected peer as this node uses it.
 struct PeerPlan {
     key: Option<[u8; 32]>,
-    endpoint: Option<String>,
+    next_key: Option<[u8; 32]>,
     allowed_ips: Vec<String>,
     cidrs: Vec<Ipv4Net>,
     address: Option<Ipv4Addr>,
 }
 
 fn peer_plans(spec: &NodeEncryption) -> Vec<PeerPlan> {
-    let port = spec.listen_port.unwrap_or(51871) as u16;
     spec.peers
         .iter()
         .map(|p| {
@@ -125,7 +154,7 @@ fn peer_plans(spec: &NodeEncryption) -> Vec<PeerPlan> {
             allowed.sort();
             PeerPlan {
                 key: p.public_key.as_deref().and_then(keys::unbase64),
-                endpoint: address.map(|a| SocketAddr::new(a, port).to_string()),
+                next_key: p.next_public_key.as_deref().and_then(keys::unbase64),
                 allowed_ips: allowed.iter().map(|n| n.to_string()).collect(),
                 cidrs: allowed
                     .iter()
@@ -141,6 +170,79 @@ fn peer_plans(spec: &NodeEncryption) -> Vec<PeerPlan> {
             }
         })
         .collect()
+}
+
+/// The device in use and the standby one (the other generation's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Devices {
+    active: String,
+    standby: String,
+}
+
+/// When the generation in use last changed in this process: the old device keeps
+/// answering for `rotationGraceSeconds` after it (peers that switch later still send to
+/// it).
+#[derive(Default)]
+struct SwitchClock {
+    epoch: i64,
+    at: Option<Instant>,
+}
+
+impl SwitchClock {
+    fn observe(&mut self, epoch: i64) {
+        if self.epoch != 0 && self.epoch != epoch {
+            self.at = Some(Instant::now());
+        }
+        self.epoch = epoch;
+    }
+
+    fn within(&self, grace: Duration) -> bool {
+        self.at.is_some_and(|at| at.elapsed() < grace)
+    }
+}
+
+/// The port of key generation `epoch`'s device: `listen_port` for odd generations, the
+/// next port for even ones (the two devices of a rotation listen side by side).
+pub fn port_of(listen_port: u16, epoch: i64) -> u16 {
+    match (epoch % 2 == 0, listen_port) {
+        (false, p) => p,
+        (true, 65535) => 65534,
+        (true, p) => p + 1,
+    }
+}
+
+/// A device's configuration for `pair` with the peers' keys of its generation; which
+/// peers have one.
+fn device_state<'a>(
+    pair: &keys::KeyPair,
+    port: u16,
+    peers: impl Iterator<Item = (&'a PeerPlan, Option<[u8; 32]>)>,
+    keepalive: u16,
+) -> (DeviceState, Vec<bool>) {
+    let mut want = DeviceState {
+        private_key: Some(pair.private()),
+        listen_port: port,
+        ..Default::default()
+    };
+    let own = pair.public();
+    let keyed = peers
+        .map(|(p, key)| match key {
+            Some(key) if key != own => {
+                want.peers.insert(
+                    key,
+                    Peer {
+                        endpoint: p.address.map(|a| SocketAddr::from((a, port)).to_string()),
+                        allowed_ips: p.allowed_ips.clone(),
+                        keepalive,
+                        last_handshake: 0,
+                    },
+                );
+                true
+            }
+            _ => false,
+        })
+        .collect();
+    (want, keyed)
 }
 
 fn node_ipv4(nn: &NodeNetwork) -> Option<Ipv4Addr> {
@@ -183,11 +285,12 @@ impl EncryptionNode {
         let store = networks.store();
         tendril_runtime::store_ready(&store).await;
         let mut last: Option<NodeEncryptionStatus> = None;
+        let mut switch = SwitchClock::default();
         let resync = Duration::from_secs(self.config.resync_seconds.max(1));
         loop {
             let nn = store.get(&ObjectRef::new(&self.node_name));
             let status = match &nn {
-                Some(nn) => self.converge(nn, &caps, &implementation).await,
+                Some(nn) => self.converge(nn, &caps, &implementation, &mut switch).await,
                 None => None,
             };
             if let (Some(nn), Some(status)) = (&nn, status)
@@ -227,6 +330,7 @@ impl EncryptionNode {
         nn: &NodeNetwork,
         caps: &Capabilities,
         implementation: &Result<&'static str, String>,
+        switch: &mut SwitchClock,
     ) -> Option<NodeEncryptionStatus> {
         let mut status = NodeEncryptionStatus {
             wireguard_implementation: implementation.as_ref().ok().map(|i| i.to_string()),
@@ -240,11 +344,20 @@ impl EncryptionNode {
         // Peers whose traffic goes through the device; strict mode blackholes the rest.
         let mut keyed: Vec<bool> = vec![false; peers.len()];
         let mut problem: Option<String> = None;
+        let mut devices = Devices {
+            active: self.config.device_of(1),
+            standby: self.config.device_of(2),
+        };
         match (wireguard, implementation) {
-            (Some(spec), Ok(_)) => match self.converge_device(spec, &peers, &mut status).await {
-                Ok(k) => keyed = k,
-                Err(e) => problem = Some(e),
-            },
+            (Some(spec), Ok(_)) => {
+                match self
+                    .converge_device(spec, &peers, &mut status, switch)
+                    .await
+                {
+                    Ok((k, d)) => (keyed, devices) = (k, d),
+                    Err(e) => problem = Some(e),
+                }
+            }
             (Some(_), Err(e)) => problem = Some(e.clone()),
             (None, _) => {
                 if let Some(s) = &spec {
@@ -253,9 +366,13 @@ impl EncryptionNode {
                         Ok(()) => "IPsec is not built into this agent yet".into(),
                     });
                     let _ = s;
-                } else if device::running(&self.config.interface) {
+                } else {
                     // Deselected: no peer keeps a session.
-                    let _ = self.configure(&DeviceState::default(), true);
+                    for d in [&devices.active, &devices.standby] {
+                        if device::running(d) {
+                            let _ = self.configure(d, &DeviceState::default(), true);
+                        }
+                    }
                 }
             }
         }
@@ -273,7 +390,8 @@ impl EncryptionNode {
             &steering,
         );
         let plan = SteeringPlan {
-            interface: self.config.interface.clone(),
+            standby: device::running(&devices.standby).then(|| devices.standby.clone()),
+            interface: devices.active,
             mtu: self.config.mtu,
             node_ip: node_ipv4(nn),
             tables: [self.config.pod_route_table, self.config.tunnel_route_table],
@@ -285,6 +403,19 @@ impl EncryptionNode {
             Ok(Ok(o)) => {
                 if o.changed > 0 {
                     tracing::info!(changes = o.changed, "encryption routes converged");
+                }
+                // New pods get an MTU whose packets need no fragmentation on the way
+                // through the device (pods made before keep theirs).
+                let cap = match (wireguard.is_some() && o.mtu > 0, self.routing_mode) {
+                    (true, mode) => pod_mtu(o.mtu, mode == RoutingMode::Overlay),
+                    (false, _) => 0,
+                };
+                if self.pod_mtu_cap.swap(cap, Ordering::Relaxed) != cap {
+                    tracing::info!(device_mtu = o.mtu, pod_mtu_cap = cap, "pod MTU cap set");
+                }
+                if o.mtu > 0 {
+                    status.mtu = Some(o.mtu as i32);
+                    status.pod_mtu = Some(cap as i32);
                 }
                 if let Some(p) = o.rp_filter_problem {
                     problem = problem.or(Some(p));
@@ -315,71 +446,112 @@ impl EncryptionNode {
         Some(status)
     }
 
-    /// The key pair, the device and its peers. Which peers are configured.
+    /// Starts `interface` unless it runs.
+    async fn ensure_device(&self, interface: &str) -> Result<(), String> {
+        if device::running(interface) {
+            return Ok(());
+        }
+        let (netns, threads, name) = (
+            self.node_netns.clone(),
+            self.config.device_threads,
+            interface.to_string(),
+        );
+        tokio::task::spawn_blocking(move || device::start(netns.as_deref(), &name, threads))
+            .await
+            .map_err(|e| e.to_string())??;
+        tracing::info!(%interface, "userspace WireGuard device started");
+        Ok(())
+    }
+
+    /// The key pairs, both devices and their peers (see [`Devices`]). Which peers the
+    /// device in use sends to.
     async fn converge_device(
         &self,
         spec: &NodeEncryption,
         peers: &[PeerPlan],
         status: &mut NodeEncryptionStatus,
-    ) -> Result<Vec<bool>, String> {
-        let path = keys::key_file(&self.state_dir);
-        let epoch = spec.key_epoch.unwrap_or(1);
-        let (pair, new) =
-            keys::current(&path, epoch).map_err(|e| format!("key file {}: {e}", path.display()))?;
-        if new {
-            self.metrics.rotations.inc();
-            tracing::info!(epoch, public_key = %pair.public_base64(), "new WireGuard key pair");
-        }
-        status.public_key = Some(pair.public_base64());
-        status.key_epoch = Some(pair.epoch);
-        status.key_created = Some(pair.created.clone());
-        let interface = self.config.interface.clone();
-        if !device::running(&interface) {
-            let (netns, threads, name) = (
-                self.node_netns.clone(),
-                self.config.device_threads,
-                interface.clone(),
+        switch: &mut SwitchClock,
+    ) -> Result<(Vec<bool>, Devices), String> {
+        let ring = keys::converge(
+            &self.state_dir,
+            spec.key_epoch.unwrap_or(1),
+            spec.next_key_epoch,
+        )
+        .map_err(|e| format!("key files under {}: {e}", self.state_dir.display()))?;
+        if ring.made > 0 {
+            self.metrics.rotations.inc_by(ring.made as u64);
+            tracing::info!(
+                epoch = ring.active.epoch,
+                next = ?ring.next.as_ref().map(|n| n.epoch),
+                "new WireGuard key pair"
             );
-            tokio::task::spawn_blocking(move || device::start(netns.as_deref(), &name, threads))
-                .await
-                .map_err(|e| e.to_string())??;
-            tracing::info!(%interface, "userspace WireGuard device started");
         }
-        let mut want = DeviceState {
-            private_key: Some(pair.private()),
-            listen_port: spec.listen_port.unwrap_or(51871) as u16,
-            ..Default::default()
-        };
+        status.public_key = Some(ring.active.public_base64());
+        status.key_epoch = Some(ring.active.epoch);
+        status.key_created = Some(ring.active.created.clone());
+        switch.observe(ring.active.epoch);
+        let listen_port = spec.listen_port.unwrap_or(51871) as u16;
         let keepalive = spec
             .persistent_keepalive_seconds
             .unwrap_or(0)
             .clamp(0, 65535) as u16;
-        let mut keyed = Vec::new();
-        for p in peers {
-            match p.key {
-                Some(key) if key != pair.public() => {
-                    want.peers.insert(
-                        key,
-                        Peer {
-                            endpoint: p.endpoint.clone(),
-                            allowed_ips: p.allowed_ips.clone(),
-                            keepalive,
-                            last_handshake: 0,
-                        },
-                    );
-                    keyed.push(true);
-                }
-                _ => keyed.push(false),
+        let devices = Devices {
+            active: self.config.device_of(ring.active.epoch),
+            standby: self.config.device_of(ring.active.epoch + 1),
+        };
+        self.ensure_device(&devices.active).await?;
+        let (want, keyed) = device_state(
+            &ring.active,
+            port_of(listen_port, ring.active.epoch),
+            peers.iter().map(|p| (p, p.key)),
+            keepalive,
+        );
+        let handshakes = self.configure(&devices.active, &want, false)?;
+        self.metrics.handshakes.set(handshakes as i64);
+        if let Some(next) = &ring.next {
+            // Prepare: the next pair on the standby device with every peer's next key, so
+            // either side may start using the new generation first.
+            status.next_public_key = Some(next.public_base64());
+            status.next_key_epoch = Some(next.epoch);
+            self.ensure_device(&devices.standby).await?;
+            let (want, next_keyed) = device_state(
+                next,
+                port_of(listen_port, next.epoch),
+                peers.iter().map(|p| (p, p.next_key)),
+                keepalive,
+            );
+            self.configure(&devices.standby, &want, false)?;
+            if next_keyed.iter().all(|k| *k) {
+                status.prepared_key_epoch = Some(next.epoch);
+            }
+        } else if device::running(&devices.standby)
+            && !switch.within(Duration::from_secs(self.config.rotation_grace_seconds))
+        {
+            // The old generation's device after the grace period: no peer, and its
+            // private key overwritten by a throwaway one.
+            let current = uapi::get(&devices.standby)
+                .map_err(|e| format!("reading {}: {e}", devices.standby))?;
+            if !current.peers.is_empty() {
+                let throwaway = keys::KeyPair::generate(0).map_err(|e| e.to_string())?;
+                let want = DeviceState {
+                    private_key: Some(throwaway.private()),
+                    listen_port: current.listen_port,
+                    ..Default::default()
+                };
+                self.configure(&devices.standby, &want, false)?;
+                tracing::info!(interface = %devices.standby, "old key generation retired");
             }
         }
-        let handshakes = self.configure(&want, false)?;
-        self.metrics.handshakes.set(handshakes as i64);
-        Ok(keyed)
+        Ok((keyed, devices))
     }
 
     /// Sets what differs from `want` on the device; the peers with a handshake.
-    fn configure(&self, want: &DeviceState, keep_key: bool) -> Result<usize, String> {
-        let interface = &self.config.interface;
+    fn configure(
+        &self,
+        interface: &str,
+        want: &DeviceState,
+        keep_key: bool,
+    ) -> Result<usize, String> {
         let current = uapi::get(interface).map_err(|e| format!("reading {interface}: {e}"))?;
         let mut want = want.clone();
         if keep_key {
@@ -395,5 +567,69 @@ impl EncryptionNode {
             .values()
             .filter(|p| p.last_handshake > 0)
             .count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations_alternate_between_two_devices_and_ports() {
+        let config = EncryptionAgentConfig::default();
+        assert_eq!(config.device_of(1), "tendril_wg0");
+        assert_eq!(config.device_of(2), "tendril_wg0b");
+        assert_eq!(config.device_of(3), "tendril_wg0");
+        assert_eq!(port_of(51871, 1), 51871);
+        assert_eq!(port_of(51871, 2), 51872);
+        assert_eq!(port_of(51871, 5), 51871);
+        assert_eq!(port_of(65535, 2), 65534, "no port 0");
+    }
+
+    #[test]
+    fn a_pod_packet_fits_the_device_with_its_encapsulation() {
+        // 1500-byte uplink → device 1420; overlay adds VXLAN's 50.
+        assert_eq!(pod_mtu(1420, true), 1370);
+        assert_eq!(pod_mtu(1420, false), 1420);
+    }
+
+    #[test]
+    fn a_device_is_configured_with_the_peers_keys_of_its_generation() {
+        let pair = keys::KeyPair::generate(2).unwrap();
+        let plan = |key: Option<[u8; 32]>| PeerPlan {
+            key: Some([1; 32]),
+            next_key: key,
+            allowed_ips: vec!["10.200.2.0/24".into()],
+            cidrs: Vec::new(),
+            address: Some(Ipv4Addr::new(10, 0, 0, 2)),
+        };
+        let peers = [plan(Some([2; 32])), plan(None), plan(Some(pair.public()))];
+        let (want, keyed) = device_state(&pair, 51872, peers.iter().map(|p| (p, p.next_key)), 0);
+        assert_eq!(
+            keyed,
+            [true, false, false],
+            "no key, or our own: not a peer"
+        );
+        assert_eq!(want.listen_port, 51872);
+        assert_eq!(want.private_key, Some(pair.private()));
+        let peer = &want.peers[&[2; 32]];
+        assert_eq!(
+            peer.endpoint.as_deref(),
+            Some("10.0.0.2:51872"),
+            "the peer's device of the same generation"
+        );
+    }
+
+    #[test]
+    fn the_old_device_is_kept_for_the_grace_period_after_a_switch() {
+        let mut clock = SwitchClock::default();
+        clock.observe(1);
+        assert!(
+            !clock.within(Duration::from_secs(30)),
+            "a start is no switch"
+        );
+        clock.observe(2);
+        assert!(clock.within(Duration::from_secs(30)));
+        assert!(!clock.within(Duration::ZERO));
     }
 }

@@ -62,7 +62,13 @@ pub struct EncRule {
 /// The netlink side of encryption on the node.
 #[derive(Clone, Debug, Default)]
 pub struct SteeringPlan {
+    /// The device the routes point at (the key generation in use).
     pub interface: String,
+    /// The other running device (a rotation's next or previous generation): up, same MTU,
+    /// no reverse-path filtering, no routes.
+    pub standby: Option<String>,
+    /// The devices' MTU; 0: the uplink's (the interface holding `node_ip`) minus
+    /// [`WIREGUARD_OVERHEAD`].
     pub mtu: u32,
     pub node_ip: Option<Ipv4Addr>,
     /// The two tables this module owns (pods, tunnel).
@@ -71,9 +77,16 @@ pub struct SteeringPlan {
     pub routes: BTreeSet<EncRoute>,
 }
 
+/// Bytes WireGuard adds to a packet on an IPv6 underlay: outer IPv6 header 40, UDP 8,
+/// WireGuard data header 16 and tag 16. Used on IPv4 underlays too (20 bytes more than
+/// needed there, as `wg-quick` does): the MTU stays right if the underlay becomes IPv6.
+pub const WIREGUARD_OVERHEAD: u32 = 80;
+
 #[derive(Debug, Default)]
 pub struct SteeringOutcome {
     pub changed: usize,
+    /// The devices' MTU (0 when there is no device).
+    pub mtu: u32,
     /// Set when the node's reverse-path filter would drop the decrypted packets.
     pub rp_filter_problem: Option<String>,
 }
@@ -150,7 +163,13 @@ fn rule_of(message: &RuleMessage, tables: &[u32; 2]) -> Option<EncRule> {
     })
 }
 
-fn route_of(message: &RouteMessage, tables: &[u32; 2], ifindex: Option<u32>) -> Option<EncRoute> {
+/// The route a message describes, and whether it is current: a device route through
+/// another interface (the other key generation's device) is not, and is replaced in place.
+fn route_of(
+    message: &RouteMessage,
+    tables: &[u32; 2],
+    ifindex: Option<u32>,
+) -> Option<(EncRoute, bool)> {
     let mut table = u32::from(message.header.table);
     let (mut dst, mut oif) = (None, None);
     for a in &message.attributes {
@@ -165,19 +184,11 @@ fn route_of(message: &RouteMessage, tables: &[u32; 2], ifindex: Option<u32>) -> 
         return None;
     }
     let dst = Ipv4Net::new(dst?, message.header.destination_prefix_length).ok()?;
-    let via = match message.header.kind {
-        RouteType::BlackHole => Via::Blackhole,
-        // A route through another interface (or an older device) is replaced.
-        _ if oif.is_some() && oif == ifindex => Via::Device,
-        _ => {
-            return Some(EncRoute {
-                table: u32::MAX,
-                dst,
-                via: Via::Device,
-            });
-        }
+    let (via, current) = match message.header.kind {
+        RouteType::BlackHole => (Via::Blackhole, true),
+        _ => (Via::Device, oif.is_some() && oif == ifindex),
     };
-    Some(EncRoute { table, dst, via })
+    Some((EncRoute { table, dst, via }, current))
 }
 
 fn route_message(
@@ -216,8 +227,18 @@ fn nl(context: &str) -> impl FnOnce(rtnetlink::Error) -> LinkError + '_ {
 /// would (`net.ipv4.conf.all.rp_filter` not 0).
 pub fn converge(netns: Option<PathBuf>, plan: SteeringPlan) -> Result<SteeringOutcome, LinkError> {
     link::run_in(netns.as_deref(), move |handle| async move {
-        let ifindex = device_up(&handle, &plan).await?;
-        let mut outcome = SteeringOutcome::default();
+        let mtu = match plan.mtu {
+            0 => uplink_mtu(&handle, plan.node_ip).await - WIREGUARD_OVERHEAD,
+            m => m,
+        };
+        let ifindex = device_up(&handle, &plan.interface, mtu).await?;
+        if let Some(standby) = &plan.standby {
+            device_up(&handle, standby, mtu).await?;
+        }
+        let mut outcome = SteeringOutcome {
+            mtu: if ifindex.is_some() { mtu } else { 0 },
+            ..Default::default()
+        };
         if ifindex.is_some() {
             let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
                 .unwrap_or_default();
@@ -234,11 +255,61 @@ pub fn converge(netns: Option<PathBuf>, plan: SteeringPlan) -> Result<SteeringOu
     })
 }
 
-async fn device_up(handle: &Handle, plan: &SteeringPlan) -> Result<Option<u32>, LinkError> {
+/// The MTU of the interface holding `node_ip` (1500 when it is not found).
+async fn uplink_mtu(handle: &Handle, node_ip: Option<Ipv4Addr>) -> u32 {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    const DEFAULT: u32 = 1500;
+    let Some(ip) = node_ip else {
+        return DEFAULT;
+    };
+    let Ok(addresses) = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect::<Vec<_>>()
+        .await
+    else {
+        return DEFAULT;
+    };
+    let Some(index) = addresses
+        .iter()
+        .find(|a| {
+            a.attributes.iter().any(
+                |x| matches!(x, AddressAttribute::Address(std::net::IpAddr::V4(v)) if *v == ip),
+            )
+        })
+        .map(|a| a.header.index)
+    else {
+        return DEFAULT;
+    };
+    let Ok(links) = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_collect::<Vec<_>>()
+        .await
+    else {
+        return DEFAULT;
+    };
+    links
+        .first()
+        .and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        })
+        .filter(|m| *m > WIREGUARD_OVERHEAD + 576)
+        .unwrap_or(DEFAULT)
+}
+
+async fn device_up(handle: &Handle, interface: &str, mtu: u32) -> Result<Option<u32>, LinkError> {
     let links: Vec<_> = match handle
         .link()
         .get()
-        .match_name(plan.interface.clone())
+        .match_name(interface.to_string())
         .execute()
         .try_collect()
         .await
@@ -254,17 +325,17 @@ async fn device_up(handle: &Handle, plan: &SteeringPlan) -> Result<Option<u32>, 
         .header
         .flags
         .contains(rtnetlink::packet_route::link::LinkFlags::Up);
-    let mtu = link.attributes.iter().find_map(|a| match a {
+    let link_mtu = link.attributes.iter().find_map(|a| match a {
         rtnetlink::packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
     });
-    if !up || mtu != Some(plan.mtu) {
+    if !up || link_mtu != Some(mtu) {
         handle
             .link()
             .change(
                 rtnetlink::LinkMessageBuilder::<LinkUnspec>::default()
                     .index(index)
-                    .mtu(plan.mtu)
+                    .mtu(mtu)
                     .up()
                     .build(),
             )
@@ -276,7 +347,7 @@ async fn device_up(handle: &Handle, plan: &SteeringPlan) -> Result<Option<u32>, 
     // node address whose route is the uplink, and the device has no address of its own,
     // so even the loose check drops them. The effective value is the larger of the
     // device's and `all`'s: `all` must be 0 too (checked in `rp_filter_problem`).
-    let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", plan.interface);
+    let rp = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
     if std::fs::read_to_string(&rp)
         .map(|v| v.trim() != "0")
         .unwrap_or(false)
@@ -353,11 +424,15 @@ async fn converge_routes(
         .map_err(nl("listing routes"))?;
     let mut have = BTreeSet::new();
     for m in existing {
-        let Some(route) = route_of(&m, &plan.tables, ifindex) else {
+        let Some((route, current)) = route_of(&m, &plan.tables, ifindex) else {
             continue;
         };
-        if plan.routes.contains(&route) && have.insert(route) {
-            continue;
+        if plan.routes.contains(&route) {
+            // Through the other device (a key switch): replaced below in one step, so no
+            // packet finds the table without it.
+            if !current || have.insert(route) {
+                continue;
+            }
         }
         handle
             .route()
@@ -467,14 +542,18 @@ mod tests {
             via: Via::Device,
         };
         let m = route_message(&r, Some(7), None).unwrap();
-        assert_eq!(route_of(&m, &tables, Some(7)), Some(r));
-        assert_ne!(route_of(&m, &tables, Some(8)), Some(r), "device recreated");
+        assert_eq!(route_of(&m, &tables, Some(7)), Some((r, true)));
+        assert_eq!(
+            route_of(&m, &tables, Some(8)),
+            Some((r, false)),
+            "through the other device"
+        );
         let b = EncRoute {
             via: Via::Blackhole,
             ..r
         };
         let m = route_message(&b, None, None).unwrap();
-        assert_eq!(route_of(&m, &tables, Some(7)), Some(b));
+        assert_eq!(route_of(&m, &tables, Some(7)), Some((b, true)));
         assert!(route_message(&r, None, None).is_none());
     }
 }

@@ -5,14 +5,17 @@
 
 use super::proto::flow::{
     self, CiliumEventType, DropReason, Emitter, Endpoint, FlowType, IpVersion, Layer4,
-    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, layer4,
+    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, Workload, layer4,
 };
 use crate::bpf::maps::{Direction, MetricReason};
-use crate::bpf::policy::{EventKind, EventVerdict, PolicyEvent, PolicyMatch};
+use crate::bpf::policy::{
+    EventKind, EventVerdict, PolicyEvent, PolicyMatch, TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH,
+    TCP_RST, TCP_SYN, TCP_URG,
+};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use tendril_crds::facts::Reserved;
+use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
 use tendril_crds::v1alpha1::{Endpoint as EndpointObject, Identity, ResolvedPolicy};
 
 /// Cilium's monitor message types (`flow.CiliumEventType.type`), which `hubble observe
@@ -32,6 +35,8 @@ pub struct PodInfo {
     pub identity: u32,
     /// `source:key=value`, sorted.
     pub labels: Vec<String>,
+    /// The pod's workload (Hubble's `workloads`), from the Endpoint's `spec.workload`.
+    pub workloads: Vec<Workload>,
 }
 
 /// IP → pod, identity → labels, and identity → the one policy that decides its traffic
@@ -39,6 +44,8 @@ pub struct PodInfo {
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
     pods: HashMap<IpAddr, Arc<PodInfo>>,
+    /// Every node's pod CIDRs: an address in one (past its gateway) is a pod's.
+    pod_cidrs: Vec<ipnet::IpNet>,
     identities: HashMap<u32, Arc<Vec<String>>>,
     sole_policy: HashMap<u32, flow::Policy>,
 }
@@ -108,6 +115,15 @@ impl Directory {
                     .and_then(|id| u32::try_from(id).ok())
                     .unwrap_or(0),
                 labels: label_strings(ep.spec.security_labels.iter()),
+                workloads: ep
+                    .spec
+                    .workload
+                    .iter()
+                    .map(|w| Workload {
+                        name: w.name.clone(),
+                        kind: w.kind.clone(),
+                    })
+                    .collect(),
             });
             for ip in &ep.spec.ips {
                 if let Ok(ip) = ip.parse() {
@@ -124,6 +140,43 @@ impl Directory {
         dir
     }
 
+    /// The pod CIDRs of every node (`NodeNetwork` `spec.podCIDRs`; unparsable ones skipped).
+    pub fn with_pod_cidrs<'a>(mut self, cidrs: impl IntoIterator<Item = &'a String>) -> Self {
+        self.pod_cidrs = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
+        self
+    }
+
+    /// Whether `ip` is in a pod CIDR past the network address and the node's gateway (its
+    /// first address): where pods get their addresses.
+    fn in_pod_range(&self, ip: &IpAddr) -> bool {
+        let offset = |net: IpAddr, ip: &IpAddr| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(a.to_bits() - n.to_bits()),
+            (IpAddr::V6(n), IpAddr::V6(a)) => a.to_bits() - n.to_bits(),
+            _ => 0,
+        };
+        self.pod_cidrs
+            .iter()
+            .any(|c| c.contains(ip) && offset(c.network(), ip) >= 2)
+    }
+
+    /// Whether `event` names a pod this directory does not know yet: a side whose address
+    /// is no known pod's but has a cluster identity (only pods have those) or lies where
+    /// pods get their addresses (the datapath may not know the pod yet either: a drop of
+    /// an unknown source, a remote pod seen as its node). Its Endpoint is on its way, so
+    /// the flow is worth holding briefly ([`super::pipeline`]).
+    pub fn lacks_pod_of(&self, event: &PolicyEvent) -> bool {
+        let cluster = CLUSTER_IDENTITY_MIN..=CLUSTER_IDENTITY_MAX;
+        [
+            (event.saddr, event.src_identity),
+            (event.daddr, event.dst_identity),
+        ]
+        .iter()
+        .any(|(ip, id)| {
+            !self.pods.contains_key(ip)
+                && (cluster.contains(&i64::from(*id)) || self.in_pod_range(ip))
+        })
+    }
+
     /// The flow endpoint of `ip` with `identity` (from the event): the pod's names when the
     /// address is a known pod's, the identity's labels otherwise.
     pub fn endpoint(&self, ip: IpAddr, identity: u32, endpoint_id: u32) -> Endpoint {
@@ -138,6 +191,7 @@ impl Directory {
                 namespace: pod.namespace.clone(),
                 labels: pod.labels.clone(),
                 pod_name: pod.pod_name.clone(),
+                workloads: pod.workloads.clone(),
                 ..Endpoint::default()
             };
         }
@@ -192,14 +246,31 @@ pub fn drop_reason(reason: MetricReason) -> DropReason {
     }
 }
 
+/// The TCP header's flags byte as Hubble's `TCPFlags`.
+pub fn tcp_flags(bits: u8) -> flow::TcpFlags {
+    let set = |bit: u8| bits & bit != 0;
+    flow::TcpFlags {
+        fin: set(TCP_FIN),
+        syn: set(TCP_SYN),
+        rst: set(TCP_RST),
+        psh: set(TCP_PSH),
+        ack: set(TCP_ACK),
+        urg: set(TCP_URG),
+        ece: set(TCP_ECE),
+        cwr: set(TCP_CWR),
+        ns: false,
+    }
+}
+
 fn l4(event: &PolicyEvent) -> Option<Layer4> {
     let (sport, dport) = (u32::from(event.sport), u32::from(event.dport));
+    let icmp = (u32::from(event.icmp_type), u32::from(event.icmp_code));
     let protocol = match event.protocol {
-        // The event carries no TCP flags (struct policy_event has no field for them).
+        // A later fragment (no transport header) or a packet too short has none.
         6 => layer4::Protocol::Tcp(flow::Tcp {
             source_port: sport,
             destination_port: dport,
-            flags: None,
+            flags: (event.tcp_flags != 0).then(|| tcp_flags(event.tcp_flags)),
         }),
         17 => layer4::Protocol::Udp(flow::Udp {
             source_port: sport,
@@ -209,8 +280,14 @@ fn l4(event: &PolicyEvent) -> Option<Layer4> {
             source_port: sport,
             destination_port: dport,
         }),
-        1 => layer4::Protocol::IcmPv4(flow::IcmPv4::default()),
-        58 => layer4::Protocol::IcmPv6(flow::IcmPv6::default()),
+        1 => layer4::Protocol::IcmPv4(flow::IcmPv4 {
+            r#type: icmp.0,
+            code: icmp.1,
+        }),
+        58 => layer4::Protocol::IcmPv6(flow::IcmPv6 {
+            r#type: icmp.0,
+            code: icmp.1,
+        }),
         _ => return None,
     };
     Some(Layer4 {
@@ -352,7 +429,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use tendril_crds::v1alpha1::{
-        EndpointSpec, IdentitySpec, PolicySource, PolicySourceKind, ResolvedPolicySpec,
+        EndpointSpec, EndpointWorkload, IdentitySpec, PolicySource, PolicySourceKind,
+        ResolvedPolicySpec,
     };
 
     fn event(
@@ -377,6 +455,9 @@ mod tests {
             sport: 40000,
             dport: 80,
             ifindex: 9,
+            tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 
@@ -391,6 +472,10 @@ mod tests {
                     ("k8s:io.kubernetes.pod.namespace".into(), "demo".into()),
                 ]),
                 identity: Some(301),
+                workload: Some(EndpointWorkload {
+                    kind: "Deployment".into(),
+                    name: "web".into(),
+                }),
                 ..EndpointSpec::default()
             },
         );
@@ -559,5 +644,94 @@ mod tests {
             flow.l4.unwrap().protocol,
             Some(layer4::Protocol::Udp(_))
         ));
+    }
+
+    #[test]
+    fn flows_of_pods_not_known_yet_are_told_apart() {
+        let dir = directory();
+        // Client (identity 300) is no pod this node knows; web (10.0.1.2) is.
+        let ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        assert!(
+            dir.lacks_pod_of(&ev),
+            "a cluster identity at an unknown address"
+        );
+        let mut known = ev;
+        known.saddr = IpAddr::from([10, 0, 1, 2]);
+        assert!(!dir.lacks_pod_of(&known));
+        let mut world = ev;
+        world.src_identity = Reserved::World.id32();
+        assert!(!dir.lacks_pod_of(&world), "the world never becomes a pod");
+        let mut cidr = ev;
+        cidr.src_identity = tendril_crds::facts::LOCAL_IDENTITY_FLAG | 5;
+        assert!(!dir.lacks_pod_of(&cidr), "nor does a CIDR");
+        // Addresses where pods get theirs, whatever identity the datapath gave them (it
+        // may not know the pod yet either): not the network address nor the gateway.
+        let dir = directory().with_pod_cidrs(&["10.0.0.0/24".to_string(), "bad".to_string()]);
+        let mut remote = world;
+        remote.saddr = IpAddr::from([10, 0, 0, 5]);
+        remote.src_identity = Reserved::RemoteNode.id32();
+        assert!(dir.lacks_pod_of(&remote), "10.0.0.5 is in 10.0.0.0/24");
+        for gateway_or_network in [[10, 0, 0, 1], [10, 0, 0, 0]] {
+            remote.saddr = IpAddr::from(gateway_or_network);
+            assert!(
+                !directory()
+                    .with_pod_cidrs(&["10.0.0.0/24".to_string()])
+                    .in_pod_range(&remote.saddr)
+            );
+        }
+        remote.saddr = IpAddr::from([10, 0, 0, 7]);
+        remote.src_identity = 0;
+        assert!(dir.lacks_pod_of(&remote), "no identity at all");
+        remote.saddr = IpAddr::from([192, 0, 2, 7]);
+        assert!(!dir.lacks_pod_of(&remote), "outside every pod CIDR");
+    }
+
+    #[test]
+    fn tcp_flags_icmp_and_workloads_reach_the_flow() {
+        let mut ev = event(EventKind::PolicyVerdict, Some(EventVerdict::Allow), None);
+        ev.tcp_flags = crate::bpf::policy::TCP_SYN | crate::bpf::policy::TCP_ECE;
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        let Some(layer4::Protocol::Tcp(tcp)) = flow.l4.unwrap().protocol else {
+            panic!("not TCP")
+        };
+        let flags = tcp.flags.unwrap();
+        assert!(flags.syn && flags.ece);
+        assert!(!(flags.ack || flags.fin || flags.rst || flags.psh || flags.urg || flags.cwr));
+        // No flags known (a later fragment): none claimed.
+        ev.tcp_flags = 0;
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        let Some(layer4::Protocol::Tcp(tcp)) = flow.l4.unwrap().protocol else {
+            panic!("not TCP")
+        };
+        assert_eq!(tcp.flags, None);
+        ev.protocol = 1;
+        (ev.icmp_type, ev.icmp_code) = (3, 13);
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        assert_eq!(
+            flow.l4.unwrap().protocol,
+            Some(layer4::Protocol::IcmPv4(flow::IcmPv4 {
+                r#type: 3,
+                code: 13
+            }))
+        );
+        ev.protocol = 58;
+        (ev.icmp_type, ev.icmp_code) = (128, 0);
+        let flow = flow_of(&ev, &directory(), "n1", Default::default(), "u".into());
+        assert_eq!(
+            flow.l4.unwrap().protocol,
+            Some(layer4::Protocol::IcmPv6(flow::IcmPv6 {
+                r#type: 128,
+                code: 0
+            }))
+        );
+        // web-1 runs for Deployment web.
+        let dst = flow.destination.unwrap();
+        assert_eq!(
+            dst.workloads,
+            vec![Workload {
+                name: "web".into(),
+                kind: "Deployment".into()
+            }]
+        );
     }
 }

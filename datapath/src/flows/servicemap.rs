@@ -5,8 +5,9 @@
 //!
 //! `/api/map?seconds=N` asks the relay (the same GetFlows the `hubble` CLI gets, so the map
 //! shows what `hubble observe` shows) for the flows of the last N seconds (default 300) and
-//! folds them into a [`Graph`] ([`graph`], pure): a node per workload — the
-//! `app.kubernetes.io/name`, `app` or `k8s-app` label within its namespace, else the pod,
+//! folds them into a [`Graph`] ([`graph`], pure): a node per workload — the endpoint's
+//! workload (its Deployment, StatefulSet, ...), else the `app.kubernetes.io/name`, `app` or
+//! `k8s-app` label within its namespace, else the pod,
 //! else the reserved identity (`world`, `host`, `remote-node`) —, an edge per (source,
 //! destination, verdict), replies folded into their request's direction.
 
@@ -87,14 +88,18 @@ fn node_of(ep: Option<&Endpoint>, ip: &str) -> (String, String, String, Option<S
     };
     let pod = (!ep.pod_name.is_empty()).then(|| ep.pod_name.clone());
     if !ep.namespace.is_empty() {
-        let workload = WORKLOAD_LABELS
-            .iter()
-            .find_map(|prefix| {
-                ep.labels
-                    .iter()
-                    .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+        let workload = ep
+            .workloads
+            .first()
+            .map(|w| w.name.clone())
+            .filter(|name| !name.is_empty())
+            .or_else(|| {
+                WORKLOAD_LABELS.iter().find_map(|prefix| {
+                    ep.labels
+                        .iter()
+                        .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+                })
             })
-            .or_else(|| ep.workloads.first().map(|w| w.name.clone()))
             .or_else(|| pod.clone())
             .unwrap_or_else(|| format!("identity-{}", ep.identity));
         let id = format!("{}/{workload}", ep.namespace);
@@ -349,5 +354,20 @@ mod tests {
         assert_eq!(recent[0].source, "demo/client-7d9f", "newest first");
         assert_eq!(recent[0].l4, "TCP 8080");
         assert_eq!(recent[1].source, "demo/web-1", "the answer, as it was sent");
+    }
+
+    #[test]
+    fn the_workload_names_the_node_before_the_app_label() {
+        use crate::flows::proto::flow::Workload;
+        let mut web = endpoint("demo", "web-5d8f-x2", &["k8s:app=frontend"]);
+        web.workloads = vec![Workload {
+            name: "web".into(),
+            kind: "Deployment".into(),
+        }];
+        let client = endpoint("demo", "client", &["k8s:app=client"]);
+        let g = graph(&[flow(1, client, web, Verdict::Forwarded, false)]);
+        let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(ids, ["demo/client", "demo/web"]);
+        assert_eq!(g.nodes[1].pods, ["web-5d8f-x2"]);
     }
 }

@@ -13,7 +13,7 @@ pub struct SimClusterConfig {
     pub pool_ipv6: Option<(String, u8)>,
     /// `identities.gcGracePeriodSeconds` of the operator.
     pub identity_grace_seconds: u64,
-    /// Extra arguments of every node's agent.
+    /// More arguments of every agent (e.g. `--routing-mode native`).
     pub agent_args: Vec<String>,
 }
 

@@ -25,8 +25,9 @@ pub struct SimNode {
     /// The node's cgroup v2 subtree (socket LB), removed on drop.
     pub cgroup: Option<PathBuf>,
     kubeconfig: PathBuf,
-    agent_args: Vec<String>,
     agent: Option<Process>,
+    /// More arguments of the agent, every time it starts.
+    agent_args: Vec<String>,
     handle: NodeHandle,
 }
 
@@ -37,7 +38,7 @@ impl SimNode {
         Self::start_with(env, cluster, subnet, index, &[]).await
     }
 
-    /// [`Self::start`], the agent started with `agent_args` too (every start).
+    /// [`SimNode::start`] with more arguments of the agent.
     pub async fn start_with(
         env: &TestEnv,
         cluster: &str,
@@ -61,8 +62,8 @@ impl SimNode {
             metrics_port: free_port()?,
             observer_port: free_port()?,
             kubeconfig: env.kubeconfig(),
-            agent_args: agent_args.to_vec(),
             agent: None,
+            agent_args: agent_args.to_vec(),
             handle: NodeHandle {
                 name: name.clone(),
                 address,
@@ -243,10 +244,13 @@ impl Drop for SimNode {
             remove_node_cgroup(cgroup);
         }
         delete_netns(&self.netns);
-        let _ = std::fs::remove_file(format!(
-            "/var/run/wireguard/{}.sock",
-            self.wireguard_interface()
-        ));
+        // Both devices of a key rotation (odd and even generations).
+        for suffix in ["", "b"] {
+            let _ = std::fs::remove_file(format!(
+                "/var/run/wireguard/{}{suffix}.sock",
+                self.wireguard_interface()
+            ));
+        }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         let _ = std::fs::remove_dir_all(&self.bpffs_root);
     }

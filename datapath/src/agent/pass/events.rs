@@ -328,6 +328,7 @@ mod tests {
             sport: 40000,
             dport: 80,
             ifindex: 9,
+            ..RawPolicyEvent::default()
         };
         // SAFETY: plain data viewed as its bytes.
         unsafe {

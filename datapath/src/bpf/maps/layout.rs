@@ -517,6 +517,12 @@ pub struct RawPolicyEvent {
     pub sport: u16,
     pub dport: u16,
     pub ifindex: u32,
+    /// TCP: the header's flags byte.
+    pub tcp_flags: u8,
+    /// ICMP/ICMPv6: the packet's type and code.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub pad: [u8; 5],
 }
 
 /// `struct policy_event6`: an event about IPv6 (`base.saddr`/`daddr` are zero). Told
