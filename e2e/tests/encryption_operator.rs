@@ -7,7 +7,8 @@
 //! unselected node gets nothing; the policy is `Ready` with 2 encrypted nodes and per-node
 //! states. A rotation request first asks every node to prepare the next generation (the
 //! peers' next keys listed beside the current ones), switches only once both nodes report
-//! it prepared, and the nodes are `KeyOutdated` until their agents report the switch. `b` loses its label: it leaves
+//! it prepared (`KeyRotation` names `b` while it has not), and the nodes are `KeyOutdated`
+//! until their agents report the switch. `b` loses its label: it leaves
 //! `a`'s peers and loses its `encryption`. A selector with an unknown operator is
 //! `Valid=False` (`InvalidSpec`) naming the field.
 //!
@@ -241,6 +242,19 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
         "switched before b was prepared: {:?}",
         p.status
     );
+    // KeyRotation names the node that holds the rotation back.
+    let b = names[1].clone();
+    wait_until(
+        &policies,
+        &name,
+        "KeyRotation waiting for b",
+        move |p: &EncryptionPolicy| {
+            condition(p, "KeyRotation").is_some_and(|(status, reason, message)| {
+                status == "True" && reason == "InProgress" && message.contains(&b)
+            })
+        },
+    )
+    .await?;
     // Phase 2: b prepared too → generation 2 in use, peers given the keys of it; the
     // nodes are KeyOutdated until their agents report the switch.
     publish_with(
@@ -256,7 +270,7 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
             s.key_epoch == Some(2)
                 && s.next_key_epoch.is_none()
                 && s.nodes.iter().all(|n| n.reason == "KeyOutdated")
-        })
+        }) && condition(p, "KeyRotation").is_some_and(|(_, reason, _)| reason == "Idle")
     })
     .await?;
     wait_until(&networks, &names[0], "b's key of 2", |nn: &NodeNetwork| {

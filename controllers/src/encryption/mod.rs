@@ -220,11 +220,12 @@ impl Encryption {
         if let Some(e) = first_error {
             return Err(e.into());
         }
-        // Back when the next scheduled rotation is due.
+        // Back when the next scheduled rotation is due, or a rotation under way stalls.
         let next = want
             .policies
             .values()
-            .filter_map(|p| p.next_rotation_in)
+            .flat_map(|p| [p.next_rotation_in, p.rotation_stalls_in])
+            .flatten()
             .min();
         Ok(match next {
             Some(s) => Action::requeue(Duration::from_secs(s.max(1) as u64)),
@@ -261,6 +262,7 @@ impl Encryption {
                 .map(Time);
             let desired: Vec<_> = std::iter::once(&outcome.valid)
                 .chain(outcome.ready.as_ref())
+                .chain(outcome.rotation.as_ref())
                 .collect();
             let current = desired
                 .iter()
@@ -277,8 +279,11 @@ impl Encryption {
             }
             let now = Timestamp::now();
             let mut conds: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
-            if let Some(prev) = conditions::find(&status.conditions, READY) {
-                conds.insert(READY, serde_json::to_value(prev).unwrap_or_default());
+            // What an invalid policy does not compute stays as it was.
+            for kept in [READY, plan::KEY_ROTATION] {
+                if let Some(prev) = conditions::find(&status.conditions, kept) {
+                    conds.insert(kept, serde_json::to_value(prev).unwrap_or_default());
+                }
             }
             for d in desired {
                 let merged = conditions::merge(
@@ -287,10 +292,11 @@ impl Encryption {
                     outcome.generation,
                     now,
                 );
-                conds.insert(
-                    if d.type_ == VALID { VALID } else { READY },
-                    serde_json::to_value(merged).unwrap_or_default(),
-                );
+                let key = [VALID, READY, plan::KEY_ROTATION]
+                    .into_iter()
+                    .find(|t| *t == d.type_)
+                    .unwrap_or(READY);
+                conds.insert(key, serde_json::to_value(merged).unwrap_or_default());
             }
             let body = runtime::apply_body::<EncryptionPolicy>(
                 name,

@@ -17,7 +17,10 @@
 //! that generation prepared (`preparedKeyEpoch`), `keyEpoch` becomes it (switch): each
 //! agent moves its traffic to the standby device, whose peers already know its key, and
 //! keeps the old device answering for a grace period. A rotation asked for while one is
-//! under way starts when it completes.
+//! under way starts when it completes. While one is under way the condition `KeyRotation`
+//! says which nodes have not prepared yet; after [`ROTATION_STALL_SECONDS`] it turns
+//! `False`/`Stalled` (a node whose agent is down holds every rotation back, and traffic
+//! keeps the current keys meanwhile).
 
 use crate::policy::selector::Selector;
 use std::collections::BTreeMap;
@@ -33,6 +36,11 @@ pub const ROTATION_REQUEST: &str = "tendril.dev/rotation-request";
 pub const WIREGUARD: &str = "WireGuard";
 pub const IPSEC: &str = "IPsec";
 const DEFAULT_LISTEN_PORT: i32 = 51871;
+/// The condition on a WireGuard policy that tells how its key rotation stands.
+pub const KEY_ROTATION: &str = "KeyRotation";
+/// How long a rotation may wait for every node to prepare before `KeyRotation` says
+/// `Stalled` (an agent makes and publishes its next key within a second or two).
+pub const ROTATION_STALL_SECONDS: i64 = 300;
 
 /// What the plan reads of a policy.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +89,10 @@ pub struct PolicyOutcome {
     pub served_request: Option<String>,
     /// Seconds until the next scheduled rotation.
     pub next_rotation_in: Option<i64>,
+    /// `KeyRotation` (WireGuard policies).
+    pub rotation: Option<DesiredCondition>,
+    /// Seconds until the rotation under way counts as stalled.
+    pub rotation_stalls_in: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -321,6 +333,8 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                     last_rotation: p.last_rotation,
                     served_request: p.served_request.clone(),
                     next_rotation_in: None,
+                    rotation: None,
+                    rotation_stalls_in: None,
                 },
             );
             continue;
@@ -342,6 +356,28 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             },
         );
         let epoch = rot.active;
+        // IPsec has no key generations here yet: no KeyRotation.
+        let (key_rotation, rotation_stalls_in) = match rot.next {
+            _ if !wg => (None, None),
+            Some(n) => {
+                let waiting: Vec<&str> = addressed()
+                    .filter(|m| !prepared(m, n))
+                    .map(|m| m.name.as_str())
+                    .collect();
+                let (condition, stalls_in) =
+                    rotation_condition(n, &waiting, now - rot.last.unwrap_or(now));
+                (Some(condition), stalls_in)
+            }
+            None => (
+                Some(DesiredCondition::new(
+                    KEY_ROTATION,
+                    true,
+                    "Idle",
+                    format!("generation {epoch} in use; no rotation under way"),
+                )),
+                None,
+            ),
+        };
         let wireguard = p.spec.wireguard.clone().unwrap_or_default();
         let listen_port = if p.spec.wireguard.is_some() {
             wireguard.listen_port
@@ -395,10 +431,50 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                 last_rotation: rot.last,
                 served_request: rot.served,
                 next_rotation_in: rot.next_in,
+                rotation: key_rotation,
+                rotation_stalls_in,
             },
         );
     }
     out
+}
+
+/// `KeyRotation` while generation `next` is being prepared, `elapsed` seconds after the
+/// rotation started, with the nodes that have not prepared it (`waiting`); and the seconds
+/// until it counts as stalled. The message changes only when the waiting nodes do.
+fn rotation_condition(
+    next: i64,
+    waiting: &[&str],
+    elapsed: i64,
+) -> (DesiredCondition, Option<i64>) {
+    let who = if waiting.is_empty() {
+        "every node has prepared it".to_string()
+    } else {
+        format!("waiting for {} to prepare it", waiting.join(", "))
+    };
+    if elapsed >= ROTATION_STALL_SECONDS {
+        (
+            DesiredCondition::new(
+                KEY_ROTATION,
+                false,
+                "Stalled",
+                format!(
+                    "rotation to generation {next} under way for more than {ROTATION_STALL_SECONDS} s; {who} (its agent may be down); traffic keeps the current keys"
+                ),
+            ),
+            None,
+        )
+    } else {
+        (
+            DesiredCondition::new(
+                KEY_ROTATION,
+                true,
+                "InProgress",
+                format!("rotating to generation {next}; {who}"),
+            ),
+            Some(ROTATION_STALL_SECONDS - elapsed.max(0)),
+        )
+    }
 }
 
 /// `Ready`: every selected node encrypts; otherwise the first reason that applies, with

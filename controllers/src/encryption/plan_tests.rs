@@ -247,6 +247,45 @@ fn a_rotation_switches_only_once_every_node_knows_every_next_key() {
 }
 
 #[test]
+fn key_rotation_says_who_holds_a_rotation_back_and_when_it_stalled() {
+    let mut p = policy("p", None);
+    let mut nodes = [node("a", 1, Some("KA")), node("b", 2, Some("KB"))];
+    let idle = plan(&[p.clone()], &nodes, NOW).policies["p"].clone();
+    let c = idle.rotation.unwrap();
+    assert_eq!((c.status, c.reason.as_str()), (true, "Idle"));
+    assert_eq!(idle.rotation_stalls_in, None);
+    // Under way since NOW; a prepared, b (its agent down) never does.
+    p.next_key_epoch = Some(2);
+    p.last_rotation = Some(NOW);
+    reported(&mut nodes[0], |r| {
+        r.next_public_key = Some("KA2".into());
+        r.next_key_epoch = Some(2);
+        r.prepared_key_epoch = Some(2);
+    });
+    let o = plan(&[p.clone()], &nodes, NOW + 100).policies["p"].clone();
+    let c = o.rotation.unwrap();
+    assert_eq!((c.status, c.reason.as_str()), (true, "InProgress"));
+    assert!(c.message.contains("waiting for b "), "{}", c.message);
+    assert_eq!(o.rotation_stalls_in, Some(ROTATION_STALL_SECONDS - 100));
+    // The message does not tick with time: no status write per reconcile.
+    let later = plan(&[p.clone()], &nodes, NOW + 200).policies["p"].clone();
+    assert_eq!(later.rotation.unwrap().message, c.message);
+    let o = plan(&[p.clone()], &nodes, NOW + ROTATION_STALL_SECONDS).policies["p"].clone();
+    let c = o.rotation.unwrap();
+    assert_eq!((c.status, c.reason.as_str()), (false, "Stalled"));
+    assert!(c.message.contains("waiting for b "), "{}", c.message);
+    assert_eq!(o.rotation_stalls_in, None);
+    assert_eq!(
+        (o.key_epoch, o.next_key_epoch),
+        (1, Some(2)),
+        "still held, nothing switched"
+    );
+    // IPsec has no generations to prepare here: no KeyRotation.
+    p.spec.mode = IPSEC.into();
+    assert_eq!(plan(&[p], &nodes, NOW).policies["p"].rotation, None);
+}
+
+#[test]
 fn a_new_policy_starts_at_generation_one() {
     let mut p = policy("p", None);
     p.key_epoch = None;
