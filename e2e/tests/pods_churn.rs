@@ -269,7 +269,7 @@ async fn churn(
         .await?;
     let total = start.elapsed();
 
-    // The garbage collector removes the Endpoints of deleted pods (owner references).
+    // The operator removes the Endpoints of deleted pods.
     let endpoints: Api<Endpoint> = Api::namespaced(client.clone(), &ns);
     eventually(TIMEOUT, || async {
         let n = endpoints.list(&Default::default()).await?.items.len();

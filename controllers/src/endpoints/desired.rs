@@ -57,6 +57,7 @@ pub struct DesiredEndpoint {
     pub named_ports: Vec<NamedPort>,
     pub service_account: String,
     pub workload: Option<EndpointWorkload>,
+    pub pod_uid: String,
 }
 
 /// The pod's IPs, at most one per family, primary first; unparsable entries are skipped.
@@ -260,6 +261,7 @@ pub fn desired_endpoint(
         named_ports: named_ports(pod),
         service_account,
         workload: workload(pod),
+        pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
     })
 }
 
@@ -278,6 +280,7 @@ pub fn endpoint_spec(
         named_ports: desired.named_ports,
         service_account: desired.service_account,
         workload: desired.workload,
+        pod_uid: desired.pod_uid,
         revision: 0,
     };
     spec.revision = match current {

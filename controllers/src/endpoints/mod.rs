@@ -3,10 +3,12 @@
 //! [`desired`] computes the `Endpoint` a pod should have (pure values). The reconciler
 //! attaches the identity of the pod's security labels through the shared
 //! [`IdentityAllocator`] — so a new pod gets its `Endpoint` with an identity in one pass —
-//! and applies the `Endpoint` with a controller owner reference to the Pod: the garbage
-//! collector deletes it with the Pod, and so does this concern the moment the Pod is gone
-//! (the collector is slow in bulk). When a pod stops qualifying (finished, lost its IPs)
-//! the reconciler deletes the `Endpoint` itself. Every `Endpoint` carries the label
+//! and applies the `Endpoint` naming the pod's uid (`spec.podUID`). An `Endpoint` has no
+//! owner reference: this concern deletes it the moment its pod is gone, and with an owner
+//! reference the garbage collector raced that delete with its own (one more apiserver
+//! request per pod, and slow in bulk: 20 requests/s by default). A sweep deletes Endpoints
+//! whose pod went while no operator led. When a pod stops qualifying (finished, lost its
+//! IPs) the reconciler deletes the `Endpoint` itself. Every `Endpoint` carries the label
 //! `tendril.dev/identity=<id>`.
 //!
 //! The allocator is shared with the identities concern for a leadership term (see
@@ -107,11 +109,8 @@ async fn delete_endpoint(
     }
 }
 
-/// Deletes a pod's `Endpoint` as soon as the pod is gone, rather than waiting for the
-/// garbage collector: kube-controller-manager deletes dependents at its client's rate (20
-/// requests/s by default), so 1,000 pods deleted at once kept their Endpoints (and their
-/// addresses mapped to their identities on every node) for close to a minute. The
-/// collector remains the backstop (a deletion this process missed while not leading).
+/// Deletes a pod's `Endpoint` as soon as the pod is gone (its addresses stay mapped to its
+/// identity on every node until then). [`sweep_orphans`] is the backstop.
 async fn delete_endpoints_of_gone_pods(
     pods: runtime::Cache<Pod>,
     endpoints: Store<Endpoint>,
@@ -150,6 +149,62 @@ async fn delete_endpoints_of_gone_pods(
             Err(e) => {
                 warn!(namespace = ns, pod = name, error = %e, "removing the Endpoint of a deleted pod failed; the garbage collector will")
             }
+        }
+    }
+}
+
+/// How often the sweep looks for Endpoints whose pod is gone: a running operator deletes
+/// them off the pods' change stream already; the sweep covers pods deleted while no
+/// operator led and a change stream that lagged.
+const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Deletes Endpoints whose pod no longer exists, once the caches are ready and then every
+/// [`ORPHAN_SWEEP_INTERVAL`]. The caches list independently, so a pod missing from the pod
+/// cache is confirmed with a read before its Endpoint is deleted.
+async fn sweep_orphans(
+    pods: Store<Pod>,
+    endpoints: Store<Endpoint>,
+    client: Client,
+    deletes: Counter,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ORPHAN_SWEEP_INTERVAL);
+    loop {
+        let ready = async {
+            tick.tick().await;
+            runtime::store_ready(&pods).await && runtime::store_ready(&endpoints).await
+        };
+        tokio::select! {
+            true = ready => {}
+            _ = shutdown.cancelled() => return,
+            else => return,
+        }
+        let orphans = endpoints.state().into_iter().filter(|ep| {
+            let ns = ep.namespace().unwrap_or_default();
+            pods.get(&ObjectRef::new(&ep.name_any()).within(&ns))
+                .is_none()
+        });
+        let mut swept = 0;
+        for endpoint in orphans {
+            let ns = endpoint.namespace().unwrap_or_default();
+            let name = endpoint.name_any();
+            let gone = match Api::<Pod>::namespaced(client.clone(), &ns)
+                .get_opt(&name)
+                .await
+            {
+                Ok(None) => true,
+                Ok(Some(pod)) => !owned_by(&endpoint, &pod),
+                Err(e) => {
+                    warn!(namespace = ns, pod = name, error = %e, "sweep: reading the pod of an Endpoint failed");
+                    false
+                }
+            };
+            if gone && delete_endpoint(&client, &endpoint, &deletes).await.is_ok() {
+                swept += 1;
+            }
+        }
+        if swept > 0 {
+            info!(endpoints = swept, "Endpoints of pods that are gone removed");
         }
     }
 }
@@ -197,15 +252,14 @@ impl Reconciler for Endpoints {
         {
             return Ok(Action::await_change());
         }
-        let owner = runtime::controller_owner_ref(pod.as_ref()).ok_or(Error::MissingMetadata)?;
+        if spec.pod_uid.is_empty() {
+            return Err(Error::MissingMetadata);
+        }
         let body = runtime::apply_body::<Endpoint>(
             &name,
             Some(&ns),
             json!({
-                "metadata": {
-                    "ownerReferences": [owner],
-                    "labels": { IDENTITY_LABEL: id_label },
-                },
+                "metadata": { "labels": { IDENTITY_LABEL: id_label } },
                 "spec": spec,
             }),
         );
@@ -227,8 +281,13 @@ fn pod_of(ep: Endpoint) -> Option<ObjectRef<Pod>> {
         .map(|ns| ObjectRef::<Pod>::new(&ep.name_any()).within(&ns))
 }
 
+/// Whether `endpoint` was written for `pod` (not an earlier pod of the same name). Endpoints
+/// written before `spec.podUID` existed name their pod in an owner reference instead.
 fn owned_by(endpoint: &Endpoint, pod: &Pod) -> bool {
     let uid = pod.meta().uid.as_deref();
+    if !endpoint.spec.pod_uid.is_empty() {
+        return Some(endpoint.spec.pod_uid.as_str()) == uid;
+    }
     endpoint
         .owner_references()
         .iter()
@@ -293,6 +352,13 @@ pub async fn run(
     );
     tokio::spawn(delete_endpoints_of_gone_pods(
         pods.clone(),
+        endpoints.store(),
+        client.clone(),
+        deletes.clone(),
+        ctx.shutdown.clone(),
+    ));
+    tokio::spawn(sweep_orphans(
+        pods.store(),
         endpoints.store(),
         client.clone(),
         deletes.clone(),

@@ -72,6 +72,12 @@ pub struct EndpointSpec {
     /// name it (Hubble's `workloads`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<EndpointWorkload>,
+    /// The uid of the Pod this Endpoint is for. An Endpoint has no owner reference (the
+    /// garbage collector would race the operator's own delete, one more apiserver request
+    /// per pod); the operator deletes it with its pod, and sweeps Endpoints whose pod is gone.
+    #[serde(default, rename = "podUID", skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 128))]
+    pub pod_uid: String,
     /// Increases on every change of this spec; the agent reports the one it realizes.
     #[schemars(range(min = 0))]
     pub revision: i64,
