@@ -369,6 +369,8 @@ pub struct Seen {
     pub wireguard: u64,
     /// Of those: VXLAN (clear overlay).
     pub vxlan: u64,
+    /// Of those: ESP (IPsec).
+    pub esp: u64,
     /// Everything else between nodes, described.
     pub other: Vec<String>,
     /// Packets whose bytes contain the marker.
@@ -446,6 +448,7 @@ pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> 
             )
         });
         match (proto, ports) {
+            (50, _) => seen.esp += 1,
             (17, Some((s, d))) if is_wireguard(s) || is_wireguard(d) => seen.wireguard += 1,
             (17, Some((_, VXLAN_PORT))) => seen.vxlan += 1,
             (p, ports) if seen.other.len() < 20 => seen

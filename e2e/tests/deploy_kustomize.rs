@@ -21,14 +21,20 @@ const NAMESPACE: &str = "tendril-system";
 /// them and its binding live (deploy/kustomize/base/bgp-secrets.yaml).
 const BGP_SECRETS_NAMESPACE: &str = "tendril-bgp-secrets";
 const BGP_SECRETS_ROLE: &str = "tendril-agent-bgp-secrets";
+/// The namespace of the IPsec key Secrets, with the operator's and the agent's Roles there
+/// (deploy/kustomize/base/ipsec-keys.yaml).
+const IPSEC_KEYS_NAMESPACE: &str = "tendril-ipsec-keys";
+const IPSEC_KEYS_ROLES: [&str; 2] = ["tendril-operator-ipsec-keys", "tendril-agent-ipsec-keys"];
 
-/// The namespace `d` must land in: tendril-system, but for the agent's BGP secrets Role.
+/// The namespace `d` must land in: tendril-system, but for the Roles of the BGP secrets and
+/// IPsec keys namespaces.
 fn expected_namespace(d: &Value) -> &'static str {
     let kind = d["kind"].as_str().unwrap_or_default();
-    if matches!(kind, "Role" | "RoleBinding") && d["metadata"]["name"] == BGP_SECRETS_ROLE {
-        BGP_SECRETS_NAMESPACE
-    } else {
-        NAMESPACE
+    let name = d["metadata"]["name"].as_str().unwrap_or_default();
+    match kind {
+        "Role" | "RoleBinding" if name == BGP_SECRETS_ROLE => BGP_SECRETS_NAMESPACE,
+        "Role" | "RoleBinding" if IPSEC_KEYS_ROLES.contains(&name) => IPSEC_KEYS_NAMESPACE,
+        _ => NAMESPACE,
     }
 }
 /// The Prometheus Operator release whose CRDs validate the monitoring overlay.
@@ -183,6 +189,7 @@ async fn base_renders_what_the_design_promises() -> Result<()> {
     }
     find(&docs, "Namespace", NAMESPACE)?;
     find(&docs, "Namespace", BGP_SECRETS_NAMESPACE)?;
+    find(&docs, "Namespace", IPSEC_KEYS_NAMESPACE)?;
     assert_eq!(
         names_of(&docs, "CustomResourceDefinition"),
         crd_names_in_repo()?,
@@ -717,10 +724,10 @@ async fn effective_config(workload: &Value, container_name: &str, binary: &str) 
 /// `tendril-system` exists on the shared plane (namespaced objects cannot be dry-run into a
 /// namespace that does not). Created if missing and left in place: it is the install's
 /// namespace, other tests may use it at the same time, and it holds nothing of ours.
-/// The same for tendril-bgp-secrets (the agent's Role there).
+/// The same for tendril-bgp-secrets and tendril-ipsec-keys (Roles there).
 async fn ensure_install_namespace(env: &TestEnv) -> Result<()> {
     let api: Api<Namespace> = env.cluster_api();
-    for name in [NAMESPACE, BGP_SECRETS_NAMESPACE] {
+    for name in [NAMESPACE, BGP_SECRETS_NAMESPACE, IPSEC_KEYS_NAMESPACE] {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.into()),

@@ -4,7 +4,7 @@
 //! for the ServiceAccounts with the TokenRequest API, and
 //! - each ServiceAccount is asked, through SelfSubjectAccessReviews made with its own token,
 //!   what it may and may not do (the agent reads Secrets only in `tendril-bgp-secrets`,
-//!   the BGP peers' passwords, and writes no desired state;
+//!   the BGP peers' passwords, and `tendril-ipsec-keys`, and writes no desired state;
 //!   only the operator writes desired state);
 //! - the agent's API calls (watch its NodeNetwork by field selector, list/watch Endpoints,
 //!   server-side apply of NodeNetwork status) succeed with its token, and a write it must
@@ -38,6 +38,8 @@ use tendril_e2e::{
 const NAMESPACE: &str = "tendril-system";
 /// The namespace of the BGP peers' password Secrets (deploy/kustomize/base/bgp-secrets.yaml).
 const BGP_SECRETS_NAMESPACE: &str = "tendril-bgp-secrets";
+/// The namespace of the IPsec key Secrets (deploy/kustomize/base/ipsec-keys.yaml).
+const IPSEC_KEYS_NAMESPACE: &str = "tendril-ipsec-keys";
 const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One access question: verb, group, resource (with `/subresource`), namespace, name.
@@ -310,6 +312,8 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         ns("create", "", "secrets", BGP_SECRETS_NAMESPACE),
         ns("patch", "", "secrets", BGP_SECRETS_NAMESPACE),
         ns("delete", "", "secrets", BGP_SECRETS_NAMESPACE),
+        ns("list", "", "secrets", IPSEC_KEYS_NAMESPACE),
+        ns("create", "", "secrets", IPSEC_KEYS_NAMESPACE),
         cluster("patch", "", "nodes"),
         cluster("delete", "", "pods"),
         ns("create", "coordination.k8s.io", "leases", NAMESPACE),
@@ -343,6 +347,7 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             ns("get", "", "secrets", BGP_SECRETS_NAMESPACE),
             ns("list", "", "secrets", BGP_SECRETS_NAMESPACE),
             ns("watch", "", "secrets", BGP_SECRETS_NAMESPACE),
+            ns("get", "", "secrets", IPSEC_KEYS_NAMESPACE),
         ],
         &agent_denied,
     )
@@ -357,9 +362,12 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
             cluster("list", "", "nodes"),
             cluster("watch", "", "nodes"),
             cluster("update", "", "nodes/finalizers"),
+            cluster("get", "", "pods"),
             cluster("list", "", "pods"),
             cluster("watch", "", "pods"),
-            cluster("update", "", "pods/finalizers"),
+            ns("list", "", "secrets", IPSEC_KEYS_NAMESPACE),
+            ns("create", "", "secrets", IPSEC_KEYS_NAMESPACE),
+            ns("delete", "", "secrets", IPSEC_KEYS_NAMESPACE),
             cluster("watch", "", "namespaces"),
             ns("create", "events.k8s.io", "events", "default"),
             cluster("create", "tendril.dev", "nodenetworks"),
@@ -418,6 +426,9 @@ async fn service_accounts_get_exactly_the_access_the_code_needs() -> Result<()> 
         &[
             cluster("list", "", "secrets"),
             ns("get", "", "secrets", NAMESPACE),
+            ns("get", "", "secrets", IPSEC_KEYS_NAMESPACE),
+            ns("patch", "", "secrets", IPSEC_KEYS_NAMESPACE),
+            cluster("update", "", "pods/finalizers"),
             cluster("patch", "", "nodes"),
             cluster("delete", "", "nodes"),
             cluster("delete", "", "pods"),

@@ -17,7 +17,7 @@
 mod operator_common;
 
 use anyhow::{Result, ensure};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use operator_common::{free_port, wait_until};
 use serde_json::json;
@@ -309,6 +309,8 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
     })
     .await?;
 
+    ipsec_keys(&env, &names[1..], &policies, &nodes, &networks).await?;
+
     // Bad input.
     let bad = env.unique_name("bad");
     env.delete_on_drop::<EncryptionPolicy>(&bad);
@@ -329,5 +331,165 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
         reason == "InvalidSpec" && message.contains("nodeSelector"),
         "{message}"
     );
+    Ok(())
+}
+
+const IPSEC_KEYS_NAMESPACE: &str = "tendril-ipsec-keys";
+
+/// The key material of an IPsec key Secret, waiting until it exists.
+async fn key_of(secrets: &Api<Secret>, name: &str) -> Result<Vec<u8>> {
+    let s = wait_until(secrets, name, "key Secret", |s: &Secret| {
+        s.data.as_ref().is_some_and(|d| d.contains_key("key"))
+    })
+    .await?;
+    let data = s.data.unwrap_or_default();
+    ensure!(
+        data.get("algorithm").map(|v| v.0.as_slice()) == Some(b"rfc4106(gcm(aes))".as_slice())
+            && data.get("keyBits").map(|v| v.0.as_slice()) == Some(b"256".as_slice()),
+        "{name}: {:?}",
+        data.keys()
+    );
+    Ok(data["key"].0.clone())
+}
+
+/// IPsec on two nodes (agents with ESP, as written by the test): a key Secret per
+/// generation with 64 random bytes; the nodes get the SPI and Secret of their generation;
+/// a rotation makes generation 2's Secret before naming it, switches once both nodes
+/// prepared, and deletes generation 1's once both use 2; the policy's deletion deletes
+/// the rest.
+async fn ipsec_keys(
+    env: &TestEnv,
+    names: &[String],
+    policies: &Api<EncryptionPolicy>,
+    nodes: &Api<Node>,
+    networks: &Api<NodeNetwork>,
+) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(env.client());
+    let ns: Namespace = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": IPSEC_KEYS_NAMESPACE}}),
+    )?;
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        other => drop(other?),
+    }
+    let secrets: Api<Secret> = Api::namespaced(env.client(), IPSEC_KEYS_NAMESPACE);
+    let label = env.unique_name("ipsec");
+    let agent = |epoch: i64, more: serde_json::Value| {
+        let mut status = json!({"ipsecSupported": true, "keyEpoch": epoch});
+        if let (Some(s), Some(m)) = (status.as_object_mut(), more.as_object()) {
+            s.extend(m.clone());
+        }
+        status
+    };
+    for node in names {
+        nodes
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"ipsec": label}}})),
+            )
+            .await?;
+        publish_with(networks, node, "unused", 1, agent(1, json!({}))).await?;
+    }
+    let name = env.unique_name("ipsec");
+    env.delete_on_drop::<EncryptionPolicy>(&name);
+    let policy: EncryptionPolicy = serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
+        "metadata": {"name": name},
+        "spec": {"mode": "IPsec", "nodeSelector": {"matchLabels": {"ipsec": label}},
+                 "ipsec": {"keyBits": 256}},
+    }))?;
+    policies.create(&PostParams::default(), &policy).await?;
+    let first = format!("tendril-ipsec-{name}-1");
+    let key1 = key_of(&secrets, &first).await?;
+    ensure!(key1.len() == 64, "{} bytes", key1.len());
+    let b = wait_until(
+        networks,
+        &names[0],
+        "IPsec generation 1",
+        |nn: &NodeNetwork| {
+            nn.spec
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.mode == "IPsec" && e.peers.len() == 1)
+        },
+    )
+    .await?;
+    let enc = b.spec.encryption.unwrap();
+    ensure!(
+        (enc.spi, enc.key_secret.as_deref(), enc.key_epoch)
+            == (Some(1), Some(first.as_str()), Some(1))
+            && enc.peers[0].node == names[1]
+            && enc.peers[0].public_key.is_none(),
+        "{enc:?}"
+    );
+    wait_until(policies, &name, "IPsec Ready", |p: &EncryptionPolicy| {
+        condition(p, "Ready").is_some_and(|c| c.0 == "True")
+    })
+    .await?;
+
+    // Rotation: generation 2's Secret exists before any node is told to prepare it.
+    policies
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"tendril.dev/rotation-request": "r1"}}}),
+            ),
+        )
+        .await?;
+    let second = format!("tendril-ipsec-{name}-2");
+    let b = wait_until(networks, &names[0], "preparing 2", |nn: &NodeNetwork| {
+        nn.spec
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.next_spi == Some(2))
+    })
+    .await?;
+    ensure!(
+        b.spec.encryption.unwrap().next_key_secret.as_deref() == Some(second.as_str()),
+        "the next Secret is named"
+    );
+    let key2 = secrets.get(&second).await?.data.unwrap_or_default()["key"]
+        .0
+        .clone();
+    ensure!(
+        key2.len() == 64 && key2 != key1,
+        "a fresh key per generation"
+    );
+    for node in names {
+        publish_with(
+            networks,
+            node,
+            "unused",
+            1,
+            agent(1, json!({"preparedKeyEpoch": 2})),
+        )
+        .await?;
+    }
+    let switched = second.clone();
+    wait_until(
+        networks,
+        &names[1],
+        "switched to 2",
+        move |nn: &NodeNetwork| {
+            nn.spec.encryption.as_ref().is_some_and(|e| {
+                e.spi == Some(2) && e.key_secret.as_deref() == Some(switched.as_str())
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        secrets.get_opt(&first).await?.is_some(),
+        "kept while a node uses it"
+    );
+    for node in names {
+        publish_with(networks, node, "unused", 2, agent(2, json!({}))).await?;
+    }
+    tendril_e2e::wait_deleted(&secrets, &first, std::time::Duration::from_secs(30)).await?;
+    println!("IPsec: generation 1's key deleted once both nodes use generation 2");
+
+    policies.delete(&name, &Default::default()).await?;
+    tendril_e2e::wait_deleted(&secrets, &second, std::time::Duration::from_secs(30)).await?;
     Ok(())
 }

@@ -10,6 +10,8 @@ pub(super) struct Metrics {
     pub(super) invalid_policies: Gauge,
     pub(super) rotations: Counter,
     pub(super) node_writes: Counter,
+    pub(super) key_secrets: Gauge,
+    pub(super) key_secrets_made: Counter,
 }
 
 impl Metrics {
@@ -38,6 +40,16 @@ impl Metrics {
             node_writes: m.domain(
                 "tendril_encryption_node_writes",
                 "NodeNetwork spec.encryption writes",
+                Counter::default,
+            ),
+            key_secrets: m.domain(
+                "tendril_encryption_ipsec_key_secrets",
+                "IPsec key Secrets in use (the current generation, the next while rotating, the previous while a node still uses it)",
+                Gauge::default,
+            ),
+            key_secrets_made: m.domain(
+                "tendril_encryption_ipsec_keys_made",
+                "IPsec key Secrets made (one per policy and key generation)",
                 Counter::default,
             ),
         }

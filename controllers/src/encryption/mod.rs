@@ -10,9 +10,11 @@
 //! public half. Rotation is a new key generation in the spec ([`plan`]); every agent then
 //! makes a new pair, and its peers pick the new public key up from their specs.
 //!
-//! IPsec: the mode is accepted, and each selected node's agent reports whether its kernel
-//! can do ESP; where it cannot, `Ready=False` with reason `Unsupported` names the node and
-//! the reason. Key `Secret`s and XFRM states are not built yet (no kernel here has ESP).
+//! IPsec: each key generation is a `Secret` in `ipsecKeysNamespace` with a fresh random
+//! key, made before any node is told to use it and deleted once no node does (the only
+//! key material in the API: agents read it and derive a key per node pair and direction).
+//! Each selected node's agent reports whether its kernel can do ESP; where it cannot,
+//! `Ready=False` with reason `Unsupported` names the node and the reason.
 //!
 //! Shaped like the egress concern: one singleton reconcile over whole stores after a quiet
 //! moment, the pure [`plan::plan`], then only the writes that change something.
@@ -27,15 +29,19 @@ pub mod plan;
 mod plan_tests;
 
 use crate::egress::node_input;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::api::{DeleteParams, ListParams, PartialObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
 use metrics::Metrics;
 use plan::{NodeInput, Plan, PolicyInput};
+use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -60,6 +66,8 @@ pub struct EncryptionConfig {
     pub debounce_millis: u64,
     /// A steady stream of changes is computed at least this long after its first change.
     pub max_delay_millis: u64,
+    /// The namespace of the IPsec key Secrets (the agents read them there).
+    pub ipsec_keys_namespace: String,
 }
 
 impl Default for EncryptionConfig {
@@ -67,11 +75,23 @@ impl Default for EncryptionConfig {
         Self {
             debounce_millis: 50,
             max_delay_millis: 500,
+            ipsec_keys_namespace: IPSEC_KEYS_NAMESPACE.into(),
         }
     }
 }
 
 pub type Error = runtime::ApiError;
+
+/// The default namespace of the IPsec key Secrets (deploy/kustomize/base/ipsec-keys.yaml).
+pub const IPSEC_KEYS_NAMESPACE: &str = "tendril-ipsec-keys";
+/// Label on every IPsec key Secret this concern makes (how it finds them again).
+const IPSEC_KEY_LABEL: &str = "tendril.dev/ipsec-key";
+/// Annotations on an IPsec key Secret: its policy and generation.
+const KEY_POLICY: &str = "tendril.dev/encryption-policy";
+const KEY_EPOCH: &str = "tendril.dev/key-epoch";
+/// Bytes of random key material in a key Secret (`key`): enough to derive any algorithm's
+/// keys from, per node pair and direction.
+const KEY_BYTES: usize = 64;
 
 #[derive(Clone)]
 struct Stores {
@@ -148,6 +168,7 @@ struct Encryption {
     changes: ChangeClock,
     metrics: Metrics,
     manager: String,
+    keys_namespace: String,
 }
 
 impl Reconciler for Encryption {
@@ -183,6 +204,14 @@ impl Encryption {
         let want = plan::plan(&policies, &nodes, now);
         self.set_metrics(&want);
 
+        // Keys first: no node is told to use a Secret that does not exist yet.
+        let secrets = Api::<Secret>::namespaced(self.client.clone(), &self.keys_namespace);
+        // One list of a namespace holding a few Secrets (metadata only); it also finds the
+        // keys of policies deleted while no operator ran.
+        let lp = ListParams::default().labels(IPSEC_KEY_LABEL);
+        let listed = secrets.list_metadata(&lp).await?.items;
+        self.make_keys(&secrets, &want.key_secrets, &listed).await?;
+
         let mut first_error: Option<kube::Error> = None;
         let api = Api::<NodeNetwork>::all(self.client.clone());
         for nn in networks.iter() {
@@ -214,6 +243,11 @@ impl Encryption {
                 }
             }
         }
+        if first_error.is_none()
+            && let Err(e) = self.delete_old_keys(&secrets, &want, &listed).await
+        {
+            first_error.get_or_insert(e);
+        }
         if let Err(e) = self.write_statuses(&want).await {
             first_error.get_or_insert(e);
         }
@@ -231,6 +265,91 @@ impl Encryption {
             Some(s) => Action::requeue(Duration::from_secs(s.max(1) as u64)),
             None => Action::await_change(),
         })
+    }
+
+    /// Makes the key Secrets `wanted` that are not `listed`, each with a fresh random key.
+    async fn make_keys(
+        &self,
+        secrets: &Api<Secret>,
+        wanted: &[plan::KeySecret],
+        listed: &[PartialObjectMeta<Secret>],
+    ) -> Result<(), kube::Error> {
+        let exists = |name: &str| listed.iter().any(|s| s.name_any() == name);
+        for key in wanted.iter().filter(|k| !exists(&k.name)) {
+            let mut material = vec![0u8; KEY_BYTES];
+            rand::rng().fill_bytes(&mut material);
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(key.name.clone()),
+                    labels: Some(BTreeMap::from([(IPSEC_KEY_LABEL.into(), "true".into())])),
+                    annotations: Some(BTreeMap::from([
+                        (KEY_POLICY.into(), key.policy.clone()),
+                        (KEY_EPOCH.into(), key.epoch.to_string()),
+                    ])),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(BTreeMap::from([
+                    ("key".into(), ByteString(material)),
+                    (
+                        "algorithm".into(),
+                        ByteString(key.algorithm.clone().into_bytes()),
+                    ),
+                    (
+                        "keyBits".into(),
+                        ByteString(key.key_bits.to_string().into_bytes()),
+                    ),
+                ])),
+                ..Default::default()
+            };
+            match secrets.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    self.metrics.key_secrets_made.inc();
+                    info!(policy = %key.policy, epoch = key.epoch, secret = %key.name, "IPsec key made");
+                }
+                // Made meanwhile (by this concern in an earlier term): never overwritten.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => {
+                    warn!(secret = %key.name, namespace = %self.keys_namespace, error = %e, "making an IPsec key Secret failed");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the key Secrets no node uses any more (those of invalid policies stay).
+    async fn delete_old_keys(
+        &self,
+        secrets: &Api<Secret>,
+        want: &Plan,
+        listed: &[PartialObjectMeta<Secret>],
+    ) -> Result<(), kube::Error> {
+        let wanted = |name: &str| want.key_secrets.iter().any(|k| k.name == name);
+        let kept = |s: &PartialObjectMeta<Secret>| {
+            s.annotations()
+                .get(KEY_POLICY)
+                .is_some_and(|p| want.keep_keys_of.contains(p))
+        };
+        let mut left = 0;
+        for old in listed.iter().filter(|s| !wanted(&s.name_any())) {
+            if kept(old) {
+                left += 1;
+                continue;
+            }
+            match secrets
+                .delete(&old.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => info!(secret = %old.name_any(), "IPsec key no node uses any more deleted"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.metrics
+            .key_secrets
+            .set((want.key_secrets.len() + left) as i64);
+        Ok(())
     }
 
     fn set_metrics(&self, want: &Plan) {
@@ -373,6 +492,7 @@ pub async fn run(ctx: runtime::Context, config: EncryptionConfig) -> anyhow::Res
         changes,
         metrics: Metrics::new(&ctx.metrics),
         manager: runtime::field_manager(NAME),
+        keys_namespace: config.ipsec_keys_namespace.clone(),
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())

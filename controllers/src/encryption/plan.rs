@@ -21,6 +21,13 @@
 //! says which nodes have not prepared yet; after [`ROTATION_STALL_SECONDS`] it turns
 //! `False`/`Stalled` (a node whose agent is down holds every rotation back, and traffic
 //! keeps the current keys meanwhile).
+//!
+//! IPsec uses the same two phases with a key per generation: the operator makes a `Secret`
+//! with a fresh random key for each generation ([`KeySecret`]; SPI [`spi_of`] the
+//! generation). Prepare: agents install the next generation's security associations beside
+//! the current ones and report it prepared; switch: they send with the new SPI, and remove
+//! the old associations after a grace period. Only nodes whose kernel can do ESP take part;
+//! the others make the policy `Unsupported`.
 
 use crate::policy::selector::Selector;
 use std::collections::BTreeMap;
@@ -36,6 +43,8 @@ pub const ROTATION_REQUEST: &str = "tendril.dev/rotation-request";
 pub const WIREGUARD: &str = "WireGuard";
 pub const IPSEC: &str = "IPsec";
 const DEFAULT_LISTEN_PORT: i32 = 51871;
+/// The IPsec algorithm of a policy that names none.
+pub const DEFAULT_IPSEC_ALGORITHM: &str = "rfc4106(gcm(aes))";
 /// The condition on a WireGuard policy that tells how its key rotation stands.
 pub const KEY_ROTATION: &str = "KeyRotation";
 /// How long a rotation may wait for every node to prepare before `KeyRotation` says
@@ -89,7 +98,7 @@ pub struct PolicyOutcome {
     pub served_request: Option<String>,
     /// Seconds until the next scheduled rotation.
     pub next_rotation_in: Option<i64>,
-    /// `KeyRotation` (WireGuard policies).
+    /// `KeyRotation`.
     pub rotation: Option<DesiredCondition>,
     /// Seconds until the rotation under way counts as stalled.
     pub rotation_stalls_in: Option<i64>,
@@ -101,6 +110,47 @@ pub struct Plan {
     /// of an invalid policy are left out: they keep what they had.
     pub nodes: BTreeMap<String, Option<NodeEncryption>>,
     pub policies: BTreeMap<String, PolicyOutcome>,
+    /// The IPsec key Secrets that must exist (made once, never rewritten); every other
+    /// key Secret is deleted, but those of `keep_keys_of`.
+    pub key_secrets: Vec<KeySecret>,
+    /// Invalid IPsec policies: their nodes keep what they had, so do their key Secrets.
+    pub keep_keys_of: Vec<String>,
+}
+
+/// An IPsec key of one policy and generation, held in a `Secret` the operator makes with a
+/// fresh random key; agents derive a key per direction and node pair from it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeySecret {
+    pub policy: String,
+    pub epoch: i64,
+    pub name: String,
+    /// The policy's `ipsec.algorithm` and `ipsec.keyBits` (defaults when unset).
+    pub algorithm: String,
+    pub key_bits: i32,
+}
+
+/// The security parameter index of key generation `epoch`: 1 to 15, round and round (the
+/// agent tells generations apart by SPI, and two are in use at most at once).
+pub fn spi_of(epoch: i64) -> u8 {
+    ((epoch - 1).rem_euclid(15) + 1) as u8
+}
+
+/// The name of the `Secret` holding `policy`'s IPsec key of generation `epoch`.
+pub fn key_secret_name(policy: &str, epoch: i64) -> String {
+    // Secret names are DNS subdomains of at most 253 characters.
+    let policy: String = policy.chars().take(200).collect();
+    format!("tendril-ipsec-{policy}-{epoch}")
+}
+
+/// Whether `node` takes part in a policy's key generations: it has an address and, for
+/// IPsec, a kernel that can do ESP (the others are `Unsupported` and never prepare).
+fn takes_part(node: &NodeInput, wireguard: bool) -> bool {
+    node.address.is_some()
+        && (wireguard
+            || node
+                .reported
+                .as_ref()
+                .is_some_and(|r| r.ipsec_supported == Some(true)))
 }
 
 fn validate(spec: &EncryptionPolicySpec) -> Result<Selector, String> {
@@ -114,6 +164,15 @@ fn validate(spec: &EncryptionPolicySpec) -> Result<Selector, String> {
         return Err(format!(
             "keyRotationIntervalSeconds {} is below 60",
             spec.key_rotation_interval_seconds
+        ));
+    }
+    if let Some(i) = spec.ipsec.as_ref().filter(|_| spec.mode == IPSEC)
+        && !i.algorithm.is_empty()
+        && i.algorithm != DEFAULT_IPSEC_ALGORITHM
+    {
+        return Err(format!(
+            "ipsec.algorithm {} is not implemented by Tendril's agents yet; use {DEFAULT_IPSEC_ALGORITHM}",
+            i.algorithm
         ));
     }
     if let Some(w) = &spec.wireguard
@@ -255,13 +314,7 @@ fn node_state(policy: &PolicyInput, node: &NodeInput, epoch: i64) -> EncryptionN
                 .unwrap_or_else(|| "the kernel cannot do ESP".into());
             return state(false, "Unsupported", Some(why));
         }
-        return state(
-            false,
-            "Unsupported",
-            Some("IPsec key distribution is not implemented by this operator".into()),
-        );
-    }
-    if r.public_key.is_none() {
+    } else if r.public_key.is_none() {
         return state(false, "NoKey", Some("no public key published yet".into()));
     }
     if r.key_epoch.unwrap_or(0) < epoch {
@@ -320,6 +373,9 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
     }
     for p in &order {
         if let Some(message) = invalid.get(p.name.as_str()) {
+            if p.spec.mode == IPSEC {
+                out.keep_keys_of.push(p.name.clone());
+            }
             out.policies.insert(
                 p.name.clone(),
                 PolicyOutcome {
@@ -341,14 +397,13 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
         }
         let members = selected.get(p.name.as_str()).cloned().unwrap_or_default();
         let wg = p.spec.mode == WIREGUARD;
-        // IPsec keys are not distributed by this operator yet: no generation to prepare.
-        let addressed = || members.iter().filter(|m| m.address.is_some());
+        let addressed = || members.iter().filter(|m| takes_part(m, wg));
         let rot = rotation(
             p,
             now,
-            |n| !wg || addressed().all(|m| prepared(m, n)),
+            |n| addressed().all(|m| prepared(m, n)),
             |a| {
-                !wg || addressed().all(|m| {
+                addressed().all(|m| {
                     m.reported
                         .as_ref()
                         .is_some_and(|r| r.key_epoch.unwrap_or(0) >= a)
@@ -356,9 +411,37 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             },
         );
         let epoch = rot.active;
-        // IPsec has no key generations here yet: no KeyRotation.
+        if !wg {
+            // The key in use, the one being prepared, and the previous one while a node
+            // still uses it (an agent that restarts then can install it again).
+            let behind = addressed().any(|m| {
+                m.reported
+                    .as_ref()
+                    .is_some_and(|r| r.key_epoch.unwrap_or(0) < epoch)
+            });
+            let first = if behind && epoch > 1 {
+                epoch - 1
+            } else {
+                epoch
+            };
+            let settings = p.spec.ipsec.clone().unwrap_or_default();
+            for e in first..=rot.next.unwrap_or(epoch) {
+                out.key_secrets.push(KeySecret {
+                    policy: p.name.clone(),
+                    epoch: e,
+                    name: key_secret_name(&p.name, e),
+                    algorithm: Some(settings.algorithm.clone())
+                        .filter(|a| !a.is_empty())
+                        .unwrap_or_else(|| DEFAULT_IPSEC_ALGORITHM.into()),
+                    key_bits: if settings.key_bits == 0 {
+                        128
+                    } else {
+                        settings.key_bits
+                    },
+                });
+            }
+        }
         let (key_rotation, rotation_stalls_in) = match rot.next {
-            _ if !wg => (None, None),
             Some(n) => {
                 let waiting: Vec<&str> = addressed()
                     .filter(|m| !prepared(m, n))
@@ -404,13 +487,19 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                     mode: p.spec.mode.clone(),
                     policy: Some(p.name.clone()),
                     wireguard_public_key: wg.then(|| key_of(n, epoch, true)).flatten(),
+                    spi: (!wg).then(|| spi_of(epoch)),
+                    key_secret: (!wg).then(|| key_secret_name(&p.name, epoch)),
+                    next_spi: rot.next.filter(|_| !wg).map(spi_of),
+                    next_key_secret: rot
+                        .next
+                        .filter(|_| !wg)
+                        .map(|e| key_secret_name(&p.name, e)),
                     key_epoch: Some(epoch),
-                    next_key_epoch: rot.next.filter(|_| wg),
+                    next_key_epoch: rot.next,
                     listen_port: wg.then_some(listen_port),
                     persistent_keepalive_seconds: wg
                         .then_some(wireguard.persistent_keepalive_seconds),
                     peers,
-                    ..Default::default()
                 }),
             );
         }

@@ -280,9 +280,117 @@ fn key_rotation_says_who_holds_a_rotation_back_and_when_it_stalled() {
         (1, Some(2)),
         "still held, nothing switched"
     );
-    // IPsec has no generations to prepare here: no KeyRotation.
+    // IPsec: only nodes whose kernel can do ESP take part; b cannot, a has prepared.
     p.spec.mode = IPSEC.into();
-    assert_eq!(plan(&[p], &nodes, NOW).policies["p"].rotation, None);
+    reported(&mut nodes[0], |r| r.ipsec_supported = Some(true));
+    let o = plan(&[p], &nodes, NOW + 100).policies["p"].clone();
+    assert_eq!((o.key_epoch, o.next_key_epoch), (2, None), "switched");
+    let c = o.rotation.unwrap();
+    assert_eq!((c.status, c.reason.as_str()), (true, "Idle"));
+}
+
+fn ipsec(p: &mut PolicyInput, nodes: &mut [NodeInput]) {
+    p.spec.mode = IPSEC.into();
+    p.spec.wireguard = None;
+    for n in nodes {
+        reported(n, |r| {
+            r.ipsec_supported = Some(true);
+            r.public_key = None;
+        });
+    }
+}
+
+#[test]
+fn ipsec_nodes_get_the_spi_and_key_secret_of_their_generation() {
+    let mut p = policy("p", None);
+    let mut nodes = [node("a", 1, Some("KA")), node("b", 2, Some("KB"))];
+    ipsec(&mut p, &mut nodes);
+    let o = plan(&[p.clone()], &nodes, NOW);
+    let a = o.nodes["a"].as_ref().unwrap();
+    assert_eq!(
+        (
+            a.spi,
+            a.key_secret.as_deref(),
+            a.next_spi,
+            a.wireguard_public_key.as_deref()
+        ),
+        (Some(1), Some("tendril-ipsec-p-1"), None, None)
+    );
+    assert_eq!(a.peers.len(), 1);
+    assert_eq!(a.peers[0].public_key, None);
+    assert_eq!(
+        o.key_secrets,
+        vec![KeySecret {
+            policy: "p".into(),
+            epoch: 1,
+            name: "tendril-ipsec-p-1".into(),
+            algorithm: "rfc4106(gcm(aes))".into(),
+            key_bits: 128,
+        }]
+    );
+    let ready = o.policies["p"].ready.clone().unwrap();
+    assert_eq!((ready.status, ready.reason.as_str()), (true, "Encrypted"));
+
+    // Rotation due: generation 2 is prepared with SPI 2 and its own Secret.
+    let o = plan(&[p.clone()], &nodes, NOW + 3600).policies["p"].clone();
+    assert_eq!((o.key_epoch, o.next_key_epoch), (1, Some(2)));
+    p.next_key_epoch = Some(2);
+    p.last_rotation = Some(NOW + 3600);
+    let o = plan(&[p.clone()], &nodes, NOW + 3601);
+    let a = o.nodes["a"].as_ref().unwrap();
+    assert_eq!(
+        (a.spi, a.next_spi, a.next_key_secret.as_deref()),
+        (Some(1), Some(2), Some("tendril-ipsec-p-2"))
+    );
+    let epochs: Vec<i64> = o.key_secrets.iter().map(|k| k.epoch).collect();
+    assert_eq!(epochs, [1, 2]);
+    // Both prepared: switch. a has switched, b not yet: the old key stays meanwhile.
+    for n in &mut nodes {
+        reported(n, |r| r.prepared_key_epoch = Some(2));
+    }
+    let o = plan(&[p.clone()], &nodes, NOW + 3602);
+    assert_eq!(o.policies["p"].key_epoch, 2);
+    assert_eq!(o.nodes["a"].as_ref().unwrap().spi, Some(2));
+    let epochs: Vec<i64> = o.key_secrets.iter().map(|k| k.epoch).collect();
+    assert_eq!(epochs, [1, 2]);
+    p.key_epoch = Some(2);
+    p.next_key_epoch = None;
+    for n in &mut nodes {
+        reported(n, |r| r.key_epoch = Some(2));
+    }
+    let o = plan(&[p], &nodes, NOW + 3603);
+    let epochs: Vec<i64> = o.key_secrets.iter().map(|k| k.epoch).collect();
+    assert_eq!(
+        epochs,
+        [2],
+        "the old key goes once every node uses the new one"
+    );
+}
+
+#[test]
+fn spis_go_round_one_to_fifteen_and_invalid_ipsec_policies_keep_their_keys() {
+    assert_eq!(
+        [1, 2, 15, 16, 17, 30, 31].map(spi_of),
+        [1, 2, 15, 1, 2, 15, 1]
+    );
+    let long = "x".repeat(253);
+    assert!(key_secret_name(&long, 12345).len() <= 253);
+    let mut p = policy("p", None);
+    let mut nodes = [node("a", 1, Some("KA"))];
+    ipsec(&mut p, &mut nodes);
+    p.spec.ipsec = Some(tendril_crds::v1alpha1::IPsecSettings {
+        algorithm: "cbc(aes)+hmac(sha256)".into(),
+        key_bits: 128,
+    });
+    let o = plan(&[p], &nodes, NOW);
+    assert!(o.key_secrets.is_empty());
+    assert_eq!(o.keep_keys_of, ["p"]);
+    let valid = &o.policies["p"].valid;
+    assert!(
+        !valid.status && valid.message.contains("not implemented"),
+        "{}",
+        valid.message
+    );
 }
 
 #[test]

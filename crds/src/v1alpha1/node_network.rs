@@ -65,9 +65,18 @@ pub struct NodeEncryption {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 15), extend("format" = "int32"))]
     pub spi: Option<u8>,
-    /// IPsec: name of the `Secret` in the operator namespace holding the key for `spi`.
+    /// IPsec: name of the `Secret` holding the key of generation `keyEpoch` (in the IPsec
+    /// keys namespace both the operator and the agents are configured with, by default
+    /// `tendril-ipsec-keys`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
+    /// IPsec, during a rotation: the security parameter index of generation `nextKeyEpoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 15), extend("format" = "int32"))]
+    pub next_spi: Option<u8>,
+    /// IPsec, during a rotation: the `Secret` holding the key of generation `nextKeyEpoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key_secret: Option<String>,
     /// WireGuard: this node's public key (base64) as its agent published it in
     /// `status.encryption.publicKey`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -19,13 +19,16 @@
 //!   routes switch once the operator says every node is prepared (see [`node`]).
 //! - MTU: the devices get the uplink's MTU minus [`routes::WIREGUARD_OVERHEAD`], and new
 //!   pods an MTU whose packets (with VXLAN in the overlay) fit through unfragmented.
-//! - IPsec: where the kernel lacks ESP the node reports it (the policy says `Unsupported`
-//!   with this node's reason); strict mode holds the peers' traffic back instead of
-//!   sending it in clear. [`xfrm`] builds the XFRM messages of the IPsec mode and its
-//!   rotation, and [`wg_netlink`] the kernel WireGuard's `WG_CMD_SET_DEVICE` (both over
-//!   [`nlmsg`], unit-tested to the byte): neither is sent on a kernel without the feature.
+//! - IPsec, where the kernel has ESP: [`ipsec`] computes the node's security associations
+//!   and policies from its spec and the key Secrets (a key per SA, derived), and takes
+//!   the kernel's XFRM tables there in an order that leaves no packet without an SA,
+//!   rotations included; [`xfrm`] is the bytes. Where the kernel lacks ESP the node
+//!   reports it (the policy says `Unsupported` with this node's reason). [`wg_netlink`]
+//!   builds the kernel WireGuard's `WG_CMD_SET_DEVICE` (over [`nlmsg`], unit-tested to the
+//!   byte); it is not sent yet.
 
 pub mod device;
+pub mod ipsec;
 pub mod keys;
 pub mod nlmsg;
 pub mod node;
@@ -75,8 +78,13 @@ pub struct EncryptionAgentConfig {
     /// The node's encryption is converged at least this often (seconds).
     pub resync_seconds: u64,
     /// After a key switch, the old generation's device keeps its peers this long (seconds)
-    /// for peers that switch later, then forgets them and its key.
+    /// for peers that switch later, then forgets them and its key. IPsec: the old
+    /// generation's security associations stay this long after the switch.
     pub rotation_grace_seconds: u64,
+    /// IPsec: the namespace of the key Secrets the operator makes (operator.yaml
+    /// `encryption.ipsecKeysNamespace`); the only Secrets of it the agent reads are those
+    /// its node's spec names.
+    pub ipsec_keys_namespace: String,
 }
 
 impl Default for EncryptionAgentConfig {
@@ -92,6 +100,7 @@ impl Default for EncryptionAgentConfig {
             device_threads: 2,
             resync_seconds: 10,
             rotation_grace_seconds: 30,
+            ipsec_keys_namespace: "tendril-ipsec-keys".into(),
         }
     }
 }

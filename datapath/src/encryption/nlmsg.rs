@@ -2,6 +2,8 @@
 //! and attributes (4-byte aligned, nested ones flagged `NLA_F_NESTED`). The XFRM and
 //! kernel-WireGuard messages are built with it, so their tests can check every byte.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_EXCL: u16 = 0x200;
@@ -106,6 +108,61 @@ pub fn ack(reply: &[u8]) -> Result<i32, String> {
     Ok(i32::from_ne_bytes([
         reply[16], reply[17], reply[18], reply[19],
     ]))
+}
+
+/// A netlink socket of one protocol (`NETLINK_XFRM`, `NETLINK_GENERIC`) in the network
+/// namespace of the thread that opens it, for requests answered by an ack.
+pub struct Socket(OwnedFd);
+
+impl Socket {
+    pub fn open(protocol: i32) -> std::io::Result<Self> {
+        // SAFETY: a plain socket call; the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                protocol,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nobody else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Sends `msg` (which asks for an ack) and reads the kernel's answer into `reply`: its
+    /// length.
+    pub fn exchange(&self, msg: &[u8], reply: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: sends our buffer on our socket (the kernel is the default destination).
+        let sent = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: receives into our buffer.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                reply.as_mut_ptr().cast(),
+                reply.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Sends `msg` and reads its ack: `Ok` or the kernel's error.
+    pub fn request(&self, msg: &[u8]) -> std::io::Result<()> {
+        let mut reply = [0u8; 4096];
+        let n = self.exchange(msg, &mut reply)?;
+        match ack(&reply[..n]).map_err(std::io::Error::other)? {
+            0 => Ok(()),
+            errno => Err(std::io::Error::from_raw_os_error(-errno)),
+        }
+    }
 }
 
 /// Reading native-endian fields of a message in tests.

@@ -19,10 +19,11 @@
 use super::probe::Capabilities;
 use super::routes::{self, SteeringPlan};
 use super::uapi::{self, DeviceState, Peer};
-use super::{EncryptionAgentConfig, WireGuardImplementation, device, keys};
+use super::{EncryptionAgentConfig, WireGuardImplementation, device, ipsec, keys, xfrm};
 use crate::agent::view::{Wake, wake_on};
 use crate::config::RoutingMode;
 use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -245,6 +246,43 @@ fn device_state<'a>(
     (want, keyed)
 }
 
+/// What IPsec encrypts between this node and each peer: native routing, the pod CIDRs
+/// pairwise; the overlay, the tunnel's UDP packets between the node addresses.
+fn ipsec_links(
+    local: Ipv4Addr,
+    local_pods: &[Ipv4Net],
+    peers: &[PeerPlan],
+    overlay_port: Option<u16>,
+) -> Vec<xfrm::PeerLink> {
+    let mut links = Vec::new();
+    for (peer, plan) in peers.iter().filter_map(|p| Some((p.address?, p))) {
+        match overlay_port {
+            Some(port) => links.push(xfrm::PeerLink {
+                local,
+                local_pods: Ipv4Net::from(local),
+                peer,
+                peer_pods: Ipv4Net::from(peer),
+                udp_dport: Some(port),
+            }),
+            None => {
+                for (mine, theirs) in local_pods
+                    .iter()
+                    .flat_map(|m| plan.cidrs.iter().map(move |t| (*m, *t)))
+                {
+                    links.push(xfrm::PeerLink {
+                        local,
+                        local_pods: mine,
+                        peer,
+                        peer_pods: theirs,
+                        udp_dport: None,
+                    });
+                }
+            }
+        }
+    }
+    links
+}
+
 fn node_ipv4(nn: &NodeNetwork) -> Option<Ipv4Addr> {
     nn.spec
         .addresses
@@ -286,11 +324,16 @@ impl EncryptionNode {
         tendril_runtime::store_ready(&store).await;
         let mut last: Option<NodeEncryptionStatus> = None;
         let mut switch = SwitchClock::default();
+        // What this process installed in the kernel's XFRM tables.
+        let mut ipsec_tables = ipsec::Tables::default();
         let resync = Duration::from_secs(self.config.resync_seconds.max(1));
         loop {
             let nn = store.get(&ObjectRef::new(&self.node_name));
             let status = match &nn {
-                Some(nn) => self.converge(nn, &caps, &implementation, &mut switch).await,
+                Some(nn) => {
+                    self.converge(nn, &caps, &implementation, &mut switch, &mut ipsec_tables)
+                        .await
+                }
                 None => None,
             };
             if let (Some(nn), Some(status)) = (&nn, status)
@@ -331,6 +374,7 @@ impl EncryptionNode {
         caps: &Capabilities,
         implementation: &Result<&'static str, String>,
         switch: &mut SwitchClock,
+        ipsec_tables: &mut ipsec::Tables,
     ) -> Option<NodeEncryptionStatus> {
         let mut status = NodeEncryptionStatus {
             wireguard_implementation: implementation.as_ref().ok().map(|i| i.to_string()),
@@ -361,11 +405,20 @@ impl EncryptionNode {
             (Some(_), Err(e)) => problem = Some(e.clone()),
             (None, _) => {
                 if let Some(s) = &spec {
-                    problem = Some(match &caps.esp {
-                        Err(e) => format!("IPsec unsupported on this node: {e}"),
-                        Ok(()) => "IPsec is not built into this agent yet".into(),
-                    });
-                    let _ = s;
+                    match &caps.esp {
+                        Err(e) => problem = Some(format!("IPsec unsupported on this node: {e}")),
+                        Ok(()) => {
+                            match self
+                                .converge_ipsec(s, nn, &peers, &mut status, switch, ipsec_tables)
+                                .await
+                            {
+                                Ok(()) => {
+                                    keyed = peers.iter().map(|p| p.address.is_some()).collect()
+                                }
+                                Err(e) => problem = Some(format!("IPsec: {e}")),
+                            }
+                        }
+                    }
                 } else {
                     // Deselected: no peer keeps a session.
                     for d in [&devices.active, &devices.standby] {
@@ -376,9 +429,12 @@ impl EncryptionNode {
                 }
             }
         }
+        // IPsec needs no steering: its policies select the traffic (and hold it back while
+        // an SA is missing).
         let steering: Vec<_> = peers
             .iter()
             .zip(&keyed)
+            .filter(|_| wireguard.is_some())
             .map(|(p, k)| (p.cidrs.clone(), p.address, *k))
             .collect();
         let (rules, routes) = routes::plan_routes(
@@ -386,7 +442,7 @@ impl EncryptionNode {
             self.config.tunnel_route_table,
             self.config.rule_priority,
             (self.routing_mode == RoutingMode::Overlay).then_some(self.tunnel_port),
-            self.config.strict_mode && spec.is_some(),
+            self.config.strict_mode && wireguard.is_some(),
             &steering,
         );
         let plan = SteeringPlan {
@@ -424,7 +480,7 @@ impl EncryptionNode {
             Ok(Err(e)) => problem = problem.or(Some(format!("routes: {e}"))),
             Err(e) => problem = problem.or(Some(format!("routes: {e}"))),
         }
-        let held = if self.config.strict_mode && spec.is_some() {
+        let held = if self.config.strict_mode && wireguard.is_some() {
             keyed.iter().filter(|k| !**k).count()
         } else {
             0
@@ -543,6 +599,87 @@ impl EncryptionNode {
             }
         }
         Ok((keyed, devices))
+    }
+
+    /// IPsec: the SAs and policies of the spec's generations (see [`ipsec`]); what the
+    /// kernel took is remembered in `tables`.
+    async fn converge_ipsec(
+        &self,
+        spec: &NodeEncryption,
+        nn: &NodeNetwork,
+        peers: &[PeerPlan],
+        status: &mut NodeEncryptionStatus,
+        switch: &mut SwitchClock,
+        tables: &mut ipsec::Tables,
+    ) -> Result<(), String> {
+        let local = node_ipv4(nn).ok_or("the node has no IPv4 InternalIP")?;
+        let epoch = spec.key_epoch.unwrap_or(1);
+        let current = self
+            .generation(epoch, spec.spi, spec.key_secret.as_deref())
+            .await?;
+        let next = match spec.next_key_epoch {
+            Some(e) => Some(
+                self.generation(e, spec.next_spi, spec.next_key_secret.as_deref())
+                    .await?,
+            ),
+            None => None,
+        };
+        let local_pods: Vec<Ipv4Net> = nn
+            .spec
+            .pod_cidrs
+            .iter()
+            .filter_map(|c| c.parse::<Ipv4Net>().ok())
+            .collect();
+        let overlay = (self.routing_mode == RoutingMode::Overlay).then_some(self.tunnel_port);
+        let links = ipsec_links(local, &local_pods, peers, overlay);
+        let want = ipsec::want(&links, &current, next.as_ref())?;
+        switch.observe(epoch);
+        let retire = !switch.within(Duration::from_secs(self.config.rotation_grace_seconds));
+        let steps = ipsec::steps(&want, tables, retire);
+        if !steps.is_empty() {
+            let netns = self.node_netns.clone();
+            let (done, result) = tokio::task::spawn_blocking(move || ipsec::apply(netns, steps))
+                .await
+                .map_err(|e| e.to_string())?;
+            for step in &done {
+                tables.apply(step);
+            }
+            tracing::info!(steps = done.len(), epoch, "IPsec tables converged");
+            result?;
+        }
+        status.key_epoch = Some(epoch);
+        if let Some(n) = next.as_ref().filter(|n| tables.holds_generation(&want, n)) {
+            status.next_key_epoch = Some(n.epoch);
+            status.prepared_key_epoch = Some(n.epoch);
+        }
+        Ok(())
+    }
+
+    /// Generation `epoch` with key id `spi` from the key Secret `secret`.
+    async fn generation(
+        &self,
+        epoch: i64,
+        spi: Option<u8>,
+        secret: Option<&str>,
+    ) -> Result<ipsec::Generation, String> {
+        let (Some(spi), Some(secret)) = (spi, secret) else {
+            return Err(format!(
+                "the spec names no SPI and key Secret for generation {epoch}"
+            ));
+        };
+        let namespace = &self.config.ipsec_keys_namespace;
+        let found = Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get(secret)
+            .await
+            .map_err(|e| format!("reading the key Secret {namespace}/{secret}: {e}"))?;
+        let data = found
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        ipsec::Generation::from_secret(epoch, spi, &data)
+            .map_err(|e| format!("key Secret {namespace}/{secret}: {e}"))
     }
 
     /// Sets what differs from `want` on the device; the peers with a handshake.

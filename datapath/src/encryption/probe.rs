@@ -6,7 +6,6 @@ use super::{nlmsg, xfrm};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// What the probes found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,25 +76,9 @@ fn wireguard_link() -> Result<(), String> {
     })
 }
 
-const NETLINK_XFRM: i32 = 6;
-
 fn esp_state() -> Result<(), String> {
-    // SAFETY: a plain socket call; the descriptor is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_XFRM,
-        )
-    };
-    if fd < 0 {
-        return Err(format!(
-            "no XFRM netlink socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: `fd` is a new descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let socket = nlmsg::Socket::open(xfrm::NETLINK_XFRM)
+        .map_err(|e| format!("no XFRM netlink socket: {e}"))?;
     let msg = xfrm::new_sa(
         &xfrm::Sa {
             src: Ipv4Addr::new(192, 0, 2, 1),
@@ -106,35 +89,7 @@ fn esp_state() -> Result<(), String> {
         },
         1,
     );
-    // SAFETY: sends our buffer on our socket (the kernel is the default destination).
-    let sent = unsafe { libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(format!(
-            "sending XFRM_MSG_NEWSA: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let mut reply = [0u8; 4096];
-    // SAFETY: receives into our buffer.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            reply.as_mut_ptr().cast(),
-            reply.len(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(format!(
-            "reading the XFRM answer: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    match nlmsg::ack(&reply[..n as usize])? {
-        0 => Ok(()),
-        errno => Err(format!(
-            "installing an ESP security association (rfc4106(gcm(aes))): {}",
-            std::io::Error::from_raw_os_error(-errno)
-        )),
-    }
+    socket
+        .request(&msg)
+        .map_err(|e| format!("installing an ESP security association (rfc4106(gcm(aes))): {e}"))
 }

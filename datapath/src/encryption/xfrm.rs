@@ -3,11 +3,8 @@
 //! AEAD `rfc4106(gcm(aes))` and SPI = key id, and policies that send the traffic between
 //! the pod CIDRs through them.
 //!
-//! Rotation to a new key id, with no packet in the window left without an SA:
-//! 1. add the new SAs (both directions; `reqid` = the new SPI) beside the old ones;
-//! 2. switch: update the `out` policy's template to the new `reqid` (the `in`/`fwd`
-//!    templates accept any `reqid`, so packets of either key are accepted meanwhile);
-//! 3. after the grace period, delete the old SAs.
+//! Which SAs and policies a node holds, and in which order they change (a rotation without
+//! a packet left without an SA), is [`super::ipsec`]'s; this module is the bytes.
 //!
 //! These messages are only sent where the kernel has ESP (probed at start, see
 //! [`super::probe`]); on the machines of this project it has not, and the policy says
@@ -17,6 +14,8 @@ use super::nlmsg::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 
+/// The netlink protocol of the XFRM tables.
+pub const NETLINK_XFRM: i32 = 6;
 pub const XFRM_MSG_NEWSA: u16 = 0x10;
 pub const XFRM_MSG_DELSA: u16 = 0x11;
 pub const XFRM_MSG_NEWPOLICY: u16 = 0x13;
@@ -67,11 +66,17 @@ pub struct Sa {
     pub mode: Mode,
 }
 
-/// `struct xfrm_selector` for IPv4 `src` → `dst`, any protocol and port.
-fn selector(src: Ipv4Net, dst: Ipv4Net) -> [u8; SELECTOR_LEN] {
+/// `struct xfrm_selector` for IPv4 `src` → `dst`: any protocol and port, or UDP to
+/// `udp_dport` only.
+fn selector(src: Ipv4Net, dst: Ipv4Net, udp_dport: Option<u16>) -> [u8; SELECTOR_LEN] {
     let mut s = [0u8; SELECTOR_LEN];
     s[0..4].copy_from_slice(&dst.network().octets()); // daddr
     s[16..20].copy_from_slice(&src.network().octets()); // saddr
+    if let Some(port) = udp_dport {
+        s[32..34].copy_from_slice(&port.to_be_bytes()); // dport
+        s[34..36].copy_from_slice(&u16::MAX.to_be_bytes()); // dport_mask
+        s[44] = libc::IPPROTO_UDP as u8; // proto
+    }
     s[40..42].copy_from_slice(&AF_INET.to_ne_bytes()); // family
     s[42] = dst.prefix_len(); // prefixlen_d
     s[43] = src.prefix_len(); // prefixlen_s
@@ -133,13 +138,15 @@ pub fn del_sa(dst: Ipv4Addr, spi: u32, seq: u32) -> Vec<u8> {
     Message::new(XFRM_MSG_DELSA, NLM_F_REQUEST | NLM_F_ACK, seq, &id).finish()
 }
 
-/// A policy: traffic `sel_src` → `sel_dst` in `dir` goes through ESP in tunnel mode
-/// between `tunnel_src` and `tunnel_dst`, with the SA of `reqid` (0: any).
+/// A policy: traffic `sel_src` → `sel_dst` (UDP to `udp_dport` only, when set) in `dir`
+/// goes through ESP in tunnel mode between `tunnel_src` and `tunnel_dst`, with the SA of
+/// `reqid` (0: any).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub dir: Direction,
     pub sel_src: Ipv4Net,
     pub sel_dst: Ipv4Net,
+    pub udp_dport: Option<u16>,
     pub tunnel_src: Ipv4Addr,
     pub tunnel_dst: Ipv4Addr,
     pub reqid: u32,
@@ -167,7 +174,7 @@ fn template(p: &Policy) -> [u8; USER_TMPL_LEN] {
 /// selector and direction in one step: the switch) for `p`.
 pub fn policy(p: &Policy, update: bool, seq: u32) -> Vec<u8> {
     let mut info = [0u8; USERPOLICY_INFO_LEN];
-    info[..SELECTOR_LEN].copy_from_slice(&selector(p.sel_src, p.sel_dst));
+    info[..SELECTOR_LEN].copy_from_slice(&selector(p.sel_src, p.sel_dst, p.udp_dport));
     info[56..120].copy_from_slice(&no_limits()); // lft
     info[152..156].copy_from_slice(&p.priority.to_ne_bytes());
     info[160] = p.dir as u8;
@@ -188,18 +195,21 @@ pub fn policy(p: &Policy, update: bool, seq: u32) -> Vec<u8> {
 /// `XFRM_MSG_DELPOLICY` of the policy of `p`'s selector and direction.
 pub fn del_policy(p: &Policy, seq: u32) -> Vec<u8> {
     let mut id = [0u8; USERPOLICY_ID_LEN];
-    id[..SELECTOR_LEN].copy_from_slice(&selector(p.sel_src, p.sel_dst));
+    id[..SELECTOR_LEN].copy_from_slice(&selector(p.sel_src, p.sel_dst, p.udp_dport));
     id[60] = p.dir as u8;
     Message::new(XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, &id).finish()
 }
 
-/// This node and one peer: addresses and pod CIDRs.
-#[derive(Clone, Debug)]
+/// This node and one peer: addresses, and what is encrypted between them: traffic
+/// between `local_pods` and `peer_pods` (native routing: the pod CIDRs; the overlay: the
+/// node addresses, UDP to the tunnel port `udp_dport`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerLink {
     pub local: Ipv4Addr,
     pub local_pods: Ipv4Net,
     pub peer: Ipv4Addr,
     pub peer_pods: Ipv4Net,
+    pub udp_dport: Option<u16>,
 }
 
 /// One change to the kernel's XFRM tables.
@@ -215,6 +225,7 @@ pub enum Step {
         dst: Ipv4Addr,
         spi: u32,
     },
+    DeletePolicy(Policy),
 }
 
 impl Step {
@@ -223,6 +234,7 @@ impl Step {
             Step::AddSa(sa) => new_sa(sa, seq),
             Step::SetPolicy { policy: p, update } => policy(p, *update, seq),
             Step::DeleteSa { dst, spi } => del_sa(*dst, *spi, seq),
+            Step::DeletePolicy(p) => del_policy(p, seq),
         }
     }
 }
@@ -233,6 +245,7 @@ pub fn policies(link: &PeerLink, reqid: u32, priority: u32) -> Vec<Policy> {
         dir: Direction::Out,
         sel_src: link.local_pods,
         sel_dst: link.peer_pods,
+        udp_dport: link.udp_dport,
         tunnel_src: link.local,
         tunnel_dst: link.peer,
         reqid,
@@ -242,93 +255,13 @@ pub fn policies(link: &PeerLink, reqid: u32, priority: u32) -> Vec<Policy> {
         dir,
         sel_src: link.peer_pods,
         sel_dst: link.local_pods,
+        udp_dport: link.udp_dport,
         tunnel_src: link.peer,
         tunnel_dst: link.local,
         reqid: 0,
         priority,
     };
     vec![out, inbound(Direction::In), inbound(Direction::Fwd)]
-}
-
-/// Both SAs of a peer under `spi` (`out_key` for what this node sends, `in_key` for what
-/// it receives: each node's key for its own direction, as the operator's Secret holds it).
-fn sas(link: &PeerLink, spi: u32, out_key: &[u8], in_key: &[u8]) -> [Sa; 2] {
-    [
-        Sa {
-            src: link.local,
-            dst: link.peer,
-            spi,
-            key: out_key.to_vec(),
-            mode: Mode::Tunnel,
-        },
-        Sa {
-            src: link.peer,
-            dst: link.local,
-            spi,
-            key: in_key.to_vec(),
-            mode: Mode::Tunnel,
-        },
-    ]
-}
-
-/// First installation for a peer: SAs, then policies (no policy ever points at a missing
-/// SA).
-pub fn install(
-    link: &PeerLink,
-    spi: u32,
-    out_key: &[u8],
-    in_key: &[u8],
-    priority: u32,
-) -> Vec<Step> {
-    let mut steps: Vec<Step> = sas(link, spi, out_key, in_key)
-        .into_iter()
-        .map(Step::AddSa)
-        .collect();
-    steps.extend(
-        policies(link, spi, priority)
-            .into_iter()
-            .map(|policy| Step::SetPolicy {
-                policy,
-                update: false,
-            }),
-    );
-    steps
-}
-
-/// A rotation from `old_spi` to `new_spi`: what to do now (add the new SAs, switch the
-/// `out` policy) and after the grace period (delete the old SAs).
-pub fn rotate(
-    link: &PeerLink,
-    old_spi: u32,
-    new_spi: u32,
-    out_key: &[u8],
-    in_key: &[u8],
-    priority: u32,
-) -> (Vec<Step>, Vec<Step>) {
-    let mut now: Vec<Step> = sas(link, new_spi, out_key, in_key)
-        .into_iter()
-        .map(Step::AddSa)
-        .collect();
-    now.extend(
-        policies(link, new_spi, priority)
-            .into_iter()
-            .filter(|p| p.dir == Direction::Out)
-            .map(|policy| Step::SetPolicy {
-                policy,
-                update: true,
-            }),
-    );
-    let later = vec![
-        Step::DeleteSa {
-            dst: link.peer,
-            spi: old_spi,
-        },
-        Step::DeleteSa {
-            dst: link.local,
-            spi: old_spi,
-        },
-    ];
-    (now, later)
 }
 
 #[cfg(test)]
@@ -342,6 +275,7 @@ mod tests {
             local_pods: "10.200.1.0/24".parse().unwrap(),
             peer: Ipv4Addr::new(10, 0, 0, 2),
             peer_pods: "10.200.2.0/24".parse().unwrap(),
+            udp_dport: None,
         }
     }
 
@@ -459,48 +393,18 @@ mod tests {
     }
 
     #[test]
-    fn a_rotation_adds_the_new_sas_switches_out_and_removes_the_old_later() {
-        let l = link();
-        let first = install(&l, 1, &[1; 20], &[2; 20], 100);
-        assert!(matches!(first[0], Step::AddSa(_)) && matches!(first[1], Step::AddSa(_)));
-        assert!(
-            first[2..]
-                .iter()
-                .all(|s| matches!(s, Step::SetPolicy { update: false, .. }))
-        );
-        let (now, later) = rotate(&l, 1, 2, &[3; 20], &[4; 20], 100);
-        assert_eq!(now.len(), 3);
-        let Step::AddSa(out) = &now[0] else {
-            panic!("{now:?}")
+    fn an_overlay_selector_takes_udp_to_the_tunnel_port_only() {
+        let overlay = PeerLink {
+            local_pods: "10.0.0.1/32".parse().unwrap(),
+            peer_pods: "10.0.0.2/32".parse().unwrap(),
+            udp_dport: Some(8472),
+            ..link()
         };
-        assert_eq!((out.src, out.dst, out.spi), (l.local, l.peer, 2));
-        assert_eq!(out.key, [3; 20]);
-        let Step::AddSa(inbound) = &now[1] else {
-            panic!("{now:?}")
-        };
-        assert_eq!(
-            (inbound.src, inbound.dst, inbound.key.as_slice()),
-            (l.peer, l.local, &[4u8; 20][..])
-        );
-        let Step::SetPolicy { policy: p, update } = &now[2] else {
-            panic!("{now:?}")
-        };
-        assert!(*update);
-        assert_eq!((p.dir, p.reqid), (Direction::Out, 2));
-        assert_eq!(u16_at(&now[2].message(7), 4), XFRM_MSG_UPDPOLICY);
-        assert_eq!(
-            later,
-            [
-                Step::DeleteSa {
-                    dst: l.peer,
-                    spi: 1
-                },
-                Step::DeleteSa {
-                    dst: l.local,
-                    spi: 1
-                }
-            ]
-        );
-        assert_eq!(u16_at(&later[0].message(8), 4), XFRM_MSG_DELSA);
+        let p = &policies(&overlay, 5, 100)[0];
+        let info = &policy(p, false, 1)[16..16 + 168];
+        assert_eq!(&info[32..34], &8472u16.to_be_bytes(), "dport");
+        assert_eq!(&info[34..36], &[0xff, 0xff], "dport_mask");
+        assert_eq!((info[42], info[43], info[44]), (32, 32, 17), "/32s, UDP");
+        assert_eq!(del_policy(p, 2)[16..16 + 56], info[..56]);
     }
 }
