@@ -3,11 +3,10 @@
 //!
 //! - At start, [`probe`] finds what the kernel can do (a `wireguard` link and an ESP
 //!   security association, each tried in a scratch network namespace), and the WireGuard
-//!   implementation is chosen: `auto` means the kernel's where it has one, else the
-//!   embedded userspace device ([`device`], boringtun). Driving the kernel's WireGuard over
-//!   netlink is not built yet: `auto` uses the userspace device everywhere for now. The choice and the IPsec
-//!   capability are published in `NodeNetwork.status.encryption` and
-//!   `tendril_encryption_wireguard_implementation`.
+//!   implementation is chosen ([`backend`]): `auto` means the kernel's where it has one
+//!   ([`wg_kernel`], generic netlink), else the embedded userspace device ([`device`],
+//!   boringtun). The choice and the IPsec capability are published in
+//!   `NodeNetwork.status.encryption` and `tendril_encryption_wireguard_implementation`.
 //! - When the node's `NodeNetwork.spec.encryption` selects WireGuard, [`node`] keeps the
 //!   key pair of the asked generation ([`keys`]: made here, 0600 under the state directory,
 //!   only the public key published), configures the device through the standard
@@ -24,9 +23,11 @@
 //!   the kernel's XFRM tables there in an order that leaves no packet without an SA,
 //!   rotations included; [`xfrm`] is the bytes. Where the kernel lacks ESP the node
 //!   reports it (the policy says `Unsupported` with this node's reason). [`wg_netlink`]
-//!   builds the kernel WireGuard's `WG_CMD_SET_DEVICE` (over [`nlmsg`], unit-tested to the
-//!   byte); it is not sent yet.
+//!   and [`wg_kernel`] are the kernel WireGuard's messages (over [`nlmsg`], unit-tested to
+//!   the byte). Neither IPsec nor kernel WireGuard has run on this project's machines
+//!   (their kernels have neither).
 
+pub mod backend;
 pub mod device;
 pub mod ipsec;
 pub mod keys;
@@ -35,6 +36,7 @@ pub mod node;
 pub mod probe;
 pub mod routes;
 pub mod uapi;
+pub mod wg_kernel;
 pub mod wg_netlink;
 pub mod xfrm;
 
@@ -44,11 +46,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum WireGuardImplementation {
-    /// The kernel's where it has WireGuard (once the agent drives it over netlink: not yet
-    /// built, so today always the userspace device).
+    /// The kernel's where it has WireGuard, else the userspace device.
     #[default]
     Auto,
-    /// The kernel module, over netlink (not built yet: refused at start).
+    /// The kernel module, over generic netlink (refused at start where the kernel has none).
     Kernel,
     /// The device embedded in the agent (boringtun).
     Userspace,

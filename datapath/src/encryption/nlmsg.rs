@@ -8,8 +8,11 @@ pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_EXCL: u16 = 0x200;
 pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 pub const NLMSG_ERROR: u16 = 2;
+pub const NLMSG_DONE: u16 = 3;
 
 /// A message under construction.
 #[derive(Clone, Debug)]
@@ -110,8 +113,37 @@ pub fn ack(reply: &[u8]) -> Result<i32, String> {
     ]))
 }
 
+/// The type of the message starting `m`.
+pub fn kind(m: &[u8]) -> u16 {
+    m.get(4..6).map_or(0, |b| u16::from_ne_bytes([b[0], b[1]]))
+}
+
+/// An `NLMSG_ERROR` message as a result: its errno, or `Ok` for an ack.
+pub fn check(m: &[u8]) -> std::io::Result<()> {
+    match ack(m).map_err(std::io::Error::other)? {
+        0 => Ok(()),
+        errno => Err(std::io::Error::from_raw_os_error(-errno)),
+    }
+}
+
+/// The attributes in `b`: (type without the nested and byte-order flags, value).
+pub fn attributes(b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 4 <= b.len() {
+        let len = usize::from(u16::from_ne_bytes([b[at], b[at + 1]]));
+        if len < 4 || at + len > b.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([b[at + 2], b[at + 3]]) & NLA_TYPE_MASK;
+        out.push((kind, &b[at + 4..at + len]));
+        at += align4(len);
+    }
+    out
+}
+
 /// A netlink socket of one protocol (`NETLINK_XFRM`, `NETLINK_GENERIC`) in the network
-/// namespace of the thread that opens it, for requests answered by an ack.
+/// namespace of the thread that opens it.
 pub struct Socket(OwnedFd);
 
 impl Socket {
@@ -131,20 +163,22 @@ impl Socket {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Sends `msg` (which asks for an ack) and reads the kernel's answer into `reply`: its
-    /// length.
-    pub fn exchange(&self, msg: &[u8], reply: &mut [u8]) -> std::io::Result<usize> {
+    fn send(&self, msg: &[u8]) -> std::io::Result<()> {
         // SAFETY: sends our buffer on our socket (the kernel is the default destination).
         let sent = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
         if sent < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    fn receive(&self, buffer: &mut [u8]) -> std::io::Result<usize> {
         // SAFETY: receives into our buffer.
         let n = unsafe {
             libc::recv(
                 self.0.as_raw_fd(),
-                reply.as_mut_ptr().cast(),
-                reply.len(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
                 0,
             )
         };
@@ -154,14 +188,40 @@ impl Socket {
         Ok(n as usize)
     }
 
-    /// Sends `msg` and reads its ack: `Ok` or the kernel's error.
-    pub fn request(&self, msg: &[u8]) -> std::io::Result<()> {
-        let mut reply = [0u8; 4096];
-        let n = self.exchange(msg, &mut reply)?;
-        match ack(&reply[..n]).map_err(std::io::Error::other)? {
-            0 => Ok(()),
-            errno => Err(std::io::Error::from_raw_os_error(-errno)),
+    /// Sends `msg` and reads every message of the answer: a dump's up to `NLMSG_DONE`, a
+    /// request's up to its ack or error.
+    pub fn messages(&self, msg: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
+        self.send(msg)?;
+        let mut out = Vec::new();
+        let mut buffer = vec![0u8; 65536];
+        loop {
+            let n = self.receive(&mut buffer)?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let len = u32::from_ne_bytes([
+                    buffer[at],
+                    buffer[at + 1],
+                    buffer[at + 2],
+                    buffer[at + 3],
+                ]) as usize;
+                if len < 16 || at + len > n {
+                    break;
+                }
+                let m = buffer[at..at + len].to_vec();
+                let last = matches!(kind(&m), NLMSG_DONE | NLMSG_ERROR);
+                out.push(m);
+                if last {
+                    return Ok(out);
+                }
+                at += align4(len);
+            }
         }
+    }
+
+    /// Sends `msg` (which asks for an ack) and reads the ack: `Ok` or the kernel's error.
+    pub fn request(&self, msg: &[u8]) -> std::io::Result<()> {
+        let answer = self.messages(msg)?;
+        answer.last().map_or(Ok(()), |m| check(m))
     }
 }
 

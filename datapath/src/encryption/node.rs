@@ -16,10 +16,11 @@
 //!   node's old device, which keeps its peers for `rotationGraceSeconds`, after which its
 //!   peers are removed and its key overwritten.
 
+use super::backend::Backend;
 use super::probe::Capabilities;
 use super::routes::{self, SteeringPlan};
-use super::uapi::{self, DeviceState, Peer};
-use super::{EncryptionAgentConfig, WireGuardImplementation, device, ipsec, keys, xfrm};
+use super::uapi::{DeviceState, Peer};
+use super::{EncryptionAgentConfig, WireGuardImplementation, ipsec, keys, xfrm};
 use crate::agent::view::{Wake, wake_on};
 use crate::config::RoutingMode;
 use ipnet::{IpNet, Ipv4Net};
@@ -42,7 +43,6 @@ use tendril_runtime::{Metrics, apply_body, apply_status};
 use tokio_util::sync::CancellationToken;
 
 pub const FIELD_MANAGER: &str = "tendril-agent-encryption";
-const USERSPACE: &str = "userspace";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ImplementationLabel {
@@ -118,17 +118,19 @@ pub fn pod_mtu(device_mtu: u32, overlay: bool) -> u32 {
     }
 }
 
-/// The implementation to use, or why none can be.
-pub fn choose(
-    wanted: WireGuardImplementation,
-    caps: &Capabilities,
-) -> Result<&'static str, String> {
-    match wanted {
-        WireGuardImplementation::Userspace | WireGuardImplementation::Auto => Ok(USERSPACE),
-        WireGuardImplementation::Kernel => Err(match &caps.kernel_wireguard {
-            Err(e) => format!("kernel WireGuard asked for, but the kernel has none ({e})"),
-            Ok(()) => "kernel WireGuard asked for, but this agent cannot drive it yet".into(),
-        }),
+/// The implementation to use, or why none can be: `auto` is the kernel's where it has
+/// WireGuard, else the embedded device.
+pub fn choose(wanted: WireGuardImplementation, caps: &Capabilities) -> Result<Backend, String> {
+    match (wanted, &caps.kernel_wireguard) {
+        (WireGuardImplementation::Userspace, _) | (WireGuardImplementation::Auto, Err(_)) => {
+            Ok(Backend::Userspace)
+        }
+        (WireGuardImplementation::Auto | WireGuardImplementation::Kernel, Ok(())) => {
+            Ok(Backend::Kernel)
+        }
+        (WireGuardImplementation::Kernel, Err(e)) => Err(format!(
+            "kernel WireGuard asked for, but the kernel has none ({e})"
+        )),
     }
 }
 
@@ -311,7 +313,7 @@ impl EncryptionNode {
             self.metrics
                 .implementation
                 .get_or_create(&ImplementationLabel {
-                    implementation: i.to_string(),
+                    implementation: i.name().to_string(),
                 })
                 .set(1);
         }
@@ -372,12 +374,12 @@ impl EncryptionNode {
         &self,
         nn: &NodeNetwork,
         caps: &Capabilities,
-        implementation: &Result<&'static str, String>,
+        implementation: &Result<Backend, String>,
         switch: &mut SwitchClock,
         ipsec_tables: &mut ipsec::Tables,
     ) -> Option<NodeEncryptionStatus> {
         let mut status = NodeEncryptionStatus {
-            wireguard_implementation: implementation.as_ref().ok().map(|i| i.to_string()),
+            wireguard_implementation: implementation.as_ref().ok().map(|i| i.name().to_string()),
             ipsec_supported: Some(caps.esp.is_ok()),
             ipsec_unsupported_reason: caps.esp.clone().err(),
             ..Default::default()
@@ -392,10 +394,15 @@ impl EncryptionNode {
             active: self.config.device_of(1),
             standby: self.config.device_of(2),
         };
+        let backend = implementation
+            .as_ref()
+            .copied()
+            .unwrap_or(Backend::Userspace);
+        let netns = self.node_netns.as_deref();
         match (wireguard, implementation) {
-            (Some(spec), Ok(_)) => {
+            (Some(spec), Ok(backend)) => {
                 match self
-                    .converge_device(spec, &peers, &mut status, switch)
+                    .converge_device(*backend, spec, &peers, &mut status, switch)
                     .await
                 {
                     Ok((k, d)) => (keyed, devices) = (k, d),
@@ -422,8 +429,8 @@ impl EncryptionNode {
                 } else {
                     // Deselected: no peer keeps a session.
                     for d in [&devices.active, &devices.standby] {
-                        if device::running(d) {
-                            let _ = self.configure(d, &DeviceState::default(), true);
+                        if backend.running(netns, d) {
+                            let _ = self.configure(backend, d, &DeviceState::default(), true);
                         }
                     }
                 }
@@ -446,7 +453,9 @@ impl EncryptionNode {
             &steering,
         );
         let plan = SteeringPlan {
-            standby: device::running(&devices.standby).then(|| devices.standby.clone()),
+            standby: backend
+                .running(netns, &devices.standby)
+                .then(|| devices.standby.clone()),
             interface: devices.active,
             mtu: self.config.mtu,
             node_ip: node_ipv4(nn),
@@ -503,8 +512,8 @@ impl EncryptionNode {
     }
 
     /// Starts `interface` unless it runs.
-    async fn ensure_device(&self, interface: &str) -> Result<(), String> {
-        if device::running(interface) {
+    async fn ensure_device(&self, backend: Backend, interface: &str) -> Result<(), String> {
+        if backend.running(self.node_netns.as_deref(), interface) {
             return Ok(());
         }
         let (netns, threads, name) = (
@@ -512,10 +521,10 @@ impl EncryptionNode {
             self.config.device_threads,
             interface.to_string(),
         );
-        tokio::task::spawn_blocking(move || device::start(netns.as_deref(), &name, threads))
+        tokio::task::spawn_blocking(move || backend.start(netns.as_deref(), &name, threads))
             .await
             .map_err(|e| e.to_string())??;
-        tracing::info!(%interface, "userspace WireGuard device started");
+        tracing::info!(%interface, implementation = backend.name(), "WireGuard device started");
         Ok(())
     }
 
@@ -523,6 +532,7 @@ impl EncryptionNode {
     /// device in use sends to.
     async fn converge_device(
         &self,
+        backend: Backend,
         spec: &NodeEncryption,
         peers: &[PeerPlan],
         status: &mut NodeEncryptionStatus,
@@ -555,37 +565,38 @@ impl EncryptionNode {
             active: self.config.device_of(ring.active.epoch),
             standby: self.config.device_of(ring.active.epoch + 1),
         };
-        self.ensure_device(&devices.active).await?;
+        self.ensure_device(backend, &devices.active).await?;
         let (want, keyed) = device_state(
             &ring.active,
             port_of(listen_port, ring.active.epoch),
             peers.iter().map(|p| (p, p.key)),
             keepalive,
         );
-        let handshakes = self.configure(&devices.active, &want, false)?;
+        let handshakes = self.configure(backend, &devices.active, &want, false)?;
         self.metrics.handshakes.set(handshakes as i64);
         if let Some(next) = &ring.next {
             // Prepare: the next pair on the standby device with every peer's next key, so
             // either side may start using the new generation first.
             status.next_public_key = Some(next.public_base64());
             status.next_key_epoch = Some(next.epoch);
-            self.ensure_device(&devices.standby).await?;
+            self.ensure_device(backend, &devices.standby).await?;
             let (want, next_keyed) = device_state(
                 next,
                 port_of(listen_port, next.epoch),
                 peers.iter().map(|p| (p, p.next_key)),
                 keepalive,
             );
-            self.configure(&devices.standby, &want, false)?;
+            self.configure(backend, &devices.standby, &want, false)?;
             if next_keyed.iter().all(|k| *k) {
                 status.prepared_key_epoch = Some(next.epoch);
             }
-        } else if device::running(&devices.standby)
+        } else if backend.running(self.node_netns.as_deref(), &devices.standby)
             && !switch.within(Duration::from_secs(self.config.rotation_grace_seconds))
         {
             // The old generation's device after the grace period: no peer, and its
             // private key overwritten by a throwaway one.
-            let current = uapi::get(&devices.standby)
+            let current = backend
+                .get(self.node_netns.as_deref(), &devices.standby)
                 .map_err(|e| format!("reading {}: {e}", devices.standby))?;
             if !current.peers.is_empty() {
                 let throwaway = keys::KeyPair::generate(0).map_err(|e| e.to_string())?;
@@ -594,7 +605,7 @@ impl EncryptionNode {
                     listen_port: current.listen_port,
                     ..Default::default()
                 };
-                self.configure(&devices.standby, &want, false)?;
+                self.configure(backend, &devices.standby, &want, false)?;
                 tracing::info!(interface = %devices.standby, "old key generation retired");
             }
         }
@@ -685,18 +696,24 @@ impl EncryptionNode {
     /// Sets what differs from `want` on the device; the peers with a handshake.
     fn configure(
         &self,
+        backend: Backend,
         interface: &str,
         want: &DeviceState,
         keep_key: bool,
     ) -> Result<usize, String> {
-        let current = uapi::get(interface).map_err(|e| format!("reading {interface}: {e}"))?;
+        let netns = self.node_netns.as_deref();
+        let current = backend
+            .get(netns, interface)
+            .map_err(|e| format!("reading {interface}: {e}"))?;
         let mut want = want.clone();
         if keep_key {
             want.private_key = current.private_key;
             want.listen_port = current.listen_port;
         }
-        if let Some(request) = uapi::set_request(&current, &want) {
-            uapi::set(interface, &request).map_err(|e| format!("configuring {interface}: {e}"))?;
+        if backend
+            .set(netns, interface, &current, &want)
+            .map_err(|e| format!("configuring {interface}: {e}"))?
+        {
             tracing::info!(%interface, peers = want.peers.len(), "WireGuard device configured");
         }
         Ok(current
@@ -710,6 +727,25 @@ impl EncryptionNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_takes_the_kernels_wireguard_where_there_is_one() {
+        let caps = |kernel: bool| Capabilities {
+            kernel_wireguard: if kernel {
+                Ok(())
+            } else {
+                Err("no module".into())
+            },
+            esp: Err("no ESP".into()),
+        };
+        use WireGuardImplementation::*;
+        assert_eq!(choose(Auto, &caps(true)), Ok(Backend::Kernel));
+        assert_eq!(choose(Auto, &caps(false)), Ok(Backend::Userspace));
+        assert_eq!(choose(Userspace, &caps(true)), Ok(Backend::Userspace));
+        assert_eq!(choose(Kernel, &caps(true)), Ok(Backend::Kernel));
+        let refused = choose(Kernel, &caps(false)).unwrap_err();
+        assert!(refused.contains("no module"), "{refused}");
+    }
 
     #[test]
     fn generations_alternate_between_two_devices_and_ports() {

@@ -27,7 +27,7 @@ pub struct Peer {
 impl Peer {
     /// The endpoint is left out: the device follows a peer that roams, and replacing the
     /// peer for that would end its session.
-    fn same_config(&self, other: &Peer) -> bool {
+    pub fn same_config(&self, other: &Peer) -> bool {
         self.allowed_ips == other.allowed_ips && self.keepalive == other.keepalive
     }
 }
