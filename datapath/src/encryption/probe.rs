@@ -2,9 +2,7 @@
 //! that unshares its own, so nothing of the node is touched): create a `wireguard` link,
 //! install an ESP security association.
 
-use super::{nlmsg, xfrm};
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use super::{nlmsg, wg_kernel, xfrm};
 use std::net::Ipv4Addr;
 
 /// What the probes found.
@@ -41,39 +39,16 @@ pub fn probe() -> Capabilities {
     })
 }
 
+/// A `wireguard` link, made in the scratch namespace (the thread `run_in` starts inherits
+/// it), and the kernel's generic-netlink family the agent would drive it with.
 fn wireguard_link() -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
-        tokio::spawn(connection);
-        let mut message = LinkMessage::default();
-        message
-            .attributes
-            .push(LinkAttribute::IfName("wgprobe".into()));
-        message
-            .attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
-                InfoKind::Wireguard,
-            )]));
-        handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(|e| format!("creating a wireguard link: {e}"))?;
-        let _: Vec<_> = handle
-            .link()
-            .get()
-            .match_name("wgprobe")
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(())
-    })
+    wg_kernel::create(None, "wgprobe")?;
+    if !wg_kernel::running(None, "wgprobe") {
+        return Err("the wireguard link made is not there".into());
+    }
+    wg_kernel::probe(None)
+        .map(drop)
+        .map_err(|e| format!("the wireguard generic-netlink family: {e}"))
 }
 
 fn esp_state() -> Result<(), String> {
