@@ -10,7 +10,9 @@
 //! it prepared (`KeyRotation` names `b` while it has not), and the nodes are `KeyOutdated`
 //! until their agents report the switch. `b` loses its label: it leaves
 //! `a`'s peers and loses its `encryption`. A selector with an unknown operator is
-//! `Valid=False` (`InvalidSpec`) naming the field.
+//! `Valid=False` (`InvalidSpec`) naming the field. `unselectedNodes: Encrypt` makes the
+//! unselected node `c` a peer of the selected ones (and they of it), `Clear` undoes it.
+//! IPsec: key Secrets made, rotated and deleted (see [`ipsec_keys`]).
 //!
 //! Run `cargo build -p tendril-controllers --bins` first: the test spawns the binary.
 
@@ -128,7 +130,8 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
     let policy: EncryptionPolicy = serde_json::from_value(json!({
         "apiVersion": "tendril.dev/v1alpha1", "kind": "EncryptionPolicy",
         "metadata": {"name": name},
-        "spec": {"mode": "WireGuard", "nodeSelector": {"matchLabels": {"encrypt": label}}},
+        "spec": {"mode": "WireGuard", "nodeSelector": {"matchLabels": {"encrypt": label}},
+                 "unselectedNodes": "Clear"},
     }))?;
     policies.create(&PostParams::default(), &policy).await?;
     let b_cidr = networks.get(&names[1]).await?.spec.pod_cidrs[0].clone();
@@ -177,6 +180,66 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
         status.key_epoch == Some(1) && status.nodes.len() == 2,
         "{status:?}"
     );
+
+    // unselectedNodes: Encrypt (the default) — c, selected by nothing, encrypts to a and
+    // b and they to it; back to Clear, it leaves them.
+    let unselected = |mode: &str| Patch::Merge(json!({"spec": {"unselectedNodes": mode}}));
+    policies
+        .patch(&name, &PatchParams::default(), &unselected("Encrypt"))
+        .await?;
+    let c = wait_until(
+        &networks,
+        &names[2],
+        "c encrypts to a and b",
+        |nn: &NodeNetwork| {
+            nn.spec
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.peers.len() == 2)
+        },
+    )
+    .await?;
+    ensure!(
+        c.spec.encryption.unwrap().wireguard_public_key.as_deref() == Some("key-2-gen1"),
+        "c's own key"
+    );
+    let c_name = names[2].clone();
+    wait_until(
+        &networks,
+        &names[0],
+        "a lists c",
+        move |nn: &NodeNetwork| {
+            nn.spec
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.peers.iter().any(|p| p.node == c_name))
+        },
+    )
+    .await?;
+    wait_until(
+        &policies,
+        &name,
+        "3 nodes encrypt",
+        |p: &EncryptionPolicy| p.status.as_ref().and_then(|s| s.encrypted_nodes) == Some(3),
+    )
+    .await?;
+    policies
+        .patch(&name, &PatchParams::default(), &unselected("Clear"))
+        .await?;
+    wait_until(
+        &networks,
+        &names[2],
+        "c in clear again",
+        |nn: &NodeNetwork| nn.spec.encryption.is_none(),
+    )
+    .await?;
+    wait_until(&networks, &names[0], "a without c", |nn: &NodeNetwork| {
+        nn.spec
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.peers.len() == 1)
+    })
+    .await?;
 
     // Rotation, phase 1: generation 2 is prepared while 1 stays in use (still Ready).
     policies

@@ -43,6 +43,8 @@ pub const ROTATION_REQUEST: &str = "tendril.dev/rotation-request";
 pub const WIREGUARD: &str = "WireGuard";
 pub const IPSEC: &str = "IPsec";
 const DEFAULT_LISTEN_PORT: i32 = 51871;
+/// `unselectedNodes` that leaves unselected nodes' traffic in clear.
+pub const UNSELECTED_CLEAR: &str = "Clear";
 /// The IPsec algorithm of a policy that names none.
 pub const DEFAULT_IPSEC_ALGORITHM: &str = "rfc4106(gcm(aes))";
 /// The condition on a WireGuard policy that tells how its key rotation stands.
@@ -361,6 +363,23 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             }
         }
     }
+    // The nodes no policy selects but that run an agent encrypt to the nodes of the oldest
+    // valid policy that asks for it (`unselectedNodes: Encrypt`), and those to them.
+    let mut associates: BTreeMap<&str, Vec<&NodeInput>> = BTreeMap::new();
+    if let Some(p) = order.iter().find(|p| {
+        !invalid.contains_key(p.name.as_str())
+            && p.spec.unselected_nodes != UNSELECTED_CLEAR
+            && selected.contains_key(p.name.as_str())
+    }) {
+        let unowned: Vec<&NodeInput> = nodes
+            .iter()
+            .filter(|n| !owner.contains_key(n.name.as_str()) && n.reported.is_some())
+            .collect();
+        for n in &unowned {
+            owner.insert(&n.name, &p.name);
+        }
+        associates.insert(&p.name, unowned);
+    }
     // A node of an invalid policy keeps what it has: it is neither written nor cleared,
     // unless a valid policy has it now.
     if invalid.is_empty() {
@@ -396,8 +415,11 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             continue;
         }
         let members = selected.get(p.name.as_str()).cloned().unwrap_or_default();
+        let associated = associates.get(p.name.as_str()).cloned().unwrap_or_default();
+        // Everyone that encrypts with this policy's keys: its nodes and its associates.
+        let everyone: Vec<&NodeInput> = members.iter().chain(&associated).copied().collect();
         let wg = p.spec.mode == WIREGUARD;
-        let addressed = || members.iter().filter(|m| takes_part(m, wg));
+        let addressed = || everyone.iter().filter(|m| takes_part(m, wg));
         let rot = rotation(
             p,
             now,
@@ -467,8 +489,11 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
         } else {
             DEFAULT_LISTEN_PORT
         };
-        for n in &members {
-            let peers = members
+        for n in &everyone {
+            // An associate's peers are the selected nodes only: two unselected nodes talk
+            // in clear.
+            let is_member = members.iter().any(|m| m.name == n.name);
+            let mut peers: Vec<EncryptionPeer> = (if is_member { &everyone } else { &members })
                 .iter()
                 .filter(|m| m.name != n.name)
                 .filter_map(|m| {
@@ -481,6 +506,7 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
                     })
                 })
                 .collect();
+            peers.sort();
             out.nodes.insert(
                 n.name.clone(),
                 Some(NodeEncryption {
@@ -504,7 +530,7 @@ pub fn plan(policies: &[PolicyInput], nodes: &[NodeInput], now: i64) -> Plan {
             );
         }
         let states: Vec<EncryptionNodeState> =
-            members.iter().map(|n| node_state(p, n, epoch)).collect();
+            everyone.iter().map(|n| node_state(p, n, epoch)).collect();
         let encrypted = states.iter().filter(|s| s.ready).count() as i64;
         let ready = ready_condition(&p.spec.mode, &states, lost.get(p.name.as_str()));
         out.policies.insert(

@@ -77,17 +77,57 @@ fn every_selected_node_gets_the_others_as_peers_with_pod_cidrs_and_address() {
 }
 
 #[test]
-fn unselected_nodes_lose_their_encryption_and_are_no_ones_peer() {
+fn unselected_nodes_in_clear_lose_their_encryption_and_are_no_ones_peer() {
     let mut b = node("b", 2, Some("KB"));
     b.labels.clear();
     let nodes = [node("a", 1, Some("KA")), b, node("c", 3, Some("KC"))];
-    let plan = plan(&[policy("p", Some(("enc", "yes")))], &nodes, NOW);
+    let mut p = policy("p", Some(("enc", "yes")));
+    p.spec.unselected_nodes = UNSELECTED_CLEAR.into();
+    let plan = plan(&[p], &nodes, NOW);
     assert_eq!(plan.nodes["b"], None);
     let a = plan.nodes["a"].as_ref().unwrap();
     assert!(a.peers.iter().all(|p| p.node != "b"));
     let ready = plan.policies["p"].ready.clone().unwrap();
     assert!(ready.status, "{ready:?}");
     assert_eq!(plan.policies["p"].encrypted_nodes, 2);
+}
+
+#[test]
+fn unselected_nodes_encrypt_to_the_selected_ones_by_default_but_not_to_each_other() {
+    let mut b = node("b", 2, Some("KB"));
+    b.labels.clear();
+    let mut d = node("d", 4, Some("KD"));
+    d.labels.clear();
+    let mut no_agent = node("e", 5, None);
+    no_agent.labels.clear();
+    no_agent.reported = None;
+    let nodes = [
+        node("a", 1, Some("KA")),
+        b,
+        node("c", 3, Some("KC")),
+        d,
+        no_agent,
+    ];
+    let plan = plan(&[policy("p", Some(("enc", "yes")))], &nodes, NOW);
+    let peers_of = |n: &str| -> Vec<String> {
+        plan.nodes[n]
+            .as_ref()
+            .unwrap()
+            .peers
+            .iter()
+            .map(|p| p.node.clone())
+            .collect()
+    };
+    assert_eq!(peers_of("a"), ["b", "c", "d"]);
+    assert_eq!(
+        peers_of("b"),
+        ["a", "c"],
+        "not d: two unselected nodes talk in clear"
+    );
+    assert_eq!(plan.nodes["e"], None, "no agent, nothing to encrypt with");
+    let o = &plan.policies["p"];
+    assert_eq!(o.encrypted_nodes, 4);
+    assert!(o.ready.as_ref().unwrap().status);
 }
 
 #[test]

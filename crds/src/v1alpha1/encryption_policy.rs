@@ -49,6 +49,17 @@ pub struct EncryptionPolicySpec {
     /// WireGuard settings (mode `WireGuard` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard: Option<WireGuardSettings>,
+    /// Traffic between a selected node and a node no policy selects (but that runs an
+    /// agent): `Encrypt` (the default: that node encrypts to this policy's nodes and they to
+    /// it; two unselected nodes still talk in clear) or `Clear` (sent in clear both ways).
+    /// The oldest policy that encrypts it takes an unselected node.
+    #[serde(default = "encrypt")]
+    #[schemars(extend("enum" = ["Encrypt", "Clear"]))]
+    pub unselected_nodes: String,
+}
+
+fn encrypt() -> String {
+    "Encrypt".into()
 }
 
 fn day() -> i64 {
