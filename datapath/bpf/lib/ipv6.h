@@ -454,12 +454,14 @@ static __noinline int from_container6(struct __sk_buff *skb)
 		if (rc != TC_ACT_OK)
 			return rc;
 	}
+	/* The host stack routes it; the mark tells to_container6 (or, across
+	 * nodes, to_overlay: the VNI) who sent it, also when this node does not
+	 * judge IPv6, so a pod is never taken for the node itself. */
+	skb->mark = identity_to_mark(src_ep->identity);
 	if (!ipv6_policy_enforced()) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
 		return TC_ACT_OK;
 	}
-	/* The host stack routes it; the mark tells to_container6 who sent it. */
-	skb->mark = identity_to_mark(src_ep->identity);
 	if (!dst_info)
 		metrics_count(skb, REASON_TO_STACK_UNKNOWN, DIR_EGRESS);
 	else if (dst_info->flags & IPCACHE_F_LOCAL_NODE)
