@@ -528,3 +528,42 @@ fn icmpv6_neighbour_discovery_and_the_errors_rfc_4890_keeps_pass_a_default_deny(
     let policy_drops = node.count(MetricReason::DropPolicy, IN);
     assert_eq!(policy_drops, 4, "each judged packet counted once");
 }
+
+/// As IPv4's `later_fragments_are_judged_with_the_ports_of_the_first` (bpf_policy.rs):
+/// a non-first IPv6 fragment carries no UDP header, so it gets the ports its first
+/// fragment recorded in `ipv6_frags`, or none if that was never seen.
+#[test]
+fn later_ipv6_fragments_are_judged_with_the_ports_of_the_first() {
+    let case = Case {
+        name: "UDP 53 from the remote pod",
+        entries: vec![(rule(IN, ID_PEER, PROTO_UDP, 53, 16), Verdict::Allow)],
+        a_flags: Some(DENY_IN),
+        packets: vec![],
+    };
+    let node = node_for(&case, Family::V6);
+    let (IpAddr::V6(a), IpAddr::V6(remote)) =
+        (Family::V6.addr(Peer::A), Family::V6.addr(Peer::Remote))
+    else {
+        unreachable!("IPv6 peers")
+    };
+    let into_a = |frame: &[u8]| node.verdict(Hook::ToContainer, frame, 0);
+    let first = |id, dport: u16| {
+        let mut udp = 1000u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&[0, 40, 0, 0]);
+        udp.extend_from_slice(&[0xAB; 8]);
+        ipv6_fragment(remote, a, 17, id, true, 0, &udp)
+    };
+    let rest = |id| ipv6_fragment(remote, a, 17, id, false, 2, &[0xAB; 24]);
+
+    assert_eq!(into_a(&first(7, 53)), TC_ACT_OK);
+    assert_eq!(into_a(&rest(7)), TC_ACT_OK, "port 53, established");
+    assert_eq!(
+        into_a(&rest(8)),
+        TC_ACT_SHOT,
+        "first fragment never seen: no ports"
+    );
+    assert_eq!(into_a(&first(9, 54)), TC_ACT_SHOT);
+    assert_eq!(into_a(&rest(9)), TC_ACT_SHOT, "port 54");
+    assert_eq!(node.count(MetricReason::DropPolicy, IN), 3);
+}

@@ -349,6 +349,25 @@ pub fn ipv6_frame(
     f
 }
 
+/// An IPv6 fragment of a datagram of upper-layer `proto`: a fragment header (offset in
+/// 8-byte units, more-fragments flag, identification `id`) before `body`.
+pub fn ipv6_fragment(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    id: u32,
+    more: bool,
+    offset: u16,
+    body: &[u8],
+) -> Vec<u8> {
+    const IPPROTO_FRAGMENT: u8 = 44;
+    let mut l4 = vec![proto, 0];
+    l4.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    l4.extend_from_slice(&id.to_be_bytes());
+    l4.extend_from_slice(body);
+    ipv6_frame(src, dst, IPPROTO_FRAGMENT, 64, &l4)
+}
+
 /// A UDP datagram over IPv6 with 16 bytes of payload.
 pub fn udp6(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Vec<u8> {
     let mut l4 = Vec::new();
