@@ -255,13 +255,48 @@ fn overlay_ipv6_is_judged_by_the_vni_identity_at_the_pods_veth() {
         "-n", &node_ns.0, "link", "add", "tvh", "type", "veth", "peer", "name", "tvp", "netns",
         &pod_ns.0,
     ]);
-    ip(&["-n", &pod_ns.0, "link", "set", "tvp", "address", "02:00:00:00:00:0b", "up"]);
-    let b = POD_B6.to_string();
-    ip(&["-n", &pod_ns.0, "addr", "add", &format!("{b}/128"), "dev", "tvp", "nodad"]);
-    ip(&["-n", &node_ns.0, "link", "set", "tvh", "up"]);
-    ip(&["-n", &node_ns.0, "route", "add", &format!("{b}/128"), "dev", "tvh"]);
     ip(&[
-        "-n", &node_ns.0, "neigh", "add", &b, "lladdr", "02:00:00:00:00:0b", "dev", "tvh", "nud",
+        "-n",
+        &pod_ns.0,
+        "link",
+        "set",
+        "tvp",
+        "address",
+        "02:00:00:00:00:0b",
+        "up",
+    ]);
+    let b = POD_B6.to_string();
+    ip(&[
+        "-n",
+        &pod_ns.0,
+        "addr",
+        "add",
+        &format!("{b}/128"),
+        "dev",
+        "tvp",
+        "nodad",
+    ]);
+    ip(&["-n", &node_ns.0, "link", "set", "tvh", "up"]);
+    ip(&[
+        "-n",
+        &node_ns.0,
+        "route",
+        "add",
+        &format!("{b}/128"),
+        "dev",
+        "tvh",
+    ]);
+    ip(&[
+        "-n",
+        &node_ns.0,
+        "neigh",
+        "add",
+        &b,
+        "lladdr",
+        "02:00:00:00:00:0b",
+        "dev",
+        "tvh",
+        "nud",
         "permanent",
     ]);
     let sysctl = Command::new("ip")

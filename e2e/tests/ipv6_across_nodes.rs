@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tendril_e2e::ipv6::{
-    TCP_PORT, UDP_PORT, address_of, dual_stack_cluster, ingress_only_from, ipv6_of, labels,
-    serve6, tcp6, udp6,
+    TCP_PORT, UDP_PORT, address_of, dual_stack_cluster, ingress_only_from, ipv6_of, labels, serve6,
+    tcp6, udp6,
 };
 use tendril_e2e::sim::{SimNode, SimPod};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics};

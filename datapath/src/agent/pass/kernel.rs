@@ -703,8 +703,12 @@ mod tests {
     #[test]
     fn routes_of_other_tables_and_protocols_are_not_ours() {
         let dst: IpNet = "10.200.1.0/24".parse().unwrap();
-        let mut message =
-            route_message(&dst, RouteVia::Gateway(IpAddr::V4(Ipv4Addr::LOCALHOST)), None).unwrap();
+        let mut message = route_message(
+            &dst,
+            RouteVia::Gateway(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            None,
+        )
+        .unwrap();
         message.header.table = 255;
         assert!(parse_route(message.clone()).is_none(), "local table");
         message.header.table = MAIN_TABLE;
