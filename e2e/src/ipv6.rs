@@ -4,15 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use kube::Client;
 use kube::api::Api;
 use tendril_crds::common::Condition;
-use tendril_crds::v1alpha1::NodeNetwork;
+use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 
-use crate::TestEnv;
-use crate::sim::{SimCluster, SimClusterConfig, SimPod};
+use crate::sim::{SimCluster, SimClusterConfig, SimNode, SimPod};
+use crate::{TestEnv, eventually};
 
 /// The port of [`serve6`]'s TCP server.
 pub const TCP_PORT: u16 = 8080;
@@ -135,4 +136,95 @@ pub async fn ipv6_policy_condition(client: &Client, node: &str) -> Result<Condit
         .status
         .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "IPv6Policy"))
         .context("no IPv6Policy condition on the NodeNetwork")
+}
+
+/// Waits until `from` gets echo, TCP and UDP answers from `srv` ([`serve6`] running there)
+/// at `dst` over IPv6, and `srv` gets an echo answer from `from` at `from6`.
+pub async fn wait_reachable6(
+    from: &SimPod,
+    srv: &SimPod,
+    dst: IpAddr,
+    from6: IpAddr,
+    timeout: Duration,
+) -> Result<()> {
+    let name = &from.name;
+    eventually(timeout, || async {
+        ensure!(from.ping(dst).await?, "no ICMPv6 echo {name} → {dst}");
+        ensure!(tcp6(from, dst).await?, "no TCP {name} → {dst}");
+        ensure!(udp6(from, dst).await?, "no UDP {name} → {dst}");
+        ensure!(
+            srv.ping(from6).await?,
+            "no ICMPv6 echo {} → {from6}",
+            srv.name
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Applies the policy that lets only `app: client` into `app: srv`, on [`TCP_PORT`] and
+/// [`UDP_PORT`], and waits until `srv`'s node has it in its maps.
+pub async fn allow_only_client_into_srv(
+    env: &TestEnv,
+    srv: &SimPod,
+    srv_endpoint: &Endpoint,
+    timeout: Duration,
+) -> Result<()> {
+    env.apply_yaml(&ingress_only_from(
+        env.namespace(),
+        "srv-from-client",
+        "srv",
+        "client",
+        &[("TCP", TCP_PORT), ("UDP", UDP_PORT)],
+    ))
+    .await?;
+    srv.wait_policy_realized(&env.client(), srv_endpoint, timeout)
+        .await
+}
+
+/// Under [`allow_only_client_into_srv`]: `client` still gets TCP and UDP answers at `dst`
+/// over IPv6, `intruder` never does (three tries each).
+pub async fn expect_only_client_served(
+    client: &SimPod,
+    intruder: &SimPod,
+    dst: IpAddr,
+) -> Result<()> {
+    ensure!(
+        tcp6(client, dst).await?,
+        "the policy allows client TCP over IPv6 to {dst}"
+    );
+    ensure!(
+        udp6(client, dst).await?,
+        "the policy allows client UDP over IPv6 to {dst}"
+    );
+    for attempt in 0..3 {
+        ensure!(
+            !tcp6(intruder, dst).await?,
+            "intruder reached {dst} over TCP/IPv6 (attempt {attempt})"
+        );
+        ensure!(
+            !udp6(intruder, dst).await?,
+            "intruder reached {dst} over UDP/IPv6 (attempt {attempt})"
+        );
+    }
+    Ok(())
+}
+
+/// The newest flow `node` dropped from `src` to `dst` at ingress into a local pod, waited
+/// for (a flow is reported a moment after its packet).
+pub async fn dropped_ingress_flow(
+    node: &SimNode,
+    src: IpAddr,
+    dst: IpAddr,
+) -> Result<serde_json::Value> {
+    eventually(Duration::from_secs(30), || async {
+        let flows = node.dropped_flows().await?;
+        let found = flows.iter().rev().map(|f| f["flow"].clone()).find(|f| {
+            f["IP"]["source"] == src.to_string()
+                && f["IP"]["destination"] == dst.to_string()
+                && f["traffic_direction"] == "INGRESS"
+        });
+        found.with_context(|| format!("no dropped flow {src} → {dst} in {flows:?}"))
+    })
+    .await
 }

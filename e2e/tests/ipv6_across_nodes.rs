@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tendril_e2e::ipv6::{
-    TCP_PORT, UDP_PORT, address_of, dual_stack_cluster, ingress_only_from, ipv6_of, labels, serve6,
-    tcp6, udp6,
+    address_of, allow_only_client_into_srv, dropped_ingress_flow, dual_stack_cluster,
+    expect_only_client_served, ipv6_of, labels, serve6, wait_reachable6,
 };
 use tendril_e2e::sim::{SimNode, SimPod};
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics};
@@ -128,68 +128,32 @@ async fn across_nodes(mode: Mode) -> Result<()> {
 
     // No policy yet: IPv6 across the nodes works both ways, in every protocol.
     let tunnelled_before = forward_tunnel(node1).await?;
-    eventually(TIMEOUT, || async {
-        ensure!(cli.ping(srv6).await?, "no ICMPv6 echo client → {srv6}");
-        ensure!(tcp6(&cli, srv6).await?, "no TCP client → {srv6}");
-        ensure!(udp6(&cli, srv6).await?, "no UDP client → {srv6}");
-        ensure!(tcp6(&intruder, srv6).await?, "no TCP intruder → {srv6}");
-        ensure!(srv.ping(cli6).await?, "no ICMPv6 echo srv → {cli6}");
-        Ok(())
-    })
-    .await?;
-    let tunnelled = forward_tunnel(node1).await? - tunnelled_before;
-    match mode {
-        Mode::Overlay => ensure!(
-            tunnelled > 0.0,
-            "IPv6 across the nodes did not go through the tunnel"
-        ),
-        Mode::Native => ensure!(tunnelled == 0.0, "{tunnelled} tunnelled in native routing"),
+    wait_reachable6(&cli, &srv, srv6, cli6, TIMEOUT).await?;
+    wait_reachable6(&intruder, &srv, srv6, intruder6, TIMEOUT).await?;
+    // The agent samples the programs' counters: wait for them to show the packets.
+    if mode == Mode::Overlay {
+        eventually(Duration::from_secs(30), || async {
+            let tunnelled = forward_tunnel(node1).await? - tunnelled_before;
+            ensure!(
+                tunnelled > 0.0,
+                "IPv6 across the nodes did not go through the tunnel"
+            );
+            Ok(())
+        })
+        .await?;
     }
 
     let rtt4 = mean_rtt_ms(&cli, address_of(&srv, false)).await?;
     let rtt6 = mean_rtt_ms(&cli, srv6).await?;
     println!("{mode:?}: echo round trip across nodes, IPv4 {rtt4:.3} ms, IPv6 {rtt6:.3} ms");
 
-    env.apply_yaml(&ingress_only_from(
-        &ns,
-        "srv-from-client",
-        "srv",
-        "client",
-        &[("TCP", TCP_PORT), ("UDP", UDP_PORT)],
-    ))
-    .await?;
-    srv.wait_policy_realized(&client, &srv_ep, TIMEOUT).await?;
-
-    ensure!(
-        tcp6(&cli, srv6).await?,
-        "{mode:?}: the policy allows client TCP over IPv6 across nodes"
-    );
-    ensure!(
-        udp6(&cli, srv6).await?,
-        "{mode:?}: the policy allows client UDP over IPv6 across nodes"
-    );
-    for attempt in 0..3 {
-        ensure!(
-            !tcp6(&intruder, srv6).await?,
-            "{mode:?}: intruder reached srv over TCP/IPv6 (attempt {attempt})"
-        );
-        ensure!(
-            !udp6(&intruder, srv6).await?,
-            "{mode:?}: intruder reached srv over UDP/IPv6 (attempt {attempt})"
-        );
-    }
+    allow_only_client_into_srv(&env, &srv, &srv_ep, TIMEOUT).await?;
+    expect_only_client_served(&cli, &intruder, srv6)
+        .await
+        .with_context(|| format!("{mode:?}, across nodes"))?;
 
     // Dropped on srv's node, judged by the intruder's own identity.
-    let flow = eventually(Duration::from_secs(30), || async {
-        let flows = node0.dropped_flows().await?;
-        let found = flows.iter().rev().map(|f| f["flow"].clone()).find(|f| {
-            f["IP"]["source"] == intruder6.to_string()
-                && f["IP"]["destination"] == srv6.to_string()
-                && f["traffic_direction"] == "INGRESS"
-        });
-        found.with_context(|| format!("no dropped flow {intruder6} → {srv6} in {flows:?}"))
-    })
-    .await?;
+    let flow = dropped_ingress_flow(node0, intruder6, srv6).await?;
     let source_identity = flow["source"]["identity"].as_u64().unwrap_or_default();
     ensure!(
         source_identity != IDENTITY_WORLD && source_identity != IDENTITY_REMOTE_NODE,

@@ -14,13 +14,13 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use tendril_e2e::ipv6::{
-    TCP_PORT, UDP_PORT, dual_stack_cluster, ingress_only_from, ipv6_of, ipv6_policy_condition,
-    labels, serve6, tcp6, udp6,
+    allow_only_client_into_srv, dropped_ingress_flow, dual_stack_cluster,
+    expect_only_client_served, ipv6_of, ipv6_policy_condition, labels, serve6, wait_reachable6,
 };
 use tendril_e2e::sim::SimPod;
-use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics};
+use tendril_e2e::{ControlPlane, TestEnv, fetch_metrics};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -44,45 +44,12 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
     let _servers = serve6(&srv)?;
 
     // No policy yet: pod-to-pod IPv6 works for everyone, in every protocol.
-    eventually(TIMEOUT, || async {
-        ensure!(cli.ping(srv6).await?, "no ICMPv6 echo client → {srv6}");
-        ensure!(tcp6(&cli, srv6).await?, "no TCP client → {srv6}");
-        ensure!(udp6(&cli, srv6).await?, "no UDP client → {srv6}");
-        ensure!(tcp6(&intruder, srv6).await?, "no TCP intruder → {srv6}");
-        ensure!(srv.ping(cli6).await?, "no ICMPv6 echo srv → {cli6}");
-        Ok(())
-    })
-    .await?;
+    wait_reachable6(&cli, &srv, srv6, cli6, TIMEOUT).await?;
+    wait_reachable6(&intruder, &srv, srv6, intruder6, TIMEOUT).await?;
 
-    env.apply_yaml(&ingress_only_from(
-        &ns,
-        "srv-from-client",
-        "srv",
-        "client",
-        &[("TCP", TCP_PORT), ("UDP", UDP_PORT)],
-    ))
-    .await?;
-    srv.wait_policy_realized(&client, &srv_ep, TIMEOUT).await?;
-
+    allow_only_client_into_srv(&env, &srv, &srv_ep, TIMEOUT).await?;
     // The policy decides for IPv6 as for IPv4.
-    ensure!(
-        tcp6(&cli, srv6).await?,
-        "the policy allows client TCP over IPv6"
-    );
-    ensure!(
-        udp6(&cli, srv6).await?,
-        "the policy allows client UDP over IPv6"
-    );
-    for attempt in 0..3 {
-        ensure!(
-            !tcp6(&intruder, srv6).await?,
-            "intruder reached srv over TCP/IPv6 (attempt {attempt})"
-        );
-        ensure!(
-            !udp6(&intruder, srv6).await?,
-            "intruder reached srv over UDP/IPv6 (attempt {attempt})"
-        );
-    }
+    expect_only_client_served(&cli, &intruder, srv6).await?;
     ensure!(
         !cli.ping(srv6).await?,
         "ICMPv6 echo into srv passed: no rule allows it"
@@ -99,18 +66,11 @@ async fn ipv6_between_pods_is_judged_by_policy() -> Result<()> {
     ensure!(srv.ping(cli6).await?, "srv's own ICMPv6 echo got no reply");
 
     // Reported as dropped flows, with their IPv6 addresses and the pod named.
-    let flows = eventually(Duration::from_secs(30), || async {
-        let flows = node.dropped_flows().await?;
-        let found = flows.iter().rev().map(|f| f["flow"].clone()).find(|f| {
-            f["IP"]["source"] == intruder6.to_string()
-                && f["IP"]["destination"] == srv6.to_string()
-                && f["traffic_direction"] == "INGRESS"
-                && f["destination"]["pod_name"] == "srv"
-        });
-        found.with_context(|| format!("no dropped flow {intruder6} → {srv6} in {flows:?}"))
-    })
-    .await?;
-    ensure!(flows["drop_reason_desc"] == "POLICY_DENIED", "flow {flows}");
+    let flow = dropped_ingress_flow(node, intruder6, srv6).await?;
+    ensure!(
+        flow["drop_reason_desc"] == "POLICY_DENIED" && flow["destination"]["pod_name"] == "srv",
+        "flow {flow}"
+    );
 
     let metrics = fetch_metrics(node.metrics_port).await?;
     let dropped = metrics.sum(
