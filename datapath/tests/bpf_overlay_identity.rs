@@ -22,8 +22,8 @@ use std::{
 
 use bpf_support::*;
 use tendril_datapath::bpf::{
-    EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyEvent, PolicyState, Verdict,
-    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY, NodeConfig},
+    EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyEvent, Verdict,
+    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY},
     policy::{POLICY_F_DEFAULT_DENY_INGRESS, PROTO_ANY},
 };
 
@@ -133,20 +133,7 @@ fn overlay_host_identity_is_judged_as_remote_node() {
     node.dataplane.endpoints.converge(&endpoints, true).unwrap();
     // Remote nodes may reach B, the (local) host may not, nor anyone else.
     let entries = BTreeMap::from([(l3(6), Verdict::Allow), (l3(1), Verdict::Deny)]);
-    let states = BTreeMap::from([(
-        EP_B,
-        PolicyState {
-            revision: 1,
-            flags: POLICY_F_DEFAULT_DENY_INGRESS,
-        },
-    )]);
-    assert!(
-        node.dataplane
-            .policy
-            .converge(&entries, &states, true)
-            .unwrap()
-            .is_converged()
-    );
+    node.set_policy(&entries, EP_B, POLICY_F_DEFAULT_DENY_INGRESS);
 
     let ns = Netns::new();
     let port = VXLAN_PORT.to_string();
@@ -316,15 +303,7 @@ fn overlay_ipv6_is_judged_by_the_vni_identity_at_the_pods_veth() {
         .and_then(|i| i.trim().parse().ok())
         .expect("tvh's ifindex");
 
-    node.dataplane
-        .node_config
-        .set(&NodeConfig {
-            tunnel_ifindex: 0,
-            node_ipv4: [192, 168, 0, 1],
-            flags: NODE_F_IPV6_POLICY,
-            pad: 0,
-        })
-        .unwrap();
+    node.set_node_flags(NODE_F_IPV6_POLICY);
     node.set_endpoints(&BTreeMap::from([(
         POD_B6.into(),
         EndpointInfo {
@@ -340,20 +319,7 @@ fn overlay_ipv6_is_judged_by_the_vni_identity_at_the_pods_veth() {
     )]));
     // Only ID_ALLOWED may reach B; the ipcache's identity for the source would be denied.
     let entries = BTreeMap::from([(l3(ID_ALLOWED), Verdict::Allow)]);
-    let states = BTreeMap::from([(
-        EP_B,
-        PolicyState {
-            revision: 1,
-            flags: POLICY_F_DEFAULT_DENY_INGRESS,
-        },
-    )]);
-    assert!(
-        node.dataplane
-            .policy
-            .converge(&entries, &states, true)
-            .unwrap()
-            .is_converged()
-    );
+    node.set_policy(&entries, EP_B, POLICY_F_DEFAULT_DENY_INGRESS);
 
     let programs = &mut node.programs;
     node_ns.run(|| {

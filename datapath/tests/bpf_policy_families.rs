@@ -17,7 +17,7 @@ use bpf_support::*;
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyState, Verdict,
-    maps::{Direction, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY, NodeConfig},
+    maps::{Direction, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY},
     policy::{
         LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
         POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PROTO_UDP,
@@ -320,18 +320,6 @@ fn table() -> Vec<Case> {
     ]
 }
 
-fn set_node_config(node: &mut Node) {
-    node.dataplane
-        .node_config
-        .set(&NodeConfig {
-            tunnel_ifindex: 0,
-            node_ipv4: [192, 168, 0, 1],
-            flags: NODE_F_IPV6_POLICY,
-            pad: 0,
-        })
-        .unwrap();
-}
-
 /// A node with pods A and B and the remote pods' prefix, in both families, and `case`'s
 /// policy for A.
 fn node_for(case: &Case, family: Family) -> Node {
@@ -348,7 +336,7 @@ fn node_for(case: &Case, family: Family) -> Node {
     }
     node.set_endpoints(&endpoints);
     node.set_ipcache(&ipcache);
-    set_node_config(&mut node);
+    node.set_node_flags(NODE_F_IPV6_POLICY);
     let mut entries: BTreeMap<_, _> = case.entries.iter().copied().collect();
     propagate_denies(&mut entries);
     let states: BTreeMap<u16, PolicyState> = case
