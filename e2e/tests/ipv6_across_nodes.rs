@@ -4,7 +4,7 @@
 //! node has an IPv4 and an IPv6 underlay address, both InternalIPs) with a dual-stack pool:
 //! `srv` (TCP and UDP servers on IPv6) on node 0, `client` and `intruder` on node 1.
 //! - The agents route the peer's IPv6 pod CIDR: into the VXLAN device in overlay (IPv6
-//!   inside the IPv4 underlay), via the peer's IPv6 address in native routing (Linux has no
+//!   inside the IPv4 underlay; the device has no IPv6 address of its own), via the peer's IPv6 address in native routing (Linux has no
 //!   IPv6 route via an IPv4 next hop).
 //! - Before any policy, TCP, UDP and ICMPv6 over IPv6 work across the nodes both ways; in
 //!   overlay the packets really go through the tunnel (`forward_tunnel` grows).
@@ -125,6 +125,18 @@ async fn across_nodes(mode: Mode) -> Result<()> {
         Ok(())
     })
     .await?;
+
+    // The tunnel device carries IPv6 without an address of its own (no ND or MLD of its own).
+    if mode == Mode::Overlay {
+        let out = node1
+            .exec(&["ip", "-6", "addr", "show", "dev", "tendril_vxlan"])
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && !text.contains("inet6"),
+            "tendril_vxlan: {text}"
+        );
+    }
 
     // No policy yet: IPv6 across the nodes works both ways, in every protocol.
     let tunnelled_before = forward_tunnel(node1).await?;
