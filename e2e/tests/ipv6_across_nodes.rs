@@ -3,6 +3,8 @@
 //! Per mode, a dedicated plane and two simulated nodes (real operator, agents, CNI; each
 //! node has an IPv4 and an IPv6 underlay address, both InternalIPs) with a dual-stack pool:
 //! `srv` (TCP and UDP servers on IPv6) on node 0, `client` and `intruder` on node 1.
+//! - Each node publishes its IPv6 underlay address in its NodeNetwork (spec, from the Node,
+//!   and status, as an address its agent uses).
 //! - The agents route the peer's IPv6 pod CIDR: into the VXLAN device in overlay (IPv6
 //!   inside the IPv4 underlay; the device has no IPv6 address of its own), via the peer's IPv6 address in native routing (Linux has no
 //!   IPv6 route via an IPv4 next hop).
@@ -20,6 +22,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use kube::api::Api;
+use tendril_crds::common::NodeAddress;
+use tendril_crds::v1alpha1::NodeNetwork;
 use tendril_e2e::ipv6::{
     address_of, allow_only_client_into_srv, dropped_ingress_flow, dual_stack_cluster,
     expect_only_client_served, ipv6_of, labels, serve6, wait_reachable6,
@@ -99,6 +104,24 @@ async fn across_nodes(mode: Mode) -> Result<()> {
         .context("intruder has no identity")?;
     let (srv6, cli6, intruder6) = (ipv6_of(&srv), ipv6_of(&cli), ipv6_of(&intruder));
     let _servers = serve6(&srv)?;
+
+    // Node 0 publishes its IPv6 underlay address: its Node's InternalIP in the spec, and as
+    // an address its agent uses in the status.
+    let networks: Api<NodeNetwork> = Api::all(client.clone());
+    eventually(TIMEOUT, || async {
+        let nn = networks.get(&node0.name).await?;
+        let address6 = node0.address6.to_string();
+        let has = |addresses: &[NodeAddress]| {
+            addresses
+                .iter()
+                .any(|a| a.type_ == "InternalIP" && a.address == address6)
+        };
+        ensure!(has(&nn.spec.addresses), "spec: {:?}", nn.spec.addresses);
+        let status = nn.status.map(|s| s.addresses).unwrap_or_default();
+        ensure!(has(&status), "status: {status:?}");
+        Ok(())
+    })
+    .await?;
 
     // The peer's IPv6 pod CIDR is routed the mode's way.
     let srv_cidr = ipnet::Ipv6Net::new(
