@@ -10,7 +10,14 @@
  *
  * to_overlay (tc egress): packets the host stack routes into the device
  * (the node's own traffic to remote pods) get their tunnel key from the
- * ipcache; packets from_container already encapsulated pass untouched. */
+ * ipcache; packets from_container already encapsulated pass untouched.
+ *
+ * IPv6 rides inside the IPv4 underlay: pods' IPv6 reaches the device through
+ * the host stack (from_container6 leaves the sender's identity in the mark,
+ * lib/ipv6.h), to_overlay puts that identity in the VNI and the inner
+ * destination's node (its ipcache entry) in the key; from_overlay hands it to
+ * the stack with the VNI's identity in the mark, and the destination pod's
+ * to_container6 judges it by that identity. */
 
 #include "lib/common.h"
 #include "lib/egress.h"
@@ -21,6 +28,18 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 
+/* IPv6 from another node: routed by the stack to the pod's veth, whose
+ * to_container6 judges it by the sender's identity from the VNI (the mark
+ * survives forwarding within the node's namespace). */
+static __always_inline int from_overlay6(struct __sk_buff *skb, __u32 src_identity)
+{
+	skb->mark = identity_to_mark(src_identity);
+	/* The inner destination MAC is the sender's device's: see from_overlay. */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_INGRESS);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
@@ -30,7 +49,7 @@ int from_overlay(struct __sk_buff *skb)
 	long src_identity;
 	int rc;
 
-	if (skb->protocol != bpf_htons(ETH_P_IP)) {
+	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_INGRESS);
 		return TC_ACT_OK;
 	}
@@ -40,6 +59,8 @@ int from_overlay(struct __sk_buff *skb)
 	/* The sending node's own traffic: "host" there is "remote-node" here. */
 	if (src_identity == IDENTITY_HOST)
 		src_identity = IDENTITY_REMOTE_NODE;
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return from_overlay6(skb, (__u32)src_identity);
 	if (parse_ipv4(skb, &pkt) < 0)
 		return drop(skb, DROP_INVALID_PACKET, DIR_INGRESS);
 	parse_l4(skb, &pkt, &l4);
@@ -73,17 +94,25 @@ int to_overlay(struct __sk_buff *skb)
 	struct ipcache_value *dst_info;
 	struct bpf_tunnel_key key = {};
 	struct pkt4 pkt;
+	__u8 daddr6[16];
 	__u32 src_identity;
 
 	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0)
 		return TC_ACT_OK;
-	/* Nothing but IPv4 to pods crosses the overlay (yet); the VXLAN device
-	 * would discard it anyway for want of a tunnel key. */
-	if (skb->protocol != bpf_htons(ETH_P_IP))
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		if (parse_ipv4(skb, &pkt) < 0)
+			return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+		dst_info = lookup_ipcache4(pkt.ip4->daddr);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		/* The inner destination address, after version .. hop limit and
+		 * the source. */
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + 24, daddr6, 16) < 0)
+			return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
+		dst_info = lookup_ipcache6(daddr6);
+	} else {
+		/* The VXLAN device would discard it for want of a tunnel key. */
 		return drop(skb, DROP_UNSUPPORTED_L3, DIR_EGRESS);
-	if (parse_ipv4(skb, &pkt) < 0)
-		return drop(skb, DROP_INVALID_PACKET, DIR_EGRESS);
-	dst_info = lookup_ipcache4(pkt.ip4->daddr);
+	}
 	if (!dst_info || !dst_info->tunnel_endpoint)
 		return drop(skb, DROP_NO_TUNNEL_ENDPOINT, DIR_EGRESS);
 	src_identity = mark_to_identity(skb->mark);

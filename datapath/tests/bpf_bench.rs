@@ -11,7 +11,8 @@
 //! one with policy is dropped and reported; the events ring fills and further events
 //! count as lost, as on a node under such traffic), and the policy paths of a node that
 //! judges IPv6 by policy (an established flow of a selected endpoint: one `conntrack6`
-//! lookup), next to IPv4's.
+//! lookup), next to IPv4's; IPv6 into the overlay (`to_overlay`: the inner destination's
+//! node from the ipcache, the tunnel key set) next to IPv4's.
 
 mod bpf_support;
 
@@ -62,6 +63,11 @@ fn node(extra_prefixes: u32, ipv6_policy: bool) -> Node {
         (
             "192.168.0.1/32".parse().unwrap(),
             IpcacheValue::local_node(1),
+        ),
+        // Another node's IPv6 pods, behind its IPv4 address (IPv6 inside the overlay).
+        (
+            "fd00:20::/112".parse().unwrap(),
+            IpcacheValue::new(300, Some(Ipv4Addr::new(192, 168, 0, 2))),
         ),
     ]);
     for i in 0..extra_prefixes {
@@ -226,6 +232,13 @@ fn ns_per_packet_of_each_program() {
             TC_ACT_OK,
             false,
         ),
+        (
+            "IPv6 to_overlay (→ remote pod)",
+            Hook::ToOverlay,
+            udp6(v6(POD_A6), 40000, v6("fd00:20::5"), 53),
+            TC_ACT_OK,
+            true,
+        ),
     ];
     let small = node(0, false);
     let large = node(10_000, false);
@@ -233,7 +246,7 @@ fn ns_per_packet_of_each_program() {
     let large6 = node(10_000, true);
     println!(
         "{:<36} {:>14} {:>22}",
-        "program / path", "ns/pkt (2 pfx)", "ns/pkt (10,002 pfx)"
+        "program / path", "ns/pkt (3 pfx)", "ns/pkt (10,003 pfx)"
     );
     for (name, hook, frame, expected, ipv6_policy) in &cases {
         let (small, large) = if *ipv6_policy {
@@ -245,5 +258,6 @@ fn ns_per_packet_of_each_program() {
         let b = measure(large, *hook, frame, *expected);
         println!("{name:<36} {a:>14.1} {b:>22.1}");
     }
-    assert_eq!(large.dataplane.pressure().unwrap()[1].entries, 10_002);
+    // 10,000 extra prefixes, the node's own address, the tunnelled IPv4 and IPv6 CIDRs.
+    assert_eq!(large.dataplane.pressure().unwrap()[1].entries, 10_003);
 }

@@ -126,6 +126,7 @@ fn rust_mirrors_match_the_c_structs_in_every_object() {
             [peer_identity, endpoint_id, dport, dir, proto, verdict, pad]
         ),
         layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
+        layout!("frag6_key", Frag6Key, [saddr, daddr, id, proto, pad]),
         layout!("frag4_ports", Frag4Ports, [sport, dport]),
         // `type` and `match` are Rust keywords: the mirror names them `kind` and `matched`.
         (

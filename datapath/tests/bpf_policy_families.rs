@@ -17,7 +17,7 @@ use bpf_support::*;
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyEntry, PolicyState, Verdict,
-    maps::{Direction, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY, NodeConfig},
+    maps::{Direction, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY},
     policy::{
         LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
         POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PROTO_UDP,
@@ -320,18 +320,6 @@ fn table() -> Vec<Case> {
     ]
 }
 
-fn set_node_config(node: &mut Node) {
-    node.dataplane
-        .node_config
-        .set(&NodeConfig {
-            tunnel_ifindex: 0,
-            node_ipv4: [192, 168, 0, 1],
-            flags: NODE_F_IPV6_POLICY,
-            pad: 0,
-        })
-        .unwrap();
-}
-
 /// A node with pods A and B and the remote pods' prefix, in both families, and `case`'s
 /// policy for A.
 fn node_for(case: &Case, family: Family) -> Node {
@@ -348,7 +336,7 @@ fn node_for(case: &Case, family: Family) -> Node {
     }
     node.set_endpoints(&endpoints);
     node.set_ipcache(&ipcache);
-    set_node_config(&mut node);
+    node.set_node_flags(NODE_F_IPV6_POLICY);
     let mut entries: BTreeMap<_, _> = case.entries.iter().copied().collect();
     propagate_denies(&mut entries);
     let states: BTreeMap<u16, PolicyState> = case
@@ -527,4 +515,43 @@ fn icmpv6_neighbour_discovery_and_the_errors_rfc_4890_keeps_pass_a_default_deny(
     );
     let policy_drops = node.count(MetricReason::DropPolicy, IN);
     assert_eq!(policy_drops, 4, "each judged packet counted once");
+}
+
+/// As IPv4's `later_fragments_are_judged_with_the_ports_of_the_first` (bpf_policy.rs):
+/// a non-first IPv6 fragment carries no UDP header, so it gets the ports its first
+/// fragment recorded in `ipv6_frags`, or none if that was never seen.
+#[test]
+fn later_ipv6_fragments_are_judged_with_the_ports_of_the_first() {
+    let case = Case {
+        name: "UDP 53 from the remote pod",
+        entries: vec![(rule(IN, ID_PEER, PROTO_UDP, 53, 16), Verdict::Allow)],
+        a_flags: Some(DENY_IN),
+        packets: vec![],
+    };
+    let node = node_for(&case, Family::V6);
+    let (IpAddr::V6(a), IpAddr::V6(remote)) =
+        (Family::V6.addr(Peer::A), Family::V6.addr(Peer::Remote))
+    else {
+        unreachable!("IPv6 peers")
+    };
+    let into_a = |frame: &[u8]| node.verdict(Hook::ToContainer, frame, 0);
+    let first = |id, dport: u16| {
+        let mut udp = 1000u16.to_be_bytes().to_vec();
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&[0, 40, 0, 0]);
+        udp.extend_from_slice(&[0xAB; 8]);
+        ipv6_fragment(remote, a, 17, id, true, 0, &udp)
+    };
+    let rest = |id| ipv6_fragment(remote, a, 17, id, false, 2, &[0xAB; 24]);
+
+    assert_eq!(into_a(&first(7, 53)), TC_ACT_OK);
+    assert_eq!(into_a(&rest(7)), TC_ACT_OK, "port 53, established");
+    assert_eq!(
+        into_a(&rest(8)),
+        TC_ACT_SHOT,
+        "first fragment never seen: no ports"
+    );
+    assert_eq!(into_a(&first(9, 54)), TC_ACT_SHOT);
+    assert_eq!(into_a(&rest(9)), TC_ACT_SHOT, "port 54");
+    assert_eq!(node.count(MetricReason::DropPolicy, IN), 3);
 }

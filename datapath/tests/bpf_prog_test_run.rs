@@ -68,6 +68,11 @@ fn node() -> Node {
             "10.0.2.0/24".parse().unwrap(),
             IpcacheValue::new(IDENTITY_REMOTE, Some(REMOTE_NODE)),
         ),
+        // The remote node's IPv6 pods: behind the same IPv4 tunnel endpoint.
+        (
+            "fd00:2::/112".parse().unwrap(),
+            IpcacheValue::new(IDENTITY_REMOTE, Some(REMOTE_NODE)),
+        ),
         ("10.0.3.0/24".parse().unwrap(), IpcacheValue::new(301, None)),
         (
             format!("{NODE_IP}/32").parse().unwrap(),
@@ -416,6 +421,32 @@ fn to_overlay_sets_the_tunnel_key_of_the_nodes_own_traffic() {
         53,
     );
     assert_eq!(run(program, &nowhere, LO, 0, 1).ret, TC_ACT_SHOT);
+    assert_eq!(
+        count(&node, MetricReason::DropNoTunnelEndpoint, Direction::Egress),
+        1
+    );
+}
+
+#[test]
+fn to_overlay_carries_ipv6_to_the_inner_destinations_node() {
+    let node = node();
+    let program = node.programs.classifier(Hook::ToOverlay);
+    let remote6: std::net::Ipv6Addr = "fd00:2::5".parse().unwrap();
+    let pod6: std::net::Ipv6Addr = "fd00:1::a".parse().unwrap();
+    // A pod's IPv6 routed into the device, its identity in the mark (from_container6).
+    let frame = udp6(pod6, 40000, remote6, 53);
+    let mark = 0x0F00 | (IDENTITY_A << 16); // identity_to_mark (bpf/lib/common.h)
+    let sent = run(program, &frame, LO, mark, 1);
+    assert_eq!(sent.ret, TC_ACT_OK);
+    assert_eq!(sent.data, frame, "only metadata changes, not the packet");
+    assert_eq!(
+        count(&node, MetricReason::ForwardTunnel, Direction::Egress),
+        1
+    );
+
+    // An IPv6 destination no node hosts: nowhere to send it.
+    let nowhere = udp6(pod6, 40000, "fd00:9::5".parse().unwrap(), 53);
+    assert_eq!(run(program, &nowhere, LO, mark, 1).ret, TC_ACT_SHOT);
     assert_eq!(
         count(&node, MetricReason::DropNoTunnelEndpoint, Direction::Egress),
         1

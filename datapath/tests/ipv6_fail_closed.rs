@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, net::Ipv6Addr};
 use bpf_support::*;
 use tendril_datapath::bpf::{
     EventKind, EventVerdict, Hook, MapSizes, PolicyState,
-    maps::{Direction, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT, NodeConfig},
+    maps::{Direction, IpcacheValue, MetricReason, NODE_F_POLICY_AUDIT},
     policy::{POLICY_F_DEFAULT_DENY_INGRESS, POLICY_F_SELECTED},
 };
 
@@ -61,7 +61,7 @@ fn node_with_state(a_flags: Option<u32>) -> Node {
     ]);
     node.set_endpoints(&endpoints);
     node.set_ipcache(&ipcache);
-    set_flags(&mut node, 0);
+    node.set_node_flags(0);
     if let Some(flags) = a_flags {
         node.set_policy_states(&BTreeMap::from([(
             EP_A,
@@ -69,18 +69,6 @@ fn node_with_state(a_flags: Option<u32>) -> Node {
         )]));
     }
     node
-}
-
-fn set_flags(node: &mut Node, flags: u32) {
-    node.dataplane
-        .node_config
-        .set(&NodeConfig {
-            tunnel_ifindex: 0,
-            node_ipv4: [192, 168, 0, 1],
-            flags,
-            pad: 0,
-        })
-        .unwrap();
 }
 
 /// `from_container` of pod A.
@@ -223,7 +211,7 @@ fn ipv6_with_a_spoofed_source_is_dropped_as_for_ipv4() {
 #[test]
 fn ipv6_audit_mode_passes_counts_and_reports_what_it_would_drop() {
     let mut node = node(true);
-    set_flags(&mut node, NODE_F_POLICY_AUDIT);
+    node.set_node_flags(NODE_F_POLICY_AUDIT);
     assert_eq!(
         out_of_a(&node, &udp6(ip(POD_A), 40000, ip(POD_B), 53)),
         TC_ACT_OK

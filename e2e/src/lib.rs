@@ -106,6 +106,7 @@ pub mod bgp;
 pub mod encryption;
 mod env;
 mod http;
+pub mod ipv6;
 mod kube_util;
 pub mod netpol;
 mod plane;

@@ -12,51 +12,34 @@
 //! (`FailClosed`).
 //! Needs root.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use kube::api::Api;
 use tendril_crds::v1alpha1::NodeNetwork;
-use tendril_e2e::sim::{SimCluster, SimClusterConfig, SimPod};
+use tendril_e2e::ipv6::{
+    address_of, dual_stack_cluster, ingress_only_from, ipv6_policy_condition, labels,
+};
+use tendril_e2e::sim::SimPod;
 use tendril_e2e::{ControlPlane, TestEnv, eventually, fetch_metrics};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn labels(app: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("app".to_string(), app.to_string())])
-}
-
-fn family(pod: &SimPod, v6: bool) -> IpAddr {
-    *pod.ips
-        .iter()
-        .find(|ip| ip.is_ipv6() == v6)
-        .expect("a dual-stack pod")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> {
     let plane = ControlPlane::dedicated("ipv6-fail-closed").await?;
     let env = TestEnv::on(plane).await?;
     let client = env.client();
-    let cluster = SimCluster::start(
-        &env,
-        SimClusterConfig {
-            nodes: 1,
-            pool_ipv6: Some(("fd00:200::/104".into(), 112)),
-            agent_args: vec!["--policy-ipv6".into(), "false".into()],
-            ..SimClusterConfig::default()
-        },
-    )
-    .await?;
+    let cluster =
+        dual_stack_cluster(&env, 1, "fd00:200::/104", &["--policy-ipv6", "false"]).await?;
     let node = &cluster.nodes[0];
     let ns = env.namespace().to_string();
     let srv = SimPod::run(&client, node.handle(), &ns, "srv", &labels("srv")).await?;
     let cli = SimPod::run(&client, node.handle(), &ns, "client", &labels("client")).await?;
     let srv_ep = srv.wait_realized(&client, TIMEOUT).await?;
     cli.wait_realized(&client, TIMEOUT).await?;
-    let (srv4, srv6) = (family(&srv, false), family(&srv, true));
+    let (srv4, srv6) = (address_of(&srv, false), address_of(&srv, true));
 
     // No policy yet: IPv6 from the node works, so a later failure is the policy's doing.
     let node_ping6 = || async {
@@ -93,11 +76,12 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
         "srv cannot reach the node's {gateway6} before any policy"
     );
 
-    env.apply_yaml(&format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {{name: srv-from-client, namespace: {ns}}}\n\
-         spec:\n  podSelector: {{matchLabels: {{app: srv}}}}\n  policyTypes: [Ingress]\n  \
-         ingress:\n  - from:\n    - podSelector: {{matchLabels: {{app: client}}}}\n"
+    env.apply_yaml(&ingress_only_from(
+        &ns,
+        "srv-from-client",
+        "srv",
+        "client",
+        &[],
     ))
     .await?;
     // Until the node has the policy in its maps for srv.
@@ -159,13 +143,7 @@ async fn ipv6_to_a_policy_selected_pod_is_dropped_never_allowed() -> Result<()> 
         "expected at least 8 IPv6 drops counted, got {dropped}"
     );
 
-    let nn = networks.get(&node.name).await?;
-    let condition = nn
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "IPv6Policy"))
-        .cloned()
-        .context("no IPv6Policy condition on the NodeNetwork")?;
+    let condition = ipv6_policy_condition(&client, &node.name).await?;
     ensure!(
         condition.status == "False" && condition.reason == "FailClosed",
         "IPv6Policy condition {condition:?}"

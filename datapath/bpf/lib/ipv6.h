@@ -25,8 +25,9 @@
  * The agent reports which in NodeNetwork status (condition IPv6Policy). Only
  * bpf_lxc.c's IPv6 programs (reached by tail call from the pods' hooks) call in
  * here; the large state lives in a per-CPU scratch map. The IPv4 path is
- * untouched. Not yet: the ports of non-first
- * fragments (judged with port 0). */
+ * untouched. A non-first fragment (no transport header) is judged with the
+ * ports its first fragment carried (ipv6_frags, as ipv4_frags for IPv4), or
+ * none (zero) if that was not seen. */
 #pragma once
 
 #include "common.h"
@@ -51,6 +52,7 @@
 /* Extension headers skipped before the transport header; more → unparsed. */
 #define IPV6_MAX_EXTHDRS 4
 #define IPV6_FRAG_OFFSET_MASK 0xFFF8
+#define IPV6_FRAG_MORE 0x01
 
 /* The tuple IPv6 is judged on: struct l4_info with 128-bit addresses. */
 struct l4_info6 {
@@ -128,10 +130,24 @@ static __always_inline int icmp6_is_error(__u8 type)
 	return type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB;
 }
 
+/* The ipv6_frags key of the fragmented datagram `l4` belongs to. */
+static __always_inline void frag6_key_fill(struct frag6_key *key, const struct l4_info6 *l4,
+					   const __u8 *id)
+{
+	__builtin_memcpy(key->saddr, l4->saddr, 16);
+	__builtin_memcpy(key->daddr, l4->daddr, 16);
+	__builtin_memcpy(&key->id, id, 4);
+	key->proto = l4->proto;
+}
+
 /* Returns 0 when `skb` holds an IPv6 header after Ethernet; fills `l4`. */
 static __always_inline int parse_ipv6(struct __sk_buff *skb, struct l4_info6 *l4)
 {
 	__u32 off = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+	struct frag6_key frag_key = {};
+	struct frag4_ports *ports;
+	__u8 frag_more = 0;
+	__u8 frag_id[4];
 	__u8 hdr[8];
 	__u8 next;
 	int i;
@@ -158,15 +174,29 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct l4_info6 *l4
 			return -1;
 		next = hdr[0];
 		off += 8;
-		/* A later fragment has no transport header. */
+		l4->proto = next;
+		__builtin_memcpy(frag_id, &hdr[4], 4);
+		/* A later fragment has no transport header: the first one's ports. */
 		if ((((__u16)hdr[2] << 8) | hdr[3]) & IPV6_FRAG_OFFSET_MASK) {
-			l4->proto = next;
+			frag6_key_fill(&frag_key, l4, frag_id);
+			ports = bpf_map_lookup_elem(&ipv6_frags, &frag_key);
+			if (ports) {
+				l4->sport = ports->sport;
+				l4->dport = ports->dport;
+			}
 			return 0;
 		}
+		frag_more = hdr[3] & IPV6_FRAG_MORE;
 	}
 	l4->proto = next;
 	if (load_ports6(skb, off, next, &l4->sport, &l4->dport, &l4->icmp_type, &l4->icmp_code) < 0)
 		return 0;
+	if (frag_more) {
+		struct frag4_ports first = { .sport = l4->sport, .dport = l4->dport };
+
+		frag6_key_fill(&frag_key, l4, frag_id);
+		bpf_map_update_elem(&ipv6_frags, &frag_key, &first, BPF_ANY);
+	}
 	if (next == IPPROTO_TCP)
 		bpf_skb_load_bytes(skb, off + 13, &l4->tcp_flags, 1);
 	if (next != IPPROTO_ICMPV6 || !icmp6_is_error(l4->icmp_type))
@@ -454,12 +484,14 @@ static __noinline int from_container6(struct __sk_buff *skb)
 		if (rc != TC_ACT_OK)
 			return rc;
 	}
+	/* The host stack routes it; the mark tells to_container6 (or, across
+	 * nodes, to_overlay: the VNI) who sent it, also when this node does not
+	 * judge IPv6, so a pod is never taken for the node itself. */
+	skb->mark = identity_to_mark(src_ep->identity);
 	if (!ipv6_policy_enforced()) {
 		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
 		return TC_ACT_OK;
 	}
-	/* The host stack routes it; the mark tells to_container6 who sent it. */
-	skb->mark = identity_to_mark(src_ep->identity);
 	if (!dst_info)
 		metrics_count(skb, REASON_TO_STACK_UNKNOWN, DIR_EGRESS);
 	else if (dst_info->flags & IPCACHE_F_LOCAL_NODE)

@@ -256,6 +256,16 @@ struct frag4_ports {
 	__u16 dport;
 };
 
+/* ipv6_frags: the same for IPv6 (lib/ipv6.h), keyed by the fragment header's
+ * 32-bit identification; the value is a struct frag4_ports too. */
+struct frag6_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be32 id;
+	__u8 proto; /* the fragment header's next header */
+	__u8 pad[3];
+};
+
 #define IPCACHE_MAX_ENTRIES 131072
 #define ENDPOINTS_MAX_ENTRIES 8192
 #define METRICS_MAX_ENTRIES 1024
@@ -265,6 +275,7 @@ struct frag4_ports {
 #define CONNTRACK_MAX_ENTRIES 262144
 #define EVENTS_RING_BYTES (256 * 1024)
 #define IPV4_FRAGS_MAX_ENTRIES 8192
+#define IPV6_FRAGS_MAX_ENTRIES 8192
 #define POLICY_FLOWS_MAX_ENTRIES 65536
 
 struct {
@@ -371,6 +382,14 @@ struct {
 	__uint(max_entries, IPV4_FRAGS_MAX_ENTRIES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ipv4_frags SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag6_key);
+	__type(value, struct frag4_ports);
+	__uint(max_entries, IPV6_FRAGS_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipv6_frags SEC(".maps");
 
 static __always_inline struct endpoint_info *lookup_endpoint4(__be32 ip4)
 {

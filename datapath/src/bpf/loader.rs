@@ -5,7 +5,8 @@
 //! ```text
 //! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
 //! <dir>/policy, policy_state, policy_cidrs,
-//!       conntrack, conntrack6, events, ipv4_frags   policy maps (issues 6, 18)
+//!       conntrack, conntrack6, events, ipv4_frags,
+//!       ipv6_frags                                  policy maps (issues 6, 18)
 //! <dir>/lb_services, lb_backends, lb_revnat, lb_affinity, lb_source_ranges,
 //!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
 //!       lb_config                                   services maps (issue 12)

@@ -12,8 +12,8 @@ use std::{
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
-    Dataplane, Hook, MapSizes, PolicyEvent, PolicyState, Programs, loader,
-    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason},
+    Dataplane, Hook, MapSizes, PolicyEntry, PolicyEvent, PolicyState, Programs, Verdict, loader,
+    maps::{Direction, EndpointInfo, IpcacheValue, MetricReason, NodeConfig},
 };
 
 /// An endpoint entry with MACs derived from `last` (pod 02:..:00:last, node 02:..:01:last).
@@ -83,6 +83,36 @@ impl Node {
             .converge(&BTreeMap::new(), states, true)
             .unwrap();
         assert!(report.is_converged(), "policy states: {report:?}");
+    }
+
+    /// Writes a node config without tunnel, node address 192.168.0.1, with `flags`.
+    pub fn set_node_flags(&mut self, flags: u32) {
+        self.dataplane
+            .node_config
+            .set(&NodeConfig {
+                tunnel_ifindex: 0,
+                node_ipv4: [192, 168, 0, 1],
+                flags,
+                pad: 0,
+            })
+            .unwrap();
+    }
+
+    /// Writes policy `entries` and the `policy_state` of one endpoint (revision 1, `flags`),
+    /// pruning the rest; panics unless it converged.
+    pub fn set_policy(
+        &mut self,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        endpoint_id: u16,
+        flags: u32,
+    ) {
+        let states = BTreeMap::from([(endpoint_id, PolicyState { revision: 1, flags })]);
+        let report = self
+            .dataplane
+            .policy
+            .converge(entries, &states, true)
+            .unwrap();
+        assert!(report.is_converged(), "policy: {report:?}");
     }
 
     /// The verdict of `hook` on `frame`, run once on loopback (ifindex 1) with `mark`.
@@ -347,6 +377,25 @@ pub fn ipv6_frame(
     f.extend_from_slice(&dst.octets());
     f.extend_from_slice(l4);
     f
+}
+
+/// An IPv6 fragment of a datagram of upper-layer `proto`: a fragment header (offset in
+/// 8-byte units, more-fragments flag, identification `id`) before `body`.
+pub fn ipv6_fragment(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    proto: u8,
+    id: u32,
+    more: bool,
+    offset: u16,
+    body: &[u8],
+) -> Vec<u8> {
+    const IPPROTO_FRAGMENT: u8 = 44;
+    let mut l4 = vec![proto, 0];
+    l4.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    l4.extend_from_slice(&id.to_be_bytes());
+    l4.extend_from_slice(body);
+    ipv6_frame(src, dst, IPPROTO_FRAGMENT, 64, &l4)
 }
 
 /// A UDP datagram over IPv6 with 16 bytes of payload.

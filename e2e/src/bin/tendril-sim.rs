@@ -152,6 +152,9 @@ impl Sim {
             let index = u8::try_from(i).context("too many nodes")?;
             let address = sim::node_address(0, index);
             let netns = sim::ensure_node_netns(&self.cluster, node, index, address).await?;
+            // Dual-stack underlay, as SimNode's: IPv6 pods' native routing needs it.
+            let address6 = sim::node_address6(0, index);
+            sim::add_node_address6(node, address6).await?;
             let dir = self.node_dir(node);
             std::fs::create_dir_all(&dir)?;
             write_json(
@@ -167,8 +170,14 @@ impl Sim {
                 &dir.join("10-tendril.conflist"),
                 &sim::conflist(&dir.join("cni.sock")),
             )?;
-            sim::ensure_node_object(&self.client, node, address, &BTreeMap::new()).await?;
-            println!("{node} {address}");
+            sim::ensure_node_object_with(
+                &self.client,
+                node,
+                &[address.into(), address6.into()],
+                &BTreeMap::new(),
+            )
+            .await?;
+            println!("{node} {address} {address6}");
         }
         Ok(())
     }

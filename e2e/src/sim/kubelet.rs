@@ -11,6 +11,17 @@ pub async fn ensure_node_object(
     address: Ipv4Addr,
     labels: &BTreeMap<String, String>,
 ) -> Result<Node> {
+    ensure_node_object_with(client, node, &[IpAddr::V4(address)], labels).await
+}
+
+/// [`ensure_node_object`] with several `InternalIP`s (IPv4 first, as a dual-stack kubelet
+/// reports them).
+pub async fn ensure_node_object_with(
+    client: &Client,
+    node: &str,
+    internal_ips: &[IpAddr],
+    labels: &BTreeMap<String, String>,
+) -> Result<Node> {
     let nodes: Api<Node> = Api::all(client.clone());
     let mut labels = labels.clone();
     labels.insert("kubernetes.io/hostname".into(), node.into());
@@ -28,10 +39,11 @@ pub async fn ensure_node_object(
     let now = chrono_now();
     let status = json!({
         "status": {
-            "addresses": [
-                { "type": "InternalIP", "address": address.to_string() },
-                { "type": "Hostname", "address": node },
-            ],
+            "addresses": internal_ips
+                .iter()
+                .map(|ip| json!({ "type": "InternalIP", "address": ip.to_string() }))
+                .chain([json!({ "type": "Hostname", "address": node })])
+                .collect::<Vec<_>>(),
             "conditions": [{
                 "type": "Ready", "status": "True", "reason": "KubeletReady",
                 "message": "simulated kubelet is posting ready status",

@@ -2,10 +2,12 @@
 //!
 //! - The **underlay** is a network namespace `tdr-underlay-{cluster}` holding a bridge
 //!   `br0`; every node joins it with a veth pair and an address from `10.250.{n}.0/24`
-//!   (addresses that exist only inside our namespaces).
+//!   (addresses that exist only inside our namespaces); a [`SimNode`] also gets an IPv6
+//!   address from `fd00:250:{n}::/64` (dual-stack underlay: native routing of IPv6 pods
+//!   needs an IPv6 next hop).
 //! - A **node** is a network namespace `tdr-{node}` (`eth0` on the underlay, `lo` up, IPv4
-//!   forwarding on as on any Kubernetes node), a `Node` object (InternalIP = its underlay
-//!   address, Ready) and one `tendril-agent` process that stays in the host namespace (to
+//!   forwarding on as on any Kubernetes node), a `Node` object (InternalIPs = its underlay
+//!   addresses, Ready) and one `tendril-agent` process that stays in the host namespace (to
 //!   reach the API server on 127.0.0.1) and configures the node's (`--node-netns`).
 //! - A **pod** is what a kubelet with containerd would make of a `Pod` bound to the node:
 //!   the `Pod` object (`spec.nodeName`), a sandbox network namespace `tdrp_{ns}_{pod}`, the
@@ -28,7 +30,7 @@
 //! builds on.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};

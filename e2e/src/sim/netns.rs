@@ -131,6 +131,42 @@ pub fn node_address(subnet: u8, index: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 250, subnet, index.saturating_add(10))
 }
 
+/// Node `index` (0-based) of underlay subnet `subnet`, IPv6:
+/// `fd00:250:{subnet}::{index + 10}` (hexadecimal).
+pub fn node_address6(subnet: u8, index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x250,
+        subnet.into(),
+        0,
+        0,
+        0,
+        0,
+        u16::from(index) + 10,
+    )
+}
+
+/// Adds `address/64` to the node namespace's `eth0` (without duplicate address detection:
+/// usable at once; the underlay's addresses are ours alone). Idempotent.
+pub async fn add_node_address6(node: &str, address: Ipv6Addr) -> Result<()> {
+    let ns = node_netns(node);
+    let present = ip(&["-n", &ns, "-6", "addr", "show", "dev", "eth0"]).await?;
+    if !present.contains(&format!("{address}/64")) {
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{address}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .await?;
+    }
+    Ok(())
+}
+
 /// The node's namespace joined to the underlay (`eth0` ↔ `n{index}` on `br0`), with
 /// `address/24` on `eth0` and forwarding on. Idempotent.
 pub async fn ensure_node_netns(

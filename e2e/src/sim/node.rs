@@ -15,6 +15,8 @@ pub fn free_port() -> Result<u16> {
 pub struct SimNode {
     pub name: String,
     pub address: Ipv4Addr,
+    /// The node's IPv6 underlay address (its second `InternalIP`).
+    pub address6: Ipv6Addr,
     pub netns: String,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
@@ -48,6 +50,7 @@ impl SimNode {
     ) -> Result<SimNode> {
         let name = env.unique_name(&format!("node{index}"));
         let address = node_address(subnet, index);
+        let address6 = node_address6(subnet, index);
         let state_dir = std::env::temp_dir().join(format!("tendril-sim-{name}"));
         let bpffs_root = PathBuf::from("/sys/fs/bpf/tendril-sim").join(&name);
         let socket = state_dir.join("cni.sock");
@@ -56,6 +59,7 @@ impl SimNode {
             cgroup: cgroup.clone(),
             netns: node_netns(&name),
             address,
+            address6,
             state_dir,
             socket: socket.clone(),
             bpffs_root,
@@ -81,9 +85,16 @@ impl SimNode {
             serde_json::to_vec_pretty(&node.handle.conflist)?,
         )?;
         ensure_node_netns(cluster, &node.name, index, address).await?;
+        add_node_address6(&node.name, address6).await?;
         env.delete_on_drop::<Node>(&node.name);
         env.delete_on_drop::<NodeNetwork>(&node.name);
-        ensure_node_object(&env.client(), &node.name, address, &BTreeMap::new()).await?;
+        ensure_node_object_with(
+            &env.client(),
+            &node.name,
+            &[IpAddr::V4(address), IpAddr::V6(address6)],
+            &BTreeMap::new(),
+        )
+        .await?;
         node.start_agent()?;
         Ok(node)
     }

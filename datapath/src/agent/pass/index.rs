@@ -8,7 +8,7 @@ use crate::config::RoutingMode;
 use ipnet::IpNet;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tendril_crds::v1alpha1::{Endpoint, NamedPort, NodeNetwork};
 
 use tendril_crds::facts::Reserved;
@@ -48,10 +48,13 @@ pub struct LocalEndpoint {
 /// How the node reaches another node's pod CIDR.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouteVia {
-    /// Into the VXLAN device, with the node's address as source (overlay).
+    /// Into the VXLAN device (overlay), an IPv4 CIDR's route with the node's address as
+    /// source; an IPv6 CIDR's route has none (the IPv4 underlay carries both, the inner
+    /// source is the host's choice among its IPv6 addresses).
     Tunnel { src: Ipv4Addr },
-    /// Via the other node's underlay address (native routing).
-    Gateway(Ipv4Addr),
+    /// Via the other node's underlay address of the CIDR's family (native routing: Linux
+    /// has no IPv6 route via an IPv4 next hop).
+    Gateway(IpAddr),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -74,6 +77,17 @@ fn internal_ipv4(network: &NodeNetwork) -> Option<Ipv4Addr> {
         .iter()
         .filter(|a| a.type_ == "InternalIP")
         .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+}
+
+/// The node's first IPv6 `InternalIP`: the next hop of its IPv6 pod CIDRs in native
+/// routing.
+fn internal_ipv6(network: &NodeNetwork) -> Option<Ipv6Addr> {
+    network
+        .spec
+        .addresses
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv6Addr>().ok())
 }
 
 fn endpoint_ref(ep: &Endpoint) -> EndpointRef {
@@ -129,10 +143,22 @@ pub fn desired<'a>(
 ) -> Desired {
     let mut out = Desired::default();
     let mut node_ips: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
-    let mut remote_cidrs: Vec<(IpNet, Ipv4Addr)> = Vec::new();
+    // (CIDR, the node's IPv4 address, its IPv6 address).
+    let mut remote_cidrs: Vec<(IpNet, Ipv4Addr, Option<Ipv6Addr>)> = Vec::new();
     for network in networks {
         let name = network.metadata.name.clone().unwrap_or_default();
         let ip = internal_ipv4(network);
+        let ip6 = internal_ipv6(network);
+        // The node's IPv6 underlay address is the host there and remote-node elsewhere,
+        // as its IPv4 one (below).
+        if let Some(ip6) = ip6 {
+            let value = if name == node {
+                IpcacheValue::local_node(IDENTITY_HOST)
+            } else {
+                IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
+            };
+            out.ipcache.insert(IpNet::from(IpAddr::V6(ip6)), value);
+        }
         if name == node {
             out.generation = network.metadata.generation;
             out.node_ip = ip;
@@ -141,7 +167,7 @@ pub fn desired<'a>(
             // as the node address is for IPv4.
             for cidr in &network.spec.pod_cidrs {
                 if let Ok(IpNet::V6(v6)) = cidr.parse::<IpNet>() {
-                    let gateway = std::net::Ipv6Addr::from(u128::from(v6.network()) + 1);
+                    let gateway = Ipv6Addr::from(u128::from(v6.network()) + 1);
                     out.ipcache.insert(
                         IpNet::from(IpAddr::V6(gateway)),
                         IpcacheValue::local_node(IDENTITY_HOST),
@@ -158,8 +184,7 @@ pub fn desired<'a>(
                     .pod_cidrs
                     .iter()
                     .filter_map(|c| c.parse::<IpNet>().ok())
-                    .filter(|c| matches!(c, IpNet::V4(_)))
-                    .map(|c| (c.trunc(), ip)),
+                    .map(|c| (c.trunc(), ip, ip6)),
             );
         }
     }
@@ -171,12 +196,17 @@ pub fn desired<'a>(
         };
         out.ipcache.insert(IpNet::from(IpAddr::V4(*ip)), value);
     }
-    for (cidr, remote) in remote_cidrs {
-        let via = match (mode, out.node_ip) {
-            (RoutingMode::Overlay, Some(src)) => RouteVia::Tunnel { src },
+    for (cidr, remote, remote6) in remote_cidrs {
+        let via = match (mode, out.node_ip, cidr) {
+            (RoutingMode::Overlay, Some(src), _) => RouteVia::Tunnel { src },
             // Without our own address the overlay has no source; the route waits.
-            (RoutingMode::Overlay, None) => continue,
-            (RoutingMode::Native, _) => RouteVia::Gateway(remote),
+            (RoutingMode::Overlay, None, _) => continue,
+            (RoutingMode::Native, _, IpNet::V4(_)) => RouteVia::Gateway(IpAddr::V4(remote)),
+            (RoutingMode::Native, _, IpNet::V6(_)) => match remote6 {
+                Some(remote6) => RouteVia::Gateway(IpAddr::V6(remote6)),
+                // A node without an IPv6 InternalIP: its IPv6 pods are out of reach.
+                None => continue,
+            },
         };
         out.routes.insert(cidr, via);
     }
@@ -207,11 +237,8 @@ pub fn desired<'a>(
                 None => continue,
             },
         };
+        // Both families travel through the tunnel: the IPv4 underlay carries IPv6 too.
         for ip in &ips {
-            // Only IPv4 travels through the tunnel (the underlay is IPv4).
-            if tunnel.is_some() && ip.is_ipv6() {
-                continue;
-            }
             out.ipcache
                 .insert(IpNet::from(*ip), IpcacheValue::new(identity, tunnel));
         }
@@ -390,7 +417,7 @@ mod tests {
             d.routes,
             BTreeMap::from([(
                 net("10.200.0.0/24"),
-                RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 10))
+                RouteVia::Gateway(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 10)))
             )])
         );
         assert_eq!(
@@ -403,6 +430,80 @@ mod tests {
             d.pending.is_empty(),
             "pending is only about local endpoints"
         );
+    }
+
+    /// Both nodes dual stack: an IPv6 underlay address beside the IPv4 one, an IPv6 pod CIDR
+    /// and dual-stack pods.
+    fn dual_stack_cluster() -> (Vec<NodeNetwork>, Vec<Endpoint>) {
+        let (mut nns, mut eps) = cluster();
+        for (i, nn) in nns.iter_mut().enumerate() {
+            nn.spec.addresses.push(NodeAddress {
+                type_: "InternalIP".into(),
+                address: format!("fd00:250::{}", 10 + i),
+            });
+            nn.spec.pod_cidrs.push(format!("fd00:210::{i}:0/112"));
+        }
+        eps[0].spec.ips.push("fd00:210::5".into());
+        eps[1].spec.ips.push("fd00:210::1:7".into());
+        (nns, eps)
+    }
+
+    #[test]
+    fn overlay_carries_remote_ipv6_pods_in_the_ipv4_underlay() {
+        let (nns, eps) = dual_stack_cluster();
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
+        let src = Ipv4Addr::new(10, 250, 0, 10);
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([
+                (net("10.200.1.0/24"), RouteVia::Tunnel { src }),
+                (net("fd00:210::1:0/112"), RouteVia::Tunnel { src }),
+            ])
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:210::1:7/128")],
+            IpcacheValue::new(301, Some(Ipv4Addr::new(10, 250, 0, 11))),
+            "the remote pod's identity and its node's IPv4 address as tunnel endpoint"
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:210::5/128")],
+            IpcacheValue::new(300, None)
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:250::10/128")],
+            IpcacheValue::local_node(IDENTITY_HOST)
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:250::11/128")],
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
+        );
+    }
+
+    #[test]
+    fn native_routes_ipv6_via_the_other_nodes_ipv6_address() {
+        let (mut nns, eps) = dual_stack_cluster();
+        let d = desired("b", RoutingMode::Native, &nns, &eps, NO_SLICES);
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([
+                (
+                    net("10.200.0.0/24"),
+                    RouteVia::Gateway(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 10)))
+                ),
+                (
+                    net("fd00:210::/112"),
+                    RouteVia::Gateway("fd00:250::10".parse().unwrap())
+                ),
+            ])
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:210::5/128")],
+            IpcacheValue::new(300, None)
+        );
+        // Without an IPv6 address of the other node there is no IPv6 next hop.
+        nns[0].spec.addresses.retain(|a| !a.address.contains(':'));
+        let d = desired("b", RoutingMode::Native, &nns, &eps, NO_SLICES);
+        assert_eq!(d.routes.keys().collect::<Vec<_>>(), [&net("10.200.0.0/24")]);
     }
 
     #[test]

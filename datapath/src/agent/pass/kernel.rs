@@ -25,7 +25,7 @@ use rtnetlink::packet_route::route::{
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -193,7 +193,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, KernelError> {
 struct Route {
     dst: IpNet,
     oif: Option<u32>,
-    gateway: Option<Ipv4Addr>,
+    gateway: Option<IpAddr>,
     src: Option<Ipv4Addr>,
     ours: bool,
     message: RouteMessage,
@@ -208,7 +208,8 @@ fn parse_route(message: RouteMessage) -> Option<Route> {
             RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
             RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
             RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => gateway = Some(*v4),
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => gateway = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
             RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => src = Some(*v4),
             _ => {}
         }
@@ -231,7 +232,7 @@ async fn routes(handle: &Handle) -> Result<Vec<Route>, KernelError> {
     let mut out = Vec::new();
     for request in [
         RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
     ] {
         let messages: Vec<RouteMessage> = handle
             .route()
@@ -293,8 +294,8 @@ fn sysctl(path: &str, value: &str) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Makes the collect-metadata VXLAN device exist, be up with ARP off, no IPv6, and the
-/// uplink's MTU minus the encapsulation. Returns its ifindex.
+/// Makes the collect-metadata VXLAN device exist, be up with ARP off, IPv6 on without any
+/// address of its own, and the uplink's MTU minus the encapsulation. Returns its ifindex.
 async fn ensure_tunnel(
     handle: &Handle,
     name: &str,
@@ -333,7 +334,15 @@ async fn ensure_tunnel(
                 .ok_or_else(|| KernelError::Conflict(format!("{name} vanished after creation")))?
         }
     };
-    sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1")?;
+    // Pods' IPv6 crosses the device (bpf_overlay.c), so the stack must route IPv6 into and
+    // out of it; without an address of its own (no link-local: addr_gen_mode none, set
+    // before IPv6 is on) it sends no neighbour discovery or MLD of its own. A kernel
+    // without IPv6 has no such files.
+    let ipv6_conf = format!("/proc/sys/net/ipv6/conf/{name}");
+    if std::path::Path::new(&ipv6_conf).exists() {
+        sysctl(&format!("{ipv6_conf}/addr_gen_mode"), "1")?;
+        sysctl(&format!("{ipv6_conf}/disable_ipv6"), "0")?;
+    }
     if link.mtu != mtu || !link.up {
         handle
             .link()
@@ -351,25 +360,46 @@ async fn ensure_tunnel(
     Ok(link.index)
 }
 
+/// The route to `dst`; `None` when it cannot be made (no tunnel device yet, a next hop
+/// of the other family).
 fn route_message(dst: &IpNet, via: RouteVia, tunnel_ifindex: Option<u32>) -> Option<RouteMessage> {
-    let IpNet::V4(dst) = dst else { return None };
-    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
-    Some(match via {
-        RouteVia::Tunnel { src } => builder
-            .output_interface(tunnel_ifindex?)
-            .pref_source(src)
-            .scope(RouteScope::Link)
-            .build(),
-        RouteVia::Gateway(gateway) => builder.gateway(gateway).build(),
-    })
+    match dst {
+        IpNet::V4(dst) => {
+            let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+            Some(match via {
+                RouteVia::Tunnel { src } => builder
+                    .output_interface(tunnel_ifindex?)
+                    .pref_source(src)
+                    .scope(RouteScope::Link)
+                    .build(),
+                RouteVia::Gateway(IpAddr::V4(gateway)) => builder.gateway(gateway).build(),
+                RouteVia::Gateway(IpAddr::V6(_)) => return None,
+            })
+        }
+        IpNet::V6(dst) => {
+            let builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.network(), dst.prefix_len())
+                .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+            Some(match via {
+                // IPv6 inside the IPv4 underlay: the device has no IPv6 address to prefer.
+                RouteVia::Tunnel { .. } => builder.output_interface(tunnel_ifindex?).build(),
+                RouteVia::Gateway(IpAddr::V6(gateway)) => builder.gateway(gateway).build(),
+                RouteVia::Gateway(IpAddr::V4(_)) => return None,
+            })
+        }
+    }
 }
 
 fn matches(route: &Route, via: RouteVia, tunnel_ifindex: Option<u32>) -> bool {
     match via {
         RouteVia::Tunnel { src } => {
-            route.oif == tunnel_ifindex && route.src == Some(src) && route.gateway.is_none()
+            let src = match route.dst {
+                IpNet::V4(_) => Some(src),
+                IpNet::V6(_) => None,
+            };
+            route.oif == tunnel_ifindex && route.src == src && route.gateway.is_none()
         }
         RouteVia::Gateway(gateway) => route.gateway == Some(gateway),
     }
@@ -618,11 +648,11 @@ mod tests {
         ));
         assert!(!matches(
             &route,
-            RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 11)),
+            RouteVia::Gateway(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 11))),
             Some(7)
         ));
 
-        let via = RouteVia::Gateway(Ipv4Addr::new(10, 250, 0, 11));
+        let via = RouteVia::Gateway(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 11)));
         let mut message = route_message(&dst, via, None).unwrap();
         message.header.table = MAIN_TABLE;
         let route = parsed(message);
@@ -638,17 +668,47 @@ mod tests {
         };
         assert!(route_message(&dst, tunnel, None).is_none());
         let v6: IpNet = "fd00::/64".parse().unwrap();
-        assert!(
-            route_message(&v6, tunnel, Some(3)).is_none(),
-            "IPv4 underlay only"
-        );
+        assert!(route_message(&v6, tunnel, None).is_none());
+    }
+
+    #[test]
+    fn ipv6_routes_go_into_the_tunnel_or_via_an_ipv6_next_hop_only() {
+        let dst: IpNet = "fd00:210::1:0/112".parse().unwrap();
+        let tunnel = RouteVia::Tunnel {
+            src: Ipv4Addr::new(10, 250, 0, 10),
+        };
+        let mut message = route_message(&dst, tunnel, Some(7)).unwrap();
+        message.header.table = MAIN_TABLE;
+        let route = parsed(message);
+        assert!(route.ours);
+        assert_eq!(route.dst, dst);
+        assert_eq!(route.src, None, "no IPv4 source on an IPv6 route");
+        assert!(matches(&route, tunnel, Some(7)));
+        assert!(!matches(&route, tunnel, Some(8)));
+
+        let via = RouteVia::Gateway("fd00:250::11".parse().unwrap());
+        let mut message = route_message(&dst, via, None).unwrap();
+        message.header.table = MAIN_TABLE;
+        let route = parsed(message);
+        assert!(matches(&route, via, None));
+        assert!(!matches(&route, tunnel, Some(7)));
+
+        // Linux has no IPv6 route via an IPv4 next hop, nor the other way round.
+        let v4_next_hop = RouteVia::Gateway(IpAddr::V4(Ipv4Addr::new(10, 250, 0, 11)));
+        assert!(route_message(&dst, v4_next_hop, None).is_none());
+        let v4: IpNet = "10.200.1.0/24".parse().unwrap();
+        assert!(route_message(&v4, via, None).is_none());
     }
 
     #[test]
     fn routes_of_other_tables_and_protocols_are_not_ours() {
         let dst: IpNet = "10.200.1.0/24".parse().unwrap();
-        let mut message =
-            route_message(&dst, RouteVia::Gateway(Ipv4Addr::LOCALHOST), None).unwrap();
+        let mut message = route_message(
+            &dst,
+            RouteVia::Gateway(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            None,
+        )
+        .unwrap();
         message.header.table = 255;
         assert!(parse_route(message.clone()).is_none(), "local table");
         message.header.table = MAIN_TABLE;

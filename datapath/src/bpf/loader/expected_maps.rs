@@ -5,7 +5,7 @@ use crate::bpf::maps;
 use aya::maps::MapType;
 
 /// The shape a pinned map must have to be reused by this build.
-pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 26] {
+pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 27] {
     use std::mem::size_of;
     [
         (
@@ -92,6 +92,13 @@ pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize,
             size_of::<maps::Frag4Key>(),
             size_of::<maps::Frag4Ports>(),
             maps::IPV4_FRAGS_MAX_ENTRIES,
+        ),
+        (
+            maps::IPV6_FRAGS,
+            MapType::LruHash,
+            size_of::<maps::Frag6Key>(),
+            size_of::<maps::Frag4Ports>(),
+            maps::IPV6_FRAGS_MAX_ENTRIES,
         ),
         (
             maps::LB_SERVICES,

@@ -23,6 +23,7 @@ pub const CONNTRACK: &str = "conntrack";
 pub const CONNTRACK6: &str = "conntrack6";
 pub const EVENTS: &str = "events";
 pub const IPV4_FRAGS: &str = "ipv4_frags";
+pub const IPV6_FRAGS: &str = "ipv6_frags";
 pub const POLICY_CONFIG: &str = "policy_config";
 pub const POLICY_FLOWS: &str = "policy_flows";
 /// The services maps of `bpf/lib/lb.h`.
@@ -53,6 +54,8 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Fragmented datagrams whose ports are remembered (LRU; not configurable).
 pub const IPV4_FRAGS_MAX_ENTRIES: u32 = 8192;
+/// The same for IPv6 (`ipv6_frags`).
+pub const IPV6_FRAGS_MAX_ENTRIES: u32 = 8192;
 /// Flows whose last reported allow verdict is remembered (LRU; not configurable).
 pub const POLICY_FLOWS_MAX_ENTRIES: u32 = 65_536;
 /// `policy_config.event_mode` (`POLICY_EVENTS_*`).
@@ -550,6 +553,20 @@ pub struct Frag4Key {
     pub pad: u8,
 }
 
+/// `struct frag6_key`: one fragmented IPv6 datagram (map `ipv6_frags`, whose values are
+/// [`Frag4Ports`] too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Frag6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The fragment header's identification, network order.
+    pub id: [u8; 4],
+    /// The fragment header's next header.
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
 /// `struct frag4_ports`: the ports its first fragment carried (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -767,6 +784,7 @@ unsafe impl aya::Pod for PolicyFlowKey {}
 unsafe impl aya::Pod for RawPolicyEvent {}
 unsafe impl aya::Pod for RawPolicyEvent6 {}
 unsafe impl aya::Pod for Frag4Key {}
+unsafe impl aya::Pod for Frag6Key {}
 unsafe impl aya::Pod for Frag4Ports {}
 unsafe impl aya::Pod for Lb4Key {}
 unsafe impl aya::Pod for Lb4Service {}
