@@ -54,10 +54,14 @@ impl Scene {
             Routing::Overlay => Vec::new(),
             Routing::Native => vec!["--routing-mode".into(), "native".into()],
         };
+        // Native routing is dual-stack: IPv6 pod traffic takes its own routes across the
+        // underlay, and must be steered into the device as IPv4's is.
+        let pool_ipv6 = (routing == Routing::Native).then(|| ("fd00:240::/104".to_string(), 112));
         let cluster = SimCluster::start(
             &env,
             SimClusterConfig {
                 agent_args,
+                pool_ipv6,
                 ..SimClusterConfig::default()
             },
         )
@@ -107,14 +111,23 @@ impl Scene {
     }
 
     /// Captures on the underlay while the client does `rounds` marker round trips (each
-    /// must work).
+    /// must work), and on a dual-stack scene as many IPv6 TCP and UDP exchanges.
     pub async fn capture_round_trips(&self, rounds: usize) -> Result<Seen> {
+        let server6 = self.server.ips.iter().find(|ip| ip.is_ipv6()).copied();
+        let _servers = server6
+            .map(|_| crate::ipv6::serve6(&self.server))
+            .transpose()?;
         let capture = Capture::start(&self.cluster.underlay.netns, "br0")?;
         for _ in 0..rounds {
             ensure!(
                 marker_round_trips(&self.client, self.server_ip).await?,
                 "marker round trip"
             );
+            if let Some(to) = server6 {
+                let tcp = crate::ipv6::tcp6(&self.client, to).await?;
+                let udp = crate::ipv6::udp6(&self.client, to).await?;
+                ensure!(tcp && udp, "IPv6 round trips to {to}: TCP {tcp}, UDP {udp}");
+            }
         }
         capture.finish(&self.node_ips(), MARKER.as_bytes())
     }
@@ -278,6 +291,10 @@ pub fn ensure_sealed(seen: &Seen, min_wireguard: u64) -> Result<()> {
     ensure!(seen.marker == 0, "marker seen on the underlay: {seen:?}");
     ensure!(seen.vxlan == 0, "VXLAN in clear on the underlay: {seen:?}");
     ensure!(
+        seen.ipv6_transport == 0,
+        "IPv6 pod traffic in clear on the underlay: {seen:?}"
+    );
+    ensure!(
         seen.other.is_empty(),
         "other traffic between the nodes: {seen:?}"
     );
@@ -371,6 +388,9 @@ pub struct Seen {
     pub vxlan: u64,
     /// Of those: ESP (IPsec).
     pub esp: u64,
+    /// IPv6 TCP or UDP packets on the underlay: the nodes speak IPv4 to each other, so
+    /// these are pods' packets in clear.
+    pub ipv6_transport: u64,
     /// Everything else between nodes, described.
     pub other: Vec<String>,
     /// Packets whose bytes contain the marker.
@@ -412,6 +432,10 @@ pub fn analyze(bytes: &[u8], nodes: &[Ipv4Addr], marker: &[u8]) -> Result<Seen> 
         seen.packets += 1;
         if !marker.is_empty() && packet.windows(marker.len()).any(|w| w == marker) {
             seen.marker += 1;
+        }
+        if packet.len() >= 54 && packet[12..14] == [0x86, 0xdd] && matches!(packet[20], 6 | 17) {
+            seen.ipv6_transport += 1;
+            continue;
         }
         if packet.len() < 34 || packet[12..14] != [0x08, 0x00] {
             continue;

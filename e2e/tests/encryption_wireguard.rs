@@ -24,9 +24,9 @@
 //!   ESP between the node addresses; on a kernel without (this one), Ready=False, reason
 //!   Unsupported, naming the nodes.
 //!
-//! Native routing (`--routing-mode native`): in clear the pods' packets cross the underlay
-//! between pod addresses; encrypted, only WireGuard between node addresses, zero markers,
-//! and the MTU check as above.
+//! Native routing (`--routing-mode native`, dual-stack pods): in clear the pods' IPv4 and
+//! IPv6 packets cross the underlay between pod addresses; encrypted, only WireGuard between
+//! node addresses, zero markers, no IPv6 TCP or UDP, and the MTU check as above.
 //!
 //! Needs root. Run `cargo build -p tendril-controllers -p tendril-datapath --bins` first.
 
@@ -329,6 +329,10 @@ async fn native_routing_pod_traffic_crosses_the_underlay_only_encrypted() -> Res
     ensure!(
         clear.marker >= 2 && clear.vxlan == 0 && clear.not_between_nodes > 0,
         "native routing in clear: pod to pod on the underlay, the marker visible: {clear:?}"
+    );
+    ensure!(
+        clear.ipv6_transport > 0,
+        "the IPv6 baseline crosses the underlay in clear (the capture would see it): {clear:?}"
     );
     let applied = Instant::now();
     scene.encrypt().await?;

@@ -139,7 +139,7 @@ struct PeerPlan {
     key: Option<[u8; 32]>,
     next_key: Option<[u8; 32]>,
     allowed_ips: Vec<String>,
-    cidrs: Vec<Ipv4Net>,
+    cidrs: Vec<IpNet>,
     address: Option<Ipv4Addr>,
 }
 
@@ -161,10 +161,8 @@ fn peer_plans(spec: &NodeEncryption) -> Vec<PeerPlan> {
                 allowed_ips: allowed.iter().map(|n| n.to_string()).collect(),
                 cidrs: allowed
                     .iter()
-                    .filter_map(|n| match n {
-                        IpNet::V4(v4) if Some(IpAddr::V4(v4.addr())) != address => Some(*v4),
-                        _ => None,
-                    })
+                    .filter(|n| Some(n.addr()) != address || n.prefix_len() < n.max_prefix_len())
+                    .copied()
                     .collect(),
                 address: match address {
                     Some(IpAddr::V4(a)) => Some(a),
@@ -267,10 +265,12 @@ fn ipsec_links(
                 udp_dport: Some(port),
             }),
             None => {
-                for (mine, theirs) in local_pods
-                    .iter()
-                    .flat_map(|m| plan.cidrs.iter().map(move |t| (*m, *t)))
-                {
+                for (mine, theirs) in local_pods.iter().flat_map(|m| {
+                    plan.cidrs.iter().filter_map(move |t| match t {
+                        IpNet::V4(t) => Some((*m, *t)),
+                        IpNet::V6(_) => None,
+                    })
+                }) {
                     links.push(xfrm::PeerLink {
                         local,
                         local_pods: mine,

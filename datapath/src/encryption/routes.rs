@@ -1,9 +1,10 @@
 //! Steering into the WireGuard device, with policy routing only (no BPF):
 //!
-//! - native routing: rule `priority P lookup <podTable>`: the pod CIDRs of every peer →
-//!   the device, so pod traffic the host stack routes to another node is encrypted (and
-//!   the answers, arriving on the device, pass the reverse-path check). The local pod
-//!   CIDR is not in the table: node-local traffic stays direct.
+//! - native routing: rule `priority P lookup <podTable>` (IPv4 and IPv6): the pod CIDRs
+//!   of every peer, of both families → the device, so pod traffic the host stack routes
+//!   to another node is encrypted (and the answers, arriving on the device, pass the
+//!   reverse-path check). The local pod CIDRs are not in the table: node-local traffic
+//!   stays direct.
 //! - overlay: rule `priority P+1 ipproto udp dport <tunnelPort> lookup <tunnelTable>`:
 //!   each peer's node address → the device. The BPF programs redirect pod packets into
 //!   the VXLAN device (and the host's own traffic to remote pods is routed there too),
@@ -20,14 +21,14 @@
 
 use crate::cni::link::{self, LinkError};
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 /// `rtm_protocol` of the agent's routes (as the routing step's).
@@ -46,7 +47,7 @@ pub enum Via {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EncRoute {
     pub table: u32,
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     pub via: Via,
 }
 
@@ -57,6 +58,8 @@ pub struct EncRule {
     pub table: u32,
     /// Only UDP to this port.
     pub udp_dport: Option<u16>,
+    /// An IPv6 rule (else IPv4).
+    pub v6: bool,
 }
 
 /// The netlink side of encryption on the node.
@@ -99,7 +102,7 @@ pub fn plan_routes(
     priority: u32,
     tunnel_port: Option<u16>,
     strict: bool,
-    peers: &[(Vec<Ipv4Net>, Option<Ipv4Addr>, bool)],
+    peers: &[(Vec<IpNet>, Option<Ipv4Addr>, bool)],
 ) -> (BTreeSet<EncRule>, BTreeSet<EncRoute>) {
     let mut rules = BTreeSet::new();
     let mut routes = BTreeSet::new();
@@ -107,16 +110,27 @@ pub fn plan_routes(
         return (rules, routes);
     }
     match tunnel_port {
-        None => rules.insert(EncRule {
-            priority,
-            table: pod_table,
-            udp_dport: None,
-        }),
-        Some(port) => rules.insert(EncRule {
-            priority: priority + 1,
-            table: tunnel_table,
-            udp_dport: Some(port),
-        }),
+        None => {
+            let v6 = peers
+                .iter()
+                .any(|(cidrs, ..)| cidrs.iter().any(|c| matches!(c, IpNet::V6(_))));
+            for v6 in [false, true].into_iter().filter(|f| !f || v6) {
+                rules.insert(EncRule {
+                    priority,
+                    table: pod_table,
+                    udp_dport: None,
+                    v6,
+                });
+            }
+        }
+        Some(port) => {
+            rules.insert(EncRule {
+                priority: priority + 1,
+                table: tunnel_table,
+                udp_dport: Some(port),
+                v6: false,
+            });
+        }
     };
     for (cidrs, address, keyed) in peers {
         let mut add = |table, dst| {
@@ -137,7 +151,7 @@ pub fn plan_routes(
         };
         match (tunnel_port, address) {
             (None, _) => cidrs.iter().for_each(|c| add(pod_table, *c)),
-            (Some(_), Some(a)) => add(tunnel_table, Ipv4Net::from(*a)),
+            (Some(_), Some(a)) => add(tunnel_table, IpNet::V4(Ipv4Net::from(*a))),
             (Some(_), None) => {}
         }
     }
@@ -160,6 +174,7 @@ fn rule_of(message: &RuleMessage, tables: &[u32; 2]) -> Option<EncRule> {
         priority,
         table,
         udp_dport: dport.filter(|_| proto == Some(IPPROTO_UDP)),
+        v6: message.header.family == rtnetlink::packet_route::AddressFamily::Inet6,
     })
 }
 
@@ -175,7 +190,8 @@ fn route_of(
     for a in &message.attributes {
         match a {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(*v4),
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
@@ -183,7 +199,7 @@ fn route_of(
     if !tables.contains(&table) {
         return None;
     }
-    let dst = Ipv4Net::new(dst?, message.header.destination_prefix_length).ok()?;
+    let dst = IpNet::new(dst?, message.header.destination_prefix_length).ok()?;
     let (via, current) = match message.header.kind {
         RouteType::BlackHole => (Via::Blackhole, true),
         _ => (Via::Device, oif.is_some() && oif == ifindex),
@@ -196,23 +212,44 @@ fn route_message(
     ifindex: Option<u32>,
     src: Option<Ipv4Addr>,
 ) -> Option<RouteMessage> {
-    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst.addr(), r.dst.prefix_len())
-        .table_id(r.table)
-        .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
-    Some(match r.via {
-        Via::Device => {
-            let mut b = builder.output_interface(ifindex?).scope(RouteScope::Link);
-            if let Some(src) = src {
-                b = b.pref_source(src);
-            }
-            b.build()
+    match r.dst {
+        IpNet::V4(dst) => {
+            let builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst.addr(), dst.prefix_len())
+                .table_id(r.table)
+                .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+            Some(match r.via {
+                Via::Device => {
+                    let mut b = builder.output_interface(ifindex?).scope(RouteScope::Link);
+                    if let Some(src) = src {
+                        b = b.pref_source(src);
+                    }
+                    b.build()
+                }
+                Via::Blackhole => builder
+                    .kind(RouteType::BlackHole)
+                    .priority(FALLBACK_METRIC)
+                    .build(),
+            })
         }
-        Via::Blackhole => builder
-            .kind(RouteType::BlackHole)
-            .priority(FALLBACK_METRIC)
-            .build(),
-    })
+        // IPv6 picks its source by its own rules (the node's global address).
+        IpNet::V6(dst) => {
+            let builder = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(dst.addr(), dst.prefix_len())
+                .table_id(r.table)
+                .protocol(RouteProtocol::from(ROUTE_PROTOCOL));
+            Some(match r.via {
+                Via::Device => builder
+                    .output_interface(ifindex?)
+                    .scope(RouteScope::Universe)
+                    .build(),
+                Via::Blackhole => builder
+                    .kind(RouteType::BlackHole)
+                    .priority(FALLBACK_METRIC)
+                    .build(),
+            })
+        }
+    }
 }
 
 fn nl(context: &str) -> impl FnOnce(rtnetlink::Error) -> LinkError + '_ {
@@ -362,13 +399,22 @@ async fn converge_rules(
     plan: &SteeringPlan,
     outcome: &mut SteeringOutcome,
 ) -> Result<(), LinkError> {
-    let existing: Vec<RuleMessage> = handle
+    let mut existing: Vec<RuleMessage> = handle
         .rule()
         .get(IpVersion::V4)
         .execute()
         .try_collect()
         .await
         .map_err(nl("listing rules"))?;
+    existing.extend(
+        handle
+            .rule()
+            .get(IpVersion::V6)
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(nl("listing IPv6 rules"))?,
+    );
     let mut have = BTreeSet::new();
     for m in existing {
         let Some(rule) = rule_of(&m, &plan.tables) else {
@@ -393,6 +439,10 @@ async fn converge_rules(
             .table_id(rule.table)
             .priority(rule.priority)
             .action(RuleAction::ToTable);
+        if rule.v6 {
+            // The same rule, of the other family (no address in it).
+            request.message_mut().header.family = rtnetlink::packet_route::AddressFamily::Inet6;
+        }
         if let Some(port) = rule.udp_dport {
             let m = request.message_mut();
             m.attributes
@@ -415,13 +465,22 @@ async fn converge_routes(
     ifindex: Option<u32>,
     outcome: &mut SteeringOutcome,
 ) -> Result<(), LinkError> {
-    let existing: Vec<RouteMessage> = handle
+    let mut existing: Vec<RouteMessage> = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute()
         .try_collect()
         .await
         .map_err(nl("listing routes"))?;
+    existing.extend(
+        handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(nl("listing IPv6 routes"))?,
+    );
     let mut have = BTreeSet::new();
     for m in existing {
         let Some((route, current)) = route_of(&m, &plan.tables, ifindex) else {
@@ -462,7 +521,7 @@ async fn converge_routes(
 mod tests {
     use super::*;
 
-    fn net(s: &str) -> Ipv4Net {
+    fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
 
@@ -487,7 +546,8 @@ mod tests {
             [EncRule {
                 priority: 91,
                 table: 101,
-                udp_dport: Some(8472)
+                udp_dport: Some(8472),
+                v6: false,
             }]
         );
         let device: Vec<_> = routes
@@ -510,7 +570,8 @@ mod tests {
             [EncRule {
                 priority: 90,
                 table: 100,
-                udp_dport: None
+                udp_dport: None,
+                v6: false,
             }]
         );
         assert!(routes.contains(&EncRoute {
@@ -526,6 +587,22 @@ mod tests {
         assert_eq!(routes.len(), 3);
         let (_, routes) = plan_routes(100, 101, 90, None, false, &peers);
         assert_eq!(routes.len(), 1, "not strict: no blackholes");
+        // A dual-stack peer: its IPv6 pod CIDR too, under an IPv6 rule.
+        let dual = vec![(
+            vec![net("10.200.2.0/24"), net("fd00:200:2::/64")],
+            Some(Ipv4Addr::new(10, 0, 0, 2)),
+            true,
+        )];
+        let (rules, routes) = plan_routes(100, 101, 90, None, false, &dual);
+        assert_eq!(
+            rules.iter().map(|r| (r.table, r.v6)).collect::<Vec<_>>(),
+            [(100, false), (100, true)]
+        );
+        assert!(routes.contains(&EncRoute {
+            table: 100,
+            dst: net("fd00:200:2::/64"),
+            via: Via::Device
+        }));
         // No peers: nothing at all (a deselected node keeps no rule).
         assert_eq!(
             plan_routes(100, 101, 90, Some(8472), true, &[]),
@@ -555,5 +632,11 @@ mod tests {
         let m = route_message(&b, None, None).unwrap();
         assert_eq!(route_of(&m, &tables, Some(7)), Some((b, true)));
         assert!(route_message(&r, None, None).is_none());
+        let v6 = EncRoute {
+            dst: net("fd00:200:2::/64"),
+            ..r
+        };
+        let m = route_message(&v6, Some(7), None).unwrap();
+        assert_eq!(route_of(&m, &tables, Some(7)), Some((v6, true)));
     }
 }
