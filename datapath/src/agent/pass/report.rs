@@ -7,6 +7,7 @@
 use super::index::EndpointRef;
 use super::{FIELD_MANAGER, MapGroup, NodeContext, Pass, StepFailure};
 use crate::bpf::AnyKey;
+use futures::StreamExt;
 use kube::Api;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
@@ -336,6 +337,7 @@ pub async fn write_endpoint_statuses(node: &NodeContext, states: &[EndpointState
     let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
     node.metrics.set_unrealized("Endpoint", unrealized);
     let store = node.view.endpoints.store();
+    let mut writes = Vec::new();
     for state in states {
         let key = &state.key;
         let Some(current) = store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
@@ -399,15 +401,25 @@ pub async fn write_endpoint_statuses(node: &NodeContext, states: &[EndpointState
         let body =
             apply_body::<Endpoint>(&key.name, Some(&key.namespace), json!({ "status": fields }));
         let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
-        match apply_status(&api, FIELD_MANAGER, &body).await {
-            Ok(_) => {
-                tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
+        writes.push(async move {
+            match apply_status(&api, FIELD_MANAGER, &body).await {
+                Ok(_) => {
+                    tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
-        }
+        });
     }
+    // One object each: no order among them, and a policy change reports several at once.
+    futures::stream::iter(writes)
+        .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+        .collect::<()>()
+        .await;
 }
+
+/// Endpoint status writes in flight at once.
+const STATUS_WRITES_IN_FLIGHT: usize = 8;
 
 /// Map fill and the programs' per-reason counters into metrics.
 pub async fn observe_maps(node: &NodeContext) {
