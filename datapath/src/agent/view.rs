@@ -4,13 +4,13 @@
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::ResourceExt;
 use kube::runtime::watcher;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tendril_crds::v1alpha1::{
     EgressRoute, Endpoint, Identity, LBService, NodeNetwork, ResolvedPolicy,
 };
-use kube::ResourceExt;
-use std::collections::HashMap;
 use tendril_runtime::caches::{Cache, Cached, Caches, Change};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;

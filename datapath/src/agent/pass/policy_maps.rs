@@ -61,9 +61,10 @@ pub fn realize_policy(
     }
     let t = Instant::now();
     let current_cidrs = dp.policy.cidrs()?;
-    let wanted = policy::translate(subjects, cluster_ports, &current_cidrs);
+    // Only the endpoints whose policy changed since `last` are translated again...
+    let wanted = policy::translate_reusing(subjects, cluster_ports, &current_cidrs, last);
     let translate_ms = t.elapsed().as_secs_f64() * 1e3;
-    if last == Some(&wanted) {
+    if last.is_some_and(|last| last.same_as(&wanted)) {
         tracing::debug!(translate_ms, "policy unchanged");
         return Ok(PolicyRealization {
             wanted,
@@ -73,9 +74,19 @@ pub fn realize_policy(
         });
     }
     let t = Instant::now();
-    let (cidrs, policy) =
-        dp.policy
-            .converge_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?;
+    // ...and only their entries are diffed against what the last convergence wrote.
+    let (cidrs, policy) = match last {
+        Some(last) => dp.policy.converge_changed(
+            &wanted.cidrs,
+            &wanted.entries,
+            &wanted.states,
+            &wanted.changed_endpoints(last),
+        )?,
+        None => {
+            dp.policy
+                .converge_with_cidrs(&wanted.cidrs, &wanted.entries, &wanted.states, true)?
+        }
+    };
     tracing::debug!(
         translate_ms,
         converge_ms = t.elapsed().as_secs_f64() * 1e3,
@@ -141,10 +152,7 @@ impl Step for PolicyMaps {
             Some(applied) => self.applied = Some((applied, Instant::now())),
             None => self.applied = None,
         }
-        self.applied_inputs = self
-            .applied
-            .is_some()
-            .then(|| converged.inputs.clone());
+        self.applied_inputs = self.applied.is_some().then(|| converged.inputs.clone());
         node.metrics
             .policy_endpoints
             .set(i64::try_from(converged.endpoints).unwrap_or(i64::MAX));
