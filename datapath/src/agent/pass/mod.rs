@@ -336,6 +336,7 @@ pub async fn run(
         health: health.clone(),
         report: report::Reporter::default(),
         maps_observed: None,
+        statuses: None,
     };
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -359,6 +360,16 @@ struct NodePass<'a> {
     report: report::Reporter,
     /// When a pass last read the maps' fill into metrics.
     maps_observed: Option<std::time::Instant>,
+    /// The last pass's Endpoint status writes, if still running.
+    statuses: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for NodePass<'_> {
+    fn drop(&mut self) {
+        if let Some(statuses) = self.statuses.take() {
+            statuses.abort();
+        }
+    }
 }
 
 /// A pass reads the maps' fill at most this often.
@@ -420,10 +431,18 @@ impl NodePass<'_> {
                 return PassOutcome::Failed;
             }
         }
-        let t = std::time::Instant::now();
+        // The Endpoint statuses are written while the next pass may already converge the
+        // maps (a burst of policy changes is not held up by the API's round trips), each
+        // pass's writes after the previous pass's.
         let states = report::endpoint_states(&pass);
-        report::write_endpoint_statuses(node, &states).await;
-        took.push(("endpoint statuses", t.elapsed().as_secs_f64() * 1e3));
+        let writer = report::EndpointStatusWriter::of(node);
+        let previous = self.statuses.take();
+        self.statuses = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            writer.write(&states).await;
+        }));
         let t = std::time::Instant::now();
         let realized = self
             .report

@@ -333,75 +333,101 @@ pub fn endpoint_states(pass: &Pass) -> Vec<EndpointState> {
 /// the object says: realized → `realizedRevision` + `Realized=True`; a failed map
 /// write → `Realized=False` (the last realized revision is kept). Pending endpoints
 /// (veth not there yet) are not written.
-pub async fn write_endpoint_statuses(node: &NodeContext, states: &[EndpointState]) {
-    let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
-    node.metrics.set_unrealized("Endpoint", unrealized);
-    let store = node.view.endpoints.store();
-    let mut writes = Vec::new();
-    for state in states {
-        let key = &state.key;
-        let Some(current) = store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
-            continue;
-        };
-        let status = current.status.clone().unwrap_or_default();
-        let previous = conditions::find(&status.conditions, REALIZED);
-        let desired = if state.failed {
-            DesiredCondition::new(REALIZED, false, "MapWriteFailed", "a BPF map write failed")
-        } else if state.wired {
-            DesiredCondition::new(
-                REALIZED,
-                true,
-                "Realized",
-                format!(
-                    "revision {} is in the datapath of {}",
-                    state.revision, node.cfg.node_name
-                ),
-            )
-        } else {
-            continue;
-        };
-        let realized_revision = if desired.status {
-            Some(state.revision)
-        } else {
-            status.realized_revision
-        };
-        // Written only when the policy's entries are in; otherwise the last one stays.
-        let realized_policy_revision = state
-            .policy_revision
-            .filter(|_| desired.status)
-            .or(status.realized_policy_revision);
-        let up_to_date = status.realized_revision == realized_revision
-            && status.realized_policy_revision == realized_policy_revision
-            && previous.is_some_and(|c| {
-                c.status
-                    == if desired.status {
-                        conditions::TRUE
-                    } else {
-                        conditions::FALSE
-                    }
-                    && c.reason == desired.reason
-                    && c.observed_generation == current.metadata.generation
-            });
-        if up_to_date {
-            continue;
+///
+/// What writing them needs, owned: the writes of a pass can run while the
+/// next pass converges the maps ([`super::NodePass`] starts them in a task of their own,
+/// each after the previous pass's, so an endpoint's reports never overtake each other).
+#[derive(Clone)]
+pub struct EndpointStatusWriter {
+    client: kube::Client,
+    store: kube::runtime::reflector::Store<Endpoint>,
+    metrics: super::metrics::DatapathMetrics,
+    node_name: String,
+}
+
+impl EndpointStatusWriter {
+    pub fn of(node: &NodeContext) -> Self {
+        Self {
+            client: node.client.clone(),
+            store: node.view.endpoints.store(),
+            metrics: node.metrics.clone(),
+            node_name: node.cfg.node_name.clone(),
         }
-        let condition = conditions::merge(
-            previous,
-            &desired,
-            current.metadata.generation,
-            k8s_openapi::jiff::Timestamp::now(),
-        );
-        let mut fields = json!({ "conditions": [condition] });
-        if let Some(revision) = realized_revision {
-            fields["realizedRevision"] = json!(revision);
-        }
-        if let Some(revision) = realized_policy_revision {
-            fields["realizedPolicyRevision"] = json!(revision);
-        }
-        let body =
-            apply_body::<Endpoint>(&key.name, Some(&key.namespace), json!({ "status": fields }));
-        let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
-        writes.push(async move {
+    }
+
+    pub async fn write(&self, states: &[EndpointState]) {
+        let node = self;
+        let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
+        node.metrics.set_unrealized("Endpoint", unrealized);
+        let store = &node.store;
+        let mut writes = Vec::new();
+        for state in states {
+            let key = &state.key;
+            let Some(current) = store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
+                continue;
+            };
+            let status = current.status.clone().unwrap_or_default();
+            let previous = conditions::find(&status.conditions, REALIZED);
+            let desired = if state.failed {
+                DesiredCondition::new(REALIZED, false, "MapWriteFailed", "a BPF map write failed")
+            } else if state.wired {
+                DesiredCondition::new(
+                    REALIZED,
+                    true,
+                    "Realized",
+                    format!(
+                        "revision {} is in the datapath of {}",
+                        state.revision, node.node_name
+                    ),
+                )
+            } else {
+                continue;
+            };
+            let realized_revision = if desired.status {
+                Some(state.revision)
+            } else {
+                status.realized_revision
+            };
+            // Written only when the policy's entries are in; otherwise the last one stays.
+            let realized_policy_revision = state
+                .policy_revision
+                .filter(|_| desired.status)
+                .or(status.realized_policy_revision);
+            let up_to_date = status.realized_revision == realized_revision
+                && status.realized_policy_revision == realized_policy_revision
+                && previous.is_some_and(|c| {
+                    c.status
+                        == if desired.status {
+                            conditions::TRUE
+                        } else {
+                            conditions::FALSE
+                        }
+                        && c.reason == desired.reason
+                        && c.observed_generation == current.metadata.generation
+                });
+            if up_to_date {
+                continue;
+            }
+            let condition = conditions::merge(
+                previous,
+                &desired,
+                current.metadata.generation,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let mut fields = json!({ "conditions": [condition] });
+            if let Some(revision) = realized_revision {
+                fields["realizedRevision"] = json!(revision);
+            }
+            if let Some(revision) = realized_policy_revision {
+                fields["realizedPolicyRevision"] = json!(revision);
+            }
+            let body = apply_body::<Endpoint>(
+                &key.name,
+                Some(&key.namespace),
+                json!({ "status": fields }),
+            );
+            let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
+            writes.push(async move {
             match apply_status(&api, FIELD_MANAGER, &body).await {
                 Ok(_) => {
                     tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
@@ -410,12 +436,13 @@ pub async fn write_endpoint_statuses(node: &NodeContext, states: &[EndpointState
                 Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
             }
         });
+        }
+        // One object each: no order among them, and a policy change reports several at once.
+        futures::stream::iter(writes)
+            .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+            .collect::<()>()
+            .await;
     }
-    // One object each: no order among them, and a policy change reports several at once.
-    futures::stream::iter(writes)
-        .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
-        .collect::<()>()
-        .await;
 }
 
 /// Endpoint status writes in flight at once.
