@@ -337,6 +337,7 @@ pub async fn run(
         report: report::Reporter::default(),
         maps_observed: None,
         statuses: None,
+        statuses_written: Default::default(),
     };
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -362,6 +363,7 @@ struct NodePass<'a> {
     maps_observed: Option<std::time::Instant>,
     /// The last pass's Endpoint status writes, if still running.
     statuses: Option<tokio::task::JoinHandle<()>>,
+    statuses_written: report::WrittenStatuses,
 }
 
 impl Drop for NodePass<'_> {
@@ -435,7 +437,7 @@ impl NodePass<'_> {
         // maps (a burst of policy changes is not held up by the API's round trips), each
         // pass's writes after the previous pass's.
         let states = report::endpoint_states(&pass);
-        let writer = report::EndpointStatusWriter::of(node);
+        let writer = report::EndpointStatusWriter::of(node, &self.statuses_written);
         let previous = self.statuses.take();
         self.statuses = Some(tokio::spawn(async move {
             if let Some(previous) = previous {

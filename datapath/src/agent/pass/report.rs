@@ -11,8 +11,9 @@ use futures::StreamExt;
 use kube::Api;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tendril_runtime::conditions::{self, DesiredCondition, REALIZED};
 use tendril_runtime::{apply_body, apply_status};
@@ -343,15 +344,33 @@ pub struct EndpointStatusWriter {
     store: kube::runtime::reflector::Store<Endpoint>,
     metrics: super::metrics::DatapathMetrics,
     node_name: String,
+    written: WrittenStatuses,
+}
+
+/// Per endpoint, what this agent last wrote into its status and the `resourceVersion` the
+/// object had just before: while the store still shows that version the write's echo has
+/// not arrived, and the object holds what was written (the next pass does not write it
+/// again).
+pub type WrittenStatuses = Arc<Mutex<BTreeMap<EndpointRef, (Option<String>, WrittenStatus)>>>;
+
+/// The fields of one status write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenStatus {
+    realized_revision: Option<i64>,
+    realized_policy_revision: Option<i64>,
+    realized: bool,
+    reason: String,
+    generation: Option<i64>,
 }
 
 impl EndpointStatusWriter {
-    pub fn of(node: &NodeContext) -> Self {
+    pub fn of(node: &NodeContext, written: &WrittenStatuses) -> Self {
         Self {
             client: node.client.clone(),
             store: node.view.endpoints.store(),
             metrics: node.metrics.clone(),
             node_name: node.cfg.node_name.clone(),
+            written: written.clone(),
         }
     }
 
@@ -360,6 +379,12 @@ impl EndpointStatusWriter {
         let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
         node.metrics.set_unrealized("Endpoint", unrealized);
         let store = &node.store;
+        {
+            // Bounded by the local endpoints.
+            let local: BTreeSet<&EndpointRef> = states.iter().map(|s| &s.key).collect();
+            let mut written = node.written.lock().unwrap_or_else(|p| p.into_inner());
+            written.retain(|key, _| local.contains(key));
+        }
         let mut writes = Vec::new();
         for state in states {
             let key = &state.key;
@@ -405,7 +430,21 @@ impl EndpointStatusWriter {
                         && c.reason == desired.reason
                         && c.observed_generation == current.metadata.generation
                 });
-            if up_to_date {
+            let wanted = WrittenStatus {
+                realized_revision,
+                realized_policy_revision,
+                realized: desired.status,
+                reason: desired.reason.to_string(),
+                generation: current.metadata.generation,
+            };
+            let before = current.metadata.resource_version.clone();
+            let echo_pending = node
+                .written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .is_some_and(|(rv, w)| *rv == before && *w == wanted);
+            if up_to_date || echo_pending {
                 continue;
             }
             let condition = conditions::merge(
@@ -427,15 +466,24 @@ impl EndpointStatusWriter {
                 json!({ "status": fields }),
             );
             let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
+            let written = node.written.clone();
             writes.push(async move {
-            match apply_status(&api, FIELD_MANAGER, &body).await {
-                Ok(_) => {
-                    tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
+                let res = apply_status(&api, FIELD_MANAGER, &body).await;
+                let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
+                match res {
+                    Ok(_) => {
+                        written.insert(key.clone(), (before, wanted));
+                        tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        written.remove(key);
+                    }
+                    Err(e) => {
+                        written.remove(key);
+                        tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status")
+                    }
                 }
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
-            }
-        });
+            });
         }
         // One object each: no order among them, and a policy change reports several at once.
         futures::stream::iter(writes)
