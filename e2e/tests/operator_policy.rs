@@ -169,7 +169,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
                 "defaultDeny": {"ingress": true, "egress": false},
                 "ingress": [
                     {"verdict": "Allow", "peers": [1]},
-                    {"verdict": "Allow", "peers": [WEB], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                    {"verdict": "Allow", "peers": [WEB], "ports": "TCP:5432"},
                 ],
                 "egress": [],
             }),
@@ -208,7 +208,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
                 "defaultDeny": {"ingress": false, "egress": true},
                 "ingress": [],
                 "egress": [
-                    {"verdict": "Allow", "peers": [DB], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                    {"verdict": "Allow", "peers": [DB], "ports": "TCP:5432"},
                     {"verdict": "Deny", "peers": [2]},
                 ],
             }),
