@@ -121,9 +121,12 @@ pub struct PolicyMaps {
 /// gets (identity, revision, resourceVersion), and the cluster's named ports.
 #[derive(Debug, PartialEq)]
 struct PolicyInputs {
-    subjects: Vec<(u16, Vec<NamedPort>, Option<(i64, i64, Option<String>)>)>,
+    subjects: Vec<(u16, Vec<NamedPort>, Option<PolicyVersion>)>,
     cluster_ports: policy::ClusterNamedPorts,
 }
+
+/// (identity, revision, resourceVersion) of the `ResolvedPolicy` an endpoint gets.
+type PolicyVersion = (i64, i64, Option<String>);
 
 /// What the blocking half of the step produced.
 struct Converged {
