@@ -653,8 +653,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "resolved policy: ports not in the PROTOCOL:items form",
             kind: "ResolvedPolicy",
-            edit: |v| set(v, "/spec/ingress/0/ports", json!("80,443")),
-            expected: &["spec.ingress[0].ports", "should match"],
+            edit: |v| set(v, "/spec/ingress/0/portSet", json!("80,443")),
+            expected: &["spec.ingress[0].portSet", "should match"],
         },
         // LBService
         Case {

@@ -31,7 +31,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::networking::v1 as k8s;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -278,26 +278,7 @@ impl Policy {
                         }),
                     );
                     let body_took = body_started.elapsed();
-                    let mut res = runtime::apply(&api, &self.manager, &body).await;
-                    if is_untyped_live_object(&res) {
-                        // Stored in a former shape (ports as a list of objects): a merge
-                        // patch rewrites it whole, then the apply owns its fields again.
-                        info!(
-                            identity = spec.identity,
-                            "ResolvedPolicy in a former shape; rewriting it"
-                        );
-                        let params = PatchParams {
-                            field_manager: Some(self.manager.clone()),
-                            ..PatchParams::default()
-                        };
-                        res = match api
-                            .patch(&spec.identity.to_string(), &params, &Patch::Merge(&body))
-                            .await
-                        {
-                            Ok(_) => runtime::apply(&api, &self.manager, &body).await,
-                            Err(e) => Err(e),
-                        };
-                    }
+                    let res = runtime::apply(&api, &self.manager, &body).await;
                     debug!(
                         identity = spec.identity,
                         body_ms = body_took.as_secs_f64() * 1e3,
@@ -536,14 +517,6 @@ impl Policy {
             }
         }
     }
-}
-
-/// The API server refused a server-side apply because the object it holds does not fit
-/// the current schema (an object written before a field changed type): it cannot compute
-/// field ownership on it, while a merge patch (no ownership) can replace it.
-fn is_untyped_live_object<K>(res: &Result<K, kube::Error>) -> bool {
-    matches!(res, Err(kube::Error::Api(s))
-        if s.code == 500 && s.message.contains("failed to create typed live object"))
 }
 
 /// The caches the policy concern reads.

@@ -73,8 +73,9 @@ pub struct ResolvedDefaultDeny {
 }
 
 /// Peers × ports × verdict.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = port_list::keep_former_field)]
 pub struct ResolvedRule {
     pub verdict: Verdict,
     /// Peer identities (`0` = any peer).
@@ -86,12 +87,52 @@ pub struct ResolvedRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(length(max = 43)), extend("x-kubernetes-list-type" = "atomic"))]
     pub cidrs: Vec<String>,
-    /// Ports the entry covers; empty means every port and protocol. Stored as one string
-    /// ([`port_list`]): the API server handles a 10,000-port string in milliseconds where a
-    /// list of 10,000 objects took it most of a second per write.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "port_list")]
+    /// Ports the entry covers; empty means every port and protocol. Written as one string,
+    /// `portSet` ([`port_list`]): the API server handles a 10,000-port string in
+    /// milliseconds where a list of 10,000 objects took it most of a second per write.
+    /// Read from `portSet` or from the former `ports` list of objects (objects written by
+    /// an older operator; the schema keeps that field, so they keep their ports, and the
+    /// next apply replaces it with `portSet`).
+    #[serde(
+        rename = "portSet",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "port_list::serialize"
+    )]
     #[schemars(schema_with = "port_list::schema")]
     pub ports: Vec<ResolvedPort>,
+}
+
+/// A rule as stored: `portSet` from this operator on, `ports` from older ones (or both,
+/// if another field manager left `ports`: `portSet` is the one this operator wrote).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRule {
+    verdict: Verdict,
+    #[serde(default)]
+    peers: Vec<i64>,
+    #[serde(default)]
+    cidrs: Vec<String>,
+    #[serde(default, deserialize_with = "port_list::deserialize")]
+    port_set: Vec<ResolvedPort>,
+    #[serde(default)]
+    ports: Vec<ResolvedPort>,
+}
+
+impl<'de> Deserialize<'de> for ResolvedRule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let stored = StoredRule::deserialize(d)?;
+        Ok(ResolvedRule {
+            verdict: stored.verdict,
+            peers: stored.peers,
+            cidrs: stored.cidrs,
+            ports: if stored.port_set.is_empty() {
+                stored.ports
+            } else {
+                stored.port_set
+            },
+        })
+    }
 }
 
 /// `ResolvedRule.ports` on the wire: groups separated by one space, each `PROTOCOL:` and
@@ -99,7 +140,7 @@ pub struct ResolvedRule {
 /// share a group); an item is `N` (one port; `0` = every port of the protocol), `N-M` (a
 /// range) or a port name (which always has a letter). For example
 /// `TCP:80,443,8000-8080 UDP:53 ANY:dns`. About 6 bytes a port instead of ~32 as objects.
-/// Reading also accepts the former list of objects, so objects written before still parse.
+/// A rule stored with the former list of objects (`ports`) still reads.
 pub mod port_list {
     use super::{Protocol, ResolvedPort};
     use schemars::{Schema, SchemaGenerator, json_schema};
@@ -109,11 +150,35 @@ pub mod port_list {
     /// What the API server checks (one regular expression, linear in the length).
     pub const PATTERN: &str = "^(ANY|SCTP|TCP|UDP):[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*( (ANY|SCTP|TCP|UDP):[0-9A-Za-z-]+(,[0-9A-Za-z-]+)*)*$";
 
+    /// Adds the former field `ports` (a list of objects) to a rule's schema: objects
+    /// stored with it keep their ports on read (the API server prunes what the schema
+    /// does not name) and stay typed for server-side apply.
+    pub fn keep_former_field(schema: &mut Schema) {
+        let former = json_schema!({
+            "type": "array",
+            "x-kubernetes-list-type": "atomic",
+            "description": "The former form of `portSet` (a list of objects), written by older operators; read, never written.",
+            "items": {
+                "type": "object",
+                "required": ["protocol"],
+                "properties": {
+                    "port": {"type": "integer", "format": "int32", "minimum": 0.0, "maximum": 65535.0},
+                    "endPort": {"type": "integer", "format": "int32", "nullable": true, "minimum": 1.0, "maximum": 65535.0},
+                    "name": {"type": "string", "nullable": true, "maxLength": 15},
+                    "protocol": {"type": "string", "enum": ["ANY", "SCTP", "TCP", "UDP"]},
+                },
+            },
+        });
+        if let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+            properties.insert("ports".into(), former.into());
+        }
+    }
+
     pub fn schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
             "pattern": PATTERN,
-            "description": "Ports the entry covers; absent means every port and protocol. Groups separated by a space, each `PROTOCOL:` (TCP, UDP, SCTP or ANY) and comma-separated items: `N` (one port; 0 = every port of the protocol), `N-M` (a range) or a port name, e.g. `TCP:80,443,8000-8080 UDP:53 ANY:dns`.",
+            "description": "Ports the entry covers; absent (and no `ports`) means every port and protocol. Groups separated by a space, each `PROTOCOL:` (TCP, UDP, SCTP or ANY) and comma-separated items: `N` (one port; 0 = every port of the protocol), `N-M` (a range) or a port name, e.g. `TCP:80,443,8000-8080 UDP:53 ANY:dns`.",
         })
     }
 
@@ -203,16 +268,7 @@ pub mod port_list {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ResolvedPort>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Text(String),
-            Objects(Vec<ResolvedPort>),
-        }
-        match Wire::deserialize(d)? {
-            Wire::Text(text) => decode(&text).map_err(serde::de::Error::custom),
-            Wire::Objects(ports) => Ok(ports),
-        }
+        decode(&String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -450,11 +506,17 @@ mod tests {
             ports: ports.clone(),
         };
         let json = serde_json::to_value(&rule).unwrap();
-        assert_eq!(json["ports"], serde_json::json!(text));
+        assert_eq!(json["portSet"], serde_json::json!(text));
+        assert!(json.get("ports").is_none());
         assert_eq!(serde_json::from_value::<ResolvedRule>(json).unwrap(), rule);
         // No ports: no field (every port and protocol).
         let every = ResolvedRule::default();
-        assert!(serde_json::to_value(&every).unwrap().get("ports").is_none());
+        assert!(
+            serde_json::to_value(&every)
+                .unwrap()
+                .get("portSet")
+                .is_none()
+        );
     }
 
     #[test]
@@ -471,6 +533,17 @@ mod tests {
                 port(Protocol::Udp, 0, None, Some("dns"))
             ]
         );
+    }
+
+    #[test]
+    fn the_string_wins_over_a_former_list_left_beside_it() {
+        let rule: ResolvedRule = serde_json::from_value(serde_json::json!({
+            "verdict": "Deny",
+            "portSet": "UDP:53",
+            "ports": [{"port": 80, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        assert_eq!(rule.ports, vec![port(Protocol::Udp, 53, None, None)]);
     }
 
     #[test]
