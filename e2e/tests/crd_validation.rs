@@ -650,6 +650,12 @@ fn cases() -> Vec<Case> {
             edit: |v| set(v, "/spec/identity", json!(301)),
             expected: &["the name of a ResolvedPolicy must be its subject identity"],
         },
+        Case {
+            name: "resolved policy: ports not in the PROTOCOL:items form",
+            kind: "ResolvedPolicy",
+            edit: |v| set(v, "/spec/ingress/0/portSet", json!("80,443")),
+            expected: &["spec.ingress[0].portSet", "should match"],
+        },
         // LBService
         Case {
             name: "lb service: unknown frontend type",

@@ -169,7 +169,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
                 "defaultDeny": {"ingress": true, "egress": false},
                 "ingress": [
                     {"verdict": "Allow", "peers": [1]},
-                    {"verdict": "Allow", "peers": [WEB], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                    {"verdict": "Allow", "peers": [WEB], "portSet": "TCP:5432"},
                 ],
                 "egress": [],
             }),
@@ -208,7 +208,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
                 "defaultDeny": {"ingress": false, "egress": true},
                 "ingress": [],
                 "egress": [
-                    {"verdict": "Allow", "peers": [DB], "ports": [{"port": 5432, "protocol": "TCP"}]},
+                    {"verdict": "Allow", "peers": [DB], "portSet": "TCP:5432"},
                     {"verdict": "Deny", "peers": [2]},
                 ],
             }),
@@ -414,5 +414,95 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
         );
     }
     operator.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// A `ResolvedPolicy` written by an older operator, with `ports` as a list of objects,
+/// still reads; the operator's next write replaces the list with `portSet`.
+#[tokio::test]
+async fn a_resolved_policy_in_the_former_shape_is_rewritten() -> Result<()> {
+    use kube::api::{ApiResource, DynamicObject};
+
+    let plane = ControlPlane::dedicated("policy-former-shape").await?;
+    let env = TestEnv::on(plane.clone()).await?;
+    let client = env.client();
+    let ns = env.namespace().to_string();
+    let raw: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<ResolvedPolicy>(&()));
+    env.delete_on_drop::<ResolvedPolicy>(&DB.to_string());
+    // As the former operator wrote it: its field manager, ports as objects.
+    let former: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "tendril.dev/v1alpha1", "kind": "ResolvedPolicy",
+        "metadata": {"name": DB.to_string()},
+        "spec": {"identity": DB, "revision": 1, "defaultDeny": {"ingress": true, "egress": false},
+                 "ingress": [{"verdict": "Allow", "peers": [WEB], "ports": [{"port": 80, "protocol": "TCP"}]}]},
+    }))?;
+    raw.patch(
+        &DB.to_string(),
+        &PatchParams::apply("tendril-policy").force(),
+        &Patch::Apply(&former),
+    )
+    .await?;
+    let rps: Api<ResolvedPolicy> = Api::all(client.clone());
+    let read = rps.get(&DB.to_string()).await?;
+    ensure!(
+        read.spec.ingress.len() == 1
+            && read.spec.ingress[0].ports.len() == 1
+            && read.spec.ingress[0].ports[0].port == 80,
+        "the former shape reads as {:?}",
+        read.spec
+    );
+
+    let identities: Api<Identity> = Api::all(client.clone());
+    for (id, app) in [(WEB, "web"), (DB, "db")] {
+        env.delete_on_drop::<Identity>(&id.to_string());
+        env.delete_on_drop::<ResolvedPolicy>(&id.to_string());
+        apply(&identities, &identity(id, &ns, app)?).await?;
+    }
+    let knps: Api<KubeNetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    apply(
+        &knps,
+        &typed(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "db-from-web", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                  "ports": [{"port": 5432}]}]},
+        }))?,
+    )
+    .await?;
+
+    let port = free_port()?;
+    let mut operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .spawn()?;
+    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    // The former object read as it was (revision 1), so the new spec is revision 2.
+    let db = resolved(&rps, DB, "rewritten from the former shape", |s| {
+        s.revision == 2
+    })
+    .await?;
+    ensure!(
+        db.spec
+            .ingress
+            .iter()
+            .any(|r| r.ports.iter().any(|p| p.port == 5432)),
+        "db: {:?}",
+        db.spec
+    );
+    let wire = raw.get(&DB.to_string()).await?;
+    let rules = wire.data["spec"]["ingress"].as_array().context("ingress")?;
+    let port_sets: Vec<&Value> = rules.iter().filter_map(|r| r.get("portSet")).collect();
+    ensure!(
+        port_sets == [&json!("TCP:5432")] && rules.iter().all(|r| r.get("ports").is_none()),
+        "rules on the wire: {rules:?}"
+    );
+    drop(operator);
+    drop(plane);
     Ok(())
 }

@@ -23,6 +23,12 @@
 //! p99 by nearest rank; with 20 samples p99 is the maximum); asserts nothing about speed.
 //! A limit hit on the way (object size, `maxItems`, map size) fails the run with the
 //! server's or the agent's own words.
+//!
+//! Where the time goes: with `TENDRIL_SIM_RUST_LOG=info,tendril_controllers::policy=debug,
+//! tendril_datapath::agent::driver=debug,tendril_datapath::agent::pass=debug` the operator
+//! logs each resolve (`read_ms`, `resolve_ms`) and ResolvedPolicy write (`body_ms`,
+//! `apply_ms`), and each agent its passes (`waited_ms` since the change, `translate_ms`,
+//! `converge_ms`, per-step times), in the test's log directory.
 //! Needs root.
 
 use std::collections::BTreeMap;

@@ -212,8 +212,10 @@ impl Reconciler for Policy {
 
 impl Policy {
     async fn resolve_and_write(&self, changed_at: DateTime<Utc>) -> Result<Action, Error> {
+        let read_started = Instant::now();
         let identities = self.stores.identities();
         let sources = self.stores.sources();
+        let read = read_started.elapsed();
         let started = Instant::now();
         let (current, deleted) = self.current();
         // The resolution stays in the resolver (its memory for the next change); what is
@@ -253,9 +255,11 @@ impl Policy {
             combined = work.combined,
             writes = plan.apply.len(),
             deletes = plan.delete.len(),
+            read_ms = read.as_secs_f64() * 1e3,
             resolve_ms = took.as_secs_f64() * 1e3,
             "resolved"
         );
+        let writes_started = Instant::now();
         let mut first_error = None;
         let changed_at = changed_at.to_rfc3339_opts(SecondsFormat::Micros, true);
         let api = Api::<ResolvedPolicy>::all(self.client.clone());
@@ -264,6 +268,7 @@ impl Policy {
                 let api = api.clone();
                 let changed_at = changed_at.clone();
                 async move {
+                    let body_started = Instant::now();
                     let body = runtime::apply_body::<ResolvedPolicy>(
                         &spec.identity.to_string(),
                         None,
@@ -272,7 +277,14 @@ impl Policy {
                             "spec": spec,
                         }),
                     );
+                    let body_took = body_started.elapsed();
                     let res = runtime::apply(&api, &self.manager, &body).await;
+                    debug!(
+                        identity = spec.identity,
+                        body_ms = body_took.as_secs_f64() * 1e3,
+                        apply_ms = (body_started.elapsed() - body_took).as_secs_f64() * 1e3,
+                        "ResolvedPolicy applied"
+                    );
                     (spec, res)
                 }
             })
@@ -296,6 +308,7 @@ impl Policy {
                 }
             }
         }
+        let written_in = writes_started.elapsed();
         for id in plan.delete {
             if let Err(e) = self.delete(&api, id).await {
                 first_error.get_or_insert(e);
@@ -305,6 +318,11 @@ impl Policy {
             first_error.get_or_insert(e);
         }
         self.report_invalid_kubernetes(&resolution, &sources).await;
+        debug!(
+            write_ms = written_in.as_secs_f64() * 1e3,
+            total_ms = read_started.elapsed().as_secs_f64() * 1e3,
+            "ResolvedPolicies written"
+        );
         match first_error {
             Some(e) => Err(e.into()),
             None => Ok(Action::await_change()),

@@ -66,6 +66,12 @@ pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
         // cause an empty pass (a change from now on leaves a new one).
         let _ = futures::FutureExt::now_or_never(wake.notified());
         let started = wake.take_since();
+        if let Some(at) = started {
+            tracing::debug!(
+                waited_ms = at.elapsed().as_secs_f64() * 1e3,
+                "pass starts after a change"
+            );
+        }
         let outcome = node.pass().await;
         match outcome {
             PassOutcome::Converged => {

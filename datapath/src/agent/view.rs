@@ -4,12 +4,14 @@
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::ResourceExt;
 use kube::runtime::watcher;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tendril_crds::v1alpha1::{
     EgressRoute, Endpoint, Identity, LBService, NodeNetwork, ResolvedPolicy,
 };
-use tendril_runtime::caches::{Cache, Cached, Caches};
+use tendril_runtime::caches::{Cache, Cached, Caches, Change};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
@@ -91,7 +93,10 @@ impl ClusterView {
     /// Wakes `wake` on every change of any kind.
     pub fn wake_on_any_change(&self, wake: &Wake) {
         wake_on(&self.node_networks, wake, |_| true);
-        wake_on(&self.endpoints, wake, |_| true);
+        // Only the spec of an Endpoint feeds the pass; the status is what the agents
+        // (this one and every other node's) report, and each report would otherwise cost
+        // every node a pass that delays the next real change.
+        wake_on_generation(&self.endpoints, wake);
         wake_on(&self.identities, wake, |_| true);
         wake_on(&self.resolved_policies, wake, |_| true);
         wake_on(&self.apiserver, wake, |_| true);
@@ -133,6 +138,48 @@ pub fn wake_on<K: Cached>(
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => wake.touch(),
                 Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+}
+
+/// Wakes `wake` on each change of `cache` that is more than a status write: an object
+/// new, deleted or with a new `metadata.generation` (a kind with a status subresource bumps
+/// it on every spec change, never on a status write), a relist, or after a lag.
+pub fn wake_on_generation<K: Cached>(cache: &Cache<K>, wake: &Wake) {
+    let mut changes = cache.subscribe();
+    let wake = wake.clone();
+    tokio::spawn(async move {
+        let mut seen: HashMap<(Option<String>, String), Option<i64>> = HashMap::new();
+        loop {
+            let change = match changes.recv_change().await {
+                Ok(change) => change,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    seen.clear();
+                    wake.touch();
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            };
+            let relevant = match &change {
+                Change::Applied(obj) => {
+                    let key = (obj.meta().namespace.clone(), obj.name_any());
+                    let generation = obj.meta().generation;
+                    // No generation (a store fed by hand): every change counts.
+                    generation.is_none() || seen.insert(key, generation) != Some(generation)
+                }
+                Change::Deleted(obj) => {
+                    seen.remove(&(obj.meta().namespace.clone(), obj.name_any()));
+                    true
+                }
+                Change::Listed => {
+                    seen.clear();
+                    true
+                }
+                Change::Failed(_) => false,
+            };
+            if relevant {
+                wake.touch();
             }
         }
     });

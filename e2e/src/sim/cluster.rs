@@ -119,7 +119,10 @@ async fn start_operator(kubeconfig: &Path, config: &Path, metrics_port: u16) -> 
         .arg("--leader-elect=false")
         .arg("--metrics-bind")
         .arg(format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("TENDRIL_SIM_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .spawn()?;
     operator.wait_for_log("caches synced", WAIT).await?;
     Ok(operator)

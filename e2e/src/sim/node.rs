@@ -143,7 +143,10 @@ impl SimNode {
             // (/var/run/wireguard/<name>.sock) is shared by every namespace.
             .env("TENDRIL_WIREGUARD_INTERFACE", self.wireguard_interface())
             .args(&self.agent_args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TENDRIL_SIM_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()?;
         self.agent = Some(agent);
         Ok(())

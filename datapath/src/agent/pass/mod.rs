@@ -335,6 +335,9 @@ pub async fn run(
         synced,
         health: health.clone(),
         report: report::Reporter::default(),
+        maps_observed: None,
+        statuses: None,
+        statuses_written: Default::default(),
     };
     tokio::select! {
         _ = shutdown.cancelled() => {}
@@ -356,7 +359,23 @@ struct NodePass<'a> {
     synced: Arc<AtomicBool>,
     health: Health,
     report: report::Reporter,
+    /// When a pass last read the maps' fill into metrics.
+    maps_observed: Option<std::time::Instant>,
+    /// The last pass's Endpoint status writes, if still running.
+    statuses: Option<tokio::task::JoinHandle<()>>,
+    statuses_written: report::WrittenStatuses,
 }
+
+impl Drop for NodePass<'_> {
+    fn drop(&mut self) {
+        if let Some(statuses) = self.statuses.take() {
+            statuses.abort();
+        }
+    }
+}
+
+/// A pass reads the maps' fill at most this often.
+const MAPS_OBSERVED_IN_PASS: Duration = Duration::from_secs(1);
 
 impl NodeLoop for NodePass<'_> {
     async fn pass(&mut self) -> PassOutcome {
@@ -400,8 +419,13 @@ impl NodePass<'_> {
             desired,
             ..Pass::default()
         };
+        let pass_started = std::time::Instant::now();
+        let mut took: Vec<(&'static str, f64)> = Vec::with_capacity(self.steps.len() + 2);
         for step in &mut self.steps {
-            if let Err(failure) = step.run(node, &mut pass).await {
+            let step_started = std::time::Instant::now();
+            let result = step.run(node, &mut pass).await;
+            took.push((step.name(), step_started.elapsed().as_secs_f64() * 1e3));
+            if let Err(failure) = result {
                 tracing::warn!(step = step.name(), reason = failure.reason, error = %failure.message, "pass failed");
                 self.report
                     .node_status(node, own.as_deref(), &pass, Some(failure))
@@ -409,13 +433,40 @@ impl NodePass<'_> {
                 return PassOutcome::Failed;
             }
         }
-        report::observe_maps(node).await;
+        // The Endpoint statuses are written while the next pass may already converge the
+        // maps (a burst of policy changes is not held up by the API's round trips), each
+        // pass's writes after the previous pass's.
         let states = report::endpoint_states(&pass);
-        report::write_endpoint_statuses(node, &states).await;
+        let writer = report::EndpointStatusWriter::of(node, &self.statuses_written);
+        let previous = self.statuses.take();
+        self.statuses = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            writer.write(&states).await;
+        }));
+        let t = std::time::Instant::now();
         let realized = self
             .report
             .node_status(node, own.as_deref(), &pass, None)
             .await;
+        took.push(("node status", t.elapsed().as_secs_f64() * 1e3));
+        // After the statuses, at most once a second: reading every map's fill costs a read
+        // of each entry (tens of ms at 10,000 rules), and the sampler reads it every 5 s.
+        if self
+            .maps_observed
+            .is_none_or(|at| at.elapsed() >= MAPS_OBSERVED_IN_PASS)
+        {
+            let t = std::time::Instant::now();
+            report::observe_maps(node).await;
+            self.maps_observed = Some(std::time::Instant::now());
+            took.push(("observe maps", t.elapsed().as_secs_f64() * 1e3));
+        }
+        tracing::debug!(
+            total_ms = pass_started.elapsed().as_secs_f64() * 1e3,
+            steps = ?took,
+            "pass timing"
+        );
         if realized {
             PassOutcome::Converged
         } else {

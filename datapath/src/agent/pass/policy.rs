@@ -25,6 +25,7 @@ use crate::bpf::policy::{
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use tendril_crds::v1alpha1::{
     self as api, NamedPort, ResolvedPolicySpec, ResolvedPort, ResolvedRule,
 };
@@ -81,10 +82,25 @@ impl ClusterNamedPorts {
     }
 }
 
+/// One local endpoint's share of a translation and what it was made from (besides the
+/// node's CIDR ids and the cluster's named ports, kept once in [`DesiredPolicy`]): the next
+/// translation reuses it when none of that changed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointPolicy {
+    spec: ResolvedPolicySpec,
+    named_ports: Vec<NamedPort>,
+    pub entries: BTreeMap<PolicyEntry, Verdict>,
+    problems: Vec<String>,
+}
+
 /// What the policy maps of the node should hold.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DesiredPolicy {
     pub entries: BTreeMap<PolicyEntry, Verdict>,
+    /// `entries` by endpoint (those with a policy), each with what it was made from.
+    pub by_endpoint: BTreeMap<u16, Arc<EndpointPolicy>>,
+    /// The cluster's named ports the entries were made with.
+    cluster_ports: ClusterNamedPorts,
     pub states: BTreeMap<u16, PolicyState>,
     /// `policy_cidrs`: every prefix (both families) named by a local endpoint's policy →
     /// its id.
@@ -255,13 +271,64 @@ fn rules(spec: &ResolvedPolicySpec) -> impl Iterator<Item = (Direction, &Resolve
         .chain(spec.egress.iter().map(|r| (Direction::Egress, r)))
 }
 
+impl DesiredPolicy {
+    /// The same content as `other`, cheaply when `other` is the translation this one
+    /// reused its endpoints' entries from ([`translate_reusing`]).
+    pub fn same_as(&self, other: &DesiredPolicy) -> bool {
+        self.cidrs == other.cidrs
+            && self.states == other.states
+            && self.revisions == other.revisions
+            && self.problems == other.problems
+            && self.by_endpoint.len() == other.by_endpoint.len()
+            && self
+                .by_endpoint
+                .iter()
+                .zip(&other.by_endpoint)
+                .all(|((a, pa), (b, pb))| a == b && (Arc::ptr_eq(pa, pb) || pa == pb))
+    }
+
+    /// The endpoints whose entries differ from `previous`'s (gained, lost or changed).
+    pub fn changed_endpoints(&self, previous: &DesiredPolicy) -> BTreeSet<u16> {
+        let mut out: BTreeSet<u16> = previous
+            .by_endpoint
+            .keys()
+            .filter(|id| !self.by_endpoint.contains_key(id))
+            .copied()
+            .collect();
+        for (id, now) in &self.by_endpoint {
+            match previous.by_endpoint.get(id) {
+                Some(before) if Arc::ptr_eq(before, now) || before.entries == now.entries => {}
+                _ => {
+                    out.insert(*id);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The policy maps' desired content for `subjects` (see the module documentation).
 pub fn translate(
     subjects: &[PolicySubject<'_>],
     cluster_ports: &ClusterNamedPorts,
     current_cidrs: &BTreeMap<IpNet, u32>,
 ) -> DesiredPolicy {
-    let mut out = DesiredPolicy::default();
+    translate_reusing(subjects, cluster_ports, current_cidrs, None)
+}
+
+/// [`translate`], reusing the entries of every endpoint whose policy, named ports, the
+/// node's CIDR ids and the cluster's named ports equal those `previous` was made from: a
+/// change of one identity's policy translates only its endpoints again.
+pub fn translate_reusing(
+    subjects: &[PolicySubject<'_>],
+    cluster_ports: &ClusterNamedPorts,
+    current_cidrs: &BTreeMap<IpNet, u32>,
+    previous: Option<&DesiredPolicy>,
+) -> DesiredPolicy {
+    let mut out = DesiredPolicy {
+        cluster_ports: cluster_ports.clone(),
+        ..DesiredPolicy::default()
+    };
     let with_policy: Vec<(&PolicySubject<'_>, &ResolvedPolicySpec)> = subjects
         .iter()
         .filter_map(|s| s.policy.map(|p| (s, p)))
@@ -285,6 +352,7 @@ pub fn translate(
     let (cidrs, problems) = allocate_cidr_ids(&prefixes, current_cidrs);
     out.cidrs = cidrs;
     out.problems.extend(problems);
+    let reusable = previous.filter(|p| p.cidrs == out.cidrs && p.cluster_ports == *cluster_ports);
     // Node prefixes by (family, first address, length): those inside a rule prefix P are
     // the ones starting within P's addresses with a length of at least P's — a range query.
     let node_prefixes: BTreeMap<((bool, u128), u8), u32> = out
@@ -330,6 +398,15 @@ pub fn translate(
             },
         );
         out.revisions.insert(subject.endpoint_id, spec.revision);
+        let kept = reusable
+            .and_then(|p| p.by_endpoint.get(&subject.endpoint_id))
+            .filter(|p| p.named_ports == subject.named_ports && p.spec == *spec);
+        if let Some(kept) = kept {
+            out.by_endpoint.insert(subject.endpoint_id, kept.clone());
+            continue;
+        }
+        let mut entries = BTreeMap::new();
+        let mut problems = Vec::new();
         for (direction, rule) in rules(spec) {
             let verdict = rule_verdict(rule);
             let mut peers: BTreeSet<u32> = rule
@@ -357,7 +434,7 @@ pub fn translate(
                         direction,
                         subject.named_ports,
                         cluster_ports,
-                        &mut out.problems,
+                        &mut problems,
                     ));
                 }
                 blocks.into_iter().collect()
@@ -372,7 +449,7 @@ pub fn translate(
                         port,
                         port_prefix,
                     };
-                    out.entries
+                    entries
                         .entry(key)
                         .and_modify(|v| {
                             if verdict == Verdict::Deny {
@@ -383,8 +460,27 @@ pub fn translate(
                 }
             }
         }
+        // Denies propagate within one endpoint, direction and peer only.
+        propagate_denies(&mut entries);
+        out.by_endpoint.insert(
+            subject.endpoint_id,
+            Arc::new(EndpointPolicy {
+                spec: spec.clone(),
+                named_ports: subject.named_ports.to_vec(),
+                entries,
+                problems,
+            }),
+        );
     }
-    propagate_denies(&mut out.entries);
+    // Keys start with the endpoint id: in endpoint order, the chained maps are sorted.
+    out.entries = out
+        .by_endpoint
+        .values()
+        .flat_map(|p| p.entries.iter().map(|(k, v)| (*k, *v)))
+        .collect();
+    for p in out.by_endpoint.values() {
+        out.problems.extend(p.problems.iter().cloned());
+    }
     out.problems.sort();
     out.problems.dedup();
     out
@@ -780,6 +876,56 @@ mod tests {
             &first.cidrs,
         );
         assert_eq!(first, again);
+    }
+
+    #[test]
+    fn a_retranslation_reuses_the_endpoints_whose_inputs_did_not_change() {
+        let a = spec(
+            300,
+            1,
+            vec![rule("Allow", &[301], &[], vec![port("TCP", 80, None)])],
+            vec![],
+        );
+        let b = spec(
+            310,
+            1,
+            vec![rule("Allow", &[311], &["10.0.0.0/8"], vec![])],
+            vec![],
+        );
+        let own = [np("http", 8080, "TCP")];
+        let cluster = ClusterNamedPorts::default();
+        let first = translate(
+            &[subject(1, &a, &own), subject(2, &b, &[])],
+            &cluster,
+            &BTreeMap::new(),
+        );
+        // Identity 300's policy changes: endpoint 1 is translated again, 2 is reused.
+        let mut a2 = a.clone();
+        a2.revision = 2;
+        a2.ingress[0].ports.push(port("UDP", 53, None));
+        let subjects = [subject(1, &a2, &own), subject(2, &b, &[])];
+        let next = translate_reusing(&subjects, &cluster, &first.cidrs, Some(&first));
+        assert!(Arc::ptr_eq(&first.by_endpoint[&2], &next.by_endpoint[&2]));
+        assert!(!Arc::ptr_eq(&first.by_endpoint[&1], &next.by_endpoint[&1]));
+        assert_eq!(next.changed_endpoints(&first), BTreeSet::from([1]));
+        // Exactly what a translation from scratch gives.
+        assert_eq!(next, translate(&subjects, &cluster, &first.cidrs));
+        assert!(!next.same_as(&first));
+        let again = translate_reusing(&subjects, &cluster, &next.cidrs, Some(&next));
+        assert!(again.same_as(&next));
+        assert!(again.changed_endpoints(&next).is_empty());
+        // A new named port somewhere in the cluster: nothing is reused.
+        let more = ClusterNamedPorts::from_endpoints([&own[..]]);
+        let renamed = translate_reusing(&subjects, &more, &next.cidrs, Some(&next));
+        assert!(!Arc::ptr_eq(
+            &next.by_endpoint[&2],
+            &renamed.by_endpoint[&2]
+        ));
+        assert_eq!(renamed, translate(&subjects, &more, &next.cidrs));
+        // Endpoint 2 loses its policy: it is changed (its entries go).
+        let gone = [subject(1, &a2, &own)];
+        let fewer = translate_reusing(&gone, &cluster, &next.cidrs, Some(&next));
+        assert_eq!(fewer.changed_endpoints(&next), BTreeSet::from([2]));
     }
 
     #[test]

@@ -7,11 +7,13 @@
 use super::index::EndpointRef;
 use super::{FIELD_MANAGER, MapGroup, NodeContext, Pass, StepFailure};
 use crate::bpf::AnyKey;
+use futures::StreamExt;
 use kube::Api;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tendril_runtime::conditions::{self, DesiredCondition, REALIZED};
 use tendril_runtime::{apply_body, apply_status};
@@ -332,82 +334,167 @@ pub fn endpoint_states(pass: &Pass) -> Vec<EndpointState> {
 /// the object says: realized → `realizedRevision` + `Realized=True`; a failed map
 /// write → `Realized=False` (the last realized revision is kept). Pending endpoints
 /// (veth not there yet) are not written.
-pub async fn write_endpoint_statuses(node: &NodeContext, states: &[EndpointState]) {
-    let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
-    node.metrics.set_unrealized("Endpoint", unrealized);
-    let store = node.view.endpoints.store();
-    for state in states {
-        let key = &state.key;
-        let Some(current) = store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
-            continue;
-        };
-        let status = current.status.clone().unwrap_or_default();
-        let previous = conditions::find(&status.conditions, REALIZED);
-        let desired = if state.failed {
-            DesiredCondition::new(REALIZED, false, "MapWriteFailed", "a BPF map write failed")
-        } else if state.wired {
-            DesiredCondition::new(
-                REALIZED,
-                true,
-                "Realized",
-                format!(
-                    "revision {} is in the datapath of {}",
-                    state.revision, node.cfg.node_name
-                ),
-            )
-        } else {
-            continue;
-        };
-        let realized_revision = if desired.status {
-            Some(state.revision)
-        } else {
-            status.realized_revision
-        };
-        // Written only when the policy's entries are in; otherwise the last one stays.
-        let realized_policy_revision = state
-            .policy_revision
-            .filter(|_| desired.status)
-            .or(status.realized_policy_revision);
-        let up_to_date = status.realized_revision == realized_revision
-            && status.realized_policy_revision == realized_policy_revision
-            && previous.is_some_and(|c| {
-                c.status
-                    == if desired.status {
-                        conditions::TRUE
-                    } else {
-                        conditions::FALSE
-                    }
-                    && c.reason == desired.reason
-                    && c.observed_generation == current.metadata.generation
-            });
-        if up_to_date {
-            continue;
-        }
-        let condition = conditions::merge(
-            previous,
-            &desired,
-            current.metadata.generation,
-            k8s_openapi::jiff::Timestamp::now(),
-        );
-        let mut fields = json!({ "conditions": [condition] });
-        if let Some(revision) = realized_revision {
-            fields["realizedRevision"] = json!(revision);
-        }
-        if let Some(revision) = realized_policy_revision {
-            fields["realizedPolicyRevision"] = json!(revision);
-        }
-        let body =
-            apply_body::<Endpoint>(&key.name, Some(&key.namespace), json!({ "status": fields }));
-        let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
-        match apply_status(&api, FIELD_MANAGER, &body).await {
-            Ok(_) => {
-                tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status"),
+///
+/// What writing them needs, owned: the writes of a pass can run while the
+/// next pass converges the maps ([`super::NodePass`] starts them in a task of their own,
+/// each after the previous pass's, so an endpoint's reports never overtake each other).
+#[derive(Clone)]
+pub struct EndpointStatusWriter {
+    client: kube::Client,
+    store: kube::runtime::reflector::Store<Endpoint>,
+    metrics: super::metrics::DatapathMetrics,
+    node_name: String,
+    written: WrittenStatuses,
+}
+
+/// Per endpoint, what this agent last wrote into its status and the `resourceVersion` the
+/// object had just before: while the store still shows that version the write's echo has
+/// not arrived, and the object holds what was written (the next pass does not write it
+/// again).
+pub type WrittenStatuses = Arc<Mutex<BTreeMap<EndpointRef, (Option<String>, WrittenStatus)>>>;
+
+/// The fields of one status write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenStatus {
+    realized_revision: Option<i64>,
+    realized_policy_revision: Option<i64>,
+    realized: bool,
+    reason: String,
+    generation: Option<i64>,
+}
+
+impl EndpointStatusWriter {
+    pub fn of(node: &NodeContext, written: &WrittenStatuses) -> Self {
+        Self {
+            client: node.client.clone(),
+            store: node.view.endpoints.store(),
+            metrics: node.metrics.clone(),
+            node_name: node.cfg.node_name.clone(),
+            written: written.clone(),
         }
     }
+
+    pub async fn write(&self, states: &[EndpointState]) {
+        let node = self;
+        let unrealized = states.iter().filter(|s| s.failed || !s.wired).count();
+        node.metrics.set_unrealized("Endpoint", unrealized);
+        let store = &node.store;
+        {
+            // Bounded by the local endpoints.
+            let local: BTreeSet<&EndpointRef> = states.iter().map(|s| &s.key).collect();
+            let mut written = node.written.lock().unwrap_or_else(|p| p.into_inner());
+            written.retain(|key, _| local.contains(key));
+        }
+        let mut writes = Vec::new();
+        for state in states {
+            let key = &state.key;
+            let Some(current) = store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
+                continue;
+            };
+            let status = current.status.clone().unwrap_or_default();
+            let previous = conditions::find(&status.conditions, REALIZED);
+            let desired = if state.failed {
+                DesiredCondition::new(REALIZED, false, "MapWriteFailed", "a BPF map write failed")
+            } else if state.wired {
+                DesiredCondition::new(
+                    REALIZED,
+                    true,
+                    "Realized",
+                    format!(
+                        "revision {} is in the datapath of {}",
+                        state.revision, node.node_name
+                    ),
+                )
+            } else {
+                continue;
+            };
+            let realized_revision = if desired.status {
+                Some(state.revision)
+            } else {
+                status.realized_revision
+            };
+            // Written only when the policy's entries are in; otherwise the last one stays.
+            let realized_policy_revision = state
+                .policy_revision
+                .filter(|_| desired.status)
+                .or(status.realized_policy_revision);
+            let up_to_date = status.realized_revision == realized_revision
+                && status.realized_policy_revision == realized_policy_revision
+                && previous.is_some_and(|c| {
+                    c.status
+                        == if desired.status {
+                            conditions::TRUE
+                        } else {
+                            conditions::FALSE
+                        }
+                        && c.reason == desired.reason
+                        && c.observed_generation == current.metadata.generation
+                });
+            let wanted = WrittenStatus {
+                realized_revision,
+                realized_policy_revision,
+                realized: desired.status,
+                reason: desired.reason.to_string(),
+                generation: current.metadata.generation,
+            };
+            let before = current.metadata.resource_version.clone();
+            let echo_pending = node
+                .written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .is_some_and(|(rv, w)| *rv == before && *w == wanted);
+            if up_to_date || echo_pending {
+                continue;
+            }
+            let condition = conditions::merge(
+                previous,
+                &desired,
+                current.metadata.generation,
+                k8s_openapi::jiff::Timestamp::now(),
+            );
+            let mut fields = json!({ "conditions": [condition] });
+            if let Some(revision) = realized_revision {
+                fields["realizedRevision"] = json!(revision);
+            }
+            if let Some(revision) = realized_policy_revision {
+                fields["realizedPolicyRevision"] = json!(revision);
+            }
+            let body = apply_body::<Endpoint>(
+                &key.name,
+                Some(&key.namespace),
+                json!({ "status": fields }),
+            );
+            let api: Api<Endpoint> = Api::namespaced(node.client.clone(), &key.namespace);
+            let written = node.written.clone();
+            writes.push(async move {
+                let res = apply_status(&api, FIELD_MANAGER, &body).await;
+                let mut written = written.lock().unwrap_or_else(|p| p.into_inner());
+                match res {
+                    Ok(_) => {
+                        written.insert(key.clone(), (before, wanted));
+                        tracing::debug!(endpoint = %key, revision = state.revision, "Endpoint realized")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        written.remove(key);
+                    }
+                    Err(e) => {
+                        written.remove(key);
+                        tracing::warn!(endpoint = %key, error = %e, "writing Endpoint status")
+                    }
+                }
+            });
+        }
+        // One object each: no order among them, and a policy change reports several at once.
+        futures::stream::iter(writes)
+            .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+            .collect::<()>()
+            .await;
+    }
 }
+
+/// Endpoint status writes in flight at once.
+const STATUS_WRITES_IN_FLIGHT: usize = 8;
 
 /// Map fill and the programs' per-reason counters into metrics.
 pub async fn observe_maps(node: &NodeContext) {

@@ -249,7 +249,7 @@ impl PolicyMaps {
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
     ) -> Result<Report<PolicyItem>, DataplaneError> {
-        let (_, policy) = self.converge_ordered(None, entries, states, prune)?;
+        let (_, policy) = self.converge_ordered(None, entries, states, prune, None)?;
         Ok(policy)
     }
 
@@ -287,7 +287,23 @@ impl PolicyMaps {
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
     ) -> Result<(Report<IpcacheKey>, Report<PolicyItem>), DataplaneError> {
-        self.converge_ordered(Some(cidrs), entries, states, prune)
+        self.converge_ordered(Some(cidrs), entries, states, prune, None)
+    }
+
+    /// [`Self::converge_with_cidrs`] (pruning) where the caller knows that only the
+    /// entries of the endpoints in `changed` may differ from what the last complete
+    /// convergence wrote: only those are diffed (a change of one identity's policy costs
+    /// its endpoints' entries, not every entry of the node). The order of the writes is
+    /// the same. Without a last complete convergence (first call, after a failure or
+    /// [`Self::forget_known`]) it diffs everything, like `converge_with_cidrs`.
+    pub fn converge_changed(
+        &mut self,
+        cidrs: &BTreeMap<IpNet, u32>,
+        entries: &BTreeMap<PolicyEntry, Verdict>,
+        states: &BTreeMap<u16, PolicyState>,
+        changed: &BTreeSet<u16>,
+    ) -> Result<(Report<IpcacheKey>, Report<PolicyItem>), DataplaneError> {
+        self.converge_ordered(Some(cidrs), entries, states, true, Some(changed))
     }
 
     /// Converges `policy_cidrs` (prefix → node-local CIDR identity). Additions and changes
@@ -316,8 +332,11 @@ impl PolicyMaps {
         entries: &BTreeMap<PolicyEntry, Verdict>,
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
+        changed: Option<&BTreeSet<u16>>,
     ) -> Result<(Report<IpcacheKey>, Report<PolicyItem>), DataplaneError> {
-        let mut policy = self.plan_entries(entries, states, prune)?;
+        // Only a pruning convergence over a known map may be scoped.
+        let changed = changed.filter(|_| prune && self.known_entries.is_some());
+        let mut policy = self.plan_entries(entries, states, prune, changed)?;
         let mut cidr = cidrs.map(|c| self.plan_cidrs(c)).transpose()?;
         for step in policy_steps(prune) {
             self.apply_step(step, &mut policy, cidr.as_mut());
@@ -328,7 +347,17 @@ impl PolicyMaps {
         let complete = prune
             && policy.report.failed.is_empty()
             && cidr.as_ref().is_none_or(|c| c.report.failed.is_empty());
-        self.known_entries = complete.then(|| std::mem::take(&mut policy.desired));
+        let desired = std::mem::take(&mut policy.desired);
+        self.known_entries = match (complete, changed, self.known_entries.take()) {
+            (false, _, _) => None,
+            // Scoped: the other endpoints' entries are as they were.
+            (true, Some(changed), Some(mut known)) => {
+                known.retain(|k, _| !changed.contains(&k.endpoint_id));
+                known.extend(desired);
+                Some(known)
+            }
+            (true, _, _) => Some(desired),
+        };
         self.bump_epoch()?;
         let cidr_report = cidr.map(|c| c.report).unwrap_or_default();
         Ok((cidr_report, policy.report))
@@ -444,15 +473,30 @@ impl PolicyMaps {
         entries: &BTreeMap<PolicyEntry, Verdict>,
         states: &BTreeMap<u16, PolicyState>,
         prune: bool,
+        changed: Option<&BTreeSet<u16>>,
     ) -> Result<EntriesPlan, DataplaneError> {
+        let in_scope = |endpoint_id: u16| changed.is_none_or(|c| c.contains(&endpoint_id));
         let desired: BTreeMap<PolicyKey, PolicyValue> = entries
             .iter()
+            .filter(|(entry, _)| in_scope(entry.endpoint_id))
             .map(|(entry, verdict)| (entry.to_key(), verdict.to_value(entry)))
             .collect();
         let read;
-        let current = match &self.known_entries {
-            Some(known) => known,
-            None => {
+        let scoped;
+        // Entries of endpoints out of scope, unchanged by definition (for the report).
+        let mut untouched = 0;
+        let current = match (&self.known_entries, changed) {
+            (Some(known), Some(_)) => {
+                scoped = known
+                    .iter()
+                    .filter(|(k, _)| in_scope(k.endpoint_id))
+                    .map(|(k, v)| (*k, *v))
+                    .collect::<BTreeMap<_, _>>();
+                untouched = known.len() - scoped.len();
+                &scoped
+            }
+            (Some(known), None) => known,
+            (None, _) => {
                 read = self.entries.read()?;
                 &read
             }
@@ -462,7 +506,7 @@ impl PolicyMaps {
         let current_states = self.states.read()?;
         let states_diff = diff(&current_states, states);
         Ok(EntriesPlan {
-            report: Report::unchanged(entries_diff.unchanged + states_diff.unchanged),
+            report: Report::unchanged(untouched + entries_diff.unchanged + states_diff.unchanged),
             desired,
             writes,
             deletes,
