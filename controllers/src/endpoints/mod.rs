@@ -109,58 +109,97 @@ async fn delete_endpoint(
     }
 }
 
+/// Deletes `endpoint` when its pod is gone: not in the pod cache, and, read (the caches
+/// list independently), absent or another pod of the same name. Whether it was deleted.
+async fn delete_if_orphan(
+    client: &Client,
+    pods: &Store<Pod>,
+    endpoint: &Endpoint,
+    deletes: &Counter,
+) -> bool {
+    let ns = endpoint.namespace().unwrap_or_default();
+    let name = endpoint.name_any();
+    if pods.get(&ObjectRef::new(&name).within(&ns)).is_some() {
+        return false;
+    }
+    let gone = match Api::<Pod>::namespaced(client.clone(), &ns)
+        .get_opt(&name)
+        .await
+    {
+        Ok(None) => true,
+        Ok(Some(pod)) => !owned_by(endpoint, &pod),
+        Err(e) => {
+            warn!(namespace = ns, pod = name, error = %e, "reading the pod of an Endpoint failed");
+            false
+        }
+    };
+    gone && delete_endpoint(client, endpoint, deletes).await.is_ok()
+}
+
 /// Deletes a pod's `Endpoint` as soon as the pod is gone (its addresses stay mapped to its
-/// identity on every node until then). [`sweep_orphans`] is the backstop.
+/// identity on every node until then), and an `Endpoint` written for a pod that went while
+/// the write was under way. [`sweep_orphans`] is the backstop.
 async fn delete_endpoints_of_gone_pods(
     pods: runtime::Cache<Pod>,
-    endpoints: Store<Endpoint>,
+    endpoints: runtime::Cache<Endpoint>,
     client: Client,
     deletes: Counter,
     shutdown: CancellationToken,
 ) {
-    let mut changes = Box::pin(pods.changes());
+    let (pod_store, endpoint_store) = (pods.store(), endpoints.store());
+    let mut pod_changes = Box::pin(pods.changes());
+    let mut endpoint_changes = Box::pin(endpoints.changes());
     loop {
-        let change = tokio::select! {
-            c = changes.next() => c,
-            _ = shutdown.cancelled() => return,
-        };
-        let Some(change) = change else { return };
-        let Change::Deleted(pod) = change else {
-            continue;
-        };
-        let (Some(name), Some(ns)) = (
-            pod.metadata.name.as_deref(),
-            pod.metadata.namespace.as_deref(),
-        ) else {
-            continue;
-        };
-        let Some(endpoint) = endpoints.get(&ObjectRef::new(name).within(ns)) else {
-            continue;
-        };
-        if !owned_by(&endpoint, &pod) {
-            continue;
-        }
-        match delete_endpoint(&client, &endpoint, &deletes).await {
-            Ok(()) => debug!(
-                namespace = ns,
-                pod = name,
-                "Endpoint of a deleted pod removed"
-            ),
-            Err(e) => {
-                warn!(namespace = ns, pod = name, error = %e, "removing the Endpoint of a deleted pod failed; the garbage collector will")
+        tokio::select! {
+            change = pod_changes.next() => {
+                let Some(change) = change else { return };
+                let Change::Deleted(pod) = change else {
+                    continue;
+                };
+                let (Some(name), Some(ns)) = (
+                    pod.metadata.name.as_deref(),
+                    pod.metadata.namespace.as_deref(),
+                ) else {
+                    continue;
+                };
+                let Some(endpoint) = endpoint_store.get(&ObjectRef::new(name).within(ns)) else {
+                    continue;
+                };
+                if !owned_by(&endpoint, &pod) {
+                    continue;
+                }
+                match delete_endpoint(&client, &endpoint, &deletes).await {
+                    Ok(()) => debug!(namespace = ns, pod = name, "Endpoint of a deleted pod removed"),
+                    Err(e) => {
+                        warn!(namespace = ns, pod = name, error = %e, "removing the Endpoint of a deleted pod failed; the sweep will")
+                    }
+                }
             }
+            change = endpoint_changes.next() => {
+                let Some(change) = change else { return };
+                // An apply that raced the pod's deletion lands after it: its Endpoint
+                // would stay until the sweep.
+                let Change::Applied(endpoint) = change else {
+                    continue;
+                };
+                if runtime::store_ready(&pod_store).await
+                    && delete_if_orphan(&client, &pod_store, &endpoint, &deletes).await
+                {
+                    debug!(endpoint = %endpoint.name_any(), "Endpoint written for a pod already gone removed");
+                }
+            }
+            _ = shutdown.cancelled() => return,
         }
     }
 }
 
 /// How often the sweep looks for Endpoints whose pod is gone: a running operator deletes
-/// them off the pods' change stream already; the sweep covers pods deleted while no
-/// operator led and a change stream that lagged.
+/// them off the change streams already; the sweep covers pods deleted while no operator
+/// led and a change stream that lagged.
 const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Deletes Endpoints whose pod no longer exists, once the caches are ready and then every
-/// [`ORPHAN_SWEEP_INTERVAL`]. The caches list independently, so a pod missing from the pod
-/// cache is confirmed with a read before its Endpoint is deleted.
+/// [`ORPHAN_SWEEP_INTERVAL`].
 async fn sweep_orphans(
     pods: Store<Pod>,
     endpoints: Store<Endpoint>,
@@ -179,27 +218,9 @@ async fn sweep_orphans(
             _ = shutdown.cancelled() => return,
             else => return,
         }
-        let orphans = endpoints.state().into_iter().filter(|ep| {
-            let ns = ep.namespace().unwrap_or_default();
-            pods.get(&ObjectRef::new(&ep.name_any()).within(&ns))
-                .is_none()
-        });
         let mut swept = 0;
-        for endpoint in orphans {
-            let ns = endpoint.namespace().unwrap_or_default();
-            let name = endpoint.name_any();
-            let gone = match Api::<Pod>::namespaced(client.clone(), &ns)
-                .get_opt(&name)
-                .await
-            {
-                Ok(None) => true,
-                Ok(Some(pod)) => !owned_by(&endpoint, &pod),
-                Err(e) => {
-                    warn!(namespace = ns, pod = name, error = %e, "sweep: reading the pod of an Endpoint failed");
-                    false
-                }
-            };
-            if gone && delete_endpoint(&client, &endpoint, &deletes).await.is_ok() {
+        for endpoint in endpoints.state() {
+            if delete_if_orphan(&client, &pods, &endpoint, &deletes).await {
                 swept += 1;
             }
         }
@@ -352,7 +373,7 @@ pub async fn run(
     );
     tokio::spawn(delete_endpoints_of_gone_pods(
         pods.clone(),
-        endpoints.store(),
+        endpoints.clone(),
         client.clone(),
         deletes.clone(),
         ctx.shutdown.clone(),
