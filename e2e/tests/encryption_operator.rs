@@ -242,15 +242,7 @@ async fn policies_become_peer_lists_with_published_keys() -> Result<()> {
     .await?;
 
     // Rotation, phase 1: generation 2 is prepared while 1 stays in use (still Ready).
-    policies
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"tendril.dev/rotation-request": "now"}}}),
-            ),
-        )
-        .await?;
+    request_rotation(&policies, &name, "now").await?;
     let p = wait_until(&policies, &name, "preparing 2", |p: &EncryptionPolicy| {
         p.status
             .as_ref()
@@ -492,15 +484,7 @@ async fn ipsec_keys(
     .await?;
 
     // Rotation: generation 2's Secret exists before any node is told to prepare it.
-    policies
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"tendril.dev/rotation-request": "r1"}}}),
-            ),
-        )
-        .await?;
+    request_rotation(policies, &name, "r1").await?;
     let second = format!("tendril-ipsec-{name}-2");
     let b = wait_until(networks, &names[0], "preparing 2", |nn: &NodeNetwork| {
         nn.spec
@@ -554,5 +538,18 @@ async fn ipsec_keys(
 
     policies.delete(&name, &Default::default()).await?;
     tendril_e2e::wait_deleted(&secrets, &second, std::time::Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Asks `policy` for a key rotation now (its rotation-request annotation set to `value`).
+async fn request_rotation(
+    policies: &Api<EncryptionPolicy>,
+    policy: &str,
+    value: &str,
+) -> Result<()> {
+    let annotations = json!({"metadata": {"annotations": {"tendril.dev/rotation-request": value}}});
+    policies
+        .patch(policy, &PatchParams::default(), &Patch::Merge(annotations))
+        .await?;
     Ok(())
 }

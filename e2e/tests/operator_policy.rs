@@ -151,17 +151,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
 
     // A Kubernetes NetworkPolicy: db accepts web on 5432.
     let knps: Api<KubeNetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    apply(
-        &knps,
-        &typed(json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "db-from-web", "namespace": ns},
-            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-                                  "ports": [{"port": 5432}]}]},
-        }))?,
-    )
-    .await?;
+    apply_db_from_web(&knps, &ns).await?;
     let db = resolved(&rps, DB, "isolated by db-from-web", |s| s.revision == 2).await?;
     ensure!(
         rule_json(&db.spec)
@@ -460,17 +450,7 @@ async fn a_resolved_policy_in_the_former_shape_is_rewritten() -> Result<()> {
         apply(&identities, &identity(id, &ns, app)?).await?;
     }
     let knps: Api<KubeNetworkPolicy> = Api::namespaced(client.clone(), &ns);
-    apply(
-        &knps,
-        &typed(json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": "db-from-web", "namespace": ns},
-            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
-                                  "ports": [{"port": 5432}]}]},
-        }))?,
-    )
-    .await?;
+    apply_db_from_web(&knps, &ns).await?;
 
     let port = free_port()?;
     let mut operator = Process::builder("tendril-operator")
@@ -504,5 +484,21 @@ async fn a_resolved_policy_in_the_former_shape_is_rewritten() -> Result<()> {
     );
     drop(operator);
     drop(plane);
+    Ok(())
+}
+
+/// The Kubernetes NetworkPolicy `db-from-web`: db accepts web on 5432.
+async fn apply_db_from_web(knps: &Api<KubeNetworkPolicy>, ns: &str) -> Result<()> {
+    apply(
+        knps,
+        &typed(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "db-from-web", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                  "ports": [{"port": 5432}]}]},
+        }))?,
+    )
+    .await?;
     Ok(())
 }

@@ -291,8 +291,29 @@ fn load_classifier<'a>(
         source: Box::new(source),
     };
     let classifier: &mut SchedClassifier = found.try_into().map_err(error)?;
-    classifier.load().map_err(error)?;
+    load_retrying(|| classifier.load()).map_err(error)?;
     Ok(Some(classifier))
+}
+
+/// Runs `load` again when the verifier was interrupted: it gives up with EAGAIN when a
+/// signal is pending for the loading thread (a child process ending, say), which libbpf
+/// retries too. Larger programs take the verifier longer, so a busy machine sees it.
+fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    const TRIES: usize = 5;
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < TRIES =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "the verifier was interrupted; loading again");
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Loads the tail-called programs of `ebpf` and puts them into their prog arrays.
@@ -434,7 +455,7 @@ impl Programs {
                         program,
                         source: Box::new(source),
                     })?;
-                sock.load().map_err(|source| LoadError::Program {
+                load_retrying(|| sock.load()).map_err(|source| LoadError::Program {
                     program,
                     source: Box::new(source),
                 })?;
