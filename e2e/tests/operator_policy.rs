@@ -36,6 +36,22 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// `tendril-operator` without leader election, logging at `rust_log`, once its caches
+/// synced; and its metrics port.
+async fn start_operator(env: &TestEnv, rust_log: &str) -> Result<(Process, u16)> {
+    let port = free_port()?;
+    let mut operator = Process::builder("tendril-operator")
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .arg("--leader-elect=false")
+        .arg("--metrics-bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", rust_log)
+        .spawn()?;
+    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    Ok((operator, port))
+}
+
 fn identity(id: i64, ns: &str, app: &str) -> Result<Identity> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "tendril.dev/v1alpha1", "kind": "Identity",
@@ -122,16 +138,8 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
         apply(&identities, &identity(id, n, app)?).await?;
     }
 
-    let port = free_port()?;
-    let mut operator = Process::builder("tendril-operator")
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .arg("--leader-elect=false")
-        .arg("--metrics-bind")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info,tendril_controllers::policy=debug")
-        .spawn()?;
-    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    let (mut operator, port) =
+        start_operator(&env, "info,tendril_controllers::policy=debug").await?;
 
     // Every identity: an empty spec at revision 1.
     for id in [WEB, DB, CLIENT] {
@@ -380,16 +388,7 @@ async fn policies_resolve_into_resolved_policies() -> Result<()> {
 
     // A restarted operator rewrites nothing: revisions continue from the stored ones. A new
     // identity proves its first resolve ran.
-    let port = free_port()?;
-    let mut operator = Process::builder("tendril-operator")
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .arg("--leader-elect=false")
-        .arg("--metrics-bind")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info,tendril_controllers::policy=debug")
-        .spawn()?;
-    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    let (mut operator, _) = start_operator(&env, "info,tendril_controllers::policy=debug").await?;
     const CACHE: i64 = 1003;
     env.delete_on_drop::<Identity>(&CACHE.to_string());
     env.delete_on_drop::<ResolvedPolicy>(&CACHE.to_string());
@@ -452,16 +451,7 @@ async fn a_resolved_policy_in_the_former_shape_is_rewritten() -> Result<()> {
     let knps: Api<KubeNetworkPolicy> = Api::namespaced(client.clone(), &ns);
     apply_db_from_web(&knps, &ns).await?;
 
-    let port = free_port()?;
-    let mut operator = Process::builder("tendril-operator")
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig())
-        .arg("--leader-elect=false")
-        .arg("--metrics-bind")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info")
-        .spawn()?;
-    operator.wait_for_log("caches synced", TIMEOUT).await?;
+    let (operator, _) = start_operator(&env, "info").await?;
     // The former object read as it was (revision 1), so the new spec is revision 2.
     let db = resolved(&rps, DB, "rewritten from the former shape", |s| {
         s.revision == 2
