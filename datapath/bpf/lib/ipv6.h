@@ -395,26 +395,16 @@ static __always_inline int policy_enforce6(struct __sk_buff *skb, struct ipv6_sc
 		.prefixlen = IPCACHE_STATIC_PREFIX + 128,
 		.family = FAMILY_IPV6,
 	};
-	struct policy_state *state;
+	struct policy_state *state = NULL;
 	struct ct_value *entry;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 revision;
+	__u32 revision = 0;
 	__u8 ct_flags = 0;
 	int ct;
 
 	ct = ct_lookup6(s, dir, endpoint_id, epoch, audit, now, &entry);
-	if (ct == CT_ESTABLISHED || ct == CT_REPLY || ct == CT_RELATED)
+	if (ct_admits(&ct, entry, endpoint_id, epoch, &state, &revision))
 		return POLICY_ALLOW;
-
-	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
-	revision = state ? state->revision : 0;
-	if (ct == CT_CHECK) {
-		if (entry && entry->policy_revision == revision) {
-			entry->policy_epoch = epoch;
-			return POLICY_ALLOW;
-		}
-		ct = CT_STALE;
-	}
 
 	__builtin_memcpy(cidr_key.addr.ip6, dir == DIR_INGRESS ? l4->saddr : l4->daddr, 16);
 	policy_decide_key(state, endpoint_id, dir, peer, &cidr_key, l4->proto, l4->dport, &d);

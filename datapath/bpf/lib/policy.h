@@ -204,6 +204,28 @@ static __always_inline void policy_report(struct __sk_buff *skb, const struct l4
 		metrics_count(skb, REASON_EVENT_LOST, dir);
 }
 
+/* After the conntrack lookup `*ct` (either family): whether the packet passes without a
+ * policy lookup (an established flow, a reply, a related error, or an entry stamped under
+ * an older epoch whose revision still holds: it is stamped with `epoch`). Otherwise the
+ * endpoint's policy state and revision are in `*state` and `*revision`, and `*ct` is
+ * CT_STALE when the entry must be judged again. */
+static __always_inline int ct_admits(int *ct, struct ct_value *entry, __u16 endpoint_id,
+				     __u32 epoch, struct policy_state **state, __u32 *revision)
+{
+	if (*ct == CT_ESTABLISHED || *ct == CT_REPLY || *ct == CT_RELATED)
+		return 1;
+	*state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
+	*revision = *state ? (*state)->revision : 0;
+	if (*ct == CT_CHECK) {
+		if (entry && entry->policy_revision == *revision) {
+			entry->policy_epoch = epoch;
+			return 1;
+		}
+		*ct = CT_STALE;
+	}
+	return 0;
+}
+
 /* Judges the packet at the enforcement point (ep, dir); `peer` is the other
  * side's identity. */
 static __always_inline int policy_enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
@@ -218,28 +240,18 @@ static __always_inline int policy_enforce(struct __sk_buff *skb, const struct en
 	__u32 epoch = pcfg ? pcfg->epoch : 0;
 	int audit = cfg && (cfg->flags & NODE_F_POLICY_AUDIT);
 	__u16 endpoint_id = ep->endpoint_id;
-	struct policy_state *state;
+	struct policy_state *state = NULL;
 	struct ct_value *entry;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 revision;
+	__u32 revision = 0;
 	struct ct_key key;
 	__u8 ct_flags = 0;
 	int ct;
 
 	__builtin_memset(&key, 0, sizeof(key));
 	ct = ct_lookup4(l4, dir, endpoint_id, epoch, audit, now, &key, &entry);
-	if (ct == CT_ESTABLISHED || ct == CT_REPLY || ct == CT_RELATED)
+	if (ct_admits(&ct, entry, endpoint_id, epoch, &state, &revision))
 		return POLICY_ALLOW;
-
-	state = bpf_map_lookup_elem(&policy_state, &endpoint_id);
-	revision = state ? state->revision : 0;
-	if (ct == CT_CHECK) {
-		if (entry && entry->policy_revision == revision) {
-			entry->policy_epoch = epoch;
-			return POLICY_ALLOW;
-		}
-		ct = CT_STALE;
-	}
 
 	policy_decide(state, endpoint_id, dir, peer, dir == DIR_INGRESS ? l4->saddr : l4->daddr, l4,
 		      &d);
