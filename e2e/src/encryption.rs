@@ -124,9 +124,14 @@ impl Scene {
                 "marker round trip"
             );
             if let Some(to) = server6 {
-                let tcp = crate::ipv6::tcp6(&self.client, to).await?;
-                let udp = crate::ipv6::udp6(&self.client, to).await?;
-                ensure!(tcp && udp, "IPv6 round trips to {to}: TCP {tcp}, UDP {udp}");
+                // A probe may miss its 2 s timeout on a loaded machine: a few tries.
+                eventually(Duration::from_secs(15), || async {
+                    let tcp = crate::ipv6::tcp6(&self.client, to).await?;
+                    let udp = crate::ipv6::udp6(&self.client, to).await?;
+                    ensure!(tcp && udp, "IPv6 round trips to {to}: TCP {tcp}, UDP {udp}");
+                    Ok(())
+                })
+                .await?;
             }
         }
         capture.finish(&self.node_ips(), MARKER.as_bytes())
