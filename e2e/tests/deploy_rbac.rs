@@ -739,9 +739,12 @@ fn has_status_403(log: &str) -> bool {
             .chars()
             .next_back()
             .is_some_and(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
-            && !after.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+            && !after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric());
         let key = before
-            .trim_end_matches(|c: char| c == ' ' || c == ':' || c == '=' || c == '"')
+            .trim_end_matches([' ', ':', '=', '"'])
             .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .next()
             .unwrap_or("");

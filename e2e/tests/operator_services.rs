@@ -39,10 +39,21 @@ fn typed<K: serde::de::DeserializeOwned>(v: Value) -> Result<K> {
     Ok(serde_json::from_value(v)?)
 }
 
-fn start_operator(env: &TestEnv, port: u16) -> Result<Process> {
+/// The operator, with `services.realizeDeadlineMillis` = `deadline_ms`.
+fn start_operator(env: &TestEnv, port: u16, deadline_ms: u64) -> Result<Process> {
+    let config = std::env::temp_dir().join(format!(
+        "{}.yaml",
+        env.unique_name(&format!("svc-operator-{deadline_ms}"))
+    ));
+    std::fs::write(
+        &config,
+        format!("services:\n  realizeDeadlineMillis: {deadline_ms}\n"),
+    )?;
     Process::builder("tendril-operator")
         .arg("--kubeconfig")
         .arg(env.kubeconfig())
+        .arg("--config")
+        .arg(&config)
         .arg("--leader-elect=false")
         .arg("--metrics-bind")
         .arg(format!("127.0.0.1:{port}"))
@@ -218,8 +229,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
         )
         .await?;
 
+    // No deadline: every pending revision is reported (the deadline is exercised after
+    // the restart below).
     let port = free_port()?;
-    let mut operator = start_operator(&env, port)?;
+    let mut operator = start_operator(&env, port, 0)?;
     operator.wait_for_log("caches synced", TIMEOUT).await?;
 
     // A ClusterIP Service with two ready pods.
@@ -303,15 +316,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
     })
     .await?;
     report_realized(&nns, &n2, r1 + 1000).await?;
-    let web = lbs(&lbsvc, "web", "Realized=True", move |lb| {
+    lbs(&lbsvc, "web", "Realized=True", move |lb| {
         condition(lb, "Realized").is_some_and(|(s, _, _)| s == "True")
     })
     .await?;
-    ensure!(
-        web.status.as_ref().and_then(|s| s.realized_revision) == Some(r1),
-        "realizedRevision: {:?}",
-        web.status
-    );
 
     // web-2 is no longer ready (neither serving nor terminating): not a backend, and the
     // write carries the slice's trigger time.
@@ -346,7 +354,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
     lbs(&lbsvc, "web", "pending on n1", move |lb| {
         condition(lb, "Realized").is_some_and(|(s, _, m)| {
             s == "False" && m == format!("1/2 nodes realize revision {r2}")
-        }) && lb.status.as_ref().and_then(|s| s.realized_revision) == Some(r1)
+        })
     })
     .await?;
 
@@ -799,7 +807,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
         "the test needs the node's report above every revision: {revisions_before:?}"
     );
     let port = free_port()?;
-    let mut operator = start_operator(&env, port)?;
+    let mut operator = start_operator(&env, port, DEADLINE_MS)?;
     operator.wait_for_log("caches synced", TIMEOUT).await?;
     apply(
         &services,
@@ -832,6 +840,98 @@ async fn services_translate_into_lbservices() -> Result<()> {
             lb.spec.revision
         );
     }
+    realize_deadline(&env, &nns, [&n1, &n2], port).await?;
     operator.stop(Duration::from_secs(10));
+    Ok(())
+}
+
+/// `services.realizeDeadlineMillis` of the restarted operator.
+const DEADLINE_MS: u64 = 3000;
+
+/// With a deadline: a revision both nodes realize in time writes no status (Realized stays
+/// True, `tendril_services_status_writes_total` does not move); one left pending turns
+/// Realized False once the deadline passes.
+async fn realize_deadline(
+    env: &TestEnv,
+    nns: &Api<NodeNetwork>,
+    nodes: [&str; 2],
+    port: u16,
+) -> Result<()> {
+    let lbsvc: Api<LBService> = env.api();
+    let services: Api<Service> = env.api();
+    let service = |ports: &[i32]| {
+        typed::<Service>(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "deadline", "namespace": env.namespace()},
+            "spec": {"ports": ports.iter().map(|p| json!({"name": format!("p{p}"), "port": p}))
+                                       .collect::<Vec<_>>()}}))
+    };
+    let realize = |revision: i64| async move {
+        for node in nodes {
+            report_realized(nns, node, revision).await?;
+        }
+        anyhow::Ok(())
+    };
+    apply(&services, &service(&[80])?).await?;
+    let first = lbs(&lbsvc, "deadline", "written", |_| true).await?;
+    realize(first.spec.revision).await?;
+    lbs(&lbsvc, "deadline", "Realized=True", |lb| {
+        condition(lb, "Realized").is_some_and(|(s, _, _)| s == "True")
+    })
+    .await?;
+    let status_writes = || async move {
+        let m = fetch_metrics(port).await?;
+        anyhow::Ok(
+            m.value("tendril_services_status_writes_total", &[])
+                .unwrap_or(0.0),
+        )
+    };
+    let before = status_writes().await?;
+
+    // A second port, realized by both nodes at once: nothing to write.
+    apply(&services, &service(&[80, 81])?).await?;
+    let rev = first.spec.revision;
+    let second = lbs(&lbsvc, "deadline", "second revision", move |lb| {
+        lb.spec.revision > rev
+    })
+    .await?;
+    realize(second.spec.revision).await?;
+    tokio::time::sleep(Duration::from_millis(DEADLINE_MS + 1000)).await;
+    let lb = lbsvc.get("deadline").await?;
+    ensure!(
+        condition(&lb, "Realized").is_some_and(|(s, _, _)| s == "True"),
+        "a revision realized within the deadline: {:?}",
+        lb.status
+    );
+    ensure!(
+        status_writes().await? == before,
+        "a revision realized within the deadline wrote a status"
+    );
+
+    // A third, left unrealized: Pending once the deadline passes (and not before).
+    // (Timed from before the change: the operator's deadline starts after it.)
+    let changed = std::time::Instant::now();
+    apply(&services, &service(&[80, 81, 82])?).await?;
+    let rev = second.spec.revision;
+    let third = lbs(&lbsvc, "deadline", "third revision", move |lb| {
+        lb.spec.revision > rev
+    })
+    .await?;
+    let r3 = third.spec.revision;
+    lbs(
+        &lbsvc,
+        "deadline",
+        "Pending after the deadline",
+        move |lb| {
+            condition(lb, "Realized").is_some_and(|(s, r, m)| {
+                s == "False" && r == "Pending" && m == format!("0/2 nodes realize revision {r3}")
+            })
+        },
+    )
+    .await?;
+    ensure!(
+        changed.elapsed() >= Duration::from_millis(DEADLINE_MS),
+        "Pending after {:?}, before the {DEADLINE_MS} ms deadline",
+        changed.elapsed()
+    );
     Ok(())
 }

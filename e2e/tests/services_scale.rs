@@ -9,8 +9,7 @@
 //!   as `tendril_services_writes_total` shows it (polled: resolution ≤ 1 s), and the
 //!   operator's own translate histogram (mean µs per reconcile);
 //! - realize: both NodeNetworks report the highest revision (as agents would) → every
-//!   LBService shows `realizedRevision` = its revision (listed, polled), and how many status
-//!   writes that took;
+//!   LBService shows `Realized=True` (listed, polled), and how many status writes that took;
 //! - steady state: 20 times, one endpoint of one slice becomes not ready → its LBService
 //!   carries a higher revision (seen on a watch started after the patch returned): p50 and
 //!   max;
@@ -230,7 +229,11 @@ async fn run_size(n: usize, writes_in_flight: u32) -> Result<Figures> {
             .items
             .iter()
             .filter(|l| {
-                l.status.as_ref().and_then(|s| s.realized_revision) != Some(l.spec.revision)
+                !l.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Realized" && c.status == "True")
+                })
             })
             .count();
         ensure!(pending == 0, "{pending} LBServices not Realized");

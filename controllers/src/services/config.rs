@@ -13,6 +13,10 @@ pub struct ServicesConfig {
     pub slice_wait_millis: u64,
     /// LBService writes applied at once (at least 1).
     pub writes_in_flight: u32,
+    /// A revision every node realizes within this long rewrites no `LBService` status;
+    /// one still pending after it turns `Realized` False. 0: every revision is reported
+    /// while it is pending.
+    pub realize_deadline_millis: u64,
 }
 
 impl Default for ServicesConfig {
@@ -21,6 +25,7 @@ impl Default for ServicesConfig {
             status_batch_millis: 100,
             slice_wait_millis: 1000,
             writes_in_flight: 16,
+            realize_deadline_millis: 10_000,
         }
     }
 }

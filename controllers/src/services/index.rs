@@ -9,6 +9,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tendril_runtime::DesiredCondition;
 use tendril_runtime::caches::Change;
 use tokio::sync::Notify;
@@ -104,7 +105,12 @@ impl SliceIndex {
 pub(super) struct Entry {
     pub(super) valid: DesiredCondition,
     pub(super) revision: i64,
+    /// The LBService's generation after the write of `revision` (our own writes are
+    /// recognised by it and trigger nothing).
     pub(super) generation: Option<i64>,
+    /// When this process first recorded `revision` (its `Realized` deadline runs from
+    /// here; a revision found at start runs from the start).
+    pub(super) since: Instant,
     pub(super) backends: usize,
 }
 
@@ -119,8 +125,16 @@ impl Board {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn set(&self, key: Key, entry: Entry) {
-        let changed = self.lock().insert(key, entry.clone()) != Some(entry);
+    /// Records `entry`; one at the revision already recorded keeps its `since`.
+    pub(super) fn set(&self, key: Key, mut entry: Entry) {
+        let mut entries = self.lock();
+        if let Some(old) = entries.get(&key)
+            && old.revision == entry.revision
+        {
+            entry.since = old.since;
+        }
+        let changed = entries.insert(key, entry.clone()) != Some(entry);
+        drop(entries);
         if changed {
             self.wake.notify_one();
         }

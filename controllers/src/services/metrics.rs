@@ -9,6 +9,7 @@ pub(super) struct Metrics {
     pub(super) lbservices: Gauge,
     pub(super) backends: Gauge,
     pub(super) invalid: Gauge,
+    pub(super) pending: Gauge,
     pub(super) revision: Gauge,
     pub(super) writes: Counter,
     pub(super) publishes: Counter,
@@ -33,6 +34,11 @@ impl Metrics {
             invalid: m.domain(
                 "tendril_services_invalid",
                 "LBServices with Valid=False (served in part)",
+                Gauge::default,
+            ),
+            pending: m.domain(
+                "tendril_services_unrealized_lbservices",
+                "LBServices whose revision some node does not realize yet (at the last status pass)",
                 Gauge::default,
             ),
             revision: m.domain(

@@ -15,9 +15,11 @@
 //!   sequence (one lock: numbers are assigned and applied in order), numbers the spec and
 //!   applies it with the annotation `tendril.dev/service-changed-at`; a skipped Service
 //!   (headless, ExternalName, another class or proxy) has its `LBService` deleted;
-//! - a status writer: on changes of the `NodeNetwork`s (the agents' reports) or of what the
-//!   reconciles recorded, it recomputes every status in memory (O(services · log nodes))
-//!   and writes only those whose `Valid`, `Realized` or `realizedRevision` changed;
+//! - a status writer: on changes of the `NodeNetwork`s (the agents' reports), of what the
+//!   reconciles recorded, or at the deadline of a pending revision, it recomputes every
+//!   status in memory (O(services · log nodes)) and writes only those whose `Valid` or
+//!   `Realized` changed ([`status`]: a revision every node realizes within the deadline
+//!   writes no status);
 //! - an orphan sweeper, once Services and LBServices have both been listed (only LBServices
 //!   owned by a Service; one written by hand is the user's and is programmed as written): an `LBService`
 //!   whose Service is gone is deleted (the garbage collector would too, through the owner
@@ -306,6 +308,7 @@ impl Shared {
                     valid,
                     revision: current.revision,
                     generation,
+                    since: Instant::now(),
                     backends,
                 },
             );
@@ -369,6 +372,7 @@ impl Shared {
                 valid,
                 revision: spec.revision,
                 generation: written.metadata.generation,
+                since: Instant::now(),
                 backends,
             },
         );
@@ -446,11 +450,14 @@ impl Shared {
     }
 
     /// One pass of the status writer: every status whose truth changed is written.
-    /// `written` is what this term wrote (the store lags behind it).
+    /// `written` is what this term wrote (the store lags behind it). Returns when the
+    /// earliest pending revision reaches its deadline, if one is pending.
     async fn write_statuses(
         &self,
-        written: &mut HashMap<Key, (DesiredStatus, Option<i64>)>,
-    ) -> Result<(), kube::Error> {
+        written: &mut HashMap<Key, DesiredStatus>,
+    ) -> Result<Option<Duration>, kube::Error> {
+        let limit = Duration::from_millis(self.config.realize_deadline_millis);
+        let now = Instant::now();
         let nodes = NodeReports::new(self.stores.networks.state().iter().map(|nn| {
             nn.status
                 .as_ref()
@@ -473,20 +480,37 @@ impl Shared {
         written.retain(|k, _| keys.contains(k));
 
         let mut todo = Vec::new();
+        let mut recheck: Option<Duration> = None;
+        let mut pending = 0;
         for (key, e) in &entries {
             let stored = self.stores.lbservice(key);
             let stored_status = stored.as_ref().and_then(|lb| lb.status.as_ref());
-            let previous = match written.get(key) {
-                Some((d, _)) => d.realized_revision,
-                None => stored_status.and_then(|s| s.realized_revision),
+            let shown = match written.get(key) {
+                Some(d) => d.realized.clone(),
+                None => status::shown_realized(stored_status),
             };
-            let d = status::desired(&e.valid, e.revision, &nodes, previous);
-            let want = (d, e.generation);
+            let deadline = status::Deadline {
+                pending_for: now.saturating_duration_since(e.since),
+                limit,
+            };
+            let (want, due) =
+                status::desired(&e.valid, e.revision, &nodes, deadline, shown.as_ref());
+            if nodes.at_least(e.revision) < nodes.nodes() {
+                pending += 1;
+            }
+            if let Some(due) = due {
+                recheck = Some(recheck.map_or(due, |r| r.min(due)));
+            }
             if written.get(key) == Some(&want) {
                 continue;
             }
-            if status::is_current(stored_status, &want.0, e.generation) {
+            if status::is_current(stored_status, &want) {
                 written.insert(key.clone(), want);
+                continue;
+            }
+            // A new LBService within its deadline, nothing wrong with it: its first status
+            // waits until there is a Realized to say, so that it is written once.
+            if want.realized.is_none() && want.valid.status && stored_status.is_none() {
                 continue;
             }
             let previous_conditions = stored_status
@@ -494,8 +518,9 @@ impl Shared {
                 .unwrap_or_default();
             todo.push((key.clone(), want, previous_conditions));
         }
+        self.metrics.pending.set(pending);
         if todo.is_empty() {
-            return Ok(());
+            return Ok(recheck);
         }
         debug!(
             writes = todo.len(),
@@ -505,25 +530,14 @@ impl Shared {
         let results = futures::stream::iter(todo)
             .map(|(key, want, previous)| async move {
                 let now = Timestamp::now();
-                let (d, generation) = &want;
-                let conds: Vec<_> = [&d.valid, &d.realized]
-                    .into_iter()
-                    .map(|c| {
-                        conditions::merge(
-                            conditions::find(&previous, &c.type_),
-                            c,
-                            *generation,
-                            now,
-                        )
-                    })
+                let conds: Vec<_> = std::iter::once(&want.valid)
+                    .chain(want.realized.as_ref())
+                    .map(|c| conditions::merge(conditions::find(&previous, &c.type_), c, None, now))
                     .collect();
                 let body = runtime::apply_body::<LBService>(
                     &key.1,
                     Some(&key.0),
-                    json!({"status": {
-                        "conditions": conds,
-                        "realizedRevision": d.realized_revision,
-                    }}),
+                    json!({"status": {"conditions": conds}}),
                 );
                 let api = Api::<LBService>::namespaced(self.client.clone(), &key.0);
                 let res = runtime::apply_status(&api, &self.manager, &body).await;
@@ -549,7 +563,7 @@ impl Shared {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(recheck), Err)
     }
 }
 
@@ -659,11 +673,13 @@ async fn write_statuses(
     let mut lb_changes = lbservices.subscribe();
     let mut written = HashMap::new();
     let mut failures = 0u32;
+    // The earliest deadline of a pending revision: its status is looked at again then.
+    let mut recheck = None;
     loop {
         let retry = if failures > 0 {
             backoff.delay(failures, &mut rand::rng())
         } else {
-            Duration::from_secs(3600)
+            recheck.unwrap_or(Duration::from_secs(3600))
         };
         // (A closed channel — the process is ending — also returns at once; the stop
         // token ends the loop.)
@@ -697,7 +713,10 @@ async fn write_statuses(
             continue;
         }
         match shared.write_statuses(&mut written).await {
-            Ok(()) => failures = 0,
+            Ok(next) => {
+                failures = 0;
+                recheck = next;
+            }
             Err(_) => failures += 1,
         }
     }

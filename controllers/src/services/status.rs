@@ -1,12 +1,19 @@
 //! `LBService.status` as a pure function of the translation and the nodes' reports.
 //!
-//! `Realized` is `True` once every node that runs an agent (every `NodeNetwork`) reports
-//! `realizedServicesRevision` ≥ `spec.revision`, and `realizedRevision` is then
-//! `spec.revision`; otherwise `False` with how many nodes realize it, and the previous
-//! `realizedRevision` stays. The messages name no node count when everything is realized,
-//! so adding or removing a node rewrites only the statuses whose truth changed.
+//! `Realized` follows a deadline, as a Deployment's `Progressing` follows
+//! `progressDeadlineSeconds`: it is `True` once every node that runs an agent (every
+//! `NodeNetwork`) reports `realizedServicesRevision` ≥ `spec.revision`, and a new revision
+//! that every node realizes within `services.realizeDeadlineMillis` rewrites nothing; one
+//! still pending after the deadline turns it `False` with how many nodes realize it. So a
+//! backend change costs the LBService's spec write and no status write: at scale the status
+//! otherwise doubled the apiserver writes of every EndpointSlice change. The exact per-node
+//! truth stays in `NodeNetwork.status.realizedServicesRevision`. Neither condition carries
+//! `observedGeneration` for the same reason (the generation moves with every backend), and
+//! the messages of the settled states name no revision or node count.
 
 use super::translate::Problem;
+use std::time::Duration;
+use tendril_crds::v1alpha1::LBServiceStatus;
 use tendril_runtime::conditions::{self, DesiredCondition};
 
 pub const REASON_VALID: &str = "Translated";
@@ -42,8 +49,9 @@ impl NodeReports {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredStatus {
     pub valid: DesiredCondition,
-    pub realized: DesiredCondition,
-    pub realized_revision: Option<i64>,
+    /// `None`: no `Realized` yet (a new LBService whose first revision is within the
+    /// deadline).
+    pub realized: Option<DesiredCondition>,
 }
 
 /// The `Valid` condition of a translation with `problems`.
@@ -68,74 +76,91 @@ pub fn valid(problems: &[Problem]) -> DesiredCondition {
     }
 }
 
+/// How long the current revision has been pending, and how long it may be.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    pub pending_for: Duration,
+    pub limit: Duration,
+}
+
 /// The status of an `LBService` at `revision` whose translation says `valid`, given the
-/// nodes' reports and the `realizedRevision` it shows now.
+/// nodes' reports and the `Realized` it shows now; and, while the revision is pending
+/// within its deadline, how long until the deadline (when to look again).
 pub fn desired(
     valid: &DesiredCondition,
     revision: i64,
     nodes: &NodeReports,
-    previous_realized: Option<i64>,
-) -> DesiredStatus {
+    deadline: Deadline,
+    shown: Option<&DesiredCondition>,
+) -> (DesiredStatus, Option<Duration>) {
     let total = nodes.nodes();
     let done = nodes.at_least(revision);
-    let (realized, realized_revision) = if total == 0 {
-        (
-            DesiredCondition::new(
-                conditions::REALIZED,
-                false,
-                REASON_NO_NODES,
-                "no node runs an agent (no NodeNetwork)",
-            ),
-            previous_realized,
-        )
+    let mut recheck = None;
+    let realized = if total == 0 {
+        Some(DesiredCondition::new(
+            conditions::REALIZED,
+            false,
+            REASON_NO_NODES,
+            "no node runs an agent (no NodeNetwork)",
+        ))
     } else if done == total {
-        (
-            DesiredCondition::new(
-                conditions::REALIZED,
-                true,
-                REASON_REALIZED,
-                format!("revision {revision} is realized on every node"),
-            ),
-            Some(revision),
-        )
+        Some(DesiredCondition::new(
+            conditions::REALIZED,
+            true,
+            REASON_REALIZED,
+            "every node realizes the current revision",
+        ))
+    } else if deadline.pending_for < deadline.limit
+        && shown.is_none_or(|s| s.status || s.reason == REASON_PENDING)
+    {
+        // Within the deadline what is shown stays: True (the nodes are on their way),
+        // an earlier Pending, or nothing yet.
+        recheck = Some(deadline.limit - deadline.pending_for);
+        shown.cloned()
     } else {
-        (
-            DesiredCondition::new(
-                conditions::REALIZED,
-                false,
-                REASON_PENDING,
-                format!("{done}/{total} nodes realize revision {revision}"),
-            ),
-            previous_realized.filter(|r| *r <= revision),
-        )
+        Some(DesiredCondition::new(
+            conditions::REALIZED,
+            false,
+            REASON_PENDING,
+            format!("{done}/{total} nodes realize revision {revision}"),
+        ))
     };
-    DesiredStatus {
-        valid: valid.clone(),
-        realized,
-        realized_revision,
-    }
+    (
+        DesiredStatus {
+            valid: valid.clone(),
+            realized,
+        },
+        recheck,
+    )
 }
 
-/// Whether `status` (conditions and realizedRevision, at `generation`) already says
-/// what `desired` says.
-pub fn is_current(
-    status: Option<&tendril_crds::v1alpha1::LBServiceStatus>,
-    desired: &DesiredStatus,
-    generation: Option<i64>,
-) -> bool {
+/// The `Realized` condition `status` shows.
+pub fn shown_realized(status: Option<&LBServiceStatus>) -> Option<DesiredCondition> {
+    let c = conditions::find(&status?.conditions, conditions::REALIZED)?;
+    Some(DesiredCondition::new(
+        &c.type_,
+        c.status == "True",
+        &c.reason,
+        c.message.clone(),
+    ))
+}
+
+/// Whether `status` already says what `desired` says.
+pub fn is_current(status: Option<&LBServiceStatus>, desired: &DesiredStatus) -> bool {
     let Some(status) = status else {
         return false;
     };
-    conditions::is_current(&status.conditions, &desired.valid, generation)
-        && conditions::is_current(&status.conditions, &desired.realized, generation)
-        && status.realized_revision == desired.realized_revision
+    conditions::is_current(&status.conditions, &desired.valid, None)
+        && match &desired.realized {
+            Some(r) => conditions::is_current(&status.conditions, r, None),
+            None => conditions::find(&status.conditions, conditions::REALIZED).is_none(),
+        }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
-    use tendril_crds::v1alpha1::LBServiceStatus;
 
     fn ok() -> DesiredCondition {
         valid(&[])
@@ -152,27 +177,69 @@ mod tests {
         assert_eq!(nodes.at_least(10), 0);
     }
 
+    const NOW: Deadline = Deadline {
+        pending_for: Duration::ZERO,
+        limit: Duration::ZERO,
+    };
+
+    fn within(pending_ms: u64, limit_ms: u64) -> Deadline {
+        Deadline {
+            pending_for: Duration::from_millis(pending_ms),
+            limit: Duration::from_millis(limit_ms),
+        }
+    }
+
     #[test]
     fn realized_once_every_node_reports_at_least_the_revision() {
         let nodes = NodeReports::new([Some(4), Some(6), Some(6), None, Some(9)]);
-        let s = desired(&ok(), 5, &nodes, Some(3));
-        assert!(!s.realized.status);
-        assert_eq!(s.realized.reason, REASON_PENDING);
-        assert_eq!(s.realized.message, "3/5 nodes realize revision 5");
-        assert_eq!(s.realized_revision, Some(3), "the previous one stays");
+        let (s, recheck) = desired(&ok(), 5, &nodes, NOW, None);
+        let r = s.realized.unwrap();
+        assert!(!r.status);
+        assert_eq!(r.reason, REASON_PENDING);
+        assert_eq!(r.message, "3/5 nodes realize revision 5");
+        assert_eq!(recheck, None);
 
         let nodes = NodeReports::new([Some(5), Some(6), Some(9)]);
-        let s = desired(&ok(), 5, &nodes, Some(3));
-        assert!(s.realized.status);
-        assert_eq!(s.realized_revision, Some(5));
-        // A node more, or less, that realizes it: the same status, nothing to write.
+        let (s, _) = desired(&ok(), 5, &nodes, NOW, None);
+        assert!(s.realized.as_ref().unwrap().status);
+        // A node more, or less, that realizes it, or a later revision that every node
+        // realizes: the same status, nothing to write.
         let more = NodeReports::new([Some(5), Some(6), Some(9), Some(11)]);
-        assert_eq!(desired(&ok(), 5, &more, Some(5)), s);
+        assert_eq!(desired(&ok(), 5, &more, NOW, s.realized.as_ref()).0, s);
+        let later = NodeReports::new([Some(7), Some(8), Some(9)]);
+        assert_eq!(desired(&ok(), 6, &later, NOW, s.realized.as_ref()).0, s);
 
         let none = NodeReports::new([]);
-        let s = desired(&ok(), 5, &none, None);
-        assert!(!s.realized.status);
-        assert_eq!(s.realized.reason, REASON_NO_NODES);
+        let (s, _) = desired(&ok(), 5, &none, NOW, None);
+        assert_eq!(s.realized.unwrap().reason, REASON_NO_NODES);
+    }
+
+    #[test]
+    fn a_revision_pending_within_its_deadline_rewrites_nothing() {
+        let realized = desired(&ok(), 5, &NodeReports::new([Some(5)]), NOW, None)
+            .0
+            .realized;
+        let nodes = NodeReports::new([Some(5), Some(6)]);
+        // Revision 6 pending on one node for 300 ms of 1 s: True stays, look again in 700 ms.
+        let (s, recheck) = desired(&ok(), 6, &nodes, within(300, 1000), realized.as_ref());
+        assert_eq!(s.realized, realized);
+        assert_eq!(recheck, Some(Duration::from_millis(700)));
+        // A new LBService shows nothing until its first revision is realized or late.
+        let (s, recheck) = desired(&ok(), 6, &nodes, within(300, 1000), None);
+        assert_eq!(s.realized, None);
+        assert!(recheck.is_some());
+        // Past the deadline: Pending, with the count.
+        let (s, recheck) = desired(&ok(), 6, &nodes, within(1000, 1000), realized.as_ref());
+        let r = s.realized.unwrap();
+        assert!(!r.status && r.reason == REASON_PENDING, "{r:?}");
+        assert_eq!(r.message, "1/2 nodes realize revision 6");
+        assert_eq!(recheck, None);
+        // NoNodes is never kept once nodes exist: within the deadline it becomes Pending.
+        let no_nodes = desired(&ok(), 6, &NodeReports::new([]), NOW, None)
+            .0
+            .realized;
+        let (s, _) = desired(&ok(), 6, &nodes, within(300, 1000), no_nodes.as_ref());
+        assert_eq!(s.realized.unwrap().reason, REASON_PENDING);
     }
 
     #[test]
@@ -194,21 +261,25 @@ mod tests {
     }
 
     #[test]
-    fn is_current_compares_conditions_generation_and_revision() {
+    fn is_current_compares_conditions_without_generation() {
         let nodes = NodeReports::new([Some(5)]);
-        let d = desired(&ok(), 5, &nodes, None);
+        let d = desired(&ok(), 5, &nodes, NOW, None).0;
         let now = Timestamp::from_second(1).unwrap();
         let status = LBServiceStatus {
             conditions: vec![
-                conditions::merge(None, &d.valid, Some(2), now),
-                conditions::merge(None, &d.realized, Some(2), now),
+                conditions::merge(None, &d.valid, None, now),
+                conditions::merge(None, d.realized.as_ref().unwrap(), None, now),
             ],
-            realized_revision: Some(5),
         };
-        assert!(is_current(Some(&status), &d, Some(2)));
-        assert!(!is_current(Some(&status), &d, Some(3)));
-        assert!(!is_current(None, &d, Some(2)));
-        let later = desired(&ok(), 6, &nodes, Some(5));
-        assert!(!is_current(Some(&status), &later, Some(2)));
+        assert!(is_current(Some(&status), &d));
+        assert_eq!(shown_realized(Some(&status)), d.realized);
+        assert!(!is_current(None, &d));
+        let pending = desired(&ok(), 6, &nodes, NOW, d.realized.as_ref()).0;
+        assert!(!is_current(Some(&status), &pending));
+        let fresh = desired(&ok(), 6, &nodes, within(0, 1000), None).0;
+        assert!(
+            !is_current(Some(&status), &fresh),
+            "a Realized that should not be there"
+        );
     }
 }

@@ -13,7 +13,8 @@
 //! concern re-writes the last one with the final `committedRevision`. Each agent reports the
 //! highest `committedRevision` its maps realize (a spec without one counts as its
 //! `revision`: written one at a time) in `NodeNetwork.status.realizedServicesRevision`;
-//! `status.realizedRevision` is set once every node reports at least `spec.revision`.
+//! the `Realized` condition says whether every node does, judged after a deadline
+//! (`services.realizeDeadlineMillis`) so that a change realized in time writes no status.
 //!
 //! Backend states follow KEP-1669: `active` backends (ready) take new connections;
 //! `terminating` backends (serving but terminating) take new connections only when a scope
@@ -40,7 +41,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Frontends","type":"string","jsonPath":".spec.frontends[*].address"}"#,
     printcolumn = r#"{"name":"Backends","type":"string","priority":1,"jsonPath":".spec.backends[*].address"}"#,
     printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#,
-    printcolumn = r#"{"name":"Realized","type":"integer","jsonPath":".status.realizedRevision"}"#,
+    printcolumn = r#"{"name":"Realized","type":"string","jsonPath":".status.conditions[?(@.type==\"Realized\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -199,7 +200,4 @@ pub struct LBServiceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
-    /// The highest `spec.revision` that every node realizes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub realized_revision: Option<i64>,
 }
