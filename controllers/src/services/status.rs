@@ -4,7 +4,8 @@
 //! `progressDeadlineSeconds`: it is `True` once every node that runs an agent (every
 //! `NodeNetwork`) reports `realizedServicesRevision` ≥ `spec.revision`, and a new revision
 //! that every node realizes within `services.realizeDeadlineMillis` rewrites nothing; one
-//! still pending after the deadline turns it `False` with how many nodes realize it. So a
+//! still pending after the deadline turns it `False` with how many nodes realize it (not
+//! which revision: a node without an agent report would otherwise rewrite it per revision). So a
 //! backend change costs the LBService's spec write and no status write: at scale the status
 //! otherwise doubled the apiserver writes of every EndpointSlice change. The exact per-node
 //! truth stays in `NodeNetwork.status.realizedServicesRevision`. Neither condition carries
@@ -122,7 +123,7 @@ pub fn desired(
             conditions::REALIZED,
             false,
             REASON_PENDING,
-            format!("{done}/{total} nodes realize revision {revision}"),
+            format!("{done}/{total} nodes realize the current revision"),
         ))
     };
     (
@@ -196,7 +197,7 @@ mod tests {
         let r = s.realized.unwrap();
         assert!(!r.status);
         assert_eq!(r.reason, REASON_PENDING);
-        assert_eq!(r.message, "3/5 nodes realize revision 5");
+        assert_eq!(r.message, "3/5 nodes realize the current revision");
         assert_eq!(recheck, None);
 
         let nodes = NodeReports::new([Some(5), Some(6), Some(9)]);
@@ -232,7 +233,7 @@ mod tests {
         let (s, recheck) = desired(&ok(), 6, &nodes, within(1000, 1000), realized.as_ref());
         let r = s.realized.unwrap();
         assert!(!r.status && r.reason == REASON_PENDING, "{r:?}");
-        assert_eq!(r.message, "1/2 nodes realize revision 6");
+        assert_eq!(r.message, "1/2 nodes realize the current revision");
         assert_eq!(recheck, None);
         // NoNodes is never kept once nodes exist: within the deadline it becomes Pending.
         let no_nodes = desired(&ok(), 6, &NodeReports::new([]), NOW, None)
