@@ -890,7 +890,7 @@ async fn realize_deadline(
         let pending: Vec<String> = list
             .items
             .iter()
-            .filter(|lb| !condition(lb, "Realized").is_some_and(|(s, _, _)| s == "True"))
+            .filter(|lb| condition(lb, "Realized").is_none_or(|(s, _, _)| s != "True"))
             .map(|lb| lb.metadata.name.clone().unwrap_or_default())
             .collect();
         ensure!(pending.is_empty(), "not Realized yet: {pending:?}");
