@@ -450,12 +450,15 @@ impl Shared {
     }
 
     /// One pass of the status writer: every status whose truth changed is written.
-    /// `written` is what this term wrote (the store lags behind it). Returns when the
-    /// earliest pending revision reaches its deadline, if one is pending.
+    /// Returns when the earliest pending revision reaches its deadline, if one is pending.
     async fn write_statuses(
         &self,
-        written: &mut HashMap<Key, DesiredStatus>,
+        state: &mut StatusState,
     ) -> Result<Option<Duration>, kube::Error> {
+        let StatusState {
+            written,
+            pending_since,
+        } = state;
         let limit = Duration::from_millis(self.config.realize_deadline_millis);
         let now = Instant::now();
         let nodes = NodeReports::new(self.stores.networks.state().iter().map(|nn| {
@@ -478,6 +481,7 @@ impl Shared {
             .set(entries.iter().filter(|(_, e)| !e.valid.status).count() as i64);
         let keys: BTreeSet<&Key> = entries.iter().map(|(k, _)| k).collect();
         written.retain(|k, _| keys.contains(k));
+        pending_since.retain(|k, _| keys.contains(k));
 
         let mut todo = Vec::new();
         let mut recheck: Option<Duration> = None;
@@ -489,15 +493,21 @@ impl Shared {
                 Some(d) => d.realized.clone(),
                 None => status::shown_realized(stored_status),
             };
+            // The deadline runs from the oldest revision not yet realized everywhere: a
+            // Service that changes faster than its nodes realize still turns Pending.
+            let since = if nodes.at_least(e.revision) < nodes.nodes() {
+                pending += 1;
+                *pending_since.entry(key.clone()).or_insert(e.since)
+            } else {
+                pending_since.remove(key);
+                e.since
+            };
             let deadline = status::Deadline {
-                pending_for: now.saturating_duration_since(e.since),
+                pending_for: now.saturating_duration_since(since),
                 limit,
             };
             let (want, due) =
                 status::desired(&e.valid, e.revision, &nodes, deadline, shown.as_ref());
-            if nodes.at_least(e.revision) < nodes.nodes() {
-                pending += 1;
-            }
             if let Some(due) = due {
                 recheck = Some(recheck.map_or(due, |r| r.min(due)));
             }
@@ -565,6 +575,15 @@ impl Shared {
         }
         first_error.map_or(Ok(recheck), Err)
     }
+}
+
+/// What the status writer keeps between passes.
+#[derive(Default)]
+struct StatusState {
+    /// What this term wrote (the store lags behind it).
+    written: HashMap<Key, DesiredStatus>,
+    /// Since when each LBService has had a revision some node does not realize.
+    pending_since: HashMap<Key, Instant>,
 }
 
 /// Every object of `api`, in pages, from a consistent read.
@@ -671,7 +690,7 @@ async fn write_statuses(
     let batch = Duration::from_millis(shared.config.status_batch_millis);
     let mut network_changes = networks.subscribe();
     let mut lb_changes = lbservices.subscribe();
-    let mut written = HashMap::new();
+    let mut state = StatusState::default();
     let mut failures = 0u32;
     // The earliest deadline of a pending revision: its status is looked at again then.
     let mut recheck = None;
@@ -712,7 +731,7 @@ async fn write_statuses(
         {
             continue;
         }
-        match shared.write_statuses(&mut written).await {
+        match shared.write_statuses(&mut state).await {
             Ok(next) => {
                 failures = 0;
                 recheck = next;

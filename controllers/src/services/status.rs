@@ -3,11 +3,13 @@
 //! `Realized` follows a deadline, as a Deployment's `Progressing` follows
 //! `progressDeadlineSeconds`: it is `True` once every node that runs an agent (every
 //! `NodeNetwork`) reports `realizedServicesRevision` ≥ `spec.revision`, and a new revision
-//! that every node realizes within `services.realizeDeadlineMillis` rewrites nothing; one
-//! still pending after the deadline turns it `False` with how many nodes realize it (not
-//! which revision: a node without an agent report would otherwise rewrite it per revision). So a
-//! backend change costs the LBService's spec write and no status write: at scale the status
-//! otherwise doubled the apiserver writes of every EndpointSlice change. The exact per-node
+//! that every node realizes within `services.realizeDeadlineMillis` rewrites nothing; a
+//! change still pending after the deadline (counted from the oldest revision some node
+//! does not realize, so a Service that changes faster than its nodes keep up still turns)
+//! turns it `False` with how many nodes realize it (not which revision: a node without an
+//! agent report would otherwise rewrite it per revision). So a backend change costs the
+//! LBService's spec write and no status write: at scale the status otherwise doubled the
+//! apiserver writes of every EndpointSlice change. The exact per-node
 //! truth stays in `NodeNetwork.status.realizedServicesRevision`. Neither condition carries
 //! `observedGeneration` for the same reason (the generation moves with every backend), and
 //! the messages of the settled states name no revision or node count.
