@@ -122,7 +122,10 @@ async fn pods_get_endpoints_with_shared_identities_and_gc() -> Result<()> {
 
     let port = free_port()?;
     let config = std::env::temp_dir().join(format!("{}.yaml", env.unique_name("id-operator")));
-    std::fs::write(&config, "identities:\n  gcGracePeriodSeconds: 3\n")?;
+    std::fs::write(
+        &config,
+        "identities:\n  gcGracePeriodSeconds: 3\n  referencesRefreshSeconds: 0\n",
+    )?;
     let mut op = start_operator(&env, &config, port).await?;
 
     for (name, labels, ip) in [

@@ -325,9 +325,78 @@ pub fn gc_decision(
     }
 }
 
+/// When to write an Identity's status. `shown`: the `references` and `lastReferenced` it
+/// carries (`None`: no status yet); `want`: what they should be; `since_write`: how long
+/// ago this process last wrote it. A change of whether the identity is used (what garbage
+/// collection reads) is written at once; a count that only moves between positive values
+/// waits until `refresh` has passed since the last write, so a busy identity's churn costs
+/// one status write per `refresh`, not one per pod. `Err(wait)`: look again after `wait`.
+pub fn references_write_due(
+    shown: Option<(i64, Option<Timestamp>)>,
+    want: (i64, Option<Timestamp>),
+    since_write: Option<Duration>,
+    refresh: Duration,
+) -> Result<bool, Duration> {
+    let Some(shown) = shown else {
+        return Ok(true);
+    };
+    if shown == want {
+        return Ok(false);
+    }
+    if (shown.0 > 0) != (want.0 > 0) || shown.1 != want.1 {
+        return Ok(true);
+    }
+    match since_write {
+        Some(ago) if ago < refresh => Err(refresh - ago),
+        _ => Ok(true),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_positive_count_is_refreshed_at_most_once_per_interval() {
+        let t = Timestamp::from_second(100).unwrap();
+        let s = Duration::from_secs;
+        // No status yet, or whether it is used changes: at once.
+        assert_eq!(
+            references_write_due(None, (3, None), Some(s(1)), s(30)),
+            Ok(true)
+        );
+        assert_eq!(
+            references_write_due(Some((2, None)), (0, Some(t)), Some(s(1)), s(30)),
+            Ok(true)
+        );
+        assert_eq!(
+            references_write_due(Some((0, Some(t))), (1, None), Some(s(1)), s(30)),
+            Ok(true)
+        );
+        // Nothing changed: nothing to write.
+        assert_eq!(
+            references_write_due(Some((2, None)), (2, None), None, s(30)),
+            Ok(false)
+        );
+        // 2 → 3 written 10 s ago: wait 20 s; 40 s ago, or never by this process: now.
+        assert_eq!(
+            references_write_due(Some((2, None)), (3, None), Some(s(10)), s(30)),
+            Err(s(20))
+        );
+        assert_eq!(
+            references_write_due(Some((2, None)), (3, None), Some(s(40)), s(30)),
+            Ok(true)
+        );
+        assert_eq!(
+            references_write_due(Some((2, None)), (3, None), None, s(30)),
+            Ok(true)
+        );
+        // A zero interval writes every change.
+        assert_eq!(
+            references_write_due(Some((2, None)), (3, None), Some(s(0)), s(0)),
+            Ok(true)
+        );
+    }
 
     fn labels(app: &str) -> SecurityLabels {
         SecurityLabels::from([("k8s:app".to_string(), app.to_string())])

@@ -25,7 +25,7 @@ pub mod labels;
 pub mod references;
 
 use allocator::IdentityAllocator;
-use index::{GcDecision, Space, gc_decision};
+use index::{GcDecision, Space, gc_decision, references_write_due};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -36,8 +36,9 @@ use prometheus_client::metrics::counter::Counter;
 use references::References;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tendril_crds::facts::{CLUSTER_IDENTITY_MAX, CLUSTER_IDENTITY_MIN, Reserved};
 use tendril_crds::v1alpha1::{Endpoint, Identity};
 use tendril_runtime::caches::Change;
@@ -63,6 +64,10 @@ pub struct IdentitiesConfig {
     /// `IdentitySpaceAvailable` turns False (`NearlyExhausted`) when this percentage of the
     /// ids is in use.
     pub space_warning_percent: u8,
+    /// `status.references` of an identity in use is rewritten at most this often (whether
+    /// it is used at all is written at once): a busy identity otherwise costs a status
+    /// write per pod that comes or goes. 0: every change.
+    pub references_refresh_seconds: u64,
 }
 
 impl Default for IdentitiesConfig {
@@ -72,6 +77,7 @@ impl Default for IdentitiesConfig {
             label_filter: labels::LabelFilterConfig::default(),
             cluster_id_max: CLUSTER_IDENTITY_MAX,
             space_warning_percent: 90,
+            references_refresh_seconds: 30,
         }
     }
 }
@@ -211,6 +217,9 @@ struct Identities {
     allocator: IdentityAllocator,
     grace: Duration,
     gc: Counter,
+    references_refresh: Duration,
+    /// When this process last wrote each identity's status.
+    status_written: Mutex<HashMap<i64, Instant>>,
 }
 
 impl Identities {
@@ -289,10 +298,21 @@ impl Reconciler for Identities {
                 // Also when there is no status yet: a reserved identity nothing references
                 // would otherwise never get `references: 0`, and its REFERENCES column
                 // would stay empty.
-                if identity.status.is_none()
-                    || status.references != references
-                    || status.last_referenced != last_referenced
-                {
+                let since_write = lock(&self.status_written).get(&id).map(Instant::elapsed);
+                let due = references_write_due(
+                    identity
+                        .status
+                        .as_ref()
+                        .map(|s| (s.references, s.last_referenced.as_ref().map(|t| t.0))),
+                    (references, last_referenced.as_ref().map(|t| t.0)),
+                    since_write,
+                    self.references_refresh,
+                );
+                let recheck_after = match due {
+                    Err(wait) => Some(recheck_after.map_or(wait, |r| r.min(wait))),
+                    Ok(_) => recheck_after,
+                };
+                if due == Ok(true) {
                     // An absent lastReferenced is left out: SSA then drops the field we owned.
                     let mut fields = json!({ "references": references });
                     if let Some(t) = &last_referenced {
@@ -304,9 +324,12 @@ impl Reconciler for Identities {
                         json!({ "status": fields }),
                     );
                     match runtime::apply_status(&self.api, allocator::MANAGER, &body).await {
-                        Ok(_) => {}
+                        Ok(_) => {
+                            lock(&self.status_written).insert(id, Instant::now());
+                        }
                         // Deleted meanwhile: nothing left to describe.
                         Err(kube::Error::Api(s)) if s.code == 404 => {
+                            lock(&self.status_written).remove(&id);
                             return Ok(Action::await_change());
                         }
                         Err(e) => return Err(e.into()),
@@ -395,6 +418,8 @@ pub async fn run(
             "Identities deleted after being unreferenced for the grace period",
             Counter::default,
         ),
+        references_refresh: Duration::from_secs(config.references_refresh_seconds),
+        status_written: Mutex::default(),
     };
     runtime::run(controller, reconciler, &ctx).await;
     Ok(())
