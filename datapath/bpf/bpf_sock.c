@@ -13,8 +13,9 @@
  * connect6 / sendmsg6 / recvmsg6 / getpeername6: the same for IPv6 sockets
  *   and frontends (lb6_services, lb6_backends, lb6_sock_revnat). What does not
  *   depend on the family — whose socket it is, the reject, affinity, Maglev —
- *   is one set of helpers both paths call. An IPv4-mapped IPv6 destination
- *   (::ffff:a.b.c.d) is not translated (no IPv4 service is looked up for it).
+ *   is one set of helpers both paths call. An IPv6 socket connecting to an
+ *   IPv4-mapped address (::ffff:a.b.c.d) is translated by the IPv4 path (the
+ *   kernel connects it over IPv4; its unconnected datagrams reach sendmsg4).
  *
  * cgroup hooks apply per cgroup, not per network namespace: a socket is
  * translated only when its netns is one of this node's (lb_netns, filled by
@@ -168,9 +169,13 @@ static __always_inline struct lb_service *sock6_service(struct lb6_key *key,
 	return sock_scope(svc, bpf_map_lookup_elem(&lb6_services, key), &key->scope);
 }
 
-static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+/* The IPv4 translation of a socket connecting to *daddr:ctx->user_port: the
+ * backend in *daddr and ctx->user_port. IPv4 sockets, and IPv6 ones connecting
+ * to an IPv4-mapped address (::ffff:a.b.c.d, which the kernel then connects
+ * over IPv4), both use it. */
+static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx, __be32 *daddr)
 {
-	__be32 address = ctx->user_ip4;
+	__be32 address = *daddr;
 	__be16 dport = (__be16)ctx->user_port;
 	struct lb_sock_revnat_value revnat;
 	struct lb_sock_revnat_key revnat_key;
@@ -213,9 +218,24 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	/* An LRU map: a full one evicts the oldest record, it never fails. */
 	bpf_map_update_elem(&lb_sock_revnat, &revnat_key, &revnat, BPF_ANY);
 
-	ctx->user_ip4 = backend->address;
+	*daddr = backend->address;
 	ctx->user_port = backend->port;
 	return XLATE_DONE;
+}
+
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	__be32 address = ctx->user_ip4;
+	int xlate = sock4_xlate(ctx, &address);
+
+	if (xlate == XLATE_DONE)
+		ctx->user_ip4 = address;
+	return xlate;
+}
+
+static __always_inline int is_v4_mapped(const __be32 *address)
+{
+	return !address[0] && !address[1] && address[2] == bpf_htonl(0xffff);
 }
 
 static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
@@ -236,6 +256,14 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
 	key.address[1] = ctx->user_ip6[1];
 	key.address[2] = ctx->user_ip6[2];
 	key.address[3] = ctx->user_ip6[3];
+	if (is_v4_mapped(key.address)) {
+		__be32 address = key.address[3];
+		int xlate = sock4_xlate(ctx, &address);
+
+		if (xlate == XLATE_DONE)
+			ctx->user_ip6[3] = address;
+		return xlate;
+	}
 	key.dport = (__be16)ctx->user_port;
 	key.proto = c.proto;
 	key.scope = LB_SCOPE_EXTERNAL;
@@ -274,19 +302,30 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
 	return XLATE_DONE;
 }
 
-static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
+/* Backend → frontend of a translated IPv4 socket (or IPv4-mapped address):
+ * *address and ctx->user_port rewritten when the socket has a record. */
+static __always_inline int sock4_revnat(struct bpf_sock_addr *ctx, __be32 *address)
 {
 	struct lb_sock_revnat_key key = {
 		.cookie = bpf_get_socket_cookie(ctx),
-		.address = ctx->user_ip4,
+		.address = *address,
 		.port = (__be16)ctx->user_port,
 	};
 	struct lb_sock_revnat_value *frontend = bpf_map_lookup_elem(&lb_sock_revnat, &key);
 
-	if (frontend) {
-		ctx->user_ip4 = frontend->address;
-		ctx->user_port = frontend->port;
-	}
+	if (!frontend)
+		return 0;
+	*address = frontend->address;
+	ctx->user_port = frontend->port;
+	return 1;
+}
+
+static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	__be32 address = ctx->user_ip4;
+
+	if (sock4_revnat(ctx, &address))
+		ctx->user_ip4 = address;
 	return 1;
 }
 
@@ -301,6 +340,13 @@ static __always_inline int sock6_xlate_rev(struct bpf_sock_addr *ctx)
 	key.address[1] = ctx->user_ip6[1];
 	key.address[2] = ctx->user_ip6[2];
 	key.address[3] = ctx->user_ip6[3];
+	if (is_v4_mapped(key.address)) {
+		__be32 address = key.address[3];
+
+		if (sock4_revnat(ctx, &address))
+			ctx->user_ip6[3] = address;
+		return 1;
+	}
 	key.port = (__be16)ctx->user_port;
 	frontend = bpf_map_lookup_elem(&lb6_sock_revnat, &key);
 	if (frontend) {

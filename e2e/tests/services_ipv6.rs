@@ -11,7 +11,8 @@
 //!   node's `lb6_services` holds the IPv6 ClusterIP with its two backends;
 //! - pod → IPv6 ClusterIP over TCP, connected UDP (connect6) and unconnected UDP (sendmsg6,
 //!   the answer shown from the frontend by recvmsg6): both backends answer, by name;
-//! - pod → IPv4 ClusterIP of the same Service still reaches both backends;
+//! - pod → IPv4 ClusterIP of the same Service still reaches both backends, also from IPv6
+//!   sockets connecting to it IPv4-mapped (`::ffff:10.96.x.y`, TCP and UDP);
 //! - node 0's host network → the NodePort of an IPv6-only Service (backed by `web-a`, on
 //!   node 0: the node's own IPv6 traffic to a pod of another node is not routed in overlay
 //!   mode yet) on its own IPv6 address, on node 1's and on `[::1]`;
@@ -306,8 +307,23 @@ async fn dual_stack_services_over_the_socket_lb() -> Result<()> {
         sendto.keys().all(|n| n == "web-a" || n == "web-b"),
         "unconnected UDP6: {sendto:?}"
     );
-    // The IPv4 ClusterIP of the same Service.
+    // The IPv4 ClusterIP of the same Service, from IPv4 sockets and from IPv6 ones that
+    // write it IPv4-mapped (connect6 hands it to the IPv4 translation).
     both_answered(&spread(cli, "TCP", cluster4, 80, 20).await?, 20, "TCP4")?;
+    let IpAddr::V4(v4) = cluster4 else {
+        unreachable!("an IPv4 ClusterIP")
+    };
+    let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+    both_answered(
+        &spread(cli, "TCP", mapped, 80, 12).await?,
+        12,
+        &format!("TCP to {mapped}"),
+    )?;
+    both_answered(
+        &spread(cli, "UDP", mapped, 53, 8).await?,
+        8,
+        &format!("UDP to {mapped}"),
+    )?;
     println!(
         "services_ipv6: ClusterIPs {cluster4} and {cluster6}, client {}",
         ipv6_of(cli)
