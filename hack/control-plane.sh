@@ -31,11 +31,14 @@
 #   TENDRIL_ETCD_EXTRA_ARGS, TENDRIL_APISERVER_EXTRA_ARGS, TENDRIL_KCM_EXTRA_ARGS: more flags
 #     for that component (split on spaces; not saved in plane.env), e.g. --feature-gates=…;
 #     the e2e tests break a start on purpose with a flag that does not exist.
-# Service CIDR 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1).
+# Service CIDRs 10.96.0.0/16 and fd00:10:96::/112: dual stack, IPv4 first, so Services stay
+# IPv4 unless they ask (ipFamilyPolicy PreferDualStack/RequireDualStack, or ipFamilies) and
+# the `kubernetes` Service is 10.96.0.1. kube-controller-manager's EndpointSlice controller
+# writes IPv6 slices for the IPv6 family of a Service.
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
 
-SERVICE_CIDR=10.96.0.0/16
+SERVICE_CIDR=10.96.0.0/16,fd00:10:96::/112
 CONTROLLERS=endpointslice-controller,endpointslice-mirroring-controller,endpoints-controller
 CONTROLLERS+=,namespace-controller,garbage-collector-controller,serviceaccount-controller
 CONTROLLERS+=,serviceaccount-token-controller,root-ca-certificate-publisher-controller

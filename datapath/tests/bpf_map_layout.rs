@@ -199,8 +199,8 @@ fn lb_mirrors_match_the_c_structs() {
             [address, dport, backend_slot, proto, scope, pad]
         ),
         layout!(
-            "lb4_service",
-            Lb4Service,
+            "lb_service",
+            LbServiceValue,
             [
                 backend_id,
                 count,
@@ -247,6 +247,27 @@ fn lb_mirrors_match_the_c_structs() {
             [address, port, rev_nat_index]
         ),
         layout!("lb_config", LbConfig, [maglev_table_size, hash_seed]),
+        layout!(
+            "lb6_key",
+            Lb6Key,
+            [address, dport, backend_slot, proto, scope, pad]
+        ),
+        layout!("lb6_backend", Lb6Backend, [address, port, proto, flags]),
+        layout!(
+            "lb6_reverse_nat",
+            Lb6ReverseNat,
+            [address, port, proto, pad]
+        ),
+        layout!(
+            "lb6_sock_revnat_key",
+            Lb6SockRevnatKey,
+            [cookie, address, port, pad]
+        ),
+        layout!(
+            "lb6_sock_revnat_value",
+            Lb6SockRevnatValue,
+            [address, port, rev_nat_index]
+        ),
     ];
     // The tc path's NAT entries (lib/lb_nat.h), in the tc objects.
     let nat = [

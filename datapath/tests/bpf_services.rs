@@ -310,7 +310,7 @@ fn a_full_services_map_is_reported_and_never_half_programs_a_service() {
             [&svc],
             &NodeServices {
                 node_name: NODE,
-                node_addresses: &[NODE_IP],
+                node_addresses: &[NODE_IP.into()],
                 default_algorithm: LbAlgorithm::Random,
                 maglev_table_size: 16381,
                 hash_seed: 1,

@@ -122,7 +122,7 @@ fn node(services: u32) -> Node {
         &services,
         &NodeServices {
             node_name: "n1",
-            node_addresses: &[NODE_IP],
+            node_addresses: &[NODE_IP.into()],
             default_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16381,
             hash_seed: 1,

@@ -95,7 +95,8 @@
 //!   serviceaccount-token, root-ca-certificate-publisher, replicaset, deployment,
 //!   clusterrole-aggregation, pod-garbage-collector, service-cidr. No node-lifecycle
 //!   controller, so Nodes are never tainted or evicted.
-//! - Service CIDR 10.96.0.0/16; the apiserver advertises the machine's primary IPv4
+//! - Service CIDRs 10.96.0.0/16 and fd00:10:96::/112 (dual stack, IPv4 first: a Service
+//!   is IPv4 unless it asks for IPv6); the apiserver advertises the machine's primary IPv4
 //!   address (see `hack/control-plane.sh`), but binds 127.0.0.1 only.
 //! - Cleanup after a killed run: control-plane processes are tracked by pid files in the
 //!   plane's run dir; [`Process`] children die with their test binary (`PDEATHSIG`) and are

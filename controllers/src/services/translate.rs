@@ -7,16 +7,20 @@
 //!   names who provisions the load balancer, not who proxies: like kube-proxy, every class
 //!   is served (ClusterIP, NodePort, externalIPs and whatever ingress IPs its implementation
 //!   writes into the status).
-//! - Frontends, per Service port in order: each IPv4 ClusterIP, the NodePort (no address:
-//!   every node address), each IPv4 `status.loadBalancer.ingress[].ip` of a LoadBalancer
-//!   service (not those with `ipMode: Proxy`: the load balancer delivers that traffic to the
-//!   node itself, as kube-proxy assumes since KEP-1860), each IPv4 externalIP.
-//! - IPv6: the types carry any IP, but the datapath is IPv4 only today, so IPv6 frontends,
-//!   backends and source ranges are left out (an IPv6-only service is skipped) without
-//!   making the service invalid.
+//! - Frontends, per Service port in order: each ClusterIP (`spec.clusterIPs`: one per IP
+//!   family of the Service, IPv4 and IPv6 alike), the NodePort (no address: every node
+//!   address of the Service's families), each `status.loadBalancer.ingress[].ip` of a
+//!   LoadBalancer service (not those with `ipMode: Proxy`: the load balancer delivers that
+//!   traffic to the node itself, as kube-proxy assumes since KEP-1860), each externalIP.
+//!   Addresses are written canonical (`fd00::a`, not `fd00:0::000a`).
+//! - Dual stack: both families are listed side by side; the agent pairs a frontend only
+//!   with backends of its own family (an IPv6 ClusterIP never reaches an IPv4 backend), so
+//!   an IPv6-only Service is served like an IPv4-only one. Source ranges of both families
+//!   are carried over.
 //! - SCTP ports are not served (the datapath handles TCP and UDP): `Valid=False`,
 //!   `Unsupported`, naming each such port; the TCP and UDP ports of the service still are.
-//! - Backends from every EndpointSlice of the service, matched to frontends by port name and
+//! - Backends from every IPv4 and IPv6 EndpointSlice of the service (an address whose family
+//!   is not the slice's `addressType` is left out; FQDN slices are not served), matched to frontends by port name and
 //!   protocol; conditions as KEP-1669/1672 and kube-proxy read them (ready and serving
 //!   default to true, terminating to false): ready → `active`; serving and terminating →
 //!   `terminating`; anything else is not listed. An address:port in several slices (while
@@ -66,8 +70,6 @@ pub enum Skip {
     Headless,
     /// `service.kubernetes.io/service-proxy-name` names another proxy.
     OtherProxy(String),
-    /// No IPv4 ClusterIP (IPv6-only): not served until the datapath does IPv6.
-    NoIpv4,
 }
 
 impl std::fmt::Display for Skip {
@@ -76,7 +78,6 @@ impl std::fmt::Display for Skip {
             Skip::ExternalName => f.write_str("ExternalName service (left to DNS)"),
             Skip::Headless => f.write_str("headless service (clusterIP None)"),
             Skip::OtherProxy(p) => write!(f, "{SERVICE_PROXY_NAME_LABEL}={p:?}"),
-            Skip::NoIpv4 => f.write_str("no IPv4 ClusterIP (IPv6 is not served yet)"),
         }
     }
 }
@@ -97,12 +98,9 @@ pub struct Translation {
     pub problems: Vec<Problem>,
 }
 
-fn ipv4(ip: &str) -> Option<String> {
-    match ip.trim().parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => Some(v4.to_string()),
-        // IPv6 and garbage alike: not an IPv4 frontend or backend.
-        _ => None,
-    }
+/// `ip` written canonical, or `None` for garbage.
+fn canonical(ip: &str) -> Option<String> {
+    ip.trim().parse::<IpAddr>().ok().map(|ip| ip.to_string())
 }
 
 fn protocol(p: Option<&String>) -> String {
@@ -136,10 +134,7 @@ pub fn translate<'a>(
     if cluster_ips.is_empty() || cluster_ips.iter().any(|ip| ip == "None") {
         return Err(Skip::Headless);
     }
-    let cluster_v4: Vec<String> = cluster_ips.iter().filter_map(|ip| ipv4(ip)).collect();
-    if cluster_v4.is_empty() {
-        return Err(Skip::NoIpv4);
-    }
+    let cluster_ips: Vec<String> = cluster_ips.iter().filter_map(|ip| canonical(ip)).collect();
 
     let mut problems = Vec::new();
     let ports = spec.ports.clone().unwrap_or_default();
@@ -154,7 +149,7 @@ pub fn translate<'a>(
             .into_iter()
             .flatten()
             .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.as_deref().and_then(ipv4))
+            .filter_map(|i| i.ip.as_deref().and_then(canonical))
             .collect()
     } else {
         Vec::new()
@@ -163,7 +158,7 @@ pub fn translate<'a>(
         .external_ips
         .iter()
         .flatten()
-        .filter_map(|ip| ipv4(ip))
+        .filter_map(|ip| canonical(ip))
         .collect();
     for port in &ports {
         let name = port.name.clone().unwrap_or_default();
@@ -190,7 +185,7 @@ pub fn translate<'a>(
             port,
             protocol: proto.clone(),
         };
-        for ip in &cluster_v4 {
+        for ip in &cluster_ips {
             frontends.push(frontend(CLUSTER_IP, Some(ip.clone()), port.port));
         }
         if let Some(node_port) = port.node_port.filter(|p| *p > 0)
@@ -286,12 +281,11 @@ pub fn translate<'a>(
     })
 }
 
-/// IPv4 CIDRs of `ranges`, canonical (`10.0.0.7/8` → `10.0.0.0/8`), sorted, once each.
+/// CIDRs of `ranges` (both families), canonical (`10.0.0.7/8` → `10.0.0.0/8`), sorted, once each.
 fn source_ranges(ranges: &[String]) -> Vec<String> {
     let mut out: Vec<IpNet> = ranges
         .iter()
         .filter_map(|r| r.trim().parse::<IpNet>().ok())
-        .filter(|n| matches!(n, IpNet::V4(_)))
         .map(|n| n.trunc())
         .collect();
     out.sort();
@@ -309,10 +303,12 @@ fn backends<'a>(
     // (port name, address, port, protocol) → backend.
     let mut out: BTreeMap<(String, String, i32, String), Backend> = BTreeMap::new();
     for slice in slices {
-        // IPv6 and FQDN slices: not served yet (see the module doc).
-        if slice.address_type != "IPv4" {
-            continue;
-        }
+        // FQDN slices name no address the datapath could use.
+        let v6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            _ => continue,
+        };
         let ports: Vec<(String, i32, String)> = slice
             .ports
             .iter()
@@ -345,7 +341,13 @@ fn backends<'a>(
                 .zone
                 .clone()
                 .or_else(|| ep.node_name.as_deref().and_then(zone_of));
-            for address in ep.addresses.iter().filter_map(|a| ipv4(a)) {
+            let addresses = ep
+                .addresses
+                .iter()
+                .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+                .filter(|a| a.is_ipv6() == v6)
+                .map(|a| a.to_string());
+            for address in addresses {
                 for (name, port, proto) in &ports {
                     let key = (name.clone(), address.clone(), *port, proto.clone());
                     let backend = Backend {

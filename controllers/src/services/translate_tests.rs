@@ -191,10 +191,12 @@ fn load_balancer_service_has_every_frontend_type() {
             f(CLUSTER_IP, Some("10.96.0.10"), 80, "TCP", "http"),
             f(NODE_PORT, None, 30080, "TCP", "http"),
             f(LOAD_BALANCER, Some("198.51.100.1"), 80, "TCP", "http"),
+            f(LOAD_BALANCER, Some("2001:db8::1"), 80, "TCP", "http"),
             f(EXTERNAL_IP, Some("192.0.2.7"), 80, "TCP", "http"),
             f(CLUSTER_IP, Some("10.96.0.10"), 53, "UDP", "dns"),
             f(NODE_PORT, None, 30053, "UDP", "dns"),
             f(LOAD_BALANCER, Some("198.51.100.1"), 53, "UDP", "dns"),
+            f(LOAD_BALANCER, Some("2001:db8::1"), 53, "UDP", "dns"),
             f(EXTERNAL_IP, Some("192.0.2.7"), 53, "UDP", "dns"),
         ]
     );
@@ -203,8 +205,12 @@ fn load_balancer_service_has_every_frontend_type() {
     assert_eq!(t.spec.health_check_node_port, Some(32000));
     assert_eq!(
         t.spec.load_balancer_source_ranges,
-        vec!["198.51.100.0/24".to_string(), "203.0.113.0/24".to_string()],
-        "canonical, sorted, IPv4 only"
+        vec![
+            "198.51.100.0/24".to_string(),
+            "203.0.113.0/24".to_string(),
+            "2001:db8::/32".to_string()
+        ],
+        "canonical, sorted, both families"
     );
     assert!(t.problems.is_empty(), "{:?}", t.problems);
 }
@@ -239,26 +245,69 @@ fn node_port_service_has_cluster_ip_and_node_port_and_external_ips_on_cluster_ip
         vec![
             f(CLUSTER_IP, Some("10.96.0.10"), 80, "TCP", "http"),
             f(EXTERNAL_IP, Some("192.0.2.1"), 80, "TCP", "http"),
+            f(EXTERNAL_IP, Some("2001:db8::9"), 80, "TCP", "http"),
         ]
     );
     assert!(t.spec.load_balancer_source_ranges.is_empty());
 }
 
 #[test]
-fn dual_stack_keeps_the_ipv4_cluster_ip_and_ipv6_only_is_skipped() {
+fn dual_stack_serves_both_cluster_ips_and_ipv6_only_is_served() {
     let mut spec = cluster_ip();
-    spec["clusterIP"] = json!("fd00::10");
-    spec["clusterIPs"] = json!(["fd00::10", "10.96.0.10"]);
+    spec["clusterIP"] = json!("fd00:10:96::000a");
+    spec["clusterIPs"] = json!(["fd00:10:96::000a", "10.96.0.10"]);
+    let t = run(&service(spec), &[]).unwrap();
+    // In the Service's order (its primary family first), written canonical.
+    assert_eq!(
+        fronts(&t),
+        vec![
+            f(CLUSTER_IP, Some("fd00:10:96::a"), 80, "TCP", "http"),
+            f(CLUSTER_IP, Some("10.96.0.10"), 80, "TCP", "http"),
+        ]
+    );
+    assert!(t.problems.is_empty());
+
+    let mut spec = cluster_ip();
+    spec["clusterIP"] = json!("fd00:10:96::a");
+    spec["clusterIPs"] = json!(["fd00:10:96::a"]);
+    spec["type"] = json!("NodePort");
+    spec["ports"][0]["nodePort"] = json!(30080);
+    spec["externalIPs"] = json!(["2001:db8::7"]);
     let t = run(&service(spec), &[]).unwrap();
     assert_eq!(
         fronts(&t),
-        vec![f(CLUSTER_IP, Some("10.96.0.10"), 80, "TCP", "http")]
+        vec![
+            f(CLUSTER_IP, Some("fd00:10:96::a"), 80, "TCP", "http"),
+            f(NODE_PORT, None, 30080, "TCP", "http"),
+            f(EXTERNAL_IP, Some("2001:db8::7"), 80, "TCP", "http"),
+        ]
     );
+}
 
+#[test]
+fn ipv6_load_balancer_ips_and_source_ranges_are_carried_over() {
     let mut spec = cluster_ip();
-    spec["clusterIP"] = json!("fd00::10");
-    spec["clusterIPs"] = json!(["fd00::10"]);
-    assert_eq!(run(&service(spec), &[]), Err(Skip::NoIpv4));
+    spec["type"] = json!("LoadBalancer");
+    spec["clusterIPs"] = json!(["10.96.0.10", "fd00:10:96::a"]);
+    spec["ports"][0]["nodePort"] = json!(30080);
+    spec["loadBalancerSourceRanges"] = json!(["2001:db8:1::5/48", "192.0.2.0/24"]);
+    let status = json!({"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.1"}, {"ip": "2001:db8:ff::1"}, {"ip": "2001:db8:ff::2", "ipMode": "Proxy"}]}});
+    let t = translate(&service_with(json!({}), spec, status), &[], no_zone).unwrap();
+    assert_eq!(
+        fronts(&t),
+        vec![
+            f(CLUSTER_IP, Some("10.96.0.10"), 80, "TCP", "http"),
+            f(CLUSTER_IP, Some("fd00:10:96::a"), 80, "TCP", "http"),
+            f(NODE_PORT, None, 30080, "TCP", "http"),
+            f(LOAD_BALANCER, Some("198.51.100.1"), 80, "TCP", "http"),
+            f(LOAD_BALANCER, Some("2001:db8:ff::1"), 80, "TCP", "http"),
+        ]
+    );
+    assert_eq!(
+        t.spec.load_balancer_source_ranges,
+        vec!["192.0.2.0/24".to_string(), "2001:db8:1::/48".to_string()]
+    );
 }
 
 #[test]
@@ -418,18 +467,28 @@ fn unnamed_single_port_matches_the_unnamed_slice_port() {
 }
 
 #[test]
-fn ipv6_and_fqdn_slices_are_not_backends() {
-    let svc = service(cluster_ip());
+fn ipv6_slices_are_backends_of_their_family_and_fqdn_slices_are_not() {
+    let mut spec = cluster_ip();
+    spec["clusterIPs"] = json!(["10.96.0.10", "fd00:10:96::a"]);
+    let svc = service(spec);
     let ports = json!([{"name": "http", "port": 8080, "protocol": "TCP"}]);
+    let v4 = http_slice("s4", vec![ep("10.0.0.1", "n1", READY)]);
     let v6 = slice(
         "s6",
         "IPv6",
         ports.clone(),
-        vec![ep("fd00::1", "n1", READY)],
+        // The IPv4 address in an IPv6 slice is not the slice's: left out.
+        vec![ep("fd00::0001", "n1", READY), ep("10.0.0.9", "n1", READY)],
     );
     let fqdn = slice("sf", "FQDN", ports, vec![ep("db.example", "n1", READY)]);
-    let t = run(&svc, &[v6, fqdn]).unwrap();
-    assert!(t.spec.backends.is_empty());
+    let t = run(&svc, &[v4, v6, fqdn]).unwrap();
+    assert_eq!(
+        backs(&t),
+        vec![
+            ("10.0.0.1".into(), 8080, ACTIVE.into()),
+            ("fd00::1".into(), 8080, ACTIVE.into()),
+        ]
+    );
 }
 
 #[test]

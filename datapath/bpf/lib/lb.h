@@ -5,12 +5,19 @@
  * compares both through BTF); the agent's services step writes every map but
  * lb_affinity and lb_sock_revnat, which the programs fill.
  *
- * Shape, as Cilium's lb4 maps:
+ * Shape, as Cilium's lb4/lb6 maps:
  * - lb_services: (frontend address, port, protocol, scope, slot) →
  *   slot 0: the service (backend count, rev-nat index, flags, affinity
  *   timeout); slot 1..count: one backend id each.
  * - lb_backends: backend id → address, port, protocol.
  * - lb_revnat: rev-nat index → the frontend (reverse translation).
+ * - lb6_services, lb6_backends, lb6_revnat, lb6_sock_revnat: the same for
+ *   IPv6 frontends and backends, in maps of their own (as Cilium) so the IPv4
+ *   keys and the tc path that reads them stay as small as they are. Backend
+ *   ids and rev-nat indexes are one numbering across both families (the agent
+ *   assigns them), so the maps keyed by them alone — lb_affinity, lb_maglev —
+ *   serve both families, and a frontend only ever has backends of its own
+ *   family.
  * - lb_affinity: (client, rev-nat index) → backend id, last used (LRU).
  * - lb_source_ranges: LPM (rev-nat index, client prefix) → allowed.
  * - lb_maglev: (rev-nat index, scope, table slot) → backend id, the Maglev
@@ -18,7 +25,9 @@
  * - lb_netns: netns cookie → present: the network namespaces (the node's and
  *   its pods') whose sockets this node's socket LB translates.
  * - lb_sock_revnat: (socket cookie, backend) → frontend, so recvmsg and
- *   getpeername show the address the application connected to. */
+ *   getpeername show the address the application connected to.
+ * The service value (struct lb_service) carries no address, so both
+ * families' service maps share it. */
 #pragma once
 
 #include "common.h"
@@ -52,13 +61,22 @@ struct lb4_key {
 	__u8 pad[2];
 };
 
-struct lb4_service {
+struct lb_service {
 	__u32 backend_id; /* slot >= 1 */
 	__u16 count; /* slot 0: backends taking new connections (0: reject) */
 	__u16 rev_nat_index;
 	__u32 affinity_timeout; /* seconds */
 	__u8 flags;
 	__u8 pad[3];
+};
+
+struct lb6_key {
+	__be32 address[4]; /* all zero (::) for the wildcard NodePort entry */
+	__be16 dport;
+	__u16 backend_slot; /* 0: the service itself */
+	__u8 proto;
+	__u8 scope;
+	__u8 pad[2];
 };
 
 struct lb4_backend {
@@ -71,8 +89,22 @@ struct lb4_backend {
 /* The backend is on this node. */
 #define BE_F_LOCAL 0x01
 
+struct lb6_backend {
+	__be32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 flags; /* BE_F_* */
+};
+
 struct lb4_reverse_nat {
 	__be32 address;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct lb6_reverse_nat {
+	__be32 address[4];
 	__be16 port;
 	__u8 proto;
 	__u8 pad;
@@ -123,6 +155,19 @@ struct lb_sock_revnat_value {
 	__u16 rev_nat_index;
 };
 
+struct lb6_sock_revnat_key {
+	__u64 cookie;
+	__be32 address[4]; /* backend */
+	__be16 port;
+	__u8 pad[6];
+};
+
+struct lb6_sock_revnat_value {
+	__be32 address[4]; /* frontend */
+	__be16 port;
+	__u16 rev_nat_index;
+};
+
 /* lb_netns values. */
 #define NETNS_NODE 1 /* the node's own namespace (host network) */
 #define NETNS_POD 2
@@ -139,7 +184,7 @@ struct lb_sock_revnat_value {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb4_key);
-	__type(value, struct lb4_service);
+	__type(value, struct lb_service);
 	__uint(max_entries, LB_SERVICES_MAX_ENTRIES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_services SEC(".maps");
@@ -159,6 +204,39 @@ struct {
 	__uint(max_entries, LB_REVNAT_MAX_ENTRIES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_revnat SEC(".maps");
+
+/* The IPv6 maps: as their IPv4 namesakes, same sizes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb6_key);
+	__type(value, struct lb_service);
+	__uint(max_entries, LB_SERVICES_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb6_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb6_backend);
+	__uint(max_entries, LB_BACKENDS_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb6_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u16);
+	__type(value, struct lb6_reverse_nat);
+	__uint(max_entries, LB_REVNAT_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb6_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb6_sock_revnat_key);
+	__type(value, struct lb6_sock_revnat_value);
+	__uint(max_entries, LB_SOCK_REVNAT_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb6_sock_revnat SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -216,7 +294,7 @@ struct {
 } lb_config SEC(".maps");
 
 /* The service entry (slot 0) of a frontend in `scope`. */
-static __always_inline struct lb4_service *lb4_lookup_service(__be32 address, __be16 dport,
+static __always_inline struct lb_service *lb4_lookup_service(__be32 address, __be16 dport,
 							      __u8 proto, __u8 scope)
 {
 	struct lb4_key key = {
@@ -261,21 +339,32 @@ static __always_inline __u32 lb_hash3(__u32 a, __u32 b, __u32 c, __u32 seed)
 static __always_inline __u32 lb4_slot_backend(const struct lb4_key *svc_key, __u16 slot)
 {
 	struct lb4_key key = *svc_key;
-	struct lb4_service *entry;
+	struct lb_service *entry;
 
 	key.backend_slot = slot;
 	entry = bpf_map_lookup_elem(&lb_services, &key);
 	return entry ? entry->backend_id : 0;
 }
 
-/* Picks a backend id for a new connection: Maglev when the service has a
- * table (hash of `flow_hash`), otherwise uniformly at random over its slots.
- * 0 when the service has no backend. */
-static __always_inline __u32 lb4_select_backend(const struct lb4_key *svc_key,
-						const struct lb4_service *svc, __u32 flow_hash)
+static __always_inline __u32 lb6_slot_backend(const struct lb6_key *svc_key, __u16 slot)
 {
-	__u16 slot;
+	struct lb6_key key = *svc_key;
+	struct lb_service *entry;
 
+	key.backend_slot = slot;
+	entry = bpf_map_lookup_elem(&lb6_services, &key);
+	return entry ? entry->backend_id : 0;
+}
+
+/* The family-independent half of picking a backend for a new connection:
+ * the Maglev table's backend id when the service has a table (hash of
+ * `flow_hash`), else 0 with *slot set to a random slot (1..count) whose
+ * backend the caller looks up in its family's service map. 0 and slot 0 when
+ * the service has no backend. */
+static __always_inline __u32 lb_select(const struct lb_service *svc, __u8 scope,
+				       __u32 flow_hash, __u16 *slot)
+{
+	*slot = 0;
 	if (!svc->count)
 		return 0;
 	if (svc->flags & SVC_F_MAGLEV) {
@@ -285,7 +374,7 @@ static __always_inline __u32 lb4_select_backend(const struct lb4_key *svc_key,
 		if (cfg && cfg->maglev_table_size) {
 			struct lb_maglev_key mkey = {
 				.rev_nat_index = svc->rev_nat_index,
-				.scope = svc_key->scope,
+				.scope = scope,
 				.slot = flow_hash % cfg->maglev_table_size,
 			};
 			__u32 *backend_id = bpf_map_lookup_elem(&lb_maglev, &mkey);
@@ -295,13 +384,33 @@ static __always_inline __u32 lb4_select_backend(const struct lb4_key *svc_key,
 		}
 		/* No table (yet): random, never a failed connection. */
 	}
-	slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	return lb4_slot_backend(svc_key, slot);
+	*slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	return 0;
+}
+
+/* Picks a backend id for a new connection (lb_select, then the slot's
+ * backend); 0 when the service has no backend. */
+static __always_inline __u32 lb4_select_backend(const struct lb4_key *svc_key,
+						const struct lb_service *svc, __u32 flow_hash)
+{
+	__u16 slot;
+	__u32 id = lb_select(svc, svc_key->scope, flow_hash, &slot);
+
+	return id ? id : (slot ? lb4_slot_backend(svc_key, slot) : 0);
+}
+
+static __always_inline __u32 lb6_select_backend(const struct lb6_key *svc_key,
+						const struct lb_service *svc, __u32 flow_hash)
+{
+	__u16 slot;
+	__u32 id = lb_select(svc, svc_key->scope, flow_hash, &slot);
+
+	return id ? id : (slot ? lb6_slot_backend(svc_key, slot) : 0);
 }
 
 /* The affinity entry's backend when it is still fresh, else 0. */
 static __always_inline __u32 lb_affinity_lookup(const struct lb_affinity_key *key,
-						const struct lb4_service *svc, __u64 now)
+						const struct lb_service *svc, __u64 now)
 {
 	struct lb_affinity_value *value = bpf_map_lookup_elem(&lb_affinity, key);
 
@@ -322,7 +431,7 @@ static __always_inline void lb_affinity_update(const struct lb_affinity_key *key
 }
 
 /* Whether `client` may use the service (loadBalancerSourceRanges). */
-static __always_inline int lb4_source_allowed(const struct lb4_service *svc, __be32 client)
+static __always_inline int lb4_source_allowed(const struct lb_service *svc, __be32 client)
 {
 	struct lb4_src_range_key key = {
 		.prefixlen = LB_SRC_RANGE_STATIC_PREFIX + 32,

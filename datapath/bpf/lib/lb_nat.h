@@ -230,11 +230,11 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, const struct lb4_t
 /* The service a packet is addressed to, in `scope_internal` for in-cluster
  * senders. A NodePort is found on a node address (ipcache: host) through its
  * wildcard entry. `key` receives the key of the scope found. */
-static __always_inline struct lb4_service *lb4_service_of(const struct lb4_tuple *t,
+static __always_inline struct lb_service *lb4_service_of(const struct lb4_tuple *t,
 							  int scope_internal,
 							  struct lb4_key *key)
 {
-	struct lb4_service *svc, *internal;
+	struct lb_service *svc, *internal;
 
 	__builtin_memset(key, 0, sizeof(*key));
 	key->address = t->daddr;
@@ -265,7 +265,7 @@ static __always_inline struct lb4_service *lb4_service_of(const struct lb4_tuple
 /* Picks the backend of a new connection: the client's affinity entry while it
  * is fresh, else Maglev or random. NULL when the service has none. */
 static __always_inline struct lb4_backend *lb4_pick(const struct lb4_key *key,
-						    const struct lb4_service *svc,
+						    const struct lb_service *svc,
 						    const struct lb4_tuple *t, __u32 *backend_id)
 {
 	struct lb_affinity_key affinity = {};
@@ -424,7 +424,7 @@ static __always_inline int lb4_forward(struct __sk_buff *skb, const struct l4_in
 	struct lb4_nat_entry fwd = {}, *known;
 	struct lb4_backend *backend;
 	struct lb4_nat_key key;
-	struct lb4_service *svc;
+	struct lb_service *svc;
 	struct lb4_key svc_key;
 	struct lb4_tuple t;
 	__u32 backend_id = 0;

@@ -10,7 +10,9 @@
 //! <dir>/lb_services, lb_backends, lb_revnat, lb_affinity, lb_source_ranges,
 //!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
 //!       lb_config                                   services maps (issue 12)
-//! <dir>/links/socklb-<hook>                         socket-LB cgroup links (connect4, …)
+//! <dir>/lb6_services, lb6_backends, lb6_revnat,
+//!       lb6_sock_revnat                             IPv6 services maps (issue 18)
+//! <dir>/links/socklb-<hook>                         socket-LB cgroup links (connect4, connect6, …)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
 //!
@@ -128,14 +130,22 @@ pub enum SockHook {
     Sendmsg4,
     Recvmsg4,
     Getpeername4,
+    Connect6,
+    Sendmsg6,
+    Recvmsg6,
+    Getpeername6,
 }
 
 impl SockHook {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 8] = [
         Self::Connect4,
         Self::Sendmsg4,
         Self::Recvmsg4,
         Self::Getpeername4,
+        Self::Connect6,
+        Self::Sendmsg6,
+        Self::Recvmsg6,
+        Self::Getpeername6,
     ];
 
     /// The function name of the program in `bpf_sock.o`.
@@ -145,6 +155,10 @@ impl SockHook {
             Self::Sendmsg4 => "sock_sendmsg4",
             Self::Recvmsg4 => "sock_recvmsg4",
             Self::Getpeername4 => "sock_getpeername4",
+            Self::Connect6 => "sock_connect6",
+            Self::Sendmsg6 => "sock_sendmsg6",
+            Self::Recvmsg6 => "sock_recvmsg6",
+            Self::Getpeername6 => "sock_getpeername6",
         }
     }
 
@@ -156,6 +170,10 @@ impl SockHook {
             Self::Sendmsg4 => "socklb-sendmsg4",
             Self::Recvmsg4 => "socklb-recvmsg4",
             Self::Getpeername4 => "socklb-getpeername4",
+            Self::Connect6 => "socklb-connect6",
+            Self::Sendmsg6 => "socklb-sendmsg6",
+            Self::Recvmsg6 => "socklb-recvmsg6",
+            Self::Getpeername6 => "socklb-getpeername6",
         }
     }
 }
@@ -182,6 +200,7 @@ pub struct MapSizes {
     #[serde(rename = "eventsBytes")]
     pub events: u32,
     /// Service entries: per frontend and scope, one for the service plus one per backend.
+    /// This and the next sizes apply to each family's map (`lb_services`, `lb6_services`).
     pub lb_services: u32,
     /// Distinct backends (address, port, protocol) of all services.
     pub lb_backends: u32,
@@ -435,6 +454,10 @@ impl Programs {
                 .map_max_entries(maps::LB_NETNS, sizes.lb_netns)
                 .map_max_entries(maps::LB_SOCK_REVNAT, sizes.lb_sock_revnat)
                 .map_max_entries(maps::LB_NAT, sizes.lb_nat)
+                .map_max_entries(maps::LB6_SERVICES, sizes.lb_services)
+                .map_max_entries(maps::LB6_BACKENDS, sizes.lb_backends)
+                .map_max_entries(maps::LB6_REVNAT, sizes.lb_revnat)
+                .map_max_entries(maps::LB6_SOCK_REVNAT, sizes.lb_sock_revnat)
                 .map_max_entries(maps::EGRESS_POLICY, sizes.egress_policy)
                 .map_max_entries(maps::EGRESS_NAT, sizes.egress_nat)
                 .load(bytes)

@@ -1,7 +1,7 @@
 //! `tendrilctl bpf <map>`: the node's pinned maps in readable form, through the same typed
 //! readers the agent uses (`crate::bpf::maps`). Run on the node (root, its bpffs).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -34,9 +34,10 @@ pub enum MapName {
     Conntrack,
     /// Packet/byte counters by reason and direction.
     Metrics,
-    /// Service frontends: slot 0 is the service, slots ≥ 1 its backends.
+    /// Service frontends (`lb_services` and `lb6_services`): slot 0 is the service, slots ≥ 1
+    /// its backends.
     LbServices,
-    /// Backend id → address.
+    /// Backend id → address (`lb_backends` and `lb6_backends`).
     LbBackends,
     /// (pod source, destination prefix) → egress gateway and egress IP.
     EgressPolicy,
@@ -268,27 +269,33 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
         }
         MapName::LbServices => {
             let m = LbMaps::open(dir)?;
-            let rows = m
-                .services()?
-                .into_iter()
-                .map(|(k, v)| {
-                    let frontend = format!(
-                        "{}:{}/{}",
-                        Ipv4Addr::from(k.address),
-                        u16::from_be_bytes(k.dport),
-                        protocol_name(k.proto)
-                    );
+            // Both families' maps, IPv4 first.
+            let v4 = m.services()?.into_iter().map(|(k, v)| {
+                let address =
+                    SocketAddr::from((Ipv4Addr::from(k.address), u16::from_be_bytes(k.dport)));
+                (address, k.proto, k.scope, k.backend_slot, v)
+            });
+            let v6 = m.services6()?.into_iter().map(|(k, v)| {
+                let address =
+                    SocketAddr::from((Ipv6Addr::from(k.address), u16::from_be_bytes(k.dport)));
+                (address, k.proto, k.scope, k.backend_slot, v)
+            });
+            let rows = v4
+                .chain(v6)
+                .map(|(address, proto, scope, slot, v)| {
+                    let k = (scope, slot);
+                    let frontend = format!("{address}/{}", protocol_name(proto));
                     (
                         vec![
                             frontend.clone(),
-                            k.scope.to_string(),
-                            k.backend_slot.to_string(),
+                            k.0.to_string(),
+                            k.1.to_string(),
                             v.backend_id.to_string(),
                             v.count.to_string(),
                             v.rev_nat_index.to_string(),
                             v.flags.to_string(),
                         ],
-                        json!({"frontend": frontend, "scope": k.scope, "slot": k.backend_slot,
+                        json!({"frontend": frontend, "scope": k.0, "slot": k.1,
                                "backendId": v.backend_id, "count": v.count,
                                "revNatIndex": v.rev_nat_index, "affinityTimeout": v.affinity_timeout,
                                "flags": v.flags}),
@@ -304,19 +311,23 @@ pub fn dump(dir: &Path, map: MapName) -> anyhow::Result<Dump> {
         }
         MapName::LbBackends => {
             let m = LbMaps::open(dir)?;
-            let rows = m
-                .backends()?
-                .into_iter()
-                .map(|(id, b)| {
-                    let address = format!(
-                        "{}:{}/{}",
-                        Ipv4Addr::from(b.address),
-                        u16::from_be_bytes(b.port),
-                        protocol_name(b.proto)
-                    );
+            let v4 = m.backends()?.into_iter().map(|(id, b)| {
+                let address =
+                    SocketAddr::from((Ipv4Addr::from(b.address), u16::from_be_bytes(b.port)));
+                (id, address, b.proto, b.flags)
+            });
+            let v6 = m.backends6()?.into_iter().map(|(id, b)| {
+                let address =
+                    SocketAddr::from((Ipv6Addr::from(b.address), u16::from_be_bytes(b.port)));
+                (id, address, b.proto, b.flags)
+            });
+            let rows = v4
+                .chain(v6)
+                .map(|(id, address, proto, flags)| {
+                    let address = format!("{address}/{}", protocol_name(proto));
                     (
-                        vec![id.to_string(), address.clone(), b.flags.to_string()],
-                        json!({"id": id, "address": address, "flags": b.flags}),
+                        vec![id.to_string(), address.clone(), flags.to_string()],
+                        json!({"id": id, "address": address, "flags": flags}),
                     )
                 })
                 .collect();

@@ -1,31 +1,37 @@
 //! What the `lb_*` maps of one node should hold: a pure function of every `LBService`, the
-//! node's name and IPv4 addresses, the configured default algorithm and the ids the maps
+//! node's name and addresses, the configured default algorithm and the ids the maps
 //! hold now ([`lb_state`]).
 //!
 //! Per frontend (address, port, protocol):
 //! - ClusterIP: one scope; `internalTrafficPolicy: Local` keeps only this node's backends.
-//! - NodePort (no address: on every node address, plus the wildcard 0.0.0.0 entry the socket
-//!   LB uses for loopback and other nodes' addresses), LoadBalancer IPs, externalIPs: the
+//! - NodePort (no address: on every node address of the service's families — those of its
+//!   ClusterIPs — plus the wildcard 0.0.0.0 / `::` entry the socket LB uses for loopback and
+//!   other nodes' addresses), LoadBalancer IPs, externalIPs: the
 //!   external scope (clients outside the node) and, when `externalTrafficPolicy: Local`
 //!   makes it differ, an internal scope with every backend for in-cluster clients
 //!   (`SVC_F_TWO_SCOPES`).
 //! - Each scope takes its `active` backends; when it has none, its `terminating` ones
 //!   (KEP-1669); weight 0 takes no new connections. An empty scope rejects.
-//! - SCTP and IPv6 frontends are skipped and counted (the datapath handles TCP and UDP over
-//!   IPv4); the operator marks SCTP services `Valid=False Unsupported`.
+//! - IPv4 frontends go to `lb_services`, IPv6 ones to `lb6_services`, each with only the
+//!   backends of its own family (a dual-stack LBService lists both). Backend ids and rev-nat
+//!   indexes are one numbering across the families (`lb_affinity` and `lb_maglev` are keyed
+//!   by them alone). `loadBalancerSourceRanges` are written for IPv4 frontends only (the tc
+//!   path that checks them is IPv4 only; the socket LB never checks them).
+//! - SCTP frontends are skipped and counted (the datapath handles TCP and UDP); the operator
+//!   marks SCTP services `Valid=False Unsupported`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tendril_crds::v1alpha1::{Backend, Frontend, LBService};
 
 use super::ids;
 use crate::bpf::maps::{
     BE_F_LOCAL, LB_SCOPE_EXTERNAL, LB_SCOPE_INTERNAL, LB_SRC_RANGE_STATIC_PREFIX, Lb4Backend,
-    Lb4Key, Lb4ReverseNat, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, LbState, SVC_F_AFFINITY,
-    SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY, SVC_F_MAGLEV, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
+    Lb4Key, Lb4ReverseNat, Lb4SrcRangeKey, Lb6Backend, Lb6Key, Lb6ReverseNat, LbMaglevKey,
+    LbServiceValue, LbState, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
+    SVC_F_MAGLEV, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
 };
 use crate::config::LbAlgorithm;
 
@@ -40,8 +46,9 @@ pub type MaglevTable = fn(&[(u32, u32, &[u8])], u32, u32) -> Vec<u32>;
 #[derive(Clone, Debug)]
 pub struct NodeServices<'a> {
     pub node_name: &'a str,
-    /// The node's IPv4 addresses (NodePort frontends listen on each).
-    pub node_addresses: &'a [Ipv4Addr],
+    /// The node's addresses, both families (NodePort frontends listen on each of the
+    /// service's families).
+    pub node_addresses: &'a [IpAddr],
     pub default_algorithm: LbAlgorithm,
     pub maglev_table_size: u32,
     pub hash_seed: u32,
@@ -57,15 +64,15 @@ pub struct NodeServices<'a> {
 /// A backend as the datapath knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub proto: u8,
 }
 
-/// A frontend as the datapath knows it (address 0.0.0.0: a NodePort's wildcard).
+/// A frontend as the datapath knows it (address 0.0.0.0 or `::`: a NodePort's wildcard).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub proto: u8,
 }
@@ -73,7 +80,17 @@ pub struct FrontendAddr {
 impl From<&Lb4Backend> for BackendAddr {
     fn from(b: &Lb4Backend) -> Self {
         Self {
-            address: Ipv4Addr::from(b.address),
+            address: Ipv4Addr::from(b.address).into(),
+            port: u16::from_be_bytes(b.port),
+            proto: b.proto,
+        }
+    }
+}
+
+impl From<&Lb6Backend> for BackendAddr {
+    fn from(b: &Lb6Backend) -> Self {
+        Self {
+            address: Ipv6Addr::from(b.address).into(),
             port: u16::from_be_bytes(b.port),
             proto: b.proto,
         }
@@ -83,7 +100,17 @@ impl From<&Lb4Backend> for BackendAddr {
 impl From<&Lb4ReverseNat> for FrontendAddr {
     fn from(r: &Lb4ReverseNat) -> Self {
         Self {
-            address: Ipv4Addr::from(r.address),
+            address: Ipv4Addr::from(r.address).into(),
+            port: u16::from_be_bytes(r.port),
+            proto: r.proto,
+        }
+    }
+}
+
+impl From<&Lb6ReverseNat> for FrontendAddr {
+    fn from(r: &Lb6ReverseNat) -> Self {
+        Self {
+            address: Ipv6Addr::from(r.address).into(),
             port: u16::from_be_bytes(r.port),
             proto: r.proto,
         }
@@ -103,8 +130,6 @@ pub struct Skipped {
 pub enum SkipReason {
     /// SCTP frontends (the operator reports them `Unsupported`).
     Sctp,
-    /// IPv6 frontends, backends or source ranges (the datapath is IPv4 only).
-    Ipv6,
     /// A malformed address, port or protocol.
     Invalid,
     /// Another LBService already has this frontend.
@@ -118,7 +143,6 @@ impl SkipReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sctp => "sctp",
-            Self::Ipv6 => "ipv6",
             Self::Invalid => "invalid",
             Self::Conflict => "conflict",
             Self::IdsExhausted => "ids_exhausted",
@@ -228,6 +252,30 @@ fn plan_service<'a>(
         .is_some();
     let etp_local = spec.external_traffic_policy == "Local";
     let itp_local = spec.internal_traffic_policy == "Local";
+    // The service's families: those of its ClusterIPs (as a Service's ipFamilies are).
+    let families: BTreeSet<bool> = spec
+        .frontends
+        .iter()
+        .filter(|f| f.type_ == "ClusterIP")
+        .filter_map(|f| f.address.as_deref()?.parse::<IpAddr>().ok())
+        .map(|a| a.is_ipv6())
+        .collect();
+    // None (an LBService without ClusterIPs): its backends' families, else IPv4.
+    let families = if !families.is_empty() {
+        families
+    } else {
+        let of_backends: BTreeSet<bool> = spec
+            .backends
+            .iter()
+            .filter_map(|b| b.address.parse::<IpAddr>().ok())
+            .map(|a| a.is_ipv6())
+            .collect();
+        if of_backends.is_empty() {
+            BTreeSet::from([false])
+        } else {
+            of_backends
+        }
+    };
     let mut out = Vec::new();
     for f in &spec.frontends {
         let Frontend {
@@ -248,13 +296,9 @@ fn plan_service<'a>(
             );
             continue;
         };
-        let addresses: Vec<Ipv4Addr> = match (type_.as_str(), address) {
-            (_, Some(a)) => match a.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) => vec![v4],
-                Ok(std::net::IpAddr::V6(_)) => {
-                    skip(SkipReason::Ipv6, format!("{type_} {a}"));
-                    continue;
-                }
+        let addresses: Vec<IpAddr> = match (type_.as_str(), address) {
+            (_, Some(a)) => match a.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
                 Err(_) => {
                     skip(SkipReason::Invalid, format!("{type_} address {a}"));
                     continue;
@@ -264,7 +308,8 @@ fn plan_service<'a>(
                 .node_addresses
                 .iter()
                 .copied()
-                .chain([Ipv4Addr::UNSPECIFIED])
+                .chain([Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()])
+                .filter(|a| families.contains(&a.is_ipv6()))
                 .collect(),
             (_, None) => {
                 skip(SkipReason::Invalid, format!("{type_} without an address"));
@@ -277,13 +322,11 @@ fn plan_service<'a>(
             .iter()
             .filter(|b| &b.port_name == port_name && &b.protocol == protocol)
         {
-            let (Ok(address), Some(port)) = (b.address.parse::<Ipv4Addr>(), port_of(b.port)) else {
-                let reason = if b.address.contains(':') {
-                    SkipReason::Ipv6
-                } else {
-                    SkipReason::Invalid
-                };
-                skip(reason, format!("backend {}:{}", b.address, b.port));
+            let (Ok(address), Some(port)) = (b.address.parse::<IpAddr>(), port_of(b.port)) else {
+                skip(
+                    SkipReason::Invalid,
+                    format!("backend {}:{}", b.address, b.port),
+                );
                 continue;
             };
             candidates.push((
@@ -308,45 +351,149 @@ fn plan_service<'a>(
         if type_ == "LoadBalancer" && !spec.load_balancer_source_ranges.is_empty() {
             flags |= SVC_F_SOURCE_RANGES;
         }
-        let (external_local_only, internal) = if cluster_ip {
-            (itp_local, None)
-        } else if etp_local {
-            (
-                true,
-                Some(scope_backends(&candidates, node.node_name, false)),
-            )
-        } else {
-            (false, None)
-        };
-        let external = scope_backends(&candidates, node.node_name, external_local_only);
-        for address in addresses {
-            out.push(PlannedFrontend {
-                service: svc,
-                frontend: FrontendAddr {
-                    address,
-                    port,
-                    proto,
-                },
-                flags,
-                external: external.clone(),
-                internal: internal.clone(),
-                external_local_only,
-                serving_anywhere: !scope_backends(&candidates, node.node_name, false).is_empty(),
-            });
+        // Each family's frontends get that family's backends only.
+        for v6 in [false, true] {
+            let candidates: Vec<_> = candidates
+                .iter()
+                .filter(|(_, a)| a.address.is_ipv6() == v6)
+                .copied()
+                .collect();
+            let (external_local_only, internal) = if cluster_ip {
+                (itp_local, None)
+            } else if etp_local {
+                (
+                    true,
+                    Some(scope_backends(&candidates, node.node_name, false)),
+                )
+            } else {
+                (false, None)
+            };
+            let external = scope_backends(&candidates, node.node_name, external_local_only);
+            let serving_anywhere = !scope_backends(&candidates, node.node_name, false).is_empty();
+            for address in addresses.iter().filter(|a| a.is_ipv6() == v6) {
+                out.push(PlannedFrontend {
+                    service: svc,
+                    frontend: FrontendAddr {
+                        address: *address,
+                        port,
+                        proto,
+                    },
+                    flags,
+                    external: external.clone(),
+                    internal: internal.clone(),
+                    external_local_only,
+                    serving_anywhere,
+                });
+            }
         }
     }
     out
 }
 
-fn lb4_key(frontend: &FrontendAddr, scope: u8, slot: u16) -> Lb4Key {
-    Lb4Key {
-        address: frontend.address.octets(),
-        dport: frontend.port.to_be_bytes(),
-        backend_slot: slot,
-        proto: frontend.proto,
-        scope,
-        pad: [0; 2],
+/// The key of a frontend's `scope` and `slot` in its family's services map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceKey {
+    V4(Lb4Key),
+    V6(Lb6Key),
+}
+
+fn service_key(frontend: &FrontendAddr, scope: u8, slot: u16) -> ServiceKey {
+    let (dport, proto) = (frontend.port.to_be_bytes(), frontend.proto);
+    match frontend.address {
+        IpAddr::V4(a) => ServiceKey::V4(Lb4Key {
+            address: a.octets(),
+            dport,
+            backend_slot: slot,
+            proto,
+            scope,
+            pad: [0; 2],
+        }),
+        IpAddr::V6(a) => ServiceKey::V6(Lb6Key {
+            address: a.octets(),
+            dport,
+            backend_slot: slot,
+            proto,
+            scope,
+            pad: [0; 2],
+        }),
     }
+}
+
+fn insert_service(state: &mut LbState, key: ServiceKey, value: LbServiceValue) {
+    match key {
+        ServiceKey::V4(key) => {
+            state.services.insert(key, value);
+        }
+        ServiceKey::V6(key) => {
+            state.services6.insert(key, value);
+        }
+    }
+}
+
+fn insert_backend(state: &mut LbState, id: u32, backend: &BackendAddr, flags: u8) {
+    let (port, proto) = (backend.port.to_be_bytes(), backend.proto);
+    match backend.address {
+        IpAddr::V4(a) => {
+            state.backends.insert(
+                id,
+                Lb4Backend {
+                    address: a.octets(),
+                    port,
+                    proto,
+                    flags,
+                },
+            );
+        }
+        IpAddr::V6(a) => {
+            state.backends6.insert(
+                id,
+                Lb6Backend {
+                    address: a.octets(),
+                    port,
+                    proto,
+                    flags,
+                },
+            );
+        }
+    }
+}
+
+fn insert_revnat(state: &mut LbState, index: u16, frontend: &FrontendAddr) {
+    let (port, proto) = (frontend.port.to_be_bytes(), frontend.proto);
+    match frontend.address {
+        IpAddr::V4(a) => {
+            state.revnat.insert(
+                index,
+                Lb4ReverseNat {
+                    address: a.octets(),
+                    port,
+                    proto,
+                    pad: 0,
+                },
+            );
+        }
+        IpAddr::V6(a) => {
+            state.revnat6.insert(
+                index,
+                Lb6ReverseNat {
+                    address: a.octets(),
+                    port,
+                    proto,
+                    pad: 0,
+                },
+            );
+        }
+    }
+}
+
+/// What a backend's Maglev permutation is hashed from: its address and port bytes.
+fn maglev_key(backend: &BackendAddr) -> Vec<u8> {
+    let mut key = match backend.address {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    key.extend_from_slice(&backend.port.to_be_bytes());
+    key
 }
 
 fn algorithm_of(svc: &LBService, default: LbAlgorithm) -> LbAlgorithm {
@@ -432,15 +579,7 @@ pub fn lb_state<'a>(
             .as_ref()
             .and_then(|a| a.client_ip.as_ref())
             .map_or(0, |c| u32::try_from(c.timeout_seconds).unwrap_or(0));
-        out.state.revnat.insert(
-            rev_nat_index,
-            Lb4ReverseNat {
-                address: p.frontend.address.octets(),
-                port: p.frontend.port.to_be_bytes(),
-                proto: p.frontend.proto,
-                pad: 0,
-            },
-        );
+        insert_revnat(&mut out.state, rev_nat_index, &p.frontend);
         let mut scopes = vec![(LB_SCOPE_EXTERNAL, &p.external, p.external_local_only)];
         if let Some(internal) = &p.internal {
             scopes.push((LB_SCOPE_INTERNAL, internal, false));
@@ -468,14 +607,9 @@ pub fn lb_state<'a>(
             if maglev {
                 match node.maglev {
                     Some(table) if !ids.is_empty() => {
-                        let keys: Vec<(u32, [u8; 6])> = backends
+                        let keys: Vec<(u32, Vec<u8>)> = backends
                             .iter()
-                            .filter_map(|(_, a)| {
-                                let mut key = [0u8; 6];
-                                key[..4].copy_from_slice(&a.address.octets());
-                                key[4..].copy_from_slice(&a.port.to_be_bytes());
-                                Some((*backend_ids.get(a)?, key))
-                            })
+                            .filter_map(|(_, a)| Some((*backend_ids.get(a)?, maglev_key(a))))
                             .collect();
                         let weights: BTreeMap<u32, u32> = ids
                             .iter()
@@ -512,9 +646,10 @@ pub fn lb_state<'a>(
                 }
             }
             let count = u16::try_from(ids.len()).unwrap_or(u16::MAX);
-            out.state.services.insert(
-                lb4_key(&p.frontend, scope, 0),
-                Lb4Service {
+            insert_service(
+                &mut out.state,
+                service_key(&p.frontend, scope, 0),
+                LbServiceValue {
                     backend_id: 0,
                     count,
                     rev_nat_index,
@@ -525,12 +660,13 @@ pub fn lb_state<'a>(
             );
             for (slot, (id, b)) in ids.iter().take(usize::from(count)).enumerate() {
                 let slot = u16::try_from(slot + 1).unwrap_or(u16::MAX);
-                out.state.services.insert(
-                    lb4_key(&p.frontend, scope, slot),
-                    Lb4Service {
+                insert_service(
+                    &mut out.state,
+                    service_key(&p.frontend, scope, slot),
+                    LbServiceValue {
                         backend_id: *id,
                         rev_nat_index,
-                        ..Lb4Service::default()
+                        ..LbServiceValue::default()
                     },
                 );
                 let addr = backends
@@ -538,26 +674,23 @@ pub fn lb_state<'a>(
                     .find(|(bb, _)| std::ptr::eq(*bb, *b))
                     .map(|(_, a)| *a);
                 if let Some(addr) = addr {
-                    out.state.backends.insert(
+                    let local = b.node_name.as_deref() == Some(node.node_name);
+                    insert_backend(
+                        &mut out.state,
                         *id,
-                        Lb4Backend {
-                            address: addr.address.octets(),
-                            port: addr.port.to_be_bytes(),
-                            proto: addr.proto,
-                            flags: if b.node_name.as_deref() == Some(node.node_name) {
-                                BE_F_LOCAL
-                            } else {
-                                0
-                            },
-                        },
+                        &addr,
+                        if local { BE_F_LOCAL } else { 0 },
                     );
                 }
             }
         }
-        if p.flags & SVC_F_SOURCE_RANGES != 0 {
+        // IPv4 frontends only: the tc path that checks them is IPv4 only. An IPv6 range
+        // admits no IPv4 client, so it is left out of an IPv4 frontend's.
+        if p.flags & SVC_F_SOURCE_RANGES != 0 && p.frontend.address.is_ipv4() {
             for range in &svc.spec.load_balancer_source_ranges {
-                match range.parse::<Ipv4Net>() {
-                    Ok(net) => {
+                match range.parse::<IpNet>() {
+                    Ok(IpNet::V6(_)) => {}
+                    Ok(IpNet::V4(net)) => {
                         let net = net.trunc();
                         out.state.source_ranges.insert(
                             Lb4SrcRangeKey {
@@ -571,11 +704,7 @@ pub fn lb_state<'a>(
                     }
                     Err(_) => out.skipped.push(Skipped {
                         service: service_name(svc),
-                        reason: if range.contains(':') {
-                            SkipReason::Ipv6
-                        } else {
-                            SkipReason::Invalid
-                        },
+                        reason: SkipReason::Invalid,
                         detail: format!("loadBalancerSourceRange {range}"),
                     }),
                 }

@@ -49,7 +49,7 @@ fn service(
 }
 
 fn node<'a>(
-    addresses: &'a [Ipv4Addr],
+    addresses: &'a [IpAddr],
     held_backends: &'a BTreeMap<BackendAddr, u32>,
     held_frontends: &'a BTreeMap<FrontendAddr, u16>,
 ) -> NodeServices<'a> {
@@ -67,32 +67,41 @@ fn node<'a>(
 
 fn state_of(services: &[LBService]) -> DesiredServices {
     let (hb, hf) = (BTreeMap::new(), BTreeMap::new());
-    lb_state(services, &node(&[Ipv4Addr::new(10, 250, 0, 10)], &hb, &hf))
+    lb_state(services, &node(&[ip("10.250.0.10")], &hb, &hf))
+}
+
+/// The service map entry of a frontend's scope and slot, in its family's map.
+fn entry(state: &LbState, f: &FrontendAddr, scope: u8, slot: u16) -> Option<LbServiceValue> {
+    match service_key(f, scope, slot) {
+        ServiceKey::V4(key) => state.services.get(&key).copied(),
+        ServiceKey::V6(key) => state.services6.get(&key).copied(),
+    }
+}
+
+/// The address of backend `id`, in its family's map.
+fn backend_address(state: &LbState, id: u32) -> IpAddr {
+    match (state.backends.get(&id), state.backends6.get(&id)) {
+        (Some(b), None) => Ipv4Addr::from(b.address).into(),
+        (None, Some(b)) => Ipv6Addr::from(b.address).into(),
+        other => panic!("backend {id} in both or no family: {other:?}"),
+    }
 }
 
 /// (count, flags, backend addresses in slot order) of a frontend's scope.
-fn scope(
-    state: &LbState,
-    address: Ipv4Addr,
-    port: u16,
-    scope: u8,
-) -> Option<(u16, u8, Vec<Ipv4Addr>)> {
+fn scope(state: &LbState, address: IpAddr, port: u16, scope: u8) -> Option<(u16, u8, Vec<IpAddr>)> {
     let f = FrontendAddr {
         address,
         port,
         proto: PROTO_TCP,
     };
-    let master = state.services.get(&lb4_key(&f, scope, 0))?;
+    let master = entry(state, &f, scope, 0)?;
     let backends = (1..=master.count)
-        .map(|slot| {
-            let id = state.services[&lb4_key(&f, scope, slot)].backend_id;
-            Ipv4Addr::from(state.backends[&id].address)
-        })
+        .map(|slot| backend_address(state, entry(state, &f, scope, slot).unwrap().backend_id))
         .collect();
     Some((master.count, master.flags, backends))
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -140,7 +149,7 @@ fn a_node_port_listens_on_every_node_address_and_the_wildcard() {
     let (hb, hf) = (BTreeMap::new(), BTreeMap::new());
     let addresses = [ip("10.250.0.10"), ip("192.168.1.10")];
     let out = lb_state([&svc], &node(&addresses, &hb, &hf));
-    for address in [ip("10.250.0.10"), ip("192.168.1.10"), Ipv4Addr::UNSPECIFIED] {
+    for address in [ip("10.250.0.10"), ip("192.168.1.10"), ip("0.0.0.0")] {
         let (count, flags, _) = scope(&out.state, address, 30080, LB_SCOPE_EXTERNAL).unwrap();
         assert_eq!((count, flags), (1, SVC_F_NODEPORT), "{address}");
     }
@@ -218,7 +227,7 @@ fn terminating_backends_serve_only_a_scope_without_active_ones() {
     );
     svc.spec.external_traffic_policy = "Local".into();
     let out = state_of(&[svc.clone()]);
-    let any = Ipv4Addr::UNSPECIFIED;
+    let any = ip("0.0.0.0");
     // External (local) scope: no active local backend → the local terminating one.
     assert_eq!(
         scope(&out.state, any, 30080, LB_SCOPE_EXTERNAL).unwrap().2,
@@ -252,14 +261,14 @@ fn a_service_without_backends_is_programmed_to_reject() {
 }
 
 #[test]
-fn sctp_ipv6_and_conflicting_frontends_are_skipped_with_a_reason() {
+fn sctp_invalid_and_conflicting_frontends_are_skipped_with_a_reason() {
     let mut sctp = frontend("ClusterIP", Some("10.96.0.12"), 80);
     sctp.protocol = "SCTP".into();
-    let v6 = frontend("ClusterIP", Some("fd00::10"), 80);
+    let garbage = frontend("ClusterIP", Some("fd00::zz"), 80);
     let a = service(
         "a",
         1,
-        vec![sctp, v6, frontend("ClusterIP", Some("10.96.0.13"), 80)],
+        vec![sctp, garbage, frontend("ClusterIP", Some("10.96.0.13"), 80)],
         vec![],
     );
     let mut b = service(
@@ -281,7 +290,7 @@ fn sctp_ipv6_and_conflicting_frontends_are_skipped_with_a_reason() {
         reasons,
         [
             ("default/a".to_string(), SkipReason::Sctp),
-            ("default/a".to_string(), SkipReason::Ipv6),
+            ("default/a".to_string(), SkipReason::Invalid),
             ("default/b".to_string(), SkipReason::Conflict),
         ]
     );
@@ -316,14 +325,8 @@ fn held_ids_survive_and_new_ones_do_not_reuse_them() {
         9,
     )]);
     let out = lb_state([&svc], &node(&[], &held_backends, &held_frontends));
-    assert_eq!(
-        Ipv4Addr::from(out.state.backends[&42].address),
-        ip("10.200.0.6")
-    );
-    assert_eq!(
-        Ipv4Addr::from(out.state.backends[&43].address),
-        ip("10.200.0.5")
-    );
+    assert_eq!(backend_address(&out.state, 42), ip("10.200.0.6"));
+    assert_eq!(backend_address(&out.state, 43), ip("10.200.0.5"));
     assert_eq!(out.state.revnat.keys().copied().collect::<Vec<_>>(), [9]);
     assert!(out.state.services.values().all(|s| s.rev_nat_index == 9));
 }
@@ -351,7 +354,7 @@ fn affinity_and_source_ranges_set_their_flags() {
         port: 80,
         proto: PROTO_TCP,
     };
-    let master = out.state.services[&lb4_key(&lb, LB_SCOPE_EXTERNAL, 0)];
+    let master = entry(&out.state, &lb, LB_SCOPE_EXTERNAL, 0).unwrap();
     assert_eq!(master.affinity_timeout, 60);
     assert_eq!(
         master.flags,
@@ -362,8 +365,9 @@ fn affinity_and_source_ranges_set_their_flags() {
         (key.rev_nat_index, key.prefixlen, key.address),
         (master.rev_nat_index, 56, [198, 51, 100, 0])
     );
+    // The IPv6 range admits no IPv4 client: not in the IPv4 frontend's ranges, not skipped.
     assert_eq!(out.state.source_ranges.len(), 1);
-    assert_eq!(out.skipped[0].reason, SkipReason::Ipv6);
+    assert!(out.skipped.is_empty(), "{:?}", out.skipped);
     // The ClusterIP of the same service: affinity, no source ranges.
     let (_, flags, _) = scope(&out.state, ip("10.96.0.10"), 80, LB_SCOPE_EXTERNAL).unwrap();
     assert_eq!(flags, SVC_F_AFFINITY);
@@ -424,4 +428,131 @@ fn the_realized_revision_is_the_highest_committed_one_not_the_highest_seen() {
     assert_eq!(out.revision, Some(10));
     let out = state_of(&[with("c", 7, None, 82)]);
     assert_eq!(out.revision, Some(7));
+}
+
+/// A dual-stack service: both ClusterIPs, a NodePort, backends of both families on this
+/// node and another.
+fn dual_stack() -> LBService {
+    service(
+        "ds",
+        3,
+        vec![
+            frontend("ClusterIP", Some("10.96.0.20"), 80),
+            frontend("ClusterIP", Some("fd00:10:96::20"), 80),
+            frontend("NodePort", None, 30090),
+        ],
+        vec![
+            backend("10.200.0.5", NODE, "active"),
+            backend("10.200.1.5", "n2", "active"),
+            backend("fd00:200::5", NODE, "active"),
+            backend("fd00:200:1::5", "n2", "active"),
+        ],
+    )
+}
+
+#[test]
+fn dual_stack_frontends_get_only_the_backends_of_their_own_family() {
+    let (hb, hf) = (BTreeMap::new(), BTreeMap::new());
+    let addresses = [ip("10.250.0.10"), ip("fd00:250::10")];
+    let out = lb_state([&dual_stack()], &node(&addresses, &hb, &hf));
+    let v4 = [ip("10.200.0.5"), ip("10.200.1.5")];
+    let v6 = [ip("fd00:200::5"), ip("fd00:200:1::5")];
+    for (address, port, backends, flags) in [
+        ("10.96.0.20", 80, &v4, 0),
+        ("10.250.0.10", 30090, &v4, SVC_F_NODEPORT),
+        ("0.0.0.0", 30090, &v4, SVC_F_NODEPORT),
+        ("fd00:10:96::20", 80, &v6, 0),
+        ("fd00:250::10", 30090, &v6, SVC_F_NODEPORT),
+        ("::", 30090, &v6, SVC_F_NODEPORT),
+    ] {
+        let got = scope(&out.state, ip(address), port, LB_SCOPE_EXTERNAL).unwrap();
+        assert_eq!(got, (2, flags, backends.to_vec()), "{address}:{port}");
+    }
+    // Three frontends per family, each family in its own maps; one numbering of ids.
+    assert_eq!((out.frontends, out.services), (6, 1));
+    assert_eq!((out.state.revnat.len(), out.state.revnat6.len()), (3, 3));
+    assert_eq!(
+        (out.state.backends.len(), out.state.backends6.len()),
+        (2, 2)
+    );
+    let ids: BTreeSet<u32> = out
+        .state
+        .backends
+        .keys()
+        .chain(out.state.backends6.keys())
+        .copied()
+        .collect();
+    assert_eq!(ids.len(), 4);
+    let indexes: BTreeSet<u16> = out
+        .state
+        .revnat
+        .keys()
+        .chain(out.state.revnat6.keys())
+        .copied()
+        .collect();
+    assert_eq!(indexes.len(), 6);
+    let local6 = out
+        .state
+        .backends6
+        .values()
+        .filter(|b| b.flags == BE_F_LOCAL);
+    assert_eq!(local6.count(), 1);
+    assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+}
+
+#[test]
+fn an_ipv6_frontend_without_ipv6_backends_rejects_and_a_single_stack_node_port_stays_in_its_family()
+{
+    let mut svc = dual_stack();
+    svc.spec.backends.retain(|b| !b.address.contains(':'));
+    let (hb, hf) = (BTreeMap::new(), BTreeMap::new());
+    let addresses = [ip("10.250.0.10"), ip("fd00:250::10")];
+    let out = lb_state([&svc], &node(&addresses, &hb, &hf));
+    // IPv4 backends never serve the IPv6 ClusterIP: it is programmed to reject.
+    assert_eq!(
+        scope(&out.state, ip("fd00:10:96::20"), 80, LB_SCOPE_EXTERNAL),
+        Some((0, 0, vec![]))
+    );
+    assert_eq!(
+        scope(&out.state, ip("10.96.0.20"), 80, LB_SCOPE_EXTERNAL)
+            .unwrap()
+            .0,
+        2
+    );
+
+    // An IPv4-only service's NodePort is not on the node's IPv6 addresses.
+    svc.spec.frontends.remove(1);
+    let out = lb_state([&svc], &node(&addresses, &hb, &hf));
+    assert!(out.state.services6.is_empty() && out.state.revnat6.is_empty());
+    assert_eq!(out.frontends, 3);
+}
+
+#[test]
+fn held_ipv6_ids_survive_beside_the_ipv4_ones() {
+    let svc = dual_stack();
+    let held_backends = BTreeMap::from([(
+        BackendAddr {
+            address: ip("fd00:200::5"),
+            port: 8080,
+            proto: PROTO_TCP,
+        },
+        7,
+    )]);
+    let held_frontends = BTreeMap::from([(
+        FrontendAddr {
+            address: ip("fd00:10:96::20"),
+            port: 80,
+            proto: PROTO_TCP,
+        },
+        5,
+    )]);
+    let out = lb_state([&svc], &node(&[], &held_backends, &held_frontends));
+    assert_eq!(backend_address(&out.state, 7), ip("fd00:200::5"));
+    assert_eq!(
+        Ipv6Addr::from(out.state.revnat6[&5].address),
+        "fd00:10:96::20".parse::<Ipv6Addr>().unwrap()
+    );
+    // New ids follow the highest held one, in both families.
+    assert!(out.state.backends.keys().all(|id| *id > 7));
+    assert!(out.state.revnat.keys().all(|index| *index > 5));
 }

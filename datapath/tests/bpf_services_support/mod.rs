@@ -164,7 +164,7 @@ pub fn program(node: &mut Node, services: &[LBService]) {
         services,
         &NodeServices {
             node_name: NODE,
-            node_addresses: &[NODE_IP],
+            node_addresses: &[NODE_IP.into()],
             default_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16381,
             hash_seed: 1,

@@ -126,7 +126,7 @@ pub fn socket_lb_condition(state: &super::services::SocketLb) -> DesiredConditio
             true,
             "Attached",
             format!(
-                "connect4/sendmsg4/recvmsg4/getpeername4 attached to cgroup {}",
+                "connect, sendmsg, recvmsg and getpeername (IPv4 and IPv6) attached to cgroup {}",
                 cgroup.display()
             ),
         ),

@@ -19,7 +19,7 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,9 +60,9 @@ pub fn programming_delay(svc: &LBService, now: k8s_openapi::jiff::Timestamp) -> 
     Some(now.duration_since(at).as_secs_f64().max(0.0))
 }
 
-/// The node's IPv4 addresses (every type) from its NodeNetwork.
-pub fn node_ipv4s(network: Option<&NodeNetwork>) -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = network
+/// The node's addresses (every type, both families) from its NodeNetwork.
+pub fn node_addresses(network: Option<&NodeNetwork>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = network
         .map(|nn| {
             nn.spec
                 .addresses
@@ -151,7 +151,7 @@ impl Step for Services {
             self.reported_at_start = Some(reported);
             self.realized = self.realized.max(reported);
         }
-        let addresses = node_ipv4s(own.as_deref());
+        let addresses = node_addresses(own.as_deref());
         let mut netns: Vec<(PathBuf, u8)> = vec![(
             node.cfg
                 .node_netns
@@ -169,18 +169,31 @@ impl Step for Services {
         let cookies = self.cookies.clone();
         let converged = node
             .with_dataplane(move |dp| {
-                let held_backends: BTreeMap<BackendAddr, u32> = dp
+                // Both families: their ids are one numbering.
+                let mut held_backends: BTreeMap<BackendAddr, u32> = dp
                     .lb
                     .backends()?
                     .iter()
                     .map(|(id, b)| (BackendAddr::from(b), *id))
                     .collect();
-                let held_frontends: BTreeMap<FrontendAddr, u16> = dp
+                held_backends.extend(
+                    dp.lb
+                        .backends6()?
+                        .iter()
+                        .map(|(id, b)| (BackendAddr::from(b), *id)),
+                );
+                let mut held_frontends: BTreeMap<FrontendAddr, u16> = dp
                     .lb
                     .revnat()?
                     .iter()
                     .map(|(index, r)| (FrontendAddr::from(r), *index))
                     .collect();
+                held_frontends.extend(
+                    dp.lb
+                        .revnat6()?
+                        .iter()
+                        .map(|(index, r)| (FrontendAddr::from(r), *index)),
+                );
                 let wanted = desired::lb_state(
                     services.iter().map(AsRef::as_ref),
                     &NodeServices {
@@ -231,11 +244,12 @@ impl Step for Services {
             .set(i64::try_from(desired.services).unwrap_or(i64::MAX));
         m.services_frontends
             .set(i64::try_from(desired.frontends).unwrap_or(i64::MAX));
-        m.services_backends
-            .set(i64::try_from(desired.state.backends.len()).unwrap_or(i64::MAX));
+        m.services_backends.set(
+            i64::try_from(desired.state.backends.len() + desired.state.backends6.len())
+                .unwrap_or(i64::MAX),
+        );
         let mut skipped: BTreeMap<&str, i64> = [
             desired::SkipReason::Sctp,
-            desired::SkipReason::Ipv6,
             desired::SkipReason::Invalid,
             desired::SkipReason::Conflict,
             desired::SkipReason::IdsExhausted,
@@ -453,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_are_every_ipv4_of_the_node_network() {
+    fn node_addresses_are_every_ip_of_the_node_network() {
         let mut nn = NodeNetwork::new("n1", NodeNetworkSpec::default());
         for (type_, address) in [
             ("InternalIP", "10.250.0.10"),
@@ -466,10 +480,11 @@ mod tests {
                 address: address.into(),
             });
         }
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            node_ipv4s(Some(&nn)),
-            [Ipv4Addr::new(10, 250, 0, 10), Ipv4Addr::new(192, 0, 2, 10)]
+            node_addresses(Some(&nn)),
+            [ip("10.250.0.10"), ip("192.0.2.10"), ip("fd00::10")]
         );
-        assert!(node_ipv4s(None).is_empty());
+        assert!(node_addresses(None).is_empty());
     }
 }

@@ -5,7 +5,7 @@ use crate::bpf::maps;
 use aya::maps::MapType;
 
 /// The shape a pinned map must have to be reused by this build.
-pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 27] {
+pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 31] {
     use std::mem::size_of;
     [
         (
@@ -104,7 +104,7 @@ pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize,
             maps::LB_SERVICES,
             MapType::Hash,
             size_of::<maps::Lb4Key>(),
-            size_of::<maps::Lb4Service>(),
+            size_of::<maps::LbServiceValue>(),
             sizes.lb_services,
         ),
         (
@@ -154,6 +154,34 @@ pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize,
             MapType::LruHash,
             size_of::<maps::LbSockRevnatKey>(),
             size_of::<maps::LbSockRevnatValue>(),
+            sizes.lb_sock_revnat,
+        ),
+        (
+            maps::LB6_SERVICES,
+            MapType::Hash,
+            size_of::<maps::Lb6Key>(),
+            size_of::<maps::LbServiceValue>(),
+            sizes.lb_services,
+        ),
+        (
+            maps::LB6_BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<maps::Lb6Backend>(),
+            sizes.lb_backends,
+        ),
+        (
+            maps::LB6_REVNAT,
+            MapType::Hash,
+            size_of::<u16>(),
+            size_of::<maps::Lb6ReverseNat>(),
+            sizes.lb_revnat,
+        ),
+        (
+            maps::LB6_SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<maps::Lb6SockRevnatKey>(),
+            size_of::<maps::Lb6SockRevnatValue>(),
             sizes.lb_sock_revnat,
         ),
         (

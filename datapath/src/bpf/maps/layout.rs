@@ -9,7 +9,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::LpmKey;
 
 mod egress;
+mod lb6;
 pub use egress::*;
+pub use lb6::*;
 
 /// Map names, which are also their pin file names in the node's bpffs directory.
 pub const IPCACHE: &str = "ipcache";
@@ -590,10 +592,11 @@ pub struct Lb4Key {
     pub pad: [u8; 2],
 }
 
-/// `struct lb4_service`: slot 0 (the service) or a backend slot.
+/// `struct lb_service`: slot 0 (the service) or a backend slot, of either family (it carries
+/// no address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct Lb4Service {
+pub struct LbServiceValue {
     /// Slots ≥ 1: the backend id.
     pub backend_id: u32,
     /// Slot 0: backends taking new connections (0: the service rejects).
@@ -787,7 +790,7 @@ unsafe impl aya::Pod for Frag4Key {}
 unsafe impl aya::Pod for Frag6Key {}
 unsafe impl aya::Pod for Frag4Ports {}
 unsafe impl aya::Pod for Lb4Key {}
-unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for LbServiceValue {}
 unsafe impl aya::Pod for Lb4Backend {}
 unsafe impl aya::Pod for Lb4ReverseNat {}
 unsafe impl aya::Pod for LbAffinityKey {}

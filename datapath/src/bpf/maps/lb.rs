@@ -1,10 +1,16 @@
-//! The services maps (`bpf/lib/lb.h`): `lb_services`, `lb_backends`, `lb_revnat`,
-//! `lb_source_ranges`, `lb_maglev` (written together, in one order: [`LbMaps::converge`]),
+//! The services maps (`bpf/lib/lb.h`): `lb_services`, `lb_backends`, `lb_revnat`, their IPv6
+//! twins `lb6_services`, `lb6_backends`, `lb6_revnat`, and `lb_source_ranges`, `lb_maglev`
+//! (written together, in one order: [`LbMaps::converge`]),
 //! `lb_netns` (the network namespaces whose sockets the socket LB translates) and
-//! `lb_config`. `lb_affinity` and `lb_sock_revnat` are LRU maps the programs fill; the agent
-//! only counts them.
+//! `lb_config`. `lb_affinity`, `lb_sock_revnat` and `lb6_sock_revnat` are LRU maps the
+//! programs fill; the agent only reads them.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use aya::{
     Pod,
@@ -13,12 +19,13 @@ use aya::{
 
 use super::{
     layout::{
-        self, Lb4Backend, Lb4Key, Lb4NatEntry, Lb4NatKey, Lb4ReverseNat, Lb4Service,
-        Lb4SrcRangeKey, Lb4SrcRangePrefix, LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey,
-        LbSockRevnatKey, LbSockRevnatValue,
+        self, Lb4Backend, Lb4Key, Lb4NatEntry, Lb4NatKey, Lb4ReverseNat, Lb4SrcRangeKey,
+        Lb4SrcRangePrefix, Lb6Backend, Lb6Key, Lb6ReverseNat, Lb6SockRevnatKey, Lb6SockRevnatValue,
+        LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey, LbServiceValue, LbSockRevnatKey,
+        LbSockRevnatValue,
     },
     pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, open_pin},
-    report::{MapWriteError, Op, Report},
+    report::{Diff, MapWriteError, Op, Report},
 };
 
 impl MapKey for Lb4Key {
@@ -148,6 +155,83 @@ impl fmt::Display for Lb4NatKey {
     }
 }
 
+impl MapKey for Lb6Key {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb6Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service [{}]:{}/{} scope {} slot {}",
+            Ipv6Addr::from(self.address),
+            u16::from_be_bytes(self.dport),
+            self.proto,
+            self.scope,
+            self.backend_slot
+        )
+    }
+}
+
+impl MapKey for Lb6SockRevnatKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb6SockRevnatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "socket {} backend [{}]:{}",
+            self.cookie,
+            Ipv6Addr::from(self.address),
+            u16::from_be_bytes(self.port)
+        )
+    }
+}
+
+/// A key of a services map (`lb_services`, `lb6_services`): a frontend, scope and slot.
+trait SlotKey: MapKey<Desired = Self> + Copy {
+    fn slot(&self) -> u16;
+    /// The key of slot 0, the service entry itself.
+    fn service(self) -> Self;
+}
+
+impl SlotKey for Lb4Key {
+    fn slot(&self) -> u16 {
+        self.backend_slot
+    }
+
+    fn service(self) -> Self {
+        Self {
+            backend_slot: 0,
+            ..self
+        }
+    }
+}
+
+impl SlotKey for Lb6Key {
+    fn slot(&self) -> u16 {
+        self.backend_slot
+    }
+
+    fn service(self) -> Self {
+        Self {
+            backend_slot: 0,
+            ..self
+        }
+    }
+}
+
 impl MapKey for LbSockRevnatKey {
     type Backend<V: Pod> = HashMap<MapData, Self, V>;
     type Desired = Self;
@@ -173,8 +257,11 @@ impl fmt::Display for LbSockRevnatKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LbItem {
     Service(Lb4Key),
+    Service6(Lb6Key),
     Backend(u32),
+    Backend6(u32),
     RevNat(u16),
+    RevNat6(u16),
     SourceRange(Lb4SrcRangeKey),
     Maglev(LbMaglevKey),
     Netns(u64),
@@ -184,8 +271,11 @@ impl fmt::Display for LbItem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Service(key) => key.fmt(f),
+            Self::Service6(key) => key.fmt(f),
             Self::Backend(id) => write!(f, "backend {id}"),
+            Self::Backend6(id) => write!(f, "IPv6 backend {id}"),
             Self::RevNat(index) => write!(f, "rev-nat {index}"),
+            Self::RevNat6(index) => write!(f, "IPv6 rev-nat {index}"),
             Self::SourceRange(key) => key.fmt(f),
             Self::Maglev(key) => key.fmt(f),
             Self::Netns(cookie) => write!(f, "netns cookie {cookie}"),
@@ -193,27 +283,38 @@ impl fmt::Display for LbItem {
     }
 }
 
-/// What the services maps should hold (computed by the agent's services step).
+/// What the services maps should hold (computed by the agent's services step). Backend ids
+/// and rev-nat indexes are one numbering across both families, so `maglev` (keyed by
+/// rev-nat index) serves both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LbState {
-    /// Slot 0 (the service) and slots 1..=count (its backend ids) of every frontend × scope.
-    pub services: BTreeMap<Lb4Key, Lb4Service>,
+    /// Slot 0 (the service) and slots 1..=count (its backend ids) of every IPv4 frontend ×
+    /// scope.
+    pub services: BTreeMap<Lb4Key, LbServiceValue>,
     pub backends: BTreeMap<u32, Lb4Backend>,
     pub revnat: BTreeMap<u16, Lb4ReverseNat>,
+    /// The same for IPv6 frontends and backends.
+    pub services6: BTreeMap<Lb6Key, LbServiceValue>,
+    pub backends6: BTreeMap<u32, Lb6Backend>,
+    pub revnat6: BTreeMap<u16, Lb6ReverseNat>,
     pub source_ranges: BTreeMap<Lb4SrcRangeKey, u8>,
     pub maglev: BTreeMap<LbMaglevKey, u32>,
 }
 
-/// The services maps the agent writes, and the two LRU maps the programs fill.
+/// The services maps the agent writes, and the LRU maps the programs fill.
 pub struct LbMaps {
-    services: PinnedMap<Lb4Key, Lb4Service>,
+    services: PinnedMap<Lb4Key, LbServiceValue>,
     backends: PinnedMap<u32, Lb4Backend>,
     revnat: PinnedMap<u16, Lb4ReverseNat>,
+    services6: PinnedMap<Lb6Key, LbServiceValue>,
+    backends6: PinnedMap<u32, Lb6Backend>,
+    revnat6: PinnedMap<u16, Lb6ReverseNat>,
     source_ranges: PinnedMap<Lb4SrcRangeKey, u8>,
     maglev: PinnedMap<LbMaglevKey, u32>,
     netns: PinnedMap<u64, u8>,
     affinity: PinnedMap<LbAffinityKey, LbAffinityValue>,
     sock_revnat: PinnedMap<LbSockRevnatKey, LbSockRevnatValue>,
+    sock_revnat6: PinnedMap<Lb6SockRevnatKey, Lb6SockRevnatValue>,
     nat: PinnedMap<Lb4NatKey, Lb4NatEntry>,
     config: Array<MapData, LbConfig>,
 }
@@ -222,6 +323,45 @@ impl fmt::Debug for LbMaps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LbMaps").finish_non_exhaustive()
     }
+}
+
+/// Writes the backend slots of `diff` before the service entries that count them; a service
+/// some of whose slots could not be written keeps its previous entry (or none), never a
+/// count that points at missing slots.
+fn write_services<K: SlotKey>(
+    map: &mut PinnedMap<K, LbServiceValue>,
+    report: &mut Report<LbItem>,
+    diff: &Diff<K>,
+    desired: &BTreeMap<K, LbServiceValue>,
+    item: fn(K) -> LbItem,
+) {
+    let (slots, masters): (Vec<_>, Vec<_>) = diff.writes().partition(|(key, _)| key.slot() > 0);
+    let mut incomplete = BTreeSet::new();
+    for (key, op) in slots {
+        let result = map.put(&key, &desired[&key], op);
+        if !report.record(item(key), op, result) {
+            incomplete.insert(key.service());
+        }
+    }
+    for (key, op) in masters {
+        if incomplete.contains(&key) {
+            continue;
+        }
+        let result = map.put(&key, &desired[&key], op);
+        report.record(item(key), op, result);
+    }
+}
+
+/// Deletes the stale entries of a services map, each service (slot 0) before its slots.
+fn delete_services<K: SlotKey>(
+    map: &mut PinnedMap<K, LbServiceValue>,
+    report: &mut Report<LbItem>,
+    diff: &Diff<K>,
+    item: fn(K) -> LbItem,
+) {
+    let mut stale = diff.stale.clone();
+    stale.sort_by_key(|key| key.slot());
+    map.delete_all(report, &stale, item);
 }
 
 impl LbMaps {
@@ -236,25 +376,32 @@ impl LbMaps {
             services: PinnedMap::open(dir, layout::LB_SERVICES)?,
             backends: PinnedMap::open(dir, layout::LB_BACKENDS)?,
             revnat: PinnedMap::open(dir, layout::LB_REVNAT)?,
+            services6: PinnedMap::open(dir, layout::LB6_SERVICES)?,
+            backends6: PinnedMap::open(dir, layout::LB6_BACKENDS)?,
+            revnat6: PinnedMap::open(dir, layout::LB6_REVNAT)?,
             source_ranges: PinnedMap::open(dir, layout::LB_SOURCE_RANGES)?,
             maglev: PinnedMap::open(dir, layout::LB_MAGLEV)?,
             netns: PinnedMap::open(dir, layout::LB_NETNS)?,
             affinity: PinnedMap::open(dir, layout::LB_AFFINITY)?,
             sock_revnat: PinnedMap::open(dir, layout::LB_SOCK_REVNAT)?,
+            sock_revnat6: PinnedMap::open(dir, layout::LB6_SOCK_REVNAT)?,
             nat: PinnedMap::open(dir, layout::LB_NAT)?,
             config,
         })
     }
 
     /// Fill of the services maps the agent writes. The LRU maps the programs fill
-    /// (`lb_affinity`, `lb_sock_revnat`, `lb_nat`) are left out: full is normal there (the
-    /// oldest records go), and counting up to 262,144 keys every few seconds would hold
-    /// their locks for long (as for `conntrack`).
-    pub fn pressure(&self) -> [MapPressure; 6] {
+    /// (`lb_affinity`, `lb_sock_revnat`, `lb6_sock_revnat`, `lb_nat`) are left out: full is
+    /// normal there (the oldest records go), and counting up to 262,144 keys every few
+    /// seconds would hold their locks for long (as for `conntrack`).
+    pub fn pressure(&self) -> [MapPressure; 9] {
         [
             self.services.pressure(),
             self.backends.pressure(),
             self.revnat.pressure(),
+            self.services6.pressure(),
+            self.backends6.pressure(),
+            self.revnat6.pressure(),
             self.source_ranges.pressure(),
             self.maglev.pressure(),
             self.netns.pressure(),
@@ -267,14 +414,29 @@ impl LbMaps {
         self.backends.read()
     }
 
+    /// The IPv6 backends the map holds (ids from the same numbering as IPv4's).
+    pub fn backends6(&self) -> Result<BTreeMap<u32, Lb6Backend>, DataplaneError> {
+        self.backends6.read()
+    }
+
     /// The rev-nat indexes the map holds, kept for the same frontends across restarts.
     pub fn revnat(&self) -> Result<BTreeMap<u16, Lb4ReverseNat>, DataplaneError> {
         self.revnat.read()
     }
 
+    /// The IPv6 frontends' rev-nat indexes.
+    pub fn revnat6(&self) -> Result<BTreeMap<u16, Lb6ReverseNat>, DataplaneError> {
+        self.revnat6.read()
+    }
+
     /// Every service entry (for inspection and tests).
-    pub fn services(&self) -> Result<BTreeMap<Lb4Key, Lb4Service>, DataplaneError> {
+    pub fn services(&self) -> Result<BTreeMap<Lb4Key, LbServiceValue>, DataplaneError> {
         self.services.read()
+    }
+
+    /// Every IPv6 service entry (for inspection and tests).
+    pub fn services6(&self) -> Result<BTreeMap<Lb6Key, LbServiceValue>, DataplaneError> {
+        self.services6.read()
     }
 
     /// The sockets the socket LB translated (for inspection and tests).
@@ -282,6 +444,13 @@ impl LbMaps {
         &self,
     ) -> Result<BTreeMap<LbSockRevnatKey, LbSockRevnatValue>, DataplaneError> {
         self.sock_revnat.read()
+    }
+
+    /// The IPv6 sockets the socket LB translated (for inspection and tests).
+    pub fn sock_revnat6(
+        &self,
+    ) -> Result<BTreeMap<Lb6SockRevnatKey, Lb6SockRevnatValue>, DataplaneError> {
+        self.sock_revnat6.read()
     }
 
     /// The tc path's translated connections (for inspection and tests).
@@ -325,10 +494,10 @@ impl LbMaps {
 
     /// Converges the services maps to `desired` in the order that never lets a program
     /// see a service entry whose backends or rev-nat entry are missing, nor a count larger
-    /// than the slots written: rev-nat, backends, source ranges and Maglev tables are
-    /// added first; then backend slots, then the services themselves (their counts); then
-    /// stale entries go in the opposite order (services and slots, Maglev and source
-    /// ranges, backends, rev-nat). Stale entries are deleted only with `prune`.
+    /// than the slots written: rev-nat, backends (both families), source ranges and Maglev
+    /// tables are added first; then backend slots, then the services themselves (their
+    /// counts); then stale entries go in the opposite order (services and slots, Maglev and
+    /// source ranges, backends, rev-nat). Stale entries are deleted only with `prune`.
     pub fn converge(
         &mut self,
         desired: &LbState,
@@ -336,69 +505,84 @@ impl LbMaps {
     ) -> Result<Report<LbItem>, DataplaneError> {
         let mut report = Report::default();
         let (revnat, revnat_diff) = self.revnat.diff(&desired.revnat)?;
+        let (revnat6, revnat6_diff) = self.revnat6.diff(&desired.revnat6)?;
         let (backends, backends_diff) = self.backends.diff(&desired.backends)?;
+        let (backends6, backends6_diff) = self.backends6.diff(&desired.backends6)?;
         let (ranges, ranges_diff) = self.source_ranges.diff(&desired.source_ranges)?;
         let (maglev, maglev_diff) = self.maglev.diff(&desired.maglev)?;
         let (services, services_diff) = self.services.diff(&desired.services)?;
+        let (services6, services6_diff) = self.services6.diff(&desired.services6)?;
         report.unchanged = revnat_diff.unchanged
+            + revnat6_diff.unchanged
             + backends_diff.unchanged
+            + backends6_diff.unchanged
             + ranges_diff.unchanged
             + maglev_diff.unchanged
-            + services_diff.unchanged;
+            + services_diff.unchanged
+            + services6_diff.unchanged;
 
         self.revnat
             .upsert(&mut report, &revnat_diff, &revnat, LbItem::RevNat);
+        self.revnat6
+            .upsert(&mut report, &revnat6_diff, &revnat6, LbItem::RevNat6);
         self.backends
             .upsert(&mut report, &backends_diff, &backends, LbItem::Backend);
+        self.backends6
+            .upsert(&mut report, &backends6_diff, &backends6, LbItem::Backend6);
         self.source_ranges
             .upsert(&mut report, &ranges_diff, &ranges, LbItem::SourceRange);
         self.maglev
             .upsert(&mut report, &maglev_diff, &maglev, LbItem::Maglev);
-        // Backend slots before the services that count them; a service some of whose
-        // slots could not be written keeps its previous entry (or none), never a count
-        // that points at missing slots.
-        let (slots, masters): (Vec<_>, Vec<_>) = services_diff
-            .writes()
-            .partition(|(key, _)| key.backend_slot > 0);
-        let mut incomplete = std::collections::BTreeSet::new();
-        for (key, op) in slots {
-            let result = self.services.put(&key, &services[&key], op);
-            if !report.record(LbItem::Service(key), op, result) {
-                incomplete.insert(Lb4Key {
-                    backend_slot: 0,
-                    ..key
-                });
-            }
-        }
-        for (key, op) in masters {
-            if incomplete.contains(&key) {
-                continue;
-            }
-            let result = self.services.put(&key, &services[&key], op);
-            report.record(LbItem::Service(key), op, result);
-        }
+        write_services(
+            &mut self.services,
+            &mut report,
+            &services_diff,
+            &services,
+            LbItem::Service,
+        );
+        write_services(
+            &mut self.services6,
+            &mut report,
+            &services6_diff,
+            &services6,
+            LbItem::Service6,
+        );
 
         if !prune {
             report.stale_kept = services_diff.stale.len()
+                + services6_diff.stale.len()
                 + maglev_diff.stale.len()
                 + ranges_diff.stale.len()
                 + backends_diff.stale.len()
-                + revnat_diff.stale.len();
+                + backends6_diff.stale.len()
+                + revnat_diff.stale.len()
+                + revnat6_diff.stale.len();
             return Ok(report);
         }
-        // Services (slot 0) before their stale slots.
-        let mut stale_services = services_diff.stale.clone();
-        stale_services.sort_by_key(|key| key.backend_slot);
-        self.services
-            .delete_all(&mut report, &stale_services, LbItem::Service);
+        delete_services(
+            &mut self.services,
+            &mut report,
+            &services_diff,
+            LbItem::Service,
+        );
+        delete_services(
+            &mut self.services6,
+            &mut report,
+            &services6_diff,
+            LbItem::Service6,
+        );
         self.maglev
             .delete_all(&mut report, &maglev_diff.stale, LbItem::Maglev);
         self.source_ranges
             .delete_all(&mut report, &ranges_diff.stale, LbItem::SourceRange);
         self.backends
             .delete_all(&mut report, &backends_diff.stale, LbItem::Backend);
+        self.backends6
+            .delete_all(&mut report, &backends6_diff.stale, LbItem::Backend6);
         self.revnat
             .delete_all(&mut report, &revnat_diff.stale, LbItem::RevNat);
+        self.revnat6
+            .delete_all(&mut report, &revnat6_diff.stale, LbItem::RevNat6);
         Ok(report)
     }
 }
