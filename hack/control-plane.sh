@@ -97,7 +97,7 @@ EOF
 config_matches() {
   local kv
   for kv in "ETCD_PORT=$ETCD_PORT" "ETCD_PEER_PORT=$ETCD_PEER_PORT" "APISERVER_PORT=$APISERVER_PORT" \
-    "KCM_PORT=$KCM_PORT" "ADVERTISE_ADDRESS=$ADVERTISE_ADDRESS"; do
+    "KCM_PORT=$KCM_PORT" "ADVERTISE_ADDRESS=$ADVERTISE_ADDRESS" "SERVICE_CIDR=$SERVICE_CIDR"; do
     grep -qx -- "$kv" "$planeenv" || return 1
   done
 }
