@@ -49,19 +49,17 @@ async fn the_agent_watches_each_kind_once() -> Result<()> {
         ("Secret", "tendril-bgp-secrets"),
     ];
     let port = node.metrics_port;
+    // Caches register as the agent's steps first read them (the node-scoped ones once the
+    // node is known): waited for, all of them, not only the first.
     let registry: Metrics = eventually(TIMEOUT, || async move {
         let m = fetch_metrics(port).await?;
-        ensure!(
-            m.has("tendril_cache_watches"),
-            "no tendril_cache_watches yet"
-        );
+        for (kind, scope) in expected_registry {
+            let v = m.value("tendril_cache_watches", &[("kind", kind), ("scope", scope)]);
+            ensure!(v == Some(1.0), "{kind}/{scope}: {v:?} watches");
+        }
         Ok(m)
     })
     .await?;
-    for (kind, scope) in expected_registry {
-        let v = registry.value("tendril_cache_watches", &[("kind", kind), ("scope", scope)]);
-        ensure!(v == Some(1.0), "{kind}/{scope}: {v:?} watches");
-    }
     let total = registry.sum("tendril_cache_watches", &[]);
     ensure!(
         total == expected_registry.len() as f64,
