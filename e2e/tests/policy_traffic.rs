@@ -45,9 +45,11 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 /// How long an attempt waits for its answer: under the kernel's first SYN retransmission
 /// (1 s), so a TCP attempt that gets through got through with its first SYN.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
-/// A round trip slower than this counts as late (TCP's minimum retransmission timeout is
-/// 200 ms: a dropped segment that waits for a timeout is late).
-const LATE: Duration = Duration::from_millis(150);
+/// A round trip slower than this counts as late: a segment the policy dropped waits at least
+/// TCP's minimum retransmission timeout (200 ms) before it is sent again. Slower round trips
+/// below it are the scheduler of this two-core machine (CI saw 170–178 ms ones under load,
+/// with nothing lost and no retransmission timeout involved).
+const LATE: Duration = Duration::from_millis(195);
 
 /// The two tests measure timing; they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
