@@ -13,7 +13,8 @@
  * to_container (tc egress): what the host stack routes into the pod (host
  * traffic, native routing fallbacks), judged by ingress policy.
  *
- * IPv6 in both directions: lib/ipv6.h, in programs of their own reached by a
+ * IPv6 in both directions (policy and the IPv6 service path): lib/lxc6.h, in
+ * programs of their own reached by a
  * tail call (`ipv6_calls`): the IPv4 hook's stack leaves a subprogram too little
  * room, a tail call starts with a fresh one. A missing entry (never while the
  * agent's pins exist) drops: fail closed. */
@@ -22,9 +23,9 @@
 #include "lib/egress.h"
 #include "lib/encap.h"
 #include "lib/endpoint.h"
-#include "lib/ipv6.h"
 #include "lib/l4.h"
 #include "lib/lb_nat.h"
+#include "lib/lxc6.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/policy.h"

@@ -24,6 +24,7 @@
 #include "lib/encap.h"
 #include "lib/endpoint.h"
 #include "lib/l4.h"
+#include "lib/lb6_nat.h"
 #include "lib/lb_nat.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
@@ -31,8 +32,20 @@
 /* IPv6 from another node: routed by the stack to the pod's veth, whose
  * to_container6 judges it by the sender's identity from the VNI (the mark
  * survives forwarding within the node's namespace). */
-static __always_inline int from_overlay6(struct __sk_buff *skb, __u32 src_identity)
+static __noinline int from_overlay6(struct __sk_buff *skb, __u32 src_identity)
 {
+	struct ipv6_scratch *s = ipv6_scratch_get();
+	int rc;
+
+	/* A remote backend's answer to a north-south connection SNATed here
+	 * (lib/lb6_nat.h): back to the client by the FIB. */
+	if (s && parse_ipv6(skb, &s->l4) == 0 && !lookup_endpoint6(s->l4.daddr)) {
+		rc = lb6_reverse(skb, &s->l4);
+		if (rc < 0)
+			return drop(skb, DROP_LB_NAT, DIR_INGRESS);
+		if (rc > 0)
+			return lb6_redirect_fib(skb, DIR_INGRESS);
+	}
 	skb->mark = identity_to_mark(src_identity);
 	/* The inner destination MAC is the sender's device's: see from_overlay. */
 	bpf_skb_change_type(skb, PACKET_HOST);

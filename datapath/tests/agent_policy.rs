@@ -18,7 +18,8 @@ use tendril_datapath::agent::pass::{PolicyRealization, realize_policy};
 use tendril_datapath::bpf::maps::Direction;
 use tendril_datapath::bpf::policy::{
     LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
-    POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PolicyEntry, PolicyState, Verdict,
+    POLICY_F_HAS_DENY_INGRESS, POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PolicyEntry, PolicyState,
+    Verdict,
 };
 use tendril_datapath::bpf::{Dataplane, MapSizes};
 
@@ -147,7 +148,11 @@ fn resolved_policies_land_in_the_pinned_maps_and_survive_a_restart() {
     );
     // The report counts the entries and the two states.
     assert_eq!(first.policy.added, held.len() + 2);
-    let both = POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_SELECTED;
+    // The deny of 302 is an ingress deny: the datapath must look past a first allow there.
+    let both = POLICY_F_DEFAULT_DENY_INGRESS
+        | POLICY_F_DEFAULT_DENY_EGRESS
+        | POLICY_F_SELECTED
+        | POLICY_F_HAS_DENY_INGRESS;
     assert_eq!(
         state_map(&dir),
         BTreeMap::from([

@@ -16,7 +16,8 @@ use tendril_crds::facts::{LOCAL_IDENTITY_FLAG, Reserved};
 use tendril_datapath::bpf::maps::*;
 use tendril_datapath::bpf::policy::{
     EventKind, EventVerdict, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
-    POLICY_F_SELECTED, POLICY_VALUE_F_L4, PROTO_SCTP, PolicyMatch,
+    POLICY_F_HAS_DENY_EGRESS, POLICY_F_HAS_DENY_INGRESS, POLICY_F_SELECTED, POLICY_VALUE_F_L4,
+    PROTO_SCTP, PolicyMatch,
 };
 
 /// (C macro, the value Rust uses for it).
@@ -45,6 +46,7 @@ fn expected() -> Vec<(&'static str, u64)> {
         ("LB_NAT_IDLE_TCP_S", LB_NAT_IDLE_TCP_S.into()),
         ("LB_NAT_IDLE_UDP_S", LB_NAT_IDLE_UDP_S.into()),
         ("LB_NAT_MAX_ENTRIES", LB_NAT_MAX_ENTRIES.into()),
+        ("AFFINITY_BY_ADDR6", AFFINITY_BY_ADDR6.into()),
         (
             "EGRESS_POLICY_MAX_ENTRIES",
             EGRESS_POLICY_MAX_ENTRIES.into(),
@@ -101,6 +103,11 @@ fn expected() -> Vec<(&'static str, u64)> {
             POLICY_F_DEFAULT_DENY_EGRESS.into(),
         ),
         ("POLICY_F_SELECTED", POLICY_F_SELECTED.into()),
+        (
+            "POLICY_F_HAS_DENY_INGRESS",
+            POLICY_F_HAS_DENY_INGRESS.into(),
+        ),
+        ("POLICY_F_HAS_DENY_EGRESS", POLICY_F_HAS_DENY_EGRESS.into()),
         ("POLICY_VALUE_F_L4", POLICY_VALUE_F_L4.into()),
         ("CT_F_SEEN_REPLY", CT_F_SEEN_REPLY.into()),
         ("CT_F_CLOSING", CT_F_CLOSING.into()),
@@ -211,7 +218,7 @@ fn c_constants_equal_the_rust_values() {
     let expected = expected();
     let mut source = String::from(
         "#include \"lib/common.h\"\n#include \"lib/maps.h\"\n#include \"lib/metrics.h\"\n\
-         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n#include \"lib/egress.h\"\n\n\
+         #include \"lib/policy.h\"\n#include \"lib/conntrack.h\"\n#include \"lib/lb.h\"\n#include \"lib/lb_nat.h\"\n#include \"lib/lb6_nat.h\"\n#include \"lib/egress.h\"\n\n\
          enum tendril_constants {\n",
     );
     for (name, _) in &expected {

@@ -268,8 +268,14 @@ fn lb_mirrors_match_the_c_structs() {
             Lb6SockRevnatValue,
             [address, port, rev_nat_index]
         ),
+        layout!(
+            "lb6_src_range_key",
+            Lb6SrcRangeKey,
+            [prefixlen, rev_nat_index, pad, address]
+        ),
+        layout!("node_config6", NodeConfig6, [node_ipv6]),
     ];
-    // The tc path's NAT entries (lib/lb_nat.h), in the tc objects.
+    // The tc path's NAT entries (lib/lb_nat.h, lib/lb6_nat.h), in the tc objects.
     let nat = [
         layout!(
             "lb4_nat_key",
@@ -279,6 +285,26 @@ fn lb_mirrors_match_the_c_structs() {
         layout!(
             "lb4_nat_entry",
             Lb4NatEntry,
+            [
+                saddr,
+                daddr,
+                sport,
+                dport,
+                backend_id,
+                rev_nat_index,
+                flags,
+                pad,
+                last_seen
+            ]
+        ),
+        layout!(
+            "lb6_nat_key",
+            Lb6NatKey,
+            [saddr, daddr, sport, dport, proto, dir, pad]
+        ),
+        layout!(
+            "lb6_nat_entry",
+            Lb6NatEntry,
             [
                 saddr,
                 daddr,
@@ -327,6 +353,10 @@ fn lb_mirrors_match_the_c_structs() {
     assert_eq!(
         std::mem::size_of::<aya::maps::lpm_trie::Key<Lb4SrcRangePrefix>>(),
         std::mem::size_of::<Lb4SrcRangeKey>()
+    );
+    assert_eq!(
+        std::mem::size_of::<aya::maps::lpm_trie::Key<Lb6SrcRangePrefix>>(),
+        std::mem::size_of::<Lb6SrcRangeKey>()
     );
 }
 

@@ -23,7 +23,8 @@ use tendril_datapath::bpf::{
     monotonic_now_ns,
     policy::{
         LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
-        PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+        POLICY_F_HAS_DENY_EGRESS, POLICY_F_HAS_DENY_INGRESS, PROTO_ANY, PROTO_SCTP, PROTO_TCP,
+        PROTO_UDP,
     },
     port_range_prefixes, propagate_denies,
 };
@@ -285,8 +286,14 @@ fn deny_wins_over_allow_within_and_across_the_three_lookups() {
             (rule(EP_A, EG, 0, PROTO_TCP, 443, 16), Verdict::Deny),
         ],
         &[
-            (EP_B, state(1, POLICY_F_DEFAULT_DENY_INGRESS)),
-            (EP_A, state(1, POLICY_F_DEFAULT_DENY_EGRESS)),
+            (
+                EP_B,
+                state(1, POLICY_F_DEFAULT_DENY_INGRESS | POLICY_F_HAS_DENY_INGRESS),
+            ),
+            (
+                EP_A,
+                state(1, POLICY_F_DEFAULT_DENY_EGRESS | POLICY_F_HAS_DENY_EGRESS),
+            ),
         ],
     );
     assert_eq!(

@@ -20,7 +20,7 @@ use tendril_datapath::bpf::{
     maps::{Direction, IpcacheValue, MetricReason, NODE_F_IPV6_POLICY},
     policy::{
         LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
-        POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PROTO_UDP,
+        POLICY_F_SELECTED, PROTO_ANY, PROTO_TCP, PROTO_UDP, deny_flags,
     },
     propagate_denies,
 };
@@ -341,7 +341,11 @@ fn node_for(case: &Case, family: Family) -> Node {
     propagate_denies(&mut entries);
     let states: BTreeMap<u16, PolicyState> = case
         .a_flags
-        .map(|flags| (EP_A, PolicyState { revision: 1, flags }))
+        .map(|flags| {
+            // As the agent writes it: whether A's entries deny anything, per direction.
+            let flags = flags | deny_flags(entries.iter().filter(|(k, _)| k.endpoint_id == EP_A));
+            (EP_A, PolicyState { revision: 1, flags })
+        })
         .into_iter()
         .collect();
     let (cidrs, policy) = node

@@ -81,7 +81,11 @@ struct PeerCounts {
 }
 
 fn bump(map: &Mutex<BTreeMap<IpAddr, u64>>, ip: IpAddr) {
-    *map.lock().expect("counts lock").entry(ip).or_default() += 1;
+    // A dual-stack listener sees IPv4 peers as v4-mapped IPv6 addresses.
+    *map.lock()
+        .expect("counts lock")
+        .entry(ip.to_canonical())
+        .or_default() += 1;
 }
 
 /// TCP and UDP echo servers on one port inside a namespace, stopped on drop.
@@ -94,13 +98,23 @@ pub struct EchoServer {
 impl EchoServer {
     /// Listens on `0.0.0.0:port` (TCP and UDP) inside `netns`; returns once both listen.
     pub fn start(netns: &str, port: u16) -> Result<EchoServer> {
+        Self::start_on(netns, "0.0.0.0", port)
+    }
+
+    /// Listens on `[::]:port`, IPv4 too (the namespace's `bindv6only` is Linux's default, 0):
+    /// for dual-stack pods.
+    pub fn start_dual_stack(netns: &str, port: u16) -> Result<EchoServer> {
+        Self::start_on(netns, "::", port)
+    }
+
+    fn start_on(netns: &str, host: &'static str, port: u16) -> Result<EchoServer> {
         let (stop, stopped) = watch::channel(false);
         let counts = Arc::new(PeerCounts::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let c = counts.clone();
         let handle = spawn_in_netns(netns, move || async move {
-            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await;
-            let socket = tokio::net::UdpSocket::bind(("0.0.0.0", port)).await;
+            let listener = tokio::net::TcpListener::bind((host, port)).await;
+            let socket = tokio::net::UdpSocket::bind((host, port)).await;
             let (listener, socket) = match (listener, socket) {
                 (Ok(l), Ok(s)) => (l, s),
                 (Err(e), _) | (_, Err(e)) => {

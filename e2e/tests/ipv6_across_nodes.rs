@@ -178,6 +178,21 @@ async fn across_nodes(mode: Mode) -> Result<()> {
         .await?;
     }
 
+    // The node itself reaches a remote pod over IPv6 (its source is its IPv6 gateway, which
+    // the peer must tunnel back to in overlay) and the pod reaches the node's gateway.
+    eventually(TIMEOUT, || async {
+        let out = node1
+            .exec(&["ping", "-6", "-c1", "-W2", "-n", &srv6.to_string()])
+            .await?;
+        ensure!(
+            out.status.success(),
+            "{mode:?}: node 1 → {srv6}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(())
+    })
+    .await?;
+
     let rtt4 = mean_rtt_ms(&cli, address_of(&srv, false)).await?;
     let rtt6 = mean_rtt_ms(&cli, srv6).await?;
     println!("{mode:?}: echo round trip across nodes, IPv4 {rtt4:.3} ms, IPv6 {rtt6:.3} ms");

@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use operator_common::{TIMEOUT, create_node, free_port};
 use serde_json::{Value, json};
@@ -299,7 +300,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
     // Nobody realizes it yet; the agents' reports make it Realized.
     let web = lbs(&lbsvc, "web", "Realized=False 0/2", move |lb| {
         condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "0/2 nodes realize the current revision")
+            .is_some_and(|(s, _, m)| s == "False" && m == "0/2 nodes realize the service within services.realizeDeadlineMillis")
     })
     .await?;
     ensure!(
@@ -310,7 +311,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
     report_realized(&nns, &n1, r1).await?;
     lbs(&lbsvc, "web", "Realized=False 1/2", move |lb| {
         condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the current revision")
+            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the service within services.realizeDeadlineMillis")
     })
     .await?;
     report_realized(&nns, &n2, r1 + 1000).await?;
@@ -351,7 +352,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
     // Realized=False again: the nodes report r1 and r1+1000 (n2 "already" realizes r2).
     lbs(&lbsvc, "web", "pending on n1", move |lb| {
         condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the current revision")
+            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the service within services.realizeDeadlineMillis")
     })
     .await?;
 
@@ -897,7 +898,17 @@ async fn realize_deadline(
         Ok(())
     })
     .await?;
-    let before = status_writes().await?;
+    // The operator counts a pass's writes once all of them returned: the apiserver can show
+    // them a moment before the counter does.
+    let mut before = status_writes().await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = status_writes().await?;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
 
     // A second port, realized by both nodes at once: nothing to write.
     apply(&services, &service(&[80, 81])?).await?;
@@ -907,6 +918,16 @@ async fn realize_deadline(
     })
     .await?;
     realize(second.spec.revision).await?;
+    let versions = |list: kube::core::ObjectList<LBService>| {
+        list.items
+            .into_iter()
+            .map(|lb| {
+                let key = format!("{}/{}", lb.namespace().unwrap_or_default(), lb.name_any());
+                (key, lb.resource_version().unwrap_or_default())
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let versions_before = versions(all_lbs.list(&ListParams::default()).await?);
     tokio::time::sleep(Duration::from_millis(DEADLINE_MS + 1000)).await;
     let lb = lbsvc.get("deadline").await?;
     ensure!(
@@ -914,10 +935,29 @@ async fn realize_deadline(
         "a revision realized within the deadline: {:?}",
         lb.status
     );
+    let key = format!("{}/deadline", env.namespace());
+    let versions_after = versions(all_lbs.list(&ListParams::default()).await?);
     ensure!(
-        status_writes().await? == before,
-        "a revision realized within the deadline wrote a status"
+        versions_after.get(&key) == versions_before.get(&key),
+        "a revision realized within the deadline wrote a status: {:?}",
+        lb.status
     );
+    // The counter covers every LBService: it must be still unless another one changed
+    // meanwhile (the apiserver settling its own `kubernetes` EndpointSlice gives that one
+    // a revision the test's reports do not cover, rightly Pending after the deadline).
+    let others_changed: Vec<&String> = versions_after
+        .iter()
+        .filter(|(k, v)| versions_before.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .collect();
+    if others_changed.is_empty() {
+        ensure!(
+            status_writes().await? == before,
+            "a revision realized within the deadline wrote a status (counter moved)"
+        );
+    } else {
+        println!("status counter not compared: meanwhile changed {others_changed:?}");
+    }
 
     // A third, left unrealized: Pending once the deadline passes (and not before).
     // (Timed from before the change: the operator's deadline starts after it.)
@@ -934,7 +974,7 @@ async fn realize_deadline(
         "Pending after the deadline",
         move |lb| {
             condition(lb, "Realized").is_some_and(|(s, r, m)| {
-                s == "False" && r == "Pending" && m == "0/2 nodes realize the current revision"
+                s == "False" && r == "Pending" && m == "0/2 nodes realize the service within services.realizeDeadlineMillis"
             })
         },
     )

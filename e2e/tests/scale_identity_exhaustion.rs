@@ -4,7 +4,8 @@
 //! operator handing out 10 cluster ids (`identities.clusterIdMax: 265`), warning at 80%,
 //! with a 2 s grace period and retries capped at 1 s. Each pod has a label set of its own.
 //! In order:
-//! - 7 pods: `Identity/1` says `IdentitySpaceAvailable=True`, the metrics 7 of 10;
+//! - 7 pods: `Identity/1` says `IdentitySpaceAvailable=True` with 7 of 10 (the count in the
+//!   message is refreshed within 10 s), the metrics 7 of 10;
 //! - the 8th: `False`/`NearlyExhausted` (before the limit), the metrics 8 of 10;
 //! - the 9th and 10th: `Exhausted`;
 //! - an 11th: no identity — its reconciles fail with `identities_exhausted`;
@@ -78,8 +79,13 @@ async fn identity_of(endpoints: &Api<Endpoint>, name: &str, timeout: Duration) -
     Ok(ep.spec.identity.unwrap_or_default())
 }
 
-/// Waits until `IdentitySpaceAvailable` on `Identity/1` has `reason`.
-async fn space_condition(identities: &Api<Identity>, reason: &str) -> Result<(String, String)> {
+/// Waits until `IdentitySpaceAvailable` on `Identity/1` has `reason` and says `count` (the
+/// count in the message is refreshed at most every 10 s; the reason at once).
+async fn space_condition(
+    identities: &Api<Identity>,
+    reason: &str,
+    count: &str,
+) -> Result<(String, String)> {
     let host = wait_for(
         identities,
         "1",
@@ -90,7 +96,7 @@ async fn space_condition(identities: &Api<Identity>, reason: &str) -> Result<(St
                         .iter()
                         .find(|c| c.type_ == "IdentitySpaceAvailable")
                 })
-                .is_some_and(|c| c.reason == reason)
+                .is_some_and(|c| c.reason == reason && c.message.contains(count))
         },
         TIMEOUT,
     )
@@ -173,7 +179,7 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
     for name in &live {
         identity_of(&endpoints, name, TIMEOUT).await?;
     }
-    let (status, message) = space_condition(&identities, "Available").await?;
+    let (status, message) = space_condition(&identities, "Available", "7 of 10").await?;
     assert_eq!(status, "True");
     assert!(message.contains("7 of 10"), "{message}");
     space_metrics(port, 7).await?;
@@ -181,7 +187,7 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
     // 80%: the warning comes before the limit, while allocation still works.
     live.push_back(start_pod(&pods, &node, 7).await?);
     identity_of(&endpoints, "set-7", TIMEOUT).await?;
-    let (status, message) = space_condition(&identities, "NearlyExhausted").await?;
+    let (status, message) = space_condition(&identities, "NearlyExhausted", "8 of 10").await?;
     assert_eq!(status, "False");
     assert!(message.contains("8 of 10"), "{message}");
     space_metrics(port, 8).await?;
@@ -201,7 +207,7 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
         (256..266).collect::<Vec<i64>>(),
         "every id of the range, once"
     );
-    let (status, _) = space_condition(&identities, "Exhausted").await?;
+    let (status, _) = space_condition(&identities, "Exhausted", "10 of 10").await?;
     assert_eq!(status, "False");
     space_metrics(port, 10).await?;
 
@@ -256,7 +262,7 @@ async fn identity_space_exhaustion_warns_first_and_recovers_through_gc() -> Resu
         waiting = start_pod(&pods, &node, 11 + round).await?;
     }
     // Allocation is stuck again until the next collection, and the condition still says so.
-    let (_, message) = space_condition(&identities, "Exhausted").await?;
+    let (_, message) = space_condition(&identities, "Exhausted", "10 of 10").await?;
     assert!(message.contains("10 of 10"), "{message}");
     let max = took.iter().max().copied().unwrap_or_default();
     println!(

@@ -13,9 +13,9 @@
 //!   the answer shown from the frontend by recvmsg6): both backends answer, by name;
 //! - pod → IPv4 ClusterIP of the same Service still reaches both backends, also from IPv6
 //!   sockets connecting to it IPv4-mapped (`::ffff:10.96.x.y`, TCP and UDP);
-//! - node 0's host network → the NodePort of an IPv6-only Service (backed by `web-a`, on
-//!   node 0: the node's own IPv6 traffic to a pod of another node is not routed in overlay
-//!   mode yet) on its own IPv6 address, on node 1's and on `[::1]`;
+//! - node 0's host network → the IPv6 ClusterIP: both backends answer, the remote one too;
+//! - node 0's host network → the NodePort of an IPv6-only Service (backed by `web-a`) on
+//!   its own IPv6 address, on node 1's and on `[::1]`;
 //! - an IPv6-only Service (`ipFamilies: [IPv6]`) without endpoints refuses the connect.
 //!
 //! Needs root.
@@ -94,18 +94,27 @@ fn exchange(target: &str) -> String {
     format!("echo hi | timeout 10 socat -d -d -t2 -T3 - {target}{options}")
 }
 
-/// One exchange from `pod` to `ip:port` over socat `kind` (`TCP`, `UDP`, `UDP-SENDTO`).
-async fn ask(pod: &SimPod, kind: &str, ip: IpAddr, port: u16) -> Result<Option<String>> {
+/// Where an exchange starts: a pod, or a node's host network.
+#[derive(Clone, Copy)]
+enum Client<'a> {
+    Pod(&'a SimPod),
+    Node(&'a SimNode),
+}
+
+/// One exchange from `from` to `ip:port` over socat `kind` (`TCP`, `UDP`, `UDP-SENDTO`).
+async fn ask(from: Client<'_>, kind: &str, ip: IpAddr, port: u16) -> Result<Option<String>> {
     let target = format!("{kind}:{}:{port}", socat_host(ip));
-    answer(
-        pod.exec(&["bash", "-c", &exchange(&target)]).await?,
-        &target,
-    )
+    let cmd = ["bash", "-c", &exchange(&target)];
+    let output = match from {
+        Client::Pod(pod) => pod.exec(&cmd).await?,
+        Client::Node(node) => node.exec(&cmd).await?,
+    };
+    answer(output, &target)
 }
 
 /// `n` exchanges; how often each name answered. A refused connect is an error.
 async fn spread(
-    pod: &SimPod,
+    from: Client<'_>,
     kind: &str,
     ip: IpAddr,
     port: u16,
@@ -113,7 +122,7 @@ async fn spread(
 ) -> Result<BTreeMap<String, usize>> {
     let mut names = BTreeMap::new();
     for _ in 0..n {
-        let name = ask(pod, kind, ip, port)
+        let name = ask(from, kind, ip, port)
             .await?
             .with_context(|| format!("{kind} {ip}:{port} refused"))?;
         *names.entry(name).or_insert(0) += 1;
@@ -248,8 +257,8 @@ async fn dual_stack_services_over_the_socket_lb() -> Result<()> {
         },
     }))?;
     let empty = services.create(&PostParams::default(), &empty).await?;
-    // IPv6 only, backed by web-a alone: the node's own connections to a NodePort (host to
-    // remote pod over IPv6 is not routed in overlay mode yet, so no remote backend here).
+    // IPv6 only, backed by web-a alone (so the answer names it): the node's own
+    // connections to a NodePort.
     let local: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "local"},
@@ -297,7 +306,7 @@ async fn dual_stack_services_over_the_socket_lb() -> Result<()> {
     wait_programmed6(&cluster.nodes, "::".parse()?, local_port, 1).await?;
 
     // Pod → IPv6 ClusterIP: TCP, connected UDP, unconnected UDP.
-    let cli = &pods["client"];
+    let cli = Client::Pod(&pods["client"]);
     both_answered(&spread(cli, "TCP", cluster6, 80, 30).await?, 30, "TCP6")?;
     both_answered(&spread(cli, "UDP", cluster6, 53, 12).await?, 12, "UDP6")?;
     // socat UDP-SENDTO takes answers from the address it sent to only: the answer came back
@@ -326,12 +335,20 @@ async fn dual_stack_services_over_the_socket_lb() -> Result<()> {
     )?;
     println!(
         "services_ipv6: ClusterIPs {cluster4} and {cluster6}, client {}",
-        ipv6_of(cli)
+        ipv6_of(&pods["client"])
     );
+
+    // Node 0's host network → the IPv6 ClusterIP: both backends, web-b on the other node
+    // (the node's IPv6 leaves from its pod CIDR gateway and the answer tunnels back to it).
+    let node0 = &cluster.nodes[0];
+    both_answered(
+        &spread(Client::Node(node0), "TCP", cluster6, 80, 20).await?,
+        20,
+        "node → TCP6",
+    )?;
 
     // Node 0's host network → the IPv6-only Service's NodePort: on its own address, node
     // 1's and loopback.
-    let node0 = &cluster.nodes[0];
     for ip in [
         IpAddr::V6(node0.address6),
         IpAddr::V6(cluster.nodes[1].address6),

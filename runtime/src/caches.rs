@@ -22,7 +22,7 @@
 use crate::metrics::Metrics;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::core::Status;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -344,7 +344,15 @@ impl<K: Cached> Cache<K> {
         // No subscriber is not an error.
         match event {
             Ok(watcher::Event::Apply(obj)) => {
-                let _ = self.changes.send(Change::Applied(Arc::new(obj)));
+                // The store's copy (the reflector cloned it in): the change buffer then holds
+                // no second copy of current objects.
+                let stored = self
+                    .store
+                    .get(&ObjectRef::from_obj(&obj))
+                    .filter(|s| s.meta().resource_version == obj.meta().resource_version);
+                let _ = self
+                    .changes
+                    .send(Change::Applied(stored.unwrap_or_else(|| Arc::new(obj))));
             }
             Ok(watcher::Event::Delete(obj)) => {
                 let _ = self.changes.send(Change::Deleted(Arc::new(obj)));
@@ -467,12 +475,15 @@ impl<K: Cached> Cache<K> {
 
     /// Like [`Cache::trigger_when`], waking only when `value` (the part of an object the
     /// concern reads) changed, an object was deleted, or the cache relisted.
-    pub fn trigger_on<V: PartialEq + Send + 'static>(
+    ///
+    /// What is kept per object is a 64-bit digest of `value`, not the value: at 100k
+    /// Endpoints a copy of each one's labels was megabytes per consumer.
+    pub fn trigger_on<V: std::hash::Hash>(
         &self,
         value: impl Fn(&K) -> V + Send + 'static,
     ) -> futures::stream::BoxStream<'static, Result<K, watcher::Error>> {
         let seen = Seen::default();
-        self.trigger_when(move |c| seen.changed(c, &value))
+        self.trigger_when(move |c| seen.changed(c, |obj| digest(&value(obj))))
     }
 
     /// Like [`Cache::trigger`] without deletions (as `applied_objects` of a private watch).
@@ -482,6 +493,12 @@ impl<K: Cached> Cache<K> {
         self.changes()
             .filter_map(|change| futures::future::ready(change.into_trigger(false)))
     }
+}
+
+/// A 64-bit digest of `value` (SipHash with fixed keys: the same in every pass of one process).
+fn digest<V: std::hash::Hash>(value: &V) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 /// The part of each object a consumer reads, as last seen, so a change stream can tell a

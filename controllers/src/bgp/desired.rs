@@ -64,7 +64,7 @@ pub struct NodeInput {
 }
 
 /// A Service as the BGP concern sees it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Hash)]
 pub struct ServiceInput {
     /// `namespace/name`.
     pub key: String,

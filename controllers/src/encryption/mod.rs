@@ -476,11 +476,13 @@ pub async fn run(ctx: runtime::Context, config: EncryptionConfig) -> anyhow::Res
     let node_changes = nodes.trigger_on(|n: &Node| n.labels().clone());
     // Addresses, pod CIDRs, what the agent published, and our own writes coming back (a
     // field edited by someone else is put back).
+    // (As JSON: the CRD types are not `Hash`; one NodeNetwork per node, so cheap.)
     let network_changes = networks.trigger_on(|nn: &NodeNetwork| {
-        (
-            nn.spec.clone(),
-            nn.status.as_ref().and_then(|s| s.encryption.clone()),
-        )
+        serde_json::to_string(&(
+            &nn.spec,
+            nn.status.as_ref().and_then(|s| s.encryption.as_ref()),
+        ))
+        .unwrap_or_default()
     });
     let controller = singleton::controller(NAME, stores.clone().listed())
         .watches_stream(policy_changes, singleton::on_change(NAME, Some(&changes)))

@@ -6,8 +6,9 @@
 //! keep their status IPs, but the IPs have been released to others). A terminating pod keeps
 //! its `Endpoint` until it is gone: its containers still send and receive.
 
+use super::pod::{PodInfo, PodInfoContainer};
 use crate::identities::labels::{LabelFilter, MAX_SECURITY_LABELS, SecurityLabels};
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Namespace;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
@@ -61,7 +62,7 @@ pub struct DesiredEndpoint {
 }
 
 /// The pod's IPs, at most one per family, primary first; unparsable entries are skipped.
-pub fn pod_ips(pod: &Pod) -> Vec<String> {
+pub fn pod_ips(pod: &PodInfo) -> Vec<String> {
     let Some(status) = pod.status.as_ref() else {
         return Vec::new();
     };
@@ -93,7 +94,7 @@ pub fn pod_ips(pod: &Pod) -> Vec<String> {
 
 /// Named ports of the pod's containers (and restartable init containers, i.e. sidecars);
 /// the first port of a name wins, protocol defaults to TCP.
-pub fn named_ports(pod: &Pod) -> Vec<NamedPort> {
+pub fn named_ports(pod: &PodInfo) -> Vec<NamedPort> {
     let Some(spec) = pod.spec.as_ref() else {
         return Vec::new();
     };
@@ -102,7 +103,7 @@ pub fn named_ports(pod: &Pod) -> Vec<NamedPort> {
         .iter()
         .flatten()
         .filter(|c| c.restart_policy.as_deref() == Some("Always"));
-    let containers: Vec<&Container> = spec.containers.iter().chain(sidecars).collect();
+    let containers: Vec<&PodInfoContainer> = spec.containers.iter().chain(sidecars).collect();
     let mut names = BTreeSet::new();
     let mut out = Vec::new();
     for port in containers.iter().flat_map(|c| c.ports.iter().flatten()) {
@@ -121,53 +122,12 @@ pub fn named_ports(pod: &Pod) -> Vec<NamedPort> {
     out
 }
 
-/// The Pod cut down to what this concern reads ([`desired_endpoint`], the owner and
-/// deletion metadata): the operator's Pod cache holds every pod of the cluster, and a real
-/// pod's env, volumes, probes, resources, tolerations, annotations and container statuses
-/// are most of its size. `managedFields` are dropped for every cache already.
-pub fn trim_pod(pod: &mut Pod) {
-    pod.metadata.annotations = None;
-    if let Some(spec) = pod.spec.take() {
-        let ports_only = |c: Container| Container {
-            name: c.name,
-            ports: c.ports,
-            restart_policy: c.restart_policy,
-            ..Default::default()
-        };
-        #[allow(deprecated)]
-        let trimmed = PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            service_account_name: spec.service_account_name,
-            service_account: spec.service_account,
-            containers: spec.containers.into_iter().map(ports_only).collect(),
-            // Only sidecars (restartable init containers) have ports that serve.
-            init_containers: spec.init_containers.map(|cs| {
-                cs.into_iter()
-                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
-                    .map(ports_only)
-                    .collect()
-            }),
-            ..Default::default()
-        };
-        pod.spec = Some(trimmed);
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..Default::default()
-        });
-    }
-}
-
 /// The workload that runs `pod`, from its controller owner reference (the first owner when
 /// none is marked controller), as Cilium and Hubble derive it: a ReplicaSet named
 /// `<name>-<pod-template-hash>` (the pod carries that label) is Deployment `<name>`; a Job
 /// named `<name>-<8 to 10 digits>` (the scheduled time a CronJob appends) is CronJob
 /// `<name>`; any other owner is its own workload. `None` for a pod without owners.
-pub fn workload(pod: &Pod) -> Option<EndpointWorkload> {
+pub fn workload(pod: &PodInfo) -> Option<EndpointWorkload> {
     let owners = pod.metadata.owner_references.as_deref().unwrap_or_default();
     let owner = owners
         .iter()
@@ -214,7 +174,7 @@ pub fn workload(pod: &Pod) -> Option<EndpointWorkload> {
 
 /// The `Endpoint` content a pod should have, or why it has none.
 pub fn desired_endpoint(
-    pod: &Pod,
+    pod: &PodInfo,
     namespace: Option<&Namespace>,
     filter: &LabelFilter,
 ) -> Result<DesiredEndpoint, Skip> {
@@ -298,14 +258,15 @@ pub fn endpoint_spec(
 
 #[cfg(test)]
 mod tests {
+    use super::super::pod::trim_pod;
     use super::*;
-    use k8s_openapi::api::core::v1::{ContainerPort, PodIP, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use kube::api::ObjectMeta;
     use std::collections::BTreeMap;
 
-    fn pod() -> Pod {
-        Pod {
+    fn pod() -> PodInfo {
+        PodInfo::from(&Pod {
             metadata: ObjectMeta {
                 name: Some("web-1".into()),
                 namespace: Some("shop".into()),
@@ -367,7 +328,7 @@ mod tests {
                 ]),
                 ..Default::default()
             }),
-        }
+        })
     }
 
     fn namespace() -> Namespace {
@@ -447,33 +408,43 @@ mod tests {
     }
 
     #[test]
-    fn a_trimmed_pod_yields_the_same_endpoint_and_keeps_its_owner() {
+    fn a_decoded_and_trimmed_pod_yields_the_same_endpoint_and_keeps_its_owner() {
         let f = LabelFilter::default();
         let ns = namespace();
-        for original in [pod(), full_pod()] {
-            let mut trimmed = original.clone();
-            trim_pod(&mut trimmed);
-            assert_eq!(
-                desired_endpoint(&trimmed, Some(&ns), &f),
-                desired_endpoint(&original, Some(&ns), &f)
-            );
-            assert_eq!(named_ports(&trimmed), named_ports(&original));
-            assert_eq!(workload(&trimmed), workload(&original));
-            assert_eq!(trimmed.metadata.uid, original.metadata.uid);
-        }
-        let mut trimmed = full_pod();
+        // Decoded from the watch's JSON, as the cache does, and converted from a full Pod.
+        let full = full_pod();
+        let decoded: PodInfo =
+            serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
+        assert_eq!(decoded, PodInfo::from(&full));
+        let mut trimmed = decoded.clone();
         trim_pod(&mut trimmed);
-        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
-        assert!(
-            size(&trimmed) * 4 < size(&full_pod()),
-            "{} of {} bytes left",
-            size(&trimmed),
-            size(&full_pod())
-        );
         assert_eq!(
-            named_ports(&trimmed).len(),
-            2,
+            desired_endpoint(&trimmed, Some(&ns), &f),
+            desired_endpoint(&decoded, Some(&ns), &f)
+        );
+        let desired = desired_endpoint(&trimmed, Some(&ns), &f).unwrap();
+        assert_eq!(desired.ips, ["10.0.1.5"]);
+        assert_eq!(desired.node, "node-a");
+        assert_eq!(desired.service_account, "web");
+        assert_eq!(desired.pod_uid, "u1");
+        assert_eq!(workload(&trimmed), of("Deployment", "web"));
+        assert_eq!(trimmed.metadata.annotations, None);
+        let names: Vec<String> = named_ports(&trimmed).into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            ["http", "metrics"],
             "main's http and the sidecar's metrics"
+        );
+        let inits = trimmed
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref());
+        assert_eq!(inits.map(Vec::len), Some(1), "only the sidecar is kept");
+        let trimmed_len = serde_json::to_vec(&trimmed).unwrap().len();
+        let full_len = serde_json::to_vec(&full).unwrap().len();
+        assert!(
+            trimmed_len * 4 < full_len,
+            "{trimmed_len} of {full_len} bytes left"
         );
     }
 
@@ -542,7 +513,7 @@ mod tests {
         }
     }
 
-    fn pod_owned_by(owners: Vec<OwnerReference>) -> Pod {
+    fn pod_owned_by(owners: Vec<OwnerReference>) -> PodInfo {
         let mut p = pod();
         p.metadata.owner_references = Some(owners);
         p

@@ -15,18 +15,20 @@
 //! [`crate::Term`]), so garbage collection never deletes an id this process just handed out.
 
 pub mod desired;
+pub mod pod;
 
 use crate::identities::IdentitiesConfig;
 use crate::identities::allocator::{AllocError, IdentityAllocator};
 use crate::identities::labels::LabelFilter;
 use desired::{Skip, desired_endpoint, endpoint_spec};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use pod::PodInfo;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
 use std::sync::Arc;
@@ -113,7 +115,7 @@ async fn delete_endpoint(
 /// list independently), absent or another pod of the same name. Whether it was deleted.
 async fn delete_if_orphan(
     client: &Client,
-    pods: &Store<Pod>,
+    pods: &Store<PodInfo>,
     endpoint: &Endpoint,
     deletes: &Counter,
 ) -> bool {
@@ -122,7 +124,7 @@ async fn delete_if_orphan(
     if pods.get(&ObjectRef::new(&name).within(&ns)).is_some() {
         return false;
     }
-    let gone = match Api::<Pod>::namespaced(client.clone(), &ns)
+    let gone = match Api::<PodInfo>::namespaced(client.clone(), &ns)
         .get_opt(&name)
         .await
     {
@@ -140,7 +142,7 @@ async fn delete_if_orphan(
 /// identity on every node until then), and an `Endpoint` written for a pod that went while
 /// the write was under way. [`sweep_orphans`] is the backstop.
 async fn delete_endpoints_of_gone_pods(
-    pods: runtime::Cache<Pod>,
+    pods: runtime::Cache<PodInfo>,
     endpoints: runtime::Cache<Endpoint>,
     client: Client,
     deletes: Counter,
@@ -201,7 +203,7 @@ const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 /// Deletes Endpoints whose pod no longer exists, once the caches are ready and then every
 /// [`ORPHAN_SWEEP_INTERVAL`].
 async fn sweep_orphans(
-    pods: Store<Pod>,
+    pods: Store<PodInfo>,
     endpoints: Store<Endpoint>,
     client: Client,
     deletes: Counter,
@@ -231,11 +233,11 @@ async fn sweep_orphans(
 }
 
 impl Reconciler for Endpoints {
-    type Object = Pod;
+    type Object = PodInfo;
     type Error = Error;
     const NAME: &'static str = NAME;
 
-    async fn reconcile(&self, pod: Arc<Pod>) -> Result<Action, Error> {
+    async fn reconcile(&self, pod: Arc<PodInfo>) -> Result<Action, Error> {
         let name = pod.meta().name.clone().ok_or(Error::MissingMetadata)?;
         let ns = pod.meta().namespace.clone().ok_or(Error::MissingMetadata)?;
         runtime::cache_ready(&self.namespaces, "namespaces").await?;
@@ -297,14 +299,14 @@ impl Reconciler for Endpoints {
     }
 }
 
-fn pod_of(ep: Endpoint) -> Option<ObjectRef<Pod>> {
+fn pod_of(ep: Endpoint) -> Option<ObjectRef<PodInfo>> {
     ep.namespace()
-        .map(|ns| ObjectRef::<Pod>::new(&ep.name_any()).within(&ns))
+        .map(|ns| ObjectRef::<PodInfo>::new(&ep.name_any()).within(&ns))
 }
 
 /// Whether `endpoint` was written for `pod` (not an earlier pod of the same name). Endpoints
 /// written before `spec.podUID` existed name their pod in an owner reference instead.
-fn owned_by(endpoint: &Endpoint, pod: &Pod) -> bool {
+fn owned_by(endpoint: &Endpoint, pod: &PodInfo) -> bool {
     let uid = pod.meta().uid.as_deref();
     if !endpoint.spec.pod_uid.is_empty() {
         return Some(endpoint.spec.pod_uid.as_str()) == uid;
@@ -323,7 +325,7 @@ pub async fn run(
     allocator: IdentityAllocator,
 ) -> anyhow::Result<()> {
     let client = ctx.client.clone();
-    let pods = ctx.caches.all_trimmed::<Pod>(desired::trim_pod);
+    let pods = ctx.caches.all_trimmed::<PodInfo>(pod::trim_pod);
     let namespaces = ctx.caches.all::<Namespace>();
     let endpoints = ctx.caches.all::<Endpoint>();
     // An Identity that disappears while endpoints use it (deleted by hand): those pods

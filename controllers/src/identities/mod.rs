@@ -25,6 +25,7 @@ pub mod labels;
 pub mod references;
 
 use allocator::IdentityAllocator;
+use futures::StreamExt as _;
 use index::{GcDecision, Space, gc_decision, references_write_due};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -111,6 +112,8 @@ pub const SPACE_CONDITION: &str = "IdentitySpaceAvailable";
 const SPACE_MANAGER: &str = "tendril-identity-space";
 /// A failed condition write is tried again after this long.
 const SPACE_RETRY: Duration = Duration::from_secs(5);
+/// The count in the condition's message is brought up to date at most this often.
+const SPACE_REFRESH: Duration = Duration::from_secs(10);
 
 /// The `IdentitySpaceAvailable` condition for `space` in use.
 pub fn space_condition(space: Space, warning_percent: u8) -> DesiredCondition {
@@ -142,7 +145,9 @@ pub fn space_condition(space: Space, warning_percent: u8) -> DesiredCondition {
     }
 }
 
-/// Writes `IdentitySpaceAvailable` on `Identity/1` whenever its reason changes.
+/// Writes `IdentitySpaceAvailable` on `Identity/1`: at once when its reason changes, and
+/// when only the count in its message moved, at most every [`SPACE_REFRESH`] (one write per
+/// allocation would be thousands of writes of one object while a cluster starts).
 async fn report_space(
     api: Api<Identity>,
     allocator: IdentityAllocator,
@@ -155,12 +160,33 @@ async fn report_space(
         _ = allocator.wait_synced() => {}
     }
     let host = Reserved::Host.id().to_string();
-    let mut written: Option<String> = None;
+    // What was last written, and when.
+    let mut written: Option<(Space, tokio::time::Instant)> = None;
     loop {
-        let desired = space_condition(*space.borrow_and_update(), warning_percent);
-        if written.as_deref() != Some(desired.reason.as_str()) {
+        let current = *space.borrow_and_update();
+        let desired = space_condition(current, warning_percent);
+        let due = match written {
+            None => Some(tokio::time::Instant::now()),
+            Some((space, _)) if space == current => None,
+            Some((space, at)) => {
+                if space_condition(space, warning_percent).reason != desired.reason {
+                    Some(tokio::time::Instant::now())
+                } else {
+                    Some(at + SPACE_REFRESH)
+                }
+            }
+        };
+        if let Some(due) = due {
+            if due > tokio::time::Instant::now() {
+                // Only the count moved: written when due, with the count then.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(due) => continue,
+                    changed = space.changed() => if changed.is_err() { return } else { continue },
+                }
+            }
             match write_space_condition(&api, &host, &desired).await {
-                Ok(()) => written = Some(desired.reason.clone()),
+                Ok(()) => written = Some((current, tokio::time::Instant::now())),
                 Err(e) => {
                     warn!(error = %e, "writing the {SPACE_CONDITION} condition failed; retrying");
                     tokio::select! {
@@ -366,6 +392,9 @@ pub async fn run(
     // one reconcile (and at most one status write).
     let references = Arc::new(Mutex::new(References::default()));
     let moved = Arc::new(Mutex::new(std::collections::HashMap::<String, i64>::new()));
+    // Identities a relist of the Endpoints recounted (deletions it hid): reconciled too,
+    // or one left without endpoints would never be collected.
+    let (recount_tx, recount_rx) = futures::channel::mpsc::unbounded::<i64>();
     let endpoint_changes = {
         let (references, moved, store) = (references.clone(), moved.clone(), endpoints.store());
         endpoints.trigger_when(move |change| {
@@ -383,19 +412,30 @@ pub async fn run(
                     .remove(&runtime::object_key(e.as_ref()))
                     .is_some(),
                 Change::Listed => {
-                    references.reset(
+                    let recounted = references.reset(
                         store
                             .state()
                             .iter()
                             .map(|e| (runtime::object_key(e.as_ref()), e.spec.identity)),
                     );
+                    for id in recounted {
+                        let _ = recount_tx.unbounded_send(id);
+                    }
                     false
                 }
                 Change::Failed(_) => false,
             }
         })
     };
-    let controller = Controller::for_stream(identities.trigger(), identities.store())
+    let recounted = {
+        let store = identities.store();
+        recount_rx.filter_map(move |id| {
+            let identity = store.get(&ObjectRef::new(&id.to_string()));
+            futures::future::ready(identity.map(|i| Ok(Identity::clone(&i))))
+        })
+    };
+    let triggers = futures::stream::select(identities.trigger(), recounted);
+    let controller = Controller::for_stream(triggers, identities.store())
         .with_config(controller::Config::default().debounce(Duration::from_secs(1)))
         .watches_stream(endpoint_changes, move |endpoint: Endpoint| {
             let moved_from = lock(&moved).remove(&runtime::object_key(&endpoint));

@@ -42,13 +42,32 @@ impl References {
         Some(previous)
     }
 
-    /// Rebuilt from a complete list (after a relist, which may hide deletions).
-    pub fn reset<'a>(&mut self, endpoints: impl IntoIterator<Item = (String, Option<i64>)> + 'a) {
+    /// Rebuilt from a complete list (after a relist or a lagged change stream, which may
+    /// hide deletions). Returns the identities whose count changed: the changes that were
+    /// missed moved them, and one left without endpoints must be looked at, or garbage
+    /// collection never sees it.
+    pub fn reset<'a>(
+        &mut self,
+        endpoints: impl IntoIterator<Item = (String, Option<i64>)> + 'a,
+    ) -> Vec<i64> {
+        let before = std::mem::take(&mut self.counts);
         self.identity_of.clear();
-        self.counts.clear();
         for (endpoint, identity) in endpoints {
             self.set(&endpoint, identity);
         }
+        let mut changed: Vec<i64> = before
+            .iter()
+            .filter(|(id, n)| self.counts.get(id) != Some(n))
+            .map(|(id, _)| *id)
+            .chain(
+                self.counts
+                    .keys()
+                    .filter(|id| !before.contains_key(id))
+                    .copied(),
+            )
+            .collect();
+        changed.sort_unstable();
+        changed
     }
 
     /// The identity the endpoint carries, as far as the index knows.
@@ -73,6 +92,31 @@ impl References {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_names_the_identities_whose_count_the_missed_changes_moved() {
+        let mut r = References::default();
+        r.set("ns/a", Some(300));
+        r.set("ns/b", Some(300));
+        r.set("ns/c", Some(301));
+        r.set("ns/d", Some(302));
+        // Missed: c deleted (301 left without endpoints), b moved to 303, d unchanged.
+        let changed = r.reset([
+            ("ns/a".to_string(), Some(300)),
+            ("ns/b".to_string(), Some(303)),
+            ("ns/d".to_string(), Some(302)),
+        ]);
+        assert_eq!(changed, [300, 301, 303]);
+        assert_eq!((r.count(300), r.count(301), r.count(303)), (1, 0, 1));
+        assert!(
+            r.reset([
+                ("ns/a".to_string(), Some(300)),
+                ("ns/b".to_string(), Some(303)),
+                ("ns/d".to_string(), Some(302)),
+            ])
+            .is_empty()
+        );
+    }
 
     #[test]
     fn references_follow_endpoints_between_identities() {

@@ -22,9 +22,9 @@
  *   as REASON_POLICY_AUDIT, reported with verdict audit, passed); an endpoint
  *   without policy allows everything anyway, so its IPv6 passes.
  *
- * The agent reports which in NodeNetwork status (condition IPv6Policy). Only
- * bpf_lxc.c's IPv6 programs (reached by tail call from the pods' hooks) call in
- * here; the large state lives in a per-CPU scratch map. The IPv4 path is
+ * The agent reports which in NodeNetwork status (condition IPv6Policy). The
+ * pod hooks' IPv6 bodies are in lib/lxc6.h (bpf_lxc.c's IPv6 programs, reached
+ * by tail call); the large state lives in a per-CPU scratch map. The IPv4 path is
  * untouched. A non-first fragment (no transport header) is judged with the
  * ports its first fragment carried (ipv6_frags, as ipv4_frags for IPv4), or
  * none (zero) if that was not seen. */
@@ -66,7 +66,9 @@ struct l4_info6 {
 	__u8 icmp_type; /* 0xFF: not ICMPv6 */
 	__u8 icmp_code;
 	__u8 hop_limit;
-	__u16 pad;
+	/* Offset of the transport header from the frame's start; 0 in a later
+	 * fragment (none there). The tc service path rewrites it (lib/lb6_nat.h). */
+	__u16 l4_off;
 	struct {
 		__u8 saddr[16];
 		__u8 daddr[16];
@@ -147,7 +149,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct l4_info6 *l4
 	struct frag6_key frag_key = {};
 	struct frag4_ports *ports;
 	__u8 frag_more = 0;
-	__u8 frag_id[4];
+	__u8 frag_id[4] = {};
 	__u8 hdr[8];
 	__u8 next;
 	int i;
@@ -189,6 +191,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct l4_info6 *l4
 		frag_more = hdr[3] & IPV6_FRAG_MORE;
 	}
 	l4->proto = next;
+	l4->l4_off = off;
 	if (load_ports6(skb, off, next, &l4->sport, &l4->dport, &l4->icmp_type, &l4->icmp_code) < 0)
 		return 0;
 	if (frag_more) {
@@ -437,87 +440,15 @@ static __always_inline int policy_enforce6(struct __sk_buff *skb, struct ipv6_sc
 }
 
 /* Judges the IPv6 packet in `s` at (ep, dir): by policy when the node
- * enforces IPv6 policy, else fail closed. A tc verdict. */
-static __always_inline int ipv6_judge(struct __sk_buff *skb, struct ipv6_scratch *s,
-				      const struct endpoint_info *ep, __u32 peer, __u8 dir)
+ * enforces IPv6 policy, else fail closed. A tc verdict. A subprogram: its
+ * policy state and the service path's (lib/lb6_nat.h) are not added up on the
+ * hooks' stack. */
+static __noinline __attribute__((unused)) int ipv6_judge(struct __sk_buff *skb,
+							 struct ipv6_scratch *s,
+							 const struct endpoint_info *ep,
+							 __u32 peer, __u8 dir)
 {
 	if (!ipv6_policy_enforced())
 		return ipv6_fail_closed(skb, s, ep, peer, dir);
 	return policy_enforce6(skb, s, ep, dir, peer) == POLICY_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
-}
-
-/* from_container's IPv6: a tc verdict, or -reason for a drop the caller
- * reports. */
-static __noinline int from_container6(struct __sk_buff *skb)
-{
-	struct ipv6_scratch *s = ipv6_scratch_get();
-	struct ipcache_value *dst_info;
-	struct endpoint_info *src_ep;
-	__u32 dst_identity;
-	int rc;
-
-	if (!s)
-		return -DROP_INVALID_PACKET;
-	if (parse_ipv6(skb, &s->l4) < 0)
-		return -DROP_INVALID_PACKET;
-	if (ipv6_is_link_control(&s->l4)) {
-		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
-		return TC_ACT_OK;
-	}
-	src_ep = lookup_endpoint6(s->l4.saddr);
-	if (!src_ep || src_ep->ifindex != skb->ifindex)
-		return -DROP_INVALID_SOURCE;
-	dst_info = lookup_ipcache6(s->l4.daddr);
-	dst_identity = dst_info ? dst_info->identity : IDENTITY_WORLD;
-	if (!ipv6_is_must_pass_error(&s->l4)) {
-		rc = ipv6_judge(skb, s, src_ep, dst_identity, DIR_EGRESS);
-		if (rc != TC_ACT_OK)
-			return rc;
-	}
-	/* The host stack routes it; the mark tells to_container6 (or, across
-	 * nodes, to_overlay: the VNI) who sent it, also when this node does not
-	 * judge IPv6, so a pod is never taken for the node itself. */
-	skb->mark = identity_to_mark(src_ep->identity);
-	if (!ipv6_policy_enforced()) {
-		metrics_count(skb, REASON_TO_STACK_NON_IPV4, DIR_EGRESS);
-		return TC_ACT_OK;
-	}
-	if (!dst_info)
-		metrics_count(skb, REASON_TO_STACK_UNKNOWN, DIR_EGRESS);
-	else if (dst_info->flags & IPCACHE_F_LOCAL_NODE)
-		metrics_count(skb, REASON_TO_STACK_HOST, DIR_EGRESS);
-	else
-		metrics_count(skb, REASON_TO_STACK_NATIVE, DIR_EGRESS);
-	return TC_ACT_OK;
-}
-
-/* to_container's IPv6, returning as from_container6 does. A destination that
- * is no known endpoint address (a link-local or multicast one) cannot be
- * matched to its endpoint's policy: dropped, as IPv6 the node cannot judge. */
-static __noinline int to_container6(struct __sk_buff *skb)
-{
-	struct ipv6_scratch *s = ipv6_scratch_get();
-	struct endpoint_info *dst_ep;
-	__u32 src_identity;
-	int rc;
-
-	if (!s)
-		return -DROP_INVALID_PACKET;
-	if (parse_ipv6(skb, &s->l4) < 0)
-		return -DROP_INVALID_PACKET;
-	if (ipv6_is_link_control(&s->l4))
-		return TC_ACT_OK;
-	dst_ep = lookup_endpoint6(s->l4.daddr);
-	if (!dst_ep)
-		return -DROP_IPV6_POLICY_NOT_ENFORCED;
-	if (!ipv6_is_must_pass_error(&s->l4)) {
-		src_identity = mark_to_identity(skb->mark);
-		if (src_identity == IDENTITY_UNKNOWN)
-			src_identity = resolve_identity6(s->l4.saddr);
-		rc = ipv6_judge(skb, s, dst_ep, src_identity, DIR_INGRESS);
-		if (rc != TC_ACT_OK)
-			return rc;
-	}
-	metrics_count(skb, REASON_DELIVER_VIA_STACK, DIR_INGRESS);
-	return TC_ACT_OK;
 }

@@ -19,7 +19,8 @@
  *   serve both families, and a frontend only ever has backends of its own
  *   family.
  * - lb_affinity: (client, rev-nat index) → backend id, last used (LRU).
- * - lb_source_ranges: LPM (rev-nat index, client prefix) → allowed.
+ * - lb_source_ranges: LPM (rev-nat index, client prefix) → allowed; its IPv6
+ *   twin lb6_source_ranges for the ranges of IPv6 frontends.
  * - lb_maglev: (rev-nat index, scope, table slot) → backend id, the Maglev
  *   lookup table of a service (absent: random selection).
  * - lb_netns: netns cookie → present: the network namespaces (the node's and
@@ -111,12 +112,14 @@ struct lb6_reverse_nat {
 };
 
 /* Client-IP affinity. Socket LB knows no source address at connect: it keys
- * by the client's netns cookie (one pod, one address; as Cilium does). */
+ * by the client's netns cookie (one pod, one address; as Cilium does). The tc
+ * path's IPv6 clients key by their address folded to 64 bits. */
 #define AFFINITY_BY_NETNS 1
+#define AFFINITY_BY_ADDR6 2
 struct lb_affinity_key {
 	__u64 client; /* IPv4 address (network order, low 32 bits) or netns cookie */
 	__u16 rev_nat_index;
-	__u8 kind; /* 0: address, AFFINITY_BY_NETNS: netns cookie */
+	__u8 kind; /* 0: IPv4 address, AFFINITY_BY_NETNS: netns cookie, AFFINITY_BY_ADDR6 */
 	__u8 pad[5];
 };
 
@@ -133,6 +136,14 @@ struct lb4_src_range_key {
 	__u16 rev_nat_index;
 	__u16 pad;
 	__be32 address;
+};
+
+/* The same for IPv6 clients of IPv6 frontends (lb6_source_ranges). */
+struct lb6_src_range_key {
+	__u32 prefixlen;
+	__u16 rev_nat_index;
+	__u16 pad;
+	__be32 address[4];
 };
 
 struct lb_maglev_key {
@@ -254,6 +265,15 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_source_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb6_src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, LB_SOURCE_RANGES_MAX_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb6_source_ranges SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -442,4 +462,18 @@ static __always_inline int lb4_source_allowed(const struct lb_service *svc, __be
 	if (!(svc->flags & SVC_F_SOURCE_RANGES))
 		return 1;
 	return bpf_map_lookup_elem(&lb_source_ranges, &key) != NULL;
+}
+
+/* Whether IPv6 `client` may use the service (loadBalancerSourceRanges). */
+static __always_inline int lb6_source_allowed(const struct lb_service *svc, const __be32 *client)
+{
+	struct lb6_src_range_key key = {
+		.prefixlen = LB_SRC_RANGE_STATIC_PREFIX + 128,
+		.rev_nat_index = svc->rev_nat_index,
+	};
+
+	if (!(svc->flags & SVC_F_SOURCE_RANGES))
+		return 1;
+	__builtin_memcpy(key.address, client, 16);
+	return bpf_map_lookup_elem(&lb6_source_ranges, &key) != NULL;
 }

@@ -80,6 +80,14 @@ struct node_config {
 	__u32 pad;
 };
 
+/* node_config6: one entry (index 0) written by the agent: the node's IPv6
+ * address (its IPv6 InternalIP, all zero without one), the source of SNATed
+ * IPv6 service connections (lib/lb6_nat.h). A map of its own, so node_config
+ * keeps the shape pinned by earlier agents. */
+struct node_config6 {
+	__u8 node_ipv6[16];
+};
+
 /* policy: LPM trie of every local endpoint's rules. Every field up to and
  * including peer_identity is always matched (POLICY_STATIC_PREFIX bits after
  * prefixlen); then protocol + pad1 when the entry names a protocol; then a
@@ -116,6 +124,10 @@ struct policy_value {
  * empty ResolvedPolicy still has a state, but selects nothing. IPv6 of a
  * selected endpoint fails closed (lib/ipv6.h). */
 #define POLICY_F_SELECTED 0x04
+/* The endpoint's policy has deny entries in that direction: without any, the
+ * first allowing lookup decides, and a new connection skips the others. */
+#define POLICY_F_HAS_DENY_INGRESS 0x08
+#define POLICY_F_HAS_DENY_EGRESS 0x10
 struct policy_state {
 	__u32 revision; /* low 32 bits of the ResolvedPolicy revision: the CT epoch */
 	__u32 flags;
@@ -310,6 +322,14 @@ struct {
 	__uint(max_entries, 1);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct node_config6);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_config6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -70,7 +70,7 @@ static __always_inline void policy_decide_key(const struct policy_state *state, 
 	};
 	struct policy_cidr_value *cidr;
 	__u8 allow = 0, match, verdict = 0;
-	__u32 deny_flag;
+	__u32 deny_flag, has_deny;
 
 	if (!state) {
 		d->verdict = EVENT_VERDICT_ALLOW;
@@ -79,12 +79,17 @@ static __always_inline void policy_decide_key(const struct policy_state *state, 
 	}
 	if (proto_has_ports(proto))
 		key.dport = bpf_htons(dport);
+	has_deny = state->flags &
+		   (dir == DIR_INGRESS ? POLICY_F_HAS_DENY_INGRESS : POLICY_F_HAS_DENY_EGRESS);
 
 	match = policy_lookup(&key, peer_identity, &verdict);
 	if (match) {
 		if (verdict == POLICY_VERDICT_DENY)
 			goto deny;
 		allow = match;
+		/* No deny to find in the other lookups. */
+		if (!has_deny)
+			goto allowed;
 	}
 	cidr = bpf_map_lookup_elem(&policy_cidrs, cidr_key);
 	if (cidr) {
@@ -104,6 +109,7 @@ static __always_inline void policy_decide_key(const struct policy_state *state, 
 			allow = match;
 	}
 	if (allow) {
+allowed:
 		d->verdict = EVENT_VERDICT_ALLOW;
 		d->match = allow;
 		return;

@@ -1,8 +1,17 @@
-//! The loop every agent reconciler runs: a pass, then wait for a change (leading edge: the
-//! first change after a quiet time starts a pass at once; passes start at least `debounce`
-//! apart, so the changes of a burst arriving meanwhile are coalesced into the next), the
-//! resync period, or — after a failed pass — the configured `backoff` (agent.yaml), the same
-//! jittered exponential curve the operator's harness uses.
+//! The loop every agent reconciler runs: a pass, then wait for a change, the resync period,
+//! or — after a failed pass — the configured `backoff` (agent.yaml), the same jittered
+//! exponential curve the operator's harness uses.
+//!
+//! Leading edge, then coalescing: the first change after a quiet time starts a pass at
+//! once; what arrives while it runs is handled together by a follow-up that starts as soon
+//! as it ends (one change of the cluster often arrives as a few objects a few ms apart, e.g.
+//! the `ResolvedPolicy`s of every subject identity); while changes keep arriving during
+//! passes, later passes start at least `debounce` apart, and at least as long after the
+//! previous pass ended as it took, so a sustained burst is coalesced instead of running
+//! passes back to back. (A pass is a full rebuild: at 10k remote endpoints under churn,
+//! back-to-back passes kept half of a 2-core machine busy; idling as long as a pass took
+//! caps the loop at half a core whatever the cluster size, at one pass of extra latency
+//! only while the burst lasts.)
 
 use super::view::Wake;
 use std::future::Future;
@@ -26,8 +35,9 @@ pub enum PassOutcome {
 pub struct LoopTiming {
     /// At least this often even without a change.
     pub resync: Duration,
-    /// Passes start at least this far apart; the first change after a quiet time is
-    /// handled at once, those arriving within the window are handled together by the next.
+    /// Within a sustained burst, passes start at least this far apart. The first change
+    /// after a quiet time is handled at once, and what arrived during that pass by a
+    /// follow-up right after it.
     pub debounce: Duration,
     /// Retry curve after failed passes.
     pub backoff: Backoff,
@@ -60,6 +70,9 @@ pub trait NodeLoop: Send {
 /// period, or a failure's backoff. Cancel by dropping the future.
 pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
     let mut failures: u32 = 0;
+    // Whether the next follow-up (a pass for changes that arrived during the previous one)
+    // may start without the debounce: once per burst.
+    let mut quick_followup = true;
     loop {
         let pass_started = tokio::time::Instant::now();
         // This pass handles every change so far: a wakeup they left pending would only
@@ -73,6 +86,9 @@ pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
             );
         }
         let outcome = node.pass().await;
+        let took = pass_started.elapsed();
+        // Changes arrived while the pass ran (before a failure re-marks its own as pending).
+        let arrived_during = wake.pending();
         match outcome {
             PassOutcome::Converged => {
                 failures = 0;
@@ -91,9 +107,16 @@ pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
-        // Within a burst, the changes arriving meanwhile are coalesced into one pass; after
-        // a quiet time this does not wait at all.
-        tokio::time::sleep_until(pass_started + timing.debounce).await;
+        // The first follow-up of a burst starts at once; later ones no sooner than the
+        // debounce after the previous pass started, nor before an idle time as long as it
+        // took (after a quiet time both are long past).
+        let followup = arrived_during && outcome == PassOutcome::Converged;
+        if followup && quick_followup {
+            quick_followup = false;
+        } else {
+            quick_followup = !followup;
+            tokio::time::sleep_until(pass_started + timing.debounce.max(took * 2)).await;
+        }
     }
 }
 
@@ -109,6 +132,10 @@ mod tests {
         t0: Instant,
         starts: Arc<Mutex<Vec<Duration>>>,
         delays: Arc<Mutex<Vec<Duration>>>,
+        /// A change arrives during each of the next this many passes (on this wake).
+        changes_during: Option<(Wake, usize)>,
+        /// How long each pass takes.
+        takes: Duration,
     }
 
     impl Scripted {
@@ -118,6 +145,8 @@ mod tests {
                 t0: Instant::now(),
                 starts: Arc::default(),
                 delays: Arc::default(),
+                changes_during: None,
+                takes: Duration::from_millis(2),
             }
         }
     }
@@ -125,6 +154,13 @@ mod tests {
     impl NodeLoop for Scripted {
         async fn pass(&mut self) -> PassOutcome {
             self.starts.lock().unwrap().push(self.t0.elapsed());
+            if let Some((wake, left)) = &mut self.changes_during
+                && *left > 0
+            {
+                *left -= 1;
+                tokio::time::sleep(self.takes).await;
+                wake.touch();
+            }
             self.outcome
         }
 
@@ -225,5 +261,51 @@ mod tests {
             _ = run => unreachable!(),
             _ = check => {}
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_arrives_during_a_pass_is_handled_right_after_it_once_per_burst() {
+        let timing = LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(50),
+            backoff: Backoff::default(),
+        };
+        let wake = Wake::default();
+        let mut node = Scripted::new(PassOutcome::Converged);
+        // Changes arrive during the first three passes (each takes 2 ms).
+        node.changes_during = Some((wake.clone(), 3));
+        let starts = node.starts.clone();
+        let run = drive(&wake, &timing, &mut node);
+        tokio::select! {
+            _ = run => unreachable!(),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let all = starts.lock().unwrap().clone();
+        // The first follow-up right after the pass; the burst goes on, so the next ones
+        // are spaced by the debounce; the last change is handled, then the loop rests.
+        assert_eq!(gaps(&all), [2, 50, 50], "{all:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_sustained_burst_the_loop_idles_as_long_as_a_pass_takes() {
+        let timing = LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(10),
+            backoff: Backoff::default(),
+        };
+        let wake = Wake::default();
+        let mut node = Scripted::new(PassOutcome::Converged);
+        node.takes = Duration::from_millis(80);
+        node.changes_during = Some((wake.clone(), 4));
+        let starts = node.starts.clone();
+        let run = drive(&wake, &timing, &mut node);
+        tokio::select! {
+            _ = run => unreachable!(),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let all = starts.lock().unwrap().clone();
+        // The follow-up right after the first pass; then each pass of 80 ms is followed by
+        // 80 ms of rest (the 10 ms debounce is long past).
+        assert_eq!(gaps(&all), [80, 160, 160, 160], "{all:?}");
     }
 }

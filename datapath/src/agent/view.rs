@@ -31,6 +31,14 @@ pub struct ClusterView {
     pub egress_routes: Cache<EgressRoute>,
 }
 
+/// What the agent drops of every Endpoint it caches (it caches every Endpoint of the
+/// cluster): the security labels, which are its identity's (the flows directory takes them
+/// from the `Identity`, once per identity), and annotations.
+fn trim_endpoint(endpoint: &mut Endpoint) {
+    endpoint.spec.security_labels.clear();
+    endpoint.metadata.annotations = None;
+}
+
 /// Scope of the apiserver cache: the slice the apiserver itself writes.
 pub const APISERVER_SCOPE: &str = "default/kubernetes";
 
@@ -48,7 +56,7 @@ impl ClusterView {
         );
         let view = Self {
             node_networks: caches.all(),
-            endpoints: caches.all(),
+            endpoints: caches.all_trimmed(trim_endpoint),
             identities: caches.all(),
             resolved_policies: caches.all(),
             apiserver,
@@ -220,6 +228,15 @@ impl Wake {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// Whether a change is pending (arrived since the current pass took the previous ones).
+    pub(crate) fn pending(&self) -> bool {
+        self.inner
+            .since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The pass did not realize the change that arrived at `at`: it is still pending.

@@ -3,7 +3,8 @@
 //! Pin layout under a node's directory (default `/sys/fs/bpf/tendril/<node>`):
 //!
 //! ```text
-//! <dir>/ipcache, endpoints, metrics, node_config   maps, pinned by name
+//! <dir>/ipcache, endpoints, metrics, node_config,
+//!       node_config6                                maps, pinned by name
 //! <dir>/policy, policy_state, policy_cidrs,
 //!       conntrack, conntrack6, events, ipv4_frags,
 //!       ipv6_frags                                  policy maps (issues 6, 18)
@@ -11,7 +12,7 @@
 //!       lb_maglev, lb_netns, lb_sock_revnat, lb_nat,
 //!       lb_config                                   services maps (issue 12)
 //! <dir>/lb6_services, lb6_backends, lb6_revnat,
-//!       lb6_sock_revnat                             IPv6 services maps (issue 18)
+//!       lb6_sock_revnat, lb6_source_ranges, lb6_nat IPv6 services maps (issue 18)
 //! <dir>/links/socklb-<hook>                         socket-LB cgroup links (connect4, connect6, …)
 //! <dir>/links/<hook>:<ifname>                       TCX links (e.g. from-container:lxc1a2b)
 //! ```
@@ -208,7 +209,7 @@ pub struct MapSizes {
     pub lb_revnat: u32,
     /// Client-IP affinity records (LRU).
     pub lb_affinity: u32,
-    /// loadBalancerSourceRanges prefixes of all services.
+    /// loadBalancerSourceRanges prefixes of all services (each family's map).
     pub lb_source_ranges: u32,
     /// Maglev table slots of all Maglev services (table size × scopes each).
     pub lb_maglev: u32,
@@ -216,7 +217,8 @@ pub struct MapSizes {
     pub lb_netns: u32,
     /// Translated sockets remembered for recvmsg/getpeername (LRU).
     pub lb_sock_revnat: u32,
-    /// Connections translated by the tc service path, two entries each (LRU).
+    /// Connections translated by the tc service path, two entries each (LRU), per family
+    /// (`lb_nat`, `lb6_nat`).
     pub lb_nat: u32,
     /// Egress gateway entries: (local or gatewayed source pod × destination/excluded prefix).
     pub egress_policy: u32,
@@ -458,6 +460,8 @@ impl Programs {
                 .map_max_entries(maps::LB6_BACKENDS, sizes.lb_backends)
                 .map_max_entries(maps::LB6_REVNAT, sizes.lb_revnat)
                 .map_max_entries(maps::LB6_SOCK_REVNAT, sizes.lb_sock_revnat)
+                .map_max_entries(maps::LB6_SOURCE_RANGES, sizes.lb_source_ranges)
+                .map_max_entries(maps::LB6_NAT, sizes.lb_nat)
                 .map_max_entries(maps::EGRESS_POLICY, sizes.egress_policy)
                 .map_max_entries(maps::EGRESS_NAT, sizes.egress_nat)
                 .load(bytes)

@@ -21,6 +21,10 @@ pub const POLICY_F_DEFAULT_DENY_EGRESS: u32 = 0x02;
 /// `POLICY_F_SELECTED`: some policy selects the endpoint (sources, rules or a default deny);
 /// its IPv6 fails closed while the node enforces no IPv6 policy.
 pub const POLICY_F_SELECTED: u32 = 0x04;
+/// `POLICY_F_HAS_DENY_INGRESS` / `_EGRESS`: the endpoint has deny entries in that direction;
+/// without any, the datapath takes the first allowing lookup of a new connection.
+pub const POLICY_F_HAS_DENY_INGRESS: u32 = 0x08;
+pub const POLICY_F_HAS_DENY_EGRESS: u32 = 0x10;
 
 /// IP protocol numbers a rule can name (0 = any protocol).
 pub const PROTO_ANY: u8 = 0;
@@ -170,6 +174,20 @@ pub struct PolicyState {
     pub revision: u32,
     /// `POLICY_F_*`.
     pub flags: u32,
+}
+
+/// `POLICY_F_HAS_DENY_*` of the directions some of `entries` deny in (one endpoint's).
+pub fn deny_flags<'a>(entries: impl IntoIterator<Item = (&'a PolicyEntry, &'a Verdict)>) -> u32 {
+    entries
+        .into_iter()
+        .filter(|(_, v)| **v == Verdict::Deny)
+        .fold(0, |flags, (k, _)| {
+            flags
+                | match k.direction {
+                    Direction::Ingress => POLICY_F_HAS_DENY_INGRESS,
+                    Direction::Egress => POLICY_F_HAS_DENY_EGRESS,
+                }
+        })
 }
 
 /// The aligned port blocks covering `start..=end` exactly: (first port, prefix bits).

@@ -33,8 +33,9 @@ pub struct PodInfo {
     pub namespace: String,
     pub pod_name: String,
     pub identity: u32,
-    /// `source:key=value`, sorted.
-    pub labels: Vec<String>,
+    /// `source:key=value`, sorted; one allocation per distinct label set (pods of one
+    /// identity share it: at 10k remote pods a copy each was a large part of the agent).
+    pub labels: Arc<Vec<String>>,
     /// The pod's workload (Hubble's `workloads`), from the Endpoint's `spec.workload`.
     pub workloads: Vec<Workload>,
 }
@@ -105,16 +106,34 @@ impl Directory {
         identities: impl IntoIterator<Item = &'a Identity>,
     ) -> Self {
         let mut dir = Directory::default();
+        for id in identities {
+            if let Ok(n) = u32::try_from(id.spec.id) {
+                dir.identities
+                    .insert(n, Arc::new(label_strings(id.spec.security_labels.iter())));
+            }
+        }
+        // A pod's labels are its identity's (the same set): one allocation per identity.
+        // The agent's cache drops the Endpoints' own copy; an endpoint whose identity is
+        // not known yet falls back to it.
+        let mut label_sets: HashMap<Vec<String>, Arc<Vec<String>>> = HashMap::new();
         for ep in endpoints {
+            let identity = ep
+                .spec
+                .identity
+                .and_then(|id| u32::try_from(id).ok())
+                .unwrap_or(0);
+            let labels = match dir.identities.get(&identity) {
+                Some(labels) => labels.clone(),
+                None => label_sets
+                    .entry(label_strings(ep.spec.security_labels.iter()))
+                    .or_insert_with_key(|l| Arc::new(l.clone()))
+                    .clone(),
+            };
             let info = Arc::new(PodInfo {
                 namespace: ep.metadata.namespace.clone().unwrap_or_default(),
                 pod_name: ep.metadata.name.clone().unwrap_or_default(),
-                identity: ep
-                    .spec
-                    .identity
-                    .and_then(|id| u32::try_from(id).ok())
-                    .unwrap_or(0),
-                labels: label_strings(ep.spec.security_labels.iter()),
+                identity,
+                labels,
                 workloads: ep
                     .spec
                     .workload
@@ -129,12 +148,6 @@ impl Directory {
                 if let Ok(ip) = ip.parse() {
                     dir.pods.insert(ip, info.clone());
                 }
-            }
-        }
-        for id in identities {
-            if let Ok(n) = u32::try_from(id.spec.id) {
-                dir.identities
-                    .insert(n, Arc::new(label_strings(id.spec.security_labels.iter())));
             }
         }
         dir
@@ -189,7 +202,7 @@ impl Directory {
                     identity
                 },
                 namespace: pod.namespace.clone(),
-                labels: pod.labels.clone(),
+                labels: pod.labels.to_vec(),
                 pod_name: pod.pod_name.clone(),
                 workloads: pod.workloads.clone(),
                 ..Endpoint::default()
@@ -461,6 +474,17 @@ mod tests {
         }
     }
 
+    /// Identity 300, the client's: `k8s:app=client`.
+    fn client_identity() -> Identity {
+        Identity::new(
+            "300",
+            IdentitySpec {
+                id: 300,
+                security_labels: BTreeMap::from([("k8s:app".into(), "client".into())]),
+            },
+        )
+    }
+
     fn directory() -> Directory {
         let mut ep = EndpointObject::new(
             "web-1",
@@ -480,13 +504,7 @@ mod tests {
             },
         );
         ep.metadata.namespace = Some("demo".into());
-        let id = Identity::new(
-            "300",
-            IdentitySpec {
-                id: 300,
-                security_labels: BTreeMap::from([("k8s:app".into(), "client".into())]),
-            },
-        );
+        let id = client_identity();
         let policy = |identity: i64, names: &[&str]| {
             ResolvedPolicy::new(
                 &identity.to_string(),
@@ -508,6 +526,37 @@ mod tests {
         // web (301) has one policy; the client (300) has two, so none is named for it.
         let policies = [policy(301, &["web-from-clients"]), policy(300, &["a", "b"])];
         Directory::build([&ep], [&id]).with_policies(policies.iter())
+    }
+
+    #[test]
+    fn a_pod_without_its_own_labels_is_named_with_its_identitys() {
+        // As the agent caches Endpoints: security labels dropped, the identity's used.
+        let ep = |name: &str, ip: &str| {
+            let mut ep = EndpointObject::new(
+                name,
+                EndpointSpec {
+                    ips: vec![ip.into()],
+                    identity: Some(300),
+                    ..EndpointSpec::default()
+                },
+            );
+            ep.metadata.namespace = Some("demo".into());
+            ep
+        };
+        let id = client_identity();
+        let (a, b) = (ep("c-1", "10.0.1.7"), ep("c-2", "10.0.1.8"));
+        let dir = Directory::build([&a, &b], [&id]);
+        let one = dir.endpoint("10.0.1.7".parse().unwrap(), 0, 0);
+        assert_eq!(one.pod_name, "c-1");
+        assert_eq!(one.labels, ["k8s:app=client"]);
+        let (pa, pb) = (
+            &dir.pods[&"10.0.1.7".parse().unwrap()],
+            &dir.pods[&"10.0.1.8".parse().unwrap()],
+        );
+        assert!(
+            Arc::ptr_eq(&pa.labels, &pb.labels),
+            "one allocation per identity"
+        );
     }
 
     #[test]

@@ -29,9 +29,9 @@ use tendril_crds::v1alpha1::{Backend, Frontend, LBService};
 use super::ids;
 use crate::bpf::maps::{
     BE_F_LOCAL, LB_SCOPE_EXTERNAL, LB_SCOPE_INTERNAL, LB_SRC_RANGE_STATIC_PREFIX, Lb4Backend,
-    Lb4Key, Lb4ReverseNat, Lb4SrcRangeKey, Lb6Backend, Lb6Key, Lb6ReverseNat, LbMaglevKey,
-    LbServiceValue, LbState, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL, SVC_F_LOCAL_ONLY,
-    SVC_F_MAGLEV, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
+    Lb4Key, Lb4ReverseNat, Lb4SrcRangeKey, Lb6Backend, Lb6Key, Lb6ReverseNat, Lb6SrcRangeKey,
+    LbMaglevKey, LbServiceValue, LbState, SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_EXTERNAL,
+    SVC_F_LOCAL_ONLY, SVC_F_MAGLEV, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
 };
 use crate::config::LbAlgorithm;
 
@@ -684,13 +684,12 @@ pub fn lb_state<'a>(
                 }
             }
         }
-        // IPv4 frontends only: the tc path that checks them is IPv4 only. An IPv6 range
-        // admits no IPv4 client, so it is left out of an IPv4 frontend's.
-        if p.flags & SVC_F_SOURCE_RANGES != 0 && p.frontend.address.is_ipv4() {
+        // Each family's frontends get that family's ranges (the tc path checks them): a range
+        // of the other family admits none of the frontend's clients.
+        if p.flags & SVC_F_SOURCE_RANGES != 0 {
             for range in &svc.spec.load_balancer_source_ranges {
-                match range.parse::<IpNet>() {
-                    Ok(IpNet::V6(_)) => {}
-                    Ok(IpNet::V4(net)) => {
+                match (range.parse::<IpNet>(), p.frontend.address.is_ipv4()) {
+                    (Ok(IpNet::V4(net)), true) => {
                         let net = net.trunc();
                         out.state.source_ranges.insert(
                             Lb4SrcRangeKey {
@@ -702,7 +701,20 @@ pub fn lb_state<'a>(
                             1,
                         );
                     }
-                    Err(_) => out.skipped.push(Skipped {
+                    (Ok(IpNet::V6(net)), false) => {
+                        let net = net.trunc();
+                        out.state.source_ranges6.insert(
+                            Lb6SrcRangeKey {
+                                prefixlen: LB_SRC_RANGE_STATIC_PREFIX + u32::from(net.prefix_len()),
+                                rev_nat_index,
+                                pad: 0,
+                                address: net.network().octets(),
+                            },
+                            1,
+                        );
+                    }
+                    (Ok(_), _) => {}
+                    (Err(_), _) => out.skipped.push(Skipped {
                         service: service_name(svc),
                         reason: SkipReason::Invalid,
                         detail: format!("loadBalancerSourceRange {range}"),

@@ -338,9 +338,13 @@ fn affinity_and_source_ranges_set_their_flags() {
         1,
         vec![
             frontend("LoadBalancer", Some("203.0.113.7"), 80),
+            frontend("LoadBalancer", Some("2001:db8::7"), 80),
             frontend("ClusterIP", Some("10.96.0.10"), 80),
         ],
-        vec![backend("10.200.0.5", NODE, "active")],
+        vec![
+            backend("10.200.0.5", NODE, "active"),
+            backend("fd00:200::5", NODE, "active"),
+        ],
     );
     svc.spec.session_affinity = Some(SessionAffinity {
         client_ip: Some(ClientIpAffinity {
@@ -365,8 +369,26 @@ fn affinity_and_source_ranges_set_their_flags() {
         (key.rev_nat_index, key.prefixlen, key.address),
         (master.rev_nat_index, 56, [198, 51, 100, 0])
     );
-    // The IPv6 range admits no IPv4 client: not in the IPv4 frontend's ranges, not skipped.
+    // The IPv6 range admits no IPv4 client: not in the IPv4 frontend's ranges, not skipped;
+    // it is the IPv6 frontend's only one.
     assert_eq!(out.state.source_ranges.len(), 1);
+    let lb6 = FrontendAddr {
+        address: ip("2001:db8::7"),
+        port: 80,
+        proto: PROTO_TCP,
+    };
+    let master6 = entry(&out.state, &lb6, LB_SCOPE_EXTERNAL, 0).unwrap();
+    assert_eq!(master6.flags & SVC_F_SOURCE_RANGES, SVC_F_SOURCE_RANGES);
+    let key6 = out.state.source_ranges6.keys().next().unwrap();
+    assert_eq!(
+        (key6.rev_nat_index, key6.prefixlen, key6.address),
+        (
+            master6.rev_nat_index,
+            32 + 64,
+            "fd00::".parse::<Ipv6Addr>().unwrap().octets()
+        )
+    );
+    assert_eq!(out.state.source_ranges6.len(), 1);
     assert!(out.skipped.is_empty(), "{:?}", out.skipped);
     // The ClusterIP of the same service: affinity, no source ranges.
     let (_, flags, _) = scope(&out.state, ip("10.96.0.10"), 80, LB_SCOPE_EXTERNAL).unwrap();

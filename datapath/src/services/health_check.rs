@@ -6,7 +6,8 @@
 //! namespace and name, `localEndpoints` and `serviceProxyHealthy`.
 //!
 //! One listener per port on every address of the node (the agent runs in the node's network
-//! namespace). [`HealthCheckServers::converge`] opens and closes listeners to match the
+//! namespace): `[::]` with `IPV6_V6ONLY` off when the node has an IPv6 address (one socket
+//! answers both families), else `0.0.0.0`. [`HealthCheckServers::converge`] opens and closes listeners to match the
 //! desired ports and updates counts in place, so a count change never closes a socket.
 
 use axum::Router;
@@ -14,7 +15,7 @@ use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -81,12 +82,36 @@ fn bind_in(netns: Option<&Path>, addr: SocketAddr) -> std::io::Result<std::net::
                 return Err(std::io::Error::last_os_error());
             }
         }
-        std::net::TcpListener::bind(addr)
+        listen(addr)
     })
     .join()
     .map_err(|_| std::io::Error::other("bind thread panicked"))??;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// A listening socket on `addr`; on the IPv6 wildcard one for both families (IPv4 clients
+/// as v4-mapped addresses), whatever `net.ipv6.bindv6only` says.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The address health-check listeners bind: every address of the node, of both families
+/// when it has an IPv6 one.
+pub fn wildcard(node_addresses: &[IpAddr]) -> IpAddr {
+    if node_addresses.iter().any(IpAddr::is_ipv6) {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    }
 }
 
 /// A port that could not be opened (e.g. something else listens on it).
@@ -106,7 +131,7 @@ struct Listener {
 
 /// The open health-check listeners of the node.
 pub struct HealthCheckServers {
-    bind: Ipv4Addr,
+    bind: IpAddr,
     /// The node's network namespace (`None`: the agent's own).
     netns: Option<PathBuf>,
     listeners: BTreeMap<u16, Listener>,
@@ -116,10 +141,10 @@ pub struct HealthCheckServers {
 }
 
 impl HealthCheckServers {
-    /// Listeners bind `bind` (0.0.0.0: every node address) in `netns`; they stop with
+    /// Listeners bind `bind` ([`wildcard`]: every node address) in `netns`; they stop with
     /// `shutdown` or when this is dropped.
     pub fn new(
-        bind: Ipv4Addr,
+        bind: IpAddr,
         netns: Option<PathBuf>,
         proxy_healthy: Arc<dyn Fn() -> bool + Send + Sync>,
         shutdown: CancellationToken,
@@ -131,6 +156,11 @@ impl HealthCheckServers {
             proxy_healthy,
             shutdown,
         }
+    }
+
+    /// The address the listeners bind.
+    pub fn bind(&self) -> IpAddr {
+        self.bind
     }
 
     /// The ports open now.
@@ -250,7 +280,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(port: u16) -> (u16, String, String) {
-        let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        get_from(Ipv4Addr::LOCALHOST.into(), port).await
+    }
+
+    async fn get_from(address: IpAddr, port: u16) -> (u16, String, String) {
+        let mut stream = tokio::net::TcpStream::connect((address, port))
             .await
             .unwrap();
         stream
@@ -339,7 +373,7 @@ mod tests {
         let healthy = Arc::new(AtomicBool::new(true));
         let flag = healthy.clone();
         let mut servers = HealthCheckServers::new(
-            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST.into(),
             None,
             Arc::new(move || flag.load(Ordering::Relaxed)),
             CancellationToken::new(),
@@ -406,7 +440,7 @@ mod tests {
         let taken_port = taken.local_addr().unwrap().port();
         let free = free_port();
         let mut servers = HealthCheckServers::new(
-            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST.into(),
             None,
             Arc::new(|| true),
             CancellationToken::new(),
@@ -422,5 +456,26 @@ mod tests {
         assert!(errors[0].to_string().contains("shop/web"), "{}", errors[0]);
         assert_eq!(servers.ports(), vec![free]);
         assert_eq!(get(free).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn a_node_with_ipv6_answers_on_both_families_from_one_socket() {
+        let bind = wildcard(&["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()]);
+        assert_eq!(bind, IpAddr::from(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(
+            wildcard(&["10.0.0.1".parse().unwrap()]),
+            IpAddr::from(Ipv4Addr::UNSPECIFIED)
+        );
+        let mut servers =
+            HealthCheckServers::new(bind, None, Arc::new(|| true), CancellationToken::new());
+        let port = free_port();
+        assert!(
+            servers
+                .converge(&BTreeMap::from([(port, health(1))]))
+                .await
+                .is_empty()
+        );
+        assert_eq!(get_from(Ipv6Addr::LOCALHOST.into(), port).await.0, 200);
+        assert_eq!(get_from(Ipv4Addr::LOCALHOST.into(), port).await.0, 200);
     }
 }

@@ -2,7 +2,12 @@
 //! `LBService`s programmed as the agent does, crafted TCP frames and their checksums.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+pub mod v6;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use crate::bpf_support::*;
 use tendril_crds::v1alpha1::{Backend, Frontend, LBService, LBServiceSpec};
@@ -26,7 +31,8 @@ pub const TUNNEL_IFINDEX: u32 = 77;
 pub const LO: u32 = 1;
 pub const NODE: &str = "n1";
 
-pub fn backend(ip: Ipv4Addr, node: &str) -> Backend {
+pub fn backend(ip: impl Into<IpAddr>, node: &str) -> Backend {
+    let ip: IpAddr = ip.into();
     Backend {
         port_name: "web".into(),
         address: ip.to_string(),
@@ -73,8 +79,17 @@ pub fn node() -> Node {
 }
 
 pub fn node_with(sizes: &MapSizes) -> Node {
+    node_with_v6(sizes, BTreeMap::new(), BTreeMap::new())
+}
+
+/// [`node_with`] plus the IPv6 endpoints and ipcache entries of [`v6`].
+pub fn node_with_v6(
+    sizes: &MapSizes,
+    endpoints6: BTreeMap<IpAddr, EndpointInfo>,
+    ipcache6: BTreeMap<ipnet::IpNet, IpcacheValue>,
+) -> Node {
     let mut node = Node::load("svc", sizes);
-    let endpoints = BTreeMap::from([
+    let mut endpoints = BTreeMap::from([
         (
             POD_A.into(),
             EndpointInfo {
@@ -98,7 +113,8 @@ pub fn node_with(sizes: &MapSizes) -> Node {
             },
         ),
     ]);
-    let ipcache = BTreeMap::from([
+    endpoints.extend(endpoints6);
+    let mut ipcache = BTreeMap::from([
         (
             "10.0.2.0/24".parse().unwrap(),
             IpcacheValue::new(300, Some(REMOTE_NODE)),
@@ -116,6 +132,7 @@ pub fn node_with(sizes: &MapSizes) -> Node {
             IpcacheValue::new(257, None),
         ),
     ]);
+    ipcache.extend(ipcache6);
     assert!(
         node.dataplane
             .endpoints
@@ -164,7 +181,7 @@ pub fn program(node: &mut Node, services: &[LBService]) {
         services,
         &NodeServices {
             node_name: NODE,
-            node_addresses: &[NODE_IP.into()],
+            node_addresses: &[NODE_IP.into(), v6::NODE_IP6.into()],
             default_algorithm: LbAlgorithm::Random,
             maglev_table_size: 16381,
             hash_seed: 1,

@@ -9,6 +9,11 @@
 
 #![allow(dead_code)]
 
+pub mod external;
+mod outside;
+#[allow(unused_imports, reason = "not every test uses it")]
+pub use outside::Outside;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -195,10 +200,26 @@ pub struct World {
 impl World {
     /// A dedicated plane, two nodes, `web-a`/`web-b` serving on [`PORT`], `client` on node 0.
     pub async fn start(plane: &str) -> Result<World> {
+        Self::start_with(plane, SimClusterConfig::default()).await
+    }
+
+    /// [`World::start`] with dual-stack pods (`pool6` beside the IPv4 pool, a /112 per node),
+    /// the backends serving both families; `agent_args` as in [`SimClusterConfig`].
+    pub async fn start_dual_stack(plane: &str, pool6: &str, agent_args: &[&str]) -> Result<World> {
+        let config = SimClusterConfig {
+            pool_ipv6: Some((pool6.into(), 112)),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            ..SimClusterConfig::default()
+        };
+        Self::start_with(plane, config).await
+    }
+
+    async fn start_with(plane: &str, config: SimClusterConfig) -> Result<World> {
+        let dual_stack = config.pool_ipv6.is_some();
         let plane = ControlPlane::dedicated(plane).await?;
         let env = TestEnv::on(plane).await?;
         let client = env.client();
-        let cluster = SimCluster::start(&env, SimClusterConfig::default()).await?;
+        let cluster = SimCluster::start(&env, config).await?;
         ensure!(
             cluster.nodes.iter().all(|n| n.cgroup.is_some()),
             "no cgroup v2 on this machine: the socket LB cannot be tested"
@@ -219,7 +240,13 @@ impl World {
         }
         let mut servers = BTreeMap::new();
         for name in ["web-a", "web-b"] {
-            servers.insert(name, EchoServer::start(&pods[name].sandbox.netns, PORT)?);
+            let netns = &pods[name].sandbox.netns;
+            let server = if dual_stack {
+                EchoServer::start_dual_stack(netns, PORT)?
+            } else {
+                EchoServer::start(netns, PORT)?
+            };
+            servers.insert(name, server);
         }
         Ok(World {
             env,
@@ -262,6 +289,15 @@ impl World {
 
     pub fn ip(&self, pod: &str) -> IpAddr {
         self.pods[pod].ips[0]
+    }
+
+    /// The pod's IPv6 address (a [`World::start_dual_stack`] world).
+    pub fn ip6(&self, pod: &str) -> IpAddr {
+        *self.pods[pod]
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .expect("a dual-stack pod")
     }
 
     pub fn node_name(&self, index: usize) -> String {

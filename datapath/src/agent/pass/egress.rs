@@ -10,8 +10,8 @@
 //!   destination): the first by name wins.
 //! - `egress_exempt`: what is never steered nor SNATed, whatever a route says: every node's
 //!   pod CIDRs and addresses, and every service frontend address (ClusterIPs, LoadBalancer
-//!   IPs, externalIPs). The programs also skip anything the ipcache knows with an identity
-//!   other than world.
+//!   IPs, externalIPs); empty while there is no route. The programs also skip anything the
+//!   ipcache knows with an identity other than world.
 //! - On the gateway, the egress IP (`/32`, label `<interface>:eg`, so the agent knows
 //!   its own) goes on the route's interface, or on the uplink (the interface with the node's
 //!   address); the kernel then answers ARP for it, and a gratuitous ARP announces it
@@ -555,12 +555,19 @@ impl Step for Egress {
             .iter()
             .map(|r| route_input(r))
             .collect();
-        let networks = node.view.node_networks.store().state();
-        let services = node.view.lb_services.store().state();
-        let exempt = cluster_prefixes(
-            networks.iter().map(|n| n.as_ref()),
-            services.iter().map(|s| s.as_ref()),
-        );
+        // The programs consult the exemptions only for traffic a route matches: without
+        // routes there is nothing to exempt (and a cluster's service /32s outgrow the map
+        // from 4,096 Services on, which would fail every pass).
+        let exempt = if routes.is_empty() {
+            BTreeSet::new()
+        } else {
+            let networks = node.view.node_networks.store().state();
+            let services = node.view.lb_services.store().state();
+            cluster_prefixes(
+                networks.iter().map(|n| n.as_ref()),
+                services.iter().map(|s| s.as_ref()),
+            )
+        };
         let local: BTreeSet<Ipv4Addr> = pass
             .desired
             .local

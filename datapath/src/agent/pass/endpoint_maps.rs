@@ -1,12 +1,14 @@
 //! Step `endpoint maps`: `endpoints` (local pod address → veth, MAC, identity, endpoint
 //! id), `ipcache` (every address and prefix the node knows → identity and tunnel endpoint)
-//! and `node_config` (tunnel device, node address, flags), converged by diff and pruned
+//! and `node_config` (tunnel device, node address, flags) with `node_config6` (the node's
+//! IPv6 address), converged by diff and pruned
 //! (the pass runs only with complete caches).
 
 use super::{MapGroup, MapOutcome, NodeContext, Pass, Step, StepFailure};
 use crate::bpf::AnyKey;
 use crate::bpf::maps::{
     self, EndpointInfo, NODE_F_IPV6_POLICY, NODE_F_POLICY_AUDIT, NODE_F_TUNNEL, NodeConfig,
+    NodeConfig6,
 };
 use crate::config::PolicyEnforcementConfig;
 use std::collections::BTreeMap;
@@ -62,6 +64,9 @@ impl Step for EndpointMaps {
         let endpoints = desired_endpoints(pass);
         let ipcache = pass.desired.ipcache.clone();
         let node_config = desired_node_config(pass, &node.cfg.policy);
+        let node_config6 = NodeConfig6 {
+            node_ipv6: pass.desired.node_ip6.map_or([0; 16], |ip| ip.octets()),
+        };
         let metrics = node.metrics.clone();
         let (endpoints, ipcache, node_config_error) = node
             .with_dataplane(move |dp| {
@@ -72,6 +77,7 @@ impl Step for EndpointMaps {
                 let node_config_error = dp
                     .node_config
                     .set(&node_config)
+                    .and_then(|_| dp.node_config.set6(&node_config6))
                     .err()
                     .map(|e| e.to_string());
                 Ok::<_, crate::bpf::DataplaneError>((endpoints, ipcache, node_config_error))

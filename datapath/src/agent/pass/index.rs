@@ -63,6 +63,8 @@ pub struct Desired {
     pub generation: Option<i64>,
     /// This node's underlay IPv4 address (its first `InternalIP`).
     pub node_ip: Option<Ipv4Addr>,
+    /// Its IPv6 one (its first IPv6 `InternalIP`): the source of SNATed IPv6 services.
+    pub node_ip6: Option<Ipv6Addr>,
     pub local: Vec<LocalEndpoint>,
     pub ipcache: BTreeMap<IpNet, IpcacheValue>,
     pub routes: BTreeMap<IpNet, RouteVia>,
@@ -97,7 +99,8 @@ fn endpoint_ref(ep: &Endpoint) -> EndpointRef {
     }
 }
 
-fn endpoint_id(ip: IpAddr) -> u16 {
+/// The id a local endpoint's maps are keyed by: the low 16 bits of its first address.
+pub fn endpoint_id(ip: IpAddr) -> u16 {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -162,18 +165,27 @@ pub fn desired<'a>(
         if name == node {
             out.generation = network.metadata.generation;
             out.node_ip = ip;
-            // The node's IPv6 gateways (first address of each IPv6 pod CIDR, on
-            // tendril_host) are what the node's own IPv6 to its pods leaves from: the host,
-            // as the node address is for IPv4.
-            for cidr in &network.spec.pod_cidrs {
-                if let Ok(IpNet::V6(v6)) = cidr.parse::<IpNet>() {
-                    let gateway = Ipv6Addr::from(u128::from(v6.network()) + 1);
-                    out.ipcache.insert(
-                        IpNet::from(IpAddr::V6(gateway)),
-                        IpcacheValue::local_node(IDENTITY_HOST),
-                    );
+            out.node_ip6 = ip6;
+        }
+        // A node's IPv6 gateways (first address of each IPv6 pod CIDR, on tendril_host)
+        // are what its own IPv6 to pods leaves from, as the node address is for IPv4: the
+        // host on that node, remote-node elsewhere. The overlay routes carry no IPv6
+        // source, so a remote pod answers a node's gateway: through the tunnel to it.
+        for cidr in &network.spec.pod_cidrs {
+            let Ok(IpNet::V6(v6)) = cidr.parse::<IpNet>() else {
+                continue;
+            };
+            let gateway = IpNet::from(IpAddr::V6(Ipv6Addr::from(u128::from(v6.network()) + 1)));
+            let value = match (name == node, mode, ip) {
+                (true, _, _) => IpcacheValue::local_node(IDENTITY_HOST),
+                (false, RoutingMode::Overlay, Some(ip)) => {
+                    IpcacheValue::new(IDENTITY_REMOTE_NODE, Some(ip))
                 }
-            }
+                // Native routing: the gateway's pod CIDR route leads there.
+                (false, RoutingMode::Native, _) => IpcacheValue::new(IDENTITY_REMOTE_NODE, None),
+                (false, RoutingMode::Overlay, None) => continue,
+            };
+            out.ipcache.insert(gateway, value);
         }
         let Some(ip) = ip else { continue };
         node_ips.insert(name.clone(), ip);
@@ -359,9 +371,20 @@ mod tests {
             d.ipcache[&net("fd00:200::1/128")],
             IpcacheValue::local_node(IDENTITY_HOST)
         );
-        assert!(
-            !d.ipcache.contains_key(&net("fd00:200::1:1/128")),
-            "another node's gateway is not this host"
+        assert_eq!(
+            d.ipcache[&net("fd00:200::1:1/128")],
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, None),
+            "another node's gateway is that node"
+        );
+        // In overlay, a pod's answer to another node's gateway goes through the tunnel.
+        let d = desired("a", RoutingMode::Overlay, &nns, &eps, NO_SLICES);
+        assert_eq!(
+            d.ipcache[&net("fd00:200::1:1/128")],
+            IpcacheValue::new(IDENTITY_REMOTE_NODE, Some(Ipv4Addr::new(10, 250, 0, 11)))
+        );
+        assert_eq!(
+            d.ipcache[&net("fd00:200::1/128")],
+            IpcacheValue::local_node(IDENTITY_HOST)
         );
     }
 
@@ -477,6 +500,8 @@ mod tests {
             d.ipcache[&net("fd00:250::11/128")],
             IpcacheValue::new(IDENTITY_REMOTE_NODE, None)
         );
+        // Its own IPv6 InternalIP: the source of SNATed IPv6 services (node_config6).
+        assert_eq!(d.node_ip6, Some("fd00:250::10".parse().unwrap()));
     }
 
     #[test]

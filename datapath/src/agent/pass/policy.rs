@@ -21,7 +21,7 @@ use crate::bpf::maps::Direction;
 use crate::bpf::policy::{
     LOCAL_IDENTITY_FLAG, POLICY_F_DEFAULT_DENY_EGRESS, POLICY_F_DEFAULT_DENY_INGRESS,
     POLICY_F_SELECTED, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyEntry, PolicyState,
-    Verdict, port_range_prefixes, propagate_denies,
+    Verdict, deny_flags, port_range_prefixes, propagate_denies,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
@@ -389,19 +389,16 @@ pub fn translate_reusing(
         if is_selected(spec) {
             flags |= POLICY_F_SELECTED;
         }
-        out.states.insert(
-            subject.endpoint_id,
-            PolicyState {
-                // The low 32 bits: the conntrack epoch only has to differ between revisions.
-                revision: (spec.revision as u64 & u64::from(u32::MAX)) as u32,
-                flags,
-            },
-        );
+        // The low 32 bits: the conntrack epoch only has to differ between revisions.
+        let revision = (spec.revision as u64 & u64::from(u32::MAX)) as u32;
         out.revisions.insert(subject.endpoint_id, spec.revision);
         let kept = reusable
             .and_then(|p| p.by_endpoint.get(&subject.endpoint_id))
             .filter(|p| p.named_ports == subject.named_ports && p.spec == *spec);
         if let Some(kept) = kept {
+            flags |= deny_flags(&kept.entries);
+            out.states
+                .insert(subject.endpoint_id, PolicyState { revision, flags });
             out.by_endpoint.insert(subject.endpoint_id, kept.clone());
             continue;
         }
@@ -462,6 +459,9 @@ pub fn translate_reusing(
         }
         // Denies propagate within one endpoint, direction and peer only.
         propagate_denies(&mut entries);
+        flags |= deny_flags(&entries);
+        out.states
+            .insert(subject.endpoint_id, PolicyState { revision, flags });
         out.by_endpoint.insert(
             subject.endpoint_id,
             Arc::new(EndpointPolicy {

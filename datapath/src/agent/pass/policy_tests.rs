@@ -1,6 +1,7 @@
 //! Tests of the policy translation ([`super`]).
 
 use super::*;
+use crate::bpf::policy::{POLICY_F_HAS_DENY_EGRESS, POLICY_F_HAS_DENY_INGRESS};
 use tendril_crds::v1alpha1::ResolvedDefaultDeny;
 
 fn rule(verdict: &str, peers: &[i64], cidrs: &[&str], ports: Vec<ResolvedPort>) -> ResolvedRule {
@@ -273,6 +274,27 @@ fn deny_wins_over_allow_for_the_same_key_and_inside_it() {
     assert_eq!(v(301, PROTO_TCP, 80, 16), Verdict::Deny);
     assert_eq!(v(302, PROTO_TCP, 80, 15), Verdict::Deny, "propagated");
     assert_eq!(v(302, PROTO_UDP, 80, 16), Verdict::Allow);
+    // Denies only in ingress: only there must the datapath look past the first allow.
+    assert_eq!(
+        d.states[&1].flags & (POLICY_F_HAS_DENY_INGRESS | POLICY_F_HAS_DENY_EGRESS),
+        POLICY_F_HAS_DENY_INGRESS
+    );
+    // Allows only: the first allowing lookup decides in both directions.
+    let allow_only = spec(
+        300,
+        2,
+        vec![rule("Allow", &[301], &[], vec![])],
+        vec![rule("Allow", &[0], &[], vec![port("UDP", 53, None)])],
+    );
+    let d = translate(
+        &[subject(1, &allow_only, &[])],
+        &ClusterNamedPorts::default(),
+        &BTreeMap::new(),
+    );
+    assert_eq!(
+        d.states[&1].flags & (POLICY_F_HAS_DENY_INGRESS | POLICY_F_HAS_DENY_EGRESS),
+        0
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -310,10 +310,24 @@ impl Services {
     /// Opens, updates and closes the health-check node ports. A port that cannot be opened
     /// is logged and retried on the next pass; it never fails the step (the maps are in).
     async fn serve_health_checks(&mut self, node: &NodeContext, services: &[Arc<LBService>]) {
+        let own = node
+            .view
+            .node_networks
+            .store()
+            .get(&ObjectRef::new(&node.cfg.node_name));
+        let bind = health_check::wildcard(&node_addresses(own.as_deref()));
+        // The node gained or lost IPv6: its listeners are opened again on the new wildcard.
+        if self
+            .health_checks
+            .as_ref()
+            .is_some_and(|s| s.bind() != bind)
+        {
+            self.health_checks = None;
+        }
         let healthy = self.healthy.clone();
         let servers = self.health_checks.get_or_insert_with(|| {
             HealthCheckServers::new(
-                Ipv4Addr::UNSPECIFIED,
+                bind,
                 node.cfg.node_netns.clone(),
                 Arc::new(move || healthy.load(Ordering::Relaxed)),
                 CancellationToken::new(),

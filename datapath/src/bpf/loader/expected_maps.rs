@@ -5,7 +5,7 @@ use crate::bpf::maps;
 use aya::maps::MapType;
 
 /// The shape a pinned map must have to be reused by this build.
-pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 31] {
+pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 34] {
     use std::mem::size_of;
     [
         (
@@ -190,6 +190,27 @@ pub(super) fn expected_maps(sizes: &MapSizes) -> [(&'static str, MapType, usize,
             size_of::<maps::Lb4NatKey>(),
             size_of::<maps::Lb4NatEntry>(),
             sizes.lb_nat,
+        ),
+        (
+            maps::LB6_NAT,
+            MapType::LruHash,
+            size_of::<maps::Lb6NatKey>(),
+            size_of::<maps::Lb6NatEntry>(),
+            sizes.lb_nat,
+        ),
+        (
+            maps::LB6_SOURCE_RANGES,
+            MapType::LpmTrie,
+            size_of::<maps::Lb6SrcRangeKey>(),
+            size_of::<u8>(),
+            sizes.lb_source_ranges,
+        ),
+        (
+            maps::NODE_CONFIG6,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<maps::NodeConfig6>(),
+            1,
         ),
         (
             maps::LB_CONFIG,

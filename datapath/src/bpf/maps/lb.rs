@@ -1,9 +1,9 @@
 //! The services maps (`bpf/lib/lb.h`): `lb_services`, `lb_backends`, `lb_revnat`, their IPv6
-//! twins `lb6_services`, `lb6_backends`, `lb6_revnat`, and `lb_source_ranges`, `lb_maglev`
-//! (written together, in one order: [`LbMaps::converge`]),
+//! twins `lb6_services`, `lb6_backends`, `lb6_revnat`, and `lb_source_ranges`,
+//! `lb6_source_ranges`, `lb_maglev` (written together, in one order: [`LbMaps::converge`]),
 //! `lb_netns` (the network namespaces whose sockets the socket LB translates) and
-//! `lb_config`. `lb_affinity`, `lb_sock_revnat` and `lb6_sock_revnat` are LRU maps the
-//! programs fill; the agent only reads them.
+//! `lb_config`. `lb_affinity`, `lb_sock_revnat`, `lb6_sock_revnat`, `lb_nat` and `lb6_nat` are
+//! LRU maps the programs fill; the agent only reads them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,9 +20,9 @@ use aya::{
 use super::{
     layout::{
         self, Lb4Backend, Lb4Key, Lb4NatEntry, Lb4NatKey, Lb4ReverseNat, Lb4SrcRangeKey,
-        Lb4SrcRangePrefix, Lb6Backend, Lb6Key, Lb6ReverseNat, Lb6SockRevnatKey, Lb6SockRevnatValue,
-        LbAffinityKey, LbAffinityValue, LbConfig, LbMaglevKey, LbServiceValue, LbSockRevnatKey,
-        LbSockRevnatValue,
+        Lb4SrcRangePrefix, Lb6Backend, Lb6Key, Lb6NatEntry, Lb6NatKey, Lb6ReverseNat,
+        Lb6SockRevnatKey, Lb6SockRevnatValue, Lb6SrcRangeKey, Lb6SrcRangePrefix, LbAffinityKey,
+        LbAffinityValue, LbConfig, LbMaglevKey, LbServiceValue, LbSockRevnatKey, LbSockRevnatValue,
     },
     pinned::{DataplaneError, MapKey, MapPressure, PinnedMap, open_pin},
     report::{Diff, MapWriteError, Op, Report},
@@ -93,6 +93,28 @@ impl fmt::Display for Lb4SrcRangeKey {
     }
 }
 
+impl MapKey for Lb6SrcRangeKey {
+    type Backend<V: Pod> = LpmTrie<MapData, Lb6SrcRangePrefix, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb6SrcRangeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "source range {}/{} of rev-nat {}",
+            Ipv6Addr::from(self.address),
+            self.prefixlen
+                .saturating_sub(layout::LB_SRC_RANGE_STATIC_PREFIX),
+            self.rev_nat_index
+        )
+    }
+}
+
 impl MapKey for LbMaglevKey {
     type Backend<V: Pod> = HashMap<MapData, Self, V>;
     type Desired = Self;
@@ -149,6 +171,30 @@ impl fmt::Display for Lb4NatKey {
             Ipv4Addr::from(self.saddr),
             u16::from_be_bytes(self.sport),
             Ipv4Addr::from(self.daddr),
+            u16::from_be_bytes(self.dport),
+            self.proto
+        )
+    }
+}
+
+impl MapKey for Lb6NatKey {
+    type Backend<V: Pod> = HashMap<MapData, Self, V>;
+    type Desired = Self;
+
+    fn from_desired(key: Self) -> Self {
+        key
+    }
+}
+
+impl fmt::Display for Lb6NatKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "nat {} [{}]:{} -> [{}]:{} proto {}",
+            self.dir,
+            Ipv6Addr::from(self.saddr),
+            u16::from_be_bytes(self.sport),
+            Ipv6Addr::from(self.daddr),
             u16::from_be_bytes(self.dport),
             self.proto
         )
@@ -263,6 +309,7 @@ pub enum LbItem {
     RevNat(u16),
     RevNat6(u16),
     SourceRange(Lb4SrcRangeKey),
+    SourceRange6(Lb6SrcRangeKey),
     Maglev(LbMaglevKey),
     Netns(u64),
 }
@@ -277,6 +324,7 @@ impl fmt::Display for LbItem {
             Self::RevNat(index) => write!(f, "rev-nat {index}"),
             Self::RevNat6(index) => write!(f, "IPv6 rev-nat {index}"),
             Self::SourceRange(key) => key.fmt(f),
+            Self::SourceRange6(key) => key.fmt(f),
             Self::Maglev(key) => key.fmt(f),
             Self::Netns(cookie) => write!(f, "netns cookie {cookie}"),
         }
@@ -298,6 +346,8 @@ pub struct LbState {
     pub backends6: BTreeMap<u32, Lb6Backend>,
     pub revnat6: BTreeMap<u16, Lb6ReverseNat>,
     pub source_ranges: BTreeMap<Lb4SrcRangeKey, u8>,
+    /// The source ranges of IPv6 frontends (IPv6 prefixes only).
+    pub source_ranges6: BTreeMap<Lb6SrcRangeKey, u8>,
     pub maglev: BTreeMap<LbMaglevKey, u32>,
 }
 
@@ -310,12 +360,14 @@ pub struct LbMaps {
     backends6: PinnedMap<u32, Lb6Backend>,
     revnat6: PinnedMap<u16, Lb6ReverseNat>,
     source_ranges: PinnedMap<Lb4SrcRangeKey, u8>,
+    source_ranges6: PinnedMap<Lb6SrcRangeKey, u8>,
     maglev: PinnedMap<LbMaglevKey, u32>,
     netns: PinnedMap<u64, u8>,
     affinity: PinnedMap<LbAffinityKey, LbAffinityValue>,
     sock_revnat: PinnedMap<LbSockRevnatKey, LbSockRevnatValue>,
     sock_revnat6: PinnedMap<Lb6SockRevnatKey, Lb6SockRevnatValue>,
     nat: PinnedMap<Lb4NatKey, Lb4NatEntry>,
+    nat6: PinnedMap<Lb6NatKey, Lb6NatEntry>,
     config: Array<MapData, LbConfig>,
 }
 
@@ -380,21 +432,23 @@ impl LbMaps {
             backends6: PinnedMap::open(dir, layout::LB6_BACKENDS)?,
             revnat6: PinnedMap::open(dir, layout::LB6_REVNAT)?,
             source_ranges: PinnedMap::open(dir, layout::LB_SOURCE_RANGES)?,
+            source_ranges6: PinnedMap::open(dir, layout::LB6_SOURCE_RANGES)?,
             maglev: PinnedMap::open(dir, layout::LB_MAGLEV)?,
             netns: PinnedMap::open(dir, layout::LB_NETNS)?,
             affinity: PinnedMap::open(dir, layout::LB_AFFINITY)?,
             sock_revnat: PinnedMap::open(dir, layout::LB_SOCK_REVNAT)?,
             sock_revnat6: PinnedMap::open(dir, layout::LB6_SOCK_REVNAT)?,
             nat: PinnedMap::open(dir, layout::LB_NAT)?,
+            nat6: PinnedMap::open(dir, layout::LB6_NAT)?,
             config,
         })
     }
 
     /// Fill of the services maps the agent writes. The LRU maps the programs fill
-    /// (`lb_affinity`, `lb_sock_revnat`, `lb6_sock_revnat`, `lb_nat`) are left out: full is
+    /// (`lb_affinity`, `lb_sock_revnat`, `lb6_sock_revnat`, `lb_nat`, `lb6_nat`) are left out: full is
     /// normal there (the oldest records go), and counting up to 262,144 keys every few
     /// seconds would hold their locks for long (as for `conntrack`).
-    pub fn pressure(&self) -> [MapPressure; 9] {
+    pub fn pressure(&self) -> [MapPressure; 10] {
         [
             self.services.pressure(),
             self.backends.pressure(),
@@ -403,6 +457,7 @@ impl LbMaps {
             self.backends6.pressure(),
             self.revnat6.pressure(),
             self.source_ranges.pressure(),
+            self.source_ranges6.pressure(),
             self.maglev.pressure(),
             self.netns.pressure(),
         ]
@@ -458,6 +513,11 @@ impl LbMaps {
         self.nat.read()
     }
 
+    /// The tc path's translated IPv6 connections (for inspection and tests).
+    pub fn nat6(&self) -> Result<BTreeMap<Lb6NatKey, Lb6NatEntry>, DataplaneError> {
+        self.nat6.read()
+    }
+
     /// The affinity records (for inspection and tests).
     pub fn affinity(&self) -> Result<BTreeMap<LbAffinityKey, LbAffinityValue>, DataplaneError> {
         self.affinity.read()
@@ -509,6 +569,7 @@ impl LbMaps {
         let (backends, backends_diff) = self.backends.diff(&desired.backends)?;
         let (backends6, backends6_diff) = self.backends6.diff(&desired.backends6)?;
         let (ranges, ranges_diff) = self.source_ranges.diff(&desired.source_ranges)?;
+        let (ranges6, ranges6_diff) = self.source_ranges6.diff(&desired.source_ranges6)?;
         let (maglev, maglev_diff) = self.maglev.diff(&desired.maglev)?;
         let (services, services_diff) = self.services.diff(&desired.services)?;
         let (services6, services6_diff) = self.services6.diff(&desired.services6)?;
@@ -517,6 +578,7 @@ impl LbMaps {
             + backends_diff.unchanged
             + backends6_diff.unchanged
             + ranges_diff.unchanged
+            + ranges6_diff.unchanged
             + maglev_diff.unchanged
             + services_diff.unchanged
             + services6_diff.unchanged;
@@ -531,6 +593,8 @@ impl LbMaps {
             .upsert(&mut report, &backends6_diff, &backends6, LbItem::Backend6);
         self.source_ranges
             .upsert(&mut report, &ranges_diff, &ranges, LbItem::SourceRange);
+        self.source_ranges6
+            .upsert(&mut report, &ranges6_diff, &ranges6, LbItem::SourceRange6);
         self.maglev
             .upsert(&mut report, &maglev_diff, &maglev, LbItem::Maglev);
         write_services(
@@ -553,6 +617,7 @@ impl LbMaps {
                 + services6_diff.stale.len()
                 + maglev_diff.stale.len()
                 + ranges_diff.stale.len()
+                + ranges6_diff.stale.len()
                 + backends_diff.stale.len()
                 + backends6_diff.stale.len()
                 + revnat_diff.stale.len()
@@ -575,6 +640,8 @@ impl LbMaps {
             .delete_all(&mut report, &maglev_diff.stale, LbItem::Maglev);
         self.source_ranges
             .delete_all(&mut report, &ranges_diff.stale, LbItem::SourceRange);
+        self.source_ranges6
+            .delete_all(&mut report, &ranges6_diff.stale, LbItem::SourceRange6);
         self.backends
             .delete_all(&mut report, &backends_diff.stale, LbItem::Backend);
         self.backends6
