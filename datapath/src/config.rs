@@ -125,6 +125,10 @@ pub struct ServicesConfig {
     pub maglev_table_size: u32,
     /// Seed of the flow hash; the same on every agent so every node picks alike.
     pub hash_seed: u32,
+    /// `NodeNetwork.status.realizedServicesRevision` alone is rewritten at most this often
+    /// (milliseconds): the first revision after a quiet time is reported at once, the
+    /// revisions of a sustained burst of Service changes once per interval.
+    pub report_interval_millis: u64,
     /// Socket-level load balancing (`services.socketLB`).
     #[serde(rename = "socketLB")]
     pub socket_lb: SocketLbConfig,
@@ -148,6 +152,7 @@ impl Default for ServicesConfig {
             algorithm: LbAlgorithm::Random,
             maglev_table_size: 16381,
             hash_seed: 0x7e4d_1e5d,
+            report_interval_millis: 2000,
             socket_lb: SocketLbConfig::default(),
         }
     }

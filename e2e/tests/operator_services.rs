@@ -299,8 +299,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
 
     // Nobody realizes it yet; the agents' reports make it Realized.
     let web = lbs(&lbsvc, "web", "Realized=False 0/2", move |lb| {
-        condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "0/2 nodes realize the service within services.realizeDeadlineMillis")
+        condition(lb, "Realized").is_some_and(|(s, _, m)| {
+            s == "False"
+                && m == "0/2 nodes realize the service within services.realizeDeadlineMillis"
+        })
     })
     .await?;
     ensure!(
@@ -310,8 +312,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
     );
     report_realized(&nns, &n1, r1).await?;
     lbs(&lbsvc, "web", "Realized=False 1/2", move |lb| {
-        condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the service within services.realizeDeadlineMillis")
+        condition(lb, "Realized").is_some_and(|(s, _, m)| {
+            s == "False"
+                && m == "1/2 nodes realize the service within services.realizeDeadlineMillis"
+        })
     })
     .await?;
     report_realized(&nns, &n2, r1 + 1000).await?;
@@ -351,8 +355,10 @@ async fn services_translate_into_lbservices() -> Result<()> {
     );
     // Realized=False again: the nodes report r1 and r1+1000 (n2 "already" realizes r2).
     lbs(&lbsvc, "web", "pending on n1", move |lb| {
-        condition(lb, "Realized")
-            .is_some_and(|(s, _, m)| s == "False" && m == "1/2 nodes realize the service within services.realizeDeadlineMillis")
+        condition(lb, "Realized").is_some_and(|(s, _, m)| {
+            s == "False"
+                && m == "1/2 nodes realize the service within services.realizeDeadlineMillis"
+        })
     })
     .await?;
 
@@ -974,7 +980,9 @@ async fn realize_deadline(
         "Pending after the deadline",
         move |lb| {
             condition(lb, "Realized").is_some_and(|(s, r, m)| {
-                s == "False" && r == "Pending" && m == "0/2 nodes realize the service within services.realizeDeadlineMillis"
+                s == "False"
+                    && r == "Pending"
+                    && m == "0/2 nodes realize the service within services.realizeDeadlineMillis"
             })
         },
     )

@@ -229,7 +229,10 @@ mod tests {
         let r = s.realized.unwrap();
         assert!(!r.status);
         assert_eq!(r.reason, REASON_PENDING);
-        assert_eq!(r.message, "3/5 nodes realize the service within services.realizeDeadlineMillis");
+        assert_eq!(
+            r.message,
+            "3/5 nodes realize the service within services.realizeDeadlineMillis"
+        );
         assert_eq!(recheck, None);
 
         let nodes = NodeReports::new([Some(5), Some(6), Some(9)]);
@@ -265,7 +268,10 @@ mod tests {
         let (s, recheck) = desired(&ok(), 6, 6, &nodes, within(1000, 1000), realized.as_ref());
         let r = s.realized.unwrap();
         assert!(!r.status && r.reason == REASON_PENDING, "{r:?}");
-        assert_eq!(r.message, "1/2 nodes realize the service within services.realizeDeadlineMillis");
+        assert_eq!(
+            r.message,
+            "1/2 nodes realize the service within services.realizeDeadlineMillis"
+        );
         assert_eq!(recheck, None);
         // NoNodes is never kept once nodes exist: within the deadline it becomes Pending.
         let no_nodes = desired(&ok(), 6, 6, &NodeReports::new([]), NOW, None)
@@ -282,15 +288,26 @@ mod tests {
         let t0 = Instant::now();
         let limit = Duration::from_secs(10);
         let mut history = RevisionHistory::default();
+        history.record(4, t0);
         let mut messages = std::collections::BTreeSet::new();
         for (k, revision) in (5..9).enumerate() {
-            let made = t0 + Duration::from_secs(20 * k as u64);
+            let made = t0 + Duration::from_secs(20 * (k as u64 + 1));
             history.record(revision, made);
             // Just made: the agent node still realizes the previous revision.
-            for (at, agent) in [(made, revision - 1), (made + Duration::from_millis(50), revision)] {
+            for (at, agent) in [
+                (made, revision - 1),
+                (made + Duration::from_millis(50), revision),
+            ] {
                 let overdue = history.overdue(at, limit).unwrap();
                 let nodes = NodeReports::new([Some(agent), None]);
-                let (s, _) = desired(&ok(), revision, overdue, &nodes, within(60_000, 10_000), None);
+                let (s, _) = desired(
+                    &ok(),
+                    revision,
+                    overdue,
+                    &nodes,
+                    within(60_000, 10_000),
+                    None,
+                );
                 messages.insert(s.realized.unwrap().message);
             }
         }
@@ -299,7 +316,7 @@ mod tests {
             ["1/2 nodes realize the service within services.realizeDeadlineMillis"]
         );
         // What is older than the revision current one deadline ago is forgotten.
-        let now = t0 + Duration::from_secs(65);
+        let now = t0 + Duration::from_secs(95);
         assert_eq!(history.overdue(now, limit), Some(8));
         assert_eq!(history.0.len(), 1);
     }

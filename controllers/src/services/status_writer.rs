@@ -71,7 +71,10 @@ impl Shared {
                 let revisions = history.entry(key.clone()).or_default();
                 revisions.record(e.revision, e.since);
                 let overdue = revisions.overdue(now, limit).unwrap_or(e.revision);
-                (*pending_since.entry(key.clone()).or_insert(e.since), overdue)
+                (
+                    *pending_since.entry(key.clone()).or_insert(e.since),
+                    overdue,
+                )
             } else {
                 pending_since.remove(key);
                 history.remove(key);
@@ -81,8 +84,14 @@ impl Shared {
                 pending_for: now.saturating_duration_since(since),
                 limit,
             };
-            let (want, due) =
-                status::desired(&e.valid, e.revision, overdue, &nodes, deadline, shown.as_ref());
+            let (want, due) = status::desired(
+                &e.valid,
+                e.revision,
+                overdue,
+                &nodes,
+                deadline,
+                shown.as_ref(),
+            );
             if let Some(due) = due {
                 recheck = Some(recheck.map_or(due, |r| r.min(due)));
             }

@@ -63,6 +63,11 @@ pub trait NodeLoop: Send {
 
     /// A converged pass realized changes that arrived `delay` ago.
     fn realized(&mut self, _delay: Duration) {}
+
+    /// A pass is due by then even without a change (a report the last pass deferred).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        None
+    }
 }
 
 /// Runs `node`'s passes forever: after a change of `wake` (no sooner than `debounce` after
@@ -102,7 +107,10 @@ pub async fn drive(wake: &Wake, timing: &LoopTiming, node: &mut impl NodeLoop) {
                 wake.keep_since(started);
             }
         }
-        let wait = timing.wait_after(outcome, failures);
+        let mut wait = timing.wait_after(outcome, failures);
+        if let Some(due) = node.due() {
+            wait = wait.min(due.saturating_duration_since(tokio::time::Instant::now()));
+        }
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
@@ -307,5 +315,56 @@ mod tests {
         // The follow-up right after the first pass; then each pass of 80 ms is followed by
         // 80 ms of rest (the 10 ms debounce is long past).
         assert_eq!(gaps(&all), [80, 160, 160, 160], "{all:?}");
+    }
+
+    /// Converges; the first pass leaves a report due 300 ms later.
+    struct DeferredReport {
+        t0: Instant,
+        starts: Arc<Mutex<Vec<Duration>>>,
+        due: Option<Instant>,
+    }
+
+    impl NodeLoop for DeferredReport {
+        async fn pass(&mut self) -> PassOutcome {
+            let mut starts = self.starts.lock().unwrap();
+            starts.push(self.t0.elapsed());
+            self.due = (starts.len() == 1).then(|| self.t0 + Duration::from_millis(300));
+            PassOutcome::Converged
+        }
+
+        fn due(&self) -> Option<Instant> {
+            self.due
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_report_gets_a_pass_when_due_without_a_change() {
+        let timing = LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(10),
+            backoff: Backoff::default(),
+        };
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut node = DeferredReport {
+            t0: Instant::now(),
+            starts: starts.clone(),
+            due: None,
+        };
+        let wake = Wake::default();
+        tokio::select! {
+            _ = drive(&wake, &timing, &mut node) => unreachable!(),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let starts: Vec<u128> = starts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Duration::as_millis)
+            .collect();
+        assert_eq!(
+            starts,
+            [0, 300],
+            "one pass at the due time, then quiet until the resync"
+        );
     }
 }

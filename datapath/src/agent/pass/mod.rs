@@ -391,6 +391,10 @@ impl NodeLoop for NodePass<'_> {
             .realize_seconds
             .observe(delay.as_secs_f64());
     }
+
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.report.deferred_until()
+    }
 }
 
 impl NodePass<'_> {

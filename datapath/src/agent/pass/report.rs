@@ -14,6 +14,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tendril_runtime::conditions::{self, DesiredCondition, REALIZED};
 use tendril_runtime::{apply_body, apply_status};
@@ -176,9 +177,37 @@ pub struct Reporter {
     last_services: Option<i64>,
     last_socket_lb: Option<DesiredCondition>,
     announced: bool,
+    /// When the status was last written, and until when a report that only moves
+    /// `realizedServicesRevision` waits (`services.reportIntervalMillis`).
+    last_write: Option<tokio::time::Instant>,
+    deferred: Option<tokio::time::Instant>,
+}
+
+/// Whether `report` may wait until `interval` after the last write: it only moves the
+/// services revision (every other field says what was written), and the last write was
+/// less than `interval` ago. Returns when it is due.
+fn services_report_deferred(
+    last: Option<&NodeReport>,
+    report: &NodeReport,
+    last_write: Option<tokio::time::Instant>,
+    interval: Duration,
+    now: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    let last = last?;
+    let only_services = NodeReport {
+        realized_services_revision: last.realized_services_revision,
+        ..report.clone()
+    } == *last;
+    let due = last_write? + interval;
+    (only_services && due > now).then_some(due)
 }
 
 impl Reporter {
+    /// When a pass must run to write a deferred services revision.
+    pub fn deferred_until(&self) -> Option<tokio::time::Instant> {
+        self.deferred
+    }
+
     /// Writes `NodeNetwork.status.realizedRevision` and `Realized` when they change;
     /// returns whether the node realizes its desired state.
     pub async fn node_status(
@@ -238,6 +267,18 @@ impl Reporter {
             socket_lb: self.last_socket_lb.clone(),
         };
         if self.last_report.as_ref() == Some(&report) {
+            self.deferred = None;
+            return realized;
+        }
+        let now = tokio::time::Instant::now();
+        self.deferred = services_report_deferred(
+            self.last_report.as_ref(),
+            &report,
+            self.last_write,
+            Duration::from_millis(node.cfg.services.report_interval_millis),
+            now,
+        );
+        if self.deferred.is_some() {
             return realized;
         }
         let previous = own
@@ -278,8 +319,9 @@ impl Reporter {
         let api: Api<NodeNetwork> = Api::all(node.client.clone());
         match apply_status(&api, FIELD_MANAGER, &body).await {
             Ok(_) => {
-                tracing::info!(realized, reason = %report.condition.reason, revision = ?report.realized_revision, "NodeNetwork status");
+                tracing::info!(realized, reason = %report.condition.reason, revision = ?report.realized_revision, services_revision = ?report.realized_services_revision, "NodeNetwork status");
                 self.last_report = Some(report);
+                self.last_write = Some(now);
             }
             Err(e) => tracing::warn!(error = %e, "writing NodeNetwork status"),
         }
@@ -540,6 +582,59 @@ mod tests {
                 }
             },
         }
+    }
+
+    #[test]
+    fn a_services_revision_alone_waits_for_the_report_interval() {
+        let report = |services, reason: &str| NodeReport {
+            uid: Some("u".into()),
+            realized_revision: Some(3),
+            realized_services_revision: Some(services),
+            condition: DesiredCondition::new(REALIZED, true, reason, "m"),
+            socket_lb: None,
+        };
+        let t0 = tokio::time::Instant::now();
+        let interval = Duration::from_secs(2);
+        let last = report(10, "Realized");
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // A newer services revision 500 ms after the last write: due 2 s after it.
+        assert_eq!(
+            services_report_deferred(
+                Some(&last),
+                &report(11, "Realized"),
+                Some(t0),
+                interval,
+                at(500)
+            ),
+            Some(at(2000))
+        );
+        // Once the interval has passed: written at once.
+        assert_eq!(
+            services_report_deferred(
+                Some(&last),
+                &report(12, "Realized"),
+                Some(t0),
+                interval,
+                at(2000)
+            ),
+            None
+        );
+        // Anything else changed: written at once, with the services revision it has.
+        assert_eq!(
+            services_report_deferred(
+                Some(&last),
+                &report(11, "MapFull"),
+                Some(t0),
+                interval,
+                at(500)
+            ),
+            None
+        );
+        // Nothing written yet: at once.
+        assert_eq!(
+            services_report_deferred(None, &report(11, "Realized"), None, interval, at(500)),
+            None
+        );
     }
 
     fn with_map(pass: &mut Pass, group: MapGroup, failed: Vec<Failure<AnyKey>>) {
