@@ -48,7 +48,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tendril_crds::common::conditions::{READY, VALID};
-use tendril_crds::v1alpha1::{EgressGatewayPolicy, EgressRoute, EgressRouteSpec, Endpoint};
+use tendril_crds::v1alpha1::{
+    EgressGatewayPolicy, EgressRoute, EgressRouteSpec, Endpoint, Identity,
+};
 use tendril_runtime::debounce::ChangeClock;
 use tendril_runtime::events::ProblemLog;
 use tendril_runtime::owned::OwnedObjects;
@@ -88,15 +90,18 @@ pub type Error = runtime::ApiError;
 struct Stores {
     policies: Store<EgressGatewayPolicy>,
     endpoints: Store<Endpoint>,
+    /// The endpoints' labels are their identities' (the Endpoint cache holds none).
+    identities: Store<Identity>,
     nodes: Store<Node>,
     routes: Store<EgressRoute>,
 }
 
 impl Stores {
     async fn listed(self) {
-        let _ = futures::future::join4(
+        let _ = futures::future::join5(
             runtime::store_ready(&self.policies),
             runtime::store_ready(&self.endpoints),
+            runtime::store_ready(&self.identities),
             runtime::store_ready(&self.nodes),
             runtime::store_ready(&self.routes),
         )
@@ -106,6 +111,7 @@ impl Stores {
     async fn ready(&self) -> Result<(), runtime::CacheNotReady> {
         runtime::cache_ready(&self.policies, "egressgatewaypolicies").await?;
         runtime::cache_ready(&self.endpoints, "endpoints").await?;
+        runtime::cache_ready(&self.identities, "identities").await?;
         runtime::cache_ready(&self.nodes, "nodes").await?;
         runtime::cache_ready(&self.routes, "egressroutes").await?;
         Ok(())
@@ -136,9 +142,18 @@ pub fn node_input(node: &Node) -> NodeInput {
     }
 }
 
-fn endpoint_input(ep: &Endpoint) -> EndpointInput {
+/// `ep` with its identity's labels (`labels_of`; none while its identity is unknown here:
+/// the Identity's arrival wakes the concern again).
+fn endpoint_input(
+    ep: &Endpoint,
+    labels_of: &mut impl FnMut(i64) -> Option<Arc<BTreeMap<String, String>>>,
+) -> EndpointInput {
     EndpointInput {
-        labels: ep.spec.security_labels.clone(),
+        labels: ep
+            .spec
+            .identity
+            .and_then(&mut *labels_of)
+            .unwrap_or_default(),
         ips: ep
             .spec
             .ips
@@ -244,12 +259,26 @@ impl Egress {
             .iter()
             .map(|n| node_input(n))
             .collect();
+        // One copy of each identity's labels, shared by its endpoints.
+        let mut labels: HashMap<i64, Option<Arc<BTreeMap<String, String>>>> = HashMap::new();
+        let mut labels_of = |id: i64| {
+            labels
+                .entry(id)
+                .or_insert_with(|| {
+                    let identity = self
+                        .stores
+                        .identities
+                        .get(&ObjectRef::new(&id.to_string()))?;
+                    Some(Arc::new(identity.spec.security_labels.clone()))
+                })
+                .clone()
+        };
         let endpoints = self
             .stores
             .endpoints
             .state()
             .iter()
-            .map(|e| endpoint_input(e))
+            .map(|e| endpoint_input(e, &mut labels_of))
             .collect();
         (policies, nodes, endpoints)
     }
@@ -487,12 +516,14 @@ impl Egress {
 pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<()> {
     let client = ctx.client.clone();
     let policies = ctx.caches.all::<EgressGatewayPolicy>();
-    let endpoints = ctx.caches.all::<Endpoint>();
+    let endpoints = crate::endpoints::cache(&ctx.caches);
+    let identities = ctx.caches.all::<Identity>();
     let nodes = ctx.caches.all::<Node>();
     let routes = ctx.caches.all::<EgressRoute>();
     let stores = Stores {
         policies: policies.store(),
         endpoints: endpoints.store(),
+        identities: identities.store(),
         nodes: nodes.store(),
         routes: routes.store(),
     };
@@ -508,9 +539,11 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
         let i = node_input(n);
         (i.labels, i.ready, i.address)
     });
-    // The agents' status writes change neither labels nor addresses.
+    // The agents' status writes change neither identity nor addresses.
     let endpoint_changes =
-        endpoints.trigger_on(|e: &Endpoint| (e.spec.security_labels.clone(), e.spec.ips.clone()));
+        endpoints.trigger_on(|e: &Endpoint| (e.spec.identity, e.spec.ips.clone()));
+    // An identity's labels never change; a new one may be what an endpoint waited for.
+    let identity_changes = identities.trigger_on(|i: &Identity| i.spec.id);
     // Our own writes come back here; a route edited or deleted by someone else is put back.
     let route_changes = owned.trigger(&routes);
 
@@ -523,6 +556,10 @@ pub async fn run(ctx: runtime::Context, config: EgressConfig) -> anyhow::Result<
         )
         .watches_stream(
             endpoint_changes,
+            singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
+        )
+        .watches_stream(
+            identity_changes,
             singleton::on_change_while_any(NAME, Some(&changes), &stores.policies),
         )
         .watches_stream(route_changes, singleton::on_change(NAME, None));

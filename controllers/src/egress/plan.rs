@@ -55,8 +55,9 @@ pub struct NodeInput {
 /// An endpoint (pod) as the plan sees it.
 #[derive(Clone, Debug, Default)]
 pub struct EndpointInput {
-    /// Security labels (`k8s:app`, `k8s:io.tendril.k8s.namespace.labels.team`, …).
-    pub labels: BTreeMap<String, String>,
+    /// Security labels (`k8s:app`, `k8s:io.tendril.k8s.namespace.labels.team`, …): its
+    /// identity's, shared by every endpoint of that identity.
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
     pub ips: Vec<IpAddr>,
 }
 

@@ -65,7 +65,7 @@ fn node(name: &str, gateway: bool, ready: bool) -> NodeInput {
 
 fn endpoint(pairs: &[(&str, &str)], ip: &str) -> EndpointInput {
     EndpointInput {
-        labels: labels(pairs),
+        labels: std::sync::Arc::new(labels(pairs)),
         ips: vec![ip.parse().unwrap()],
     }
 }

@@ -226,7 +226,7 @@ pub fn desired_endpoint(
 }
 
 /// The full spec to write: the desired content, the identity, and a revision that moves
-/// only when the content changes.
+/// only when the content changes (the identity standing for the security labels).
 pub fn endpoint_spec(
     desired: DesiredEndpoint,
     identity: Option<i64>,
@@ -245,8 +245,11 @@ pub fn endpoint_spec(
     };
     spec.revision = match current {
         Some(cur) => {
+            // The security labels are not compared: the cache drops them (see
+            // `super::cache`), and the identity, compared, stands for them.
             let same = EndpointSpec {
                 revision: cur.revision,
+                security_labels: cur.security_labels.clone(),
                 ..spec.clone()
             } == *cur;
             if same { cur.revision } else { cur.revision + 1 }

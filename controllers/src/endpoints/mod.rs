@@ -17,6 +17,19 @@
 pub mod desired;
 pub mod pod;
 
+/// The operator's one cache of every `Endpoint` (the endpoints, identities and egress
+/// concerns share it), without what no concern reads of it: the security labels — an
+/// Endpoint's identity stands for its label set (one id per set), the egress concern
+/// takes them from the `Identity` — and annotations.
+pub fn cache(caches: &runtime::caches::Caches) -> runtime::Cache<Endpoint> {
+    caches.all_trimmed(trim_endpoint)
+}
+
+fn trim_endpoint(endpoint: &mut Endpoint) {
+    endpoint.spec.security_labels.clear();
+    endpoint.metadata.annotations = None;
+}
+
 use crate::identities::IdentitiesConfig;
 use crate::identities::allocator::{AllocError, IdentityAllocator};
 use crate::identities::labels::LabelFilter;
@@ -269,9 +282,10 @@ impl Reconciler for Endpoints {
         let spec = endpoint_spec(desired, Some(identity), current.as_ref().map(|c| &c.spec));
         let id_label = identity.to_string();
         let labelled = |c: &Endpoint| c.labels().get(IDENTITY_LABEL) == Some(&id_label);
+        // (The revision moves only when the content does: see `endpoint_spec`.)
         if current
             .as_ref()
-            .is_some_and(|c| c.spec == spec && labelled(c))
+            .is_some_and(|c| c.spec.revision == spec.revision && labelled(c))
         {
             return Ok(Action::await_change());
         }
@@ -327,7 +341,7 @@ pub async fn run(
     let client = ctx.client.clone();
     let pods = ctx.caches.all_trimmed::<PodInfo>(pod::trim_pod);
     let namespaces = ctx.caches.all::<Namespace>();
-    let endpoints = ctx.caches.all::<Endpoint>();
+    let endpoints = crate::endpoints::cache(&ctx.caches);
     // An Identity that disappears while endpoints use it (deleted by hand): those pods
     // are reconciled again and get a new identity.
     let ep_of_deleted_identities = {

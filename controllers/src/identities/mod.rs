@@ -385,7 +385,7 @@ pub async fn run(
         ctx.shutdown.clone(),
     ));
     let identities = ctx.caches.all::<Identity>();
-    let endpoints = ctx.caches.all::<Endpoint>();
+    let endpoints = crate::endpoints::cache(&ctx.caches);
     // The reference counts, kept from the change stream before it triggers: a change that
     // moves no reference wakes nothing; one that moves an endpoint between identities
     // wakes both. Counts only need to settle: a burst of changes for one identity becomes
