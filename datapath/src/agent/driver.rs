@@ -199,6 +199,15 @@ mod tests {
         starts.lock().unwrap().clone()
     }
 
+    /// No resync within a test, the default backoff, `debounce_ms` between passes.
+    fn without_resync(debounce_ms: u64) -> LoopTiming {
+        LoopTiming {
+            resync: Duration::from_secs(3600),
+            debounce: Duration::from_millis(debounce_ms),
+            backoff: Backoff::default(),
+        }
+    }
+
     fn gaps(starts: &[Duration]) -> Vec<u64> {
         starts
             .windows(2)
@@ -235,11 +244,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_change_wakes_the_loop_and_a_success_reports_its_delay() {
-        let timing = LoopTiming {
-            resync: Duration::from_secs(3600),
-            debounce: Duration::from_millis(50),
-            backoff: Backoff::default(),
-        };
+        let timing = without_resync(50);
         let wake = Wake::default();
         let mut node = Scripted::new(PassOutcome::Converged);
         let (starts, delays) = (node.starts.clone(), node.delays.clone());
@@ -273,11 +278,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn what_arrives_during_a_pass_is_handled_right_after_it_once_per_burst() {
-        let timing = LoopTiming {
-            resync: Duration::from_secs(3600),
-            debounce: Duration::from_millis(50),
-            backoff: Backoff::default(),
-        };
+        let timing = without_resync(50);
         let wake = Wake::default();
         let mut node = Scripted::new(PassOutcome::Converged);
         // Changes arrive during the first three passes (each takes 2 ms).
@@ -296,11 +297,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn in_a_sustained_burst_the_loop_idles_as_long_as_a_pass_takes() {
-        let timing = LoopTiming {
-            resync: Duration::from_secs(3600),
-            debounce: Duration::from_millis(10),
-            backoff: Backoff::default(),
-        };
+        let timing = without_resync(10);
         let wake = Wake::default();
         let mut node = Scripted::new(PassOutcome::Converged);
         node.takes = Duration::from_millis(80);
@@ -339,11 +336,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_deferred_report_gets_a_pass_when_due_without_a_change() {
-        let timing = LoopTiming {
-            resync: Duration::from_secs(3600),
-            debounce: Duration::from_millis(10),
-            backoff: Backoff::default(),
-        };
+        let timing = without_resync(10);
         let starts = Arc::new(Mutex::new(Vec::new()));
         let mut node = DeferredReport {
             t0: Instant::now(),
