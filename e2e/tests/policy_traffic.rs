@@ -16,7 +16,9 @@
 //! - `enforcement_holds_across_agent_restarts`: with denies in place (one enforced at the
 //!   receiver's ingress, one at the sender's egress), the receiver's agent and then the
 //!   sender's agent are SIGKILLed and restarted while the denied pairs are probed: zero
-//!   connections through while down, restarting and after; the allowed pair keeps working.
+//!   connections through while down, restarting and after; the allowed pair keeps working
+//!   (nothing lost, and no more late TCP round trips than the UDP flow has in the same
+//!   window: UDP that policy drops is lost, so its late ones are the machine's stalls).
 //!
 //! The two tests build their own cluster each and run one after the other (a lock): they
 //! measure gaps and stop times, which a second cluster on the same two cores would blur.
@@ -956,10 +958,17 @@ async fn enforcement_holds_across_agent_restarts() -> Result<()> {
     let retrans = flows_tcp.retransmits() - retrans_before;
     let tcp = flows_tcp.finish()?;
     let udp = flows_udp.finish()?;
-    for (name, log) in [("client TCP flow", &tcp), ("client UDP flow", &udp)] {
+    // A UDP message the policy dropped is lost, never late: the UDP flow's late round trips
+    // in the same window are the machine's stalls (CI saw 245–340 ms on both flows, nothing
+    // lost), and TCP may have as many. More late TCP than that is a retransmission.
+    let udp_stalls = udp.stats(start, end, LATE).late;
+    for (name, log, stalls) in [
+        ("client TCP flow", &tcp, udp_stalls),
+        ("client UDP flow", &udp, u64::MAX),
+    ] {
         let s = log.stats(start, end, LATE);
         writeln!(report, "  {name:<27} {s}")?;
-        if s.lost > 0 || s.late > 0 || log.error().is_some() {
+        if s.lost > 0 || s.late > stalls || log.error().is_some() {
             failures.push(format!("{name}: {s} {:?}", log.error()));
         }
     }
