@@ -52,6 +52,16 @@ impl Dataplane {
         })
     }
 
+    /// The maps the passes converge read the kernel again at their next convergence
+    /// (each otherwise diffs against what it wrote; see [`PinnedMap::known`]). The policy
+    /// maps keep their own schedule ([`PolicyMaps::forget_known`]).
+    pub fn forget_known(&mut self) {
+        self.endpoints.forget_known();
+        self.ipcache.forget_known();
+        self.lb.forget_known();
+        self.egress.forget_known();
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.dir
     }

@@ -16,7 +16,7 @@ use super::metrics::{DropLabels, FlowMetrics, LostLabels, ProcessedLabels};
 use super::proto::flow::{DropReason, LostEventSource, Verdict, layer4};
 use super::ring::{Entry, FlowRing};
 use super::timestamp;
-use crate::agent::view::{ClusterView, Wake, wake_on};
+use crate::agent::view::{ClusterView, Wake, wake_on, wake_on_generation};
 use crate::bpf::policy::{EventKind, PolicyEvent, monotonic_now_ns};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -108,7 +108,8 @@ impl DirectoryHandle {
     /// on every change (at most every 200 ms) until `shutdown`.
     pub async fn follow(self, view: ClusterView, shutdown: CancellationToken) {
         let wake = Wake::default();
-        wake_on(&view.endpoints, &wake, |_| true);
+        // The spec only: every agent's status reports would otherwise rebuild it.
+        wake_on_generation(&view.endpoints, &wake);
         wake_on(&view.identities, &wake, |_| true);
         wake_on(&view.resolved_policies, &wake, |_| true);
         wake_on(&view.node_networks, &wake, |_| true);

@@ -224,20 +224,22 @@ pub fn desired<'a>(
     }
 
     let mut local: Vec<LocalEndpoint> = Vec::new();
+    // Every Endpoint of the cluster passes here on every pass: nothing is allocated for a
+    // remote one but its addresses.
     for ep in endpoints {
-        let key = endpoint_ref(ep);
         let is_local = ep.spec.node == node;
         let ips: Vec<IpAddr> = ep.spec.ips.iter().filter_map(|s| s.parse().ok()).collect();
         let identity = ep.spec.identity.and_then(|id| u32::try_from(id).ok());
         let Some(identity) = identity.filter(|id| *id > 0) else {
             if is_local {
-                out.pending.push((key, "no identity allocated yet".into()));
+                out.pending
+                    .push((endpoint_ref(ep), "no identity allocated yet".into()));
             }
             continue;
         };
         if ips.is_empty() {
             if is_local {
-                out.pending.push((key, "no addresses".into()));
+                out.pending.push((endpoint_ref(ep), "no addresses".into()));
             }
             continue;
         }
@@ -257,7 +259,7 @@ pub fn desired<'a>(
         if is_local {
             local.push(LocalEndpoint {
                 endpoint_id: endpoint_id(ips[0]),
-                key,
+                key: endpoint_ref(ep),
                 revision: ep.spec.revision,
                 ips,
                 identity,

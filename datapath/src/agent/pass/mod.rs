@@ -336,6 +336,7 @@ pub async fn run(
         health: health.clone(),
         report: report::Reporter::default(),
         maps_observed: None,
+        maps_read: None,
         statuses: None,
         statuses_written: Default::default(),
     };
@@ -361,6 +362,9 @@ struct NodePass<'a> {
     report: report::Reporter,
     /// When a pass last read the maps' fill into metrics.
     maps_observed: Option<std::time::Instant>,
+    /// When the converged maps were last read back from the kernel (see
+    /// [`Dataplane::forget_known`]): once per resync period and after a failed pass.
+    maps_read: Option<std::time::Instant>,
     /// The last pass's Endpoint status writes, if still running.
     statuses: Option<tokio::task::JoinHandle<()>>,
     statuses_written: report::WrittenStatuses,
@@ -407,6 +411,13 @@ impl NodePass<'_> {
             return PassOutcome::Waiting;
         }
         let node = self.node;
+        if self
+            .maps_read
+            .is_none_or(|at| at.elapsed() >= node.cfg.timing.resync)
+            && node.with_dataplane(Dataplane::forget_known).await.is_ok()
+        {
+            self.maps_read = Some(std::time::Instant::now());
+        }
         let view = &node.view;
         let desired = index::desired(
             &node.cfg.node_name,
@@ -431,6 +442,7 @@ impl NodePass<'_> {
             took.push((step.name(), step_started.elapsed().as_secs_f64() * 1e3));
             if let Err(failure) = result {
                 tracing::warn!(step = step.name(), reason = failure.reason, error = %failure.message, "pass failed");
+                self.maps_read = None;
                 self.report
                     .node_status(node, own.as_deref(), &pass, Some(failure))
                     .await;
@@ -474,6 +486,7 @@ impl NodePass<'_> {
         if realized {
             PassOutcome::Converged
         } else {
+            self.maps_read = None;
             PassOutcome::Failed
         }
     }

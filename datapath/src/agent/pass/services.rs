@@ -170,30 +170,23 @@ impl Step for Services {
         let converged = node
             .with_dataplane(move |dp| {
                 // Both families: their ids are one numbering.
-                let mut held_backends: BTreeMap<BackendAddr, u32> = dp
-                    .lb
-                    .backends()?
-                    .iter()
+                let held = dp.lb.held_ids()?;
+                let held_backends: BTreeMap<BackendAddr, u32> = (held.backends.iter())
                     .map(|(id, b)| (BackendAddr::from(b), *id))
+                    .chain(
+                        held.backends6
+                            .iter()
+                            .map(|(id, b)| (BackendAddr::from(b), *id)),
+                    )
                     .collect();
-                held_backends.extend(
-                    dp.lb
-                        .backends6()?
-                        .iter()
-                        .map(|(id, b)| (BackendAddr::from(b), *id)),
-                );
-                let mut held_frontends: BTreeMap<FrontendAddr, u16> = dp
-                    .lb
-                    .revnat()?
-                    .iter()
+                let held_frontends: BTreeMap<FrontendAddr, u16> = (held.revnat.iter())
                     .map(|(index, r)| (FrontendAddr::from(r), *index))
+                    .chain(
+                        held.revnat6
+                            .iter()
+                            .map(|(i, r)| (FrontendAddr::from(r), *i)),
+                    )
                     .collect();
-                held_frontends.extend(
-                    dp.lb
-                        .revnat6()?
-                        .iter()
-                        .map(|(index, r)| (FrontendAddr::from(r), *index)),
-                );
                 let wanted = desired::lb_state(
                     services.iter().map(AsRef::as_ref),
                     &NodeServices {

@@ -59,6 +59,12 @@ impl EgressMaps {
         })
     }
 
+    /// The converged maps read the kernel again at their next convergence.
+    pub fn forget_known(&mut self) {
+        self.policy.forget_known();
+        self.exempt.forget_known();
+    }
+
     /// Converges `egress_policy` (pruned only with `prune`).
     pub fn converge_policy(
         &mut self,

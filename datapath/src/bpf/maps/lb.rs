@@ -377,6 +377,14 @@ impl fmt::Debug for LbMaps {
     }
 }
 
+/// The ids the services maps hold, by map.
+pub struct HeldIds<'a> {
+    pub backends: &'a BTreeMap<u32, Lb4Backend>,
+    pub backends6: &'a BTreeMap<u32, Lb6Backend>,
+    pub revnat: &'a BTreeMap<u16, Lb4ReverseNat>,
+    pub revnat6: &'a BTreeMap<u16, Lb6ReverseNat>,
+}
+
 /// Writes the backend slots of `diff` before the service entries that count them; a service
 /// some of whose slots could not be written keeps its previous entry (or none), never a
 /// count that points at missing slots.
@@ -441,6 +449,31 @@ impl LbMaps {
             nat: PinnedMap::open(dir, layout::LB_NAT)?,
             nat6: PinnedMap::open(dir, layout::LB6_NAT)?,
             config,
+        })
+    }
+
+    /// Every converged map reads the kernel again at its next convergence.
+    pub fn forget_known(&mut self) {
+        self.services.forget_known();
+        self.backends.forget_known();
+        self.revnat.forget_known();
+        self.services6.forget_known();
+        self.backends6.forget_known();
+        self.revnat6.forget_known();
+        self.source_ranges.forget_known();
+        self.source_ranges6.forget_known();
+        self.maglev.forget_known();
+        self.netns.forget_known();
+    }
+
+    /// The backends and frontends held, both families (as known since the last read; see
+    /// [`PinnedMap::known`]): the ids to keep for the same addresses.
+    pub fn held_ids(&mut self) -> Result<HeldIds<'_>, DataplaneError> {
+        Ok(HeldIds {
+            backends: self.backends.known()?,
+            backends6: self.backends6.known()?,
+            revnat: self.revnat.known()?,
+            revnat6: self.revnat6.known()?,
         })
     }
 

@@ -142,6 +142,14 @@ pub struct PinnedMap<K: MapKey, V: Pod> {
     name: &'static str,
     max_entries: u32,
     map: K::Backend<V>,
+    /// What the map holds as far as this process knows: read at the first [`Self::diff`]
+    /// and kept in step with every write since, so a convergence costs the syscalls of its
+    /// delta instead of a read of every entry (at 10k remote endpoints, reading `ipcache`
+    /// and the `lb_*` maps back was most of a pass). Only for maps nothing else writes
+    /// (the programs write conntrack and NAT, which are never diffed); forgotten on a
+    /// failed write and by [`Self::forget_known`] (the agent's periodic resync reads the
+    /// kernel again, so an entry changed behind the agent's back is put right).
+    known: Option<BTreeMap<K, V>>,
 }
 
 impl<K: MapKey, V: Pod> fmt::Debug for PinnedMap<K, V> {
@@ -149,6 +157,7 @@ impl<K: MapKey, V: Pod> fmt::Debug for PinnedMap<K, V> {
         f.debug_struct("PinnedMap")
             .field("name", &self.name)
             .field("max_entries", &self.max_entries)
+            .field("known", &self.known.as_ref().map(BTreeMap::len))
             .finish_non_exhaustive()
     }
 }
@@ -167,7 +176,13 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
             name,
             max_entries,
             map,
+            known: None,
         })
+    }
+
+    /// The next [`Self::diff`] reads the kernel instead of trusting what was written.
+    pub fn forget_known(&mut self) {
+        self.known = None;
     }
 
     /// Its name, which is also its pin file name.
@@ -197,9 +212,12 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
         })
     }
 
-    /// Entries held (counted key by key) vs capacity.
+    /// Entries held (as known, else counted key by key) vs capacity.
     pub fn pressure(&self) -> MapPressure {
-        let entries = self.map.keys().filter(Result::is_ok).count();
+        let entries = match &self.known {
+            Some(known) => known.len(),
+            None => self.map.keys().filter(Result::is_ok).count(),
+        };
         MapPressure {
             map: self.name,
             entries: u32::try_from(entries).unwrap_or(u32::MAX),
@@ -209,14 +227,32 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
 
     /// Writes one entry; `op` only labels the error.
     pub fn put(&mut self, key: &K, value: &V, op: Op) -> Result<(), MapWriteError> {
-        self.map
-            .insert(key, value)
-            .map_err(|e| MapWriteError::new(self.name, op, self.max_entries, e))
+        match self.map.insert(key, value) {
+            Ok(()) => {
+                if let Some(known) = &mut self.known {
+                    known.insert(*key, *value);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.known = None;
+                Err(MapWriteError::new(self.name, op, self.max_entries, e))
+            }
+        }
     }
 
     /// Deletes one entry; one already gone is no error. Returns whether it was there.
     pub fn delete(&mut self, key: &K) -> Result<bool, MapWriteError> {
-        match self.map.remove(key) {
+        let result = self.map.remove(key);
+        match &result {
+            Ok(()) => {}
+            Err(e) if is_not_found(e) => {}
+            Err(_) => self.known = None,
+        }
+        if let Some(known) = &mut self.known {
+            known.remove(key);
+        }
+        match result {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(MapWriteError::new(
@@ -250,17 +286,27 @@ impl<K: MapKey, V: Pod + PartialEq> PinnedMap<K, V> {
         }
     }
 
-    /// `desired` in kernel keys, and how the map differs from it.
+    /// `desired` in kernel keys, and how the map differs from it (from what is known to be
+    /// there; the kernel is read when nothing is).
     pub fn diff(
-        &self,
+        &mut self,
         desired: &BTreeMap<K::Desired, V>,
     ) -> Result<(BTreeMap<K, V>, Diff<K>), DataplaneError> {
         let desired: BTreeMap<K, V> = desired
             .iter()
             .map(|(key, value)| (K::from_desired(*key), *value))
             .collect();
-        let diff = diff(&self.read()?, &desired);
+        let diff = diff(self.known()?, &desired);
         Ok((desired, diff))
+    }
+
+    /// What the map holds as far as this process knows (read from the kernel when it does
+    /// not know; see `known` on the struct).
+    pub fn known(&mut self) -> Result<&BTreeMap<K, V>, DataplaneError> {
+        if self.known.is_none() {
+            self.known = Some(self.read()?);
+        }
+        Ok(self.known.get_or_insert_default())
     }
 
     /// Converges the map to `desired` by diff: stale entries are deleted first (so their
@@ -308,6 +354,8 @@ mod tests {
         entries: BTreeMap<Key, V>,
         capacity: usize,
         log: Vec<(Op, u32)>,
+        /// Full reads of the map.
+        reads: std::cell::Cell<usize>,
     }
 
     impl<V> TryFrom<Map> for Memory<V> {
@@ -320,6 +368,7 @@ mod tests {
 
     impl<V: Pod> Backend<Key, V> for Memory<V> {
         fn entries(&self) -> impl Iterator<Item = Result<(Key, V), MapError>> {
+            self.reads.set(self.reads.get() + 1);
             self.entries.iter().map(|(k, v)| Ok((*k, *v)))
         }
 
@@ -368,7 +417,9 @@ mod tests {
                 entries: held.iter().map(|(k, v)| (Key(*k), *v)).collect(),
                 capacity,
                 log: Vec::new(),
+                reads: Default::default(),
             },
+            known: None,
         }
     }
 
@@ -411,6 +462,41 @@ mod tests {
         assert_eq!(m.map.log, [(Op::Delete, 4), (Op::Delete, 9), (Op::Add, 2)]);
         assert_eq!(m.read().unwrap(), desired);
         assert_eq!(m.pressure().entries, 3);
+    }
+
+    #[test]
+    fn converge_diffs_against_what_it_wrote_until_told_to_read_again() {
+        let mut m = map(&[(1, 1), (2, 2)], 3);
+        let desired = BTreeMap::from([(Key(1), 1), (Key(3), 3)]);
+        assert!(m.converge(&desired, true).unwrap().is_converged());
+        assert_eq!(m.map.reads.get(), 1, "the first convergence reads the map");
+
+        // Later convergences cost only their delta: no read, one write.
+        m.map.log.clear();
+        let desired = BTreeMap::from([(Key(1), 10), (Key(3), 3)]);
+        let report = m.converge(&desired, true).unwrap();
+        assert_eq!((report.updated, report.unchanged), (1, 1));
+        assert_eq!(
+            (m.map.reads.get(), &m.map.log[..]),
+            (1, &[(Op::Update, 1)][..])
+        );
+
+        // An entry changed behind its back is put right once it reads again.
+        m.map.entries.insert(Key(3), 99);
+        m.map.entries.insert(Key(7), 7);
+        assert_eq!(m.converge(&desired, true).unwrap().unchanged, 2);
+        m.forget_known();
+        let report = m.converge(&desired, true).unwrap();
+        assert_eq!((report.updated, report.deleted), (1, 1));
+        assert_eq!(m.read().unwrap(), desired);
+
+        // A failed write forgets: the next convergence reads what the kernel kept.
+        let reads = m.map.reads.get();
+        let too_many = BTreeMap::from([(Key(1), 10), (Key(3), 3), (Key(4), 4), (Key(5), 5)]);
+        assert!(m.converge(&too_many, true).unwrap().map_full());
+        m.converge(&desired, true).unwrap();
+        assert_eq!(m.map.reads.get(), reads + 1, "read again after the failure");
+        assert_eq!(m.read().unwrap(), desired);
     }
 
     #[test]

@@ -155,6 +155,7 @@ impl PolicyMaps {
     /// The next convergence reads `policy` back instead of trusting what it last wrote.
     pub fn forget_known(&mut self) {
         self.known_entries = None;
+        self.cidrs.forget_known();
     }
 
     /// The `policy_config` entry.
@@ -521,7 +522,7 @@ impl PolicyMaps {
         })
     }
 
-    fn plan_cidrs(&self, cidrs: &BTreeMap<IpNet, u32>) -> Result<CidrPlan, DataplaneError> {
+    fn plan_cidrs(&mut self, cidrs: &BTreeMap<IpNet, u32>) -> Result<CidrPlan, DataplaneError> {
         let desired: BTreeMap<IpNet, PolicyCidrValue> = cidrs
             .iter()
             .map(|(net, identity)| {
