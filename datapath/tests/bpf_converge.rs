@@ -14,7 +14,7 @@ use bpf_support::*;
 use ipnet::IpNet;
 use tendril_datapath::bpf::{
     Dataplane, LoadError, MapSizes, MapWriteError, Programs,
-    maps::{EndpointInfo, IpcacheValue, NodeConfig},
+    maps::{EndpointInfo, EndpointKey, IpcacheValue, NodeConfig},
 };
 
 fn ep(i: u8) -> (IpAddr, EndpointInfo) {
@@ -193,6 +193,37 @@ fn a_full_map_is_a_typed_error_and_the_rest_still_converges() {
         report.failed[0].error,
         MapWriteError::Full { map: "ipcache", .. }
     ));
+}
+
+#[test]
+fn a_change_behind_the_agents_back_is_repaired_once_it_reads_the_map_again() {
+    let mut node = Node::load("behind", &MapSizes::default());
+    let desired: BTreeMap<_, _> = (1..=3).map(ep).collect();
+    let mut prefixes = BTreeMap::new();
+    prefixes.insert(
+        "10.1.0.0/16".parse::<IpNet>().unwrap(),
+        IpcacheValue::new(300, None),
+    );
+    node.dataplane.endpoints.converge(&desired, true).unwrap();
+    node.dataplane.ipcache.converge(&prefixes, true).unwrap();
+
+    // Someone else (bpftool, a stray process) edits the pinned maps.
+    let mut other = Dataplane::open(&node.dir.0).unwrap();
+    assert!(other.endpoints.delete(&EndpointKey::new(ep(2).0)).unwrap());
+    other.ipcache.converge(&BTreeMap::new(), true).unwrap();
+
+    // Between resyncs the agent diffs against what it wrote: no read, no repair.
+    let report = node.dataplane.endpoints.converge(&desired, true).unwrap();
+    assert_eq!((report.unchanged, report.added), (3, 0));
+
+    // The resync reads the kernel again and puts both right.
+    node.dataplane.forget_known();
+    let report = node.dataplane.endpoints.converge(&desired, true).unwrap();
+    assert_eq!((report.unchanged, report.added), (2, 1));
+    assert_eq!(node.dataplane.endpoints.by_ip().unwrap(), desired);
+    let report = node.dataplane.ipcache.converge(&prefixes, true).unwrap();
+    assert_eq!(report.added, 1);
+    assert_eq!(node.dataplane.ipcache.by_prefix().unwrap(), prefixes);
 }
 
 #[test]

@@ -392,7 +392,7 @@ pub async fn run(ctx: runtime::Context, config: BgpConfig) -> anyhow::Result<()>
     let nodes = ctx.caches.all::<Node>();
     let networks = ctx.caches.all::<NodeNetwork>();
     let services = ctx.caches.all::<Service>();
-    let slices = ctx.caches.all::<EndpointSlice>();
+    let slices = crate::services::slice_cache(&ctx.caches);
     let configs = ctx.caches.all::<BGPNodeConfig>();
     let stores = Stores {
         policies: policies.store(),

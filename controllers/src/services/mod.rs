@@ -542,11 +542,27 @@ async fn sweep_orphans(
     }
 }
 
+/// The operator's one cache of every EndpointSlice (the services and bgp concerns share
+/// it), without what neither reads of an endpoint: its `targetRef` (a pod's kind, name,
+/// namespace and uid: ~0.35 KiB per pod), hostname, hints and deprecated topology.
+pub fn slice_cache(caches: &runtime::caches::Caches) -> Cache<EndpointSlice> {
+    caches.all_trimmed(trim_slice)
+}
+
+fn trim_slice(slice: &mut EndpointSlice) {
+    for endpoint in &mut slice.endpoints {
+        endpoint.target_ref = None;
+        endpoint.hostname = None;
+        endpoint.hints = None;
+        endpoint.deprecated_topology = None;
+    }
+}
+
 /// Runs the services concern until `ctx.shutdown`.
 pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Result<()> {
     let client = ctx.client.clone();
     let services = ctx.caches.all::<Service>();
-    let slices = ctx.caches.all::<EndpointSlice>();
+    let slices = slice_cache(&ctx.caches);
     let lbservices = ctx.caches.all::<LBService>();
     let nodes = ctx.caches.all::<Node>();
     let networks = ctx.caches.all::<NodeNetwork>();
