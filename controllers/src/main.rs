@@ -64,8 +64,11 @@ const CONCERNS: &[Concern<Term>] = &[
     },
 ];
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    tendril_runtime::process::block_on(operator_main())
+}
+
+async fn operator_main() -> ExitCode {
     let args = OperatorArgs::parse();
     let config = match args.resolve() {
         Ok(c) => c,

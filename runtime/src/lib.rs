@@ -64,6 +64,7 @@ pub mod leader;
 pub mod logging;
 pub mod metrics;
 pub mod owned;
+pub mod process;
 pub mod revisions;
 pub mod server;
 pub mod singleton;

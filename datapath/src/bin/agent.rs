@@ -56,8 +56,11 @@ struct Cli {
     ipam_resync_seconds: u64,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    tendril_runtime::process::block_on(agent_main())
+}
+
+async fn agent_main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.agent.resolve() {
         Ok(c) => c,
