@@ -15,7 +15,8 @@
 //!   (so 5% of pods are distinct identities), each pod labelled `app`, `tier`, `version`
 //!   and a `pod-template-hash` (filtered out of identities, as in Deployments), then 10
 //!   Services per namespace (selecting the apps) and 1 NetworkPolicy per namespace;
-//! - it waits until every pod has an `Endpoint` with an identity (the create phase), then
+//! - it waits until every pod has an `Endpoint` with an identity and every `LBService` its
+//!   first status (the create phase), then
 //!   replaces 10% of the pods per minute for `TENDRIL_SCALE_CHURN_SECS` (default 120): each
 //!   replacement deletes the oldest pod and creates one of the same app (the churn phase);
 //! - allocation burst and GC probe: 1,000 pods with label sets of their own are created as
@@ -49,7 +50,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use tendril_crds::v1alpha1::{Endpoint, Identity, ResolvedPolicy};
+use tendril_crds::v1alpha1::{Endpoint, Identity, LBService, ResolvedPolicy};
 use tendril_e2e::{ControlPlane, Metrics, Process, fetch_metrics, free_port, k8s_bin_dir};
 
 #[path = "scale/agent.rs"]
@@ -199,6 +200,32 @@ async fn settle(lat: &Arc<Mutex<Latencies>>, keys: &[String]) -> Result<()> {
             bail!("{missing} pods still without an Endpoint with identity");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until `services` LBServices show a `Realized` condition (their first status).
+async fn first_statuses(client: &kube::Client, services: usize) -> Result<()> {
+    let api: Api<LBService> = Api::all(client.clone());
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let shown = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|lb| {
+                lb.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Realized"))
+            })
+            .count();
+        if shown >= services {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{shown}/{services} LBServices show a Realized condition");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -403,6 +430,9 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
     .await
     .context("creating network policies")?;
     settle(&lat, &keys).await?;
+    // Each LBService's first status is written one `realizeDeadlineMillis` after it (the
+    // kwok nodes never realize): part of creating it, not of the churn.
+    first_statuses(&client, size.services).await?;
     let alloc_m = fetch_metrics(port).await?;
     let allocated = alloc_m.sum("tendril_identity_allocations_total", &[])
         - alloc_start_metrics.sum("tendril_identity_allocations_total", &[]);
