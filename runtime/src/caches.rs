@@ -173,8 +173,11 @@ impl<K> Cached for K where
 }
 
 /// (api version/kind, scope) → the `Cache<K>` of that kind, type-erased.
-/// With each, the address of the function that trims its objects, if any.
-type Entries = HashMap<(String, String), (Box<dyn Any + Send + Sync>, Option<usize>)>;
+/// With each, the name of the trim of its objects, if any.
+type Entries = HashMap<(String, String), (Box<dyn Any + Send + Sync>, Option<String>)>;
+
+/// What cuts an object down as it arrives (see [`Caches::all_trimmed`]).
+type Trim<K> = Arc<dyn Fn(&mut K) + Send + Sync>;
 
 /// The process's registry of caches (cheap to clone; clones share it).
 #[derive(Clone)]
@@ -230,7 +233,18 @@ impl Caches {
     /// through the same `trim`; asking for it untrimmed, or trimmed otherwise, panics (a
     /// bug every test that starts the operator finds).
     pub fn all_trimmed<K: Cached>(&self, trim: fn(&mut K)) -> Cache<K> {
-        self.get_or_start(SCOPE_ALL, Some(trim), || {
+        self.all_trimmed_by(&format!("fn@{:x}", trim as usize), trim)
+    }
+
+    /// [`Caches::all_trimmed`] by a closure (one that reads the process's configuration,
+    /// e.g. its node); `name` says which trim it is, for the check that every user asks
+    /// for the same.
+    pub fn all_trimmed_by<K: Cached>(
+        &self,
+        name: &str,
+        trim: impl Fn(&mut K) + Send + Sync + 'static,
+    ) -> Cache<K> {
+        self.get_or_start(SCOPE_ALL, Some((name, Arc::new(trim))), || {
             (Api::all(self.client.clone()), watcher::Config::default())
         })
     }
@@ -248,7 +262,7 @@ impl Caches {
     fn get_or_start<K: Cached>(
         &self,
         scope: &str,
-        trim: Option<fn(&mut K)>,
+        trim: Option<(&str, Trim<K>)>,
         watch: impl FnOnce() -> (Api<K>, watcher::Config),
     ) -> Cache<K> {
         let labels = KindLabels::of::<K>();
@@ -257,7 +271,8 @@ impl Caches {
             scope.to_string(),
         );
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let trim_id = trim.map(|f| f as usize);
+        let trim_id = trim.as_ref().map(|(name, _)| name.to_string());
+        let trim = trim.map(|(_, f)| f);
         if let Some((existing, existing_trim)) = entries.get(&key) {
             assert!(
                 *existing_trim == trim_id,
@@ -307,12 +322,7 @@ impl<K: Cached> Clone for Cache<K> {
 
 impl<K: Cached> Cache<K> {
     /// Starts the watch on the current tokio runtime; it runs until the process ends.
-    fn start(
-        api: Api<K>,
-        config: watcher::Config,
-        trim: Option<fn(&mut K)>,
-        errors: Counter,
-    ) -> Self {
+    fn start(api: Api<K>, config: watcher::Config, trim: Option<Trim<K>>, errors: Counter) -> Self {
         let (store, writer) = reflector::store();
         let cache = Self::from_store(store);
         let publisher = cache.clone();
@@ -321,7 +331,7 @@ impl<K: Cached> Cache<K> {
         // NodeNetwork), so at 10k objects they dominate the process's memory.
         let watch = watcher(api, config).modify(move |obj| {
             kube::ResourceExt::managed_fields_mut(obj).clear();
-            if let Some(trim) = trim {
+            if let Some(trim) = &trim {
                 trim(obj);
             }
         });

@@ -31,23 +31,29 @@ pub struct ClusterView {
     pub egress_routes: Cache<EgressRoute>,
 }
 
-/// What the agent drops of every Endpoint it caches (it caches every Endpoint of the
-/// cluster): the security labels, which are its identity's (the flows directory takes them
-/// from the `Identity`, once per identity), annotations, and the metadata labels and owner
-/// references nothing on the node reads (the operator's identity label alone cost ~0.5 KiB
-/// per Endpoint: a map's first node holds room for eleven entries).
-fn trim_endpoint(endpoint: &mut Endpoint) {
+/// What the agent of `node` drops of every Endpoint it caches (it caches every Endpoint of
+/// the cluster): the security labels, which are its identity's (the flows directory takes
+/// them from the `Identity`, once per identity), annotations, and the metadata labels and
+/// owner references nothing on the node reads (the operator's identity label alone cost
+/// ~0.5 KiB per Endpoint: a map's first node holds room for eleven entries); and the status
+/// of another node's Endpoint, which its own agent writes and reads (a `Realized`
+/// condition is five strings, ~0.3 KiB).
+fn trim_endpoint(endpoint: &mut Endpoint, node: &str) {
     endpoint.spec.security_labels.clear();
     endpoint.metadata.annotations = None;
     endpoint.metadata.labels = None;
     endpoint.metadata.owner_references = None;
+    if endpoint.spec.node != node {
+        endpoint.status = None;
+    }
 }
 
 /// Scope of the apiserver cache: the slice the apiserver itself writes.
 pub const APISERVER_SCOPE: &str = "default/kubernetes";
 
 impl ClusterView {
-    pub fn new(caches: &Caches) -> Self {
+    /// The view of the agent of `node`.
+    pub fn new(caches: &Caches, node: &str) -> Self {
         // Selected by name too (`metadata.name=kubernetes`), so RBAC can grant exactly that
         // name: kustomize's `namespace` would move a Role for `default` into Tendril's
         // namespace.
@@ -60,7 +66,12 @@ impl ClusterView {
         );
         let view = Self {
             node_networks: caches.all(),
-            endpoints: caches.all_trimmed(trim_endpoint),
+            endpoints: {
+                let node = node.to_string();
+                caches.all_trimmed_by(&format!("agent-endpoints:{node}"), move |ep| {
+                    trim_endpoint(ep, &node)
+                })
+            },
             identities: caches.all(),
             resolved_policies: caches.all(),
             apiserver,
@@ -257,5 +268,53 @@ impl Wake {
             let mut since = self.inner.since.lock().unwrap_or_else(|p| p.into_inner());
             *since = Some(since.map_or(at, |s| s.min(at)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use k8s_openapi::jiff::Timestamp;
+    use tendril_crds::v1alpha1::{EndpointSpec, EndpointStatus};
+
+    fn endpoint(node: &str) -> Endpoint {
+        let mut ep = Endpoint::new(
+            "web-1",
+            EndpointSpec {
+                node: node.into(),
+                ips: vec!["10.0.1.5".into()],
+                identity: Some(300),
+                ..Default::default()
+            },
+        );
+        ep.metadata.labels = Some([("tendril.dev/identity".into(), "300".into())].into());
+        ep.status = Some(EndpointStatus {
+            conditions: vec![Condition {
+                type_: "Realized".into(),
+                status: "True".into(),
+                reason: "Realized".into(),
+                message: format!("revision 1 is in the datapath of {node}"),
+                observed_generation: None,
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }],
+            realized_revision: Some(1),
+            realized_policy_revision: None,
+        });
+        ep
+    }
+
+    #[test]
+    fn another_nodes_endpoint_is_cached_without_its_status_and_a_local_one_with_it() {
+        let mut remote = endpoint("node-b");
+        trim_endpoint(&mut remote, "node-a");
+        assert_eq!(remote.status, None);
+        assert_eq!(remote.metadata.labels, None);
+        assert_eq!(remote.spec.ips, ["10.0.1.5"]);
+
+        let mut local = endpoint("node-a");
+        trim_endpoint(&mut local, "node-a");
+        assert_eq!(local.status.unwrap().realized_revision, Some(1));
+        assert_eq!(local.metadata.labels, None);
     }
 }

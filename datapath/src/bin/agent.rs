@@ -127,7 +127,7 @@ async fn run(cli: Cli, config: AgentConfig) -> anyhow::Result<()> {
             .context("building the Kubernetes client")?;
         // One watch per kind for the whole process, shared by the node sync and the passes.
         let caches = Caches::new(client.clone(), &metrics);
-        let view = ClusterView::new(&caches);
+        let view = ClusterView::new(&caches, &config.node_name);
         let sync = NodeSyncConfig {
             node_name: config.node_name.clone(),
             leak_grace: Duration::from_secs(cli.ipam_leak_grace_seconds),
