@@ -276,7 +276,7 @@ async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
     tendril_e2e::eventually(Duration::from_secs(120), || fetch_metrics(port)).await?;
     let mut agent = match std::env::var("TENDRIL_SCALE_AGENT").as_deref() {
         Ok("0") => None,
-        _ => Some(ScaleAgent::start(&plane, &tag).await?),
+        _ => Some(ScaleAgent::start(&plane, &tag, &size).await?),
     };
     let mut agent_figures = AgentFigures::default();
 

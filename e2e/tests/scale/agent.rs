@@ -23,6 +23,7 @@ pub(super) struct ScaleAgent {
     pub pod: Option<SimPod>,
     pub node: SimNode,
     _underlay: Underlay,
+    _config: ScratchFile,
     pub env: TestEnv,
     pub pid: u32,
     pub port: u16,
@@ -43,12 +44,16 @@ pub(super) struct AgentFigures {
 }
 
 impl ScaleAgent {
-    pub async fn start(plane: &Arc<ControlPlane>, tag: &str) -> Result<ScaleAgent> {
+    pub async fn start(plane: &Arc<ControlPlane>, tag: &str, size: &Size) -> Result<ScaleAgent> {
         let env = TestEnv::on(plane.clone()).await?;
         env.apply_yaml(POOL).await?;
         let cluster = format!("{tag}-{}", std::process::id() % 10_000);
+        let config =
+            ScratchFile(std::env::temp_dir().join(format!("tendril-{cluster}-agent.yaml")));
+        std::fs::write(&config.0, lb_map_sizes(size))?;
         let underlay = Underlay::new(&cluster).await?;
-        let mut node = SimNode::start(&env, &cluster, 0, 0).await?;
+        let args = ["--config".to_string(), config.0.display().to_string()];
+        let mut node = SimNode::start_with(&env, &cluster, 0, 0, &args).await?;
         node.wait_ready(&env.client()).await?;
         let pid = node.agent().context("agent not running")?.pid();
         let port = node.metrics_port;
@@ -56,6 +61,7 @@ impl ScaleAgent {
             pod: None,
             node,
             _underlay: underlay,
+            _config: config,
             env,
             pid,
             port,
@@ -159,6 +165,19 @@ impl ScaleAgent {
         })
         .await
     }
+}
+
+/// The agent's services maps sized for the run as `config/agent.yaml` says an operator
+/// sizes them (the defaults, Cilium's, hold ~3,100 Services of 20 backends and 65,536
+/// distinct backends): a quarter of headroom, rounded up to a power of two.
+fn lb_map_sizes(size: &Size) -> String {
+    let sized = |entries: usize| (entries + entries / 4).next_power_of_two().max(65_536);
+    let backends_per_service = PODS_PER_NAMESPACE / APPS_PER_NAMESPACE;
+    format!(
+        "bpfMapSizes:\n  lbServices: {}\n  lbBackends: {}\n",
+        sized(size.services * (backends_per_service + 1)),
+        sized(size.pods),
+    )
 }
 
 /// The report's rows of the agent.
