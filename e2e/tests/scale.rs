@@ -206,8 +206,7 @@ async fn settle(lat: &Arc<Mutex<Latencies>>, keys: &[String]) -> Result<()> {
 /// Waits until `services` LBServices show a `Realized` condition (their first status).
 async fn first_statuses(client: &kube::Client, services: usize) -> Result<()> {
     let api: Api<LBService> = Api::all(client.clone());
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
+    tendril_e2e::eventually(SETTLE_TIMEOUT, || async {
         let shown = api
             .list(&ListParams::default())
             .await?
@@ -219,14 +218,13 @@ async fn first_statuses(client: &kube::Client, services: usize) -> Result<()> {
                     .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Realized"))
             })
             .count();
-        if shown >= services {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{shown}/{services} LBServices show a Realized condition");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        ensure!(
+            shown >= services,
+            "{shown}/{services} LBServices show a Realized condition"
+        );
+        Ok(())
+    })
+    .await
 }
 
 async fn run_size(size: Size, rate: f64, churn_secs: u64) -> Result<Figures> {
