@@ -111,6 +111,7 @@ pub mod ipv6;
 mod kube_util;
 pub mod netpol;
 mod plane;
+mod ports;
 mod process;
 pub mod services;
 pub mod sim;
@@ -122,8 +123,8 @@ pub use env::TestEnv;
 pub use http::{Metrics, Sample, fetch_metrics, http_get};
 pub use kube_util::{FIELD_MANAGER, apply, apply_yaml, eventually, wait_deleted, wait_for};
 pub use plane::{Component, ControlPlane, E2E_LABEL, OWNER_LABEL, apply_crds};
+pub use ports::free_port;
 pub use process::{Process, ProcessBuilder, sweep_stale_processes};
-pub use sim::free_port;
 pub use util::{
     cache_dir, k8s_bin_dir, repo_root, target_bin_dir, test_log_dir, test_logs_root, unique_name,
 };

@@ -22,16 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tendril_crds::v1alpha1::{Endpoint, Identity};
 use tendril_e2e::{
-    ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_deleted, wait_for,
+    ControlPlane, Process, TestEnv, eventually, fetch_metrics, free_port, wait_deleted, wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 async fn start_operator(env: &TestEnv, config: &PathBuf, port: u16) -> Result<Process> {
     let mut op = Process::builder("tendril-operator")

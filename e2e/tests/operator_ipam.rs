@@ -14,15 +14,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use std::path::PathBuf;
 use std::time::Duration;
 use tendril_crds::v1alpha1::{NodeNetwork, PodIPPool};
-use tendril_e2e::{ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_for};
+use tendril_e2e::{ControlPlane, Process, TestEnv, eventually, fetch_metrics, free_port, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 fn write_config(name: &str, text: &str) -> Result<PathBuf> {
     let path = std::env::temp_dir().join(format!("{name}.yaml"));

@@ -19,7 +19,8 @@ use tendril_crds::v1alpha1::{
     ClusterNetworkPolicy, Identity, NetworkPolicy, ResolvedPolicy, ResolvedPolicySpec,
 };
 use tendril_e2e::{
-    ControlPlane, Process, TestEnv, apply, eventually, fetch_metrics, wait_deleted, wait_for,
+    ControlPlane, Process, TestEnv, apply, eventually, fetch_metrics, free_port, wait_deleted,
+    wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,12 +30,6 @@ use tendril_crds::facts::annotations::POLICY_CHANGED_AT as CHANGED_AT;
 const WEB: i64 = 1000;
 const DB: i64 = 1001;
 const CLIENT: i64 = 1002;
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// `tendril-operator` without leader election, logging at `rust_log`, once its caches
 /// synced; and its metrics port.

@@ -30,7 +30,9 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::Rng;
 use serde_json::{Value, json};
 use tendril_e2e::sim::{SimNode, SimPod, Underlay, ensure_node_object};
-use tendril_e2e::{ControlPlane, Process, TestEnv, eventually, http_get, repo_root, unique_name};
+use tendril_e2e::{
+    ControlPlane, Process, TestEnv, eventually, free_port, http_get, repo_root, unique_name,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const LEASE: &str = "tendril-operator";
@@ -673,12 +675,6 @@ fn label<'a>(series: &'a Value, name: &str) -> &'a str {
 }
 
 // ------------------------------------------------------------------ the cluster
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 #[tokio::test]
 async fn prometheus_scrapes_operator_and_agents_and_dashboard_metrics_exist() -> Result<()> {

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use tendril_crds::v1alpha1::{Endpoint, Identity};
 use tendril_e2e::{
-    ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_deleted, wait_for,
+    ControlPlane, Process, TestEnv, eventually, fetch_metrics, free_port, wait_deleted, wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -34,12 +34,6 @@ const GRACE_SECS: u64 = 2;
 /// with room for a machine shared with other builds.
 const RECLAIM_BOUND: Duration = Duration::from_secs(20);
 const CHURN_ROUNDS: usize = 6;
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 fn pod(name: &str, node: &str) -> Result<Pod> {
     Ok(serde_json::from_value(serde_json::json!({

@@ -45,7 +45,7 @@ use serde_json::json;
 use tendril_crds::v1alpha1::{Endpoint, NodeNetwork};
 use tokio::io::AsyncWriteExt;
 
-use crate::{Process, TestEnv, eventually, fetch_metrics, target_bin_dir, wait_for};
+use crate::{Process, TestEnv, eventually, fetch_metrics, free_port, target_bin_dir, wait_for};
 
 /// CNI "try again later": the agent is unreachable or not ready yet.
 pub const CNI_TRY_AGAIN: u64 = 11;

@@ -3,13 +3,6 @@
 
 use super::*;
 
-/// A port free on 127.0.0.1 now (the kernel's choice), for a process a test starts.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A simulated node of a test: namespace on the underlay, Node object, one agent.
 /// Dropping it stops the agent and removes the namespace, state and pin directories.
 pub struct SimNode {

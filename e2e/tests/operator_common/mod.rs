@@ -9,15 +9,10 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use std::time::Duration;
 use tendril_crds::v1alpha1::NodeNetwork;
+pub use tendril_e2e::free_port;
 use tendril_e2e::{Process, TestEnv, eventually};
 
 pub const TIMEOUT: Duration = Duration::from_secs(90);
-
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// An operator with leader election on, its Lease `lease` in the test namespace.
 pub struct Operator {
