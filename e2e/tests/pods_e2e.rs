@@ -171,7 +171,8 @@ async fn pods_get_addresses_endpoints_and_identities() -> Result<()> {
     // same node's CIDR, and the Endpoint follows (next revision, same identity).
     let mut web_b = web_b;
     let old_ip = web_b.ips[0];
-    let old_revision = endpoint_with_identity(&client, &web_b).await?.spec.revision;
+    let old_endpoint = endpoint_with_identity(&client, &web_b).await?;
+    let old_revision = old_endpoint.spec.revision;
     web_b.recreate_sandbox(&client, n0.handle()).await?;
     assert!(cidrs[0].contains(&web_b.ips[0]));
     assert_ne!(
@@ -188,7 +189,25 @@ async fn pods_get_addresses_endpoints_and_identities() -> Result<()> {
     )
     .await?
     .context("Endpoint gone")?;
-    assert_eq!(ep.spec.revision, old_revision + 1);
+    // A recreated Endpoint (another uid) would start again at revision 1: say so, it is a
+    // deletion every node saw, not a lost increment.
+    assert_eq!(
+        ep.spec.revision,
+        old_revision + 1,
+        "Endpoint before: uid {:?} created {:?}; after: uid {:?} created {:?}; the operator on {}:\n{}",
+        old_endpoint.metadata.uid,
+        old_endpoint.metadata.creation_timestamp,
+        ep.metadata.uid,
+        ep.metadata.creation_timestamp,
+        web_b.name,
+        cluster
+            .operator
+            .log()
+            .lines()
+            .filter(|l| l.contains(&web_b.name))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
     assert_eq!(ep.spec.identity, Some(id(&web_a)));
     assert!(
         web_a.ping(web_b.ips[0]).await?,
