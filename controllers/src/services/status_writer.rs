@@ -2,7 +2,7 @@
 //! reports ([`super::status`] says what), written only where its truth changed.
 
 use super::index::Entry;
-use super::status::{self, DesiredStatus, NodeReports, RevisionHistory};
+use super::status::{self, DesiredStatus, NodeReports};
 use super::{Key, STATUS_CONCURRENCY, Shared};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::jiff::Timestamp;
@@ -27,7 +27,6 @@ impl Shared {
         let StatusState {
             written,
             pending_since,
-            history,
         } = state;
         let limit = Duration::from_millis(self.config.realize_deadline_millis);
         let now = Instant::now();
@@ -52,7 +51,6 @@ impl Shared {
         let keys: BTreeSet<&Key> = entries.iter().map(|(k, _)| k).collect();
         written.retain(|k, _| keys.contains(k));
         pending_since.retain(|k, _| keys.contains(k));
-        history.retain(|k, _| keys.contains(k));
 
         let mut todo = Vec::new();
         let mut recheck: Option<Duration> = None;
@@ -66,32 +64,19 @@ impl Shared {
             };
             // The deadline runs from the oldest revision not yet realized everywhere: a
             // Service that changes faster than its nodes realize still turns Pending.
-            let (since, overdue) = if nodes.at_least(e.revision) < nodes.nodes() {
+            let since = if nodes.at_least(e.revision) < nodes.nodes() {
                 pending += 1;
-                let revisions = history.entry(key.clone()).or_default();
-                revisions.record(e.revision, e.since);
-                let overdue = revisions.overdue(now, limit).unwrap_or(e.revision);
-                (
-                    *pending_since.entry(key.clone()).or_insert(e.since),
-                    overdue,
-                )
+                *pending_since.entry(key.clone()).or_insert(e.since)
             } else {
                 pending_since.remove(key);
-                history.remove(key);
-                (e.since, e.revision)
+                e.since
             };
             let deadline = status::Deadline {
                 pending_for: now.saturating_duration_since(since),
                 limit,
             };
-            let (want, due) = status::desired(
-                &e.valid,
-                e.revision,
-                overdue,
-                &nodes,
-                deadline,
-                shown.as_ref(),
-            );
+            let (want, due) =
+                status::desired(&e.valid, e.revision, &nodes, deadline, shown.as_ref());
             if let Some(due) = due {
                 recheck = Some(recheck.map_or(due, |r| r.min(due)));
             }
@@ -168,8 +153,6 @@ struct StatusState {
     written: HashMap<Key, DesiredStatus>,
     /// Since when each LBService has had a revision some node does not realize.
     pending_since: HashMap<Key, Instant>,
-    /// The revisions of each pending LBService within the last deadline.
-    history: HashMap<Key, RevisionHistory>,
 }
 
 /// Writes the statuses whose truth changed, on every change of the nodes' reports, of the
