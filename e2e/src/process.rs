@@ -35,6 +35,21 @@ pub struct ProcessBuilder {
     current_dir: Option<PathBuf>,
 }
 
+/// The command a program runs under, from `TENDRIL_E2E_WRAP_<PROGRAM>` (the file name in
+/// upper case, `-` as `_`): a profiler for a benchmark, e.g.
+/// `TENDRIL_E2E_WRAP_TENDRIL_OPERATOR="heaptrack -o /tmp/operator"`. The process's pid is
+/// then the wrapper's.
+fn wrapper(program: &Path) -> Option<Vec<String>> {
+    let name = program.file_name()?.to_str()?;
+    let var = format!("TENDRIL_E2E_WRAP_{}", name.to_uppercase().replace('-', "_"));
+    let words: Vec<String> = std::env::var(var)
+        .ok()?
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    (!words.is_empty()).then_some(words)
+}
+
 impl ProcessBuilder {
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().to_owned());
@@ -83,7 +98,14 @@ impl ProcessBuilder {
         let log_path = dir.join(format!("{}.log", crate::unique_name(&self.name)));
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = match wrapper(&self.program) {
+            Some(wrapper) => {
+                let mut cmd = Command::new(&wrapper[0]);
+                cmd.args(&wrapper[1..]).arg(&self.program);
+                cmd
+            }
+            None => Command::new(&self.program),
+        };
         // Logs go to a file: no ANSI colours (tracing-subscriber honours NO_COLOR).
         cmd.env("NO_COLOR", "1")
             .args(&self.args)
