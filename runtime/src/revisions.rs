@@ -211,6 +211,29 @@ impl<Key: Ord + Clone, S: Revisioned> Revisions<Key, S> {
         self.remember(key, spec, true);
     }
 
+    /// The watch delivered `key` at `revision`: a write of ours it has caught up with is
+    /// forgotten now, not at the key's next reconcile (which may never come: a concern
+    /// that wrote 10k objects would otherwise hold a second copy of each).
+    pub fn caught_up(&self, key: &Key, revision: i64) {
+        let mut known = self.lock();
+        if known
+            .get(key)
+            .is_some_and(|k| !k.deleted && k.spec.revision() <= revision)
+        {
+            known.remove(key);
+        }
+    }
+
+    /// How many writes and deletions are remembered (writes the store has not caught up
+    /// with).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// We are deleting the object ourselves: nothing to remember.
     pub fn forget(&self, key: &Key) {
         self.lock().remove(key);
@@ -371,5 +394,26 @@ mod tests {
         revisions.wrote(1, &Spec("ours", 5));
         revisions.deleted(1, &Spec("ours", 5));
         assert_eq!(revisions.latest(&1, None), None, "deleted by someone else");
+    }
+
+    #[test]
+    fn a_write_the_watch_caught_up_with_is_forgotten() {
+        let revisions = Revisions::default();
+        revisions.wrote(1, &Spec("ours", 3));
+        revisions.wrote(2, &Spec("ours", 4));
+        revisions.caught_up(&1, 2);
+        assert_eq!(
+            revisions.len(),
+            2,
+            "an older revision seen: ours is still newer"
+        );
+        revisions.caught_up(&1, 3);
+        revisions.caught_up(&2, 7);
+        assert!(revisions.is_empty());
+        assert_eq!(revisions.latest(&1, Some(Spec("s", 3))), Some(Spec("s", 3)));
+        // A deletion seen is kept: it numbers the object's next creation.
+        revisions.deleted(1, &Spec("s", 3));
+        revisions.caught_up(&1, 3);
+        assert_eq!(revisions.len(), 1);
     }
 }

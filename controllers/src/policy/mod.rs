@@ -551,17 +551,26 @@ impl Caches {
 }
 
 /// The `ResolvedPolicy` objects applied or deleted; a deletion (by someone else: ours are
-/// forgotten first) is recorded in `written` before the resolve it triggers.
+/// forgotten first) is recorded in `written` before the resolve it triggers, and a write
+/// of ours the watch delivered is forgotten (the store holds it now).
 fn resolved_changes(
     cache: &Cache<ResolvedPolicy>,
     written: Revisions<i64, ResolvedPolicySpec>,
 ) -> impl futures::Stream<Item = Result<ResolvedPolicy, kube::runtime::watcher::Error>> + Send + use<>
 {
     cache.changes().filter_map(move |change| {
-        if let Change::Deleted(rp) = &change
-            && let Ok(id) = rp.name_any().parse::<i64>()
-        {
-            written.deleted(id, &rp.spec);
+        match &change {
+            Change::Deleted(rp) => {
+                if let Ok(id) = rp.name_any().parse::<i64>() {
+                    written.deleted(id, &rp.spec);
+                }
+            }
+            Change::Applied(rp) => {
+                if let Ok(id) = rp.name_any().parse::<i64>() {
+                    written.caught_up(&id, rp.spec.revision);
+                }
+            }
+            _ => {}
         }
         futures::future::ready(change.into_trigger(true))
     })

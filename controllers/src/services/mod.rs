@@ -530,7 +530,11 @@ async fn sweep_orphans(
             change = lbservices.next() => match change {
                 Some(Change::Applied(lb)) => {
                     shared.observe_revision(lb.spec.revision).await;
-                    key_of(lb.as_ref())
+                    let key = key_of(lb.as_ref());
+                    if let Some(key) = &key {
+                        shared.written.caught_up(key, lb.spec.revision);
+                    }
+                    key
                 }
                 Some(_) => None,
                 None => return,
