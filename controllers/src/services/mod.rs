@@ -450,19 +450,26 @@ impl Shared {
     }
 }
 
-/// Every object of `api`, in pages, from a consistent read.
-async fn list_all<K>(api: &Api<K>) -> Result<Vec<K>, kube::Error>
+/// Every object of `api`, in pages, from a consistent read, folded into `acc` as the pages
+/// come (never the whole list of full objects in memory: at 10k LBServices that list was
+/// the operator's peak heap).
+async fn fold_all<K, T>(
+    api: &Api<K>,
+    mut acc: T,
+    mut f: impl FnMut(&mut T, K),
+) -> Result<T, kube::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut params = ListParams::default().limit(LIST_PAGE);
-    let mut out = Vec::new();
     loop {
         let page = api.list(&params).await?;
-        out.extend(page.items);
+        for item in page.items {
+            f(&mut acc, item);
+        }
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => return Ok(out),
+            _ => return Ok(acc),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! [`super::sequence`]): the API side of the pipelined LBService writes.
 
 use super::sequence::Sequence;
-use super::{Error, SERVICE_CHANGED_AT, Shared, list_all, owned_by_service};
+use super::{Error, SERVICE_CHANGED_AT, Shared, fold_all, owned_by_service};
 use kube::ResourceExt;
 use kube::api::Api;
 use serde_json::json;
@@ -51,27 +51,26 @@ impl Shared {
             .sequence
             .get_or_try_init(|| async {
                 let started = Instant::now();
-                let lbs = list_all(&Api::<LBService>::all(self.client.clone())).await?;
-                let nns = list_all(&Api::<NodeNetwork>::all(self.client.clone())).await?;
-                let mut seq = Sequence::start(
-                    lbs.iter().map(|lb| lb.spec.revision),
-                    nns.iter().filter_map(|nn| {
-                        nn.status
-                            .as_ref()
-                            .and_then(|s| s.realized_services_revision)
-                    }),
-                    lbs.iter()
-                        .map(|lb| lb.spec.committed_revision.unwrap_or(lb.spec.revision))
-                        .max()
-                        .unwrap_or(0),
-                );
+                let lbs = fold_all(
+                    &Api::<LBService>::all(self.client.clone()),
+                    Listed::default(),
+                    |listed, lb| listed.add(lb),
+                )
+                .await?;
+                let (nodes, reports) = fold_all(
+                    &Api::<NodeNetwork>::all(self.client.clone()),
+                    (0, Vec::new()),
+                    |(nodes, reports): &mut (usize, Vec<i64>), nn: NodeNetwork| {
+                        *nodes += 1;
+                        reports.extend(nn.status.and_then(|s| s.realized_services_revision))
+                    },
+                )
+                .await?;
+                let mut seq = Sequence::start(lbs.highest, reports, lbs.committed);
                 // The last term ended with writes in flight: the latest LBService says
                 // that everything up to it committed (it has, or it failed).
                 if let Some(committed) = seq.tail()
-                    && let Some(latest) = lbs
-                        .iter()
-                        .filter(|lb| owned_by_service(lb))
-                        .max_by_key(|lb| lb.spec.revision)
+                    && let Some(latest) = &lbs.latest_owned
                     && let Some(ns) = latest.namespace()
                 {
                     let mut spec = latest.spec.clone();
@@ -102,8 +101,8 @@ impl Shared {
                 }
                 info!(
                     after = seq.last(),
-                    lbservices = lbs.len(),
-                    nodes = nns.len(),
+                    lbservices = lbs.count,
+                    nodes,
                     list_ms = started.elapsed().as_millis() as u64,
                     "revision sequence started"
                 );
@@ -112,5 +111,35 @@ impl Shared {
             })
             .await?;
         Ok(cell.lock().await)
+    }
+}
+
+/// What the start of a term needs of the LBServices listed: the highest revision, the
+/// highest committed revision, and the latest LBService this concern wrote.
+#[derive(Default)]
+struct Listed {
+    count: usize,
+    highest: Option<i64>,
+    committed: i64,
+    latest_owned: Option<LBService>,
+}
+
+impl Listed {
+    fn add(&mut self, mut lb: LBService) {
+        self.count += 1;
+        self.highest = self.highest.max(Some(lb.spec.revision));
+        self.committed = self
+            .committed
+            .max(lb.spec.committed_revision.unwrap_or(lb.spec.revision));
+        if owned_by_service(&lb)
+            && self
+                .latest_owned
+                .as_ref()
+                .is_none_or(|l| l.spec.revision < lb.spec.revision)
+        {
+            lb.metadata.managed_fields = None;
+            lb.status = None;
+            self.latest_owned = Some(lb);
+        }
     }
 }
