@@ -80,11 +80,13 @@ impl Shared {
             if let Some(due) = due {
                 recheck = Some(recheck.map_or(due, |r| r.min(due)));
             }
-            if written.get(key) == Some(&want) {
+            // What the store shows needs no memory of ours: `written` holds only writes the
+            // store has not caught up with (a copy per LBService was ~0.7 KiB each).
+            if status::is_current(stored_status, &want) {
+                written.remove(key);
                 continue;
             }
-            if status::is_current(stored_status, &want) {
-                written.insert(key.clone(), want);
+            if written.get(key) == Some(&want) {
                 continue;
             }
             // A new LBService within its deadline, nothing wrong with it: its first status
@@ -149,7 +151,7 @@ impl Shared {
 /// What the status writer keeps between passes.
 #[derive(Default)]
 struct StatusState {
-    /// What this term wrote (the store lags behind it).
+    /// What this term wrote that the store does not show yet (it lags behind).
     written: HashMap<Key, DesiredStatus>,
     /// Since when each LBService has had a revision some node does not realize.
     pending_since: HashMap<Key, Instant>,
