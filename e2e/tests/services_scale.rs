@@ -33,7 +33,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tendril_controllers::services::translate;
+use tendril_controllers::services::{SliceInfo, translate};
 use tendril_crds::v1alpha1::{LBService, NodeNetwork};
 use tendril_e2e::{ControlPlane, Process, TestEnv, eventually, fetch_metrics, wait_for};
 
@@ -87,7 +87,7 @@ fn translate_only(n: usize) -> Result<f64> {
             serde_json::from_value(s)
         })
         .collect::<Result<_, _>>()?;
-    let slices: Vec<EndpointSlice> = (0..n)
+    let slices: Vec<SliceInfo> = (0..n)
         .map(|i| serde_json::from_value(slice(i, "n1", "n2", true)))
         .collect::<Result<_, _>>()?;
     let started = Instant::now();

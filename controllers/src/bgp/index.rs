@@ -4,12 +4,12 @@
 //! heartbeats and the agents' status writes change nothing the concern computes from, and
 //! must not cost a recompute each.
 
+use crate::services::SliceInfo;
 use crate::services::translate::SERVICE_NAME_LABEL;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use tendril_crds::v1alpha1::BGP_ROUTER_ID_ANNOTATION;
 use tendril_runtime::caches::Change;
@@ -18,7 +18,7 @@ use tendril_runtime::caches::Change;
 pub type ServiceKey = String;
 
 /// The Service an EndpointSlice belongs to.
-fn service_of(slice: &EndpointSlice) -> Option<ServiceKey> {
+fn service_of(slice: &SliceInfo) -> Option<ServiceKey> {
     Some(format!(
         "{}/{}",
         slice.metadata.namespace.as_deref()?,
@@ -27,21 +27,13 @@ fn service_of(slice: &EndpointSlice) -> Option<ServiceKey> {
 }
 
 /// The nodes with a ready endpoint in `slice` (`ready` unset counts as ready, as the
-/// EndpointSlice API says and kube-proxy does), sorted, each name once, interned.
-fn ready_nodes_of(slice: &EndpointSlice, names: &mut HashSet<Arc<str>>) -> NodeSet {
+/// EndpointSlice API says and kube-proxy does), sorted, each once.
+fn ready_nodes_of(slice: &SliceInfo) -> NodeSet {
     let mut nodes: Vec<Arc<str>> = slice
         .endpoints
         .iter()
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.node_name.as_deref())
-        .map(|name| match names.get(name) {
-            Some(interned) => interned.clone(),
-            None => {
-                let interned: Arc<str> = Arc::from(name);
-                names.insert(interned.clone());
-                interned
-            }
-        })
+        .filter(|e| e.ready())
+        .filter_map(|e| e.node_name.clone())
         .collect();
     nodes.sort_unstable();
     nodes.dedup();
@@ -57,9 +49,6 @@ pub struct ReadyNodes(Arc<Mutex<Index>>);
 #[derive(Default)]
 struct Index {
     services: HashMap<ServiceKey, SliceNodes>,
-    /// Every node name seen, once: at 10k Services of 20 backends a name per backend was
-    /// ~0.6 MB of copies of the same thousand names.
-    names: HashSet<Arc<str>>,
     /// A relist changed the index: the next change triggers a recompute whatever it is (a
     /// relist is no trigger itself, and may hide deletions).
     relisted: bool,
@@ -69,7 +58,7 @@ struct Index {
 /// node would hold room for eleven).
 type SliceNodes = Vec<(Box<str>, NodeSet)>;
 
-/// Node names, sorted, each once.
+/// Node names, sorted, each once (the slice cache's shared copies).
 type NodeSet = Box<[Arc<str>]>;
 
 /// Sets the ready nodes of `slice` among `slices` (`None`: removes the slice).
@@ -99,20 +88,16 @@ impl ReadyNodes {
 
     /// Takes in a change; whether the ready nodes of some Service changed (a slice change
     /// that moves no node's readiness is not worth a recompute).
-    pub fn apply(&self, change: &Change<EndpointSlice>, store: &Store<EndpointSlice>) -> bool {
+    pub fn apply(&self, change: &Change<SliceInfo>, store: &Store<SliceInfo>) -> bool {
         let mut guard = self.lock();
-        let Index {
-            services,
-            names,
-            relisted,
-        } = &mut *guard;
+        let Index { services, relisted } = &mut *guard;
         let changed = match change {
             Change::Applied(slice) => {
                 let Some(key) = service_of(slice) else {
                     return std::mem::take(relisted);
                 };
                 let before = union(services.get(&key));
-                let nodes = ready_nodes_of(slice, names);
+                let nodes = ready_nodes_of(slice);
                 set_slice(
                     services.entry(key.clone()).or_default(),
                     &slice.name_any(),
@@ -138,7 +123,7 @@ impl ReadyNodes {
                 let mut rebuilt: HashMap<ServiceKey, SliceNodes> = HashMap::new();
                 for slice in store.state() {
                     if let Some(key) = service_of(&slice) {
-                        let nodes = ready_nodes_of(&slice, names);
+                        let nodes = ready_nodes_of(&slice);
                         set_slice(
                             rebuilt.entry(key).or_default(),
                             &slice.name_any(),
@@ -198,19 +183,20 @@ pub fn node_facts(node: &Node) -> NodeFacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::services::slice::{SliceEndpoint, intern};
     use k8s_openapi::api::core::v1::NodeSpec;
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use k8s_openapi::api::discovery::v1::EndpointConditions;
     use kube::runtime::reflector;
 
-    fn slice(name: &str, service: &str, endpoints: &[(&str, Option<bool>)]) -> Arc<EndpointSlice> {
-        let mut s = EndpointSlice::default();
+    fn slice(name: &str, service: &str, endpoints: &[(&str, Option<bool>)]) -> Arc<SliceInfo> {
+        let mut s = SliceInfo::default();
         s.metadata.name = Some(name.into());
         s.metadata.namespace = Some("default".into());
         s.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into());
         s.endpoints = endpoints
             .iter()
-            .map(|(node, ready)| Endpoint {
-                node_name: Some(node.to_string()),
+            .map(|(node, ready)| SliceEndpoint {
+                node_name: Some(intern(node)),
                 conditions: Some(EndpointConditions {
                     ready: *ready,
                     ..Default::default()
@@ -227,7 +213,7 @@ mod tests {
 
     #[test]
     fn ready_nodes_follow_slices_and_report_only_real_changes() {
-        let (store, _writer) = reflector::store::<EndpointSlice>();
+        let (store, _writer) = reflector::store::<SliceInfo>();
         let index = ReadyNodes::default();
         let a = slice(
             "web-a",
@@ -253,7 +239,7 @@ mod tests {
         assert_eq!(index.nodes("default/web"), nodes(&["n1", "n3"]));
         assert!(index.nodes("default/other").is_empty());
         // A slice of no Service is ignored.
-        let mut orphan = EndpointSlice::default();
+        let mut orphan = SliceInfo::default();
         orphan.metadata.name = Some("x".into());
         orphan.metadata.namespace = Some("default".into());
         assert!(!index.apply(&Change::Applied(Arc::new(orphan)), &store));
@@ -261,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_relist_that_changed_the_index_triggers_the_next_change() {
-        let (store, mut writer) = reflector::store::<EndpointSlice>();
+        let (store, mut writer) = reflector::store::<SliceInfo>();
         let index = ReadyNodes::default();
         let a = slice("web-a", "web", &[("n1", Some(true))]);
         let b = slice("web-b", "web", &[("n2", Some(true))]);
@@ -269,9 +255,9 @@ mod tests {
         assert!(index.apply(&Change::Applied(b), &store));
         // The watch missed the deletion of web-b; the relist shows only web-a.
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Init);
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitApply(
-            EndpointSlice::clone(&a),
-        ));
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::InitApply(SliceInfo::clone(
+            &a,
+        )));
         writer.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
         assert!(
             !index.apply(&Change::Listed, &store),

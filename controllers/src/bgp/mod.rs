@@ -34,11 +34,11 @@ mod desired_tests;
 pub mod index;
 mod metrics;
 
+use crate::services::SliceInfo;
 use chrono::{DateTime, SecondsFormat, Utc};
 use desired::{Desired, NodeInput, PolicyInput, ServiceInput};
 use index::ReadyNodes;
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -94,7 +94,7 @@ struct Stores {
     nodes: Store<Node>,
     networks: Store<NodeNetwork>,
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<SliceInfo>,
     configs: Store<BGPNodeConfig>,
 }
 

@@ -2,9 +2,9 @@
 //! Service ([`SliceIndex`]) and what the reconciles recorded for the status writer
 //! ([`Board`]).
 
+use super::slice::SliceInfo;
 use super::{Key, service_of};
 use futures::FutureExt;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use std::collections::{BTreeSet, HashMap};
@@ -31,7 +31,7 @@ pub(super) struct Slices {
 }
 
 impl Slices {
-    fn rebuild(&mut self, store: &Store<EndpointSlice>) {
+    fn rebuild(&mut self, store: &Store<SliceInfo>) {
         self.by_service.clear();
         for slice in store.state() {
             if let Some(key) = service_of(&slice) {
@@ -50,7 +50,7 @@ impl SliceIndex {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn apply(&self, change: &Change<EndpointSlice>, store: &Store<EndpointSlice>) {
+    pub(super) fn apply(&self, change: &Change<SliceInfo>, store: &Store<SliceInfo>) {
         let mut slices = self.lock();
         let index = &mut slices.by_service;
         match change {
@@ -76,11 +76,7 @@ impl SliceIndex {
         }
     }
 
-    pub(super) fn slices(
-        &self,
-        key: &Key,
-        store: &Store<EndpointSlice>,
-    ) -> Vec<Arc<EndpointSlice>> {
+    pub(super) fn slices(&self, key: &Key, store: &Store<SliceInfo>) -> Vec<Arc<SliceInfo>> {
         let names: Vec<String> = {
             let mut slices = self.lock();
             if !slices.complete && matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
@@ -157,7 +153,7 @@ mod tests {
     use kube::runtime::reflector;
     use kube::runtime::watcher::Event;
 
-    fn slice(name: &str, service: &str) -> EndpointSlice {
+    fn slice(name: &str, service: &str) -> SliceInfo {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": name, "namespace": "default",
@@ -167,7 +163,7 @@ mod tests {
         .unwrap()
     }
 
-    fn listed_store(slices: &[EndpointSlice]) -> Store<EndpointSlice> {
+    fn listed_store(slices: &[SliceInfo]) -> Store<SliceInfo> {
         let (store, mut writer) = reflector::store();
         writer.apply_watcher_event(&Event::Init);
         for s in slices {
@@ -177,7 +173,7 @@ mod tests {
         store
     }
 
-    fn names(v: Vec<Arc<EndpointSlice>>) -> Vec<String> {
+    fn names(v: Vec<Arc<SliceInfo>>) -> Vec<String> {
         v.iter().map(|s| s.name_any()).collect()
     }
 
@@ -196,7 +192,7 @@ mod tests {
 
     #[test]
     fn an_unlisted_store_leaves_the_index_to_the_stream() {
-        let (store, _writer) = reflector::store::<EndpointSlice>();
+        let (store, _writer) = reflector::store::<SliceInfo>();
         let index = SliceIndex::default();
         let web: Key = ("default".into(), "web".into());
         assert!(index.slices(&web, &store).is_empty());

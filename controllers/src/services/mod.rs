@@ -37,7 +37,8 @@
 mod config;
 pub mod index;
 mod metrics;
-pub mod sequence;
+mod sequence;
+pub mod slice;
 pub mod status;
 mod status_writer;
 pub mod translate;
@@ -49,7 +50,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use index::{Board, Entry, SliceIndex};
 use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
@@ -59,6 +59,7 @@ use kube::{Resource, ResourceExt};
 use metrics::Metrics;
 use sequence::Sequence;
 use serde_json::json;
+pub use slice::SliceInfo;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -122,7 +123,7 @@ fn service_ref(key: &Key) -> ObjectRef<Service> {
 }
 
 /// The Service an EndpointSlice belongs to.
-fn service_of(slice: &EndpointSlice) -> Option<Key> {
+fn service_of(slice: &SliceInfo) -> Option<Key> {
     Some((
         slice.metadata.namespace.clone()?,
         slice.labels().get(SERVICE_NAME_LABEL)?.clone(),
@@ -138,7 +139,7 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 #[derive(Clone)]
 struct Stores {
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<SliceInfo>,
     lbservices: Store<LBService>,
     nodes: Store<Node>,
     networks: Store<NodeNetwork>,
@@ -554,19 +555,15 @@ async fn sweep_orphans(
 }
 
 /// The operator's one cache of every EndpointSlice (the services and bgp concerns share
-/// it), without what neither reads of an endpoint: its `targetRef` (a pod's kind, name,
-/// namespace and uid: ~0.35 KiB per pod), hostname, hints and deprecated topology.
-pub fn slice_cache(caches: &runtime::caches::Caches) -> Cache<EndpointSlice> {
+/// it), as [`SliceInfo`]: what neither reads of an endpoint (its `targetRef`, hostname,
+/// hints) is never decoded, and of the metadata the owner references go too.
+pub fn slice_cache(caches: &runtime::caches::Caches) -> Cache<SliceInfo> {
     caches.all_trimmed(trim_slice)
 }
 
-fn trim_slice(slice: &mut EndpointSlice) {
-    for endpoint in &mut slice.endpoints {
-        endpoint.target_ref = None;
-        endpoint.hostname = None;
-        endpoint.hints = None;
-        endpoint.deprecated_topology = None;
-    }
+fn trim_slice(slice: &mut SliceInfo) {
+    slice.metadata.owner_references = None;
+    slice.metadata.generate_name = None;
 }
 
 /// Runs the services concern until `ctx.shutdown`.
@@ -691,7 +688,7 @@ pub async fn run(ctx: runtime::Context, config: ServicesConfig) -> anyhow::Resul
     };
 
     let controller = Controller::for_stream(service_changes, services.store())
-        .watches_stream(slice_changes, |slice: EndpointSlice| {
+        .watches_stream(slice_changes, |slice: SliceInfo| {
             service_of(&slice).map(|k| service_ref(&k))
         })
         .watches_stream(lb_changes, |lb: LBService| {

@@ -28,9 +28,9 @@
 //!   `active` copy winning. The zone comes from the endpoint, else from its Node's
 //!   `topology.kubernetes.io/zone` label.
 
+use super::slice::SliceInfo;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use tendril_crds::facts::annotations::SERVICE_LB_ALGORITHM;
@@ -111,7 +111,7 @@ fn protocol(p: Option<&String>) -> String {
 /// `zone_of(node)` is the zone label of a Node, for endpoints that carry none.
 pub fn translate<'a>(
     svc: &Service,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a SliceInfo>,
     zone_of: impl Fn(&str) -> Option<String>,
 ) -> Result<Translation, Skip> {
     let spec = svc.spec.clone().unwrap_or_default();
@@ -296,7 +296,7 @@ fn source_ranges(ranges: &[String]) -> Vec<String> {
 /// The backends of `slices` for the served (port name, protocol) pairs, sorted and
 /// deduplicated.
 fn backends<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a SliceInfo>,
     served: &BTreeSet<(String, String)>,
     zone_of: &impl Fn(&str) -> Option<String>,
 ) -> Vec<Backend> {
@@ -326,10 +326,10 @@ fn backends<'a>(
             continue;
         }
         for ep in &slice.endpoints {
-            let c = ep.conditions.clone().unwrap_or_default();
-            let ready = c.ready.unwrap_or(true);
-            let serving = c.serving.unwrap_or(true);
-            let terminating = c.terminating.unwrap_or(false);
+            let c = ep.conditions.as_ref();
+            let ready = ep.ready();
+            let serving = c.and_then(|c| c.serving).unwrap_or(true);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let state = if ready {
                 ACTIVE
             } else if serving && terminating {
@@ -339,8 +339,10 @@ fn backends<'a>(
             };
             let zone = ep
                 .zone
-                .clone()
+                .as_deref()
+                .map(String::from)
                 .or_else(|| ep.node_name.as_deref().and_then(zone_of));
+            let node_name = ep.node_name.as_deref().map(String::from);
             let addresses = ep
                 .addresses
                 .iter()
@@ -356,7 +358,7 @@ fn backends<'a>(
                         port: *port,
                         protocol: proto.clone(),
                         weight: 1,
-                        node_name: ep.node_name.clone(),
+                        node_name: node_name.clone(),
                         zone: zone.clone(),
                         state: state.into(),
                     };

@@ -2,8 +2,8 @@
 //! deduplication, port-name matching, the algorithm annotation.
 
 use super::*;
+use crate::services::SliceInfo;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
@@ -49,7 +49,7 @@ fn ep(ip: &str, node: &str, conditions: (Option<bool>, Option<bool>, Option<bool
 
 const READY: (Option<bool>, Option<bool>, Option<bool>) = (Some(true), Some(true), Some(false));
 
-fn slice(name: &str, address_type: &str, ports: Value, endpoints: Vec<Value>) -> EndpointSlice {
+fn slice(name: &str, address_type: &str, ports: Value, endpoints: Vec<Value>) -> SliceInfo {
     serde_json::from_value(json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": "demo",
@@ -59,7 +59,7 @@ fn slice(name: &str, address_type: &str, ports: Value, endpoints: Vec<Value>) ->
     .unwrap()
 }
 
-fn http_slice(name: &str, endpoints: Vec<Value>) -> EndpointSlice {
+fn http_slice(name: &str, endpoints: Vec<Value>) -> SliceInfo {
     slice(
         name,
         "IPv4",
@@ -72,7 +72,7 @@ fn no_zone(_: &str) -> Option<String> {
     None
 }
 
-fn run(svc: &Service, slices: &[EndpointSlice]) -> Result<Translation, Skip> {
+fn run(svc: &Service, slices: &[SliceInfo]) -> Result<Translation, Skip> {
     translate(svc, slices, no_zone)
 }
 
