@@ -68,7 +68,11 @@
 //!   [`wait_for_log`](Process::wait_for_log), [`is_running`](Process::is_running),
 //!   [`signal`](Process::signal), [`kill`](Process::kill) (SIGKILL, a crash),
 //!   [`stop`](Process::stop)`(grace)` (SIGTERM then SIGKILL). Drop stops it and, when the
-//!   test panics, prints its log tail.
+//!   test panics, prints its log tail. `TENDRIL_E2E_WRAP_<PROGRAM>` (e.g.
+//!   `TENDRIL_E2E_WRAP_TENDRIL_OPERATOR=heaptrack`) runs a program under a profiler.
+//! - [`free_port`]`()`: a port for a process a test starts, from 27000-29999 (below the
+//!   ephemeral range, where an outgoing connection can take it first), `flock`ed for the
+//!   test binary's life.
 //! - [`http_get`]`(port, path)` and [`fetch_metrics`]`(port)` → [`Metrics`] with
 //!   [`value`](Metrics::value)`(name, &[(label, value)])`, [`sum`](Metrics::sum),
 //!   [`has`](Metrics::has), [`matching`](Metrics::matching) (OpenMetrics counters are
