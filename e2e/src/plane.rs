@@ -2,7 +2,6 @@
 //! `hack/control-plane.sh`.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -453,17 +452,9 @@ fn plane_ports() -> Result<PortBlock> {
     let first_block = rand::rng().random_range(0..BLOCKS);
     for i in 0..BLOCKS {
         let first = base + 4 * ((first_block + i) % BLOCKS);
-        let path = dir.join(format!("{first}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock(2) on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some(file) = crate::ports::try_lock(&dir.join(format!("{first}.lock")))? else {
             continue; // another plane's
-        }
+        };
         let ports: Vec<u16> = (first..first + 4).collect();
         if ports
             .iter()

@@ -2,6 +2,7 @@
 //! Observer API, a relay), reserved for the life of the test binary.
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
@@ -46,17 +47,10 @@ pub fn free_port() -> Result<u16> {
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
     for i in 0..count {
         let port = FIRST + (start + i) % count;
-        let path = dir.join(format!("single-{port}.lock"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock(2) on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            continue; // held by a test binary (this one, too: a lock per open file)
-        }
+        // Held by a test binary (this one, too: a lock per open file): next.
+        let Some(file) = try_lock(&dir.join(format!("single-{port}.lock")))? else {
+            continue;
+        };
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             held.push(file);
             return Ok(port);
@@ -67,6 +61,21 @@ pub fn free_port() -> Result<u16> {
         end - 1,
         dir.display()
     )
+}
+
+/// The lock file `path` (created if missing), `flock`ed exclusively; `None` when another
+/// open file holds it. The kernel drops the lock when the file is closed, also when the
+/// process is killed.
+pub(crate) fn try_lock(path: &Path) -> Result<Option<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on a file descriptor we own.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(locked.then_some(file))
 }
 
 #[cfg(test)]

@@ -67,35 +67,7 @@ pub struct PodInfoStatus {
     pub pod_ips: Option<Vec<PodIP>>,
 }
 
-impl k8s_openapi::Resource for PodInfo {
-    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <Pod as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for PodInfo {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl From<&Pod> for PodInfo {
-    /// The same decoding the watch does (tests and callers holding a full `Pod`).
-    fn from(pod: &Pod) -> Self {
-        serde_json::to_value(pod)
-            .and_then(serde_json::from_value)
-            .unwrap_or_default()
-    }
-}
+slim_resource!(PodInfo, Pod);
 
 /// What the cache drops from what it decoded: annotations (a pod's are often most of its
 /// metadata, and nothing here reads them) and init containers that are not sidecars.

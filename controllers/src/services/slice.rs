@@ -80,36 +80,7 @@ fn interned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Erro
     Ok(name.map(|n| intern(&n)))
 }
 
-impl k8s_openapi::Resource for SliceInfo {
-    const API_VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <EndpointSlice as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <EndpointSlice as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str =
-        <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <EndpointSlice as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for SliceInfo {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl From<&EndpointSlice> for SliceInfo {
-    /// The same decoding the watch does (tests and callers holding a full slice).
-    fn from(slice: &EndpointSlice) -> Self {
-        serde_json::to_value(slice)
-            .and_then(serde_json::from_value)
-            .unwrap_or_default()
-    }
-}
+slim_resource!(SliceInfo, EndpointSlice);
 
 #[cfg(test)]
 mod tests {
