@@ -57,16 +57,18 @@ impl Shared {
                     |listed, lb| listed.add(lb),
                 )
                 .await?;
-                let (nodes, reports) = fold_all(
+                // The node count, and the highest revision a node reports.
+                let (nodes, reported) = fold_all(
                     &Api::<NodeNetwork>::all(self.client.clone()),
-                    (0, Vec::new()),
-                    |(nodes, reports): &mut (usize, Vec<i64>), nn: NodeNetwork| {
+                    (0, None),
+                    |(nodes, reported): &mut (usize, Option<i64>), nn: NodeNetwork| {
                         *nodes += 1;
-                        reports.extend(nn.status.and_then(|s| s.realized_services_revision))
+                        let report = nn.status.and_then(|s| s.realized_services_revision);
+                        *reported = (*reported).max(report);
                     },
                 )
                 .await?;
-                let mut seq = Sequence::start(lbs.highest, reports, lbs.committed);
+                let mut seq = Sequence::start(lbs.highest, reported, lbs.committed);
                 // The last term ended with writes in flight: the latest LBService says
                 // that everything up to it committed (it has, or it failed).
                 if let Some(committed) = seq.tail()
