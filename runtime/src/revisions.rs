@@ -224,6 +224,16 @@ impl<Key: Ord + Clone, S: Revisioned> Revisions<Key, S> {
         }
     }
 
+    /// How many writes and deletions are remembered (writes the store has not caught up
+    /// with).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// We are deleting the object ourselves: nothing to remember.
     pub fn forget(&self, key: &Key) {
         self.lock().remove(key);
@@ -393,17 +403,17 @@ mod tests {
         revisions.wrote(2, &Spec("ours", 4));
         revisions.caught_up(&1, 2);
         assert_eq!(
-            revisions.lock().len(),
+            revisions.len(),
             2,
             "an older revision seen: ours is still newer"
         );
         revisions.caught_up(&1, 3);
         revisions.caught_up(&2, 7);
-        assert!(revisions.lock().is_empty());
+        assert!(revisions.is_empty());
         assert_eq!(revisions.latest(&1, Some(Spec("s", 3))), Some(Spec("s", 3)));
         // A deletion seen is kept: it numbers the object's next creation.
         revisions.deleted(1, &Spec("s", 3));
         revisions.caught_up(&1, 3);
-        assert_eq!(revisions.lock().len(), 1);
+        assert_eq!(revisions.len(), 1);
     }
 }

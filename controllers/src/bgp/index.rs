@@ -132,7 +132,7 @@ impl ReadyNodes {
                     }
                 }
                 let sorted =
-                    |m: &HashMap<ServiceKey, SliceNodes>| -> BTreeMap<String, BTreeSet<Arc<str>>> {
+                    |m: &HashMap<ServiceKey, SliceNodes>| -> BTreeMap<String, BTreeSet<String>> {
                         m.iter().map(|(k, v)| (k.clone(), union(Some(v)))).collect()
                     };
                 // The slices are taken whatever they are; what the concern reads of them
@@ -151,19 +151,15 @@ impl ReadyNodes {
     /// The nodes with a ready backend of the Service `key`.
     pub fn nodes(&self, key: &str) -> BTreeSet<String> {
         union(self.lock().services.get(key))
-            .iter()
-            .map(|name| name.to_string())
-            .collect()
     }
 }
 
-/// The ready nodes of all of a Service's slices (shared names: no string copied on the
-/// path every slice change takes).
-fn union(slices: Option<&SliceNodes>) -> BTreeSet<Arc<str>> {
+fn union(slices: Option<&SliceNodes>) -> BTreeSet<String> {
     slices
         .into_iter()
         .flatten()
-        .flat_map(|(_, nodes)| nodes.iter().cloned())
+        .flat_map(|(_, nodes)| nodes.iter())
+        .map(|name| name.to_string())
         .collect()
 }
 

@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort, Endpoint
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
 use std::collections::HashSet;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 /// An EndpointSlice as the operator reads it (same API kind and field names; unknown
 /// fields are skipped while decoding).
@@ -57,11 +57,12 @@ impl SliceEndpoint {
 /// The node names and zones of every slice, each held once. They are few (one per node
 /// and zone of the cluster) and repeated in every slice; never forgotten, as a node's name
 /// outlives any one slice.
-static NAMES: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+static NAMES: Mutex<Option<HashSet<Arc<str>>>> = Mutex::new(None);
 
 /// The one shared copy of `name`.
 pub fn intern(name: &str) -> Arc<str> {
     let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let names = names.get_or_insert_with(HashSet::new);
     if let Some(shared) = names.get(name) {
         return shared.clone();
     }

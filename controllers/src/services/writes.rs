@@ -57,18 +57,16 @@ impl Shared {
                     |listed, lb| listed.add(lb),
                 )
                 .await?;
-                // The node count, and the highest revision a node reports.
-                let (nodes, reported) = fold_all(
+                let (nodes, reports) = fold_all(
                     &Api::<NodeNetwork>::all(self.client.clone()),
-                    (0, None),
-                    |(nodes, reported): &mut (usize, Option<i64>), nn: NodeNetwork| {
+                    (0, Vec::new()),
+                    |(nodes, reports): &mut (usize, Vec<i64>), nn: NodeNetwork| {
                         *nodes += 1;
-                        let report = nn.status.and_then(|s| s.realized_services_revision);
-                        *reported = (*reported).max(report);
+                        reports.extend(nn.status.and_then(|s| s.realized_services_revision))
                     },
                 )
                 .await?;
-                let mut seq = Sequence::start(lbs.highest, reported, lbs.committed);
+                let mut seq = Sequence::start(lbs.highest, reports, lbs.committed);
                 // The last term ended with writes in flight: the latest LBService says
                 // that everything up to it committed (it has, or it failed).
                 if let Some(committed) = seq.tail()
