@@ -446,6 +446,47 @@ async fn services_translate_into_lbservices() -> Result<()> {
         api.spec.session_affinity
     );
 
+    // A pod replaced (web-1 gone, web-3 ready in its place): the removal and the
+    // addition are two EndpointSlice changes and one LBService write (one generation),
+    // batched within `services.updateBatchMillis`.
+    let generation = lbsvc
+        .get("web")
+        .await?
+        .metadata
+        .generation
+        .unwrap_or_default();
+    pods.delete(
+        "web-1",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await?;
+    // Far enough apart for the EndpointSlice controller to write them as two changes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pods.create(&PostParams::default(), &pod("web-3", &n1)?)
+        .await?;
+    set_pod_status(&pods, "web-3", "10.244.1.7", true, chrono::Utc::now()).await?;
+    let web = lbs(&lbsvc, "web", "web-1 replaced by web-3", |lb| {
+        backends(lb)
+            .iter()
+            .map(|b| b.0.as_str())
+            .collect::<Vec<_>>()
+            == ["10.244.1.7"]
+    })
+    .await?;
+    // Anything still coming would be a second write.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = lbsvc.get("web").await?;
+    ensure!(
+        web.metadata.generation == Some(generation + 1)
+            && after.metadata.generation == web.metadata.generation,
+        "a replaced pod took {} LBService writes (generation {generation} → {:?}), not one",
+        after.metadata.generation.unwrap_or_default() - generation,
+        after.metadata.generation
+    );
+
     // NodePort, LoadBalancer (ingress IP written as a LB controller would) and externalIPs.
     apply(
         &services,

@@ -11,6 +11,9 @@ pub struct ServicesConfig {
     /// A new Service without EndpointSlices waits for them at most this long (from its
     /// creation) before its LBService is written.
     pub slice_wait_millis: u64,
+    /// Changes of a Service already written within this long of the first are one
+    /// LBService write (a replaced pod: its removal and its successor). 0: each at once.
+    pub update_batch_millis: u64,
     /// LBService writes applied at once (at least 1).
     pub writes_in_flight: u32,
     /// A revision every node realizes within this long rewrites no `LBService` status;
@@ -24,6 +27,7 @@ impl Default for ServicesConfig {
         Self {
             status_batch_millis: 100,
             slice_wait_millis: 1000,
+            update_batch_millis: 500,
             writes_in_flight: 16,
             realize_deadline_millis: 10_000,
         }

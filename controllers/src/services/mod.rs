@@ -271,7 +271,7 @@ impl Shared {
             .latest(key, stored.as_ref().map(|lb| lb.spec.clone()));
         if current.is_none()
             && slices.is_empty()
-            && let Some(wait) = sequence::slice_wait(
+            && let Some(wait) = sequence::wait_left(
                 svc.metadata
                     .creation_timestamp
                     .as_ref()
@@ -314,6 +314,20 @@ impl Shared {
                 },
             );
             return Ok(Action::await_change());
+        }
+
+        if current.is_some()
+            && let Some(first) = observed
+            && let Some(wait) = sequence::wait_left(
+                Some(first.timestamp_millis()),
+                Utc::now().timestamp_millis(),
+                Duration::from_millis(self.config.update_batch_millis),
+            )
+        {
+            // The changes arriving meanwhile are written with this one (the first
+            // change's time stays the trigger time).
+            self.restore_observed(key.clone(), first);
+            return Ok(Action::requeue(wait));
         }
 
         let owner = runtime::controller_owner_ref(svc).ok_or(Error::MissingMetadata)?;

@@ -204,19 +204,23 @@ pub fn what_changed(current: Option<&LBServiceSpec>, new: &LBServiceSpec) -> Str
     changed.join(",")
 }
 
-/// How much longer a new Service without EndpointSlices waits for them before its
-/// LBService is written (`None`: write now). Its slices usually follow within a second (the
-/// EndpointSlice controller's, or the user's own); writing before them costs a second write
-/// and a second revision for the same Service, and in a burst of new Services the ordered
-/// sequence makes every write wait for the ones before it. A Service that really has no
-/// endpoints is written (and rejects) when the wait is over. Times in ms since the epoch;
-/// `created` has the apiserver's second precision, so the wait is at most `wait`.
-pub fn slice_wait(
-    created: Option<i64>,
+/// How much of `wait` is left at `now` when it began at `start` (`None`: over, or no start).
+/// Times in ms since the epoch. Two waits use it:
+/// - a new Service without EndpointSlices waits for them (from its creation) before its
+///   LBService is written. Its slices usually follow within a second; writing before them
+///   costs a second write and a second revision for the same Service, and in a burst of new
+///   Services the ordered sequence makes every write wait for the ones before it. A Service
+///   that really has no endpoints is written (and rejects) when the wait is over. The
+///   creation time has the apiserver's second precision, so the wait is at most `wait`;
+/// - a change of a Service already written waits (from the first change not yet written)
+///   for the changes that follow it: a replaced pod is a removal and an addition of a
+///   backend, one write instead of two.
+pub fn wait_left(
+    start: Option<i64>,
     now: i64,
     wait: std::time::Duration,
 ) -> Option<std::time::Duration> {
-    let left = i64::try_from(wait.as_millis()).ok()? - (now - created?);
+    let left = i64::try_from(wait.as_millis()).ok()? - (now - start?);
     (left > 0).then(|| std::time::Duration::from_millis(left.unsigned_abs()))
 }
 
@@ -402,20 +406,20 @@ mod tests {
     }
 
     #[test]
-    fn a_new_service_waits_for_its_slices_only_within_the_wait() {
+    fn a_wait_is_what_is_left_of_it_from_its_start() {
         let wait = std::time::Duration::from_millis(1000);
         let created = 1_000_000;
         assert_eq!(
-            slice_wait(Some(created), created + 300, wait),
+            wait_left(Some(created), created + 300, wait),
             Some(std::time::Duration::from_millis(700))
         );
-        assert_eq!(slice_wait(Some(created), created + 1000, wait), None);
-        assert_eq!(slice_wait(Some(created), created + 5000, wait), None);
-        // No creation time (never from an apiserver): no wait.
-        assert_eq!(slice_wait(None, created, wait), None);
+        assert_eq!(wait_left(Some(created), created + 1000, wait), None);
+        assert_eq!(wait_left(Some(created), created + 5000, wait), None);
+        // No start (a creation time never comes from an apiserver without one): no wait.
+        assert_eq!(wait_left(None, created, wait), None);
         // Turned off.
         assert_eq!(
-            slice_wait(Some(created), created, std::time::Duration::ZERO),
+            wait_left(Some(created), created, std::time::Duration::ZERO),
             None
         );
     }
