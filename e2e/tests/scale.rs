@@ -13,7 +13,8 @@
 //! - the harness creates Nodes, Namespaces (with a `team` label), then Pods at
 //!   `TENDRIL_SCALE_RATE` creates/s (default 100): 100 per namespace, 5 apps per namespace
 //!   (so 5% of pods are distinct identities), each pod labelled `app`, `tier`, `version`
-//!   and a `pod-template-hash` (filtered out of identities, as in Deployments), then 10
+//!   and its app's `pod-template-hash` (one ReplicaSet per app, as in a Deployment;
+//!   filtered out of identities; before session 17 the hash was per pod), then 10
 //!   Services per namespace (selecting the apps) and 1 NetworkPolicy per namespace;
 //! - it waits until every pod has an `Endpoint` with an identity and every `LBService` its
 //!   first status (the create phase), then

@@ -180,13 +180,23 @@ pub(super) fn namespace(n: usize) -> Value {
         "metadata": {"name": namespace_name(n), "labels": {"team": format!("team-{}", n % 20)}}})
 }
 
+/// The `pod-template-hash` of app `app`'s ReplicaSet in namespace `n`: every pod of the app
+/// carries the same one, as the pods of a Deployment do (a replacement keeps it; only a
+/// rollout would change it).
+fn template_hash(n: usize, app: usize) -> String {
+    format!(
+        "{:08x}",
+        (n * APPS_PER_NAMESPACE + app).wrapping_mul(2_654_435_761) as u32
+    )
+}
+
 /// A pod of app `app` in namespace `n`; `serial` makes the name unique over the churn.
 pub(super) fn pod(n: usize, app: usize, serial: usize, node: usize) -> Value {
     let tier = ["web", "api", "db"][app % 3];
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("app{app}-{serial}"), "namespace": namespace_name(n),
             "labels": {"app": format!("app{app}"), "tier": tier,
-                       "version": "v1", "pod-template-hash": format!("{:x}", serial * 7919 % 65536)}},
+                       "version": "v1", "pod-template-hash": template_hash(n, app)}},
         "spec": {"nodeName": format!("kwok-{node}"),
                  "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
                                  "ports": [{"name": "http", "containerPort": 8080}]}]}})
