@@ -60,6 +60,7 @@ pub mod conditions;
 pub mod config;
 pub mod debounce;
 pub mod events;
+pub mod intern;
 pub mod leader;
 pub mod logging;
 pub mod metrics;

@@ -135,10 +135,8 @@ pub fn workload(pod: &PodInfo) -> Option<EndpointWorkload> {
         .or_else(|| owners.first())
         .filter(|o| !o.kind.is_empty() && !o.name.is_empty())?;
     let hash = pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get("pod-template-hash"))
+        .pod_labels()
+        .get("pod-template-hash")
         .filter(|h| !h.is_empty());
     let of = |kind: &str, name: &str| {
         Some(EndpointWorkload {
@@ -206,7 +204,7 @@ pub fn desired_endpoint(
         })
         .unwrap_or_default();
     let security_labels = filter.security_labels(
-        pod.metadata.labels.as_ref().unwrap_or(&empty),
+        pod.pod_labels(),
         pod.metadata.namespace.as_deref().unwrap_or_default(),
         namespace.metadata.labels.as_ref().unwrap_or(&empty),
         &service_account,
@@ -432,6 +430,16 @@ mod tests {
         assert_eq!(desired.pod_uid, "u1");
         assert_eq!(workload(&trimmed), of("Deployment", "web"));
         assert_eq!(trimmed.metadata.annotations, None);
+        // The labels moved to their set's one shared copy.
+        let mut twin = decoded.clone();
+        twin.metadata.name = Some("web-2".into());
+        trim_pod(&mut twin);
+        assert_eq!(trimmed.metadata.labels, None);
+        assert_eq!(trimmed.pod_labels(), decoded.pod_labels());
+        assert!(std::sync::Arc::ptr_eq(
+            trimmed.shared_labels.as_ref().unwrap(),
+            twin.shared_labels.as_ref().unwrap()
+        ));
         let names: Vec<String> = named_ports(&trimmed).into_iter().map(|p| p.name).collect();
         assert_eq!(
             names,

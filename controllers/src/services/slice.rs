@@ -11,8 +11,8 @@
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock};
+use tendril_runtime::intern::Interner;
 
 /// An EndpointSlice as the operator reads it (same API kind and field names; unknown
 /// fields are skipped while decoding).
@@ -54,21 +54,13 @@ impl SliceEndpoint {
     }
 }
 
-/// The node names and zones of every slice, each held once. They are few (one per node
-/// and zone of the cluster) and repeated in every slice; never forgotten, as a node's name
-/// outlives any one slice.
-static NAMES: Mutex<Option<HashSet<Arc<str>>>> = Mutex::new(None);
+/// The node names and zones of every slice, each held once: they are few (one per node and
+/// zone of the cluster) and repeated in every slice.
+static NAMES: LazyLock<Interner<str>> = LazyLock::new(Interner::new);
 
 /// The one shared copy of `name`.
 pub fn intern(name: &str) -> Arc<str> {
-    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
-    let names = names.get_or_insert_with(HashSet::new);
-    if let Some(shared) = names.get(name) {
-        return shared.clone();
-    }
-    let shared: Arc<str> = Arc::from(name);
-    names.insert(shared.clone());
-    shared
+    NAMES.intern(name)
 }
 
 fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
