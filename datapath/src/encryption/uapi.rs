@@ -40,13 +40,30 @@ pub struct DeviceState {
     pub peers: BTreeMap<[u8; 32], Peer>,
 }
 
+/// How long the device may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn exchange(interface: &str, request: &str) -> std::io::Result<Vec<String>> {
     let mut stream = UnixStream::connect(socket_path(interface))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.write_all(request.as_bytes())?;
     let mut lines = Vec::new();
     for line in BufReader::new(stream).lines() {
-        let line = line?;
+        // A read timeout surfaces as EAGAIN ("Resource temporarily unavailable"): say what
+        // it means.
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the device did not answer within {}s ({} lines read)",
+                        ANSWER_TIMEOUT.as_secs(),
+                        lines.len()
+                    ),
+                )
+            }
+            _ => e,
+        })?;
         if line.is_empty() {
             break;
         }
