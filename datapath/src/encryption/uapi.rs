@@ -52,16 +52,14 @@ fn exchange(interface: &str, request: &str) -> std::io::Result<Vec<String>> {
         // A read timeout surfaces as EAGAIN ("Resource temporarily unavailable"): say what
         // it means.
         let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the device did not answer within {}s ({} lines read)",
-                        ANSWER_TIMEOUT.as_secs(),
-                        lines.len()
-                    ),
-                )
-            }
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the device did not answer within {}s ({} lines read)",
+                    ANSWER_TIMEOUT.as_secs(),
+                    lines.len()
+                ),
+            ),
             _ => e,
         })?;
         if line.is_empty() {
