@@ -93,6 +93,17 @@ async fn set_pod_status(
     Ok(())
 }
 
+/// Deletes pod `name` with `grace` seconds (no kubelet here: a grace period leaves it
+/// terminating).
+async fn delete_pod(pods: &Api<Pod>, name: &str, grace: i64) -> Result<()> {
+    let params = DeleteParams {
+        grace_period_seconds: Some(grace as u32),
+        ..Default::default()
+    };
+    pods.delete(name, &params).await?;
+    Ok(())
+}
+
 /// Writes `realizedServicesRevision` into a NodeNetwork's status as its agent would.
 async fn report_realized(nns: &Api<NodeNetwork>, node: &str, revision: i64) -> Result<()> {
     let body = json!({
@@ -359,14 +370,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
     lbs(&lbsvc, "web", "pending on n1", pending).await?;
 
     // web-1 terminates (no kubelet: it stays, ready=false, serving, terminating).
-    pods.delete(
-        "web-1",
-        &DeleteParams {
-            grace_period_seconds: Some(3600),
-            ..Default::default()
-        },
-    )
-    .await?;
+    delete_pod(&pods, "web-1", 3600).await?;
     let web = lbs(&lbsvc, "web", "web-1 terminating", move |lb| {
         lb.spec.revision > r2
             && lb
@@ -455,14 +459,7 @@ async fn services_translate_into_lbservices() -> Result<()> {
         .metadata
         .generation
         .unwrap_or_default();
-    pods.delete(
-        "web-1",
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        },
-    )
-    .await?;
+    delete_pod(&pods, "web-1", 0).await?;
     // Far enough apart for the EndpointSlice controller to write them as two changes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     pods.create(&PostParams::default(), &pod("web-3", &n1)?)

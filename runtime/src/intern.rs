@@ -6,7 +6,6 @@
 //! last swept, so a churn of distinct values (a rollout's new `pod-template-hash`) costs
 //! amortized O(1) per call and the table stays within twice what is in use.
 
-use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
@@ -40,33 +39,13 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         }
     }
 
-    /// The shared copy of `value`, made with `make` the first time.
-    pub fn get_or_insert_with<Q>(&self, value: &Q, make: impl FnOnce(&Q) -> Arc<T>) -> Arc<T>
-    where
-        Arc<T>: Borrow<Q>,
-        Q: ?Sized + Hash + Eq,
-    {
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(shared) = table.values.get(value) {
-            return shared.clone();
-        }
-        if table.values.len() >= table.sweep_at {
-            // Only the table holds these.
-            table.values.retain(|v| Arc::strong_count(v) > 1);
-            table.sweep_at = (table.values.len() * 2).max(MIN_SWEEP);
-        }
-        let shared = make(value);
-        table.values.insert(shared.clone());
-        shared
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table<T>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many values the table holds (in use, or not yet swept).
     pub fn len(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values
-            .len()
+        self.lock().values.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,9 +53,39 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
     }
 }
 
+impl<T: ?Sized + Hash + Eq> Table<T> {
+    /// Adds `shared`, first dropping what only the table holds if it has doubled.
+    fn insert(&mut self, shared: &Arc<T>) {
+        if self.values.len() >= self.sweep_at {
+            self.values.retain(|v| Arc::strong_count(v) > 1);
+            self.sweep_at = (self.values.len() * 2).max(MIN_SWEEP);
+        }
+        self.values.insert(shared.clone());
+    }
+}
+
+impl<T: Hash + Eq> Interner<T> {
+    /// The shared copy of `value` (`value` itself, the first time).
+    pub fn share(&self, value: T) -> Arc<T> {
+        let mut table = self.lock();
+        if let Some(shared) = table.values.get(&value) {
+            return shared.clone();
+        }
+        let shared = Arc::new(value);
+        table.insert(&shared);
+        shared
+    }
+}
+
 impl Interner<str> {
     pub fn intern(&self, value: &str) -> Arc<str> {
-        self.get_or_insert_with(value, |v: &str| Arc::from(v))
+        let mut table = self.lock();
+        if let Some(shared) = table.values.get(value) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(value);
+        table.insert(&shared);
+        shared
     }
 }
 
@@ -96,8 +105,8 @@ mod tests {
 
         let sets = Interner::<BTreeMap<String, String>>::new();
         let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
-        let x = sets.get_or_insert_with(&labels, |l| Arc::new(l.clone()));
-        let y = sets.get_or_insert_with(&labels.clone(), |l| Arc::new(l.clone()));
+        let x = sets.share(labels.clone());
+        let y = sets.share(labels);
         assert!(Arc::ptr_eq(&x, &y));
     }
 

@@ -101,7 +101,7 @@ slim_resource!(PodInfo, Pod);
 pub fn trim_pod(pod: &mut PodInfo) {
     pod.metadata.annotations = None;
     if let Some(labels) = pod.metadata.labels.take() {
-        pod.shared_labels = Some(LABEL_SETS.get_or_insert_with(&labels, |l| Arc::new(l.clone())));
+        pod.shared_labels = Some(LABEL_SETS.share(labels));
     }
     if let Some(inits) = pod.spec.as_mut().and_then(|s| s.init_containers.as_mut()) {
         inits.retain(|c| c.restart_policy.as_deref() == Some("Always"));
