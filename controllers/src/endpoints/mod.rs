@@ -16,6 +16,7 @@
 
 pub mod desired;
 pub mod pod;
+mod written;
 
 /// The operator's one cache of every `Endpoint` (the endpoints, identities and egress
 /// concerns share it), without what no concern reads of it: the security labels — an
@@ -106,6 +107,7 @@ struct Endpoints {
     endpoints: Store<Endpoint>,
     filter: LabelFilter,
     allocator: IdentityAllocator,
+    written: Arc<written::Written>,
     writes: Counter,
     deletes: Counter,
 }
@@ -274,7 +276,16 @@ impl Reconciler for Endpoints {
         runtime::cache_ready(&self.namespaces, "namespaces").await?;
         runtime::cache_ready(&self.endpoints, "endpoints").await?;
         let namespace = self.namespaces.get(&ObjectRef::new(&ns));
+        let key = (ns.clone(), name.clone());
         let mut current = self.endpoints.get(&ObjectRef::new(&name).within(&ns));
+        let pod_uid = pod.meta().uid.as_deref().unwrap_or_default();
+        // A write of ours the store has not delivered yet is what the API holds.
+        let ours = self
+            .written
+            .ahead_of(&key, pod_uid, current.as_ref().map(|c| &c.spec));
+        if ours.is_some() {
+            current = None;
+        }
         if let Some(stale) = current.take_if(|e| !owned_by(e, &pod)) {
             // Left by an earlier Pod of the same name (the garbage collector has not removed
             // it yet): applying over it would give it two controller owners.
@@ -283,6 +294,10 @@ impl Reconciler for Endpoints {
         }
         let desired = match desired_endpoint(&pod, namespace.as_deref(), &self.filter) {
             Ok(d) => d,
+            Err(_) if ours.is_some() => {
+                // Deleting needs the object's uid, which only the store has.
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
             Err(skip) => {
                 if let Some(current) = &current {
                     self.delete_endpoint(current).await?;
@@ -297,13 +312,16 @@ impl Reconciler for Endpoints {
             }
         };
         let identity = self.allocator.ensure(&desired.security_labels).await?;
-        let spec = endpoint_spec(desired, Some(identity), current.as_ref().map(|c| &c.spec));
+        let previous = ours.as_ref().or(current.as_ref().map(|c| &c.spec));
+        let spec = endpoint_spec(desired, Some(identity), previous);
         let id_label = identity.to_string();
-        // (The revision moves only when the content does: see `endpoint_spec`.)
-        if current
-            .as_ref()
-            .is_some_and(|c| c.spec.revision == spec.revision && labelled_with(c, identity))
-        {
+        // (The revision moves only when the content does: see `endpoint_spec`.) Ours
+        // carried the identity label of its identity.
+        let labelled = match &ours {
+            Some(ours) => ours.identity == Some(identity),
+            None => current.as_ref().is_some_and(|c| labelled_with(c, identity)),
+        };
+        if labelled && previous.is_some_and(|p| p.revision == spec.revision) {
             return Ok(Action::await_change());
         }
         if spec.pod_uid.is_empty() {
@@ -318,7 +336,11 @@ impl Reconciler for Endpoints {
             }),
         );
         let api = Api::<Endpoint>::namespaced(self.client.clone(), &ns);
-        runtime::apply(&api, &runtime::field_manager(NAME), &body).await?;
+        self.written.applying(key.clone(), &spec);
+        if let Err(e) = runtime::apply(&api, &runtime::field_manager(NAME), &body).await {
+            self.written.failed(&key, &spec);
+            return Err(e.into());
+        }
         // Until the identities concern sees this Endpoint, the fresh use keeps the identity
         // from being collected.
         self.allocator
@@ -385,6 +407,8 @@ pub async fn run(
         .boxed()
     };
     let pods_of_ns = pods.store();
+    let written = Arc::new(written::Written::default());
+    let written_seen = written.clone();
     let controller = Controller::for_stream(pods.trigger(), pods.store())
         // A namespace's labels are part of every identity in it.
         .watches_stream(namespaces.applied(), move |ns: Namespace| {
@@ -397,7 +421,13 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         // An Endpoint edited or deleted by someone else is put back.
-        .watches_stream(endpoints.trigger(), pod_of)
+        .watches_stream(
+            endpoints.changes().filter_map(move |change| {
+                written_seen.observe(&change);
+                futures::future::ready(change.into_trigger(true))
+            }),
+            pod_of,
+        )
         .watches_stream(ep_of_deleted_identities, pod_of);
     let deletes = ctx.metrics.domain(
         "tendril_endpoint_deletes",
@@ -424,6 +454,7 @@ pub async fn run(
         endpoints: endpoints.store(),
         filter: LabelFilter::new(&config.label_filter),
         allocator,
+        written,
         writes: ctx.metrics.domain(
             "tendril_endpoint_writes",
             "Endpoint objects applied by the endpoints concern",
