@@ -19,7 +19,9 @@
 //! - three two-phase key rotations (the policy's rotation-request annotation) under a TCP
 //!   stream and a 20 ms UDP echo loop: no TCP message and no UDP datagram lost; the
 //!   figures per rotation are printed;
-//! - the agent restarts under traffic: same key, the connection keeps flowing;
+//! - the agent restarts under traffic: same key, the connection keeps flowing; then the
+//!   device process is killed, and then stopped (a device that never answers): the agent
+//!   replaces it each time and the connection goes on;
 //! - an IPsec policy: where every node's kernel has ESP, the marker traffic crosses only as
 //!   ESP between the node addresses; on a kernel without (this one), Ready=False, reason
 //!   Unsupported, naming the nodes.
@@ -54,6 +56,36 @@ async fn wg_show(node: &SimNode) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sends `signal` to the agent's device processes of the interfaces named `prefix`*; how
+/// many.
+fn signal_device_processes(prefix: &str, signal: &str) -> Result<usize> {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.get(1) == Some(&&b"wireguard-device"[..])
+            && args
+                .get(2)
+                .is_some_and(|a| a.starts_with(prefix.as_bytes()))
+        {
+            let pid = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let status = std::process::Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()?;
+            ensure!(status.success(), "kill -{signal} {pid}");
+            killed += 1;
+        }
+    }
+    Ok(killed)
 }
 
 fn public_key(nn: &NodeNetwork) -> Option<String> {
@@ -235,6 +267,42 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     );
     let after = public_key(&networks.get(&scene.cluster.nodes[0].name).await?);
     ensure!(before == after, "the restart kept the key");
+
+    // A device that dies (boringtun can panic; see datapath/src/encryption/device.rs) is
+    // replaced by the agent, and the connection goes on.
+    let interface = scene.cluster.nodes[0].wireguard_interface();
+    let crashed = signal_device_processes(&interface, "KILL")?;
+    ensure!(crashed > 0, "no WireGuard device process of node 0 found");
+    let killed = Instant::now();
+    eventually(TIMEOUT, || async {
+        ensure!(
+            tcp.log().echoes_after(killed + Duration::from_secs(1)) > 0,
+            "no echo after the device process was killed"
+        );
+        Ok(())
+    })
+    .await?;
+    println!(
+        "device process killed ({crashed}): TCP flowing again {:?} after the kill",
+        killed.elapsed()
+    );
+    // One that hangs (what the boringtun panic left: a process that never answers) is
+    // found out by the agent's next configuration read, killed and replaced.
+    let hung = signal_device_processes(&interface, "STOP")?;
+    ensure!(hung > 0, "no WireGuard device process of node 0 found");
+    let stopped = Instant::now();
+    eventually(TIMEOUT, || async {
+        ensure!(
+            tcp.log().echoes_after(stopped + Duration::from_secs(1)) > 0,
+            "no echo after the device process was stopped"
+        );
+        Ok(())
+    })
+    .await?;
+    println!(
+        "device process stopped ({hung}): TCP flowing again {:?} after SIGSTOP",
+        stopped.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let end = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -254,7 +322,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
         windows.push((format!("rotation {}", i + 1), *at, until));
     }
     windows.push(("3 rotations".into(), started, rotated));
-    windows.push(("agent restart".into(), rotated, end));
+    windows.push(("agent restart, device killed and hung".into(), rotated, end));
     for (what, from, to) in windows {
         println!(
             "{what}: TCP {} | UDP {}",

@@ -24,6 +24,7 @@ use tendril_datapath::agent::view::ClusterView;
 use tendril_datapath::agent::{Agent, host, server};
 use tendril_datapath::bgp;
 use tendril_datapath::config::{AgentArgs, AgentConfig};
+use tendril_datapath::encryption::device;
 use tendril_datapath::flows;
 use tendril_datapath::ipam::Ipam;
 use tendril_runtime::config;
@@ -57,6 +58,11 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // The userspace WireGuard device runs as a process of its own (see its module).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(device::SUBCOMMAND) {
+        return device::process_main(&args[2..]);
+    }
     tendril_runtime::process::block_on(agent_main())
 }
 

@@ -1,4 +1,4 @@
-//! Where a node's WireGuard devices live: the device embedded in the agent
+//! Where a node's WireGuard devices live: the userspace device (a process of the agent's)
 //! ([`super::device`], boringtun, configured over the cross-platform socket
 //! [`super::uapi`]) or the kernel's ([`super::wg_kernel`], over generic netlink). Both are
 //! read as a [`DeviceState`] and changed by what differs from the wanted one, so a peer
@@ -46,7 +46,7 @@ impl Backend {
 
     pub fn get(self, netns: Option<&Path>, interface: &str) -> std::io::Result<DeviceState> {
         match self {
-            Backend::Userspace => uapi::get(interface),
+            Backend::Userspace => uapi::get(interface).inspect_err(|e| deaf(interface, e)),
             Backend::Kernel => wg_kernel::get(netns, interface),
         }
     }
@@ -61,10 +61,22 @@ impl Backend {
     ) -> std::io::Result<bool> {
         match self {
             Backend::Userspace => match uapi::set_request(current, want) {
-                Some(request) => uapi::set(interface, &request).map(|()| true),
+                Some(request) => uapi::set(interface, &request)
+                    .map(|()| true)
+                    .inspect_err(|e| deaf(interface, e)),
                 None => Ok(false),
             },
             Backend::Kernel => wg_kernel::set(netns, interface, current, want),
         }
+    }
+}
+
+/// A userspace device that does not answer is replaced: killed now, started again by the
+/// next convergence (which the kill's wake-up brings).
+fn deaf(interface: &str, error: &std::io::Error) {
+    if error.kind() == std::io::ErrorKind::TimedOut {
+        tracing::error!(%interface, %error, "the WireGuard device stopped answering; replacing it");
+        device::kill(interface);
+        device::exited().notify_one();
     }
 }

@@ -4,7 +4,7 @@
 //! - At start, [`probe`] finds what the kernel can do (a `wireguard` link and an ESP
 //!   security association, each tried in a scratch network namespace), and the WireGuard
 //!   implementation is chosen ([`backend`]): `auto` means the kernel's where it has one
-//!   ([`wg_kernel`], generic netlink), else the embedded userspace device ([`device`],
+//!   ([`wg_kernel`], generic netlink), else the userspace device ([`device`], its own process,
 //!   boringtun). The choice and the IPsec capability are published in
 //!   `NodeNetwork.status.encryption` and `tendril_encryption_wireguard_implementation`.
 //! - When the node's `NodeNetwork.spec.encryption` selects WireGuard, [`node`] keeps the
@@ -51,7 +51,7 @@ pub enum WireGuardImplementation {
     Auto,
     /// The kernel module, over generic netlink (refused at start where the kernel has none).
     Kernel,
-    /// The device embedded in the agent (boringtun).
+    /// boringtun, in a device process the agent starts and replaces ([`device`]).
     Userspace,
 }
 

@@ -119,7 +119,7 @@ pub fn pod_mtu(device_mtu: u32, overlay: bool) -> u32 {
 }
 
 /// The implementation to use, or why none can be: `auto` is the kernel's where it has
-/// WireGuard, else the embedded device.
+/// WireGuard, else the userspace device.
 pub fn choose(wanted: WireGuardImplementation, caps: &Capabilities) -> Result<Backend, String> {
     match (wanted, &caps.kernel_wireguard) {
         (WireGuardImplementation::Userspace, _) | (WireGuardImplementation::Auto, Err(_)) => {
@@ -349,6 +349,7 @@ impl EncryptionNode {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = wake.notified() => {}
+                _ = super::device::exited().notified() => {}
                 _ = tokio::time::sleep(resync) => {}
             }
         }
