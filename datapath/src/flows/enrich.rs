@@ -27,17 +27,43 @@ pub const MESSAGE_TYPE_POLICY_VERDICT: i32 = 5;
 const POLICY_MATCH_L3_ONLY: u32 = 1;
 const POLICY_MATCH_L3_L4: u32 = 2;
 
-/// What the node knows about one pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What the node knows about one pod: its `Endpoint` as cached (shared with the cache, not
+/// copied: at 100k remote pods a copy of each name was a large part of the agent), its
+/// identity and labels.
+#[derive(Clone, Debug)]
 pub struct PodInfo {
-    pub namespace: String,
-    pub pod_name: String,
+    endpoint: Arc<EndpointObject>,
     pub identity: u32,
     /// `source:key=value`, sorted; one allocation per distinct label set (pods of one
     /// identity share it: at 10k remote pods a copy each was a large part of the agent).
     pub labels: Arc<Vec<String>>,
+}
+
+impl PodInfo {
+    pub fn namespace(&self) -> &str {
+        self.endpoint
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or_default()
+    }
+
+    pub fn pod_name(&self) -> &str {
+        self.endpoint.metadata.name.as_deref().unwrap_or_default()
+    }
+
     /// The pod's workload (Hubble's `workloads`), from the Endpoint's `spec.workload`.
-    pub workloads: Vec<Workload>,
+    pub fn workloads(&self) -> Vec<Workload> {
+        self.endpoint
+            .spec
+            .workload
+            .iter()
+            .map(|w| Workload {
+                name: w.name.clone(),
+                kind: w.kind.clone(),
+            })
+            .collect()
+    }
 }
 
 /// IP → pod, identity → labels, and identity → the one policy that decides its traffic
@@ -102,7 +128,7 @@ impl Directory {
     }
 
     pub fn build<'a>(
-        endpoints: impl IntoIterator<Item = &'a EndpointObject>,
+        endpoints: impl IntoIterator<Item = &'a Arc<EndpointObject>>,
         identities: impl IntoIterator<Item = &'a Identity>,
     ) -> Self {
         let mut dir = Directory::default();
@@ -130,19 +156,9 @@ impl Directory {
                     .clone(),
             };
             let info = Arc::new(PodInfo {
-                namespace: ep.metadata.namespace.clone().unwrap_or_default(),
-                pod_name: ep.metadata.name.clone().unwrap_or_default(),
+                endpoint: ep.clone(),
                 identity,
                 labels,
-                workloads: ep
-                    .spec
-                    .workload
-                    .iter()
-                    .map(|w| Workload {
-                        name: w.name.clone(),
-                        kind: w.kind.clone(),
-                    })
-                    .collect(),
             });
             for ip in &ep.spec.ips {
                 if let Ok(ip) = ip.parse() {
@@ -201,10 +217,10 @@ impl Directory {
                 } else {
                     identity
                 },
-                namespace: pod.namespace.clone(),
+                namespace: pod.namespace().to_string(),
                 labels: pod.labels.to_vec(),
-                pod_name: pod.pod_name.clone(),
-                workloads: pod.workloads.clone(),
+                pod_name: pod.pod_name().to_string(),
+                workloads: pod.workloads(),
                 ..Endpoint::default()
             };
         }
@@ -525,7 +541,7 @@ mod tests {
         };
         // web (301) has one policy; the client (300) has two, so none is named for it.
         let policies = [policy(301, &["web-from-clients"]), policy(300, &["a", "b"])];
-        Directory::build([&ep], [&id]).with_policies(policies.iter())
+        Directory::build([&Arc::new(ep)], [&id]).with_policies(policies.iter())
     }
 
     #[test]
@@ -541,7 +557,7 @@ mod tests {
                 },
             );
             ep.metadata.namespace = Some("demo".into());
-            ep
+            Arc::new(ep)
         };
         let id = client_identity();
         let (a, b) = (ep("c-1", "10.0.1.7"), ep("c-2", "10.0.1.8"));

@@ -121,12 +121,9 @@ impl DirectoryHandle {
                 view.node_networks.store().state(),
             );
             self.set(
-                Directory::build(
-                    endpoints.iter().map(|e| e.as_ref()),
-                    identities.iter().map(|i| i.as_ref()),
-                )
-                .with_policies(policies.iter().map(|p| p.as_ref()))
-                .with_pod_cidrs(nodes.iter().flat_map(|n| n.spec.pod_cidrs.iter())),
+                Directory::build(endpoints.iter(), identities.iter().map(|i| i.as_ref()))
+                    .with_policies(policies.iter().map(|p| p.as_ref()))
+                    .with_pod_cidrs(nodes.iter().flat_map(|n| n.spec.pod_cidrs.iter())),
             );
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -469,7 +466,7 @@ mod tests {
             ep
         };
         let (a, b) = (pod("a", "10.0.0.1", 256), pod("b", "10.0.0.2", 257));
-        directory.set(Directory::build([&a, &b], []));
+        directory.set(Directory::build([&Arc::new(a), &Arc::new(b)], []));
         tokio::time::sleep(Duration::from_millis(150)).await;
         let got = flows(&ring);
         assert_eq!(got.len(), 2, "released once the directory knows the pod");
