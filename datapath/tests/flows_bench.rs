@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,7 @@ fn pod_ip(i: u32) -> Ipv4Addr {
 }
 
 fn directory() -> Directory {
-    let endpoints: Vec<Endpoint> = (0..PODS)
+    let endpoints: Vec<Arc<Endpoint>> = (0..PODS)
         .map(|i| {
             let mut ep = Endpoint::new(
                 &format!("pod-{i}"),
@@ -69,7 +70,7 @@ fn directory() -> Directory {
                 },
             );
             ep.metadata.namespace = Some(format!("ns-{}", i % 10));
-            ep
+            Arc::new(ep)
         })
         .collect();
     let identities: Vec<Identity> = (0..50)
