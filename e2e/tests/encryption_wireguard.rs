@@ -88,6 +88,18 @@ fn signal_device_processes(prefix: &str, signal: &str) -> Result<usize> {
     Ok(killed)
 }
 
+/// Waits until `tcp` is echoed again past a second after `since` (`what` happened then).
+async fn flowing_again(tcp: &TcpFlow, since: Instant, what: &str) -> Result<()> {
+    eventually(TIMEOUT, || async {
+        ensure!(
+            tcp.log().echoes_after(since + Duration::from_secs(1)) > 0,
+            "no echo after {what}"
+        );
+        Ok(())
+    })
+    .await
+}
+
 fn public_key(nn: &NodeNetwork) -> Option<String> {
     nn.status.as_ref()?.encryption.as_ref()?.public_key.clone()
 }
@@ -253,14 +265,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let killed = Instant::now();
     scene.cluster.nodes[0].start_agent()?;
     scene.cluster.nodes[0].wait_ready(&client).await?;
-    eventually(TIMEOUT, || async {
-        ensure!(
-            tcp.log().echoes_after(killed + Duration::from_secs(1)) > 0,
-            "no echo after the restart"
-        );
-        Ok(())
-    })
-    .await?;
+    flowing_again(&tcp, killed, "the restart").await?;
     println!(
         "agent restart: TCP flowing again {:?} after the kill",
         killed.elapsed()
@@ -274,14 +279,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let crashed = signal_device_processes(&interface, "KILL")?;
     ensure!(crashed > 0, "no WireGuard device process of node 0 found");
     let killed = Instant::now();
-    eventually(TIMEOUT, || async {
-        ensure!(
-            tcp.log().echoes_after(killed + Duration::from_secs(1)) > 0,
-            "no echo after the device process was killed"
-        );
-        Ok(())
-    })
-    .await?;
+    flowing_again(&tcp, killed, "the device process was killed").await?;
     println!(
         "device process killed ({crashed}): TCP flowing again {:?} after the kill",
         killed.elapsed()
@@ -291,14 +289,7 @@ async fn pod_traffic_between_nodes_crosses_the_underlay_only_encrypted() -> Resu
     let hung = signal_device_processes(&interface, "STOP")?;
     ensure!(hung > 0, "no WireGuard device process of node 0 found");
     let stopped = Instant::now();
-    eventually(TIMEOUT, || async {
-        ensure!(
-            tcp.log().echoes_after(stopped + Duration::from_secs(1)) > 0,
-            "no echo after the device process was stopped"
-        );
-        Ok(())
-    })
-    .await?;
+    flowing_again(&tcp, stopped, "the device process was stopped").await?;
     println!(
         "device process stopped ({hung}): TCP flowing again {:?} after SIGSTOP",
         stopped.elapsed()
